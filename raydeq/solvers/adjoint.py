@@ -1,0 +1,86 @@
+"""Backward passes for a fixed point z* = f(z*): implicit (GMRES / Neumann), JFB, unrolled.
+
+The implicit adjoints use the implicit function theorem (the paper's Eq. 6): for the incoming
+gradient v = dL/dz*, solve (I - J_f(z*))^T g = v, then one VJP of f at z* maps g to the
+parameters and inputs f closes over. No step of the forward solver is backpropagated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from raydeq.solvers.gmres import GMRES, LinearOperator, LinearSolveInfo
+from raydeq.solvers.linear import Neumann
+from raydeq.solvers.stats import SolveStats
+
+Map = Callable[[torch.Tensor], torch.Tensor]
+LinearSolver = Callable[
+    [LinearOperator, torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, LinearSolveInfo]
+]
+
+
+@dataclass
+class ImplicitAdjoint:
+    """Implicit differentiation with a matrix-free linear solver on VJPs of f at z*.
+
+    With warm_start the incoming gradient v is the initial guess (exact when J = 0).
+    """
+
+    linear_solver: LinearSolver = field(default_factory=GMRES)
+    warm_start: bool = True
+
+    def attach(self, f: Map, z_star: torch.Tensor, stats: SolveStats) -> torch.Tensor:
+        """Return f(z*) whose backward solves the adjoint system instead of differentiating f."""
+        z_star = z_star.detach().requires_grad_()
+        with torch.enable_grad():
+            z_out = f(z_star)
+        if not z_out.requires_grad:
+            return z_out.detach()
+
+        def vjp(u: torch.Tensor) -> torch.Tensor:
+            return torch.autograd.grad(z_out, z_star, u, retain_graph=True)[0]
+
+        def solve_adjoint(v: torch.Tensor) -> torch.Tensor:
+            g, info = self.linear_solver(lambda u: u - vjp(u), v, v if self.warm_start else None)
+            stats.backward_nvjp += info.matvecs + 1
+            stats.backward_converged = info.converged
+            return g
+
+        z_out.register_hook(solve_adjoint)
+        return z_out
+
+
+class JacobianFree:
+    """Jacobian-free backprop (Fung et al. 2022): take g = v, i.e. drop (I - J)^-T."""
+
+    def attach(self, f: Map, z_star: torch.Tensor, stats: SolveStats) -> torch.Tensor:
+        """Return f(z*) backpropagated through one application of f."""
+        with torch.enable_grad():
+            z_out = f(z_star.detach())
+        if z_out.requires_grad:
+            z_out.register_hook(lambda v: _count(stats, 1, v))
+        return z_out
+
+
+def _count(stats: SolveStats, nvjp: int, v: torch.Tensor) -> torch.Tensor:
+    """Add nvjp backward VJPs to stats, passing the gradient through."""
+    stats.backward_nvjp += nvjp
+    return v
+
+
+def make_adjoint(name: str, options: dict) -> ImplicitAdjoint | JacobianFree | None:
+    """The adjoint named by `adjoint=` (None for "unrolled", which needs no attachment)."""
+    options = dict(options)
+    warm_start = options.pop("warm_start", True)
+    if name == "gmres":
+        return ImplicitAdjoint(GMRES(**options), warm_start)
+    if name == "fixed_point":
+        return ImplicitAdjoint(Neumann(**options), warm_start)
+    if name == "jfb":
+        if options:
+            raise ValueError(f"adjoint='jfb' takes no options, got {sorted(options)}")
+        return JacobianFree()
+    return None

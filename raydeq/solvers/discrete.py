@@ -1,0 +1,145 @@
+"""Root finders for z = f(z): damped fixed-point iteration, Anderson acceleration, Broyden.
+
+All are batched with per-sample histories and small per-sample linear algebra (batched matmul),
+so no sample's update ever mixes with another's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from raydeq.solvers.termination import Monitor
+
+Map = Callable[[torch.Tensor], torch.Tensor]
+
+
+class FixedPoint:
+    """z <- (1 - damping) z + damping f(z)."""
+
+    def __init__(self, damping: float = 1.0) -> None:
+        if not 0 < damping <= 1:
+            raise ValueError(f"damping={damping!r} must be in (0, 1]")
+        self.damping = damping
+
+    def __call__(
+        self, f: Map, z: torch.Tensor, monitor: Monitor, max_steps: int
+    ) -> tuple[int, int]:
+        """Iterate until every sample converges or max_steps; returns (nfe, steps)."""
+        nfe = 0
+        for _ in range(max_steps):
+            fz = f(z)
+            nfe += 1
+            monitor.update(z, fz - z, monitor.active)
+            if not monitor.running():
+                break
+            step = z + self.damping * (fz - z)
+            z = torch.where(monitor.active[:, None], step, z)
+        return nfe, nfe
+
+
+class Anderson:
+    """Anderson acceleration (type II) with memory m, Tikhonov regularisation lam, mixing beta.
+
+    Each step solves, per sample, min ||sum_i alpha_i g_i|| subject to sum_i alpha_i = 1 over
+    the last m residuals g_i = f(z_i) - z_i, then mixes
+    z = sum_i alpha_i (beta f(z_i) + (1 - beta) z_i). lam is relative to the mean of diag(G G^T).
+    """
+
+    def __init__(self, m: int = 5, lam: float = 1e-4, beta: float = 1.0) -> None:
+        if m < 1:
+            raise ValueError(f"m={m!r} must be >= 1")
+        if lam < 0:
+            raise ValueError(f"lam={lam!r} must be >= 0")
+        if not 0 < beta <= 1:
+            raise ValueError(f"beta={beta!r} must be in (0, 1]")
+        self.m, self.lam, self.beta = m, lam, beta
+
+    def __call__(
+        self, f: Map, z: torch.Tensor, monitor: Monitor, max_steps: int
+    ) -> tuple[int, int]:
+        """Iterate until every sample converges or max_steps; returns (nfe, steps)."""
+        xs: list[torch.Tensor] = []
+        fs: list[torch.Tensor] = []
+        nfe = 0
+        for _ in range(max_steps):
+            fz = f(z)
+            nfe += 1
+            monitor.update(z, fz - z, monitor.active)
+            if not monitor.running():
+                break
+            xs, fs = (xs + [z])[-self.m :], (fs + [fz])[-self.m :]
+            x_hist, f_hist = torch.stack(xs, 1), torch.stack(fs, 1)
+            g = f_hist - x_hist
+            n = g.shape[1]
+            gram = g @ g.transpose(1, 2)
+            gram = gram + self.lam * gram.diagonal(dim1=1, dim2=2).mean(-1)[
+                :, None, None
+            ].clamp_min(1e-30) * torch.eye(n, dtype=z.dtype, device=z.device)
+            ones = torch.ones(z.shape[0], n, 1, dtype=z.dtype, device=z.device)
+            weights = torch.linalg.solve(gram, ones)
+            alpha = weights / weights.sum(1, keepdim=True)
+            mixed = self.beta * f_hist + (1 - self.beta) * x_hist
+            step = (alpha.transpose(1, 2) @ mixed)[:, 0]
+            step = torch.where(torch.isfinite(step), step, fz)
+            z = torch.where(monitor.active[:, None], step, z)
+        return nfe, nfe
+
+
+class Broyden:
+    """Limited-memory 'good' Broyden on g(z) = f(z) - z, per sample, unit step.
+
+    The inverse Jacobian of g is kept as -I + U V^T with at most `memory` rank-one terms per
+    sample; each step adds u = (dz - H dg) / (dz^T H dg) and v^T = dz^T H (Sherman-Morrison).
+    """
+
+    def __init__(self, memory: int = 30) -> None:
+        if memory < 1:
+            raise ValueError(f"memory={memory!r} must be >= 1")
+        self.memory = memory
+
+    def __call__(
+        self, f: Map, z: torch.Tensor, monitor: Monitor, max_steps: int
+    ) -> tuple[int, int]:
+        """Iterate until every sample converges or max_steps; returns (nfe, steps)."""
+        us: list[torch.Tensor] = []
+        vs: list[torch.Tensor] = []
+        g = f(z) - z
+        nfe = 1
+        monitor.update(z, g, monitor.active)
+        update = g
+        while nfe < max_steps and monitor.running():
+            active = monitor.active[:, None]
+            z_new = torch.where(active, z + update, z)
+            g_new = f(z_new) - z_new
+            nfe += 1
+            monitor.update(z_new, g_new, monitor.active)
+            dz, dg = z_new - z, g_new - g
+            h_dg = self._apply(us, vs, dg)
+            v = self._apply_transposed(us, vs, dz)
+            denom = (v * dg).sum(1, keepdim=True)
+            ok = active & (denom.abs() > 1e-30) & torch.isfinite(denom)
+            u = torch.where(ok, (dz - h_dg) / torch.where(ok, denom, 1.0), 0.0)
+            us, vs = (us + [u])[-self.memory :], (vs + [torch.where(ok, v, 0.0)])[-self.memory :]
+            z, g = z_new, g_new
+            update = -self._apply(us, vs, g)
+        return nfe, nfe
+
+    @staticmethod
+    def _apply(us: list[torch.Tensor], vs: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """(-I + U V^T) x per sample."""
+        if not us:
+            return -x
+        u, v = torch.stack(us, 2), torch.stack(vs, 1)
+        return -x + (u @ (v @ x[:, :, None]))[:, :, 0]
+
+    @staticmethod
+    def _apply_transposed(
+        us: list[torch.Tensor], vs: list[torch.Tensor], x: torch.Tensor
+    ) -> torch.Tensor:
+        """x^T (-I + U V^T) per sample, as a (B, N) matrix."""
+        if not us:
+            return -x
+        u, v = torch.stack(us, 2), torch.stack(vs, 1)
+        return -x + (v.transpose(1, 2) @ (u.transpose(1, 2) @ x[:, :, None]))[:, :, 0]

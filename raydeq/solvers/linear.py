@@ -1,0 +1,49 @@
+"""Neumann (Richardson) iteration for (I - K) x = b, the cheap alternative to GMRES."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from raydeq.solvers.gmres import LinearOperator, LinearSolveInfo
+
+
+@dataclass(frozen=True)
+class Neumann:
+    """Solve A x = b by x <- x + (b - A x): for A = I - K the Neumann series x = sum_k K^k b.
+
+    Converges when the spectral radius of K = I - A is below 1 (a contractive DEQ); sample b
+    stops when ||b - A x|| <= max(atol, rtol ||b||).
+    """
+
+    rtol: float = 1e-5
+    atol: float = 0.0
+    max_iters: int = 100
+
+    def __post_init__(self) -> None:
+        if not (self.rtol >= 0 and self.atol >= 0):
+            raise ValueError(f"rtol={self.rtol!r} and atol={self.atol!r} must be >= 0")
+        if self.max_iters < 1:
+            raise ValueError(f"max_iters={self.max_iters!r} must be >= 1")
+
+    def __call__(
+        self, A: LinearOperator, b: torch.Tensor, x0: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, LinearSolveInfo]:
+        """Return x and the solve's info; x0 is the initial guess (zeros when None)."""
+        tol = torch.clamp_min(self.rtol * b.norm(dim=1), self.atol)
+        x = torch.zeros_like(b) if x0 is None else x0
+        iterations = torch.zeros(b.shape[0], dtype=torch.long, device=b.device)
+        r = b if x0 is None else b - A(x)
+        matvecs = 0 if x0 is None else 1
+        beta = r.norm(dim=1)
+        for _ in range(self.max_iters):
+            active = beta > tol
+            if not bool(active.any()):
+                break
+            x = torch.where(active[:, None], x + r, x)
+            iterations += active.long()
+            r = b - A(x)
+            matvecs += 1
+            beta = r.norm(dim=1)
+        return x, LinearSolveInfo(iterations, beta <= tol, beta, matvecs)

@@ -1,0 +1,301 @@
+"""Adaptive ODE solvers that integrate dz/dt = f(z) - z from t=0 until each sample is steady.
+
+Written by hand because no library integrates a batch with one step size per sample and stops
+each sample at its own steady state (torchdiffeq and friends share one time grid per solve).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from raydeq.solvers.termination import Monitor, Termination, rms
+
+Field = Callable[[torch.Tensor], torch.Tensor]
+
+
+def vector_field(f: Field) -> Field:
+    """The steady-state flow dz/dt = f(z) - z (the paper's Eq. 4) of a map f."""
+    return lambda z: f(z) - z
+
+
+@dataclass(frozen=True)
+class Tableau:
+    """Butcher tableau of an explicit FSAL Runge-Kutta pair (last stage = f at the new point)."""
+
+    a: tuple[tuple[float, ...], ...]
+    b_error: tuple[float, ...]
+    order: int
+    error_order: int
+
+
+# Bogacki-Shampine 3(2).
+BS3 = Tableau(
+    a=((1 / 2,), (0.0, 3 / 4), (2 / 9, 1 / 3, 4 / 9)),
+    b_error=(2 / 9 - 7 / 24, 1 / 3 - 1 / 4, 4 / 9 - 1 / 3, -1 / 8),
+    order=3,
+    error_order=2,
+)
+
+# Tsitouras 5(4) (Tsitouras 2011, Comput. Math. Appl. 62:770).
+_TSIT5_B = (
+    0.09646076681806523,
+    0.01,
+    0.4798896504144996,
+    1.379008574103742,
+    -3.290069515436081,
+    2.324710524099774,
+)
+TSIT5 = Tableau(
+    a=(
+        (0.161,),
+        (-0.008480655492356989, 0.335480655492357),
+        (2.897153057105493, -6.359448489975075, 4.3622954328695815),
+        (5.325864828439257, -11.748883564062828, 7.4955393428898365, -0.09249506636175525),
+        (
+            5.86145544294642,
+            -12.92096931784711,
+            8.159367898576159,
+            -0.071584973281401,
+            -0.028269050394068383,
+        ),
+        _TSIT5_B,
+    ),
+    b_error=(
+        0.09646076681806523 - 0.09468075576583946,
+        0.01 - 0.009183565540343254,
+        0.4798896504144996 - 0.4877705284247616,
+        1.379008574103742 - 1.234297566930479,
+        -3.290069515436081 + 2.7077123499835256,
+        2.324710524099774 - 1.866628418170587,
+        -1 / 66,
+    ),
+    order=5,
+    error_order=4,
+)
+
+
+@dataclass(frozen=True)
+class Controller:
+    """PI step-size controller (Hairer & Wanner II.4, Gustafsson): h *= safety * e^-a * e_prev^b.
+
+    With kind="i" it is the plain integral controller (b = 0); with kind="fixed" every step is
+    accepted and h stays h0 (for convergence-order studies). h0 is the first step; None picks
+    it from the problem (one extra evaluation of f).
+    """
+
+    kind: str = "pi"
+    h0: float | None = None
+    safety: float = 0.9
+    min_factor: float = 0.2
+    max_factor: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("pi", "i", "fixed"):
+            raise ValueError(f"kind={self.kind!r} is not one of 'pi', 'i', 'fixed'")
+        if self.kind == "fixed" and self.h0 is None:
+            raise ValueError("kind='fixed' needs the step size h0")
+        if self.h0 is not None and not self.h0 > 0:
+            raise ValueError(f"h0={self.h0!r} must be > 0")
+
+    def first_step(
+        self, field: Field, y: torch.Tensor, k: torch.Tensor, order: int, term: Termination
+    ) -> tuple[torch.Tensor, int]:
+        """The first step size per sample and the evaluations of f spent choosing it."""
+        if self.h0 is not None:
+            return torch.full_like(y[:, 0], self.h0), 0
+        return initial_step(field, y, k, order, term), 1
+
+    def accepts(self, error: torch.Tensor) -> torch.Tensor:
+        """Which samples' steps are accepted, given their scaled error norms."""
+        return error <= 1.0 if self.kind != "fixed" else torch.ones_like(error, dtype=torch.bool)
+
+    def factor(
+        self, error: torch.Tensor, previous: torch.Tensor, accept: torch.Tensor, error_order: int
+    ) -> torch.Tensor:
+        """Step-size factor per sample from the scaled error norm of this and the last step."""
+        if self.kind == "fixed":
+            return torch.ones_like(error)
+        k = error_order + 1
+        error = error.clamp_min(1e-10)
+        alpha, beta = (0.7 / k, 0.4 / k) if self.kind == "pi" else (1 / k, 0.0)
+        accepted = self.safety * error.pow(-alpha) * previous.pow(beta)
+        rejected = self.safety * error.pow(-1 / k)
+        factor = torch.where(accept, accepted, rejected.clamp_max(1.0))
+        return factor.nan_to_num(self.min_factor).clamp(self.min_factor, self.max_factor)
+
+
+def error_norm(
+    error: torch.Tensor, y: torch.Tensor, y_new: torch.Tensor, term: Termination
+) -> torch.Tensor:
+    """Local error per sample, scaled by abstol + reltol * max(|y|, |y_new|) (RMS norm)."""
+    scale = term.abstol + term.reltol * torch.maximum(y.abs(), y_new.abs())
+    return rms(error / scale)
+
+
+def initial_step(
+    field: Field, y: torch.Tensor, k: torch.Tensor, order: int, term: Termination
+) -> torch.Tensor:
+    """Starting step per sample (Hairer, Norsett & Wanner, Sec. II.4); one evaluation of f."""
+    scale = term.abstol + term.reltol * y.abs()
+    d0, d1 = rms(y / scale), rms(k / scale)
+    h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), 1e-6, 0.01 * d0 / d1.clamp_min(1e-30))
+    k1 = field(y + h0[:, None] * k)
+    d2 = rms((k1 - k) / scale) / h0
+    dmax = torch.maximum(d1, d2)
+    h1 = torch.where(
+        dmax <= 1e-15,
+        (h0 * 1e-3).clamp_min(1e-6),
+        (0.01 / dmax.clamp_min(1e-30)) ** (1 / (order + 1)),
+    )
+    return torch.where(d0 < 1e-5, h1, torch.minimum(100 * h0, h1))
+
+
+def rk_step(
+    field: Field, tableau: Tableau, y: torch.Tensor, k: torch.Tensor, h: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One explicit FSAL Runge-Kutta step of size h (B,): new point, f there, local error."""
+    h = h[:, None]
+    ks = [k]
+    y_stage = y
+    for row in tableau.a:
+        y_stage = y + h * sum(a * ki for a, ki in zip(row, ks, strict=True) if a != 0.0)
+        ks.append(field(y_stage))
+    error = h * sum(e * ki for e, ki in zip(tableau.b_error, ks, strict=True))
+    return y_stage, ks[-1], error
+
+
+class RungeKutta:
+    """Adaptive FSAL Runge-Kutta steady-state solve: tsit5 (5th order) or bs3 (3rd order)."""
+
+    def __init__(self, tableau: Tableau, controller: Controller) -> None:
+        self.tableau = tableau
+        self.controller = controller
+
+    def __call__(
+        self, f: Field, y: torch.Tensor, monitor: Monitor, max_steps: int
+    ) -> tuple[int, int]:
+        """Integrate until every sample is steady or max_steps; returns (nfe, steps)."""
+        field = vector_field(f)
+        t = self.tableau
+        term = monitor.termination
+        k = field(y)
+        monitor.update(y, k, monitor.active)
+        nfe, steps = 1, 0
+        if not monitor.running():
+            return nfe, steps
+        h, spent = self.controller.first_step(field, y, k, t.order, term)
+        nfe += spent
+        previous = torch.ones_like(h)
+        while steps < max_steps:
+            active = monitor.active
+            y_new, k_new, error = rk_step(field, t, y, k, torch.where(active, h, 0.0))
+            nfe += len(t.a)
+            steps += 1
+            err = error_norm(error, y, y_new, term)
+            accept = active & self.controller.accepts(err)
+            monitor.update(y_new, k_new, accept | (active & ~torch.isfinite(err)))
+            y = torch.where(accept[:, None], y_new, y)
+            k = torch.where(accept[:, None], k_new, k)
+            h = h * self.controller.factor(err, previous, accept, t.error_order)
+            previous = torch.where(accept, err.clamp_min(1e-4), previous)
+            if not monitor.running():
+                break
+        return nfe, steps
+
+
+def _lagrange_weights(
+    nodes: tuple[torch.Tensor, torch.Tensor, torch.Tensor], h: torch.Tensor
+) -> list[torch.Tensor]:
+    """Integrals over [0, h] of the quadratic Lagrange basis on three nodes (all per sample)."""
+
+    def integral(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        return h**3 / 3 - (p + q) * h**2 / 2 + p * q * h
+
+    a, b, c = nodes
+    return [
+        integral(b, c) / ((a - b) * (a - c)),
+        integral(a, c) / ((b - a) * (b - c)),
+        integral(a, b) / ((c - a) * (c - b)),
+    ]
+
+
+class VCAB3:
+    """Variable-coefficient Adams-Bashforth 3 with a BS3 start-up: one f evaluation per step.
+
+    The predictor integrates the quadratic through the last three derivatives over each
+    sample's own step; Milne's device (the 3rd-order Adams-Moulton corrector through the new
+    derivative, error ~ 9/10 (y_AM - y_AB)) estimates the local error from that same evaluation.
+    """
+
+    def __init__(self, controller: Controller) -> None:
+        self.controller = controller
+
+    def __call__(
+        self, f: Field, y: torch.Tensor, monitor: Monitor, max_steps: int
+    ) -> tuple[int, int]:
+        """Integrate until every sample is steady or max_steps; returns (nfe, steps)."""
+        field = vector_field(f)
+        term = monitor.termination
+        k = field(y)
+        monitor.update(y, k, monitor.active)
+        nfe, steps = 1, 0
+        if not monitor.running():
+            return nfe, steps
+        h, spent = self.controller.first_step(field, y, k, BS3.order, term)
+        nfe += spent
+        previous = torch.ones_like(h)
+        history = [k, k, k]
+        gaps = [torch.ones_like(h), torch.ones_like(h)]
+        accepted = torch.zeros_like(h, dtype=torch.long)
+        while steps < max_steps and bool((monitor.active & (accepted < 2)).any()):
+            active = monitor.active & (accepted < 2)
+            y_new, k_new, error = rk_step(field, BS3, y, k, torch.where(active, h, 0.0))
+            nfe += len(BS3.a)
+            steps += 1
+            err = error_norm(error, y, y_new, term)
+            accept = active & self.controller.accepts(err)
+            monitor.update(y_new, k_new, accept | (active & ~torch.isfinite(err)))
+            y, k, history, gaps = self._advance(accept, y_new, k_new, y, history, gaps, h)
+            accepted = accepted + accept.long()
+            factor = self.controller.factor(err, previous, accept, BS3.error_order)
+            h = torch.where(active, h * factor, h)
+            previous = torch.where(accept, err.clamp_min(1e-4), previous)
+        error_order = 3
+        while steps < max_steps and monitor.running():
+            active = monitor.active
+            step = torch.where(active, h, 0.0)[:, None]
+            g2, g1 = gaps[0][:, None], gaps[1][:, None]
+            zero = torch.zeros_like(g1)
+            w = _lagrange_weights((-(g1 + g2), -g1, zero), step)
+            y_new = y + sum(wi * fi for wi, fi in zip(w, history, strict=True))
+            k_new = field(y_new)
+            nfe += 1
+            steps += 1
+            wc = _lagrange_weights((-g1, zero, step), step)
+            y_corr = y + wc[0] * history[1] + wc[1] * history[2] + wc[2] * k_new
+            err = error_norm(0.9 * (y_corr - y_new), y, y_new, term)
+            accept = active & self.controller.accepts(err)
+            monitor.update(y_new, k_new, accept | (active & ~torch.isfinite(err)))
+            y, k, history, gaps = self._advance(accept, y_new, k_new, y, history, gaps, h)
+            h = h * self.controller.factor(err, previous, accept, error_order)
+            previous = torch.where(accept, err.clamp_min(1e-4), previous)
+        return nfe, steps
+
+    @staticmethod
+    def _advance(
+        accept: torch.Tensor,
+        y_new: torch.Tensor,
+        k_new: torch.Tensor,
+        y: torch.Tensor,
+        history: list[torch.Tensor],
+        gaps: list[torch.Tensor],
+        h: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        """Move the accepted samples to their new point and shift their derivative history."""
+        acc = accept[:, None]
+        history = [torch.where(acc, new, old) for new, old in zip(history[1:] + [k_new], history)]
+        gaps = [torch.where(accept, new, old) for new, old in zip(gaps[1:] + [h], gaps)]
+        return torch.where(acc, y_new, y), history[2], history, gaps

@@ -1,0 +1,98 @@
+"""`solve`: find z* = f(z*) for a batch, by integrating to steady state or by root finding."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from raydeq.solvers.adjoint import _count, make_adjoint
+from raydeq.solvers.discrete import Anderson, Broyden, FixedPoint
+from raydeq.solvers.ode import BS3, TSIT5, VCAB3, Controller, RungeKutta
+from raydeq.solvers.state import State, Structure, flat_function
+from raydeq.solvers.stats import SolveStats
+from raydeq.solvers.termination import Monitor, Termination
+
+CONTINUOUS = ("vcab3", "tsit5", "bs3")
+DISCRETE = ("broyden", "anderson", "fixed_point")
+SOLVERS = CONTINUOUS + DISCRETE
+ADJOINTS = ("gmres", "fixed_point", "jfb", "unrolled")
+
+
+@dataclass
+class Solution:
+    """The fixed point z* (structured like z0) and the statistics of the solve."""
+
+    z: State
+    stats: SolveStats
+
+
+def make_solver(name: str, options: dict) -> Callable:
+    """The forward solver named by `solver=`, built with its options."""
+    if name not in SOLVERS:
+        raise ValueError(f"solver={name!r} is not one of {', '.join(SOLVERS)}")
+    if name in CONTINUOUS:
+        controller = Controller(**options)
+        if name == "vcab3":
+            return VCAB3(controller)
+        return RungeKutta(TSIT5 if name == "tsit5" else BS3, controller)
+    return {"fixed_point": FixedPoint, "anderson": Anderson, "broyden": Broyden}[name](**options)
+
+
+def solve(
+    f: Callable[[State], State],
+    z0: State,
+    solver: str = "vcab3",
+    adjoint: str = "gmres",
+    abstol: float = 1e-3,
+    reltol: float = 1e-3,
+    max_steps: int = 100,
+    divergence: float = 1e4,
+    solver_options: dict | None = None,
+    adjoint_options: dict | None = None,
+) -> Solution:
+    """Solve z* = f(z*) per sample, starting from z0 (a tensor (B, ...) or a list of them).
+
+    Continuous solvers ("vcab3", "tsit5", "bs3") integrate dz/dt = f(z) - z from t=0 and stop
+    each sample once ||f(z) - z|| <= abstol + reltol * ||z|| (RMS norms over each sample's
+    features), the same test the discrete solvers ("broyden", "anderson", "fixed_point") use;
+    the step-size control of the continuous ones uses the same abstol and reltol. Samples that
+    do not converge within max_steps return their best iterate; non-finite or diverging
+    (residual > divergence x best) samples stop early; `stats.status` says which.
+
+    The backward pass: "gmres" / "fixed_point" solve (I - J)^T g = v at z* (implicit
+    function theorem), "jfb" takes g = v, "unrolled" backpropagates through the solver steps.
+    Options of the solver (e.g. m for anderson; kind="pi"|"i"|"fixed" and h0 for the ODE
+    solvers' step-size controller) and of the
+    adjoint (rtol, atol, restart, max_iters, warm_start) go in solver_options / adjoint_options.
+    `stats.nfe` counts every evaluation of f, including the one that attaches z* to the graph.
+    """
+    if adjoint not in ADJOINTS:
+        raise ValueError(f"adjoint={adjoint!r} is not one of {', '.join(ADJOINTS)}")
+    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
+        raise ValueError(f"max_steps={max_steps!r} must be an integer >= 1")
+    termination = Termination(abstol, reltol, divergence)
+    forward = make_solver(solver, solver_options or {})
+    backward = make_adjoint(adjoint, adjoint_options or {})
+    structure = Structure.of(z0)
+    f_flat = flat_function(f, structure)
+    z = structure.flatten(z0)
+    if backward is None:
+        monitor = Monitor(z, termination)
+        nfe, steps = forward(f_flat, z, monitor, max_steps)
+        stats = SolveStats.from_monitor(monitor, nfe, steps)
+        z_star = monitor.best_z
+        if z_star.requires_grad:
+            z_star.register_hook(lambda v: _count(stats, nfe, v))
+        return Solution(structure.unflatten(z_star), stats)
+    with torch.no_grad():
+        monitor = Monitor(z.detach(), termination)
+        nfe, steps = forward(f_flat, monitor.best_z, monitor, max_steps)
+    stats = SolveStats.from_monitor(monitor, nfe, steps)
+    if torch.is_grad_enabled():
+        z_star = backward.attach(f_flat, monitor.best_z, stats)
+        stats.nfe += 1
+    else:
+        z_star = monitor.best_z
+    return Solution(structure.unflatten(z_star), stats)

@@ -1,0 +1,65 @@
+"""Flat (B, N) views of single or multiscale states, so every solver works on one matrix."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+State = torch.Tensor | Sequence[torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Structure:
+    """Shapes of the tensors that make up a state, to map between it and its flat (B, N) form."""
+
+    shapes: tuple[torch.Size, ...]
+    is_tensor: bool
+
+    @staticmethod
+    def of(z: State) -> Structure:
+        """Read the structure of `z`, checking that it is a batch of floating tensors."""
+        tensors = (z,) if isinstance(z, torch.Tensor) else tuple(z)
+        if not tensors or not all(isinstance(t, torch.Tensor) for t in tensors):
+            raise TypeError(
+                f"z0 must be a tensor (B, ...) or a non-empty list/tuple of tensors, got {type(z)}"
+            )
+        for t in tensors:
+            if t.dim() < 1 or not t.is_floating_point():
+                raise TypeError(
+                    f"each state tensor must be floating point with a batch dimension, "
+                    f"got shape {tuple(t.shape)} and dtype {t.dtype}"
+                )
+        batch = {t.shape[0] for t in tensors}
+        if len(batch) != 1:
+            raise ValueError(f"all state tensors must share the batch size, got {sorted(batch)}")
+        if len({(t.dtype, t.device) for t in tensors}) != 1:
+            raise TypeError("all state tensors must share one dtype and one device")
+        return Structure(tuple(t.shape for t in tensors), isinstance(z, torch.Tensor))
+
+    def flatten(self, z: State) -> torch.Tensor:
+        """Concatenate the tensors of `z` into one (B, N) matrix."""
+        tensors = (z,) if isinstance(z, torch.Tensor) else tuple(z)
+        shapes = tuple(t.shape for t in tensors)
+        if shapes != self.shapes:
+            raise ValueError(
+                f"f must return a state of the shapes of z0 {[tuple(s) for s in self.shapes]}, "
+                f"got {[tuple(s) for s in shapes]}"
+            )
+        return torch.cat([t.reshape(t.shape[0], -1) for t in tensors], dim=1)
+
+    def unflatten(self, z: torch.Tensor) -> State:
+        """Split a (B, N) matrix back into tensors of the recorded shapes."""
+        sizes = [s[1:].numel() for s in self.shapes]
+        parts = [p.reshape(s) for p, s in zip(z.split(sizes, dim=1), self.shapes, strict=True)]
+        return parts[0] if self.is_tensor else parts
+
+
+def flat_function(f: Callable[[State], State], structure: Structure) -> Callable:
+    """Wrap f: state -> state as a function on flat (B, N) matrices."""
+
+    def f_flat(z: torch.Tensor) -> torch.Tensor:
+        return structure.flatten(f(structure.unflatten(z)))
+
+    return f_flat

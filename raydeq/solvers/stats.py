@@ -1,0 +1,39 @@
+"""Statistics of one solve, filled by the forward solver and, after backward(), the adjoint."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from raydeq.solvers.termination import Monitor, Status
+
+
+@dataclass
+class SolveStats:
+    """Forward evaluations, steps, per-sample residual/convergence/status; backward VJPs and
+    per-sample convergence of the adjoint solve once backward() has run."""
+
+    nfe: int
+    steps: int
+    residual: torch.Tensor
+    converged: torch.Tensor
+    status: torch.Tensor
+    backward_nvjp: int = 0
+    backward_converged: torch.Tensor | None = None
+
+    @staticmethod
+    def from_monitor(monitor: Monitor, nfe: int, steps: int) -> SolveStats:
+        """Collect the statistics a solver's monitor holds at the end of a solve."""
+        return SolveStats(
+            nfe=nfe,
+            steps=steps,
+            residual=monitor.best_residual.detach(),
+            converged=monitor.status == int(Status.CONVERGED),
+            status=monitor.status,
+        )
+
+    @property
+    def unconverged_fraction(self) -> float:
+        """Fraction of samples that did not meet the tolerance."""
+        return float((~self.converged).float().mean())

@@ -1,0 +1,78 @@
+"""Per-sample termination: the residual test, best-iterate tracking and each sample's status."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import torch
+
+
+class Status(enum.IntEnum):
+    """Why a sample's solve ended."""
+
+    CONVERGED = 0
+    MAX_STEPS = 1
+    NONFINITE = 2
+    DIVERGED = 3
+
+
+def rms(x: torch.Tensor) -> torch.Tensor:
+    """Root-mean-square over the features of each sample of a (B, N) matrix: the solver norm."""
+    return x.pow(2).mean(dim=1).sqrt()
+
+
+@dataclass(frozen=True)
+class Termination:
+    """Sample b has converged once ||f(z_b) - z_b|| <= abstol + reltol * ||z_b|| (RMS norms).
+
+    A sample whose residual is not finite stops with Status.NONFINITE, and one whose residual
+    exceeds `divergence` times the smallest residual it has had stops with Status.DIVERGED.
+    """
+
+    abstol: float = 1e-3
+    reltol: float = 1e-3
+    divergence: float = 1e4
+
+    def __post_init__(self) -> None:
+        for name in ("abstol", "reltol"):
+            value = getattr(self, name)
+            if not value >= 0:
+                raise ValueError(f"{name}={value!r} must be a number >= 0")
+        if self.abstol == 0 and self.reltol == 0:
+            raise ValueError("abstol and reltol cannot both be 0: the solve could never stop")
+        if not self.divergence > 1:
+            raise ValueError(f"divergence={self.divergence!r} must be > 1")
+
+
+class Monitor:
+    """Tracks, per sample, the best iterate, its residual, whether it still runs and why not."""
+
+    def __init__(self, z0: torch.Tensor, termination: Termination) -> None:
+        batch = z0.shape[0]
+        self.termination = termination
+        self.best_z = z0
+        self.best_residual = torch.full((batch,), float("inf"), dtype=z0.dtype, device=z0.device)
+        self.status = torch.full((batch,), int(Status.MAX_STEPS), device=z0.device)
+        self.active = torch.ones(batch, dtype=torch.bool, device=z0.device)
+
+    def update(self, z: torch.Tensor, residual: torch.Tensor, mask: torch.Tensor) -> None:
+        """Record iterate z with residual vector f(z) - z for the samples selected by mask."""
+        t = self.termination
+        r = rms(residual)
+        mask = mask & self.active
+        finite = torch.isfinite(r)
+        better = mask & finite & (r < self.best_residual)
+        self.best_z = torch.where(better[:, None], z, self.best_z)
+        diverged = mask & finite & (r > t.divergence * self.best_residual)
+        self.best_residual = torch.where(better, r, self.best_residual)
+        converged = mask & finite & (r <= t.abstol + t.reltol * rms(z))
+        nonfinite = mask & ~finite
+        self.status = torch.where(converged, int(Status.CONVERGED), self.status)
+        self.status = torch.where(nonfinite, int(Status.NONFINITE), self.status)
+        self.status = torch.where(diverged, int(Status.DIVERGED), self.status)
+        self.active = self.active & ~(converged | nonfinite | diverged)
+
+    def running(self) -> bool:
+        """Whether any sample still runs: the one host synchronisation a solver step makes."""
+        return bool(self.active.any())
