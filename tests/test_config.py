@@ -1,0 +1,186 @@
+"""The training config: defaults, deterministic run names, one-line errors, overrides, files."""
+
+import math
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from raydeq import config
+from raydeq.config import ConfigError, load, validate
+
+
+def error_of(raw: dict) -> str:
+    """The message of the ConfigError that validating `raw` raises."""
+    with pytest.raises(ConfigError) as info:
+        validate(raw)
+    return str(info.value)
+
+
+def test_defaults_are_a_dense_skip_reg_deq_on_digits():
+    cfg = validate({})
+    assert (cfg.data.dataset, cfg.model.model, cfg.model.variant) == (
+        "digits",
+        "mnist_dense",
+        "skip_reg",
+    )
+    assert cfg.model_options() == {"model": "mnist_dense", "variant": "skip_reg", "solver": "vcab3"}
+    assert cfg.storage_path.startswith("/")
+    assert cfg.run_dir == f"{cfg.storage_path}/{cfg.name}"
+
+
+def test_default_name_is_deterministic_and_follows_the_training_settings():
+    first, again = validate({}), validate({})
+    assert first.name == again.name
+    assert first.name.startswith("digits-mnist_dense-skip_reg-")
+    other = validate({"optim": {"lr": 3e-4}})
+    assert other.name != first.name
+    moved = validate({"storage_path": "/tmp/elsewhere", "scaling": {"num_workers": 1}})
+    assert moved.name == first.name
+    assert validate({"name": "my-run"}).name == "my-run"
+
+
+def test_validate_accepts_its_own_output():
+    cfg = validate({"data": {"dataset": "fake", "fake_shape": [3, 8, 8]}, "search": {"a": 1}})
+    assert validate(cfg.to_dict()) == cfg
+    assert cfg.data.fake_shape == (3, 8, 8)
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ({"modle": {}}, "modle: unknown key; allowed keys in config: name, storage_path"),
+        ({"optim": {"lrr": 1}}, "optim.lrr: unknown key; allowed keys in optim: optimizer, lr,"),
+        (
+            {"model": {"solver": "rk4"}},
+            "model.solver: 'rk4' is not allowed; choose one of vcab3, tsit5, bs3, broyden, "
+            "anderson, fixed_point",
+        ),
+        ({"model": {"model": "resnet"}}, "model.model: 'resnet' is not allowed; choose one"),
+        ({"model": {"adjoint": "x"}}, "model.adjoint: 'x' is not allowed; choose one of gmres,"),
+        ({"model": {"variant": "deep"}}, "model.variant: 'deep' is not allowed; choose one of van"),
+        ({"data": {"dataset": "coco"}}, "data.dataset: 'coco' is not allowed; choose one"),
+        ({"optim": {"optimizer": "lbfgs"}}, "optim.optimizer: 'lbfgs' is not allowed; choose one"),
+        ({"model": {"abstol": -1e-3}}, "model.abstol: must be > 0, got -0.001"),
+        ({"train": {"lambda_skip": -1}}, "train.lambda_skip: must be >= 0, got -1.0"),
+        ({"scaling": {"num_workers": 0}}, "scaling.num_workers: must be >= 1, got 0"),
+        ({"optim": {"momentum": 1.5}}, "optim.momentum: must be <= 1, got 1.5"),
+        ({"data": {"batch_size": "big"}}, "data.batch_size: expected an integer, got 'big'"),
+        ({"data": {"batch_size": 3.5}}, "data.batch_size: expected an integer, got 3.5"),
+        ({"train": {"amp": "yes"}}, "train.amp: expected true or false, got 'yes'"),
+        ({"optim": {"lr": "fast"}}, "optim.lr: expected a number, got 'fast'"),
+        ({"optim": {"lr": math.inf}}, "optim.lr: expected a finite number, got inf"),
+        ({"model": [1, 2]}, "model: expected a mapping of keys to values, got [1, 2]"),
+        ({"data": {"dataset": "mnist"}}, "data.data_dir: required for dataset 'mnist'"),
+        ({"data": {"download": True}}, "data.download: only mnist, cifar10, svhn can be"),
+        ({"train": {"lambda_jac": 0.1}}, "train.lambda_jac: needs model.jac_reg=true"),
+        ({"model": {"variant": "neural_ode", "max_steps": 5}}, "model.max_steps: not an option"),
+        ({"model": {"t1": 2.0}}, "model.t1: not an option of variant 'skip_reg'"),
+        ({"name": "a/b"}, "name: 'a/b' is not a folder name"),
+        ({"data": {"fake_shape": [1, 8]}}, "data.fake_shape: expected [channels, height, width]"),
+        ({"data": {"fake_shape": [1, 0, 8]}}, "data.fake_shape: expected a list of positive"),
+    ],
+)
+def test_bad_values_give_one_line_naming_the_key_and_what_is_allowed(raw, expected):
+    message = error_of(raw)
+    assert message.startswith(expected)
+    assert "\n" not in message
+
+
+def test_numbers_written_as_yaml_strings_are_read_as_numbers():
+    cfg = validate({"optim": {"lr": "1e-3"}, "model": {"abstol": "5e-3"}})
+    assert cfg.optim.lr == pytest.approx(1e-3)
+    assert cfg.model.abstol == pytest.approx(5e-3)
+
+
+def test_overrides_set_dotted_keys_read_as_yaml(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"optim": {"lr": 0.01}, "search": {"optim.lr": [1, 2]}}))
+    cfg = load(path, ["optim.lr=3e-4", "model.jac_reg=true", "train.lambda_jac=0.5", "name=x1"])
+    assert cfg.optim.lr == pytest.approx(3e-4)
+    assert cfg.model.jac_reg is True
+    assert cfg.train.lambda_jac == 0.5
+    assert cfg.name == "x1"
+    assert cfg.search == {"optim.lr": [1, 2]}
+    assert load(path, {"data.batch_size": 8}).data.batch_size == 8
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("optim.lr", "override 'optim.lr': expected key=value"),
+        ("=3", "override '=3': expected key=value"),
+        ("optim.lr.x=1", "optim.lr: is a value, not a section"),
+        ("optim.bogus=1", "optim.bogus: unknown key"),
+    ],
+)
+def test_bad_overrides_are_config_errors(tmp_path, override, expected):
+    path = tmp_path / "run.yaml"
+    path.write_text("optim: {lr: 0.01}\n")
+    with pytest.raises(ConfigError, match="^" + expected.replace(".", r"\.")):
+        load(path, [override])
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("model: [unclosed\n", "invalid YAML at line 2"),
+        ("- 1\n- 2\n", "expected a mapping of keys to values at the top level"),
+    ],
+)
+def test_unreadable_files_are_config_errors(tmp_path, text, expected):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=expected):
+        load(path)
+    with pytest.raises(ConfigError, match="cannot read the config file"):
+        load(tmp_path / "missing.yaml")
+
+
+def test_relative_paths_are_made_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = validate({"storage_path": "out", "data": {"dataset": "mnist", "data_dir": "d"}})
+    assert cfg.storage_path == str(tmp_path / "out")
+    assert cfg.data.data_dir == str(tmp_path / "d")
+    assert validate({"storage_path": "s3://bucket/runs"}).storage_path == "s3://bucket/runs"
+
+
+SECTIONS = {
+    "model": config.ModelSection,
+    "data": config.DataSection,
+    "optim": config.OptimSection,
+    "train": config.TrainSection,
+    "scaling": config.ScalingSection,
+}
+KEYS = st.sampled_from(
+    [f.name for cls in SECTIONS.values() for f in config.dataclasses.fields(cls)] + ["bogus"]
+)
+SCALARS = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**1100), max_value=2**1100)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=8)
+    | st.sampled_from(config.SOLVERS + config.DATASETS + config.MODELS + ("1e-3", "nan"))
+)
+VALUES = st.recursive(
+    SCALARS, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner)
+)
+SECTION_DICTS = st.dictionaries(KEYS, VALUES, max_size=5)
+CONFIGS = st.dictionaries(
+    st.sampled_from([*SECTIONS, "name", "storage_path", "seed", "search", "extra"]),
+    SECTION_DICTS | VALUES,
+    max_size=6,
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(CONFIGS)
+def test_random_configs_validate_or_raise_config_error(raw):
+    try:
+        cfg = validate(raw)
+    except ConfigError as err:
+        assert "\n" not in str(err)
+        return
+    assert validate(cfg.to_dict()) == cfg

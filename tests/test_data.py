@@ -1,0 +1,155 @@
+"""Datasets and loaders: shapes, exact shards, one clear error for a missing or bad folder."""
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from PIL import Image
+from ray.train import RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from raydeq import data
+from raydeq.config import validate
+
+MNIST10K = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist10k"
+
+
+def section(**options: Any) -> data.DataSection:
+    """A validated data section with the given options."""
+    return validate({"data": options}).data
+
+
+def in_worker(fn: Callable[[], Any], tmp_path: Path) -> Any:
+    """Run `fn` as a Ray Train loop in this process (num_workers=0) and return its value."""
+    trainer = TorchTrainer(
+        lambda: fn(),
+        scaling_config=ScalingConfig(num_workers=0),
+        run_config=RunConfig(name="data", storage_path=str(tmp_path)),
+    )
+    return trainer.fit().return_value
+
+
+def test_digits_are_mnist_shaped_standardised_and_split_80_20():
+    splits = data.load_splits(section())
+    assert (len(splits.train), len(splits.test)) == (1438, 359)
+    assert splits.shape == (1, 28, 28) and splits.num_classes == 10
+    images, labels = splits.train.tensors
+    assert images.shape == (1438, 1, 28, 28)
+    assert abs(images.mean().item()) < 1e-4 and images.std().item() == pytest.approx(1, abs=1e-3)
+    assert set(labels.tolist()) == set(range(10))
+    assert set(labels.tolist()) == set(splits.test.tensors[1].tolist())
+
+
+def test_mnist_reads_the_shared_idx_files():
+    splits = data.load_splits(section(dataset="mnist", data_dir=str(MNIST10K)))
+    assert (len(splits.train), len(splits.test)) == (8000, 2000)
+    image, label = splits.train[0]
+    assert image.shape == (1, 28, 28) and image.dtype == torch.float32
+    assert 0 <= label < 10
+
+
+def test_fake_data_has_the_configured_shape_and_classes():
+    splits = data.load_splits(
+        section(dataset="fake", fake_shape=[3, 12, 10], fake_classes=4, fake_samples=40)
+    )
+    assert (len(splits.train), len(splits.test)) == (40, 10)
+    image, label = splits.test[3]
+    assert image.shape == (3, 12, 10) and 0 <= label < 4
+    assert splits.shape == (3, 12, 10) and splits.num_classes == 4
+
+
+def test_imagenet_folders_are_read_at_the_configured_resolution(tmp_path):
+    for split in ("train", "val"):
+        for cls in ("cat", "dog"):
+            folder = tmp_path / split / cls
+            folder.mkdir(parents=True)
+            for i in range(2):
+                Image.new("RGB", (50, 40), (i * 90, 30, 60)).save(folder / f"{i}.png")
+    splits = data.load_splits(section(dataset="imagenet", data_dir=str(tmp_path), image_size=32))
+    assert splits.shape == (3, 32, 32) and splits.num_classes == 2
+    assert splits.train[0][0].shape == (3, 32, 32)
+    assert splits.test[3][0].shape == (3, 32, 32)
+
+
+@pytest.mark.parametrize(
+    ("dataset", "files"),
+    [
+        ("mnist", "MNIST/raw/train-images-idx3-ubyte, MNIST/raw/train-labels-idx1-ubyte"),
+        ("cifar10", "cifar-10-batches-py/data_batch_1"),
+        ("svhn", "train_32x32.mat, test_32x32.mat"),
+    ],
+)
+def test_a_missing_folder_names_the_folder_the_files_and_the_download_option(
+    tmp_path, dataset, files
+):
+    folder = tmp_path / "nothing-here"
+    with pytest.raises(data.DataError) as info:
+        data.load_splits(section(dataset=dataset, data_dir=str(folder)))
+    message = str(info.value)
+    assert message.startswith(f"dataset {dataset!r} not found in {folder}: expected {files}")
+    assert "none of them is there" in message
+    assert message.endswith("or set data.download=true to download them")
+    assert "\n" not in message
+
+
+def test_a_partial_or_malformed_folder_is_one_clear_error(tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in data.EXPECTED_FILES["mnist"]:
+        source = (MNIST10K / name).read_bytes()
+        (tmp_path / name).write_bytes(source[:100])
+    (raw / "t10k-labels-idx1-ubyte").unlink()
+    with pytest.raises(data.DataError, match="missing MNIST/raw/t10k-labels-idx1-ubyte"):
+        data.load_splits(section(dataset="mnist", data_dir=str(tmp_path)))
+    (raw / "t10k-labels-idx1-ubyte").write_bytes(b"\0" * 10)
+    with pytest.raises(data.DataError, match=f"^dataset 'mnist' in {tmp_path} is unreadable: "):
+        data.load_splits(section(dataset="mnist", data_dir=str(tmp_path)))
+    (tmp_path / "train").mkdir()
+    (tmp_path / "val").mkdir()
+    with pytest.raises(data.DataError, match="dataset 'imagenet' in .* is unreadable: "):
+        data.load_splits(section(dataset="imagenet", data_dir=str(tmp_path)))
+    with pytest.raises(data.DataError, match="ImageFolder layout, one subfolder per class$"):
+        data.load_splits(section(dataset="imagenet", data_dir=str(tmp_path / "none")))
+
+
+def test_train_shards_split_each_epoch_between_workers_and_reshuffle_per_epoch():
+    dataset = torch.utils.data.TensorDataset(torch.arange(10))
+    shards = [data.ShardSampler(dataset, num_replicas=2, rank=r, seed=3) for r in range(2)]
+    first = [list(s) for s in shards]
+    assert sorted(first[0] + first[1]) == list(range(10))
+    for sampler in shards:
+        sampler.set_position(1, 0)
+    second = [list(s) for s in shards]
+    assert sorted(second[0] + second[1]) == list(range(10))
+    assert second != first
+    shards[0].set_position(1, 2)
+    assert list(shards[0]) == second[0][2:] and len(shards[0]) == 3
+
+
+def test_eval_shards_cover_the_test_set_once_without_padding():
+    dataset = torch.utils.data.TensorDataset(torch.arange(7))
+    parts = [list(data.eval_shard(dataset, r, 3).indices) for r in range(3)]
+    assert sorted(parts[0] + parts[1] + parts[2]) == list(range(7))
+
+
+def test_loaders_in_a_ray_train_worker_give_full_batches_and_resume_mid_epoch(tmp_path):
+    cfg = section(batch_size=100, eval_batch_size=64)
+
+    def loop() -> dict:
+        splits = data.load_splits(cfg)
+        train = data.train_loader(splits.train, cfg, seed=0)
+        data.set_position(train, 2, 0)
+        epoch = [labels for _, labels in train]
+        data.set_position(train, 2, 5)
+        rest = [labels for _, labels in train]
+        test = [images.shape[0] for images, _ in data.eval_loader(splits.test, cfg)]
+        return {"epoch": epoch, "rest": rest, "steps": data.steps_per_epoch(train), "test": test}
+
+    out = in_worker(loop, tmp_path)
+    assert out["steps"] == 14 == len(out["epoch"])
+    assert all(labels.shape == (100,) for labels in out["epoch"])
+    assert len(out["rest"]) == 9
+    assert all(torch.equal(a, b) for a, b in zip(out["rest"], out["epoch"][5:], strict=True))
+    assert out["test"] == [64] * 5 + [39]
