@@ -33,15 +33,19 @@ class ImplicitAdjoint:
     warm_start: bool = True
 
     def attach(self, f: Map, z_star: torch.Tensor, stats: SolveStats) -> torch.Tensor:
-        """Return f(z*) whose backward solves the adjoint system instead of differentiating f."""
+        """Return f(z*) whose backward solves the adjoint system instead of differentiating f.
+
+        The hook sits on a view of f(z*) so that the VJPs it takes of f(z*) do not re-enter it.
+        """
         z_star = z_star.detach().requires_grad_()
         with torch.enable_grad():
-            z_out = f(z_star)
-        if not z_out.requires_grad:
-            return z_out.detach()
+            fz = f(z_star)
+        if not fz.requires_grad:
+            return fz.detach()
+        z_out = fz.view_as(fz)
 
         def vjp(u: torch.Tensor) -> torch.Tensor:
-            return torch.autograd.grad(z_out, z_star, u, retain_graph=True)[0]
+            return torch.autograd.grad(fz, z_star, u, retain_graph=True)[0]
 
         def solve_adjoint(v: torch.Tensor) -> torch.Tensor:
             g, info = self.linear_solver(lambda u: u - vjp(u), v, v if self.warm_start else None)

@@ -105,8 +105,9 @@ class Controller:
     ) -> tuple[torch.Tensor, int]:
         """The first step size per sample and the evaluations of f spent choosing it."""
         if self.h0 is not None:
-            return torch.full_like(y[:, 0], self.h0), 0
-        return initial_step(field, y, k, order, term), 1
+            return torch.full_like(y[:, 0], self.h0).detach(), 0
+        with torch.no_grad():
+            return initial_step(field, y, k, order, term), 1
 
     def accepts(self, error: torch.Tensor) -> torch.Tensor:
         """Which samples' steps are accepted, given their scaled error norms."""
@@ -130,7 +131,11 @@ class Controller:
 def error_norm(
     error: torch.Tensor, y: torch.Tensor, y_new: torch.Tensor, term: Termination
 ) -> torch.Tensor:
-    """Local error per sample, scaled by abstol + reltol * max(|y|, |y_new|) (RMS norm)."""
+    """Local error per sample, scaled by abstol + reltol * max(|y|, |y_new|) (RMS norm).
+
+    Step-size decisions are not differentiated: an unrolled backward sees a fixed step sequence.
+    """
+    error, y, y_new = error.detach(), y.detach(), y_new.detach()
     scale = term.abstol + term.reltol * torch.maximum(y.abs(), y_new.abs())
     return rms(error / scale)
 

@@ -1,0 +1,104 @@
+"""Batched GMRES and Neumann iteration against dense solves and scipy's GMRES."""
+
+import numpy as np
+import pytest
+import scipy.sparse.linalg
+import torch
+
+from raydeq.solvers import GMRES, Neumann
+
+
+def systems(
+    batch: int, n: int, seed: int, spread: float = 0.5
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Well-conditioned nonsymmetric matrices I + spread * G / sqrt(n) and right-hand sides."""
+    g = torch.Generator().manual_seed(seed)
+    a = (
+        torch.eye(n, dtype=torch.float64)
+        + spread * torch.randn(batch, n, n, generator=g, dtype=torch.float64) / n**0.5
+    )
+    return a, torch.randn(batch, n, generator=g, dtype=torch.float64)
+
+
+def matvec(a: torch.Tensor):
+    return lambda x: (a @ x[:, :, None])[:, :, 0]
+
+
+@pytest.mark.parametrize("restart", [5, 40])
+def test_gmres_matches_dense_solve(restart):
+    a, b = systems(6, 40, seed=0)
+    x, info = GMRES(rtol=1e-12, restart=restart, max_iters=400)(matvec(a), b)
+    torch.testing.assert_close(x, torch.linalg.solve(a, b), rtol=1e-9, atol=1e-10)
+    assert bool(info.converged.all())
+    assert (info.residual <= 1e-12 * b.norm(dim=1)).all()
+
+
+def test_gmres_uses_the_initial_guess():
+    a, b = systems(3, 20, seed=1)
+    exact = torch.linalg.solve(a, b)
+    x, info = GMRES(rtol=1e-10)(matvec(a), b, exact + 1e-9)
+    torch.testing.assert_close(x, exact, rtol=1e-8, atol=1e-9)
+    _, cold = GMRES(rtol=1e-10)(matvec(a), b)
+    assert (2 * info.iterations <= cold.iterations).all(), (info.iterations, cold.iterations)
+
+
+@pytest.mark.parametrize("rtol", [1e-4, 1e-8])
+def test_gmres_iteration_counts_match_scipy(rtol):
+    a, b = systems(5, 60, seed=2, spread=0.8)
+    _, info = GMRES(rtol=rtol, restart=60, max_iters=60)(matvec(a), b)
+    for i in range(a.shape[0]):
+        count = []
+        scipy.sparse.linalg.gmres(
+            a[i].numpy(),
+            b[i].numpy(),
+            rtol=rtol,
+            atol=0.0,
+            restart=60,
+            maxiter=1,
+            callback=count.append,
+            callback_type="pr_norm",
+        )
+        assert abs(int(info.iterations[i]) - len(count)) <= 2, (int(info.iterations[i]), len(count))
+
+
+def test_samples_converge_separately():
+    """An identity-like system is done in one step, a harder one takes more; both are solved."""
+    a, b = systems(2, 30, seed=3, spread=0.9)
+    a[0] = torch.eye(30, dtype=torch.float64)
+    x, info = GMRES(rtol=1e-10, restart=30)(matvec(a), b)
+    torch.testing.assert_close(x, torch.linalg.solve(a, b), rtol=1e-8, atol=1e-10)
+    assert int(info.iterations[0]) == 1 and int(info.iterations[1]) > 5
+
+
+def test_gmres_reports_non_convergence():
+    a, b = systems(2, 50, seed=4, spread=0.9)
+    _, info = GMRES(rtol=1e-12, restart=3, max_iters=6)(matvec(a), b)
+    assert not bool(info.converged.any())
+    assert (info.iterations == 6).all()
+
+
+def test_neumann_matches_dense_solve_for_contractions():
+    g = torch.Generator().manual_seed(5)
+    k = torch.randn(4, 25, 25, generator=g, dtype=torch.float64)
+    k = 0.6 * k / torch.linalg.matrix_norm(k, 2)[:, None, None]
+    a = torch.eye(25, dtype=torch.float64) - k
+    b = torch.randn(4, 25, generator=g, dtype=torch.float64)
+    x, info = Neumann(rtol=1e-12, max_iters=200)(matvec(a), b)
+    torch.testing.assert_close(x, torch.linalg.solve(a, b), rtol=1e-10, atol=1e-11)
+    assert bool(info.converged.all())
+    _, gm = GMRES(rtol=1e-12)(matvec(a), b)
+    assert gm.matvecs < info.matvecs
+
+
+def test_bad_options_are_named():
+    with pytest.raises(ValueError, match="restart=0"):
+        GMRES(restart=0)
+    with pytest.raises(ValueError, match="rtol=-1"):
+        Neumann(rtol=-1)
+
+
+def test_float32():
+    a, b = systems(3, 16, seed=6)
+    x, info = GMRES(rtol=1e-5)(matvec(a.float()), b.float())
+    assert x.dtype == torch.float32
+    np.testing.assert_allclose(x.numpy(), torch.linalg.solve(a, b).numpy(), rtol=1e-3, atol=1e-4)

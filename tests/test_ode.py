@@ -1,0 +1,82 @@
+"""ODE solvers: convergence order on a linear flow with a closed form, and torchdiffeq agreement."""
+
+import math
+
+import pytest
+import torch
+import torchdiffeq
+
+import raydeq
+
+N = 5
+
+
+def linear_problem():
+    """dz/dt = A z + c - z with A symmetric, ||A|| < 1: z(t) = z* + expm((A - I) t)(z0 - z*)."""
+    g = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(N, N, generator=g, dtype=torch.float64))
+    a = q @ torch.diag(torch.linspace(-0.9, 0.9, N, dtype=torch.float64)) @ q.T
+    c = torch.randn(N, dtype=torch.float64, generator=g)
+    z0 = torch.randn(2, N, dtype=torch.float64, generator=g)
+    z_star = torch.linalg.solve(torch.eye(N, dtype=torch.float64) - a, c)
+    eye = torch.eye(N, dtype=torch.float64)
+
+    def exact(t: float) -> torch.Tensor:
+        return z_star + (z0 - z_star) @ torch.linalg.matrix_exp((a - eye) * t).T
+
+    return (lambda z: z @ a.T + c), z0, exact
+
+
+def integrate(f, z0, solver: str, t1: float, steps: int) -> torch.Tensor:
+    """Fixed steps of size t1 / steps, never stopping early (the steady-state test is off)."""
+    with torch.no_grad():
+        return raydeq.solve(
+            f,
+            z0,
+            solver=solver,
+            abstol=1e-300,
+            reltol=0.0,
+            max_steps=steps,
+            solver_options={"kind": "fixed", "h0": t1 / steps},
+        ).z
+
+
+@pytest.mark.parametrize(("solver", "order"), [("tsit5", 5), ("bs3", 3), ("vcab3", 3)])
+def test_convergence_order(solver, order):
+    f, z0, exact = linear_problem()
+    t1 = 2.0
+    errors = [
+        float((integrate(f, z0, solver, t1, n) - exact(t1)).abs().max()) for n in (32, 64, 128)
+    ]
+    slopes = [math.log2(errors[i] / errors[i + 1]) for i in range(2)]
+    assert all(abs(s - order) < 0.4 for s in slopes), (errors, slopes)
+
+
+@pytest.mark.parametrize("solver", ["tsit5", "bs3", "vcab3"])
+def test_agrees_with_torchdiffeq_dopri5(solver):
+    g = torch.Generator().manual_seed(1)
+    w = 0.8 * torch.randn(N, N, generator=g, dtype=torch.float64) / N**0.5
+    x = torch.randn(3, N, generator=g, dtype=torch.float64)
+    z0 = torch.randn(3, N, generator=g, dtype=torch.float64)
+
+    def f(z):
+        return torch.tanh(z @ w.T + x)
+
+    t1 = 1.5
+    ref = torchdiffeq.odeint(
+        lambda t, z: f(z) - z,
+        z0,
+        torch.tensor([0.0, t1], dtype=torch.float64),
+        method="dopri5",
+        rtol=1e-12,
+        atol=1e-12,
+    )[-1]
+    torch.testing.assert_close(integrate(f, z0, solver, t1, 600), ref, rtol=0, atol=1e-7)
+
+
+def test_adaptive_solve_reaches_the_closed_form_steady_state():
+    f, z0, exact = linear_problem()
+    for solver in ("tsit5", "bs3", "vcab3"):
+        with torch.no_grad():
+            sol = raydeq.solve(f, z0, solver=solver, abstol=1e-9, reltol=0.0, max_steps=5000)
+        torch.testing.assert_close(sol.z, exact(200.0), rtol=0, atol=1e-7)

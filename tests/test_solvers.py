@@ -1,0 +1,302 @@
+"""Forward fixed points against scipy, gradients against a dense implicit-function reference."""
+
+import numpy as np
+import pytest
+import scipy.optimize
+import torch
+
+import raydeq
+from raydeq.solvers import SOLVERS, Status
+
+D, B = 6, 3
+
+
+def problem(seed: int = 0, contraction: float = 0.8, dtype=torch.float64):
+    """A random contractive DEQ cell f(z) = tanh(W z + U x + b) with its parameters."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(D, D, generator=g, dtype=dtype)
+    w = contraction * w / torch.linalg.matrix_norm(w, 2)
+    u = torch.randn(D, D, generator=g, dtype=dtype)
+    b = torch.randn(D, generator=g, dtype=dtype)
+    x = torch.randn(B, D, generator=g, dtype=dtype)
+    params = [p.requires_grad_() for p in (w, u, b, x)]
+
+    def f(z):
+        w, u, b, x = params
+        return torch.tanh(z @ w.T + x @ u.T + b)
+
+    return f, params
+
+
+def tight(solver: str, **kwargs) -> dict:
+    """Steady state to 1e-10 (RMS residual); the ODE solvers' local error follows it."""
+    return {"abstol": 1e-10, "reltol": 0.0, "max_steps": 5000} | kwargs
+
+
+def scipy_fixed_point(f, z_shape) -> np.ndarray:
+    """Per-sample root of f(z) - z by scipy.optimize.root (hybr)."""
+    out = []
+    for i in range(z_shape[0]):
+
+        def g(v, i=i):
+            z = torch.zeros(z_shape, dtype=torch.float64)
+            z[i] = torch.from_numpy(v)
+            with torch.no_grad():
+                return (f(z)[i] - z[i]).numpy()
+
+        out.append(scipy.optimize.root(g, np.zeros(z_shape[1]), tol=1e-14).x)
+    return np.stack(out)
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_forward_matches_scipy_root(solver, seed):
+    f, _ = problem(seed)
+    z0 = torch.zeros(B, D, dtype=torch.float64)
+    with torch.no_grad():
+        sol = raydeq.solve(f, z0, solver=solver, **tight(solver))
+    assert bool(sol.stats.converged.all())
+    assert (sol.stats.status == Status.CONVERGED).all()
+    np.testing.assert_allclose(sol.z.numpy(), scipy_fixed_point(f, (B, D)), atol=1e-8, rtol=0)
+
+
+def ift_reference(f, params, v):
+    """Gradient by the implicit function theorem with an explicit Jacobian and a dense solve."""
+    z0 = torch.zeros(B, D, dtype=torch.float64)
+    with torch.no_grad():
+        z = raydeq.solve(f, z0, solver="broyden", abstol=1e-14, reltol=0.0, max_steps=500).z
+    us = []
+    for i in range(B):
+        jac = torch.autograd.functional.jacobian(lambda zi, i=i: f_row(f, z, zi, i), z[i])
+        us.append(torch.linalg.solve((torch.eye(D, dtype=z.dtype) - jac).T, v[i]))
+    u = torch.stack(us)
+    z = z.requires_grad_(False)
+    return torch.autograd.grad(f(z), params, u)
+
+
+def f_row(f, z, zi, i):
+    """f evaluated with sample i replaced by zi, sample i of the output (f is per-sample)."""
+    rows = [zi if j == i else z[j].detach() for j in range(B)]
+    return f(torch.stack(rows))[i]
+
+
+@pytest.mark.parametrize("adjoint", ["gmres", "fixed_point"])
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_implicit_gradients_match_dense_reference(solver, adjoint):
+    f, params = problem(3)
+    v = torch.randn(B, D, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    sol = raydeq.solve(
+        f,
+        torch.zeros(B, D, dtype=torch.float64),
+        solver=solver,
+        adjoint=adjoint,
+        adjoint_options={"rtol": 1e-13, "max_iters": 500},
+        **tight(solver),
+    )
+    grads = torch.autograd.grad((sol.z * v).sum(), params)
+    expected = ift_reference(f, params, v)
+    for got, ref in zip(grads, expected, strict=True):
+        torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-10)
+    assert sol.stats.backward_nvjp > 1
+    assert bool(sol.stats.backward_converged.all())
+
+
+def test_jfb_is_one_vjp_of_f_at_the_fixed_point():
+    f, params = problem(4)
+    v = torch.randn(B, D, dtype=torch.float64)
+    sol = raydeq.solve(
+        f,
+        torch.zeros(B, D, dtype=torch.float64),
+        solver="anderson",
+        adjoint="jfb",
+        abstol=1e-12,
+        reltol=0.0,
+        max_steps=500,
+    )
+    grads = torch.autograd.grad((sol.z * v).sum(), params)
+    expected = torch.autograd.grad(f(sol.z.detach()), params, v)
+    for got, ref in zip(grads, expected, strict=True):
+        torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-11)  # z* known to 1e-12
+    assert sol.stats.backward_nvjp == 1
+
+
+def test_unrolled_backpropagates_through_the_iterations():
+    f, params = problem(5)
+    z0 = torch.randn(B, D, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(B, D, dtype=torch.float64)
+    steps = 7
+    sol = raydeq.solve(
+        f, z0, solver="fixed_point", adjoint="unrolled", abstol=1e-300, reltol=0.0, max_steps=steps
+    )
+    z = z0
+    for _ in range(steps - 1):
+        z = f(z)
+    torch.testing.assert_close(sol.z, z, rtol=0, atol=0)
+    got = torch.autograd.grad((sol.z * v).sum(), [*params, z0])
+    ref = torch.autograd.grad((z * v).sum(), [*params, z0])
+    for a, b in zip(got, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_unrolled_ode_gradient_approaches_the_implicit_one():
+    f, params = problem(6)
+    v = torch.randn(B, D, dtype=torch.float64)
+    z0 = torch.zeros(B, D, dtype=torch.float64)
+    sol = raydeq.solve(f, z0, solver="vcab3", adjoint="unrolled", **tight("vcab3"))
+    got = torch.autograd.grad((sol.z * v).sum(), params)
+    for a, b in zip(got, ift_reference(f, params, v), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_float32_multiscale_state(solver):
+    """A list state with two shapes, in float32, without the caller flattening anything."""
+    g = torch.Generator().manual_seed(0)
+    a = 0.5 * torch.randn(8, 8, generator=g) / 8**0.5
+    c = 0.5 * torch.randn(3, 3, generator=g) / 3
+    x = torch.randn(4, 8, generator=g)
+
+    def f(z):
+        z1, z2 = z
+        return [torch.tanh(z1 @ a + x + z2.mean((1, 2))[:, None]), torch.tanh(c @ z2 + 0.1)]
+
+    z0 = [torch.zeros(4, 8), torch.zeros(4, 3, 5)]
+    with torch.no_grad():
+        sol = raydeq.solve(f, z0, solver=solver, abstol=1e-5, reltol=1e-5, max_steps=1000)
+    assert [t.shape for t in sol.z] == [t.shape for t in z0]
+    assert all(t.dtype == torch.float32 for t in sol.z)
+    assert bool(sol.stats.converged.all())
+    fz = f(sol.z)
+    assert max(float((a - b).abs().max()) for a, b in zip(fz, sol.z, strict=True)) < 1e-4
+
+
+def test_samples_stop_on_their_own():
+    """An easy and a hard sample: the easy one stops first and its state then stays fixed."""
+    scales = torch.tensor([[0.1], [0.95]], dtype=torch.float64)
+    calls = []
+
+    def f(z):
+        calls.append(z.clone())
+        return scales * z + 1.0
+
+    with torch.no_grad():
+        sol = raydeq.solve(
+            f,
+            torch.zeros(2, 3, dtype=torch.float64),
+            solver="fixed_point",
+            abstol=1e-10,
+            reltol=0.0,
+            max_steps=1000,
+        )
+    torch.testing.assert_close(sol.z, (1 / (1 - scales)).expand(2, 3), rtol=0, atol=1e-8)
+    easy = [float(c[0, 0]) for c in calls]
+    first_stop = next(i for i in range(1, len(easy)) if easy[i] == easy[i - 1])
+    assert all(e == easy[first_stop] for e in easy[first_stop:])
+    assert first_stop < len(calls) / 3
+
+
+def test_best_iterate_and_status_when_not_converging():
+    """A non-contractive map: max_steps is reported per sample and the best iterate returned."""
+    with torch.no_grad():
+        sol = raydeq.solve(
+            lambda z: -z + 1.0,
+            torch.zeros(2, 2),
+            solver="fixed_point",
+            abstol=1e-6,
+            reltol=0.0,
+            max_steps=10,
+        )
+    assert not bool(sol.stats.converged.any())
+    assert (sol.stats.status == Status.MAX_STEPS).all()
+    torch.testing.assert_close(sol.stats.residual, torch.ones(2))
+
+
+def test_nonfinite_values_stop_with_a_status():
+    def f(z):
+        out = z + 1.0
+        out[1] = float("nan")
+        return out
+
+    with torch.no_grad():
+        sol = raydeq.solve(f, torch.zeros(2, 3), solver="vcab3", max_steps=50)
+    assert int(sol.stats.status[1]) == Status.NONFINITE
+    assert torch.isfinite(sol.z).all()
+
+
+def test_divergence_stops_the_sample():
+    with torch.no_grad():
+        sol = raydeq.solve(
+            lambda z: 3 * z + 1,
+            torch.zeros(1, 2),
+            solver="fixed_point",
+            divergence=100.0,
+            max_steps=1000,
+        )
+    assert int(sol.stats.status[0]) == Status.DIVERGED
+    assert sol.stats.steps < 20
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"solver": "euler"}, "solver='euler' is not one of vcab3"),
+        ({"adjoint": "magic"}, "adjoint='magic' is not one of gmres"),
+        ({"abstol": -1.0}, "abstol=-1.0 must be a number >= 0"),
+        ({"max_steps": 0}, "max_steps=0 must be an integer >= 1"),
+        ({"solver": "anderson", "solver_options": {"m": 0}}, "m=0 must be >= 1"),
+        ({"solver_options": {"kind": "pid"}}, "kind='pid' is not one of"),
+    ],
+)
+def test_bad_arguments_are_named(kwargs, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        raydeq.solve(lambda z: z, torch.zeros(1, 2), **kwargs)
+
+
+def test_bad_states_are_named():
+    with pytest.raises(TypeError, match="floating point"):
+        raydeq.solve(lambda z: z, torch.zeros(2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="share the batch size"):
+        raydeq.solve(lambda z: z, [torch.zeros(2, 3), torch.zeros(3, 3)])
+    with pytest.raises(ValueError, match=r"f must return a state of the shapes of z0"):
+        raydeq.solve(lambda z: z[:, :2], torch.zeros(2, 3))
+
+
+def test_contractive_dense_deq_vcab3_needs_fewer_evaluations_than_tsit5():
+    """The issue's comparison: d=128, batch 32, tolerance 1e-3."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(128, 128, generator=g)
+    w = 0.9 * w / torch.linalg.matrix_norm(w, 2)
+    x = torch.randn(32, 128, generator=g)
+    nfe = {}
+    for solver in ("vcab3", "tsit5"):
+        with torch.no_grad():
+            sol = raydeq.solve(
+                lambda z: torch.tanh(z @ w.T + x),
+                torch.zeros(32, 128),
+                solver=solver,
+                abstol=1e-3,
+                reltol=1e-3,
+            )
+        assert bool(sol.stats.converged.all())
+        nfe[solver] = sol.stats.nfe
+    assert nfe["vcab3"] < nfe["tsit5"], nfe
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_cuda_smoke(solver):
+    f, params = problem(0, dtype=torch.float64)
+    cuda = [p.detach().cuda().requires_grad_() for p in params]
+    w, u, b, x = cuda
+    sol = raydeq.solve(
+        lambda z: torch.tanh(z @ w.T + x @ u.T + b),
+        torch.zeros_like(x),
+        solver=solver,
+        **tight(solver),
+    )
+    sol.z.sum().backward()
+    assert sol.z.device.type == "cuda" and bool(sol.stats.converged.all())
+    ref = raydeq.solve(f, torch.zeros(B, D, dtype=torch.float64), solver=solver, **tight(solver))
+    ref.z.sum().backward()
+    torch.testing.assert_close(sol.z.cpu(), ref.z.detach(), rtol=0, atol=1e-8)
+    torch.testing.assert_close(w.grad.cpu(), params[0].grad, rtol=1e-6, atol=1e-9)
