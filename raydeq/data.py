@@ -78,6 +78,14 @@ def check_files(cfg: DataSection) -> None:
     )
 
 
+def image_shape(cfg: DataSection) -> tuple[int, int, int]:
+    """(channels, height, width) of the images the configured dataset yields."""
+    shapes = {"digits": (1, *DIGITS_SIZE), "mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
+    shapes |= {"svhn": (3, 32, 32), "imagenet": (3, cfg.image_size, cfg.image_size)}
+    c, h, w = cfg.fake_shape if cfg.dataset == "fake" else shapes[cfg.dataset]
+    return c, h, w
+
+
 def _normalized(
     stats: tuple[tuple[float, ...], tuple[float, ...]], *augment: Callable
 ) -> T.Compose:
@@ -103,7 +111,7 @@ def _digits(cfg: DataSection) -> Splits:
     return Splits(
         TensorDataset(images[train_idx], labels[train_idx]),
         TensorDataset(images[test_idx], labels[test_idx]),
-        (1, *DIGITS_SIZE),
+        image_shape(cfg),
         10,
     )
 
@@ -113,7 +121,7 @@ def _mnist(cfg: DataSection) -> Splits:
     make = partial(
         datasets.MNIST, cfg.data_dir, download=cfg.download, transform=_normalized(MNIST_STATS)
     )
-    return Splits(make(train=True), make(train=False), (1, 28, 28), 10)
+    return Splits(make(train=True), make(train=False), image_shape(cfg), 10)
 
 
 def _cifar10(cfg: DataSection) -> Splits:
@@ -128,7 +136,7 @@ def _cifar10(cfg: DataSection) -> Splits:
     test = datasets.CIFAR10(
         cfg.data_dir, train=False, download=cfg.download, transform=_normalized(CIFAR10_STATS)
     )
-    return Splits(train, test, (3, 32, 32), 10)
+    return Splits(train, test, image_shape(cfg), 10)
 
 
 def _svhn(cfg: DataSection) -> Splits:
@@ -136,7 +144,7 @@ def _svhn(cfg: DataSection) -> Splits:
     make = partial(
         datasets.SVHN, cfg.data_dir, download=cfg.download, transform=_normalized(SVHN_STATS)
     )
-    return Splits(make(split="train"), make(split="test"), (3, 32, 32), 10)
+    return Splits(make(split="train"), make(split="test"), image_shape(cfg), 10)
 
 
 def _imagenet(cfg: DataSection) -> Splits:
@@ -147,12 +155,12 @@ def _imagenet(cfg: DataSection) -> Splits:
     train = datasets.ImageFolder(root / "train", transform=_normalized(IMAGENET_STATS, *augment))
     val_steps = (T.Resize(round(size * 256 / 224)), T.CenterCrop(size))
     val = datasets.ImageFolder(root / "val", transform=_normalized(IMAGENET_STATS, *val_steps))
-    return Splits(train, val, (3, size, size), len(train.classes))
+    return Splits(train, val, image_shape(cfg), len(train.classes))
 
 
 def _fake(cfg: DataSection) -> Splits:
     """torchvision FakeData of the configured shape: random images, for tests."""
-    shape = tuple(cfg.fake_shape)
+    shape = image_shape(cfg)
     make = partial(
         datasets.FakeData, image_size=shape, num_classes=cfg.fake_classes, transform=T.ToTensor()
     )
