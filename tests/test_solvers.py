@@ -300,3 +300,14 @@ def test_cuda_smoke(solver):
     ref.z.sum().backward()
     torch.testing.assert_close(sol.z.cpu(), ref.z.detach(), rtol=0, atol=1e-8)
     torch.testing.assert_close(w.grad.cpu(), params[0].grad, rtol=1e-6, atol=1e-9)
+
+
+def test_state_stays_float32_under_autocast():
+    """f computing in bfloat16 (autocast) does not change the solver's float32 state."""
+    w = 0.5 * torch.eye(8)
+    x = torch.randn(4, 8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        sol = raydeq.solve(lambda z: torch.tanh(z @ w + x), torch.zeros(4, 8), abstol=1e-2)
+    assert sol.z.dtype == torch.float32
+    sol.z.sum().backward()
+    assert x.grad.dtype == torch.float32 and torch.isfinite(x.grad).all()

@@ -57,9 +57,13 @@ class Structure:
 
 
 def flat_function(f: Callable[[State], State], structure: Structure) -> Callable:
-    """Wrap f: state -> state as a function on flat (B, N) matrices."""
+    """Wrap f: state -> state as a function on flat (B, N) matrices of z's dtype.
+
+    Casting f's output back to the state's dtype keeps the solver in float32 when f runs
+    under autocast (mixed precision).
+    """
 
     def f_flat(z: torch.Tensor) -> torch.Tensor:
-        return structure.flatten(f(structure.unflatten(z)))
+        return structure.flatten(f(structure.unflatten(z))).to(z.dtype)
 
     return f_flat
