@@ -22,7 +22,7 @@ import tempfile
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -170,12 +170,13 @@ class Meter:
         self.steps += 1
 
     def means(self, keys: Sequence[str], device: torch.device) -> dict[str, float]:
-        """Means over the interval's steps on every worker, then start a new interval."""
+        """Means over the interval's steps on every worker (none if all were skipped); reset."""
         totals = all_sum([self.steps, *(self.sums[k] for k in keys)], device)
-        count = max(totals[0], 1.0)
         self.sums.clear()
         self.steps = 0
-        return {key: total / count for key, total in zip(keys, totals[1:], strict=True)}
+        if totals[0] == 0:
+            return {}
+        return {key: total / totals[0] for key, total in zip(keys, totals[1:], strict=True)}
 
 
 def finite_everywhere(loss: Tensor, grad_norm: Tensor, device: torch.device) -> bool:
@@ -333,6 +334,8 @@ class Loop:
             ray.train.report(metrics)
             return
         state = self.state()
+        if self.writer is not None:
+            self.writer.flush()
         with tempfile.TemporaryDirectory() as root:
             saved = None
             if self.rank == 0:
@@ -356,8 +359,8 @@ class Loop:
         finite = finite_everywhere(loss, grad_norm, self.device)
         if finite:
             self.scaler.step(self.optimizer)
+            self.scheduler.step()
         self.scaler.update()
-        self.scheduler.step()
         end = clock(self.device)
         if not finite:
             return None
@@ -527,10 +530,14 @@ def scaling_config(cfg: Config) -> ScalingConfig:
     )
 
 
-def fit(cfg: Config, scaling: ScalingConfig | None = None) -> Result:
-    """Train (or resume) the run on Ray Train; `scaling` overrides the config's workers."""
+def fit(
+    cfg: Config,
+    scaling: ScalingConfig | None = None,
+    train_fn: Callable[[dict[str, Any]], None] = train_loop,
+) -> Result:
+    """Train or resume the run on Ray Train (`scaling`, `train_fn`: other workers or loop)."""
     trainer = TorchTrainer(
-        train_loop,
+        train_fn,
         train_loop_config=cfg.to_dict(),
         scaling_config=scaling or scaling_config(cfg),
         run_config=RunConfig(
@@ -555,7 +562,7 @@ def summary(result: Result, cfg: Config) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command line entry point; returns the exit status (2 for bad input)."""
+    """Command line entry point; returns the exit status (2 for bad input, 1 for a failed run)."""
     parser = argparse.ArgumentParser(
         prog="python -m raydeq.train", description=__doc__.split("\n")[0]
     )
@@ -571,7 +578,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     connect()
-    result = fit(cfg)
+    try:
+        result = fit(cfg)
+    except ray.train.TrainingFailedError as err:
+        print(f"error: run {cfg.run_dir} failed: {err}", file=sys.stderr)
+        return 1
     print(summary(result, cfg))
     return 0
 

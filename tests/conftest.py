@@ -1,0 +1,30 @@
+"""Shared Ray cluster for the tests that need one.
+
+Every Ray test of a session shares ONE local cluster (`ray_cluster`: 2 CPUs, dashboard on, so
+the state API can list actors). Tests marked `multinode` build their own multi-node cluster,
+so they run after all the others, once the shared cluster has been shut down.
+"""
+
+from collections.abc import Iterator
+
+import pytest
+import ray
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Register the `multinode` marker."""
+    config.addinivalue_line("markers", "multinode: builds its own multi-node Ray cluster")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Run the multinode tests last, after every test that uses the shared cluster."""
+    items.sort(key=lambda item: item.get_closest_marker("multinode") is not None)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[None]:
+    """A local Ray cluster with 2 CPUs, started once per session."""
+    if not ray.is_initialized():
+        ray.init(num_cpus=2)
+    yield
+    ray.shutdown()

@@ -1,0 +1,319 @@
+"""The training run: CLI errors, the loop in the driver, checkpoints, and Ray end-to-end runs."""
+
+import copy
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import ray
+import ray.cloudpickle
+import torch
+from ray.cluster_utils import Cluster
+from ray.train import Checkpoint, ScalingConfig
+from ray.util.state import list_actors
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from raydeq import data, train
+from raydeq.config import Config, validate
+
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+METRICS = (
+    "train_loss",
+    "train_accuracy",
+    "nfe",
+    "backward_nvjp",
+    "forward_time",
+    "backward_time",
+    "skip_loss",
+    "jac_loss",
+    "residual",
+    "unconverged_fraction",
+    "skipped_steps",
+    "test_accuracy",
+    "test_nfe",
+    "predict_time",
+)
+LOCAL = ScalingConfig(num_workers=0)
+
+
+def make_config(tmp_path: Path, **train_options: Any) -> Config:
+    """A short digits run stored under tmp_path, named `run`."""
+    return validate(
+        {
+            "name": "run",
+            "storage_path": str(tmp_path),
+            "train": {"epochs": 1, "report_every": 2, **train_options},
+            "scaling": {"max_failures": 1},
+        }
+    )
+
+
+def steps_by_tag(path: Path) -> dict[str, list[int]]:
+    """The steps of every TensorBoard scalar in an event file or folder (after purges)."""
+    events = EventAccumulator(str(path))
+    events.Reload()
+    return {tag: [e.step for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def event_files(cfg: Config) -> list[Path]:
+    """The run's TensorBoard event files, oldest first."""
+    return sorted(Path(cfg.run_dir, train.TENSORBOARD_DIR).glob("events.out.tfevents.*"))
+
+
+# Command line ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["model.solver=rk4"], "error: model.solver: 'rk4' is not allowed; choose one of vcab3"),
+        (["optim.lr=-1"], "error: optim.lr: must be > 0, got -1.0"),
+        (["scaling.num_workers=0"], "error: scaling.num_workers: must be >= 1, got 0"),
+        (["bogus=1"], "error: bogus: unknown key; allowed keys in config: name,"),
+        (
+            ["data.dataset=mnist", "data.data_dir=/nonexistent/mnist"],
+            "error: dataset 'mnist' not found in /nonexistent/mnist: expected MNIST/raw/",
+        ),
+        (
+            ["data.dataset=fake", "data.fake_shape=[3,8,8]"],
+            "error: model: 'mnist_dense' does not fit 'fake' images of shape (3, 8, 8)",
+        ),
+    ],
+)
+def test_bad_input_exits_with_code_2_and_one_line_before_ray_starts(
+    tmp_path, capsys, overrides, expected
+):
+    path = tmp_path / "run.yaml"
+    path.write_text("data: {dataset: digits}\n")
+    storage = tmp_path / "runs"
+    assert train.main([str(path), f"storage_path={storage}", *overrides]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(expected) and err.count("\n") == 1
+    assert not storage.exists() or not any(storage.iterdir())
+
+
+def test_unwritable_storage_is_a_clear_error_before_training(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(train.StorageError, match=f"storage_path {blocker}/runs is not writable"):
+        train.check_storage(str(blocker / "runs"))
+    path = tmp_path / "run.yaml"
+    path.write_text(f"storage_path: {blocker}/runs\n")
+    assert train.main([str(path)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: storage_path {blocker}/runs is not writable")
+
+
+def test_the_command_exits_with_status_2_on_a_bad_config(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train: {lambda_skip: -1}\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "raydeq.train", str(path)], capture_output=True, text=True
+    )
+    assert done.returncode == 2
+    assert done.stderr == "error: train.lambda_skip: must be >= 0, got -1.0\n"
+
+
+# Checkpoints -----------------------------------------------------------------------------------
+
+
+def test_checkpoints_round_trip_and_corruption_is_detected(tmp_path):
+    state = {"step": 7, "model": {"w": torch.arange(4.0)}, "rng": [torch.get_rng_state()]}
+    folder = train.write_checkpoint(state, tmp_path / "ckpt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    loaded = train.read_checkpoint(folder)
+    assert loaded["step"] == 7 and torch.equal(loaded["model"]["w"], torch.arange(4.0))
+    assert json.loads((folder / train.MANIFEST_FILE).read_text())["step"] == 7
+    blob = (folder / train.STATE_FILE).read_bytes()
+    (folder / train.STATE_FILE).write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(train.CheckpointError, match="state.pt is missing or fails its checksum"):
+        train.read_checkpoint(folder)
+    (folder / train.MANIFEST_FILE).unlink()
+    with pytest.raises(train.CheckpointError, match="no valid manifest.json"):
+        train.read_checkpoint(folder)
+
+
+def test_a_crash_while_saving_leaves_no_checkpoint_folder(tmp_path, monkeypatch):
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        train.write_checkpoint({"step": 1}, tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt").exists()
+
+
+class Payload:
+    """An object whose unpickling runs a command."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_malicious_pickle_in_a_checkpoint_is_refused(tmp_path):
+    marker = tmp_path / "executed"
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / train.STATE_FILE).write_bytes(pickle.dumps({"step": Payload(marker)}, protocol=2))
+    digest = train._sha256(folder / train.STATE_FILE)
+    (folder / train.MANIFEST_FILE).write_text(json.dumps({"step": 1, "sha256": digest}))
+    with pytest.raises(train.CheckpointError, match="refused by the loader"):
+        train.read_checkpoint(folder)
+    assert not marker.exists()
+
+
+def test_restore_falls_back_to_the_previous_checkpoint_and_never_silently_restarts(tmp_path):
+    good = train.write_checkpoint({"step": 4}, tmp_path / "a")
+    bad = train.write_checkpoint({"step": 6}, tmp_path / "b")
+    (bad / train.STATE_FILE).write_bytes(b"garbage")
+    checkpoints = [Checkpoint.from_directory(str(p)) for p in (bad, good)]
+    assert train.restore(checkpoints)["step"] == 4
+    assert train.restore([]) is None
+    with pytest.raises(train.CheckpointError, match="no readable checkpoint: .*b: state.pt"):
+        train.restore(checkpoints[:1])
+
+
+# The loop in the driver (num_workers=0) ------------------------------------------------------
+
+
+def test_the_loop_trains_reports_every_metric_and_writes_tensorboard(tmp_path):
+    cfg = make_config(tmp_path, max_steps=6, checkpoint_every=3)
+    result = train.fit(cfg, LOCAL)
+    metrics = result.metrics
+    assert metrics["step"] == 6 and set(METRICS) <= set(metrics)
+    assert 0 <= metrics["test_accuracy"] <= 1 and metrics["nfe"] > 0
+    assert metrics["skipped_steps"] == 0 and metrics["backward_nvjp"] > 0
+    steps = steps_by_tag(Path(cfg.run_dir, train.TENSORBOARD_DIR))
+    assert set(METRICS) <= set(steps)
+    assert steps["train_loss"] == [1, 2, 3, 4, 5, 6]
+    assert steps["test_accuracy"] == [6]
+    summary = train.summary(result, cfg)
+    assert summary.startswith(f"test_accuracy={metrics['test_accuracy']:.4f} steps=6 run=")
+    assert summary.endswith(f"tensorboard --logdir {cfg.run_dir}/tensorboard")
+
+
+def nan_splits(cfg: data.DataSection, load=data.load_splits) -> data.Splits:
+    """Digits whose training images are all NaN."""
+    splits = load(cfg)
+    images, labels = splits.train.tensors
+    poisoned = torch.utils.data.TensorDataset(torch.full_like(images, torch.nan), labels)
+    return data.Splits(poisoned, splits.test, splits.shape, splits.num_classes)
+
+
+def test_non_finite_steps_are_skipped_counted_and_stop_the_run_when_they_persist(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setattr(data, "load_splits", nan_splits)
+    seen = {}
+
+    def loop(config: dict) -> None:
+        run = train.Loop(validate(config))
+        seen["before"] = copy.deepcopy(dict(run.module.named_parameters()))
+        run.run()
+        seen["after"] = dict(run.module.named_parameters())
+
+    result = train.fit(make_config(tmp_path, max_steps=4, max_nonfinite_steps=10), LOCAL, loop)
+    assert result.metrics["skipped_steps"] == 4 and "train_loss" not in result.metrics
+    for name, value in seen["before"].items():
+        assert torch.equal(value, seen["after"][name]), name
+    with pytest.raises(train.NonFiniteError, match="3 steps in a row had a non-finite loss"):
+        train.fit(make_config(tmp_path / "b", max_steps=8, max_nonfinite_steps=3), LOCAL)
+
+
+# Ray end-to-end ----------------------------------------------------------------------------------
+
+
+def test_two_workers_checkpoint_log_and_resume_past_a_corrupted_checkpoint(ray_cluster, tmp_path):
+    first = make_config(tmp_path, max_steps=4, checkpoint_every=2, report_every=1)
+    result = train.fit(first)
+    assert result.error is None and result.metrics["step"] == 4
+    assert set(METRICS) <= set(result.metrics)
+    assert sorted(os.listdir(result.checkpoint.path)) == [train.MANIFEST_FILE, train.STATE_FILE]
+    steps = steps_by_tag(event_files(first)[0])
+    assert set(METRICS) <= set(steps) and steps["train_loss"] == [1, 2, 3, 4]
+
+    latest = Path(result.checkpoint.path, train.STATE_FILE)
+    latest.write_bytes(latest.read_bytes()[:100])
+    second = make_config(tmp_path, max_steps=8, checkpoint_every=2, report_every=1)
+    result = train.fit(second)
+    assert result.error is None and result.metrics["step"] == 8
+    files = event_files(second)
+    assert len(files) == 2
+    assert steps_by_tag(files[1])["train_loss"] == [3, 4, 5, 6, 7, 8]
+    history = steps_by_tag(Path(second.run_dir, train.TENSORBOARD_DIR))
+    assert history["train_loss"] == list(range(1, 9))
+
+
+def kill_a_worker_after_the_first_checkpoint(run_dir: Path, killed: list[int]) -> None:
+    """Wait for both workers and a checkpoint, then SIGKILL the worker that is not rank 0."""
+    deadline = time.monotonic() + 180
+    pids: list[int] = []
+    while len(pids) < 2 and time.monotonic() < deadline:
+        alive = [("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]
+        pids = [actor.pid for actor in list_actors(filters=alive)]
+        time.sleep(0.2)
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    while not snapshot.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    writer = next((run_dir / train.TENSORBOARD_DIR).glob("events.out.tfevents.*")).name
+    victim = next(pid for pid in pids if f".{pid}." not in writer)
+    os.kill(victim, signal.SIGKILL)
+    killed.append(victim)
+
+
+def test_a_killed_worker_is_restarted_from_the_last_checkpoint_without_gaps(ray_cluster, tmp_path):
+    cfg = make_config(tmp_path, epochs=3, max_steps=60, checkpoint_every=10, report_every=10)
+    killed: list[int] = []
+    killer = threading.Thread(
+        target=kill_a_worker_after_the_first_checkpoint, args=(Path(cfg.run_dir), killed)
+    )
+    killer.start()
+    result = train.fit(cfg)
+    killer.join()
+    assert len(killed) == 1
+    assert result.error is None and result.metrics["step"] == 60
+    assert len(event_files(cfg)) == 2
+    history = steps_by_tag(Path(cfg.run_dir, train.TENSORBOARD_DIR))
+    assert history["train_loss"] == list(range(1, 61))
+    assert history["skipped_steps"] == list(range(1, 61))
+
+
+def train_and_save_parameters(config: dict) -> None:
+    """Train, then save this worker's parameters and node id next to the run folder."""
+    run = train.Loop(validate(config))
+    run.run()
+    rank = ray.train.get_context().get_world_rank()
+    record = {"node": ray.get_runtime_context().get_node_id(), "params": run.module.state_dict()}
+    torch.save(record, Path(config["storage_path"], f"worker-{rank}.pt"))
+
+
+@pytest.mark.multinode
+def test_ddp_keeps_the_workers_on_two_nodes_identical(tmp_path):
+    ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster.add_node(num_cpus=1)
+    try:
+        ray.init(address=cluster.address)
+        cfg = make_config(tmp_path, max_steps=6)
+        result = train.fit(cfg, train_fn=train_and_save_parameters)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    assert result.error is None and result.metrics["step"] == 6
+    workers = [torch.load(tmp_path / f"worker-{r}.pt", weights_only=True) for r in (0, 1)]
+    assert workers[0]["node"] != workers[1]["node"]
+    initial = train.models.build(cfg.model_options()).state_dict()
+    for name, value in workers[0]["params"].items():
+        assert torch.equal(value, workers[1]["params"][name]), name
+    assert any(not torch.equal(v, initial[k]) for k, v in workers[0]["params"].items())
