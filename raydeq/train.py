@@ -511,8 +511,11 @@ def check_model(cfg: Config) -> None:
 
 
 def connect() -> None:
-    """Join the running Ray cluster, or start a local one when there is none."""
+    """Join the cluster RAY_ADDRESS names or the one running here, else start a local one."""
     if ray.is_initialized():
+        return
+    if "RAY_ADDRESS" in os.environ:
+        ray.init()
         return
     try:
         ray.init(address="auto")

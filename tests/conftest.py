@@ -22,9 +22,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 @pytest.fixture(scope="session")
-def ray_cluster() -> Iterator[None]:
-    """A local Ray cluster with 2 CPUs, started once per session."""
-    if not ray.is_initialized():
-        ray.init(num_cpus=2)
-    yield
+def ray_cluster() -> Iterator[str]:
+    """A local Ray cluster with 2 CPUs, started once per session; yields the dashboard URL."""
+    context = ray.init(num_cpus=2)
+    yield f"http://{context.dashboard_url}"
     ray.shutdown()

@@ -255,13 +255,15 @@ def test_two_workers_checkpoint_log_and_resume_past_a_corrupted_checkpoint(ray_c
     assert history["train_loss"] == list(range(1, 9))
 
 
-def kill_a_worker_after_the_first_checkpoint(run_dir: Path, killed: list[int]) -> None:
+def kill_a_worker_after_the_first_checkpoint(
+    dashboard: str, run_dir: Path, killed: list[int]
+) -> None:
     """Wait for both workers and a checkpoint, then SIGKILL the worker that is not rank 0."""
     deadline = time.monotonic() + 180
     pids: list[int] = []
     while len(pids) < 2 and time.monotonic() < deadline:
         alive = [("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]
-        pids = [actor.pid for actor in list_actors(filters=alive)]
+        pids = [actor.pid for actor in list_actors(address=dashboard, filters=alive)]
         time.sleep(0.2)
     snapshot = run_dir / "checkpoint_manager_snapshot.json"
     while not snapshot.exists() and time.monotonic() < deadline:
@@ -276,7 +278,8 @@ def test_a_killed_worker_is_restarted_from_the_last_checkpoint_without_gaps(ray_
     cfg = make_config(tmp_path, epochs=3, max_steps=60, checkpoint_every=10, report_every=10)
     killed: list[int] = []
     killer = threading.Thread(
-        target=kill_a_worker_after_the_first_checkpoint, args=(Path(cfg.run_dir), killed)
+        target=kill_a_worker_after_the_first_checkpoint,
+        args=(ray_cluster, Path(cfg.run_dir), killed),
     )
     killer.start()
     result = train.fit(cfg)
