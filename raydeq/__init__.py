@@ -1,5 +1,7 @@
 """raydeq: Continuous Deep Equilibrium Models on PyTorch, orchestrated with Ray."""
 
+from raydeq import models
+from raydeq.deq import DEQ, NeuralODE
 from raydeq.solvers import Solution, SolveStats, solve
 
-__all__ = ["Solution", "SolveStats", "solve"]
+__all__ = ["DEQ", "NeuralODE", "Solution", "SolveStats", "models", "solve"]

@@ -1,0 +1,288 @@
+"""The DEQ layer (vanilla, Skip DEQ, Skip Reg. DEQ, Jacobian regularisation) and the Neural ODE.
+
+Both layers take an `f` called as f(z, x) and return a `LayerOutput`; a training step adds
+`lambda_skip * out.skip_loss + lambda_jac * out.jac_loss` to its loss and nothing else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torchdiffeq import odeint, odeint_adjoint
+
+from raydeq.solvers import ADJOINTS, SOLVERS, SolveStats, Termination, solve
+from raydeq.solvers.state import State, Structure
+from raydeq.solvers.termination import Monitor
+
+INITS = ("zeros", "skip", "skip_reg")
+
+
+@dataclass
+class LayerOutput:
+    """What `DEQ` and `NeuralODE` return (the fields of the public API)."""
+
+    z: State
+    z0: State
+    stats: SolveStats
+    skip_loss: Tensor
+    jac_loss: Tensor
+
+
+def _tensors(z: State) -> tuple[Tensor, ...]:
+    """The tensors of a single or multiscale state."""
+    return (z,) if isinstance(z, Tensor) else tuple(z)
+
+
+def _detach(z: State) -> State:
+    """A copy of the state cut from the autograd graph, with the same structure."""
+    return z.detach() if isinstance(z, Tensor) else [t.detach() for t in z]
+
+
+def initial_state(f: nn.Module, x: Tensor) -> State:
+    """The all-zero state for input x: `f.initial_state(x)` if f defines it, else zeros_like(x)."""
+    make = getattr(f, "initial_state", None)
+    return make(x) if callable(make) else torch.zeros_like(x)
+
+
+def residual_stats(
+    z: State, fz: State, termination: Termination, nfe: int, steps: int
+) -> SolveStats:
+    """Statistics of a state z reached without the solver, from its image fz = f(z, x)."""
+    structure = Structure.of(z)
+    flat = structure.flatten(_detach(z))
+    monitor = Monitor(flat, termination)
+    monitor.update(flat, structure.flatten(_detach(fz)) - flat, torch.ones_like(monitor.active))
+    return SolveStats.from_monitor(monitor, nfe, steps)
+
+
+def hutchinson_jacobian_loss(f: Callable[[State], State], z: State) -> Tensor:
+    """Estimate ||J_f(z)||_F^2 / dim with one Gaussian probe eps: ||eps^T J_f||^2 / dim.
+
+    E[||eps^T J||^2] = ||J||_F^2 (Hutchinson); dim counts every element of the batch, so for an f
+    acting per sample this is the batch mean of ||J_b||_F^2 / dim_b. Differentiable (double
+    backward) in the parameters and inputs f closes over when grad mode is on; z itself is
+    treated as a constant.
+    """
+    differentiable = torch.is_grad_enabled()
+    inputs = [t.detach().requires_grad_() for t in _tensors(z)]
+    with torch.enable_grad():
+        out = _tensors(f(inputs[0] if isinstance(z, Tensor) else inputs))
+        probes = [torch.randn_like(t) for t in out]
+        vjps = torch.autograd.grad(out, inputs, probes, create_graph=differentiable)
+    return sum(v.pow(2).sum() for v in vjps) / sum(t.numel() for t in inputs)
+
+
+def skip_loss(z: State, z0: State) -> Tensor:
+    """The paper's L1 skip loss mean |z* - z0| over every element, with z* held constant."""
+    pairs = list(zip(_tensors(z), _tensors(z0), strict=True))
+    total = sum((a.detach() - b).abs().sum() for a, b in pairs)
+    return total / sum(b.numel() for _, b in pairs)
+
+
+def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    """Raise ValueError naming `value` and the allowed ones unless it is one of them."""
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not one of {', '.join(map(repr, allowed))}")
+
+
+def _check_positive(name: str, value: Any, integer: bool = False, zero: bool = False) -> None:
+    """Raise ValueError unless `value` is a number > 0 (>= 0 with zero=True), an int if asked."""
+    kind = int if integer else (int, float)
+    ok = isinstance(value, kind) and not isinstance(value, bool)
+    if not ok or not (value >= 0 if zero else value > 0):
+        bound = ">= 0" if zero else "> 0"
+        raise ValueError(
+            f"{name}={value!r} must be {'an integer' if integer else 'a number'} {bound}"
+        )
+
+
+class DEQ(nn.Module):
+    """Deep equilibrium layer: z* = f(z*, x) by an ODE solver (continuous DEQ) or a root finder.
+
+    init picks the initial guess z0: "zeros" (vanilla), "skip" (z0 = skip(x), an explicit
+    predictor trained by skip_loss), "skip_reg" (z0 = f(0, x), no extra parameters). skip_loss
+    is mean |z* - z0| with z* = f(z*, x) held constant, so its gradient reaches the predictor g
+    ("skip") or f through z0 = f(0, x) ("skip_reg") and pulls the guess onto the equilibrium.
+    The solver starts from z0 detached: gradients of the main loss do not depend on z0.
+
+    jac_reg adds the Hutchinson estimate of ||J_f(z*)||_F^2 / dim as jac_loss. While the
+    layer's training-mode call count is below pretrain_steps, f is unrolled pretrain_depth times
+    from z0 and backpropagated through instead of being solved (MDEQ's warm-up).
+    stats.nfe counts f's evaluations by the solver, plus the one giving z0 for "skip_reg".
+    """
+
+    def __init__(
+        self,
+        f: nn.Module,
+        init: str = "zeros",
+        skip: nn.Module | None = None,
+        solver: str = "vcab3",
+        adjoint: str = "gmres",
+        abstol: float = 1e-3,
+        reltol: float = 1e-3,
+        max_steps: int = 100,
+        divergence: float = 1e4,
+        jac_reg: bool = False,
+        pretrain_steps: int = 0,
+        pretrain_depth: int = 10,
+        solver_options: dict | None = None,
+        adjoint_options: dict | None = None,
+    ) -> None:
+        super().__init__()
+        _check_choice("init", init, INITS)
+        _check_choice("solver", solver, SOLVERS)
+        _check_choice("adjoint", adjoint, ADJOINTS)
+        if init == "skip" and skip is None:
+            raise ValueError("init='skip' needs a predictor module: pass skip=g with g(x) -> z0")
+        if init != "skip" and skip is not None:
+            raise ValueError(f"skip= is only used with init='skip', got init={init!r}")
+        _check_positive("max_steps", max_steps, integer=True)
+        _check_positive("pretrain_steps", pretrain_steps, integer=True, zero=True)
+        _check_positive("pretrain_depth", pretrain_depth, integer=True)
+        if not isinstance(jac_reg, bool):
+            raise ValueError(f"jac_reg={jac_reg!r} must be True or False")
+        self.f = f
+        self.skip = skip
+        self.init = init
+        self.solver = solver
+        self.adjoint = adjoint
+        self.termination = Termination(abstol, reltol, divergence)
+        self.max_steps = max_steps
+        self.jac_reg = jac_reg
+        self.pretrain_steps = pretrain_steps
+        self.pretrain_depth = pretrain_depth
+        self.solver_options = dict(solver_options or {})
+        self.adjoint_options = dict(adjoint_options or {})
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+
+    def initial_guess(self, x: Tensor) -> State:
+        """z0 for input x according to `init` (with its graph, for skip_loss)."""
+        zeros = initial_state(self.f, x)
+        if self.init == "skip":
+            return self.skip(x)
+        if self.init == "skip_reg":
+            return self.f(zeros, x)
+        return zeros
+
+    def pretraining(self) -> bool:
+        """Whether this call unrolls f: training mode, fewer than pretrain_steps calls so far."""
+        return self.training and int(self.step) < self.pretrain_steps
+
+    def forward(self, x: Tensor) -> LayerOutput:
+        """Solve for the equilibrium of f(., x); see the class docstring for the outputs."""
+        z0 = self.initial_guess(x)
+        extra_nfe = 1 if self.init == "skip_reg" else 0
+
+        def fx(z: State) -> State:
+            return self.f(z, x)
+
+        if self.pretraining():
+            z_prev, z = None, _detach(z0)
+            for _ in range(self.pretrain_depth):
+                z_prev, z = z, fx(z)
+            depth = self.pretrain_depth
+            stats = residual_stats(z_prev, z, self.termination, depth + extra_nfe, depth)
+        else:
+            t = self.termination
+            sol = solve(
+                fx,
+                _detach(z0),
+                solver=self.solver,
+                adjoint=self.adjoint,
+                abstol=t.abstol,
+                reltol=t.reltol,
+                max_steps=self.max_steps,
+                divergence=t.divergence,
+                solver_options=self.solver_options,
+                adjoint_options=self.adjoint_options,
+            )
+            z, stats = sol.z, sol.stats
+            stats.nfe += extra_nfe
+        if self.training:
+            self.step += 1
+        zero = x.new_zeros(())
+        return LayerOutput(
+            z=z,
+            z0=z0,
+            stats=stats,
+            skip_loss=zero if self.init == "zeros" else skip_loss(z, z0),
+            jac_loss=hutchinson_jacobian_loss(fx, z) if self.jac_reg else zero,
+        )
+
+
+class _ODEFunc(nn.Module):
+    """dz/dt = f(z, x) - z on torchdiffeq's tuple states, counting evaluations of f."""
+
+    def __init__(self, f: nn.Module, x: Tensor, single: bool) -> None:
+        super().__init__()
+        self.f = f
+        self.x = x
+        self.single = single
+        self.nfe = 0
+
+    def forward(self, t: Tensor, z: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        """Right-hand side at time t (autonomous: t is unused)."""
+        self.nfe += 1
+        fz = _tensors(self.f(z[0] if self.single else list(z), self.x))
+        return tuple(a - b for a, b in zip(fz, z, strict=True))
+
+
+class NeuralODE(nn.Module):
+    """Neural ODE baseline: integrate dz/dt = f(z, x) - z from z(0) = 0 over [0, t1] (torchdiffeq).
+
+    adjoint=False backpropagates through the solver's operations; adjoint=True uses the
+    continuous adjoint (odeint_adjoint) with f's parameters and x as adjoint parameters.
+    method and options are torchdiffeq's, abstol / reltol its atol / rtol. stats.residual is
+    ||f(z(t1)) - z(t1)|| (one more evaluation of f, counted in nfe) and converged applies the DEQ
+    test with abstol / reltol to it; torchdiffeq does not report its step count, so steps is 0.
+    skip_loss and jac_loss are 0.
+    """
+
+    def __init__(
+        self,
+        f: nn.Module,
+        t1: float = 1.0,
+        method: str = "dopri5",
+        adjoint: bool = False,
+        abstol: float = 1e-3,
+        reltol: float = 1e-3,
+        options: dict | None = None,
+    ) -> None:
+        super().__init__()
+        _check_positive("t1", t1)
+        if not isinstance(adjoint, bool):
+            raise ValueError(f"adjoint={adjoint!r} must be True or False for NeuralODE")
+        self.f = f
+        self.t1 = float(t1)
+        self.method = method
+        self.adjoint = adjoint
+        self.termination = Termination(abstol, reltol)
+        self.options = dict(options or {})
+
+    def forward(self, x: Tensor) -> LayerOutput:
+        """Integrate to t1 and return z(t1) with its statistics."""
+        z0 = initial_state(self.f, x)
+        single = isinstance(z0, Tensor)
+        func = _ODEFunc(self.f, x, single)
+        t = torch.tensor([0.0, self.t1], dtype=x.dtype, device=x.device)
+        kwargs = dict(
+            rtol=self.termination.reltol,
+            atol=self.termination.abstol,
+            method=self.method,
+            options=self.options,
+        )
+        if self.adjoint:
+            params = tuple(self.f.parameters()) + ((x,) if x.requires_grad else ())
+            path = odeint_adjoint(func, _tensors(z0), t, adjoint_params=params, **kwargs)
+        else:
+            path = odeint(func, _tensors(z0), t, **kwargs)
+        z = path[0][-1] if single else [p[-1] for p in path]
+        with torch.no_grad():
+            fz = self.f(_detach(z), x)
+        stats = residual_stats(z, fz, self.termination, func.nfe + 1, 0)
+        zero = x.new_zeros(())
+        return LayerOutput(z=z, z0=z0, stats=stats, skip_loss=zero, jac_loss=zero)

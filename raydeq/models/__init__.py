@@ -1,0 +1,92 @@
+"""The paper's models, built by name from a plain config dict: `raydeq.models.build(cfg)`."""
+
+import inspect
+from collections.abc import Mapping
+from typing import Any
+
+from raydeq.deq import DEQ, NeuralODE
+from raydeq.models.classifier import EquilibriumClassifier, Parts
+from raydeq.models.dense import DenseCell, DenseConfig
+from raydeq.models.mdeq import MDEQConfig, MultiscaleCell
+from raydeq.models.presets import PRESETS, Preset
+from raydeq.solvers import CONTINUOUS, DISCRETE
+
+VARIANTS = ("vanilla", "skip", "skip_reg", "neural_ode")
+INITS = {"vanilla": "zeros", "skip": "skip", "skip_reg": "skip_reg"}
+# torchdiffeq's closest method to each continuous solver: bosh3 is BS3; dopri5 is, like
+# Tsit5, a 5(4) FSAL pair; VCAB3 (variable-coefficient Adams) has no torchdiffeq equivalent,
+# so it maps to the adaptive third-order bosh3.
+ODE_METHODS = {"vcab3": "bosh3", "bs3": "bosh3", "tsit5": "dopri5"}
+
+
+def _options(layer: type, options: dict[str, Any]) -> dict[str, Any]:
+    """Check that every key is an option of `layer`, raising ValueError naming the bad ones."""
+    allowed = set(inspect.signature(layer).parameters) - {"f", "init", "skip", "solver"}
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise ValueError(
+            f"unknown {layer.__name__} option(s) {unknown}; allowed: {', '.join(sorted(allowed))}"
+        )
+    return options
+
+
+def _choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:
+    """Raise ValueError naming the bad config value and the allowed ones."""
+    if value not in allowed:
+        raise ValueError(f"{key}={value!r} is not one of {', '.join(map(repr, allowed))}")
+
+
+def build(cfg: Mapping[str, Any]) -> EquilibriumClassifier:
+    """Build the classifier a config names: `logits, out = build(cfg)(images)`.
+
+    cfg["model"] names a preset (see PRESETS), cfg["variant"] is "vanilla" (default), "skip",
+    "skip_reg" or "neural_ode", cfg["solver"] one of raydeq's solvers (default "vcab3"; for
+    neural_ode it picks the torchdiffeq method via ODE_METHODS unless cfg["method"] is given).
+    cfg["lambda_skip"] overrides the preset's skip-loss weight, stored as model.lambda_skip.
+    Every other key is an option of the layer (DEQ or NeuralODE) and overrides the preset's.
+    """
+    options = dict(cfg)
+    name = options.pop("model", None)
+    _choice("model", name, tuple(PRESETS))
+    variant = options.pop("variant", "vanilla")
+    _choice("variant", variant, VARIANTS)
+    solver = options.pop("solver", "vcab3")
+    preset = PRESETS[name]
+    lambda_skip = float(options.pop("lambda_skip", preset.lambda_skip))
+    parts = preset.parts()
+    tolerances = {"abstol": preset.abstol, "reltol": preset.reltol}
+    if variant == "neural_ode":
+        _choice("solver", solver, CONTINUOUS)
+        defaults = {**tolerances, "method": ODE_METHODS[solver]}
+        layer = NeuralODE(parts.cell, **_options(NeuralODE, {**defaults, **options}))
+    else:
+        _choice("solver", solver, CONTINUOUS + DISCRETE)
+        defaults = {
+            **tolerances,
+            "max_steps": preset.max_steps,
+            "pretrain_steps": preset.pretrain_steps,
+            "adjoint_options": preset.adjoint_options,
+        }
+        layer = DEQ(
+            parts.cell,
+            init=INITS[variant],
+            skip=parts.skip if variant == "skip" else None,
+            solver=solver,
+            **_options(DEQ, {**defaults, **options}),
+        )
+    return EquilibriumClassifier(parts.stem, layer, parts.head, lambda_skip)
+
+
+__all__ = [
+    "ODE_METHODS",
+    "PRESETS",
+    "VARIANTS",
+    "DenseCell",
+    "DenseConfig",
+    "EquilibriumClassifier",
+    "MDEQConfig",
+    "MultiscaleCell",
+    "Parts",
+    "Preset",
+    "build",
+]

@@ -1,0 +1,50 @@
+"""The paper's dense MNIST model: f(z, x) = relu(W1 z) + relu(W2 x) in R^128 (Table 1)."""
+
+from dataclasses import dataclass
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from raydeq.models.classifier import Parts
+
+
+class DenseCell(nn.Module):
+    """f(z, x) = relu(W1 z) + relu(W2 x), both maps without bias."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.state = nn.Linear(width, width, bias=False)
+        self.inject = nn.Linear(width, width, bias=False)
+
+    def forward(self, z: Tensor, x: Tensor) -> Tensor:
+        """One application of f."""
+        return F.relu(self.state(z)) + F.relu(self.inject(x))
+
+
+def dense_stem(in_features: int, width: int) -> nn.Module:
+    """Flatten the image and embed it: Linear(in_features, width) + ReLU."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(in_features, width), nn.ReLU())
+
+
+def dense_skip(width: int) -> nn.Module:
+    """Skip DEQ's predictor g(x) = relu(W x + b)."""
+    return nn.Sequential(nn.Linear(width, width), nn.ReLU())
+
+
+@dataclass(frozen=True)
+class DenseConfig:
+    """Sizes of the dense model: flattened input, state width, classes."""
+
+    in_features: int = 784
+    width: int = 128
+    num_classes: int = 10
+
+
+def dense_parts(cfg: DenseConfig) -> Parts:
+    """Stem, cell, head and skip predictor of the dense model."""
+    return Parts(
+        stem=dense_stem(cfg.in_features, cfg.width),
+        cell=DenseCell(cfg.width),
+        head=nn.Linear(cfg.width, cfg.num_classes),
+        skip=dense_skip(cfg.width),
+    )

@@ -1,0 +1,104 @@
+"""Named models with the paper's sizes, and the defaults of their layer and skip-loss weight.
+
+Reference parameter counts (vanilla / skip), Table 1 and 2 of the paper: mnist_dense 134,538 /
+151,050; cifar10_small 163,546 / 200,122; cifar10_large 10.63M / 11.19M; imagenet_small
+17.91M / 18.47M. Tolerances, step limits and adjoint (GMRES) limits follow the paper's runs.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+
+from raydeq.models.classifier import Parts
+from raydeq.models.dense import DenseConfig, dense_parts
+from raydeq.models.mdeq import MDEQConfig, mdeq_parts
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named architecture with its input shape and default layer / training options."""
+
+    parts: Callable[[], Parts]
+    input_shape: tuple[int, int, int]
+    lambda_skip: float
+    abstol: float
+    reltol: float
+    max_steps: int
+    pretrain_steps: int = 0
+    adjoint_options: dict = field(default_factory=dict)
+
+
+def _mdeq(cfg: MDEQConfig, input_shape: tuple[int, int, int], **defaults) -> Preset:
+    """Preset for a multiscale DEQ configuration."""
+    return Preset(partial(mdeq_parts, cfg), input_shape, **defaults)
+
+
+PRESETS: dict[str, Preset] = {
+    "mnist_dense": Preset(
+        partial(dense_parts, DenseConfig()),
+        (1, 28, 28),
+        lambda_skip=0.1,
+        abstol=5e-3,
+        reltol=5e-3,
+        max_steps=50,
+        adjoint_options={"rtol": 5e-3, "max_iters": 15},
+    ),
+    "mnist_mdeq": _mdeq(
+        MDEQConfig(
+            channels=(8, 16),
+            head_channels=(4, 8),
+            final_channels=32,
+            in_channels=1,
+            expansion=2,
+            groups=4,
+            dropout=0.1,
+        ),
+        (1, 28, 28),
+        lambda_skip=0.01,
+        abstol=5e-2,
+        reltol=5e-2,
+        max_steps=18,
+        adjoint_options={"rtol": 5e-2, "max_iters": 20},
+    ),
+    "cifar10_small": _mdeq(
+        MDEQConfig(channels=(24, 24), head_channels=(8, 16), final_channels=200, dropout=0.2),
+        (3, 32, 32),
+        lambda_skip=0.01,
+        abstol=5e-2,
+        reltol=5e-2,
+        max_steps=18,
+        adjoint_options={"rtol": 5e-2, "max_iters": 20},
+        pretrain_steps=5000,
+    ),
+    "cifar10_large": _mdeq(
+        MDEQConfig(
+            channels=(32, 64, 128, 256),
+            head_channels=(14, 28, 56, 112),
+            final_channels=1680,
+            expansion=4,
+            dropout=0.3,
+        ),
+        (3, 32, 32),
+        lambda_skip=0.01,
+        abstol=5e-2,
+        reltol=5e-2,
+        max_steps=18,
+        adjoint_options={"rtol": 5e-2, "max_iters": 20},
+        pretrain_steps=20000,
+    ),
+    "imagenet_small": _mdeq(
+        MDEQConfig(
+            channels=(32, 64, 128, 256),
+            head_channels=(24, 48, 96, 192),
+            final_channels=2048,
+            num_classes=1000,
+            stem_downsample=2,
+        ),
+        (3, 224, 224),
+        lambda_skip=0.01,
+        abstol=5e-2,
+        reltol=5e-2,
+        max_steps=26,
+        adjoint_options={"rtol": 5e-2, "max_iters": 27},
+    ),
+}
