@@ -84,8 +84,8 @@ class DataSection:
     dataset: str = _opt("digits", choices=DATASETS)
     data_dir: str | None = _opt(None)
     download: bool = _opt(False)
-    batch_size: int = _opt(32, ge=1)
-    eval_batch_size: int = _opt(256, ge=1)
+    batch_size: int = _opt(32, ge=1)  # global: split evenly over the workers
+    eval_batch_size: int = _opt(256, ge=1)  # per worker
     loader_workers: int = _opt(0, ge=0)
     pin_memory: bool = _opt(False)
     image_size: int = _opt(224, ge=8)
@@ -267,6 +267,11 @@ def _check_together(cfg: Config) -> None:
                 f"model.{key}: not an option of variant {cfg.model.variant!r}; "
                 f"DEQ variants take {', '.join(DEQ_ONLY)}, neural_ode takes {', '.join(ODE_ONLY)}"
             )
+    if data.batch_size % cfg.scaling.num_workers:
+        raise ConfigError(
+            f"data.batch_size: {data.batch_size} does not split evenly over "
+            f"scaling.num_workers={cfg.scaling.num_workers}; use a multiple of it"
+        )
     if cfg.train.lambda_jac > 0 and not cfg.model.jac_reg:
         raise ConfigError("train.lambda_jac: needs model.jac_reg=true to have a Jacobian term")
     if cfg.train.amp and cfg.scaling.device == "cpu":

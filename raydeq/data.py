@@ -30,9 +30,9 @@ SVHN_STATS = ((0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970))
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 EXPECTED_FILES = {
     "mnist": [
-        f"MNIST/raw/{name}-idx{dim}-ubyte"
-        for name, dim in [("train-images", 3), ("train-labels", 1)]
-        + [("t10k-images", 3), ("t10k-labels", 1)]
+        f"MNIST/raw/{name}"
+        for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte")
+        + ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
     ],
     "cifar10": [f"cifar-10-batches-py/data_batch_{i}" for i in range(1, 6)]
     + ["cifar-10-batches-py/test_batch", "cifar-10-batches-py/batches.meta"],
@@ -222,11 +222,20 @@ def _loader_options(cfg: DataSection) -> dict:
 
 
 def train_loader(dataset: Dataset, cfg: DataSection, seed: int) -> DataLoader:
-    """This worker's shuffled shard of `dataset` in full batches, on the worker's device."""
+    """This worker's shuffled shard of `dataset` in full batches of its share of batch_size."""
     context = ray.train.get_context()
-    sampler = ShardSampler(dataset, context.get_world_size(), context.get_world_rank(), seed)
+    world_size = context.get_world_size()
+    if cfg.batch_size % world_size:
+        raise DataError(
+            f"data.batch_size={cfg.batch_size} does not split over {world_size} workers"
+        )
+    sampler = ShardSampler(dataset, world_size, context.get_world_rank(), seed)
     loader = DataLoader(
-        dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=True, **_loader_options(cfg)
+        dataset,
+        batch_size=cfg.batch_size // world_size,
+        sampler=sampler,
+        drop_last=True,
+        **_loader_options(cfg),
     )
     return ray.train.torch.prepare_data_loader(loader)
 

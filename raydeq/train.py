@@ -207,6 +207,21 @@ STEP_METRICS = (
 )
 
 
+def rng_state(device: torch.device) -> dict[str, Tensor]:
+    """The random generator states of the CPU and, on a GPU worker, of its device."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, Tensor], device: torch.device) -> None:
+    """Restore generator states saved by `rng_state`."""
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
 # Training loop ---------------------------------------------------------------------------------
 
 
@@ -250,8 +265,8 @@ class Loop:
         self.steps_per_epoch = data.steps_per_epoch(self.train_data)
         if self.steps_per_epoch == 0:
             raise ValueError(
-                f"data.batch_size={cfg.data.batch_size} exceeds a worker's share of the "
-                f"{len(splits.train)} training samples; lower it or use fewer workers"
+                f"data.batch_size={cfg.data.batch_size} exceeds the "
+                f"{len(splits.train)} training samples; lower it"
             )
         epochs_steps = cfg.train.epochs * self.steps_per_epoch
         self.total_steps = min(cfg.train.max_steps or epochs_steps, epochs_steps)
@@ -292,7 +307,7 @@ class Loop:
         self.nonfinite_in_row = state["nonfinite_in_row"]
         rng = state["rng"]
         if len(rng) == self.world_size:
-            torch.set_rng_state(rng[self.rank])
+            set_rng_state(rng[self.rank], self.device)
         else:
             torch.manual_seed(self.cfg.seed + 1 + self.rank + self.world_size * self.step)
 
@@ -311,7 +326,7 @@ class Loop:
 
     def state(self) -> dict[str, Any]:
         """Everything needed to continue training exactly where it is (collective call)."""
-        rng = [torch.get_rng_state()]
+        rng = [rng_state(self.device)]
         if _distributed():
             gathered: list[Any] = [None] * self.world_size
             dist.all_gather_object(gathered, rng[0])

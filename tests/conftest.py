@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 import ray
+import torch
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -27,3 +28,12 @@ def ray_cluster() -> Iterator[str]:
     context = ray.init(num_cpus=2)
     yield f"http://{context.dashboard_url}"
     ray.shutdown()
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Run the test with one PyTorch thread, as a Ray worker with one CPU does."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

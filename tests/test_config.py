@@ -75,6 +75,7 @@ def test_validate_accepts_its_own_output():
         ({"data": {"dataset": "mnist"}}, "data.data_dir: required for dataset 'mnist'"),
         ({"data": {"download": True}}, "data.download: only mnist, cifar10, svhn can be"),
         ({"train": {"lambda_jac": 0.1}}, "train.lambda_jac: needs model.jac_reg=true"),
+        ({"data": {"batch_size": 33}}, "data.batch_size: 33 does not split evenly over scaling"),
         ({"model": {"variant": "neural_ode", "max_steps": 5}}, "model.max_steps: not an option"),
         ({"model": {"t1": 2.0}}, "model.t1: not an option of variant 'skip_reg'"),
         ({"name": "a/b"}, "name: 'a/b' is not a folder name"),

@@ -43,6 +43,7 @@ METRICS = (
     "predict_time",
 )
 LOCAL = ScalingConfig(num_workers=0)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_config(tmp_path: Path, **train_options: Any) -> Config:
@@ -126,7 +127,11 @@ def test_the_command_exits_with_status_2_on_a_bad_config(tmp_path):
 
 
 def test_checkpoints_round_trip_and_corruption_is_detected(tmp_path):
-    state = {"step": 7, "model": {"w": torch.arange(4.0)}, "rng": [torch.get_rng_state()]}
+    state = {
+        "step": 7,
+        "model": {"w": torch.arange(4.0)},
+        "rng": [train.rng_state(torch.device("cpu"))],
+    }
     folder = train.write_checkpoint(state, tmp_path / "ckpt")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
     loaded = train.read_checkpoint(folder)
