@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import torch
 
+from raydeq.solvers.batched import combine, dots, put
 from raydeq.solvers.termination import Monitor
 
 Map = Callable[[torch.Tensor], torch.Tensor]
@@ -60,28 +61,29 @@ class Anderson:
         self, f: Map, z: torch.Tensor, monitor: Monitor, max_steps: int
     ) -> tuple[int, int]:
         """Iterate until every sample converges or max_steps; returns (nfe, steps)."""
-        xs: list[torch.Tensor] = []
-        fs: list[torch.Tensor] = []
+        batch, dim = z.shape
+        xs, fs, gs = (z.new_zeros(batch, self.m, dim) for _ in range(3))
         nfe = 0
         for _ in range(max_steps):
             fz = f(z)
-            nfe += 1
-            monitor.update(z, fz - z, monitor.active)
+            g = fz - z
+            monitor.update(z, g, monitor.active)
+            slot, nfe = nfe % self.m, nfe + 1
             if not monitor.running():
                 break
-            xs, fs = (xs + [z])[-self.m :], (fs + [fz])[-self.m :]
-            x_hist, f_hist = torch.stack(xs, 1), torch.stack(fs, 1)
-            g = f_hist - x_hist
-            n = g.shape[1]
-            gram = g @ g.transpose(1, 2)
+            xs, fs, gs = put(xs, slot, z), put(fs, slot, fz), put(gs, slot, g)
+            n = min(nfe, self.m)
+            x_hist, f_hist, g_hist = xs[:, :n], fs[:, :n], gs[:, :n]
+            gram = torch.bmm(g_hist, g_hist.transpose(1, 2))
             gram = gram + self.lam * gram.diagonal(dim1=1, dim2=2).mean(-1)[
                 :, None, None
             ].clamp_min(1e-30) * torch.eye(n, dtype=z.dtype, device=z.device)
-            ones = torch.ones(z.shape[0], n, 1, dtype=z.dtype, device=z.device)
-            weights = torch.linalg.solve(gram, ones)
+            ones = torch.ones(batch, n, 1, dtype=z.dtype, device=z.device)
+            weights = torch.linalg.solve(gram, ones)[:, :, 0]
             alpha = weights / weights.sum(1, keepdim=True)
-            mixed = self.beta * f_hist + (1 - self.beta) * x_hist
-            step = (alpha.transpose(1, 2) @ mixed)[:, 0]
+            step = combine(alpha, f_hist)
+            if self.beta != 1:
+                step = self.beta * step + (1 - self.beta) * combine(alpha, x_hist)
             step = torch.where(torch.isfinite(step), step, fz)
             z = torch.where(monitor.active[:, None], step, z)
         return nfe, nfe
@@ -91,7 +93,8 @@ class Broyden:
     """Limited-memory 'good' Broyden on g(z) = f(z) - z, per sample, unit step.
 
     The inverse Jacobian of g is kept as -I + U V^T with at most `memory` rank-one terms per
-    sample; each step adds u = (dz - H dg) / (dz^T H dg) and v^T = dz^T H (Sherman-Morrison).
+    sample; each step adds u = (dz - H dg) / (dz^T H dg) and v^T = dz^T H (Sherman-Morrison),
+    replacing the oldest term once `memory` are held.
     """
 
     def __init__(self, memory: int = 30) -> None:
@@ -103,8 +106,8 @@ class Broyden:
         self, f: Map, z: torch.Tensor, monitor: Monitor, max_steps: int
     ) -> tuple[int, int]:
         """Iterate until every sample converges or max_steps; returns (nfe, steps)."""
-        us: list[torch.Tensor] = []
-        vs: list[torch.Tensor] = []
+        batch, dim = z.shape
+        us, vs = z.new_zeros(batch, self.memory, dim), z.new_zeros(batch, self.memory, dim)
         g = f(z) - z
         nfe = 1
         monitor.update(z, g, monitor.active)
@@ -116,30 +119,30 @@ class Broyden:
             nfe += 1
             monitor.update(z_new, g_new, monitor.active)
             dz, dg = z_new - z, g_new - g
-            h_dg = self._apply(us, vs, dg)
-            v = self._apply_transposed(us, vs, dz)
+            used = min(nfe - 2, self.memory)
+            u_used, v_used = us[:, :used], vs[:, :used]
+            h_dg = self._apply(u_used, v_used, dg)
+            v = self._apply_transposed(u_used, v_used, dz)
             denom = (v * dg).sum(1, keepdim=True)
             ok = active & (denom.abs() > 1e-30) & torch.isfinite(denom)
             u = torch.where(ok, (dz - h_dg) / torch.where(ok, denom, 1.0), 0.0)
-            us, vs = (us + [u])[-self.memory :], (vs + [torch.where(ok, v, 0.0)])[-self.memory :]
+            slot = (nfe - 2) % self.memory
+            us, vs = put(us, slot, u), put(vs, slot, torch.where(ok, v, 0.0))
+            used = min(nfe - 1, self.memory)
             z, g = z_new, g_new
-            update = -self._apply(us, vs, g)
+            update = -self._apply(us[:, :used], vs[:, :used], g)
         return nfe, nfe
 
     @staticmethod
-    def _apply(us: list[torch.Tensor], vs: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        """(-I + U V^T) x per sample."""
-        if not us:
+    def _apply(u: torch.Tensor, v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """(-I + U V^T) x per sample, with the rank-one terms as rows of u and v (B, k, N)."""
+        if u.shape[1] == 0:
             return -x
-        u, v = torch.stack(us, 2), torch.stack(vs, 1)
-        return -x + (u @ (v @ x[:, :, None]))[:, :, 0]
+        return -x + combine(dots(v, x), u)
 
     @staticmethod
-    def _apply_transposed(
-        us: list[torch.Tensor], vs: list[torch.Tensor], x: torch.Tensor
-    ) -> torch.Tensor:
+    def _apply_transposed(u: torch.Tensor, v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """x^T (-I + U V^T) per sample, as a (B, N) matrix."""
-        if not us:
+        if u.shape[1] == 0:
             return -x
-        u, v = torch.stack(us, 2), torch.stack(vs, 1)
-        return -x + (v.transpose(1, 2) @ (u.transpose(1, 2) @ x[:, :, None]))[:, :, 0]
+        return -x + combine(dots(u, x), v)

@@ -211,20 +211,14 @@ class RungeKutta:
         return nfe, steps
 
 
-def _lagrange_weights(
-    nodes: tuple[torch.Tensor, torch.Tensor, torch.Tensor], h: torch.Tensor
-) -> list[torch.Tensor]:
-    """Integrals over [0, h] of the quadratic Lagrange basis on three nodes (all per sample)."""
+def adams_weights(nodes: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """Integrals over [0, h] of the quadratic Lagrange basis on three nodes, per sample.
 
-    def integral(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-        return h**3 / 3 - (p + q) * h**2 / 2 + p * q * h
-
-    a, b, c = nodes
-    return [
-        integral(b, c) / ((a - b) * (a - c)),
-        integral(a, c) / ((b - a) * (b - c)),
-        integral(a, b) / ((c - a) * (c - b)),
-    ]
+    nodes is (B, K, 3): K node triples per sample; h is (B, 1, 1). Returns (B, K, 3).
+    """
+    p, q = nodes.roll(-1, dims=-1), nodes.roll(-2, dims=-1)
+    integral = h * (h * h / 3 - (p + q) * h / 2 + p * q)
+    return integral / ((nodes - p) * (nodes - q))
 
 
 class VCAB3:
@@ -252,8 +246,8 @@ class VCAB3:
         h, spent = self.controller.first_step(field, y, k, BS3.order, term)
         nfe += spent
         previous = torch.ones_like(h)
-        history = [k, k, k]
-        gaps = [torch.ones_like(h), torch.ones_like(h)]
+        history = k[:, None].expand(-1, 3, -1)
+        gaps = torch.ones_like(h)[:, None].expand(-1, 2)
         accepted = torch.zeros_like(h, dtype=torch.long)
         while steps < max_steps and bool((monitor.active & (accepted < 2)).any()):
             active = monitor.active & (accepted < 2)
@@ -271,17 +265,20 @@ class VCAB3:
         error_order = 3
         while steps < max_steps and monitor.running():
             active = monitor.active
-            step = torch.where(active, h, 0.0)[:, None]
-            g2, g1 = gaps[0][:, None], gaps[1][:, None]
+            step = torch.where(active, h, 0.0)[:, None, None]
+            g2, g1 = gaps[:, None, :1], gaps[:, None, 1:]
             zero = torch.zeros_like(g1)
-            w = _lagrange_weights((-(g1 + g2), -g1, zero), step)
-            y_new = y + sum(wi * fi for wi, fi in zip(w, history, strict=True))
+            nodes = torch.cat([-(g1 + g2), -g1, zero, -g1, zero, step], dim=2).view(-1, 2, 3)
+            w = adams_weights(nodes, step)
+            ab, am = w[:, :1], w[:, 1:]
+            y_new = torch.baddbmm(y[:, None], ab, history)[:, 0]
             k_new = field(y_new)
             nfe += 1
             steps += 1
-            wc = _lagrange_weights((-g1, zero, step), step)
-            y_corr = y + wc[0] * history[1] + wc[1] * history[2] + wc[2] * k_new
-            err = error_norm(0.9 * (y_corr - y_new), y, y_new, term)
+            # Milne: 9/10 (y_AM - y_AB), with y_AM on (F_n-1, F_n, F_new) and y_AB on (F_n-2..F_n).
+            shifted = torch.cat([-ab[:, :, :1], am[:, :, :2] - ab[:, :, 1:]], dim=2)
+            difference = torch.baddbmm(am[:, :, 2:] * k_new[:, None], shifted, history)[:, 0]
+            err = error_norm(0.9 * difference, y, y_new, term)
             accept = active & self.controller.accepts(err)
             monitor.update(y_new, k_new, accept | (active & ~torch.isfinite(err)))
             y, k, history, gaps = self._advance(accept, y_new, k_new, y, history, gaps, h)
@@ -295,12 +292,18 @@ class VCAB3:
         y_new: torch.Tensor,
         k_new: torch.Tensor,
         y: torch.Tensor,
-        history: list[torch.Tensor],
-        gaps: list[torch.Tensor],
+        history: torch.Tensor,
+        gaps: torch.Tensor,
         h: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-        """Move the accepted samples to their new point and shift their derivative history."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Move the accepted samples to their new point and shift their derivative history.
+
+        history (B, 3, N) holds f - z at the last three accepted points, oldest first; gaps
+        (B, 2) the two step sizes between them.
+        """
         acc = accept[:, None]
-        history = [torch.where(acc, new, old) for new, old in zip(history[1:] + [k_new], history)]
-        gaps = [torch.where(accept, new, old) for new, old in zip(gaps[1:] + [h], gaps)]
-        return torch.where(acc, y_new, y), history[2], history, gaps
+        history = torch.where(
+            acc[:, :, None], torch.cat([history[:, 1:], k_new[:, None]], dim=1), history
+        )
+        gaps = torch.where(acc, torch.cat([gaps[:, 1:], h[:, None]], dim=1), gaps)
+        return torch.where(acc, y_new, y), history[:, 2], history, gaps

@@ -19,7 +19,7 @@ class Status(enum.IntEnum):
 
 def rms(x: torch.Tensor) -> torch.Tensor:
     """Root-mean-square over the features of each sample of a (B, N) matrix: the solver norm."""
-    return x.pow(2).mean(dim=1).sqrt()
+    return torch.linalg.vector_norm(x, dim=1) * x.shape[1] ** -0.5
 
 
 @dataclass(frozen=True)
@@ -57,21 +57,25 @@ class Monitor:
         self.active = torch.ones(batch, dtype=torch.bool, device=z0.device)
 
     def update(self, z: torch.Tensor, residual: torch.Tensor, mask: torch.Tensor) -> None:
-        """Record iterate z with residual vector f(z) - z for the samples selected by mask."""
+        """Record iterate z with residual vector f(z) - z for the samples selected by mask.
+
+        Comparisons with NaN are false, so a non-finite residual is never "better", never
+        "converged" and never "diverged"; it only sets Status.NONFINITE.
+        """
         t = self.termination
         r = rms(residual)
         mask = mask & self.active
-        finite = torch.isfinite(r)
-        better = mask & finite & (r < self.best_residual)
+        better = mask & (r < self.best_residual)
         self.best_z = torch.where(better[:, None], z, self.best_z)
-        diverged = mask & finite & (r > t.divergence * self.best_residual)
+        diverged = mask & (r > t.divergence * self.best_residual)
         self.best_residual = torch.where(better, r, self.best_residual)
-        converged = mask & finite & (r <= t.abstol + t.reltol * rms(z))
-        nonfinite = mask & ~finite
-        self.status = torch.where(converged, int(Status.CONVERGED), self.status)
-        self.status = torch.where(nonfinite, int(Status.NONFINITE), self.status)
-        self.status = torch.where(diverged, int(Status.DIVERGED), self.status)
-        self.active = self.active & ~(converged | nonfinite | diverged)
+        converged = mask & (r <= t.abstol + t.reltol * rms(z))
+        nonfinite = mask & ~torch.isfinite(r)
+        stop = converged | nonfinite | diverged
+        code = torch.where(converged, int(Status.CONVERGED), int(Status.DIVERGED))
+        code = torch.where(nonfinite, int(Status.NONFINITE), code)
+        self.status = torch.where(stop, code, self.status)
+        self.active = self.active & ~stop
 
     def running(self) -> bool:
         """Whether any sample still runs: the one host synchronisation a solver step makes."""

@@ -1,0 +1,30 @@
+"""Per-sample products of a batch of row sets with vectors, in the layouts BLAS runs fast.
+
+On CPU, torch's batched matrix-vector product (B, k, N) @ (B, N, 1) runs about ten times
+slower than the same numbers as a row-vector product (B, 1, N) @ (B, N, k); every solver
+that keeps per-sample histories (Anderson, Broyden, GMRES) goes through these two helpers.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def dots(rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Inner products of each sample's rows (B, k, N) with its vector x (B, N): (B, k)."""
+    return torch.bmm(x[:, None, :], rows.transpose(1, 2))[:, 0]
+
+
+def combine(coefficients: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Each sample's combination of its rows (B, k, N) with coefficients (B, k): (B, N)."""
+    return torch.bmm(coefficients[:, None, :], rows)[:, 0]
+
+
+def put(buffer: torch.Tensor, index: int, row: torch.Tensor) -> torch.Tensor:
+    """buffer (B, k, N) with row (B, N) at position index: in place, unless autograd records
+    the solve (adjoint="unrolled"), where it writes a copy so that saved tensors stay valid."""
+    if torch.is_grad_enabled() and (buffer.requires_grad or row.requires_grad):
+        position = torch.tensor([index], device=buffer.device)
+        return buffer.index_copy(1, position, row[:, None].to(buffer.dtype))
+    buffer[:, index] = row
+    return buffer
