@@ -25,6 +25,6 @@ def put(buffer: torch.Tensor, index: int, row: torch.Tensor) -> torch.Tensor:
     the solve (adjoint="unrolled"), where it writes a copy so that saved tensors stay valid."""
     if torch.is_grad_enabled() and (buffer.requires_grad or row.requires_grad):
         position = torch.tensor([index], device=buffer.device)
-        return buffer.index_copy(1, position, row[:, None].to(buffer.dtype))
+        return buffer.index_copy(1, position, row[:, None])
     buffer[:, index] = row
     return buffer

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from raydeq.solvers.batched import combine, dots
+
 LinearOperator = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -102,10 +104,10 @@ class GMRES:
         while j < m:
             w = A(basis[:, j])
             v = basis[:, : j + 1]
-            h = (v @ w[:, :, None])[:, :, 0]
-            w = w - (v.transpose(1, 2) @ h[:, :, None])[:, :, 0]
-            h2 = (v @ w[:, :, None])[:, :, 0]
-            w = w - (v.transpose(1, 2) @ h2[:, :, None])[:, :, 0]
+            h = dots(v, w)
+            w = w - combine(h, v)
+            h2 = dots(v, w)
+            w = w - combine(h2, v)
             h = h + h2
             h_next = w.norm(dim=1)
             basis[:, j + 1] = w / h_next.clamp_min(tiny)[:, None]
@@ -129,4 +131,4 @@ class GMRES:
         upper = torch.where(used[:, None, :] & used[:, :, None], upper, eye)
         rhs = torch.where(used, g[:, :j], 0.0)
         y = torch.linalg.solve_triangular(upper, rhs[:, :, None], upper=True)[:, :, 0]
-        return (basis[:, :j].transpose(1, 2) @ y[:, :, None])[:, :, 0], steps, j
+        return combine(y, basis[:, :j]), steps, j
