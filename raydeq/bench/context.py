@@ -1,0 +1,37 @@
+"""What every benchmark is given: the device, the size profile, the models, the data."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import torch
+
+T = TypeVar("T")
+SIZES = ("tiny", "quick", "full")
+DEFAULT_DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "mnist10k"
+
+
+@dataclass(frozen=True)
+class Context:
+    """Settings of one benchmark run.
+
+    size is "tiny" (the smoke test: smallest problems, one repeat), "quick" (a few minutes on
+    a 2-core CPU) or "full"; models are the presets the model-level benchmarks use.
+    """
+
+    device: torch.device
+    size: str = "quick"
+    models: tuple[str, ...] = ("mnist_dense", "cifar10_small")
+    data_dir: Path = DEFAULT_DATA
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.size not in SIZES:
+            raise ValueError(f"size={self.size!r} is not one of {', '.join(SIZES)}")
+
+    def pick(self, table: Mapping[str, T]) -> T:
+        """The entry of a per-size table for this run's size."""
+        return table[self.size]

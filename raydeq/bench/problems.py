@@ -1,0 +1,124 @@
+"""A DEQ-like test problem with a known spectrum, counted evaluations and exact references.
+
+f(z) = W tanh(z) + x with W symmetric: `slow` eigenvalues spread just below `slow_eig` and the
+rest uniform in [0, fast_max], so the Jacobian W diag(1 - tanh(z)^2) at the fixed point has a
+few eigenvalues near slow_eig and many small ones, as a trained DEQ layer does. The Jacobian is
+explicit, so the fixed point (Newton) and the implicit gradient (dense solves) are exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Counter:
+    """Evaluations of f and vector-Jacobian products through f, whoever calls them."""
+
+    nfe: int = 0
+    nvjp: int = 0
+
+    def reset(self) -> None:
+        """Start counting from zero."""
+        self.nfe = self.nvjp = 0
+
+
+class _Tap(torch.autograd.Function):
+    """Identity whose backward counts one vector-Jacobian product."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, z: Tensor, counter: Counter) -> Tensor:
+        ctx.counter = counter
+        return z.view_as(z)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor, None]:
+        ctx.counter.nvjp += 1
+        return grad, None
+
+
+@dataclass(frozen=True)
+class Spectrum:
+    """Shape of the problem: state width, batch, and the eigenvalues of W."""
+
+    dim: int
+    batch: int
+    slow: int = 4
+    slow_eig: float = 0.97
+    fast_max: float = 0.3
+    input_scale: float = 0.02
+
+
+class SpectralProblem:
+    """f(z) = W tanh(z) + x for a batch of inputs x; W and x are leaves that can require grad."""
+
+    def __init__(
+        self,
+        spec: Spectrum,
+        device: torch.device,
+        dtype: torch.dtype = torch.float32,
+        seed: int = 0,
+    ) -> None:
+        g = torch.Generator().manual_seed(seed)
+        q, _ = torch.linalg.qr(torch.randn(spec.dim, spec.dim, generator=g, dtype=torch.float64))
+        fast = spec.fast_max * torch.rand(spec.dim - spec.slow, generator=g, dtype=torch.float64)
+        slow = spec.slow_eig - 0.02 * torch.rand(spec.slow, generator=g, dtype=torch.float64)
+        eig = torch.cat([slow, fast])
+        w = (q * eig) @ q.T
+        x = spec.input_scale * torch.randn(spec.batch, spec.dim, generator=g, dtype=torch.float64)
+        self.spec = spec
+        self.weight = w.to(device, dtype)
+        self.x = x.to(device, dtype)
+        self.counter = Counter()
+
+    def f(self, z: Tensor) -> Tensor:
+        """One counted evaluation of f at z (B, dim)."""
+        self.counter.nfe += 1
+        return torch.tanh(_Tap.apply(z, self.counter)) @ self.weight.T + self.x
+
+    def z0(self) -> Tensor:
+        """The zero initial state."""
+        return torch.zeros_like(self.x)
+
+    def residual(self, z: Tensor) -> Tensor:
+        """True residual per sample: RMS of f(z) - z over the features (not counted)."""
+        with torch.no_grad():
+            r = torch.tanh(z) @ self.weight.T + self.x - z
+        return r.pow(2).mean(1).sqrt()
+
+    def jacobian(self, z: Tensor) -> Tensor:
+        """J_f(z) per sample (B, dim, dim): W diag(1 - tanh(z)^2)."""
+        return self.weight[None] * (1 - torch.tanh(z).pow(2))[:, None, :]
+
+    def exact_fixed_point(self, iterations: int = 30) -> Tensor:
+        """z* by Newton's method with dense per-sample solves, to rounding error."""
+        z = self.z0()
+        eye = torch.eye(self.spec.dim, dtype=z.dtype, device=z.device)
+        with torch.no_grad():
+            for _ in range(iterations):
+                r = torch.tanh(z) @ self.weight.T + self.x - z
+                z = z - torch.linalg.solve(self.jacobian(z) - eye, r[:, :, None])[:, :, 0]
+        return z
+
+    def exact_gradient(self, cotangent: Tensor) -> tuple[Tensor, Tensor]:
+        """(dL/dW, dL/dx) for L = sum(cotangent * z*), by the implicit function theorem."""
+        z = self.exact_fixed_point()
+        eye = torch.eye(self.spec.dim, dtype=z.dtype, device=z.device)
+        a = (eye - self.jacobian(z)).transpose(1, 2)
+        g = torch.linalg.solve(a, cotangent[:, :, None])[:, :, 0]
+        return g.T @ torch.tanh(z), g
+
+    def spectral_radius(self) -> float:
+        """Largest |eigenvalue| of J_f(z*) over the batch."""
+        eig = torch.linalg.eigvals(self.jacobian(self.exact_fixed_point()).double())
+        return float(eig.abs().max())
+
+
+def gradient_error(grads: tuple[Tensor, Tensor], reference: tuple[Tensor, Tensor]) -> float:
+    """Relative error ||g - g_ref|| / ||g_ref|| over (dL/dW, dL/dx) together."""
+    diff = sum(float((a.double() - b.double()).pow(2).sum()) for a, b in zip(grads, reference))
+    norm = sum(float(b.double().pow(2).sum()) for b in reference)
+    return (diff / norm) ** 0.5

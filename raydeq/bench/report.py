@@ -1,0 +1,159 @@
+"""Benchmark results: sections of rows and pass/fail targets, written as JSON and Markdown."""
+
+from __future__ import annotations
+
+import json
+import math
+import operator
+import os
+import platform
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+Value = float | int | str | bool | None
+
+
+@dataclass
+class Target:
+    """A claim checked against a measured value: measured <= limit (or >= with at_least)."""
+
+    name: str
+    measured: float | None
+    limit: float
+    at_least: bool = False
+    detail: str = ""
+
+    @property
+    def passed(self) -> bool | None:
+        """Whether the measurement meets the limit; None when it could not be measured."""
+        if self.measured is None or math.isnan(self.measured):
+            return None
+        compare = operator.ge if self.at_least else operator.le
+        return bool(compare(self.measured, self.limit))
+
+    def verdict(self) -> str:
+        """PASS, FAIL or n/a."""
+        return {True: "PASS", False: "FAIL", None: "n/a"}[self.passed]
+
+
+@dataclass
+class Section:
+    """One comparison: a table (columns, rows), its targets, notes and raw timings."""
+
+    name: str
+    title: str
+    columns: list[str]
+    rows: list[dict[str, Value]] = field(default_factory=list)
+    targets: list[Target] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    timings: dict[str, list[float]] = field(default_factory=dict)
+
+    def add(self, **row: Value) -> None:
+        """Append a row given by column name (missing columns print as blank)."""
+        unknown = set(row) - set(self.columns)
+        if unknown:
+            raise KeyError(f"{self.name}: unknown columns {sorted(unknown)}")
+        self.rows.append(row)
+
+
+@dataclass
+class Report:
+    """Every section of one run, with the machine and settings it ran with."""
+
+    date: str
+    device: str
+    size: str
+    machine: dict[str, Value]
+    sections: list[Section] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        """All of it, including each target's verdict and the raw timings."""
+        data = asdict(self)
+        for section, raw in zip(self.sections, data["sections"], strict=True):
+            for target, out in zip(section.targets, raw["targets"], strict=True):
+                out["passed"] = target.passed
+        return json.dumps(data, indent=2, default=str)
+
+    def to_markdown(self) -> str:
+        """The targets summary, then one table per section."""
+        lines = [
+            f"# raydeq benchmarks, {self.date}, {self.device} ({self.size})",
+            "",
+            ", ".join(f"{k}: {v}" for k, v in self.machine.items()),
+            "",
+            "## Targets",
+            "",
+            "| benchmark | target | measured | limit | result | detail |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
+        for section in self.sections:
+            for t in section.targets:
+                bound = (">= " if t.at_least else "<= ") + fmt(t.limit)
+                measured = fmt(t.measured)
+                lines.append(
+                    f"| {section.name} | {t.name} | {measured} | {bound} | {t.verdict()} "
+                    f"| {t.detail} |"
+                )
+        for section in self.sections:
+            lines += ["", f"## {section.title} (`{section.name}`)", ""]
+            lines += table(section.columns, section.rows)
+            if section.notes:
+                lines += [""] + [f"- {note}" for note in section.notes]
+        return "\n".join(lines) + "\n"
+
+
+def fmt(value: Value) -> str:
+    """A cell: floats to 3 significant digits (scientific when tiny or huge), None as blank."""
+    if value is None:
+        return ""
+    if isinstance(value, bool) or not isinstance(value, float):
+        return str(value)
+    if math.isnan(value) or math.isinf(value):
+        return str(value)
+    if value != 0 and not 1e-2 <= abs(value) < 1e5:
+        return f"{value:.2e}"
+    return f"{value:.3g}"
+
+
+def table(columns: list[str], rows: list[dict[str, Value]]) -> list[str]:
+    """A Markdown table of the rows."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(fmt(row.get(c)) for c in columns) + " |")
+    return lines
+
+
+def write(report: Report, out_dir: Path) -> tuple[Path, Path]:
+    """Write <date>-<device>.json and .md into out_dir; returns both paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = out_dir / f"{report.date}-{report.device}"
+    json_path, md_path = stem.with_suffix(".json"), stem.with_suffix(".md")
+    json_path.write_text(report.to_json())
+    md_path.write_text(report.to_markdown())
+    return json_path, md_path
+
+
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo where there is one, else the platform's machine type."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.machine()
+
+
+def machine_info(device: torch.device) -> dict[str, Value]:
+    """What the numbers were measured on: CPU, cores, threads, GPU, library versions."""
+    info: dict[str, Value] = {
+        "cpu": cpu_name(),
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info

@@ -1,0 +1,82 @@
+"""The one timing harness: warm-up, interleaved repeats, device-synchronised wall times, medians."""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+# A case prepares one timed call: it runs untimed set-up (e.g. a forward pass before a timed
+# backward) and returns the thunk whose wall time is measured; the thunk's value is kept.
+Case = Callable[[], Callable[[], Any]]
+
+
+@dataclass
+class Timing:
+    """Wall times of the repeats of one case (seconds) and the values its thunk returned."""
+
+    seconds: list[float] = field(default_factory=list)
+    values: list[Any] = field(default_factory=list)
+
+    @property
+    def median(self) -> float:
+        """Median wall time over the repeats."""
+        return statistics.median(self.seconds)
+
+    @property
+    def spread(self) -> float:
+        """Interquartile range relative to the median (0 when fewer than 4 repeats)."""
+        if len(self.seconds) < 4:
+            return 0.0
+        q1, _, q3 = statistics.quantiles(self.seconds, n=4)
+        return (q3 - q1) / self.median if self.median > 0 else 0.0
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so that a host clock times it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(thunk: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
+    """Seconds one call of `thunk` takes on `device` (garbage collection paused) and its value."""
+    gc.collect()
+    gc.disable()
+    try:
+        synchronize(device)
+        start = time.perf_counter()
+        value = thunk()
+        synchronize(device)
+        return time.perf_counter() - start, value
+    finally:
+        gc.enable()
+
+
+def measure(
+    cases: Mapping[str, Case], device: torch.device, repeats: int, warmup: int = 1
+) -> dict[str, Timing]:
+    """Time every case `repeats` times after `warmup` untimed rounds, interleaving the cases.
+
+    Each round runs every case once, in an order rotated by one from the previous round, so
+    that slow drifts of the machine (other processes, clocks, caches) spread over all cases.
+    """
+    names = list(cases)
+    timings = {name: Timing() for name in names}
+    for round_index in range(warmup + repeats):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            seconds, value = time_call(cases[name](), device)
+            if round_index >= warmup:
+                timings[name].seconds.append(seconds)
+                timings[name].values.append(value)
+    return timings
+
+
+def ratio(numerator: float, denominator: float) -> float:
+    """numerator / denominator, inf when the denominator is 0."""
+    return numerator / denominator if denominator > 0 else float("inf")
