@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -436,10 +437,17 @@ class Loop:
                 line += f" {label} {metrics[key]:.4g}"
         log.info(line)
 
-    def handle_skip(self) -> None:
-        """Count a skipped step; stop the run after too many in a row."""
-        self.skipped_steps += 1
-        self.nonfinite_in_row += 1
+    def record(self, metrics: dict[str, float] | None) -> None:
+        """Count a finished step and log its metrics; stop after too many skipped in a row."""
+        self.step += 1
+        if metrics is None:
+            self.skipped_steps += 1
+            self.nonfinite_in_row += 1
+        else:
+            self.nonfinite_in_row = 0
+            self.meter.add(metrics)
+            self.log(metrics | {"lr": self.scheduler.get_last_lr()[0]}, self.step)
+        self.log({"skipped_steps": self.skipped_steps}, self.step)
         limit = self.cfg.train.max_nonfinite_steps
         if self.nonfinite_in_row >= limit:
             raise NonFiniteError(
@@ -447,43 +455,33 @@ class Loop:
                 f"loss or gradient (train.max_nonfinite_steps={limit})"
             )
 
+    def end_step(self) -> None:
+        """Report at interval ends; evaluate and checkpoint at epoch ends and the last step."""
+        cfg = self.cfg.train
+        last = self.step % self.steps_per_epoch == 0 or self.step >= self.total_steps
+        periodic = bool(cfg.checkpoint_every) and self.step % cfg.checkpoint_every == 0
+        if not (last or periodic or self.step % cfg.report_every == 0):
+            return
+        summary = self.meter.means(STEP_METRICS, self.device)
+        summary["skipped_steps"] = self.skipped_steps
+        if last:
+            tested = self.evaluate()
+            self.log(tested, self.step)
+            summary |= tested
+        self.progress(summary)
+        self.report(summary, checkpoint=last or periodic)
+
     def run(self) -> None:
         """Train from the current step to the end, reporting and checkpointing on the way."""
-        cfg = self.cfg.train
-        evaluated_at = -1
-        while self.step < self.total_steps:
-            epoch, position = divmod(self.step, self.steps_per_epoch)
-            data.set_position(self.train_data, epoch, position)
-            for images, labels in self.train_data:
-                metrics = self.train_step(images, labels)
-                self.step += 1
-                if metrics is None:
-                    self.handle_skip()
-                else:
-                    self.nonfinite_in_row = 0
-                    self.meter.add(metrics)
-                    self.log(metrics | {"lr": self.scheduler.get_last_lr()[0]}, self.step)
-                self.log({"skipped_steps": self.skipped_steps}, self.step)
-                epoch_end = self.step % self.steps_per_epoch == 0
-                done = self.step >= self.total_steps
-                checkpoint = bool(cfg.checkpoint_every) and self.step % cfg.checkpoint_every == 0
-                if not (self.step % cfg.report_every == 0 or epoch_end or done or checkpoint):
-                    continue
-                summary = self.meter.means(STEP_METRICS, self.device)
-                summary["skipped_steps"] = self.skipped_steps
-                if epoch_end or done:
-                    tested = self.evaluate()
-                    self.log(tested, self.step)
-                    summary |= tested
-                    evaluated_at = self.step
-                self.progress(summary)
-                self.report(summary, checkpoint or epoch_end or done)
-                if done:
-                    break
-        if evaluated_at != self.step:
+        if self.step >= self.total_steps:
             tested = self.evaluate()
             self.progress(tested)
             self.report({"skipped_steps": self.skipped_steps, **tested}, checkpoint=True)
+        while self.step < self.total_steps:
+            data.set_position(self.train_data, *divmod(self.step, self.steps_per_epoch))
+            for images, labels in itertools.islice(self.train_data, self.total_steps - self.step):
+                self.record(self.train_step(images, labels))
+                self.end_step()
         if self.writer is not None:
             self.writer.close()
 
