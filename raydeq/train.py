@@ -510,16 +510,18 @@ def check_storage(path: str) -> None:
 
 def check_model(cfg: Config) -> None:
     """Build the model and pass one blank image through its stem, or raise a ConfigError."""
-    shape = data.image_shape(cfg.data)
     try:
         model = models.build(cfg.model_options())
+    except ValueError as err:
+        raise ConfigError(f"model: {str(err).splitlines()[0]}") from None
+    shape = data.image_shape(cfg.data)
+    try:
         with torch.no_grad():
             model.stem(torch.zeros(1, *shape))
-    except (ValueError, RuntimeError) as err:
-        reason = str(err).splitlines()[0]
+    except RuntimeError as err:
         raise ConfigError(
             f"model: {cfg.model.model!r} does not fit {cfg.data.dataset!r} images of shape "
-            f"{shape}: {reason}"
+            f"{shape}: {str(err).splitlines()[0]}"
         ) from None
 
 

@@ -88,6 +88,10 @@ def event_files(cfg: Config) -> list[Path]:
             ["data.dataset=fake", "data.fake_shape=[3,8,8]"],
             "error: model: 'mnist_dense' does not fit 'fake' images of shape (3, 8, 8)",
         ),
+        (
+            ["model.variant=neural_ode", "model.solver=broyden"],
+            "error: model: solver='broyden' is not one of",
+        ),
     ],
 )
 def test_bad_input_exits_with_code_2_and_one_line_before_ray_starts(
