@@ -62,7 +62,8 @@ class Anderson:
     ) -> tuple[int, int]:
         """Iterate until every sample converges or max_steps; returns (nfe, steps)."""
         batch, dim = z.shape
-        xs, fs, gs = (z.new_zeros(batch, self.m, dim) for _ in range(3))
+        # Ring buffers of the last m iterates; a slot is written before it is first read.
+        xs, fs, gs = (z.new_empty(batch, self.m, dim) for _ in range(3))
         nfe = 0
         for _ in range(max_steps):
             fz = f(z)
@@ -107,7 +108,8 @@ class Broyden:
     ) -> tuple[int, int]:
         """Iterate until every sample converges or max_steps; returns (nfe, steps)."""
         batch, dim = z.shape
-        us, vs = z.new_zeros(batch, self.memory, dim), z.new_zeros(batch, self.memory, dim)
+        # Ring buffers of the rank-one terms; a slot is written before it is first read.
+        us, vs = z.new_empty(batch, self.memory, dim), z.new_empty(batch, self.memory, dim)
         g = f(z) - z
         nfe = 1
         monitor.update(z, g, monitor.active)

@@ -39,7 +39,7 @@ class Structure:
         return Structure(tuple(t.shape for t in tensors), isinstance(z, torch.Tensor))
 
     def flatten(self, z: State) -> torch.Tensor:
-        """Concatenate the tensors of `z` into one (B, N) matrix."""
+        """Concatenate the tensors of `z` into one (B, N) matrix (a view for a single tensor)."""
         tensors = (z,) if isinstance(z, torch.Tensor) else tuple(z)
         shapes = tuple(t.shape for t in tensors)
         if shapes != self.shapes:
@@ -47,7 +47,8 @@ class Structure:
                 f"f must return a state of the shapes of z0 {[tuple(s) for s in self.shapes]}, "
                 f"got {[tuple(s) for s in shapes]}"
             )
-        return torch.cat([t.reshape(t.shape[0], -1) for t in tensors], dim=1)
+        flat = [t.reshape(t.shape[0], -1) for t in tensors]
+        return flat[0] if len(flat) == 1 else torch.cat(flat, dim=1)
 
     def unflatten(self, z: torch.Tensor) -> State:
         """Split a (B, N) matrix back into tensors of the recorded shapes."""
