@@ -1,0 +1,325 @@
+"""DEQ and NeuralODE layers against independent references: fixed points, implicit-function
+gradients, skip and Jacobian losses, pretraining, and the closed-form solution of a linear ODE."""
+
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+import raydeq
+from raydeq.deq import DEQ, LayerOutput, NeuralODE, hutchinson_jacobian_loss
+from raydeq.models.dense import DenseCell, dense_skip
+from raydeq.models.layers import VariationalDropout2d
+from raydeq.models.mdeq import MDEQConfig, mdeq_parts
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: thread sync dominates
+
+B, D = 3, 16
+TIGHT = {"abstol": 1e-8, "reltol": 0.0, "max_steps": 2000}
+GMRES_TIGHT = {"rtol": 1e-12, "max_iters": 200}
+
+
+def dense_cell(seed: int = 0, contraction: float = 0.6) -> tuple[DenseCell, torch.Tensor]:
+    """A float64 dense cell whose state map has spectral norm `contraction`, and an input x."""
+    torch.manual_seed(seed)
+    f = DenseCell(D).double()
+    with torch.no_grad():
+        w = f.state.weight
+        w.mul_(contraction / torch.linalg.matrix_norm(w, 2))
+    x = torch.randn(B, D, dtype=torch.float64, requires_grad=True)
+    return f, x
+
+
+def iterate(f: nn.Module, x: torch.Tensor, z: torch.Tensor, n: int = 300) -> torch.Tensor:
+    """Plain fixed-point iteration, the reference for a contractive f (0.6^300 ~ 1e-67)."""
+    with torch.no_grad():
+        for _ in range(n):
+            z = f(z, x)
+    return z
+
+
+def jacobians(f: nn.Module, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Per-sample dense Jacobians d f(z_b, x_b) / d z_b, shape (B, D, D)."""
+    return torch.stack(
+        [
+            torch.autograd.functional.jacobian(lambda v, b=b: f(v[None], x[b : b + 1])[0], z[b])
+            for b in range(z.shape[0])
+        ]
+    )
+
+
+def test_output_has_the_public_fields():
+    assert [f.name for f in dataclasses.fields(LayerOutput)] == [
+        "z",
+        "z0",
+        "stats",
+        "skip_loss",
+        "jac_loss",
+    ]
+
+
+@pytest.mark.parametrize("solver", ["vcab3", "tsit5", "bs3", "broyden", "anderson"])
+def test_equilibrium_matches_plain_iteration(solver):
+    f, x = dense_cell()
+    out = DEQ(f, solver=solver, **TIGHT)(x)
+    reference = iterate(f, x.detach(), torch.zeros(B, D, dtype=torch.float64))
+    torch.testing.assert_close(out.z, reference, rtol=0, atol=1e-7)
+    assert bool(out.stats.converged.all())
+    assert out.stats.residual.shape == (B,)
+    assert float(out.skip_loss) == 0.0 and float(out.jac_loss) == 0.0
+
+
+@pytest.mark.parametrize("solver", ["vcab3", "broyden"])
+def test_gradients_match_the_implicit_function_theorem(solver):
+    """dL/dtheta = (I - J)^-T v pushed through df/dtheta, from dense per-sample Jacobians."""
+    f, x = dense_cell(1)
+    v = torch.randn(B, D, dtype=torch.float64)
+    params = [f.state.weight, f.inject.weight, x]
+    out = DEQ(f, solver=solver, adjoint_options=GMRES_TIGHT, **TIGHT)(x)
+    got = torch.autograd.grad((out.z * v).sum(), params)
+
+    z = iterate(f, x.detach(), torch.zeros(B, D, dtype=torch.float64))
+    J = jacobians(f, z, x.detach())
+    eye = torch.eye(D, dtype=torch.float64)
+    g = torch.linalg.solve((eye - J).transpose(1, 2), v.unsqueeze(-1)).squeeze(-1)
+    expected = torch.autograd.grad(f(z, x), params, g)
+    for a, b in zip(got, expected, strict=True):
+        # the forward residual is 1e-8: the gradient carries a relative error of that order
+        assert (a - b).norm() / b.norm() < 1e-6
+    assert out.stats.backward_nvjp > 1
+
+
+def tiny_mdeq(dropout: float) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """A float64 two-scale MDEQ small enough to converge to 1e-11 and to unroll."""
+    cfg = MDEQConfig(
+        channels=(4, 8),
+        head_channels=(2, 4),
+        final_channels=8,
+        in_channels=1,
+        expansion=2,
+        groups=2,
+        dropout=dropout,
+    )
+    parts = mdeq_parts(cfg)
+    return parts.stem.double(), parts.cell.double(), parts.head.double()
+
+
+def test_multiscale_gradient_matches_unrolled_in_float64():
+    """Implicit (GMRES) gradients of every parameter equal backprop through the solver's steps.
+
+    Damped fixed-point iteration converges on this cell (plain iteration does not), so the
+    unrolled derivative converges too; variational dropout keeps one mask for the whole solve.
+    """
+    torch.manual_seed(0)
+    stem, cell, head = tiny_mdeq(dropout=0.1)
+    images = torch.randn(2, 1, 8, 8, dtype=torch.float64)
+    params = [*stem.parameters(), *cell.parameters(), *head.parameters()]
+    grads = {}
+    for adjoint in ("gmres", "unrolled"):
+        for m in cell.modules():
+            if isinstance(m, VariationalDropout2d):
+                m.reset()
+        torch.manual_seed(1)
+        layer = DEQ(
+            cell,
+            solver="fixed_point",
+            solver_options={"damping": 0.5},
+            adjoint=adjoint,
+            adjoint_options={"rtol": 1e-12, "restart": 60, "max_iters": 600}
+            if adjoint == "gmres"
+            else None,
+            abstol=1e-11,
+            reltol=0.0,
+            max_steps=2000,
+        )
+        out = layer(stem(images))
+        assert bool(out.stats.converged.all())
+        loss = head(out.z).square().sum()
+        grads[adjoint] = torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)])
+    err = (grads["gmres"] - grads["unrolled"]).norm() / grads["unrolled"].norm()
+    assert err < 1e-6, err
+
+
+def test_skip_reg_guess_and_loss_train_f():
+    f, x = dense_cell(2)
+    out = DEQ(f, init="skip_reg", solver="broyden", **TIGHT)(x)
+    zeros = torch.zeros(B, D, dtype=torch.float64)
+    torch.testing.assert_close(out.z0, f(zeros, x), rtol=0, atol=0)
+    reference = iterate(f, x.detach(), zeros)
+    expected = (reference - f(zeros, x)).abs().mean()
+    torch.testing.assert_close(out.skip_loss, expected, rtol=1e-6, atol=0)
+    params = [f.state.weight, f.inject.weight]
+    got = torch.autograd.grad(out.skip_loss, params)
+    want = torch.autograd.grad(expected, params)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-12)
+    assert float(got[0].abs().sum()) == 0.0  # relu(W1 0) does not depend on W1
+    assert got[1].abs().sum() > 0
+
+
+def test_skip_reg_counts_the_evaluation_that_gives_z0():
+    f, x = dense_cell(3)
+    out = DEQ(f, init="skip_reg", solver="anderson", **TIGHT)(x)
+    sol = raydeq.solve(
+        lambda z: f(z, x), f(torch.zeros_like(x), x).detach(), solver="anderson", **TIGHT
+    )
+    assert out.stats.nfe == sol.stats.nfe + 1
+
+
+def test_skip_loss_trains_only_the_predictor():
+    f, x = dense_cell(4)
+    g = dense_skip(D).double()
+    out = DEQ(f, init="skip", skip=g, solver="vcab3", **TIGHT)(x)
+    torch.testing.assert_close(out.z0, g(x), rtol=0, atol=0)
+    reference = iterate(f, x.detach(), torch.zeros(B, D, dtype=torch.float64))
+    expected = (reference - g(x)).abs().mean()
+    torch.testing.assert_close(out.skip_loss, expected, rtol=1e-6, atol=0)
+    f_grads = torch.autograd.grad(out.skip_loss, list(f.parameters()), allow_unused=True)
+    assert all(gr is None for gr in f_grads)
+    got = torch.autograd.grad(out.skip_loss, list(g.parameters()))
+    want = torch.autograd.grad(expected, list(g.parameters()))
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-12)
+
+
+def test_hutchinson_estimate_is_unbiased_for_the_frobenius_norm():
+    """Mean of K one-probe estimates vs the dense ||J||_F^2 / dim, within 5 standard errors.
+
+    For a Gaussian probe, eps^T A eps with A = J J^T has variance 2 ||A||_F^2; the batch
+    estimate sums B independent such terms over B * D.
+    """
+    torch.manual_seed(5)
+    f, x = dense_cell(5, contraction=0.9)
+    z = iterate(f, x.detach(), torch.zeros(B, D, dtype=torch.float64))
+    J = jacobians(f, z, x.detach())
+    exact = J.square().sum() / (B * D)
+    A = J @ J.transpose(1, 2)
+    std = (2 * A.square().sum()).sqrt() / (B * D)
+    K = 4000
+    with torch.no_grad():
+        mean = sum(hutchinson_jacobian_loss(lambda v: f(v, x), z) for _ in range(K)) / K
+    assert abs(float(mean - exact)) < 5 * float(std) / K**0.5, (float(mean), float(exact))
+
+
+def test_hutchinson_gradient_is_unbiased():
+    """For f = relu(W1 z) + relu(W2 x): ||J_b||_F^2 = sum_i [W1 z_b > 0]_i ||W1_i||^2, whose
+    gradient in W1 (z fixed) is 2 [W1 z_b > 0]_i W1_i; the mean estimator gradient matches it
+    within 5 standard errors per element."""
+    torch.manual_seed(6)
+    f, x = dense_cell(6, contraction=0.9)
+    z = iterate(f, x.detach(), torch.zeros(B, D, dtype=torch.float64))
+    w = f.state.weight
+    active = (z @ w.detach().T > 0).double()  # (B, D)
+    exact = 2 * active.sum(0)[:, None] * w.detach() / (B * D)
+    K = 2000
+    samples = torch.stack(
+        [
+            torch.autograd.grad(hutchinson_jacobian_loss(lambda v: f(v, x), z), w)[0]
+            for _ in range(K)
+        ]
+    )
+    err = (samples.mean(0) - exact).abs()
+    bound = 5 * samples.std(0) / K**0.5 + 1e-12
+    assert bool((err <= bound).all()), float((err / bound).max())
+
+
+def test_layer_jacobian_loss_is_the_estimate_at_the_equilibrium_and_differentiable():
+    f, x = dense_cell(7)
+    torch.manual_seed(8)
+    out = DEQ(f, solver="broyden", jac_reg=True, **TIGHT)(x)
+    torch.manual_seed(8)
+    expected = hutchinson_jacobian_loss(lambda v: f(v, x), out.z)
+    torch.testing.assert_close(out.jac_loss, expected, rtol=1e-10, atol=0)
+    grads = torch.autograd.grad(out.jac_loss, [f.state.weight, x], allow_unused=True)
+    assert grads[0] is not None and bool(torch.isfinite(grads[0]).all())
+    assert grads[0].abs().sum() > 0
+
+
+def test_pretraining_unrolls_f_then_solves():
+    f, x = dense_cell(9)
+    layer = DEQ(f, solver="broyden", pretrain_steps=2, pretrain_depth=3, **TIGHT)
+    zeros = torch.zeros(B, D, dtype=torch.float64)
+    unrolled = f(f(f(zeros, x), x), x)
+    for call in range(2):
+        out = layer(x)
+        torch.testing.assert_close(out.z, unrolled, rtol=0, atol=0)
+        assert out.stats.nfe == 3 and out.stats.steps == 3
+        assert int(layer.step) == call + 1
+        got = torch.autograd.grad(out.z.sum(), [f.state.weight])[0]
+        want = torch.autograd.grad(unrolled.sum(), [f.state.weight], retain_graph=True)[0]
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+        layer.eval()
+        layer(x)  # evaluation calls neither pretrain nor count
+        layer.train()
+    out = layer(x)
+    assert int(layer.step) == 3 and out.stats.nfe != 3
+    reference = iterate(f, x.detach(), zeros)
+    torch.testing.assert_close(out.z, reference, rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"init": "ones"}, "init='ones' is not one of 'zeros', 'skip', 'skip_reg'"),
+        ({"init": "skip"}, "init='skip' needs a predictor module"),
+        ({"skip": nn.Identity()}, "skip= is only used with init='skip'"),
+        ({"solver": "euler"}, "solver='euler' is not one of 'vcab3'"),
+        ({"adjoint": "magic"}, "adjoint='magic' is not one of 'gmres'"),
+        ({"max_steps": 0}, "max_steps=0 must be an integer > 0"),
+        ({"pretrain_steps": -1}, "pretrain_steps=-1 must be an integer >= 0"),
+        ({"pretrain_depth": 1.5}, "pretrain_depth=1.5 must be an integer > 0"),
+        ({"jac_reg": "yes"}, "jac_reg='yes' must be True or False"),
+        ({"abstol": -1.0}, "abstol=-1.0 must be a number >= 0"),
+    ],
+)
+def test_invalid_arguments_name_the_value_and_the_choices(kwargs, message):
+    f, _ = dense_cell()
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        DEQ(f, **kwargs)
+
+
+class LinearCell(nn.Module):
+    """f(z, x) = A z + x, so dz/dt = (A - I) z + x has a closed-form solution."""
+
+    def __init__(self, a: torch.Tensor) -> None:
+        super().__init__()
+        self.a = nn.Parameter(a)
+
+    def forward(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return z @ self.a.T + x
+
+
+def linear_ode_solution(a: torch.Tensor, x: torch.Tensor, t: float) -> torch.Tensor:
+    """z(t) = M^-1 (exp(M t) - I) x with M = A - I: the solution of dz/dt = M z + x, z(0) = 0."""
+    eye = torch.eye(a.shape[0], dtype=a.dtype)
+    m = a - eye
+    return torch.linalg.solve(m, (torch.linalg.matrix_exp(t * m) - eye) @ x.T).T
+
+
+@pytest.mark.parametrize("adjoint", [False, True])
+def test_neural_ode_and_its_gradients_match_the_matrix_exponential(adjoint):
+    torch.manual_seed(10)
+    a = (0.5 * torch.randn(D, D, dtype=torch.float64) / D**0.5).requires_grad_()
+    x = torch.randn(B, D, dtype=torch.float64, requires_grad=True)
+    cell = LinearCell(a.detach().clone())
+    layer = NeuralODE(cell, t1=1.5, method="dopri5", adjoint=adjoint, abstol=1e-11, reltol=1e-11)
+    out = layer(x * 1.0)
+    expected = linear_ode_solution(a, x, 1.5)
+    torch.testing.assert_close(out.z, expected, rtol=0, atol=1e-9)
+    v = torch.randn(B, D, dtype=torch.float64)
+    got = torch.autograd.grad((out.z * v).sum(), [cell.a, x])
+    want = torch.autograd.grad((expected * v).sum(), [a, x])
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=0, atol=1e-8)
+    z = out.z.detach()
+    residual = (z @ a.detach().T + x.detach() - z).square().mean(1).sqrt()
+    torch.testing.assert_close(out.stats.residual, residual, rtol=1e-10, atol=0)
+    assert out.stats.nfe > 1
+    assert float(out.skip_loss) == 0.0 and float(out.jac_loss) == 0.0
+
+
+def test_neural_ode_rejects_a_string_adjoint():
+    f, _ = dense_cell()
+    with pytest.raises(ValueError, match="adjoint='gmres' must be True or False"):
+        NeuralODE(f, adjoint="gmres")
