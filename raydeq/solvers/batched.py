@@ -15,9 +15,21 @@ def dots(rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.bmm(x[:, None, :], rows.transpose(1, 2))[:, 0]
 
 
-def combine(coefficients: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """Each sample's combination of its rows (B, k, N) with coefficients (B, k): (B, N)."""
-    return torch.bmm(coefficients[:, None, :], rows)[:, 0]
+def combine(
+    coefficients: torch.Tensor,
+    rows: torch.Tensor,
+    base: torch.Tensor | None = None,
+    alpha: float = 1.0,
+    beta: float = 1.0,
+) -> torch.Tensor:
+    """alpha * each sample's combination of its rows (B, k, N) with coefficients (B, k), plus
+    beta * base (B, N) when base is given, in one fused kernel: (B, N)."""
+    if base is None:
+        product = torch.bmm(coefficients[:, None, :], rows)[:, 0]
+        return product if alpha == 1 else alpha * product
+    return torch.baddbmm(base[:, None], coefficients[:, None, :], rows, beta=beta, alpha=alpha)[
+        :, 0
+    ]
 
 
 def put(buffer: torch.Tensor, index: int, row: torch.Tensor) -> torch.Tensor:

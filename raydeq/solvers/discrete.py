@@ -32,10 +32,11 @@ class FixedPoint:
         for _ in range(max_steps):
             fz = f(z)
             nfe += 1
-            monitor.update(z, fz - z, monitor.active)
+            residual = fz - z
+            monitor.update(z, residual, monitor.active)
             if not monitor.running():
                 break
-            step = z + self.damping * (fz - z)
+            step = fz if self.damping == 1 else z + self.damping * residual
             z = torch.where(monitor.active[:, None], step, z)
         return nfe, nfe
 
@@ -125,26 +126,28 @@ class Broyden:
             u_used, v_used = us[:, :used], vs[:, :used]
             h_dg = self._apply(u_used, v_used, dg)
             v = self._apply_transposed(u_used, v_used, dz)
-            denom = (v * dg).sum(1, keepdim=True)
+            denom = torch.linalg.vecdot(v, dg)[:, None]
             ok = active & (denom.abs() > 1e-30) & torch.isfinite(denom)
             u = torch.where(ok, (dz - h_dg) / torch.where(ok, denom, 1.0), 0.0)
             slot = (nfe - 2) % self.memory
             us, vs = put(us, slot, u), put(vs, slot, torch.where(ok, v, 0.0))
             used = min(nfe - 1, self.memory)
             z, g = z_new, g_new
-            update = -self._apply(us[:, :used], vs[:, :used], g)
+            update = self._apply(us[:, :used], vs[:, :used], g, sign=-1.0)
         return nfe, nfe
 
     @staticmethod
-    def _apply(u: torch.Tensor, v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """(-I + U V^T) x per sample, with the rank-one terms as rows of u and v (B, k, N)."""
+    def _apply(
+        u: torch.Tensor, v: torch.Tensor, x: torch.Tensor, sign: float = 1.0
+    ) -> torch.Tensor:
+        """sign (-I + U V^T) x per sample, with the rank-one terms as rows of u and v (B, k, N)."""
         if u.shape[1] == 0:
-            return -x
-        return -x + combine(dots(v, x), u)
+            return -sign * x
+        return combine(dots(v, x), u, base=x, alpha=sign, beta=-sign)
 
     @staticmethod
     def _apply_transposed(u: torch.Tensor, v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """x^T (-I + U V^T) per sample, as a (B, N) matrix."""
         if u.shape[1] == 0:
             return -x
-        return -x + combine(dots(u, x), v)
+        return combine(dots(u, x), v, base=x, beta=-1.0)

@@ -105,9 +105,9 @@ class GMRES:
             w = A(basis[:, j])
             v = basis[:, : j + 1]
             h = dots(v, w)
-            w = w - combine(h, v)
+            w = combine(h, v, base=w, alpha=-1.0)
             h2 = dots(v, w)
-            w = w - combine(h2, v)
+            w = combine(h2, v, base=w, alpha=-1.0)
             h = h + h2
             h_next = w.norm(dim=1)
             basis[:, j + 1] = w / h_next.clamp_min(tiny)[:, None]
