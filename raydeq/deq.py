@@ -77,9 +77,13 @@ def hutchinson_jacobian_loss(f: Callable[[State], State], z: State) -> Tensor:
 
 
 def skip_loss(z: State, z0: State) -> Tensor:
-    """The paper's L1 skip loss mean |z* - z0| over every element, with z* held constant."""
+    """The paper's L1 skip loss mean |f(z*, x) - z0| over every element (z holds f(z*, x)).
+
+    Both sides stay in the graph, as in the paper's joint objective: the gradient trains the
+    producer of z0 (g, or f through f(0, x)) and, by the implicit adjoint of z*, f itself.
+    """
     pairs = list(zip(_tensors(z), _tensors(z0), strict=True))
-    total = sum((a.detach() - b).abs().sum() for a, b in pairs)
+    total = sum((a - b).abs().sum() for a, b in pairs)
     return total / sum(b.numel() for _, b in pairs)
 
 
@@ -105,9 +109,10 @@ class DEQ(nn.Module):
 
     init picks the initial guess z0: "zeros" (vanilla), "skip" (z0 = skip(x), an explicit
     predictor trained by skip_loss), "skip_reg" (z0 = f(0, x), no extra parameters). skip_loss
-    is mean |z* - z0| with z* = f(z*, x) held constant, so its gradient reaches the predictor g
-    ("skip") or f through z0 = f(0, x) ("skip_reg") and pulls the guess onto the equilibrium.
-    The solver starts from z0 detached: gradients of the main loss do not depend on z0.
+    is mean |f(z*, x) - z0|: its gradient trains the predictor g ("skip") or f through
+    z0 = f(0, x) ("skip_reg") towards the equilibrium, and f (via z*) towards the guess; at a
+    large weight the latter makes f ignore z, a one-step DEQ. The solver starts from z0
+    detached: the main loss's gradient does not depend on z0.
 
     jac_reg adds the Hutchinson estimate of ||J_f(z*)||_F^2 / dim as jac_loss. While the
     layer's training-mode call count is below pretrain_steps, f is unrolled pretrain_depth times

@@ -1,0 +1,255 @@
+"""The paper's models: parameter counts, forward/backward of every preset and variant with a
+continuous and a discrete solver, batch independence (group norm), dropout masks, config errors."""
+
+import dataclasses
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from raydeq.models import PRESETS, VARIANTS, build
+from raydeq.models.layers import VariationalDropout2d
+from raydeq.models.mdeq import MDEQConfig, MultiscaleCell
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # small batches: thread sync dominates
+
+# Table 1 / Table 2 of the paper: (vanilla and skip_reg, skip).
+PAPER_COUNTS = {
+    "cifar10_small": (163_546, 200_122),
+    "cifar10_large": (10.63e6, 11.19e6),
+    "imagenet_small": (17.91e6, 18.47e6),
+}
+# Batch and spatial size per preset for the CPU forward/backward (ImageNet at 64x64).
+SIZES = {
+    "mnist_dense": (4, 28),
+    "mnist_mdeq": (2, 28),
+    "cifar10_small": (2, 32),
+    "cifar10_large": (2, 32),
+    "imagenet_small": (2, 64),
+}
+# Bounded work for the large presets: a few solver steps and GMRES iterations suffice to
+# exercise every code path; convergence itself is tested on small cells in test_deq.py.
+BOUNDED = {"max_steps": 4, "adjoint_options": {"max_iters": 4}}
+BOUNDED_ODE = {"method": "rk4", "options": {"step_size": 0.5}}
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_dense_parameter_counts_are_exact():
+    for variant, expected in [
+        ("vanilla", 134_538),
+        ("skip_reg", 134_538),
+        ("neural_ode", 134_538),
+        ("skip", 151_050),
+    ]:
+        assert n_params(build({"model": "mnist_dense", "variant": variant})) == expected
+
+
+def uses_batch_statistics(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._NormBase) for m in model.modules())
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_COUNTS))
+def test_mdeq_parameter_counts_match_the_paper_without_batch_norm(name):
+    """skip_reg and neural_ode share the vanilla modules (checked on the dense model)."""
+    vanilla, skip = PAPER_COUNTS[name]
+    vanilla_model = build({"model": name, "variant": "vanilla"})
+    skip_model = build({"model": name, "variant": "skip"})
+    assert abs(n_params(vanilla_model) / vanilla - 1) < 0.05, n_params(vanilla_model)
+    assert abs(n_params(skip_model) / skip - 1) < 0.05, n_params(skip_model)
+    assert not uses_batch_statistics(skip_model)
+
+
+def test_mnist_presets_use_no_batch_statistics():
+    for name in ("mnist_dense", "mnist_mdeq"):
+        assert not uses_batch_statistics(build({"model": name, "variant": "skip"}))
+
+
+def cases() -> list[tuple[str, str, str]]:
+    """Every preset x variant x {continuous, discrete}; the Neural ODE is continuous only."""
+    return [
+        (name, variant, solver)
+        for name in PRESETS
+        for variant in VARIANTS
+        for solver in (["vcab3"] if variant == "neural_ode" else ["vcab3", "broyden"])
+    ]
+
+
+@pytest.mark.parametrize(("name", "variant", "solver"), cases())
+def test_forward_backward_is_finite(name, variant, solver):
+    torch.manual_seed(0)
+    batch, size = SIZES[name]
+    preset = PRESETS[name]
+    cfg = {"model": name, "variant": variant, "solver": solver}
+    if variant == "neural_ode":
+        cfg |= BOUNDED_ODE if name != "mnist_dense" else {}
+    else:
+        cfg |= {"pretrain_steps": 0} | (BOUNDED if name != "mnist_dense" else {})
+    model = build(cfg)
+    images = torch.randn(batch, preset.input_shape[0], size, size)
+    labels = torch.randint(0, 10, (batch,))
+    logits, out = model(images)
+    assert logits.shape == (batch, 1000 if name == "imagenet_small" else 10)
+    assert bool(torch.isfinite(logits).all())
+    loss = F.cross_entropy(logits, labels) + model.lambda_skip * out.skip_loss
+    loss.backward()
+    for pname, p in model.named_parameters():
+        assert p.grad is not None, pname
+        assert bool(torch.isfinite(p.grad).all()), pname
+    assert out.stats.nfe > 0 and out.stats.residual.shape == (batch,)
+    if variant == "neural_ode":
+        assert float(out.skip_loss) == 0.0
+    else:
+        assert out.stats.backward_nvjp > 0
+        assert (out.skip_loss.item() > 0) == (variant != "vanilla")
+
+
+def test_multiscale_state_has_one_tensor_per_scale():
+    model = build({"model": "cifar10_large", "variant": "vanilla", **BOUNDED}).eval()
+    with torch.no_grad():
+        _, out = model(torch.randn(1, 3, 32, 32))
+    assert [tuple(t.shape) for t in out.z] == [
+        (1, 32, 32, 32),
+        (1, 64, 16, 16),
+        (1, 128, 8, 8),
+        (1, 256, 4, 4),
+    ]
+
+
+def test_jacobian_regularisation_on_a_multiscale_model():
+    torch.manual_seed(1)
+    model = build({"model": "mnist_mdeq", "variant": "skip_reg", "jac_reg": True})
+    logits, out = model(torch.randn(2, 1, 28, 28))
+    assert float(out.jac_loss) > 0
+    (logits.sum() + out.jac_loss).backward()
+    cell_grads = [p.grad for p in model.layer.f.parameters()]
+    assert all(g is not None and bool(torch.isfinite(g).all()) for g in cell_grads)
+
+
+@pytest.mark.parametrize("solver", ["vcab3", "broyden"])
+def test_a_sample_has_the_same_equilibrium_alone_and_in_a_batch(solver):
+    """Group norm only: z* of sample 0 does not depend on the samples it is batched with."""
+    torch.manual_seed(2)
+    model = build({"model": "mnist_mdeq", "variant": "skip_reg", "solver": solver})
+    model = model.double().eval()
+    images = torch.randn(3, 1, 28, 28, dtype=torch.float64)
+    with torch.no_grad():
+        _, alone = model(images[:1])
+        _, batched = model(images)
+    for a, b in zip(alone.z, batched.z, strict=True):
+        torch.testing.assert_close(a[0], b[0], rtol=0, atol=1e-10)
+
+
+def test_variational_dropout_keeps_one_mask_per_forward_pass():
+    cfg = MDEQConfig(channels=(8, 8), head_channels=(4, 4), final_channels=8, dropout=0.5)
+    cell = MultiscaleCell(cfg).train()
+    x = torch.randn(2, 8, 8, 8)
+    z = [torch.randn_like(t) for t in cell.initial_state(x)]
+    first = cell(z, x)
+    again = cell(z, x)
+    for a, b in zip(first, again, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for m in cell.modules():
+        if isinstance(m, VariationalDropout2d):
+            m.reset()
+    redrawn = cell(z, x)
+    assert any(not torch.equal(a, b) for a, b in zip(first, redrawn, strict=True))
+    cell.eval()
+    inference = cell(z, x)
+    cell_no_drop = MultiscaleCell(dataclasses.replace(cfg, dropout=0.0))
+    cell_no_drop.load_state_dict(cell.state_dict())
+    for a, b in zip(inference, cell_no_drop.eval()(z, x), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_model_forward_draws_fresh_masks():
+    torch.manual_seed(3)
+    model = build({"model": "mnist_mdeq", "variant": "vanilla", **BOUNDED})
+    images = torch.randn(2, 1, 28, 28)
+    drops = [m for m in model.modules() if isinstance(m, VariationalDropout2d)]
+    model(images)
+    first = [m.mask.clone() for m in drops]
+    model(images)
+    assert any(not torch.equal(a, m.mask) for a, m in zip(first, drops, strict=True))
+
+
+@pytest.mark.parametrize(
+    ("cfg", "message"),
+    [
+        ({"model": "resnet"}, "model='resnet' is not one of 'mnist_dense'"),
+        ({"model": "mnist_dense", "variant": "deep"}, "variant='deep' is not one of 'vanilla'"),
+        ({"model": "mnist_dense", "solver": "rk4"}, "solver='rk4' is not one of 'vcab3'"),
+        (
+            {"model": "mnist_dense", "variant": "neural_ode", "solver": "broyden"},
+            "solver='broyden' is not one of 'vcab3', 'tsit5', 'bs3'",
+        ),
+        ({"model": "mnist_dense", "tolerance": 1}, r"unknown DEQ option\(s\) \['tolerance'\]"),
+        (
+            {"model": "mnist_dense", "variant": "neural_ode", "max_steps": 3},
+            r"unknown NeuralODE option\(s\) \['max_steps'\]",
+        ),
+        ({"model": "mnist_dense", "init": "skip"}, r"unknown DEQ option\(s\) \['init'\]"),
+    ],
+)
+def test_bad_configs_name_the_value_and_the_choices(cfg, message):
+    with pytest.raises(ValueError, match=message):
+        build(cfg)
+
+
+def test_config_options_reach_the_layer():
+    model = build(
+        {
+            "model": "cifar10_small",
+            "variant": "skip",
+            "solver": "anderson",
+            "adjoint": "jfb",
+            "abstol": 0.2,
+            "max_steps": 7,
+            "lambda_skip": 0.5,
+        }
+    )
+    layer = model.layer
+    assert (layer.init, layer.solver, layer.adjoint, layer.max_steps) == (
+        "skip",
+        "anderson",
+        "jfb",
+        7,
+    )
+    assert (
+        layer.termination.abstol == 0.2
+        and layer.termination.reltol == PRESETS["cifar10_small"].reltol
+    )
+    assert model.lambda_skip == 0.5
+    ode = build({"model": "mnist_dense", "variant": "neural_ode", "solver": "tsit5", "t1": 2.0})
+    assert (ode.layer.method, ode.layer.t1) == ("dopri5", 2.0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_forward_backward_and_timing():
+    """cifar10_large forward + backward at batch 128 on the GPU; prints the time per batch."""
+    device = torch.device("cuda")
+    torch.manual_seed(4)
+    model = build({"model": "cifar10_large", "variant": "skip_reg", "pretrain_steps": 0}).to(device)
+    images = torch.randn(128, 3, 32, 32, device=device)
+    labels = torch.randint(0, 10, (128,), device=device)
+    times = []
+    for _ in range(3):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        logits, out = model(images)
+        loss = F.cross_entropy(logits, labels) + model.lambda_skip * out.skip_loss
+        model.zero_grad()
+        loss.backward()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    assert logits.device.type == "cuda" and all(t.device.type == "cuda" for t in out.z)
+    assert bool(torch.isfinite(logits).all())
+    assert all(bool(torch.isfinite(p.grad).all()) for p in model.parameters())
+    print(
+        f"\ncifar10_large skip_reg fwd+bwd, batch 128 on {torch.cuda.get_device_name()}: "
+        f"{min(times):.3f} s (nfe {out.stats.nfe}, backward nvjp {out.stats.backward_nvjp})"
+    )
