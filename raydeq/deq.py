@@ -72,7 +72,9 @@ def hutchinson_jacobian_loss(f: Callable[[State], State], z: State) -> Tensor:
     with torch.enable_grad():
         out = _tensors(f(inputs[0] if isinstance(z, Tensor) else inputs))
         probes = [torch.randn_like(t) for t in out]
-        vjps = torch.autograd.grad(out, inputs, probes, create_graph=differentiable)
+        vjps = torch.autograd.grad(
+            out, inputs, probes, create_graph=differentiable, materialize_grads=True
+        )
     return sum(v.pow(2).sum() for v in vjps) / sum(t.numel() for t in inputs)
 
 
