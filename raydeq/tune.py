@@ -408,6 +408,19 @@ def concurrency(cfg: Config, workers: int, gpus: float) -> int:
     return max(int(fits), 1)
 
 
+def connect() -> None:
+    """Join Ray as `raydeq.train` does, handing a given RAY_ADDRESS on to every trial process.
+
+    Ray Train's placement-group cleaner finds the state API by RAY_ADDRESS; where several Ray
+    clusters run on one machine it cannot guess, and a trial that ASHA stops keeps its workers'
+    resources for good.
+    """
+    address = os.environ.get("RAY_ADDRESS", "")
+    if address not in ("", "auto", "local") and not ray.is_initialized():
+        ray.init(runtime_env={"env_vars": {"RAY_ADDRESS": address}})
+    train.connect()
+
+
 def check_dashboard() -> None:
     """Raise a ConfigError when the state API is down: ASHA-stopped trials would hang then."""
     try:
@@ -671,7 +684,8 @@ def _tuner(experiment: Experiment, path: str, options: dict, resume: bool) -> tu
     search = experiment.search
     scheduler: TrialScheduler = FIFOScheduler()
     if options["scheduler"] == "asha":
-        max_t = search.max_t or experiment.trial_config({}).train.max_steps or UNBOUNDED_STEPS
+        steps = experiment.trial_config({}).train.max_steps
+        max_t = search.max_t or (steps + 1 if steps else UNBOUNDED_STEPS)
         scheduler = ASHAScheduler(
             time_attr="step",
             max_t=max_t,
@@ -715,6 +729,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run")
     parser.add_argument("--workers-per-trial", type=int, help="DDP workers per trial")
     parser.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (default: auto)")
+    parser.add_argument(
+        "--max-concurrent-trials", type=int, help="trials at once (default: what the cluster holds)"
+    )
     parser.add_argument("--report", action="store_true", help="only write the results report")
     return parser
 
@@ -744,7 +761,9 @@ def _options(args: argparse.Namespace, experiment: Experiment) -> dict[str, Any]
         "gpus": gpus,
         "num_samples": samples,
         "scheduler": args.scheduler or search.scheduler,
-        "max_concurrent": search.max_concurrent_trials or concurrency(cfg, workers, gpus),
+        "max_concurrent": args.max_concurrent_trials
+        or search.max_concurrent_trials
+        or concurrency(cfg, workers, gpus),
     }
 
 
@@ -781,7 +800,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(report(path, experiment))
         return 0
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
-    train.connect()
+    connect()
     try:
         if options is None:
             options = _options(args, experiment)

@@ -1,0 +1,268 @@
+"""Ray Tune experiments: experiment files, search spaces, reports, cluster.yaml, and end to end."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import ray
+import yaml
+from ray.autoscaler._private.util import prepare_config, validate_config
+from ray.tune.search.sample import Categorical, Float
+
+from raydeq import train
+from raydeq import tune as rt
+from raydeq.config import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+PAPER_TRIALS = {
+    "digits": 6,
+    "mnist_dense": 30,
+    "cifar10_small": 21,
+    "cifar10_large": 21,
+    "svhn": 48,
+    "imagenet": 6,
+}
+TINY = {
+    "model": {"model": "mnist_dense", "variant": "skip_reg", "solver": "vcab3"},
+    "data": {"dataset": "digits", "batch_size": 32},
+    "scaling": {"num_workers": 1},
+}
+
+
+@pytest.mark.parametrize(("name", "trials"), PAPER_TRIALS.items())
+def test_each_experiment_validates_and_expands_to_its_trials(name, trials):
+    experiment = rt.load(name)
+    sampled = rt.expand(experiment)
+    assert len(sampled) == trials
+    configs = [experiment.trial_config(s) for s in sampled]
+    per_group = Counter(rt.describe(s, leave_out=("seed",)) for s in sampled)
+    assert set(per_group.values()) == {len({c.seed for c in configs})}
+    for cfg in {repr(c.model): c for c in configs}.values():
+        train.check_model(cfg)
+
+
+def test_the_paper_settings_reach_the_trials():
+    table2 = [rt.load("cifar10_small").trial_config(s) for s in rt.expand(rt.load("cifar10_small"))]
+    assert {(c.model.variant, c.model.solver) for c in table2} == {
+        *((v, s) for v in ("vanilla", "skip", "skip_reg") for s in ("vcab3", "broyden")),
+        ("neural_ode", "tsit5"),
+    }
+    assert {(c.optim.lr, c.data.batch_size, c.train.max_steps) for c in table2} == {
+        (1e-3, 128, 20000)
+    }
+    table1 = [rt.load("mnist_dense").trial_config(s) for s in rt.expand(rt.load("mnist_dense"))]
+    assert {(c.model.jac_reg, c.train.lambda_jac) for c in table1} == {
+        (None, 0.0),
+        (True, 1.0),
+    }
+
+
+def test_random_primitives_are_sampled_once_per_sample_and_within_bounds():
+    experiment = rt.load("svhn")
+    space = experiment.search.param_space()
+    assert isinstance(space["model"]["abstol"], Float)
+    assert isinstance(space["variant"]["grid_search"], list)
+    sampled = rt.expand(experiment)
+    draws = {(s["model"]["abstol"], s["train"]["lambda_skip"]) for s in sampled}
+    assert len(draws) == experiment.search.num_samples
+    assert all(1e-2 <= s["model"]["abstol"] <= 1e-1 for s in sampled)
+    assert all(1e-3 <= lam <= 1e-1 for _, lam in draws)
+    choice = rt.domain("x", {"choice": [False, True]})
+    assert isinstance(choice, Categorical)
+
+
+def test_an_override_fixes_a_searched_key():
+    assert len(rt.expand(rt.load("digits", ["model.variant=skip"]))) == 2
+    fixed = rt.load("digits", ["seed=7"])
+    assert [fixed.trial_config(s).seed for s in rt.expand(fixed)] == [7, 7, 7]
+    assert len(rt.expand(rt.load("mnist_dense", ["model.solver=vcab3"]))) == 18
+    with pytest.raises(ConfigError, match="model.variant='wide': no variant"):
+        rt.load("digits", ["model.variant=wide"])
+
+
+@pytest.mark.parametrize(
+    ("search", "message"),
+    [
+        ({"sapce": {}}, r"^search.sapce: unknown key; allowed keys in search: variants, space"),
+        ({"scheduler": "hyperband"}, r"^search.scheduler: 'hyperband' is not allowed"),
+        ({"num_samples": 0}, r"^search.num_samples: must be >= 1"),
+        ({"space": {"seed": {"eval": "1"}}}, r"^search.space.seed.eval: code is not run"),
+        ({"space": {"optim": {"lr": {"loguniform": [1]}}}}, r"^search.space.optim.lr.loguniform"),
+        ({"space": {"seed": {"grid_search": []}}}, r"^search.space.seed.grid_search: expected"),
+        ({"variants": [{"model.variant": {"choice": [1]}}]}, r"^search.variants\[0\].model"),
+        ({"variants": [{"model.variant": "wide"}]}, r"^model.variant: 'wide' is not allowed"),
+        ({"space": {"model": {"abstol": {"grid_search": [-1]}}}}, r"^model.abstol: must be > 0"),
+    ],
+)
+def test_bad_search_sections_are_one_line_errors(search, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        rt.preflight(rt.from_dict("bad", {**TINY, "search": search}))
+    assert "\n" not in str(err.value)
+
+
+def test_the_command_refuses_an_existing_experiment_without_resume(tmp_path, capsys):
+    experiment = tmp_path / "tiny.yaml"
+    experiment.write_text(yaml.safe_dump(TINY))
+    (tmp_path / "runs" / "tiny").mkdir(parents=True)
+    argv = [str(experiment), "--storage", str(tmp_path / "runs")]
+    assert rt.main(argv) == 2
+    assert "already exists; add --resume to continue it" in capsys.readouterr().err
+    assert rt.main([*argv, "--name", "other", "--resume"]) == 2
+    assert "no experiment to resume or report there" in capsys.readouterr().err
+    assert rt.main(["no_such_experiment"]) == 2
+    assert "no such experiment file; experiments: cifar10_large" in capsys.readouterr().err
+
+
+def test_the_table_averages_finished_seeds_per_variant_and_the_parquet_round_trips(tmp_path):
+    rows = [
+        {"group": "Skip DEQ", "seed": seed, "completed": done, "parameters": 1234, "step": step}
+        | dict.fromkeys(("train_time", "backward_time", "predict_time"), 0.5)
+        | {"test_accuracy": accuracy, "test_nfe": nfe}
+        for seed, done, step, accuracy, nfe in [
+            (0, True, 100, 0.97, 10.0),
+            (1, True, 100, 0.98, 12.0),
+            (2, False, 20, 0.10, 30.0),
+        ]
+    ]
+    table = rt.markdown(rows)
+    assert "| Skip DEQ | 3 (1 stopped) | 97.50 ± 0.71 | 0.5 ± 0 | 0.5 ± 0 | 0.5 ± 0 |" in table
+    assert "| 11 ± 1.414 | 1,234 |" in table
+    path = tmp_path / "results.parquet"
+    pq.write_table(rt.results_table(rows), path)
+    assert pq.read_table(path).to_pylist() == rows
+
+
+def test_cluster_yaml_passes_the_autoscaler_schema():
+    cluster = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    validate_config(prepare_config(cluster))
+    assert cluster["docker"]["image"] == "rayproject/ray:2.60.0-py311-gpu"
+    assert cluster["available_node_types"]["gpu_worker"]["max_workers"] >= 1
+    assert "pip install -q -e /home/ray/raydeq" in cluster["setup_commands"]
+    assert cluster["file_mounts"] == {"/home/ray/raydeq": "."}
+
+
+# End to end on the shared Ray cluster ----------------------------------------------------------
+
+
+def _tune(args: list[str], **popen) -> subprocess.Popen:
+    """Start `python -m raydeq.tune` on the session's Ray cluster."""
+    env = os.environ | {"RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    command = [sys.executable, "-m", "raydeq.tune", *args]
+    return subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **popen
+    )
+
+
+def _registered_steps(experiment: Path) -> dict[str, int]:
+    """Per trial folder, the step of the newest checkpoint Ray Train has registered."""
+    steps = {}
+    for snapshot in experiment.glob("*/train/checkpoint_manager_snapshot.json"):
+        results = json.loads(snapshot.read_text())["checkpoint_results"]
+        steps[snapshot.parent.parent.name] = max(r["metrics"]["step"] for r in results)
+    return steps
+
+
+def _checkpoint_steps(experiment: Path) -> dict[Path, int]:
+    """The step of every checkpoint folder the trials' Train runs wrote."""
+    manifests = experiment.glob(f"*/train/checkpoint_*/{train.MANIFEST_FILE}")
+    return {m.parent: json.loads(m.read_text())["step"] for m in manifests}
+
+
+def _reported_steps(trial: Path) -> list[int]:
+    """The steps in a trial's result file."""
+    lines = [json.loads(line) for line in (trial / rt.RESULT_FILE).read_text().splitlines()]
+    return [line["step"] for line in lines if "step" in line]
+
+
+def test_a_killed_driver_resumes_every_trial_without_training_a_step_twice(ray_cluster, tmp_path):
+    spec = TINY | {
+        "train": {
+            "epochs": 10,
+            "max_steps": 200,
+            "report_every": 20,
+            "checkpoint_every": 20,
+            "keep_checkpoints": 100,
+        },
+        "search": {
+            "variants": [{"model.variant": "vanilla"}, {"model.variant": "skip_reg"}],
+            "workers_per_trial": 1,
+            "max_concurrent_trials": 2,
+        },
+    }
+    (tmp_path / "e2e.yaml").write_text(yaml.safe_dump(spec))
+    argv = [str(tmp_path / "e2e.yaml"), "--storage", str(tmp_path / "runs")]
+    experiment = tmp_path / "runs" / "e2e"
+    driver = _tune(argv)
+    deadline = time.monotonic() + 150
+    while not (
+        list(experiment.glob("experiment_state-*.json"))
+        and max(_registered_steps(experiment).values(), default=0) >= 60
+    ):
+        assert driver.poll() is None, driver.stdout.read().decode()[-3000:]
+        assert time.monotonic() < deadline, "no checkpoint at step 60 in time"
+        time.sleep(0.2)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    before = _registered_steps(experiment)
+    assert 60 <= max(before.values()) < 200
+    written = set(_checkpoint_steps(experiment))
+
+    resumed = _tune([*argv, "--resume"])
+    output = resumed.communicate(timeout=200)[0].decode()
+    assert resumed.returncode == 0, output[-3000:]
+
+    rows = pq.read_table(experiment / "results.parquet").to_pylist()
+    assert len(rows) == 2
+    assert all(row["status"] == "TERMINATED" and row["step"] == 200 for row in rows)
+    for trial, step in before.items():
+        new = [
+            n
+            for path, n in _checkpoint_steps(experiment).items()
+            if path not in written and path.parent.parent.name == trial
+        ]
+        assert min(new) > step, f"{trial} trained steps up to {step} again"
+    for trial in before:
+        steps = _reported_steps(experiment / trial)
+        assert steps == sorted(set(steps)) and steps[-1] == 200, steps
+    assert "| variant=skip_reg | 1 |" in output
+    assert f"tensorboard --logdir {experiment}" in output
+    for plot in rt.PLOTS:
+        assert (experiment / f"{plot}.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_asha_stops_a_torch_trainer_trial_and_the_next_trial_gets_its_resources(
+    ray_cluster, tmp_path
+):
+    spec = TINY | {
+        "train": {"epochs": 10, "max_steps": 60, "report_every": 10},
+        "scaling": {"num_workers": 1, "cpus_per_worker": 2},
+        "search": {
+            "variants": [
+                {"label": "fast", "optim.lr": 3.0e-3, "seed": 0},
+                {"label": "frozen", "optim.lr": 1.0e-9, "seed": 0},
+                {"label": "fast", "optim.lr": 3.0e-3, "seed": 1},
+            ],
+            "metric": "train_accuracy",
+            "scheduler": "asha",
+            "grace_period": 20,
+        },
+    }
+    (tmp_path / "asha.yaml").write_text(yaml.safe_dump(spec))
+    driver = _tune([str(tmp_path / "asha.yaml"), "--storage", str(tmp_path / "runs")])
+    output = driver.communicate(timeout=240)[0].decode()
+    assert driver.returncode == 0, output[-3000:]
+    rows = pq.read_table(tmp_path / "runs" / "asha" / "results.parquet").to_pylist()
+    assert [(row["group"], row["status"]) for row in rows] == [
+        ("fast", "TERMINATED"),
+        ("frozen", "TERMINATED"),
+        ("fast", "TERMINATED"),
+    ]
+    assert rows[0]["step"] == 60 and rows[1]["step"] == 20 and rows[2]["step"] >= 20
+    assert "| frozen | 1 (1 stopped) |" in output
