@@ -93,10 +93,12 @@ class GMRES:
         batch, n = r.shape
         m = min(self.restart, budget)
         tiny = torch.finfo(r.dtype).tiny
-        basis = r.new_zeros(batch, m + 1, n)
+        basis = r.new_empty(batch, m + 1, n)  # column k is written before it is read
         basis[:, 0] = r / beta.clamp_min(tiny)[:, None]
         hess = r.new_zeros(batch, m + 1, m)
-        cs, sn = r.new_zeros(batch, m), r.new_zeros(batch, m)
+        # The product of the Givens rotations so far, applied to each new Hessenberg column
+        # as one batched product instead of j sequential rotations.
+        rotations = torch.eye(m + 1, dtype=r.dtype, device=r.device).repeat(batch, 1, 1)
         g = r.new_zeros(batch, m + 1)
         g[:, 0] = beta
         steps = torch.zeros(batch, dtype=torch.long, device=r.device)
@@ -111,11 +113,11 @@ class GMRES:
             h = h + h2
             h_next = w.norm(dim=1)
             basis[:, j + 1] = w / h_next.clamp_min(tiny)[:, None]
-            for i in range(j):
-                hi, hk = h[:, i], h[:, i + 1]
-                h[:, i], h[:, i + 1] = cs[:, i] * hi + sn[:, i] * hk, -sn[:, i] * hi + cs[:, i] * hk
+            h = dots(rotations[:, : j + 1, : j + 1], h)
             c, s, rho = _givens(h[:, j], h_next)
-            cs[:, j], sn[:, j] = c, s
+            row, below = rotations[:, j].clone(), rotations[:, j + 1].clone()
+            rotations[:, j] = c[:, None] * row + s[:, None] * below
+            rotations[:, j + 1] = c[:, None] * below - s[:, None] * row
             hess[:, : j + 1, j] = h
             hess[:, j, j] = rho
             g[:, j + 1] = -s * g[:, j]
