@@ -43,8 +43,8 @@ class StorageTracker(TorchDispatchMode):
         return out
 
 
-def peak_memory(fn: Callable[[], Any], device: torch.device) -> int:
-    """Bytes allocated at the peak of `fn()` above what was allocated before it.
+def peak_memory(fn: Callable[[], Any], device: torch.device) -> tuple[int, Any]:
+    """Bytes allocated at the peak of `fn()` above what was allocated before it, and its value.
 
     On CUDA this is the caching allocator's peak; on CPU it is the peak of the storages that
     the operators called inside `fn` allocated and still hold (tensors made before are free).
@@ -54,9 +54,9 @@ def peak_memory(fn: Callable[[], Any], device: torch.device) -> int:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
-        fn()
+        value = fn()
         torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - before
+        return torch.cuda.max_memory_allocated(device) - before, value
     with StorageTracker() as tracker:
-        fn()
-    return tracker.peak
+        value = fn()
+    return tracker.peak, value

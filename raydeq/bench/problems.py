@@ -91,30 +91,41 @@ class SpectralProblem:
 
     def jacobian(self, z: Tensor) -> Tensor:
         """J_f(z) per sample (B, dim, dim): W diag(1 - tanh(z)^2)."""
-        return self.weight[None] * (1 - torch.tanh(z).pow(2))[:, None, :]
+        return self.weight.detach()[None] * (1 - torch.tanh(z).pow(2))[:, None, :]
 
     def exact_fixed_point(self, iterations: int = 30) -> Tensor:
-        """z* by Newton's method with dense per-sample solves, to rounding error."""
-        z = self.z0()
+        """z* by Newton's method with dense per-sample solves in float64, to rounding error."""
+        w, x = self.weight.double(), self.x.double()
+        z = torch.zeros_like(x)
         eye = torch.eye(self.spec.dim, dtype=z.dtype, device=z.device)
         with torch.no_grad():
             for _ in range(iterations):
-                r = torch.tanh(z) @ self.weight.T + self.x - z
-                z = z - torch.linalg.solve(self.jacobian(z) - eye, r[:, :, None])[:, :, 0]
-        return z
+                r = torch.tanh(z) @ w.T + x - z
+                jacobian = w[None] * (1 - torch.tanh(z).pow(2))[:, None, :]
+                z = z - solve_each(jacobian - eye, r)
+        return z.to(self.x.dtype)
 
     def exact_gradient(self, cotangent: Tensor) -> tuple[Tensor, Tensor]:
         """(dL/dW, dL/dx) for L = sum(cotangent * z*), by the implicit function theorem."""
-        z = self.exact_fixed_point()
+        z = self.exact_fixed_point().double()
         eye = torch.eye(self.spec.dim, dtype=z.dtype, device=z.device)
-        a = (eye - self.jacobian(z)).transpose(1, 2)
-        g = torch.linalg.solve(a, cotangent[:, :, None])[:, :, 0]
+        a = (eye - self.jacobian(z).double()).transpose(1, 2)
+        g = solve_each(a, cotangent.double())
         return g.T @ torch.tanh(z), g
 
     def spectral_radius(self) -> float:
         """Largest |eigenvalue| of J_f(z*) over the batch."""
-        eig = torch.linalg.eigvals(self.jacobian(self.exact_fixed_point()).double())
-        return float(eig.abs().max())
+        jacobians = self.jacobian(self.exact_fixed_point()).double()
+        return max(float(torch.linalg.eigvals(j).abs().max()) for j in jacobians)
+
+
+def solve_each(a: Tensor, b: Tensor) -> Tensor:
+    """Solve a[i] x[i] = b[i] for a (B, N, N) and b (B, N), one sample at a time.
+
+    The batched LAPACK path of torch.linalg.solve returns wrong solutions for N >= 256 with
+    more than one thread on some MKL builds; the per-sample path does not.
+    """
+    return torch.stack([torch.linalg.solve(ai, bi) for ai, bi in zip(a, b, strict=True)])
 
 
 def gradient_error(grads: tuple[Tensor, Tensor], reference: tuple[Tensor, Tensor]) -> float:

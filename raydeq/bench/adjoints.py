@@ -1,0 +1,65 @@
+"""Implicit backward: GMRES against Neumann (fixed-point) iteration at equal gradient error."""
+
+from __future__ import annotations
+
+from raydeq.bench.cases import Outcome, backward_case, loosest, raydeq_implicit
+from raydeq.bench.context import Context
+from raydeq.bench.gradients import FORWARD_TOL, TARGET_ERROR, TOLERANCES, GradientSetup
+from raydeq.bench.problems import Spectrum
+from raydeq.bench.report import Section, Target
+from raydeq.bench.timing import measure, ratio, time_call
+
+SIZES = {
+    "tiny": dict(spectrum=Spectrum(dim=32, batch=4), repeats=1),
+    "quick": dict(spectrum=Spectrum(dim=256, batch=32), repeats=7),
+    "full": dict(spectrum=Spectrum(dim=1024, batch=128), repeats=15),
+}
+ADJOINTS = {"gmres": "GMRES", "fixed_point": "Neumann"}
+MAX_ITERS = 2000
+
+
+def run(ctx: Context) -> Section:
+    """VJPs and backward time of each adjoint at the loosest tolerance reaching the target."""
+    size = ctx.pick(SIZES)
+    setup = GradientSetup.make(ctx, size["spectrum"])
+    section = Section(
+        name="adjoints",
+        title=f"Implicit backward: GMRES vs Neumann to gradient error {TARGET_ERROR:g}",
+        columns=["adjoint", "rtol", "VJPs", "gradient error", "backward ms"],
+        notes=[setup.note()],
+    )
+
+    def case(adjoint: str, tol: float):
+        forward = raydeq_implicit(setup.problem, adjoint, tol, FORWARD_TOL, MAX_ITERS)
+        return backward_case(setup.problem, forward, setup.cotangent, setup.reference)
+
+    def evaluate(adjoint: str):
+        return lambda tol: time_call(case(adjoint, tol)(), ctx.device)[1]
+
+    chosen: dict[str, float] = {}
+    for adjoint, label in ADJOINTS.items():
+        tol, _ = loosest(TOLERANCES, evaluate(adjoint), TARGET_ERROR)
+        if tol is None:
+            section.notes.append(f"{label} did not reach {TARGET_ERROR:g} at any tolerance")
+        else:
+            chosen[adjoint] = tol
+    timings = measure(
+        {a: case(a, tol) for a, tol in chosen.items()}, ctx.device, repeats=size["repeats"]
+    )
+    outcomes: dict[str, Outcome] = {}
+    for adjoint, t in timings.items():
+        outcomes[adjoint] = outcome = t.values[-1]
+        section.add(
+            adjoint=ADJOINTS[adjoint],
+            rtol=chosen[adjoint],
+            VJPs=outcome.nvjp,
+            **{"gradient error": outcome.error, "backward ms": 1e3 * t.median},
+        )
+    gmres, neumann = outcomes.get("gmres"), outcomes.get("fixed_point")
+    measured = ratio(gmres.nvjp, neumann.nvjp) if gmres and neumann else None
+    detail = f"{gmres.nvjp} vs {neumann.nvjp} VJPs" if gmres and neumann else "not reached"
+    section.targets.append(
+        Target(f"GMRES VJPs / Neumann VJPs at error {TARGET_ERROR:g}", measured, 0.5, detail=detail)
+    )
+    section.timings = {name: t.seconds for name, t in timings.items()}
+    return section

@@ -1,0 +1,113 @@
+"""Discrete DEQ (Broyden, Anderson, fixed point) against continuous DEQ (VCAB3, Tsit5)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from raydeq.bench import models
+from raydeq.bench.cases import forward_case, raydeq_forward
+from raydeq.bench.context import Context
+from raydeq.bench.problems import SpectralProblem, Spectrum
+from raydeq.bench.report import Section, Target
+from raydeq.bench.timing import Case, measure, ratio
+
+SIZES = {
+    "tiny": dict(spectrum=Spectrum(dim=32, batch=4), batch=8, repeats=1),
+    "quick": dict(spectrum=Spectrum(dim=512, batch=64), batch=128, repeats=7),
+    "full": dict(spectrum=Spectrum(dim=1024, batch=256), batch=256, repeats=15),
+}
+SOLVERS = ("fixed_point", "anderson", "broyden", "vcab3", "tsit5")
+MODEL = "mnist_dense"
+TOL = 1e-5
+
+
+def model_case(model: nn.Module, images: torch.Tensor) -> Case:
+    """Time one prediction (eval mode, no autograd); the value is the layer output."""
+
+    def prepare() -> Callable:
+        def thunk():
+            with torch.no_grad():
+                return model(images)[1]
+
+        return thunk
+
+    return prepare
+
+
+def run(ctx: Context) -> Section:
+    """Forward NFE, time and true residual of each solver on the spectral problem and a model."""
+    size = ctx.pick(SIZES)
+    spec = size["spectrum"]
+    problem = SpectralProblem(spec, ctx.device, torch.float32, ctx.seed)
+    section = Section(
+        name="discrete",
+        title="Discrete vs continuous DEQ: forward solve",
+        columns=["problem", "solver", "NFE", "NFE / fixed point", "time ms", "max residual"],
+        notes=[
+            f"spectral: f(z) = W tanh(z) + x, width {spec.dim}, batch {spec.batch}, float32, "
+            f"spectral radius of J_f(z*) {problem.spectral_radius():.3f} ({spec.slow} "
+            f"eigenvalues of W near {spec.slow_eig}, the rest in [0, {spec.fast_max}]); "
+            f"abstol {TOL:g} on the RMS residual, reltol 0; max residual = worst true RMS "
+            "residual of the returned z.",
+        ],
+    )
+    cases = {name: forward_case(problem, raydeq_forward(name, TOL, 3000)) for name in SOLVERS}
+    timings = measure(cases, ctx.device, repeats=size["repeats"])
+    fixed_nfe = timings["fixed_point"].values[-1].nfe
+    for name in SOLVERS:
+        outcome = timings[name].values[-1]
+        section.add(
+            problem="spectral",
+            solver=name,
+            NFE=outcome.nfe,
+            **{
+                "NFE / fixed point": ratio(outcome.nfe, fixed_nfe),
+                "time ms": 1e3 * timings[name].median,
+                "max residual": outcome.residual,
+            },
+        )
+    for name in ("broyden", "anderson"):
+        outcome = timings[name].values[-1]
+        reached = outcome.residual <= TOL * 1.0001
+        section.targets.append(
+            Target(
+                f"{name}: NFE / fixed-point NFE at the same residual",
+                ratio(outcome.nfe, fixed_nfe) if reached else float("nan"),
+                0.5,
+                detail=f"{outcome.nfe} vs {fixed_nfe} NFE, residual {outcome.residual:.2e}",
+            )
+        )
+    section.timings = {f"spectral/{k}": t.seconds for k, t in timings.items()}
+    missing = models.models_available()
+    if missing:
+        section.notes.append(f"{MODEL} rows skipped: {missing}")
+        return section
+    images, source = models.image_batch(MODEL, size["batch"], ctx.device, ctx.data_dir, ctx.seed)
+    nets = {s: models.build(MODEL, "vanilla", ctx.device, ctx.seed, solver=s) for s in SOLVERS}
+    for net in nets.values():
+        net.eval()
+    timings = measure(
+        {s: model_case(net, images) for s, net in nets.items()}, ctx.device, size["repeats"]
+    )
+    fixed_nfe = timings["fixed_point"].values[-1].stats.nfe
+    for name in SOLVERS:
+        stats = timings[name].values[-1].stats
+        section.add(
+            problem=MODEL,
+            solver=name,
+            NFE=stats.nfe,
+            **{
+                "NFE / fixed point": ratio(stats.nfe, fixed_nfe),
+                "time ms": 1e3 * timings[name].median,
+                "max residual": float(stats.residual.max()),
+            },
+        )
+    section.notes.append(
+        f"{MODEL}: untrained (seed {ctx.seed}), the same parameters for every solver, the "
+        f"preset's tolerances, a batch of {len(images)} {source}, eval mode; time per batch."
+    )
+    section.timings |= {f"{MODEL}/{k}": t.seconds for k, t in timings.items()}
+    return section

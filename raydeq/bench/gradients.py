@@ -1,0 +1,48 @@
+"""The gradient-accuracy set-up shared by the adjoint and TorchDEQ comparisons."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from raydeq.bench.context import Context
+from raydeq.bench.problems import SpectralProblem, Spectrum
+
+TARGET_ERROR = 1e-4
+FORWARD_TOL = 1e-9
+TOLERANCES = (1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5, 3e-6, 1e-6, 1e-7, 1e-8)
+
+
+@dataclass
+class GradientSetup:
+    """A float64 spectral problem with trainable W and x, a cotangent and the exact gradient."""
+
+    problem: SpectralProblem
+    cotangent: Tensor
+    reference: tuple[Tensor, Tensor]
+
+    @staticmethod
+    def make(ctx: Context, spectrum: Spectrum) -> GradientSetup:
+        """Build it for the run's device and seed."""
+        problem = SpectralProblem(spectrum, ctx.device, torch.float64, ctx.seed)
+        g = torch.Generator().manual_seed(ctx.seed + 1)
+        cotangent = torch.randn(spectrum.batch, spectrum.dim, generator=g, dtype=torch.float64)
+        cotangent = cotangent.to(ctx.device)
+        reference = problem.exact_gradient(cotangent)
+        problem.weight.requires_grad_(True)
+        problem.x.requires_grad_(True)
+        return GradientSetup(problem, cotangent, reference)
+
+    def note(self) -> str:
+        """How the gradient errors are measured."""
+        spec = self.problem.spec
+        return (
+            f"gradients of L = sum(c * z*) w.r.t. W and x for f(z) = W tanh(z) + x (width "
+            f"{spec.dim}, batch {spec.batch}, float64, spectral radius of J_f(z*) "
+            f"{self.problem.spectral_radius():.3f}); forward solved to RMS residual "
+            f"{FORWARD_TOL:g}; error = ||g - g_exact|| / ||g_exact|| with g_exact from dense "
+            f"per-sample solves; each backward runs at the loosest tolerance of "
+            f"{', '.join(f'{t:g}' for t in TOLERANCES)} that reaches error {TARGET_ERROR:g}."
+        )

@@ -1,0 +1,219 @@
+"""raydeq against TorchDEQ (the PyTorch DEQ library) on the same f and tolerance."""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from raydeq.bench.cases import (
+    Outcome,
+    backward_case,
+    forward_case,
+    loosest,
+    raydeq_forward,
+    raydeq_implicit,
+)
+from raydeq.bench.context import Context
+from raydeq.bench.gradients import FORWARD_TOL, TARGET_ERROR, TOLERANCES, GradientSetup
+from raydeq.bench.problems import SpectralProblem, Spectrum
+from raydeq.bench.report import Section, Target
+from raydeq.bench.timing import Timing, measure, ratio, time_call
+
+SIZES = {
+    "tiny": dict(forward=Spectrum(dim=32, batch=4), backward=Spectrum(dim=16, batch=2), repeats=1),
+    "quick": dict(
+        forward=Spectrum(dim=512, batch=64), backward=Spectrum(dim=256, batch=32), repeats=7
+    ),
+    "full": dict(
+        forward=Spectrum(dim=1024, batch=256), backward=Spectrum(dim=1024, batch=128), repeats=15
+    ),
+}
+TOL = 1e-5
+MEMORY = 5
+BROYDEN_MEMORY = 30
+# solver name in raydeq -> (name in TorchDEQ, raydeq options, TorchDEQ options, step budget)
+FORWARD = {
+    "fixed_point": ("fixed_point_iter", {}, {}, 3000),
+    "anderson": ("anderson", {"m": MEMORY}, {"m": MEMORY}, 200),
+    "broyden": ("broyden", {"memory": BROYDEN_MEMORY}, {"LBFGS_thres": BROYDEN_MEMORY}, 200),
+}
+# TorchDEQ backward solvers and their iteration budgets
+BACKWARD = {"fixed_point_iter": 1000, "anderson": 200, "broyden": 200}
+MISSING = "TorchDEQ is not installed (pip install -e '.[bench]'); its rows are skipped"
+
+
+def available() -> bool:
+    """Whether the torchdeq package can be imported."""
+    return importlib.util.find_spec("torchdeq") is not None
+
+
+def torchdeq_forward(name: str, tol: float, max_iter: int, **options) -> Callable:
+    """run(f, z0) for forward_case: a TorchDEQ solver with its 'abs' (2-norm) stopping test."""
+    from torchdeq.solver import get_solver
+
+    solver = get_solver(name)
+
+    def run(f: Callable[[Tensor], Tensor], z0: Tensor) -> Tensor:
+        return solver(f, z0, max_iter=max_iter, tol=tol, stop_mode="abs", **options)[0]
+
+    return run
+
+
+def torchdeq_implicit(
+    problem: SpectralProblem, b_solver: str, tol: float, max_iter: int
+) -> Callable[[], Tensor]:
+    """forward() for backward_case: TorchDEQ's DEQ with implicit (IFT) backward by b_solver."""
+    from torchdeq import get_deq
+
+    norm = problem.spec.dim**0.5
+    deq = get_deq(
+        core="indexing",
+        ift=True,
+        f_solver="anderson",
+        f_max_iter=1000,
+        f_tol=FORWARD_TOL * norm,
+        b_solver=b_solver,
+        b_max_iter=max_iter,
+        b_tol=tol * norm,
+    )
+    deq.train()
+
+    def forward() -> Tensor:
+        return deq(problem.f, problem.z0())[0][-1]
+
+    return forward
+
+
+def forward_rows(ctx: Context, spec: Spectrum, repeats: int, section: Section) -> None:
+    """Forward solves of both libraries at the same tolerance: time, NFE, true residual."""
+    problem = SpectralProblem(spec, ctx.device, torch.float32, ctx.seed)
+    norm = spec.dim**0.5
+    cases = {}
+    for name, (peer, ours, theirs, budget) in FORWARD.items():
+        cases[f"raydeq {name}"] = forward_case(problem, raydeq_forward(name, TOL, budget, **ours))
+        cases[f"torchdeq {peer}"] = forward_case(
+            problem, torchdeq_forward(peer, TOL * norm, budget, **theirs)
+        )
+    timings = measure(cases, ctx.device, repeats=repeats)
+    for label, t in timings.items():
+        outcome = t.values[-1]
+        library, method = label.split(" ")
+        section.add(
+            library=library,
+            part="forward",
+            method=method,
+            NFE=outcome.nfe,
+            **{"time ms": 1e3 * t.median, "max residual": outcome.residual},
+        )
+    ours_best, theirs_best = best(timings, "raydeq", TOL), best(timings, "torchdeq", TOL)
+    section.targets.append(
+        Target(
+            "forward: raydeq best / TorchDEQ best time",
+            ratio(ours_best[1], theirs_best[1]) if ours_best and theirs_best else None,
+            0.5,
+            detail=f"{ours_best[0]} vs {theirs_best[0]}" if ours_best and theirs_best else "",
+        )
+    )
+    section.timings |= {f"forward/{k}": t.seconds for k, t in timings.items()}
+    section.notes.append(
+        f"forward: f(z) = W tanh(z) + x, width {spec.dim}, batch {spec.batch}, float32; RMS "
+        f"residual {TOL:g} (TorchDEQ's 'abs' test on the 2-norm at {TOL:g} x sqrt(width)); "
+        f"Anderson memory {MEMORY}, Broyden memory {BROYDEN_MEMORY} on both sides; max "
+        "residual = worst true RMS residual of the returned z."
+    )
+
+
+def best(timings: dict[str, Timing], library: str, tol: float) -> tuple[str, float] | None:
+    """The fastest method of a library among those whose worst residual meets tol * 1.01."""
+    runs = [
+        (label, t.median)
+        for label, t in timings.items()
+        if label.startswith(library) and t.values[-1].residual <= tol * 1.01
+    ]
+    return min(runs, key=lambda run: run[1]) if runs else None
+
+
+def backward_rows(ctx: Context, spec: Spectrum, repeats: int, section: Section) -> None:
+    """Implicit backward passes of both libraries at the same gradient error."""
+    setup = GradientSetup.make(ctx, spec)
+    problem = setup.problem
+    makers = {"raydeq gmres": lambda tol: raydeq_implicit(problem, "gmres", tol, FORWARD_TOL, 200)}
+    for b_solver, budget in BACKWARD.items():
+        makers[f"torchdeq {b_solver}"] = lambda tol, s=b_solver, n=budget: torchdeq_implicit(
+            problem, s, tol, n
+        )
+
+    def case(label: str, tol: float):
+        return backward_case(problem, makers[label](tol), setup.cotangent, setup.reference)
+
+    chosen: dict[str, float] = {}
+    for label in makers:
+        tol, _ = loosest(
+            TOLERANCES, lambda t, m=label: time_call(case(m, t)(), ctx.device)[1], TARGET_ERROR
+        )
+        if tol is None:
+            section.notes.append(f"{label} backward did not reach error {TARGET_ERROR:g}")
+        else:
+            chosen[label] = tol
+    timings = measure({k: case(k, tol) for k, tol in chosen.items()}, ctx.device, repeats)
+    for label, t in timings.items():
+        outcome: Outcome = t.values[-1]
+        library, method = label.split(" ")
+        section.add(
+            library=library,
+            part="backward",
+            method=method,
+            tol=chosen[label],
+            NFE=outcome.nfe,
+            VJPs=outcome.nvjp,
+            **{"time ms": 1e3 * t.median, "gradient error": outcome.error},
+        )
+    ours = timings.get("raydeq gmres")
+    theirs = [(k, t.median) for k, t in timings.items() if k.startswith("torchdeq")]
+    peer = min(theirs, key=lambda run: run[1]) if theirs else None
+    section.targets.append(
+        Target(
+            f"backward at gradient error {TARGET_ERROR:g}: raydeq GMRES / TorchDEQ best time",
+            ratio(ours.median, peer[1]) if ours and peer else None,
+            0.3,
+            detail=f"vs {peer[0]}" if peer else "TorchDEQ reached no tolerance",
+        )
+    )
+    section.timings |= {f"backward/{k}": t.seconds for k, t in timings.items()}
+    section.notes.append(
+        "backward: " + setup.note() + " TorchDEQ: get_deq(core='indexing', ift=True), its "
+        "b_tol on the 2-norm at tol x sqrt(width); NFE = evaluations of f during backward."
+    )
+
+
+def run(ctx: Context) -> Section:
+    """Forward and backward comparison; a note instead of rows when TorchDEQ is missing."""
+    size = ctx.pick(SIZES)
+    section = Section(
+        name="torchdeq",
+        title="raydeq vs TorchDEQ",
+        columns=[
+            "library",
+            "part",
+            "method",
+            "tol",
+            "NFE",
+            "VJPs",
+            "time ms",
+            "max residual",
+            "gradient error",
+        ],
+    )
+    if not available():
+        section.notes.append(MISSING)
+        section.targets += [
+            Target("forward: raydeq best / TorchDEQ best time", None, 0.5, detail=MISSING),
+            Target("backward: raydeq GMRES / TorchDEQ best time", None, 0.3, detail=MISSING),
+        ]
+        return section
+    forward_rows(ctx, size["forward"], size["repeats"], section)
+    backward_rows(ctx, size["backward"], size["repeats"], section)
+    return section

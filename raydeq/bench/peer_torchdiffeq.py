@@ -1,0 +1,159 @@
+"""raydeq's steady-state solve against torchdiffeq (dopri5) on the same f and tolerance.
+
+torchdiffeq has no steady-state stop: a user either integrates to a fixed end time or stops
+at an event ||f(z) - z|| = tol (odeint_event), which costs an evaluation of f per check. Both
+are given their best absolute tolerance in hindsight, and the fixed end time its best value
+in hindsight (the first time on a fine grid at which every sample meets the tolerance).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+from torchdiffeq import odeint, odeint_event
+
+from raydeq.bench.cases import Outcome, forward_case, raydeq_forward
+from raydeq.bench.context import Context
+from raydeq.bench.problems import SpectralProblem, Spectrum
+from raydeq.bench.report import Section, Target
+from raydeq.bench.timing import measure, ratio
+
+SIZES = {
+    "tiny": dict(spectrum=Spectrum(dim=16, batch=2, slow_eig=0.8), repeats=1, grid=50),
+    "quick": dict(spectrum=Spectrum(dim=256, batch=32), repeats=5, grid=400),
+    "full": dict(spectrum=Spectrum(dim=512, batch=128), repeats=9, grid=1000),
+}
+SOLVERS = ("vcab3", "tsit5", "bs3")
+TOL = 1e-4
+ATOL_FACTORS = (1.0, 0.3, 0.1, 0.03, 0.01, 3e-3, 1e-3)
+MAX_STEPS = 20000
+
+
+def field(problem: SpectralProblem) -> Callable[[Tensor, Tensor], Tensor]:
+    """dz/dt = f(z) - z in torchdiffeq's (t, z) signature."""
+    return lambda t, z: problem.f(z) - z
+
+
+def steady_event(problem: SpectralProblem) -> Callable[[Tensor, Tensor], Tensor]:
+    """Event function: worst RMS residual minus TOL, paying one (counted) evaluation of f."""
+    return lambda t, z: (problem.f(z) - z).pow(2).mean(1).sqrt().max() - TOL
+
+
+def event_run(problem: SpectralProblem, atol: float) -> Callable[[Callable, Tensor], Tensor]:
+    """run(f, z0) for forward_case: odeint_event with a steady-state event."""
+
+    def run(f: Callable[[Tensor], Tensor], z0: Tensor) -> Tensor:
+        t0 = torch.zeros((), dtype=z0.dtype, device=z0.device)
+        try:
+            _, path = odeint_event(
+                field(problem),
+                z0,
+                t0,
+                event_fn=steady_event(problem),
+                method="dopri5",
+                rtol=0.0,
+                atol=atol,
+                options={"max_num_steps": MAX_STEPS},
+            )
+        except AssertionError:
+            return torch.full_like(z0, float("nan"))
+        return path[-1]
+
+    return run
+
+
+def fixed_time_run(problem: SpectralProblem, atol: float, t1: float) -> Callable:
+    """run(f, z0) for forward_case: odeint over [0, t1]."""
+
+    def run(f: Callable[[Tensor], Tensor], z0: Tensor) -> Tensor:
+        t = torch.tensor([0.0, t1], dtype=z0.dtype, device=z0.device)
+        return odeint(field(problem), z0, t, method="dopri5", rtol=0.0, atol=atol)[-1]
+
+    return run
+
+
+def first_steady_time(problem: SpectralProblem, atol: float, horizon: float, grid: int) -> float:
+    """The first time on a grid over [0, horizon] at which every sample meets TOL (inf if none)."""
+    t = torch.linspace(0, horizon, grid, dtype=problem.x.dtype, device=problem.x.device)
+    with torch.no_grad():
+        path = odeint(field(problem), problem.z0(), t, method="dopri5", rtol=0.0, atol=atol)
+    for time, z in zip(t.tolist(), path, strict=True):
+        if float(problem.residual(z).max()) <= TOL:
+            return time
+    return math.inf
+
+
+def run(ctx: Context) -> Section:
+    """NFE and time of raydeq's continuous solvers and of torchdiffeq's best settings."""
+    size = ctx.pick(SIZES)
+    spec = size["spectrum"]
+    problem = SpectralProblem(spec, ctx.device, torch.float32, ctx.seed)
+    rho = problem.spectral_radius()
+    start = float(problem.residual(problem.z0()).max())
+    horizon = 2 * math.log(start / TOL) / (1 - rho)
+    section = Section(
+        name="torchdiffeq",
+        title="Steady state: raydeq vs torchdiffeq",
+        columns=["library", "method", "atol", "end time", "NFE", "time ms", "max residual"],
+        notes=[
+            __doc__.split("\n\n")[1].replace("\n", " "),
+            f"f(z) = W tanh(z) + x, width {spec.dim}, batch {spec.batch}, float32, spectral "
+            f"radius of J_f(z*) {rho:.3f}; target: worst RMS residual {TOL:g}. raydeq: abstol "
+            f"{TOL:g}, reltol 0, no tuning. torchdiffeq: dopri5, rtol 0, atol in "
+            f"{', '.join(f'{a:g}' for a in ATOL_FACTORS)} x {TOL:g}; NFE counts every "
+            "evaluation of f, the event function's included.",
+        ],
+    )
+    cases = {
+        f"raydeq {name}": forward_case(problem, raydeq_forward(name, TOL, MAX_STEPS))
+        for name in SOLVERS
+    }
+    settings: dict[str, tuple[float, float | None]] = {}
+    event_best = fixed_best = None
+    for factor in ATOL_FACTORS:
+        atol = factor * TOL
+        outcome = forward_case(problem, event_run(problem, atol))()()
+        if outcome.residual <= TOL and (event_best is None or outcome.nfe < event_best[1].nfe):
+            event_best = (atol, outcome)
+        t1 = first_steady_time(problem, atol, horizon, size["grid"])
+        if math.isfinite(t1):
+            outcome = forward_case(problem, fixed_time_run(problem, atol, t1))()()
+            if outcome.residual <= TOL and (fixed_best is None or outcome.nfe < fixed_best[2].nfe):
+                fixed_best = (atol, t1, outcome)
+    if event_best:
+        settings["torchdiffeq odeint_event"] = (event_best[0], None)
+        cases["torchdiffeq odeint_event"] = forward_case(problem, event_run(problem, event_best[0]))
+    if fixed_best:
+        settings["torchdiffeq odeint"] = (fixed_best[0], fixed_best[1])
+        cases["torchdiffeq odeint"] = forward_case(
+            problem, fixed_time_run(problem, fixed_best[0], fixed_best[1])
+        )
+    timings = measure(cases, ctx.device, repeats=size["repeats"])
+    outcomes: dict[str, Outcome] = {}
+    for label, t in timings.items():
+        outcomes[label] = outcome = t.values[-1]
+        library, method = label.split(" ")
+        atol, t1 = settings.get(label, (TOL, None))
+        section.add(
+            library=library,
+            method=method,
+            atol=atol,
+            **{"end time": t1, "NFE": outcome.nfe, "time ms": 1e3 * t.median},
+            **{"max residual": outcome.residual},
+        )
+    ours = min((o.nfe, k) for k, o in outcomes.items() if k.startswith("raydeq"))
+    for label, how in (("odeint", "best end time and atol"), ("odeint_event", "best atol")):
+        peer = outcomes.get(f"torchdiffeq {label}")
+        section.targets.append(
+            Target(
+                f"raydeq best NFE / torchdiffeq {label} NFE ({how} in hindsight)",
+                ratio(ours[0], peer.nfe) if peer else None,
+                0.5,
+                detail=f"{ours[1]}: {ours[0]} vs {peer.nfe} NFE" if peer else "TOL not met",
+            )
+        )
+    section.timings = {k: t.seconds for k, t in timings.items()}
+    return section
