@@ -94,8 +94,7 @@ TABLE = (
 
 @dataclass(frozen=True)
 class Search:
-    """The `search` section: the variants and the space over Tune's primitives, and how trials
-    are scheduled."""
+    """The `search` section: variants, a space over Tune's primitives, and trial scheduling."""
 
     variants: tuple[dict, ...] = ()
     space: dict = field(default_factory=dict)
@@ -271,10 +270,20 @@ def _fix(search: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, A
     return {**search, "space": space} | ({"variants": variants} if variants else {})
 
 
-def from_dict(name: str, raw: Mapping[str, Any], overrides: Mapping[str, Any] = {}) -> Experiment:
-    """An Experiment from a parsed YAML dict and dotted `key=value` overrides (see `_fix`)."""
+def from_dict(
+    name: str, raw: Mapping[str, Any], overrides: Mapping[str, Any] | None = None
+) -> Experiment:
+    """An Experiment from a parsed YAML dict and dotted `key=value` overrides (see `_fix`).
+
+    `search.workers_per_trial` sets the trials' `scaling.num_workers`; overrides come last.
+    """
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{name}: expected a mapping of keys to values at the top level")
+    overrides = overrides or {}
+    search = raw.get("search")
+    workers = search.get("workers_per_trial") if isinstance(search, Mapping) else None
+    if isinstance(workers, int) and workers > 0:
+        raw = apply_overrides(raw, {"scaling.num_workers": workers})
     raw = apply_overrides(raw, overrides)
     base = {key: value for key, value in raw.items() if key != "search"}
     search = raw.get("search") or {}
@@ -309,17 +318,16 @@ def expand(experiment: Experiment, num_samples: int | None = None) -> list[dict[
     ]
 
 
-def preflight(experiment: Experiment, num_samples: int | None = None) -> list[Config]:
+def preflight(experiment: Experiment, num_samples: int | None = None) -> None:
     """Validate every trial's config, its data folder and its model before Ray starts."""
-    configs = [experiment.trial_config(sampled) for sampled in expand(experiment, num_samples)]
     checked: set[str] = set()
-    for cfg in configs:
+    for sampled in expand(experiment, num_samples):
+        cfg = experiment.trial_config(sampled)
         key = repr((cfg.model, cfg.data))
         if key not in checked:
             data.check_files(cfg.data)
             train.check_model(cfg)
             checked.add(key)
-    return configs
 
 
 # Trials ----------------------------------------------------------------------------------------
@@ -349,8 +357,9 @@ def _short(value: Any) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
-def scaling(cfg: Config, workers: int, gpus: float) -> ray.train.ScalingConfig:
+def scaling(cfg: Config, gpus: float) -> ray.train.ScalingConfig:
     """A trial's workers; the trial's own driver reserve comes out of their CPU share."""
+    workers = cfg.scaling.num_workers
     cpus = max(cfg.scaling.cpus_per_worker - TRIAL_CPU / workers, TRIAL_CPU)
     resources = {"CPU": cpus} | ({"GPU": gpus} if gpus else {})
     return ray.train.ScalingConfig(
@@ -358,18 +367,15 @@ def scaling(cfg: Config, workers: int, gpus: float) -> ray.train.ScalingConfig:
     )
 
 
-def run_trial(
-    sampled: dict[str, Any], *, experiment: Experiment, path: str, workers: int, gpus: float
-) -> None:
+def run_trial(sampled: dict[str, Any], *, experiment: Experiment, path: str, gpus: float) -> None:
     """One trial: fit (or resume) its TorchTrainer in `<trial>/train`, reporting to Tune."""
     trial_dir = f"{path.rstrip('/')}/{tune.get_context().get_trial_name()}"
     settings = merge(sampled, {"name": TRAIN_RUN, "storage_path": trial_dir})
-    settings = merge(settings, {"scaling": {"num_workers": workers}})
     cfg = experiment.trial_config(settings)
     trainer = TorchTrainer(
         train.train_loop,
         train_loop_config=cfg.to_dict(),
-        scaling_config=scaling(cfg, workers, gpus),
+        scaling_config=scaling(cfg, gpus),
         run_config=ray.train.RunConfig(
             name=cfg.name,
             storage_path=cfg.storage_path,
@@ -392,8 +398,9 @@ def default_gpus(cfg: Config) -> float:
     return 1.0 if cfg.scaling.device == "cuda" or has_gpus else 0.0
 
 
-def concurrency(cfg: Config, workers: int, gpus: float) -> int:
+def concurrency(cfg: Config, gpus: float) -> int:
     """How many trials the cluster's CPUs and GPUs hold at once (at least one)."""
+    workers = cfg.scaling.num_workers
     total = ray.cluster_resources()
     fits = total.get("CPU", 0) // (workers * cfg.scaling.cpus_per_worker)
     if gpus:
@@ -425,7 +432,7 @@ def check_dashboard() -> None:
     """Raise a ConfigError when the state API is down: ASHA-stopped trials would hang then."""
     try:
         ray.util.state.list_nodes(limit=1, timeout=30)
-    except Exception as err:  # noqa: BLE001  (any failure means the API is unusable)
+    except Exception as err:  # whatever the failure, the API is unusable
         raise ConfigError(
             "scheduler asha: the Ray dashboard (state API) is not reachable, so workers of "
             f"stopped trials would never be released ({type(err).__name__}); start Ray with "
@@ -484,7 +491,7 @@ def _trial_folders(path: str) -> list[str]:
 
 
 def archive_results(path: str) -> None:
-    """Keep each trial's reports before a resume, since Tune restarts a resumed trial's file."""
+    """Keep each trial's reports before a resume: in a new Ray session Tune starts them anew."""
     filesystem, _ = _filesystem(path)
     for folder in _trial_folders(path):
         current = filesystem.get_file_info(f"{folder}/{RESULT_FILE}")
@@ -503,7 +510,7 @@ def _archived(filesystem: pyarrow.fs.FileSystem, folder: str) -> list[str]:
 # Results ---------------------------------------------------------------------------------------
 
 
-def _last(frame: Any, column: str) -> float:
+def _last(frame: pd.DataFrame, column: str) -> float:
     """The last non-missing value of a column, or NaN."""
     if column not in frame:
         return math.nan
@@ -511,7 +518,7 @@ def _last(frame: Any, column: str) -> float:
     return float(values.iloc[-1]) if len(values) else math.nan
 
 
-def _mean(frame: Any, column: str) -> float:
+def _mean(frame: pd.DataFrame, column: str) -> float:
     """The mean of a column's values, or NaN."""
     if column not in frame or frame[column].dropna().empty:
         return math.nan
@@ -520,7 +527,7 @@ def _mean(frame: Any, column: str) -> float:
 
 @functools.cache
 def parameter_count(model_section: str) -> int:
-    """Trainable parameters of the model a (repr'd) model section builds."""
+    """Trainable parameters of the model that a (YAML-dumped) model section builds."""
     options = yaml.safe_load(model_section)
     model = models.build({k: v for k, v in options.items() if v is not None})
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -539,7 +546,7 @@ def history(trial_path: str, frame: pd.DataFrame) -> pd.DataFrame:
     return frame.dropna(subset=["step"]).drop_duplicates("step", keep="last").sort_values("step")
 
 
-def trial_row(experiment: Experiment, trial: Any, frame: Any) -> dict[str, Any]:
+def trial_row(experiment: Experiment, trial: Any, frame: pd.DataFrame) -> dict[str, Any]:
     """One row of results.parquet: the trial, its group, its config and its final metrics."""
     cfg = experiment.trial_config(trial.config)
     model_section = yaml.safe_dump(dataclasses.asdict(cfg.model))
@@ -615,7 +622,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(metric: str, label: str, curves: dict[str, list[Any]]) -> bytes:
+def plot(metric: str, label: str, curves: dict[str, list[pd.DataFrame]]) -> bytes:
     """PNG of a metric against step: per variant, the mean over seeds with a +- std band."""
     figure, axes = plt.subplots(figsize=(6.4, 4.0))
     for group, frames in curves.items():
@@ -671,7 +678,6 @@ def _tuner(experiment: Experiment, path: str, options: dict, resume: bool) -> tu
             run_trial,
             experiment=experiment,
             path=path,
-            workers=options["workers"],
             gpus=options["gpus"],
         ),
         {"CPU": TRIAL_CPU},
@@ -727,7 +733,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--storage", help="storage folder or URI (default: storage_path)")
     parser.add_argument("--name", help="experiment name (default: the file's name)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run")
-    parser.add_argument("--workers-per-trial", type=int, help="DDP workers per trial")
+    parser.add_argument(
+        "--workers-per-trial", type=int, help="DDP workers per trial (sets scaling.num_workers)"
+    )
     parser.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (default: auto)")
     parser.add_argument(
         "--max-concurrent-trials", type=int, help="trials at once (default: what the cluster holds)"
@@ -743,36 +751,39 @@ def _experiment_path(args: argparse.Namespace, experiment: Experiment) -> str:
     return f"{storage.rstrip('/')}/{args.name or experiment.name}"
 
 
+def _check_numbers(args: argparse.Namespace) -> None:
+    """Raise a ConfigError for a count or a GPU share out of range on the command line."""
+    for option, least in [("num_samples", 1), ("max_concurrent_trials", 1), ("gpus_per_worker", 0)]:
+        value = getattr(args, option)
+        if value is not None and value < least:
+            flag = "--" + option.replace("_", "-")
+            raise ConfigError(f"{flag}: must be >= {least}, got {value:g}")
+
+
 def _options(args: argparse.Namespace, experiment: Experiment) -> dict[str, Any]:
-    """Workers, GPUs, samples, scheduler and concurrency of a new run (Ray is up)."""
+    """GPUs, samples, scheduler and concurrency of a new run (Ray is up)."""
     search = experiment.search
     cfg = experiment.trial_config({})
-    workers = args.workers_per_trial or search.workers_per_trial or cfg.scaling.num_workers
-    if workers < 1:
-        raise ConfigError(f"--workers-per-trial: must be >= 1, got {workers}")
     gpus = default_gpus(cfg) if args.gpus_per_worker is None else args.gpus_per_worker
-    if gpus < 0:
-        raise ConfigError(f"--gpus-per-worker: must be >= 0, got {gpus:g}")
-    samples = args.num_samples or search.num_samples
-    if samples < 1:
-        raise ConfigError(f"--num-samples: must be >= 1, got {samples}")
     return {
-        "workers": workers,
         "gpus": gpus,
-        "num_samples": samples,
+        "num_samples": args.num_samples or search.num_samples,
         "scheduler": args.scheduler or search.scheduler,
         "max_concurrent": args.max_concurrent_trials
         or search.max_concurrent_trials
-        or concurrency(cfg, workers, gpus),
+        or concurrency(cfg, gpus),
     }
 
 
 def start(args: argparse.Namespace) -> tuple[Experiment, str, dict | None]:
     """Check everything that can be checked before Ray starts; (experiment, path, options)."""
-    experiment = load(args.experiment, args.overrides)
+    _check_numbers(args)
+    workers = [] if args.workers_per_trial is None else [args.workers_per_trial]
+    overrides = [*args.overrides, *(f"scaling.num_workers={k}" for k in workers)]
+    experiment = load(args.experiment, overrides)
     path = _experiment_path(args, experiment)
     if args.resume or args.report:
-        if args.overrides:
+        if overrides:
             raise ConfigError("key=value overrides cannot change an existing experiment")
         if not exists(f"{path}/{SETTINGS_FILE}"):
             raise ConfigError(f"{path}: no experiment to resume or report there")

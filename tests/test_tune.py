@@ -78,6 +78,16 @@ def test_random_primitives_are_sampled_once_per_sample_and_within_bounds():
     assert isinstance(choice, Categorical)
 
 
+def test_workers_per_trial_sets_the_trials_workers():
+    assert rt.load("digits").trial_config({}).scaling.num_workers == 1
+    assert rt.load("digits", ["scaling.num_workers=2"]).trial_config({}).scaling.num_workers == 2
+    imagenet = rt.load("imagenet")
+    assert [imagenet.trial_config({}).scaling.num_workers, imagenet.base["data"]["batch_size"]] == [
+        4,
+        256,
+    ]
+
+
 def test_an_override_fixes_a_searched_key():
     assert len(rt.expand(rt.load("digits", ["model.variant=skip"]))) == 2
     fixed = rt.load("digits", ["seed=7"])
@@ -107,7 +117,7 @@ def test_bad_search_sections_are_one_line_errors(search, message):
     assert "\n" not in str(err.value)
 
 
-def test_the_command_refuses_an_existing_experiment_without_resume(tmp_path, capsys):
+def test_the_command_refuses_bad_input_and_an_existing_experiment_with_status_2(tmp_path, capsys):
     experiment = tmp_path / "tiny.yaml"
     experiment.write_text(yaml.safe_dump(TINY))
     (tmp_path / "runs" / "tiny").mkdir(parents=True)
@@ -118,6 +128,10 @@ def test_the_command_refuses_an_existing_experiment_without_resume(tmp_path, cap
     assert "no experiment to resume or report there" in capsys.readouterr().err
     assert rt.main(["no_such_experiment"]) == 2
     assert "no such experiment file; experiments: cifar10_large" in capsys.readouterr().err
+    assert rt.main([*argv, "--name", "other", "--num-samples", "0"]) == 2
+    assert "--num-samples: must be >= 1, got 0" in capsys.readouterr().err
+    assert rt.main([*argv, "--name", "other", "--workers-per-trial", "3"]) == 2
+    assert "data.batch_size: 32 does not split evenly" in capsys.readouterr().err
 
 
 def test_the_table_averages_finished_seeds_per_variant_and_the_parquet_round_trips(tmp_path):
