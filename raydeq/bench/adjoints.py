@@ -10,7 +10,7 @@ from raydeq.bench.report import Section, Target
 from raydeq.bench.timing import measure, ratio, time_call
 
 SIZES = {
-    "tiny": dict(spectrum=Spectrum(dim=32, batch=4), repeats=1),
+    "tiny": dict(spectrum=Spectrum(dim=32, batch=4, slow_eig=0.8), repeats=1),
     "quick": dict(spectrum=Spectrum(dim=256, batch=32), repeats=7),
     "full": dict(spectrum=Spectrum(dim=1024, batch=128), repeats=15),
 }

@@ -15,7 +15,7 @@ from raydeq.bench.report import Section, Target
 from raydeq.bench.timing import Case, measure, ratio
 
 SIZES = {
-    "tiny": dict(spectrum=Spectrum(dim=32, batch=4), batch=8, repeats=1),
+    "tiny": dict(spectrum=Spectrum(dim=32, batch=4, slow_eig=0.8), batch=8, repeats=1),
     "quick": dict(spectrum=Spectrum(dim=512, batch=64), batch=128, repeats=7),
     "full": dict(spectrum=Spectrum(dim=1024, batch=256), batch=256, repeats=15),
 }

@@ -11,7 +11,7 @@ from raydeq.bench.report import Section, Target
 from raydeq.bench.timing import measure, ratio
 
 SIZES = {
-    "tiny": dict(spectrum=Spectrum(dim=32, batch=4), repeats=1, calls=5),
+    "tiny": dict(spectrum=Spectrum(dim=32, batch=4, slow_eig=0.8), repeats=1, calls=5),
     "quick": dict(spectrum=Spectrum(dim=512, batch=64), repeats=9, calls=20),
     "full": dict(spectrum=Spectrum(dim=1024, batch=256), repeats=15, calls=20),
 }

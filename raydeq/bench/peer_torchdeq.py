@@ -23,7 +23,11 @@ from raydeq.bench.report import Section, Target
 from raydeq.bench.timing import Timing, measure, ratio, time_call
 
 SIZES = {
-    "tiny": dict(forward=Spectrum(dim=32, batch=4), backward=Spectrum(dim=16, batch=2), repeats=1),
+    "tiny": dict(
+        forward=Spectrum(dim=32, batch=4, slow_eig=0.8),
+        backward=Spectrum(dim=16, batch=2, slow_eig=0.8),
+        repeats=1,
+    ),
     "quick": dict(
         forward=Spectrum(dim=512, batch=64), backward=Spectrum(dim=256, batch=32), repeats=7
     ),

@@ -45,7 +45,6 @@ def synchronize(device: torch.device) -> None:
 
 def time_call(thunk: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
     """Seconds one call of `thunk` takes on `device` (garbage collection paused) and its value."""
-    gc.collect()
     gc.disable()
     try:
         synchronize(device)
@@ -64,10 +63,12 @@ def measure(
 
     Each round runs every case once, in an order rotated by one from the previous round, so
     that slow drifts of the machine (other processes, clocks, caches) spread over all cases.
+    A full garbage collection runs before each round, never inside a timed call.
     """
     names = list(cases)
     timings = {name: Timing() for name in names}
     for round_index in range(warmup + repeats):
+        gc.collect()
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
             seconds, value = time_call(cases[name](), device)

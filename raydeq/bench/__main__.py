@@ -1,0 +1,93 @@
+"""`python -m raydeq.bench`: run the benchmarks, print the Markdown, save it with the JSON."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from raydeq.bench.context import SIZES, Context
+from raydeq.bench.registry import BENCHMARKS
+from raydeq.bench.report import Report, machine_info, write
+
+
+def parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The command line."""
+    parser = argparse.ArgumentParser(
+        prog="python -m raydeq.bench",
+        description="Side-by-side benchmarks of raydeq against its baselines and peers.",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_const",
+        const="quick",
+        dest="size",
+        help="small sizes: a few minutes on a 2-core CPU (same as --size quick)",
+    )
+    parser.add_argument(
+        "--size", choices=SIZES, default="full", help="problem sizes and repeats (default: full)"
+    )
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=list(BENCHMARKS),
+        metavar="NAME",
+        help=f"run only these benchmarks: {', '.join(BENCHMARKS)}",
+    )
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        default=["mnist_dense", "cifar10_small"],
+        help="presets for the DEQ vs Neural ODE benchmark",
+    )
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=Path("../shared/data/mnist10k"),
+        help="folder holding MNIST/raw (default: ../shared/data/mnist10k)",
+    )
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("bench/results"),
+        help="folder for <date>-<device>.json and .md (default: bench/results)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of every problem and model")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> Report:
+    """Run the selected benchmarks and write the report; returns it."""
+    args = parse(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: no CUDA device is available")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ctx = Context(device, args.size, tuple(args.models), args.data, args.seed)
+    report = Report(
+        date=datetime.date.today().isoformat(),
+        device=device.type,
+        size=args.size,
+        machine=machine_info(device),
+    )
+    for name in args.only or BENCHMARKS:
+        start = time.perf_counter()
+        print(f"[{name}] running", file=sys.stderr, flush=True)
+        report.sections.append(BENCHMARKS[name](ctx))
+        print(f"[{name}] {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+    json_path, md_path = write(report, args.out)
+    print(report.to_markdown())
+    print(f"wrote {json_path} and {md_path}", file=sys.stderr)
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""Continuous DEQ against the Neural ODE on the same f, parameters and tolerance."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from raydeq.bench import models
+from raydeq.bench.context import Context
+from raydeq.bench.report import Section, Target
+from raydeq.bench.timing import Case, measure, ratio
+from raydeq.bench.training import loss_of, train_step
+
+BATCH = {
+    "tiny": {},
+    "quick": {"mnist_dense": 128, "cifar10_small": 8, "cifar10_large": 2},
+    "full": {"mnist_dense": 256, "cifar10_small": 64, "cifar10_large": 32},
+}
+REPEATS = {"tiny": 1, "quick": 5, "full": 9}
+VARIANTS = {
+    "deq": "continuous DEQ (VCAB3, GMRES)",
+    "adjoint": "Neural ODE, continuous adjoint",
+    "backprop": "Neural ODE, backprop through solver",
+}
+
+
+def cases(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> dict[str, Case]:
+    """Training step, backward pass alone, and prediction of one model on one batch."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.0)
+
+    def train() -> Callable:
+        model.train()
+        return lambda: train_step(model, optimizer, images, labels)
+
+    def backward() -> Callable:
+        model.train()
+        optimizer.zero_grad(set_to_none=True)
+        loss, out = loss_of(model, images, labels)
+        return lambda: (loss.backward(), out)[1]
+
+    def predict() -> Callable:
+        model.eval()
+
+        def thunk():
+            with torch.no_grad():
+                return model(images)[1]
+
+        return thunk
+
+    return {"train": train, "backward": backward, "predict": predict}
+
+
+def converged_fraction(stats: object) -> float | None:
+    """Fraction of samples whose adjoint linear solve converged (None if it did not run)."""
+    flags = getattr(stats, "backward_converged", None)
+    return None if flags is None else float(flags.float().mean())
+
+
+def compare(ctx: Context, name: str, section: Section) -> None:
+    """Rows and targets of one preset."""
+    batch = BATCH[ctx.size].get(name, 2)
+    images, source = models.image_batch(name, batch, ctx.device, ctx.data_dir, ctx.seed)
+    labels = torch.arange(batch, device=ctx.device) % 10
+    deq = models.build(name, "vanilla", ctx.device, ctx.seed, solver="vcab3")
+    deq.layer.adjoint_options = {"rtol": deq.layer.termination.reltol}
+    nets = {"deq": deq}
+    for variant, adjoint in (("adjoint", True), ("backprop", False)):
+        nets[variant] = models.build(
+            name, "neural_ode", ctx.device, ctx.seed, solver="vcab3", adjoint=adjoint
+        )
+    node = nets["adjoint"]
+    same = all(torch.equal(a, b) for a, b in zip(deq.parameters(), node.parameters()))
+    all_cases = {
+        f"{variant}/{part}": case
+        for variant, model in nets.items()
+        for part, case in cases(model, images, labels).items()
+    }
+    timings = measure(all_cases, ctx.device, repeats=REPEATS[ctx.size])
+    medians = {label: t.median for label, t in timings.items()}
+    for variant in VARIANTS:
+        train_out = timings[f"{variant}/train"].values[-1]
+        back_out = timings[f"{variant}/backward"].values[-1]
+        section.add(
+            model=name,
+            layer=VARIANTS[variant],
+            batch=batch,
+            NFE=train_out.stats.nfe,
+            converged=1 - train_out.stats.unconverged_fraction,
+            VJPs=back_out.stats.backward_nvjp if variant == "deq" else None,
+            **{"VJPs converged": converged_fraction(back_out.stats) if variant == "deq" else None},
+            **{
+                "train step ms": 1e3 * medians[f"{variant}/train"],
+                "backward ms": 1e3 * medians[f"{variant}/backward"],
+                "predict ms": 1e3 * medians[f"{variant}/predict"],
+            },
+        )
+    for variant in ("adjoint", "backprop"):
+        label = f"{name}: Neural ODE ({variant}) / DEQ"
+        section.targets += [
+            Target(
+                f"{label} training step time",
+                ratio(medians[f"{variant}/train"], medians["deq/train"]),
+                3.0,
+                at_least=True,
+            ),
+            Target(
+                f"{label} backward time",
+                ratio(medians[f"{variant}/backward"], medians["deq/backward"]),
+                8.0,
+                at_least=True,
+            ),
+        ]
+    section.notes.append(
+        f"{name}: batch of {batch} {source}, seed {ctx.seed}, parameters "
+        f"{'identical' if same else 'NOT identical'} in both layers; tolerances of the preset "
+        f"(abstol {deq.layer.termination.abstol:g}, reltol {deq.layer.termination.reltol:g}) for "
+        f"both, GMRES rtol {deq.layer.termination.reltol:g}; Neural ODE: torchdiffeq "
+        f"{node.layer.method} over [0, {node.layer.t1:g}], trained by the continuous adjoint "
+        "(odeint_adjoint, the paper's baseline) or by backpropagation through the solver."
+    )
+    section.timings |= {f"{name}/{label}": t.seconds for label, t in timings.items()}
+
+
+def run(ctx: Context) -> Section:
+    """Every requested preset; a note when the models package is missing."""
+    section = Section(
+        name="node",
+        title="Continuous DEQ vs Neural ODE",
+        columns=[
+            "model",
+            "layer",
+            "batch",
+            "NFE",
+            "converged",
+            "VJPs",
+            "VJPs converged",
+            "train step ms",
+            "backward ms",
+            "predict ms",
+        ],
+        notes=[
+            "train step = forward, loss, backward and an Adam step (learning rate 0, so every "
+            "repeat sees the same parameters); NFE = forward evaluations of f in training mode; "
+            "converged = fraction of samples whose residual ||f(z) - z|| met the tolerance (at "
+            "t1 for the Neural ODE); VJPs = vector-Jacobian products of the GMRES adjoint, "
+            "VJPs converged = fraction of samples whose adjoint solve met its rtol. Untrained "
+            "weights: a multiscale DEQ at initialisation has no attracting equilibrium (its "
+            "presets pretrain thousands of unrolled steps first), so its forward stops at "
+            "max_steps and GMRES at max_iters; the paper's ratios are for trained models."
+        ],
+    )
+    missing = models.models_available()
+    if missing:
+        section.notes.append(missing)
+        return section
+    for name in ctx.models:
+        compare(ctx, name, section)
+    return section

@@ -1,0 +1,122 @@
+"""Smoke test of the benchmark harness: every benchmark at the tiniest sizes, report files."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from raydeq.bench import peer_torchdeq, skip
+from raydeq.bench.__main__ import main
+from raydeq.bench.context import Context
+from raydeq.bench.memory import peak_memory
+from raydeq.bench.registry import BENCHMARKS
+from raydeq.bench.report import Section, Target, fmt
+from raydeq.bench.timing import measure
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist10k"
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str]:
+    """One tiny run of every benchmark; the JSON and Markdown it wrote."""
+    out = tmp_path_factory.mktemp("bench")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        main(["--size", "tiny", "--models", "mnist_dense", "--out", str(out), "--data", str(DATA)])
+    finally:
+        torch.set_num_threads(threads)
+    (json_path,) = out.glob("*-cpu.json")
+    (md_path,) = out.glob("*-cpu.md")
+    return json.loads(json_path.read_text()), md_path.read_text()
+
+
+def test_every_benchmark_reports_rows_or_says_why_not(run):
+    data, _ = run
+    assert [s["name"] for s in data["sections"]] == list(BENCHMARKS)
+    assert data["device"] == "cpu" and data["size"] == "tiny"
+    for section in data["sections"]:
+        assert section["rows"] or section["notes"], section["name"]
+        for row in section["rows"]:
+            assert set(row) <= set(section["columns"])
+
+
+def test_targets_carry_measured_ratio_limit_and_verdict(run):
+    data, markdown = run
+    targets = [t for s in data["sections"] for t in s["targets"]]
+    assert len(targets) >= 10
+    for target in targets:
+        assert target["passed"] in (True, False, None)
+        if target["measured"] is not None and not math.isnan(target["measured"]):
+            assert target["passed"] is not None
+    assert "## Targets" in markdown
+    assert markdown.count("| PASS |") + markdown.count("| FAIL |") + markdown.count(
+        "| n/a |"
+    ) == len(targets)
+
+
+def test_solver_rows_reach_their_tolerance(run):
+    data, _ = run
+    (discrete,) = [s for s in data["sections"] if s["name"] == "discrete"]
+    spectral = [r for r in discrete["rows"] if r["problem"] == "spectral"]
+    assert {r["solver"] for r in spectral} == {
+        "fixed_point",
+        "anderson",
+        "broyden",
+        "vcab3",
+        "tsit5",
+    }
+    assert all(r["max residual"] <= 1.0001e-5 for r in spectral)
+
+
+def test_measure_interleaves_rotated_rounds_and_keeps_values():
+    calls: list[str] = []
+
+    def case(name: str):
+        def prepare():
+            calls.append(f"prepare {name}")
+            return lambda: calls.append(name) or name
+
+        return prepare
+
+    timings = measure({n: case(n) for n in "abc"}, CPU, repeats=3, warmup=1)
+    order = [c for c in calls if not c.startswith("prepare")]
+    assert order == list("abcbcacababc")
+    assert all(len(t.seconds) == 3 and t.values == [n] * 3 for n, t in timings.items())
+    assert all(t.median >= 0 for t in timings.values())
+
+
+def test_target_verdicts():
+    assert Target("t", 0.2, 0.5).passed is True
+    assert Target("t", 0.7, 0.5).passed is False
+    assert Target("t", 9.0, 8.0, at_least=True).passed is True
+    assert Target("t", None, 0.5).passed is None
+    assert Target("t", float("nan"), 0.5).verdict() == "n/a"
+    assert fmt(None) == "" and fmt(0.000123) == "1.23e-04" and fmt(12.345) == "12.3"
+    with pytest.raises(KeyError):
+        Section("s", "S", ["a"]).add(b=1)
+
+
+def test_peak_memory_counts_live_storages():
+    def allocate():
+        kept = torch.ones(1024, 256)  # 1 MiB, alive at the end
+        for _ in range(3):
+            torch.ones(2048, 256)  # 2 MiB each, freed at once
+        return kept
+
+    peak, kept = peak_memory(allocate, CPU)
+    assert 3 * 2**20 <= peak < 4 * 2**20
+    assert kept.shape == (1024, 256)
+
+
+def test_missing_peer_and_data_are_reported_not_raised(monkeypatch, tmp_path):
+    monkeypatch.setattr(peer_torchdeq, "available", lambda: False)
+    ctx = Context(CPU, "tiny", data_dir=tmp_path)
+    section = peer_torchdeq.run(ctx)
+    assert not section.rows and "not installed" in section.notes[0]
+    assert all(t.passed is None for t in section.targets)
+    section = skip.run(ctx)
+    assert not section.rows and "MNIST not found" in section.notes[0]
