@@ -64,18 +64,19 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> Report:
-    """Run the selected benchmarks and write the report; returns it."""
+    """Run the selected benchmarks, rewriting the report after each one; returns it."""
     args = parse(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device is available")
     if args.threads:
         torch.set_num_threads(args.threads)
-    ctx = Context(device, args.size, tuple(args.models), args.data, args.seed)
+    size = args.size or ("full" if device.type == "cuda" else "quick")
+    ctx = Context(device, size, tuple(args.models), args.data, args.seed)
     report = Report(
         date=datetime.date.today().isoformat(),
         device=device.type,
-        size=args.size,
+        size=size,
         machine=machine_info(device),
     )
     for name in args.only or BENCHMARKS:
@@ -83,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> Report:
         print(f"[{name}] running", file=sys.stderr, flush=True)
         report.sections.append(BENCHMARKS[name](ctx))
         print(f"[{name}] {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
-    json_path, md_path = write(report, args.out)
+        json_path, md_path = write(report, args.out)
     print(report.to_markdown())
     print(f"wrote {json_path} and {md_path}", file=sys.stderr)
     return report

@@ -15,10 +15,10 @@ from raydeq.bench.training import loss_of, train_step
 
 BATCH = {
     "tiny": {},
-    "quick": {"mnist_dense": 128, "cifar10_small": 8, "cifar10_large": 2},
+    "quick": {"mnist_dense": 128, "cifar10_small": 4, "cifar10_large": 2},
     "full": {"mnist_dense": 256, "cifar10_small": 64, "cifar10_large": 32},
 }
-REPEATS = {"tiny": 1, "quick": 5, "full": 9}
+REPEATS = {"tiny": 1, "quick": 3, "full": 5}
 VARIANTS = {
     "deq": "continuous DEQ (VCAB3, GMRES)",
     "adjoint": "Neural ODE, continuous adjoint",

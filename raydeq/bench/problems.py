@@ -95,12 +95,14 @@ class SpectralProblem:
 
     def exact_fixed_point(self, iterations: int = 30) -> Tensor:
         """z* by Newton's method with dense per-sample solves in float64, to rounding error."""
-        w, x = self.weight.double(), self.x.double()
+        w, x = self.weight.detach().double(), self.x.detach().double()
         z = torch.zeros_like(x)
         eye = torch.eye(self.spec.dim, dtype=z.dtype, device=z.device)
         with torch.no_grad():
             for _ in range(iterations):
                 r = torch.tanh(z) @ w.T + x - z
+                if float(r.abs().max()) <= 1e-12:
+                    break
                 jacobian = w[None] * (1 - torch.tanh(z).pow(2))[:, None, :]
                 z = z - solve_each(jacobian - eye, r)
         return z.to(self.x.dtype)
@@ -113,18 +115,20 @@ class SpectralProblem:
         g = solve_each(a, cotangent.double())
         return g.T @ torch.tanh(z), g
 
-    def spectral_radius(self) -> float:
-        """Largest |eigenvalue| of J_f(z*) over the batch."""
-        jacobians = self.jacobian(self.exact_fixed_point()).double()
+    def spectral_radius(self, samples: int = 4) -> float:
+        """Largest |eigenvalue| of J_f(z*) over the first few samples of the batch."""
+        jacobians = self.jacobian(self.exact_fixed_point()[:samples]).double().cpu()
         return max(float(torch.linalg.eigvals(j).abs().max()) for j in jacobians)
 
 
 def solve_each(a: Tensor, b: Tensor) -> Tensor:
     """Solve a[i] x[i] = b[i] for a (B, N, N) and b (B, N), one sample at a time.
 
-    The batched LAPACK path of torch.linalg.solve returns wrong solutions for N >= 256 with
-    more than one thread on some MKL builds; the per-sample path does not.
+    On CPU the batched LAPACK path of torch.linalg.solve returns wrong solutions for N >= 256
+    with more than one thread on some MKL builds, so CPU solves go one sample at a time.
     """
+    if a.device.type != "cpu":
+        return torch.linalg.solve(a, b)
     return torch.stack([torch.linalg.solve(ai, bi) for ai, bi in zip(a, b, strict=True)])
 
 

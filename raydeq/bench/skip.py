@@ -20,7 +20,7 @@ VARIANTS = ("vanilla", "skip", "skip_reg")
 SIZES = {
     "tiny": dict(epochs=1, train=64, test=256, batch=32, repeats=1),
     "quick": dict(epochs=2, train=8000, test=2000, batch=64, repeats=7),
-    "full": dict(epochs=10, train=8000, test=2000, batch=64, repeats=15),
+    "full": dict(epochs=3, train=8000, test=2000, batch=64, repeats=15),
 }
 LEARNING_RATE = 1e-3
 
