@@ -106,11 +106,22 @@ def raydeq_implicit(
 
 
 def loosest(
-    tolerances: Sequence[float], evaluate: Callable[[float], Outcome], target: float
+    tolerances: Sequence[float],
+    evaluate: Callable[[float], Outcome],
+    target: float,
+    patience: int = 3,
 ) -> tuple[float | None, Outcome | None]:
-    """The first tolerance (loosest first) whose outcome has error <= target, with that outcome."""
+    """The first tolerance (loosest first) whose outcome has error <= target, with that outcome.
+
+    Gives up once `patience` tighter tolerances in a row have not lowered the error (a solver
+    that stalls, e.g. at its iteration budget).
+    """
+    best, stalled = float("inf"), 0
     for tol in tolerances:
         outcome = evaluate(tol)
         if outcome.error <= target:
             return tol, outcome
+        best, stalled = (outcome.error, 0) if outcome.error < best else (best, stalled + 1)
+        if stalled >= patience:
+            break
     return None, None

@@ -12,7 +12,7 @@ from raydeq.bench.problems import SpectralProblem, Spectrum
 
 TARGET_ERROR = 1e-4
 FORWARD_TOL = 1e-9
-TOLERANCES = (1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5, 3e-6, 1e-6, 1e-7, 1e-8)
+TOLERANCES = (1e-2, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5, 3e-6, 1e-6, 3e-7, 1e-7, 1e-8)
 
 
 @dataclass

@@ -32,7 +32,7 @@ SIZES = {
         forward=Spectrum(dim=512, batch=64), backward=Spectrum(dim=256, batch=32), repeats=7
     ),
     "full": dict(
-        forward=Spectrum(dim=1024, batch=256), backward=Spectrum(dim=1024, batch=128), repeats=15
+        forward=Spectrum(dim=1024, batch=256), backward=Spectrum(dim=1024, batch=64), repeats=15
     ),
 }
 TOL = 1e-5
