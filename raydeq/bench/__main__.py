@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from raydeq.bench.context import SIZES, Context
+from raydeq.bench.context import DEFAULT_DATA, SIZES, Context
 from raydeq.bench.registry import BENCHMARKS
 from raydeq.bench.report import Report, machine_info, write
 
@@ -49,8 +49,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--data",
         type=Path,
-        default=Path("../shared/data/mnist10k"),
-        help="folder holding MNIST/raw (default: ../shared/data/mnist10k)",
+        default=DEFAULT_DATA,
+        help=f"folder holding MNIST/raw (default: {DEFAULT_DATA})",
     )
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument(

@@ -11,7 +11,7 @@ import torch
 
 T = TypeVar("T")
 SIZES = ("tiny", "quick", "full")
-DEFAULT_DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "mnist10k"
+DEFAULT_DATA = Path("../shared/data/mnist10k")
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from raydeq.bench.timing import measure, ratio
 
 SIZES = {
     "tiny": dict(spectrum=Spectrum(dim=32, batch=4, slow_eig=0.8), repeats=1, calls=5),
-    "quick": dict(spectrum=Spectrum(dim=512, batch=64), repeats=9, calls=20),
+    "quick": dict(spectrum=Spectrum(dim=512, batch=64), repeats=25, calls=20),
     "full": dict(spectrum=Spectrum(dim=1024, batch=256), repeats=15, calls=20),
 }
 SOLVERS = ("fixed_point", "anderson", "broyden", "vcab3")
