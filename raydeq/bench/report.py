@@ -91,7 +91,7 @@ class Report:
         for section in self.sections:
             for t in section.targets:
                 bound = (">= " if t.at_least else "<= ") + fmt(t.limit)
-                measured = fmt(t.measured)
+                measured = fmt(t.measured, digits=4)
                 lines.append(
                     f"| {section.name} | {t.name} | {measured} | {bound} | {t.verdict()} "
                     f"| {t.detail} |"
@@ -104,8 +104,8 @@ class Report:
         return "\n".join(lines) + "\n"
 
 
-def fmt(value: Value) -> str:
-    """A cell: floats to 3 significant digits (scientific when tiny or huge), None as blank."""
+def fmt(value: Value, digits: int = 3) -> str:
+    """A cell: floats to `digits` significant digits (scientific when tiny or huge), None blank."""
     if value is None:
         return ""
     if isinstance(value, bool) or not isinstance(value, float):
@@ -113,8 +113,8 @@ def fmt(value: Value) -> str:
     if math.isnan(value) or math.isinf(value):
         return str(value)
     if value != 0 and not 1e-2 <= abs(value) < 1e5:
-        return f"{value:.2e}"
-    return f"{value:.3g}"
+        return f"{value:.{digits - 1}e}"
+    return f"{value:.{digits}g}"
 
 
 def table(columns: list[str], rows: list[dict[str, Value]]) -> list[str]:
