@@ -190,11 +190,16 @@ def _checkpoint_steps(experiment: Path) -> dict[Path, int]:
     return {m.parent: json.loads(m.read_text())["step"] for m in manifests}
 
 
-def _wait_until_no_train_run_is_alive(dashboard: str) -> None:
-    """Wait until Ray has ended the Train controllers of a killed driver's trials."""
+def _train_controllers(dashboard: str) -> set[str]:
+    """The ids of the Ray Train controllers alive on the cluster."""
     alive = [("class_name", "=", "TrainController"), ("state", "=", "ALIVE")]
+    return {actor.actor_id for actor in list_actors(address=dashboard, filters=alive)}
+
+
+def _wait_for_the_end_of(controllers: set[str], dashboard: str) -> None:
+    """Wait until Ray has ended these Train controllers (those of a killed driver's trials)."""
     deadline = time.monotonic() + 60
-    while list_actors(address=dashboard, filters=alive):
+    while controllers & _train_controllers(dashboard):
         assert time.monotonic() < deadline, "the killed driver's Train runs live on"
         time.sleep(0.5)
 
@@ -223,6 +228,7 @@ def test_a_killed_driver_resumes_every_trial_without_training_a_step_twice(ray_c
     (tmp_path / "e2e.yaml").write_text(yaml.safe_dump(spec))
     argv = [str(tmp_path / "e2e.yaml"), "--storage", str(tmp_path / "runs")]
     experiment = tmp_path / "runs" / "e2e"
+    earlier = _train_controllers(ray_cluster)
     driver = _tune(argv)
     deadline = time.monotonic() + 150
     while not (
@@ -234,7 +240,7 @@ def test_a_killed_driver_resumes_every_trial_without_training_a_step_twice(ray_c
         time.sleep(0.2)
     driver.send_signal(signal.SIGKILL)
     driver.wait()
-    _wait_until_no_train_run_is_alive(ray_cluster)
+    _wait_for_the_end_of(_train_controllers(ray_cluster) - earlier, ray_cluster)
     before = _registered_steps(experiment)
     assert 80 <= max(before.values()) < 160
     written = set(_checkpoint_steps(experiment))
