@@ -27,7 +27,8 @@ class Termination:
     """Sample b has converged once ||f(z_b) - z_b|| <= abstol + reltol * ||z_b|| (RMS norms).
 
     A sample whose residual is not finite stops with Status.NONFINITE, and one whose residual
-    exceeds `divergence` times the smallest residual it has had stops with Status.DIVERGED.
+    exceeds `divergence` times its first residual stops with Status.DIVERGED (relative to the
+    first, not the best, so that a quasi-Newton transient near convergence is not mistaken).
     """
 
     abstol: float = 1e-3
@@ -53,11 +54,14 @@ class Monitor:
         self.termination = termination
         self.best_z = z0
         self.best_residual = torch.full((batch,), float("inf"), dtype=z0.dtype, device=z0.device)
+        self.divergence_bound: torch.Tensor | None = None
         self.status = torch.full((batch,), int(Status.MAX_STEPS), device=z0.device)
         self.active = torch.ones(batch, dtype=torch.bool, device=z0.device)
 
     def update(self, z: torch.Tensor, residual: torch.Tensor, mask: torch.Tensor) -> None:
         """Record iterate z with residual vector f(z) - z for the samples selected by mask.
+
+        The first call (every solver makes it for all samples at z0) fixes the divergence bound.
 
         Comparisons with NaN are false, so a non-finite residual is never "better", never
         "converged" and never "diverged"; it only sets Status.NONFINITE.
@@ -67,7 +71,9 @@ class Monitor:
         mask = mask & self.active
         better = mask & (r < self.best_residual)
         self.best_z = torch.where(better[:, None], z, self.best_z)
-        diverged = mask & (r > t.divergence * self.best_residual)
+        if self.divergence_bound is None:
+            self.divergence_bound = t.divergence * r
+        diverged = mask & (r > self.divergence_bound)
         self.best_residual = torch.where(better, r, self.best_residual)
         converged = mask & (r <= t.abstol + t.reltol * rms(z))
         nonfinite = mask & ~torch.isfinite(r)
