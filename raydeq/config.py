@@ -25,10 +25,10 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-MODELS = ("mnist_dense", "mnist_mdeq", "cifar10_small", "cifar10_large", "imagenet_small")
-VARIANTS = ("vanilla", "skip", "skip_reg", "neural_ode")
-SOLVERS = ("vcab3", "tsit5", "bs3", "broyden", "anderson", "fixed_point")
-ADJOINTS = ("gmres", "fixed_point", "jfb", "unrolled")
+from raydeq.models import PRESETS, VARIANTS
+from raydeq.solvers import ADJOINTS, SOLVERS
+
+MODELS = tuple(PRESETS)
 DATASETS = ("digits", "mnist", "cifar10", "svhn", "imagenet", "fake")
 FILE_DATASETS = ("mnist", "cifar10", "svhn", "imagenet")
 DOWNLOADABLE = ("mnist", "cifar10", "svhn")
