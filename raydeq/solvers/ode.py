@@ -109,6 +109,23 @@ class Controller:
         with torch.no_grad():
             return initial_step(field, y, k, order, term), 1
 
+    def judge(
+        self,
+        monitor: Monitor,
+        active: torch.Tensor,
+        error: torch.Tensor,
+        y_new: torch.Tensor,
+        k_new: torch.Tensor,
+        previous: torch.Tensor,
+        error_order: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Accept or reject each active sample's step, record accepted points (and non-finite
+        ones) with the monitor; returns (accept, step-size factor, error kept for the PI term)."""
+        accept = active & self.accepts(error)
+        monitor.update(y_new, k_new, accept | (active & ~torch.isfinite(error)))
+        factor = self.factor(error, previous, accept, error_order)
+        return accept, factor, torch.where(accept, error.clamp_min(1e-4), previous)
+
     def accepts(self, error: torch.Tensor) -> torch.Tensor:
         """Which samples' steps are accepted, given their scaled error norms."""
         return error <= 1.0 if self.kind != "fixed" else torch.ones_like(error, dtype=torch.bool)
@@ -172,6 +189,22 @@ def rk_step(
     return y_stage, ks[-1], error
 
 
+def start(
+    field: Field, y: torch.Tensor, monitor: Monitor, controller: Controller, order: int
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Evaluate the flow at z0 (its residual is recorded) and pick the first step size
+    (none, when every sample has converged already).
+
+    Returns (f(z0) - z0, h, evaluations of f spent).
+    """
+    k = field(y)
+    monitor.update(y, k, monitor.active)
+    if not monitor.running():
+        return k, torch.zeros_like(y[:, 0]), 1
+    h, spent = controller.first_step(field, y, k, order, monitor.termination)
+    return k, h, 1 + spent
+
+
 class RungeKutta:
     """Adaptive FSAL Runge-Kutta steady-state solve: tsit5 (5th order) or bs3 (3rd order)."""
 
@@ -186,28 +219,21 @@ class RungeKutta:
         field = vector_field(f)
         t = self.tableau
         term = monitor.termination
-        k = field(y)
-        monitor.update(y, k, monitor.active)
-        nfe, steps = 1, 0
-        if not monitor.running():
-            return nfe, steps
-        h, spent = self.controller.first_step(field, y, k, t.order, term)
-        nfe += spent
+        k, h, nfe = start(field, y, monitor, self.controller, t.order)
         previous = torch.ones_like(h)
-        while steps < max_steps:
+        steps = 0
+        while steps < max_steps and monitor.running():
             active = monitor.active
             y_new, k_new, error = rk_step(field, t, y, k, torch.where(active, h, 0.0))
             nfe += len(t.a)
             steps += 1
             err = error_norm(error, y, y_new, term)
-            accept = active & self.controller.accepts(err)
-            monitor.update(y_new, k_new, accept | (active & ~torch.isfinite(err)))
+            accept, factor, previous = self.controller.judge(
+                monitor, active, err, y_new, k_new, previous, t.error_order
+            )
             y = torch.where(accept[:, None], y_new, y)
             k = torch.where(accept[:, None], k_new, k)
-            h = h * self.controller.factor(err, previous, accept, t.error_order)
-            previous = torch.where(accept, err.clamp_min(1e-4), previous)
-            if not monitor.running():
-                break
+            h = h * factor
         return nfe, steps
 
 
@@ -238,31 +264,24 @@ class VCAB3:
         """Integrate until every sample is steady or max_steps; returns (nfe, steps)."""
         field = vector_field(f)
         term = monitor.termination
-        k = field(y)
-        monitor.update(y, k, monitor.active)
-        nfe, steps = 1, 0
-        if not monitor.running():
-            return nfe, steps
-        h, spent = self.controller.first_step(field, y, k, BS3.order, term)
-        nfe += spent
+        k, h, nfe = start(field, y, monitor, self.controller, BS3.order)
         previous = torch.ones_like(h)
         history = k[:, None].expand(-1, 3, -1)
         gaps = torch.ones_like(h)[:, None].expand(-1, 2)
         accepted = torch.zeros_like(h, dtype=torch.long)
+        steps = 0
         while steps < max_steps and bool((monitor.active & (accepted < 2)).any()):
             active = monitor.active & (accepted < 2)
             y_new, k_new, error = rk_step(field, BS3, y, k, torch.where(active, h, 0.0))
             nfe += len(BS3.a)
             steps += 1
             err = error_norm(error, y, y_new, term)
-            accept = active & self.controller.accepts(err)
-            monitor.update(y_new, k_new, accept | (active & ~torch.isfinite(err)))
+            accept, factor, previous = self.controller.judge(
+                monitor, active, err, y_new, k_new, previous, BS3.error_order
+            )
             y, k, history, gaps = self._advance(accept, y_new, k_new, y, history, gaps, h)
             accepted = accepted + accept.long()
-            factor = self.controller.factor(err, previous, accept, BS3.error_order)
             h = torch.where(active, h * factor, h)
-            previous = torch.where(accept, err.clamp_min(1e-4), previous)
-        error_order = 3
         while steps < max_steps and monitor.running():
             active = monitor.active
             step = torch.where(active, h, 0.0)[:, None, None]
@@ -279,11 +298,11 @@ class VCAB3:
             shifted = torch.cat([-ab[:, :, :1], am[:, :, :2] - ab[:, :, 1:]], dim=2)
             difference = torch.baddbmm(am[:, :, 2:] * k_new[:, None], shifted, history)[:, 0]
             err = error_norm(0.9 * difference, y, y_new, term)
-            accept = active & self.controller.accepts(err)
-            monitor.update(y_new, k_new, accept | (active & ~torch.isfinite(err)))
+            accept, factor, previous = self.controller.judge(
+                monitor, active, err, y_new, k_new, previous, 3
+            )
             y, k, history, gaps = self._advance(accept, y_new, k_new, y, history, gaps, h)
-            h = h * self.controller.factor(err, previous, accept, error_order)
-            previous = torch.where(accept, err.clamp_min(1e-4), previous)
+            h = h * factor
         return nfe, steps
 
     @staticmethod
