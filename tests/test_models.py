@@ -253,3 +253,13 @@ def test_cuda_forward_backward_and_timing():
         f"\ncifar10_large skip_reg fwd+bwd, batch 128 on {torch.cuda.get_device_name()}: "
         f"{min(times):.3f} s (nfe {out.stats.nfe}, backward nvjp {out.stats.backward_nvjp})"
     )
+
+
+@pytest.mark.parametrize("adjoint", ["jfb", "unrolled", "fixed_point"])
+def test_every_adjoint_builds_and_trains_with_the_preset_defaults(adjoint):
+    """The presets' GMRES limits are only given to the implicit adjoints."""
+    model = build({"model": "mnist_dense", "adjoint": adjoint})
+    logits, out = model(torch.randn(2, 1, 28, 28))
+    torch.nn.functional.cross_entropy(logits, torch.zeros(2, dtype=torch.long)).backward()
+    assert out.stats.backward_nvjp >= 1
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

@@ -65,7 +65,10 @@ def build(cfg: Mapping[str, Any]) -> EquilibriumClassifier:
             **tolerances,
             "max_steps": preset.max_steps,
             "pretrain_steps": preset.pretrain_steps,
-            "adjoint_options": preset.adjoint_options,
+            # The preset's linear-solver limits apply to the implicit adjoints only.
+            "adjoint_options": preset.adjoint_options
+            if options.get("adjoint", "gmres") in ("gmres", "fixed_point")
+            else {},
         }
         layer = DEQ(
             parts.cell,

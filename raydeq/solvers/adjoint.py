@@ -48,6 +48,7 @@ class ImplicitAdjoint:
             return torch.autograd.grad(fz, z_star, u, retain_graph=True)[0]
 
         def solve_adjoint(v: torch.Tensor) -> torch.Tensor:
+            v = v.to(fz.dtype)
             g, info = self.linear_solver(lambda u: u - vjp(u), v, v if self.warm_start else None)
             stats.backward_nvjp += info.matvecs + 1
             stats.backward_converged = info.converged
