@@ -84,6 +84,7 @@ class DataSection:
     dataset: str = _opt("digits", choices=DATASETS)
     data_dir: str | None = _opt(None)
     download: bool = _opt(False)
+    augment: bool = _opt(True)  # the dataset's standard training augmentation (see data.py)
     batch_size: int = _opt(32, ge=1)  # global: split evenly over the workers
     eval_batch_size: int = _opt(256, ge=1)  # per worker
     loader_workers: int = _opt(0, ge=0)

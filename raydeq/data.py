@@ -117,16 +117,22 @@ def _digits(cfg: DataSection) -> Splits:
 
 
 def _mnist(cfg: DataSection) -> Splits:
-    """MNIST from `data_dir/MNIST/raw` in the IDX layout torchvision reads."""
-    make = partial(
-        datasets.MNIST, cfg.data_dir, download=cfg.download, transform=_normalized(MNIST_STATS)
+    """MNIST from `data_dir/MNIST/raw` in the IDX layout torchvision reads.
+
+    Augmentation: random rotations (up to 10 degrees) and shifts (up to 10%), which a dense
+    model needs to generalise from a few thousand digits.
+    """
+    augment = (T.RandomAffine(degrees=10, translate=(0.1, 0.1)),) if cfg.augment else ()
+    make = partial(datasets.MNIST, cfg.data_dir, download=cfg.download)
+    train = make(train=True, transform=_normalized(MNIST_STATS, *augment))
+    return Splits(
+        train, make(train=False, transform=_normalized(MNIST_STATS)), image_shape(cfg), 10
     )
-    return Splits(make(train=True), make(train=False), image_shape(cfg), 10)
 
 
 def _cifar10(cfg: DataSection) -> Splits:
-    """CIFAR-10 with random crops (padding 4) and horizontal flips for training."""
-    augment = (T.RandomCrop(32, padding=4), T.RandomHorizontalFlip())
+    """CIFAR-10; augmentation: random crops (padding 4) and horizontal flips."""
+    augment = (T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()) if cfg.augment else ()
     train = datasets.CIFAR10(
         cfg.data_dir,
         train=True,
@@ -148,12 +154,13 @@ def _svhn(cfg: DataSection) -> Splits:
 
 
 def _imagenet(cfg: DataSection) -> Splits:
-    """ImageNet `train/` and `val/` folders: RandomResizedCrop + flip; resize + center crop."""
+    """ImageNet `train/` and `val/` folders: resize + center crop; augmentation: RandomResizedCrop
+    + flip for training."""
     size = cfg.image_size
     root = Path(cfg.data_dir or ".")
-    augment = (T.RandomResizedCrop(size), T.RandomHorizontalFlip())
-    train = datasets.ImageFolder(root / "train", transform=_normalized(IMAGENET_STATS, *augment))
     val_steps = (T.Resize(round(size * 256 / 224)), T.CenterCrop(size))
+    augment = (T.RandomResizedCrop(size), T.RandomHorizontalFlip()) if cfg.augment else val_steps
+    train = datasets.ImageFolder(root / "train", transform=_normalized(IMAGENET_STATS, *augment))
     val = datasets.ImageFolder(root / "val", transform=_normalized(IMAGENET_STATS, *val_steps))
     return Splits(train, val, image_shape(cfg), len(train.classes))
 

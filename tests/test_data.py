@@ -50,6 +50,18 @@ def test_mnist_reads_the_shared_idx_files():
     assert 0 <= label < 10
 
 
+def test_augmentation_moves_training_digits_only_and_can_be_switched_off():
+    plain = data.load_splits(section(dataset="mnist", data_dir=str(MNIST10K), augment=False))
+    augmented = data.load_splits(section(dataset="mnist", data_dir=str(MNIST10K)))
+    torch.manual_seed(0)
+    draws = torch.stack([augmented.train[0][0] for _ in range(4)])
+    assert not torch.equal(draws[0], draws[1])
+    assert torch.equal(plain.train[0][0], plain.train[0][0])
+    assert (draws - plain.train[0][0]).abs().amax(dim=(1, 2, 3)).min() > 0.5
+    assert draws.sum(dim=(1, 2, 3)).std() / plain.train[0][0].sum().abs() < 0.2  # same digit
+    assert torch.equal(augmented.test[0][0], plain.test[0][0])
+
+
 def test_fake_data_has_the_configured_shape_and_classes():
     splits = data.load_splits(
         section(dataset="fake", fake_shape=[3, 12, 10], fake_classes=4, fake_samples=40)
