@@ -80,3 +80,22 @@ def test_adaptive_solve_reaches_the_closed_form_steady_state():
         with torch.no_grad():
             sol = raydeq.solve(f, z0, solver=solver, abstol=1e-9, reltol=0.0, max_steps=5000)
         torch.testing.assert_close(sol.z, exact(200.0), rtol=0, atol=1e-7)
+
+
+def test_adams_weights_integrate_quadratics_and_milne_estimates_the_predictor_error():
+    """On uneven nodes the weights integrate quadratic derivatives exactly; on even steps
+    9/10 (y_AM - y_AB) is the AB3 predictor's true error for a cubic derivative."""
+    from raydeq.solvers.ode import adams_weights
+
+    h = torch.tensor([0.4, 1.3, 0.5], dtype=torch.float64)[:, None, None]
+    past = torch.tensor([[-1.0, -0.7, 0.0], [-1.1, -0.9, 0.0], [-1.0, -0.5, 0.0]])
+    nodes = torch.stack([past.double(), torch.cat([past[:, 1:], h[:, 0]], dim=1)], dim=1)
+    w = adams_weights(nodes, h)  # (3, 2, 3): AB3 on past, AM3 on (t_n-1, t_n, t_n + h)
+    for degree in (0, 1, 2):
+        values = nodes**degree
+        integral = h[:, 0, 0] ** (degree + 1) / (degree + 1)
+        for rule in (0, 1):
+            torch.testing.assert_close((w[:, rule] * values[:, rule]).sum(1), integral)
+    even, step = nodes[2], float(h[2])
+    ab, am = (w[2, rule] @ even[rule] ** 3 for rule in (0, 1))
+    torch.testing.assert_close(0.9 * (am - ab), step**4 / 4 - ab, rtol=1e-12, atol=0)
