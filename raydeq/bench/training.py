@@ -23,3 +23,18 @@ def train_step(
     loss.backward()
     optimizer.step()
     return out
+
+
+def fit(
+    model: nn.Module, images: Tensor, labels: Tensor, steps: int, batch: int, seed: int
+) -> None:
+    """Train `model` for `steps` Adam steps (learning rate 1e-3) on shuffled batches."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(seed)
+    model.train()
+    order = torch.empty(0, dtype=torch.long)
+    for _ in range(steps):
+        if len(order) < batch:
+            order = torch.randperm(len(labels), generator=g)
+        index, order = order[:batch].to(images.device), order[batch:]
+        train_step(model, optimizer, images[index], labels[index])

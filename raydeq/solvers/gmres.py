@@ -71,12 +71,20 @@ class GMRES:
             active = beta > tol
             if not bool(active.any()):
                 break
-            correction, cycle, steps = self._cycle(A, r, beta, tol, active, self.max_iters - total)
+            correction, cycle, steps, estimate = self._cycle(
+                A, r, beta, tol, active, self.max_iters - total
+            )
             x = x + correction
             iterations += cycle
             total += steps
-            matvecs += steps + 1
+            matvecs += steps
+            if bool((estimate <= tol).all()):
+                # The Arnoldi estimate is the residual norm of x (exact in exact arithmetic):
+                # trusting it when every sample has converged saves a product with A.
+                beta = estimate
+                break
             r = b - A(x)
+            matvecs += 1
             beta = r.norm(dim=1)
         return x, LinearSolveInfo(iterations, beta <= tol, beta, matvecs)
 
@@ -88,8 +96,9 @@ class GMRES:
         tol: torch.Tensor,
         active: torch.Tensor,
         budget: int,
-    ) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """One restart cycle from residual r: correction to x, per-sample steps, Arnoldi steps."""
+    ) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
+        """One restart cycle from residual r: correction to x, per-sample steps, Arnoldi steps
+        and the per-sample estimate of the new residual norm."""
         batch, n = r.shape
         m = min(self.restart, budget)
         tiny = torch.finfo(r.dtype).tiny
@@ -102,6 +111,7 @@ class GMRES:
         g = r.new_zeros(batch, m + 1)
         g[:, 0] = beta
         steps = torch.zeros(batch, dtype=torch.long, device=r.device)
+        estimate = beta
         j = 0
         while j < m:
             w = A(basis[:, j])
@@ -123,7 +133,9 @@ class GMRES:
             g[:, j + 1] = -s * g[:, j]
             g[:, j] = c * g[:, j]
             steps += active.long()
-            active = active & (g[:, j + 1].abs() > tol)
+            residual = g[:, j + 1].abs()
+            estimate = torch.where(active, residual, estimate)
+            active = active & (residual > tol)
             j += 1
             if not bool(active.any()):
                 break
@@ -133,4 +145,4 @@ class GMRES:
         upper = torch.where(used[:, None, :] & used[:, :, None], upper, eye)
         rhs = torch.where(used, g[:, :j], 0.0)
         y = torch.linalg.solve_triangular(upper, rhs[:, :, None], upper=True)[:, :, 0]
-        return combine(y, basis[:, :j]), steps, j
+        return combine(y, basis[:, :j]), steps, j, estimate

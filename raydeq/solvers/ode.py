@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from raydeq.solvers.batched import combine
 from raydeq.solvers.termination import Monitor, Termination, rms
 
 Field = Callable[[torch.Tensor], torch.Tensor]
@@ -129,7 +130,7 @@ class Controller:
         """Accept or reject each active sample's step, record accepted points (and non-finite
         ones) with the monitor; returns (accept, step-size factor, error kept for the PI term)."""
         accept = active & self.accepts(error)
-        monitor.update(y_new, k_new, accept | (active & ~torch.isfinite(error)))
+        monitor.update(y_new, k_new, accept | (active & error.isnan()))
         factor = self.factor(error, previous, accept, error_order)
         return accept, factor, torch.where(accept, error.clamp_min(1e-4), previous)
 
@@ -278,7 +279,8 @@ class VCAB3:
         accepted = torch.zeros_like(h, dtype=torch.long)
         steps = 0
         while steps < max_steps and bool((monitor.active & (accepted < 2)).any()):
-            active = monitor.active & (accepted < 2)
+            running = monitor.active
+            active = running & (accepted < 2)
             y_new, k_new, error = rk_step(field, BS3, y, k, torch.where(active, h, 0.0))
             nfe += len(BS3.a)
             steps += 1
@@ -286,35 +288,37 @@ class VCAB3:
             accept, factor, previous = self.controller.judge(
                 monitor, active, err, y_new, k_new, previous, BS3.error_order
             )
-            y, k, history, gaps = self._advance(accept, y_new, k_new, y, history, gaps, h)
+            y, k, history, gaps = self._advance(
+                accept | ~running, y_new, k_new, y, history, gaps, h
+            )
             accepted = accepted + accept.long()
             h = torch.where(active, h * factor, h)
+        zero = torch.zeros_like(h)[:, None]
         while steps < max_steps and monitor.running():
             active = monitor.active
-            step = torch.where(active, h, 0.0)[:, None, None]
-            g2, g1 = gaps[:, None, :1], gaps[:, None, 1:]
-            zero = torch.zeros_like(g1)
-            nodes = torch.cat([-(g1 + g2), -g1, zero, -g1, zero, step], dim=2).view(-1, 2, 3)
-            w = adams_weights(nodes, step)
-            ab, am = w[:, :1], w[:, 1:]
-            y_new = torch.baddbmm(y[:, None], ab, history)[:, 0]
+            step = h * active
+            back = -gaps.flip(1).cumsum(1).flip(1)  # times of F_n-2, F_n-1 relative to t_n
+            nodes = torch.cat([back, zero, back[:, 1:], zero, step[:, None]], dim=1)
+            w = adams_weights(nodes.view(-1, 2, 3), step[:, None, None])
+            ab, am = w.unbind(1)
+            y_new = combine(ab, history, base=y)
             k_new = field(y_new)
             nfe += 1
             steps += 1
             # Milne: 9/10 (y_AM - y_AB), with y_AM on (F_n-1, F_n, F_new) and y_AB on (F_n-2..F_n).
-            shifted = torch.cat([-ab[:, :, :1], am[:, :, :2] - ab[:, :, 1:]], dim=2)
-            difference = torch.baddbmm(am[:, :, 2:] * k_new[:, None], shifted, history)[:, 0]
-            err = error_norm(0.9 * difference, y, y_new, term)
+            shifted = torch.nn.functional.pad(am[:, :2], (1, 0)) - ab
+            difference = combine(shifted, history, base=am[:, 2:] * k_new)
+            err = 0.9 * error_norm(difference, y, y_new, term)
             accept, factor, previous = self.controller.judge(
                 monitor, active, err, y_new, k_new, previous, 3
             )
-            y, k, history, gaps = self._advance(accept, y_new, k_new, y, history, gaps, h)
+            y, k, history, gaps = self._advance(accept | ~active, y_new, k_new, y, history, gaps, h)
             h = h * factor
         return nfe, steps
 
     @staticmethod
     def _advance(
-        accept: torch.Tensor,
+        move: torch.Tensor,
         y_new: torch.Tensor,
         k_new: torch.Tensor,
         y: torch.Tensor,
@@ -322,14 +326,17 @@ class VCAB3:
         gaps: torch.Tensor,
         h: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Move the accepted samples to their new point and shift their derivative history.
+        """Move the samples in `move` to their new point and shift their derivative history.
 
         history (B, 3, N) holds f - z at the last three accepted points, oldest first; gaps
-        (B, 2) the two step sizes between them.
+        (B, 2) the two step sizes between them. `move` holds the accepted samples and those
+        that had stopped before the step (their state is no longer read), so that the usual
+        step, where no running sample is rejected, needs no masking.
         """
-        acc = accept[:, None]
-        history = torch.where(
-            acc[:, :, None], torch.cat([history[:, 1:], k_new[:, None]], dim=1), history
-        )
-        gaps = torch.where(acc, torch.cat([gaps[:, 1:], h[:, None]], dim=1), gaps)
-        return torch.where(acc, y_new, y), history[:, 2], history, gaps
+        shifted = torch.cat([history[:, 1:], k_new[:, None]], dim=1)
+        moved = torch.cat([gaps[:, 1:], h[:, None]], dim=1)
+        if bool(move.all()):
+            return y_new, k_new, shifted, moved
+        acc = move[:, None]
+        history = torch.where(acc[:, :, None], shifted, history)
+        return torch.where(acc, y_new, y), history[:, 2], history, torch.where(acc, moved, gaps)

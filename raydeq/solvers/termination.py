@@ -68,18 +68,16 @@ class Monitor:
         """
         t = self.termination
         r = rms(residual)
+        if self.divergence_bound is None:
+            self.divergence_bound = t.divergence * r
         mask = mask & self.active
         better = mask & (r < self.best_residual)
         self.best_z = torch.where(better[:, None], z, self.best_z)
-        if self.divergence_bound is None:
-            self.divergence_bound = t.divergence * r
-        diverged = mask & (r > self.divergence_bound)
         self.best_residual = torch.where(better, r, self.best_residual)
-        converged = mask & (r <= t.abstol + t.reltol * rms(z))
-        nonfinite = mask & ~torch.isfinite(r)
-        stop = converged | nonfinite | diverged
-        code = torch.where(converged, int(Status.CONVERGED), int(Status.DIVERGED))
-        code = torch.where(nonfinite, int(Status.NONFINITE), code)
+        converged = r <= (t.abstol + t.reltol * rms(z) if t.reltol else t.abstol)
+        # r <= bound is false for a diverged and for a non-finite residual; isfinite tells which.
+        stop = mask & (converged | ~(r <= self.divergence_bound))
+        code = torch.where(converged, int(Status.CONVERGED), int(Status.NONFINITE) + r.isfinite())
         self.status = torch.where(stop, code, self.status)
         self.active = self.active & ~stop
 
