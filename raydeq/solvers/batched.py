@@ -15,14 +15,14 @@ import torch
 SMALL_PRODUCT = 400  # multiply-adds per sample below which torch's CPU bmm is unblocked
 
 
-def _small(rows: torch.Tensor) -> bool:
-    """Whether a product with these rows (B, k, N) would hit the slow small-bmm loop."""
-    return rows.device.type == "cpu" and rows.shape[1] * rows.shape[2] < SMALL_PRODUCT
+def _small(rows_out: int, rows: torch.Tensor) -> bool:
+    """Whether a product giving rows_out rows from rows (B, k, N) hits the slow small-bmm loop."""
+    return rows.device.type == "cpu" and rows_out * rows.shape[1] * rows.shape[2] < SMALL_PRODUCT
 
 
 def dots(rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Inner products of each sample's rows (B, k, N) with its vector x (B, N): (B, k)."""
-    if _small(rows):
+    if _small(1, rows):
         return (rows * x[:, None, :]).sum(2)
     return torch.bmm(x[:, None, :], rows.transpose(1, 2))[:, 0]
 
@@ -35,17 +35,21 @@ def combine(
     beta: float = 1.0,
 ) -> torch.Tensor:
     """alpha * each sample's combination of its rows (B, k, N) with coefficients (B, k), plus
-    beta * base (B, N) when base is given, in one fused kernel: (B, N)."""
-    if _small(rows):
-        product = (coefficients[:, :, None] * rows).sum(1)
+    beta * base (B, N) when base is given, in one fused kernel: (B, N). Coefficients (B, m, k)
+    give m combinations at once, (B, m, N), with a base of that shape."""
+    matrix = coefficients.dim() == 3
+    c = coefficients if matrix else coefficients[:, None, :]
+    base = base if base is None or matrix else base[:, None]
+    if _small(c.shape[1], rows):
+        product = (c[..., None] * rows[:, None]).sum(2)
         product = product if alpha == 1 else alpha * product
-        return product if base is None else torch.add(product, base, alpha=beta)
-    if base is None:
-        product = torch.bmm(coefficients[:, None, :], rows)[:, 0]
-        return product if alpha == 1 else alpha * product
-    return torch.baddbmm(base[:, None], coefficients[:, None, :], rows, beta=beta, alpha=alpha)[
-        :, 0
-    ]
+        product = product if base is None else torch.add(product, base, alpha=beta)
+    elif base is None:
+        product = torch.bmm(c, rows)
+        product = product if alpha == 1 else alpha * product
+    else:
+        product = torch.baddbmm(base, c, rows, beta=beta, alpha=alpha)
+    return product if matrix else product[:, 0]
 
 
 def put(buffer: torch.Tensor, index: int, row: torch.Tensor) -> torch.Tensor:

@@ -114,7 +114,7 @@ class Broyden:
         g = f(z) - z
         nfe = 1
         monitor.update(z, g, monitor.active)
-        update = g
+        update = g  # -H g with H = -I
         while nfe < max_steps and monitor.running():
             active = monitor.active[:, None]
             z_new = torch.where(active, z + update, z)
@@ -129,11 +129,17 @@ class Broyden:
             denom = torch.linalg.vecdot(v, dg)[:, None]
             ok = active & (denom.abs() > 1e-30) & torch.isfinite(denom)
             u = torch.where(ok, (dz - h_dg) / torch.where(ok, denom, 1.0), 0.0)
+            v = torch.where(ok, v, 0.0)
+            # The next step -H' g_new with H' = H + u v^T (minus the evicted term), updated from
+            # the last step -H g instead of applying all rank-one terms again:
+            # -H' g_new = update - H dg - u (v . g_new) [+ u_old (v_old . g_new)].
+            update = update - h_dg - u * torch.linalg.vecdot(v, g_new)[:, None]
             slot = (nfe - 2) % self.memory
-            us, vs = put(us, slot, u), put(vs, slot, torch.where(ok, v, 0.0))
-            used = min(nfe - 1, self.memory)
+            if nfe - 2 >= self.memory:
+                u_old, v_old = us[:, slot], vs[:, slot]
+                update = update + u_old * torch.linalg.vecdot(v_old, g_new)[:, None]
+            us, vs = put(us, slot, u), put(vs, slot, v)
             z, g = z_new, g_new
-            update = self._apply(us[:, :used], vs[:, :used], g, sign=-1.0)
         return nfe, nfe
 
     @staticmethod

@@ -26,11 +26,12 @@ class LinearSolveInfo:
     matvecs: int
 
 
-def _givens(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Rotation (c, s) with c a + s b = r, -s a + c b = 0."""
-    r = torch.sqrt(a * a + b * b)
+def _givens(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotation G = [[c, s], [-s, c]] (B, 2, 2) with G (a, b) = (r, 0), and r."""
+    r = torch.hypot(a, b)
     safe = r.clamp_min(torch.finfo(r.dtype).tiny)
-    return torch.where(r > 0, a / safe, 1.0), torch.where(r > 0, b / safe, 0.0), r
+    c, s = torch.where(r > 0, a / safe, 1.0), b / safe
+    return torch.stack([c, s, -s, c], dim=1).view(-1, 2, 2), r
 
 
 @dataclass(frozen=True)
@@ -124,14 +125,11 @@ class GMRES:
             h_next = w.norm(dim=1)
             basis[:, j + 1] = w / h_next.clamp_min(tiny)[:, None]
             h = dots(rotations[:, : j + 1, : j + 1], h)
-            c, s, rho = _givens(h[:, j], h_next)
-            row, below = rotations[:, j].clone(), rotations[:, j + 1].clone()
-            rotations[:, j] = c[:, None] * row + s[:, None] * below
-            rotations[:, j + 1] = c[:, None] * below - s[:, None] * row
+            rotation, rho = _givens(h[:, j], h_next)
+            rotations[:, j : j + 2] = combine(rotation, rotations[:, j : j + 2])
             hess[:, : j + 1, j] = h
             hess[:, j, j] = rho
-            g[:, j + 1] = -s * g[:, j]
-            g[:, j] = c * g[:, j]
+            g[:, j : j + 2] = rotation[:, :, 0] * g[:, j : j + 1]
             steps += active.long()
             residual = g[:, j + 1].abs()
             estimate = torch.where(active, residual, estimate)

@@ -160,7 +160,8 @@ def error_norm(
 
     Step-size decisions are not differentiated: an unrolled backward sees a fixed step sequence.
     """
-    error, y, y_new = error.detach(), y.detach(), y_new.detach()
+    if error.requires_grad or y_new.requires_grad:
+        error, y, y_new = error.detach(), y.detach(), y_new.detach()
     scale = term.abstol + term.reltol * torch.maximum(y.abs(), y_new.abs())
     return rms(error / scale)
 
@@ -296,18 +297,19 @@ class VCAB3:
         zero = torch.zeros_like(h)[:, None]
         while steps < max_steps and monitor.running():
             active = monitor.active
-            step = h * active
             back = -gaps.flip(1).cumsum(1).flip(1)  # times of F_n-2, F_n-1 relative to t_n
-            nodes = torch.cat([back, zero, back[:, 1:], zero, step[:, None]], dim=1)
-            w = adams_weights(nodes.view(-1, 2, 3), step[:, None, None])
-            ab, am = w.unbind(1)
-            y_new = combine(ab, history, base=y)
+            nodes = torch.cat([back, zero, back[:, 1:], zero, h[:, None]], dim=1)
+            w = adams_weights(nodes.view(-1, 2, 3), h[:, None, None])
+            ab, am = (w * active[:, None, None]).unbind(1)  # stopped samples stay where they are
+            # Milne: 9/10 (y_AM - y_AB), with y_AM on (F_n-1, F_n, F_new) and y_AB on (F_n-2..F_n);
+            # the history's part of it is combined with the predictor's, before F_new exists.
+            shifted = torch.nn.functional.pad(am[:, :2], (1, 0)) - ab
+            predicted, partial = combine(torch.stack([ab, shifted], dim=1), history).unbind(1)
+            y_new = y + predicted
             k_new = field(y_new)
             nfe += 1
             steps += 1
-            # Milne: 9/10 (y_AM - y_AB), with y_AM on (F_n-1, F_n, F_new) and y_AB on (F_n-2..F_n).
-            shifted = torch.nn.functional.pad(am[:, :2], (1, 0)) - ab
-            difference = combine(shifted, history, base=am[:, 2:] * k_new)
+            difference = torch.addcmul(partial, am[:, 2:], k_new)
             err = 0.9 * error_norm(difference, y, y_new, term)
             accept, factor, previous = self.controller.judge(
                 monitor, active, err, y_new, k_new, previous, 3

@@ -52,6 +52,8 @@ class Structure:
 
     def unflatten(self, z: torch.Tensor) -> State:
         """Split a (B, N) matrix back into tensors of the recorded shapes."""
+        if self.is_tensor:
+            return z.view(self.shapes[0])
         sizes = [s[1:].numel() for s in self.shapes]
         parts = [p.reshape(s) for p, s in zip(z.split(sizes, dim=1), self.shapes, strict=True)]
         return parts[0] if self.is_tensor else parts
