@@ -99,3 +99,18 @@ def test_adams_weights_integrate_quadratics_and_milne_estimates_the_predictor_er
     even, step = nodes[2], float(h[2])
     ab, am = (w[2, rule] @ even[rule] ** 3 for rule in (0, 1))
     torch.testing.assert_close(0.9 * (am - ab), step**4 / 4 - ab, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("solver", ["vcab3", "tsit5", "bs3"])
+def test_the_steady_state_is_reached_at_the_stability_limit(solver):
+    """A few slow modes and many fast ones: the steps end at the explicit method's stability
+    limit, where the step-size controller must not cycle above the tolerance."""
+    from raydeq.bench.problems import SpectralProblem, Spectrum
+
+    problem = SpectralProblem(Spectrum(dim=256, batch=32), torch.device("cpu"))
+    with torch.no_grad():
+        sol = raydeq.solve(
+            problem.f, torch.zeros(32, 256), solver=solver, abstol=1e-4, reltol=0.0, max_steps=2000
+        )
+    assert bool(sol.stats.converged.all()), (sol.stats.nfe, float(sol.stats.residual.max()))
+    assert sol.stats.nfe < 200
