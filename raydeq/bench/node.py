@@ -18,7 +18,7 @@ BATCH = {
     "quick": {"mnist_dense": 128, "cifar10_small": 4, "cifar10_large": 2},
     "full": {"mnist_dense": 256, "cifar10_small": 64, "cifar10_large": 32},
 }
-REPEATS = {"tiny": 1, "quick": 3, "full": 5}
+REPEATS = {"tiny": 1, "quick": 7, "full": 9}
 # Adam steps (batch 64) on MNIST before timing: the paper compares trained models.
 TRAIN_STEPS = {"tiny": 2, "quick": 250, "full": 1000}
 TRAIN_BATCH = 64
