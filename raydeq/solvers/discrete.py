@@ -128,8 +128,10 @@ class Broyden:
             v = self._apply_transposed(u_used, v_used, dz)
             denom = torch.linalg.vecdot(v, dg)[:, None]
             ok = active & (denom.abs() > 1e-30) & torch.isfinite(denom)
-            u = torch.where(ok, (dz - h_dg) / torch.where(ok, denom, 1.0), 0.0)
-            v = torch.where(ok, v, 0.0)
+            # Masked by multiplication: a non-finite u or v can only come from a sample whose
+            # own state is non-finite, and no step mixes samples.
+            u = (dz - h_dg) * torch.where(ok, denom.reciprocal(), 0.0)
+            v = v * ok
             # The next step -H' g_new with H' = H + u v^T (minus the evicted term), updated from
             # the last step -H g instead of applying all rank-one terms again:
             # -H' g_new = update - H dg - u (v . g_new) [+ u_old (v_old . g_new)].
