@@ -331,11 +331,13 @@ class VCAB3:
         history (B, 3, N) holds f - z at the last three accepted points, oldest first; gaps
         (B, 2) the two step sizes between them. `move` holds the accepted samples and those
         that had stopped before the step (their state is no longer read), so that the usual
-        step, where no running sample is rejected, needs no masking.
+        step, where no running sample is rejected, needs no masking. That check reads `move` on
+        the host, which is free on CPU; on an accelerator it would stall the queue, so there
+        the masking always runs.
         """
         shifted = torch.cat([history[:, 1:], k_new[:, None]], dim=1)
         moved = torch.cat([gaps[:, 1:], h[:, None]], dim=1)
-        if bool(move.all()):
+        if move.device.type == "cpu" and bool(move.all()):
             return y_new, k_new, shifted, moved
         acc = move[:, None]
         history = torch.where(acc[:, :, None], shifted, history)
