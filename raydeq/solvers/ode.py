@@ -125,8 +125,9 @@ class Controller:
         previous: torch.Tensor,
         error_order: int,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Accept or reject each active sample's step, record accepted points (and non-finite
-        ones) with the monitor; returns (accept, step-size factor, error kept for the PI term)."""
+        """Accept or reject each active sample's step, record accepted points (and those whose
+        error is NaN, which the monitor stops as non-finite; an infinite error is a rejected
+        step) with the monitor; returns (accept, step-size factor, error kept for the PI term)."""
         accept = active & self.accepts(error)
         monitor.update(y_new, k_new, accept | (active & error.isnan()))
         factor = self.factor(error, previous, accept, error_order)
