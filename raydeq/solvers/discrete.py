@@ -116,30 +116,31 @@ class Broyden:
         monitor.update(z, g, monitor.active)
         update = g  # -H g with H = -I
         while nfe < max_steps and monitor.running():
-            active = monitor.active[:, None]
-            z_new = torch.where(active, z + update, z)
+            # Samples that have stopped keep stepping: their state is never read again (the
+            # monitor holds their result) and no operation mixes samples, so nothing is masked
+            # but a degenerate update of a running sample.
+            z_new = z + update
             g_new = f(z_new) - z_new
             nfe += 1
             monitor.update(z_new, g_new, monitor.active)
-            dz, dg = z_new - z, g_new - g
+            dz, dg = update, g_new - g
             used = min(nfe - 2, self.memory)
             u_used, v_used = us[:, :used], vs[:, :used]
-            h_dg = self._apply(u_used, v_used, dg)
             v = self._apply_transposed(u_used, v_used, dz)
+            # n = dz - H dg, the numerator of Sherman-Morrison's u.
+            n = self._apply(u_used, v_used, dg, sign=-1.0) + dz
             denom = torch.linalg.vecdot(v, dg)[:, None]
-            ok = active & (denom.abs() > 1e-30) & torch.isfinite(denom)
-            # Masked by multiplication: a non-finite u or v can only come from a sample whose
-            # own state is non-finite, and no step mixes samples.
-            u = (dz - h_dg) * torch.where(ok, denom.reciprocal(), 0.0)
-            v = v * ok
-            # The next step -H' g_new with H' = H + u v^T (minus the evicted term), updated from
-            # the last step -H g instead of applying all rank-one terms again:
-            # -H' g_new = update - H dg - u (v . g_new) [+ u_old (v_old . g_new)].
-            update = update - h_dg - u * torch.linalg.vecdot(v, g_new)[:, None]
+            ok = (denom.abs() > 1e-30) & torch.isfinite(denom)
+            scale = torch.where(ok, denom.reciprocal(), 0.0)
+            u = n * scale
+            # The next step -H' g_new with H' = H + u v^T (minus the evicted term), from the
+            # last step -H g = dz instead of applying all rank-one terms again:
+            # -H' g_new = dz - H dg - u (v . g_new) = n (1 - scale (v . g_new)) [+ evicted].
+            update = n * (1 - scale * torch.linalg.vecdot(v, g_new)[:, None])
             slot = (nfe - 2) % self.memory
             if nfe - 2 >= self.memory:
                 u_old, v_old = us[:, slot], vs[:, slot]
-                update = update + u_old * torch.linalg.vecdot(v_old, g_new)[:, None]
+                update = torch.addcmul(update, u_old, torch.linalg.vecdot(v_old, g_new)[:, None])
             us, vs = put(us, slot, u), put(vs, slot, v)
             z, g = z_new, g_new
         return nfe, nfe
