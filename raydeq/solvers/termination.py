@@ -47,15 +47,22 @@ class Termination:
 
 
 class Monitor:
-    """Tracks, per sample, the best iterate, its residual, whether it still runs and why not."""
+    """Tracks, per sample, the best iterate, its residual, whether it still runs and why not.
+
+    Norms are kept as plain 2-norms (the tolerances scaled by sqrt(features) once) and the
+    status is decided when read, so that recording an iterate costs few operations.
+    """
 
     def __init__(self, z0: torch.Tensor, termination: Termination) -> None:
-        batch = z0.shape[0]
+        batch, features = z0.shape
         self.termination = termination
+        self.scale = features**-0.5  # 2-norm -> RMS
+        self.abstol = termination.abstol / self.scale
         self.best_z = z0
-        self.best_residual = torch.full((batch,), float("inf"), dtype=z0.dtype, device=z0.device)
+        self.best_norm = torch.full((batch,), float("inf"), dtype=z0.dtype, device=z0.device)
         self.divergence_bound: torch.Tensor | None = None
-        self.status = torch.full((batch,), int(Status.MAX_STEPS), device=z0.device)
+        self.converged = torch.zeros(batch, dtype=torch.bool, device=z0.device)
+        self.stop_norm = torch.zeros_like(self.best_norm)
         self.active = torch.ones(batch, dtype=torch.bool, device=z0.device)
 
     def update(self, z: torch.Tensor, residual: torch.Tensor, mask: torch.Tensor) -> None:
@@ -64,22 +71,37 @@ class Monitor:
         The first call (every solver makes it for all samples at z0) fixes the divergence bound.
 
         Comparisons with NaN are false, so a non-finite residual is never "better", never
-        "converged" and never "diverged"; it only sets Status.NONFINITE.
+        "converged" and never "diverged"; it only stops the sample (Status.NONFINITE).
         """
         t = self.termination
-        r = rms(residual)
+        r = torch.linalg.vector_norm(residual, dim=1)
         if self.divergence_bound is None:
             self.divergence_bound = t.divergence * r
         mask = mask & self.active
-        better = mask & (r < self.best_residual)
+        better = mask & (r < self.best_norm)
         self.best_z = torch.where(better[:, None], z, self.best_z)
-        self.best_residual = torch.where(better, r, self.best_residual)
-        converged = r <= (t.abstol + t.reltol * rms(z) if t.reltol else t.abstol)
+        self.best_norm = torch.where(better, r, self.best_norm)
+        tol = (
+            self.abstol + t.reltol * torch.linalg.vector_norm(z, dim=1) if t.reltol else self.abstol
+        )
+        converged = mask & (r <= tol)
         # r <= bound is false for a diverged and for a non-finite residual; isfinite tells which.
-        stop = mask & (converged | ~(r <= self.divergence_bound))
-        code = torch.where(converged, int(Status.CONVERGED), int(Status.NONFINITE) + r.isfinite())
-        self.status = torch.where(stop, code, self.status)
+        stop = converged | (mask & ~(r <= self.divergence_bound))
+        self.converged = self.converged | converged
+        self.stop_norm = torch.where(stop, r, self.stop_norm)
         self.active = self.active & ~stop
+
+    @property
+    def best_residual(self) -> torch.Tensor:
+        """RMS residual of each sample's best iterate."""
+        return self.best_norm * self.scale
+
+    @property
+    def status(self) -> torch.Tensor:
+        """Why each sample's solve ended (Status codes); MAX_STEPS for those still running."""
+        stopped = int(Status.NONFINITE) + self.stop_norm.isfinite().long()
+        code = torch.where(self.active, int(Status.MAX_STEPS), stopped)
+        return torch.where(self.converged, int(Status.CONVERGED), code)
 
     def running(self) -> bool:
         """Whether any sample still runs: the one host synchronisation a solver step makes."""
