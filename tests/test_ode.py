@@ -85,20 +85,23 @@ def test_adaptive_solve_reaches_the_closed_form_steady_state():
 def test_adams_weights_integrate_quadratics_and_milne_estimates_the_predictor_error():
     """On uneven nodes the weights integrate quadratic derivatives exactly; on even steps
     9/10 (y_AM - y_AB) is the AB3 predictor's true error for a cubic derivative."""
-    from raydeq.solvers.ode import adams_weights
+    from raydeq.solvers.ode import adams_coefficients
 
-    h = torch.tensor([0.4, 1.3, 0.5], dtype=torch.float64)[:, None, None]
-    past = torch.tensor([[-1.0, -0.7, 0.0], [-1.1, -0.9, 0.0], [-1.0, -0.5, 0.0]])
-    nodes = torch.stack([past.double(), torch.cat([past[:, 1:], h[:, 0]], dim=1)], dim=1)
-    w = adams_weights(nodes, h)  # (3, 2, 3): AB3 on past, AM3 on (t_n-1, t_n, t_n + h)
+    h = torch.tensor([0.4, 1.3, 0.5], dtype=torch.float64)
+    gaps = torch.tensor([[0.3, 0.7], [0.2, 0.9], [0.5, 0.5]], dtype=torch.float64)
+    rows, am_new = adams_coefficients(gaps, h)
+    ab = rows[:, 0]
+    am = torch.stack([rows[:, 1, 1] + ab[:, 1], rows[:, 1, 2] + ab[:, 2], am_new], dim=1)
+    past = torch.stack([-gaps.sum(1), -gaps[:, 1], torch.zeros_like(h)], dim=1)
+    nodes = {"ab": past, "am": torch.cat([past[:, 1:], h[:, None]], dim=1)}
+    torch.testing.assert_close(rows[:, 1, 0], -ab[:, 0])
     for degree in (0, 1, 2):
-        values = nodes**degree
-        integral = h[:, 0, 0] ** (degree + 1) / (degree + 1)
-        for rule in (0, 1):
-            torch.testing.assert_close((w[:, rule] * values[:, rule]).sum(1), integral)
-    even, step = nodes[2], float(h[2])
-    ab, am = (w[2, rule] @ even[rule] ** 3 for rule in (0, 1))
-    torch.testing.assert_close(0.9 * (am - ab), step**4 / 4 - ab, rtol=1e-12, atol=0)
+        integral = h ** (degree + 1) / (degree + 1)
+        for weights, name in ((ab, "ab"), (am, "am")):
+            torch.testing.assert_close((weights * nodes[name] ** degree).sum(1), integral)
+    step = float(h[2])
+    y_ab, y_am = ((w[2] * nodes[n][2] ** 3).sum() for w, n in ((ab, "ab"), (am, "am")))
+    torch.testing.assert_close(0.9 * (y_am - y_ab), step**4 / 4 - y_ab, rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("solver", ["vcab3", "tsit5", "bs3"])

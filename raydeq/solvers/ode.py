@@ -245,14 +245,29 @@ class RungeKutta:
         return nfe, steps
 
 
-def adams_weights(nodes: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """Integrals over [0, h] of the quadratic Lagrange basis on three nodes, per sample.
+def adams_coefficients(gaps: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample coefficients of a VCAB3 step of size h (B,) on the derivative history
+    (F_n-2, F_n-1, F_n), whose spacing gaps (B, 2) holds t_n-1 - t_n-2 and t_n - t_n-1.
 
-    nodes is (B, K, 3): K node triples per sample; h is (B, 1, 1). Returns (B, K, 3).
+    Returns a (B, 2, 3) block, row 0 the AB3 predictor and row 1 the history's part of
+    y_AM - y_AB (Milne's device), and AM3's weight of the new derivative (B,). The weights
+    are the integrals over [t_n, t_n + h] of the quadratic Lagrange bases through AB3's nodes
+    (t_n-2, t_n-1, t_n) and AM3's (t_n-1, t_n, t_n + h), in closed form; each rule's weights
+    sum to h, which gives its middle one.
     """
-    p, q = nodes.roll(-1, dims=-1), nodes.roll(-2, dims=-1)
-    integral = h * (h * h / 3 - (p + q) * h / 2 + p * q)
-    return integral / ((nodes - p) * (nodes - q))
+    older, a = gaps.unbind(1)
+    b = older + a
+    h2 = h * h
+    third = h2 * h / 3
+    ab_old = torch.addcmul(third, a, h2, value=0.5) / (b * older)
+    ab_mid = torch.addcmul(third, b, h2, value=0.5) / (a * older).neg()
+    ab_new = h - ab_old - ab_mid
+    ha = h + a
+    am_old = third / (a * ha) * -0.5
+    am_new = h * torch.add(a, h, alpha=2 / 3) / ha * 0.5
+    am_n = h - am_old - am_new
+    rows = (ab_old, ab_mid, ab_new, ab_old.neg(), am_old - ab_mid, am_n - ab_new)
+    return torch.stack(rows, dim=1).view(-1, 2, 3), am_new
 
 
 class VCAB3:
@@ -293,22 +308,16 @@ class VCAB3:
             )
             accepted = accepted + accept.long()
             h = torch.where(active, h * factor, h)
-        zero = torch.zeros_like(h)[:, None]
         while steps < max_steps and monitor.running():
             active = monitor.active
-            back = -gaps.flip(1).cumsum(1).flip(1)  # times of F_n-2, F_n-1 relative to t_n
-            nodes = torch.cat([back, zero, back[:, 1:], zero, h[:, None]], dim=1)
-            w = adams_weights(nodes.view(-1, 2, 3), h[:, None, None])
-            ab, am = (w * active[:, None, None]).unbind(1)  # stopped samples stay where they are
-            # Milne: 9/10 (y_AM - y_AB), with y_AM on (F_n-1, F_n, F_new) and y_AB on (F_n-2..F_n);
-            # the history's part of it is combined with the predictor's, before F_new exists.
-            shifted = torch.nn.functional.pad(am[:, :2], (1, 0)) - ab
-            predicted, partial = combine(torch.stack([ab, shifted], dim=1), history).unbind(1)
+            step = torch.where(active, h, 0.0)  # stopped samples stay where they are
+            coefficients, new_weight = adams_coefficients(gaps, step)
+            predicted, partial = combine(coefficients, history).unbind(1)
             y_new = y + predicted
             k_new = field(y_new)
             nfe += 1
             steps += 1
-            difference = torch.addcmul(partial, am[:, 2:], k_new)
+            difference = torch.addcmul(partial, new_weight[:, None], k_new)
             err = 0.9 * error_norm(difference, y, y_new, term)
             accept, factor, previous = self.controller.judge(
                 monitor, active, err, y_new, k_new, previous, 3
