@@ -13,11 +13,14 @@ from __future__ import annotations
 import torch
 
 SMALL_PRODUCT = 400  # multiply-adds per sample below which torch's CPU bmm is unblocked
+SHORT_ROW = 32  # below this row length the bmm is faster all the same
 
 
 def _small(rows_out: int, rows: torch.Tensor) -> bool:
-    """Whether a product giving rows_out rows from rows (B, k, N) hits the slow small-bmm loop."""
-    return rows.device.type == "cpu" and rows_out * rows.shape[1] * rows.shape[2] < SMALL_PRODUCT
+    """Whether a product giving rows_out rows from rows (B, k, N) hits the slow small-bmm loop
+    (rows shorter than SHORT_ROW sum too slowly for the multiply-and-sum to win)."""
+    batch, k, n = rows.shape
+    return rows.device.type == "cpu" and n >= SHORT_ROW and rows_out * k * n < SMALL_PRODUCT
 
 
 def dots(rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -42,8 +45,12 @@ def combine(
     base = base if base is None or matrix else base[:, None]
     if _small(c.shape[1], rows):
         product = (c[..., None] * rows[:, None]).sum(2)
-        product = product if alpha == 1 else alpha * product
-        product = product if base is None else torch.add(product, base, alpha=beta)
+        if base is None:
+            product = product if alpha == 1 else alpha * product
+        elif beta == 1:
+            product = torch.add(base, product, alpha=alpha)
+        else:
+            product = torch.add(product if alpha == 1 else alpha * product, base, alpha=beta)
     elif base is None:
         product = torch.bmm(c, rows)
         product = product if alpha == 1 else alpha * product

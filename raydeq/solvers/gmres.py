@@ -26,12 +26,11 @@ class LinearSolveInfo:
     matvecs: int
 
 
-def _givens(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotation G = [[c, s], [-s, c]] (B, 2, 2) with G (a, b) = (r, 0), and r."""
+def _givens(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(c, s, r) per sample with [[c, s], [-s, c]] (a, b) = (r, 0); the identity where a = b = 0."""
     r = torch.hypot(a, b)
-    safe = r.clamp_min(torch.finfo(r.dtype).tiny)
-    c, s = torch.where(r > 0, a / safe, 1.0), b / safe
-    return torch.stack([c, s, -s, c], dim=1).view(-1, 2, 2), r
+    nonzero = r > 0
+    return torch.where(nonzero, a / r, 1.0), torch.where(nonzero, b / r, 0.0), r
 
 
 @dataclass(frozen=True)
@@ -107,10 +106,9 @@ class GMRES:
         basis[:, 0] = r / beta.clamp_min(tiny)[:, None]
         hess = r.new_zeros(batch, m + 1, m)
         # The product of the Givens rotations so far, applied to each new Hessenberg column
-        # as one batched product instead of j sequential rotations.
+        # as one batched product instead of j sequential rotations; its first column times
+        # beta is the rotated right-hand side, whose last entry is the residual norm.
         rotations = torch.eye(m + 1, dtype=r.dtype, device=r.device).repeat(batch, 1, 1)
-        g = r.new_zeros(batch, m + 1)
-        g[:, 0] = beta
         steps = torch.zeros(batch, dtype=torch.long, device=r.device)
         estimate = beta
         j = 0
@@ -123,15 +121,19 @@ class GMRES:
             w = combine(h2, v, base=w, alpha=-1.0)
             h = h + h2
             h_next = w.norm(dim=1)
-            basis[:, j + 1] = w / h_next.clamp_min(tiny)[:, None]
+            torch.div(w, h_next.clamp_min(tiny)[:, None], out=basis[:, j + 1])
             h = dots(rotations[:, : j + 1, : j + 1], h)
-            rotation, rho = _givens(h[:, j], h_next)
-            rotations[:, j : j + 2] = combine(rotation, rotations[:, j : j + 2])
+            c, sn, rho = _givens(h[:, j], h_next)
+            # Rotate rows j and j + 1 of the product; row j + 1 is still e_j+1.
+            row = rotations[:, j, : j + 1]
+            torch.mul(row, sn.neg()[:, None], out=rotations[:, j + 1, : j + 1])
+            row.mul_(c[:, None])
+            rotations[:, j, j + 1] = sn
+            rotations[:, j + 1, j + 1] = c
             hess[:, : j + 1, j] = h
             hess[:, j, j] = rho
-            g[:, j : j + 2] = rotation[:, :, 0] * g[:, j : j + 1]
-            steps += active.long()
-            residual = g[:, j + 1].abs()
+            steps += active
+            residual = beta * rotations[:, j + 1, 0].abs()
             estimate = torch.where(active, residual, estimate)
             active = active & (residual > tol)
             j += 1
@@ -141,6 +143,6 @@ class GMRES:
         upper = hess[:, :j, :j]
         eye = torch.eye(j, dtype=r.dtype, device=r.device).expand_as(upper)
         upper = torch.where(used[:, None, :] & used[:, :, None], upper, eye)
-        rhs = torch.where(used, g[:, :j], 0.0)
+        rhs = torch.where(used, beta[:, None] * rotations[:, :j, 0], 0.0)
         y = torch.linalg.solve_triangular(upper, rhs[:, :, None], upper=True)[:, :, 0]
         return combine(y, basis[:, :j]), steps, j, estimate
