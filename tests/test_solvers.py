@@ -223,6 +223,22 @@ def test_nonfinite_values_stop_with_a_status():
     assert torch.isfinite(sol.z).all()
 
 
+def test_anderson_falls_back_to_the_plain_step_when_its_system_is_singular():
+    """In one dimension the residual history has rank one, so without regularisation the
+    mixing system is singular from the second step on; the sample still converges."""
+    z0 = torch.zeros(3, 1, dtype=torch.float64)
+    sol = raydeq.solve(
+        lambda z: 0.5 * z + 1.0,
+        z0,
+        solver="anderson",
+        abstol=1e-10,
+        reltol=0.0,
+        solver_options={"lam": 0.0},
+    )
+    assert bool(sol.stats.converged.all())
+    torch.testing.assert_close(sol.z, torch.full_like(z0, 2.0), rtol=0, atol=1e-9)
+
+
 def test_divergence_stops_the_sample():
     with torch.no_grad():
         sol = raydeq.solve(

@@ -36,8 +36,8 @@ class FixedPoint:
             monitor.update(z, residual, monitor.active)
             if not monitor.running():
                 break
-            step = fz if self.damping == 1 else z + self.damping * residual
-            z = torch.where(monitor.active[:, None], step, z)
+            # Stopped samples step on unmasked: the monitor holds their result.
+            z = fz if self.damping == 1 else z + self.damping * residual
         return nfe, nfe
 
 
@@ -63,8 +63,10 @@ class Anderson:
     ) -> tuple[int, int]:
         """Iterate until every sample converges or max_steps; returns (nfe, steps)."""
         batch, dim = z.shape
-        # Ring buffers of the last m iterates; a slot is written before it is first read.
-        xs, fs, gs = (z.new_empty(batch, self.m, dim) for _ in range(3))
+        # Ring buffers of the last m iterates (z only for mixing, beta < 1); a slot is written
+        # before it is first read.
+        fs, gs = z.new_empty(batch, self.m, dim), z.new_empty(batch, self.m, dim)
+        xs = z.new_empty(batch, self.m, dim) if self.beta != 1 else None
         nfe = 0
         for _ in range(max_steps):
             fz = f(z)
@@ -73,21 +75,25 @@ class Anderson:
             slot, nfe = nfe % self.m, nfe + 1
             if not monitor.running():
                 break
-            xs, fs, gs = put(xs, slot, z), put(fs, slot, fz), put(gs, slot, g)
+            fs, gs = put(fs, slot, fz), put(gs, slot, g)
+            if self.beta != 1:
+                xs = put(xs, slot, z)
             n = min(nfe, self.m)
-            x_hist, f_hist, g_hist = xs[:, :n], fs[:, :n], gs[:, :n]
-            gram = torch.bmm(g_hist, g_hist.transpose(1, 2))
+            gram = torch.bmm(gs[:, :n], gs[:, :n].transpose(1, 2))
             gram = gram + self.lam * gram.diagonal(dim1=1, dim2=2).mean(-1)[
                 :, None, None
             ].clamp_min(1e-30) * torch.eye(n, dtype=z.dtype, device=z.device)
             ones = torch.ones(batch, n, 1, dtype=z.dtype, device=z.device)
-            weights = torch.linalg.solve(gram, ones)[:, :, 0]
-            alpha = weights / weights.sum(1, keepdim=True)
-            step = combine(alpha, f_hist)
+            weights, info = torch.linalg.solve_ex(gram, ones)
+            alpha = weights[:, :, 0] / weights[:, :, 0].sum(1, keepdim=True)
+            # A singular system falls back to the plain step z = f(z).
+            ok = (info == 0)[:, None] & alpha.isfinite().all(1, keepdim=True)
+            latest = torch.arange(n, device=z.device) == slot
+            alpha = torch.where(ok, alpha, latest.to(z.dtype))
+            # Stopped samples step on unmasked: the monitor holds their result.
+            z = combine(alpha, fs[:, :n])
             if self.beta != 1:
-                step = self.beta * step + (1 - self.beta) * combine(alpha, x_hist)
-            step = torch.where(torch.isfinite(step), step, fz)
-            z = torch.where(monitor.active[:, None], step, z)
+                z = self.beta * z + (1 - self.beta) * combine(alpha, xs[:, :n])
         return nfe, nfe
 
 
