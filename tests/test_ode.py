@@ -89,12 +89,12 @@ def test_adams_weights_integrate_quadratics_and_milne_estimates_the_predictor_er
 
     h = torch.tensor([0.4, 1.3, 0.5], dtype=torch.float64)
     gaps = torch.tensor([[0.3, 0.7], [0.2, 0.9], [0.5, 0.5]], dtype=torch.float64)
-    rows, am_new = adams_coefficients(gaps, h)
-    ab = rows[:, 0]
-    am = torch.stack([rows[:, 1, 1] + ab[:, 1], rows[:, 1, 2] + ab[:, 2], am_new], dim=1)
+    ab, milne, am_new = adams_coefficients(*gaps.T, h)
+    ab, milne = torch.stack(ab, dim=1), torch.stack(milne, dim=1)
+    am = torch.stack([milne[:, 1] + ab[:, 1], milne[:, 2] + ab[:, 2], am_new], dim=1)
     past = torch.stack([-gaps.sum(1), -gaps[:, 1], torch.zeros_like(h)], dim=1)
     nodes = {"ab": past, "am": torch.cat([past[:, 1:], h[:, None]], dim=1)}
-    torch.testing.assert_close(rows[:, 1, 0], -ab[:, 0])
+    torch.testing.assert_close(milne[:, 0], -ab[:, 0])
     for degree in (0, 1, 2):
         integral = h ** (degree + 1) / (degree + 1)
         for weights, name in ((ab, "ab"), (am, "am")):

@@ -6,12 +6,11 @@ each sample at its own steady state (torchdiffeq and friends share one time grid
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
 
-from raydeq.solvers.batched import combine
 from raydeq.solvers.termination import Monitor, Termination, rms
 
 Field = Callable[[torch.Tensor], torch.Tensor]
@@ -187,14 +186,26 @@ def rk_step(
     field: Field, tableau: Tableau, y: torch.Tensor, k: torch.Tensor, h: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One explicit FSAL Runge-Kutta step of size h (B,): new point, f there, local error."""
-    h = h[:, None]
     ks = [k]
     y_stage = y
     for row in tableau.a:
-        y_stage = y + h * sum(a * ki for a, ki in zip(row, ks, strict=True) if a != 0.0)
+        y_stage = weighted_sum(y, [(h * a, ki) for a, ki in zip(row, ks, strict=True) if a])
         ks.append(field(y_stage))
-    error = h * sum(e * ki for e, ki in zip(tableau.b_error, ks, strict=True))
+    error = weighted_sum(None, [(h * e, ki) for e, ki in zip(tableau.b_error, ks, strict=True)])
     return y_stage, ks[-1], error
+
+
+def weighted_sum(
+    base: torch.Tensor | None, terms: Iterable[tuple[torch.Tensor, torch.Tensor]]
+) -> torch.Tensor:
+    """base + sum of weight * row over terms, with per-sample weights (B,) and rows (B, N), as
+    a chain of fused multiply-adds (a step's few stages or history terms need no stacking)."""
+    total = base
+    for weight, row in terms:
+        w = weight[:, None]
+        total = row * w if total is None else torch.addcmul(total, row, w)
+    assert total is not None
+    return total
 
 
 def start(
@@ -245,18 +256,22 @@ class RungeKutta:
         return nfe, steps
 
 
-def adams_coefficients(gaps: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample coefficients of a VCAB3 step of size h (B,) on the derivative history
-    (F_n-2, F_n-1, F_n), whose spacing gaps (B, 2) holds t_n-1 - t_n-2 and t_n - t_n-1.
+Coefficients = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
-    Returns a (B, 2, 3) block, row 0 the AB3 predictor and row 1 the history's part of
-    y_AM - y_AB (Milne's device), and AM3's weight of the new derivative (B,). The weights
-    are the integrals over [t_n, t_n + h] of the quadratic Lagrange bases through AB3's nodes
-    (t_n-2, t_n-1, t_n) and AM3's (t_n-1, t_n, t_n + h), in closed form; each rule's weights
-    sum to h, which gives its middle one.
+
+def adams_coefficients(
+    older: torch.Tensor, last: torch.Tensor, h: torch.Tensor
+) -> tuple[Coefficients, Coefficients, torch.Tensor]:
+    """Per-sample coefficients (B,) of a VCAB3 step of size h on the derivative history
+    (F_n-2, F_n-1, F_n), spaced older = t_n-1 - t_n-2 and last = t_n - t_n-1.
+
+    Returns the AB3 predictor's weights, the history's weights in y_AM - y_AB (Milne's
+    device), and AM3's weight of the new derivative. The weights are the integrals over
+    [t_n, t_n + h] of the quadratic Lagrange bases through AB3's nodes (t_n-2, t_n-1, t_n) and
+    AM3's (t_n-1, t_n, t_n + h), in closed form; each rule's weights sum to h, which gives its
+    middle one.
     """
-    older, a = gaps.unbind(1)
-    b = older + a
+    a, b = last, older + last
     h2 = h * h
     third = h2 * h / 3
     ab_old = torch.addcmul(third, a, h2, value=0.5) / (b * older)
@@ -266,8 +281,8 @@ def adams_coefficients(gaps: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tenso
     am_old = third / (a * ha) * -0.5
     am_new = h * torch.add(a, h, alpha=2 / 3) / ha * 0.5
     am_n = h - am_old - am_new
-    rows = (ab_old, ab_mid, ab_new, ab_old.neg(), am_old - ab_mid, am_n - ab_new)
-    return torch.stack(rows, dim=1).view(-1, 2, 3), am_new
+    milne = (ab_old.neg(), am_old - ab_mid, am_n - ab_new)
+    return (ab_old, ab_mid, ab_new), milne, am_new
 
 
 class VCAB3:
@@ -289,8 +304,8 @@ class VCAB3:
         term = monitor.termination
         k, h, nfe = start(field, y, monitor, self.controller, BS3.order)
         previous = torch.ones_like(h)
-        history = k[:, None].expand(-1, 3, -1)
-        gaps = torch.ones_like(h)[:, None].expand(-1, 2)
+        history = (k, k, k)
+        gaps = (torch.ones_like(h), torch.ones_like(h))
         accepted = torch.zeros_like(h, dtype=torch.long)
         steps = 0
         while steps < max_steps and bool((monitor.active & (accepted < 2)).any()):
@@ -311,13 +326,14 @@ class VCAB3:
         while steps < max_steps and monitor.running():
             active = monitor.active
             step = torch.where(active, h, 0.0)  # stopped samples stay where they are
-            coefficients, new_weight = adams_coefficients(gaps, step)
-            predicted, partial = combine(coefficients, history).unbind(1)
-            y_new = y + predicted
+            ab, milne, new_weight = adams_coefficients(*gaps, step)
+            y_new = weighted_sum(y, zip(ab, history, strict=True))
             k_new = field(y_new)
             nfe += 1
             steps += 1
-            difference = torch.addcmul(partial, new_weight[:, None], k_new)
+            difference = weighted_sum(
+                None, zip((*milne, new_weight), (*history, k_new), strict=True)
+            )
             err = 0.9 * error_norm(difference, y, y_new, term)
             accept, factor, previous = self.controller.judge(
                 monitor, active, err, y_new, k_new, previous, 3
@@ -332,23 +348,23 @@ class VCAB3:
         y_new: torch.Tensor,
         k_new: torch.Tensor,
         y: torch.Tensor,
-        history: torch.Tensor,
-        gaps: torch.Tensor,
+        history: Coefficients,
+        gaps: tuple[torch.Tensor, torch.Tensor],
         h: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, Coefficients, tuple[torch.Tensor, torch.Tensor]]:
         """Move the samples in `move` to their new point and shift their derivative history.
 
-        history (B, 3, N) holds f - z at the last three accepted points, oldest first; gaps
-        (B, 2) the two step sizes between them. `move` holds the accepted samples and those
-        that had stopped before the step (their state is no longer read), so that the usual
-        step, where no running sample is rejected, needs no masking. That check reads `move` on
-        the host, which is free on CPU; on an accelerator it would stall the queue, so there
-        the masking always runs.
+        history holds f - z at the last three accepted points, oldest first, as three (B, N)
+        tensors (a shift copies nothing); gaps the two step sizes between them. `move` holds
+        the accepted samples and those that had stopped before the step (their state is no
+        longer read), so that the usual step, where no running sample is rejected, needs no
+        masking. That check reads `move` on the host, which is free on CPU; on an accelerator
+        it would stall the queue, so there the masking always runs.
         """
-        shifted = torch.cat([history[:, 1:], k_new[:, None]], dim=1)
-        moved = torch.cat([gaps[:, 1:], h[:, None]], dim=1)
+        shifted, moved = (history[1], history[2], k_new), (gaps[1], h)
         if move.device.type == "cpu" and bool(move.all()):
             return y_new, k_new, shifted, moved
-        acc = move[:, None]
-        history = torch.where(acc[:, :, None], shifted, history)
-        return torch.where(acc, y_new, y), history[:, 2], history, torch.where(acc, moved, gaps)
+        rows = move[:, None]
+        history = tuple(torch.where(rows, new, old) for new, old in zip(shifted, history))
+        gaps = tuple(torch.where(move, new, old) for new, old in zip(moved, gaps))
+        return torch.where(rows, y_new, y), history[2], history, gaps
