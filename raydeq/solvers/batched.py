@@ -19,7 +19,7 @@ SHORT_ROW = 32  # below this row length the bmm is faster all the same
 def _small(rows_out: int, rows: torch.Tensor) -> bool:
     """Whether a product giving rows_out rows from rows (B, k, N) hits the slow small-bmm loop
     (rows shorter than SHORT_ROW sum too slowly for the multiply-and-sum to win)."""
-    batch, k, n = rows.shape
+    _, k, n = rows.shape
     return rows.device.type == "cpu" and n >= SHORT_ROW and rows_out * k * n < SMALL_PRODUCT
 
 

@@ -256,12 +256,12 @@ class RungeKutta:
         return nfe, steps
 
 
-Coefficients = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+Triple = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def adams_coefficients(
     older: torch.Tensor, last: torch.Tensor, h: torch.Tensor
-) -> tuple[Coefficients, Coefficients, torch.Tensor]:
+) -> tuple[Triple, Triple, torch.Tensor]:
     """Per-sample coefficients (B,) of a VCAB3 step of size h on the derivative history
     (F_n-2, F_n-1, F_n), spaced older = t_n-1 - t_n-2 and last = t_n - t_n-1.
 
@@ -348,10 +348,10 @@ class VCAB3:
         y_new: torch.Tensor,
         k_new: torch.Tensor,
         y: torch.Tensor,
-        history: Coefficients,
+        history: Triple,
         gaps: tuple[torch.Tensor, torch.Tensor],
         h: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor, Coefficients, tuple[torch.Tensor, torch.Tensor]]:
+    ) -> tuple[torch.Tensor, torch.Tensor, Triple, tuple[torch.Tensor, torch.Tensor]]:
         """Move the samples in `move` to their new point and shift their derivative history.
 
         history holds f - z at the last three accepted points, oldest first, as three (B, N)

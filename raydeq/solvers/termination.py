@@ -56,8 +56,8 @@ class Monitor:
     def __init__(self, z0: torch.Tensor, termination: Termination) -> None:
         batch, features = z0.shape
         self.termination = termination
-        self.scale = features**-0.5  # 2-norm -> RMS
-        self.abstol = termination.abstol / self.scale
+        self.to_rms = features**-0.5  # 2-norm -> RMS norm
+        self.abstol_norm = termination.abstol / self.to_rms  # abstol as a 2-norm
         self.best_z = z0
         self.best_norm = torch.full((batch,), float("inf"), dtype=z0.dtype, device=z0.device)
         self.divergence_bound: torch.Tensor | None = None
@@ -82,7 +82,9 @@ class Monitor:
         self.best_z = torch.where(better[:, None], z, self.best_z)
         self.best_norm = torch.where(better, r, self.best_norm)
         tol = (
-            self.abstol + t.reltol * torch.linalg.vector_norm(z, dim=1) if t.reltol else self.abstol
+            self.abstol_norm + t.reltol * torch.linalg.vector_norm(z, dim=1)
+            if t.reltol
+            else self.abstol_norm
         )
         converged = mask & (r <= tol)
         # r <= bound is false for a diverged and for a non-finite residual; isfinite tells which.
@@ -94,7 +96,7 @@ class Monitor:
     @property
     def best_residual(self) -> torch.Tensor:
         """RMS residual of each sample's best iterate."""
-        return self.best_norm * self.scale
+        return self.best_norm * self.to_rms
 
     @property
     def status(self) -> torch.Tensor:
