@@ -160,8 +160,10 @@ def error_norm(
     """
     if error.requires_grad or y_new.requires_grad:
         error, y, y_new = error.detach(), y.detach(), y_new.detach()
-    scale = term.abstol + term.reltol * torch.maximum(y.abs(), y_new.abs())
-    return rms(error / scale)
+    if not term.reltol:
+        return rms(error) / term.abstol
+    scale = torch.maximum(y.abs(), y_new.abs()).mul_(term.reltol).add_(term.abstol)
+    return rms(error.div(scale))
 
 
 def initial_step(

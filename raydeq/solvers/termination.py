@@ -79,7 +79,12 @@ class Monitor:
             self.divergence_bound = t.divergence * r
         mask = mask & self.active
         better = mask & (r < self.best_norm)
-        self.best_z = torch.where(better[:, None], z, self.best_z)
+        # On CPU, reading `better` on the host is free and skips a slow full-width select in
+        # the usual step where every sample improved; an accelerator would stall on it.
+        if z.device.type == "cpu" and bool(better.all()):
+            self.best_z = z
+        else:
+            self.best_z = torch.where(better[:, None], z, self.best_z)
         self.best_norm = torch.where(better, r, self.best_norm)
         tol = (
             self.abstol_norm + t.reltol * torch.linalg.vector_norm(z, dim=1)
