@@ -226,6 +226,24 @@ def start(
     return k, h, 1 + spent
 
 
+def move_rows(
+    move: torch.Tensor, new: tuple[torch.Tensor, ...], old: tuple[torch.Tensor, ...]
+) -> tuple[torch.Tensor, ...]:
+    """Per tensor pair, the new rows for the samples in `move` (B,) and the old ones elsewhere.
+
+    Solvers pass in `move` the accepted samples and those that had stopped before the step
+    (their state is no longer read), so that the usual step, where no running sample is
+    rejected, needs no select. That check reads `move` on the host, which is free on CPU; on
+    an accelerator it would stall the queue, so there the select always runs.
+    """
+    if move.device.type == "cpu" and bool(move.all()):
+        return new
+    return tuple(
+        torch.where(move.view(-1, *[1] * (n.dim() - 1)), n, o)
+        for n, o in zip(new, old, strict=True)
+    )
+
+
 class RungeKutta:
     """Adaptive FSAL Runge-Kutta steady-state solve: tsit5 (5th order) or bs3 (3rd order)."""
 
@@ -252,8 +270,7 @@ class RungeKutta:
             accept, factor, previous = self.controller.judge(
                 monitor, active, err, y_new, k_new, previous, t.error_order
             )
-            y = torch.where(accept[:, None], y_new, y)
-            k = torch.where(accept[:, None], k_new, k)
+            y, k = move_rows(accept | ~active, (y_new, k_new), (y, k))
             h = h * factor
         return nfe, steps
 
@@ -357,16 +374,9 @@ class VCAB3:
         """Move the samples in `move` to their new point and shift their derivative history.
 
         history holds f - z at the last three accepted points, oldest first, as three (B, N)
-        tensors (a shift copies nothing); gaps the two step sizes between them. `move` holds
-        the accepted samples and those that had stopped before the step (their state is no
-        longer read), so that the usual step, where no running sample is rejected, needs no
-        masking. That check reads `move` on the host, which is free on CPU; on an accelerator
-        it would stall the queue, so there the masking always runs.
+        tensors (a shift copies nothing); gaps the two step sizes between them.
         """
-        shifted, moved = (history[1], history[2], k_new), (gaps[1], h)
-        if move.device.type == "cpu" and bool(move.all()):
-            return y_new, k_new, shifted, moved
-        rows = move[:, None]
-        history = tuple(torch.where(rows, new, old) for new, old in zip(shifted, history))
-        gaps = tuple(torch.where(move, new, old) for new, old in zip(moved, gaps))
-        return torch.where(rows, y_new, y), history[2], history, gaps
+        y, *rest = move_rows(
+            move, (y_new, history[1], history[2], k_new, gaps[1], h), (y, *history, *gaps)
+        )
+        return y, rest[2], (rest[0], rest[1], rest[2]), (rest[3], rest[4])
