@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from raydeq.solvers.termination import Monitor, Termination, rms
+from raydeq.solvers.termination import Monitor, Termination, all_set_on_host, rms
 
 Field = Callable[[torch.Tensor], torch.Tensor]
 
@@ -233,10 +233,9 @@ def move_rows(
 
     Solvers pass in `move` the accepted samples and those that had stopped before the step
     (their state is no longer read), so that the usual step, where no running sample is
-    rejected, needs no select. That check reads `move` on the host, which is free on CPU; on
-    an accelerator it would stall the queue, so there the select always runs.
+    rejected, needs no select (checked where that is free, see all_set_on_host).
     """
-    if move.device.type == "cpu" and bool(move.all()):
+    if all_set_on_host(move):
         return new
     return tuple(
         torch.where(move.view(-1, *[1] * (n.dim() - 1)), n, o)

@@ -22,6 +22,13 @@ def rms(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(x, dim=1) * x.shape[1] ** -0.5
 
 
+def all_set_on_host(mask: torch.Tensor) -> bool:
+    """Whether every entry of mask is set, read on the host only where that is free (CPU);
+    False on an accelerator, where the read would stall the queue: callers then take the
+    general path, which is right either way."""
+    return mask.device.type == "cpu" and bool(mask.all())
+
+
 @dataclass(frozen=True)
 class Termination:
     """Sample b has converged once ||f(z_b) - z_b|| <= abstol + reltol * ||z_b|| (RMS norms).
@@ -79,9 +86,8 @@ class Monitor:
             self.divergence_bound = t.divergence * r
         mask = mask & self.active
         better = mask & (r < self.best_norm)
-        # On CPU, reading `better` on the host is free and skips a slow full-width select in
-        # the usual step where every sample improved; an accelerator would stall on it.
-        if z.device.type == "cpu" and bool(better.all()):
+        # The usual step, where every sample improved, needs no full-width select.
+        if all_set_on_host(better):
             self.best_z = z
         else:
             self.best_z = torch.where(better[:, None], z, self.best_z)
