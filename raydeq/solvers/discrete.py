@@ -67,6 +67,9 @@ class Anderson:
         # before it is first read.
         fs, gs = z.new_empty(batch, self.m, dim), z.new_empty(batch, self.m, dim)
         xs = z.new_empty(batch, self.m, dim) if self.beta != 1 else None
+        eye = torch.eye(self.m, dtype=z.dtype, device=z.device)
+        ones = z.new_ones(batch, self.m, 1)
+        slots = torch.arange(self.m, device=z.device)
         nfe = 0
         for _ in range(max_steps):
             fz = f(z)
@@ -80,16 +83,17 @@ class Anderson:
                 xs = put(xs, slot, z)
             n = min(nfe, self.m)
             gram = torch.bmm(gs[:, :n], gs[:, :n].transpose(1, 2))
-            gram = gram + self.lam * gram.diagonal(dim1=1, dim2=2).mean(-1)[
-                :, None, None
-            ].clamp_min(1e-30) * torch.eye(n, dtype=z.dtype, device=z.device)
-            ones = torch.ones(batch, n, 1, dtype=z.dtype, device=z.device)
-            weights, info = torch.linalg.solve_ex(gram, ones)
+            gram = (
+                gram
+                + self.lam
+                * gram.diagonal(dim1=1, dim2=2).mean(-1)[:, None, None].clamp_min(1e-30)
+                * eye[:n, :n]
+            )
+            weights, info = torch.linalg.solve_ex(gram, ones[:, :n])
             alpha = weights[:, :, 0] / weights[:, :, 0].sum(1, keepdim=True)
             # A singular system falls back to the plain step z = f(z).
             ok = (info == 0)[:, None] & alpha.isfinite().all(1, keepdim=True)
-            latest = torch.arange(n, device=z.device) == slot
-            alpha = torch.where(ok, alpha, latest.to(z.dtype))
+            alpha = torch.where(ok, alpha, (slots[:n] == slot).to(z.dtype))
             # Stopped samples step on unmasked: the monitor holds their result.
             z = combine(alpha, fs[:, :n])
             if self.beta != 1:
