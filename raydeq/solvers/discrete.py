@@ -106,7 +106,8 @@ class Broyden:
 
     The inverse Jacobian of g is kept as -I + U V^T with at most `memory` rank-one terms per
     sample; each step adds u = (dz - H dg) / (dz^T H dg) and v^T = dz^T H (Sherman-Morrison),
-    replacing the oldest term once `memory` are held.
+    replacing the oldest term once `memory` are held. A step whose dz^T H dg is below
+    sqrt(eps) ||dz^T H|| ||dg|| (lost in rounding) leaves H unchanged.
     """
 
     def __init__(self, memory: int = 30) -> None:
@@ -125,6 +126,7 @@ class Broyden:
         nfe = 1
         monitor.update(z, g, monitor.active)
         update = g  # -H g with H = -I
+        tiny = torch.finfo(z.dtype).eps ** 0.5
         while nfe < max_steps and monitor.running():
             # Samples that have stopped keep stepping: their state is never read again (the
             # monitor holds their result) and no operation mixes samples, so nothing is masked
@@ -140,7 +142,10 @@ class Broyden:
             # n = dz - H dg, the numerator of Sherman-Morrison's u.
             n = self._apply(u_used, v_used, dg, sign=-1.0) + dz
             denom = torch.linalg.vecdot(v, dg)[:, None]
-            ok = (denom.abs() > 1e-30) & torch.isfinite(denom)
+            # Skip the rank-one update where v . dg is lost in rounding: its huge u would throw
+            # the next step far off (seen in float32 at width 1024).
+            floor = tiny * torch.linalg.vector_norm(v, dim=1) * torch.linalg.vector_norm(dg, dim=1)
+            ok = (denom.abs() > floor[:, None]) & torch.isfinite(denom)
             scale = torch.where(ok, denom.reciprocal(), 0.0)
             u = n * scale
             # The next step -H' g_new with H' = H + u v^T (minus the evicted term), from the
