@@ -7,13 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from raydeq.bench import peer_torchdeq, skip
+from raydeq.bench import models, node, peer_torchdeq, skip
 from raydeq.bench.__main__ import main
 from raydeq.bench.context import Context
 from raydeq.bench.memory import peak_memory
 from raydeq.bench.registry import BENCHMARKS
 from raydeq.bench.report import Section, Target, fmt
 from raydeq.bench.timing import measure
+from raydeq.train import write_checkpoint
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist10k"
 CPU = torch.device("cpu")
@@ -120,3 +121,29 @@ def test_missing_peer_and_data_are_reported_not_raised(monkeypatch, tmp_path):
     assert all(t.passed is None for t in section.targets)
     section = skip.run(ctx)
     assert not section.rows and "MNIST not found" in section.notes[0]
+
+
+def test_node_benchmark_times_the_weights_of_a_training_checkpoint(tmp_path, capsys):
+    model = models.build("mnist_dense", "skip", CPU, seed=1)
+    with torch.no_grad():
+        model.head.weight.mul_(2.0)
+    folder = write_checkpoint({"step": 7, "model": model.state_dict()}, tmp_path / "ckpt")
+    loaded = models.build("mnist_dense", "vanilla", CPU, seed=0)
+    models.load_checkpoint(loaded, folder)
+    assert torch.equal(loaded.head.weight, model.head.weight)
+    assert torch.equal(loaded.layer.f.state.weight, model.layer.f.state.weight)
+    section = node.run(
+        Context(CPU, "tiny", ("mnist_dense",), DATA, weights={"mnist_dense": folder})
+    )
+    assert len(section.rows) == 4 and f"weights of the checkpoint {folder}" in section.notes[1]
+    assert "parameters identical" in section.notes[1]
+    with pytest.raises(ValueError, match="checkpoint of another model"):
+        models.load_checkpoint(models.build("cifar10_small", "vanilla", CPU, seed=0), folder)
+    for bad, message in (
+        ("mnist_dense", "expected MODEL=CHECKPOINT_FOLDER"),
+        (f"cifar10_large={folder}", "'cifar10_large' is not among --models"),
+        (f"mnist_dense={tmp_path}", "no valid manifest.json"),
+    ):
+        with pytest.raises(SystemExit):
+            main(["--models", "mnist_dense", "--weights", bad])
+        assert message in capsys.readouterr().err

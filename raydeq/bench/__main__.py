@@ -47,6 +47,14 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         help="presets for the DEQ vs Neural ODE benchmark",
     )
     parser.add_argument(
+        "--weights",
+        nargs="+",
+        default=[],
+        metavar="MODEL=CHECKPOINT",
+        help="time these presets with the weights of a raydeq.train checkpoint folder "
+        "(under storage_path/name) instead of untrained or briefly trained",
+    )
+    parser.add_argument(
         "--data",
         type=Path,
         default=DEFAULT_DATA,
@@ -60,7 +68,30 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         help="folder for <date>-<device>.json and .md (default: bench/results)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of every problem and model")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.weights = parse_weights(parser, args.weights, args.models)
+    return args
+
+
+def parse_weights(
+    parser: argparse.ArgumentParser, items: Sequence[str], models: Sequence[str]
+) -> dict[str, Path]:
+    """MODEL=CHECKPOINT pairs as a dict; exits with a usage error naming a bad pair."""
+    weights = {}
+    for item in items:
+        name, sep, folder = item.partition("=")
+        if not sep or not folder:
+            parser.error(f"--weights {item!r}: expected MODEL=CHECKPOINT_FOLDER")
+        if name not in models:
+            parser.error(f"--weights {item!r}: {name!r} is not among --models {' '.join(models)}")
+        from raydeq.train import CheckpointError, read_checkpoint
+
+        try:
+            read_checkpoint(Path(folder))
+        except CheckpointError as err:
+            parser.error(f"--weights {item!r}: {err}")
+        weights[name] = Path(folder)
+    return weights
 
 
 def main(argv: Sequence[str] | None = None) -> Report:
@@ -72,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> Report:
     if args.threads:
         torch.set_num_threads(args.threads)
     size = args.size or ("full" if device.type == "cuda" else "quick")
-    ctx = Context(device, size, tuple(args.models), args.data, args.seed)
+    ctx = Context(device, size, tuple(args.models), args.data, args.seed, args.weights)
     report = Report(
         date=datetime.date.today().isoformat(),
         device=device.type,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
@@ -19,7 +19,9 @@ class Context:
     """Settings of one benchmark run.
 
     size is "tiny" (the smoke test: smallest problems, one repeat), "quick" (a few minutes on
-    a 2-core CPU) or "full"; models are the presets the model-level benchmarks use.
+    a 2-core CPU) or "full"; models are the presets the model-level benchmarks use; weights
+    maps a preset to a training checkpoint folder whose model the DEQ-vs-Neural-ODE benchmark
+    loads instead of training or leaving it untrained.
     """
 
     device: torch.device
@@ -27,6 +29,7 @@ class Context:
     models: tuple[str, ...] = ("mnist_dense", "cifar10_small")
     data_dir: Path = DEFAULT_DATA
     seed: int = 0
+    weights: Mapping[str, Path] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.size not in SIZES:

@@ -35,6 +35,23 @@ def build(name: str, variant: str, device: torch.device, seed: int, **options: A
     return build_model(cfg).to(device)
 
 
+def load_checkpoint(model: nn.Module, directory: Path) -> None:
+    """Load the model weights of a `raydeq.train` checkpoint folder into `model`.
+
+    The checkpoint may hold a Skip DEQ: its predictor is ignored, f, stem and head must match.
+    """
+    from raydeq.train import read_checkpoint
+
+    weights = read_checkpoint(directory)["model"]
+    missing = [k for k in model.state_dict() if k not in weights and k != "layer.step"]
+    if missing:
+        raise ValueError(
+            f"{directory} holds no weights for {', '.join(missing[:3])}"
+            f"{' ...' if len(missing) > 3 else ''}: it is a checkpoint of another model"
+        )
+    model.load_state_dict({k: v for k, v in weights.items() if k in model.state_dict()})
+
+
 def input_shape(name: str) -> tuple[int, int, int]:
     """(channels, height, width) of the preset's images."""
     from raydeq.models import PRESETS

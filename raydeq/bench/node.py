@@ -72,9 +72,12 @@ def compare(ctx: Context, name: str, section: Section) -> None:
     labels = torch.arange(batch, device=ctx.device) % 10
     deq = models.build(name, "vanilla", ctx.device, ctx.seed, solver="vcab3")
     deq.layer.adjoint_options = {"rtol": deq.layer.termination.reltol}
+    checkpoint = ctx.weights.get(name)
     digits = models.mnist(ctx.data_dir, train=True) if source == "MNIST test digits" else None
-    steps = ctx.pick(TRAIN_STEPS) if digits is not None else 0
-    if digits is not None:
+    steps = ctx.pick(TRAIN_STEPS) if digits is not None and checkpoint is None else 0
+    if checkpoint is not None:
+        models.load_checkpoint(deq, checkpoint)
+    elif steps:
         fit(deq, *(t.to(ctx.device) for t in digits), steps, TRAIN_BATCH, ctx.seed)
     trained = {k: v for k, v in deq.state_dict().items() if not k.startswith("layer.step")}
     nets = {"vcab3": deq, "bs3": models.build(name, "vanilla", ctx.device, ctx.seed, solver="bs3")}
@@ -129,12 +132,15 @@ def compare(ctx: Context, name: str, section: Section) -> None:
                 )
             )
     term = deq.layer.termination
-    weights = (
-        f"weights of the DEQ after {steps} Adam steps (lr 1e-3, batch {TRAIN_BATCH}) on the "
-        "MNIST training digits"
-        if steps
-        else "untrained weights"
-    )
+    if checkpoint is not None:
+        weights = f"weights of the checkpoint {checkpoint}"
+    elif steps:
+        weights = (
+            f"weights of the DEQ after {steps} Adam steps (lr 1e-3, batch {TRAIN_BATCH}) on the "
+            "MNIST training digits"
+        )
+    else:
+        weights = "untrained weights"
     section.notes.append(
         f"{name}: batch of {batch} {source}, seed {ctx.seed}, {weights}, parameters "
         f"{'identical' if same else 'NOT identical'} in both layers; tolerances of the preset "
@@ -171,9 +177,10 @@ def run(ctx: Context) -> Section:
             "VJPs converged = fraction of samples whose adjoint solve met its rtol. The paper's "
             "ratios are for trained models: the dense model is trained briefly as a DEQ on the "
             "MNIST digits first (without the digits it stays untrained). The multiscale DEQs "
-            "run untrained: at initialisation they have no attracting equilibrium (their "
-            "presets pretrain thousands of unrolled steps first), so their forward stops at "
-            "max_steps and GMRES at max_iters, and their ratios say little. The targets "
+            "run untrained unless --weights gives a training checkpoint: at initialisation they "
+            "have no attracting equilibrium (their presets pretrain thousands of unrolled steps "
+            "first), so their forward stops at max_steps and GMRES at max_iters, and their "
+            "ratios say little. The targets "
             "compare the Neural ODE with the faster of the two DEQ solvers (named in detail)."
         ],
     )
