@@ -139,6 +139,10 @@ def test_node_benchmark_times_the_weights_of_a_training_checkpoint(tmp_path, cap
     assert "parameters identical" in section.notes[1]
     with pytest.raises(ValueError, match="checkpoint of another model"):
         models.load_checkpoint(models.build("cifar10_small", "vanilla", CPU, seed=0), folder)
+    cut = model.state_dict() | {"head.weight": model.head.weight[:5]}
+    cut_folder = write_checkpoint({"step": 7, "model": cut}, tmp_path / "cut")
+    with pytest.raises(ValueError, match="weights of another size"):
+        models.load_checkpoint(loaded, cut_folder)
     for bad, message in (
         ("mnist_dense", "expected MODEL=CHECKPOINT_FOLDER"),
         (f"cifar10_large={folder}", "'cifar10_large' is not among --models"),

@@ -49,7 +49,10 @@ def load_checkpoint(model: nn.Module, directory: Path) -> None:
             f"{directory} holds no weights for {', '.join(missing[:3])}"
             f"{' ...' if len(missing) > 3 else ''}: it is a checkpoint of another model"
         )
-    model.load_state_dict({k: v for k, v in weights.items() if k in model.state_dict()})
+    try:
+        model.load_state_dict({k: v for k, v in weights.items() if k in model.state_dict()})
+    except RuntimeError as err:
+        raise ValueError(f"{directory} holds weights of another size: {err}") from None
 
 
 def input_shape(name: str) -> tuple[int, int, int]:
