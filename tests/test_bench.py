@@ -9,12 +9,12 @@ import torch
 
 from raydeq.bench import models, node, peer_torchdeq, skip
 from raydeq.bench.__main__ import main
-from raydeq.bench.context import Context
+from raydeq.bench.context import Checkpoint, Context
 from raydeq.bench.memory import peak_memory
 from raydeq.bench.registry import BENCHMARKS
 from raydeq.bench.report import Section, Target, fmt
 from raydeq.bench.timing import measure
-from raydeq.train import write_checkpoint
+from raydeq.train import read_checkpoint, write_checkpoint
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist10k"
 CPU = torch.device("cpu")
@@ -128,21 +128,21 @@ def test_node_benchmark_times_the_weights_of_a_training_checkpoint(tmp_path, cap
     with torch.no_grad():
         model.head.weight.mul_(2.0)
     folder = write_checkpoint({"step": 7, "model": model.state_dict()}, tmp_path / "ckpt")
+    checkpoint = Checkpoint(folder, read_checkpoint(folder)["model"])
     loaded = models.build("mnist_dense", "vanilla", CPU, seed=0)
-    models.load_checkpoint(loaded, folder)
+    models.load_checkpoint(loaded, checkpoint)
     assert torch.equal(loaded.head.weight, model.head.weight)
     assert torch.equal(loaded.layer.f.state.weight, model.layer.f.state.weight)
     section = node.run(
-        Context(CPU, "tiny", ("mnist_dense",), DATA, weights={"mnist_dense": folder})
+        Context(CPU, "tiny", ("mnist_dense",), DATA, weights={"mnist_dense": checkpoint})
     )
     assert len(section.rows) == 4 and f"weights of the checkpoint {folder}" in section.notes[1]
     assert "parameters identical" in section.notes[1]
     with pytest.raises(ValueError, match="checkpoint of another model"):
-        models.load_checkpoint(models.build("cifar10_small", "vanilla", CPU, seed=0), folder)
-    cut = model.state_dict() | {"head.weight": model.head.weight[:5]}
-    cut_folder = write_checkpoint({"step": 7, "model": cut}, tmp_path / "cut")
+        models.load_checkpoint(models.build("cifar10_small", "vanilla", CPU, seed=0), checkpoint)
+    cut = Checkpoint(folder, checkpoint.weights | {"head.weight": model.head.weight[:5]})
     with pytest.raises(ValueError, match="weights of another size"):
-        models.load_checkpoint(loaded, cut_folder)
+        models.load_checkpoint(loaded, cut)
     for bad, message in (
         ("mnist_dense", "expected MODEL=CHECKPOINT_FOLDER"),
         (f"cifar10_large={folder}", "'cifar10_large' is not among --models"),

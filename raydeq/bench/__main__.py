@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from raydeq.bench.context import DEFAULT_DATA, SIZES, Context
+from raydeq.bench.context import DEFAULT_DATA, SIZES, Checkpoint, Context
 from raydeq.bench.registry import BENCHMARKS
 from raydeq.bench.report import Report, machine_info, write
 
@@ -75,8 +75,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def parse_weights(
     parser: argparse.ArgumentParser, items: Sequence[str], models: Sequence[str]
-) -> dict[str, Path]:
-    """MODEL=CHECKPOINT pairs as a dict; exits with a usage error naming a bad pair."""
+) -> dict[str, Checkpoint]:
+    """MODEL=CHECKPOINT pairs, each checkpoint read once; a usage error names a bad pair."""
     weights = {}
     for item in items:
         name, sep, folder = item.partition("=")
@@ -87,10 +87,9 @@ def parse_weights(
         from raydeq.train import CheckpointError, read_checkpoint
 
         try:
-            read_checkpoint(Path(folder))
+            weights[name] = Checkpoint(Path(folder), read_checkpoint(Path(folder))["model"])
         except CheckpointError as err:
             parser.error(f"--weights {item!r}: {err}")
-        weights[name] = Path(folder)
     return weights
 
 

@@ -15,13 +15,21 @@ DEFAULT_DATA = Path("../shared/data/mnist10k")
 
 
 @dataclass(frozen=True)
+class Checkpoint:
+    """Model weights read from a `raydeq.train` checkpoint folder."""
+
+    folder: Path
+    weights: Mapping[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
 class Context:
     """Settings of one benchmark run.
 
     size is "tiny" (the smoke test: smallest problems, one repeat), "quick" (a few minutes on
     a 2-core CPU) or "full"; models are the presets the model-level benchmarks use; weights
-    maps a preset to a training checkpoint folder whose model the DEQ-vs-Neural-ODE benchmark
-    loads instead of training or leaving it untrained.
+    maps a preset to a training checkpoint whose model the DEQ-vs-Neural-ODE benchmark loads
+    instead of training or leaving it untrained.
     """
 
     device: torch.device
@@ -29,7 +37,7 @@ class Context:
     models: tuple[str, ...] = ("mnist_dense", "cifar10_small")
     data_dir: Path = DEFAULT_DATA
     seed: int = 0
-    weights: Mapping[str, Path] = field(default_factory=dict)
+    weights: Mapping[str, Checkpoint] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.size not in SIZES:

@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from raydeq.bench.context import Checkpoint
+
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 
 
@@ -35,24 +37,22 @@ def build(name: str, variant: str, device: torch.device, seed: int, **options: A
     return build_model(cfg).to(device)
 
 
-def load_checkpoint(model: nn.Module, directory: Path) -> None:
-    """Load the model weights of a `raydeq.train` checkpoint folder into `model`.
+def load_checkpoint(model: nn.Module, checkpoint: Checkpoint) -> None:
+    """Load the model weights of a `raydeq.train` checkpoint into `model`.
 
     The checkpoint may hold a Skip DEQ: its predictor is ignored, f, stem and head must match.
     """
-    from raydeq.train import read_checkpoint
-
-    weights = read_checkpoint(directory)["model"]
-    missing = [k for k in model.state_dict() if k not in weights and k != "layer.step"]
+    own = model.state_dict()
+    missing = [k for k in own if k not in checkpoint.weights and k != "layer.step"]
     if missing:
         raise ValueError(
-            f"{directory} holds no weights for {', '.join(missing[:3])}"
+            f"{checkpoint.folder} holds no weights for {', '.join(missing[:3])}"
             f"{' ...' if len(missing) > 3 else ''}: it is a checkpoint of another model"
         )
     try:
-        model.load_state_dict({k: v for k, v in weights.items() if k in model.state_dict()})
+        model.load_state_dict({k: v for k, v in checkpoint.weights.items() if k in own})
     except RuntimeError as err:
-        raise ValueError(f"{directory} holds weights of another size: {err}") from None
+        raise ValueError(f"{checkpoint.folder} holds weights of another size: {err}") from None
 
 
 def input_shape(name: str) -> tuple[int, int, int]:

@@ -133,7 +133,7 @@ def compare(ctx: Context, name: str, section: Section) -> None:
             )
     term = deq.layer.termination
     if checkpoint is not None:
-        weights = f"weights of the checkpoint {checkpoint}"
+        weights = f"weights of the checkpoint {checkpoint.folder}"
     elif steps:
         weights = (
             f"weights of the DEQ after {steps} Adam steps (lr 1e-3, batch {TRAIN_BATCH}) on the "
