@@ -54,7 +54,7 @@ def test_validate_accepts_its_own_output():
         ({"optim": {"lrr": 1}}, "optim.lrr: unknown key; allowed keys in optim: optimizer, lr,"),
         (
             {"model": {"solver": "rk4"}},
-            "model.solver: 'rk4' is not allowed; choose one of vcab3, tsit5, bs3, broyden, "
+            "model.solver: 'rk4' is not allowed; choose one of vcab3, tsit5, bs3, euler, broyden, "
             "anderson, fixed_point",
         ),
         ({"model": {"model": "resnet"}}, "model.model: 'resnet' is not allowed; choose one"),

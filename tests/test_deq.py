@@ -67,7 +67,7 @@ def test_output_has_the_public_fields():
     ]
 
 
-@pytest.mark.parametrize("solver", ["vcab3", "tsit5", "bs3", "broyden", "anderson"])
+@pytest.mark.parametrize("solver", ["vcab3", "tsit5", "bs3", "euler", "broyden", "anderson"])
 def test_equilibrium_matches_plain_iteration(solver):
     f, x = dense_cell()
     out = DEQ(f, solver=solver, **TIGHT)(x)
@@ -273,7 +273,7 @@ def test_pretraining_unrolls_f_then_solves():
         ({"init": "ones"}, "init='ones' is not one of 'zeros', 'skip', 'skip_reg'"),
         ({"init": "skip"}, "init='skip' needs a predictor module"),
         ({"skip": nn.Identity()}, "skip= is only used with init='skip'"),
-        ({"solver": "euler"}, "solver='euler' is not one of 'vcab3'"),
+        ({"solver": "rk4"}, "solver='rk4' is not one of 'vcab3'"),
         ({"adjoint": "magic"}, "adjoint='magic' is not one of 'gmres'"),
         ({"max_steps": 0}, "max_steps=0 must be an integer > 0"),
         ({"pretrain_steps": -1}, "pretrain_steps=-1 must be an integer >= 0"),

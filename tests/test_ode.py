@@ -41,7 +41,9 @@ def integrate(f, z0, solver: str, t1: float, steps: int) -> torch.Tensor:
         ).z
 
 
-@pytest.mark.parametrize(("solver", "order"), [("tsit5", 5), ("bs3", 3), ("vcab3", 3)])
+@pytest.mark.parametrize(
+    ("solver", "order"), [("tsit5", 5), ("bs3", 3), ("vcab3", 3), ("euler", 1)]
+)
 def test_convergence_order(solver, order):
     f, z0, exact = linear_problem()
     t1 = 2.0
@@ -76,7 +78,7 @@ def test_agrees_with_torchdiffeq_dopri5(solver):
 
 def test_adaptive_solve_reaches_the_closed_form_steady_state():
     f, z0, exact = linear_problem()
-    for solver in ("tsit5", "bs3", "vcab3"):
+    for solver in ("tsit5", "bs3", "vcab3", "euler"):
         with torch.no_grad():
             sol = raydeq.solve(f, z0, solver=solver, abstol=1e-9, reltol=0.0, max_steps=5000)
         torch.testing.assert_close(sol.z, exact(200.0), rtol=0, atol=1e-7)
@@ -104,7 +106,7 @@ def test_adams_weights_integrate_quadratics_and_milne_estimates_the_predictor_er
     torch.testing.assert_close(0.9 * (y_am - y_ab), step**4 / 4 - y_ab, rtol=1e-12, atol=0)
 
 
-@pytest.mark.parametrize("solver", ["vcab3", "tsit5", "bs3"])
+@pytest.mark.parametrize("solver", ["vcab3", "tsit5", "bs3", "euler"])
 def test_the_steady_state_is_reached_at_the_stability_limit(solver):
     """A few slow modes and many fast ones: the steps end at the explicit method's stability
     limit, where the step-size controller must not cycle above the tolerance."""
@@ -117,3 +119,26 @@ def test_the_steady_state_is_reached_at_the_stability_limit(solver):
         )
     assert bool(sol.stats.converged.all()), (sol.stats.nfe, float(sol.stats.residual.max()))
     assert sol.stats.nfe < 200
+
+
+def test_a_step_relative_tolerance_skips_resolving_the_transient():
+    """Euler accepts local errors up to step_rtol of the step length: far from the steady
+    state its steps grow as if the tolerance were loose, yet it stops at the same residual, at
+    the closed-form steady state, with a fraction of the evaluations."""
+    f, z0, exact = linear_problem()
+    nfe = {}
+    for step_rtol in (0.0, 0.3):
+        with torch.no_grad():
+            sol = raydeq.solve(
+                f,
+                z0,
+                solver="euler",
+                abstol=1e-6,
+                reltol=0.0,
+                max_steps=10000,
+                solver_options={"step_rtol": step_rtol},
+            )
+        assert bool(sol.stats.converged.all())
+        torch.testing.assert_close(sol.z, exact(200.0), rtol=0, atol=3e-5)
+        nfe[step_rtol] = sol.stats.nfe
+    assert nfe[0.3] < nfe[0.0] / 10, nfe

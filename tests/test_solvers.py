@@ -266,12 +266,13 @@ def test_divergence_stops_the_sample():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"solver": "euler"}, "solver='euler' is not one of vcab3"),
+        ({"solver": "rk4"}, "solver='rk4' is not one of vcab3"),
         ({"adjoint": "magic"}, "adjoint='magic' is not one of gmres"),
         ({"abstol": -1.0}, "abstol=-1.0 must be a number >= 0"),
         ({"max_steps": 0}, "max_steps=0 must be an integer >= 1"),
         ({"solver": "anderson", "solver_options": {"m": 0}}, "m=0 must be >= 1"),
         ({"solver_options": {"kind": "pid"}}, "kind='pid' is not one of"),
+        ({"solver_options": {"step_rtol": 1.5}}, "step_rtol=1.5 must be in"),
     ],
 )
 def test_bad_arguments_are_named(kwargs, message):

@@ -19,7 +19,7 @@ SIZES = {
     "quick": dict(spectrum=Spectrum(dim=512, batch=64), batch=128, repeats=7),
     "full": dict(spectrum=Spectrum(dim=1024, batch=256), batch=256, repeats=15),
 }
-SOLVERS = ("fixed_point", "anderson", "broyden", "vcab3", "tsit5")
+SOLVERS = ("fixed_point", "anderson", "broyden", "vcab3", "tsit5", "euler")
 MODEL = "mnist_dense"
 TOL = 1e-5
 

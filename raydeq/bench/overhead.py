@@ -15,7 +15,7 @@ SIZES = {
     "quick": dict(spectrum=Spectrum(dim=512, batch=64), repeats=25, calls=20),
     "full": dict(spectrum=Spectrum(dim=1024, batch=256), repeats=15, calls=20),
 }
-SOLVERS = ("fixed_point", "anderson", "broyden", "vcab3")
+SOLVERS = ("fixed_point", "anderson", "broyden", "vcab3", "euler")
 LIMITS = {"fixed_point": 1.5, "anderson": 2.5, "broyden": 2.5}
 TOL = 1e-4
 

@@ -3,7 +3,9 @@
 torchdiffeq has no steady-state stop: a user either integrates to a fixed end time or stops
 at an event ||f(z) - z|| = tol (odeint_event), which costs an evaluation of f per check. Both
 are given their best absolute tolerance in hindsight, and the fixed end time its best value
-in hindsight (the first time on a fine grid at which every sample meets the tolerance).
+in hindsight (the first time on a fine grid at which every sample meets the tolerance). The
+fixed end time is also given to adaptive_heun, torchdiffeq's low-order pair (Heun with an
+Euler estimate), for comparison with raydeq's euler.
 """
 
 from __future__ import annotations
@@ -26,10 +28,11 @@ SIZES = {
     "quick": dict(spectrum=Spectrum(dim=256, batch=32), repeats=5, grid=400),
     "full": dict(spectrum=Spectrum(dim=512, batch=128), repeats=9, grid=1000),
 }
-SOLVERS = ("vcab3", "tsit5", "bs3")
+SOLVERS = ("vcab3", "tsit5", "bs3", "euler")
 TOL = 1e-4
 ATOL_FACTORS = (1.0, 0.3, 0.1, 0.03, 0.01, 3e-3, 1e-3)
 MAX_STEPS = 20000
+FIXED_TIME_METHODS = ("dopri5", "adaptive_heun")
 
 
 def field(problem: SpectralProblem) -> Callable[[Tensor, Tensor], Tensor]:
@@ -65,25 +68,42 @@ def event_run(problem: SpectralProblem, atol: float) -> Callable[[Callable, Tens
     return run
 
 
-def fixed_time_run(problem: SpectralProblem, atol: float, t1: float) -> Callable:
+def fixed_time_run(problem: SpectralProblem, method: str, atol: float, t1: float) -> Callable:
     """run(f, z0) for forward_case: odeint over [0, t1]."""
 
     def run(f: Callable[[Tensor], Tensor], z0: Tensor) -> Tensor:
         t = torch.tensor([0.0, t1], dtype=z0.dtype, device=z0.device)
-        return odeint(field(problem), z0, t, method="dopri5", rtol=0.0, atol=atol)[-1]
+        return odeint(field(problem), z0, t, method=method, rtol=0.0, atol=atol)[-1]
 
     return run
 
 
-def first_steady_time(problem: SpectralProblem, atol: float, horizon: float, grid: int) -> float:
+def first_steady_time(
+    problem: SpectralProblem, method: str, atol: float, horizon: float, grid: int
+) -> float:
     """The first time on a grid over [0, horizon] at which every sample meets TOL (inf if none)."""
     t = torch.linspace(0, horizon, grid, dtype=problem.x.dtype, device=problem.x.device)
     with torch.no_grad():
-        path = odeint(field(problem), problem.z0(), t, method="dopri5", rtol=0.0, atol=atol)
+        path = odeint(field(problem), problem.z0(), t, method=method, rtol=0.0, atol=atol)
     for time, z in zip(t.tolist(), path, strict=True):
         if float(problem.residual(z).max()) <= TOL:
             return time
     return math.inf
+
+
+def best_fixed_time(
+    problem: SpectralProblem, method: str, horizon: float, grid: int
+) -> tuple[float, float] | None:
+    """(atol, end time) of the fewest-NFE odeint run that meets TOL, None if no atol does."""
+    best = None
+    for factor in ATOL_FACTORS:
+        atol = factor * TOL
+        t1 = first_steady_time(problem, method, atol, horizon, grid)
+        if math.isfinite(t1):
+            outcome = forward_case(problem, fixed_time_run(problem, method, atol, t1))()()
+            if outcome.residual <= TOL and (best is None or outcome.nfe < best[0]):
+                best = (outcome.nfe, atol, t1)
+    return best[1:] if best else None
 
 
 def run(ctx: Context) -> Section:
@@ -102,7 +122,7 @@ def run(ctx: Context) -> Section:
             __doc__.split("\n\n")[1].replace("\n", " "),
             f"f(z) = W tanh(z) + x, width {spec.dim}, batch {spec.batch}, float32, spectral "
             f"radius of J_f(z*) {rho:.3f}; target: worst RMS residual {TOL:g}. raydeq: abstol "
-            f"{TOL:g}, reltol 0, no tuning. torchdiffeq: dopri5, rtol 0, atol in "
+            f"{TOL:g}, reltol 0, no tuning. torchdiffeq: rtol 0, atol in "
             f"{', '.join(f'{a:g}' for a in ATOL_FACTORS)} x {TOL:g}; NFE counts every "
             "evaluation of f, the event function's included.",
         ],
@@ -112,30 +132,28 @@ def run(ctx: Context) -> Section:
         for name in SOLVERS
     }
     settings: dict[str, tuple[float, float | None]] = {}
-    event_best = fixed_best = None
+    event_best = None
     for factor in ATOL_FACTORS:
-        atol = factor * TOL
-        outcome = forward_case(problem, event_run(problem, atol))()()
+        outcome = forward_case(problem, event_run(problem, factor * TOL))()()
         if outcome.residual <= TOL and (event_best is None or outcome.nfe < event_best[1].nfe):
-            event_best = (atol, outcome)
-        t1 = first_steady_time(problem, atol, horizon, size["grid"])
-        if math.isfinite(t1):
-            outcome = forward_case(problem, fixed_time_run(problem, atol, t1))()()
-            if outcome.residual <= TOL and (fixed_best is None or outcome.nfe < fixed_best[2].nfe):
-                fixed_best = (atol, t1, outcome)
+            event_best = (factor * TOL, outcome)
     if event_best:
-        settings["torchdiffeq odeint_event"] = (event_best[0], None)
-        cases["torchdiffeq odeint_event"] = forward_case(problem, event_run(problem, event_best[0]))
-    if fixed_best:
-        settings["torchdiffeq odeint"] = (fixed_best[0], fixed_best[1])
-        cases["torchdiffeq odeint"] = forward_case(
-            problem, fixed_time_run(problem, fixed_best[0], fixed_best[1])
+        settings["torchdiffeq dopri5/odeint_event"] = (event_best[0], None)
+        cases["torchdiffeq dopri5/odeint_event"] = forward_case(
+            problem, event_run(problem, event_best[0])
         )
+    for method in FIXED_TIME_METHODS:
+        best = best_fixed_time(problem, method, horizon, size["grid"])
+        if best:
+            settings[f"torchdiffeq {method}/odeint"] = best
+            cases[f"torchdiffeq {method}/odeint"] = forward_case(
+                problem, fixed_time_run(problem, method, *best)
+            )
     timings = measure(cases, ctx.device, repeats=size["repeats"])
     outcomes: dict[str, Outcome] = {}
     for label, t in timings.items():
         outcomes[label] = outcome = t.values[-1]
-        library, method = label.split(" ")
+        library, method = label.replace("/", " ").split(" ", 1)
         atol, t1 = settings.get(label, (TOL, None))
         section.add(
             library=library,
@@ -146,10 +164,10 @@ def run(ctx: Context) -> Section:
         )
     ours = min((o.nfe, k) for k, o in outcomes.items() if k.startswith("raydeq"))
     for label, how in (("odeint", "best end time and atol"), ("odeint_event", "best atol")):
-        peer = outcomes.get(f"torchdiffeq {label}")
+        peer = outcomes.get(f"torchdiffeq dopri5/{label}")
         section.targets.append(
             Target(
-                f"raydeq best NFE / torchdiffeq {label} NFE ({how} in hindsight)",
+                f"raydeq best NFE / torchdiffeq dopri5 {label} NFE ({how} in hindsight)",
                 ratio(ours[0], peer.nfe) if peer else None,
                 0.5,
                 detail=f"{ours[1]}: {ours[0]} vs {peer.nfe} NFE" if peer else "TOL not met",

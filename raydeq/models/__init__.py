@@ -15,8 +15,8 @@ VARIANTS = ("vanilla", "skip", "skip_reg", "neural_ode")
 INITS = {"vanilla": "zeros", "skip": "skip", "skip_reg": "skip_reg"}
 # torchdiffeq's closest method to each continuous solver: bosh3 is BS3; dopri5 is, like
 # Tsit5, a 5(4) FSAL pair; VCAB3 (variable-coefficient Adams) has no torchdiffeq equivalent,
-# so it maps to the adaptive third-order bosh3.
-ODE_METHODS = {"vcab3": "bosh3", "bs3": "bosh3", "tsit5": "dopri5"}
+# so it maps to the adaptive third-order bosh3; adaptive_heun is Euler's embedded pair.
+ODE_METHODS = {"vcab3": "bosh3", "bs3": "bosh3", "tsit5": "dopri5", "euler": "adaptive_heun"}
 
 
 def _options(layer: type, options: dict[str, Any]) -> dict[str, Any]:

@@ -31,6 +31,10 @@ class Tableau:
     error_order: int
 
 
+# Euler, with its difference to the trapezoidal rule, h/2 (k_new - k), as the error estimate:
+# one evaluation of f per step. At h = 1 a step is one fixed-point iteration z <- f(z).
+EULER = Tableau(a=((1.0,),), b_error=(-1 / 2, 1 / 2), order=1, error_order=1)
+
 # Bogacki-Shampine 3(2).
 BS3 = Tableau(
     a=((1 / 2,), (0.0, 3 / 4), (2 / 9, 1 / 3, 4 / 9)),
@@ -88,7 +92,10 @@ class Controller:
 
     With kind="i" it is the plain integral controller (b = 0); with kind="fixed" every step is
     accepted and h stays h0 (for convergence-order studies). h0 is the first step; None picks
-    it from the problem (one extra evaluation of f).
+    it from the problem (one extra evaluation of f). step_rtol > 0 also accepts a local error
+    up to that fraction of the step's own length ||z_new - z||: a steady state needs each step
+    to be a controlled move, not an accurate path, so far from it the steps need not resolve
+    the transient to abstol.
     """
 
     kind: str = "pi"
@@ -96,6 +103,7 @@ class Controller:
     safety: float = 0.9
     min_factor: float = 0.2
     max_factor: float = 10.0
+    step_rtol: float = 0.0
 
     def __post_init__(self) -> None:
         if self.kind not in ("pi", "i", "fixed"):
@@ -104,6 +112,8 @@ class Controller:
             raise ValueError("kind='fixed' needs the step size h0")
         if self.h0 is not None and not self.h0 > 0:
             raise ValueError(f"h0={self.h0!r} must be > 0")
+        if not 0 <= self.step_rtol < 1:
+            raise ValueError(f"step_rtol={self.step_rtol!r} must be in [0, 1)")
 
     def first_step(
         self, field: Field, y: torch.Tensor, k: torch.Tensor, order: int, term: Termination
@@ -152,17 +162,24 @@ class Controller:
 
 
 def error_norm(
-    error: torch.Tensor, y: torch.Tensor, y_new: torch.Tensor, term: Termination
+    error: torch.Tensor,
+    y: torch.Tensor,
+    y_new: torch.Tensor,
+    term: Termination,
+    step_rtol: float = 0.0,
 ) -> torch.Tensor:
-    """Local error per sample, scaled by abstol + reltol * max(|y|, |y_new|) (RMS norm).
+    """Local error per sample, scaled by abstol + reltol * max(|y|, |y_new|) (RMS norm), plus
+    step_rtol * ||y_new - y|| where that is set (see Controller).
 
     Step-size decisions are not differentiated: an unrolled backward sees a fixed step sequence.
     """
     if error.requires_grad or y_new.requires_grad:
         error, y, y_new = error.detach(), y.detach(), y_new.detach()
+    abstol = term.abstol + step_rtol * rms(y_new - y) if step_rtol else term.abstol
     if not term.reltol:
-        return rms(error) / term.abstol
-    scale = torch.maximum(y.abs(), y_new.abs()).mul_(term.reltol).add_(term.abstol)
+        return rms(error) / abstol
+    scale = torch.maximum(y.abs(), y_new.abs()).mul_(term.reltol)
+    scale = scale.add_(abstol[:, None] if step_rtol else abstol)
     return rms(error.div(scale))
 
 
@@ -244,7 +261,8 @@ def move_rows(
 
 
 class RungeKutta:
-    """Adaptive FSAL Runge-Kutta steady-state solve: tsit5 (5th order) or bs3 (3rd order)."""
+    """Adaptive FSAL Runge-Kutta steady-state solve: tsit5 (5th order), bs3 (3rd order) or
+    euler (1st order)."""
 
     def __init__(self, tableau: Tableau, controller: Controller) -> None:
         self.tableau = tableau
@@ -265,7 +283,7 @@ class RungeKutta:
             y_new, k_new, error = rk_step(field, t, y, k, torch.where(active, h, 0.0))
             nfe += len(t.a)
             steps += 1
-            err = error_norm(error, y, y_new, term)
+            err = error_norm(error, y, y_new, term, self.controller.step_rtol)
             accept, factor, previous = self.controller.judge(
                 monitor, active, err, y_new, k_new, previous, t.error_order
             )
@@ -332,7 +350,7 @@ class VCAB3:
             y_new, k_new, error = rk_step(field, BS3, y, k, torch.where(active, h, 0.0))
             nfe += len(BS3.a)
             steps += 1
-            err = error_norm(error, y, y_new, term)
+            err = error_norm(error, y, y_new, term, self.controller.step_rtol)
             accept, factor, previous = self.controller.judge(
                 monitor, active, err, y_new, k_new, previous, BS3.error_order
             )
@@ -352,7 +370,7 @@ class VCAB3:
             difference = weighted_sum(
                 None, zip((*milne, new_weight), (*history, k_new), strict=True)
             )
-            err = 0.9 * error_norm(difference, y, y_new, term)
+            err = 0.9 * error_norm(difference, y, y_new, term, self.controller.step_rtol)
             accept, factor, previous = self.controller.judge(
                 monitor, active, err, y_new, k_new, previous, 3
             )

@@ -9,12 +9,12 @@ import torch
 
 from raydeq.solvers.adjoint import _count, make_adjoint
 from raydeq.solvers.discrete import Anderson, Broyden, FixedPoint
-from raydeq.solvers.ode import BS3, TSIT5, VCAB3, Controller, RungeKutta
+from raydeq.solvers.ode import BS3, EULER, TSIT5, VCAB3, Controller, RungeKutta
 from raydeq.solvers.state import State, Structure, flat_function
 from raydeq.solvers.stats import SolveStats
 from raydeq.solvers.termination import Monitor, Termination
 
-CONTINUOUS = ("vcab3", "tsit5", "bs3")
+CONTINUOUS = ("vcab3", "tsit5", "bs3", "euler")
 DISCRETE = ("broyden", "anderson", "fixed_point")
 SOLVERS = CONTINUOUS + DISCRETE
 ADJOINTS = ("gmres", "fixed_point", "jfb", "unrolled")
@@ -28,15 +28,20 @@ class Solution:
     stats: SolveStats
 
 
+# Euler's step-size control: the integral controller (a PI term slows its growth to the
+# stability limit) and local errors up to 0.3 of the step length (see Controller.step_rtol).
+CONTROLLER_DEFAULTS = {"euler": {"kind": "i", "step_rtol": 0.3}}
+
+
 def make_solver(name: str, options: dict) -> Callable:
     """The forward solver named by `solver=`, built with its options."""
     if name not in SOLVERS:
         raise ValueError(f"solver={name!r} is not one of {', '.join(SOLVERS)}")
     if name in CONTINUOUS:
-        controller = Controller(**options)
+        controller = Controller(**{**CONTROLLER_DEFAULTS.get(name, {}), **options})
         if name == "vcab3":
             return VCAB3(controller)
-        return RungeKutta(TSIT5 if name == "tsit5" else BS3, controller)
+        return RungeKutta({"tsit5": TSIT5, "bs3": BS3, "euler": EULER}[name], controller)
     return {"fixed_point": FixedPoint, "anderson": Anderson, "broyden": Broyden}[name](**options)
 
 
@@ -54,17 +59,18 @@ def solve(
 ) -> Solution:
     """Solve z* = f(z*) per sample, starting from z0 (a tensor (B, ...) or a list of them).
 
-    Continuous solvers ("vcab3", "tsit5", "bs3") integrate dz/dt = f(z) - z from t=0 and stop
-    each sample once ||f(z) - z|| <= abstol + reltol * ||z|| (RMS norms over each sample's
-    features), the same test the discrete solvers ("broyden", "anderson", "fixed_point") use;
-    the step-size control of the continuous ones uses the same abstol and reltol. Samples that
+    Continuous solvers ("vcab3", "tsit5", "bs3", "euler") integrate dz/dt = f(z) - z from t=0
+    and stop each sample once ||f(z) - z|| <= abstol + reltol * ||z|| (RMS norms over each
+    sample's features), the same test the discrete solvers ("broyden", "anderson",
+    "fixed_point") use; the step-size control of the continuous ones uses the same abstol and
+    reltol ("euler" also accepts local errors up to 0.3 of the step length, step_rtol). Samples that
     do not converge within max_steps return their best iterate; non-finite or diverging
     (residual > divergence x best) samples stop early; `stats.status` says which.
 
     The backward pass: "gmres" / "fixed_point" solve (I - J)^T g = v at z* (implicit
     function theorem), "jfb" takes g = v, "unrolled" backpropagates through the solver steps.
-    Options of the solver (e.g. m for anderson; kind="pi"|"i"|"fixed" and h0 for the ODE
-    solvers' step-size controller) and of the
+    Options of the solver (e.g. m for anderson; kind="pi"|"i"|"fixed", h0 and step_rtol for
+    the ODE solvers' step-size controller) and of the
     adjoint (rtol, atol, restart, max_iters, warm_start) go in solver_options / adjoint_options.
     `stats.nfe` counts every evaluation of f, including the one that attaches z* to the graph.
     """
