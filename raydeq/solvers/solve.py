@@ -29,8 +29,9 @@ class Solution:
 
 
 # Euler's step-size control: the integral controller (a PI term slows its growth to the
-# stability limit) and local errors up to 0.3 of the step length (see Controller.step_rtol).
-CONTROLLER_DEFAULTS = {"euler": {"kind": "i", "step_rtol": 0.3}}
+# stability limit), local errors up to 0.25 of the step length (see Controller.step_rtol) and
+# a first step of 1, the flow's own time scale: that step is one fixed-point iteration.
+CONTROLLER_DEFAULTS = {"euler": {"kind": "i", "step_rtol": 0.25, "h0": 1.0}}
 
 
 def make_solver(name: str, options: dict) -> Callable:
@@ -63,15 +64,15 @@ def solve(
     and stop each sample once ||f(z) - z|| <= abstol + reltol * ||z|| (RMS norms over each
     sample's features), the same test the discrete solvers ("broyden", "anderson",
     "fixed_point") use; the step-size control of the continuous ones uses the same abstol and
-    reltol ("euler" also accepts local errors up to 0.3 of the step length, step_rtol). Samples that
-    do not converge within max_steps return their best iterate; non-finite or diverging
-    (residual > divergence x best) samples stop early; `stats.status` says which.
+    reltol ("euler" also accepts local errors up to 0.25 of the step length, step_rtol).
+    Samples that do not converge within max_steps return their best iterate; non-finite or
+    diverging (residual > divergence x best) samples stop early; `stats.status` says which.
 
     The backward pass: "gmres" / "fixed_point" solve (I - J)^T g = v at z* (implicit
     function theorem), "jfb" takes g = v, "unrolled" backpropagates through the solver steps.
     Options of the solver (e.g. m for anderson; kind="pi"|"i"|"fixed", h0 and step_rtol for
-    the ODE solvers' step-size controller) and of the
-    adjoint (rtol, atol, restart, max_iters, warm_start) go in solver_options / adjoint_options.
+    the ODE solvers' step-size controller) and of the adjoint (rtol, atol, restart, max_iters,
+    warm_start) go in solver_options / adjoint_options.
     `stats.nfe` counts every evaluation of f, including the one that attaches z* to the graph.
     """
     if adjoint not in ADJOINTS:
