@@ -127,7 +127,7 @@ def test_a_step_relative_tolerance_skips_resolving_the_transient():
     the closed-form steady state, with a fraction of the evaluations."""
     f, z0, exact = linear_problem()
     nfe = {}
-    for step_rtol in (0.0, 0.25):
+    for step_rtol in (0.0, 0.4):
         with torch.no_grad():
             sol = raydeq.solve(
                 f,
@@ -141,4 +141,4 @@ def test_a_step_relative_tolerance_skips_resolving_the_transient():
         assert bool(sol.stats.converged.all())
         torch.testing.assert_close(sol.z, exact(200.0), rtol=0, atol=3e-5)
         nfe[step_rtol] = sol.stats.nfe
-    assert nfe[0.25] < nfe[0.0] / 10, nfe
+    assert nfe[0.4] < nfe[0.0] / 10, nfe
