@@ -138,22 +138,22 @@ def run(ctx: Context) -> Section:
         if outcome.residual <= TOL and (event_best is None or outcome.nfe < event_best[1].nfe):
             event_best = (factor * TOL, outcome)
     if event_best:
-        settings["torchdiffeq dopri5/odeint_event"] = (event_best[0], None)
-        cases["torchdiffeq dopri5/odeint_event"] = forward_case(
+        settings["torchdiffeq dopri5 odeint_event"] = (event_best[0], None)
+        cases["torchdiffeq dopri5 odeint_event"] = forward_case(
             problem, event_run(problem, event_best[0])
         )
     for method in FIXED_TIME_METHODS:
         best = best_fixed_time(problem, method, horizon, size["grid"])
         if best:
-            settings[f"torchdiffeq {method}/odeint"] = best
-            cases[f"torchdiffeq {method}/odeint"] = forward_case(
+            settings[f"torchdiffeq {method} odeint"] = best
+            cases[f"torchdiffeq {method} odeint"] = forward_case(
                 problem, fixed_time_run(problem, method, *best)
             )
     timings = measure(cases, ctx.device, repeats=size["repeats"])
     outcomes: dict[str, Outcome] = {}
     for label, t in timings.items():
         outcomes[label] = outcome = t.values[-1]
-        library, method = label.replace("/", " ").split(" ", 1)
+        library, method = label.split(" ", 1)
         atol, t1 = settings.get(label, (TOL, None))
         section.add(
             library=library,
@@ -164,7 +164,7 @@ def run(ctx: Context) -> Section:
         )
     ours = min((o.nfe, k) for k, o in outcomes.items() if k.startswith("raydeq"))
     for label, how in (("odeint", "best end time and atol"), ("odeint_event", "best atol")):
-        peer = outcomes.get(f"torchdiffeq dopri5/{label}")
+        peer = outcomes.get(f"torchdiffeq dopri5 {label}")
         section.targets.append(
             Target(
                 f"raydeq best NFE / torchdiffeq dopri5 {label} NFE ({how} in hindsight)",
