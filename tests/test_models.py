@@ -3,11 +3,13 @@ continuous and a discrete solver, batch independence (group norm), dropout masks
 
 import dataclasses
 import time
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision import datasets
 
 from raydeq.models import PRESETS, VARIANTS, build
 from raydeq.models.layers import VariationalDropout2d
@@ -263,3 +265,25 @@ def test_every_adjoint_builds_and_trains_with_the_preset_defaults(adjoint):
     torch.nn.functional.cross_entropy(logits, torch.zeros(2, dtype=torch.long)).backward()
     assert out.stats.backward_nvjp >= 1
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_euler_does_not_cycle_on_a_multiscale_deq_at_initialisation():
+    """The MNIST MDEQ at initialisation is no contraction (fixed-point iteration stalls), and
+    Euler near its stability limit must not cycle: its default PI control reaches the preset's
+    tolerance on 64 test digits, where the integral controller cycles above it."""
+    root = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist10k"
+    digits = datasets.MNIST(str(root), train=False).data[:64]
+    x = digits.float().div(255).sub(0.1307).div(0.3081).unsqueeze(1)
+    runs = {
+        "fixed point": ("fixed_point", {}),
+        "euler": ("euler", {}),
+        "euler, integral control": ("euler", {"kind": "i"}),
+    }
+    converged = {}
+    for label, (solver, options) in runs.items():
+        torch.manual_seed(0)
+        cfg = {"model": "mnist_mdeq", "solver": solver, "max_steps": 100}
+        net = build({**cfg, "solver_options": options}).eval()
+        with torch.no_grad():
+            converged[label] = bool(net(x)[1].stats.converged.all())
+    assert converged == {"fixed point": False, "euler": True, "euler, integral control": False}
