@@ -55,7 +55,7 @@ def residual_stats(
     structure = Structure.of(z)
     flat = structure.flatten(_detach(z))
     monitor = Monitor(flat, termination)
-    monitor.update(flat, structure.flatten(_detach(fz)) - flat, torch.ones_like(monitor.active))
+    monitor.update(flat, structure.flatten(_detach(fz)) - flat)
     return SolveStats.from_monitor(monitor, nfe, steps)
 
 

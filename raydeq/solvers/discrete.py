@@ -33,7 +33,7 @@ class FixedPoint:
             fz = f(z)
             nfe += 1
             residual = fz - z
-            monitor.update(z, residual, monitor.active)
+            monitor.update(z, residual)
             if not monitor.running():
                 break
             # Stopped samples step on unmasked: the monitor holds their result.
@@ -74,7 +74,7 @@ class Anderson:
         for _ in range(max_steps):
             fz = f(z)
             g = fz - z
-            monitor.update(z, g, monitor.active)
+            monitor.update(z, g)
             slot, nfe = nfe % self.m, nfe + 1
             if not monitor.running():
                 break
@@ -124,7 +124,7 @@ class Broyden:
         us, vs = z.new_empty(batch, self.memory, dim), z.new_empty(batch, self.memory, dim)
         g = f(z) - z
         nfe = 1
-        monitor.update(z, g, monitor.active)
+        monitor.update(z, g)
         update = g  # -H g with H = -I
         tiny = torch.finfo(z.dtype).eps ** 0.5
         while nfe < max_steps and monitor.running():
@@ -134,7 +134,7 @@ class Broyden:
             z_new = z + update
             g_new = f(z_new) - z_new
             nfe += 1
-            monitor.update(z_new, g_new, monitor.active)
+            monitor.update(z_new, g_new)
             dz, dg = update, g_new - g
             used = min(nfe - 2, self.memory)
             u_used, v_used = us[:, :used], vs[:, :used]

@@ -133,14 +133,17 @@ class Controller:
         k_new: torch.Tensor,
         previous: torch.Tensor,
         error_order: int,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Accept or reject each active sample's step, record accepted points (and those whose
         error is NaN, which the monitor stops as non-finite; an infinite error is a rejected
-        step) with the monitor; returns (accept, step-size factor, error kept for the PI term)."""
-        accept = active & self.accepts(error)
-        monitor.update(y_new, k_new, accept | (active & error.isnan()))
+        step) with the monitor; returns (within tolerance, for every sample; accepted; step-size
+        factor; error kept for the PI term)."""
+        within = self.accepts(error)
+        accept = active & within
+        # On booleans a > b is a & ~b: the active samples whose error is not above 1.
+        monitor.update(y_new, k_new, active if self.kind == "fixed" else active > (error > 1.0))
         factor = self.factor(error, previous, accept, error_order)
-        return accept, factor, torch.where(accept, error.clamp_min(1e-4), previous)
+        return within, accept, factor, torch.where(accept, error.clamp_min(1e-4), previous)
 
     def accepts(self, error: torch.Tensor) -> torch.Tensor:
         """Which samples' steps are accepted, given their scaled error norms."""
@@ -154,11 +157,10 @@ class Controller:
             return torch.ones_like(error)
         k = error_order + 1
         error = error.clamp_min(1e-10)
-        alpha, beta = (0.7 / k, 0.4 / k) if self.kind == "pi" else (1 / k, 0.0)
-        accepted = self.safety * error.pow(-alpha) * previous.pow(beta)
-        rejected = self.safety * error.pow(-1 / k)
-        factor = torch.where(accept, accepted, rejected.clamp_max(1.0))
-        return factor.nan_to_num(self.min_factor).clamp(self.min_factor, self.max_factor)
+        root = error.pow(-1 / k)
+        accepted = error.pow(-0.7 / k).mul_(previous.pow(0.4 / k)) if self.kind == "pi" else root
+        factor = torch.where(accept, accepted, root.clamp_max(1 / self.safety)).mul_(self.safety)
+        return factor.nan_to_num_(self.min_factor).clamp_(self.min_factor, self.max_factor)
 
 
 def error_norm(
@@ -171,16 +173,21 @@ def error_norm(
     """Local error per sample, scaled by abstol + reltol * max(|y|, |y_new|) (RMS norm), plus
     step_rtol * ||y_new - y|| where that is set (see Controller).
 
-    Step-size decisions are not differentiated: an unrolled backward sees a fixed step sequence.
+    The RMS norm's 1 / sqrt(N) goes into the scale (tolerances times sqrt(N)): each step
+    computes this, so it is written in few tensor operations. Step-size decisions are not
+    differentiated: an unrolled backward sees a fixed step sequence.
     """
     if error.requires_grad or y_new.requires_grad:
         error, y, y_new = error.detach(), y.detach(), y_new.detach()
-    abstol = term.abstol + step_rtol * rms(y_new - y) if step_rtol else term.abstol
-    if not term.reltol:
-        return rms(error) / abstol
-    scale = torch.maximum(y.abs(), y_new.abs()).mul_(term.reltol)
-    scale = scale.add_(abstol[:, None] if step_rtol else abstol)
-    return rms(error.div(scale))
+    root_n = y.shape[1] ** 0.5
+    size = torch.maximum(y.abs(), y_new.abs())
+    if step_rtol:
+        abstol = torch.linalg.vector_norm(y_new - y, dim=1).mul_(step_rtol)
+        abstol = abstol.add_(term.abstol * root_n)[:, None]
+        scale = torch.add(abstol, size, alpha=term.reltol * root_n)
+    else:
+        scale = size.mul_(term.reltol * root_n).add_(term.abstol * root_n)
+    return torch.linalg.vector_norm(error / scale, dim=1)
 
 
 def initial_step(
@@ -206,12 +213,27 @@ def rk_step(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One explicit FSAL Runge-Kutta step of size h (B,): new point, f there, local error."""
     ks = [k]
+    step = h[:, None]
     y_stage = y
     for row in tableau.a:
-        y_stage = weighted_sum(y, [(h * a, ki) for a, ki in zip(row, ks, strict=True) if a])
+        y_stage = torch.addcmul(y, combination(row, ks), step)
         ks.append(field(y_stage))
-    error = weighted_sum(None, [(h * e, ki) for e, ki in zip(tableau.b_error, ks, strict=True)])
-    return y_stage, ks[-1], error
+    return y_stage, ks[-1], combination(tableau.b_error, ks) * step
+
+
+def combination(weights: tuple[float, ...], rows: list[torch.Tensor]) -> torch.Tensor:
+    """sum of weight * row over a tableau row's nonzero weights (constants shared by the batch):
+    the per-sample step size multiplies the sum once instead of each weight."""
+    total = None
+    for w, row in zip(weights, rows, strict=True):
+        if not w:
+            continue
+        if total is None:
+            total = row if w == 1 else row * w
+        else:
+            total = torch.add(total, row, alpha=w)
+    assert total is not None, "a tableau row has a nonzero weight"
+    return total
 
 
 def weighted_sum(
@@ -236,7 +258,7 @@ def start(
     Returns (f(z0) - z0, h, evaluations of f spent).
     """
     k = field(y)
-    monitor.update(y, k, monitor.active)
+    monitor.update(y, k)
     if not monitor.running():
         return k, torch.zeros_like(y[:, 0]), 1
     h, spent = controller.first_step(field, y, k, order, monitor.termination)
@@ -248,9 +270,9 @@ def move_rows(
 ) -> tuple[torch.Tensor, ...]:
     """Per tensor pair, the new rows for the samples in `move` (B,) and the old ones elsewhere.
 
-    Solvers pass in `move` the accepted samples and those that had stopped before the step
-    (their state is no longer read), so that the usual step, where no running sample is
-    rejected, needs no select (checked where that is free, see all_set_on_host).
+    Solvers pass in `move` the accepted samples and may include those that had stopped before
+    the step (their state is no longer read), so that the usual step, where no running sample
+    is rejected, needs no select (checked where that is free, see all_set_on_host).
     """
     if all_set_on_host(move):
         return new
@@ -284,10 +306,11 @@ class RungeKutta:
             nfe += len(t.a)
             steps += 1
             err = error_norm(error, y, y_new, term, self.controller.step_rtol)
-            accept, factor, previous = self.controller.judge(
+            within, _, factor, previous = self.controller.judge(
                 monitor, active, err, y_new, k_new, previous, t.error_order
             )
-            y, k = move_rows(accept | ~active, (y_new, k_new), (y, k))
+            # Stopped samples took a zero step (error 0): moving them changes nothing.
+            y, k = move_rows(within, (y_new, k_new), (y, k))
             h = h * factor
         return nfe, steps
 
@@ -351,7 +374,7 @@ class VCAB3:
             nfe += len(BS3.a)
             steps += 1
             err = error_norm(error, y, y_new, term, self.controller.step_rtol)
-            accept, factor, previous = self.controller.judge(
+            _, accept, factor, previous = self.controller.judge(
                 monitor, active, err, y_new, k_new, previous, BS3.error_order
             )
             y, k, history, gaps = self._advance(
@@ -371,10 +394,11 @@ class VCAB3:
                 None, zip((*milne, new_weight), (*history, k_new), strict=True)
             )
             err = 0.9 * error_norm(difference, y, y_new, term, self.controller.step_rtol)
-            accept, factor, previous = self.controller.judge(
+            within, _, factor, previous = self.controller.judge(
                 monitor, active, err, y_new, k_new, previous, 3
             )
-            y, k, history, gaps = self._advance(accept | ~active, y_new, k_new, y, history, gaps, h)
+            # Stopped samples took a zero step (error 0): moving them changes nothing.
+            y, k, history, gaps = self._advance(within, y_new, k_new, y, history, gaps, h)
             h = h * factor
         return nfe, steps
 

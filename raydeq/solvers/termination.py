@@ -68,23 +68,27 @@ class Monitor:
         self.best_z = z0
         self.best_norm = torch.full((batch,), float("inf"), dtype=z0.dtype, device=z0.device)
         self.divergence_bound: torch.Tensor | None = None
-        self.converged = torch.zeros(batch, dtype=torch.bool, device=z0.device)
         self.stop_norm = torch.zeros_like(self.best_norm)
+        self.stop_tol = torch.zeros_like(self.best_norm)
         self.active = torch.ones(batch, dtype=torch.bool, device=z0.device)
 
-    def update(self, z: torch.Tensor, residual: torch.Tensor, mask: torch.Tensor) -> None:
-        """Record iterate z with residual vector f(z) - z for the samples selected by mask.
+    def update(
+        self, z: torch.Tensor, residual: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> None:
+        """Record iterate z with residual vector f(z) - z for the samples selected by mask, a
+        subset of the active ones (all of them when None).
 
         The first call (every solver makes it for all samples at z0) fixes the divergence bound.
 
         Comparisons with NaN are false, so a non-finite residual is never "better", never
         "converged" and never "diverged"; it only stops the sample (Status.NONFINITE).
+        A solver step calls this once, so it is written in few tensor operations.
         """
         t = self.termination
         r = torch.linalg.vector_norm(residual, dim=1)
         if self.divergence_bound is None:
             self.divergence_bound = t.divergence * r
-        mask = mask & self.active
+        mask = self.active if mask is None else mask
         better = mask & (r < self.best_norm)
         # The usual step, where every sample improved, needs no full-width select.
         if all_set_on_host(better):
@@ -93,16 +97,16 @@ class Monitor:
             self.best_z = torch.where(better[:, None], z, self.best_z)
         self.best_norm = torch.where(better, r, self.best_norm)
         tol = (
-            self.abstol_norm + t.reltol * torch.linalg.vector_norm(z, dim=1)
+            torch.linalg.vector_norm(z, dim=1).mul_(t.reltol).add_(self.abstol_norm)
             if t.reltol
             else self.abstol_norm
         )
-        converged = mask & (r <= tol)
-        # r <= bound is false for a diverged and for a non-finite residual; isfinite tells which.
-        stop = converged | (mask & ~(r <= self.divergence_bound))
-        self.converged = self.converged | converged
+        # A sample runs on while its residual is finite, above tol and within the bound; on
+        # booleans, mask > running is mask & ~running.
+        stop = mask > ((r > tol) & (r <= self.divergence_bound))
         self.stop_norm = torch.where(stop, r, self.stop_norm)
-        self.active = self.active & ~stop
+        self.stop_tol = torch.where(stop, tol, self.stop_tol)
+        self.active = self.active ^ stop
 
     @property
     def best_residual(self) -> torch.Tensor:
@@ -114,7 +118,8 @@ class Monitor:
         """Why each sample's solve ended (Status codes); MAX_STEPS for those still running."""
         stopped = int(Status.NONFINITE) + self.stop_norm.isfinite().long()
         code = torch.where(self.active, int(Status.MAX_STEPS), stopped)
-        return torch.where(self.converged, int(Status.CONVERGED), code)
+        converged = ~self.active & (self.stop_norm <= self.stop_tol)
+        return torch.where(converged, int(Status.CONVERGED), code)
 
     def running(self) -> bool:
         """Whether any sample still runs: the one host synchronisation a solver step makes."""
