@@ -67,6 +67,7 @@ def flat_function(f: Callable[[State], State], structure: Structure) -> Callable
     """
 
     def f_flat(z: torch.Tensor) -> torch.Tensor:
-        return structure.flatten(f(structure.unflatten(z))).to(z.dtype)
+        out = structure.flatten(f(structure.unflatten(z)))
+        return out if out.dtype == z.dtype else out.to(z.dtype)
 
     return f_flat
