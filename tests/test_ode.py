@@ -136,9 +136,44 @@ def test_a_step_relative_tolerance_skips_resolving_the_transient():
                 abstol=1e-6,
                 reltol=0.0,
                 max_steps=10000,
-                solver_options={"step_rtol": step_rtol},
+                solver_options={"step_rtol": step_rtol, "contraction": 0.0},
             )
         assert bool(sol.stats.converged.all())
         torch.testing.assert_close(sol.z, exact(200.0), rtol=0, atol=3e-5)
         nfe[step_rtol] = sol.stats.nfe
     assert nfe[0.4] < nfe[0.0] / 10, nfe
+
+
+def test_steps_that_contract_the_residual_are_accepted():
+    """On a strongly contracting layer (eigenvalues of A in [-0.3, 0.3]) a unit Euler step is
+    one fixed-point iteration whose local error is about half its length, above step_rtol:
+    Euler's default control accepts it because it cuts the residual below 0.7 of its start,
+    so it takes fixed-point iteration's evaluations, where error control alone takes about
+    twice as many; all stop at the closed-form fixed point."""
+    g = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(N, N, generator=g, dtype=torch.float64))
+    a = q @ torch.diag(torch.linspace(-0.3, 0.3, N, dtype=torch.float64)) @ q.T
+    c = torch.randn(N, dtype=torch.float64, generator=g)
+    z_star = torch.linalg.solve(torch.eye(N, dtype=torch.float64) - a, c)
+    runs = {
+        "fixed point": ("fixed_point", {}),
+        "euler": ("euler", {}),
+        "euler, error control only": ("euler", {"contraction": 0.0}),
+    }
+    nfe = {}
+    for label, (solver, options) in runs.items():
+        with torch.no_grad():
+            sol = raydeq.solve(
+                lambda z: z @ a.T + c,
+                torch.zeros(2, N, dtype=torch.float64),
+                solver=solver,
+                abstol=1e-8,
+                reltol=0.0,
+                max_steps=1000,
+                solver_options=options,
+            )
+        assert bool(sol.stats.converged.all()), label
+        torch.testing.assert_close(sol.z, z_star.expand(2, N), rtol=0, atol=1e-7)
+        nfe[label] = sol.stats.nfe
+    assert nfe["euler"] <= nfe["fixed point"] + 1, nfe
+    assert nfe["euler"] < nfe["euler, error control only"] / 1.5, nfe

@@ -273,6 +273,7 @@ def test_divergence_stops_the_sample():
         ({"solver": "anderson", "solver_options": {"m": 0}}, "m=0 must be >= 1"),
         ({"solver_options": {"kind": "pid"}}, "kind='pid' is not one of"),
         ({"solver_options": {"step_rtol": 1.5}}, "step_rtol=1.5 must be in"),
+        ({"solver_options": {"contraction": 1.0}}, "contraction=1.0 must be in"),
     ],
 )
 def test_bad_arguments_are_named(kwargs, message):

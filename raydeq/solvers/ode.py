@@ -95,7 +95,10 @@ class Controller:
     it from the problem (one extra evaluation of f). step_rtol > 0 also accepts a local error
     up to that fraction of the step's own length ||z_new - z||: a steady state needs each step
     to be a controlled move, not an accurate path, so far from it the steps need not resolve
-    the transient to abstol.
+    the transient to abstol. contraction > 0 also accepts, whatever its local error, a step
+    whose residual ||f(z_new) - z_new|| is at most that fraction of the residual where it
+    started, and does not shrink h after it (the step-size rule of pseudo-transient
+    continuation: while the residual falls fast the steps are doing their job).
     """
 
     kind: str = "pi"
@@ -104,6 +107,7 @@ class Controller:
     min_factor: float = 0.2
     max_factor: float = 10.0
     step_rtol: float = 0.0
+    contraction: float = 0.0
 
     def __post_init__(self) -> None:
         if self.kind not in ("pi", "i", "fixed"):
@@ -112,8 +116,10 @@ class Controller:
             raise ValueError("kind='fixed' needs the step size h0")
         if self.h0 is not None and not self.h0 > 0:
             raise ValueError(f"h0={self.h0!r} must be > 0")
-        if not 0 <= self.step_rtol < 1:
-            raise ValueError(f"step_rtol={self.step_rtol!r} must be in [0, 1)")
+        for name in ("step_rtol", "contraction"):
+            value = getattr(self, name)
+            if not 0 <= value < 1:
+                raise ValueError(f"{name}={value!r} must be in [0, 1)")
 
     def first_step(
         self, field: Field, y: torch.Tensor, k: torch.Tensor, order: int, term: Termination
@@ -138,11 +144,18 @@ class Controller:
         error is NaN, which the monitor stops as non-finite; an infinite error is a rejected
         step) with the monitor; returns (within tolerance, for every sample; accepted; step-size
         factor; error kept for the PI term)."""
-        within = self.accepts(error)
+        within, rejected, norm = self.accepts(error), error > 1.0, None
+        if self.contraction:
+            norm = torch.linalg.vector_norm(k_new, dim=1)
+            contracting = norm <= self.contraction * monitor.residual_norm
+            # On booleans a > b is a & ~b.
+            within, rejected = within | contracting, rejected > contracting
         accept = active & within
-        # On booleans a > b is a & ~b: the active samples whose error is not above 1.
-        monitor.update(y_new, k_new, active if self.kind == "fixed" else active > (error > 1.0))
+        # The active samples whose step is not rejected (accepted or with a NaN error).
+        monitor.update(y_new, k_new, active if self.kind == "fixed" else active > rejected, norm)
         factor = self.factor(error, previous, accept, error_order)
+        if self.contraction:
+            factor = torch.where(contracting, factor.clamp_min(1.0), factor)
         return within, accept, factor, torch.where(accept, error.clamp_min(1e-4), previous)
 
     def accepts(self, error: torch.Tensor) -> torch.Tensor:

@@ -30,9 +30,11 @@ class Solution:
 
 # Euler's step-size control: local errors up to 0.4 of the step length (see
 # Controller.step_rtol; from 0.5 on, and with the integral controller, Euler cycled above the
-# tolerance on multiscale DEQs at initialisation) and a first step of 1, the flow's own time
-# scale: that step is one fixed-point iteration.
-CONTROLLER_DEFAULTS = {"euler": {"step_rtol": 0.4, "h0": 1.0}}
+# tolerance on multiscale DEQs at initialisation), any step that cuts the residual to 0.7 of
+# its start accepted (Controller.contraction: on a contractive layer a unit step, one
+# fixed-point iteration, has a local error of about half its length), and a first step of 1,
+# the flow's own time scale.
+CONTROLLER_DEFAULTS = {"euler": {"step_rtol": 0.4, "contraction": 0.7, "h0": 1.0}}
 
 
 def make_solver(name: str, options: dict) -> Callable:
@@ -65,15 +67,16 @@ def solve(
     and stop each sample once ||f(z) - z|| <= abstol + reltol * ||z|| (RMS norms over each
     sample's features), the same test the discrete solvers ("broyden", "anderson",
     "fixed_point") use; the step-size control of the continuous ones uses the same abstol and
-    reltol ("euler" also accepts local errors up to 0.4 of the step length, step_rtol).
+    reltol ("euler" also accepts local errors up to 0.4 of the step length, step_rtol, and
+    any step that cuts the residual to 0.7 of its start, contraction).
     Samples that do not converge within max_steps return their best iterate; non-finite or
     diverging (residual > divergence x best) samples stop early; `stats.status` says which.
 
     The backward pass: "gmres" / "fixed_point" solve (I - J)^T g = v at z* (implicit
     function theorem), "jfb" takes g = v, "unrolled" backpropagates through the solver steps.
-    Options of the solver (e.g. m for anderson; kind="pi"|"i"|"fixed", h0 and step_rtol for
-    the ODE solvers' step-size controller) and of the adjoint (rtol, atol, restart, max_iters,
-    warm_start) go in solver_options / adjoint_options.
+    Options of the solver (e.g. m for anderson; kind="pi"|"i"|"fixed", h0, step_rtol and
+    contraction for the ODE solvers' step-size controller) and of the adjoint (rtol, atol,
+    restart, max_iters, warm_start) go in solver_options / adjoint_options.
     `stats.nfe` counts every evaluation of f, including the one that attaches z* to the graph.
     """
     if adjoint not in ADJOINTS:

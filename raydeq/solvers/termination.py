@@ -70,13 +70,19 @@ class Monitor:
         self.divergence_bound: torch.Tensor | None = None
         self.stop_norm = torch.zeros_like(self.best_norm)
         self.stop_tol = torch.zeros_like(self.best_norm)
+        self.residual_norm = torch.full_like(self.best_norm, float("inf"))
         self.active = torch.ones(batch, dtype=torch.bool, device=z0.device)
 
     def update(
-        self, z: torch.Tensor, residual: torch.Tensor, mask: torch.Tensor | None = None
+        self,
+        z: torch.Tensor,
+        residual: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        norm: torch.Tensor | None = None,
     ) -> None:
         """Record iterate z with residual vector f(z) - z for the samples selected by mask, a
-        subset of the active ones (all of them when None).
+        subset of the active ones (all of them when None); norm is ||f(z) - z|| per sample
+        where the caller has it already. residual_norm keeps it for each sample's last record.
 
         The first call (every solver makes it for all samples at z0) fixes the divergence bound.
 
@@ -85,9 +91,10 @@ class Monitor:
         A solver step calls this once, so it is written in few tensor operations.
         """
         t = self.termination
-        r = torch.linalg.vector_norm(residual, dim=1)
+        r = torch.linalg.vector_norm(residual, dim=1) if norm is None else norm
         if self.divergence_bound is None:
             self.divergence_bound = t.divergence * r
+        self.residual_norm = r if mask is None else torch.where(mask, r, self.residual_norm)
         mask = self.active if mask is None else mask
         better = mask & (r < self.best_norm)
         # The usual step, where every sample improved, needs no full-width select.
