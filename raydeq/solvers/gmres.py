@@ -26,13 +26,6 @@ class LinearSolveInfo:
     matvecs: int
 
 
-def _givens(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(c, s, r) per sample with [[c, s], [-s, c]] (a, b) = (r, 0); the identity where a = b = 0."""
-    r = torch.hypot(a, b)
-    nonzero = r > 0
-    return torch.where(nonzero, a / r, 1.0), torch.where(nonzero, b / r, 0.0), r
-
-
 @dataclass(frozen=True)
 class GMRES:
     """Solve A x = b for a batch (B, N): sample b stops when ||b - A x|| <= max(atol, rtol ||b||).
@@ -103,12 +96,13 @@ class GMRES:
         m = min(self.restart, budget)
         tiny = torch.finfo(r.dtype).tiny
         basis = r.new_empty(batch, m + 1, n)  # column k is written before it is read
-        basis[:, 0] = r / beta.clamp_min(tiny)[:, None]
+        torch.div(r, beta.clamp_min(tiny)[:, None], out=basis[:, 0])
         hess = r.new_zeros(batch, m + 1, m)
-        # The product of the Givens rotations so far, applied to each new Hessenberg column
-        # as one batched product instead of j sequential rotations; its first column times
-        # beta is the rotated right-hand side, whose last entry is the residual norm.
-        rotations = torch.eye(m + 1, dtype=r.dtype, device=r.device).repeat(batch, 1, 1)
+        # Rows of Q, the product of the Givens rotations so far (Q H = R upper triangular).
+        # A new rotation only needs row j of Q applied to the new column, and row j + 1 of Q
+        # times beta is the residual: R itself is formed once, at the end of the cycle.
+        q = r.new_zeros(batch, m + 1, m + 1)
+        q[:, 0, 0] = 1.0
         steps = torch.zeros(batch, dtype=torch.long, device=r.device)
         estimate = beta
         j = 0
@@ -119,30 +113,33 @@ class GMRES:
             w = combine(h, v, base=w, alpha=-1.0)
             h2 = dots(v, w)
             w = combine(h2, v, base=w, alpha=-1.0)
-            h = h + h2
-            h_next = w.norm(dim=1)
+            column = hess[:, :, j]
+            h = torch.add(h, h2, out=column[:, : j + 1])
+            h_next = torch.linalg.vector_norm(w, dim=1)
+            column[:, j + 1] = h_next
             torch.div(w, h_next.clamp_min(tiny)[:, None], out=basis[:, j + 1])
-            h = dots(rotations[:, : j + 1, : j + 1], h)
-            c, sn, rho = _givens(h[:, j], h_next)
-            # Rotate rows j and j + 1 of the product; row j + 1 is still e_j+1.
-            row = rotations[:, j, : j + 1]
-            torch.mul(row, sn.neg()[:, None], out=rotations[:, j + 1, : j + 1])
+            row = q[:, j, : j + 1]
+            # The rotation [[c, s], [-s, c]] that zeroes h_next under (Q h)_j; the identity
+            # where both are 0.
+            rotated = (row * h).sum(1)
+            norm = torch.hypot(rotated, h_next)
+            safe = norm.clamp_min(tiny)
+            c, s = torch.where(norm > 0, rotated / safe, 1.0), h_next / safe
+            torch.mul(row, s.neg()[:, None], out=q[:, j + 1, : j + 1])
             row.mul_(c[:, None])
-            rotations[:, j, j + 1] = sn
-            rotations[:, j + 1, j + 1] = c
-            hess[:, : j + 1, j] = h
-            hess[:, j, j] = rho
+            q[:, j, j + 1] = s
+            q[:, j + 1, j + 1] = c
             steps += active
-            residual = beta * rotations[:, j + 1, 0].abs()
+            residual = beta * q[:, j + 1, 0].abs()
             estimate = torch.where(active, residual, estimate)
             active = active & (residual > tol)
             j += 1
             if not bool(active.any()):
                 break
         used = torch.arange(j, device=r.device)[None, :] < steps[:, None]
-        upper = hess[:, :j, :j]
+        upper = torch.bmm(q[:, :j, : j + 1], hess[:, : j + 1, :j])
         eye = torch.eye(j, dtype=r.dtype, device=r.device).expand_as(upper)
         upper = torch.where(used[:, None, :] & used[:, :, None], upper, eye)
-        rhs = torch.where(used, beta[:, None] * rotations[:, :j, 0], 0.0)
+        rhs = torch.where(used, beta[:, None] * q[:, :j, 0], 0.0)
         y = torch.linalg.solve_triangular(upper, rhs[:, :, None], upper=True)[:, :, 0]
         return combine(y, basis[:, :j]), steps, j, estimate
