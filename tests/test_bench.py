@@ -13,7 +13,7 @@ from raydeq.bench.context import Checkpoint, Context
 from raydeq.bench.memory import peak_memory
 from raydeq.bench.registry import BENCHMARKS
 from raydeq.bench.report import Section, Target, fmt
-from raydeq.bench.timing import measure
+from raydeq.bench.timing import Timing, measure, paired_ratio
 from raydeq.train import read_checkpoint, write_checkpoint
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist10k"
@@ -89,6 +89,16 @@ def test_measure_interleaves_rotated_rounds_and_keeps_values():
     assert order == list("abcbcacababc")
     assert all(len(t.seconds) == 3 and t.values == [n] * 3 for n, t in timings.items())
     assert all(t.median >= 0 for t in timings.values())
+
+
+def test_time_ratios_pair_the_cases_within_each_round():
+    # Rounds 4 and 5 are slow for both cases; in round 3 a spell slows only the second.
+    first = Timing(seconds=[1.0, 1.0, 1.0, 2.0, 2.0])
+    second = Timing(seconds=[2.0, 2.0, 4.0, 4.0, 4.0])
+    assert first.median / second.median == 0.25
+    assert paired_ratio(first, second) == 0.5
+    with pytest.raises(ValueError):
+        paired_ratio(first, Timing(seconds=[1.0]))
 
 
 def test_target_verdicts():

@@ -10,7 +10,7 @@ from torch import nn
 from raydeq.bench import models
 from raydeq.bench.context import Context
 from raydeq.bench.report import Section, Target
-from raydeq.bench.timing import Case, measure, ratio
+from raydeq.bench.timing import Case, measure, paired_ratio
 from raydeq.bench.training import fit, loss_of, train_step
 
 BATCH = {
@@ -129,7 +129,7 @@ def compare(ctx: Context, name: str, section: Section) -> None:
             section.targets.append(
                 Target(
                     f"{label} {what} time",
-                    ratio(medians[f"{variant}/{part}"], medians[f"{fastest}/{part}"]),
+                    paired_ratio(timings[f"{variant}/{part}"], timings[f"{fastest}/{part}"]),
                     limit,
                     at_least=True,
                     detail=f"DEQ with {fastest.upper()}",

@@ -20,7 +20,7 @@ from raydeq.bench.context import Context
 from raydeq.bench.gradients import FORWARD_TOL, TARGET_ERROR, TOLERANCES, GradientSetup
 from raydeq.bench.problems import SpectralProblem, Spectrum
 from raydeq.bench.report import Section, Target
-from raydeq.bench.timing import Timing, measure, ratio, time_call
+from raydeq.bench.timing import Timing, measure, paired_ratio, time_call
 
 SIZES = {
     "tiny": dict(
@@ -113,12 +113,13 @@ def forward_rows(ctx: Context, spec: Spectrum, repeats: int, section: Section) -
             **{"time ms": 1e3 * t.median, "max residual": outcome.residual},
         )
     ours_best, theirs_best = best(timings, "raydeq", TOL), best(timings, "torchdeq", TOL)
+    both = ours_best and theirs_best
     section.targets.append(
         Target(
             "forward: raydeq best / TorchDEQ best time",
-            ratio(ours_best[1], theirs_best[1]) if ours_best and theirs_best else None,
+            paired_ratio(timings[ours_best], timings[theirs_best]) if both else None,
             0.5,
-            detail=f"{ours_best[0]} vs {theirs_best[0]}" if ours_best and theirs_best else "",
+            detail=f"{ours_best} vs {theirs_best}" if both else "",
         )
     )
     section.timings |= {f"forward/{k}": t.seconds for k, t in timings.items()}
@@ -130,14 +131,15 @@ def forward_rows(ctx: Context, spec: Spectrum, repeats: int, section: Section) -
     )
 
 
-def best(timings: dict[str, Timing], library: str, tol: float) -> tuple[str, float] | None:
-    """The fastest method of a library among those whose worst residual meets tol * 1.01."""
-    runs = [
-        (label, t.median)
+def best(timings: dict[str, Timing], library: str, tol: float) -> str | None:
+    """The fastest (by median) case of a library among those whose worst residual meets
+    tol * 1.01."""
+    labels = [
+        label
         for label, t in timings.items()
         if label.startswith(library) and t.values[-1].residual <= tol * 1.01
     ]
-    return min(runs, key=lambda run: run[1]) if runs else None
+    return min(labels, key=lambda label: timings[label].median) if labels else None
 
 
 def backward_rows(ctx: Context, spec: Spectrum, repeats: int, section: Section) -> None:
@@ -176,14 +178,14 @@ def backward_rows(ctx: Context, spec: Spectrum, repeats: int, section: Section) 
             **{"time ms": 1e3 * t.median, "gradient error": outcome.error},
         )
     ours = timings.get("raydeq gmres")
-    theirs = [(k, t.median) for k, t in timings.items() if k.startswith("torchdeq")]
-    peer = min(theirs, key=lambda run: run[1]) if theirs else None
+    theirs = [k for k in timings if k.startswith("torchdeq")]
+    peer = min(theirs, key=lambda label: timings[label].median) if theirs else None
     section.targets.append(
         Target(
             f"backward at gradient error {TARGET_ERROR:g}: raydeq GMRES / TorchDEQ best time",
-            ratio(ours.median, peer[1]) if ours and peer else None,
+            paired_ratio(ours, timings[peer]) if ours and peer else None,
             0.3,
-            detail=f"vs {peer[0]}" if peer else "TorchDEQ reached no tolerance",
+            detail=f"vs {peer}" if peer else "TorchDEQ reached no tolerance",
         )
     )
     section.timings |= {f"backward/{k}": t.seconds for k, t in timings.items()}

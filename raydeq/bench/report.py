@@ -85,6 +85,10 @@ class Report:
             "",
             "## Targets",
             "",
+            "Times are medians over interleaved repeats; a ratio of two times is the median over "
+            "the repeats of their ratio within one round, where a slow spell of the machine "
+            "slows both.",
+            "",
             "| benchmark | target | measured | limit | result | detail |",
             "| --- | --- | --- | --- | --- | --- |",
         ]

@@ -81,3 +81,14 @@ def measure(
 def ratio(numerator: float, denominator: float) -> float:
     """numerator / denominator, inf when the denominator is 0."""
     return numerator / denominator if denominator > 0 else float("inf")
+
+
+def paired_ratio(numerator: Timing, denominator: Timing) -> float:
+    """Median over the rounds of `measure` of the two cases' time ratio within a round.
+
+    A slow spell of the machine slows every case of the rounds it falls in, so the ratio of
+    the two medians swings with how the spells fall between the cases; within a round they
+    cancel.
+    """
+    pairs = zip(numerator.seconds, denominator.seconds, strict=True)
+    return statistics.median(ratio(a, b) for a, b in pairs)
