@@ -1,6 +1,6 @@
 """Test NFE and accuracy of the dense MNIST DEQ: vanilla vs Skip Reg. vs Skip DEQ per lambda_skip.
 
-Trains each variant on the 8,000 training digits of ../shared/data/mnist10k (Adam 1e-3, batch
+Trains each variant on the 8,000 training digits of the embedded mnist10k (Adam 1e-3, batch
 32) with loss = cross-entropy + lambda_skip * skip_loss (+ lambda_jac * jac_loss for the
 Jacobian-regularised row), then reports on the 2,000 test digits the mean NFE per test batch of
 32, the accuracy, and the Hutchinson estimate of ||J_f(z*)||_F^2 / dim (mean over test batches)
@@ -14,17 +14,15 @@ from __future__ import annotations
 import argparse
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchvision.datasets import MNIST
 
+from raydeq.data import mnist10k
 from raydeq.deq import hutchinson_jacobian_loss
 from raydeq.models import EquilibriumClassifier, build
 
-DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "mnist10k"
 MEAN, STD = 0.1307, 0.3081
 
 
@@ -43,11 +41,10 @@ class Run:
         return f"{self.variant} (lambda_skip={self.lambda_skip:g}{extra})"
 
 
-def load(root: Path, train: bool) -> tuple[Tensor, Tensor]:
+def load(train: bool) -> tuple[Tensor, Tensor]:
     """Normalised images (N, 1, 28, 28) and labels of one split."""
-    ds = MNIST(str(root), train=train, download=False)
-    images = (ds.data.float().div(255.0).sub(MEAN).div(STD)).unsqueeze(1)
-    return images, ds.targets
+    pixels, labels = mnist10k(train)
+    return pixels.float().div(255.0).sub(MEAN).div(STD).unsqueeze(1), labels
 
 
 def evaluate(model: EquilibriumClassifier, images: Tensor, labels: Tensor) -> dict[str, float]:
@@ -95,12 +92,11 @@ def main() -> None:
     parser.add_argument("--lambdas", type=float, nargs="+", default=[0.01, 0.1, 1.0])
     parser.add_argument("--lambda-jac", type=float, default=1.0)
     parser.add_argument("--variants", nargs="+", default=["vanilla", "jac_reg", "skip_reg", "skip"])
-    parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (128-wide layers)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    x_train, y_train = load(args.data, train=True)
-    x_test, y_test = load(args.data, train=False)
+    x_train, y_train = load(train=True)
+    x_test, y_test = load(train=False)
     data = (x_train, y_train, x_test, y_test)
     runs = [Run("vanilla")] if "vanilla" in args.variants else []
     runs += [Run("vanilla", lambda_jac=args.lambda_jac)] if "jac_reg" in args.variants else []

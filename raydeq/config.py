@@ -29,8 +29,9 @@ from raydeq.models import PRESETS, VARIANTS
 from raydeq.solvers import ADJOINTS, SOLVERS
 
 MODELS = tuple(PRESETS)
-DATASETS = ("digits", "mnist", "cifar10", "svhn", "imagenet", "fake")
+DATASETS = ("digits", "mnist10k", "mnist", "cifar10", "svhn", "imagenet", "fake")
 FILE_DATASETS = ("mnist", "cifar10", "svhn", "imagenet")
+EMBEDDED_DATASETS = ("digits", "mnist10k")
 DOWNLOADABLE = ("mnist", "cifar10", "svhn")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("cosine", "step", "constant")
@@ -254,6 +255,11 @@ def _check_together(cfg: Config) -> None:
     if data.dataset in FILE_DATASETS and data.data_dir is None:
         raise ConfigError(
             f"data.data_dir: required for dataset {data.dataset!r} (the folder with its files)"
+        )
+    if data.dataset in EMBEDDED_DATASETS and data.data_dir is not None:
+        raise ConfigError(
+            f"data.data_dir: dataset {data.dataset!r} ships with raydeq and reads no folder; "
+            "remove data_dir (or use dataset 'mnist' for MNIST files of your own)"
         )
     if data.download and data.dataset not in DOWNLOADABLE:
         raise ConfigError(f"data.download: only {', '.join(DOWNLOADABLE)} can be downloaded")

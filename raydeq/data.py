@@ -1,4 +1,4 @@
-"""Datasets and Ray Train data loaders: digits, MNIST, CIFAR-10, SVHN, ImageNet folders, FakeData.
+"""Datasets and Ray Train data loaders: digits, mnist10k, MNIST, CIFAR-10, SVHN, ImageNet, FakeData.
 
 Each training worker reads its own shard: the train loader samples with a seeded
 `DistributedSampler` for the worker's rank (so shuffling is reproducible and an epoch can be
@@ -7,6 +7,8 @@ accuracy is exact), and both are passed through `ray.train.torch.prepare_data_lo
 moves batches to the worker's device.
 """
 
+import gzip
+import hashlib
 import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -17,6 +19,7 @@ import numpy as np
 import ray.train.torch
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from sklearn.datasets import load_digits
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, TensorDataset
 from torchvision import datasets
@@ -38,6 +41,16 @@ EXPECTED_FILES = {
     + ["cifar-10-batches-py/test_batch", "cifar-10-batches-py/batches.meta"],
     "svhn": ["train_32x32.mat", "test_32x32.mat"],
     "imagenet": ["train/", "val/"],
+}
+MNIST10K_DIR = Path(__file__).resolve().parent / "datasets" / "mnist10k"
+# SHA-256 of the embedded gzip-compressed IDX files, checked on every load.
+MNIST10K_FILES = {
+    "train-images-idx3-ubyte.gz": "525692be2121e701fb956c89118e4b58"
+    "6f0d3509e1d696a0ce3c88b0dcd1c73c",
+    "train-labels-idx1-ubyte.gz": "0f64cd980b44b74536f2f3e6372606a5"
+    "46a886fd8b40fd2d54382a9f27c10afc",
+    "t10k-images-idx3-ubyte.gz": "30a133427d99038646aa9d4722214f113e1633f50c505d5dd9f7f639383140e0",
+    "t10k-labels-idx1-ubyte.gz": "a73a95d8321e2d08cfb8a384351aeefd9056b57015ef23badc892e1f7d2d3d98",
 }
 DIGITS_TEST_FRACTION = 0.2
 DIGITS_SIZE = (28, 28)
@@ -80,7 +93,8 @@ def check_files(cfg: DataSection) -> None:
 
 def image_shape(cfg: DataSection) -> tuple[int, int, int]:
     """(channels, height, width) of the images the configured dataset yields."""
-    shapes = {"digits": (1, *DIGITS_SIZE), "mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
+    shapes = {"digits": (1, *DIGITS_SIZE), "mnist": (1, 28, 28), "mnist10k": (1, 28, 28)}
+    shapes |= {"cifar10": (3, 32, 32)}
     shapes |= {"svhn": (3, 32, 32), "imagenet": (3, cfg.image_size, cfg.image_size)}
     c, h, w = cfg.fake_shape if cfg.dataset == "fake" else shapes[cfg.dataset]
     return c, h, w
@@ -116,18 +130,65 @@ def _digits(cfg: DataSection) -> Splits:
     )
 
 
-def _mnist(cfg: DataSection) -> Splits:
-    """MNIST from `data_dir/MNIST/raw` in the IDX layout torchvision reads.
+def _mnist_transforms(cfg: DataSection) -> tuple[T.Compose, T.Compose]:
+    """MNIST's train and test transforms.
 
     Augmentation: random rotations (up to 10 degrees) and shifts (up to 10%), which a dense
     model needs to generalise from a few thousand digits.
     """
     augment = (T.RandomAffine(degrees=10, translate=(0.1, 0.1)),) if cfg.augment else ()
+    return _normalized(MNIST_STATS, *augment), _normalized(MNIST_STATS)
+
+
+def _mnist(cfg: DataSection) -> Splits:
+    """MNIST from `data_dir/MNIST/raw` in the IDX layout torchvision reads."""
+    train_transform, test_transform = _mnist_transforms(cfg)
     make = partial(datasets.MNIST, cfg.data_dir, download=cfg.download)
-    train = make(train=True, transform=_normalized(MNIST_STATS, *augment))
-    return Splits(
-        train, make(train=False, transform=_normalized(MNIST_STATS)), image_shape(cfg), 10
-    )
+    train = make(train=True, transform=train_transform)
+    return Splits(train, make(train=False, transform=test_transform), image_shape(cfg), 10)
+
+
+class GreyImages(Dataset):
+    """uint8 images (N, H, W) and labels, each image a PIL image passed through `transform`."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform: Callable) -> None:
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image = Image.fromarray(self.images[index].numpy(), mode="L")
+        return self.transform(image), int(self.labels[index])
+
+
+def read_idx(name: str) -> torch.Tensor:
+    """One embedded gzip-compressed IDX file as a uint8 tensor, after checking its SHA-256."""
+    payload = (MNIST10K_DIR / name).read_bytes()
+    if hashlib.sha256(payload).hexdigest() != MNIST10K_FILES[name]:
+        raise DataError(f"embedded file {MNIST10K_DIR / name} fails its checksum; reinstall raydeq")
+    raw = gzip.decompress(payload)
+    dims = raw[3]
+    shape = np.frombuffer(raw, dtype=">u4", count=dims, offset=4).astype(int)
+    pixels = np.frombuffer(raw, np.uint8, offset=4 + 4 * dims).reshape(shape)
+    return torch.from_numpy(pixels.copy())
+
+
+def mnist10k(train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The embedded digits of one split: uint8 images (N, 28, 28) and labels (N,)."""
+    split = "train" if train else "t10k"
+    return read_idx(f"{split}-images-idx3-ubyte.gz"), read_idx(f"{split}-labels-idx1-ubyte.gz")
+
+
+def _mnist10k(cfg: DataSection) -> Splits:
+    """The embedded 10,000 MNIST digits (8,000 train / 2,000 test), a subset of MNIST.
+
+    Transforms and augmentation are MNIST's; the files ship in the package (MNIST10K_DIR).
+    """
+    train_transform, test_transform = _mnist_transforms(cfg)
+    train = GreyImages(*mnist10k(train=True), train_transform)
+    test = GreyImages(*mnist10k(train=False), test_transform)
+    return Splits(train, test, image_shape(cfg), 10)
 
 
 def _cifar10(cfg: DataSection) -> Splits:
@@ -178,6 +239,7 @@ def _fake(cfg: DataSection) -> Splits:
 
 BUILDERS: dict[str, Callable[[DataSection], Splits]] = {
     "digits": _digits,
+    "mnist10k": _mnist10k,
     "mnist": _mnist,
     "cifar10": _cifar10,
     "svhn": _svhn,
@@ -193,9 +255,8 @@ def load_splits(cfg: DataSection) -> Splits:
         return BUILDERS[cfg.dataset](cfg)
     except (OSError, RuntimeError, ValueError) as err:
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise DataError(
-            f"dataset {cfg.dataset!r} in {cfg.data_dir} is unreadable: {message}"
-        ) from err
+        where = f" in {cfg.data_dir}" if cfg.data_dir else ""
+        raise DataError(f"dataset {cfg.dataset!r}{where} is unreadable: {message}") from err
 
 
 class ShardSampler(DistributedSampler):

@@ -48,7 +48,7 @@ from raydeq.config import Config, ConfigError, apply_overrides, parse_override, 
 matplotlib.use("Agg")
 from matplotlib import pyplot as plt  # noqa: E402  (the backend is chosen first)
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "tune_configs"
+CONFIG_DIR = Path(__file__).resolve().parent / "tune_configs"
 SETTINGS_FILE = "experiment.yaml"
 RESULT_FILE = "result.json"
 ARCHIVE_PREFIX = "result-before-resume-"

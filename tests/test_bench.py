@@ -2,7 +2,6 @@
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +15,6 @@ from raydeq.bench.report import Section, Target, fmt
 from raydeq.bench.timing import Timing, measure, paired_ratio
 from raydeq.train import read_checkpoint, write_checkpoint
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist10k"
 CPU = torch.device("cpu")
 
 
@@ -27,7 +25,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        main(["--size", "tiny", "--models", "mnist_dense", "--out", str(out), "--data", str(DATA)])
+        main(["--size", "tiny", "--models", "mnist_dense", "--out", str(out)])
     finally:
         torch.set_num_threads(threads)
     (json_path,) = out.glob("*-cpu.json")
@@ -144,9 +142,7 @@ def test_node_benchmark_times_the_weights_of_a_training_checkpoint(tmp_path, cap
     models.load_checkpoint(loaded, checkpoint)
     assert torch.equal(loaded.head.weight, model.head.weight)
     assert torch.equal(loaded.layer.f.state.weight, model.layer.f.state.weight)
-    section = node.run(
-        Context(CPU, "tiny", ("mnist_dense",), DATA, weights={"mnist_dense": checkpoint})
-    )
+    section = node.run(Context(CPU, "tiny", ("mnist_dense",), weights={"mnist_dense": checkpoint}))
     assert len(section.rows) == len(node.VARIANTS)
     assert f"weights of the checkpoint {folder}" in section.notes[1]
     assert "parameters identical" in section.notes[1]

@@ -1,5 +1,7 @@
 """Datasets and loaders: shapes, exact shards, one clear error for a missing or bad folder."""
 
+import gzip
+import hashlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -11,9 +13,18 @@ from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from raydeq import data
-from raydeq.config import validate
+from raydeq.config import ConfigError, validate
 
-MNIST10K = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist10k"
+
+def mnist_folder(root: Path) -> Path:
+    """Write the embedded digits to root/MNIST/raw as the uncompressed IDX files of full MNIST."""
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in data.MNIST10K_FILES:
+        (raw / name.removesuffix(".gz")).write_bytes(
+            gzip.decompress(data.MNIST10K_DIR.joinpath(name).read_bytes())
+        )
+    return root
 
 
 def section(**options: Any) -> data.DataSection:
@@ -42,17 +53,45 @@ def test_digits_are_mnist_shaped_standardised_and_split_80_20():
     assert set(labels.tolist()) == set(splits.test.tensors[1].tolist())
 
 
-def test_mnist_reads_the_shared_idx_files():
-    splits = data.load_splits(section(dataset="mnist", data_dir=str(MNIST10K)))
+def test_the_embedded_mnist10k_is_the_8000_2000_subset_and_reads_no_folder():
+    splits = data.load_splits(section(dataset="mnist10k"))
     assert (len(splits.train), len(splits.test)) == (8000, 2000)
     image, label = splits.train[0]
     assert image.shape == (1, 28, 28) and image.dtype == torch.float32
     assert 0 <= label < 10
+    labels = torch.tensor([splits.test[i][1] for i in range(len(splits.test))])
+    assert torch.bincount(labels, minlength=10).min() > 150  # every digit, roughly balanced
+    pixels, _ = data.mnist10k(train=True)
+    assert pixels.dtype == torch.uint8 and pixels.float().div(255).mean() == pytest.approx(
+        0.131, abs=1e-3
+    )  # the README's mean pixel value; full MNIST's is 0.1307
+    with pytest.raises(ConfigError, match="^data.data_dir: dataset 'mnist10k' ships with raydeq"):
+        section(dataset="mnist10k", data_dir="/anywhere")
+
+
+def test_the_embedded_files_are_checked_against_their_checksums(tmp_path, monkeypatch):
+    for name in data.MNIST10K_FILES:
+        payload = (data.MNIST10K_DIR / name).read_bytes()
+        assert hashlib.sha256(payload).hexdigest() == data.MNIST10K_FILES[name]
+        (tmp_path / name).write_bytes(payload[:-1] + bytes([payload[-1] ^ 1]))
+    monkeypatch.setattr(data, "MNIST10K_DIR", tmp_path)
+    with pytest.raises(data.DataError, match="^dataset 'mnist10k' is unreadable: .* checksum"):
+        data.load_splits(section(dataset="mnist10k"))
+
+
+def test_mnist_reads_idx_files_from_data_dir_like_the_embedded_digits(tmp_path):
+    folder = mnist_folder(tmp_path)
+    files = data.load_splits(section(dataset="mnist", data_dir=str(folder), augment=False))
+    embedded = data.load_splits(section(dataset="mnist10k", augment=False))
+    assert (len(files.train), len(files.test)) == (8000, 2000)
+    for index in (0, 4321):
+        assert torch.equal(files.train[index][0], embedded.train[index][0])
+        assert files.train[index][1] == embedded.train[index][1]
 
 
 def test_augmentation_moves_training_digits_only_and_can_be_switched_off():
-    plain = data.load_splits(section(dataset="mnist", data_dir=str(MNIST10K), augment=False))
-    augmented = data.load_splits(section(dataset="mnist", data_dir=str(MNIST10K)))
+    plain = data.load_splits(section(dataset="mnist10k", augment=False))
+    augmented = data.load_splits(section(dataset="mnist10k"))
     torch.manual_seed(0)
     draws = torch.stack([augmented.train[0][0] for _ in range(4)])
     assert not torch.equal(draws[0], draws[1])
@@ -107,11 +146,11 @@ def test_a_missing_folder_names_the_folder_the_files_and_the_download_option(
 
 
 def test_a_partial_or_malformed_folder_is_one_clear_error(tmp_path):
+    source = mnist_folder(tmp_path / "source")
     raw = tmp_path / "MNIST" / "raw"
     raw.mkdir(parents=True)
     for name in data.EXPECTED_FILES["mnist"]:
-        source = (MNIST10K / name).read_bytes()
-        (tmp_path / name).write_bytes(source[:100])
+        (tmp_path / name).write_bytes((source / name).read_bytes()[:100])
     (raw / "t10k-labels-idx1-ubyte").unlink()
     with pytest.raises(data.DataError, match="missing MNIST/raw/t10k-labels-idx1-ubyte"):
         data.load_splits(section(dataset="mnist", data_dir=str(tmp_path)))

@@ -3,14 +3,13 @@ continuous and a discrete solver, batch independence (group norm), dropout masks
 
 import dataclasses
 import time
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision import datasets
 
+from raydeq.data import mnist10k
 from raydeq.models import PRESETS, VARIANTS, build
 from raydeq.models.layers import VariationalDropout2d
 from raydeq.models.mdeq import MDEQConfig, MultiscaleCell
@@ -271,8 +270,7 @@ def test_euler_does_not_cycle_on_a_multiscale_deq_at_initialisation():
     """The MNIST MDEQ at initialisation is no contraction (fixed-point iteration stalls), and
     Euler near its stability limit must not cycle: its default PI control reaches the preset's
     tolerance on 64 test digits, where the integral controller cycles above it."""
-    root = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist10k"
-    digits = datasets.MNIST(str(root), train=False).data[:64]
+    digits = mnist10k(train=False)[0][:64]
     x = digits.float().div(255).sub(0.1307).div(0.3081).unsqueeze(1)
     runs = {
         "fixed point": ("fixed_point", {}),

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from raydeq.bench.context import DEFAULT_DATA, SIZES, Checkpoint, Context
+from raydeq.bench.context import SIZES, Checkpoint, Context
 from raydeq.bench.registry import BENCHMARKS
 from raydeq.bench.report import Report, machine_info, write
 
@@ -57,8 +57,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--data",
         type=Path,
-        default=DEFAULT_DATA,
-        help=f"folder holding MNIST/raw (default: {DEFAULT_DATA})",
+        help="folder holding the full MNIST's MNIST/raw (default: the embedded 10k digits)",
     )
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument(

@@ -11,7 +11,6 @@ import torch
 
 T = TypeVar("T")
 SIZES = ("tiny", "quick", "full")
-DEFAULT_DATA = Path("../shared/data/mnist10k")
 
 
 @dataclass(frozen=True)
@@ -35,7 +34,7 @@ class Context:
     device: torch.device
     size: str = "quick"
     models: tuple[str, ...] = ("mnist_dense", "cifar10_small")
-    data_dir: Path = DEFAULT_DATA
+    data_dir: Path | None = None  # None: the embedded 10k MNIST digits
     seed: int = 0
     weights: Mapping[str, Checkpoint] = field(default_factory=dict)
 

@@ -62,19 +62,25 @@ def input_shape(name: str) -> tuple[int, int, int]:
     return PRESETS[name].input_shape
 
 
-def mnist(data_dir: Path, train: bool) -> tuple[Tensor, Tensor] | None:
-    """Normalised MNIST images (N, 1, 28, 28) and labels from data_dir, None if absent."""
+def mnist(data_dir: Path | None, train: bool) -> tuple[Tensor, Tensor] | None:
+    """Normalised MNIST images (N, 1, 28, 28) and labels: the embedded 10k digits when data_dir
+    is None, else MNIST/raw in data_dir (None if absent)."""
     from torchvision import datasets
 
-    if not (data_dir / "MNIST" / "raw").exists():
+    from raydeq.data import mnist10k
+
+    if data_dir is None:
+        pixels, labels = mnist10k(train)
+    elif (data_dir / "MNIST" / "raw").exists():
+        dataset = datasets.MNIST(str(data_dir), train=train, download=False)
+        pixels, labels = dataset.data, dataset.targets
+    else:
         return None
-    dataset = datasets.MNIST(str(data_dir), train=train, download=False)
-    images = dataset.data.float().div(255).sub(MNIST_MEAN).div(MNIST_STD).unsqueeze(1)
-    return images, dataset.targets
+    return pixels.float().div(255).sub(MNIST_MEAN).div(MNIST_STD).unsqueeze(1), labels
 
 
 def image_batch(
-    name: str, batch: int, device: torch.device, data_dir: Path, seed: int
+    name: str, batch: int, device: torch.device, data_dir: Path | None, seed: int
 ) -> tuple[Tensor, str]:
     """A batch of inputs for the preset and where it came from (test digits or Gaussian noise)."""
     shape = input_shape(name)

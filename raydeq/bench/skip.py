@@ -122,7 +122,8 @@ def run(ctx: Context) -> Section:
     section.notes.append(
         f"{MODEL} (VCAB3, GMRES, the preset's tolerances and skip-loss weight), the same seed "
         f"({ctx.seed}) and batches for every variant: {size['epochs']} epoch(s) over "
-        f"{len(labels)} training digits of {ctx.data_dir.name}, batch {size['batch']}, Adam "
+        f"{len(labels)} training digits of {ctx.data_dir or 'mnist10k'}, "
+        f"batch {size['batch']}, Adam "
         f"{LEARNING_RATE:g} ({steps} steps, interleaved across variants); test NFE and accuracy "
         f"over {len(test_labels)} test digits; NFE includes the evaluation that gives Skip "
         "Reg.'s initial guess f(0, x); predict = one test batch."
