@@ -11,6 +11,8 @@ import pytest
 import ray
 import torch
 
+from raydeq.training.launch import runtime_env
+
 
 def pytest_configure(config: pytest.Config) -> None:
     """Register the `multinode` marker."""
@@ -24,8 +26,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(scope="session")
 def ray_cluster() -> Iterator[str]:
-    """A local Ray cluster with 2 CPUs, started once per session; yields the dashboard URL."""
-    context = ray.init(num_cpus=2)
+    """A local Ray cluster with 2 CPUs and raydeq's runtime environment, started once per
+    session; yields the dashboard URL."""
+    context = ray.init(num_cpus=2, runtime_env=runtime_env())
     yield f"http://{context.dashboard_url}"
     ray.shutdown()
 

@@ -7,8 +7,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from raydeq import config
-from raydeq.config import ConfigError, load, validate
+from raydeq.training import config
+from raydeq.training.config import ConfigError, load, validate
 
 
 def error_of(raw: dict) -> str:
@@ -42,9 +42,55 @@ def test_default_name_is_deterministic_and_follows_the_training_settings():
 
 
 def test_validate_accepts_its_own_output():
-    cfg = validate({"data": {"dataset": "fake", "fake_shape": [3, 8, 8]}, "search": {"a": 1}})
+    search = {"num_samples": 2, "variants": [{"label": "a", "seed": 1}]}
+    cfg = validate({"data": {"dataset": "fake", "fake_shape": [3, 8, 8]}, "search": search})
     assert validate(cfg.to_dict()) == cfg
     assert cfg.data.fake_shape == (3, 8, 8)
+    assert cfg.search.variants == ({"label": "a", "seed": 1},) and cfg.search.num_samples == 2
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        {"train": {"report_every": 50}},
+        {"train": {"checkpoint_every": 7}},
+        {"train": {"keep_checkpoints": 9}},
+        {"train": {"eval_batches": 3}},
+        {"data": {"loader_workers": 4}},
+        {"data": {"pin_memory": True}},
+        {"storage_path": "/tmp/elsewhere"},
+        {"label": "a trial"},
+        {"scaling": {"num_workers": 1, "max_failures": 0}},
+    ],
+)
+def test_settings_that_do_not_change_the_trained_model_keep_the_run_name(setting):
+    assert validate(setting).name == validate({}).name  # so that changing them resumes the run
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        {"train": {"epochs": 3}},
+        {"train": {"lambda_skip": 0.5}},
+        {"data": {"batch_size": 16}},
+        {"data": {"augment": False}},
+        {"model": {"abstol": 1e-4}},
+        {"train": {"amp": "bf16"}},
+        {"seed": 3},
+    ],
+)
+def test_settings_that_change_the_trained_model_name_a_new_run(setting):
+    assert validate(setting).name != validate({}).name
+
+
+def test_lambda_skip_defaults_to_the_presets_and_amp_reads_yaml_off():
+    from raydeq.models import PRESETS
+
+    assert validate({}).train.lambda_skip == PRESETS["mnist_dense"].lambda_skip
+    assert validate({"model": {"model": "mnist_mdeq"}}).train.lambda_skip == 0.01
+    assert validate({"train": {"lambda_skip": 0.25}}).train.lambda_skip == 0.25
+    assert validate(yaml.safe_load("train: {amp: off}")).train.amp == "off"
+    assert validate({"train": {"amp": "fp16"}}).train.amp == "fp16"
 
 
 @pytest.mark.parametrize(
@@ -68,7 +114,15 @@ def test_validate_accepts_its_own_output():
         ({"optim": {"momentum": 1.5}}, "optim.momentum: must be <= 1, got 1.5"),
         ({"data": {"batch_size": "big"}}, "data.batch_size: expected an integer, got 'big'"),
         ({"data": {"batch_size": 3.5}}, "data.batch_size: expected an integer, got 3.5"),
-        ({"train": {"amp": "yes"}}, "train.amp: expected true or false, got 'yes'"),
+        ({"train": {"amp": "yes"}}, "train.amp: 'yes' is not allowed; choose one of off, bf16,"),
+        ({"train": {"amp": True}}, "train.amp: expected a string, got True"),
+        ({"search": {"scheduler": "pbt"}}, "search.scheduler: 'pbt' is not allowed; choose one"),
+        ({"search": {"num_samples": 0}}, "search.num_samples: must be >= 1, got 0"),
+        ({"search": {"sample": 2}}, "search.sample: unknown key; allowed keys in search: var"),
+        ({"search": {"variants": [1]}}, "search.variants: expected a list of mappings, got [1]"),
+        ({"search": {"variants": [{}]}}, "search.variants[0]: expected a mapping of dotted keys"),
+        ({"search": {"variants": [{"label": 3}]}}, "search.variants[0].label: expected a string"),
+        ({"data": {"dataset": "mnist10k", "data_dir": "x"}}, "data.data_dir: dataset 'mnist10k'"),
         ({"optim": {"lr": "fast"}}, "optim.lr: expected a number, got 'fast'"),
         ({"optim": {"lr": math.inf}}, "optim.lr: expected a finite number, got inf"),
         ({"model": [1, 2]}, "model: expected a mapping of keys to values, got [1, 2]"),
@@ -97,13 +151,13 @@ def test_numbers_written_as_yaml_strings_are_read_as_numbers():
 
 def test_overrides_set_dotted_keys_read_as_yaml(tmp_path):
     path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump({"optim": {"lr": 0.01}, "search": {"optim.lr": [1, 2]}}))
+    path.write_text(yaml.safe_dump({"optim": {"lr": 0.01}, "search": {"space": {"seed": 1}}}))
     cfg = load(path, ["optim.lr=3e-4", "model.jac_reg=true", "train.lambda_jac=0.5", "name=x1"])
     assert cfg.optim.lr == pytest.approx(3e-4)
     assert cfg.model.jac_reg is True
     assert cfg.train.lambda_jac == 0.5
     assert cfg.name == "x1"
-    assert cfg.search == {"optim.lr": [1, 2]}
+    assert cfg.search.space == {"seed": 1}
     assert load(path, {"data.batch_size": 8}).data.batch_size == 8
 
 

@@ -12,17 +12,18 @@ from PIL import Image
 from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from raydeq import data
-from raydeq.config import ConfigError, validate
+from raydeq import datasets
+from raydeq.training import data
+from raydeq.training.config import ConfigError, validate
 
 
 def mnist_folder(root: Path) -> Path:
     """Write the embedded digits to root/MNIST/raw as the uncompressed IDX files of full MNIST."""
     raw = root / "MNIST" / "raw"
     raw.mkdir(parents=True)
-    for name in data.MNIST10K_FILES:
+    for name in datasets.MNIST10K_FILES:
         (raw / name.removesuffix(".gz")).write_bytes(
-            gzip.decompress(data.MNIST10K_DIR.joinpath(name).read_bytes())
+            gzip.decompress(datasets.MNIST10K_DIR.joinpath(name).read_bytes())
         )
     return root
 
@@ -61,7 +62,7 @@ def test_the_embedded_mnist10k_is_the_8000_2000_subset_and_reads_no_folder():
     assert 0 <= label < 10
     labels = torch.tensor([splits.test[i][1] for i in range(len(splits.test))])
     assert torch.bincount(labels, minlength=10).min() > 150  # every digit, roughly balanced
-    pixels, _ = data.mnist10k(train=True)
+    pixels, _ = datasets.mnist10k(train=True)
     assert pixels.dtype == torch.uint8 and pixels.float().div(255).mean() == pytest.approx(
         0.131, abs=1e-3
     )  # the README's mean pixel value; full MNIST's is 0.1307
@@ -70,11 +71,11 @@ def test_the_embedded_mnist10k_is_the_8000_2000_subset_and_reads_no_folder():
 
 
 def test_the_embedded_files_are_checked_against_their_checksums(tmp_path, monkeypatch):
-    for name in data.MNIST10K_FILES:
-        payload = (data.MNIST10K_DIR / name).read_bytes()
-        assert hashlib.sha256(payload).hexdigest() == data.MNIST10K_FILES[name]
+    for name in datasets.MNIST10K_FILES:
+        payload = (datasets.MNIST10K_DIR / name).read_bytes()
+        assert hashlib.sha256(payload).hexdigest() == datasets.MNIST10K_FILES[name]
         (tmp_path / name).write_bytes(payload[:-1] + bytes([payload[-1] ^ 1]))
-    monkeypatch.setattr(data, "MNIST10K_DIR", tmp_path)
+    monkeypatch.setattr(datasets, "MNIST10K_DIR", tmp_path)
     with pytest.raises(data.DataError, match="^dataset 'mnist10k' is unreadable: .* checksum"):
         data.load_splits(section(dataset="mnist10k"))
 

@@ -6,13 +6,13 @@ import time
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from raydeq.data import mnist10k
+from raydeq.datasets import mnist10k
 from raydeq.models import PRESETS, VARIANTS, build
 from raydeq.models.layers import VariationalDropout2d
 from raydeq.models.mdeq import MDEQConfig, MultiscaleCell
+from raydeq.training.objective import Objective
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small batches: thread sync dominates
 
@@ -96,8 +96,7 @@ def test_forward_backward_is_finite(name, variant, solver):
     logits, out = model(images)
     assert logits.shape == (batch, 1000 if name == "imagenet_small" else 10)
     assert bool(torch.isfinite(logits).all())
-    loss = F.cross_entropy(logits, labels) + model.lambda_skip * out.skip_loss
-    loss.backward()
+    Objective(preset.lambda_skip)(logits, labels, out).backward()
     for pname, p in model.named_parameters():
         assert p.grad is not None, pname
         assert bool(torch.isfinite(p.grad).all()), pname
@@ -210,7 +209,6 @@ def test_config_options_reach_the_layer():
             "adjoint": "jfb",
             "abstol": 0.2,
             "max_steps": 7,
-            "lambda_skip": 0.5,
         }
     )
     layer = model.layer
@@ -224,7 +222,9 @@ def test_config_options_reach_the_layer():
         layer.termination.abstol == 0.2
         and layer.termination.reltol == PRESETS["cifar10_small"].reltol
     )
-    assert model.lambda_skip == 0.5
+    assert not hasattr(model, "lambda_skip")  # the training objective's weight, not the model's
+    with pytest.raises(ValueError, match=r"unknown DEQ option\(s\) \['lambda_skip'\]"):
+        build({"model": "cifar10_small", "lambda_skip": 0.5})
     ode = build({"model": "mnist_dense", "variant": "neural_ode", "solver": "tsit5", "t1": 2.0})
     assert (ode.layer.method, ode.layer.t1) == ("dopri5", 2.0)
 
@@ -242,7 +242,7 @@ def test_cuda_forward_backward_and_timing():
         torch.cuda.synchronize()
         start = time.perf_counter()
         logits, out = model(images)
-        loss = F.cross_entropy(logits, labels) + model.lambda_skip * out.skip_loss
+        loss = Objective(PRESETS["cifar10_large"].lambda_skip)(logits, labels, out)
         model.zero_grad()
         loss.backward()
         torch.cuda.synchronize()
@@ -280,7 +280,7 @@ def test_euler_does_not_cycle_on_a_multiscale_deq_at_initialisation():
     converged = {}
     for label, (solver, options) in runs.items():
         torch.manual_seed(0)
-        cfg = {"model": "mnist_mdeq", "solver": solver, "max_steps": 100}
+        cfg = {"model": "mnist_mdeq", "variant": "vanilla", "solver": solver, "max_steps": 100}
         net = build({**cfg, "solver_options": options}).eval()
         with torch.no_grad():
             converged[label] = bool(net(x)[1].stats.converged.all())

@@ -1,7 +1,9 @@
 """The training run: CLI errors, the loop in the driver, checkpoints, and Ray end-to-end runs."""
 
 import copy
+import functools
 import json
+import math
 import os
 import pickle
 import signal
@@ -21,8 +23,11 @@ from ray.train import Checkpoint, ScalingConfig
 from ray.util.state import list_actors
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from raydeq import data, train
-from raydeq.config import Config, validate
+from raydeq import models, train
+from raydeq.training import checkpoint, data, launch, loop, reporting, storage
+from raydeq.training.checkpoint import MANIFEST_FILE, STATE_FILE
+from raydeq.training.config import Config, validate
+from raydeq.training.state import rng_state
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -33,12 +38,17 @@ METRICS = (
     "backward_nvjp",
     "forward_time",
     "backward_time",
+    "optimizer_time",
+    "data_time",
+    "images_per_second",
     "skip_loss",
     "jac_loss",
     "residual",
     "unconverged_fraction",
     "skipped_steps",
+    "overflow_steps",
     "test_accuracy",
+    "test_top5_accuracy",
     "test_nfe",
     "predict_time",
 )
@@ -67,7 +77,7 @@ def steps_by_tag(path: Path) -> dict[str, list[int]]:
 
 def event_files(cfg: Config) -> list[Path]:
     """The run's TensorBoard event files, oldest first."""
-    return sorted(Path(cfg.run_dir, train.TENSORBOARD_DIR).glob("events.out.tfevents.*"))
+    return sorted(Path(cfg.run_dir, reporting.TENSORBOARD_DIR).glob("events.out.tfevents.*"))
 
 
 # Command line ----------------------------------------------------------------------------------
@@ -109,8 +119,8 @@ def test_bad_input_exits_with_code_2_and_one_line_before_ray_starts(
 def test_unwritable_storage_is_a_clear_error_before_training(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    with pytest.raises(train.StorageError, match=f"storage_path {blocker}/runs is not writable"):
-        train.check_storage(str(blocker / "runs"))
+    with pytest.raises(storage.StorageError, match=f"storage_path {blocker}/runs is not writable"):
+        storage.check_storage(str(blocker / "runs"))
     path = tmp_path / "run.yaml"
     path.write_text(f"storage_path: {blocker}/runs\n")
     assert train.main([str(path)]) == 2
@@ -134,20 +144,22 @@ def test_checkpoints_round_trip_and_corruption_is_detected(tmp_path):
     state = {
         "step": 7,
         "model": {"w": torch.arange(4.0)},
-        "rng": [train.rng_state(torch.device("cpu"))],
+        "rng": [rng_state(torch.device("cpu"))],
     }
-    folder = train.write_checkpoint(state, tmp_path / "ckpt")
+    folder = checkpoint.write_checkpoint(state, tmp_path / "ckpt")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
-    loaded = train.read_checkpoint(folder)
+    loaded = checkpoint.read_checkpoint(folder)
     assert loaded["step"] == 7 and torch.equal(loaded["model"]["w"], torch.arange(4.0))
-    assert json.loads((folder / train.MANIFEST_FILE).read_text())["step"] == 7
-    blob = (folder / train.STATE_FILE).read_bytes()
-    (folder / train.STATE_FILE).write_bytes(blob[: len(blob) // 2])
-    with pytest.raises(train.CheckpointError, match="state.pt is missing or fails its checksum"):
-        train.read_checkpoint(folder)
-    (folder / train.MANIFEST_FILE).unlink()
-    with pytest.raises(train.CheckpointError, match="no valid manifest.json"):
-        train.read_checkpoint(folder)
+    assert json.loads((folder / MANIFEST_FILE).read_text())["step"] == 7
+    blob = (folder / STATE_FILE).read_bytes()
+    (folder / STATE_FILE).write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(
+        checkpoint.CheckpointError, match="state.pt is missing or fails its checksum"
+    ):
+        checkpoint.read_checkpoint(folder)
+    (folder / MANIFEST_FILE).unlink()
+    with pytest.raises(checkpoint.CheckpointError, match="no valid manifest.json"):
+        checkpoint.read_checkpoint(folder)
 
 
 def test_a_crash_while_saving_leaves_no_checkpoint_folder(tmp_path, monkeypatch):
@@ -156,7 +168,7 @@ def test_a_crash_while_saving_leaves_no_checkpoint_folder(tmp_path, monkeypatch)
 
     monkeypatch.setattr(torch, "save", crash)
     with pytest.raises(OSError, match="disk full"):
-        train.write_checkpoint({"step": 1}, tmp_path / "ckpt")
+        checkpoint.write_checkpoint({"step": 1}, tmp_path / "ckpt")
     assert not (tmp_path / "ckpt").exists()
 
 
@@ -174,23 +186,23 @@ def test_a_malicious_pickle_in_a_checkpoint_is_refused(tmp_path):
     marker = tmp_path / "executed"
     folder = tmp_path / "ckpt"
     folder.mkdir()
-    (folder / train.STATE_FILE).write_bytes(pickle.dumps({"step": Payload(marker)}, protocol=2))
-    digest = train._sha256(folder / train.STATE_FILE)
-    (folder / train.MANIFEST_FILE).write_text(json.dumps({"step": 1, "sha256": digest}))
-    with pytest.raises(train.CheckpointError, match="refused by the loader"):
-        train.read_checkpoint(folder)
+    (folder / STATE_FILE).write_bytes(pickle.dumps({"step": Payload(marker)}, protocol=2))
+    digest = checkpoint._sha256(folder / STATE_FILE)
+    (folder / MANIFEST_FILE).write_text(json.dumps({"step": 1, "sha256": digest}))
+    with pytest.raises(checkpoint.CheckpointError, match="refused by the loader"):
+        checkpoint.read_checkpoint(folder)
     assert not marker.exists()
 
 
 def test_restore_falls_back_to_the_previous_checkpoint_and_never_silently_restarts(tmp_path):
-    good = train.write_checkpoint({"step": 4}, tmp_path / "a")
-    bad = train.write_checkpoint({"step": 6}, tmp_path / "b")
-    (bad / train.STATE_FILE).write_bytes(b"garbage")
+    good = checkpoint.write_checkpoint({"step": 4}, tmp_path / "a")
+    bad = checkpoint.write_checkpoint({"step": 6}, tmp_path / "b")
+    (bad / STATE_FILE).write_bytes(b"garbage")
     checkpoints = [Checkpoint.from_directory(str(p)) for p in (bad, good)]
-    assert train.restore(checkpoints)["step"] == 4
-    assert train.restore([]) is None
-    with pytest.raises(train.CheckpointError, match="no readable checkpoint: .*b: state.pt"):
-        train.restore(checkpoints[:1])
+    assert checkpoint.restore(c.as_directory() for c in checkpoints)["step"] == 4
+    assert checkpoint.restore([]) is None
+    with pytest.raises(checkpoint.CheckpointError, match="no readable checkpoint: .*b: state.pt"):
+        checkpoint.restore([checkpoints[0].as_directory()])
 
 
 # The loop in the driver (num_workers=0) ------------------------------------------------------
@@ -198,18 +210,61 @@ def test_restore_falls_back_to_the_previous_checkpoint_and_never_silently_restar
 
 def test_the_loop_trains_reports_every_metric_and_writes_tensorboard(tmp_path):
     cfg = make_config(tmp_path, max_steps=6, checkpoint_every=3)
-    result = train.fit(cfg, LOCAL)
+    result = launch.fit(cfg, LOCAL)
     metrics = result.metrics
     assert metrics["step"] == 6 and set(METRICS) <= set(metrics)
     assert 0 <= metrics["test_accuracy"] <= 1 and metrics["nfe"] > 0
     assert metrics["skipped_steps"] == 0 and metrics["backward_nvjp"] > 0
-    steps = steps_by_tag(Path(cfg.run_dir, train.TENSORBOARD_DIR))
+    steps = steps_by_tag(Path(cfg.run_dir, reporting.TENSORBOARD_DIR))
     assert set(METRICS) <= set(steps)
     assert steps["train_loss"] == [1, 2, 3, 4, 5, 6]
     assert steps["test_accuracy"] == [6]
+    assert metrics["test_accuracy"] <= metrics["test_top5_accuracy"] <= 1
+    assert "pretrain_forward_time" not in metrics  # the preset does not unroll
     summary = train.summary(result, cfg)
-    assert summary.startswith(f"test_accuracy={metrics['test_accuracy']:.4f} steps=6 run=")
-    assert summary.endswith(f"tensorboard --logdir {cfg.run_dir}/tensorboard")
+    assert summary == f"test_accuracy={metrics['test_accuracy']:.4f} steps=6 run={cfg.run_dir}"
+
+
+def test_pretraining_steps_report_their_own_times_apart_from_the_deq_solves(tmp_path):
+    cfg = validate(
+        {
+            "name": "run",
+            "storage_path": str(tmp_path),
+            "model": {"pretrain_steps": 2},
+            "train": {"epochs": 1, "max_steps": 4, "report_every": 4},
+        }
+    )
+    metrics = launch.fit(cfg, LOCAL).metrics
+    assert metrics["pretrain_forward_time"] > 0 and metrics["forward_time"] > 0
+    steps = steps_by_tag(Path(cfg.run_dir, reporting.TENSORBOARD_DIR))
+    assert steps["pretrain_forward_time"] == steps["pretrain_backward_time"] == [1, 2]
+    assert steps["forward_time"] == steps["backward_time"] == steps["nfe"] == [3, 4]
+    assert steps["optimizer_time"] == steps["data_time"] == [1, 2, 3, 4]
+
+
+def test_a_changed_reporting_setting_resumes_the_run_instead_of_starting_anew(
+    ray_cluster, tmp_path
+):
+    base = {"storage_path": str(tmp_path), "scaling": {"num_workers": 1}}
+    first = validate(base | {"train": {"epochs": 1, "max_steps": 4, "report_every": 2}})
+    assert launch.fit(first).metrics["step"] == 4
+    again = {"epochs": 1, "max_steps": 4, "report_every": 50, "checkpoint_every": 3}
+    again |= {"eval_batches": 1, "keep_checkpoints": 5}
+    second = validate(base | {"train": again, "data": {"loader_workers": 1, "pin_memory": True}})
+    assert second.run_dir == first.run_dir
+    result = launch.fit(second)
+    assert result.metrics["step"] == 4  # resumed at its end, not trained again from step 0
+    history = steps_by_tag(Path(first.run_dir, reporting.TENSORBOARD_DIR))
+    assert history["train_loss"] == [1, 2, 3, 4]
+
+
+def test_fp16_overflow_steps_are_the_scalers_not_non_finite_steps(tmp_path, monkeypatch):
+    huge = functools.partial(torch.amp.GradScaler, init_scale=2.0**127)
+    monkeypatch.setattr(torch.amp, "GradScaler", huge)
+    cfg = make_config(tmp_path, max_steps=4, amp="fp16", max_nonfinite_steps=1)
+    metrics = launch.fit(cfg, LOCAL).metrics
+    assert metrics["step"] == 4 and metrics["skipped_steps"] == 0
+    assert metrics["overflow_steps"] >= 1 and math.isfinite(metrics["train_loss"])
 
 
 def nan_splits(cfg: data.DataSection, load=data.load_splits) -> data.Splits:
@@ -226,18 +281,19 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_run_when_they_persist
     monkeypatch.setattr(data, "load_splits", nan_splits)
     seen = {}
 
-    def loop(config: dict) -> None:
-        run = train.Loop(validate(config))
-        seen["before"] = copy.deepcopy(dict(run.module.named_parameters()))
+    def train_fn(config: dict) -> None:
+        run = loop.Loop(validate(config))
+        seen["before"] = copy.deepcopy(dict(run.state.model.named_parameters()))
         run.run()
-        seen["after"] = dict(run.module.named_parameters())
+        seen["after"] = dict(run.state.model.named_parameters())
 
-    result = train.fit(make_config(tmp_path, max_steps=4, max_nonfinite_steps=10), LOCAL, loop)
+    cfg = make_config(tmp_path, max_steps=4, max_nonfinite_steps=10)
+    result = launch.fit(cfg, LOCAL, train_fn)
     assert result.metrics["skipped_steps"] == 4 and "train_loss" not in result.metrics
     for name, value in seen["before"].items():
         assert torch.equal(value, seen["after"][name]), name
-    with pytest.raises(train.NonFiniteError, match="3 steps in a row had a non-finite loss"):
-        train.fit(make_config(tmp_path / "b", max_steps=8, max_nonfinite_steps=3), LOCAL)
+    with pytest.raises(loop.NonFiniteError, match="3 steps in a row had a non-finite loss"):
+        launch.fit(make_config(tmp_path / "b", max_steps=8, max_nonfinite_steps=3), LOCAL)
 
 
 # Ray end-to-end ----------------------------------------------------------------------------------
@@ -245,22 +301,25 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_run_when_they_persist
 
 def test_two_workers_checkpoint_log_and_resume_past_a_corrupted_checkpoint(ray_cluster, tmp_path):
     first = make_config(tmp_path, max_steps=4, checkpoint_every=2, report_every=1)
-    result = train.fit(first)
+    result = launch.fit(first)
     assert result.error is None and result.metrics["step"] == 4
     assert set(METRICS) <= set(result.metrics)
-    assert sorted(os.listdir(result.checkpoint.path)) == [train.MANIFEST_FILE, train.STATE_FILE]
+    assert sorted(os.listdir(result.checkpoint.path)) == [
+        MANIFEST_FILE,
+        STATE_FILE,
+    ]
     steps = steps_by_tag(event_files(first)[0])
     assert set(METRICS) <= set(steps) and steps["train_loss"] == [1, 2, 3, 4]
 
-    latest = Path(result.checkpoint.path, train.STATE_FILE)
+    latest = Path(result.checkpoint.path, STATE_FILE)
     latest.write_bytes(latest.read_bytes()[:100])
     second = make_config(tmp_path, max_steps=8, checkpoint_every=2, report_every=1)
-    result = train.fit(second)
+    result = launch.fit(second)
     assert result.error is None and result.metrics["step"] == 8
     files = event_files(second)
     assert len(files) == 2
     assert steps_by_tag(files[1])["train_loss"] == [3, 4, 5, 6, 7, 8]
-    history = steps_by_tag(Path(second.run_dir, train.TENSORBOARD_DIR))
+    history = steps_by_tag(Path(second.run_dir, reporting.TENSORBOARD_DIR))
     assert history["train_loss"] == list(range(1, 9))
 
 
@@ -277,7 +336,7 @@ def kill_a_worker_after_the_first_checkpoint(
     snapshot = run_dir / "checkpoint_manager_snapshot.json"
     while not snapshot.exists() and time.monotonic() < deadline:
         time.sleep(0.02)
-    writer = next((run_dir / train.TENSORBOARD_DIR).glob("events.out.tfevents.*")).name
+    writer = next((run_dir / reporting.TENSORBOARD_DIR).glob("events.out.tfevents.*")).name
     victim = next(pid for pid in pids if f".{pid}." not in writer)
     os.kill(victim, signal.SIGKILL)
     killed.append(victim)
@@ -291,22 +350,25 @@ def test_a_killed_worker_is_restarted_from_the_last_checkpoint_without_gaps(ray_
         args=(ray_cluster, Path(cfg.run_dir), killed),
     )
     killer.start()
-    result = train.fit(cfg)
+    result = launch.fit(cfg)
     killer.join()
     assert len(killed) == 1
     assert result.error is None and result.metrics["step"] == 60
     assert len(event_files(cfg)) == 2
-    history = steps_by_tag(Path(cfg.run_dir, train.TENSORBOARD_DIR))
+    history = steps_by_tag(Path(cfg.run_dir, reporting.TENSORBOARD_DIR))
     assert history["train_loss"] == list(range(1, 61))
     assert history["skipped_steps"] == list(range(1, 61))
 
 
 def train_and_save_parameters(config: dict) -> None:
     """Train, then save this worker's parameters and node id next to the run folder."""
-    run = train.Loop(validate(config))
+    run = loop.Loop(validate(config))
     run.run()
     rank = ray.train.get_context().get_world_rank()
-    record = {"node": ray.get_runtime_context().get_node_id(), "params": run.module.state_dict()}
+    record = {
+        "node": ray.get_runtime_context().get_node_id(),
+        "params": run.state.model.state_dict(),
+    }
     torch.save(record, Path(config["storage_path"], f"worker-{rank}.pt"))
 
 
@@ -318,14 +380,14 @@ def test_ddp_keeps_the_workers_on_two_nodes_identical(tmp_path):
     try:
         ray.init(address=cluster.address)
         cfg = make_config(tmp_path, max_steps=6)
-        result = train.fit(cfg, train_fn=train_and_save_parameters)
+        result = launch.fit(cfg, train_fn=train_and_save_parameters)
     finally:
         ray.shutdown()
         cluster.shutdown()
     assert result.error is None and result.metrics["step"] == 6
     workers = [torch.load(tmp_path / f"worker-{r}.pt", weights_only=True) for r in (0, 1)]
     assert workers[0]["node"] != workers[1]["node"]
-    initial = train.models.build(cfg.model_options()).state_dict()
+    initial = models.build(cfg.model_options()).state_dict()
     for name, value in workers[0]["params"].items():
         assert torch.equal(value, workers[1]["params"][name]), name
     assert any(not torch.equal(v, initial[k]) for k, v in workers[0]["params"].items())

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 from collections import Counter
 from pathlib import Path
 
@@ -17,9 +18,12 @@ from ray.autoscaler._private.util import prepare_config, validate_config
 from ray.tune.search.sample import Categorical, Float
 from ray.util.state import list_actors
 
-from raydeq import train
+from raydeq import datasets
 from raydeq import tune as rt
-from raydeq.config import ConfigError
+from raydeq.experiments import archive, results, run, spec
+from raydeq.training import preflight
+from raydeq.training.checkpoint import MANIFEST_FILE
+from raydeq.training.config import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 PAPER_TRIALS = {
@@ -39,18 +43,20 @@ TINY = {
 
 @pytest.mark.parametrize(("name", "trials"), PAPER_TRIALS.items())
 def test_each_experiment_validates_and_expands_to_its_trials(name, trials):
-    experiment = rt.load(name)
-    sampled = rt.expand(experiment)
+    experiment = spec.load(name)
+    sampled = spec.expand(experiment)
     assert len(sampled) == trials
     configs = [experiment.trial_config(s) for s in sampled]
-    per_group = Counter(rt.describe(s, leave_out=("seed",)) for s in sampled)
+    per_group = Counter(spec.describe(s, leave_out=("seed",)) for s in sampled)
     assert set(per_group.values()) == {len({c.seed for c in configs})}
     for cfg in {repr(c.model): c for c in configs}.values():
-        train.check_model(cfg)
+        preflight.check_model(cfg)
 
 
 def test_the_paper_settings_reach_the_trials():
-    table2 = [rt.load("cifar10_small").trial_config(s) for s in rt.expand(rt.load("cifar10_small"))]
+    table2 = [
+        spec.load("cifar10_small").trial_config(s) for s in spec.expand(spec.load("cifar10_small"))
+    ]
     assert {(c.model.variant, c.model.solver) for c in table2} == {
         *((v, s) for v in ("vanilla", "skip", "skip_reg") for s in ("vcab3", "broyden")),
         ("neural_ode", "tsit5"),
@@ -58,7 +64,9 @@ def test_the_paper_settings_reach_the_trials():
     assert {(c.optim.lr, c.data.batch_size, c.train.max_steps) for c in table2} == {
         (1e-3, 128, 20000)
     }
-    table1 = [rt.load("mnist_dense").trial_config(s) for s in rt.expand(rt.load("mnist_dense"))]
+    table1 = [
+        spec.load("mnist_dense").trial_config(s) for s in spec.expand(spec.load("mnist_dense"))
+    ]
     assert {(c.model.jac_reg, c.train.lambda_jac) for c in table1} == {
         (None, 0.0),
         (True, 1.0),
@@ -66,23 +74,23 @@ def test_the_paper_settings_reach_the_trials():
 
 
 def test_random_primitives_are_sampled_once_per_sample_and_within_bounds():
-    experiment = rt.load("svhn")
-    space = experiment.search.param_space()
+    experiment = spec.load("svhn")
+    space = experiment.param_space()
     assert isinstance(space["model"]["abstol"], Float)
     assert isinstance(space["variant"]["grid_search"], list)
-    sampled = rt.expand(experiment)
+    sampled = spec.expand(experiment)
     draws = {(s["model"]["abstol"], s["train"]["lambda_skip"]) for s in sampled}
     assert len(draws) == experiment.search.num_samples
     assert all(1e-2 <= s["model"]["abstol"] <= 1e-1 for s in sampled)
     assert all(1e-3 <= lam <= 1e-1 for _, lam in draws)
-    choice = rt.domain("x", {"choice": [False, True]})
+    choice = spec.domain("x", {"choice": [False, True]})
     assert isinstance(choice, Categorical)
 
 
 def test_workers_per_trial_sets_the_trials_workers():
-    assert rt.load("digits").trial_config({}).scaling.num_workers == 1
-    assert rt.load("digits", ["scaling.num_workers=2"]).trial_config({}).scaling.num_workers == 2
-    imagenet = rt.load("imagenet")
+    assert spec.load("digits").trial_config({}).scaling.num_workers == 1
+    assert spec.load("digits", ["scaling.num_workers=2"]).trial_config({}).scaling.num_workers == 2
+    imagenet = spec.load("imagenet")
     assert [imagenet.trial_config({}).scaling.num_workers, imagenet.base["data"]["batch_size"]] == [
         4,
         256,
@@ -90,12 +98,12 @@ def test_workers_per_trial_sets_the_trials_workers():
 
 
 def test_an_override_fixes_a_searched_key():
-    assert len(rt.expand(rt.load("digits", ["model.variant=skip"]))) == 2
-    fixed = rt.load("digits", ["seed=7"])
-    assert [fixed.trial_config(s).seed for s in rt.expand(fixed)] == [7, 7, 7]
-    assert len(rt.expand(rt.load("mnist_dense", ["model.solver=vcab3"]))) == 18
+    assert len(spec.expand(spec.load("digits", ["model.variant=skip"]))) == 2
+    fixed = spec.load("digits", ["seed=7"])
+    assert [fixed.trial_config(s).seed for s in spec.expand(fixed)] == [7, 7, 7]
+    assert len(spec.expand(spec.load("mnist_dense", ["model.solver=vcab3"]))) == 18
     with pytest.raises(ConfigError, match="model.variant='wide': no variant"):
-        rt.load("digits", ["model.variant=wide"])
+        spec.load("digits", ["model.variant=wide"])
 
 
 @pytest.mark.parametrize(
@@ -114,7 +122,7 @@ def test_an_override_fixes_a_searched_key():
 )
 def test_bad_search_sections_are_one_line_errors(search, message):
     with pytest.raises(ConfigError, match=message) as err:
-        rt.preflight(rt.from_dict("bad", {**TINY, "search": search}))
+        rt.preflight(spec.from_dict("bad", {**TINY, "search": search}))
     assert "\n" not in str(err.value)
 
 
@@ -123,6 +131,8 @@ def test_the_command_refuses_bad_input_and_an_existing_experiment_with_status_2(
     experiment.write_text(yaml.safe_dump(TINY))
     (tmp_path / "runs" / "tiny").mkdir(parents=True)
     argv = [str(experiment), "--storage", str(tmp_path / "runs")]
+    rt.start(rt._parser().parse_args(argv))  # a folder left without settings blocks nothing
+    (tmp_path / "runs" / "tiny" / run.SETTINGS_FILE).write_text("{}")
     assert rt.main(argv) == 2
     assert "already exists; add --resume to continue it" in capsys.readouterr().err
     assert rt.main([*argv, "--name", "other", "--resume"]) == 2
@@ -133,6 +143,67 @@ def test_the_command_refuses_bad_input_and_an_existing_experiment_with_status_2(
     assert "--num-samples: must be >= 1, got 0" in capsys.readouterr().err
     assert rt.main([*argv, "--name", "other", "--workers-per-trial", "3"]) == 2
     assert "data.batch_size: 8 does not split evenly" in capsys.readouterr().err
+    for flags, named in [
+        (["train.epochs=2"], "key=value overrides"),
+        (["--num-samples", "2"], "--num-samples"),
+        (["--scheduler", "asha"], "--scheduler"),
+        (["--workers-per-trial", "1"], "--workers-per-trial"),
+        (["--gpus-per-worker", "1"], "--gpus-per-worker"),
+        (["--max-concurrent-trials", "1"], "--max-concurrent-trials"),
+    ]:
+        assert rt.main([*argv, "--resume", *flags]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: --resume: {named} cannot change an experiment that has")
+    assert rt.main([*argv, "--report", "--num-samples", "2"]) == 2
+    assert capsys.readouterr().err.startswith("error: --report: --num-samples cannot change")
+
+
+def test_dry_run_prints_every_trials_resolved_config_without_ray(capsys):
+    assert rt.main(["digits", "--dry-run"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["label"] for line in lines] == [
+        f"{variant}, seed={seed}"
+        for variant in ("Vanilla DEQ", "Skip DEQ", "Skip Reg. DEQ")
+        for seed in (0, 1)
+    ]
+    config = lines[0]["config"]
+    assert config["model"]["variant"] == "vanilla" and config["seed"] == 0
+    assert config["train"]["lambda_skip"] == 1.0 and config["scaling"]["num_workers"] == 1
+    assert not ray.is_initialized()
+
+
+def test_an_installed_raydeq_finds_its_experiments_from_any_folder(tmp_path):
+    wheels = tmp_path / "wheels"
+    build = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation"]
+    subprocess.run([*build, "-w", str(wheels), str(ROOT)], check=True, capture_output=True)
+    (wheel,) = wheels.glob("raydeq-*.whl")
+    site = tmp_path / "site"
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+        archive.extractall(site)  # what installing a pure-Python wheel does
+    assert {f"raydeq/tune_configs/{p.name}" for p in (ROOT / "tune_configs").glob("*.yaml")} <= set(
+        names
+    )
+    assert {f"raydeq/datasets/mnist10k/{n}" for n in datasets.MNIST10K_FILES} <= set(names)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "mine.yaml").write_text(yaml.safe_dump(TINY))
+    env = os.environ | {"PYTHONPATH": str(site)}
+    for experiment in ("digits", "mine.yaml"):
+        command = [sys.executable, "-m", "raydeq.tune", experiment, "--dry-run"]
+        done = subprocess.run(command, cwd=elsewhere, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert len(done.stdout.splitlines()) == (6 if experiment == "digits" else 1)
+    probe = "import raydeq, raydeq.datasets as d; print(raydeq.__file__, len(d.mnist10k(False)[1]))"
+    done = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=elsewhere,
+        env=env,
+        text=True,
+        capture_output=True,
+        check=True,
+    )
+    assert done.stdout.startswith(str(site)) and done.stdout.split()[1] == "2000"
 
 
 def test_the_table_averages_finished_seeds_per_variant_and_the_parquet_round_trips(tmp_path):
@@ -146,11 +217,11 @@ def test_the_table_averages_finished_seeds_per_variant_and_the_parquet_round_tri
             (2, False, 20, 0.10, 30.0),
         ]
     ]
-    table = rt.markdown(rows)
+    table = results.markdown(rows)
     assert "| Skip DEQ | 3 (1 stopped) | 97.50 ± 0.71 | 0.5 ± 0 | 0.5 ± 0 | 0.5 ± 0 |" in table
     assert "| 11 ± 1.414 | 1,234 |" in table
     path = tmp_path / "results.parquet"
-    pq.write_table(rt.results_table(rows), path)
+    pq.write_table(results.results_table(rows), path)
     assert pq.read_table(path).to_pylist() == rows
 
 
@@ -186,7 +257,7 @@ def _registered_steps(experiment: Path) -> dict[str, int]:
 
 def _checkpoint_steps(experiment: Path) -> dict[Path, int]:
     """The step of every checkpoint folder the trials' Train runs wrote."""
-    manifests = experiment.glob(f"*/train/checkpoint_*/{train.MANIFEST_FILE}")
+    manifests = experiment.glob(f"*/train/checkpoint_*/{MANIFEST_FILE}")
     return {m.parent: json.loads(m.read_text())["step"] for m in manifests}
 
 
@@ -206,12 +277,12 @@ def _wait_for_the_end_of(controllers: set[str], dashboard: str) -> None:
 
 def _reported_steps(trial: Path) -> list[int]:
     """The steps in a trial's result file."""
-    lines = [json.loads(line) for line in (trial / rt.RESULT_FILE).read_text().splitlines()]
+    lines = [json.loads(line) for line in (trial / archive.RESULT_FILE).read_text().splitlines()]
     return [line["step"] for line in lines if "step" in line]
 
 
 def test_a_killed_driver_resumes_every_trial_without_training_a_step_twice(ray_cluster, tmp_path):
-    spec = TINY | {
+    settings = TINY | {
         "train": {
             "epochs": 1,
             "max_steps": 160,
@@ -225,7 +296,7 @@ def test_a_killed_driver_resumes_every_trial_without_training_a_step_twice(ray_c
             "max_concurrent_trials": 2,
         },
     }
-    (tmp_path / "e2e.yaml").write_text(yaml.safe_dump(spec))
+    (tmp_path / "e2e.yaml").write_text(yaml.safe_dump(settings))
     argv = [str(tmp_path / "e2e.yaml"), "--storage", str(tmp_path / "runs")]
     experiment = tmp_path / "runs" / "e2e"
     earlier = _train_controllers(ray_cluster)
@@ -264,14 +335,14 @@ def test_a_killed_driver_resumes_every_trial_without_training_a_step_twice(ray_c
         assert steps == sorted(set(steps)) and steps[-1] == 160, steps
     assert "| variant=skip_reg | 1 |" in output
     assert f"tensorboard --logdir {experiment}" in output
-    for plot in rt.PLOTS:
+    for plot in results.PLOTS:
         assert (experiment / f"{plot}.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_asha_stops_a_torch_trainer_trial_and_the_next_trial_gets_its_resources(
     ray_cluster, tmp_path
 ):
-    spec = TINY | {
+    settings = TINY | {
         "train": {"epochs": 1, "max_steps": 60, "report_every": 20},
         "scaling": {"num_workers": 1, "cpus_per_worker": 2},
         "search": {
@@ -285,7 +356,7 @@ def test_asha_stops_a_torch_trainer_trial_and_the_next_trial_gets_its_resources(
             "grace_period": 20,
         },
     }
-    (tmp_path / "asha.yaml").write_text(yaml.safe_dump(spec))
+    (tmp_path / "asha.yaml").write_text(yaml.safe_dump(settings))
     driver = _tune([str(tmp_path / "asha.yaml"), "--storage", str(tmp_path / "runs")])
     output = driver.communicate(timeout=240)[0].decode()
     assert driver.returncode == 0, output[-3000:]
@@ -297,3 +368,7 @@ def test_asha_stops_a_torch_trainer_trial_and_the_next_trial_gets_its_resources(
     ]
     assert rows[0]["step"] == 60 and rows[1]["step"] == 20 and rows[2]["step"] >= 20
     assert "| frozen | 1 (1 stopped) |" in output
+    quiet = [line for line in output.splitlines() if "Reporting training result" in line]
+    assert not quiet and "Trial status" not in output and output.count("tensorboard --logdir") == 1
+    assert "[fast, seed=0] epoch 0.22 step 20/60 loss" in output  # one line per report
+    assert len(output.splitlines()) < 40, output

@@ -1,9 +1,11 @@
-"""Training configuration: one YAML schema of dataclasses, validated before Ray starts.
+"""The configuration schema: one YAML schema of dataclasses, validated before Ray starts.
 
 A config file holds the sections `model`, `data`, `optim`, `train` and `scaling` plus the
 top-level keys `name`, `storage_path` and `seed`. Experiment files for Ray Tune add a `search`
-section, which this module keeps as given and the trainer ignores. Every error is a
-`ConfigError` with a one-line message that names the key and what is allowed.
+section (variants, a space over Tune's primitives, trial scheduling), checked here too and
+ignored by the trainer. Every error is a `ConfigError` with a one-line message that names the
+key and what is allowed. Model defaults (variant, solver, the preset's tolerances and
+lambda_skip) come from `raydeq.models`.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-from raydeq.models import PRESETS, VARIANTS
+from raydeq.models import DEFAULT_SOLVER, DEFAULT_VARIANT, PRESETS, VARIANTS
 from raydeq.solvers import ADJOINTS, SOLVERS
 
 MODELS = tuple(PRESETS)
@@ -36,9 +38,15 @@ DOWNLOADABLE = ("mnist", "cifar10", "svhn")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("cosine", "step", "constant")
 DEVICES = ("auto", "cpu", "cuda")
+AMP = ("off", "bf16", "fp16")
+SCHEDULERS = ("fifo", "asha")
+MODES = ("max", "min")
 DEQ_ONLY = ("adjoint", "max_steps", "jac_reg", "pretrain_steps")
 ODE_ONLY = ("t1",)
-SECTIONS_OUTSIDE_HASH = ("name", "storage_path", "search", "scaling")
+# Settings that do not change the trained model, so that changing them resumes the same run.
+OUTSIDE_HASH = ("name", "label", "storage_path", "search", "scaling")
+OUTSIDE_HASH += ("train.report_every", "train.checkpoint_every", "train.keep_checkpoints")
+OUTSIDE_HASH += ("train.eval_batches", "data.loader_workers", "data.pin_memory")
 _NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _BOUNDS = {"ge": (">=", operator.ge), "gt": (">", operator.gt), "le": ("<=", operator.le)}
 
@@ -67,8 +75,8 @@ class ModelSection:
     """Arguments of `raydeq.models.build`; unset (null) options take the preset's defaults."""
 
     model: str = _opt("mnist_dense", choices=MODELS)
-    variant: str = _opt("skip_reg", choices=VARIANTS)
-    solver: str = _opt("vcab3", choices=SOLVERS)
+    variant: str = _opt(DEFAULT_VARIANT, choices=VARIANTS)
+    solver: str = _opt(DEFAULT_SOLVER, choices=SOLVERS)
     adjoint: str | None = _opt(None, choices=ADJOINTS)
     abstol: float | None = _opt(None, gt=0)
     reltol: float | None = _opt(None, ge=0)
@@ -117,9 +125,9 @@ class TrainSection:
 
     epochs: int = _opt(10, ge=1)
     max_steps: int = _opt(0, ge=0)
-    lambda_skip: float | None = _opt(None, ge=0)
+    lambda_skip: float | None = _opt(None, ge=0)  # None: the preset's (models.PRESETS)
     lambda_jac: float = _opt(0.0, ge=0)
-    amp: bool = _opt(False)
+    amp: str = _opt("off", choices=AMP)  # autocast dtype; fp16 adds a GradScaler
     report_every: int = _opt(20, ge=1)
     checkpoint_every: int = _opt(0, ge=0)
     keep_checkpoints: int = _opt(3, ge=1)
@@ -138,18 +146,37 @@ class ScalingSection:
 
 
 @dataclass(frozen=True)
+class SearchSection:
+    """Ray Tune's side: variants (labelled rows of dotted settings), a space over Tune's
+    primitives, the metric and scheduler, and the trials' size and concurrency."""
+
+    variants: tuple[dict, ...] = _opt(())
+    space: dict = _opt({})
+    metric: str = _opt("test_accuracy")
+    mode: str = _opt("max", choices=MODES)
+    num_samples: int = _opt(1, ge=1)
+    scheduler: str = _opt("fifo", choices=SCHEDULERS)
+    grace_period: int = _opt(1, ge=1)
+    reduction_factor: int = _opt(2, ge=2)
+    max_t: int = _opt(0, ge=0)
+    max_concurrent_trials: int = _opt(0, ge=0)
+    workers_per_trial: int = _opt(0, ge=0)
+
+
+@dataclass(frozen=True)
 class Config:
     """One training run; `name` defaults to a deterministic name derived from the settings."""
 
     name: str | None = _opt(None)
     storage_path: str = _opt("runs")
     seed: int = _opt(0, ge=0)
+    label: str | None = _opt(None)  # in progress lines (a Tune trial's variant); name if unset
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     optim: OptimSection = field(default_factory=OptimSection)
     train: TrainSection = field(default_factory=TrainSection)
     scaling: ScalingSection = field(default_factory=ScalingSection)
-    search: dict = _opt({})
+    search: SearchSection = field(default_factory=SearchSection)
 
     @property
     def run_dir(self) -> str:
@@ -176,9 +203,13 @@ _ACCEPTS = {
     float: ("a number", lambda v: _is_int(v) or isinstance(v, float)),
     str: ("a string", lambda v: isinstance(v, str)),
     dict: ("a mapping", lambda v: isinstance(v, Mapping)),
-    tuple: (
+    tuple[int, ...]: (
         "a list of positive integers",
         lambda v: isinstance(v, list | tuple) and all(_is_int(i) and i > 0 for i in v),
+    ),
+    tuple[dict, ...]: (
+        "a list of mappings",
+        lambda v: isinstance(v, list | tuple) and all(isinstance(i, Mapping) for i in v),
     ),
 }
 
@@ -198,7 +229,6 @@ def _coerce(key: str, value: Any, kind: Any) -> Any:
         if value is None:
             return None
         kind = next(arg for arg in get_args(kind) if arg is not type(None))
-    kind = get_origin(kind) or kind
     if kind is float and isinstance(value, str):
         try:
             value = float(value)
@@ -209,7 +239,9 @@ def _coerce(key: str, value: Any, kind: Any) -> Any:
         raise ConfigError(f"{key}: expected {expected}, got {reprlib.repr(value)}")
     if kind is float:
         return _finite(key, value)
-    return kind(value) if kind in (dict, tuple) else value
+    if kind == tuple[dict, ...]:
+        return tuple(dict(row) for row in value)
+    return kind(value) if kind is dict else tuple(value) if kind == tuple[int, ...] else value
 
 
 def _check_range(key: str, value: Any, meta: Mapping[str, Any]) -> None:
@@ -244,7 +276,10 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
         if dataclasses.is_dataclass(kind):
             values[name] = _build(kind, raw[name] if raw[name] is not None else {}, f"{name}.")
             continue
-        values[name] = _coerce(prefix + name, raw[name], kind)
+        value = raw[name]
+        if value is False and "off" in (spec.metadata["choices"] or ()):
+            value = "off"  # YAML 1.1 reads an unquoted `off` as false
+        values[name] = _coerce(prefix + name, value, kind)
         _check_range(prefix + name, values[name], spec.metadata)
     return cls(**values)
 
@@ -281,12 +316,24 @@ def _check_together(cfg: Config) -> None:
         )
     if cfg.train.lambda_jac > 0 and not cfg.model.jac_reg:
         raise ConfigError("train.lambda_jac: needs model.jac_reg=true to have a Jacobian term")
-    if cfg.train.amp and cfg.scaling.device == "cpu":
-        raise ConfigError("train.amp: mixed precision needs scaling.device=cuda or auto")
+    _check_variants(cfg.search.variants)
     if cfg.name is not None and not _NAME_PATTERN.fullmatch(cfg.name):
         raise ConfigError(
             f"name: {cfg.name!r} is not a folder name; use letters, digits, '.', '_' and '-'"
         )
+
+
+def _check_variants(variants: Sequence[Mapping[str, Any]]) -> None:
+    """Each search variant is a non-empty row of dotted keys to plain values, label a string."""
+    for index, row in enumerate(variants):
+        where = f"search.variants[{index}]"
+        if not row:
+            raise ConfigError(f"{where}: expected a mapping of dotted keys to values")
+        if not isinstance(row.get("label", ""), str):
+            raise ConfigError(f"{where}.label: expected a string")
+        for key, value in row.items():
+            if isinstance(value, Mapping):
+                raise ConfigError(f"{where}.{key}: expected a value (variants take no primitives)")
 
 
 def _absolute(path: str) -> str:
@@ -294,9 +341,23 @@ def _absolute(path: str) -> str:
     return path if "://" in path else os.path.abspath(os.path.expanduser(path))
 
 
+def _without(tree: Mapping[str, Any], dotted: str) -> dict[str, Any]:
+    """A copy of a nested dict without the dotted key."""
+    head, _, rest = dotted.partition(".")
+    result = dict(tree)
+    if rest and isinstance(result.get(head), Mapping):
+        result[head] = _without(result[head], rest)
+    elif not rest:
+        result.pop(head, None)
+    return result
+
+
 def default_name(cfg: Config) -> str:
-    """A readable, deterministic run name: dataset, model, variant and a digest of the settings."""
-    settings = {k: v for k, v in cfg.to_dict().items() if k not in SECTIONS_OUTSIDE_HASH}
+    """A readable, deterministic run name: dataset, model, variant and a digest of the settings
+    that change the trained model (not those in OUTSIDE_HASH, so that changing them resumes)."""
+    settings = cfg.to_dict()
+    for dotted in OUTSIDE_HASH:
+        settings = _without(settings, dotted)
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
     return f"{cfg.data.dataset}-{cfg.model.model}-{cfg.model.variant}-{digest}"
 
@@ -306,12 +367,26 @@ def validate(raw: Mapping[str, Any]) -> Config:
     cfg = _build(Config, raw, "")
     _check_together(cfg)
     data_dir = None if cfg.data.data_dir is None else _absolute(cfg.data.data_dir)
+    lambda_skip = cfg.train.lambda_skip
     cfg = dataclasses.replace(
         cfg,
         storage_path=_absolute(cfg.storage_path),
         data=dataclasses.replace(cfg.data, data_dir=data_dir),
+        train=dataclasses.replace(
+            cfg.train,
+            lambda_skip=PRESETS[cfg.model.model].lambda_skip
+            if lambda_skip is None
+            else lambda_skip,
+        ),
     )
     return dataclasses.replace(cfg, name=cfg.name or default_name(cfg))
+
+
+def validate_search(raw: Any) -> SearchSection:
+    """Check an experiment's `search` section (or raise a ConfigError naming the key)."""
+    search = _build(SearchSection, {} if raw is None else raw, "search.")
+    _check_variants(search.variants)
+    return search
 
 
 def parse_override(text: str) -> tuple[str, Any]:

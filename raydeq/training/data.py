@@ -7,8 +7,6 @@ accuracy is exact), and both are passed through `ray.train.torch.prepare_data_lo
 moves batches to the worker's device.
 """
 
-import gzip
-import hashlib
 import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -25,7 +23,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, Te
 from torchvision import datasets
 from torchvision import transforms as T
 
-from raydeq.config import DataSection
+from raydeq.datasets import mnist10k
+from raydeq.training.config import DataSection
 
 MNIST_STATS = ((0.1307,), (0.3081,))
 CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
@@ -41,16 +40,6 @@ EXPECTED_FILES = {
     + ["cifar-10-batches-py/test_batch", "cifar-10-batches-py/batches.meta"],
     "svhn": ["train_32x32.mat", "test_32x32.mat"],
     "imagenet": ["train/", "val/"],
-}
-MNIST10K_DIR = Path(__file__).resolve().parent / "datasets" / "mnist10k"
-# SHA-256 of the embedded gzip-compressed IDX files, checked on every load.
-MNIST10K_FILES = {
-    "train-images-idx3-ubyte.gz": "525692be2121e701fb956c89118e4b58"
-    "6f0d3509e1d696a0ce3c88b0dcd1c73c",
-    "train-labels-idx1-ubyte.gz": "0f64cd980b44b74536f2f3e6372606a5"
-    "46a886fd8b40fd2d54382a9f27c10afc",
-    "t10k-images-idx3-ubyte.gz": "30a133427d99038646aa9d4722214f113e1633f50c505d5dd9f7f639383140e0",
-    "t10k-labels-idx1-ubyte.gz": "a73a95d8321e2d08cfb8a384351aeefd9056b57015ef23badc892e1f7d2d3d98",
 }
 DIGITS_TEST_FRACTION = 0.2
 DIGITS_SIZE = (28, 28)
@@ -160,24 +149,6 @@ class GreyImages(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         image = Image.fromarray(self.images[index].numpy(), mode="L")
         return self.transform(image), int(self.labels[index])
-
-
-def read_idx(name: str) -> torch.Tensor:
-    """One embedded gzip-compressed IDX file as a uint8 tensor, after checking its SHA-256."""
-    payload = (MNIST10K_DIR / name).read_bytes()
-    if hashlib.sha256(payload).hexdigest() != MNIST10K_FILES[name]:
-        raise DataError(f"embedded file {MNIST10K_DIR / name} fails its checksum; reinstall raydeq")
-    raw = gzip.decompress(payload)
-    dims = raw[3]
-    shape = np.frombuffer(raw, dtype=">u4", count=dims, offset=4).astype(int)
-    pixels = np.frombuffer(raw, np.uint8, offset=4 + 4 * dims).reshape(shape)
-    return torch.from_numpy(pixels.copy())
-
-
-def mnist10k(train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The embedded digits of one split: uint8 images (N, 28, 28) and labels (N,)."""
-    split = "train" if train else "t10k"
-    return read_idx(f"{split}-images-idx3-ubyte.gz"), read_idx(f"{split}-labels-idx1-ubyte.gz")
 
 
 def _mnist10k(cfg: DataSection) -> Splits:

@@ -1,0 +1,1 @@
+"""Experiments on Ray Tune: experiment files -> trials (spec), Tuner and resume (run), results."""

@@ -1,0 +1,53 @@
+"""A trial's reports across resumes: Ray Tune starts a trial's result.json anew in each Ray
+session, so before a resume the reports are archived next to it (`archive_results`) and
+`history` joins them back in step order."""
+
+from __future__ import annotations
+
+import io
+
+import pandas as pd
+import pyarrow.fs
+
+from raydeq.training.storage import filesystem
+
+RESULT_FILE = "result.json"
+ARCHIVE_PREFIX = "result-before-resume-"
+
+
+def _trial_folders(path: str) -> list[str]:
+    """The trial folders of an experiment."""
+    fs, inner = filesystem(path)
+    selector = pyarrow.fs.FileSelector(inner)
+    infos = fs.get_file_info(selector)
+    return [i.path for i in infos if i.type == pyarrow.fs.FileType.Directory]
+
+
+def archive_results(path: str) -> None:
+    """Keep each trial's reports before a resume: in a new Ray session Tune starts them anew."""
+    fs, _ = filesystem(path)
+    for folder in _trial_folders(path):
+        current = fs.get_file_info(f"{folder}/{RESULT_FILE}")
+        if current.type == pyarrow.fs.FileType.File and current.size:
+            kept = len(_archived(fs, folder))
+            fs.copy_file(current.path, f"{folder}/{ARCHIVE_PREFIX}{kept}.json")
+
+
+def _archived(fs: pyarrow.fs.FileSystem, folder: str) -> list[str]:
+    """A trial folder's archived result files, oldest first."""
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(folder))
+    names = [i.path for i in infos if i.base_name.startswith(ARCHIVE_PREFIX)]
+    return sorted(names, key=lambda p: int(p.rsplit("-", 1)[-1].removesuffix(".json")))
+
+
+def history(trial_path: str, frame: pd.DataFrame) -> pd.DataFrame:
+    """A trial's reports in step order, archived ones first; the latest report of a step wins."""
+    fs, folder = filesystem(trial_path)
+    parts = []
+    for archived in _archived(fs, folder):
+        with fs.open_input_stream(archived) as stream:
+            parts.append(pd.read_json(io.BytesIO(stream.readall()), lines=True))
+    frame = pd.concat([*parts, frame], ignore_index=True)
+    if frame.empty or "step" not in frame:
+        return frame
+    return frame.dropna(subset=["step"]).drop_duplicates("step", keep="last").sort_values("step")

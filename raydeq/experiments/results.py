@@ -1,0 +1,194 @@
+"""Results of an experiment: results.parquet (a row per trial), results.md (the paper's table,
+mean +- std over seeds) and plots of the metrics against step, rebuilt from the trial folders."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import io
+import math
+import statistics
+from typing import Any
+
+import matplotlib
+import pandas as pd
+import pyarrow as pa
+import pyarrow.fs
+import pyarrow.parquet as pq
+import yaml
+from ray import tune
+
+from raydeq import models
+from raydeq.experiments.archive import history
+from raydeq.experiments.spec import Experiment, describe, leaves, trial_name
+from raydeq.training.storage import write_bytes
+
+matplotlib.use("Agg")
+from matplotlib import pyplot as plt  # noqa: E402  (the backend is chosen first)
+
+PLOTS = {
+    "test_accuracy": "test accuracy",
+    "forward_time": "forward time per batch (s)",
+    "backward_time": "backward time per batch (s)",
+}
+TABLE = (
+    ("test_accuracy", "Test Accuracy (%)", 100.0),
+    ("train_time", "Training Time (s/batch)", 1.0),
+    ("backward_time", "Backward Time (s/batch)", 1.0),
+    ("predict_time", "Prediction Time (s/batch)", 1.0),
+    ("test_nfe", "NFE", 1.0),
+)
+
+
+def _last(frame: pd.DataFrame, column: str) -> float:
+    """The last non-missing value of a column, or NaN."""
+    if column not in frame:
+        return math.nan
+    values = frame[column].dropna()
+    return float(values.iloc[-1]) if len(values) else math.nan
+
+
+def _mean(frame: pd.DataFrame, column: str) -> float:
+    """The mean of a column's values, or NaN."""
+    if column not in frame or frame[column].dropna().empty:
+        return math.nan
+    return float(frame[column].dropna().mean())
+
+
+@functools.cache
+def parameter_count(model_section: str) -> int:
+    """Trainable parameters of the model that a (YAML-dumped) model section builds."""
+    options = yaml.safe_load(model_section)
+    model = models.build({k: v for k, v in options.items() if v is not None})
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def trial_row(experiment: Experiment, trial: Any, frame: pd.DataFrame) -> dict[str, Any]:
+    """One row of results.parquet: the trial, its group, its config and its final metrics.
+
+    Time columns are means of the reports' interval means; forward and backward times are the
+    DEQ's solves only (the unrolled warm-up steps report pretrain_* times instead).
+    """
+    cfg = experiment.trial_config(trial.config)
+    model_section = yaml.safe_dump(dataclasses.asdict(cfg.model))
+    step = int(_last(frame, "step")) if "step" in frame and len(frame) else 0
+    epoch = _last(frame, "epoch")
+    row = {
+        "trial": trial_name(trial),
+        "status": trial.status,
+        "group": describe(trial.config, leave_out=("seed",)) or "all",
+        "seed": cfg.seed,
+        "completed": step >= (cfg.train.max_steps or math.inf) or epoch >= cfg.train.epochs,
+        "step": step,
+        "epoch": epoch,
+        "test_accuracy": _last(frame, "test_accuracy"),
+        "test_top5_accuracy": _last(frame, "test_top5_accuracy"),
+        "test_nfe": _last(frame, "test_nfe"),
+        "predict_time": _last(frame, "predict_time"),
+        "train_time": _mean(frame, "forward_time") + _mean(frame, "backward_time"),
+        "forward_time": _mean(frame, "forward_time"),
+        "backward_time": _mean(frame, "backward_time"),
+        "optimizer_time": _mean(frame, "optimizer_time"),
+        "data_time": _mean(frame, "data_time"),
+        "pretrain_forward_time": _mean(frame, "pretrain_forward_time"),
+        "pretrain_backward_time": _mean(frame, "pretrain_backward_time"),
+        "nfe": _mean(frame, "nfe"),
+        "backward_nvjp": _mean(frame, "backward_nvjp"),
+        "train_loss": _last(frame, "train_loss"),
+        "train_accuracy": _last(frame, "train_accuracy"),
+        "parameters": parameter_count(model_section),
+    }
+    return row | {f"config.{k}": v for k, v in leaves(cfg.to_dict()).items()}
+
+
+def _column(values: list[Any]) -> pa.Array:
+    """A pyarrow column; mixed or list values are stored as their text."""
+    try:
+        return pa.array(values)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        return pa.array([None if v is None else str(v) for v in values])
+
+
+def results_table(rows: list[dict[str, Any]]) -> pa.Table:
+    """The rows as a pyarrow table (one row per trial)."""
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    return pa.table({c: _column([row.get(c) for row in rows]) for c in columns})
+
+
+def _cell(values: list[float], scale: float) -> str:
+    """`mean +- std` of the finite values (the mean alone for one value)."""
+    finite = [v * scale for v in values if v is not None and math.isfinite(v)]
+    if not finite:
+        return "-"
+    digits = ".4g" if scale == 1.0 else ".2f"
+    mean = statistics.fmean(finite)
+    if len(finite) == 1:
+        return f"{mean:{digits}}"
+    return f"{mean:{digits}} ± {statistics.stdev(finite):{digits}}"
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    """The paper's table: per variant, mean +- std over seeds of each measure.
+
+    Trials that trained to the end are averaged; a variant whose trials were all stopped early
+    (by ASHA, or an interrupted run) shows those, and the Seeds column counts the stopped ones.
+    """
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(row["group"], []).append(row)
+    header = ["Variant", "Seeds", *(title for _, title, _ in TABLE), "# Params"]
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for group, members in groups.items():
+        done = [m for m in members if m["completed"]] or members
+        stopped = sum(not m["completed"] for m in members)
+        seeds = f"{len(members)} ({stopped} stopped)" if stopped else str(len(members))
+        cells = [_cell([m[key] for m in done], scale) for key, _, scale in TABLE]
+        row = [group, seeds, *cells, f"{members[0]['parameters']:,}"]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(metric: str, label: str, curves: dict[str, list[pd.DataFrame]]) -> bytes:
+    """PNG of a metric against step: per variant, the mean over seeds with a +- std band."""
+    figure, axes = plt.subplots(figsize=(6.4, 4.0))
+    for group, frames in curves.items():
+        usable = [f[["step", metric]].dropna() for f in frames if metric in f]
+        if not any(len(f) for f in usable):
+            continue
+        joined = pd.concat(usable)
+        stats = joined.groupby("step")[metric].agg(["mean", "std"]).fillna(0.0)
+        axes.plot(stats.index, stats["mean"], marker="o", markersize=3, label=group)
+        axes.fill_between(
+            stats.index, stats["mean"] - stats["std"], stats["mean"] + stats["std"], alpha=0.2
+        )
+    axes.set_xlabel("step")
+    axes.set_ylabel(label)
+    axes.grid(alpha=0.3)
+    if axes.lines:
+        axes.legend(fontsize="small")
+    buffer = io.BytesIO()
+    figure.tight_layout()
+    figure.savefig(buffer, format="png", dpi=120)
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def report(path: str, experiment: Experiment) -> str:
+    """Write results.parquet, results.md and the plots for an experiment; return the table."""
+    analysis = tune.ExperimentAnalysis(path)
+    frames = analysis.trial_dataframes
+    rows, curves = [], {}
+    for trial in sorted(analysis.trials, key=lambda t: t.trial_id):
+        folder = f"{path}/{trial.path.rstrip('/').rsplit('/', 1)[-1]}"
+        frame = history(folder, frames.get(trial.trial_id, pd.DataFrame()))
+        row = trial_row(experiment, trial, frame)
+        rows.append(row)
+        curves.setdefault(row["group"], []).append(frame)
+    buffer = pa.BufferOutputStream()
+    pq.write_table(results_table(rows), buffer)
+    write_bytes(f"{path}/results.parquet", buffer.getvalue().to_pybytes())
+    table = markdown(rows)
+    write_bytes(f"{path}/results.md", table.encode())
+    for metric, label in PLOTS.items():
+        write_bytes(f"{path}/{metric}.png", plot(metric, label, curves))
+    return table

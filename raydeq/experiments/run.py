@@ -1,0 +1,191 @@
+"""Running an experiment on Ray Tune: trials, Tuner, schedulers, concurrency and resume.
+
+Each trial is a function trainable that fits a Ray Train `TorchTrainer` (K DDP workers; one
+trial can span GPUs and nodes) in `<trial>/train` and forwards its reports to Tune. The settings
+a run started with are stored in the experiment folder, so `--resume` and `--report` use the
+same ones.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+import ray.util.state
+import yaml
+from ray import tune
+from ray.tune.experiment import Trial
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
+from ray.tune.search import BasicVariantGenerator
+
+from raydeq.experiments.archive import archive_results
+from raydeq.experiments.spec import Experiment, describe, from_dict, merge, trial_name
+from raydeq.training import launch
+from raydeq.training.config import ConfigError
+from raydeq.training.reporting import progress_line
+from raydeq.training.storage import exists, read_text, write_bytes
+
+SETTINGS_FILE = "experiment.yaml"
+TRAIN_RUN = "train"
+# A trial's own driver holds this much CPU; its workers' share is reduced by it.
+TRIAL_CPU = 0.01
+SYNC_PERIOD_S = 60
+UNBOUNDED_STEPS = 2**31
+UNFINISHED = (Trial.PENDING, Trial.RUNNING, Trial.PAUSED)
+
+
+@dataclass(frozen=True)
+class Options:
+    """How a run is carried out: GPUs per worker, samples, scheduler, trials at once."""
+
+    gpus: float
+    num_samples: int
+    scheduler: str
+    max_concurrent: int
+
+
+def run_trial(sampled: dict[str, Any], *, experiment: Experiment, path: str, gpus: float) -> None:
+    """One trial: fit (or resume) its TorchTrainer in `<trial>/train`, reporting to Tune."""
+    trial_dir = f"{path.rstrip('/')}/{tune.get_context().get_trial_name()}"
+    where = {"name": TRAIN_RUN, "label": describe(sampled), "storage_path": trial_dir}
+    cfg = experiment.trial_config(merge(sampled, where))
+    scaling = launch.scaling_config(cfg, gpus, reserve_cpu=TRIAL_CPU)
+    launch.trainer(cfg, scaling, callbacks=[TuneReportCallback()]).fit()
+
+
+def concurrency(experiment: Experiment, gpus: float) -> int:
+    """How many trials the cluster's CPUs and GPUs hold at once (at least one)."""
+    cfg = experiment.trial_config({})
+    workers = cfg.scaling.num_workers
+    total = ray.cluster_resources()
+    fits = total.get("CPU", 0) // (workers * cfg.scaling.cpus_per_worker)
+    if gpus:
+        fits = min(fits, total.get("GPU", 0) // (workers * gpus))
+    if fits < 1:
+        print(
+            f"note: one trial needs {workers} workers x {cfg.scaling.cpus_per_worker:g} CPU"
+            f"{f' + {gpus:g} GPU' if gpus else ''}, more than the cluster has now; trials wait "
+            "for nodes (the autoscaler adds them)",
+            flush=True,
+        )
+    return max(int(fits), 1)
+
+
+def check_dashboard() -> None:
+    """Raise a ConfigError when the state API is down: ASHA-stopped trials would hang then."""
+    try:
+        ray.util.state.list_nodes(limit=1, timeout=30)
+    except Exception as err:  # whatever the failure, the API is unusable
+        raise ConfigError(
+            "scheduler asha: the Ray dashboard (state API) is not reachable, so workers of "
+            f"stopped trials would never be released ({type(err).__name__}); start Ray with "
+            "the dashboard (ray[default]) or use --scheduler fifo"
+        ) from None
+
+
+def save_settings(path: str, experiment: Experiment, options: Options) -> None:
+    """Store what the experiment runs with, so `--resume` and `--report` use the same."""
+    settings = {"experiment": experiment.raw, "options": vars(options)}
+    write_bytes(f"{path}/{SETTINGS_FILE}", yaml.safe_dump(settings, sort_keys=False).encode())
+
+
+def has_settings(path: str) -> bool:
+    """True when an experiment was started at `path` (its settings are stored there)."""
+    return exists(f"{path}/{SETTINGS_FILE}")
+
+
+def load_settings(path: str) -> tuple[Experiment, Options]:
+    """The experiment and run options stored in an experiment folder."""
+    settings = yaml.safe_load(read_text(f"{path}/{SETTINGS_FILE}"))
+    name = path.rstrip("/").rsplit("/", 1)[-1]
+    return from_dict(name, settings["experiment"]), Options(**settings["options"])
+
+
+def _scheduler(experiment: Experiment, options: Options) -> TrialScheduler:
+    """FIFO, or ASHA on the training step (max_t: the search's, else the trials' length)."""
+    if options.scheduler != "asha":
+        return FIFOScheduler()
+    search = experiment.search
+    steps = experiment.trial_config({}).train.max_steps
+    return ASHAScheduler(
+        time_attr="step",
+        max_t=search.max_t or (steps + 1 if steps else UNBOUNDED_STEPS),
+        grace_period=search.grace_period,
+        reduction_factor=search.reduction_factor,
+    )
+
+
+def tuner(experiment: Experiment, path: str, options: Options, resume: bool) -> tune.Tuner:
+    """A new Tuner for the experiment, or the interrupted one restored from `path`.
+
+    Tune's own TensorBoard logger is left out (JSON and CSV only): the trials' Train runs write
+    TensorBoard themselves, and a second stream would restart its x-axis after a resume.
+    """
+    trainable = tune.with_resources(
+        functools.partial(run_trial, experiment=experiment, path=path, gpus=options.gpus),
+        {"CPU": TRIAL_CPU},
+    )
+    if resume:
+        archive_results(path)
+        return tune.Tuner.restore(
+            path, trainable, resume_unfinished=True, resume_errored=True, restart_errored=False
+        )
+    storage, name = path.rstrip("/").rsplit("/", 1)
+    search = experiment.search
+    return tune.Tuner(
+        trainable,
+        param_space=experiment.param_space(),
+        tune_config=tune.TuneConfig(
+            metric=search.metric,
+            mode=search.mode,
+            scheduler=_scheduler(experiment, options),
+            num_samples=options.num_samples,
+            search_alg=BasicVariantGenerator(
+                constant_grid_search=True, max_concurrent=options.max_concurrent
+            ),
+            trial_name_creator=trial_name,
+            trial_dirname_creator=trial_name,
+        ),
+        run_config=tune.RunConfig(
+            name=name,
+            storage_path=storage,
+            sync_config=tune.SyncConfig(sync_period=SYNC_PERIOD_S),
+            callbacks=[JsonLoggerCallback(), CSVLoggerCallback(), TrialLines()],
+            verbose=0,
+        ),
+    )
+
+
+class TrialLines(tune.Callback):
+    """One line per trial event, named by the trial's label: started, each report, finished,
+    failed (the workers' own output stays in Ray's logs)."""
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Trial, **info: Any) -> None:
+        print(f"trial {describe(trial.config)}: started", flush=True)
+
+    def on_trial_result(
+        self, iteration: int, trials: list, trial: Trial, result: dict, **info: Any
+    ) -> None:
+        if "total_steps" in result:
+            print(progress_line(describe(trial.config), result), flush=True)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Trial, **info: Any) -> None:
+        result = trial.last_result or {}
+        accuracy = result.get("test_accuracy")
+        shown = f", test_accuracy {accuracy:.4f}" if accuracy is not None else ""
+        step = result.get("step", 0)
+        print(f"trial {describe(trial.config)}: finished at step {step}{shown}", flush=True)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Trial, **info: Any) -> None:
+        print(f"trial {describe(trial.config)}: failed, see {trial.path}", flush=True)
+
+
+def fit(experiment: Experiment, path: str, options: Options, resume: bool) -> tuple[int, int]:
+    """Run (or resume) the experiment; (errored trials, unfinished trials) at its end."""
+    results = tuner(experiment, path, options, resume and tune.Tuner.can_restore(path)).fit()
+    trials = tune.ExperimentAnalysis(path).trials
+    return len(results.errors), sum(trial.status in UNFINISHED for trial in trials)

@@ -1,0 +1,125 @@
+"""The one place that connects to Ray and builds Ray Train's ScalingConfig, RunConfig and
+TorchTrainer, for `raydeq.train` and for every Ray Tune trial alike.
+
+This module stays light: Ray Train's controller and each Tune trial import it to unpickle
+`train_loop`, and only the training workers import the loop, its models and its data.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import ray
+import ray.train
+from ray.train import (
+    CheckpointConfig,
+    FailureConfig,
+    LoggingConfig,
+    Result,
+    RunConfig,
+    ScalingConfig,
+)
+from ray.train.torch import TorchTrainer
+
+from raydeq.training.config import Config, validate
+
+# Ray's own INFO lines (per-report "Reporting training result", trial tables) are not shown;
+# the run's progress lines and warnings are.
+RAY_LOG_LEVEL = "WARNING"
+
+
+# Ray Train's controller takes a worker's report when it polls the workers, every 2 s by
+# default, and a worker that reports again before that waits for it: with a report every few
+# steps that wait was most of a small trial's time. 0.2 s keeps it short at little cost.
+ENV_VARS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
+
+
+def runtime_env() -> dict[str, Any]:
+    """The job's runtime environment: ENV_VARS (unless set here), and a given RAY_ADDRESS.
+
+    RAY_ADDRESS is handed on to every process: Ray Train's placement-group cleaner finds the
+    state API by it, and where several Ray clusters run on one machine it cannot guess (a
+    trial that ASHA stops would keep its workers' resources for good).
+    """
+    env_vars = {key: os.environ.get(key, value) for key, value in ENV_VARS.items()}
+    address = os.environ.get("RAY_ADDRESS", "")
+    if address not in ("", "auto", "local"):
+        env_vars["RAY_ADDRESS"] = address
+    return {"env_vars": env_vars}
+
+
+def connect(log_to_driver: bool = True) -> None:
+    """Join the cluster RAY_ADDRESS names or the one running here, else start a local one.
+
+    Without `log_to_driver` the workers' output stays in Ray's log files (Tune runs print
+    their progress from the reports instead).
+    """
+    if ray.is_initialized():
+        return
+    options = {"logging_level": RAY_LOG_LEVEL, "log_to_driver": log_to_driver}
+    options |= {"runtime_env": runtime_env()}
+    if "RAY_ADDRESS" in os.environ:
+        ray.init(**options)
+        return
+    try:
+        ray.init(address="auto", **options)
+    except ConnectionError:
+        ray.init(**options)
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """Ray Train's per-worker function: validate the config dict and run the loop."""
+    from raydeq.training.loop import Loop  # in the workers only (see the module docstring)
+
+    Loop(validate(config)).run()
+
+
+def gpus_per_worker(cfg: Config) -> float:
+    """One GPU per worker when the config asks for CUDA or, with `auto`, the cluster has GPUs."""
+    if cfg.scaling.device == "cpu":
+        return 0.0
+    has_gpus = ray.cluster_resources().get("GPU", 0) > 0
+    return 1.0 if cfg.scaling.device == "cuda" or has_gpus else 0.0
+
+
+def scaling_config(cfg: Config, gpus: float, reserve_cpu: float = 0.0) -> ScalingConfig:
+    """The run's workers; `reserve_cpu` (a Tune trial's own driver) comes out of their share."""
+    workers = cfg.scaling.num_workers
+    cpus = cfg.scaling.cpus_per_worker
+    if reserve_cpu:
+        cpus = max(cpus - reserve_cpu / workers, reserve_cpu)
+    resources = {"CPU": cpus} | ({"GPU": gpus} if gpus else {})
+    return ScalingConfig(num_workers=workers, use_gpu=gpus > 0, resources_per_worker=resources)
+
+
+def trainer(
+    cfg: Config,
+    scaling: ScalingConfig,
+    callbacks: Sequence[Any] = (),
+    train_fn: Callable[[dict[str, Any]], None] = train_loop,
+) -> TorchTrainer:
+    """The TorchTrainer of a run: `storage_path/name`, checkpoints kept, restarts allowed."""
+    return TorchTrainer(
+        train_fn,
+        train_loop_config=cfg.to_dict(),
+        scaling_config=scaling,
+        run_config=RunConfig(
+            name=cfg.name,
+            storage_path=cfg.storage_path,
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
+            callbacks=list(callbacks),
+            logging_config=LoggingConfig(log_level=RAY_LOG_LEVEL),
+        ),
+    )
+
+
+def fit(
+    cfg: Config,
+    scaling: ScalingConfig | None = None,
+    train_fn: Callable[[dict[str, Any]], None] = train_loop,
+) -> Result:
+    """Train or resume the run on Ray Train (`scaling`, `train_fn`: other workers or loop)."""
+    return trainer(cfg, scaling or scaling_config(cfg, gpus_per_worker(cfg)), (), train_fn).fit()

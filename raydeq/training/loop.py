@@ -1,0 +1,216 @@
+"""The per-worker training loop: data, model, steps, evaluation, reports and checkpoints.
+
+Timings follow the paper's columns: `forward_time` is the forward pass and the loss,
+`backward_time` the backward pass alone, `optimizer_time` unscaling, clipping, the cross-worker
+finiteness check and the update, `data_time` the wait for the loader (all synchronised on
+CUDA). Steps of the unrolled warm-up (`pretrain_steps`) report `pretrain_*` metrics instead,
+so the DEQ columns never mix the two.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from contextlib import AbstractContextManager
+from typing import Any
+
+import ray.train
+import ray.train.torch
+import torch
+from torch import Tensor, nn
+
+from raydeq import models
+from raydeq.training import data
+from raydeq.training.checkpoint import restore
+from raydeq.training.config import Config
+from raydeq.training.objective import STEP_METRICS, Evaluation, Objective, clock, evaluate
+from raydeq.training.reporting import Meter, Reporter, all_gather, all_sum
+from raydeq.training.state import TrainState, make_optimizer, make_scheduler, rng_state
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+PRETRAIN_METRICS = ("nfe", "backward_nvjp", "forward_time", "backward_time")
+
+
+class NonFiniteError(RuntimeError):
+    """Training stopped after too many steps in a row with a non-finite loss or gradient."""
+
+
+def checkpoint_candidates() -> list[AbstractContextManager[str]]:
+    """The run's checkpoints as local folders, newest first: Ray's latest, then older by step."""
+    latest = ray.train.get_checkpoint()
+    if latest is None:
+        return []
+    kept = ray.train.get_all_reported_checkpoints()
+    older = [r for r in kept if r.checkpoint.path != latest.path]
+    older.sort(key=lambda r: r.metrics.get("step", -1), reverse=True)
+    return [c.as_directory() for c in [latest, *(r.checkpoint for r in older)]]
+
+
+class Loop:
+    """The training loop of one Ray Train worker."""
+
+    def __init__(self, cfg: Config) -> None:
+        context = ray.train.get_context()
+        self.cfg = cfg
+        self.rank, self.world = context.get_world_rank(), context.get_world_size()
+        self.device = ray.train.torch.get_device()
+        torch.manual_seed(cfg.seed)
+        splits = data.load_splits(cfg.data)
+        self.train_data = data.train_loader(splits.train, cfg.data, cfg.seed)
+        self.test_data = data.eval_loader(splits.test, cfg.data)
+        self.steps_per_epoch = data.steps_per_epoch(self.train_data)
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"data.batch_size={cfg.data.batch_size} exceeds the "
+                f"{len(splits.train)} training samples; lower it"
+            )
+        epochs_steps = cfg.train.epochs * self.steps_per_epoch
+        self.total_steps = min(cfg.train.max_steps or epochs_steps, epochs_steps)
+        self.objective = Objective(cfg.train.lambda_skip, cfg.train.lambda_jac)
+        module = models.build(cfg.model_options())
+        saved = restore(checkpoint_candidates())
+        if saved is not None:
+            module.load_state_dict(saved["model"])
+        self.model = ray.train.torch.prepare_model(module)
+        optimizer = make_optimizer(cfg.optim, self.model.parameters())
+        scheduler = make_scheduler(cfg.optim, optimizer, self.total_steps, self.steps_per_epoch)
+        scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.train.amp == "fp16")
+        self.state = TrainState(module, optimizer, scheduler, scaler)
+        if saved is not None:
+            self.state.load(saved)
+        self.state.seed_workers(saved, cfg.seed, self.rank, self.world)
+        keys = STEP_METRICS + tuple(f"pretrain_{k}" for k in PRETRAIN_METRICS)
+        self.meter = Meter(keys)
+        self.reporter = Reporter(cfg.run_dir, cfg.label or cfg.name, self.rank, self.state.step)
+
+    def autocast(self) -> torch.autocast:
+        """Mixed precision as configured (train.amp), or a disabled autocast."""
+        dtype = AMP_DTYPES.get(self.cfg.train.amp)
+        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
+
+    def train_step(self, images: Tensor, labels: Tensor, data_time: float) -> dict | None:
+        """One optimisation step; None when it was skipped for a non-finite loss or gradient.
+
+        Under fp16 a non-finite gradient with a finite loss is the GradScaler's overflow: the
+        scaler skips the update and lowers its scale, and the step counts in overflow_steps.
+        """
+        state = self.state
+        unrolls = getattr(state.model.layer, "pretraining", None)  # DEQ only, before its call
+        pretraining = unrolls is not None and unrolls()
+        start = clock(self.device)
+        with self.autocast():
+            logits, out = self.model(images)
+        loss = self.objective(logits, labels, out)
+        forward_end = clock(self.device)
+        state.optimizer.zero_grad(set_to_none=True)
+        state.scaler.scale(loss).backward()
+        backward_end = clock(self.device)
+        state.scaler.unscale_(state.optimizer)
+        grad_norm = nn.utils.clip_grad_norm_(
+            self.model.parameters(), self.cfg.optim.grad_clip or math.inf
+        )
+        bad_loss, bad_grad = all_sum(
+            [float(not torch.isfinite(loss)), float(not torch.isfinite(grad_norm))], self.device
+        )
+        finite = not (bad_loss or bad_grad)
+        overflow = state.scaler.is_enabled() and bad_grad > 0 and bad_loss == 0
+        if finite or overflow:
+            state.scaler.step(state.optimizer)  # skips the update itself on an overflow
+        if finite:
+            state.scheduler.step()
+        state.scaler.update()
+        end = clock(self.device)
+        state.overflow_steps += overflow
+        if not (finite or overflow):
+            return None
+        times = {"forward_time": forward_end - start, "backward_time": backward_end - forward_end}
+        counts = {"nfe": float(out.stats.nfe), "backward_nvjp": float(out.stats.backward_nvjp)}
+        solver = counts | times
+        if pretraining:
+            solver = {f"pretrain_{k}": v for k, v in solver.items()}
+        return solver | {
+            "train_loss": loss.item(),
+            "train_accuracy": (logits.argmax(1) == labels).float().mean().item(),
+            "optimizer_time": end - backward_end,
+            "data_time": data_time,
+            "skip_loss": float(out.skip_loss.detach()),
+            "jac_loss": float(out.jac_loss.detach()),
+            "residual": out.stats.residual.float().mean().item(),
+            "unconverged_fraction": out.stats.unconverged_fraction,
+            "images_per_second": len(labels) * self.world / (end - start + data_time),
+        }
+
+    def record(self, metrics: dict[str, float] | None) -> None:
+        """Count a finished step and log its metrics; stop after too many skipped in a row."""
+        state = self.state
+        state.step += 1
+        if metrics is None:
+            state.skipped_steps += 1
+            state.nonfinite_in_row += 1
+        else:
+            state.nonfinite_in_row = 0
+            self.meter.add(metrics)
+            self.reporter.scalars(metrics | {"lr": state.scheduler.get_last_lr()[0]}, state.step)
+        counters = {"skipped_steps": state.skipped_steps, "overflow_steps": state.overflow_steps}
+        self.reporter.scalars(counters, state.step)
+        limit = self.cfg.train.max_nonfinite_steps
+        if state.nonfinite_in_row >= limit:
+            raise NonFiniteError(
+                f"training stopped at step {state.step}: {limit} steps in a row had a non-finite "
+                f"loss or gradient (train.max_nonfinite_steps={limit})"
+            )
+
+    def evaluate(self) -> dict[str, float]:
+        """Test metrics over every worker's test shard (train.eval_batches of it, 0 = all)."""
+        limit = self.cfg.train.eval_batches or None
+        batches = itertools.islice(self.test_data, limit)
+        totals = evaluate(self.state.model, batches, self.device, self.autocast())
+        return Evaluation(*all_sum(totals.totals(), self.device)).metrics()
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """The checkpoint payload with every worker's RNG state (a collective call)."""
+        return self.state.state_dict(all_gather(rng_state(self.device)))
+
+    def report(self, metrics: dict[str, float], checkpoint: bool) -> None:
+        """Print progress and report to Ray Train, with a checkpoint when asked."""
+        step = self.state.step
+        counters = {"skipped_steps": self.state.skipped_steps}
+        counters |= {"overflow_steps": self.state.overflow_steps}
+        epoch = step / self.steps_per_epoch
+        position = {"step": step, "epoch": epoch, "total_steps": self.total_steps}
+        metrics = position | counters | metrics
+        self.reporter.progress(metrics)
+        self.reporter.report(metrics, self.checkpoint_state if checkpoint else None)
+
+    def end_step(self) -> None:
+        """Report at interval ends; evaluate and checkpoint at epoch ends and the last step."""
+        cfg, step = self.cfg.train, self.state.step
+        last = step % self.steps_per_epoch == 0 or step >= self.total_steps
+        periodic = bool(cfg.checkpoint_every) and step % cfg.checkpoint_every == 0
+        if not (last or periodic or step % cfg.report_every == 0):
+            return
+        summary = self.meter.means(self.device)
+        if last:
+            tested = self.evaluate()
+            self.reporter.scalars(tested, step)
+            summary |= tested
+        self.report(summary, checkpoint=last or periodic)
+
+    def run(self) -> None:
+        """Train from the current step to the end, reporting and checkpointing on the way."""
+        if self.state.step >= self.total_steps:
+            self.report(self.evaluate(), checkpoint=True)
+        while self.state.step < self.total_steps:
+            epoch, position = divmod(self.state.step, self.steps_per_epoch)
+            data.set_position(self.train_data, epoch, position)
+            batches = iter(itertools.islice(self.train_data, self.total_steps - self.state.step))
+            while True:
+                waited = time.perf_counter()
+                batch = next(batches, None)
+                if batch is None:
+                    break
+                data_time = time.perf_counter() - waited
+                self.record(self.train_step(*batch, data_time))
+                self.end_step()
+        self.reporter.close()

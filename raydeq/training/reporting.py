@@ -1,0 +1,138 @@
+"""What a worker tells the world: interval means, TensorBoard, a progress line, Ray reports.
+
+Rank 0 writes TensorBoard scalars per step under `<run>/tensorboard` and prints one progress
+line per report; every worker reports the interval's means to Ray Train, with a checkpoint
+written by rank 0 when asked.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import ray.train
+import torch
+import torch.distributed as dist
+from ray.train import Checkpoint
+from torch.utils.tensorboard import SummaryWriter
+
+from raydeq.training.checkpoint import write_checkpoint
+
+TENSORBOARD_DIR = "tensorboard"
+log = logging.getLogger("raydeq")
+SHOWN = {
+    "train_loss": "loss",
+    "train_accuracy": "acc",
+    "nfe": "nfe",
+    "images_per_second": "img/s",
+    "test_accuracy": "test_acc",
+    "test_nfe": "test_nfe",
+}
+
+
+def distributed() -> bool:
+    """True inside a multi-worker process group."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_sum(values: Sequence[float], device: torch.device) -> list[float]:
+    """Element-wise sums of `values` over all workers."""
+    totals = torch.tensor(values, dtype=torch.float64, device=device)
+    if distributed():
+        dist.all_reduce(totals)
+    return totals.tolist()
+
+
+def all_gather(value: Any) -> list[Any]:
+    """Every worker's `value`, by rank (a list of one outside a process group)."""
+    if not distributed():
+        return [value]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def progress_line(label: str, metrics: dict[str, Any]) -> str:
+    """`[label] epoch E step S/N` and the headline metrics of a report."""
+    position = f"epoch {metrics['epoch']:.2f} step {metrics['step']}/{metrics['total_steps']}"
+    shown = " ".join(f"{name} {metrics[k]:.4g}" for k, name in SHOWN.items() if k in metrics)
+    return f"[{label}] {position} {shown}"
+
+
+class Meter:
+    """Sums of per-step metrics over one report interval; each metric is averaged over the steps
+    (on every worker) that recorded it, so that pretraining steps keep their own means."""
+
+    def __init__(self, keys: Sequence[str]) -> None:
+        self.keys = tuple(keys)
+        self.sums: dict[str, float] = defaultdict(float)
+        self.counts: dict[str, int] = defaultdict(int)
+
+    def add(self, values: dict[str, float]) -> None:
+        """Add one step's metrics."""
+        for key, value in values.items():
+            self.sums[key] += value
+            self.counts[key] += 1
+
+    def means(self, device: torch.device) -> dict[str, float]:
+        """Means over the interval on every worker, for the metrics recorded at all; reset."""
+        local = [self.counts[k] for k in self.keys] + [self.sums[k] for k in self.keys]
+        totals = all_sum(local, device)
+        self.sums.clear()
+        self.counts.clear()
+        n = len(self.keys)
+        return {
+            key: total / count
+            for key, count, total in zip(self.keys, totals[:n], totals[n:], strict=True)
+            if count
+        }
+
+
+class Reporter:
+    """TensorBoard and progress lines on rank 0, and reports (with checkpoints) to Ray Train."""
+
+    def __init__(self, run_dir: str, name: str, rank: int, resumed_step: int) -> None:
+        self.name = name
+        self.rank = rank
+        self.writer = None
+        if rank == 0:
+            purge = resumed_step + 1 if resumed_step else None
+            self.writer = SummaryWriter(os.path.join(run_dir, TENSORBOARD_DIR), purge_step=purge)
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        """Write scalars to TensorBoard (rank 0)."""
+        if self.writer is not None:
+            for key, value in values.items():
+                self.writer.add_scalar(key, value, step)
+
+    def progress(self, metrics: dict[str, float]) -> None:
+        """One progress line on rank 0 (see `progress_line`)."""
+        if self.rank == 0:
+            log.info(progress_line(self.name, metrics))
+
+    def report(
+        self, metrics: dict[str, float], state: Callable[[], dict[str, Any]] | None = None
+    ) -> None:
+        """Report to Ray Train; with `state` (a collective call), also a checkpoint of it."""
+        if state is None:
+            ray.train.report(metrics)
+            return
+        payload = state()
+        if self.writer is not None:
+            self.writer.flush()
+        with tempfile.TemporaryDirectory() as root:
+            saved = None
+            if self.rank == 0:
+                folder = write_checkpoint(payload, Path(root) / "checkpoint")
+                saved = Checkpoint.from_directory(str(folder))
+            ray.train.report(metrics, checkpoint=saved)
+
+    def close(self) -> None:
+        """Flush and close TensorBoard."""
+        if self.writer is not None:
+            self.writer.close()

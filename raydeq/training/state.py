@@ -1,0 +1,101 @@
+"""Everything a resume restores (weights, optimizer, schedule, scaler, counters, RNG states),
+and the optimizer and schedule it is made of."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from raydeq.training.config import OptimSection
+
+
+def rng_state(device: torch.device) -> dict[str, Tensor]:
+    """The random generator states of the CPU and, on a GPU worker, of its device."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, Tensor], device: torch.device) -> None:
+    """Restore generator states saved by `rng_state`."""
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+@dataclass
+class TrainState:
+    """The training state of one worker; `step` counts every step, skipped ones included."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    step: int = 0
+    skipped_steps: int = 0
+    nonfinite_in_row: int = 0
+    overflow_steps: int = 0
+
+    def state_dict(self, rng: list[dict[str, Tensor]]) -> dict[str, Any]:
+        """The checkpoint payload, with every worker's RNG state (`rng`, by rank)."""
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "step": self.step,
+            "skipped_steps": self.skipped_steps,
+            "nonfinite_in_row": self.nonfinite_in_row,
+            "overflow_steps": self.overflow_steps,
+            "rng": rng,
+        }
+
+    def load(self, state: dict[str, Any]) -> None:
+        """Continue from a checkpoint's payload (the model's weights are loaded before DDP)."""
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step = state["step"]
+        self.skipped_steps = state["skipped_steps"]
+        self.nonfinite_in_row = state["nonfinite_in_row"]
+        self.overflow_steps = state.get("overflow_steps", 0)
+
+    def seed_workers(self, state: dict[str, Any] | None, seed: int, rank: int, world: int) -> None:
+        """Restore this rank's RNG state, or seed it anew (a fresh run, or another world size)."""
+        device = next(self.model.parameters()).device
+        rng = state["rng"] if state is not None else []
+        if len(rng) == world:
+            set_rng_state(rng[rank], device)
+        else:
+            torch.manual_seed(seed + 1 + rank + world * self.step)
+
+
+def make_optimizer(cfg: OptimSection, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+    """The configured optimizer."""
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(
+            params,
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            nesterov=cfg.nesterov,
+            weight_decay=cfg.weight_decay,
+        )
+    kind = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    return kind(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def make_scheduler(
+    cfg: OptimSection, optimizer: torch.optim.Optimizer, total_steps: int, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """The configured learning-rate schedule, stepped once per training step."""
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps, 1))
+    if cfg.schedule == "step":
+        every = cfg.step_epochs * steps_per_epoch
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=every, gamma=cfg.gamma)
+    return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)

@@ -1,0 +1,62 @@
+"""Files at a local path or a URI (s3://, gs://, ...), through pyarrow's filesystems."""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import pyarrow.fs
+
+
+class StorageError(RuntimeError):
+    """The storage folder cannot be created or written."""
+
+
+def is_uri(path: str) -> bool:
+    """True for a URI such as s3://bucket/runs, False for a local path."""
+    return "://" in path
+
+
+def absolute(path: str) -> str:
+    """An absolute local path, or the URI unchanged (so workers see the same place)."""
+    return path if is_uri(path) else os.path.abspath(os.path.expanduser(path))
+
+
+def filesystem(path: str) -> tuple[pyarrow.fs.FileSystem, str]:
+    """The filesystem and the path within it for a local path or a URI."""
+    return pyarrow.fs.FileSystem.from_uri(absolute(path))
+
+
+def exists(path: str) -> bool:
+    """True when a file or folder is at `path`."""
+    fs, inner = filesystem(path)
+    return fs.get_file_info(inner).type != pyarrow.fs.FileType.NotFound
+
+
+def write_bytes(path: str, payload: bytes) -> None:
+    """Write a file at a local path or URI."""
+    fs, inner = filesystem(path)
+    fs.create_dir(inner.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(inner) as stream:
+        stream.write(payload)
+
+
+def read_text(path: str) -> str:
+    """Read a text file at a local path or URI."""
+    fs, inner = filesystem(path)
+    with fs.open_input_stream(inner) as stream:
+        return stream.readall().decode()
+
+
+def check_storage(path: str) -> None:
+    """Create the storage folder and write a probe file to it, or raise a StorageError."""
+    try:
+        fs, root = filesystem(path)
+        fs.create_dir(root, recursive=True)
+        probe = f"{root.rstrip('/')}/.write-test-{uuid.uuid4().hex}"
+        with fs.open_output_stream(probe) as stream:
+            stream.write(b"ok")
+        fs.delete_file(probe)
+    except (OSError, ValueError) as err:
+        reason = str(err).splitlines()[0]
+        raise StorageError(f"storage_path {path} is not writable: {reason}") from None
