@@ -12,6 +12,8 @@ from raydeq.models.presets import PRESETS, Preset
 from raydeq.solvers import CONTINUOUS, DISCRETE
 
 VARIANTS = ("vanilla", "skip", "skip_reg", "neural_ode")
+DEFAULT_VARIANT = "skip_reg"
+DEFAULT_SOLVER = "vcab3"
 INITS = {"vanilla": "zeros", "skip": "skip", "skip_reg": "skip_reg"}
 # torchdiffeq's closest method to each continuous solver: bosh3 is BS3; dopri5 is, like
 # Tsit5, a 5(4) FSAL pair; VCAB3 (variable-coefficient Adams) has no torchdiffeq equivalent,
@@ -39,20 +41,20 @@ def _choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:
 def build(cfg: Mapping[str, Any]) -> EquilibriumClassifier:
     """Build the classifier a config names: `logits, out = build(cfg)(images)`.
 
-    cfg["model"] names a preset (see PRESETS), cfg["variant"] is "vanilla" (default), "skip",
-    "skip_reg" or "neural_ode", cfg["solver"] one of raydeq's solvers (default "vcab3"; for
-    neural_ode it picks the torchdiffeq method via ODE_METHODS unless cfg["method"] is given).
-    cfg["lambda_skip"] overrides the preset's skip-loss weight, stored as model.lambda_skip.
-    Every other key is an option of the layer (DEQ or NeuralODE) and overrides the preset's.
+    cfg["model"] names a preset (see PRESETS), cfg["variant"] is "vanilla", "skip",
+    "skip_reg" (default, DEFAULT_VARIANT) or "neural_ode", cfg["solver"] one of raydeq's
+    solvers (default "vcab3"; for neural_ode it picks the torchdiffeq method via ODE_METHODS
+    unless cfg["method"] is given). Every other key is an option of the layer (DEQ or
+    NeuralODE) and overrides the preset's. The skip-loss weight is the training objective's
+    (the preset's recommendation is PRESETS[name].lambda_skip).
     """
     options = dict(cfg)
     name = options.pop("model", None)
     _choice("model", name, tuple(PRESETS))
-    variant = options.pop("variant", "vanilla")
+    variant = options.pop("variant", DEFAULT_VARIANT)
     _choice("variant", variant, VARIANTS)
-    solver = options.pop("solver", "vcab3")
+    solver = options.pop("solver", DEFAULT_SOLVER)
     preset = PRESETS[name]
-    lambda_skip = float(options.pop("lambda_skip", preset.lambda_skip))
     parts = preset.parts()
     tolerances = {"abstol": preset.abstol, "reltol": preset.reltol}
     if variant == "neural_ode":
@@ -77,10 +79,12 @@ def build(cfg: Mapping[str, Any]) -> EquilibriumClassifier:
             solver=solver,
             **_options(DEQ, {**defaults, **options}),
         )
-    return EquilibriumClassifier(parts.stem, layer, parts.head, lambda_skip)
+    return EquilibriumClassifier(parts.stem, layer, parts.head)
 
 
 __all__ = [
+    "DEFAULT_SOLVER",
+    "DEFAULT_VARIANT",
     "ODE_METHODS",
     "PRESETS",
     "VARIANTS",

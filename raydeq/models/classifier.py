@@ -18,17 +18,14 @@ class Parts(NamedTuple):
 
 
 class EquilibriumClassifier(nn.Module):
-    """`logits, out = model(images)`, where out holds z*, its statistics and the auxiliary losses.
+    """`logits, out = model(images)`, where out holds z*, its statistics and the auxiliary losses
+    (weighed by the training objective, `raydeq.training.objective.Objective`)."""
 
-    lambda_skip is the preset's default weight of out.skip_loss, kept for the training loop.
-    """
-
-    def __init__(self, stem: nn.Module, layer: nn.Module, head: nn.Module, lambda_skip: float):
+    def __init__(self, stem: nn.Module, layer: nn.Module, head: nn.Module):
         super().__init__()
         self.stem = stem
         self.layer = layer
         self.head = head
-        self.lambda_skip = lambda_skip
 
     def forward(self, images: Tensor) -> tuple[Tensor, LayerOutput]:
         """Classify a batch; variational dropout draws fresh masks for every call."""

@@ -1,0 +1,1 @@
+"""Training: config, objective, checkpoint, state, reporting, loop, launch, data."""

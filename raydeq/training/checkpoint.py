@@ -1,0 +1,92 @@
+"""Checkpoint folders: written atomically, checksummed, read tensors-only, with a fallback.
+
+No Ray here: the benchmarks and any script read a run's weights with `read_checkpoint`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import pickle
+from collections.abc import Iterable
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+STATE_FILE = "state.pt"
+MANIFEST_FILE = "manifest.json"
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint folder is incomplete, corrupted, or holds something other than tensors."""
+
+
+def _sha256(path: Path) -> str:
+    """Hex SHA-256 of a file."""
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_checkpoint(state: dict[str, Any], directory: Path) -> Path:
+    """Write `state` to the new folder `directory`, atomically: a temporary folder is renamed.
+
+    The folder holds `state.pt` and `manifest.json` with its step and SHA-256, so a copy that
+    was cut short or altered later is recognised when it is read.
+    """
+    staging = directory.with_name(f".{directory.name}.partial")
+    staging.mkdir(parents=True)
+    torch.save(state, staging / STATE_FILE)
+    manifest = {"step": state["step"], "sha256": _sha256(staging / STATE_FILE)}
+    (staging / MANIFEST_FILE).write_text(json.dumps(manifest))
+    staging.rename(directory)
+    return directory
+
+
+def read_checkpoint(directory: Path) -> dict[str, Any]:
+    """The state in a checkpoint folder, checked against its manifest and loaded tensors-only."""
+    try:
+        manifest = json.loads((directory / MANIFEST_FILE).read_text())
+        expected = manifest["sha256"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{directory}: no valid {MANIFEST_FILE} ({err})") from None
+    state_path = directory / STATE_FILE
+    if not state_path.is_file() or _sha256(state_path) != expected:
+        raise CheckpointError(f"{directory}: {STATE_FILE} is missing or fails its checksum")
+    try:
+        return torch.load(state_path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
+        reason = str(err).splitlines()[0]
+        raise CheckpointError(
+            f"{directory}: {STATE_FILE} refused by the loader ({reason})"
+        ) from None
+
+
+def restore(candidates: Iterable[AbstractContextManager[str]]) -> dict[str, Any] | None:
+    """The state of the first readable checkpoint, newest first; None when there is none.
+
+    Each candidate is a context manager that yields a local folder (Ray's
+    `Checkpoint.as_directory()`). A checkpoint that cannot be read is reported and the previous
+    one is tried; when every one is unreadable the run stops instead of starting from scratch.
+    """
+    failures = []
+    for candidate in candidates:
+        try:
+            with candidate as directory:
+                state = read_checkpoint(Path(directory))
+        except CheckpointError as err:
+            log.warning("%s; falling back to the previous checkpoint", err)
+            failures.append(str(err))
+            continue
+        if failures:
+            log.warning("resumed from the checkpoint of step %d", state["step"])
+        return state
+    if failures:
+        raise CheckpointError(f"no readable checkpoint: {'; '.join(failures)}")
+    return None
