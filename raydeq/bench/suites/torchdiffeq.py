@@ -12,21 +12,32 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 from torchdiffeq import odeint, odeint_event
 
-from raydeq.bench.cases import Outcome, forward_case, raydeq_forward
-from raydeq.bench.context import Context
-from raydeq.bench.problems import SpectralProblem, Spectrum
-from raydeq.bench.report import Section, Target
-from raydeq.bench.timing import measure, ratio
+from raydeq.bench.harness.cases import Outcome, forward_case, raydeq_forward
+from raydeq.bench.harness.context import Context
+from raydeq.bench.harness.problems import SpectralProblem, Spectrum
+from raydeq.bench.harness.report import Section, Target
+from raydeq.bench.harness.timing import measure, ratio
+
+
+@dataclass(frozen=True)
+class TorchDiffEqSize:
+    """The spectral problem, the timed repeats, and the time grid that finds the end time."""
+
+    spectrum: Spectrum
+    repeats: int
+    grid: int
+
 
 SIZES = {
-    "tiny": dict(spectrum=Spectrum(dim=16, batch=2, slow_eig=0.8), repeats=1, grid=50),
-    "quick": dict(spectrum=Spectrum(dim=256, batch=32), repeats=5, grid=400),
-    "full": dict(spectrum=Spectrum(dim=512, batch=128), repeats=9, grid=1000),
+    "tiny": TorchDiffEqSize(Spectrum(dim=16, batch=2, slow_eig=0.8), repeats=1, grid=50),
+    "quick": TorchDiffEqSize(Spectrum(dim=256, batch=32), repeats=5, grid=400),
+    "full": TorchDiffEqSize(Spectrum(dim=512, batch=128), repeats=9, grid=1000),
 }
 SOLVERS = ("vcab3", "tsit5", "bs3", "euler")
 TOL = 1e-4
@@ -109,7 +120,7 @@ def best_fixed_time(
 def run(ctx: Context) -> Section:
     """NFE and time of raydeq's continuous solvers and of torchdiffeq's best settings."""
     size = ctx.pick(SIZES)
-    spec = size["spectrum"]
+    spec = size.spectrum
     problem = SpectralProblem(spec, ctx.device, torch.float32, ctx.seed)
     rho = problem.spectral_radius()
     start = float(problem.residual(problem.z0()).max())
@@ -143,13 +154,13 @@ def run(ctx: Context) -> Section:
             problem, event_run(problem, event_best[0])
         )
     for method in FIXED_TIME_METHODS:
-        best = best_fixed_time(problem, method, horizon, size["grid"])
+        best = best_fixed_time(problem, method, horizon, size.grid)
         if best:
             settings[f"torchdiffeq {method} odeint"] = best
             cases[f"torchdiffeq {method} odeint"] = forward_case(
                 problem, fixed_time_run(problem, method, *best)
             )
-    timings = measure(cases, ctx.device, repeats=size["repeats"])
+    timings = measure(cases, ctx.device, repeats=size.repeats)
     outcomes: dict[str, Outcome] = {}
     for label, t in timings.items():
         outcomes[label] = outcome = t.values[-1]

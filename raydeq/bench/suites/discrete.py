@@ -3,21 +3,32 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from raydeq.bench import models
-from raydeq.bench.cases import forward_case, raydeq_forward
-from raydeq.bench.context import Context
-from raydeq.bench.problems import SpectralProblem, Spectrum
-from raydeq.bench.report import Section, Target
-from raydeq.bench.timing import Case, measure, ratio
+from raydeq.bench.harness import models
+from raydeq.bench.harness.cases import forward_case, raydeq_forward
+from raydeq.bench.harness.context import Context
+from raydeq.bench.harness.problems import SpectralProblem, Spectrum
+from raydeq.bench.harness.report import Section, Target
+from raydeq.bench.harness.timing import Case, measure, ratio
+
+
+@dataclass(frozen=True)
+class DiscreteSize:
+    """The spectral problem, the model's batch of images, and the timed repeats."""
+
+    spectrum: Spectrum
+    batch: int
+    repeats: int
+
 
 SIZES = {
-    "tiny": dict(spectrum=Spectrum(dim=32, batch=4, slow_eig=0.8), batch=8, repeats=1),
-    "quick": dict(spectrum=Spectrum(dim=512, batch=64), batch=128, repeats=7),
-    "full": dict(spectrum=Spectrum(dim=1024, batch=256), batch=256, repeats=15),
+    "tiny": DiscreteSize(Spectrum(dim=32, batch=4, slow_eig=0.8), batch=8, repeats=1),
+    "quick": DiscreteSize(Spectrum(dim=512, batch=64), batch=128, repeats=7),
+    "full": DiscreteSize(Spectrum(dim=1024, batch=256), batch=256, repeats=15),
 }
 SOLVERS = ("fixed_point", "anderson", "broyden", "vcab3", "tsit5", "euler")
 MODEL = "mnist_dense"
@@ -40,7 +51,7 @@ def model_case(model: nn.Module, images: torch.Tensor) -> Case:
 def run(ctx: Context) -> Section:
     """Forward NFE, time and true residual of each solver on the spectral problem and a model."""
     size = ctx.pick(SIZES)
-    spec = size["spectrum"]
+    spec = size.spectrum
     problem = SpectralProblem(spec, ctx.device, torch.float32, ctx.seed)
     section = Section(
         name="discrete",
@@ -55,7 +66,7 @@ def run(ctx: Context) -> Section:
         ],
     )
     cases = {name: forward_case(problem, raydeq_forward(name, TOL, 3000)) for name in SOLVERS}
-    timings = measure(cases, ctx.device, repeats=size["repeats"])
+    timings = measure(cases, ctx.device, repeats=size.repeats)
     fixed_nfe = timings["fixed_point"].values[-1].nfe
     for name in SOLVERS:
         outcome = timings[name].values[-1]
@@ -81,16 +92,12 @@ def run(ctx: Context) -> Section:
             )
         )
     section.timings = {f"spectral/{k}": t.seconds for k, t in timings.items()}
-    missing = models.models_available()
-    if missing:
-        section.notes.append(f"{MODEL} rows skipped: {missing}")
-        return section
-    images, source = models.image_batch(MODEL, size["batch"], ctx.device, ctx.data_dir, ctx.seed)
+    images, source = models.image_batch(MODEL, size.batch, ctx.device, ctx.data_dir, ctx.seed)
     nets = {s: models.build(MODEL, "vanilla", ctx.device, ctx.seed, solver=s) for s in SOLVERS}
     for net in nets.values():
         net.eval()
     timings = measure(
-        {s: model_case(net, images) for s, net in nets.items()}, ctx.device, size["repeats"]
+        {s: model_case(net, images) for s, net in nets.items()}, ctx.device, size.repeats
     )
     fixed_nfe = timings["fixed_point"].values[-1].stats.nfe
     for name in SOLVERS:
