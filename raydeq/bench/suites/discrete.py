@@ -48,23 +48,10 @@ def model_case(model: nn.Module, images: torch.Tensor) -> Case:
     return prepare
 
 
-def run(ctx: Context) -> Section:
-    """Forward NFE, time and true residual of each solver on the spectral problem and a model."""
-    size = ctx.pick(SIZES)
+def spectral_rows(ctx: Context, size: DiscreteSize, section: Section) -> None:
+    """Every solver on the spectral problem, and the NFE targets of Broyden and Anderson."""
     spec = size.spectrum
     problem = SpectralProblem(spec, ctx.device, torch.float32, ctx.seed)
-    section = Section(
-        name="discrete",
-        title="Discrete vs continuous DEQ: forward solve",
-        columns=["problem", "solver", "NFE", "NFE / fixed point", "time ms", "max residual"],
-        notes=[
-            f"spectral: f(z) = W tanh(z) + x, width {spec.dim}, batch {spec.batch}, float32, "
-            f"spectral radius of J_f(z*) {problem.spectral_radius():.3f} ({spec.slow} "
-            f"eigenvalues of W near {spec.slow_eig}, the rest in [0, {spec.fast_max}]); "
-            f"abstol {TOL:g} on the RMS residual, reltol 0; max residual = worst true RMS "
-            "residual of the returned z.",
-        ],
-    )
     cases = {name: forward_case(problem, raydeq_forward(name, TOL, 3000)) for name in SOLVERS}
     timings = measure(cases, ctx.device, repeats=size.repeats)
     fixed_nfe = timings["fixed_point"].values[-1].nfe
@@ -91,7 +78,18 @@ def run(ctx: Context) -> Section:
                 detail=f"{outcome.nfe} vs {fixed_nfe} NFE, residual {outcome.residual:.2e}",
             )
         )
-    section.timings = {f"spectral/{k}": t.seconds for k, t in timings.items()}
+    section.notes.append(
+        f"spectral: f(z) = W tanh(z) + x, width {spec.dim}, batch {spec.batch}, float32, "
+        f"spectral radius of J_f(z*) {problem.spectral_radius():.3f} ({spec.slow} "
+        f"eigenvalues of W near {spec.slow_eig}, the rest in [0, {spec.fast_max}]); "
+        f"abstol {TOL:g} on the RMS residual, reltol 0; max residual = worst true RMS "
+        "residual of the returned z."
+    )
+    section.timings |= {f"spectral/{k}": t.seconds for k, t in timings.items()}
+
+
+def model_rows(ctx: Context, size: DiscreteSize, section: Section) -> None:
+    """Every solver in the same untrained dense model, predicting one batch."""
     images, source = models.image_batch(MODEL, size.batch, ctx.device, ctx.data_dir, ctx.seed)
     nets = {s: models.build(MODEL, "vanilla", ctx.device, ctx.seed, solver=s) for s in SOLVERS}
     for net in nets.values():
@@ -117,4 +115,16 @@ def run(ctx: Context) -> Section:
         f"preset's tolerances, a batch of {len(images)} {source}, eval mode; time per batch."
     )
     section.timings |= {f"{MODEL}/{k}": t.seconds for k, t in timings.items()}
+
+
+def run(ctx: Context) -> Section:
+    """Forward NFE, time and true residual of each solver on the spectral problem and a model."""
+    size = ctx.pick(SIZES)
+    section = Section(
+        name="discrete",
+        title="Discrete vs continuous DEQ: forward solve",
+        columns=["problem", "solver", "NFE", "NFE / fixed point", "time ms", "max residual"],
+    )
+    spectral_rows(ctx, size, section)
+    model_rows(ctx, size, section)
     return section

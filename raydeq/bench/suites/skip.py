@@ -14,7 +14,7 @@ from raydeq.bench.harness import models
 from raydeq.bench.harness.context import Context
 from raydeq.bench.harness.models import Split
 from raydeq.bench.harness.report import Section, Target
-from raydeq.bench.harness.timing import Case, measure, ratio, time_call
+from raydeq.bench.harness.timing import Case, Timing, measure, ratio, time_call
 from raydeq.bench.harness.training import train_step
 from raydeq.models import EquilibriumClassifier
 from raydeq.training.objective import evaluate
@@ -79,6 +79,37 @@ def train_lockstep(
     return step_times
 
 
+def add_results(
+    section: Section,
+    results: dict[str, dict[str, float]],
+    step_times: dict[str, list[float]],
+    timings: dict[str, Timing],
+) -> None:
+    """One row per variant, and Skip Reg.'s test NFE over vanilla's as the target."""
+    vanilla_nfe = results["vanilla"]["test_nfe"]
+    for variant in VARIANTS:
+        nfe = results[variant]["test_nfe"]
+        section.add(
+            variant=variant,
+            **{
+                "test NFE": nfe,
+                "NFE / vanilla": ratio(nfe, vanilla_nfe),
+                "train ms per batch": 1e3 * statistics.median(step_times[variant]),
+                "predict ms": 1e3 * timings[variant].median,
+                "test accuracy": results[variant]["test_accuracy"],
+            },
+        )
+    skip_reg_nfe = results["skip_reg"]["test_nfe"]
+    section.targets.append(
+        Target(
+            TARGET,
+            ratio(skip_reg_nfe, vanilla_nfe),
+            1 / 3,
+            detail=f"{skip_reg_nfe:.1f} vs {vanilla_nfe:.1f} NFE",
+        )
+    )
+
+
 def run(ctx: Context) -> Section:
     """Train the three variants in lockstep, then compare NFE, times and accuracy."""
     size = ctx.pick(SIZES)
@@ -109,28 +140,7 @@ def run(ctx: Context) -> Section:
     )
     batches = list(zip(test_images.split(size.batch), test_labels.split(size.batch), strict=True))
     results = {v: evaluate(n, batches, ctx.device).metrics() for v, n in nets.items()}
-    vanilla_nfe = results["vanilla"]["test_nfe"]
-    for variant in VARIANTS:
-        nfe = results[variant]["test_nfe"]
-        section.add(
-            variant=variant,
-            **{
-                "test NFE": nfe,
-                "NFE / vanilla": ratio(nfe, vanilla_nfe),
-                "train ms per batch": 1e3 * statistics.median(step_times[variant]),
-                "predict ms": 1e3 * timings[variant].median,
-                "test accuracy": results[variant]["test_accuracy"],
-            },
-        )
-    skip_reg_nfe = results["skip_reg"]["test_nfe"]
-    section.targets.append(
-        Target(
-            TARGET,
-            ratio(skip_reg_nfe, vanilla_nfe),
-            1 / 3,
-            detail=f"{skip_reg_nfe:.1f} vs {vanilla_nfe:.1f} NFE",
-        )
-    )
+    add_results(section, results, step_times, timings)
     section.notes.append(
         f"{MODEL} (VCAB3, GMRES, the preset's tolerances and skip-loss weight), the same seed "
         f"({ctx.seed}) and batches for every variant: {size.epochs} epoch(s) over "

@@ -22,7 +22,7 @@ from raydeq.bench.harness.cases import Outcome, forward_case, raydeq_forward
 from raydeq.bench.harness.context import Context
 from raydeq.bench.harness.problems import SpectralProblem, Spectrum
 from raydeq.bench.harness.report import Section, Target
-from raydeq.bench.harness.timing import measure, ratio
+from raydeq.bench.harness.timing import Case, measure, ratio
 
 
 @dataclass(frozen=True)
@@ -117,6 +117,36 @@ def best_fixed_time(
     return best[1:] if best else None
 
 
+def best_event_atol(problem: SpectralProblem) -> float | None:
+    """The atol of the fewest-NFE odeint_event run that meets TOL, None if no atol does."""
+    best = None
+    for factor in ATOL_FACTORS:
+        outcome = forward_case(problem, event_run(problem, factor * TOL))()()
+        if outcome.residual <= TOL and (best is None or outcome.nfe < best[0]):
+            best = (outcome.nfe, factor * TOL)
+    return best[1] if best else None
+
+
+def peer_cases(
+    problem: SpectralProblem, horizon: float, grid: int
+) -> tuple[dict[str, Case], dict[str, tuple[float, float | None]]]:
+    """torchdiffeq's cases at their best settings in hindsight, and (atol, end time) of each."""
+    cases: dict[str, Case] = {}
+    settings: dict[str, tuple[float, float | None]] = {}
+    atol = best_event_atol(problem)
+    if atol is not None:
+        settings["torchdiffeq dopri5 odeint_event"] = (atol, None)
+        cases["torchdiffeq dopri5 odeint_event"] = forward_case(problem, event_run(problem, atol))
+    for method in FIXED_TIME_METHODS:
+        best = best_fixed_time(problem, method, horizon, grid)
+        if best:
+            settings[f"torchdiffeq {method} odeint"] = best
+            cases[f"torchdiffeq {method} odeint"] = forward_case(
+                problem, fixed_time_run(problem, method, *best)
+            )
+    return cases, settings
+
+
 def run(ctx: Context) -> Section:
     """NFE and time of raydeq's continuous solvers and of torchdiffeq's best settings."""
     size = ctx.pick(SIZES)
@@ -142,24 +172,8 @@ def run(ctx: Context) -> Section:
         f"raydeq {name}": forward_case(problem, raydeq_forward(name, TOL, MAX_STEPS))
         for name in SOLVERS
     }
-    settings: dict[str, tuple[float, float | None]] = {}
-    event_best = None
-    for factor in ATOL_FACTORS:
-        outcome = forward_case(problem, event_run(problem, factor * TOL))()()
-        if outcome.residual <= TOL and (event_best is None or outcome.nfe < event_best[1].nfe):
-            event_best = (factor * TOL, outcome)
-    if event_best:
-        settings["torchdiffeq dopri5 odeint_event"] = (event_best[0], None)
-        cases["torchdiffeq dopri5 odeint_event"] = forward_case(
-            problem, event_run(problem, event_best[0])
-        )
-    for method in FIXED_TIME_METHODS:
-        best = best_fixed_time(problem, method, horizon, size.grid)
-        if best:
-            settings[f"torchdiffeq {method} odeint"] = best
-            cases[f"torchdiffeq {method} odeint"] = forward_case(
-                problem, fixed_time_run(problem, method, *best)
-            )
+    peers, settings = peer_cases(problem, horizon, size.grid)
+    cases |= peers
     timings = measure(cases, ctx.device, repeats=size.repeats)
     outcomes: dict[str, Outcome] = {}
     for label, t in timings.items():
