@@ -1,4 +1,4 @@
-"""Smoke test of the benchmark harness: every benchmark at the tiniest sizes, report files."""
+"""Smoke test of the benchmarks: every suite at the tiniest sizes, the harness, report files."""
 
 import json
 import math
@@ -6,14 +6,14 @@ import math
 import pytest
 import torch
 
-from raydeq.bench import models, node, peer_torchdeq, skip
 from raydeq.bench.__main__ import main
-from raydeq.bench.context import Checkpoint, Context
-from raydeq.bench.memory import peak_memory
-from raydeq.bench.registry import BENCHMARKS
-from raydeq.bench.report import Section, Target, fmt
-from raydeq.bench.timing import Timing, measure, paired_ratio
-from raydeq.train import read_checkpoint, write_checkpoint
+from raydeq.bench.harness import models
+from raydeq.bench.harness.context import Checkpoint, Context
+from raydeq.bench.harness.memory import peak_memory
+from raydeq.bench.harness.report import Section, Target, fmt
+from raydeq.bench.harness.timing import Timing, measure, paired_ratio
+from raydeq.bench.suites import MODULES, SUITES, node, skip, skip_lambda, torchdeq
+from raydeq.training.checkpoint import read_checkpoint, write_checkpoint
 
 CPU = torch.device("cpu")
 
@@ -35,7 +35,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str]:
 
 def test_every_benchmark_reports_rows_or_says_why_not(run):
     data, _ = run
-    assert [s["name"] for s in data["sections"]] == list(BENCHMARKS)
+    assert [s["name"] for s in data["sections"]] == list(SUITES)
     assert data["device"] == "cpu" and data["size"] == "tiny"
     for section in data["sections"]:
         assert section["rows"] or section["notes"], section["name"]
@@ -123,13 +123,15 @@ def test_peak_memory_counts_live_storages():
 
 
 def test_missing_peer_and_data_are_reported_not_raised(monkeypatch, tmp_path):
-    monkeypatch.setattr(peer_torchdeq, "available", lambda: False)
+    monkeypatch.setattr(torchdeq, "available", lambda: False)
     ctx = Context(CPU, "tiny", data_dir=tmp_path)
-    section = peer_torchdeq.run(ctx)
+    section = torchdeq.run(ctx)
     assert not section.rows and "not installed" in section.notes[0]
     assert all(t.passed is None for t in section.targets)
     section = skip.run(ctx)
     assert not section.rows and "MNIST not found" in section.notes[0]
+    section = skip_lambda.run(ctx)
+    assert not section.rows and "MNIST not found" in section.notes[-1]
 
 
 def test_node_benchmark_times_the_weights_of_a_training_checkpoint(tmp_path, capsys):
@@ -159,3 +161,31 @@ def test_node_benchmark_times_the_weights_of_a_training_checkpoint(tmp_path, cap
         with pytest.raises(SystemExit):
             main(["--models", "mnist_dense", "--weights", bad])
         assert message in capsys.readouterr().err
+
+
+def test_every_suite_module_is_named_as_its_suite_and_section():
+    names = [module.__name__.rpartition(".")[2] for module in MODULES]
+    assert names == list(SUITES)
+    for name, module in zip(names, MODULES, strict=True):
+        assert SUITES[name] is module.run
+        assert set(module.SIZES) == {"tiny", "quick", "full"}, name
+
+
+def test_sizes_are_typed_so_a_misspelt_field_raises():
+    size = Context(CPU, "tiny").pick(skip_lambda.SIZES)
+    assert size.steps >= 1
+    with pytest.raises(AttributeError):
+        size.step  # noqa: B018
+    with pytest.raises(AttributeError):
+        size.steps = 3
+
+
+def test_skip_lambda_runs_as_a_suite_of_the_cli(tmp_path):
+    report = main(["--size", "tiny", "--only", "skip_lambda", "--out", str(tmp_path)])
+    (section,) = report.sections
+    assert section.name == "skip_lambda" and section.rows
+    lambdas = skip_lambda.SIZES["tiny"].lambdas
+    assert len(section.rows) == 2 + 2 * len(lambdas)
+    for row in section.rows:
+        assert 0 <= row["test accuracy"] <= 1 and row["test NFE"] >= 1
+        assert row["Jacobian before"] > 0 and row["Jacobian after"] > 0

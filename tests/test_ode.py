@@ -110,7 +110,7 @@ def test_adams_weights_integrate_quadratics_and_milne_estimates_the_predictor_er
 def test_the_steady_state_is_reached_at_the_stability_limit(solver):
     """A few slow modes and many fast ones: the steps end at the explicit method's stability
     limit, where the step-size controller must not cycle above the tolerance."""
-    from raydeq.bench.problems import SpectralProblem, Spectrum
+    from raydeq.bench.harness.problems import SpectralProblem, Spectrum
 
     problem = SpectralProblem(Spectrum(dim=256, batch=32), torch.device("cpu"))
     with torch.no_grad():

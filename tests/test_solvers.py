@@ -6,7 +6,7 @@ import scipy.optimize
 import torch
 
 import raydeq
-from raydeq.bench.problems import SpectralProblem, Spectrum
+from raydeq.bench.harness.problems import SpectralProblem, Spectrum
 from raydeq.solvers import SOLVERS, Status
 
 D, B = 6, 3

@@ -1,4 +1,4 @@
-"""`python -m raydeq.bench`: run the benchmarks, print the Markdown, save it with the JSON."""
+"""`python -m raydeq.bench`: run the suites, print the Markdown, save it with the JSON."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ from pathlib import Path
 
 import torch
 
-from raydeq.bench.context import SIZES, Checkpoint, Context
-from raydeq.bench.registry import BENCHMARKS
-from raydeq.bench.report import Report, machine_info, write
+from raydeq.bench.harness.context import SIZES, Checkpoint, Context
+from raydeq.bench.harness.report import Report, machine_info, write
+from raydeq.bench.suites import SUITES
+from raydeq.training.checkpoint import CheckpointError, read_checkpoint
 
 
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -36,9 +37,9 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--only",
         nargs="+",
-        choices=list(BENCHMARKS),
+        choices=list(SUITES),
         metavar="NAME",
-        help=f"run only these benchmarks: {', '.join(BENCHMARKS)}",
+        help=f"run only these suites: {', '.join(SUITES)}",
     )
     parser.add_argument(
         "--models",
@@ -51,7 +52,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         nargs="+",
         default=[],
         metavar="MODEL=CHECKPOINT",
-        help="time these presets with the weights of a raydeq.train checkpoint folder "
+        help="time these presets with the weights of a training checkpoint folder "
         "(under storage_path/name) instead of untrained or briefly trained",
     )
     parser.add_argument(
@@ -63,8 +64,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--out",
         type=Path,
-        default=Path("bench/results"),
-        help="folder for <date>-<device>.json and .md (default: bench/results)",
+        default=Path("benchmarks/results"),
+        help="folder for <date>-<device>.json and .md (default: benchmarks/results)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of every problem and model")
     args = parser.parse_args(argv)
@@ -83,8 +84,6 @@ def parse_weights(
             parser.error(f"--weights {item!r}: expected MODEL=CHECKPOINT_FOLDER")
         if name not in models:
             parser.error(f"--weights {item!r}: {name!r} is not among --models {' '.join(models)}")
-        from raydeq.train import CheckpointError, read_checkpoint
-
         try:
             weights[name] = Checkpoint(Path(folder), read_checkpoint(Path(folder))["model"])
         except CheckpointError as err:
@@ -93,25 +92,24 @@ def parse_weights(
 
 
 def main(argv: Sequence[str] | None = None) -> Report:
-    """Run the selected benchmarks, rewriting the report after each one; returns it."""
+    """Run the selected suites, rewriting the report after each one; returns it."""
     args = parse(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device is available")
     if args.threads:
         torch.set_num_threads(args.threads)
-    size = args.size or ("full" if device.type == "cuda" else "quick")
-    ctx = Context(device, size, tuple(args.models), args.data, args.seed, args.weights)
+    ctx = Context(device, args.size, tuple(args.models), args.data, args.seed, args.weights)
     report = Report(
         date=datetime.date.today().isoformat(),
         device=device.type,
-        size=size,
+        size=args.size,
         machine=machine_info(device),
     )
-    for name in args.only or BENCHMARKS:
+    for name in args.only or SUITES:
         start = time.perf_counter()
         print(f"[{name}] running", file=sys.stderr, flush=True)
-        report.sections.append(BENCHMARKS[name](ctx))
+        report.sections.append(SUITES[name](ctx))
         print(f"[{name}] {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
         json_path, md_path = write(report, args.out)
     print(report.to_markdown())

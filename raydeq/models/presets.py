@@ -3,8 +3,8 @@
 Reference parameter counts (vanilla / skip), Table 1 and 2 of the paper: mnist_dense 134,538 /
 151,050; cifar10_small 163,546 / 200,122; cifar10_large 10.63M / 11.19M; imagenet_small
 17.91M / 18.47M. Tolerances, step limits and adjoint (GMRES) limits follow the paper's runs.
-mnist_dense's lambda_skip = 1.0 comes from bench/skip_lambda.py: with it Skip Reg. needs a
-seventh of vanilla's test NFE at equal accuracy, while 0.01 and 0.1 barely lower the NFE.
+mnist_dense's lambda_skip = 1.0 comes from the benchmark suite skip_lambda: with it Skip Reg.
+needs a seventh of vanilla's test NFE at equal accuracy, while 0.01 and 0.1 barely lower the NFE.
 """
 
 from collections.abc import Callable

@@ -1,4 +1,4 @@
-"""Models and image batches for the model-level benchmarks."""
+"""The presets as the model-level suites use them: built by seed, loaded from a checkpoint, fed."""
 
 from __future__ import annotations
 
@@ -6,30 +6,27 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from raydeq.bench.context import Checkpoint
+from raydeq.bench.harness.context import Checkpoint
+from raydeq.datasets import mnist10k
+from raydeq.models import PRESETS, EquilibriumClassifier
+from raydeq.models import build as build_model
+from raydeq.training.objective import Objective
 
+# Mean and standard deviation of the MNIST training pixels (scaled to [0, 1]).
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+Split = tuple[Tensor, Tensor]
 
 
-def models_available() -> str | None:
-    """None when raydeq.models imports, else the reason it does not."""
-    try:
-        import raydeq.models  # noqa: F401
-    except ImportError as error:
-        return f"raydeq.models is not importable: {error}"
-    return None
-
-
-def build(name: str, variant: str, device: torch.device, seed: int, **options: Any) -> nn.Module:
+def build(
+    name: str, variant: str, device: torch.device, seed: int, **options: Any
+) -> EquilibriumClassifier:
     """The preset `name` as `variant`, with parameters drawn from `seed` (same seed, same f).
 
     DEQ variants solve from the first step (no unrolled pretraining), so that they measure
-    the solver.
+    the solver; every other option goes to the layer's constructor.
     """
-    from raydeq.models import build as build_model
-
     cfg: dict[str, Any] = {"model": name, "variant": variant, **options}
     if variant != "neural_ode":
         cfg.setdefault("pretrain_steps", 0)
@@ -37,8 +34,13 @@ def build(name: str, variant: str, device: torch.device, seed: int, **options: A
     return build_model(cfg).to(device)
 
 
-def load_checkpoint(model: nn.Module, checkpoint: Checkpoint) -> None:
-    """Load the model weights of a `raydeq.train` checkpoint into `model`.
+def preset_objective(name: str) -> Objective:
+    """The training objective with the preset's recommended skip-loss weight."""
+    return Objective(PRESETS[name].lambda_skip)
+
+
+def load_checkpoint(model: EquilibriumClassifier, checkpoint: Checkpoint) -> None:
+    """Load the model weights of a training checkpoint into `model`.
 
     The checkpoint may hold a Skip DEQ: its predictor is ignored, f, stem and head must match.
     """
@@ -55,23 +57,14 @@ def load_checkpoint(model: nn.Module, checkpoint: Checkpoint) -> None:
         raise ValueError(f"{checkpoint.folder} holds weights of another size: {err}") from None
 
 
-def input_shape(name: str) -> tuple[int, int, int]:
-    """(channels, height, width) of the preset's images."""
-    from raydeq.models import PRESETS
-
-    return PRESETS[name].input_shape
-
-
-def mnist(data_dir: Path | None, train: bool) -> tuple[Tensor, Tensor] | None:
+def mnist(data_dir: Path | None, train: bool) -> Split | None:
     """Normalised MNIST images (N, 1, 28, 28) and labels: the embedded 10k digits when data_dir
     is None, else MNIST/raw in data_dir (None if absent)."""
-    from torchvision import datasets
-
-    from raydeq.data import mnist10k
-
     if data_dir is None:
         pixels, labels = mnist10k(train)
     elif (data_dir / "MNIST" / "raw").exists():
+        from torchvision import datasets
+
         dataset = datasets.MNIST(str(data_dir), train=train, download=False)
         pixels, labels = dataset.data, dataset.targets
     else:
@@ -79,11 +72,19 @@ def mnist(data_dir: Path | None, train: bool) -> tuple[Tensor, Tensor] | None:
     return pixels.float().div(255).sub(MNIST_MEAN).div(MNIST_STD).unsqueeze(1), labels
 
 
+def mnist_splits(data_dir: Path | None) -> tuple[Split, Split] | str:
+    """The training and test splits, or why they are missing."""
+    train, test = mnist(data_dir, train=True), mnist(data_dir, train=False)
+    if train is None or test is None:
+        return f"MNIST not found in {data_dir} (MNIST/raw in the IDX layout)"
+    return train, test
+
+
 def image_batch(
     name: str, batch: int, device: torch.device, data_dir: Path | None, seed: int
 ) -> tuple[Tensor, str]:
     """A batch of inputs for the preset and where it came from (test digits or Gaussian noise)."""
-    shape = input_shape(name)
+    shape = PRESETS[name].input_shape
     data = mnist(data_dir, train=False) if shape == (1, 28, 28) else None
     if data is not None:
         return data[0][:batch].to(device), "MNIST test digits"

@@ -2,19 +2,34 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from raydeq import solve
-from raydeq.bench.context import Context
-from raydeq.bench.memory import peak_memory
-from raydeq.bench.problems import SpectralProblem, Spectrum
-from raydeq.bench.report import Section
-from raydeq.bench.timing import ratio
+from raydeq.bench.harness.context import Context
+from raydeq.bench.harness.memory import peak_memory
+from raydeq.bench.harness.problems import SpectralProblem, Spectrum
+from raydeq.bench.harness.report import Section
+from raydeq.bench.harness.timing import ratio
 
+
+@dataclass(frozen=True)
+class MemorySize:
+    """Width; batches at a fixed tolerance; the batch and tolerances of the depth sweep."""
+
+    dim: int
+    batches: tuple[int, ...]
+    batch: int
+    tols: tuple[float, ...]
+    slow_eig: float = 0.97
+
+
+DEPTH_TOLS = (1e-2, 1e-3, 1e-4, 1e-5)
 SIZES = {
-    "tiny": dict(dim=16, batches=(2, 4), batch=2, tols=(1e-2, 1e-3), slow_eig=0.8),
-    "quick": dict(dim=256, batches=(16, 64, 256), batch=64, tols=(1e-2, 1e-3, 1e-4, 1e-5)),
-    "full": dict(dim=1024, batches=(16, 64, 256, 1024), batch=256, tols=(1e-2, 1e-3, 1e-4, 1e-5)),
+    "tiny": MemorySize(dim=16, batches=(2, 4), batch=2, tols=(1e-2, 1e-3), slow_eig=0.8),
+    "quick": MemorySize(dim=256, batches=(16, 64, 256), batch=64, tols=DEPTH_TOLS),
+    "full": MemorySize(dim=1024, batches=(16, 64, 256, 1024), batch=256, tols=DEPTH_TOLS),
 }
 ADJOINTS = {"gmres": "implicit (GMRES)", "unrolled": "unrolled"}
 SOLVER = "vcab3"
@@ -39,7 +54,7 @@ def step(problem: SpectralProblem, adjoint: str, tol: float) -> int:
 def measure_row(ctx: Context, batch: int, tol: float, section: Section) -> None:
     """Both adjoints on the same problem: peak MiB, NFE and the ratio unrolled / implicit."""
     size = ctx.pick(SIZES)
-    spec = Spectrum(dim=size["dim"], batch=batch, slow_eig=size.get("slow_eig", 0.97))
+    spec = Spectrum(dim=size.dim, batch=batch, slow_eig=size.slow_eig)
     problem = SpectralProblem(spec, ctx.device, torch.float32, ctx.seed)
     problem.weight.requires_grad_(True)
     problem.x.requires_grad_(True)
@@ -69,15 +84,15 @@ def run(ctx: Context) -> Section:
         title="Peak memory of a training step: implicit vs unrolled backward",
         columns=["batch", "abstol", "NFE", "implicit MiB", "unrolled MiB", "unrolled / implicit"],
         notes=[
-            f"f(z) = W tanh(z) + x, width {size['dim']}, float32, solver {SOLVER}, one forward "
+            f"f(z) = W tanh(z) + x, width {size.dim}, float32, solver {SOLVER}, one forward "
             f"and backward (gradients of W and x); peak = {kind} during the step above what was "
-            f"allocated before it. Rows 1-{len(size['batches'])}: batch grows at abstol "
-            f"{TOL:g}; then batch {size['batch']} with a growing depth (tighter tolerance, more "
+            f"allocated before it. Rows 1-{len(size.batches)}: batch grows at abstol "
+            f"{TOL:g}; then batch {size.batch} with a growing depth (tighter tolerance, more "
             "NFE): the implicit backward stays flat in depth.",
         ],
     )
-    for batch in size["batches"]:
+    for batch in size.batches:
         measure_row(ctx, batch, TOL, section)
-    for tol in size["tols"]:
-        measure_row(ctx, size["batch"], tol, section)
+    for tol in size.tols:
+        measure_row(ctx, size.batch, tol, section)
     return section

@@ -3,21 +3,32 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from raydeq.bench import models
-from raydeq.bench.cases import forward_case, raydeq_forward
-from raydeq.bench.context import Context
-from raydeq.bench.problems import SpectralProblem, Spectrum
-from raydeq.bench.report import Section, Target
-from raydeq.bench.timing import Case, measure, ratio
+from raydeq.bench.harness import models
+from raydeq.bench.harness.cases import forward_case, raydeq_forward
+from raydeq.bench.harness.context import Context
+from raydeq.bench.harness.problems import SpectralProblem, Spectrum
+from raydeq.bench.harness.report import Section, Target
+from raydeq.bench.harness.timing import Case, measure, ratio
+
+
+@dataclass(frozen=True)
+class DiscreteSize:
+    """The spectral problem, the model's batch of images, and the timed repeats."""
+
+    spectrum: Spectrum
+    batch: int
+    repeats: int
+
 
 SIZES = {
-    "tiny": dict(spectrum=Spectrum(dim=32, batch=4, slow_eig=0.8), batch=8, repeats=1),
-    "quick": dict(spectrum=Spectrum(dim=512, batch=64), batch=128, repeats=7),
-    "full": dict(spectrum=Spectrum(dim=1024, batch=256), batch=256, repeats=15),
+    "tiny": DiscreteSize(Spectrum(dim=32, batch=4, slow_eig=0.8), batch=8, repeats=1),
+    "quick": DiscreteSize(Spectrum(dim=512, batch=64), batch=128, repeats=7),
+    "full": DiscreteSize(Spectrum(dim=1024, batch=256), batch=256, repeats=15),
 }
 SOLVERS = ("fixed_point", "anderson", "broyden", "vcab3", "tsit5", "euler")
 MODEL = "mnist_dense"
@@ -37,25 +48,12 @@ def model_case(model: nn.Module, images: torch.Tensor) -> Case:
     return prepare
 
 
-def run(ctx: Context) -> Section:
-    """Forward NFE, time and true residual of each solver on the spectral problem and a model."""
-    size = ctx.pick(SIZES)
-    spec = size["spectrum"]
+def spectral_rows(ctx: Context, size: DiscreteSize, section: Section) -> None:
+    """Every solver on the spectral problem, and the NFE targets of Broyden and Anderson."""
+    spec = size.spectrum
     problem = SpectralProblem(spec, ctx.device, torch.float32, ctx.seed)
-    section = Section(
-        name="discrete",
-        title="Discrete vs continuous DEQ: forward solve",
-        columns=["problem", "solver", "NFE", "NFE / fixed point", "time ms", "max residual"],
-        notes=[
-            f"spectral: f(z) = W tanh(z) + x, width {spec.dim}, batch {spec.batch}, float32, "
-            f"spectral radius of J_f(z*) {problem.spectral_radius():.3f} ({spec.slow} "
-            f"eigenvalues of W near {spec.slow_eig}, the rest in [0, {spec.fast_max}]); "
-            f"abstol {TOL:g} on the RMS residual, reltol 0; max residual = worst true RMS "
-            "residual of the returned z.",
-        ],
-    )
     cases = {name: forward_case(problem, raydeq_forward(name, TOL, 3000)) for name in SOLVERS}
-    timings = measure(cases, ctx.device, repeats=size["repeats"])
+    timings = measure(cases, ctx.device, repeats=size.repeats)
     fixed_nfe = timings["fixed_point"].values[-1].nfe
     for name in SOLVERS:
         outcome = timings[name].values[-1]
@@ -80,17 +78,24 @@ def run(ctx: Context) -> Section:
                 detail=f"{outcome.nfe} vs {fixed_nfe} NFE, residual {outcome.residual:.2e}",
             )
         )
-    section.timings = {f"spectral/{k}": t.seconds for k, t in timings.items()}
-    missing = models.models_available()
-    if missing:
-        section.notes.append(f"{MODEL} rows skipped: {missing}")
-        return section
-    images, source = models.image_batch(MODEL, size["batch"], ctx.device, ctx.data_dir, ctx.seed)
+    section.notes.append(
+        f"spectral: f(z) = W tanh(z) + x, width {spec.dim}, batch {spec.batch}, float32, "
+        f"spectral radius of J_f(z*) {problem.spectral_radius():.3f} ({spec.slow} "
+        f"eigenvalues of W near {spec.slow_eig}, the rest in [0, {spec.fast_max}]); "
+        f"abstol {TOL:g} on the RMS residual, reltol 0; max residual = worst true RMS "
+        "residual of the returned z."
+    )
+    section.timings |= {f"spectral/{k}": t.seconds for k, t in timings.items()}
+
+
+def model_rows(ctx: Context, size: DiscreteSize, section: Section) -> None:
+    """Every solver in the same untrained dense model, predicting one batch."""
+    images, source = models.image_batch(MODEL, size.batch, ctx.device, ctx.data_dir, ctx.seed)
     nets = {s: models.build(MODEL, "vanilla", ctx.device, ctx.seed, solver=s) for s in SOLVERS}
     for net in nets.values():
         net.eval()
     timings = measure(
-        {s: model_case(net, images) for s, net in nets.items()}, ctx.device, size["repeats"]
+        {s: model_case(net, images) for s, net in nets.items()}, ctx.device, size.repeats
     )
     fixed_nfe = timings["fixed_point"].values[-1].stats.nfe
     for name in SOLVERS:
@@ -110,4 +115,16 @@ def run(ctx: Context) -> Section:
         f"preset's tolerances, a batch of {len(images)} {source}, eval mode; time per batch."
     )
     section.timings |= {f"{MODEL}/{k}": t.seconds for k, t in timings.items()}
+
+
+def run(ctx: Context) -> Section:
+    """Forward NFE, time and true residual of each solver on the spectral problem and a model."""
+    size = ctx.pick(SIZES)
+    section = Section(
+        name="discrete",
+        title="Discrete vs continuous DEQ: forward solve",
+        columns=["problem", "solver", "NFE", "NFE / fixed point", "time ms", "max residual"],
+    )
+    spectral_rows(ctx, size, section)
+    model_rows(ctx, size, section)
     return section

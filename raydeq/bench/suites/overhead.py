@@ -2,18 +2,30 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from raydeq.bench.cases import forward_case, raydeq_forward
-from raydeq.bench.context import Context
-from raydeq.bench.problems import SpectralProblem, Spectrum
-from raydeq.bench.report import Section, Target
-from raydeq.bench.timing import measure, paired_ratio
+from raydeq.bench.harness.cases import forward_case, raydeq_forward
+from raydeq.bench.harness.context import Context
+from raydeq.bench.harness.problems import SpectralProblem, Spectrum
+from raydeq.bench.harness.report import Section, Target
+from raydeq.bench.harness.timing import measure, paired_ratio
+
+
+@dataclass(frozen=True)
+class OverheadSize:
+    """The spectral problem, the timed repeats, and the bare f calls timed together."""
+
+    spectrum: Spectrum
+    repeats: int
+    calls: int
+
 
 SIZES = {
-    "tiny": dict(spectrum=Spectrum(dim=32, batch=4, slow_eig=0.8), repeats=1, calls=5),
-    "quick": dict(spectrum=Spectrum(dim=512, batch=64), repeats=25, calls=20),
-    "full": dict(spectrum=Spectrum(dim=1024, batch=256), repeats=15, calls=20),
+    "tiny": OverheadSize(Spectrum(dim=32, batch=4, slow_eig=0.8), repeats=1, calls=5),
+    "quick": OverheadSize(Spectrum(dim=512, batch=64), repeats=25, calls=20),
+    "full": OverheadSize(Spectrum(dim=1024, batch=256), repeats=15, calls=20),
 }
 SOLVERS = ("fixed_point", "anderson", "broyden", "vcab3", "euler")
 LIMITS = {"fixed_point": 1.5, "anderson": 2.5, "broyden": 2.5}
@@ -23,10 +35,10 @@ TOL = 1e-4
 def run(ctx: Context) -> Section:
     """Time a bare f call and each solver's forward solve, and report time per NFE."""
     size = ctx.pick(SIZES)
-    spec = size["spectrum"]
+    spec = size.spectrum
     problem = SpectralProblem(spec, ctx.device, torch.float32, ctx.seed)
     z = problem.exact_fixed_point()
-    calls = size["calls"]
+    calls = size.calls
 
     def bare():
         def thunk() -> None:
@@ -39,7 +51,7 @@ def run(ctx: Context) -> Section:
     cases = {"f": bare} | {
         name: forward_case(problem, raydeq_forward(name, TOL, 2000)) for name in SOLVERS
     }
-    timings = measure(cases, ctx.device, repeats=size["repeats"])
+    timings = measure(cases, ctx.device, repeats=size.repeats)
     per_call = timings["f"].median / calls
     section = Section(
         name="overhead",

@@ -2,25 +2,47 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import torch
-from torch import nn
 
-from raydeq.bench import models
-from raydeq.bench.context import Context
-from raydeq.bench.report import Section, Target
-from raydeq.bench.timing import Case, measure, paired_ratio
-from raydeq.bench.training import fit, loss_of, train_step
+from raydeq.bench.harness import models
+from raydeq.bench.harness.context import Context
+from raydeq.bench.harness.report import Section, Target
+from raydeq.bench.harness.timing import Case, Timing, measure, paired_ratio
+from raydeq.bench.harness.training import fit, loss_of, train_step
+from raydeq.models import PRESETS, EquilibriumClassifier
+from raydeq.training.objective import Objective
 
-BATCH = {
-    "tiny": {},
-    "quick": {"mnist_dense": 128, "cifar10_small": 4, "cifar10_large": 2},
-    "full": {"mnist_dense": 256, "cifar10_small": 64, "cifar10_large": 32},
+
+@dataclass(frozen=True)
+class NodeSize:
+    """Timed batch per preset, interleaved repeats, and Adam steps on MNIST before timing."""
+
+    batches: Mapping[str, int]
+    repeats: int
+    train_steps: int
+
+    def batch(self, name: str) -> int:
+        """The batch of a preset; 2 (the smallest that exercises batching) when not listed."""
+        return self.batches.get(name, 2)
+
+
+SIZES = {
+    "tiny": NodeSize(batches={}, repeats=1, train_steps=2),
+    "quick": NodeSize(
+        batches={"mnist_dense": 128, "cifar10_small": 4, "cifar10_large": 2},
+        repeats=7,
+        train_steps=250,
+    ),
+    "full": NodeSize(
+        batches={"mnist_dense": 256, "cifar10_small": 64, "cifar10_large": 32},
+        repeats=9,
+        train_steps=1000,
+    ),
 }
-REPEATS = {"tiny": 1, "quick": 7, "full": 9}
-# Adam steps (batch 64) on MNIST before timing: the paper compares trained models.
-TRAIN_STEPS = {"tiny": 2, "quick": 250, "full": 1000}
+# Batch of the Adam steps on MNIST before timing: the paper compares trained models.
 TRAIN_BATCH = 64
 # The paper's VCAB3; BS3 (the Neural ODE's integrator here) takes fewer steps, which is faster
 # where f is cheap next to a step's per-sample bookkeeping; Euler with its step-relative error
@@ -35,18 +57,20 @@ VARIANTS = {
 }
 
 
-def cases(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> dict[str, Case]:
+def cases(
+    model: EquilibriumClassifier, objective: Objective, images: torch.Tensor, labels: torch.Tensor
+) -> dict[str, Case]:
     """Training step, backward pass alone, and prediction of one model on one batch."""
     optimizer = torch.optim.Adam(model.parameters(), lr=0.0)
 
     def train() -> Callable:
         model.train()
-        return lambda: train_step(model, optimizer, images, labels)
+        return lambda: train_step(model, objective, optimizer, images, labels)
 
     def backward() -> Callable:
         model.train()
         optimizer.zero_grad(set_to_none=True)
-        loss, out = loss_of(model, images, labels)
+        loss, out = loss_of(model, objective, images, labels)
         return lambda: (loss.backward(), out)[1]
 
     def predict() -> Callable:
@@ -67,65 +91,77 @@ def converged_fraction(stats: object) -> float | None:
     return None if flags is None else float(flags.float().mean())
 
 
-def compare(ctx: Context, name: str, section: Section) -> None:
-    """Rows and targets of one preset."""
-    batch = BATCH[ctx.size].get(name, 2)
-    images, source = models.image_batch(name, batch, ctx.device, ctx.data_dir, ctx.seed)
-    labels = torch.arange(batch, device=ctx.device) % 10
-    deq = models.build(name, "vanilla", ctx.device, ctx.seed, solver="vcab3")
-    deq.layer.adjoint_options = {"rtol": deq.layer.termination.reltol}
+def build_deq(ctx: Context, name: str, solver: str) -> EquilibriumClassifier:
+    """A vanilla DEQ of the preset whose GMRES adjoint stops at the forward's reltol."""
+    adjoint_options = {"rtol": PRESETS[name].reltol}
+    return models.build(
+        name, "vanilla", ctx.device, ctx.seed, solver=solver, adjoint_options=adjoint_options
+    )
+
+
+def trained_deq(ctx: Context, name: str, digits: bool) -> tuple[EquilibriumClassifier, str]:
+    """The VCAB3 DEQ with the checkpoint's weights, or briefly trained on MNIST when the inputs
+    are digits, else untrained; and a description of its weights."""
+    deq = build_deq(ctx, name, "vcab3")
     checkpoint = ctx.weights.get(name)
-    digits = models.mnist(ctx.data_dir, train=True) if source == "MNIST test digits" else None
-    steps = ctx.pick(TRAIN_STEPS) if digits is not None and checkpoint is None else 0
+    train = models.mnist(ctx.data_dir, train=True) if digits else None
     if checkpoint is not None:
         models.load_checkpoint(deq, checkpoint)
-    elif steps:
-        fit(deq, *(t.to(ctx.device) for t in digits), steps, TRAIN_BATCH, ctx.seed)
+        return deq, f"weights of the checkpoint {checkpoint.folder}"
+    if train is None:
+        return deq, "untrained weights"
+    steps = ctx.pick(SIZES).train_steps
+    data = (train[0].to(ctx.device), train[1].to(ctx.device))
+    fit(deq, models.preset_objective(name), data, steps, TRAIN_BATCH, ctx.seed)
+    return deq, (
+        f"weights of the DEQ after {steps} Adam steps (lr 1e-3, batch {TRAIN_BATCH}) on the "
+        "MNIST training digits"
+    )
+
+
+def layers(ctx: Context, name: str, deq: EquilibriumClassifier) -> dict[str, EquilibriumClassifier]:
+    """Every variant of VARIANTS with the parameters of `deq`."""
     trained = {k: v for k, v in deq.state_dict().items() if not k.startswith("layer.step")}
     nets = {"vcab3": deq}
     for solver in DEQ_SOLVERS[1:]:
-        nets[solver] = models.build(name, "vanilla", ctx.device, ctx.seed, solver=solver)
-        nets[solver].layer.adjoint_options = deq.layer.adjoint_options
+        nets[solver] = build_deq(ctx, name, solver)
         nets[solver].load_state_dict(deq.state_dict())
     for variant, adjoint in (("adjoint", True), ("backprop", False)):
         nets[variant] = models.build(
             name, "neural_ode", ctx.device, ctx.seed, solver="vcab3", adjoint=adjoint
         )
         nets[variant].load_state_dict(trained)
-    node = nets["adjoint"]
-    same = all(torch.equal(a, b) for a, b in zip(deq.parameters(), node.parameters()))
-    all_cases = {
-        f"{variant}/{part}": case
-        for variant, model in nets.items()
-        for part, case in cases(model, images, labels).items()
-    }
-    timings = measure(all_cases, ctx.device, repeats=REPEATS[ctx.size])
-    medians = {label: t.median for label, t in timings.items()}
-    for variant in VARIANTS:
+    return nets
+
+
+def add_rows(section: Section, name: str, batch: int, timings: dict[str, Timing]) -> None:
+    """One row per variant: NFE, convergence, VJPs and the median times."""
+    for variant, layer in VARIANTS.items():
         train_out = timings[f"{variant}/train"].values[-1]
         back_out = timings[f"{variant}/backward"].values[-1]
+        deq = variant in DEQ_SOLVERS
         section.add(
             model=name,
-            layer=VARIANTS[variant],
+            layer=layer,
             batch=batch,
             NFE=train_out.stats.nfe,
             converged=1 - train_out.stats.unconverged_fraction,
-            VJPs=back_out.stats.backward_nvjp if variant in DEQ_SOLVERS else None,
+            VJPs=back_out.stats.backward_nvjp if deq else None,
             **{
-                "VJPs converged": converged_fraction(back_out.stats)
-                if variant in DEQ_SOLVERS
-                else None
-            },
-            **{
-                "train step ms": 1e3 * medians[f"{variant}/train"],
-                "backward ms": 1e3 * medians[f"{variant}/backward"],
-                "predict ms": 1e3 * medians[f"{variant}/predict"],
+                "VJPs converged": converged_fraction(back_out.stats) if deq else None,
+                "train step ms": 1e3 * timings[f"{variant}/train"].median,
+                "backward ms": 1e3 * timings[f"{variant}/backward"].median,
+                "predict ms": 1e3 * timings[f"{variant}/predict"].median,
             },
         )
+
+
+def add_targets(section: Section, name: str, timings: dict[str, Timing]) -> None:
+    """Neural ODE time over the fastest DEQ's, for the training step and the backward."""
     for variant in ("adjoint", "backprop"):
         label = f"{name}: Neural ODE ({variant}) / DEQ"
         for part, what, limit in (("train", "training step", 3.0), ("backward", "backward", 8.0)):
-            fastest = min(DEQ_SOLVERS, key=lambda solver: medians[f"{solver}/{part}"])
+            fastest = min(DEQ_SOLVERS, key=lambda solver: timings[f"{solver}/{part}"].median)
             section.targets.append(
                 Target(
                     f"{label} {what} time",
@@ -135,16 +171,27 @@ def compare(ctx: Context, name: str, section: Section) -> None:
                     detail=f"DEQ with {fastest.upper()}",
                 )
             )
+
+
+def compare(ctx: Context, name: str, section: Section) -> None:
+    """Rows, targets and the note of one preset."""
+    batch = ctx.pick(SIZES).batch(name)
+    images, source = models.image_batch(name, batch, ctx.device, ctx.data_dir, ctx.seed)
+    labels = torch.arange(batch, device=ctx.device) % 10
+    deq, weights = trained_deq(ctx, name, digits=source == "MNIST test digits")
+    nets = layers(ctx, name, deq)
+    node = nets["adjoint"]
+    same = all(torch.equal(a, b) for a, b in zip(deq.parameters(), node.parameters()))
+    objective = models.preset_objective(name)
+    all_cases = {
+        f"{variant}/{part}": case
+        for variant, model in nets.items()
+        for part, case in cases(model, objective, images, labels).items()
+    }
+    timings = measure(all_cases, ctx.device, repeats=ctx.pick(SIZES).repeats)
+    add_rows(section, name, batch, timings)
+    add_targets(section, name, timings)
     term = deq.layer.termination
-    if checkpoint is not None:
-        weights = f"weights of the checkpoint {checkpoint.folder}"
-    elif steps:
-        weights = (
-            f"weights of the DEQ after {steps} Adam steps (lr 1e-3, batch {TRAIN_BATCH}) on the "
-            "MNIST training digits"
-        )
-    else:
-        weights = "untrained weights"
     section.notes.append(
         f"{name}: batch of {batch} {source}, seed {ctx.seed}, {weights}, parameters "
         f"{'identical' if same else 'NOT identical'} in every layer; tolerances of the preset "
@@ -157,7 +204,7 @@ def compare(ctx: Context, name: str, section: Section) -> None:
 
 
 def run(ctx: Context) -> Section:
-    """Every requested preset; a note when the models package is missing."""
+    """Every requested preset."""
     section = Section(
         name="node",
         title="Continuous DEQ vs Neural ODE",
@@ -188,10 +235,6 @@ def run(ctx: Context) -> Section:
             "compare the Neural ODE with the fastest of the DEQ solvers (named in detail)."
         ],
     )
-    missing = models.models_available()
-    if missing:
-        section.notes.append(missing)
-        return section
     for name in ctx.models:
         compare(ctx, name, section)
     return section

@@ -12,21 +12,32 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 from torchdiffeq import odeint, odeint_event
 
-from raydeq.bench.cases import Outcome, forward_case, raydeq_forward
-from raydeq.bench.context import Context
-from raydeq.bench.problems import SpectralProblem, Spectrum
-from raydeq.bench.report import Section, Target
-from raydeq.bench.timing import measure, ratio
+from raydeq.bench.harness.cases import Outcome, forward_case, raydeq_forward
+from raydeq.bench.harness.context import Context
+from raydeq.bench.harness.problems import SpectralProblem, Spectrum
+from raydeq.bench.harness.report import Section, Target
+from raydeq.bench.harness.timing import Case, measure, ratio
+
+
+@dataclass(frozen=True)
+class TorchDiffEqSize:
+    """The spectral problem, the timed repeats, and the time grid that finds the end time."""
+
+    spectrum: Spectrum
+    repeats: int
+    grid: int
+
 
 SIZES = {
-    "tiny": dict(spectrum=Spectrum(dim=16, batch=2, slow_eig=0.8), repeats=1, grid=50),
-    "quick": dict(spectrum=Spectrum(dim=256, batch=32), repeats=5, grid=400),
-    "full": dict(spectrum=Spectrum(dim=512, batch=128), repeats=9, grid=1000),
+    "tiny": TorchDiffEqSize(Spectrum(dim=16, batch=2, slow_eig=0.8), repeats=1, grid=50),
+    "quick": TorchDiffEqSize(Spectrum(dim=256, batch=32), repeats=5, grid=400),
+    "full": TorchDiffEqSize(Spectrum(dim=512, batch=128), repeats=9, grid=1000),
 }
 SOLVERS = ("vcab3", "tsit5", "bs3", "euler")
 TOL = 1e-4
@@ -106,10 +117,40 @@ def best_fixed_time(
     return best[1:] if best else None
 
 
+def best_event_atol(problem: SpectralProblem) -> float | None:
+    """The atol of the fewest-NFE odeint_event run that meets TOL, None if no atol does."""
+    best = None
+    for factor in ATOL_FACTORS:
+        outcome = forward_case(problem, event_run(problem, factor * TOL))()()
+        if outcome.residual <= TOL and (best is None or outcome.nfe < best[0]):
+            best = (outcome.nfe, factor * TOL)
+    return best[1] if best else None
+
+
+def peer_cases(
+    problem: SpectralProblem, horizon: float, grid: int
+) -> tuple[dict[str, Case], dict[str, tuple[float, float | None]]]:
+    """torchdiffeq's cases at their best settings in hindsight, and (atol, end time) of each."""
+    cases: dict[str, Case] = {}
+    settings: dict[str, tuple[float, float | None]] = {}
+    atol = best_event_atol(problem)
+    if atol is not None:
+        settings["torchdiffeq dopri5 odeint_event"] = (atol, None)
+        cases["torchdiffeq dopri5 odeint_event"] = forward_case(problem, event_run(problem, atol))
+    for method in FIXED_TIME_METHODS:
+        best = best_fixed_time(problem, method, horizon, grid)
+        if best:
+            settings[f"torchdiffeq {method} odeint"] = best
+            cases[f"torchdiffeq {method} odeint"] = forward_case(
+                problem, fixed_time_run(problem, method, *best)
+            )
+    return cases, settings
+
+
 def run(ctx: Context) -> Section:
     """NFE and time of raydeq's continuous solvers and of torchdiffeq's best settings."""
     size = ctx.pick(SIZES)
-    spec = size["spectrum"]
+    spec = size.spectrum
     problem = SpectralProblem(spec, ctx.device, torch.float32, ctx.seed)
     rho = problem.spectral_radius()
     start = float(problem.residual(problem.z0()).max())
@@ -131,25 +172,9 @@ def run(ctx: Context) -> Section:
         f"raydeq {name}": forward_case(problem, raydeq_forward(name, TOL, MAX_STEPS))
         for name in SOLVERS
     }
-    settings: dict[str, tuple[float, float | None]] = {}
-    event_best = None
-    for factor in ATOL_FACTORS:
-        outcome = forward_case(problem, event_run(problem, factor * TOL))()()
-        if outcome.residual <= TOL and (event_best is None or outcome.nfe < event_best[1].nfe):
-            event_best = (factor * TOL, outcome)
-    if event_best:
-        settings["torchdiffeq dopri5 odeint_event"] = (event_best[0], None)
-        cases["torchdiffeq dopri5 odeint_event"] = forward_case(
-            problem, event_run(problem, event_best[0])
-        )
-    for method in FIXED_TIME_METHODS:
-        best = best_fixed_time(problem, method, horizon, size["grid"])
-        if best:
-            settings[f"torchdiffeq {method} odeint"] = best
-            cases[f"torchdiffeq {method} odeint"] = forward_case(
-                problem, fixed_time_run(problem, method, *best)
-            )
-    timings = measure(cases, ctx.device, repeats=size["repeats"])
+    peers, settings = peer_cases(problem, horizon, size.grid)
+    cases |= peers
+    timings = measure(cases, ctx.device, repeats=size.repeats)
     outcomes: dict[str, Outcome] = {}
     for label, t in timings.items():
         outcomes[label] = outcome = t.values[-1]

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from raydeq.bench.context import Context
-from raydeq.bench.problems import SpectralProblem, Spectrum
+from raydeq.bench.harness.context import Context
+from raydeq.bench.harness.problems import SpectralProblem, Spectrum
 
 TARGET_ERROR = 1e-4
 FORWARD_TOL = 1e-9

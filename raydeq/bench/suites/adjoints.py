@@ -2,17 +2,28 @@
 
 from __future__ import annotations
 
-from raydeq.bench.cases import Outcome, backward_case, loosest, raydeq_implicit
-from raydeq.bench.context import Context
-from raydeq.bench.gradients import FORWARD_TOL, TARGET_ERROR, TOLERANCES, GradientSetup
-from raydeq.bench.problems import Spectrum
-from raydeq.bench.report import Section, Target
-from raydeq.bench.timing import measure, ratio, time_call
+from dataclasses import dataclass
+
+from raydeq.bench.harness.cases import Outcome, backward_case, loosest, raydeq_implicit
+from raydeq.bench.harness.context import Context
+from raydeq.bench.harness.gradients import FORWARD_TOL, TARGET_ERROR, TOLERANCES, GradientSetup
+from raydeq.bench.harness.problems import Spectrum
+from raydeq.bench.harness.report import Section, Target
+from raydeq.bench.harness.timing import measure, ratio, time_call
+
+
+@dataclass(frozen=True)
+class AdjointsSize:
+    """The float64 spectral problem and the timed repeats."""
+
+    spectrum: Spectrum
+    repeats: int
+
 
 SIZES = {
-    "tiny": dict(spectrum=Spectrum(dim=32, batch=4, slow_eig=0.8), repeats=1),
-    "quick": dict(spectrum=Spectrum(dim=256, batch=32), repeats=7),
-    "full": dict(spectrum=Spectrum(dim=1024, batch=128), repeats=15),
+    "tiny": AdjointsSize(Spectrum(dim=32, batch=4, slow_eig=0.8), repeats=1),
+    "quick": AdjointsSize(Spectrum(dim=256, batch=32), repeats=7),
+    "full": AdjointsSize(Spectrum(dim=1024, batch=128), repeats=15),
 }
 ADJOINTS = {"gmres": "GMRES", "fixed_point": "Neumann"}
 MAX_ITERS = 2000
@@ -21,7 +32,7 @@ MAX_ITERS = 2000
 def run(ctx: Context) -> Section:
     """VJPs and backward time of each adjoint at the loosest tolerance reaching the target."""
     size = ctx.pick(SIZES)
-    setup = GradientSetup.make(ctx, size["spectrum"])
+    setup = GradientSetup.make(ctx, size.spectrum)
     section = Section(
         name="adjoints",
         title=f"Implicit backward: GMRES vs Neumann to gradient error {TARGET_ERROR:g}",
@@ -44,7 +55,7 @@ def run(ctx: Context) -> Section:
         else:
             chosen[adjoint] = tol
     timings = measure(
-        {a: case(a, tol) for a, tol in chosen.items()}, ctx.device, repeats=size["repeats"]
+        {a: case(a, tol) for a, tol in chosen.items()}, ctx.device, repeats=size.repeats
     )
     outcomes: dict[str, Outcome] = {}
     for adjoint, t in timings.items():

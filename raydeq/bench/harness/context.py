@@ -1,4 +1,4 @@
-"""What every benchmark is given: the device, the size profile, the models, the data."""
+"""What every suite is given: the device, the size profile, the models, the data."""
 
 from __future__ import annotations
 
@@ -9,13 +9,14 @@ from typing import TypeVar
 
 import torch
 
-T = TypeVar("T")
+# A suite's problem sizes: a frozen dataclass per suite, one instance per size name.
+Size = TypeVar("Size")
 SIZES = ("tiny", "quick", "full")
 
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """Model weights read from a `raydeq.train` checkpoint folder."""
+    """Model weights read from a training checkpoint folder."""
 
     folder: Path
     weights: Mapping[str, torch.Tensor]
@@ -26,9 +27,9 @@ class Context:
     """Settings of one benchmark run.
 
     size is "tiny" (the smoke test: smallest problems, one repeat), "quick" (a few minutes on
-    a 2-core CPU) or "full"; models are the presets the model-level benchmarks use; weights
-    maps a preset to a training checkpoint whose model the DEQ-vs-Neural-ODE benchmark loads
-    instead of training or leaving it untrained.
+    a 2-core CPU) or "full"; models are the presets the model-level suites use; weights maps
+    a preset to a training checkpoint whose model the DEQ-vs-Neural-ODE suite loads instead
+    of training or leaving it untrained.
     """
 
     device: torch.device
@@ -42,6 +43,6 @@ class Context:
         if self.size not in SIZES:
             raise ValueError(f"size={self.size!r} is not one of {', '.join(SIZES)}")
 
-    def pick(self, table: Mapping[str, T]) -> T:
-        """The entry of a per-size table for this run's size."""
-        return table[self.size]
+    def pick(self, sizes: Mapping[str, Size]) -> Size:
+        """A suite's problem sizes for this run's size profile."""
+        return sizes[self.size]

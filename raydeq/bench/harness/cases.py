@@ -10,8 +10,8 @@ import torch
 from torch import Tensor
 
 from raydeq import solve
-from raydeq.bench.problems import SpectralProblem, gradient_error
-from raydeq.bench.timing import Case
+from raydeq.bench.harness.problems import SpectralProblem, gradient_error
+from raydeq.bench.harness.timing import Case
 
 
 @dataclass

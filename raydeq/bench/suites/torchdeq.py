@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from raydeq.bench.cases import (
+from raydeq.bench.harness.cases import (
     Outcome,
     backward_case,
     forward_case,
@@ -16,22 +17,32 @@ from raydeq.bench.cases import (
     raydeq_forward,
     raydeq_implicit,
 )
-from raydeq.bench.context import Context
-from raydeq.bench.gradients import FORWARD_TOL, TARGET_ERROR, TOLERANCES, GradientSetup
-from raydeq.bench.problems import SpectralProblem, Spectrum
-from raydeq.bench.report import Section, Target
-from raydeq.bench.timing import Timing, measure, paired_ratio, time_call
+from raydeq.bench.harness.context import Context
+from raydeq.bench.harness.gradients import FORWARD_TOL, TARGET_ERROR, TOLERANCES, GradientSetup
+from raydeq.bench.harness.problems import SpectralProblem, Spectrum
+from raydeq.bench.harness.report import Section, Target
+from raydeq.bench.harness.timing import Timing, measure, paired_ratio, time_call
+
+
+@dataclass(frozen=True)
+class TorchDEQSize:
+    """The spectral problems of the forward and of the backward comparison, timed repeats."""
+
+    forward: Spectrum
+    backward: Spectrum
+    repeats: int
+
 
 SIZES = {
-    "tiny": dict(
+    "tiny": TorchDEQSize(
         forward=Spectrum(dim=32, batch=4, slow_eig=0.8),
         backward=Spectrum(dim=16, batch=2, slow_eig=0.8),
         repeats=1,
     ),
-    "quick": dict(
+    "quick": TorchDEQSize(
         forward=Spectrum(dim=512, batch=64), backward=Spectrum(dim=256, batch=32), repeats=7
     ),
-    "full": dict(
+    "full": TorchDEQSize(
         forward=Spectrum(dim=1024, batch=256), backward=Spectrum(dim=1024, batch=64), repeats=15
     ),
 }
@@ -220,6 +231,6 @@ def run(ctx: Context) -> Section:
             Target("backward: raydeq GMRES / TorchDEQ best time", None, 0.3, detail=MISSING),
         ]
         return section
-    forward_rows(ctx, size["forward"], size["repeats"], section)
-    backward_rows(ctx, size["backward"], size["repeats"], section)
+    forward_rows(ctx, size.forward, size.repeats, section)
+    backward_rows(ctx, size.backward, size.repeats, section)
     return section

@@ -1,0 +1,1 @@
+"""The machinery every suite shares: settings, timing, memory, problems, models, report."""

@@ -1,0 +1,53 @@
+"""Optimisation steps of a classifier under the training objective, the same for every suite."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from raydeq.deq import LayerOutput
+from raydeq.training.objective import Objective
+
+
+def loss_of(
+    model: nn.Module, objective: Objective, images: Tensor, labels: Tensor
+) -> tuple[Tensor, LayerOutput]:
+    """The objective on one batch, and the layer output."""
+    logits, out = model(images)
+    return objective(logits, labels, out), out
+
+
+def train_step(
+    model: nn.Module,
+    objective: Objective,
+    optimizer: torch.optim.Optimizer,
+    images: Tensor,
+    labels: Tensor,
+) -> LayerOutput:
+    """Forward, backward and optimizer step; returns the layer output (its stats)."""
+    optimizer.zero_grad(set_to_none=True)
+    loss, out = loss_of(model, objective, images, labels)
+    loss.backward()
+    optimizer.step()
+    return out
+
+
+def fit(
+    model: nn.Module,
+    objective: Objective,
+    data: tuple[Tensor, Tensor],
+    steps: int,
+    batch: int,
+    seed: int,
+) -> None:
+    """Train `model` for `steps` Adam steps (learning rate 1e-3) on batches reshuffled per epoch."""
+    images, labels = data
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(seed)
+    model.train()
+    order = torch.empty(0, dtype=torch.long)
+    for _ in range(steps):
+        if len(order) < batch:
+            order = torch.randperm(len(labels), generator=g)
+        index, order = order[:batch].to(images.device), order[batch:]
+        train_step(model, objective, optimizer, images[index], labels[index])
