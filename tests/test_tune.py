@@ -2,6 +2,7 @@
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -158,7 +159,8 @@ def test_the_command_refuses_bad_input_and_an_existing_experiment_with_status_2(
     assert capsys.readouterr().err.startswith("error: --report: --num-samples cannot change")
 
 
-def test_dry_run_prints_every_trials_resolved_config_without_ray(capsys):
+def test_dry_run_prints_every_trials_resolved_config_without_ray(capsys, monkeypatch):
+    monkeypatch.setattr(ray, "init", lambda *args, **kwargs: pytest.fail("Ray was started"))
     assert rt.main(["digits", "--dry-run"]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [line["label"] for line in lines] == [
@@ -169,7 +171,6 @@ def test_dry_run_prints_every_trials_resolved_config_without_ray(capsys):
     config = lines[0]["config"]
     assert config["model"]["variant"] == "vanilla" and config["seed"] == 0
     assert config["train"]["lambda_skip"] == 1.0 and config["scaling"]["num_workers"] == 1
-    assert not ray.is_initialized()
 
 
 def test_an_installed_raydeq_finds_its_experiments_from_any_folder(tmp_path):
@@ -339,6 +340,29 @@ def test_a_killed_driver_resumes_every_trial_without_training_a_step_twice(ray_c
         assert (experiment / f"{plot}.png").read_bytes().startswith(b"\x89PNG")
 
 
+def test_ctrl_c_exits_130_with_the_resume_command_and_that_command_finishes(ray_cluster, tmp_path):
+    settings = TINY | {"train": {"epochs": 1, "max_steps": 120, "checkpoint_every": 30}}
+    (tmp_path / "stop.yaml").write_text(yaml.safe_dump(settings))
+    experiment = tmp_path / "runs" / "stop"
+    driver = _tune([str(tmp_path / "stop.yaml"), "--storage", str(tmp_path / "runs")])
+    deadline = time.monotonic() + 150
+    while max(_registered_steps(experiment).values(), default=0) < 30:
+        assert driver.poll() is None, driver.stdout.read().decode()[-3000:]
+        assert time.monotonic() < deadline, "no checkpoint at step 30 in time"
+        time.sleep(0.2)
+    driver.send_signal(signal.SIGINT)
+    output = driver.communicate(timeout=120)[0].decode()
+    assert driver.returncode == 130, output[-3000:]
+    *_, last = output.strip().splitlines()
+    command = f"python -m raydeq.tune {tmp_path / 'stop.yaml'} --resume --storage {tmp_path}/runs"
+    assert last == f"interrupted; resume with: {command}"
+    resumed = _tune(shlex.split(command)[3:])
+    output = resumed.communicate(timeout=200)[0].decode()
+    assert resumed.returncode == 0, output[-3000:]
+    (row,) = pq.read_table(experiment / "results.parquet").to_pylist()
+    assert row["status"] == "TERMINATED" and row["step"] == 120
+
+
 def test_asha_stops_a_torch_trainer_trial_and_the_next_trial_gets_its_resources(
     ray_cluster, tmp_path
 ):
@@ -370,5 +394,5 @@ def test_asha_stops_a_torch_trainer_trial_and_the_next_trial_gets_its_resources(
     assert "| frozen | 1 (1 stopped) |" in output
     quiet = [line for line in output.splitlines() if "Reporting training result" in line]
     assert not quiet and "Trial status" not in output and output.count("tensorboard --logdir") == 1
-    assert "[fast, seed=0] epoch 0.22 step 20/60 loss" in output  # one line per report
+    assert "[fast] epoch 0.11 step 20/60 loss" in output  # one line per report
     assert len(output.splitlines()) < 40, output

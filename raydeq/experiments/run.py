@@ -149,6 +149,10 @@ def tuner(experiment: Experiment, path: str, options: Options, resume: bool) -> 
             ),
             trial_name_creator=trial_name,
             trial_dirname_creator=trial_name,
+            # A trial's process takes seconds to start and import; under FIFO every trial runs
+            # to its end, so the next one can take it over. ASHA stops trials mid-run, and a
+            # stopped trial's process must end to free its Train run's workers.
+            reuse_actors=options.scheduler == "fifo",
         ),
         run_config=tune.RunConfig(
             name=name,

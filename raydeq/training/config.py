@@ -266,7 +266,8 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     for key in raw:
         if key not in fields:
             allowed = ", ".join(fields)
-            raise ConfigError(f"{prefix}{key}: unknown key; allowed keys in {where}: {allowed}")
+            shown = key if isinstance(key, str) and key.isprintable() else reprlib.repr(key)
+            raise ConfigError(f"{prefix}{shown}: unknown key; allowed keys in {where}: {allowed}")
     hints = get_type_hints(cls)
     values = {}
     for name, spec in fields.items():

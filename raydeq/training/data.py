@@ -1,4 +1,4 @@
-"""Datasets and Ray Train data loaders: digits, mnist10k, MNIST, CIFAR-10, SVHN, ImageNet, FakeData.
+"""Datasets and Ray Train data loaders: digits here, the torchvision-read ones in `vision`.
 
 Each training worker reads its own shard: the train loader samples with a seeded
 `DistributedSampler` for the worker's rank (so shuffling is reproducible and an epoch can be
@@ -8,28 +8,18 @@ moves batches to the worker's device.
 """
 
 import itertools
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import numpy as np
 import ray.train.torch
 import torch
 import torch.nn.functional as F
-from PIL import Image
-from sklearn.datasets import load_digits
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, TensorDataset
-from torchvision import datasets
-from torchvision import transforms as T
 
-from raydeq.datasets import mnist10k
 from raydeq.training.config import DataSection
 
-MNIST_STATS = ((0.1307,), (0.3081,))
-CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
-SVHN_STATS = ((0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970))
-IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 EXPECTED_FILES = {
     "mnist": [
         f"MNIST/raw/{name}"
@@ -89,19 +79,14 @@ def image_shape(cfg: DataSection) -> tuple[int, int, int]:
     return c, h, w
 
 
-def _normalized(
-    stats: tuple[tuple[float, ...], tuple[float, ...]], *augment: Callable
-) -> T.Compose:
-    """The given augmentations, then ToTensor and Normalize(mean, std)."""
-    return T.Compose([*augment, T.ToTensor(), T.Normalize(*stats)])
-
-
 def _digits(cfg: DataSection) -> Splits:
     """scikit-learn's 8x8 digits (1,797 images) upsampled to MNIST's 28x28, fixed 80/20 split.
 
     The upsampling lets the MNIST models read them; pixels are standardised with the train
     set's mean and standard deviation.
     """
+    from sklearn.datasets import load_digits  # seconds to import; for this dataset only
+
     bunch = load_digits()
     images = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
     images = F.interpolate(images, size=DIGITS_SIZE, mode="bilinear", align_corners=False)
@@ -119,110 +104,15 @@ def _digits(cfg: DataSection) -> Splits:
     )
 
 
-def _mnist_transforms(cfg: DataSection) -> tuple[T.Compose, T.Compose]:
-    """MNIST's train and test transforms.
-
-    Augmentation: random rotations (up to 10 degrees) and shifts (up to 10%), which a dense
-    model needs to generalise from a few thousand digits.
-    """
-    augment = (T.RandomAffine(degrees=10, translate=(0.1, 0.1)),) if cfg.augment else ()
-    return _normalized(MNIST_STATS, *augment), _normalized(MNIST_STATS)
-
-
-def _mnist(cfg: DataSection) -> Splits:
-    """MNIST from `data_dir/MNIST/raw` in the IDX layout torchvision reads."""
-    train_transform, test_transform = _mnist_transforms(cfg)
-    make = partial(datasets.MNIST, cfg.data_dir, download=cfg.download)
-    train = make(train=True, transform=train_transform)
-    return Splits(train, make(train=False, transform=test_transform), image_shape(cfg), 10)
-
-
-class GreyImages(Dataset):
-    """uint8 images (N, H, W) and labels, each image a PIL image passed through `transform`."""
-
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform: Callable) -> None:
-        self.images, self.labels, self.transform = images, labels, transform
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image = Image.fromarray(self.images[index].numpy(), mode="L")
-        return self.transform(image), int(self.labels[index])
-
-
-def _mnist10k(cfg: DataSection) -> Splits:
-    """The embedded 10,000 MNIST digits (8,000 train / 2,000 test), a subset of MNIST.
-
-    Transforms and augmentation are MNIST's; the files ship in the package (MNIST10K_DIR).
-    """
-    train_transform, test_transform = _mnist_transforms(cfg)
-    train = GreyImages(*mnist10k(train=True), train_transform)
-    test = GreyImages(*mnist10k(train=False), test_transform)
-    return Splits(train, test, image_shape(cfg), 10)
-
-
-def _cifar10(cfg: DataSection) -> Splits:
-    """CIFAR-10; augmentation: random crops (padding 4) and horizontal flips."""
-    augment = (T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()) if cfg.augment else ()
-    train = datasets.CIFAR10(
-        cfg.data_dir,
-        train=True,
-        download=cfg.download,
-        transform=_normalized(CIFAR10_STATS, *augment),
-    )
-    test = datasets.CIFAR10(
-        cfg.data_dir, train=False, download=cfg.download, transform=_normalized(CIFAR10_STATS)
-    )
-    return Splits(train, test, image_shape(cfg), 10)
-
-
-def _svhn(cfg: DataSection) -> Splits:
-    """SVHN (train and test .mat files); no flips, since digits are not mirror-symmetric."""
-    make = partial(
-        datasets.SVHN, cfg.data_dir, download=cfg.download, transform=_normalized(SVHN_STATS)
-    )
-    return Splits(make(split="train"), make(split="test"), image_shape(cfg), 10)
-
-
-def _imagenet(cfg: DataSection) -> Splits:
-    """ImageNet `train/` and `val/` folders: resize + center crop; augmentation: RandomResizedCrop
-    + flip for training."""
-    size = cfg.image_size
-    root = Path(cfg.data_dir or ".")
-    val_steps = (T.Resize(round(size * 256 / 224)), T.CenterCrop(size))
-    augment = (T.RandomResizedCrop(size), T.RandomHorizontalFlip()) if cfg.augment else val_steps
-    train = datasets.ImageFolder(root / "train", transform=_normalized(IMAGENET_STATS, *augment))
-    val = datasets.ImageFolder(root / "val", transform=_normalized(IMAGENET_STATS, *val_steps))
-    return Splits(train, val, image_shape(cfg), len(train.classes))
-
-
-def _fake(cfg: DataSection) -> Splits:
-    """torchvision FakeData of the configured shape: random images, for tests."""
-    shape = image_shape(cfg)
-    make = partial(
-        datasets.FakeData, image_size=shape, num_classes=cfg.fake_classes, transform=T.ToTensor()
-    )
-    train = make(size=cfg.fake_samples)
-    test = make(size=max(cfg.fake_samples // 4, 1), random_offset=cfg.fake_samples)
-    return Splits(train, test, shape, cfg.fake_classes)
-
-
-BUILDERS: dict[str, Callable[[DataSection], Splits]] = {
-    "digits": _digits,
-    "mnist10k": _mnist10k,
-    "mnist": _mnist,
-    "cifar10": _cifar10,
-    "svhn": _svhn,
-    "imagenet": _imagenet,
-    "fake": _fake,
-}
-
-
 def load_splits(cfg: DataSection) -> Splits:
     """The configured dataset's train and test sets; any read failure is one DataError."""
     check_files(cfg)
     try:
+        if cfg.dataset == "digits":
+            return _digits(cfg)
+        # torchvision takes seconds to import; digits, the default, needs none of it
+        from raydeq.training.vision import BUILDERS
+
         return BUILDERS[cfg.dataset](cfg)
     except (OSError, RuntimeError, ValueError) as err:
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
