@@ -179,7 +179,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(report(path, experiment))
         return 0
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
-    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"  # no second TensorBoard stream
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # with verbose=0: no tables, the trial lines only
     launch.connect(log_to_driver=False)
     try:
         if options is None:

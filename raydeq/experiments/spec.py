@@ -25,6 +25,7 @@ from raydeq.training.config import (
     read_yaml,
     validate,
     validate_search,
+    without,
 )
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "tune_configs"
@@ -125,19 +126,6 @@ def leaves(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _without(tree: Mapping[str, Any], dotted: str) -> dict[str, Any]:
-    """A copy of a nested dict without the dotted key (empty sections are dropped)."""
-    head, _, rest = dotted.partition(".")
-    result = dict(tree)
-    if head in result and rest and isinstance(result[head], Mapping):
-        result[head] = _without(result[head], rest)
-        if not result[head]:
-            del result[head]
-    elif not rest:
-        result.pop(head, None)
-    return result
-
-
 def locate(experiment: str) -> Path:
     """The YAML file of an experiment name (`tune_configs/NAME.yaml`) or path."""
     for candidate in (Path(experiment), Path("tune_configs") / f"{experiment}.yaml"):
@@ -159,7 +147,7 @@ def _fix(search: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, A
     space = search.get("space") or {}
     variants = search.get("variants") or []
     for dotted, value in overrides.items():
-        space = _without(space, dotted)
+        space = without(space, dotted)
         variants = [row for row in variants if row.get(dotted, value) == value]
         if search.get("variants") and not variants:
             raise ConfigError(f"{dotted}={value!r}: no variant of search.variants has that value")

@@ -14,21 +14,19 @@ import copy
 import dataclasses
 import hashlib
 import json
-import math
-import operator
 import os
 import re
-import reprlib
-import types
 from collections.abc import Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union, get_args, get_origin, get_type_hints
+from typing import Any
 
 import yaml
 
 from raydeq.models import DEFAULT_SOLVER, DEFAULT_VARIANT, PRESETS, VARIANTS
 from raydeq.solvers import ADJOINTS, SOLVERS
+from raydeq.training.schema import ConfigError, build_section, option
+from raydeq.training.storage import absolute
 
 MODELS = tuple(PRESETS)
 DATASETS = ("digits", "mnist10k", "mnist", "cifar10", "svhn", "imagenet", "fake")
@@ -48,101 +46,81 @@ OUTSIDE_HASH = ("name", "label", "storage_path", "search", "scaling")
 OUTSIDE_HASH += ("train.report_every", "train.checkpoint_every", "train.keep_checkpoints")
 OUTSIDE_HASH += ("train.eval_batches", "data.loader_workers", "data.pin_memory")
 _NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-_BOUNDS = {"ge": (">=", operator.ge), "gt": (">", operator.gt), "le": ("<=", operator.le)}
-
-
-class ConfigError(ValueError):
-    """A configuration key is unknown, or its value has the wrong type or is out of range."""
-
-
-def _opt(
-    default: Any,
-    *,
-    choices: tuple[str, ...] | None = None,
-    ge: float | None = None,
-    gt: float | None = None,
-    le: float | None = None,
-) -> Any:
-    """A config field with its default and the values it allows."""
-    meta = {"choices": choices, "ge": ge, "gt": gt, "le": le}
-    if isinstance(default, dict):
-        return field(default_factory=dict, metadata=meta)
-    return field(default=default, metadata=meta)
 
 
 @dataclass(frozen=True)
 class ModelSection:
     """Arguments of `raydeq.models.build`; unset (null) options take the preset's defaults."""
 
-    model: str = _opt("mnist_dense", choices=MODELS)
-    variant: str = _opt(DEFAULT_VARIANT, choices=VARIANTS)
-    solver: str = _opt(DEFAULT_SOLVER, choices=SOLVERS)
-    adjoint: str | None = _opt(None, choices=ADJOINTS)
-    abstol: float | None = _opt(None, gt=0)
-    reltol: float | None = _opt(None, ge=0)
-    max_steps: int | None = _opt(None, ge=1)
-    jac_reg: bool | None = _opt(None)
-    pretrain_steps: int | None = _opt(None, ge=0)
-    t1: float | None = _opt(None, gt=0)
+    model: str = option("mnist_dense", choices=MODELS)
+    variant: str = option(DEFAULT_VARIANT, choices=VARIANTS)
+    solver: str = option(DEFAULT_SOLVER, choices=SOLVERS)
+    adjoint: str | None = option(None, choices=ADJOINTS)
+    abstol: float | None = option(None, gt=0)
+    reltol: float | None = option(None, ge=0)
+    max_steps: int | None = option(None, ge=1)
+    jac_reg: bool | None = option(None)
+    pretrain_steps: int | None = option(None, ge=0)
+    t1: float | None = option(None, gt=0)
 
 
 @dataclass(frozen=True)
 class DataSection:
     """Which dataset to read, from where, and how to batch it."""
 
-    dataset: str = _opt("digits", choices=DATASETS)
-    data_dir: str | None = _opt(None)
-    download: bool = _opt(False)
-    augment: bool = _opt(True)  # the dataset's standard training augmentation (see data.py)
-    batch_size: int = _opt(32, ge=1)  # global: split evenly over the workers
-    eval_batch_size: int = _opt(256, ge=1)  # per worker
-    loader_workers: int = _opt(0, ge=0)
-    pin_memory: bool = _opt(False)
-    image_size: int = _opt(224, ge=8)
-    fake_samples: int = _opt(256, ge=1)
-    fake_shape: tuple[int, ...] = _opt((1, 28, 28))
-    fake_classes: int = _opt(10, ge=2)
+    dataset: str = option("digits", choices=DATASETS)
+    data_dir: str | None = option(None)
+    download: bool = option(False)
+    augment: bool = option(True)  # the dataset's standard training augmentation (see data.py)
+    batch_size: int = option(32, ge=1)  # global: split evenly over the workers
+    eval_batch_size: int = option(256, ge=1)  # per worker
+    loader_workers: int = option(0, ge=0)
+    pin_memory: bool = option(False)
+    image_size: int = option(224, ge=8)
+    fake_samples: int = option(256, ge=1)
+    fake_shape: tuple[int, ...] = option((1, 28, 28))
+    fake_classes: int = option(10, ge=2)
 
 
 @dataclass(frozen=True)
 class OptimSection:
     """Optimizer, learning-rate schedule and gradient clipping."""
 
-    optimizer: str = _opt("adam", choices=OPTIMIZERS)
-    lr: float = _opt(1e-3, gt=0)
-    weight_decay: float = _opt(0.0, ge=0)
-    momentum: float = _opt(0.9, ge=0, le=1)
-    nesterov: bool = _opt(False)
-    schedule: str = _opt("cosine", choices=SCHEDULES)
-    step_epochs: int = _opt(30, ge=1)
-    gamma: float = _opt(0.1, gt=0, le=1)
-    grad_clip: float = _opt(0.0, ge=0)
+    optimizer: str = option("adam", choices=OPTIMIZERS)
+    lr: float = option(1e-3, gt=0)
+    weight_decay: float = option(0.0, ge=0)
+    momentum: float = option(0.9, ge=0, le=1)
+    nesterov: bool = option(False)
+    schedule: str = option("cosine", choices=SCHEDULES)
+    step_epochs: int = option(30, ge=1)
+    gamma: float = option(0.1, gt=0, le=1)
+    grad_clip: float = option(0.0, ge=0)
 
 
 @dataclass(frozen=True)
 class TrainSection:
     """Length of training, loss weights, and the reporting and checkpoint cadence."""
 
-    epochs: int = _opt(10, ge=1)
-    max_steps: int = _opt(0, ge=0)
-    lambda_skip: float | None = _opt(None, ge=0)  # None: the preset's (models.PRESETS)
-    lambda_jac: float = _opt(0.0, ge=0)
-    amp: str = _opt("off", choices=AMP)  # autocast dtype; fp16 adds a GradScaler
-    report_every: int = _opt(20, ge=1)
-    checkpoint_every: int = _opt(0, ge=0)
-    keep_checkpoints: int = _opt(3, ge=1)
-    eval_batches: int = _opt(0, ge=0)
-    max_nonfinite_steps: int = _opt(5, ge=1)
+    epochs: int = option(10, ge=1)
+    max_steps: int = option(0, ge=0)
+    lambda_skip: float | None = option(None, ge=0)  # None: the preset's (models.PRESETS)
+    lambda_jac: float = option(0.0, ge=0)
+    amp: str = option("off", choices=AMP)  # autocast dtype; fp16 adds a GradScaler
+    report_every: int = option(20, ge=1)
+    checkpoint_every: int = option(0, ge=0)
+    keep_checkpoints: int = option(3, ge=1)
+    eval_batches: int = option(0, ge=0)
+    max_nonfinite_steps: int = option(5, ge=1)
 
 
 @dataclass(frozen=True)
 class ScalingSection:
     """How many Ray Train workers, on which device, and how many restarts after a failure."""
 
-    num_workers: int = _opt(2, ge=1)
-    device: str = _opt("auto", choices=DEVICES)
-    cpus_per_worker: float = _opt(1.0, gt=0)
-    max_failures: int = _opt(3, ge=-1)
+    num_workers: int = option(2, ge=1)
+    device: str = option("auto", choices=DEVICES)
+    cpus_per_worker: float = option(1.0, gt=0)
+    max_failures: int = option(3, ge=-1)
 
 
 @dataclass(frozen=True)
@@ -150,27 +128,27 @@ class SearchSection:
     """Ray Tune's side: variants (labelled rows of dotted settings), a space over Tune's
     primitives, the metric and scheduler, and the trials' size and concurrency."""
 
-    variants: tuple[dict, ...] = _opt(())
-    space: dict = _opt({})
-    metric: str = _opt("test_accuracy")
-    mode: str = _opt("max", choices=MODES)
-    num_samples: int = _opt(1, ge=1)
-    scheduler: str = _opt("fifo", choices=SCHEDULERS)
-    grace_period: int = _opt(1, ge=1)
-    reduction_factor: int = _opt(2, ge=2)
-    max_t: int = _opt(0, ge=0)
-    max_concurrent_trials: int = _opt(0, ge=0)
-    workers_per_trial: int = _opt(0, ge=0)
+    variants: tuple[dict, ...] = option(())
+    space: dict = option({})
+    metric: str = option("test_accuracy")
+    mode: str = option("max", choices=MODES)
+    num_samples: int = option(1, ge=1)
+    scheduler: str = option("fifo", choices=SCHEDULERS)
+    grace_period: int = option(1, ge=1)
+    reduction_factor: int = option(2, ge=2)
+    max_t: int = option(0, ge=0)
+    max_concurrent_trials: int = option(0, ge=0)
+    workers_per_trial: int = option(0, ge=0)
 
 
 @dataclass(frozen=True)
 class Config:
     """One training run; `name` defaults to a deterministic name derived from the settings."""
 
-    name: str | None = _opt(None)
-    storage_path: str = _opt("runs")
-    seed: int = _opt(0, ge=0)
-    label: str | None = _opt(None)  # in progress lines (a Tune trial's variant); name if unset
+    name: str | None = option(None)
+    storage_path: str = option("runs")
+    seed: int = option(0, ge=0)
+    label: str | None = option(None)  # in progress lines (a Tune trial's variant); name if unset
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     optim: OptimSection = field(default_factory=OptimSection)
@@ -190,99 +168,6 @@ class Config:
     def model_options(self) -> dict[str, Any]:
         """The model section as `raydeq.models.build` takes it, without unset options."""
         return {k: v for k, v in dataclasses.asdict(self.model).items() if v is not None}
-
-
-def _is_int(value: Any) -> bool:
-    """True for integers (YAML booleans excluded)."""
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-_ACCEPTS = {
-    bool: ("true or false", lambda v: isinstance(v, bool)),
-    int: ("an integer", _is_int),
-    float: ("a number", lambda v: _is_int(v) or isinstance(v, float)),
-    str: ("a string", lambda v: isinstance(v, str)),
-    dict: ("a mapping", lambda v: isinstance(v, Mapping)),
-    tuple[int, ...]: (
-        "a list of positive integers",
-        lambda v: isinstance(v, list | tuple) and all(_is_int(i) and i > 0 for i in v),
-    ),
-    tuple[dict, ...]: (
-        "a list of mappings",
-        lambda v: isinstance(v, list | tuple) and all(isinstance(i, Mapping) for i in v),
-    ),
-}
-
-
-def _finite(key: str, value: int | float) -> float:
-    """`value` as a finite float, or a ConfigError."""
-    if isinstance(value, float) or abs(value) < 2**1000:
-        value = float(value)
-        if math.isfinite(value):
-            return value
-    raise ConfigError(f"{key}: expected a finite number, got {reprlib.repr(value)}")
-
-
-def _coerce(key: str, value: Any, kind: Any) -> Any:
-    """Check `value` against the annotated type `kind` and return it in that type."""
-    if get_origin(kind) in (Union, types.UnionType):
-        if value is None:
-            return None
-        kind = next(arg for arg in get_args(kind) if arg is not type(None))
-    if kind is float and isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            pass
-    expected, accepts = _ACCEPTS[kind]
-    if not accepts(value):
-        raise ConfigError(f"{key}: expected {expected}, got {reprlib.repr(value)}")
-    if kind is float:
-        return _finite(key, value)
-    if kind == tuple[dict, ...]:
-        return tuple(dict(row) for row in value)
-    return kind(value) if kind is dict else tuple(value) if kind == tuple[int, ...] else value
-
-
-def _check_range(key: str, value: Any, meta: Mapping[str, Any]) -> None:
-    """Raise a ConfigError when `value` is outside the field's allowed values."""
-    if value is None:
-        return
-    if meta["choices"] is not None and value not in meta["choices"]:
-        allowed = ", ".join(meta["choices"])
-        raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {allowed}")
-    for name, (sign, holds) in _BOUNDS.items():
-        bound = meta[name]
-        if bound is not None and not holds(value, bound):
-            raise ConfigError(f"{key}: must be {sign} {bound:g}, got {reprlib.repr(value)}")
-
-
-def _build(cls: type, raw: Any, prefix: str) -> Any:
-    """Build the dataclass `cls` from the mapping `raw`, checking every key and value."""
-    where = prefix.rstrip(".") or "config"
-    if not isinstance(raw, Mapping):
-        raise ConfigError(f"{where}: expected a mapping of keys to values, got {reprlib.repr(raw)}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    for key in raw:
-        if key not in fields:
-            allowed = ", ".join(fields)
-            shown = key if isinstance(key, str) and key.isprintable() else reprlib.repr(key)
-            raise ConfigError(f"{prefix}{shown}: unknown key; allowed keys in {where}: {allowed}")
-    hints = get_type_hints(cls)
-    values = {}
-    for name, spec in fields.items():
-        if name not in raw:
-            continue
-        kind = hints[name]
-        if dataclasses.is_dataclass(kind):
-            values[name] = _build(kind, raw[name] if raw[name] is not None else {}, f"{name}.")
-            continue
-        value = raw[name]
-        if value is False and "off" in (spec.metadata["choices"] or ()):
-            value = "off"  # YAML 1.1 reads an unquoted `off` as false
-        values[name] = _coerce(prefix + name, value, kind)
-        _check_range(prefix + name, values[name], spec.metadata)
-    return cls(**values)
 
 
 def _check_together(cfg: Config) -> None:
@@ -337,17 +222,14 @@ def _check_variants(variants: Sequence[Mapping[str, Any]]) -> None:
                 raise ConfigError(f"{where}.{key}: expected a value (variants take no primitives)")
 
 
-def _absolute(path: str) -> str:
-    """An absolute local path, or the URI unchanged (so workers see the same place)."""
-    return path if "://" in path else os.path.abspath(os.path.expanduser(path))
-
-
-def _without(tree: Mapping[str, Any], dotted: str) -> dict[str, Any]:
-    """A copy of a nested dict without the dotted key."""
+def without(tree: Mapping[str, Any], dotted: str) -> dict[str, Any]:
+    """A copy of a nested dict without the dotted key (sections left empty are dropped)."""
     head, _, rest = dotted.partition(".")
     result = dict(tree)
     if rest and isinstance(result.get(head), Mapping):
-        result[head] = _without(result[head], rest)
+        result[head] = without(result[head], rest)
+        if not result[head]:
+            del result[head]
     elif not rest:
         result.pop(head, None)
     return result
@@ -358,20 +240,20 @@ def default_name(cfg: Config) -> str:
     that change the trained model (not those in OUTSIDE_HASH, so that changing them resumes)."""
     settings = cfg.to_dict()
     for dotted in OUTSIDE_HASH:
-        settings = _without(settings, dotted)
+        settings = without(settings, dotted)
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
     return f"{cfg.data.dataset}-{cfg.model.model}-{cfg.model.variant}-{digest}"
 
 
 def validate(raw: Mapping[str, Any]) -> Config:
     """Check a nested dict of settings and return the complete Config (or raise ConfigError)."""
-    cfg = _build(Config, raw, "")
+    cfg = build_section(Config, raw, "")
     _check_together(cfg)
-    data_dir = None if cfg.data.data_dir is None else _absolute(cfg.data.data_dir)
+    data_dir = None if cfg.data.data_dir is None else absolute(cfg.data.data_dir)
     lambda_skip = cfg.train.lambda_skip
     cfg = dataclasses.replace(
         cfg,
-        storage_path=_absolute(cfg.storage_path),
+        storage_path=absolute(cfg.storage_path),
         data=dataclasses.replace(cfg.data, data_dir=data_dir),
         train=dataclasses.replace(
             cfg.train,
@@ -385,7 +267,7 @@ def validate(raw: Mapping[str, Any]) -> Config:
 
 def validate_search(raw: Any) -> SearchSection:
     """Check an experiment's `search` section (or raise a ConfigError naming the key)."""
-    search = _build(SearchSection, {} if raw is None else raw, "search.")
+    search = build_section(SearchSection, {} if raw is None else raw, "search.")
     _check_variants(search.variants)
     return search
 

@@ -1,0 +1,129 @@
+"""Typed settings sections: dataclass fields with a default and the values they allow, built
+from a plain mapping with one-line errors that name the key and what is allowed."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import operator
+import reprlib
+import types
+from collections.abc import Mapping
+from dataclasses import field
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+_BOUNDS = {"ge": (">=", operator.ge), "gt": (">", operator.gt), "le": ("<=", operator.le)}
+
+
+class ConfigError(ValueError):
+    """A configuration key is unknown, or its value has the wrong type or is out of range."""
+
+
+def option(
+    default: Any,
+    *,
+    choices: tuple[str, ...] | None = None,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+) -> Any:
+    """A config field with its default and the values it allows."""
+    meta = {"choices": choices, "ge": ge, "gt": gt, "le": le}
+    if isinstance(default, dict):
+        return field(default_factory=dict, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _is_int(value: Any) -> bool:
+    """True for integers (YAML booleans excluded)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+_ACCEPTS = {
+    bool: ("true or false", lambda v: isinstance(v, bool)),
+    int: ("an integer", _is_int),
+    float: ("a number", lambda v: _is_int(v) or isinstance(v, float)),
+    str: ("a string", lambda v: isinstance(v, str)),
+    dict: ("a mapping", lambda v: isinstance(v, Mapping)),
+    tuple[int, ...]: (
+        "a list of positive integers",
+        lambda v: isinstance(v, list | tuple) and all(_is_int(i) and i > 0 for i in v),
+    ),
+    tuple[dict, ...]: (
+        "a list of mappings",
+        lambda v: isinstance(v, list | tuple) and all(isinstance(i, Mapping) for i in v),
+    ),
+}
+
+
+def _finite(key: str, value: int | float) -> float:
+    """`value` as a finite float, or a ConfigError."""
+    if isinstance(value, float) or abs(value) < 2**1000:
+        value = float(value)
+        if math.isfinite(value):
+            return value
+    raise ConfigError(f"{key}: expected a finite number, got {reprlib.repr(value)}")
+
+
+def _coerce(key: str, value: Any, kind: Any) -> Any:
+    """Check `value` against the annotated type `kind` and return it in that type."""
+    if get_origin(kind) in (Union, types.UnionType):
+        if value is None:
+            return None
+        kind = next(arg for arg in get_args(kind) if arg is not type(None))
+    if kind is float and isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    expected, accepts = _ACCEPTS[kind]
+    if not accepts(value):
+        raise ConfigError(f"{key}: expected {expected}, got {reprlib.repr(value)}")
+    if kind is float:
+        return _finite(key, value)
+    if kind == tuple[dict, ...]:
+        return tuple(dict(row) for row in value)
+    return kind(value) if kind is dict else tuple(value) if kind == tuple[int, ...] else value
+
+
+def _check_range(key: str, value: Any, meta: Mapping[str, Any]) -> None:
+    """Raise a ConfigError when `value` is outside the field's allowed values."""
+    if value is None:
+        return
+    if meta["choices"] is not None and value not in meta["choices"]:
+        allowed = ", ".join(meta["choices"])
+        raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {allowed}")
+    for name, (sign, holds) in _BOUNDS.items():
+        bound = meta[name]
+        if bound is not None and not holds(value, bound):
+            raise ConfigError(f"{key}: must be {sign} {bound:g}, got {reprlib.repr(value)}")
+
+
+def build_section(cls: type, raw: Any, prefix: str) -> Any:
+    """Build the dataclass `cls` from the mapping `raw`, checking every key and value."""
+    where = prefix.rstrip(".") or "config"
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where}: expected a mapping of keys to values, got {reprlib.repr(raw)}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            allowed = ", ".join(fields)
+            shown = key if isinstance(key, str) and key.isprintable() else reprlib.repr(key)
+            raise ConfigError(f"{prefix}{shown}: unknown key; allowed keys in {where}: {allowed}")
+    hints = get_type_hints(cls)
+    values = {}
+    for name, spec in fields.items():
+        if name not in raw:
+            continue
+        kind = hints[name]
+        if dataclasses.is_dataclass(kind):
+            values[name] = build_section(
+                kind, raw[name] if raw[name] is not None else {}, f"{name}."
+            )
+            continue
+        value = raw[name]
+        if value is False and "off" in (spec.metadata["choices"] or ()):
+            value = "off"  # YAML 1.1 reads an unquoted `off` as false
+        values[name] = _coerce(prefix + name, value, kind)
+        _check_range(prefix + name, values[name], spec.metadata)
+    return cls(**values)
