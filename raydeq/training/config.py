@@ -92,6 +92,8 @@ class OptimSection:
     momentum: float = option(0.9, ge=0, le=1)
     nesterov: bool = option(False)
     schedule: str = option("cosine", choices=SCHEDULES)
+    eta_min: float = option(0.0, ge=0)  # cosine: the learning rate it ends at
+    milestones: tuple[int, ...] = option(())  # step: decay at these steps (else every step_epochs)
     step_epochs: int = option(30, ge=1)
     gamma: float = option(0.1, gt=0, le=1)
     grad_clip: float = option(0.0, ge=0)
@@ -203,6 +205,13 @@ def _check_together(cfg: Config) -> None:
     if cfg.train.lambda_jac > 0 and not cfg.model.jac_reg:
         raise ConfigError("train.lambda_jac: needs model.jac_reg=true to have a Jacobian term")
     _check_variants(cfg.search.variants)
+    optim = cfg.optim
+    if list(optim.milestones) != sorted(set(optim.milestones)):
+        raise ConfigError(
+            f"optim.milestones: expected increasing steps, got {list(optim.milestones)}"
+        )
+    if optim.eta_min > optim.lr:
+        raise ConfigError(f"optim.eta_min: {optim.eta_min:g} is above optim.lr={optim.lr:g}")
     if cfg.name is not None and not _NAME_PATTERN.fullmatch(cfg.name):
         raise ConfigError(
             f"name: {cfg.name!r} is not a folder name; use letters, digits, '.', '_' and '-'"

@@ -92,10 +92,17 @@ def make_optimizer(cfg: OptimSection, params: Iterable[nn.Parameter]) -> torch.o
 def make_scheduler(
     cfg: OptimSection, optimizer: torch.optim.Optimizer, total_steps: int, steps_per_epoch: int
 ) -> torch.optim.lr_scheduler.LRScheduler:
-    """The configured learning-rate schedule, stepped once per training step."""
+    """The configured learning-rate schedule, stepped once per training step: cosine from lr to
+    eta_min over the run, step decay by gamma at the milestones (or every step_epochs epochs),
+    or constant."""
+    schedulers = torch.optim.lr_scheduler
     if cfg.schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps, 1))
+        return schedulers.CosineAnnealingLR(
+            optimizer, T_max=max(total_steps, 1), eta_min=cfg.eta_min
+        )
+    if cfg.schedule == "step" and cfg.milestones:
+        return schedulers.MultiStepLR(optimizer, milestones=list(cfg.milestones), gamma=cfg.gamma)
     if cfg.schedule == "step":
         every = cfg.step_epochs * steps_per_epoch
-        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=every, gamma=cfg.gamma)
-    return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+        return schedulers.StepLR(optimizer, step_size=every, gamma=cfg.gamma)
+    return schedulers.ConstantLR(optimizer, factor=1.0, total_iters=0)

@@ -1,0 +1,52 @@
+"""Learning-rate schedules against their closed forms: cosine to a floor, step decay at
+explicit milestones or every few epochs, constant."""
+
+import math
+
+import pytest
+import torch
+
+from raydeq.training.config import ConfigError, validate
+from raydeq.training.state import make_scheduler
+
+
+def rates(optim: dict, total_steps: int, steps_per_epoch: int = 10) -> list[float]:
+    """The learning rate of each step 0..total_steps under the configured schedule."""
+    cfg = validate({"optim": optim}).optim
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.lr)
+    schedule = make_scheduler(cfg, optimizer, total_steps, steps_per_epoch)
+    seen = [schedule.get_last_lr()[0]]
+    for _ in range(total_steps):
+        optimizer.step()
+        schedule.step()
+        seen.append(schedule.get_last_lr()[0])
+    return seen
+
+
+def test_cosine_falls_from_lr_to_its_floor_over_the_run():
+    seen = rates({"lr": 1e-3, "eta_min": 1e-6, "schedule": "cosine"}, 100)
+    expected = [1e-6 + (1e-3 - 1e-6) * (1 + math.cos(math.pi * t / 100)) / 2 for t in range(101)]
+    assert seen == pytest.approx(expected, rel=1e-9, abs=1e-12)
+    assert seen[-1] == pytest.approx(1e-6) and rates({"lr": 1e-3}, 10)[-1] == pytest.approx(0)
+
+
+def test_step_decay_at_explicit_milestones_and_every_few_epochs():
+    seen = rates({"lr": 0.05, "schedule": "step", "milestones": [10, 15, 25], "gamma": 0.1}, 30)
+    expected = [0.05 * 0.1 ** sum(t >= m for m in (10, 15, 25)) for t in range(31)]
+    assert seen == pytest.approx(expected, rel=1e-9)
+    periodic = rates({"lr": 1.0, "schedule": "step", "step_epochs": 2, "gamma": 0.5}, 45)
+    assert periodic == pytest.approx([0.5 ** (t // 20) for t in range(46)])
+    assert rates({"lr": 0.1, "schedule": "constant"}, 5) == pytest.approx([0.1] * 6)
+
+
+@pytest.mark.parametrize(
+    ("optim", "message"),
+    [
+        ({"milestones": [20, 10]}, "optim.milestones: expected increasing steps, got [20, 10]"),
+        ({"milestones": [0]}, "optim.milestones: expected a list of positive integers"),
+        ({"eta_min": 0.1, "lr": 0.01}, "optim.eta_min: 0.1 is above optim.lr=0.01"),
+    ],
+)
+def test_bad_schedules_are_one_line_errors(optim, message):
+    with pytest.raises(ConfigError, match="^" + message.replace("[", r"\[").replace(".", r"\.")):
+        validate({"optim": optim})
