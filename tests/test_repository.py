@@ -42,7 +42,7 @@ def test_no_file_under_raydeq_or_tests_refers_to_a_path_outside_the_repository()
 def test_the_check_catches_the_forms_it_looks_for(tmp_path):
     here = ROOT / "tests" / "test_x.py"
     bad = [
-        'Path("../shared/data/mnist10k")',
+        'Path("../elsewhere/data")',
         'Path(__file__).resolve().parents[2] / "data"',
         '"/mnt/shared/data/cifar10"',
     ]
