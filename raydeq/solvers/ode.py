@@ -98,7 +98,10 @@ class Controller:
     the transient to abstol. contraction > 0 also accepts, whatever its local error, a step
     whose residual ||f(z_new) - z_new|| is at most that fraction of the residual where it
     started, and does not shrink h after it (the step-size rule of pseudo-transient
-    continuation: while the residual falls fast the steps are doing their job).
+    continuation: while the residual falls fast the steps are doing their job). h_max caps
+    the step: near the steady state the error estimate no longer limits h (the residual, and
+    with it the error, shrinks), so without a cap h grows until the method is unstable on
+    the flow's fastest modes and the residual stalls; see STEADY_STATE in solve.py.
     """
 
     kind: str = "pi"
@@ -108,6 +111,7 @@ class Controller:
     max_factor: float = 10.0
     step_rtol: float = 0.0
     contraction: float = 0.0
+    h_max: float = float("inf")
 
     def __post_init__(self) -> None:
         if self.kind not in ("pi", "i", "fixed"):
@@ -116,6 +120,8 @@ class Controller:
             raise ValueError("kind='fixed' needs the step size h0")
         if self.h0 is not None and not self.h0 > 0:
             raise ValueError(f"h0={self.h0!r} must be > 0")
+        if not self.h_max > 0:
+            raise ValueError(f"h_max={self.h_max!r} must be > 0")
         for name in ("step_rtol", "contraction"):
             value = getattr(self, name)
             if not 0 <= value < 1:
@@ -326,7 +332,7 @@ class RungeKutta:
             )
             # Stopped samples took a zero step (error 0): moving them changes nothing.
             y, k = move_rows(within, (y_new, k_new), (y, k))
-            h = h * factor
+            h = (h * factor).clamp_max(self.controller.h_max)
         return nfe, steps
 
 
@@ -365,10 +371,13 @@ class VCAB3:
     The predictor integrates the quadratic through the last three derivatives over each
     sample's own step; Milne's device (the 3rd-order Adams-Moulton corrector through the new
     derivative, error ~ 9/10 (y_AM - y_AB)) estimates the local error from that same evaluation.
+    The BS3 start-up steps are capped at startup_h_max, the Adams steps at the controller's
+    h_max (AB3's stability region is much smaller than BS3's).
     """
 
-    def __init__(self, controller: Controller) -> None:
+    def __init__(self, controller: Controller, startup_h_max: float = float("inf")) -> None:
         self.controller = controller
+        self.startup_h_max = startup_h_max
 
     def __call__(
         self, f: Field, y: torch.Tensor, monitor: Monitor, max_steps: int
@@ -397,7 +406,8 @@ class VCAB3:
                 accept | ~running, y_new, k_new, y, history, gaps, h
             )
             accepted = accepted + accept.long()
-            h = torch.where(active, h * factor, h)
+            h = torch.where(active, h * factor, h).clamp_max(self.startup_h_max)
+        h = h.clamp_max(self.controller.h_max)
         while steps < max_steps and monitor.running():
             active = monitor.active
             step = torch.where(active, h, 0.0)  # stopped samples stay where they are
@@ -415,7 +425,7 @@ class VCAB3:
             )
             # Stopped samples took a zero step (error 0): moving them changes nothing.
             y, k, history, gaps = self._advance(within, y_new, k_new, y, history, gaps, h)
-            h = h * factor
+            h = (h * factor).clamp_max(self.controller.h_max)
         return nfe, steps
 
     @staticmethod
