@@ -16,7 +16,7 @@ from torchdiffeq import odeint, odeint_adjoint
 
 from raydeq.solvers import ADJOINTS, SOLVERS, SolveStats, Termination, solve
 from raydeq.solvers.state import State, Structure
-from raydeq.solvers.termination import Monitor
+from raydeq.solvers.termination import Monitor, norm
 
 INITS = ("zeros", "skip", "skip_reg")
 
@@ -55,7 +55,9 @@ def residual_stats(
     structure = Structure.of(z)
     flat = structure.flatten(_detach(z))
     monitor = Monitor(flat, termination)
-    monitor.update(flat, structure.flatten(_detach(fz)) - flat)
+    residual = norm(structure.flatten(_detach(fz)) - flat)
+    monitor.record(flat, residual)
+    monitor.test(residual)
     return SolveStats.from_monitor(monitor, nfe, steps)
 
 

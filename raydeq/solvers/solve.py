@@ -7,11 +7,14 @@ from dataclasses import dataclass
 
 import torch
 
-from raydeq.solvers.adjoint import _count, make_adjoint
+from raydeq.solvers.adjoint import make_adjoint
+from raydeq.solvers.control import Controller
 from raydeq.solvers.discrete import Anderson, Broyden, FixedPoint
-from raydeq.solvers.ode import BS3, EULER, TSIT5, VCAB3, Controller, RungeKutta
+from raydeq.solvers.driver import Method, iterate
+from raydeq.solvers.ode import VCAB3, RungeKutta
 from raydeq.solvers.state import State, Structure, flat_function
 from raydeq.solvers.stats import SolveStats
+from raydeq.solvers.tableau import BS3, EULER, TSIT5
 from raydeq.solvers.termination import Monitor, Termination
 
 CONTINUOUS = ("vcab3", "tsit5", "bs3", "euler")
@@ -52,11 +55,11 @@ class Solution:
 #   (5.3x), and that cap took 247 evaluations where 169 do on a slow real mode. A first step
 #   of 1.8: its 6 evaluations per step make a short first step costly.
 # - vcab3: AB3's real stability interval is only [-6/11, 0]. Its BS3 start-up steps take
-#   BS3's cap; the Adams steps h_max = 0.6, which their error estimate (Milne's device) then
+#   BS3's cap; the Adams steps h_max = 0.5, which their error estimate (Milne's device) then
 #   holds inside the region: uncapped, the first Adams step inherited the start-up's h of
 #   about 2 and the next dozen steps were mostly rejected (30 evaluations where 24 do at d=128,
-#   tolerance 1e-3); 0.4 held a slow real mode (eigenvalue 0.97) to small steps (205
-#   evaluations where 152 do).
+#   tolerance 1e-3; 0.7 took 25); 0.4 held a slow real mode (eigenvalue 0.97) to small steps
+#   (205 evaluations where 167 do).
 # Each first step is of the flow's own time scale, 1 (1.8 for tsit5), instead of the one
 # picked from the problem, whose extra evaluation and timid start cost more than they save.
 STEADY_STATE = {"step_rtol": 0.4, "contraction": 0.7, "h0": 1.0}
@@ -64,11 +67,11 @@ CONTROLLER_DEFAULTS = {
     "euler": STEADY_STATE,
     "bs3": STEADY_STATE | {"h_max": 1.4},
     "tsit5": STEADY_STATE | {"step_rtol": 0.1, "h0": 1.8, "h_max": 3.0},
-    "vcab3": STEADY_STATE | {"h_max": 0.6},
+    "vcab3": STEADY_STATE | {"h_max": 0.5},
 }
 
 
-def make_solver(name: str, options: dict) -> Callable:
+def make_solver(name: str, options: dict) -> Method:
     """The forward solver named by `solver=`, built with its options."""
     if name not in SOLVERS:
         raise ValueError(f"solver={name!r} is not one of {', '.join(SOLVERS)}")
@@ -91,6 +94,7 @@ def solve(
     divergence: float = 1e4,
     solver_options: dict | None = None,
     adjoint_options: dict | None = None,
+    check_every: int | None = None,
 ) -> Solution:
     """Solve z* = f(z*) per sample, starting from z0 (a tensor (B, ...) or a list of them).
 
@@ -109,32 +113,30 @@ def solve(
     contraction for the ODE solvers' step-size controller) and of the adjoint (rtol, atol,
     restart, max_iters, warm_start) go in solver_options / adjoint_options.
     `stats.nfe` counts every evaluation of f, including the one that attaches z* to the graph.
+
+    No step reads a tensor on the host: the termination test is read after `check_every`
+    steps, or by default where the slowest sample is predicted to converge (so a solve may
+    take a few steps past the last sample's convergence; stats.steps and stats.nfe count
+    them).
     """
     if adjoint not in ADJOINTS:
         raise ValueError(f"adjoint={adjoint!r} is not one of {', '.join(ADJOINTS)}")
     if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
         raise ValueError(f"max_steps={max_steps!r} must be an integer >= 1")
+    if check_every is not None and (isinstance(check_every, bool) or check_every < 1):
+        raise ValueError(f"check_every={check_every!r} must be None or an integer >= 1")
     termination = Termination(abstol, reltol, divergence)
-    forward = make_solver(solver, solver_options or {})
+    method = make_solver(solver, solver_options or {})
     backward = make_adjoint(adjoint, adjoint_options or {})
     structure = Structure.of(z0)
     f_flat = flat_function(f, structure)
     z = structure.flatten(z0)
-    if backward is None:
-        monitor = Monitor(z, termination)
-        nfe, steps = forward(f_flat, z, monitor, max_steps)
-        stats = SolveStats.from_monitor(monitor, nfe, steps)
-        z_star = monitor.best_z
-        if z_star.requires_grad:
-            z_star.register_hook(lambda v: _count(stats, nfe, v))
-        return Solution(structure.unflatten(z_star), stats)
-    with torch.no_grad():
-        monitor = Monitor(z.detach(), termination)
-        nfe, steps = forward(f_flat, monitor.best_z, monitor, max_steps)
-    stats = SolveStats.from_monitor(monitor, nfe, steps)
-    if torch.is_grad_enabled():
-        z_star = backward.attach(f_flat, monitor.best_z, stats)
-        stats.nfe += 1
-    else:
-        z_star = monitor.best_z
+    attach = torch.is_grad_enabled()
+    with torch.enable_grad() if backward.differentiates_solver else torch.no_grad():
+        start = z if backward.differentiates_solver else z.detach()
+        monitor = Monitor(start, termination)
+        nfe, steps = iterate(method, f_flat, start, monitor, max_steps, check_every)
+    spent = backward.evaluations if attach else 0
+    stats = SolveStats.from_monitor(monitor, nfe + spent, steps)
+    z_star = backward.attach(f_flat, monitor.best_z, stats) if attach else monitor.best_z
     return Solution(structure.unflatten(z_star), stats)
