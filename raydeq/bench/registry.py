@@ -13,6 +13,7 @@ from raydeq.bench import (
     peer_torchdeq,
     peer_torchdiffeq,
     skip,
+    step_cost,
 )
 from raydeq.bench.context import Context
 from raydeq.bench.report import Section
@@ -26,4 +27,5 @@ BENCHMARKS: dict[str, Callable[[Context], Section]] = {
     "memory": depth_memory.run,
     "overhead": overhead.run,
     "adjoints": adjoints.run,
+    "step_cost": step_cost.run,
 }

@@ -131,13 +131,15 @@ class Controller:
         with torch.no_grad():
             k = error_order + 1
             rejected = e > 1.0
-            factor = e.clamp_min(1e-10).pow_(-0.7 / k if self.kind == "pi" else -1 / k)
+            # e = 0 (a zero step) gives an infinite factor, clamped to max_factor.
+            factor = e.pow(-0.7 / k if self.kind == "pi" else -1 / k)
             factor = factor.mul_(memory).clamp_(self.min_factor, self.max_factor)
             if self.contraction:
                 contracting = residual_new <= residual * self.contraction
                 # On booleans a > b is a & ~b.
                 rejected = rejected > contracting
-                factor = torch.where(contracting, factor.clamp_min(1.0), factor)
+                # max(factor, 1) where contracting (True promotes to 1), factor elsewhere.
+                factor = torch.maximum(factor, contracting)
             h_next = torch.mul(h, factor)
             if self.h_max < float("inf"):
                 h_next = h_next.clamp_max_(self.h_max)

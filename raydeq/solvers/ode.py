@@ -134,7 +134,7 @@ class RungeKutta:
     def step(self, f: Field, c: Flow, monitor: Monitor) -> Flow:
         """One controlled step per sample; those that have stopped take a zero step (error 0),
         which leaves them where they are."""
-        h = torch.where(monitor.active, c.h, 0.0)
+        h = c.h * monitor.active
         y_new, k_new, error, move = rk_step(vector_field(f), self.tableau, c.y, c.k, h)
         e = self.controller.error_ratio(h, error, move, y_new, c.scales)
         order = self.tableau.error_order
@@ -225,7 +225,7 @@ class VCAB3:
         steps already take a zero step (error 0), which leaves them where they are."""
         flow = c.flow
         starting = self.starting(c, monitor)
-        h = torch.where(starting, flow.h, 0.0)
+        h = flow.h * starting
         y_new, k_new, error, move = rk_step(vector_field(f), BS3, flow.y, flow.k, h)
         e = self.startup.error_ratio(h, error, move, y_new, flow.scales)
         rejected, new = advance(self.startup, monitor, replace(flow, h=h), y_new, k_new, e, 2)
@@ -238,7 +238,7 @@ class VCAB3:
         step and keep their history."""
         flow = c.flow
         running = monitor.active
-        h = torch.where(running, flow.h.clamp_max(self.controller.h_max), 0.0)
+        h = flow.h.clamp_max(self.controller.h_max).mul_(running)
         ab, milne, new_weight = adams_coefficients(*c.gaps, h)
         y_new = flow.y
         for w, row in zip(ab, c.history, strict=True):
