@@ -351,3 +351,19 @@ def test_a_step_reads_the_host_at_most_once_every_four_steps(solver):
     cost = step_cost(solver, batch=64, dim=128)
     assert cost["converged"]
     assert cost["syncs"] <= SYNC_LIMIT, cost
+
+
+@pytest.mark.parametrize("solver", ["vcab3", "euler", "fixed_point", "anderson"])
+def test_a_compiled_solve_matches_the_eager_one(solver):
+    """compile= captures f and each solver step with torch.compile; the dynamo backend "eager"
+    traces and replays the captured graphs without generating code (inductor's C++ build takes
+    minutes on a 2-core CPU), which is what a capture can break."""
+    f, params = problem(7)
+    z0 = torch.zeros(B, D, dtype=torch.float64)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        eager = raydeq.solve(f, z0, solver=solver, **tight(solver))
+        compiled = raydeq.solve(f, z0, solver=solver, compile={"backend": "eager"}, **tight(solver))
+    assert compiled.stats.nfe == eager.stats.nfe
+    torch.testing.assert_close(compiled.z, eager.z, rtol=0, atol=1e-12)
+    assert bool(compiled.stats.converged.all())

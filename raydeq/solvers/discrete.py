@@ -42,6 +42,8 @@ def evaluate(f: Map, z: torch.Tensor, monitor: Monitor) -> Iterate:
 class FixedPoint:
     """z <- (1 - damping) z + damping f(z)."""
 
+    capturable = True
+
     def __init__(self, damping: float = 1.0) -> None:
         if not 0 < damping <= 1:
             raise ValueError(f"damping={damping!r} must be in (0, 1]")
@@ -84,7 +86,10 @@ class Anderson:
     Each step solves, per sample, min ||sum_i alpha_i g_i|| subject to sum_i alpha_i = 1 over
     the last m residuals g_i = f(z_i) - z_i, then mixes
     z = sum_i alpha_i (beta f(z_i) + (1 - beta) z_i). lam is relative to the mean of diag(G G^T).
+    Its history grows over the first m steps, so its steps are not capturable (f is).
     """
+
+    capturable = False
 
     def __init__(self, m: int = 5, lam: float = 1e-4, beta: float = 1.0) -> None:
         if m < 1:
@@ -154,8 +159,11 @@ class Broyden:
     The inverse Jacobian of g is kept as -I + U V^T with at most `memory` rank-one terms per
     sample; each step adds u = (dz - H dg) / (dz^T H dg) and v^T = dz^T H (Sherman-Morrison),
     replacing the oldest term once `memory` are held. A step whose dz^T H dg is below
-    sqrt(eps) ||dz^T H|| ||dg|| (lost in rounding) leaves H unchanged.
+    sqrt(eps) ||dz^T H|| ||dg|| (lost in rounding) leaves H unchanged. Its rank-one terms
+    grow over the first `memory` steps, so its steps are not capturable (f is).
     """
+
+    capturable = False
 
     def __init__(self, memory: int = 30) -> None:
         if memory < 1:

@@ -8,7 +8,7 @@ carry, and phases of a `step` that advances the carry without reading a tensor o
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import torch
@@ -34,7 +34,13 @@ class Phase:
 
 
 class Method(Protocol):
-    """A forward solver: init, the phases of its step, and its current residual."""
+    """A forward solver: init, the phases of its step, and its current residual.
+
+    `capturable`: whether its steps have fixed shapes and no host-side state that changes
+    from step to step, so that torch.compile (or a CUDA graph) can capture one for reuse.
+    """
+
+    capturable: bool
 
     def init(self, f: Map, z: torch.Tensor, monitor: Monitor) -> tuple[Carry, int, int]:
         """The carry at z0 (recorded with the monitor), the evaluations of f spent and the
@@ -54,29 +60,39 @@ def iterate(
     monitor: Monitor,
     max_steps: int,
     check_every: int | None = None,
+    compile_options: dict | None = None,
 ) -> tuple[int, int]:
     """Run method from z until every sample has stopped or max_steps; returns (nfe, steps).
 
     The termination test is read on the host after `check_every` steps, or by default where
     the monitor predicts the last running sample to converge: one synchronisation a block.
+    With compile_options, f and (for a capturable method) each kind of step run compiled by
+    torch.compile with those options.
     """
+    phases = method.phases()
+    if compile_options is not None:
+        f = torch.compile(f, **compile_options)
+        if method.capturable:
+            phases = tuple(
+                replace(p, step=torch.compile(p.step, **compile_options)) for p in phases
+            )
     carry, nfe, steps = method.init(f, z, monitor)
     # The first block runs unread: a batch that has converged at z0 is rare enough that a
     # few wasted steps cost less than a synchronisation on every solve.
     monitor.test(method.residual(carry))
     monitor.mark()
-    block = check_every or UNKNOWN_BLOCK
-    for phase in method.phases():
+    block, since = check_every or UNKNOWN_BLOCK, 0
+    for phase in phases:
         while block and steps < max_steps:
             size = min(PHASE_BLOCK if phase.pending else block, max_steps - steps)
             for _ in range(size):
                 carry = phase.step(f, carry, monitor)
-            steps += size
+            steps, since = steps + size, since + size
             nfe += size * phase.evaluations
             if phase.pending is not None and bool(phase.pending(carry, monitor).any()):
                 continue
             monitor.test(method.residual(carry))
-            block = monitor.next_block(check_every)
+            block, since = monitor.next_block(since, check_every), 0
             if phase.pending is not None:
                 break
     if steps >= max_steps:

@@ -114,6 +114,8 @@ class RungeKutta:
     """Adaptive FSAL Runge-Kutta steady-state solve: tsit5 (5th order), bs3 (3rd order) or
     euler (1st order)."""
 
+    capturable = True
+
     def __init__(self, tableau: Tableau, controller: Controller) -> None:
         self.tableau = tableau
         self.controller = controller
@@ -189,6 +191,10 @@ class VCAB3:
     h_max (AB3's stability region is much smaller than BS3's).
     """
 
+    capturable = True
+
+    capturable = True
+
     def __init__(self, controller: Controller, startup_h_max: float = float("inf")) -> None:
         self.controller = controller
         self.startup = replace(controller, h_max=startup_h_max)
@@ -197,12 +203,13 @@ class VCAB3:
     def init(self, f: Field, y: torch.Tensor, monitor: Monitor) -> tuple[Adams, int, int]:
         """Evaluate the flow at z0 and pick the first (BS3) step."""
         flow, nfe = start(f, y, monitor, self.startup, BS3.order, self.weights)
+        # Distinct tensors, though equal: a compiled step is specialised on aliasing.
         ones = torch.ones_like(flow.h)
-        history = (flow.k, flow.k, flow.k)
+        history = (flow.k, flow.k.clone(), flow.k.clone())
         # The error is 0.9 (y_AM - y_AB) (Milne), the step y_new - y itself.
         scales = self.controller.scales(y, monitor.termination, error=0.9, move=1.0)
         accepted = torch.zeros_like(ones, dtype=torch.long)
-        return Adams(flow, scales, history, (ones, ones), accepted), nfe, 0
+        return Adams(flow, scales, history, (ones, ones.clone()), accepted), nfe, 0
 
     def phases(self) -> tuple[Phase, ...]:
         """BS3 steps until each running sample has accepted two, then Adams steps."""

@@ -95,6 +95,7 @@ def solve(
     solver_options: dict | None = None,
     adjoint_options: dict | None = None,
     check_every: int | None = None,
+    compile: bool | dict = False,
 ) -> Solution:
     """Solve z* = f(z*) per sample, starting from z0 (a tensor (B, ...) or a list of them).
 
@@ -117,7 +118,8 @@ def solve(
     No step reads a tensor on the host: the termination test is read after `check_every`
     steps, or by default where the slowest sample is predicted to converge (so a solve may
     take a few steps past the last sample's convergence; stats.steps and stats.nfe count
-    them).
+    them). compile=True runs f and each solver step through torch.compile (mode
+    "reduce-overhead", CUDA graphs, on a GPU); a dict gives torch.compile's options.
     """
     if adjoint not in ADJOINTS:
         raise ValueError(f"adjoint={adjoint!r} is not one of {', '.join(ADJOINTS)}")
@@ -135,8 +137,19 @@ def solve(
     with torch.enable_grad() if backward.differentiates_solver else torch.no_grad():
         start = z if backward.differentiates_solver else z.detach()
         monitor = Monitor(start, termination)
-        nfe, steps = iterate(method, f_flat, start, monitor, max_steps, check_every)
+        nfe, steps = iterate(
+            method, f_flat, start, monitor, max_steps, check_every, compile_options(compile)
+        )
     spent = backward.evaluations if attach else 0
     stats = SolveStats.from_monitor(monitor, nfe + spent, steps)
     z_star = backward.attach(f_flat, monitor.best_z, stats) if attach else monitor.best_z
     return Solution(structure.unflatten(z_star), stats)
+
+
+def compile_options(compile: bool | dict) -> dict | None:
+    """torch.compile's options for `compile=`: None to run eagerly."""
+    if isinstance(compile, dict):
+        return compile
+    if not compile:
+        return None
+    return {"mode": "reduce-overhead"} if torch.cuda.is_available() else {}

@@ -75,7 +75,6 @@ class Monitor:
         self.status = torch.full((batch, 1), int(Status.MAX_STEPS), device=z0.device)
         self.active = torch.ones(batch, 1, dtype=torch.bool, device=z0.device)
         self.checked_norm = self.best_norm
-        self.since_check = 0
 
     def record(self, z: torch.Tensor, r: torch.Tensor, skip: torch.Tensor | None = None) -> None:
         """Record iterate z with residual 2-norm r (B, 1), except for the samples in skip (a
@@ -88,7 +87,6 @@ class Monitor:
         converged = r <= self._tolerance(z)
         # On booleans a > b is a & ~b.
         self.active = self.active > (converged if skip is None else converged > skip)
-        self.since_check += 1
 
     def test(self, current: torch.Tensor) -> None:
         """Give a status to the samples that converged, diverged or went non-finite, given each
@@ -108,13 +106,14 @@ class Monitor:
 
     def mark(self) -> None:
         """Start measuring the residual's rate of decrease from here (no host read)."""
-        self.checked_norm, self.since_check = self.best_norm, 0
+        self.checked_norm = self.best_norm
 
-    def next_block(self, every: int | None = None) -> int:
+    def next_block(self, steps: int, every: int | None = None) -> int:
         """Steps to take before the next test, 0 when no sample runs: the solve's one host
         synchronisation per check. `every` steps, or by default where the slowest running
-        sample is predicted to converge at its residual's rate since the last check."""
-        block = self.active.any() * every if every else self._predict()
+        sample is predicted to converge at its residual's rate over the `steps` since the
+        last mark."""
+        block = self.active.any() * every if every else self._predict(steps)
         self.mark()
         return int(block)
 
@@ -124,13 +123,13 @@ class Monitor:
             return self.abstol_norm
         return norm(z).mul_(self.termination.reltol).add_(self.abstol_norm)
 
-    def _predict(self) -> torch.Tensor:
+    def _predict(self, since: int) -> torch.Tensor:
         """Steps until the slowest running sample converges at its current rate, in
         [1, MAX_BLOCK] (UNKNOWN_BLOCK where its residual does not fall), 0 if none runs."""
-        if self.since_check == 0:
+        if since == 0:
             steps = torch.full_like(self.best_norm, UNKNOWN_BLOCK)
         else:
-            log_rate = (self.best_norm / self.checked_norm).log_() / self.since_check
+            log_rate = (self.best_norm / self.checked_norm).log_() / since
             # One step of margin: the rate still improves as a transient dies out, so the
             # prediction runs short more often than long.
             tol = self._tolerance(self.best_z)
@@ -139,7 +138,7 @@ class Monitor:
             steps = torch.where(log_rate.isfinite() & (log_rate < 0), steps, UNKNOWN_BLOCK)
         # At most twice the steps since the last check: early rates, from the transient,
         # predict too many steps more often than too few.
-        limit = min(MAX_BLOCK, max(UNKNOWN_BLOCK, 2 * self.since_check))
+        limit = min(MAX_BLOCK, max(UNKNOWN_BLOCK, 2 * since))
         steps = steps.nan_to_num_(UNKNOWN_BLOCK).clamp_(1, limit)
         return torch.where(self.active, steps, 0).amax()
 
