@@ -367,3 +367,26 @@ def test_a_compiled_solve_matches_the_eager_one(solver):
     assert compiled.stats.nfe == eager.stats.nfe
     torch.testing.assert_close(compiled.z, eager.z, rtol=0, atol=1e-12)
     assert bool(compiled.stats.converged.all())
+
+
+@pytest.mark.parametrize("adjoint", ["gmres", "fixed_point", "jfb", "unrolled"])
+def test_statistics_are_complete_when_solve_returns(adjoint):
+    """nfe counts every evaluation of f the solve made (the one attaching z* included) as a
+    Python int on return; the adjoint fills the backward fields on backward()."""
+    from raydeq.solvers.adjoint import Unrolled, make_adjoint
+
+    f, params = problem(8)
+    calls = []
+
+    def counted(z):
+        calls.append(z.shape[0])
+        return f(z)
+
+    sol = raydeq.solve(counted, torch.zeros(B, D, dtype=torch.float64), adjoint=adjoint)
+    assert isinstance(sol.stats.nfe, int) and isinstance(sol.stats.steps, int)
+    assert sol.stats.nfe == len(calls)
+    assert sol.stats.backward_nvjp == 0
+    (sol.z * 1.0).sum().backward()
+    assert sol.stats.nfe == len(calls)
+    assert sol.stats.backward_nvjp >= 1
+    assert isinstance(make_adjoint("unrolled", {}), Unrolled)

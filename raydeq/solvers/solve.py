@@ -134,22 +134,22 @@ def solve(
     f_flat = flat_function(f, structure)
     z = structure.flatten(z0)
     attach = torch.is_grad_enabled()
-    with torch.enable_grad() if backward.differentiates_solver else torch.no_grad():
-        start = z if backward.differentiates_solver else z.detach()
+    record_graph = attach and backward.differentiates_solver
+    options = compile_options(compile, z.device)
+    with torch.set_grad_enabled(record_graph):
+        start = z if record_graph else z.detach()
         monitor = Monitor(start, termination)
-        nfe, steps = iterate(
-            method, f_flat, start, monitor, max_steps, check_every, compile_options(compile)
-        )
+        nfe, steps = iterate(method, f_flat, start, monitor, max_steps, check_every, options)
     spent = backward.evaluations if attach else 0
     stats = SolveStats.from_monitor(monitor, nfe + spent, steps)
     z_star = backward.attach(f_flat, monitor.best_z, stats) if attach else monitor.best_z
     return Solution(structure.unflatten(z_star), stats)
 
 
-def compile_options(compile: bool | dict) -> dict | None:
-    """torch.compile's options for `compile=`: None to run eagerly."""
+def compile_options(compile: bool | dict, device: torch.device) -> dict | None:
+    """torch.compile's options for `compile=`: None to run eagerly; CUDA graphs on a GPU."""
     if isinstance(compile, dict):
         return compile
     if not compile:
         return None
-    return {"mode": "reduce-overhead"} if torch.cuda.is_available() else {}
+    return {"mode": "reduce-overhead"} if device.type == "cuda" else {}
