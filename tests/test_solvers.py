@@ -390,3 +390,18 @@ def test_statistics_are_complete_when_solve_returns(adjoint):
     assert sol.stats.nfe == len(calls)
     assert sol.stats.backward_nvjp >= 1
     assert isinstance(make_adjoint("unrolled", {}), Unrolled)
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_the_check_interval_changes_no_result(solver):
+    """Each sample stops on the step it converges, whatever the interval between host reads
+    of the termination test: reading after every step gives the same z and residuals."""
+    f, _ = problem(9)
+    z0 = torch.zeros(B, D, dtype=torch.float64)
+    with torch.no_grad():
+        every = raydeq.solve(f, z0, solver=solver, check_every=1, **tight(solver))
+        predicted = raydeq.solve(f, z0, solver=solver, **tight(solver))
+    torch.testing.assert_close(predicted.z, every.z, rtol=0, atol=0)
+    torch.testing.assert_close(predicted.stats.residual, every.stats.residual, rtol=0, atol=0)
+    assert (predicted.stats.status == every.stats.status).all()
+    assert predicted.stats.steps >= every.stats.steps

@@ -79,13 +79,14 @@ class Controller:
         self,
         h: torch.Tensor | None,
         error: torch.Tensor,
-        move: torch.Tensor,
+        move_norm: Callable[[], torch.Tensor],
         y_new: torch.Tensor,
         scales: tuple[torch.Tensor, float, float],
     ) -> torch.Tensor:
-        """Local error h * ||error|| over sqrt(N) abstol + step_rtol * h * ||move|| + reltol *
-        ||y_new|| (2-norms: RMS tolerances), h * move being the step z_new - z (h None: error
-        and move are the error and the step themselves).
+        """Local error h * ||error|| over sqrt(N) abstol + step_rtol * h * move_norm() +
+        reltol * ||y_new|| (2-norms: RMS tolerances), h * move being the step z_new - z (h
+        None: error and move are the error and the step themselves). move_norm is called only
+        with step_rtol set; a method that has the norm already passes it.
 
         `scales` holds the three terms' weights relative to the error's (see `scales`). A
         norm-wise scale instead of an element-wise one: three reductions and four (B, 1)
@@ -96,9 +97,9 @@ class Controller:
         with torch.no_grad():
             scale = floor
             if step_weight and h is None:
-                scale = torch.add(scale, norm(move), alpha=step_weight)
+                scale = torch.add(scale, move_norm(), alpha=step_weight)
             elif step_weight:
-                scale = torch.addcmul(scale, h, norm(move), value=step_weight)
+                scale = torch.addcmul(scale, h, move_norm(), value=step_weight)
             if rel_weight:
                 scale = torch.add(scale, norm(y_new), alpha=rel_weight)
             error_norm = norm(error) if h is None else torch.mul(h, norm(error))

@@ -138,7 +138,9 @@ class RungeKutta:
         which leaves them where they are."""
         h = c.h * monitor.active
         y_new, k_new, error, move = rk_step(vector_field(f), self.tableau, c.y, c.k, h)
-        e = self.controller.error_ratio(h, error, move, y_new, c.scales)
+        # Euler's step is h (f - z): its norm is the residual's, at hand.
+        move_norm = (lambda: c.residual) if move is c.k else (lambda: norm(move))
+        e = self.controller.error_ratio(h, error, move_norm, y_new, c.scales)
         order = self.tableau.error_order
         return advance(self.controller, monitor, replace(c, h=h), y_new, k_new, e, order)[1]
 
@@ -234,7 +236,7 @@ class VCAB3:
         starting = self.starting(c, monitor)
         h = flow.h * starting
         y_new, k_new, error, move = rk_step(vector_field(f), BS3, flow.y, flow.k, h)
-        e = self.startup.error_ratio(h, error, move, y_new, flow.scales)
+        e = self.startup.error_ratio(h, error, lambda: norm(move), y_new, flow.scales)
         rejected, new = advance(self.startup, monitor, replace(flow, h=h), y_new, k_new, e, 2)
         moved = starting > rejected
         new = replace(new, h=torch.where(moved | rejected, new.h, flow.h))
@@ -254,7 +256,9 @@ class VCAB3:
         difference = k_new * new_weight
         for w, row in zip(milne, c.history, strict=True):
             difference = torch.addcmul(difference, row, w)
-        e = self.controller.error_ratio(None, difference, y_new - flow.y, y_new, c.adams_scales)
+        e = self.controller.error_ratio(
+            None, difference, lambda: norm(y_new - flow.y), y_new, c.adams_scales
+        )
         rejected, new = advance(self.controller, monitor, replace(flow, h=h), y_new, k_new, e, 3)
         return self._shift(c, new, running > rejected, h, c.accepted)
 
