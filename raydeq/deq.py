@@ -16,7 +16,7 @@ from torchdiffeq import odeint, odeint_adjoint
 
 from raydeq.solvers import ADJOINTS, SOLVERS, SolveStats, Termination, solve
 from raydeq.solvers.state import State, Structure
-from raydeq.solvers.termination import Monitor
+from raydeq.solvers.termination import Monitor, norm
 
 INITS = ("zeros", "skip", "skip_reg")
 
@@ -55,7 +55,9 @@ def residual_stats(
     structure = Structure.of(z)
     flat = structure.flatten(_detach(z))
     monitor = Monitor(flat, termination)
-    monitor.update(flat, structure.flatten(_detach(fz)) - flat)
+    residual = norm(structure.flatten(_detach(fz)) - flat)
+    monitor.record(flat, residual)
+    monitor.test(residual)
     return SolveStats.from_monitor(monitor, nfe, steps)
 
 
@@ -120,6 +122,7 @@ class DEQ(nn.Module):
     layer's training-mode call count is below pretrain_steps, f is unrolled pretrain_depth times
     from z0 and backpropagated through instead of being solved (MDEQ's warm-up).
     stats.nfe counts f's evaluations by the solver, plus the one giving z0 for "skip_reg".
+    compile= is solve's: f and the solver steps run through torch.compile.
     """
 
     def __init__(
@@ -138,6 +141,7 @@ class DEQ(nn.Module):
         pretrain_depth: int = 10,
         solver_options: dict | None = None,
         adjoint_options: dict | None = None,
+        compile: bool | dict = False,
     ) -> None:
         super().__init__()
         _check_choice("init", init, INITS)
@@ -164,6 +168,7 @@ class DEQ(nn.Module):
         self.pretrain_depth = pretrain_depth
         self.solver_options = dict(solver_options or {})
         self.adjoint_options = dict(adjoint_options or {})
+        self.compile = compile
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
 
     def initial_guess(self, x: Tensor) -> State:
@@ -206,6 +211,7 @@ class DEQ(nn.Module):
                 divergence=t.divergence,
                 solver_options=self.solver_options,
                 adjoint_options=self.adjoint_options,
+                compile=self.compile,
             )
             z, stats = sol.z, sol.stats
             stats.nfe += extra_nfe

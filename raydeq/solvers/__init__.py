@@ -1,6 +1,6 @@
 """Pure-PyTorch solver core: forward solvers, termination, GMRES, adjoints and statistics."""
 
-from raydeq.solvers.adjoint import ImplicitAdjoint, JacobianFree
+from raydeq.solvers.adjoint import ImplicitAdjoint, JacobianFree, Unrolled
 from raydeq.solvers.gmres import GMRES, LinearSolveInfo
 from raydeq.solvers.linear import Neumann
 from raydeq.solvers.solve import ADJOINTS, CONTINUOUS, DISCRETE, SOLVERS, Solution, solve
@@ -21,5 +21,6 @@ __all__ = [
     "SolveStats",
     "Status",
     "Termination",
+    "Unrolled",
     "solve",
 ]

@@ -1,5 +1,8 @@
 """Backward passes for a fixed point z* = f(z*): implicit (GMRES / Neumann), JFB, unrolled.
 
+Each attaches z* to the graph before the solve returns (`evaluations` of f, counted in the
+forward statistics) and fills the statistics' backward fields when backward() runs.
+
 The implicit adjoints use the implicit function theorem (the paper's Eq. 6): for the incoming
 gradient v = dL/dz*, solve (I - J_f(z*))^T g = v, then one VJP of f at z* maps g to the
 parameters and inputs f closes over. No step of the forward solver is backpropagated.
@@ -31,6 +34,8 @@ class ImplicitAdjoint:
 
     linear_solver: LinearSolver = field(default_factory=GMRES)
     warm_start: bool = True
+    differentiates_solver = False
+    evaluations = 1  # f(z*), which attaches z* to the graph
 
     def attach(self, f: Map, z_star: torch.Tensor, stats: SolveStats) -> torch.Tensor:
         """Return f(z*) whose backward solves the adjoint system instead of differentiating f.
@@ -61,6 +66,9 @@ class ImplicitAdjoint:
 class JacobianFree:
     """Jacobian-free backprop (Fung et al. 2022): take g = v, i.e. drop (I - J)^-T."""
 
+    differentiates_solver = False
+    evaluations = 1  # f(z*), which attaches z* to the graph
+
     def attach(self, f: Map, z_star: torch.Tensor, stats: SolveStats) -> torch.Tensor:
         """Return f(z*) backpropagated through one application of f."""
         with torch.enable_grad():
@@ -70,14 +78,32 @@ class JacobianFree:
         return z_out
 
 
+class Unrolled:
+    """Backpropagation through every step of the forward solver (its graph is kept)."""
+
+    differentiates_solver = True
+    evaluations = 0
+
+    def attach(self, f: Map, z_star: torch.Tensor, stats: SolveStats) -> torch.Tensor:
+        """Return z* as the solver left it, counting the steps' VJPs on backward: one per
+        evaluation of f."""
+        if z_star.requires_grad:
+            z_star = z_star.view_as(z_star)
+            z_star.register_hook(lambda v: _count(stats, stats.nfe, v))
+        return z_star
+
+
 def _count(stats: SolveStats, nvjp: int, v: torch.Tensor) -> torch.Tensor:
     """Add nvjp backward VJPs to stats, passing the gradient through."""
     stats.backward_nvjp += nvjp
     return v
 
 
-def make_adjoint(name: str, options: dict) -> ImplicitAdjoint | JacobianFree | None:
-    """The adjoint named by `adjoint=` (None for "unrolled", which needs no attachment)."""
+Adjoint = ImplicitAdjoint | JacobianFree | Unrolled
+
+
+def make_adjoint(name: str, options: dict) -> Adjoint:
+    """The adjoint named by `adjoint=`."""
     options = dict(options)
     warm_start = options.pop("warm_start", True)
     if name == "gmres":
@@ -88,4 +114,6 @@ def make_adjoint(name: str, options: dict) -> ImplicitAdjoint | JacobianFree | N
         if options:
             raise ValueError(f"adjoint='jfb' takes no options, got {sorted(options)}")
         return JacobianFree()
-    return None
+    if options:
+        raise ValueError(f"adjoint='unrolled' takes no options, got {sorted(options)}")
+    return Unrolled()

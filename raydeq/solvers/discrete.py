@@ -1,44 +1,83 @@
 """Root finders for z = f(z): damped fixed-point iteration, Anderson acceleration, Broyden.
 
 All are batched with per-sample histories and small per-sample linear algebra (batched matmul),
-so no sample's update ever mixes with another's.
+so no sample's update ever mixes with another's. Each is an init and a step for the driver
+(driver.py); the evaluation at z0 counts as their first step. Samples that have stopped stay
+where they are.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from raydeq.solvers.batched import combine, dots, put
-from raydeq.solvers.termination import Monitor
+from raydeq.solvers.driver import Phase
+from raydeq.solvers.termination import Monitor, norm
 
 Map = Callable[[torch.Tensor], torch.Tensor]
 
 
+@dataclass(frozen=True)
+class Iterate:
+    """A point, f there, f - z and its norm (B, 1)."""
+
+    z: torch.Tensor
+    fz: torch.Tensor
+    g: torch.Tensor
+    residual: torch.Tensor
+
+
+def evaluate(f: Map, z: torch.Tensor, monitor: Monitor) -> Iterate:
+    """f at z, recorded with the monitor."""
+    fz = f(z)
+    g = fz - z
+    residual = norm(g)
+    monitor.record(z, residual)
+    return Iterate(z, fz, g, residual)
+
+
 class FixedPoint:
     """z <- (1 - damping) z + damping f(z)."""
+
+    capturable = True
 
     def __init__(self, damping: float = 1.0) -> None:
         if not 0 < damping <= 1:
             raise ValueError(f"damping={damping!r} must be in (0, 1]")
         self.damping = damping
 
-    def __call__(
-        self, f: Map, z: torch.Tensor, monitor: Monitor, max_steps: int
-    ) -> tuple[int, int]:
-        """Iterate until every sample converges or max_steps; returns (nfe, steps)."""
-        nfe = 0
-        for _ in range(max_steps):
-            fz = f(z)
-            nfe += 1
-            residual = fz - z
-            monitor.update(z, residual)
-            if not monitor.running():
-                break
-            # Stopped samples step on unmasked: the monitor holds their result.
-            z = fz if self.damping == 1 else z + self.damping * residual
-        return nfe, nfe
+    def init(self, f: Map, z: torch.Tensor, monitor: Monitor) -> tuple[Iterate, int, int]:
+        """f at z0: one evaluation, one step."""
+        return evaluate(f, z, monitor), 1, 1
+
+    def phases(self) -> tuple[Phase, ...]:
+        """One evaluation per step."""
+        return (Phase(self.step, 1),)
+
+    @staticmethod
+    def residual(c: Iterate) -> torch.Tensor:
+        """||f(z) - z|| at the current point."""
+        return c.residual
+
+    def step(self, f: Map, c: Iterate, monitor: Monitor) -> Iterate:
+        """One (damped) iteration."""
+        z = c.fz if self.damping == 1 else torch.add(c.z, c.g, alpha=self.damping)
+        return evaluate(f, torch.where(monitor.active, z, c.z), monitor)
+
+
+@dataclass(frozen=True)
+class Mixing:
+    """Anderson's carry: the current iterate, ring buffers of the last m f(z), f(z) - z (and
+    z, for beta < 1), and the count of iterates so far (known on the host)."""
+
+    now: Iterate
+    fs: torch.Tensor
+    gs: torch.Tensor
+    xs: torch.Tensor | None
+    count: int
 
 
 class Anderson:
@@ -47,7 +86,10 @@ class Anderson:
     Each step solves, per sample, min ||sum_i alpha_i g_i|| subject to sum_i alpha_i = 1 over
     the last m residuals g_i = f(z_i) - z_i, then mixes
     z = sum_i alpha_i (beta f(z_i) + (1 - beta) z_i). lam is relative to the mean of diag(G G^T).
+    Its history grows over the first m steps, so its steps are not capturable (f is).
     """
+
+    capturable = False
 
     def __init__(self, m: int = 5, lam: float = 1e-4, beta: float = 1.0) -> None:
         if m < 1:
@@ -58,47 +100,57 @@ class Anderson:
             raise ValueError(f"beta={beta!r} must be in (0, 1]")
         self.m, self.lam, self.beta = m, lam, beta
 
-    def __call__(
-        self, f: Map, z: torch.Tensor, monitor: Monitor, max_steps: int
-    ) -> tuple[int, int]:
-        """Iterate until every sample converges or max_steps; returns (nfe, steps)."""
+    def init(self, f: Map, z: torch.Tensor, monitor: Monitor) -> tuple[Mixing, int, int]:
+        """f at z0 and empty buffers (a slot is written before it is first read)."""
         batch, dim = z.shape
-        # Ring buffers of the last m iterates (z only for mixing, beta < 1); a slot is written
-        # before it is first read.
         fs, gs = z.new_empty(batch, self.m, dim), z.new_empty(batch, self.m, dim)
         xs = z.new_empty(batch, self.m, dim) if self.beta != 1 else None
-        eye = torch.eye(self.m, dtype=z.dtype, device=z.device)
-        ones = z.new_ones(batch, self.m, 1)
-        slots = torch.arange(self.m, device=z.device)
-        nfe = 0
-        for _ in range(max_steps):
-            fz = f(z)
-            g = fz - z
-            monitor.update(z, g)
-            slot, nfe = nfe % self.m, nfe + 1
-            if not monitor.running():
-                break
-            fs, gs = put(fs, slot, fz), put(gs, slot, g)
-            if self.beta != 1:
-                xs = put(xs, slot, z)
-            n = min(nfe, self.m)
-            gram = torch.bmm(gs[:, :n], gs[:, :n].transpose(1, 2))
-            gram = (
-                gram
-                + self.lam
-                * gram.diagonal(dim1=1, dim2=2).mean(-1)[:, None, None].clamp_min(1e-30)
-                * eye[:n, :n]
-            )
-            weights, info = torch.linalg.solve_ex(gram, ones[:, :n])
-            alpha = weights[:, :, 0] / weights[:, :, 0].sum(1, keepdim=True)
-            # A singular system falls back to the plain step z = f(z).
-            ok = (info == 0)[:, None] & alpha.isfinite().all(1, keepdim=True)
-            alpha = torch.where(ok, alpha, (slots[:n] == slot).to(z.dtype))
-            # Stopped samples step on unmasked: the monitor holds their result.
-            z = combine(alpha, fs[:, :n])
-            if self.beta != 1:
-                z = self.beta * z + (1 - self.beta) * combine(alpha, xs[:, :n])
-        return nfe, nfe
+        return Mixing(evaluate(f, z, monitor), fs, gs, xs, 0), 1, 1
+
+    def phases(self) -> tuple[Phase, ...]:
+        """One evaluation per step."""
+        return (Phase(self.step, 1),)
+
+    @staticmethod
+    def residual(c: Mixing) -> torch.Tensor:
+        """||f(z) - z|| at the current point."""
+        return c.now.residual
+
+    def step(self, f: Map, c: Mixing, monitor: Monitor) -> Mixing:
+        """Store the current iterate, mix the history, evaluate f at the mixed point."""
+        z = c.now.z
+        slot = c.count % self.m
+        fs, gs = put(c.fs, slot, c.now.fz), put(c.gs, slot, c.now.g)
+        xs = put(c.xs, slot, z) if c.xs is not None else None
+        n = min(c.count + 1, self.m)
+        gram = torch.bmm(gs[:, :n], gs[:, :n].transpose(1, 2))
+        eye = torch.eye(n, dtype=z.dtype, device=z.device)
+        ridge = gram.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-30).mul_(self.lam)
+        gram = gram + ridge[:, None, None] * eye
+        ones = torch.ones(z.shape[0], n, 1, dtype=z.dtype, device=z.device)
+        weights, info = torch.linalg.solve_ex(gram, ones)
+        alpha = weights[:, :, 0] / weights[:, :, 0].sum(1, keepdim=True)
+        # A singular system falls back to the plain step z = f(z).
+        ok = (info == 0)[:, None] & alpha.isfinite().all(1, keepdim=True)
+        plain = (torch.arange(n, device=z.device) == slot).to(z.dtype)
+        alpha = torch.where(ok, alpha, plain)
+        mixed = combine(alpha, fs[:, :n])
+        if xs is not None:
+            mixed = self.beta * mixed + (1 - self.beta) * combine(alpha, xs[:, :n])
+        z = torch.where(monitor.active, mixed, z)
+        return Mixing(evaluate(f, z, monitor), fs, gs, xs, c.count + 1)
+
+
+@dataclass(frozen=True)
+class Secant:
+    """Broyden's carry: the current iterate, the next update -H g, ring buffers of the
+    rank-one terms u, v and the count of updates so far (known on the host)."""
+
+    now: Iterate
+    update: torch.Tensor
+    us: torch.Tensor
+    vs: torch.Tensor
+    count: int
 
 
 class Broyden:
@@ -107,58 +159,62 @@ class Broyden:
     The inverse Jacobian of g is kept as -I + U V^T with at most `memory` rank-one terms per
     sample; each step adds u = (dz - H dg) / (dz^T H dg) and v^T = dz^T H (Sherman-Morrison),
     replacing the oldest term once `memory` are held. A step whose dz^T H dg is below
-    sqrt(eps) ||dz^T H|| ||dg|| (lost in rounding) leaves H unchanged.
+    sqrt(eps) ||dz^T H|| ||dg|| (lost in rounding) leaves H unchanged. Its rank-one terms
+    grow over the first `memory` steps, so its steps are not capturable (f is).
     """
+
+    capturable = False
 
     def __init__(self, memory: int = 30) -> None:
         if memory < 1:
             raise ValueError(f"memory={memory!r} must be >= 1")
         self.memory = memory
 
-    def __call__(
-        self, f: Map, z: torch.Tensor, monitor: Monitor, max_steps: int
-    ) -> tuple[int, int]:
-        """Iterate until every sample converges or max_steps; returns (nfe, steps)."""
+    def init(self, f: Map, z: torch.Tensor, monitor: Monitor) -> tuple[Secant, int, int]:
+        """f at z0; the first update is -H g = g with H = -I."""
         batch, dim = z.shape
         # Ring buffers of the rank-one terms; a slot is written before it is first read.
         us, vs = z.new_empty(batch, self.memory, dim), z.new_empty(batch, self.memory, dim)
-        g = f(z) - z
-        nfe = 1
-        monitor.update(z, g)
-        update = g  # -H g with H = -I
-        tiny = torch.finfo(z.dtype).eps ** 0.5
-        while nfe < max_steps and monitor.running():
-            # Samples that have stopped keep stepping: their state is never read again (the
-            # monitor holds their result) and no operation mixes samples, so nothing is masked
-            # but a degenerate update of a running sample.
-            z_new = z + update
-            g_new = f(z_new) - z_new
-            nfe += 1
-            monitor.update(z_new, g_new)
-            dz, dg = update, g_new - g
-            used = min(nfe - 2, self.memory)
-            u_used, v_used = us[:, :used], vs[:, :used]
-            v = self._apply_transposed(u_used, v_used, dz)
-            # n = dz - H dg, the numerator of Sherman-Morrison's u.
-            n = self._apply(u_used, v_used, dg, sign=-1.0) + dz
-            denom = torch.linalg.vecdot(v, dg)[:, None]
-            # Skip the rank-one update where v . dg is lost in rounding: its huge u would throw
-            # the next step far off (seen in float32 at width 1024).
-            floor = tiny * torch.linalg.vector_norm(v, dim=1) * torch.linalg.vector_norm(dg, dim=1)
-            ok = (denom.abs() > floor[:, None]) & torch.isfinite(denom)
-            scale = torch.where(ok, denom.reciprocal(), 0.0)
-            u = n * scale
-            # The next step -H' g_new with H' = H + u v^T (minus the evicted term), from the
-            # last step -H g = dz instead of applying all rank-one terms again:
-            # -H' g_new = dz - H dg - u (v . g_new) = n (1 - scale (v . g_new)) [+ evicted].
-            update = n * (1 - scale * torch.linalg.vecdot(v, g_new)[:, None])
-            slot = (nfe - 2) % self.memory
-            if nfe - 2 >= self.memory:
-                u_old, v_old = us[:, slot], vs[:, slot]
-                update = torch.addcmul(update, u_old, torch.linalg.vecdot(v_old, g_new)[:, None])
-            us, vs = put(us, slot, u), put(vs, slot, v)
-            z, g = z_new, g_new
-        return nfe, nfe
+        now = evaluate(f, z, monitor)
+        return Secant(now, now.g, us, vs, 0), 1, 1
+
+    def phases(self) -> tuple[Phase, ...]:
+        """One evaluation per step."""
+        return (Phase(self.step, 1),)
+
+    @staticmethod
+    def residual(c: Secant) -> torch.Tensor:
+        """||f(z) - z|| at the current point."""
+        return c.now.residual
+
+    def step(self, f: Map, c: Secant, monitor: Monitor) -> Secant:
+        """A unit quasi-Newton step and the rank-one update of H."""
+        new = evaluate(f, torch.where(monitor.active, c.now.z + c.update, c.now.z), monitor)
+        g_new = new.g
+        dz, dg = c.update, g_new - c.now.g
+        used = min(c.count, self.memory)
+        u_used, v_used = c.us[:, :used], c.vs[:, :used]
+        v = self._apply_transposed(u_used, v_used, dz)
+        # n = dz - H dg, the numerator of Sherman-Morrison's u.
+        n = self._apply(u_used, v_used, dg, sign=-1.0) + dz
+        denom = torch.linalg.vecdot(v, dg)[:, None]
+        # Skip the rank-one update where v . dg is lost in rounding: its huge u would throw
+        # the next step far off (seen in float32 at width 1024).
+        tiny = torch.finfo(dz.dtype).eps ** 0.5
+        floor = tiny * torch.linalg.vector_norm(v, dim=1) * torch.linalg.vector_norm(dg, dim=1)
+        ok = (denom.abs() > floor[:, None]) & torch.isfinite(denom)
+        scale = torch.where(ok, denom.reciprocal(), 0.0)
+        u = n * scale
+        # The next step -H' g_new with H' = H + u v^T (minus the evicted term), from the
+        # last step -H g = dz instead of applying all rank-one terms again:
+        # -H' g_new = dz - H dg - u (v . g_new) = n (1 - scale (v . g_new)) [+ evicted].
+        update = n * (1 - scale * torch.linalg.vecdot(v, g_new)[:, None])
+        slot = c.count % self.memory
+        if c.count >= self.memory:
+            u_old, v_old = c.us[:, slot], c.vs[:, slot]
+            update = torch.addcmul(update, u_old, torch.linalg.vecdot(v_old, g_new)[:, None])
+        us, vs = put(c.us, slot, u), put(c.vs, slot, v)
+        return Secant(new, update, us, vs, c.count + 1)
 
     @staticmethod
     def _apply(

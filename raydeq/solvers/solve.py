@@ -7,11 +7,14 @@ from dataclasses import dataclass
 
 import torch
 
-from raydeq.solvers.adjoint import _count, make_adjoint
+from raydeq.solvers.adjoint import make_adjoint
+from raydeq.solvers.control import Controller
 from raydeq.solvers.discrete import Anderson, Broyden, FixedPoint
-from raydeq.solvers.ode import BS3, EULER, TSIT5, VCAB3, Controller, RungeKutta
+from raydeq.solvers.driver import Method, iterate
+from raydeq.solvers.ode import VCAB3, RungeKutta
 from raydeq.solvers.state import State, Structure, flat_function
 from raydeq.solvers.stats import SolveStats
+from raydeq.solvers.tableau import BS3, EULER, TSIT5
 from raydeq.solvers.termination import Monitor, Termination
 
 CONTINUOUS = ("vcab3", "tsit5", "bs3", "euler")
@@ -28,23 +31,54 @@ class Solution:
     stats: SolveStats
 
 
-# Euler's step-size control: local errors up to 0.4 of the step length (see
-# Controller.step_rtol; from 0.5 on, and with the integral controller, Euler cycled above the
-# tolerance on multiscale DEQs at initialisation), any step that cuts the residual to 0.7 of
-# its start accepted (Controller.contraction: on a contractive layer a unit step, one
-# fixed-point iteration, has a local error of about half its length), and a first step of 1,
-# the flow's own time scale.
-CONTROLLER_DEFAULTS = {"euler": {"step_rtol": 0.4, "contraction": 0.7, "h0": 1.0}}
+# Steady-state step control, per continuous solver. A steady state needs each step to be a
+# controlled move, not an accurate path: local errors up to 0.4 of the step length are
+# accepted (Controller.step_rtol; from 0.5 on, and with the integral controller, Euler cycled
+# above the tolerance on multiscale DEQs at initialisation), and so is any step that cuts
+# the residual to 0.7 of its start (Controller.contraction: on a contractive layer a unit
+# Euler step, one fixed-point iteration, has a local error of about half its length).
+# Near z*, the flow dz/dt = f(z) - z of a layer with ||J_f|| <= r has the eigenvalues
+# h (lambda - 1), |lambda| <= r, in the disk of radius h r around -h; the cap h_max keeps that
+# disk where the method damps every mode, for r up to 0.9, so that the steps are limited by
+# stability instead of cycling at its edge (BS3 without a cap stalled at 1e-6):
+# - euler: R(z) = 1 + z; h = 1 maps the disk onto |R| <= r, fixed-point iteration; its
+#   contraction rule finds it, no cap is needed.
+# - bs3: |R| <= 0.7 on [-2.3, -0.4] of the real axis (the real stability limit is -2.51);
+#   h_max = 1.4 puts the fast end of the disk at -2.66 for r = 0.9 and damps the slow modes
+#   fastest per evaluation (1.0: 4.9x the fixed-point evaluations, 1.2: 3.9x, 1.4: 3.4x on
+#   random contractions with spectral norm 0.5 to 0.9 at tolerances 1e-3 to 1e-10).
+# - tsit5: |R| <= 0.4 on [-3.0, -1.0] of the real axis (stability limit about -3.5), and
+#   h_max = 3.0 lets a slow real mode (eigenvalue 0.97) converge in few steps; the complex
+#   modes of a disk of radius 0.9 are held inside the region by a stricter step_rtol of 0.1,
+#   against which the error estimate rises steeply past z = -2.8 (relative to the step it is
+#   0.25 there, 0.44 at -3.0, 1.5 at -3.3). With step_rtol 0.4 a cap of 2.0 was needed
+#   (5.3x), and that cap took 247 evaluations where 169 do on a slow real mode. A first step
+#   of 1.8: its 6 evaluations per step make a short first step costly.
+# - vcab3: AB3's real stability interval is only [-6/11, 0]. Its BS3 start-up steps take
+#   BS3's cap; the Adams steps h_max = 0.5, which their error estimate (Milne's device) then
+#   holds inside the region: uncapped, the first Adams step inherited the start-up's h of
+#   about 2 and the next dozen steps were mostly rejected (30 evaluations where 24 do at d=128,
+#   tolerance 1e-3; 0.7 took 25); 0.4 held a slow real mode (eigenvalue 0.97) to small steps
+#   (205 evaluations where 167 do).
+# Each first step is of the flow's own time scale, 1 (1.8 for tsit5), instead of the one
+# picked from the problem, whose extra evaluation and timid start cost more than they save.
+STEADY_STATE = {"step_rtol": 0.4, "contraction": 0.7, "h0": 1.0}
+CONTROLLER_DEFAULTS = {
+    "euler": STEADY_STATE,
+    "bs3": STEADY_STATE | {"h_max": 1.4},
+    "tsit5": STEADY_STATE | {"step_rtol": 0.1, "h0": 1.8, "h_max": 3.0},
+    "vcab3": STEADY_STATE | {"h_max": 0.5},
+}
 
 
-def make_solver(name: str, options: dict) -> Callable:
+def make_solver(name: str, options: dict) -> Method:
     """The forward solver named by `solver=`, built with its options."""
     if name not in SOLVERS:
         raise ValueError(f"solver={name!r} is not one of {', '.join(SOLVERS)}")
     if name in CONTINUOUS:
         controller = Controller(**{**CONTROLLER_DEFAULTS.get(name, {}), **options})
         if name == "vcab3":
-            return VCAB3(controller)
+            return VCAB3(controller, CONTROLLER_DEFAULTS["bs3"]["h_max"])
         return RungeKutta({"tsit5": TSIT5, "bs3": BS3, "euler": EULER}[name], controller)
     return {"fixed_point": FixedPoint, "anderson": Anderson, "broyden": Broyden}[name](**options)
 
@@ -60,6 +94,8 @@ def solve(
     divergence: float = 1e4,
     solver_options: dict | None = None,
     adjoint_options: dict | None = None,
+    check_every: int | None = None,
+    compile: bool | dict = False,
 ) -> Solution:
     """Solve z* = f(z*) per sample, starting from z0 (a tensor (B, ...) or a list of them).
 
@@ -78,32 +114,42 @@ def solve(
     contraction for the ODE solvers' step-size controller) and of the adjoint (rtol, atol,
     restart, max_iters, warm_start) go in solver_options / adjoint_options.
     `stats.nfe` counts every evaluation of f, including the one that attaches z* to the graph.
+
+    No step reads a tensor on the host: the termination test is read after `check_every`
+    steps, or by default where the slowest sample is predicted to converge (so a solve may
+    take a few steps past the last sample's convergence; stats.steps and stats.nfe count
+    them). compile=True runs f and each solver step through torch.compile (mode
+    "reduce-overhead", CUDA graphs, on a GPU); a dict gives torch.compile's options.
     """
     if adjoint not in ADJOINTS:
         raise ValueError(f"adjoint={adjoint!r} is not one of {', '.join(ADJOINTS)}")
     if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
         raise ValueError(f"max_steps={max_steps!r} must be an integer >= 1")
+    if check_every is not None and (isinstance(check_every, bool) or check_every < 1):
+        raise ValueError(f"check_every={check_every!r} must be None or an integer >= 1")
     termination = Termination(abstol, reltol, divergence)
-    forward = make_solver(solver, solver_options or {})
+    method = make_solver(solver, solver_options or {})
     backward = make_adjoint(adjoint, adjoint_options or {})
     structure = Structure.of(z0)
     f_flat = flat_function(f, structure)
     z = structure.flatten(z0)
-    if backward is None:
-        monitor = Monitor(z, termination)
-        nfe, steps = forward(f_flat, z, monitor, max_steps)
-        stats = SolveStats.from_monitor(monitor, nfe, steps)
-        z_star = monitor.best_z
-        if z_star.requires_grad:
-            z_star.register_hook(lambda v: _count(stats, nfe, v))
-        return Solution(structure.unflatten(z_star), stats)
-    with torch.no_grad():
-        monitor = Monitor(z.detach(), termination)
-        nfe, steps = forward(f_flat, monitor.best_z, monitor, max_steps)
-    stats = SolveStats.from_monitor(monitor, nfe, steps)
-    if torch.is_grad_enabled():
-        z_star = backward.attach(f_flat, monitor.best_z, stats)
-        stats.nfe += 1
-    else:
-        z_star = monitor.best_z
+    attach = torch.is_grad_enabled()
+    record_graph = attach and backward.differentiates_solver
+    options = compile_options(compile, z.device)
+    with torch.set_grad_enabled(record_graph):
+        start = z if record_graph else z.detach()
+        monitor = Monitor(start, termination)
+        nfe, steps = iterate(method, f_flat, start, monitor, max_steps, check_every, options)
+    spent = backward.evaluations if attach else 0
+    stats = SolveStats.from_monitor(monitor, nfe + spent, steps)
+    z_star = backward.attach(f_flat, monitor.best_z, stats) if attach else monitor.best_z
     return Solution(structure.unflatten(z_star), stats)
+
+
+def compile_options(compile: bool | dict, device: torch.device) -> dict | None:
+    """torch.compile's options for `compile=`: None to run eagerly; CUDA graphs on a GPU."""
+    if isinstance(compile, dict):
+        return compile
+    if not compile:
+        return None
+    return {"mode": "reduce-overhead"} if device.type == "cuda" else {}

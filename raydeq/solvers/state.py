@@ -38,6 +38,11 @@ class Structure:
             raise TypeError("all state tensors must share one dtype and one device")
         return Structure(tuple(t.shape for t in tensors), isinstance(z, torch.Tensor))
 
+    @property
+    def is_matrix(self) -> bool:
+        """Whether the state is one (B, N) tensor, its own flat form."""
+        return self.is_tensor and len(self.shapes[0]) == 2
+
     def flatten(self, z: State) -> torch.Tensor:
         """Concatenate the tensors of `z` into one (B, N) matrix (a view for a single tensor)."""
         tensors = (z,) if isinstance(z, torch.Tensor) else tuple(z)
@@ -67,7 +72,10 @@ def flat_function(f: Callable[[State], State], structure: Structure) -> Callable
     """
 
     def f_flat(z: torch.Tensor) -> torch.Tensor:
-        out = structure.flatten(f(structure.unflatten(z)))
+        out = f(z if structure.is_matrix else structure.unflatten(z))
+        # A (B, N) state needs no views: f's output is checked by shape alone.
+        if not (structure.is_matrix and isinstance(out, torch.Tensor) and out.shape == z.shape):
+            out = structure.flatten(out)
         return out if out.dtype == z.dtype else out.to(z.dtype)
 
     return f_flat

@@ -25,12 +25,13 @@ class SolveStats:
     @staticmethod
     def from_monitor(monitor: Monitor, nfe: int, steps: int) -> SolveStats:
         """Collect the statistics a solver's monitor holds at the end of a solve."""
+        status = monitor.codes
         return SolveStats(
             nfe=nfe,
             steps=steps,
             residual=monitor.best_residual.detach(),
-            converged=monitor.status == int(Status.CONVERGED),
-            status=monitor.status,
+            converged=status == int(Status.CONVERGED),
+            status=status,
         )
 
     @property

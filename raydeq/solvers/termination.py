@@ -7,6 +7,13 @@ from dataclasses import dataclass
 
 import torch
 
+# Most steps between two reads of the termination test on the host: a solve overruns its
+# last check by at most this, so it bounds the evaluations a wrong prediction wastes.
+MAX_BLOCK = 16
+# Steps before the next check where a sample's residual does not fall (no rate to predict
+# from): short, so that a diverging or non-finite sample is stopped soon.
+UNKNOWN_BLOCK = 4
+
 
 class Status(enum.IntEnum):
     """Why a sample's solve ended."""
@@ -17,16 +24,10 @@ class Status(enum.IntEnum):
     DIVERGED = 3
 
 
-def rms(x: torch.Tensor) -> torch.Tensor:
-    """Root-mean-square over the features of each sample of a (B, N) matrix: the solver norm."""
-    return torch.linalg.vector_norm(x, dim=1) * x.shape[1] ** -0.5
-
-
-def all_set_on_host(mask: torch.Tensor) -> bool:
-    """Whether every entry of mask is set, read on the host only where that is free (CPU);
-    False on an accelerator, where the read would stall the queue: callers then take the
-    general path, which is right either way."""
-    return mask.device.type == "cpu" and bool(mask.all())
+def norm(x: torch.Tensor) -> torch.Tensor:
+    """2-norm of each sample of a (B, N) matrix as a (B, 1) column, the solvers' scalar shape
+    (a column broadcasts against the state without a reshaping view)."""
+    return torch.linalg.vector_norm(x, dim=1, keepdim=True)
 
 
 @dataclass(frozen=True)
@@ -54,10 +55,13 @@ class Termination:
 
 
 class Monitor:
-    """Tracks, per sample, the best iterate, its residual, whether it still runs and why not.
+    """Per sample: the best iterate and its residual and whether it still runs, recorded on
+    every step in a few tensor operations without a host synchronisation; and, at each
+    check, why the stopped samples stopped and how many steps to take before the next check.
 
-    Norms are kept as plain 2-norms (the tolerances scaled by sqrt(features) once) and the
-    status is decided when read, so that recording an iterate costs few operations.
+    Norms are plain 2-norms in (B, 1) columns (the tolerances scaled by sqrt(features) once).
+    A converged sample stops on the step it converges (the solvers freeze the samples that
+    no longer run); a diverged or non-finite one at the next check.
     """
 
     def __init__(self, z0: torch.Tensor, termination: Termination) -> None:
@@ -66,68 +70,84 @@ class Monitor:
         self.to_rms = features**-0.5  # 2-norm -> RMS norm
         self.abstol_norm = termination.abstol / self.to_rms  # abstol as a 2-norm
         self.best_z = z0
-        self.best_norm = torch.full((batch,), float("inf"), dtype=z0.dtype, device=z0.device)
+        self.best_norm = torch.full((batch, 1), float("inf"), dtype=z0.dtype, device=z0.device)
         self.divergence_bound: torch.Tensor | None = None
-        self.stop_norm = torch.zeros_like(self.best_norm)
-        self.stop_tol = torch.zeros_like(self.best_norm)
-        self.residual_norm = torch.full_like(self.best_norm, float("inf"))
-        self.active = torch.ones(batch, dtype=torch.bool, device=z0.device)
+        self.status = torch.full((batch, 1), int(Status.MAX_STEPS), device=z0.device)
+        self.active = torch.ones(batch, 1, dtype=torch.bool, device=z0.device)
+        self.checked_norm = self.best_norm
 
-    def update(
-        self,
-        z: torch.Tensor,
-        residual: torch.Tensor,
-        mask: torch.Tensor | None = None,
-        norm: torch.Tensor | None = None,
-    ) -> None:
-        """Record iterate z with residual vector f(z) - z for the samples selected by mask, a
-        subset of the active ones (all of them when None); norm is ||f(z) - z|| per sample
-        where the caller has it already. residual_norm keeps it for each sample's last record.
-
-        The first call (every solver makes it for all samples at z0) fixes the divergence bound.
-
-        Comparisons with NaN are false, so a non-finite residual is never "better", never
-        "converged" and never "diverged"; it only stops the sample (Status.NONFINITE).
-        A solver step calls this once, so it is written in few tensor operations.
-        """
-        t = self.termination
-        r = torch.linalg.vector_norm(residual, dim=1) if norm is None else norm
-        if self.divergence_bound is None:
-            self.divergence_bound = t.divergence * r
-        self.residual_norm = r if mask is None else torch.where(mask, r, self.residual_norm)
-        mask = self.active if mask is None else mask
-        better = mask & (r < self.best_norm)
-        # The usual step, where every sample improved, needs no full-width select.
-        if all_set_on_host(better):
-            self.best_z = z
-        else:
-            self.best_z = torch.where(better[:, None], z, self.best_z)
+    def record(self, z: torch.Tensor, r: torch.Tensor, skip: torch.Tensor | None = None) -> None:
+        """Record iterate z with residual 2-norm r (B, 1), except for the samples in skip (a
+        rejected step), and stop those that meet the tolerance there: a sample's result does
+        not depend on the batch it is solved in. Comparisons with NaN are false: a non-finite
+        residual is never better and never converged."""
+        better = r < self.best_norm if skip is None else (r < self.best_norm) > skip
+        self.best_z = torch.where(better, z, self.best_z)
         self.best_norm = torch.where(better, r, self.best_norm)
-        tol = (
-            torch.linalg.vector_norm(z, dim=1).mul_(t.reltol).add_(self.abstol_norm)
-            if t.reltol
-            else self.abstol_norm
+        converged = r <= self._tolerance(z)
+        # On booleans a > b is a & ~b.
+        self.active = self.active > (converged if skip is None else converged > skip)
+
+    def test(self, current: torch.Tensor) -> None:
+        """Give a status to the samples that converged, diverged or went non-finite, given each
+        one's residual 2-norm at its current point (B, 1); no host synchronisation."""
+        t = self.termination
+        if self.divergence_bound is None:
+            self.divergence_bound = t.divergence * current
+        converged = ~self.active
+        failed = torch.where(current.isfinite(), int(Status.DIVERGED), int(Status.NONFINITE))
+        code = torch.where(converged, int(Status.CONVERGED), failed)
+        # NaN compares false, so a non-finite residual also fails the bound.
+        stop = (self.status == int(Status.MAX_STEPS)) & (
+            converged | ~(current <= self.divergence_bound)
         )
-        # A sample runs on while its residual is finite, above tol and within the bound; on
-        # booleans, mask > running is mask & ~running.
-        stop = mask > ((r > tol) & (r <= self.divergence_bound))
-        self.stop_norm = torch.where(stop, r, self.stop_norm)
-        self.stop_tol = torch.where(stop, tol, self.stop_tol)
-        self.active = self.active ^ stop
+        self.status = torch.where(stop, code, self.status)
+        self.active = self.active & ~stop
+
+    def mark(self) -> None:
+        """Start measuring the residual's rate of decrease from here (no host read)."""
+        self.checked_norm = self.best_norm
+
+    def next_block(self, steps: int, every: int | None = None) -> int:
+        """Steps to take before the next test, 0 when no sample runs: the solve's one host
+        synchronisation per check. `every` steps, or by default where the slowest running
+        sample is predicted to converge at its residual's rate over the `steps` since the
+        last mark."""
+        block = self.active.any() * every if every else self._predict(steps)
+        self.mark()
+        return int(block)
+
+    def _tolerance(self, z: torch.Tensor) -> torch.Tensor | float:
+        """abstol + reltol * ||z|| per sample, as a 2-norm."""
+        if not self.termination.reltol:
+            return self.abstol_norm
+        return norm(z).mul_(self.termination.reltol).add_(self.abstol_norm)
+
+    def _predict(self, since: int) -> torch.Tensor:
+        """Steps until the slowest running sample converges at its current rate, in
+        [1, MAX_BLOCK] (UNKNOWN_BLOCK where its residual does not fall), 0 if none runs."""
+        if since == 0:
+            steps = torch.full_like(self.best_norm, UNKNOWN_BLOCK)
+        else:
+            log_rate = (self.best_norm / self.checked_norm).log_() / since
+            # One step of margin: the rate still improves as a transient dies out, so the
+            # prediction runs short more often than long.
+            tol = self._tolerance(self.best_z)
+            steps = (torch.log(tol / self.best_norm) / log_rate).ceil_().add_(1)
+            # A rate is known where the residual fell, over a finite start (not the first check).
+            steps = torch.where(log_rate.isfinite() & (log_rate < 0), steps, UNKNOWN_BLOCK)
+        # At most twice the steps since the last check: early rates, from the transient,
+        # predict too many steps more often than too few.
+        limit = min(MAX_BLOCK, max(UNKNOWN_BLOCK, 2 * since))
+        steps = steps.nan_to_num_(UNKNOWN_BLOCK).clamp_(1, limit)
+        return torch.where(self.active, steps, 0).amax()
 
     @property
     def best_residual(self) -> torch.Tensor:
-        """RMS residual of each sample's best iterate."""
-        return self.best_norm * self.to_rms
+        """RMS residual of each sample's best iterate, (B,)."""
+        return self.best_norm[:, 0] * self.to_rms
 
     @property
-    def status(self) -> torch.Tensor:
-        """Why each sample's solve ended (Status codes); MAX_STEPS for those still running."""
-        stopped = int(Status.NONFINITE) + self.stop_norm.isfinite().long()
-        code = torch.where(self.active, int(Status.MAX_STEPS), stopped)
-        converged = ~self.active & (self.stop_norm <= self.stop_tol)
-        return torch.where(converged, int(Status.CONVERGED), code)
-
-    def running(self) -> bool:
-        """Whether any sample still runs: the one host synchronisation a solver step makes."""
-        return bool(self.active.any())
+    def codes(self) -> torch.Tensor:
+        """Why each sample's solve ended (Status codes, (B,)); MAX_STEPS for those running."""
+        return self.status[:, 0]

@@ -14,11 +14,23 @@ from raydeq.bench.suites import (
     overhead,
     skip,
     skip_lambda,
+    step_cost,
     torchdeq,
     torchdiffeq,
 )
 
-MODULES = (node, skip, skip_lambda, discrete, torchdeq, torchdiffeq, memory, overhead, adjoints)
+MODULES = (
+    node,
+    skip,
+    skip_lambda,
+    discrete,
+    torchdeq,
+    torchdiffeq,
+    memory,
+    overhead,
+    adjoints,
+    step_cost,
+)
 SUITES: dict[str, Callable[[Context], Section]] = {
     module.__name__.rpartition(".")[2]: module.run for module in MODULES
 }

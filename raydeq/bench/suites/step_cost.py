@@ -1,0 +1,116 @@
+"""Cost of a solver step in launches and stalls: aten operations and host syncs per step.
+
+On an accelerator each aten operation is a kernel launch and each host read of a tensor
+(`aten._local_scalar_dense`, behind `.item()`, `bool(t)`, `int(t)`) a stall of the queue, so
+small and medium DEQs are bound by these counts rather than by arithmetic. Counted on the CPU
+over one whole forward solve (no autograd), divided by its steps.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import raydeq
+from raydeq.bench.harness.context import Context
+from raydeq.bench.harness.report import Section, Target
+from raydeq.solvers import SOLVERS
+
+SYNCS = ("_local_scalar_dense", "item", "is_nonzero")
+
+
+@dataclass(frozen=True)
+class StepCostSize:
+    """The dense layer's batch and width."""
+
+    batch: int
+    dim: int
+
+
+SIZES = {
+    "tiny": StepCostSize(batch=8, dim=16),
+    "quick": StepCostSize(batch=64, dim=128),
+    "full": StepCostSize(batch=64, dim=128),
+}
+TOL = 1e-4
+# The issue's targets: at most one host read every four steps, and operations per step
+# within the budget of a launch-bound step (f itself takes 4 of them here).
+SYNC_LIMIT = 0.25
+OPS_LIMITS = {"vcab3": 40, "euler": 30}
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten operations dispatched while active, by name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        """Count func, then run it."""
+        self.ops[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def syncs(self) -> int:
+        """Host reads of tensor values."""
+        return sum(self.ops[name] for name in SYNCS)
+
+
+def dense_layer(batch: int, dim: int, seed: int = 0) -> tuple[Callable, torch.Tensor]:
+    """The issue's problem: f(z) = tanh(W z + x), ||W|| = 0.9 * sqrt-scaled Gaussian, z0 = 0."""
+    g = torch.Generator().manual_seed(seed)
+    w = 0.9 * torch.randn(dim, dim, generator=g) / dim**0.5
+    x = torch.randn(batch, dim, generator=g)
+    return (lambda z: torch.tanh(z @ w.T + x)), torch.zeros(batch, dim)
+
+
+def step_cost(solver: str, batch: int, dim: int, seed: int = 0) -> dict[str, float]:
+    """Steps, evaluations, aten operations and host syncs per step of one forward solve."""
+    f, z0 = dense_layer(batch, dim, seed)
+    with torch.no_grad(), OpCounter() as counter:
+        sol = raydeq.solve(f, z0, solver=solver, abstol=TOL, reltol=0.0, max_steps=1000)
+    steps = sol.stats.steps
+    return {
+        "steps": steps,
+        "nfe": sol.stats.nfe,
+        "ops": sum(counter.ops.values()) / steps,
+        "syncs": counter.syncs / steps,
+        "converged": bool(sol.stats.converged.all()),
+    }
+
+
+def run(ctx: Context) -> Section:
+    """Count every solver's operations and syncs per step."""
+    size = ctx.pick(SIZES)
+    batch, dim = size.batch, size.dim
+    section = Section(
+        name="step_cost",
+        title="Aten operations and host syncs per solver step",
+        columns=["solver", "steps", "NFE", "ops per step", "syncs per step", "converged"],
+        notes=[
+            f"f(z) = tanh(W z + x), batch {batch}, width {dim}, float32, abstol {TOL:g}, "
+            "reltol 0, no autograd; one forward solve counted with a TorchDispatchMode "
+            "(f's own 4 operations included); syncs = aten._local_scalar_dense, item, "
+            "is_nonzero.",
+        ],
+    )
+    for solver in SOLVERS:
+        cost = step_cost(solver, batch, dim, ctx.seed)
+        section.add(
+            solver=solver,
+            steps=cost["steps"],
+            NFE=cost["nfe"],
+            **{"ops per step": cost["ops"], "syncs per step": cost["syncs"]},
+            converged=cost["converged"],
+        )
+        section.targets.append(Target(f"{solver}: syncs per step", cost["syncs"], SYNC_LIMIT))
+        if solver in OPS_LIMITS:
+            section.targets.append(
+                Target(f"{solver}: ops per step", cost["ops"], OPS_LIMITS[solver])
+            )
+    return section

@@ -1,0 +1,176 @@
+"""Step-size control of the steady-state ODE solvers: acceptance and the next step, per sample.
+
+Every quantity is a (B, 1) column and the whole decision is a dozen small tensor operations
+without a host read, so that a step can be queued (or captured) as it stands.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from raydeq.solvers.termination import Termination, norm
+
+Field = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Controller:
+    """PI step-size controller (Hairer & Wanner II.4, Gustafsson): h *= safety * e^-a * e_prev^b
+    with a = 0.7 / k, b = 0.4 / k for a local error of order k.
+
+    The proportional term damps the step-size oscillation of an explicit method at its
+    stability limit near the steady state; with less of it (b = 0.3 / k) BS3 can cycle there
+    without ever meeting the steady-state tolerance.
+
+    With kind="i" it is the plain integral controller (b = 0); with kind="fixed" every step is
+    accepted and h stays h0 (for convergence-order studies). h0 is the first step; None picks
+    it from the problem (one extra evaluation of f). step_rtol > 0 also accepts a local error
+    up to that fraction of the step's own length ||z_new - z||: a steady state needs each step
+    to be a controlled move, not an accurate path, so far from it the steps need not resolve
+    the transient to abstol. contraction > 0 also accepts, whatever its local error, a step
+    whose residual ||f(z_new) - z_new|| is at most that fraction of the residual where it
+    started, and does not shrink h after it (the step-size rule of pseudo-transient
+    continuation: while the residual falls fast the steps are doing their job). h_max caps
+    the step: near the steady state the error estimate no longer limits h (the residual, and
+    with it the error, shrinks), so without a cap h grows until the method is unstable on
+    the flow's fastest modes and the residual stalls; see STEADY_STATE in solve.py.
+    """
+
+    kind: str = "pi"
+    h0: float | None = None
+    safety: float = 0.9
+    min_factor: float = 0.2
+    max_factor: float = 10.0
+    step_rtol: float = 0.0
+    contraction: float = 0.0
+    h_max: float = float("inf")
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("pi", "i", "fixed"):
+            raise ValueError(f"kind={self.kind!r} is not one of 'pi', 'i', 'fixed'")
+        if self.kind == "fixed" and self.h0 is None:
+            raise ValueError("kind='fixed' needs the step size h0")
+        if self.h0 is not None and not self.h0 > 0:
+            raise ValueError(f"h0={self.h0!r} must be > 0")
+        if not self.h_max > 0:
+            raise ValueError(f"h_max={self.h_max!r} must be > 0")
+        for name in ("step_rtol", "contraction"):
+            value = getattr(self, name)
+            if not 0 <= value < 1:
+                raise ValueError(f"{name}={value!r} must be in [0, 1)")
+
+    def first_step(
+        self, field: Field, y: torch.Tensor, k: torch.Tensor, order: int, term: Termination
+    ) -> tuple[torch.Tensor, int]:
+        """The first step size per sample (B, 1) and the evaluations of f spent choosing it."""
+        if self.h0 is not None:
+            return torch.full_like(y[:, :1], self.h0), 0
+        with torch.no_grad():
+            return initial_step(field, y, k, order, term), 1
+
+    def memory(self, like: torch.Tensor) -> torch.Tensor:
+        """The PI term's memory before the first step: safety * e_prev^b with e_prev = 1."""
+        return torch.full_like(like, self.safety)
+
+    def error_ratio(
+        self,
+        h: torch.Tensor | None,
+        error: torch.Tensor,
+        move_norm: Callable[[], torch.Tensor],
+        y_new: torch.Tensor,
+        scales: tuple[torch.Tensor, float, float],
+    ) -> torch.Tensor:
+        """Local error h * ||error|| over sqrt(N) abstol + step_rtol * h * move_norm() +
+        reltol * ||y_new|| (2-norms: RMS tolerances), h * move being the step z_new - z (h
+        None: error and move are the error and the step themselves). move_norm is called only
+        with step_rtol set; a method that has the norm already passes it.
+
+        `scales` holds the three terms' weights relative to the error's (see `scales`). A
+        norm-wise scale instead of an element-wise one: three reductions and four (B, 1)
+        operations per step. Step-size decisions are not differentiated: an unrolled backward
+        sees a fixed step sequence.
+        """
+        floor, step_weight, rel_weight = scales
+        with torch.no_grad():
+            scale = floor
+            if step_weight and h is None:
+                scale = torch.add(scale, move_norm(), alpha=step_weight)
+            elif step_weight:
+                scale = torch.addcmul(scale, h, move_norm(), value=step_weight)
+            if rel_weight:
+                scale = torch.add(scale, norm(y_new), alpha=rel_weight)
+            error_norm = norm(error) if h is None else torch.mul(h, norm(error))
+            return error_norm.div_(scale)
+
+    def scales(
+        self, like: torch.Tensor, term: Termination, error: float, move: float
+    ) -> tuple[torch.Tensor, float, float]:
+        """The weights of error_ratio's scale for an error and a move given as multiples
+        `error` and `move` of the vectors the method passes (its combinations' factored-out
+        weights): the abstol floor as a (B, 1) column, the step_rtol and reltol weights."""
+        root_n = like.shape[1] ** 0.5
+        floor = torch.full_like(like[:, :1], term.abstol * root_n / abs(error))
+        return floor, self.step_rtol * abs(move) / abs(error), term.reltol / abs(error)
+
+    def decide(
+        self,
+        e: torch.Tensor,
+        residual: torch.Tensor,
+        residual_new: torch.Tensor,
+        h: torch.Tensor,
+        memory: torch.Tensor,
+        error_order: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Reject or accept each sample's step from its error ratio e and residual norms
+        before and after; returns (rejected, next h, PI memory). A NaN error is not
+        rejected: the step is taken, and the termination test stops the sample."""
+        if self.kind == "fixed":
+            return torch.zeros_like(e, dtype=torch.bool), h, memory
+        with torch.no_grad():
+            k = error_order + 1
+            rejected = e > 1.0
+            # e = 0 (a zero step) gives an infinite factor, clamped to max_factor.
+            factor = e.pow(-0.7 / k if self.kind == "pi" else -1 / k)
+            factor = factor.mul_(memory).clamp_(self.min_factor, self.max_factor)
+            if self.contraction:
+                contracting = residual_new <= residual * self.contraction
+                # On booleans a > b is a & ~b.
+                rejected = rejected > contracting
+                # max(factor, 1) where contracting (True promotes to 1), factor elsewhere.
+                factor = torch.maximum(factor, contracting)
+            h_next = torch.mul(h, factor)
+            if self.h_max < float("inf"):
+                h_next = h_next.clamp_max_(self.h_max)
+            if self.kind == "pi":
+                # safety * e^b of the last accepted step; capped at e = 1 so that a rejected
+                # step never grows h.
+                kept = e.clamp(1e-4, 1.0).pow_(0.4 / k).mul_(self.safety)
+                memory = torch.where(rejected, memory, kept)
+            return rejected, h_next, memory
+
+
+def initial_step(
+    field: Field, y: torch.Tensor, k: torch.Tensor, order: int, term: Termination
+) -> torch.Tensor:
+    """Starting step per sample (Hairer, Norsett & Wanner, Sec. II.4), (B, 1); one evaluation
+    of f."""
+    scale = term.abstol + term.reltol * y.abs()
+    d0, d1 = rms_column(y / scale), rms_column(k / scale)
+    h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), 1e-6, 0.01 * d0 / d1.clamp_min(1e-30))
+    k1 = field(y + h0 * k)
+    d2 = rms_column((k1 - k) / scale) / h0
+    dmax = torch.maximum(d1, d2)
+    h1 = torch.where(
+        dmax <= 1e-15,
+        (h0 * 1e-3).clamp_min(1e-6),
+        (0.01 / dmax.clamp_min(1e-30)) ** (1 / (order + 1)),
+    )
+    return torch.where(d0 < 1e-5, h1, torch.minimum(100 * h0, h1))
+
+
+def rms_column(x: torch.Tensor) -> torch.Tensor:
+    """RMS over each sample's features, as a (B, 1) column."""
+    return norm(x) * x.shape[1] ** -0.5

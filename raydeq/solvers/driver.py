@@ -1,0 +1,100 @@
+"""The one solver loop: a method's init, then its steps, read on the host every few steps.
+
+A method is an `init` that evaluates f at z0, records it with the monitor and returns its
+carry, and phases of a `step` that advances the carry without reading a tensor on the host
+(VCAB3 has two: its start-up, then Adams steps; the others one).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
+
+import torch
+
+from raydeq.solvers.termination import UNKNOWN_BLOCK, Monitor
+
+Map = Callable[[torch.Tensor], torch.Tensor]
+Carry = Any
+
+# Steps between the reads that end a phase with a `pending` test (VCAB3's start-up needs
+# two accepted steps per sample).
+PHASE_BLOCK = 2
+
+
+@dataclass(frozen=True)
+class Phase:
+    """A run of one kind of step: its evaluations of f, and unless it lasts to the end, the
+    samples that still need it (the phase ends when no running sample does)."""
+
+    step: Callable[[Map, Carry, Monitor], Carry]
+    evaluations: int
+    pending: Callable[[Carry, Monitor], torch.Tensor] | None = None
+
+
+class Method(Protocol):
+    """A forward solver: init, the phases of its step, and its current residual.
+
+    `capturable`: whether its steps have fixed shapes and no host-side state that changes
+    from step to step, so that torch.compile (or a CUDA graph) can capture one for reuse.
+    """
+
+    capturable: bool
+
+    def init(self, f: Map, z: torch.Tensor, monitor: Monitor) -> tuple[Carry, int, int]:
+        """The carry at z0 (recorded with the monitor), the evaluations of f spent and the
+        steps they count as (1 for a root finder, whose evaluation at z0 is its first)."""
+
+    def phases(self) -> tuple[Phase, ...]:
+        """The kinds of step, in order."""
+
+    def residual(self, carry: Carry) -> torch.Tensor:
+        """Residual 2-norm (B, 1) at each sample's current point, for the termination test."""
+
+
+def iterate(
+    method: Method,
+    f: Map,
+    z: torch.Tensor,
+    monitor: Monitor,
+    max_steps: int,
+    check_every: int | None = None,
+    compile_options: dict | None = None,
+) -> tuple[int, int]:
+    """Run method from z until every sample has stopped or max_steps; returns (nfe, steps).
+
+    The termination test is read on the host after `check_every` steps, or by default where
+    the monitor predicts the last running sample to converge: one synchronisation a block.
+    With compile_options, f and (for a capturable method) each kind of step run compiled by
+    torch.compile with those options.
+    """
+    phases = method.phases()
+    if compile_options is not None:
+        f = torch.compile(f, **compile_options)
+        if method.capturable:
+            phases = tuple(
+                replace(p, step=torch.compile(p.step, **compile_options)) for p in phases
+            )
+    carry, nfe, steps = method.init(f, z, monitor)
+    # The first block runs unread: a batch that has converged at z0 is rare enough that a
+    # few wasted steps cost less than a synchronisation on every solve.
+    monitor.test(method.residual(carry))
+    monitor.mark()
+    block, since = check_every or UNKNOWN_BLOCK, 0
+    for phase in phases:
+        while block and steps < max_steps:
+            size = min(PHASE_BLOCK if phase.pending else block, max_steps - steps)
+            for _ in range(size):
+                carry = phase.step(f, carry, monitor)
+            steps, since = steps + size, since + size
+            nfe += size * phase.evaluations
+            if phase.pending is not None and bool(phase.pending(carry, monitor).any()):
+                continue
+            monitor.test(method.residual(carry))
+            block, since = monitor.next_block(since, check_every), 0
+            if phase.pending is not None:
+                break
+    if steps >= max_steps:
+        monitor.test(method.residual(carry))
+    return nfe, steps
