@@ -1,1 +1,2 @@
-"""Experiments on Ray Tune: experiment files -> trials (spec), Tuner and resume (run), results."""
+"""Experiments on Ray Tune: experiment files -> trials (spec), Tuner and resume (run), reports
+kept across resumes (archive), tables and plots (results)."""
