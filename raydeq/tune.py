@@ -152,7 +152,8 @@ def dry_run(experiment: Experiment, num_samples: int | None) -> None:
     for sampled in expand(experiment, num_samples):
         cfg = experiment.trial_config(sampled)
         label = describe(sampled) or experiment.name
-        print(json.dumps({"label": label, "config": cfg.to_dict()}))
+        config = {k: v for k, v in cfg.to_dict().items() if k != "search"}  # a trial has none
+        print(json.dumps({"label": label, "config": config}))
 
 
 def resume_command(args: argparse.Namespace) -> str:

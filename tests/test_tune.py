@@ -22,6 +22,7 @@ from ray.util.state import list_actors
 from raydeq import datasets
 from raydeq import tune as rt
 from raydeq.experiments import archive, results, run, spec
+from raydeq.models import PRESETS
 from raydeq.training import preflight
 from raydeq.training.checkpoint import MANIFEST_FILE
 from raydeq.training.config import ConfigError
@@ -29,7 +30,7 @@ from raydeq.training.config import ConfigError
 ROOT = Path(__file__).resolve().parent.parent
 PAPER_TRIALS = {
     "digits": 6,
-    "mnist_dense": 30,
+    "mnist_dense": 33,
     "cifar10_small": 21,
     "cifar10_large": 21,
     "svhn": 48,
@@ -88,13 +89,73 @@ def test_random_primitives_are_sampled_once_per_sample_and_within_bounds():
     assert isinstance(choice, Categorical)
 
 
+# The paper's section 4, per experiment: solver of the continuous rows, reltol, optimizer
+# settings, steps or epochs, global batch, lambda_skip, and the metric of its table.
+PAPER_SETTINGS = {
+    "mnist_dense": (
+        "tsit5",
+        5e-3,
+        {"optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0, "schedule": "constant"},
+        {"epochs": 25, "lambda_skip": 0.01},
+        32,
+        "test_accuracy",
+    ),
+    "cifar10_small": (
+        "vcab3",
+        5e-2,
+        {"optimizer": "adamw", "weight_decay": 2.5e-6, "schedule": "cosine", "eta_min": 1e-6},
+        {"max_steps": 20000, "lambda_skip": 0.01},
+        128,
+        "test_accuracy",
+    ),
+    "cifar10_large": (
+        "vcab3",
+        5e-2,
+        {"optimizer": "adam", "weight_decay": 0.0, "schedule": "cosine", "eta_min": 1e-6},
+        {"max_steps": 90000, "lambda_skip": 0.01},
+        128,
+        "test_accuracy",
+    ),
+    "imagenet": (
+        "vcab3",
+        5e-2,
+        {"optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 1e-6},
+        {"max_steps": 500000, "lambda_skip": 0.01},
+        64,
+        "test_top5_accuracy",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", PAPER_SETTINGS)
+def test_dry_run_pins_the_papers_settings(name, capsys):
+    solver, reltol, optim, train, batch, metric = PAPER_SETTINGS[name]
+    assert rt.main([name, "--dry-run"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    paper = [row["config"] for row in rows if "(raydeq" not in row["label"]]
+    assert len(paper) >= 6
+    for config in paper:
+        model = config["model"]
+        if model["solver"] not in ("broyden", "anderson") and model["variant"] != "neural_ode":
+            assert model["solver"] == solver, config["model"]
+        assert (model["reltol"] or PRESETS[model["model"]].reltol) == reltol
+        assert {k: config["optim"][k] for k in optim} == pytest.approx(optim)
+        assert {k: config["train"][k] for k in train} == pytest.approx(train)
+        assert config["data"]["batch_size"] == batch and "search" not in config
+    assert spec.load(name).search.metric == metric
+    if name == "imagenet":
+        assert paper[0]["optim"]["milestones"] == [100000, 150000, 250000]
+    extra = [row["config"]["train"]["lambda_skip"] for row in rows if "(raydeq" in row["label"]]
+    assert extra == ([1.0] * 3 if name == "mnist_dense" else [])
+
+
 def test_workers_per_trial_sets_the_trials_workers():
     assert spec.load("digits").trial_config({}).scaling.num_workers == 1
     assert spec.load("digits", ["scaling.num_workers=2"]).trial_config({}).scaling.num_workers == 2
     imagenet = spec.load("imagenet")
     assert [imagenet.trial_config({}).scaling.num_workers, imagenet.base["data"]["batch_size"]] == [
         4,
-        256,
+        64,
     ]
 
 
@@ -102,7 +163,7 @@ def test_an_override_fixes_a_searched_key():
     assert len(spec.expand(spec.load("digits", ["model.variant=skip"]))) == 2
     fixed = spec.load("digits", ["seed=7"])
     assert [fixed.trial_config(s).seed for s in spec.expand(fixed)] == [7, 7, 7]
-    assert len(spec.expand(spec.load("mnist_dense", ["model.solver=vcab3"]))) == 18
+    assert len(spec.expand(spec.load("mnist_dense", ["model.solver=tsit5"]))) == 24
     with pytest.raises(ConfigError, match="model.variant='wide': no variant"):
         spec.load("digits", ["model.variant=wide"])
 
