@@ -2,15 +2,12 @@
 
 import gzip
 import hashlib
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from PIL import Image
-from ray.train import RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
 
 from raydeq import datasets
 from raydeq.training import data
@@ -31,16 +28,6 @@ def mnist_folder(root: Path) -> Path:
 def section(**options: Any) -> data.DataSection:
     """A validated data section with the given options."""
     return validate({"data": options}).data
-
-
-def in_worker(fn: Callable[[], Any], tmp_path: Path) -> Any:
-    """Run `fn` as a Ray Train loop in this process (num_workers=0) and return its value."""
-    trainer = TorchTrainer(
-        lambda: fn(),
-        scaling_config=ScalingConfig(num_workers=0),
-        run_config=RunConfig(name="data", storage_path=str(tmp_path)),
-    )
-    return trainer.fit().return_value
 
 
 def test_digits_are_mnist_shaped_standardised_and_split_80_20():
@@ -186,20 +173,16 @@ def test_eval_shards_cover_the_test_set_once_without_padding():
     assert sorted(parts[0] + parts[1] + parts[2]) == list(range(7))
 
 
-def test_loaders_in_a_ray_train_worker_give_full_batches_and_resume_mid_epoch(tmp_path):
+def test_loaders_give_full_batches_and_resume_mid_epoch():
     cfg = section(batch_size=100, eval_batch_size=64)
-
-    def loop() -> dict:
-        splits = data.load_splits(cfg)
-        train = data.train_loader(splits.train, cfg, seed=0)
-        data.set_position(train, 2, 0)
-        epoch = [labels for _, labels in train]
-        data.set_position(train, 2, 5)
-        rest = [labels for _, labels in train]
-        test = [images.shape[0] for images, _ in data.eval_loader(splits.test, cfg)]
-        return {"epoch": epoch, "rest": rest, "steps": data.steps_per_epoch(train), "test": test}
-
-    out = in_worker(loop, tmp_path)
+    splits = data.load_splits(cfg)
+    train = data.train_loader(splits.train, cfg, seed=0, rank=0, world_size=1)
+    data.set_position(train, 2, 0)
+    epoch = [labels for _, labels in train]
+    data.set_position(train, 2, 5)
+    rest = [labels for _, labels in train]
+    test = [images.shape[0] for images, _ in data.eval_loader(splits.test, cfg, 0, 1)]
+    out = {"epoch": epoch, "rest": rest, "steps": data.steps_per_epoch(train), "test": test}
     assert out["steps"] == 14 == len(out["epoch"])
     assert all(labels.shape == (100,) for labels in out["epoch"])
     assert len(out["rest"]) == 9

@@ -27,6 +27,7 @@ from raydeq import models, train
 from raydeq.training import checkpoint, data, launch, loop, reporting, storage
 from raydeq.training.checkpoint import MANIFEST_FILE, STATE_FILE
 from raydeq.training.config import Config, validate
+from raydeq.training.session import TrainWorker
 from raydeq.training.state import rng_state
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -282,7 +283,7 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_run_when_they_persist
     seen = {}
 
     def train_fn(config: dict) -> None:
-        run = loop.Loop(validate(config))
+        run = loop.Loop(validate(config), TrainWorker())
         seen["before"] = copy.deepcopy(dict(run.state.model.named_parameters()))
         run.run()
         seen["after"] = dict(run.state.model.named_parameters())
@@ -362,7 +363,7 @@ def test_a_killed_worker_is_restarted_from_the_last_checkpoint_without_gaps(ray_
 
 def train_and_save_parameters(config: dict) -> None:
     """Train, then save this worker's parameters and node id next to the run folder."""
-    run = loop.Loop(validate(config))
+    run = loop.Loop(validate(config), TrainWorker())
     run.run()
     rank = ray.train.get_context().get_world_rank()
     record = {

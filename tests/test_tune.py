@@ -308,32 +308,34 @@ def _tune(args: list[str], **popen) -> subprocess.Popen:
     )
 
 
-def _registered_steps(experiment: Path) -> dict[str, int]:
-    """Per trial folder, the step of the newest checkpoint Ray Train has registered."""
-    steps = {}
-    for snapshot in experiment.glob("*/train/checkpoint_manager_snapshot.json"):
-        results = json.loads(snapshot.read_text())["checkpoint_results"]
-        steps[snapshot.parent.parent.name] = max(r["metrics"]["step"] for r in results)
+def _checkpoint_steps(experiment: Path) -> dict[tuple[Path, int], str]:
+    """Every checkpoint folder the trials wrote and its step, with the trial it belongs to."""
+    manifests = experiment.glob(f"**/checkpoint_*/{MANIFEST_FILE}")
+    return {
+        (m.parent, json.loads(m.read_text())["step"]): m.relative_to(experiment).parts[0]
+        for m in manifests
+    }
+
+
+def _newest_steps(experiment: Path) -> dict[str, int]:
+    """Per trial, the step of its newest checkpoint."""
+    steps: dict[str, int] = {}
+    for (_, step), trial in _checkpoint_steps(experiment).items():
+        steps[trial] = max(step, steps.get(trial, 0))
     return steps
 
 
-def _checkpoint_steps(experiment: Path) -> dict[Path, int]:
-    """The step of every checkpoint folder the trials' Train runs wrote."""
-    manifests = experiment.glob(f"*/train/checkpoint_*/{MANIFEST_FILE}")
-    return {m.parent: json.loads(m.read_text())["step"] for m in manifests}
-
-
-def _train_controllers(dashboard: str) -> set[str]:
-    """The ids of the Ray Train controllers alive on the cluster."""
-    alive = [("class_name", "=", "TrainController"), ("state", "=", "ALIVE")]
+def _alive_actors(dashboard: str) -> set[str]:
+    """The ids of the actors alive on the cluster."""
+    alive = [("state", "=", "ALIVE")]
     return {actor.actor_id for actor in list_actors(address=dashboard, filters=alive)}
 
 
-def _wait_for_the_end_of(controllers: set[str], dashboard: str) -> None:
-    """Wait until Ray has ended these Train controllers (those of a killed driver's trials)."""
+def _wait_for_the_end_of(actors: set[str], dashboard: str) -> None:
+    """Wait until Ray has ended these actors (those of a killed driver's trials)."""
     deadline = time.monotonic() + 60
-    while controllers & _train_controllers(dashboard):
-        assert time.monotonic() < deadline, "the killed driver's Train runs live on"
+    while actors & _alive_actors(dashboard):
+        assert time.monotonic() < deadline, "the killed driver's trials live on"
         time.sleep(0.5)
 
 
@@ -361,20 +363,20 @@ def test_a_killed_driver_resumes_every_trial_without_training_a_step_twice(ray_c
     (tmp_path / "e2e.yaml").write_text(yaml.safe_dump(settings))
     argv = [str(tmp_path / "e2e.yaml"), "--storage", str(tmp_path / "runs")]
     experiment = tmp_path / "runs" / "e2e"
-    earlier = _train_controllers(ray_cluster)
+    earlier = _alive_actors(ray_cluster)
     driver = _tune(argv)
     deadline = time.monotonic() + 150
     while not (
         list(experiment.glob("experiment_state-*.json"))
-        and max(_registered_steps(experiment).values(), default=0) >= 80
+        and max(_newest_steps(experiment).values(), default=0) >= 80
     ):
         assert driver.poll() is None, driver.stdout.read().decode()[-3000:]
         assert time.monotonic() < deadline, "no checkpoint at step 80 in time"
         time.sleep(0.2)
     driver.send_signal(signal.SIGKILL)
     driver.wait()
-    _wait_for_the_end_of(_train_controllers(ray_cluster) - earlier, ray_cluster)
-    before = _registered_steps(experiment)
+    _wait_for_the_end_of(_alive_actors(ray_cluster) - earlier, ray_cluster)
+    before = _newest_steps(experiment)
     assert 80 <= max(before.values()) < 160
     written = set(_checkpoint_steps(experiment))
 
@@ -386,11 +388,8 @@ def test_a_killed_driver_resumes_every_trial_without_training_a_step_twice(ray_c
     assert len(rows) == 2
     assert all(row["status"] == "TERMINATED" and row["step"] == 160 for row in rows)
     for trial, step in before.items():
-        new = [
-            n
-            for path, n in _checkpoint_steps(experiment).items()
-            if path not in written and path.parent.parent.name == trial
-        ]
+        checkpoints = _checkpoint_steps(experiment).items()
+        new = [n for (path, n), owner in checkpoints if (path, n) not in written and owner == trial]
         assert min(new) == step + 40, f"{trial} did not continue from step {step}"
     for trial in before:
         steps = _reported_steps(experiment / trial)
@@ -407,7 +406,7 @@ def test_ctrl_c_exits_130_with_the_resume_command_and_that_command_finishes(ray_
     experiment = tmp_path / "runs" / "stop"
     driver = _tune([str(tmp_path / "stop.yaml"), "--storage", str(tmp_path / "runs")])
     deadline = time.monotonic() + 150
-    while max(_registered_steps(experiment).values(), default=0) < 30:
+    while max(_newest_steps(experiment).values(), default=0) < 30:
         assert driver.poll() is None, driver.stdout.read().decode()[-3000:]
         assert time.monotonic() < deadline, "no checkpoint at step 30 in time"
         time.sleep(0.2)
@@ -429,7 +428,7 @@ def test_asha_stops_a_torch_trainer_trial_and_the_next_trial_gets_its_resources(
 ):
     settings = TINY | {
         "train": {"epochs": 1, "max_steps": 60, "report_every": 20},
-        "scaling": {"num_workers": 1, "cpus_per_worker": 2},
+        "scaling": {"num_workers": 2, "cpus_per_worker": 1},
         "search": {
             "variants": [
                 {"label": "fast", "optim.lr": 3.0e-3, "seed": 0},

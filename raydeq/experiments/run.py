@@ -1,9 +1,10 @@
 """Running an experiment on Ray Tune: trials, Tuner, schedulers, concurrency and resume.
 
-Each trial is a function trainable that fits a Ray Train `TorchTrainer` (K DDP workers; one
-trial can span GPUs and nodes) in `<trial>/train` and forwards its reports to Tune. The settings
-a run started with are stored in the experiment folder, so `--resume` and `--report` use the
-same ones.
+A trial with K > 1 workers is a function trainable that fits a Ray Train `TorchTrainer` (K DDP
+workers; one trial can span GPUs and nodes) in `<trial>/train` and forwards its reports to Tune;
+a trial with one worker runs the training loop in its own process (`session.TuneTrial`), its
+checkpoints in the trial folder and its TensorBoard in `<trial>/train`. The settings a run
+started with are stored in the experiment folder, so `--resume` and `--report` use the same ones.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ from ray.tune.search import BasicVariantGenerator
 from raydeq.experiments.archive import archive_results
 from raydeq.experiments.spec import Experiment, describe, from_dict, merge, trial_name
 from raydeq.training import launch
-from raydeq.training.config import ConfigError
+from raydeq.training.config import Config, ConfigError
 from raydeq.training.reporting import progress_line
+from raydeq.training.session import TuneTrial
 from raydeq.training.storage import exists, read_text, write_bytes
 
 SETTINGS_FILE = "experiment.yaml"
@@ -49,12 +51,31 @@ class Options:
 
 
 def run_trial(sampled: dict[str, Any], *, experiment: Experiment, path: str, gpus: float) -> None:
-    """One trial: fit (or resume) its TorchTrainer in `<trial>/train`, reporting to Tune."""
+    """One trial: train (or resume) in this process with one worker, else fit its
+    TorchTrainer in `<trial>/train`; either reports to Tune."""
     trial_dir = f"{path.rstrip('/')}/{tune.get_context().get_trial_name()}"
     where = {"name": TRAIN_RUN, "label": describe(sampled), "storage_path": trial_dir}
     cfg = experiment.trial_config(merge(sampled, where))
+    if in_process(cfg):
+        from raydeq.training.loop import Loop  # the trial's process trains (see launch)
+
+        Loop(cfg, TuneTrial(trial_dir, use_gpu=gpus > 0)).run()
+        return
     scaling = launch.scaling_config(cfg, gpus, reserve_cpu=TRIAL_CPU)
     launch.trainer(cfg, scaling, callbacks=[TuneReportCallback()]).fit()
+
+
+def in_process(cfg: Config) -> bool:
+    """True when a trial trains in its own process: it has one worker."""
+    return cfg.scaling.num_workers == 1
+
+
+def trial_resources(cfg: Config, gpus: float) -> dict[str, float]:
+    """What a trial's process holds: its one worker's CPUs and GPU, or a sliver beside its
+    Train run's workers."""
+    if not in_process(cfg):
+        return {"CPU": TRIAL_CPU}
+    return {"CPU": cfg.scaling.cpus_per_worker} | ({"GPU": gpus} if gpus else {})
 
 
 def concurrency(experiment: Experiment, gpus: float) -> int:
@@ -125,9 +146,10 @@ def tuner(experiment: Experiment, path: str, options: Options, resume: bool) -> 
     Tune's own TensorBoard logger is left out (JSON and CSV only): the trials' Train runs write
     TensorBoard themselves, and a second stream would restart its x-axis after a resume.
     """
+    cfg = experiment.trial_config({})
     trainable = tune.with_resources(
         functools.partial(run_trial, experiment=experiment, path=path, gpus=options.gpus),
-        {"CPU": TRIAL_CPU},
+        trial_resources(cfg, options.gpus),
     )
     if resume:
         archive_results(path)
@@ -158,6 +180,11 @@ def tuner(experiment: Experiment, path: str, options: Options, resume: bool) -> 
             name=name,
             storage_path=storage,
             sync_config=tune.SyncConfig(sync_period=SYNC_PERIOD_S),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            # Restarts of a trial that trains in its own process (a Train run restarts its own).
+            failure_config=tune.FailureConfig(
+                max_failures=cfg.scaling.max_failures if in_process(cfg) else 0
+            ),
             callbacks=[JsonLoggerCallback(), CSVLoggerCallback(), TrialLines()],
             verbose=0,
         ),

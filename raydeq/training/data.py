@@ -1,10 +1,9 @@
-"""Datasets and Ray Train data loaders: digits here, the torchvision-read ones in `vision`.
+"""Datasets and per-worker data loaders: digits here, the torchvision-read ones in `vision`.
 
 Each training worker reads its own shard: the train loader samples with a seeded
 `DistributedSampler` for the worker's rank (so shuffling is reproducible and an epoch can be
 resumed part-way), the test loader reads every world_size-th sample without padding (so test
-accuracy is exact), and both are passed through `ray.train.torch.prepare_data_loader`, which
-moves batches to the worker's device.
+accuracy is exact). The loop moves the batches to its device.
 """
 
 import itertools
@@ -13,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import ray.train.torch
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, TensorDataset
@@ -150,23 +148,22 @@ def _loader_options(cfg: DataSection) -> dict:
     }
 
 
-def train_loader(dataset: Dataset, cfg: DataSection, seed: int) -> DataLoader:
-    """This worker's shuffled shard of `dataset` in full batches of its share of batch_size."""
-    context = ray.train.get_context()
-    world_size = context.get_world_size()
+def train_loader(
+    dataset: Dataset, cfg: DataSection, seed: int, rank: int, world_size: int
+) -> DataLoader:
+    """Worker `rank`'s shuffled shard of `dataset` in full batches of its share of batch_size."""
     if cfg.batch_size % world_size:
         raise DataError(
             f"data.batch_size={cfg.batch_size} does not split over {world_size} workers"
         )
-    sampler = ShardSampler(dataset, world_size, context.get_world_rank(), seed)
-    loader = DataLoader(
+    sampler = ShardSampler(dataset, world_size, rank, seed)
+    return DataLoader(
         dataset,
         batch_size=cfg.batch_size // world_size,
         sampler=sampler,
         drop_last=True,
         **_loader_options(cfg),
     )
-    return ray.train.torch.prepare_data_loader(loader)
 
 
 def eval_shard(dataset: Dataset, rank: int, world_size: int) -> Subset:
@@ -174,12 +171,10 @@ def eval_shard(dataset: Dataset, rank: int, world_size: int) -> Subset:
     return Subset(dataset, range(rank, len(dataset), world_size))
 
 
-def eval_loader(dataset: Dataset, cfg: DataSection) -> DataLoader:
-    """This worker's share of `dataset` (see `eval_shard`), in order, on the worker's device."""
-    context = ray.train.get_context()
-    shard = eval_shard(dataset, context.get_world_rank(), context.get_world_size())
-    loader = DataLoader(shard, batch_size=cfg.eval_batch_size, **_loader_options(cfg))
-    return ray.train.torch.prepare_data_loader(loader, add_dist_sampler=False)
+def eval_loader(dataset: Dataset, cfg: DataSection, rank: int, world_size: int) -> DataLoader:
+    """Worker `rank`'s share of `dataset` (see `eval_shard`), in order."""
+    shard = eval_shard(dataset, rank, world_size)
+    return DataLoader(shard, batch_size=cfg.eval_batch_size, **_loader_options(cfg))
 
 
 def steps_per_epoch(loader: DataLoader) -> int:

@@ -72,8 +72,9 @@ def connect(log_to_driver: bool = True) -> None:
 def train_loop(config: dict[str, Any]) -> None:
     """Ray Train's per-worker function: validate the config dict and run the loop."""
     from raydeq.training.loop import Loop  # in the workers only (see the module docstring)
+    from raydeq.training.session import TrainWorker
 
-    Loop(validate(config)).run()
+    Loop(validate(config), TrainWorker()).run()
 
 
 def gpus_per_worker(cfg: Config) -> float:

@@ -12,11 +12,9 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from contextlib import AbstractContextManager
+from collections.abc import Iterable, Iterator
 from typing import Any
 
-import ray.train
-import ray.train.torch
 import torch
 from torch import Tensor, nn
 
@@ -26,6 +24,7 @@ from raydeq.training.checkpoint import restore
 from raydeq.training.config import Config
 from raydeq.training.objective import STEP_METRICS, Evaluation, Objective, clock, evaluate
 from raydeq.training.reporting import Meter, Reporter, all_gather, all_sum
+from raydeq.training.session import Session
 from raydeq.training.state import TrainState, make_optimizer, make_scheduler, rng_state
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -36,29 +35,23 @@ class NonFiniteError(RuntimeError):
     """Training stopped after too many steps in a row with a non-finite loss or gradient."""
 
 
-def checkpoint_candidates() -> list[AbstractContextManager[str]]:
-    """The run's checkpoints as local folders, newest first: Ray's latest, then older by step."""
-    latest = ray.train.get_checkpoint()
-    if latest is None:
-        return []
-    kept = ray.train.get_all_reported_checkpoints()
-    older = [r for r in kept if r.checkpoint.path != latest.path]
-    older.sort(key=lambda r: r.metrics.get("step", -1), reverse=True)
-    return [c.as_directory() for c in [latest, *(r.checkpoint for r in older)]]
+def on_device(batches: Iterable[tuple[Tensor, Tensor]], device: torch.device) -> Iterator:
+    """The batches moved to `device` (asynchronously from pinned memory)."""
+    for images, labels in batches:
+        yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
 
 
 class Loop:
-    """The training loop of one Ray Train worker."""
+    """The training loop of one worker, in a Ray Train worker or a Tune trial (`session`)."""
 
-    def __init__(self, cfg: Config) -> None:
-        context = ray.train.get_context()
+    def __init__(self, cfg: Config, session: Session) -> None:
         self.cfg = cfg
-        self.rank, self.world = context.get_world_rank(), context.get_world_size()
-        self.device = ray.train.torch.get_device()
+        self.session = session
+        self.rank, self.world, self.device = session.rank, session.world, session.device
         torch.manual_seed(cfg.seed)
         splits = data.load_splits(cfg.data)
-        self.train_data = data.train_loader(splits.train, cfg.data, cfg.seed)
-        self.test_data = data.eval_loader(splits.test, cfg.data)
+        self.train_data = data.train_loader(splits.train, cfg.data, cfg.seed, self.rank, self.world)
+        self.test_data = data.eval_loader(splits.test, cfg.data, self.rank, self.world)
         self.steps_per_epoch = data.steps_per_epoch(self.train_data)
         if self.steps_per_epoch == 0:
             raise ValueError(
@@ -69,10 +62,10 @@ class Loop:
         self.total_steps = min(cfg.train.max_steps or epochs_steps, epochs_steps)
         self.objective = Objective(cfg.train.lambda_skip, cfg.train.lambda_jac)
         module = models.build(cfg.model_options())
-        saved = restore(checkpoint_candidates())
+        saved = restore(session.checkpoints())
         if saved is not None:
             module.load_state_dict(saved["model"])
-        self.model = ray.train.torch.prepare_model(module)
+        self.model = session.prepare_model(module)
         optimizer = make_optimizer(cfg.optim, self.model.parameters())
         scheduler = make_scheduler(cfg.optim, optimizer, self.total_steps, self.steps_per_epoch)
         scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.train.amp == "fp16")
@@ -82,7 +75,8 @@ class Loop:
         self.state.seed_workers(saved, cfg.seed, self.rank, self.world)
         keys = STEP_METRICS + tuple(f"pretrain_{k}" for k in PRETRAIN_METRICS)
         self.meter = Meter(keys)
-        self.reporter = Reporter(cfg.run_dir, cfg.label or cfg.name, self.rank, self.state.step)
+        name = cfg.label or cfg.name
+        self.reporter = Reporter(cfg.run_dir, name, self.rank, self.state.step, session.report)
 
     def autocast(self) -> torch.autocast:
         """Mixed precision as configured (train.amp), or a disabled autocast."""
@@ -164,7 +158,7 @@ class Loop:
     def evaluate(self) -> dict[str, float]:
         """Test metrics over every worker's test shard (train.eval_batches of it, 0 = all)."""
         limit = self.cfg.train.eval_batches or None
-        batches = itertools.islice(self.test_data, limit)
+        batches = on_device(itertools.islice(self.test_data, limit), self.device)
         totals = evaluate(self.state.model, batches, self.device, self.autocast())
         return Evaluation(*all_sum(totals.totals(), self.device)).metrics()
 
@@ -204,7 +198,8 @@ class Loop:
         while self.state.step < self.total_steps:
             epoch, position = divmod(self.state.step, self.steps_per_epoch)
             data.set_position(self.train_data, epoch, position)
-            batches = iter(itertools.islice(self.train_data, self.total_steps - self.state.step))
+            left = itertools.islice(self.train_data, self.total_steps - self.state.step)
+            batches = on_device(left, self.device)
             while True:
                 waited = time.perf_counter()
                 batch = next(batches, None)

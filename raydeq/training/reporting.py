@@ -1,8 +1,8 @@
 """What a worker tells the world: interval means, TensorBoard, a progress line, Ray reports.
 
 Rank 0 writes TensorBoard scalars per step under `<run>/tensorboard` and prints one progress
-line per report; every worker reports the interval's means to Ray Train, with a checkpoint
-written by rank 0 when asked.
+line per report; every worker reports the interval's means to Ray (Train or Tune, through the
+session), with a checkpoint written by rank 0 when asked.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import ray.train
 import torch
 import torch.distributed as dist
 from ray.train import Checkpoint
@@ -93,12 +92,16 @@ class Meter:
         }
 
 
-class Reporter:
-    """TensorBoard and progress lines on rank 0, and reports (with checkpoints) to Ray Train."""
+Report = Callable[[dict[str, float], Checkpoint | None], None]
 
-    def __init__(self, run_dir: str, name: str, rank: int, resumed_step: int) -> None:
+
+class Reporter:
+    """TensorBoard and progress lines on rank 0, and reports (with checkpoints) to Ray."""
+
+    def __init__(self, run_dir: str, name: str, rank: int, resumed_step: int, send: Report) -> None:
         self.name = name
         self.rank = rank
+        self.send = send
         self.writer = None
         if rank == 0:
             purge = resumed_step + 1 if resumed_step else None
@@ -118,9 +121,9 @@ class Reporter:
     def report(
         self, metrics: dict[str, float], state: Callable[[], dict[str, Any]] | None = None
     ) -> None:
-        """Report to Ray Train; with `state` (a collective call), also a checkpoint of it."""
+        """Report to Ray; with `state` (a collective call), also a checkpoint of it."""
         if state is None:
-            ray.train.report(metrics)
+            self.send(metrics, None)
             return
         payload = state()
         if self.writer is not None:
@@ -130,7 +133,7 @@ class Reporter:
             if self.rank == 0:
                 folder = write_checkpoint(payload, Path(root) / "checkpoint")
                 saved = Checkpoint.from_directory(str(folder))
-            ray.train.report(metrics, checkpoint=saved)
+            self.send(metrics, saved)
 
     def close(self) -> None:
         """Flush and close TensorBoard."""

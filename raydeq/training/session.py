@@ -1,0 +1,103 @@
+"""Where the training loop runs: a Ray Train worker, or a Ray Tune trial's own process.
+
+A run with K workers is a Ray Train run (DDP, worker restarts). A Tune trial with one worker
+needs none of that: Ray Train would start a controller, a worker and four helper actors for it,
+most of a small trial's cost, so the loop runs in the trial's process and reports to Tune.
+The loop sees one interface either way: rank, world size, device, checkpoints, report.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from contextlib import AbstractContextManager
+from typing import Any
+
+import pyarrow.fs
+import ray.train
+import ray.train.torch
+import ray.tune
+import torch
+from ray.train import Checkpoint
+from torch import nn
+
+from raydeq.training.storage import filesystem
+
+CHECKPOINT_PREFIX = "checkpoint_"
+
+
+class Session(ABC):
+    """The loop's view of the process it runs in."""
+
+    rank: int
+    world: int
+    device: torch.device
+
+    @abstractmethod
+    def checkpoints(self) -> list[AbstractContextManager[str]]:
+        """The run's checkpoints as local folders, newest first."""
+
+    @abstractmethod
+    def prepare_model(self, module: nn.Module) -> nn.Module:
+        """The module on this process's device (wrapped for DDP across workers)."""
+
+    @abstractmethod
+    def report(self, metrics: dict[str, Any], checkpoint: Checkpoint | None) -> None:
+        """Report the metrics, with the checkpoint when one is given."""
+
+
+class TrainWorker(Session):
+    """One worker of a Ray Train run."""
+
+    def __init__(self) -> None:
+        context = ray.train.get_context()
+        self.rank, self.world = context.get_world_rank(), context.get_world_size()
+        self.device = ray.train.torch.get_device()
+
+    def checkpoints(self) -> list[AbstractContextManager[str]]:
+        """Ray Train's latest checkpoint, then the older ones it keeps, by step."""
+        latest = ray.train.get_checkpoint()
+        if latest is None:
+            return []
+        kept = ray.train.get_all_reported_checkpoints()
+        older = [r for r in kept if r.checkpoint.path != latest.path]
+        older.sort(key=lambda r: r.metrics.get("step", -1), reverse=True)
+        return [c.as_directory() for c in [latest, *(r.checkpoint for r in older)]]
+
+    def prepare_model(self, module: nn.Module) -> nn.Module:
+        """Ray Train's device placement and DDP wrapping."""
+        return ray.train.torch.prepare_model(module)
+
+    def report(self, metrics: dict[str, Any], checkpoint: Checkpoint | None) -> None:
+        """Report to Ray Train (every worker calls it; rank 0 gives the checkpoint)."""
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+class TuneTrial(Session):
+    """The process of a Ray Tune trial that trains with one worker, in `trial_dir`."""
+
+    def __init__(self, trial_dir: str, use_gpu: bool) -> None:
+        self.trial_dir = trial_dir.rstrip("/")
+        self.rank, self.world = 0, 1
+        self.device = torch.device("cuda" if use_gpu else "cpu")
+
+    def checkpoints(self) -> list[AbstractContextManager[str]]:
+        """Every checkpoint in the trial's folder, newest first.
+
+        Read from storage rather than from Tune's trial state: the driver saves that state
+        only now and then, so after the driver is killed it can name an older checkpoint than
+        the newest one written, and the steps between would be trained twice.
+        """
+        fs, root = filesystem(self.trial_dir)
+        found = fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
+        folders = [i.path for i in found if i.type == pyarrow.fs.FileType.Directory]
+        folders = [p for p in folders if p.rsplit("/", 1)[-1].startswith(CHECKPOINT_PREFIX)]
+        newest_first = sorted(folders, reverse=True)
+        return [Checkpoint(path, filesystem=fs).as_directory() for path in newest_first]
+
+    def prepare_model(self, module: nn.Module) -> nn.Module:
+        """The module on the trial's device."""
+        return module.to(self.device)
+
+    def report(self, metrics: dict[str, Any], checkpoint: Checkpoint | None) -> None:
+        """Report to Ray Tune, which stores the checkpoint in the trial's folder."""
+        ray.tune.report(metrics, checkpoint=checkpoint)
