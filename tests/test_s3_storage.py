@@ -16,6 +16,7 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from raydeq.training import checkpoint, reporting
+from raydeq.training.eventlog import EventLog
 
 moto_server = pytest.importorskip("moto.server")
 BUCKET = "raydeq-runs"
@@ -39,6 +40,7 @@ def s3() -> pyarrow.fs.S3FileSystem:
 
 def download(s3: pyarrow.fs.S3FileSystem, folder: str, target: Path) -> list[Path]:
     """Copy a folder of the bucket to `target`; the local files."""
+    target.mkdir(parents=True)
     pyarrow.fs.copy_files(folder, str(target), source_filesystem=s3)
     return sorted(path for path in target.rglob("*") if path.is_file())
 
@@ -77,3 +79,24 @@ def test_an_experiment_on_s3_keeps_checkpoints_tensorboard_and_results_there(
     assert [e.step for e in events.Scalars("train_loss")] == [1, 2, 3, 4, 5, 6]
     assert [e.step for e in events.Scalars("test_accuracy")] == [6]
     assert events.Scalars("test_accuracy")[0].value == pytest.approx(row["test_accuracy"])
+
+
+def test_events_on_s3_are_segments_up_to_each_flush_and_a_resume_replaces_the_rest(s3, tmp_path):
+    folder = f"s3://{BUCKET}/run/tensorboard"
+    first = EventLog(folder)
+    for step in range(1, 6):
+        first.add_scalar("loss", 10.0 - step, step)
+        if step == 3:
+            first.flush()  # a checkpoint at step 3
+    assert len(download(s3, f"{BUCKET}/run/tensorboard", tmp_path / "early")) == 1
+    resumed = EventLog(folder, purge_step=4)  # the first writer died after step 5
+    for step in range(4, 7):
+        resumed.add_scalar("loss", 20.0 - step, step)
+    resumed.close()
+    files = download(s3, f"{BUCKET}/run/tensorboard", tmp_path / "events")
+    assert len(files) == 2 and files == sorted(files)
+    events = EventAccumulator(str(tmp_path / "events"))
+    events.Reload()
+    values = [(e.step, e.value) for e in events.Scalars("loss")]
+    assert values == [(1, 9.0), (2, 8.0), (3, 7.0), (4, 16.0), (5, 15.0), (6, 14.0)]
+    first.writer.close()
