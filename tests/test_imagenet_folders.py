@@ -196,6 +196,7 @@ def test_stage_to_is_for_image_folders_only():
         ("unknown val class", "val/ has class folders that train/ lacks: n09999999"),
         ("no train classes", "train/ has no class folders (expected train/<class>/<image>)"),
         ("unlabelled image", "val/ILSVRC2012_val_00000501.JPEG has no label in LOC_val_solution"),
+        ("malformed labels", "the labels of val/ are malformed (KeyError: 'PredictionString')"),
     ],
 )
 def test_a_broken_layout_is_one_line_from_the_preflight_before_ray(
@@ -209,6 +210,8 @@ def test_a_broken_layout_is_one_line_from_the_preflight_before_ray(
     if breakage == "no train classes":
         shutil.rmtree(root / "train")
         (root / "train").mkdir()
+    if breakage == "malformed labels":
+        (root / folders.KAGGLE_LABELS).write_text("ImageId,Label\nILSVRC2012_val_00000001,n0\n")
     if breakage == "unlabelled image":
         (root / "val" / "ILSVRC2012_val_00000501.JPEG").write_bytes(jpeg(0))
     settings = {"model": {"model": "imagenet_small"}, "storage_path": str(tmp_path / "runs")}

@@ -110,11 +110,17 @@ def _devkit_labels(meta: bytes, ground_truth: bytes) -> Callable[[str], str | No
 
 def _flat_labels(root: Path, count: int) -> tuple[Callable[[str], str | None], str]:
     """The labeller of flat validation images and the file it reads, or a DataError."""
-    if (root / KAGGLE_LABELS).is_file():
-        return _kaggle_labels(root / KAGGLE_LABELS), KAGGLE_LABELS
-    devkit = _devkit_files(root)
-    if devkit is not None:
-        return _devkit_labels(*devkit), f"{DEVKIT}/{GROUND_TRUTH}"
+    try:
+        if (root / KAGGLE_LABELS).is_file():
+            return _kaggle_labels(root / KAGGLE_LABELS), KAGGLE_LABELS
+        devkit = _devkit_files(root)
+        if devkit is not None:
+            return _devkit_labels(*devkit), f"{DEVKIT}/{GROUND_TRUTH}"
+    except (KeyError, IndexError, ValueError, AttributeError, tarfile.TarError) as err:
+        raise DataError(
+            f"dataset 'imagenet' in {root} is unreadable: the labels of val/ are malformed "
+            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+        ) from None
     raise DataError(
         f"dataset 'imagenet' in {root} is unreadable: val/ holds {count} images but no class "
         f"folders and no labels for them; put {KAGGLE_LABELS}, {DEVKIT}/ or {DEVKIT}.tar.gz "
