@@ -5,6 +5,8 @@ the state API can list actors). Tests marked `multinode` build their own multi-n
 so they run after all the others, once the shared cluster has been shut down.
 """
 
+import os
+import socket
 from collections.abc import Iterator
 
 import pytest
@@ -17,6 +19,23 @@ from raydeq.training.launch import runtime_env
 def pytest_configure(config: pytest.Config) -> None:
     """Register the `multinode` marker."""
     config.addinivalue_line("markers", "multinode: builds its own multi-node Ray cluster")
+    os.environ.update(local_s3_settings())
+
+
+def local_s3_settings() -> dict[str, str]:
+    """S3 settings for every process of the session, Ray's workers included (they inherit them
+    when the first cluster starts): a local endpoint that the S3 test serves, so that no test
+    ever reaches a real account."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

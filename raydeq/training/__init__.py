@@ -1,2 +1,3 @@
 """Training: config and its schema, objective, checkpoint, state, reporting, the per-worker
-loop, launch (Ray Train), preflight checks, storage, and the data (data, vision)."""
+loop, launch (Ray Train), preflight checks, storage and TensorBoard events on it (eventlog), and
+the data (data, vision; image folders listed once in folders, staged to local disk in staging)."""

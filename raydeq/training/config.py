@@ -44,7 +44,8 @@ ODE_ONLY = ("t1",)
 # Settings that do not change the trained model, so that changing them resumes the same run.
 OUTSIDE_HASH = ("name", "label", "storage_path", "search", "scaling")
 OUTSIDE_HASH += ("train.report_every", "train.checkpoint_every", "train.keep_checkpoints")
-OUTSIDE_HASH += ("train.eval_batches", "data.loader_workers", "data.pin_memory")
+OUTSIDE_HASH += ("train.eval_batches", "data.loader_workers", "data.pin_memory", "data.stage_to")
+STAGED_DATASETS = ("imagenet",)
 _NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
@@ -70,6 +71,7 @@ class DataSection:
 
     dataset: str = option("digits", choices=DATASETS)
     data_dir: str | None = option(None)
+    stage_to: str | None = option(None)  # node-local folder to copy data_dir's files to first
     download: bool = option(False)
     augment: bool = option(True)  # the dataset's standard training augmentation (see data.py)
     batch_size: int = option(32, ge=1)  # global: split evenly over the workers
@@ -186,6 +188,11 @@ def _check_together(cfg: Config) -> None:
         )
     if data.download and data.dataset not in DOWNLOADABLE:
         raise ConfigError(f"data.download: only {', '.join(DOWNLOADABLE)} can be downloaded")
+    if data.stage_to is not None and data.dataset not in STAGED_DATASETS:
+        raise ConfigError(
+            f"data.stage_to: dataset {data.dataset!r} is read in place; only "
+            f"{', '.join(STAGED_DATASETS)} (many small files) is staged to local disk"
+        )
     if len(data.fake_shape) != 3:
         raise ConfigError(
             f"data.fake_shape: expected [channels, height, width], got {data.fake_shape}"
@@ -259,11 +266,12 @@ def validate(raw: Mapping[str, Any]) -> Config:
     cfg = build_section(Config, raw, "")
     _check_together(cfg)
     data_dir = None if cfg.data.data_dir is None else absolute(cfg.data.data_dir)
+    stage_to = None if cfg.data.stage_to is None else absolute(cfg.data.stage_to)
     lambda_skip = cfg.train.lambda_skip
     cfg = dataclasses.replace(
         cfg,
         storage_path=absolute(cfg.storage_path),
-        data=dataclasses.replace(cfg.data, data_dir=data_dir),
+        data=dataclasses.replace(cfg.data, data_dir=data_dir, stage_to=stage_to),
         train=dataclasses.replace(
             cfg.train,
             lambda_skip=PRESETS[cfg.model.model].lambda_skip

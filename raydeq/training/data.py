@@ -112,6 +112,8 @@ def load_splits(cfg: DataSection) -> Splits:
         from raydeq.training.vision import BUILDERS
 
         return BUILDERS[cfg.dataset](cfg)
+    except DataError:
+        raise
     except (OSError, RuntimeError, ValueError) as err:
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
         where = f" in {cfg.data_dir}" if cfg.data_dir else ""

@@ -1,4 +1,5 @@
-"""Checks that run in the driver before Ray starts: the data folder, the model, the storage."""
+"""Checks that run in the driver before Ray starts: the data folder (an image folder is listed
+here, once, into the index its workers read), the model, the storage."""
 
 from __future__ import annotations
 
@@ -28,8 +29,13 @@ def check_model(cfg: Config) -> None:
 
 
 def check_run(cfg: Config, storage: bool = True) -> None:
-    """Check the data folder, the model and (with `storage`) the storage before Ray starts."""
+    """Check the data folder (and index an image folder), the model and (with `storage`) the
+    storage before Ray starts."""
     data.check_files(cfg.data)
+    if cfg.data.dataset == "imagenet":
+        from raydeq.training.folders import load_index  # torchvision: for image folders only
+
+        load_index(cfg.data.data_dir)
     check_model(cfg)
     if storage:
         check_storage(cfg.storage_path)

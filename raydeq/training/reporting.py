@@ -1,8 +1,8 @@
 """What a worker tells the world: interval means, TensorBoard, a progress line, Ray reports.
 
-Rank 0 writes TensorBoard scalars per step under `<run>/tensorboard` and prints one progress
-line per report; every worker reports the interval's means to Ray (Train or Tune, through the
-session), with a checkpoint written by rank 0 when asked.
+Rank 0 writes TensorBoard scalars per step under `<run>/tensorboard` (`eventlog`: also on
+s3://) and prints one progress line per report; every worker reports the interval's means to
+Ray (Train or Tune, through the session), with a checkpoint written by rank 0 when asked.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from ray.train import Checkpoint
-from torch.utils.tensorboard import SummaryWriter
 
 from raydeq.training.checkpoint import write_checkpoint
+from raydeq.training.eventlog import EventLog
 
 TENSORBOARD_DIR = "tensorboard"
 log = logging.getLogger("raydeq")
@@ -105,7 +105,7 @@ class Reporter:
         self.writer = None
         if rank == 0:
             purge = resumed_step + 1 if resumed_step else None
-            self.writer = SummaryWriter(os.path.join(run_dir, TENSORBOARD_DIR), purge_step=purge)
+            self.writer = EventLog(os.path.join(run_dir, TENSORBOARD_DIR), purge)
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         """Write scalars to TensorBoard (rank 0)."""

@@ -1,7 +1,8 @@
 """The datasets read through torchvision: mnist10k (embedded), MNIST, CIFAR-10, SVHN, ImageNet
-folders and FakeData, each with its standard training augmentation."""
+folders (listed once, optionally staged to local disk) and FakeData, each with its standard
+training augmentation."""
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 
@@ -10,10 +11,13 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import datasets
 from torchvision import transforms as T
+from torchvision.datasets.folder import default_loader
 
 from raydeq.datasets import mnist10k
 from raydeq.training.config import DataSection
 from raydeq.training.data import Splits, image_shape
+from raydeq.training.folders import SPLITS, load_index
+from raydeq.training.staging import stage
 
 MNIST_STATS = ((0.1307,), (0.3081,))
 CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
@@ -94,16 +98,42 @@ def _svhn(cfg: DataSection) -> Splits:
     return Splits(make(split="train"), make(split="test"), image_shape(cfg), 10)
 
 
+class FileImages(Dataset):
+    """Image files under `root` (paths relative to it) with their labels, each passed through
+    `transform`; read with torchvision's loader (RGB)."""
+
+    def __init__(
+        self, root: Path, files: Sequence[str], labels: Sequence[int], transform: Callable
+    ) -> None:
+        self.root, self.files, self.labels, self.transform = root, files, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image = default_loader(self.root / self.files[index])
+        return self.transform(image), self.labels[index]
+
+
 def _imagenet(cfg: DataSection) -> Splits:
-    """ImageNet `train/` and `val/` folders: resize + center crop; augmentation: RandomResizedCrop
-    + flip for training."""
+    """ImageNet `train/` and `val/` from the folder's index (listed once, see `folders`), read
+    from the node-local copy when `stage_to` is set: resize + center crop; augmentation:
+    RandomResizedCrop + flip for training."""
     size = cfg.image_size
-    root = Path(cfg.data_dir or ".")
+    data_dir = cfg.data_dir or "."
+    index = load_index(data_dir)
+    root = Path(data_dir)
+    if cfg.stage_to is not None:
+        root = stage(data_dir, [f for split in SPLITS for f in index.files[split]], cfg.stage_to)
     val_steps = (T.Resize(round(size * 256 / 224)), T.CenterCrop(size))
     augment = (T.RandomResizedCrop(size), T.RandomHorizontalFlip()) if cfg.augment else val_steps
-    train = datasets.ImageFolder(root / "train", transform=_normalized(IMAGENET_STATS, *augment))
-    val = datasets.ImageFolder(root / "val", transform=_normalized(IMAGENET_STATS, *val_steps))
-    return Splits(train, val, image_shape(cfg), len(train.classes))
+    train = FileImages(
+        root, index.files["train"], index.labels["train"], _normalized(IMAGENET_STATS, *augment)
+    )
+    val = FileImages(
+        root, index.files["val"], index.labels["val"], _normalized(IMAGENET_STATS, *val_steps)
+    )
+    return Splits(train, val, image_shape(cfg), len(index.classes))
 
 
 def _fake(cfg: DataSection) -> Splits:

@@ -1,0 +1,62 @@
+"""TensorBoard event files in the run's storage, a local folder or a URI such as s3://.
+
+TensorBoard's own writer appends to one file in place, which object stores cannot do (its S3
+fallback uploads the whole file again at every flush, and needs boto3). For a URI the events are
+written to a local folder instead and uploaded through pyarrow as closed segments: at every
+checkpoint (before it is reported, so a restart finds the events up to it) and at the end.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import tempfile
+import time
+from pathlib import Path
+
+from torch.utils.tensorboard import SummaryWriter
+
+from raydeq.training.storage import is_uri, write_bytes
+
+EVENTS_GLOB = "events.out.tfevents.*"
+
+
+class EventLog:
+    """Scalars to TensorBoard at `folder` (local path or URI); `purge_step` drops the events a
+    resumed run writes again (TensorBoard hides those of earlier files from that step on)."""
+
+    def __init__(self, folder: str, purge_step: int | None = None) -> None:
+        self.folder = folder
+        self.remote = is_uri(folder)
+        self.local = tempfile.mkdtemp(prefix="raydeq-events-") if self.remote else folder
+        self.writer = SummaryWriter(self.local, purge_step=purge_step)
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        """One scalar at one step."""
+        self.writer.add_scalar(tag, value, step)
+
+    def flush(self) -> None:
+        """Make the events so far readable at `folder`; for a URI, upload them as a segment."""
+        if not self.remote:
+            self.writer.flush()
+            return
+        self.writer.close()
+        self._upload()
+        self.writer = SummaryWriter(self.local)
+
+    def close(self) -> None:
+        """Write the last events and release the writer (and a URI's local folder)."""
+        self.writer.close()
+        if self.remote:
+            self._upload()
+            shutil.rmtree(self.local, ignore_errors=True)
+
+    def _upload(self) -> None:
+        """Move the closed local event files to `folder`."""
+        for path in sorted(Path(self.local).glob(EVENTS_GLOB)):
+            # TensorBoard reads a folder's event files in name order: a zero-padded upload time
+            # keeps that the order they were written in (the writer's own names do not, within
+            # one second).
+            name = f"events.out.tfevents.{time.time_ns():020d}.{socket.gethostname()}"
+            write_bytes(f"{self.folder.rstrip('/')}/{name}", path.read_bytes())
+            path.unlink()

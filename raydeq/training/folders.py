@@ -1,0 +1,221 @@
+"""ImageNet-style folders listed once: an index file of every image's path and class, written
+by the first reader (the driver's preflight) and read by every worker, trial and restart after
+it, instead of each one listing the 1.28M files again.
+
+`train/` holds one folder per class (WordNet ids, numbered in sorted order). `val/` holds the
+same class folders, or the images flat as the official archive unpacks them, labelled by
+Kaggle's `LOC_val_solution.csv` or by the ImageNet devkit (`ILSVRC2012_devkit_t12/` or its
+`.tar.gz`: `data/ILSVRC2012_validation_ground_truth.txt` numbers the images' classes by
+`data/meta.mat`'s ILSVRC2012_ID).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import re
+import tarfile
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+from raydeq.training.data import DataError
+
+INDEX_FILE = "raydeq-index.parquet"
+SPLITS = ("train", "val")
+KAGGLE_LABELS = "LOC_val_solution.csv"
+DEVKIT = "ILSVRC2012_devkit_t12"
+GROUND_TRUTH = "data/ILSVRC2012_validation_ground_truth.txt"
+META = "data/meta.mat"
+_VAL_NUMBER = re.compile(r"ILSVRC2012_val_(\d+)")
+
+
+@dataclass(frozen=True)
+class Index:
+    """Class names (sorted) and, per split, image paths relative to the data folder with their
+    class numbers."""
+
+    classes: tuple[str, ...]
+    files: dict[str, list[str]]
+    labels: dict[str, list[int]]
+
+
+def _entries(folder: Path) -> tuple[list[str], list[str]]:
+    """(subfolder names, image file names) of a folder, each sorted: one listing."""
+    folders, images = [], []
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if entry.is_dir():
+                folders.append(entry.name)
+            elif entry.name.lower().endswith(IMG_EXTENSIONS):
+                images.append(entry.name)
+    return sorted(folders), sorted(images)
+
+
+def _class_images(split: Path, classes: list[str], number: dict[str, int]) -> tuple[list, list]:
+    """Paths (relative to the data folder) and class numbers of the images in class folders."""
+    files, labels = [], []
+    for name in classes:
+        _, images = _entries(split / name)
+        files += [f"{split.name}/{name}/{image}" for image in images]
+        labels += [number[name]] * len(images)
+    return files, labels
+
+
+def _kaggle_labels(path: Path) -> Callable[[str], str | None]:
+    """Image name -> WordNet id from Kaggle's LOC_val_solution.csv (ImageId, PredictionString
+    whose first word is the class)."""
+    with path.open(newline="") as stream:
+        rows = csv.DictReader(stream)
+        wnids = {row["ImageId"]: row["PredictionString"].split()[0] for row in rows}
+    return lambda image: wnids.get(image.rsplit(".", 1)[0])
+
+
+def _devkit_files(root: Path) -> tuple[bytes, bytes] | None:
+    """The devkit's (meta.mat, ground truth) from its folder or archive in `root`, else None."""
+    folder = root / DEVKIT
+    if (folder / META).is_file() and (folder / GROUND_TRUTH).is_file():
+        return (folder / META).read_bytes(), (folder / GROUND_TRUTH).read_bytes()
+    archive = root / f"{DEVKIT}.tar.gz"
+    if not archive.is_file():
+        return None
+    with tarfile.open(archive) as tar:
+        return tuple(tar.extractfile(f"{DEVKIT}/{name}").read() for name in (META, GROUND_TRUTH))
+
+
+def _devkit_labels(meta: bytes, ground_truth: bytes) -> Callable[[str], str | None]:
+    """Image name -> WordNet id: line n of the ground truth is the ILSVRC2012_ID of image n."""
+    from scipy.io import loadmat  # only for the devkit's labels
+
+    synsets = loadmat(io.BytesIO(meta), squeeze_me=True)["synsets"]
+    wnid = {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in synsets}
+    by_number = [wnid[int(line)] for line in ground_truth.split()]
+
+    def label(image: str) -> str | None:
+        found = _VAL_NUMBER.match(image)
+        number = int(found.group(1)) if found else 0
+        return by_number[number - 1] if 0 < number <= len(by_number) else None
+
+    return label
+
+
+def _flat_labels(root: Path, count: int) -> tuple[Callable[[str], str | None], str]:
+    """The labeller of flat validation images and the file it reads, or a DataError."""
+    try:
+        if (root / KAGGLE_LABELS).is_file():
+            return _kaggle_labels(root / KAGGLE_LABELS), KAGGLE_LABELS
+        devkit = _devkit_files(root)
+        if devkit is not None:
+            return _devkit_labels(*devkit), f"{DEVKIT}/{GROUND_TRUTH}"
+    except (KeyError, IndexError, ValueError, AttributeError, tarfile.TarError) as err:
+        raise DataError(
+            f"dataset 'imagenet' in {root} is unreadable: the labels of val/ are malformed "
+            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+        ) from None
+    raise DataError(
+        f"dataset 'imagenet' in {root} is unreadable: val/ holds {count} images but no class "
+        f"folders and no labels for them; put {KAGGLE_LABELS}, {DEVKIT}/ or {DEVKIT}.tar.gz "
+        f"(the ImageNet devkit) in {root}, or sort val/ into class folders"
+    )
+
+
+def _val_images(root: Path, number: dict[str, int]) -> tuple[list, list]:
+    """Paths and class numbers of the validation images, in either layout."""
+    folders, images = _entries(root / "val")
+    if folders:
+        unknown = sorted(set(folders) - set(number))
+        if unknown:
+            raise DataError(
+                f"dataset 'imagenet' in {root} is unreadable: val/ has class folders that "
+                f"train/ lacks: {', '.join(unknown[:5])}"
+            )
+        return _class_images(root / "val", folders, number)
+    if not images:
+        raise DataError(f"dataset 'imagenet' in {root} is unreadable: val/ holds no images")
+    label, source = _flat_labels(root, len(images))
+    labels = []
+    for image in images:
+        wnid = label(image)
+        if wnid not in number:
+            raise DataError(
+                f"dataset 'imagenet' in {root} is unreadable: val/{image} has "
+                f"{'no label' if wnid is None else f'class {wnid}, not a folder of train/,'} "
+                f"in {source}"
+            )
+        labels.append(number[wnid])
+    return [f"val/{image}" for image in images], labels
+
+
+def build(root: Path) -> Index:
+    """List the train and val splits of an ImageNet-style folder (the one full listing)."""
+    classes, _ = _entries(root / "train")
+    if not classes:
+        raise DataError(
+            f"dataset 'imagenet' in {root} is unreadable: train/ has no class folders "
+            "(expected train/<class>/<image>)"
+        )
+    number = {name: i for i, name in enumerate(classes)}
+    train_files, train_labels = _class_images(root / "train", classes, number)
+    val_files, val_labels = _val_images(root, number)
+    files = {"train": train_files, "val": val_files}
+    return Index(tuple(classes), files, {"train": train_labels, "val": val_labels})
+
+
+def write(index: Index, path: Path) -> None:
+    """Write the index as Parquet (split, path, label; the classes in its metadata), atomically."""
+    splits = [split for split in SPLITS for _ in index.files[split]]
+    table = pa.table(
+        {
+            "split": pa.array(splits).dictionary_encode(),
+            "path": [f for split in SPLITS for f in index.files[split]],
+            "label": pa.array([n for split in SPLITS for n in index.labels[split]], pa.int32()),
+        }
+    ).replace_schema_metadata({"classes": json.dumps(index.classes)})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    pq.write_table(table, partial)
+    os.replace(partial, path)
+
+
+def read(path: Path) -> Index:
+    """The index stored at `path`."""
+    table = pq.read_table(path)
+    classes = tuple(json.loads(table.schema.metadata[b"classes"]))
+    files, labels = {}, {}
+    for split in SPLITS:
+        rows = table.filter(pc.equal(table["split"], split))
+        files[split] = rows["path"].to_pylist()
+        labels[split] = rows["label"].to_pylist()
+    return Index(classes, files, labels)
+
+
+def index_paths(data_dir: str) -> list[Path]:
+    """Where the index is kept: next to the data, else (a read-only folder) in this node's
+    temporary folder, so that each node lists it at most once."""
+    digest = hashlib.sha256(data_dir.encode()).hexdigest()[:12]
+    return [Path(data_dir, INDEX_FILE), Path(tempfile.gettempdir(), f"raydeq-{digest}", INDEX_FILE)]
+
+
+def load_index(data_dir: str) -> Index:
+    """The folder's index: read where it was stored, else listed now and stored for the next."""
+    candidates = index_paths(data_dir)
+    for path in candidates:
+        if path.is_file():
+            return read(path)
+    index = build(Path(data_dir))
+    for path in candidates:
+        try:
+            write(index, path)
+            break
+        except OSError:
+            continue
+    return index

@@ -1,0 +1,56 @@
+"""Copying a dataset's files to node-local disk (`data.stage_to`) once per node, so that
+training reads local files instead of many small ones over network storage.
+
+The workers of a node share one copy: the first takes a file lock and copies, the others wait
+for it; a finished copy is marked complete and reused by later trials and restarts. A copy cut
+short resumes where it stopped, since each file is written under a temporary name and renamed.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import shutil
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+COMPLETE_FILE = ".complete"
+LOCK_FILE = ".lock"
+# Copying small files from network storage waits on round trips, not on bandwidth.
+COPY_THREADS = 16
+
+
+def staged_root(stage_to: str, data_dir: str) -> Path:
+    """The local copy's folder: named after the data folder, with a digest of its full path."""
+    digest = hashlib.sha256(data_dir.encode()).hexdigest()[:8]
+    return Path(stage_to, f"{Path(data_dir).name}-{digest}")
+
+
+def _copy(source: Path, target: Path) -> None:
+    """Copy one file unless it is there already (written under a temporary name first)."""
+    if target.exists():
+        return
+    partial = target.with_name(f".{target.name}.partial")
+    shutil.copyfile(source, partial)
+    os.replace(partial, target)
+
+
+def stage(data_dir: str, files: Sequence[str], stage_to: str) -> Path:
+    """Copy `files` (paths relative to `data_dir`) to this node's `stage_to`, once; the copy's
+    root, to read them from."""
+    root = staged_root(stage_to, data_dir)
+    if (root / COMPLETE_FILE).is_file():
+        return root
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / LOCK_FILE, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (root / COMPLETE_FILE).is_file():
+            for folder in sorted({Path(name).parent for name in files}):
+                (root / folder).mkdir(parents=True, exist_ok=True)
+            with ThreadPoolExecutor(COPY_THREADS) as pool:
+                sources = (Path(data_dir, name) for name in files)
+                list(pool.map(_copy, sources, (root / name for name in files)))
+            (root / COMPLETE_FILE).write_text(f"{len(files)} files from {data_dir}\n")
+    return root
