@@ -212,9 +212,9 @@ class DEQ(nn.Module):
                 solver_options=self.solver_options,
                 adjoint_options=self.adjoint_options,
                 compile=self.compile,
+                initial_nfe=extra_nfe,
             )
             z, stats = sol.z, sol.stats
-            stats.nfe += extra_nfe
         if self.training:
             self.step += 1
         zero = x.new_zeros(())

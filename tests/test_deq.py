@@ -335,3 +335,13 @@ def test_neural_ode_rejects_a_deq_adjoint_and_a_discrete_solver():
         NeuralODE(f, adjoint="gmres")
     with pytest.raises(ValueError, match="solver='broyden' is not one of 'vcab3', 'tsit5'"):
         NeuralODE(f, solver="broyden")
+
+
+def test_skip_reg_statistics_count_the_evaluation_that_makes_z0():
+    f, x = dense_cell()
+    out = DEQ(f, init="skip_reg", **TIGHT)(x)
+    z0 = f(torch.zeros_like(x), x).detach()
+    sol = raydeq.solve(lambda z: f(z, x), z0, **TIGHT)
+    assert out.stats.nfe == sol.stats.nfe + 1 > 2
+    with pytest.raises(ValueError, match="initial_nfe=-1 must be an integer >= 0"):
+        raydeq.solve(lambda z: f(z, x), z0, initial_nfe=-1)
