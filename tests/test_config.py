@@ -25,7 +25,18 @@ def test_defaults_are_a_dense_skip_reg_deq_on_digits():
         "mnist_dense",
         "skip_reg",
     )
-    assert cfg.model_options() == {"model": "mnist_dense", "variant": "skip_reg", "solver": "vcab3"}
+    # Options left unset show the preset's and the layer's defaults (models.resolve).
+    assert cfg.model_options() == {
+        "model": "mnist_dense",
+        "variant": "skip_reg",
+        "solver": "vcab3",
+        "adjoint": "gmres",
+        "abstol": 5e-3,
+        "reltol": 5e-3,
+        "max_steps": 50,
+        "jac_reg": False,
+        "pretrain_steps": 0,
+    }
     assert cfg.storage_path.startswith("/")
     assert cfg.run_dir == f"{cfg.storage_path}/{cfg.name}"
 

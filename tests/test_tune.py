@@ -457,3 +457,32 @@ def test_asha_stops_a_torch_trainer_trial_and_the_next_trial_gets_its_resources(
     assert not quiet and "Trial status" not in output and output.count("tensorboard --logdir") == 1
     assert "[fast] epoch 0.11 step 20/60 loss" in output  # one line per report
     assert len(output.splitlines()) < 40, output
+
+
+def test_dry_run_shows_the_model_defaults_the_preset_and_the_layer_give(capsys):
+    assert rt.main(["cifar10_small", "--dry-run"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    models = {row["label"].split(",")[0]: row["config"]["model"] for row in rows}
+    preset = {"abstol": 5e-2, "reltol": 5e-2}
+    assert models["Skip Reg. Continuous DEQ"] == {
+        "model": "cifar10_small",
+        "variant": "skip_reg",
+        "solver": "vcab3",
+        "adjoint": "gmres",
+        **preset,
+        "max_steps": 18,
+        "jac_reg": False,
+        "pretrain_steps": 5000,
+        "t1": None,
+    }
+    assert models["Neural ODE"] == {
+        "model": "cifar10_small",
+        "variant": "neural_ode",
+        "solver": "vcab3",
+        "adjoint": "continuous",
+        **preset,
+        "max_steps": 10_000,
+        "jac_reg": None,
+        "pretrain_steps": None,
+        "t1": 1.0,
+    }
