@@ -69,9 +69,10 @@ def test_the_paper_settings_reach_the_trials():
     table1 = [
         spec.load("mnist_dense").trial_config(s) for s in spec.expand(spec.load("mnist_dense"))
     ]
-    assert {(c.model.jac_reg, c.train.lambda_jac) for c in table1} == {
-        (None, 0.0),
-        (True, 1.0),
+    assert {(c.model.variant, c.model.jac_reg, c.train.lambda_jac) for c in table1} == {
+        *((v, False, 0.0) for v in ("vanilla", "skip", "skip_reg")),
+        *((v, True, 1.0) for v in ("vanilla", "skip", "skip_reg")),
+        ("neural_ode", None, 0.0),
     }
 
 
