@@ -1,7 +1,8 @@
-"""The DEQ layer (vanilla, Skip DEQ, Skip Reg. DEQ, Jacobian regularisation) and the Neural ODE.
+"""The DEQ layer (vanilla, Skip DEQ, Skip Reg. DEQ, Jacobian regularisation).
 
-Both layers take an `f` called as f(z, x) and return a `LayerOutput`; a training step adds
-`lambda_skip * out.skip_loss + lambda_jac * out.jac_loss` to its loss and nothing else.
+It and the Neural ODE (neural_ode.py) take an `f` called as f(z, x) and return a
+`LayerOutput`; a training step adds `lambda_skip * out.skip_loss + lambda_jac * out.jac_loss`
+to its loss and nothing else.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torchdiffeq import odeint, odeint_adjoint
 
 from raydeq.solvers import ADJOINTS, SOLVERS, SolveStats, Termination, solve
 from raydeq.solvers.state import State, Structure
@@ -212,9 +212,9 @@ class DEQ(nn.Module):
                 solver_options=self.solver_options,
                 adjoint_options=self.adjoint_options,
                 compile=self.compile,
+                initial_nfe=extra_nfe,
             )
             z, stats = sol.z, sol.stats
-            stats.nfe += extra_nfe
         if self.training:
             self.step += 1
         zero = x.new_zeros(())
@@ -225,77 +225,3 @@ class DEQ(nn.Module):
             skip_loss=zero if self.init == "zeros" else skip_loss(z, z0),
             jac_loss=hutchinson_jacobian_loss(fx, z) if self.jac_reg else zero,
         )
-
-
-class _ODEFunc(nn.Module):
-    """dz/dt = f(z, x) - z on torchdiffeq's tuple states, counting evaluations of f."""
-
-    def __init__(self, f: nn.Module, x: Tensor, single: bool) -> None:
-        super().__init__()
-        self.f = f
-        self.x = x
-        self.single = single
-        self.nfe = 0
-
-    def forward(self, t: Tensor, z: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-        """Right-hand side at time t (autonomous: t is unused)."""
-        self.nfe += 1
-        fz = _tensors(self.f(z[0] if self.single else list(z), self.x))
-        return tuple(a - b for a, b in zip(fz, z, strict=True))
-
-
-class NeuralODE(nn.Module):
-    """Neural ODE baseline: integrate dz/dt = f(z, x) - z from z(0) = 0 over [0, t1] (torchdiffeq).
-
-    adjoint=False backpropagates through the solver's operations; adjoint=True uses the
-    continuous adjoint (odeint_adjoint) with f's parameters and x as adjoint parameters.
-    method and options are torchdiffeq's, abstol / reltol its atol / rtol. stats.residual is
-    ||f(z(t1)) - z(t1)|| (one more evaluation of f, counted in nfe) and converged applies the DEQ
-    test with abstol / reltol to it; torchdiffeq does not report its step count, so steps is 0.
-    skip_loss and jac_loss are 0.
-    """
-
-    def __init__(
-        self,
-        f: nn.Module,
-        t1: float = 1.0,
-        method: str = "dopri5",
-        adjoint: bool = False,
-        abstol: float = 1e-3,
-        reltol: float = 1e-3,
-        options: dict | None = None,
-    ) -> None:
-        super().__init__()
-        _check_positive("t1", t1)
-        if not isinstance(adjoint, bool):
-            raise ValueError(f"adjoint={adjoint!r} must be True or False for NeuralODE")
-        self.f = f
-        self.t1 = float(t1)
-        self.method = method
-        self.adjoint = adjoint
-        self.termination = Termination(abstol, reltol)
-        self.options = dict(options or {})
-
-    def forward(self, x: Tensor) -> LayerOutput:
-        """Integrate to t1 and return z(t1) with its statistics."""
-        z0 = initial_state(self.f, x)
-        single = isinstance(z0, Tensor)
-        func = _ODEFunc(self.f, x, single)
-        t = torch.tensor([0.0, self.t1], dtype=x.dtype, device=x.device)
-        kwargs = dict(
-            rtol=self.termination.reltol,
-            atol=self.termination.abstol,
-            method=self.method,
-            options=self.options,
-        )
-        if self.adjoint:
-            params = tuple(self.f.parameters()) + ((x,) if x.requires_grad else ())
-            path = odeint_adjoint(func, _tensors(z0), t, adjoint_params=params, **kwargs)
-        else:
-            path = odeint(func, _tensors(z0), t, **kwargs)
-        z = path[0][-1] if single else [p[-1] for p in path]
-        with torch.no_grad():
-            fz = self.f(_detach(z), x)
-        stats = residual_stats(z, fz, self.termination, func.nfe + 1, 0)
-        zero = x.new_zeros(())
-        return LayerOutput(z=z, z0=z0, stats=stats, skip_loss=zero, jac_loss=zero)

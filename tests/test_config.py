@@ -25,7 +25,18 @@ def test_defaults_are_a_dense_skip_reg_deq_on_digits():
         "mnist_dense",
         "skip_reg",
     )
-    assert cfg.model_options() == {"model": "mnist_dense", "variant": "skip_reg", "solver": "vcab3"}
+    # Options left unset show the preset's and the layer's defaults (models.resolve).
+    assert cfg.model_options() == {
+        "model": "mnist_dense",
+        "variant": "skip_reg",
+        "solver": "vcab3",
+        "adjoint": "gmres",
+        "abstol": 5e-3,
+        "reltol": 5e-3,
+        "max_steps": 50,
+        "jac_reg": False,
+        "pretrain_steps": 0,
+    }
     assert cfg.storage_path.startswith("/")
     assert cfg.run_dir == f"{cfg.storage_path}/{cfg.name}"
 
@@ -130,7 +141,15 @@ def test_lambda_skip_defaults_to_the_presets_and_amp_reads_yaml_off():
         ({"data": {"download": True}}, "data.download: only mnist, cifar10, svhn can be"),
         ({"train": {"lambda_jac": 0.1}}, "train.lambda_jac: needs model.jac_reg=true"),
         ({"data": {"batch_size": 33}}, "data.batch_size: 33 does not split evenly over scaling"),
-        ({"model": {"variant": "neural_ode", "max_steps": 5}}, "model.max_steps: not an option"),
+        ({"model": {"variant": "neural_ode", "jac_reg": True}}, "model.jac_reg: not an option"),
+        (
+            {"model": {"variant": "neural_ode", "adjoint": "gmres"}},
+            "model: adjoint='gmres' is not one of 'continuous', 'backprop' for variant",
+        ),
+        (
+            {"model": {"variant": "vanilla", "adjoint": "continuous"}},
+            "model: adjoint='continuous' is not one of 'gmres', 'fixed_point', 'jfb', 'unrolled'",
+        ),
         ({"model": {"t1": 2.0}}, "model.t1: not an option of variant 'skip_reg'"),
         ({"name": "a/b"}, "name: 'a/b' is not a folder name"),
         ({"data": {"fake_shape": [1, 8]}}, "data.fake_shape: expected [channels, height, width]"),

@@ -8,10 +8,11 @@ import torch
 from torch import nn
 
 import raydeq
-from raydeq.deq import DEQ, LayerOutput, NeuralODE, hutchinson_jacobian_loss
+from raydeq.deq import DEQ, LayerOutput, hutchinson_jacobian_loss
 from raydeq.models.dense import DenseCell, dense_skip
 from raydeq.models.layers import VariationalDropout2d
 from raydeq.models.mdeq import MDEQConfig, mdeq_parts
+from raydeq.neural_ode import NeuralODE
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: thread sync dominates
 
@@ -306,13 +307,13 @@ def linear_ode_solution(a: torch.Tensor, x: torch.Tensor, t: float) -> torch.Ten
     return torch.linalg.solve(m, (torch.linalg.matrix_exp(t * m) - eye) @ x.T).T
 
 
-@pytest.mark.parametrize("adjoint", [False, True])
+@pytest.mark.parametrize("adjoint", ["backprop", "continuous"])
 def test_neural_ode_and_its_gradients_match_the_matrix_exponential(adjoint):
     torch.manual_seed(10)
     a = (0.5 * torch.randn(D, D, dtype=torch.float64) / D**0.5).requires_grad_()
     x = torch.randn(B, D, dtype=torch.float64, requires_grad=True)
     cell = LinearCell(a.detach().clone())
-    layer = NeuralODE(cell, t1=1.5, method="dopri5", adjoint=adjoint, abstol=1e-11, reltol=1e-11)
+    layer = NeuralODE(cell, t1=1.5, solver="tsit5", adjoint=adjoint, abstol=1e-11, reltol=1e-11)
     out = layer(x * 1.0)
     expected = linear_ode_solution(a, x, 1.5)
     torch.testing.assert_close(out.z, expected, rtol=0, atol=1e-9)
@@ -328,7 +329,19 @@ def test_neural_ode_and_its_gradients_match_the_matrix_exponential(adjoint):
     assert float(out.skip_loss) == 0.0 and float(out.jac_loss) == 0.0
 
 
-def test_neural_ode_rejects_a_string_adjoint():
+def test_neural_ode_rejects_a_deq_adjoint_and_a_discrete_solver():
     f, _ = dense_cell()
-    with pytest.raises(ValueError, match="adjoint='gmres' must be True or False"):
+    with pytest.raises(ValueError, match="adjoint='gmres' is not one of 'continuous', 'backprop'"):
         NeuralODE(f, adjoint="gmres")
+    with pytest.raises(ValueError, match="solver='broyden' is not one of 'vcab3', 'tsit5'"):
+        NeuralODE(f, solver="broyden")
+
+
+def test_skip_reg_statistics_count_the_evaluation_that_makes_z0():
+    f, x = dense_cell()
+    out = DEQ(f, init="skip_reg", **TIGHT)(x)
+    z0 = f(torch.zeros_like(x), x).detach()
+    sol = raydeq.solve(lambda z: f(z, x), z0, **TIGHT)
+    assert out.stats.nfe == sol.stats.nfe + 1 > 2
+    with pytest.raises(ValueError, match="initial_nfe=-1 must be an integer >= 0"):
+        raydeq.solve(lambda z: f(z, x), z0, initial_nfe=-1)

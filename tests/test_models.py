@@ -33,7 +33,7 @@ SIZES = {
 # Bounded work for the large presets: a few solver steps and GMRES iterations suffice to
 # exercise every code path; convergence itself is tested on small cells in test_deq.py.
 BOUNDED = {"max_steps": 4, "adjoint_options": {"max_iters": 4}}
-BOUNDED_ODE = {"method": "rk4", "options": {"step_size": 0.5}}
+BOUNDED_ODE = {"abstol": 1.0, "reltol": 1.0}
 
 
 def n_params(model: nn.Module) -> int:
@@ -189,8 +189,12 @@ def test_model_forward_draws_fresh_masks():
         ),
         ({"model": "mnist_dense", "tolerance": 1}, r"unknown DEQ option\(s\) \['tolerance'\]"),
         (
-            {"model": "mnist_dense", "variant": "neural_ode", "max_steps": 3},
-            r"unknown NeuralODE option\(s\) \['max_steps'\]",
+            {"model": "mnist_dense", "variant": "neural_ode", "pretrain_steps": 3},
+            r"unknown NeuralODE option\(s\) \['pretrain_steps'\]",
+        ),
+        (
+            {"model": "mnist_dense", "variant": "neural_ode", "adjoint": "gmres"},
+            "adjoint='gmres' is not one of 'continuous', 'backprop' for variant 'neural_ode'",
         ),
         ({"model": "mnist_dense", "init": "skip"}, r"unknown DEQ option\(s\) \['init'\]"),
     ],
@@ -226,7 +230,7 @@ def test_config_options_reach_the_layer():
     with pytest.raises(ValueError, match=r"unknown DEQ option\(s\) \['lambda_skip'\]"):
         build({"model": "cifar10_small", "lambda_skip": 0.5})
     ode = build({"model": "mnist_dense", "variant": "neural_ode", "solver": "tsit5", "t1": 2.0})
-    assert (ode.layer.method, ode.layer.t1) == ("dopri5", 2.0)
+    assert (ode.layer.solver, ode.layer.adjoint, ode.layer.t1) == ("tsit5", "continuous", 2.0)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

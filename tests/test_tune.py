@@ -61,7 +61,7 @@ def test_the_paper_settings_reach_the_trials():
     ]
     assert {(c.model.variant, c.model.solver) for c in table2} == {
         *((v, s) for v in ("vanilla", "skip", "skip_reg") for s in ("vcab3", "broyden")),
-        ("neural_ode", "tsit5"),
+        ("neural_ode", "vcab3"),
     }
     assert {(c.optim.lr, c.data.batch_size, c.train.max_steps) for c in table2} == {
         (1e-3, 128, 20000)
@@ -69,9 +69,10 @@ def test_the_paper_settings_reach_the_trials():
     table1 = [
         spec.load("mnist_dense").trial_config(s) for s in spec.expand(spec.load("mnist_dense"))
     ]
-    assert {(c.model.jac_reg, c.train.lambda_jac) for c in table1} == {
-        (None, 0.0),
-        (True, 1.0),
+    assert {(c.model.variant, c.model.jac_reg, c.train.lambda_jac) for c in table1} == {
+        *((v, False, 0.0) for v in ("vanilla", "skip", "skip_reg")),
+        *((v, True, 1.0) for v in ("vanilla", "skip", "skip_reg")),
+        ("neural_ode", None, 0.0),
     }
 
 
@@ -456,3 +457,32 @@ def test_asha_stops_a_torch_trainer_trial_and_the_next_trial_gets_its_resources(
     assert not quiet and "Trial status" not in output and output.count("tensorboard --logdir") == 1
     assert "[fast] epoch 0.11 step 20/60 loss" in output  # one line per report
     assert len(output.splitlines()) < 40, output
+
+
+def test_dry_run_shows_the_model_defaults_the_preset_and_the_layer_give(capsys):
+    assert rt.main(["cifar10_small", "--dry-run"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    models = {row["label"].split(",")[0]: row["config"]["model"] for row in rows}
+    preset = {"abstol": 5e-2, "reltol": 5e-2}
+    assert models["Skip Reg. Continuous DEQ"] == {
+        "model": "cifar10_small",
+        "variant": "skip_reg",
+        "solver": "vcab3",
+        "adjoint": "gmres",
+        **preset,
+        "max_steps": 18,
+        "jac_reg": False,
+        "pretrain_steps": 5000,
+        "t1": None,
+    }
+    assert models["Neural ODE"] == {
+        "model": "cifar10_small",
+        "variant": "neural_ode",
+        "solver": "vcab3",
+        "adjoint": "continuous",
+        **preset,
+        "max_steps": 10_000,
+        "jac_reg": None,
+        "pretrain_steps": None,
+        "t1": 1.0,
+    }

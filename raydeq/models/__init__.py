@@ -4,26 +4,26 @@ import inspect
 from collections.abc import Mapping
 from typing import Any
 
-from raydeq.deq import DEQ, NeuralODE
+from raydeq.deq import DEQ
 from raydeq.models.classifier import EquilibriumClassifier, Parts
 from raydeq.models.dense import DenseCell, DenseConfig
 from raydeq.models.mdeq import MDEQConfig, MultiscaleCell
 from raydeq.models.presets import PRESETS, Preset
-from raydeq.solvers import CONTINUOUS, DISCRETE
+from raydeq.neural_ode import NODE_ADJOINTS, NeuralODE
+from raydeq.solvers import ADJOINTS, CONTINUOUS, DISCRETE
+from raydeq.solvers.interval import INTERVAL_SOLVERS
 
 VARIANTS = ("vanilla", "skip", "skip_reg", "neural_ode")
 DEFAULT_VARIANT = "skip_reg"
 DEFAULT_SOLVER = "vcab3"
 INITS = {"vanilla": "zeros", "skip": "skip", "skip_reg": "skip_reg"}
-# torchdiffeq's closest method to each continuous solver: bosh3 is BS3; dopri5 is, like
-# Tsit5, a 5(4) FSAL pair; VCAB3 (variable-coefficient Adams) has no torchdiffeq equivalent,
-# so it maps to the adaptive third-order bosh3; adaptive_heun is Euler's embedded pair.
-ODE_METHODS = {"vcab3": "bosh3", "bs3": "bosh3", "tsit5": "dopri5", "euler": "adaptive_heun"}
+# Options set by the variant and solver, not by the layer's keyword options.
+FIXED = ("f", "init", "skip", "solver")
 
 
 def _options(layer: type, options: dict[str, Any]) -> dict[str, Any]:
     """Check that every key is an option of `layer`, raising ValueError naming the bad ones."""
-    allowed = set(inspect.signature(layer).parameters) - {"f", "init", "skip", "solver"}
+    allowed = set(inspect.signature(layer).parameters) - set(FIXED)
     unknown = sorted(set(options) - allowed)
     if unknown:
         raise ValueError(
@@ -32,21 +32,26 @@ def _options(layer: type, options: dict[str, Any]) -> dict[str, Any]:
     return options
 
 
-def _choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:
+def _defaults(layer: type) -> dict[str, Any]:
+    """The keyword defaults of a layer's constructor."""
+    parameters = inspect.signature(layer).parameters.values()
+    return {p.name: p.default for p in parameters if p.name not in FIXED}
+
+
+def _choice(key: str, value: Any, allowed: tuple[str, ...], where: str = "") -> None:
     """Raise ValueError naming the bad config value and the allowed ones."""
     if value not in allowed:
-        raise ValueError(f"{key}={value!r} is not one of {', '.join(map(repr, allowed))}")
+        raise ValueError(f"{key}={value!r} is not one of {', '.join(map(repr, allowed))}{where}")
 
 
-def build(cfg: Mapping[str, Any]) -> EquilibriumClassifier:
-    """Build the classifier a config names: `logits, out = build(cfg)(images)`.
+def resolve(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The complete options of the model a config names, checked without building it.
 
-    cfg["model"] names a preset (see PRESETS), cfg["variant"] is "vanilla", "skip",
-    "skip_reg" (default, DEFAULT_VARIANT) or "neural_ode", cfg["solver"] one of raydeq's
-    solvers (default "vcab3"; for neural_ode it picks the torchdiffeq method via ODE_METHODS
-    unless cfg["method"] is given). Every other key is an option of the layer (DEQ or
-    NeuralODE) and overrides the preset's. The skip-loss weight is the training objective's
-    (the preset's recommendation is PRESETS[name].lambda_skip).
+    Returns model, variant, solver and every option of the layer (DEQ or NeuralODE): the
+    config's, else the preset's (tolerances, max_steps, pretrain_steps, the implicit
+    adjoints' limits), else the layer's default (a Neural ODE trains by the continuous
+    adjoint, the paper's baseline). The one validator of model options: raises ValueError
+    naming the key and the allowed values.
     """
     options = dict(cfg)
     name = options.pop("model", None)
@@ -55,14 +60,13 @@ def build(cfg: Mapping[str, Any]) -> EquilibriumClassifier:
     _choice("variant", variant, VARIANTS)
     solver = options.pop("solver", DEFAULT_SOLVER)
     preset = PRESETS[name]
-    parts = preset.parts()
     tolerances = {"abstol": preset.abstol, "reltol": preset.reltol}
+    where = f" for variant {variant!r}"
     if variant == "neural_ode":
-        _choice("solver", solver, CONTINUOUS)
-        defaults = {**tolerances, "method": ODE_METHODS[solver]}
-        layer = NeuralODE(parts.cell, **_options(NeuralODE, {**defaults, **options}))
+        _choice("solver", solver, INTERVAL_SOLVERS, where)
+        layer, defaults, adjoints = NeuralODE, tolerances, NODE_ADJOINTS
     else:
-        _choice("solver", solver, CONTINUOUS + DISCRETE)
+        _choice("solver", solver, CONTINUOUS + DISCRETE, where)
         defaults = {
             **tolerances,
             "max_steps": preset.max_steps,
@@ -72,20 +76,38 @@ def build(cfg: Mapping[str, Any]) -> EquilibriumClassifier:
             if options.get("adjoint", "gmres") in ("gmres", "fixed_point")
             else {},
         }
-        layer = DEQ(
-            parts.cell,
-            init=INITS[variant],
-            skip=parts.skip if variant == "skip" else None,
-            solver=solver,
-            **_options(DEQ, {**defaults, **options}),
-        )
+        layer, adjoints = DEQ, ADJOINTS
+    resolved = {**_defaults(layer), **defaults, **_options(layer, options)}
+    _choice("adjoint", resolved["adjoint"], adjoints, where)
+    return {"model": name, "variant": variant, "solver": solver, **resolved}
+
+
+def build(cfg: Mapping[str, Any]) -> EquilibriumClassifier:
+    """Build the classifier a config names: `logits, out = build(cfg)(images)`.
+
+    cfg["model"] names a preset (see PRESETS), cfg["variant"] is "vanilla", "skip",
+    "skip_reg" (default, DEFAULT_VARIANT) or "neural_ode", cfg["solver"] one of raydeq's
+    solvers (default "vcab3"; a Neural ODE takes the continuous ones). Every other key is an
+    option of the layer (DEQ or NeuralODE) and overrides the preset's (see `resolve`). The
+    skip-loss weight is the training objective's (the preset's recommendation is
+    PRESETS[name].lambda_skip).
+    """
+    options = resolve(cfg)
+    parts = PRESETS[options.pop("model")].parts()
+    variant, solver = options.pop("variant"), options.pop("solver")
+    if variant == "neural_ode":
+        layer = NeuralODE(parts.cell, solver=solver, **options)
+    else:
+        init = INITS[variant]
+        skip = parts.skip if variant == "skip" else None
+        layer = DEQ(parts.cell, init=init, skip=skip, solver=solver, **options)
     return EquilibriumClassifier(parts.stem, layer, parts.head)
 
 
 __all__ = [
     "DEFAULT_SOLVER",
     "DEFAULT_VARIANT",
-    "ODE_METHODS",
+    "NODE_ADJOINTS",
     "PRESETS",
     "VARIANTS",
     "DenseCell",
@@ -96,4 +118,5 @@ __all__ = [
     "Parts",
     "Preset",
     "build",
+    "resolve",
 ]

@@ -96,6 +96,7 @@ def solve(
     adjoint_options: dict | None = None,
     check_every: int | None = None,
     compile: bool | dict = False,
+    initial_nfe: int = 0,
 ) -> Solution:
     """Solve z* = f(z*) per sample, starting from z0 (a tensor (B, ...) or a list of them).
 
@@ -113,7 +114,8 @@ def solve(
     Options of the solver (e.g. m for anderson; kind="pi"|"i"|"fixed", h0, step_rtol and
     contraction for the ODE solvers' step-size controller) and of the adjoint (rtol, atol,
     restart, max_iters, warm_start) go in solver_options / adjoint_options.
-    `stats.nfe` counts every evaluation of f, including the one that attaches z* to the graph.
+    `stats.nfe` counts every evaluation of f, including the one that attaches z* to the graph
+    and the initial_nfe evaluations the caller spent making z0 (Skip Reg. DEQ's f(0, x)).
 
     No step reads a tensor on the host: the termination test is read after `check_every`
     steps, or by default where the slowest sample is predicted to converge (so a solve may
@@ -127,6 +129,8 @@ def solve(
         raise ValueError(f"max_steps={max_steps!r} must be an integer >= 1")
     if check_every is not None and (isinstance(check_every, bool) or check_every < 1):
         raise ValueError(f"check_every={check_every!r} must be None or an integer >= 1")
+    if isinstance(initial_nfe, bool) or not isinstance(initial_nfe, int) or initial_nfe < 0:
+        raise ValueError(f"initial_nfe={initial_nfe!r} must be an integer >= 0")
     termination = Termination(abstol, reltol, divergence)
     method = make_solver(solver, solver_options or {})
     backward = make_adjoint(adjoint, adjoint_options or {})
@@ -141,7 +145,7 @@ def solve(
         monitor = Monitor(start, termination)
         nfe, steps = iterate(method, f_flat, start, monitor, max_steps, check_every, options)
     spent = backward.evaluations if attach else 0
-    stats = SolveStats.from_monitor(monitor, nfe + spent, steps)
+    stats = SolveStats.from_monitor(monitor, initial_nfe + nfe + spent, steps)
     z_star = backward.attach(f_flat, monitor.best_z, stats) if attach else monitor.best_z
     return Solution(structure.unflatten(z_star), stats)
 

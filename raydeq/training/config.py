@@ -23,7 +23,14 @@ from typing import Any
 
 import yaml
 
-from raydeq.models import DEFAULT_SOLVER, DEFAULT_VARIANT, PRESETS, VARIANTS
+from raydeq.models import (
+    DEFAULT_SOLVER,
+    DEFAULT_VARIANT,
+    NODE_ADJOINTS,
+    PRESETS,
+    VARIANTS,
+    resolve,
+)
 from raydeq.solvers import ADJOINTS, SOLVERS
 from raydeq.training.schema import ConfigError, build_section, option
 from raydeq.training.storage import absolute
@@ -39,7 +46,7 @@ DEVICES = ("auto", "cpu", "cuda")
 AMP = ("off", "bf16", "fp16")
 SCHEDULERS = ("fifo", "asha")
 MODES = ("max", "min")
-DEQ_ONLY = ("adjoint", "max_steps", "jac_reg", "pretrain_steps")
+DEQ_ONLY = ("jac_reg", "pretrain_steps")
 ODE_ONLY = ("t1",)
 # Settings that do not change the trained model, so that changing them resumes the same run.
 OUTSIDE_HASH = ("name", "label", "storage_path", "search", "scaling")
@@ -51,12 +58,13 @@ _NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 @dataclass(frozen=True)
 class ModelSection:
-    """Arguments of `raydeq.models.build`; unset (null) options take the preset's defaults."""
+    """Arguments of `raydeq.models.build`; unset (null) options take the preset's and the
+    layer's defaults (`raydeq.models.resolve`), which `validate` fills in."""
 
     model: str = option("mnist_dense", choices=MODELS)
     variant: str = option(DEFAULT_VARIANT, choices=VARIANTS)
     solver: str = option(DEFAULT_SOLVER, choices=SOLVERS)
-    adjoint: str | None = option(None, choices=ADJOINTS)
+    adjoint: str | None = option(None, choices=ADJOINTS + NODE_ADJOINTS)
     abstol: float | None = option(None, gt=0)
     reltol: float | None = option(None, ge=0)
     max_steps: int | None = option(None, ge=1)
@@ -225,6 +233,18 @@ def _check_together(cfg: Config) -> None:
         )
 
 
+def _resolve_model(model: ModelSection) -> ModelSection:
+    """The model section with its unset options filled in by `raydeq.models.resolve`, the
+    model options' one validator, so that a printed or stored config shows what is built."""
+    options = {k: v for k, v in dataclasses.asdict(model).items() if v is not None}
+    try:
+        resolved = resolve(options)
+    except ValueError as err:
+        raise ConfigError(f"model: {err}") from None
+    unset = [f.name for f in dataclasses.fields(model) if getattr(model, f.name) is None]
+    return dataclasses.replace(model, **{k: resolved[k] for k in unset if k in resolved})
+
+
 def _check_variants(variants: Sequence[Mapping[str, Any]]) -> None:
     """Each search variant is a non-empty row of dotted keys to plain values, label a string."""
     for index, row in enumerate(variants):
@@ -271,6 +291,7 @@ def validate(raw: Mapping[str, Any]) -> Config:
     cfg = dataclasses.replace(
         cfg,
         storage_path=absolute(cfg.storage_path),
+        model=_resolve_model(cfg.model),
         data=dataclasses.replace(cfg.data, data_dir=data_dir, stage_to=stage_to),
         train=dataclasses.replace(
             cfg.train,

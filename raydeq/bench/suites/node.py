@@ -126,7 +126,7 @@ def layers(ctx: Context, name: str, deq: EquilibriumClassifier) -> dict[str, Equ
     for solver in DEQ_SOLVERS[1:]:
         nets[solver] = build_deq(ctx, name, solver)
         nets[solver].load_state_dict(deq.state_dict())
-    for variant, adjoint in (("adjoint", True), ("backprop", False)):
+    for variant, adjoint in (("adjoint", "continuous"), ("backprop", "backprop")):
         nets[variant] = models.build(
             name, "neural_ode", ctx.device, ctx.seed, solver="vcab3", adjoint=adjoint
         )
@@ -146,7 +146,7 @@ def add_rows(section: Section, name: str, batch: int, timings: dict[str, Timing]
             batch=batch,
             NFE=train_out.stats.nfe,
             converged=1 - train_out.stats.unconverged_fraction,
-            VJPs=back_out.stats.backward_nvjp if deq else None,
+            VJPs=back_out.stats.backward_nvjp,
             **{
                 "VJPs converged": converged_fraction(back_out.stats) if deq else None,
                 "train step ms": 1e3 * timings[f"{variant}/train"].median,
@@ -196,9 +196,9 @@ def compare(ctx: Context, name: str, section: Section) -> None:
         f"{name}: batch of {batch} {source}, seed {ctx.seed}, {weights}, parameters "
         f"{'identical' if same else 'NOT identical'} in every layer; tolerances of the preset "
         f"(abstol {term.abstol:g}, reltol {term.reltol:g}) for all, GMRES rtol {term.reltol:g}; "
-        f"Neural ODE: torchdiffeq {node.layer.method} over [0, {node.layer.t1:g}], trained by "
-        "the continuous adjoint (odeint_adjoint, the paper's baseline) or by backpropagation "
-        "through the solver."
+        f"Neural ODE: {node.layer.solver.upper()} over [0, {node.layer.t1:g}], trained by the "
+        "continuous adjoint (the paper's baseline) or by backpropagation through the solver's "
+        "steps."
     )
     section.timings |= {f"{name}/{label}": t.seconds for label, t in timings.items()}
 
@@ -224,7 +224,7 @@ def run(ctx: Context) -> Section:
             "train step = forward, loss, backward and an Adam step (learning rate 0, so every "
             "repeat sees the same parameters); NFE = forward evaluations of f in training mode; "
             "converged = fraction of samples whose residual ||f(z) - z|| met the tolerance (at "
-            "t1 for the Neural ODE); VJPs = vector-Jacobian products of the GMRES adjoint, "
+            "t1 for the Neural ODE); VJPs = vector-Jacobian products of the backward pass, "
             "VJPs converged = fraction of samples whose adjoint solve met its rtol. The paper's "
             "ratios are for trained models: the dense model is trained briefly as a DEQ on the "
             "MNIST digits first (without the digits it stays untrained). The multiscale DEQs "

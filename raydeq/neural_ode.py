@@ -1,0 +1,175 @@
+"""The Neural ODE baseline: dz/dt = f(z, x) - z over [0, t1], trained by the continuous adjoint.
+
+It integrates with the continuous DEQ's own solvers (VCAB3, Tsit5, BS3, Euler; see
+raydeq/solvers/interval.py), as the paper's baseline does. The continuous adjoint (Chen et
+al. 2018) integrates z, its adjoint a = dL/dz and the parameters' adjoint backwards from t1
+with the same solver and tolerances, so no step of the forward pass is stored;
+adjoint="backprop" differentiates through the forward steps instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from raydeq.deq import LayerOutput, _check_choice, _check_positive, initial_state, residual_stats
+from raydeq.solvers import SolveStats, Termination
+from raydeq.solvers.interval import INTERVAL_SOLVERS, Endpoint, integrate
+from raydeq.solvers.state import Structure
+
+NODE_ADJOINTS = ("continuous", "backprop")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One forward pass: f, the batch's flat structure, the interval, solver and tolerances."""
+
+    f: nn.Module
+    structure: Structure
+    shape: torch.Size
+    t1: float
+    solver: str
+    termination: Termination
+    max_steps: int
+
+    def field(self, x: Tensor) -> Callable[[Tensor], Tensor]:
+        """dz/dt = f(z, x) - z on the (1, M) row that holds the batch's flat (B, N) state."""
+        s = self.structure
+
+        def flow(row: Tensor) -> Tensor:
+            z = row.reshape(self.shape)
+            return (s.flatten(self.f(s.unflatten(z), x)) - z).reshape(1, -1)
+
+        return flow
+
+    def integrate(self, field: Callable[[Tensor], Tensor], y: Tensor, t1: float) -> Endpoint:
+        """Integrate a row from 0 to t1 with the problem's solver and tolerances."""
+        return integrate(field, y, t1, self.solver, self.termination, self.max_steps)
+
+
+@dataclass
+class Record:
+    """What a forward pass hands to its backward: the forward integration's end point, and
+    the statistics the backward adds its vector-Jacobian products to."""
+
+    end: Endpoint | None = None
+    stats: SolveStats | None = None
+
+
+class ContinuousAdjoint(torch.autograd.Function):
+    """z(t1) in the forward pass; in the backward pass, [z, a, g] integrated from t1 back to 0
+    by ds = -dt: dz/ds = -F(z), da/ds = a^T dF/dz, dg/ds = a^T dF/d(x, params), with
+    F(z) = f(z, x) - z, a(t1) the incoming gradient and g(t1) = 0; g(0) is the gradient of
+    x and the parameters. Each backward evaluation is one f and one vector-Jacobian product,
+    counted in stats.backward_nvjp."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, problem: Problem, record: Record, y0: Tensor, x: Tensor, *params: Tensor
+    ) -> Tensor:
+        """Integrate to t1 (the end point goes to `record`); returns z(t1)."""
+        record.end = problem.integrate(problem.field(x), y0, problem.t1)
+        ctx.problem, ctx.record = problem, record
+        ctx.save_for_backward(record.end.y, x, *params)
+        return record.end.y
+
+    @staticmethod
+    def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, ...]:
+        """Integrate the adjoint system back to 0 and return the gradients it accumulated."""
+        y1, x, *params = ctx.saved_tensors
+        inputs = [x.detach().requires_grad_(), *params]
+        sizes = [y1.numel(), y1.numel(), *(t.numel() for t in inputs)]
+        problem: Problem = ctx.problem
+
+        def augmented(row: Tensor) -> Tensor:
+            z, a, *_ = row.split(sizes, dim=1)
+            with torch.enable_grad():
+                z = z.detach().requires_grad_()
+                flow = problem.field(inputs[0])(z)
+                vjps = torch.autograd.grad(
+                    flow, [z, *inputs], a, allow_unused=True, materialize_grads=True
+                )
+            return torch.cat([-flow.detach(), *(v.reshape(1, -1) for v in vjps)], dim=1)
+
+        zeros = [torch.zeros(1, t.numel(), dtype=y1.dtype, device=y1.device) for t in inputs]
+        start = torch.cat([y1, grad_y, *zeros], dim=1)
+        end = problem.integrate(augmented, start, problem.t1)
+        ctx.record.stats.backward_nvjp += end.nfe
+        grads = end.y.split(sizes, dim=1)[1:]
+        shaped = [g.reshape(t.shape) for g, t in zip(grads, [y1, *inputs], strict=True)]
+        return None, None, *shaped
+
+
+class NeuralODE(nn.Module):
+    """Neural ODE baseline: integrate dz/dt = f(z, x) - z from z(0) = 0 over [0, t1].
+
+    solver is one of the continuous DEQ's solvers (INTERVAL_SOLVERS), with accuracy-controlled
+    steps over the fixed interval; abstol / reltol are its RMS tolerances. adjoint="continuous"
+    (the paper's baseline) trains by the continuous adjoint (ContinuousAdjoint), "backprop" by
+    backpropagating through the accepted steps. stats.nfe counts forward evaluations of f,
+    stats.steps the steps (rejected ones too), stats.backward_nvjp after backward() the
+    vector-Jacobian products of f (the continuous adjoint's evaluations of the augmented
+    system, each also evaluating f; for backprop the evaluations on the accepted steps).
+    stats.residual is ||f(z(t1)) - z(t1)|| (the field at t1, at hand after the last step) and
+    converged applies the DEQ test with abstol / reltol to it. skip_loss and jac_loss are 0.
+    Raises RuntimeError when an integration needs more than max_steps steps.
+    """
+
+    def __init__(
+        self,
+        f: nn.Module,
+        t1: float = 1.0,
+        solver: str = "vcab3",
+        adjoint: str = "continuous",
+        abstol: float = 1e-3,
+        reltol: float = 1e-3,
+        max_steps: int = 10_000,
+    ) -> None:
+        super().__init__()
+        _check_positive("t1", t1)
+        _check_choice("solver", solver, INTERVAL_SOLVERS)
+        _check_choice("adjoint", adjoint, NODE_ADJOINTS)
+        _check_positive("max_steps", max_steps, integer=True)
+        self.f = f
+        self.t1 = float(t1)
+        self.solver = solver
+        self.adjoint = adjoint
+        self.termination = Termination(abstol, reltol)
+        self.max_steps = max_steps
+
+    def forward(self, x: Tensor) -> LayerOutput:
+        """Integrate to t1 and return z(t1) with its statistics."""
+        z0 = initial_state(self.f, x)
+        structure = Structure.of(z0)
+        flat = structure.flatten(z0)
+        problem = Problem(
+            self.f, structure, flat.shape, self.t1, self.solver, self.termination, self.max_steps
+        )
+        record = Record()
+        row = flat.detach().reshape(1, -1)
+        if self.adjoint == "continuous" and torch.is_grad_enabled():
+            params = [p for p in self.f.parameters() if p.requires_grad]
+            y = ContinuousAdjoint.apply(problem, record, row, x, *params)
+        else:
+            record.end = problem.integrate(problem.field(x), row, self.t1)
+            y = record.end.y
+        end = record.end
+        z = y.reshape(flat.shape)
+        fz = (z + end.k.reshape(flat.shape)).detach()
+        record.stats = residual_stats(z, fz, self.termination, end.nfe, end.steps)
+        if self.adjoint == "backprop" and y.requires_grad:
+            y.register_hook(partial(_count_backprop, record))
+        zero = x.new_zeros(())
+        return LayerOutput(
+            z=structure.unflatten(z), z0=z0, stats=record.stats, skip_loss=zero, jac_loss=zero
+        )
+
+
+def _count_backprop(record: Record, grad: Tensor) -> None:
+    """Record the vector-Jacobian products of a backward pass through the accepted steps."""
+    record.stats.backward_nvjp += record.end.path_nfe

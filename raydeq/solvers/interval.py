@@ -1,0 +1,153 @@
+"""Integration over a fixed interval [0, t1] with the continuous solvers' methods.
+
+The steady-state solves (ode.py) stop each sample at its own steady state; a Neural ODE takes
+every sample to the same time t1. Here the state is one (1, M) row, so the whole batch (and,
+for the continuous adjoint, the parameters' adjoint with it) shares each step, as in
+torchdiffeq; the steps are controlled for accuracy (plain PI control, no steady-state rules)
+and the last one is cut to land on t1. VCAB3, Tsit5, BS3 and Euler use the tableaus and the
+Adams step of the steady-state solvers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import torch
+
+from raydeq.solvers.control import Controller
+from raydeq.solvers.ode import adams_move, first_weights, rk_step
+from raydeq.solvers.tableau import BS3, EULER, TSIT5, Tableau
+from raydeq.solvers.termination import Termination, norm
+
+Field = Callable[[torch.Tensor], torch.Tensor]
+INTERVAL_SOLVERS = ("vcab3", "tsit5", "bs3", "euler")
+
+
+@dataclass(frozen=True)
+class Point:
+    """A method's carry at an accepted point: the state, the field there, the error-ratio
+    scales, and for VCAB3 the Adams steps' scales, the last three fields (oldest first), the
+    two step sizes between them and the accepted steps so far."""
+
+    y: torch.Tensor
+    k: torch.Tensor
+    scales: tuple[torch.Tensor, float, float]
+    adams_scales: tuple[torch.Tensor, float, float] | None = None
+    history: tuple[torch.Tensor, ...] = ()
+    gaps: tuple[torch.Tensor, ...] = ()
+    accepted: int = 0
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """The state at t1 and the field there; evaluations of the field (all, and those on the
+    accepted steps, which a backward pass through the steps differentiates) and steps."""
+
+    y: torch.Tensor
+    k: torch.Tensor
+    nfe: int
+    path_nfe: int
+    steps: int
+
+
+class RungeKuttaInterval:
+    """An explicit FSAL Runge-Kutta pair: tsit5, bs3 or euler."""
+
+    def __init__(self, tableau: Tableau) -> None:
+        self.tableau = tableau
+        self.order = tableau.order
+        self.weights = first_weights(tableau)
+
+    def start(self, y: torch.Tensor, k: torch.Tensor, ctl: Controller, term: Termination) -> Point:
+        """The carry at the initial point."""
+        return Point(y, k, ctl.scales(y, term, *self.weights))
+
+    def step(
+        self, field: Field, p: Point, h: torch.Tensor, ctl: Controller
+    ) -> tuple[Point, torch.Tensor, int, int]:
+        """A step of size h: the new point, its error ratio, evaluations and error order."""
+        y_new, k_new, error, move = rk_step(field, self.tableau, p.y, p.k, h)
+        e = ctl.error_ratio(h, error, lambda: norm(move), y_new, p.scales)
+        return replace(p, y=y_new, k=k_new), e, len(self.tableau.a), self.tableau.error_order
+
+
+class AdamsInterval:
+    """VCAB3: two BS3 steps fill the derivative history, then Adams-Bashforth 3 steps with
+    Milne's error estimate, one evaluation each."""
+
+    order = BS3.order
+
+    def __init__(self) -> None:
+        self.startup = RungeKuttaInterval(BS3)
+
+    def start(self, y: torch.Tensor, k: torch.Tensor, ctl: Controller, term: Termination) -> Point:
+        """The BS3 carry plus a history of three copies of k."""
+        first = self.startup.start(y, k, ctl, term)
+        ones = torch.ones_like(y[:, :1])
+        # The error is 0.9 (y_AM - y_AB) (Milne), the step y_new - y itself.
+        adams_scales = ctl.scales(y, term, error=0.9, move=1.0)
+        return replace(first, adams_scales=adams_scales, history=(k, k, k), gaps=(ones, ones))
+
+    def step(
+        self, field: Field, p: Point, h: torch.Tensor, ctl: Controller
+    ) -> tuple[Point, torch.Tensor, int, int]:
+        """A BS3 start-up step or an Adams step; the new point's history is shifted."""
+        if p.accepted < 2:
+            new, e, spent, error_order = self.startup.step(field, p, h, ctl)
+        else:
+            y_new, k_new, difference = adams_move(field, p.y, p.history, p.gaps, h)
+            e = ctl.error_ratio(None, difference, lambda: norm(y_new - p.y), y_new, p.adams_scales)
+            new, spent, error_order = replace(p, y=y_new, k=k_new), 1, 3
+        history = (*p.history[1:], new.k)
+        shifted = replace(new, history=history, gaps=(p.gaps[1], h), accepted=p.accepted + 1)
+        return shifted, e, spent, error_order
+
+
+def interval_method(solver: str) -> RungeKuttaInterval | AdamsInterval:
+    """The fixed-interval method of a continuous solver's name."""
+    if solver not in INTERVAL_SOLVERS:
+        raise ValueError(f"solver={solver!r} is not one of {', '.join(INTERVAL_SOLVERS)}")
+    if solver == "vcab3":
+        return AdamsInterval()
+    return RungeKuttaInterval({"tsit5": TSIT5, "bs3": BS3, "euler": EULER}[solver])
+
+
+def integrate(
+    field: Field,
+    y: torch.Tensor,
+    t1: float,
+    solver: str,
+    termination: Termination,
+    max_steps: int,
+) -> Endpoint:
+    """Integrate dy/dt = field(y) from y(0) = y, a (1, M) row, to t1 with adaptive steps.
+
+    A step is accepted when its local error is at most abstol sqrt(M) + reltol ||y_new|| (an
+    RMS tolerance on the whole row). The step size is read on the host after each step (one
+    synchronisation a step). Raises RuntimeError after max_steps steps short of t1.
+    """
+    method = interval_method(solver)
+    controller = Controller()
+    k = field(y)
+    h, spent = controller.first_step(field, y, k, method.order, termination)
+    point = method.start(y, k, controller, termination)
+    memory = controller.memory(h)
+    step_size, t, nfe, path_nfe, steps = float(h), 0.0, 1 + spent, 1, 0
+    while t < t1:
+        if steps == max_steps:
+            raise RuntimeError(
+                f"the {solver} integration reached t={t:.6g} of t1={t1:g} in max_steps="
+                f"{max_steps} steps; raise max_steps or loosen abstol / reltol"
+            )
+        last = step_size >= t1 - t
+        h = torch.full_like(y[:, :1], t1 - t if last else step_size)
+        new, e, spent, error_order = method.step(field, point, h, controller)
+        rejected, h_next, memory = controller.decide(
+            e, norm(point.k), norm(new.k), h, memory, error_order
+        )
+        nfe, steps = nfe + spent, steps + 1
+        if not bool(rejected):
+            point, t, path_nfe = new, t1 if last else t + step_size, path_nfe + spent
+        step_size = float(h_next)
+    return Endpoint(point.y, point.k, nfe, path_nfe, steps)

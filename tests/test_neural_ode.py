@@ -1,0 +1,109 @@
+"""The Neural ODE's continuous adjoint against backpropagation through the same solver's steps,
+its statistics, and its configuration errors."""
+
+import pytest
+import torch
+from torch import nn
+
+from raydeq.models import build
+from raydeq.neural_ode import NeuralODE
+from raydeq.solvers.interval import integrate
+from raydeq.solvers.termination import Termination
+from raydeq.training.config import ConfigError, validate
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: thread sync dominates
+
+
+class TanhCell(nn.Module):
+    """f(z, x) = tanh(W z + U x + b): a nonlinear cell with parameters in every term."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.state = nn.Linear(width, width)
+        self.input = nn.Linear(width, width, bias=False)
+
+    def forward(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.state(z) + self.input(x))
+
+
+def gradients(solver: str, adjoint: str, tol: float, t1: float) -> tuple[torch.Tensor, object]:
+    """d/d(x, params) of sum z(t1)^2 for a fixed float64 cell and input, and the statistics."""
+    torch.manual_seed(0)
+    f = TanhCell(6).double()
+    x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    layer = NeuralODE(f, t1=t1, solver=solver, adjoint=adjoint, abstol=tol, reltol=tol)
+    out = layer(x)
+    grads = torch.autograd.grad(out.z.square().sum(), [x, *f.parameters()])
+    return torch.cat([g.flatten() for g in grads]), out.stats
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b||."""
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize(("solver", "tol"), [("vcab3", 1e-9), ("tsit5", 1e-10), ("bs3", 1e-9)])
+def test_the_continuous_adjoint_matches_backprop_through_the_steps(solver, tol):
+    adjoint, adjoint_stats = gradients(solver, "continuous", tol, 1.0)
+    backprop, backprop_stats = gradients(solver, "backprop", tol, 1.0)
+    assert relative(adjoint, backprop) < 1e-6
+    assert adjoint_stats.nfe == backprop_stats.nfe > 10
+    # One evaluation of the augmented system per VJP; backprop differentiates the accepted steps.
+    assert adjoint_stats.backward_nvjp > 10
+    assert 0 < backprop_stats.backward_nvjp < backprop_stats.nfe
+
+
+def test_euler_adjoint_and_backprop_agree_to_first_order():
+    """Euler is first order: the two gradients differ by O(h), which falls as sqrt(tol)."""
+    loose = relative(*(gradients("euler", a, 1e-5, 0.5)[0] for a in ("continuous", "backprop")))
+    tight = relative(*(gradients("euler", a, 1e-7, 0.5)[0] for a in ("continuous", "backprop")))
+    assert tight < 1e-3 and 5 < loose / tight < 20
+
+
+@pytest.mark.parametrize("solver", ["vcab3", "tsit5", "bs3", "euler"])
+def test_a_fixed_interval_integration_lands_on_the_matrix_exponential(solver):
+    a = torch.tensor([[-1.0, 2.0], [-2.0, -1.0]], dtype=torch.float64)
+    y0 = torch.tensor([[1.0, 0.5]], dtype=torch.float64)
+    tol = 1e-6 if solver == "euler" else 1e-10
+    end = integrate(lambda y: y @ a.T, y0, 2.0, solver, Termination(tol, tol), 100_000)
+    exact = y0 @ torch.linalg.matrix_exp(2.0 * a).T
+    # Global error: a few hundred local tolerances (euler: first order, about sqrt(tol)).
+    torch.testing.assert_close(end.y, exact, rtol=0, atol=3e-3 if solver == "euler" else 1e-7)
+    torch.testing.assert_close(end.k, end.y @ a.T, rtol=0, atol=1e-14)
+
+
+def test_max_steps_is_an_error_naming_the_time_reached():
+    a = -torch.eye(2, dtype=torch.float64)
+    y0 = torch.ones(1, 2, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=r"reached t=.* of t1=5 in max_steps=3 steps"):
+        integrate(lambda y: y @ a.T, y0, 5.0, "tsit5", Termination(1e-12, 1e-12), 3)
+
+
+def test_the_presets_train_the_neural_ode_by_the_continuous_adjoint():
+    model = build({"model": "mnist_dense", "variant": "neural_ode", "solver": "tsit5"})
+    assert (model.layer.adjoint, model.layer.solver) == ("continuous", "tsit5")
+    cfg = validate({"model": {"variant": "neural_ode"}})
+    assert (cfg.model.adjoint, cfg.model.solver, cfg.model.t1) == ("continuous", "vcab3", 1.0)
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        (
+            {"variant": "neural_ode", "adjoint": "gmres"},
+            "model: adjoint='gmres' is not one of 'continuous', 'backprop' for variant "
+            "'neural_ode'",
+        ),
+        (
+            {"variant": "neural_ode", "solver": "anderson"},
+            "model: solver='anderson' is not one of 'vcab3', 'tsit5', 'bs3', 'euler' for variant "
+            "'neural_ode'",
+        ),
+        ({"adjoint": "backprop"}, "model: adjoint='backprop' is not one of 'gmres', 'fixed_point'"),
+        ({"adjoint": "adjoint"}, "model.adjoint: 'adjoint' is not allowed; choose one of"),
+    ],
+)
+def test_bad_neural_ode_options_are_one_line_naming_the_key_and_the_choices(model, message):
+    with pytest.raises(ConfigError) as err:
+        validate({"model": model})
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
