@@ -88,25 +88,31 @@ def test_adaptive_solve_reaches_the_closed_form_steady_state():
 
 
 def test_adams_weights_integrate_quadratics_and_milne_estimates_the_predictor_error():
-    """On uneven nodes the weights integrate quadratic derivatives exactly; on even steps
-    9/10 (y_AM - y_AB) is the AB3 predictor's true error for a cubic derivative."""
-    from raydeq.solvers.ode import adams_coefficients
+    """On uneven nodes the Newton-form predictor integrates quadratic derivatives exactly; on
+    even steps 9/10 (y_AM - y_AB) is the AB3 predictor's true error for a cubic derivative."""
+    from raydeq.solvers.ode import adams_weights, divided_differences
 
-    h = torch.tensor([0.4, 1.3, 0.5], dtype=torch.float64)
-    gaps = torch.tensor([[0.3, 0.7], [0.2, 0.9], [0.5, 0.5]], dtype=torch.float64)
-    ab, milne, am_new = adams_coefficients(*gaps.T, h)
-    ab, milne = torch.stack(ab, dim=1), torch.stack(milne, dim=1)
-    am = torch.stack([milne[:, 1] + ab[:, 1], milne[:, 2] + ab[:, 2], am_new], dim=1)
-    past = torch.stack([-gaps.sum(1), -gaps[:, 1], torch.zeros_like(h)], dim=1)
-    nodes = {"ab": past, "am": torch.cat([past[:, 1:], h[:, None]], dim=1)}
-    torch.testing.assert_close(milne[:, 0], -ab[:, 0])
+    h = torch.tensor([[0.4], [1.3], [0.5]], dtype=torch.float64)
+    older = torch.tensor([[0.3], [0.2], [0.5]], dtype=torch.float64)
+    last = torch.tensor([[0.7], [0.9], [0.5]], dtype=torch.float64)
+
+    def predict(derivative):
+        """The predictor's increment and the second divided differences before and after."""
+        f_old, f_mid, f_now = (derivative(t) for t in (-(older + last), -last, 0 * h))
+        d1 = (f_mid - f_old) / older
+        d1, d2 = divided_differences(f_now, f_mid, d1, last, older)
+        h2, w3 = adams_weights(last, h)
+        increment = h * f_now + 0.5 * h2 * d1 + w3 / 3 * d2
+        return increment, d2, divided_differences(derivative(h), f_now, d1, h, last)[1], w3
+
     for degree in (0, 1, 2):
-        integral = h ** (degree + 1) / (degree + 1)
-        for weights, name in ((ab, "ab"), (am, "am")):
-            torch.testing.assert_close((weights * nodes[name] ** degree).sum(1), integral)
-    step = float(h[2])
-    y_ab, y_am = ((w[2] * nodes[n][2] ** 3).sum() for w, n in ((ab, "ab"), (am, "am")))
-    torch.testing.assert_close(0.9 * (y_am - y_ab), step**4 / 4 - y_ab, rtol=1e-12, atol=0)
+        increment, d2, d2_new, _ = predict(lambda t, degree=degree: t**degree)
+        torch.testing.assert_close(increment, h ** (degree + 1) / (degree + 1))
+        # AM3 is exact there too: Milne's difference vanishes.
+        torch.testing.assert_close(d2_new, d2, rtol=0, atol=1e-12)
+    y_ab, d2, d2_new, w3 = predict(lambda t: t**3)
+    milne = w3 / 3 * (d2_new - d2)
+    torch.testing.assert_close(0.9 * milne[2], h[2] ** 4 / 4 - y_ab[2], rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("solver", ["vcab3", "tsit5", "bs3", "euler"])

@@ -77,16 +77,17 @@ class Controller:
 
     def error_ratio(
         self,
-        h: torch.Tensor | None,
         error: torch.Tensor,
+        error_scale: torch.Tensor,
         move_norm: Callable[[], torch.Tensor],
+        move_scale: torch.Tensor | None,
         y_new: torch.Tensor,
         scales: tuple[torch.Tensor, float, float],
     ) -> torch.Tensor:
-        """Local error h * ||error|| over sqrt(N) abstol + step_rtol * h * move_norm() +
-        reltol * ||y_new|| (2-norms: RMS tolerances), h * move being the step z_new - z (h
-        None: error and move are the error and the step themselves). move_norm is called only
-        with step_rtol set; a method that has the norm already passes it.
+        """Local error error_scale * ||error|| over sqrt(N) abstol + step_rtol * move_scale *
+        move_norm() + reltol * ||y_new|| (2-norms: RMS tolerances), move_scale * move being the
+        step z_new - z (move_scale None: move_norm() is the step's norm itself). move_norm is
+        called only with step_rtol set; a method that has the norm already passes it.
 
         `scales` holds the three terms' weights relative to the error's (see `scales`). A
         norm-wise scale instead of an element-wise one: three reductions and four (B, 1)
@@ -96,14 +97,13 @@ class Controller:
         floor, step_weight, rel_weight = scales
         with torch.no_grad():
             scale = floor
-            if step_weight and h is None:
+            if step_weight and move_scale is None:
                 scale = torch.add(scale, move_norm(), alpha=step_weight)
             elif step_weight:
-                scale = torch.addcmul(scale, h, move_norm(), value=step_weight)
+                scale = torch.addcmul(scale, move_scale, move_norm(), value=step_weight)
             if rel_weight:
                 scale = torch.add(scale, norm(y_new), alpha=rel_weight)
-            error_norm = norm(error) if h is None else torch.mul(h, norm(error))
-            return error_norm.div_(scale)
+            return torch.mul(error_scale, norm(error)).div_(scale)
 
     def scales(
         self, like: torch.Tensor, term: Termination, error: float, move: float

@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from raydeq.solvers.control import Controller
-from raydeq.solvers.ode import adams_move, first_weights, rk_step
+from raydeq.solvers.ode import adams_move, divided_differences, first_weights, rk_step
 from raydeq.solvers.tableau import BS3, EULER, TSIT5, Tableau
 from raydeq.solvers.termination import Termination, norm
 
@@ -27,15 +27,15 @@ INTERVAL_SOLVERS = ("vcab3", "tsit5", "bs3", "euler")
 @dataclass(frozen=True)
 class Point:
     """A method's carry at an accepted point: the state, the field there, the error-ratio
-    scales, and for VCAB3 the Adams steps' scales, the last three fields (oldest first), the
-    two step sizes between them and the accepted steps so far."""
+    scales, and for VCAB3 the Adams steps' scales, the first and second divided differences of
+    the field, the step that led to the point and the accepted steps so far."""
 
     y: torch.Tensor
     k: torch.Tensor
     scales: tuple[torch.Tensor, float, float]
     adams_scales: tuple[torch.Tensor, float, float] | None = None
-    history: tuple[torch.Tensor, ...] = ()
-    gaps: tuple[torch.Tensor, ...] = ()
+    differences: tuple[torch.Tensor, ...] = ()
+    last: torch.Tensor | None = None
     accepted: int = 0
 
 
@@ -68,12 +68,12 @@ class RungeKuttaInterval:
     ) -> tuple[Point, torch.Tensor, int, int]:
         """A step of size h: the new point, its error ratio, evaluations and error order."""
         y_new, k_new, error, move = rk_step(field, self.tableau, p.y, p.k, h)
-        e = ctl.error_ratio(h, error, lambda: norm(move), y_new, p.scales)
+        e = ctl.error_ratio(error, h, lambda: norm(move), h, y_new, p.scales)
         return replace(p, y=y_new, k=k_new), e, len(self.tableau.a), self.tableau.error_order
 
 
 class AdamsInterval:
-    """VCAB3: two BS3 steps fill the derivative history, then Adams-Bashforth 3 steps with
+    """VCAB3: two BS3 steps give the divided differences, then Adams-Bashforth 3 steps with
     Milne's error estimate, one evaluation each."""
 
     order = BS3.order
@@ -82,25 +82,30 @@ class AdamsInterval:
         self.startup = RungeKuttaInterval(BS3)
 
     def start(self, y: torch.Tensor, k: torch.Tensor, ctl: Controller, term: Termination) -> Point:
-        """The BS3 carry plus a history of three copies of k."""
+        """The BS3 carry plus zero divided differences (the two start-up steps replace them)."""
         first = self.startup.start(y, k, ctl, term)
-        ones = torch.ones_like(y[:, :1])
-        # The error is 0.9 (y_AM - y_AB) (Milne), the step y_new - y itself.
-        adams_scales = ctl.scales(y, term, error=0.9, move=1.0)
-        return replace(first, adams_scales=adams_scales, history=(k, k, k), gaps=(ones, ones))
+        # The error is 0.9 (y_AM - y_AB) = 0.3 (3 w) (d2_new - d2) (ode.adams_weights), the
+        # step y_new - y itself.
+        adams_scales = ctl.scales(y, term, error=0.3, move=1.0)
+        differences = (torch.zeros_like(k), torch.zeros_like(k))
+        last = torch.ones_like(y[:, :1])
+        return replace(first, adams_scales=adams_scales, differences=differences, last=last)
 
     def step(
         self, field: Field, p: Point, h: torch.Tensor, ctl: Controller
     ) -> tuple[Point, torch.Tensor, int, int]:
-        """A BS3 start-up step or an Adams step; the new point's history is shifted."""
+        """A BS3 start-up step or an Adams step; the divided differences move to the new
+        point."""
         if p.accepted < 2:
             new, e, spent, error_order = self.startup.step(field, p, h, ctl)
+            differences = divided_differences(new.k, p.k, p.differences[0], h, p.last)
         else:
-            y_new, k_new, difference = adams_move(field, p.y, p.history, p.gaps, h)
-            e = ctl.error_ratio(None, difference, lambda: norm(y_new - p.y), y_new, p.adams_scales)
+            y_new, k_new, w3 = adams_move(field, p.y, p.k, p.differences, p.last, h)
+            differences = divided_differences(k_new, p.k, p.differences[0], h, p.last)
+            error = differences[1] - p.differences[1]
+            e = ctl.error_ratio(error, w3, lambda: norm(y_new - p.y), None, y_new, p.adams_scales)
             new, spent, error_order = replace(p, y=y_new, k=k_new), 1, 3
-        history = (*p.history[1:], new.k)
-        shifted = replace(new, history=history, gaps=(p.gaps[1], h), accepted=p.accepted + 1)
+        shifted = replace(new, differences=differences, last=h, accepted=p.accepted + 1)
         return shifted, e, spent, error_order
 
 

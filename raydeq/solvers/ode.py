@@ -98,15 +98,16 @@ def advance(
     e: torch.Tensor,
     error_order: int,
 ) -> tuple[torch.Tensor, Flow]:
-    """Accept or reject each sample's step and record the accepted points; returns the
-    rejections and the carry at the accepted points with the next step size."""
+    """Accept or reject each sample's step and record where each one is (a rejected step
+    records its start again, which changes nothing); returns the rejections and the carry at
+    the accepted points with the next step size."""
     residual = norm(k_new)
     rejected, h, memory = controller.decide(e, c.residual, residual, c.h, c.memory, error_order)
-    monitor.record(y_new, residual, skip=rejected)
     y, k, residual = (
         torch.where(rejected, old, new)
         for old, new in ((c.y, y_new), (c.k, k_new), (c.residual, residual))
     )
+    monitor.record(y, residual)
     return rejected, Flow(y, k, residual, h, memory, c.scales)
 
 
@@ -140,66 +141,63 @@ class RungeKutta:
         y_new, k_new, error, move = rk_step(vector_field(f), self.tableau, c.y, c.k, h)
         # Euler's step is h (f - z): its norm is the residual's, at hand.
         move_norm = (lambda: c.residual) if move is c.k else (lambda: norm(move))
-        e = self.controller.error_ratio(h, error, move_norm, y_new, c.scales)
+        e = self.controller.error_ratio(error, h, move_norm, h, y_new, c.scales)
         order = self.tableau.error_order
         return advance(self.controller, monitor, replace(c, h=h), y_new, k_new, e, order)[1]
 
 
-def adams_coefficients(
-    older: torch.Tensor, last: torch.Tensor, h: torch.Tensor
-) -> tuple[Triple, Triple, torch.Tensor]:
-    """Per-sample coefficients of a VCAB3 step of size h on the derivative history
-    (F_n-2, F_n-1, F_n), spaced older = t_n-1 - t_n-2 and last = t_n - t_n-1.
+def adams_weights(last: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample weights of a VCAB3 step of size h in Newton form, last = t_n - t_n-1: the
+    predictor is y + h F_n + h^2 / 2 d1 + w d2 (d1, d2 the first and second divided
+    differences of the derivative at t_n), w = h^2 (h / 3 + last / 2) the integral over
+    [t_n, t_n + h] of (t - t_n)(t - t_n-1). Returns (h^2, 3 w).
 
-    Returns the AB3 predictor's weights, the history's weights in y_AM - y_AB (Milne's
-    device), and AM3's weight of the new derivative. The weights are the integrals over
-    [t_n, t_n + h] of the quadratic Lagrange bases through AB3's nodes (t_n-2, t_n-1, t_n) and
-    AM3's (t_n-1, t_n, t_n + h), in closed form; each rule's weights sum to h, which gives its
-    middle one.
+    The same w gives Milne's device: AB3's and AM3's quadratics differ by the cubic through
+    all four nodes times (t_n+1 - t_n-2), so y_AM - y_AB = w (d2_new - d2), with d2_new the
+    second divided difference at t_n+1.
     """
-    a, b = last, older + last
     h2 = h * h
-    third = h2 * h / 3
-    ab_old = torch.addcmul(third, a, h2, value=0.5) / (b * older)
-    ab_mid = torch.addcmul(third, b, h2, value=0.5) / (a * older).neg()
-    ab_new = h - ab_old - ab_mid
-    ha = h + a
-    am_old = third / (a * ha) * -0.5
-    am_new = h * torch.add(a, h, alpha=2 / 3) / ha * 0.5
-    am_n = h - am_old - am_new
-    milne = (ab_old.neg(), am_old - ab_mid, am_n - ab_new)
-    return (ab_old, ab_mid, ab_new), milne, am_new
+    return h2, h2 * torch.add(h, last, alpha=1.5)
+
+
+def divided_differences(
+    k_new: torch.Tensor, k: torch.Tensor, d1: torch.Tensor, h: torch.Tensor, last: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first and second divided differences of the derivative at t_n+1 = t_n + h, from
+    F_n+1 = k_new, F_n = k, the first at t_n and last = t_n - t_n-1."""
+    d1_new = (k_new - k) / h
+    return d1_new, (d1_new - d1) / (h + last)
 
 
 def adams_move(
     field: Field,
     y: torch.Tensor,
-    history: Triple,
-    gaps: tuple[torch.Tensor, torch.Tensor],
+    k: torch.Tensor,
+    differences: tuple[torch.Tensor, torch.Tensor],
+    last: torch.Tensor,
     h: torch.Tensor,
 ) -> Triple:
-    """An AB3 step of size h from y on the derivative history: the new point, the field there
-    and y_AM - y_AB (Milne's device; the local error is about 9/10 of it)."""
-    ab, milne, new_weight = adams_coefficients(*gaps, h)
-    y_new = y
-    for w, row in zip(ab, history, strict=True):
-        y_new = torch.addcmul(y_new, row, w)
-    k_new = field(y_new)
-    difference = k_new * new_weight
-    for w, row in zip(milne, history, strict=True):
-        difference = torch.addcmul(difference, row, w)
-    return y_new, k_new, difference
+    """An AB3 step of size h from y (field k, divided differences d1, d2 there, last step
+    `last`): the new point, the field there and 3 w of `adams_weights` (Milne's error is
+    0.3 (3 w) (d2_new - d2))."""
+    d1, d2 = differences
+    h2, w3 = adams_weights(last, h)
+    y_new = torch.addcmul(y, k, h)
+    y_new = torch.addcmul(y_new, d1, h2, value=0.5)
+    y_new = torch.addcmul(y_new, d2, w3, value=1 / 3)
+    return y_new, field(y_new), w3
 
 
 @dataclass(frozen=True)
 class Adams:
-    """VCAB3's carry: the flow, f - z at the last three accepted points (oldest first), the
-    two step sizes between them, and the accepted start-up steps per sample."""
+    """VCAB3's carry: the flow, the first and second divided differences of f - z at the
+    last accepted point, the step that led to it, and the accepted start-up steps per
+    sample."""
 
     flow: Flow
     adams_scales: tuple[torch.Tensor, float, float]
-    history: Triple
-    gaps: tuple[torch.Tensor, torch.Tensor]
+    differences: tuple[torch.Tensor, torch.Tensor]
+    last: torch.Tensor
     accepted: torch.Tensor
 
 
@@ -207,13 +205,12 @@ class VCAB3:
     """Variable-coefficient Adams-Bashforth 3 with a BS3 start-up: one f evaluation per step.
 
     The predictor integrates the quadratic through the last three derivatives over each
-    sample's own step; Milne's device (the 3rd-order Adams-Moulton corrector through the new
-    derivative, error ~ 9/10 (y_AM - y_AB)) estimates the local error from that same evaluation.
-    The BS3 start-up steps are capped at startup_h_max, the Adams steps at the controller's
-    h_max (AB3's stability region is much smaller than BS3's).
+    sample's own step, in Newton form (divided differences, updated once per step instead
+    of a weight per derivative); Milne's device (the 3rd-order Adams-Moulton corrector
+    through the new derivative, error ~ 9/10 (y_AM - y_AB)) estimates the local error from
+    that same evaluation. The BS3 start-up steps are capped at startup_h_max, the Adams steps
+    at the controller's h_max (AB3's stability region is much smaller than BS3's).
     """
-
-    capturable = True
 
     capturable = True
 
@@ -225,13 +222,15 @@ class VCAB3:
     def init(self, f: Field, y: torch.Tensor, monitor: Monitor) -> tuple[Adams, int, int]:
         """Evaluate the flow at z0 and pick the first (BS3) step."""
         flow, nfe = start(f, y, monitor, self.startup, BS3.order, self.weights)
-        # Distinct tensors, though equal: a compiled step is specialised on aliasing.
-        ones = torch.ones_like(flow.h)
-        history = (flow.k, flow.k.clone(), flow.k.clone())
-        # The error is 0.9 (y_AM - y_AB) (Milne), the step y_new - y itself.
-        scales = self.controller.scales(y, monitor.termination, error=0.9, move=1.0)
-        accepted = torch.zeros_like(ones, dtype=torch.long)
-        return Adams(flow, scales, history, (ones, ones.clone()), accepted), nfe, 0
+        # The error is 0.9 (y_AM - y_AB) = 0.3 (3 w) (d2_new - d2) (see adams_weights), the
+        # step y_new - y itself.
+        scales = self.controller.scales(y, monitor.termination, error=0.3, move=1.0)
+        # Placeholders until two start-up steps are accepted (any finite values: the first
+        # accepted step overwrites d1 and the second d2), distinct tensors: a compiled step
+        # is specialised on aliasing.
+        differences = (torch.zeros_like(flow.k), torch.zeros_like(flow.k))
+        accepted = torch.zeros_like(flow.h, dtype=torch.long)
+        return Adams(flow, scales, differences, torch.ones_like(flow.h), accepted), nfe, 0
 
     def phases(self) -> tuple[Phase, ...]:
         """BS3 steps until each running sample has accepted two, then Adams steps."""
@@ -250,42 +249,55 @@ class VCAB3:
         return monitor.active & (c.accepted < 2)
 
     def startup_step(self, f: Field, c: Adams, monitor: Monitor) -> Adams:
-        """A BS3 step that also fills the derivative history; samples with two accepted
-        steps already take a zero step (error 0), which leaves them where they are."""
+        """A BS3 step that also updates the divided differences; samples with two accepted
+        steps already take a zero step (error 0), which leaves them where they are, and keep
+        their step size, capped for the Adams steps."""
         flow = c.flow
         starting = self.starting(c, monitor)
         h = flow.h * starting
         y_new, k_new, error, move = rk_step(vector_field(f), BS3, flow.y, flow.k, h)
-        e = self.startup.error_ratio(h, error, lambda: norm(move), y_new, flow.scales)
+        e = self.startup.error_ratio(error, h, lambda: norm(move), h, y_new, flow.scales)
         rejected, new = advance(self.startup, monitor, replace(flow, h=h), y_new, k_new, e, 2)
         moved = starting > rejected
-        new = replace(new, h=torch.where(moved | rejected, new.h, flow.h))
-        return self._shift(c, new, moved, h, c.accepted + moved)
+        accepted = c.accepted + moved
+        h_next = torch.where(moved | rejected, new.h, flow.h)
+        h_next = torch.where(accepted < 2, h_next, h_next.clamp_max(self.controller.h_max))
+        # Divided by the unmasked step, never 0 (a zero step would give 0 / 0, and NaN
+        # gradients through the samples that keep their differences).
+        differences = divided_differences(k_new, flow.k, c.differences[0], flow.h, c.last)
+        return self._shift(c, replace(new, h=h_next), moved, differences, flow.h, accepted)
 
     def adams_step(self, f: Field, c: Adams, monitor: Monitor) -> Adams:
         """One AB3 step with its Milne error estimate; samples that have stopped take a zero
-        step and keep their history."""
+        step and keep their differences."""
         flow = c.flow
         running = monitor.active
-        h = flow.h.clamp_max(self.controller.h_max).mul_(running)
-        y_new, k_new, difference = adams_move(vector_field(f), flow.y, c.history, c.gaps, h)
+        d1, d2 = c.differences
+        h = flow.h * running
+        y_new, k_new, w3 = adams_move(vector_field(f), flow.y, flow.k, c.differences, c.last, h)
+        # Divided by the unmasked step, as in the start-up.
+        differences = divided_differences(k_new, flow.k, d1, flow.h, c.last)
         e = self.controller.error_ratio(
-            None, difference, lambda: norm(y_new - flow.y), y_new, c.adams_scales
+            differences[1] - d2, w3, lambda: norm(y_new - flow.y), None, y_new, c.adams_scales
         )
-        rejected, new = advance(self.controller, monitor, replace(flow, h=h), y_new, k_new, e, 3)
-        return self._shift(c, new, running > rejected, h, c.accepted)
+        # The next step grows from the unmasked one, capped at h_max: a stopped sample's step
+        # stays positive for the divisions above.
+        rejected, new = advance(self.controller, monitor, flow, y_new, k_new, e, 3)
+        return self._shift(c, new, running > rejected, differences, flow.h, c.accepted)
 
     @staticmethod
     def _shift(
-        c: Adams, flow: Flow, moved: torch.Tensor, h: torch.Tensor, accepted: torch.Tensor
+        c: Adams,
+        flow: Flow,
+        moved: torch.Tensor,
+        differences: tuple[torch.Tensor, torch.Tensor],
+        h: torch.Tensor,
+        accepted: torch.Tensor,
     ) -> Adams:
-        """Shift the derivative history of the samples that moved (f - z at their new point
-        enters, the oldest leaves) and their step sizes."""
-        old, mid, new = c.history
-        history = (
-            torch.where(moved, mid, old),
-            torch.where(moved, new, mid),
-            torch.where(moved, flow.k, new),
+        """Take the divided differences at the new point and the step h to it for the samples
+        that moved."""
+        kept = tuple(
+            torch.where(moved, new, old)
+            for new, old in zip(differences, c.differences, strict=True)
         )
-        gaps = (torch.where(moved, c.gaps[1], c.gaps[0]), torch.where(moved, h, c.gaps[1]))
-        return Adams(flow, c.adams_scales, history, gaps, accepted)
+        return Adams(flow, c.adams_scales, kept, torch.where(moved, h, c.last), accepted)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass
 
 import torch
@@ -74,48 +75,51 @@ class Monitor:
         self.divergence_bound: torch.Tensor | None = None
         self.status = torch.full((batch, 1), int(Status.MAX_STEPS), device=z0.device)
         self.active = torch.ones(batch, 1, dtype=torch.bool, device=z0.device)
-        self.checked_norm = self.best_norm
+        self.checked_log = self.best_norm
 
-    def record(self, z: torch.Tensor, r: torch.Tensor, skip: torch.Tensor | None = None) -> None:
-        """Record iterate z with residual 2-norm r (B, 1), except for the samples in skip (a
-        rejected step), and stop those that meet the tolerance there: a sample's result does
-        not depend on the batch it is solved in. Comparisons with NaN are false: a non-finite
-        residual is never better and never converged."""
-        better = r < self.best_norm if skip is None else (r < self.best_norm) > skip
+    def record(self, z: torch.Tensor, r: torch.Tensor) -> None:
+        """Record iterate z with residual 2-norm r (B, 1) and stop the samples that meet the
+        tolerance there: a sample's result does not depend on the batch it is solved in. A
+        point recorded again (a rejected step keeps the last one) changes nothing: it is not
+        better than itself and did not converge the first time. Comparisons with NaN are
+        false: a non-finite residual is never better and never converged."""
+        better = r < self.best_norm
         self.best_z = torch.where(better, z, self.best_z)
         self.best_norm = torch.where(better, r, self.best_norm)
-        converged = r <= self._tolerance(z)
         # On booleans a > b is a & ~b.
-        self.active = self.active > (converged if skip is None else converged > skip)
+        self.active = self.active > (r <= self._tolerance(z))
 
     def test(self, current: torch.Tensor) -> None:
         """Give a status to the samples that converged, diverged or went non-finite, given each
         one's residual 2-norm at its current point (B, 1); no host synchronisation."""
-        t = self.termination
         if self.divergence_bound is None:
-            self.divergence_bound = t.divergence * current
-        converged = ~self.active
-        failed = torch.where(current.isfinite(), int(Status.DIVERGED), int(Status.NONFINITE))
-        code = torch.where(converged, int(Status.CONVERGED), failed)
-        # NaN compares false, so a non-finite residual also fails the bound.
-        stop = (self.status == int(Status.MAX_STEPS)) & (
-            converged | ~(current <= self.divergence_bound)
-        )
-        self.status = torch.where(stop, code, self.status)
-        self.active = self.active & ~stop
+            self.divergence_bound = self.termination.divergence * current
+        # NaN compares false, so a non-finite residual also fails the bound; a norm is >= 0,
+        # so it is finite exactly where it is below infinity.
+        failing = self.active > (current <= self.divergence_bound)
+        finite = current < float("inf")
+        # Samples still at MAX_STEPS that no longer run converged: CONVERGED is 0, so
+        # multiplying by the complement of that mask sets their status.
+        keep = (self.status == int(Status.MAX_STEPS)) <= self.active
+        # NONFINITE + 1 is DIVERGED.
+        code = finite + int(Status.NONFINITE)
+        self.status = torch.where(failing, code, self.status * keep)
+        self.active = self.active > failing
 
     def mark(self) -> None:
         """Start measuring the residual's rate of decrease from here (no host read)."""
-        self.checked_norm = self.best_norm
+        self.checked_log = self.best_norm.log()
 
     def next_block(self, steps: int, every: int | None = None) -> int:
         """Steps to take before the next test, 0 when no sample runs: the solve's one host
         synchronisation per check. `every` steps, or by default where the slowest running
         sample is predicted to converge at its residual's rate over the `steps` since the
         last mark."""
-        block = self.active.any() * every if every else self._predict(steps)
-        self.mark()
-        return int(block)
+        if every:
+            block = every * bool(self.active.any())
+            self.mark()
+            return block
+        return self._predict(steps)
 
     def _tolerance(self, z: torch.Tensor) -> torch.Tensor | float:
         """abstol + reltol * ||z|| per sample, as a 2-norm."""
@@ -123,24 +127,32 @@ class Monitor:
             return self.abstol_norm
         return norm(z).mul_(self.termination.reltol).add_(self.abstol_norm)
 
-    def _predict(self, since: int) -> torch.Tensor:
+    @torch.no_grad()
+    def _predict(self, since: int) -> int:
         """Steps until the slowest running sample converges at its current rate, in
-        [1, MAX_BLOCK] (UNKNOWN_BLOCK where its residual does not fall), 0 if none runs."""
+        [1, MAX_BLOCK] (UNKNOWN_BLOCK where its residual does not fall), 0 if none runs; marks
+        the residuals for the next prediction."""
+        best_log = self.best_norm.log()
+        fall, self.checked_log = best_log - self.checked_log, best_log
         if since == 0:
-            steps = torch.full_like(self.best_norm, UNKNOWN_BLOCK)
-        else:
-            log_rate = (self.best_norm / self.checked_norm).log_() / since
-            # One step of margin: the rate still improves as a transient dies out, so the
-            # prediction runs short more often than long.
-            tol = self._tolerance(self.best_z)
-            steps = (torch.log(tol / self.best_norm) / log_rate).ceil_().add_(1)
-            # A rate is known where the residual fell, over a finite start (not the first check).
-            steps = torch.where(log_rate.isfinite() & (log_rate < 0), steps, UNKNOWN_BLOCK)
-        # At most twice the steps since the last check: early rates, from the transient,
-        # predict too many steps more often than too few.
+            return UNKNOWN_BLOCK * bool(self.active.any())
+        tol = self._tolerance(self.best_z)
+        to_go = (math.log(tol) if isinstance(tol, float) else tol.log()) - best_log
+        # Intervals of `since` steps to go at the rate since the last check: positive where a
+        # running sample's residual fell (to_go < 0 for a running sample, fall < 0), NaN or
+        # <= 0 where no rate is known, which maps to UNKNOWN_BLOCK (2.5 steps: ceil and +1
+        # give 4).
+        checks = to_go / fall
+        checks = torch.where(checks > 0, checks, (UNKNOWN_BLOCK - 1.5) / since)
+        slowest = float(torch.where(self.active, checks, 0.0).amax())
+        if slowest == 0:
+            return 0
+        # One step of margin: the rate still improves as a transient dies out, so the
+        # prediction runs short more often than long. At most twice the steps since the last
+        # check: early rates, from the transient, predict too many steps more often than
+        # too few.
         limit = min(MAX_BLOCK, max(UNKNOWN_BLOCK, 2 * since))
-        steps = steps.nan_to_num_(UNKNOWN_BLOCK).clamp_(1, limit)
-        return torch.where(self.active, steps, 0).amax()
+        return int(min(max(math.ceil(min(since * slowest, limit)) + 1, 1), limit))
 
     @property
     def best_residual(self) -> torch.Tensor:
