@@ -9,6 +9,7 @@ same ones.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +17,7 @@ import ray
 import ray.util.state
 import yaml
 from ray import tune
+from ray._common.constants import HEAD_NODE_RESOURCE_NAME
 from ray.tune.experiment import Trial
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
@@ -24,7 +26,7 @@ from ray.tune.search import BasicVariantGenerator
 
 from raydeq.experiments.archive import archive_results
 from raydeq.experiments.spec import Experiment, describe, from_dict, merge, trial_name
-from raydeq.training import launch
+from raydeq.training import capacity, launch
 from raydeq.training.config import ConfigError
 from raydeq.training.reporting import progress_line
 from raydeq.training.storage import exists, read_text, write_bytes
@@ -33,6 +35,9 @@ SETTINGS_FILE = "experiment.yaml"
 TRAIN_RUN = "train"
 # A trial's own driver holds this much CPU; its workers' share is reduced by it.
 TRIAL_CPU = 0.01
+# ... and runs on the head node, with its Train controller: a GPU node that is lost takes only
+# workers with it, which Ray Train restarts from the last checkpoint on another node.
+TRIAL_RESOURCES = {"CPU": TRIAL_CPU, HEAD_NODE_RESOURCE_NAME: 0.001}
 SYNC_PERIOD_S = 60
 UNBOUNDED_STEPS = 2**31
 UNFINISHED = (Trial.PENDING, Trial.RUNNING, Trial.PAUSED)
@@ -40,39 +45,56 @@ UNFINISHED = (Trial.PENDING, Trial.RUNNING, Trial.PAUSED)
 
 @dataclass(frozen=True)
 class Options:
-    """How a run is carried out: GPUs per worker, samples, scheduler, trials at once."""
+    """How a run is carried out: GPUs per worker (None: decided by each trial when it starts),
+    samples, scheduler, and a limit on trials at once (0: what the cluster can hold)."""
 
-    gpus: float
+    gpus: float | None
     num_samples: int
     scheduler: str
     max_concurrent: int
 
 
-def run_trial(sampled: dict[str, Any], *, experiment: Experiment, path: str, gpus: float) -> None:
+def run_trial(
+    sampled: dict[str, Any], *, experiment: Experiment, path: str, gpus: float | None
+) -> None:
     """One trial: fit (or resume) its TorchTrainer in `<trial>/train`, reporting to Tune."""
     trial_dir = f"{path.rstrip('/')}/{tune.get_context().get_trial_name()}"
     where = {"name": TRAIN_RUN, "label": describe(sampled), "storage_path": trial_dir}
     cfg = experiment.trial_config(merge(sampled, where))
+    gpus = launch.gpus_per_worker(cfg) if gpus is None else gpus
     scaling = launch.scaling_config(cfg, gpus, reserve_cpu=TRIAL_CPU)
     launch.trainer(cfg, scaling, callbacks=[TuneReportCallback()]).fit()
 
 
-def concurrency(experiment: Experiment, gpus: float) -> int:
-    """How many trials the cluster's CPUs and GPUs hold at once (at least one)."""
+def concurrency(experiment: Experiment, gpus: float | None, limit: int = 0) -> int:
+    """How many trials the nodes the cluster may have (the autoscaler's node types, not only the
+    nodes up now) hold at once: at least one, at most `limit` when it is not 0."""
     cfg = experiment.trial_config({})
-    workers = cfg.scaling.num_workers
-    total = ray.cluster_resources()
-    fits = total.get("CPU", 0) // (workers * cfg.scaling.cpus_per_worker)
-    if gpus:
-        fits = min(fits, total.get("GPU", 0) // (workers * gpus))
+    gpus = launch.gpus_per_worker(cfg) if gpus is None else gpus
+    worker = launch.scaling_config(cfg, gpus, reserve_cpu=TRIAL_CPU).resources_per_worker
+    fits = capacity.worker_slots(worker) // cfg.scaling.num_workers
     if fits < 1:
         print(
-            f"note: one trial needs {workers} workers x {cfg.scaling.cpus_per_worker:g} CPU"
-            f"{f' + {gpus:g} GPU' if gpus else ''}, more than the cluster has now; trials wait "
-            "for nodes (the autoscaler adds them)",
+            f"note: one trial needs {cfg.scaling.num_workers} workers x {worker}, more than any "
+            "node type of the cluster provides; trials wait for nodes that can hold them",
             flush=True,
         )
-    return max(int(fits), 1)
+    return min(max(fits, 1), limit or capacity.UNBOUNDED)
+
+
+class VariantsWithinCapacity(BasicVariantGenerator):
+    """Tune's variant generator, with its bound on live trials computed when a run starts and
+    again when it is restored (Tune would restore the bound saved with the run, so a resumed
+    run would keep the cluster of its first start)."""
+
+    def __init__(self, bound: Callable[[], int], **options: Any) -> None:
+        super().__init__(max_concurrent=bound(), **options)
+        self.bound = bound
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Restore the saved state, then bound the live trials by the cluster of now."""
+        super().set_state(state)
+        self.max_concurrent = self.bound()
 
 
 def check_dashboard() -> None:
@@ -127,7 +149,7 @@ def tuner(experiment: Experiment, path: str, options: Options, resume: bool) -> 
     """
     trainable = tune.with_resources(
         functools.partial(run_trial, experiment=experiment, path=path, gpus=options.gpus),
-        {"CPU": TRIAL_CPU},
+        TRIAL_RESOURCES,
     )
     if resume:
         archive_results(path)
@@ -144,8 +166,9 @@ def tuner(experiment: Experiment, path: str, options: Options, resume: bool) -> 
             mode=search.mode,
             scheduler=_scheduler(experiment, options),
             num_samples=options.num_samples,
-            search_alg=BasicVariantGenerator(
-                constant_grid_search=True, max_concurrent=options.max_concurrent
+            search_alg=VariantsWithinCapacity(
+                functools.partial(concurrency, experiment, options.gpus, options.max_concurrent),
+                constant_grid_search=True,
             ),
             trial_name_creator=trial_name,
             trial_dirname_creator=trial_name,
