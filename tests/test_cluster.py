@@ -186,9 +186,10 @@ class FakeAutoscalingCluster:
                 os.killpg(self.head.pid, signal.SIGKILL)
 
 
-def _tune_on(address: str, args: list[str]) -> subprocess.Popen:
-    """Start `python -m raydeq.tune` on the cluster at `address`."""
+def _tune_on(address: str, experiment: Path) -> subprocess.Popen:
+    """Start `python -m raydeq.tune` on the cluster at `address`, storing next to the file."""
     env = os.environ | {"RAY_ADDRESS": address, "RAY_AUTH_MODE": "disabled"}
+    args = [str(experiment), "--storage", str(experiment.parent)]
     return subprocess.Popen(
         [sys.executable, "-m", "raydeq.tune", *args],
         env=env,
@@ -232,7 +233,7 @@ def test_trials_wait_for_the_nodes_the_autoscaler_adds_and_run_as_many_as_it_can
         assert ray.cluster_resources().get("GPU", 0) == 0 and launch.gpus_per_worker(auto) == 1.0
         watcher = threading.Thread(target=_watch, args=(samples, stop))
         watcher.start()
-        driver = _tune_on(cluster.address, [str(tmp_path / "grow.yaml"), "--storage", str(tmp_path)])
+        driver = _tune_on(cluster.address, tmp_path / "grow.yaml")
         output = driver.communicate(timeout=150)[0].decode()
         stop.set()
         watcher.join()
@@ -277,7 +278,7 @@ def test_a_trial_continues_on_another_node_from_its_last_checkpoint_when_its_nod
     (tmp_path / "lost.yaml").write_text(yaml.safe_dump(settings))
     experiment = tmp_path / "lost"
     try:
-        driver = _tune_on(cluster.address, [str(tmp_path / "lost.yaml"), "--storage", str(tmp_path)])
+        driver = _tune_on(cluster.address, tmp_path / "lost.yaml")
         deadline = time.monotonic() + 120
         while max(_registered_steps(experiment).values(), default=0) < 20:
             assert driver.poll() is None, driver.stdout.read().decode()[-3000:]
