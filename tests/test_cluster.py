@@ -34,6 +34,11 @@ PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 DLAMI = "resolve:ssm:/aws/service/deeplearning/ami/x86_64/base-oss-nvidia-driver-gpu-ubuntu-"
 # What `ray up` fills in for cluster.yaml's instance types (AWS's instance type table).
 FILLED = {"head": {"CPU": 8}, "gpu_worker": {"CPU": 48, "GPU": 4}}
+EMPTY_LISTS = (
+    *("initialization_commands", "setup_commands", "head_setup_commands"),
+    *("worker_setup_commands", "head_start_ray_commands", "worker_start_ray_commands"),
+    *("cluster_synced_files", "rsync_exclude", "rsync_filter"),
+)
 
 
 def test_cluster_yaml_passes_the_autoscaler_schema_with_least_privilege():
@@ -136,6 +141,10 @@ class FakeAutoscalingCluster:
             "head_node_type": "ray.head.default",
             "idle_timeout_minutes": 1,
             "upscaling_speed": 1.0,
+            # the rest of Ray's fake_multi_node/example.yaml (not in the wheel), all empty
+            **dict.fromkeys(("auth", "docker", "file_mounts"), {}),
+            **dict.fromkeys(EMPTY_LISTS, []),
+            "file_mounts_sync_continuously": False,
         }
         self.folder = tempfile.mkdtemp(prefix="rfc")  # short: Ray's socket paths are limited
         self.head: subprocess.Popen | None = None
@@ -143,13 +152,14 @@ class FakeAutoscalingCluster:
     def start(self) -> None:
         """Start the head node and its autoscaler, connect, and publish the node types."""
         config = Path(self.folder, "autoscaling.json")
-        config.write_text(json.dumps(prepare_config(self.config)))
+        config.write_text(json.dumps(self.config))
         env = os.environ | {
             "RAY_FAKE_CLUSTER": "1",
             "AUTOSCALER_UPDATE_INTERVAL_S": "1",
             "RAY_AUTH_MODE": "disabled",
         }
         cpus = self.config["available_node_types"]["ray.head.default"]["resources"]["CPU"]
+        log = Path(self.folder, "head.log").open("wb")
         self.head = subprocess.Popen(
             [
                 *(sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block"),
@@ -161,18 +171,16 @@ class FakeAutoscalingCluster:
                 "--disable-usage-stats",
             ],
             env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
         deadline = time.monotonic() + 90
-        while True:
-            try:
-                ray.init(address=self.address, logging_level="WARNING")
-                break
-            except ConnectionError:
-                assert time.monotonic() < deadline, "the fake cluster did not come up"
-                time.sleep(1)
+        while b"Ray runtime started" not in Path(log.name).read_bytes():
+            assert self.head.poll() is None, Path(log.name).read_text()[-3000:]
+            assert time.monotonic() < deadline, "the fake cluster did not come up"
+            time.sleep(0.5)
+        ray.init(address=self.address, logging_level="WARNING")
         capacity.publish(self.config)  # as cluster.yaml's head_start_ray_commands do
 
     def stop(self) -> None:
