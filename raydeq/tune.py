@@ -133,17 +133,14 @@ def start(args: argparse.Namespace) -> tuple[Experiment, str, run.Options | None
 
 
 def new_options(args: argparse.Namespace, experiment: Experiment) -> run.Options:
-    """GPUs, samples, scheduler and concurrency of a new run (Ray is up)."""
+    """GPUs, samples, scheduler and concurrency limit of a new run; the GPUs (unless given) and
+    the trials at once follow the cluster, at every start and resume."""
     search = experiment.search
-    gpus = args.gpus_per_worker
-    if gpus is None:
-        gpus = launch.gpus_per_worker(experiment.trial_config({}))
-    concurrent = args.max_concurrent_trials or search.max_concurrent_trials
     return run.Options(
-        gpus=gpus,
+        gpus=args.gpus_per_worker,
         num_samples=args.num_samples or search.num_samples,
         scheduler=args.scheduler or search.scheduler,
-        max_concurrent=concurrent or run.concurrency(experiment, gpus),
+        max_concurrent=args.max_concurrent_trials or search.max_concurrent_trials or 0,
     )
 
 

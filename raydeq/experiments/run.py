@@ -10,6 +10,7 @@ started with are stored in the experiment folder, so `--resume` and `--report` u
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +18,7 @@ import ray
 import ray.util.state
 import yaml
 from ray import tune
+from ray._common.constants import HEAD_NODE_RESOURCE_NAME
 from ray.tune.experiment import Trial
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
@@ -25,7 +27,7 @@ from ray.tune.search import BasicVariantGenerator
 
 from raydeq.experiments.archive import archive_results
 from raydeq.experiments.spec import Experiment, describe, from_dict, merge, trial_name
-from raydeq.training import launch
+from raydeq.training import capacity, launch
 from raydeq.training.config import Config, ConfigError
 from raydeq.training.reporting import progress_line
 from raydeq.training.session import TuneTrial
@@ -35,6 +37,9 @@ SETTINGS_FILE = "experiment.yaml"
 TRAIN_RUN = "train"
 # A trial's own driver holds this much CPU; its workers' share is reduced by it.
 TRIAL_CPU = 0.01
+# ... and runs on the head node, with its Train controller: a GPU node that is lost takes only
+# workers with it, which Ray Train restarts from the last checkpoint on another node.
+TRIAL_RESOURCES = {"CPU": TRIAL_CPU, HEAD_NODE_RESOURCE_NAME: 0.001}
 SYNC_PERIOD_S = 60
 UNBOUNDED_STEPS = 2**31
 UNFINISHED = (Trial.PENDING, Trial.RUNNING, Trial.PAUSED)
@@ -42,9 +47,10 @@ UNFINISHED = (Trial.PENDING, Trial.RUNNING, Trial.PAUSED)
 
 @dataclass(frozen=True)
 class Options:
-    """How a run is carried out: GPUs per worker, samples, scheduler, trials at once."""
+    """How a run is carried out: GPUs per worker (None: decided by each trial when it starts),
+    samples, scheduler, and a limit on trials at once (0: what the cluster can hold)."""
 
-    gpus: float
+    gpus: float | None
     num_samples: int
     scheduler: str
     max_concurrent: int
@@ -71,29 +77,50 @@ def in_process(cfg: Config) -> bool:
 
 
 def trial_resources(cfg: Config, gpus: float) -> dict[str, float]:
-    """What a trial's process holds: its one worker's CPUs and GPU, or a sliver beside its
-    Train run's workers."""
+    """What a trial's process holds: its one worker's CPUs and GPU, or a sliver of the head
+    node beside its Train run's workers."""
     if not in_process(cfg):
-        return {"CPU": TRIAL_CPU}
+        return TRIAL_RESOURCES
     return {"CPU": cfg.scaling.cpus_per_worker} | ({"GPU": gpus} if gpus else {})
 
 
-def concurrency(experiment: Experiment, gpus: float) -> int:
-    """How many trials the cluster's CPUs and GPUs hold at once (at least one)."""
+def trial_gpus(experiment: Experiment, options: Options) -> float:
+    """GPUs per worker: as given, else what the cluster's node types offer now (at every
+    start and resume)."""
+    if options.gpus is not None:
+        return options.gpus
+    return launch.gpus_per_worker(experiment.trial_config({}))
+
+
+def concurrency(experiment: Experiment, gpus: float | None, limit: int = 0) -> int:
+    """How many trials the nodes the cluster may have (the autoscaler's node types, not only the
+    nodes up now) hold at once: at least one, at most `limit` when it is not 0."""
     cfg = experiment.trial_config({})
-    workers = cfg.scaling.num_workers
-    total = ray.cluster_resources()
-    fits = total.get("CPU", 0) // (workers * cfg.scaling.cpus_per_worker)
-    if gpus:
-        fits = min(fits, total.get("GPU", 0) // (workers * gpus))
+    gpus = launch.gpus_per_worker(cfg) if gpus is None else gpus
+    worker = launch.scaling_config(cfg, gpus, reserve_cpu=TRIAL_CPU).resources_per_worker
+    fits = capacity.worker_slots(worker) // cfg.scaling.num_workers
     if fits < 1:
         print(
-            f"note: one trial needs {workers} workers x {cfg.scaling.cpus_per_worker:g} CPU"
-            f"{f' + {gpus:g} GPU' if gpus else ''}, more than the cluster has now; trials wait "
-            "for nodes (the autoscaler adds them)",
+            f"note: one trial needs {cfg.scaling.num_workers} workers x {worker}, more than any "
+            "node type of the cluster provides; trials wait for nodes that can hold them",
             flush=True,
         )
-    return max(int(fits), 1)
+    return min(max(fits, 1), limit or capacity.UNBOUNDED)
+
+
+class VariantsWithinCapacity(BasicVariantGenerator):
+    """Tune's variant generator, with its bound on live trials computed when a run starts and
+    again when it is restored (Tune would restore the bound saved with the run, so a resumed
+    run would keep the cluster of its first start)."""
+
+    def __init__(self, bound: Callable[[], int], **options: Any) -> None:
+        super().__init__(max_concurrent=bound(), **options)
+        self.bound = bound
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Restore the saved state, then bound the live trials by the cluster of now."""
+        super().set_state(state)
+        self.max_concurrent = self.bound()
 
 
 def check_dashboard() -> None:
@@ -147,9 +174,10 @@ def tuner(experiment: Experiment, path: str, options: Options, resume: bool) -> 
     TensorBoard themselves, and a second stream would restart its x-axis after a resume.
     """
     cfg = experiment.trial_config({})
+    gpus = trial_gpus(experiment, options)
     trainable = tune.with_resources(
-        functools.partial(run_trial, experiment=experiment, path=path, gpus=options.gpus),
-        trial_resources(cfg, options.gpus),
+        functools.partial(run_trial, experiment=experiment, path=path, gpus=gpus),
+        trial_resources(cfg, gpus),
     )
     if resume:
         archive_results(path)
@@ -166,8 +194,9 @@ def tuner(experiment: Experiment, path: str, options: Options, resume: bool) -> 
             mode=search.mode,
             scheduler=_scheduler(experiment, options),
             num_samples=options.num_samples,
-            search_alg=BasicVariantGenerator(
-                constant_grid_search=True, max_concurrent=options.max_concurrent
+            search_alg=VariantsWithinCapacity(
+                functools.partial(concurrency, experiment, options.gpus, options.max_concurrent),
+                constant_grid_search=True,
             ),
             trial_name_creator=trial_name,
             trial_dirname_creator=trial_name,

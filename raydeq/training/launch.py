@@ -23,6 +23,7 @@ from ray.train import (
 )
 from ray.train.torch import TorchTrainer
 
+from raydeq.training import capacity
 from raydeq.training.config import Config, validate
 
 # Ray's own INFO lines (per-report "Reporting training result", trial tables) are not shown;
@@ -78,11 +79,11 @@ def train_loop(config: dict[str, Any]) -> None:
 
 
 def gpus_per_worker(cfg: Config) -> float:
-    """One GPU per worker when the config asks for CUDA or, with `auto`, the cluster has GPUs."""
+    """One GPU per worker when the config asks for CUDA or, with `auto`, the cluster has or may
+    start GPU nodes (the autoscaler's node types: the workers then wait for one to join)."""
     if cfg.scaling.device == "cpu":
         return 0.0
-    has_gpus = ray.cluster_resources().get("GPU", 0) > 0
-    return 1.0 if cfg.scaling.device == "cuda" or has_gpus else 0.0
+    return 1.0 if cfg.scaling.device == "cuda" or capacity.can_have("GPU") else 0.0
 
 
 def scaling_config(cfg: Config, gpus: float, reserve_cpu: float = 0.0) -> ScalingConfig:

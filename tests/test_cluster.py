@@ -1,0 +1,312 @@
+"""The cluster path: cluster.yaml and its image, trials that claim what the autoscaler can
+provide, and a trial that survives the loss of its node."""
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import tomllib
+from pathlib import Path
+
+import psutil
+import pyarrow.parquet as pq
+import pytest
+import ray
+import yaml
+from ray.autoscaler._private.util import prepare_config, validate_config
+from ray.cluster_utils import Cluster
+from test_train import steps_by_tag
+from test_tune import TINY, _checkpoint_steps, _newest_steps, _reported_steps
+
+from raydeq.experiments import run, spec
+from raydeq.training import capacity, launch, reporting
+from raydeq.training.config import validate
+
+ROOT = Path(__file__).resolve().parent.parent
+CLUSTER = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+DLAMI = "resolve:ssm:/aws/service/deeplearning/ami/x86_64/base-oss-nvidia-driver-gpu-ubuntu-"
+# What `ray up` fills in for cluster.yaml's instance types (AWS's instance type table).
+FILLED = {"head": {"CPU": 8}, "gpu_worker": {"CPU": 48, "GPU": 4}}
+EMPTY_LISTS = (
+    *("initialization_commands", "setup_commands", "head_setup_commands"),
+    *("worker_setup_commands", "head_start_ray_commands", "worker_start_ray_commands"),
+    *("cluster_synced_files", "rsync_exclude", "rsync_filter"),
+)
+
+
+def test_cluster_yaml_passes_the_autoscaler_schema_with_least_privilege():
+    validate_config(prepare_config(CLUSTER))
+    assert "0.0.0.0" not in (ROOT / "cluster.yaml").read_text()
+    types = CLUSTER["available_node_types"]
+    for name, node_type in types.items():
+        image = node_type["node_config"]["ImageId"]
+        assert image.startswith(DLAMI) or re.fullmatch(r"ami-[0-9a-f]{8,17}", image), name
+        assert "IamInstanceProfile" not in node_type["node_config"], name
+    assert types["gpu_worker"]["min_workers"] == 0 and types["gpu_worker"]["max_workers"] >= 1
+    assert CLUSTER["file_mounts"] == {"/home/ray/raydeq": "."}
+    assert "pip install -q --no-deps -e /home/ray/raydeq" in CLUSTER["setup_commands"]
+    start = CLUSTER["head_start_ray_commands"]
+    assert start[-1] == "python -m raydeq.training.capacity ~/ray_bootstrap_config.yaml"
+
+
+def test_the_image_holds_the_pinned_versions_and_the_cluster_names_it():
+    requirements = PYPROJECT["project"]["dependencies"]
+    assert {"torch==2.14.1", "torchvision==0.29.1", "ray[default,train,tune]==2.60.0"} <= set(
+        requirements
+    )
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "FROM rayproject/ray:2.60.0-py311-gpu\n" in dockerfile
+    assert "--extra-index-url https://download.pytorch.org/whl/cu130" in dockerfile
+    assert CLUSTER["docker"]["image"].endswith(f"/raydeq:{PYPROJECT['project']['version']}")
+
+
+def test_the_worker_s3_policy_reaches_only_the_runs_prefix_of_one_bucket():
+    policy = json.loads((ROOT / "cluster" / "worker-s3-policy.json").read_text())
+    actions = {a for s in policy["Statement"] for a in s["Action"]}
+    assert actions == {
+        "s3:ListBucket",
+        "s3:GetBucketLocation",
+        "s3:GetObject",
+        "s3:PutObject",
+        "s3:DeleteObject",
+        "s3:AbortMultipartUpload",
+    }
+    resources = {s["Resource"] for s in policy["Statement"]}
+    assert resources == {"arn:aws:s3:::YOUR-BUCKET", "arn:aws:s3:::YOUR-BUCKET/raydeq-runs/*"}
+    assert all(s["Effect"] == "Allow" for s in policy["Statement"])
+
+
+def test_imagenet_claims_gpus_and_runs_as_many_trials_as_the_autoscaler_can_provide(monkeypatch):
+    autoscaling = prepare_config(CLUSTER)
+    for name, resources in FILLED.items():
+        autoscaling["available_node_types"][name]["resources"] = resources
+    groups = capacity.cluster_config(autoscaling).node_group_configs
+    types = [capacity.NodeType(dict(g.resources), g.max_count) for g in groups]
+    assert sorted((t.max_count, dict(t.resources)) for t in types) == [
+        (1, {"CPU": 8}),
+        (4, {"CPU": 48, "GPU": 4}),
+    ]
+    monkeypatch.setattr(capacity, "node_types", lambda: types)
+    imagenet = spec.load("imagenet")
+    cfg = imagenet.trial_config({})
+    assert cfg.scaling.device == "auto" and cfg.scaling.num_workers == 4
+    assert launch.gpus_per_worker(cfg) == 1.0
+    # 4 nodes x 4 GPUs, 4 GPU workers per trial (48 CPUs hold 4 workers of 10 CPUs too)
+    assert run.concurrency(imagenet, None) == 4
+    assert run.concurrency(imagenet, None, limit=2) == 2
+    cpu_only = [t for t in types if "GPU" not in t.resources]
+    monkeypatch.setattr(capacity, "node_types", lambda: cpu_only)
+    assert launch.gpus_per_worker(cfg) == 0.0
+
+
+# Ray clusters of their own ----------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    """A TCP port nobody listens on now."""
+    with socket.socket() as probe:
+        probe.bind(("", 0))
+        return probe.getsockname()[1]
+
+
+class FakeAutoscalingCluster:
+    """Ray's AutoscalingCluster (fake node types that join on demand, on this machine), started
+    on its own port and process group and stopped by that group, so that it leaves any other
+    Ray cluster on the machine alone (AutoscalingCluster runs `ray stop --force`)."""
+
+    def __init__(self, head: dict, worker_types: dict) -> None:
+        self.port = _free_port()
+        self.address = f"{ray.util.get_node_ip_address()}:{self.port}"
+        self.config = {
+            "cluster_name": "fake",
+            "max_workers": sum(t["max_workers"] for t in worker_types.values()),
+            "provider": {
+                "type": "fake_multinode",
+                "use_node_id_as_ip": True,
+                "disable_node_updaters": True,
+                "disable_launch_config_check": True,
+                "gcs_address": self.address,
+            },
+            "available_node_types": {
+                "ray.head.default": {"resources": head, "node_config": {}, "max_workers": 0},
+                **{k: {"node_config": {}, "min_workers": 0, **t} for k, t in worker_types.items()},
+            },
+            "head_node_type": "ray.head.default",
+            "idle_timeout_minutes": 1,
+            "upscaling_speed": 1.0,
+            # the rest of Ray's fake_multi_node/example.yaml (not in the wheel), all empty
+            **dict.fromkeys(("auth", "docker", "file_mounts"), {}),
+            **dict.fromkeys(EMPTY_LISTS, []),
+            "file_mounts_sync_continuously": False,
+        }
+        self.folder = tempfile.mkdtemp(prefix="rfc")  # short: Ray's socket paths are limited
+        self.head: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        """Start the head node and its autoscaler, connect, and publish the node types."""
+        config = Path(self.folder, "autoscaling.json")
+        config.write_text(json.dumps(self.config))
+        env = os.environ | {
+            "RAY_FAKE_CLUSTER": "1",
+            "AUTOSCALER_UPDATE_INTERVAL_S": "1",
+            "RAY_AUTH_MODE": "disabled",
+        }
+        cpus = self.config["available_node_types"]["ray.head.default"]["resources"]["CPU"]
+        log = Path(self.folder, "head.log").open("wb")
+        self.head = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block"),
+                f"--port={self.port}",
+                f"--num-cpus={cpus}",
+                f"--autoscaling-config={config}",
+                f"--temp-dir={self.folder}",
+                "--include-dashboard=false",
+                "--disable-usage-stats",
+            ],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 90
+        while b"Ray runtime started" not in Path(log.name).read_bytes():
+            assert self.head.poll() is None, Path(log.name).read_text()[-3000:]
+            assert time.monotonic() < deadline, "the fake cluster did not come up"
+            time.sleep(0.5)
+        ray.init(address=self.address, logging_level="WARNING")
+        capacity.publish(self.config)  # as cluster.yaml's head_start_ray_commands do
+
+    def stop(self) -> None:
+        """Disconnect and end every process of the cluster (its process group)."""
+        ray.shutdown()
+        if self.head is not None:
+            os.killpg(self.head.pid, signal.SIGTERM)
+            try:
+                self.head.wait(timeout=20)
+            finally:
+                os.killpg(self.head.pid, signal.SIGKILL)
+
+
+def _tune_on(address: str, experiment: Path) -> subprocess.Popen:
+    """Start `python -m raydeq.tune` on the cluster at `address`, storing next to the file."""
+    env = os.environ | {"RAY_ADDRESS": address, "RAY_AUTH_MODE": "disabled"}
+    args = [str(experiment), "--storage", str(experiment.parent)]
+    return subprocess.Popen(
+        [sys.executable, "-m", "raydeq.tune", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+
+
+def _watch(samples: list[tuple[int, float]], stop: threading.Event) -> None:
+    """Record (nodes alive, CPUs in use) twice a second until `stop` is set."""
+    while not stop.is_set():
+        alive = sum(node["Alive"] for node in ray.nodes())
+        used = ray.cluster_resources().get("CPU", 0) - ray.available_resources().get("CPU", 0)
+        samples.append((alive, used))
+        time.sleep(0.5)
+
+
+@pytest.mark.multinode
+def test_trials_wait_for_the_nodes_the_autoscaler_adds_and_run_as_many_as_it_can(tmp_path):
+    ray.shutdown()
+    # Trial workers need 2 CPUs: they fit on neither the head nor a "gpu" node, only on the
+    # two "cpu" nodes the autoscaler may add; the gpu type makes `device: auto` claim GPUs.
+    cluster = FakeAutoscalingCluster(
+        head={"CPU": 1},
+        worker_types={
+            "cpu": {"resources": {"CPU": 2}, "max_workers": 2},
+            "gpu": {"resources": {"CPU": 1, "GPU": 1}, "max_workers": 1},
+        },
+    )
+    settings = TINY | {
+        "train": {"epochs": 1, "max_steps": 4, "report_every": 2, "checkpoint_every": 4},
+        "scaling": {"num_workers": 1, "cpus_per_worker": 2, "device": "cpu"},
+        "search": {"space": {"seed": {"grid_search": [0, 1, 2]}}, "workers_per_trial": 1},
+    }
+    (tmp_path / "grow.yaml").write_text(yaml.safe_dump(settings))
+    samples: list[tuple[int, float]] = []
+    stop = threading.Event()
+    try:
+        cluster.start()
+        auto = validate(TINY | {"scaling": {"device": "auto"}})
+        assert ray.cluster_resources().get("GPU", 0) == 0 and launch.gpus_per_worker(auto) == 1.0
+        watcher = threading.Thread(target=_watch, args=(samples, stop))
+        watcher.start()
+        driver = _tune_on(cluster.address, tmp_path / "grow.yaml")
+        output = driver.communicate(timeout=150)[0].decode()
+        stop.set()
+        watcher.join()
+    finally:
+        stop.set()
+        cluster.stop()
+    assert driver.returncode == 0, output[-3000:]
+    rows = pq.read_table(tmp_path / "grow" / "results.parquet").to_pylist()
+    assert [(r["status"], r["step"]) for r in rows] == [("TERMINATED", 4)] * 3
+    settings = yaml.safe_load((tmp_path / "grow" / run.SETTINGS_FILE).read_text())
+    assert settings["options"]["gpus"] is None and settings["options"]["max_concurrent"] == 0
+    nodes = [alive for alive, _ in samples]
+    assert nodes[0] == 1 and max(nodes) == 3, nodes
+    workers = [round(used / 2) for _, used in samples]  # each trial holds 2 CPUs
+    assert max(workers) == 2, workers
+
+
+def _node_running(pid: int, nodes: list) -> object:
+    """The Ray node (of `nodes`) whose raylet started the worker process `pid`."""
+    raylet = psutil.Process(pid).ppid()
+    return next(n for n in nodes if n.all_processes["raylet"][0].process.pid == raylet)
+
+
+@pytest.mark.multinode
+def test_a_trial_continues_on_another_node_from_its_last_checkpoint_when_its_node_is_lost(
+    tmp_path,
+):
+    ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    nodes = [cluster.add_node(num_cpus=2) for _ in range(2)]  # one trial worker each
+    settings = TINY | {
+        "train": {
+            "epochs": 1,
+            "max_steps": 60,
+            "report_every": 10,
+            "checkpoint_every": 10,
+            "keep_checkpoints": 100,
+        },
+        "scaling": {"num_workers": 1, "cpus_per_worker": 2, "device": "cpu", "max_failures": 3},
+        "search": {"workers_per_trial": 1},
+    }
+    (tmp_path / "lost.yaml").write_text(yaml.safe_dump(settings))
+    experiment = tmp_path / "lost"
+    try:
+        driver = _tune_on(cluster.address, tmp_path / "lost.yaml")
+        deadline = time.monotonic() + 120
+        while max(_newest_steps(experiment).values(), default=0) < 20:
+            assert driver.poll() is None, driver.stdout.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "no checkpoint at step 20 in time"
+            time.sleep(0.1)
+        (trial,) = _newest_steps(experiment)
+        board = experiment / trial / "train" / reporting.TENSORBOARD_DIR
+        (writer,) = board.glob("events.out.tfevents.*")
+        lost = _node_running(int(writer.name.split(".")[-2]), nodes)
+        cluster.remove_node(lost, allow_graceful=False)
+        before = _newest_steps(experiment)[trial]
+        written = set(_checkpoint_steps(experiment))
+        output = driver.communicate(timeout=150)[0].decode()
+    finally:
+        cluster.shutdown()
+    assert driver.returncode == 0, output[-3000:]
+    assert 20 <= before < 60
+    new = [n for path, n in _checkpoint_steps(experiment) if (path, n) not in written]
+    assert min(new) == before + 10, f"did not continue from step {before}: {sorted(new)}"
+    assert len(list(board.glob("events.out.tfevents.*"))) == 2
+    assert steps_by_tag(board)["train_loss"] == list(range(1, 61))
+    steps = _reported_steps(experiment / trial)
+    assert steps == sorted(set(steps)) and steps[-1] == 60, steps
