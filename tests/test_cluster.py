@@ -1,6 +1,7 @@
 """The cluster path: cluster.yaml and its image, trials that claim what the autoscaler can
 provide, and a trial that survives the loss of its node."""
 
+import contextlib
 import json
 import os
 import re
@@ -188,10 +189,9 @@ class FakeAutoscalingCluster:
         ray.shutdown()
         if self.head is not None:
             os.killpg(self.head.pid, signal.SIGTERM)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.head.wait(timeout=20)
-            finally:
-                os.killpg(self.head.pid, signal.SIGKILL)
+            os.killpg(self.head.pid, signal.SIGKILL)
 
 
 def _tune_on(address: str, experiment: Path) -> subprocess.Popen:
