@@ -48,7 +48,13 @@ def test_the_published_numbers_have_every_row_and_column_of_tables_1_to_4():
 
 @pytest.mark.parametrize(
     ("name", "table"),
-    [("mnist_dense", 1), ("cifar10_small", 2), ("cifar10_large", 3), ("imagenet", 4)],
+    [
+        ("mnist_dense", 1),
+        ("cifar10_small", 2),
+        ("cifar10_large", 3),
+        ("imagenet", 4),
+        ("mnist_mdeq", 2),
+    ],
 )
 def test_each_paper_experiment_names_its_table_and_runs_every_published_row(name, table):
     experiment = spec.load(name)
