@@ -41,6 +41,7 @@ METRICS = (
     "backward_time",
     "optimizer_time",
     "data_time",
+    "step_time",
     "images_per_second",
     "skip_loss",
     "jac_loss",

@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PAPER_TRIALS = {
     "digits": 6,
     "mnist_dense": 33,
+    "mnist_mdeq": 7,
     "cifar10_small": 21,
     "cifar10_large": 21,
     "svhn": 48,

@@ -19,6 +19,7 @@ import yaml
 from ray import tune
 
 from raydeq import models
+from raydeq.experiments import paper
 from raydeq.experiments.archive import history
 from raydeq.experiments.spec import Experiment, describe, leaves, trial_name
 from raydeq.training.storage import write_bytes
@@ -55,6 +56,15 @@ def _mean(frame: pd.DataFrame, column: str) -> float:
     return float(frame[column].dropna().mean())
 
 
+def total_minutes(frame: pd.DataFrame) -> float:
+    """Total training time in minutes (the paper's Table 1): each report's steps times its mean
+    step time, summed over the reports."""
+    if "step_time" not in frame or frame["step_time"].dropna().empty:
+        return math.nan
+    steps = frame["step"].diff().fillna(frame["step"])
+    return float((steps * frame["step_time"]).sum()) / 60.0
+
+
 @functools.cache
 def parameter_count(model_section: str) -> int:
     """Trainable parameters of the model that a (YAML-dumped) model section builds."""
@@ -86,6 +96,7 @@ def trial_row(experiment: Experiment, trial: Any, frame: pd.DataFrame) -> dict[s
         "test_nfe": _last(frame, "test_nfe"),
         "predict_time": _last(frame, "predict_time"),
         "train_time": _mean(frame, "forward_time") + _mean(frame, "backward_time"),
+        "train_minutes": total_minutes(frame),
         "forward_time": _mean(frame, "forward_time"),
         "backward_time": _mean(frame, "backward_time"),
         "optimizer_time": _mean(frame, "optimizer_time"),
@@ -189,6 +200,7 @@ def report(path: str, experiment: Experiment) -> str:
     write_bytes(f"{path}/results.parquet", buffer.getvalue().to_pybytes())
     table = markdown(rows)
     write_bytes(f"{path}/results.md", table.encode())
+    table += paper.write(path, experiment, rows, curves)
     for metric, label in PLOTS.items():
         write_bytes(f"{path}/{metric}.png", plot(metric, label, curves))
     return table

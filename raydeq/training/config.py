@@ -46,6 +46,7 @@ DEVICES = ("auto", "cpu", "cuda")
 AMP = ("off", "bf16", "fp16")
 SCHEDULERS = ("fifo", "asha")
 MODES = ("max", "min")
+PAPER_TABLES = (1, 2, 3, 4)  # the tables of section 4 that an experiment can reproduce
 DEQ_ONLY = ("jac_reg", "pretrain_steps")
 ODE_ONLY = ("t1",)
 # Settings that do not change the trained model, so that changing them resumes the same run.
@@ -151,6 +152,7 @@ class SearchSection:
     max_t: int = option(0, ge=0)
     max_concurrent_trials: int = option(0, ge=0)
     workers_per_trial: int = option(0, ge=0)
+    paper: dict = option({})  # {table: N}: the paper's table this experiment reproduces
 
 
 @dataclass(frozen=True)
@@ -219,7 +221,7 @@ def _check_together(cfg: Config) -> None:
         )
     if cfg.train.lambda_jac > 0 and not cfg.model.jac_reg:
         raise ConfigError("train.lambda_jac: needs model.jac_reg=true to have a Jacobian term")
-    _check_variants(cfg.search.variants)
+    _check_search(cfg.search)
     optim = cfg.optim
     if list(optim.milestones) != sorted(set(optim.milestones)):
         raise ConfigError(
@@ -243,6 +245,20 @@ def _resolve_model(model: ModelSection) -> ModelSection:
         raise ConfigError(f"model: {err}") from None
     unset = [f.name for f in dataclasses.fields(model) if getattr(model, f.name) is None]
     return dataclasses.replace(model, **{k: resolved[k] for k in unset if k in resolved})
+
+
+def _check_search(search: SearchSection) -> None:
+    """The variants' rows and the paper reference of a search section."""
+    _check_variants(search.variants)
+    unknown = set(search.paper) - {"table"}
+    if unknown:
+        raise ConfigError(f"search.paper.{sorted(unknown)[0]}: unknown key; allowed keys: table")
+    table = search.paper.get("table", PAPER_TABLES[0])
+    if isinstance(table, bool) or table not in PAPER_TABLES:
+        raise ConfigError(
+            f"search.paper.table: {table!r} is not a table of the paper; "
+            f"choose one of {', '.join(map(str, PAPER_TABLES))}"
+        )
 
 
 def _check_variants(variants: Sequence[Mapping[str, Any]]) -> None:
@@ -306,7 +322,7 @@ def validate(raw: Mapping[str, Any]) -> Config:
 def validate_search(raw: Any) -> SearchSection:
     """Check an experiment's `search` section (or raise a ConfigError naming the key)."""
     search = build_section(SearchSection, {} if raw is None else raw, "search.")
-    _check_variants(search.variants)
+    _check_search(search)
     return search
 
 

@@ -128,6 +128,7 @@ class Loop:
             "train_accuracy": (logits.argmax(1) == labels).float().mean().item(),
             "optimizer_time": end - backward_end,
             "data_time": data_time,
+            "step_time": end - start + data_time,
             "skip_loss": float(out.skip_loss.detach()),
             "jac_loss": float(out.jac_loss.detach()),
             "residual": out.stats.residual.float().mean().item(),

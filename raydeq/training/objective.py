@@ -18,7 +18,8 @@ from torch import Tensor, nn
 
 from raydeq.deq import LayerOutput
 
-# Per-step training metrics, averaged over a report interval; *_time in seconds per batch.
+# Per-step training metrics, averaged over a report interval; *_time in seconds per batch
+# (step_time: the whole step, data wait and warm-up steps included, for total training time).
 STEP_METRICS = (
     "train_loss",
     "train_accuracy",
@@ -28,6 +29,7 @@ STEP_METRICS = (
     "backward_time",
     "optimizer_time",
     "data_time",
+    "step_time",
     "skip_loss",
     "jac_loss",
     "residual",

@@ -1,0 +1,243 @@
+"""The paper's tables and figures beside ours: the table an experiment reproduces
+(`search.paper.table`) with the published numbers and the ratio ours / paper, Figure 1 (training
+and backward time relative to the Vanilla Continuous DEQ) and Figures 4-6 (test forward time,
+backward time and test accuracy against step, Discrete and Continuous DEQ).
+
+The published numbers (`paper_numbers.csv`) are Tables 1-4 of arXiv 2201.12240 as printed (mean
+and standard deviation; Table 4's accuracy is top-5), copied from the authors' LaTeX of those
+tables (avik-pal/smthesis, tex/content/chapters/infinite_time_neural_odes.tex, commit 89d5977e).
+Figure 1 prints no numbers, so its paper bars are the ratios of the tables' means.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+import pandas as pd
+
+from raydeq.experiments.spec import Experiment
+from raydeq.solvers import DISCRETE
+from raydeq.training.storage import write_bytes
+
+matplotlib.use("Agg")
+from matplotlib import pyplot as plt  # noqa: E402  (the backend is chosen first)
+
+PUBLISHED = Path(__file__).with_name("paper_numbers.csv")
+REFERENCE = "Vanilla Continuous DEQ"  # Figure 1's unit: every time is relative to its
+TABLE_FILE = "paper_table.md"
+FIGURE1_FILE = "paper_figure1.png"
+CURVES_FILE = "paper_curves.png"
+VARIANTS = ("vanilla", "skip", "skip_reg")  # the lines of Figures 4-6
+
+
+@dataclass(frozen=True)
+class Column:
+    """A column of a paper table: our results key, the CSV column, its title and our unit's
+    factor to the paper's (fractions to percent)."""
+
+    ours: str
+    paper: str
+    title: str
+    scale: float = 1.0
+
+
+ACCURACY = Column("test_accuracy", "accuracy", "Test Accuracy (%)", 100.0)
+TOP5 = Column("test_top5_accuracy", "accuracy", "Test Accuracy (Top 5) (%)", 100.0)
+NFE = Column("test_nfe", "test_nfe", "Testing NFE")
+MINUTES = Column("train_minutes", "training_minutes", "Training Time (min)")
+TRAIN = Column("train_time", "train_time", "Training Time (s / batch)")
+BACKWARD = Column("backward_time", "backward_time", "Backward Pass (s / batch)")
+PREDICT = Column("predict_time", "predict_time", "Prediction Time (s / batch)")
+COLUMNS = {
+    1: (ACCURACY, NFE, MINUTES, PREDICT),
+    2: (ACCURACY, TRAIN, BACKWARD, PREDICT),
+    3: (ACCURACY, TRAIN, BACKWARD, PREDICT),
+    4: (TOP5, TRAIN, BACKWARD, PREDICT),
+}
+TITLES = {
+    1: "Table 1: MNIST Classification with Fully Connected Layers",
+    2: "Table 2: CIFAR10 Classification with Small Neural Network",
+    3: "Table 3: CIFAR10 Classification with Large Neural Network",
+    4: "Table 4: ImageNet Classification",
+}
+
+
+def published(table: int) -> pd.DataFrame:
+    """The paper's rows of one table, indexed by method label, in the paper's order."""
+    frame = pd.read_csv(PUBLISHED)
+    return frame[frame["table"] == table].set_index("label")
+
+
+def _groups(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Rows by group; trials that trained to the end when a group has any, else all of them."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(row["group"], []).append(row)
+    return {g: [m for m in ms if m["completed"]] or ms for g, ms in groups.items()}
+
+
+def _values(members: list[dict[str, Any]], column: Column) -> list[float]:
+    """The finite values of a column over a group's trials, in the paper's unit."""
+    values = [m.get(column.ours) for m in members]
+    return [v * column.scale for v in values if v is not None and math.isfinite(v)]
+
+
+def _mean(values: list[float]) -> float:
+    """The mean, or NaN for no values."""
+    return statistics.fmean(values) if values else math.nan
+
+
+def _ours(values: list[float]) -> str:
+    """`mean ± std` with the paper's three decimals (the mean alone for one trial)."""
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def _paper(paper: pd.DataFrame, label: str, column: str) -> str:
+    """The published `mean ± std` of a row and column, or "-" where the paper has none."""
+    if label not in paper.index or pd.isna(paper.at[label, column]):
+        return "-"
+    return f"{paper.at[label, column]:.3f} ± {paper.at[label, f'{column}_std']:.3f}"
+
+
+def ratio(ours: float, paper: float) -> float:
+    """ours / paper, NaN where either is missing or the paper's is 0."""
+    if not (math.isfinite(ours) and math.isfinite(paper)) or paper == 0:
+        return math.nan
+    return ours / paper
+
+
+def markdown(table: int, rows: list[dict[str, Any]]) -> str:
+    """The paper's table with our mean ± std, the published one and ours / paper per column;
+    the paper's rows first, in its order, then our rows that it does not have."""
+    paper = published(table)
+    groups = _groups(rows)
+    header = ["Method", "Seeds"]
+    for column in COLUMNS[table]:
+        header += [column.title, "paper", "ours / paper"]
+    lines = [
+        f"### {TITLES[table]}, ours beside the paper's",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + " --- |" * len(header),
+    ]
+    for label in [*paper.index, *(g for g in groups if g not in paper.index)]:
+        members = groups.get(label, [])
+        cells = [label, str(len(members))]
+        for column in COLUMNS[table]:
+            values = _values(members, column)
+            published_mean = paper.at[label, column.paper] if label in paper.index else math.nan
+            share = ratio(_mean(values), float(published_mean))
+            cells += [_ours(values), _paper(paper, label, column.paper)]
+            cells.append("-" if math.isnan(share) else f"{share:.3g}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _relative(means: dict[str, float]) -> dict[str, float]:
+    """Each method's value over the reference method's (empty without the reference)."""
+    unit = means.get(REFERENCE, math.nan)
+    return {k: ratio(v, unit) for k, v in means.items() if math.isfinite(ratio(v, unit))}
+
+
+def figure1(table: int, rows: list[dict[str, Any]]) -> bytes:
+    """PNG of Figure 1's measure for this experiment: training and backward time of each method
+    relative to the Vanilla Continuous DEQ, ours beside the paper's (from its table)."""
+    paper = published(table)
+    groups = _groups(rows)
+    training = MINUTES if table == 1 else TRAIN
+    figure, axes = plt.subplots(1, 2, figsize=(11.0, 4.2), sharey=False)
+    for axis, column, name in [(axes[0], training, "training"), (axes[1], BACKWARD, "backward")]:
+        ours = _relative({g: _mean(_values(ms, column)) for g, ms in groups.items()})
+        theirs = _relative({k: float(v) for k, v in paper[column.paper].dropna().items()})
+        labels = [*dict.fromkeys([*theirs, *ours])]
+        where = range(len(labels))
+        axis.bar([i - 0.2 for i in where], [ours.get(k, 0.0) for k in labels], 0.4, label="ours")
+        axis.bar([i + 0.2 for i in where], [theirs.get(k, 0.0) for k in labels], 0.4, label="paper")
+        axis.axhline(1.0, color="grey", linewidth=0.8)
+        axis.set_xticks(list(where), labels, rotation=35, ha="right", fontsize="small")
+        axis.set_ylabel(f"{name} time / {REFERENCE}")
+        axis.set_title(f"{name.capitalize()} time, relative (lower is better)")
+        axis.grid(axis="y", alpha=0.3)
+        axis.legend(fontsize="small")
+    figure.suptitle(f"Figure 1 for {TITLES[table].split(':')[0]}")
+    return _png(figure)
+
+
+def _kind(row: dict[str, Any]) -> tuple[str, str] | None:
+    """("Discrete" or "Continuous", variant) of a plain DEQ trial; None for the Neural ODE and
+    Jacobian-regularised trials, which Figures 4-6 leave out."""
+    variant = row.get("config.model.variant")
+    if variant not in VARIANTS or row.get("config.model.jac_reg"):
+        return None
+    return ("Discrete" if row.get("config.model.solver") in DISCRETE else "Continuous", variant)
+
+
+def curves_figure(rows: list[dict[str, Any]], curves: dict[str, list[pd.DataFrame]]) -> bytes:
+    """PNG of Figures 4-6: rows Discrete / Continuous DEQ, columns test forward time, backward
+    time and test accuracy against step; one line per variant (mean over seeds)."""
+    kinds = {row["group"]: _kind(row) for row in rows}
+    panels = [
+        ("predict_time", "test forward time (s / batch)", 1.0),
+        ("backward_time", "backward time (s / batch)", 1.0),
+        ("test_accuracy", "test accuracy (%)", 100.0),
+    ]
+    figure, axes = plt.subplots(2, 3, figsize=(13.0, 7.0), sharex=True)
+    for r, kind in enumerate(("Discrete", "Continuous")):
+        for c, (metric, label, scale) in enumerate(panels):
+            axis = axes[r][c]
+            for group, frames in curves.items():
+                if kinds.get(group) is None or kinds[group][0] != kind:
+                    continue
+                usable = [f[["step", metric]].dropna() for f in frames if metric in f]
+                if not any(len(f) for f in usable):
+                    continue
+                mean = pd.concat(usable).groupby("step")[metric].mean() * scale
+                color = f"C{VARIANTS.index(kinds[group][1])}"  # a variant's colour in every panel
+                axis.plot(
+                    mean.index, mean.values, color=color, marker="o", markersize=3, label=group
+                )
+            axis.set_title(f"{kind} DEQ: {label}", fontsize="medium")
+            axis.grid(alpha=0.3)
+            if r == 1:
+                axis.set_xlabel("training step")
+            if axis.lines:
+                axis.legend(fontsize="x-small")
+    figure.suptitle("Figures 4-6: Discrete and Continuous DEQ against training step")
+    return _png(figure)
+
+
+def _png(figure: plt.Figure) -> bytes:
+    """The figure as PNG bytes; the figure is closed."""
+    buffer = io.BytesIO()
+    figure.tight_layout()
+    figure.savefig(buffer, format="png", dpi=110)
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def write(
+    path: str,
+    experiment: Experiment,
+    rows: list[dict[str, Any]],
+    curves: dict[str, list[pd.DataFrame]],
+) -> str:
+    """Write the paper's table and figures for an experiment that names a paper table; return
+    the table's Markdown ("" for an experiment that reproduces none)."""
+    table = experiment.search.paper.get("table")
+    if table is None:
+        return ""
+    text = markdown(table, rows)
+    write_bytes(f"{path}/{TABLE_FILE}", text.encode())
+    write_bytes(f"{path}/{FIGURE1_FILE}", figure1(table, rows))
+    write_bytes(f"{path}/{CURVES_FILE}", curves_figure(rows, curves))
+    return "\n" + text

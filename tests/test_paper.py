@@ -1,0 +1,187 @@
+"""The paper's published numbers, its tables and figures beside ours, and total training time."""
+
+import math
+
+import matplotlib.image
+import pandas as pd
+import pytest
+
+from raydeq.experiments import paper, results, spec
+from raydeq.training.config import ConfigError
+
+NUMBERS = [
+    "accuracy",
+    "test_nfe",
+    "training_minutes",
+    "train_time",
+    "backward_time",
+    "predict_time",
+]
+CONTINUOUS = "Vanilla Continuous DEQ"
+
+
+def test_the_published_numbers_have_every_row_and_column_of_tables_1_to_4():
+    frame = pd.read_csv(paper.PUBLISHED)
+    assert list(frame.columns) == [
+        "table",
+        "label",
+        "params",
+        *(f"{name}{suffix}" for name in NUMBERS for suffix in ("", "_std")),
+        "source",
+    ]
+    assert frame.groupby("table").size().to_dict() == {1: 6, 2: 7, 3: 7, 4: 6}
+    for table, columns in paper.COLUMNS.items():
+        rows = paper.published(table)
+        for column in columns:
+            assert rows[column.paper].notna().all() and rows[f"{column.paper}_std"].notna().all()
+        others = set(NUMBERS) - {c.paper for c in columns}
+        assert rows[sorted(others)].isna().all().all()
+        assert rows["source"].str.startswith(f"arXiv 2201.12240 Table {table},").all()
+    assert "top-5" in paper.published(4)["source"].iloc[0]
+    # Values as printed in the paper (Table 2's Neural ODE, Table 1's Skip Reg. row)
+    assert paper.published(2).loc["Neural ODE", ["train_time", "backward_time"]].tolist() == [
+        1.608,
+        1.240,
+    ]
+    assert paper.published(1).loc["Skip Reg. Continuous DEQ", "accuracy"] == 97.973
+
+
+@pytest.mark.parametrize(
+    ("name", "table"),
+    [
+        ("mnist_dense", 1),
+        ("cifar10_small", 2),
+        ("cifar10_large", 3),
+        ("imagenet", 4),
+        ("mnist_mdeq", 2),
+    ],
+)
+def test_each_paper_experiment_names_its_table_and_runs_every_published_row(name, table):
+    experiment = spec.load(name)
+    assert experiment.search.paper == {"table": table}
+    labels = {row["label"] for row in experiment.search.variants}
+    assert set(paper.published(table).index) <= labels
+
+
+@pytest.mark.parametrize(
+    ("paper_section", "message"),
+    [
+        (
+            {"table": 5},
+            "search.paper.table: 5 is not a table of the paper; choose one of 1, 2, 3, 4",
+        ),
+        ({"table": True}, "search.paper.table: True is not a table"),
+        ({"figure": 1}, "search.paper.figure: unknown key; allowed keys: table"),
+    ],
+)
+def test_a_bad_paper_reference_is_a_one_line_error(paper_section, message):
+    raw = {"data": {"dataset": "digits"}, "search": {"paper": paper_section}}
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        spec.from_dict("bad", raw)
+
+
+def test_total_training_minutes_add_each_reports_steps_times_its_step_time():
+    frame = pd.DataFrame({"step": [10, 20, 40], "step_time": [0.6, 1.2, 1.8]})
+    assert results.total_minutes(frame) == pytest.approx((10 * 0.6 + 10 * 1.2 + 20 * 1.8) / 60)
+    assert math.isnan(results.total_minutes(pd.DataFrame({"step": [10]})))
+
+
+def _row(group: str, variant: str, solver: str, seed: int, **metrics: float) -> dict:
+    """A results row of a finished trial, as results.trial_row writes it."""
+    return {
+        "group": group,
+        "seed": seed,
+        "completed": True,
+        "config.model.variant": variant,
+        "config.model.solver": solver,
+        "config.model.jac_reg": None,
+    } | metrics
+
+
+def _run() -> tuple[list[dict], dict[str, list[pd.DataFrame]]]:
+    """Rows and report histories of a tiny finished Table 2 run: two seeds of the Vanilla
+    Continuous DEQ, one of Skip Reg. Discrete DEQ and of the Neural ODE."""
+    times = {"train_time": 0.5, "predict_time": 0.1, "test_top5_accuracy": 0.99}
+    rows = [
+        _row(CONTINUOUS, "vanilla", "vcab3", 0, test_accuracy=0.80, backward_time=0.2, **times),
+        _row(CONTINUOUS, "vanilla", "vcab3", 1, test_accuracy=0.82, backward_time=0.3, **times),
+        _row("Skip Reg. Discrete DEQ", "skip_reg", "broyden", 0, test_accuracy=0.7, **times),
+        _row("Neural ODE", "neural_ode", "tsit5", 0, test_accuracy=0.75, **times)
+        | {"train_time": 3.216, "backward_time": 2.48},
+    ]
+    rows[2]["backward_time"] = 0.05
+    curve = pd.DataFrame(
+        {
+            "step": [10, 20],
+            "predict_time": [0.2, 0.1],
+            "backward_time": [0.3, 0.2],
+            "test_accuracy": [0.5, 0.8],
+        }
+    )
+    curves = {row["group"]: [curve, curve * 1.1] for row in rows}
+    return rows, curves
+
+
+def test_the_table_puts_ours_beside_the_papers_with_the_ratio():
+    rows, _ = _run()
+    table = paper.markdown(2, rows)
+    lines = {line.split(" | ")[0].lstrip("| "): line for line in table.splitlines()}
+    # ours | paper | ours / paper for accuracy, training, backward and prediction time
+    assert lines[CONTINUOUS] == (
+        f"| {CONTINUOUS} | 2 | 81.000 ± 1.414 | 80.807 ± 0.631 | 1 | 0.500 ± 0.000 | "
+        "0.753 ± 0.017 | 0.664 | 0.250 ± 0.071 | 0.261 ± 0.010 | 0.958 | 0.100 ± 0.000 | "
+        "0.136 ± 0.010 | 0.735 |"
+    )
+    assert lines["Neural ODE"].split(" | ")[5:11] == [
+        "3.216",
+        "1.608 ± 0.026",
+        "2",
+        "2.480",
+        "1.240 ± 0.021",
+        "2",
+    ]
+    assert lines["Skip Discrete DEQ"].startswith(
+        "| Skip Discrete DEQ | 0 | - | 82.013 ± 0.306 | - |"
+    )
+    assert list(lines).index("Neural ODE") > list(lines).index("Skip Reg. Continuous DEQ")
+
+
+def test_table_1_reports_total_minutes_and_test_nfe_and_table_4_top5():
+    row = _row("Skip Reg. Continuous DEQ", "skip_reg", "tsit5", 0, test_accuracy=0.9)
+    row |= {"test_nfe": 8.002, "train_minutes": 2.59, "predict_time": 0.02}
+    table = paper.markdown(1, [row])
+    assert "Testing NFE | paper | ours / paper | Training Time (min) |" in table
+    assert "| 8.002 | 4.001 ± 0.000 | 2 | 2.590 | 1.295 ± 0.222 | 2 |" in table
+    row |= {"test_top5_accuracy": 0.8181, "train_time": 1.0, "backward_time": 0.1}
+    assert "| 81.810 | 81.813 ± 0.350 | 1 |" in paper.markdown(4, [row])
+
+
+def test_the_report_writes_the_table_and_readable_figures_for_a_paper_experiment(tmp_path):
+    rows, curves = _run()
+    base = {"data": {"dataset": "digits"}, "model": {"model": "mnist_dense"}}
+    experiment = spec.from_dict("table2", base | {"search": {"paper": {"table": 2}}})
+    text = paper.write(str(tmp_path), experiment, rows, curves)
+    assert (tmp_path / paper.TABLE_FILE).read_text() == text.lstrip("\n")
+    assert text.startswith("\n### Table 2: CIFAR10 Classification with Small Neural Network")
+    for name, (height, width) in [
+        (paper.FIGURE1_FILE, (462, 1210)),
+        (paper.CURVES_FILE, (770, 1430)),
+    ]:
+        image = matplotlib.image.imread(tmp_path / name)
+        assert image.shape[:2] == (height, width) and image.std() > 0.05
+    assert paper.write(str(tmp_path / "none"), spec.from_dict("plain", base), rows, curves) == ""
+    assert not (tmp_path / "none").exists()
+
+
+def test_figure_1_is_relative_to_the_vanilla_continuous_deq_and_figures_4_6_skip_the_node():
+    rows, _ = _run()
+    means = {"Vanilla Continuous DEQ": 0.25, "Neural ODE": 2.48, "Skip DEQ": math.nan}
+    assert paper._relative(means) == {CONTINUOUS: 1.0, "Neural ODE": pytest.approx(9.92)}
+    assert paper._relative({"Neural ODE": 2.0}) == {}
+    assert [paper._kind(r) for r in rows] == [
+        ("Continuous", "vanilla"),
+        ("Continuous", "vanilla"),
+        ("Discrete", "skip_reg"),
+        None,
+    ]
+    assert paper._kind(rows[0] | {"config.model.jac_reg": True}) is None
