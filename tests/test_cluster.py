@@ -122,6 +122,9 @@ class FakeAutoscalingCluster:
     on its own port and process group and stopped by that group, so that it leaves any other
     Ray cluster on the machine alone (AutoscalingCluster runs `ray stop --force`)."""
 
+    # Without token authentication: its processes and drivers share no token file.
+    ENV = {"RAY_AUTH_MODE": "disabled"}
+
     def __init__(self, head: dict, worker_types: dict) -> None:
         self.port = _free_port()
         self.address = f"{ray.util.get_node_ip_address()}:{self.port}"
@@ -154,11 +157,7 @@ class FakeAutoscalingCluster:
         """Start the head node and its autoscaler, connect, and publish the node types."""
         config = Path(self.folder, "autoscaling.json")
         config.write_text(json.dumps(self.config))
-        env = os.environ | {
-            "RAY_FAKE_CLUSTER": "1",
-            "AUTOSCALER_UPDATE_INTERVAL_S": "1",
-            "RAY_AUTH_MODE": "disabled",
-        }
+        env = os.environ | {"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"} | self.ENV
         cpus = self.config["available_node_types"]["ray.head.default"]["resources"]["CPU"]
         log = Path(self.folder, "head.log").open("wb")
         self.head = subprocess.Popen(
@@ -194,9 +193,10 @@ class FakeAutoscalingCluster:
             os.killpg(self.head.pid, signal.SIGKILL)
 
 
-def _tune_on(address: str, experiment: Path) -> subprocess.Popen:
-    """Start `python -m raydeq.tune` on the cluster at `address`, storing next to the file."""
-    env = os.environ | {"RAY_ADDRESS": address, "RAY_AUTH_MODE": "disabled"}
+def _tune_on(address: str, experiment: Path, **env: str) -> subprocess.Popen:
+    """Start `python -m raydeq.tune` on the cluster at `address`, storing next to the file, with
+    the cluster's environment (`env` on top of this process's)."""
+    env = os.environ | {"RAY_ADDRESS": address} | env
     args = [str(experiment), "--storage", str(experiment.parent)]
     return subprocess.Popen(
         [sys.executable, "-m", "raydeq.tune", *args],
@@ -241,7 +241,7 @@ def test_trials_wait_for_the_nodes_the_autoscaler_adds_and_run_as_many_as_it_can
         assert ray.cluster_resources().get("GPU", 0) == 0 and launch.gpus_per_worker(auto) == 1.0
         watcher = threading.Thread(target=_watch, args=(samples, stop))
         watcher.start()
-        driver = _tune_on(cluster.address, tmp_path / "grow.yaml")
+        driver = _tune_on(cluster.address, tmp_path / "grow.yaml", **FakeAutoscalingCluster.ENV)
         output = driver.communicate(timeout=150)[0].decode()
         stop.set()
         watcher.join()

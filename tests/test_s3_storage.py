@@ -69,12 +69,12 @@ def test_an_experiment_on_s3_keeps_checkpoints_tensorboard_and_results_there(
         assert "| all | 1 |" in stream.readall().decode()
     with s3.open_input_stream(f"{experiment}/test_accuracy.png") as stream:
         assert stream.read(4) == b"\x89PNG"
-    run = f"{experiment}/{row['trial']}/train"
-    checkpoints = download(s3, run, tmp_path / "train")
-    states = [p.parent for p in checkpoints if p.name == checkpoint.STATE_FILE]
+    trial = f"{experiment}/{row['trial']}"
+    files = download(s3, trial, tmp_path / "trial")
+    states = [p.parent for p in files if p.name == checkpoint.STATE_FILE]
     steps = sorted(checkpoint.read_checkpoint(folder)["step"] for folder in states)
     assert steps == [3, 6]
-    events = EventAccumulator(str(tmp_path / "train" / reporting.TENSORBOARD_DIR))
+    events = EventAccumulator(str(tmp_path / "trial" / "train" / reporting.TENSORBOARD_DIR))
     events.Reload()
     assert [e.step for e in events.Scalars("train_loss")] == [1, 2, 3, 4, 5, 6]
     assert [e.step for e in events.Scalars("test_accuracy")] == [6]
