@@ -5,6 +5,7 @@ import json
 import pickle
 import signal
 import time
+from pathlib import Path
 
 import optuna
 import pyarrow.parquet as pq
@@ -16,7 +17,13 @@ from hypothesis import strategies as st
 from raydeq import tune as rt
 from raydeq.experiments import pareto, search, spec
 from raydeq.training.config import ConfigError
-from tests.test_tune import TINY, _tune
+from tests.test_tune import (
+    TINY,
+    _reported_steps,
+    _train_controllers,
+    _tune,
+    _wait_for_the_end_of,
+)
 
 SEARCH = {
     "searcher": "tpe",
@@ -245,6 +252,15 @@ def test_the_front_table_names_the_paper_points_and_the_cheapest_trial():
     assert pareto.chart(marked, "test_accuracy").startswith(b"\x89PNG")
 
 
+def _finished(experiment: Path) -> set[str]:
+    """The trial folders whose trial has reported its last step."""
+    return {
+        trial.name
+        for trial in experiment.glob("*_*")
+        if (trial / "result.json").is_file() and 6 in _reported_steps(trial)
+    }
+
+
 def test_a_killed_search_resumes_with_its_searchers_history_and_repeats_no_trial(
     ray_cluster, tmp_path
 ):
@@ -267,17 +283,17 @@ def test_a_killed_search_resumes_with_its_searchers_history_and_repeats_no_trial
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(settings))
     argv = [str(tmp_path / "s.yaml"), "--storage", str(tmp_path / "runs")]
     experiment = tmp_path / "runs" / "s"
+    earlier = _train_controllers(ray_cluster)
     driver = _tune(argv)
-    deadline = time.monotonic() + 200
-    while len(list(experiment.glob("*/result.json"))) < 3 or not list(
-        experiment.glob("searcher-state-*.pkl")
-    ):
+    deadline = time.monotonic() + 400
+    while len(_finished(experiment)) < 2 or not list(experiment.glob("searcher-state-*.pkl")):
         assert driver.poll() is None, driver.stdout.read().decode()[-3000:]
         assert time.monotonic() < deadline, "two trials did not finish in time"
         time.sleep(0.2)
     driver.send_signal(signal.SIGKILL)
     driver.wait()
-    before = {p.parent.name for p in experiment.glob("*/result.json")}
+    _wait_for_the_end_of(_train_controllers(ray_cluster) - earlier, ray_cluster)
+    before = _finished(experiment)
 
     resumed = _tune([*argv, "--resume"])
     output = resumed.communicate(timeout=300)[0].decode()
