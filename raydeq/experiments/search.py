@@ -23,6 +23,7 @@ from optuna.distributions import (
 )
 from ray.tune.search import ConcurrencyLimiter, Searcher
 from ray.tune.search.optuna import OptunaSearch
+from ray.tune.utils.util import unflatten_dict
 
 from raydeq import models
 from raydeq.deq import DEQ
@@ -32,10 +33,9 @@ from raydeq.training.config import Config, ConfigError, SearchSection, apply_ove
 # Tune's OptunaSearch nests parameter names at "/": "model/solver" sets model.solver.
 SEPARATOR = "/"
 LABEL_KEY = f"variant{SEPARATOR}label"
-Distribution = BaseDistribution
 
 
-def distribution(key: str, spec: Any) -> Distribution | Any:
+def distribution(key: str, spec: Any) -> BaseDistribution | Any:
     """The Optuna distribution of a primitive (a constant stays as it is)."""
     if not is_primitive(spec):
         return spec
@@ -49,7 +49,7 @@ def distribution(key: str, spec: Any) -> Distribution | Any:
         raise ConfigError(f"{key}: Optuna cannot sample {spec!r} ({err})") from None
 
 
-def suggest(trial: optuna.Trial, name: str, dist: Distribution | Any) -> Any:
+def suggest(trial: optuna.Trial, name: str, dist: BaseDistribution | Any) -> Any:
     """Draw `name` from its distribution through the trial's public `suggest_*` methods (the
     ones Tune's OptunaSearch records); a constant is returned as it is."""
     if isinstance(dist, CategoricalDistribution):
@@ -139,14 +139,22 @@ def _default(cfg: Config, dotted: str) -> Any:
     return None if parameter is None else parameter.default
 
 
+def _defaults(cfg: Config, dims: Mapping[str, Any]) -> dict[str, Any]:
+    """The values the trial runs with for these dimensions (a constant's own value)."""
+    return {
+        _name(k): _default(cfg, k) if isinstance(d, BaseDistribution) else d
+        for k, d in dims.items()
+    }
+
+
 def _point(cfg: Config, space: Space, settings: Mapping[str, Any]) -> dict[str, Any]:
     """A variant's settings, and every other dimension it draws (the conditional ones whose
     rule holds for it) at the value the trial runs with where there is one."""
     given = {_name(k): v for k, v in settings.items()}
-    point = {_name(k): _default(cfg, k) for k in space.space} | given
+    point = _defaults(cfg, space.space) | given
     for rule in space.rules:
         if rule.holds(point):
-            point |= {_name(k): _default(cfg, k) for k in rule.space} | given
+            point |= _defaults(cfg, rule.space) | given
     return {name: value for name, value in point.items() if value is not None}
 
 
@@ -231,18 +239,6 @@ def searcher(space: Space, search: SearchSection, seed: int, max_concurrent: int
     return ConcurrencyLimiter(optuna_search, max_concurrent=max_concurrent)
 
 
-def unflatten(drawn: Mapping[str, Any]) -> dict[str, Any]:
-    """The nested config of a draw, as OptunaSearch hands it to the trial."""
-    nested: dict[str, Any] = {}
-    for name, value in drawn.items():
-        *path, last = name.split(SEPARATOR)
-        node = nested
-        for part in path:
-            node = node.setdefault(part, {})
-        node[last] = value
-    return nested
-
-
 def sample(space: Space, count: int, seed: int) -> list[dict[str, Any]]:
     """What a search would start with, without Ray: the points, then random draws (`--dry-run`
     and the checks before a run)."""
@@ -252,7 +248,7 @@ def sample(space: Space, count: int, seed: int) -> list[dict[str, Any]]:
         warnings.simplefilter("ignore", UserWarning)  # a point outside a range is kept, as meant
         for _, point in space.points:
             study.enqueue_trial(dict(point))
-        return [unflatten(space(study.ask())) for _ in range(count)]
+        return [unflatten_dict(space(study.ask()), SEPARATOR) for _ in range(count)]
 
 
 def lines(space: Space) -> list[str]:
@@ -264,7 +260,7 @@ def lines(space: Space) -> list[str]:
     return shown + [f"first: {label}" for label, _ in space.points]
 
 
-def _words(dist: Distribution | Any) -> str:
+def _words(dist: BaseDistribution | Any) -> str:
     """A distribution in words."""
     if isinstance(dist, CategoricalDistribution):
         return f"choice {list(dist.choices)}"
