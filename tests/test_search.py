@@ -311,3 +311,15 @@ def test_a_killed_search_resumes_with_its_searchers_history_and_repeats_no_trial
     assert any(row["pareto_test_nfe"] for row in rows)
     assert "## Pareto front: test_accuracy against test NFE" in output
     assert len(list((experiment / "hparams").iterdir())) == 4
+
+
+def test_a_searcher_reads_its_objectives_from_the_last_report_only():
+    experiment = spec.from_dict("s", {**TINY, "search": SEARCH | {"cost": None}})
+    limiter = search.searcher(experiment.space(), experiment.search, seed=0, max_concurrent=2)
+    optuna_search = limiter.searcher
+    config = optuna_search.suggest("t0")
+    assert config["variant"] == {"label": "Vanilla"}
+    optuna_search.on_trial_result("t0", {"step": 3, "training_iteration": 1})  # no test metrics
+    optuna_search.on_trial_complete("t0", {"test_accuracy": 0.9, "step": 6})
+    (trial,) = optuna_search._ot_study.get_trials(states=[optuna.trial.TrialState.COMPLETE])
+    assert trial.values == [0.9] and trial.params["model/solver"] == "vcab3"

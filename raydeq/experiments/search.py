@@ -203,11 +203,14 @@ def space(base: Mapping[str, Any], search: SearchSection) -> Space:
     return Space(dims, rules, _points(base, search, unconditional))
 
 
-def objectives(search: SearchSection) -> tuple[str | list[str], str | list[str]]:
-    """The searcher's metric and mode: one objective, or [metric, cost] with [mode, min]."""
-    if search.cost is None:
-        return search.metric, search.mode
-    return [search.metric, search.cost], [search.mode, "min"]
+def objectives(search: SearchSection) -> tuple[list[str], list[str]]:
+    """The searcher's metrics and modes: [metric], or [metric, cost] with [mode, min].
+
+    Always lists: OptunaSearch then reads the metrics from a trial's last report only, where
+    with one metric it would read each report, and reports between evaluations have none.
+    """
+    costs = [] if search.cost is None else [search.cost]
+    return [search.metric, *costs], [search.mode, *(["min"] if costs else [])]
 
 
 def sampler(search: SearchSection, seed: int) -> optuna.samplers.BaseSampler:
