@@ -19,8 +19,8 @@ from raydeq.experiments import pareto, search, spec
 from raydeq.training.config import ConfigError
 from tests.test_tune import (
     TINY,
+    _alive_actors,
     _reported_steps,
-    _train_controllers,
     _tune,
     _wait_for_the_end_of,
 )
@@ -283,7 +283,7 @@ def test_a_killed_search_resumes_with_its_searchers_history_and_repeats_no_trial
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(settings))
     argv = [str(tmp_path / "s.yaml"), "--storage", str(tmp_path / "runs")]
     experiment = tmp_path / "runs" / "s"
-    earlier = _train_controllers(ray_cluster)
+    earlier = _alive_actors(ray_cluster)
     driver = _tune(argv)
     deadline = time.monotonic() + 400
     while len(_finished(experiment)) < 2 or not list(experiment.glob("searcher-state-*.pkl")):
@@ -292,7 +292,7 @@ def test_a_killed_search_resumes_with_its_searchers_history_and_repeats_no_trial
         time.sleep(0.2)
     driver.send_signal(signal.SIGKILL)
     driver.wait()
-    _wait_for_the_end_of(_train_controllers(ray_cluster) - earlier, ray_cluster)
+    _wait_for_the_end_of(_alive_actors(ray_cluster) - earlier, ray_cluster)
     before = _finished(experiment)
 
     resumed = _tune([*argv, "--resume"])
