@@ -8,7 +8,6 @@ search with a `cost` has two objectives: `metric` (its `mode`) and the cost (min
 
 from __future__ import annotations
 
-import inspect
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -25,8 +24,6 @@ from ray.tune.search import ConcurrencyLimiter, Searcher
 from ray.tune.search.optuna import OptunaSearch
 from ray.tune.utils.util import unflatten_dict
 
-from raydeq import models
-from raydeq.deq import DEQ
 from raydeq.experiments.primitives import dimensions, domain, is_primitive
 from raydeq.training.config import Config, ConfigError, SearchSection, apply_overrides, validate
 
@@ -124,19 +121,12 @@ def _rule(index: int, raw: Mapping[str, Any]) -> Rule:
 
 
 def _default(cfg: Config, dotted: str) -> Any:
-    """A setting's value as the trial would run it: the config's, else the preset's, else the
-    layer's default (the paper's points leave most settings at these)."""
-    section, _, name = dotted.partition(".")
-    value = cfg.to_dict()
+    """A setting's value as the trial runs it (`validate` resolves the model's defaults), or
+    None for an option left to the solver."""
+    value: Any = cfg.to_dict()
     for part in dotted.split("."):
         value = value.get(part) if isinstance(value, Mapping) else None
-    if value is not None or section != "model":
-        return value
-    preset = models.PRESETS[cfg.model.model]
-    if hasattr(preset, name):
-        return getattr(preset, name)
-    parameter = inspect.signature(DEQ).parameters.get(name)
-    return None if parameter is None else parameter.default
+    return value
 
 
 def _defaults(cfg: Config, dims: Mapping[str, Any]) -> dict[str, Any]:
