@@ -478,6 +478,7 @@ def test_dry_run_shows_the_model_defaults_the_preset_and_the_layer_give(capsys):
         "jac_reg": False,
         "pretrain_steps": 5000,
         "t1": None,
+        "solver_options": None,
     }
     assert models["Neural ODE"] == {
         "model": "cifar10_small",
@@ -489,4 +490,5 @@ def test_dry_run_shows_the_model_defaults_the_preset_and_the_layer_give(capsys):
         "jac_reg": None,
         "pretrain_steps": None,
         "t1": 1.0,
+        "solver_options": None,
     }
