@@ -80,8 +80,10 @@ def mark(rows: Sequence[Mapping[str, Any]], metric: str) -> list[dict[str, Any]]
 
 def varying(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     """The config columns whose values differ between trials: the settings searched."""
-    keys = [k for k in rows[0] if k.startswith("config.") and k not in NOT_SETTINGS] if rows else []
-    return [k for k in keys if len({repr(row.get(k)) for row in rows}) > 1]
+    keys = dict.fromkeys(k for row in rows for k in row if k.startswith("config."))
+    return [
+        k for k in keys if k not in NOT_SETTINGS and len({repr(row.get(k)) for row in rows}) > 1
+    ]
 
 
 def _number(value: Any) -> float:
