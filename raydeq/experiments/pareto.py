@@ -22,6 +22,8 @@ from matplotlib import pyplot as plt  # noqa: E402  (the backend is chosen first
 # Cost columns of results.parquet and their words.
 VIEWS = {"test_nfe": "test NFE", "train_time": "training time per step (s)"}
 CHART = "pareto.png"
+# How far below the lowest front or paper point (in accuracy points) the chart still shows.
+ZOOM_POINTS = 10.0
 # "Within 0.5 accuracy points of the best": accuracies are fractions, so 0.005.
 MARGIN = 0.005
 # Settings that name or place a trial rather than change it.
@@ -127,6 +129,23 @@ def markdown(rows: Sequence[Mapping[str, Any]], metric: str) -> str:
     return "\n".join(text) + "\n"
 
 
+def _shown(row: Mapping[str, Any], cost: str) -> bool:
+    """True for the points a chart must show: the front and the paper's configurations."""
+    return bool(row.get(f"pareto_{cost}") or row.get("paper"))
+
+
+def _zoom(axes: Any, accuracy: list[float], shown: list[float]) -> None:
+    """Keep the front and the paper's points readable: trials far below them (diverged ones)
+    are left off the chart and counted in a note."""
+    if not shown:
+        return
+    floor = min(shown) - ZOOM_POINTS
+    below = sum(a < floor for a in accuracy)
+    if below:
+        axes.set_ylim(floor, max(accuracy) + 1)
+        axes.set_title(f"{below} trial(s) below {floor:.0f}% not shown", fontsize="small")
+
+
 def chart(rows: Sequence[Mapping[str, Any]], metric: str) -> bytes:
     """PNG of `metric` against each cost view: every trial, the front highlighted and joined,
     the paper's points marked."""
@@ -144,6 +163,7 @@ def chart(rows: Sequence[Mapping[str, Any]], metric: str) -> bytes:
             axes.scatter([x], [y], marker="*", s=140, c="C0", zorder=3)
             axes.annotate(_name(row), (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
         axes.scatter([], [], marker="*", s=140, c="C0", label="paper's configuration")
+        _zoom(axes, [p[1] for p in points], [p[1] for p in points if _shown(p[2], cost)])
         axes.set_xlabel(words)
         axes.set_ylabel(f"{metric} (%)")
         axes.grid(alpha=0.3)
