@@ -18,6 +18,7 @@ import sys
 from collections.abc import Sequence
 
 from raydeq.experiments import run
+from raydeq.experiments import search as searchers
 from raydeq.experiments.results import PLOTS, report
 from raydeq.experiments.spec import Experiment, describe, expand, load
 from raydeq.training import data, launch
@@ -145,7 +146,10 @@ def new_options(args: argparse.Namespace, experiment: Experiment) -> run.Options
 
 
 def dry_run(experiment: Experiment, num_samples: int | None) -> None:
-    """Print each trial's label and fully resolved training config, one JSON object a line."""
+    """Print each trial's label and fully resolved training config, one JSON object a line
+    (and a searcher's space, a dimension a line, on stderr)."""
+    if experiment.searched:
+        print("\n".join(searchers.lines(experiment.space())), file=sys.stderr)
     for sampled in expand(experiment, num_samples):
         cfg = experiment.trial_config(sampled)
         label = describe(sampled) or experiment.name

@@ -34,7 +34,10 @@ PAPER_TRIALS = {
     "cifar10_small": 21,
     "cifar10_large": 21,
     "svhn": 48,
-    "imagenet": 6,
+    "imagenet": 24,
+    "digits_search": 24,
+    "mnist_search": 24,
+    "cifar10_small_search": 40,
 }
 TINY = {
     "model": {"model": "mnist_dense", "variant": "skip_reg", "solver": "vcab3"},
@@ -133,7 +136,8 @@ def test_dry_run_pins_the_papers_settings(name, capsys):
     solver, reltol, optim, train, batch, metric = PAPER_SETTINGS[name]
     assert rt.main([name, "--dry-run"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    paper = [row["config"] for row in rows if "(raydeq" not in row["label"]]
+    labels = {row.get("label") for row in spec.load(name).search.variants}
+    paper = [row["config"] for row in rows if row["label"].split(",")[0] in labels]
     assert len(paper) >= 6
     for config in paper:
         model = config["model"]
@@ -465,6 +469,7 @@ def test_dry_run_shows_the_model_defaults_the_preset_and_the_layer_give(capsys):
         "jac_reg": False,
         "pretrain_steps": 5000,
         "t1": None,
+        "solver_options": None,
     }
     assert models["Neural ODE"] == {
         "model": "cifar10_small",
@@ -476,4 +481,5 @@ def test_dry_run_shows_the_model_defaults_the_preset_and_the_layer_give(capsys):
         "jac_reg": None,
         "pretrain_steps": None,
         "t1": 1.0,
+        "solver_options": None,
     }

@@ -19,9 +19,9 @@ import yaml
 from ray import tune
 
 from raydeq import models
-from raydeq.experiments import paper
+from raydeq.experiments import hparams, paper, pareto
 from raydeq.experiments.archive import history
-from raydeq.experiments.spec import Experiment, describe, leaves, trial_name
+from raydeq.experiments.spec import LABEL, VARIANT, Experiment, describe, leaves, trial_name
 from raydeq.training.storage import write_bytes
 
 matplotlib.use("Agg")
@@ -87,6 +87,7 @@ def trial_row(experiment: Experiment, trial: Any, frame: pd.DataFrame) -> dict[s
         "trial": trial_name(trial),
         "status": trial.status,
         "group": describe(trial.config, leave_out=("seed",)) or "all",
+        "paper": LABEL in trial.config.get(VARIANT, {}),  # a labelled variant: the paper's
         "seed": cfg.seed,
         "completed": step >= (cfg.train.max_steps or math.inf) or epoch >= cfg.train.epochs,
         "step": step,
@@ -195,10 +196,15 @@ def report(path: str, experiment: Experiment) -> str:
         row = trial_row(experiment, trial, frame)
         rows.append(row)
         curves.setdefault(row["group"], []).append(frame)
+    metric = experiment.search.metric
+    metric = metric if any(metric in row for row in rows) else "test_accuracy"
+    rows = pareto.mark(rows, metric)
     buffer = pa.BufferOutputStream()
     pq.write_table(results_table(rows), buffer)
     write_bytes(f"{path}/results.parquet", buffer.getvalue().to_pybytes())
-    table = markdown(rows)
+    write_bytes(f"{path}/{pareto.CHART}", pareto.chart(rows, metric))
+    hparams.write(path, rows, pareto.varying(rows))
+    table = markdown(rows) + pareto.markdown(rows, metric)
     write_bytes(f"{path}/results.md", table.encode())
     table += paper.write(path, experiment, rows, curves)
     for metric, label in PLOTS.items():

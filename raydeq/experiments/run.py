@@ -23,8 +23,9 @@ from ray.tune.experiment import Trial
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
-from ray.tune.search import BasicVariantGenerator
+from ray.tune.search import BasicVariantGenerator, SearchAlgorithm, Searcher
 
+from raydeq.experiments import search as searchers
 from raydeq.experiments.archive import archive_results
 from raydeq.experiments.spec import Experiment, describe, from_dict, merge, trial_name
 from raydeq.training import capacity, launch
@@ -167,6 +168,16 @@ def _scheduler(experiment: Experiment, options: Options) -> TrialScheduler:
     )
 
 
+def search_algorithm(experiment: Experiment, options: Options) -> SearchAlgorithm | Searcher:
+    """Tune's grid and random sampling, or an Optuna searcher (`search.searcher`), with as many
+    trials at once as the cluster can hold (`concurrency`)."""
+    bound = functools.partial(concurrency, experiment, options.gpus, options.max_concurrent)
+    if not experiment.searched:
+        return VariantsWithinCapacity(bound, constant_grid_search=True)
+    seed = experiment.trial_config({}).seed
+    return searchers.searcher(experiment.space(), experiment.search, seed, bound())
+
+
 def tuner(experiment: Experiment, path: str, options: Options, resume: bool) -> tune.Tuner:
     """A new Tuner for the experiment, or the interrupted one restored from `path`.
 
@@ -194,10 +205,7 @@ def tuner(experiment: Experiment, path: str, options: Options, resume: bool) -> 
             mode=search.mode,
             scheduler=_scheduler(experiment, options),
             num_samples=options.num_samples,
-            search_alg=VariantsWithinCapacity(
-                functools.partial(concurrency, experiment, options.gpus, options.max_concurrent),
-                constant_grid_search=True,
-            ),
+            search_alg=search_algorithm(experiment, options),
             trial_name_creator=trial_name,
             trial_dirname_creator=trial_name,
             # A trial's process takes seconds to start and import; under FIFO every trial runs

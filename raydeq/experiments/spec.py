@@ -16,6 +16,8 @@ from typing import Any
 from ray import tune
 from ray.tune.search.variant_generator import generate_variants
 
+from raydeq.experiments import search as searchers
+from raydeq.experiments.primitives import domain
 from raydeq.training.config import (
     Config,
     ConfigError,
@@ -31,20 +33,6 @@ from raydeq.training.config import (
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "tune_configs"
 VARIANT = "variant"
 LABEL = "label"
-PRIMITIVES = (
-    "grid_search",
-    "choice",
-    "uniform",
-    "quniform",
-    "loguniform",
-    "qloguniform",
-    "randn",
-    "qrandn",
-    "randint",
-    "qrandint",
-    "lograndint",
-    "qlograndint",
-)
 
 
 @dataclass(frozen=True)
@@ -56,52 +44,30 @@ class Experiment:
     search: SearchSection
     raw: dict
 
+    @property
+    def searched(self) -> bool:
+        """True when an Optuna searcher draws the trials (else Tune's grid and random sampling)."""
+        return self.search.searcher != "random"
+
     def param_space(self) -> dict[str, Any]:
-        """Tune's param_space: the space, and a grid over the variants under VARIANT."""
+        """Tune's param_space: the space, and a grid over the variants under VARIANT (empty
+        for a searcher, which draws every trial itself)."""
+        if self.searched:
+            return {}
         space = domain("search.space", self.search.space)
         variants = list(self.search.variants)
         return space | ({VARIANT: tune.grid_search(variants)} if variants else {})
 
+    def space(self) -> searchers.Space:
+        """The searcher's define-by-run space, the variants as its first points."""
+        return searchers.space(self.base, self.search)
+
     def trial_config(self, sampled: Mapping[str, Any]) -> Config:
-        """The validated training config of one trial: base, then sampled values, then variant."""
+        """The validated training config of one trial: base, then variant, then the sampled
+        values (a dimension the space draws is honoured over a variant's setting)."""
         row = {k: v for k, v in sampled.get(VARIANT, {}).items() if k != LABEL}
-        settings = merge(self.base, {k: v for k, v in sampled.items() if k != VARIANT})
-        return validate(apply_overrides(settings, row))
-
-
-def _number(value: Any) -> Any:
-    """YAML 1.1 reads `1e-3` as a string; numeric arguments of a primitive become floats."""
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return value
-    return value
-
-
-def domain(key: str, spec: Any) -> Any:
-    """A Ray Tune search domain from its YAML form `{primitive: arguments}`; other values as is.
-
-    Mappings that are no primitive are sections and are converted key by key. Tune's
-    `{"eval": ...}` form would run code from the file, so it is refused.
-    """
-    if not isinstance(spec, Mapping):
-        return spec
-    if "eval" in spec:
-        raise ConfigError(f"{key}.eval: code is not run from experiment files; use {PRIMITIVES}")
-    if len(spec) != 1 or next(iter(spec)) not in PRIMITIVES:
-        return {name: domain(f"{key}.{name}", value) for name, value in spec.items()}
-    ((primitive, args),) = spec.items()
-    if primitive in ("grid_search", "choice"):
-        if not isinstance(args, list) or not args:
-            raise ConfigError(f"{key}.{primitive}: expected a non-empty list of values")
-        return getattr(tune, primitive)(args)
-    try:
-        if isinstance(args, Mapping):
-            return getattr(tune, primitive)(**{k: _number(v) for k, v in args.items()})
-        return getattr(tune, primitive)(*map(_number, args if isinstance(args, list) else [args]))
-    except (TypeError, ValueError, AssertionError) as err:
-        raise ConfigError(f"{key}.{primitive}: bad arguments {args!r} ({err})") from None
+        settings = apply_overrides(self.base, row)
+        return validate(merge(settings, {k: v for k, v in sampled.items() if k != VARIANT}))
 
 
 def merge(base: Mapping[str, Any], sampled: Mapping[str, Any]) -> dict[str, Any]:
@@ -149,6 +115,8 @@ def _fix(search: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, A
     for dotted, value in overrides.items():
         space = without(space, dotted)
         variants = [row for row in variants if row.get(dotted, value) == value]
+        if search.get("searcher", "random") != "random":  # a searcher's points lose the key
+            variants = [{k: v for k, v in row.items() if k != dotted} for row in variants]
         if search.get("variants") and not variants:
             raise ConfigError(f"{dotted}={value!r}: no variant of search.variants has that value")
     return {**search, "space": space} | ({"variants": variants} if variants else {})
@@ -174,9 +142,22 @@ def from_dict(
     if isinstance(search, Mapping):
         search = _fix(search, overrides)
     experiment = Experiment(name, base, validate_search(search), base | {"search": search})
+    _check_searcher(experiment.search)
     experiment.param_space()
     experiment.trial_config({})
+    if experiment.searched:
+        experiment.space()
     return experiment
+
+
+def _check_searcher(search: SearchSection) -> None:
+    """Conditional dimensions and a second objective need an Optuna searcher."""
+    for key, given in (("conditional", search.conditional), ("cost", search.cost)):
+        if given and search.searcher == "random":
+            raise ConfigError(
+                f"search.{key}: needs searcher tpe or nsga2 (random sampling has no "
+                "conditional dimensions and no objectives)"
+            )
 
 
 def load(experiment: str, overrides: Sequence[str] = ()) -> Experiment:
@@ -190,9 +171,13 @@ def expand(experiment: Experiment, num_samples: int | None = None) -> list[dict[
     """The sampled values of every trial Tune would start (grid x samples), without running.
 
     Random values are drawn once per sample and shared by that sample's grid points, as the
-    search algorithm does (`constant_grid_search`), so seeds repeat one configuration.
+    search algorithm does (`constant_grid_search`), so seeds repeat one configuration. A
+    searcher's trials are its points, then random draws from its space.
     """
     samples = num_samples or experiment.search.num_samples
+    if experiment.searched:
+        seed = experiment.trial_config({}).seed
+        return searchers.sample(experiment.space(), samples, seed)
     return [
         resolved
         for _ in range(samples)

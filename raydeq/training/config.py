@@ -45,9 +45,12 @@ SCHEDULES = ("cosine", "step", "constant")
 DEVICES = ("auto", "cpu", "cuda")
 AMP = ("off", "bf16", "fp16")
 SCHEDULERS = ("fifo", "asha")
+SEARCHERS = ("random", "tpe", "nsga2")
 MODES = ("max", "min")
 PAPER_TABLES = (1, 2, 3, 4)  # the tables of section 4 that an experiment can reproduce
-DEQ_ONLY = ("jac_reg", "pretrain_steps")
+# Reported measures a search can minimise as its second objective.
+COSTS = ("test_nfe", "nfe", "forward_time", "backward_time", "predict_time")
+DEQ_ONLY = ("jac_reg", "pretrain_steps", "solver_options")
 ODE_ONLY = ("t1",)
 # Settings that do not change the trained model, so that changing them resumes the same run.
 OUTSIDE_HASH = ("name", "label", "storage_path", "search", "scaling")
@@ -72,6 +75,7 @@ class ModelSection:
     jac_reg: bool | None = option(None)
     pretrain_steps: int | None = option(None, ge=0)
     t1: float | None = option(None, gt=0)
+    solver_options: dict | None = option(None)  # e.g. Anderson's memory {m: 5}
 
 
 @dataclass(frozen=True)
@@ -139,12 +143,18 @@ class ScalingSection:
 @dataclass(frozen=True)
 class SearchSection:
     """Ray Tune's side: variants (labelled rows of dotted settings), a space over Tune's
-    primitives, the metric and scheduler, and the trials' size and concurrency."""
+    primitives, the searcher (Tune's grid and random sampling, or Optuna's TPE or NSGA-II with
+    conditional dimensions), the objectives, the scheduler, and the trials' size and concurrency.
+    """
 
     variants: tuple[dict, ...] = option(())
     space: dict = option({})
+    searcher: str = option("random", choices=SEARCHERS)
+    conditional: tuple[dict, ...] = option(())  # [{when: {key: values}, space: {...}}]
+    population_size: int = option(0, ge=0)  # nsga2's generation; 0: Optuna's default (50)
     metric: str = option("test_accuracy")
     mode: str = option("max", choices=MODES)
+    cost: str | None = option(None, choices=COSTS)  # minimised as a second objective
     num_samples: int = option(1, ge=1)
     scheduler: str = option("fifo", choices=SCHEDULERS)
     grace_period: int = option(1, ge=1)
@@ -291,6 +301,8 @@ def default_name(cfg: Config) -> str:
     """A readable, deterministic run name: dataset, model, variant and a digest of the settings
     that change the trained model (not those in OUTSIDE_HASH, so that changing them resumes)."""
     settings = cfg.to_dict()
+    if cfg.model.solver_options is None:  # unset, it leaves the names of older runs unchanged
+        settings = without(settings, "model.solver_options")
     for dotted in OUTSIDE_HASH:
         settings = without(settings, dotted)
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]

@@ -1,0 +1,175 @@
+"""Accuracy against cost: the Pareto front of an experiment's trials, the cheapest trial within
+half an accuracy point of the best, their table and their chart.
+
+Two views of cost: test NFE (what the solver spends per prediction) and training time per step
+(forward and backward, what a trial spends to learn). Only trials that trained to their end
+count (ASHA-stopped trials are cut short, so their cost and accuracy are not comparable); an
+experiment without any counts all of its trials.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+from matplotlib import pyplot as plt  # noqa: E402  (the backend is chosen first)
+
+# Cost columns of results.parquet and their words.
+VIEWS = {"test_nfe": "test NFE", "train_time": "training time per step (s)"}
+CHART = "pareto.png"
+# How far below the lowest front or paper point (in accuracy points) the chart still shows.
+ZOOM_POINTS = 10.0
+# "Within 0.5 accuracy points of the best": accuracies are fractions, so 0.005.
+MARGIN = 0.005
+# Settings that name or place a trial rather than change it.
+NOT_SETTINGS = ("config.name", "config.label", "config.storage_path")
+
+
+def front(accuracy: Sequence[float], cost: Sequence[float]) -> list[int]:
+    """Indices of the non-dominated points, cheapest first: no other point has at least the
+    accuracy at no more cost and is better in one. Points with a NaN are never on it."""
+    finite = [i for i in range(len(accuracy)) if math.isfinite(accuracy[i] + cost[i])]
+    order = sorted(finite, key=lambda i: (cost[i], -accuracy[i]))
+    kept, best_cheaper, group_cost, group_best = [], -math.inf, None, -math.inf
+    for i in order:
+        if cost[i] != group_cost:  # a new cost: everything seen so far is strictly cheaper
+            best_cheaper = max(best_cheaper, group_best)
+            group_cost, group_best = cost[i], accuracy[i]
+        if accuracy[i] > best_cheaper and accuracy[i] == group_best:
+            kept.append(i)
+    return kept
+
+
+def cheapest_within(
+    accuracy: Sequence[float], cost: Sequence[float], margin: float = MARGIN
+) -> int | None:
+    """Index of the cheapest point within `margin` of the best accuracy (the more accurate of
+    equally cheap ones), or None without finite points."""
+    finite = [i for i in range(len(accuracy)) if math.isfinite(accuracy[i] + cost[i])]
+    if not finite:
+        return None
+    best = max(accuracy[i] for i in finite)
+    close = [i for i in finite if accuracy[i] >= best - margin]
+    return min(close, key=lambda i: (cost[i], -accuracy[i]))
+
+
+def counted(rows: Sequence[Mapping[str, Any]]) -> list[int]:
+    """Indices of the rows the front is taken over: trials that trained to their end, else all."""
+    done = [i for i, row in enumerate(rows) if row.get("completed")]
+    return done or list(range(len(rows)))
+
+
+def mark(rows: Sequence[Mapping[str, Any]], metric: str) -> list[dict[str, Any]]:
+    """The rows with, per cost view, `pareto_<cost>` (on the front) and `cheapest_<cost>` (the
+    cheapest within half a point of the best `metric`)."""
+    marked = [dict(row) for row in rows]
+    members = counted(rows)
+    for cost in VIEWS:
+        accuracy = [_number(rows[i].get(metric)) for i in members]
+        costs = [_number(rows[i].get(cost)) for i in members]
+        on_front = {members[i] for i in front(accuracy, costs)}
+        cheapest = cheapest_within(accuracy, costs)
+        for i, row in enumerate(marked):
+            row[f"pareto_{cost}"] = i in on_front
+            row[f"cheapest_{cost}"] = cheapest is not None and i == members[cheapest]
+    return marked
+
+
+def varying(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The config columns whose values differ between trials: the settings searched."""
+    keys = dict.fromkeys(k for row in rows for k in row if k.startswith("config."))
+    return [
+        k for k in keys if k not in NOT_SETTINGS and len({repr(row.get(k)) for row in rows}) > 1
+    ]
+
+
+def _number(value: Any) -> float:
+    """A metric as a float (NaN when missing)."""
+    return math.nan if value is None else float(value)
+
+
+def _name(row: Mapping[str, Any]) -> str:
+    """A trial as the tables name it: the paper's label, else its id."""
+    return row["group"].split(",")[0] if row.get("paper") else row["trial"].split("_")[0]
+
+
+def _value(value: Any) -> str:
+    """A setting in a table cell."""
+    return f"{value:.3g}" if isinstance(value, float) else "-" if value is None else str(value)
+
+
+def markdown(rows: Sequence[Mapping[str, Any]], metric: str) -> str:
+    """Per cost view: the front with its settings, and the cheapest trial within half a point."""
+    settings = varying(rows)
+    header = ["Trial", f"{metric} (%)", *VIEWS.values(), *(k.rsplit(".", 1)[-1] for k in settings)]
+    text = []
+    for cost, words in VIEWS.items():
+        text += [f"\n## Pareto front: {metric} against {words}\n"]
+        text += ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+        members = sorted(
+            (row for row in rows if row.get(f"pareto_{cost}")), key=lambda r: _number(r[cost])
+        )
+        for row in members:
+            cells = [_name(row), f"{100 * _number(row[metric]):.2f}"]
+            cells += [_value(_number(row.get(c))) for c in VIEWS]
+            cells += [_value(row.get(k)) for k in settings]
+            text.append("| " + " | ".join(cells) + " |")
+        chosen = [row for row in rows if row.get(f"cheapest_{cost}")]
+        if chosen:
+            row = chosen[0]
+            text.append(
+                f"\nCheapest within {100 * MARGIN:g} points of the best {metric}: {_name(row)} "
+                f"({100 * _number(row[metric]):.2f}%, {words} {_value(_number(row[cost]))})"
+            )
+    return "\n".join(text) + "\n"
+
+
+def _shown(row: Mapping[str, Any], cost: str) -> bool:
+    """True for the points a chart must show: the front and the paper's configurations."""
+    return bool(row.get(f"pareto_{cost}") or row.get("paper"))
+
+
+def _zoom(axes: Any, accuracy: list[float], shown: list[float]) -> None:
+    """Keep the front and the paper's points readable: trials far below them (diverged ones)
+    are left off the chart and counted in a note."""
+    if not shown:
+        return
+    floor = min(shown) - ZOOM_POINTS
+    below = sum(a < floor for a in accuracy)
+    if below:
+        axes.set_ylim(floor, max(accuracy) + 1)
+        axes.set_title(f"{below} trial(s) below {floor:.0f}% not shown", fontsize="small")
+
+
+def chart(rows: Sequence[Mapping[str, Any]], metric: str) -> bytes:
+    """PNG of `metric` against each cost view: every trial, the front highlighted and joined,
+    the paper's points marked."""
+    figure, panels = plt.subplots(1, len(VIEWS), figsize=(11.0, 4.2))
+    members = [rows[i] for i in counted(rows)]
+    for axes, (cost, words) in zip(panels, VIEWS.items()):
+        points = [(_number(r.get(cost)), 100 * _number(r.get(metric)), r) for r in members]
+        points = [p for p in points if math.isfinite(p[0] + p[1])]
+        axes.scatter([p[0] for p in points], [p[1] for p in points], s=18, c="0.6", label="trial")
+        best = sorted((p for p in points if p[2].get(f"pareto_{cost}")), key=lambda p: p[0])
+        axes.plot(
+            [p[0] for p in best], [p[1] for p in best], "o-", c="C3", ms=6, label="Pareto front"
+        )
+        for x, y, row in (p for p in points if p[2].get("paper")):
+            axes.scatter([x], [y], marker="*", s=140, c="C0", zorder=3)
+            axes.annotate(_name(row), (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
+        axes.scatter([], [], marker="*", s=140, c="C0", label="paper's configuration")
+        _zoom(axes, [p[1] for p in points], [p[1] for p in points if _shown(p[2], cost)])
+        axes.set_xlabel(words)
+        axes.set_ylabel(f"{metric} (%)")
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize="small")
+    buffer = io.BytesIO()
+    figure.tight_layout()
+    figure.savefig(buffer, format="png", dpi=120)
+    plt.close(figure)
+    return buffer.getvalue()

@@ -1,0 +1,78 @@
+"""Search spaces as written in experiment files: Ray Tune primitives in YAML form,
+`{primitive: arguments}`, nested by section or under dotted keys."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from ray import tune
+
+from raydeq.training.config import ConfigError
+
+PRIMITIVES = (
+    "grid_search",
+    "choice",
+    "uniform",
+    "quniform",
+    "loguniform",
+    "qloguniform",
+    "randn",
+    "qrandn",
+    "randint",
+    "qrandint",
+    "lograndint",
+    "qlograndint",
+)
+
+
+def is_primitive(spec: Any) -> bool:
+    """True for the YAML form of a Tune primitive, `{primitive: arguments}`."""
+    return isinstance(spec, Mapping) and len(spec) == 1 and next(iter(spec)) in PRIMITIVES
+
+
+def dimensions(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A space written nested (`model: {solver: ...}`) or dotted (`model.solver: ...`) as
+    {dotted key: primitive or constant}."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping) and not is_primitive(value):
+            flat |= dimensions(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _number(value: Any) -> Any:
+    """YAML 1.1 reads `1e-3` as a string; numeric arguments of a primitive become floats."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def domain(key: str, spec: Any) -> Any:
+    """A Ray Tune search domain from its YAML form `{primitive: arguments}`; other values as is.
+
+    Mappings that are no primitive are sections and are converted key by key. Tune's
+    `{"eval": ...}` form would run code from the file, so it is refused.
+    """
+    if not isinstance(spec, Mapping):
+        return spec
+    if "eval" in spec:
+        raise ConfigError(f"{key}.eval: code is not run from experiment files; use {PRIMITIVES}")
+    if not is_primitive(spec):
+        return {name: domain(f"{key}.{name}", value) for name, value in spec.items()}
+    ((primitive, args),) = spec.items()
+    if primitive in ("grid_search", "choice"):
+        if not isinstance(args, list) or not args:
+            raise ConfigError(f"{key}.{primitive}: expected a non-empty list of values")
+        return getattr(tune, primitive)(args)
+    try:
+        if isinstance(args, Mapping):
+            return getattr(tune, primitive)(**{k: _number(v) for k, v in args.items()})
+        return getattr(tune, primitive)(*map(_number, args if isinstance(args, list) else [args]))
+    except (TypeError, ValueError, AssertionError) as err:
+        raise ConfigError(f"{key}.{primitive}: bad arguments {args!r} ({err})") from None

@@ -1,0 +1,263 @@
+"""Optuna searchers for experiment files: TPE or NSGA-II through Ray Tune's `OptunaSearch`.
+
+The space is define-by-run: the unconditional dimensions of `search.space` first, then each
+rule of `search.conditional` whose `when` holds for the values drawn so far (Anderson's memory
+only when the solver is anderson). The variants are the paper's points, evaluated first. A
+search with a `cost` has two objectives: `metric` (its `mode`) and the cost (minimised).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+from optuna.distributions import (
+    BaseDistribution,
+    CategoricalDistribution,
+    FloatDistribution,
+    IntDistribution,
+)
+from ray.tune.search import ConcurrencyLimiter, Searcher
+from ray.tune.search.optuna import OptunaSearch
+from ray.tune.utils.util import unflatten_dict
+
+from raydeq.experiments.primitives import dimensions, domain, is_primitive
+from raydeq.training.config import Config, ConfigError, SearchSection, apply_overrides, validate
+
+# Tune's OptunaSearch nests parameter names at "/": "model/solver" sets model.solver.
+SEPARATOR = "/"
+LABEL_KEY = f"variant{SEPARATOR}label"
+
+
+def distribution(key: str, spec: Any) -> BaseDistribution | Any:
+    """The Optuna distribution of a primitive (a constant stays as it is)."""
+    if not is_primitive(spec):
+        return spec
+    if "grid_search" in spec:
+        raise ConfigError(
+            f"{key}.grid_search: a searcher draws every trial; use choice (or searcher random)"
+        )
+    try:
+        return OptunaSearch.convert_search_space({"x": domain(key, spec)})["x"]
+    except ValueError as err:
+        raise ConfigError(f"{key}: Optuna cannot sample {spec!r} ({err})") from None
+
+
+def suggest(trial: optuna.Trial, name: str, dist: BaseDistribution | Any) -> Any:
+    """Draw `name` from its distribution through the trial's public `suggest_*` methods (the
+    ones Tune's OptunaSearch records); a constant is returned as it is."""
+    if isinstance(dist, CategoricalDistribution):
+        return trial.suggest_categorical(name, dist.choices)
+    if isinstance(dist, IntDistribution):
+        return trial.suggest_int(name, dist.low, dist.high, step=dist.step, log=dist.log)
+    if isinstance(dist, FloatDistribution):
+        return trial.suggest_float(name, dist.low, dist.high, step=dist.step, log=dist.log)
+    return dist
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Dimensions that exist only when every `when` key holds one of its values."""
+
+    when: dict[str, tuple]
+    space: dict[str, Any]
+
+    def holds(self, drawn: Mapping[str, Any]) -> bool:
+        """True when the values drawn so far satisfy `when`."""
+        return all(
+            _name(key) in drawn and drawn[_name(key)] in allowed
+            for key, allowed in self.when.items()
+        )
+
+
+@dataclass(frozen=True)
+class Space:
+    """The define-by-run space (a plain object, so the searcher's state pickles with it).
+
+    Called with an Optuna trial it returns every value by parameter name, and the label of the
+    paper's point it drew (points are enqueued, so they come back exactly).
+    """
+
+    space: dict[str, Any]
+    rules: tuple[Rule, ...]
+    points: tuple[tuple[str, dict[str, Any]], ...]
+
+    def __call__(self, trial: optuna.Trial) -> dict[str, Any]:
+        drawn = {_name(key): suggest(trial, _name(key), d) for key, d in self.space.items()}
+        for rule in self.rules:
+            if rule.holds(drawn):
+                drawn |= {_name(k): suggest(trial, _name(k), d) for k, d in rule.space.items()}
+        for label, point in self.points:
+            if all(drawn.get(name) == value for name, value in point.items()):
+                return drawn | {LABEL_KEY: label}
+        return drawn
+
+    def distributions(self) -> dict[str, Any]:
+        """Every dotted key the space can set, with its distribution."""
+        return self.space | {key: d for rule in self.rules for key, d in rule.space.items()}
+
+
+def _name(dotted: str) -> str:
+    """An Optuna parameter name from a dotted config key."""
+    return dotted.replace(".", SEPARATOR)
+
+
+def _rule(index: int, raw: Mapping[str, Any]) -> Rule:
+    """One `search.conditional` entry, checked."""
+    where = f"search.conditional[{index}]"
+    if set(raw) != {"when", "space"}:
+        raise ConfigError(f"{where}: expected the keys when and space, got {', '.join(raw)}")
+    when, space = raw["when"], raw["space"]
+    if not isinstance(when, Mapping) or not when:
+        raise ConfigError(f"{where}.when: expected a mapping of dotted keys to values")
+    if not isinstance(space, Mapping) or not space:
+        raise ConfigError(f"{where}.space: expected a mapping of keys to primitives")
+    allowed = {k: tuple(v) if isinstance(v, list) else (v,) for k, v in when.items()}
+    dims = {k: distribution(f"{where}.space.{k}", v) for k, v in dimensions(space).items()}
+    return Rule(allowed, dims)
+
+
+def _default(cfg: Config, dotted: str) -> Any:
+    """A setting's value as the trial runs it (`validate` resolves the model's defaults), or
+    None for an option left to the solver."""
+    value: Any = cfg.to_dict()
+    for part in dotted.split("."):
+        value = value.get(part) if isinstance(value, Mapping) else None
+    return value
+
+
+def _defaults(cfg: Config, dims: Mapping[str, Any]) -> dict[str, Any]:
+    """The values the trial runs with for these dimensions (a constant's own value)."""
+    return {
+        _name(k): _default(cfg, k) if isinstance(d, BaseDistribution) else d
+        for k, d in dims.items()
+    }
+
+
+def _point(cfg: Config, space: Space, settings: Mapping[str, Any]) -> dict[str, Any]:
+    """A variant's settings, and every other dimension it draws (the conditional ones whose
+    rule holds for it) at the value the trial runs with where there is one."""
+    given = {_name(k): v for k, v in settings.items()}
+    point = _defaults(cfg, space.space) | given
+    for rule in space.rules:
+        if rule.holds(point):
+            point |= _defaults(cfg, rule.space) | given
+    return {name: value for name, value in point.items() if value is not None}
+
+
+def _points(base: Mapping[str, Any], search: SearchSection, space: Space) -> tuple:
+    """The variants as points of the space, each a (label, point)."""
+    dists = space.distributions()
+    points = []
+    for index, row in enumerate(search.variants):
+        settings = {k: v for k, v in row.items() if k != "label"}
+        for key in settings:
+            if key not in dists:
+                raise ConfigError(
+                    f"search.variants[{index}].{key}: not a dimension of the search space; a "
+                    "searcher's variants are points of its space"
+                )
+        point = _point(validate(apply_overrides(base, settings)), space, settings)
+        for key, dist in dists.items():
+            choices = dist.choices if isinstance(dist, CategoricalDistribution) else None
+            if choices is not None and _name(key) in point and point[_name(key)] not in choices:
+                raise ConfigError(
+                    f"search.variants[{index}].{key}: {point[_name(key)]!r} is not a choice of "
+                    f"search.space {key} ({', '.join(map(str, choices))})"
+                )
+        points.append((row.get("label", f"point {index}"), point))
+    if len(points) > search.num_samples:
+        raise ConfigError(
+            f"search.num_samples: {search.num_samples} is fewer than the {len(points)} variants "
+            "the search evaluates first"
+        )
+    return tuple(points)
+
+
+def space(base: Mapping[str, Any], search: SearchSection) -> Space:
+    """The checked define-by-run space of a searcher experiment, its variants as points."""
+    dims = {k: distribution(f"search.space.{k}", v) for k, v in dimensions(search.space).items()}
+    rules = tuple(_rule(i, raw) for i, raw in enumerate(search.conditional))
+    known = set(dims)
+    for index, rule in enumerate(rules):
+        for key in rule.when:
+            if key not in known:
+                raise ConfigError(
+                    f"search.conditional[{index}].when.{key}: not a dimension drawn before it"
+                )
+        known |= set(rule.space)
+    unconditional = Space(dims, rules, ())
+    return Space(dims, rules, _points(base, search, unconditional))
+
+
+def objectives(search: SearchSection) -> tuple[list[str], list[str]]:
+    """The searcher's metrics and modes: [metric], or [metric, cost] with [mode, min].
+
+    Always lists: OptunaSearch then reads the metrics from a trial's last report only, where
+    with one metric it would read each report, and reports between evaluations have none.
+    """
+    costs = [] if search.cost is None else [search.cost]
+    return [search.metric, *costs], [search.mode, *(["min"] if costs else [])]
+
+
+def sampler(search: SearchSection, seed: int) -> optuna.samplers.BaseSampler:
+    """TPE (conditional-aware, with a constant liar for trials that run at once) or NSGA-II."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if search.searcher == "nsga2":
+            population = search.population_size or None
+            return optuna.samplers.NSGAIISampler(
+                seed=seed, **({"population_size": population} if population else {})
+            )
+        return optuna.samplers.TPESampler(
+            seed=seed, multivariate=True, group=True, constant_liar=True
+        )
+
+
+def searcher(space: Space, search: SearchSection, seed: int, max_concurrent: int) -> Searcher:
+    """Tune's OptunaSearch over the space, the points enqueued first, limited to
+    `max_concurrent` trials at once (TPE learns from the finished ones)."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    metric, mode = objectives(search)
+    optuna_search = OptunaSearch(
+        space=space,
+        metric=metric,
+        mode=mode,
+        points_to_evaluate=[dict(point) for _, point in space.points],
+        sampler=sampler(search, seed),
+    )
+    return ConcurrencyLimiter(optuna_search, max_concurrent=max_concurrent)
+
+
+def sample(space: Space, count: int, seed: int) -> list[dict[str, Any]]:
+    """What a search would start with, without Ray: the points, then random draws (`--dry-run`
+    and the checks before a run)."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # a point outside a range is kept, as meant
+        for _, point in space.points:
+            study.enqueue_trial(dict(point))
+        return [unflatten_dict(space(study.ask()), SEPARATOR) for _ in range(count)]
+
+
+def lines(space: Space) -> list[str]:
+    """The space in words, one dimension a line."""
+    shown = [f"{key}: {_words(d)}" for key, d in space.space.items()]
+    for rule in space.rules:
+        when = " and ".join(f"{k} in {list(v)}" for k, v in rule.when.items())
+        shown += [f"{key}: {_words(d)} (when {when})" for key, d in rule.space.items()]
+    return shown + [f"first: {label}" for label, _ in space.points]
+
+
+def _words(dist: BaseDistribution | Any) -> str:
+    """A distribution in words."""
+    if isinstance(dist, CategoricalDistribution):
+        return f"choice {list(dist.choices)}"
+    if isinstance(dist, FloatDistribution | IntDistribution):
+        kind = "int" if isinstance(dist, IntDistribution) else "float"
+        return f"{'log ' if dist.log else ''}{kind} [{dist.low:g}, {dist.high:g}]"
+    return f"fixed {dist!r}"

@@ -1,0 +1,325 @@
+"""Searches: Optuna's define-by-run space with conditional dimensions, its checks, the Pareto
+front, and a search that resumes with its searcher's state after the driver is killed."""
+
+import json
+import pickle
+import signal
+import time
+from pathlib import Path
+
+import optuna
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from hypothesis import given
+from hypothesis import strategies as st
+
+from raydeq import tune as rt
+from raydeq.experiments import pareto, search, spec
+from raydeq.training.config import ConfigError
+from tests.test_tune import (
+    TINY,
+    _alive_actors,
+    _reported_steps,
+    _tune,
+    _wait_for_the_end_of,
+)
+
+SEARCH = {
+    "searcher": "tpe",
+    "cost": "test_nfe",
+    "num_samples": 40,
+    "variants": [
+        {"label": "Vanilla", "model.variant": "vanilla"},
+        {"label": "Anderson", "model.variant": "skip_reg", "model.solver": "anderson"},
+    ],
+    "space": {
+        "model": {
+            "variant": {"choice": ["vanilla", "skip_reg"]},
+            "solver": {"choice": ["vcab3", "anderson", "broyden"]},
+            "abstol": {"loguniform": [1e-4, 1e-1]},
+        },
+    },
+    "conditional": [
+        {
+            "when": {"model.solver": "anderson"},
+            "space": {"model.solver_options.m": {"randint": [2, 9]}},
+        },
+        {
+            "when": {"model.variant": ["skip_reg"]},
+            "space": {"train.lambda_skip": {"loguniform": [1e-3, 10]}},
+        },
+    ],
+}
+
+
+def test_a_searchers_trials_are_its_points_then_draws_with_conditional_dimensions():
+    experiment = spec.from_dict("s", {**TINY, "search": SEARCH})
+    sampled = spec.expand(experiment)
+    assert len(sampled) == 40 and experiment.param_space() == {}
+    vanilla, anderson = sampled[:2]
+    assert vanilla["variant"] == {"label": "Vanilla"} and anderson["variant"] == {
+        "label": "Anderson"
+    }
+    # The points leave nothing to chance: the base's solver and the preset's abstol and lambda_skip.
+    assert vanilla["model"] == {"variant": "vanilla", "solver": "vcab3", "abstol": 5e-3}
+    assert anderson["train"] == {"lambda_skip": 1.0} and "m" in anderson["model"]["solver_options"]
+    for draw in sampled:
+        model = draw["model"]
+        cfg = experiment.trial_config(draw)
+        assert cfg.model.solver == model["solver"] and cfg.model.abstol == model["abstol"]
+        assert ("solver_options" in model) == (model["solver"] == "anderson")
+        assert ("train" in draw) == (model["variant"] == "skip_reg")
+        if model["solver"] == "anderson":
+            assert 2 <= cfg.model.solver_options["m"] <= 8
+        assert 1e-4 <= model["abstol"] <= 1e-1
+    assert {d["model"]["solver"] for d in sampled[2:]} == {"vcab3", "anderson", "broyden"}
+
+
+def test_the_define_by_run_space_draws_the_same_values_through_optuna():
+    space = spec.from_dict("s", {**TINY, "search": SEARCH}).space()
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3))
+    for _ in range(30):
+        trial = study.ask()
+        drawn = space(trial)
+        assert {k: v for k, v in drawn.items() if k != search.LABEL_KEY} == trial.params
+    assert pickle.loads(pickle.dumps(space)) == space  # the searcher's state pickles with it
+
+
+def test_a_sampled_dimension_is_honoured_over_a_variants_setting():
+    experiment = spec.from_dict(
+        "s",
+        {
+            **TINY,
+            "search": {
+                "variants": [{"label": "v", "model.solver": "broyden"}],
+                "space": {"model": {"solver": {"choice": ["euler"]}}},
+            },
+        },
+    )
+    (sampled,) = spec.expand(experiment)
+    assert experiment.trial_config(sampled).model.solver == "euler"
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"searcher": "grid"}, r"^search.searcher: 'grid' is not allowed; choose one of random"),
+        ({"searcher": "random"}, r"^search.conditional: needs searcher tpe or nsga2"),
+        ({"cost": "loss"}, r"^search.cost: 'loss' is not allowed; choose one of test_nfe"),
+        ({"num_samples": 1}, r"^search.num_samples: 1 is fewer than the 2 variants"),
+        (
+            {"space": {"seed": {"grid_search": [0, 1]}}},
+            r"^search.space.seed.grid_search: a searcher draws every trial",
+        ),
+        (
+            {"space": {"model": {"abstol": {"randn": [0, 1]}}}},
+            r"^search.space.model.abstol: Optuna cannot sample",
+        ),
+        (
+            {"variants": [{"model.adjoint": "jfb"}]},
+            r"^search.variants\[0\].model.adjoint: not a dimension of the search space",
+        ),
+        (
+            {"variants": [{"model.solver": "euler"}]},
+            r"^search.variants\[0\].model.solver: 'euler' is not a choice of search.space",
+        ),
+        (
+            {"conditional": [{"when": {"model.adjoint": "jfb"}, "space": {"seed": 1}}]},
+            r"^search.conditional\[0\].when.model.adjoint: not a dimension drawn before it",
+        ),
+        (
+            {"conditional": [{"if": {"model.solver": "anderson"}}]},
+            r"^search.conditional\[0\]: expected the keys when and space",
+        ),
+        (
+            {
+                "conditional": [
+                    {
+                        "when": {"model.solver": "anderson"},
+                        "space": {"model.m": {"randint": [2, 9]}},
+                    }
+                ]
+            },
+            r"^model.m: unknown key; allowed keys in model",
+        ),
+    ],
+)
+def test_bad_searches_are_one_line_errors(change, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        rt.preflight(spec.from_dict("bad", {**TINY, "search": SEARCH | change}))
+    assert "\n" not in str(err.value)
+
+
+def test_dry_run_shows_the_space_and_the_paper_points_first(capsys):
+    assert rt.main(["digits_search", "--dry-run"]) == 0
+    out, err = capsys.readouterr()
+    labels = [json.loads(line)["label"] for line in out.splitlines()]
+    assert len(labels) == 24
+    assert [label.split(",")[0] for label in labels[:3]] == [
+        "Vanilla DEQ",
+        "Skip DEQ",
+        "Skip Reg. DEQ",
+    ]
+    assert (
+        "model.solver: choice ['vcab3', 'tsit5', 'bs3', 'euler', 'broyden', 'anderson', "
+        "'fixed_point']" in err
+    )
+    assert "model.solver_options.m: int [2, 8] (when model.solver in ['anderson'])" in err
+
+
+def _brute_front(accuracy, cost):
+    """Indices no other point dominates, by comparing every pair."""
+    finite = [i for i in range(len(accuracy)) if accuracy[i] == accuracy[i] and cost[i] == cost[i]]
+    return sorted(
+        i
+        for i in finite
+        if not any(
+            accuracy[j] >= accuracy[i]
+            and cost[j] <= cost[i]
+            and (accuracy[j] > accuracy[i] or cost[j] < cost[i])
+            for j in finite
+        )
+    )
+
+
+values = st.one_of(st.sampled_from([0.5, 0.9, 1.0, 10.0, float("nan")]), st.floats(0, 100))
+
+
+@given(st.lists(st.tuples(values, values), max_size=40))
+def test_the_pareto_front_is_the_brute_force_one(points):
+    accuracy, cost = [p[0] for p in points], [p[1] for p in points]
+    assert sorted(pareto.front(accuracy, cost)) == _brute_front(accuracy, cost)
+    cheapest = pareto.cheapest_within(accuracy, cost, margin=0.3)
+    finite = [i for i in range(len(points)) if accuracy[i] == accuracy[i] and cost[i] == cost[i]]
+    if not finite:
+        assert cheapest is None
+        return
+    best = max(accuracy[i] for i in finite)
+    assert accuracy[cheapest] >= best - 0.3
+    assert cost[cheapest] == min(cost[i] for i in finite if accuracy[i] >= best - 0.3)
+
+
+def test_the_front_table_names_the_paper_points_and_the_cheapest_trial():
+    rows = [
+        {
+            "trial": "a_x",
+            "group": "Vanilla DEQ, solver=vcab3",
+            "paper": True,
+            "completed": True,
+            "test_accuracy": 0.95,
+            "test_nfe": 30.0,
+            "train_time": 0.02,
+            "config.model.solver": "vcab3",
+        },
+        {
+            "trial": "b_x",
+            "group": "solver=euler",
+            "paper": False,
+            "completed": True,
+            "test_accuracy": 0.948,
+            "test_nfe": 9.0,
+            "train_time": 0.01,
+            "config.model.solver": "euler",
+        },
+        {
+            "trial": "c_x",
+            "group": "solver=bs3",
+            "paper": False,
+            "completed": True,
+            "test_accuracy": 0.90,
+            "test_nfe": 40.0,
+            "train_time": 0.03,
+            "config.model.solver": "bs3",
+        },
+        {
+            "trial": "d_x",
+            "group": "solver=bs3",
+            "paper": False,
+            "completed": False,
+            "test_accuracy": 0.99,
+            "test_nfe": 1.0,
+            "train_time": 0.001,
+            "config.model.solver": "bs3",
+        },
+    ]
+    marked = pareto.mark(rows, "test_accuracy")
+    assert [r["pareto_test_nfe"] for r in marked] == [True, True, False, False]
+    assert [r["cheapest_test_nfe"] for r in marked] == [False, True, False, False]
+    text = pareto.markdown(marked, "test_accuracy")
+    assert "| b | 94.80 | 9 | 0.01 | euler |" in text and "| Vanilla DEQ | 95.00 | 30 |" in text
+    assert "Cheapest within 0.5 points of the best test_accuracy: b (94.80%, test NFE 9)" in text
+    assert pareto.chart(marked, "test_accuracy").startswith(b"\x89PNG")
+
+
+def _finished(experiment: Path) -> set[str]:
+    """The trial folders whose trial has reported its last step."""
+    return {
+        trial.name
+        for trial in experiment.glob("*_*")
+        if (trial / "result.json").is_file() and 6 in _reported_steps(trial)
+    }
+
+
+def test_a_killed_search_resumes_with_its_searchers_history_and_repeats_no_trial(
+    ray_cluster, tmp_path
+):
+    settings = TINY | {
+        "train": {"epochs": 1, "max_steps": 6, "report_every": 3},
+        "search": {
+            "searcher": "tpe",
+            "cost": "test_nfe",
+            "num_samples": 4,
+            "max_concurrent_trials": 1,
+            "variants": [{"label": "paper", "model.solver": "vcab3"}],
+            "space": {
+                "model": {
+                    "solver": {"choice": ["vcab3", "euler", "fixed_point"]},
+                    "abstol": {"loguniform": [1e-3, 1e-1]},
+                }
+            },
+        },
+    }
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(settings))
+    argv = [str(tmp_path / "s.yaml"), "--storage", str(tmp_path / "runs")]
+    experiment = tmp_path / "runs" / "s"
+    earlier = _alive_actors(ray_cluster)
+    driver = _tune(argv)
+    deadline = time.monotonic() + 400
+    while len(_finished(experiment)) < 2 or not list(experiment.glob("searcher-state-*.pkl")):
+        assert driver.poll() is None, driver.stdout.read().decode()[-3000:]
+        assert time.monotonic() < deadline, "two trials did not finish in time"
+        time.sleep(0.2)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    _wait_for_the_end_of(_alive_actors(ray_cluster) - earlier, ray_cluster)
+    before = _finished(experiment)
+
+    resumed = _tune([*argv, "--resume"])
+    output = resumed.communicate(timeout=600)[0].decode()
+    assert resumed.returncode == 0, output[-3000:]
+    rows = pq.read_table(experiment / "results.parquet").to_pylist()
+    assert len(rows) == 4 and before <= {row["trial"] for row in rows}
+    assert all(row["status"] == "TERMINATED" for row in rows)
+    drawn = [(row["config.model.solver"], row["config.model.abstol"]) for row in rows]
+    assert len(set(drawn)) == 4  # no trial repeated
+    state = max(experiment.glob("searcher-state-*.pkl"))  # the resumed session's
+    study = pickle.loads(state.read_bytes())["_ot_study"]
+    told = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(told) == 4 and all(len(t.values) == 2 for t in told)
+    assert {(t.params["model/solver"], t.params["model/abstol"]) for t in told} == set(drawn)
+    assert any(row["pareto_test_nfe"] for row in rows)
+    assert "## Pareto front: test_accuracy against test NFE" in output
+    assert len(list((experiment / "hparams").iterdir())) == 4
+
+
+def test_a_searcher_reads_its_objectives_from_the_last_report_only():
+    experiment = spec.from_dict("s", {**TINY, "search": SEARCH | {"cost": None}})
+    limiter = search.searcher(experiment.space(), experiment.search, seed=0, max_concurrent=2)
+    optuna_search = limiter.searcher
+    config = optuna_search.suggest("t0")
+    assert config["variant"] == {"label": "Vanilla"}
+    optuna_search.on_trial_result("t0", {"step": 3, "training_iteration": 1})  # no test metrics
+    optuna_search.on_trial_complete("t0", {"test_accuracy": 0.9, "step": 6})
+    (trial,) = optuna_search._ot_study.get_trials(states=[optuna.trial.TrialState.COMPLETE])
+    assert trial.values == [0.9] and trial.params["model/solver"] == "vcab3"
