@@ -13,17 +13,17 @@ import pytest
 import yaml
 from hypothesis import given
 from hypothesis import strategies as st
-
-from raydeq import tune as rt
-from raydeq.experiments import pareto, search, spec
-from raydeq.training.config import ConfigError
-from tests.test_tune import (
+from test_tune import (
     TINY,
     _alive_actors,
     _reported_steps,
     _tune,
     _wait_for_the_end_of,
 )
+
+from raydeq import tune as rt
+from raydeq.experiments import pareto, search, spec
+from raydeq.training.config import ConfigError
 
 SEARCH = {
     "searcher": "tpe",

@@ -397,7 +397,11 @@ def test_a_killed_driver_resumes_every_trial_without_training_a_step_twice(ray_c
 
 
 def test_ctrl_c_exits_130_with_the_resume_command_and_that_command_finishes(ray_cluster, tmp_path):
-    settings = TINY | {"train": {"epochs": 1, "max_steps": 120, "checkpoint_every": 30}}
+    # Two workers: the trial is a Ray Train run inside Tune (one-worker trials are the others').
+    settings = TINY | {
+        "train": {"epochs": 1, "max_steps": 120, "checkpoint_every": 30},
+        "scaling": {"num_workers": 2},
+    }
     (tmp_path / "stop.yaml").write_text(yaml.safe_dump(settings))
     experiment = tmp_path / "runs" / "stop"
     driver = _tune([str(tmp_path / "stop.yaml"), "--storage", str(tmp_path / "runs")])
@@ -419,12 +423,10 @@ def test_ctrl_c_exits_130_with_the_resume_command_and_that_command_finishes(ray_
     assert row["status"] == "TERMINATED" and row["step"] == 120
 
 
-def test_asha_stops_a_torch_trainer_trial_and_the_next_trial_gets_its_resources(
-    ray_cluster, tmp_path
-):
+def test_asha_stops_a_trial_and_the_next_trial_gets_its_resources(ray_cluster, tmp_path):
     settings = TINY | {
         "train": {"epochs": 1, "max_steps": 60, "report_every": 20},
-        "scaling": {"num_workers": 2, "cpus_per_worker": 1},
+        "scaling": {"num_workers": 1, "cpus_per_worker": 2},
         "search": {
             "variants": [
                 {"label": "fast", "optim.lr": 3.0e-3, "seed": 0},
