@@ -239,6 +239,14 @@ def test_dry_run_prints_every_trials_resolved_config_without_ray(capsys, monkeyp
     assert config["train"]["lambda_skip"] == 1.0 and config["scaling"]["num_workers"] == 1
 
 
+def test_a_dry_run_read_only_in_part_exits_0_without_a_traceback():
+    command = [sys.executable, "-m", "raydeq.tune", "imagenet", "--dry-run"]  # 24 lines
+    dry = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert json.loads(dry.stdout.readline())["label"].startswith("Vanilla Continuous DEQ")
+    dry.stdout.close()  # as `| head -1` does
+    assert dry.wait(timeout=60) == 0 and b"Traceback" not in dry.stderr.read()
+
+
 def test_an_installed_raydeq_finds_its_experiments_from_any_folder(tmp_path):
     wheels = tmp_path / "wheels"
     build = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation"]
