@@ -11,22 +11,18 @@ Figure 1 prints no numbers, so its paper bars are the ratios of the tables' mean
 
 from __future__ import annotations
 
-import io
 import math
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import matplotlib
 import pandas as pd
 
+from raydeq.experiments.figures import plt, png
 from raydeq.experiments.spec import Experiment
 from raydeq.solvers import DISCRETE
 from raydeq.training.storage import write_bytes
-
-matplotlib.use("Agg")
-from matplotlib import pyplot as plt  # noqa: E402  (the backend is chosen first)
 
 PUBLISHED = Path(__file__).with_name("paper_numbers.csv")
 REFERENCE = "Vanilla Continuous DEQ"  # Figure 1's unit: every time is relative to its
@@ -170,7 +166,7 @@ def figure1(table: int, rows: list[dict[str, Any]]) -> bytes:
         axis.grid(axis="y", alpha=0.3)
         axis.legend(fontsize="small")
     figure.suptitle(f"Figure 1 for {TITLES[table].split(':')[0]}")
-    return _png(figure)
+    return png(figure, dpi=110)
 
 
 def _kind(row: dict[str, Any]) -> tuple[str, str] | None:
@@ -213,16 +209,7 @@ def curves_figure(rows: list[dict[str, Any]], curves: dict[str, list[pd.DataFram
             if axis.lines:
                 axis.legend(fontsize="x-small")
     figure.suptitle("Figures 4-6: Discrete and Continuous DEQ against training step")
-    return _png(figure)
-
-
-def _png(figure: plt.Figure) -> bytes:
-    """The figure as PNG bytes; the figure is closed."""
-    buffer = io.BytesIO()
-    figure.tight_layout()
-    figure.savefig(buffer, format="png", dpi=110)
-    plt.close(figure)
-    return buffer.getvalue()
+    return png(figure, dpi=110)
 
 
 def write(

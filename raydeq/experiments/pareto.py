@@ -9,15 +9,11 @@ experiment without any counts all of its trials.
 
 from __future__ import annotations
 
-import io
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-from matplotlib import pyplot as plt  # noqa: E402  (the backend is chosen first)
+from raydeq.experiments.figures import plt, png
 
 # Cost columns of results.parquet and their words.
 VIEWS = {"test_nfe": "test NFE", "train_time": "training time per step (s)"}
@@ -168,8 +164,4 @@ def chart(rows: Sequence[Mapping[str, Any]], metric: str) -> bytes:
         axes.set_ylabel(f"{metric} (%)")
         axes.grid(alpha=0.3)
         axes.legend(fontsize="small")
-    buffer = io.BytesIO()
-    figure.tight_layout()
-    figure.savefig(buffer, format="png", dpi=120)
-    plt.close(figure)
-    return buffer.getvalue()
+    return png(figure)

@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import io
 import math
 import statistics
 from typing import Any
 
-import matplotlib
 import pandas as pd
 import pyarrow as pa
 import pyarrow.fs
@@ -21,11 +19,9 @@ from ray import tune
 from raydeq import models
 from raydeq.experiments import hparams, paper, pareto
 from raydeq.experiments.archive import history
+from raydeq.experiments.figures import plt, png
 from raydeq.experiments.spec import LABEL, VARIANT, Experiment, describe, leaves, trial_name
 from raydeq.training.storage import write_bytes
-
-matplotlib.use("Agg")
-from matplotlib import pyplot as plt  # noqa: E402  (the backend is chosen first)
 
 PLOTS = {
     "test_accuracy": "test accuracy",
@@ -178,11 +174,7 @@ def plot(metric: str, label: str, curves: dict[str, list[pd.DataFrame]]) -> byte
     axes.grid(alpha=0.3)
     if axes.lines:
         axes.legend(fontsize="small")
-    buffer = io.BytesIO()
-    figure.tight_layout()
-    figure.savefig(buffer, format="png", dpi=120)
-    plt.close(figure)
-    return buffer.getvalue()
+    return png(figure)
 
 
 def report(path: str, experiment: Experiment) -> str:
