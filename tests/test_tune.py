@@ -93,6 +93,16 @@ def test_random_primitives_are_sampled_once_per_sample_and_within_bounds():
     assert isinstance(choice, Categorical)
 
 
+# Settings the paper's text leaves out, from its reference code (SciML/DeepEquilibriumNetworks.jl:
+# experiments/mnist/mnist_fc.jl at 5170231; experiments/cifar10/tiny.yml, large.yml and
+# imagenet/small.yml at d18c610), as "section.key": value of each DEQ row.
+REFERENCE_SETTINGS = {
+    "mnist_dense": {"model.max_steps": 50},
+    "cifar10_small": {"model.max_steps": 18, "model.pretrain_steps": 3000, "data.augment": False},
+    "cifar10_large": {"model.max_steps": 18, "model.pretrain_steps": 0, "data.augment": True},
+    "imagenet": {"model.max_steps": 27, "model.pretrain_steps": 0, "optim.nesterov": True},
+}
+
 # The paper's section 4, per experiment: solver of the continuous rows, reltol, optimizer
 # settings, steps or epochs, global batch, lambda_skip, and the metric of its table.
 PAPER_SETTINGS = {
@@ -150,6 +160,10 @@ def test_dry_run_pins_the_papers_settings(name, capsys):
     assert spec.load(name).search.metric == metric
     if name == "imagenet":
         assert paper[0]["optim"]["milestones"] == [100000, 150000, 250000]
+    deqs = [config for config in paper if config["model"]["variant"] != "neural_ode"]
+    for key, value in REFERENCE_SETTINGS[name].items():
+        section, option = key.split(".")
+        assert {config[section][option] for config in deqs} == {value}, key
     extra = [row["config"]["train"]["lambda_skip"] for row in rows if "(raydeq" in row["label"]]
     assert extra == ([1.0] * 3 if name == "mnist_dense" else [])
 
@@ -477,7 +491,7 @@ def test_dry_run_shows_the_model_defaults_the_preset_and_the_layer_give(capsys):
         **preset,
         "max_steps": 18,
         "jac_reg": False,
-        "pretrain_steps": 5000,
+        "pretrain_steps": 3000,
         "t1": None,
         "solver_options": None,
     }

@@ -76,8 +76,14 @@ def _mnist10k(cfg: DataSection) -> Splits:
 
 
 def _cifar10(cfg: DataSection) -> Splits:
-    """CIFAR-10; augmentation: random crops (padding 4) and horizontal flips."""
-    augment = (T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()) if cfg.augment else ()
+    """CIFAR-10; augmentation as the paper's reference code (experiments/cifar10/main.jl at
+    DeepEquilibriumNetworks.jl d18c610): horizontal flips, then a 32 x 32 crop of the image
+    resized to 42 x 42."""
+    augment = (
+        (T.RandomHorizontalFlip(), T.Resize(42, antialias=True), T.RandomCrop(32))
+        if cfg.augment
+        else ()
+    )
     train = datasets.CIFAR10(
         cfg.data_dir,
         train=True,
