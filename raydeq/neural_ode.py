@@ -1,10 +1,12 @@
-"""The Neural ODE baseline: dz/dt = f(z, x) - z over [0, t1], trained by the continuous adjoint.
+"""The Neural ODE baseline: dz/dt = f(z, x) - z or f(z, x) over [0, t1], output f(z(t1), x).
 
-It integrates with the continuous DEQ's own solvers (VCAB3, Tsit5, BS3, Euler; see
-raydeq/solvers/interval.py), as the paper's baseline does. The continuous adjoint (Chen et
-al. 2018) integrates z, its adjoint a = dL/dz and the parameters' adjoint backwards from t1
-with the same solver and tolerances, so no step of the forward pass is stored;
-adjoint="backprop" differentiates through the forward steps instead.
+The form is the paper's reference code's (DeepEquilibriumNetworks.jl: dz/dt = f(z, x) in the
+0.2.x `src/layers/neuralode.jl` its experiments ran on, f(z, x) - z in the later
+`src/layers/evaluate.jl`; both output f(z(1), x)). It integrates with the continuous DEQ's own
+solvers (VCAB3, Tsit5, BS3, Euler; see raydeq/solvers/interval.py), as the paper's baseline
+does. The continuous adjoint (Chen et al. 2018) integrates z, its adjoint a = dL/dz and the
+parameters' adjoint backwards from t1 with the same solver and tolerances, so no step of the
+forward pass is stored; adjoint="backprop" differentiates through the forward steps instead.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from raydeq.solvers.interval import INTERVAL_SOLVERS, Endpoint, integrate
 from raydeq.solvers.state import Structure
 
 NODE_ADJOINTS = ("continuous", "backprop")
+# "f_minus_z": dz/dt = f(z, x) - z (the continuous DEQ's flow); "f": dz/dt = f(z, x).
+NODE_DYNAMICS = ("f_minus_z", "f")
 
 
 @dataclass(frozen=True)
@@ -33,17 +37,21 @@ class Problem:
     structure: Structure
     shape: torch.Size
     t1: float
+    dynamics: str
     solver: str
     termination: Termination
     max_steps: int
 
     def field(self, x: Tensor) -> Callable[[Tensor], Tensor]:
-        """dz/dt = f(z, x) - z on the (1, M) row that holds the batch's flat (B, N) state."""
+        """dz/dt = f(z, x) - z or f(z, x) (`dynamics`) on the (1, M) row that holds the batch's
+        flat (B, N) state."""
         s = self.structure
+        minus_z = self.dynamics == "f_minus_z"
 
         def flow(row: Tensor) -> Tensor:
             z = row.reshape(self.shape)
-            return (s.flatten(self.f(s.unflatten(z), x)) - z).reshape(1, -1)
+            fz = s.flatten(self.f(s.unflatten(z), x))
+            return (fz - z if minus_z else fz).reshape(1, -1)
 
         return flow
 
@@ -63,10 +71,10 @@ class Record:
 
 class ContinuousAdjoint(torch.autograd.Function):
     """z(t1) in the forward pass; in the backward pass, [z, a, g] integrated from t1 back to 0
-    by ds = -dt: dz/ds = -F(z), da/ds = a^T dF/dz, dg/ds = a^T dF/d(x, params), with
-    F(z) = f(z, x) - z, a(t1) the incoming gradient and g(t1) = 0; g(0) is the gradient of
-    x and the parameters. Each backward evaluation is one f and one vector-Jacobian product,
-    counted in stats.backward_nvjp."""
+    by ds = -dt: dz/ds = -F(z), da/ds = a^T dF/dz, dg/ds = a^T dF/d(x, params), with F the
+    forward field (problem.field: f(z, x) - z or f(z, x)), a(t1) the incoming gradient and
+    g(t1) = 0; g(0) is the gradient of x and the parameters. Each backward evaluation is one f
+    and one vector-Jacobian product, counted in stats.backward_nvjp."""
 
     @staticmethod
     def forward(
@@ -106,24 +114,30 @@ class ContinuousAdjoint(torch.autograd.Function):
 
 
 class NeuralODE(nn.Module):
-    """Neural ODE baseline: integrate dz/dt = f(z, x) - z from z(0) = 0 over [0, t1].
+    """Neural ODE baseline: integrate dz/dt = F(z) from z(0) = 0 over [0, t1], output f(z(t1), x).
 
-    solver is one of the continuous DEQ's solvers (INTERVAL_SOLVERS), with accuracy-controlled
-    steps over the fixed interval; abstol / reltol are its RMS tolerances. adjoint="continuous"
-    (the paper's baseline) trains by the continuous adjoint (ContinuousAdjoint), "backprop" by
-    backpropagating through the accepted steps. stats.nfe counts forward evaluations of f,
-    stats.steps the steps (rejected ones too), stats.backward_nvjp after backward() the
-    vector-Jacobian products of f (the continuous adjoint's evaluations of the augmented
-    system, each also evaluating f; for backprop the evaluations on the accepted steps).
-    stats.residual is ||f(z(t1)) - z(t1)|| (the field at t1, at hand after the last step) and
-    converged applies the DEQ test with abstol / reltol to it. skip_loss and jac_loss are 0.
-    Raises RuntimeError when an integration needs more than max_steps steps.
+    dynamics picks F: "f_minus_z" (default) f(z, x) - z, the continuous DEQ's flow and the
+    later reference library's (DeepEquilibriumNetworks.jl v1 `src/layers/evaluate.jl`); "f"
+    f(z, x), the paper's experiments (reference 0.2.x `src/layers/neuralode.jl`). As there, the
+    output is one more evaluation f(z(t1), x), differentiated by autograd (the adjoint receives
+    dL/dz(t1) through it). solver is one of the continuous DEQ's solvers (INTERVAL_SOLVERS),
+    with accuracy-controlled steps over the fixed interval; abstol / reltol are its RMS
+    tolerances. adjoint="continuous" (the paper's baseline) trains by the continuous adjoint
+    (ContinuousAdjoint), "backprop" by backpropagating through the accepted steps. stats.nfe
+    counts forward evaluations of f (the output's included), stats.steps the steps (rejected
+    ones too), stats.backward_nvjp after backward() the vector-Jacobian products of f (the
+    output's, then the continuous adjoint's evaluations of the augmented system, each also
+    evaluating f, or for backprop the evaluations on the accepted steps). stats.residual is
+    ||f(z(t1), x) - z(t1)|| from the output's evaluation and converged applies the DEQ test
+    with abstol / reltol to it. skip_loss and jac_loss are 0. Raises RuntimeError when an
+    integration needs more than max_steps steps.
     """
 
     def __init__(
         self,
         f: nn.Module,
         t1: float = 1.0,
+        dynamics: str = "f_minus_z",
         solver: str = "vcab3",
         adjoint: str = "continuous",
         abstol: float = 1e-3,
@@ -132,23 +146,32 @@ class NeuralODE(nn.Module):
     ) -> None:
         super().__init__()
         _check_positive("t1", t1)
+        _check_choice("dynamics", dynamics, NODE_DYNAMICS)
         _check_choice("solver", solver, INTERVAL_SOLVERS)
         _check_choice("adjoint", adjoint, NODE_ADJOINTS)
         _check_positive("max_steps", max_steps, integer=True)
         self.f = f
         self.t1 = float(t1)
+        self.dynamics = dynamics
         self.solver = solver
         self.adjoint = adjoint
         self.termination = Termination(abstol, reltol)
         self.max_steps = max_steps
 
     def forward(self, x: Tensor) -> LayerOutput:
-        """Integrate to t1 and return z(t1) with its statistics."""
+        """Integrate to t1 and return f(z(t1), x) with its statistics."""
         z0 = initial_state(self.f, x)
         structure = Structure.of(z0)
         flat = structure.flatten(z0)
         problem = Problem(
-            self.f, structure, flat.shape, self.t1, self.solver, self.termination, self.max_steps
+            self.f,
+            structure,
+            flat.shape,
+            self.t1,
+            self.dynamics,
+            self.solver,
+            self.termination,
+            self.max_steps,
         )
         record = Record()
         row = flat.detach().reshape(1, -1)
@@ -159,17 +182,16 @@ class NeuralODE(nn.Module):
             record.end = problem.integrate(problem.field(x), row, self.t1)
             y = record.end.y
         end = record.end
-        z = y.reshape(flat.shape)
-        fz = (z + end.k.reshape(flat.shape)).detach()
-        record.stats = residual_stats(z, fz, self.termination, end.nfe, end.steps)
-        if self.adjoint == "backprop" and y.requires_grad:
-            y.register_hook(partial(_count_backprop, record))
+        z = structure.unflatten(y.reshape(flat.shape))
+        fz = self.f(z, x)
+        record.stats = residual_stats(z, fz, self.termination, end.nfe + 1, end.steps)
+        if y.requires_grad:
+            y.register_hook(partial(_count_backward, record, self.adjoint == "backprop"))
         zero = x.new_zeros(())
-        return LayerOutput(
-            z=structure.unflatten(z), z0=z0, stats=record.stats, skip_loss=zero, jac_loss=zero
-        )
+        return LayerOutput(z=fz, z0=z0, stats=record.stats, skip_loss=zero, jac_loss=zero)
 
 
-def _count_backprop(record: Record, grad: Tensor) -> None:
-    """Record the vector-Jacobian products of a backward pass through the accepted steps."""
-    record.stats.backward_nvjp += record.end.path_nfe
+def _count_backward(record: Record, through_steps: bool, grad: Tensor) -> None:
+    """Record the output's vector-Jacobian product, and with backprop those through the
+    accepted steps."""
+    record.stats.backward_nvjp += 1 + (record.end.path_nfe if through_steps else 0)

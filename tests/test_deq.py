@@ -290,7 +290,8 @@ def test_invalid_arguments_name_the_value_and_the_choices(kwargs, message):
 
 
 class LinearCell(nn.Module):
-    """f(z, x) = A z + x, so dz/dt = (A - I) z + x has a closed-form solution."""
+    """f(z, x) = A z + x, so dz/dt = f - z = (A - I) z + x and dz/dt = f = A z + x have
+    closed-form solutions."""
 
     def __init__(self, a: torch.Tensor) -> None:
         super().__init__()
@@ -300,37 +301,43 @@ class LinearCell(nn.Module):
         return z @ self.a.T + x
 
 
-def linear_ode_solution(a: torch.Tensor, x: torch.Tensor, t: float) -> torch.Tensor:
-    """z(t) = M^-1 (exp(M t) - I) x with M = A - I: the solution of dz/dt = M z + x, z(0) = 0."""
-    eye = torch.eye(a.shape[0], dtype=a.dtype)
-    m = a - eye
+def linear_ode_solution(m: torch.Tensor, x: torch.Tensor, t: float) -> torch.Tensor:
+    """z(t) = M^-1 (exp(M t) - I) x: the solution of dz/dt = M z + x, z(0) = 0."""
+    eye = torch.eye(m.shape[0], dtype=m.dtype)
     return torch.linalg.solve(m, (torch.linalg.matrix_exp(t * m) - eye) @ x.T).T
 
 
+@pytest.mark.parametrize("dynamics", ["f_minus_z", "f"])
 @pytest.mark.parametrize("adjoint", ["backprop", "continuous"])
-def test_neural_ode_and_its_gradients_match_the_matrix_exponential(adjoint):
+def test_neural_ode_and_its_gradients_match_the_matrix_exponential(adjoint, dynamics):
+    """The output is f(z(t1), x) with z(t1) in closed form for M = A - I ("f_minus_z") or A."""
     torch.manual_seed(10)
     a = (0.5 * torch.randn(D, D, dtype=torch.float64) / D**0.5).requires_grad_()
     x = torch.randn(B, D, dtype=torch.float64, requires_grad=True)
     cell = LinearCell(a.detach().clone())
-    layer = NeuralODE(cell, t1=1.5, solver="tsit5", adjoint=adjoint, abstol=1e-11, reltol=1e-11)
+    layer = NeuralODE(
+        cell, t1=1.5, dynamics=dynamics, solver="tsit5", adjoint=adjoint, abstol=1e-11, reltol=1e-11
+    )
     out = layer(x * 1.0)
-    expected = linear_ode_solution(a, x, 1.5)
+    m = a - torch.eye(D, dtype=a.dtype) if dynamics == "f_minus_z" else a
+    z1 = linear_ode_solution(m, x, 1.5)
+    expected = z1 @ a.T + x
     torch.testing.assert_close(out.z, expected, rtol=0, atol=1e-9)
     v = torch.randn(B, D, dtype=torch.float64)
     got = torch.autograd.grad((out.z * v).sum(), [cell.a, x])
     want = torch.autograd.grad((expected * v).sum(), [a, x])
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=0, atol=1e-8)
-    z = out.z.detach()
-    residual = (z @ a.detach().T + x.detach() - z).square().mean(1).sqrt()
+    residual = (expected - z1).detach().square().mean(1).sqrt()
     torch.testing.assert_close(out.stats.residual, residual, rtol=1e-10, atol=0)
     assert out.stats.nfe > 1
     assert float(out.skip_loss) == 0.0 and float(out.jac_loss) == 0.0
 
 
-def test_neural_ode_rejects_a_deq_adjoint_and_a_discrete_solver():
+def test_neural_ode_rejects_a_deq_adjoint_a_discrete_solver_and_unknown_dynamics():
     f, _ = dense_cell()
+    with pytest.raises(ValueError, match="dynamics='f-z' is not one of 'f_minus_z', 'f'"):
+        NeuralODE(f, dynamics="f-z")
     with pytest.raises(ValueError, match="adjoint='gmres' is not one of 'continuous', 'backprop'"):
         NeuralODE(f, adjoint="gmres")
     with pytest.raises(ValueError, match="solver='broyden' is not one of 'vcab3', 'tsit5'"):

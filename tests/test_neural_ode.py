@@ -26,12 +26,17 @@ class TanhCell(nn.Module):
         return torch.tanh(self.state(z) + self.input(x))
 
 
-def gradients(solver: str, adjoint: str, tol: float, t1: float) -> tuple[torch.Tensor, object]:
-    """d/d(x, params) of sum z(t1)^2 for a fixed float64 cell and input, and the statistics."""
+def gradients(
+    solver: str, adjoint: str, tol: float, t1: float, dynamics: str = "f_minus_z"
+) -> tuple[torch.Tensor, object]:
+    """d/d(x, params) of sum f(z(t1), x)^2 for a fixed float64 cell and input, and the
+    statistics."""
     torch.manual_seed(0)
     f = TanhCell(6).double()
     x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
-    layer = NeuralODE(f, t1=t1, solver=solver, adjoint=adjoint, abstol=tol, reltol=tol)
+    layer = NeuralODE(
+        f, t1=t1, dynamics=dynamics, solver=solver, adjoint=adjoint, abstol=tol, reltol=tol
+    )
     out = layer(x)
     grads = torch.autograd.grad(out.z.square().sum(), [x, *f.parameters()])
     return torch.cat([g.flatten() for g in grads]), out.stats
@@ -42,10 +47,11 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
+@pytest.mark.parametrize("dynamics", ["f_minus_z", "f"])
 @pytest.mark.parametrize(("solver", "tol"), [("vcab3", 1e-9), ("tsit5", 1e-10), ("bs3", 1e-9)])
-def test_the_continuous_adjoint_matches_backprop_through_the_steps(solver, tol):
-    adjoint, adjoint_stats = gradients(solver, "continuous", tol, 1.0)
-    backprop, backprop_stats = gradients(solver, "backprop", tol, 1.0)
+def test_the_continuous_adjoint_matches_backprop_through_the_steps(solver, tol, dynamics):
+    adjoint, adjoint_stats = gradients(solver, "continuous", tol, 1.0, dynamics)
+    backprop, backprop_stats = gradients(solver, "backprop", tol, 1.0, dynamics)
     assert relative(adjoint, backprop) < 1e-6
     assert adjoint_stats.nfe == backprop_stats.nfe > 10
     # One evaluation of the augmented system per VJP; backprop differentiates the accepted steps.
@@ -72,6 +78,34 @@ def test_a_fixed_interval_integration_lands_on_the_matrix_exponential(solver):
     torch.testing.assert_close(end.k, end.y @ a.T, rtol=0, atol=1e-14)
 
 
+class Counting(nn.Module):
+    """Wraps a cell and counts its calls."""
+
+    def __init__(self, cell: nn.Module) -> None:
+        super().__init__()
+        self.cell, self.calls = cell, 0
+
+    def forward(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.cell(z, x)
+
+
+@pytest.mark.parametrize("dynamics", ["f_minus_z", "f"])
+def test_nfe_counts_every_call_of_f_the_output_s_included(dynamics):
+    torch.manual_seed(0)
+    f = Counting(TanhCell(6).double())
+    x = torch.randn(3, 6, dtype=torch.float64)
+    layer = NeuralODE(f, dynamics=dynamics, solver="vcab3", abstol=1e-6, reltol=1e-6)
+    with torch.no_grad():
+        out = layer(x)
+    assert out.stats.nfe == f.calls > 10
+    f.calls = 0
+    out = layer(x.requires_grad_())
+    out.z.sum().backward()
+    # The continuous adjoint calls f once per augmented evaluation, the output's VJP none.
+    assert out.stats.nfe + out.stats.backward_nvjp - 1 == f.calls
+
+
 def test_max_steps_is_an_error_naming_the_time_reached():
     a = -torch.eye(2, dtype=torch.float64)
     y0 = torch.ones(1, 2, dtype=torch.float64)
@@ -84,6 +118,9 @@ def test_the_presets_train_the_neural_ode_by_the_continuous_adjoint():
     assert (model.layer.adjoint, model.layer.solver) == ("continuous", "tsit5")
     cfg = validate({"model": {"variant": "neural_ode"}})
     assert (cfg.model.adjoint, cfg.model.solver, cfg.model.t1) == ("continuous", "vcab3", 1.0)
+    assert cfg.model.dynamics == "f_minus_z" and validate({}).model.dynamics is None
+    paper = build({"model": "mnist_dense", "variant": "neural_ode", "dynamics": "f"})
+    assert paper.layer.dynamics == "f"
 
 
 @pytest.mark.parametrize(
@@ -99,6 +136,11 @@ def test_the_presets_train_the_neural_ode_by_the_continuous_adjoint():
             "model: solver='anderson' is not one of 'vcab3', 'tsit5', 'bs3', 'euler' for variant "
             "'neural_ode'",
         ),
+        (
+            {"variant": "neural_ode", "dynamics": "f - z"},
+            "model.dynamics: 'f - z' is not allowed; choose one of f_minus_z, f",
+        ),
+        ({"dynamics": "f"}, "model.dynamics: not an option of variant 'skip_reg'"),
         ({"adjoint": "backprop"}, "model: adjoint='backprop' is not one of 'gmres', 'fixed_point'"),
         ({"adjoint": "adjoint"}, "model.adjoint: 'adjoint' is not allowed; choose one of"),
     ],

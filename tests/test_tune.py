@@ -77,6 +77,10 @@ def test_the_paper_settings_reach_the_trials():
         *((v, True, 1.0) for v in ("vanilla", "skip", "skip_reg")),
         ("neural_ode", None, 0.0),
     }
+    for name in ("mnist_dense", "mnist_mdeq", "cifar10_small", "cifar10_large"):
+        experiment = spec.load(name)
+        trials = [experiment.trial_config(s).model for s in spec.expand(experiment)]
+        assert {m.dynamics for m in trials if m.variant == "neural_ode"} == {"f"}, name
 
 
 def test_random_primitives_are_sampled_once_per_sample_and_within_bounds():
@@ -157,6 +161,9 @@ def test_dry_run_pins_the_papers_settings(name, capsys):
         assert {k: config["optim"][k] for k in optim} == pytest.approx(optim)
         assert {k: config["train"][k] for k in train} == pytest.approx(train)
         assert config["data"]["batch_size"] == batch and "search" not in config
+    nodes = [c["model"]["dynamics"] for c in paper if c["model"]["variant"] == "neural_ode"]
+    # The reference's Neural ODE integrates dz/dt = f(z, x) (neuralode.jl @ d18c610).
+    assert nodes == ([] if name == "imagenet" else ["f"] * len({c["seed"] for c in paper}))
     assert spec.load(name).search.metric == metric
     if name == "imagenet":
         assert paper[0]["optim"]["milestones"] == [100000, 150000, 250000]
@@ -493,6 +500,7 @@ def test_dry_run_shows_the_model_defaults_the_preset_and_the_layer_give(capsys):
         "jac_reg": False,
         "pretrain_steps": 3000,
         "t1": None,
+        "dynamics": None,
         "solver_options": None,
     }
     assert models["Neural ODE"] == {
@@ -505,5 +513,6 @@ def test_dry_run_shows_the_model_defaults_the_preset_and_the_layer_give(capsys):
         "jac_reg": None,
         "pretrain_steps": None,
         "t1": 1.0,
+        "dynamics": "f",
         "solver_options": None,
     }

@@ -9,7 +9,7 @@ from raydeq.models.classifier import EquilibriumClassifier, Parts
 from raydeq.models.dense import DenseCell, DenseConfig
 from raydeq.models.mdeq import MDEQConfig, MultiscaleCell
 from raydeq.models.presets import PRESETS, Preset
-from raydeq.neural_ode import NODE_ADJOINTS, NeuralODE
+from raydeq.neural_ode import NODE_ADJOINTS, NODE_DYNAMICS, NeuralODE
 from raydeq.solvers import ADJOINTS, CONTINUOUS, DISCRETE
 from raydeq.solvers.interval import INTERVAL_SOLVERS
 
@@ -79,6 +79,8 @@ def resolve(cfg: Mapping[str, Any]) -> dict[str, Any]:
         layer, adjoints = DEQ, ADJOINTS
     resolved = {**_defaults(layer), **defaults, **_options(layer, options)}
     _choice("adjoint", resolved["adjoint"], adjoints, where)
+    if variant == "neural_ode":
+        _choice("dynamics", resolved["dynamics"], NODE_DYNAMICS, where)
     return {"model": name, "variant": variant, "solver": solver, **resolved}
 
 
@@ -108,6 +110,7 @@ __all__ = [
     "DEFAULT_SOLVER",
     "DEFAULT_VARIANT",
     "NODE_ADJOINTS",
+    "NODE_DYNAMICS",
     "PRESETS",
     "VARIANTS",
     "DenseCell",

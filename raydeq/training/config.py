@@ -27,6 +27,7 @@ from raydeq.models import (
     DEFAULT_SOLVER,
     DEFAULT_VARIANT,
     NODE_ADJOINTS,
+    NODE_DYNAMICS,
     PRESETS,
     VARIANTS,
     resolve,
@@ -51,7 +52,7 @@ PAPER_TABLES = (1, 2, 3, 4)  # the tables of section 4 that an experiment can re
 # Reported measures a search can minimise as its second objective.
 COSTS = ("test_nfe", "nfe", "forward_time", "backward_time", "predict_time")
 DEQ_ONLY = ("jac_reg", "pretrain_steps", "solver_options")
-ODE_ONLY = ("t1",)
+ODE_ONLY = ("t1", "dynamics")
 # Settings that do not change the trained model, so that changing them resumes the same run.
 OUTSIDE_HASH = ("name", "label", "storage_path", "search", "scaling")
 OUTSIDE_HASH += ("train.report_every", "train.checkpoint_every", "train.keep_checkpoints")
@@ -75,6 +76,7 @@ class ModelSection:
     jac_reg: bool | None = option(None)
     pretrain_steps: int | None = option(None, ge=0)
     t1: float | None = option(None, gt=0)
+    dynamics: str | None = option(None, choices=NODE_DYNAMICS)
     solver_options: dict | None = option(None)  # e.g. Anderson's memory {m: 5}
 
 
@@ -301,8 +303,9 @@ def default_name(cfg: Config) -> str:
     """A readable, deterministic run name: dataset, model, variant and a digest of the settings
     that change the trained model (not those in OUTSIDE_HASH, so that changing them resumes)."""
     settings = cfg.to_dict()
-    if cfg.model.solver_options is None:  # unset, it leaves the names of older runs unchanged
-        settings = without(settings, "model.solver_options")
+    for key in ("solver_options", "dynamics"):  # unset, they leave older runs' names unchanged
+        if getattr(cfg.model, key) is None:
+            settings = without(settings, f"model.{key}")
     for dotted in OUTSIDE_HASH:
         settings = without(settings, dotted)
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
