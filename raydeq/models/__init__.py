@@ -79,8 +79,6 @@ def resolve(cfg: Mapping[str, Any]) -> dict[str, Any]:
         layer, adjoints = DEQ, ADJOINTS
     resolved = {**_defaults(layer), **defaults, **_options(layer, options)}
     _choice("adjoint", resolved["adjoint"], adjoints, where)
-    if variant == "neural_ode":
-        _choice("dynamics", resolved["dynamics"], NODE_DYNAMICS, where)
     return {"model": name, "variant": variant, "solver": solver, **resolved}
 
 
