@@ -151,20 +151,36 @@ def figure1(table: int, rows: list[dict[str, Any]]) -> bytes:
     paper = published(table)
     groups = _groups(rows)
     training = MINUTES if table == 1 else TRAIN
-    figure, axes = plt.subplots(1, 2, figsize=(11.0, 4.2), sharey=False)
-    for axis, column, name in [(axes[0], training, "training"), (axes[1], BACKWARD, "backward")]:
-        ours = _relative({g: _mean(_values(ms, column)) for g, ms in groups.items()})
-        theirs = _relative({k: float(v) for k, v in paper[column.paper].dropna().items()})
-        labels = [*dict.fromkeys([*theirs, *ours])]
-        where = range(len(labels))
-        axis.bar([i - 0.2 for i in where], [ours.get(k, 0.0) for k in labels], 0.4, label="ours")
-        axis.bar([i + 0.2 for i in where], [theirs.get(k, 0.0) for k in labels], 0.4, label="paper")
-        axis.axhline(1.0, color="grey", linewidth=0.8)
-        axis.set_xticks(list(where), labels, rotation=35, ha="right", fontsize="small")
-        axis.set_ylabel(f"{name} time / {REFERENCE}")
+    measures = [(training, "training"), (BACKWARD, "backward")]
+    ours = {
+        name: _relative({g: _mean(_values(ms, column)) for g, ms in groups.items()})
+        for column, name in measures
+    }
+    theirs = {
+        name: _relative({k: float(v) for k, v in paper[column.paper].dropna().items()})
+        for column, name in measures
+    }
+    labels = [
+        *dict.fromkeys(k for name in ("training", "backward") for k in [*theirs[name], *ours[name]])
+    ]
+    # Horizontal bars, one row per method: the methods' long names read without rotation.
+    height = 1.6 + 0.42 * len(labels)
+    figure, axes = plt.subplots(1, 2, figsize=(12.0, height), sharey=True)
+    where = range(len(labels))
+    for axis, (_, name) in zip(axes, measures, strict=True):
+        axis.barh(
+            [i - 0.2 for i in where], [ours[name].get(k, 0.0) for k in labels], 0.4, label="ours"
+        )
+        axis.barh(
+            [i + 0.2 for i in where], [theirs[name].get(k, 0.0) for k in labels], 0.4, label="paper"
+        )
+        axis.axvline(1.0, color="grey", linewidth=0.8)
+        axis.set_yticks(list(where), labels, fontsize="small")
+        axis.set_xlabel(f"{name} time / {REFERENCE}")
         axis.set_title(f"{name.capitalize()} time, relative (lower is better)")
-        axis.grid(axis="y", alpha=0.3)
+        axis.grid(axis="x", alpha=0.3)
         axis.legend(fontsize="small")
+    axes[0].invert_yaxis()
     figure.suptitle(f"Figure 1 for {TITLES[table].split(':')[0]}")
     return png(figure, dpi=110)
 
@@ -191,6 +207,7 @@ def curves_figure(rows: list[dict[str, Any]], curves: dict[str, list[pd.DataFram
     for r, kind in enumerate(("Discrete", "Continuous")):
         for c, (metric, label, scale) in enumerate(panels):
             axis = axes[r][c]
+            drawn: list[str] = []
             for group, frames in curves.items():
                 if kinds.get(group) is None or kinds[group][0] != kind:
                     continue
@@ -198,9 +215,19 @@ def curves_figure(rows: list[dict[str, Any]], curves: dict[str, list[pd.DataFram
                 if not any(len(f) for f in usable):
                     continue
                 mean = pd.concat(usable).groupby("step")[metric].mean() * scale
-                color = f"C{VARIANTS.index(kinds[group][1])}"  # a variant's colour in every panel
+                variant = kinds[group][1]
+                color = f"C{VARIANTS.index(variant)}"  # a variant's colour in every panel
+                # A second row of the same variant (an extra, labelled setting) is dashed.
+                style = "--" if variant in drawn else "-"
+                drawn.append(variant)
                 axis.plot(
-                    mean.index, mean.values, color=color, marker="o", markersize=3, label=group
+                    mean.index,
+                    mean.values,
+                    color=color,
+                    linestyle=style,
+                    marker="o",
+                    markersize=3,
+                    label=group,
                 )
             axis.set_title(f"{kind} DEQ: {label}", fontsize="medium")
             axis.grid(alpha=0.3)
