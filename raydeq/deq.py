@@ -213,6 +213,7 @@ class DEQ(nn.Module):
                 adjoint_options=self.adjoint_options,
                 compile=self.compile,
                 initial_nfe=extra_nfe,
+                check_start=self.init != "zeros",
             )
             z, stats = sol.z, sol.stats
         if self.training:

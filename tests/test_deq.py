@@ -348,7 +348,27 @@ def test_skip_reg_statistics_count_the_evaluation_that_makes_z0():
     f, x = dense_cell()
     out = DEQ(f, init="skip_reg", **TIGHT)(x)
     z0 = f(torch.zeros_like(x), x).detach()
-    sol = raydeq.solve(lambda z: f(z, x), z0, **TIGHT)
+    sol = raydeq.solve(lambda z: f(z, x), z0, check_start=True, **TIGHT)
     assert out.stats.nfe == sol.stats.nfe + 1 > 2
     with pytest.raises(ValueError, match="initial_nfe=-1 must be an integer >= 0"):
         raydeq.solve(lambda z: f(z, x), z0, initial_nfe=-1)
+
+
+# A root finder counts its evaluation at z0 as its first step.
+@pytest.mark.parametrize(("solver", "steps"), [("tsit5", 0), ("vcab3", 0), ("broyden", 1)])
+def test_a_predicted_state_that_meets_the_tolerance_takes_no_step(solver, steps):
+    # f does not depend on z, so Skip Reg.'s z0 = f(0, x) is the fixed point itself.
+    w = torch.randn(6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(3, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+    def f(z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x @ w) + 0 * z
+
+    with torch.no_grad():
+        out = DEQ(f, init="skip_reg", solver=solver)(x)
+        unread = raydeq.solve(lambda z: f(z, x), f(torch.zeros_like(x), x), solver=solver)
+    # f(0, x), then f at z0; the solve reads the test there and stops.
+    assert (out.stats.steps, out.stats.nfe, bool(out.stats.converged.all())) == (steps, 2, True)
+    assert unread.stats.steps > steps  # without the read, the first block runs
+    with pytest.raises(ValueError, match="check_start=1 must be True or False"):
+        raydeq.solve(lambda z: f(z, x), x, check_start=1)

@@ -61,11 +61,13 @@ def iterate(
     max_steps: int,
     check_every: int | None = None,
     compile_options: dict | None = None,
+    check_start: bool = False,
 ) -> tuple[int, int]:
     """Run method from z until every sample has stopped or max_steps; returns (nfe, steps).
 
     The termination test is read on the host after `check_every` steps, or by default where
     the monitor predicts the last running sample to converge: one synchronisation a block.
+    With check_start it is also read at z, so that a batch that starts converged takes no step.
     With compile_options, f and (for a capturable method) each kind of step run compiled by
     torch.compile with those options.
     """
@@ -77,11 +79,15 @@ def iterate(
                 replace(p, step=torch.compile(p.step, **compile_options)) for p in phases
             )
     carry, nfe, steps = method.init(f, z, monitor)
-    # The first block runs unread: a batch that has converged at z0 is rare enough that a
-    # few wasted steps cost less than a synchronisation on every solve.
+    # Without check_start the first block runs unread: from an uninformed z0 a batch that has
+    # converged there is rare enough that a few wasted steps cost less than a synchronisation
+    # on every solve. A predicted z0 (Skip DEQs) often meets the tolerance: one read there
+    # saves the whole first block.
     monitor.test(method.residual(carry))
     monitor.mark()
     block, since = check_every or UNKNOWN_BLOCK, 0
+    if check_start:
+        block *= bool(monitor.active.any())
     for phase in phases:
         while block and steps < max_steps:
             size = min(PHASE_BLOCK if phase.pending else block, max_steps - steps)

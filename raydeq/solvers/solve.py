@@ -97,6 +97,7 @@ def solve(
     check_every: int | None = None,
     compile: bool | dict = False,
     initial_nfe: int = 0,
+    check_start: bool = False,
 ) -> Solution:
     """Solve z* = f(z*) per sample, starting from z0 (a tensor (B, ...) or a list of them).
 
@@ -120,7 +121,9 @@ def solve(
     No step reads a tensor on the host: the termination test is read after `check_every`
     steps, or by default where the slowest sample is predicted to converge (so a solve may
     take a few steps past the last sample's convergence; stats.steps and stats.nfe count
-    them). compile=True runs f and each solver step through torch.compile (mode
+    them); check_start=True also reads it at z0 (one more synchronisation), for a z0 that is
+    a prediction and may already meet the tolerance (Skip DEQs): a batch that does takes no
+    step. compile=True runs f and each solver step through torch.compile (mode
     "reduce-overhead", CUDA graphs, on a GPU); a dict gives torch.compile's options.
     """
     if adjoint not in ADJOINTS:
@@ -131,6 +134,8 @@ def solve(
         raise ValueError(f"check_every={check_every!r} must be None or an integer >= 1")
     if isinstance(initial_nfe, bool) or not isinstance(initial_nfe, int) or initial_nfe < 0:
         raise ValueError(f"initial_nfe={initial_nfe!r} must be an integer >= 0")
+    if not isinstance(check_start, bool):
+        raise ValueError(f"check_start={check_start!r} must be True or False")
     termination = Termination(abstol, reltol, divergence)
     method = make_solver(solver, solver_options or {})
     backward = make_adjoint(adjoint, adjoint_options or {})
@@ -143,7 +148,9 @@ def solve(
     with torch.set_grad_enabled(record_graph):
         start = z if record_graph else z.detach()
         monitor = Monitor(start, termination)
-        nfe, steps = iterate(method, f_flat, start, monitor, max_steps, check_every, options)
+        nfe, steps = iterate(
+            method, f_flat, start, monitor, max_steps, check_every, options, check_start
+        )
     spent = backward.evaluations if attach else 0
     stats = SolveStats.from_monitor(monitor, initial_nfe + nfe + spent, steps)
     z_star = backward.attach(f_flat, monitor.best_z, stats) if attach else monitor.best_z
