@@ -29,11 +29,14 @@ LinearSolver = Callable[
 class ImplicitAdjoint:
     """Implicit differentiation with a matrix-free linear solver on VJPs of f at z*.
 
-    With warm_start the incoming gradient v is the initial guess (exact when J = 0).
+    With warm_start the incoming gradient v is the initial guess. Off by default: from x0 = v
+    GMRES searches v + K_k(A, J^T v), a subset of the space K_k+1(A, v) it searches from 0
+    with the same k + 1 products (the first one computes the residual J^T v), and the
+    Neumann series takes the same iterates either way.
     """
 
     linear_solver: LinearSolver = field(default_factory=GMRES)
-    warm_start: bool = True
+    warm_start: bool = False
     differentiates_solver = False
     evaluations = 1  # f(z*), which attaches z* to the graph
 
@@ -105,7 +108,7 @@ Adjoint = ImplicitAdjoint | JacobianFree | Unrolled
 def make_adjoint(name: str, options: dict) -> Adjoint:
     """The adjoint named by `adjoint=`."""
     options = dict(options)
-    warm_start = options.pop("warm_start", True)
+    warm_start = options.pop("warm_start", False)
     if name == "gmres":
         return ImplicitAdjoint(GMRES(**options), warm_start)
     if name == "fixed_point":

@@ -1,5 +1,7 @@
 """Cost of a solver step in launches and stalls: aten operations and host syncs per step.
 
+The same for the implicit backward's GMRES, per Arnoldi step (one product with I - J^T).
+
 On an accelerator each aten operation is a kernel launch and each host read of a tensor
 (`aten._local_scalar_dense`, behind `.item()`, `bool(t)`, `int(t)`) a stall of the queue, so
 small and medium DEQs are bound by these counts rather than by arithmetic. Counted on the CPU
@@ -18,7 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import raydeq
 from raydeq.bench.harness.context import Context
 from raydeq.bench.harness.report import Section, Target
-from raydeq.solvers import SOLVERS
+from raydeq.solvers import GMRES, SOLVERS
 
 SYNCS = ("_local_scalar_dense", "item", "is_nonzero")
 
@@ -84,6 +86,27 @@ def step_cost(solver: str, batch: int, dim: int, seed: int = 0) -> dict[str, flo
     }
 
 
+def arnoldi_step_cost(batch: int, dim: int, seed: int = 0) -> dict[str, float]:
+    """Products, aten operations and host syncs per product of one GMRES solve of the implicit
+    backward's system (I - J_f(z*))^T g = v at the dense layer's fixed point, at rtol TOL."""
+    f, z0 = dense_layer(batch, dim, seed)
+    z = raydeq.solve(f, z0, abstol=TOL / 10, reltol=0.0).z.requires_grad_()
+    fz = f(z)
+    v = torch.randn(batch, dim, generator=torch.Generator().manual_seed(seed))
+
+    def operator(u: torch.Tensor) -> torch.Tensor:
+        return u - torch.autograd.grad(fz, z, u, retain_graph=True)[0]
+
+    with OpCounter() as counter:
+        _, info = GMRES(rtol=TOL)(operator, v)
+    return {
+        "steps": info.matvecs,
+        "ops": sum(counter.ops.values()) / info.matvecs,
+        "syncs": counter.syncs / info.matvecs,
+        "converged": bool(info.converged.all()),
+    }
+
+
 def run(ctx: Context) -> Section:
     """Count every solver's operations and syncs per step."""
     size = ctx.pick(SIZES)
@@ -96,7 +119,9 @@ def run(ctx: Context) -> Section:
             f"f(z) = tanh(W z + x), batch {batch}, width {dim}, float32, abstol {TOL:g}, "
             "reltol 0, no autograd; one forward solve counted with a TorchDispatchMode "
             "(f's own 4 operations included); syncs = aten._local_scalar_dense, item, "
-            "is_nonzero.",
+            "is_nonzero. gmres (backward): the implicit backward's solve (I - J^T) g = v at "
+            f"the layer's fixed point, rtol {TOL:g}, from g = 0; steps = products with I - J^T "
+            "(Arnoldi steps), each with its vector-Jacobian product's operations.",
         ],
     )
     for solver in SOLVERS:
@@ -113,4 +138,13 @@ def run(ctx: Context) -> Section:
             section.targets.append(
                 Target(f"{solver}: ops per step", cost["ops"], OPS_LIMITS[solver])
             )
+    cost = arnoldi_step_cost(batch, dim, ctx.seed)
+    section.add(
+        solver="gmres (backward)",
+        steps=cost["steps"],
+        NFE=None,
+        **{"ops per step": cost["ops"], "syncs per step": cost["syncs"]},
+        converged=cost["converged"],
+    )
+    section.targets.append(Target("gmres: syncs per Arnoldi step", cost["syncs"], SYNC_LIMIT))
     return section
