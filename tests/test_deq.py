@@ -2,6 +2,7 @@
 gradients, skip and Jacobian losses, pretraining, and the closed-form solution of a linear ODE."""
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -372,3 +373,41 @@ def test_a_predicted_state_that_meets_the_tolerance_takes_no_step(solver, steps)
     assert unread.stats.steps > steps  # without the read, the first block runs
     with pytest.raises(ValueError, match="check_start=1 must be True or False"):
         raydeq.solve(lambda z: f(z, x), x, check_start=1)
+
+
+# Euler's and fixed-point iteration's first step from z0 is z1 = f(z0); Tsit5's (h = 1.8) is
+# exp(-0.9) of the way back to z*, up to its 6th-order term. A root finder counts its
+# evaluation at z0 as its first step; Tsit5 spends 6 evaluations a step, the others 1.
+@pytest.mark.parametrize(
+    ("solver", "steps", "nfe", "unread_steps", "gain", "atol"),
+    [
+        ("euler", 3, 4, 4, 0.5, 1e-12),
+        ("fixed_point", 4, 4, 5, 0.5, 1e-12),
+        ("tsit5", 3, 19, 4, math.exp(-0.9), 1e-6),
+    ],
+)
+def test_a_predicted_state_near_the_fixed_point_takes_a_short_first_block(
+    solver, steps, nfe, unread_steps, gain, atol
+):
+    # f(z) = z / 2 + x has z* = 2x; from z0 = z* + d the residual f(z) - z = (z* - z) / 2 is
+    # 1.5 abstol (RMS of d: 3 abstol) and one step takes it below abstol (0.75 abstol).
+    abstol = 1e-3
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 8, dtype=torch.float64, generator=g)
+    d = torch.randn(3, 8, dtype=torch.float64, generator=g)
+    d = 3 * abstol * d / d.square().mean(1, keepdim=True).sqrt()
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        return 0.5 * z + x
+
+    with torch.no_grad():
+        read = raydeq.solve(
+            f, 2 * x + d, solver=solver, abstol=abstol, reltol=0.0, check_start=True
+        )
+        unread = raydeq.solve(f, 2 * x + d, solver=solver, abstol=abstol, reltol=0.0)
+    # Converged after one step, read after the first block: 3 steps where an unread z0 runs 4.
+    assert (read.stats.steps, read.stats.nfe, unread.stats.steps) == (steps, nfe, unread_steps)
+    assert bool(read.stats.converged.all())
+    torch.testing.assert_close(read.z, 2 * x + gain * d, rtol=0, atol=atol)
+    residual = torch.full((3,), 1.5 * abstol * gain, dtype=torch.float64)
+    torch.testing.assert_close(read.stats.residual, residual, rtol=0, atol=atol)

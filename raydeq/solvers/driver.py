@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 import torch
 
-from raydeq.solvers.termination import UNKNOWN_BLOCK, Monitor
+from raydeq.solvers.termination import PREDICTED_BLOCK, UNKNOWN_BLOCK, Monitor
 
 Map = Callable[[torch.Tensor], torch.Tensor]
 Carry = Any
@@ -67,7 +67,8 @@ def iterate(
 
     The termination test is read on the host after `check_every` steps, or by default where
     the monitor predicts the last running sample to converge: one synchronisation a block.
-    With check_start it is also read at z, so that a batch that starts converged takes no step.
+    With check_start it is also read at z, so that a batch that starts converged takes no step
+    and one that does not, started near z* by a prediction, a shorter first block.
     With compile_options, f and (for a capturable method) each kind of step run compiled by
     torch.compile with those options.
     """
@@ -82,10 +83,10 @@ def iterate(
     # Without check_start the first block runs unread: from an uninformed z0 a batch that has
     # converged there is rare enough that a few wasted steps cost less than a synchronisation
     # on every solve. A predicted z0 (Skip DEQs) often meets the tolerance: one read there
-    # saves the whole first block.
+    # saves the whole first block, and where it does not, the solve has fewer steps to go.
     monitor.test(method.residual(carry))
     monitor.mark()
-    block, since = check_every or UNKNOWN_BLOCK, 0
+    block, since = check_every or (PREDICTED_BLOCK if check_start else UNKNOWN_BLOCK), 0
     if check_start:
         block *= bool(monitor.active.any())
     for phase in phases:
