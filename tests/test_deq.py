@@ -170,9 +170,8 @@ def test_skip_reg_guess_and_loss_train_f():
 def test_skip_reg_counts_the_evaluation_that_gives_z0():
     f, x = dense_cell(3)
     out = DEQ(f, init="skip_reg", solver="anderson", **TIGHT)(x)
-    sol = raydeq.solve(
-        lambda z: f(z, x), f(torch.zeros_like(x), x).detach(), solver="anderson", **TIGHT
-    )
+    z0 = f(torch.zeros_like(x), x).detach()
+    sol = raydeq.solve(lambda z: f(z, x), z0, solver="anderson", check_start=True, **TIGHT)
     assert out.stats.nfe == sol.stats.nfe + 1
 
 
