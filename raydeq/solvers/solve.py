@@ -123,8 +123,9 @@ def solve(
     take a few steps past the last sample's convergence; stats.steps and stats.nfe count
     them); check_start=True also reads it at z0 (one more synchronisation), for a z0 that is
     a prediction and may already meet the tolerance (Skip DEQs): a batch that does takes no
-    step. compile=True runs f and each solver step through torch.compile (mode
-    "reduce-overhead", CUDA graphs, on a GPU); a dict gives torch.compile's options.
+    step, and one that does not a first block of 3 steps instead of 4. compile=True runs f
+    and each solver step through torch.compile (mode "reduce-overhead", CUDA graphs, on a
+    GPU); a dict gives torch.compile's options.
     """
     if adjoint not in ADJOINTS:
         raise ValueError(f"adjoint={adjoint!r} is not one of {', '.join(ADJOINTS)}")
