@@ -29,14 +29,16 @@ LinearSolver = Callable[
 class ImplicitAdjoint:
     """Implicit differentiation with a matrix-free linear solver on VJPs of f at z*.
 
-    With warm_start the incoming gradient v is the initial guess. Off by default: from x0 = v
-    GMRES searches v + K_k(A, J^T v), a subset of the space K_k+1(A, v) it searches from 0
-    with the same k + 1 products (the first one computes the residual J^T v), and the
-    Neumann series takes the same iterates either way.
+    With warm_start the incoming gradient v is the initial guess (exact when J = 0). From 0,
+    GMRES searches a space that holds the one it searches from v with the same products, and
+    meets its tolerance one product sooner; but the answers differ within the tolerance, and
+    at max_iters, and training follows: mnist_mdeq's Vanilla Continuous DEQ trained from 0
+    reached 44.0% test accuracy after its 250 steps against 61.2% from v, at 22 forward
+    evaluations per solve instead of 8.
     """
 
     linear_solver: LinearSolver = field(default_factory=GMRES)
-    warm_start: bool = False
+    warm_start: bool = True
     differentiates_solver = False
     evaluations = 1  # f(z*), which attaches z* to the graph
 
@@ -108,7 +110,7 @@ Adjoint = ImplicitAdjoint | JacobianFree | Unrolled
 def make_adjoint(name: str, options: dict) -> Adjoint:
     """The adjoint named by `adjoint=`."""
     options = dict(options)
-    warm_start = options.pop("warm_start", False)
+    warm_start = options.pop("warm_start", True)
     if name == "gmres":
         return ImplicitAdjoint(GMRES(**options), warm_start)
     if name == "fixed_point":

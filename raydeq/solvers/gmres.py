@@ -65,9 +65,9 @@ class GMRES:
             x, r, matvecs = x0, b - A(x0), 1
         beta = r.norm(dim=1)
         active = beta > tol
-        # From 0 only b = 0 is solved at the start, so only a given x0 is read before the
-        # first cycle (a batch with nothing to solve would take ARNOLDI_CHECK masked steps).
-        total = self.max_iters if x0 is not None and not bool(active.any()) else 0
+        # Not read before the first cycle: a batch that starts solved (b = 0, or an exact x0)
+        # is rare, and takes ARNOLDI_CHECK masked steps.
+        total = 0
         while total < self.max_iters:
             correction, cycle, steps, estimate, finished = self._cycle(
                 A, r, beta, tol, active, self.max_iters - total
