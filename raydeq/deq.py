@@ -42,6 +42,15 @@ def _detach(z: State) -> State:
     return z.detach() if isinstance(z, Tensor) else [t.detach() for t in z]
 
 
+def _solver_start(z: State) -> State:
+    """z0 cut from the graph in at least float32: under autocast x and f(0, x) are bfloat16 or
+    float16, and the solver keeps its state in float32 (it casts f's outputs back to it)."""
+    tensors = [z] if isinstance(z, Tensor) else z
+    dtype = torch.promote_types(tensors[0].dtype, torch.float32)
+    start = [t.detach().to(dtype) for t in tensors]
+    return start[0] if isinstance(z, Tensor) else start
+
+
 def initial_state(f: nn.Module, x: Tensor) -> State:
     """The all-zero state for input x: `f.initial_state(x)` if f defines it, else zeros_like(x)."""
     make = getattr(f, "initial_state", None)
@@ -202,7 +211,7 @@ class DEQ(nn.Module):
             t = self.termination
             sol = solve(
                 fx,
-                _detach(z0),
+                _solver_start(z0),
                 solver=self.solver,
                 adjoint=self.adjoint,
                 abstol=t.abstol,

@@ -167,6 +167,27 @@ def test_skip_reg_guess_and_loss_train_f():
     assert float(through_z0[0].abs().sum()) == 0.0  # relu(W1 0) does not depend on W1
 
 
+@pytest.mark.parametrize("init", ["zeros", "skip_reg"])
+def test_under_autocast_the_solve_and_its_backward_stay_float32(init):
+    """Under bfloat16 autocast x and f(0, x) are bfloat16; the solver still starts from a float32
+    z0, so GMRES runs in float32 (bfloat16 has no triangular solve) and the gradient matches the
+    float32 one to bfloat16's precision."""
+    f, x = dense_cell(3)
+    f, x = f.float(), x.detach().float()
+
+    def solve(amp: bool) -> tuple[LayerOutput, tuple[torch.Tensor, ...]]:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            out = DEQ(f, init=init, abstol=1e-4, reltol=0.0)(x)
+        return out, torch.autograd.grad(out.z.square().sum(), list(f.parameters()))
+
+    out, grads = solve(amp=True)
+    assert out.z0.dtype == (torch.bfloat16 if init == "skip_reg" else torch.float32)
+    assert out.z.dtype == torch.float32 and bool(out.stats.backward_converged.all())
+    for low, full in zip(grads, solve(amp=False)[1], strict=True):
+        assert low.dtype == torch.float32
+        assert (low - full).norm() <= 0.02 * full.norm()
+
+
 def test_skip_reg_counts_the_evaluation_that_gives_z0():
     f, x = dense_cell(3)
     out = DEQ(f, init="skip_reg", solver="anderson", **TIGHT)(x)
