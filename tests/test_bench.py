@@ -12,7 +12,8 @@ from raydeq.bench.harness.context import Checkpoint, Context
 from raydeq.bench.harness.memory import peak_memory
 from raydeq.bench.harness.report import Section, Target, fmt
 from raydeq.bench.harness.timing import Timing, measure, paired_ratio
-from raydeq.bench.suites import MODULES, SUITES, node, skip, skip_lambda, torchdeq
+from raydeq.bench.suites import MODULES, SUITES, node, skip, skip_lambda, torchdeq, train_step
+from raydeq.models import PRESETS
 from raydeq.training.checkpoint import read_checkpoint, write_checkpoint
 
 CPU = torch.device("cpu")
@@ -189,3 +190,25 @@ def test_skip_lambda_runs_as_a_suite_of_the_cli(tmp_path):
     for row in section.rows:
         assert 0 <= row["test accuracy"] <= 1 and row["test NFE"] >= 1
         assert row["Jacobian before"] > 0 and row["Jacobian after"] > 0
+
+
+def test_train_step_runs_as_a_suite_of_the_cli(tmp_path):
+    report = main(["--size", "tiny", "--only", "train_step", "--out", str(tmp_path)])
+    (section,) = report.sections
+    assert section.name == "train_step"
+    dense, large = section.rows
+    assert (dense["model"], large["model"]) == ("mnist_dense", "cifar10_large")
+    for row in section.rows:
+        assert row["batch"] == 2 and row["dtype"] == "float32"
+        assert row["VJPs"] >= 1 and row["train step ms"] > 0
+    # Briefly trained, the dense DEQ converges; the untrained MDEQ runs to its max_steps.
+    assert dense["converged"] == 1 and dense["NFE"] < PRESETS["mnist_dense"].max_steps
+    assert large["converged"] == 0 and large["NFE"] > PRESETS["cifar10_large"].max_steps
+    # The GPU limits, checked only on a CUDA device; there cifar10_large is bf16.
+    assert [(r["GPU limit ms"], t.limit) for r, t in zip(section.rows, section.targets)] == [
+        (10.0, 10.0),
+        (150.0, 150.0),
+    ]
+    assert all(t.measured is None and t.verdict() == "n/a" for t in section.targets)
+    gpu = torch.device("cuda")
+    assert [train_step.amp_on(w, gpu) for w in train_step.WORKLOADS] == [None, torch.bfloat16]

@@ -10,10 +10,16 @@ from raydeq.training.objective import Objective
 
 
 def loss_of(
-    model: nn.Module, objective: Objective, images: Tensor, labels: Tensor
+    model: nn.Module,
+    objective: Objective,
+    images: Tensor,
+    labels: Tensor,
+    amp: torch.dtype | None = None,
 ) -> tuple[Tensor, LayerOutput]:
-    """The objective on one batch, and the layer output."""
-    logits, out = model(images)
+    """The objective on one batch, and the layer output; with `amp` the model runs under
+    autocast to that dtype and the loss outside it, as the training loop does for train.amp."""
+    with torch.autocast(images.device.type, dtype=amp, enabled=amp is not None):
+        logits, out = model(images)
     return objective(logits, labels, out), out
 
 
@@ -23,10 +29,12 @@ def train_step(
     optimizer: torch.optim.Optimizer,
     images: Tensor,
     labels: Tensor,
+    amp: torch.dtype | None = None,
 ) -> LayerOutput:
-    """Forward, backward and optimizer step; returns the layer output (its stats)."""
+    """Forward, backward and optimizer step (forward under autocast to `amp` if given);
+    returns the layer output (its stats)."""
     optimizer.zero_grad(set_to_none=True)
-    loss, out = loss_of(model, objective, images, labels)
+    loss, out = loss_of(model, objective, images, labels, amp)
     loss.backward()
     optimizer.step()
     return out

@@ -17,6 +17,7 @@ from raydeq.bench.suites import (
     step_cost,
     torchdeq,
     torchdiffeq,
+    train_step,
 )
 
 MODULES = (
@@ -30,6 +31,7 @@ MODULES = (
     overhead,
     adjoints,
     step_cost,
+    train_step,
 )
 SUITES: dict[str, Callable[[Context], Section]] = {
     module.__name__.rpartition(".")[2]: module.run for module in MODULES
