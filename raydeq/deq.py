@@ -42,7 +42,7 @@ def _detach(z: State) -> State:
     return z.detach() if isinstance(z, Tensor) else [t.detach() for t in z]
 
 
-def _solver_start(z: State) -> State:
+def solver_start(z: State) -> State:
     """z0 cut from the graph in at least float32: under autocast x and f(0, x) are bfloat16 or
     float16, and the solver keeps its state in float32 (it casts f's outputs back to it)."""
     tensors = [z] if isinstance(z, Tensor) else z
@@ -211,7 +211,7 @@ class DEQ(nn.Module):
             t = self.termination
             sol = solve(
                 fx,
-                _solver_start(z0),
+                solver_start(z0),
                 solver=self.solver,
                 adjoint=self.adjoint,
                 abstol=t.abstol,

@@ -19,7 +19,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from raydeq.deq import LayerOutput, _check_choice, _check_positive, initial_state, residual_stats
+from raydeq.deq import (
+    LayerOutput,
+    _check_choice,
+    _check_positive,
+    initial_state,
+    residual_stats,
+    solver_start,
+)
 from raydeq.solvers import SolveStats, Termination
 from raydeq.solvers.interval import INTERVAL_SOLVERS, Endpoint, integrate
 from raydeq.solvers.state import Structure
@@ -83,6 +90,9 @@ class ContinuousAdjoint(torch.autograd.Function):
         """Integrate to t1 (the end point goes to `record`); returns z(t1)."""
         record.end = problem.integrate(problem.field(x), y0, problem.t1)
         ctx.problem, ctx.record = problem, record
+        # The backward evaluates f again: under the forward's autocast, as its f ran.
+        device = y0.device.type
+        ctx.autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
         ctx.save_for_backward(record.end.y, x, *params)
         return record.end.y
 
@@ -106,7 +116,9 @@ class ContinuousAdjoint(torch.autograd.Function):
 
         zeros = [torch.zeros(1, t.numel(), dtype=y1.dtype, device=y1.device) for t in inputs]
         start = torch.cat([y1, grad_y, *zeros], dim=1)
-        end = problem.integrate(augmented, start, problem.t1)
+        device, dtype, enabled = ctx.autocast
+        with torch.autocast(device, dtype=dtype, enabled=enabled):
+            end = problem.integrate(augmented, start, problem.t1)
         ctx.record.stats.backward_nvjp += end.nfe
         grads = end.y.split(sizes, dim=1)[1:]
         shaped = [g.reshape(t.shape) for g, t in zip(grads, [y1, *inputs], strict=True)]
@@ -174,7 +186,7 @@ class NeuralODE(nn.Module):
             self.max_steps,
         )
         record = Record()
-        row = flat.detach().reshape(1, -1)
+        row = solver_start(flat).reshape(1, -1)
         if self.adjoint == "continuous" and torch.is_grad_enabled():
             params = [p for p in self.f.parameters() if p.requires_grad]
             y = ContinuousAdjoint.apply(problem, record, row, x, *params)

@@ -106,6 +106,26 @@ def test_nfe_counts_every_call_of_f_the_output_s_included(dynamics):
     assert out.stats.nfe + out.stats.backward_nvjp - 1 == f.calls
 
 
+@pytest.mark.parametrize("dynamics", ["f_minus_z", "f"])
+def test_under_autocast_the_continuous_adjoint_runs_f_as_the_forward_did(dynamics):
+    """Under bfloat16 autocast the stem's x is bfloat16; the integration starts from a float32
+    z(0) and the backward evaluates f under the forward's autocast (outside it, f would mix
+    bfloat16 x with float32 weights), so the gradient matches float32's to bfloat16 precision."""
+    torch.manual_seed(0)
+    f = TanhCell(8)
+    x = torch.randn(4, 8)
+    layer = NeuralODE(f, dynamics=dynamics, solver="vcab3", abstol=1e-4, reltol=1e-4)
+
+    def grads(amp: bool) -> list[torch.Tensor]:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            out = layer(x.to(torch.bfloat16) if amp else x)
+        return torch.autograd.grad(out.z.float().square().sum(), list(f.parameters()))
+
+    for low, full in zip(grads(amp=True), grads(amp=False), strict=True):
+        assert low.dtype == torch.float32
+        assert relative(low, full) < 0.03
+
+
 def test_max_steps_is_an_error_naming_the_time_reached():
     a = -torch.eye(2, dtype=torch.float64)
     y0 = torch.ones(1, 2, dtype=torch.float64)
