@@ -269,6 +269,17 @@ def test_fp16_overflow_steps_are_the_scalers_not_non_finite_steps(tmp_path, monk
     assert metrics["overflow_steps"] >= 1 and math.isfinite(metrics["train_loss"])
 
 
+@pytest.mark.parametrize("variant", ["skip_reg", "neural_ode"])
+def test_bf16_autocast_trains_the_deq_and_the_neural_ode(tmp_path, variant):
+    """train.amp=bf16: the solves keep float32 states (bfloat16 has no triangular solve for
+    GMRES) and the Neural ODE's adjoint runs f under the forward's autocast."""
+    train = {"epochs": 1, "max_steps": 2, "report_every": 2, "amp": "bf16", "eval_batches": 1}
+    cfg = validate({"storage_path": str(tmp_path), "model": {"variant": variant}, "train": train})
+    metrics = launch.fit(cfg, LOCAL).metrics
+    assert metrics["step"] == 2 and metrics["skipped_steps"] == 0
+    assert math.isfinite(metrics["train_loss"]) and metrics["backward_nvjp"] > 0
+
+
 def nan_splits(cfg: data.DataSection, load=data.load_splits) -> data.Splits:
     """Digits whose training images are all NaN."""
     splits = load(cfg)
