@@ -36,6 +36,7 @@ def test_defaults_are_a_dense_skip_reg_deq_on_digits():
         "max_steps": 50,
         "jac_reg": False,
         "pretrain_steps": 0,
+        "compile": False,
     }
     assert cfg.storage_path.startswith("/")
     assert cfg.run_dir == f"{cfg.storage_path}/{cfg.name}"

@@ -280,6 +280,29 @@ def test_bf16_autocast_trains_the_deq_and_the_neural_ode(tmp_path, variant):
     assert math.isfinite(metrics["train_loss"]) and metrics["backward_nvjp"] > 0
 
 
+def test_model_compile_runs_the_layers_solves_compiled_and_trains_as_eager(tmp_path, monkeypatch):
+    """model.compile=true reaches solve(compile=True) (run here with dynamo's eager backend, no
+    C++ toolchain needed) and resumes the run of the same settings: it is outside the run's name."""
+    solve_module = sys.modules["raydeq.solvers.solve"]  # raydeq.solvers.solve is also a function
+    seen = []
+
+    def eager_backend(compile, device):  # noqa: ANN001, ANN202
+        seen.append(compile)
+        return {"backend": "eager"} if compile else None
+
+    monkeypatch.setattr(solve_module, "compile_options", eager_backend)
+    train = {"epochs": 1, "max_steps": 2, "report_every": 2, "eval_batches": 1}
+    runs = {}
+    for compiled in (False, True):
+        raw = {"storage_path": str(tmp_path / str(compiled)), "train": train}
+        cfg = validate(raw | {"model": {"compile": compiled}})
+        runs[compiled] = launch.fit(cfg, LOCAL).metrics
+    assert set(seen) == {False, True}
+    assert runs[True]["nfe"] == runs[False]["nfe"]
+    assert runs[True]["train_loss"] == pytest.approx(runs[False]["train_loss"], rel=1e-5)
+    assert validate({"model": {"compile": True}}).name == validate({}).name
+
+
 def nan_splits(cfg: data.DataSection, load=data.load_splits) -> data.Splits:
     """Digits whose training images are all NaN."""
     splits = load(cfg)

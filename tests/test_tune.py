@@ -502,6 +502,7 @@ def test_dry_run_shows_the_model_defaults_the_preset_and_the_layer_give(capsys):
         "t1": None,
         "dynamics": None,
         "solver_options": None,
+        "compile": False,
     }
     assert models["Neural ODE"] == {
         "model": "cifar10_small",
@@ -515,4 +516,5 @@ def test_dry_run_shows_the_model_defaults_the_preset_and_the_layer_give(capsys):
         "t1": 1.0,
         "dynamics": "f",
         "solver_options": None,
+        "compile": None,
     }

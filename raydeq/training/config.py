@@ -51,11 +51,12 @@ MODES = ("max", "min")
 PAPER_TABLES = (1, 2, 3, 4)  # the tables of section 4 that an experiment can reproduce
 # Reported measures a search can minimise as its second objective.
 COSTS = ("test_nfe", "nfe", "forward_time", "backward_time", "predict_time")
-DEQ_ONLY = ("jac_reg", "pretrain_steps", "solver_options")
+DEQ_ONLY = ("jac_reg", "pretrain_steps", "solver_options", "compile")
 ODE_ONLY = ("t1", "dynamics")
 # Settings that do not change the trained model, so that changing them resumes the same run.
 OUTSIDE_HASH = ("name", "label", "storage_path", "search", "scaling")
 OUTSIDE_HASH += ("train.report_every", "train.checkpoint_every", "train.keep_checkpoints")
+OUTSIDE_HASH += ("model.compile",)  # the same solves, compiled
 OUTSIDE_HASH += ("train.eval_batches", "data.loader_workers", "data.pin_memory", "data.stage_to")
 STAGED_DATASETS = ("imagenet",)
 _NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -78,6 +79,7 @@ class ModelSection:
     t1: float | None = option(None, gt=0)
     dynamics: str | None = option(None, choices=NODE_DYNAMICS)
     solver_options: dict | None = option(None)  # e.g. Anderson's memory {m: 5}
+    compile: bool | None = option(None)  # torch.compile f and the solver steps (CUDA graphs)
 
 
 @dataclass(frozen=True)
