@@ -210,5 +210,9 @@ def test_train_step_runs_as_a_suite_of_the_cli(tmp_path):
         (150.0, 150.0),
     ]
     assert all(t.measured is None and t.verdict() == "n/a" for t in section.targets)
-    gpu = torch.device("cuda")
-    assert [train_step.amp_on(w, gpu) for w in train_step.WORKLOADS] == [None, torch.bfloat16]
+    gpu, cpu = torch.device("cuda"), torch.device("cpu")
+    workloads = train_step.WORKLOADS
+    assert [train_step.amp_on(w, gpu) for w in workloads] == [None, None, torch.bfloat16]
+    # The compiled dense row runs on a GPU only.
+    assert [train_step.runs_on(w, cpu) for w in workloads] == [True, False, True]
+    assert all(train_step.runs_on(w, gpu) for w in workloads)

@@ -32,23 +32,40 @@ class TrainStepSize:
 
 @dataclass(frozen=True)
 class Workload:
-    """A preset, its layer variant and autocast dtype on a GPU, and the GPU limit of its step."""
+    """A preset, its layer variant and autocast dtype on a GPU, the GPU limit of its step, and
+    whether its solves run through torch.compile (CUDA graphs)."""
 
     model: str
     variant: str
     label: str
     amp: torch.dtype | None
     limit_ms: float
+    compile: bool = False
+
+    @property
+    def key(self) -> str:
+        """The workload's name among the timed cases."""
+        return f"{self.model}/compiled" if self.compile else self.model
 
 
 SIZES = {
     "tiny": TrainStepSize(batches={"mnist_dense": 2, "cifar10_large": 2}, repeats=1, warmup=0),
-    "quick": TrainStepSize(batches={"mnist_dense": 256, "cifar10_large": 2}, repeats=5, warmup=1),
-    "full": TrainStepSize(batches={"mnist_dense": 256, "cifar10_large": 128}, repeats=9, warmup=1),
+    "quick": TrainStepSize(batches={"mnist_dense": 256, "cifar10_large": 2}, repeats=5, warmup=3),
+    "full": TrainStepSize(batches={"mnist_dense": 256, "cifar10_large": 128}, repeats=9, warmup=3),
 }
+# Three untimed rounds: torch.compile's mode "reduce-overhead" compiles on the first call and
+# records its CUDA graphs on a later one.
 # The issue's targets, for one NVIDIA H100 or H200.
 WORKLOADS = (
     Workload("mnist_dense", "vanilla", "continuous DEQ (VCAB3, GMRES)", None, 10.0),
+    Workload(
+        "mnist_dense",
+        "vanilla",
+        "continuous DEQ (VCAB3, GMRES), compile=True",
+        None,
+        10.0,
+        compile=True,
+    ),
     Workload(
         "cifar10_large",
         "skip_reg",
@@ -68,17 +85,29 @@ def amp_on(workload: Workload, device: torch.device) -> torch.dtype | None:
     return workload.amp if device.type == "cuda" else None
 
 
+def runs_on(workload: Workload, device: torch.device) -> bool:
+    """Whether the workload is timed on `device`: a compiled one only on a GPU (on a CPU its
+    first call compiles for about half a minute and there are no CUDA graphs to gain)."""
+    return not workload.compile or device.type == "cuda"
+
+
 def timed_model(
-    ctx: Context, workload: Workload, digits: bool
+    ctx: Context, workload: Workload, digits: bool, trained: dict[str, tuple[dict, str]]
 ) -> tuple[EquilibriumClassifier, str]:
     """The preset as the workload's variant with the preset's solver and adjoint settings, and
     a description of its weights: mnist_dense takes those of node's trained DEQ (trained when
-    its inputs are digits, or a --weights checkpoint), cifar10_large stays untrained."""
-    model = models.build(workload.model, workload.variant, ctx.device, ctx.seed)
+    its inputs are digits, or a --weights checkpoint; once, kept in `trained`), cifar10_large
+    stays untrained."""
+    model = models.build(
+        workload.model, workload.variant, ctx.device, ctx.seed, compile=workload.compile
+    )
     if workload.model != "mnist_dense":
         return model, "untrained weights"
-    deq, weights = trained_deq(ctx, workload.model, digits)
-    model.load_state_dict(deq.state_dict())
+    if workload.model not in trained:
+        deq, weights = trained_deq(ctx, workload.model, digits)
+        trained[workload.model] = deq.state_dict(), weights
+    state, weights = trained[workload.model]
+    model.load_state_dict(state)
     return model, weights
 
 
@@ -115,7 +144,7 @@ def add_row(ctx: Context, section: Section, workload: Workload, batch: int, timi
     on_gpu = ctx.device.type == "cuda"
     section.targets.append(
         Target(
-            f"{workload.model} ({workload.variant}) training step ms at batch {batch}",
+            f"{workload.key} ({workload.variant}) training step ms at batch {batch}",
             ms if on_gpu else None,
             workload.limit_ms,
             detail=f"NFE {out.stats.nfe}, VJPs {out.stats.backward_nvjp}"
@@ -159,16 +188,23 @@ def run(ctx: Context) -> Section:
         ],
     )
     cases: dict[str, Case] = {}
-    for workload in WORKLOADS:
+    trained: dict[str, tuple[dict, str]] = {}
+    workloads = [w for w in WORKLOADS if runs_on(w, ctx.device)]
+    for workload in workloads:
         batch = size.batches[workload.model]
         images, source = models.image_batch(
             workload.model, batch, ctx.device, ctx.data_dir, ctx.seed
         )
-        model, weights = timed_model(ctx, workload, digits=source == "MNIST test digits")
-        cases[workload.model] = case(model, images, amp_on(workload, ctx.device), workload.model)
-        section.notes.append(f"{workload.model}: batch of {batch} {source}, {weights}.")
+        digits = source == "MNIST test digits"
+        model, weights = timed_model(ctx, workload, digits, trained)
+        cases[workload.key] = case(model, images, amp_on(workload, ctx.device), workload.model)
+        section.notes.append(f"{workload.key}: batch of {batch} {source}, {weights}.")
+    if len(workloads) < len(WORKLOADS):
+        section.notes.append(
+            "The compile=True row (torch.compile with CUDA graphs) is timed on a GPU only."
+        )
     timings = measure(cases, ctx.device, repeats=size.repeats, warmup=size.warmup)
-    for workload in WORKLOADS:
-        add_row(ctx, section, workload, size.batches[workload.model], timings[workload.model])
+    for workload in workloads:
+        add_row(ctx, section, workload, size.batches[workload.model], timings[workload.key])
     section.timings |= {name: t.seconds for name, t in timings.items()}
     return section
