@@ -331,6 +331,35 @@ def test_cuda_smoke(solver):
     torch.testing.assert_close(w.grad.cpu(), params[0].grad, rtol=1e-6, atol=1e-9)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("solver", ["vcab3", "euler", "anderson"])
+def test_cuda_graphs_solve_and_differentiate_as_eager(solver):
+    """compile=True on a GPU (torch.compile's "reduce-overhead", CUDA graphs): over repeated
+    solves (compile, record, replay) the same NFE, z* and gradient as eager; no graph output is
+    read after a later replay has overwritten it."""
+    f, params = problem(1, dtype=torch.float32)
+    w, u, b, x = (p.detach().cuda().requires_grad_() for p in params)
+
+    def run(compile: bool) -> tuple[int, torch.Tensor, torch.Tensor]:
+        sol = raydeq.solve(
+            lambda z: torch.tanh(z @ w.T + x @ u.T + b),
+            torch.zeros_like(x),
+            solver=solver,
+            abstol=1e-5,
+            reltol=0.0,
+            compile=compile,
+        )
+        (grad,) = torch.autograd.grad(sol.z.square().sum(), [w])
+        return sol.stats.nfe, sol.z.detach().clone(), grad
+
+    nfe, z, grad = run(compile=False)
+    for _ in range(4):
+        compiled = run(compile=True)
+        assert compiled[0] == nfe
+        torch.testing.assert_close(compiled[1], z, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(compiled[2], grad, rtol=1e-3, atol=1e-5)
+
+
 def test_state_stays_float32_under_autocast():
     """f computing in bfloat16 (autocast) does not change the solver's float32 state."""
     w = 0.5 * torch.eye(8)
