@@ -115,3 +115,33 @@ def test_a_solve_reads_the_host_at_most_once_every_four_arnoldi_steps():
         _, info = GMRES(rtol=1e-8, restart=40, max_iters=400)(matvec(a), b)
     assert bool(info.converged.all()) and info.matvecs >= 12
     assert counter.syncs <= 0.25 * info.matvecs, (counter.syncs, info.matvecs)
+
+
+def clustered(
+    batch: int, n: int, outliers: list[float], dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q T Q^T with T upper triangular: eigenvalues clustered within 1e-3 of 1 and a few large
+    outliers, so the Krylov vectors line up fast and one Gram-Schmidt pass loses orthogonality."""
+    g = torch.Generator().manual_seed(8)
+    eig = 1 + 1e-3 * torch.randn(batch, n, generator=g, dtype=torch.float64)
+    eig[:, : len(outliers)] = torch.tensor(outliers, dtype=torch.float64)
+    strict = torch.triu(torch.randn(batch, n, n, generator=g, dtype=torch.float64), 1)
+    t = torch.diag_embed(eig) + 0.5 * strict / n**0.5
+    q = torch.linalg.qr(torch.randn(batch, n, n, generator=g, dtype=torch.float64))[0]
+    b = torch.randn(batch, n, generator=g, dtype=torch.float64)
+    return (q @ t @ q.transpose(1, 2)).to(dtype), b.to(dtype)
+
+
+@pytest.mark.parametrize(
+    "dtype, rtol, outliers, steps, gap",
+    # the gap is about eps * |A| * |x| / |b|, the rounding of A x itself
+    [(torch.float64, 1e-12, [1e3, 1e4], 20, 1e-12), (torch.float32, 1e-5, [1e2, 3e2], 12, 2e-5)],
+)
+def test_gmres_keeps_the_basis_orthogonal(dtype, rtol, outliers, steps, gap):
+    """Solved within one cycle in few steps, the reported residual that of the returned x."""
+    a, b = clustered(4, 60, outliers, dtype)
+    x, info = GMRES(rtol=rtol, restart=60, max_iters=60)(matvec(a), b)
+    assert bool(info.converged.all()) and int(info.iterations.max()) <= steps, info.iterations
+    a, b, x = a.double(), b.double(), x.double()
+    true_residual = (b - matvec(a)(x)).norm(dim=1)
+    assert ((true_residual - info.residual.double()).abs() <= gap * b.norm(dim=1)).all()
