@@ -28,7 +28,8 @@ class Controller:
     With kind="i" it is the plain integral controller (b = 0); with kind="fixed" every step is
     accepted and h stays h0 (for convergence-order studies). h0 is the first step; None picks
     it from the problem (one extra evaluation of f). step_rtol > 0 also accepts a local error
-    up to that fraction of the step's own length ||z_new - z||: a steady state needs each step
+    up to that fraction of the step's own length ||z_new - z|| (for VCAB3 its leading term
+    h ||f(z) - z||, which costs no operation): a steady state needs each step
     to be a controlled move, not an accurate path, so far from it the steps need not resolve
     the transient to abstol. contraction > 0 also accepts, whatever its local error, a step
     whose residual ||f(z_new) - z_new|| is at most that fraction of the residual where it

@@ -97,18 +97,22 @@ def advance(
     k_new: torch.Tensor,
     e: torch.Tensor,
     error_order: int,
+    running: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Flow]:
     """Accept or reject each sample's step and record where each one is (a rejected step
-    records its start again, which changes nothing); returns the rejections and the carry at
-    the accepted points with the next step size."""
+    records its start again, which changes nothing); returns the samples that stay where they
+    were (the rejected ones, and with `running` given those that no longer run) and the carry
+    at the new points with the next step size."""
     residual = norm(k_new)
     rejected, h, memory = controller.decide(e, c.residual, residual, c.h, c.memory, error_order)
+    # On booleans a <= b is ~a | b.
+    kept = rejected if running is None else running <= rejected
     y, k, residual = (
-        torch.where(rejected, old, new)
+        torch.where(kept, old, new)
         for old, new in ((c.y, y_new), (c.k, k_new), (c.residual, residual))
     )
     monitor.record(y, residual)
-    return rejected, Flow(y, k, residual, h, memory, c.scales)
+    return kept, Flow(y, k, residual, h, memory, c.scales)
 
 
 class RungeKutta:
@@ -258,46 +262,45 @@ class VCAB3:
         y_new, k_new, error, move = rk_step(vector_field(f), BS3, flow.y, flow.k, h)
         e = self.startup.error_ratio(error, h, lambda: norm(move), h, y_new, flow.scales)
         rejected, new = advance(self.startup, monitor, replace(flow, h=h), y_new, k_new, e, 2)
-        moved = starting > rejected
-        accepted = c.accepted + moved
-        h_next = torch.where(moved | rejected, new.h, flow.h)
+        kept = starting <= rejected
+        accepted = c.accepted + ~kept
+        h_next = torch.where(starting | rejected, new.h, flow.h)
         h_next = torch.where(accepted < 2, h_next, h_next.clamp_max(self.controller.h_max))
         # Divided by the unmasked step, never 0 (a zero step would give 0 / 0, and NaN
         # gradients through the samples that keep their differences).
         differences = divided_differences(k_new, flow.k, c.differences[0], flow.h, c.last)
-        return self._shift(c, replace(new, h=h_next), moved, differences, flow.h, accepted)
+        return self._shift(c, replace(new, h=h_next), kept, differences, flow.h, accepted)
 
     def adams_step(self, f: Field, c: Adams, monitor: Monitor) -> Adams:
-        """One AB3 step with its Milne error estimate; samples that have stopped take a zero
-        step and keep their differences."""
+        """One AB3 step with its Milne error estimate. Every sample steps (a batch is evaluated
+        whole); those that have stopped keep their point and differences, as rejected ones do.
+
+        The step's length for step_rtol is its leading term h ||f(z) - z||, at hand: the
+        Adams terms are O(h^2) corrections to it."""
         flow = c.flow
-        running = monitor.active
         d1, d2 = c.differences
-        h = flow.h * running
-        y_new, k_new, w3 = adams_move(vector_field(f), flow.y, flow.k, c.differences, c.last, h)
-        # Divided by the unmasked step, as in the start-up.
+        y_new, k_new, w3 = adams_move(
+            vector_field(f), flow.y, flow.k, c.differences, c.last, flow.h
+        )
         differences = divided_differences(k_new, flow.k, d1, flow.h, c.last)
         e = self.controller.error_ratio(
-            differences[1] - d2, w3, lambda: norm(y_new - flow.y), None, y_new, c.adams_scales
+            differences[1] - d2, w3, lambda: flow.residual, flow.h, y_new, c.adams_scales
         )
-        # The next step grows from the unmasked one, capped at h_max: a stopped sample's step
-        # stays positive for the divisions above.
-        rejected, new = advance(self.controller, monitor, flow, y_new, k_new, e, 3)
-        return self._shift(c, new, running > rejected, differences, flow.h, c.accepted)
+        kept, new = advance(self.controller, monitor, flow, y_new, k_new, e, 3, monitor.active)
+        return self._shift(c, new, kept, differences, flow.h, c.accepted)
 
     @staticmethod
     def _shift(
         c: Adams,
         flow: Flow,
-        moved: torch.Tensor,
+        kept: torch.Tensor,
         differences: tuple[torch.Tensor, torch.Tensor],
         h: torch.Tensor,
         accepted: torch.Tensor,
     ) -> Adams:
-        """Take the divided differences at the new point and the step h to it for the samples
-        that moved."""
-        kept = tuple(
-            torch.where(moved, new, old)
-            for new, old in zip(differences, c.differences, strict=True)
+        """Take the divided differences at the new point and the step h to it, except for the
+        samples `kept` where they were."""
+        shifted = tuple(
+            torch.where(kept, old, new) for new, old in zip(differences, c.differences, strict=True)
         )
-        return Adams(flow, c.adams_scales, kept, torch.where(moved, h, c.last), accepted)
+        return Adams(flow, c.adams_scales, shifted, torch.where(kept, c.last, h), accepted)
