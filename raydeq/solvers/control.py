@@ -72,9 +72,22 @@ class Controller:
         with torch.no_grad():
             return initial_step(field, y, k, order, term), 1
 
+    def exponents(self, error_order: int) -> tuple[float, float]:
+        """The controller's exponents (a, b) for a local error of order error_order."""
+        k = error_order + 1
+        return (0.7 / k, 0.4 / k) if self.kind == "pi" else (1 / k, 0.0)
+
+    def unit(self, error_order: int) -> float:
+        """The value that error_ratio returns for a local error exactly at the tolerance:
+        safety^(1 / (b - a)) rather than 1, so that safety * e^-a * e_prev^b is e'^-a * e'_prev^b
+        of e' = unit * e, and no step spends an operation on the safety factor."""
+        a, b = self.exponents(error_order)
+        return self.safety ** (1 / (b - a)) if self.kind != "fixed" else 1.0
+
     def memory(self, like: torch.Tensor) -> torch.Tensor:
-        """The PI term's memory before the first step: safety * e_prev^b with e_prev = 1."""
-        return torch.full_like(like, self.safety)
+        """The PI term's memory before the first step, e'_prev^b at e_prev = 1: safety^(b / (b -
+        a)), which is the same for every order (a and b are both multiples of 1 / k)."""
+        return torch.full_like(like, self.unit(1) ** self.exponents(1)[1])
 
     def error_ratio(
         self,
@@ -86,9 +99,10 @@ class Controller:
         scales: tuple[torch.Tensor, float, float],
     ) -> torch.Tensor:
         """Local error error_scale * ||error|| over sqrt(N) abstol + step_rtol * move_scale *
-        move_norm() + reltol * ||y_new|| (2-norms: RMS tolerances), move_scale * move being the
-        step z_new - z (move_scale None: move_norm() is the step's norm itself). move_norm is
-        called only with step_rtol set; a method that has the norm already passes it.
+        move_norm() + reltol * ||y_new|| (2-norms: RMS tolerances), in units of `unit` (see
+        there), move_scale * move being the step z_new - z (move_scale None: move_norm() is
+        the step's norm itself). move_norm is called only with step_rtol set; a method that
+        has the norm already passes it.
 
         `scales` holds the three terms' weights relative to the error's (see `scales`). A
         norm-wise scale instead of an element-wise one: three reductions and four (B, 1)
@@ -107,14 +121,15 @@ class Controller:
             return torch.mul(error_scale, norm(error)).div_(scale)
 
     def scales(
-        self, like: torch.Tensor, term: Termination, error: float, move: float
+        self, like: torch.Tensor, term: Termination, error: float, move: float, error_order: int
     ) -> tuple[torch.Tensor, float, float]:
-        """The weights of error_ratio's scale for an error and a move given as multiples
-        `error` and `move` of the vectors the method passes (its combinations' factored-out
-        weights): the abstol floor as a (B, 1) column, the step_rtol and reltol weights."""
-        root_n = like.shape[1] ** 0.5
-        floor = torch.full_like(like[:, :1], term.abstol * root_n / abs(error))
-        return floor, self.step_rtol * abs(move) / abs(error), term.reltol / abs(error)
+        """The weights of error_ratio's scale for an error of order error_order and a move
+        given as multiples `error` and `move` of the vectors the method passes (its
+        combinations' factored-out weights): the abstol floor as a (B, 1) column, the
+        step_rtol and reltol weights."""
+        weight = abs(error) * self.unit(error_order)
+        floor = torch.full_like(like[:, :1], term.abstol * like.shape[1] ** 0.5 / weight)
+        return floor, self.step_rtol * abs(move) / weight, term.reltol / weight
 
     def decide(
         self,
@@ -125,17 +140,21 @@ class Controller:
         memory: torch.Tensor,
         error_order: int,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Reject or accept each sample's step from its error ratio e and residual norms
-        before and after; returns (rejected, next h, PI memory). A NaN error is not
-        rejected: the step is taken, and the termination test stops the sample."""
+        """Reject or accept each sample's step from its error ratio e (in units of `unit`)
+        and residual norms before and after; returns (rejected, next h, PI memory). A NaN
+        error is not rejected: the step is taken, and the termination test stops the
+        sample."""
         if self.kind == "fixed":
             return torch.zeros_like(e, dtype=torch.bool), h, memory
         with torch.no_grad():
-            k = error_order + 1
-            rejected = e > 1.0
+            a, b = self.exponents(error_order)
+            unit = self.unit(error_order)
+            rejected = e > unit
             # e = 0 (a zero step) gives an infinite factor, clamped to max_factor.
-            factor = e.pow(-0.7 / k if self.kind == "pi" else -1 / k)
-            factor = factor.mul_(memory).clamp_(self.min_factor, self.max_factor)
+            factor = e.pow(-a)
+            if b:
+                factor = factor.mul_(memory)
+            factor = factor.clamp_(self.min_factor, self.max_factor)
             if self.contraction:
                 contracting = residual_new <= residual * self.contraction
                 # On booleans a > b is a & ~b.
@@ -145,10 +164,10 @@ class Controller:
             h_next = torch.mul(h, factor)
             if self.h_max < float("inf"):
                 h_next = h_next.clamp_max_(self.h_max)
-            if self.kind == "pi":
-                # safety * e^b of the last accepted step; capped at e = 1 so that a rejected
+            if b:
+                # e^b of the last accepted step; capped at the tolerance so that a rejected
                 # step never grows h.
-                kept = e.clamp(1e-4, 1.0).pow_(0.4 / k).mul_(self.safety)
+                kept = e.clamp(1e-4 * unit, unit).pow_(b)
                 memory = torch.where(rejected, memory, kept)
             return rejected, h_next, memory
 

@@ -61,7 +61,7 @@ class RungeKuttaInterval:
 
     def start(self, y: torch.Tensor, k: torch.Tensor, ctl: Controller, term: Termination) -> Point:
         """The carry at the initial point."""
-        return Point(y, k, ctl.scales(y, term, *self.weights))
+        return Point(y, k, ctl.scales(y, term, *self.weights, self.tableau.error_order))
 
     def step(
         self, field: Field, p: Point, h: torch.Tensor, ctl: Controller
@@ -86,7 +86,7 @@ class AdamsInterval:
         first = self.startup.start(y, k, ctl, term)
         # The error is 0.9 (y_AM - y_AB) = 0.3 (3 w) (d2_new - d2) (ode.adams_weights), the
         # step y_new - y itself.
-        adams_scales = ctl.scales(y, term, error=0.3, move=1.0)
+        adams_scales = ctl.scales(y, term, 0.3, 1.0, error_order=3)
         differences = (torch.zeros_like(k), torch.zeros_like(k))
         last = torch.ones_like(y[:, :1])
         return replace(first, adams_scales=adams_scales, differences=differences, last=last)

@@ -75,7 +75,7 @@ def start(
     y: torch.Tensor,
     monitor: Monitor,
     controller: Controller,
-    order: int,
+    tableau: Tableau,
     weights: tuple[float, float],
 ) -> tuple[Flow, int]:
     """Evaluate the flow at z0 (recorded with the monitor) and pick the first step size;
@@ -84,8 +84,8 @@ def start(
     k = field(y)
     residual = norm(k)
     monitor.record(y, residual)
-    h, spent = controller.first_step(field, y, k, order, monitor.termination)
-    scales = controller.scales(y, monitor.termination, *weights)
+    h, spent = controller.first_step(field, y, k, tableau.order, monitor.termination)
+    scales = controller.scales(y, monitor.termination, *weights, tableau.error_order)
     return Flow(y, k, residual, h, controller.memory(residual), scales), 1 + spent
 
 
@@ -128,7 +128,7 @@ class RungeKutta:
 
     def init(self, f: Field, y: torch.Tensor, monitor: Monitor) -> tuple[Flow, int, int]:
         """Evaluate the flow at z0 and pick the first step (no step taken yet)."""
-        return *start(f, y, monitor, self.controller, self.tableau.order, self.weights), 0
+        return *start(f, y, monitor, self.controller, self.tableau, self.weights), 0
 
     def phases(self) -> tuple[Phase, ...]:
         """One kind of step, of len(a) evaluations."""
@@ -225,10 +225,10 @@ class VCAB3:
 
     def init(self, f: Field, y: torch.Tensor, monitor: Monitor) -> tuple[Adams, int, int]:
         """Evaluate the flow at z0 and pick the first (BS3) step."""
-        flow, nfe = start(f, y, monitor, self.startup, BS3.order, self.weights)
+        flow, nfe = start(f, y, monitor, self.startup, BS3, self.weights)
         # The error is 0.9 (y_AM - y_AB) = 0.3 (3 w) (d2_new - d2) (see adams_weights), the
         # step y_new - y itself.
-        scales = self.controller.scales(y, monitor.termination, error=0.3, move=1.0)
+        scales = self.controller.scales(y, monitor.termination, 0.3, 1.0, error_order=3)
         # Placeholders until two start-up steps are accepted (any finite values: the first
         # accepted step overwrites d1 and the second d2), distinct tensors: a compiled step
         # is specialised on aliasing.
