@@ -96,20 +96,15 @@ class Monitor:
         self.active = self.active > (r <= self._tolerance(z))
 
     def test(self, current: torch.Tensor) -> None:
-        """Give a status to the samples that converged, diverged or went non-finite, given each
-        one's residual 2-norm at its current point (B, 1); no host synchronisation."""
+        """Stop the running samples that diverged or went non-finite, given each one's residual
+        2-norm at its current point (B, 1), with that status; no host synchronisation."""
         if self.divergence_bound is None:
             self.divergence_bound = self.termination.divergence * current
         # NaN compares false, so a non-finite residual also fails the bound; a norm is >= 0,
-        # so it is finite exactly where it is below infinity.
+        # so it is finite exactly where it is below infinity, and NONFINITE + 1 is DIVERGED.
         failing = self.active > (current <= self.divergence_bound)
-        finite = current < float("inf")
-        # Samples still at MAX_STEPS that no longer run converged: CONVERGED is 0, so
-        # multiplying by the complement of that mask sets their status.
-        keep = (self.status == int(Status.MAX_STEPS)) <= self.active
-        # NONFINITE + 1 is DIVERGED.
-        code = finite + int(Status.NONFINITE)
-        self.status = torch.where(failing, code, self.status * keep)
+        code = (current < float("inf")) + int(Status.NONFINITE)
+        self.status = torch.where(failing, code, self.status)
         self.active = self.active > failing
 
     def mark(self) -> None:
@@ -167,5 +162,7 @@ class Monitor:
 
     @property
     def codes(self) -> torch.Tensor:
-        """Why each sample's solve ended (Status codes, (B,)); MAX_STEPS for those running."""
-        return self.status[:, 0]
+        """Why each sample's solve ended (Status codes, (B,)); MAX_STEPS for those running.
+        A sample that stopped without a failure status converged."""
+        converged = (self.status == int(Status.MAX_STEPS)) > self.active
+        return torch.where(converged, int(Status.CONVERGED), self.status)[:, 0]
