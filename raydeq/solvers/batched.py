@@ -24,10 +24,13 @@ def _small(rows_out: int, rows: torch.Tensor) -> bool:
 
 
 def dots(rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Inner products of each sample's rows (B, k, N) with its vector x (B, N): (B, k)."""
-    if _small(1, rows):
-        return (rows * x[:, None, :]).sum(2)
-    return torch.bmm(x[:, None, :], rows.transpose(1, 2))[:, 0]
+    """Inner products of each sample's rows (B, k, N) with its vector x (B, N): (B, k). Vectors
+    (B, m, N) give (B, m, k), with no views to make for a caller that keeps them that way."""
+    matrix = x.dim() == 3
+    if _small(x.shape[1] if matrix else 1, rows):
+        return (x[:, :, None] * rows[:, None]).sum(3) if matrix else (rows * x[:, None]).sum(2)
+    product = torch.bmm(x if matrix else x[:, None], rows.transpose(1, 2))
+    return product if matrix else product[:, 0]
 
 
 def combine(
