@@ -104,59 +104,78 @@ class GMRES:
         batch, n = r.shape
         m = min(self.restart, budget)
         tiny = torch.finfo(r.dtype).tiny
-        basis = r.new_empty(batch, m + 1, n)  # column k is written before it is read
-        torch.div(r, beta.clamp_min(tiny)[:, None], out=basis[:, 0])
+        beta_column, tol_column = beta[:, None], tol[:, None]
+        # Per-sample vectors are (B, 1, .) rows, the shape the batched products take and give,
+        # and each buffer is written through one slice of a flat view: a view is an aten
+        # operation, dispatched like a kernel, and views were half of a step's operations.
+        basis = r.new_empty(batch, m + 1, n)  # row k is written before it is read
+        u = torch.div(r, beta_column.clamp_min(tiny), out=basis[:, 0])
         hess = r.new_zeros(batch, m + 1, m)
-        # Rows of Q, the product of the plane reflections so far (Q H = R upper triangular).
-        # A new reflection only needs row j of Q applied to the new column, and row j + 1 of Q
-        # times beta is the residual: R itself is formed once, at the end of the cycle.
+        hess_flat = hess.view(batch, 1, -1)  # column j: flat entries j, j + m, j + 2 m, ...
+        # Rows of Q, the product of the plane reflections so far (Q H = R upper triangular),
+        # each as it was before its own reflection: row j + 1 is s times row j, then -c. A new
+        # reflection only needs row j applied to the new column; the c that scales row j and
+        # the s right of it are put in at the end of the cycle, where R itself is formed.
         q = r.new_zeros(batch, m + 1, m + 1)
-        q[:, 0, 0] = 1.0
-        # Column j: row j + 1 of Q times beta, +- the residual norm after j + 1 steps. Each
-        # sample's own stopping step is read from it at the end, so that a step spends no
+        q_flat = q.view(batch, 1, -1)
+        row = q_flat[:, :, :1].fill_(1.0)
+        # Column 0 of rows 1, 2, ...: times beta, +- the residual norm after 1, 2, ... steps.
+        # Each sample's own stopping step is read from it at the end, so that a step spends no
         # operation on per-sample counters.
-        estimates = r.new_empty(batch, m)
+        first = q[:, 1:, 0]
+        cosines: list[torch.Tensor] = []
+        sines: list[torch.Tensor] = []
         j, finished = 0, False
         while j < m and not finished:
-            w = A(basis[:, j])
+            w = A(u)[:, None]
             v = basis[:, : j + 1]
             h = dots(v, w)
             w = combine(h, v, base=w, alpha=-1.0)
             h2 = dots(v, w)
             w = combine(h2, v, base=w, alpha=-1.0)
-            column = hess[:, :, j]
-            h = torch.add(h, h2, out=column[:, : j + 1])
-            h_next = torch.linalg.vector_norm(w, dim=1, out=column[:, j + 1])
-            torch.div(w, h_next.clamp_min(tiny)[:, None], out=basis[:, j + 1])
-            row = q[:, j, : j + 1]
+            below = j + (j + 1) * m  # flat index of hess[j + 1, j]
+            h = torch.add(h, h2, out=hess_flat[:, :, j:below:m])
+            h_next = torch.linalg.vector_norm(
+                w, dim=2, keepdim=True, out=hess_flat[:, :, below : below + 1]
+            )
+            u = torch.div(w, h_next.clamp_min(tiny), out=basis[:, j + 1 : j + 2])[:, 0]
             # The reflection [[c, s], [s, -c]] that zeroes h_next under (Q h)_j. Where both
             # are 0 (a zero column: b = 0, or a breakdown after the sample has stopped) c and
             # s are 0; the steps after a sample stops are left out of its solve.
-            rotated = torch.linalg.vecdot(row, h)
+            rotated = (row * h).sum(2, keepdim=True)  # torch.linalg.vecdot's arithmetic
             safe = torch.hypot(rotated, h_next).clamp_min_(tiny)
             c, s = rotated / safe, h_next / safe
-            torch.mul(row, s[:, None], out=q[:, j + 1, : j + 1])
-            row.mul_(c[:, None])
-            q[:, j, j + 1] = s
-            torch.neg(c, out=q[:, j + 1, j + 1])
-            torch.mul(q[:, j + 1, 0], beta, out=estimates[:, j])
+            start = (j + 1) * (m + 1)
+            row = torch.cat([row * s, -c], dim=2, out=q_flat[:, :, start : start + j + 2])
+            cosines.append(c)
+            sines.append(s)
             j += 1
             if j % ARNOLDI_CHECK == 0 and j < m:
-                finished = not bool(_running(estimates[:, :j], tol, active).any())
+                running = _running(first[:, :j] * beta_column, tol_column, active)
+                finished = not bool(running.any())
+        estimates = first[:, :j] * beta_column
         # A sample stops at its first step whose estimate is not above tol (converged, or NaN).
-        stopped = ~(estimates[:, :j].abs() > tol[:, None])
+        stopped = ~(estimates.abs() > tol_column)
         steps = torch.where(stopped.any(1), stopped.int().argmax(1) + 1, j) * active
-        last = estimates[:, :j].gather(1, (steps - 1).clamp_min(0)[:, None])[:, 0].abs()
+        last = estimates.gather(1, (steps - 1).clamp_min(0)[:, None])[:, 0].abs()
         estimate = torch.where(active, last, beta)
         used = torch.arange(j, device=r.device)[None, :] < steps[:, None]
+        # Row i of Q: c_i times q's row i up to the diagonal, and s_i just right of it (flat
+        # entry i (m + 2) + 1). The zeros further right are scaled by 1, not c_i, so that they
+        # stay +0 (c_i 0 would be -0 where c_i < 0) and R is the one a per-step scaling gives.
+        left = torch.ones(j, j + 1, dtype=torch.bool, device=r.device).tril()
+        q[:, :j, : j + 1].mul_(torch.where(left, torch.cat(cosines, dim=1), 1.0))
+        torch.cat(sines, dim=2, out=q_flat[:, :, 1 : j * (m + 2) : m + 2])
         upper = torch.bmm(q[:, :j, : j + 1], hess[:, : j + 1, :j])
         eye = torch.eye(j, dtype=r.dtype, device=r.device).expand_as(upper)
         upper = torch.where(used[:, None, :] & used[:, :, None], upper, eye)
-        rhs = torch.where(used, beta[:, None] * q[:, :j, 0], 0.0)
+        rhs = torch.where(used, beta_column * q[:, :j, 0], 0.0)
         y = torch.linalg.solve_triangular(upper, rhs[:, :, None], upper=True)[:, :, 0]
         return combine(y, basis[:, :j]), steps, j, estimate, finished
 
 
-def _running(estimates: torch.Tensor, tol: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
-    """The samples of `active` whose every step's residual estimate is still above tol."""
-    return active & (estimates.abs() > tol[:, None]).all(1)
+def _running(
+    estimates: torch.Tensor, tol_column: torch.Tensor, active: torch.Tensor
+) -> torch.Tensor:
+    """The samples of `active` whose every step's residual estimate is still above tol (B, 1)."""
+    return active & (estimates.abs() > tol_column).all(1)
