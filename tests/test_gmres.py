@@ -107,14 +107,29 @@ def test_float32():
 
 
 def test_a_solve_reads_the_host_at_most_once_every_four_arnoldi_steps():
-    """Host reads (the sync of a `bool(tensor)`) per product with A, over a 16-step solve."""
+    """Host reads (the sync of a `bool(tensor)`) per product with A, over a 16-step solve read
+    as on an accelerator."""
     from raydeq.bench.suites.step_cost import OpCounter
 
     a, b = systems(4, 40, seed=7, spread=0.9)
     with OpCounter() as counter:
-        _, info = GMRES(rtol=1e-8, restart=40, max_iters=400)(matvec(a), b)
+        _, info = GMRES(rtol=1e-8, restart=40, max_iters=400, check_every=4)(matvec(a), b)
     assert bool(info.converged.all()) and info.matvecs >= 12
     assert counter.syncs <= 0.25 * info.matvecs, (counter.syncs, info.matvecs)
+
+
+def test_on_a_cpu_a_solve_ends_at_the_step_its_last_sample_converges():
+    """A CPU read stalls nothing, so GMRES reads after every Arnoldi step there: the products
+    are the most steps a sample needs, where a read every 4 steps rounds them up to 4, and x
+    is the same bitwise (a sample's steps after its convergence are left out of its solve)."""
+    a, b = systems(6, 30, seed=3, spread=0.5)
+    cpu_x, cpu = GMRES(rtol=1e-2)(matvec(a), b)
+    every_4_x, every_4 = GMRES(rtol=1e-2, check_every=4)(matvec(a), b)
+    assert bool(cpu.converged.all())
+    assert int(cpu.iterations.max()) % 4 != 0
+    assert cpu.matvecs == int(cpu.iterations.max())
+    assert every_4.matvecs == 4 * -(-int(cpu.iterations.max()) // 4)
+    assert torch.equal(cpu_x, every_4_x) and torch.equal(cpu.iterations, every_4.iterations)
 
 
 def clustered(
