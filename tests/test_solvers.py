@@ -429,8 +429,25 @@ def test_the_check_interval_changes_no_result(solver):
     z0 = torch.zeros(B, D, dtype=torch.float64)
     with torch.no_grad():
         every = raydeq.solve(f, z0, solver=solver, check_every=1, **tight(solver))
-        predicted = raydeq.solve(f, z0, solver=solver, **tight(solver))
+        predicted = raydeq.solve(f, z0, solver=solver, stop_on_convergence=False, **tight(solver))
     torch.testing.assert_close(predicted.z, every.z, rtol=0, atol=0)
     torch.testing.assert_close(predicted.stats.residual, every.stats.residual, rtol=0, atol=0)
     assert (predicted.stats.status == every.stats.status).all()
     assert predicted.stats.steps >= every.stats.steps
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_on_a_cpu_a_solve_ends_at_the_step_its_last_sample_converges(solver):
+    """A CPU read stalls nothing, so there a solve also reads after every step whether any
+    sample still runs: the same z as the accelerator's schedule, in the steps of reading the
+    whole test after every step, where the predicted schedule can run past the convergence."""
+    f, _ = problem(9)
+    z0 = torch.zeros(B, D, dtype=torch.float64)
+    with torch.no_grad():
+        cpu = raydeq.solve(f, z0, solver=solver, **tight(solver))
+        every = raydeq.solve(f, z0, solver=solver, check_every=1, **tight(solver))
+        blocks = raydeq.solve(f, z0, solver=solver, stop_on_convergence=False, **tight(solver))
+    assert bool(cpu.stats.converged.all())
+    torch.testing.assert_close(cpu.z, blocks.z, rtol=0, atol=0)
+    assert (cpu.stats.steps, cpu.stats.nfe) == (every.stats.steps, every.stats.nfe)
+    assert cpu.stats.steps <= blocks.stats.steps

@@ -62,13 +62,16 @@ def iterate(
     check_every: int | None = None,
     compile_options: dict | None = None,
     check_start: bool = False,
+    stop_on_convergence: bool = False,
 ) -> tuple[int, int]:
     """Run method from z until every sample has stopped or max_steps; returns (nfe, steps).
 
     The termination test is read on the host after `check_every` steps, or by default where
     the monitor predicts the last running sample to converge: one synchronisation a block.
     With check_start it is also read at z, so that a batch that starts converged takes no step
-    and one that does not, started near z* by a prediction, a shorter first block.
+    and one that does not, started near z* by a prediction, a shorter first block. With
+    stop_on_convergence it also reads after every step whether any sample still runs, and ends
+    the block where none does.
     With compile_options, f and (for a capturable method) each kind of step run compiled by
     torch.compile with those options.
     """
@@ -92,10 +95,14 @@ def iterate(
     for phase in phases:
         while block and steps < max_steps:
             size = min(PHASE_BLOCK if phase.pending else block, max_steps - steps)
-            for _ in range(size):
+            taken = 0
+            while taken < size:
                 carry = phase.step(f, carry, monitor)
-            steps, since = steps + size, since + size
-            nfe += size * phase.evaluations
+                taken += 1
+                if stop_on_convergence and not bool(monitor.active.any()):
+                    break
+            steps, since = steps + taken, since + taken
+            nfe += taken * phase.evaluations
             if phase.pending is not None and bool(phase.pending(carry, monitor).any()):
                 continue
             monitor.test(method.residual(carry))

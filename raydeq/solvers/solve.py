@@ -98,6 +98,7 @@ def solve(
     compile: bool | dict = False,
     initial_nfe: int = 0,
     check_start: bool = False,
+    stop_on_convergence: bool | None = None,
 ) -> Solution:
     """Solve z* = f(z*) per sample, starting from z0 (a tensor (B, ...) or a list of them).
 
@@ -123,7 +124,12 @@ def solve(
     take a few steps past the last sample's convergence; stats.steps and stats.nfe count
     them); check_start=True also reads it at z0 (one more synchronisation), for a z0 that is
     a prediction and may already meet the tolerance (Skip DEQs): a batch that does takes no
-    step, and one that does not a first block of 3 steps instead of 4. compile=True runs f
+    step, and one that does not a first block of 3 steps instead of 4.
+    stop_on_convergence=True also reads after every step whether any sample still runs, and
+    stops at the step the last one converges; by default (None) on a CPU, which runs each
+    operation as it is issued, so that a read stalls nothing there. Each sample's z* is the
+    same either way (a sample stops on the step it converges); only the steps the batch
+    spends after that differ. compile=True runs f
     and each solver step through torch.compile (mode "reduce-overhead", CUDA graphs, on a
     GPU); a dict gives torch.compile's options.
     """
@@ -137,6 +143,8 @@ def solve(
         raise ValueError(f"initial_nfe={initial_nfe!r} must be an integer >= 0")
     if not isinstance(check_start, bool):
         raise ValueError(f"check_start={check_start!r} must be True or False")
+    if stop_on_convergence is not None and not isinstance(stop_on_convergence, bool):
+        raise ValueError(f"stop_on_convergence={stop_on_convergence!r} must be True, False or None")
     termination = Termination(abstol, reltol, divergence)
     method = make_solver(solver, solver_options or {})
     backward = make_adjoint(adjoint, adjoint_options or {})
@@ -146,11 +154,21 @@ def solve(
     attach = torch.is_grad_enabled()
     record_graph = attach and backward.differentiates_solver
     options = compile_options(compile, z.device)
+    if stop_on_convergence is None:
+        stop_on_convergence = z.device.type == "cpu"
     with torch.set_grad_enabled(record_graph):
         start = z if record_graph else z.detach()
         monitor = Monitor(start, termination)
         nfe, steps = iterate(
-            method, f_flat, start, monitor, max_steps, check_every, options, check_start
+            method,
+            f_flat,
+            start,
+            monitor,
+            max_steps,
+            check_every,
+            options,
+            check_start,
+            stop_on_convergence,
         )
     spent = backward.evaluations if attach else 0
     stats = SolveStats.from_monitor(monitor, initial_nfe + nfe + spent, steps)
