@@ -295,8 +295,13 @@ def test_a_trial_continues_on_another_node_from_its_last_checkpoint_when_its_nod
         (trial,) = _newest_steps(experiment)
         board = experiment / trial / "train" / reporting.TENSORBOARD_DIR
         (writer,) = board.glob("events.out.tfevents.*")
-        lost = _node_running(int(writer.name.split(".")[-2]), nodes)
+        worker = int(writer.name.split(".")[-2])
+        lost = _node_running(worker, nodes)
         cluster.remove_node(lost, allow_graceful=False)
+        # A lost machine takes its processes with it; a worker that outlives its raylet for a
+        # moment could otherwise finish a short trial before Ray notices.
+        with contextlib.suppress(psutil.NoSuchProcess):
+            psutil.Process(worker).kill()
         before = _newest_steps(experiment)[trial]
         written = set(_checkpoint_steps(experiment))
         output = driver.communicate(timeout=150)[0].decode()
