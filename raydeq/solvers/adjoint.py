@@ -34,7 +34,8 @@ class ImplicitAdjoint:
     meets its tolerance one product sooner; but the answers differ within the tolerance, and
     at max_iters, and training follows: mnist_mdeq's Vanilla Continuous DEQ trained from 0
     reached 44.0% test accuracy after its 250 steps against 61.2% from v, at 22 forward
-    evaluations per solve instead of 8.
+    evaluations per solve instead of 8 (one seed of a run that rounding alone moves by tens of
+    points: benchmarks/results/2026-12-02-mnist_mdeq-rounding-spread.md).
     """
 
     linear_solver: LinearSolver = field(default_factory=GMRES)
