@@ -121,7 +121,8 @@ def test_a_solve_reads_the_host_at_most_once_every_four_arnoldi_steps():
 def test_on_a_cpu_a_solve_ends_at_the_step_its_last_sample_converges():
     """A CPU read stalls nothing, so GMRES reads after every Arnoldi step there: the products
     are the most steps a sample needs, where a read every 4 steps rounds them up to 4, and x
-    is the same bitwise (a sample's steps after its convergence are left out of its solve)."""
+    is the same up to rounding (a sample's steps after its convergence are left out of its
+    solve, and only add zero-weighted basis vectors to its sum)."""
     a, b = systems(6, 30, seed=3, spread=0.5)
     cpu_x, cpu = GMRES(rtol=1e-2)(matvec(a), b)
     every_4_x, every_4 = GMRES(rtol=1e-2, check_every=4)(matvec(a), b)
@@ -129,7 +130,8 @@ def test_on_a_cpu_a_solve_ends_at_the_step_its_last_sample_converges():
     assert int(cpu.iterations.max()) % 4 != 0
     assert cpu.matvecs == int(cpu.iterations.max())
     assert every_4.matvecs == 4 * -(-int(cpu.iterations.max()) // 4)
-    assert torch.equal(cpu_x, every_4_x) and torch.equal(cpu.iterations, every_4.iterations)
+    torch.testing.assert_close(cpu_x, every_4_x, rtol=1e-13, atol=0)
+    assert torch.equal(cpu.iterations, every_4.iterations)
 
 
 def clustered(

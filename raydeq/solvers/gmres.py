@@ -41,7 +41,8 @@ class GMRES:
     `restart` is the Krylov dimension between restarts and `max_iters` bounds the Arnoldi steps
     (operator applications) per sample; the 2-norm is used, as in scipy.sparse.linalg.gmres.
     `check_every` is the number of Arnoldi steps between reads of whether any sample still runs
-    (None: 1 on a CPU, ARNOLDI_CHECK elsewhere); it changes the products spent, not x.
+    (None: 1 on a CPU, ARNOLDI_CHECK elsewhere); it changes the products spent, and x only by
+    rounding (a longer cycle adds zero-weighted basis vectors to each sample's sum).
     """
 
     rtol: float = 1e-5
