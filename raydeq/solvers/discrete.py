@@ -71,13 +71,17 @@ class FixedPoint:
 @dataclass(frozen=True)
 class Mixing:
     """Anderson's carry: the current iterate, ring buffers of the last m f(z), f(z) - z (and
-    z, for beta < 1), and the count of iterates so far (known on the host)."""
+    z, for beta < 1), the count of iterates so far (known on the host), and constants made
+    once rather than on every step: the right-hand side of ones (B, m, 1) and the identity
+    (m, m), whose row i is the weights of the plain step from slot i."""
 
     now: Iterate
     fs: torch.Tensor
     gs: torch.Tensor
     xs: torch.Tensor | None
     count: int
+    ones: torch.Tensor
+    eye: torch.Tensor
 
 
 class Anderson:
@@ -105,7 +109,9 @@ class Anderson:
         batch, dim = z.shape
         fs, gs = z.new_empty(batch, self.m, dim), z.new_empty(batch, self.m, dim)
         xs = z.new_empty(batch, self.m, dim) if self.beta != 1 else None
-        return Mixing(evaluate(f, z, monitor), fs, gs, xs, 0), 1, 1
+        ones = z.new_ones(batch, self.m, 1)
+        eye = torch.eye(self.m, dtype=z.dtype, device=z.device)
+        return Mixing(evaluate(f, z, monitor), fs, gs, xs, 0, ones, eye), 1, 1
 
     def phases(self) -> tuple[Phase, ...]:
         """One evaluation per step."""
@@ -123,22 +129,33 @@ class Anderson:
         fs, gs = put(c.fs, slot, c.now.fz), put(c.gs, slot, c.now.g)
         xs = put(c.xs, slot, z) if c.xs is not None else None
         n = min(c.count + 1, self.m)
-        gram = torch.bmm(gs[:, :n], gs[:, :n].transpose(1, 2))
-        eye = torch.eye(n, dtype=z.dtype, device=z.device)
-        ridge = gram.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-30).mul_(self.lam)
-        gram = gram + ridge[:, None, None] * eye
-        ones = torch.ones(z.shape[0], n, 1, dtype=z.dtype, device=z.device)
-        weights, info = torch.linalg.solve_ex(gram, ones)
-        alpha = weights[:, :, 0] / weights[:, :, 0].sum(1, keepdim=True)
-        # A singular system falls back to the plain step z = f(z).
-        ok = (info == 0)[:, None] & alpha.isfinite().all(1, keepdim=True)
-        plain = (torch.arange(n, device=z.device) == slot).to(z.dtype)
+        # Each view below is an aten operation, dispatched like a kernel: per-sample weights
+        # are kept as (B, 1, n) rows, the shape the batched products take and give.
+        # Two slices, not one shared: with autograd, gs's gradient adds the same terms in
+        # the same order as before, so that unrolled gradients stay bitwise the same.
+        gram = torch.bmm(gs[:, :n], gs[:, :n].mT)
+        ridge = gram.diagonal(dim1=1, dim2=2).mean(-1, keepdim=True).clamp_min(1e-30)
+        eye = c.eye if n == self.m else c.eye[:n, :n]
+        gram = gram + ridge.mul_(self.lam)[:, :, None] * eye
+        weights, info = torch.linalg.solve_ex(gram, _first(c.ones, n))
+        weights = weights.mT
+        alpha = weights / weights.sum(2, keepdim=True)
+        # A singular system falls back to the plain step z = f(z). |alpha| < inf is
+        # isfinite(alpha) in fewer operations (NaN compares false).
+        ok = (info.view(-1, 1, 1) == 0) & (alpha.abs() < float("inf")).all(2, keepdim=True)
+        plain = c.eye[slot] if n == self.m else c.eye[slot, :n]
         alpha = torch.where(ok, alpha, plain)
-        mixed = combine(alpha, fs[:, :n])
+        mixed = combine(alpha, _first(fs, n))
         if xs is not None:
-            mixed = self.beta * mixed + (1 - self.beta) * combine(alpha, xs[:, :n])
-        z = torch.where(monitor.active, mixed, z)
-        return Mixing(evaluate(f, z, monitor), fs, gs, xs, c.count + 1)
+            mixed = self.beta * mixed + (1 - self.beta) * combine(alpha, _first(xs, n))
+        z = torch.where(monitor.active, mixed[:, 0], z)
+        return Mixing(evaluate(f, z, monitor), fs, gs, xs, c.count + 1, c.ones, c.eye)
+
+
+def _first(buffer: torch.Tensor, n: int) -> torch.Tensor:
+    """The first n rows of a ring buffer (B, k, N): the buffer itself once it is full, so that
+    a full buffer costs no slicing view."""
+    return buffer if n == buffer.shape[1] else buffer[:, :n]
 
 
 @dataclass(frozen=True)
