@@ -219,7 +219,9 @@ class Broyden:
         # the next step far off (seen in float32 at width 1024).
         tiny = torch.finfo(dz.dtype).eps ** 0.5
         floor = tiny * torch.linalg.vector_norm(v, dim=1) * torch.linalg.vector_norm(dg, dim=1)
-        ok = (denom.abs() > floor[:, None]) & torch.isfinite(denom)
+        # |denom| < inf is isfinite(denom) from the same |denom| (NaN compares false).
+        size = denom.abs()
+        ok = (size > floor[:, None]) & (size < float("inf"))
         scale = torch.where(ok, denom.reciprocal(), 0.0)
         u = n * scale
         # The next step -H' g_new with H' = H + u v^T (minus the evicted term), from the
