@@ -222,7 +222,10 @@ class Broyden:
         # |denom| < inf is isfinite(denom) from the same |denom| (NaN compares false).
         size = denom.abs()
         ok = (size > floor[:, None]) & (size < float("inf"))
-        scale = torch.where(ok, denom.reciprocal(), 0.0)
+        # 1 / denom where ok, else 0; denom is replaced before the division, not after, so
+        # that a skipped update (denom 0 once a sample has stopped) back-propagates 0, not
+        # 0 * inf = NaN, through an unrolled backward.
+        scale = ok / torch.where(ok, denom, 1.0)
         u = n * scale
         # The next step -H' g_new with H' = H + u v^T (minus the evicted term), from the
         # last step -H g = dz instead of applying all rank-one terms again:
