@@ -163,8 +163,10 @@ class GMRES:
             sines.append(s)
             j += 1
             if j % every == 0 and j < m:
-                running = _running(first[:, :j] * beta_column, tol_column, active)
-                finished = not bool(running.any())
+                # The newest estimate alone: each is the last times |s| <= 1, so a sample whose
+                # estimate has fallen to tol stays there, and one that did not run (beta <= tol)
+                # starts there.
+                finished = not bool(((first[:, j - 1 : j] * beta_column).abs() > tol_column).any())
         estimates = first[:, :j] * beta_column
         # A sample stops at its first step whose estimate is not above tol (converged, or NaN).
         stopped = ~(estimates.abs() > tol_column)
@@ -184,10 +186,3 @@ class GMRES:
         rhs = torch.where(used, beta_column * q[:, :j, 0], 0.0)
         y = torch.linalg.solve_triangular(upper, rhs[:, :, None], upper=True)[:, :, 0]
         return combine(y, basis[:, :j]), steps, j, estimate, finished
-
-
-def _running(
-    estimates: torch.Tensor, tol_column: torch.Tensor, active: torch.Tensor
-) -> torch.Tensor:
-    """The samples of `active` whose every step's residual estimate is still above tol (B, 1)."""
-    return active & (estimates.abs() > tol_column).all(1)
