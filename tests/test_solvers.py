@@ -402,6 +402,37 @@ def test_a_compiled_solve_matches_the_eager_one(solver):
     assert bool(compiled.stats.converged.all())
 
 
+@pytest.mark.parametrize("solver", ["vcab3", "tsit5", "bs3", "euler", "fixed_point"])
+def test_a_capturable_step_is_one_graph_that_every_step_and_later_solve_reuses(solver):
+    """What a CUDA graph needs, checked without a GPU: with fullgraph=True each kind of step
+    traces into one graph without a break (no host read, no branch on a tensor's value), and
+    no step or later solve of the same shapes traces again (no per-step Python state): f's
+    graph and one per phase, over three solves."""
+    from raydeq.solvers.solve import make_solver
+
+    f, params = problem(7)
+    z0 = torch.zeros(B, D, dtype=torch.float64)
+    graphs = []
+
+    def backend(graph, example_inputs):
+        graphs.append(graph)
+        return graph.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        for _ in range(3):
+            sol = raydeq.solve(
+                f,
+                z0,
+                solver=solver,
+                compile={"backend": backend, "fullgraph": True},
+                **tight(solver),
+            )
+            assert bool(sol.stats.converged.all()) and sol.stats.steps > 10
+    assert make_solver(solver, {}).capturable
+    assert len(graphs) == 1 + len(make_solver(solver, {}).phases())
+
+
 @pytest.mark.parametrize("adjoint", ["gmres", "fixed_point", "jfb", "unrolled"])
 def test_statistics_are_complete_when_solve_returns(adjoint):
     """nfe counts every evaluation of f the solve made (the one attaching z* included) as a
