@@ -168,9 +168,10 @@ class GMRES:
                 # starts there.
                 finished = not bool(((first[:, j - 1 : j] * beta_column).abs() > tol_column).any())
         estimates = first[:, :j] * beta_column
-        # A sample stops at its first step whose estimate is not above tol (converged, or NaN).
-        stopped = ~(estimates.abs() > tol_column)
-        steps = torch.where(stopped.any(1), stopped.int().argmax(1) + 1, j) * active
+        # A sample stops at its first step whose estimate is not above tol (converged, or NaN,
+        # which every later estimate repeats): since estimates never grow, one step more than
+        # those above tol.
+        steps = ((estimates.abs() > tol_column).sum(1) + 1).clamp_max_(j) * active
         last = estimates.gather(1, (steps - 1).clamp_min(0)[:, None])[:, 0].abs()
         estimate = torch.where(active, last, beta)
         used = torch.arange(j, device=r.device)[None, :] < steps[:, None]
