@@ -429,8 +429,8 @@ def test_a_capturable_step_is_one_graph_that_every_step_and_later_solve_reuses(s
                 **tight(solver),
             )
             assert bool(sol.stats.converged.all()) and sol.stats.steps > 10
-    assert make_solver(solver, {}).capturable
-    assert len(graphs) == 1 + len(make_solver(solver, {}).phases())
+    method = make_solver(solver, {})
+    assert method.capturable and len(graphs) == 1 + len(method.phases())
 
 
 @pytest.mark.parametrize("adjoint", ["gmres", "fixed_point", "jfb", "unrolled"])
