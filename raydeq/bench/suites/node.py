@@ -32,12 +32,12 @@ class NodeSize:
 SIZES = {
     "tiny": NodeSize(batches={}, repeats=1, train_steps=2),
     "quick": NodeSize(
-        batches={"mnist_dense": 128, "cifar10_small": 4, "cifar10_large": 2},
+        batches={"mnist_dense": 128, "mnist_mdeq": 32, "cifar10_small": 4, "cifar10_large": 2},
         repeats=7,
         train_steps=250,
     ),
     "full": NodeSize(
-        batches={"mnist_dense": 256, "cifar10_small": 64, "cifar10_large": 32},
+        batches={"mnist_dense": 256, "mnist_mdeq": 32, "cifar10_small": 64, "cifar10_large": 32},
         repeats=9,
         train_steps=1000,
     ),
