@@ -59,7 +59,7 @@ def run(ctx: Context) -> Section:
     )
     outcomes: dict[str, Outcome] = {}
     for adjoint, t in timings.items():
-        outcomes[adjoint] = outcome = t.values[-1]
+        outcomes[adjoint] = outcome = t.value
         section.add(
             adjoint=ADJOINTS[adjoint],
             rtol=chosen[adjoint],

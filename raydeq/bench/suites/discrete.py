@@ -54,9 +54,9 @@ def spectral_rows(ctx: Context, size: DiscreteSize, section: Section) -> None:
     problem = SpectralProblem(spec, ctx.device, torch.float32, ctx.seed)
     cases = {name: forward_case(problem, raydeq_forward(name, TOL, 3000)) for name in SOLVERS}
     timings = measure(cases, ctx.device, repeats=size.repeats)
-    fixed_nfe = timings["fixed_point"].values[-1].nfe
+    fixed_nfe = timings["fixed_point"].value.nfe
     for name in SOLVERS:
-        outcome = timings[name].values[-1]
+        outcome = timings[name].value
         section.add(
             problem="spectral",
             solver=name,
@@ -68,7 +68,7 @@ def spectral_rows(ctx: Context, size: DiscreteSize, section: Section) -> None:
             },
         )
     for name in ("broyden", "anderson"):
-        outcome = timings[name].values[-1]
+        outcome = timings[name].value
         reached = outcome.residual <= TOL * 1.0001
         section.targets.append(
             Target(
@@ -97,9 +97,9 @@ def model_rows(ctx: Context, size: DiscreteSize, section: Section) -> None:
     timings = measure(
         {s: model_case(net, images) for s, net in nets.items()}, ctx.device, size.repeats
     )
-    fixed_nfe = timings["fixed_point"].values[-1].stats.nfe
+    fixed_nfe = timings["fixed_point"].value.stats.nfe
     for name in SOLVERS:
-        stats = timings[name].values[-1].stats
+        stats = timings[name].value.stats
         section.add(
             problem=MODEL,
             solver=name,

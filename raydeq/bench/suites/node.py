@@ -48,10 +48,16 @@ TRAIN_BATCH = 64
 # where f is cheap next to a step's per-sample bookkeeping; Euler with its step-relative error
 # control takes the fewest evaluations near a contractive steady state.
 DEQ_SOLVERS = ("vcab3", "bs3", "euler")
+# For information, outside the targets (the continuous DEQ's backward is GMRES): the same
+# system solved by Neumann iteration, whose step is one product and a few vector operations
+# where a GMRES step also orthogonalises; it needs more products, and diverges where f does not
+# contract at z*.
+NEUMANN = "euler_neumann"
 VARIANTS = {
     "vcab3": "continuous DEQ (VCAB3, GMRES)",
     "bs3": "continuous DEQ (BS3, GMRES)",
     "euler": "continuous DEQ (Euler, GMRES)",
+    NEUMANN: "continuous DEQ (Euler, Neumann adjoint)",
     "adjoint": "Neural ODE, continuous adjoint",
     "backprop": "Neural ODE, backprop through solver",
     "adjoint_f_minus_z": "Neural ODE (dz/dt = f - z), continuous adjoint",
@@ -99,12 +105,12 @@ def converged_fraction(stats: object) -> float | None:
     return None if flags is None else float(flags.float().mean())
 
 
-def build_deq(ctx: Context, name: str, solver: str) -> EquilibriumClassifier:
-    """A vanilla DEQ of the preset whose GMRES adjoint stops at the forward's reltol."""
-    adjoint_options = {"rtol": PRESETS[name].reltol}
-    return models.build(
-        name, "vanilla", ctx.device, ctx.seed, solver=solver, adjoint_options=adjoint_options
-    )
+def build_deq(
+    ctx: Context, name: str, solver: str, adjoint: str = "gmres"
+) -> EquilibriumClassifier:
+    """A vanilla DEQ of the preset with its implicit adjoint's limits (rtol the forward's reltol,
+    max_iters), as training runs it."""
+    return models.build(name, "vanilla", ctx.device, ctx.seed, solver=solver, adjoint=adjoint)
 
 
 def trained_deq(ctx: Context, name: str, digits: bool) -> tuple[EquilibriumClassifier, str]:
@@ -133,7 +139,9 @@ def layers(ctx: Context, name: str, deq: EquilibriumClassifier) -> dict[str, Equ
     nets = {"vcab3": deq}
     for solver in DEQ_SOLVERS[1:]:
         nets[solver] = build_deq(ctx, name, solver)
-        nets[solver].load_state_dict(deq.state_dict())
+    nets[NEUMANN] = build_deq(ctx, name, "euler", adjoint="fixed_point")
+    for variant in (*DEQ_SOLVERS[1:], NEUMANN):
+        nets[variant].load_state_dict(deq.state_dict())
     for variant, (adjoint, dynamics) in NODE_LAYERS.items():
         nets[variant] = models.build(
             name,
@@ -151,9 +159,9 @@ def layers(ctx: Context, name: str, deq: EquilibriumClassifier) -> dict[str, Equ
 def add_rows(section: Section, name: str, batch: int, timings: dict[str, Timing]) -> None:
     """One row per variant: NFE, convergence, VJPs and the median times."""
     for variant, layer in VARIANTS.items():
-        train_out = timings[f"{variant}/train"].values[-1]
-        back_out = timings[f"{variant}/backward"].values[-1]
-        deq = variant in DEQ_SOLVERS
+        train_out = timings[f"{variant}/train"].value
+        back_out = timings[f"{variant}/backward"].value
+        deq = variant not in NODE_LAYERS
         section.add(
             model=name,
             layer=layer,
@@ -205,11 +213,12 @@ def compare(ctx: Context, name: str, section: Section) -> None:
     timings = measure(all_cases, ctx.device, repeats=ctx.pick(SIZES).repeats)
     add_rows(section, name, batch, timings)
     add_targets(section, name, timings)
-    term = deq.layer.termination
+    term, limits = deq.layer.termination, PRESETS[name].adjoint_options
     section.notes.append(
         f"{name}: batch of {batch} {source}, seed {ctx.seed}, {weights}, parameters "
         f"{'identical' if same else 'NOT identical'} in every layer; tolerances of the preset "
-        f"(abstol {term.abstol:g}, reltol {term.reltol:g}) for all, GMRES rtol {term.reltol:g}; "
+        f"(abstol {term.abstol:g}, reltol {term.reltol:g}) for all, and the implicit adjoints "
+        f"stop at the preset's rtol {term.reltol:g} or max_iters {limits.get('max_iters')}; "
         f"Neural ODE: dz/dt = f(z, x) from z(0) = 0 by {node.layer.solver.upper()} over "
         f"[0, {node.layer.t1:g}], output f(z({node.layer.t1:g}), x) (the paper's baseline, "
         "reference DeepEquilibriumNetworks.jl 0.2.x src/layers/neuralode.jl), trained by the "
@@ -249,7 +258,9 @@ def run(ctx: Context) -> Section:
             "have no attracting equilibrium (their presets pretrain thousands of unrolled steps "
             "first), so their forward stops at max_steps and GMRES at max_iters, and their "
             "ratios say little. The targets "
-            "compare the Neural ODE with the fastest of the DEQ solvers (named in detail)."
+            "compare the Neural ODE with the fastest of the DEQ solvers (named in detail), "
+            "each with GMRES; the row with the Neumann adjoint (the same linear system by "
+            "fixed-point iteration, adjoint='fixed_point') is for information."
         ],
     )
     for name in ctx.models:

@@ -67,7 +67,7 @@ def run(ctx: Context) -> Section:
     )
     for name in SOLVERS:
         t = timings[name]
-        nfe = t.values[-1].nfe
+        nfe = t.value.nfe
         per_nfe = t.median / nfe
         # Time per NFE over time per bare call, paired within rounds like every time ratio.
         measured = paired_ratio(t, timings["f"]) * calls / nfe

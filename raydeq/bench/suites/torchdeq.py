@@ -114,7 +114,7 @@ def forward_rows(ctx: Context, spec: Spectrum, repeats: int, section: Section) -
         )
     timings = measure(cases, ctx.device, repeats=repeats)
     for label, t in timings.items():
-        outcome = t.values[-1]
+        outcome = t.value
         library, method = label.split(" ")
         section.add(
             library=library,
@@ -148,7 +148,7 @@ def best(timings: dict[str, Timing], library: str, tol: float) -> str | None:
     labels = [
         label
         for label, t in timings.items()
-        if label.startswith(library) and t.values[-1].residual <= tol * 1.01
+        if label.startswith(library) and t.value.residual <= tol * 1.01
     ]
     return min(labels, key=lambda label: timings[label].median) if labels else None
 
@@ -177,7 +177,7 @@ def backward_rows(ctx: Context, spec: Spectrum, repeats: int, section: Section) 
             chosen[label] = tol
     timings = measure({k: case(k, tol) for k, tol in chosen.items()}, ctx.device, repeats)
     for label, t in timings.items():
-        outcome: Outcome = t.values[-1]
+        outcome: Outcome = t.value
         library, method = label.split(" ")
         section.add(
             library=library,

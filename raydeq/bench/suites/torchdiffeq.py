@@ -177,7 +177,7 @@ def run(ctx: Context) -> Section:
     timings = measure(cases, ctx.device, repeats=size.repeats)
     outcomes: dict[str, Outcome] = {}
     for label, t in timings.items():
-        outcomes[label] = outcome = t.values[-1]
+        outcomes[label] = outcome = t.value
         library, method = label.split(" ", 1)
         atol, t1 = settings.get(label, (TOL, None))
         section.add(

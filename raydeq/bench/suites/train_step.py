@@ -128,7 +128,7 @@ def case(
 
 def add_row(ctx: Context, section: Section, workload: Workload, batch: int, timing: Timing) -> None:
     """The workload's row and its target (measured on a GPU only: the limits are GPU ones)."""
-    out = timing.values[-1]
+    out = timing.value
     amp = amp_on(workload, ctx.device)
     ms = 1e3 * timing.median
     section.add(
