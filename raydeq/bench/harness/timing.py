@@ -20,9 +20,9 @@ Case = Callable[[], Callable[[], Any]]
 class Timing:
     """Wall times of the repeats of one case (seconds) and the value its last call returned.
 
-    Only the last value is kept: what the earlier ones hold (a Neural ODE's output keeps
-    megabytes alive) would grow the heap from round to round, and the page faults of that
-    growth, about 2,000 per call, doubled the Neural ODE's measured training step on a CPU.
+    Only the last value is kept: values kept from every round grew and fragmented the heap
+    from round to round, and the page faults of that growth, about 2,000 per call, more than
+    doubled the Neural ODE's measured training step on a CPU.
     """
 
     seconds: list[float] = field(default_factory=list)
