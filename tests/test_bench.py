@@ -73,7 +73,7 @@ def test_solver_rows_reach_their_tolerance(run):
     assert all(r["max residual"] <= 1.0001e-5 for r in spectral)
 
 
-def test_measure_interleaves_rotated_rounds_and_keeps_values():
+def test_measure_interleaves_rotated_rounds_and_keeps_the_last_value():
     calls: list[str] = []
 
     def case(name: str):
