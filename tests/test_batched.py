@@ -48,3 +48,13 @@ def test_combine_matches_einsum(shape, m, with_base, alpha, beta):
     torch.testing.assert_close(out, expected if m else expected[:, 0])
     if with_base:
         assert out.data_ptr() != base.data_ptr(), "the base must not be overwritten"
+
+
+@pytest.mark.parametrize("shape", [(5, 1, 64), (4, 3, 64)])
+def test_combine_differentiates_like_einsum(shape):
+    """The chain's in-place multiply-adds keep autograd's graph (adjoint="unrolled")."""
+    rows, base, c = rows_and_vectors(*shape, 1)
+    inputs = (c[:, 0].requires_grad_(), rows.clone().requires_grad_(), base[:, 0].requires_grad_())
+    assert torch.autograd.gradcheck(
+        lambda c, rows, base: combine(c, rows, base=base, alpha=-1.0, beta=2.0), inputs
+    )
