@@ -51,21 +51,14 @@ def combine(
     beta: float = 1.0,
 ) -> torch.Tensor:
     """alpha * each sample's combination of its rows (B, k, N) with coefficients (B, k), plus
-    beta * base (B, N) when base is given: (B, N). Coefficients (B, m, k)
-    give m combinations at once, (B, m, N), with a base of that shape."""
+    beta * base (B, N) when base is given: (B, N). Coefficients (B, m, k) give m combinations
+    at once, (B, m, N), with a base of that shape."""
     matrix = coefficients.dim() == 3
     c = coefficients if matrix else coefficients[:, None, :]
     base = base if base is None or matrix else base[:, None]
-    if _small(c.shape[1], rows) and _chains(c, rows):
-        product = _chain(c, rows, base, alpha, beta)
-    elif _small(c.shape[1], rows):
-        product = (c[..., None] * rows[:, None]).sum(2)
-        if base is None:
-            product = product if alpha == 1 else alpha * product
-        elif beta == 1:
-            product = torch.add(base, product, alpha=alpha)
-        else:
-            product = torch.add(product if alpha == 1 else alpha * product, base, alpha=beta)
+    if _small(c.shape[1], rows):
+        short = _chain if _chains(c, rows) else _multiply_and_sum
+        product = short(c, rows, base, alpha, beta)
     elif base is None:
         product = torch.bmm(c, rows)
         product = product if alpha == 1 else alpha * product
@@ -78,6 +71,19 @@ def _chains(c: torch.Tensor, rows: torch.Tensor) -> bool:
     """Whether a short combination is faster as a chain of multiply-adds (see CHAIN_ELEMENTS)."""
     k = rows.shape[1]
     return k == 1 or k * CHAIN_ELEMENTS <= c.shape[0] * c.shape[1] * rows.shape[2]
+
+
+def _multiply_and_sum(
+    c: torch.Tensor, rows: torch.Tensor, base: torch.Tensor | None, alpha: float, beta: float
+) -> torch.Tensor:
+    """alpha * c (B, m, k) times rows (B, k, N) plus beta * base (B, m, N), by a broadcast
+    product and a sum over k."""
+    product = (c[..., None] * rows[:, None]).sum(2)
+    if base is None:
+        return product if alpha == 1 else alpha * product
+    if beta == 1:
+        return torch.add(base, product, alpha=alpha)
+    return torch.add(product if alpha == 1 else alpha * product, base, alpha=beta)
 
 
 def _chain(
