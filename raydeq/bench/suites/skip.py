@@ -15,7 +15,7 @@ from raydeq.bench.harness.context import Context
 from raydeq.bench.harness.models import Split
 from raydeq.bench.harness.report import Section, Target
 from raydeq.bench.harness.timing import Case, Timing, measure, ratio, time_call
-from raydeq.bench.harness.training import train_step
+from raydeq.bench.harness.training import adam, train_step
 from raydeq.models import EquilibriumClassifier
 from raydeq.training.objective import evaluate
 
@@ -63,7 +63,7 @@ def train_lockstep(
     """Train every variant on the same batches, one step each in turn; seconds of each step."""
     images, labels = train
     objective = models.preset_objective(MODEL)
-    optimizers = {v: torch.optim.Adam(n.parameters(), lr=LEARNING_RATE) for v, n in nets.items()}
+    optimizers = {v: adam(n, LEARNING_RATE) for v, n in nets.items()}
     step_times: dict[str, list[float]] = {v: [] for v in nets}
     g = torch.Generator().manual_seed(ctx.seed)
     for _ in range(size.epochs):

@@ -16,7 +16,7 @@ from raydeq.bench.harness import models
 from raydeq.bench.harness.context import Context
 from raydeq.bench.harness.report import Section, Target
 from raydeq.bench.harness.timing import Case, Timing, measure
-from raydeq.bench.harness.training import train_step
+from raydeq.bench.harness.training import adam, train_step
 from raydeq.bench.suites.node import trained_deq
 from raydeq.models import EquilibriumClassifier
 
@@ -117,7 +117,7 @@ def case(
     """One training step of `model` on `images` under the preset's objective."""
     labels = torch.arange(len(images), device=images.device) % 10
     objective = models.preset_objective(name)
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.0)
+    optimizer = adam(model, 0.0)
 
     def prepare() -> Callable:
         model.train()
