@@ -11,11 +11,20 @@ from raydeq.solvers.batched import combine, dots
 SHAPES = [(3, 8, 64), (4, 3, 64), (256, 3, 128), (5, 1, 64), (6, 5, 16)]
 
 
-def rows_and_vectors(batch: int, k: int, n: int, m: int) -> tuple[torch.Tensor, ...]:
+# How the rows' buffer is stored: each sample's rows together, or each row of every sample
+# together (GMRES's basis), which the rows see as a transposed view.
+LAYOUTS = ["per_sample", "per_row"]
+
+
+def rows_and_vectors(
+    batch: int, k: int, n: int, m: int, layout: str = "per_sample"
+) -> tuple[torch.Tensor, ...]:
     """Rows (B, k, N) as a slice of a longer basis (as GMRES passes them), m vectors (B, m, N)
     and m coefficient sets (B, m, k)."""
     g = torch.Generator().manual_seed(batch * 100 + k)
     basis = torch.randn(batch, k + 2, n, generator=g, dtype=torch.float64)
+    if layout == "per_row":
+        basis = basis.transpose(0, 1).contiguous().transpose(0, 1)
     x = torch.randn(batch, m, n, generator=g, dtype=torch.float64)
     c = torch.randn(batch, m, k, generator=g, dtype=torch.float64)
     return basis[:, :k], x, c
@@ -23,8 +32,9 @@ def rows_and_vectors(batch: int, k: int, n: int, m: int) -> tuple[torch.Tensor, 
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("m", [None, 1, 2])
-def test_dots_match_einsum(shape, m):
-    rows, x, _ = rows_and_vectors(*shape, m or 1)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_dots_match_einsum(shape, m, layout):
+    rows, x, _ = rows_and_vectors(*shape, m or 1, layout)
     expected = torch.einsum("bkn,bmn->bmk", rows, x)
     if m is None:
         torch.testing.assert_close(dots(rows, x[:, 0]), expected[:, 0])
@@ -38,8 +48,9 @@ def test_dots_match_einsum(shape, m):
     "with_base, alpha, beta",
     [(False, 1.0, 1.0), (False, -0.5, 1.0), (True, -1.0, 1.0), (True, 2.0, -3.0)],
 )
-def test_combine_matches_einsum(shape, m, with_base, alpha, beta):
-    rows, base, c = rows_and_vectors(*shape, m or 1)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_combine_matches_einsum(shape, m, with_base, alpha, beta, layout):
+    rows, base, c = rows_and_vectors(*shape, m or 1, layout)
     expected = alpha * torch.einsum("bmk,bkn->bmn", c, rows)
     if with_base:
         expected = expected + beta * base
