@@ -69,11 +69,23 @@ class Problem:
 
 @dataclass
 class Record:
-    """What a forward pass hands to its backward: the forward integration's end point, and
-    the statistics the backward adds its vector-Jacobian products to."""
+    """What a forward pass hands to its backward: the forward integration's counts, and the
+    statistics the backward adds its vector-Jacobian products to.
 
-    end: Endpoint | None = None
+    It holds no tensor: the backward's node and the output's hook refer to it, and a tensor of
+    the graph held here would close a reference cycle through autograd's graph, which Python's
+    collector cannot see, and keep each step's graph alive for good.
+    """
+
+    nfe: int = 0
+    path_nfe: int = 0
+    steps: int = 0
     stats: SolveStats | None = None
+
+    def count(self, end: Endpoint) -> Tensor:
+        """Take the counts of a forward integration; returns its state at t1."""
+        self.nfe, self.path_nfe, self.steps = end.nfe, end.path_nfe, end.steps
+        return end.y
 
 
 class ContinuousAdjoint(torch.autograd.Function):
@@ -87,14 +99,14 @@ class ContinuousAdjoint(torch.autograd.Function):
     def forward(
         ctx: Any, problem: Problem, record: Record, y0: Tensor, x: Tensor, *params: Tensor
     ) -> Tensor:
-        """Integrate to t1 (the end point goes to `record`); returns z(t1)."""
-        record.end = problem.integrate(problem.field(x), y0, problem.t1)
+        """Integrate to t1 (its counts go to `record`); returns z(t1)."""
+        y1 = record.count(problem.integrate(problem.field(x), y0, problem.t1))
         ctx.problem, ctx.record = problem, record
         # The backward evaluates f again: under the forward's autocast, as its f ran.
         device = y0.device.type
         ctx.autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
-        ctx.save_for_backward(record.end.y, x, *params)
-        return record.end.y
+        ctx.save_for_backward(y1, x, *params)
+        return y1
 
     @staticmethod
     def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, ...]:
@@ -191,12 +203,10 @@ class NeuralODE(nn.Module):
             params = [p for p in self.f.parameters() if p.requires_grad]
             y = ContinuousAdjoint.apply(problem, record, row, x, *params)
         else:
-            record.end = problem.integrate(problem.field(x), row, self.t1)
-            y = record.end.y
-        end = record.end
+            y = record.count(problem.integrate(problem.field(x), row, self.t1))
         z = structure.unflatten(y.reshape(flat.shape))
         fz = self.f(z, x)
-        record.stats = residual_stats(z, fz, self.termination, end.nfe + 1, end.steps)
+        record.stats = residual_stats(z, fz, self.termination, record.nfe + 1, record.steps)
         if y.requires_grad:
             y.register_hook(partial(_count_backward, record, self.adjoint == "backprop"))
         zero = x.new_zeros(())
@@ -206,4 +216,4 @@ class NeuralODE(nn.Module):
 def _count_backward(record: Record, through_steps: bool, grad: Tensor) -> None:
     """Record the output's vector-Jacobian product, and with backprop those through the
     accepted steps."""
-    record.stats.backward_nvjp += 1 + (record.end.path_nfe if through_steps else 0)
+    record.stats.backward_nvjp += 1 + (record.path_nfe if through_steps else 0)

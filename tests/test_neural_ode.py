@@ -1,6 +1,9 @@
 """The Neural ODE's continuous adjoint against backpropagation through the same solver's steps,
 its statistics, and its configuration errors."""
 
+import gc
+import weakref
+
 import pytest
 import torch
 from torch import nn
@@ -169,3 +172,21 @@ def test_bad_neural_ode_options_are_one_line_naming_the_key_and_the_choices(mode
     with pytest.raises(ConfigError) as err:
         validate({"model": model})
     assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("adjoint", ["continuous", "backprop"])
+def test_a_training_step_frees_its_graph(adjoint):
+    """Once the step's output is dropped, its statistics are freed, and with them the graph
+    whose backward node and hook hold them: no reference cycle runs through autograd's graph
+    (one kept every step's graph for good, 2 MB a step for mnist_dense's batch of 256 with
+    backprop)."""
+    torch.manual_seed(0)
+    f = TanhCell(6).double()
+    x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    out = NeuralODE(f, adjoint=adjoint, abstol=1e-6, reltol=1e-6)(x)
+    out.z.square().sum().backward()
+    stats = weakref.ref(out.stats)
+    assert stats().backward_nvjp > 1
+    del out
+    gc.collect()
+    assert stats() is None
