@@ -13,6 +13,7 @@ import torch
 
 from raydeq.bench.harness.context import SIZES, Checkpoint, Context
 from raydeq.bench.harness.report import Report, machine_info, write
+from raydeq.bench.harness.timing import keep_freed_memory
 from raydeq.bench.suites import SUITES
 from raydeq.training.checkpoint import CheckpointError, read_checkpoint
 
@@ -99,6 +100,7 @@ def main(argv: Sequence[str] | None = None) -> Report:
         sys.exit("--device cuda: no CUDA device is available")
     if args.threads:
         torch.set_num_threads(args.threads)
+    keep_freed_memory()
     ctx = Context(device, args.size, tuple(args.models), args.data, args.seed, args.weights)
     report = Report(
         date=datetime.date.today().isoformat(),
