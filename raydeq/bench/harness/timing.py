@@ -56,8 +56,8 @@ def keep_freed_memory() -> bool:
     Otherwise a call that frees a block above the mmap threshold, or leaves more free memory at
     the top of the heap than the trim threshold, gives it back, and the next call faults those
     pages in again: on a CPU the Neural ODE's training step with the continuous adjoint took
-    260 to 400 such page faults per call, a share of its time that depended on the heap the
-    cases timed before it left behind.
+    about 200 such page faults per call (mnist_dense, batch 256), a share of its time that
+    depended on the heap the cases timed before it left behind; with these settings, 1.
     """
     name = ctypes.util.find_library("c")
     if name is None:
