@@ -190,8 +190,9 @@ class DEQ(nn.Module):
         return zeros
 
     def pretraining(self) -> bool:
-        """Whether this call unrolls f: training mode, fewer than pretrain_steps calls so far."""
-        return self.training and int(self.step) < self.pretrain_steps
+        """Whether this call unrolls f: training mode, fewer than pretrain_steps calls so far
+        (the count is read on the host, a synchronisation on a GPU, only if there is a warm-up)."""
+        return self.training and self.pretrain_steps > 0 and int(self.step) < self.pretrain_steps
 
     def forward(self, x: Tensor) -> LayerOutput:
         """Solve for the equilibrium of f(., x); see the class docstring for the outputs."""

@@ -448,3 +448,18 @@ def test_a_training_step_frees_its_graph(adjoint):
     del out
     gc.collect()
     assert stats() is None
+
+
+def test_only_a_layer_with_a_warm_up_reads_its_call_count_on_the_host():
+    """pretraining() reads the training-call count (a synchronisation on a GPU) only when
+    there is an unrolled warm-up to end."""
+    from raydeq.bench.suites.step_cost import OpCounter
+
+    f, _ = dense_cell()
+    plain, warm = DEQ(f).train(), DEQ(f, pretrain_steps=2).train()
+    with OpCounter() as counter:
+        assert plain.pretraining() is False
+    assert counter.syncs == 0
+    with OpCounter() as counter:
+        assert warm.pretraining() is True
+    assert counter.syncs == 1
