@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from raydeq.solvers.batched import combine, dots, put
+from raydeq.solvers.batched import combine, dots, history, put
 from raydeq.solvers.driver import Phase
 from raydeq.solvers.termination import Monitor, norm
 
@@ -106,9 +106,9 @@ class Anderson:
 
     def init(self, f: Map, z: torch.Tensor, monitor: Monitor) -> tuple[Mixing, int, int]:
         """f at z0 and empty buffers (a slot is written before it is first read)."""
-        batch, dim = z.shape
-        fs, gs = z.new_empty(batch, self.m, dim), z.new_empty(batch, self.m, dim)
-        xs = z.new_empty(batch, self.m, dim) if self.beta != 1 else None
+        batch = z.shape[0]
+        fs, gs = history(z, self.m), history(z, self.m)
+        xs = history(z, self.m) if self.beta != 1 else None
         ones = z.new_ones(batch, self.m, 1)
         eye = torch.eye(self.m, dtype=z.dtype, device=z.device)
         return Mixing(evaluate(f, z, monitor), fs, gs, xs, 0, ones, eye), 1, 1
@@ -189,9 +189,8 @@ class Broyden:
 
     def init(self, f: Map, z: torch.Tensor, monitor: Monitor) -> tuple[Secant, int, int]:
         """f at z0; the first update is -H g = g with H = -I."""
-        batch, dim = z.shape
         # Ring buffers of the rank-one terms; a slot is written before it is first read.
-        us, vs = z.new_empty(batch, self.memory, dim), z.new_empty(batch, self.memory, dim)
+        us, vs = history(z, self.memory), history(z, self.memory)
         now = evaluate(f, z, monitor)
         return Secant(now, now.g, us, vs, 0), 1, 1
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from raydeq.solvers.batched import combine, dots
+from raydeq.solvers.batched import combine, dots, history
 
 LinearOperator = Callable[[torch.Tensor], torch.Tensor]
 
@@ -120,12 +120,7 @@ class GMRES:
         # Per-sample vectors are (B, 1, .) rows, the shape the batched products take and give,
         # and each buffer is written through one slice of a flat view: a view is an aten
         # operation, dispatched like a kernel, and views were half of a step's operations.
-        # The basis is stored vector by vector: vector k of every sample is one contiguous block,
-        # so a Gram-Schmidt pass over the first j + 1 reads j + 1 blocks, not j + 1 pieces of
-        # each sample's m + 1 rows (7% off the solve at mnist_dense's batch of 256 on a CPU,
-        # where the scattered rows evicted the operator's own data). Row k is written before
-        # it is read.
-        basis = r.new_empty(m + 1, batch, n).transpose(0, 1)
+        basis = history(r, m + 1)  # row k is written before it is read
         u = torch.div(r, beta_column.clamp_min(tiny), out=basis[:, 0])
         hess = r.new_zeros(batch, m + 1, m)
         hess_flat = hess.view(batch, 1, -1)  # column j: flat entries j, j + m, j + 2 m, ...
