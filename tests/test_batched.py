@@ -12,7 +12,7 @@ SHAPES = [(3, 8, 64), (4, 3, 64), (256, 3, 128), (5, 1, 64), (6, 5, 16)]
 
 
 # How the rows' buffer is stored: each sample's rows together, or each row of every sample
-# together (GMRES's basis), which the rows see as a transposed view.
+# together (the solvers' `history` buffers), which the rows see as a transposed view.
 LAYOUTS = ["per_sample", "per_row"]
 
 
