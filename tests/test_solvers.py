@@ -7,7 +7,9 @@ import torch
 
 import raydeq
 from raydeq.bench.harness.problems import SpectralProblem, Spectrum
+from raydeq.bench.suites.step_cost import OpCounter
 from raydeq.solvers import SOLVERS, Status
+from raydeq.solvers.termination import Monitor, Termination
 
 D, B = 6, 3
 
@@ -486,3 +488,23 @@ def test_on_a_cpu_a_solve_ends_at_the_step_its_last_sample_converges(solver):
     torch.testing.assert_close(cpu.z, blocks.z, rtol=0, atol=0)
     assert (cpu.stats.steps, cpu.stats.nfe) == (every.stats.steps, every.stats.nfe)
     assert cpu.stats.steps <= blocks.stats.steps
+
+
+@pytest.mark.parametrize("reads", [False, True])
+def test_a_monitor_selects_as_torch_where(reads):
+    """Monitor.select gives torch.where(mask, a, b) for every pair; where host reads are free,
+    a mask that is the same for every sample returns the pair's own tensors, with no select."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(4, 3, generator=g), torch.randn(4, 3, generator=g)
+    ra, rb = a.norm(dim=1, keepdim=True), b.norm(dim=1, keepdim=True)
+    monitor = Monitor(a, Termination(), reads=reads)
+    for rows in ([True] * 4, [False] * 4, [True, False, False, True]):
+        mask = torch.tensor(rows)[:, None]
+        with OpCounter() as counter:
+            got = monitor.select(mask, ((a, b), (ra, rb)))
+        for value, (x, y) in zip(got, ((a, b), (ra, rb)), strict=True):
+            torch.testing.assert_close(value, torch.where(mask, x, y), rtol=0, atol=0)
+        uniform = reads and len(set(rows)) == 1
+        assert counter.ops["where"] == (0 if uniform else 2)
+        if uniform:
+            assert got[0] is (a if rows[0] else b)

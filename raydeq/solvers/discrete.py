@@ -65,7 +65,8 @@ class FixedPoint:
     def step(self, f: Map, c: Iterate, monitor: Monitor) -> Iterate:
         """One (damped) iteration."""
         z = c.fz if self.damping == 1 else torch.add(c.z, c.g, alpha=self.damping)
-        return evaluate(f, torch.where(monitor.active, z, c.z), monitor)
+        (z,) = monitor.select(monitor.active, ((z, c.z),))
+        return evaluate(f, z, monitor)
 
 
 @dataclass(frozen=True)
@@ -148,7 +149,7 @@ class Anderson:
         mixed = combine(alpha, _first(fs, n))
         if xs is not None:
             mixed = self.beta * mixed + (1 - self.beta) * combine(alpha, _first(xs, n))
-        z = torch.where(monitor.active, mixed[:, 0], z)
+        (z,) = monitor.select(monitor.active, ((mixed[:, 0], z),))
         return Mixing(evaluate(f, z, monitor), fs, gs, xs, c.count + 1, c.ones, c.eye)
 
 
@@ -205,7 +206,8 @@ class Broyden:
 
     def step(self, f: Map, c: Secant, monitor: Monitor) -> Secant:
         """A unit quasi-Newton step and the rank-one update of H."""
-        new = evaluate(f, torch.where(monitor.active, c.now.z + c.update, c.now.z), monitor)
+        (z,) = monitor.select(monitor.active, ((c.now.z + c.update, c.now.z),))
+        new = evaluate(f, z, monitor)
         g_new = new.g
         dz, dg = c.update, g_new - c.now.g
         used = min(c.count, self.memory)

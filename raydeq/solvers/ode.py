@@ -107,10 +107,7 @@ def advance(
     rejected, h, memory = controller.decide(e, c.residual, residual, c.h, c.memory, error_order)
     # On booleans a <= b is ~a | b.
     kept = rejected if running is None else running <= rejected
-    y, k, residual = (
-        torch.where(kept, old, new)
-        for old, new in ((c.y, y_new), (c.k, k_new), (c.residual, residual))
-    )
+    y, k, residual = monitor.select(kept, ((c.y, y_new), (c.k, k_new), (c.residual, residual)))
     monitor.record(y, residual)
     return kept, Flow(y, k, residual, h, memory, c.scales)
 
@@ -269,7 +266,7 @@ class VCAB3:
         # Divided by the unmasked step, never 0 (a zero step would give 0 / 0, and NaN
         # gradients through the samples that keep their differences).
         differences = divided_differences(k_new, flow.k, c.differences[0], flow.h, c.last)
-        return self._shift(c, replace(new, h=h_next), kept, differences, flow.h, accepted)
+        return self._shift(c, monitor, replace(new, h=h_next), kept, differences, flow.h, accepted)
 
     def adams_step(self, f: Field, c: Adams, monitor: Monitor) -> Adams:
         """One AB3 step with its Milne error estimate. Every sample steps (a batch is evaluated
@@ -287,11 +284,12 @@ class VCAB3:
             differences[1] - d2, w3, lambda: flow.residual, flow.h, y_new, c.adams_scales
         )
         kept, new = advance(self.controller, monitor, flow, y_new, k_new, e, 3, monitor.active)
-        return self._shift(c, new, kept, differences, flow.h, c.accepted)
+        return self._shift(c, monitor, new, kept, differences, flow.h, c.accepted)
 
     @staticmethod
     def _shift(
         c: Adams,
+        monitor: Monitor,
         flow: Flow,
         kept: torch.Tensor,
         differences: tuple[torch.Tensor, torch.Tensor],
@@ -300,7 +298,6 @@ class VCAB3:
     ) -> Adams:
         """Take the divided differences at the new point and the step h to it, except for the
         samples `kept` where they were."""
-        shifted = tuple(
-            torch.where(kept, old, new) for new, old in zip(differences, c.differences, strict=True)
-        )
-        return Adams(flow, c.adams_scales, shifted, torch.where(kept, c.last, h), accepted)
+        (d1, d2), (d1_new, d2_new) = c.differences, differences
+        d1, d2, last = monitor.select(kept, ((d1, d1_new), (d2, d2_new), (c.last, h)))
+        return Adams(flow, c.adams_scales, (d1, d2), last, accepted)

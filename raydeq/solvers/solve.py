@@ -158,7 +158,7 @@ def solve(
         stop_on_convergence = z.device.type == "cpu"
     with torch.set_grad_enabled(record_graph):
         start = z if record_graph else z.detach()
-        monitor = Monitor(start, termination)
+        monitor = Monitor(start, termination, reads=stop_on_convergence and options is None)
         nfe, steps = iterate(
             method,
             f_flat,
