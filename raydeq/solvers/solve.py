@@ -127,12 +127,12 @@ def solve(
     step, and one that does not a first block of 3 steps instead of 4.
     stop_on_convergence=True also reads after every step whether any sample still runs, and
     stops at the step the last one converges; by default (None) on a CPU, which runs each
-    operation as it is issued, so that a read stalls nothing there; run eagerly, the steps then
-    also read whether a per-sample select (a rejected step, a stopped sample) has anything to
-    select, and skip it where not. Each sample's z* is the same either way (a sample stops on
-    the step it converges); only the steps the batch spends after that differ. compile=True
-    runs f and each solver step through torch.compile (mode "reduce-overhead", CUDA graphs, on
-    a GPU); a dict gives torch.compile's options.
+    operation as it is issued, so that a read stalls nothing there; on a CPU, run eagerly, the
+    steps then also read whether a per-sample select (a rejected step, a stopped sample) has
+    anything to select, and skip it where not. Each sample's z* is the same either way (a
+    sample stops on the step it converges); only the steps the batch spends after that differ.
+    compile=True runs f and each solver step through torch.compile (mode "reduce-overhead",
+    CUDA graphs, on a GPU); a dict gives torch.compile's options.
     """
     if adjoint not in ADJOINTS:
         raise ValueError(f"adjoint={adjoint!r} is not one of {', '.join(ADJOINTS)}")
@@ -159,7 +159,9 @@ def solve(
         stop_on_convergence = z.device.type == "cpu"
     with torch.set_grad_enabled(record_graph):
         start = z if record_graph else z.detach()
-        monitor = Monitor(start, termination, reads=stop_on_convergence and options is None)
+        # Selects read their masks only where a read stalls nothing: a CPU, run eagerly.
+        reads = stop_on_convergence and options is None and z.device.type == "cpu"
+        monitor = Monitor(start, termination, reads=reads)
         nfe, steps = iterate(
             method,
             f_flat,
