@@ -80,16 +80,46 @@ def test_gmres_reports_non_convergence():
 
 
 def test_neumann_matches_dense_solve_for_contractions():
-    g = torch.Generator().manual_seed(5)
-    k = torch.randn(4, 25, 25, generator=g, dtype=torch.float64)
-    k = 0.6 * k / torch.linalg.matrix_norm(k, 2)[:, None, None]
-    a = torch.eye(25, dtype=torch.float64) - k
-    b = torch.randn(4, 25, generator=g, dtype=torch.float64)
+    a, b = contraction_systems(4, 25, seed=5)
     x, info = Neumann(rtol=1e-12, max_iters=200)(matvec(a), b)
     torch.testing.assert_close(x, torch.linalg.solve(a, b), rtol=1e-10, atol=1e-11)
     assert bool(info.converged.all())
     _, gm = GMRES(rtol=1e-12)(matvec(a), b)
     assert gm.matvecs < info.matvecs
+
+
+def contraction_systems(batch: int, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """I - K with ||K||_2 = 0.6, solvable by GMRES and Neumann iteration alike."""
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(batch, n, n, generator=g, dtype=torch.float64)
+    k = 0.6 * k / torch.linalg.matrix_norm(k, 2)[:, None, None]
+    return torch.eye(n, dtype=torch.float64) - k, torch.randn(batch, n, generator=g).double()
+
+
+@pytest.mark.parametrize("solver", [GMRES, Neumann])
+@pytest.mark.parametrize("warm", [False, True])
+@pytest.mark.parametrize("scale", [1e-30, 1e-21, 1e25])
+def test_a_float32_solve_does_not_depend_on_the_scale_of_b(solver, warm, scale):
+    """A saturated softmax sends back gradients of 1e-22, whose float32 2-norms lose their
+    precision in subnormal numbers (and are 0 below 1e-23, inf above 1e19): solved at b's
+    scale, GMRES's residual never met its rtol there. Scaled by each sample's largest |b|,
+    the solve is the one at scale 1: the same products, x scaled, the tolerance met. atol is
+    in b's units."""
+    a, b = contraction_systems(4, 24, seed=7)
+    a32, b32 = a.float(), b.float()
+    for options in ({"rtol": 1e-4}, {"rtol": 0.0, "atol": 1e-4}):
+        unit = solver(**options)
+        scaled = solver(**{**options, "atol": options.get("atol", 0.0) * scale})
+        x1, info1 = unit(matvec(a32), b32, b32 if warm else None)
+        bs = b32 * scale
+        xs, info = scaled(matvec(a32), bs, bs if warm else None)
+        assert bool(info.converged.all()) and info.matvecs == info1.matvecs
+        torch.testing.assert_close(xs / scale, x1, rtol=1e-5, atol=1e-6)
+        # Residuals of 1e-4 ||b||, measured to float32's rounding of b.
+        noise = 1e-6 * float(b.norm(dim=1).max())
+        torch.testing.assert_close(info.residual / scale, info1.residual, rtol=0, atol=noise)
+        exact = torch.linalg.solve(a, b).float()
+        torch.testing.assert_close(xs / scale, exact, rtol=0, atol=1e-3)
 
 
 def test_bad_options_are_named():

@@ -34,6 +34,37 @@ class LinearSolveInfo:
     matvecs: int
 
 
+def rescaled(
+    solve: Callable[
+        [LinearOperator, torch.Tensor, torch.Tensor | None, torch.Tensor | float],
+        tuple[torch.Tensor, LinearSolveInfo],
+    ],
+    A: LinearOperator,
+    b: torch.Tensor,
+    x0: torch.Tensor | None,
+    atol: float,
+) -> tuple[torch.Tensor, LinearSolveInfo]:
+    """solve(A, b / s, x0 / s, atol / s) scaled back by s, each sample's largest |b| (1 where b
+    is 0): the same solve on a right-hand side of order 1, as A is linear.
+
+    A float32 2-norm squares its entries, so below about 1e-19 it loses its precision in
+    subnormal numbers and below about 1e-23 it is 0 (above about 1e19, inf). Such gradients
+    are common: a sample whose softmax has saturated sends back a v of 1e-22, and on the
+    trained mnist_dense 2.4% of the training digits did, some in every batch of 256. Unscaled,
+    GMRES measured such a sample's residual too coarsely to meet its rtol, and the whole batch
+    ran to max_iters: 18 VJPs instead of 7 or 8 on 5 of the first 30 training batches, a mean
+    of 8.9 VJPs per backward instead of 7.2.
+    """
+    scale = b.abs().amax(dim=1, keepdim=True)  # 10x faster than the inf-norm on a CPU
+    scale = torch.where(scale > 0, scale, 1.0)
+    unit = b / scale
+    # The implicit adjoint's warm start is b itself.
+    x0 = unit if x0 is b else None if x0 is None else x0 / scale
+    x, info = solve(A, unit, x0, atol / scale[:, 0] if atol else 0.0)
+    info.residual = info.residual * scale[:, 0]
+    return x * scale, info
+
+
 @dataclass(frozen=True)
 class GMRES:
     """Solve A x = b for a batch (B, N): sample b stops when ||b - A x|| <= max(atol, rtol ||b||).
@@ -65,8 +96,18 @@ class GMRES:
         self, A: LinearOperator, b: torch.Tensor, x0: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, LinearSolveInfo]:
         """Return x and the solve's info; x0 is the initial guess (zeros when None)."""
+        return rescaled(self._solve, A, b, x0, self.atol)
+
+    def _solve(
+        self,
+        A: LinearOperator,
+        b: torch.Tensor,
+        x0: torch.Tensor | None,
+        atol: torch.Tensor | float,
+    ) -> tuple[torch.Tensor, LinearSolveInfo]:
+        """The solve, on b of order 1 (see rescaled)."""
         batch = b.shape[0]
-        tol = torch.clamp_min(self.rtol * b.norm(dim=1), self.atol)
+        tol = torch.clamp_min(self.rtol * b.norm(dim=1), atol)
         iterations = torch.zeros(batch, dtype=torch.long, device=b.device)
         if x0 is None:
             x, r, matvecs = torch.zeros_like(b), b, 0

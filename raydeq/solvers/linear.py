@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from raydeq.solvers.gmres import LinearOperator, LinearSolveInfo
+from raydeq.solvers.gmres import LinearOperator, LinearSolveInfo, rescaled
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,17 @@ class Neumann:
         self, A: LinearOperator, b: torch.Tensor, x0: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, LinearSolveInfo]:
         """Return x and the solve's info; x0 is the initial guess (zeros when None)."""
-        tol = torch.clamp_min(self.rtol * b.norm(dim=1), self.atol)
+        return rescaled(self._solve, A, b, x0, self.atol)
+
+    def _solve(
+        self,
+        A: LinearOperator,
+        b: torch.Tensor,
+        x0: torch.Tensor | None,
+        atol: torch.Tensor | float,
+    ) -> tuple[torch.Tensor, LinearSolveInfo]:
+        """The solve, on b of order 1 (see rescaled)."""
+        tol = torch.clamp_min(self.rtol * b.norm(dim=1), atol)
         x = torch.zeros_like(b) if x0 is None else x0
         iterations = torch.zeros(b.shape[0], dtype=torch.long, device=b.device)
         r = b if x0 is None else b - A(x)
