@@ -99,6 +99,32 @@ def test_gradients_match_the_implicit_function_theorem(solver):
     assert out.stats.backward_nvjp > 1
 
 
+@pytest.mark.parametrize("adjoint", ["gmres", "fixed_point"])
+def test_a_saturated_sample_s_tiny_gradient_costs_no_product_and_no_nan(adjoint):
+    """A saturated softmax sends back v of 1e-30 or exactly 0 for some samples; in float32
+    their 2-norms underflow. Their input gradients are v's scale times the dense reference,
+    finite, and the backward takes the products it takes at v's own scale."""
+    f, x = dense_cell(2)
+    f, x = f.float(), x.detach().float().requires_grad_()
+    v = torch.randn(B, D)
+    scale = torch.tensor([1.0, 1e-30, 0.0])[:, None]
+    options = {"rtol": 1e-5, "max_iters": 50}
+    layer = DEQ(f, solver="vcab3", adjoint=adjoint, adjoint_options=options, **TIGHT)
+    counts = []
+    for weights in (v, v * scale):
+        out = layer(x)
+        (got,) = torch.autograd.grad((out.z * weights).sum(), [x])
+        counts.append(out.stats.backward_nvjp)
+    x64 = x.detach().double().requires_grad_()
+    z = iterate(f.double(), x64, torch.zeros(B, D, dtype=torch.float64))
+    (expected,) = ift_vjp(f, z, x64, v.double(), [x64])
+    assert counts[0] == counts[1]
+    assert torch.isfinite(got).all() and (got[2] == 0).all()
+    for b in range(2):
+        error = (got[b].double() / scale[b] - expected[b]).norm() / expected[b].norm()
+        assert error < 1e-4, (b, float(error))
+
+
 def tiny_mdeq(dropout: float) -> tuple[nn.Module, nn.Module, nn.Module]:
     """A float64 two-scale MDEQ small enough to converge to 1e-11 and to unroll."""
     cfg = MDEQConfig(
