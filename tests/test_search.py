@@ -204,7 +204,7 @@ def test_the_front_table_names_the_paper_points_and_the_cheapest_trial():
     rows = [
         {
             "trial": "a_x",
-            "group": "Vanilla DEQ, solver=vcab3",
+            "group": "Vanilla DEQ (ours, lambda 1.0), solver=vcab3",
             "paper": True,
             "completed": True,
             "test_accuracy": 0.95,
@@ -247,7 +247,10 @@ def test_the_front_table_names_the_paper_points_and_the_cheapest_trial():
     assert [r["pareto_test_nfe"] for r in marked] == [True, True, False, False]
     assert [r["cheapest_test_nfe"] for r in marked] == [False, True, False, False]
     text = pareto.markdown(marked, "test_accuracy")
-    assert "| b | 94.80 | 9 | 0.01 | euler |" in text and "| Vanilla DEQ | 95.00 | 30 |" in text
+    assert (
+        "| b | 94.80 | 9 | 0.01 | euler |" in text
+        and "| Vanilla DEQ (ours, lambda 1.0) | 95.00 | 30 |" in text
+    )
     assert "Cheapest within 0.5 points of the best test_accuracy: b (94.80%, test NFE 9)" in text
     assert pareto.chart(marked, "test_accuracy").startswith(b"\x89PNG")
 

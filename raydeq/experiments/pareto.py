@@ -10,6 +10,7 @@ experiment without any counts all of its trials.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -90,8 +91,11 @@ def _number(value: Any) -> float:
 
 
 def _name(row: Mapping[str, Any]) -> str:
-    """A trial as the tables name it: the paper's label, else its id."""
-    return row["group"].split(",")[0] if row.get("paper") else row["trial"].split("_")[0]
+    """A trial as the tables name it: the paper's label (its group up to the first ", key=",
+    so that a label may hold a comma), else its id."""
+    if row.get("paper"):
+        return re.split(r", (?=[\w.]+=)", row["group"])[0]
+    return row["trial"].split("_")[0]
 
 
 def _value(value: Any) -> str:
