@@ -165,7 +165,9 @@ def plot(metric: str, label: str, curves: dict[str, list[pd.DataFrame]]) -> byte
             continue
         joined = pd.concat(usable)
         stats = joined.groupby("step")[metric].agg(["mean", "std"]).fillna(0.0)
-        axes.plot(stats.index, stats["mean"], marker="o", markersize=3, label=group)
+        # Matplotlib's 10 colours repeat from the 11th variant on: a new line style tells it.
+        style = ("-", "--", ":")[len(axes.lines) // 10 % 3]
+        axes.plot(stats.index, stats["mean"], style, marker="o", markersize=3, label=group)
         axes.fill_between(
             stats.index, stats["mean"] - stats["std"], stats["mean"] + stats["std"], alpha=0.2
         )
