@@ -316,6 +316,11 @@ def test_the_table_averages_finished_seeds_per_variant_and_the_parquet_round_tri
     table = results.markdown(rows)
     assert "| Skip DEQ | 3 (1 stopped) | 97.50 ± 0.71 | 0.5 ± 0 | 0.5 ± 0 | 0.5 ± 0 |" in table
     assert "| 11 ± 1.414 | 1,234 |" in table
+    assert "skipped" not in table
+    skipped = [row | {"skipped_steps": 3.0 * (row["seed"] == 1)} for row in rows]
+    assert results.markdown(skipped).endswith(
+        "\nSteps skipped for a non-finite loss or gradient: Skip DEQ seed 1: 3 of 100.\n"
+    )
     path = tmp_path / "results.parquet"
     pq.write_table(results.results_table(rows), path)
     assert pq.read_table(path).to_pylist() == rows

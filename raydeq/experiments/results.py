@@ -102,6 +102,7 @@ def trial_row(experiment: Experiment, trial: Any, frame: pd.DataFrame) -> dict[s
         "pretrain_backward_time": _mean(frame, "pretrain_backward_time"),
         "nfe": _mean(frame, "nfe"),
         "backward_nvjp": _mean(frame, "backward_nvjp"),
+        "skipped_steps": _last(frame, "skipped_steps"),
         "train_loss": _last(frame, "train_loss"),
         "train_accuracy": _last(frame, "train_accuracy"),
         "parameters": parameter_count(model_section),
@@ -153,7 +154,20 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         cells = [_cell([m[key] for m in done], scale) for key, _, scale in TABLE]
         row = [group, seeds, *cells, f"{members[0]['parameters']:,}"]
         lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + _skipped(rows)
+
+
+def _skipped(rows: list[dict[str, Any]]) -> str:
+    """A line naming the trials that skipped steps for a non-finite loss or gradient (the
+    training loop drops those updates and goes on, so the table alone would not show them)."""
+    named = [
+        f"{row['group']} seed {row['seed']}: {int(row['skipped_steps']):,} of {row['step']:,}"
+        for row in rows
+        if row.get("skipped_steps", 0) > 0
+    ]
+    if not named:
+        return ""
+    return f"\nSteps skipped for a non-finite loss or gradient: {'; '.join(named)}.\n"
 
 
 def plot(metric: str, label: str, curves: dict[str, list[pd.DataFrame]]) -> bytes:
