@@ -326,6 +326,7 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_run_when_they_persist
     cfg = make_config(tmp_path, max_steps=4, max_nonfinite_steps=10)
     result = launch.fit(cfg, LOCAL, train_fn)
     assert result.metrics["skipped_steps"] == 4 and "train_loss" not in result.metrics
+    assert reporting.progress_line("t", result.metrics).endswith(" skipped 4")
     for name, value in seen["before"].items():
         assert torch.equal(value, seen["after"][name]), name
     with pytest.raises(loop.NonFiniteError, match="3 steps in a row had a non-finite loss"):

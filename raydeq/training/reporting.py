@@ -60,7 +60,9 @@ def progress_line(label: str, metrics: dict[str, Any]) -> str:
     """`[label] epoch E step S/N` and the headline metrics of a report."""
     position = f"epoch {metrics['epoch']:.2f} step {metrics['step']}/{metrics['total_steps']}"
     shown = " ".join(f"{name} {metrics[k]:.4g}" for k, name in SHOWN.items() if k in metrics)
-    return f"[{label}] {position} {shown}"
+    # Skipped updates (a non-finite loss or gradient) are shown once there are any.
+    skipped = f" skipped {metrics['skipped_steps']}" if metrics.get("skipped_steps") else ""
+    return f"[{label}] {position} {shown}{skipped}"
 
 
 class Meter:
