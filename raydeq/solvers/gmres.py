@@ -34,39 +34,46 @@ class LinearSolveInfo:
     matvecs: int
 
 
-def rescaled(
-    solve: Callable[
-        [LinearOperator, torch.Tensor, torch.Tensor | None, torch.Tensor | float],
-        tuple[torch.Tensor, LinearSolveInfo],
-    ],
-    A: LinearOperator,
-    b: torch.Tensor,
-    x0: torch.Tensor | None,
-    atol: float,
-) -> tuple[torch.Tensor, LinearSolveInfo]:
-    """solve(A, b / s, x0 / s, atol / s) scaled back by s, each sample's largest |b| (1 where b
-    is 0): the same solve on a right-hand side of order 1, as A is linear.
+class ScaledLinearSolver:
+    """A batched linear solver that solves each sample's system on b divided by its largest
+    |b| (1 where b is 0) and scales x back, exact as A is linear; subclasses solve in `_solve`.
 
     A float32 2-norm squares its entries, so below about 1e-19 it loses its precision in
-    subnormal numbers and below about 1e-23 it is 0 (above about 1e19, inf). Such gradients
-    are common: a sample whose softmax has saturated sends back a v of 1e-22, and on the
-    trained mnist_dense 2.4% of the training digits did, some in every batch of 256. Unscaled,
-    GMRES measured such a sample's residual too coarsely to meet its rtol, and the whole batch
-    ran to max_iters: 18 VJPs instead of 7 or 8 on 5 of the first 30 training batches, a mean
-    of 8.9 VJPs per backward instead of 7.2.
+    subnormal numbers, below about 1e-23 it is 0, and above about 1e19 it is inf. A sample
+    whose softmax has saturated sends back such a gradient (1e-22 to 1e-30, or 0). Unscaled,
+    GMRES measured its residual too coarsely to meet its rtol (the batch ran to max_iters: 18
+    VJPs instead of 7 or 8), or divided by a norm of 0 and returned NaN: one pass over the
+    trained mnist_dense's training digits (batch 32) gave 21 non-finite gradients in 250.
     """
-    scale = b.abs().amax(dim=1, keepdim=True)  # 10x faster than the inf-norm on a CPU
-    scale = torch.where(scale > 0, scale, 1.0)
-    unit = b / scale
-    # The implicit adjoint's warm start is b itself.
-    x0 = unit if x0 is b else None if x0 is None else x0 / scale
-    x, info = solve(A, unit, x0, atol / scale[:, 0] if atol else 0.0)
-    info.residual = info.residual * scale[:, 0]
-    return x * scale, info
+
+    atol: float
+
+    def __call__(
+        self, A: LinearOperator, b: torch.Tensor, x0: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, LinearSolveInfo]:
+        """Return x and the solve's info; x0 is the initial guess (zeros when None)."""
+        scale = b.abs().amax(dim=1, keepdim=True)  # 10x faster than the inf-norm on a CPU
+        scale = torch.where(scale > 0, scale, 1.0)
+        unit = b / scale
+        # The implicit adjoint's warm start is b itself.
+        x0 = unit if x0 is b else None if x0 is None else x0 / scale
+        x, info = self._solve(A, unit, x0, self.atol / scale[:, 0] if self.atol else 0.0)
+        info.residual = info.residual * scale[:, 0]
+        return x * scale, info
+
+    def _solve(
+        self,
+        A: LinearOperator,
+        b: torch.Tensor,
+        x0: torch.Tensor | None,
+        atol: torch.Tensor | float,
+    ) -> tuple[torch.Tensor, LinearSolveInfo]:
+        """The solve of A x = b for b of order 1, with atol in b's units."""
+        raise NotImplementedError
 
 
 @dataclass(frozen=True)
-class GMRES:
+class GMRES(ScaledLinearSolver):
     """Solve A x = b for a batch (B, N): sample b stops when ||b - A x|| <= max(atol, rtol ||b||).
 
     `restart` is the Krylov dimension between restarts and `max_iters` bounds the Arnoldi steps
@@ -92,12 +99,6 @@ class GMRES:
         if self.check_every is not None and self.check_every < 1:
             raise ValueError(f"check_every={self.check_every!r} must be >= 1 or None")
 
-    def __call__(
-        self, A: LinearOperator, b: torch.Tensor, x0: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, LinearSolveInfo]:
-        """Return x and the solve's info; x0 is the initial guess (zeros when None)."""
-        return rescaled(self._solve, A, b, x0, self.atol)
-
     def _solve(
         self,
         A: LinearOperator,
@@ -105,7 +106,7 @@ class GMRES:
         x0: torch.Tensor | None,
         atol: torch.Tensor | float,
     ) -> tuple[torch.Tensor, LinearSolveInfo]:
-        """The solve, on b of order 1 (see rescaled)."""
+        """GMRES on b of order 1 (see ScaledLinearSolver)."""
         batch = b.shape[0]
         tol = torch.clamp_min(self.rtol * b.norm(dim=1), atol)
         iterations = torch.zeros(batch, dtype=torch.long, device=b.device)

@@ -6,11 +6,11 @@ from dataclasses import dataclass
 
 import torch
 
-from raydeq.solvers.gmres import LinearOperator, LinearSolveInfo, rescaled
+from raydeq.solvers.gmres import LinearOperator, LinearSolveInfo, ScaledLinearSolver
 
 
 @dataclass(frozen=True)
-class Neumann:
+class Neumann(ScaledLinearSolver):
     """Solve A x = b by x <- x + (b - A x): for A = I - K the Neumann series x = sum_k K^k b.
 
     Converges when the spectral radius of K = I - A is below 1 (a contractive DEQ); sample b
@@ -27,12 +27,6 @@ class Neumann:
         if self.max_iters < 1:
             raise ValueError(f"max_iters={self.max_iters!r} must be >= 1")
 
-    def __call__(
-        self, A: LinearOperator, b: torch.Tensor, x0: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, LinearSolveInfo]:
-        """Return x and the solve's info; x0 is the initial guess (zeros when None)."""
-        return rescaled(self._solve, A, b, x0, self.atol)
-
     def _solve(
         self,
         A: LinearOperator,
@@ -40,7 +34,7 @@ class Neumann:
         x0: torch.Tensor | None,
         atol: torch.Tensor | float,
     ) -> tuple[torch.Tensor, LinearSolveInfo]:
-        """The solve, on b of order 1 (see rescaled)."""
+        """Neumann iteration on b of order 1 (see ScaledLinearSolver)."""
         tol = torch.clamp_min(self.rtol * b.norm(dim=1), atol)
         x = torch.zeros_like(b) if x0 is None else x0
         iterations = torch.zeros(b.shape[0], dtype=torch.long, device=b.device)
