@@ -452,9 +452,12 @@ def test_statistics_are_complete_when_solve_returns(adjoint):
     assert isinstance(sol.stats.nfe, int) and isinstance(sol.stats.steps, int)
     assert sol.stats.nfe == len(calls)
     assert sol.stats.backward_nvjp == 0
+    assert sol.stats.backward_unconverged_fraction is None
     (sol.z * 1.0).sum().backward()
     assert sol.stats.nfe == len(calls)
     assert sol.stats.backward_nvjp >= 1
+    implicit = adjoint in ("gmres", "fixed_point")
+    assert sol.stats.backward_unconverged_fraction == (0.0 if implicit else None)
     assert isinstance(make_adjoint("unrolled", {}), Unrolled)
 
 

@@ -47,6 +47,7 @@ METRICS = (
     "jac_loss",
     "residual",
     "unconverged_fraction",
+    "backward_unconverged_fraction",
     "skipped_steps",
     "overflow_steps",
     "test_accuracy",
@@ -217,6 +218,7 @@ def test_the_loop_trains_reports_every_metric_and_writes_tensorboard(tmp_path):
     assert metrics["step"] == 6 and set(METRICS) <= set(metrics)
     assert 0 <= metrics["test_accuracy"] <= 1 and metrics["nfe"] > 0
     assert metrics["skipped_steps"] == 0 and metrics["backward_nvjp"] > 0
+    assert 0 <= metrics["backward_unconverged_fraction"] <= 1
     steps = steps_by_tag(Path(cfg.run_dir, reporting.TENSORBOARD_DIR))
     assert set(METRICS) <= set(steps)
     assert steps["train_loss"] == [1, 2, 3, 4, 5, 6]

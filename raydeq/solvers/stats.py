@@ -38,3 +38,11 @@ class SolveStats:
     def unconverged_fraction(self) -> float:
         """Fraction of samples that did not meet the tolerance."""
         return float((~self.converged).float().mean())
+
+    @property
+    def backward_unconverged_fraction(self) -> float | None:
+        """Fraction of samples whose adjoint solve stopped at its max_iters, once backward()
+        has run an implicit adjoint (None before, and for the other adjoints)."""
+        if self.backward_converged is None:
+            return None
+        return float((~self.backward_converged).float().mean())

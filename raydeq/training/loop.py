@@ -120,6 +120,9 @@ class Loop:
             return None
         times = {"forward_time": forward_end - start, "backward_time": backward_end - forward_end}
         counts = {"nfe": float(out.stats.nfe), "backward_nvjp": float(out.stats.backward_nvjp)}
+        unconverged = out.stats.backward_unconverged_fraction
+        if unconverged is not None:
+            counts["backward_unconverged_fraction"] = unconverged
         solver = counts | times
         if pretraining:
             solver = {f"pretrain_{k}": v for k, v in solver.items()}

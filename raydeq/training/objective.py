@@ -34,6 +34,7 @@ STEP_METRICS = (
     "jac_loss",
     "residual",
     "unconverged_fraction",
+    "backward_unconverged_fraction",  # implicit adjoints only
     "images_per_second",
 )
 # Metrics of one evaluation on the test set.
