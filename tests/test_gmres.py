@@ -20,6 +20,15 @@ def systems(
     return a, torch.randn(batch, n, generator=g, dtype=torch.float64)
 
 
+def contraction_systems(batch: int, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """I - K with ||K||_2 = 0.6, solvable by GMRES and Neumann iteration alike."""
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(batch, n, n, generator=g, dtype=torch.float64)
+    k = 0.6 * k / torch.linalg.matrix_norm(k, 2)[:, None, None]
+    b = torch.randn(batch, n, generator=g, dtype=torch.float64)
+    return torch.eye(n, dtype=torch.float64) - k, b
+
+
 def matvec(a: torch.Tensor):
     return lambda x: (a @ x[:, :, None])[:, :, 0]
 
@@ -86,14 +95,6 @@ def test_neumann_matches_dense_solve_for_contractions():
     assert bool(info.converged.all())
     _, gm = GMRES(rtol=1e-12)(matvec(a), b)
     assert gm.matvecs < info.matvecs
-
-
-def contraction_systems(batch: int, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """I - K with ||K||_2 = 0.6, solvable by GMRES and Neumann iteration alike."""
-    g = torch.Generator().manual_seed(seed)
-    k = torch.randn(batch, n, n, generator=g, dtype=torch.float64)
-    k = 0.6 * k / torch.linalg.matrix_norm(k, 2)[:, None, None]
-    return torch.eye(n, dtype=torch.float64) - k, torch.randn(batch, n, generator=g).double()
 
 
 @pytest.mark.parametrize("solver", [GMRES, Neumann])
