@@ -164,6 +164,29 @@ def test_node_benchmark_times_the_weights_of_a_training_checkpoint(tmp_path, cap
         assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["--models", "mnist"],
+            "argument --models: invalid choice: 'mnist' (choose from 'mnist_dense'",
+        ),
+        (["--threads", "0"], "argument --threads: '0' is not an integer >= 1"),
+        (["--device", "gpu"], "argument --device: 'gpu' is not a torch device"),
+    ],
+)
+def test_a_bad_argument_is_named_with_what_is_allowed(args, message, capsys):
+    with pytest.raises(SystemExit):
+        main(["--size", "tiny", *args])
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.device_count() > 3, reason="needs a missing CUDA device")
+def test_a_missing_cuda_device_stops_the_run_before_any_suite():
+    with pytest.raises(SystemExit, match="--device cuda:3: .* CUDA devices are available"):
+        main(["--size", "tiny", "--device", "cuda:3"])
+
+
 def test_every_suite_module_is_named_as_its_suite_and_section():
     names = [module.__name__.rpartition(".")[2] for module in MODULES]
     assert names == list(SUITES)

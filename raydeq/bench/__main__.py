@@ -15,6 +15,7 @@ from raydeq.bench.harness.context import SIZES, Checkpoint, Context
 from raydeq.bench.harness.report import Report, machine_info, write
 from raydeq.bench.harness.timing import keep_freed_memory
 from raydeq.bench.suites import SUITES
+from raydeq.models import PRESETS
 from raydeq.training.checkpoint import CheckpointError, read_checkpoint
 
 
@@ -34,7 +35,9 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--size", choices=SIZES, default="full", help="problem sizes and repeats (default: full)"
     )
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    parser.add_argument(
+        "--device", type=torch_device, default="cpu", help="torch device, e.g. cpu or cuda"
+    )
     parser.add_argument(
         "--only",
         nargs="+",
@@ -46,7 +49,9 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         "--models",
         nargs="+",
         default=["mnist_dense", "cifar10_small"],
-        help="presets for the DEQ vs Neural ODE benchmark",
+        choices=list(PRESETS),
+        metavar="MODEL",
+        help=f"presets for the DEQ vs Neural ODE benchmark: {', '.join(PRESETS)}",
     )
     parser.add_argument(
         "--weights",
@@ -61,7 +66,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         type=Path,
         help="folder holding the full MNIST's MNIST/raw (default: the embedded 10k digits)",
     )
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's)")
     parser.add_argument(
         "--out",
         type=Path,
@@ -72,6 +77,23 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.weights = parse_weights(parser, args.weights, args.models)
     return args
+
+
+def torch_device(text: str) -> torch.device:
+    """A torch device named on the command line."""
+    try:
+        return torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a torch device (e.g. cpu, cuda, cuda:1)"
+        ) from None
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1 named on the command line."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= 1")
+    return int(text)
 
 
 def parse_weights(
@@ -95,9 +117,9 @@ def parse_weights(
 def main(argv: Sequence[str] | None = None) -> Report:
     """Run the selected suites, rewriting the report after each one; returns it."""
     args = parse(argv)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        sys.exit("--device cuda: no CUDA device is available")
+    device = args.device
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        sys.exit(f"--device {device}: {torch.cuda.device_count()} CUDA devices are available")
     if args.threads:
         torch.set_num_threads(args.threads)
     keep_freed_memory()
