@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from raydeq.solvers import ADJOINTS, SOLVERS, SolveStats, Termination, solve
+from raydeq.solvers.solve import check_options
 from raydeq.solvers.state import State, Structure
 from raydeq.solvers.termination import Monitor, norm
 
@@ -165,6 +166,7 @@ class DEQ(nn.Module):
         _check_positive("pretrain_depth", pretrain_depth, integer=True)
         if not isinstance(jac_reg, bool):
             raise ValueError(f"jac_reg={jac_reg!r} must be True or False")
+        check_options(solver, adjoint, solver_options, adjoint_options, compile)
         self.f = f
         self.skip = skip
         self.init = init

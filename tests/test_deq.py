@@ -330,6 +330,9 @@ def test_pretraining_unrolls_f_then_solves():
         ({"pretrain_depth": 1.5}, "pretrain_depth=1.5 must be an integer > 0"),
         ({"jac_reg": "yes"}, "jac_reg='yes' must be True or False"),
         ({"abstol": -1.0}, "abstol=-1.0 must be a number >= 0"),
+        ({"solver": "euler", "solver_options": {"m": 5}}, "solver='euler' takes no option 'm'"),
+        ({"adjoint_options": {"rtol": -1.0}}, "rtol=-1.0 and atol=0.0 must be >= 0"),
+        ({"compile": "yes"}, "compile='yes' must be True, False or a dict"),
     ],
 )
 def test_invalid_arguments_name_the_value_and_the_choices(kwargs, message):

@@ -214,6 +214,14 @@ def test_model_forward_draws_fresh_masks():
             "adjoint='gmres' is not one of 'continuous', 'backprop' for variant 'neural_ode'",
         ),
         ({"model": "mnist_dense", "init": "skip"}, r"unknown DEQ option\(s\) \['init'\]"),
+        (
+            {"model": "mnist_dense", "solver": "anderson", "solver_options": {"mm": 3}},
+            "solver='anderson' takes no option 'mm'; its options are m, lam, beta",
+        ),
+        (
+            {"model": "mnist_dense", "adjoint_options": {"restrt": 5}},
+            "adjoint='gmres' takes no option 'restrt'; its options are rtol, atol, restart",
+        ),
     ],
 )
 def test_bad_configs_name_the_value_and_the_choices(cfg, message):

@@ -280,6 +280,21 @@ def test_divergence_stops_the_sample():
         ({"solver_options": {"kind": "pid"}}, "kind='pid' is not one of"),
         ({"solver_options": {"step_rtol": 1.5}}, "step_rtol=1.5 must be in"),
         ({"solver_options": {"contraction": 1.0}}, "contraction=1.0 must be in"),
+        (
+            {"solver": "euler", "solver_options": {"m": 5}},
+            "solver='euler' takes no option 'm'; its options are kind, h0, safety",
+        ),
+        (
+            {"adjoint": "fixed_point", "adjoint_options": {"restart": 5}},
+            "adjoint='fixed_point' takes no option 'restart'; its options are rtol, atol, "
+            "max_iters, warm_start",
+        ),
+        (
+            {"adjoint": "jfb", "adjoint_options": {"warm_start": False}},
+            "adjoint='jfb' takes no option 'warm_start'; its options are none",
+        ),
+        ({"reltol": "1e-3"}, "reltol='1e-3' must be a number >= 0"),
+        ({"compile": "yes"}, "compile='yes' must be True, False or a dict of torch.compile"),
     ],
 )
 def test_bad_arguments_are_named(kwargs, message):

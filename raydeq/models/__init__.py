@@ -12,6 +12,7 @@ from raydeq.models.presets import PRESETS, Preset
 from raydeq.neural_ode import NODE_ADJOINTS, NODE_DYNAMICS, NeuralODE
 from raydeq.solvers import ADJOINTS, CONTINUOUS, DISCRETE
 from raydeq.solvers.interval import INTERVAL_SOLVERS
+from raydeq.solvers.solve import check_options
 
 VARIANTS = ("vanilla", "skip", "skip_reg", "neural_ode")
 DEFAULT_VARIANT = "skip_reg"
@@ -79,6 +80,10 @@ def resolve(cfg: Mapping[str, Any]) -> dict[str, Any]:
         layer, adjoints = DEQ, ADJOINTS
     resolved = {**_defaults(layer), **defaults, **_options(layer, options)}
     _choice("adjoint", resolved["adjoint"], adjoints, where)
+    if layer is DEQ:
+        check_options(
+            solver, resolved["adjoint"], resolved["solver_options"], resolved["adjoint_options"]
+        )
     return {"model": name, "variant": variant, "solver": solver, **resolved}
 
 

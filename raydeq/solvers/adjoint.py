@@ -17,6 +17,7 @@ import torch
 
 from raydeq.solvers.gmres import GMRES, LinearOperator, LinearSolveInfo
 from raydeq.solvers.linear import Neumann
+from raydeq.solvers.options import construct
 from raydeq.solvers.stats import SolveStats
 
 Map = Callable[[torch.Tensor], torch.Tensor]
@@ -111,16 +112,10 @@ Adjoint = ImplicitAdjoint | JacobianFree | Unrolled
 
 def make_adjoint(name: str, options: dict) -> Adjoint:
     """The adjoint named by `adjoint=`."""
-    options = dict(options)
-    warm_start = options.pop("warm_start", True)
-    if name == "gmres":
-        return ImplicitAdjoint(GMRES(**options), warm_start)
-    if name == "fixed_point":
-        return ImplicitAdjoint(Neumann(**options), warm_start)
-    if name == "jfb":
-        if options:
-            raise ValueError(f"adjoint='jfb' takes no options, got {sorted(options)}")
-        return JacobianFree()
-    if options:
-        raise ValueError(f"adjoint='unrolled' takes no options, got {sorted(options)}")
-    return Unrolled()
+    what = f"adjoint={name!r}"
+    if name in ("gmres", "fixed_point"):
+        options = dict(options)
+        warm_start = options.pop("warm_start", True)
+        linear = construct(what, GMRES if name == "gmres" else Neumann, options, ("warm_start",))
+        return ImplicitAdjoint(linear, warm_start)
+    return construct(what, JacobianFree if name == "jfb" else Unrolled, options)

@@ -12,6 +12,7 @@ from raydeq.solvers.control import Controller
 from raydeq.solvers.discrete import Anderson, Broyden, FixedPoint
 from raydeq.solvers.driver import Method, iterate
 from raydeq.solvers.ode import VCAB3, RungeKutta
+from raydeq.solvers.options import construct
 from raydeq.solvers.state import State, Structure, flat_function
 from raydeq.solvers.stats import SolveStats
 from raydeq.solvers.tableau import BS3, EULER, TSIT5
@@ -76,11 +77,28 @@ def make_solver(name: str, options: dict) -> Method:
     if name not in SOLVERS:
         raise ValueError(f"solver={name!r} is not one of {', '.join(SOLVERS)}")
     if name in CONTINUOUS:
-        controller = Controller(**{**CONTROLLER_DEFAULTS.get(name, {}), **options})
+        what = f"solver={name!r}"
+        controller = construct(what, Controller, {**CONTROLLER_DEFAULTS.get(name, {}), **options})
         if name == "vcab3":
             return VCAB3(controller, CONTROLLER_DEFAULTS["bs3"]["h_max"])
         return RungeKutta({"tsit5": TSIT5, "bs3": BS3, "euler": EULER}[name], controller)
-    return {"fixed_point": FixedPoint, "anderson": Anderson, "broyden": Broyden}[name](**options)
+    method = {"fixed_point": FixedPoint, "anderson": Anderson, "broyden": Broyden}[name]
+    return construct(f"solver={name!r}", method, options)
+
+
+def check_options(
+    solver: str,
+    adjoint: str,
+    solver_options: dict | None,
+    adjoint_options: dict | None,
+    compile: bool | dict = False,
+) -> None:
+    """Build the solver and the adjoint once with their options and read compile=, so that a
+    bad name or value raises its ValueError where a layer or a config is made, not at its
+    first solve."""
+    make_solver(solver, solver_options or {})
+    make_adjoint(adjoint, adjoint_options or {})
+    compile_options(compile, torch.device("cpu"))
 
 
 def solve(
@@ -142,6 +160,10 @@ def solve(
         raise ValueError(f"check_every={check_every!r} must be None or an integer >= 1")
     if isinstance(initial_nfe, bool) or not isinstance(initial_nfe, int) or initial_nfe < 0:
         raise ValueError(f"initial_nfe={initial_nfe!r} must be an integer >= 0")
+    if not isinstance(compile, bool | dict):
+        raise ValueError(
+            f"compile={compile!r} must be True, False or a dict of torch.compile options"
+        )
     if not isinstance(check_start, bool):
         raise ValueError(f"check_start={check_start!r} must be True or False")
     if stop_on_convergence is not None and not isinstance(stop_on_convergence, bool):
@@ -181,6 +203,10 @@ def solve(
 
 def compile_options(compile: bool | dict, device: torch.device) -> dict | None:
     """torch.compile's options for `compile=`: None to run eagerly; CUDA graphs on a GPU."""
+    if not isinstance(compile, bool | dict):
+        raise ValueError(
+            f"compile={compile!r} must be True, False or a dict of torch.compile options"
+        )
     if isinstance(compile, dict):
         return compile
     if not compile:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -54,11 +55,11 @@ class Termination:
     def __post_init__(self) -> None:
         for name in ("abstol", "reltol"):
             value = getattr(self, name)
-            if not value >= 0:
+            if not (isinstance(value, numbers.Real) and not isinstance(value, bool) and value >= 0):
                 raise ValueError(f"{name}={value!r} must be a number >= 0")
         if self.abstol == 0 and self.reltol == 0:
             raise ValueError("abstol and reltol cannot both be 0: the solve could never stop")
-        if not self.divergence > 1:
+        if not (isinstance(self.divergence, numbers.Real) and self.divergence > 1):
             raise ValueError(f"divergence={self.divergence!r} must be > 1")
 
 
