@@ -199,7 +199,9 @@ class NeuralODE(nn.Module):
         )
         record = Record()
         row = solver_start(flat).reshape(1, -1)
-        if self.adjoint == "continuous" and torch.is_grad_enabled():
+        if flat.shape[0] == 0:
+            y = row  # a batch of no samples: nothing to integrate
+        elif self.adjoint == "continuous" and torch.is_grad_enabled():
             params = [p for p in self.f.parameters() if p.requires_grad]
             y = ContinuousAdjoint.apply(problem, record, row, x, *params)
         else:

@@ -229,6 +229,15 @@ def test_bad_configs_name_the_value_and_the_choices(cfg, message):
         build(cfg)
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_an_empty_batch_gives_empty_logits_and_a_gradient(variant):
+    model = build({"model": "mnist_dense", "variant": variant})
+    logits, out = model(torch.zeros(0, 1, 28, 28))
+    assert logits.shape == (0, 10) and out.stats.converged.shape == (0,)
+    logits.sum().backward()
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters())
+
+
 def test_config_options_reach_the_layer():
     model = build(
         {

@@ -311,6 +311,22 @@ def test_bad_states_are_named():
         raydeq.solve(lambda z: z[:, :2], torch.zeros(2, 3))
 
 
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_a_batch_of_no_samples_takes_no_step_and_differentiates(solver):
+    w = torch.randn(3, 3, requires_grad=True)
+
+    def f(z: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [torch.tanh(z[0] @ w.T + 1), 0.5 * z[1]]
+
+    for adjoint in ("gmres", "fixed_point"):
+        z0 = [torch.zeros(0, 3), torch.zeros(0, 2, 2)]
+        sol = raydeq.solve(f, z0, solver=solver, adjoint=adjoint)
+        assert [t.shape for t in sol.z] == [t.shape for t in z0] and sol.stats.steps == 0
+        assert sol.stats.converged.shape == (0,)
+        (grad,) = torch.autograd.grad(sol.z[0].sum(), w)
+        assert torch.equal(grad, torch.zeros(3, 3))
+
+
 def test_contractive_dense_deq_vcab3_needs_fewer_evaluations_than_tsit5():
     """The issue's comparison: d=128, batch 32, tolerance 1e-3."""
     g = torch.Generator().manual_seed(0)

@@ -75,6 +75,8 @@ def iterate(
     With compile_options, f and (for a capturable method) each kind of step run compiled by
     torch.compile with those options.
     """
+    if z.shape[0] == 0:
+        return 0, 0  # a batch of no samples: nothing to solve, and no reduction to read
     phases = method.phases()
     if compile_options is not None:
         f = torch.compile(f, **compile_options)

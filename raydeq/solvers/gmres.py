@@ -165,13 +165,15 @@ class GMRES(ScaledLinearSolver):
         basis = history(r, m + 1)  # row k is written before it is read
         u = torch.div(r, beta_column.clamp_min(tiny), out=basis[:, 0])
         hess = r.new_zeros(batch, m + 1, m)
-        hess_flat = hess.view(batch, 1, -1)  # column j: flat entries j, j + m, j + 2 m, ...
+        hess_flat = hess.view(
+            batch, 1, (m + 1) * m
+        )  # column j: flat entries j, j + m, j + 2 m, ...
         # Rows of Q, the product of the plane reflections so far (Q H = R upper triangular),
         # each as it was before its own reflection: row j + 1 is s times row j, then -c. A new
         # reflection only needs row j applied to the new column; the c that scales row j and
         # the s right of it are put in at the end of the cycle, where R itself is formed.
         q = r.new_zeros(batch, m + 1, m + 1)
-        q_flat = q.view(batch, 1, -1)
+        q_flat = q.view(batch, 1, (m + 1) ** 2)
         row = q_flat[:, :, :1].fill_(1.0)
         # Column 0 of rows 1, 2, ...: times beta, +- the residual norm after 1, 2, ... steps.
         # Each sample's own stopping step is read from it at the end, so that a step spends no

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -52,7 +53,7 @@ class Structure:
                 f"f must return a state of the shapes of z0 {[tuple(s) for s in self.shapes]}, "
                 f"got {[tuple(s) for s in shapes]}"
             )
-        flat = [t.reshape(t.shape[0], -1) for t in tensors]
+        flat = [t.reshape(t.shape[0], math.prod(t.shape[1:])) for t in tensors]
         return flat[0] if len(flat) == 1 else torch.cat(flat, dim=1)
 
     def unflatten(self, z: torch.Tensor) -> State:
