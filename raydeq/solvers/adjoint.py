@@ -26,6 +26,15 @@ LinearSolver = Callable[
 ]
 
 
+# Autograd runs a backward hook in grad mode only under create_graph=True.
+SECOND_ORDER = (
+    "adjoint='gmres' and adjoint='fixed_point' give first derivatives only: the linear solve "
+    "and z* are constants to autograd, so a backward with create_graph=True (a gradient "
+    "penalty, a Hessian-vector product) would differentiate a wrong graph; use "
+    "adjoint='unrolled' for higher derivatives"
+)
+
+
 @dataclass
 class ImplicitAdjoint:
     """Implicit differentiation with a matrix-free linear solver on VJPs of f at z*.
@@ -61,6 +70,8 @@ class ImplicitAdjoint:
             return torch.autograd.grad(fz, z_star, u, retain_graph=True)[0]
 
         def solve_adjoint(v: torch.Tensor) -> torch.Tensor:
+            if torch.is_grad_enabled():
+                raise RuntimeError(SECOND_ORDER)
             v = v.to(fz.dtype)
             g, info = self.linear_solver(lambda u: u - vjp(u), v, v if self.warm_start else None)
             stats.backward_nvjp += info.matvecs + 1

@@ -130,7 +130,8 @@ def solve(
     diverging (residual > divergence x best) samples stop early; `stats.status` says which.
 
     The backward pass: "gmres" / "fixed_point" solve (I - J)^T g = v at z* (implicit
-    function theorem), "jfb" takes g = v, "unrolled" backpropagates through the solver steps.
+    function theorem), "jfb" takes g = v, "unrolled" backpropagates through the solver steps
+    (the one for higher derivatives: the implicit adjoints raise under create_graph=True).
     Options of the solver (e.g. m for anderson; kind="pi"|"i"|"fixed", h0, step_rtol and
     contraction for the ODE solvers' step-size controller) and of the adjoint (rtol, atol,
     restart, max_iters, warm_start) go in solver_options / adjoint_options.
