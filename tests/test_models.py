@@ -204,7 +204,10 @@ def test_model_forward_draws_fresh_masks():
             {"model": "mnist_dense", "variant": "neural_ode", "solver": "broyden"},
             "solver='broyden' is not one of 'vcab3', 'tsit5', 'bs3'",
         ),
-        ({"model": "mnist_dense", "tolerance": 1}, r"unknown DEQ option\(s\) \['tolerance'\]"),
+        (
+            {"model": "mnist_dense", "tolerance": 1},
+            r"\['tolerance'\]; allowed keys: model, variant, solver, abstol",
+        ),
         (
             {"model": "mnist_dense", "variant": "neural_ode", "pretrain_steps": 3},
             r"unknown NeuralODE option\(s\) \['pretrain_steps'\]",

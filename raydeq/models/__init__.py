@@ -27,9 +27,8 @@ def _options(layer: type, options: dict[str, Any]) -> dict[str, Any]:
     allowed = set(inspect.signature(layer).parameters) - set(FIXED)
     unknown = sorted(set(options) - allowed)
     if unknown:
-        raise ValueError(
-            f"unknown {layer.__name__} option(s) {unknown}; allowed: {', '.join(sorted(allowed))}"
-        )
+        keys = ", ".join(["model", "variant", "solver", *sorted(allowed)])
+        raise ValueError(f"unknown {layer.__name__} option(s) {unknown}; allowed keys: {keys}")
     return options
 
 
