@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from raydeq.solvers import ADJOINTS, SOLVERS, SolveStats, Termination, solve
+from raydeq.solvers.options import choice, integer
 from raydeq.solvers.solve import check_options
 from raydeq.solvers.state import State, Structure
 from raydeq.solvers.termination import Monitor, norm
@@ -101,23 +101,6 @@ def skip_loss(z: State, z0: State) -> Tensor:
     return total / sum(b.numel() for _, b in pairs)
 
 
-def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
-    """Raise ValueError naming `value` and the allowed ones unless it is one of them."""
-    if value not in allowed:
-        raise ValueError(f"{name}={value!r} is not one of {', '.join(map(repr, allowed))}")
-
-
-def _check_positive(name: str, value: Any, integer: bool = False, zero: bool = False) -> None:
-    """Raise ValueError unless `value` is a number > 0 (>= 0 with zero=True), an int if asked."""
-    kind = int if integer else (int, float)
-    ok = isinstance(value, kind) and not isinstance(value, bool)
-    if not ok or not (value >= 0 if zero else value > 0):
-        bound = ">= 0" if zero else "> 0"
-        raise ValueError(
-            f"{name}={value!r} must be {'an integer' if integer else 'a number'} {bound}"
-        )
-
-
 class DEQ(nn.Module):
     """Deep equilibrium layer: z* = f(z*, x) by an ODE solver (continuous DEQ) or a root finder.
 
@@ -154,16 +137,16 @@ class DEQ(nn.Module):
         compile: bool | dict = False,
     ) -> None:
         super().__init__()
-        _check_choice("init", init, INITS)
-        _check_choice("solver", solver, SOLVERS)
-        _check_choice("adjoint", adjoint, ADJOINTS)
+        choice("init", init, INITS)
+        choice("solver", solver, SOLVERS)
+        choice("adjoint", adjoint, ADJOINTS)
         if init == "skip" and skip is None:
             raise ValueError("init='skip' needs a predictor module: pass skip=g with g(x) -> z0")
         if init != "skip" and skip is not None:
             raise ValueError(f"skip= is only used with init='skip', got init={init!r}")
-        _check_positive("max_steps", max_steps, integer=True)
-        _check_positive("pretrain_steps", pretrain_steps, integer=True, zero=True)
-        _check_positive("pretrain_depth", pretrain_depth, integer=True)
+        integer("max_steps", max_steps)
+        integer("pretrain_steps", pretrain_steps, 0)
+        integer("pretrain_depth", pretrain_depth)
         if not isinstance(jac_reg, bool):
             raise ValueError(f"jac_reg={jac_reg!r} must be True or False")
         check_options(solver, adjoint, solver_options, adjoint_options, compile)

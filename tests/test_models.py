@@ -223,7 +223,8 @@ def test_model_forward_draws_fresh_masks():
         ),
         (
             {"model": "mnist_dense", "adjoint_options": {"restrt": 5}},
-            "adjoint='gmres' takes no option 'restrt'; its options are rtol, atol, restart",
+            "adjoint='gmres' takes no option 'restrt'; its options are rtol, atol, max_iters, "
+            "restart",
         ),
     ],
 )

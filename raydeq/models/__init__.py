@@ -12,6 +12,7 @@ from raydeq.models.presets import PRESETS, Preset
 from raydeq.neural_ode import NODE_ADJOINTS, NODE_DYNAMICS, NeuralODE
 from raydeq.solvers import ADJOINTS, CONTINUOUS, DISCRETE
 from raydeq.solvers.interval import INTERVAL_SOLVERS
+from raydeq.solvers.options import choice
 from raydeq.solvers.solve import check_options
 
 VARIANTS = ("vanilla", "skip", "skip_reg", "neural_ode")
@@ -38,12 +39,6 @@ def _defaults(layer: type) -> dict[str, Any]:
     return {p.name: p.default for p in parameters if p.name not in FIXED}
 
 
-def _choice(key: str, value: Any, allowed: tuple[str, ...], where: str = "") -> None:
-    """Raise ValueError naming the bad config value and the allowed ones."""
-    if value not in allowed:
-        raise ValueError(f"{key}={value!r} is not one of {', '.join(map(repr, allowed))}{where}")
-
-
 def resolve(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """The complete options of the model a config names, checked without building it.
 
@@ -55,18 +50,18 @@ def resolve(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """
     options = dict(cfg)
     name = options.pop("model", None)
-    _choice("model", name, tuple(PRESETS))
+    choice("model", name, tuple(PRESETS))
     variant = options.pop("variant", DEFAULT_VARIANT)
-    _choice("variant", variant, VARIANTS)
+    choice("variant", variant, VARIANTS)
     solver = options.pop("solver", DEFAULT_SOLVER)
     preset = PRESETS[name]
     tolerances = {"abstol": preset.abstol, "reltol": preset.reltol}
     where = f" for variant {variant!r}"
     if variant == "neural_ode":
-        _choice("solver", solver, INTERVAL_SOLVERS, where)
+        choice("solver", solver, INTERVAL_SOLVERS, where)
         layer, defaults, adjoints = NeuralODE, tolerances, NODE_ADJOINTS
     else:
-        _choice("solver", solver, CONTINUOUS + DISCRETE, where)
+        choice("solver", solver, CONTINUOUS + DISCRETE, where)
         defaults = {
             **tolerances,
             "max_steps": preset.max_steps,
@@ -78,7 +73,7 @@ def resolve(cfg: Mapping[str, Any]) -> dict[str, Any]:
         }
         layer, adjoints = DEQ, ADJOINTS
     resolved = {**_defaults(layer), **defaults, **_options(layer, options)}
-    _choice("adjoint", resolved["adjoint"], adjoints, where)
+    choice("adjoint", resolved["adjoint"], adjoints, where)
     if layer is DEQ:
         check_options(
             solver, resolved["adjoint"], resolved["solver_options"], resolved["adjoint_options"]

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from raydeq.solvers.options import choice, number
 from raydeq.solvers.termination import Termination, norm
 
 Field = Callable[[torch.Tensor], torch.Tensor]
@@ -50,18 +51,17 @@ class Controller:
     h_max: float = float("inf")
 
     def __post_init__(self) -> None:
-        if self.kind not in ("pi", "i", "fixed"):
-            raise ValueError(f"kind={self.kind!r} is not one of 'pi', 'i', 'fixed'")
+        choice("kind", self.kind, ("pi", "i", "fixed"))
         if self.kind == "fixed" and self.h0 is None:
             raise ValueError("kind='fixed' needs the step size h0")
-        if self.h0 is not None and not self.h0 > 0:
-            raise ValueError(f"h0={self.h0!r} must be > 0")
-        if not self.h_max > 0:
-            raise ValueError(f"h_max={self.h_max!r} must be > 0")
-        for name in ("step_rtol", "contraction"):
-            value = getattr(self, name)
-            if not 0 <= value < 1:
-                raise ValueError(f"{name}={value!r} must be in [0, 1)")
+        if self.h0 is not None:
+            number("h0", self.h0, "(0, inf)")
+        number("h_max", self.h_max, "(0, inf]")
+        number("safety", self.safety, "(0, 1]")
+        number("min_factor", self.min_factor, "(0, 1]")
+        number("max_factor", self.max_factor, "[1, inf)")
+        number("step_rtol", self.step_rtol, "[0, 1)")
+        number("contraction", self.contraction, "[0, 1)")
 
     def first_step(
         self, field: Field, y: torch.Tensor, k: torch.Tensor, order: int, term: Termination

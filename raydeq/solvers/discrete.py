@@ -15,6 +15,7 @@ import torch
 
 from raydeq.solvers.batched import combine, dots, history, put
 from raydeq.solvers.driver import Phase
+from raydeq.solvers.options import integer, number
 from raydeq.solvers.termination import Monitor, norm
 
 Map = Callable[[torch.Tensor], torch.Tensor]
@@ -45,8 +46,7 @@ class FixedPoint:
     capturable = True
 
     def __init__(self, damping: float = 1.0) -> None:
-        if not 0 < damping <= 1:
-            raise ValueError(f"damping={damping!r} must be in (0, 1]")
+        number("damping", damping, "(0, 1]")
         self.damping = damping
 
     def init(self, f: Map, z: torch.Tensor, monitor: Monitor) -> tuple[Iterate, int, int]:
@@ -97,12 +97,9 @@ class Anderson:
     capturable = False
 
     def __init__(self, m: int = 5, lam: float = 1e-4, beta: float = 1.0) -> None:
-        if m < 1:
-            raise ValueError(f"m={m!r} must be >= 1")
-        if lam < 0:
-            raise ValueError(f"lam={lam!r} must be >= 0")
-        if not 0 < beta <= 1:
-            raise ValueError(f"beta={beta!r} must be in (0, 1]")
+        integer("m", m)
+        number("lam", lam)
+        number("beta", beta, "(0, 1]")
         self.m, self.lam, self.beta = m, lam, beta
 
     def init(self, f: Map, z: torch.Tensor, monitor: Monitor) -> tuple[Mixing, int, int]:
@@ -184,8 +181,7 @@ class Broyden:
     capturable = False
 
     def __init__(self, memory: int = 30) -> None:
-        if memory < 1:
-            raise ValueError(f"memory={memory!r} must be >= 1")
+        integer("memory", memory)
         self.memory = memory
 
     def init(self, f: Map, z: torch.Tensor, monitor: Monitor) -> tuple[Secant, int, int]:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from raydeq.solvers.batched import combine, dots, history
+from raydeq.solvers.options import integer, number
 
 LinearOperator = Callable[[torch.Tensor], torch.Tensor]
 
@@ -34,6 +35,7 @@ class LinearSolveInfo:
     matvecs: int
 
 
+@dataclass(frozen=True)
 class ScaledLinearSolver:
     """A batched linear solver that solves each sample's system on b divided by its largest
     |b| (1 where b is 0) and scales x back, exact as A is linear; subclasses solve in `_solve`.
@@ -46,7 +48,14 @@ class ScaledLinearSolver:
     trained mnist_dense's training digits (batch 32) gave 21 non-finite gradients in 250.
     """
 
-    atol: float
+    rtol: float = 1e-5
+    atol: float = 0.0
+    max_iters: int = 100
+
+    def __post_init__(self) -> None:
+        number("rtol", self.rtol)
+        number("atol", self.atol)
+        integer("max_iters", self.max_iters)
 
     def __call__(
         self, A: LinearOperator, b: torch.Tensor, x0: torch.Tensor | None = None
@@ -83,21 +92,14 @@ class GMRES(ScaledLinearSolver):
     rounding (a longer cycle adds zero-weighted basis vectors to each sample's sum).
     """
 
-    rtol: float = 1e-5
-    atol: float = 0.0
     restart: int = 20
-    max_iters: int = 100
     check_every: int | None = None
 
     def __post_init__(self) -> None:
-        if not (self.rtol >= 0 and self.atol >= 0):
-            raise ValueError(f"rtol={self.rtol!r} and atol={self.atol!r} must be >= 0")
-        if self.restart < 1 or self.max_iters < 1:
-            raise ValueError(
-                f"restart={self.restart!r} and max_iters={self.max_iters!r} must be >= 1"
-            )
-        if self.check_every is not None and self.check_every < 1:
-            raise ValueError(f"check_every={self.check_every!r} must be >= 1 or None")
+        super().__post_init__()
+        integer("restart", self.restart)
+        if self.check_every is not None:
+            integer("check_every", self.check_every)
 
     def _solve(
         self,

@@ -17,6 +17,7 @@ import torch
 
 from raydeq.solvers.control import Controller
 from raydeq.solvers.ode import adams_move, divided_differences, first_weights, rk_step
+from raydeq.solvers.options import choice
 from raydeq.solvers.tableau import BS3, EULER, TSIT5, Tableau
 from raydeq.solvers.termination import Termination, norm
 
@@ -111,8 +112,7 @@ class AdamsInterval:
 
 def interval_method(solver: str) -> RungeKuttaInterval | AdamsInterval:
     """The fixed-interval method of a continuous solver's name."""
-    if solver not in INTERVAL_SOLVERS:
-        raise ValueError(f"solver={solver!r} is not one of {', '.join(INTERVAL_SOLVERS)}")
+    choice("solver", solver, INTERVAL_SOLVERS)
     if solver == "vcab3":
         return AdamsInterval()
     return RungeKuttaInterval({"tsit5": TSIT5, "bs3": BS3, "euler": EULER}[solver])

@@ -17,16 +17,6 @@ class Neumann(ScaledLinearSolver):
     stops when ||b - A x|| <= max(atol, rtol ||b||).
     """
 
-    rtol: float = 1e-5
-    atol: float = 0.0
-    max_iters: int = 100
-
-    def __post_init__(self) -> None:
-        if not (self.rtol >= 0 and self.atol >= 0):
-            raise ValueError(f"rtol={self.rtol!r} and atol={self.atol!r} must be >= 0")
-        if self.max_iters < 1:
-            raise ValueError(f"max_iters={self.max_iters!r} must be >= 1")
-
     def _solve(
         self,
         A: LinearOperator,

@@ -1,10 +1,41 @@
-"""Options passed by name to a solver's or an adjoint's constructor, checked before it is built."""
+"""Options of the solver core and its layers: each value checked where it is given, with a
+ValueError that names it and what is allowed, and options passed by name to a constructor."""
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+import math
+import numbers
+from collections.abc import Callable, Collection
 from typing import Any
+
+
+def choice(name: str, value: Any, allowed: Collection[str], where: str = "") -> None:
+    """Raise ValueError unless value is one of `allowed` (`where` ends the message)."""
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not one of {', '.join(map(repr, allowed))}{where}")
+
+
+def integer(name: str, value: Any, low: int = 1) -> None:
+    """Raise ValueError unless value is an int (not a bool) >= low: a count or a limit."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name}={value!r} must be an integer >= {low}")
+
+
+def number(name: str, value: Any, interval: str = "[0, inf)") -> None:
+    """Raise ValueError unless value is a real number (not a bool) in `interval`, written
+    "[a, b)" with a bracket for a closed end and a parenthesis for an open one (NaN is in
+    none)."""
+    left, right = interval[0], interval[-1]
+    low, high = (float(end) for end in interval[1:-1].split(","))
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if ok:
+        ok = (low <= value if left == "[" else low < value) and (
+            value <= high if right == "]" else value < high
+        )
+    if not ok:
+        bound = f"{'>=' if left == '[' else '>'} {low:g}" if math.isinf(high) else f"in {interval}"
+        raise ValueError(f"{name}={value!r} must be a number {bound}")
 
 
 def construct(what: str, make: Callable[..., Any], options: dict, own: tuple[str, ...] = ()) -> Any:

@@ -12,7 +12,7 @@ from raydeq.solvers.control import Controller
 from raydeq.solvers.discrete import Anderson, Broyden, FixedPoint
 from raydeq.solvers.driver import Method, iterate
 from raydeq.solvers.ode import VCAB3, RungeKutta
-from raydeq.solvers.options import construct
+from raydeq.solvers.options import choice, construct, integer
 from raydeq.solvers.state import State, Structure, flat_function
 from raydeq.solvers.stats import SolveStats
 from raydeq.solvers.tableau import BS3, EULER, TSIT5
@@ -74,8 +74,7 @@ CONTROLLER_DEFAULTS = {
 
 def make_solver(name: str, options: dict) -> Method:
     """The forward solver named by `solver=`, built with its options."""
-    if name not in SOLVERS:
-        raise ValueError(f"solver={name!r} is not one of {', '.join(SOLVERS)}")
+    choice("solver", name, SOLVERS)
     if name in CONTINUOUS:
         what = f"solver={name!r}"
         controller = construct(what, Controller, {**CONTROLLER_DEFAULTS.get(name, {}), **options})
@@ -153,14 +152,11 @@ def solve(
     compile=True runs f and each solver step through torch.compile (mode "reduce-overhead",
     CUDA graphs, on a GPU); a dict gives torch.compile's options.
     """
-    if adjoint not in ADJOINTS:
-        raise ValueError(f"adjoint={adjoint!r} is not one of {', '.join(ADJOINTS)}")
-    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
-        raise ValueError(f"max_steps={max_steps!r} must be an integer >= 1")
-    if check_every is not None and (isinstance(check_every, bool) or check_every < 1):
-        raise ValueError(f"check_every={check_every!r} must be None or an integer >= 1")
-    if isinstance(initial_nfe, bool) or not isinstance(initial_nfe, int) or initial_nfe < 0:
-        raise ValueError(f"initial_nfe={initial_nfe!r} must be an integer >= 0")
+    choice("adjoint", adjoint, ADJOINTS)
+    integer("max_steps", max_steps)
+    if check_every is not None:
+        integer("check_every", check_every)
+    integer("initial_nfe", initial_nfe, 0)
     if not isinstance(compile, bool | dict):
         raise ValueError(
             f"compile={compile!r} must be True, False or a dict of torch.compile options"

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import enum
 import math
-import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+from raydeq.solvers.options import number
 
 # Most steps between two reads of the termination test on the host: a solve overruns its
 # last check by at most this, so it bounds the evaluations a wrong prediction wastes.
@@ -53,14 +54,11 @@ class Termination:
     divergence: float = 1e4
 
     def __post_init__(self) -> None:
-        for name in ("abstol", "reltol"):
-            value = getattr(self, name)
-            if not (isinstance(value, numbers.Real) and not isinstance(value, bool) and value >= 0):
-                raise ValueError(f"{name}={value!r} must be a number >= 0")
+        number("abstol", self.abstol)
+        number("reltol", self.reltol)
         if self.abstol == 0 and self.reltol == 0:
             raise ValueError("abstol and reltol cannot both be 0: the solve could never stop")
-        if not (isinstance(self.divergence, numbers.Real) and self.divergence > 1):
-            raise ValueError(f"divergence={self.divergence!r} must be > 1")
+        number("divergence", self.divergence, "(1, inf]")
 
 
 class Monitor:

@@ -9,6 +9,8 @@ from typing import TypeVar
 
 import torch
 
+from raydeq.solvers.options import choice
+
 # A suite's problem sizes: a frozen dataclass per suite, one instance per size name.
 Size = TypeVar("Size")
 SIZES = ("tiny", "quick", "full")
@@ -40,8 +42,7 @@ class Context:
     weights: Mapping[str, Checkpoint] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.size not in SIZES:
-            raise ValueError(f"size={self.size!r} is not one of {', '.join(SIZES)}")
+        choice("size", self.size, SIZES)
 
     def pick(self, sizes: Mapping[str, Size]) -> Size:
         """A suite's problem sizes for this run's size profile."""
