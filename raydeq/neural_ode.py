@@ -21,14 +21,13 @@ from torch import Tensor, nn
 
 from raydeq.deq import (
     LayerOutput,
-    _check_choice,
-    _check_positive,
     initial_state,
     residual_stats,
     solver_start,
 )
 from raydeq.solvers import SolveStats, Termination
 from raydeq.solvers.interval import INTERVAL_SOLVERS, Endpoint, integrate
+from raydeq.solvers.options import choice, integer, number
 from raydeq.solvers.state import Structure
 
 NODE_ADJOINTS = ("continuous", "backprop")
@@ -88,6 +87,14 @@ class Record:
         return end.y
 
 
+SECOND_ORDER = (
+    "adjoint='continuous' gives first derivatives only: its backward integrates the adjoint "
+    "system without a graph, so a backward with create_graph=True (a gradient penalty, a "
+    "Hessian-vector product) would differentiate a wrong graph; use adjoint='backprop' for "
+    "higher derivatives"
+)
+
+
 class ContinuousAdjoint(torch.autograd.Function):
     """z(t1) in the forward pass; in the backward pass, [z, a, g] integrated from t1 back to 0
     by ds = -dt: dz/ds = -F(z), da/ds = a^T dF/dz, dg/ds = a^T dF/d(x, params), with F the
@@ -111,6 +118,8 @@ class ContinuousAdjoint(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, ...]:
         """Integrate the adjoint system back to 0 and return the gradients it accumulated."""
+        if torch.is_grad_enabled():  # create_graph=True: autograd runs a backward in grad mode
+            raise RuntimeError(SECOND_ORDER)
         y1, x, *params = ctx.saved_tensors
         inputs = [x.detach().requires_grad_(), *params]
         sizes = [y1.numel(), y1.numel(), *(t.numel() for t in inputs)]
@@ -169,11 +178,11 @@ class NeuralODE(nn.Module):
         max_steps: int = 10_000,
     ) -> None:
         super().__init__()
-        _check_positive("t1", t1)
-        _check_choice("dynamics", dynamics, NODE_DYNAMICS)
-        _check_choice("solver", solver, INTERVAL_SOLVERS)
-        _check_choice("adjoint", adjoint, NODE_ADJOINTS)
-        _check_positive("max_steps", max_steps, integer=True)
+        number("t1", t1, "(0, inf)")
+        choice("dynamics", dynamics, NODE_DYNAMICS)
+        choice("solver", solver, INTERVAL_SOLVERS)
+        choice("adjoint", adjoint, NODE_ADJOINTS)
+        integer("max_steps", max_steps)
         self.f = f
         self.t1 = float(t1)
         self.dynamics = dynamics
