@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from raydeq.bench.__main__ import main
+from raydeq.bench.__main__ import main, parse
 from raydeq.bench.harness import models
 from raydeq.bench.harness.context import Checkpoint, Context
 from raydeq.bench.harness.memory import peak_memory
@@ -179,6 +179,13 @@ def test_a_bad_argument_is_named_with_what_is_allowed(args, message, capsys):
     with pytest.raises(SystemExit):
         main(["--size", "tiny", *args])
     assert message in capsys.readouterr().err
+
+
+def test_the_size_is_full_unless_asked_otherwise():
+    """--quick and --size write the same field: the default must survive both."""
+    assert parse([]).size == "full"
+    assert parse(["--quick"]).size == "quick"
+    assert parse(["--size", "tiny"]).size == "tiny"
 
 
 @pytest.mark.skipif(torch.cuda.device_count() > 3, reason="needs a missing CUDA device")

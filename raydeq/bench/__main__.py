@@ -32,9 +32,9 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         dest="size",
         help="small sizes: a few minutes on a 2-core CPU (same as --size quick)",
     )
-    parser.add_argument(
-        "--size", choices=SIZES, default="full", help="problem sizes and repeats (default: full)"
-    )
+    parser.add_argument("--size", choices=SIZES, help="problem sizes and repeats (default: full)")
+    # Both flags write `size`: a default given to one alone is lost to the other's None.
+    parser.set_defaults(size="full")
     parser.add_argument(
         "--device", type=torch_device, default="cpu", help="torch device, e.g. cpu or cuda"
     )
