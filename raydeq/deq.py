@@ -90,6 +90,11 @@ def hutchinson_jacobian_loss(f: Callable[[State], State], z: State) -> Tensor:
     return sum(v.pow(2).sum() for v in vjps) / sum(t.numel() for t in inputs)
 
 
+def _shapes(z: State) -> list[tuple[int, ...]]:
+    """The shape of each tensor of a state, for messages and comparisons."""
+    return [tuple(t.shape) for t in _tensors(z)]
+
+
 def skip_loss(z: State, z0: State) -> Tensor:
     """The paper's L1 skip loss mean |f(z*, x) - z0| over every element (z holds f(z*, x)).
 
@@ -169,7 +174,11 @@ class DEQ(nn.Module):
         """z0 for input x according to `init` (with its graph, for skip_loss)."""
         zeros = initial_state(self.f, x)
         if self.init == "skip":
-            return self.skip(x)
+            z0 = self.skip(x)
+            expected, got = _shapes(zeros), _shapes(z0)
+            if got != expected:
+                raise ValueError(f"skip(x) must give the state's shapes {expected}, got {got}")
+            return z0
         if self.init == "skip_reg":
             return self.f(zeros, x)
         return zeros

@@ -183,6 +183,12 @@ class NeuralODE(nn.Module):
         choice("solver", solver, INTERVAL_SOLVERS)
         choice("adjoint", adjoint, NODE_ADJOINTS)
         integer("max_steps", max_steps)
+        if adjoint == "continuous" and not isinstance(f, nn.Module):
+            raise TypeError(
+                f"adjoint='continuous' needs f as an nn.Module, got {type(f).__name__}: its "
+                "backward differentiates f.parameters(); wrap f in a module or use "
+                "adjoint='backprop'"
+            )
         self.f = f
         self.t1 = float(t1)
         self.dynamics = dynamics

@@ -396,6 +396,31 @@ def test_neural_ode_rejects_a_deq_adjoint_a_discrete_solver_and_unknown_dynamics
         NeuralODE(f, solver="broyden")
 
 
+def test_a_neural_ode_of_a_plain_function_trains_by_backprop_and_the_adjoint_says_so():
+    """The continuous adjoint differentiates f.parameters(): a closure's tensors would get no
+    gradient, so it refuses a function that is not a module; backprop takes one."""
+    weight = torch.eye(3, requires_grad=True)
+
+    def cell(z, x):
+        return torch.tanh(z @ weight + x)
+
+    with pytest.raises(TypeError, match="needs f as an nn.Module, got function.*'backprop'"):
+        NeuralODE(cell)
+    NeuralODE(cell, adjoint="backprop")(torch.randn(2, 3)).z.sum().backward()
+    assert weight.grad is not None and weight.grad.abs().sum() > 0
+
+
+def test_a_skip_predictor_of_the_wrong_shape_is_named_before_the_solve():
+    f, x = dense_cell()
+    width = x.shape[1]
+    deq = DEQ(f, init="skip", skip=nn.Linear(width, width - 1).double())
+    with pytest.raises(
+        ValueError,
+        match=rf"skip\(x\) must give the state's shapes \[\({x.shape[0]}, {width}\)\], got",
+    ):
+        deq(x)
+
+
 def test_skip_reg_statistics_count_the_evaluation_that_makes_z0():
     f, x = dense_cell()
     out = DEQ(f, init="skip_reg", **TIGHT)(x)
