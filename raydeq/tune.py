@@ -179,6 +179,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             dry_run(experiment, args.num_samples)
         except BrokenPipeError:  # the reader stopped early (`| head`): not an error
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except ConfigError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return EXIT_BAD_INPUT
         return 0
     if args.report:
         print(report(path, experiment))

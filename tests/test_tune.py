@@ -206,12 +206,34 @@ def test_an_override_fixes_a_searched_key():
         ({"variants": [{"model.variant": {"choice": [1]}}]}, r"^search.variants\[0\].model"),
         ({"variants": [{"model.variant": "wide"}]}, r"^model.variant: 'wide' is not allowed"),
         ({"space": {"model": {"abstol": {"grid_search": [-1]}}}}, r"^model.abstol: must be > 0"),
+        ({"space": {"optim.lr": {"gird_search": [1e-3]}}}, r"^optim.lr: expected a number, got"),
     ],
 )
 def test_bad_search_sections_are_one_line_errors(search, message):
     with pytest.raises(ConfigError, match=message) as err:
         rt.preflight(spec.from_dict("bad", {**TINY, "search": search}))
     assert "\n" not in str(err.value)
+
+
+def test_a_random_space_takes_dotted_keys_as_sections():
+    """The README lets a space be written nested or dotted: both give the same trials, and an
+    override of the key fixes it in either form."""
+    grid = {"grid_search": [0.1, 0.2]}
+    forms = [{"optim": {"lr": grid}}, {"optim.lr": grid}]
+
+    def rates(space, overrides=None):
+        experiment = spec.from_dict("x", {**TINY, "search": {"space": space}}, overrides)
+        return [experiment.trial_config(s).optim.lr for s in spec.expand(experiment)]
+
+    assert [rates(space) for space in forms] == [[0.1, 0.2], [0.1, 0.2]]
+    assert [rates(space, {"optim.lr": 0.3}) for space in forms] == [[0.3], [0.3]]
+
+
+def test_a_dry_run_of_a_bad_space_is_a_one_line_error(tmp_path, capsys):
+    experiment = tmp_path / "bad.yaml"
+    experiment.write_text(yaml.safe_dump({**TINY, "search": {"space": {"optim.lr": {"f": [1]}}}}))
+    assert rt.main([str(experiment), "--dry-run"]) == 2
+    assert capsys.readouterr().err == "error: optim.lr: expected a number, got {'f': [1]}\n"
 
 
 def test_the_command_refuses_bad_input_and_an_existing_experiment_with_status_2(tmp_path, capsys):

@@ -8,7 +8,7 @@ from typing import Any
 
 from ray import tune
 
-from raydeq.training.config import ConfigError
+from raydeq.training.config import ConfigError, apply_overrides
 
 PRIMITIVES = (
     "grid_search",
@@ -41,6 +41,12 @@ def dimensions(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
+
+
+def nested(tree: Mapping[str, Any]) -> dict[str, Any]:
+    """The space with its dotted keys written as sections (`optim.lr: x` as `optim: {lr: x}`),
+    the one form that Tune's variants and the trial configs merge key by key."""
+    return apply_overrides({}, dimensions(tree))
 
 
 def _number(value: Any) -> Any:

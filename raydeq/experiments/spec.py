@@ -17,7 +17,7 @@ from ray import tune
 from ray.tune.search.variant_generator import generate_variants
 
 from raydeq.experiments import search as searchers
-from raydeq.experiments.primitives import domain
+from raydeq.experiments.primitives import domain, nested
 from raydeq.training.config import (
     Config,
     ConfigError,
@@ -140,7 +140,10 @@ def from_dict(
     base = {key: value for key, value in raw.items() if key != "search"}
     search = raw.get("search") or {}
     if isinstance(search, Mapping):
-        search = _fix(search, overrides)
+        space = search.get("space")
+        search = _fix(
+            {**search, "space": nested(space)} if isinstance(space, Mapping) else search, overrides
+        )
     experiment = Experiment(name, base, validate_search(search), base | {"search": search})
     _check_searcher(experiment.search)
     experiment.param_space()
