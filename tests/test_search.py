@@ -133,6 +133,12 @@ def test_a_sampled_dimension_is_honoured_over_a_variants_setting():
             r"^search.conditional\[0\]: expected the keys when and space",
         ),
         (
+            {"conditional": [{"when": {"model.solver": ["andersen"]}, "space": {"seed": 1}}]},
+            r"^search.conditional\[0\].when.model.solver: 'andersen' is not one of its choices "
+            r"'vcab3', 'anderson', 'broyden', so the rule would never apply",
+        ),
+        ({"metric": "test_acc"}, r"^search.metric: 'test_acc' is not allowed; choose one of"),
+        (
             {
                 "conditional": [
                     {

@@ -24,7 +24,7 @@ from ray.util.state import list_actors
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from raydeq import models, train
-from raydeq.training import checkpoint, data, launch, loop, reporting, storage
+from raydeq.training import checkpoint, config, data, launch, loop, reporting, storage
 from raydeq.training.checkpoint import MANIFEST_FILE, STATE_FILE
 from raydeq.training.config import Config, validate
 from raydeq.training.session import TrainWorker
@@ -216,6 +216,7 @@ def test_the_loop_trains_reports_every_metric_and_writes_tensorboard(tmp_path):
     result = launch.fit(cfg, LOCAL)
     metrics = result.metrics
     assert metrics["step"] == 6 and set(METRICS) <= set(metrics)
+    assert set(config.METRICS) <= set(metrics)  # every metric a search may name is reported
     assert 0 <= metrics["test_accuracy"] <= 1 and metrics["nfe"] > 0
     assert metrics["skipped_steps"] == 0 and metrics["backward_nvjp"] > 0
     assert 0 <= metrics["backward_unconverged_fraction"] <= 1

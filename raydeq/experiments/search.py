@@ -181,14 +181,20 @@ def space(base: Mapping[str, Any], search: SearchSection) -> Space:
     """The checked define-by-run space of a searcher experiment, its variants as points."""
     dims = {k: distribution(f"search.space.{k}", v) for k, v in dimensions(search.space).items()}
     rules = tuple(_rule(i, raw) for i, raw in enumerate(search.conditional))
-    known = set(dims)
+    known = dict(dims)
     for index, rule in enumerate(rules):
-        for key in rule.when:
+        for key, values in rule.when.items():
+            where = f"search.conditional[{index}].when.{key}"
             if key not in known:
+                raise ConfigError(f"{where}: not a dimension drawn before it")
+            choices = getattr(known[key], "choices", None)  # a categorical dimension's values
+            missing = [v for v in values if choices is not None and v not in choices]
+            if missing:
                 raise ConfigError(
-                    f"search.conditional[{index}].when.{key}: not a dimension drawn before it"
+                    f"{where}: {missing[0]!r} is not one of its choices "
+                    f"{', '.join(map(repr, choices))}, so the rule would never apply"
                 )
-        known |= set(rule.space)
+        known |= rule.space
     unconditional = Space(dims, rules, ())
     return Space(dims, rules, _points(base, search, unconditional))
 
