@@ -207,6 +207,18 @@ def test_an_override_fixes_a_searched_key():
         ({"variants": [{"model.variant": "wide"}]}, r"^model.variant: 'wide' is not allowed"),
         ({"space": {"model": {"abstol": {"grid_search": [-1]}}}}, r"^model.abstol: must be > 0"),
         ({"space": {"optim.lr": {"gird_search": [1e-3]}}}, r"^optim.lr: expected a number, got"),
+        (
+            {"space": {"model.solver": {"choice": ["vcab3", "rk4"]}}},
+            r"^search.space.model.solver: the choice 'rk4': model.solver: 'rk4' is not allowed",
+        ),
+        (
+            {"space": {"model.abstol": {"uniform": [0.1, 0.01]}}},
+            r"^search.space.model.abstol.uniform: the lower bound 0.1 must be below 0.01",
+        ),
+        (
+            {"variants": [{"label": "a", "seed": 1}, {"label": "a", "seed": 2, "optim.lr": 1.0}]},
+            r"^search.variants\[1\]: sets other values than search.variants\[0\] under the same",
+        ),
     ],
 )
 def test_bad_search_sections_are_one_line_errors(search, message):

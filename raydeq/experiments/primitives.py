@@ -78,7 +78,15 @@ def domain(key: str, spec: Any) -> Any:
         return getattr(tune, primitive)(args)
     try:
         if isinstance(args, Mapping):
-            return getattr(tune, primitive)(**{k: _number(v) for k, v in args.items()})
-        return getattr(tune, primitive)(*map(_number, args if isinstance(args, list) else [args]))
+            made = getattr(tune, primitive)(**{k: _number(v) for k, v in args.items()})
+        else:
+            made = getattr(tune, primitive)(
+                *map(_number, args if isinstance(args, list) else [args])
+            )
     except (TypeError, ValueError, AssertionError) as err:
         raise ConfigError(f"{key}.{primitive}: bad arguments {args!r} ({err})") from None
+    lower, upper = getattr(made, "lower", None), getattr(made, "upper", None)
+    if lower is not None and upper is not None and not lower < upper:
+        # Tune samples a reversed or empty range without a word (Optuna refuses it).
+        raise ConfigError(f"{key}.{primitive}: the lower bound {lower!r} must be below {upper!r}")
+    return made

@@ -17,7 +17,7 @@ from ray import tune
 from ray.tune.search.variant_generator import generate_variants
 
 from raydeq.experiments import search as searchers
-from raydeq.experiments.primitives import domain, nested
+from raydeq.experiments.primitives import dimensions, domain, nested
 from raydeq.training.config import (
     Config,
     ConfigError,
@@ -150,7 +150,28 @@ def from_dict(
     experiment.trial_config({})
     if experiment.searched:
         experiment.space()
+    _check_choices(experiment)
     return experiment
+
+
+def _check_choices(experiment: Experiment) -> None:
+    """Check each value of the space's `choice` dimensions in a trial config (each variant's,
+    the other choices at their first values): a trial draws a value at random, so a bad one
+    would otherwise fail only the trials that draw it, after the run has started."""
+    choices = {
+        key: spec["choice"]
+        for key, spec in dimensions(experiment.search.space).items()
+        if isinstance(spec, Mapping) and set(spec) == {"choice"}
+    }
+    firsts = {key: values[0] for key, values in choices.items()}
+    for row in experiment.search.variants or ({},):
+        for key, values in choices.items():
+            for value in values:
+                sampled = apply_overrides({VARIANT: row}, firsts | {key: value})
+                try:
+                    experiment.trial_config(sampled)
+                except ConfigError as err:
+                    raise ConfigError(f"search.space.{key}: the choice {value!r}: {err}") from None
 
 
 def _check_searcher(search: SearchSection) -> None:

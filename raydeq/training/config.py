@@ -279,13 +279,24 @@ def _check_search(search: SearchSection) -> None:
 
 
 def _check_variants(variants: Sequence[Mapping[str, Any]]) -> None:
-    """Each search variant is a non-empty row of dotted keys to plain values, label a string."""
+    """Each search variant is a non-empty row of dotted keys to plain values, label a string;
+    rows with one label differ in their seed alone (the results average a label's trials as
+    the seeds of one configuration)."""
+    labelled: dict[str, int] = {}
     for index, row in enumerate(variants):
         where = f"search.variants[{index}]"
         if not row:
             raise ConfigError(f"{where}: expected a mapping of dotted keys to values")
-        if not isinstance(row.get("label", ""), str):
+        label = row.get("label", "")
+        if not isinstance(label, str):
             raise ConfigError(f"{where}.label: expected a string")
+        first = labelled.setdefault(label, index) if label else index
+        settings = [{k: v for k, v in r.items() if k != "seed"} for r in (variants[first], row)]
+        if settings[0] != settings[1]:
+            raise ConfigError(
+                f"{where}: sets other values than search.variants[{first}] under the same label "
+                f"{label!r} (the results average a label's trials as seeds); give it its own label"
+            )
         for key, value in row.items():
             if isinstance(value, Mapping):
                 raise ConfigError(f"{where}.{key}: expected a value (variants take no primitives)")
