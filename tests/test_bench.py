@@ -1,12 +1,13 @@
 """Smoke test of the benchmarks: every suite at the tiniest sizes, the harness, report files."""
 
+import argparse
 import json
 import math
 
 import pytest
 import torch
 
-from raydeq.bench.__main__ import main, parse
+from raydeq.bench.__main__ import main, parse, parse_weights
 from raydeq.bench.harness import models
 from raydeq.bench.harness.context import Checkpoint, Context
 from raydeq.bench.harness.memory import peak_memory
@@ -154,6 +155,13 @@ def test_node_benchmark_times_the_weights_of_a_training_checkpoint(tmp_path, cap
     cut = Checkpoint(folder, checkpoint.weights | {"head.weight": model.head.weight[:5]})
     with pytest.raises(ValueError, match="weights of another size"):
         models.load_checkpoint(loaded, cut)
+    # A trial's folder: its newest readable checkpoint (the newest here is cut short).
+    trial = tmp_path / "trial"
+    write_checkpoint({"step": 7, "model": model.state_dict()}, trial / "checkpoint_000007")
+    newest = write_checkpoint({"step": 9, "model": {}}, trial / "checkpoint_000009")
+    (newest / "state.pt").write_bytes(b"cut")
+    read = parse_weights(argparse.ArgumentParser(), [f"mnist_dense={trial}"], ["mnist_dense"])
+    assert torch.equal(read["mnist_dense"].weights["head.weight"], model.head.weight)
     for bad, message in (
         ("mnist_dense", "expected MODEL=CHECKPOINT_FOLDER"),
         (f"cifar10_large={folder}", "'cifar10_large' is not among --models"),

@@ -16,7 +16,7 @@ from raydeq.bench.harness.report import Report, machine_info, write
 from raydeq.bench.harness.timing import keep_freed_memory
 from raydeq.bench.suites import SUITES
 from raydeq.models import PRESETS
-from raydeq.training.checkpoint import CheckpointError, read_checkpoint
+from raydeq.training.checkpoint import CheckpointError, read_newest
 
 
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -58,8 +58,9 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         nargs="+",
         default=[],
         metavar="MODEL=CHECKPOINT",
-        help="time these presets with the weights of a training checkpoint folder "
-        "(under storage_path/name) instead of untrained or briefly trained",
+        help="time these presets with the weights of a training checkpoint folder, or of a "
+        "trial's or run's folder (its newest readable checkpoint), instead of untrained or "
+        "briefly trained",
     )
     parser.add_argument(
         "--data",
@@ -108,7 +109,7 @@ def parse_weights(
         if name not in models:
             parser.error(f"--weights {item!r}: {name!r} is not among --models {' '.join(models)}")
         try:
-            weights[name] = Checkpoint(Path(folder), read_checkpoint(Path(folder))["model"])
+            weights[name] = Checkpoint(Path(folder), read_newest(Path(folder))["model"])
         except CheckpointError as err:
             parser.error(f"--weights {item!r}: {err}")
     return weights

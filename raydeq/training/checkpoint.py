@@ -10,7 +10,7 @@ import json
 import logging
 import pickle
 from collections.abc import Iterable
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +66,15 @@ def read_checkpoint(directory: Path) -> dict[str, Any]:
         raise CheckpointError(
             f"{directory}: {STATE_FILE} refused by the loader ({reason})"
         ) from None
+
+
+def read_newest(folder: Path) -> dict[str, Any]:
+    """The state in a checkpoint folder, or in the newest readable `checkpoint_*` folder of a
+    trial's (or a run's) folder, falling back past unreadable ones as a resume does."""
+    inside = sorted(folder.glob("checkpoint_*"), reverse=True)  # zero-padded: newest first
+    if (folder / MANIFEST_FILE).exists() or not inside:
+        return read_checkpoint(folder)
+    return restore(nullcontext(str(path)) for path in inside)
 
 
 def restore(candidates: Iterable[AbstractContextManager[str]]) -> dict[str, Any] | None:
