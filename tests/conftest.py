@@ -7,7 +7,7 @@ so they run after all the others, once the shared cluster has been shut down.
 
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 import ray
@@ -50,6 +50,27 @@ def ray_cluster() -> Iterator[str]:
     context = ray.init(num_cpus=2, runtime_env=runtime_env())
     yield f"http://{context.dashboard_url}"
     ray.shutdown()
+
+
+def _central_difference(
+    value: Callable[[], float], tensor: torch.Tensor, direction: torch.Tensor, eps: float = 1e-5
+) -> float:
+    """d/dt value() at tensor + t direction, t = 0, by central differences (tensor is moved in
+    place and put back): the reference for second derivatives."""
+    values = []
+    for sign in (1, -1):
+        with torch.no_grad():
+            tensor.add_(sign * eps * direction)
+        values.append(value())
+        with torch.no_grad():
+            tensor.sub_(sign * eps * direction)
+    return (values[0] - values[1]) / (2 * eps)
+
+
+@pytest.fixture
+def central_difference() -> Callable[..., float]:
+    """The central difference of a scalar along a direction of a tensor it reads."""
+    return _central_difference
 
 
 @pytest.fixture
