@@ -333,6 +333,7 @@ def test_pretraining_unrolls_f_then_solves():
         ({"solver": "euler", "solver_options": {"m": 5}}, "solver='euler' takes no option 'm'"),
         ({"adjoint_options": {"rtol": -1.0}}, "rtol=-1.0 must be a number >= 0"),
         ({"compile": "yes"}, "compile='yes' must be True, False or a dict"),
+        ({"compile": {"mode": "fast"}}, "compile={'mode': 'fast'}: Unrecognized mode=fast"),
     ],
 )
 def test_invalid_arguments_name_the_value_and_the_choices(kwargs, message):
