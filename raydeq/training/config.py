@@ -52,8 +52,15 @@ PAPER_TABLES = (1, 2, 3, 4)  # the tables of section 4 that an experiment can re
 # Reported measures a search can minimise as its second objective, and those it can optimise
 # as its metric (a name it is not reported under would leave every trial unranked).
 COSTS = ("test_nfe", "nfe", "forward_time", "backward_time", "predict_time")
-METRICS = ("test_accuracy", "test_top5_accuracy", "train_accuracy", "train_loss", "step_time")
-METRICS += ("images_per_second", *COSTS)
+METRICS = (
+    "test_accuracy",
+    "test_top5_accuracy",
+    "train_accuracy",
+    "train_loss",
+    "step_time",
+    "images_per_second",
+    *COSTS,
+)
 DEQ_ONLY = ("jac_reg", "pretrain_steps", "solver_options", "compile")
 ODE_ONLY = ("t1", "dynamics")
 # Settings that do not change the trained model, so that changing them resumes the same run.
