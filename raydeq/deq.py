@@ -7,7 +7,8 @@ to its loss and nothing else.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -56,6 +57,23 @@ def initial_state(f: nn.Module, x: Tensor) -> State:
     """The all-zero state for input x: `f.initial_state(x)` if f defines it, else zeros_like(x)."""
     make = getattr(f, "initial_state", None)
     return make(x) if callable(make) else torch.zeros_like(x)
+
+
+@contextmanager
+def zero_state_hint(f: nn.Module, x: Tensor) -> Iterator[None]:
+    """Add to an error raised within a note naming `initial_state`, for an f without it: the
+    state then starts as zeros_like(x), and a cell whose state is not shaped like its input
+    otherwise fails inside its own first product."""
+    try:
+        yield
+    except (RuntimeError, ValueError) as err:
+        if not callable(getattr(f, "initial_state", None)):
+            err.add_note(
+                f"the state started as zeros_like(x), of shape {tuple(x.shape)}: a cell whose "
+                "state is not shaped like its input needs a method initial_state(x) returning "
+                "the zero state"
+            )
+        raise
 
 
 def residual_stats(
@@ -190,6 +208,11 @@ class DEQ(nn.Module):
 
     def forward(self, x: Tensor) -> LayerOutput:
         """Solve for the equilibrium of f(., x); see the class docstring for the outputs."""
+        with zero_state_hint(self.f, x):
+            return self._solve(x)
+
+    def _solve(self, x: Tensor) -> LayerOutput:
+        """The forward pass."""
         z0 = self.initial_guess(x)
         extra_nfe = 1 if self.init == "skip_reg" else 0
 

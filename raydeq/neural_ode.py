@@ -24,6 +24,7 @@ from raydeq.deq import (
     initial_state,
     residual_stats,
     solver_start,
+    zero_state_hint,
 )
 from raydeq.solvers import SolveStats, Termination
 from raydeq.solvers.interval import INTERVAL_SOLVERS, Endpoint, integrate
@@ -199,6 +200,11 @@ class NeuralODE(nn.Module):
 
     def forward(self, x: Tensor) -> LayerOutput:
         """Integrate to t1 and return f(z(t1), x) with its statistics."""
+        with zero_state_hint(self.f, x):
+            return self._integrate(x)
+
+    def _integrate(self, x: Tensor) -> LayerOutput:
+        """The forward pass."""
         z0 = initial_state(self.f, x)
         structure = Structure.of(z0)
         flat = structure.flatten(z0)

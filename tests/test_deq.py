@@ -422,6 +422,31 @@ def test_a_skip_predictor_of_the_wrong_shape_is_named_before_the_solve():
         deq(x)
 
 
+class WideCell(nn.Module):
+    """A cell whose state (width 3) is not shaped like its input (width 2)."""
+
+    def __init__(self, zero_state: bool) -> None:
+        super().__init__()
+        self.w, self.u = nn.Linear(3, 3), nn.Linear(2, 3)
+        if zero_state:
+            self.initial_state = lambda x: x.new_zeros(x.shape[0], 3)
+
+    def forward(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(0.5 * self.w(z) + self.u(x))
+
+
+@pytest.mark.parametrize("layer", [DEQ, NeuralODE, lambda f: DEQ(f, init="skip_reg")])
+def test_a_state_not_shaped_like_the_input_names_initial_state(layer):
+    """Without initial_state the state starts as zeros_like(x), and f's own product fails:
+    the error says why and what to define; with it the layer runs."""
+    x = torch.randn(4, 2)
+    with pytest.raises(RuntimeError) as failure:
+        layer(WideCell(zero_state=False))(x)
+    assert "zeros_like(x), of shape (4, 2)" in "".join(failure.value.__notes__)
+    assert "initial_state(x)" in "".join(failure.value.__notes__)
+    assert layer(WideCell(zero_state=True))(x).z.shape == (4, 3)
+
+
 def test_skip_reg_statistics_count_the_evaluation_that_makes_z0():
     f, x = dense_cell()
     out = DEQ(f, init="skip_reg", **TIGHT)(x)
