@@ -171,13 +171,18 @@ def figure1(table: int, rows: list[dict[str, Any]]) -> bytes:
         axis.barh(
             [i - 0.2 for i in where], [ours[name].get(k, 0.0) for k in labels], 0.4, label="ours"
         )
-        axis.barh(
-            [i + 0.2 for i in where], [theirs[name].get(k, 0.0) for k in labels], 0.4, label="paper"
-        )
+        if theirs[name]:
+            axis.barh(
+                [i + 0.2 for i in where],
+                [theirs[name].get(k, 0.0) for k in labels],
+                0.4,
+                label="paper",
+            )
         axis.axvline(1.0, color="grey", linewidth=0.8)
         axis.set_yticks(list(where), labels, fontsize="small")
         axis.set_xlabel(f"{name} time / {REFERENCE}")
-        axis.set_title(f"{name.capitalize()} time, relative (lower is better)")
+        unpublished = "" if theirs[name] else "\n(the paper's table gives none)"
+        axis.set_title(f"{name.capitalize()} time, relative (lower is better){unpublished}")
         axis.grid(axis="x", alpha=0.3)
         axis.legend(fontsize="small")
     axes[0].invert_yaxis()
@@ -203,7 +208,7 @@ def curves_figure(rows: list[dict[str, Any]], curves: dict[str, list[pd.DataFram
         ("backward_time", "backward time (s / batch)", 1.0),
         ("test_accuracy", "test accuracy (%)", 100.0),
     ]
-    figure, axes = plt.subplots(2, 3, figsize=(13.0, 7.0), sharex=True)
+    figure, axes = plt.subplots(2, 3, figsize=(16.0, 7.0), sharex=True)
     for r, kind in enumerate(("Discrete", "Continuous")):
         for c, (metric, label, scale) in enumerate(panels):
             axis = axes[r][c]
@@ -233,8 +238,17 @@ def curves_figure(rows: list[dict[str, Any]], curves: dict[str, list[pd.DataFram
             axis.grid(alpha=0.3)
             if r == 1:
                 axis.set_xlabel("training step")
-            if axis.lines:
-                axis.legend(fontsize="x-small")
+        # One legend per row, right of it: a row's panels draw the same variants, and a legend
+        # inside a panel covered its curves.
+        handles = {line.get_label(): line for axis in axes[r] for line in axis.lines}
+        if handles:
+            axes[r][-1].legend(
+                handles.values(),
+                handles.keys(),
+                loc="upper left",
+                bbox_to_anchor=(1.03, 1.0),
+                fontsize="small",
+            )
     figure.suptitle("Figures 4-6: Discrete and Continuous DEQ against training step")
     return png(figure, dpi=110)
 

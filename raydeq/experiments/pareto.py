@@ -147,32 +147,51 @@ def _zoom(axes: Any, accuracy: list[float], shown: list[float]) -> None:
 
 
 def chart(rows: Sequence[Mapping[str, Any]], metric: str) -> bytes:
-    """PNG of `metric` against each cost view: every trial, the front highlighted and joined,
-    the paper's points marked."""
-    figure, panels = plt.subplots(1, len(VIEWS), figsize=(11.0, 4.2))
+    """PNG of `metric` against each cost view: every trial, the front joined, each of the
+    paper's configurations in its own colour, one legend right of the panels."""
+    figure, panels = plt.subplots(1, len(VIEWS), figsize=(14.0, 4.6))
     members = [rows[i] for i in counted(rows)]
+    # One colour (and past ten, another marker) per configuration, the same in both views: a
+    # name beside each point overlapped where the configurations crowd (Table 1's eleven).
+    names = list(dict.fromkeys(_name(r) for r in members if r.get("paper")))
+    styles = {n: (f"C{i % 10}", "*PXD"[i // 10 % 4]) for i, n in enumerate(names)}
     for axes, (cost, words) in zip(panels, VIEWS.items()):
         points = [(_number(r.get(cost)), 100 * _number(r.get(metric)), r) for r in members]
         points = [p for p in points if math.isfinite(p[0] + p[1])]
-        axes.scatter([p[0] for p in points], [p[1] for p in points], s=18, c="0.6", label="trial")
+        plain = [p for p in points if not p[2].get("paper")]
+        if plain:
+            axes.scatter([p[0] for p in plain], [p[1] for p in plain], s=18, c="0.6", label="trial")
+        for name, (colour, marker) in styles.items():
+            mine = [p for p in points if _name(p[2]) == name and p[2].get("paper")]
+            axes.scatter(
+                [p[0] for p in mine],
+                [p[1] for p in mine],
+                marker=marker,
+                s=110,
+                c=colour,
+                label=name,
+                zorder=3,
+            )
         best = sorted((p for p in points if p[2].get(f"pareto_{cost}")), key=lambda p: p[0])
+        # Open circles over the markers, so that a front point that is also a paper point
+        # shows both.
         axes.plot(
-            [p[0] for p in best], [p[1] for p in best], "o-", c="C3", ms=6, label="Pareto front"
+            [p[0] for p in best],
+            [p[1] for p in best],
+            "o-",
+            c="C3",
+            ms=9,
+            mfc="none",
+            mew=1.5,
+            label="Pareto front",
+            zorder=4,
         )
-        # One label per configuration, at its best seed: a label on each of 3 seeds of 11
-        # configurations buried Table 1's chart.
-        named: set[str] = set()
-        for x, y, row in sorted((p for p in points if p[2].get("paper")), key=lambda p: -p[1]):
-            axes.scatter([x], [y], marker="*", s=140, c="C0", zorder=3)
-            if _name(row) not in named:
-                named.add(_name(row))
-                axes.annotate(
-                    _name(row), (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points"
-                )
-        axes.scatter([], [], marker="*", s=140, c="C0", label="paper's configuration")
         _zoom(axes, [p[1] for p in points], [p[1] for p in points if _shown(p[2], cost)])
         axes.set_xlabel(words)
         axes.set_ylabel(f"{metric} (%)")
         axes.grid(alpha=0.3)
-        axes.legend(fontsize="small")
+    handles, labels = panels[-1].get_legend_handles_labels()
+    panels[-1].legend(
+        handles, labels, fontsize="small", loc="upper left", bbox_to_anchor=(1.03, 1.0)
+    )
     return png(figure)
