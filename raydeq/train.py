@@ -43,7 +43,14 @@ def summary(result: Result, cfg: Config) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line entry point; returns the exit status (2 for bad input, 1 for a failed run)."""
     parser = argparse.ArgumentParser(
-        prog="python -m raydeq.train", description=__doc__.split("\n")[0]
+        prog="python -m raydeq.train",
+        description=__doc__.split("\n")[0],
+        epilog=(
+            "The run is written to STORAGE_PATH/NAME (storage_path=DIR or s3://..., default "
+            "runs; the name is derived from the settings unless name= is given). Running the "
+            "same command again resumes it from its newest checkpoint. Exit status 2 for a bad "
+            "config, 1 for a failed run, 130 when interrupted."
+        ),
     )
     parser.add_argument("config", help="YAML config (a tune_configs/ experiment file works too)")
     parser.add_argument("overrides", nargs="*", help="key=value settings, e.g. optim.lr=3e-4")
