@@ -23,6 +23,7 @@ from test_tune import (
 
 from raydeq import tune as rt
 from raydeq.experiments import pareto, search, spec
+from raydeq.experiments.figures import plt
 from raydeq.training.config import ConfigError
 
 SEARCH = {
@@ -259,6 +260,27 @@ def test_the_front_table_names_the_paper_points_and_the_cheapest_trial():
     )
     assert "Cheapest within 0.5 points of the best test_accuracy: b (94.80%, test NFE 9)" in text
     assert pareto.chart(marked, "test_accuracy").startswith(b"\x89PNG")
+
+
+def test_the_chart_leaves_off_a_front_end_at_chance_level_and_counts_it():
+    """A cheap trial that collapsed to chance sits on the front; drawing it would squeeze the
+    others into the top of the chart, so the panel shows the front within ZOOM_POINTS of the
+    best and the paper's points, and its title counts what it leaves off."""
+    figure, axes = plt.subplots()
+    accuracy, front = [10.6, 10.6, 96.9, 97.2, 95.8, 92.5], [10.6, 10.6, 96.9, 97.2]
+    shown = [
+        a
+        for a, row in zip(
+            accuracy, [{"pareto_c": a in front, "paper": a == 95.8} for a in accuracy]
+        )
+        if pareto._shown(row, "c", a, max(accuracy))
+    ]
+    assert shown == [96.9, 97.2, 95.8]
+    pareto._zoom(axes, accuracy, shown, front)
+    assert axes.get_ylim() == pytest.approx((95.8 - pareto.ZOOM_POINTS, 98.2))
+    assert axes.get_title() == "2 trial(s) below 86% not shown (2 of them on the front)"
+    assert pareto._shown({"paper": True}, "c", 10.0, 97.2)
+    plt.close(figure)
 
 
 def _finished(experiment: Path) -> set[str]:

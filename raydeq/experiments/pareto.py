@@ -129,21 +129,26 @@ def markdown(rows: Sequence[Mapping[str, Any]], metric: str) -> str:
     return "\n".join(text) + "\n"
 
 
-def _shown(row: Mapping[str, Any], cost: str) -> bool:
-    """True for the points a chart must show: the front and the paper's configurations."""
-    return bool(row.get(f"pareto_{cost}") or row.get("paper"))
+def _shown(row: Mapping[str, Any], cost: str, accuracy: float, best: float) -> bool:
+    """True for the points a chart must show: the paper's configurations, and the front within
+    ZOOM_POINTS of the best accuracy (below that the front's cheapest end holds trials at chance
+    level, which would squeeze every other point into the top of the chart)."""
+    front = row.get(f"pareto_{cost}") and accuracy >= best - ZOOM_POINTS
+    return bool(front or row.get("paper"))
 
 
-def _zoom(axes: Any, accuracy: list[float], shown: list[float]) -> None:
-    """Keep the front and the paper's points readable: trials far below them (diverged ones)
-    are left off the chart and counted in a note."""
+def _zoom(axes: Any, accuracy: list[float], shown: list[float], front: list[float]) -> None:
+    """Keep the points that must show readable (see _shown): trials far below them (diverged
+    ones) are left off the chart and counted in a note."""
     if not shown:
         return
     floor = min(shown) - ZOOM_POINTS
     below = sum(a < floor for a in accuracy)
     if below:
+        on_front = sum(a < floor for a in front)
+        of_front = f" ({on_front} of them on the front)" if on_front else ""
         axes.set_ylim(floor, max(accuracy) + 1)
-        axes.set_title(f"{below} trial(s) below {floor:.0f}% not shown", fontsize="small")
+        axes.set_title(f"{below} trial(s) below {floor:.0f}% not shown{of_front}", fontsize="small")
 
 
 def chart(rows: Sequence[Mapping[str, Any]], metric: str) -> bytes:
@@ -172,12 +177,12 @@ def chart(rows: Sequence[Mapping[str, Any]], metric: str) -> bytes:
                 label=name,
                 zorder=3,
             )
-        best = sorted((p for p in points if p[2].get(f"pareto_{cost}")), key=lambda p: p[0])
+        front_points = sorted((p for p in points if p[2].get(f"pareto_{cost}")), key=lambda p: p[0])
         # Open circles over the markers, so that a front point that is also a paper point
         # shows both.
         axes.plot(
-            [p[0] for p in best],
-            [p[1] for p in best],
+            [p[0] for p in front_points],
+            [p[1] for p in front_points],
             "o-",
             c="C3",
             ms=9,
@@ -186,7 +191,9 @@ def chart(rows: Sequence[Mapping[str, Any]], metric: str) -> bytes:
             label="Pareto front",
             zorder=4,
         )
-        _zoom(axes, [p[1] for p in points], [p[1] for p in points if _shown(p[2], cost)])
+        best_accuracy = max((p[1] for p in points), default=math.nan)
+        shown = [p[1] for p in points if _shown(p[2], cost, p[1], best_accuracy)]
+        _zoom(axes, [p[1] for p in points], shown, [p[1] for p in front_points])
         axes.set_xlabel(words)
         axes.set_ylabel(f"{metric} (%)")
         axes.grid(alpha=0.3)
