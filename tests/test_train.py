@@ -412,6 +412,31 @@ def train_and_save_parameters(config: dict) -> None:
     torch.save(record, Path(config["storage_path"], f"worker-{rank}.pt"))
 
 
+def test_a_second_run_beside_another_starts_its_own_ray_instead_of_joining_it(ray_cluster):
+    """A local Ray started by another driver (here the test session's) ends with that driver:
+    joining it, a second run lost its trials when the first finished. Without RAY_ADDRESS
+    and without a `ray start` cluster, connect starts a Ray of its own."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    script = (
+        "import ray; from raydeq.training import launch; launch.connect(); "
+        "print(ray.get_runtime_context().gcs_address)"
+    )
+    joined = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert joined.returncode == 0, joined.stderr[-2000:]
+    own = ray.get_runtime_context().gcs_address
+    assert joined.stdout.strip().splitlines()[-1] != own
+    shared = subprocess.run(
+        [sys.executable, "-c", script],
+        env=env | {"RAY_ADDRESS": own},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert shared.stdout.strip().splitlines()[-1] == own, shared.stderr[-2000:]
+
+
 @pytest.mark.multinode
 def test_ddp_keeps_the_workers_on_two_nodes_identical(tmp_path):
     ray.shutdown()

@@ -52,22 +52,19 @@ def runtime_env() -> dict[str, Any]:
 
 
 def connect(log_to_driver: bool = True) -> None:
-    """Join the cluster RAY_ADDRESS names or the one running here, else start a local one.
+    """Join the cluster RAY_ADDRESS names or the one `ray start` runs here (the head node of
+    `ray up`), else start a local one of this run's own.
 
+    Never address="auto": it also joins a local Ray that another run's driver started, and
+    that Ray ends with that driver. A second `python -m raydeq.tune` started beside a first
+    one lost every running trial when the first one finished.
     Without `log_to_driver` the workers' output stays in Ray's log files (Tune runs print
     their progress from the reports instead).
     """
     if ray.is_initialized():
         return
     options = {"logging_level": RAY_LOG_LEVEL, "log_to_driver": log_to_driver}
-    options |= {"runtime_env": runtime_env()}
-    if "RAY_ADDRESS" in os.environ:
-        ray.init(**options)
-        return
-    try:
-        ray.init(address="auto", **options)
-    except ConnectionError:
-        ray.init(**options)
+    ray.init(**options, runtime_env=runtime_env())
 
 
 def train_loop(config: dict[str, Any]) -> None:
