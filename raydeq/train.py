@@ -17,11 +17,12 @@ import os
 import shlex
 import sys
 from collections.abc import Sequence
+from contextlib import ExitStack
 
 import ray.train
 from ray.train import Result
 
-from raydeq.training import data, launch
+from raydeq.training import data, launch, runlock
 from raydeq.training.config import Config, ConfigError, load
 from raydeq.training.preflight import check_run
 from raydeq.training.reporting import TENSORBOARD_DIR
@@ -56,12 +57,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="key=value settings, e.g. optim.lr=3e-4")
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
-    try:
-        cfg = load(args.config, args.overrides)
-        check_run(cfg)
-    except (ConfigError, data.DataError, StorageError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    with ExitStack() as held:
+        try:
+            cfg = load(args.config, args.overrides)
+            check_run(cfg)
+            held.enter_context(runlock.hold(cfg.run_dir))
+        except (ConfigError, data.DataError, StorageError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        return run(cfg, argv)
+
+
+def run(cfg: Config, argv: Sequence[str]) -> int:
+    """Train the run of a checked config; returns the exit status."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     print(f"tensorboard --logdir {os.path.join(cfg.run_dir, TENSORBOARD_DIR)}", flush=True)
     launch.connect()

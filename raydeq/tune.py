@@ -16,12 +16,13 @@ import os
 import shlex
 import sys
 from collections.abc import Sequence
+from contextlib import ExitStack
 
 from raydeq.experiments import run
 from raydeq.experiments import search as searchers
 from raydeq.experiments.results import PLOTS, report
 from raydeq.experiments.spec import Experiment, describe, expand, load
-from raydeq.training import data, launch
+from raydeq.training import data, launch, runlock
 from raydeq.training.config import SCHEDULERS, ConfigError
 from raydeq.training.preflight import check_run
 from raydeq.training.storage import StorageError, absolute, check_storage
@@ -169,11 +170,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Command line entry point; returns the exit status (2 bad input, 1 failed trials, 130
     interrupted)."""
     args = _parser().parse_intermixed_args(argv)
-    try:
-        experiment, path, options = start(args)
-    except (ConfigError, data.DataError, StorageError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    with ExitStack() as held:
+        try:
+            experiment, path, options = start(args)
+            if not (args.dry_run or args.report):
+                held.enter_context(runlock.hold(path))
+        except (ConfigError, data.DataError, StorageError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        return run_experiment(args, experiment, path, options)
+
+
+def run_experiment(
+    args: argparse.Namespace, experiment: Experiment, path: str, options: run.Options | None
+) -> int:
+    """Dry-run, report, start or resume the experiment of checked arguments; returns the exit
+    status."""
     if args.dry_run:
         try:
             dry_run(experiment, args.num_samples)
@@ -184,7 +196,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_BAD_INPUT
         return 0
     if args.report:
-        print(report(path, experiment))
+        try:
+            print(report(path, experiment))
+        except ConfigError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return EXIT_BAD_INPUT
         return 0
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"  # no second TensorBoard stream

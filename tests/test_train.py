@@ -24,7 +24,16 @@ from ray.util.state import list_actors
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from raydeq import models, train
-from raydeq.training import checkpoint, config, data, launch, loop, reporting, storage
+from raydeq.training import (
+    checkpoint,
+    config,
+    data,
+    launch,
+    loop,
+    reporting,
+    runlock,
+    storage,
+)
 from raydeq.training.checkpoint import MANIFEST_FILE, STATE_FILE
 from raydeq.training.config import Config, validate
 from raydeq.training.session import TrainWorker
@@ -138,6 +147,43 @@ def test_the_command_exits_with_status_2_on_a_bad_config(tmp_path):
     )
     assert done.returncode == 2
     assert done.stderr == "error: train.lambda_skip: must be >= 0, got -1.0\n"
+
+
+def test_a_run_that_a_process_here_is_running_is_refused_until_it_ends(tmp_path, capsys):
+    """Two drivers of one run folder would both resume from it and prune each other's
+    checkpoints; the second is refused, naming the first, until the first ends (however it
+    ends: the lock is the system's)."""
+    path = tmp_path / "run.yaml"
+    path.write_text(f"data: {{dataset: digits}}\nstorage_path: {tmp_path / 'runs'}\n")
+    cfg = config.load(str(path))
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from raydeq.training import runlock\n"
+            f"with runlock.hold({cfg.run_dir!r}):\n"
+            "    print('held', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline() == "held\n"
+        assert train.main([str(path)]) == 2
+        err = capsys.readouterr().err
+        assert err == (
+            f"error: {cfg.run_dir} is being run by process {holder.pid} on this machine; wait "
+            "for it to end (or stop it), or give this run another name\n"
+        )
+        with pytest.raises(runlock.RunInUse):
+            with runlock.hold(cfg.run_dir):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with runlock.hold(cfg.run_dir), pytest.raises(runlock.RunInUse, match=f"{os.getpid()}"):
+        with runlock.hold(cfg.run_dir):
+            pass
 
 
 # Checkpoints -----------------------------------------------------------------------------------
@@ -417,8 +463,11 @@ def test_a_second_run_beside_another_starts_its_own_ray_instead_of_joining_it(ra
     joining it, a second run lost its trials when the first finished. Without RAY_ADDRESS
     and without a `ray start` cluster, connect starts a Ray of its own."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # Its processes also find its state API, which Ray Train's placement-group cleaner polls.
     script = (
-        "import ray; from raydeq.training import launch; launch.connect(); "
+        "import ray; from ray.util.state import list_actors; from raydeq.training import launch\n"
+        "launch.connect()\n"
+        "ray.get(ray.remote(lambda: list_actors()).remote())\n"
         "print(ray.get_runtime_context().gcs_address)"
     )
     joined = subprocess.run(

@@ -22,7 +22,7 @@ from raydeq import datasets
 from raydeq import tune as rt
 from raydeq.experiments import archive, results, run, spec
 from raydeq.models import PRESETS
-from raydeq.training import preflight
+from raydeq.training import preflight, runlock
 from raydeq.training.checkpoint import MANIFEST_FILE
 from raydeq.training.config import ConfigError
 
@@ -278,6 +278,29 @@ def test_the_command_refuses_bad_input_and_an_existing_experiment_with_status_2(
         assert err.startswith(f"error: --resume: {named} cannot change an experiment that has")
     assert rt.main([*argv, "--report", "--num-samples", "2"]) == 2
     assert capsys.readouterr().err.startswith("error: --report: --num-samples cannot change")
+
+
+def test_an_experiment_running_here_is_not_started_or_resumed_twice(tmp_path, capsys, monkeypatch):
+    """While a process here runs an experiment, a second start or --resume of it is refused
+    before Ray starts; --dry-run and --report, which train nothing, still run."""
+    monkeypatch.setattr(ray, "init", lambda *args, **kwargs: pytest.fail("Ray was started"))
+    experiment = tmp_path / "tiny.yaml"
+    experiment.write_text(yaml.safe_dump(TINY))
+    argv = [str(experiment), "--storage", str(tmp_path / "runs")]
+    with runlock.hold(str(tmp_path / "runs" / "tiny")):
+        assert rt.main(argv) == 2
+        assert f"is being run by process {os.getpid()} on this machine" in capsys.readouterr().err
+        assert rt.main([*argv, "--dry-run"]) == 0
+        options = run.Options(gpus=None, num_samples=1, scheduler="fifo", max_concurrent=0)
+        run.save_settings(str(tmp_path / "runs" / "tiny"), spec.load(str(experiment)), options)
+        assert rt.main([*argv, "--resume"]) == 2
+        assert "is being run by process" in capsys.readouterr().err
+        # Stopped before Tune recorded a trial: nothing to report, and said so.
+        assert rt.main([*argv, "--report"]) == 2
+        assert "no trial has been recorded yet" in capsys.readouterr().err
+    (tmp_path / "runs" / "tiny" / run.SETTINGS_FILE).write_text("{}")
+    assert rt.main([*argv, "--resume"]) == 2
+    assert f"{run.SETTINGS_FILE} holds no experiment settings (KeyError" in capsys.readouterr().err
 
 
 def test_dry_run_prints_every_trials_resolved_config_without_ray(capsys, monkeypatch):

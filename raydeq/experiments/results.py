@@ -21,6 +21,7 @@ from raydeq.experiments import hparams, paper, pareto
 from raydeq.experiments.archive import history
 from raydeq.experiments.figures import plt, png
 from raydeq.experiments.spec import LABEL, VARIANT, Experiment, describe, leaves, trial_name
+from raydeq.training.config import ConfigError
 from raydeq.training.storage import write_bytes
 
 PLOTS = {
@@ -195,8 +196,15 @@ def plot(metric: str, label: str, curves: dict[str, list[pd.DataFrame]]) -> byte
 
 
 def report(path: str, experiment: Experiment) -> str:
-    """Write results.parquet, results.md and the plots for an experiment; return the table."""
-    analysis = tune.ExperimentAnalysis(path)
+    """Write results.parquet, results.md and the plots for an experiment; return the table (a
+    ConfigError for an experiment stopped before Tune recorded its first state)."""
+    try:
+        analysis = tune.ExperimentAnalysis(path)
+    except ValueError:  # Tune's "No experiment snapshot file" (no experiment_state-*.json)
+        raise ConfigError(
+            f"{path}: no trial has been recorded yet, so there is nothing to report; "
+            "--resume runs the experiment"
+        ) from None
     frames = analysis.trial_dataframes
     rows, curves = [], {}
     for trial in sorted(analysis.trials, key=lambda t: t.trial_id):

@@ -148,10 +148,16 @@ def has_settings(path: str) -> bool:
 
 
 def load_settings(path: str) -> tuple[Experiment, Options]:
-    """The experiment and run options stored in an experiment folder."""
-    settings = yaml.safe_load(read_text(f"{path}/{SETTINGS_FILE}"))
-    name = path.rstrip("/").rsplit("/", 1)[-1]
-    return from_dict(name, settings["experiment"]), Options(**settings["options"])
+    """The experiment and run options stored in an experiment folder; a ConfigError where the
+    file is not such settings (cut short, or edited)."""
+    file = f"{path}/{SETTINGS_FILE}"
+    try:
+        settings = yaml.safe_load(read_text(file))
+        experiment, options = settings["experiment"], Options(**settings["options"])
+    except (yaml.YAMLError, KeyError, TypeError) as err:
+        reason = f"{type(err).__name__}: {err}".splitlines()[0]
+        raise ConfigError(f"{file} holds no experiment settings ({reason})") from None
+    return from_dict(path.rstrip("/").rsplit("/", 1)[-1], experiment), options
 
 
 def _scheduler(experiment: Experiment, options: Options) -> TrialScheduler:

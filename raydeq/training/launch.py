@@ -8,10 +8,12 @@ This module stays light: Ray Train's controller and each Tune trial import it to
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import ray
+import ray._private.utils
 import ray.train
 from ray.train import (
     CheckpointConfig,
@@ -63,8 +65,23 @@ def connect(log_to_driver: bool = True) -> None:
     """
     if ray.is_initialized():
         return
-    options = {"logging_level": RAY_LOG_LEVEL, "log_to_driver": log_to_driver}
-    ray.init(**options, runtime_env=runtime_env())
+    options: dict[str, Any] = {"logging_level": RAY_LOG_LEVEL, "log_to_driver": log_to_driver}
+    env = runtime_env()
+    if "RAY_ADDRESS" not in os.environ and ray._private.utils.read_ray_address() is None:
+        # A Ray of this run's own. Its processes find the state API (Ray Train's placement-group
+        # cleaner polls it) by looking for the one Ray on this machine, and fail where another
+        # run's Ray runs too: name its dashboard for them.
+        port = free_port()
+        options["dashboard_port"] = port
+        env["env_vars"]["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    ray.init(**options, runtime_env=env)
+
+
+def free_port() -> int:
+    """A TCP port that nothing listens on now, from the operating system."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def train_loop(config: dict[str, Any]) -> None:

@@ -1,0 +1,54 @@
+"""One driver per run on a machine: a second `raydeq.train` of a run that is training here, or
+a second `raydeq.tune` of an experiment that is running here, is refused at once.
+
+Two drivers of one run folder both resume from its newest checkpoint, then write and prune
+checkpoints side by side: the second one's restore found the folders the first had just
+pruned, and failed after three worker restarts. The lock is an flock on a file named after the
+run (its storage may be a URI, which has no locks), so the system releases it when the driver
+ends, however it ends.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from raydeq.training.storage import StorageError, absolute
+
+
+class RunInUse(StorageError):
+    """Another process on this machine is running the same run."""
+
+
+def lock_file(run: str) -> Path:
+    """The lock file of a run folder or URI, in this user's temporary folder."""
+    digest = hashlib.sha256(absolute(run).encode()).hexdigest()[:20]
+    return Path(tempfile.gettempdir()) / f"raydeq-locks-{os.getuid()}" / f"{digest}.lock"
+
+
+@contextmanager
+def hold(run: str) -> Iterator[None]:
+    """Hold the lock of `run` for the block, or raise RunInUse naming the process that holds
+    it."""
+    path = lock_file(run)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as file:
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            file.seek(0)
+            holder = file.read().strip() or "another process"
+            raise RunInUse(
+                f"{run} is being run by {holder} on this machine; wait for it to end (or stop "
+                "it), or give this run another name"
+            ) from None
+        file.seek(0)
+        file.truncate()
+        file.write(f"process {os.getpid()}")
+        file.flush()
+        yield
