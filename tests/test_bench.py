@@ -11,7 +11,7 @@ from raydeq.bench.__main__ import main, parse, parse_weights
 from raydeq.bench.harness import models
 from raydeq.bench.harness.context import Checkpoint, Context
 from raydeq.bench.harness.memory import peak_memory
-from raydeq.bench.harness.report import Section, Target, fmt
+from raydeq.bench.harness.report import Report, Section, Target, fmt, output_stem, write
 from raydeq.bench.harness.timing import Timing, measure, paired_ratio
 from raydeq.bench.suites import MODULES, SUITES, node, skip, skip_lambda, torchdeq, train_step
 from raydeq.models import PRESETS
@@ -254,3 +254,17 @@ def test_train_step_runs_as_a_suite_of_the_cli(tmp_path):
     # The compiled dense row runs on a GPU only.
     assert [train_step.runs_on(w, cpu) for w in workloads] == [True, False, True]
     assert all(train_step.runs_on(w, gpu) for w in workloads)
+
+
+def test_a_second_run_of_the_day_writes_beside_the_first_instead_of_over_it(tmp_path):
+    first = Report(date="2026-12-03", device="cpu", size="tiny", machine={})
+    stem = output_stem(first, tmp_path)
+    assert stem == tmp_path / "2026-12-03-cpu"
+    write(first, stem)
+    kept = (tmp_path / "2026-12-03-cpu.json").read_text()
+    second = Report(date="2026-12-03", device="cpu", size="quick", machine={})
+    assert output_stem(second, tmp_path) == tmp_path / "2026-12-03-cpu-2"
+    write(second, output_stem(second, tmp_path))
+    assert (tmp_path / "2026-12-03-cpu.json").read_text() == kept
+    assert json.loads((tmp_path / "2026-12-03-cpu-2.json").read_text())["size"] == "quick"
+    assert output_stem(second, tmp_path) == tmp_path / "2026-12-03-cpu-3"

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from raydeq.bench.harness.context import SIZES, Checkpoint, Context
-from raydeq.bench.harness.report import Report, machine_info, write
+from raydeq.bench.harness.report import Report, machine_info, output_stem, write
 from raydeq.bench.harness.timing import keep_freed_memory
 from raydeq.bench.suites import SUITES
 from raydeq.models import PRESETS
@@ -72,7 +72,10 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         "--out",
         type=Path,
         default=Path("benchmarks/results"),
-        help="folder for <date>-<device>.json and .md (default: benchmarks/results)",
+        help=(
+            "folder for <date>-<device>.json and .md, -2, -3, ... after the first run of a "
+            "day (default: benchmarks/results)"
+        ),
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of every problem and model")
     args = parser.parse_args(argv)
@@ -131,12 +134,13 @@ def main(argv: Sequence[str] | None = None) -> Report:
         size=args.size,
         machine=machine_info(device),
     )
+    stem = output_stem(report, args.out)
     for name in args.only or SUITES:
         start = time.perf_counter()
         print(f"[{name}] running", file=sys.stderr, flush=True)
         report.sections.append(SUITES[name](ctx))
         print(f"[{name}] {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
-        json_path, md_path = write(report, args.out)
+        json_path, md_path = write(report, stem)
     print(report.to_markdown())
     print(f"wrote {json_path} and {md_path}", file=sys.stderr)
     return report

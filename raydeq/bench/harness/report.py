@@ -129,10 +129,19 @@ def table(columns: list[str], rows: list[dict[str, Value]]) -> list[str]:
     return lines
 
 
-def write(report: Report, out_dir: Path) -> tuple[Path, Path]:
-    """Write <date>-<device>.json and .md into out_dir; returns both paths."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / f"{report.date}-{report.device}"
+def output_stem(report: Report, out_dir: Path) -> Path:
+    """out_dir/<date>-<device>, or with -2, -3, ... the first that names no written result: a
+    second run on one day would overwrite the first's."""
+    stem, number = out_dir / f"{report.date}-{report.device}", 1
+    while stem.with_suffix(".json").exists() or stem.with_suffix(".md").exists():
+        number += 1
+        stem = out_dir / f"{report.date}-{report.device}-{number}"
+    return stem
+
+
+def write(report: Report, stem: Path) -> tuple[Path, Path]:
+    """Write the report to stem.json and stem.md (see output_stem); returns both paths."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
     json_path, md_path = stem.with_suffix(".json"), stem.with_suffix(".md")
     json_path.write_text(report.to_json())
     md_path.write_text(report.to_markdown())
