@@ -463,10 +463,12 @@ def test_a_second_run_beside_another_starts_its_own_ray_instead_of_joining_it(ra
     joining it, a second run lost its trials when the first finished. Without RAY_ADDRESS
     and without a `ray start` cluster, connect starts a Ray of its own."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    # Its processes also find its state API, which Ray Train's placement-group cleaner polls.
+    # Its processes, the driver too, also find its state API, which Ray Train's placement-group
+    # cleaner and the ASHA check use.
     script = (
         "import ray; from ray.util.state import list_actors; from raydeq.training import launch\n"
         "launch.connect()\n"
+        "list_actors()\n"
         "ray.get(ray.remote(lambda: list_actors()).remote())\n"
         "print(ray.get_runtime_context().gcs_address)"
     )

@@ -39,17 +39,24 @@ RAY_LOG_LEVEL = "WARNING"
 ENV_VARS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
 
 
-def runtime_env() -> dict[str, Any]:
-    """The job's runtime environment: ENV_VARS (unless set here), and a given RAY_ADDRESS.
+# Where the state API of the Ray a process belongs to is: Ray reads it before RAY_ADDRESS.
+API_SERVER = "RAY_API_SERVER_ADDRESS"
 
-    RAY_ADDRESS is handed on to every process: Ray Train's placement-group cleaner finds the
-    state API by it, and where several Ray clusters run on one machine it cannot guess (a
-    trial that ASHA stops would keep its workers' resources for good).
+
+def runtime_env() -> dict[str, Any]:
+    """The job's runtime environment: ENV_VARS (unless set here), and a given RAY_ADDRESS and
+    RAY_API_SERVER_ADDRESS.
+
+    Both are handed on to every process: Ray Train's placement-group cleaner finds the state
+    API by them, and where several Ray clusters run on one machine it cannot guess (a trial
+    that ASHA stops would keep its workers' resources for good).
     """
     env_vars = {key: os.environ.get(key, value) for key, value in ENV_VARS.items()}
     address = os.environ.get("RAY_ADDRESS", "")
     if address not in ("", "auto", "local"):
         env_vars["RAY_ADDRESS"] = address
+    if API_SERVER in os.environ:
+        env_vars[API_SERVER] = os.environ[API_SERVER]
     return {"env_vars": env_vars}
 
 
@@ -66,15 +73,14 @@ def connect(log_to_driver: bool = True) -> None:
     if ray.is_initialized():
         return
     options: dict[str, Any] = {"logging_level": RAY_LOG_LEVEL, "log_to_driver": log_to_driver}
-    env = runtime_env()
     if "RAY_ADDRESS" not in os.environ and ray._private.utils.read_ray_address() is None:
-        # A Ray of this run's own. Its processes find the state API (Ray Train's placement-group
-        # cleaner polls it) by looking for the one Ray on this machine, and fail where another
-        # run's Ray runs too: name its dashboard for them.
+        # A Ray of this run's own. Its processes, this driver included, find the state API
+        # (the ASHA check here, Ray Train's placement-group cleaner) by looking for the one Ray
+        # on this machine, and fail where another run's Ray runs too: name its dashboard.
         port = free_port()
         options["dashboard_port"] = port
-        env["env_vars"]["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-    ray.init(**options, runtime_env=env)
+        os.environ[API_SERVER] = f"http://127.0.0.1:{port}"
+    ray.init(**options, runtime_env=runtime_env())
 
 
 def free_port() -> int:
