@@ -61,6 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             cfg = load(args.config, args.overrides)
             check_run(cfg)
+            launch.check_cluster()
             held.enter_context(runlock.hold(cfg.run_dir))
         except (ConfigError, data.DataError, StorageError) as err:
             print(f"error: {err}", file=sys.stderr)

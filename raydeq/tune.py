@@ -174,6 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             experiment, path, options = start(args)
             if not (args.dry_run or args.report):
+                launch.check_cluster()
                 held.enter_context(runlock.hold(path))
         except (ConfigError, data.DataError, StorageError) as err:
             print(f"error: {err}", file=sys.stderr)

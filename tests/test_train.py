@@ -186,6 +186,28 @@ def test_a_run_that_a_process_here_is_running_is_refused_until_it_ends(tmp_path,
             pass
 
 
+def test_a_cluster_address_where_no_ray_answers_is_one_line_not_minutes_of_retries(
+    tmp_path, capsys, monkeypatch
+):
+    """Ray retries a dead address for minutes; a `ray start` that ended without `ray stop`
+    leaves its address in Ray's temporary folder, where connect would read it."""
+    path = tmp_path / "run.yaml"
+    path.write_text(f"data: {{dataset: digits}}\nstorage_path: {tmp_path / 'runs'}\n")
+    dead = f"127.0.0.1:{launch.free_port()}"
+    monkeypatch.setattr(ray, "init", lambda *args, **kwargs: pytest.fail("Ray was started"))
+    monkeypatch.setenv("RAY_ADDRESS", dead)
+    assert train.main([str(path)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: no Ray answers at {dead} (RAY_ADDRESS); start that cluster, or set "
+        "RAY_ADDRESS to a running one\n"
+    )
+    monkeypatch.delenv("RAY_ADDRESS")
+    monkeypatch.setattr(ray._private.utils, "read_ray_address", lambda *args: dead)
+    assert train.main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"no Ray answers at {dead}, named by " in err and "or delete the file" in err
+
+
 # Checkpoints -----------------------------------------------------------------------------------
 
 

@@ -26,7 +26,7 @@ from ray.train import (
 from ray.train.torch import TorchTrainer
 
 from raydeq.training import capacity
-from raydeq.training.config import Config, validate
+from raydeq.training.config import Config, ConfigError, validate
 
 # Ray's own INFO lines (per-report "Reporting training result", trial tables) are not shown;
 # the run's progress lines and warnings are.
@@ -81,6 +81,30 @@ def connect(log_to_driver: bool = True) -> None:
         options["dashboard_port"] = port
         os.environ[API_SERVER] = f"http://127.0.0.1:{port}"
     ray.init(**options, runtime_env=runtime_env())
+
+
+def check_cluster() -> None:
+    """Raise a ConfigError when the cluster connect would join does not answer: Ray retries a
+    dead address for minutes (a `ray start` that ended without `ray stop` leaves its address
+    behind)."""
+    given = os.environ.get("RAY_ADDRESS", "")
+    address = given or ray._private.utils.read_ray_address()
+    if not address or "://" in address or address in ("auto", "local"):
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=3).close()
+    except (OSError, ValueError):
+        if given:
+            raise ConfigError(
+                f"no Ray answers at {address} (RAY_ADDRESS); start that cluster, or set "
+                "RAY_ADDRESS to a running one"
+            ) from None
+        file = ray._private.utils.get_ray_address_file(None)
+        raise ConfigError(
+            f"no Ray answers at {address}, named by {file} (a `ray start` that ended without "
+            "`ray stop` leaves it); start that cluster again, or delete the file"
+        ) from None
 
 
 def free_port() -> int:
