@@ -93,7 +93,7 @@ def check_cluster() -> None:
         return
     host, _, port = address.rpartition(":")
     try:
-        socket.create_connection((host, int(port)), timeout=3).close()
+        socket.create_connection((host.strip("[]"), int(port)), timeout=3).close()
     except (OSError, ValueError):
         if given:
             raise ConfigError(
