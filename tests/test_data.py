@@ -33,6 +33,7 @@ def section(**options: Any) -> data.DataSection:
 def test_digits_are_mnist_shaped_standardised_and_split_80_20():
     splits = data.load_splits(section())
     assert (len(splits.train), len(splits.test)) == (1438, 359)
+    assert data.train_samples(section()) == len(splits.train)  # known before it is read
     assert splits.shape == (1, 28, 28) and splits.num_classes == 10
     images, labels = splits.train.tensors
     assert images.shape == (1438, 1, 28, 28)
@@ -44,6 +45,7 @@ def test_digits_are_mnist_shaped_standardised_and_split_80_20():
 def test_the_embedded_mnist10k_is_the_8000_2000_subset_and_reads_no_folder():
     splits = data.load_splits(section(dataset="mnist10k"))
     assert (len(splits.train), len(splits.test)) == (8000, 2000)
+    assert data.train_samples(section(dataset="mnist10k")) == len(splits.train)
     image, label = splits.train[0]
     assert image.shape == (1, 28, 28) and image.dtype == torch.float32
     assert 0 <= label < 10
@@ -94,6 +96,7 @@ def test_fake_data_has_the_configured_shape_and_classes():
         section(dataset="fake", fake_shape=[3, 12, 10], fake_classes=4, fake_samples=40)
     )
     assert (len(splits.train), len(splits.test)) == (40, 10)
+    assert data.train_samples(section(dataset="fake", fake_samples=40)) == 40
     image, label = splits.test[3]
     assert image.shape == (3, 12, 10) and 0 <= label < 4
     assert splits.shape == (3, 12, 10) and splits.num_classes == 4

@@ -114,6 +114,10 @@ def event_files(cfg: Config) -> list[Path]:
             ["model.variant=neural_ode", "model.solver=broyden"],
             "error: model: solver='broyden' is not one of",
         ),
+        (
+            ["data.batch_size=4096"],
+            "error: data.batch_size=4096 exceeds the 1438 training samples of 'digits'; lower it",
+        ),
     ],
 )
 def test_bad_input_exits_with_code_2_and_one_line_before_ray_starts(

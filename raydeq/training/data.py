@@ -34,7 +34,33 @@ DIGITS_SIZE = (28, 28)
 
 
 class DataError(ValueError):
-    """A dataset's folder is missing, incomplete or unreadable."""
+    """A dataset's folder is missing, incomplete or unreadable, or too small for a batch."""
+
+
+# Training samples of the datasets whose size is fixed (the embedded ones, torchvision's
+# standard files), so that a batch larger than the training set is refused before Ray starts
+# rather than in each worker, after every restart that Ray Train grants it.
+TRAIN_SAMPLES = {
+    "digits": 1797 - round(1797 * DIGITS_TEST_FRACTION),
+    "mnist10k": 8000,
+    "mnist": 60000,
+    "cifar10": 50000,
+    "svhn": 73257,
+}
+
+
+def train_samples(cfg: DataSection) -> int | None:
+    """The configured dataset's training samples where they are known without reading it."""
+    return cfg.fake_samples if cfg.dataset == "fake" else TRAIN_SAMPLES.get(cfg.dataset)
+
+
+def check_batch(cfg: DataSection, samples: int) -> None:
+    """Raise a DataError when data.batch_size exceeds `samples` training samples."""
+    if cfg.batch_size > samples:
+        raise DataError(
+            f"data.batch_size={cfg.batch_size} exceeds the {samples} training samples of "
+            f"{cfg.dataset!r}; lower it"
+        )
 
 
 @dataclass(frozen=True)

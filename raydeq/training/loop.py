@@ -54,10 +54,7 @@ class Loop:
         self.test_data = data.eval_loader(splits.test, cfg.data, self.rank, self.world)
         self.steps_per_epoch = data.steps_per_epoch(self.train_data)
         if self.steps_per_epoch == 0:
-            raise ValueError(
-                f"data.batch_size={cfg.data.batch_size} exceeds the "
-                f"{len(splits.train)} training samples; lower it"
-            )
+            data.check_batch(cfg.data, len(splits.train))
         epochs_steps = cfg.train.epochs * self.steps_per_epoch
         self.total_steps = min(cfg.train.max_steps or epochs_steps, epochs_steps)
         self.objective = Objective(cfg.train.lambda_skip, cfg.train.lambda_jac)

@@ -32,6 +32,9 @@ def check_run(cfg: Config, storage: bool = True) -> None:
     """Check the data folder (and index an image folder), the model and (with `storage`) the
     storage before Ray starts."""
     data.check_files(cfg.data)
+    samples = data.train_samples(cfg.data)
+    if samples is not None:
+        data.check_batch(cfg.data, samples)
     if cfg.data.dataset == "imagenet":
         from raydeq.training.folders import load_index  # torchvision: for image folders only
 
