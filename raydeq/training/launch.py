@@ -39,7 +39,8 @@ RAY_LOG_LEVEL = "WARNING"
 ENV_VARS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
 
 
-# Where the state API of the Ray a process belongs to is: Ray reads it before RAY_ADDRESS.
+# The variable that names a Ray's state API (its dashboard's URL); Ray's state API client reads
+# it before RAY_ADDRESS.
 API_SERVER = "RAY_API_SERVER_ADDRESS"
 
 
