@@ -73,8 +73,8 @@ def run(cfg: Config, argv: Sequence[str]) -> int:
     """Train the run of a checked config; returns the exit status."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     print(f"tensorboard --logdir {os.path.join(cfg.run_dir, TENSORBOARD_DIR)}", flush=True)
-    launch.connect()
     try:
+        launch.connect()
         result = launch.fit(cfg)
     except ray.train.TrainingFailedError as err:
         print(f"error: run {cfg.run_dir} failed: {err}", file=sys.stderr)

@@ -206,7 +206,11 @@ def run_experiment(
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"  # no second TensorBoard stream
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # with verbose=0: no tables, the trial lines only
-    launch.connect(log_to_driver=False)
+    try:
+        launch.connect(log_to_driver=False)
+    except KeyboardInterrupt:
+        print("\ninterrupted while Ray started; nothing ran yet", file=sys.stderr)
+        return EXIT_INTERRUPTED
     try:
         if options is None:
             options = new_options(args, experiment)
