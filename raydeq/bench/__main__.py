@@ -138,7 +138,12 @@ def main(argv: Sequence[str] | None = None) -> Report:
     for name in args.only or SUITES:
         start = time.perf_counter()
         print(f"[{name}] running", file=sys.stderr, flush=True)
-        report.sections.append(SUITES[name](ctx))
+        try:
+            report.sections.append(SUITES[name](ctx))
+        except KeyboardInterrupt:
+            kept = f"the finished suites are in {stem}.md" if report.sections else "none finished"
+            print(f"\ninterrupted in [{name}]; {kept}", file=sys.stderr)
+            sys.exit(130)
         print(f"[{name}] {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
         json_path, md_path = write(report, stem)
     print(report.to_markdown())
