@@ -50,11 +50,10 @@ class Loop:
         self.rank, self.world, self.device = session.rank, session.world, session.device
         torch.manual_seed(cfg.seed)
         splits = data.load_splits(cfg.data)
+        data.check_batch(cfg.data, len(splits.train))  # an image folder's size is known here
         self.train_data = data.train_loader(splits.train, cfg.data, cfg.seed, self.rank, self.world)
         self.test_data = data.eval_loader(splits.test, cfg.data, self.rank, self.world)
         self.steps_per_epoch = data.steps_per_epoch(self.train_data)
-        if self.steps_per_epoch == 0:
-            data.check_batch(cfg.data, len(splits.train))
         epochs_steps = cfg.train.epochs * self.steps_per_epoch
         self.total_steps = min(cfg.train.max_steps or epochs_steps, epochs_steps)
         self.objective = Objective(cfg.train.lambda_skip, cfg.train.lambda_jac)
