@@ -3,6 +3,7 @@
 import copy
 import functools
 import json
+import logging
 import math
 import os
 import pickle
@@ -278,6 +279,23 @@ def test_restore_falls_back_to_the_previous_checkpoint_and_never_silently_restar
     assert checkpoint.restore([]) is None
     with pytest.raises(checkpoint.CheckpointError, match="no readable checkpoint: .*b: state.pt"):
         checkpoint.restore([checkpoints[0].as_directory()])
+
+
+def test_a_worker_logs_the_progress_and_warnings_but_not_ray_s_info_lines(monkeypatch):
+    """Ray Train sets a worker's root logger to INFO with a console handler, and its report
+    logger is named by its file: each report printed a line per worker with every metric."""
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", [handler])
+    monkeypatch.setattr(root, "level", logging.INFO)
+    monkeypatch.setattr(logging.getLogger("raydeq"), "level", logging.NOTSET)
+    launch.show_warnings_and_progress()
+    logging.getLogger("/ray/train/v2/_internal/execution/context.py").info("Reporting result 1")
+    logging.getLogger("raydeq").info("[run] epoch 1.00 step 2/4")
+    logging.getLogger(checkpoint.__name__).warning("falling back to the previous checkpoint")
+    assert records == ["[run] epoch 1.00 step 2/4", "falling back to the previous checkpoint"]
 
 
 # The loop in the driver (num_workers=0) ------------------------------------------------------

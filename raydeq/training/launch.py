@@ -7,6 +7,7 @@ This module stays light: Ray Train's controller and each Tune trial import it to
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from collections.abc import Callable, Sequence
@@ -120,7 +121,19 @@ def train_loop(config: dict[str, Any]) -> None:
     from raydeq.training.loop import Loop  # in the workers only (see the module docstring)
     from raydeq.training.session import TrainWorker
 
+    show_warnings_and_progress()
     Loop(validate(config), TrainWorker()).run()
+
+
+def show_warnings_and_progress() -> None:
+    """Let a worker log raydeq's progress lines and every logger's warnings, nothing else.
+
+    Ray Train sets a worker's root logger to INFO and filters by RAY_LOG_LEVEL only the
+    loggers under `ray.train`; the one that reports results is named by its file instead, so
+    every report printed a line per worker with the whole metrics dict in it.
+    """
+    logging.getLogger().setLevel(logging.WARNING)
+    logging.getLogger("raydeq").setLevel(logging.INFO)
 
 
 def gpus_per_worker(cfg: Config) -> float:
