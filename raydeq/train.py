@@ -74,8 +74,14 @@ def run(cfg: Config, argv: Sequence[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     print(f"tensorboard --logdir {os.path.join(cfg.run_dir, TENSORBOARD_DIR)}", flush=True)
     try:
-        launch.connect()
-        result = launch.fit(cfg)
+        own = launch.connect()
+        scaling = launch.scaling_config(cfg, launch.gpus_per_worker(cfg))
+        if own:
+            launch.check_fits(scaling.num_workers, scaling.resources_per_worker)
+        result = launch.fit(cfg, scaling)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except ray.train.TrainingFailedError as err:
         print(f"error: run {cfg.run_dir} failed: {err}", file=sys.stderr)
         return 1

@@ -212,13 +212,17 @@ def run_experiment(
     # for a 240 kB file. Its warning for a save that takes over 30 s stays.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     try:
-        launch.connect(log_to_driver=False)
+        own = launch.connect(log_to_driver=False)
     except KeyboardInterrupt:
         print("\ninterrupted while Ray started; nothing ran yet", file=sys.stderr)
         return EXIT_INTERRUPTED
     try:
-        if options is None:
+        fresh = options is None
+        if fresh:
             options = new_options(args, experiment)
+        if own:  # before the settings are stored: the same command may then run again
+            launch.check_fits(*run.trial_workers(experiment, options.gpus))
+        if fresh:
             run.save_settings(path, experiment, options)
         if options.scheduler == "asha":
             run.check_dashboard()

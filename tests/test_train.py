@@ -25,6 +25,7 @@ from ray.util.state import list_actors
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from raydeq import models, train
+from raydeq.experiments.run import SETTINGS_FILE, TRIAL_CPU
 from raydeq.training import (
     checkpoint,
     config,
@@ -211,6 +212,39 @@ def test_a_cluster_address_where_no_ray_answers_is_one_line_not_minutes_of_retri
     assert train.main([str(path)]) == 2
     err = capsys.readouterr().err
     assert f"no Ray answers at {dead}, named by " in err and "or delete the file" in err
+
+
+def test_workers_that_this_machine_cannot_hold_are_refused_not_waited_for(tmp_path):
+    """On a Ray of the run's own no node ever joins: Ray Train waited a minute for the workers,
+    failed, and waited again. Both commands now stop at once, before anything is stored."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    cpus = os.cpu_count() + 1
+    runs = tmp_path / "runs"
+    digits = Path(__file__).parents[1] / "tune_configs" / "digits.yaml"
+    # A Tune trial's workers leave TRIAL_CPU to the trial's own process.
+    commands = {
+        ("raydeq.train", str(digits), f"storage_path={runs}"): (2, cpus),
+        ("raydeq.tune", "digits", "--storage", str(runs)): (1, cpus - TRIAL_CPU),
+    }
+    started = {
+        subprocess.Popen(
+            [sys.executable, "-m", *command, f"scaling.cpus_per_worker={cpus}"],
+            env=env,
+            stderr=subprocess.PIPE,
+            text=True,
+        ): need
+        for command, need in commands.items()
+    }
+    for process, (workers, need) in started.items():
+        err = process.communicate(timeout=120)[1]
+        assert process.returncode == 2, err[-2000:]
+        assert err.splitlines()[-1] == (
+            f"error: scaling.num_workers={workers} with {need:g} CPU per worker does not fit "
+            f"on this machine ({os.cpu_count():g} CPU), which holds 0 such workers; lower "
+            "scaling.num_workers or scaling.cpus_per_worker, or run on a cluster (RAY_ADDRESS, "
+            "or `ray start`)"
+        )
+    assert not (runs / "digits" / SETTINGS_FILE).exists()  # so the command can run again
 
 
 # Checkpoints -----------------------------------------------------------------------------------

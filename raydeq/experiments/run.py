@@ -96,17 +96,24 @@ def trial_gpus(experiment: Experiment, options: Options) -> float:
 def concurrency(experiment: Experiment, gpus: float | None, limit: int = 0) -> int:
     """How many trials the nodes the cluster may have (the autoscaler's node types, not only the
     nodes up now) hold at once: at least one, at most `limit` when it is not 0."""
-    cfg = experiment.trial_config({})
-    gpus = launch.gpus_per_worker(cfg) if gpus is None else gpus
-    worker = launch.scaling_config(cfg, gpus, reserve_cpu=TRIAL_CPU).resources_per_worker
-    fits = capacity.worker_slots(worker) // cfg.scaling.num_workers
+    workers, worker = trial_workers(experiment, gpus)
+    fits = capacity.worker_slots(worker) // workers
     if fits < 1:
         print(
-            f"note: one trial needs {cfg.scaling.num_workers} workers x {worker}, more than any "
-            "node type of the cluster provides; trials wait for nodes that can hold them",
+            f"note: one trial needs {workers} workers x {worker}, more than any node type of "
+            "the cluster provides; trials wait for nodes that can hold them",
             flush=True,
         )
     return min(max(fits, 1), limit or capacity.UNBOUNDED)
+
+
+def trial_workers(experiment: Experiment, gpus: float | None) -> tuple[int, dict[str, float]]:
+    """A trial's Train workers and what each one needs (its share of CPUs beside the trial's
+    own process, and a GPU when `gpus`, or by default when the cluster may have GPUs)."""
+    cfg = experiment.trial_config({})
+    gpus = launch.gpus_per_worker(cfg) if gpus is None else gpus
+    worker = launch.scaling_config(cfg, gpus, reserve_cpu=TRIAL_CPU).resources_per_worker
+    return cfg.scaling.num_workers, worker
 
 
 class VariantsWithinCapacity(BasicVariantGenerator):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import ray
@@ -62,9 +62,9 @@ def runtime_env() -> dict[str, Any]:
     return {"env_vars": env_vars}
 
 
-def connect(log_to_driver: bool = True) -> None:
+def connect(log_to_driver: bool = True) -> bool:
     """Join the cluster RAY_ADDRESS names or the one `ray start` runs here (the head node of
-    `ray up`), else start a local one of this run's own.
+    `ray up`), else start a local one of this run's own; returns whether it started one.
 
     Never address="auto": it also joins a local Ray that another run's driver started, and
     that Ray ends with that driver. A second `python -m raydeq.tune` started beside a first
@@ -73,9 +73,10 @@ def connect(log_to_driver: bool = True) -> None:
     their progress from the reports instead).
     """
     if ray.is_initialized():
-        return
+        return False
     options: dict[str, Any] = {"logging_level": RAY_LOG_LEVEL, "log_to_driver": log_to_driver}
-    if "RAY_ADDRESS" not in os.environ and ray._private.utils.read_ray_address() is None:
+    own = "RAY_ADDRESS" not in os.environ and ray._private.utils.read_ray_address() is None
+    if own:
         # A Ray of this run's own. Its processes, this driver included, find the state API
         # (the ASHA check here, Ray Train's placement-group cleaner) by looking for the one Ray
         # on this machine, and fail where another run's Ray runs too: name its dashboard.
@@ -83,6 +84,29 @@ def connect(log_to_driver: bool = True) -> None:
         options["dashboard_port"] = port
         os.environ[API_SERVER] = f"http://127.0.0.1:{port}"
     ray.init(**options, runtime_env=runtime_env())
+    return own
+
+
+def check_fits(workers: int, need: Mapping[str, float]) -> None:
+    """Raise a ConfigError unless `workers` workers needing `need` each fit on this machine's
+    Ray, a Ray of the run's own that no node joins: Ray Train would wait for them for a minute,
+    then fail and start waiting again, as many times as scaling.max_failures allows."""
+    slots = capacity.worker_slots(need)
+    if slots >= workers:
+        return
+    have = ray.cluster_resources()
+    raise ConfigError(
+        f"scaling.num_workers={workers} with {amounts(need)} per worker does not fit on this "
+        f"machine ({amounts({key: have.get(key, 0) for key in need})}), which holds {slots} "
+        "such workers; "
+        "lower scaling.num_workers or scaling.cpus_per_worker, or run on a cluster "
+        "(RAY_ADDRESS, or `ray start`)"
+    )
+
+
+def amounts(resources: Mapping[str, float]) -> str:
+    """Resources as "1 CPU, 1 GPU"."""
+    return ", ".join(f"{amount:g} {name}" for name, amount in resources.items())
 
 
 def check_cluster() -> None:
