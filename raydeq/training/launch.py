@@ -94,13 +94,17 @@ def check_fits(workers: int, need: Mapping[str, float]) -> None:
     slots = capacity.worker_slots(need)
     if slots >= workers:
         return
-    have = ray.cluster_resources()
+    have = {key: ray.cluster_resources().get(key, 0) for key in need}
+    if have.get("GPU", 1) == 0:
+        fix = "set scaling.device=cpu"
+    elif have["CPU"] < need["CPU"]:
+        fix = "lower scaling.num_workers or scaling.cpus_per_worker"
+    else:
+        fix = "lower scaling.num_workers"
     raise ConfigError(
         f"scaling.num_workers={workers} with {amounts(need)} per worker does not fit on this "
-        f"machine ({amounts({key: have.get(key, 0) for key in need})}), which holds {slots} "
-        "such workers; "
-        "lower scaling.num_workers or scaling.cpus_per_worker, or run on a cluster "
-        "(RAY_ADDRESS, or `ray start`)"
+        f"machine ({amounts(have)}), which holds {slots} such workers; {fix}, or run on a "
+        "cluster (RAY_ADDRESS, or `ray start`)"
     )
 
 
