@@ -132,7 +132,10 @@ def test_a_missing_folder_names_the_folder_the_files_and_the_download_option(
     message = str(info.value)
     assert message.startswith(f"dataset {dataset!r} not found in {folder}: expected {files}")
     assert "none of them is there" in message
-    assert message.endswith("or set data.download=true to download them")
+    assert message.endswith(
+        "put the files there, point data.data_dir at the folder that holds them, or set "
+        "data.download=true to download them"
+    )
     assert "\n" not in message
 
 

@@ -84,13 +84,15 @@ def check_files(cfg: DataSection) -> None:
         return
     absent = "none of them is there" if missing == expected else f"missing {', '.join(missing)}"
     hint = (
-        "in the ImageFolder layout, one subfolder per class"
+        "or point data.data_dir at the folder that holds them, in the ImageFolder layout, one "
+        "subfolder per class"
         if cfg.dataset == "imagenet"
-        else "or set data.download=true to download them"
+        else "point data.data_dir at the folder that holds them, or set data.download=true to "
+        "download them"
     )
     raise DataError(
         f"dataset {cfg.dataset!r} not found in {root}: expected {', '.join(expected)} "
-        f"({absent}); put the files there {hint}"
+        f"({absent}); put the files there, {hint}"
     )
 
 
