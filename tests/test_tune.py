@@ -1,5 +1,6 @@
 """Ray Tune experiments: experiment files, search spaces, reports, cluster.yaml, and end to end."""
 
+import io
 import json
 import os
 import shlex
@@ -7,14 +8,17 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 import zipfile
 from collections import Counter
 from pathlib import Path
 
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import ray
 import yaml
+from PIL import Image
 from ray.tune.search.sample import Categorical, Float
 from ray.util.state import list_actors
 
@@ -381,6 +385,22 @@ def test_the_table_averages_finished_seeds_per_variant_and_the_parquet_round_tri
     path = tmp_path / "results.parquet"
     pq.write_table(results.results_table(rows), path)
     assert pq.read_table(path).to_pylist() == rows
+
+
+def test_a_search_s_many_long_labels_all_fit_in_the_plot_without_a_layout_warning():
+    """24 search variants named by their settings: the legend ran off the figure's right and
+    bottom, cut mid-label, and matplotlib warned that it could not lay the figure out."""
+    label = "variant=skip_reg, solver=broyden, adjoint=gmres, abstol=0.005, memory=28, seed={}"
+    frame = pd.DataFrame({"step": [250, 500], "test_accuracy": [0.9, 0.93]})
+    curves = {label.format(i): [frame] for i in range(24)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        image = Image.open(io.BytesIO(results.plot("test_accuracy", "test accuracy", curves)))
+    # The image holds the legend's 24 rows (at the plot's dpi) and grows right of the figure's
+    # 9.6 inches to hold its labels.
+    assert image.height >= 24 * 0.19 * 120 and image.width > 9.6 * 120
+    short = Image.open(io.BytesIO(results.plot("test_accuracy", "acc", {"Skip DEQ": [frame]})))
+    assert short.height < image.height and short.width < image.width
 
 
 # End to end on the shared Ray cluster ----------------------------------------------------------

@@ -4,8 +4,10 @@ experiment writes (results, Pareto front, the paper's figures)."""
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 
 import matplotlib
+from matplotlib.artist import Artist
 
 matplotlib.use("Agg")
 from matplotlib import pyplot as plt  # noqa: E402  (the backend is chosen first)
@@ -13,10 +15,14 @@ from matplotlib import pyplot as plt  # noqa: E402  (the backend is chosen first
 __all__ = ["plt", "png"]
 
 
-def png(figure: plt.Figure, dpi: int = 120) -> bytes:
-    """The figure, laid out, as PNG bytes; the figure is closed."""
+def png(figure: plt.Figure, dpi: int = 120, outside: Sequence[Artist] = ()) -> bytes:
+    """The figure, laid out, as PNG bytes; the figure is closed. The image grows to take in
+    the `outside` artists, which the layout leaves out (a legend too large for the figure)."""
     buffer = io.BytesIO()
+    for artist in outside:
+        artist.set_in_layout(False)
     figure.tight_layout()
-    figure.savefig(buffer, format="png", dpi=dpi)
+    grow = {"bbox_inches": "tight", "bbox_extra_artists": outside} if outside else {}
+    figure.savefig(buffer, format="png", dpi=dpi, **grow)
     plt.close(figure)
     return buffer.getvalue()

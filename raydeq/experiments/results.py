@@ -173,7 +173,8 @@ def _skipped(rows: list[dict[str, Any]]) -> str:
 
 def plot(metric: str, label: str, curves: dict[str, list[pd.DataFrame]]) -> bytes:
     """PNG of a metric against step: per variant, the mean over seeds with a +- std band."""
-    figure, axes = plt.subplots(figsize=(9.6, 4.0))
+    # A row of the legend per variant: a search's many variants make the figure taller.
+    figure, axes = plt.subplots(figsize=(9.6, max(4.0, 0.6 + 0.19 * len(curves))))
     for group, frames in curves.items():
         usable = [f[["step", metric]].dropna() for f in frames if metric in f]
         if not any(len(f) for f in usable):
@@ -189,10 +190,13 @@ def plot(metric: str, label: str, curves: dict[str, list[pd.DataFrame]]) -> byte
     axes.set_xlabel("step")
     axes.set_ylabel(label)
     axes.grid(alpha=0.3)
-    if axes.lines:
-        # Right of the axes: inside, Table 1's eleven variants covered half the curves.
-        axes.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0))
-    return png(figure)
+    if not axes.lines:
+        return png(figure)
+    # Right of the axes: inside, Table 1's eleven variants covered half the curves. Outside
+    # the layout, which cannot shrink the axes enough for a search's long labels: the image
+    # grows to hold them.
+    legend = axes.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    return png(figure, outside=[legend])
 
 
 def report(path: str, experiment: Experiment) -> str:
