@@ -162,10 +162,19 @@ def test_node_benchmark_times_the_weights_of_a_training_checkpoint(tmp_path, cap
     (newest / "state.pt").write_bytes(b"cut")
     read = parse_weights(argparse.ArgumentParser(), [f"mnist_dense={trial}"], ["mnist_dense"])
     assert torch.equal(read["mnist_dense"].weights["head.weight"], model.head.weight)
+    # A trial of several workers keeps its checkpoints in its Train run, a folder inside.
+    (tmp_path / "workers").mkdir()
+    (tmp_path / "trial").rename(tmp_path / "workers" / "train")
+    read = parse_weights(
+        argparse.ArgumentParser(), [f"mnist_dense={tmp_path}/workers"], ["mnist_dense"]
+    )
+    assert torch.equal(read["mnist_dense"].weights["head.weight"], model.head.weight)
+    (tmp_path / "empty").mkdir()
     for bad, message in (
         ("mnist_dense", "expected MODEL=CHECKPOINT_FOLDER"),
         (f"cifar10_large={folder}", "'cifar10_large' is not among --models"),
-        (f"mnist_dense={tmp_path}", "no valid manifest.json"),
+        (f"mnist_dense={tmp_path / 'empty'}", "no valid manifest.json"),
+        (f"mnist_dense={tmp_path / 'nothing'}", f"{tmp_path / 'nothing'}: no such folder"),
     ):
         with pytest.raises(SystemExit):
             main(["--models", "mnist_dense", "--weights", bad])

@@ -70,8 +70,14 @@ def read_checkpoint(directory: Path) -> dict[str, Any]:
 
 def read_newest(folder: Path) -> dict[str, Any]:
     """The state in a checkpoint folder, or in the newest readable `checkpoint_*` folder of a
-    trial's (or a run's) folder, falling back past unreadable ones as a resume does."""
-    inside = sorted(folder.glob("checkpoint_*"), reverse=True)  # zero-padded: newest first
+    run's or a trial's folder, or of a folder in it (a trial of several workers keeps them in
+    its Train run), falling back past unreadable ones as a resume does."""
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: no such folder")
+    # Zero-padded names: newest first.
+    inside = sorted(folder.glob("checkpoint_*"), reverse=True) or sorted(
+        folder.glob("*/checkpoint_*"), key=lambda path: path.name, reverse=True
+    )
     if (folder / MANIFEST_FILE).exists() or not inside:
         return read_checkpoint(folder)
     return restore(nullcontext(str(path)) for path in inside)
