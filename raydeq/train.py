@@ -85,7 +85,9 @@ def run(cfg: Config, argv: Sequence[str]) -> int:
     except ray.train.TrainingFailedError as err:
         print(f"error: run {cfg.run_dir} failed: {err}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):
+        # Ctrl-C before training, or while Ray Train trains: its own handler aborts the run,
+        # which then ends in a SystemExit out of Ray (status 1, and no word of why).
         command = shlex.join(["python", "-m", "raydeq.train", *argv])
         print(f"\ninterrupted; resume with: {command}", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -445,7 +445,8 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_run_when_they_persist
     seen = {}
 
     def train_fn(config: dict) -> None:
-        run = loop.Loop(validate(config), TrainWorker())
+        cfg = validate(config)
+        run = loop.Loop(cfg, TrainWorker(cfg.run_dir))
         seen["before"] = copy.deepcopy(dict(run.state.model.named_parameters()))
         run.run()
         seen["after"] = dict(run.state.model.named_parameters())
@@ -477,6 +478,9 @@ def test_two_workers_checkpoint_log_and_resume_past_a_corrupted_checkpoint(ray_c
 
     latest = Path(result.checkpoint.path, STATE_FILE)
     latest.write_bytes(latest.read_bytes()[:100])
+    # A driver stopped by Ctrl-C may not have saved Ray Train's record of the checkpoints: the
+    # run resumes from those in its folder all the same.
+    Path(first.run_dir, "checkpoint_manager_snapshot.json").unlink()
     second = make_config(tmp_path, max_steps=8, checkpoint_every=2, report_every=1)
     result = launch.fit(second)
     assert result.error is None and result.metrics["step"] == 8
@@ -524,9 +528,48 @@ def test_a_killed_worker_is_restarted_from_the_last_checkpoint_without_gaps(ray_
     assert history["skipped_steps"] == list(range(1, 61))
 
 
+def test_ctrl_c_ends_a_run_with_status_130_and_its_resume_command_continues_it(
+    ray_cluster, tmp_path
+):
+    """Ray Train's own Ctrl-C handler aborts the run: it ended with status 1 and no word, and
+    without Ray Train's record of the checkpoints the next run began again at step 1."""
+    path = tmp_path / "run.yaml"
+    settings = {"name": "run", "storage_path": str(tmp_path / "runs")}
+    settings |= {"train": {"epochs": 10, "max_steps": 200, "checkpoint_every": 10}}
+    path.write_text(json.dumps(settings))  # YAML reads JSON
+    cfg = validate(settings)
+    command = [sys.executable, "-m", "raydeq.train", str(path)]
+    env = os.environ | {"RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    driver = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
+
+    def steps() -> list[int]:
+        manifests = Path(cfg.run_dir).glob(f"checkpoint_*/{MANIFEST_FILE}")
+        return sorted(json.loads(m.read_text())["step"] for m in manifests)
+
+    deadline = time.monotonic() + 150
+    while max(steps(), default=0) < 20:
+        assert driver.poll() is None and time.monotonic() < deadline, "no checkpoint in time"
+        time.sleep(0.1)
+    driver.send_signal(signal.SIGINT)
+    err = driver.communicate(timeout=120)[1]
+    assert driver.returncode == 130, err[-2000:]
+    assert err.splitlines()[-1] == f"interrupted; resume with: python -m raydeq.train {path}"
+    newest = max(steps())
+    assert newest < 200
+    resumed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=200)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert resumed.stdout.splitlines()[-1].startswith("test_accuracy=")
+    first, second = event_files(cfg)
+    assert steps_by_tag(second)["train_loss"][0] == newest + 1
+    assert steps_by_tag(Path(cfg.run_dir, reporting.TENSORBOARD_DIR))["train_loss"] == list(
+        range(1, 201)
+    )
+
+
 def train_and_save_parameters(config: dict) -> None:
     """Train, then save this worker's parameters and node id next to the run folder."""
-    run = loop.Loop(validate(config), TrainWorker())
+    cfg = validate(config)
+    run = loop.Loop(cfg, TrainWorker(cfg.run_dir))
     run.run()
     rank = ray.train.get_context().get_world_rank()
     record = {

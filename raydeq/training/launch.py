@@ -150,7 +150,8 @@ def train_loop(config: dict[str, Any]) -> None:
     from raydeq.training.session import TrainWorker
 
     show_warnings_and_progress()
-    Loop(validate(config), TrainWorker()).run()
+    cfg = validate(config)
+    Loop(cfg, TrainWorker(cfg.run_dir)).run()
 
 
 def show_warnings_and_progress() -> None:

@@ -46,22 +46,23 @@ class Session(ABC):
 
 
 class TrainWorker(Session):
-    """One worker of a Ray Train run."""
+    """One worker of a Ray Train run, stored in `run_dir`."""
 
-    def __init__(self) -> None:
+    def __init__(self, run_dir: str) -> None:
         context = ray.train.get_context()
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
         self.device = ray.train.torch.get_device()
+        self.run_dir = run_dir
 
     def checkpoints(self) -> list[AbstractContextManager[str]]:
-        """Ray Train's latest checkpoint, then the older ones it keeps, by step."""
-        latest = ray.train.get_checkpoint()
-        if latest is None:
-            return []
-        kept = ray.train.get_all_reported_checkpoints()
-        older = [r for r in kept if r.checkpoint.path != latest.path]
-        older.sort(key=lambda r: r.metrics.get("step", -1), reverse=True)
-        return [c.as_directory() for c in [latest, *(r.checkpoint for r in older)]]
+        """Every checkpoint in the run's folder, newest first.
+
+        Read from storage rather than from Ray Train's state: its driver saves that state after
+        a checkpoint is written, and a driver stopped by Ctrl-C (Ray Train's own handler aborts
+        the run) had not saved it for the last checkpoints, or for any: the run started again
+        from step 1 with its checkpoints of steps 22 and 44 on disk.
+        """
+        return stored_checkpoints(self.run_dir)
 
     def prepare_model(self, module: nn.Module) -> nn.Module:
         """Ray Train's device placement and DDP wrapping."""
@@ -87,12 +88,7 @@ class TuneTrial(Session):
         only now and then, so after the driver is killed it can name an older checkpoint than
         the newest one written, and the steps between would be trained twice.
         """
-        fs, root = filesystem(self.trial_dir)
-        found = fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
-        folders = [i.path for i in found if i.type == pyarrow.fs.FileType.Directory]
-        folders = [p for p in folders if p.rsplit("/", 1)[-1].startswith(CHECKPOINT_PREFIX)]
-        newest_first = sorted(folders, reverse=True)
-        return [Checkpoint(path, filesystem=fs).as_directory() for path in newest_first]
+        return stored_checkpoints(self.trial_dir)
 
     def prepare_model(self, module: nn.Module) -> nn.Module:
         """The module on the trial's device."""
@@ -101,3 +97,15 @@ class TuneTrial(Session):
     def report(self, metrics: dict[str, Any], checkpoint: Checkpoint | None) -> None:
         """Report to Ray Tune, which stores the checkpoint in the trial's folder."""
         ray.tune.report(metrics, checkpoint=checkpoint)
+
+
+def stored_checkpoints(folder: str) -> list[AbstractContextManager[str]]:
+    """The `checkpoint_*` folders in `folder` (a path or URI) as local folders, newest first:
+    Tune numbers them and Ray Train stamps them with the time, so the name orders them."""
+    fs, root = filesystem(folder)
+    found = fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
+    folders = [i.path for i in found if i.type == pyarrow.fs.FileType.Directory]
+    folders = [p for p in folders if p.rsplit("/", 1)[-1].startswith(CHECKPOINT_PREFIX)]
+    return [
+        Checkpoint(path, filesystem=fs).as_directory() for path in sorted(folders, reverse=True)
+    ]
