@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shlex
 import sys
@@ -211,6 +212,11 @@ def run_experiment(
     # warns in five lines each time two saves come within 5 s: eleven times in `tune digits`,
     # for a 240 kB file. Its warning for a save that takes over 30 s stays.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # On Ctrl-C Tune names its Python API ("Resume experiment with: Tuner.restore(...)"); this
+    # command prints the command that resumes the experiment instead.
+    logging.getLogger("ray.tune.tune").addFilter(
+        lambda record: not record.getMessage().startswith("Experiment has been interrupted")
+    )
     try:
         own = launch.connect(log_to_driver=False)
     except KeyboardInterrupt:

@@ -527,6 +527,7 @@ def test_ctrl_c_exits_130_with_the_resume_command_and_that_command_finishes(ray_
     *_, last = output.strip().splitlines()
     command = f"python -m raydeq.tune {tmp_path / 'stop.yaml'} --resume --storage {tmp_path}/runs"
     assert last == f"interrupted; resume with: {command}"
+    assert "Tuner.restore" not in output  # Tune's hint at its Python API
     resumed = _tune(shlex.split(command)[3:])
     output = resumed.communicate(timeout=200)[0].decode()
     assert resumed.returncode == 0, output[-3000:]
