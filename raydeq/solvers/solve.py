@@ -164,6 +164,7 @@ def solve(
     steps then also read whether a per-sample select (a rejected step, a stopped sample) has
     anything to select, and skip it where not. Each sample's z* is the same either way (a
     sample stops on the step it converges); only the steps the batch spends after that differ.
+    A float16 or bfloat16 z0 is solved, and z* returned, in float32.
     compile=True runs f and each solver step through torch.compile (mode "reduce-overhead",
     CUDA graphs, on a GPU); a dict gives torch.compile's options.
     """
@@ -185,7 +186,12 @@ def solve(
     backward = make_adjoint(adjoint, adjoint_options or {})
     structure = Structure.of(z0)
     f_flat = flat_function(f, structure)
+    # A float16 or bfloat16 state rounds at about the tolerances themselves (float16's epsilon
+    # is 1e-3), and the backward's small triangular solve has no half-precision kernel on a
+    # CPU: the solve keeps its state in float32, as the layers do under autocast.
     z = structure.flatten(z0)
+    if z.dtype in (torch.float16, torch.bfloat16):
+        z = z.float()
     attach = torch.is_grad_enabled()
     record_graph = attach and backward.differentiates_solver
     options = compile_options(compile, z.device)
