@@ -13,10 +13,12 @@ State = torch.Tensor | Sequence[torch.Tensor]
 
 @dataclass(frozen=True)
 class Structure:
-    """Shapes of the tensors that make up a state, to map between it and its flat (B, N) form."""
+    """Shapes and dtype of the tensors that make up a state, to map between it and its flat
+    (B, N) form."""
 
     shapes: tuple[torch.Size, ...]
     is_tensor: bool
+    dtype: torch.dtype
 
     @staticmethod
     def of(z: State) -> Structure:
@@ -37,7 +39,8 @@ class Structure:
             raise ValueError(f"all state tensors must share the batch size, got {sorted(batch)}")
         if len({(t.dtype, t.device) for t in tensors}) != 1:
             raise TypeError("all state tensors must share one dtype and one device")
-        return Structure(tuple(t.shape for t in tensors), isinstance(z, torch.Tensor))
+        shapes = tuple(t.shape for t in tensors)
+        return Structure(shapes, isinstance(z, torch.Tensor), tensors[0].dtype)
 
     @property
     def is_matrix(self) -> bool:
@@ -66,14 +69,16 @@ class Structure:
 
 
 def flat_function(f: Callable[[State], State], structure: Structure) -> Callable:
-    """Wrap f: state -> state as a function on flat (B, N) matrices of z's dtype.
+    """Wrap f: state -> state as a function on flat (B, N) matrices of z's dtype, calling f
+    on the state in the dtype it was given in.
 
     Casting f's output back to the state's dtype keeps the solver in float32 when f runs
-    under autocast (mixed precision).
+    under autocast (mixed precision) or in half precision.
     """
 
     def f_flat(z: torch.Tensor) -> torch.Tensor:
-        out = f(z if structure.is_matrix else structure.unflatten(z))
+        given = z if z.dtype == structure.dtype else z.to(structure.dtype)
+        out = f(given if structure.is_matrix else structure.unflatten(given))
         # A (B, N) state needs no views: f's output is checked by shape alone.
         if not (structure.is_matrix and isinstance(out, torch.Tensor) and out.shape == z.shape):
             out = structure.flatten(out)
