@@ -227,9 +227,12 @@ class DEQ(nn.Module):
             stats = residual_stats(z_prev, z, self.termination, depth + extra_nfe, depth)
         else:
             t = self.termination
+            # Under autocast f takes the solver's float32 state; a module in half precision
+            # takes its own dtype, and solve keeps its state in float32 all the same.
+            autocast = torch.is_autocast_enabled(x.device.type)
             sol = solve(
                 fx,
-                solver_start(z0),
+                solver_start(z0) if autocast else _detach(z0),
                 solver=self.solver,
                 adjoint=self.adjoint,
                 abstol=t.abstol,

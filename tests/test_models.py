@@ -242,6 +242,26 @@ def test_an_empty_batch_gives_empty_logits_and_a_gradient(variant):
     assert all(p.grad is None or not p.grad.any() for p in model.parameters())
 
 
+@pytest.mark.parametrize("name", ["mnist_dense", "mnist_mdeq"])
+@pytest.mark.parametrize("variant", ["vanilla", "skip", "skip_reg"])
+def test_a_model_in_half_precision_solves_and_trains(name, variant):
+    """model.half() without autocast: f got the solver's float32 state and failed in its first
+    matmul; now f and the head see float16, while the solve keeps float32."""
+    torch.manual_seed(0)
+    model = build({"model": name, "variant": variant}).eval()
+    half = build({"model": name, "variant": variant})
+    half.load_state_dict(model.state_dict())
+    half = half.half().eval()
+    x = torch.randn(4, 1, 28, 28)
+    logits, _ = model(x)
+    got, out = half(x.half())
+    assert got.dtype == torch.float16 and out.stats.nfe > 1
+    assert float((got.detach().float() - logits).abs().max() / logits.abs().max()) < 1e-2
+    got.float().sum().backward()
+    grads = [p.grad for p in half.parameters() if p.grad is not None]
+    assert grads and all(g.dtype == torch.float16 and torch.isfinite(g).all() for g in grads)
+
+
 def test_config_options_reach_the_layer():
     model = build(
         {

@@ -164,7 +164,8 @@ def solve(
     steps then also read whether a per-sample select (a rejected step, a stopped sample) has
     anything to select, and skip it where not. Each sample's z* is the same either way (a
     sample stops on the step it converges); only the steps the batch spends after that differ.
-    A float16 or bfloat16 z0 is solved, and z* returned, in float32.
+    A float16 or bfloat16 z0 is solved in float32; f sees the state, and z* comes back, in
+    z0's dtype.
     compile=True runs f and each solver step through torch.compile (mode "reduce-overhead",
     CUDA graphs, on a GPU); a dict gives torch.compile's options.
     """
@@ -216,7 +217,7 @@ def solve(
     spent = backward.evaluations if attach else 0
     stats = SolveStats.from_monitor(monitor, initial_nfe + nfe + spent, steps)
     z_star = backward.attach(f_flat, monitor.best_z, stats) if attach else monitor.best_z
-    return Solution(structure.unflatten(z_star), stats)
+    return Solution(structure.unflatten(z_star.to(structure.dtype)), stats)
 
 
 def compile_options(compile: bool | dict, device: torch.device) -> dict | None:
