@@ -48,6 +48,9 @@ class Problem:
     solver: str
     termination: Termination
     max_steps: int
+    # The dtype f takes the state in: a module in half precision its own, while the
+    # integration keeps float32; None under autocast, where f takes the float32 state.
+    given: torch.dtype | None = None
 
     def field(self, x: Tensor) -> Callable[[Tensor], Tensor]:
         """dz/dt = f(z, x) - z or f(z, x) (`dynamics`) on the (1, M) row that holds the batch's
@@ -57,7 +60,8 @@ class Problem:
 
         def flow(row: Tensor) -> Tensor:
             z = row.reshape(self.shape)
-            fz = s.flatten(self.f(s.unflatten(z), x))
+            given = z if self.given in (None, z.dtype) else z.to(self.given)
+            fz = s.flatten(self.f(s.unflatten(given), x)).to(z.dtype)
             return (fz - z if minus_z else fz).reshape(1, -1)
 
         return flow
@@ -217,6 +221,7 @@ class NeuralODE(nn.Module):
             self.solver,
             self.termination,
             self.max_steps,
+            None if torch.is_autocast_enabled(x.device.type) else structure.dtype,
         )
         record = Record()
         row = solver_start(flat).reshape(1, -1)
@@ -227,7 +232,7 @@ class NeuralODE(nn.Module):
             y = ContinuousAdjoint.apply(problem, record, row, x, *params)
         else:
             y = record.count(problem.integrate(problem.field(x), row, self.t1))
-        z = structure.unflatten(y.reshape(flat.shape))
+        z = structure.unflatten(y.reshape(flat.shape).to(problem.given or y.dtype))
         fz = self.f(z, x)
         record.stats = residual_stats(z, fz, self.termination, record.nfe + 1, record.steps)
         if y.requires_grad:

@@ -243,10 +243,10 @@ def test_an_empty_batch_gives_empty_logits_and_a_gradient(variant):
 
 
 @pytest.mark.parametrize("name", ["mnist_dense", "mnist_mdeq"])
-@pytest.mark.parametrize("variant", ["vanilla", "skip", "skip_reg"])
+@pytest.mark.parametrize("variant", ["vanilla", "skip", "skip_reg", "neural_ode"])
 def test_a_model_in_half_precision_solves_and_trains(name, variant):
     """model.half() without autocast: f got the solver's float32 state and failed in its first
-    matmul; now f and the head see float16, while the solve keeps float32."""
+    matmul; now f and the head see float16, while the solve (or integration) keeps float32."""
     torch.manual_seed(0)
     model = build({"model": name, "variant": variant}).eval()
     half = build({"model": name, "variant": variant})
