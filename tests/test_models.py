@@ -233,6 +233,11 @@ def test_bad_configs_name_the_value_and_the_choices(cfg, message):
         build(cfg)
 
 
+def test_a_config_that_is_not_a_dict_is_named():
+    with pytest.raises(TypeError, match="a model config is a dict .* got str 'mnist_dense'"):
+        build("mnist_dense")
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_an_empty_batch_gives_empty_logits_and_a_gradient(variant):
     model = build({"model": "mnist_dense", "variant": variant})

@@ -371,6 +371,12 @@ def test_bad_states_are_named():
         raydeq.solve(lambda z: z, [torch.zeros(2, 3), torch.zeros(3, 3)])
     with pytest.raises(ValueError, match=r"f must return a state of the shapes of z0"):
         raydeq.solve(lambda z: z[:, :2], torch.zeros(2, 3))
+    with pytest.raises(TypeError, match="f must return a state like z0 .* got int"):
+        raydeq.solve(lambda z: 3, torch.zeros(2, 3))
+    with pytest.raises(
+        ValueError, match=re.escape("z0 has no features to solve for: shapes [(2, 0)]")
+    ):
+        raydeq.solve(lambda z: z, torch.zeros(2, 0))
 
 
 @pytest.mark.parametrize("solver", SOLVERS)

@@ -48,6 +48,11 @@ def resolve(cfg: Mapping[str, Any]) -> dict[str, Any]:
     adjoint, the paper's baseline). The one validator of model options: raises ValueError
     naming the key and the allowed values.
     """
+    if not isinstance(cfg, Mapping):
+        raise TypeError(
+            f"a model config is a dict such as {{'model': 'mnist_dense'}}, got "
+            f"{type(cfg).__name__} {cfg!r}"
+        )
     options = dict(cfg)
     name = options.pop("model", None)
     choice("model", name, tuple(PRESETS))

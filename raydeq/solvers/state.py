@@ -40,6 +40,10 @@ class Structure:
         if len({(t.dtype, t.device) for t in tensors}) != 1:
             raise TypeError("all state tensors must share one dtype and one device")
         shapes = tuple(t.shape for t in tensors)
+        if sum(s[1:].numel() for s in shapes) == 0:
+            raise ValueError(
+                f"z0 has no features to solve for: shapes {[tuple(s) for s in shapes]}"
+            )
         return Structure(shapes, isinstance(z, torch.Tensor), tensors[0].dtype)
 
     @property
@@ -49,7 +53,14 @@ class Structure:
 
     def flatten(self, z: State) -> torch.Tensor:
         """Concatenate the tensors of `z` into one (B, N) matrix (a view for a single tensor)."""
-        tensors = (z,) if isinstance(z, torch.Tensor) else tuple(z)
+        tensors = (z,) if isinstance(z, torch.Tensor) else z
+        if not isinstance(tensors, list | tuple) or not all(
+            isinstance(t, torch.Tensor) for t in tensors
+        ):
+            raise TypeError(
+                f"f must return a state like z0 (a tensor or a list/tuple of tensors), got "
+                f"{type(z).__name__}"
+            )
         shapes = tuple(t.shape for t in tensors)
         if shapes != self.shapes:
             raise ValueError(
