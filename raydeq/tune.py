@@ -116,7 +116,11 @@ def start(args: argparse.Namespace) -> tuple[Experiment, str, run.Options | None
         _refuse_new_run_flags(args)
         path = _path(args, load(args.experiment))
         if not run.has_settings(path):
-            raise ConfigError(f"{path}: no experiment to resume or report there")
+            flag = "--resume" if args.resume else "--report"
+            raise ConfigError(
+                f"{path}: no experiment to resume or report there (one stopped before its "
+                f"trials started has saved nothing); start it without {flag}"
+            )
         experiment, options = run.load_settings(path)
         return experiment, path, options
     workers = [] if args.workers_per_trial is None else [args.workers_per_trial]

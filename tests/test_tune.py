@@ -262,7 +262,8 @@ def test_the_command_refuses_bad_input_and_an_existing_experiment_with_status_2(
     assert rt.main(argv) == 2
     assert "already exists; add --resume to continue it" in capsys.readouterr().err
     assert rt.main([*argv, "--name", "other", "--resume"]) == 2
-    assert "no experiment to resume or report there" in capsys.readouterr().err
+    assert "no experiment to resume or report there" in (err := capsys.readouterr().err)
+    assert "start it without --resume" in err
     assert rt.main(["no_such_experiment"]) == 2
     assert "no such experiment file; experiments: cifar10_large" in capsys.readouterr().err
     assert rt.main([*argv, "--name", "other", "--num-samples", "0"]) == 2
