@@ -47,7 +47,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def ray_cluster() -> Iterator[str]:
     """A local Ray cluster with 2 CPUs and raydeq's runtime environment, started once per
     session; yields the dashboard URL."""
-    context = ray.init(num_cpus=2, runtime_env=runtime_env())
+    context = ray.init(num_cpus=2, runtime_env=runtime_env(local=True))
     yield f"http://{context.dashboard_url}"
     ray.shutdown()
 

@@ -38,6 +38,7 @@ from raydeq.training import (
 )
 from raydeq.training.checkpoint import MANIFEST_FILE, STATE_FILE
 from raydeq.training.config import Config, validate
+from raydeq.training.launch import LOCAL_ENV_VARS
 from raydeq.training.session import TrainWorker
 from raydeq.training.state import rng_state
 
@@ -582,8 +583,9 @@ def train_and_save_parameters(config: dict) -> None:
 def test_a_second_run_beside_another_starts_its_own_ray_instead_of_joining_it(ray_cluster):
     """A local Ray started by another driver (here the test session's) ends with that driver:
     joining it, a second run lost its trials when the first finished. Without RAY_ADDRESS
-    and without a `ray start` cluster, connect starts a Ray of its own."""
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    and without a `ray start` cluster, connect starts a Ray of its own, whose workers run
+    without Ray Train's preemption watcher (no spot node to lose); on a cluster it stays."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", *LOCAL_ENV_VARS)}
     # Its processes, the driver too, also find its state API, which Ray Train's placement-group
     # cleaner and the ASHA check use.
     script = (
@@ -591,13 +593,19 @@ def test_a_second_run_beside_another_starts_its_own_ray_instead_of_joining_it(ra
         "launch.connect()\n"
         "list_actors()\n"
         "ray.get(ray.remote(lambda: list_actors()).remote())\n"
+        "import os; name = 'RAY_TRAIN_ENABLE_PREEMPTION_WATCHER'\n"
+        "print(ray.get(ray.remote(lambda: os.environ.get(name)).remote()))\n"
         "print(ray.get_runtime_context().gcs_address)"
     )
+    # This session's ray.init set RAY_AUTH_MODE for its own cluster.
+    alone = {k: v for k, v in env.items() if k != "RAY_AUTH_MODE"}
     joined = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", script], env=alone, capture_output=True, text=True, timeout=120
     )
     assert joined.returncode == 0, joined.stderr[-2000:]
     own = ray.get_runtime_context().gcs_address
+    assert joined.stdout.strip().splitlines()[-2] == "0"
+    assert "Token authentication" not in joined.stderr  # on, as Ray's default, and unannounced
     assert joined.stdout.strip().splitlines()[-1] != own
     shared = subprocess.run(
         [sys.executable, "-c", script],
@@ -607,6 +615,7 @@ def test_a_second_run_beside_another_starts_its_own_ray_instead_of_joining_it(ra
         timeout=120,
     )
     assert shared.stdout.strip().splitlines()[-1] == own, shared.stderr[-2000:]
+    assert shared.stdout.strip().splitlines()[-2] == "None"
 
 
 @pytest.mark.multinode

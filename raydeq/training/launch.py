@@ -38,22 +38,28 @@ RAY_LOG_LEVEL = "WARNING"
 # default, and a worker that reports again before that waits for it: with a report every few
 # steps that wait was most of a small trial's time. 0.2 s keeps it short at little cost.
 ENV_VARS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
+# On a Ray of the run's own, one machine: Ray Train's preemption watcher (a process that polls
+# the nodes for a cloud's notice that a spot node will be taken) has no node to lose but the
+# one it runs on, and each run printed Ray's core error line about its actor's arguments.
+LOCAL_ENV_VARS = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
 # The variable that names a Ray's state API (its dashboard's URL); Ray's state API client reads
 # it before RAY_ADDRESS.
 API_SERVER = "RAY_API_SERVER_ADDRESS"
+AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
 
 
-def runtime_env() -> dict[str, Any]:
-    """The job's runtime environment: ENV_VARS (unless set here), and a given RAY_ADDRESS and
-    RAY_API_SERVER_ADDRESS.
+def runtime_env(local: bool = False) -> dict[str, Any]:
+    """The job's runtime environment: ENV_VARS (and LOCAL_ENV_VARS on a `local` Ray of the
+    run's own) unless set here, and a given RAY_ADDRESS and RAY_API_SERVER_ADDRESS.
 
     Both are handed on to every process: Ray Train's placement-group cleaner finds the state
     API by them, and where several Ray clusters run on one machine it cannot guess (a trial
     that ASHA stops would keep its workers' resources for good).
     """
-    env_vars = {key: os.environ.get(key, value) for key, value in ENV_VARS.items()}
+    defaults = ENV_VARS | LOCAL_ENV_VARS if local else ENV_VARS
+    env_vars = {key: os.environ.get(key, value) for key, value in defaults.items()}
     address = os.environ.get("RAY_ADDRESS", "")
     if address not in ("", "auto", "local"):
         env_vars["RAY_ADDRESS"] = address
@@ -83,7 +89,12 @@ def connect(log_to_driver: bool = True) -> bool:
         port = free_port()
         options["dashboard_port"] = port
         os.environ[API_SERVER] = f"http://127.0.0.1:{port}"
-    ray.init(**options, runtime_env=runtime_env())
+        # Ray starts a local cluster with token authentication and says so in a warning on
+        # every start; the setting stays, the line goes.
+        logging.getLogger(AUTH_LOGGER).addFilter(
+            lambda record: not record.getMessage().startswith("Token authentication is enabled")
+        )
+    ray.init(**options, runtime_env=runtime_env(local=own))
     return own
 
 
