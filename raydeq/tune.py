@@ -2,8 +2,9 @@
 
 EXPERIMENT names `tune_configs/EXPERIMENT.yaml` (or is the path of such a file): a training
 config plus a `search` section (`raydeq.experiments.spec`). Everything lands in
-`storage/name`: the trial folders, each trial's Train run in `<trial>/train` (checkpoints and
-TensorBoard), and at the end `results.parquet`, `results.md` and the plots. `--resume`
+`storage/name`: the trial folders with their checkpoints (a trial of several workers keeps them
+in its Train run, `<trial>/train`) and TensorBoard scalars (`<trial>/train/tensorboard`), and
+at the end `results.parquet`, `results.md` and the plots. `--resume`
 continues an interrupted experiment: finished trials are kept, running ones continue from their
 last checkpoints and pending ones start.
 """
