@@ -77,6 +77,30 @@ def test_a_searchers_trials_are_its_points_then_draws_with_conditional_dimension
     assert {d["model"]["solver"] for d in sampled[2:]} == {"vcab3", "anderson", "broyden"}
 
 
+@pytest.mark.parametrize(
+    ("override", "always", "never"),
+    [
+        # The rule on the fixed solver applies to every trial; the others go.
+        ({"model.solver": "anderson"}, {"m"}, {"solver"}),
+        ({"model.solver": "vcab3"}, set(), {"solver", "m"}),
+        # A rule's own dimension fixed: the rule has nothing left to draw.
+        ({"train.lambda_skip": 0.5}, set(), {"lambda_skip"}),
+    ],
+)
+def test_an_override_of_a_dimension_resolves_the_rules_that_depend_on_it(override, always, never):
+    """A conditional rule on an overridden key used to stop the run ("not a dimension drawn
+    before it"): fixing `model.solver` in a search over solvers was impossible."""
+    experiment = spec.from_dict("s", {**TINY, "search": SEARCH}, override)
+    keys = [set(spec.leaves(draw)) for draw in spec.expand(experiment)[2:]]
+    drawn = [{key.rsplit(".", 1)[-1] for key in k} for k in keys]
+    assert all(always <= d and not (never & d) for d in drawn), drawn
+    for draw in spec.expand(experiment):
+        cfg = experiment.trial_config(draw)
+        for dotted, value in override.items():
+            section, key = dotted.split(".")
+            assert getattr(getattr(cfg, section), key) == value
+
+
 def test_the_define_by_run_space_draws_the_same_values_through_optuna():
     space = spec.from_dict("s", {**TINY, "search": SEARCH}).space()
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3))

@@ -108,18 +108,49 @@ def _fix(search: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, A
     """The search section with the overridden keys fixed.
 
     An override of a key that the space varies removes it from the space; an override of a key
-    that variants set keeps only the variants with that value.
+    that variants set keeps only the variants with that value; conditional rules are resolved
+    for it (see `_fix_rules`).
     """
     space = search.get("space") or {}
     variants = search.get("variants") or []
+    rules = search.get("conditional")
     for dotted, value in overrides.items():
         space = without(space, dotted)
+        if isinstance(rules, list):
+            rules, joined = _fix_rules(rules, dotted, value)
+            space = merge(space, joined)
         variants = [row for row in variants if row.get(dotted, value) == value]
         if search.get("searcher", "random") != "random":  # a searcher's points lose the key
             variants = [{k: v for k, v in row.items() if k != dotted} for row in variants]
         if search.get("variants") and not variants:
             raise ConfigError(f"{dotted}={value!r}: no variant of search.variants has that value")
-    return {**search, "space": space} | ({"variants": variants} if variants else {})
+    fixed = {**search, "space": space} | ({"variants": variants} if variants else {})
+    return fixed | ({"conditional": rules} if isinstance(rules, list) else {})
+
+
+def _fix_rules(rules: list, dotted: str, value: Any) -> tuple[list, dict[str, Any]]:
+    """`search.conditional` with the key `dotted` fixed at `value`, and the dimensions that no
+    longer depend on anything: a rule whose `when` allows the value loses that condition, and
+    with none left its space joins the main one; a rule whose `when` excludes it is dropped;
+    a rule's dimension of that key goes, as it does from the main space."""
+    kept, joined = [], {}
+    for rule in rules:
+        when, space = (
+            rule.get(k) if isinstance(rule, Mapping) else None for k in ("when", "space")
+        )
+        if not isinstance(when, Mapping) or not isinstance(space, Mapping) or not space:
+            kept.append(rule)  # malformed: validate_search names it
+            continue
+        when, space = dict(when), without(nested(space), dotted)
+        if dotted in when:
+            allowed = when.pop(dotted)
+            if value not in (allowed if isinstance(allowed, list) else [allowed]):
+                continue
+        if space and when:
+            kept.append({**rule, "when": when, "space": space})
+        elif space:
+            joined = merge(joined, space)
+    return kept, joined
 
 
 def from_dict(
