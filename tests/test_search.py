@@ -101,6 +101,13 @@ def test_an_override_of_a_dimension_resolves_the_rules_that_depend_on_it(overrid
             assert getattr(getattr(cfg, section), key) == value
 
 
+@pytest.mark.parametrize("name", ["digits", "digits_search", "mnist_dense", "svhn"])
+def test_the_trial_count_that_the_progress_lines_show_is_what_expand_lists(name):
+    experiment = spec.load(name)
+    for samples in (None, 3):
+        assert spec.trial_count(experiment, samples) == len(spec.expand(experiment, samples))
+
+
 def test_the_define_by_run_space_draws_the_same_values_through_optuna():
     space = spec.from_dict("s", {**TINY, "search": SEARCH}).space()
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3))

@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -504,6 +505,11 @@ def test_a_killed_driver_resumes_every_trial_without_training_a_step_twice(ray_c
         assert steps == sorted(set(steps)) and steps[-1] == 160, steps
     assert "| variant=skip_reg | 1 |" in output
     assert f"tensorboard --logdir {experiment}" in output
+    # The restored run counts the experiment's trials as the first one did.
+    assert sorted(re.findall(r"finished at step 160, .*\((\d) of 2 trials done\)", output)) == [
+        "1",
+        "2",
+    ]
     for plot in results.PLOTS:
         assert (experiment / f"{plot}.png").read_bytes().startswith(b"\x89PNG")
 

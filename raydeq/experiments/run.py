@@ -27,7 +27,14 @@ from ray.tune.search import BasicVariantGenerator, SearchAlgorithm, Searcher
 
 from raydeq.experiments import search as searchers
 from raydeq.experiments.archive import archive_results
-from raydeq.experiments.spec import Experiment, describe, from_dict, merge, trial_name
+from raydeq.experiments.spec import (
+    Experiment,
+    describe,
+    from_dict,
+    merge,
+    trial_count,
+    trial_name,
+)
 from raydeq.training import capacity, launch
 from raydeq.training.config import Config, ConfigError
 from raydeq.training.reporting import progress_line
@@ -44,6 +51,7 @@ TRIAL_RESOURCES = {"CPU": TRIAL_CPU, HEAD_NODE_RESOURCE_NAME: 0.001}
 SYNC_PERIOD_S = 60
 UNBOUNDED_STEPS = 2**31
 UNFINISHED = (Trial.PENDING, Trial.RUNNING, Trial.PAUSED)
+ENDED = (Trial.TERMINATED, Trial.ERROR)
 
 
 @dataclass(frozen=True)
@@ -235,15 +243,28 @@ def tuner(experiment: Experiment, path: str, options: Options, resume: bool) -> 
             failure_config=tune.FailureConfig(
                 max_failures=cfg.scaling.max_failures if in_process(cfg) else 0
             ),
-            callbacks=[JsonLoggerCallback(), CSVLoggerCallback(), TrialLines()],
+            callbacks=[
+                JsonLoggerCallback(),
+                CSVLoggerCallback(),
+                TrialLines(trial_count(experiment, options.num_samples)),
+            ],
             verbose=0,
         ),
     )
 
 
 class TrialLines(tune.Callback):
-    """One line per trial event, named by the trial's label: started, each report, finished,
-    failed (the workers' own output stays in Ray's logs)."""
+    """One line per trial event, named by the trial's label: started, each report, finished and
+    failed with how many of the experiment's `total` trials have ended (the workers' own
+    output stays in Ray's logs)."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+
+    def ended(self, trials: list, trial: Trial) -> str:
+        """' (n of total trials done)', counting `trial` as ended."""
+        done = 1 + sum(other.status in ENDED for other in trials if other is not trial)
+        return f" ({done} of {self.total} trials done)"
 
     def on_trial_start(self, iteration: int, trials: list, trial: Trial, **info: Any) -> None:
         print(f"trial {describe(trial.config)}: started", flush=True)
@@ -259,10 +280,12 @@ class TrialLines(tune.Callback):
         accuracy = result.get("test_accuracy")
         shown = f", test_accuracy {accuracy:.4f}" if accuracy is not None else ""
         step = result.get("step", 0)
-        print(f"trial {describe(trial.config)}: finished at step {step}{shown}", flush=True)
+        done = self.ended(trials, trial)
+        print(f"trial {describe(trial.config)}: finished at step {step}{shown}{done}", flush=True)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Trial, **info: Any) -> None:
-        print(f"trial {describe(trial.config)}: failed, see {trial.path}", flush=True)
+        done = self.ended(trials, trial)
+        print(f"trial {describe(trial.config)}: failed, see {trial.path}{done}", flush=True)
 
 
 def fit(experiment: Experiment, path: str, options: Options, resume: bool) -> tuple[int, int]:

@@ -240,6 +240,15 @@ def expand(experiment: Experiment, num_samples: int | None = None) -> list[dict[
     ]
 
 
+def trial_count(experiment: Experiment, num_samples: int | None = None) -> int:
+    """How many trials `expand` lists, without drawing them."""
+    samples = num_samples or experiment.search.num_samples
+    if experiment.searched:
+        return samples
+    grid = generate_variants(experiment.param_space(), constant_grid_search=True)
+    return samples * sum(1 for _ in grid)
+
+
 def describe(sampled: Mapping[str, Any], leave_out: tuple[str, ...] = ()) -> str:
     """The sampled values in words: the variant's label (or its settings), then the rest."""
     row = dict(sampled.get(VARIANT, {}))
