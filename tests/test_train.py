@@ -431,6 +431,19 @@ def test_model_compile_runs_the_layers_solves_compiled_and_trains_as_eager(tmp_p
     assert validate({"model": {"compile": True}}).name == validate({}).name
 
 
+def test_each_report_before_the_last_says_the_time_left_at_the_runs_pace(tmp_path, monkeypatch):
+    shown: list[dict] = []
+    monkeypatch.setattr(reporting.Reporter, "progress", lambda self, m: shown.append(dict(m)))
+    launch.fit(make_config(tmp_path, max_steps=8), LOCAL)
+    assert [m["step"] for m in shown] == [2, 4, 6, 8]
+    assert all(m["time_left_s"] > 0 for m in shown[:-1]) and shown[-1]["time_left_s"] == 0
+    assert " eta " in reporting.progress_line("t", shown[0])
+    assert " eta" not in reporting.progress_line("t", shown[-1])
+    line = reporting.progress_line("t", shown[0] | {"time_left_s": 3725.4})
+    assert line.endswith(" eta 1h02m")
+    assert reporting.duration(249.2) == "4m09s" and reporting.duration(12.4) == "12s"
+
+
 def nan_splits(cfg: data.DataSection, load=data.load_splits) -> data.Splits:
     """Digits whose training images are all NaN."""
     splits = load(cfg)

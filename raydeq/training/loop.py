@@ -73,6 +73,7 @@ class Loop:
         self.meter = Meter(keys)
         name = cfg.label or cfg.name
         self.reporter = Reporter(cfg.run_dir, name, self.rank, self.state.step, session.report)
+        self.started = (time.monotonic(), self.state.step)
 
     def autocast(self) -> torch.autocast:
         """Mixed precision as configured (train.amp), or a disabled autocast."""
@@ -173,9 +174,19 @@ class Loop:
         counters |= {"overflow_steps": self.state.overflow_steps}
         epoch = step / self.steps_per_epoch
         position = {"step": step, "epoch": epoch, "total_steps": self.total_steps}
-        metrics = position | counters | metrics
+        metrics = position | counters | self.time_left(step) | metrics
         self.reporter.progress(metrics)
         self.reporter.report(metrics, self.checkpoint_state if checkpoint else None)
+
+    def time_left(self, step: int) -> dict[str, float]:
+        """`time_left_s`: the steps to go at this run's pace so far (its steps, evaluations and
+        checkpoints since it started or resumed), or nothing before its first step."""
+        began, first = self.started
+        if step <= first:
+            return {}
+        return {
+            "time_left_s": (time.monotonic() - began) / (step - first) * (self.total_steps - step)
+        }
 
     def end_step(self) -> None:
         """Report at interval ends; evaluate and checkpoint at epoch ends and the last step."""

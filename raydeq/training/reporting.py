@@ -62,7 +62,18 @@ def progress_line(label: str, metrics: dict[str, Any]) -> str:
     shown = " ".join(f"{name} {metrics[k]:.4g}" for k, name in SHOWN.items() if k in metrics)
     # Skipped updates (a non-finite loss or gradient) are shown once there are any.
     skipped = f" skipped {metrics['skipped_steps']}" if metrics.get("skipped_steps") else ""
-    return f"[{label}] {position} {shown}{skipped}"
+    left = metrics.get("time_left_s")
+    eta = f" eta {duration(left)}" if left and metrics["step"] < metrics["total_steps"] else ""
+    return f"[{label}] {position} {shown}{skipped}{eta}"
+
+
+def duration(seconds: float) -> str:
+    """A time span to the second, in its two largest units: `2h05m`, `4m09s`, `12s`."""
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
 class Meter:
