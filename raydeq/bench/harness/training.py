@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import Tensor, nn
 
@@ -55,15 +57,20 @@ def fit(
     steps: int,
     batch: int,
     seed: int,
+    label: str = "",
 ) -> None:
-    """Train `model` for `steps` Adam steps (learning rate 1e-3) on batches reshuffled per epoch."""
+    """Train `model` for `steps` Adam steps (learning rate 1e-3) on batches reshuffled per epoch;
+    with a `label`, a progress line on stderr every tenth of the steps."""
     images, labels = data
     optimizer = adam(model, 1e-3)
     g = torch.Generator().manual_seed(seed)
     model.train()
     order = torch.empty(0, dtype=torch.long)
-    for _ in range(steps):
+    every = max(steps // 10, 1)
+    for step in range(1, steps + 1):
         if len(order) < batch:
             order = torch.randperm(len(labels), generator=g)
         index, order = order[:batch].to(images.device), order[batch:]
         train_step(model, objective, optimizer, images[index], labels[index])
+        if label and step % every == 0:
+            print(f"{label}: step {step}/{steps}", file=sys.stderr, flush=True)

@@ -126,7 +126,8 @@ def trained_deq(ctx: Context, name: str, digits: bool) -> tuple[EquilibriumClass
         return deq, "untrained weights"
     steps = ctx.pick(SIZES).train_steps
     data = (train[0].to(ctx.device), train[1].to(ctx.device))
-    fit(deq, models.preset_objective(name), data, steps, TRAIN_BATCH, ctx.seed)
+    label = f"[node] training {name} on the digits"
+    fit(deq, models.preset_objective(name), data, steps, TRAIN_BATCH, ctx.seed, label)
     return deq, (
         f"weights of the DEQ after {steps} Adam steps (lr 1e-3, batch {TRAIN_BATCH}) on the "
         "MNIST training digits"
