@@ -31,6 +31,14 @@ from raydeq.training.storage import StorageError, absolute, check_storage
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
+# Tune's log records that this command replaces, by logger and start: on Ctrl-C Tune names its
+# Python API ("Resume experiment with: Tuner.restore(...)") where this command prints the
+# command that resumes; a failed trial's traceback (20 to 60 lines, each time it fails) stays in
+# its error.txt, which the trial's own line names with the error.
+DROPPED_LOGS = {
+    "ray.tune.tune": "Experiment has been interrupted",
+    "ray.tune.execution.tune_controller": "Trial task failed for trial",
+}
 # Flags that shape a new run; an experiment that has started keeps the ones it started with.
 NEW_RUN_FLAGS = {
     "overrides": "key=value overrides",
@@ -40,6 +48,14 @@ NEW_RUN_FLAGS = {
     "gpus_per_worker": "--gpus-per-worker",
     "max_concurrent_trials": "--max-concurrent-trials",
 }
+
+
+def drop_tune_logs() -> None:
+    """Filter out Tune's log records that this command replaces (DROPPED_LOGS)."""
+    for name, start in DROPPED_LOGS.items():
+        logging.getLogger(name).addFilter(
+            lambda record, start=start: not record.getMessage().startswith(start)
+        )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -217,11 +233,7 @@ def run_experiment(
     # warns in five lines each time two saves come within 5 s: eleven times in `tune digits`,
     # for a 240 kB file. Its warning for a save that takes over 30 s stays.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    # On Ctrl-C Tune names its Python API ("Resume experiment with: Tuner.restore(...)"); this
-    # command prints the command that resumes the experiment instead.
-    logging.getLogger("ray.tune.tune").addFilter(
-        lambda record: not record.getMessage().startswith("Experiment has been interrupted")
-    )
+    drop_tune_logs()
     try:
         own = launch.connect(log_to_driver=False)
     except KeyboardInterrupt:

@@ -2,6 +2,7 @@
 
 import io
 import json
+import logging
 import os
 import re
 import shlex
@@ -13,6 +14,7 @@ import warnings
 import zipfile
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
 import pyarrow.parquet as pq
@@ -365,6 +367,44 @@ def test_an_installed_raydeq_finds_its_experiments_from_any_folder(tmp_path):
     assert done.stdout.startswith(str(site)) and done.stdout.split()[1] == "2000"
 
 
+def test_a_failed_trial_is_one_line_with_its_error_and_the_count_of_trials_done(tmp_path, capsys):
+    """Tune printed each failure's whole traceback (678 lines for four diverging trials); the
+    traceback stays in the trial's error.txt."""
+    (tmp_path / "error.txt").write_text(
+        "Failure # 1\nTraceback (most recent call last):\n  File x, line 1\n"
+        "raydeq.training.loop.NonFiniteError: training stopped at step 4\n\n"
+    )
+    trial = SimpleNamespace(
+        config={"variant": {"label": "Skip"}},
+        error_file=str(tmp_path / "error.txt"),
+        path=str(tmp_path),
+        num_failures=1,
+        max_failures=3,
+        status="RUNNING",
+    )
+    done = SimpleNamespace(status="TERMINATED")
+    lines = run.TrialLines(total=3)
+    lines.on_trial_recover(0, [done, trial], trial)
+    lines.on_trial_error(0, [done, trial], trial)
+    recovered, failed = capsys.readouterr().out.splitlines()
+    error = "failed (NonFiniteError: training stopped at step 4)"
+    assert recovered == f"trial Skip: {error}; restart 1 of 3"
+    assert failed == f"trial Skip: {error}, see {tmp_path}/error.txt (2 of 3 trials done)"
+    record = logging.LogRecord(
+        "ray.tune.execution.tune_controller",
+        logging.ERROR,
+        "",
+        0,
+        "Trial task failed for trial t",
+        None,
+        None,
+    )
+    other = logging.makeLogRecord({"name": record.name, "msg": "Trial t errored"})
+    rt.drop_tune_logs()
+    tune_logger = logging.getLogger(record.name)
+    assert not tune_logger.filter(record) and tune_logger.filter(other)
+
+
 def test_the_table_averages_finished_seeds_per_variant_and_the_parquet_round_trips(tmp_path):
     rows = [
         {"group": "Skip DEQ", "seed": seed, "completed": done, "parameters": 1234, "step": step}
@@ -380,6 +420,9 @@ def test_the_table_averages_finished_seeds_per_variant_and_the_parquet_round_tri
     assert "| Skip DEQ | 3 (1 stopped) | 97.50 ± 0.71 | 0.5 ± 0 | 0.5 ± 0 | 0.5 ± 0 |" in table
     assert "| 11 ± 1.414 | 1,234 |" in table
     assert "skipped" not in table
+    # A trial that ended in an error is counted as failed, not as stopped early.
+    failed = results.markdown([*rows, rows[2] | {"seed": 3, "status": "ERROR"}])
+    assert "| Skip DEQ | 4 (1 stopped, 1 failed) | 97.50 ± 0.71 |" in failed
     skipped = [row | {"skipped_steps": 3.0 * (row["seed"] == 1)} for row in rows]
     assert results.markdown(skipped).endswith(
         "\nSteps skipped for a non-finite loss or gradient: Skip DEQ seed 1: 3 of 100.\n"

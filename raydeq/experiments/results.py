@@ -141,7 +141,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     """The paper's table: per variant, mean +- std over seeds of each measure.
 
     Trials that trained to the end are averaged; a variant whose trials were all stopped early
-    (by ASHA, or an interrupted run) shows those, and the Seeds column counts the stopped ones.
+    (by ASHA, or an interrupted run) shows those, and the Seeds column counts the stopped ones
+    and, apart, the failed ones (a trial that ended in an error, its restarts spent).
     """
     groups: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
@@ -150,8 +151,10 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for group, members in groups.items():
         done = [m for m in members if m["completed"]] or members
-        stopped = sum(not m["completed"] for m in members)
-        seeds = f"{len(members)} ({stopped} stopped)" if stopped else str(len(members))
+        failed = sum(m.get("status") == "ERROR" for m in members)
+        stopped = sum(not m["completed"] and m.get("status") != "ERROR" for m in members)
+        notes = [f"{n} {what}" for n, what in ((stopped, "stopped"), (failed, "failed")) if n]
+        seeds = f"{len(members)} ({', '.join(notes)})" if notes else str(len(members))
         cells = [_cell([m[key] for m in done], scale) for key, _, scale in TABLE]
         row = [group, seeds, *cells, f"{members[0]['parameters']:,}"]
         lines.append("| " + " | ".join(row) + " |")

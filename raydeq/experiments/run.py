@@ -10,6 +10,7 @@ started with are stored in the experiment folder, so `--resume` and `--report` u
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -52,6 +53,7 @@ SYNC_PERIOD_S = 60
 UNBOUNDED_STEPS = 2**31
 UNFINISHED = (Trial.PENDING, Trial.RUNNING, Trial.PAUSED)
 ENDED = (Trial.TERMINATED, Trial.ERROR)
+MODULE = re.compile(r"^(?:\w+\.)+(?=\w+:)")  # `raydeq.training.loop.` of a qualified error
 
 
 @dataclass(frozen=True)
@@ -266,6 +268,17 @@ class TrialLines(tune.Callback):
         done = 1 + sum(other.status in ENDED for other in trials if other is not trial)
         return f" ({done} of {self.total} trials done)"
 
+    @staticmethod
+    def failure(trial: Trial) -> str:
+        """`failed (Error: message)`: the exception that Tune's traceback (in the trial's
+        error.txt) ends with, without its module."""
+        try:
+            with open(trial.error_file) as stream:
+                lines = [line.strip() for line in stream if line.strip()]
+        except (OSError, TypeError):
+            lines = []
+        return f"failed ({MODULE.sub('', lines[-1])})" if lines else "failed"
+
     def on_trial_start(self, iteration: int, trials: list, trial: Trial, **info: Any) -> None:
         print(f"trial {describe(trial.config)}: started", flush=True)
 
@@ -283,9 +296,14 @@ class TrialLines(tune.Callback):
         done = self.ended(trials, trial)
         print(f"trial {describe(trial.config)}: finished at step {step}{shown}{done}", flush=True)
 
+    def on_trial_recover(self, iteration: int, trials: list, trial: Trial, **info: Any) -> None:
+        failed, count = self.failure(trial), f"{trial.num_failures} of {trial.max_failures}"
+        print(f"trial {describe(trial.config)}: {failed}; restart {count}", flush=True)
+
     def on_trial_error(self, iteration: int, trials: list, trial: Trial, **info: Any) -> None:
-        done = self.ended(trials, trial)
-        print(f"trial {describe(trial.config)}: failed, see {trial.path}{done}", flush=True)
+        failed, done = self.failure(trial), self.ended(trials, trial)
+        where = f"{trial.path}/error.txt"
+        print(f"trial {describe(trial.config)}: {failed}, see {where}{done}", flush=True)
 
 
 def fit(experiment: Experiment, path: str, options: Options, resume: bool) -> tuple[int, int]:
