@@ -83,7 +83,8 @@ def run(cfg: Config, argv: Sequence[str]) -> int:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except ray.train.TrainingFailedError as err:
-        print(f"error: run {cfg.run_dir} failed: {err}", file=sys.stderr)
+        reason = launch.own_error(str(err)) or err
+        print(f"error: run {cfg.run_dir} failed: {reason}", file=sys.stderr)
         return 1
     except (KeyboardInterrupt, SystemExit):
         # Ctrl-C before training, or while Ray Train trains: its own handler aborts the run,

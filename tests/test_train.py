@@ -444,6 +444,29 @@ def test_each_report_before_the_last_says_the_time_left_at_the_runs_pace(tmp_pat
     assert reporting.duration(249.2) == "4m09s" and reporting.duration(12.4) == "12s"
 
 
+def test_raydeqs_own_errors_are_one_line_and_other_tracebacks_stay(monkeypatch):
+    """A run that diverged printed Ray Train's traceback per worker and per restart, and again
+    in the final error (65 lines); raydeq's errors explain themselves in their message."""
+    traceback = (
+        "Traceback (most recent call last):\n  File loop.py, line 154, in record\n"
+        "raydeq.training.loop.NonFiniteError: training stopped at step 4: 3 steps in a row\n"
+    )
+    assert (
+        launch.own_error(traceback)
+        == "NonFiniteError: training stopped at step 4: 3 steps in a row"
+    )
+    bug = "Traceback (most recent call last):\n  File x\nKeyError: 'raydeq.training'\n"
+    assert launch.own_error(bug) is None
+    monkeypatch.setattr(logging.getLogger(), "level", logging.getLogger().level)
+    monkeypatch.setattr(logging.getLogger("raydeq"), "level", logging.getLogger("raydeq").level)
+    launch.show_warnings_and_progress()
+    logger = logging.getLogger(launch.TRAIN_FN_LOGGER)
+    assert not logger.filter(
+        logging.makeLogRecord({"msg": f"Error in training function:\n{traceback}"})
+    )
+    assert logger.filter(logging.makeLogRecord({"msg": f"Error in training function:\n{bug}"}))
+
+
 def nan_splits(cfg: data.DataSection, load=data.load_splits) -> data.Splits:
     """Digits whose training images are all NaN."""
     splits = load(cfg)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -47,6 +48,12 @@ LOCAL_ENV_VARS = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 # The variable that names a Ray's state API (its dashboard's URL); Ray's state API client reads
 # it before RAY_ADDRESS.
 API_SERVER = "RAY_API_SERVER_ADDRESS"
+# The last line of a traceback that ends in one of raydeq's own errors, which explain themselves
+# (a run that diverged, a missing data folder, an unreadable checkpoint): the class and message.
+OWN_ERROR = re.compile(r"^raydeq(?:\.\w+)+?\.(\w+: .*)$")
+# Ray Train's logger of a worker's exception, with its traceback.
+TRAIN_FN_LOGGER = "ray.train.v2._internal.util"
+log = logging.getLogger("raydeq")
 AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
 
 
@@ -162,11 +169,24 @@ def train_loop(config: dict[str, Any]) -> None:
 
     show_warnings_and_progress()
     cfg = validate(config)
-    Loop(cfg, TrainWorker(cfg.run_dir)).run()
+    try:
+        Loop(cfg, TrainWorker(cfg.run_dir)).run()
+    except Exception as err:
+        if type(err).__module__.startswith("raydeq."):
+            log.error("%s: %s", type(err).__name__, err)  # one line where Ray logs a traceback
+        raise
+
+
+def own_error(traceback: str) -> str | None:
+    """`Error: message` when a traceback ends in one of raydeq's own errors, else None."""
+    lines = [line.strip() for line in traceback.splitlines() if line.strip()]
+    match = OWN_ERROR.match(lines[-1]) if lines else None
+    return match.group(1) if match else None
 
 
 def show_warnings_and_progress() -> None:
-    """Let a worker log raydeq's progress lines and every logger's warnings, nothing else.
+    """Let a worker log raydeq's progress lines and every logger's warnings, nothing else, and
+    raydeq's own errors as the one line train_loop logs instead of Ray Train's traceback.
 
     Ray Train sets a worker's root logger to INFO and filters by RAY_LOG_LEVEL only the
     loggers under `ray.train`; the one that reports results is named by its file instead, so
@@ -174,6 +194,7 @@ def show_warnings_and_progress() -> None:
     """
     logging.getLogger().setLevel(logging.WARNING)
     logging.getLogger("raydeq").setLevel(logging.INFO)
+    logging.getLogger(TRAIN_FN_LOGGER).addFilter(lambda record: not own_error(record.getMessage()))
 
 
 def gpus_per_worker(cfg: Config) -> float:
