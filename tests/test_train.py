@@ -494,8 +494,18 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_run_when_they_persist
     assert reporting.progress_line("t", result.metrics).endswith(" skipped 4")
     for name, value in seen["before"].items():
         assert torch.equal(value, seen["after"][name]), name
+    diverging = make_config(tmp_path / "b", max_steps=8, max_nonfinite_steps=3)
     with pytest.raises(loop.NonFiniteError, match="3 steps in a row had a non-finite loss"):
-        launch.fit(make_config(tmp_path / "b", max_steps=8, max_nonfinite_steps=3), LOCAL)
+        launch.fit(diverging, LOCAL)
+    # A restart from where it diverged (no checkpoint yet: step 0) replays the same steps: it
+    # is refused before a step, and before TensorBoard gets a second file.
+    marker = Path(diverging.run_dir, loop.DIVERGED_FILE)
+    with pytest.raises(loop.NonFiniteError, match="from step 0, where it would resume, so it is"):
+        launch.fit(diverging, LOCAL)
+    assert len(event_files(diverging)) == 1
+    marker.unlink()  # as the message says: delete it to try anyway
+    with pytest.raises(loop.NonFiniteError, match="3 steps in a row had a non-finite loss"):
+        launch.fit(diverging, LOCAL)
 
 
 # Ray end-to-end ----------------------------------------------------------------------------------

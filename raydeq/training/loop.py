@@ -10,6 +10,7 @@ so the DEQ columns never mix the two.
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import time
 from collections.abc import Iterable, Iterator
@@ -26,9 +27,14 @@ from raydeq.training.objective import STEP_METRICS, Evaluation, Objective, clock
 from raydeq.training.reporting import Meter, Reporter, all_gather, all_sum
 from raydeq.training.session import Session
 from raydeq.training.state import TrainState, make_optimizer, make_scheduler, rng_state
+from raydeq.training.storage import exists, read_text, write_bytes
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 PRETRAIN_METRICS = ("nfe", "backward_nvjp", "forward_time", "backward_time")
+
+
+# Written in a run's folder when it stops for non-finite steps (see `Loop.diverged`).
+DIVERGED_FILE = "diverged.json"
 
 
 class NonFiniteError(RuntimeError):
@@ -69,6 +75,8 @@ class Loop:
         if saved is not None:
             self.state.load(saved)
         self.state.seed_workers(saved, cfg.seed, self.rank, self.world)
+        self.checkpointed = self.state.step  # where a restart would resume
+        self.refuse_a_known_divergence()
         keys = STEP_METRICS + tuple(f"pretrain_{k}" for k in PRETRAIN_METRICS)
         self.meter = Meter(keys)
         name = cfg.label or cfg.name
@@ -151,9 +159,31 @@ class Loop:
         self.reporter.scalars(counters, state.step)
         limit = self.cfg.train.max_nonfinite_steps
         if state.nonfinite_in_row >= limit:
-            raise NonFiniteError(
+            raise self.diverged(
                 f"training stopped at step {state.step}: {limit} steps in a row had a non-finite "
                 f"loss or gradient (train.max_nonfinite_steps={limit})"
+            )
+
+    def diverged(self, reason: str) -> NonFiniteError:
+        """The error that stops a diverged run, recorded (by rank 0) in its folder with the step
+        of its newest checkpoint: a restart from there (Ray's scaling.max_failures, a resume)
+        replays the same data from the same state and diverges again."""
+        if self.rank == 0:
+            record = {"from_step": self.checkpointed, "reason": reason}
+            write_bytes(f"{self.session.folder}/{DIVERGED_FILE}", json.dumps(record).encode())
+        return NonFiniteError(reason)
+
+    def refuse_a_known_divergence(self) -> None:
+        """Raise the recorded NonFiniteError when this start resumes from the step where the
+        run diverged before, instead of training those steps again."""
+        path = f"{self.session.folder}/{DIVERGED_FILE}"
+        if not exists(path):
+            return
+        record = json.loads(read_text(path))
+        if record["from_step"] == self.state.step:
+            raise NonFiniteError(
+                f"{record['reason']}; it diverged like this from step {self.state.step}, where "
+                f"it would resume, so it is not trained again (delete {path} to try anyway)"
             )
 
     def evaluate(self) -> dict[str, float]:
@@ -177,6 +207,8 @@ class Loop:
         metrics = position | counters | self.time_left(step) | metrics
         self.reporter.progress(metrics)
         self.reporter.report(metrics, self.checkpoint_state if checkpoint else None)
+        if checkpoint:
+            self.checkpointed = step
 
     def time_left(self, step: int) -> dict[str, float]:
         """`time_left_s`: the steps to go at this run's pace so far (its steps, evaluations and

@@ -26,11 +26,13 @@ CHECKPOINT_PREFIX = "checkpoint_"
 
 
 class Session(ABC):
-    """The loop's view of the process it runs in."""
+    """The loop's view of the process it runs in; `folder` holds the run's checkpoints (a path
+    or URI)."""
 
     rank: int
     world: int
     device: torch.device
+    folder: str
 
     @abstractmethod
     def checkpoints(self) -> list[AbstractContextManager[str]]:
@@ -52,7 +54,7 @@ class TrainWorker(Session):
         context = ray.train.get_context()
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
         self.device = ray.train.torch.get_device()
-        self.run_dir = run_dir
+        self.folder = run_dir
 
     def checkpoints(self) -> list[AbstractContextManager[str]]:
         """Every checkpoint in the run's folder, newest first.
@@ -62,7 +64,7 @@ class TrainWorker(Session):
         the run) had not saved it for the last checkpoints, or for any: the run started again
         from step 1 with its checkpoints of steps 22 and 44 on disk.
         """
-        return stored_checkpoints(self.run_dir)
+        return stored_checkpoints(self.folder)
 
     def prepare_model(self, module: nn.Module) -> nn.Module:
         """Ray Train's device placement and DDP wrapping."""
@@ -77,7 +79,7 @@ class TuneTrial(Session):
     """The process of a Ray Tune trial that trains with one worker, in `trial_dir`."""
 
     def __init__(self, trial_dir: str, use_gpu: bool) -> None:
-        self.trial_dir = trial_dir.rstrip("/")
+        self.folder = trial_dir.rstrip("/")
         self.rank, self.world = 0, 1
         self.device = torch.device("cuda" if use_gpu else "cpu")
 
@@ -88,7 +90,7 @@ class TuneTrial(Session):
         only now and then, so after the driver is killed it can name an older checkpoint than
         the newest one written, and the steps between would be trained twice.
         """
-        return stored_checkpoints(self.trial_dir)
+        return stored_checkpoints(self.folder)
 
     def prepare_model(self, module: nn.Module) -> nn.Module:
         """The module on the trial's device."""
