@@ -10,7 +10,6 @@ started with are stored in the experiment folder, so `--resume` and `--report` u
 from __future__ import annotations
 
 import functools
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -53,7 +52,6 @@ SYNC_PERIOD_S = 60
 UNBOUNDED_STEPS = 2**31
 UNFINISHED = (Trial.PENDING, Trial.RUNNING, Trial.PAUSED)
 ENDED = (Trial.TERMINATED, Trial.ERROR)
-MODULE = re.compile(r"^(?:\w+\.)+(?=\w+:)")  # `raydeq.training.loop.` of a qualified error
 
 
 @dataclass(frozen=True)
@@ -277,7 +275,10 @@ class TrialLines(tune.Callback):
                 lines = [line.strip() for line in stream if line.strip()]
         except (OSError, TypeError):
             lines = []
-        return f"failed ({MODULE.sub('', lines[-1])})" if lines else "failed"
+        if not lines:
+            return "failed"
+        match = launch.QUALIFIED_ERROR.match(lines[-1])
+        return f"failed ({match['error'] if match else lines[-1]})"
 
     def on_trial_start(self, iteration: int, trials: list, trial: Trial, **info: Any) -> None:
         print(f"trial {describe(trial.config)}: started", flush=True)

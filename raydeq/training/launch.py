@@ -48,13 +48,13 @@ LOCAL_ENV_VARS = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 # The variable that names a Ray's state API (its dashboard's URL); Ray's state API client reads
 # it before RAY_ADDRESS.
 API_SERVER = "RAY_API_SERVER_ADDRESS"
-# The last line of a traceback that ends in one of raydeq's own errors, which explain themselves
-# (a run that diverged, a missing data folder, an unreadable checkpoint): the class and message.
-OWN_ERROR = re.compile(r"^raydeq(?:\.\w+)+?\.(\w+: .*)$")
-# Ray Train's logger of a worker's exception, with its traceback.
-TRAIN_FN_LOGGER = "ray.train.v2._internal.util"
-log = logging.getLogger("raydeq")
+# Ray's loggers of its notice that it enabled token authentication, and of a Ray Train
+# worker's exception with its traceback.
 AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+TRAIN_FN_LOGGER = "ray.train.v2._internal.util"
+# The line a traceback ends with, `package.module.Error: message`.
+QUALIFIED_ERROR = re.compile(r"^(?P<module>(?:\w+\.)+)(?P<error>\w+: .*)$")
+log = logging.getLogger("raydeq")
 
 
 def runtime_env(local: bool = False) -> dict[str, Any]:
@@ -178,10 +178,12 @@ def train_loop(config: dict[str, Any]) -> None:
 
 
 def own_error(traceback: str) -> str | None:
-    """`Error: message` when a traceback ends in one of raydeq's own errors, else None."""
+    """`Error: message` when a traceback ends in one of raydeq's own errors, which explain
+    themselves (a run that diverged, a missing data folder, an unreadable checkpoint); else
+    None."""
     lines = [line.strip() for line in traceback.splitlines() if line.strip()]
-    match = OWN_ERROR.match(lines[-1]) if lines else None
-    return match.group(1) if match else None
+    match = QUALIFIED_ERROR.match(lines[-1]) if lines else None
+    return match["error"] if match and match["module"].startswith("raydeq.") else None
 
 
 def show_warnings_and_progress() -> None:

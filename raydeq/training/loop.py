@@ -166,21 +166,22 @@ class Loop:
 
     def diverged(self, reason: str) -> NonFiniteError:
         """The error that stops a diverged run, recorded (by rank 0) in its folder with the step
-        of its newest checkpoint: a restart from there (Ray's scaling.max_failures, a resume)
-        replays the same data from the same state and diverges again."""
+        of its newest checkpoint and the workers: a restart from there with as many workers
+        (Ray's scaling.max_failures, a resume) replays the same data from the same state and
+        diverges again."""
         if self.rank == 0:
-            record = {"from_step": self.checkpointed, "reason": reason}
+            record = {"from_step": self.checkpointed, "workers": self.world, "reason": reason}
             write_bytes(f"{self.session.folder}/{DIVERGED_FILE}", json.dumps(record).encode())
         return NonFiniteError(reason)
 
     def refuse_a_known_divergence(self) -> None:
         """Raise the recorded NonFiniteError when this start resumes from the step where the
-        run diverged before, instead of training those steps again."""
+        run diverged before, with as many workers, instead of training those steps again."""
         path = f"{self.session.folder}/{DIVERGED_FILE}"
         if not exists(path):
             return
         record = json.loads(read_text(path))
-        if record["from_step"] == self.state.step:
+        if (record["from_step"], record["workers"]) == (self.state.step, self.world):
             raise NonFiniteError(
                 f"{record['reason']}; it diverged like this from step {self.state.step}, where "
                 f"it would resume, so it is not trained again (delete {path} to try anyway)"
