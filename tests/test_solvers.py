@@ -356,6 +356,7 @@ def test_divergence_stops_the_sample():
             "adjoint='jfb' takes no option 'warm_start'; its options are none",
         ),
         ({"reltol": "1e-3"}, "reltol='1e-3' must be a number >= 0"),
+        ({"abstol": float("inf")}, "abstol=inf must be a finite number >= 0"),
         ({"compile": "yes"}, "compile='yes' must be True, False or a dict of torch.compile"),
     ],
 )

@@ -35,7 +35,8 @@ def number(name: str, value: Any, interval: str = "[0, inf)") -> None:
         )
     if not ok:
         bound = f"{'>=' if left == '[' else '>'} {low:g}" if math.isinf(high) else f"in {interval}"
-        raise ValueError(f"{name}={value!r} must be a number {bound}")
+        finite = "finite " if math.isinf(high) and right == ")" and value == math.inf else ""
+        raise ValueError(f"{name}={value!r} must be a {finite}number {bound}")
 
 
 def construct(what: str, make: Callable[..., Any], options: dict, own: tuple[str, ...] = ()) -> Any:
