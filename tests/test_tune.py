@@ -612,6 +612,8 @@ def test_asha_stops_a_trial_and_the_next_trial_gets_its_resources(ray_cluster, t
     ]
     assert rows[0]["step"] == 60 and rows[1]["step"] == 20 and rows[2]["step"] >= 20
     assert "| frozen | 1 (1 stopped) |" in output
+    assert "trial frozen: stopped early at step 20 of 60 (2 of 3 trials done)" in output
+    assert "trial fast: finished at step 60" in output
     quiet = [line for line in output.splitlines() if "Reporting training result" in line]
     assert not quiet and "Trial status" not in output and output.count("tensorboard --logdir") == 1
     assert "[fast] epoch 0.11 step 20/60 loss" in output  # one line per report

@@ -293,9 +293,15 @@ class TrialLines(tune.Callback):
         result = trial.last_result or {}
         accuracy = result.get("test_accuracy")
         shown = f", test_accuracy {accuracy:.4f}" if accuracy is not None else ""
-        step = result.get("step", 0)
+        step, total = result.get("step", 0), result.get("total_steps", 0)
+        # A trial that a scheduler (ASHA) stopped also ends here, before its last step.
+        ended = (
+            f"stopped early at step {step} of {total}"
+            if step < total
+            else f"finished at step {step}"
+        )
         done = self.ended(trials, trial)
-        print(f"trial {describe(trial.config)}: finished at step {step}{shown}{done}", flush=True)
+        print(f"trial {describe(trial.config)}: {ended}{shown}{done}", flush=True)
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Trial, **info: Any) -> None:
         failed, count = self.failure(trial), f"{trial.num_failures} of {trial.max_failures}"
