@@ -101,6 +101,15 @@ def test_an_override_of_a_dimension_resolves_the_rules_that_depend_on_it(overrid
             assert getattr(getattr(cfg, section), key) == value
 
 
+def test_an_override_that_no_point_of_a_searcher_has_leaves_it_to_draw_every_trial():
+    """It stopped the run ("not a dimension of the search space"): the points it excluded were
+    kept whole when none was left."""
+    experiment = spec.from_dict("s", {**TINY, "search": SEARCH}, {"model.variant": "skip"})
+    sampled = spec.expand(experiment)
+    assert len(sampled) == 40 and not any("label" in draw.get("variant", {}) for draw in sampled)
+    assert {experiment.trial_config(draw).model.variant for draw in sampled} == {"skip"}
+
+
 @pytest.mark.parametrize("name", ["digits", "digits_search", "mnist_dense", "svhn"])
 def test_the_trial_count_that_the_progress_lines_show_is_what_expand_lists(name):
     experiment = spec.load(name)

@@ -120,11 +120,13 @@ def _fix(search: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, A
             rules, joined = _fix_rules(rules, dotted, value)
             space = merge(space, joined)
         variants = [row for row in variants if row.get(dotted, value) == value]
-        if search.get("searcher", "random") != "random":  # a searcher's points lose the key
+        searched = search.get("searcher", "random") != "random"
+        if searched:  # a searcher's points lose the key
             variants = [{k: v for k, v in row.items() if k != dotted} for row in variants]
-        if search.get("variants") and not variants:
+        elif search.get("variants") and not variants:
+            # A grid's variants are its trials; a searcher's are only its first points.
             raise ConfigError(f"{dotted}={value!r}: no variant of search.variants has that value")
-    fixed = {**search, "space": space} | ({"variants": variants} if variants else {})
+    fixed = {**search, "space": space} | ({"variants": variants} if "variants" in search else {})
     return fixed | ({"conditional": rules} if isinstance(rules, list) else {})
 
 
