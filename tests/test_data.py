@@ -159,6 +159,72 @@ def test_a_partial_or_malformed_folder_is_one_clear_error(tmp_path):
         data.load_splits(section(dataset="imagenet", data_dir=str(tmp_path / "none")))
 
 
+@pytest.mark.parametrize(
+    ("dataset", "name", "content", "problem"),
+    [
+        (
+            "mnist",
+            "MNIST/raw/train-images-idx3-ubyte",
+            b"<html>",
+            "an IDX image file: it starts with b'<htm'",
+        ),
+        ("mnist", "MNIST/raw/t10k-labels-idx1-ubyte", b"", "an IDX label file: it is empty"),
+        (
+            "cifar10",
+            "cifar-10-batches-py/test_batch",
+            b"<html>",
+            "a CIFAR-10 pickle: it starts with b'<h'",
+        ),
+        ("svhn", "test_32x32.mat", b"Not Found", "a MATLAB 5 file: it starts with b'Not Found'"),
+    ],
+)
+def test_a_file_that_is_not_what_its_name_says_is_named_before_it_is_read(
+    tmp_path, dataset, name, content, problem
+):
+    signature = {"mnist": b"", "cifar10": b"\x80\x02", "svhn": b"MATLAB 5.0 MAT-file"}[dataset]
+    if dataset == "mnist":
+        mnist_folder(tmp_path)
+    for expected in data.EXPECTED_FILES[dataset]:
+        (tmp_path / expected).parent.mkdir(parents=True, exist_ok=True)
+        if dataset != "mnist":
+            (tmp_path / expected).write_bytes(signature + b"rest")
+    (tmp_path / name).write_bytes(content)
+    cfg = section(dataset=dataset, data_dir=str(tmp_path))
+    with pytest.raises(data.DataError) as info:
+        data.check_files(cfg)  # the driver's preflight, before Ray starts
+    assert str(info.value) == (
+        f"dataset {dataset!r} in {tmp_path} is unreadable: {name} is not {problem}; "
+        "replace it, or delete it and set data.download=true to download it again"
+    )
+
+
+def test_an_idx_file_shorter_than_its_header_says_is_cut_short(tmp_path):
+    mnist_folder(tmp_path)
+    images = tmp_path / "MNIST/raw/train-images-idx3-ubyte"
+    whole = images.read_bytes()
+    assert data.check_files(section(dataset="mnist", data_dir=str(tmp_path))) is None
+    images.write_bytes(whole[:-1000])
+    with pytest.raises(data.DataError) as info:
+        data.load_splits(section(dataset="mnist", data_dir=str(tmp_path)))
+    assert f"is cut short: {len(whole) - 1000:,} of the {len(whole):,} bytes its header gives;" in (
+        str(info.value)
+    )
+
+
+def test_any_failure_of_a_reader_is_one_data_error(tmp_path, monkeypatch):
+    from raydeq.training import vision
+
+    def bare_assertion(cfg):
+        raise AssertionError  # as torchvision's readers do on a file they cannot parse
+
+    mnist_folder(tmp_path)
+    monkeypatch.setitem(vision.BUILDERS, "mnist", bare_assertion)
+    with pytest.raises(
+        data.DataError, match=f"^dataset 'mnist' in {tmp_path} is unreadable: AssertionError$"
+    ):
+        data.load_splits(section(dataset="mnist", data_dir=str(tmp_path)))
+
+
 def test_train_shards_split_each_epoch_between_workers_and_reshuffle_per_epoch():
     dataset = torch.utils.data.TensorDataset(torch.arange(10))
     shards = [data.ShardSampler(dataset, num_replicas=2, rank=r, seed=3) for r in range(2)]

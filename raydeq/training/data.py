@@ -7,6 +7,8 @@ accuracy is exact). The loop moves the batches to its device.
 """
 
 import itertools
+import math
+import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +30,16 @@ EXPECTED_FILES = {
     + ["cifar-10-batches-py/test_batch", "cifar-10-batches-py/batches.meta"],
     "svhn": ["train_32x32.mat", "test_32x32.mat"],
     "imagenet": ["train/", "val/"],
+}
+# What each kind of dataset file starts with (MNIST's IDX images and labels, CIFAR-10's
+# protocol-2 pickles, SVHN's MATLAB 5 files), by a part of its name: a web page or a stub saved
+# in a file's place is named before Ray starts, where torchvision's readers fail on it in each
+# worker with a bare AssertionError.
+SIGNATURES = {
+    "idx3-ubyte": ("an IDX image file", b"\0\0\x08\x03"),
+    "idx1-ubyte": ("an IDX label file", b"\0\0\x08\x01"),
+    "cifar-10-batches-py/": ("a CIFAR-10 pickle", b"\x80\x02"),
+    ".mat": ("a MATLAB 5 file", b"MATLAB 5.0 MAT-file"),
 }
 DIGITS_TEST_FRACTION = 0.2
 DIGITS_SIZE = (28, 28)
@@ -74,13 +86,21 @@ class Splits:
 
 
 def check_files(cfg: DataSection) -> None:
-    """Raise a DataError naming the folder and the expected files if any of them is missing."""
+    """Raise a DataError naming the folder and the expected files if any of them is missing,
+    or naming the file if one of them is not what its name says or is cut short."""
     if cfg.dataset not in EXPECTED_FILES or cfg.download:
         return
     root = Path(cfg.data_dir or ".")
     expected = EXPECTED_FILES[cfg.dataset]
     missing = [name for name in expected if not (root / name).exists()]
     if not missing:
+        for name in expected:
+            problem = file_problem(root, name)
+            if problem:
+                raise DataError(
+                    f"dataset {cfg.dataset!r} in {root} is unreadable: {name} {problem}; "
+                    "replace it, or delete it and set data.download=true to download it again"
+                )
         return
     absent = "none of them is there" if missing == expected else f"missing {', '.join(missing)}"
     hint = (
@@ -94,6 +114,28 @@ def check_files(cfg: DataSection) -> None:
         f"dataset {cfg.dataset!r} not found in {root}: expected {', '.join(expected)} "
         f"({absent}); put the files there, {hint}"
     )
+
+
+def file_problem(root: Path, name: str) -> str | None:
+    """Why the dataset file root/name cannot be read, from its first bytes (see SIGNATURES)
+    and, for an IDX file, its size against the dimensions in its header; None where it looks
+    whole."""
+    kind, signature = next((v for k, v in SIGNATURES.items() if k in name), (None, b""))
+    if kind is None:
+        return None
+    path = root / name
+    with path.open("rb") as stream:
+        head = stream.read(len(signature))
+        if head != signature:
+            return f"is not {kind}: it " + (f"starts with {head!r}" if head else "is empty")
+        if not name.endswith("ubyte"):
+            return None
+        dims = stream.read(4 * head[3])
+    shape = struct.unpack(f">{len(dims) // 4}I", dims)
+    needed, size = len(head) + 4 * head[3] + math.prod(shape), path.stat().st_size
+    if size < needed:
+        return f"is cut short: {size:,} of the {needed:,} bytes its header gives"
+    return None
 
 
 def image_shape(cfg: DataSection) -> tuple[int, int, int]:
@@ -142,7 +184,7 @@ def load_splits(cfg: DataSection) -> Splits:
         return BUILDERS[cfg.dataset](cfg)
     except DataError:
         raise
-    except (OSError, RuntimeError, ValueError) as err:
+    except Exception as err:  # a reader's bare AssertionError too: each is a bad file
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
         where = f" in {cfg.data_dir}" if cfg.data_dir else ""
         raise DataError(f"dataset {cfg.dataset!r}{where} is unreadable: {message}") from err
