@@ -260,3 +260,33 @@ def test_loaders_give_full_batches_and_resume_mid_epoch():
     assert len(out["rest"]) == 9
     assert all(torch.equal(a, b) for a, b in zip(out["rest"], out["epoch"][5:], strict=True))
     assert out["test"] == [64] * 5 + [39]
+
+
+def test_workers_that_download_into_one_folder_take_turns(tmp_path, monkeypatch):
+    import threading
+    import time
+
+    from raydeq.training import vision
+
+    inside, most = [], []
+
+    def download(cfg):
+        inside.append(cfg)
+        most.append(len(inside))
+        time.sleep(0.2)
+        inside.pop()
+        raise OSError("no network")
+
+    def worker():
+        with pytest.raises(data.DataError, match="unreadable: no network"):
+            data.load_splits(
+                section(dataset="mnist", data_dir=str(tmp_path / "new"), download=True)
+            )
+
+    monkeypatch.setitem(vision.BUILDERS, "mnist", download)
+    threads = [threading.Thread(target=worker) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert most == [1, 1, 1]

@@ -6,10 +6,12 @@ resumed part-way), the test loader reads every world_size-th sample without padd
 accuracy is exact). The loop moves the batches to its device.
 """
 
+import fcntl
 import itertools
 import math
 import struct
 from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +43,7 @@ SIGNATURES = {
     "cifar-10-batches-py/": ("a CIFAR-10 pickle", b"\x80\x02"),
     ".mat": ("a MATLAB 5 file", b"MATLAB 5.0 MAT-file"),
 }
+DOWNLOAD_LOCK = ".raydeq-download.lock"
 DIGITS_TEST_FRACTION = 0.2
 DIGITS_SIZE = (28, 28)
 
@@ -181,13 +184,27 @@ def load_splits(cfg: DataSection) -> Splits:
         # torchvision takes seconds to import; digits, the default, needs none of it
         from raydeq.training.vision import BUILDERS
 
-        return BUILDERS[cfg.dataset](cfg)
+        with download_lock(cfg.data_dir or ".") if cfg.download else nullcontext():
+            return BUILDERS[cfg.dataset](cfg)
     except DataError:
         raise
     except Exception as err:  # a reader's bare AssertionError too: each is a bad file
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
         where = f" in {cfg.data_dir}" if cfg.data_dir else ""
         raise DataError(f"dataset {cfg.dataset!r}{where} is unreadable: {message}") from err
+
+
+@contextmanager
+def download_lock(data_dir: str) -> Iterator[None]:
+    """Hold a file lock in `data_dir` for a read that may download into it: the workers of a
+    node download one at a time, and the later ones find the files there (torchvision writes
+    into the folder without a lock, so two workers downloading at once corrupt each other's
+    files)."""
+    folder = Path(data_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / DOWNLOAD_LOCK, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 class ShardSampler(DistributedSampler):
