@@ -198,6 +198,36 @@ def test_a_bad_argument_is_named_with_what_is_allowed(args, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_a_data_or_output_folder_that_cannot_serve_stops_the_run_before_any_suite(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    raw = tmp_path / "mnist" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-labels-idx1-ubyte"):
+        (raw / name).write_bytes(b"\0\0\x08\x01\0\0\0\0")
+    (raw / "t10k-images-idx3-ubyte").write_bytes(b"<html>")
+    for args, message in (
+        (
+            ["--data", str(tmp_path / "none")],
+            f"argument --data: '{tmp_path / 'none'}' does not hold the full MNIST: "
+            "MNIST/raw/train-images-idx3-ubyte, MNIST/raw/train-labels-idx1-ubyte, "
+            "MNIST/raw/t10k-images-idx3-ubyte, MNIST/raw/t10k-labels-idx1-ubyte missing",
+        ),
+        (
+            ["--data", str(tmp_path / "mnist")],
+            f"argument --data: '{tmp_path / 'mnist'}': MNIST/raw/train-images-idx3-ubyte is not "
+            "an IDX image file: it starts with b'\\x00\\x00\\x08\\x01'",
+        ),
+        (
+            ["--out", str(tmp_path / "file" / "results")],
+            f"--out {tmp_path / 'file' / 'results'}: cannot write there (Not a directory)",
+        ),
+    ):
+        with pytest.raises(SystemExit):
+            main(["--size", "tiny", "--only", "step_cost", *args])
+        err = capsys.readouterr().err
+        assert message in err and "[step_cost] running" not in err
+
+
 def test_the_size_is_full_unless_asked_otherwise():
     """--quick and --size write the same field: the default must survive both."""
     assert parse([]).size == "full"

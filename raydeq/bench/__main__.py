@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,6 +18,7 @@ from raydeq.bench.harness.timing import keep_freed_memory
 from raydeq.bench.suites import SUITES
 from raydeq.models import PRESETS
 from raydeq.training.checkpoint import CheckpointError, read_newest
+from raydeq.training.data import EXPECTED_FILES, file_problem
 
 
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -64,7 +66,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--data",
-        type=Path,
+        type=mnist_folder,
         help="folder holding the full MNIST's MNIST/raw (default: the embedded 10k digits)",
     )
     parser.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's)")
@@ -80,7 +82,29 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="seed of every problem and model")
     args = parser.parse_args(argv)
     args.weights = parse_weights(parser, args.weights, args.models)
+    try:  # here, not after the first suite has run
+        args.out.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=args.out).close()
+    except OSError as err:
+        parser.error(f"--out {args.out}: cannot write there ({err.strerror or err})")
     return args
+
+
+def mnist_folder(text: str) -> Path:
+    """A folder holding the full MNIST's IDX files in MNIST/raw, each looking whole (a wrong
+    folder would leave the benchmarks on untrained weights and Gaussian images)."""
+    root = Path(text)
+    names = EXPECTED_FILES["mnist"]
+    missing = [name for name in names if not (root / name).is_file()]
+    if missing:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} does not hold the full MNIST: {', '.join(missing)} missing"
+        )
+    for name in names:
+        problem = file_problem(root, name)
+        if problem:
+            raise argparse.ArgumentTypeError(f"{text!r}: {name} {problem}")
+    return root
 
 
 def torch_device(text: str) -> torch.device:
