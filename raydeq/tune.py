@@ -168,16 +168,17 @@ def new_options(args: argparse.Namespace, experiment: Experiment) -> run.Options
     )
 
 
-def dry_run(experiment: Experiment, num_samples: int | None) -> None:
-    """Print each trial's label and fully resolved training config, one JSON object a line
-    (and a searcher's space, a dimension a line, on stderr)."""
+def dry_run(experiment: Experiment, num_samples: int | None, path: str) -> None:
+    """Print each trial's label, the experiment's folder (where each trial gets a folder of its
+    own, named by Tune when it starts) and the trial's fully resolved training config, one JSON
+    object a line (and a searcher's space, a dimension a line, on stderr)."""
     if experiment.searched:
         print("\n".join(searchers.lines(experiment.space())), file=sys.stderr)
     for sampled in expand(experiment, num_samples):
         cfg = experiment.trial_config(sampled)
         label = describe(sampled) or experiment.name
         config = {k: v for k, v in cfg.to_dict().items() if k != "search"}  # a trial has none
-        print(json.dumps({"label": label, "config": config}))
+        print(json.dumps({"label": label, "experiment": path, "config": config}))
 
 
 def resume_command(args: argparse.Namespace) -> str:
@@ -211,7 +212,7 @@ def run_experiment(
     status."""
     if args.dry_run:
         try:
-            dry_run(experiment, args.num_samples)
+            dry_run(experiment, args.num_samples, path)
         except BrokenPipeError:  # the reader stopped early (`| head`): not an error
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         except ConfigError as err:

@@ -320,6 +320,7 @@ def test_dry_run_prints_every_trials_resolved_config_without_ray(capsys, monkeyp
         for variant in ("Vanilla DEQ", "Skip DEQ", "Skip Reg. DEQ")
         for seed in (0, 1)
     ]
+    assert {line["experiment"] for line in lines} == {str(Path("runs", "digits").absolute())}
     config = lines[0]["config"]
     assert config["model"]["variant"] == "vanilla" and config["seed"] == 0
     assert config["train"]["lambda_skip"] == 1.0 and config["scaling"]["num_workers"] == 1
