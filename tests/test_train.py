@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -611,6 +612,27 @@ def test_ctrl_c_ends_a_run_with_status_130_and_its_resume_command_continues_it(
     assert steps_by_tag(Path(cfg.run_dir, reporting.TENSORBOARD_DIR))["train_loss"] == list(
         range(1, 201)
     )
+    # The checkpoints the interrupted driver wrote after its last record of them are gone too:
+    # Ray Train kept train.keep_checkpoints of the ones it knew, and would never prune those.
+    assert steps() == [180, 190, 200]
+
+
+def test_a_finished_run_keeps_only_the_checkpoints_that_ray_train_kept(tmp_path):
+    names = [f"checkpoint_2026-12-03_10-00-0{i}.000000" for i in range(5)]
+    for name in [*names, "tensorboard"]:
+        (tmp_path / name).mkdir()
+    (tmp_path / names[0] / "state.pt").write_bytes(b"")
+    kept = [(Checkpoint(str(tmp_path / name)), {}) for name in names[3:]]
+    result = SimpleNamespace(best_checkpoints=kept)
+    dropped = launch.drop_unrecorded_checkpoints(result, str(tmp_path))
+    assert dropped == names[:3]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [*names[3:], "tensorboard"]
+    # A run that kept no checkpoint (none reported) deletes nothing.
+    assert (
+        launch.drop_unrecorded_checkpoints(SimpleNamespace(best_checkpoints=None), str(tmp_path))
+        == []
+    )
+    assert len(list(tmp_path.iterdir())) == 3
 
 
 def train_and_save_parameters(config: dict) -> None:

@@ -77,7 +77,7 @@ def run_trial(sampled: dict[str, Any], *, experiment: Experiment, path: str, gpu
         Loop(cfg, TuneTrial(trial_dir, use_gpu=gpus > 0)).run()
         return
     scaling = launch.scaling_config(cfg, gpus, reserve_cpu=TRIAL_CPU)
-    launch.trainer(cfg, scaling, callbacks=[TuneReportCallback()]).fit()
+    launch.fit(cfg, scaling, callbacks=[TuneReportCallback()])
 
 
 def in_process(cfg: Config) -> bool:

@@ -29,6 +29,7 @@ from ray.train.torch import TorchTrainer
 
 from raydeq.training import capacity
 from raydeq.training.config import Config, ConfigError, validate
+from raydeq.training.storage import CHECKPOINT_PREFIX, filesystem, subfolders
 
 # Ray's own INFO lines (per-report "Reporting training result", trial tables) are not shown;
 # the run's progress lines and warnings are.
@@ -243,6 +244,31 @@ def fit(
     cfg: Config,
     scaling: ScalingConfig | None = None,
     train_fn: Callable[[dict[str, Any]], None] = train_loop,
+    callbacks: Sequence[Any] = (),
 ) -> Result:
-    """Train or resume the run on Ray Train (`scaling`, `train_fn`: other workers or loop)."""
-    return trainer(cfg, scaling or scaling_config(cfg, gpus_per_worker(cfg)), (), train_fn).fit()
+    """Train or resume the run on Ray Train (`scaling`, `train_fn`: other workers or loop);
+    once it has finished, the checkpoints Ray Train kept no record of are deleted (see
+    `drop_unrecorded_checkpoints`)."""
+    scaling = scaling or scaling_config(cfg, gpus_per_worker(cfg))
+    result = trainer(cfg, scaling, callbacks, train_fn).fit()
+    drop_unrecorded_checkpoints(result, cfg.run_dir)
+    return result
+
+
+def drop_unrecorded_checkpoints(result: Result, run_dir: str) -> list[str]:
+    """Delete the checkpoint folders in the folder (path or URI) of a finished run that are
+    not among those Ray Train kept, and return their names.
+
+    A driver stopped by Ctrl-C had not saved Ray Train's record of its last checkpoints, so
+    Ray Train never pruned them (train.keep_checkpoints): an interrupted run kept up to that
+    many more on every resume. Done only once the run has finished, since Ray Train raises
+    deleting a checkpoint it recorded whose folder is gone; nothing is deleted where it kept
+    none."""
+    kept = {c.path.rstrip("/").rsplit("/", 1)[-1] for c, _ in result.best_checkpoints or ()}
+    if not kept:
+        return []
+    stale = [p for p in subfolders(run_dir, CHECKPOINT_PREFIX) if p.rsplit("/", 1)[-1] not in kept]
+    fs = filesystem(run_dir)[0]
+    for path in stale:
+        fs.delete_dir(path)
+    return [p.rsplit("/", 1)[-1] for p in stale]

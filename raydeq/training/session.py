@@ -12,7 +12,6 @@ from abc import ABC, abstractmethod
 from contextlib import AbstractContextManager
 from typing import Any
 
-import pyarrow.fs
 import ray.train
 import ray.train.torch
 import ray.tune
@@ -20,9 +19,7 @@ import torch
 from ray.train import Checkpoint
 from torch import nn
 
-from raydeq.training.storage import filesystem
-
-CHECKPOINT_PREFIX = "checkpoint_"
+from raydeq.training.storage import CHECKPOINT_PREFIX, filesystem, subfolders
 
 
 class Session(ABC):
@@ -104,10 +101,6 @@ class TuneTrial(Session):
 def stored_checkpoints(folder: str) -> list[AbstractContextManager[str]]:
     """The `checkpoint_*` folders in `folder` (a path or URI) as local folders, newest first:
     Tune numbers them and Ray Train stamps them with the time, so the name orders them."""
-    fs, root = filesystem(folder)
-    found = fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
-    folders = [i.path for i in found if i.type == pyarrow.fs.FileType.Directory]
-    folders = [p for p in folders if p.rsplit("/", 1)[-1].startswith(CHECKPOINT_PREFIX)]
-    return [
-        Checkpoint(path, filesystem=fs).as_directory() for path in sorted(folders, reverse=True)
-    ]
+    fs = filesystem(folder)[0]
+    paths = reversed(subfolders(folder, CHECKPOINT_PREFIX))
+    return [Checkpoint(path, filesystem=fs).as_directory() for path in paths]

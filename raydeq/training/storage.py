@@ -7,6 +7,9 @@ import uuid
 
 import pyarrow.fs
 
+# How Ray Train and Tune name a checkpoint's folder in a run's or trial's folder.
+CHECKPOINT_PREFIX = "checkpoint_"
+
 
 class StorageError(RuntimeError):
     """The storage folder cannot be created or written."""
@@ -31,6 +34,15 @@ def exists(path: str) -> bool:
     """True when a file or folder is at `path`."""
     fs, inner = filesystem(path)
     return fs.get_file_info(inner).type != pyarrow.fs.FileType.NotFound
+
+
+def subfolders(path: str, prefix: str) -> list[str]:
+    """The paths of the folders in `path` whose names start with `prefix`, sorted by name, in
+    `filesystem(path)`'s form."""
+    fs, root = filesystem(path)
+    found = fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
+    folders = [i.path for i in found if i.type == pyarrow.fs.FileType.Directory]
+    return sorted(p for p in folders if p.rsplit("/", 1)[-1].startswith(prefix))
 
 
 def write_bytes(path: str, payload: bytes) -> None:
