@@ -509,6 +509,39 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_run_when_they_persist
         launch.fit(diverging, LOCAL)
 
 
+def test_a_batch_that_does_not_fit_in_memory_is_one_line_naming_the_setting(tmp_path, monkeypatch):
+    torch_says = (
+        "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB "
+        "of which 1.06 GiB is free. Including non-PyTorch memory, this process has ..."
+    )
+
+    def no_memory(*args: Any, **kwargs: Any) -> None:
+        raise torch.OutOfMemoryError(torch_says)
+
+    def train_fn(config: dict) -> None:
+        run = loop.Loop(validate(config), TrainWorker(config["storage_path"] + "/run"))
+        monkeypatch.setattr(run, "train_step", no_memory)
+        run.run()
+
+    cfg = make_config(tmp_path, max_steps=2)
+    with pytest.raises(loop.OutOfMemory) as info:
+        launch.fit(cfg, LOCAL, train_fn)
+    assert str(info.value) == (
+        "cpu out of memory at step 1 with data.batch_size=32 (32 per worker, model "
+        "mnist_dense): lower data.batch_size, or set train.amp=bf16 (CUDA out of memory. "
+        "Tried to allocate 2.00 GiB)"
+    )
+    assert launch.own_error(f"Traceback ...\nraydeq.training.loop.OutOfMemory: {info.value}")
+    monkeypatch.setattr(loop, "evaluate", no_memory)
+    late = make_config(tmp_path / "b", max_steps=2, amp="bf16")
+    with pytest.raises(loop.OutOfMemory) as info:
+        launch.fit(late, LOCAL)
+    assert str(info.value) == (
+        "cpu out of memory evaluating with data.eval_batch_size=256 (256 per worker, model "
+        "mnist_dense): lower data.eval_batch_size (CUDA out of memory. Tried to allocate 2.00 GiB)"
+    )
+
+
 # Ray end-to-end ----------------------------------------------------------------------------------
 
 

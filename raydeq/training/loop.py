@@ -41,6 +41,10 @@ class NonFiniteError(RuntimeError):
     """Training stopped after too many steps in a row with a non-finite loss or gradient."""
 
 
+class OutOfMemory(RuntimeError):
+    """A training step or an evaluation did not fit in the device's memory."""
+
+
 def on_device(batches: Iterable[tuple[Tensor, Tensor]], device: torch.device) -> Iterator:
     """The batches moved to `device` (asynchronously from pinned memory)."""
     for images, labels in batches:
@@ -76,6 +80,7 @@ class Loop:
             self.state.load(saved)
         self.state.seed_workers(saved, cfg.seed, self.rank, self.world)
         self.checkpointed = self.state.step  # where a restart would resume
+        self.evaluating = False
         self.refuse_a_known_divergence()
         keys = STEP_METRICS + tuple(f"pretrain_{k}" for k in PRETRAIN_METRICS)
         self.meter = Meter(keys)
@@ -191,7 +196,9 @@ class Loop:
         """Test metrics over every worker's test shard (train.eval_batches of it, 0 = all)."""
         limit = self.cfg.train.eval_batches or None
         batches = on_device(itertools.islice(self.test_data, limit), self.device)
+        self.evaluating = True
         totals = evaluate(self.state.model, batches, self.device, self.autocast())
+        self.evaluating = False
         return Evaluation(*all_sum(totals.totals(), self.device)).metrics()
 
     def checkpoint_state(self) -> dict[str, Any]:
@@ -235,8 +242,33 @@ class Loop:
             summary |= tested
         self.report(summary, checkpoint=last or periodic)
 
+    def out_of_memory(self, err: torch.OutOfMemoryError, evaluating: bool) -> OutOfMemory:
+        """torch's error as one line that names the batch that did not fit and what to change
+        (torch's own message is a paragraph about the allocator, once per worker and restart)."""
+        data_cfg, world = self.cfg.data, self.world
+        key, batch, share = (
+            ("data.eval_batch_size", data_cfg.eval_batch_size, data_cfg.eval_batch_size)
+            if evaluating  # a worker's own batch
+            else ("data.batch_size", data_cfg.batch_size, data_cfg.batch_size // world)
+        )
+        what = "evaluating" if evaluating else f"at step {self.state.step + 1}"
+        amp = "" if self.cfg.train.amp != "off" else ", or set train.amp=bf16"
+        torch_says = ". ".join(str(err).split(". ")[:2]).strip()  # how much it asked for
+        return OutOfMemory(
+            f"{self.device} out of memory {what} with {key}={batch} ({share} per worker, model "
+            f"{self.cfg.model.model}): lower {key}{amp} ({torch_says})"
+        )
+
     def run(self) -> None:
-        """Train from the current step to the end, reporting and checkpointing on the way."""
+        """Train from the current step to the end, reporting and checkpointing on the way; a
+        batch that does not fit in memory stops it with an OutOfMemory naming the setting."""
+        try:
+            self.train()
+        except torch.OutOfMemoryError as err:
+            raise self.out_of_memory(err, self.evaluating) from None
+
+    def train(self) -> None:
+        """The steps, reports and checkpoints of `run`."""
         if self.state.step >= self.total_steps:
             self.report(self.evaluate(), checkpoint=True)
         while self.state.step < self.total_steps:
