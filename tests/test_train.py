@@ -609,11 +609,12 @@ def test_a_killed_worker_is_restarted_from_the_last_checkpoint_without_gaps(ray_
     assert history["skipped_steps"] == list(range(1, 61))
 
 
-def test_ctrl_c_ends_a_run_with_status_130_and_its_resume_command_continues_it(
+def test_ctrl_c_or_sigterm_ends_a_run_with_status_130_and_its_resume_command_continues_it(
     ray_cluster, tmp_path
 ):
     """Ray Train's own Ctrl-C handler aborts the run: it ended with status 1 and no word, and
-    without Ray Train's record of the checkpoints the next run began again at step 1."""
+    without Ray Train's record of the checkpoints the next run began again at step 1. SIGTERM
+    (a scheduler's preemption), sent here, stops it the same way: Ray's handler aborted it."""
     path = tmp_path / "run.yaml"
     settings = {"name": "run", "storage_path": str(tmp_path / "runs")}
     settings |= {"train": {"epochs": 10, "max_steps": 200, "checkpoint_every": 10}}
@@ -631,7 +632,7 @@ def test_ctrl_c_ends_a_run_with_status_130_and_its_resume_command_continues_it(
     while max(steps(), default=0) < 20:
         assert driver.poll() is None and time.monotonic() < deadline, "no checkpoint in time"
         time.sleep(0.1)
-    driver.send_signal(signal.SIGINT)
+    driver.send_signal(signal.SIGTERM)
     err = driver.communicate(timeout=120)[1]
     assert driver.returncode == 130, err[-2000:]
     assert err.splitlines()[-1] == f"interrupted; resume with: python -m raydeq.train {path}"

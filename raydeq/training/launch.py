@@ -10,7 +10,9 @@ from __future__ import annotations
 import logging
 import os
 import re
+import signal
 import socket
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -103,7 +105,17 @@ def connect(log_to_driver: bool = True) -> bool:
             lambda record: not record.getMessage().startswith("Token authentication is enabled")
         )
     ray.init(**options, runtime_env=runtime_env(local=own))
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, stop_as_on_ctrl_c)
     return own
+
+
+def stop_as_on_ctrl_c(signum: int, frame: object) -> None:
+    """Stop the driver on SIGTERM (`kill`, a batch scheduler's preemption, `docker stop`) as
+    Ctrl-C stops it: Tune saves the experiment, and either command prints the one that resumes
+    it. Ray's own handler, set by ray.init, dumped a stack and aborted (status 134) with the
+    run's last state unsaved."""
+    os.kill(os.getpid(), signal.SIGINT)
 
 
 def check_fits(workers: int, need: Mapping[str, float]) -> None:
