@@ -18,7 +18,7 @@ from raydeq.bench.harness.timing import keep_freed_memory
 from raydeq.bench.suites import SUITES
 from raydeq.models import PRESETS
 from raydeq.training.checkpoint import CheckpointError, read_newest
-from raydeq.training.data import EXPECTED_FILES, file_problem
+from raydeq.training.data import EXPECTED_FILES, unreadable_file
 
 
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -100,10 +100,9 @@ def mnist_folder(text: str) -> Path:
         raise argparse.ArgumentTypeError(
             f"{text!r} does not hold the full MNIST: {', '.join(missing)} missing"
         )
-    for name in names:
-        problem = file_problem(root, name)
-        if problem:
-            raise argparse.ArgumentTypeError(f"{text!r}: {name} {problem}")
+    problem = unreadable_file(root, names)
+    if problem:
+        raise argparse.ArgumentTypeError(f"{text!r}: {problem}")
     return root
 
 

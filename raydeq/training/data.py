@@ -97,13 +97,12 @@ def check_files(cfg: DataSection) -> None:
     expected = EXPECTED_FILES[cfg.dataset]
     missing = [name for name in expected if not (root / name).exists()]
     if not missing:
-        for name in expected:
-            problem = file_problem(root, name)
-            if problem:
-                raise DataError(
-                    f"dataset {cfg.dataset!r} in {root} is unreadable: {name} {problem}; "
-                    "replace it, or delete it and set data.download=true to download it again"
-                )
+        problem = unreadable_file(root, expected)
+        if problem:
+            raise DataError(
+                f"dataset {cfg.dataset!r} in {root} is unreadable: {problem}; replace it, or "
+                "delete it and set data.download=true to download it again"
+            )
         return
     absent = "none of them is there" if missing == expected else f"missing {', '.join(missing)}"
     hint = (
@@ -117,6 +116,12 @@ def check_files(cfg: DataSection) -> None:
         f"dataset {cfg.dataset!r} not found in {root}: expected {', '.join(expected)} "
         f"({absent}); put the files there, {hint}"
     )
+
+
+def unreadable_file(root: Path, names: list[str]) -> str | None:
+    """'NAME PROBLEM' for the first of the files `names` in `root` that cannot be read (see
+    `file_problem`), None where each looks whole."""
+    return next((f"{n} {p}" for n in names if (p := file_problem(root, n))), None)
 
 
 def file_problem(root: Path, name: str) -> str | None:

@@ -80,7 +80,6 @@ class Loop:
             self.state.load(saved)
         self.state.seed_workers(saved, cfg.seed, self.rank, self.world)
         self.checkpointed = self.state.step  # where a restart would resume
-        self.evaluating = False
         self.refuse_a_known_divergence()
         keys = STEP_METRICS + tuple(f"pretrain_{k}" for k in PRETRAIN_METRICS)
         self.meter = Meter(keys)
@@ -196,9 +195,10 @@ class Loop:
         """Test metrics over every worker's test shard (train.eval_batches of it, 0 = all)."""
         limit = self.cfg.train.eval_batches or None
         batches = on_device(itertools.islice(self.test_data, limit), self.device)
-        self.evaluating = True
-        totals = evaluate(self.state.model, batches, self.device, self.autocast())
-        self.evaluating = False
+        try:
+            totals = evaluate(self.state.model, batches, self.device, self.autocast())
+        except torch.OutOfMemoryError as err:
+            raise self.out_of_memory(err, evaluating=True) from None
         return Evaluation(*all_sum(totals.totals(), self.device)).metrics()
 
     def checkpoint_state(self) -> dict[str, Any]:
@@ -264,8 +264,8 @@ class Loop:
         batch that does not fit in memory stops it with an OutOfMemory naming the setting."""
         try:
             self.train()
-        except torch.OutOfMemoryError as err:
-            raise self.out_of_memory(err, self.evaluating) from None
+        except torch.OutOfMemoryError as err:  # a step's (evaluate raises its own)
+            raise self.out_of_memory(err, evaluating=False) from None
 
     def train(self) -> None:
         """The steps, reports and checkpoints of `run`."""
