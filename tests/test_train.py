@@ -337,9 +337,12 @@ def test_a_worker_logs_the_progress_and_warnings_but_not_ray_s_info_lines(monkey
 # The loop in the driver (num_workers=0) ------------------------------------------------------
 
 
-def test_the_loop_trains_reports_every_metric_and_writes_tensorboard(tmp_path):
+def test_the_loop_trains_reports_every_metric_and_writes_tensorboard(tmp_path, caplog):
     cfg = make_config(tmp_path, max_steps=6, checkpoint_every=3)
-    result = launch.fit(cfg, LOCAL)
+    with caplog.at_level(logging.INFO, logger="raydeq"):
+        result = launch.fit(cfg, LOCAL)
+    said = [r.getMessage() for r in caplog.records if r.name == "raydeq"]
+    assert said[0] == "[run] training 6 steps on 1 worker"
     metrics = result.metrics
     assert metrics["step"] == 6 and set(METRICS) <= set(metrics)
     assert set(config.METRICS) <= set(metrics)  # every metric a search may name is reported
@@ -621,6 +624,8 @@ def test_sigterm_ends_a_run_with_status_130_and_its_resume_command_continues_pas
     resumed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=200)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert resumed.stdout.splitlines()[-1].startswith("test_accuracy=")
+    assert "[run] training 200 steps on 2 workers" in err
+    assert f"[run] resumed at step {before} of 200 on 2 workers" in resumed.stderr
     first, second = event_files(cfg)
     assert steps_by_tag(second)["train_loss"][0] == before + 1, written
     history = steps_by_tag(Path(cfg.run_dir, reporting.TENSORBOARD_DIR))

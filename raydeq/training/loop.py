@@ -85,6 +85,7 @@ class Loop:
         self.meter = Meter(keys)
         name = cfg.label or cfg.name
         self.reporter = Reporter(cfg.run_dir, name, self.rank, self.state.step, session.report)
+        self.reporter.begin(self.state.step, self.total_steps, self.world)
         self.started = (time.monotonic(), self.state.step)
 
     def autocast(self) -> torch.autocast:

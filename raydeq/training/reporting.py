@@ -120,6 +120,13 @@ class Reporter:
             purge = resumed_step + 1 if resumed_step else None
             self.writer = EventLog(os.path.join(run_dir, TENSORBOARD_DIR), purge)
 
+    def begin(self, step: int, total: int, workers: int) -> None:
+        """Say on rank 0 where training starts: the first progress line can be many steps (and,
+        behind Ray's worker start, half a minute) away."""
+        if self.rank == 0:
+            where = f"resumed at step {step} of {total}" if step else f"training {total} steps"
+            log.info(f"[{self.name}] {where} on {workers} worker{'s' * (workers > 1)}")
+
     def scalars(self, values: dict[str, float], step: int) -> None:
         """Write scalars to TensorBoard (rank 0)."""
         if self.writer is not None:
