@@ -686,26 +686,23 @@ def test_a_second_run_beside_another_starts_its_own_ray_instead_of_joining_it(ra
     )
     # This session's ray.init set RAY_AUTH_MODE for its own cluster.
     alone = {k: v for k, v in env.items() if k != "RAY_AUTH_MODE"}
-    own = ray.get_runtime_context().gcs_address
-    # Both at once: each waits on process starts, and neither depends on the other.
-    joined, shared = (
-        subprocess.Popen(
-            [sys.executable, "-c", script],
-            env=environment,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for environment in (alone, env | {"RAY_ADDRESS": own})
+    joined = subprocess.run(
+        [sys.executable, "-c", script], env=alone, capture_output=True, text=True, timeout=120
     )
-    out, err = joined.communicate(timeout=120)
-    assert joined.returncode == 0, err[-2000:]
-    assert out.strip().splitlines()[-2] == "0"
-    assert "Token authentication" not in err  # on, as Ray's default, and unannounced
-    assert out.strip().splitlines()[-1] != own
-    out, err = shared.communicate(timeout=120)
-    assert out.strip().splitlines()[-1] == own, err[-2000:]
-    assert out.strip().splitlines()[-2] == "None"
+    assert joined.returncode == 0, joined.stderr[-2000:]
+    own = ray.get_runtime_context().gcs_address
+    assert joined.stdout.strip().splitlines()[-2] == "0"
+    assert "Token authentication" not in joined.stderr  # on, as Ray's default, and unannounced
+    assert joined.stdout.strip().splitlines()[-1] != own
+    shared = subprocess.run(
+        [sys.executable, "-c", script],
+        env=env | {"RAY_ADDRESS": own},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert shared.stdout.strip().splitlines()[-1] == own, shared.stderr[-2000:]
+    assert shared.stdout.strip().splitlines()[-2] == "None"
 
 
 @pytest.mark.multinode
