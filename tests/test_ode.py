@@ -209,17 +209,18 @@ def contraction(
 
 @settings(max_examples=24, deadline=None, derandomize=True)
 @given(
-    radius=st.floats(0.5, 0.9),
+    radius=st.floats(0.5, 0.99),
     dim=st.integers(8, 16),
     seed=st.integers(0, 2**31 - 1),
     exponent=st.integers(3, 10),
     spectrum=st.sampled_from(["orthogonal", "symmetric", "negative"]),
 )
-# With a step cap of 1.4, BS3 cycled above the tolerance to max_steps on the first two; with a
-# contraction rule of 0.7 per step, Tsit5 took 5.8x on the third.
+# With a step cap of 1.4, BS3 cycled above the tolerance to max_steps on the first two, and
+# with 1.3 on the fourth; with a contraction rule of 0.7 per step, Tsit5 took 5.8x on the third.
 @example(radius=0.9, dim=12, seed=0, exponent=6, spectrum="negative")
 @example(radius=0.9, dim=12, seed=0, exponent=3, spectrum="symmetric")
 @example(radius=0.5, dim=12, seed=4, exponent=10, spectrum="symmetric")
+@example(radius=0.95, dim=8, seed=0, exponent=6, spectrum="negative")
 def test_every_continuous_solver_converges_within_5x_fixed_point_evaluations(
     radius, dim, seed, exponent, spectrum
 ):
@@ -239,7 +240,7 @@ def test_every_continuous_solver_converges_within_5x_fixed_point_evaluations(
                 solver=solver,
                 abstol=tol,
                 reltol=tol,
-                max_steps=2000,
+                max_steps=10_000,
             ).stats
 
     reference = run("fixed_point")
