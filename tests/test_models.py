@@ -336,7 +336,8 @@ def test_every_adjoint_builds_and_trains_with_the_preset_defaults(adjoint):
 def test_euler_does_not_cycle_on_a_multiscale_deq_at_initialisation(monkeypatch):
     """A two-scale MNIST MDEQ at initialisation is no contraction (fixed-point iteration
     stalls), and Euler near its stability limit must not cycle: its default PI control reaches
-    the preset's tolerance on 64 test digits, where the integral controller cycles above it."""
+    the preset's tolerance on 64 test digits. The integral controller cycles above it unless
+    a step whose residual does not fall shrinks h (stalled_factor)."""
     monkeypatch.setitem(PRESETS, "mnist_mdeq", CYCLING_MDEQ)
     digits = mnist10k(train=False)[0][:64]
     x = digits.float().div(255).sub(0.1307).div(0.3081).unsqueeze(1)
@@ -344,6 +345,10 @@ def test_euler_does_not_cycle_on_a_multiscale_deq_at_initialisation(monkeypatch)
         "fixed point": ("fixed_point", {}),
         "euler": ("euler", {}),
         "euler, integral control": ("euler", {"kind": "i"}),
+        "euler, integral control, h kept after a stalled step": (
+            "euler",
+            {"kind": "i", "stalled_factor": float("inf")},
+        ),
     }
     converged = {}
     for label, (solver, options) in runs.items():
@@ -352,4 +357,9 @@ def test_euler_does_not_cycle_on_a_multiscale_deq_at_initialisation(monkeypatch)
         net = build({**cfg, "solver_options": options}).eval()
         with torch.no_grad():
             converged[label] = bool(net(x)[1].stats.converged.all())
-    assert converged == {"fixed point": False, "euler": True, "euler, integral control": False}
+    assert converged == {
+        "fixed point": False,
+        "euler": True,
+        "euler, integral control": True,
+        "euler, integral control, h kept after a stalled step": False,
+    }

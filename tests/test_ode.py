@@ -249,3 +249,32 @@ def test_every_continuous_solver_converges_within_5x_fixed_point_evaluations(
         stats = run(solver)
         assert (stats.status == Status.CONVERGED).all(), (solver, stats)
         assert stats.nfe <= 5 * reference.nfe, (solver, stats.nfe, reference.nfe)
+
+
+@pytest.mark.parametrize("radius", [1.2, 2.5, 4.0])
+@pytest.mark.parametrize("solver", CONTINUOUS)
+def test_every_continuous_solver_converges_where_the_layer_is_no_contraction(solver, radius):
+    """f(z) = tanh(W z + x) with W symmetric, its eigenvalues spread over [-radius, 0.9]:
+    fixed-point iteration diverges, the flow dz/dt = f(z) - z is stable. Near z* the error
+    estimate alone held h at the edge of the method's stability region, where the fastest mode
+    neither decays nor grows: BS3 stalled on all three, Euler on the last two, Tsit5 on the
+    last, each until max_steps with a constant residual."""
+    g = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(8, 8, generator=g, dtype=torch.float64))
+    w = q @ torch.diag(torch.linspace(-radius, 0.9, 8, dtype=torch.float64)) @ q.T
+    x = 0.3 * torch.randn(4, 8, generator=g, dtype=torch.float64)
+
+    def run(name: str) -> raydeq.SolveStats:
+        with torch.no_grad():
+            return raydeq.solve(
+                lambda z: torch.tanh(z @ w.T + x),
+                torch.zeros(4, 8, dtype=torch.float64),
+                solver=name,
+                abstol=1e-6,
+                reltol=1e-6,
+                max_steps=3000,
+            ).stats
+
+    assert not run("fixed_point").converged.any()
+    stats = run(solver)
+    assert (stats.status == Status.CONVERGED).all(), (solver, stats)
