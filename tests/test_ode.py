@@ -192,12 +192,19 @@ def layer(spectrum: str, radius: float, dim: int, seed: int) -> tuple[torch.Tens
     """W and the inputs x of f(z) = tanh(W z + x), with ||W|| = radius: "orthogonal", W =
     radius Q (eigenvalues on the circle of that radius); "symmetric", eigenvalues spread over
     [-radius, radius]; "negative", W = -radius I; "stable", eigenvalues spread over [-radius,
-    0.9] (for radius > 1 no contraction, but its flow is stable). All but the first take
-    inputs of scale 0.3, so that tanh' is near 1 and J_f(z*) keeps an eigenvalue near -radius,
-    the fast end of the flow's spectrum, where an explicit method's step is limited."""
+    0.9] (for radius > 1 no contraction, but its flow is stable); "complex", a Gaussian matrix
+    scaled to spectral radius `radius` and shifted to eigenvalues of real part up to 0.9 (not
+    normal: ||f(z) - z|| can rise along the flow). All but the first take inputs of scale 0.3,
+    so that tanh' is near 1 and J_f(z*) keeps an eigenvalue near -radius, the fast end of the
+    flow's spectrum, where an explicit method's step is limited."""
     g = torch.Generator().manual_seed(seed)
-    q, _ = torch.linalg.qr(torch.randn(dim, dim, generator=g, dtype=torch.float64))
+    gaussian = torch.randn(dim, dim, generator=g, dtype=torch.float64)
     x = torch.randn(4, dim, generator=g, dtype=torch.float64)
+    if spectrum == "complex":
+        w = radius / torch.linalg.eigvals(gaussian).abs().max() * gaussian
+        shift = 0.9 - torch.linalg.eigvals(w).real.max()
+        return w + shift * torch.eye(dim, dtype=torch.float64), 0.3 * x
+    q, _ = torch.linalg.qr(gaussian)
     if spectrum == "orthogonal":
         return radius * q, x
     top = {"symmetric": radius, "negative": -radius, "stable": 0.9}[spectrum]
@@ -249,21 +256,28 @@ def test_every_continuous_solver_converges_within_5x_fixed_point_evaluations(
         assert stats.nfe <= 5 * reference.nfe, (solver, stats.nfe, reference.nfe)
 
 
-@pytest.mark.parametrize("radius", [1.2, 2.5, 4.0])
+@pytest.mark.parametrize(
+    ("spectrum", "radius", "dim"),
+    [("stable", 1.2, 8), ("stable", 2.5, 8), ("stable", 4.0, 8), ("complex", 1.5, 16)],
+)
 @pytest.mark.parametrize("solver", CONTINUOUS)
-def test_every_continuous_solver_converges_where_the_layer_is_no_contraction(solver, radius):
-    """f(z) = tanh(W z + x) with W symmetric, its eigenvalues spread over [-radius, 0.9]:
+def test_every_continuous_solver_converges_where_the_layer_is_no_contraction(
+    solver, spectrum, radius, dim
+):
+    """f(z) = tanh(W z + x) with the eigenvalues of W below 1, some below -1 (see `layer`):
     fixed-point iteration diverges, the flow dz/dt = f(z) - z is stable. Near z* the error
     estimate alone held h at the edge of the method's stability region, where the fastest mode
-    neither decays nor grows: BS3 stalled on all three, Euler on the last two, Tsit5 on the
-    last, each until max_steps with a constant residual."""
-    w, x = layer("stable", radius, 8, seed=0)
+    neither decays nor grows: BS3 stalled on all four, Euler on the second and third, Tsit5 on
+    the third, each until max_steps with a constant residual.
+    On the last, where ||f(z) - z|| rises along the flow, a cap on the step-size factor after
+    such a step (instead of a product) shrank Euler's h to 0."""
+    w, x = layer(spectrum, radius, dim, seed=0)
 
     def run(name: str) -> raydeq.SolveStats:
         with torch.no_grad():
             return raydeq.solve(
                 lambda z: torch.tanh(z @ w.T + x),
-                torch.zeros(4, 8, dtype=torch.float64),
+                torch.zeros(4, dim, dtype=torch.float64),
                 solver=name,
                 abstol=1e-6,
                 reltol=1e-6,

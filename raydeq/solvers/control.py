@@ -36,10 +36,12 @@ class Controller:
     whose residual ||f(z_new) - z_new|| is at most that fraction of the residual where it
     started, and does not shrink h after it (the step-size rule of pseudo-transient
     continuation: while the residual falls fast the steps are doing their job).
-    stalled_factor < inf caps the factor h grows by after a step whose residual did not fall:
-    near z* the error estimate alone holds h at the edge of the method's stability region,
-    where the PI controller settles with the error at its tolerance and the fastest mode
-    neither decays nor grows (see STEADY_STATE in solve.py). h_max caps
+    stalled_factor < 1 multiplies the factor h changes by after a step whose residual did not
+    fall: near z* the error estimate alone holds h at the edge of the method's stability
+    region, where the PI controller settles with the error at its tolerance and the fastest
+    mode neither decays nor grows (see STEADY_STATE in solve.py); a product, not a cap, so
+    that small accurate steps still grow where the residual rises along the flow itself (a
+    cap shrank them to 0 there). h_max caps
     the step: near the steady state the error estimate no longer limits h (the residual, and
     with it the error, shrinks), so without a cap h grows until the method is unstable on
     the flow's fastest modes and the residual stalls; see STEADY_STATE in solve.py.
@@ -53,7 +55,7 @@ class Controller:
     step_rtol: float = 0.0
     contraction: float = 0.0
     h_max: float = float("inf")
-    stalled_factor: float = float("inf")
+    stalled_factor: float = 1.0
 
     def __post_init__(self) -> None:
         choice("kind", self.kind, ("pi", "i", "fixed"))
@@ -67,7 +69,7 @@ class Controller:
         number("max_factor", self.max_factor, "[1, inf)")
         number("step_rtol", self.step_rtol, "[0, 1)")
         number("contraction", self.contraction, "[0, 1)")
-        number("stalled_factor", self.stalled_factor, "(0, inf]")
+        number("stalled_factor", self.stalled_factor, "(0, 1]")
 
     def first_step(
         self, field: Field, y: torch.Tensor, k: torch.Tensor, order: int, term: Termination
@@ -167,9 +169,9 @@ class Controller:
                 rejected = rejected > contracting
                 # max(factor, 1) where contracting (True promotes to 1), factor elsewhere.
                 factor = torch.maximum(factor, contracting)
-            if self.stalled_factor < float("inf"):
+            if self.stalled_factor < 1:
                 stalled = residual_new >= residual
-                factor = torch.where(stalled, factor.clamp_max(self.stalled_factor), factor)
+                factor = torch.where(stalled, factor * self.stalled_factor, factor)
             h_next = torch.mul(h, factor)
             if self.h_max < float("inf"):
                 h_next = h_next.clamp_max_(self.h_max)
