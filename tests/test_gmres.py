@@ -149,6 +149,21 @@ def test_a_solve_reads_the_host_at_most_once_every_four_arnoldi_steps():
     assert counter.syncs <= 0.25 * info.matvecs, (counter.syncs, info.matvecs)
 
 
+def test_a_restart_cycle_runs_on_a_gpu_without_reading_the_host():
+    """A whole restart cycle, read at its end only, on a CUDA system simulated without a GPU
+    (fake tensors: a host read, or a CPU tensor mixed in, raises)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        a = torch.eye(8, device="cuda") + 0.1 * torch.randn(4, 8, 8, device="cuda")
+        r = torch.randn(4, 8, device="cuda")
+        beta, tol = r.norm(dim=1), torch.full((4,), 1e-6, device="cuda")
+        active = beta > tol
+        solver = GMRES(restart=6)
+        correction, steps, j, estimate, _ = solver._cycle(matvec(a), r, beta, tol, active, 6, 7)
+    assert j == 6 and correction.device.type == "cuda" and estimate.device.type == "cuda"
+
+
 def test_on_a_cpu_a_solve_ends_at_the_step_its_last_sample_converges():
     """A CPU read stalls nothing, so GMRES reads after every Arnoldi step there: the products
     are the most steps a sample needs, where a read every 4 steps rounds them up to 4, and x

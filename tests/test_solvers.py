@@ -488,6 +488,29 @@ def test_a_step_reads_the_host_at_most_once_every_four_steps(solver):
     assert cost["syncs"] <= SYNC_LIMIT, cost
 
 
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_every_step_runs_on_a_gpu_without_reading_the_host(solver):
+    """Each kind of step, on a CUDA state simulated without a GPU (torch's fake tensors, which
+    have devices and shapes but no values): a host read raises there, and so does a tensor of
+    another device mixed in (a constant made on the CPU), which a CPU test cannot see."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from raydeq.solvers.solve import make_solver
+
+    method = make_solver(solver, {})
+    with FakeTensorMode():
+        w, x = torch.randn(D, D, device="cuda"), torch.randn(B, D, device="cuda")
+        f = lambda z: torch.tanh(z @ w.T + x)  # noqa: E731
+        z0 = torch.zeros(B, D, device="cuda")
+        monitor = Monitor(z0, Termination(1e-4, 1e-4))
+        carry, _, _ = method.init(f, z0, monitor)
+        for phase in method.phases():
+            for _ in range(3):
+                carry = phase.step(f, carry, monitor)
+                monitor.test(method.residual(carry))
+        assert monitor.best_z.device.type == "cuda" and monitor.status.device.type == "cuda"
+
+
 @pytest.mark.parametrize("solver", ["vcab3", "euler", "fixed_point", "anderson"])
 def test_a_compiled_solve_matches_the_eager_one(solver):
     """compile= captures f and each solver step with torch.compile; the dynamo backend "eager"
