@@ -41,10 +41,12 @@ class Controller:
     region, where the PI controller settles with the error at its tolerance and the fastest
     mode neither decays nor grows (see STEADY_STATE in solve.py); a product, not a cap, so
     that small accurate steps still grow where the residual rises along the flow itself (a
-    cap shrank them to 0 there). h_max caps
-    the step: near the steady state the error estimate no longer limits h (the residual, and
-    with it the error, shrinks), so without a cap h grows until the method is unstable on
-    the flow's fastest modes and the residual stalls; see STEADY_STATE in solve.py.
+    cap shrank them to 0 there).
+
+    h_max caps the step: near the steady state the error estimate no longer limits h (the
+    residual, and with it the error, shrinks), so without a cap h grows until the method is
+    unstable on the flow's fastest modes and the residual stalls; see STEADY_STATE in
+    solve.py.
     """
 
     kind: str = "pi"
