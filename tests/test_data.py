@@ -229,14 +229,35 @@ def test_train_shards_split_each_epoch_between_workers_and_reshuffle_per_epoch()
     dataset = torch.utils.data.TensorDataset(torch.arange(10))
     shards = [data.ShardSampler(dataset, num_replicas=2, rank=r, seed=3) for r in range(2)]
     first = [list(s) for s in shards]
+    assert {epoch for s in first for epoch, _ in s} == {0}
+    first = [[i for _, i in s] for s in first]
     assert sorted(first[0] + first[1]) == list(range(10))
     for sampler in shards:
         sampler.set_position(1, 0)
     second = [list(s) for s in shards]
+    assert {epoch for s in second for epoch, _ in s} == {1}
+    second = [[i for _, i in s] for s in second]
     assert sorted(second[0] + second[1]) == list(range(10))
     assert second != first
     shards[0].set_position(1, 2)
-    assert list(shards[0]) == second[0][2:] and len(shards[0]) == 3
+    assert [i for _, i in shards[0]] == second[0][2:] and len(shards[0]) == 3
+
+
+def test_an_augmented_sample_draws_the_same_images_wherever_it_is_read():
+    """Each (epoch, index) draws its augmentation from a stream of its own: the same key gives
+    the same image in any order and process, another epoch another image, and the process's
+    own stream is left where it was."""
+    cfg = section(dataset="mnist10k", augment=True)
+    samples = data.Samples(data.load_splits(cfg).train, seed=0, augmented=True)
+    torch.manual_seed(7)
+    before = torch.get_rng_state()
+    a, b, c = samples[(0, 5)][0], samples[(1, 5)][0], samples[(0, 5)][0]
+    assert torch.equal(torch.get_rng_state(), before)
+    assert torch.equal(a, c) and not torch.equal(a, b)
+    plain = data.Samples(
+        data.load_splits(section(dataset="mnist10k", augment=False)).train, 0, False
+    )
+    assert not torch.equal(a, plain[(0, 5)][0])
 
 
 def test_eval_shards_cover_the_test_set_once_without_padding():

@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -40,7 +41,7 @@ from raydeq.training import (
 from raydeq.training.checkpoint import MANIFEST_FILE, STATE_FILE
 from raydeq.training.config import Config, validate
 from raydeq.training.launch import LOCAL_ENV_VARS
-from raydeq.training.session import TrainWorker
+from raydeq.training.session import Session, TrainWorker, stored_checkpoints
 from raydeq.training.state import rng_state
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -357,6 +358,72 @@ def test_the_loop_trains_reports_every_metric_and_writes_tensorboard(tmp_path, c
     assert "pretrain_forward_time" not in metrics  # the preset does not unroll
     summary = train.summary(result, cfg)
     assert summary == f"test_accuracy={metrics['test_accuracy']:.4f} steps=6 run={cfg.run_dir}"
+
+
+class FolderSession(Session):
+    """A session without Ray: checkpoints are copied into `folder`, as Ray Train stores them."""
+
+    def __init__(self, folder: Path) -> None:
+        self.rank, self.world, self.device, self.folder = 0, 1, torch.device("cpu"), str(folder)
+
+    def checkpoints(self):
+        return stored_checkpoints(self.folder)
+
+    def prepare_model(self, module):
+        return module
+
+    def report(self, metrics, checkpoint):
+        if checkpoint is not None:
+            target = Path(self.folder, f"checkpoint_{metrics['step']:06d}")
+            shutil.copytree(checkpoint.path, target)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"model": {"jac_reg": True}, "train": {"lambda_jac": 1.0}},
+        {"data": {"dataset": "mnist10k", "augment": True, "loader_workers": 2}},
+    ],
+    ids=["hutchinson-probes", "augmentation-in-loader-processes"],
+)
+def test_a_run_stopped_by_a_crash_resumes_to_the_uninterrupted_runs_weights_to_the_bit(
+    tmp_path, monkeypatch, settings
+):
+    """Model, optimizer, schedule, random draws and the data order all resume: a run that
+    crashed in step 5 and was resumed from its checkpoint of step 3 ends with the weights of
+    the run that was never stopped, and the optimizer and schedule in the same state; with
+    the Jacobian penalty's random probes (the process's stream, which the checkpoint holds),
+    and with augmentation read by loader processes that the resume starts anew."""
+    train = {"epochs": 1, "max_steps": 6, "checkpoint_every": 3}
+    cfg = validate(
+        {"name": "run", "storage_path": str(tmp_path), **settings}
+        | {"train": train | settings.get("train", {})}
+    )
+    loop.Loop(cfg, FolderSession(tmp_path / "straight")).run()
+    stopped = FolderSession(tmp_path / "stopped")
+    step, steps = torch.optim.Adam.step, []
+
+    def crash_in_step_5(self, *args, **kwargs):
+        steps.append(len(steps) + 1)
+        if len(steps) == 5:
+            raise RuntimeError("the machine went down")
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", crash_in_step_5)
+    with pytest.raises(RuntimeError, match="the machine went down"):
+        loop.Loop(cfg, stopped).run()
+    monkeypatch.setattr(torch.optim.Adam, "step", step)
+    assert sorted(p.name for p in Path(stopped.folder).iterdir()) == ["checkpoint_000003"]
+    loop.Loop(cfg, stopped).run()
+    straight = checkpoint.read_checkpoint(tmp_path / "straight" / "checkpoint_000006")
+    resumed = checkpoint.read_checkpoint(tmp_path / "stopped" / "checkpoint_000006")
+    for name, weights in straight["model"].items():
+        assert torch.equal(resumed["model"][name], weights), name
+    assert resumed["optimizer"]["state"].keys() == straight["optimizer"]["state"].keys()
+    for key, moments in straight["optimizer"]["state"].items():
+        for name, value in moments.items():
+            assert torch.equal(resumed["optimizer"]["state"][key][name], value), (key, name)
+    assert resumed["scheduler"] == straight["scheduler"]
 
 
 def test_pretraining_steps_report_their_own_times_apart_from_the_deq_solves(tmp_path):

@@ -3,7 +3,9 @@
 Each training worker reads its own shard: the train loader samples with a seeded
 `DistributedSampler` for the worker's rank (so shuffling is reproducible and an epoch can be
 resumed part-way), the test loader reads every world_size-th sample without padding (so test
-accuracy is exact). The loop moves the batches to its device.
+accuracy is exact). The loop moves the batches to its device. Neither loader draws from the
+process's random stream, and a training sample's augmentation draws from a stream of its own,
+so that a resumed run trains as the uninterrupted one would have.
 """
 
 import fcntl
@@ -80,12 +82,14 @@ def check_batch(cfg: DataSection, samples: int) -> None:
 
 @dataclass(frozen=True)
 class Splits:
-    """The train and test sets of one dataset, with the image shape and the number of classes."""
+    """The train and test sets of one dataset, with the image shape and the number of classes;
+    `augmented`: whether reading a training sample draws random numbers (augmentation)."""
 
     train: Dataset
     test: Dataset
     shape: tuple[int, int, int]
     num_classes: int
+    augmented: bool = False
 
 
 def check_files(cfg: DataSection) -> None:
@@ -213,7 +217,8 @@ def download_lock(data_dir: str) -> Iterator[None]:
 
 
 class ShardSampler(DistributedSampler):
-    """A seeded DistributedSampler whose epoch can start after a number of samples (resume)."""
+    """A seeded DistributedSampler whose epoch can start after a number of samples (resume);
+    it yields (epoch, index) keys, read by `Samples`."""
 
     def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
@@ -224,39 +229,77 @@ class ShardSampler(DistributedSampler):
         self.set_epoch(epoch)
         self.start = start
 
-    def __iter__(self) -> Iterator[int]:
-        """The shard's indices for the current epoch, from `start` on."""
-        return itertools.islice(super().__iter__(), self.start, None)
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        """The shard's (epoch, index) keys for the current epoch, from `start` on."""
+        epoch = self.epoch
+        return ((epoch, i) for i in itertools.islice(super().__iter__(), self.start, None))
 
     def __len__(self) -> int:
         """Samples left in the current epoch."""
         return self.num_samples - self.start
 
 
-def _loader_options(cfg: DataSection) -> dict:
-    """DataLoader options shared by the train and test loaders."""
+class Samples(Dataset):
+    """A training set read by the (epoch, index) keys of a ShardSampler. Where reading a sample
+    draws random numbers (`augmented`), it draws them from the process's generator seeded by
+    (seed, epoch, index) for that read alone, as torchvision's FakeData seeds its images: a
+    sample's augmentation then depends neither on the loader process that reads it nor on
+    where a run was resumed, and the process's own stream (dropout, Hutchinson probes, which
+    a checkpoint restores) is left where it was."""
+
+    def __init__(self, dataset: Dataset, seed: int, augmented: bool) -> None:
+        self.dataset, self.seed, self.augmented = dataset, seed, augmented
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> object:
+        epoch, index = key
+        if not self.augmented:
+            return self.dataset[index]
+        generator = torch.default_generator  # torch.manual_seed also seeds every GPU: 200 us
+        state = generator.get_state()
+        generator.manual_seed(
+            int(np.random.SeedSequence((self.seed, epoch, index)).generate_state(1)[0])
+        )
+        try:
+            return self.dataset[index]
+        finally:
+            generator.set_state(state)
+
+
+def _loader_options(cfg: DataSection, seed: int = 0) -> dict:
+    """DataLoader options shared by the train and test loaders; the loader's own generator
+    seeds its processes, so that starting an epoch draws nothing from the process's stream."""
     return {
         "num_workers": cfg.loader_workers,
         "pin_memory": cfg.pin_memory and torch.cuda.is_available(),
         "persistent_workers": cfg.loader_workers > 0,
+        "generator": torch.Generator().manual_seed(seed),
     }
 
 
 def train_loader(
-    dataset: Dataset, cfg: DataSection, seed: int, rank: int, world_size: int
+    dataset: Dataset,
+    cfg: DataSection,
+    seed: int,
+    rank: int,
+    world_size: int,
+    augmented: bool = False,
 ) -> DataLoader:
-    """Worker `rank`'s shuffled shard of `dataset` in full batches of its share of batch_size."""
+    """Worker `rank`'s shuffled shard of `dataset` in full batches of its share of batch_size
+    (`augmented`: see Samples)."""
     if cfg.batch_size % world_size:
         raise DataError(
             f"data.batch_size={cfg.batch_size} does not split over {world_size} workers"
         )
     sampler = ShardSampler(dataset, world_size, rank, seed)
     return DataLoader(
-        dataset,
+        Samples(dataset, seed, augmented),
         batch_size=cfg.batch_size // world_size,
         sampler=sampler,
         drop_last=True,
-        **_loader_options(cfg),
+        **_loader_options(cfg, seed),
     )
 
 

@@ -47,7 +47,8 @@ def _mnist(cfg: DataSection) -> Splits:
     train_transform, test_transform = _mnist_transforms(cfg)
     make = partial(datasets.MNIST, cfg.data_dir, download=cfg.download)
     train = make(train=True, transform=train_transform)
-    return Splits(train, make(train=False, transform=test_transform), image_shape(cfg), 10)
+    test = make(train=False, transform=test_transform)
+    return Splits(train, test, image_shape(cfg), 10, augmented=cfg.augment)
 
 
 class GreyImages(Dataset):
@@ -72,7 +73,7 @@ def _mnist10k(cfg: DataSection) -> Splits:
     train_transform, test_transform = _mnist_transforms(cfg)
     train = GreyImages(*mnist10k(train=True), train_transform)
     test = GreyImages(*mnist10k(train=False), test_transform)
-    return Splits(train, test, image_shape(cfg), 10)
+    return Splits(train, test, image_shape(cfg), 10, augmented=cfg.augment)
 
 
 def _cifar10(cfg: DataSection) -> Splits:
@@ -93,7 +94,7 @@ def _cifar10(cfg: DataSection) -> Splits:
     test = datasets.CIFAR10(
         cfg.data_dir, train=False, download=cfg.download, transform=_normalized(CIFAR10_STATS)
     )
-    return Splits(train, test, image_shape(cfg), 10)
+    return Splits(train, test, image_shape(cfg), 10, augmented=cfg.augment)
 
 
 def _svhn(cfg: DataSection) -> Splits:
@@ -139,7 +140,7 @@ def _imagenet(cfg: DataSection) -> Splits:
     val = FileImages(
         root, index.files["val"], index.labels["val"], _normalized(IMAGENET_STATS, *val_steps)
     )
-    return Splits(train, val, image_shape(cfg), len(index.classes))
+    return Splits(train, val, image_shape(cfg), len(index.classes), augmented=cfg.augment)
 
 
 def _fake(cfg: DataSection) -> Splits:
