@@ -693,6 +693,8 @@ def test_sigterm_ends_a_run_with_status_130_and_its_resume_command_continues_pas
     assert resumed.stdout.splitlines()[-1].startswith("test_accuracy=")
     assert "[run] training 200 steps on 2 workers" in err
     assert f"[run] resumed at step {before} of 200 on 2 workers" in resumed.stderr
+    # Output to a pipe or a log file carries no terminal colour codes (Ray's worker prefix).
+    assert "\x1b[" not in err + resumed.stderr
     first, second = event_files(cfg)
     assert steps_by_tag(second)["train_loss"][0] == before + 1, written
     history = steps_by_tag(Path(cfg.run_dir, reporting.TENSORBOARD_DIR))

@@ -12,6 +12,7 @@ import os
 import re
 import signal
 import socket
+import sys
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -48,6 +49,8 @@ ENV_VARS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
 LOCAL_ENV_VARS = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
+# The variable that turns the colour of Ray's prefix on forwarded worker lines off ("0").
+COLOR_PREFIX = "RAY_COLOR_PREFIX"
 # The variable that names a Ray's state API (its dashboard's URL); Ray's state API client reads
 # it before RAY_ADDRESS.
 API_SERVER = "RAY_API_SERVER_ADDRESS"
@@ -104,6 +107,10 @@ def connect(log_to_driver: bool = True) -> bool:
         logging.getLogger(AUTH_LOGGER).addFilter(
             lambda record: not record.getMessage().startswith("Token authentication is enabled")
         )
+    if not (sys.stdout.isatty() and sys.stderr.isatty()):
+        # Ray wraps each forwarded worker line's "(RayTrainWorker pid=...)" in colour codes
+        # whether or not a terminal shows them; in a log file they are noise.
+        os.environ.setdefault(COLOR_PREFIX, "0")
     ray.init(**options, runtime_env=runtime_env(local=own))
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, stop_as_on_ctrl_c)
