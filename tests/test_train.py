@@ -513,6 +513,8 @@ def test_each_report_before_the_last_says_the_time_left_at_the_runs_pace(tmp_pat
     line = reporting.progress_line("t", shown[0] | {"time_left_s": 3725.4})
     assert line.endswith(" eta 1h02m")
     assert reporting.duration(249.2) == "4m09s" and reporting.duration(12.4) == "12s"
+    figures = [reporting.figure(v) for v in (0.97213, 33.5, 9999.4, 10530.2, 2.5e-5, float("nan"))]
+    assert figures == ["0.9721", "33.5", "9999", "10530", "2.5e-05", "nan"]
 
 
 def test_raydeqs_own_errors_are_one_line_and_other_tracebacks_stay(monkeypatch):
