@@ -78,6 +78,14 @@ def iterate(
     if z.shape[0] == 0:
         return 0, 0  # a batch of no samples: nothing to solve, and no reduction to read
     phases = method.phases()
+    graphs = compile_options is not None and z.device.type == "cuda"
+    if graphs:
+        # CUDA graph trees (torch.compile's "reduce-overhead") start a new generation at each
+        # call of a compiled function unless told where an iteration begins, and a generation
+        # invalidates the outputs of the previous one, while each step here takes the previous
+        # step's outputs. One generation per solve: its steps record a path of graphs that
+        # later solves replay, and what the solve returns is copied out at the end.
+        torch.compiler.cudagraph_mark_step_begin()
     if compile_options is not None:
         f = torch.compile(f, **compile_options)
         if method.capturable:
@@ -113,4 +121,6 @@ def iterate(
                 break
     if steps >= max_steps:
         monitor.test(method.residual(carry))
+    if graphs:
+        monitor.copy_out()
     return nfe, steps

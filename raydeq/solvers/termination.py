@@ -173,6 +173,14 @@ class Monitor:
         limit = min(MAX_BLOCK, max(UNKNOWN_BLOCK, 2 * since))
         return int(min(max(math.ceil(min(since * slowest, limit)) + 1, 1), limit))
 
+    def copy_out(self) -> None:
+        """Copy what a solve returns (best iterate, residual, status) into tensors of its own:
+        under CUDA graphs these are outputs in the graphs' memory, which the next solve's
+        replays overwrite."""
+        self.best_z, self.best_norm, self.status, self.active = (
+            t.clone() for t in (self.best_z, self.best_norm, self.status, self.active)
+        )
+
     @property
     def best_residual(self) -> torch.Tensor:
         """RMS residual of each sample's best iterate, (B,)."""
