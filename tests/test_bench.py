@@ -228,6 +228,28 @@ def test_a_data_or_output_folder_that_cannot_serve_stops_the_run_before_any_suit
         assert message in err and "[step_cost] running" not in err
 
 
+def test_a_failing_suite_is_reported_and_the_others_still_run(monkeypatch, tmp_path, capsys):
+    """A suite that raises (a compiled step failing on a GPU, say) loses its own section only:
+    the suites after it run, the report names the error, and the run exits with status 1."""
+
+    def broken(ctx: Context) -> Section:
+        raise RuntimeError("accessing tensor output of CUDAGraphs\nStack trace: ...")
+
+    monkeypatch.setitem(SUITES, "train_step", broken)
+    with pytest.raises(SystemExit, match="failed suites: train_step"):
+        main(["--size", "tiny", "--only", "train_step", "step_cost", "--out", str(tmp_path)])
+    (md_path,) = tmp_path.glob("*-cpu.md")
+    (json_path,) = tmp_path.glob("*-cpu.json")
+    md = md_path.read_text()
+    assert "- `train_step`: RuntimeError: accessing tensor output of CUDAGraphs\n" in md
+    assert "Stack trace" not in md and "(`step_cost`)" in md
+    error = "RuntimeError: accessing tensor output of CUDAGraphs"
+    assert json.loads(json_path.read_text())["failures"] == {"train_step": error}
+    err = capsys.readouterr().err
+    assert "Traceback" in err and f"[train_step] failed: {error}" in err
+    assert "[step_cost] running" in err
+
+
 def test_the_size_is_full_unless_asked_otherwise():
     """--quick and --size write the same field: the default must survive both."""
     assert parse([]).size == "full"

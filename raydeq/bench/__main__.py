@@ -7,6 +7,7 @@ import datetime
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -142,7 +143,11 @@ def parse_weights(
 
 
 def main(argv: Sequence[str] | None = None) -> Report:
-    """Run the selected suites, rewriting the report after each one; returns it."""
+    """Run the selected suites, rewriting the report after each one; returns it.
+
+    A suite that raises is reported (its traceback on stderr, its error in the report) and the
+    others still run; the run then exits with status 1.
+    """
     args = parse(argv)
     device = args.device
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
@@ -167,10 +172,18 @@ def main(argv: Sequence[str] | None = None) -> Report:
             kept = f"the finished suites are in {stem}.md" if report.sections else "none finished"
             print(f"\ninterrupted in [{name}]; {kept}", file=sys.stderr)
             sys.exit(130)
-        print(f"[{name}] {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+        except Exception as err:  # one suite's failure must not lose the others
+            traceback.print_exc()
+            message = next(iter(str(err).splitlines()), "")
+            report.failures[name] = f"{type(err).__name__}: {message}"
+            print(f"[{name}] failed: {report.failures[name]}", file=sys.stderr, flush=True)
+        else:
+            print(f"[{name}] {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
         json_path, md_path = write(report, stem)
     print(report.to_markdown())
     print(f"wrote {json_path} and {md_path}", file=sys.stderr)
+    if report.failures:
+        sys.exit(f"failed suites: {', '.join(report.failures)} (see the report's 'Failed suites')")
     return report
 
 

@@ -67,6 +67,7 @@ class Report:
     size: str
     machine: dict[str, Value]
     sections: list[Section] = field(default_factory=list)
+    failures: dict[str, str] = field(default_factory=dict)  # suite -> its error, one line
 
     def to_json(self) -> str:
         """All of it, including each target's verdict and the raw timings."""
@@ -100,6 +101,9 @@ class Report:
                     f"| {section.name} | {t.name} | {measured} | {bound} | {t.verdict()} "
                     f"| {t.detail} |"
                 )
+        if self.failures:
+            lines += ["", "## Failed suites", ""]
+            lines += [f"- `{name}`: {error}" for name, error in self.failures.items()]
         for section in self.sections:
             lines += ["", f"## {section.title} (`{section.name}`)", ""]
             lines += table(section.columns, section.rows)
