@@ -250,6 +250,25 @@ def test_a_failing_suite_is_reported_and_the_others_still_run(monkeypatch, tmp_p
     assert "[step_cost] running" in err
 
 
+def test_a_compiled_workload_that_fails_fails_its_own_target_only(capsys):
+    """On a GPU the compiled row is timed apart: its error fails its target with the error's
+    first line, and the eager rows keep their times."""
+
+    def case():
+        raise RuntimeError("accessing tensor output of CUDAGraphs\nStack trace: ...")
+
+    size = train_step.SIZES["tiny"]
+    error = train_step.measure_apart({"mnist_dense/compiled": lambda: case}, CPU, size)
+    assert error == "failed: RuntimeError: accessing tensor output of CUDAGraphs"
+    assert "Traceback" in capsys.readouterr().err
+    section = Section(name="train_step", title="t", columns=list(train_step.COLUMNS))
+    compiled = next(w for w in train_step.WORKLOADS if w.compile)
+    train_step.add_row(Context(CPU, "tiny"), section, compiled, 256, error)
+    (target,) = section.targets
+    assert target.verdict() == "FAIL" and target.detail == error
+    assert section.rows[0]["variant"] == compiled.label and "train step ms" not in section.rows[0]
+
+
 def test_the_size_is_full_unless_asked_otherwise():
     """--quick and --size write the same field: the default must survive both."""
     assert parse([]).size == "full"

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from raydeq.bench.harness.context import SIZES, Checkpoint, Context
-from raydeq.bench.harness.report import Report, machine_info, output_stem, write
+from raydeq.bench.harness.report import Report, error_line, machine_info, output_stem, write
 from raydeq.bench.harness.timing import keep_freed_memory
 from raydeq.bench.suites import SUITES
 from raydeq.models import PRESETS
@@ -174,8 +174,7 @@ def main(argv: Sequence[str] | None = None) -> Report:
             sys.exit(130)
         except Exception as err:  # one suite's failure must not lose the others
             traceback.print_exc()
-            message = next(iter(str(err).splitlines()), "")
-            report.failures[name] = f"{type(err).__name__}: {message}"
+            report.failures[name] = error_line(err)
             print(f"[{name}] failed: {report.failures[name]}", file=sys.stderr, flush=True)
         else:
             print(f"[{name}] {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)

@@ -112,6 +112,11 @@ class Report:
         return "\n".join(lines) + "\n"
 
 
+def error_line(err: BaseException) -> str:
+    """An exception as one line for a report: its type and its message's first line."""
+    return f"{type(err).__name__}: {next(iter(str(err).splitlines()), '')}"
+
+
 def fmt(value: Value, digits: int = 3) -> str:
     """A cell: floats to `digits` significant digits (scientific when tiny or huge), None blank."""
     if value is None:

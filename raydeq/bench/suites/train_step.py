@@ -7,6 +7,8 @@ large CIFAR-10 MDEQ as a Skip Reg. DEQ under bfloat16 autocast, as `train.amp: b
 
 from __future__ import annotations
 
+import math
+import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -14,7 +16,7 @@ import torch
 
 from raydeq.bench.harness import models
 from raydeq.bench.harness.context import Context
-from raydeq.bench.harness.report import Section, Target
+from raydeq.bench.harness.report import Section, Target, error_line
 from raydeq.bench.harness.timing import Case, Timing, measure
 from raydeq.bench.harness.training import adam, train_step
 from raydeq.bench.suites.node import trained_deq
@@ -76,6 +78,19 @@ WORKLOADS = (
 )
 
 
+COLUMNS = (
+    "model",
+    "variant",
+    "batch",
+    "dtype",
+    "NFE",
+    "converged",
+    "VJPs",
+    "train step ms",
+    "GPU limit ms",
+)
+
+
 def amp_on(workload: Workload, device: torch.device) -> torch.dtype | None:
     """The autocast dtype on `device`: the workload's on a GPU, none elsewhere.
 
@@ -126,16 +141,23 @@ def case(
     return prepare
 
 
-def add_row(ctx: Context, section: Section, workload: Workload, batch: int, timing: Timing) -> None:
-    """The workload's row and its target (measured on a GPU only: the limits are GPU ones)."""
-    out = timing.value
+def add_row(
+    ctx: Context, section: Section, workload: Workload, batch: int, timing: Timing | str
+) -> None:
+    """The workload's row and its target (measured on a GPU only: the limits are GPU ones);
+    `timing` is the error of a workload that failed, which fails its target."""
     amp = amp_on(workload, ctx.device)
+    dtype = "float32" if amp is None else f"{str(amp).removeprefix('torch.')} autocast"
+    name = f"{workload.key} ({workload.variant}) training step ms at batch {batch}"
+    row = dict(model=workload.model, variant=workload.label, batch=batch, dtype=dtype)
+    if isinstance(timing, str):
+        section.add(**row, **{"GPU limit ms": workload.limit_ms})
+        section.targets.append(Target(name, math.inf, workload.limit_ms, detail=timing))
+        return
+    out = timing.value
     ms = 1e3 * timing.median
     section.add(
-        model=workload.model,
-        variant=workload.label,
-        batch=batch,
-        dtype="float32" if amp is None else f"{str(amp).removeprefix('torch.')} autocast",
+        **row,
         NFE=out.stats.nfe,
         converged=1 - out.stats.unconverged_fraction,
         VJPs=out.stats.backward_nvjp,
@@ -144,7 +166,7 @@ def add_row(ctx: Context, section: Section, workload: Workload, batch: int, timi
     on_gpu = ctx.device.type == "cuda"
     section.targets.append(
         Target(
-            f"{workload.key} ({workload.variant}) training step ms at batch {batch}",
+            name,
             ms if on_gpu else None,
             workload.limit_ms,
             detail=f"NFE {out.stats.nfe}, VJPs {out.stats.backward_nvjp}"
@@ -154,23 +176,26 @@ def add_row(ctx: Context, section: Section, workload: Workload, batch: int, timi
     )
 
 
+def measure_apart(
+    cases: dict[str, Case], device: torch.device, size: TrainStepSize
+) -> Timing | str:
+    """Time one case on its own; the error, in one line, if it fails (a compiled step whose
+    capture fails on this GPU or torch must not lose the eager rows)."""
+    try:
+        return measure(cases, device, repeats=size.repeats, warmup=size.warmup).popitem()[1]
+    except Exception as err:  # reported in the row's target
+        traceback.print_exc()
+        return f"failed: {error_line(err)}"
+
+
 def run(ctx: Context) -> Section:
-    """Time a training step of each workload, interleaved."""
+    """Time a training step of each workload: the eager ones interleaved, each compiled one
+    after them on its own."""
     size = ctx.pick(SIZES)
     section = Section(
         name="train_step",
         title="Training step against the GPU targets",
-        columns=[
-            "model",
-            "variant",
-            "batch",
-            "dtype",
-            "NFE",
-            "converged",
-            "VJPs",
-            "train step ms",
-            "GPU limit ms",
-        ],
+        columns=list(COLUMNS),
         notes=[
             "train step = forward, loss (cross-entropy in float32, plus the preset's lambda_skip "
             "times the skip loss), backward and an Adam step (learning rate 0, so every repeat "
@@ -199,12 +224,25 @@ def run(ctx: Context) -> Section:
         model, weights = timed_model(ctx, workload, digits, trained)
         cases[workload.key] = case(model, images, amp_on(workload, ctx.device), workload.model)
         section.notes.append(f"{workload.key}: batch of {batch} {source}, {weights}.")
+    if any(w.compile for w in workloads):
+        section.notes.append(
+            "The compile=True row is timed after the others, on its own; where its capture "
+            "fails, the row's target names the error and fails."
+        )
     if len(workloads) < len(WORKLOADS):
         section.notes.append(
             "The compile=True row (torch.compile with CUDA graphs) is timed on a GPU only."
         )
-    timings = measure(cases, ctx.device, repeats=size.repeats, warmup=size.warmup)
+    eager = {w.key: cases[w.key] for w in workloads if not w.compile}
+    timings: dict[str, Timing | str] = dict(
+        measure(eager, ctx.device, repeats=size.repeats, warmup=size.warmup)
+    )
+    for workload in workloads:
+        if workload.compile:
+            timings[workload.key] = measure_apart(
+                {workload.key: cases[workload.key]}, ctx.device, size
+            )
     for workload in workloads:
         add_row(ctx, section, workload, size.batches[workload.model], timings[workload.key])
-    section.timings |= {name: t.seconds for name, t in timings.items()}
+    section.timings |= {n: t.seconds for n, t in timings.items() if isinstance(t, Timing)}
     return section
