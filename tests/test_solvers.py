@@ -511,20 +511,17 @@ def test_every_step_runs_on_a_gpu_without_reading_the_host(solver):
         assert monitor.best_z.device.type == "cuda" and monitor.status.device.type == "cuda"
 
 
-@pytest.mark.parametrize("stop_on_convergence", [True, False])
 @pytest.mark.parametrize("solver", ["vcab3", "euler", "fixed_point", "anderson"])
-def test_a_compiled_solve_matches_the_eager_one(solver, stop_on_convergence):
-    """compile= captures f and each solver step with torch.compile, and without
-    stop_on_convergence runs of UNROLL steps; the dynamo backend "eager" traces and replays the
-    captured graphs without generating code (inductor's C++ build takes minutes on a 2-core
-    CPU), which is what a capture can break."""
+def test_a_compiled_solve_matches_the_eager_one(solver):
+    """compile= captures f and each solver step with torch.compile; the dynamo backend "eager"
+    traces and replays the captured graphs without generating code (inductor's C++ build takes
+    minutes on a 2-core CPU), which is what a capture can break."""
     f, params = problem(7)
     z0 = torch.zeros(B, D, dtype=torch.float64)
-    options = dict(tight(solver), solver=solver, stop_on_convergence=stop_on_convergence)
     torch._dynamo.reset()
     with torch.no_grad():
-        eager = raydeq.solve(f, z0, **options)
-        compiled = raydeq.solve(f, z0, compile={"backend": "eager"}, **options)
+        eager = raydeq.solve(f, z0, solver=solver, **tight(solver))
+        compiled = raydeq.solve(f, z0, solver=solver, compile={"backend": "eager"}, **tight(solver))
     assert compiled.stats.nfe == eager.stats.nfe
     torch.testing.assert_close(compiled.z, eager.z, rtol=0, atol=1e-12)
     assert bool(compiled.stats.converged.all())
@@ -535,10 +532,7 @@ def test_a_capturable_step_is_one_graph_that_every_step_and_later_solve_reuses(s
     """What a CUDA graph needs, checked without a GPU: with fullgraph=True each kind of step
     traces into one graph without a break (no host read, no branch on a tensor's value), and
     no step or later solve of the same shapes traces again (no per-step Python state): f's
-    graph, one per phase and one run of UNROLL steps per phase that lasts to the end, over
-    three solves (read on the accelerator's schedule, as on a GPU, every UNROLL + 1 steps: a
-    run and a single step in each block)."""
-    from raydeq.solvers.driver import UNROLL
+    graph and one per phase, over three solves."""
     from raydeq.solvers.solve import make_solver
 
     f, params = problem(7)
@@ -557,15 +551,11 @@ def test_a_capturable_step_is_one_graph_that_every_step_and_later_solve_reuses(s
                 z0,
                 solver=solver,
                 compile={"backend": backend, "fullgraph": True},
-                stop_on_convergence=False,
-                check_every=UNROLL + 1,
                 **tight(solver),
             )
             assert bool(sol.stats.converged.all()) and sol.stats.steps > 10
     method = make_solver(solver, {})
-    phases = method.phases()
-    unrolled = sum(p.pending is None for p in phases)
-    assert method.capturable and len(graphs) == 1 + len(phases) + unrolled
+    assert method.capturable and len(graphs) == 1 + len(method.phases())
 
 
 @pytest.mark.parametrize("adjoint", ["gmres", "fixed_point", "jfb", "unrolled"])

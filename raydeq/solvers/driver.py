@@ -21,10 +21,6 @@ Carry = Any
 # Steps between the reads that end a phase with a `pending` test (VCAB3's start-up needs
 # two accepted steps per sample).
 PHASE_BLOCK = 2
-# Steps per call of a compiled run of steps: under CUDA graphs each call of a compiled
-# function costs the host about 0.2 to 0.4 ms (guards, graph-tree checks, input copies)
-# whatever it computes, 10 to 20 times the dense model's step on the GPU.
-UNROLL = 4
 
 
 @dataclass(frozen=True)
@@ -35,18 +31,6 @@ class Phase:
     step: Callable[[Map, Carry, Monitor], Carry]
     evaluations: int
     pending: Callable[[Carry, Monitor], torch.Tensor] | None = None
-    unrolled: Callable[[Map, Carry, Monitor], Carry] | None = None
-
-
-def unroll(step: Callable[[Map, Carry, Monitor], Carry], n: int) -> Callable:
-    """n steps in one function, for torch.compile to capture as one graph."""
-
-    def steps(f: Map, carry: Carry, monitor: Monitor) -> Carry:
-        for _ in range(n):
-            carry = step(f, carry, monitor)
-        return carry
-
-    return steps
 
 
 class Method(Protocol):
@@ -89,9 +73,7 @@ def iterate(
     stop_on_convergence it also reads after every step whether any sample still runs, and ends
     the block where none does.
     With compile_options, f and (for a capturable method) each kind of step run compiled by
-    torch.compile with those options, and without stop_on_convergence the steps of a block
-    run UNROLL at a time in one compiled call where the block has that many left (the same
-    steps, fewer calls).
+    torch.compile with those options.
     """
     if z.shape[0] == 0:
         return 0, 0  # a batch of no samples: nothing to solve, and no reduction to read
@@ -108,14 +90,7 @@ def iterate(
         f = torch.compile(f, **compile_options)
         if method.capturable:
             phases = tuple(
-                replace(
-                    p,
-                    step=torch.compile(p.step, **compile_options),
-                    unrolled=None
-                    if p.pending or stop_on_convergence
-                    else torch.compile(unroll(p.step, UNROLL), **compile_options),
-                )
-                for p in phases
+                replace(p, step=torch.compile(p.step, **compile_options)) for p in phases
             )
     carry, nfe, steps = method.init(f, z, monitor)
     # Without check_start the first block runs unread: from an uninformed z0 a batch that has
@@ -132,10 +107,6 @@ def iterate(
             size = min(PHASE_BLOCK if phase.pending else block, max_steps - steps)
             taken = 0
             while taken < size:
-                if phase.unrolled is not None and size - taken >= UNROLL:
-                    carry = phase.unrolled(f, carry, monitor)
-                    taken += UNROLL
-                    continue
                 carry = phase.step(f, carry, monitor)
                 taken += 1
                 if stop_on_convergence and not bool(monitor.active.any()):
