@@ -558,6 +558,21 @@ def test_a_capturable_step_is_one_graph_that_every_step_and_later_solve_reuses(s
     assert method.capturable and len(graphs) == len(method.phases())
 
 
+def test_a_step_function_is_wrapped_by_torch_compile_once_for_every_solve():
+    """Each solve builds its method anew; its compiled steps share one torch.compile wrapper
+    per step function and options (making one costs about 1 ms), bound to that solve's method."""
+    from raydeq.solvers.driver import compiled
+    from raydeq.solvers.solve import make_solver
+
+    first, second = make_solver("vcab3", {}), make_solver("vcab3", {})
+    options = {"backend": "eager"}
+    startup, adams = (compiled(p.step, options) for p in first.phases())
+    again = compiled(second.phases()[1].step, options)
+    assert again.func is adams.func and again.args == (second,) and adams.args == (first,)
+    assert startup.func is not adams.func
+    assert compiled(first.phases()[1].step, {"backend": "aot_eager"}).func is not adams.func
+
+
 @pytest.mark.parametrize("adjoint", ["gmres", "fixed_point", "jfb", "unrolled"])
 def test_statistics_are_complete_when_solve_returns(adjoint):
     """nfe counts every evaluation of f the solve made (the one attaching z* included) as a
