@@ -331,9 +331,11 @@ def test_train_step_runs_as_a_suite_of_the_cli(tmp_path):
     gpu, cpu = torch.device("cuda"), torch.device("cpu")
     workloads = train_step.WORKLOADS
     assert [train_step.amp_on(w, gpu) for w in workloads] == [None, None, torch.bfloat16]
-    # The compiled dense row runs on a GPU only.
-    assert [train_step.runs_on(w, cpu) for w in workloads] == [True, False, True]
-    assert all(train_step.runs_on(w, gpu) for w in workloads)
+    # The compiled dense row runs on a CPU at the sizes that time it, and on every GPU.
+    tiny, quick = train_step.SIZES["tiny"], train_step.SIZES["quick"]
+    assert [train_step.runs_on(w, cpu, tiny) for w in workloads] == [True, False, True]
+    assert all(train_step.runs_on(w, cpu, quick) for w in workloads)
+    assert all(train_step.runs_on(w, gpu, tiny) for w in workloads)
 
 
 def test_a_second_run_of_the_day_writes_beside_the_first_instead_of_over_it(tmp_path):
