@@ -191,7 +191,8 @@ def solve(
     A float16 or bfloat16 z0 is solved in float32; f sees the state, and z* comes back, in
     z0's dtype.
     compile=True runs f and each solver step through torch.compile (mode "reduce-overhead",
-    CUDA graphs, on a GPU); a dict gives torch.compile's options.
+    CUDA graphs, on a GPU; inductor's C++ kernels on a CPU); a dict gives torch.compile's
+    options.
     """
     choice("adjoint", adjoint, ADJOINTS)
     integer("max_steps", max_steps)
