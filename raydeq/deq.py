@@ -157,7 +157,7 @@ class DEQ(nn.Module):
         pretrain_depth: int = 10,
         solver_options: dict | None = None,
         adjoint_options: dict | None = None,
-        compile: bool | dict = False,
+        compile: bool | dict | str = False,
     ) -> None:
         super().__init__()
         choice("init", init, INITS)

@@ -330,11 +330,12 @@ def test_train_step_runs_as_a_suite_of_the_cli(tmp_path):
     assert all(t.measured is None and t.verdict() == "n/a" for t in section.targets)
     gpu, cpu = torch.device("cuda"), torch.device("cpu")
     workloads = train_step.WORKLOADS
-    assert [train_step.amp_on(w, gpu) for w in workloads] == [None, None, torch.bfloat16]
-    # The compiled dense row runs on a CPU at the sizes that time it, and on every GPU.
+    assert [train_step.amp_on(w, gpu) for w in workloads] == [None, None, None, torch.bfloat16]
+    # The compiled dense row runs on a CPU at the sizes that time it, the graph one on a GPU
+    # only, and both on every GPU.
     tiny, quick = train_step.SIZES["tiny"], train_step.SIZES["quick"]
-    assert [train_step.runs_on(w, cpu, tiny) for w in workloads] == [True, False, True]
-    assert all(train_step.runs_on(w, cpu, quick) for w in workloads)
+    assert [train_step.runs_on(w, cpu, tiny) for w in workloads] == [True, False, False, True]
+    assert [train_step.runs_on(w, cpu, quick) for w in workloads] == [True, True, False, True]
     assert all(train_step.runs_on(w, gpu, tiny) for w in workloads)
 
 

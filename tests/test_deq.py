@@ -332,7 +332,7 @@ def test_pretraining_unrolls_f_then_solves():
         ({"abstol": -1.0}, "abstol=-1.0 must be a number >= 0"),
         ({"solver": "euler", "solver_options": {"m": 5}}, "solver='euler' takes no option 'm'"),
         ({"adjoint_options": {"rtol": -1.0}}, "rtol=-1.0 must be a number >= 0"),
-        ({"compile": "yes"}, "compile='yes' must be True, False or a dict"),
+        ({"compile": "yes"}, "compile='yes' must be True, False, 'graph' or a dict"),
         ({"compile": {"mode": "fast"}}, "compile={'mode': 'fast'}: Unrecognized mode=fast"),
     ],
 )

@@ -357,7 +357,7 @@ def test_divergence_stops_the_sample():
         ),
         ({"reltol": "1e-3"}, "reltol='1e-3' must be a number >= 0"),
         ({"abstol": float("inf")}, "abstol=inf must be a finite number >= 0"),
-        ({"compile": "yes"}, "compile='yes' must be True, False or a dict of torch.compile"),
+        ({"compile": "yes"}, "compile='yes' must be True, False, 'graph' or a dict of torch"),
     ],
 )
 def test_bad_arguments_are_named(kwargs, message):

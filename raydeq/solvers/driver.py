@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 import torch
 
+from raydeq.solvers.graphs import RECORDERS, GraphedStep
 from raydeq.solvers.termination import PREDICTED_BLOCK, UNKNOWN_BLOCK, Monitor
 
 Map = Callable[[torch.Tensor], torch.Tensor]
@@ -79,6 +80,7 @@ def iterate(
     compile_options: dict | None = None,
     check_start: bool = False,
     stop_on_convergence: bool = False,
+    graph: bool = False,
 ) -> tuple[int, int]:
     """Run method from z until every sample has stopped or max_steps; returns (nfe, steps).
 
@@ -89,7 +91,9 @@ def iterate(
     stop_on_convergence it also reads after every step whether any sample still runs, and ends
     the block where none does.
     With compile_options, each kind of step of a capturable method runs compiled by
-    torch.compile with those options (f with it), or else f alone.
+    torch.compile with those options (f with it), or else f alone. With graph, the last phase
+    of a capturable method (the one that runs to the end) is recorded once as a graph on a
+    device with a recorder (graphs.RECORDERS: CUDA) and replayed; elsewhere it runs eagerly.
     """
     if z.shape[0] == 0:
         return 0, 0  # a batch of no samples: nothing to solve, and no reduction to read
@@ -107,6 +111,10 @@ def iterate(
             phases = tuple(replace(p, step=compiled(p.step, compile_options)) for p in phases)
         else:
             f = torch.compile(f, **compile_options)
+    recorder = RECORDERS.get(z.device.type) if graph and method.capturable else None
+    if recorder is not None:
+        last = phases[-1]
+        phases = (*phases[:-1], replace(last, step=GraphedStep(last.step, recorder(z.device))))
     carry, nfe, steps = method.init(f, z, monitor)
     # Without check_start the first block runs unread: from an uninformed z0 a batch that has
     # converged there is rare enough that a few wasted steps cost less than a synchronisation

@@ -103,6 +103,8 @@ CONTROLLER_DEFAULTS = {
     "vcab3": STEADY_STATE | {"h_max": 0.5},
 }
 VCAB3_STARTUP_H_MAX = 1.4
+# compile= value that records each solve's step as a graph (graphs.py) instead of compiling.
+GRAPH = "graph"
 
 
 def make_solver(name: str, options: dict) -> Method:
@@ -123,7 +125,7 @@ def check_options(
     adjoint: str,
     solver_options: dict | None,
     adjoint_options: dict | None,
-    compile: bool | dict = False,
+    compile: bool | dict | str = False,
 ) -> None:
     """Build the solver and the adjoint once with their options and read compile=, so that a
     bad name or value raises its ValueError where a layer or a config is made, not at its
@@ -151,7 +153,7 @@ def solve(
     solver_options: dict | None = None,
     adjoint_options: dict | None = None,
     check_every: int | None = None,
-    compile: bool | dict = False,
+    compile: bool | dict | str = False,
     initial_nfe: int = 0,
     check_start: bool = False,
     stop_on_convergence: bool | None = None,
@@ -192,17 +194,15 @@ def solve(
     z0's dtype.
     compile=True runs f and each solver step through torch.compile (mode "reduce-overhead",
     CUDA graphs, on a GPU; inductor's C++ kernels on a CPU); a dict gives torch.compile's
-    options.
+    options. compile="graph" records the step of a capturable solver (the continuous ones,
+    fixed_point) once per solve as a CUDA graph, after one eager step, and replays it for the
+    steps after (VCAB3: its Adams steps); on a CPU the steps run eagerly.
     """
     choice("adjoint", adjoint, ADJOINTS)
     integer("max_steps", max_steps)
     if check_every is not None:
         integer("check_every", check_every)
     integer("initial_nfe", initial_nfe, 0)
-    if not isinstance(compile, bool | dict):
-        raise ValueError(
-            f"compile={compile!r} must be True, False or a dict of torch.compile options"
-        )
     if not isinstance(check_start, bool):
         raise ValueError(f"check_start={check_start!r} must be True or False")
     if stop_on_convergence is not None and not isinstance(stop_on_convergence, bool):
@@ -221,12 +221,15 @@ def solve(
     attach = torch.is_grad_enabled()
     record_graph = attach and backward.differentiates_solver
     options = compile_options(compile, z.device)
+    # A step recorded as a graph must not depend on autograd's record of the solve.
+    graph = compile == GRAPH and not record_graph
     if stop_on_convergence is None:
         stop_on_convergence = z.device.type == "cpu"
     with torch.set_grad_enabled(record_graph):
         start = z if record_graph else z.detach()
         # Selects read their masks only where a read stalls nothing: a CPU, run eagerly.
-        reads = stop_on_convergence and options is None and z.device.type == "cpu"
+        eager = options is None and not graph
+        reads = stop_on_convergence and eager and z.device.type == "cpu"
         monitor = Monitor(start, termination, reads=reads)
         nfe, steps = iterate(
             method,
@@ -238,6 +241,7 @@ def solve(
             options,
             check_start,
             stop_on_convergence,
+            graph,
         )
     spent = backward.evaluations if attach else 0
     stats = SolveStats.from_monitor(monitor, initial_nfe + nfe + spent, steps)
@@ -245,14 +249,15 @@ def solve(
     return Solution(structure.unflatten(z_star.to(structure.dtype)), stats)
 
 
-def compile_options(compile: bool | dict, device: torch.device) -> dict | None:
-    """torch.compile's options for `compile=`: None to run eagerly; CUDA graphs on a GPU."""
-    if not isinstance(compile, bool | dict):
+def compile_options(compile: bool | dict | str, device: torch.device) -> dict | None:
+    """torch.compile's options for `compile=`: None to run eagerly (or to record the steps as
+    graphs, compile="graph"); CUDA graphs on a GPU."""
+    if not (isinstance(compile, bool | dict) or compile == GRAPH):
         raise ValueError(
-            f"compile={compile!r} must be True, False or a dict of torch.compile options"
+            f"compile={compile!r} must be True, False, {GRAPH!r} or a dict of torch.compile options"
         )
     if isinstance(compile, dict):
         return compile
-    if not compile:
+    if compile in (False, GRAPH):
         return None
     return {"mode": "reduce-overhead"} if device.type == "cuda" else {}

@@ -74,6 +74,10 @@ class Monitor:
     it is issued), so that `select` may read whether its mask is uniform.
     """
 
+    # The attributes a solver step replaces (record): a step recorded as a CUDA graph writes
+    # them back into the tensors it read (graphs.GraphedStep).
+    STEPPED = ("best_z", "best_norm", "active")
+
     def __init__(self, z0: torch.Tensor, termination: Termination, reads: bool = False) -> None:
         batch, features = z0.shape
         self.termination = termination

@@ -33,6 +33,7 @@ from raydeq.models import (
     resolve,
 )
 from raydeq.solvers import ADJOINTS, SOLVERS
+from raydeq.solvers.solve import GRAPH
 from raydeq.training.schema import ConfigError, build_section, option
 from raydeq.training.storage import absolute
 
@@ -89,7 +90,9 @@ class ModelSection:
     t1: float | None = option(None, gt=0)
     dynamics: str | None = option(None, choices=NODE_DYNAMICS)
     solver_options: dict | None = option(None)  # e.g. Anderson's memory {m: 5}
-    compile: bool | None = option(None)  # torch.compile f and the solver steps (CUDA graphs)
+    # true: torch.compile f and the solver steps (CUDA graphs); graph: record each solve's
+    # step as a CUDA graph and replay it (raydeq.solve's compile=)
+    compile: bool | str | None = option(None, choices=(GRAPH,))
 
 
 @dataclass(frozen=True)

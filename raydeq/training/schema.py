@@ -70,7 +70,14 @@ def _coerce(key: str, value: Any, kind: Any) -> Any:
     if get_origin(kind) in (Union, types.UnionType):
         if value is None:
             return None
-        kind = next(arg for arg in get_args(kind) if arg is not type(None))
+        kinds = [arg for arg in get_args(kind) if arg is not type(None)]
+        if len(kinds) > 1:
+            kind = next((k for k in kinds if _ACCEPTS[k][1](value)), None)
+            if kind is None:
+                expected = " or ".join(_ACCEPTS[k][0] for k in kinds)
+                raise ConfigError(f"{key}: expected {expected}, got {reprlib.repr(value)}")
+        else:
+            kind = kinds[0]
     if kind is float and isinstance(value, str):
         try:
             value = float(value)
@@ -90,7 +97,8 @@ def _check_range(key: str, value: Any, meta: Mapping[str, Any]) -> None:
     """Raise a ConfigError when `value` is outside the field's allowed values."""
     if value is None:
         return
-    if meta["choices"] is not None and value not in meta["choices"]:
+    # A field of several types takes its choices as its string values (model.compile).
+    if meta["choices"] is not None and isinstance(value, str) and value not in meta["choices"]:
         allowed = ", ".join(meta["choices"])
         raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {allowed}")
     for name, (sign, holds) in _BOUNDS.items():

@@ -21,6 +21,7 @@ from raydeq.bench.harness.timing import Case, Timing, measure
 from raydeq.bench.harness.training import adam, train_step
 from raydeq.bench.suites.node import trained_deq
 from raydeq.models import EquilibriumClassifier
+from raydeq.solvers.solve import GRAPH
 
 
 @dataclass(frozen=True)
@@ -37,18 +38,21 @@ class TrainStepSize:
 @dataclass(frozen=True)
 class Workload:
     """A preset, its layer variant and autocast dtype on a GPU, the GPU limit of its step, and
-    whether its solves run through torch.compile (CUDA graphs on a GPU)."""
+    the layer's compile= (True: torch.compile, CUDA graphs on a GPU; "graph": each solve's
+    step recorded as a CUDA graph and replayed)."""
 
     model: str
     variant: str
     label: str
     amp: torch.dtype | None
     limit_ms: float
-    compile: bool = False
+    compile: bool | str = False
 
     @property
     def key(self) -> str:
         """The workload's name among the timed cases."""
+        if self.compile == GRAPH:
+            return f"{self.model}/graph"
         return f"{self.model}/compiled" if self.compile else self.model
 
 
@@ -71,6 +75,14 @@ WORKLOADS = (
         None,
         10.0,
         compile=True,
+    ),
+    Workload(
+        "mnist_dense",
+        "vanilla",
+        'continuous DEQ (VCAB3, GMRES), compile="graph"',
+        None,
+        10.0,
+        compile=GRAPH,
     ),
     Workload(
         "cifar10_large",
@@ -106,7 +118,10 @@ def amp_on(workload: Workload, device: torch.device) -> torch.dtype | None:
 
 def runs_on(workload: Workload, device: torch.device, size: TrainStepSize) -> bool:
     """Whether the workload is timed on `device` at `size`: a compiled one on a CPU only where
-    the size says so (torch.compile's C++ kernels there, CUDA graphs on a GPU)."""
+    the size says so (torch.compile's C++ kernels there, CUDA graphs on a GPU), a graph one
+    on a GPU only (a CPU runs its steps eagerly)."""
+    if workload.compile == GRAPH:
+        return device.type == "cuda"
     return not workload.compile or device.type == "cuda" or size.compile_on_cpu
 
 
@@ -230,13 +245,18 @@ def run(ctx: Context) -> Section:
         section.notes.append(f"{workload.key}: batch of {batch} {source}, {weights}.")
     if any(w.compile for w in workloads):
         section.notes.append(
-            "The compile=True row is timed after the others, on its own; where its capture "
+            "The compile= rows are timed after the others, each on its own; where a capture "
             "fails, the row's target names the error and fails."
         )
-    if len(workloads) < len(WORKLOADS):
+    if ctx.device.type != "cuda":
         section.notes.append(
-            "The compile=True row is not timed on a CPU at this size (its first call compiles "
-            "for about 13 s)."
+            'The compile="graph" row runs on a GPU only (a CPU has no CUDA graphs)'
+            + (
+                "; the compile=True row is not timed on a CPU at this size (its first call "
+                "compiles for about 13 s)."
+                if not size.compile_on_cpu
+                else "."
+            )
         )
     eager = {w.key: cases[w.key] for w in workloads if not w.compile}
     timings: dict[str, Timing | str] = dict(

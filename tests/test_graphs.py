@@ -1,0 +1,159 @@
+"""compile="graph": a solver step recorded once per solve and replayed.
+
+A CPU has no CUDA graphs; there the recorder is replaced by a tracer with the same contract
+(make_fx: the step's Python runs once, its aten operations are replayed on the same tensors),
+which checks what a graph can break: the carry and the monitor's state living in the tensors
+the recording read, and the checks between steps that replace the running mask.
+"""
+
+import contextlib
+
+import pytest
+import torch
+from torch.fx.experimental.proxy_tensor import make_fx
+
+import raydeq
+from raydeq.solvers import graphs
+
+D, B = 6, 5
+CAPTURABLE = ["vcab3", "tsit5", "bs3", "euler", "fixed_point"]
+
+
+class TracedRecorder:
+    """A recorder for the CPU: records by tracing (which runs the step, so the tensors it
+    wrote are put back, as a capture leaves them) and replays the traced graph."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.graph = None
+
+    def warm_up(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    def record(self, body, written) -> None:
+        before = [t.clone() for t in written]
+        self.graph = make_fx(lambda: body())()
+        for tensor, value in zip(written, before, strict=True):
+            tensor.copy_(value)
+
+    def replay(self) -> None:
+        self.graph()
+
+
+@pytest.fixture
+def traced(monkeypatch):
+    monkeypatch.setitem(graphs.RECORDERS, "cpu", TracedRecorder)
+
+
+def problem(seed: int):
+    """f(z) = tanh(W z + x) with samples of different contraction (they stop on different
+    steps, so the running mask changes between replays); counts f's Python calls."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(D, D, generator=g, dtype=torch.float64)
+    w = (0.9 * w / torch.linalg.matrix_norm(w, 2)).requires_grad_()
+    x = torch.randn(B, D, generator=g, dtype=torch.float64) * torch.linspace(0.1, 3, B)[:, None]
+    x.requires_grad_()
+    calls = [0]
+
+    def f(z):
+        calls[0] += 1
+        return torch.tanh(z @ w.T + x)
+
+    return f, (w, x), calls
+
+
+@pytest.mark.parametrize("solver", CAPTURABLE)
+@pytest.mark.parametrize("check_every", [None, 1, 3])
+def test_a_recorded_step_solves_and_differentiates_as_the_eager_one(traced, solver, check_every):
+    """Same steps, NFE, statuses, z* and implicit gradient, bit for bit; and f's Python runs
+    only for the steps before the recording, the recording and the attachment of z*."""
+    results = {}
+    for compile in (False, "graph"):
+        f, params, calls = problem(0)
+        sol = raydeq.solve(
+            f,
+            torch.zeros(B, D, dtype=torch.float64),
+            solver=solver,
+            abstol=1e-9,
+            reltol=0.0,
+            max_steps=500,
+            check_every=check_every,
+            stop_on_convergence=False,
+            compile=compile,
+        )
+        grads = torch.autograd.grad(sol.z.square().sum(), params)
+        results[compile] = sol, grads, calls[0]
+    (eager, eager_grads, eager_calls), (graphed, graphed_grads, graphed_calls) = results.values()
+    assert (graphed.stats.nfe, graphed.stats.steps) == (eager.stats.nfe, eager.stats.steps)
+    assert torch.equal(graphed.stats.status, eager.stats.status)
+    assert bool(eager.stats.converged.all())
+    assert torch.equal(graphed.z, eager.z)
+    for a, b in zip(graphed_grads, eager_grads, strict=True):
+        assert torch.equal(a, b)
+    assert eager_calls == eager.stats.nfe
+    assert graphed_calls < eager_calls / 3, (graphed_calls, eager_calls)
+
+
+def test_a_batch_that_runs_to_max_steps_stops_there(traced):
+    """Replays stop at max_steps, with the best iterates of the eager solve."""
+    for solver in ("vcab3", "euler"):
+        out = []
+        for compile in (False, "graph"):
+            f, _, _ = problem(1)
+            with torch.no_grad():
+                out.append(
+                    raydeq.solve(
+                        f,
+                        torch.zeros(B, D, dtype=torch.float64),
+                        solver=solver,
+                        abstol=1e-14,
+                        reltol=0.0,
+                        max_steps=9,
+                        stop_on_convergence=False,
+                        compile=compile,
+                    )
+                )
+        eager, graphed = out
+        assert eager.stats.steps == graphed.stats.steps == 9
+        assert torch.equal(graphed.z, eager.z) and not bool(graphed.stats.converged.any())
+
+
+def test_without_a_recorder_and_for_the_unrolled_adjoint_the_steps_run_eagerly():
+    """A CPU has no recorder: compile="graph" solves as eager; so does an unrolled adjoint,
+    whose steps autograd records."""
+    for adjoint in ("gmres", "unrolled"):
+        out = []
+        for compile in (False, "graph"):
+            f, (w, _), _ = problem(2)
+            sol = raydeq.solve(
+                f, torch.zeros(B, D, dtype=torch.float64), adjoint=adjoint, compile=compile
+            )
+            out.append((sol.z, torch.autograd.grad(sol.z.sum(), w)[0]))
+        assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("solver", ["vcab3", "euler"])
+def test_cuda_graph_steps_solve_and_differentiate_as_eager(solver):
+    """On a GPU: over repeated solves (each records its own graph) the same NFE, z* and
+    gradient as eager."""
+    f, params, _ = problem(3)
+    w, x = (p.detach().cuda().float().requires_grad_() for p in params)
+
+    def run(compile):
+        sol = raydeq.solve(
+            lambda z: torch.tanh(z @ w.T + x),
+            torch.zeros_like(x),
+            solver=solver,
+            abstol=1e-5,
+            reltol=0.0,
+            compile=compile,
+        )
+        (grad,) = torch.autograd.grad(sol.z.square().sum(), [w])
+        return sol.stats.nfe, sol.z.detach().clone(), grad
+
+    nfe, z, grad = run(False)
+    for _ in range(3):
+        graphed = run("graph")
+        assert graphed[0] == nfe
+        torch.testing.assert_close(graphed[1], z, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(graphed[2], grad, rtol=1e-4, atol=1e-6)
