@@ -138,7 +138,8 @@ class DEQ(nn.Module):
     layer's training-mode call count is below pretrain_steps, f is unrolled pretrain_depth times
     from z0 and backpropagated through instead of being solved (MDEQ's warm-up).
     stats.nfe counts f's evaluations by the solver, plus the one giving z0 for "skip_reg".
-    compile= is solve's: f and the solver steps run through torch.compile.
+    compile= is solve's: f and the solver steps run through torch.compile (True, or a dict of
+    its options), or each solve records its step as a CUDA graph and replays it ("graph").
     """
 
     def __init__(

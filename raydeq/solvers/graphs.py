@@ -72,29 +72,32 @@ class CudaGraphRecorder:
     def __init__(self, device: torch.device) -> None:
         if device not in self.STREAMS:
             self.STREAMS[device] = torch.cuda.Stream(device)
+        self.device = device
         self.stream = self.STREAMS[device]
         self.graph = torch.cuda.CUDAGraph()
 
     @contextlib.contextmanager
-    def warm_up(self) -> Iterator[None]:
-        """Run on the side stream after the queued work, and queue later work after it."""
-        current = torch.cuda.current_stream()
+    def _on_side_stream(self) -> Iterator[None]:
+        """Run on the side stream after the work queued so far, and queue later work after."""
+        current = torch.cuda.current_stream(self.device)
         self.stream.wait_stream(current)
         with torch.cuda.stream(self.stream):
             yield
         current.wait_stream(self.stream)
 
+    def warm_up(self) -> contextlib.AbstractContextManager:
+        """The side stream."""
+        return self._on_side_stream()
+
     def record(self, body: Callable[[], None], written: Sequence[torch.Tensor]) -> None:
         """Capture body on the side stream (other threads may use CUDA meanwhile); a capture
         runs nothing, so `written` keep their values."""
-        self.stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(self.stream):
+        with self._on_side_stream():
             self.graph.capture_begin(capture_error_mode="thread_local")
             try:
                 body()
             finally:
                 self.graph.capture_end()
-        torch.cuda.current_stream().wait_stream(self.stream)
 
     def replay(self) -> None:
         """Launch the graph on the current stream."""
