@@ -11,6 +11,7 @@ from raydeq.solvers.adjoint import make_adjoint
 from raydeq.solvers.control import Controller
 from raydeq.solvers.discrete import Anderson, Broyden, FixedPoint
 from raydeq.solvers.driver import Method, iterate
+from raydeq.solvers.graphs import RECORDERS
 from raydeq.solvers.ode import VCAB3, RungeKutta
 from raydeq.solvers.options import choice, construct, integer
 from raydeq.solvers.state import State, Structure, flat_function
@@ -221,8 +222,9 @@ def solve(
     attach = torch.is_grad_enabled()
     record_graph = attach and backward.differentiates_solver
     options = compile_options(compile, z.device)
-    # A step recorded as a graph must not depend on autograd's record of the solve.
-    graph = compile == GRAPH and not record_graph
+    # A step recorded as a graph must not depend on autograd's record of the solve; a device
+    # without a recorder (a CPU) runs compile="graph" eagerly, as compile=False.
+    graph = compile == GRAPH and not record_graph and z.device.type in RECORDERS
     if stop_on_convergence is None:
         stop_on_convergence = z.device.type == "cpu"
     with torch.set_grad_enabled(record_graph):
