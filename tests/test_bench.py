@@ -3,6 +3,7 @@
 import argparse
 import json
 import math
+import statistics
 
 import pytest
 import torch
@@ -136,6 +137,24 @@ def test_missing_peer_and_data_are_reported_not_raised(monkeypatch, tmp_path):
     assert not section.rows and "MNIST not found" in section.notes[-1]
 
 
+def test_node_benchmark_on_a_gpu_times_the_graph_variants_and_takes_the_fastest(monkeypatch):
+    """The GPU's variant list, run on a CPU (where compile="graph" solves eagerly): a row for
+    each, the same NFE as its eager twin, and targets against the fastest DEQ of them all."""
+    every = node.DEQ_SOLVERS + tuple(node.GRAPHED)
+    monkeypatch.setattr(node, "deq_variants", lambda device: every)
+    section = node.run(Context(CPU, "tiny", ("mnist_dense",)))
+    rows = {row["layer"]: row for row in section.rows}
+    assert len(rows) == len(node.VARIANTS)
+    for graphed, solver in node.GRAPHED.items():
+        assert rows[node.VARIANTS[graphed]]["NFE"] == rows[node.VARIANTS[solver]]["NFE"]
+    timings = section.timings
+    for target in section.targets:
+        part = "train" if "training step" in target.name else "backward"
+        medians = {v: statistics.median(timings[f"mnist_dense/{v}/{part}"]) for v in every}
+        fastest = min(medians, key=medians.get)
+        assert target.detail.startswith(f"DEQ with {node.GRAPHED.get(fastest, fastest).upper()}")
+
+
 def test_node_benchmark_times_the_weights_of_a_training_checkpoint(tmp_path, capsys):
     model = models.build("mnist_dense", "skip", CPU, seed=1)
     with torch.no_grad():
@@ -147,7 +166,11 @@ def test_node_benchmark_times_the_weights_of_a_training_checkpoint(tmp_path, cap
     assert torch.equal(loaded.head.weight, model.head.weight)
     assert torch.equal(loaded.layer.f.state.weight, model.layer.f.state.weight)
     section = node.run(Context(CPU, "tiny", ("mnist_dense",), weights={"mnist_dense": checkpoint}))
-    assert len(section.rows) == len(node.VARIANTS)
+    # The compile="graph" DEQs run on a GPU only, where the targets take the fastest of all.
+    assert len(section.rows) == len(node.VARIANTS) - len(node.GRAPHED)
+    assert node.deq_variants(CPU) == node.DEQ_SOLVERS
+    assert node.deq_variants(torch.device("cuda")) == node.DEQ_SOLVERS + tuple(node.GRAPHED)
+    assert all(node.GRAPHED[v] in node.DEQ_SOLVERS and v in node.VARIANTS for v in node.GRAPHED)
     assert f"weights of the checkpoint {folder}" in section.notes[1]
     assert "parameters identical" in section.notes[1]
     with pytest.raises(ValueError, match="checkpoint of another model"):

@@ -13,6 +13,7 @@ from raydeq.bench.harness.report import Section, Target
 from raydeq.bench.harness.timing import Case, Timing, measure, paired_ratio
 from raydeq.bench.harness.training import adam, fit, loss_of, train_step
 from raydeq.models import PRESETS, EquilibriumClassifier
+from raydeq.solvers.solve import GRAPH
 from raydeq.training.objective import Objective
 
 
@@ -48,6 +49,9 @@ TRAIN_BATCH = 64
 # where f is cheap next to a step's per-sample bookkeeping; Euler with its step-relative error
 # control takes the fewest evaluations near a contractive steady state.
 DEQ_SOLVERS = ("vcab3", "bs3", "euler")
+# On a GPU the same DEQs again with compile="graph" (each solve's step recorded as a CUDA
+# graph and replayed: the eager step there is bound by launching its kernels).
+GRAPHED = {f"{solver}_graph": solver for solver in DEQ_SOLVERS}
 # For information, outside the targets (the continuous DEQ's backward is GMRES): the same
 # system solved by Neumann iteration, whose step is one product and a few vector operations
 # where a GMRES step also orthogonalises; it needs more products, and diverges where f does not
@@ -57,6 +61,9 @@ VARIANTS = {
     "vcab3": "continuous DEQ (VCAB3, GMRES)",
     "bs3": "continuous DEQ (BS3, GMRES)",
     "euler": "continuous DEQ (Euler, GMRES)",
+    "vcab3_graph": 'continuous DEQ (VCAB3, GMRES), compile="graph"',
+    "bs3_graph": 'continuous DEQ (BS3, GMRES), compile="graph"',
+    "euler_graph": 'continuous DEQ (Euler, GMRES), compile="graph"',
     NEUMANN: "continuous DEQ (Euler, Neumann adjoint)",
     "adjoint": "Neural ODE, continuous adjoint",
     "backprop": "Neural ODE, backprop through solver",
@@ -106,11 +113,19 @@ def converged_fraction(stats: object) -> float | None:
 
 
 def build_deq(
-    ctx: Context, name: str, solver: str, adjoint: str = "gmres"
+    ctx: Context, name: str, solver: str, adjoint: str = "gmres", compile: bool | str = False
 ) -> EquilibriumClassifier:
     """A vanilla DEQ of the preset with its implicit adjoint's limits (rtol the forward's reltol,
     max_iters), as training runs it."""
-    return models.build(name, "vanilla", ctx.device, ctx.seed, solver=solver, adjoint=adjoint)
+    return models.build(
+        name, "vanilla", ctx.device, ctx.seed, solver=solver, adjoint=adjoint, compile=compile
+    )
+
+
+def deq_variants(device: torch.device) -> tuple[str, ...]:
+    """The DEQ variants the targets compare: every solver, and on a GPU each with
+    compile="graph" too."""
+    return DEQ_SOLVERS + (tuple(GRAPHED) if device.type == "cuda" else ())
 
 
 def trained_deq(ctx: Context, name: str, digits: bool) -> tuple[EquilibriumClassifier, str]:
@@ -135,13 +150,15 @@ def trained_deq(ctx: Context, name: str, digits: bool) -> tuple[EquilibriumClass
 
 
 def layers(ctx: Context, name: str, deq: EquilibriumClassifier) -> dict[str, EquilibriumClassifier]:
-    """Every variant of VARIANTS with the parameters of `deq`."""
+    """Every variant of VARIANTS timed on the device, with the parameters of `deq`."""
     trained = {k: v for k, v in deq.state_dict().items() if not k.startswith("layer.step")}
     nets = {"vcab3": deq}
     for solver in DEQ_SOLVERS[1:]:
         nets[solver] = build_deq(ctx, name, solver)
     nets[NEUMANN] = build_deq(ctx, name, "euler", adjoint="fixed_point")
-    for variant in (*DEQ_SOLVERS[1:], NEUMANN):
+    for variant in deq_variants(ctx.device)[len(DEQ_SOLVERS) :]:
+        nets[variant] = build_deq(ctx, name, GRAPHED[variant], compile=GRAPH)
+    for variant in (*deq_variants(ctx.device)[1:], NEUMANN):
         nets[variant].load_state_dict(deq.state_dict())
     for variant, (adjoint, dynamics) in NODE_LAYERS.items():
         nets[variant] = models.build(
@@ -158,8 +175,10 @@ def layers(ctx: Context, name: str, deq: EquilibriumClassifier) -> dict[str, Equ
 
 
 def add_rows(section: Section, name: str, batch: int, timings: dict[str, Timing]) -> None:
-    """One row per variant: NFE, convergence, VJPs and the median times."""
+    """One row per variant timed: NFE, convergence, VJPs and the median times."""
     for variant, layer in VARIANTS.items():
+        if f"{variant}/train" not in timings:
+            continue
         train_out = timings[f"{variant}/train"].value
         back_out = timings[f"{variant}/backward"].value
         deq = variant not in NODE_LAYERS
@@ -179,19 +198,24 @@ def add_rows(section: Section, name: str, batch: int, timings: dict[str, Timing]
         )
 
 
-def add_targets(section: Section, name: str, timings: dict[str, Timing]) -> None:
-    """Neural ODE time over the fastest DEQ's, for the training step and the backward."""
+def add_targets(
+    section: Section, name: str, timings: dict[str, Timing], deqs: tuple[str, ...]
+) -> None:
+    """Neural ODE time over the fastest DEQ's (of `deqs`), for the training step and the
+    backward."""
     for variant in ("adjoint", "backprop"):
         label = f"{name}: Neural ODE ({variant}) / DEQ"
         for part, what, limit in (("train", "training step", 3.0), ("backward", "backward", 8.0)):
-            fastest = min(DEQ_SOLVERS, key=lambda solver: timings[f"{solver}/{part}"].median)
+            fastest = min(deqs, key=lambda deq: timings[f"{deq}/{part}"].median)
+            solver = GRAPHED.get(fastest, fastest).upper()
+            graphed = ', compile="graph"' if fastest in GRAPHED else ""
             section.targets.append(
                 Target(
                     f"{label} {what} time",
                     paired_ratio(timings[f"{variant}/{part}"], timings[f"{fastest}/{part}"]),
                     limit,
                     at_least=True,
-                    detail=f"DEQ with {fastest.upper()}",
+                    detail=f"DEQ with {solver}{graphed}",
                 )
             )
 
@@ -213,7 +237,7 @@ def compare(ctx: Context, name: str, section: Section) -> None:
     }
     timings = measure(all_cases, ctx.device, repeats=ctx.pick(SIZES).repeats)
     add_rows(section, name, batch, timings)
-    add_targets(section, name, timings)
+    add_targets(section, name, timings, deq_variants(ctx.device))
     term, limits = deq.layer.termination, PRESETS[name].adjoint_options
     section.notes.append(
         f"{name}: batch of {batch} {source}, seed {ctx.seed}, {weights}, parameters "
@@ -260,8 +284,10 @@ def run(ctx: Context) -> Section:
             "first), so their forward stops at max_steps and GMRES at max_iters, and their "
             "ratios say little. The targets "
             "compare the Neural ODE with the fastest of the DEQ solvers (named in detail), "
-            "each with GMRES; the row with the Neumann adjoint (the same linear system by "
-            "fixed-point iteration, adjoint='fixed_point') is for information."
+            'each with GMRES (on a GPU also with compile="graph", each solve\'s step '
+            "recorded as a CUDA graph and replayed); the row with the Neumann adjoint (the "
+            "same linear system by fixed-point iteration, adjoint='fixed_point') is for "
+            "information."
         ],
     )
     for name in ctx.models:
