@@ -61,28 +61,26 @@ def problem(seed: int):
     return f, (w, x), calls
 
 
+def eager_and_graphed(seed: int, **options) -> list[tuple]:
+    """problem(seed) solved with compile=False, then "graph": for each the solution, the
+    gradients of sum(z*^2) and the calls of f's Python."""
+    out = []
+    for compile in (False, "graph"):
+        f, params, calls = problem(seed)
+        z0 = torch.zeros(B, D, dtype=torch.float64)
+        sol = raydeq.solve(f, z0, reltol=0.0, stop_on_convergence=False, compile=compile, **options)
+        out.append((sol, torch.autograd.grad(sol.z.square().sum(), params), calls[0]))
+    return out
+
+
 @pytest.mark.parametrize("solver", CAPTURABLE)
 @pytest.mark.parametrize("check_every", [None, 1, 3])
 def test_a_recorded_step_solves_and_differentiates_as_the_eager_one(traced, solver, check_every):
     """Same steps, NFE, statuses, z* and implicit gradient, bit for bit; and f's Python runs
     only for the steps before the recording, the recording and the attachment of z*."""
-    results = {}
-    for compile in (False, "graph"):
-        f, params, calls = problem(0)
-        sol = raydeq.solve(
-            f,
-            torch.zeros(B, D, dtype=torch.float64),
-            solver=solver,
-            abstol=1e-9,
-            reltol=0.0,
-            max_steps=500,
-            check_every=check_every,
-            stop_on_convergence=False,
-            compile=compile,
-        )
-        grads = torch.autograd.grad(sol.z.square().sum(), params)
-        results[compile] = sol, grads, calls[0]
-    (eager, eager_grads, eager_calls), (graphed, graphed_grads, graphed_calls) = results.values()
+    (eager, eager_grads, eager_calls), (graphed, graphed_grads, graphed_calls) = eager_and_graphed(
+        0, solver=solver, abstol=1e-9, max_steps=500, check_every=check_every
+    )
     assert (graphed.stats.nfe, graphed.stats.steps) == (eager.stats.nfe, eager.stats.steps)
     assert torch.equal(graphed.stats.status, eager.stats.status)
     assert bool(eager.stats.converged.all())
@@ -93,42 +91,24 @@ def test_a_recorded_step_solves_and_differentiates_as_the_eager_one(traced, solv
     assert graphed_calls < eager_calls / 3, (graphed_calls, eager_calls)
 
 
-def test_a_batch_that_runs_to_max_steps_stops_there(traced):
+@pytest.mark.parametrize("solver", ["vcab3", "euler"])
+def test_a_batch_that_runs_to_max_steps_stops_there(traced, solver):
     """Replays stop at max_steps, with the best iterates of the eager solve."""
-    for solver in ("vcab3", "euler"):
-        out = []
-        for compile in (False, "graph"):
-            f, _, _ = problem(1)
-            with torch.no_grad():
-                out.append(
-                    raydeq.solve(
-                        f,
-                        torch.zeros(B, D, dtype=torch.float64),
-                        solver=solver,
-                        abstol=1e-14,
-                        reltol=0.0,
-                        max_steps=9,
-                        stop_on_convergence=False,
-                        compile=compile,
-                    )
-                )
-        eager, graphed = out
-        assert eager.stats.steps == graphed.stats.steps == 9
-        assert torch.equal(graphed.z, eager.z) and not bool(graphed.stats.converged.any())
+    (eager, _, _), (graphed, _, _) = eager_and_graphed(1, solver=solver, abstol=1e-14, max_steps=9)
+    assert eager.stats.steps == graphed.stats.steps == 9
+    assert torch.equal(graphed.z, eager.z) and not bool(graphed.stats.converged.any())
 
 
-def test_without_a_recorder_and_for_the_unrolled_adjoint_the_steps_run_eagerly():
+@pytest.mark.parametrize("adjoint", ["gmres", "unrolled"])
+def test_without_a_recorder_and_for_the_unrolled_adjoint_the_steps_run_eagerly(adjoint):
     """A CPU has no recorder: compile="graph" solves as eager; so does an unrolled adjoint,
     whose steps autograd records."""
-    for adjoint in ("gmres", "unrolled"):
-        out = []
-        for compile in (False, "graph"):
-            f, (w, _), _ = problem(2)
-            sol = raydeq.solve(
-                f, torch.zeros(B, D, dtype=torch.float64), adjoint=adjoint, compile=compile
-            )
-            out.append((sol.z, torch.autograd.grad(sol.z.sum(), w)[0]))
-        assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])
+    (eager, eager_grads, calls), (graphed, graphed_grads, graphed_calls) = eager_and_graphed(
+        2, adjoint=adjoint
+    )
+    assert torch.equal(graphed.z, eager.z) and graphed_calls == calls
+    for a, b in zip(graphed_grads, eager_grads, strict=True):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
