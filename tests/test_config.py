@@ -128,7 +128,10 @@ def test_lambda_skip_defaults_to_the_presets_and_amp_reads_yaml_off():
         ({"data": {"batch_size": 3.5}}, "data.batch_size: expected an integer, got 3.5"),
         ({"train": {"amp": "yes"}}, "train.amp: 'yes' is not allowed; choose one of off, bf16,"),
         ({"train": {"amp": True}}, "train.amp: expected a string, got True"),
-        ({"model": {"compile": "graphs"}}, "model.compile: 'graphs' is not allowed; choose one"),
+        (
+            {"model": {"compile": "graphs"}},
+            "model.compile: 'graphs' is not allowed; choose one of graph (or true or false)",
+        ),
         ({"model": {"compile": 1}}, "model.compile: expected true or false or a string, got 1"),
         ({"search": {"scheduler": "pbt"}}, "search.scheduler: 'pbt' is not allowed; choose one"),
         ({"search": {"num_samples": 0}}, "search.num_samples: must be >= 1, got 0"),

@@ -93,14 +93,17 @@ def _coerce(key: str, value: Any, kind: Any) -> Any:
     return kind(value) if kind is dict else tuple(value) if kind == tuple[int, ...] else value
 
 
-def _check_range(key: str, value: Any, meta: Mapping[str, Any]) -> None:
-    """Raise a ConfigError when `value` is outside the field's allowed values."""
+def _check_range(key: str, value: Any, meta: Mapping[str, Any], kind: Any) -> None:
+    """Raise a ConfigError when `value` is outside the allowed values of a field of type
+    `kind`."""
     if value is None:
         return
     # A field of several types takes its choices as its string values (model.compile).
     if meta["choices"] is not None and isinstance(value, str) and value not in meta["choices"]:
         allowed = ", ".join(meta["choices"])
-        raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {allowed}")
+        others = [_ACCEPTS[k][0] for k in get_args(kind) if k not in (str, type(None))]
+        also = f" (or {' or '.join(others)})" if others else ""
+        raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {allowed}{also}")
     for name, (sign, holds) in _BOUNDS.items():
         bound = meta[name]
         if bound is not None and not holds(value, bound):
@@ -133,5 +136,5 @@ def build_section(cls: type, raw: Any, prefix: str) -> Any:
         if value is False and "off" in (spec.metadata["choices"] or ()):
             value = "off"  # YAML 1.1 reads an unquoted `off` as false
         values[name] = _coerce(prefix + name, value, kind)
-        _check_range(prefix + name, values[name], spec.metadata)
+        _check_range(prefix + name, values[name], spec.metadata, kind)
     return cls(**values)
