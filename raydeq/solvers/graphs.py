@@ -133,12 +133,16 @@ class GraphedStep:
                 return self.step(f, carry, monitor)
         if self.calls == 2:
             self._record(f, carry, monitor)
+        self._keep(monitor)
+        self.recorder.replay()
+        return self.carry
+
+    def _keep(self, monitor: Monitor) -> None:
+        """Put the monitor's running state that something replaced back into its buffers."""
         for name, buffer in self.monitor_buffers.items():
             if getattr(monitor, name) is not buffer:
                 buffer.copy_(getattr(monitor, name))
                 setattr(monitor, name, buffer)
-        self.recorder.replay()
-        return self.carry
 
     def _record(self, f: Callable, carry: Carry, monitor: Monitor) -> None:
         """Move the carry and the monitor's running state into buffers of their own (two
@@ -154,9 +158,6 @@ class GraphedStep:
             for buffer, tensor in zip(self.buffers, leaves(new), strict=True):
                 if tensor is not buffer:
                     buffer.copy_(tensor)
-            for name, buffer in self.monitor_buffers.items():
-                if getattr(monitor, name) is not buffer:
-                    buffer.copy_(getattr(monitor, name))
-                    setattr(monitor, name, buffer)
+            self._keep(monitor)
 
         self.recorder.record(body, [*self.buffers, *self.monitor_buffers.values()])
