@@ -111,6 +111,16 @@ def test_without_a_recorder_and_for_the_unrolled_adjoint_the_steps_run_eagerly(a
         assert torch.equal(a, b)
 
 
+def test_the_step_cost_benchmark_counts_a_graphed_solve(traced):
+    """step_cost's compile="graph" count (a GPU row) solves as the eager one; on a CPU the
+    traced stand-in's replays dispatch their operations, a CUDA graph's do not."""
+    from raydeq.bench.suites.step_cost import step_cost
+
+    eager, graphed = (step_cost("euler", 8, 16, compile=c) for c in (False, "graph"))
+    assert (graphed["steps"], graphed["nfe"]) == (eager["steps"], eager["nfe"])
+    assert graphed["converged"] and graphed["syncs"] == eager["syncs"]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("solver", ["vcab3", "euler"])
 def test_cuda_graph_steps_solve_and_differentiate_as_eager(solver):
@@ -139,3 +149,17 @@ def test_cuda_graph_steps_solve_and_differentiate_as_eager(solver):
         assert graphed[0] == nfe and graphed[3] < eager_calls / 3
         torch.testing.assert_close(graphed[1], z, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(graphed[2], grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_graphed_solve_dispatches_few_operations_per_step_on_a_gpu():
+    """The issue's problem (batch 64, width 128) on a GPU: the host dispatches at most the
+    issue's operations per step (40 VCAB3, 30 Euler) when its steps are replayed graphs."""
+    from raydeq.bench.suites.step_cost import OPS_LIMITS, step_cost
+
+    cuda = torch.device("cuda")
+    for solver, limit in OPS_LIMITS.items():
+        eager = step_cost(solver, 64, 128, device=cuda)
+        graphed = step_cost(solver, 64, 128, device=cuda, compile="graph")
+        assert (graphed["steps"], graphed["nfe"]) == (eager["steps"], eager["nfe"])
+        assert graphed["ops"] <= limit < eager["ops"], (solver, graphed, eager)
