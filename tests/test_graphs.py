@@ -13,7 +13,7 @@ import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
 import raydeq
-from raydeq.solvers import graphs
+from raydeq.solvers import GMRES, gmres, graphs
 
 D, B = 6, 5
 CAPTURABLE = ["vcab3", "tsit5", "bs3", "euler", "fixed_point"]
@@ -23,7 +23,7 @@ class TracedRecorder:
     """A recorder for the CPU: records by tracing (which runs the step, so the tensors it
     wrote are put back, as a capture leaves them) and replays the traced graph."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, shares=None) -> None:
         self.graph = None
 
     def warm_up(self) -> contextlib.AbstractContextManager:
@@ -42,6 +42,7 @@ class TracedRecorder:
 @pytest.fixture
 def traced(monkeypatch):
     monkeypatch.setitem(graphs.RECORDERS, "cpu", TracedRecorder)
+    monkeypatch.setattr(gmres, "WORKSPACES", type(gmres.WORKSPACES)())
 
 
 def problem(seed: int):
@@ -127,6 +128,53 @@ def test_a_model_trains_with_recorded_steps_as_eagerly(traced, variant):
     (logits, nfe, grads), (graphed_logits, graphed_nfe, graphed_grads) = out
     assert torch.equal(graphed_logits, logits) and graphed_nfe == nfe
     assert all(torch.equal(a, b) for a, b in zip(graphed_grads, grads, strict=True))
+
+
+@pytest.mark.parametrize("restart", [3, 20])
+def test_recorded_arnoldi_steps_solve_as_the_eager_ones(traced, monkeypatch, restart):
+    """GMRES with graph=True over four solves of one shape, restarted or not, needing more
+    steps as they go: x and its info as eager GMRES's bit for bit; the Python of each Arnoldi
+    step j runs twice at most (its warm-up and its recording), every later run replays."""
+    calls = [0]
+    step = gmres.arnoldi
+
+    def counted(*args):
+        calls[0] += 1
+        return step(*args)
+
+    monkeypatch.setattr(gmres, "arnoldi", counted)
+    g = torch.Generator().manual_seed(4)
+    a = torch.eye(D, dtype=torch.float64) - 0.5 * torch.randn(B, D, D, generator=g) / D**0.5
+    python = {False: 0, True: 0}
+    for rtol in (1e-3, 1e-6, 1e-9, 1e-12):
+        b = torch.randn(B, D, generator=g, dtype=torch.float64)
+        results = []
+        for graph in (False, True):
+            calls[0] = 0
+            solver = GMRES(rtol=rtol, restart=restart, max_iters=60, graph=graph)
+            results.append(solver(lambda u: (a @ u[:, :, None])[:, :, 0], b, b))
+            python[graph] += calls[0]
+        (x, info), (graphed_x, graphed_info) = results
+        assert torch.equal(graphed_x, x) and bool(info.converged.all())
+        assert graphed_info.matvecs == info.matvecs
+        assert torch.equal(graphed_info.iterations, info.iterations)
+        assert torch.equal(graphed_info.residual, info.residual)
+    ((_, steps),) = gmres.WORKSPACES.values()
+    assert python[True] == sum(min(step.calls, 2) for step in steps.values())
+    assert sum(step.calls for step in steps.values()) == python[False] > python[True]
+
+
+def test_repeated_backward_passes_replay_and_match_eager(traced):
+    """Three training steps of a solve with compile="graph": the same gradients as eager."""
+    f, params, _ = problem(5)
+    for _ in range(3):
+        grads = []
+        for compile in (False, "graph"):
+            sol = raydeq.solve(f, torch.zeros(B, D, dtype=torch.float64), compile=compile)
+            grads.append(torch.autograd.grad(sol.z.square().sum(), params))
+        for a, b in zip(*grads, strict=True):
+            assert torch.equal(a, b)
+    assert gmres.WORKSPACES and all(len(steps) for _, steps in gmres.WORKSPACES.values())
 
 
 def test_the_step_cost_benchmark_counts_a_graphed_solve(traced):

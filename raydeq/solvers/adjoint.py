@@ -11,7 +11,7 @@ parameters and inputs f closes over. No step of the forward solver is backpropag
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -53,6 +53,13 @@ class ImplicitAdjoint:
     warm_start: bool = True
     differentiates_solver = False
     evaluations = 1  # f(z*), which attaches z* to the graph
+
+    def recorded(self) -> ImplicitAdjoint:
+        """This adjoint with GMRES's Arnoldi steps recorded as graphs (GMRES.graph); another
+        linear solver runs as it is."""
+        if not isinstance(self.linear_solver, GMRES):
+            return self
+        return replace(self, linear_solver=replace(self.linear_solver, graph=True))
 
     def attach(self, f: Map, z_star: torch.Tensor, stats: SolveStats) -> torch.Tensor:
         """Return f(z*) whose backward solves the adjoint system instead of differentiating f.

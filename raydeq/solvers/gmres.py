@@ -6,12 +6,15 @@ solved on vector-Jacobian products (Saad & Schultz 1986; Givens rotations, CGS2 
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
 from raydeq.solvers.batched import combine, dots, history
+from raydeq.solvers.graphs import RECORDERS, Replayed
 from raydeq.solvers.options import integer, number
 
 LinearOperator = Callable[[torch.Tensor], torch.Tensor]
@@ -82,6 +85,103 @@ class ScaledLinearSolver:
 
 
 @dataclass(frozen=True)
+class Krylov:
+    """A restart cycle's workspace for m Arnoldi steps on a batch (B, N).
+
+    Per-sample vectors are (B, 1, .) rows, the shape the batched products take and give, and
+    each buffer is written through one slice of a flat view: a view is an aten operation,
+    dispatched like a kernel, and views were half of a step's operations. q holds the rows of
+    Q, the product of the plane reflections so far (Q H = R upper triangular), each as it was
+    before its own reflection (row j + 1 is s_j times row j, then -c_j), and s_j just right of
+    row j's diagonal; the c_j that scale the rows wait in `cosines` for the end of the cycle,
+    where R itself is formed. `w` holds the operator's output for a recorded step. The entries
+    no step writes (H below its subdiagonal, Q right of each s_j) stay 0 from the start, and a
+    cycle writes every other entry before it reads it, so that one workspace serves any number
+    of cycles.
+    """
+
+    basis: torch.Tensor  # (B, m + 1, N), row k written before it is read
+    hess: torch.Tensor  # (B, m + 1, m)
+    hess_flat: torch.Tensor  # column j: flat entries j, j + m, j + 2 m, ...
+    q: torch.Tensor  # (B, m + 1, m + 1)
+    q_flat: torch.Tensor
+    cosines: torch.Tensor  # (B, m, 1)
+    w: torch.Tensor  # (B, 1, N)
+
+    @staticmethod
+    def new(like: torch.Tensor, m: int) -> Krylov:
+        """The workspace for vectors like `like` (B, N), H and Q zero."""
+        batch, n = like.shape
+        hess = like.new_zeros(batch, m + 1, m)
+        q = like.new_zeros(batch, m + 1, m + 1)
+        return Krylov(
+            basis=history(like, m + 1),
+            hess=hess,
+            hess_flat=hess.view(batch, 1, (m + 1) * m),
+            q=q,
+            q_flat=q.view(batch, 1, (m + 1) ** 2),
+            cosines=like.new_empty(batch, m, 1),
+            w=like.new_empty(batch, 1, n),
+        )
+
+    @property
+    def size(self) -> int:
+        """m, the most Arnoldi steps a cycle takes."""
+        return self.hess.shape[2]
+
+    def row(self, j: int) -> torch.Tensor:
+        """Row j of Q up to its diagonal, as step j reads it (B, 1, j + 1)."""
+        start = j * (self.size + 1)
+        return self.q_flat[:, :, start : start + j + 1]
+
+
+def arnoldi(k: Krylov, j: int, w: torch.Tensor, row: torch.Tensor, tiny: float) -> torch.Tensor:
+    """Arnoldi step j of a cycle in workspace k, given w = A times basis row j (B, 1, N) and
+    row j of Q (`Krylov.row`): column j of H and basis row j + 1 by classical Gram-Schmidt done
+    twice (CGS2), the plane reflection [[c, s], [s, -c]] that zeroes H's new subdiagonal entry
+    under (Q h)_j, and row j + 1 of Q, which it returns. Where both are 0 (a zero column: b =
+    0, or a breakdown after the sample has stopped) c and s are 0; the steps after a sample
+    stops are left out of its solve."""
+    m = k.size
+    v = k.basis[:, : j + 1]
+    h = dots(v, w)
+    w = combine(h, v, base=w, alpha=-1.0)
+    h2 = dots(v, w)
+    w = combine(h2, v, base=w, alpha=-1.0)
+    below = j + (j + 1) * m  # flat index of hess[j + 1, j]
+    h = torch.add(h, h2, out=k.hess_flat[:, :, j:below:m])
+    h_next = torch.linalg.vector_norm(
+        w, dim=2, keepdim=True, out=k.hess_flat[:, :, below : below + 1]
+    )
+    torch.div(w, h_next.clamp_min(tiny), out=k.basis[:, j + 1 : j + 2])
+    start = j * (m + 1)
+    rotated = (row * h).sum(2, keepdim=True)  # torch.linalg.vecdot's arithmetic
+    safe = torch.hypot(rotated, h_next).clamp_min_(tiny)
+    c = torch.div(rotated, safe, out=k.cosines[:, j : j + 1])
+    s = torch.div(h_next, safe, out=k.q_flat[:, :, start + j + 1 : start + j + 2])
+    after = start + m + 1
+    return torch.cat([row * s, -c], dim=2, out=k.q_flat[:, :, after : after + j + 2])
+
+
+# Workspaces kept for recorded Arnoldi steps (GMRES.graph), with each step's recording, per
+# batch shape, m, dtype and device: a recording reads and writes its workspace's addresses.
+# The last few shapes are kept (a training run has one or two: its batch and its last one).
+WORKSPACES: OrderedDict[tuple, tuple[Krylov, dict[int, Replayed]]] = OrderedDict()
+KEPT_WORKSPACES = 4
+
+
+def recorded_workspace(like: torch.Tensor, m: int) -> tuple[Krylov, dict[int, Replayed]]:
+    """The kept workspace for vectors like `like` and m steps, with its recorded steps."""
+    key = (*like.shape, m, like.dtype, like.device)
+    if key not in WORKSPACES:
+        WORKSPACES[key] = Krylov.new(like, m), {}
+        if len(WORKSPACES) > KEPT_WORKSPACES:
+            WORKSPACES.popitem(last=False)
+    WORKSPACES.move_to_end(key)
+    return WORKSPACES[key]
+
+
+@dataclass(frozen=True)
 class GMRES(ScaledLinearSolver):
     """Solve A x = b for a batch (B, N): sample b stops when ||b - A x|| <= max(atol, rtol ||b||).
 
@@ -90,10 +190,15 @@ class GMRES(ScaledLinearSolver):
     `check_every` is the number of Arnoldi steps between reads of whether any sample still runs
     (None: 1 on a CPU, ARNOLDI_CHECK elsewhere); it changes the products spent, and x only by
     rounding (a longer cycle adds zero-weighted basis vectors to each sample's sum).
+    With `graph`, on a device with a recorder (graphs.RECORDERS: CUDA) each Arnoldi step j
+    after the operator is recorded once on a workspace kept per shape and replayed by later
+    solves (its first solve runs it eagerly, the second records it); elsewhere it runs
+    eagerly.
     """
 
     restart: int = 20
     check_every: int | None = None
+    graph: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -160,57 +265,34 @@ class GMRES(ScaledLinearSolver):
         per-sample steps, Arnoldi steps, the per-sample estimate of the new residual norm, and
         whether a read found every sample stopped (the caller reads that itself after a full
         cycle)."""
-        batch, n = r.shape
         m = min(self.restart, budget)
         tiny = torch.finfo(r.dtype).tiny
         beta_column, tol_column = beta[:, None], tol[:, None]
-        # Per-sample vectors are (B, 1, .) rows, the shape the batched products take and give,
-        # and each buffer is written through one slice of a flat view: a view is an aten
-        # operation, dispatched like a kernel, and views were half of a step's operations.
-        basis = history(r, m + 1)  # row k is written before it is read
-        u = torch.div(r, beta_column.clamp_min(tiny), out=basis[:, 0])
-        hess = r.new_zeros(batch, m + 1, m)
-        hess_flat = hess.view(
-            batch, 1, (m + 1) * m
-        )  # column j: flat entries j, j + m, j + 2 m, ...
-        # Rows of Q, the product of the plane reflections so far (Q H = R upper triangular),
-        # each as it was before its own reflection: row j + 1 is s times row j, then -c. A new
-        # reflection only needs row j applied to the new column; the c that scales row j and
-        # the s right of it are put in at the end of the cycle, where R itself is formed.
-        q = r.new_zeros(batch, m + 1, m + 1)
-        q_flat = q.view(batch, 1, (m + 1) ** 2)
-        row = q_flat[:, :, :1].fill_(1.0)
+        graphed = self.graph and r.device.type in RECORDERS
+        k, recorded = recorded_workspace(r, m) if graphed else (Krylov.new(r, m), {})
+        u = torch.div(r, beta_column.clamp_min(tiny), out=k.basis[:, 0])
+        row = k.row(0).fill_(1.0)
         # Column 0 of rows 1, 2, ...: times beta, +- the residual norm after 1, 2, ... steps.
         # Each sample's own stopping step is read from it at the end, so that a step spends no
         # operation on per-sample counters.
-        first = q[:, 1:, 0]
-        cosines: list[torch.Tensor] = []
-        sines: list[torch.Tensor] = []
+        first = k.q[:, 1:, 0]
         j, finished = 0, False
         while j < m and not finished:
             w = A(u)[:, None]
-            v = basis[:, : j + 1]
-            h = dots(v, w)
-            w = combine(h, v, base=w, alpha=-1.0)
-            h2 = dots(v, w)
-            w = combine(h2, v, base=w, alpha=-1.0)
-            below = j + (j + 1) * m  # flat index of hess[j + 1, j]
-            h = torch.add(h, h2, out=hess_flat[:, :, j:below:m])
-            h_next = torch.linalg.vector_norm(
-                w, dim=2, keepdim=True, out=hess_flat[:, :, below : below + 1]
-            )
-            u = torch.div(w, h_next.clamp_min(tiny), out=basis[:, j + 1 : j + 2])[:, 0]
-            # The reflection [[c, s], [s, -c]] that zeroes h_next under (Q h)_j. Where both
-            # are 0 (a zero column: b = 0, or a breakdown after the sample has stopped) c and
-            # s are 0; the steps after a sample stops are left out of its solve.
-            rotated = (row * h).sum(2, keepdim=True)  # torch.linalg.vecdot's arithmetic
-            safe = torch.hypot(rotated, h_next).clamp_min_(tiny)
-            c, s = rotated / safe, h_next / safe
-            start = (j + 1) * (m + 1)
-            row = torch.cat([row * s, -c], dim=2, out=q_flat[:, :, start : start + j + 2])
-            cosines.append(c)
-            sines.append(s)
+            if graphed:
+                k.w.copy_(w)
+                if j not in recorded:
+                    # A step's scratch dies within it (its results are the workspace's), so
+                    # every step of a workspace records into step 0's memory pool.
+                    shares = recorded[0].recorder if recorded else None
+                    recorder = RECORDERS[r.device.type](r.device, shares)
+                    step = partial(arnoldi, k, j, k.w, k.row(j), tiny)
+                    recorded[j] = Replayed(step, (k.basis, k.hess, k.q, k.cosines), recorder)
+                recorded[j]()
+            else:
+                row = arnoldi(k, j, w, row, tiny)
             j += 1
+            u = k.basis[:, j]
             if j % every == 0 and j < m:
                 # The newest estimate alone: each is the last times |s| <= 1, so a sample whose
                 # estimate has fallen to tol stays there, and one that did not run (beta <= tol)
@@ -228,11 +310,10 @@ class GMRES(ScaledLinearSolver):
         # entry i (m + 2) + 1). The zeros further right are scaled by 1, not c_i, so that they
         # stay +0 (c_i 0 would be -0 where c_i < 0) and R is the one a per-step scaling gives.
         left = torch.ones(j, j + 1, dtype=torch.bool, device=r.device).tril()
-        q[:, :j, : j + 1].mul_(torch.where(left, torch.cat(cosines, dim=1), 1.0))
-        torch.cat(sines, dim=2, out=q_flat[:, :, 1 : j * (m + 2) : m + 2])
-        upper = torch.bmm(q[:, :j, : j + 1], hess[:, : j + 1, :j])
+        k.q[:, :j, : j + 1].mul_(torch.where(left, k.cosines[:, :j], 1.0))
+        upper = torch.bmm(k.q[:, :j, : j + 1], k.hess[:, : j + 1, :j])
         eye = torch.eye(j, dtype=r.dtype, device=r.device).expand_as(upper)
         upper = torch.where(used[:, None, :] & used[:, :, None], upper, eye)
-        rhs = torch.where(used, beta_column * q[:, :j, 0], 0.0)
+        rhs = torch.where(used, beta_column * k.q[:, :j, 0], 0.0)
         y = torch.linalg.solve_triangular(upper, rhs[:, :, None], upper=True)[:, :, 0]
-        return combine(y, basis[:, :j]), steps, j, estimate, finished
+        return combine(y, k.basis[:, :j]), steps, j, estimate, finished

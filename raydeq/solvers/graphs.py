@@ -69,12 +69,13 @@ class CudaGraphRecorder:
 
     STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, shares: CudaGraphRecorder | None = None) -> None:
         if device not in self.STREAMS:
             self.STREAMS[device] = torch.cuda.Stream(device)
         self.device = device
         self.stream = self.STREAMS[device]
         self.graph = torch.cuda.CUDAGraph()
+        self.shares = shares
 
     @contextlib.contextmanager
     def _on_side_stream(self) -> Iterator[None]:
@@ -91,9 +92,12 @@ class CudaGraphRecorder:
 
     def record(self, body: Callable[[], None], written: Sequence[torch.Tensor]) -> None:
         """Capture body on the side stream (other threads may use CUDA meanwhile); a capture
-        runs nothing, so `written` keep their values."""
+        runs nothing, so `written` keep their values. With `shares`, a recorder that has
+        recorded already, the graph takes its memory pool: graphs that are never replayed at
+        once and keep no tensor of their pool alive between replays can share its scratch."""
+        pool = self.shares.graph.pool() if self.shares is not None else None
         with self._on_side_stream():
-            self.graph.capture_begin(capture_error_mode="thread_local")
+            self.graph.capture_begin(pool, capture_error_mode="thread_local")
             try:
                 body()
             finally:
@@ -104,38 +108,72 @@ class CudaGraphRecorder:
         self.graph.replay()
 
 
-# The recorder per device type; a device type not listed runs its steps eagerly.
-RECORDERS: dict[str, Callable[[torch.device], Recorder]] = {"cuda": CudaGraphRecorder}
+# The recorder per device type, made for a device and optionally a recorder whose memory
+# pool it shares; a device type not listed runs its steps eagerly.
+RECORDERS: dict[str, Callable[..., Recorder]] = {"cuda": CudaGraphRecorder}
+
+
+class Replayed:
+    """fn(), which reads and writes tensors at fixed addresses only: run eagerly on its first
+    call (the warm-up), recorded on its second and replayed from then on."""
+
+    def __init__(
+        self, fn: Callable[[], None], written: Sequence[torch.Tensor], recorder: Recorder
+    ) -> None:
+        self.fn = fn
+        self.written = written
+        self.recorder = recorder
+        self.calls = 0
+
+    def __call__(self) -> None:
+        """Run fn's work once."""
+        self.calls += 1
+        if self.calls == 1:
+            with self.recorder.warm_up():
+                self.fn()
+            return
+        if self.calls == 2:
+            self.recorder.record(self.fn, self.written)
+        self.recorder.replay()
 
 
 class GraphedStep:
-    """A method's step that runs eagerly once (the warm-up), is recorded on the second call,
-    and is replayed from then on; call it as the step itself, with the carry it returned.
+    """A method's step replayed (see Replayed) on buffers of its own; call it as the step
+    itself, with the carry it returned.
 
-    The recorded step writes its new carry and the monitor's running state (best iterate,
-    residual, running mask) into the tensors it read them from. The monitor's checks between
-    steps replace its running mask; the next call copies it back into the graph's tensor.
+    The first call moves the carry and the monitor's running state (best iterate, residual,
+    running mask) into the buffers (two fields of a carry may be one tensor); the step writes
+    its new carry and running state back into them. The monitor's checks between steps replace
+    its running mask; the next call copies it back into its buffer.
     """
 
     def __init__(self, step: Step, recorder: Recorder) -> None:
         self.step = step
         self.recorder = recorder
-        self.calls = 0
+        self.replayed: Replayed | None = None
         self.carry: Carry = None
         self.buffers: list[torch.Tensor] = []
         self.monitor_buffers: dict[str, torch.Tensor] = {}
 
     def __call__(self, f: Callable, carry: Carry, monitor: Monitor) -> Carry:
         """One step of the solve."""
-        self.calls += 1
-        if self.calls == 1:
-            with self.recorder.warm_up():
-                return self.step(f, carry, monitor)
-        if self.calls == 2:
-            self._record(f, carry, monitor)
+        if self.replayed is None:
+            self.buffers = [t.clone() for t in leaves(carry)]
+            self.carry = rebuild(carry, iter(self.buffers))
+            self.monitor_buffers = {n: getattr(monitor, n).clone() for n in Monitor.STEPPED}
+            written = [*self.buffers, *self.monitor_buffers.values()]
+            self.replayed = Replayed(lambda: self._step(f, monitor), written, self.recorder)
         self._keep(monitor)
-        self.recorder.replay()
+        self.replayed()
         return self.carry
+
+    def _step(self, f: Callable, monitor: Monitor) -> None:
+        """One step from the buffers into the buffers."""
+        new = self.step(f, self.carry, monitor)
+        for buffer, tensor in zip(self.buffers, leaves(new), strict=True):
+            if tensor is not buffer:
+                buffer.copy_(tensor)
+        self._keep(monitor)
 
     def _keep(self, monitor: Monitor) -> None:
         """Put the monitor's running state that something replaced back into its buffers."""
@@ -143,21 +181,3 @@ class GraphedStep:
             if getattr(monitor, name) is not buffer:
                 buffer.copy_(getattr(monitor, name))
                 setattr(monitor, name, buffer)
-
-    def _record(self, f: Callable, carry: Carry, monitor: Monitor) -> None:
-        """Move the carry and the monitor's running state into buffers of their own (two
-        fields of a carry may be one tensor) and record one step on them."""
-        self.buffers = [t.clone() for t in leaves(carry)]
-        self.carry = rebuild(carry, iter(self.buffers))
-        self.monitor_buffers = {name: getattr(monitor, name).clone() for name in Monitor.STEPPED}
-        for name, buffer in self.monitor_buffers.items():
-            setattr(monitor, name, buffer)
-
-        def body() -> None:
-            new = self.step(f, self.carry, monitor)
-            for buffer, tensor in zip(self.buffers, leaves(new), strict=True):
-                if tensor is not buffer:
-                    buffer.copy_(tensor)
-            self._keep(monitor)
-
-        self.recorder.record(body, [*self.buffers, *self.monitor_buffers.values()])

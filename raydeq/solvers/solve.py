@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from raydeq.solvers.adjoint import make_adjoint
+from raydeq.solvers.adjoint import ImplicitAdjoint, make_adjoint
 from raydeq.solvers.control import Controller
 from raydeq.solvers.discrete import Anderson, Broyden, FixedPoint
 from raydeq.solvers.driver import Method, iterate
@@ -197,7 +197,8 @@ def solve(
     CUDA graphs, on a GPU; inductor's C++ kernels on a CPU); a dict gives torch.compile's
     options. compile="graph" records the step of a capturable solver (the continuous ones,
     fixed_point) once per solve as a CUDA graph, after one eager step, and replays it for the
-    steps after (VCAB3: its Adams steps); on a CPU the steps run eagerly.
+    steps after (VCAB3: its Adams steps), and the backward's GMRES replays each Arnoldi step
+    from the second backward of a batch shape on (GMRES.graph); on a CPU all runs eagerly.
     """
     choice("adjoint", adjoint, ADJOINTS)
     integer("max_steps", max_steps)
@@ -225,6 +226,8 @@ def solve(
     # A step recorded as a graph must not depend on autograd's record of the solve; a device
     # without a recorder (a CPU) runs compile="graph" eagerly, as compile=False.
     graph = compile == GRAPH and not record_graph and z.device.type in RECORDERS
+    if graph and isinstance(backward, ImplicitAdjoint):
+        backward = backward.recorded()
     if stop_on_convergence is None:
         stop_on_convergence = z.device.type == "cpu"
     with torch.set_grad_enabled(record_graph):
