@@ -1,11 +1,12 @@
-"""A solver step recorded once per solve as a CUDA graph and replayed for every later step.
+"""Solver work recorded as CUDA graphs and replayed: a forward step once per solve, GMRES's
+Arnoldi steps once per batch shape (gmres.py).
 
 Written by hand because torch.compile's CUDA graphs ("reduce-overhead") cost 0.2 to 0.35 ms of
 host time per call (guards, graph-tree bookkeeping, input copies), as much as the eager step's
-launches they replace; a replay of a recorded graph costs a few microseconds. The step reads
-its carry and the monitor's running state from buffers the graph owns the addresses of and
-writes the new ones back into them, so that replaying it advances the solve. Recording once
-per solve keeps everything f closes over (the input's injection, the parameters) at the
+launches they replace; a replay of a recorded graph costs a few microseconds. A forward step
+reads its carry and the monitor's running state from buffers the graph owns the addresses of
+and writes the new ones back into them, so that replaying it advances the solve. Recording
+once per solve keeps everything f closes over (the input's injection, the parameters) at the
 addresses the graph read them from.
 """
 
