@@ -133,6 +133,21 @@ def arnoldi_step_cost(batch: int, dim: int, seed: int = 0) -> dict[str, float]:
     }
 
 
+def add_solver(section: Section, solver: str, label: str, cost: dict[str, float]) -> None:
+    """A solver's row and its targets: syncs per step, and ops per step where the issue sets
+    a limit."""
+    section.add(
+        solver=label,
+        steps=cost["steps"],
+        NFE=cost["nfe"],
+        **{"ops per step": cost["ops"], "syncs per step": cost["syncs"]},
+        converged=cost["converged"],
+    )
+    section.targets.append(Target(f"{label}: syncs per step", cost["syncs"], SYNC_LIMIT))
+    if solver in OPS_LIMITS:
+        section.targets.append(Target(f"{label}: ops per step", cost["ops"], OPS_LIMITS[solver]))
+
+
 def run(ctx: Context) -> Section:
     """Count every solver's operations and syncs per step."""
     size = ctx.pick(SIZES)
@@ -157,36 +172,12 @@ def run(ctx: Context) -> Section:
         ],
     )
     for solver in SOLVERS:
-        cost = step_cost(solver, batch, dim, ctx.seed)
-        section.add(
-            solver=solver,
-            steps=cost["steps"],
-            NFE=cost["nfe"],
-            **{"ops per step": cost["ops"], "syncs per step": cost["syncs"]},
-            converged=cost["converged"],
-        )
-        section.targets.append(Target(f"{solver}: syncs per step", cost["syncs"], SYNC_LIMIT))
-        if solver in OPS_LIMITS:
-            section.targets.append(
-                Target(f"{solver}: ops per step", cost["ops"], OPS_LIMITS[solver])
-            )
+        add_solver(section, solver, solver, step_cost(solver, batch, dim, ctx.seed))
     if ctx.device.type == "cuda":
         # The solvers whose steps compile="graph" records: each replayed step one launch.
         for solver in (s for s in SOLVERS if make_solver(s, {}).capturable):
             cost = step_cost(solver, batch, dim, ctx.seed, ctx.device, compile=GRAPH)
-            label = f'{solver}, compile="graph"'
-            section.add(
-                solver=label,
-                steps=cost["steps"],
-                NFE=cost["nfe"],
-                **{"ops per step": cost["ops"], "syncs per step": cost["syncs"]},
-                converged=cost["converged"],
-            )
-            section.targets.append(Target(f"{label}: syncs per step", cost["syncs"], SYNC_LIMIT))
-            if solver in OPS_LIMITS:
-                section.targets.append(
-                    Target(f"{label}: host ops per step", cost["ops"], OPS_LIMITS[solver])
-                )
+            add_solver(section, solver, f'{solver}, compile="graph"', cost)
     cost = arnoldi_step_cost(batch, dim, ctx.seed)
     section.add(
         solver="gmres (backward)",
