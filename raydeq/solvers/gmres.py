@@ -94,7 +94,8 @@ class Krylov:
     Q, the product of the plane reflections so far (Q H = R upper triangular), each as it was
     before its own reflection (row j + 1 is s_j times row j, then -c_j), and s_j just right of
     row j's diagonal; the c_j that scale the rows wait in `cosines` for the end of the cycle,
-    where R itself is formed. `w` holds the operator's output for a recorded step. The entries
+    where R itself is formed. `w` holds the operator's output for recorded steps (a workspace
+    that records them has one). The entries
     no step writes (H below its subdiagonal, Q right of each s_j) stay 0 from the start, and a
     cycle writes every other entry before it reads it, so that one workspace serves any number
     of cycles.
@@ -106,11 +107,11 @@ class Krylov:
     q: torch.Tensor  # (B, m + 1, m + 1)
     q_flat: torch.Tensor
     cosines: torch.Tensor  # (B, m, 1)
-    w: torch.Tensor  # (B, 1, N)
+    w: torch.Tensor | None  # (B, 1, N)
 
     @staticmethod
-    def new(like: torch.Tensor, m: int) -> Krylov:
-        """The workspace for vectors like `like` (B, N), H and Q zero."""
+    def new(like: torch.Tensor, m: int, recorded: bool = False) -> Krylov:
+        """The workspace for vectors like `like` (B, N), H and Q zero; with `w` if recorded."""
         batch, n = like.shape
         hess = like.new_zeros(batch, m + 1, m)
         q = like.new_zeros(batch, m + 1, m + 1)
@@ -121,7 +122,7 @@ class Krylov:
             q=q,
             q_flat=q.view(batch, 1, (m + 1) ** 2),
             cosines=like.new_empty(batch, m, 1),
-            w=like.new_empty(batch, 1, n),
+            w=like.new_empty(batch, 1, n) if recorded else None,
         )
 
     @property
@@ -174,7 +175,7 @@ def recorded_workspace(like: torch.Tensor, m: int) -> tuple[Krylov, dict[int, Re
     """The kept workspace for vectors like `like` and m steps, with its recorded steps."""
     key = (*like.shape, m, like.dtype, like.device)
     if key not in WORKSPACES:
-        WORKSPACES[key] = Krylov.new(like, m), {}
+        WORKSPACES[key] = Krylov.new(like, m, recorded=True), {}
         if len(WORKSPACES) > KEPT_WORKSPACES:
             WORKSPACES.popitem(last=False)
     WORKSPACES.move_to_end(key)
