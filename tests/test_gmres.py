@@ -128,6 +128,8 @@ def test_bad_options_are_named():
         GMRES(restart=0)
     with pytest.raises(ValueError, match="rtol=-1"):
         Neumann(rtol=-1)
+    with pytest.raises(ValueError, match="graph='yes' must be True or False"):
+        GMRES(graph="yes")
 
 
 def test_float32():

@@ -95,10 +95,9 @@ class Krylov:
     before its own reflection (row j + 1 is s_j times row j, then -c_j), and s_j just right of
     row j's diagonal; the c_j that scale the rows wait in `cosines` for the end of the cycle,
     where R itself is formed. `w` holds the operator's output for recorded steps (a workspace
-    that records them has one). The entries
-    no step writes (H below its subdiagonal, Q right of each s_j) stay 0 from the start, and a
-    cycle writes every other entry before it reads it, so that one workspace serves any number
-    of cycles.
+    that records them has one). The entries no step writes (H below its subdiagonal, Q right
+    of each s_j) stay 0 from the start, and a cycle writes every other entry before it reads
+    it, so that one workspace serves any number of cycles.
     """
 
     basis: torch.Tensor  # (B, m + 1, N), row k written before it is read
@@ -206,6 +205,8 @@ class GMRES(ScaledLinearSolver):
         integer("restart", self.restart)
         if self.check_every is not None:
             integer("check_every", self.check_every)
+        if not isinstance(self.graph, bool):
+            raise ValueError(f"graph={self.graph!r} must be True or False")
 
     def _solve(
         self,
