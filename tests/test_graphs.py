@@ -177,6 +177,19 @@ def test_repeated_backward_passes_replay_and_match_eager(traced):
     assert gmres.WORKSPACES and all(len(steps) for _, steps in gmres.WORKSPACES.values())
 
 
+def test_a_step_that_cannot_be_recorded_says_which_option_to_change(monkeypatch):
+    """A recording that fails (f reading the host, say) names compile='graph' and the way out."""
+
+    class Refusing(TracedRecorder):
+        def record(self, body, written) -> None:
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setitem(graphs.RECORDERS, "cpu", Refusing)
+    f, _, _ = problem(0)
+    with pytest.raises(RuntimeError, match="compile='graph' could not record a solver step"):
+        raydeq.solve(f, torch.zeros(B, D, dtype=torch.float64), compile="graph")
+
+
 def test_the_step_cost_benchmark_counts_a_graphed_solve(traced):
     """step_cost's compile="graph" count (a GPU row) solves as the eager one; on a CPU the
     traced stand-in's replays dispatch their operations, a CUDA graph's do not."""

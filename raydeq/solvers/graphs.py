@@ -134,7 +134,15 @@ class Replayed:
                 self.fn()
             return
         if self.calls == 2:
-            self.recorder.record(self.fn, self.written)
+            try:
+                self.recorder.record(self.fn, self.written)
+            except Exception as err:
+                reason = str(err).splitlines()[0][:300] if str(err) else type(err).__name__
+                raise RuntimeError(
+                    f"compile='graph' could not record a solver step as a graph ({reason}): "
+                    "its work, f's included, must stay on the device without host reads; "
+                    "compile=True or False run it without recording"
+                ) from err
         self.recorder.replay()
 
 
