@@ -552,6 +552,21 @@ def test_compile_true_on_a_cpu_runs_inductors_kernels_and_solves_as_eager():
     torch.testing.assert_close(compiled_grad, grad, rtol=1e-9, atol=1e-12)
 
 
+def test_the_step_cost_benchmark_counts_the_launches_of_a_compiled_step_on_a_cpu():
+    """step_cost's compile=True row on a CPU: the solve takes the eager one's steps, NFE and
+    host reads, and launches (aten operations and inductor's kernels, which recorded
+    themselves: the count raises otherwise) a fraction of its operations, within the issue's
+    limit."""
+    from raydeq.bench.suites.step_cost import OPS_LIMITS, compiled_step_cost, step_cost
+
+    eager, compiled = step_cost("euler", 64, 128), compiled_step_cost("euler", 64, 128)
+    assert {k: compiled[k] for k in ("steps", "nfe", "syncs", "converged")} == {
+        k: eager[k] for k in ("steps", "nfe", "syncs", "converged")
+    }
+    assert 1 <= compiled["ops"] < eager["ops"] / 3
+    assert compiled["ops"] <= OPS_LIMITS["euler"]
+
+
 @pytest.mark.parametrize("solver", ["vcab3", "tsit5", "bs3", "euler", "fixed_point"])
 def test_a_capturable_step_is_one_graph_that_every_step_and_later_solve_reuses(solver):
     """What a CUDA graph needs, checked without a GPU: with fullgraph=True each kind of step

@@ -5,16 +5,22 @@ The same for the implicit backward's GMRES, per Arnoldi step (one product with I
 On an accelerator each aten operation is a kernel launch and each host read of a tensor
 (`aten._local_scalar_dense`, behind `.item()`, `bool(t)`, `int(t)`) a stall of the queue, so
 small and medium DEQs are bound by these counts rather than by arithmetic. Counted on the CPU
-over one whole forward solve (no autograd), divided by its steps.
+over one whole forward solve (no autograd), divided by its steps. With compile=True on a CPU
+the steps run as inductor's fused C++ kernels, which no dispatch mode sees: there the
+profiler counts the launches (aten operations and kernels) the host makes.
 """
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch._inductor import config as inductor_config
+from torch.autograd.profiler_util import FunctionEvent
+from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import raydeq
@@ -25,6 +31,9 @@ from raydeq.solvers.gmres import ARNOLDI_CHECK
 from raydeq.solvers.solve import GRAPH, make_solver
 
 SYNCS = ("_local_scalar_dense", "item", "is_nonzero")
+# What the profiler calls inductor's C++ kernels when they record themselves
+# (cpp.enable_kernel_profile): graph_<n>_cpp_fused_<ops>_<k>.
+KERNEL = "cpp_fused_"
 CPU = torch.device("cpu")
 
 
@@ -110,6 +119,56 @@ def step_cost(
     }
 
 
+def is_launch(name: str) -> bool:
+    """Whether a profiler event is an aten operation or an inductor kernel."""
+    return name.startswith("aten::") or KERNEL in name
+
+
+def outermost(event: FunctionEvent) -> bool:
+    """Whether no aten operation or kernel encloses a profiler event: what an operation calls
+    is part of its own launch."""
+    parent = event.cpu_parent
+    while parent is not None:
+        if is_launch(parent.name):
+            return False
+        parent = parent.cpu_parent
+    return True
+
+
+def compiled_step_cost(solver: str, batch: int, dim: int, seed: int = 0) -> dict[str, float]:
+    """step_cost's counts with compile=True on a CPU: the launches the host makes per step,
+    aten operations (the eager start and checks, and the extern kernels inside a compiled
+    step, such as the matrix product) and inductor's fused kernels, counted by the profiler
+    over a second solve (the first compiles) with each kernel recording itself. torch.compile's
+    caches are cleared before (a step compiled without those records would count no kernel)
+    and after (the records cost time)."""
+    f, z0 = dense_layer(batch, dim, seed)
+    options = {"abstol": TOL, "reltol": 0.0, "max_steps": 1000, "stop_on_convergence": False}
+    # kineto writes its start and stop, and on a machine without a GPU its failed device
+    # probe, to stderr, between the bench's progress lines.
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad(), inductor_config.patch({"cpp.enable_kernel_profile": True}):
+            raydeq.solve(f, z0, solver=solver, compile=True, **options)
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                sol = raydeq.solve(f, z0, solver=solver, compile=True, **options)
+    finally:
+        torch._dynamo.reset()
+    events = prof.events()
+    launches = [e.name for e in events if is_launch(e.name) and outermost(e)]
+    if not any(KERNEL in name for name in launches):
+        raise RuntimeError(f"{solver}: no inductor kernel recorded itself, so none was counted")
+    steps = sol.stats.steps
+    return {
+        "steps": steps,
+        "nfe": sol.stats.nfe,
+        "ops": len(launches) / steps,
+        "syncs": sum(e.name == "aten::_local_scalar_dense" for e in events) / steps,
+        "converged": bool(sol.stats.converged.all()),
+    }
+
+
 def arnoldi_step_cost(batch: int, dim: int, seed: int = 0) -> dict[str, float]:
     """Products, aten operations and host syncs per product of one GMRES solve of the implicit
     backward's system (I - J_f(z*))^T g = v at the dense layer's fixed point, at rtol TOL,
@@ -168,16 +227,23 @@ def run(ctx: Context) -> Section:
             "vector-Jacobian product's operations. On a GPU the capturable solvers are also "
             'counted with compile="graph" on the device: the operations the host dispatches '
             "(a replayed step dispatches none; the start, one eager step, the recording and the "
-            "checks do).",
+            "checks do). On a CPU they are also counted with compile=True (inductor's C++ "
+            "kernels, which no dispatch mode sees), by the profiler over a second solve: the "
+            "launches, aten operations (the eager start and checks, the matrix product inside "
+            "a step) and fused kernels; syncs = aten._local_scalar_dense.",
         ],
     )
     for solver in SOLVERS:
         add_solver(section, solver, solver, step_cost(solver, batch, dim, ctx.seed))
-    if ctx.device.type == "cuda":
-        # The solvers whose steps compile="graph" records: each replayed step one launch.
-        for solver in (s for s in SOLVERS if make_solver(s, {}).capturable):
+    # The solvers whose steps compile= captures: on a GPU compile="graph" records each as a
+    # CUDA graph (one launch a replayed step), on a CPU compile=True fuses each into kernels.
+    for solver in (s for s in SOLVERS if make_solver(s, {}).capturable):
+        if ctx.device.type == "cuda":
             cost = step_cost(solver, batch, dim, ctx.seed, ctx.device, compile=GRAPH)
             add_solver(section, solver, f'{solver}, compile="graph"', cost)
+        elif ctx.device.type == "cpu":
+            cost = compiled_step_cost(solver, batch, dim, ctx.seed)
+            add_solver(section, solver, f"{solver}, compile=True", cost)
     cost = arnoldi_step_cost(batch, dim, ctx.seed)
     section.add(
         solver="gmres (backward)",
