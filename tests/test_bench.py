@@ -14,7 +14,16 @@ from raydeq.bench.harness.context import Checkpoint, Context
 from raydeq.bench.harness.memory import peak_memory
 from raydeq.bench.harness.report import Report, Section, Target, fmt, output_stem, write
 from raydeq.bench.harness.timing import Timing, measure, paired_ratio
-from raydeq.bench.suites import MODULES, SUITES, node, skip, skip_lambda, torchdeq, train_step
+from raydeq.bench.suites import (
+    MODULES,
+    SUITES,
+    node,
+    skip,
+    skip_lambda,
+    step_cost,
+    torchdeq,
+    train_step,
+)
 from raydeq.models import PRESETS
 from raydeq.training.checkpoint import read_checkpoint, write_checkpoint
 
@@ -290,6 +299,25 @@ def test_a_compiled_workload_that_fails_fails_its_own_target_only(capsys):
     (target,) = section.targets
     assert target.verdict() == "FAIL" and target.detail == error
     assert section.rows[0]["variant"] == compiled.label and "train step ms" not in section.rows[0]
+
+
+def test_a_compiled_step_count_that_fails_fails_its_own_target_only(monkeypatch, capsys):
+    """A CPU without a C++ compiler cannot run compile=True: each compiled row fails its target
+    with the error's first line, and the eager rows are counted."""
+
+    def broken(solver: str, *args: object) -> dict[str, float]:
+        raise RuntimeError("InductorError: no C++ compiler found\nStack trace: ...")
+
+    monkeypatch.setattr(step_cost, "compiled_step_cost", broken)
+    section = step_cost.run(Context(CPU, "tiny"))
+    failed = [t for t in section.targets if t.name.endswith("compile=True: syncs per step")]
+    assert len(failed) == 5 and all(t.verdict() == "FAIL" for t in failed)
+    assert failed[0].detail == "failed: RuntimeError: InductorError: no C++ compiler found"
+    rows = {row["solver"]: row for row in section.rows}
+    assert rows["euler"]["ops per step"] > 1 and rows["euler, compile=True"] == {
+        "solver": "euler, compile=True"
+    }
+    assert "Traceback" in capsys.readouterr().err
 
 
 def test_the_size_is_full_unless_asked_otherwise():

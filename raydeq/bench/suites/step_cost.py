@@ -12,10 +12,13 @@ profiler counts the launches (aten operations and kernels) the host makes.
 
 from __future__ import annotations
 
+import math
 import os
+import traceback
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch._inductor import config as inductor_config
@@ -25,7 +28,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import raydeq
 from raydeq.bench.harness.context import Context
-from raydeq.bench.harness.report import Section, Target
+from raydeq.bench.harness.report import Section, Target, error_line
 from raydeq.solvers import GMRES, SOLVERS
 from raydeq.solvers.gmres import ARNOLDI_CHECK
 from raydeq.solvers.solve import GRAPH, make_solver
@@ -239,11 +242,24 @@ def run(ctx: Context) -> Section:
     # CUDA graph (one launch a replayed step), on a CPU compile=True fuses each into kernels.
     for solver in (s for s in SOLVERS if make_solver(s, {}).capturable):
         if ctx.device.type == "cuda":
-            cost = step_cost(solver, batch, dim, ctx.seed, ctx.device, compile=GRAPH)
-            add_solver(section, solver, f'{solver}, compile="graph"', cost)
+            label = f'{solver}, compile="graph"'
+            count = partial(step_cost, solver, batch, dim, ctx.seed, ctx.device, compile=GRAPH)
         elif ctx.device.type == "cpu":
-            cost = compiled_step_cost(solver, batch, dim, ctx.seed)
-            add_solver(section, solver, f"{solver}, compile=True", cost)
+            label = f"{solver}, compile=True"
+            count = partial(compiled_step_cost, solver, batch, dim, ctx.seed)
+        else:
+            continue
+        try:
+            cost = count()
+        except Exception as err:  # a compile or capture that fails here must not lose the section
+            traceback.print_exc()
+            section.add(solver=label)
+            error = f"failed: {error_line(err)}"
+            section.targets.append(
+                Target(f"{label}: syncs per step", math.inf, SYNC_LIMIT, detail=error)
+            )
+            continue
+        add_solver(section, solver, label, cost)
     cost = arnoldi_step_cost(batch, dim, ctx.seed)
     section.add(
         solver="gmres (backward)",
