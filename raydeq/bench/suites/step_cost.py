@@ -54,6 +54,8 @@ SIZES = {
     "full": StepCostSize(batch=64, dim=128),
 }
 TOL = 1e-4
+# Every counted solve's settings besides its solver and compile=: read as on an accelerator.
+SOLVE = {"abstol": TOL, "reltol": 0.0, "max_steps": 1000, "stop_on_convergence": False}
 # The issue's targets: at most one host read every four steps, and operations per step
 # within the budget of a launch-bound step (f itself takes 4 of them here).
 SYNC_LIMIT = 0.25
@@ -102,16 +104,7 @@ def step_cost(
     the host dispatches: a replayed CUDA graph (compile="graph") dispatches none."""
     f, z0 = dense_layer(batch, dim, seed, device)
     with torch.no_grad(), OpCounter() as counter:
-        sol = raydeq.solve(
-            f,
-            z0,
-            solver=solver,
-            abstol=TOL,
-            reltol=0.0,
-            max_steps=1000,
-            stop_on_convergence=False,
-            compile=compile,
-        )
+        sol = raydeq.solve(f, z0, solver=solver, compile=compile, **SOLVE)
     steps = sol.stats.steps
     return {
         "steps": steps,
@@ -146,16 +139,15 @@ def compiled_step_cost(solver: str, batch: int, dim: int, seed: int = 0) -> dict
     caches are cleared before (a step compiled without those records would count no kernel)
     and after (the records cost time)."""
     f, z0 = dense_layer(batch, dim, seed)
-    options = {"abstol": TOL, "reltol": 0.0, "max_steps": 1000, "stop_on_convergence": False}
     # kineto writes its start and stop, and on a machine without a GPU its failed device
     # probe, to stderr, between the bench's progress lines.
     os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     torch._dynamo.reset()
     try:
         with torch.no_grad(), inductor_config.patch({"cpp.enable_kernel_profile": True}):
-            raydeq.solve(f, z0, solver=solver, compile=True, **options)
+            raydeq.solve(f, z0, solver=solver, compile=True, **SOLVE)
             with profile(activities=[ProfilerActivity.CPU]) as prof:
-                sol = raydeq.solve(f, z0, solver=solver, compile=True, **options)
+                sol = raydeq.solve(f, z0, solver=solver, compile=True, **SOLVE)
     finally:
         torch._dynamo.reset()
     events = prof.events()
