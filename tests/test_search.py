@@ -250,7 +250,7 @@ def test_the_pareto_front_is_the_brute_force_one(points):
 def test_the_front_table_names_the_paper_points_and_the_cheapest_trial():
     rows = [
         {
-            "trial": "a_x",
+            "trial": "9db77_00000_solver=vcab3",
             "group": "Vanilla DEQ (ours, lambda 1.0), solver=vcab3",
             "paper": True,
             "completed": True,
@@ -260,7 +260,7 @@ def test_the_front_table_names_the_paper_points_and_the_cheapest_trial():
             "config.model.solver": "vcab3",
         },
         {
-            "trial": "b_x",
+            "trial": "9db77_00001_solver=euler",
             "group": "solver=euler",
             "paper": False,
             "completed": True,
@@ -270,7 +270,7 @@ def test_the_front_table_names_the_paper_points_and_the_cheapest_trial():
             "config.model.solver": "euler",
         },
         {
-            "trial": "c_x",
+            "trial": "9db77_00002_solver=bs3",
             "group": "solver=bs3",
             "paper": False,
             "completed": True,
@@ -280,7 +280,7 @@ def test_the_front_table_names_the_paper_points_and_the_cheapest_trial():
             "config.model.solver": "bs3",
         },
         {
-            "trial": "d_x",
+            "trial": "9db77_00003_solver=bs3",
             "group": "solver=bs3",
             "paper": False,
             "completed": False,
@@ -295,10 +295,13 @@ def test_the_front_table_names_the_paper_points_and_the_cheapest_trial():
     assert [r["cheapest_test_nfe"] for r in marked] == [False, True, False, False]
     text = pareto.markdown(marked, "test_accuracy")
     assert (
-        "| b | 94.80 | 9 | 0.01 | euler |" in text
+        "| 9db77_00001 | 94.80 | 9 | 0.01 | euler |" in text
         and "| Vanilla DEQ (ours, lambda 1.0) | 95.00 | 30 |" in text
     )
-    assert "Cheapest within 0.5 points of the best test_accuracy: b (94.80%, test NFE 9)" in text
+    assert (
+        "Cheapest within 0.5 points of the best test_accuracy: 9db77_00001 (94.80%, test NFE 9)"
+        in text
+    )
     assert pareto.chart(marked, "test_accuracy").startswith(b"\x89PNG")
 
 

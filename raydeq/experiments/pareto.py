@@ -92,10 +92,11 @@ def _number(value: Any) -> float:
 
 def _name(row: Mapping[str, Any]) -> str:
     """A trial as the tables name it: the paper's label (its group up to the first ", key=",
-    so that a label may hold a comma), else its id."""
+    so that a label may hold a comma), else its Tune id (`9db77_00001`: the experiment's
+    part, then the trial's; a folder name goes on with the trial's values)."""
     if row.get("paper"):
         return re.split(r", (?=[\w.]+=)", row["group"])[0]
-    return row["trial"].split("_")[0]
+    return "_".join(row["trial"].split("_")[:2])
 
 
 def _value(value: Any) -> str:
