@@ -25,7 +25,7 @@ from raydeq.experiments import search as searchers
 from raydeq.experiments.results import PLOTS, report
 from raydeq.experiments.spec import Experiment, describe, expand, load
 from raydeq.training import data, launch, runlock
-from raydeq.training.config import SCHEDULERS, ConfigError
+from raydeq.training.config import SCHEDULERS, ConfigError, check_folder_name
 from raydeq.training.preflight import check_run
 from raydeq.training.storage import StorageError, absolute, check_storage
 
@@ -86,8 +86,13 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _check_numbers(args: argparse.Namespace) -> None:
-    """Raise a ConfigError for a count or a GPU share out of range on the command line."""
+def _check_flags(args: argparse.Namespace) -> None:
+    """Raise a ConfigError for a count or a GPU share out of range on the command line, an
+    experiment name that is no folder's name, or an empty storage."""
+    if args.name is not None:
+        check_folder_name("--name", args.name)
+    if args.storage is not None and not args.storage.strip():
+        raise ConfigError("--storage: empty; give a folder or a URI, or leave it out")
     for option, least in [("num_samples", 1), ("max_concurrent_trials", 1), ("gpus_per_worker", 0)]:
         value = getattr(args, option)
         if value is not None and value < least:
@@ -128,7 +133,7 @@ def preflight(experiment: Experiment, num_samples: int | None = None) -> None:
 def start(args: argparse.Namespace) -> tuple[Experiment, str, run.Options | None]:
     """Check everything that can be checked before Ray starts; (experiment, path, options of an
     experiment that has started, else None)."""
-    _check_numbers(args)
+    _check_flags(args)
     if args.resume or args.report:
         _refuse_new_run_flags(args)
         path = _path(args, load(args.experiment))
@@ -174,11 +179,13 @@ def dry_run(experiment: Experiment, num_samples: int | None, path: str) -> None:
     object a line (and a searcher's space, a dimension a line, on stderr)."""
     if experiment.searched:
         print("\n".join(searchers.lines(experiment.space())), file=sys.stderr)
+    lines = []  # every trial checked before the first is printed
     for sampled in expand(experiment, num_samples):
         cfg = experiment.trial_config(sampled)
         label = describe(sampled) or experiment.name
         config = {k: v for k, v in cfg.to_dict().items() if k != "search"}  # a trial has none
-        print(json.dumps({"label": label, "experiment": path, "config": config}))
+        lines.append(json.dumps({"label": label, "experiment": path, "config": config}))
+    print("\n".join(lines))
 
 
 def resume_command(args: argparse.Namespace) -> str:
@@ -212,7 +219,8 @@ def run_experiment(
     status."""
     if args.dry_run:
         try:
-            dry_run(experiment, args.num_samples, path)
+            samples = options.num_samples if options is not None else args.num_samples
+            dry_run(experiment, samples, path)
         except BrokenPipeError:  # the reader stopped early (`| head`): not an error
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         except ConfigError as err:

@@ -1,6 +1,7 @@
 """The training config: defaults, deterministic run names, one-line errors, overrides, files."""
 
 import math
+import re
 
 import pytest
 import yaml
@@ -160,6 +161,8 @@ def test_lambda_skip_defaults_to_the_presets_and_amp_reads_yaml_off():
         ({"name": "a/b"}, "name: 'a/b' is not a folder name"),
         ({"data": {"fake_shape": [1, 8]}}, "data.fake_shape: expected [channels, height, width]"),
         ({"data": {"fake_shape": [1, 0, 8]}}, "data.fake_shape: expected a list of positive"),
+        ({"seed": 2**64}, "seed: must be <= 4294967295, got 18446744073709551616"),
+        ({"search": {"population_size": 1}}, "search.population_size: must be 0 (Optuna's"),
     ],
 )
 def test_bad_values_give_one_line_naming_the_key_and_what_is_allowed(raw, expected):
@@ -195,13 +198,14 @@ def test_overrides_set_dotted_keys_read_as_yaml(tmp_path):
         ("=3", "override '=3': expected key=value"),
         ("optim.lr.x=1", "optim.lr: is a value, not a section"),
         ("optim.bogus=1", "optim.bogus: unknown key"),
+        (["train.epochs=1", "train.epochs=3"], "override train.epochs: given twice (1, then 3)"),
     ],
 )
 def test_bad_overrides_are_config_errors(tmp_path, override, expected):
     path = tmp_path / "run.yaml"
     path.write_text("optim: {lr: 0.01}\n")
-    with pytest.raises(ConfigError, match="^" + expected.replace(".", r"\.")):
-        load(path, [override])
+    with pytest.raises(ConfigError, match="^" + re.escape(expected)):
+        load(path, [override] if isinstance(override, str) else override)
 
 
 @pytest.mark.parametrize(
@@ -218,6 +222,13 @@ def test_unreadable_files_are_config_errors(tmp_path, text, expected):
         load(path)
     with pytest.raises(ConfigError, match="cannot read the config file"):
         load(tmp_path / "missing.yaml")
+
+
+def test_a_binary_file_is_named_as_no_yaml_text(tmp_path):
+    path = tmp_path / "images.yaml"
+    path.write_bytes(b"\x1f\x8b\x08\x00binary")
+    with pytest.raises(ConfigError, match=r"images.yaml: not a YAML text file \(byte 0x8b at"):
+        load(path)
 
 
 def test_relative_paths_are_made_absolute(tmp_path, monkeypatch):

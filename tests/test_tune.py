@@ -212,8 +212,27 @@ def test_an_override_fixes_a_searched_key():
         ({"space": {"seed": {"grid_search": []}}}, r"^search.space.seed.grid_search: expected"),
         ({"variants": [{"model.variant": {"choice": [1]}}]}, r"^search.variants\[0\].model"),
         ({"variants": [{"model.variant": "wide"}]}, r"^model.variant: 'wide' is not allowed"),
-        ({"space": {"model": {"abstol": {"grid_search": [-1]}}}}, r"^model.abstol: must be > 0"),
-        ({"space": {"optim.lr": {"gird_search": [1e-3]}}}, r"^optim.lr: expected a number, got"),
+        (
+            {"space": {"model": {"abstol": {"grid_search": [-1]}}}},
+            r"^search.space.model.abstol: the grid value -1: model.abstol: must be > 0",
+        ),
+        (
+            {"space": {"optim.lr": {"gird_search": [1e-3]}}},
+            r"^search.space.optim.lr: 'gird_search' is not a search primitive; use one of grid_",
+        ),
+        (
+            {"space": {"optim.momentum": {"uniform": [0.5, 1.5]}}},
+            r"^search.space.optim.momentum: the upper bound 1.5: optim.momentum: must be <= 1",
+        ),
+        (
+            {"space": {"model.abstol": {"uniform": [-0.1, 0.5]}}},
+            r"^search.space.model.abstol: the lower bound -0.1: model.abstol: must be > 0",
+        ),
+        (
+            {"space": {"train.epochs": {"randint": [0, 3]}}},
+            r"^search.space.train.epochs: the lower bound 0: train.epochs: must be >= 1",
+        ),
+        ({"searcher": "nsga2", "population_size": 1}, r"^search.population_size: must be 0 \("),
         (
             {"space": {"model.solver": {"choice": ["vcab3", "rk4"]}}},
             r"^search.space.model.solver: the choice 'rk4': model.solver: 'rk4' is not allowed",
@@ -252,7 +271,9 @@ def test_a_dry_run_of_a_bad_space_is_a_one_line_error(tmp_path, capsys):
     experiment = tmp_path / "bad.yaml"
     experiment.write_text(yaml.safe_dump({**TINY, "search": {"space": {"optim.lr": {"f": [1]}}}}))
     assert rt.main([str(experiment), "--dry-run"]) == 2
-    assert capsys.readouterr().err == "error: optim.lr: expected a number, got {'f': [1]}\n"
+    out = capsys.readouterr()
+    assert out.err.startswith("error: search.space.optim.lr: 'f' is not a search primitive; use")
+    assert out.err.count("\n") == 1 and out.out == ""
 
 
 def test_the_command_refuses_bad_input_and_an_existing_experiment_with_status_2(tmp_path, capsys):
@@ -286,6 +307,63 @@ def test_the_command_refuses_bad_input_and_an_existing_experiment_with_status_2(
         assert err.startswith(f"error: --resume: {named} cannot change an experiment that has")
     assert rt.main([*argv, "--report", "--num-samples", "2"]) == 2
     assert capsys.readouterr().err.startswith("error: --report: --num-samples cannot change")
+    assert rt.main([*argv, "--name", "../out"]) == 2
+    assert capsys.readouterr().err.startswith("error: --name: '../out' is not a folder name")
+    assert not (tmp_path / "out").exists()
+    assert rt.main([str(experiment), "--storage", " "]) == 2
+    assert capsys.readouterr().err.startswith("error: --storage: empty; give a folder or a URI")
+
+
+def test_stored_settings_that_are_no_text_or_bad_name_the_file_with_status_2(tmp_path, capsys):
+    experiment = tmp_path / "tiny.yaml"
+    experiment.write_text(yaml.safe_dump(TINY))
+    folder = tmp_path / "runs" / "tiny"
+    folder.mkdir(parents=True)
+    argv = [str(experiment), "--storage", str(tmp_path / "runs"), "--report"]
+    stored = folder / run.SETTINGS_FILE
+    stored.write_bytes(b"\x1f\x8b\x08\x00")
+    assert rt.main(argv) == 2
+    assert capsys.readouterr().err.startswith(f"error: {stored} holds no experiment settings")
+    stored.unlink()
+    stored.mkdir()
+    assert rt.main(argv) == 2
+    assert capsys.readouterr().err.startswith(f"error: {stored} holds no experiment settings")
+    stored.rmdir()
+    bad = {**TINY, "model": {**TINY["model"], "solver": "nope"}}
+    options = vars(run.Options(None, 1, "fifo", 0))
+    stored.write_text(yaml.safe_dump({"experiment": bad, "options": options}))
+    assert rt.main(argv) == 2
+    assert capsys.readouterr().err.startswith(f"error: {stored}: model.solver: 'nope' is not")
+
+
+def test_a_dry_run_lists_the_trials_the_run_draws_and_a_resumed_one_its_stored_count(
+    tmp_path, capsys, monkeypatch
+):
+    """Random values come from the experiment's seed, in the dry run as in Tune's generator;
+    --resume --dry-run lists the sample count the experiment was started with."""
+    space = {"optim.lr": {"loguniform": [1e-4, 1e-2]}, "seed": {"grid_search": [0, 1]}}
+    raw = {**TINY, "search": {"num_samples": 3, "space": space}}
+    experiment = spec.from_dict("tiny", raw)
+    listed = [s["optim"]["lr"] for s in spec.expand(experiment)]
+    assert listed == [s["optim"]["lr"] for s in spec.expand(experiment)]
+    assert len(set(listed)) == 3 and listed[0] == listed[1]
+    monkeypatch.setattr(run, "concurrency", lambda *args, **kwargs: 6)
+    generator = run.search_algorithm(experiment, run.Options(None, 3, "fifo", 0))
+    ray.tune.register_trainable("tiny", lambda config: None)
+    generator.add_configurations(
+        {"tiny": {"config": experiment.param_space(), "num_samples": 3, "run": "tiny"}}
+    )
+    drawn = []
+    while (trial := generator.next_trial()) is not None:
+        drawn.append(trial.config["optim"]["lr"])
+    assert drawn == listed
+    path = tmp_path / "runs" / "tiny"
+    run.save_settings(str(path), experiment, run.Options(None, 1, "fifo", 0))
+    file = tmp_path / "tiny.yaml"
+    file.write_text(yaml.safe_dump(raw))
+    argv = [str(file), "--storage", str(tmp_path / "runs"), "--resume", "--dry-run"]
+    assert rt.main(argv) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 2
 
 
 def test_an_experiment_running_here_is_not_started_or_resumed_twice(tmp_path, capsys, monkeypatch):

@@ -169,10 +169,13 @@ def load_settings(path: str) -> tuple[Experiment, Options]:
     try:
         settings = yaml.safe_load(read_text(file))
         experiment, options = settings["experiment"], Options(**settings["options"])
-    except (yaml.YAMLError, KeyError, TypeError) as err:
+    except (yaml.YAMLError, KeyError, TypeError, UnicodeDecodeError, OSError) as err:
         reason = f"{type(err).__name__}: {err}".splitlines()[0]
         raise ConfigError(f"{file} holds no experiment settings ({reason})") from None
-    return from_dict(path.rstrip("/").rsplit("/", 1)[-1], experiment), options
+    try:
+        return from_dict(path.rstrip("/").rsplit("/", 1)[-1], experiment), options
+    except ConfigError as err:
+        raise ConfigError(f"{file}: {err}") from None
 
 
 def _scheduler(experiment: Experiment, options: Options) -> TrialScheduler:
@@ -193,9 +196,9 @@ def search_algorithm(experiment: Experiment, options: Options) -> SearchAlgorith
     """Tune's grid and random sampling, or an Optuna searcher (`search.searcher`), with as many
     trials at once as the cluster can hold (`concurrency`)."""
     bound = functools.partial(concurrency, experiment, options.gpus, options.max_concurrent)
-    if not experiment.searched:
-        return VariantsWithinCapacity(bound, constant_grid_search=True)
     seed = experiment.trial_config({}).seed
+    if not experiment.searched:
+        return VariantsWithinCapacity(bound, constant_grid_search=True, random_state=seed)
     return searchers.searcher(experiment.space(), experiment.search, seed, bound())
 
 

@@ -7,23 +7,26 @@ labelled variants, a space over Ray Tune's primitives and the trial scheduling.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args, get_type_hints
 
+import numpy as np
 from ray import tune
+from ray.tune.search.sample import Integer
 from ray.tune.search.variant_generator import generate_variants
 
 from raydeq.experiments import search as searchers
-from raydeq.experiments.primitives import dimensions, domain, nested
+from raydeq.experiments.primitives import PRIMITIVES, dimensions, domain, is_primitive, nested
 from raydeq.training.config import (
     Config,
     ConfigError,
     SearchSection,
     apply_overrides,
-    parse_override,
+    parse_overrides,
     read_yaml,
     validate,
     validate_search,
@@ -183,28 +186,66 @@ def from_dict(
     experiment.trial_config({})
     if experiment.searched:
         experiment.space()
-    _check_choices(experiment)
+    _check_space(experiment)
     return experiment
 
 
-def _check_choices(experiment: Experiment) -> None:
-    """Check each value of the space's `choice` dimensions in a trial config (each variant's,
-    the other choices at their first values): a trial draws a value at random, so a bad one
-    would otherwise fail only the trials that draw it, after the run has started."""
-    choices = {
-        key: spec["choice"]
-        for key, spec in dimensions(experiment.search.space).items()
-        if isinstance(spec, Mapping) and set(spec) == {"choice"}
-    }
-    firsts = {key: values[0] for key, values in choices.items()}
+def _check_space(experiment: Experiment) -> None:
+    """Check the space's keys and, in a trial config, the values its dimensions can take: each
+    value of a `choice` or `grid_search` (each variant's, the other dimensions at their first
+    values) and both ends of a range. A trial draws its values at random, so a bad one would
+    otherwise fail only the trials that draw it, after the run has started."""
+    space = dimensions(experiment.search.space)
+    for key in space:
+        _check_primitive_key(key)
+    values = {key: _values(f"search.space.{key}", spec) for key, spec in space.items()}
+    values = {key: pairs for key, pairs in values.items() if pairs}
+    firsts = {key: pairs[0][1] for key, pairs in values.items()}
     for row in experiment.search.variants or ({},):
-        for key, values in choices.items():
-            for value in values:
+        for key, pairs in values.items():
+            for what, value in pairs:
                 sampled = apply_overrides({VARIANT: row}, firsts | {key: value})
                 try:
                     experiment.trial_config(sampled)
                 except ConfigError as err:
-                    raise ConfigError(f"search.space.{key}: the choice {value!r}: {err}") from None
+                    raise ConfigError(f"search.space.{key}: {what} {value!r}: {err}") from None
+
+
+def _values(key: str, spec: Any) -> list[tuple[str, Any]]:
+    """The values of a dimension that `_check_space` tries, each with its name: a choice's or a
+    grid's values, a range's ends (an integer range's upper end is excluded unless quantized);
+    none for a constant or an unbounded normal."""
+    if not is_primitive(spec):
+        return []
+    ((primitive, args),) = spec.items()
+    if primitive in ("choice", "grid_search"):
+        what = "the choice" if primitive == "choice" else "the grid value"
+        return [(what, value) for value in args]
+    made = domain(key, spec)
+    lower, upper = getattr(made, "lower", None), getattr(made, "upper", None)
+    if lower is None or not math.isfinite(lower) or not math.isfinite(upper):
+        return []
+    if isinstance(made, Integer) and not primitive.startswith("q"):
+        upper -= 1
+    return [("the lower bound", lower), ("the upper bound", upper)]
+
+
+def _check_primitive_key(dotted: str) -> None:
+    """Raise a ConfigError where a space's key goes below a setting (`optim.lr.gird_search`):
+    a mapping under a setting is read as a primitive, and that one is no primitive's name."""
+    kind: Any = Config
+    for i, part in enumerate(parts := dotted.split(".")):
+        if not is_dataclass(kind):
+            setting = ".".join(parts[:i])
+            raise ConfigError(
+                f"search.space.{setting}: {part!r} is not a search primitive; use one of "
+                f"{', '.join(PRIMITIVES)}"
+            )
+        if part not in {f.name for f in fields(kind)}:
+            return  # an unknown key: the trial config names it
+        kind = get_type_hints(kind)[part]
+        if dict in (kind, *get_args(kind)):  # a mapping setting (solver_options) takes any key
+            return
 
 
 def _check_searcher(search: SearchSection) -> None:
@@ -220,7 +261,7 @@ def _check_searcher(search: SearchSection) -> None:
 def load(experiment: str, overrides: Sequence[str] = ()) -> Experiment:
     """Read `tune_configs/EXPERIMENT.yaml` (or a path), apply overrides, check the base."""
     path = locate(experiment)
-    parsed = dict(parse_override(text) for text in overrides)
+    parsed = parse_overrides(overrides)
     return from_dict(path.stem, read_yaml(path), parsed)
 
 
@@ -228,17 +269,21 @@ def expand(experiment: Experiment, num_samples: int | None = None) -> list[dict[
     """The sampled values of every trial Tune would start (grid x samples), without running.
 
     Random values are drawn once per sample and shared by that sample's grid points, as the
-    search algorithm does (`constant_grid_search`), so seeds repeat one configuration. A
-    searcher's trials are its points, then random draws from its space.
+    search algorithm does (`constant_grid_search`), so seeds repeat one configuration; they are
+    drawn from the experiment's seed, as the run draws them. A searcher's trials are its
+    points, then random draws from its space.
     """
     samples = num_samples or experiment.search.num_samples
+    seed = experiment.trial_config({}).seed
     if experiment.searched:
-        seed = experiment.trial_config({}).seed
         return searchers.sample(experiment.space(), samples, seed)
+    draws = np.random.default_rng(seed)  # one stream for every sample, as Tune's generator
     return [
         resolved
         for _ in range(samples)
-        for _, resolved in generate_variants(experiment.param_space(), constant_grid_search=True)
+        for _, resolved in generate_variants(
+            experiment.param_space(), constant_grid_search=True, random_state=draws
+        )
     ]
 
 

@@ -188,7 +188,9 @@ class Config:
 
     name: str | None = option(None)
     storage_path: str = option("runs")
-    seed: int = option(0, ge=0)
+    # At most 2**32 - 1: the searchers' samplers (numpy) take no larger seed, and the workers'
+    # seeds (seed + rank + world * step, torch's at most 2**64 - 1) keep room to grow.
+    seed: int = option(0, ge=0, le=2**32 - 1)
     label: str | None = option(None)  # in progress lines (a Tune trial's variant); name if unset
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
@@ -256,9 +258,15 @@ def _check_together(cfg: Config) -> None:
         )
     if optim.eta_min > optim.lr:
         raise ConfigError(f"optim.eta_min: {optim.eta_min:g} is above optim.lr={optim.lr:g}")
-    if cfg.name is not None and not _NAME_PATTERN.fullmatch(cfg.name):
+    if cfg.name is not None:
+        check_folder_name("name", cfg.name)
+
+
+def check_folder_name(key: str, name: str) -> None:
+    """Raise a ConfigError unless `name` is one folder's name (a run's or an experiment's)."""
+    if not _NAME_PATTERN.fullmatch(name):
         raise ConfigError(
-            f"name: {cfg.name!r} is not a folder name; use letters, digits, '.', '_' and '-'"
+            f"{key}: {name!r} is not a folder name; use letters, digits, '.', '_' and '-'"
         )
 
 
@@ -277,6 +285,8 @@ def _resolve_model(model: ModelSection) -> ModelSection:
 def _check_search(search: SearchSection) -> None:
     """The variants' rows and the paper reference of a search section."""
     _check_variants(search.variants)
+    if search.population_size == 1:
+        raise ConfigError("search.population_size: must be 0 (Optuna's default, 50) or >= 2, got 1")
     unknown = set(search.paper) - {"table"}
     if unknown:
         raise ConfigError(f"search.paper.{sorted(unknown)[0]}: unknown key; allowed keys: table")
@@ -379,6 +389,19 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), parsed
 
 
+def parse_overrides(texts: Sequence[str]) -> dict[str, Any]:
+    """`key=value` overrides as a mapping; a key given twice is an error, not a silent choice."""
+    overrides: dict[str, Any] = {}
+    for text in texts:
+        key, value = parse_override(text)
+        if key in overrides:
+            raise ConfigError(
+                f"override {key}: given twice ({overrides[key]!r}, then {value!r}); keep one"
+            )
+        overrides[key] = value
+    return overrides
+
+
 def apply_overrides(raw: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
     """A copy of `raw` with dotted keys (`optim.lr`) set to the given values."""
     result = copy.deepcopy(dict(raw))
@@ -397,9 +420,14 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Mapping[str, Any]) -> dic
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML config file into a dict, turning every failure into a one-line ConfigError."""
     try:
-        text = Path(path).read_text()
+        text = Path(path).read_text(encoding="utf-8")
     except OSError as err:
         raise ConfigError(f"{path}: cannot read the config file ({err.strerror})") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"{path}: not a YAML text file (byte {err.object[err.start]:#04x} at offset "
+            f"{err.start} is not UTF-8)"
+        ) from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as err:
@@ -415,5 +443,5 @@ def load(path: str | Path, overrides: Sequence[str] | Mapping[str, Any] = ()) ->
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{path}: expected a mapping of keys to values at the top level")
     if not isinstance(overrides, Mapping):
-        overrides = dict(parse_override(text) for text in overrides)
+        overrides = parse_overrides(overrides)
     return validate(apply_overrides(raw, overrides))

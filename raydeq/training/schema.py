@@ -107,7 +107,8 @@ def _check_range(key: str, value: Any, meta: Mapping[str, Any], kind: Any) -> No
     for name, (sign, holds) in _BOUNDS.items():
         bound = meta[name]
         if bound is not None and not holds(value, bound):
-            raise ConfigError(f"{key}: must be {sign} {bound:g}, got {reprlib.repr(value)}")
+            shown = bound if isinstance(bound, int) else f"{bound:g}"
+            raise ConfigError(f"{key}: must be {sign} {shown}, got {reprlib.repr(value)}")
 
 
 def build_section(cls: type, raw: Any, prefix: str) -> Any:
