@@ -328,9 +328,11 @@ def test_the_size_is_full_unless_asked_otherwise():
 
 
 @pytest.mark.skipif(torch.cuda.device_count() > 3, reason="needs a missing CUDA device")
-def test_a_missing_cuda_device_stops_the_run_before_any_suite():
-    with pytest.raises(SystemExit, match="--device cuda:3: .* CUDA devices are available"):
-        main(["--size", "tiny", "--device", "cuda:3"])
+@pytest.mark.parametrize("device", ["cuda:3", "mps", "meta"])
+def test_a_device_this_machine_lacks_stops_the_run_before_any_suite(device, tmp_path):
+    with pytest.raises(SystemExit, match=f"--device {device}: not on this machine, which has cpu"):
+        main(["--size", "tiny", "--device", device, "--out", str(tmp_path)])
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_every_suite_module_is_named_as_its_suite_and_section():

@@ -117,6 +117,19 @@ def torch_device(text: str) -> torch.device:
         ) from None
 
 
+def check_device(device: torch.device) -> None:
+    """Exit naming the devices this machine has unless `device` is one of them (the CPU, or
+    an available accelerator's device)."""
+    accelerator = torch.accelerator.current_accelerator(check_available=True)
+    count = torch.accelerator.device_count() if accelerator is not None else 0
+    if device.type == "cpu" or (
+        accelerator is not None and device.type == accelerator.type and (device.index or 0) < count
+    ):
+        return
+    devices = f" and {accelerator.type}:0 to {accelerator.type}:{count - 1}" if count else ""
+    sys.exit(f"--device {device}: not on this machine, which has cpu{devices}")
+
+
 def positive_int(text: str) -> int:
     """An integer >= 1 named on the command line."""
     if not text.isdigit() or int(text) < 1:
@@ -150,8 +163,7 @@ def main(argv: Sequence[str] | None = None) -> Report:
     """
     args = parse(argv)
     device = args.device
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        sys.exit(f"--device {device}: {torch.cuda.device_count()} CUDA devices are available")
+    check_device(device)
     if args.threads:
         torch.set_num_threads(args.threads)
     keep_freed_memory()
