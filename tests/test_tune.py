@@ -290,6 +290,11 @@ def test_the_command_refuses_bad_input_and_an_existing_experiment_with_status_2(
     assert "start it without --resume" in err
     assert rt.main(["no_such_experiment"]) == 2
     assert "no such experiment file; experiments: cifar10_large" in capsys.readouterr().err
+    (tmp_path / "tiny.txt").write_text(yaml.safe_dump(TINY))
+    assert rt.main([str(tmp_path / "tiny.txt"), "--dry-run"]) == 2
+    assert "tiny.txt: not a .yaml or .yml file; an experiment is a YAML" in capsys.readouterr().err
+    assert rt.main([str(tmp_path), "--dry-run"]) == 2
+    assert f"{tmp_path}: a folder; an experiment is a YAML file" in capsys.readouterr().err
     assert rt.main([*argv, "--name", "other", "--num-samples", "0"]) == 2
     assert "--num-samples: must be >= 1, got 0" in capsys.readouterr().err
     assert rt.main([*argv, "--name", "other", "--workers-per-trial", "3"]) == 2

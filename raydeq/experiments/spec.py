@@ -103,6 +103,9 @@ def locate(experiment: str) -> Path:
     packaged = CONFIG_DIR / f"{experiment}.yaml"
     if packaged.is_file():
         return packaged
+    if Path(experiment).exists():
+        what = "a folder" if Path(experiment).is_dir() else "not a .yaml or .yml file"
+        raise ConfigError(f"{experiment}: {what}; an experiment is a YAML file")
     known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
     raise ConfigError(f"{experiment}: no such experiment file; experiments: {known}")
 
