@@ -125,13 +125,18 @@ def _fix(search: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, A
         if isinstance(rules, list):
             rules, joined = _fix_rules(rules, dotted, value)
             space = merge(space, joined)
+        given = variants
         variants = [row for row in variants if row.get(dotted, value) == value]
         searched = search.get("searcher", "random") != "random"
         if searched:  # a searcher's points lose the key
             variants = [{k: v for k, v in row.items() if k != dotted} for row in variants]
         elif search.get("variants") and not variants:
             # A grid's variants are its trials; a searcher's are only its first points.
-            raise ConfigError(f"{dotted}={value!r}: no variant of search.variants has that value")
+            values = ", ".join(dict.fromkeys(repr(row[dotted]) for row in given if dotted in row))
+            raise ConfigError(
+                f"{dotted}={value!r}: no variant of search.variants has that value; they have "
+                f"{values}"
+            )
     fixed = {**search, "space": space} | ({"variants": variants} if "variants" in search else {})
     return fixed | ({"conditional": rules} if isinstance(rules, list) else {})
 
