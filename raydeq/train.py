@@ -54,7 +54,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         ),
     )
     parser.add_argument("config", help="YAML config (a tune_configs/ experiment file works too)")
-    parser.add_argument("overrides", nargs="*", help="key=value settings, e.g. optim.lr=3e-4")
+    parser.add_argument(
+        "overrides", nargs="*", default=[], help="key=value settings, e.g. optim.lr=3e-4"
+    )
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     with ExitStack() as held:
@@ -72,12 +74,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 def run(cfg: Config, argv: Sequence[str]) -> int:
     """Train the run of a checked config; returns the exit status."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    print(f"tensorboard --logdir {os.path.join(cfg.run_dir, TENSORBOARD_DIR)}", flush=True)
     try:
         own = launch.connect()
         scaling = launch.scaling_config(cfg, launch.gpus_per_worker(cfg))
         if own:
             launch.check_fits(scaling.num_workers, scaling.resources_per_worker)
+        print(f"tensorboard --logdir {os.path.join(cfg.run_dir, TENSORBOARD_DIR)}", flush=True)
         result = launch.fit(cfg, scaling)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -64,7 +64,9 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m raydeq.tune", description=__doc__.split("\n")[0]
     )
     parser.add_argument("experiment", help="tune_configs/EXPERIMENT.yaml, or a path to one")
-    parser.add_argument("overrides", nargs="*", help="key=value settings, e.g. train.epochs=2")
+    parser.add_argument(
+        "overrides", nargs="*", default=[], help="key=value settings, e.g. train.epochs=2"
+    )
     parser.add_argument("--num-samples", type=int, help="samples of the space (default: YAML)")
     parser.add_argument("--scheduler", choices=SCHEDULERS, help="trial scheduler (default: YAML)")
     parser.add_argument("--storage", help="storage folder or URI (default: storage_path)")
