@@ -7,6 +7,7 @@ to its loss and nothing else.
 
 from __future__ import annotations
 
+import reprlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -32,6 +33,14 @@ class LayerOutput:
     stats: SolveStats
     skip_loss: Tensor
     jac_loss: Tensor
+
+
+def callable_layer(name: str, layer: object, call: str) -> None:
+    """Raise a ValueError naming `name` unless `layer` can be called (as `call`)."""
+    if not callable(layer):
+        raise ValueError(
+            f"{name}={reprlib.repr(layer)} must be callable as {call}, e.g. an nn.Module"
+        )
 
 
 def _tensors(z: State) -> tuple[Tensor, ...]:
@@ -161,9 +170,12 @@ class DEQ(nn.Module):
         compile: bool | dict | str = False,
     ) -> None:
         super().__init__()
+        callable_layer("f", f, "f(z, x) -> z")
         choice("init", init, INITS)
         choice("solver", solver, SOLVERS)
         choice("adjoint", adjoint, ADJOINTS)
+        if skip is not None:
+            callable_layer("skip", skip, "g(x) -> z0")
         if init == "skip" and skip is None:
             raise ValueError("init='skip' needs a predictor module: pass skip=g with g(x) -> z0")
         if init != "skip" and skip is not None:

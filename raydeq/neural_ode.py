@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from raydeq.deq import (
     LayerOutput,
+    callable_layer,
     initial_state,
     residual_stats,
     solver_start,
@@ -188,6 +189,7 @@ class NeuralODE(nn.Module):
         choice("solver", solver, INTERVAL_SOLVERS)
         choice("adjoint", adjoint, NODE_ADJOINTS)
         integer("max_steps", max_steps)
+        callable_layer("f", f, "f(z, x) -> z")
         if adjoint == "continuous" and not isinstance(f, nn.Module):
             raise TypeError(
                 f"adjoint='continuous' needs f as an nn.Module, got {type(f).__name__}: its "

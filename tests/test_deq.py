@@ -334,12 +334,14 @@ def test_pretraining_unrolls_f_then_solves():
         ({"adjoint_options": {"rtol": -1.0}}, "rtol=-1.0 must be a number >= 0"),
         ({"compile": "yes"}, "compile='yes' must be True, False, 'graph' or a dict"),
         ({"compile": {"mode": "fast"}}, "compile={'mode': 'fast'}: Unrecognized mode=fast"),
+        ({"init": "skip", "skip": 5}, "skip=5 must be callable as g(x) -> z0, e.g. an nn.Module"),
+        ({"f": None}, "f=None must be callable as f(z, x) -> z, e.g. an nn.Module"),
     ],
 )
 def test_invalid_arguments_name_the_value_and_the_choices(kwargs, message):
     f, _ = dense_cell()
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        DEQ(f, **kwargs)
+        DEQ(**({"f": f} | kwargs))
 
 
 class LinearCell(nn.Module):
@@ -395,6 +397,8 @@ def test_neural_ode_rejects_a_deq_adjoint_a_discrete_solver_and_unknown_dynamics
         NeuralODE(f, adjoint="gmres")
     with pytest.raises(ValueError, match="solver='broyden' is not one of 'vcab3', 'tsit5'"):
         NeuralODE(f, solver="broyden")
+    with pytest.raises(ValueError, match="f=None must be callable as f"):
+        NeuralODE(None, adjoint="backprop")
 
 
 def test_a_neural_ode_of_a_plain_function_trains_by_backprop_and_the_adjoint_says_so():

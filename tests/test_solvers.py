@@ -358,6 +358,8 @@ def test_divergence_stops_the_sample():
         ({"reltol": "1e-3"}, "reltol='1e-3' must be a number >= 0"),
         ({"abstol": float("inf")}, "abstol=inf must be a finite number >= 0"),
         ({"compile": "yes"}, "compile='yes' must be True, False, 'graph' or a dict of torch"),
+        ({"solver_options": 5}, "solver_options=5 must be a dict of options or None"),
+        ({"adjoint_options": [1]}, "adjoint_options=[1] must be a dict of options or None"),
     ],
 )
 def test_bad_arguments_are_named(kwargs, message):
@@ -366,6 +368,10 @@ def test_bad_arguments_are_named(kwargs, message):
 
 
 def test_bad_states_are_named():
+    with pytest.raises(TypeError, match="z0 must be a tensor .* got <class 'NoneType'>"):
+        raydeq.solve(lambda z: z, None)
+    with pytest.raises(ValueError, match="f=None must be callable: z -> f"):
+        raydeq.solve(None, torch.zeros(2, 3))
     with pytest.raises(TypeError, match="floating point"):
         raydeq.solve(lambda z: z, torch.zeros(2, 3, dtype=torch.long))
     with pytest.raises(ValueError, match="share the batch size"):

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import reprlib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -200,6 +201,11 @@ def solve(
     steps after (VCAB3: its Adams steps), and the backward's GMRES replays each Arnoldi step
     from the second backward of a batch shape on (GMRES.graph); on a CPU all runs eagerly.
     """
+    if not callable(f):
+        raise ValueError(f"f={reprlib.repr(f)} must be callable: z -> f(z), a state like z0")
+    for name, given in (("solver_options", solver_options), ("adjoint_options", adjoint_options)):
+        if given is not None and not isinstance(given, Mapping):
+            raise ValueError(f"{name}={reprlib.repr(given)} must be a dict of options or None")
     choice("adjoint", adjoint, ADJOINTS)
     integer("max_steps", max_steps)
     if check_every is not None:

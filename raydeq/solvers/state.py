@@ -23,7 +23,9 @@ class Structure:
     @staticmethod
     def of(z: State) -> Structure:
         """Read the structure of `z`, checking that it is a batch of floating tensors."""
-        tensors = (z,) if isinstance(z, torch.Tensor) else tuple(z)
+        tensors = (
+            (z,) if isinstance(z, torch.Tensor) else tuple(z) if isinstance(z, list | tuple) else ()
+        )
         if not tensors or not all(isinstance(t, torch.Tensor) for t in tensors):
             raise TypeError(
                 f"z0 must be a tensor (B, ...) or a non-empty list/tuple of tensors, got {type(z)}"
