@@ -312,9 +312,9 @@ def test_the_command_refuses_bad_input_and_an_existing_experiment_with_status_2(
         assert err.startswith(f"error: --resume: {named} cannot change an experiment that has")
     assert rt.main([*argv, "--report", "--num-samples", "2"]) == 2
     assert capsys.readouterr().err.startswith("error: --report: --num-samples cannot change")
-    assert rt.main([*argv, "--name", "../out"]) == 2
-    assert capsys.readouterr().err.startswith("error: --name: '../out' is not a folder name")
-    assert not (tmp_path / "out").exists()
+    assert rt.main([*argv, "--name", "sub/out"]) == 2
+    assert capsys.readouterr().err.startswith("error: --name: 'sub/out' is not a folder name")
+    assert not (tmp_path / "runs" / "sub").exists()
     assert rt.main([str(experiment), "--storage", " "]) == 2
     assert capsys.readouterr().err.startswith("error: --storage: empty; give a folder or a URI")
 
