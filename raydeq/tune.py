@@ -27,7 +27,7 @@ from raydeq.experiments.spec import Experiment, describe, expand, load
 from raydeq.training import data, launch, runlock
 from raydeq.training.config import SCHEDULERS, ConfigError, check_folder_name
 from raydeq.training.preflight import check_run
-from raydeq.training.storage import StorageError, absolute, check_storage
+from raydeq.training.storage import CHECKPOINT_PREFIX, StorageError, absolute, check_storage
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
@@ -50,12 +50,32 @@ NEW_RUN_FLAGS = {
 }
 
 
+def pruned_before_the_interruption(record: logging.LogRecord) -> bool:
+    """Whether a log record is Tune failing to delete a trial's checkpoint that is gone already.
+
+    A resumed experiment's record of each trial's checkpoints is the one saved last, and the
+    interrupted driver may have pruned some of them after that save (Tune saves it once a
+    trial has written train.keep_checkpoints more). When the resumed trial prunes them again,
+    Tune logs an error with a traceback for each, though nothing is lost: the checkpoint is
+    recorded and the trial goes on."""
+    error = record.exc_info[1] if record.exc_info else None
+    return (
+        isinstance(error, FileNotFoundError)
+        and "Error handling checkpoint" in record.getMessage()
+        and f"/{CHECKPOINT_PREFIX}" in str(error)
+    )
+
+
 def drop_tune_logs() -> None:
-    """Filter out Tune's log records that this command replaces (DROPPED_LOGS)."""
+    """Filter out Tune's log records that this command replaces (DROPPED_LOGS), and its errors
+    over checkpoints pruned before an interruption."""
     for name, start in DROPPED_LOGS.items():
         logging.getLogger(name).addFilter(
             lambda record, start=start: not record.getMessage().startswith(start)
         )
+    logging.getLogger("ray.tune.execution.tune_controller").addFilter(
+        lambda record: not pruned_before_the_interruption(record)
+    )
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -487,6 +487,19 @@ def test_a_failed_trial_is_one_line_with_its_error_and_the_count_of_trials_done(
     rt.drop_tune_logs()
     tune_logger = logging.getLogger(record.name)
     assert not tune_logger.filter(record) and tune_logger.filter(other)
+    # A resumed trial pruning a checkpoint its interrupted driver pruned already: nothing is
+    # lost, and the record goes; any other failure over a checkpoint stays.
+    gone = FileNotFoundError(f"Path not found: (fs, {tmp_path}/t/checkpoint_000132)")
+    for error, kept in [(gone, False), (OSError("disk full"), True)]:
+        pruned = logging.makeLogRecord(
+            {
+                "name": record.name,
+                "msg": "Trial %s: Error handling checkpoint %s",
+                "args": ("t", "TrainingResult(...)"),
+                "exc_info": (type(error), error, None),
+            }
+        )
+        assert tune_logger.filter(pruned) == kept
 
 
 def test_the_table_averages_finished_seeds_per_variant_and_the_parquet_round_trips(tmp_path):
