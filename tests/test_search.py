@@ -260,7 +260,7 @@ def test_the_front_table_names_the_paper_points_and_the_cheapest_trial():
             "config.model.solver": "vcab3",
         },
         {
-            "trial": "9db77_00001_solver=euler",
+            "trial": "9a3b6bd8_solver=euler",
             "group": "solver=euler",
             "paper": False,
             "completed": True,
@@ -295,14 +295,17 @@ def test_the_front_table_names_the_paper_points_and_the_cheapest_trial():
     assert [r["cheapest_test_nfe"] for r in marked] == [False, True, False, False]
     text = pareto.markdown(marked, "test_accuracy")
     assert (
-        "| 9db77_00001 | 94.80 | 9 | 0.01 | euler |" in text
+        "| 9a3b6bd8 | 94.80 | 9 | 0.01 | euler |" in text
         and "| Vanilla DEQ (ours, lambda 1.0) | 95.00 | 30 |" in text
     )
     assert (
-        "Cheapest within 0.5 points of the best test_accuracy: 9db77_00001 (94.80%, test NFE 9)"
+        "Cheapest within 0.5 points of the best test_accuracy: 9a3b6bd8 (94.80%, test NFE 9)"
         in text
     )
     assert pareto.chart(marked, "test_accuracy").startswith(b"\x89PNG")
+    # Tune's variant generator names a trial 9db77_00001, a searcher 9a3b6bd8; the values follow.
+    for folder, name in [("9db77_00001_lr=0.001", "9db77_00001"), ("9a3b6bd8_m=5", "9a3b6bd8")]:
+        assert pareto._name({"trial": folder}) == name
 
 
 def test_the_chart_leaves_off_a_front_end_at_chance_level_and_counts_it():

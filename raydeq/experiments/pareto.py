@@ -92,11 +92,12 @@ def _number(value: Any) -> float:
 
 def _name(row: Mapping[str, Any]) -> str:
     """A trial as the tables name it: the paper's label (its group up to the first ", key=",
-    so that a label may hold a comma), else its Tune id (`9db77_00001`: the experiment's
-    part, then the trial's; a folder name goes on with the trial's values)."""
+    so that a label may hold a comma), else its Tune id: `9db77_00001` (the experiment's part,
+    then the trial's) from Tune's variant generator, `9a3b6bd8` from a searcher; the folder
+    name goes on with the trial's values, `_key=value`."""
     if row.get("paper"):
         return re.split(r", (?=[\w.]+=)", row["group"])[0]
-    return "_".join(row["trial"].split("_")[:2])
+    return re.match(r"[^_]+(_\d+(?=_|$))?", row["trial"]).group(0)
 
 
 def _value(value: Any) -> str:
