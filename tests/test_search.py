@@ -188,7 +188,7 @@ def test_a_sampled_dimension_is_honoured_over_a_variants_setting():
                     }
                 ]
             },
-            r"^model.m: unknown key; allowed keys in model",
+            r"^search.conditional\[0\].space.model.m: unknown key; allowed keys in model: model,",
         ),
     ],
 )

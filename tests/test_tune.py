@@ -234,6 +234,19 @@ def test_an_override_fixes_a_searched_key():
         ),
         ({"searcher": "nsga2", "population_size": 1}, r"^search.population_size: must be 0 \("),
         (
+            {
+                "searcher": "tpe",
+                "space": {"model.solver": {"choice": ["vcab3", "anderson"]}},
+                "conditional": [
+                    {
+                        "when": {"model.solver": "anderson"},
+                        "space": {"model.solver_options.m": {"randint": [0, 9]}},
+                    }
+                ],
+            },
+            r"^search.conditional\[0\].space.model.solver_options.m: the lower bound 0: model: m=0",
+        ),
+        (
             {"space": {"model.solver": {"choice": ["vcab3", "rk4"]}}},
             r"^search.space.model.solver: the choice 'rk4': model.solver: 'rk4' is not allowed",
         ),

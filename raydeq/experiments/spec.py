@@ -201,22 +201,35 @@ def from_dict(
 def _check_space(experiment: Experiment) -> None:
     """Check the space's keys and, in a trial config, the values its dimensions can take: each
     value of a `choice` or `grid_search` (each variant's, the other dimensions at their first
-    values) and both ends of a range. A trial draws its values at random, so a bad one would
-    otherwise fail only the trials that draw it, after the run has started."""
-    space = dimensions(experiment.search.space)
-    for key in space:
-        _check_primitive_key(key)
-    values = {key: _values(f"search.space.{key}", spec) for key, spec in space.items()}
-    values = {key: pairs for key, pairs in values.items() if pairs}
-    firsts = {key: pairs[0][1] for key, pairs in values.items()}
-    for row in experiment.search.variants or ({},):
-        for key, pairs in values.items():
-            for what, value in pairs:
-                sampled = apply_overrides({VARIANT: row}, firsts | {key: value})
-                try:
-                    experiment.trial_config(sampled)
-                except ConfigError as err:
-                    raise ConfigError(f"search.space.{key}: {what} {value!r}: {err}") from None
+    values) and both ends of a range; a conditional dimension's with its rule's `when` met (at
+    its first value). A trial draws its values at random, so a bad one would otherwise fail
+    only the trials that draw it, after the run has started."""
+    search = experiment.search
+    spaces = [("search.space", {}, search.space)] + [
+        (f"search.conditional[{i}].space", _first_values(rule["when"]), rule["space"])
+        for i, rule in enumerate(search.conditional)
+    ]
+    firsts: dict[str, Any] = {}
+    for where, fixed, space in spaces:
+        dims = dimensions(space)
+        for key in dims:
+            _check_key(key, where)
+        values = {key: _values(f"{where}.{key}", spec) for key, spec in dims.items()}
+        values = {key: pairs for key, pairs in values.items() if pairs}
+        firsts = firsts or {key: pairs[0][1] for key, pairs in values.items()}
+        for row in search.variants or ({},):
+            for key, pairs in values.items():
+                for what, value in pairs:
+                    sampled = apply_overrides({VARIANT: row}, firsts | fixed | {key: value})
+                    try:
+                        experiment.trial_config(sampled)
+                    except ConfigError as err:
+                        raise ConfigError(f"{where}.{key}: {what} {value!r}: {err}") from None
+
+
+def _first_values(when: Mapping[str, Any]) -> dict[str, Any]:
+    """A conditional rule's `when` met at the first value it allows for each key."""
+    return {key: v[0] if isinstance(v, list) else v for key, v in when.items()}
 
 
 def _values(key: str, spec: Any) -> list[tuple[str, Any]]:
@@ -238,19 +251,24 @@ def _values(key: str, spec: Any) -> list[tuple[str, Any]]:
     return [("the lower bound", lower), ("the upper bound", upper)]
 
 
-def _check_primitive_key(dotted: str) -> None:
-    """Raise a ConfigError where a space's key goes below a setting (`optim.lr.gird_search`):
-    a mapping under a setting is read as a primitive, and that one is no primitive's name."""
+def _check_key(dotted: str, where: str = "search.space") -> None:
+    """Raise a ConfigError naming a space's key that is no setting, or that goes below one
+    (`optim.lr.gird_search`: a mapping under a setting is read as a primitive, and that one
+    is no primitive's name)."""
     kind: Any = Config
     for i, part in enumerate(parts := dotted.split(".")):
+        section = ".".join(parts[:i])
         if not is_dataclass(kind):
-            setting = ".".join(parts[:i])
             raise ConfigError(
-                f"search.space.{setting}: {part!r} is not a search primitive; use one of "
+                f"{where}.{section}: {part!r} is not a search primitive; use one of "
                 f"{', '.join(PRIMITIVES)}"
             )
-        if part not in {f.name for f in fields(kind)}:
-            return  # an unknown key: the trial config names it
+        names = [f.name for f in fields(kind)]
+        if part not in names:
+            raise ConfigError(
+                f"{where}.{dotted}: unknown key; allowed keys in {section or 'config'}: "
+                f"{', '.join(names)}"
+            )
         kind = get_type_hints(kind)[part]
         if dict in (kind, *get_args(kind)):  # a mapping setting (solver_options) takes any key
             return
