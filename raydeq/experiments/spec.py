@@ -209,14 +209,9 @@ def _check_space(experiment: Experiment) -> None:
         (f"search.conditional[{i}].space", _first_values(rule["when"]), rule["space"])
         for i, rule in enumerate(search.conditional)
     ]
-    firsts: dict[str, Any] = {}
-    for where, fixed, space in spaces:
-        dims = dimensions(space)
-        for key in dims:
-            _check_key(key, where)
-        values = {key: _values(f"{where}.{key}", spec) for key, spec in dims.items()}
-        values = {key: pairs for key, pairs in values.items() if pairs}
-        firsts = firsts or {key: pairs[0][1] for key, pairs in values.items()}
+    tried = [(where, fixed, _space_values(where, space)) for where, fixed, space in spaces]
+    firsts = {key: pairs[0][1] for key, pairs in tried[0][2].items()}
+    for where, fixed, values in tried:
         for row in search.variants or ({},):
             for key, pairs in values.items():
                 for what, value in pairs:
@@ -225,6 +220,16 @@ def _check_space(experiment: Experiment) -> None:
                         experiment.trial_config(sampled)
                     except ConfigError as err:
                         raise ConfigError(f"{where}.{key}: {what} {value!r}: {err}") from None
+
+
+def _space_values(where: str, space: Mapping[str, Any]) -> dict[str, list[tuple[str, Any]]]:
+    """The values `_check_space` tries of each dimension of a space written at `where` that
+    has any, after checking its keys."""
+    dims = dimensions(space)
+    for key in dims:
+        _check_key(key, where)
+    values = {key: _values(f"{where}.{key}", spec) for key, spec in dims.items()}
+    return {key: pairs for key, pairs in values.items() if pairs}
 
 
 def _first_values(when: Mapping[str, Any]) -> dict[str, Any]:
