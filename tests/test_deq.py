@@ -336,6 +336,7 @@ def test_pretraining_unrolls_f_then_solves():
         ({"compile": {"mode": "fast"}}, "compile={'mode': 'fast'}: Unrecognized mode=fast"),
         ({"init": "skip", "skip": 5}, "skip=5 must be callable as g(x) -> z0, e.g. an nn.Module"),
         ({"f": None}, "f=None must be callable as f(z, x) -> z, e.g. an nn.Module"),
+        ({"solver_options": 5}, "solver_options=5 must be a dict of options or None"),
     ],
 )
 def test_invalid_arguments_name_the_value_and_the_choices(kwargs, message):

@@ -7,7 +7,8 @@ import functools
 import inspect
 import math
 import numbers
-from collections.abc import Callable, Collection
+import reprlib
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 
@@ -37,6 +38,15 @@ def number(name: str, value: Any, interval: str = "[0, inf)") -> None:
         bound = f"{'>=' if left == '[' else '>'} {low:g}" if math.isinf(high) else f"in {interval}"
         finite = "finite " if math.isinf(high) and right == ")" and value == math.inf else ""
         raise ValueError(f"{name}={value!r} must be a {finite}number {bound}")
+
+
+def option_dict(name: str, given: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Options given as a mapping (None: none) as a dict, or a ValueError naming `name`."""
+    if given is None:
+        return {}
+    if not isinstance(given, Mapping):
+        raise ValueError(f"{name}={reprlib.repr(given)} must be a dict of options or None")
+    return dict(given)
 
 
 def construct(what: str, make: Callable[..., Any], options: dict, own: tuple[str, ...] = ()) -> Any:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import reprlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -14,7 +14,7 @@ from raydeq.solvers.discrete import Anderson, Broyden, FixedPoint
 from raydeq.solvers.driver import Method, iterate
 from raydeq.solvers.graphs import RECORDERS
 from raydeq.solvers.ode import VCAB3, RungeKutta
-from raydeq.solvers.options import choice, construct, integer
+from raydeq.solvers.options import choice, construct, integer, option_dict
 from raydeq.solvers.state import State, Structure, flat_function
 from raydeq.solvers.stats import SolveStats
 from raydeq.solvers.tableau import BS3, EULER, TSIT5
@@ -132,8 +132,8 @@ def check_options(
     """Build the solver and the adjoint once with their options and read compile=, so that a
     bad name or value raises its ValueError where a layer or a config is made, not at its
     first solve."""
-    make_solver(solver, solver_options or {})
-    make_adjoint(adjoint, adjoint_options or {})
+    make_solver(solver, option_dict("solver_options", solver_options))
+    make_adjoint(adjoint, option_dict("adjoint_options", adjoint_options))
     compile_options(compile, torch.device("cpu"))
     if isinstance(compile, dict):
         try:  # torch.compile checks its options when called (0.4 ms: here, not per solve)
@@ -203,9 +203,6 @@ def solve(
     """
     if not callable(f):
         raise ValueError(f"f={reprlib.repr(f)} must be callable: z -> f(z), a state like z0")
-    for name, given in (("solver_options", solver_options), ("adjoint_options", adjoint_options)):
-        if given is not None and not isinstance(given, Mapping):
-            raise ValueError(f"{name}={reprlib.repr(given)} must be a dict of options or None")
     choice("adjoint", adjoint, ADJOINTS)
     integer("max_steps", max_steps)
     if check_every is not None:
@@ -216,8 +213,8 @@ def solve(
     if stop_on_convergence is not None and not isinstance(stop_on_convergence, bool):
         raise ValueError(f"stop_on_convergence={stop_on_convergence!r} must be True, False or None")
     termination = Termination(abstol, reltol, divergence)
-    method = make_solver(solver, solver_options or {})
-    backward = make_adjoint(adjoint, adjoint_options or {})
+    method = make_solver(solver, option_dict("solver_options", solver_options))
+    backward = make_adjoint(adjoint, option_dict("adjoint_options", adjoint_options))
     structure = Structure.of(z0)
     f_flat = flat_function(f, structure)
     # A float16 or bfloat16 state rounds at about the tolerances themselves (float16's epsilon
