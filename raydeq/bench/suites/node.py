@@ -128,9 +128,12 @@ def deq_variants(device: torch.device) -> tuple[str, ...]:
     return DEQ_SOLVERS + (tuple(GRAPHED) if device.type == "cuda" else ())
 
 
-def trained_deq(ctx: Context, name: str, digits: bool) -> tuple[EquilibriumClassifier, str]:
+def trained_deq(
+    ctx: Context, name: str, digits: bool, suite: str = "node"
+) -> tuple[EquilibriumClassifier, str]:
     """The VCAB3 DEQ with the checkpoint's weights, or briefly trained on MNIST when the inputs
-    are digits, else untrained; and a description of its weights."""
+    are digits, else untrained; and a description of its weights. `suite` names the training's
+    progress lines."""
     deq = build_deq(ctx, name, "vcab3")
     checkpoint = ctx.weights.get(name)
     train = models.mnist(ctx.data_dir, train=True) if digits else None
@@ -141,7 +144,7 @@ def trained_deq(ctx: Context, name: str, digits: bool) -> tuple[EquilibriumClass
         return deq, "untrained weights"
     steps = ctx.pick(SIZES).train_steps
     data = (train[0].to(ctx.device), train[1].to(ctx.device))
-    label = f"[node] training {name} on the digits"
+    label = f"[{suite}] training {name} on the digits"
     fit(deq, models.preset_objective(name), data, steps, TRAIN_BATCH, ctx.seed, label)
     return deq, (
         f"weights of the DEQ after {steps} Adam steps (lr 1e-3, batch {TRAIN_BATCH}) on the "

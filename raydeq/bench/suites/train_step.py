@@ -138,7 +138,7 @@ def timed_model(
     if workload.model != "mnist_dense":
         return model, "untrained weights"
     if workload.model not in trained:
-        deq, weights = trained_deq(ctx, workload.model, digits)
+        deq, weights = trained_deq(ctx, workload.model, digits, suite="train_step")
         trained[workload.model] = deq.state_dict(), weights
     state, weights = trained[workload.model]
     model.load_state_dict(state)
