@@ -25,6 +25,7 @@ from ray.cluster_utils import Cluster
 from ray.train import Checkpoint, ScalingConfig
 from ray.util.state import list_actors
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
 
 from raydeq import models, train
 from raydeq.experiments.run import SETTINGS_FILE, TRIAL_CPU
@@ -34,6 +35,7 @@ from raydeq.training import (
     data,
     launch,
     loop,
+    objective,
     reporting,
     runlock,
     storage,
@@ -42,7 +44,7 @@ from raydeq.training.checkpoint import MANIFEST_FILE, STATE_FILE
 from raydeq.training.config import Config, validate
 from raydeq.training.launch import LOCAL_ENV_VARS
 from raydeq.training.session import Session, TrainWorker, stored_checkpoints
-from raydeq.training.state import rng_state
+from raydeq.training.state import TrainState, rng_state
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -316,6 +318,124 @@ def test_restore_falls_back_to_the_previous_checkpoint_and_never_silently_restar
     assert checkpoint.restore([]) is None
     with pytest.raises(checkpoint.CheckpointError, match="no readable checkpoint: .*b: state.pt"):
         checkpoint.restore([checkpoints[0].as_directory()])
+
+
+def test_read_newest_takes_the_newest_readable_checkpoint_of_a_run_or_of_a_folder_in_it(tmp_path):
+    """The benchmarks time a run's newest weights: of checkpoint_000003, _000006 and _000012
+    (zero-padded, so that 12 sorts after 6) the newest, the one before where it is cut short,
+    and the same where the checkpoints lie in a folder inside (a trial of several workers)."""
+    for folder in (tmp_path / "run", tmp_path / "trial" / "train"):
+        for step in (3, 12, 6):
+            checkpoint.write_checkpoint({"step": step}, folder / f"checkpoint_{step:06d}")
+    assert checkpoint.read_newest(tmp_path / "run")["step"] == 12
+    assert checkpoint.read_newest(tmp_path / "trial")["step"] == 12
+    for folder in (tmp_path / "run", tmp_path / "trial" / "train"):
+        (folder / "checkpoint_000012" / STATE_FILE).write_bytes(b"cut")
+    assert checkpoint.read_newest(tmp_path / "run")["step"] == 6
+    assert checkpoint.read_newest(tmp_path / "trial")["step"] == 6
+
+
+def test_a_resume_restores_the_counters_and_each_worker_draws_from_its_own_stream():
+    """The skipped and overflow steps reported after a resume count the steps before it too;
+    a fresh start seeds each rank apart (the same Hutchinson probes on every worker would
+    average to fewer probes), the same way each time, and a resume with as many workers gives
+    each rank back its own saved stream."""
+
+    def fresh() -> TrainState:
+        model = nn.Linear(2, 2)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        schedule = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+        return TrainState(model, optimizer, schedule, torch.amp.GradScaler("cpu", enabled=False))
+
+    saved = fresh()
+    saved.step, saved.skipped_steps, saved.nonfinite_in_row, saved.overflow_steps = 40, 3, 1, 2
+    with torch.random.fork_rng():
+        streams, expected = [], []
+        for seed in (5, 6):
+            torch.manual_seed(seed)
+            streams.append(rng_state(torch.device("cpu")))
+            expected.append(torch.rand(4))
+        payload = saved.state_dict(streams)
+        resumed = fresh()
+        resumed.load(payload)
+        counters = (resumed.skipped_steps, resumed.nonfinite_in_row, resumed.overflow_steps)
+        assert resumed.step == 40 and counters == (3, 1, 2)
+        for rank in (1, 0):
+            resumed.seed_workers(payload, seed=0, rank=rank, world=2)
+            assert torch.equal(torch.rand(4), expected[rank]), rank
+        draws = []
+        for rank in (0, 1, 0):
+            resumed.seed_workers(None, seed=0, rank=rank, world=2)
+            draws.append(torch.rand(4))
+        assert not torch.equal(draws[0], draws[1]) and torch.equal(draws[0], draws[2])
+
+
+def test_the_loss_is_the_mean_cross_entropy_plus_the_weighted_skip_and_jacobian_terms():
+    """The paper's loss (section 3): cross-entropy averaged over the batch, plus lambda_skip
+    times the skip loss and lambda_jac times the Jacobian term; the cross-entropy here is
+    -log softmax written out."""
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 1.5, 0.0]])
+    labels = torch.tensor([0, 2])
+    out = SimpleNamespace(skip_loss=torch.tensor(0.3), jac_loss=torch.tensor(0.7))
+    log_softmax = [
+        row[label] - math.log(sum(math.exp(v) for v in row))
+        for row, label in zip(logits.tolist(), labels.tolist(), strict=True)
+    ]
+    cross_entropy = -sum(log_softmax) / len(log_softmax)
+    loss = objective.Objective(lambda_skip=0.5, lambda_jac=2.0)(logits, labels, out)
+    assert loss.item() == pytest.approx(cross_entropy + 0.5 * 0.3 + 2.0 * 0.7, rel=1e-6)
+    plain = objective.Objective(lambda_skip=0.0)(logits, labels, out)
+    assert plain.item() == pytest.approx(cross_entropy, rel=1e-6)
+
+
+class GivenLogits(nn.Module):
+    """A classifier whose logits are its input, with the NFE of each call from `nfes`."""
+
+    def __init__(self, nfes: list[int]) -> None:
+        super().__init__()
+        self.nfes, self.modes = iter(nfes), []
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, SimpleNamespace]:
+        self.modes.append(self.training)
+        return images, SimpleNamespace(stats=SimpleNamespace(nfe=next(self.nfes)))
+
+
+def test_evaluation_counts_top1_and_top5_hits_over_all_samples_and_averages_nfe_per_batch():
+    """Five test samples in two batches, six classes: the top-1 hits are the samples whose label
+    has the largest logit (2 of 5), the top-5 hits those whose label is among the five largest
+    (4 of 5); the NFE is the mean over the batches (7 and 11), predicted in eval mode."""
+    down, up = [5.0, 4.0, 3.0, 2.0, 1.0, 0.0], [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+    batches = [
+        (torch.tensor([down, down, down]), torch.tensor([0, 4, 5])),  # 1st, 5th, 6th largest
+        (torch.tensor([up, up]), torch.tensor([5, 2])),  # 1st, 4th largest
+    ]
+    model = GivenLogits([7, 11])
+    totals = objective.evaluate(model, batches, torch.device("cpu"))
+    metrics = totals.metrics()
+    assert metrics["test_accuracy"] == pytest.approx(2 / 5)
+    assert metrics["test_top5_accuracy"] == pytest.approx(4 / 5)
+    assert metrics["test_nfe"] == pytest.approx((7 + 11) / 2)
+    assert metrics["predict_time"] > 0
+    assert model.modes == [False, False] and model.training
+
+
+def test_interval_means_average_each_metric_over_the_steps_that_recorded_it_then_reset():
+    """A report's train_loss is the mean over the interval's steps; a metric that only some
+    steps recorded (the solver's, apart for the unrolled warm-up steps) is the mean over those;
+    the next interval starts afresh."""
+    meter = reporting.Meter(("train_loss", "nfe", "pretrain_nfe"))
+    steps = [
+        {"train_loss": 2.0, "pretrain_nfe": 4.0},
+        {"train_loss": 1.0, "nfe": 10.0},
+        {"train_loss": 0.0, "nfe": 14.0},
+    ]
+    for step in steps:
+        meter.add(step)
+    cpu = torch.device("cpu")
+    assert meter.means(cpu) == {"train_loss": 1.0, "nfe": 12.0, "pretrain_nfe": 4.0}
+    meter.add({"train_loss": 0.5})
+    assert meter.means(cpu) == {"train_loss": 0.5}
+    assert meter.means(cpu) == {}
 
 
 def test_a_worker_logs_the_progress_and_warnings_but_not_ray_s_info_lines(monkeypatch):
