@@ -2,6 +2,7 @@
 
 import copy
 import functools
+import itertools
 import json
 import logging
 import math
@@ -466,6 +467,7 @@ def test_the_loop_trains_reports_every_metric_and_writes_tensorboard(tmp_path, c
     assert said[0] == "[run] training 6 steps on 1 worker"
     metrics = result.metrics
     assert metrics["step"] == 6 and set(METRICS) <= set(metrics)
+    assert metrics["epoch"] == pytest.approx(6 / 44)  # 1,438 digits: 44 steps of 32
     assert set(config.METRICS) <= set(metrics)  # every metric a search may name is reported
     assert 0 <= metrics["test_accuracy"] <= 1 and metrics["nfe"] > 0
     assert metrics["skipped_steps"] == 0 and metrics["backward_nvjp"] > 0
@@ -544,6 +546,75 @@ def test_a_run_stopped_by_a_crash_resumes_to_the_uninterrupted_runs_weights_to_t
         for name, value in moments.items():
             assert torch.equal(resumed["optimizer"]["state"][key][name], value), (key, name)
     assert resumed["scheduler"] == straight["scheduler"]
+
+
+def test_a_step_reports_its_loss_and_accuracy_and_clips_the_gradient_to_grad_clip(tmp_path):
+    """A step's train_loss is the cross-entropy (-log softmax at the label, averaged) plus
+    lambda_skip times the skip loss of its forward pass, its train_accuracy the fraction of the
+    batch whose largest logit is the label's; with plain SGD at lr 1 the update is the clipped
+    gradient itself, so the weights move by exactly optim.grad_clip in norm."""
+    optim = {"optimizer": "sgd", "momentum": 0.0, "lr": 1.0, "schedule": "constant"}
+    cfg = validate(
+        {
+            "name": "run",
+            "storage_path": str(tmp_path),
+            "optim": optim | {"grad_clip": 1e-3},
+            "train": {"epochs": 1, "max_steps": 1},
+        }
+    )
+    run = loop.Loop(cfg, FolderSession(tmp_path / "run"))
+    images, labels = next(iter(run.train_data))
+    model = run.state.model
+    logits, out = model(images)
+    picked = logits.detach().log_softmax(1)[torch.arange(len(labels)), labels]
+    loss = -picked.mean().item() + cfg.train.lambda_skip * out.skip_loss.item()
+    hits = sum(int(row.argmax() == label) for row, label in zip(logits, labels, strict=True))
+    before = [p.detach().clone() for p in model.parameters()]
+    metrics = run.train_step(images, labels, 0.0)
+    assert metrics["train_loss"] == pytest.approx(loss, rel=1e-5)
+    assert metrics["train_accuracy"] == pytest.approx(hits / len(labels))
+    moved = [(p.detach() - b).flatten() for p, b in zip(model.parameters(), before, strict=True)]
+    assert torch.cat(moved).norm().item() == pytest.approx(1e-3, rel=1e-3)
+
+
+def test_non_finite_steps_stop_the_run_only_when_max_nonfinite_steps_come_in_a_row(tmp_path):
+    """A finite step between non-finite ones starts the count again: with
+    max_nonfinite_steps=3, two skipped steps, a good one and two more skipped go on, and the
+    third in a row stops the run at its step."""
+    run = loop.Loop(make_config(tmp_path, max_nonfinite_steps=3), FolderSession(tmp_path / "run"))
+    for metrics in (None, None, {"train_loss": 1.0}, None, None):
+        run.record(metrics)
+    assert (run.state.step, run.state.skipped_steps) == (5, 4)
+    with pytest.raises(loop.NonFiniteError, match="^training stopped at step 6: 3 steps in a row"):
+        run.record(None)
+
+
+def test_a_run_that_diverged_after_a_checkpoint_is_not_trained_again_from_it(tmp_path):
+    """The divergence record names the step of the newest checkpoint, so that the restart
+    that would resume there (and replay the same steps) is refused."""
+    cfg = make_config(tmp_path, max_steps=10, checkpoint_every=2, max_nonfinite_steps=1)
+    session = FolderSession(tmp_path / "run")
+    run = loop.Loop(cfg, session)
+    for images, labels in itertools.islice(run.train_data, 2):
+        run.record(run.train_step(images, labels, 0.0))
+        run.end_step()
+    with pytest.raises(loop.NonFiniteError, match="^training stopped at step 3"):
+        run.record(None)
+    record = json.loads(Path(session.folder, loop.DIVERGED_FILE).read_text())
+    assert (record["from_step"], record["workers"]) == (2, 1)
+    with pytest.raises(loop.NonFiniteError, match="it diverged like this from step 2"):
+        loop.Loop(cfg, session)
+
+
+@pytest.mark.parametrize(
+    ("epochs", "max_steps", "total"), [(1, 10**6, 44), (2, 0, 88), (2, 50, 50)]
+)
+def test_a_run_trains_max_steps_but_never_past_its_epochs(tmp_path, epochs, max_steps, total):
+    """The 1,438 training digits in batches of 32 are 44 full steps an epoch: max_steps
+    shortens a run (0: no limit) and the epochs bound it."""
+    cfg = make_config(tmp_path, epochs=epochs, max_steps=max_steps)
+    run = loop.Loop(cfg, FolderSession(tmp_path / "run"))
+    assert (run.steps_per_epoch, run.total_steps) == (44, total)
 
 
 def test_pretraining_steps_report_their_own_times_apart_from_the_deq_solves(tmp_path):
