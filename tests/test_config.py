@@ -90,6 +90,11 @@ def test_settings_that_do_not_change_the_trained_model_keep_the_run_name(setting
         {"model": {"abstol": 1e-4}},
         {"train": {"amp": "bf16"}},
         {"seed": 3},
+        {"train": {"max_steps": 100}},  # the cosine schedule's length
+        {"optim": {"grad_clip": 1.0}},
+        {"optim": {"schedule": "constant"}},
+        {"optim": {"optimizer": "sgd"}},
+        {"model": {"solver": "tsit5"}},
     ],
 )
 def test_settings_that_change_the_trained_model_name_a_new_run(setting):
@@ -122,6 +127,8 @@ def test_lambda_skip_defaults_to_the_presets_and_amp_reads_yaml_off():
         ({"data": {"dataset": "coco"}}, "data.dataset: 'coco' is not allowed; choose one"),
         ({"optim": {"optimizer": "lbfgs"}}, "optim.optimizer: 'lbfgs' is not allowed; choose one"),
         ({"model": {"abstol": -1e-3}}, "model.abstol: must be > 0, got -0.001"),
+        ({"optim": {"lr": 0}}, "optim.lr: must be > 0, got 0.0"),
+        ({"train": {"keep_checkpoints": 0}}, "train.keep_checkpoints: must be >= 1, got 0"),
         ({"train": {"lambda_skip": -1}}, "train.lambda_skip: must be >= 0, got -1.0"),
         ({"scaling": {"num_workers": 0}}, "scaling.num_workers: must be >= 1, got 0"),
         ({"optim": {"momentum": 1.5}}, "optim.momentum: must be <= 1, got 1.5"),

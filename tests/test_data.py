@@ -243,6 +243,25 @@ def test_train_shards_split_each_epoch_between_workers_and_reshuffle_per_epoch()
     assert [i for _, i in shards[0]] == second[0][2:] and len(shards[0]) == 3
 
 
+def test_the_train_loaders_of_two_workers_split_each_epoch_between_them():
+    """Each worker draws its share of batch_size from its own shard; together the two shards
+    cover every training sample once per epoch, in a new order each epoch."""
+    cfg = section(batch_size=4)
+    dataset = torch.utils.data.TensorDataset(torch.zeros(12, 1), torch.arange(12))
+    loaders = [data.train_loader(dataset, cfg, seed=5, rank=r, world_size=2) for r in range(2)]
+    orders = []
+    for epoch in (0, 1):
+        seen = []
+        for loader in loaders:
+            data.set_position(loader, epoch, 0)
+            batches = [labels.tolist() for _, labels in loader]
+            assert [len(b) for b in batches] == [2, 2, 2]
+            seen += [i for batch in batches for i in batch]
+        assert sorted(seen) == list(range(12))
+        orders.append(seen)
+    assert orders[0] != orders[1]
+
+
 def test_an_augmented_sample_draws_the_same_images_wherever_it_is_read():
     """Each (epoch, index) draws its augmentation from a stream of its own: the same key gives
     the same image in any order and process, another epoch another image, and the process's
