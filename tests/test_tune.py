@@ -3,6 +3,7 @@
 import io
 import json
 import logging
+import math
 import os
 import re
 import shlex
@@ -540,6 +541,54 @@ def test_the_table_averages_finished_seeds_per_variant_and_the_parquet_round_tri
     path = tmp_path / "results.parquet"
     pq.write_table(results.results_table(rows), path)
     assert pq.read_table(path).to_pylist() == rows
+
+
+def test_a_trials_row_holds_its_last_evaluation_and_its_reports_mean_solve_times():
+    """A trial's row in results.parquet: its group without its seed (the table averages a
+    group's seeds), the test metrics of its last evaluation (the reports between evaluations
+    carry none), the forward and backward times averaged over its reports and the training
+    time per step their sum, and `completed` once it reached max_steps."""
+    variant = {"label": "Skip", "model.variant": "skip"}
+    search = {"variants": [variant], "space": {"seed": {"grid_search": [6171, 3859]}}}
+    settings = TINY | {"train": {"epochs": 1, "max_steps": 30}, "search": search}
+    experiment = spec.from_dict("rows", settings)
+    sampled = {"seed": 3859, "variant": variant}
+    trial = SimpleNamespace(trial_id="abc12_00001", status="TERMINATED", config=sampled)
+    frame = pd.DataFrame(
+        {
+            "step": [10, 20, 30],
+            "epoch": [10 / 179, 20 / 179, 30 / 179],
+            "test_accuracy": [0.5, math.nan, 0.9],
+            "forward_time": [0.1, 0.2, 0.6],
+            "backward_time": [0.3, 0.3, 0.6],
+            "skipped_steps": [0.0, 1.0, 2.0],
+        }
+    )
+    row = results.trial_row(experiment, trial, frame)
+    assert (row["group"], row["seed"], row["paper"], row["step"]) == ("Skip", 3859, True, 30)
+    assert row["completed"] and row["test_accuracy"] == 0.9 and row["skipped_steps"] == 2.0
+    assert row["forward_time"] == pytest.approx(0.3) and row["backward_time"] == pytest.approx(0.4)
+    assert row["train_time"] == pytest.approx(0.7)
+    cut = results.trial_row(experiment, trial, frame.iloc[:2])
+    assert not cut["completed"] and cut["test_accuracy"] == 0.5 and cut["step"] == 20
+
+
+def test_a_trials_history_joins_the_reports_archived_before_each_resume_in_step_order(tmp_path):
+    """Tune starts result.json anew in each session: the archived reports come first, in the
+    order they were archived (the 10th after the 2nd), and where two report a step the later
+    one wins."""
+    trial = tmp_path / "trial"
+    trial.mkdir()
+    for number, reports in [
+        (2, [{"step": 10, "loss": 3.0}, {"step": 20, "loss": 2.0}]),
+        (10, [{"step": 20, "loss": 1.5}, {"step": 30, "loss": 1.0}]),
+    ]:
+        lines = "".join(json.dumps(report) + "\n" for report in reports)
+        (trial / f"{archive.ARCHIVE_PREFIX}{number}.json").write_text(lines)
+    current = pd.DataFrame({"step": [30, 40], "loss": [0.9, 0.5]})
+    frame = archive.history(str(trial), current)
+    assert frame["step"].tolist() == [10, 20, 30, 40]
+    assert frame["loss"].tolist() == [3.0, 1.5, 0.9, 0.5]
 
 
 def test_a_search_s_many_long_labels_all_fit_in_the_plot_without_a_layout_warning():
