@@ -308,6 +308,31 @@ def test_the_front_table_names_the_paper_points_and_the_cheapest_trial():
         assert pareto._name({"trial": folder}) == name
 
 
+def test_the_front_is_marked_on_the_finished_trials_wherever_a_stopped_one_sits():
+    """The rows are in trial order, so a stopped trial often comes first: the front and the
+    cheapest pick are taken over the finished trials and marked on those rows. By hand: of
+    equally cheap trials the more accurate one dominates and is the cheapest pick, and a
+    trial exactly `margin` below the best is within it."""
+    trials = [  # (completed, test_accuracy, test_nfe, train_time)
+        (False, 0.99, 1.0, 0.001),
+        (True, 0.95, 30.0, 0.02),
+        (True, 0.948, 9.0, 0.03),
+        (True, 0.90, 40.0, 0.01),
+        (True, 0.947, 9.0, 0.05),
+    ]
+    rows = [
+        {"trial": f"9db77_0000{i}", "group": f"t{i}", "completed": done}
+        | {"test_accuracy": accuracy, "test_nfe": nfe, "train_time": time}
+        for i, (done, accuracy, nfe, time) in enumerate(trials)
+    ]
+    marked = pareto.mark(rows, "test_accuracy")
+    assert [r["pareto_test_nfe"] for r in marked] == [False, True, True, False, False]
+    assert [r["cheapest_test_nfe"] for r in marked] == [False, False, True, False, False]
+    assert [r["pareto_train_time"] for r in marked] == [False, True, False, True, False]
+    assert [r["cheapest_train_time"] for r in marked] == [False, True, False, False, False]
+    assert pareto.cheapest_within([0.75, 0.5], [2.0, 1.0], margin=0.25) == 1
+
+
 def test_the_chart_leaves_off_a_front_end_at_chance_level_and_counts_it():
     """A cheap trial that collapsed to chance sits on the front; drawing it would squeeze the
     others into the top of the chart, so the panel shows the front within ZOOM_POINTS of the
@@ -400,3 +425,24 @@ def test_a_searcher_reads_its_objectives_from_the_last_report_only():
     optuna_search.on_trial_complete("t0", {"test_accuracy": 0.9, "step": 6})
     (trial,) = optuna_search._ot_study.get_trials(states=[optuna.trial.TrialState.COMPLETE])
     assert trial.values == [0.9] and trial.params["model/solver"] == "vcab3"
+
+
+def test_a_search_maximises_its_metric_minimises_its_cost_and_repeats_its_draws_per_seed():
+    """The study's directions: test accuracy up and the cost down (a cost maximised would
+    hunt for the slowest solvers); a searcher of the same seed suggests the same trials after
+    the paper's points, another seed others, so that a search can be repeated."""
+    experiment = spec.from_dict("s", {**TINY, "search": SEARCH})
+
+    def suggestions(seed: int) -> tuple[list, list[dict]]:
+        limiter = search.searcher(experiment.space(), experiment.search, seed, max_concurrent=8)
+        drawn = [limiter.searcher.suggest(f"t{i}") for i in range(5)]
+        return limiter.searcher._ot_study.directions, drawn
+
+    directions, drawn = suggestions(0)
+    assert directions == [
+        optuna.study.StudyDirection.MAXIMIZE,
+        optuna.study.StudyDirection.MINIMIZE,
+    ]
+    assert [d["variant"] for d in drawn[:2]] == [{"label": "Vanilla"}, {"label": "Anderson"}]
+    assert suggestions(0)[1] == drawn
+    assert suggestions(1)[1][2:] != drawn[2:]
