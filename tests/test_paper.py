@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 from raydeq.experiments import paper, results, spec
+from raydeq.experiments.figures import plt
 from raydeq.training.config import ConfigError
 
 NUMBERS = [
@@ -144,6 +145,46 @@ def test_the_table_puts_ours_beside_the_papers_with_the_ratio():
         "| Skip Discrete DEQ | 0 | - | 82.013 ± 0.306 | - |"
     )
     assert list(lines).index("Neural ODE") > list(lines).index("Skip Reg. Continuous DEQ")
+
+
+def test_the_table_averages_the_finished_seeds_and_a_group_stopped_early_alone():
+    """A seed stopped early (ASHA, an interrupted run) would pull the mean toward its
+    half-trained numbers: a group's finished seeds are averaged (80 and 82: 81 ± sqrt 2), and
+    a group with no finished seed shows its stopped ones."""
+    rows, _ = _run()
+    stopped = rows[0] | {"seed": 2, "completed": False, "test_accuracy": 0.1}
+    line = next(
+        line for line in paper.markdown(2, [*rows, stopped]).splitlines() if CONTINUOUS in line
+    )
+    assert line.startswith(f"| {CONTINUOUS} | 2 | 81.000 ± 1.414 | 80.807 ± 0.631 |")
+    alone = next(line for line in paper.markdown(2, [stopped]).splitlines() if CONTINUOUS in line)
+    assert alone.startswith(f"| {CONTINUOUS} | 1 | 10.000 | 80.807 ± 0.631 |")
+
+
+def test_figure_1_of_table_1_shows_total_training_minutes_relative_to_the_vanilla_deq(
+    monkeypatch,
+):
+    """Table 1 gives training time in total minutes, not per batch: Figure 1's training bars
+    for it are those minutes over the Vanilla Continuous DEQ's, ours (2.5 / 10) beside the
+    paper's (1.295 / 5.197), and the backward bars ours alone (0.1 / 0.4)."""
+    monkeypatch.setattr(paper, "png", lambda figure, dpi: figure)
+    skip_reg = "Skip Reg. Continuous DEQ"
+    times = {"train_time": 1.0}
+    rows = [
+        _row(CONTINUOUS, "vanilla", "vcab3", 0, train_minutes=10.0, backward_time=0.4, **times),
+        _row(skip_reg, "skip_reg", "vcab3", 0, train_minutes=2.5, backward_time=0.1, **times),
+    ]
+    figure = paper.figure1(1, rows)
+    training, backward = figure.axes
+    labels = [label.get_text() for label in training.get_yticklabels()]
+    widths = [bar.get_width() for bar in training.patches]
+    ours = dict(zip(labels, widths[: len(labels)], strict=True))
+    theirs = dict(zip(labels, widths[len(labels) :], strict=True))
+    assert ours[CONTINUOUS] == 1.0 and ours[skip_reg] == pytest.approx(0.25)
+    assert theirs[CONTINUOUS] == 1.0 and theirs[skip_reg] == pytest.approx(1.295 / 5.197)
+    widths = [bar.get_width() for bar in backward.patches]
+    assert dict(zip(labels, widths, strict=True))[skip_reg] == pytest.approx(0.25)
+    plt.close(figure)
 
 
 def test_table_1_reports_total_minutes_and_test_nfe_and_table_4_top5():
