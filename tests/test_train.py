@@ -577,6 +577,30 @@ def test_a_step_reports_its_loss_and_accuracy_and_clips_the_gradient_to_grad_cli
     assert torch.cat(moved).norm().item() == pytest.approx(1e-3, rel=1e-3)
 
 
+def test_a_run_trains_on_its_shards_batches_in_order_from_the_first(tmp_path, monkeypatch):
+    """The steps of a fresh run take the train loader's batches of epoch 0 in its order, the
+    first one included, and only the finite steps move the learning-rate schedule on."""
+    cfg = make_config(tmp_path, max_steps=3)
+    run = loop.Loop(cfg, FolderSession(tmp_path / "run"))
+    splits = data.load_splits(cfg.data)
+    loader = data.train_loader(splits.train, cfg.data, cfg.seed, rank=0, world_size=1)
+    data.set_position(loader, 0, 0)
+    expected = [labels for _, labels in itertools.islice(loader, 3)]
+    seen, step = [], run.train_step
+
+    def recorded(images: torch.Tensor, labels: torch.Tensor, data_time: float) -> dict | None:
+        seen.append(labels)
+        return step(images, labels, data_time)
+
+    monkeypatch.setattr(run, "train_step", recorded)
+    run.run()
+    assert len(seen) == 3 and all(map(torch.equal, seen, expected))
+    assert run.state.scheduler.last_epoch == 3
+    images, labels = next(iter(loader))
+    assert run.train_step(torch.full_like(images, math.nan), labels, 0.0) is None
+    assert run.state.scheduler.last_epoch == 3
+
+
 def test_non_finite_steps_stop_the_run_only_when_max_nonfinite_steps_come_in_a_row(tmp_path):
     """A finite step between non-finite ones starts the count again: with
     max_nonfinite_steps=3, two skipped steps, a good one and two more skipped go on, and the
