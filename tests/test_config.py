@@ -132,6 +132,7 @@ def test_lambda_skip_defaults_to_the_presets_and_amp_reads_yaml_off():
         ({"train": {"lambda_skip": -1}}, "train.lambda_skip: must be >= 0, got -1.0"),
         ({"scaling": {"num_workers": 0}}, "scaling.num_workers: must be >= 1, got 0"),
         ({"optim": {"momentum": 1.5}}, "optim.momentum: must be <= 1, got 1.5"),
+        ({"optim": {"gamma": 2}}, "optim.gamma: must be <= 1, got 2.0"),  # a decay
         ({"data": {"batch_size": "big"}}, "data.batch_size: expected an integer, got 'big'"),
         ({"data": {"batch_size": 3.5}}, "data.batch_size: expected an integer, got 3.5"),
         ({"train": {"amp": "yes"}}, "train.amp: 'yes' is not allowed; choose one of off, bf16,"),
