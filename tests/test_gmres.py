@@ -1,5 +1,7 @@
 """Batched GMRES and Neumann iteration against dense solves and scipy's GMRES."""
 
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 import scipy.sparse.linalg
@@ -210,3 +212,62 @@ def test_gmres_keeps_the_basis_orthogonal(dtype, rtol, outliers, steps, gap):
     a, b, x = a.double(), b.double(), x.double()
     true_residual = (b - matvec(a)(x)).norm(dim=1)
     assert ((true_residual - info.residual.double()).abs() <= gap * b.norm(dim=1)).all()
+
+
+def counted(a: torch.Tensor) -> tuple[Callable[[torch.Tensor], torch.Tensor], list[int]]:
+    """matvec(a) with a counter of its applications."""
+    calls = [0]
+
+    def apply(x: torch.Tensor) -> torch.Tensor:
+        calls[0] += 1
+        return matvec(a)(x)
+
+    return apply, calls
+
+
+@pytest.mark.parametrize(
+    "solver",
+    [GMRES(rtol=1e-10, restart=3, max_iters=200), Neumann(rtol=1e-10, max_iters=200)],
+    ids=["gmres", "neumann"],
+)
+@pytest.mark.parametrize("warm", [False, True])
+def test_matvecs_count_every_application_of_the_operator(solver, warm):
+    """info.matvecs (the adjoint's backward_nvjp) is the number of products with A: those of
+    the Arnoldi steps or iterations, the initial residual of a guess, and GMRES's residual
+    after each restart cycle (restart=3 takes several)."""
+    a, b = contraction_systems(3, 20, seed=9)
+    operator, calls = counted(a)
+    x, info = solver(operator, b, b if warm else None)
+    torch.testing.assert_close(x, torch.linalg.solve(a, b), rtol=0, atol=1e-8)
+    assert bool(info.converged.all())
+    assert info.matvecs == calls[0] > 6
+
+
+@pytest.mark.parametrize(("rtol", "converged"), [(0.25, False), (0.4, True)])
+def test_one_gmres_step_reports_its_closed_form_residual_against_rtol(rtol, converged):
+    """A = diag(1, 2), b = (1, 1): one Arnoldi step minimises ||b - alpha A b|| at alpha = 0.6,
+    residual sqrt(0.2) = ||b|| / sqrt(10) = 0.316 ||b||. At max_iters=1 the sample has
+    converged exactly when rtol is at least that: not at 0.25, at 0.4."""
+    a = torch.diag(torch.tensor([1.0, 2.0], dtype=torch.float64)).expand(2, 2, 2)
+    b = torch.ones(2, 2, dtype=torch.float64)
+    x, info = GMRES(rtol=rtol, max_iters=1)(matvec(a), b)
+    torch.testing.assert_close(x, torch.full_like(b, 0.6), rtol=1e-14, atol=0)
+    torch.testing.assert_close(info.residual, torch.full((2,), 0.2, dtype=torch.float64).sqrt())
+    assert info.converged.tolist() == [converged] * 2
+    assert info.iterations.tolist() == [1, 1]
+
+
+def test_neumann_stops_each_sample_at_its_own_iteration():
+    """A = (1 - k) I per sample: after n iterations from 0 the residual is k^n ||b|| and
+    x = (1 - k^n) / (1 - k) b. At rtol 1e-3, k = 0.5 needs 10 iterations (0.5^10 = 9.8e-4)
+    and k = 0.2 only 5 (3.2e-4): the faster sample stops there and keeps its x."""
+    k = torch.tensor([0.5, 0.2], dtype=torch.float64)
+    b = torch.tensor([[1.0, -2.0, 0.5], [3.0, 1.0, -1.0]], dtype=torch.float64)
+    a = (1 - k)[:, None, None] * torch.eye(3, dtype=torch.float64)
+    x, info = Neumann(rtol=1e-3, max_iters=100)(matvec(a), b)
+    n = torch.tensor([10, 5])
+    power = (k**n)[:, None]
+    assert info.iterations.tolist() == n.tolist() and info.matvecs == 10
+    torch.testing.assert_close(x, (1 - power) / (1 - k[:, None]) * b, rtol=1e-14, atol=0)
+    torch.testing.assert_close(info.residual, power[:, 0] * b.norm(dim=1), rtol=1e-12, atol=0)
+    assert bool(info.converged.all())
