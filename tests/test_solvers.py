@@ -743,3 +743,91 @@ def test_one_adjoint_step_starts_from_v_with_warm_start_and_from_0_without(warm_
     assert sol.stats.backward_converged.tolist() == [False, False]
     assert sol.stats.backward_unconverged_fraction == 1.0
     assert sol.stats.backward_nvjp == CountedVJP.calls
+
+
+def test_an_infinite_residual_stops_the_sample_as_nonfinite():
+    """f is 1 at z = 0 and inf elsewhere: after one fixed-point step the residual is inf - 1
+    = inf (not NaN), a non-finite value, not a divergence."""
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        return torch.where(z == 0, 1.0, float("inf"))
+
+    with torch.no_grad():
+        sol = raydeq.solve(f, torch.zeros(2, 3), solver="fixed_point", check_every=1)
+    assert (sol.stats.status == Status.NONFINITE).all()
+    assert torch.equal(sol.z, torch.zeros(2, 3))
+
+
+def test_a_vcab3_solve_ending_in_its_start_up_still_stops_non_finite_samples():
+    """max_steps=1 ends the solve within VCAB3's two BS3 start-up steps, where no check ran:
+    the step to a NaN is reported as NONFINITE, not MAX_STEPS."""
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        return torch.where(z == 0, 1.0, float("nan"))
+
+    with torch.no_grad():
+        sol = raydeq.solve(f, torch.zeros(2, 3), solver="vcab3", max_steps=1)
+    assert sol.stats.steps == 1
+    assert (sol.stats.status == Status.NONFINITE).all()
+
+
+def test_divergence_is_relative_to_a_small_first_residual():
+    """z <- 3 z + 1e-3 from 0: the residual 1e-3 sqrt(2) 3^k at the k-th iterate passes 100
+    times the first at k = 5 (stats.steps 6: the evaluation at z0 is a fixed-point solve's first
+    step), long before it reaches 100 itself (k = 11)."""
+    with torch.no_grad():
+        sol = raydeq.solve(
+            lambda z: 3 * z + 1e-3,
+            torch.zeros(1, 2, dtype=torch.float64),
+            solver="fixed_point",
+            abstol=1e-9,
+            reltol=0.0,
+            divergence=100.0,
+            max_steps=8,
+            check_every=1,
+        )
+    assert int(sol.stats.status[0]) == Status.DIVERGED
+    assert sol.stats.steps == 6
+
+
+def test_an_unconverged_sample_returns_its_best_iterate():
+    """z <- diag(-0.5, -1.2) z from (1, 1e-3): the decaying mode dominates the residual at first
+    and the growing one later, so the residual falls, then rises; the sample returns the
+    iterate of least residual among those f was evaluated at. A second sample with
+    diag(-0.5, 0.5) converges: half the batch is unconverged."""
+    scales = torch.tensor([[-0.5, -1.2], [-0.5, 0.5]], dtype=torch.float64)
+    points, images = [], []
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        points.append(z.clone())
+        images.append(scales * z)
+        return images[-1]
+
+    z0 = torch.tensor([[1.0, 1e-3], [1.0, 1.0]], dtype=torch.float64)
+    with torch.no_grad():
+        sol = raydeq.solve(f, z0, solver="fixed_point", abstol=1e-8, reltol=0.0, max_steps=30)
+    residuals = torch.stack([(fz - z)[0].square().mean().sqrt() for z, fz in zip(points, images)])
+    best = int(residuals.argmin())
+    assert 3 < best < len(points) - 10  # the least residual is well inside the run
+    torch.testing.assert_close(sol.z[0], points[best][0], rtol=0, atol=0)
+    torch.testing.assert_close(sol.stats.residual[0], residuals[best], rtol=1e-12, atol=0)
+    assert sol.stats.status.tolist() == [Status.MAX_STEPS, Status.CONVERGED]
+    assert sol.stats.unconverged_fraction == 0.5
+
+
+@pytest.mark.parametrize(
+    ("solver", "options"), [("fixed_point", {"damping": 0.3}), ("anderson", {"beta": 0.3})]
+)
+def test_a_damped_step_moves_its_weight_of_the_way_to_f(solver, options):
+    """With f constant c, the first step from 0 lands on 0.3 c: (1 - damping) z + damping f(z),
+    and Anderson's mixing beta f(z) + (1 - beta) z of its one-iterate history."""
+    c = torch.tensor([[1.0, -2.0], [0.5, 4.0]], dtype=torch.float64)
+    points = []
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        points.append(z.clone())
+        return c
+
+    with torch.no_grad():
+        raydeq.solve(f, torch.zeros_like(c), solver=solver, solver_options=options, max_steps=2)
+    torch.testing.assert_close(points[1], 0.3 * c, rtol=1e-15, atol=0)
