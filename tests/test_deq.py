@@ -283,6 +283,29 @@ def test_hutchinson_gradient_is_unbiased():
     assert bool((err <= bound).all()), float((err / bound).max())
 
 
+def test_hutchinson_estimate_of_a_multiscale_state_is_over_every_element():
+    """A state of two tensors, (B, 3) and (B, 12), and a linear f with a cross-scale term:
+    f(a, b) = (a M1 + b M2, b M3). ||J||_F^2 = B (||M1||^2 + ||M2||^2 + ||M3||^2), over the 15 B
+    elements of both; the mean of K one-probe estimates is within 5 standard errors of it."""
+    g = torch.Generator().manual_seed(11)
+    m1, m2, m3 = (
+        torch.randn(n, k, generator=g, dtype=torch.float64) for n, k in ((3, 3), (12, 3), (12, 12))
+    )
+    z = [torch.zeros(2, 3, dtype=torch.float64), torch.zeros(2, 12, dtype=torch.float64)]
+
+    def f(state: list[torch.Tensor]) -> list[torch.Tensor]:
+        a, b = state
+        return [a @ m1 + b @ m2, b @ m3]
+
+    exact = sum(m.square().sum() for m in (m1, m2, m3)) / 15
+    torch.manual_seed(12)
+    K = 400
+    with torch.no_grad():
+        samples = torch.stack([hutchinson_jacobian_loss(f, z) for _ in range(K)])
+    bound = 5 * samples.std() / K**0.5
+    assert abs(float(samples.mean() - exact)) < float(bound), (float(samples.mean()), float(exact))
+
+
 def test_layer_jacobian_loss_is_the_estimate_at_the_equilibrium_and_differentiable():
     f, x = dense_cell(7)
     torch.manual_seed(8)
@@ -299,11 +322,17 @@ def test_pretraining_unrolls_f_then_solves():
     f, x = dense_cell(9)
     layer = DEQ(f, solver="broyden", pretrain_steps=2, pretrain_depth=3, **TIGHT)
     zeros = torch.zeros(B, D, dtype=torch.float64)
-    unrolled = f(f(f(zeros, x), x), x)
+    before = f(f(zeros, x), x)
+    unrolled = f(before, x)
+    # The statistics are those of the last state f was unrolled from: its residual is the
+    # last step's length.
+    residual = (unrolled - before).detach().square().mean(1).sqrt()
     for call in range(2):
         out = layer(x)
         torch.testing.assert_close(out.z, unrolled, rtol=0, atol=0)
         assert out.stats.nfe == 3 and out.stats.steps == 3
+        torch.testing.assert_close(out.stats.residual, residual, rtol=1e-12, atol=0)
+        assert not bool(out.stats.converged.any())
         assert int(layer.step) == call + 1
         got = torch.autograd.grad(out.z.sum(), [f.state.weight])[0]
         want = torch.autograd.grad(unrolled.sum(), [f.state.weight], retain_graph=True)[0]
