@@ -156,6 +156,47 @@ def test_under_autocast_the_continuous_adjoint_runs_f_as_the_forward_did(dynamic
         assert relative(low, full) < 0.03
 
 
+class CountedVJP(torch.autograd.Function):
+    """The identity, counting the vector-Jacobian products that pass through it backwards."""
+
+    calls = 0
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor) -> torch.Tensor:
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        CountedVJP.calls += 1
+        return grad
+
+
+@pytest.mark.parametrize("solver", ["vcab3", "tsit5", "bs3", "euler"])
+def test_a_step_over_a_sharp_switch_is_rejected_and_retaken(solver):
+    """y = (t, s) with s' = 10 sigmoid((t - 1) / 0.02): the steps grow while s' is flat and
+    overshoot the switch at t = 1, where the error estimate rejects them (taking them lost s
+    by units). s(2) = 10 exactly, since sigmoid(u) + sigmoid(-u) = 1 over [0, 2]. path_nfe
+    counts the evaluations on accepted steps: every one but the field at t1 (which no later
+    step uses) is differentiated by a backward pass through the steps."""
+
+    def field(y: torch.Tensor) -> torch.Tensor:
+        t = y[:, :1]
+        return CountedVJP.apply(
+            torch.cat([torch.ones_like(t), 10 * torch.sigmoid((t - 1) / 0.02)], 1)
+        )
+
+    y0 = torch.zeros(1, 2, dtype=torch.float64, requires_grad=True)
+    tol = 1e-6 if solver == "euler" else 1e-9
+    end = integrate(field, y0, 2.0, solver, Termination(tol, tol), 100_000)
+    # euler is first order: its global error is about sqrt(tol)
+    exact = torch.tensor([[2.0, 10.0]], dtype=torch.float64)
+    torch.testing.assert_close(end.y, exact, rtol=0, atol=1e-2 if solver == "euler" else 1e-5)
+    assert end.nfe - end.path_nfe > 1  # the first step's choice spends one evaluation
+    CountedVJP.calls = 0
+    end.y.sum().backward()
+    assert end.path_nfe == CountedVJP.calls + 1
+
+
 def test_max_steps_is_an_error_naming_the_time_reached():
     a = -torch.eye(2, dtype=torch.float64)
     y0 = torch.ones(1, 2, dtype=torch.float64)
