@@ -166,10 +166,10 @@ class NeuralODE(nn.Module):
     counts forward evaluations of f (the output's included), stats.steps the steps (rejected
     ones too), stats.backward_nvjp after backward() the vector-Jacobian products of f (the
     output's, then the continuous adjoint's evaluations of the augmented system, each also
-    evaluating f, or for backprop the evaluations on the accepted steps). stats.residual is
-    ||f(z(t1), x) - z(t1)|| from the output's evaluation and converged applies the DEQ test
-    with abstol / reltol to it. skip_loss and jac_loss are 0. Raises RuntimeError when an
-    integration needs more than max_steps steps.
+    evaluating f, or for backprop the evaluations on the accepted steps but the field at t1).
+    stats.residual is ||f(z(t1), x) - z(t1)|| from the output's evaluation and converged
+    applies the DEQ test with abstol / reltol to it. skip_loss and jac_loss are 0. Raises
+    RuntimeError when an integration needs more than max_steps steps.
     """
 
     def __init__(
@@ -245,5 +245,5 @@ class NeuralODE(nn.Module):
 
 def _count_backward(record: Record, through_steps: bool, grad: Tensor) -> None:
     """Record the output's vector-Jacobian product, and with backprop those through the
-    accepted steps."""
-    record.stats.backward_nvjp += 1 + (record.path_nfe if through_steps else 0)
+    accepted steps: one per evaluation on them but the field at t1, which no step uses."""
+    record.stats.backward_nvjp += 1 + (record.path_nfe - 1 if through_steps else 0)

@@ -171,6 +171,33 @@ class CountedVJP(torch.autograd.Function):
         return grad
 
 
+class VJPCountingCell(nn.Module):
+    """A cell whose every output counts the vector-Jacobian products taken through it."""
+
+    def __init__(self, cell: nn.Module) -> None:
+        super().__init__()
+        self.cell = cell
+
+    def forward(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return CountedVJP.apply(self.cell(z, x))
+
+
+@pytest.mark.parametrize("adjoint", ["backprop", "continuous"])
+@pytest.mark.parametrize("solver", ["vcab3", "bs3", "euler"])
+def test_backward_nvjp_counts_the_vjps_of_f_the_backward_takes(solver, adjoint):
+    """backward_nvjp is what the backward takes: through the steps, one VJP per evaluation on
+    the accepted path but the field at t1 (no step uses it), plus the output's; the continuous
+    adjoint, one per evaluation of the augmented system, plus the output's."""
+    torch.manual_seed(0)
+    f = VJPCountingCell(TanhCell(5).double())
+    x = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    layer = NeuralODE(f, solver=solver, adjoint=adjoint, abstol=1e-6, reltol=1e-6)
+    out = layer(x)
+    CountedVJP.calls = 0
+    out.z.square().sum().backward()
+    assert out.stats.backward_nvjp == CountedVJP.calls > 5
+
+
 @pytest.mark.parametrize("solver", ["vcab3", "tsit5", "bs3", "euler"])
 def test_a_step_over_a_sharp_switch_is_rejected_and_retaken(solver):
     """y = (t, s) with s' = 10 sigmoid((t - 1) / 0.02): the steps grow while s' is flat and
