@@ -91,6 +91,62 @@ def test_augmentation_moves_training_digits_only_and_can_be_switched_off():
     assert torch.equal(augmented.test[0][0], plain.test[0][0])
 
 
+def test_mnist10k_pixels_are_standardised_with_mnists_mean_and_deviation():
+    """Each pixel p in 0..255 becomes (p / 255 - 0.1307) / 0.3081, MNIST's published mean and
+    standard deviation, so the 2,000 test digits have mean near 0 and deviation near 1."""
+    splits = data.load_splits(section(dataset="mnist10k", augment=False))
+    pixels, _ = datasets.mnist10k(train=False)
+    images = torch.stack([splits.test[i][0] for i in range(len(splits.test))])
+    expected = (pixels.double() / 255 - 0.1307) / 0.3081
+    torch.testing.assert_close(images.squeeze(1).double(), expected, rtol=0, atol=1e-6)
+    assert abs(images.mean().item()) < 0.02 and images.std().item() == pytest.approx(1, abs=0.02)
+
+
+@pytest.mark.parametrize("augment", [True, False])
+def test_a_split_says_whether_reading_a_training_sample_draws_random_numbers(augment):
+    """The loaders seed each augmented read from (seed, epoch, index) only where the split
+    says it is augmented; otherwise a resumed run would train on other images."""
+    splits = data.load_splits(section(dataset="mnist10k", augment=augment))
+    torch.manual_seed(0)
+    first = splits.train[0][0]
+    torch.manual_seed(1)
+    assert torch.equal(first, splits.train[0][0]) is not augment
+    assert splits.augmented is augment
+
+
+@pytest.mark.parametrize("augment", [True, False])
+def test_cifar10_augments_training_images_only(monkeypatch, tmp_path, augment):
+    """Flips and crops draw a new training image per read; the test images are only
+    normalised with CIFAR-10's per-channel mean and deviation."""
+    from raydeq.training import vision
+
+    transforms = {}
+
+    class Recorded:
+        def __init__(self, root, train, download, transform):
+            transforms[train] = transform
+
+    monkeypatch.setattr(vision.datasets, "CIFAR10", Recorded)
+    cfg = section(dataset="cifar10", data_dir=str(tmp_path), augment=augment)
+    splits = vision.BUILDERS["cifar10"](cfg)
+    assert splits.augmented is augment and splits.shape == (3, 32, 32)
+    pixels = torch.randint(0, 256, (32, 32, 3), generator=torch.Generator().manual_seed(0))
+    image = Image.fromarray(pixels.to(torch.uint8).numpy(), mode="RGB")
+    mean = torch.tensor([0.4914, 0.4822, 0.4465])[:, None, None]
+    std = torch.tensor([0.2470, 0.2435, 0.2616])[:, None, None]
+    normalised = (pixels.permute(2, 0, 1).float() / 255 - mean) / std
+    for seed in range(3):
+        torch.manual_seed(seed)
+        torch.testing.assert_close(transforms[False](image), normalised)
+    draws = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        draws.append(transforms[True](image))
+    assert all(d.shape == (3, 32, 32) for d in draws)
+    moved = [not torch.equal(d, normalised) for d in draws]
+    assert moved == [augment] * 3
+
+
 def test_fake_data_has_the_configured_shape_and_classes():
     splits = data.load_splits(
         section(dataset="fake", fake_shape=[3, 12, 10], fake_classes=4, fake_samples=40)
