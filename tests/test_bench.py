@@ -10,13 +10,16 @@ import torch
 
 from raydeq.bench.__main__ import main, parse, parse_weights
 from raydeq.bench.harness import models
+from raydeq.bench.harness.cases import backward_case
 from raydeq.bench.harness.context import Checkpoint, Context
 from raydeq.bench.harness.memory import peak_memory
+from raydeq.bench.harness.problems import SpectralProblem, Spectrum, gradient_error
 from raydeq.bench.harness.report import Report, Section, Target, fmt, output_stem, write
-from raydeq.bench.harness.timing import Timing, measure, paired_ratio
+from raydeq.bench.harness.timing import Timing, measure, paired_ratio, ratio, time_call
 from raydeq.bench.suites import (
     MODULES,
     SUITES,
+    discrete,
     node,
     skip,
     skip_lambda,
@@ -24,6 +27,7 @@ from raydeq.bench.suites import (
     torchdeq,
     train_step,
 )
+from raydeq.bench.suites import overhead as overhead_suite
 from raydeq.models import PRESETS
 from raydeq.training.checkpoint import read_checkpoint, write_checkpoint
 
@@ -84,6 +88,118 @@ def test_solver_rows_reach_their_tolerance(run):
     assert all(r["max residual"] <= 1.0001e-5 for r in spectral)
 
 
+def rows_by(section: dict, column: str, **where: str) -> dict:
+    """The section's rows keyed by one column, those matching every `where` column only."""
+    rows = [r for r in section["rows"] if all(r[k] == v for k, v in where.items())]
+    return {row[column]: row for row in rows}
+
+
+def target_named(section: dict, start: str) -> dict:
+    """The one target of the section whose name starts with `start`."""
+    (target,) = [t for t in section["targets"] if t["name"].startswith(start)]
+    return target
+
+
+def round_ratio(numerator: list[float], denominator: list[float]) -> float:
+    """Median over rounds of the two cases' time ratio within each round."""
+    return statistics.median(a / b for a, b in zip(numerator, denominator, strict=True))
+
+
+def test_each_target_is_the_quotient_its_rows_and_raw_times_give(run):
+    """Every ratio target is recomputed from the report itself: numerator and denominator the
+    way round the target's name says, the fastest or fewest case chosen by min, and a time
+    ratio as the median over rounds of the raw times written beside it."""
+    data, _ = run
+    sections = {s["name"]: s for s in data["sections"]}
+    discrete = sections["discrete"]
+    spectral = rows_by(discrete, "solver", problem="spectral")
+    for solver in ("broyden", "anderson"):
+        measured = target_named(discrete, f"{solver}: NFE")["measured"]
+        assert measured == pytest.approx(spectral[solver]["NFE"] / spectral["fixed_point"]["NFE"])
+    adjoints = rows_by(sections["adjoints"], "adjoint")
+    measured = target_named(sections["adjoints"], "GMRES VJPs / Neumann VJPs")["measured"]
+    assert measured == pytest.approx(adjoints["GMRES"]["VJPs"] / adjoints["Neumann"]["VJPs"])
+    overhead = sections["overhead"]
+    calls, times = overhead_suite.SIZES["tiny"].calls, overhead["timings"]
+    for solver, row in rows_by(overhead, "solver").items():
+        per_nfe = round_ratio(times[solver], times["f"]) * calls / row["NFE"]
+        assert row["ratio"] == pytest.approx(per_nfe)
+        if solver in overhead_suite.LIMITS:
+            assert target_named(overhead, f"{solver}:")["measured"] == pytest.approx(per_nfe)
+    ode = sections["torchdiffeq"]
+    fewest = min(row["NFE"] for row in rows_by(ode, "method", library="raydeq").values())
+    peers = rows_by(ode, "method", library="torchdiffeq")
+    for label in ("odeint", "odeint_event"):
+        measured = target_named(ode, f"raydeq best NFE / torchdiffeq dopri5 {label} ")["measured"]
+        assert measured == pytest.approx(fewest / peers[f"dopri5 {label}"]["NFE"])
+    deq = sections["torchdeq"]
+    forward = {
+        f"{r['library']} {r['method']}": r
+        for r in deq["rows"]
+        if r["part"] == "forward" and r["max residual"] <= torchdeq.TOL * 1.01
+    }
+    fastest = {
+        library: min(
+            (label for label in forward if label.startswith(library)),
+            key=lambda label: statistics.median(deq["timings"][f"forward/{label}"]),
+        )
+        for library in ("raydeq", "torchdeq")
+    }
+    target = target_named(deq, "forward:")
+    assert target["detail"] == f"{fastest['raydeq']} vs {fastest['torchdeq']}"
+    assert target["measured"] == pytest.approx(
+        round_ratio(*(deq["timings"][f"forward/{fastest[k]}"] for k in ("raydeq", "torchdeq")))
+    )
+    variants = rows_by(sections["skip"], "variant")
+    measured = sections["skip"]["targets"][0]["measured"]
+    assert measured == pytest.approx(
+        variants["skip_reg"]["test NFE"] / variants["vanilla"]["test NFE"]
+    )
+    for row in sections["memory"]["rows"]:
+        assert row["unrolled / implicit"] == pytest.approx(
+            row["unrolled MiB"] / row["implicit MiB"]
+        )
+
+
+def test_a_solver_stopped_short_of_the_tolerance_has_no_nfe_ratio(monkeypatch):
+    """Broyden cut off after 2 steps has a tiny NFE but has not solved the problem: its NFE
+    target is n/a, not a PASS, while Anderson's is measured as before."""
+    full_run = discrete.raydeq_forward
+
+    def cut_broyden(solver: str, tol: float, max_steps: int, **options: object):
+        return full_run(solver, tol, 2 if solver == "broyden" else max_steps, **options)
+
+    monkeypatch.setattr(discrete, "raydeq_forward", cut_broyden)
+    columns = ["problem", "solver", "NFE", "NFE / fixed point", "time ms", "max residual"]
+    section = Section("discrete", "t", columns)
+    discrete.spectral_rows(Context(CPU, "tiny"), discrete.SIZES["tiny"], section)
+    rows = {row["solver"]: row for row in section.rows}
+    assert rows["broyden"]["NFE"] <= 3 and rows["broyden"]["max residual"] > discrete.TOL
+    broyden, anderson = section.targets
+    assert broyden.name.startswith("broyden") and broyden.verdict() == "n/a"
+    assert anderson.measured == pytest.approx(rows["anderson"]["NFE"] / rows["fixed_point"]["NFE"])
+
+
+def test_a_backward_case_counts_the_backwards_vjps_and_evaluations_apart():
+    """Three unrolled applications of f from z0 = 0: the backward takes a VJP through the
+    second and third (the first's input needs no gradient) and evaluates f never; its error
+    is relative to the reference passed in (here autograd's gradient, then twice it)."""
+    problem = SpectralProblem(Spectrum(dim=6, batch=2), CPU, torch.float64)
+    problem.weight.requires_grad_(True)
+    problem.x.requires_grad_(True)
+    cotangent = torch.ones(2, 6, dtype=torch.float64)
+
+    def forward() -> torch.Tensor:
+        return problem.f(problem.f(problem.f(problem.z0())))
+
+    exact = torch.autograd.grad((cotangent * forward()).sum(), [problem.weight, problem.x])
+    doubled = (2 * exact[0], 2 * exact[1])
+    for reference, error in ((exact, 0.0), (doubled, 0.5)):
+        outcome = time_call(backward_case(problem, forward, cotangent, reference)(), CPU)[1]
+        assert (outcome.nfe, outcome.nvjp) == (0, 2)
+        assert outcome.error == pytest.approx(error, abs=1e-12)
+
+
 def test_measure_interleaves_rotated_rounds_and_keeps_the_last_value():
     calls: list[str] = []
 
@@ -120,6 +236,39 @@ def test_target_verdicts():
     assert fmt(None) == "" and fmt(0.000123) == "1.23e-04" and fmt(12.345) == "12.3"
     with pytest.raises(KeyError):
         Section("s", "S", ["a"]).add(b=1)
+
+
+def test_a_measurement_on_its_limit_passes_and_the_table_shows_which_way_the_limit_binds():
+    """Limits are inclusive both ways (syncs per step can land exactly on theirs), and the
+    Markdown writes <= for an upper limit, >= for a lower one, beside the verdict."""
+    assert Target("t", 0.25, 0.25).verdict() == "PASS"
+    assert Target("t", 8.0, 8.0, at_least=True).verdict() == "PASS"
+    assert Target("t", 7.5, 8.0, at_least=True).verdict() == "FAIL"
+    targets = [Target("upper", 0.3, 0.25), Target("lower", 9.0, 8.0, at_least=True)]
+    section = Section("s", "S", ["a"], targets=targets)
+    report = Report(date="2026-12-03", device="cpu", size="tiny", machine={}, sections=[section])
+    markdown = report.to_markdown()
+    assert "| s | upper | 0.3 | <= 0.25 | FAIL |  |" in markdown
+    assert "| s | lower | 9 | >= 8 | PASS |  |" in markdown
+    assert [t["passed"] for t in json.loads(report.to_json())["sections"][0]["targets"]] == [
+        False,
+        True,
+    ]
+
+
+def test_spread_is_the_interquartile_range_over_the_median_and_a_zero_time_ratio_is_infinite():
+    # Exclusive quartiles of 1, 2, 3, 4, 10: q1 halfway from 1 to 2, q3 halfway from 4 to 10.
+    assert Timing(seconds=[4.0, 1.0, 10.0, 3.0, 2.0]).spread == pytest.approx((7.0 - 1.5) / 3.0)
+    assert Timing(seconds=[1.0, 5.0, 9.0]).spread == 0.0
+    assert ratio(3.0, 0.0) == math.inf and ratio(3.0, 2.0) == 1.5
+
+
+def test_gradient_error_is_relative_to_the_exact_gradient():
+    """||g - g_exact|| / ||g_exact|| over both leaves together, not over the computed g."""
+    grads = (torch.tensor([2.0, 0.0]), torch.tensor([[1.0]]))
+    exact = (torch.tensor([0.0, 1.0]), torch.tensor([[1.0]]))
+    # difference (2, -1, 0): squared norm 5; exact gradient's squared norm 2.
+    assert gradient_error(grads, exact) == pytest.approx(math.sqrt(5 / 2))
 
 
 def test_peak_memory_counts_live_storages():
@@ -404,3 +553,12 @@ def test_a_second_run_of_the_day_writes_beside_the_first_instead_of_over_it(tmp_
     assert (tmp_path / "2026-12-03-cpu.json").read_text() == kept
     assert json.loads((tmp_path / "2026-12-03-cpu-2.json").read_text())["size"] == "quick"
     assert output_stem(second, tmp_path) == tmp_path / "2026-12-03-cpu-3"
+
+
+@pytest.mark.parametrize("suffix", [".json", ".md"])
+def test_a_result_of_one_kind_alone_still_keeps_its_name_from_the_next_run(tmp_path, suffix):
+    """A run stopped between its two writes, or a result whose twin was deleted, leaves one
+    file: the next run of the day writes -2 rather than over it."""
+    (tmp_path / f"2026-12-03-cpu{suffix}").write_text("kept")
+    report = Report(date="2026-12-03", device="cpu", size="tiny", machine={})
+    assert output_stem(report, tmp_path) == tmp_path / "2026-12-03-cpu-2"
