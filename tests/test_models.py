@@ -67,6 +67,18 @@ def test_dense_parameter_counts_are_exact():
         assert n_params(build({"model": "mnist_dense", "variant": variant})) == expected
 
 
+def test_the_dense_skip_predictor_is_a_relu_of_an_affine_map():
+    """g(x) = relu(W x + b), 128 -> 128: like every state relu(W1 z) + relu(W2 x) of the dense
+    cell, its prediction is nonnegative, and it is exactly zero where W x + b is negative."""
+    torch.manual_seed(0)
+    skip = build({"model": "mnist_dense", "variant": "skip"}).layer.skip
+    weight, bias = (p.detach() for p in skip.parameters())
+    assert weight.shape == (128, 128) and bias.shape == (128,)
+    x = torch.randn(5, 128)
+    with torch.no_grad():
+        torch.testing.assert_close(skip(x), torch.clamp(x @ weight.T + bias, min=0))
+
+
 def conv_params(c_in: int, c_out: int, kernel: int, bias: bool = False) -> int:
     """Weights (and bias) of a kernel x kernel convolution."""
     return c_in * c_out * kernel**2 + (c_out if bias else 0)
