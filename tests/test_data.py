@@ -102,6 +102,18 @@ def test_mnist10k_pixels_are_standardised_with_mnists_mean_and_deviation():
     assert abs(images.mean().item()) < 0.02 and images.std().item() == pytest.approx(1, abs=0.02)
 
 
+def test_augmentation_rotates_and_shifts_a_digit_without_rescaling_its_ink():
+    """Rotations up to 10 degrees and shifts up to 10% keep a centred digit's ink (the sum of
+    its pixels in 0..1) within a few percent; a zoom would scale it by the area's factor."""
+    plain = data.load_splits(section(dataset="mnist10k", augment=False))
+    augmented = data.load_splits(section(dataset="mnist10k"))
+    torch.manual_seed(0)
+    for index in (0, 28, 49):
+        ink = (plain.train[index][0] * 0.3081 + 0.1307).sum()
+        draws = torch.stack([augmented.train[index][0] for _ in range(8)]) * 0.3081 + 0.1307
+        assert (draws.sum(dim=(1, 2, 3)) / ink - 1).abs().max() < 0.1
+
+
 @pytest.mark.parametrize("augment", [True, False])
 def test_a_split_says_whether_reading_a_training_sample_draws_random_numbers(augment):
     """The loaders seed each augmented read from (seed, epoch, index) only where the split
