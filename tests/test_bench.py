@@ -150,6 +150,16 @@ def test_each_target_is_the_quotient_its_rows_and_raw_times_give(run):
     assert target["measured"] == pytest.approx(
         round_ratio(*(deq["timings"][f"forward/{fastest[k]}"] for k in ("raydeq", "torchdeq")))
     )
+    theirs = [f"torchdeq {method}" for method in rows_by(deq, "method", library="torchdeq")]
+    peer = min(
+        (label for label in theirs if f"backward/{label}" in deq["timings"]),
+        key=lambda label: statistics.median(deq["timings"][f"backward/{label}"]),
+    )
+    target = target_named(deq, "backward")
+    assert target["detail"] == f"vs {peer}"
+    assert target["measured"] == pytest.approx(
+        round_ratio(deq["timings"]["backward/raydeq gmres"], deq["timings"][f"backward/{peer}"])
+    )
     variants = rows_by(sections["skip"], "variant")
     measured = sections["skip"]["targets"][0]["measured"]
     assert measured == pytest.approx(
