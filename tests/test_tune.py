@@ -267,6 +267,46 @@ def test_bad_search_sections_are_one_line_errors(search, message):
     assert "\n" not in str(err.value)
 
 
+def test_a_ranges_ends_are_checked_as_tune_draws_them():
+    """An integer range's upper end is drawn only when quantized with a step above 1: seed's
+    largest value, 2**32 - 1, is the last draw of randint(0, 2**32) and so is allowed, while
+    qrandint(0, 2**32, 2) draws 2**32 itself and is refused; a range with equal ends is empty."""
+
+    def check(space):
+        return rt.preflight(spec.from_dict("x", {**TINY, "search": {"space": space}}))
+
+    check({"seed": {"randint": [0, 2**32]}})
+    with pytest.raises(ConfigError, match=r"^search.space.seed: the upper bound 4294967296: seed"):
+        check({"seed": {"qrandint": [0, 2**32, 2]}})
+    with pytest.raises(ConfigError, match=r"^search.space.optim.lr.uniform: the lower bound 0.1"):
+        check({"optim.lr": {"uniform": [0.1, 0.1]}})
+
+
+def test_range_bounds_written_as_yaml_text_are_read_as_numbers():
+    """YAML 1.1 reads `1e-4` as a string: such bounds still make a log-uniform range, and its
+    draws lie between them."""
+    space = yaml.safe_load("optim.lr: {loguniform: [1e-4, 1e-2]}")
+    assert space["optim.lr"]["loguniform"] == ["1e-4", "1e-2"]
+    experiment = spec.from_dict("x", {**TINY, "search": {"space": space, "num_samples": 20}})
+    rates = [experiment.trial_config(s).optim.lr for s in spec.expand(experiment)]
+    assert len(set(rates)) == 20 and all(1e-4 <= lr <= 1e-2 for lr in rates)
+
+
+def test_dimensions_that_are_valid_only_together_are_checked_together():
+    """A space may draw a setting that needs another one it draws (lambda_jac needs jac_reg):
+    each value is checked with the other dimensions at their first values, not the base's."""
+    space = {"model.jac_reg": {"choice": [True]}, "train.lambda_jac": {"grid_search": [0.5, 1.0]}}
+    experiment = spec.from_dict("x", {**TINY, "search": {"space": space}})
+    configs = [experiment.trial_config(s) for s in spec.expand(experiment)]
+    assert [(c.model.jac_reg, c.train.lambda_jac) for c in configs] == [(True, 0.5), (True, 1.0)]
+
+
+def test_workers_per_trial_0_keeps_the_bases_workers():
+    """0 is the default, "not set": the base's scaling.num_workers stays."""
+    raw = {**TINY, "scaling": {"num_workers": 2}, "search": {"workers_per_trial": 0}}
+    assert spec.from_dict("x", raw).trial_config({}).scaling.num_workers == 2
+
+
 def test_a_random_space_takes_dotted_keys_as_sections():
     """The README lets a space be written nested or dotted: both give the same trials, and an
     override of the key fixes it in either form."""
