@@ -631,6 +631,29 @@ def test_a_trials_history_joins_the_reports_archived_before_each_resume_in_step_
     assert frame["loss"].tolist() == [3.0, 1.5, 0.9, 0.5]
 
 
+def test_each_resume_archives_the_reports_of_the_session_before_it_beside_the_earlier_ones(
+    tmp_path,
+):
+    """Three sessions of a trial: the first two sessions' reports are kept in two archives (the
+    second does not overwrite the first), an empty result.json is not archived, and the
+    trial's history holds every step once."""
+    experiment = tmp_path / "experiment"
+    trial = experiment / "trial_0"
+    trial.mkdir(parents=True)
+    (experiment / "empty_trial").mkdir()
+    (experiment / "empty_trial" / archive.RESULT_FILE).write_text("")
+    for steps in ([10, 20], [30, 40]):
+        reports = "".join(json.dumps({"step": step, "loss": 1 / step}) + "\n" for step in steps)
+        (trial / archive.RESULT_FILE).write_text(reports)
+        archive.archive_results(str(experiment))
+    archived = sorted(p.name for p in trial.iterdir() if p.name != archive.RESULT_FILE)
+    assert archived == [f"{archive.ARCHIVE_PREFIX}{n}.json" for n in (0, 1)]
+    assert os.listdir(experiment / "empty_trial") == [archive.RESULT_FILE]
+    frame = archive.history(str(trial), pd.DataFrame({"step": [50], "loss": [1 / 50]}))
+    assert frame["step"].tolist() == [10, 20, 30, 40, 50]
+    assert frame["loss"].tolist() == pytest.approx([1 / 10, 1 / 20, 1 / 30, 1 / 40, 1 / 50])
+
+
 def test_a_search_s_many_long_labels_all_fit_in_the_plot_without_a_layout_warning():
     """24 search variants named by their settings: the legend ran off the figure's right and
     bottom, cut mid-label, and matplotlib warned that it could not lay the figure out."""
