@@ -74,6 +74,8 @@ def test_validate_accepts_its_own_output():
         {"storage_path": "/tmp/elsewhere"},
         {"label": "a trial"},
         {"scaling": {"num_workers": 1, "max_failures": 0}},
+        {"model": {"compile": True}},  # the same solves, compiled
+        {"search": {"num_samples": 4}},
     ],
 )
 def test_settings_that_do_not_change_the_trained_model_keep_the_run_name(setting):
@@ -171,12 +173,38 @@ def test_lambda_skip_defaults_to_the_presets_and_amp_reads_yaml_off():
         ({"data": {"fake_shape": [1, 0, 8]}}, "data.fake_shape: expected a list of positive"),
         ({"seed": 2**64}, "seed: must be <= 4294967295, got 18446744073709551616"),
         ({"search": {"population_size": 1}}, "search.population_size: must be 0 (Optuna's"),
+        ({"optim": {"milestones": [10, 10]}}, "optim.milestones: expected increasing steps, got"),
     ],
 )
 def test_bad_values_give_one_line_naming_the_key_and_what_is_allowed(raw, expected):
     message = error_of(raw)
     assert message.startswith(expected)
     assert "\n" not in message
+
+
+def test_values_on_a_bound_are_allowed():
+    """Bounds are inclusive where the schema says so: the largest seed, one kept checkpoint,
+    momentum 1, no restarts (-1: unlimited), a cosine schedule that ends at its own rate, and
+    variants of one label that differ in their seed alone (the seeds of one configuration)."""
+    cfg = validate(
+        {
+            "seed": 2**32 - 1,
+            "train": {"keep_checkpoints": 1, "max_steps": 0},
+            "optim": {"momentum": 1, "lr": 0.01, "eta_min": 0.01},
+            "scaling": {"max_failures": -1},
+            "search": {"variants": [{"label": "a", "seed": 1}, {"label": "a", "seed": 2}]},
+        }
+    )
+    assert (cfg.seed, cfg.train.keep_checkpoints, cfg.optim.momentum) == (2**32 - 1, 1, 1.0)
+    assert (cfg.optim.eta_min, cfg.scaling.max_failures, len(cfg.search.variants)) == (0.01, -1, 2)
+
+
+def test_an_overrides_key_ends_at_the_first_equals_sign():
+    """Only the first `=` separates the key (spaces around it go): the rest, `=` included, is
+    the value, read as YAML where it is YAML and kept as written where it is not."""
+    assert config.parse_override("label=lr=3e-4") == ("label", "lr=3e-4")
+    assert config.parse_override(" model.jac_reg = true") == ("model.jac_reg", True)
+    assert config.parse_override("label=[unclosed") == ("label", "[unclosed")
 
 
 def test_numbers_written_as_yaml_strings_are_read_as_numbers():
