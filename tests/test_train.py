@@ -161,6 +161,18 @@ def test_the_command_exits_with_status_2_on_a_bad_config(tmp_path):
     assert done.stderr == "error: train.lambda_skip: must be >= 0, got -1.0\n"
 
 
+def test_a_run_written_as_a_relative_or_an_absolute_path_has_one_lock(tmp_path, monkeypatch):
+    """`runs/a` from its parent folder and the absolute path of that folder are one run: a
+    driver of either spelling holds off the other; another run has its own lock."""
+    monkeypatch.chdir(tmp_path)
+    absolute = str(tmp_path / "runs" / "a")
+    assert runlock.lock_file("runs/a") == runlock.lock_file(absolute)
+    assert runlock.lock_file("runs/a") != runlock.lock_file("runs/b")
+    with runlock.hold("runs/a"), pytest.raises(runlock.RunInUse):
+        with runlock.hold(absolute):
+            pass
+
+
 def test_a_run_that_a_process_here_is_running_is_refused_until_it_ends(tmp_path, capsys):
     """Two drivers of one run folder would both resume from it and prune each other's
     checkpoints; the second is refused, naming the first, until the first ends (however it
