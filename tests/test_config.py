@@ -54,6 +54,13 @@ def test_default_name_is_deterministic_and_follows_the_training_settings():
     assert validate({"name": "my-run"}).name == "my-run"
 
 
+def test_the_default_runs_name_stays_what_it_was_so_that_its_runs_resume():
+    """A run resumes from the folder its name gives: settings added later and left unset
+    (model.solver_options, model.dynamics) must not change the digest of older runs' names."""
+    assert validate({}).name == "digits-mnist_dense-skip_reg-e12ecada"
+    assert validate({"model": {"solver_options": {"kind": "i"}}}).name != validate({}).name
+
+
 def test_validate_accepts_its_own_output():
     search = {"num_samples": 2, "variants": [{"label": "a", "seed": 1}]}
     cfg = validate({"data": {"dataset": "fake", "fake_shape": [3, 8, 8]}, "search": search})
