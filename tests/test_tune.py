@@ -321,6 +321,13 @@ def test_a_random_space_takes_dotted_keys_as_sections():
     assert [rates(space, {"optim.lr": 0.3}) for space in forms] == [[0.3], [0.3]]
 
 
+def test_an_experiment_file_may_end_in_yml(tmp_path):
+    experiment = tmp_path / "tiny.yml"
+    experiment.write_text(yaml.safe_dump(TINY))
+    loaded = spec.load(str(experiment))
+    assert loaded.name == "tiny" and loaded.trial_config({}).data.batch_size == 8
+
+
 def test_a_dry_run_of_a_bad_space_is_a_one_line_error(tmp_path, capsys):
     experiment = tmp_path / "bad.yaml"
     experiment.write_text(yaml.safe_dump({**TINY, "search": {"space": {"optim.lr": {"f": [1]}}}}))
