@@ -160,6 +160,7 @@ def test_lambda_skip_defaults_to_the_presets_and_amp_reads_yaml_off():
         ({"data": {"dataset": "mnist10k", "data_dir": "x"}}, "data.data_dir: dataset 'mnist10k'"),
         ({"optim": {"lr": "fast"}}, "optim.lr: expected a number, got 'fast'"),
         ({"optim": {"lr": math.inf}}, "optim.lr: expected a finite number, got inf"),
+        ({"optim": {"lr": 2**1030}}, "optim.lr: expected a finite number, got 1"),  # overflows
         ({"model": [1, 2]}, "model: expected a mapping of keys to values, got [1, 2]"),
         ({"data": {"dataset": "mnist"}}, "data.data_dir: required for dataset 'mnist'"),
         ({"data": {"download": True}}, "data.download: only mnist, cifar10, svhn can be"),
