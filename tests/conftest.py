@@ -39,7 +39,15 @@ def local_s3_settings() -> dict[str, str]:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Run the multinode tests last, after every test that uses the shared cluster."""
+    """Mark the tests that start Ray (`ray`) and those that need a GPU (`cuda`), so that
+    `-m "not ray"` leaves them out; run the multinode tests last, after every test that uses
+    the shared cluster."""
+    for item in items:
+        if "ray_cluster" in item.fixturenames or item.get_closest_marker("multinode"):
+            item.add_marker(pytest.mark.ray)
+        skips = item.iter_markers("skipif")
+        if any("CUDA device" in mark.kwargs.get("reason", "") for mark in skips):
+            item.add_marker(pytest.mark.cuda)
     items.sort(key=lambda item: item.get_closest_marker("multinode") is not None)
 
 
