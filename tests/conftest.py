@@ -60,6 +60,28 @@ def ray_cluster() -> Iterator[str]:
     ray.shutdown()
 
 
+class CountedVJP(torch.autograd.Function):
+    """The identity, counting the vector-Jacobian products that pass through it backwards."""
+
+    calls = 0
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor) -> torch.Tensor:
+        return z.view_as(z)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        CountedVJP.calls += 1
+        return grad
+
+
+@pytest.fixture
+def counted_vjp() -> type[CountedVJP]:
+    """CountedVJP with its count at 0."""
+    CountedVJP.calls = 0
+    return CountedVJP
+
+
 def _central_difference(
     value: Callable[[], float], tensor: torch.Tensor, direction: torch.Tensor, eps: float = 1e-5
 ) -> float:

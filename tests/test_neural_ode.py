@@ -156,50 +156,35 @@ def test_under_autocast_the_continuous_adjoint_runs_f_as_the_forward_did(dynamic
         assert relative(low, full) < 0.03
 
 
-class CountedVJP(torch.autograd.Function):
-    """The identity, counting the vector-Jacobian products that pass through it backwards."""
-
-    calls = 0
-
-    @staticmethod
-    def forward(ctx, y: torch.Tensor) -> torch.Tensor:
-        return y.view_as(y)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        CountedVJP.calls += 1
-        return grad
-
-
 class VJPCountingCell(nn.Module):
     """A cell whose every output counts the vector-Jacobian products taken through it."""
 
-    def __init__(self, cell: nn.Module) -> None:
+    def __init__(self, cell: nn.Module, counter: type[torch.autograd.Function]) -> None:
         super().__init__()
-        self.cell = cell
+        self.cell, self.counter = cell, counter
 
     def forward(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return CountedVJP.apply(self.cell(z, x))
+        return self.counter.apply(self.cell(z, x))
 
 
 @pytest.mark.parametrize("adjoint", ["backprop", "continuous"])
 @pytest.mark.parametrize("solver", ["vcab3", "bs3", "euler"])
-def test_backward_nvjp_counts_the_vjps_of_f_the_backward_takes(solver, adjoint):
+def test_backward_nvjp_counts_the_vjps_of_f_the_backward_takes(solver, adjoint, counted_vjp):
     """backward_nvjp is what the backward takes: through the steps, one VJP per evaluation on
     the accepted path but the field at t1 (no step uses it), plus the output's; the continuous
     adjoint, one per evaluation of the augmented system, plus the output's."""
     torch.manual_seed(0)
-    f = VJPCountingCell(TanhCell(5).double())
+    f = VJPCountingCell(TanhCell(5).double(), counted_vjp)
     x = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
     layer = NeuralODE(f, solver=solver, adjoint=adjoint, abstol=1e-6, reltol=1e-6)
     out = layer(x)
-    CountedVJP.calls = 0
+    counted_vjp.calls = 0
     out.z.square().sum().backward()
-    assert out.stats.backward_nvjp == CountedVJP.calls > 5
+    assert out.stats.backward_nvjp == counted_vjp.calls > 5
 
 
 @pytest.mark.parametrize("solver", ["vcab3", "tsit5", "bs3", "euler"])
-def test_a_step_over_a_sharp_switch_is_rejected_and_retaken(solver):
+def test_a_step_over_a_sharp_switch_is_rejected_and_retaken(solver, counted_vjp):
     """y = (t, s) with s' = 10 sigmoid((t - 1) / 0.02): the steps grow while s' is flat and
     overshoot the switch at t = 1, where the error estimate rejects them (taking them lost s
     by units). s(2) = 10 exactly, since sigmoid(u) + sigmoid(-u) = 1 over [0, 2]. path_nfe
@@ -208,7 +193,7 @@ def test_a_step_over_a_sharp_switch_is_rejected_and_retaken(solver):
 
     def field(y: torch.Tensor) -> torch.Tensor:
         t = y[:, :1]
-        return CountedVJP.apply(
+        return counted_vjp.apply(
             torch.cat([torch.ones_like(t), 10 * torch.sigmoid((t - 1) / 0.02)], 1)
         )
 
@@ -219,9 +204,9 @@ def test_a_step_over_a_sharp_switch_is_rejected_and_retaken(solver):
     exact = torch.tensor([[2.0, 10.0]], dtype=torch.float64)
     torch.testing.assert_close(end.y, exact, rtol=0, atol=1e-2 if solver == "euler" else 1e-5)
     assert end.nfe - end.path_nfe > 1  # the first step's choice spends one evaluation
-    CountedVJP.calls = 0
+    counted_vjp.calls = 0
     end.y.sum().backward()
-    assert end.path_nfe == CountedVJP.calls + 1
+    assert end.path_nfe == counted_vjp.calls + 1
 
 
 def test_max_steps_is_an_error_naming_the_time_reached():

@@ -85,21 +85,6 @@ def f_row(f, z, zi, i):
     return f(torch.stack(rows))[i]
 
 
-class CountedVJP(torch.autograd.Function):
-    """The identity, counting the vector-Jacobian products that pass through it backwards."""
-
-    calls = 0
-
-    @staticmethod
-    def forward(ctx, z: torch.Tensor) -> torch.Tensor:
-        return z.view_as(z)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        CountedVJP.calls += 1
-        return grad
-
-
 @pytest.mark.parametrize("adjoint", ["gmres", "fixed_point"])
 @pytest.mark.parametrize("solver", SOLVERS)
 def test_implicit_gradients_match_dense_reference(solver, adjoint):
@@ -635,7 +620,7 @@ def test_a_step_function_is_wrapped_by_torch_compile_once_for_every_solve():
 
 
 @pytest.mark.parametrize("adjoint", ["gmres", "fixed_point", "jfb", "unrolled"])
-def test_statistics_are_complete_when_solve_returns(adjoint):
+def test_statistics_are_complete_when_solve_returns(adjoint, counted_vjp):
     """nfe counts every evaluation of f the solve made (the one attaching z* included) as a
     Python int on return; the adjoint fills the backward fields on backward()."""
     from raydeq.solvers.adjoint import Unrolled, make_adjoint
@@ -645,20 +630,20 @@ def test_statistics_are_complete_when_solve_returns(adjoint):
 
     def counted(z):
         calls.append(z.shape[0])
-        return CountedVJP.apply(f(z))
+        return counted_vjp.apply(f(z))
 
     sol = raydeq.solve(counted, torch.zeros(B, D, dtype=torch.float64), adjoint=adjoint)
     assert isinstance(sol.stats.nfe, int) and isinstance(sol.stats.steps, int)
     assert sol.stats.nfe == len(calls)
     assert sol.stats.backward_nvjp == 0
     assert sol.stats.backward_unconverged_fraction is None
-    CountedVJP.calls = 0
+    counted_vjp.calls = 0
     (sol.z * 1.0).sum().backward()
     assert sol.stats.nfe == len(calls)
     assert sol.stats.backward_nvjp >= 1
     # The VJPs of f on backward: those taken, or through the steps one per evaluation.
     unrolled = adjoint == "unrolled"
-    assert sol.stats.backward_nvjp == (len(calls) if unrolled else CountedVJP.calls)
+    assert sol.stats.backward_nvjp == (len(calls) if unrolled else counted_vjp.calls)
     implicit = adjoint in ("gmres", "fixed_point")
     assert sol.stats.backward_unconverged_fraction == (0.0 if implicit else None)
     assert isinstance(make_adjoint("unrolled", {}), Unrolled)
@@ -717,7 +702,9 @@ def test_a_monitor_selects_as_torch_where(reads):
 
 
 @pytest.mark.parametrize(("warm_start", "expected"), [(False, [0.8, 0.8]), (True, [1.4, 0.6])])
-def test_one_adjoint_step_starts_from_v_with_warm_start_and_from_0_without(warm_start, expected):
+def test_one_adjoint_step_starts_from_v_with_warm_start_and_from_0_without(
+    warm_start, expected, counted_vjp
+):
     """f(z) = J z + x with J = diag(0.5, -0.5): the adjoint system is diag(0.5, 1.5) g = v, and
     x's gradient is g. With v = (1, 1) and max_iters=1, one Arnoldi step from 0 gives
     0.8 v = (0.8, 0.8); from v (r0 = (0.5, -0.5), alpha = 0.8) v + 0.8 r0 = (1.4, 0.6); the
@@ -727,7 +714,7 @@ def test_one_adjoint_step_starts_from_v_with_warm_start_and_from_0_without(warm_
     x = torch.tensor([[1.0, 2.0], [-1.0, 0.5]], dtype=torch.float64, requires_grad=True)
 
     def f(z: torch.Tensor) -> torch.Tensor:
-        return CountedVJP.apply(z * jac + x)
+        return counted_vjp.apply(z * jac + x)
 
     sol = raydeq.solve(
         f,
@@ -737,12 +724,12 @@ def test_one_adjoint_step_starts_from_v_with_warm_start_and_from_0_without(warm_
         **tight("broyden"),
     )
     torch.testing.assert_close(sol.z, x / (1 - jac), rtol=0, atol=1e-9)
-    CountedVJP.calls = 0
+    counted_vjp.calls = 0
     (grad,) = torch.autograd.grad(sol.z.sum(), x)
     torch.testing.assert_close(grad, torch.tensor([expected] * 2, dtype=torch.float64))
     assert sol.stats.backward_converged.tolist() == [False, False]
     assert sol.stats.backward_unconverged_fraction == 1.0
-    assert sol.stats.backward_nvjp == CountedVJP.calls
+    assert sol.stats.backward_nvjp == counted_vjp.calls
 
 
 def test_an_infinite_residual_stops_the_sample_as_nonfinite():
