@@ -1,10 +1,12 @@
 """ImageNet-style folders: listed once into an index for every later reader, both validation
 layouts, staging to local disk, and one-line errors from the preflight for a broken layout."""
 
+import fcntl
 import io
 import os
 import shutil
 import tarfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -223,3 +225,183 @@ def test_a_broken_layout_is_one_line_from_the_preflight_before_ray(
     assert message in err and err.count("\n") == 1
     with pytest.raises(data.DataError, match="is unreadable"):
         preflight.check_run(validate(settings), storage=False)
+
+
+def small_tree(root: Path, classes: list[str], payload: bytes = b"") -> Path:
+    """train/ and val/ with one PNG per class (each class's own colour, or `payload`)."""
+    for split in folders.SPLITS:
+        for number, wnid in enumerate(classes):
+            (root / split / wnid).mkdir(parents=True)
+            if payload:
+                (root / split / wnid / "0.png").write_bytes(payload)
+            else:
+                Image.new("RGB", (8, 8), (number * 40, 10, 20)).save(root / split / wnid / "0.png")
+    return root
+
+
+def test_read_only_folders_each_have_their_own_index_on_a_node(tmp_path, monkeypatch):
+    """Two read-only data folders indexed in the node's temporary folder: each later reader
+    finds its own folder's classes, not those of the folder indexed first."""
+    monkeypatch.setattr(folders.tempfile, "gettempdir", lambda: str(tmp_path / "node"))
+    first = small_tree(tmp_path / "first", ["n01", "n02"])
+    second = small_tree(tmp_path / "second", ["n07", "n08", "n09"])
+    original = folders.write
+
+    def read_only(index, path):
+        if not path.is_relative_to(tmp_path / "node"):
+            raise PermissionError(13, "Permission denied", str(path))
+        original(index, path)
+
+    monkeypatch.setattr(folders, "write", read_only)
+    for _ in range(2):  # listed, then read back
+        assert folders.load_index(str(first)).classes == ("n01", "n02")
+        assert folders.load_index(str(second)).classes == ("n07", "n08", "n09")
+        assert folders.load_index(str(second)).files["val"] == [
+            f"val/{wnid}/0.png" for wnid in ("n07", "n08", "n09")
+        ]
+
+
+def test_an_index_cut_short_while_it_is_written_is_not_left_for_the_next_reader(
+    tmp_path, monkeypatch
+):
+    """A disk that fills while the index is written: the next reader lists the folder again
+    rather than finding half an index where the index belongs."""
+    monkeypatch.setattr(folders.tempfile, "gettempdir", lambda: str(tmp_path / "node"))
+    root = small_tree(tmp_path / "data", ["n01", "n02"])
+    write_table = folders.pq.write_table
+
+    def disk_full(table, where):
+        Path(where).write_bytes(b"PAR1 cut short")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(folders.pq, "write_table", disk_full)
+    listed = folders.load_index(str(root))
+    assert all(not path.exists() for path in folders.index_paths(str(root)))
+    monkeypatch.setattr(folders.pq, "write_table", write_table)
+    again = folders.load_index(str(root))
+    assert again == listed and again.files["train"] == ["train/n01/0.png", "train/n02/0.png"]
+    assert folders.read(root / folders.INDEX_FILE) == listed
+
+
+def test_the_index_keeps_the_1000_classes_of_imagenet(tmp_path):
+    classes = tuple(f"n{i:08d}" for i in range(1000))
+    files = {split: [f"{split}/{wnid}/0.JPEG" for wnid in classes] for split in folders.SPLITS}
+    labels = {"train": list(range(1000)), "val": list(range(999, -1, -1))}
+    index = folders.Index(classes, files, labels)
+    folders.write(index, tmp_path / folders.INDEX_FILE)
+    assert folders.read(tmp_path / folders.INDEX_FILE) == index
+
+
+def test_a_validation_label_of_a_class_train_lacks_is_named_with_its_file(tmp_path):
+    root = imagenet_tree(tmp_path / "data", "kaggle")
+    labels = root / folders.KAGGLE_LABELS
+    first = val_truth()[0]
+    labels.write_text(labels.read_text().replace(f"_00000001,{first} ", "_00000001,n09999999 "))
+    with pytest.raises(data.DataError) as info:
+        folders.load_index(str(root))
+    assert str(info.value) == (
+        f"dataset 'imagenet' in {root} is unreadable: val/ILSVRC2012_val_00000001.JPEG has "
+        f"class n09999999, not a folder of train/, in {folders.KAGGLE_LABELS}"
+    )
+
+
+def test_data_folders_of_one_name_are_staged_apart(tmp_path):
+    """/a/data and /b/data on one node: each training reads its own files, not the copy of
+    the folder staged first."""
+    sources = {
+        parent: small_tree(tmp_path / parent / "data", ["n01"], payload=parent.encode() * 8)
+        for parent in ("a", "b")
+    }
+    local = str(tmp_path / "local")
+    for parent, root in sources.items():
+        files = folders.load_index(str(root)).files["train"]
+        staged = staging.stage(str(root), files, local)
+        assert (staged / "train/n01/0.png").read_bytes() == parent.encode() * 8
+
+
+def test_a_copy_that_fails_part_way_is_completed_whole_by_the_next_stage(tmp_path, monkeypatch):
+    """A full disk half-way through a file, then a restart: every staged file is whole,
+    none is taken for copied because a part of it is there."""
+    root = imagenet_tree(tmp_path / "data")
+    files = folders.load_index(str(root)).files["train"][:300]
+    copyfile, copied = shutil.copyfile, []
+
+    def fills_up(source, target):
+        if len(copied) >= 120:
+            Path(target).write_bytes(Path(source).read_bytes()[:50])
+            raise OSError(28, "No space left on device")
+        copied.append(source)
+        return copyfile(source, target)
+
+    monkeypatch.setattr(shutil, "copyfile", fills_up)
+    with pytest.raises(OSError, match="No space left"):
+        staging.stage(str(root), files, str(tmp_path / "local"))
+    monkeypatch.setattr(shutil, "copyfile", copyfile)
+    staged = staging.stage(str(root), files, str(tmp_path / "local"))
+    assert (staged / staging.COMPLETE_FILE).is_file()
+    for name in files:
+        assert (staged / name).read_bytes() == (root / name).read_bytes(), name
+
+
+def test_a_worker_waits_for_the_copy_another_is_making(tmp_path):
+    """The workers of a node copy once: while one holds the copy's lock, another copies
+    nothing, and uses the copy once the first is done."""
+    root = small_tree(tmp_path / "data", ["n01", "n02"])
+    files = folders.load_index(str(root)).files["train"]
+    local = str(tmp_path / "local")
+    staged = staging.staged_root(local, str(root))
+    staged.mkdir(parents=True)
+    result = []
+    with open(staged / staging.LOCK_FILE, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        waiting = threading.Thread(
+            target=lambda: result.append(staging.stage(str(root), files, local))
+        )
+        waiting.start()
+        waiting.join(timeout=0.5)
+        assert waiting.is_alive() and not list(staged.rglob("*.png"))
+    waiting.join(timeout=30)
+    assert result == [staged] and (staged / files[1]).read_bytes() == (root / files[1]).read_bytes()
+
+
+def test_validation_images_are_resized_to_256_224ths_then_center_cropped_and_normalised(
+    tmp_path,
+):
+    """ImageNet's evaluation: at image_size 16 an image is resized to round(16 * 256 / 224)
+    = 18 pixels and its central 16 x 16 kept, so the 1-pixel border of an 18 x 18 image is
+    cut off; each channel is then (value / 255 - mean) / std with ImageNet's published mean
+    (0.485, 0.456, 0.406) and deviation (0.229, 0.224, 0.225). Training images without
+    augmentation are read the same way."""
+    colour = (51, 102, 204)
+    image = Image.new("RGB", (18, 18), (250, 0, 0))
+    image.paste(Image.new("RGB", (16, 16), colour), (1, 1))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    root = small_tree(tmp_path / "data", ["n01"], payload=buffer.getvalue())
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    expected = torch.tensor([(v / 255 - m) / s for v, m, s in zip(colour, mean, std)])
+    expected = expected[:, None, None].expand(3, 16, 16)
+    augmented = data.load_splits(section(root))
+    plain = data.load_splits(section(root, augment=False))
+    for seed in range(3):
+        torch.manual_seed(seed)
+        for image in (augmented.test[0][0], plain.test[0][0], plain.train[0][0]):
+            torch.testing.assert_close(image, expected, rtol=0, atol=1e-5)
+
+
+def test_training_crops_are_mirrored_at_random(tmp_path):
+    """An image red on its left half and blue on its right: a crop of it keeps the red to the
+    left unless it is flipped, and RandomHorizontalFlip flips about every other read."""
+    image = Image.new("RGB", (32, 32), (0, 0, 255))
+    image.paste(Image.new("RGB", (16, 32), (255, 0, 0)), (0, 0))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    root = small_tree(tmp_path / "data", ["n01"], payload=buffer.getvalue())
+    train = data.load_splits(section(root)).train
+    sides = set()
+    for seed in range(20):
+        torch.manual_seed(seed)
+        red = train[0][0][0]
+        left, right = red[:, :4].mean().item(), red[:, -4:].mean().item()
+        sides.add("red left" if left > right + 0.5 else "red right" if right > left + 0.5 else "")
+    assert {"red left", "red right"} <= sides
