@@ -398,3 +398,88 @@ def test_workers_that_download_into_one_folder_take_turns(tmp_path, monkeypatch)
     for thread in threads:
         thread.join()
     assert most == [1, 1, 1]
+
+
+def test_a_batch_as_large_as_the_training_set_is_allowed_and_one_more_is_refused():
+    data.check_batch(section(batch_size=1438), 1438)
+    with pytest.raises(data.DataError) as info:
+        data.check_batch(section(batch_size=1440), 1439)
+    assert str(info.value) == (
+        "data.batch_size=1440 exceeds the 1439 training samples of 'digits'; lower it"
+    )
+
+
+@pytest.mark.parametrize(
+    ("dataset", "samples"), [("mnist", 60000), ("cifar10", 50000), ("svhn", 73257)]
+)
+def test_the_standard_training_sets_are_known_by_their_published_sizes(tmp_path, dataset, samples):
+    """MNIST's 60,000 training digits, CIFAR-10's 50,000 images, SVHN's 73,257 digits (its
+    train_32x32.mat, without the extra set): a batch is checked against them before Ray."""
+    cfg = section(dataset=dataset, data_dir=str(tmp_path))
+    assert data.train_samples(cfg) == samples
+
+
+def test_svhn_images_are_normalised_with_svhns_mean_and_deviation(monkeypatch, tmp_path):
+    from raydeq.training import vision
+
+    transforms = {}
+
+    def recorded(root, split, download, transform):
+        transforms[split] = transform
+
+    monkeypatch.setattr(vision.datasets, "SVHN", recorded)
+    splits = vision.BUILDERS["svhn"](section(dataset="svhn", data_dir=str(tmp_path)))
+    assert splits.shape == (3, 32, 32) and not splits.augmented
+    pixels = torch.randint(0, 256, (32, 32, 3), generator=torch.Generator().manual_seed(0))
+    image = Image.fromarray(pixels.to(torch.uint8).numpy(), mode="RGB")
+    mean = torch.tensor([0.4377, 0.4438, 0.4728])[:, None, None]
+    std = torch.tensor([0.1980, 0.2010, 0.1970])[:, None, None]
+    normalised = (pixels.permute(2, 0, 1).float() / 255 - mean) / std
+    for split in ("train", "test"):
+        torch.testing.assert_close(transforms[split](image), normalised)
+
+
+def test_cifar10_training_crops_32_pixels_of_the_image_resized_to_42(monkeypatch, tmp_path):
+    """An image whose red channel rises by 8 per column: resized to 42 x 42, neighbouring
+    columns differ by 8 * 32 / 42, so any 32 columns of it span 8 * 31 * 32 / 42 = 189
+    (flipped or not); a crop without the resize would span 248."""
+    from raydeq.training import vision
+
+    transforms = {}
+
+    class Recorded:
+        def __init__(self, root, train, download, transform):
+            transforms[train] = transform
+
+    monkeypatch.setattr(vision.datasets, "CIFAR10", Recorded)
+    vision.BUILDERS["cifar10"](section(dataset="cifar10", data_dir=str(tmp_path)))
+    columns = torch.arange(32, dtype=torch.uint8) * 8
+    pixels = torch.zeros(32, 32, 3, dtype=torch.uint8)
+    pixels[:, :, 0] = columns
+    image = Image.fromarray(pixels.numpy(), mode="RGB")
+    for seed in range(8):
+        torch.manual_seed(seed)
+        red = transforms[True](image)[0] * 0.2470 + 0.4914  # back to 0..1
+        spread = (red[16].max() - red[16].min()).item() * 255
+        assert spread == pytest.approx(8 * 31 * 32 / 42, abs=4), seed
+
+
+def test_fake_test_images_are_not_the_training_images():
+    splits = data.load_splits(section(dataset="fake", fake_shape=[3, 8, 8], fake_samples=40))
+    for index in range(len(splits.test)):
+        assert not torch.equal(splits.test[index][0], splits.train[index][0]), index
+
+
+def test_the_run_seed_sets_the_order_of_the_samples_and_their_augmentation():
+    """Runs of another seed (the seeds of a search) shuffle the samples otherwise and draw
+    other augmentations of them; one seed gives the same order and images each time."""
+    dataset = torch.utils.data.TensorDataset(torch.arange(100))
+    orders = {
+        seed: [list(data.ShardSampler(dataset, 1, 0, seed)) for _ in range(2)] for seed in (0, 1)
+    }
+    assert orders[0][0] == orders[0][1] and orders[1][0] == orders[1][1]
+    assert orders[0][0] != orders[1][0]
+    train = data.load_splits(section(dataset="mnist10k")).train
+    images = {seed: data.Samples(train, seed, augmented=True)[(0, 5)][0] for seed in (0, 1)}
+    assert torch.equal(images[0], data.Samples(train, 0, augmented=True)[(0, 5)][0])
+    assert not torch.equal(images[0], images[1])
