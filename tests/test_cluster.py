@@ -107,6 +107,67 @@ def test_imagenet_claims_gpus_and_runs_as_many_trials_as_the_autoscaler_can_prov
     assert launch.gpus_per_worker(cfg) == 0.0
 
 
+def test_workers_are_packed_node_by_node_over_every_node_type(monkeypatch):
+    """Slots of a worker per node (its resources over the worker's need, 1.0 / 0.2 counting
+    5), times the most nodes of that type, summed over the types; a resource the worker needs
+    none of is not counted; a type that holds no worker adds none, even without a limit."""
+    NodeType = capacity.NodeType
+    cases = [
+        ([NodeType({"CPU": 1.0}, 2)], {"CPU": 0.2}, 10),
+        ([NodeType({"CPU": 0.6}, 2)], {"CPU": 0.2}, 6),  # 0.6 / 0.2 is 2.9999999999999996
+        ([NodeType({"CPU": 4}, 2), NodeType({"CPU": 8}, 1)], {"CPU": 2}, 2 * 2 + 4),
+        ([NodeType({"CPU": 8}, 1), NodeType({"CPU": 48, "GPU": 4}, 4)], {"CPU": 10, "GPU": 1}, 16),
+        ([NodeType({"CPU": 8}, 3)], {"CPU": 2, "GPU": 0, "memory": 0}, 12),
+        ([NodeType({"CPU": 1}, -1), NodeType({"CPU": 4}, 1)], {"CPU": 2}, 2),
+        ([NodeType({"CPU": 4}, -1), NodeType({"CPU": 4}, 1)], {"CPU": 2}, capacity.UNBOUNDED),
+    ]
+    for types, need, slots in cases:
+        monkeypatch.setattr(capacity, "node_types", lambda types=types: types)
+        assert capacity.worker_slots(need) == slots, (types, need)
+
+
+def test_a_gpu_node_type_the_cluster_may_never_start_gives_it_no_gpus(monkeypatch):
+    never = [capacity.NodeType({"CPU": 8, "GPU": 1}, 0), capacity.NodeType({"CPU": 8}, 3)]
+    monkeypatch.setattr(capacity, "node_types", lambda: never)
+    assert not capacity.can_have("GPU") and capacity.can_have("CPU")
+    unlimited = [capacity.NodeType({"CPU": 8, "GPU": 1}, -1)]
+    monkeypatch.setattr(capacity, "node_types", lambda: unlimited)
+    assert capacity.can_have("GPU")
+
+
+def test_node_types_come_from_the_published_config_else_from_the_nodes_alive(monkeypatch):
+    """The head type counts the head node (min and max); a worker type without max_workers
+    may have as many as the cluster's max_workers, one with more is held to it. Without a
+    published config, each node alive now is a type of one node; a dead one is none."""
+    autoscaling = {
+        "max_workers": 3,
+        "head_node_type": "head",
+        "available_node_types": {
+            "head": {"resources": {"CPU": 2}},
+            "cpu": {"resources": {"CPU": 4}, "min_workers": 1},
+            "big": {"resources": {"CPU": 64, "GPU": 8}, "max_workers": 10},
+        },
+    }
+    state = ray._private.state.state
+    published = capacity.cluster_config(autoscaling)
+    monkeypatch.setattr(state, "get_cluster_config", lambda: published)
+    groups = {g.name: (g.min_count, g.max_count) for g in published.node_group_configs}
+    assert groups == {"head": (1, 1), "cpu": (1, 3), "big": (0, 3)}
+    assert capacity.node_types() == [
+        capacity.NodeType({"CPU": 2}, 1),
+        capacity.NodeType({"CPU": 4}, 3),
+        capacity.NodeType({"CPU": 64, "GPU": 8}, 3),
+    ]
+    monkeypatch.setattr(state, "get_cluster_config", lambda: None)
+    nodes = [
+        {"Alive": True, "Resources": {"CPU": 4.0}},
+        {"Alive": False, "Resources": {"CPU": 8.0, "GPU": 1.0}},
+    ]
+    monkeypatch.setattr(ray, "nodes", lambda: nodes)
+    assert capacity.node_types() == [capacity.NodeType({"CPU": 4.0}, 1)]
+    assert not capacity.can_have("GPU")
+
+
 # Ray clusters of their own ----------------------------------------------------------------------
 
 
