@@ -1,0 +1,122 @@
+"""Local paths and URIs of the run's storage, its checkpoint folders, the run lock's record of
+its holder, and TensorBoard events in a folder or at a file:// URI: no Ray, no S3 server."""
+
+import os
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from raydeq.training import checkpoint, runlock, storage
+from raydeq.training.eventlog import EventLog
+
+
+def test_a_uri_of_any_scheme_is_kept_as_it_is_and_a_home_path_is_expanded(tmp_path, monkeypatch):
+    for uri in ("s3://bucket/runs", "gs://bucket/runs", "abfs://container/runs"):
+        assert storage.is_uri(uri) and storage.absolute(uri) == uri
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    assert not storage.is_uri("runs/a")
+    assert storage.absolute("~/runs") == str(tmp_path / "home" / "runs")
+    assert storage.absolute("runs/a") == str(tmp_path / "runs" / "a")
+
+
+def test_subfolders_are_the_folders_named_with_the_prefix_sorted_by_name(tmp_path):
+    """The checkpoint folders of a run, oldest first (zero-padded steps), and nothing else: no
+    file, and no folder whose name only contains the prefix."""
+    steps = ("000012", "000003", "000099", "000006", "000001", "000050")
+    for name in (*(f"checkpoint_{step}" for step in steps), "other"):
+        (tmp_path / name).mkdir()
+    (tmp_path / ".checkpoint_000020.partial").mkdir()
+    (tmp_path / "checkpoint_000030").write_text("a file, not a checkpoint")
+    found = storage.subfolders(str(tmp_path), storage.CHECKPOINT_PREFIX)
+    assert found == [str(tmp_path / f"checkpoint_{step}") for step in sorted(steps)]
+    assert storage.subfolders(str(tmp_path / "none"), storage.CHECKPOINT_PREFIX) == []
+
+
+def test_write_bytes_creates_the_folders_on_the_way_and_read_text_reads_it_back(tmp_path):
+    path = tmp_path / "a" / "b" / "settings.yaml"
+    storage.write_bytes(str(path), b"name: x\n")
+    assert path.read_bytes() == b"name: x\n"
+    assert storage.read_text(str(path)) == "name: x\n"
+    assert storage.exists(str(path)) and not storage.exists(str(tmp_path / "c"))
+
+
+def test_the_storage_check_leaves_the_folder_as_it_found_it(tmp_path):
+    storage.check_storage(str(tmp_path / "runs"))
+    assert (tmp_path / "runs").is_dir() and list((tmp_path / "runs").iterdir()) == []
+
+
+def test_a_storage_uri_of_no_known_scheme_is_a_storage_error_naming_it():
+    with pytest.raises(
+        storage.StorageError,
+        match="^storage_path nosuch://bucket/runs is not writable: .*nosuch://bucket/runs",
+    ):
+        storage.check_storage("nosuch://bucket/runs")
+
+
+def test_the_lock_names_its_holder_even_over_a_longer_earlier_holder(tmp_path, monkeypatch):
+    """The lock file outlives its drivers: a new holder's process id replaces the old one's
+    whole, so that a refused driver is told who holds the run now."""
+    monkeypatch.setattr(runlock.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    run = str(tmp_path / "runs" / "a")
+    path = runlock.lock_file(run)
+    assert path.is_relative_to(tmp_path / "tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("process 99999999999999")
+    with runlock.hold(run), pytest.raises(runlock.RunInUse) as refused:
+        with runlock.hold(run):
+            pass
+    assert str(refused.value).startswith(f"{run} is being run by process {os.getpid()} on ")
+
+
+@pytest.mark.parametrize("manifest", ["{}", "[1, 2]", "not json", '{"step": 1}'])
+def test_a_manifest_without_its_checksum_is_a_checkpoint_error(tmp_path, manifest):
+    folder = checkpoint.write_checkpoint({"step": 1}, tmp_path / "checkpoint_000001")
+    (folder / checkpoint.MANIFEST_FILE).write_text(manifest)
+    with pytest.raises(checkpoint.CheckpointError, match="no valid manifest.json"):
+        checkpoint.read_checkpoint(folder)
+
+
+def scalars(folder: Path, tag: str) -> list[tuple[int, float]]:
+    """(step, value) of a tag in the event files of a folder, as TensorBoard reads them."""
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    return (
+        [(e.step, e.value) for e in events.Scalars(tag)] if tag in events.Tags()["scalars"] else []
+    )
+
+
+def test_events_at_a_uri_are_uploaded_once_as_a_segment_per_flush(tmp_path):
+    """A URI (here file://, which pyarrow writes like any other) gets a closed event file at
+    each flush and at the end, each event in one of them only; the local folder the writer
+    used is removed at the end."""
+    folder = tmp_path / "tensorboard"
+    log = EventLog(f"file://{folder}")
+    for step in range(1, 7):
+        log.add_scalar("loss", 10.0 - step, step)
+        if step in (2, 4):
+            log.flush()
+    log.close()
+    files = sorted(folder.iterdir())
+    assert len(files) == 3 and all(f.name.startswith("events.out.tfevents.") for f in files)
+    assert scalars(folder, "loss") == [(step, 10.0 - step) for step in range(1, 7)]
+    assert not Path(log.local).exists()
+
+
+def test_a_resumed_event_log_drops_every_tag_from_its_purge_step_on(tmp_path):
+    """A run that died after step 5 (its events flushed) and resumed from the checkpoint of
+    step 3: the dead run's events of step 4 on, of every tag, are hidden, so that a test
+    accuracy it wrote at step 5 is not shown beside the resumed run's."""
+    folder = tmp_path / "tensorboard"
+    dead = EventLog(str(folder))
+    for step in range(1, 6):
+        dead.add_scalar("loss", 10.0 - step, step)
+    dead.add_scalar("test_accuracy", 0.5, 5)
+    dead.flush()
+    resumed = EventLog(str(folder), purge_step=4)
+    resumed.add_scalar("loss", 16.0, 4)
+    resumed.close()
+    assert scalars(folder, "loss") == [(1, 9.0), (2, 8.0), (3, 7.0), (4, 16.0)]
+    assert scalars(folder, "test_accuracy") == []
+    dead.writer.close()
