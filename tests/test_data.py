@@ -483,3 +483,20 @@ def test_the_run_seed_sets_the_order_of_the_samples_and_their_augmentation():
     images = {seed: data.Samples(train, seed, augmented=True)[(0, 5)][0] for seed in (0, 1)}
     assert torch.equal(images[0], data.Samples(train, 0, augmented=True)[(0, 5)][0])
     assert not torch.equal(images[0], images[1])
+
+
+def test_an_idx_file_cut_short_inside_its_header_is_named_before_it_is_read(tmp_path):
+    """An IDX image file's header is its 4-byte signature and 3 dimensions of 4 bytes: 16
+    bytes. One that ends inside them is cut short, the same one-line error as a file that
+    ends inside its pixels."""
+    mnist_folder(tmp_path)
+    name = "MNIST/raw/train-images-idx3-ubyte"
+    for size in (6, 8, 15):
+        (tmp_path / name).write_bytes((b"\0\0\x08\x03" + b"\0\0\x1f\x40" * 3)[:size])
+        with pytest.raises(data.DataError) as info:
+            data.load_splits(section(dataset="mnist", data_dir=str(tmp_path)))
+        assert str(info.value) == (
+            f"dataset 'mnist' in {tmp_path} is unreadable: {name} is cut short: {size} bytes, "
+            "within its 16-byte header; replace it, or delete it and set data.download=true "
+            "to download it again"
+        )

@@ -143,8 +143,10 @@ def file_problem(root: Path, name: str) -> str | None:
         if not name.endswith("ubyte"):
             return None
         dims = stream.read(4 * head[3])
-    shape = struct.unpack(f">{len(dims) // 4}I", dims)
-    needed, size = len(head) + 4 * head[3] + math.prod(shape), path.stat().st_size
+    header, size = len(head) + 4 * head[3], path.stat().st_size
+    if len(dims) < 4 * head[3]:
+        return f"is cut short: {size:,} bytes, within its {header:,}-byte header"
+    needed = header + math.prod(struct.unpack(f">{head[3]}I", dims))
     if size < needed:
         return f"is cut short: {size:,} of the {needed:,} bytes its header gives"
     return None
