@@ -405,3 +405,33 @@ def test_training_crops_are_mirrored_at_random(tmp_path):
         left, right = red[:, :4].mean().item(), red[:, -4:].mean().item()
         sides.add("red left" if left > right + 0.5 else "red right" if right > left + 0.5 else "")
     assert {"red left", "red right"} <= sides
+
+
+def test_class_folders_linked_from_another_tree_are_listed_as_imagefolder_lists_them(tmp_path):
+    """A subset of ImageNet made of links to some of its class folders (as ImageNet-100 is
+    often made): its classes and images are those torchvision's ImageFolder finds."""
+    full = small_tree(tmp_path / "full", ["n01", "n02", "n03"])
+    subset = tmp_path / "subset"
+    for split in folders.SPLITS:
+        (subset / split).mkdir(parents=True)
+        for wnid in ("n01", "n03"):
+            (subset / split / wnid).symlink_to(full / split / wnid, target_is_directory=True)
+    index = folders.load_index(str(subset))
+    assert index.classes == ("n01", "n03")
+    reference = datasets.ImageFolder(subset / "train")
+    assert [(str(subset / f), n) for f, n in zip(index.files["train"], index.labels["train"])] == [
+        (str(path), n) for path, n in reference.samples
+    ]
+    assert index.files["val"] == ["val/n01/0.png", "val/n03/0.png"] and index.labels["val"] == [
+        0,
+        1,
+    ]
+
+
+def test_an_empty_val_folder_is_one_clear_error(tmp_path):
+    root = imagenet_tree(tmp_path / "data", "kaggle")
+    shutil.rmtree(root / "val")
+    (root / "val").mkdir()
+    with pytest.raises(data.DataError) as info:
+        folders.load_index(str(root))
+    assert str(info.value) == f"dataset 'imagenet' in {root} is unreadable: val/ holds no images"
