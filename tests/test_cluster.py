@@ -168,6 +168,14 @@ def test_node_types_come_from_the_published_config_else_from_the_nodes_alive(mon
     assert not capacity.can_have("GPU")
 
 
+@pytest.mark.parametrize("argv", [[], ["a.yaml", "b.yaml"]])
+def test_publishing_takes_one_autoscaling_config_file(capsys, argv):
+    assert capacity.main(argv) == 2
+    assert capsys.readouterr().err == (
+        "usage: python -m raydeq.training.capacity AUTOSCALING_CONFIG\n"
+    )
+
+
 # Ray clusters of their own ----------------------------------------------------------------------
 
 

@@ -383,6 +383,7 @@ def test_validation_images_are_resized_to_256_224ths_then_center_cropped_and_nor
     expected = expected[:, None, None].expand(3, 16, 16)
     augmented = data.load_splits(section(root))
     plain = data.load_splits(section(root, augment=False))
+    assert augmented.augmented and not plain.augmented  # see Samples: drawn per (epoch, index)
     for seed in range(3):
         torch.manual_seed(seed)
         for image in (augmented.test[0][0], plain.test[0][0], plain.train[0][0]):

@@ -55,6 +55,12 @@ def test_a_storage_uri_of_no_known_scheme_is_a_storage_error_naming_it():
         storage.check_storage("nosuch://bucket/runs")
 
 
+def test_the_first_lock_of_a_machine_makes_its_folder(tmp_path, monkeypatch):
+    monkeypatch.setattr(runlock.tempfile, "gettempdir", lambda: str(tmp_path / "fresh"))
+    with runlock.hold(str(tmp_path / "runs" / "a")):
+        assert runlock.lock_file(str(tmp_path / "runs" / "a")).is_file()
+
+
 def test_the_lock_names_its_holder_even_over_a_longer_earlier_holder(tmp_path, monkeypatch):
     """The lock file outlives its drivers: a new holder's process id replaces the old one's
     whole, so that a refused driver is told who holds the run now."""
