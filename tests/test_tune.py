@@ -282,6 +282,26 @@ def test_a_ranges_ends_are_checked_as_tune_draws_them():
         check({"optim.lr": {"uniform": [0.1, 0.1]}})
 
 
+@pytest.mark.parametrize(
+    ("space", "step"),
+    [
+        ({"optim.lr": {"quniform": [0.1, 0.5, 0]}}, "0"),
+        ({"optim.lr": {"qloguniform": {"lower": 1e-3, "upper": 1e-2, "q": 0}}}, "0"),
+        ({"train.epochs": {"qrandint": [1, 5, 0]}}, "0"),
+        ({"optim.lr": {"quniform": [0.1, 0.5, -0.1]}}, "-0.1"),
+    ],
+)
+def test_a_quantized_range_whose_step_is_not_above_0_is_a_one_line_error(space, step):
+    """A float range with q=0 raised Python's ZeroDivisionError with a traceback, an integer
+    range with q=0 failed at its first draw; a negative step is no step either."""
+    ((key, spec_),) = space.items()
+    ((primitive, _),) = spec_.items()
+    with pytest.raises(ConfigError) as err:
+        rt.preflight(spec.from_dict("x", {**TINY, "search": {"space": space}}))
+    expected = f"search.space.{key}.{primitive}: the step q must be above 0, got {step}"
+    assert str(err.value) == expected
+
+
 def test_range_bounds_written_as_yaml_text_are_read_as_numbers():
     """YAML 1.1 reads `1e-4` as a string: such bounds still make a log-uniform range, and its
     draws lie between them."""

@@ -83,8 +83,14 @@ def domain(key: str, spec: Any) -> Any:
             made = getattr(tune, primitive)(
                 *map(_number, args if isinstance(args, list) else [args])
             )
+    except ZeroDivisionError:  # Tune divides a float range's ends by its step q
+        raise ConfigError(f"{key}.{primitive}: the step q must be above 0, got 0") from None
     except (TypeError, ValueError, AssertionError) as err:
         raise ConfigError(f"{key}.{primitive}: bad arguments {args!r} ({err})") from None
+    step = getattr(made.get_sampler(), "q", None)
+    if step is not None and not step > 0:
+        # Tune takes an integer range's step of 0 and fails on the first draw.
+        raise ConfigError(f"{key}.{primitive}: the step q must be above 0, got {step!r}")
     lower, upper = getattr(made, "lower", None), getattr(made, "upper", None)
     if lower is not None and upper is not None and not lower < upper:
         # Tune samples a reversed or empty range without a word (Optuna refuses it).
