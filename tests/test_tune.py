@@ -29,6 +29,7 @@ from ray.util.state import list_actors
 from raydeq import datasets
 from raydeq import tune as rt
 from raydeq.experiments import archive, results, run, spec
+from raydeq.experiments.figures import plt
 from raydeq.models import PRESETS
 from raydeq.training import preflight, runlock
 from raydeq.training.checkpoint import MANIFEST_FILE
@@ -695,6 +696,149 @@ def test_a_search_s_many_long_labels_all_fit_in_the_plot_without_a_layout_warnin
     assert image.height >= 24 * 0.19 * 120 and image.width > 9.6 * 120
     short = Image.open(io.BytesIO(results.plot("test_accuracy", "acc", {"Skip DEQ": [frame]})))
     assert short.height < image.height and short.width < image.width
+
+
+def test_a_trials_row_takes_its_test_metrics_from_the_last_evaluation_and_the_rest_as_means():
+    """The test metrics of a row (NFE, top-5, prediction time) are those of the trial's last
+    evaluation, not of the training solves; the training NFE is the mean of the reports, and
+    the total minutes add each report's steps times its step time."""
+    settings = TINY | {"train": {"epochs": 1, "max_steps": 30}}
+    experiment = spec.from_dict("rows", settings)
+    trial = SimpleNamespace(trial_id="abc12_00000", status="TERMINATED", config={})
+    frame = pd.DataFrame(
+        {
+            "step": [10, 20, 30],
+            "test_accuracy": [0.5, math.nan, 0.9],
+            "test_top5_accuracy": [0.8, math.nan, 0.95],
+            "test_nfe": [14.0, math.nan, 9.0],
+            "predict_time": [0.04, math.nan, 0.02],
+            "nfe": [20.0, 16.0, 12.0],
+            "step_time": [0.5, 0.25, 1.0],
+        }
+    )
+    row = results.trial_row(experiment, trial, frame)
+    assert (row["test_nfe"], row["test_top5_accuracy"], row["predict_time"]) == (9.0, 0.95, 0.02)
+    assert row["nfe"] == pytest.approx(16.0)
+    assert row["train_minutes"] == pytest.approx((10 * 0.5 + 10 * 0.25 + 10 * 1.0) / 60)
+
+
+def test_the_parquet_keeps_a_column_that_only_a_later_trial_has():
+    """Trials of one search may have different config keys (a solver's options): every key of
+    every row is a column, empty where a row has none."""
+    rows = [
+        {"trial": "a", "test_accuracy": 0.5},
+        {"trial": "b", "test_accuracy": 0.7, "config.model.solver_options.m": 5},
+    ]
+    table = results.results_table(rows)
+    assert table.column_names == ["trial", "test_accuracy", "config.model.solver_options.m"]
+    assert table.to_pylist() == [rows[0] | {"config.model.solver_options.m": None}, rows[1]]
+
+
+def test_a_history_cut_short_after_a_resume_is_in_step_order(tmp_path):
+    """A trial resumed from a checkpoint older than its last report, then stopped again: the
+    new session's report of step 30 replaces the old one, and the old step 40 still comes
+    last, so that the trial's last step and its step counts read right."""
+    reports = [(10, 4.0), (20, 3.0), (30, 2.0), (40, 1.0)]
+    lines = "".join(json.dumps({"step": step, "loss": loss}) + "\n" for step, loss in reports)
+    (tmp_path / f"{archive.ARCHIVE_PREFIX}0.json").write_text(lines)
+    frame = archive.history(str(tmp_path), pd.DataFrame({"step": [30], "loss": [2.5]}))
+    assert frame["step"].tolist() == [10, 20, 30, 40]
+    assert frame["loss"].tolist() == [4.0, 3.0, 2.5, 1.0]
+
+
+def test_a_plot_shows_per_variant_the_mean_over_seeds_with_a_band_of_one_std(monkeypatch):
+    monkeypatch.setattr(results, "png", lambda figure, **layout: figure)
+    seeds = [
+        pd.DataFrame({"step": [10, 20], "test_accuracy": [0.5, 0.7]}),
+        pd.DataFrame({"step": [10, 20], "test_accuracy": [0.7, 0.9]}),
+    ]
+    single = pd.DataFrame({"step": [10, 20, 30], "test_accuracy": [0.2, math.nan, 0.4]})
+    untested = pd.DataFrame({"step": [10], "train_loss": [1.0]})
+    curves = {"Two seeds": seeds, "One seed": [single], "No evaluation": [untested]}
+    figure = results.plot("test_accuracy", "test accuracy", curves)
+    (axes,) = figure.axes
+    assert (axes.get_xlabel(), axes.get_ylabel()) == ("step", "test accuracy")
+    lines = {line.get_label(): line for line in axes.lines}
+    assert list(lines) == ["Two seeds", "One seed"]
+    assert list(lines["Two seeds"].get_xdata()) == [10, 20]
+    assert list(lines["Two seeds"].get_ydata()) == pytest.approx([0.6, 0.8])
+    assert list(lines["One seed"].get_xdata()) == [10, 30]
+    assert list(lines["One seed"].get_ydata()) == pytest.approx([0.2, 0.4])
+    # The band: mean -+ the sample std of 0.5 and 0.7 (and of 0.7 and 0.9), sqrt(0.02).
+    band = axes.collections[0].get_paths()[0].vertices
+    for step, mean in [(10, 0.6), (20, 0.8)]:
+        heights = band[band[:, 0] == step][:, 1]
+        assert (heights.min(), heights.max()) == pytest.approx((mean - 0.02**0.5, mean + 0.02**0.5))
+    assert [label.get_text() for label in axes.get_legend().get_texts()] == list(lines)
+    plt.close(figure)
+
+
+def test_the_report_has_a_row_per_trial_from_every_session_and_writes_its_files(
+    tmp_path, monkeypatch
+):
+    """The report of a finished two-variant experiment, Tune's record of it stood in by its
+    trials and their current result files: a row per trial in trial id order, from the
+    reports of every session (the archived ones too); results.md holds the table and the
+    Pareto front by the search's metric; a TensorBoard HParams entry per trial, and each plot
+    of its own metric with a curve per variant."""
+    variants = [
+        {"label": "Slow", "model.variant": "vanilla"},
+        {"label": "Fast", "model.variant": "skip"},
+    ]
+    search = {"variants": variants, "metric": "train_accuracy"}
+    settings = TINY | {"train": {"epochs": 1, "max_steps": 30}, "search": search}
+    experiment = spec.from_dict("rep", settings)
+    path = tmp_path / "rep"
+    trials = [
+        SimpleNamespace(
+            trial_id=f"ab_0000{i}",
+            status="TERMINATED",
+            config={"variant": variant},
+            path=str(path / f"ab_0000{i}_{variant['label']}"),
+        )
+        for i, variant in enumerate(variants)
+    ]
+    for trial in trials:
+        Path(trial.path).mkdir(parents=True)
+    # The slow trial was resumed once: its first session's reports were archived.
+    earlier = [{"step": 10, "forward_time": 0.1}, {"step": 20, "forward_time": 0.2}]
+    archived = Path(trials[0].path, f"{archive.ARCHIVE_PREFIX}0.json")
+    archived.write_text("".join(json.dumps(report) + "\n" for report in earlier))
+    last = {"backward_time": 0.1, "train_accuracy": 0.6}
+    frames = {
+        trials[0].trial_id: pd.DataFrame(
+            [{"step": 30, "forward_time": 0.6, "test_accuracy": 0.9} | last]
+        ),
+        trials[1].trial_id: pd.DataFrame(
+            {"step": [10, 20, 30], "forward_time": [0.1] * 3, "test_accuracy": [0.5, 0.7, 0.8]}
+            | {"backward_time": [0.1] * 3, "train_accuracy": [0.5, 0.6, 0.7]}
+        ),
+    }
+    analysis = SimpleNamespace(trials=trials[::-1], trial_dataframes=frames)
+    monkeypatch.setattr(results.tune, "ExperimentAnalysis", lambda given: analysis)
+    plotted, plot = [], results.plot
+
+    def recorded(metric, label, curves):
+        plotted.append(
+            (metric, {group: [f["step"].tolist() for f in c] for group, c in curves.items()})
+        )
+        return plot(metric, label, curves)
+
+    monkeypatch.setattr(results, "plot", recorded)
+    table = results.report(str(path), experiment)
+    rows = pq.read_table(path / "results.parquet").to_pylist()
+    assert [(row["group"], row["step"]) for row in rows] == [("Slow", 30), ("Fast", 30)]
+    assert [row["trial"] for row in rows] == [spec.trial_name(t) for t in trials]
+    assert rows[0]["forward_time"] == pytest.approx((0.1 + 0.2 + 0.6) / 3)
+    assert rows[0]["test_accuracy"] == 0.9 and rows[1]["test_accuracy"] == 0.8
+    assert "| Slow | 1 | 90.00 |" in table and "| Fast | 1 | 80.00 |" in table
+    assert "## Pareto front: train_accuracy against" in table
+    assert (path / "results.md").read_text() == table
+    assert sorted(p.name for p in (path / "hparams").iterdir()) == sorted(r["trial"] for r in rows)
+    steps = {"Slow": [[10, 20, 30]], "Fast": [[10, 20, 30]]}
+    assert plotted == [(metric, steps) for metric in results.PLOTS]
+    for metric in results.PLOTS:
+        assert (path / f"{metric}.png").read_bytes().startswith(b"\x89PNG")
 
 
 # End to end on the shared Ray cluster ----------------------------------------------------------
