@@ -2,6 +2,7 @@
 front, and a search that resumes with its searcher's state after the driver is killed."""
 
 import json
+import math
 import pickle
 import signal
 import time
@@ -13,6 +14,8 @@ import pytest
 import yaml
 from hypothesis import given
 from hypothesis import strategies as st
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
 from test_tune import (
     TINY,
     _alive_actors,
@@ -22,7 +25,7 @@ from test_tune import (
 )
 
 from raydeq import tune as rt
-from raydeq.experiments import pareto, search, spec
+from raydeq.experiments import hparams, pareto, search, spec
 from raydeq.experiments.figures import plt
 from raydeq.training.config import ConfigError
 
@@ -361,6 +364,49 @@ def _finished(experiment: Path) -> set[str]:
         for trial in experiment.glob("*_*")
         if (trial / "result.json").is_file() and 6 in _reported_steps(trial)
     }
+
+
+def _hparams_entry(folder: Path) -> tuple[dict[str, float], dict[str, object]]:
+    """The measures and the settings of a trial's TensorBoard HParams entry."""
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    measures = {tag: events.Scalars(tag)[-1].value for tag in events.Tags()["scalars"]}
+    start = events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    info = plugin_data_pb2.HParamsPluginData.FromString(start).session_start_info
+    values = {k: getattr(v, v.WhichOneof("kind")) for k, v in info.hparams.items()}
+    return measures, values
+
+
+def test_the_hparams_view_has_each_finished_trials_settings_and_final_measures_once(tmp_path):
+    """An entry per trial that trained to its end, with its searched settings by their config
+    names (numbers as numbers) and its final accuracy, test NFE and time per step (a measure
+    it lacks is left out, and the training NFE is none); a later report adds the trials
+    finished since and leaves the entries written alone."""
+    rows = [
+        {"trial": "a", "completed": True, "config.optim.lr": 0.25, "config.model.solver": "vcab3"}
+        | {"test_accuracy": 0.75, "test_top5_accuracy": math.nan, "test_nfe": 12.0}
+        | {"train_time": 0.5, "nfe": 30.0},
+        {"trial": "b", "completed": False, "config.optim.lr": 0.5, "config.model.solver": "euler"}
+        | {"test_accuracy": 0.25, "test_nfe": 4.0, "train_time": 0.125},
+    ]
+    settings = ["config.optim.lr", "config.model.solver"]
+    assert hparams.write(str(tmp_path), rows, settings) == 1
+    folder = tmp_path / hparams.FOLDER
+    assert [p.name for p in folder.iterdir()] == ["a"]
+    measures, values = _hparams_entry(folder / "a")
+    assert measures == {"hparam/test_accuracy": 0.75, "hparam/test_nfe": 12.0} | {
+        "hparam/train_time": 0.5
+    }
+    assert values == {"trial": "a", "optim.lr": 0.25, "model.solver": "vcab3"}
+    written = {p.name: p.read_bytes() for p in (folder / "a").iterdir()}
+    later = [rows[0] | {"test_accuracy": 0.5}, rows[1] | {"completed": True}]
+    assert hparams.write(str(tmp_path), later, settings) == 1
+    assert {p.name: p.read_bytes() for p in (folder / "a").iterdir()} == written
+    measures, values = _hparams_entry(folder / "b")
+    assert measures == {"hparam/test_accuracy": 0.25, "hparam/test_nfe": 4.0} | {
+        "hparam/train_time": 0.125
+    }
+    assert values == {"trial": "b", "optim.lr": 0.5, "model.solver": "euler"}
 
 
 def test_a_killed_search_resumes_with_its_searchers_history_and_repeats_no_trial(
