@@ -313,6 +313,16 @@ def test_range_bounds_written_as_yaml_text_are_read_as_numbers():
     assert len(set(rates)) == 20 and all(1e-4 <= lr <= 1e-2 for lr in rates)
 
 
+def test_range_arguments_written_as_yaml_text_keywords_are_read_as_numbers():
+    """The README allows a primitive's arguments as a mapping of keywords: YAML text bounds
+    there are numbers too."""
+    space = yaml.safe_load("optim.lr: {loguniform: {lower: 1e-4, upper: 1e-2}}")
+    assert space["optim.lr"]["loguniform"] == {"lower": "1e-4", "upper": "1e-2"}
+    experiment = spec.from_dict("x", {**TINY, "search": {"space": space, "num_samples": 20}})
+    rates = [experiment.trial_config(s).optim.lr for s in spec.expand(experiment)]
+    assert len(set(rates)) == 20 and all(1e-4 <= lr <= 1e-2 for lr in rates)
+
+
 def test_dimensions_that_are_valid_only_together_are_checked_together():
     """A space may draw a setting that needs another one it draws (lambda_jac needs jac_reg):
     each value is checked with the other dimensions at their first values, not the base's."""
