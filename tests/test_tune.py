@@ -411,6 +411,52 @@ def test_the_command_refuses_bad_input_and_an_existing_experiment_with_status_2(
     assert capsys.readouterr().err.startswith("error: --storage: empty; give a folder or a URI")
 
 
+def test_the_flags_of_a_new_run_override_the_experiment_files_search_settings(capsys):
+    search = {"num_samples": 3, "scheduler": "fifo", "max_concurrent_trials": 2}
+    experiment = spec.from_dict("x", {**TINY, "search": search})
+    flags = ["--num-samples", "5", "--scheduler", "asha", "--max-concurrent-trials", "4"]
+    args = rt._parser().parse_intermixed_args(["x", *flags, "--gpus-per-worker", "0.5"])
+    given = run.Options(gpus=0.5, num_samples=5, scheduler="asha", max_concurrent=4)
+    assert rt.new_options(args, experiment) == given
+    plain = rt._parser().parse_intermixed_args(["x"])
+    assert rt.new_options(plain, experiment) == run.Options(None, 3, "fifo", 2)
+    assert rt.main(["x", "--gpus-per-worker", "-1"]) == 2
+    assert capsys.readouterr().err == "error: --gpus-per-worker: must be >= 0, got -1\n"
+
+
+def test_a_run_with_failed_trials_exits_1_and_an_interrupted_one_130_with_its_resume_command(
+    tmp_path, capsys, monkeypatch
+):
+    """The command's status once Tune returns: 0 when every trial finished, 1 when some failed
+    (the report is written either way), 130 with the command that resumes this experiment,
+    its storage and its name, when trials are left unfinished."""
+    for variable in ("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "RAY_AIR_NEW_OUTPUT"):
+        monkeypatch.setenv(variable, os.environ.get(variable, "set by the command"))
+    monkeypatch.setenv("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+    monkeypatch.setenv("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    monkeypatch.setattr(rt.launch, "check_cluster", lambda: None)
+    monkeypatch.setattr(rt.launch, "connect", lambda log_to_driver: False)
+    monkeypatch.setattr(rt, "report", lambda path, experiment: f"table of {path}")
+    file = tmp_path / "tiny.yaml"
+    file.write_text(yaml.safe_dump(TINY))
+    storage = tmp_path / "runs"
+    for name, (errors, unfinished), status in [
+        ("done", (0, 0), 0),
+        ("failed", (2, 0), 1),
+        ("stopped", (0, 1), 130),
+    ]:
+        monkeypatch.setattr(run, "fit", lambda *args, ended=(errors, unfinished): ended)
+        argv = [str(file), "--storage", str(storage), "--name", name]
+        assert rt.main(argv) == status, name
+        out, err = capsys.readouterr()
+        if unfinished:
+            resume = f"python -m raydeq.tune {file} --resume --storage {storage} --name {name}"
+            assert err.splitlines()[-1] == f"interrupted; resume with: {resume}"
+            assert "table of" not in out
+        else:
+            assert f"table of {storage}/{name}\n" in out
+
+
 def test_stored_settings_that_are_no_text_or_bad_name_the_file_with_status_2(tmp_path, capsys):
     experiment = tmp_path / "tiny.yaml"
     experiment.write_text(yaml.safe_dump(TINY))
