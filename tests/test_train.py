@@ -265,6 +265,115 @@ def test_workers_that_this_machine_cannot_hold_are_refused_not_waited_for(tmp_pa
     assert not (runs / "digits" / SETTINGS_FILE).exists()  # so the command can run again
 
 
+def test_a_failed_run_exits_1_with_its_own_error_and_an_interrupted_one_130_with_its_command(
+    tmp_path, capsys, monkeypatch
+):
+    """A run that Ray Train reports failed ends with status 1 and raydeq's own error in one
+    line; Ctrl-C ends it with 130 and the command that resumes it, its settings included (the
+    run's name comes from them: without them the command would start another run)."""
+    path = tmp_path / "run.yaml"
+    path.write_text(f"scaling: {{device: cpu}}\nstorage_path: {tmp_path / 'runs'}\n")
+    argv = [str(path), "optim.lr=0.003"]
+    cfg = config.load(str(path), argv[1:])
+    traceback = (
+        "Traceback (most recent call last):\n  File loop.py, line 154, in record\n"
+        "raydeq.training.loop.NonFiniteError: training stopped at step 4: 3 steps in a row\n"
+    )
+
+    def fail(*args, **kwargs):
+        raise ray.train.TrainingFailedError(traceback)
+
+    monkeypatch.setattr(launch, "check_cluster", lambda: None)
+    monkeypatch.setattr(launch, "connect", lambda: False)
+    monkeypatch.setattr(launch, "fit", fail)
+    assert train.main(argv) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: run {cfg.run_dir} failed: NonFiniteError: training stopped at step 4: 3 steps "
+        "in a row"
+    )
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(launch, "fit", interrupt)
+    assert train.main(argv) == 130
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"interrupted; resume with: python -m raydeq.train {path} optim.lr=0.003"
+    )
+
+
+def test_workers_that_just_fit_are_taken_and_one_more_is_refused_naming_the_fix(monkeypatch):
+    monkeypatch.setattr(launch.capacity, "worker_slots", lambda need: 2)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0})
+    launch.check_fits(2, {"CPU": 2.0})
+    with pytest.raises(config.ConfigError) as err:
+        launch.check_fits(3, {"CPU": 2.0})
+    assert str(err.value) == (
+        "scaling.num_workers=3 with 2 CPU per worker does not fit on this machine (4 CPU), "
+        "which holds 2 such workers; lower scaling.num_workers, or run on a cluster "
+        "(RAY_ADDRESS, or `ray start`)"
+    )
+    with pytest.raises(config.ConfigError, match=r"\(4 CPU, 0 GPU\), .*; set scaling.device=cpu"):
+        launch.check_fits(3, {"CPU": 1.0, "GPU": 1.0})
+
+
+def test_a_tune_trials_process_takes_its_cpu_from_its_workers_share_but_never_all_of_it():
+    """A trial of two workers of 2 CPUs whose own process needs 1 CPU: each worker asks 1.5,
+    so the trial holds the 4 CPUs it was given; a worker of 1 CPU keeps 1 (0 would let Ray
+    place any number of them on a node); GPUs are asked for only when given."""
+    two = validate({"scaling": {"num_workers": 2, "cpus_per_worker": 2.0}})
+    scaling = launch.scaling_config(two, 0.0, reserve_cpu=1.0)
+    assert (scaling.resources_per_worker, scaling.use_gpu) == ({"CPU": 1.5}, False)
+    one = validate({"scaling": {"num_workers": 1, "cpus_per_worker": 1.0}})
+    assert launch.scaling_config(one, 0.0, reserve_cpu=1.0).resources_per_worker == {"CPU": 1.0}
+    scaling = launch.scaling_config(two, 1.0)
+    assert (scaling.resources_per_worker, scaling.use_gpu) == ({"CPU": 2.0, "GPU": 1.0}, True)
+
+
+def test_device_cpu_takes_no_gpu_even_where_the_cluster_has_gpus(monkeypatch):
+    monkeypatch.setattr(launch.capacity, "can_have", lambda resource: True)
+    gpus = {
+        device: launch.gpus_per_worker(validate({"scaling": {"device": device}}))
+        for device in ("cpu", "auto", "cuda")
+    }
+    assert gpus == {"cpu": 0.0, "auto": 1.0, "cuda": 1.0}
+
+
+def test_a_ray_client_address_is_left_to_ray_and_only_raydeqs_errors_are_shortened(monkeypatch):
+    """`ray://host:port` names a Ray Client server, no host and port to probe here; a
+    traceback that ends in another package's error (PyTorch's) keeps its traceback."""
+    monkeypatch.setenv("RAY_ADDRESS", f"ray://127.0.0.1:{launch.free_port()}")
+    launch.check_cluster()
+    torch_error = "Traceback\n  File x\ntorch.OutOfMemoryError: CUDA out of memory.\n"
+    assert launch.own_error(torch_error) is None
+
+
+def test_a_ray_of_the_runs_own_has_no_preemption_watcher_and_the_settings_given_are_kept(
+    monkeypatch,
+):
+    for name in ("RAY_ADDRESS", launch.API_SERVER, *launch.ENV_VARS, *LOCAL_ENV_VARS):
+        monkeypatch.delenv(name, raising=False)
+    watcher = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+    assert launch.runtime_env(local=True)["env_vars"][watcher] == "0"
+    assert watcher not in launch.runtime_env(local=False)["env_vars"]
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    monkeypatch.setenv(watcher, "1")
+    env_vars = launch.runtime_env(local=True)["env_vars"]
+    assert (env_vars["RAY_ADDRESS"], env_vars[watcher]) == ("10.0.0.1:6379", "1")
+    monkeypatch.setenv("RAY_ADDRESS", "auto")
+    assert "RAY_ADDRESS" not in launch.runtime_env()["env_vars"]
+
+
+def test_a_progress_line_shows_each_headline_metric_under_its_own_name():
+    metrics = {"epoch": 0.5, "step": 10, "total_steps": 20, "train_loss": 1.5}
+    metrics |= {"train_accuracy": 0.25, "nfe": 12.0, "images_per_second": 12345.6}
+    metrics |= {"test_accuracy": 0.75, "test_nfe": 8.0, "skipped_steps": 0, "time_left_s": 65}
+    assert reporting.progress_line("run", metrics) == (
+        "[run] epoch 0.50 step 10/20 loss 1.5 acc 0.25 nfe 12 img/s 12346 test_acc 0.75 "
+        "test_nfe 8 eta 1m05s"
+    )
+
+
 # Checkpoints -----------------------------------------------------------------------------------
 
 
