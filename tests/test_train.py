@@ -44,7 +44,7 @@ from raydeq.training import (
 from raydeq.training.checkpoint import MANIFEST_FILE, STATE_FILE
 from raydeq.training.config import Config, validate
 from raydeq.training.launch import LOCAL_ENV_VARS
-from raydeq.training.session import Session, TrainWorker, stored_checkpoints
+from raydeq.training.session import Session, TrainWorker, TuneTrial, stored_checkpoints
 from raydeq.training.state import TrainState, rng_state
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -667,6 +667,56 @@ def test_a_run_stopped_by_a_crash_resumes_to_the_uninterrupted_runs_weights_to_t
         for name, value in moments.items():
             assert torch.equal(resumed["optimizer"]["state"][key][name], value), (key, name)
     assert resumed["scheduler"] == straight["scheduler"]
+
+
+def test_a_resume_starts_at_the_newest_of_several_checkpoints_and_tensorboard_keeps_one_history(
+    tmp_path, caplog
+):
+    """A run stopped after step 6 before its checkpoint of step 6 was stored: the resume
+    starts at step 4 (not at the older step 2), says so, and TensorBoard holds each step once,
+    the steps after 4 of the first session replaced by those of the second."""
+    cfg = make_config(tmp_path, max_steps=6, checkpoint_every=2)
+    session = FolderSession(tmp_path / "checkpoints")
+    loop.Loop(cfg, session).run()
+    stored = sorted(p.name for p in Path(session.folder).iterdir())
+    assert stored == [f"checkpoint_00000{step}" for step in (2, 4, 6)]
+    shutil.rmtree(Path(session.folder, stored[-1]))
+    with caplog.at_level(logging.INFO, logger="raydeq"):
+        resumed = loop.Loop(cfg, session)
+        assert resumed.state.step == 4
+        resumed.run()
+    said = [r.getMessage() for r in caplog.records if r.name == "raydeq"]
+    assert said[0] == "[run] resumed at step 4 of 6 on 1 worker"
+    steps = steps_by_tag(Path(cfg.run_dir, reporting.TENSORBOARD_DIR))
+    assert steps["train_loss"] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_tune_trials_session_is_rank_0_of_1_and_reports_its_checkpoints(tmp_path, monkeypatch):
+    """The process of a one-worker Tune trial: on the CPU unless given a GPU, its checkpoints
+    newest first (Tune numbers them), and each report hands its checkpoint to Tune."""
+    for step in (3, 12, 100):
+        (tmp_path / f"checkpoint_{step:06d}").mkdir()
+    (tmp_path / "tensorboard").mkdir()
+    trial = TuneTrial(f"{tmp_path}/", use_gpu=False)
+    assert (trial.rank, trial.world, trial.device, trial.folder) == (
+        0,
+        1,
+        torch.device("cpu"),
+        str(tmp_path),
+    )
+    assert TuneTrial(str(tmp_path), use_gpu=True).device == torch.device("cuda")
+    newest_first = []
+    for held in trial.checkpoints():
+        with held as folder:
+            newest_first.append(Path(folder).name)
+    assert newest_first == ["checkpoint_000100", "checkpoint_000012", "checkpoint_000003"]
+    sent = []
+    monkeypatch.setattr(
+        ray.tune, "report", lambda metrics, checkpoint: sent.append((metrics, checkpoint))
+    )
+    saved = Checkpoint.from_directory(str(tmp_path / "checkpoint_000100"))
+    trial.report({"step": 100}, saved)
+    assert sent == [({"step": 100}, saved)]
 
 
 def test_a_step_reports_its_loss_and_accuracy_and_clips_the_gradient_to_grad_clip(tmp_path):
