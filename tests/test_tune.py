@@ -303,6 +303,16 @@ def test_a_quantized_range_whose_step_is_not_above_0_is_a_one_line_error(space, 
     assert str(err.value) == expected
 
 
+def test_a_normal_distribution_without_spread_is_a_one_line_error():
+    """Tune refuses a standard deviation of 0 with a bare assertion."""
+    space = {"model.abstol": {"randn": [0.1, 0]}}
+    with pytest.raises(ConfigError) as err:
+        rt.preflight(spec.from_dict("x", {**TINY, "search": {"space": space}}))
+    message = str(err.value)
+    assert message.startswith("search.space.model.abstol.randn: bad arguments [0.1, 0] (")
+    assert "\n" not in message
+
+
 def test_range_bounds_written_as_yaml_text_are_read_as_numbers():
     """YAML 1.1 reads `1e-4` as a string: such bounds still make a log-uniform range, and its
     draws lie between them."""
