@@ -788,6 +788,30 @@ def test_a_trials_row_takes_its_test_metrics_from_the_last_evaluation_and_the_re
     assert row["train_minutes"] == pytest.approx((10 * 0.5 + 10 * 0.25 + 10 * 1.0) / 60)
 
 
+def test_a_run_of_epochs_alone_is_complete_at_its_last_epoch_and_counts_its_models_parameters():
+    """train.max_steps=0 trains by epochs only (the paper's MNIST runs): such a trial is
+    complete once it has reported its last epoch. The row counts the model's trainable
+    parameters: mnist_dense's Skip Reg. variant has the vanilla one's 134,538 (the count of the
+    paper's reference code)."""
+    settings = TINY | {"train": {"epochs": 2, "max_steps": 0}}
+    experiment = spec.from_dict("epochs", settings)
+    trial = SimpleNamespace(trial_id="abc12_00000", status="TERMINATED", config={})
+    frame = pd.DataFrame({"step": [179, 358], "epoch": [1.0, 2.0]})
+    row = results.trial_row(experiment, trial, frame)
+    assert row["completed"] and row["parameters"] == 134_538
+    assert not results.trial_row(experiment, trial, frame.iloc[:1])["completed"]
+
+
+def test_a_table_cell_leaves_out_a_seed_that_lacks_the_measure():
+    rows = [
+        {"group": "Skip", "seed": seed, "completed": True, "parameters": 10, "step": 5}
+        | dict.fromkeys(("train_time", "backward_time", "predict_time"), math.nan)
+        | {"test_accuracy": 0.5, "test_nfe": nfe}
+        for seed, nfe in [(0, 10.0), (1, math.nan), (2, 14.0)]
+    ]
+    assert "| Skip | 3 | 50.00 ± 0.00 | - | - | - | 12 ± 2.828 | 10 |" in results.markdown(rows)
+
+
 def test_the_parquet_keeps_a_column_that_only_a_later_trial_has():
     """Trials of one search may have different config keys (a solver's options): every key of
     every row is a column, empty where a row has none."""
@@ -837,6 +861,16 @@ def test_a_plot_shows_per_variant_the_mean_over_seeds_with_a_band_of_one_std(mon
         assert (heights.min(), heights.max()) == pytest.approx((mean - 0.02**0.5, mean + 0.02**0.5))
     assert [label.get_text() for label in axes.get_legend().get_texts()] == list(lines)
     plt.close(figure)
+
+
+def test_a_plot_closes_its_figure():
+    """A search writes a plot per metric at each report: figures left open add up (matplotlib
+    warns past 20) and hold their memory."""
+    frame = pd.DataFrame({"step": [1, 2], "test_accuracy": [0.5, 0.6]})
+    open_before = plt.get_fignums()
+    results.plot("test_accuracy", "test accuracy", {"Skip": [frame]})
+    results.plot("test_accuracy", "test accuracy", {})
+    assert plt.get_fignums() == open_before
 
 
 def test_the_report_has_a_row_per_trial_from_every_session_and_writes_its_files(
