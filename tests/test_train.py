@@ -270,7 +270,8 @@ def test_a_failed_run_exits_1_with_its_own_error_and_an_interrupted_one_130_with
 ):
     """A run that Ray Train reports failed ends with status 1 and raydeq's own error in one
     line; Ctrl-C ends it with 130 and the command that resumes it, its settings included (the
-    run's name comes from them: without them the command would start another run)."""
+    run's name comes from them: without them the command would start another run); a run
+    that finishes ends with 0 and a line of its test accuracy, steps and folder."""
     path = tmp_path / "run.yaml"
     path.write_text(f"scaling: {{device: cpu}}\nstorage_path: {tmp_path / 'runs'}\n")
     argv = [str(path), "optim.lr=0.003"]
@@ -300,6 +301,11 @@ def test_a_failed_run_exits_1_with_its_own_error_and_an_interrupted_one_130_with
     assert capsys.readouterr().err.splitlines()[-1] == (
         f"interrupted; resume with: python -m raydeq.train {path} optim.lr=0.003"
     )
+    finished = SimpleNamespace(metrics={"test_accuracy": 0.98765, "step": 44})
+    monkeypatch.setattr(launch, "fit", lambda *args, **kwargs: finished)
+    assert train.main(argv) == 0
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last == f"test_accuracy=0.9877 steps=44 run={cfg.run_dir}"
 
 
 def test_workers_that_just_fit_are_taken_and_one_more_is_refused_naming_the_fix(monkeypatch):

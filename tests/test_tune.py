@@ -463,6 +463,10 @@ def test_a_run_with_failed_trials_exits_1_and_an_interrupted_one_130_with_its_re
             resume = f"python -m raydeq.tune {file} --resume --storage {storage} --name {name}"
             assert err.splitlines()[-1] == f"interrupted; resume with: {resume}"
             assert "table of" not in out
+            # The command printed resumes the experiment it started (its settings are kept).
+            monkeypatch.setattr(run, "fit", lambda *args: (0, 0))
+            assert rt.main(shlex.split(resume)[3:]) == 0
+            assert f"table of {storage}/{name}\n" in capsys.readouterr().out
         else:
             assert f"table of {storage}/{name}\n" in out
 
