@@ -318,6 +318,42 @@ def test_layer_jacobian_loss_is_the_estimate_at_the_equilibrium_and_differentiab
     assert grads[0].abs().sum() > 0
 
 
+class TanhCell(nn.Module):
+    """f(z, x) = tanh(W z + U x): its Jacobian diag(1 - f^2) W depends on z and x (a ReLU
+    cell's is piecewise constant, so no derivative reaches z* through it)."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        w = torch.randn(D, D, generator=g, dtype=torch.float64)
+        self.w = nn.Parameter(0.5 * w / torch.linalg.matrix_norm(w, 2))
+        self.u = nn.Parameter(torch.randn(D, D, generator=g, dtype=torch.float64) / D**0.5)
+
+    def forward(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(z @ self.w.T + x @ self.u.T)
+
+
+def test_the_jacobian_penalty_holds_the_equilibrium_constant():
+    """jac_loss = ||eps^T J_f(z*)||^2 / (B D) with J_f = diag(1 - f^2) W, and its gradient in
+    W, U and x is that closed form's at z* held fixed: no term flows back through z*(theta)."""
+    f = TanhCell(12)
+    x = torch.randn(B, D, dtype=torch.float64, generator=torch.Generator().manual_seed(13))
+    x.requires_grad_()
+    torch.manual_seed(14)
+    out = DEQ(f, solver="broyden", jac_reg=True, **TIGHT)(x)
+    torch.manual_seed(14)
+    eps = torch.randn(B, D, dtype=torch.float64)  # the one probe the layer drew
+    z = out.z.detach()
+    s = 1 - torch.tanh(z @ f.w.T + x @ f.u.T).square()
+    expected = ((eps * s) @ f.w).square().sum() / (B * D)
+    torch.testing.assert_close(out.jac_loss, expected, rtol=1e-10, atol=0)
+    params = [f.w, f.u, x]
+    got = torch.autograd.grad(out.jac_loss, params)
+    want = torch.autograd.grad(expected, params)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
 def test_pretraining_unrolls_f_then_solves():
     f, x = dense_cell(9)
     layer = DEQ(f, solver="broyden", pretrain_steps=2, pretrain_depth=3, **TIGHT)
@@ -344,6 +380,34 @@ def test_pretraining_unrolls_f_then_solves():
     assert int(layer.step) == 3 and out.stats.nfe != 3
     reference = iterate(f, x.detach(), zeros)
     torch.testing.assert_close(out.z, reference, rtol=0, atol=1e-7)
+
+
+def test_skip_reg_warm_up_unrolls_from_f_of_zero_cut_from_the_graph():
+    """During the warm-up a Skip Reg. DEQ unrolls f from z0 = f(0, x) detached, as its solve
+    starts: z = f(f(f(z0))), whose gradient has no term through z0; the statistics count the
+    evaluation that gave z0 (4 evaluations, 3 steps); skip_loss is mean |z - z0| with both
+    sides in the graph."""
+    torch.manual_seed(15)
+    f = DenseCell(D).double()
+    x = torch.randn(B, D, dtype=torch.float64, requires_grad=True)
+    out = DEQ(f, init="skip_reg", pretrain_steps=1, pretrain_depth=3)(x)
+    z0 = f(torch.zeros(B, D, dtype=torch.float64), x)
+    z = z0.detach()
+    for _ in range(3):
+        z = f(z, x)
+    torch.testing.assert_close(out.z, z, rtol=0, atol=0)
+    assert (out.stats.nfe, out.stats.steps) == (4, 3)
+    params = [f.state.weight, f.inject.weight, x]
+    got = torch.autograd.grad(out.z.sum(), params, retain_graph=True)
+    want = torch.autograd.grad(z.sum(), params, retain_graph=True)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
+    expected = (z - z0).abs().mean()
+    torch.testing.assert_close(out.skip_loss, expected, rtol=1e-12, atol=0)
+    got = torch.autograd.grad(out.skip_loss, params)
+    want = torch.autograd.grad(expected, params)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize(

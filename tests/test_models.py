@@ -3,15 +3,18 @@ continuous and a discrete solver, batch independence (group norm), dropout masks
 
 import dataclasses
 import functools
+import math
 import time
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from raydeq.datasets import mnist10k
 from raydeq.models import PRESETS, VARIANTS, build
-from raydeq.models.layers import VariationalDropout2d
+from raydeq.models.dense import DenseCell
+from raydeq.models.layers import VariationalDropout2d, conv, group_norm
 from raydeq.models.mdeq import MDEQConfig, MultiscaleCell, mdeq_parts
 from raydeq.training.objective import Objective
 
@@ -77,6 +80,35 @@ def test_the_dense_skip_predictor_is_a_relu_of_an_affine_map():
     x = torch.randn(5, 128)
     with torch.no_grad():
         torch.testing.assert_close(skip(x), torch.clamp(x @ weight.T + bias, min=0))
+
+
+def test_the_dense_cell_adds_two_rectified_maps():
+    """f(z, x) = relu(W1 z) + relu(W2 x), not relu(W1 z + W2 x): with W1 z < 0 < W2 x, f = W2 x."""
+    cell = DenseCell(2)
+    with torch.no_grad():
+        cell.state.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, -1.0]]))
+        cell.inject.weight.copy_(torch.tensor([[0.0, 2.0], [-3.0, 0.0]]))
+    z, x = torch.tensor([[-1.0, 2.0]]), torch.tensor([[-1.0, 0.5]])
+    # W1 z = (-1, -2): both rectified to 0; W2 x = (1, 3)
+    torch.testing.assert_close(cell(z, x), torch.tensor([[1.0, 3.0]]), rtol=0, atol=0)
+    torch.testing.assert_close(cell(-z, x), torch.tensor([[2.0, 5.0]]), rtol=0, atol=0)
+
+
+def test_the_dense_model_embeds_flattened_images_by_a_rectified_affine_map_and_reads_z_star():
+    """stem(images) = relu(W vec(image) + b); logits are the head's affine map of the layer's
+    equilibrium z* = f(z*, x), not of its initial guess."""
+    torch.manual_seed(25)
+    model = build({"model": "mnist_dense", "variant": "skip", "abstol": 1e-6, "reltol": 0.0})
+    images = torch.randn(3, 1, 28, 28)
+    linear = model.stem[1]
+    x = torch.clamp(images.reshape(3, 784) @ linear.weight.T + linear.bias, min=0)
+    torch.testing.assert_close(model.stem(images), x)
+    logits, out = model(images)
+    with torch.no_grad():
+        residual = (model.layer.f(out.z, x) - out.z).abs().max()
+    assert float(residual) < 1e-5
+    head = model.head
+    torch.testing.assert_close(logits, out.z @ head.weight.T + head.bias)
 
 
 def conv_params(c_in: int, c_out: int, kernel: int, bias: bool = False) -> int:
@@ -292,6 +324,60 @@ def test_model_forward_draws_fresh_masks():
     assert any(not torch.equal(a, m.mask) for a, m in zip(first, drops, strict=True))
 
 
+def test_weight_normalised_convolutions_scale_each_output_channel():
+    """weight = g * v / ||v|| with one norm per output channel (MDEQ's weight_norm, dim 0)."""
+    layer = conv(3, 5, normalize=True)
+    v = layer.parametrizations.weight.original1.detach()
+    g = layer.parametrizations.weight.original0.detach()
+    assert g.numel() == 5
+    norms = v.flatten(1).norm(dim=1)
+    torch.testing.assert_close(
+        layer.weight.detach(), g.reshape(5, 1, 1, 1) * v / norms[:, None, None, None]
+    )
+
+
+def test_convolutions_start_from_a_normal_of_standard_deviation_one_hundredth():
+    torch.manual_seed(22)
+    layer = conv(64, 64, bias=True)
+    w = layer.weight.detach()
+    assert (
+        abs(float(w.std()) / 0.01 - 1) < 0.02 and abs(float(w.mean())) < 3 * 0.01 / w.numel() ** 0.5
+    )
+    assert abs(float(layer.bias.detach().std()) / 0.01 - 1) < 0.3
+
+
+def test_group_norm_takes_the_largest_common_divisor_of_channels_and_groups():
+    """gcd: 24 channels in 8 groups of 3, 12 in 4 of 3, 14 in 2 of 7; each group of a sample is
+    normalised to mean 0 and variance 1 over its channels and pixels."""
+    assert [group_norm(c, 8).num_groups for c in (24, 12, 14, 200)] == [8, 4, 2, 8]
+    torch.manual_seed(23)
+    h = 3 + 2 * torch.randn(2, 12, 5, 5, dtype=torch.float64)
+    out = group_norm(12, 8).double()(h).reshape(2, 4, 3 * 25)
+    torch.testing.assert_close(
+        out.mean(-1), torch.zeros(2, 4, dtype=torch.float64), atol=1e-12, rtol=0
+    )
+    torch.testing.assert_close(
+        out.var(-1, unbiased=False), torch.ones(2, 4, dtype=torch.float64), atol=1e-5, rtol=0
+    )
+
+
+def test_variational_dropout_drops_a_fraction_p_and_rescales_by_one_over_one_minus_p():
+    """Each element of the mask is 0 with probability p, else 1 / (1 - p): E[drop(h)] = h; the
+    fraction dropped of 40,000 elements lies within 5 standard deviations of p."""
+    torch.manual_seed(24)
+    p, n = 0.1, 40_000
+    drop = VariationalDropout2d(p).train()
+    h = torch.ones(4, 10, 1000, dtype=torch.float64)
+    out = drop(h)
+    kept = out != 0
+    torch.testing.assert_close(
+        out[kept], torch.full_like(out[kept], 1 / (1 - p)), rtol=1e-15, atol=0
+    )
+    fraction = 1 - float(kept.double().mean())
+    assert abs(fraction - p) < 5 * math.sqrt(p * (1 - p) / n), fraction
+    torch.testing.assert_close(drop(2 * h), 2 * out, rtol=0, atol=0)  # the same mask again
+
+
 @pytest.mark.parametrize(
     ("cfg", "message"),
     [
@@ -394,6 +480,40 @@ def test_config_options_reach_the_layer():
     assert (ode.layer.solver, ode.layer.adjoint, ode.layer.t1) == ("tsit5", "continuous", 2.0)
 
 
+def test_presets_carry_the_readme_s_settings():
+    """The README's table of settings: step limit / GMRES limit 50 / 15 (dense), 18 / 20
+    (CIFAR-10), 27 / 28 (ImageNet), GMRES rtol = the forward tolerance (5e-3 dense, 5e-2
+    multiscale), unrolled warm-up 3,000 steps for cifar10_small, none for the large ones,
+    lambda_skip 0.01 for the multiscale models (1.0 for mnist_dense, its extra row); mnist_mdeq
+    takes the multiscale settings with a 60-step warm-up (its preset's comment)."""
+    expected = {
+        "mnist_dense": (5e-3, 50, 15, 0, 1.0),
+        "mnist_mdeq": (5e-2, 18, 20, 60, 0.01),
+        "cifar10_small": (5e-2, 18, 20, 3000, 0.01),
+        "cifar10_large": (5e-2, 18, 20, 0, 0.01),
+        "imagenet_small": (5e-2, 27, 28, 0, 0.01),
+    }
+    for name, (tol, steps, gmres, warm, lam) in expected.items():
+        p = PRESETS[name]
+        assert (p.abstol, p.reltol, p.max_steps, p.pretrain_steps, p.lambda_skip) == (
+            tol,
+            tol,
+            steps,
+            warm,
+            lam,
+        ), name
+        assert p.adjoint_options == {"rtol": tol, "max_iters": gmres}, name
+
+
+def test_weight_normalisation_is_off_for_cifar10_small_only():
+    for name in ("mnist_mdeq", "cifar10_small", "cifar10_large", "imagenet_small"):
+        cell = build({"model": name, "variant": "vanilla"}).layer.f
+        normalised = [
+            hasattr(m, "parametrizations") for m in cell.modules() if isinstance(m, nn.Conv2d)
+        ]
+        assert any(normalised) == (name != "cifar10_small"), name
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_forward_backward_and_timing():
     """cifar10_large forward + backward at batch 128 on the GPU; prints the time per batch."""
@@ -461,3 +581,134 @@ def test_euler_does_not_cycle_on_a_multiscale_deq_at_initialisation(monkeypatch)
         "euler, integral control": True,
         "euler, integral control, h kept after a stalled step": False,
     }
+
+
+def _convs(module: nn.Module) -> list[nn.Conv2d]:
+    return [m for m in module.modules() if isinstance(m, nn.Conv2d)]
+
+
+def _norms(module: nn.Module) -> list[nn.GroupNorm]:
+    return [m for m in module.modules() if isinstance(m, nn.GroupNorm)]
+
+
+def _conv(h: torch.Tensor, layer: nn.Conv2d, stride: int = 1) -> torch.Tensor:
+    """A same-padded convolution with the layer's (weight-normalised) weight."""
+    pad = layer.weight.shape[-1] // 2
+    return F.conv2d(h, layer.weight, layer.bias, stride=stride, padding=pad)
+
+
+def _gn(h: torch.Tensor, norm: nn.GroupNorm, groups: int) -> torch.Tensor:
+    """Group norm by hand in gcd(channels, groups) groups: each group of channels of a sample to
+    mean 0, variance 1 (biased), then the affine scale and shift."""
+    b, c = h.shape[:2]
+    g = h.reshape(b, math.gcd(c, groups), -1)
+    g = (g - g.mean(-1, keepdim=True)) / (g.var(-1, unbiased=False, keepdim=True) + 1e-5).sqrt()
+    return g.reshape(h.shape) * norm.weight[:, None, None] + norm.bias[:, None, None]
+
+
+def _nearest(h: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Nearest-neighbour resize: output pixel i reads input pixel floor(i * n_in / n_out)."""
+    rows = torch.arange(size[0]) * h.shape[-2] // size[0]
+    cols = torch.arange(size[1]) * h.shape[-1] // size[1]
+    return h[..., rows, :][..., cols]
+
+
+# Three scales of (4, 8, 16) channels with 4 groups (2 after fusion) at 7x7, 4x4, 2x2: a
+# two-level down map (4 -> 8 -> 16 channels), up maps by 2 and 4 onto odd sizes.
+THREE_SCALES = MDEQConfig(
+    channels=(4, 8, 16),
+    head_channels=(2, 4, 8),
+    final_channels=12,
+    in_channels=2,
+    num_classes=5,
+    expansion=2,
+    groups=4,
+)
+
+
+def reference_cell(cell: nn.Module, z: list[torch.Tensor], x: torch.Tensor) -> list[torch.Tensor]:
+    """MDEQ's f(z, x) from its equations: per scale GN3(relu(GN2(conv2(relu(GN1(conv1(z))))
+    + x [scale 0]) + z)); then scale i sums identity, down maps (stride-2 3x3 conv + GN, ReLU
+    between levels only) and up maps (3x3 conv + GN, nearest resize); then GN_{g/2}(conv1x1(
+    relu(.)))."""
+    g = THREE_SCALES.groups
+    h = []
+    for i, (block, zi) in enumerate(zip(cell.blocks, z)):
+        c1, c2 = _convs(block)
+        n1, n2, n3 = _norms(block)
+        u = _conv(F.relu(_gn(_conv(zi, c1), n1, g)), c2)
+        if i == 0:
+            u = u + x
+        h.append(_gn(F.relu(_gn(u, n2, g) + zi), n3, g))
+    out = []
+    for i, row in enumerate(cell.fuse):
+        y = h[i].clone()
+        for j, fuse in enumerate(row):
+            if j < i:
+                convs, norms, t = _convs(fuse), _norms(fuse), h[j]
+                assert len(convs) == i - j
+                for k, (c, n) in enumerate(zip(convs, norms)):
+                    t = _gn(_conv(t, c, stride=2), n, g)
+                    t = F.relu(t) if k < len(convs) - 1 else t
+                y = y + t
+            elif j > i:
+                (c,), (n,) = _convs(fuse), _norms(fuse)
+                y = y + _nearest(_gn(_conv(h[j], c), n, g), h[i].shape[-2:])
+        (c,), (n,) = _convs(cell.post_fuse[i]), _norms(cell.post_fuse[i])
+        out.append(_gn(_conv(F.relu(y), c), n, g // 2))
+    return out
+
+
+def test_the_multiscale_cell_is_mdeqs_residual_blocks_and_fusion():
+    torch.manual_seed(20)
+    cell = mdeq_parts(THREE_SCALES).cell.double()
+    for p in cell.parameters():  # away from the near-zero start, so every term counts
+        nn.init.normal_(p, std=0.5)
+    x = torch.randn(2, 4, 7, 7, dtype=torch.float64)
+    z = [
+        torch.randn(2, c, s, s, dtype=torch.float64)
+        for c, s in zip(THREE_SCALES.channels, (7, 4, 2))
+    ]
+    got = cell(z, x)
+    for a, b in zip(got, reference_cell(cell, z, x), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def reference_bottleneck(block: nn.Module, h: torch.Tensor, g: int) -> torch.Tensor:
+    """relu(GN(conv1x1(relu(GN(conv3x3(relu(GN(conv1x1(h)))))))) + GN(conv1x1(h)))."""
+    c1, c2, c3, cs = _convs(block)
+    n1, n2, n3, ns = _norms(block)
+    u = F.relu(_gn(_conv(h, c1), n1, g))
+    u = F.relu(_gn(_conv(u, c2), n2, g))
+    u = _gn(_conv(u, c3), n3, g)
+    return F.relu(u + _gn(_conv(h, cs), ns, g))
+
+
+def test_the_stem_and_the_head_are_mdeqs():
+    """Stem: three relu(GN(conv)), the last 1x1. Head: each scale widened by a bottleneck (4x
+    planes), folded from the finest into the coarsest by relu(GN(stride-2 conv + bias)),
+    relu(GN(1x1 conv + bias)), the spatial mean, then a linear map."""
+    torch.manual_seed(21)
+    parts = mdeq_parts(THREE_SCALES)
+    stem, head = parts.stem.double(), parts.head.double()
+    for p in [*stem.parameters(), *head.parameters()]:
+        nn.init.normal_(p, std=0.5)
+    g = THREE_SCALES.groups
+    images = torch.randn(2, 2, 7, 7, dtype=torch.float64)
+    h = images
+    for c, n in zip(_convs(stem), _norms(stem), strict=True):
+        h = F.relu(_gn(_conv(h, c), n, g))
+    torch.testing.assert_close(stem(images), h, rtol=1e-10, atol=1e-10)
+
+    z = [
+        torch.randn(2, c, s, s, dtype=torch.float64)
+        for c, s in zip(THREE_SCALES.channels, (7, 4, 2))
+    ]
+    y = reference_bottleneck(head.widen[0], z[0], g)
+    for i in (1, 2):
+        (c,), (n,) = _convs(head.down[i - 1]), _norms(head.down[i - 1])
+        y = reference_bottleneck(head.widen[i], z[i], g) + F.relu(_gn(_conv(y, c, 2), n, g))
+    (c,), (n,) = _convs(head.final), _norms(head.final)
+    pooled = F.relu(_gn(_conv(y, c), n, g)).mean(dim=(-2, -1))
+    logits = pooled @ head.classifier.weight.T + head.classifier.bias
+    torch.testing.assert_close(head(z), logits, rtol=1e-10, atol=1e-10)
