@@ -11,11 +11,12 @@ import torch
 from torch import nn
 
 import raydeq
-from raydeq.deq import DEQ, LayerOutput, hutchinson_jacobian_loss
+from raydeq.deq import DEQ, LayerOutput, hutchinson_jacobian_loss, skip_loss
 from raydeq.models.dense import DenseCell, dense_skip
 from raydeq.models.layers import VariationalDropout2d
 from raydeq.models.mdeq import MDEQConfig, mdeq_parts
 from raydeq.neural_ode import NeuralODE
+from raydeq.solvers import Status
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: thread sync dominates
 
@@ -193,6 +194,15 @@ def test_skip_reg_guess_and_loss_train_f():
     for a, b, c in zip(got, through_z, through_z0, strict=True):
         assert (a - (b - c)).norm() / (b - c).norm() < 1e-6
     assert float(through_z0[0].abs().sum()) == 0.0  # relu(W1 0) does not depend on W1
+
+
+def test_the_skip_loss_of_a_multiscale_state_is_the_mean_over_every_element():
+    """Two scales of 2 x 3 and 2 x 12 elements: sum |z - z0| over both / 30, not / 6."""
+    g = torch.Generator().manual_seed(16)
+    z = [torch.randn(2, 3, generator=g), torch.randn(2, 12, generator=g)]
+    z0 = [torch.randn(2, 3, generator=g), torch.randn(2, 12, generator=g)]
+    expected = sum(float((a - b).abs().sum()) for a, b in zip(z, z0)) / 30
+    assert float(skip_loss(z, z0)) == pytest.approx(expected, rel=1e-6)
 
 
 @pytest.mark.parametrize("init", ["zeros", "skip_reg"])
@@ -408,6 +418,58 @@ def test_skip_reg_warm_up_unrolls_from_f_of_zero_cut_from_the_graph():
     want = torch.autograd.grad(expected, params)
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize(("reltol", "converged"), [(0.7, False), (1.2, True)])
+def test_warm_up_statistics_judge_the_state_f_was_unrolled_from(reltol, converged):
+    """f(z, x) = z + x unrolled twice from 0: z_prev = x, z = 2 x, residual |x|. The relative
+    tolerance is that of z_prev (reltol |x|), not of the output (2 reltol |x|)."""
+    x = torch.randn(B, D, dtype=torch.float64, generator=torch.Generator().manual_seed(17))
+    layer = DEQ(lambda z, x: z + x, abstol=0.0, reltol=reltol, pretrain_steps=1, pretrain_depth=2)
+    out = layer(x)
+    torch.testing.assert_close(out.z, 2 * x, rtol=0, atol=0)
+    torch.testing.assert_close(out.stats.residual, x.square().mean(1).sqrt(), rtol=1e-12, atol=0)
+    assert out.stats.converged.tolist() == [converged] * B
+
+
+def test_a_solve_stops_at_the_layer_s_divergence_bound():
+    """f(z, x) = 3 z + x from 0 by fixed-point iteration: the residual is 3^k |x| after k
+    steps. A bound of 10 x the first residual stops every sample as diverged within 6 steps;
+    the default 1e4 is not reached in 6 (3^6 = 729), so the step limit ends that solve."""
+    x = torch.randn(B, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(18))
+    statuses = {}
+    for divergence in (10.0, 1e4):
+        layer = DEQ(
+            lambda z, x: 3 * z + x, solver="fixed_point", divergence=divergence, max_steps=6
+        )
+        with torch.no_grad():
+            out = layer(x)
+        statuses[divergence] = out.stats.status.tolist()
+        torch.testing.assert_close(out.z, torch.zeros_like(x), rtol=0, atol=0)  # the best iterate
+    assert statuses == {10.0: [int(Status.DIVERGED)] * B, 1e4: [int(Status.MAX_STEPS)] * B}
+
+
+def test_the_layer_s_compile_options_reach_the_solve():
+    """compile= a dict of torch.compile options: f runs through the given backend (here one
+    that records the graphs it is handed and runs them as traced), with the eager solution."""
+    import torch._dynamo
+
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    f, x = dense_cell()
+    x = x.detach()
+    eager = DEQ(f, solver="broyden", **TIGHT)(x)
+    torch._dynamo.reset()
+    try:
+        out = DEQ(f, solver="broyden", compile={"backend": backend}, **TIGHT)(x)
+    finally:
+        torch._dynamo.reset()
+    assert graphs
+    torch.testing.assert_close(out.z, eager.z, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize(
