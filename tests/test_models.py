@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from raydeq.datasets import mnist10k
-from raydeq.models import PRESETS, VARIANTS, build
+from raydeq.models import PRESETS, VARIANTS, build, resolve
 from raydeq.models.dense import DenseCell
 from raydeq.models.layers import VariationalDropout2d, conv, group_norm
 from raydeq.models.mdeq import MDEQConfig, MultiscaleCell, mdeq_parts
@@ -378,6 +378,25 @@ def test_variational_dropout_drops_a_fraction_p_and_rescales_by_one_over_one_min
     torch.testing.assert_close(drop(2 * h), 2 * out, rtol=0, atol=0)  # the same mask again
 
 
+@pytest.mark.parametrize("p", [1.0, -0.1, 1.5])
+def test_a_dropout_probability_outside_zero_to_one_is_refused(p):
+    with pytest.raises(ValueError, match=rf"dropout probability must lie in \[0, 1\), got {p}"):
+        VariationalDropout2d(p)
+
+
+def test_a_dropout_mask_is_redrawn_for_an_input_of_another_shape_or_dtype():
+    """Within one forward pass the mask is kept; a batch of another size, or another dtype,
+    gets a mask of its own shape and dtype (not the last one broadcast or promoted)."""
+    torch.manual_seed(28)
+    drop = VariationalDropout2d(0.5).train()
+    drop(torch.ones(2, 3, 4, 4))
+    out = drop(torch.ones(3, 3, 4, 4))
+    assert out.shape == (3, 3, 4, 4) and drop.mask.shape == (3, 3, 4, 4)
+    drop(torch.ones(1, 3, 4, 4, dtype=torch.float64))
+    out = drop(torch.ones(1, 3, 4, 4, dtype=torch.float16))
+    assert out.dtype == drop.mask.dtype == torch.float16
+
+
 @pytest.mark.parametrize(
     ("cfg", "message"),
     [
@@ -478,6 +497,36 @@ def test_config_options_reach_the_layer():
         build({"model": "cifar10_small", "lambda_skip": 0.5})
     ode = build({"model": "mnist_dense", "variant": "neural_ode", "solver": "tsit5", "t1": 2.0})
     assert (ode.layer.solver, ode.layer.adjoint, ode.layer.t1) == ("tsit5", "continuous", 2.0)
+
+
+def test_the_presets_drop_out_at_their_rates():
+    """Variational dropout in the cell: 0.1 (mnist_mdeq), 0.2 (cifar10_small), 0.3
+    (cifar10_large), none for imagenet_small."""
+    rates = {"mnist_mdeq": 0.1, "cifar10_small": 0.2, "cifar10_large": 0.3, "imagenet_small": 0.0}
+    for name, rate in rates.items():
+        cell = PRESETS[name].parts().cell
+        assert {m.p for m in cell.modules() if isinstance(m, VariationalDropout2d)} == {rate}, name
+
+
+def test_a_config_takes_the_preset_s_settings_where_it_names_none():
+    """The default variant is Skip Reg.; a DEQ takes the preset's tolerances, step limit and
+    warm-up, and its GMRES limits for the implicit adjoints only (gmres, fixed_point); a
+    Neural ODE takes the preset's tolerances."""
+    dense = resolve({"model": "mnist_dense"})
+    assert (
+        dense["variant"] == "skip_reg" and build({"model": "mnist_dense"}).layer.init == "skip_reg"
+    )
+    for adjoint in ("gmres", "fixed_point", "jfb", "unrolled"):
+        got = resolve({"model": "mnist_mdeq", "adjoint": adjoint})
+        settings = [got[k] for k in ("abstol", "reltol", "max_steps", "pretrain_steps")]
+        assert settings == [5e-2, 5e-2, 18, 60], adjoint
+        implicit = adjoint in ("gmres", "fixed_point")
+        expected = {"rtol": 5e-2, "max_iters": 20} if implicit else {}
+        assert got["adjoint_options"] == expected, adjoint
+    layer = build({"model": "mnist_mdeq", "adjoint": "fixed_point"}).layer
+    assert (layer.pretrain_steps, layer.adjoint_options) == (60, {"rtol": 5e-2, "max_iters": 20})
+    ode = build({"model": "mnist_dense", "variant": "neural_ode"}).layer
+    assert (ode.termination.abstol, ode.termination.reltol) == (5e-3, 5e-3)
 
 
 def test_presets_carry_the_readme_s_settings():
@@ -626,31 +675,42 @@ THREE_SCALES = MDEQConfig(
 )
 
 
+def reference_block(block: nn.Module, z: torch.Tensor, injection, g: int) -> torch.Tensor:
+    """GN3(relu(GN2(conv2(relu(GN1(conv1(z)))) + injection) + z)), without dropout."""
+    c1, c2 = _convs(block)
+    n1, n2, n3 = _norms(block)
+    u = _conv(F.relu(_gn(_conv(z, c1), n1, g)), c2)
+    if injection is not None:
+        u = u + injection
+    return _gn(F.relu(_gn(u, n2, g) + z), n3, g)
+
+
+def reference_down(down: nn.Module, h: torch.Tensor, g: int) -> torch.Tensor:
+    """Stride-2 3x3 convolutions, each with group norm, and a ReLU between two of them."""
+    convs, norms = _convs(down), _norms(down)
+    for k, (c, n) in enumerate(zip(convs, norms, strict=True)):
+        h = _gn(_conv(h, c, stride=2), n, g)
+        h = F.relu(h) if k < len(convs) - 1 else h
+    return h
+
+
 def reference_cell(cell: nn.Module, z: list[torch.Tensor], x: torch.Tensor) -> list[torch.Tensor]:
     """MDEQ's f(z, x) from its equations: per scale GN3(relu(GN2(conv2(relu(GN1(conv1(z))))
     + x [scale 0]) + z)); then scale i sums identity, down maps (stride-2 3x3 conv + GN, ReLU
     between levels only) and up maps (3x3 conv + GN, nearest resize); then GN_{g/2}(conv1x1(
     relu(.)))."""
     g = THREE_SCALES.groups
-    h = []
-    for i, (block, zi) in enumerate(zip(cell.blocks, z)):
-        c1, c2 = _convs(block)
-        n1, n2, n3 = _norms(block)
-        u = _conv(F.relu(_gn(_conv(zi, c1), n1, g)), c2)
-        if i == 0:
-            u = u + x
-        h.append(_gn(F.relu(_gn(u, n2, g) + zi), n3, g))
+    h = [
+        reference_block(block, zi, x if i == 0 else None, g)
+        for i, (block, zi) in enumerate(zip(cell.blocks, z))
+    ]
     out = []
     for i, row in enumerate(cell.fuse):
         y = h[i].clone()
         for j, fuse in enumerate(row):
             if j < i:
-                convs, norms, t = _convs(fuse), _norms(fuse), h[j]
-                assert len(convs) == i - j
-                for k, (c, n) in enumerate(zip(convs, norms)):
-                    t = _gn(_conv(t, c, stride=2), n, g)
-                    t = F.relu(t) if k < len(convs) - 1 else t
-                y = y + t
+                assert len(_convs(fuse)) == i - j
+                y = y + reference_down(fuse, h[j], g)
             elif j > i:
                 (c,), (n,) = _convs(fuse), _norms(fuse)
                 y = y + _nearest(_gn(_conv(h[j], c), n, g), h[i].shape[-2:])
@@ -712,3 +772,83 @@ def test_the_stem_and_the_head_are_mdeqs():
     pooled = F.relu(_gn(_conv(y, c), n, g)).mean(dim=(-2, -1))
     logits = pooled @ head.classifier.weight.T + head.classifier.bias
     torch.testing.assert_close(head(z), logits, rtol=1e-10, atol=1e-10)
+
+
+def test_the_skip_predictor_is_a_residual_block_and_its_down_maps():
+    """g(x) = [b, down_1(b), down_2(b)] with b the residual block of x (no injection), each
+    down map from scale 0 (one, then two stride-2 steps)."""
+    torch.manual_seed(26)
+    skip = mdeq_parts(THREE_SCALES).skip.double()
+    for p in skip.parameters():
+        nn.init.normal_(p, std=0.5)
+    x = torch.randn(2, 4, 7, 7, dtype=torch.float64)
+    g = THREE_SCALES.groups
+    b = reference_block(skip.block, x, None, g)
+    expected = [b] + [reference_down(d, b, g) for d in skip.down]
+    got = skip(x)
+    assert [t.shape[1:] for t in got] == [(4, 7, 7), (8, 4, 4), (16, 2, 2)]
+    for a, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
+
+
+def test_the_skip_predictor_has_no_dropout_in_training():
+    """The cell drops out at the configured rate; the predictor does not: in training mode its
+    prediction is the evaluation-mode one, mask after mask."""
+    torch.manual_seed(27)
+    cfg = dataclasses.replace(THREE_SCALES, dropout=0.5)
+    skip = mdeq_parts(cfg).skip
+    x = torch.randn(2, 4, 7, 7)
+    with torch.no_grad():
+        expected = skip.eval()(x)
+        skip.train()
+        for _ in range(2):
+            for m in skip.modules():
+                if isinstance(m, VariationalDropout2d):
+                    m.reset()
+            for a, e in zip(skip(x), expected, strict=True):
+                torch.testing.assert_close(a, e, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("downsample", "side"), [(0, 28), (1, 14), (2, 7)])
+def test_the_stem_strides_as_often_as_stem_downsample_says(downsample, side):
+    cfg = dataclasses.replace(THREE_SCALES, stem_downsample=downsample)
+    with torch.no_grad():
+        x = mdeq_parts(cfg).stem(torch.zeros(1, 2, 28, 28))
+    assert x.shape == (1, 4, side, side)
+
+
+def test_a_non_square_input_has_non_square_scales():
+    """From 7 x 10: 4 x 5 and 2 x 3 (each side ceil(n / 2)), the sizes the stride-2 fusion maps
+    produce, so that the cell maps the initial state to a state of the same shapes."""
+    cell = mdeq_parts(THREE_SCALES).cell
+    x = torch.randn(1, 4, 7, 10)
+    state = cell.initial_state(x)
+    assert [tuple(t.shape[-2:]) for t in state] == [(7, 10), (4, 5), (2, 3)]
+    with torch.no_grad():
+        assert [t.shape for t in cell(state, x)] == [t.shape for t in state]
+
+
+def test_down_maps_double_the_channels_only_where_that_reaches_the_target():
+    """8 -> 64 in three steps: 16, 32, 64; 8 -> 12 in three: 8, 8, then 12 (MDEQ's own)."""
+    from raydeq.models.mdeq import Downsample
+
+    def widths(down: nn.Module) -> list[tuple[int, int]]:
+        return [(c.in_channels, c.out_channels) for c in _convs(down)]
+
+    assert widths(Downsample(8, 64, 3, 4)) == [(8, 16), (16, 32), (32, 64)]
+    assert widths(Downsample(8, 12, 3, 4)) == [(8, 8), (8, 8), (8, 12)]
+    with torch.no_grad():
+        assert Downsample(8, 12, 3, 4)(torch.zeros(1, 8, 9, 9)).shape == (1, 12, 2, 2)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"head_channels": (2, 4)}, r"head_channels \(2, 4\) needs one entry per scale"),
+        ({"head_channels": (2, 4, 8, 16)}, "needs one entry per scale"),
+        ({"stem_downsample": 3}, "stem_downsample must be 0, 1 or 2, got 3"),
+    ],
+)
+def test_an_inconsistent_multiscale_config_is_named(change, message):
+    with pytest.raises(ValueError, match=message):
+        dataclasses.replace(THREE_SCALES, **change)
