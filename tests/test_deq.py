@@ -252,6 +252,51 @@ def test_skip_loss_trains_the_predictor_and_f():
         assert (a - b).norm() / b.norm() < 1e-6
 
 
+class TwoPartCell(nn.Module):
+    """A state of two parts, (B, 3) and (B, 5): f(a, b) = (tanh(a W1 + x), tanh(b W2 + a W3))."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(21)
+        self.w1 = nn.Parameter(0.3 * torch.randn(3, 3, generator=g))
+        self.w2 = nn.Parameter(0.3 * torch.randn(5, 5, generator=g))
+        self.w3 = nn.Parameter(0.3 * torch.randn(3, 5, generator=g))
+
+    def initial_state(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [x.new_zeros(x.shape[0], 3), x.new_zeros(x.shape[0], 5)]
+
+    def forward(self, z: list[torch.Tensor], x: torch.Tensor) -> list[torch.Tensor]:
+        a, b = z
+        return [torch.tanh(a @ self.w1 + x), torch.tanh(b @ self.w2 + a @ self.w3)]
+
+
+class TwoPartPredictor(nn.Module):
+    """g(x) = (x P1, x P2), a prediction of TwoPartCell's state."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.p1, self.p2 = nn.Parameter(torch.eye(3)), nn.Parameter(torch.ones(3, 5))
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [x @ self.p1, x @ self.p2]
+
+
+@pytest.mark.parametrize("mode", ["unrolled", "unrolled under autocast", "warm-up"])
+def test_the_main_loss_does_not_reach_the_predictor(mode):
+    """The solve (or the warm-up's unrolling) starts from z0 cut from the graph, a state of
+    several parts included: backpropagating through every step, z* still has no gradient in
+    the predictor's parameters; skip_loss has."""
+    f, g = TwoPartCell(), TwoPartPredictor()
+    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(22))
+    options = {"pretrain_steps": 1, "pretrain_depth": 3} if mode == "warm-up" else {}
+    layer = DEQ(f, init="skip", skip=g, solver="fixed_point", adjoint="unrolled", **options)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode.endswith("autocast")):
+        out = layer(x)
+    main = sum(t.float().sum() for t in out.z)
+    assert torch.autograd.grad(main, list(g.parameters()), allow_unused=True) == (None, None)
+    assert all(t.abs().sum() > 0 for t in torch.autograd.grad(out.skip_loss, list(g.parameters())))
+
+
 def test_hutchinson_estimate_is_unbiased_for_the_frobenius_norm():
     """Mean of K one-probe estimates vs the dense ||J||_F^2 / dim, within 5 standard errors.
 
@@ -314,6 +359,21 @@ def test_hutchinson_estimate_of_a_multiscale_state_is_over_every_element():
         samples = torch.stack([hutchinson_jacobian_loss(f, z) for _ in range(K)])
     bound = 5 * samples.std() / K**0.5
     assert abs(float(samples.mean() - exact)) < float(bound), (float(samples.mean()), float(exact))
+
+
+def test_a_state_part_that_f_ignores_adds_nothing_to_the_jacobian_penalty():
+    """f(a, b) = (a M1 + x, a M2) does not read b: eps^T J = (eps1 M1^T + eps2 M2^T, 0), over
+    the 2 x (3 + 5) elements of both parts, with the probes eps1, eps2 the estimate draws."""
+    g = torch.Generator().manual_seed(19)
+    m1, m2 = torch.randn(3, 3, generator=g), torch.randn(3, 5, generator=g)
+    x = torch.randn(2, 3, generator=g)
+    z = [torch.zeros(2, 3), torch.zeros(2, 5)]
+    torch.manual_seed(20)
+    got = hutchinson_jacobian_loss(lambda s: [s[0] @ m1 + x, s[0] @ m2], z)
+    torch.manual_seed(20)
+    eps1, eps2 = torch.randn(2, 3), torch.randn(2, 5)
+    expected = (eps1 @ m1.T + eps2 @ m2.T).square().sum() / 16
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=0)
 
 
 def test_layer_jacobian_loss_is_the_estimate_at_the_equilibrium_and_differentiable():
@@ -430,6 +490,16 @@ def test_warm_up_statistics_judge_the_state_f_was_unrolled_from(reltol, converge
     torch.testing.assert_close(out.z, 2 * x, rtol=0, atol=0)
     torch.testing.assert_close(out.stats.residual, x.square().mean(1).sqrt(), rtol=1e-12, atol=0)
     assert out.stats.converged.tolist() == [converged] * B
+
+
+def test_a_warm_up_that_overflows_is_marked_non_finite():
+    """f(z, x) = z + x / 0 is infinite after one step and NaN (inf - inf) in the residual of
+    the next: the warm-up's statistics say non-finite, not merely unconverged."""
+    x = torch.randn(B, D, dtype=torch.float64, generator=torch.Generator().manual_seed(23))
+    layer = DEQ(lambda z, x: z + x / 0, pretrain_steps=1, pretrain_depth=2)
+    with torch.no_grad():
+        out = layer(x)
+    assert out.stats.status.tolist() == [int(Status.NONFINITE)] * B
 
 
 def test_a_solve_stops_at_the_layer_s_divergence_bound():
@@ -605,6 +675,16 @@ def test_a_state_not_shaped_like_the_input_names_initial_state(layer):
     assert "zeros_like(x), of shape (4, 2)" in "".join(failure.value.__notes__)
     assert "initial_state(x)" in "".join(failure.value.__notes__)
     assert layer(WideCell(zero_state=True))(x).z.shape == (4, 3)
+
+
+def test_a_predictor_s_shape_error_names_initial_state_for_a_cell_without_one():
+    """A cell whose state (width 3) is not its input's (width 2) and that defines no
+    initial_state: a predictor of the state's true shape fails the zeros_like(x) check, and
+    the error says where that shape came from."""
+    deq = DEQ(WideCell(zero_state=False), init="skip", skip=nn.Linear(2, 3))
+    with pytest.raises(ValueError, match="skip\\(x\\) must give the state's shapes") as failure:
+        deq(torch.randn(4, 2))
+    assert "initial_state(x)" in "".join(failure.value.__notes__)
 
 
 def test_skip_reg_statistics_count_the_evaluation_that_makes_z0():

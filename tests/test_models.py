@@ -436,6 +436,18 @@ def test_bad_configs_name_the_value_and_the_choices(cfg, message):
         build(cfg)
 
 
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"solver": "anderson", "solver_options": {"mm": 3}}, "takes no option 'mm'"),
+        ({"adjoint_options": {"restrt": 5}}, "takes no option 'restrt'"),
+    ],
+)
+def test_resolve_checks_the_solver_and_adjoint_options_without_building(options, message):
+    with pytest.raises(ValueError, match=message):
+        resolve({"model": "mnist_dense", **options})
+
+
 def test_a_config_that_is_not_a_dict_is_named():
     with pytest.raises(TypeError, match="a model config is a dict .* got str 'mnist_dense'"):
         build("mnist_dense")
