@@ -83,6 +83,15 @@ def test_equilibrium_matches_plain_iteration(solver):
     assert float(out.skip_loss) == 0.0 and float(out.jac_loss) == 0.0
 
 
+def test_the_losses_a_layer_does_not_compute_are_zeros_of_the_input_s_dtype():
+    """A vanilla layer without Jacobian regularisation: skip_loss and jac_loss are 0-dim zeros
+    of x's dtype and device, as the computed ones would be."""
+    f, x = dense_cell()
+    out = DEQ(f)(x)
+    for loss in (out.skip_loss, out.jac_loss):
+        assert (loss.shape, loss.dtype, loss.device, float(loss)) == ((), x.dtype, x.device, 0.0)
+
+
 @pytest.mark.parametrize("solver", ["vcab3", "broyden"])
 def test_gradients_match_the_implicit_function_theorem(solver):
     """dL/dtheta = (I - J)^-T v pushed through df/dtheta, from dense per-sample Jacobians."""
