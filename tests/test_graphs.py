@@ -187,6 +187,31 @@ def test_repeated_backward_passes_replay_and_match_eager(traced):
     assert gmres.WORKSPACES and all(len(steps) for _, steps in gmres.WORKSPACES.values())
 
 
+@pytest.mark.parametrize("solver", CAPTURABLE)
+def test_a_recorded_solve_leaves_the_callers_z0_unchanged(traced, solver):
+    """The recorded step writes its carry into buffers of its own, never into z0."""
+    f, _, _ = problem(6)
+    z0 = torch.full((B, D), 0.25, dtype=torch.float64)
+    with torch.no_grad():
+        sol = raydeq.solve(f, z0, solver=solver, compile="graph", abstol=1e-9)
+    assert sol.stats.steps > 2 and bool(sol.stats.converged.all())
+    assert torch.equal(z0, torch.full((B, D), 0.25, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("solver", ["anderson", "broyden"])
+def test_a_solver_with_a_growing_history_runs_eagerly_under_graph(traced, solver):
+    """Anderson's and Broyden's steps change shape as their history grows: compile="graph"
+    records none of them and solves as eager, with f's Python run on every evaluation."""
+    (eager, eager_grads, eager_calls), (graphed, graphed_grads, graphed_calls) = eager_and_graphed(
+        7, solver=solver, abstol=1e-9, max_steps=100
+    )
+    assert bool(eager.stats.converged.all())
+    assert (graphed.stats.nfe, graphed.stats.steps) == (eager.stats.nfe, eager.stats.steps)
+    assert torch.equal(graphed.z, eager.z) and graphed_calls == eager_calls
+    for a, b in zip(graphed_grads, eager_grads, strict=True):
+        assert torch.equal(a, b)
+
+
 def test_a_step_that_cannot_be_recorded_says_which_option_to_change(monkeypatch):
     """A recording that fails (f reading the host, say) names compile='graph' and the way out."""
 
@@ -198,6 +223,23 @@ def test_a_step_that_cannot_be_recorded_says_which_option_to_change(monkeypatch)
     f, _, _ = problem(0)
     with pytest.raises(RuntimeError, match="compile='graph' could not record a solver step"):
         raydeq.solve(f, torch.zeros(B, D, dtype=torch.float64), compile="graph")
+
+
+def test_a_failed_recording_names_the_first_line_of_its_cause(monkeypatch):
+    """The message quotes the recorder's error, its first line only, and chains it."""
+    cause = RuntimeError("operation not permitted when stream is capturing\nstack trace here")
+
+    class Refusing(TracedRecorder):
+        def record(self, body, written) -> None:
+            raise cause
+
+    monkeypatch.setitem(graphs.RECORDERS, "cpu", Refusing)
+    f, _, _ = problem(0)
+    with pytest.raises(RuntimeError) as failure:
+        raydeq.solve(f, torch.zeros(B, D, dtype=torch.float64), compile="graph")
+    message = str(failure.value)
+    assert "(operation not permitted when stream is capturing)" in message
+    assert "stack trace" not in message and failure.value.__cause__ is cause
 
 
 def test_the_step_cost_benchmark_counts_a_graphed_solve(traced):
