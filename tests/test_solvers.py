@@ -1,5 +1,6 @@
 """Forward fixed points against scipy, gradients against a dense implicit-function reference."""
 
+import math
 import re
 
 import numpy as np
@@ -818,3 +819,49 @@ def test_a_damped_step_moves_its_weight_of_the_way_to_f(solver, options):
     with torch.no_grad():
         raydeq.solve(f, torch.zeros_like(c), solver=solver, solver_options=options, max_steps=2)
     torch.testing.assert_close(points[1], 0.3 * c, rtol=1e-15, atol=0)
+
+
+# (abstol as a power of 2, steps): fixed-point iteration of f(z) = z / 2 from z0 = 1 has the
+# residual 2**-k after k steps (its evaluation at z0 counts as the first) and converges on
+# step ceil(exponent). The first check, after UNKNOWN_BLOCK = 4 steps (steps = 5), predicts at
+# the rate since z0; each check takes ceil(since * to_go / fall) + 1 steps, at most 2 * since
+# and MAX_BLOCK = 16: for 2**-8.75, 4 * 3.75 / 4 -> 5 more (10); for 2**-29.75, 8 (the cap
+# 2 * 4), then 16 (MAX_BLOCK and 2 * 8), then 16 * 0.75 / 16 -> 2 more: 5 + 8 + 16 + 2 = 31;
+# for 2**-44.5, 8, 16, then 16 (ceil(15.5) + 1 capped at MAX_BLOCK): 5 + 8 + 16 + 16 = 45.
+@pytest.mark.parametrize(("exponent", "steps"), [(8.75, 10), (29.75, 31), (44.5, 45)])
+def test_the_predicted_checks_run_as_many_steps_as_the_residual_s_rate_asks(exponent, steps):
+    """Without a read after every step a solve ends at the first check after convergence,
+    where the rate since the previous check predicts it."""
+    z0 = torch.ones(1, 1, dtype=torch.float64)
+    with torch.no_grad():
+        sol = raydeq.solve(
+            lambda z: z / 2,
+            z0,
+            solver="fixed_point",
+            abstol=2**-exponent,
+            reltol=0.0,
+            stop_on_convergence=False,
+        )
+    assert (sol.stats.steps, sol.stats.nfe) == (steps, steps)
+    assert sol.stats.residual.item() == 2.0 ** -math.ceil(exponent)
+    assert sol.z.item() == 2.0 ** (1 - math.ceil(exponent)) and bool(sol.stats.converged.all())
+
+
+@pytest.mark.parametrize("stop_on_convergence", [False, True])
+def test_a_residual_that_does_not_fall_is_checked_every_four_steps(stop_on_convergence):
+    """Without a rate to predict from, the next check comes UNKNOWN_BLOCK = 4 steps later: the
+    residual 2**(k-1) of fixed-point iteration of f(z) = 2 z + 1 from 0 (after k steps) passes
+    divergence x its first, 1e4, after 14 steps, and the checks at 5, 9, 13 and 17 stop it
+    at 17."""
+    z0 = torch.zeros(1, 1, dtype=torch.float64)
+    with torch.no_grad():
+        sol = raydeq.solve(
+            lambda z: 2 * z + 1,
+            z0,
+            solver="fixed_point",
+            max_steps=100,
+            stop_on_convergence=stop_on_convergence,
+        )
+    assert (sol.stats.steps, sol.stats.nfe) == (17, 17)
+    assert sol.stats.status.tolist() == [Status.DIVERGED]
+    assert sol.stats.residual.item() == 1.0 and sol.z.item() == 0.0
