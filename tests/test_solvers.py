@@ -361,6 +361,8 @@ def test_divergence_stops_the_sample():
         ({"compile": "yes"}, "compile='yes' must be True, False, 'graph' or a dict of torch"),
         ({"solver_options": 5}, "solver_options=5 must be a dict of options or None"),
         ({"adjoint_options": [1]}, "adjoint_options=[1] must be a dict of options or None"),
+        ({"abstol": 0.0, "reltol": 0.0}, "abstol and reltol cannot both be 0"),
+        ({"divergence": 1.0}, "divergence=1.0 must be a number > 1"),
     ],
 )
 def test_bad_arguments_are_named(kwargs, message):
@@ -865,3 +867,35 @@ def test_a_residual_that_does_not_fall_is_checked_every_four_steps(stop_on_conve
     assert (sol.stats.steps, sol.stats.nfe) == (17, 17)
     assert sol.stats.status.tolist() == [Status.DIVERGED]
     assert sol.stats.residual.item() == 1.0 and sol.z.item() == 0.0
+
+
+@pytest.mark.parametrize("check_every", [None, 1])
+def test_a_residual_exactly_at_the_tolerance_has_converged(check_every):
+    """||f(z) - z|| <= abstol stops the sample: fixed-point iteration of f(z) = z / 2 from 1
+    has the residual 2**-10 exactly after 10 steps, and abstol = 2**-10 stops it there."""
+    with torch.no_grad():
+        sol = raydeq.solve(
+            lambda z: z / 2,
+            torch.ones(1, 1, dtype=torch.float64),
+            solver="fixed_point",
+            abstol=2.0**-10,
+            reltol=0.0,
+            check_every=check_every,
+        )
+    assert sol.stats.steps == 10 and sol.stats.status.tolist() == [Status.CONVERGED]
+    assert sol.stats.residual.item() == 2.0**-10 and sol.z.item() == 2.0**-9
+
+
+def test_a_residual_exactly_at_the_divergence_bound_has_not_diverged():
+    """Only a residual above divergence x the first stops the sample: for f(z) = 2 z + 1 from
+    0 the residual after 5 steps, at the first check, is 16 x the first; divergence=16 keeps
+    it running to the next check, 4 steps later."""
+    with torch.no_grad():
+        sol = raydeq.solve(
+            lambda z: 2 * z + 1,
+            torch.zeros(1, 1, dtype=torch.float64),
+            solver="fixed_point",
+            divergence=16.0,
+            max_steps=100,
+        )
+    assert sol.stats.steps == 9 and sol.stats.status.tolist() == [Status.DIVERGED]
