@@ -899,3 +899,28 @@ def test_a_residual_exactly_at_the_divergence_bound_has_not_diverged():
             max_steps=100,
         )
     assert sol.stats.steps == 9 and sol.stats.status.tolist() == [Status.DIVERGED]
+
+
+@pytest.mark.parametrize("adjoint", ["gmres", "unrolled"])
+def test_only_converged_samples_count_as_converged(adjoint):
+    """Per sample f(z) = a z + c from 0: a = 1/2, c = 1 converges (residual 2**-20 after 20
+    steps), a = 2 diverges, a = 1 keeps its residual 1 until max_steps, c = NaN is non-finite
+    at z0; only the first counts as converged, 3 of 4 do not, and the residuals carry no
+    graph."""
+    a = torch.tensor([[0.5], [2.0], [1.0], [1.0]], dtype=torch.float64, requires_grad=True)
+    c = torch.tensor([[1.0], [1.0], [1.0], [float("nan")]], dtype=torch.float64)
+    sol = raydeq.solve(
+        lambda z: a * z + c,
+        torch.zeros(4, 1, dtype=torch.float64),
+        solver="fixed_point",
+        adjoint=adjoint,
+        abstol=1e-6,
+        reltol=0.0,
+        max_steps=30,
+    )
+    expected = [Status.CONVERGED, Status.DIVERGED, Status.MAX_STEPS, Status.NONFINITE]
+    assert sol.stats.status.tolist() == expected
+    assert sol.stats.converged.tolist() == [True, False, False, False]
+    assert sol.stats.unconverged_fraction == 0.75
+    assert sol.stats.residual.tolist() == [2.0**-20, 1.0, 1.0, float("inf")]
+    assert not sol.stats.residual.requires_grad and sol.stats.residual.grad_fn is None
