@@ -270,3 +270,61 @@ def test_a_training_step_frees_its_graph(adjoint):
     del out
     gc.collect()
     assert stats() is None
+
+
+class AffineCell(nn.Module):
+    """f(z, x) = z A^T + x: both flows are linear, with z(t) in closed form."""
+
+    def __init__(self, a: torch.Tensor) -> None:
+        super().__init__()
+        self.a = nn.Parameter(a)
+
+    def forward(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return z @ self.a.T + x
+
+
+@pytest.mark.parametrize(("dynamics", "shift"), [("f_minus_z", 1.0), ("f", 0.0)])
+def test_the_output_is_f_at_the_closed_form_state_of_each_dynamics(dynamics, shift):
+    """dz/dt = M z + x from 0 (M = A - I for f_minus_z, A for f) reaches
+    z(t1) = M^-1 (exp(M t1) - I) x; the output is f(z(t1), x) and the residual f - z there."""
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(4, 4, generator=g, dtype=torch.float64) / 2
+    x = torch.randn(3, 4, generator=g, dtype=torch.float64)
+    t1 = 1.5
+    tol = {"abstol": 1e-11, "reltol": 1e-11}
+    layer = NeuralODE(AffineCell(a.clone()), t1=t1, dynamics=dynamics, solver="tsit5", **tol)
+    with torch.no_grad():
+        out = layer(x)
+    m = a - shift * torch.eye(4, dtype=torch.float64)
+    flow = torch.linalg.solve(m, torch.linalg.matrix_exp(m * t1) - torch.eye(4, dtype=m.dtype))
+    z = x @ flow.T
+    torch.testing.assert_close(out.z, z @ a.T + x, rtol=0, atol=1e-8)
+    rms = (z @ a.T + x - z).square().mean(1).sqrt()
+    torch.testing.assert_close(out.stats.residual, rms, rtol=0, atol=1e-8)
+
+
+def test_a_module_in_bfloat16_takes_its_state_in_bfloat16_and_integrates_in_float32():
+    """Outside autocast a bfloat16 module gets the state in its own dtype; the integration
+    keeps float32 and lands near the float32 module's answer."""
+    torch.manual_seed(0)
+    cell = TanhCell(4)
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        full = NeuralODE(cell, solver="tsit5", abstol=1e-4, reltol=1e-4)(x).z
+        low = NeuralODE(cell.to(torch.bfloat16), solver="tsit5", abstol=1e-4, reltol=1e-4)(
+            x.to(torch.bfloat16)
+        ).z
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), full, rtol=0, atol=3e-2)
+
+
+@pytest.mark.parametrize("adjoint", ["continuous", "backprop"])
+def test_a_batch_of_no_samples_integrates_nothing_and_differentiates(adjoint):
+    """An empty batch: an empty output, the output's one evaluation, no step, zero gradients."""
+    torch.manual_seed(0)
+    f = TanhCell(4).double()
+    x = torch.zeros(0, 4, dtype=torch.float64, requires_grad=True)
+    out = NeuralODE(f, adjoint=adjoint)(x)
+    assert out.z.shape == (0, 4) and (out.stats.nfe, out.stats.steps) == (1, 0)
+    out.z.sum().backward()
+    assert x.grad.shape == (0, 4) and float(f.state.weight.grad.abs().sum()) == 0.0
