@@ -216,6 +216,21 @@ def test_max_steps_is_an_error_naming_the_time_reached():
         integrate(lambda y: y @ a.T, y0, 5.0, "tsit5", Termination(1e-12, 1e-12), 3)
 
 
+@pytest.mark.parametrize("solver", ["tsit5", "euler"])
+def test_an_integration_of_exactly_max_steps_steps_lands_and_one_fewer_raises(solver):
+    """max_steps bounds the steps taken, rejected ones included: the steps an integration
+    needs are enough, one fewer is an error."""
+    a = torch.tensor([[-1.0, 2.0], [-2.0, -1.0]], dtype=torch.float64)
+    y0 = torch.tensor([[1.0, 0.5]], dtype=torch.float64)
+    term = Termination(1e-6, 1e-6)
+    end = integrate(lambda y: y @ a.T, y0, 2.0, solver, term, 100_000)
+    assert end.steps > 3
+    again = integrate(lambda y: y @ a.T, y0, 2.0, solver, term, end.steps)
+    assert torch.equal(again.y, end.y) and again.steps == end.steps
+    with pytest.raises(RuntimeError, match=f"in max_steps={end.steps - 1} steps"):
+        integrate(lambda y: y @ a.T, y0, 2.0, solver, term, end.steps - 1)
+
+
 def test_the_presets_train_the_neural_ode_by_the_continuous_adjoint():
     model = build({"model": "mnist_dense", "variant": "neural_ode", "solver": "tsit5"})
     assert (model.layer.adjoint, model.layer.solver) == ("continuous", "tsit5")
