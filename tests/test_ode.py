@@ -10,6 +10,8 @@ from hypothesis import strategies as st
 
 import raydeq
 from raydeq.solvers import CONTINUOUS, Status
+from raydeq.solvers.control import Controller
+from raydeq.solvers.termination import Termination
 
 N = 5
 
@@ -287,3 +289,55 @@ def test_every_continuous_solver_converges_where_the_layer_is_no_contraction(
     assert not run("fixed_point").converged.any()
     stats = run(solver)
     assert (stats.status == Status.CONVERGED).all(), (solver, stats)
+
+
+@pytest.mark.parametrize("features", [1, 16])
+@pytest.mark.parametrize("kind", ["pi", "i"])
+def test_a_local_error_within_the_rms_tolerance_is_accepted_and_one_above_it_rejected(
+    features, kind
+):
+    """abstol is an RMS tolerance: an error of 0.999 abstol in every feature is accepted
+    whatever the number of features, 1.01 abstol is rejected."""
+    ctl = Controller(kind=kind)
+    term = Termination(abstol=1e-3, reltol=0.0)
+    like = torch.zeros(2, features, dtype=torch.float64)
+    scales = ctl.scales(like, term, 1.0, 0.0, error_order=2)
+    error = torch.full_like(like, 1e-3) * torch.tensor([[0.999], [1.01]], dtype=torch.float64)
+    h = torch.ones(2, 1, dtype=torch.float64)
+    e = ctl.error_ratio(error, h, lambda: torch.zeros(2, 1), None, like, scales)
+    rejected, _, _ = ctl.decide(e, h, h, h, ctl.memory(h), error_order=2)
+    assert rejected[:, 0].tolist() == [False, True]
+
+
+def test_the_pi_memory_keeps_the_last_accepted_error():
+    """The proportional term remembers e^b of the last accepted step (b = 0.4 / (order + 1)),
+    an error below 1e-4 of the tolerance counted as 1e-4 of it; a rejected step leaves it."""
+    ctl = Controller()
+    unit = ctl.unit(2)
+    b = 0.4 / 3
+    e = torch.tensor([[0.5 * unit], [2.0 * unit], [1e-9 * unit]], dtype=torch.float64)
+    h = torch.ones(3, 1, dtype=torch.float64)
+    memory = torch.full_like(h, 0.75)
+    rejected, h_next, kept = ctl.decide(e, h, h, h, memory, error_order=2)
+    assert rejected[:, 0].tolist() == [False, True, False]
+    expected = [(0.5 * unit) ** b, 0.75, (1e-4 * unit) ** b]
+    torch.testing.assert_close(kept[:, 0], torch.tensor(expected, dtype=torch.float64))
+    # The next step: h * e^-a * memory, a = 0.7 / 3, between min_factor and max_factor.
+    factor = (e[:, 0] ** (-0.7 / 3) * 0.75).clamp(0.2, 10.0)
+    torch.testing.assert_close(h_next[:, 0], factor)
+
+
+def test_a_step_accepted_by_contraction_above_the_tolerance_is_remembered_at_the_tolerance():
+    """contraction accepts a step whose residual fell enough whatever its error; the PI memory
+    counts that error as the tolerance (unit), not more, and h does not shrink."""
+    ctl = Controller(contraction=0.5)
+    unit = ctl.unit(2)
+    e = torch.tensor([[3.0 * unit], [3.0 * unit]], dtype=torch.float64)
+    residual = torch.ones(2, 1, dtype=torch.float64)
+    residual_new = torch.tensor([[0.5], [0.6]], dtype=torch.float64)
+    h = torch.ones(2, 1, dtype=torch.float64)
+    memory = torch.full_like(h, 0.75)
+    rejected, h_next, kept = ctl.decide(e, residual, residual_new, h, memory, error_order=2)
+    assert rejected[:, 0].tolist() == [False, True]
+    torch.testing.assert_close(kept[:, 0], torch.tensor([unit ** (0.4 / 3), 0.75]).double())
+    assert h_next[0, 0].item() == 1.0 and h_next[1, 0].item() < 1.0
