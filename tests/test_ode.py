@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 import raydeq
 from raydeq.solvers import CONTINUOUS, Status
-from raydeq.solvers.control import Controller
+from raydeq.solvers.control import Controller, initial_step
 from raydeq.solvers.termination import Termination
 
 N = 5
@@ -341,3 +341,48 @@ def test_a_step_accepted_by_contraction_above_the_tolerance_is_remembered_at_the
     assert rejected[:, 0].tolist() == [False, True]
     torch.testing.assert_close(kept[:, 0], torch.tensor([unit ** (0.4 / 3), 0.75]).double())
     assert h_next[0, 0].item() == 1.0 and h_next[1, 0].item() < 1.0
+
+
+@pytest.mark.parametrize("move_scale", [None, 0.5])
+def test_the_error_ratio_weighs_the_error_against_abstol_the_step_and_reltol(move_scale):
+    """e / unit = 2 ||error|| h / (abstol sqrt(N) + step_rtol 3 s ||move|| + reltol ||y_new||)
+    for an error and a move given as 2 and 3 times the vectors passed, the move scaled by s
+    (1 where move_scale is None: the move's norm is the step's own)."""
+    ctl = Controller(step_rtol=0.4)
+    term = Termination(abstol=1e-3, reltol=1e-2)
+    g = torch.Generator().manual_seed(0)
+    error, move, y_new = torch.randn(3, 2, 9, generator=g, dtype=torch.float64)
+    h = torch.tensor([[0.5], [1.0]], dtype=torch.float64)
+    scales = ctl.scales(y_new, term, 2.0, 3.0, error_order=2)
+    scale = None if move_scale is None else torch.full_like(h, move_scale)
+    e = ctl.error_ratio(error, h, lambda: move.norm(dim=1, keepdim=True), scale, y_new, scales)
+    s = 1.0 if move_scale is None else move_scale
+    tolerance = 1e-3 * 3 + 0.4 * 3 * s * move.norm(dim=1) + 1e-2 * y_new.norm(dim=1)
+    expected = ctl.unit(2) * 2 * error.norm(dim=1) * h[:, 0] / tolerance
+    torch.testing.assert_close(e[:, 0], expected, rtol=1e-12, atol=0)
+
+
+def test_a_fixed_step_controller_accepts_every_step_and_keeps_h():
+    ctl = Controller(kind="fixed", h0=0.25)
+    e = torch.tensor([[0.0], [1e6], [float("nan")]], dtype=torch.float64)
+    h = torch.full((3, 1), 0.25, dtype=torch.float64)
+    rejected, h_next, _ = ctl.decide(e, h, h, h, ctl.memory(h), error_order=2)
+    assert not bool(rejected.any()) and torch.equal(h_next, h)
+
+
+def test_the_first_step_follows_hairer_norsett_wanner():
+    """Per sample (one feature, abstol = reltol = 1e-3, order 3): for y' = -y from 1, the
+    step 0.01 of the first guess sees d2 = d1 = 500 and h1 = (0.01 / 500)**(1/4); for a
+    constant field y' = 1000 the first guess 1e-5 caps the step at 100 x 1e-5; from y = 0 the
+    step is h1 of the field alone; y' = -y from -1 scales by |y| as from 1."""
+    a = torch.tensor([[-1.0], [0.0], [0.0], [-1.0]], dtype=torch.float64)
+    c = torch.tensor([[0.0], [1000.0], [1.0], [0.0]], dtype=torch.float64)
+    y = torch.tensor([[1.0], [1.0], [0.0], [-1.0]], dtype=torch.float64)
+
+    def field(y: torch.Tensor) -> torch.Tensor:
+        return a * y + c
+
+    h = initial_step(field, y, field(y), 3, Termination(1e-3, 1e-3))
+    # From y = 0: d1 = 1 / 1e-3 = 1000, the guess 1e-6, d2 = 0; h1 = (0.01 / 1000)**(1/4).
+    steps = [(0.01 / 500) ** 0.25, 1e-3, 1e-5**0.25, (0.01 / 500) ** 0.25]
+    torch.testing.assert_close(h[:, 0], torch.tensor(steps, dtype=torch.float64), rtol=1e-9, atol=0)
