@@ -924,3 +924,17 @@ def test_only_converged_samples_count_as_converged(adjoint):
     assert sol.stats.unconverged_fraction == 0.75
     assert sol.stats.residual.tolist() == [2.0**-20, 1.0, 1.0, float("inf")]
     assert not sol.stats.residual.requires_grad and sol.stats.residual.grad_fn is None
+
+
+@pytest.mark.parametrize("solver", ["tsit5", "vcab3", "fixed_point"])
+def test_with_check_start_a_batch_partly_converged_at_z0_still_solves_the_rest(solver):
+    """f(z) = z / 2 + 1 has z* = 2: the sample that starts there stays there, the one that
+    starts at 0 is solved to the tolerance."""
+    z0 = torch.tensor([[2.0], [0.0]], dtype=torch.float64)
+    with torch.no_grad():
+        sol = raydeq.solve(
+            lambda z: z / 2 + 1, z0, solver=solver, abstol=1e-8, reltol=0.0, check_start=True
+        )
+    assert sol.stats.status.tolist() == [Status.CONVERGED, Status.CONVERGED]
+    assert sol.stats.steps > 1 and sol.z[0].item() == 2.0
+    assert abs(sol.z[1].item() - 2.0) <= 2e-8
