@@ -343,3 +343,14 @@ def test_a_batch_of_no_samples_integrates_nothing_and_differentiates(adjoint):
     assert out.z.shape == (0, 4) and (out.stats.nfe, out.stats.steps) == (1, 0)
     out.z.sum().backward()
     assert x.grad.shape == (0, 4) and float(f.state.weight.grad.abs().sum()) == 0.0
+
+
+def test_a_non_positive_t1_and_a_plain_function_for_the_continuous_adjoint_are_refused():
+    """t1 must be > 0; the continuous adjoint differentiates f.parameters(), so a plain
+    function is a TypeError naming adjoint='backprop', which takes it."""
+    with pytest.raises(ValueError, match=r"t1=0.0 must be a number > 0"):
+        NeuralODE(TanhCell(3), t1=0.0)
+    with pytest.raises(TypeError, match="needs f as an nn.Module, got function.*'backprop'"):
+        NeuralODE(lambda z, x: torch.tanh(z + x))
+    out = NeuralODE(lambda z, x: torch.tanh(z + x), adjoint="backprop")(torch.ones(2, 3))
+    assert out.z.shape == (2, 3)
