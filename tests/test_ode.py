@@ -386,3 +386,8 @@ def test_the_first_step_follows_hairer_norsett_wanner():
     # From y = 0: d1 = 1 / 1e-3 = 1000, the guess 1e-6, d2 = 0; h1 = (0.01 / 1000)**(1/4).
     steps = [(0.01 / 500) ** 0.25, 1e-3, 1e-5**0.25, (0.01 / 500) ** 0.25]
     torch.testing.assert_close(h[:, 0], torch.tensor(steps, dtype=torch.float64), rtol=1e-9, atol=0)
+
+
+def test_a_fixed_step_controller_without_h0_is_refused():
+    with pytest.raises(ValueError, match="kind='fixed' needs the step size h0"):
+        Controller(kind="fixed")
