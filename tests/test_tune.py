@@ -957,12 +957,22 @@ def _tune(args: list[str], **popen) -> subprocess.Popen:
     )
 
 
+def _manifest_step(manifest: Path) -> int | None:
+    """A checkpoint's step, or None while Ray is still copying its manifest into storage (or a
+    kill cut the copy short): the file is empty or partial then, and a resume passes over it."""
+    try:
+        return json.loads(manifest.read_text())["step"]
+    except json.JSONDecodeError:
+        return None
+
+
 def _checkpoint_steps(experiment: Path) -> dict[tuple[Path, int], str]:
-    """Every checkpoint folder the trials wrote and its step, with the trial it belongs to."""
-    manifests = experiment.glob(f"**/checkpoint_*/{MANIFEST_FILE}")
+    """Every checkpoint folder the trials wrote whole and its step, with the trial it belongs to."""
+    steps = {m: _manifest_step(m) for m in experiment.glob(f"**/checkpoint_*/{MANIFEST_FILE}")}
     return {
-        (m.parent, json.loads(m.read_text())["step"]): m.relative_to(experiment).parts[0]
-        for m in manifests
+        (m.parent, step): m.relative_to(experiment).parts[0]
+        for m, step in steps.items()
+        if step is not None
     }
 
 
