@@ -271,3 +271,32 @@ def test_neumann_stops_each_sample_at_its_own_iteration():
     torch.testing.assert_close(x, (1 - power) / (1 - k[:, None]) * b, rtol=1e-14, atol=0)
     torch.testing.assert_close(info.residual, power[:, 0] * b.norm(dim=1), rtol=1e-12, atol=0)
     assert bool(info.converged.all())
+
+
+@pytest.mark.parametrize(
+    "solver", [GMRES(rtol=1e-10), Neumann(rtol=1e-10, max_iters=200)], ids=["gmres", "neumann"]
+)
+@pytest.mark.parametrize("warm", [False, True])
+def test_a_zero_right_hand_side_is_solved_by_zero_and_counts_as_converged(solver, warm):
+    """A sample whose b is 0 (a saturated softmax's gradient) gets x = 0 exactly, a residual of
+    0 and no iterations, and counts as converged (its tolerance is 0 and 0 <= 0); the other
+    samples are solved as on their own."""
+    a, b = contraction_systems(3, 12, seed=10)
+    b[1] = 0.0
+    x, info = solver(matvec(a), b, b if warm else None)
+    assert torch.equal(x[1], torch.zeros(12, dtype=torch.float64))
+    assert info.converged.tolist() == [True, True, True]
+    assert float(info.residual[1]) == 0.0 and int(info.iterations[1]) == 0
+    torch.testing.assert_close(x, torch.linalg.solve(a, b), rtol=0, atol=1e-9)
+
+
+def test_neumann_stops_at_max_iters_with_its_partial_sum():
+    """A = 0.5 I, b of norm 3: three iterations from 0 give x = (1 - 0.5^3) / 0.5 b = 1.75 b,
+    residual 0.5^3 ||b|| = 0.375, far above rtol; the solve stops there, unconverged."""
+    a = 0.5 * torch.eye(4, dtype=torch.float64).expand(2, 4, 4)
+    b = torch.tensor([[1.0, 2.0, -2.0, 0.0], [0.0, 0.0, 3.0, 0.0]], dtype=torch.float64)
+    x, info = Neumann(rtol=1e-12, max_iters=3)(matvec(a), b)
+    torch.testing.assert_close(x, 1.75 * b, rtol=1e-15, atol=0)
+    torch.testing.assert_close(info.residual, torch.full((2,), 0.375, dtype=torch.float64))
+    assert info.iterations.tolist() == [3, 3] and info.matvecs == 3
+    assert info.converged.tolist() == [False, False]
