@@ -942,3 +942,37 @@ def test_with_check_start_a_batch_partly_converged_at_z0_still_solves_the_rest(s
     assert sol.stats.status.tolist() == [Status.CONVERGED, Status.CONVERGED]
     assert sol.stats.steps > 1 and sol.z[0].item() == 2.0
     assert abs(sol.z[1].item() - 2.0) <= 2e-8
+
+
+@pytest.mark.parametrize(
+    ("adjoint", "expected"), [("gmres", [1.4, 0.6]), ("fixed_point", [1.5, 0.5])]
+)
+def test_an_implicit_adjoint_starts_from_v_when_warm_start_is_not_given(adjoint, expected):
+    """f(z) = J z + x with J = diag(0.5, -0.5) and v = (1, 1): one step from v is GMRES's
+    v + 0.8 (0.5, -0.5) = (1.4, 0.6) and Neumann's v + J^T v = (1.5, 0.5), where from 0 they
+    would give (0.8, 0.8) and v itself; x's gradient is that step."""
+    jac = torch.tensor([0.5, -0.5], dtype=torch.float64)
+    x = torch.tensor([[1.0, 2.0], [-1.0, 0.5]], dtype=torch.float64, requires_grad=True)
+    sol = raydeq.solve(
+        lambda z: z * jac + x,
+        torch.zeros(2, 2, dtype=torch.float64),
+        solver="broyden",
+        adjoint=adjoint,
+        adjoint_options={"rtol": 1e-10, "max_iters": 1},
+        **tight("broyden"),
+    )
+    (grad,) = torch.autograd.grad(sol.z.sum(), x)
+    torch.testing.assert_close(grad, torch.tensor([expected] * 2, dtype=torch.float64))
+
+
+def test_a_recorded_implicit_adjoint_records_gmres_and_leaves_neumann_as_it_is():
+    """recorded() (compile="graph") turns on GMRES.graph and keeps its other options; Neumann
+    has no Arnoldi steps to record."""
+    from raydeq.solvers import GMRES, Neumann
+    from raydeq.solvers.adjoint import ImplicitAdjoint
+
+    gmres = ImplicitAdjoint(GMRES(rtol=1e-7, restart=5), warm_start=False).recorded()
+    assert gmres.linear_solver == GMRES(rtol=1e-7, restart=5, graph=True)
+    assert gmres.warm_start is False
+    neumann = ImplicitAdjoint(Neumann(rtol=1e-7))
+    assert neumann.recorded() is neumann
