@@ -300,3 +300,12 @@ def test_neumann_stops_at_max_iters_with_its_partial_sum():
     torch.testing.assert_close(info.residual, torch.full((2,), 0.375, dtype=torch.float64))
     assert info.iterations.tolist() == [3, 3] and info.matvecs == 3
     assert info.converged.tolist() == [False, False]
+
+
+@pytest.mark.parametrize("every", [0, -4, 2.5])
+def test_a_check_every_that_is_not_a_positive_integer_is_named(every):
+    """check_every=0 would fall back to the default read interval unannounced; None is the
+    default itself."""
+    with pytest.raises(ValueError, match=rf"check_every={every} must be an integer >= 1"):
+        GMRES(check_every=every)
+    assert GMRES(check_every=None).check_every is None
