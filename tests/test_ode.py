@@ -391,3 +391,43 @@ def test_the_first_step_follows_hairer_norsett_wanner():
 def test_a_fixed_step_controller_without_h0_is_refused():
     with pytest.raises(ValueError, match="kind='fixed' needs the step size h0"):
         Controller(kind="fixed")
+
+
+def scalar_decay(lam: float, y0: float, abstol: float):
+    """f(z) = (1 + lam) z, the flow y' = lam y, from y0 (one sample, one feature), with a
+    monitor that stops nothing before abstol."""
+    from raydeq.solvers.termination import Monitor
+
+    y = torch.full((1, 1), y0, dtype=torch.float64)
+    return (lambda z: (1.0 + lam) * z), y, Monitor(y, Termination(abstol, 0.0))
+
+
+def bs3_step(lam: float, y: float, h: float) -> tuple[float, float]:
+    """Bogacki-Shampine's step of y' = lam y: the 3rd-order point and its error estimate
+    against the embedded 2nd-order solution (weights 7/24, 1/4, 1/3, 1/8)."""
+    k1 = lam * y
+    k2 = lam * (y + h / 2 * k1)
+    k3 = lam * (y + 3 * h / 4 * k2)
+    y1 = y + h * (2 / 9 * k1 + 1 / 3 * k2 + 4 / 9 * k3)
+    k4 = lam * y1
+    y2 = y + h * (7 / 24 * k1 + 1 / 4 * k2 + 1 / 3 * k3 + 1 / 8 * k4)
+    return y1, y1 - y2
+
+
+@pytest.mark.parametrize("method", ["bs3", "vcab3"])
+def test_a_bs3_step_sizes_the_next_by_its_second_order_error(method):
+    """With the integral controller the step after a BS3 step (vcab3's first start-up step
+    is one) is h 0.9 (|err| / abstol)^(-1/3): the error estimate is of order 2."""
+    from raydeq.solvers.ode import VCAB3, RungeKutta
+    from raydeq.solvers.tableau import BS3
+
+    lam, h, abstol = -0.5, 0.5, 1e-3
+    ctl = Controller(kind="i", h0=h)
+    solver = RungeKutta(BS3, ctl) if method == "bs3" else VCAB3(ctl)
+    f, y, monitor = scalar_decay(lam, 1.0, abstol)
+    c, _, _ = solver.init(f, y, monitor)
+    c = solver.phases()[0].step(f, c, monitor)
+    flow = c if method == "bs3" else c.flow
+    y1, err = bs3_step(lam, 1.0, h)
+    assert flow.y.item() == pytest.approx(y1, rel=1e-14)
+    assert flow.h.item() == pytest.approx(h * 0.9 * (abs(err) / abstol) ** (-1 / 3), rel=1e-12)
