@@ -431,3 +431,46 @@ def test_a_bs3_step_sizes_the_next_by_its_second_order_error(method):
     y1, err = bs3_step(lam, 1.0, h)
     assert flow.y.item() == pytest.approx(y1, rel=1e-14)
     assert flow.h.item() == pytest.approx(h * 0.9 * (abs(err) / abstol) ** (-1 / 3), rel=1e-12)
+
+
+def quadratic_integral(times: list[float], values: list[float], a: float, b: float) -> float:
+    """The integral over [a, b] of the quadratic through (times, values)."""
+    import numpy as np
+
+    antiderivative = np.polyint(np.polyfit(times, values, 2))
+    return float(np.polyval(antiderivative, b) - np.polyval(antiderivative, a))
+
+
+def test_an_adams_step_predicts_by_ab3_and_sizes_the_next_by_milne_s_estimate():
+    """After two accepted BS3 start-up steps (uncapped) the step is capped at h_max, and the
+    Adams step integrates the quadratic through
+    the last three derivatives (AB3), and with the integral controller the next step is
+    h 0.9 (|err| / abstol)^(-1/4) for Milne's err = 9/10 (y_AM3 - y_AB3), y_AM3 integrating
+    the quadratic through the new derivative and the last two."""
+    from raydeq.solvers.ode import VCAB3
+
+    lam, abstol = -0.5, 1e-3
+    solver = VCAB3(Controller(kind="i", h0=0.5, h_max=0.4))
+    f, y, monitor = scalar_decay(lam, 1.0, abstol)
+    c, _, _ = solver.init(f, y, monitor)
+    times, ys = [0.0], [1.0]
+    for _ in range(2):
+        h = c.flow.h.item()
+        c = solver.startup_step(f, c, monitor)
+        times.append(times[-1] + h)
+        ys.append(c.flow.y.item())
+    assert c.accepted.item() == 2 and times[-1] - times[-2] > 0.4
+    h = c.flow.h.item()
+    assert h == 0.4
+    c = solver.adams_step(f, c, monitor)
+    derivatives = [lam * v for v in ys]
+    t, t_new = times[-1], times[-1] + h
+    y_ab = ys[-1] + quadratic_integral(times, derivatives, t, t_new)
+    assert c.flow.y.item() == pytest.approx(y_ab, rel=1e-12)
+    y_am = ys[-1] + quadratic_integral(
+        [*times[1:], t_new], [*derivatives[1:], lam * y_ab], t, t_new
+    )
+    err = 0.9 * abs(y_am - y_ab)
+    factor = min(max(0.9 * (err / abstol) ** (-1 / 4), 0.2), 10.0)
+    assert c.flow.h.item() == pytest.approx(h * factor, rel=1e-9)
+    assert c.last.item() == pytest.approx(h, rel=1e-15)
