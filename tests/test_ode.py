@@ -474,3 +474,17 @@ def test_an_adams_step_predicts_by_ab3_and_sizes_the_next_by_milne_s_estimate():
     factor = min(max(0.9 * (err / abstol) ** (-1 / 4), 0.2), 10.0)
     assert c.flow.h.item() == pytest.approx(h * factor, rel=1e-9)
     assert c.last.item() == pytest.approx(h, rel=1e-15)
+
+
+@pytest.mark.parametrize(("solver", "order"), [("tsit5", 5), ("bs3", 3), ("euler", 1)])
+def test_a_first_step_picked_from_the_problem_uses_the_method_s_order(solver, order):
+    """With h0=None, for y' = -y from 1 (abstol = reltol = 1e-3) the first step is
+    (0.01 / 500)^(1 / (order + 1)) (see test_the_first_step_follows_hairer_norsett_wanner)."""
+    from raydeq.solvers.solve import make_solver
+    from raydeq.solvers.termination import Monitor
+
+    f, y, _ = scalar_decay(-1.0, 1.0, 1e-3)
+    monitor = Monitor(y, Termination(1e-3, 1e-3))
+    c, nfe, _ = make_solver(solver, {"h0": None}).init(f, y, monitor)
+    assert nfe == 2
+    assert c.h.item() == pytest.approx((0.01 / 500) ** (1 / (order + 1)), rel=1e-9)
