@@ -976,3 +976,48 @@ def test_a_recorded_implicit_adjoint_records_gmres_and_leaves_neumann_as_it_is()
     assert gmres.warm_start is False
     neumann = ImplicitAdjoint(Neumann(rtol=1e-7))
     assert neumann.recorded() is neumann
+
+
+def test_anderson_mixes_beta_f_and_one_minus_beta_z_from_a_nonzero_start():
+    """With f constant c, the first step from z0 lands on beta c + (1 - beta) z0."""
+    c = torch.tensor([[1.0, -2.0], [0.5, 4.0]], dtype=torch.float64)
+    z0 = torch.tensor([[3.0, 1.0], [-1.0, 2.0]], dtype=torch.float64)
+    points = []
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        points.append(z.clone())
+        return c
+
+    with torch.no_grad():
+        raydeq.solve(f, z0, solver="anderson", solver_options={"beta": 0.3}, max_steps=2)
+    torch.testing.assert_close(points[1], 0.3 * c + 0.7 * z0, rtol=1e-15, atol=0)
+
+
+def test_anderson_regularises_its_mixing_system_by_lam_times_the_mean_residual_square():
+    """Anderson's second step mixes f(z0), f(z1) with alpha = w / sum(w), (G + lam mean(diag G)
+    I) w = 1, G the Gram matrix of the residuals f(z_i) - z_i: checked against numpy."""
+    g = torch.Generator().manual_seed(3)
+    a = 0.5 * torch.randn(4, 4, generator=g, dtype=torch.float64)
+    b = torch.randn(4, dtype=torch.float64, generator=g)
+    z0 = torch.randn(2, 4, generator=g, dtype=torch.float64)
+    lam = 0.5
+    points = []
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        points.append(z.clone())
+        return z @ a.T + b
+
+    with torch.no_grad():
+        raydeq.solve(
+            f, z0, solver="anderson", solver_options={"m": 2, "lam": lam}, max_steps=3, abstol=1e-12
+        )
+    a_np, b_np = a.numpy(), b.numpy()
+    for i in range(2):
+        zs = [z0[i].numpy(), a_np @ z0[i].numpy() + b_np]
+        fs = [a_np @ z + b_np for z in zs]
+        gs = np.stack([fz - z for fz, z in zip(fs, zs, strict=True)])
+        gram = gs @ gs.T
+        w = np.linalg.solve(gram + lam * np.mean(np.diag(gram)) * np.eye(2), np.ones(2))
+        alpha = w / w.sum()
+        expected = alpha[0] * fs[0] + alpha[1] * fs[1]
+        np.testing.assert_allclose(points[2][i].numpy(), expected, rtol=1e-12, atol=1e-14)
