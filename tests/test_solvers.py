@@ -1021,3 +1021,43 @@ def test_anderson_regularises_its_mixing_system_by_lam_times_the_mean_residual_s
         alpha = w / w.sum()
         expected = alpha[0] * fs[0] + alpha[1] * fs[1]
         np.testing.assert_allclose(points[2][i].numpy(), expected, rtol=1e-12, atol=1e-14)
+
+
+def test_broyden_with_a_full_memory_replaces_its_oldest_rank_one_term():
+    """Limited-memory good Broyden, H = -I + sum u v^T over the last `memory` terms, each
+    step z <- z - H g, u = (dz - H dg) / (dz^T H dg), v = H^T dz: against a dense numpy
+    loop that rebuilds H from the terms it keeps."""
+    g = torch.Generator().manual_seed(4)
+    w = 0.6 * torch.randn(5, 5, generator=g, dtype=torch.float64) / 5**0.5
+    b = torch.randn(5, dtype=torch.float64, generator=g)
+    z0 = torch.randn(1, 5, generator=g, dtype=torch.float64)
+    points = []
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        points.append(z.clone())
+        return torch.tanh(z @ w.T + b)
+
+    with torch.no_grad():
+        raydeq.solve(
+            f, z0, solver="broyden", solver_options={"memory": 2}, max_steps=6, abstol=1e-14
+        )
+    w_np, b_np = w.numpy(), b.numpy()
+
+    def residual(z: np.ndarray) -> np.ndarray:
+        return np.tanh(w_np @ z + b_np) - z
+
+    z = z0[0].numpy()
+    terms: list[tuple[np.ndarray, np.ndarray]] = []
+    expected = [z]
+    for _ in range(5):
+        h = -np.eye(5) + sum((np.outer(u, v) for u, v in terms), np.zeros((5, 5)))
+        dz = -h @ residual(z)
+        dg = residual(z + dz) - residual(z)
+        v = h.T @ dz
+        terms = [*terms, ((dz - h @ dg) / (v @ dg), v)][-2:]
+        z = z + dz
+        expected.append(z)
+    assert len(points) >= 6
+    np.testing.assert_allclose(
+        torch.cat(points[:6]).numpy(), np.stack(expected), rtol=1e-10, atol=1e-12
+    )
