@@ -1061,3 +1061,18 @@ def test_broyden_with_a_full_memory_replaces_its_oldest_rank_one_term():
     np.testing.assert_allclose(
         torch.cat(points[:6]).numpy(), np.stack(expected), rtol=1e-10, atol=1e-12
     )
+
+
+@pytest.mark.parametrize("solver", ["vcab3", "anderson"])
+def test_the_evaluations_count_adds_initial_nfe_to_every_call_of_f(solver):
+    """stats.nfe is initial_nfe (the caller's evaluations making z0) plus each call of f."""
+    calls = []
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        return 0.5 * z + 1.0
+
+    with torch.no_grad():
+        sol = raydeq.solve(f, torch.zeros(2, 3), solver=solver, initial_nfe=3)
+    assert bool(sol.stats.converged.all())
+    assert sol.stats.nfe == 3 + len(calls)
