@@ -1076,3 +1076,21 @@ def test_the_evaluations_count_adds_initial_nfe_to_every_call_of_f(solver):
         sol = raydeq.solve(f, torch.zeros(2, 3), solver=solver, initial_nfe=3)
     assert bool(sol.stats.converged.all())
     assert sol.stats.nfe == 3 + len(calls)
+
+
+@pytest.mark.parametrize(
+    ("adjoint", "recorded"), [("gmres", False), ("jfb", False), ("unrolled", True)]
+)
+def test_only_the_unrolled_adjoint_records_the_forward_steps_for_autograd(adjoint, recorded):
+    """An implicit adjoint differentiates one call of f at z* alone: the solver's own calls
+    of f run without autograd; the unrolled one backpropagates through them all."""
+    f, _ = problem()
+    grad_modes = []
+
+    def counted(z: torch.Tensor) -> torch.Tensor:
+        grad_modes.append(torch.is_grad_enabled())
+        return f(z)
+
+    raydeq.solve(counted, torch.zeros(B, D, dtype=torch.float64), solver="bs3", adjoint=adjoint)
+    assert len(grad_modes) > 4
+    assert all(mode == recorded for mode in grad_modes[:-1])
