@@ -1094,3 +1094,29 @@ def test_only_the_unrolled_adjoint_records_the_forward_steps_for_autograd(adjoin
     raydeq.solve(counted, torch.zeros(B, D, dtype=torch.float64), solver="bs3", adjoint=adjoint)
     assert len(grad_modes) > 4
     assert all(mode == recorded for mode in grad_modes[:-1])
+
+
+def test_states_of_mixed_dtypes_are_refused():
+    with pytest.raises(TypeError, match="all state tensors must share one dtype and one device"):
+        raydeq.solve(lambda z: z, [torch.zeros(2, 3), torch.zeros(2, 3, dtype=torch.float64)])
+
+
+@pytest.mark.parametrize("solver", ["vcab3", "broyden"])
+def test_f_sees_a_state_of_three_or_more_dimensions_in_its_own_shape(solver):
+    """A (B, C, L) state reaches f as (B, C, L), not as the solver's flat (B, C L) matrix:
+    f mixes its channels, which it could not do on the flat form."""
+    g = torch.Generator().manual_seed(5)
+    mix = 0.4 * torch.randn(2, 2, generator=g, dtype=torch.float64)
+    c = torch.randn(3, 2, 4, generator=g, dtype=torch.float64)
+    shapes = set()
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        shapes.add(tuple(z.shape))
+        return torch.einsum("ij,bjl->bil", mix, z) + c
+
+    with torch.no_grad():
+        sol = raydeq.solve(f, torch.zeros_like(c), solver=solver, abstol=1e-10, reltol=0.0)
+    assert shapes == {(3, 2, 4)}
+    eye = torch.eye(2, dtype=torch.float64)
+    expected = torch.linalg.solve(eye - mix, c)
+    torch.testing.assert_close(sol.z, expected, rtol=0, atol=1e-8)
