@@ -1120,3 +1120,18 @@ def test_f_sees_a_state_of_three_or_more_dimensions_in_its_own_shape(solver):
     eye = torch.eye(2, dtype=torch.float64)
     expected = torch.linalg.solve(eye - mix, c)
     torch.testing.assert_close(sol.z, expected, rtol=0, atol=1e-8)
+
+
+@pytest.mark.parametrize("solver", ["broyden", "anderson", "fixed_point"])
+def test_a_discrete_solver_counts_its_evaluation_at_z0_as_its_first_step(solver):
+    """max_steps=3 allows f at z0 and two steps: three calls of f, stats.steps 3."""
+    calls = []
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        return torch.tanh(2.0 * z + 1.0)
+
+    with torch.no_grad():
+        sol = raydeq.solve(f, torch.zeros(2, 3), solver=solver, max_steps=3, abstol=1e-12)
+    assert not bool(sol.stats.converged.any())
+    assert (len(calls), sol.stats.steps, sol.stats.nfe) == (3, 3, 3)
