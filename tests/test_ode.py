@@ -488,3 +488,27 @@ def test_a_first_step_picked_from_the_problem_uses_the_method_s_order(solver, or
     c, nfe, _ = make_solver(solver, {"h0": None}).init(f, y, monitor)
     assert nfe == 2
     assert c.h.item() == pytest.approx((0.01 / 500) ** (1 / (order + 1)), rel=1e-9)
+
+
+def test_a_vcab3_sample_solves_alike_alone_and_beside_one_with_a_longer_start_up():
+    """A sample whose start-up is over keeps its Adams differences while another in the
+    batch still takes start-up steps (f = -3 z + c rejects BS3's first steps there)."""
+    a = torch.tensor([[0.5], [-3.0]], dtype=torch.float64)
+    c = torch.tensor([[0.3, -0.2], [1.0, -1.0]], dtype=torch.float64)
+
+    def run(rows: slice):
+        with torch.no_grad():
+            return raydeq.solve(
+                lambda z: a[rows] * z + c[rows],
+                torch.zeros_like(c[rows]),
+                solver="vcab3",
+                abstol=1e-9,
+                reltol=0.0,
+                max_steps=200,
+            )
+
+    batched = run(slice(0, 2))
+    assert bool(batched.stats.converged.all())
+    for i in range(2):
+        alone = run(slice(i, i + 1))
+        torch.testing.assert_close(batched.z[i : i + 1], alone.z, rtol=0, atol=1e-13)

@@ -252,7 +252,7 @@ class VCAB3:
     def startup_step(self, f: Field, c: Adams, monitor: Monitor) -> Adams:
         """A BS3 step that also updates the divided differences; samples with two accepted
         steps already take a zero step (error 0), which leaves them where they are, and keep
-        their step size, capped for the Adams steps."""
+        their step size, capped for the Adams steps, and their PI memory."""
         flow = c.flow
         starting = self.starting(c, monitor)
         h = flow.h * starting
@@ -263,10 +263,14 @@ class VCAB3:
         accepted = c.accepted + ~kept
         h_next = torch.where(starting | rejected, new.h, flow.h)
         h_next = torch.where(accepted < 2, h_next, h_next.clamp_max(self.controller.h_max))
+        # A zero step's error 0 is no error estimate: the PI memory stays the last step's.
+        memory = torch.where(starting, new.memory, flow.memory)
         # Divided by the unmasked step, never 0 (a zero step would give 0 / 0, and NaN
         # gradients through the samples that keep their differences).
         differences = divided_differences(k_new, flow.k, c.differences[0], flow.h, c.last)
-        return self._shift(c, monitor, replace(new, h=h_next), kept, differences, flow.h, accepted)
+        return self._shift(
+            c, monitor, replace(new, h=h_next, memory=memory), kept, differences, flow.h, accepted
+        )
 
     def adams_step(self, f: Field, c: Adams, monitor: Monitor) -> Adams:
         """One AB3 step with its Milne error estimate. Every sample steps (a batch is evaluated
