@@ -1,5 +1,6 @@
 """The training run: CLI errors, the loop in the driver, checkpoints, and Ray end-to-end runs."""
 
+import contextlib
 import copy
 import functools
 import itertools
@@ -1064,8 +1065,12 @@ def test_sigterm_ends_a_run_with_status_130_and_its_resume_command_continues_pas
     driver = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
 
     def checkpoints() -> dict[int, Path]:
-        manifests = Path(cfg.run_dir).glob(f"checkpoint_*/{MANIFEST_FILE}")
-        return {json.loads(m.read_text())["step"]: m.parent for m in manifests}
+        """Step -> folder of each checkpoint whose manifest Ray has finished copying."""
+        steps = {}
+        for manifest in Path(cfg.run_dir).glob(f"checkpoint_*/{MANIFEST_FILE}"):
+            with contextlib.suppress(json.JSONDecodeError):
+                steps[json.loads(manifest.read_text())["step"]] = manifest.parent
+        return steps
 
     deadline = time.monotonic() + 150
     while max(checkpoints(), default=0) < 20:

@@ -32,7 +32,7 @@ from raydeq.experiments import archive, results, run, spec
 from raydeq.experiments.figures import plt
 from raydeq.models import PRESETS
 from raydeq.training import preflight, runlock
-from raydeq.training.checkpoint import MANIFEST_FILE
+from raydeq.training.checkpoint import MANIFEST_FILE, CheckpointError, read_checkpoint
 from raydeq.training.config import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -957,21 +957,23 @@ def _tune(args: list[str], **popen) -> subprocess.Popen:
     )
 
 
-def _manifest_step(manifest: Path) -> int | None:
-    """A checkpoint's step, or None while Ray is still copying its manifest into storage (or a
-    kill cut the copy short): the file is empty or partial then, and a resume passes over it."""
+def _whole_step(folder: Path) -> int | None:
+    """A checkpoint's step, or None while Ray is still copying it into storage (or a kill cut
+    the copy short, of its manifest or of its state): a resume passes over it then."""
     try:
-        return json.loads(manifest.read_text())["step"]
-    except json.JSONDecodeError:
+        return read_checkpoint(folder)["step"]
+    except CheckpointError:
         return None
 
 
 def _checkpoint_steps(experiment: Path) -> dict[tuple[Path, int], str]:
     """Every checkpoint folder the trials wrote whole and its step, with the trial it belongs to."""
-    steps = {m: _manifest_step(m) for m in experiment.glob(f"**/checkpoint_*/{MANIFEST_FILE}")}
+    steps = {
+        m.parent: _whole_step(m.parent) for m in experiment.glob(f"**/checkpoint_*/{MANIFEST_FILE}")
+    }
     return {
-        (m.parent, step): m.relative_to(experiment).parts[0]
-        for m, step in steps.items()
+        (folder, step): folder.relative_to(experiment).parts[0]
+        for folder, step in steps.items()
         if step is not None
     }
 
