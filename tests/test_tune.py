@@ -1001,8 +1001,10 @@ def _wait_for_the_end_of(actors: set[str], dashboard: str) -> None:
 
 
 def _reported_steps(trial: Path) -> list[int]:
-    """The steps in a trial's result file."""
-    lines = [json.loads(line) for line in (trial / archive.RESULT_FILE).read_text().splitlines()]
+    """The steps in a trial's result file, up to its last whole line (the driver may be
+    writing the next one)."""
+    text = (trial / archive.RESULT_FILE).read_text()
+    lines = [json.loads(line) for line in text[: text.rfind("\n") + 1].splitlines()]
     return [line["step"] for line in lines if "step" in line]
 
 
