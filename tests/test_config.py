@@ -163,6 +163,18 @@ def test_lambda_skip_defaults_to_the_presets_and_amp_reads_yaml_off():
         ({"optim": {"lr": 2**1030}}, "optim.lr: expected a finite number, got 1"),  # overflows
         ({"model": [1, 2]}, "model: expected a mapping of keys to values, got [1, 2]"),
         ({"data": {"dataset": "mnist"}}, "data.data_dir: required for dataset 'mnist'"),
+        ({"data": {"dataset": "cifar10"}}, "data.data_dir: required for dataset 'cifar10'"),
+        ({"data": {"dataset": "svhn"}}, "data.data_dir: required for dataset 'svhn'"),
+        ({"data": {"dataset": "imagenet"}}, "data.data_dir: required for dataset 'imagenet'"),
+        ({"train": {"epochs": True}}, "train.epochs: expected an integer, got True"),
+        ({"seed": False}, "seed: expected an integer, got False"),
+        ({"optim": {"gamma": 0}}, "optim.gamma: must be > 0, got 0.0"),  # no rate after a decay
+        ({"scaling": {"cpus_per_worker": 0}}, "scaling.cpus_per_worker: must be > 0, got 0.0"),
+        ({"search": {"grace_period": 0}}, "search.grace_period: must be >= 1, got 0"),
+        ({"search": {"reduction_factor": 1}}, "search.reduction_factor: must be >= 2, got 1"),
+        ({"name": ".."}, "name: '..' is not a folder name"),
+        ({"name": "."}, "name: '.' is not a folder name"),
+        ({"name": "-x"}, "name: '-x' is not a folder name"),
         ({"data": {"download": True}}, "data.download: only mnist, cifar10, svhn can be"),
         ({"train": {"lambda_jac": 0.1}}, "train.lambda_jac: needs model.jac_reg=true"),
         ({"data": {"batch_size": 33}}, "data.batch_size: 33 does not split evenly over scaling"),
@@ -205,6 +217,30 @@ def test_values_on_a_bound_are_allowed():
     )
     assert (cfg.seed, cfg.train.keep_checkpoints, cfg.optim.momentum) == (2**32 - 1, 1, 1.0)
     assert (cfg.optim.eta_min, cfg.scaling.max_failures, len(cfg.search.variants)) == (0.01, -1, 2)
+
+
+def test_an_empty_section_or_file_takes_the_defaults(tmp_path):
+    """YAML reads a section with nothing under it (`model:`) and an empty file as null."""
+    sections = ["model", "data", "optim", "train", "scaling", "search"]
+    assert validate(dict.fromkeys(sections)) == validate({})
+    path = tmp_path / "empty.yaml"
+    path.write_text("# every setting at its default\n")
+    assert load(path) == validate({})
+
+
+def test_variants_without_a_label_may_set_different_values():
+    """Only rows of one label must differ in their seed alone; unlabelled rows are trials of
+    their own."""
+    rows = [{"optim.lr": 0.1}, {"optim.lr": 0.2, "seed": 1}, {"label": "", "train.epochs": 2}]
+    assert validate({"search": {"variants": rows}}).search.variants == tuple(rows)
+
+
+def test_trials_at_once_are_unlimited_and_searches_maximise_by_default():
+    """0 trials at once means as many as the cluster holds (README, Ray Tune experiments)."""
+    search = validate({}).search
+    assert (search.max_concurrent_trials, search.workers_per_trial) == (0, 0)
+    assert (search.metric, search.mode, search.num_samples) == ("test_accuracy", "max", 1)
+    assert (search.scheduler, search.searcher, search.cost) == ("fifo", "random", None)
 
 
 def test_an_overrides_key_ends_at_the_first_equals_sign():
