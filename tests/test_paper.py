@@ -47,6 +47,75 @@ def test_the_published_numbers_have_every_row_and_column_of_tables_1_to_4():
     assert paper.published(1).loc["Skip Reg. Continuous DEQ", "accuracy"] == 97.973
 
 
+# Tables 1-4 as the authors' LaTeX prints them (avik-pal/smthesis at 89d5977e,
+# tex/content/chapters/infinite_time_neural_odes.tex): per row in the paper's order, the number
+# of parameters, then mean and standard deviation of each column of the table.
+LATEX = {
+    1: """138K 97.926 0.107 18.345 0.732 5.197 1.106 0.038 0.009
+138K 98.123 0.025 5.034 0.059 7.321 0.454 0.011 0.005
+151K 97.759 0.080 4.001 0.001 1.711 0.202 0.010 0.001
+151K 97.749 0.141 4.001 0.000 6.019 0.234 0.012 0.001
+138K 97.973 0.134 4.001 0.000 1.295 0.222 0.010 0.001
+138K 98.016 0.049 4.001 0.000 5.128 0.241 0.012 0.000""",
+    2: """163546 81.233 0.097 0.651 0.009 0.075 0.001 0.282 0.005
+163546 80.807 0.631 0.753 0.017 0.261 0.010 0.136 0.010
+200122 82.013 0.306 0.717 0.022 0.115 0.004 0.274 0.005
+200122 80.807 0.230 0.806 0.010 0.293 0.004 0.154 0.002
+163546 81.170 0.356 0.709 0.005 0.114 0.002 0.283 0.007
+163546 82.513 0.177 0.679 0.015 0.143 0.017 0.154 0.003
+163546 83.543 0.393 1.608 0.026 1.240 0.021 0.207 0.006""",
+    3: """10.63M 88.913 0.287 0.625 0.165 0.111 0.021 0.414 0.222
+10.63M 89.367 0.832 1.284 0.011 0.739 0.003 0.606 0.010
+11.19M 88.783 0.178 0.588 0.042 0.112 0.006 0.314 0.017
+11.19M 89.600 0.947 0.697 0.012 0.150 0.013 0.625 0.004
+10.63M 88.773 0.115 0.613 0.048 0.109 0.008 0.268 0.031
+10.63M 90.107 0.837 0.660 0.019 0.125 0.003 0.634 0.019
+10.63M 89.047 0.116 5.267 0.078 4.569 0.077 0.573 0.010""",
+    4: """17.91M 81.809 0.115 2.057 0.138 0.195 0.007 1.963 0.189
+17.91M 81.329 0.516 3.131 0.027 1.873 0.015 1.506 0.027
+18.47M 81.717 0.452 1.956 0.012 0.194 0.001 1.843 0.025
+18.47M 81.334 0.322 2.016 0.129 0.845 0.127 1.575 0.053
+17.91M 81.611 0.369 1.996 0.035 0.539 0.023 1.752 0.093
+17.91M 81.813 0.350 1.607 0.044 0.444 0.026 1.560 0.021""",
+}
+# The rows' methods: Table 1's are Continuous DEQs without and with Jacobian regularisation,
+# the others' Discrete then Continuous DEQs (and Tables 2 and 3's Neural ODE last).
+METHODS = ("Vanilla", "Skip", "Skip Reg.")
+LABELS = {
+    1: [f"{m} Continuous DEQ{jac}" for m in METHODS for jac in ("", " + Jac. Reg.")],
+    2: [f"{m} {kind} DEQ" for m in METHODS for kind in ("Discrete", "Continuous")] + ["Neural ODE"],
+}
+LABELS |= {3: LABELS[2], 4: LABELS[2][:-1]}
+# Each table's caption and columns, as the LaTeX heads them.
+CAPTIONS = {
+    1: "MNIST Classification with Fully Connected Layers",
+    2: "CIFAR10 Classification with Small Neural Network",
+    3: "CIFAR10 Classification with Large Neural Network",
+    4: "ImageNet Classification",
+}
+TIMES = ["Training Time (s / batch)", "Backward Pass (s / batch)", "Prediction Time (s / batch)"]
+HEADS = {
+    1: ["Test Accuracy (%)", "Testing NFE", "Training Time (min)", "Prediction Time (s / batch)"],
+    2: ["Test Accuracy (%)", *TIMES],
+    3: ["Test Accuracy (%)", *TIMES],
+    4: ["Test Accuracy (Top 5) (%)", *TIMES],
+}
+
+
+@pytest.mark.parametrize("table", [1, 2, 3, 4])
+def test_the_published_numbers_are_the_papers_latex_row_by_row(table):
+    rows = paper.published(table)
+    assert list(rows.index) == LABELS[table]
+    assert paper.TITLES[table] == f"Table {table}: {CAPTIONS[table]}"
+    assert [column.title for column in paper.COLUMNS[table]] == HEADS[table]
+    columns = [c for column in paper.COLUMNS[table] for c in (column.paper, f"{column.paper}_std")]
+    printed = [
+        " ".join([str(params), *(f"{value:.3f}" for value in values)])
+        for params, *values in rows[["params", *columns]].itertuples(index=False)
+    ]
+    assert printed == LATEX[table].splitlines()
+
+
 @pytest.mark.parametrize(
     ("name", "table"),
     [
