@@ -6,6 +6,7 @@ import math
 import pickle
 import signal
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import optuna
@@ -492,3 +493,102 @@ def test_a_search_maximises_its_metric_minimises_its_cost_and_repeats_its_draws_
     assert [d["variant"] for d in drawn[:2]] == [{"label": "Vanilla"}, {"label": "Anderson"}]
     assert suggestions(0)[1] == drawn
     assert suggestions(1)[1][2:] != drawn[2:]
+
+
+def _drawn_through_optuna(space: search.Space, count: int) -> list[optuna.trial.FrozenTrial]:
+    """`count` trials of a random-sampling study, each asked through the define-by-run space."""
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(count):
+        trial = study.ask()
+        space(trial)
+        study.tell(trial, 0.0)
+    return study.trials
+
+
+def test_a_searcher_draws_log_ranges_on_a_log_scale_and_quantized_ones_on_their_steps():
+    ranges = {
+        "optim.lr": {"loguniform": [1e-4, 1e-1]},
+        "train.epochs": {"qrandint": [2, 10, 2]},
+        "model.abstol": {"quniform": [0.01, 0.05, 0.01]},
+    }
+    space = spec.from_dict("s", {**TINY, "search": {"searcher": "tpe", "space": ranges}}).space()
+    trials = _drawn_through_optuna(space, 30)
+    lr, epochs, abstol = (
+        [t.params[name] for t in trials] for name in ("optim/lr", "train/epochs", "model/abstol")
+    )
+    assert set(epochs) <= {2, 4, 6, 8, 10} and len(set(epochs)) > 2
+    assert all(abs(a * 100 - round(a * 100)) < 1e-9 and 0.01 <= a <= 0.05 for a in abstol)
+    # On a log scale two thirds of the draws lie below 1e-2, on a linear one a tenth.
+    assert sum(r < 1e-2 for r in lr) >= 15
+    assert search.lines(space)[:2] == [
+        "optim.lr: log float [0.0001, 0.1]",
+        "train.epochs: int [2, 10]",
+    ]
+
+
+def test_a_rule_applies_only_when_every_key_of_its_when_holds():
+    rule = {
+        "when": {"model.solver": "anderson", "model.variant": "skip_reg"},
+        "space": {"model.solver_options.m": {"randint": [2, 9]}},
+    }
+    raw = {**TINY, "search": SEARCH | {"variants": [], "conditional": [rule]}}
+    trials = _drawn_through_optuna(spec.from_dict("s", raw).space(), 40)
+    both = [
+        t.params["model/solver"] == "anderson" and t.params["model/variant"] == "skip_reg"
+        for t in trials
+    ]
+    assert [("model/solver_options/m" in t.params) for t in trials] == both
+    assert 0 < sum(both) < sum(t.params["model/solver"] == "anderson" for t in trials)
+
+
+def test_a_rule_may_depend_on_a_dimension_of_an_earlier_rule():
+    rules = [
+        {"when": {"model.solver": "anderson"}, "space": {"model.variant": {"choice": ["skip"]}}},
+        {"when": {"model.variant": "skip"}, "space": {"train.lambda_skip": {"uniform": [0, 1]}}},
+    ]
+    space = {"model.solver": {"choice": ["vcab3", "anderson"]}}
+    raw = {**TINY, "search": {"searcher": "tpe", "space": space, "conditional": rules}}
+    trials = _drawn_through_optuna(spec.from_dict("s", raw).space(), 10)
+    anderson = [t.params["model/solver"] == "anderson" for t in trials]
+    assert [("train/lambda_skip" in t.params) for t in trials] == anderson and any(anderson)
+
+
+def test_a_search_may_have_as_many_samples_as_points_and_unlabelled_points_are_numbered():
+    """Each point is a group of its own in the results, so unlabelled ones get their index."""
+    variants = [{"model.variant": "vanilla"}, {"model.variant": "skip_reg"}]
+    raw = {**TINY, "search": SEARCH | {"num_samples": 2, "variants": variants}}
+    labels = [draw["variant"]["label"] for draw in spec.expand(spec.from_dict("s", raw))]
+    assert labels == ["point 0", "point 1"]
+
+
+def test_the_samplers_take_the_searchs_population_and_a_constant_liar():
+    """NSGA-II's generation is `population_size` (0: Optuna's 50); TPE models the dimensions
+    jointly, conditional ones in groups, and counts running trials as bad (constant liar)."""
+    section = spec.from_dict("s", {**TINY, "search": SEARCH}).search
+    nsga2 = replace(section, searcher="nsga2", population_size=6)
+    assert search.sampler(nsga2, seed=0)._population_size == 6
+    assert search.sampler(replace(nsga2, population_size=0), seed=0)._population_size == 50
+    tpe = search.sampler(section, seed=0)
+    assert (tpe._multivariate, tpe._group, tpe._constant_liar) == (True, True, True)
+
+
+def test_a_searcher_suggests_no_more_trials_at_once_than_its_limit():
+    experiment = spec.from_dict("s", {**TINY, "search": SEARCH})
+    limiter = search.searcher(experiment.space(), experiment.search, seed=0, max_concurrent=1)
+    assert limiter.suggest("t0")["variant"] == {"label": "Vanilla"}
+    assert limiter.suggest("t1") is None  # until t0 ends
+    limiter.on_trial_complete("t0", {"test_accuracy": 0.9, "test_nfe": 8.0})
+    assert limiter.suggest("t1")["variant"] == {"label": "Anderson"}
+
+
+def test_a_dry_run_draws_from_the_experiments_seed():
+    """The same seed draws the same trials and another seed others, with random sampling and
+    with a searcher (after its points)."""
+    space = {"optim.lr": {"loguniform": [1e-4, 1e-1]}}
+
+    def rates(seed: int, searcher: str) -> list[float]:
+        raw = {**TINY, "seed": seed, "search": {"searcher": searcher, "space": space}}
+        return [draw["optim"]["lr"] for draw in spec.expand(spec.from_dict("s", raw), 3)]
+
+    for searcher in ("random", "tpe"):
+        assert rates(1, searcher) == rates(1, searcher) != rates(2, searcher)
