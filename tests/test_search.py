@@ -592,3 +592,52 @@ def test_a_dry_run_draws_from_the_experiments_seed():
 
     for searcher in ("random", "tpe"):
         assert rates(1, searcher) == rates(1, searcher) != rates(2, searcher)
+
+
+def _trials(*points: tuple[bool, float, float, float]) -> list[dict]:
+    """Results rows of trials (completed, test_accuracy, test_nfe, train_time) that searched
+    the solver (euler, then bs3, ...) at one learning rate."""
+    solvers = ["euler", "bs3", "vcab3", "tsit5"]
+    return [
+        {"trial": f"9db77_0000{i}", "group": f"t{i}", "completed": done, "config.optim.lr": 0.001}
+        | {"config.model.solver": solvers[i], "config.name": "train"}
+        | {"test_accuracy": accuracy, "test_nfe": nfe, "train_time": time}
+        for i, (done, accuracy, nfe, time) in enumerate(points)
+    ]
+
+
+def test_an_experiment_without_finished_trials_takes_its_front_over_all_of_them():
+    marked = pareto.mark(_trials((False, 0.9, 20.0, 0.1), (False, 0.8, 10.0, 0.2)), "test_accuracy")
+    assert [r["pareto_test_nfe"] for r in marked] == [True, True]
+    assert [r["pareto_train_time"] for r in marked] == [True, False]
+    assert [r["cheapest_test_nfe"] for r in marked] == [True, False]
+
+
+def test_the_front_table_lists_the_cheapest_first_with_the_settings_that_vary_only():
+    rows = _trials((True, 0.9, 20.0, 0.1), (True, 0.8, 10.0, 0.2), (True, 0.95, 30.0, 0.3))
+    text = pareto.markdown(pareto.mark(rows, "test_accuracy"), "test_accuracy")
+    nfe = text.split("## Pareto front: test_accuracy against training time per step (s)")[0]
+    header = "| Trial | test_accuracy (%) | test NFE | training time per step (s) | solver |"
+    assert header in nfe
+    assert [line.split(" | ")[2] for line in nfe.splitlines() if line.startswith("| 9db77")] == [
+        "10",
+        "20",
+        "30",
+    ]
+
+
+def test_the_chart_shows_a_front_point_exactly_zoom_points_below_the_best():
+    best = 100.0
+    assert pareto._shown({"pareto_c": True}, "c", best - pareto.ZOOM_POINTS, best)
+    assert not pareto._shown({"pareto_c": True}, "c", best - pareto.ZOOM_POINTS - 0.5, best)
+    assert not pareto._shown({"pareto_c": False}, "c", best, best)
+
+
+def test_a_trial_without_a_measure_is_never_on_the_front_or_the_cheapest():
+    """A trial that reported no test NFE (it failed before its evaluation) costs nothing known,
+    not nothing."""
+    rows = _trials((True, 0.9, 20.0, 0.1), (True, 0.95, 30.0, 0.2))
+    rows.append(rows[0] | {"trial": "9db77_00002", "test_nfe": None, "test_accuracy": 0.99})
+    marked = pareto.mark(rows, "test_accuracy")
+    assert [r["pareto_test_nfe"] for r in marked] == [True, True, False]
+    assert [r["cheapest_test_nfe"] for r in marked] == [False, True, False]
