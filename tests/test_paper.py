@@ -295,3 +295,16 @@ def test_figure_1_is_relative_to_the_vanilla_continuous_deq_and_figures_4_6_skip
         None,
     ]
     assert paper._kind(rows[0] | {"config.model.jac_reg": True}) is None
+
+
+def test_a_seed_whose_measure_is_not_finite_is_left_out_of_the_mean():
+    """A seed that diverged reports NaN: the cell averages the others, as with a missing one,
+    and a ratio to a reference of 0 is no number rather than an error."""
+    rows, _ = _run()
+    diverged = rows[0] | {"seed": 2, "test_accuracy": math.nan, "backward_time": math.inf}
+    line = next(
+        line for line in paper.markdown(2, [*rows, diverged]).splitlines() if CONTINUOUS in line
+    )
+    assert line.startswith(f"| {CONTINUOUS} | 3 | 81.000 ± 1.414 | 80.807 ± 0.631 |")
+    assert "| 0.250 ± 0.071 | 0.261 ± 0.010 |" in line
+    assert math.isnan(paper.ratio(1.0, 0.0)) and paper._relative({CONTINUOUS: 0.0}) == {}
