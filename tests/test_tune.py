@@ -1164,3 +1164,39 @@ def test_dry_run_shows_the_model_defaults_the_preset_and_the_layer_give(capsys):
         "solver_options": None,
         "compile": None,
     }
+
+
+def test_asha_rungs_follow_the_search_and_a_trial_is_not_stopped_at_its_last_step():
+    """Rungs at grace_period x reduction_factor**k steps (5, 15, 45 within 60 steps); the last
+    report at step 60, with the trial's final evaluation, reaches the trial."""
+    search = {"scheduler": "asha", "grace_period": 5, "reduction_factor": 3}
+    experiment = spec.from_dict("a", {**TINY, "train": {"max_steps": 60}, "search": search})
+    options = run.Options(gpus=0, num_samples=1, scheduler="asha", max_concurrent=0)
+    scheduler = run._scheduler(experiment, options)
+    assert sorted(milestone for milestone, _ in scheduler._brackets[0]._rungs) == [5, 15, 45]
+    scheduler.set_search_properties("test_accuracy", "max")
+    trial = SimpleNamespace(trial_id="t0")
+    scheduler.on_trial_add(None, trial)
+    action = scheduler.on_trial_result(None, trial, {"step": 60, "test_accuracy": 0.5})
+    assert action == run.TrialScheduler.CONTINUE
+
+
+def test_a_trial_that_reaches_its_last_step_finished_and_one_cut_short_stopped_early(capsys):
+    lines = run.TrialLines(total=2)
+    for step in (6, 3):
+        result = {"step": step, "total_steps": 6, "test_accuracy": 0.5}
+        trial = SimpleNamespace(config={"variant": {"label": "Skip"}}, last_result=result)
+        lines.on_trial_complete(0, [trial], trial)
+    assert capsys.readouterr().out.splitlines() == [
+        "trial Skip: finished at step 6, test_accuracy 0.5000 (1 of 2 trials done)",
+        "trial Skip: stopped early at step 3 of 6, test_accuracy 0.5000 (1 of 2 trials done)",
+    ]
+
+
+def test_a_one_worker_trial_holds_its_workers_cpus_and_gpu_and_a_larger_one_a_sliver():
+    scaling = {"num_workers": 1, "cpus_per_worker": 3}
+    one = spec.from_dict("x", {**TINY, "scaling": scaling}).trial_config({})
+    assert run.trial_resources(one, 0.5) == {"CPU": 3.0, "GPU": 0.5}
+    assert run.trial_resources(one, 0) == {"CPU": 3.0}
+    two = spec.from_dict("x", {**TINY, "scaling": {"num_workers": 2}}).trial_config({})
+    assert run.trial_resources(two, 1) == run.TRIAL_RESOURCES
