@@ -130,7 +130,8 @@ PAPER_SETTINGS = {
     "cifar10_small": (
         "vcab3",
         5e-2,
-        {"optimizer": "adamw", "weight_decay": 2.5e-6, "schedule": "cosine", "eta_min": 1e-6},
+        {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 2.5e-6, "schedule": "cosine"}
+        | {"eta_min": 1e-6},
         {"max_steps": 20000, "lambda_skip": 0.01},
         128,
         "test_accuracy",
@@ -138,7 +139,8 @@ PAPER_SETTINGS = {
     "cifar10_large": (
         "vcab3",
         5e-2,
-        {"optimizer": "adam", "weight_decay": 0.0, "schedule": "cosine", "eta_min": 1e-6},
+        {"optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0, "schedule": "cosine"}
+        | {"eta_min": 1e-6},
         {"max_steps": 90000, "lambda_skip": 0.01},
         128,
         "test_accuracy",
@@ -146,7 +148,8 @@ PAPER_SETTINGS = {
     "imagenet": (
         "vcab3",
         5e-2,
-        {"optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 1e-6},
+        {"optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 1e-6}
+        | {"schedule": "step", "gamma": 0.1},
         {"max_steps": 500000, "lambda_skip": 0.01},
         64,
         "test_top5_accuracy",
@@ -162,6 +165,13 @@ def test_dry_run_pins_the_papers_settings(name, capsys):
     labels = {row.get("label") for row in spec.load(name).search.variants}
     paper = [row["config"] for row in rows if row["label"].split(",")[0] in labels]
     assert len(paper) >= 6
+    # Discrete DEQs solve with (limited-memory) Broyden, continuous ones with the solver above.
+    for row in rows:
+        kind = row["label"].split(",")[0]
+        if kind in labels and "Discrete" in kind:
+            assert row["config"]["model"]["solver"] == "broyden", kind
+        elif kind in labels and "Continuous" in kind:
+            assert row["config"]["model"]["solver"] == solver, kind
     for config in paper:
         model = config["model"]
         if model["solver"] not in ("broyden", "anderson") and model["variant"] != "neural_ode":
@@ -1200,3 +1210,16 @@ def test_a_one_worker_trial_holds_its_workers_cpus_and_gpu_and_a_larger_one_a_sl
     assert run.trial_resources(one, 0) == {"CPU": 3.0}
     two = spec.from_dict("x", {**TINY, "scaling": {"num_workers": 2}}).trial_config({})
     assert run.trial_resources(two, 1) == run.TRIAL_RESOURCES
+
+
+def test_an_override_that_no_variant_has_names_each_value_they_have_once():
+    variants = [{"label": "a", "seed": seed, "model.variant": "vanilla"} for seed in (1, 2)]
+    variants.append({"label": "b", "model.variant": "skip"})
+    with pytest.raises(ConfigError) as err:
+        spec.from_dict(
+            "x", {**TINY, "search": {"variants": variants}}, {"model.variant": "skip_reg"}
+        )
+    assert str(err.value) == (
+        "model.variant='skip_reg': no variant of search.variants has that value; they have "
+        "'vanilla', 'skip'"
+    )
