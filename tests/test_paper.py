@@ -308,3 +308,15 @@ def test_a_seed_whose_measure_is_not_finite_is_left_out_of_the_mean():
     assert line.startswith(f"| {CONTINUOUS} | 3 | 81.000 ± 1.414 | 80.807 ± 0.631 |")
     assert "| 0.250 ± 0.071 | 0.261 ± 0.010 |" in line
     assert math.isnan(paper.ratio(1.0, 0.0)) and paper._relative({CONTINUOUS: 0.0}) == {}
+
+
+def test_our_rows_that_the_paper_lacks_follow_its_rows():
+    """Table 4 has no Neural ODE and no raydeq row: they come after the paper's six, in the
+    order of our results."""
+    rows, _ = _run()
+    label = "Skip Reg. Continuous DEQ (raydeq, lambda_skip 1.0)"
+    extra = _row(label, "skip_reg", "vcab3", 0, test_top5_accuracy=0.5)
+    lines = paper.markdown(4, [*rows, extra]).splitlines()[4:]
+    methods = [line.split(" | ")[0].removeprefix("| ") for line in lines]
+    assert methods == [*LABELS[4], "Neural ODE", label]
+    assert lines[-1].startswith(f"| {label} | 1 | 50.000 | - | - |")
