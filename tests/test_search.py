@@ -183,6 +183,7 @@ def test_a_sampled_dimension_is_honoured_over_a_variants_setting():
             r"'vcab3', 'anderson', 'broyden', so the rule would never apply",
         ),
         ({"metric": "test_acc"}, r"^search.metric: 'test_acc' is not allowed; choose one of"),
+        ({"searcher": "random", "conditional": []}, r"^search.cost: needs searcher tpe or nsga2"),
         (
             {
                 "conditional": [
