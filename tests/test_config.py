@@ -243,6 +243,14 @@ def test_trials_at_once_are_unlimited_and_searches_maximise_by_default():
     assert (search.scheduler, search.searcher, search.cost) == ("fifo", "random", None)
 
 
+def test_a_search_may_optimise_its_costs_alone():
+    """A search may minimise test NFE or a time per batch as its one metric."""
+    measures = ["test_top5_accuracy", "test_nfe", "nfe", "forward_time", "predict_time"]
+    for metric in measures:
+        mode = "max" if "accuracy" in metric else "min"
+        assert validate({"search": {"metric": metric, "mode": mode}}).search.metric == metric
+
+
 def test_an_overrides_key_ends_at_the_first_equals_sign():
     """Only the first `=` separates the key (spaces around it go): the rest, `=` included, is
     the value, read as YAML where it is YAML and kept as written where it is not."""
