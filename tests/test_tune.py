@@ -1223,3 +1223,12 @@ def test_an_override_that_no_variant_has_names_each_value_they_have_once():
         "model.variant='skip_reg': no variant of search.variants has that value; they have "
         "'vanilla', 'skip'"
     )
+
+
+def test_a_trials_words_show_its_label_then_its_draws_to_three_significant_digits():
+    """Draws that differ in the third digit are told apart (the results group trials by them)."""
+    sampled = {"variant": {"label": "Skip", "seed": 1}, "optim": {"lr": 0.00125}, "seed": 2}
+    assert spec.describe(sampled) == "Skip, lr=0.00125, seed=2"
+    assert spec.describe(sampled | {"optim": {"lr": 0.00135}}, leave_out=("seed",)) == (
+        "Skip, lr=0.00135"
+    )
