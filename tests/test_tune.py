@@ -288,6 +288,8 @@ def test_a_ranges_ends_are_checked_as_tune_draws_them():
 
     check({"seed": {"randint": [0, 2**32]}})
     with pytest.raises(ConfigError, match=r"^search.space.seed: the upper bound 4294967296: seed"):
+        check({"seed": {"randint": [0, 2**32 + 1]}})  # draws 2**32 last
+    with pytest.raises(ConfigError, match=r"^search.space.seed: the upper bound 4294967296: seed"):
         check({"seed": {"qrandint": [0, 2**32, 2]}})
     with pytest.raises(ConfigError, match=r"^search.space.optim.lr.uniform: the lower bound 0.1"):
         check({"optim.lr": {"uniform": [0.1, 0.1]}})
@@ -1232,3 +1234,14 @@ def test_a_trials_words_show_its_label_then_its_draws_to_three_significant_digit
     assert spec.describe(sampled | {"optim": {"lr": 0.00135}}, leave_out=("seed",)) == (
         "Skip, lr=0.00135"
     )
+
+
+def test_leaves_name_each_setting_by_its_dotted_key():
+    """Settings of one name in two sections (max_steps) stay apart, as the results' columns."""
+    tree = {"model": {"max_steps": 50, "solver_options": {"m": 5}}, "train": {"max_steps": 0}}
+    assert spec.leaves(tree | {"seed": 1, "data": {}}) == {
+        "model.max_steps": 50,
+        "model.solver_options.m": 5,
+        "train.max_steps": 0,
+        "seed": 1,
+    }
