@@ -172,6 +172,8 @@ def test_lambda_skip_defaults_to_the_presets_and_amp_reads_yaml_off():
         ({"scaling": {"cpus_per_worker": 0}}, "scaling.cpus_per_worker: must be > 0, got 0.0"),
         ({"search": {"grace_period": 0}}, "search.grace_period: must be >= 1, got 0"),
         ({"search": {"reduction_factor": 1}}, "search.reduction_factor: must be >= 2, got 1"),
+        ({"seed": -1}, "seed: must be >= 0, got -1"),
+        ({"data": {"eval_batch_size": 0}}, "data.eval_batch_size: must be >= 1, got 0"),
         ({"name": ".."}, "name: '..' is not a folder name"),
         ({"name": "."}, "name: '.' is not a folder name"),
         ({"name": "-x"}, "name: '-x' is not a folder name"),
