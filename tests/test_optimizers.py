@@ -42,6 +42,14 @@ def test_fused_step_matches_per_tensor_reference(name: str):
     assert not torch.equal(want[0], trajectory(lambda params: kind(params, lr=0.0))[0])
 
 
+def test_sgd_takes_the_configured_momentum():
+    cfg = OptimSection(optimizer="sgd", lr=0.05, momentum=0.5)
+    got = trajectory(lambda params: make_optimizer(cfg, params))
+    want = trajectory(lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.5, foreach=False))
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-7)
+
+
 def test_fusable_only_for_floating_parameters_on_one_supported_device():
     floating = [nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2, dtype=torch.float64))]
     integer = nn.Parameter(torch.zeros(2, dtype=torch.int64), requires_grad=False)
