@@ -42,10 +42,14 @@ def test_fused_step_matches_per_tensor_reference(name: str):
     assert not torch.equal(want[0], trajectory(lambda params: kind(params, lr=0.0))[0])
 
 
-def test_sgd_takes_the_configured_momentum():
-    cfg = OptimSection(optimizer="sgd", lr=0.05, momentum=0.5)
+def test_each_optimizer_takes_the_configured_rate_and_sgd_its_momentum():
+    for name in SETTINGS:
+        cfg = OptimSection(optimizer=name, lr=0.02)
+        optimizer = make_optimizer(cfg, [nn.Parameter(torch.zeros(3))])
+        assert optimizer.param_groups[0]["lr"] == 0.02, name
+    cfg = OptimSection(optimizer="sgd", lr=0.02, momentum=0.5)
     got = trajectory(lambda params: make_optimizer(cfg, params))
-    want = trajectory(lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.5, foreach=False))
+    want = trajectory(lambda params: torch.optim.SGD(params, lr=0.02, momentum=0.5, foreach=False))
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-7)
 
