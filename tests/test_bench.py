@@ -19,6 +19,7 @@ from raydeq.bench.harness.timing import Timing, measure, paired_ratio, ratio, ti
 from raydeq.bench.suites import (
     MODULES,
     SUITES,
+    adjoints,
     discrete,
     node,
     skip,
@@ -602,3 +603,17 @@ def test_a_result_of_one_kind_alone_still_keeps_its_name_from_the_next_run(tmp_p
     (tmp_path / f"2026-12-03-cpu{suffix}").write_text("kept")
     report = Report(date="2026-12-03", device="cpu", size="tiny", machine={})
     assert output_stem(report, tmp_path) == tmp_path / "2026-12-03-cpu-2"
+
+
+def test_an_adjoint_comparison_where_no_adjoint_reaches_the_error_reports_it_instead_of_raising(
+    monkeypatch,
+):
+    """Neither GMRES nor Neumann reaching the gradient error leaves nothing to time: the
+    section says so in its notes and its target is n/a, and timing no cases times nothing."""
+    assert measure({}, CPU, repeats=3) == {}
+    monkeypatch.setattr(adjoints, "loosest", lambda *args, **kwargs: (None, None))
+    section = adjoints.run(Context(CPU, "tiny"))
+    assert section.rows == [] and section.timings == {}
+    assert [note.split(" did not")[0] for note in section.notes[1:]] == ["GMRES", "Neumann"]
+    (target,) = section.targets
+    assert target.verdict() == "n/a" and target.detail == "not reached"

@@ -101,6 +101,8 @@ def measure(
     """
     names = list(cases)
     timings = {name: Timing() for name in names}
+    if not names:  # nothing to time (e.g. no case reached its target): no rounds
+        return timings
     for round_index in range(warmup + repeats):
         gc.collect()
         shift = round_index % len(names)
