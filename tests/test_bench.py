@@ -4,17 +4,19 @@ import argparse
 import json
 import math
 import statistics
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
 from raydeq.bench.__main__ import main, parse, parse_weights
-from raydeq.bench.harness import models
-from raydeq.bench.harness.cases import backward_case
+from raydeq.bench.harness import models, timing
+from raydeq.bench.harness.cases import Outcome, backward_case, forward_case, loosest
 from raydeq.bench.harness.context import Checkpoint, Context
 from raydeq.bench.harness.memory import peak_memory
 from raydeq.bench.harness.problems import SpectralProblem, Spectrum, gradient_error
-from raydeq.bench.harness.report import Report, Section, Target, fmt, output_stem, write
+from raydeq.bench.harness.report import Report, Section, Target, fmt, output_stem, table, write
 from raydeq.bench.harness.timing import Timing, measure, paired_ratio, ratio, time_call
 from raydeq.bench.suites import (
     MODULES,
@@ -617,3 +619,472 @@ def test_an_adjoint_comparison_where_no_adjoint_reaches_the_error_reports_it_ins
     assert [note.split(" did not")[0] for note in section.notes[1:]] == ["GMRES", "Neumann"]
     (target,) = section.targets
     assert target.verdict() == "n/a" and target.detail == "not reached"
+
+
+def test_every_target_has_the_issues_limit_bound_the_issues_way(run):
+    """Each target's limit and whether it is a floor (the Neural ODE at least so many times
+    slower than the DEQ) or a ceiling (everything else), as the issue sets them."""
+    data, _ = run
+    upper, lower = False, True
+    expected = {
+        ("node", "mnist_dense: Neural ODE (adjoint) / DEQ training step time"): (3.0, lower),
+        ("node", "mnist_dense: Neural ODE (adjoint) / DEQ backward time"): (8.0, lower),
+        ("node", "mnist_dense: Neural ODE (backprop) / DEQ training step time"): (3.0, lower),
+        ("node", "mnist_dense: Neural ODE (backprop) / DEQ backward time"): (8.0, lower),
+        ("skip", "skip_reg test NFE / vanilla test NFE after training"): (1 / 3, upper),
+        ("discrete", "broyden: NFE / fixed-point NFE at the same residual"): (0.5, upper),
+        ("discrete", "anderson: NFE / fixed-point NFE at the same residual"): (0.5, upper),
+        ("overhead", "fixed_point: time per NFE / bare f call"): (1.5, upper),
+        ("overhead", "anderson: time per NFE / bare f call"): (2.5, upper),
+        ("overhead", "broyden: time per NFE / bare f call"): (2.5, upper),
+        ("adjoints", "GMRES VJPs / Neumann VJPs at error 0.0001"): (0.5, upper),
+        ("step_cost", "gmres: syncs per Arnoldi step"): (0.25, upper),
+    }
+    step_cost_rows = {r["solver"]: r for r in rows_by_name(data, "step_cost")}
+    for label, row in step_cost_rows.items():
+        if label != "gmres (backward)":
+            expected["step_cost", f"{label}: syncs per step"] = (0.25, upper)
+        solver = label.split(",")[0]
+        if "ops per step" in row and solver in ("vcab3", "euler"):
+            expected["step_cost", f"{label}: ops per step"] = (
+                40.0 if solver == "vcab3" else 30.0,
+                upper,
+            )
+    got = {
+        (s["name"], t["name"]): (t["limit"], t["at_least"])
+        for s in data["sections"]
+        for t in s["targets"]
+        if s["name"] not in ("torchdeq", "torchdiffeq", "train_step")
+    }
+    assert got == expected
+    assert len(step_cost_rows) == 1 + 7 + 5  # every solver, the capturable ones compiled, GMRES
+    for name in ("torchdeq", "torchdiffeq"):
+        section = next(s for s in data["sections"] if s["name"] == name)
+        assert [t["at_least"] for t in section["targets"]] == [False, False]
+    torchdeq_limits = next(s for s in data["sections"] if s["name"] == "torchdeq")["targets"]
+    assert [t["limit"] for t in torchdeq_limits] == [0.5, 0.3]
+
+
+def rows_by_name(data: dict, name: str) -> list[dict]:
+    """The rows of the run's section `name`."""
+    return next(s for s in data["sections"] if s["name"] == name)["rows"]
+
+
+def test_each_rows_ratios_and_times_are_those_its_own_rows_and_raw_times_give(run):
+    """Every row's ratio column is its own count over its reference row's, and every time
+    column is 1000 x the median of the raw seconds written beside it (per call or per NFE
+    where the column says so); the memory rows sweep the batch, then the tolerance."""
+    data, _ = run
+    sections = {s["name"]: s for s in data["sections"]}
+    discrete = sections["discrete"]
+    for problem in ("spectral", "mnist_dense"):
+        rows = rows_by(discrete, "solver", problem=problem)
+        for solver, row in rows.items():
+            assert row["NFE / fixed point"] == pytest.approx(
+                row["NFE"] / rows["fixed_point"]["NFE"]
+            )
+            seconds = discrete["timings"][f"{problem}/{solver}"]
+            assert row["time ms"] == pytest.approx(1e3 * statistics.median(seconds))
+    overhead, calls = sections["overhead"], overhead_suite.SIZES["tiny"].calls
+    for solver, row in rows_by(overhead, "solver").items():
+        solve_ms = 1e3 * statistics.median(overhead["timings"][solver])
+        assert row["solve ms"] == pytest.approx(solve_ms)
+        assert row["ms per NFE"] == pytest.approx(solve_ms / row["NFE"])
+        bare = 1e3 * statistics.median(overhead["timings"]["f"]) / calls
+        assert row["bare f ms"] == pytest.approx(bare)
+    skip_rows = rows_by(sections["skip"], "variant")
+    for variant, row in skip_rows.items():
+        assert row["NFE / vanilla"] == pytest.approx(
+            row["test NFE"] / skip_rows["vanilla"]["test NFE"]
+        )
+        seconds = sections["skip"]["timings"][f"predict/{variant}"]
+        assert row["predict ms"] == pytest.approx(1e3 * statistics.median(seconds))
+    node_section = sections["node"]
+    variant_of = {layer: variant for variant, layer in node.VARIANTS.items()}
+    for row in node_section["rows"]:
+        for part, column in (
+            ("train", "train step ms"),
+            ("backward", "backward ms"),
+            ("predict", "predict ms"),
+        ):
+            seconds = node_section["timings"][f"mnist_dense/{variant_of[row['layer']]}/{part}"]
+            assert row[column] == pytest.approx(1e3 * statistics.median(seconds))
+    adjoint_key = {"GMRES": "gmres", "Neumann": "fixed_point"}
+    for row in sections["adjoints"]["rows"]:
+        seconds = sections["adjoints"]["timings"][adjoint_key[row["adjoint"]]]
+        assert row["backward ms"] == pytest.approx(1e3 * statistics.median(seconds))
+    memory_rows = [(r["batch"], r["abstol"]) for r in sections["memory"]["rows"]]
+    assert memory_rows == [(2, 1e-4), (4, 1e-4), (2, 1e-2), (2, 1e-3)]
+
+
+def fake_measure(seconds: dict[str, list[float]], values: dict[str, object]):
+    """A stand-in for measure: the given seconds and value of each case it is handed."""
+
+    def measure_cases(cases: dict, device: torch.device, repeats: int = 1, warmup: int = 1):
+        return {name: Timing(list(seconds[name]), values[name]) for name in cases}
+
+    return measure_cases
+
+
+def test_the_node_targets_divide_the_neural_ode_by_the_fastest_deq_round_by_round():
+    """Hand-made rounds: BS3 is the fastest DEQ's training step, VCAB3 its backward; each
+    target is the median over rounds of Neural ODE time / that DEQ's, a floor of 3 or 8."""
+    seconds = {
+        "vcab3/train": [2.0, 2.0, 2.0],
+        "bs3/train": [1.0, 1.0, 4.0],
+        "euler/train": [3.0, 3.0, 3.0],
+        "adjoint/train": [4.0, 6.0, 8.0],  # over bs3: 4, 6, 2
+        "backprop/train": [3.0, 3.0, 3.0],  # over bs3: 3, 3, 0.75
+        "vcab3/backward": [1.0, 1.0, 1.0],
+        "bs3/backward": [2.0, 2.0, 2.0],
+        "euler/backward": [5.0, 5.0, 5.0],
+        "adjoint/backward": [8.0, 9.0, 10.0],
+        "backprop/backward": [2.0, 2.0, 20.0],
+    }
+    timings = {name: Timing(s) for name, s in seconds.items()}
+    section = Section("node", "t", ["model"])
+    node.add_targets(section, "mnist_dense", timings, node.DEQ_SOLVERS)
+    got = [
+        (t.name, t.measured, t.limit, t.at_least, t.detail, t.verdict()) for t in section.targets
+    ]
+    head = "mnist_dense: Neural ODE"
+    assert got == [
+        (f"{head} (adjoint) / DEQ training step time", 4.0, 3.0, True, "DEQ with BS3", "PASS"),
+        (f"{head} (adjoint) / DEQ backward time", 9.0, 8.0, True, "DEQ with VCAB3", "PASS"),
+        (f"{head} (backprop) / DEQ training step time", 3.0, 3.0, True, "DEQ with BS3", "PASS"),
+        (f"{head} (backprop) / DEQ backward time", 2.0, 8.0, True, "DEQ with VCAB3", "FAIL"),
+    ]
+
+
+def layer_stats(nfe: int, unconverged: float, nvjp: int, flags: list[bool]) -> SimpleNamespace:
+    """A stand-in for a layer output: only the stats the node rows read."""
+    stats = SimpleNamespace(
+        nfe=nfe,
+        unconverged_fraction=unconverged,
+        backward_nvjp=nvjp,
+        backward_converged=torch.tensor(flags),
+    )
+    return SimpleNamespace(stats=stats)
+
+
+def test_a_node_row_reads_nfe_and_convergence_from_training_and_vjps_from_the_backward():
+    """converged is 1 - the unconverged fraction; VJPs converged is the backward's fraction
+    for a DEQ and blank for a Neural ODE; each time is 1000 x its own part's median."""
+    timings = {}
+    for variant, nfe in (("vcab3", 30), ("adjoint", 50)):
+        train = layer_stats(nfe, 0.25, 0, [True] * 4)
+        backward = layer_stats(nfe + 1, 0.5, 7, [True, False, True, True])
+        for part, seconds, value in (
+            ("train", [0.004, 0.002, 0.003], train),
+            ("backward", [0.001, 0.001, 0.005], backward),
+            ("predict", [0.0005, 0.0007, 0.0006], None),
+        ):
+            timings[f"{variant}/{part}"] = Timing(seconds, value)
+    section = Section(
+        "node",
+        "t",
+        [
+            "model",
+            "layer",
+            "batch",
+            "NFE",
+            "converged",
+            "VJPs",
+            "VJPs converged",
+            "train step ms",
+            "backward ms",
+            "predict ms",
+        ],
+    )
+    node.add_rows(section, "mnist_dense", 8, timings)
+    deq, ode = section.rows
+    assert deq["layer"] == node.VARIANTS["vcab3"] and ode["layer"] == node.VARIANTS["adjoint"]
+    assert (deq["NFE"], deq["converged"], deq["VJPs"], deq["VJPs converged"]) == (30, 0.75, 7, 0.75)
+    assert (ode["NFE"], ode["converged"], ode["VJPs"], ode["VJPs converged"]) == (50, 0.75, 7, None)
+    assert deq["train step ms"] == pytest.approx(3.0) and deq["backward ms"] == pytest.approx(1.0)
+    assert deq["predict ms"] == pytest.approx(0.6)
+
+
+def test_every_variant_of_the_node_benchmark_carries_the_deqs_parameters():
+    """Each DEQ and Neural ODE the suite times has the parameters of the DEQ it is handed,
+    not those of its own seed."""
+    ctx = Context(CPU, "tiny", ("mnist_dense",))
+    deq = node.build_deq(ctx, "mnist_dense", "vcab3")
+    with torch.no_grad():
+        for parameter in deq.parameters():
+            parameter.add_(0.5)
+    nets = node.layers(ctx, "mnist_dense", deq)
+    assert set(nets) == set(node.DEQ_SOLVERS) | {node.NEUMANN} | set(node.NODE_LAYERS)
+    for variant, net in nets.items():
+        pairs = list(zip(deq.parameters(), net.parameters(), strict=True))
+        assert all(torch.equal(a, b) for a, b in pairs), variant
+
+
+def test_spread_over_four_repeats_is_their_interquartile_range_over_their_median():
+    # Exclusive quartiles of 1, 2, 3, 4: 1.25 and 3.75; median 2.5.
+    assert Timing(seconds=[3.0, 1.0, 4.0, 2.0]).spread == pytest.approx(2.5 / 2.5)
+
+
+def test_a_timed_call_waits_for_the_device_before_each_clock_reading(monkeypatch):
+    """The clock starts after the queued work is done and stops after the call's is."""
+    events: list[str] = []
+    clock = iter([10.0, 12.5])
+
+    def read_clock() -> float:
+        events.append("clock")
+        return next(clock)
+
+    monkeypatch.setattr(timing, "synchronize", lambda device: events.append("sync"))
+    monkeypatch.setattr(timing.time, "perf_counter", read_clock)
+    seconds, value = time_call(lambda: events.append("call") or 7, CPU)
+    assert (seconds, value) == (2.5, 7)
+    assert events == ["sync", "clock", "call", "sync", "clock"]
+
+
+def test_a_markdown_table_has_a_rule_per_column_and_cells_in_column_order():
+    lines = table(["solver", "NFE", "time ms"], [{"solver": "euler", "NFE": 12}, {"time ms": 0.5}])
+    assert lines == [
+        "| solver | NFE | time ms |",
+        "| --- | --- | --- |",
+        "| euler | 12 |  |",
+        "|  |  | 0.5 |",
+    ]
+
+
+def test_a_forward_case_reports_the_worst_samples_true_residual_and_its_evaluations():
+    """Two applications of f from 0, checked against the residual computed by numpy."""
+    problem = SpectralProblem(Spectrum(dim=6, batch=3, input_scale=1.0), CPU, torch.float64)
+    outcome = time_call(forward_case(problem, lambda f, z0: f(f(z0)))(), CPU)[1]
+    w, x = problem.weight.numpy(), problem.x.numpy()
+    z = np.tanh(x) @ w.T + x  # f(0) = x
+    rms = np.sqrt(((np.tanh(z) @ w.T + x - z) ** 2).mean(axis=1))
+    assert rms.max() - rms.mean() > 0.01  # the samples differ
+    assert (outcome.nfe, outcome.nvjp) == (2, 0)
+    assert outcome.residual == pytest.approx(rms.max(), rel=1e-12)
+
+
+def test_the_loosest_tolerance_is_the_first_on_target_and_the_search_stops_after_three_stalls():
+    def scripted(errors: list[float]):
+        """An evaluate that returns the errors in turn, and the tolerances it was asked."""
+        asked: list[float] = []
+
+        def evaluate(tol: float) -> Outcome:
+            asked.append(tol)
+            return Outcome(error=errors[len(asked) - 1])
+
+        return evaluate, asked
+
+    tols = [1e-2, 1e-3, 1e-4, 1e-5, 1e-6]
+    evaluate, asked = scripted([3e-3, 1e-4, 1e-6, 1e-7, 1e-8])
+    tol, outcome = loosest(tols, evaluate, 1e-4)
+    assert (tol, outcome.error, asked) == (1e-3, 1e-4, [1e-2, 1e-3])
+    for errors in ([1.0, 2.0, 2.0, 2.0, 1e-5], [1.0, 1.0, 1.0, 1.0, 1e-5]):
+        evaluate, asked = scripted(errors)
+        assert loosest(tols, evaluate, 1e-4) == (None, None)
+        assert asked == tols[:4]
+
+
+def test_peak_memory_counts_a_storage_once_whatever_writes_into_it_or_views_it():
+    def allocate() -> torch.Tensor:
+        kept = torch.ones(1024, 256)  # 1 MiB
+        kept.add_(1.0).mul_(2.0)
+        return kept.view(-1)
+
+    peak, kept = peak_memory(allocate, CPU)
+    assert peak == 2**20 and float(kept[0]) == 4.0
+
+
+def test_peak_memory_on_a_gpu_is_the_allocators_peak_above_what_was_allocated_before(monkeypatch):
+    events: list[str] = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device: events.append("sync"))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda d: events.append("reset"))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 5 * 2**20)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: 12 * 2**20)
+    peak, value = peak_memory(lambda: events.append("call") or "v", torch.device("cuda"))
+    assert (peak, value) == (7 * 2**20, "v")
+    assert events == ["sync", "reset", "call", "sync"]
+
+
+def test_the_op_counter_counts_each_host_read_as_one_sync():
+    t = torch.ones(3)
+    with step_cost.OpCounter() as counter:
+        t.sum().item()
+        bool(t.sum() > 0)
+        int(t[0])
+    assert counter.syncs == 3
+    assert (counter.ops["sum"], counter.ops["gt"], counter.ops["select"]) == (2, 1, 1)
+
+
+def test_step_cost_divides_every_operation_and_sync_of_the_solve_by_its_steps(monkeypatch):
+    """A stand-in solve of 4 steps and 7 evaluations that dispatches 10 additions, 2 sums
+    and 2 host reads: 14 operations and 2 syncs, per step 3.5 and 0.5."""
+    stats = SimpleNamespace(steps=4, nfe=7, converged=torch.tensor([True, True]))
+
+    def solve(f, z0: torch.Tensor, **options: object) -> SimpleNamespace:
+        z = z0
+        for _ in range(10):
+            z = z + 1
+        for _ in range(2):
+            float(z.sum())
+        return SimpleNamespace(stats=stats)
+
+    monkeypatch.setattr(step_cost.raydeq, "solve", solve)
+    cost = step_cost.step_cost("euler", 2, 4)
+    assert cost == {"steps": 4, "nfe": 7, "ops": 3.5, "syncs": 0.5, "converged": True}
+
+
+def test_gmres_step_cost_divides_by_the_products_with_the_operator(monkeypatch):
+    """A stand-in GMRES of 6 products that reads the host 3 times: 0.5 syncs per product."""
+    info = SimpleNamespace(matvecs=6, converged=torch.tensor([True]))
+
+    class ThreeReads:
+        def __init__(self, rtol: float, check_every: int) -> None:
+            pass
+
+        def __call__(self, operator, b: torch.Tensor, x0: torch.Tensor):
+            for _ in range(3):
+                float(b.sum())
+            return x0, info
+
+    monkeypatch.setattr(step_cost, "GMRES", ThreeReads)
+    cost = step_cost.arnoldi_step_cost(2, 4)
+    assert cost == {"steps": 6, "ops": 1.0, "syncs": 0.5, "converged": True}
+
+
+def test_a_profiler_event_is_a_launch_unless_an_operation_or_kernel_encloses_it():
+    def event(name: str, parent: object = None) -> SimpleNamespace:
+        """A profiler event with its name and enclosing event."""
+        return SimpleNamespace(name=name, cpu_parent=parent)
+
+    root = event("## solve ##")
+    mm = event("aten::mm", root)
+    inside_mm = event("aten::empty", mm)
+    kernel = event("graph_0_cpp_fused_tanh_0", event("python frame", root))
+    inside_kernel = event("aten::empty_strided", kernel)
+    launches = [step_cost.outermost(e) for e in (mm, inside_mm, kernel, inside_kernel)]
+    assert launches == [True, False, True, False]
+    assert [step_cost.is_launch(e.name) for e in (root, mm, kernel)] == [False, True, True]
+
+
+def test_torchdiffeqs_settings_in_hindsight_are_the_fewest_evaluations_that_meet_the_tolerance(
+    monkeypatch,
+):
+    """Scripted outcomes by atol: the loosest misses the tolerance, then 0.1 x TOL takes the
+    fewest evaluations among those that meet it (0.01 x TOL fewer still, but misses it)."""
+    tol = torchdiffeq_suite.TOL
+    nfe = {1.0: 10, 0.3: 50, 0.1: 40, 0.03: 45, 0.01: 30, 3e-3: 60, 1e-3: 70}
+    missed = {1.0, 0.01}
+
+    def outcome_of(atol: float) -> Outcome:
+        """The scripted outcome of a run at this atol."""
+        factor = min(nfe, key=lambda f: abs(f * tol - atol))
+        return Outcome(nfe=nfe[factor], residual=2 * tol if factor in missed else tol / 2)
+
+    def case(problem: SpectralProblem, atol: float):
+        return lambda: lambda: outcome_of(atol)
+
+    monkeypatch.setattr(torchdiffeq_suite, "forward_case", case)
+    monkeypatch.setattr(torchdiffeq_suite, "event_run", lambda problem, atol: atol)
+    monkeypatch.setattr(torchdiffeq_suite, "fixed_time_run", lambda p, m, atol, t1: atol)
+    monkeypatch.setattr(torchdiffeq_suite, "first_steady_time", lambda p, m, atol, h, g: 1 / atol)
+    problem = SpectralProblem(Spectrum(dim=4, batch=2), CPU)
+    assert torchdiffeq_suite.best_event_atol(problem) == pytest.approx(0.1 * tol)
+    atol, t1 = torchdiffeq_suite.best_fixed_time(problem, "dopri5", 100.0, 10)
+    assert atol == pytest.approx(0.1 * tol) and t1 == pytest.approx(1 / (0.1 * tol))
+
+
+def test_discrete_rows_divide_by_fixed_point_and_a_residual_over_the_tolerance_has_no_ratio(
+    monkeypatch,
+):
+    """Hand-made outcomes: Anderson on the tolerance is measured, Broyden at twice it is n/a;
+    the model rows report the worst sample's residual."""
+    tol = discrete.TOL
+    nfe = {"fixed_point": 100, "anderson": 20, "broyden": 10, "vcab3": 50, "tsit5": 40, "euler": 80}
+    residual = dict.fromkeys(nfe, tol / 2) | {"anderson": tol, "broyden": 2 * tol}
+    seconds = {name: [0.003, 0.001, 0.002] for name in nfe}
+    values = {name: Outcome(nfe[name], 0, residual[name]) for name in nfe}
+    monkeypatch.setattr(discrete, "measure", fake_measure(seconds, values))
+    columns = ["problem", "solver", "NFE", "NFE / fixed point", "time ms", "max residual"]
+    section = Section("discrete", "t", columns)
+    discrete.spectral_rows(Context(CPU, "tiny"), discrete.SIZES["tiny"], section)
+    for row in section.rows:
+        assert row["NFE / fixed point"] == pytest.approx(nfe[row["solver"]] / 100)
+        assert row["time ms"] == pytest.approx(2.0)
+    broyden, anderson = section.targets
+    assert broyden.verdict() == "n/a" and (anderson.measured, anderson.verdict()) == (0.2, "PASS")
+    stats = {
+        name: SimpleNamespace(stats=SimpleNamespace(nfe=n, residual=torch.tensor([1e-6, 4e-6])))
+        for name, n in nfe.items()
+    }
+    monkeypatch.setattr(discrete, "measure", fake_measure(seconds, stats))
+    section = Section("discrete", "t", columns)
+    discrete.model_rows(Context(CPU, "tiny"), discrete.SIZES["tiny"], section)
+    for row in section.rows:
+        assert row["NFE / fixed point"] == pytest.approx(nfe[row["solver"]] / 100)
+        assert row["max residual"] == pytest.approx(4e-6)
+
+
+def test_overhead_rows_are_time_per_evaluation_over_a_bare_call_paired_within_rounds(monkeypatch):
+    """Hand-made rounds: every solve takes 5, 5, 5 and 10 times the 5 bare calls of its
+    round, so its time per NFE is 25 / NFE bare calls; its spread is its own."""
+    nfe = {"fixed_point": 50, "anderson": 10, "broyden": 5, "vcab3": 25, "euler": 100}
+    solve = [0.05, 0.10, 0.15, 0.40]
+    seconds = {"f": [0.01, 0.02, 0.03, 0.04]} | dict.fromkeys(nfe, solve)
+    values = {"f": None} | {name: Outcome(n) for name, n in nfe.items()}
+    monkeypatch.setattr(overhead_suite, "measure", fake_measure(seconds, values))
+    section = overhead_suite.run(Context(CPU, "tiny"))
+    assert overhead_suite.SIZES["tiny"].calls == 5
+    for row in section.rows:
+        n = nfe[row["solver"]]
+        assert row["ratio"] == pytest.approx(25 / n)
+        assert row["solve ms"] == pytest.approx(125.0)
+        assert row["ms per NFE"] == pytest.approx(125.0 / n)
+        assert row["bare f ms"] == pytest.approx(5.0)
+        # Exclusive quartiles 0.0625 and 0.3375 over the median 0.125.
+        assert row["spread"] == pytest.approx(2.2)
+    got = [(t.name.split(":")[0], t.measured, t.verdict()) for t in section.targets]
+    assert got == [
+        ("fixed_point", 0.5, "PASS"),
+        ("anderson", 2.5, "PASS"),
+        ("broyden", 5.0, "FAIL"),
+    ]
+
+
+def test_skip_rows_take_the_median_training_step_and_skip_regs_nfe_over_vanillas():
+    results = {
+        "vanilla": {"test_nfe": 24.0, "test_accuracy": 0.5},
+        "skip": {"test_nfe": 12.0, "test_accuracy": 0.6},
+        "skip_reg": {"test_nfe": 6.0, "test_accuracy": 0.7},
+    }
+    step_times = {v: [0.001, 0.009, 0.002] for v in results}
+    timings = {v: Timing([0.004, 0.001, 0.003 * (i + 1)]) for i, v in enumerate(results)}
+    columns = [
+        "variant",
+        "test NFE",
+        "NFE / vanilla",
+        "train ms per batch",
+        "predict ms",
+        "test accuracy",
+    ]
+    section = Section("skip", "t", columns)
+    skip.add_results(section, results, step_times, timings)
+    rows = {row["variant"]: row for row in section.rows}
+    assert [rows[v]["NFE / vanilla"] for v in skip.VARIANTS] == [1.0, 0.5, 0.25]
+    assert all(row["train ms per batch"] == pytest.approx(2.0) for row in section.rows)
+    assert [rows[v]["predict ms"] for v in skip.VARIANTS] == pytest.approx([3.0, 4.0, 4.0])
+    (target,) = section.targets
+    assert (target.measured, target.limit, target.verdict()) == (0.25, 1 / 3, "PASS")
+
+
+def test_adjoint_rows_take_the_median_backward_and_divide_gmres_vjps_by_neumanns(monkeypatch):
+    values = {"gmres": Outcome(nvjp=12, error=5e-5), "fixed_point": Outcome(nvjp=40, error=8e-5)}
+    seconds = {"gmres": [0.004, 0.001, 0.002], "fixed_point": [0.010, 0.030, 0.020]}
+    monkeypatch.setattr(adjoints, "loosest", lambda *args, **kwargs: (1e-3, None))
+    monkeypatch.setattr(adjoints, "measure", fake_measure(seconds, values))
+    section = adjoints.run(Context(CPU, "tiny"))
+    rows = {row["adjoint"]: row for row in section.rows}
+    assert rows["GMRES"]["backward ms"] == pytest.approx(2.0)
+    assert rows["Neumann"]["backward ms"] == pytest.approx(20.0)
+    assert (rows["GMRES"]["VJPs"], rows["Neumann"]["VJPs"]) == (12, 40)
+    (target,) = section.targets
+    assert (target.measured, target.detail, target.verdict()) == (0.3, "12 vs 40 VJPs", "PASS")
