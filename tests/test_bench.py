@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from raydeq.bench.__main__ import main, parse, parse_weights
+from raydeq.bench.__main__ import check_device, main, parse, parse_weights
 from raydeq.bench.harness import models, timing
 from raydeq.bench.harness.cases import Outcome, backward_case, forward_case, loosest
 from raydeq.bench.harness.context import Checkpoint, Context
@@ -1088,3 +1088,50 @@ def test_adjoint_rows_take_the_median_backward_and_divide_gmres_vjps_by_neumanns
     assert (rows["GMRES"]["VJPs"], rows["Neumann"]["VJPs"]) == (12, 40)
     (target,) = section.targets
     assert (target.measured, target.detail, target.verdict()) == (0.3, "12 vs 40 VJPs", "PASS")
+
+
+def test_torchdeqs_fixed_point_iteration_stops_at_the_same_residual_as_raydeqs(run):
+    """Both iterate the same f from 0 and stop at the first iterate whose worst per-sample RMS
+    residual meets the tolerance (TorchDEQ's 2-norm at tol x sqrt(width)): the same NFE."""
+    data, _ = run
+    section = next(s for s in data["sections"] if s["name"] == "torchdeq")
+    if not torchdeq.available():
+        pytest.skip("TorchDEQ is not installed")
+    forward = {(r["library"], r["method"]): r for r in section["rows"] if r["part"] == "forward"}
+    theirs, ours = forward["torchdeq", "fixed_point_iter"], forward["raydeq", "fixed_point"]
+    assert theirs["NFE"] == ours["NFE"]
+    assert theirs["max residual"] <= torchdeq.TOL
+
+
+def test_an_accelerator_index_past_the_last_device_stops_the_run(monkeypatch):
+    """With two GPUs, cuda:0 and cuda:1 run, cuda:2 exits naming the devices there are."""
+    monkeypatch.setattr(
+        torch.accelerator, "current_accelerator", lambda check_available: torch.device("cuda")
+    )
+    monkeypatch.setattr(torch.accelerator, "device_count", lambda: 2)
+    for device in ("cpu", "cuda", "cuda:0", "cuda:1"):
+        check_device(torch.device(device))
+    with pytest.raises(SystemExit, match="--device cuda:2: not on this machine, which has cpu "):
+        check_device(torch.device("cuda:2"))
+    with pytest.raises(SystemExit, match="and cuda:0 to cuda:1$"):
+        check_device(torch.device("cuda:2"))
+
+
+def test_an_interrupted_run_keeps_the_suites_that_finished_before_it(monkeypatch, tmp_path, capsys):
+    """The report is rewritten after every suite: an interrupt in the second leaves the first's
+    section on disk, where the message says it is."""
+
+    def finished(ctx: Context) -> Section:
+        return Section("skip", "Finished first", ["a"], rows=[{"a": 1}])
+
+    def interrupted(ctx: Context) -> Section:
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(SUITES, "skip", finished)
+    monkeypatch.setitem(SUITES, "node", interrupted)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--size", "tiny", "--only", "skip", "node", "--out", str(tmp_path)])
+    assert exit_info.value.code == 130
+    (md_path,) = tmp_path.glob("*-cpu.md")
+    assert "## Finished first (`skip`)" in md_path.read_text()
+    assert f"interrupted in [node]; the finished suites are in {md_path}" in capsys.readouterr().err
