@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from raydeq.bench.__main__ import check_device, main, parse, parse_weights
-from raydeq.bench.harness import models, timing
+from raydeq.bench.harness import models, timing, training
 from raydeq.bench.harness.cases import Outcome, backward_case, forward_case, loosest
 from raydeq.bench.harness.context import Checkpoint, Context
 from raydeq.bench.harness.memory import peak_memory
@@ -34,6 +34,7 @@ from raydeq.bench.suites import overhead as overhead_suite
 from raydeq.bench.suites import torchdiffeq as torchdiffeq_suite
 from raydeq.models import PRESETS
 from raydeq.training.checkpoint import read_checkpoint, write_checkpoint
+from raydeq.training.objective import Objective
 
 CPU = torch.device("cpu")
 
@@ -1135,3 +1136,74 @@ def test_an_interrupted_run_keeps_the_suites_that_finished_before_it(monkeypatch
     (md_path,) = tmp_path.glob("*-cpu.md")
     assert "## Finished first (`skip`)" in md_path.read_text()
     assert f"interrupted in [node]; the finished suites are in {md_path}" in capsys.readouterr().err
+
+
+def test_mnist_pixels_are_scaled_to_one_then_standardised_by_the_training_mean_and_std(
+    monkeypatch,
+):
+    pixels = torch.tensor([[[0, 255, 51]]], dtype=torch.uint8)
+    monkeypatch.setattr(models, "mnist10k", lambda train: (pixels, torch.tensor([3])))
+    images, labels = models.mnist(None, train=False)
+    # (0 - 0.1307) / 0.3081, (1 - 0.1307) / 0.3081, (0.2 - 0.1307) / 0.3081
+    expected = torch.tensor([[[[-0.424213, 2.821487, 0.224927]]]])
+    assert images.shape == (1, 1, 1, 3) and labels.tolist() == [3]
+    assert torch.allclose(images, expected, atol=1e-6)
+
+
+def test_a_preset_built_from_one_seed_has_the_same_parameters_every_time():
+    """Every solver of a suite compares on the same f: the seed alone fixes the parameters."""
+    torch.manual_seed(123)
+    first = models.build("mnist_dense", "vanilla", CPU, seed=4, solver="euler")
+    torch.manual_seed(456)
+    again = models.build("mnist_dense", "vanilla", CPU, seed=4, solver="anderson")
+    other = models.build("mnist_dense", "vanilla", CPU, seed=5)
+    assert all(torch.equal(a, b) for a, b in zip(first.parameters(), again.parameters()))
+    assert not all(torch.equal(a, b) for a, b in zip(first.parameters(), other.parameters()))
+
+
+def test_a_training_step_takes_the_gradient_of_its_own_batch_only():
+    """Two steps at learning rate 0 leave the gradient of one loss, as autograd gives it."""
+    model = models.build("mnist_dense", "vanilla", CPU, seed=0, max_steps=4)
+    images = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0, 1])
+    objective = models.preset_objective("mnist_dense")
+    model.train()
+    loss, _ = training.loss_of(model, objective, images, labels)
+    reference = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
+    optimizer = training.adam(model, 0.0)
+    for _ in range(2):
+        training.train_step(model, objective, optimizer, images, labels)
+    for parameter, expected in zip(model.parameters(), reference, strict=True):
+        if expected is not None:
+            assert torch.allclose(parameter.grad, expected, rtol=1e-4, atol=1e-7)
+
+
+def test_fitting_takes_adam_at_1e_3_over_batches_that_cover_each_epoch_once(monkeypatch):
+    """8 samples in batches of 4: each pair of steps is one epoch, every sample once."""
+    rates: list[float] = []
+    batches: list[list[int]] = []
+
+    def adam(model: torch.nn.Module, lr: float) -> None:
+        rates.append(lr)
+
+    def step(model, objective, optimizer, images: torch.Tensor, labels: torch.Tensor) -> None:
+        batches.append(images.flatten().tolist())
+
+    monkeypatch.setattr(training, "adam", adam)
+    monkeypatch.setattr(training, "train_step", step)
+    data = (torch.arange(8.0), torch.arange(8))
+    training.fit(torch.nn.Linear(1, 1), Objective(0.0), data, steps=6, batch=4, seed=0)
+    assert rates == [1e-3] and len(batches) == 6
+    for epoch in range(3):
+        assert sorted(batches[2 * epoch] + batches[2 * epoch + 1]) == list(range(8))
+
+
+def test_a_train_step_row_takes_the_median_step_and_the_backwards_vjps(capsys):
+    stats = SimpleNamespace(nfe=40, unconverged_fraction=0.25, backward_nvjp=9)
+    timing_of_step = Timing([0.012, 0.008, 0.004], SimpleNamespace(stats=stats))
+    section = Section(name="train_step", title="t", columns=list(train_step.COLUMNS))
+    dense = train_step.WORKLOADS[0]
+    train_step.add_row(Context(CPU, "tiny"), section, dense, 256, timing_of_step)
+    (row,) = section.rows
+    assert (row["NFE"], row["converged"], row["VJPs"]) == (40, 0.75, 9)
+    assert row["train step ms"] == pytest.approx(8.0)
