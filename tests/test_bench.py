@@ -1207,3 +1207,78 @@ def test_a_train_step_row_takes_the_median_step_and_the_backwards_vjps(capsys):
     (row,) = section.rows
     assert (row["NFE"], row["converged"], row["VJPs"]) == (40, 0.75, 9)
     assert row["train step ms"] == pytest.approx(8.0)
+
+
+def test_the_steady_time_is_the_first_grid_time_at_which_every_sample_meets_the_tolerance(
+    monkeypatch,
+):
+    """A path at z0 for two grid points, then at z*: the third point's time, horizon x 2/4."""
+    problem = SpectralProblem(Spectrum(dim=6, batch=3), CPU, torch.float64)
+    start, steady = problem.z0(), problem.exact_fixed_point()
+    assert float(problem.residual(start).max()) > torchdiffeq_suite.TOL
+
+    def odeint(field, z0: torch.Tensor, t: torch.Tensor, **options: object) -> torch.Tensor:
+        return torch.stack([start, start, steady, steady, steady])
+
+    monkeypatch.setattr(torchdiffeq_suite, "odeint", odeint)
+    assert torchdiffeq_suite.first_steady_time(problem, "dopri5", 1e-5, 8.0, 5) == 4.0
+    monkeypatch.setattr(torchdiffeq_suite, "odeint", lambda f, z0, t, **o: start.expand(5, -1, -1))
+    assert torchdiffeq_suite.first_steady_time(problem, "dopri5", 1e-5, 8.0, 5) == math.inf
+
+
+def test_the_fastest_torchdeq_comparison_case_is_by_median_among_those_meeting_the_tolerance():
+    tol = torchdeq.TOL
+    timings = {
+        "raydeq fixed_point": Timing([0.001, 0.009, 0.008], Outcome(residual=tol)),
+        "raydeq anderson": Timing([0.005, 0.004, 0.006], Outcome(residual=tol * 1.01)),
+        "raydeq broyden": Timing([0.001, 0.001, 0.001], Outcome(residual=tol * 1.02)),
+        "torchdeq anderson": Timing([0.002, 0.002, 0.002], Outcome(residual=tol / 2)),
+    }
+    assert torchdeq.best(timings, "raydeq", tol) == "raydeq anderson"
+    assert torchdeq.best(timings, "torchdeq", tol) == "torchdeq anderson"
+    assert torchdeq.best(timings, "raydeq", tol / 10) is None
+
+
+def test_a_compiled_step_count_counts_the_outermost_launches_and_every_host_read(monkeypatch):
+    """Profiler events of a stand-in second solve of 2 steps: a matrix product, a fused kernel
+    and an item (each a launch, what they call not), and two host reads (one inside item)."""
+
+    def event(name: str, parent: object = None) -> SimpleNamespace:
+        """A profiler event with its name and enclosing event."""
+        return SimpleNamespace(name=name, cpu_parent=parent)
+
+    item = event("aten::item")
+    kernel = event("graph_0_cpp_fused_tanh_0")
+    events = [
+        event("aten::mm"),
+        kernel,
+        event("aten::empty", kernel),
+        item,
+        event("aten::_local_scalar_dense", item),
+        event("aten::_local_scalar_dense"),
+    ]
+
+    class Profile:
+        def __init__(self, activities: object) -> None:
+            pass
+
+        def __enter__(self) -> "Profile":
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+        def events(self) -> list[SimpleNamespace]:
+            return events
+
+    stats = SimpleNamespace(steps=2, nfe=3, converged=torch.tensor([True]))
+    monkeypatch.setattr(step_cost, "profile", Profile)
+    monkeypatch.setattr(step_cost.raydeq, "solve", lambda *a, **k: SimpleNamespace(stats=stats))
+    cost = step_cost.compiled_step_cost("euler", 2, 4)
+    # Launches: mm, the kernel, item, the read outside item: 4 over 2 steps; reads: 2.
+    assert cost == {"steps": 2, "nfe": 3, "ops": 2.0, "syncs": 1.0, "converged": True}
+
+
+def test_a_size_profile_that_does_not_exist_is_refused():
+    with pytest.raises(ValueError, match="size='huge' is not one of 'tiny', 'quick', 'full'"):
+        Context(CPU, "huge")
