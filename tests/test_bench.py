@@ -14,6 +14,7 @@ from raydeq.bench.__main__ import check_device, main, parse, parse_weights
 from raydeq.bench.harness import models, timing, training
 from raydeq.bench.harness.cases import Outcome, backward_case, forward_case, loosest
 from raydeq.bench.harness.context import Checkpoint, Context
+from raydeq.bench.harness.gradients import TOLERANCES
 from raydeq.bench.harness.memory import peak_memory
 from raydeq.bench.harness.problems import SpectralProblem, Spectrum, gradient_error
 from raydeq.bench.harness.report import Report, Section, Target, fmt, output_stem, table, write
@@ -1282,3 +1283,74 @@ def test_a_compiled_step_count_counts_the_outermost_launches_and_every_host_read
 def test_a_size_profile_that_does_not_exist_is_refused():
     with pytest.raises(ValueError, match="size='huge' is not one of 'tiny', 'quick', 'full'"):
         Context(CPU, "huge")
+
+
+def test_the_skip_loss_sweep_trains_vanilla_then_the_jacobian_loss_then_each_weight():
+    config = skip_lambda.Config
+    assert skip_lambda.configs((0.1, 1.0)) == [
+        config("vanilla", 0.0, 0.0),
+        config("vanilla", 0.0, 1.0),
+        config("skip_reg", 0.1, 0.0),
+        config("skip_reg", 1.0, 0.0),
+        config("skip", 0.1, 0.0),
+        config("skip", 1.0, 0.0),
+    ]
+
+
+def test_the_jacobian_norm_is_the_mean_over_test_batches_and_is_measured_again_after_training(
+    monkeypatch,
+):
+    """Stand-in estimates 1, 2 and 6 over three batches give 3; a row's after-training value
+    is measured on the trained model (here: its head scaled by 2 by a stand-in training)."""
+    estimates = iter([1.0, 2.0, 6.0])
+    monkeypatch.setattr(
+        skip_lambda, "hutchinson_jacobian_loss", lambda f, z: torch.tensor(next(estimates))
+    )
+    model = models.build("mnist_dense", "vanilla", CPU, seed=0, max_steps=2)
+    batches = [(torch.zeros(1, 1, 28, 28), torch.tensor([0]))] * 3
+    assert skip_lambda.jacobian_norm(model, batches) == pytest.approx(3.0)
+
+    def fit(model: torch.nn.Module, *args: object) -> None:
+        with torch.no_grad():
+            model.head.weight.mul_(2.0)
+
+    def head_sum(model: torch.nn.Module, batches: list) -> float:
+        return float(model.head.weight.detach().sum())
+
+    monkeypatch.setattr(skip_lambda, "fit", fit)
+    monkeypatch.setattr(skip_lambda, "jacobian_norm", head_sum)
+    columns = ["variant", "lambda_skip", "lambda_jac", "test NFE", "test accuracy"]
+    columns += ["Jacobian before", "Jacobian after", "train s"]
+    section = Section("skip_lambda", "t", columns)
+    train = (torch.zeros(2, 1, 28, 28), torch.tensor([0, 1]))
+    skip_lambda.add_row(
+        Context(CPU, "tiny"), section, skip_lambda.Config("vanilla"), train, batches[:1]
+    )
+    (row,) = section.rows
+    assert row["Jacobian after"] == pytest.approx(2 * row["Jacobian before"])
+
+
+def test_gradient_tolerances_are_tried_loosest_first():
+    assert list(TOLERANCES) == sorted(TOLERANCES, reverse=True)
+
+
+def test_the_bare_f_case_calls_f_as_often_as_the_ratio_divides_by(monkeypatch):
+    problems: list[SpectralProblem] = []
+    calls: list[int] = []
+
+    class Recorded(SpectralProblem):
+        def __init__(self, *args: object) -> None:
+            super().__init__(*args)
+            problems.append(self)
+
+    def measure_bare(cases: dict, device: torch.device, repeats: int = 1) -> dict:
+        (problem,) = problems
+        problem.counter.reset()
+        cases["f"]()()
+        calls.append(problem.counter.nfe)
+        return {name: Timing([1.0], Outcome(nfe=1)) for name in cases}
+
+    monkeypatch.setattr(overhead_suite, "SpectralProblem", Recorded)
+    monkeypatch.setattr(overhead_suite, "measure", measure_bare)
+    overhead_suite.run(Context(CPU, "tiny"))
+    assert calls == [overhead_suite.SIZES["tiny"].calls]
