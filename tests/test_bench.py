@@ -31,6 +31,7 @@ from raydeq.bench.suites import (
     torchdeq,
     train_step,
 )
+from raydeq.bench.suites import memory as memory_suite
 from raydeq.bench.suites import overhead as overhead_suite
 from raydeq.bench.suites import torchdiffeq as torchdiffeq_suite
 from raydeq.models import PRESETS
@@ -1354,3 +1355,25 @@ def test_the_bare_f_case_calls_f_as_often_as_the_ratio_divides_by(monkeypatch):
     monkeypatch.setattr(overhead_suite, "measure", measure_bare)
     overhead_suite.run(Context(CPU, "tiny"))
     assert calls == [overhead_suite.SIZES["tiny"].calls]
+
+
+def test_a_memory_step_computes_the_implicit_gradient_of_w_and_x():
+    """The step measured is forward and backward: after it W and x hold the gradient of
+    sum(z*^2), which dense solves give exactly."""
+    problem = SpectralProblem(Spectrum(dim=8, batch=2, slow_eig=0.8), CPU, torch.float64)
+    exact = problem.exact_gradient(2 * problem.exact_fixed_point())
+    problem.weight.requires_grad_(True)
+    problem.x.requires_grad_(True)
+    assert memory_suite.step(problem, "gmres", 1e-10) > 1
+    assert gradient_error((problem.weight.grad, problem.x.grad), exact) < 1e-5
+
+
+def test_a_workload_timed_apart_runs_its_warm_up_rounds_untimed_first():
+    calls: list[int] = []
+
+    def case():
+        return lambda: calls.append(len(calls))
+
+    size = train_step.TrainStepSize(batches={}, repeats=1, warmup=2)
+    timed = train_step.measure_apart({"mnist_dense/compiled": case}, CPU, size)
+    assert len(calls) == 2 + 1 and len(timed.seconds) == 1
