@@ -12,9 +12,15 @@ import torch
 
 from raydeq.bench.__main__ import check_device, main, parse, parse_weights
 from raydeq.bench.harness import models, timing, training
-from raydeq.bench.harness.cases import Outcome, backward_case, forward_case, loosest
+from raydeq.bench.harness.cases import (
+    Outcome,
+    backward_case,
+    forward_case,
+    loosest,
+    raydeq_implicit,
+)
 from raydeq.bench.harness.context import Checkpoint, Context
-from raydeq.bench.harness.gradients import TOLERANCES
+from raydeq.bench.harness.gradients import TOLERANCES, GradientSetup
 from raydeq.bench.harness.memory import peak_memory
 from raydeq.bench.harness.problems import SpectralProblem, Spectrum, gradient_error
 from raydeq.bench.harness.report import Report, Section, Target, fmt, output_stem, table, write
@@ -1377,3 +1383,23 @@ def test_a_workload_timed_apart_runs_its_warm_up_rounds_untimed_first():
     size = train_step.TrainStepSize(batches={}, repeats=1, warmup=2)
     timed = train_step.measure_apart({"mnist_dense/compiled": case}, CPU, size)
     assert len(calls) == 2 + 1 and len(timed.seconds) == 1
+
+
+def test_the_implicit_backward_runs_at_the_tolerance_it_is_given():
+    """GMRES at rtol 1e-2 takes fewer products and leaves a larger gradient error than at
+    1e-8, with the same tight forward solve."""
+    spectrum = Spectrum(dim=16, batch=2, slow_eig=0.9)
+    setup = GradientSetup.make(Context(CPU, "tiny"), spectrum)
+    outcomes = {}
+    for tol in (1e-2, 1e-8):
+        forward = raydeq_implicit(setup.problem, "gmres", tol, 1e-10, 200)
+        case = backward_case(setup.problem, forward, setup.cotangent, setup.reference)
+        outcomes[tol] = time_call(case(), CPU)[1]
+    loose, tight = outcomes[1e-2], outcomes[1e-8]
+    assert loose.nvjp < tight.nvjp
+    assert tight.error < 1e-6 < loose.error
+
+
+def test_the_graph_variants_of_the_node_benchmark_run_on_cuda_only():
+    assert node.deq_variants(torch.device("mps")) == node.DEQ_SOLVERS
+    assert node.deq_variants(torch.device("meta")) == node.DEQ_SOLVERS
