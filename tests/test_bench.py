@@ -1403,3 +1403,27 @@ def test_the_implicit_backward_runs_at_the_tolerance_it_is_given():
 def test_the_graph_variants_of_the_node_benchmark_run_on_cuda_only():
     assert node.deq_variants(torch.device("mps")) == node.DEQ_SOLVERS
     assert node.deq_variants(torch.device("meta")) == node.DEQ_SOLVERS
+
+
+def test_each_step_cost_target_is_its_rows_count_per_step(run):
+    data, _ = run
+    section = next(s for s in data["sections"] if s["name"] == "step_cost")
+    rows = {row["solver"]: row for row in section["rows"]}
+    rows["gmres"] = rows["gmres (backward)"]
+    for target in section["targets"]:
+        label, _, what = target["name"].partition(": ")
+        column = "ops per step" if what == "ops per step" else "syncs per step"
+        if target["detail"].startswith("failed"):
+            assert target["measured"] == math.inf
+        else:
+            assert target["measured"] == rows[label][column], target["name"]
+
+
+def test_the_step_cost_layer_is_tanh_of_a_gaussian_w_scaled_by_0_9_over_root_width():
+    """W read back through f from unit vectors: its entries' mean square is 0.81 / width."""
+    dim = 128
+    f, z0 = step_cost.dense_layer(1, dim)
+    assert torch.equal(z0, torch.zeros(1, dim))
+    x = torch.atanh(f(z0).double())
+    w_transposed = torch.atanh(f(torch.eye(dim)).double()) - x
+    assert float(w_transposed.pow(2).mean()) * dim == pytest.approx(0.81, rel=0.05)
