@@ -1095,6 +1095,7 @@ def test_adjoint_rows_take_the_median_backward_and_divide_gmres_vjps_by_neumanns
     assert rows["GMRES"]["backward ms"] == pytest.approx(2.0)
     assert rows["Neumann"]["backward ms"] == pytest.approx(20.0)
     assert (rows["GMRES"]["VJPs"], rows["Neumann"]["VJPs"]) == (12, 40)
+    assert rows["GMRES"]["rtol"] == rows["Neumann"]["rtol"] == 1e-3
     (target,) = section.targets
     assert (target.measured, target.detail, target.verdict()) == (0.3, "12 vs 40 VJPs", "PASS")
 
@@ -1427,3 +1428,9 @@ def test_the_step_cost_layer_is_tanh_of_a_gaussian_w_scaled_by_0_9_over_root_wid
     x = torch.atanh(f(z0).double())
     w_transposed = torch.atanh(f(torch.eye(dim)).double()) - x
     assert float(w_transposed.pow(2).mean()) * dim == pytest.approx(0.81, rel=0.05)
+
+
+def test_the_markdown_lists_every_note_of_a_section_under_its_table():
+    section = Section("s", "S", ["a"], rows=[{"a": 1}], notes=["first note", "second note"])
+    report = Report(date="2026-12-03", device="cpu", size="tiny", machine={}, sections=[section])
+    assert report.to_markdown().endswith("| a |\n| --- |\n| 1 |\n\n- first note\n- second note\n")
