@@ -410,7 +410,7 @@ def test_node_benchmark_times_the_weights_of_a_training_checkpoint(tmp_path, cap
         (f"mnist_dense={tmp_path / 'nothing'}", f"{tmp_path / 'nothing'}: no such folder"),
     ):
         with pytest.raises(SystemExit):
-            main(["--models", "mnist_dense", "--weights", bad])
+            main(["--models", "mnist_dense", "--weights", bad, "--out", str(tmp_path / "out")])
         assert message in capsys.readouterr().err
 
 
@@ -425,9 +425,9 @@ def test_node_benchmark_times_the_weights_of_a_training_checkpoint(tmp_path, cap
         (["--device", "gpu"], "argument --device: 'gpu' is not a torch device"),
     ],
 )
-def test_a_bad_argument_is_named_with_what_is_allowed(args, message, capsys):
+def test_a_bad_argument_is_named_with_what_is_allowed(args, message, capsys, tmp_path):
     with pytest.raises(SystemExit):
-        main(["--size", "tiny", *args])
+        main(["--size", "tiny", "--out", str(tmp_path), *args])
     assert message in capsys.readouterr().err
 
 
