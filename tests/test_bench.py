@@ -789,22 +789,7 @@ def test_a_node_row_reads_nfe_and_convergence_from_training_and_vjps_from_the_ba
             ("predict", [0.0005, 0.0007, 0.0006], None),
         ):
             timings[f"{variant}/{part}"] = Timing(seconds, value)
-    section = Section(
-        "node",
-        "t",
-        [
-            "model",
-            "layer",
-            "batch",
-            "NFE",
-            "converged",
-            "VJPs",
-            "VJPs converged",
-            "train step ms",
-            "backward ms",
-            "predict ms",
-        ],
-    )
+    section = Section("node", "t", node.COLUMNS)
     node.add_rows(section, "mnist_dense", 8, timings)
     deq, ode = section.rows
     assert deq["layer"] == node.VARIANTS["vcab3"] and ode["layer"] == node.VARIANTS["adjoint"]
@@ -1067,15 +1052,7 @@ def test_skip_rows_take_the_median_training_step_and_skip_regs_nfe_over_vanillas
     }
     step_times = {v: [0.001, 0.009, 0.002] for v in results}
     timings = {v: Timing([0.004, 0.001, 0.003 * (i + 1)]) for i, v in enumerate(results)}
-    columns = [
-        "variant",
-        "test NFE",
-        "NFE / vanilla",
-        "train ms per batch",
-        "predict ms",
-        "test accuracy",
-    ]
-    section = Section("skip", "t", columns)
+    section = Section("skip", "t", skip.COLUMNS)
     skip.add_results(section, results, step_times, timings)
     rows = {row["variant"]: row for row in section.rows}
     assert [rows[v]["NFE / vanilla"] for v in skip.VARIANTS] == [1.0, 0.5, 0.25]

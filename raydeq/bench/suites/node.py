@@ -43,6 +43,18 @@ SIZES = {
         train_steps=1000,
     ),
 }
+COLUMNS = [
+    "model",
+    "layer",
+    "batch",
+    "NFE",
+    "converged",
+    "VJPs",
+    "VJPs converged",
+    "train step ms",
+    "backward ms",
+    "predict ms",
+]
 # Batch of the Adam steps on MNIST before timing: the paper compares trained models.
 TRAIN_BATCH = 64
 # The paper's VCAB3; BS3 (the Neural ODE's integrator here) takes fewer steps, which is faster
@@ -261,18 +273,7 @@ def run(ctx: Context) -> Section:
     section = Section(
         name="node",
         title="Continuous DEQ vs Neural ODE",
-        columns=[
-            "model",
-            "layer",
-            "batch",
-            "NFE",
-            "converged",
-            "VJPs",
-            "VJPs converged",
-            "train step ms",
-            "backward ms",
-            "predict ms",
-        ],
+        columns=COLUMNS,
         notes=[
             "train step = forward, loss, backward and an Adam step (learning rate 0, so every "
             "repeat sees the same parameters); NFE = forward evaluations of f in training mode; "

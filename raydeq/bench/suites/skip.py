@@ -40,6 +40,14 @@ MODEL = "mnist_dense"
 VARIANTS = ("vanilla", "skip", "skip_reg")
 LEARNING_RATE = 1e-3
 TARGET = "skip_reg test NFE / vanilla test NFE after training"
+COLUMNS = [
+    "variant",
+    "test NFE",
+    "NFE / vanilla",
+    "train ms per batch",
+    "predict ms",
+    "test accuracy",
+]
 
 
 def predict_case(model: EquilibriumClassifier, images: Tensor) -> Case:
@@ -116,14 +124,7 @@ def run(ctx: Context) -> Section:
     section = Section(
         name="skip",
         title="Skip / Skip Reg. DEQ vs vanilla DEQ after the same training",
-        columns=[
-            "variant",
-            "test NFE",
-            "NFE / vanilla",
-            "train ms per batch",
-            "predict ms",
-            "test accuracy",
-        ],
+        columns=COLUMNS,
     )
     splits = models.mnist_splits(ctx.data_dir)
     if isinstance(splits, str):
