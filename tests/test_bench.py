@@ -4,6 +4,7 @@ import argparse
 import json
 import math
 import statistics
+import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -1411,3 +1412,21 @@ def test_the_markdown_lists_every_note_of_a_section_under_its_table():
     section = Section("s", "S", ["a"], rows=[{"a": 1}], notes=["first note", "second note"])
     report = Report(date="2026-12-03", device="cpu", size="tiny", machine={}, sections=[section])
     assert report.to_markdown().endswith("| a |\n| --- |\n| 1 |\n\n- first note\n- second note\n")
+
+
+def test_torchdeqs_implicit_backward_stops_on_the_2_norm_at_the_tolerance_times_sqrt_width(
+    monkeypatch,
+):
+    """TorchDEQ's tolerances are on the 2-norm, raydeq's on the RMS: both scaled by sqrt(16)."""
+    seen: dict[str, object] = {}
+
+    def get_deq(**options: object) -> SimpleNamespace:
+        seen.update(options)
+        return SimpleNamespace(train=lambda: None)
+
+    monkeypatch.setitem(sys.modules, "torchdeq", SimpleNamespace(get_deq=get_deq))
+    problem = SpectralProblem(Spectrum(dim=16, batch=2), CPU)
+    torchdeq.torchdeq_implicit(problem, "broyden", 1e-5, 30)
+    assert seen["b_tol"] == pytest.approx(4e-5, rel=1e-12)
+    assert seen["f_tol"] == pytest.approx(4 * torchdeq.FORWARD_TOL, rel=1e-12)
+    assert (seen["b_solver"], seen["b_max_iter"], seen["ift"]) == ("broyden", 30, True)
