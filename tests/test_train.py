@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -42,7 +43,7 @@ from raydeq.training import (
     runlock,
     storage,
 )
-from raydeq.training.checkpoint import MANIFEST_FILE, STATE_FILE
+from raydeq.training.checkpoint import MANIFEST_FILE, STATE_FILE, read_checkpoint
 from raydeq.training.config import Config, validate
 from raydeq.training.launch import LOCAL_ENV_VARS
 from raydeq.training.session import Session, TrainWorker, TuneTrial, stored_checkpoints
@@ -628,6 +629,19 @@ class FolderSession(Session):
             shutil.copytree(checkpoint.path, target)
 
 
+class RecordingSession(FolderSession):
+    """A FolderSession that keeps each report's metrics and the step of its checkpoint (None
+    without one) instead of storing the checkpoint."""
+
+    def __init__(self, folder: Path) -> None:
+        super().__init__(folder)
+        self.reports: list[tuple[dict, int | None]] = []
+
+    def report(self, metrics, checkpoint):
+        saved = checkpoint and read_checkpoint(Path(checkpoint.path))["step"]
+        self.reports.append((dict(metrics), saved))
+
+
 @pytest.mark.parametrize(
     "settings",
     [
@@ -753,6 +767,68 @@ def test_a_step_reports_its_loss_and_accuracy_and_clips_the_gradient_to_grad_cli
     assert metrics["train_accuracy"] == pytest.approx(hits / len(labels))
     moved = [(p.detach() - b).flatten() for p, b in zip(model.parameters(), before, strict=True)]
     assert torch.cat(moved).norm().item() == pytest.approx(1e-3, rel=1e-3)
+
+
+def test_a_step_reports_the_solve_of_its_own_forward_pass_and_adds_the_jacobian_term(tmp_path):
+    """With the Jacobian penalty on (lambda_jac 2, the preset's lambda_skip 1), a step's
+    train_loss is the cross-entropy plus 1 x skip_loss plus 2 x jac_loss, and its nfe, residual
+    (the batch mean), skip_loss and jac_loss are those of the same forward pass run beforehand
+    with the same Hutchinson probes."""
+    cfg = validate(
+        {
+            "name": "run",
+            "storage_path": str(tmp_path),
+            "model": {"jac_reg": True},
+            "train": {"epochs": 1, "max_steps": 1, "lambda_jac": 2.0},
+        }
+    )
+    run = loop.Loop(cfg, FolderSession(tmp_path / "run"))
+    images, labels = next(iter(run.train_data))
+    with torch.random.fork_rng():  # the step draws the same probes
+        logits, out = run.state.model(images)
+    picked = logits.detach().log_softmax(1)[torch.arange(len(labels)), labels]
+    skip, jac = out.skip_loss.item(), out.jac_loss.item()
+    assert skip > 0 and jac > 0 and cfg.train.lambda_skip == 1.0
+    metrics = run.train_step(images, labels, 0.0)
+    assert metrics["train_loss"] == pytest.approx(-picked.mean().item() + skip + 2 * jac, rel=1e-5)
+    assert metrics["skip_loss"] == pytest.approx(skip, rel=1e-5)
+    assert metrics["jac_loss"] == pytest.approx(jac, rel=1e-5)
+    assert metrics["nfe"] == out.stats.nfe and metrics["backward_nvjp"] > 0
+    residuals = out.stats.residual.tolist()
+    assert metrics["residual"] == pytest.approx(sum(residuals) / len(residuals), rel=1e-5)
+
+
+def test_a_steps_times_split_it_at_the_loss_the_gradients_and_the_update(tmp_path, monkeypatch):
+    """A step that waited 0.75 s for its batch and read the clock at 10, 10.5, 12 and 12.25 s
+    (start, loss, gradients, update): forward 0.5 s, backward 1.5 s, optimizer 0.25 s, the step
+    3 s with the wait, and the batch of 32 at 32 / 3 images per second."""
+    run = loop.Loop(make_config(tmp_path, max_steps=1), FolderSession(tmp_path / "run"))
+    images, labels = next(iter(run.train_data))
+    ticks = iter([10.0, 10.5, 12.0, 12.25])
+    monkeypatch.setattr(loop, "clock", lambda device: next(ticks))
+    metrics = run.train_step(images, labels, 0.75)
+    times = {k: metrics[k] for k in ("forward_time", "backward_time", "optimizer_time")}
+    assert times == {"forward_time": 0.5, "backward_time": 1.5, "optimizer_time": 0.25}
+    assert (metrics["data_time"], metrics["step_time"]) == (0.75, 3.0)
+    assert metrics["images_per_second"] == pytest.approx(32 / 3.0)
+
+
+def test_a_steps_data_time_is_its_wait_for_the_batch(tmp_path, monkeypatch):
+    """Batches that each take 50 ms to arrive: the reported data_time is at least 50 ms a step
+    and the step_time includes it."""
+    on_device = loop.on_device
+
+    def slow(batches: Iterable, device: torch.device) -> Iterator:
+        for batch in on_device(batches, device):
+            time.sleep(0.05)
+            yield batch
+
+    monkeypatch.setattr(loop, "on_device", slow)
+    session = RecordingSession(tmp_path / "run")
+    loop.Loop(make_config(tmp_path, max_steps=2, eval_batches=1), session).run()
+    ((metrics, _),) = session.reports
+    assert metrics["data_time"] >= 0.05
+    assert metrics["step_time"] >= metrics["data_time"] + metrics["forward_time"]
 
 
 def test_a_run_trains_on_its_shards_batches_in_order_from_the_first(tmp_path, monkeypatch):
