@@ -867,6 +867,91 @@ def test_non_finite_steps_stop_the_run_only_when_max_nonfinite_steps_come_in_a_r
         run.record(None)
 
 
+def test_a_non_finite_gradient_of_a_finite_loss_skips_the_step_without_fp16(tmp_path):
+    """Without a GradScaler an infinite gradient is no overflow to step past: the update and the
+    schedule are skipped, the weights stay as they were and the step counts as skipped."""
+    run = loop.Loop(make_config(tmp_path, max_steps=2), FolderSession(tmp_path / "run"))
+    images, labels = next(iter(run.train_data))
+    model = run.state.model
+    next(model.parameters()).register_hook(lambda grad: torch.full_like(grad, math.inf))
+    before = [p.detach().clone() for p in model.parameters()]
+    assert run.train_step(images, labels, 0.0) is None
+    assert all(map(torch.equal, model.parameters(), before))
+    assert run.state.scheduler.last_epoch == 0
+    run.record(None)
+    assert (run.state.skipped_steps, run.state.overflow_steps) == (1, 0)
+
+
+def test_fp16_steps_with_a_non_finite_loss_are_skipped_not_counted_as_overflows(tmp_path):
+    """Under fp16 a NaN loss is no scaler overflow (a lower scale cannot make it finite): the
+    step is skipped, so that max_nonfinite_steps of them stop the run."""
+    cfg = make_config(tmp_path, max_steps=2, amp="fp16", max_nonfinite_steps=1)
+    run = loop.Loop(cfg, FolderSession(tmp_path / "run"))
+    images, labels = next(iter(run.train_data))
+    assert run.train_step(torch.full_like(images, math.nan), labels, 0.0) is None
+    assert run.state.overflow_steps == 0
+    with pytest.raises(loop.NonFiniteError, match="^training stopped at step 1"):
+        run.record(None)
+
+
+def test_an_fp16_overflow_step_halves_the_scale_and_moves_neither_weights_nor_schedule(
+    tmp_path, monkeypatch
+):
+    """A scale of 2**127 overflows the fp16 gradients of a finite loss: the step reports its
+    loss, counts one overflow, leaves the weights and the learning-rate schedule where they
+    were, and the next step runs at the scale 2**126."""
+    huge = functools.partial(torch.amp.GradScaler, init_scale=2.0**127)
+    monkeypatch.setattr(torch.amp, "GradScaler", huge)
+    cfg = make_config(tmp_path, max_steps=2, amp="fp16")
+    run = loop.Loop(cfg, FolderSession(tmp_path / "run"))
+    images, labels = next(iter(run.train_data))
+    model = run.state.model
+    before = [p.detach().clone() for p in model.parameters()]
+    metrics = run.train_step(images, labels, 0.0)
+    assert math.isfinite(metrics["train_loss"]) and run.state.overflow_steps == 1
+    assert all(map(torch.equal, model.parameters(), before))
+    assert run.state.scheduler.last_epoch == 0
+    assert run.state.scaler.get_scale() == 2.0**126
+
+
+def test_an_fp16_run_resumes_at_the_scale_its_overflows_lowered(tmp_path, monkeypatch):
+    """Two overflow steps from 2**127 leave the scale at 2**125; the run resumed from its
+    checkpoint of step 2 goes on at 2**125 with its 2 overflows, not at a fresh scaler's."""
+    huge = functools.partial(torch.amp.GradScaler, init_scale=2.0**127)
+    monkeypatch.setattr(torch.amp, "GradScaler", huge)
+    cfg = make_config(tmp_path, max_steps=4, amp="fp16", checkpoint_every=2, eval_batches=1)
+    session = FolderSession(tmp_path / "run")
+    run = loop.Loop(cfg, session)
+    for images, labels in itertools.islice(run.train_data, 2):
+        run.record(run.train_step(images, labels, 0.0))
+        run.end_step()
+    resumed = loop.Loop(cfg, session)
+    assert (resumed.state.step, resumed.state.overflow_steps) == (2, 2)
+    assert resumed.state.scaler.get_scale() == 2.0**125
+
+
+def test_fp16_gradients_are_clipped_at_their_unscaled_norm(tmp_path):
+    """Under fp16 the gradient is unscaled before clipping: with plain SGD at lr 1 and
+    grad_clip 1e-3 the weights move by 1e-3 in norm, not by 1e-3 over the scale 2**16."""
+    optim = {"optimizer": "sgd", "momentum": 0.0, "lr": 1.0, "schedule": "constant"}
+    cfg = validate(
+        {
+            "name": "run",
+            "storage_path": str(tmp_path),
+            "optim": optim | {"grad_clip": 1e-3},
+            "train": {"epochs": 1, "max_steps": 1, "amp": "fp16"},
+        }
+    )
+    run = loop.Loop(cfg, FolderSession(tmp_path / "run"))
+    images, labels = next(iter(run.train_data))
+    model = run.state.model
+    before = [p.detach().clone() for p in model.parameters()]
+    assert run.train_step(images, labels, 0.0) is not None
+    assert run.state.scaler.get_scale() == 2.0**16  # no overflow
+    moved = [(p.detach() - b).flatten() for p, b in zip(model.parameters(), before, strict=True)]
+    assert torch.cat(moved).norm().item() == pytest.approx(1e-3, rel=1e-3)
+
+
 def test_a_run_that_diverged_after_a_checkpoint_is_not_trained_again_from_it(tmp_path):
     """The divergence record names the step of the newest checkpoint, so that the restart
     that would resume there (and replay the same steps) is refused."""
