@@ -969,6 +969,39 @@ def test_a_run_that_diverged_after_a_checkpoint_is_not_trained_again_from_it(tmp
         loop.Loop(cfg, session)
 
 
+def test_a_resumed_run_that_diverges_records_the_checkpoint_it_resumed_from(tmp_path):
+    """Resumed at its checkpoint of step 2 and diverged before the next one: the record names
+    step 2, so that the next restart from there is refused."""
+    cfg = make_config(tmp_path, max_steps=10, checkpoint_every=2, max_nonfinite_steps=1)
+    session = FolderSession(tmp_path / "run")
+    run = loop.Loop(cfg, session)
+    for images, labels in itertools.islice(run.train_data, 2):
+        run.record(run.train_step(images, labels, 0.0))
+        run.end_step()
+    resumed = loop.Loop(cfg, session)
+    assert resumed.state.step == 2
+    with pytest.raises(loop.NonFiniteError, match="^training stopped at step 3"):
+        resumed.record(None)
+    record = json.loads(Path(session.folder, loop.DIVERGED_FILE).read_text())
+    assert (record["from_step"], record["workers"]) == (2, 1)
+    with pytest.raises(loop.NonFiniteError, match="it diverged like this from step 2"):
+        loop.Loop(cfg, session)
+
+
+def test_a_divergence_recorded_with_other_workers_does_not_stop_a_start_with_one(tmp_path):
+    """The record of a run that diverged from step 0 on 2 workers refuses a start from step 0
+    on 2 workers only: one worker replays other batches, so it starts."""
+    cfg = make_config(tmp_path, max_steps=2)
+    folder = tmp_path / "run"
+    folder.mkdir()
+    record = {"from_step": 0, "workers": 2, "reason": "diverged"}
+    (folder / loop.DIVERGED_FILE).write_text(json.dumps(record))
+    assert loop.Loop(cfg, FolderSession(folder)).state.step == 0
+    (folder / loop.DIVERGED_FILE).write_text(json.dumps(record | {"workers": 1}))
+    with pytest.raises(loop.NonFiniteError, match="^diverged; it diverged like this from step 0"):
+        loop.Loop(cfg, FolderSession(folder))
+
+
 @pytest.mark.parametrize(
     ("epochs", "max_steps", "total"), [(1, 10**6, 44), (2, 0, 88), (2, 50, 50)]
 )
@@ -978,6 +1011,57 @@ def test_a_run_trains_max_steps_but_never_past_its_epochs(tmp_path, epochs, max_
     cfg = make_config(tmp_path, epochs=epochs, max_steps=max_steps)
     run = loop.Loop(cfg, FolderSession(tmp_path / "run"))
     assert (run.steps_per_epoch, run.total_steps) == (44, total)
+
+
+def test_each_epochs_end_is_evaluated_and_checkpointed(tmp_path):
+    """Batches of 512 of the 1,438 digits are 2 steps an epoch: a run of 2 epochs reports test
+    metrics with a checkpoint at steps 2 and 4 (epochs 1 and 2), and only there."""
+    cfg = validate(
+        {
+            "name": "run",
+            "storage_path": str(tmp_path),
+            "data": {"batch_size": 512},
+            "train": {"epochs": 2, "report_every": 100, "eval_batches": 1},
+        }
+    )
+    session = RecordingSession(tmp_path / "run")
+    loop.Loop(cfg, session).run()
+    reported = [(m["step"], m["epoch"], saved) for m, saved in session.reports]
+    assert reported == [(2, 1.0, 2), (4, 2.0, 4)]
+    assert all("test_accuracy" in metrics for metrics, _ in session.reports)
+
+
+def test_a_finished_run_started_again_reports_its_test_metrics_and_a_checkpoint_once(tmp_path):
+    """A run started again after its last step trains nothing: it evaluates the stored weights
+    and reports that once, with a checkpoint of its last step."""
+    cfg = make_config(tmp_path, max_steps=2, eval_batches=1)
+    loop.Loop(cfg, FolderSession(tmp_path / "run")).run()
+    session = RecordingSession(tmp_path / "run")
+    again = loop.Loop(cfg, session)
+    again.run()
+    ((metrics, saved),) = session.reports
+    assert (metrics["step"], saved, again.state.step) == (2, 2, 2)
+    assert set(objective.TEST_METRICS) <= set(metrics) and "train_loss" not in metrics
+
+
+def test_the_learning_rate_in_tensorboard_is_the_cosine_schedules_after_each_step(tmp_path):
+    """optim.lr 0.01 annealed to 0 over 4 steps: after step k the rate is
+    0.005 (1 + cos(pi k / 4))."""
+    cfg = validate(
+        {
+            "name": "run",
+            "storage_path": str(tmp_path),
+            "optim": {"lr": 0.01, "eta_min": 0.0, "schedule": "cosine"},
+            "train": {"epochs": 1, "max_steps": 4, "report_every": 4, "eval_batches": 1},
+        }
+    )
+    loop.Loop(cfg, FolderSession(tmp_path / "run")).run()
+    events = EventAccumulator(str(Path(cfg.run_dir, reporting.TENSORBOARD_DIR)))
+    events.Reload()
+    rates = [(e.step, e.value) for e in events.Scalars("lr")]
+    expected = [0.005 * (1 + math.cos(math.pi * k / 4)) for k in (1, 2, 3, 4)]
+    assert [step for step, _ in rates] == [1, 2, 3, 4]
+    assert [rate for _, rate in rates] == pytest.approx(expected, abs=1e-9)
 
 
 def test_pretraining_steps_report_their_own_times_apart_from_the_deq_solves(tmp_path):
@@ -991,6 +1075,9 @@ def test_pretraining_steps_report_their_own_times_apart_from_the_deq_solves(tmp_
     )
     metrics = launch.fit(cfg, LOCAL).metrics
     assert metrics["pretrain_forward_time"] > 0 and metrics["forward_time"] > 0
+    # The unrolled steps backpropagate through f's calls: no adjoint solve, no VJPs of it.
+    assert metrics["pretrain_backward_time"] > 0 and metrics["pretrain_backward_nvjp"] == 0
+    assert metrics["pretrain_nfe"] > 0
     steps = steps_by_tag(Path(cfg.run_dir, reporting.TENSORBOARD_DIR))
     assert steps["pretrain_forward_time"] == steps["pretrain_backward_time"] == [1, 2]
     assert steps["forward_time"] == steps["backward_time"] == steps["nfe"] == [3, 4]
