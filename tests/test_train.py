@@ -518,15 +518,35 @@ def test_the_loss_is_the_mean_cross_entropy_plus_the_weighted_skip_and_jacobian_
     assert plain.item() == pytest.approx(cross_entropy, rel=1e-6)
 
 
+def test_the_loss_of_bfloat16_logits_is_their_cross_entropy_in_float32():
+    """Under autocast the logits come in bfloat16: the cross-entropy is taken of their values
+    in float32, not rounded to bfloat16's three digits."""
+    logits = torch.tensor([[1.5, -0.25, 0.75], [0.125, 2.0, -1.0]], dtype=torch.bfloat16)
+    labels = torch.tensor([2, 0])
+    out = SimpleNamespace(skip_loss=torch.tensor(0.0), jac_loss=torch.tensor(0.0))
+    rows = logits.double().tolist()
+    log_softmax = [
+        row[label] - math.log(sum(math.exp(v) for v in row))
+        for row, label in zip(rows, labels.tolist(), strict=True)
+    ]
+    loss = objective.Objective(lambda_skip=1.0)(logits, labels, out)
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(-sum(log_softmax) / len(log_softmax), rel=1e-6)
+
+
 class GivenLogits(nn.Module):
-    """A classifier whose logits are its input, with the NFE of each call from `nfes`."""
+    """A classifier whose logits are its input, with the NFE of each call from `nfes`; it notes
+    the mode, whether gradients were on and the CPU autocast dtype (or None) of each call."""
 
     def __init__(self, nfes: list[int]) -> None:
         super().__init__()
-        self.nfes, self.modes = iter(nfes), []
+        self.nfes, self.modes, self.grads, self.autocasts = iter(nfes), [], [], []
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, SimpleNamespace]:
         self.modes.append(self.training)
+        self.grads.append(torch.is_grad_enabled())
+        autocast = torch.is_autocast_enabled("cpu")
+        self.autocasts.append(torch.get_autocast_dtype("cpu") if autocast else None)
         return images, SimpleNamespace(stats=SimpleNamespace(nfe=next(self.nfes)))
 
 
@@ -547,6 +567,36 @@ def test_evaluation_counts_top1_and_top5_hits_over_all_samples_and_averages_nfe_
     assert metrics["test_nfe"] == pytest.approx((7 + 11) / 2)
     assert metrics["predict_time"] > 0
     assert model.modes == [False, False] and model.training
+    assert model.grads == [False, False] and model.autocasts == [None, None]
+
+
+def test_evaluation_predicts_under_the_given_autocast_and_leaves_an_eval_model_in_eval_mode():
+    """The autocast handed to evaluate (a run's train.amp) covers each prediction; a model that
+    was in eval mode (a benchmark's) is still in eval mode afterwards."""
+    model = GivenLogits([3, 3]).eval()
+    batches = [(torch.eye(6)[:2], torch.tensor([0, 1]))] * 2
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16)
+    objective.evaluate(model, batches, torch.device("cpu"), autocast)
+    assert model.autocasts == [torch.bfloat16, torch.bfloat16] and not model.training
+
+
+def test_evaluation_with_fewer_than_five_classes_counts_every_sample_a_top5_hit():
+    """Three classes (data.fake_classes may be as few as 2): every label is among the top five,
+    and the top-1 hits are those whose label has the largest logit (1 of 2)."""
+    logits = torch.tensor([[0.1, 0.7, 0.2], [0.5, 0.3, 0.2]])
+    batches = [(logits, torch.tensor([2, 0]))]
+    metrics = objective.evaluate(GivenLogits([4]), batches, torch.device("cpu")).metrics()
+    assert (metrics["test_accuracy"], metrics["test_top5_accuracy"]) == (0.5, 1.0)
+
+
+def test_predict_time_is_the_mean_of_each_batchs_seconds_on_the_clock(monkeypatch):
+    """Three batches read the clock at (0, 1), (5, 8) and (8, 10): predict_time is
+    (1 + 3 + 2) / 3 = 2 seconds per batch, whatever the batches' sizes."""
+    ticks = iter([0.0, 1.0, 5.0, 8.0, 8.0, 10.0])
+    monkeypatch.setattr(objective, "clock", lambda device: next(ticks))
+    batches = [(torch.zeros(n, 10), torch.zeros(n, dtype=torch.long)) for n in (4, 1, 2)]
+    totals = objective.evaluate(GivenLogits([1, 1, 1]), batches, torch.device("cpu"))
+    assert totals.metrics()["predict_time"] == 2.0
 
 
 def test_interval_means_average_each_metric_over_the_steps_that_recorded_it_then_reset():
@@ -1011,6 +1061,57 @@ def test_a_run_trains_max_steps_but_never_past_its_epochs(tmp_path, epochs, max_
     cfg = make_config(tmp_path, epochs=epochs, max_steps=max_steps)
     run = loop.Loop(cfg, FolderSession(tmp_path / "run"))
     assert (run.steps_per_epoch, run.total_steps) == (44, total)
+
+
+def hand_evaluation(model: nn.Module, batches: Iterable) -> tuple[float, float, float, int]:
+    """Top-1 and top-5 accuracy (ranks by sorting the logits), mean NFE per batch and the
+    samples of `model` in eval mode over `batches`."""
+    model.eval()
+    hits = hits5 = samples = 0
+    nfes = []
+    with torch.no_grad():
+        for images, labels in batches:
+            logits, out = model(images)
+            order = logits.argsort(dim=1, descending=True)
+            for row, label in zip(order.tolist(), labels.tolist(), strict=True):
+                hits += row[0] == label
+                hits5 += label in row[:5]
+            samples += len(labels)
+            nfes.append(out.stats.nfe)
+    model.train()
+    return hits / samples, hits5 / samples, sum(nfes) / len(nfes), samples
+
+
+@pytest.mark.parametrize(("eval_batches", "samples"), [(0, 359), (1, 256)])
+def test_a_runs_evaluation_takes_eval_batches_of_the_test_set_or_all_of_it(
+    tmp_path, eval_batches, samples
+):
+    """The 359 test digits come in batches of 256 and 103: eval_batches=0 evaluates them all,
+    eval_batches=1 the first batch; accuracies and NFE as counted by hand in eval mode."""
+    cfg = make_config(tmp_path, max_steps=1, eval_batches=eval_batches)
+    run = loop.Loop(cfg, FolderSession(tmp_path / "run"))
+    images, labels = next(iter(run.train_data))
+    run.train_step(images, labels, 0.0)  # away from the initial weights
+    taken = itertools.islice(run.test_data, eval_batches or None)
+    top1, top5, nfe, counted = hand_evaluation(run.state.model, taken)
+    assert counted == samples
+    metrics = run.evaluate()
+    assert metrics["test_accuracy"] == pytest.approx(top1)
+    assert metrics["test_top5_accuracy"] == pytest.approx(top5)
+    assert metrics["test_nfe"] == pytest.approx(nfe)
+    assert run.state.model.training
+
+
+def test_a_runs_evaluation_runs_under_its_bf16_autocast(tmp_path):
+    """train.amp=bf16: the test predictions run under the autocast as the steps do, so the
+    classifier's last layer computes in bfloat16."""
+    cfg = make_config(tmp_path, max_steps=1, amp="bf16", eval_batches=1)
+    run = loop.Loop(cfg, FolderSession(tmp_path / "run"))
+    dtypes = []
+    last = [m for m in run.state.model.modules() if isinstance(m, nn.Linear)][-1]
+    last.register_forward_hook(lambda module, args, output: dtypes.append(output.dtype))
+    run.evaluate()
+    assert dtypes == [torch.bfloat16]
 
 
 def test_each_epochs_end_is_evaluated_and_checkpointed(tmp_path):
