@@ -23,6 +23,7 @@ import pytest
 import ray
 import yaml
 from PIL import Image
+from ray._common.constants import HEAD_NODE_RESOURCE_NAME
 from ray.tune.search.sample import Categorical, Float
 from ray.util.state import list_actors
 
@@ -1211,7 +1212,43 @@ def test_a_one_worker_trial_holds_its_workers_cpus_and_gpu_and_a_larger_one_a_sl
     assert run.trial_resources(one, 0.5) == {"CPU": 3.0, "GPU": 0.5}
     assert run.trial_resources(one, 0) == {"CPU": 3.0}
     two = spec.from_dict("x", {**TINY, "scaling": {"num_workers": 2}}).trial_config({})
-    assert run.trial_resources(two, 1) == run.TRIAL_RESOURCES
+    assert run.trial_resources(two, 1) == {"CPU": 0.01, HEAD_NODE_RESOURCE_NAME: 0.001}
+
+
+def test_a_trial_trains_in_its_folder_in_its_own_process_or_fits_its_train_run_there(
+    tmp_path, monkeypatch
+):
+    """One worker: the trial's process trains in `<experiment>/<trial>` (on CUDA when it holds
+    a GPU share), its run named `train`; more: a TorchTrainer there, its workers giving up the
+    trial's 0.01 CPU between them and reporting to Tune."""
+    from raydeq.training import loop
+
+    context = SimpleNamespace(get_trial_name=lambda: "t1_seed=3")
+    monkeypatch.setattr(run.tune, "get_context", lambda: context)
+    trained = []
+    monkeypatch.setattr(
+        loop,
+        "Loop",
+        lambda cfg, session: SimpleNamespace(run=lambda: trained.append((cfg, session))),
+    )
+    monkeypatch.setattr(run, "TuneReportCallback", lambda: "reports to Tune")
+    fitted = []
+    monkeypatch.setattr(run.launch, "fit", lambda *args, **kwargs: fitted.append((args, kwargs)))
+    folder = f"{tmp_path}/t1_seed=3"
+    one = spec.from_dict("x", {**TINY, "scaling": {"num_workers": 1, "cpus_per_worker": 2}})
+    for gpus, device in [(0.5, "cuda"), (0, "cpu")]:
+        run.run_trial({"seed": 3}, experiment=one, path=str(tmp_path), gpus=gpus)
+        cfg, session = trained[-1]
+        assert (session.folder, session.device.type) == (folder, device)
+        assert (cfg.name, cfg.storage_path, cfg.label, cfg.seed) == ("train", folder, "seed=3", 3)
+    assert not fitted
+    two = spec.from_dict("x", {**TINY, "scaling": {"num_workers": 2, "cpus_per_worker": 2}})
+    run.run_trial({"seed": 3}, experiment=two, path=str(tmp_path), gpus=1)
+    (((cfg, scaling), kwargs),) = fitted
+    assert (cfg.name, cfg.storage_path, cfg.label) == ("train", folder, "seed=3")
+    assert scaling.num_workers == 2 and scaling.use_gpu
+    assert scaling.resources_per_worker == {"CPU": 2 - 0.01 / 2, "GPU": 1}
+    assert kwargs["callbacks"] == ["reports to Tune"] and len(trained) == 2
 
 
 def test_an_override_that_no_variant_has_names_each_value_they_have_once():
