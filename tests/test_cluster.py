@@ -107,6 +107,44 @@ def test_imagenet_claims_gpus_and_runs_as_many_trials_as_the_autoscaler_can_prov
     assert launch.gpus_per_worker(cfg) == 0.0
 
 
+def test_a_trials_workers_share_its_cpus_and_take_the_gpus_given_else_one_where_nodes_have_gpus(
+    monkeypatch,
+):
+    """Two workers of 2 CPUs give up the trial process's 0.01 CPU between them; GPUs per worker
+    are as given, 0 too, else one on a cluster whose node types have GPUs (none for device
+    cpu)."""
+    gpu_nodes = [capacity.NodeType({"CPU": 8, "GPU": 4}, 2)]
+    monkeypatch.setattr(capacity, "node_types", lambda: gpu_nodes)
+    scaling = {"num_workers": 2, "cpus_per_worker": 2}
+    two = spec.from_dict("x", {**TINY, "scaling": scaling})
+    assert run.trial_workers(two, 0) == (2, {"CPU": 1.995})
+    assert run.trial_workers(two, None) == (2, {"CPU": 1.995, "GPU": 1.0})
+    for gpus, got in [(0, 0), (0.5, 0.5), (None, 1.0)]:
+        assert run.trial_gpus(two, run.Options(gpus, 1, "fifo", 0)) == got
+    cpu = spec.from_dict("x", {**TINY, "scaling": scaling | {"device": "cpu"}})
+    assert run.trial_gpus(cpu, run.Options(None, 1, "fifo", 0)) == 0
+
+
+def test_trials_too_large_for_every_node_type_run_one_at_a_time_with_a_note(monkeypatch, capsys):
+    """Two workers of 1.995 CPUs: none fits a 1-CPU node, so one trial is let in (it waits
+    for a node) and a note says why; three 4-CPU nodes hold two each: three trials, no note."""
+    scaling = {"num_workers": 2, "cpus_per_worker": 2, "device": "cpu"}
+    experiment = spec.from_dict("x", {**TINY, "scaling": scaling})
+    monkeypatch.setattr(capacity, "node_types", lambda: [capacity.NodeType({"CPU": 1}, 3)])
+    assert run.concurrency(experiment, None) == 1
+    assert capsys.readouterr().out == (
+        "note: one trial needs 2 workers x {'CPU': 1.995}, more than any node type of the "
+        "cluster provides; trials wait for nodes that can hold them\n"
+    )
+    monkeypatch.setattr(capacity, "node_types", lambda: [capacity.NodeType({"CPU": 4}, 3)])
+    assert run.concurrency(experiment, None) == 3
+    assert run.concurrency(experiment, None, limit=2) == 2
+    assert run.concurrency(experiment, None, limit=5) == 3
+    monkeypatch.setattr(capacity, "node_types", lambda: [capacity.NodeType({"CPU": 4}, 1)])
+    assert run.concurrency(experiment, None) == 1
+    assert capsys.readouterr().out == ""
+
+
 def test_workers_are_packed_node_by_node_over_every_node_type(monkeypatch):
     """Slots of a worker per node (its resources over the worker's need, 1.0 / 0.2 counting
     5), times the most nodes of that type, summed over the types; a resource the worker needs
