@@ -536,6 +536,53 @@ def test_a_dry_run_lists_the_trials_the_run_draws_and_a_resumed_one_its_stored_c
     assert len(capsys.readouterr().out.splitlines()) == 2
 
 
+def test_the_trials_at_once_follow_the_runs_gpus_and_limit_and_draws_the_experiments_seed(
+    monkeypatch,
+):
+    """The bound on live trials is the concurrency for the run's GPUs and limit; Tune's random
+    sampling draws from the experiment's seed (7) as the dry run lists; an Optuna searcher
+    gets the seed and the bound."""
+    asked = []
+
+    def concurrency(experiment, gpus, limit=0):
+        asked.append((gpus, limit))
+        return 4
+
+    monkeypatch.setattr(run, "concurrency", concurrency)
+    space = {"optim.lr": {"loguniform": [1e-4, 1e-2]}}
+    grid = spec.from_dict("g", {**TINY, "seed": 7, "search": {"num_samples": 3, "space": space}})
+    generator = run.search_algorithm(grid, run.Options(0.5, 3, "fifo", 2))
+    assert generator.max_concurrent == 4 and asked == [(0.5, 2)]
+    ray.tune.register_trainable("g", lambda config: None)
+    configurations = {"config": grid.param_space(), "num_samples": 3, "run": "g"}
+    generator.add_configurations({"g": configurations})
+    drawn = []
+    while (trial := generator.next_trial()) is not None:
+        drawn.append(trial.config["optim"]["lr"])
+    assert drawn == [sampled["optim"]["lr"] for sampled in spec.expand(grid)]
+    monkeypatch.setattr(run.searchers, "searcher", lambda space, search, seed, bound: (seed, bound))
+    optuna = spec.from_dict("o", {**TINY, "seed": 7, "search": {"searcher": "tpe", "space": space}})
+    assert run.search_algorithm(optuna, run.Options(None, 3, "fifo", 0)) == (7, 4)
+    assert asked[-1] == (None, 0)
+
+
+def test_a_restored_variant_generator_lets_in_as_many_trials_as_the_cluster_holds_now():
+    """Tune restores the bound saved with the run: a cluster grown from 3 trials to 5 since
+    the run started lets 5 in after a resume."""
+    cluster = {"trials": 3}
+
+    def bound():
+        return cluster["trials"]
+
+    generator = run.VariantsWithinCapacity(bound, constant_grid_search=True, random_state=0)
+    assert generator.max_concurrent == 3
+    state = generator.get_state()
+    cluster["trials"] = 5
+    restored = run.VariantsWithinCapacity(bound, constant_grid_search=True, random_state=0)
+    restored.set_state(state)
+    assert restored.max_concurrent == 5
+
+
 def test_an_experiment_running_here_is_not_started_or_resumed_twice(tmp_path, capsys, monkeypatch):
     """While a process here runs an experiment, a second start or --resume of it is refused
     before Ray starts; --dry-run and --report, which train nothing, still run."""
