@@ -32,7 +32,7 @@ from raydeq import tune as rt
 from raydeq.experiments import archive, results, run, spec
 from raydeq.experiments.figures import plt
 from raydeq.models import PRESETS
-from raydeq.training import preflight, runlock
+from raydeq.training import capacity, preflight, runlock
 from raydeq.training.checkpoint import MANIFEST_FILE, CheckpointError, read_checkpoint
 from raydeq.training.config import ConfigError
 
@@ -1296,6 +1296,92 @@ def test_a_trial_trains_in_its_folder_in_its_own_process_or_fits_its_train_run_t
     assert scaling.num_workers == 2 and scaling.use_gpu
     assert scaling.resources_per_worker == {"CPU": 2 - 0.01 / 2, "GPU": 1}
     assert kwargs["callbacks"] == ["reports to Tune"] and len(trained) == 2
+
+
+def test_the_tuner_runs_the_trials_with_the_runs_options_in_the_experiments_folder(
+    tmp_path, monkeypatch
+):
+    """Metric and mode of the search, the run's samples (2 seeds x 5 in the trial lines'
+    count), ASHA without reused processes (FIFO with), checkpoints kept and restarts of a trial
+    that trains in its process (a Train run restarts its own), and the GPUs decided here when
+    not given: one per worker where a node type has GPUs."""
+    monkeypatch.setattr(run, "concurrency", lambda *args, **kwargs: 3)
+    gpu_nodes = [capacity.NodeType({"CPU": 8, "GPU": 1}, 1)]
+    monkeypatch.setattr(capacity, "node_types", lambda: gpu_nodes)
+    search = {"metric": "train_loss", "mode": "min", "space": {"seed": {"grid_search": [0, 1]}}}
+    settings = {
+        **TINY,
+        "train": {"keep_checkpoints": 2},
+        "scaling": {"num_workers": 1, "cpus_per_worker": 2, "max_failures": 5},
+        "search": search,
+    }
+    experiment = spec.from_dict("x", settings)
+    path = f"{tmp_path}/runs/x"
+    options = run.Options(gpus=None, num_samples=5, scheduler="asha", max_concurrent=0)
+    internal = run.tuner(experiment, path, options, resume=False)._local_tuner
+    tune_config, run_config = internal._tune_config, internal._run_config
+    assert (tune_config.metric, tune_config.mode) == ("train_loss", "min")
+    assert tune_config.num_samples == 5 and not tune_config.reuse_actors
+    assert type(tune_config.scheduler) is run.ASHAScheduler
+    assert tune_config.search_alg.max_concurrent == 3
+    assert (run_config.name, run_config.storage_path) == ("x", f"{tmp_path}/runs")
+    assert run_config.checkpoint_config.num_to_keep == 2
+    assert run_config.failure_config.max_failures == 5
+    (lines,) = [c for c in run_config.callbacks if isinstance(c, run.TrialLines)]
+    assert lines.total == 10
+    assert internal._trainable._resources.bundles == [{"CPU": 2.0, "GPU": 1.0}]
+    assert internal._trainable.keywords == {"experiment": experiment, "path": path, "gpus": 1.0}
+    fifo = run.Options(gpus=0, num_samples=1, scheduler="fifo", max_concurrent=0)
+    two = spec.from_dict("x", {**settings, "scaling": {"num_workers": 2, "max_failures": 5}})
+    internal = run.tuner(two, path, fifo, resume=False)._local_tuner
+    assert internal._tune_config.reuse_actors
+    assert type(internal._tune_config.scheduler) is run.FIFOScheduler
+    assert internal._run_config.failure_config.max_failures == 0
+    assert internal._trainable.keywords["gpus"] == 0
+
+
+def test_a_resumed_tuner_archives_the_reports_and_continues_errored_trials_from_checkpoints(
+    tmp_path, monkeypatch
+):
+    """Unfinished and errored trials continue (not from scratch), once the reports of the
+    session before are archived."""
+    calls = []
+    monkeypatch.setattr(run, "archive_results", lambda path: calls.append(("archive", path)))
+
+    def restore(path, trainable, **kwargs):
+        calls.append(("restore", path, kwargs))
+        return "restored"
+
+    monkeypatch.setattr(run.tune.Tuner, "restore", restore)
+    options = run.Options(gpus=0, num_samples=1, scheduler="fifo", max_concurrent=0)
+    path = f"{tmp_path}/x"
+    assert run.tuner(spec.from_dict("x", TINY), path, options, resume=True) == "restored"
+    flags = {"resume_unfinished": True, "resume_errored": True, "restart_errored": False}
+    assert calls == [("archive", path), ("restore", path, flags)]
+
+
+def test_fit_counts_the_errored_trials_and_those_left_pending_running_or_paused(
+    tmp_path, monkeypatch
+):
+    """A resume restores the experiment only where Tune can (else starts it anew)."""
+    started = []
+
+    def tuner(experiment, path, options, resume):
+        started.append(resume)
+        return SimpleNamespace(fit=lambda: SimpleNamespace(errors=["e1", "e2"]))
+
+    monkeypatch.setattr(run, "tuner", tuner)
+    statuses = ["TERMINATED", "ERROR", "ERROR", "PENDING", "RUNNING", "PAUSED", "TERMINATED"]
+    trials = [SimpleNamespace(status=status) for status in statuses]
+    monkeypatch.setattr(run.tune, "ExperimentAnalysis", lambda path: SimpleNamespace(trials=trials))
+    old = f"{tmp_path}/old"
+    monkeypatch.setattr(run.tune.Tuner, "can_restore", lambda path: path == old)
+    options = run.Options(gpus=0, num_samples=1, scheduler="fifo", max_concurrent=0)
+    experiment = spec.from_dict("x", TINY)
+    assert run.fit(experiment, old, options, resume=True) == (2, 3)
+    assert run.fit(experiment, f"{tmp_path}/new", options, resume=True) == (2, 3)
+    assert run.fit(experiment, old, options, resume=False) == (2, 3)
+    assert started == [True, False, False]
 
 
 def test_an_override_that_no_variant_has_names_each_value_they_have_once():
