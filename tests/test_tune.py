@@ -499,11 +499,57 @@ def test_stored_settings_that_are_no_text_or_bad_name_the_file_with_status_2(tmp
     assert rt.main(argv) == 2
     assert capsys.readouterr().err.startswith(f"error: {stored} holds no experiment settings")
     stored.rmdir()
+    # Cut short: before anything was written, and inside a quoted value (a YAML error of many
+    # lines, given by its first).
+    stored.write_text("")
+    assert rt.main(argv) == 2
+    assert capsys.readouterr().err == (
+        f"error: {stored} holds no experiment settings (TypeError: 'NoneType' object is not "
+        "subscriptable)\n"
+    )
+    stored.write_text('experiment:\n  model:\n    model: "mnist_de')
+    assert rt.main(argv) == 2
+    assert capsys.readouterr().err == (
+        f"error: {stored} holds no experiment settings (ScannerError: while scanning a quoted "
+        "scalar)\n"
+    )
+    stored.unlink()
     bad = {**TINY, "model": {**TINY["model"], "solver": "nope"}}
     options = vars(run.Options(None, 1, "fifo", 0))
     stored.write_text(yaml.safe_dump({"experiment": bad, "options": options}))
     assert rt.main(argv) == 2
     assert capsys.readouterr().err.startswith(f"error: {stored}: model.solver: 'nope' is not")
+
+
+def test_the_stored_settings_give_back_the_experiment_and_every_option(tmp_path):
+    """Each option the run started with (GPUs, samples, scheduler, limit), and the experiment
+    named by its folder with its overrides."""
+    experiment = spec.from_dict("tiny", {**TINY, "search": {"num_samples": 2}}, {"seed": 4})
+    options = run.Options(gpus=0.25, num_samples=5, scheduler="asha", max_concurrent=3)
+    folder = str(tmp_path / "runs" / "mine")
+    assert not run.has_settings(folder)
+    run.save_settings(folder, experiment, options)
+    assert run.has_settings(folder)
+    loaded, stored = run.load_settings(folder)
+    assert stored == options
+    assert loaded.name == "mine" and loaded.trial_config({}).seed == 4
+    assert loaded.search.num_samples == 2
+
+
+def test_asha_without_a_reachable_dashboard_is_an_error_naming_the_fix(monkeypatch):
+    def down(**kwargs):
+        raise TimeoutError("no answer")
+
+    monkeypatch.setattr(ray.util.state, "list_nodes", down)
+    with pytest.raises(ConfigError) as err:
+        run.check_dashboard()
+    assert str(err.value) == (
+        "scheduler asha: the Ray dashboard (state API) is not reachable, so workers of stopped "
+        "trials would never be released (TimeoutError); start Ray with the dashboard "
+        "(ray[default]) or use --scheduler fifo"
+    )
+    monkeypatch.setattr(ray.util.state, "list_nodes", lambda **kwargs: [])
+    run.check_dashboard()
 
 
 def test_a_dry_run_lists_the_trials_the_run_draws_and_a_resumed_one_its_stored_count(
