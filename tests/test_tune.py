@@ -1287,6 +1287,32 @@ def test_asha_rungs_follow_the_search_and_a_trial_is_not_stopped_at_its_last_ste
     assert action == run.TrialScheduler.CONTINUE
 
 
+def test_asha_compares_trials_at_the_same_step_and_stops_at_the_searchs_max_t():
+    """At rung 5 a trial below the one recorded there stops; rungs at 5 and 15 below a max_t
+    of 30 (max_steps 60 is not used then); a run of epochs (no max_steps) without max_t has
+    rungs up to step 2**31; fifo lets every trial run to its end."""
+    search = {"scheduler": "asha", "grace_period": 5, "reduction_factor": 3, "max_t": 30}
+    capped = spec.from_dict("a", {**TINY, "train": {"max_steps": 60}, "search": search})
+    options = run.Options(gpus=0, num_samples=1, scheduler="asha", max_concurrent=0)
+    scheduler = run._scheduler(capped, options)
+    assert sorted(milestone for milestone, _ in scheduler._brackets[0]._rungs) == [5, 15]
+    scheduler.set_search_properties("test_accuracy", "max")
+    good, bad = SimpleNamespace(trial_id="good"), SimpleNamespace(trial_id="bad")
+    scheduler.on_trial_add(None, good)
+    scheduler.on_trial_add(None, bad)
+    result = {"step": 5, "training_iteration": 1}
+    action = scheduler.on_trial_result(None, good, result | {"test_accuracy": 0.9})
+    assert action == run.TrialScheduler.CONTINUE
+    action = scheduler.on_trial_result(None, bad, result | {"test_accuracy": 0.1})
+    assert action == run.TrialScheduler.STOP
+    search = {"scheduler": "asha", "grace_period": 1, "reduction_factor": 2}
+    epochs = spec.from_dict("a", {**TINY, "search": search})
+    rungs = run._scheduler(epochs, options)._brackets[0]._rungs
+    assert sorted(milestone for milestone, _ in rungs) == [2**k for k in range(32)]
+    fifo = run.Options(gpus=0, num_samples=1, scheduler="fifo", max_concurrent=0)
+    assert type(run._scheduler(capped, fifo)) is run.FIFOScheduler
+
+
 def test_a_trial_that_reaches_its_last_step_finished_and_one_cut_short_stopped_early(capsys):
     lines = run.TrialLines(total=2)
     for step in (6, 3):
@@ -1296,6 +1322,55 @@ def test_a_trial_that_reaches_its_last_step_finished_and_one_cut_short_stopped_e
     assert capsys.readouterr().out.splitlines() == [
         "trial Skip: finished at step 6, test_accuracy 0.5000 (1 of 2 trials done)",
         "trial Skip: stopped early at step 3 of 6, test_accuracy 0.5000 (1 of 2 trials done)",
+    ]
+
+
+def test_a_trial_has_a_line_when_it_starts_and_for_each_report_of_its_training(capsys):
+    """Tune's own results (without the training's position) have none; a trial that ended
+    without a report, or without a test accuracy, ends with its step alone; an accuracy of 0 is
+    shown."""
+    lines = run.TrialLines(total=4)
+    trial = SimpleNamespace(config={"variant": {"label": "Skip"}}, last_result=None)
+    lines.on_trial_start(0, [trial], trial)
+    report = {"epoch": 0.5, "step": 3, "total_steps": 6, "train_loss": 0.25}
+    lines.on_trial_result(0, [trial], trial, report)
+    lines.on_trial_result(0, [trial], trial, {"done": True, "training_iteration": 1})
+    lines.on_trial_complete(0, [trial], trial)
+    trial.last_result = {"step": 6, "total_steps": 6}
+    lines.on_trial_complete(0, [trial], trial)
+    trial.last_result = {"step": 6, "total_steps": 6, "test_accuracy": 0.0}
+    lines.on_trial_complete(0, [trial], trial)
+    assert capsys.readouterr().out.splitlines() == [
+        "trial Skip: started",
+        "[Skip] epoch 0.50 step 3/6 loss 0.25",
+        "trial Skip: finished at step 0 (1 of 4 trials done)",
+        "trial Skip: finished at step 6 (1 of 4 trials done)",
+        "trial Skip: finished at step 6, test_accuracy 0.0000 (1 of 4 trials done)",
+    ]
+
+
+def test_a_failed_trial_counts_once_among_the_trials_done_and_fails_without_an_error_file(
+    tmp_path, capsys
+):
+    """Tune marks a trial ERROR before its line: it counts once, with the other failed trial
+    and the finished one (not the running or pending ones); a trial without an error file, or
+    with an empty one, failed; a last line that names no exception is shown as it is."""
+    others = [SimpleNamespace(status=s) for s in ("TERMINATED", "ERROR", "RUNNING", "PENDING")]
+    trial = SimpleNamespace(
+        config={"variant": {"label": "Skip"}}, error_file=None, path=str(tmp_path), status="ERROR"
+    )
+    lines = run.TrialLines(total=5)
+    lines.on_trial_error(0, [*others, trial], trial)
+    (tmp_path / "error.txt").write_text("\n \n")
+    trial.error_file = str(tmp_path / "error.txt")
+    lines.on_trial_error(0, [*others, trial], trial)
+    (tmp_path / "error.txt").write_text("Failure # 1\nTraceback (most recent call last):\nKilled\n")
+    lines.on_trial_error(0, [*others, trial], trial)
+    where = f"see {tmp_path}/error.txt (3 of 5 trials done)"
+    assert capsys.readouterr().out.splitlines() == [
+        f"trial Skip: failed, {where}",
+        f"trial Skip: failed, {where}",
+        f"trial Skip: failed (Killed), {where}",
     ]
 
 
