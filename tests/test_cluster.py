@@ -143,6 +143,12 @@ def test_trials_too_large_for_every_node_type_run_one_at_a_time_with_a_note(monk
     monkeypatch.setattr(capacity, "node_types", lambda: [capacity.NodeType({"CPU": 4}, 1)])
     assert run.concurrency(experiment, None) == 1
     assert capsys.readouterr().out == ""
+    # On two nodes of 8 CPUs and a GPU: 1 trial of two GPU workers, 4 of CPU workers.
+    auto = spec.from_dict("x", {**TINY, "scaling": scaling | {"device": "auto"}})
+    gpu_nodes = [capacity.NodeType({"CPU": 8, "GPU": 1}, 2)]
+    monkeypatch.setattr(capacity, "node_types", lambda: gpu_nodes)
+    assert run.concurrency(auto, None) == 1
+    assert run.concurrency(auto, 0) == 4
 
 
 def test_workers_are_packed_node_by_node_over_every_node_type(monkeypatch):

@@ -1422,10 +1422,11 @@ def test_a_trial_trains_in_its_folder_in_its_own_process_or_fits_its_train_run_t
 def test_the_tuner_runs_the_trials_with_the_runs_options_in_the_experiments_folder(
     tmp_path, monkeypatch
 ):
-    """Metric and mode of the search, the run's samples (2 seeds x 5 in the trial lines'
-    count), ASHA without reused processes (FIFO with), checkpoints kept and restarts of a trial
-    that trains in its process (a Train run restarts its own), and the GPUs decided here when
-    not given: one per worker where a node type has GPUs."""
+    """Metric and mode of the search, its space, the run's samples (2 seeds x 5 in the trial
+    lines' count), trials named by their id and values, ASHA without reused processes (FIFO
+    with), checkpoints kept and restarts of a trial that trains in its process (a Train run
+    restarts its own), and the GPUs decided here when not given: one per worker where a node
+    type has GPUs."""
     monkeypatch.setattr(run, "concurrency", lambda *args, **kwargs: 3)
     gpu_nodes = [capacity.NodeType({"CPU": 8, "GPU": 1}, 1)]
     monkeypatch.setattr(capacity, "node_types", lambda: gpu_nodes)
@@ -1448,13 +1449,22 @@ def test_the_tuner_runs_the_trials_with_the_runs_options_in_the_experiments_fold
     assert (run_config.name, run_config.storage_path) == ("x", f"{tmp_path}/runs")
     assert run_config.checkpoint_config.num_to_keep == 2
     assert run_config.failure_config.max_failures == 5
-    (lines,) = [c for c in run_config.callbacks if isinstance(c, run.TrialLines)]
-    assert lines.total == 10
+    # result.json (the reports the results read) and progress.csv, no TensorBoard of Tune's,
+    # the trial lines and no tables
+    loggers = [type(callback) for callback in run_config.callbacks]
+    assert loggers == [run.JsonLoggerCallback, run.CSVLoggerCallback, run.TrialLines]
+    assert run_config.callbacks[-1].total == 10 and run_config.verbose == 0
+    assert internal._param_space == {"seed": {"grid_search": [0, 1]}}
+    trial = SimpleNamespace(trial_id="a1b2", config={"seed": 1})
+    assert tune_config.trial_name_creator(trial) == "a1b2_seed=1"
+    assert tune_config.trial_dirname_creator(trial) == "a1b2_seed=1"
     assert internal._trainable._resources.bundles == [{"CPU": 2.0, "GPU": 1.0}]
     assert internal._trainable.keywords == {"experiment": experiment, "path": path, "gpus": 1.0}
     fifo = run.Options(gpus=0, num_samples=1, scheduler="fifo", max_concurrent=0)
-    two = spec.from_dict("x", {**settings, "scaling": {"num_workers": 2, "max_failures": 5}})
+    scaling = {"num_workers": 2, "max_failures": 5}
+    two = spec.from_dict("x", {**settings, "scaling": scaling, "search": {}})
     internal = run.tuner(two, path, fifo, resume=False)._local_tuner
+    assert (internal._tune_config.metric, internal._tune_config.mode) == ("test_accuracy", "max")
     assert internal._tune_config.reuse_actors
     assert type(internal._tune_config.scheduler) is run.FIFOScheduler
     assert internal._run_config.failure_config.max_failures == 0
