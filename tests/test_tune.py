@@ -279,6 +279,36 @@ def test_bad_search_sections_are_one_line_errors(search, message):
     assert "\n" not in str(err.value)
 
 
+def test_a_search_that_varies_the_scaling_section_is_a_one_line_error():
+    """Every trial's resources, and the trials at once, are reserved from the base config's
+    scaling: a trial of 2 workers in a run of 1-worker trials held a worker's CPUs and GPU and
+    waited for 2 more, a 1-worker trial of a larger base trained on a GPU it did not hold."""
+    cpus = {"scaling.cpus_per_worker": {"randint": [1, 3]}}
+    conditional = [{"when": {"model.solver": "anderson"}, "space": cpus}]
+    solvers = {"model.solver": {"choice": ["vcab3", "anderson"]}}
+    for search, where in [
+        ({"space": {"scaling": {"num_workers": {"grid_search": [1, 2]}}}}, "search.space"),
+        (
+            {"variants": [{"label": "a"}, {"label": "b", "scaling.device": "cpu"}]},
+            "search.variants[1]",
+        ),
+        (
+            {"searcher": "tpe", "space": solvers, "conditional": conditional},
+            "search.conditional[0].space",
+        ),
+    ]:
+        with pytest.raises(ConfigError) as err:
+            spec.from_dict("bad", {**TINY, "search": search})
+        assert str(err.value).startswith(f"{where}.scaling.")
+        assert str(err.value).split(": ", 1)[1] == (
+            "the scaling section is the same for every trial (their resources are reserved from "
+            "it); set it in the base config, or search.workers_per_trial, or run an experiment "
+            "for each value"
+        )
+    workers = spec.from_dict("ok", {**TINY, "search": {"workers_per_trial": 2}})
+    assert workers.trial_config({}).scaling.num_workers == 2
+
+
 def test_a_ranges_ends_are_checked_as_tune_draws_them():
     """An integer range's upper end is drawn only when quantized with a step above 1: seed's
     largest value, 2**32 - 1, is the last draw of randint(0, 2**32) and so is allowed, while

@@ -205,6 +205,9 @@ def _check_space(experiment: Experiment) -> None:
     its first value). A trial draws its values at random, so a bad one would otherwise fail
     only the trials that draw it, after the run has started."""
     search = experiment.search
+    for i, row in enumerate(search.variants):
+        for key in row:
+            _check_per_trial(key, f"search.variants[{i}]")
     spaces = [("search.space", {}, search.space)] + [
         (f"search.conditional[{i}].space", _first_values(rule["when"]), rule["space"])
         for i, rule in enumerate(search.conditional)
@@ -228,8 +231,21 @@ def _space_values(where: str, space: Mapping[str, Any]) -> dict[str, list[tuple[
     dims = dimensions(space)
     for key in dims:
         _check_key(key, where)
+        _check_per_trial(key, where)
     values = {key: _values(f"{where}.{key}", spec) for key, spec in dims.items()}
     return {key: pairs for key, pairs in values.items() if pairs}
+
+
+def _check_per_trial(dotted: str, where: str) -> None:
+    """Raise a ConfigError for a `scaling` setting that a trial would set: the resources of
+    every trial (its process, its workers' CPUs and GPUs) and the trials at once are reserved
+    from the base config's."""
+    if dotted.split(".", 1)[0] == "scaling":
+        raise ConfigError(
+            f"{where}.{dotted}: the scaling section is the same for every trial (their resources "
+            "are reserved from it); set it in the base config, or search.workers_per_trial, or "
+            "run an experiment for each value"
+        )
 
 
 def _first_values(when: Mapping[str, Any]) -> dict[str, Any]:
