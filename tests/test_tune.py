@@ -566,6 +566,56 @@ def test_the_stored_settings_give_back_the_experiment_and_every_option(tmp_path)
     assert loaded.search.num_samples == 2
 
 
+def test_stored_options_edited_out_of_range_are_one_line_errors_naming_the_option(tmp_path):
+    """The options a resume reads back are checked as the command line's are: an unknown
+    scheduler would run FIFO and a negative limit no limit, so each names the file and the
+    option; a missing option is no settings at all."""
+    folder = tmp_path / "runs" / "tiny"
+    stored = folder / run.SETTINGS_FILE
+    good = {"gpus": None, "num_samples": 1, "scheduler": "fifo", "max_concurrent": 0}
+    errors = {
+        "scheduler": (
+            "ashaa",
+            "options.scheduler: 'ashaa' is not allowed; choose one of fifo, asha",
+        ),
+        "max_concurrent": (-1, "options.max_concurrent: must be >= 0, got -1"),
+        "num_samples": (0, "options.num_samples: must be >= 1, got 0"),
+        "gpus": (-0.5, "options.gpus: must be >= 0, got -0.5"),
+    }
+    run.save_settings(str(folder), spec.from_dict("tiny", TINY), run.Options(**good))
+    for key, (value, message) in errors.items():
+        stored.write_text(yaml.safe_dump({"experiment": TINY, "options": good | {key: value}}))
+        with pytest.raises(ConfigError) as err:
+            run.load_settings(str(folder))
+        assert str(err.value) == f"{stored}: {message}"
+    stored.write_text(
+        yaml.safe_dump(
+            {"experiment": TINY, "options": {k: v for k, v in good.items() if k != "gpus"}}
+        )
+    )
+    with pytest.raises(ConfigError, match="holds no experiment settings .*'gpus'"):
+        run.load_settings(str(folder))
+
+
+def test_asha_lets_the_longest_variant_finish_and_a_drawn_length_run_unbounded():
+    """max_t is past the longest trial's last step: variants of 40 and 90 steps over a base of
+    60 give 91, so the 90-step trial is not stopped at 61; a search that draws train.max_steps
+    has no bound it can know before the run (2**31)."""
+    variants = [{"train.max_steps": 40}, {"train.max_steps": 90}]
+    search = {"scheduler": "asha", "variants": variants}
+    raw = {**TINY, "train": {"max_steps": 60}, "search": search}
+    options = run.Options(gpus=0, num_samples=1, scheduler="asha", max_concurrent=0)
+    assert run._scheduler(spec.from_dict("a", raw), options)._max_t == 91
+    drawn = {"scheduler": "asha", "space": {"train": {"max_steps": {"choice": [30, 120]}}}}
+    assert spec.from_dict("a", raw | {"search": drawn}).longest_trial() == 0
+    assert run._scheduler(spec.from_dict("a", raw | {"search": drawn}), options)._max_t == 2**31
+    rule = {"when": {"model.solver": "vcab3"}, "space": {"train.max_steps": {"randint": [9, 99]}}}
+    solvers = {"model.solver": {"choice": ["vcab3", "tsit5"]}}
+    conditional = {"searcher": "tpe", "space": solvers, "conditional": [rule]}
+    assert spec.from_dict("a", raw | {"search": conditional}).longest_trial() == 0
+    assert spec.from_dict("a", raw | {"search": {"scheduler": "asha"}}).longest_trial() == 60
+
+
 def test_asha_without_a_reachable_dashboard_is_an_error_naming_the_fix(monkeypatch):
     def down(**kwargs):
         raise TimeoutError("no answer")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass
 from typing import Any
 
 import ray
@@ -36,8 +36,9 @@ from raydeq.experiments.spec import (
     trial_name,
 )
 from raydeq.training import capacity, launch
-from raydeq.training.config import Config, ConfigError
+from raydeq.training.config import SCHEDULERS, Config, ConfigError
 from raydeq.training.reporting import progress_line
+from raydeq.training.schema import build_section, option
 from raydeq.training.session import TuneTrial
 from raydeq.training.storage import exists, read_text, write_bytes
 
@@ -59,10 +60,10 @@ class Options:
     """How a run is carried out: GPUs per worker (None: decided by each trial when it starts),
     samples, scheduler, and a limit on trials at once (0: what the cluster can hold)."""
 
-    gpus: float | None
-    num_samples: int
-    scheduler: str
-    max_concurrent: int
+    gpus: float | None = option(MISSING, ge=0)
+    num_samples: int = option(MISSING, ge=1)
+    scheduler: str = option(MISSING, choices=SCHEDULERS)
+    max_concurrent: int = option(MISSING, ge=0)
 
 
 def run_trial(sampled: dict[str, Any], *, experiment: Experiment, path: str, gpus: float) -> None:
@@ -168,10 +169,13 @@ def load_settings(path: str) -> tuple[Experiment, Options]:
     file = f"{path}/{SETTINGS_FILE}"
     try:
         settings = yaml.safe_load(read_text(file))
-        experiment, options = settings["experiment"], Options(**settings["options"])
+        experiment, options = settings["experiment"], settings["options"]
+        options = build_section(Options, options, "options.")
     except (yaml.YAMLError, KeyError, TypeError, UnicodeDecodeError, OSError) as err:
         reason = f"{type(err).__name__}: {err}".splitlines()[0]
         raise ConfigError(f"{file} holds no experiment settings ({reason})") from None
+    except ConfigError as err:
+        raise ConfigError(f"{file}: {err}") from None
     try:
         return from_dict(path.rstrip("/").rsplit("/", 1)[-1], experiment), options
     except ConfigError as err:
@@ -179,11 +183,12 @@ def load_settings(path: str) -> tuple[Experiment, Options]:
 
 
 def _scheduler(experiment: Experiment, options: Options) -> TrialScheduler:
-    """FIFO, or ASHA on the training step (max_t: the search's, else the trials' length)."""
+    """FIFO, or ASHA on the training step (max_t: the search's, else past the longest trial's
+    last step, so that no trial is stopped before it ends)."""
     if options.scheduler != "asha":
         return FIFOScheduler()
     search = experiment.search
-    steps = experiment.trial_config({}).train.max_steps
+    steps = experiment.longest_trial()
     return ASHAScheduler(
         time_attr="step",
         max_t=search.max_t or (steps + 1 if steps else UNBOUNDED_STEPS),

@@ -36,6 +36,7 @@ from raydeq.training.config import (
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "tune_configs"
 VARIANT = "variant"
 LABEL = "label"
+STEPS_KEY = "train.max_steps"
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,18 @@ class Experiment:
     def space(self) -> searchers.Space:
         """The searcher's define-by-run space, the variants as its first points."""
         return searchers.space(self.base, self.search)
+
+    def longest_trial(self) -> int:
+        """The most training steps a trial takes (train.max_steps over the base or the
+        variants), 0 where that is unbounded: a trial trains for its epochs, or the search
+        draws train.max_steps."""
+        search = self.search
+        spaces = [search.space, *(rule["space"] for rule in search.conditional)]
+        if any(STEPS_KEY in dimensions(space) for space in spaces):
+            return 0
+        rows = [{VARIANT: row} for row in search.variants] or [{}]
+        steps = [self.trial_config(row).train.max_steps for row in rows]
+        return 0 if 0 in steps else max(steps)
 
     def trial_config(self, sampled: Mapping[str, Any]) -> Config:
         """The validated training config of one trial: base, then variant, then the sampled
