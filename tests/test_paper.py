@@ -322,6 +322,24 @@ def test_our_rows_that_the_paper_lacks_follow_its_rows():
     assert lines[-1].startswith(f"| {label} | 1 | 50.000 | - | - |")
 
 
+def test_a_searchers_paper_points_fill_the_papers_rows():
+    """A searcher's group of a paper point lists the point's values after its label (ImageNet's
+    Table 4 search): the point fills its label's row, 80 / 81.329 = 0.984, and a drawn trial
+    follows the paper's rows; a label that names two groups keeps them apart."""
+    rows, _ = _run()
+    point = f"{CONTINUOUS}, variant=vanilla, solver=vcab3, abstol=0.05"
+    drawn = "variant=skip, solver=tsit5, abstol=0.0123"
+    searched = [
+        rows[0] | {"group": point, "paper": True, "test_top5_accuracy": 0.80},
+        rows[0] | {"group": drawn, "paper": False, "test_top5_accuracy": 0.90},
+    ]
+    lines = paper.markdown(4, searched).splitlines()[4:]
+    assert lines[1].startswith(f"| {CONTINUOUS} | 1 | 80.000 | 81.329 ± 0.516 | 0.984 |")
+    assert [line.split(" | ")[0].removeprefix("| ") for line in lines] == [*LABELS[4], drawn]
+    twice = [searched[0], searched[0] | {"group": f"{point}1"}]
+    assert list(paper._groups(twice)) == [point, f"{point}1"]
+
+
 def test_the_ratio_to_the_paper_is_of_our_mean_over_the_seeds():
     """Three seeds at 80, 82 and 90 %: ours is their mean, 84, and 84 / 80.807 = 1.04."""
     rows, _ = _run()

@@ -19,6 +19,7 @@ from typing import Any
 
 import pandas as pd
 
+from raydeq.experiments import pareto
 from raydeq.experiments.figures import plt, png
 from raydeq.experiments.spec import Experiment
 from raydeq.solvers import DISCRETE
@@ -70,11 +71,25 @@ def published(table: int) -> pd.DataFrame:
     return frame[frame["table"] == table].set_index("label")
 
 
+def _methods(rows: list[dict[str, Any]]) -> dict[str, str]:
+    """Each group's method: a labelled variant's label where it names one group (a searcher's
+    group of a paper point also lists the point's values, `Vanilla Continuous DEQ,
+    variant=vanilla, ...`), else the group."""
+    labelled: dict[str, set[str]] = {}
+    for row in rows:
+        if row.get("paper"):
+            labelled.setdefault(pareto._name(row), set()).add(row["group"])
+    named = {next(iter(groups)): label for label, groups in labelled.items() if len(groups) == 1}
+    return {row["group"]: named.get(row["group"], row["group"]) for row in rows}
+
+
 def _groups(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    """Rows by group; trials that trained to the end when a group has any, else all of them."""
+    """Rows by method (`_methods`); trials that trained to the end when a method has any, else
+    all of them."""
+    methods = _methods(rows)
     groups: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
-        groups.setdefault(row["group"], []).append(row)
+        groups.setdefault(methods[row["group"]], []).append(row)
     return {g: [m for m in ms if m["completed"]] or ms for g, ms in groups.items()}
 
 
