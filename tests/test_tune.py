@@ -566,6 +566,18 @@ def test_the_stored_settings_give_back_the_experiment_and_every_option(tmp_path)
     assert loaded.search.num_samples == 2
 
 
+def test_the_stored_settings_keep_the_workers_given_over_workers_per_trial(tmp_path):
+    """`--workers-per-trial 2` (scaling.num_workers=2) over a file's workers_per_trial 1: the
+    resumed or reported experiment's trials have 2 workers, as the run's had, not 1."""
+    raw = {**TINY, "search": {"workers_per_trial": 1}}
+    experiment = spec.from_dict("tiny", raw, {"scaling.num_workers": 2})
+    folder = str(tmp_path / "runs" / "tiny")
+    run.save_settings(folder, experiment, run.Options(None, 1, "fifo", 0))
+    loaded, _ = run.load_settings(folder)
+    assert loaded.trial_config({}).scaling.num_workers == 2
+    assert spec.from_dict("tiny", raw).trial_config({}).scaling.num_workers == 1
+
+
 def test_stored_options_edited_out_of_range_are_one_line_errors_naming_the_option(tmp_path):
     """The options a resume reads back are checked as the command line's are: an unknown
     scheduler would run FIFO and a negative limit no limit, so each names the file and the

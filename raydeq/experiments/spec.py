@@ -201,7 +201,12 @@ def from_dict(
         search = _fix(
             {**search, "space": nested(space)} if isinstance(space, Mapping) else search, overrides
         )
-    experiment = Experiment(name, base, validate_search(search), base | {"search": search})
+    # The base holds workers_per_trial's effect: the settings a run stores, read back for a
+    # resume, must not apply it again over a --workers-per-trial or scaling.num_workers given.
+    stored = search
+    if isinstance(search, Mapping):
+        stored = {k: v for k, v in search.items() if k != "workers_per_trial"}
+    experiment = Experiment(name, base, validate_search(search), base | {"search": stored})
     _check_searcher(experiment.search)
     experiment.param_space()
     experiment.trial_config({})
