@@ -134,7 +134,7 @@ def _refuse_new_run_flags(args: argparse.Namespace) -> None:
     """Raise a ConfigError naming a flag that --resume or --report cannot honour."""
     mode = "--resume" if args.resume else "--report"
     for option, flag in NEW_RUN_FLAGS.items():
-        if getattr(args, option):
+        if getattr(args, option) not in (None, []):  # --gpus-per-worker 0 is given too
             raise ConfigError(
                 f"{mode}: {flag} cannot change an experiment that has started; drop it, or "
                 "start a new experiment with another --name"

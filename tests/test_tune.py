@@ -450,6 +450,7 @@ def test_the_command_refuses_bad_input_and_an_existing_experiment_with_status_2(
         (["--scheduler", "asha"], "--scheduler"),
         (["--workers-per-trial", "1"], "--workers-per-trial"),
         (["--gpus-per-worker", "1"], "--gpus-per-worker"),
+        (["--gpus-per-worker", "0"], "--gpus-per-worker"),
         (["--max-concurrent-trials", "1"], "--max-concurrent-trials"),
     ]:
         assert rt.main([*argv, "--resume", *flags]) == 2
