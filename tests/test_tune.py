@@ -928,6 +928,28 @@ def test_a_trials_history_joins_the_reports_archived_before_each_resume_in_step_
     assert frame["loss"].tolist() == [3.0, 1.5, 0.9, 0.5]
 
 
+def test_a_finished_trial_started_again_keeps_its_last_steps_training_measures(tmp_path):
+    """A trial resumed from its last checkpoint reports that step's evaluation alone: its row
+    keeps the step's training times, 10 x 0.5 + 10 x 1.0 = 15 s in all and forward time
+    (0.1 + 0.3) / 2, and its last training loss, 0.2, beside the evaluation's accuracy."""
+    trial = tmp_path / "trial"
+    trial.mkdir()
+    reports = [
+        {"step": 10, "step_time": 0.5, "forward_time": 0.1, "train_loss": 0.5},
+        {"step": 20, "step_time": 1.0, "forward_time": 0.3, "train_loss": 0.2},
+    ]
+    lines = "".join(json.dumps(report) + "\n" for report in reports)
+    (trial / f"{archive.ARCHIVE_PREFIX}0.json").write_text(lines)
+    frame = archive.history(str(trial), pd.DataFrame({"step": [20], "test_accuracy": [0.9]}))
+    assert frame["step"].tolist() == [10, 20]
+    experiment = spec.from_dict("again", TINY | {"train": {"epochs": 1, "max_steps": 20}})
+    trial = SimpleNamespace(trial_id="abc12_00000", status="TERMINATED", config={})
+    row = results.trial_row(experiment, trial, frame)
+    assert row["train_minutes"] == pytest.approx(15 / 60)
+    assert row["forward_time"] == pytest.approx(0.2)
+    assert (row["train_loss"], row["test_accuracy"]) == (0.2, 0.9)
+
+
 def test_each_resume_archives_the_reports_of_the_session_before_it_beside_the_earlier_ones(
     tmp_path,
 ):

@@ -41,7 +41,9 @@ def _archived(fs: pyarrow.fs.FileSystem, folder: str) -> list[str]:
 
 
 def history(trial_path: str, frame: pd.DataFrame) -> pd.DataFrame:
-    """A trial's reports in step order, archived ones first; the latest report of a step wins."""
+    """A trial's reports in step order, archived ones first; the latest report of a step wins,
+    measure by measure (a finished trial started again reports its last step's evaluation
+    alone, which must not drop that step's training times)."""
     fs, folder = filesystem(trial_path)
     parts = []
     for archived in _archived(fs, folder):
@@ -50,4 +52,4 @@ def history(trial_path: str, frame: pd.DataFrame) -> pd.DataFrame:
     frame = pd.concat([*parts, frame], ignore_index=True)
     if frame.empty or "step" not in frame:
         return frame
-    return frame.dropna(subset=["step"]).drop_duplicates("step", keep="last").sort_values("step")
+    return frame.dropna(subset=["step"]).groupby("step", as_index=False, sort=True).last()
