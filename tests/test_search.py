@@ -338,6 +338,23 @@ def test_the_front_is_marked_on_the_finished_trials_wherever_a_stopped_one_sits(
     assert pareto.cheapest_within([0.75, 0.5], [2.0, 1.0], margin=0.25) == 1
 
 
+def test_a_metric_in_mode_min_has_the_lowest_values_on_the_front():
+    """metric train_loss, mode min: of (loss, test NFE) A (0.1, 10), B (0.5, 5) and C (0.3, 20),
+    C is beaten by A (lower loss at less cost), so the front is B and A and the cheapest within
+    half a point of the best loss is A; in training time (0.3, 0.1, 0.2) none beats another."""
+    rows = [
+        {"trial": f"9db77_0000{i}", "group": f"t{i}", "completed": True}
+        | {"train_loss": loss, "test_nfe": nfe, "train_time": time}
+        for i, (loss, nfe, time) in enumerate([(0.1, 10.0, 0.3), (0.5, 5.0, 0.1), (0.3, 20.0, 0.2)])
+    ]
+    marked = pareto.mark(rows, "train_loss", "min")
+    assert [r["pareto_test_nfe"] for r in marked] == [True, True, False]
+    assert [r["cheapest_test_nfe"] for r in marked] == [True, False, False]
+    assert [r["pareto_train_time"] for r in marked] == [True, True, True]
+    assert [r["cheapest_train_time"] for r in marked] == [True, False, False]
+    assert pareto.chart(marked, "train_loss", "min").startswith(b"\x89PNG")
+
+
 def test_the_chart_leaves_off_a_front_end_at_chance_level_and_counts_it():
     """A cheap trial that collapsed to chance sits on the front; drawing it would squeeze the
     others into the top of the chart, so the panel shows the front within ZOOM_POINTS of the

@@ -61,13 +61,14 @@ def counted(rows: Sequence[Mapping[str, Any]]) -> list[int]:
     return done or list(range(len(rows)))
 
 
-def mark(rows: Sequence[Mapping[str, Any]], metric: str) -> list[dict[str, Any]]:
+def mark(rows: Sequence[Mapping[str, Any]], metric: str, mode: str = "max") -> list[dict[str, Any]]:
     """The rows with, per cost view, `pareto_<cost>` (on the front) and `cheapest_<cost>` (the
-    cheapest within half a point of the best `metric`)."""
+    cheapest within half a point of the best `metric`, the lowest in mode min)."""
     marked = [dict(row) for row in rows]
     members = counted(rows)
+    sign = -1.0 if mode == "min" else 1.0
     for cost in VIEWS:
-        accuracy = [_number(rows[i].get(metric)) for i in members]
+        accuracy = [sign * _number(rows[i].get(metric)) for i in members]
         costs = [_number(rows[i].get(cost)) for i in members]
         on_front = {members[i] for i in front(accuracy, costs)}
         cheapest = cheapest_within(accuracy, costs)
@@ -153,9 +154,10 @@ def _zoom(axes: Any, accuracy: list[float], shown: list[float], front: list[floa
         axes.set_title(f"{below} trial(s) below {floor:.0f}% not shown{of_front}", fontsize="small")
 
 
-def chart(rows: Sequence[Mapping[str, Any]], metric: str) -> bytes:
+def chart(rows: Sequence[Mapping[str, Any]], metric: str, mode: str = "max") -> bytes:
     """PNG of `metric` against each cost view: every trial, the front joined, each of the
-    paper's configurations in its own colour, one legend right of the panels."""
+    paper's configurations in its own colour, one legend right of the panels (the trials far
+    below the best left off in mode max only: in mode min the best trials sit lowest)."""
     figure, panels = plt.subplots(1, len(VIEWS), figsize=(14.0, 4.6))
     members = [rows[i] for i in counted(rows)]
     # One colour (and past ten, another marker) per configuration, the same in both views: a
@@ -195,7 +197,8 @@ def chart(rows: Sequence[Mapping[str, Any]], metric: str) -> bytes:
         )
         best_accuracy = max((p[1] for p in points), default=math.nan)
         shown = [p[1] for p in points if _shown(p[2], cost, p[1], best_accuracy)]
-        _zoom(axes, [p[1] for p in points], shown, [p[1] for p in front_points])
+        if mode == "max":
+            _zoom(axes, [p[1] for p in points], shown, [p[1] for p in front_points])
         axes.set_xlabel(words)
         axes.set_ylabel(f"{metric} (%)")
         axes.grid(alpha=0.3)

@@ -220,13 +220,14 @@ def report(path: str, experiment: Experiment) -> str:
         row = trial_row(experiment, trial, frame)
         rows.append(row)
         curves.setdefault(row["group"], []).append(frame)
-    metric = experiment.search.metric
-    metric = metric if any(metric in row for row in rows) else "test_accuracy"
-    rows = pareto.mark(rows, metric)
+    metric, mode = experiment.search.metric, experiment.search.mode
+    if not any(metric in row for row in rows):
+        metric, mode = "test_accuracy", "max"
+    rows = pareto.mark(rows, metric, mode)
     buffer = pa.BufferOutputStream()
     pq.write_table(results_table(rows), buffer)
     write_bytes(f"{path}/results.parquet", buffer.getvalue().to_pybytes())
-    write_bytes(f"{path}/{pareto.CHART}", pareto.chart(rows, metric))
+    write_bytes(f"{path}/{pareto.CHART}", pareto.chart(rows, metric, mode))
     hparams.write(path, rows, pareto.varying(rows))
     table = markdown(rows) + pareto.markdown(rows, metric)
     write_bytes(f"{path}/results.md", table.encode())
