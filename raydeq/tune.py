@@ -25,7 +25,7 @@ from raydeq.experiments import search as searchers
 from raydeq.experiments.results import PLOTS, report
 from raydeq.experiments.spec import Experiment, describe, expand, load
 from raydeq.training import data, launch, runlock
-from raydeq.training.config import SCHEDULERS, ConfigError, check_folder_name
+from raydeq.training.config import SCHEDULERS, ConfigError, check_folder_name, parse_overrides
 from raydeq.training.preflight import check_run
 from raydeq.training.storage import CHECKPOINT_PREFIX, StorageError, absolute, check_storage
 
@@ -210,10 +210,14 @@ def dry_run(experiment: Experiment, num_samples: int | None, path: str) -> None:
     print("\n".join(lines))
 
 
-def resume_command(args: argparse.Namespace) -> str:
-    """The command that resumes this experiment."""
+def resume_command(args: argparse.Namespace, path: str) -> str:
+    """The command that resumes this experiment at `path` (storage/name): a `storage_path=`
+    override, which --resume refuses, is given as --storage."""
     words = ["python", "-m", "raydeq.tune", args.experiment, "--resume"]
-    words += ["--storage", args.storage] if args.storage else []
+    storage = args.storage
+    if storage is None and "storage_path" in parse_overrides(args.overrides):
+        storage = path.rstrip("/").rsplit("/", 1)[0]
+    words += ["--storage", storage] if storage else []
     words += ["--name", args.name] if args.name else []
     return shlex.join(words)
 
@@ -289,7 +293,7 @@ def run_experiment(
     except KeyboardInterrupt:
         errors, unfinished = 0, 1
     if unfinished:
-        print(f"interrupted; resume with: {resume_command(args)}", file=sys.stderr)
+        print(f"interrupted; resume with: {resume_command(args, path)}", file=sys.stderr)
         return EXIT_INTERRUPTED
     print(report(path, experiment))
     print(f"results: {path}/results.parquet, {path}/results.md, plots {', '.join(PLOTS)} (.png)")

@@ -515,6 +515,30 @@ def test_a_run_with_failed_trials_exits_1_and_an_interrupted_one_130_with_its_re
             assert f"table of {storage}/{name}\n" in out
 
 
+def test_the_resume_command_of_a_run_stored_by_a_storage_path_override_finds_it(
+    tmp_path, capsys, monkeypatch
+):
+    """`storage_path=FOLDER` places the run in FOLDER, and --resume refuses key=value: the
+    printed command names FOLDER with --storage, and it resumes that run."""
+    for variable in ("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "RAY_AIR_NEW_OUTPUT"):
+        monkeypatch.setenv(variable, os.environ.get(variable, "set by the command"))
+    monkeypatch.setenv("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+    monkeypatch.setenv("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    monkeypatch.setattr(rt.launch, "check_cluster", lambda: None)
+    monkeypatch.setattr(rt.launch, "connect", lambda log_to_driver: False)
+    monkeypatch.setattr(rt, "report", lambda path, experiment: f"table of {path}")
+    monkeypatch.setattr(run, "fit", lambda *args: (0, 1))
+    file = tmp_path / "tiny.yaml"
+    file.write_text(yaml.safe_dump(TINY))
+    storage = tmp_path / "elsewhere"
+    assert rt.main([str(file), f"storage_path={storage}"]) == 130
+    resume = f"python -m raydeq.tune {file} --resume --storage {storage}"
+    assert capsys.readouterr().err.splitlines()[-1] == f"interrupted; resume with: {resume}"
+    monkeypatch.setattr(run, "fit", lambda *args: (0, 0))
+    assert rt.main(shlex.split(resume)[3:]) == 0
+    assert f"table of {storage}/tiny\n" in capsys.readouterr().out
+
+
 def test_stored_settings_that_are_no_text_or_bad_name_the_file_with_status_2(tmp_path, capsys):
     experiment = tmp_path / "tiny.yaml"
     experiment.write_text(yaml.safe_dump(TINY))
