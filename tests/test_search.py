@@ -310,7 +310,7 @@ def test_the_front_table_names_the_paper_points_and_the_cheapest_trial():
     assert pareto.chart(marked, "test_accuracy").startswith(b"\x89PNG")
     # Tune's variant generator names a trial 9db77_00001, a searcher 9a3b6bd8; the values follow.
     for folder, name in [("9db77_00001_lr=0.001", "9db77_00001"), ("9a3b6bd8_m=5", "9a3b6bd8")]:
-        assert pareto._name({"trial": folder}) == name
+        assert pareto.table_name({"trial": folder}) == name
 
 
 def test_the_front_is_marked_on_the_finished_trials_wherever_a_stopped_one_sits():

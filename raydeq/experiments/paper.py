@@ -78,7 +78,7 @@ def _methods(rows: list[dict[str, Any]]) -> dict[str, str]:
     labelled: dict[str, set[str]] = {}
     for row in rows:
         if row.get("paper"):
-            labelled.setdefault(pareto._name(row), set()).add(row["group"])
+            labelled.setdefault(pareto.table_name(row), set()).add(row["group"])
     named = {next(iter(groups)): label for label, groups in labelled.items() if len(groups) == 1}
     return {row["group"]: named.get(row["group"], row["group"]) for row in rows}
 

@@ -91,7 +91,7 @@ def _number(value: Any) -> float:
     return math.nan if value is None else float(value)
 
 
-def _name(row: Mapping[str, Any]) -> str:
+def table_name(row: Mapping[str, Any]) -> str:
     """A trial as the tables name it: the paper's label (its group up to the first ", key=",
     so that a label may hold a comma), else its Tune id: `9db77_00001` (the experiment's part,
     then the trial's) from Tune's variant generator, `9a3b6bd8` from a searcher; the folder
@@ -118,7 +118,7 @@ def markdown(rows: Sequence[Mapping[str, Any]], metric: str) -> str:
             (row for row in rows if row.get(f"pareto_{cost}")), key=lambda r: _number(r[cost])
         )
         for row in members:
-            cells = [_name(row), f"{100 * _number(row[metric]):.2f}"]
+            cells = [table_name(row), f"{100 * _number(row[metric]):.2f}"]
             cells += [_value(_number(row.get(c))) for c in VIEWS]
             cells += [_value(row.get(k)) for k in settings]
             text.append("| " + " | ".join(cells) + " |")
@@ -126,8 +126,9 @@ def markdown(rows: Sequence[Mapping[str, Any]], metric: str) -> str:
         if chosen:
             row = chosen[0]
             text.append(
-                f"\nCheapest within {100 * MARGIN:g} points of the best {metric}: {_name(row)} "
-                f"({100 * _number(row[metric]):.2f}%, {words} {_value(_number(row[cost]))})"
+                f"\nCheapest within {100 * MARGIN:g} points of the best {metric}: "
+                f"{table_name(row)} ({100 * _number(row[metric]):.2f}%, "
+                f"{words} {_value(_number(row[cost]))})"
             )
     return "\n".join(text) + "\n"
 
@@ -162,7 +163,7 @@ def chart(rows: Sequence[Mapping[str, Any]], metric: str, mode: str = "max") -> 
     members = [rows[i] for i in counted(rows)]
     # One colour (and past ten, another marker) per configuration, the same in both views: a
     # name beside each point overlapped where the configurations crowd (Table 1's eleven).
-    names = list(dict.fromkeys(_name(r) for r in members if r.get("paper")))
+    names = list(dict.fromkeys(table_name(r) for r in members if r.get("paper")))
     styles = {n: (f"C{i % 10}", "*PXD"[i // 10 % 4]) for i, n in enumerate(names)}
     for axes, (cost, words) in zip(panels, VIEWS.items()):
         points = [(_number(r.get(cost)), 100 * _number(r.get(metric)), r) for r in members]
@@ -171,7 +172,7 @@ def chart(rows: Sequence[Mapping[str, Any]], metric: str, mode: str = "max") -> 
         if plain:
             axes.scatter([p[0] for p in plain], [p[1] for p in plain], s=18, c="0.6", label="trial")
         for name, (colour, marker) in styles.items():
-            mine = [p for p in points if _name(p[2]) == name and p[2].get("paper")]
+            mine = [p for p in points if table_name(p[2]) == name and p[2].get("paper")]
             axes.scatter(
                 [p[0] for p in mine],
                 [p[1] for p in mine],
