@@ -355,6 +355,25 @@ def test_a_metric_in_mode_min_has_the_lowest_values_on_the_front():
     assert pareto.chart(marked, "train_loss", "min").startswith(b"\x89PNG")
 
 
+def test_a_metric_that_is_no_accuracy_is_shown_as_it_is_not_in_percent():
+    """train_loss 0.1 is no 10 %: the front table's column and the cheapest line give the
+    loss itself and a margin of 0.005, not 0.5 points; an accuracy stays in percent."""
+    rows = [
+        {"trial": f"9db77_0000{i}", "group": f"t{i}", "completed": True}
+        | {"train_loss": loss, "test_accuracy": 1 - loss, "test_nfe": nfe, "train_time": 0.5}
+        for i, (loss, nfe) in enumerate([(0.1, 10.0), (0.5, 5.0)])
+    ]
+    loss = pareto.markdown(pareto.mark(rows, "train_loss", "min"), "train_loss")
+    assert "| Trial | train_loss | test NFE |" in loss and "| 9db77_00001 | 0.5 | 5 |" in loss
+    assert "Cheapest within 0.005 of the best train_loss: 9db77_00000 (0.1, test NFE 10)" in loss
+    accuracy = pareto.markdown(pareto.mark(rows, "test_accuracy"), "test_accuracy")
+    assert "| Trial | test_accuracy (%) | test NFE |" in accuracy
+    assert "| 9db77_00001 | 50.00 | 5 |" in accuracy
+    assert "within 0.5 points of the best test_accuracy: 9db77_00000 (90.00%, test NFE 10)" in (
+        accuracy
+    )
+
+
 def test_the_chart_leaves_off_a_front_end_at_chance_level_and_counts_it():
     """A cheap trial that collapsed to chance sits on the front; drawing it would squeeze the
     others into the top of the chart, so the panel shows the front within ZOOM_POINTS of the

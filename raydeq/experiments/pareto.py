@@ -101,15 +101,29 @@ def table_name(row: Mapping[str, Any]) -> str:
     return re.match(r"[^_]+(_\d+(?=_|$))?", row["trial"]).group(0)
 
 
+def in_percent(metric: str) -> bool:
+    """Whether a metric is an accuracy, a fraction shown in percent (and its margin and the
+    chart's zoom in accuracy points); others are shown as they are."""
+    return metric.endswith("accuracy")
+
+
 def _value(value: Any) -> str:
     """A setting in a table cell."""
     return f"{value:.3g}" if isinstance(value, float) else "-" if value is None else str(value)
 
 
+def _metric_value(value: Any, percent: bool) -> str:
+    """The searched metric in a table cell: an accuracy in percent to two decimals."""
+    return f"{100 * _number(value):.2f}" if percent else _value(_number(value))
+
+
 def markdown(rows: Sequence[Mapping[str, Any]], metric: str) -> str:
     """Per cost view: the front with its settings, and the cheapest trial within half a point."""
     settings = varying(rows)
-    header = ["Trial", f"{metric} (%)", *VIEWS.values(), *(k.rsplit(".", 1)[-1] for k in settings)]
+    percent = in_percent(metric)
+    column = f"{metric} (%)" if percent else metric
+    header = ["Trial", column, *VIEWS.values(), *(k.rsplit(".", 1)[-1] for k in settings)]
+    margin = f"{100 * MARGIN:g} points" if percent else f"{MARGIN:g}"
     text = []
     for cost, words in VIEWS.items():
         text += [f"\n## Pareto front: {metric} against {words}\n"]
@@ -118,7 +132,7 @@ def markdown(rows: Sequence[Mapping[str, Any]], metric: str) -> str:
             (row for row in rows if row.get(f"pareto_{cost}")), key=lambda r: _number(r[cost])
         )
         for row in members:
-            cells = [table_name(row), f"{100 * _number(row[metric]):.2f}"]
+            cells = [table_name(row), _metric_value(row[metric], percent)]
             cells += [_value(_number(row.get(c))) for c in VIEWS]
             cells += [_value(row.get(k)) for k in settings]
             text.append("| " + " | ".join(cells) + " |")
@@ -126,8 +140,8 @@ def markdown(rows: Sequence[Mapping[str, Any]], metric: str) -> str:
         if chosen:
             row = chosen[0]
             text.append(
-                f"\nCheapest within {100 * MARGIN:g} points of the best {metric}: "
-                f"{table_name(row)} ({100 * _number(row[metric]):.2f}%, "
+                f"\nCheapest within {margin} of the best {metric}: {table_name(row)} "
+                f"({_metric_value(row[metric], percent)}{'%' if percent else ''}, "
                 f"{words} {_value(_number(row[cost]))})"
             )
     return "\n".join(text) + "\n"
@@ -158,15 +172,18 @@ def _zoom(axes: Any, accuracy: list[float], shown: list[float], front: list[floa
 def chart(rows: Sequence[Mapping[str, Any]], metric: str, mode: str = "max") -> bytes:
     """PNG of `metric` against each cost view: every trial, the front joined, each of the
     paper's configurations in its own colour, one legend right of the panels (the trials far
-    below the best left off in mode max only: in mode min the best trials sit lowest)."""
+    below the best left off for an accuracy in mode max only: in mode min the best trials sit
+    lowest, and other metrics have no accuracy points to zoom by)."""
     figure, panels = plt.subplots(1, len(VIEWS), figsize=(14.0, 4.6))
+    percent = in_percent(metric)
+    scale = 100 if percent else 1
     members = [rows[i] for i in counted(rows)]
     # One colour (and past ten, another marker) per configuration, the same in both views: a
     # name beside each point overlapped where the configurations crowd (Table 1's eleven).
     names = list(dict.fromkeys(table_name(r) for r in members if r.get("paper")))
     styles = {n: (f"C{i % 10}", "*PXD"[i // 10 % 4]) for i, n in enumerate(names)}
     for axes, (cost, words) in zip(panels, VIEWS.items()):
-        points = [(_number(r.get(cost)), 100 * _number(r.get(metric)), r) for r in members]
+        points = [(_number(r.get(cost)), scale * _number(r.get(metric)), r) for r in members]
         points = [p for p in points if math.isfinite(p[0] + p[1])]
         plain = [p for p in points if not p[2].get("paper")]
         if plain:
@@ -198,10 +215,10 @@ def chart(rows: Sequence[Mapping[str, Any]], metric: str, mode: str = "max") -> 
         )
         best_accuracy = max((p[1] for p in points), default=math.nan)
         shown = [p[1] for p in points if _shown(p[2], cost, p[1], best_accuracy)]
-        if mode == "max":
+        if mode == "max" and percent:
             _zoom(axes, [p[1] for p in points], shown, [p[1] for p in front_points])
         axes.set_xlabel(words)
-        axes.set_ylabel(f"{metric} (%)")
+        axes.set_ylabel(f"{metric} (%)" if percent else metric)
         axes.grid(alpha=0.3)
     handles, labels = panels[-1].get_legend_handles_labels()
     panels[-1].legend(
