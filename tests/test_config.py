@@ -196,6 +196,10 @@ def test_lambda_skip_defaults_to_the_presets_and_amp_reads_yaml_off():
         ({"seed": 2**64}, "seed: must be <= 4294967295, got 18446744073709551616"),
         ({"search": {"population_size": 1}}, "search.population_size: must be 0 (Optuna's"),
         ({"optim": {"milestones": [10, 10]}}, "optim.milestones: expected increasing steps, got"),
+        (
+            {"optim": {"optimizer": "sgd", "nesterov": True, "momentum": 0}},
+            "optim.nesterov: needs optim.momentum > 0",
+        ),
     ],
 )
 def test_bad_values_give_one_line_naming_the_key_and_what_is_allowed(raw, expected):
