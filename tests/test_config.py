@@ -285,6 +285,14 @@ def test_overrides_set_dotted_keys_read_as_yaml(tmp_path):
     assert load(path, ["model.compile=true"]).model_options()["compile"] is True
 
 
+def test_overrides_set_keys_of_a_section_left_empty_in_the_file(tmp_path):
+    """A section written with no keys (`model:`, which YAML reads as null) takes overrides."""
+    path = tmp_path / "run.yaml"
+    path.write_text("model:\ntrain: {epochs: 2}\n")
+    cfg = load(path, ["model.variant=skip", "train.epochs=4"])
+    assert (cfg.model.variant, cfg.train.epochs) == ("skip", 4)
+
+
 @pytest.mark.parametrize(
     ("override", "expected"),
     [

@@ -411,7 +411,9 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Mapping[str, Any]) -> dic
         *path, last = dotted.split(".")
         node = result
         for i, part in enumerate(path):
-            child = node.setdefault(part, {})
+            if node.get(part) is None:  # a section left empty in YAML (`model:`) is null
+                node[part] = {}
+            child = node[part]
             if not isinstance(child, MutableMapping):
                 raise ConfigError(f"{'.'.join(path[: i + 1])}: is a value, not a section")
             node = child
