@@ -762,6 +762,32 @@ def test_a_resume_starts_at_the_newest_of_several_checkpoints_and_tensorboard_ke
     assert steps["train_loss"] == [1, 2, 3, 4, 5, 6]
 
 
+def test_a_run_restarted_before_its_first_checkpoint_keeps_one_tensorboard_history(
+    tmp_path, monkeypatch
+):
+    """A run that crashed in step 5 with no checkpoint yet starts again at step 1: TensorBoard
+    holds each step once, the first session's steps 1 to 4 replaced by the second's."""
+    cfg = make_config(tmp_path, max_steps=6)
+    session = FolderSession(tmp_path / "checkpoints")
+    step, steps = torch.optim.Adam.step, []
+
+    def crash_in_step_5(self, *args, **kwargs):
+        steps.append(len(steps) + 1)
+        if len(steps) == 5:
+            raise RuntimeError("the machine went down")
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", crash_in_step_5)
+    with pytest.raises(RuntimeError, match="the machine went down"):
+        loop.Loop(cfg, session).run()
+    monkeypatch.setattr(torch.optim.Adam, "step", step)
+    assert not Path(session.folder).exists()  # no checkpoint to resume from
+    time.sleep(1)  # event files are named by their second (and in one process, a counter)
+    loop.Loop(cfg, session).run()
+    steps = steps_by_tag(Path(cfg.run_dir, reporting.TENSORBOARD_DIR))
+    assert steps["train_loss"] == [1, 2, 3, 4, 5, 6]
+
+
 def test_a_tune_trials_session_is_rank_0_of_1_and_reports_its_checkpoints(tmp_path, monkeypatch):
     """The process of a one-worker Tune trial: on the CPU unless given a GPU, its checkpoints
     newest first (Tune numbers them), and each report hands its checkpoint to Tune."""

@@ -123,8 +123,9 @@ class Reporter:
         self.send = send
         self.writer = None
         if rank == 0:
-            purge = resumed_step + 1 if resumed_step else None
-            self.writer = EventLog(os.path.join(run_dir, TENSORBOARD_DIR), purge)
+            # From the step after the resumed one, also at 1: a run restarted before its first
+            # checkpoint writes steps 1, 2, ... again over those of the session that crashed.
+            self.writer = EventLog(os.path.join(run_dir, TENSORBOARD_DIR), resumed_step + 1)
 
     def begin(self, step: int, total: int, workers: int) -> None:
         """Say on rank 0 where training starts: the first progress line can be many steps (and,
