@@ -186,6 +186,20 @@ def test_a_copy_cut_short_resumes_without_copying_a_file_twice(tmp_path, monkeyp
     assert not list(staged.rglob("*.partial"))
 
 
+def test_a_folder_indexed_again_after_a_change_stages_the_files_its_copy_lacks(tmp_path):
+    """Images added to a staged folder, its index deleted and listed again: the next stage
+    copies the new images beside the old copy, instead of reading a copy without them."""
+    root = small_tree(tmp_path / "data", ["n01"], payload=b"old")
+    local = str(tmp_path / "local")
+    staged = staging.stage(str(root), folders.load_index(str(root)).files["train"], local)
+    (root / "train/n01/added.png").write_bytes(b"new")
+    (root / folders.INDEX_FILE).unlink()
+    files = folders.load_index(str(root)).files["train"]
+    assert "train/n01/added.png" in files
+    assert staging.stage(str(root), files, local) == staged
+    assert (staged / "train/n01/added.png").read_bytes() == b"new"
+
+
 def test_stage_to_is_for_image_folders_only():
     with pytest.raises(ConfigError, match="^data.stage_to: dataset 'digits' is read in place"):
         validate({"data": {"stage_to": "/tmp/x"}})

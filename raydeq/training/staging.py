@@ -2,7 +2,8 @@
 training reads local files instead of many small ones over network storage.
 
 The workers of a node share one copy: the first takes a file lock and copies, the others wait
-for it; a finished copy is marked complete and reused by later trials and restarts. A copy cut
+for it; a finished copy is marked complete for its list of files and reused by later trials
+and restarts (another list, after the folder changed, gets the files it lacks). A copy cut
 short resumes where it stopped, since each file is written under a temporary name and renamed.
 """
 
@@ -37,20 +38,31 @@ def _copy(source: Path, target: Path) -> None:
     os.replace(partial, target)
 
 
+def _complete(root: Path, mark: str) -> bool:
+    """True when the copy at `root` was completed for the files that `mark` describes."""
+    try:
+        return (root / COMPLETE_FILE).read_text() == mark
+    except OSError:
+        return False
+
+
 def stage(data_dir: str, files: Sequence[str], stage_to: str) -> Path:
     """Copy `files` (paths relative to `data_dir`) to this node's `stage_to`, once; the copy's
-    root, to read them from."""
+    root, to read them from. A copy completed for other files (the folder changed and was
+    indexed again) gets the files it lacks."""
     root = staged_root(stage_to, data_dir)
-    if (root / COMPLETE_FILE).is_file():
+    listing = hashlib.sha256("\n".join(files).encode()).hexdigest()
+    mark = f"{len(files)} files from {data_dir}\nlisting sha256 {listing}\n"
+    if _complete(root, mark):
         return root
     root.mkdir(parents=True, exist_ok=True)
     with open(root / LOCK_FILE, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (root / COMPLETE_FILE).is_file():
+        if not _complete(root, mark):
             for folder in sorted({Path(name).parent for name in files}):
                 (root / folder).mkdir(parents=True, exist_ok=True)
             with ThreadPoolExecutor(COPY_THREADS) as pool:
                 sources = (Path(data_dir, name) for name in files)
                 list(pool.map(_copy, sources, (root / name for name in files)))
-            (root / COMPLETE_FILE).write_text(f"{len(files)} files from {data_dir}\n")
+            (root / COMPLETE_FILE).write_text(mark)
     return root
