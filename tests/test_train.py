@@ -889,6 +889,18 @@ def test_a_steps_times_split_it_at_the_loss_the_gradients_and_the_update(tmp_pat
     assert metrics["images_per_second"] == pytest.approx(32 / 3.0)
 
 
+def test_a_reports_images_per_second_are_its_images_over_its_time(tmp_path, monkeypatch):
+    """Two steps of 32 images that took 0.25 s and 1.75 s: the report says 64 / 2 = 32 images
+    per second, not the mean of the steps' rates (128 and 18.3: 73.1)."""
+    ticks = iter([0.0, 0.0, 0.0, 0.25, 1.0, 1.0, 1.0, 2.75])
+    monkeypatch.setattr(loop, "clock", lambda device: next(ticks))
+    session = RecordingSession(tmp_path / "run")
+    loop.Loop(make_config(tmp_path, max_steps=2, eval_batches=1), session).run()
+    ((metrics, _),) = session.reports
+    assert metrics["step_time"] == pytest.approx(1.0, rel=1e-2)  # and a wait for data
+    assert metrics["images_per_second"] == pytest.approx(32.0, rel=1e-2)
+
+
 def test_a_steps_data_time_is_its_wait_for_the_batch(tmp_path, monkeypatch):
     """Batches that each take 50 ms to arrive: the reported data_time is at least 50 ms a step
     and the step_time includes it."""

@@ -239,6 +239,8 @@ class Loop:
         if not (last or periodic or step % cfg.report_every == 0):
             return
         summary = self.meter.means(self.device)
+        if "step_time" in summary:  # the interval's images over its time, not a mean of rates
+            summary["images_per_second"] = self.cfg.data.batch_size / summary["step_time"]
         if last:
             tested = self.evaluate()
             self.reporter.scalars(tested, step)
