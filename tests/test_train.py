@@ -788,6 +788,24 @@ def test_a_run_restarted_before_its_first_checkpoint_keeps_one_tensorboard_histo
     assert steps["train_loss"] == [1, 2, 3, 4, 5, 6]
 
 
+def test_a_resume_takes_the_checkpoint_of_the_latest_step_whatever_the_clock_named_it(tmp_path):
+    """Ray Train names a checkpoint by its worker's local time: steps 10 and 20 written at 02:10
+    and 02:50, then the clock set back an hour (daylight saving time ends) and step 30 written
+    at 02:20. The resume takes step 30, after a folder with no manifest (a copy cut short),
+    which is tried first and named."""
+    names = {10: "02-10-00", 20: "02-50-00", 30: "02-20-00"}
+    for step, time_of_day in names.items():
+        name = f"checkpoint_2026-10-25_{time_of_day}.000000"
+        checkpoint.write_checkpoint({"step": step}, tmp_path / name)
+    (tmp_path / "checkpoint_2026-10-25_01-00-00.000000").mkdir()
+    order = []
+    for held in stored_checkpoints(str(tmp_path)):
+        with held as folder:
+            order.append(Path(folder).name[len("checkpoint_2026-10-25_") :][:8])
+    assert order == ["01-00-00", "02-20-00", "02-50-00", "02-10-00"]
+    assert checkpoint.restore(stored_checkpoints(str(tmp_path)))["step"] == 30
+
+
 def test_a_tune_trials_session_is_rank_0_of_1_and_reports_its_checkpoints(tmp_path, monkeypatch):
     """The process of a one-worker Tune trial: on the CPU unless given a GPU, its checkpoints
     newest first (Tune numbers them), and each report hands its checkpoint to Tune."""
