@@ -78,6 +78,7 @@ def test_validate_accepts_its_own_output():
         {"train": {"eval_batches": 3}},
         {"data": {"loader_workers": 4}},
         {"data": {"pin_memory": True}},
+        {"data": {"eval_batch_size": 64}},  # the way out of an evaluation out of memory
         {"storage_path": "/tmp/elsewhere"},
         {"label": "a trial"},
         {"scaling": {"num_workers": 1, "max_failures": 0}},

@@ -346,6 +346,10 @@ def default_name(cfg: Config) -> str:
             settings = without(settings, f"model.{key}")
     for dotted in OUTSIDE_HASH:
         settings = without(settings, dotted)
+    # How many test images a worker predicts at once changes no trained weight, and lowering it
+    # is the way out of an evaluation that runs out of memory: the digest reads every run at
+    # the default, so that such a run resumes and runs at the default keep their names.
+    settings["data"]["eval_batch_size"] = DataSection.eval_batch_size
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
     return f"{cfg.data.dataset}-{cfg.model.model}-{cfg.model.variant}-{digest}"
 
