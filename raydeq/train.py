@@ -68,6 +68,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (ConfigError, data.DataError, StorageError) as err:
             print(f"error: {err}", file=sys.stderr)
             return EXIT_BAD_INPUT
+        except KeyboardInterrupt:  # in the preflight, which may list a large data folder
+            print("\ninterrupted before training started", file=sys.stderr)
+            return EXIT_INTERRUPTED
         return run(cfg, argv)
 
 

@@ -267,6 +267,21 @@ def test_workers_that_this_machine_cannot_hold_are_refused_not_waited_for(tmp_pa
     assert not (runs / "digits" / SETTINGS_FILE).exists()  # so the command can run again
 
 
+def test_ctrl_c_in_the_preflight_exits_130_in_one_line(tmp_path, capsys, monkeypatch):
+    """The preflight may list a large data folder: Ctrl-C there ends with 130 and a line, not
+    a traceback, and takes no run lock."""
+
+    def interrupt(cfg):
+        raise KeyboardInterrupt
+
+    path = tmp_path / "run.yaml"
+    path.write_text(f"scaling: {{device: cpu}}\nstorage_path: {tmp_path / 'runs'}\n")
+    monkeypatch.setattr(train, "check_run", interrupt)
+    assert train.main([str(path)]) == 130
+    assert capsys.readouterr().err == "\ninterrupted before training started\n"
+    assert not (tmp_path / "runs").exists()
+
+
 def test_a_failed_run_exits_1_with_its_own_error_and_an_interrupted_one_130_with_its_command(
     tmp_path, capsys, monkeypatch
 ):

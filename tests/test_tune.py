@@ -539,6 +539,21 @@ def test_the_resume_command_of_a_run_stored_by_a_storage_path_override_finds_it(
     assert f"table of {storage}/tiny\n" in capsys.readouterr().out
 
 
+def test_ctrl_c_in_the_preflight_exits_130_in_one_line(tmp_path, capsys, monkeypatch):
+    """Checking every trial's data and model before Ray starts may take a while: Ctrl-C there
+    ends with 130 and a line, not a traceback, and stores no settings."""
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    experiment = tmp_path / "tiny.yaml"
+    experiment.write_text(yaml.safe_dump(TINY))
+    monkeypatch.setattr(rt, "check_run", interrupt)
+    assert rt.main([str(experiment), "--storage", str(tmp_path / "runs")]) == 130
+    assert capsys.readouterr().err == "\ninterrupted before the trials started\n"
+    assert not run.has_settings(str(tmp_path / "runs" / "tiny"))
+
+
 def test_stored_settings_that_are_no_text_or_bad_name_the_file_with_status_2(tmp_path, capsys):
     experiment = tmp_path / "tiny.yaml"
     experiment.write_text(yaml.safe_dump(TINY))
