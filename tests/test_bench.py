@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from raydeq.bench.__main__ import check_device, main, parse, parse_weights
-from raydeq.bench.harness import models, timing, training
+from raydeq.bench.harness import cases, models, timing, training
 from raydeq.bench.harness.cases import (
     Outcome,
     backward_case,
@@ -834,6 +834,47 @@ def test_a_timed_call_waits_for_the_device_before_each_clock_reading(monkeypatch
     seconds, value = time_call(lambda: events.append("call") or 7, CPU)
     assert (seconds, value) == (2.5, 7)
     assert events == ["sync", "clock", "call", "sync", "clock"]
+
+
+def test_a_cases_true_residual_and_gradient_error_are_computed_after_its_clock_stops(monkeypatch):
+    """The residual of a forward case costs an evaluation of f that its NFE does not count, and
+    the error of a backward case is bookkeeping: both come after the clock's second reading."""
+    events: list[str] = []
+    clock = iter([1.0, 3.0, 10.0, 14.0])
+
+    def read_clock() -> float:
+        events.append("clock")
+        return next(clock)
+
+    monkeypatch.setattr(timing.time, "perf_counter", read_clock)
+    problem = SpectralProblem(Spectrum(dim=6, batch=2), CPU, torch.float64)
+    residual = problem.residual
+    monkeypatch.setattr(problem, "residual", lambda z: events.append("residual") or residual(z))
+    seconds, outcome = time_call(forward_case(problem, lambda f, z0: f(z0))(), CPU)
+    assert seconds == 2.0 and events == ["clock", "clock", "residual"]
+    # f(0) = x: one evaluation, and the residual is that of x.
+    assert outcome.nfe == 1
+    assert outcome.residual == pytest.approx(float(residual(problem.x).max()))
+
+    events.clear()
+    problem.weight.requires_grad_(True)
+    problem.x.requires_grad_(True)
+    cotangent = torch.ones(2, 6, dtype=torch.float64)
+    leaves = [problem.weight, problem.x]
+
+    def forward() -> torch.Tensor:  # the VJP through the second application is the only one
+        return problem.f(problem.f(problem.z0()))
+
+    exact = torch.autograd.grad((cotangent * forward()).sum(), leaves)
+
+    def error(grads, reference) -> float:
+        events.append("error")
+        return gradient_error(grads, reference)
+
+    monkeypatch.setattr(cases, "gradient_error", error)
+    seconds, outcome = time_call(backward_case(problem, forward, cotangent, exact)(), CPU)
+    assert seconds == 4.0 and events == ["clock", "clock", "error"]
+    assert (outcome.nvjp, outcome.error) == (1, 0.0)
 
 
 def test_a_markdown_table_has_a_rule_per_column_and_cells_in_column_order():

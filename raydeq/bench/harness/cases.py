@@ -11,7 +11,7 @@ from torch import Tensor
 
 from raydeq import solve
 from raydeq.bench.harness.problems import SpectralProblem, gradient_error
-from raydeq.bench.harness.timing import Case
+from raydeq.bench.harness.timing import After, Case
 
 
 @dataclass
@@ -27,14 +27,16 @@ class Outcome:
 def forward_case(
     problem: SpectralProblem, run: Callable[[Callable[[Tensor], Tensor], Tensor], Tensor]
 ) -> Case:
-    """Time run(f, z0) -> z without autograd; the outcome has NFE and the worst true residual."""
+    """Time run(f, z0) -> z without autograd; the outcome has NFE and the worst true residual,
+    computed after the clock stops (it costs an evaluation of f)."""
 
-    def prepare() -> Callable[[], Outcome]:
-        def thunk() -> Outcome:
+    def prepare() -> Callable[[], After]:
+        def thunk() -> After:
             problem.counter.reset()
             with torch.no_grad():
                 z = run(problem.f, problem.z0())
-            return Outcome(problem.counter.nfe, 0, float(problem.residual(z).max()))
+            nfe = problem.counter.nfe
+            return After(lambda: Outcome(nfe, 0, float(problem.residual(z).max())))
 
         return thunk
 
@@ -67,18 +69,19 @@ def backward_case(
     """Time the backward pass of L = sum(cotangent * z*) after an untimed forward().
 
     The outcome has the VJPs through f and the evaluations of f made by the backward pass
-    alone, and the relative error of (dL/dW, dL/dx) against the exact gradient.
+    alone, and the relative error of (dL/dW, dL/dx) against the exact gradient, computed after
+    the clock stops.
     """
     leaves = [problem.weight, problem.x]
 
-    def prepare() -> Callable[[], Outcome]:
+    def prepare() -> Callable[[], After]:
         loss = (cotangent * forward()).sum()
         problem.counter.reset()
 
-        def thunk() -> Outcome:
+        def thunk() -> After:
             grads = torch.autograd.grad(loss, leaves)
-            error = gradient_error(grads, reference)
-            return Outcome(problem.counter.nfe, problem.counter.nvjp, float("nan"), error)
+            nfe, nvjp = problem.counter.nfe, problem.counter.nvjp
+            return After(lambda: Outcome(nfe, nvjp, float("nan"), gradient_error(grads, reference)))
 
         return thunk
 

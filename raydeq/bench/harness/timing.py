@@ -18,6 +18,14 @@ import torch
 Case = Callable[[], Callable[[], Any]]
 
 
+@dataclass(frozen=True)
+class After:
+    """A thunk's value computed once its clock has stopped: what a case reports about its result
+    (a true residual, a gradient error) is no part of the time it measures."""
+
+    compute: Callable[[], Any]
+
+
 @dataclass
 class Timing:
     """Wall times of the repeats of one case (seconds) and the value its last call returned.
@@ -78,14 +86,16 @@ def synchronize(device: torch.device) -> None:
 
 
 def time_call(thunk: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
-    """Seconds one call of `thunk` takes on `device` (garbage collection paused) and its value."""
+    """Seconds one call of `thunk` takes on `device` (garbage collection paused) and its value;
+    a value `After` is computed after the clock stops."""
     gc.disable()
     try:
         synchronize(device)
         start = time.perf_counter()
         value = thunk()
         synchronize(device)
-        return time.perf_counter() - start, value
+        seconds = time.perf_counter() - start
+        return seconds, value.compute() if isinstance(value, After) else value
     finally:
         gc.enable()
 

@@ -22,7 +22,7 @@ from raydeq.bench.harness.cases import Outcome, forward_case, raydeq_forward
 from raydeq.bench.harness.context import Context
 from raydeq.bench.harness.problems import SpectralProblem, Spectrum
 from raydeq.bench.harness.report import Section, Target
-from raydeq.bench.harness.timing import Case, measure, ratio
+from raydeq.bench.harness.timing import Case, measure, ratio, time_call
 
 
 @dataclass(frozen=True)
@@ -111,7 +111,8 @@ def best_fixed_time(
         atol = factor * TOL
         t1 = first_steady_time(problem, method, atol, horizon, grid)
         if math.isfinite(t1):
-            outcome = forward_case(problem, fixed_time_run(problem, method, atol, t1))()()
+            case = forward_case(problem, fixed_time_run(problem, method, atol, t1))
+            outcome = time_call(case(), problem.x.device)[1]
             if outcome.residual <= TOL and (best is None or outcome.nfe < best[0]):
                 best = (outcome.nfe, atol, t1)
     return best[1:] if best else None
@@ -121,7 +122,8 @@ def best_event_atol(problem: SpectralProblem) -> float | None:
     """The atol of the fewest-NFE odeint_event run that meets TOL, None if no atol does."""
     best = None
     for factor in ATOL_FACTORS:
-        outcome = forward_case(problem, event_run(problem, factor * TOL))()()
+        case = forward_case(problem, event_run(problem, factor * TOL))
+        outcome = time_call(case(), problem.x.device)[1]
         if outcome.residual <= TOL and (best is None or outcome.nfe < best[0]):
             best = (outcome.nfe, factor * TOL)
     return best[1] if best else None
