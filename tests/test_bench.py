@@ -930,6 +930,15 @@ def test_peak_memory_counts_a_storage_once_whatever_writes_into_it_or_views_it()
     assert peak == 2**20 and float(kept[0]) == 4.0
 
 
+def test_peak_memory_leaves_out_tensors_made_before_that_the_call_views_or_writes_into():
+    """A 1 MiB weight made before: its transpose and an in-place write allocate nothing, and a
+    product with it allocates only its 4 x 1024 float32 result (16 KiB)."""
+    weight, x = torch.ones(1024, 256), torch.ones(4, 256)
+    assert peak_memory(lambda: weight.T, CPU)[0] == 0
+    assert peak_memory(lambda: weight.mul_(1.0), CPU)[0] == 0
+    assert peak_memory(lambda: x @ weight.T, CPU)[0] == 4 * 1024 * 4
+
+
 def test_peak_memory_on_a_gpu_is_the_allocators_peak_above_what_was_allocated_before(monkeypatch):
     events: list[str] = []
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device: events.append("sync"))

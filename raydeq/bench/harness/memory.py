@@ -13,7 +13,12 @@ from torch.utils._pytree import tree_flatten
 
 
 class StorageTracker(TorchDispatchMode):
-    """Counts the bytes of every storage an operator allocates until that storage is freed."""
+    """Counts the bytes of every storage an operator allocates until that storage is freed.
+
+    An output on the storage of one of the operator's inputs (a view, an in-place or out=
+    write) allocated nothing: a tensor made before the tracker started is not counted when an
+    operator views it or writes into it.
+    """
 
     def __init__(self) -> None:
         super().__init__()
@@ -28,13 +33,18 @@ class StorageTracker(TorchDispatchMode):
         self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None
     ) -> Any:
         """Run the operator, then register the storages of its outputs that are new."""
+        inputs = {
+            t.untyped_storage().data_ptr()
+            for t in tree_flatten((args, kwargs))[0]
+            if isinstance(t, torch.Tensor)
+        }
         out = func(*args, **(kwargs or {}))
         for tensor in tree_flatten(out)[0]:
             if not isinstance(tensor, torch.Tensor):
                 continue
             storage = tensor.untyped_storage()
             pointer = storage.data_ptr()
-            if pointer in self.live or storage.nbytes() == 0:
+            if pointer in self.live or pointer in inputs or storage.nbytes() == 0:
                 continue
             self.live[pointer] = storage.nbytes()
             self.current += storage.nbytes()
