@@ -1069,6 +1069,23 @@ def test_discrete_rows_divide_by_fixed_point_and_a_residual_over_the_tolerance_h
         assert row["max residual"] == pytest.approx(4e-6)
 
 
+def test_a_fixed_point_stopped_short_of_the_tolerance_gives_no_nfe_ratio(monkeypatch):
+    """Hand-made outcomes: the fixed point stops at its budget of 3000 with 100 x TOL left,
+    so Anderson's and Broyden's 20 and 10 NFE are at no residual it reached: n/a, not 1/150
+    and 1/300 as PASS."""
+    tol = discrete.TOL
+    nfe = {"fixed_point": 3000, "anderson": 20, "broyden": 10, "vcab3": 50, "tsit5": 4, "euler": 8}
+    residual = dict.fromkeys(nfe, tol / 2) | {"fixed_point": 100 * tol}
+    seconds = {name: [0.001] for name in nfe}
+    values = {name: Outcome(nfe[name], 0, residual[name]) for name in nfe}
+    monkeypatch.setattr(discrete, "measure", fake_measure(seconds, values))
+    columns = ["problem", "solver", "NFE", "NFE / fixed point", "time ms", "max residual"]
+    section = Section("discrete", "t", columns)
+    discrete.spectral_rows(Context(CPU, "tiny"), discrete.SIZES["tiny"], section)
+    assert [t.verdict() for t in section.targets] == ["n/a", "n/a"]
+    assert all("fixed point's 1.00e-03" in t.detail for t in section.targets)
+
+
 def test_overhead_rows_are_time_per_evaluation_over_a_bare_call_paired_within_rounds(monkeypatch):
     """Hand-made rounds: every solve takes 5, 5, 5 and 10 times the 5 bare calls of its
     round, so its time per NFE is 25 / NFE bare calls; its spread is its own."""
