@@ -836,6 +836,16 @@ def test_a_timed_call_waits_for_the_device_before_each_clock_reading(monkeypatch
     assert events == ["sync", "clock", "call", "sync", "clock"]
 
 
+@pytest.mark.parametrize(("device", "waits"), [("cpu", []), ("mps", ["mps"]), ("xpu:1", ["xpu:1"])])
+def test_a_timed_call_waits_for_any_accelerator_the_run_accepts(device, waits, monkeypatch):
+    """check_device admits the machine's accelerator whatever its kind; its queued work is
+    waited for as CUDA's is, else the clock would time the launches only."""
+    waited: list[str] = []
+    monkeypatch.setattr(torch.accelerator, "synchronize", lambda d: waited.append(str(d)))
+    timing.synchronize(torch.device(device))
+    assert waited == waits
+
+
 def test_a_cases_true_residual_and_gradient_error_are_computed_after_its_clock_stops(monkeypatch):
     """The residual of a forward case costs an evaluation of f that its NFE does not count, and
     the error of a backward case is bookkeeping: both come after the clock's second reading."""

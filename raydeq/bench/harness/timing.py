@@ -80,9 +80,12 @@ def keep_freed_memory() -> bool:
 
 
 def synchronize(device: torch.device) -> None:
-    """Wait for the device's queued work, so that a host clock times it."""
+    """Wait for the device's queued work, so that a host clock times it (any accelerator that
+    --device accepts, e.g. mps, queues its work as CUDA does)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    elif device.type != "cpu":
+        torch.accelerator.synchronize(device)
 
 
 def time_call(thunk: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
