@@ -336,6 +336,17 @@ def test_peak_memory_counts_live_storages():
     assert kept.shape == (1024, 256)
 
 
+def test_without_torchdeq_its_targets_keep_the_names_they_have_with_it(run, monkeypatch):
+    """Results of a run without TorchDEQ name its targets as a run with it does, so that the
+    same target reads n/a there instead of appearing under another name."""
+    data, _ = run
+    (measured,) = [s for s in data["sections"] if s["name"] == "torchdeq"]
+    monkeypatch.setattr(torchdeq, "available", lambda: False)
+    missing = torchdeq.run(Context(CPU, "tiny"))
+    assert [t.name for t in missing.targets] == [t["name"] for t in measured["targets"]]
+    assert [t.verdict() for t in missing.targets] == ["n/a", "n/a"]
+
+
 def test_missing_peer_and_data_are_reported_not_raised(monkeypatch, tmp_path):
     monkeypatch.setattr(torchdeq, "available", lambda: False)
     ctx = Context(CPU, "tiny", data_dir=tmp_path)

@@ -58,6 +58,8 @@ FORWARD = {
 # TorchDEQ backward solvers and their iteration budgets
 BACKWARD = {"fixed_point_iter": 1000, "anderson": 200, "broyden": 200}
 MISSING = "TorchDEQ is not installed (pip install -e '.[bench]'); its rows are skipped"
+FORWARD_TARGET = "forward: raydeq best / TorchDEQ best time"
+BACKWARD_TARGET = f"backward at gradient error {TARGET_ERROR:g}: raydeq GMRES / TorchDEQ best time"
 
 
 def available() -> bool:
@@ -127,7 +129,7 @@ def forward_rows(ctx: Context, spec: Spectrum, repeats: int, section: Section) -
     both = ours_best and theirs_best
     section.targets.append(
         Target(
-            "forward: raydeq best / TorchDEQ best time",
+            FORWARD_TARGET,
             paired_ratio(timings[ours_best], timings[theirs_best]) if both else None,
             0.5,
             detail=f"{ours_best} vs {theirs_best}" if both else "",
@@ -193,7 +195,7 @@ def backward_rows(ctx: Context, spec: Spectrum, repeats: int, section: Section) 
     peer = min(theirs, key=lambda label: timings[label].median) if theirs else None
     section.targets.append(
         Target(
-            f"backward at gradient error {TARGET_ERROR:g}: raydeq GMRES / TorchDEQ best time",
+            BACKWARD_TARGET,
             paired_ratio(ours, timings[peer]) if ours and peer else None,
             0.3,
             detail=f"vs {peer}" if peer else "TorchDEQ reached no tolerance",
@@ -227,8 +229,8 @@ def run(ctx: Context) -> Section:
     if not available():
         section.notes.append(MISSING)
         section.targets += [
-            Target("forward: raydeq best / TorchDEQ best time", None, 0.5, detail=MISSING),
-            Target("backward: raydeq GMRES / TorchDEQ best time", None, 0.3, detail=MISSING),
+            Target(FORWARD_TARGET, None, 0.5, detail=MISSING),
+            Target(BACKWARD_TARGET, None, 0.3, detail=MISSING),
         ]
         return section
     forward_rows(ctx, size.forward, size.repeats, section)
