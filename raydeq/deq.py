@@ -98,6 +98,12 @@ def residual_stats(
     return SolveStats.from_monitor(monitor, nfe, steps)
 
 
+def _wide(t: Tensor) -> Tensor:
+    """t in at least float32, for a sum over a batch: a float16 state has more elements than
+    float16's largest value (65504), and a loss summed in float16 overflows to inf."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def hutchinson_jacobian_loss(f: Callable[[State], State], z: State) -> Tensor:
     """Estimate ||J_f(z)||_F^2 / dim with one Gaussian probe eps: ||eps^T J_f||^2 / dim.
 
@@ -114,7 +120,7 @@ def hutchinson_jacobian_loss(f: Callable[[State], State], z: State) -> Tensor:
         vjps = torch.autograd.grad(
             out, inputs, probes, create_graph=differentiable, materialize_grads=True
         )
-    return sum(v.pow(2).sum() for v in vjps) / sum(t.numel() for t in inputs)
+    return sum(_wide(v).pow(2).sum() for v in vjps) / sum(t.numel() for t in inputs)
 
 
 def _shapes(z: State) -> list[tuple[int, ...]]:
@@ -129,7 +135,7 @@ def skip_loss(z: State, z0: State) -> Tensor:
     producer of z0 (g, or f through f(0, x)) and, by the implicit adjoint of z*, f itself.
     """
     pairs = list(zip(_tensors(z), _tensors(z0), strict=True))
-    total = sum((a - b).abs().sum() for a, b in pairs)
+    total = sum(_wide(a - b).abs().sum() for a, b in pairs)
     return total / sum(b.numel() for _, b in pairs)
 
 

@@ -214,6 +214,31 @@ def test_the_skip_loss_of_a_multiscale_state_is_the_mean_over_every_element():
     assert float(skip_loss(z, z0)) == pytest.approx(expected, rel=1e-6)
 
 
+def test_the_losses_of_a_float16_state_are_summed_without_overflow():
+    """A float16 state of 2 x 50,000 elements: sum |z - z0| = 100,000 and ||eps^T J||^2 of
+    about 400,000 exceed float16's largest value (65504); both losses are summed in float32."""
+    z = torch.ones(2, 50_000, dtype=torch.float16)
+    assert float(skip_loss(z, torch.zeros_like(z))) == 1.0
+    torch.manual_seed(3)
+    got = hutchinson_jacobian_loss(lambda v: 2 * v, z)
+    torch.manual_seed(3)
+    eps = torch.randn_like(z)  # the probe the estimate draws; eps^T J = 2 eps
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, 4 * eps.float().square().sum() / z.numel(), rtol=1e-6, atol=0)
+
+
+def test_a_float16_skip_reg_layer_has_finite_losses():
+    """f(z, x) = z / 2 + x in float16 with x = 1 on 100,000 elements: z0 = f(0, x) = 1,
+    z* = 2, so skip_loss = 1 and jac_loss = ||eps / 2||^2 / dim, about 1/4."""
+    x = torch.ones(2, 50_000, dtype=torch.float16)
+    layer = DEQ(lambda z, x: z / 2 + x, init="skip_reg", solver="fixed_point", jac_reg=True)
+    with torch.no_grad():
+        out = layer(x)
+    assert out.z.dtype == torch.float16
+    assert float(out.skip_loss) == pytest.approx(1.0, abs=5e-3)
+    assert float(out.jac_loss) == pytest.approx(0.25, abs=5e-3)
+
+
 @pytest.mark.parametrize("init", ["zeros", "skip_reg"])
 def test_under_autocast_the_solve_and_its_backward_stay_float32(init):
     """Under bfloat16 autocast x and f(0, x) are bfloat16; the solver still starts from a float32
