@@ -68,15 +68,27 @@ def initial_state(f: nn.Module, x: Tensor) -> State:
     return make(x) if callable(make) else torch.zeros_like(x)
 
 
+def _takes_zero_state(f: nn.Module, x: Tensor) -> bool:
+    """Whether f(zeros_like(x), x) runs and gives a state of x's shapes (tried without a graph,
+    only after an error)."""
+    zeros = torch.zeros_like(x)
+    try:
+        with torch.no_grad():
+            return _shapes(f(zeros, x)) == _shapes(zeros)
+    except Exception:
+        return False
+
+
 @contextmanager
 def zero_state_hint(f: nn.Module, x: Tensor) -> Iterator[None]:
-    """Add to an error raised within a note naming `initial_state`, for an f without it: the
-    state then starts as zeros_like(x), and a cell whose state is not shaped like its input
-    otherwise fails inside its own first product."""
+    """Add to an error raised within a note naming `initial_state`, for an f without it that
+    does not take the zero state zeros_like(x) to a state of its shape: a cell whose state is
+    not shaped like its input otherwise fails inside its own first product. An error of an f
+    that does (an integration past max_steps, running out of memory) gets no note."""
     try:
         yield
     except (RuntimeError, ValueError) as err:
-        if not callable(getattr(f, "initial_state", None)):
+        if not callable(getattr(f, "initial_state", None)) and not _takes_zero_state(f, x):
             err.add_note(
                 f"the state started as zeros_like(x), of shape {tuple(x.shape)}: a cell whose "
                 "state is not shaped like its input needs a method initial_state(x) returning "

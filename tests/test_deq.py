@@ -711,6 +711,31 @@ def test_a_state_not_shaped_like_the_input_names_initial_state(layer):
     assert layer(WideCell(zero_state=True))(x).z.shape == (4, 3)
 
 
+def test_an_error_of_a_cell_that_takes_the_zero_state_names_no_initial_state():
+    """A cell whose state is its input's shape gets no note about initial_state on an error
+    that is not about the state: a Neural ODE past max_steps, or f's own error on a later call.
+    One that takes zeros_like(x) to another shape (width 2 to 3) still gets the note."""
+    f, x = dense_cell(21)
+    with pytest.raises(RuntimeError, match="in max_steps=2 steps") as failure:
+        NeuralODE(f, t1=5.0, abstol=1e-10, reltol=1e-10, max_steps=2)(x)
+    assert not getattr(failure.value, "__notes__", [])
+    calls = []
+
+    def fails_third(z, x):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("the cell's own error")
+        return f(z, x)
+
+    with pytest.raises(RuntimeError, match="the cell's own error") as failure:
+        DEQ(fails_third, solver="fixed_point")(x)
+    assert not getattr(failure.value, "__notes__", [])
+    widens = nn.Linear(2, 3)
+    with pytest.raises(ValueError, match="f must return a state of the shapes") as failure:
+        DEQ(lambda z, x: widens(z), solver="fixed_point")(torch.randn(4, 2))
+    assert "initial_state(x)" in "".join(failure.value.__notes__)
+
+
 def test_a_predictor_s_shape_error_names_initial_state_for_a_cell_without_one():
     """A cell whose state (width 3) is not its input's (width 2) and that defines no
     initial_state: a predictor of the state's true shape fails the zeros_like(x) check, and
