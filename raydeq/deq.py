@@ -122,8 +122,14 @@ def hutchinson_jacobian_loss(f: Callable[[State], State], z: State) -> Tensor:
     E[||eps^T J||^2] = ||J||_F^2 (Hutchinson); dim counts every element of the batch, so for an f
     acting per sample this is the batch mean of ||J_b||_F^2 / dim_b. Differentiable (double
     backward) in the parameters and inputs f closes over when grad mode is on; z itself is
-    treated as a constant.
+    treated as a constant. Raises RuntimeError under torch.inference_mode(), which has no VJP.
     """
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            "jac_reg=True estimates the Jacobian from a vector-Jacobian product, which "
+            "torch.inference_mode() rules out: evaluate under torch.no_grad() instead, or build "
+            "the layer with jac_reg=False"
+        )
     differentiable = torch.is_grad_enabled()
     inputs = [t.detach().requires_grad_() for t in _tensors(z)]
     with torch.enable_grad():

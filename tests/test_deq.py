@@ -422,6 +422,23 @@ def test_layer_jacobian_loss_is_the_estimate_at_the_equilibrium_and_differentiab
     assert grads[0].abs().sum() > 0
 
 
+def test_under_inference_mode_the_jacobian_penalty_says_to_use_no_grad():
+    """torch.inference_mode() has no vector-Jacobian product: the layer says so and what to do
+    instead, where autograd's own error read 'element 0 of tensors does not require grad';
+    under torch.no_grad() the estimate is the one at z*."""
+    f, x = dense_cell(22)
+    layer = DEQ(f, solver="broyden", jac_reg=True, **TIGHT)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="under torch.no_grad"):
+        layer(x.detach())
+    with torch.no_grad():
+        torch.manual_seed(23)
+        out = layer(x)
+        torch.manual_seed(23)
+        expected = hutchinson_jacobian_loss(lambda v: f(v, x), out.z)
+    torch.testing.assert_close(out.jac_loss, expected, rtol=0, atol=0)
+    assert float(out.jac_loss) > 0
+
+
 class TanhCell(nn.Module):
     """f(z, x) = tanh(W z + U x): its Jacobian diag(1 - f^2) W depends on z and x (a ReLU
     cell's is piecewise constant, so no derivative reaches z* through it)."""
