@@ -707,6 +707,22 @@ class RecordingSession(FolderSession):
         self.reports.append((dict(metrics), saved))
 
 
+def crash_in_step_5(cfg: Config, session: Session, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run cfg in session until its optimizer's fifth step raises, as a machine going down."""
+    step, steps = torch.optim.Adam.step, []
+
+    def crash(self, *args, **kwargs):
+        steps.append(len(steps) + 1)
+        if len(steps) == 5:
+            raise RuntimeError("the machine went down")
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", crash)
+    with pytest.raises(RuntimeError, match="the machine went down"):
+        loop.Loop(cfg, session).run()
+    monkeypatch.setattr(torch.optim.Adam, "step", step)
+
+
 @pytest.mark.parametrize(
     "settings",
     [
@@ -730,18 +746,7 @@ def test_a_run_stopped_by_a_crash_resumes_to_the_uninterrupted_runs_weights_to_t
     )
     loop.Loop(cfg, FolderSession(tmp_path / "straight")).run()
     stopped = FolderSession(tmp_path / "stopped")
-    step, steps = torch.optim.Adam.step, []
-
-    def crash_in_step_5(self, *args, **kwargs):
-        steps.append(len(steps) + 1)
-        if len(steps) == 5:
-            raise RuntimeError("the machine went down")
-        return step(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.optim.Adam, "step", crash_in_step_5)
-    with pytest.raises(RuntimeError, match="the machine went down"):
-        loop.Loop(cfg, stopped).run()
-    monkeypatch.setattr(torch.optim.Adam, "step", step)
+    crash_in_step_5(cfg, stopped, monkeypatch)
     assert sorted(p.name for p in Path(stopped.folder).iterdir()) == ["checkpoint_000003"]
     loop.Loop(cfg, stopped).run()
     straight = checkpoint.read_checkpoint(tmp_path / "straight" / "checkpoint_000006")
@@ -784,18 +789,7 @@ def test_a_run_restarted_before_its_first_checkpoint_keeps_one_tensorboard_histo
     holds each step once, the first session's steps 1 to 4 replaced by the second's."""
     cfg = make_config(tmp_path, max_steps=6)
     session = FolderSession(tmp_path / "checkpoints")
-    step, steps = torch.optim.Adam.step, []
-
-    def crash_in_step_5(self, *args, **kwargs):
-        steps.append(len(steps) + 1)
-        if len(steps) == 5:
-            raise RuntimeError("the machine went down")
-        return step(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.optim.Adam, "step", crash_in_step_5)
-    with pytest.raises(RuntimeError, match="the machine went down"):
-        loop.Loop(cfg, session).run()
-    monkeypatch.setattr(torch.optim.Adam, "step", step)
+    crash_in_step_5(cfg, session, monkeypatch)
     assert not Path(session.folder).exists()  # no checkpoint to resume from
     time.sleep(1)  # event files are named by their second (and in one process, a counter)
     loop.Loop(cfg, session).run()
@@ -1073,36 +1067,22 @@ def test_fp16_gradients_are_clipped_at_their_unscaled_norm(tmp_path):
     assert torch.cat(moved).norm().item() == pytest.approx(1e-3, rel=1e-3)
 
 
-def test_a_run_that_diverged_after_a_checkpoint_is_not_trained_again_from_it(tmp_path):
-    """The divergence record names the step of the newest checkpoint, so that the restart
-    that would resume there (and replay the same steps) is refused."""
+@pytest.mark.parametrize("resumed", [False, True])
+def test_a_run_that_diverged_after_a_checkpoint_is_not_trained_again_from_it(tmp_path, resumed):
+    """The divergence record names the step of the newest checkpoint, also where the run had
+    resumed from it and diverged before the next one, so that the restart that would resume
+    there (and replay the same steps) is refused."""
     cfg = make_config(tmp_path, max_steps=10, checkpoint_every=2, max_nonfinite_steps=1)
     session = FolderSession(tmp_path / "run")
     run = loop.Loop(cfg, session)
     for images, labels in itertools.islice(run.train_data, 2):
         run.record(run.train_step(images, labels, 0.0))
         run.end_step()
+    if resumed:
+        run = loop.Loop(cfg, session)
+        assert run.state.step == 2
     with pytest.raises(loop.NonFiniteError, match="^training stopped at step 3"):
         run.record(None)
-    record = json.loads(Path(session.folder, loop.DIVERGED_FILE).read_text())
-    assert (record["from_step"], record["workers"]) == (2, 1)
-    with pytest.raises(loop.NonFiniteError, match="it diverged like this from step 2"):
-        loop.Loop(cfg, session)
-
-
-def test_a_resumed_run_that_diverges_records_the_checkpoint_it_resumed_from(tmp_path):
-    """Resumed at its checkpoint of step 2 and diverged before the next one: the record names
-    step 2, so that the next restart from there is refused."""
-    cfg = make_config(tmp_path, max_steps=10, checkpoint_every=2, max_nonfinite_steps=1)
-    session = FolderSession(tmp_path / "run")
-    run = loop.Loop(cfg, session)
-    for images, labels in itertools.islice(run.train_data, 2):
-        run.record(run.train_step(images, labels, 0.0))
-        run.end_step()
-    resumed = loop.Loop(cfg, session)
-    assert resumed.state.step == 2
-    with pytest.raises(loop.NonFiniteError, match="^training stopped at step 3"):
-        resumed.record(None)
     record = json.loads(Path(session.folder, loop.DIVERGED_FILE).read_text())
     assert (record["from_step"], record["workers"]) == (2, 1)
     with pytest.raises(loop.NonFiniteError, match="it diverged like this from step 2"):

@@ -478,12 +478,9 @@ def test_the_flags_of_a_new_run_override_the_experiment_files_search_settings(ca
     assert capsys.readouterr().err == "error: --gpus-per-worker: must be >= 0, got -1\n"
 
 
-def test_a_run_with_failed_trials_exits_1_and_an_interrupted_one_130_with_its_resume_command(
-    tmp_path, capsys, monkeypatch
-):
-    """The command's status once Tune returns: 0 when every trial finished, 1 when some failed
-    (the report is written either way), 130 with the command that resumes this experiment,
-    its storage and its name, when trials are left unfinished."""
+def run_without_ray(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Let the command run to its end without a cluster: the variables it sets are undone after
+    the test, it connects to nothing and its report is `table of <path>`."""
     for variable in ("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "RAY_AIR_NEW_OUTPUT"):
         monkeypatch.setenv(variable, os.environ.get(variable, "set by the command"))
     monkeypatch.setenv("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
@@ -491,6 +488,15 @@ def test_a_run_with_failed_trials_exits_1_and_an_interrupted_one_130_with_its_re
     monkeypatch.setattr(rt.launch, "check_cluster", lambda: None)
     monkeypatch.setattr(rt.launch, "connect", lambda log_to_driver: False)
     monkeypatch.setattr(rt, "report", lambda path, experiment: f"table of {path}")
+
+
+def test_a_run_with_failed_trials_exits_1_and_an_interrupted_one_130_with_its_resume_command(
+    tmp_path, capsys, monkeypatch
+):
+    """The command's status once Tune returns: 0 when every trial finished, 1 when some failed
+    (the report is written either way), 130 with the command that resumes this experiment,
+    its storage and its name, when trials are left unfinished."""
+    run_without_ray(monkeypatch)
     file = tmp_path / "tiny.yaml"
     file.write_text(yaml.safe_dump(TINY))
     storage = tmp_path / "runs"
@@ -520,13 +526,7 @@ def test_the_resume_command_of_a_run_stored_by_a_storage_path_override_finds_it(
 ):
     """`storage_path=FOLDER` places the run in FOLDER, and --resume refuses key=value: the
     printed command names FOLDER with --storage, and it resumes that run."""
-    for variable in ("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "RAY_AIR_NEW_OUTPUT"):
-        monkeypatch.setenv(variable, os.environ.get(variable, "set by the command"))
-    monkeypatch.setenv("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
-    monkeypatch.setenv("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    monkeypatch.setattr(rt.launch, "check_cluster", lambda: None)
-    monkeypatch.setattr(rt.launch, "connect", lambda log_to_driver: False)
-    monkeypatch.setattr(rt, "report", lambda path, experiment: f"table of {path}")
+    run_without_ray(monkeypatch)
     monkeypatch.setattr(run, "fit", lambda *args: (0, 1))
     file = tmp_path / "tiny.yaml"
     file.write_text(yaml.safe_dump(TINY))
