@@ -201,6 +201,10 @@ def test_lambda_skip_defaults_to_the_presets_and_amp_reads_yaml_off():
             {"optim": {"optimizer": "sgd", "nesterov": True, "momentum": 0}},
             "optim.nesterov: needs optim.momentum > 0",
         ),
+        (
+            {"optim": {"optimizer": "adamw", "nesterov": True}},
+            "optim.nesterov: applies to optimizer 'sgd' only, not 'adamw'; set",
+        ),
     ],
 )
 def test_bad_values_give_one_line_naming_the_key_and_what_is_allowed(raw, expected):

@@ -258,7 +258,12 @@ def _check_together(cfg: Config) -> None:
         )
     if optim.eta_min > optim.lr:
         raise ConfigError(f"optim.eta_min: {optim.eta_min:g} is above optim.lr={optim.lr:g}")
-    if optim.optimizer == "sgd" and optim.nesterov and optim.momentum == 0:
+    if optim.nesterov and optim.optimizer != "sgd":
+        raise ConfigError(
+            f"optim.nesterov: applies to optimizer 'sgd' only, not {optim.optimizer!r}; "
+            "set optim.nesterov=false or optim.optimizer=sgd"
+        )
+    if optim.nesterov and optim.momentum == 0:
         raise ConfigError("optim.nesterov: needs optim.momentum > 0 (Nesterov momentum of 0)")
     if cfg.name is not None:
         check_folder_name("name", cfg.name)
