@@ -8,8 +8,10 @@ import signal
 import time
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import optuna
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -26,9 +28,9 @@ from test_tune import (
 )
 
 from raydeq import tune as rt
-from raydeq.experiments import hparams, pareto, search, spec
+from raydeq.experiments import hparams, pareto, results, search, spec
 from raydeq.experiments.figures import plt
-from raydeq.training.config import ConfigError
+from raydeq.training.config import METRICS, ConfigError
 
 SEARCH = {
     "searcher": "tpe",
@@ -336,6 +338,17 @@ def test_the_front_is_marked_on_the_finished_trials_wherever_a_stopped_one_sits(
     assert [r["pareto_train_time"] for r in marked] == [False, True, False, True, False]
     assert [r["cheapest_train_time"] for r in marked] == [False, True, False, False, False]
     assert pareto.cheapest_within([0.75, 0.5], [2.0, 1.0], margin=0.25) == 1
+
+
+def test_every_metric_a_search_can_rank_by_is_a_results_column():
+    """A search that ranks by images_per_second finds it in each trial's row (its reports'
+    mean), so the front is taken on it rather than on another metric."""
+    experiment = spec.from_dict("rate", {"data": {"dataset": "digits"}})
+    trial = SimpleNamespace(trial_id="9db77_00000", status="TERMINATED", config={})
+    frame = pd.DataFrame({name: [1.0, 3.0] for name in METRICS} | {"step": [10, 20]})
+    row = results.trial_row(experiment, trial, frame)
+    assert {name: row[name] in (2.0, 3.0) for name in METRICS} == dict.fromkeys(METRICS, True)
+    assert row["images_per_second"] == 2.0 and row["step_time"] == 2.0
 
 
 def test_a_metric_in_mode_min_has_the_lowest_values_on_the_front():

@@ -73,8 +73,9 @@ def parameter_count(model_section: str) -> int:
 def trial_row(experiment: Experiment, trial: Any, frame: pd.DataFrame) -> dict[str, Any]:
     """One row of results.parquet: the trial, its group, its config and its final metrics.
 
-    Time columns are means of the reports' interval means; forward and backward times are the
-    DEQ's solves only (the unrolled warm-up steps report pretrain_* times instead).
+    Time, rate and NFE columns are means of the reports' interval means; forward and backward
+    times are the DEQ's solves only (the unrolled warm-up steps report pretrain_* times
+    instead). Every metric a search can rank by (config.METRICS) has its column.
     """
     cfg = experiment.trial_config(trial.config)
     model_section = yaml.safe_dump(dataclasses.asdict(cfg.model))
@@ -99,6 +100,8 @@ def trial_row(experiment: Experiment, trial: Any, frame: pd.DataFrame) -> dict[s
         "backward_time": _mean(frame, "backward_time"),
         "optimizer_time": _mean(frame, "optimizer_time"),
         "data_time": _mean(frame, "data_time"),
+        "step_time": _mean(frame, "step_time"),
+        "images_per_second": _mean(frame, "images_per_second"),
         "pretrain_forward_time": _mean(frame, "pretrain_forward_time"),
         "pretrain_backward_time": _mean(frame, "pretrain_backward_time"),
         "nfe": _mean(frame, "nfe"),
@@ -221,8 +224,6 @@ def report(path: str, experiment: Experiment) -> str:
         rows.append(row)
         curves.setdefault(row["group"], []).append(frame)
     metric, mode = experiment.search.metric, experiment.search.mode
-    if not any(metric in row for row in rows):
-        metric, mode = "test_accuracy", "max"
     rows = pareto.mark(rows, metric, mode)
     buffer = pa.BufferOutputStream()
     pq.write_table(results_table(rows), buffer)
