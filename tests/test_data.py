@@ -2,6 +2,7 @@
 
 import gzip
 import hashlib
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -328,6 +329,28 @@ def test_the_train_loaders_of_two_workers_split_each_epoch_between_them():
         assert sorted(seen) == list(range(12))
         orders.append(seen)
     assert orders[0] != orders[1]
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_each_step_reads_the_same_batch_on_any_number_of_workers(world):
+    """11 samples in batches of 4: two steps an epoch on one worker and on `world` (not three,
+    which would read a sample that DistributedSampler repeats to even out the shards), and at
+    each step, from any position of a resumed epoch, the shards' batches together are the one
+    worker's batch."""
+    cfg = section(batch_size=4)
+    dataset = torch.utils.data.TensorDataset(torch.zeros(11, 1), torch.arange(11))
+    alone = data.train_loader(dataset, cfg, seed=5, rank=0, world_size=1)
+    shards = [
+        data.train_loader(dataset, cfg, seed=5, rank=r, world_size=world) for r in range(world)
+    ]
+    assert data.steps_per_epoch(alone) == 2 == data.steps_per_epoch(shards[0])
+    for epoch, position in [(0, 0), (1, 0), (1, 1)]:
+        for loader in [alone, *shards]:
+            data.set_position(loader, epoch, position)
+        steps = 2 - position
+        one = [sorted(labels.tolist()) for _, labels in itertools.islice(alone, steps)]
+        parts = [[labels.tolist() for _, labels in itertools.islice(s, steps)] for s in shards]
+        assert [sorted(sum(batch, [])) for batch in zip(*parts, strict=True)] == one
 
 
 def test_an_augmented_sample_draws_the_same_images_wherever_it_is_read():

@@ -843,6 +843,34 @@ def test_a_tune_trials_session_is_rank_0_of_1_and_reports_its_checkpoints(tmp_pa
     assert sent == [({"step": 100}, saved)]
 
 
+def test_a_worker_of_two_steps_through_each_epoch_as_one_worker_does(tmp_path, monkeypatch):
+    """11 samples in global batches of 4: worker 0 of 2 takes two steps an epoch, as one worker
+    would (its shard of 6, evened out by DistributedSampler, holds three batches of 2, the
+    third of them a repeat), and each epoch starts at the head of that epoch's shard."""
+    data_section = {"dataset": "fake", "fake_samples": 11, "batch_size": 4}
+    raw = {"name": "run", "storage_path": str(tmp_path), "data": data_section}
+    cfg = validate(raw | {"train": {"epochs": 2}, "scaling": {"num_workers": 2}})
+    session = RecordingSession(tmp_path / "run")
+    session.world = 2
+    seen, step = [], loop.Loop.train_step
+
+    def record(self, images, labels, data_time):
+        seen.append((self.state.step, images))
+        return step(self, images, labels, data_time)
+
+    monkeypatch.setattr(loop.Loop, "train_step", record)
+    loop.Loop(cfg, session).run()
+    splits = data.load_splits(cfg.data)
+    shard = data.train_loader(splits.train, cfg.data, cfg.seed, rank=0, world_size=2)
+    expected = []
+    for epoch in (0, 1):
+        data.set_position(shard, epoch, 0)
+        expected += [images for images, _ in itertools.islice(shard, 2)]
+    assert [s for s, _ in seen] == [0, 1, 2, 3]
+    assert all(torch.equal(a, b) for (_, a), b in zip(seen, expected, strict=True))
+    assert [(m["step"], m["epoch"]) for m, _ in session.reports] == [(2, 1.0), (4, 2.0)]
+
+
 def test_a_step_reports_its_loss_and_accuracy_and_clips_the_gradient_to_grad_clip(tmp_path):
     """A step's train_loss is the cross-entropy (-log softmax at the label, averaged) plus
     lambda_skip times the skip loss of its forward pass, its train_accuracy the fraction of the

@@ -317,9 +317,13 @@ def eval_loader(dataset: Dataset, cfg: DataSection, rank: int, world_size: int) 
 
 
 def steps_per_epoch(loader: DataLoader) -> int:
-    """Full batches in one epoch of a train loader's shard, wherever the epoch started."""
+    """Full batches of batch_size in one epoch, whatever the number of workers: at each step
+    the shards' batches together are the next batch_size samples of the epoch's permutation
+    (DistributedSampler deals it out in turn), so a run resumed on another number of workers
+    goes on with the same batches, and no step reads the samples that DistributedSampler
+    repeats to even out the shards."""
     sampler = loader.sampler
-    return sampler.num_samples // loader.batch_size
+    return len(sampler.dataset) // (loader.batch_size * sampler.num_replicas)
 
 
 def set_position(loader: DataLoader, epoch: int, step_in_epoch: int) -> None:

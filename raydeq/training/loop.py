@@ -279,7 +279,8 @@ class Loop:
         while self.state.step < self.total_steps:
             epoch, position = divmod(self.state.step, self.steps_per_epoch)
             data.set_position(self.train_data, epoch, position)
-            left = itertools.islice(self.train_data, self.total_steps - self.state.step)
+            steps = min(self.total_steps - self.state.step, self.steps_per_epoch - position)
+            left = itertools.islice(self.train_data, steps)
             batches = on_device(left, self.device)
             while True:
                 waited = time.perf_counter()
