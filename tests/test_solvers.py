@@ -890,6 +890,24 @@ def test_a_residual_exactly_at_the_tolerance_has_converged(check_every):
     assert sol.stats.residual.item() == 2.0**-10 and sol.z.item() == 2.0**-9
 
 
+@pytest.mark.parametrize(("dtype", "steps"), [(torch.float32, 64), (torch.float64, 512)])
+def test_an_infinite_residual_stops_the_sample_without_a_divergence_bound(dtype, steps):
+    """Fixed-point iteration of f(z) = 2 z + 1 from 0 (4 features): the residual's 2-norm,
+    about 2 x 2**k after k iterations, overflows at k = 63 in float32 (4 x 2**126 = 2**128)
+    and k = 511 in float64, the 64th and 512th steps; divergence=inf sets no bound, and the
+    check after that step stops the sample as non-finite."""
+    with torch.no_grad():
+        sol = raydeq.solve(
+            lambda z: 2 * z + 1,
+            torch.zeros(1, 4, dtype=dtype),
+            solver="fixed_point",
+            divergence=float("inf"),
+            max_steps=2000,
+            check_every=1,
+        )
+    assert sol.stats.steps == steps and sol.stats.status.tolist() == [Status.NONFINITE]
+
+
 def test_a_residual_exactly_at_the_divergence_bound_has_not_diverged():
     """Only a residual above divergence x the first stops the sample: for f(z) = 2 z + 1 from
     0 the residual after 5 steps, at the first check, is 16 x the first; divergence=16 keeps

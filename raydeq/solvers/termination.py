@@ -121,7 +121,10 @@ class Monitor:
         """Stop the running samples that diverged or went non-finite, given each one's residual
         2-norm at its current point (B, 1), with that status; no host synchronisation."""
         if self.divergence_bound is None:
-            self.divergence_bound = self.termination.divergence * current
+            # Finite, so that an infinite residual fails it where divergence or the first
+            # residual is infinite.
+            bound = self.termination.divergence * current
+            self.divergence_bound = bound.clamp_max_(torch.finfo(current.dtype).max)
         # NaN compares false, so a non-finite residual also fails the bound; a norm is >= 0,
         # so it is finite exactly where it is below infinity, and NONFINITE + 1 is DIVERGED.
         failing = self.active > (current <= self.divergence_bound)
