@@ -1,5 +1,6 @@
 """Forward fixed points against scipy, gradients against a dense implicit-function reference."""
 
+import collections
 import math
 import re
 
@@ -1138,6 +1139,29 @@ def test_f_sees_a_state_of_three_or_more_dimensions_in_its_own_shape(solver):
     eye = torch.eye(2, dtype=torch.float64)
     expected = torch.linalg.solve(eye - mix, c)
     torch.testing.assert_close(sol.z, expected, rtol=0, atol=1e-8)
+
+
+Pair = collections.namedtuple("Pair", ["fine", "coarse"])
+
+
+@pytest.mark.parametrize("container", [list, tuple, Pair._make])
+@pytest.mark.parametrize("adjoint", ["gmres", "unrolled"])
+def test_f_and_the_result_see_a_multiscale_state_in_its_own_container(container, adjoint):
+    """A state given as a list, tuple or named tuple reaches f, and comes back, as one: f
+    reads it the way its caller built it. The fixed point of fine = coarse / 2 + 1,
+    coarse = fine / 2 (per feature) is fine = 4 / 3, coarse = 2 / 3."""
+    kinds = set()
+
+    def f(z):
+        kinds.add(type(z))
+        fine, coarse = z
+        return container([coarse.mean(1, keepdim=True).expand_as(fine) / 2 + 1, fine / 2])
+
+    z0 = container([torch.zeros(2, 3, dtype=torch.float64), torch.zeros(2, 3, dtype=torch.float64)])
+    sol = raydeq.solve(f, z0, adjoint=adjoint, abstol=1e-10, reltol=0.0, max_steps=1000)
+    assert kinds == {type(z0)} and type(sol.z) is type(z0)
+    torch.testing.assert_close(sol.z[0], torch.full((2, 3), 4 / 3, dtype=torch.float64))
+    torch.testing.assert_close(sol.z[1], torch.full((2, 3), 2 / 3, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("solver", ["broyden", "anderson", "fixed_point"])

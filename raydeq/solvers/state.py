@@ -13,12 +13,13 @@ State = torch.Tensor | Sequence[torch.Tensor]
 
 @dataclass(frozen=True)
 class Structure:
-    """Shapes and dtype of the tensors that make up a state, to map between it and its flat
-    (B, N) form."""
+    """Shapes and dtype of the tensors that make up a state, and the list or tuple type that
+    holds them (None for one tensor), to map between it and its flat (B, N) form."""
 
     shapes: tuple[torch.Size, ...]
     is_tensor: bool
     dtype: torch.dtype
+    container: type | None = None
 
     @staticmethod
     def of(z: State) -> Structure:
@@ -46,7 +47,8 @@ class Structure:
             raise ValueError(
                 f"z0 has no features to solve for: shapes {[tuple(s) for s in shapes]}"
             )
-        return Structure(shapes, isinstance(z, torch.Tensor), tensors[0].dtype)
+        is_tensor = isinstance(z, torch.Tensor)
+        return Structure(shapes, is_tensor, tensors[0].dtype, None if is_tensor else type(z))
 
     @property
     def is_matrix(self) -> bool:
@@ -73,12 +75,13 @@ class Structure:
         return flat[0] if len(flat) == 1 else torch.cat(flat, dim=1)
 
     def unflatten(self, z: torch.Tensor) -> State:
-        """Split a (B, N) matrix back into tensors of the recorded shapes."""
+        """Split a (B, N) matrix back into tensors of the recorded shapes, in the recorded
+        container (a named tuple's by its _make)."""
         if self.is_tensor:
             return z.view(self.shapes[0])
         sizes = [s[1:].numel() for s in self.shapes]
         parts = [p.reshape(s) for p, s in zip(z.split(sizes, dim=1), self.shapes, strict=True)]
-        return parts[0] if self.is_tensor else parts
+        return getattr(self.container, "_make", self.container)(parts)
 
 
 def flat_function(f: Callable[[State], State], structure: Structure) -> Callable:
