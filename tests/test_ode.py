@@ -388,6 +388,40 @@ def test_the_first_step_follows_hairer_norsett_wanner():
     torch.testing.assert_close(h[:, 0], torch.tensor(steps, dtype=torch.float64), rtol=1e-9, atol=0)
 
 
+@pytest.mark.parametrize("solver", CONTINUOUS)
+def test_a_first_step_picked_from_a_zero_state_with_abstol_0_integrates(solver):
+    """With abstol = 0, Hairer's scale abstol + reltol |y| is 0 at y = 0 (a Neural ODE's z(0)
+    and a vanilla DEQ's z0), where the first-step heuristic has nothing to measure by. y' =
+    1 - y from 0 reaches 1 - 1/e at t = 1 (to 1e-3, Euler's global error at reltol 1e-6), and
+    f(z) = z / 2 + 1 its steady state 2, instead of a NaN step size."""
+    from raydeq.solvers.interval import integrate
+
+    end = integrate(
+        lambda y: 1 - y,
+        torch.zeros(1, 4, dtype=torch.float64),
+        1.0,
+        solver,
+        Termination(0.0, 1e-6),
+        10_000,
+    )
+    expected = torch.full((1, 4), 1 - math.exp(-1), dtype=torch.float64)
+    torch.testing.assert_close(end.y, expected, rtol=0, atol=1e-3)
+    with torch.no_grad():
+        sol = raydeq.solve(
+            lambda z: z / 2 + 1,
+            torch.zeros(2, 3, dtype=torch.float64),
+            solver=solver,
+            abstol=0.0,
+            reltol=1e-6,
+            solver_options={"h0": None},
+            max_steps=1000,
+        )
+    assert sol.stats.status.tolist() == [Status.CONVERGED] * 2
+    torch.testing.assert_close(
+        sol.z, torch.full((2, 3), 2.0, dtype=torch.float64), rtol=1e-5, atol=0
+    )
+
+
 def test_a_fixed_step_controller_without_h0_is_refused():
     with pytest.raises(ValueError, match="kind='fixed' needs the step size h0"):
         Controller(kind="fixed")

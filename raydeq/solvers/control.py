@@ -189,7 +189,8 @@ def initial_step(
     field: Field, y: torch.Tensor, k: torch.Tensor, order: int, term: Termination
 ) -> torch.Tensor:
     """Starting step per sample (Hairer, Norsett & Wanner, Sec. II.4), (B, 1); one evaluation
-    of f."""
+    of f. Where the scale abstol + reltol |y| is 0 (abstol = 0 at a zero of y) the heuristic
+    gives 0 / 0 or a zero step; there it takes its own fallback step, 1e-6."""
     scale = term.abstol + term.reltol * y.abs()
     d0, d1 = rms_column(y / scale), rms_column(k / scale)
     h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), 1e-6, 0.01 * d0 / d1.clamp_min(1e-30))
@@ -201,7 +202,9 @@ def initial_step(
         (h0 * 1e-3).clamp_min(1e-6),
         (0.01 / dmax.clamp_min(1e-30)) ** (1 / (order + 1)),
     )
-    return torch.where(d0 < 1e-5, h1, torch.minimum(100 * h0, h1))
+    h = torch.where(d0 < 1e-5, h1, torch.minimum(100 * h0, h1))
+    # NaN compares false.
+    return torch.where(h > 0, h, 1e-6)
 
 
 def rms_column(x: torch.Tensor) -> torch.Tensor:
