@@ -891,6 +891,46 @@ def test_a_residual_exactly_at_the_tolerance_has_converged(check_every):
     assert sol.stats.residual.item() == 2.0**-10 and sol.z.item() == 2.0**-9
 
 
+def test_a_converged_samples_result_meets_its_own_tolerance():
+    """With reltol the tolerance grows with ||z||: fixed-point iteration of the map 0 -> 8 ->
+    9 -> 10.0625 has the residual 1 at z = 8, above its tolerance 0.12 x 8 = 0.96, and the
+    larger residual 1.0625 at z = 9, within 0.12 x 9 = 1.08. The result is the best iterate,
+    z = 8, which misses its tolerance, so the sample runs on to z = 10.0625 (residual 0) and
+    returns that, rather than reporting z = 8 as converged."""
+
+    def f(z):
+        return torch.where(z == 0, 8.0, torch.where(z == 8, 9.0, 10.0625))
+
+    with torch.no_grad():
+        sol = raydeq.solve(
+            f,
+            torch.zeros(1, 1, dtype=torch.float64),
+            solver="fixed_point",
+            abstol=0.0,
+            reltol=0.12,
+        )
+    assert sol.stats.status.tolist() == [Status.CONVERGED]
+    assert sol.z.item() == 10.0625 and sol.stats.residual.item() == 0.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_residual_whose_norm_overflows_has_not_converged(dtype):
+    """Fixed-point iteration of f(z) = 2 z + 1 from 0 with no divergence bound: z and the
+    residual z + 1 double on each step until their 2-norms overflow to inf, where reltol x
+    ||z|| is inf too; an infinite residual is not within it. The residual never falls below
+    its first, 1, at z0, which stays the result."""
+    with torch.no_grad():
+        sol = raydeq.solve(
+            lambda z: 2 * z + 1,
+            torch.zeros(1, 4, dtype=dtype),
+            solver="fixed_point",
+            divergence=float("inf"),
+            max_steps=2000,
+        )
+    assert sol.stats.status.tolist() == [Status.NONFINITE]
+    assert sol.stats.residual.item() == 1.0 and bool((sol.z == 0).all())
+
+
 @pytest.mark.parametrize(("dtype", "steps"), [(torch.float32, 64), (torch.float64, 512)])
 def test_an_infinite_residual_stops_the_sample_without_a_divergence_bound(dtype, steps):
     """Fixed-point iteration of f(z) = 2 z + 1 from 0 (4 features): the residual's 2-norm,

@@ -92,15 +92,16 @@ class Monitor:
         self.checked_log = self.best_norm
 
     def record(self, z: torch.Tensor, r: torch.Tensor) -> None:
-        """Record iterate z with residual 2-norm r (B, 1) and stop the samples that meet the
-        tolerance there: a sample's result does not depend on the batch it is solved in. A
-        point recorded again (a rejected step keeps the last one) changes nothing: it is not
-        better than itself and did not converge the first time. Comparisons with NaN are
-        false: a non-finite residual is never better and never converged."""
+        """Record iterate z with residual 2-norm r (B, 1) and stop the samples whose best
+        iterate meets the tolerance there, so that a converged sample's result meets its own
+        tolerance (with reltol a worse point of larger norm can meet a larger one): a sample's
+        result does not depend on the batch it is solved in. A point recorded again (a
+        rejected step keeps the last one) changes nothing. Comparisons with NaN are false: a
+        non-finite residual is never better, so an overflowed norm never converges."""
         better = r < self.best_norm
         self.best_z, self.best_norm = self.select(better, ((z, self.best_z), (r, self.best_norm)))
         # On booleans a > b is a & ~b.
-        self.active = self.active > (r <= self._tolerance(z))
+        self.active = self.active > (self.best_norm <= self._tolerance(self.best_z))
 
     def select(
         self, mask: torch.Tensor, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]
