@@ -309,3 +309,27 @@ def test_a_check_every_that_is_not_a_positive_integer_is_named(every):
     with pytest.raises(ValueError, match=rf"check_every={every} must be an integer >= 1"):
         GMRES(check_every=every)
     assert GMRES(check_every=None).check_every is None
+
+
+@pytest.mark.parametrize("warm", [False, True])
+def test_a_right_hand_side_in_the_null_space_stays_unsolved_and_finite(warm):
+    """A b = 0 (the adjoint of a sample where J^T v = v, f the identity along v): the Krylov
+    space is b alone and no multiple of A b reduces the residual. As scipy's GMRES does, the
+    sample keeps its start x0, reports its true residual ||b - A x0|| and is not converged,
+    where a zero column of H made its estimate 0 and its x NaN. The third sample, A = 2 I, is
+    solved exactly by its first step, which meets even rtol 0."""
+    a = torch.zeros(3, 2, 2, dtype=torch.float64)
+    a[1, 0, 0] = 1.0
+    a[2] = 2 * torch.eye(2, dtype=torch.float64)
+    b = torch.tensor([[1.0, 1.0], [0.0, 1.0], [1.0, 2.0]], dtype=torch.float64)
+    x, info = GMRES(rtol=0.0, max_iters=3)(matvec(a), b, b if warm else None)
+    for i in range(2):
+        x_ref, code = scipy.sparse.linalg.gmres(
+            a[i].numpy(), b[i].numpy(), x0=b[i].numpy() if warm else None, rtol=0.0, maxiter=3
+        )
+        assert code > 0
+        np.testing.assert_array_equal(x[i].numpy(), x_ref)
+        assert float(info.residual[i]) == float(np.linalg.norm(b[i].numpy() - a[i].numpy() @ x_ref))
+    torch.testing.assert_close(x[2], b[2] / 2, rtol=1e-15, atol=0)
+    assert info.converged.tolist() == [False, False, True]
+    assert int(info.iterations[2]) == 1 and float(info.residual[2]) == 0.0

@@ -140,8 +140,9 @@ def arnoldi(k: Krylov, j: int, w: torch.Tensor, row: torch.Tensor, tiny: float) 
     row j of Q (`Krylov.row`): column j of H and basis row j + 1 by classical Gram-Schmidt done
     twice (CGS2), the plane reflection [[c, s], [s, -c]] that zeroes H's new subdiagonal entry
     under (Q h)_j, and row j + 1 of Q, which it returns. Where both are 0 (a zero column: b =
-    0, or a breakdown after the sample has stopped) c and s are 0; the steps after a sample
-    stops are left out of its solve."""
+    0, A b = 0, or a breakdown after the sample has stopped) c is 0 and s is 1, so that the
+    step leaves the residual as it was; the steps after a sample stops are left out of its
+    solve."""
     m = k.size
     v = k.basis[:, : j + 1]
     h = dots(v, w)
@@ -156,9 +157,11 @@ def arnoldi(k: Krylov, j: int, w: torch.Tensor, row: torch.Tensor, tiny: float) 
     torch.div(w, h_next.clamp_min(tiny), out=k.basis[:, j + 1 : j + 2])
     start = j * (m + 1)
     rotated = (row * h).sum(2, keepdim=True)  # torch.linalg.vecdot's arithmetic
-    safe = torch.hypot(rotated, h_next).clamp_min_(tiny)
+    norm = torch.hypot(rotated, h_next)
+    safe = norm.clamp_min(tiny)
     c = torch.div(rotated, safe, out=k.cosines[:, j : j + 1])
     s = torch.div(h_next, safe, out=k.q_flat[:, :, start + j + 1 : start + j + 2])
+    s.masked_fill_(norm == 0, 1.0)
     after = start + m + 1
     return torch.cat([row * s, -c], dim=2, out=k.q_flat[:, :, after : after + j + 2])
 
@@ -316,6 +319,9 @@ class GMRES(ScaledLinearSolver):
         upper = torch.bmm(k.q[:, :j, : j + 1], k.hess[:, : j + 1, :j])
         eye = torch.eye(j, dtype=r.dtype, device=r.device).expand_as(upper)
         upper = torch.where(used[:, None, :] & used[:, :, None], upper, eye)
+        # A zero column of H (c 0, s 1) leaves a row of R and its rhs entry 0: its y is 0.
+        diagonal = upper.diagonal(dim1=1, dim2=2)
+        diagonal.masked_fill_(diagonal == 0, 1.0)
         rhs = torch.where(used, beta_column * k.q[:, :j, 0], 0.0)
         y = torch.linalg.solve_triangular(upper, rhs[:, :, None], upper=True)[:, :, 0]
         return combine(y, k.basis[:, :j]), steps, j, estimate, finished
