@@ -1217,3 +1217,16 @@ def test_a_discrete_solver_counts_its_evaluation_at_z0_as_its_first_step(solver)
         sol = raydeq.solve(f, torch.zeros(2, 3), solver=solver, max_steps=3, abstol=1e-12)
     assert not bool(sol.stats.converged.any())
     assert (len(calls), sol.stats.steps, sol.stats.nfe) == (3, 3, 3)
+
+
+@pytest.mark.parametrize("adjoint", ["gmres", "fixed_point", "jfb", "unrolled"])
+def test_an_f_that_does_not_read_z_differentiates_as_its_own_value(adjoint):
+    """f(z) = tanh(x) has J = 0, and one fixed-point step gives z* = tanh(x), so x's gradient
+    is 1 - tanh(x)^2 by every adjoint; the implicit ones' VJP of f at z* found no use of z in
+    f's graph and raised."""
+    x = torch.randn(B, D, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    x.requires_grad_()
+    z0 = torch.zeros(B, D, dtype=torch.float64)
+    sol = raydeq.solve(lambda z: torch.tanh(x), z0, solver="fixed_point", adjoint=adjoint)
+    (grad,) = torch.autograd.grad(sol.z.sum(), x)
+    torch.testing.assert_close(grad, 1 - torch.tanh(x.detach()) ** 2, rtol=1e-14, atol=0)

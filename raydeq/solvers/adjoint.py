@@ -74,7 +74,9 @@ class ImplicitAdjoint:
         z_out = fz.view_as(fz)
 
         def vjp(u: torch.Tensor) -> torch.Tensor:
-            return torch.autograd.grad(fz, z_star, u, retain_graph=True)[0]
+            return torch.autograd.grad(
+                fz, z_star, u, retain_graph=True, allow_unused=True, materialize_grads=True
+            )[0]
 
         def solve_adjoint(v: torch.Tensor) -> torch.Tensor:
             if torch.is_grad_enabled():
