@@ -341,6 +341,7 @@ def test_divergence_stops_the_sample():
         ({"solver": "anderson", "solver_options": {"m": 2.5}}, "m=2.5 must be an integer >= 1"),
         ({"solver_options": {"h0": 0}}, "h0=0 must be a number > 0"),
         ({"adjoint_options": {"max_iters": "10"}}, "max_iters='10' must be an integer >= 1"),
+        ({"adjoint_options": {"warm_start": "no"}}, "warm_start='no' must be True or False"),
         ({"solver_options": {"kind": "pid"}}, "kind='pid' is not one of"),
         ({"solver_options": {"step_rtol": 1.5}}, "step_rtol=1.5 must be a number in [0, 1)"),
         ({"solver_options": {"contraction": 1.0}}, "contraction=1.0 must be a number in [0, 1)"),

@@ -54,6 +54,10 @@ class ImplicitAdjoint:
     differentiates_solver = False
     evaluations = 1  # f(z*), which attaches z* to the graph
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.warm_start, bool):
+            raise ValueError(f"warm_start={self.warm_start!r} must be True or False")
+
     def recorded(self) -> ImplicitAdjoint:
         """This adjoint with GMRES's Arnoldi steps recorded as graphs (GMRES.graph); another
         linear solver runs as it is."""
