@@ -101,7 +101,7 @@ class Monitor:
         better = r < self.best_norm
         self.best_z, self.best_norm = self.select(better, ((z, self.best_z), (r, self.best_norm)))
         # On booleans a > b is a & ~b.
-        self.active = self.active > (self.best_norm <= self._tolerance(self.best_z))
+        self.active = self.active > self._within(self.best_z, self.best_norm)
 
     def select(
         self, mask: torch.Tensor, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]
@@ -147,6 +147,14 @@ class Monitor:
             self.mark()
             return block
         return self._predict(steps)
+
+    def _within(self, z: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        """r <= abstol + reltol * ||z|| per sample (2-norms), as r - reltol * ||z|| <= abstol:
+        one operation fewer, and false where both are infinite (inf - inf is NaN), as at a
+        non-finite z0 that no finite residual has replaced."""
+        if not self.termination.reltol:
+            return r <= self.abstol_norm
+        return torch.add(r, norm(z), alpha=-self.termination.reltol) <= self.abstol_norm
 
     def _tolerance(self, z: torch.Tensor) -> torch.Tensor | float:
         """abstol + reltol * ||z|| per sample, as a 2-norm."""
