@@ -691,3 +691,16 @@ def test_a_trial_without_a_measure_is_never_on_the_front_or_the_cheapest():
     marked = pareto.mark(rows, "test_accuracy")
     assert [r["pareto_test_nfe"] for r in marked] == [True, True, False]
     assert [r["cheapest_test_nfe"] for r in marked] == [False, True, False]
+
+
+def test_a_searcher_refuses_a_quantized_log_range_that_optuna_would_draw_unrounded():
+    """Optuna has no quantized log distribution: Tune's conversion drops q and a searcher would
+    draw off the steps that qloguniform declares (0.000123... for q = 1e-4)."""
+    space = {"optim.lr": {"qloguniform": [1e-4, 1e-1, 1e-4]}}
+    raw = {**TINY, "search": {"searcher": "tpe", "space": space}}
+    with pytest.raises(ConfigError, match=r"^search.space.optim.lr.qloguniform: ") as err:
+        spec.from_dict("s", raw)
+    assert "loguniform" in str(err.value).split(": ", 1)[1] and "\n" not in str(err.value)
+    random = {**TINY, "search": {"space": space, "num_samples": 20}}
+    drawn = [d["optim"]["lr"] for d in spec.expand(spec.from_dict("s", random))]
+    assert all(abs(lr / 1e-4 - round(lr / 1e-4)) < 1e-6 for lr in drawn)

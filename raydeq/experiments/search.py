@@ -40,6 +40,11 @@ def distribution(key: str, spec: Any) -> BaseDistribution | Any:
         raise ConfigError(
             f"{key}.grid_search: a searcher draws every trial; use choice (or searcher random)"
         )
+    if "qloguniform" in spec:  # Tune's conversion drops q, and Optuna draws off its steps
+        raise ConfigError(
+            f"{key}.qloguniform: Optuna cannot quantize a log range; use loguniform, quniform "
+            "(or searcher random)"
+        )
     try:
         return OptunaSearch.convert_search_space({"x": domain(key, spec)})["x"]
     except ValueError as err:
