@@ -704,3 +704,17 @@ def test_a_searcher_refuses_a_quantized_log_range_that_optuna_would_draw_unround
     random = {**TINY, "search": {"space": space, "num_samples": 20}}
     drawn = [d["optim"]["lr"] for d in spec.expand(spec.from_dict("s", random))]
     assert all(abs(lr / 1e-4 - round(lr / 1e-4)) < 1e-6 for lr in drawn)
+
+
+def test_a_paper_point_runs_a_conditional_solver_option_at_the_solvers_default():
+    """mnist_search draws Broyden's memory only with Broyden: its Discrete DEQ points leave it
+    unset, as Table 1's rows do, so they run at Broyden's own memory of 30, not at a draw."""
+    from raydeq.solvers.discrete import Broyden
+
+    experiment = spec.load("mnist_search")
+    points = [d for d in spec.expand(experiment, 6) if "Discrete" in d["variant"]["label"]]
+    assert len(points) == 3
+    for drawn in points:
+        cfg = experiment.trial_config(drawn)
+        assert cfg.model.solver == "broyden"
+        assert cfg.model.solver_options == {"memory": 30} and Broyden().memory == 30

@@ -25,11 +25,13 @@ from ray.tune.search.optuna import OptunaSearch
 from ray.tune.utils.util import unflatten_dict
 
 from raydeq.experiments.primitives import dimensions, domain, is_primitive
+from raydeq.solvers.solve import make_solver
 from raydeq.training.config import Config, ConfigError, SearchSection, apply_overrides, validate
 
 # Tune's OptunaSearch nests parameter names at "/": "model/solver" sets model.solver.
 SEPARATOR = "/"
 LABEL_KEY = f"variant{SEPARATOR}label"
+SOLVER_OPTIONS = "model.solver_options."
 
 
 def distribution(key: str, spec: Any) -> BaseDistribution | Any:
@@ -126,12 +128,21 @@ def _rule(index: int, raw: Mapping[str, Any]) -> Rule:
 
 
 def _default(cfg: Config, dotted: str) -> Any:
-    """A setting's value as the trial runs it (`validate` resolves the model's defaults), or
-    None for an option left to the solver."""
+    """A setting's value as the trial runs it (`validate` resolves the model's defaults, and an
+    unset solver option is the solver's own), or None where there is none."""
     value: Any = cfg.to_dict()
     for part in dotted.split("."):
         value = value.get(part) if isinstance(value, Mapping) else None
+    if value is None and dotted.startswith(SOLVER_OPTIONS):
+        return _solver_default(cfg.model.solver, dotted.removeprefix(SOLVER_OPTIONS))
     return value
+
+
+def _solver_default(solver: str, option: str) -> Any:
+    """The value a solver (a continuous one: its step controller) takes for an option it is not
+    given, or None for no such option."""
+    made = make_solver(solver, {})
+    return getattr(made, option, getattr(getattr(made, "controller", None), option, None))
 
 
 def _defaults(cfg: Config, dims: Mapping[str, Any]) -> dict[str, Any]:
