@@ -110,7 +110,14 @@ def _parser() -> argparse.ArgumentParser:
 
 def _check_flags(args: argparse.Namespace) -> None:
     """Raise a ConfigError for a count or a GPU share out of range on the command line, an
-    experiment name that is no folder's name, or an empty storage."""
+    experiment name that is no folder's name, an empty storage, or --report with a flag that
+    it would leave undone."""
+    for given, flag in ((args.resume, "--resume"), (args.dry_run, "--dry-run")):
+        if args.report and given:
+            raise ConfigError(
+                f"--report: not with {flag}; --report writes the results of the experiment as "
+                "it stands and runs nothing, so give one of them"
+            )
     if args.name is not None:
         check_folder_name("--name", args.name)
     if args.storage is not None and not args.storage.strip():

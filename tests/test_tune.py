@@ -1700,3 +1700,23 @@ def test_leaves_name_each_setting_by_its_dotted_key():
         "train.max_steps": 0,
         "seed": 1,
     }
+
+
+@pytest.mark.parametrize("other", ["--resume", "--dry-run"])
+def test_report_with_resume_or_dry_run_is_refused_rather_than_one_of_them_ignored(
+    tmp_path, capsys, monkeypatch, other
+):
+    """--report writes the results of the experiment as it stands and exits: given with
+    --resume it left the interrupted trials unrun (status 0), with --dry-run it wrote nothing."""
+    run_without_ray(monkeypatch)
+    file = tmp_path / "tiny.yaml"
+    file.write_text(yaml.safe_dump(TINY))
+    folder = tmp_path / "runs" / "tiny"
+    experiment = spec.from_dict("tiny", TINY)
+    run.save_settings(
+        str(folder), experiment, rt.new_options(rt._parser().parse_args([""]), experiment)
+    )
+    argv = [str(file), "--storage", str(tmp_path / "runs"), "--report", other]
+    assert rt.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --report: not with {other}; ") and err.count("\n") == 1
