@@ -177,6 +177,12 @@ def start(args: argparse.Namespace) -> tuple[Experiment, str, run.Options | None
     workers = [] if args.workers_per_trial is None else [args.workers_per_trial]
     overrides = [*args.overrides, *(f"scaling.num_workers={k}" for k in workers)]
     experiment = load(args.experiment, overrides)
+    points = len(experiment.search.variants) if experiment.searched else 0
+    if args.num_samples is not None and args.num_samples < points:
+        raise ConfigError(
+            f"--num-samples: {args.num_samples} is fewer than the {points} variants the search "
+            "evaluates first"
+        )
     path = _path(args, experiment)
     if args.dry_run:
         return experiment, path, None

@@ -718,3 +718,14 @@ def test_a_paper_point_runs_a_conditional_solver_option_at_the_solvers_default()
         cfg = experiment.trial_config(drawn)
         assert cfg.model.solver == "broyden"
         assert cfg.model.solver_options == {"memory": 30} and Broyden().memory == 30
+
+
+def test_num_samples_on_the_command_line_is_refused_below_the_points_as_in_the_file(capsys):
+    """mnist_search's six paper points go first: --num-samples 2 would run two of them and
+    leave the other four off the chart, which `search.num_samples: 2` is refused for."""
+    assert rt.main(["mnist_search", "--num-samples", "2", "--dry-run"]) == 2
+    assert capsys.readouterr().err == (
+        "error: --num-samples: 2 is fewer than the 6 variants the search evaluates first\n"
+    )
+    assert rt.main(["mnist_search", "--num-samples", "6", "--dry-run"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 6
