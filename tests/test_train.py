@@ -480,6 +480,21 @@ def test_read_newest_takes_the_newest_readable_checkpoint_of_a_run_or_of_a_folde
     assert checkpoint.read_newest(tmp_path / "trial")["step"] == 6
 
 
+def test_read_newest_takes_the_checkpoint_of_the_latest_step_whatever_the_clock_named_it(
+    tmp_path,
+):
+    """As a resume does: Ray Train names checkpoints by local time, so step 30 written after
+    the clock was set back an hour is named before step 20, in a run's folder and in a folder
+    inside it."""
+    names = {10: "02-10-00", 20: "02-50-00", 30: "02-20-00"}
+    for folder in (tmp_path / "run", tmp_path / "trial" / "train"):
+        for step, time_of_day in names.items():
+            name = f"checkpoint_2026-10-25_{time_of_day}.000000"
+            checkpoint.write_checkpoint({"step": step}, folder / name)
+    assert checkpoint.read_newest(tmp_path / "run")["step"] == 30
+    assert checkpoint.read_newest(tmp_path / "trial")["step"] == 30
+
+
 def test_a_resume_restores_the_counters_and_each_worker_draws_from_its_own_stream():
     """The skipped and overflow steps reported after a resume count the steps before it too;
     a fresh start seeds each rank apart (the same Hutchinson probes on every worker would

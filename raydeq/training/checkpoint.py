@@ -74,13 +74,21 @@ def read_newest(folder: Path) -> dict[str, Any]:
     its Train run), falling back past unreadable ones as a resume does."""
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: no such folder")
-    # Zero-padded names: newest first.
-    inside = sorted(folder.glob("checkpoint_*"), reverse=True) or sorted(
-        folder.glob("*/checkpoint_*"), key=lambda path: path.name, reverse=True
-    )
+    inside = list(folder.glob("checkpoint_*")) or list(folder.glob("*/checkpoint_*"))
     if (folder / MANIFEST_FILE).exists() or not inside:
         return read_checkpoint(folder)
-    return restore(nullcontext(str(path)) for path in inside)
+    # By step, not by name: Ray Train names them by the local time of the worker.
+    steps = {path: manifest_step(path) for path in inside}
+    newest = sorted(steps, key=lambda p: (steps[p] is None, steps[p] or 0, p.name), reverse=True)
+    return restore(nullcontext(str(path)) for path in newest)
+
+
+def manifest_step(directory: Path) -> int | None:
+    """The step in the manifest of a checkpoint folder, None where it cannot be read."""
+    try:
+        return int(json.loads((directory / MANIFEST_FILE).read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def restore(candidates: Iterable[AbstractContextManager[str]]) -> dict[str, Any] | None:
