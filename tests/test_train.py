@@ -397,6 +397,14 @@ def test_a_progress_line_shows_each_headline_metric_under_its_own_name():
     )
 
 
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [(9999.4, "9999"), (9999.5, "10000"), (9999.7, "10000"), (-9999.7, "-10000"), (0.5, "0.5")],
+)
+def test_a_metric_that_rounds_to_five_digits_is_shown_whole_not_in_exponent_form(value, shown):
+    assert reporting.figure(value) == shown
+
+
 # Checkpoints -----------------------------------------------------------------------------------
 
 

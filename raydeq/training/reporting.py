@@ -68,9 +68,9 @@ def progress_line(label: str, metrics: dict[str, Any]) -> str:
 
 
 def figure(value: float) -> str:
-    """A metric to 4 significant digits, a large one whole: `0.9721`, `33.5`, `10530`, where
-    4 digits alone wrote `1.053e+04` (a fast trial's img/s)."""
-    return f"{value:.0f}" if abs(value) >= 1e4 else f"{value:.4g}"
+    """A metric to 4 significant digits, one that rounds to 5 digits whole: `0.9721`, `33.5`,
+    `10000`, `10530`, where 4 digits alone wrote `1e+04`, `1.053e+04` (a fast trial's img/s)."""
+    return f"{value:.0f}" if abs(value) >= 9999.5 else f"{value:.4g}"
 
 
 def duration(seconds: float) -> str:
