@@ -523,3 +523,23 @@ def test_an_idx_file_cut_short_inside_its_header_is_named_before_it_is_read(tmp_
             "within its 16-byte header; replace it, or delete it and set data.download=true "
             "to download it again"
         )
+
+
+@pytest.mark.parametrize(
+    "name", ["MNIST/raw/train-labels-idx1-ubyte", "MNIST/raw/t10k-images-idx3-ubyte"]
+)
+def test_a_folder_in_place_of_a_dataset_file_is_named_before_it_is_read(tmp_path, name):
+    """An archive that unpacks each IDX file into a folder of its name leaves folders where the
+    files belong: one line naming the path, not a traceback from the preflight."""
+    mnist_folder(tmp_path)
+    inner = tmp_path / name
+    moved = tmp_path / "moved"
+    inner.rename(moved)
+    inner.mkdir()
+    moved.rename(inner / inner.name)
+    with pytest.raises(data.DataError) as info:
+        data.check_files(section(dataset="mnist", data_dir=str(tmp_path)))
+    assert str(info.value) == (
+        f"dataset 'mnist' in {tmp_path} is unreadable: {name} is a folder, not a file; "
+        "replace it, or delete it and set data.download=true to download it again"
+    )

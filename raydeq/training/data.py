@@ -129,13 +129,15 @@ def unreadable_file(root: Path, names: list[str]) -> str | None:
 
 
 def file_problem(root: Path, name: str) -> str | None:
-    """Why the dataset file root/name cannot be read, from its first bytes (see SIGNATURES)
-    and, for an IDX file, its size against the dimensions in its header; None where it looks
-    whole."""
+    """Why the dataset file root/name cannot be read: a folder in its place, its first bytes
+    (see SIGNATURES) and, for an IDX file, its size against the dimensions in its header; None
+    where it looks whole."""
     kind, signature = next((v for k, v in SIGNATURES.items() if k in name), (None, b""))
     if kind is None:
         return None
     path = root / name
+    if path.is_dir():
+        return "is a folder, not a file"
     with path.open("rb") as stream:
         head = stream.read(len(signature))
         if head != signature:
