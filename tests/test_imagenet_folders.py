@@ -450,3 +450,29 @@ def test_an_empty_val_folder_is_one_clear_error(tmp_path):
     with pytest.raises(data.DataError) as info:
         folders.load_index(str(root))
     assert str(info.value) == f"dataset 'imagenet' in {root} is unreadable: val/ holds no images"
+
+
+@pytest.mark.parametrize(
+    ("breakage", "error"),
+    [
+        ("archive cut short", "EOFError: Compressed file ended before the end-of-stream marker"),
+        ("meta.mat cut short", "OSError: could not read bytes"),
+        ("meta.mat empty", "MatReadError: Mat file appears to be truncated"),
+    ],
+)
+def test_devkit_labels_cut_short_are_one_line_naming_the_labels(tmp_path, breakage, error):
+    """A devkit whose download ended early is the labels of val/ being malformed, one
+    DataError for the preflight to print, not the reader's traceback."""
+    root = imagenet_tree(tmp_path / "data", "devkit_tar" if "archive" in breakage else "devkit")
+    if breakage == "archive cut short":
+        archive = root / f"{folders.DEVKIT}.tar.gz"
+        archive.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
+    else:
+        meta = root / folders.DEVKIT / folders.META
+        meta.write_bytes(meta.read_bytes()[: meta.stat().st_size // 2 if "cut" in breakage else 0])
+    with pytest.raises(data.DataError) as info:
+        folders.load_index(str(root))
+    assert str(info.value).startswith(
+        f"dataset 'imagenet' in {root} is unreadable: the labels of val/ are malformed ({error}"
+    )
+    assert "\n" not in str(info.value)
