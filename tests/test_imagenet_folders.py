@@ -476,3 +476,20 @@ def test_devkit_labels_cut_short_are_one_line_naming_the_labels(tmp_path, breaka
         f"dataset 'imagenet' in {root} is unreadable: the labels of val/ are malformed ({error}"
     )
     assert "\n" not in str(info.value)
+
+
+def test_a_batch_larger_than_an_image_folders_training_set_is_refused_by_the_preflight(tmp_path):
+    """The preflight lists the folder, so it knows its 3 training images: a batch of 4 is
+    refused there, before Ray starts, not in each worker after every restart."""
+    root = small_tree(tmp_path / "data", ["n01", "n02", "n03"])
+    settings = {"model": {"model": "imagenet_small"}, "storage_path": str(tmp_path / "runs")}
+    settings |= {"data": {"dataset": "imagenet", "data_dir": str(root), "image_size": 32}}
+    settings["scaling"] = {"num_workers": 1}
+    preflight.check_run(validate(settings | {"data": settings["data"] | {"batch_size": 3}}), False)
+    with pytest.raises(data.DataError) as info:
+        preflight.check_run(
+            validate(settings | {"data": settings["data"] | {"batch_size": 4}}), False
+        )
+    assert str(info.value) == (
+        "data.batch_size=4 exceeds the 3 training samples of 'imagenet'; lower it"
+    )

@@ -29,8 +29,8 @@ def check_model(cfg: Config) -> None:
 
 
 def check_run(cfg: Config, storage: bool = True) -> None:
-    """Check the data folder (and index an image folder), the model and (with `storage`) the
-    storage before Ray starts."""
+    """Check the data folder (and index an image folder), the batch against the training set,
+    the model and (with `storage`) the storage before Ray starts."""
     data.check_files(cfg.data)
     samples = data.train_samples(cfg.data)
     if samples is not None:
@@ -38,7 +38,7 @@ def check_run(cfg: Config, storage: bool = True) -> None:
     if cfg.data.dataset == "imagenet":
         from raydeq.training.folders import load_index  # torchvision: for image folders only
 
-        load_index(cfg.data.data_dir)
+        data.check_batch(cfg.data, len(load_index(cfg.data.data_dir).files["train"]))
     check_model(cfg)
     if storage:
         check_storage(cfg.storage_path)
