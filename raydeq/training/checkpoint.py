@@ -14,6 +14,7 @@ from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs
 import torch
 
 STATE_FILE = "state.pt"
@@ -77,16 +78,25 @@ def read_newest(folder: Path) -> dict[str, Any]:
     inside = list(folder.glob("checkpoint_*")) or list(folder.glob("*/checkpoint_*"))
     if (folder / MANIFEST_FILE).exists() or not inside:
         return read_checkpoint(folder)
-    # By step, not by name: Ray Train names them by the local time of the worker.
-    steps = {path: manifest_step(path) for path in inside}
-    newest = sorted(steps, key=lambda p: (steps[p] is None, steps[p] or 0, p.name), reverse=True)
-    return restore(nullcontext(str(path)) for path in newest)
+    local = pyarrow.fs.LocalFileSystem()
+    newest = newest_first(local, [str(path) for path in inside])
+    return restore(nullcontext(path) for path in newest)
 
 
-def manifest_step(directory: Path) -> int | None:
-    """The step in the manifest of a checkpoint folder, None where it cannot be read."""
+def newest_first(fs: pyarrow.fs.FileSystem, folders: Iterable[str]) -> list[str]:
+    """Checkpoint folders in `fs`, newest first by the step in each one's manifest, those
+    without a readable manifest first (restore names them and falls back). Not by name: Ray
+    Train names them by the local time of the worker that wrote them, which a clock set back
+    (daylight saving time's end) or a resume in another time zone puts before older ones."""
+    steps = {path: manifest_step(fs, path) for path in folders}
+    return sorted(steps, key=lambda p: (steps[p] is None, steps[p] or 0, p), reverse=True)
+
+
+def manifest_step(fs: pyarrow.fs.FileSystem, path: str) -> int | None:
+    """The step in the manifest of the checkpoint folder `path` in `fs`, None if unreadable."""
     try:
-        return int(json.loads((directory / MANIFEST_FILE).read_text())["step"])
+        with fs.open_input_stream(f"{path}/{MANIFEST_FILE}") as stream:
+            return int(json.loads(stream.readall())["step"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
 

@@ -8,12 +8,10 @@ The loop sees one interface either way: rank, world size, device, checkpoints, r
 
 from __future__ import annotations
 
-import json
 from abc import ABC, abstractmethod
 from contextlib import AbstractContextManager
 from typing import Any
 
-import pyarrow.fs
 import ray.train
 import ray.train.torch
 import ray.tune
@@ -21,7 +19,7 @@ import torch
 from ray.train import Checkpoint
 from torch import nn
 
-from raydeq.training.checkpoint import MANIFEST_FILE
+from raydeq.training.checkpoint import newest_first
 from raydeq.training.storage import CHECKPOINT_PREFIX, filesystem, subfolders
 
 
@@ -102,21 +100,8 @@ class TuneTrial(Session):
 
 
 def stored_checkpoints(folder: str) -> list[AbstractContextManager[str]]:
-    """The `checkpoint_*` folders in `folder` (a path or URI) as local folders, newest first by
-    the step in each one's manifest, those without a readable manifest first (restore names
-    them and falls back). Not by name: Ray Train names them by the local time of the worker
-    that wrote them, which a clock set back (daylight saving time's end) or a resume in another
-    time zone puts before the older ones."""
+    """The `checkpoint_*` folders in `folder` (a path or URI) as local folders, newest first
+    (see `newest_first`)."""
     fs = filesystem(folder)[0]
-    steps = {path: manifest_step(fs, path) for path in subfolders(folder, CHECKPOINT_PREFIX)}
-    paths = sorted(steps, key=lambda p: (steps[p] is None, steps[p] or 0, p), reverse=True)
+    paths = newest_first(fs, subfolders(folder, CHECKPOINT_PREFIX))
     return [Checkpoint(path, filesystem=fs).as_directory() for path in paths]
-
-
-def manifest_step(fs: pyarrow.fs.FileSystem, path: str) -> int | None:
-    """The step in the manifest of the checkpoint folder `path` in `fs`, None if unreadable."""
-    try:
-        with fs.open_input_stream(f"{path}/{MANIFEST_FILE}") as stream:
-            return int(json.loads(stream.readall())["step"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
