@@ -4,6 +4,7 @@ its holder, and TensorBoard events in a folder or at a file:// URI: no Ray, no S
 import os
 from pathlib import Path
 
+import pyarrow.fs
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -40,6 +41,43 @@ def test_write_bytes_creates_the_folders_on_the_way_and_read_text_reads_it_back(
     assert path.read_bytes() == b"name: x\n"
     assert storage.read_text(str(path)) == "name: x\n"
     assert storage.exists(str(path)) and not storage.exists(str(tmp_path / "c"))
+
+
+def test_a_local_write_cut_short_leaves_the_file_it_was_to_replace(tmp_path, monkeypatch):
+    """A write that fails after 5 of its bytes (a process killed, a full disk) leaves the old
+    file whole and no partial one beside it; a whole write replaces it."""
+    path = tmp_path / "settings.yaml"
+    storage.write_bytes(str(path), b"name: old\n")
+    local = pyarrow.fs.LocalFileSystem()
+
+    class CutStream:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.inner.close()
+
+        def write(self, payload):
+            self.inner.write(payload[:5])
+            raise OSError("No space left on device")
+
+    class CutFileSystem:
+        type_name = "local"
+        create_dir, move, delete_file = local.create_dir, local.move, local.delete_file
+
+        def open_output_stream(self, inner):
+            return CutStream(local.open_output_stream(inner))
+
+    monkeypatch.setattr(storage, "filesystem", lambda p: (CutFileSystem(), str(path)))
+    with pytest.raises(OSError, match="No space left"):
+        storage.write_bytes(str(path), b"name: new\n")
+    assert path.read_bytes() == b"name: old\n" and os.listdir(tmp_path) == ["settings.yaml"]
+    monkeypatch.undo()
+    storage.write_bytes(str(path), b"name: new\n")
+    assert path.read_bytes() == b"name: new\n" and os.listdir(tmp_path) == ["settings.yaml"]
 
 
 def test_the_storage_check_leaves_the_folder_as_it_found_it(tmp_path):

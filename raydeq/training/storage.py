@@ -46,11 +46,23 @@ def subfolders(path: str, prefix: str) -> list[str]:
 
 
 def write_bytes(path: str, payload: bytes) -> None:
-    """Write a file at a local path or URI."""
+    """Write a file at a local path or URI. A local file is written beside it and renamed into
+    place, so that a crash mid-write (a stored experiment's settings, diverged.json) leaves the
+    old file or the new one, never a cut one; an object store's upload is whole already."""
     fs, inner = filesystem(path)
     fs.create_dir(inner.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(inner) as stream:
-        stream.write(payload)
+    local = fs.type_name == "local"
+    written = f"{inner}.{uuid.uuid4().hex}.partial" if local else inner
+    stream = fs.open_output_stream(written)
+    try:
+        with stream:
+            stream.write(payload)
+    except BaseException:
+        if local:
+            fs.delete_file(written)
+        raise
+    if local:
+        fs.move(written, inner)
 
 
 def read_text(path: str) -> str:
