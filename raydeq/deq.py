@@ -11,6 +11,7 @@ import reprlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -108,6 +109,24 @@ def residual_stats(
     monitor.record(flat, residual)
     monitor.test(residual)
     return SolveStats.from_monitor(monitor, nfe, steps)
+
+
+def counting_vjps(z: State, stats: SolveStats, nvjp: int) -> State:
+    """z, whose backward adds the nvjp vector-Jacobian products it passes through (an unrolled
+    warm-up's evaluations of f) to stats.backward_nvjp: one hook on the flat state, which a
+    backward reaches once."""
+    if not any(t.requires_grad for t in _tensors(z)):
+        return z
+    structure = Structure.of(z)
+    flat = structure.flatten(z)
+    flat = flat.view_as(flat)
+    flat.register_hook(partial(_add_vjps, stats, nvjp))
+    return structure.unflatten(flat)
+
+
+def _add_vjps(stats: SolveStats, nvjp: int, grad: Tensor) -> None:
+    """Count nvjp backward vector-Jacobian products in stats."""
+    stats.backward_nvjp += nvjp
 
 
 def _wide(t: Tensor) -> Tensor:
@@ -262,6 +281,7 @@ class DEQ(nn.Module):
                 z_prev, z = z, fx(z)
             depth = self.pretrain_depth
             stats = residual_stats(z_prev, z, self.termination, depth + extra_nfe, depth)
+            z = counting_vjps(z, stats, depth)
         else:
             t = self.termination
             # Under autocast f takes the solver's float32 state; a module in half precision

@@ -531,6 +531,44 @@ def test_skip_reg_warm_up_unrolls_from_f_of_zero_cut_from_the_graph():
         torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
 
 
+class VJPCounting(nn.Module):
+    """A cell that counts the vector-Jacobian products of its calls that a backward takes
+    (a hook on the first tensor of each output)."""
+
+    def __init__(self, f: nn.Module) -> None:
+        super().__init__()
+        self.f, self.vjps = f, 0
+
+    def initial_state(self, x: torch.Tensor) -> object:
+        make = getattr(self.f, "initial_state", None)
+        return make(x) if make else torch.zeros_like(x)
+
+    def forward(self, z: object, x: torch.Tensor) -> object:
+        out = self.f(z, x)
+        first = out if isinstance(out, torch.Tensor) else out[0]
+        if first.requires_grad:
+            first.register_hook(self.count)
+        return out
+
+    def count(self, grad: torch.Tensor) -> None:
+        self.vjps += 1
+
+
+@pytest.mark.parametrize(("cell", "init"), [("dense", "zeros"), ("two-part", "skip_reg")])
+def test_a_warm_up_s_backward_counts_the_vjps_through_its_unrolled_evaluations(cell, init):
+    """Backpropagating the main loss through a warm-up of depth 3 takes one VJP of f per
+    unrolled evaluation (z0 is cut from the graph), as counted on f's outputs: 3, for a state
+    of one tensor and of two parts."""
+    f, x = dense_cell(24) if cell == "dense" else (TwoPartCell(), torch.randn(B, 3))
+    counting = VJPCounting(f)
+    out = DEQ(counting, init=init, pretrain_steps=1, pretrain_depth=3)(x)
+    assert out.stats.backward_nvjp == 0
+    main = sum(t.sum() for t in ([out.z] if isinstance(out.z, torch.Tensor) else out.z))
+    main.backward()
+    assert counting.vjps == 3
+    assert out.stats.backward_nvjp == 3
+
+
 @pytest.mark.parametrize(("reltol", "converged"), [(0.7, False), (1.2, True)])
 def test_warm_up_statistics_judge_the_state_f_was_unrolled_from(reltol, converged):
     """f(z, x) = z + x unrolled twice from 0: z_prev = x, z = 2 x, residual |x|. The relative
