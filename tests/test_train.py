@@ -488,6 +488,20 @@ def test_read_newest_takes_the_newest_readable_checkpoint_of_a_run_or_of_a_folde
     assert checkpoint.read_newest(tmp_path / "trial")["step"] == 6
 
 
+def test_read_newest_passes_over_ray_trains_checkpoint_record_without_a_warning(tmp_path, caplog):
+    """Ray Train keeps its record of a run's checkpoints in the file
+    checkpoint_manager_snapshot.json beside them: it is no checkpoint, so reading the run's
+    (or its trial's) newest weights takes step 12 with no word of a fallback."""
+    for folder in (tmp_path / "run", tmp_path / "trial" / "train"):
+        for step in (3, 12):
+            checkpoint.write_checkpoint({"step": step}, folder / f"checkpoint_{step:06d}")
+        (folder / "checkpoint_manager_snapshot.json").write_text("{}")
+    with caplog.at_level(logging.WARNING):
+        assert checkpoint.read_newest(tmp_path / "run")["step"] == 12
+        assert checkpoint.read_newest(tmp_path / "trial")["step"] == 12
+    assert caplog.records == []
+
+
 def test_read_newest_takes_the_checkpoint_of_the_latest_step_whatever_the_clock_named_it(
     tmp_path,
 ):

@@ -75,7 +75,8 @@ def read_newest(folder: Path) -> dict[str, Any]:
     its Train run), falling back past unreadable ones as a resume does."""
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: no such folder")
-    inside = list(folder.glob("checkpoint_*")) or list(folder.glob("*/checkpoint_*"))
+    inside = [path for path in folder.glob("checkpoint_*") if path.is_dir()]
+    inside = inside or [path for path in folder.glob("*/checkpoint_*") if path.is_dir()]
     if (folder / MANIFEST_FILE).exists() or not inside:
         return read_checkpoint(folder)
     local = pyarrow.fs.LocalFileSystem()
