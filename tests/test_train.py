@@ -39,6 +39,7 @@ from raydeq.training import (
     launch,
     loop,
     objective,
+    preflight,
     reporting,
     runlock,
     storage,
@@ -280,6 +281,29 @@ def test_ctrl_c_in_the_preflight_exits_130_in_one_line(tmp_path, capsys, monkeyp
     assert train.main([str(path)]) == 130
     assert capsys.readouterr().err == "\ninterrupted before training started\n"
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_name_given_again_with_other_settings_is_refused_naming_them(tmp_path, capsys):
+    """A run's checkpoints record the settings that change its model; the same name= with
+    more epochs (which would go on from them under the old schedule) is refused before Ray
+    starts, naming the setting, while one with another reporting cadence resumes."""
+    path = tmp_path / "run.yaml"
+    path.write_text(f"name: run\nstorage_path: {tmp_path}\nscaling: {{device: cpu}}\n")
+    short = {"epochs": 1, "max_steps": 2, "report_every": 2}
+    cfg = config.load(str(path), [f"train.{k}={v}" for k, v in short.items()])
+    loop.Loop(cfg, FolderSession(tmp_path / "run")).run()
+    [saved] = (tmp_path / "run").glob("checkpoint_*")
+    manifest = json.loads((saved / MANIFEST_FILE).read_text())
+    assert manifest["settings"] == config.trained_settings(cfg)
+    assert manifest["settings"]["train"]["epochs"] == 1
+    resumed = ["train.epochs=1", "train.max_steps=2", "train.report_every=1"]
+    preflight.check_resume(config.load(str(path), resumed))
+    argv = [str(path), "train.epochs=3", "train.max_steps=2"]
+    assert train.main(argv) == 2
+    assert capsys.readouterr().err == (
+        f"error: {tmp_path / 'run'}: holds a run trained with other settings (train.epochs: 1 "
+        "there, 3 here); run it with those to resume it, or give this run another name=\n"
+    )
 
 
 def test_a_failed_run_exits_1_with_its_own_error_and_an_interrupted_one_130_with_its_command(

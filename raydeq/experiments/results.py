@@ -20,8 +20,8 @@ from raydeq import models
 from raydeq.experiments import hparams, paper, pareto
 from raydeq.experiments.archive import history
 from raydeq.experiments.figures import plt, png
-from raydeq.experiments.spec import LABEL, VARIANT, Experiment, describe, leaves, trial_name
-from raydeq.training.config import ConfigError
+from raydeq.experiments.spec import LABEL, VARIANT, Experiment, describe, trial_name
+from raydeq.training.config import ConfigError, leaves
 from raydeq.training.storage import write_bytes
 
 PLOTS = {

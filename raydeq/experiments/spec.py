@@ -26,6 +26,7 @@ from raydeq.training.config import (
     ConfigError,
     SearchSection,
     apply_overrides,
+    leaves,
     parse_overrides,
     read_yaml,
     validate,
@@ -95,17 +96,6 @@ def merge(base: Mapping[str, Any], sampled: Mapping[str, Any]) -> dict[str, Any]
         else:
             result[key] = value
     return result
-
-
-def leaves(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """The values of a nested dict by dotted key (empty sections have none)."""
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            flat |= leaves(value, f"{prefix}{key}.")
-        else:
-            flat[prefix + key] = value
-    return flat
 
 
 def locate(experiment: str) -> Path:

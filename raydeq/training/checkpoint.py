@@ -39,12 +39,15 @@ def write_checkpoint(state: dict[str, Any], directory: Path) -> Path:
     """Write `state` to the new folder `directory`, atomically: a temporary folder is renamed.
 
     The folder holds `state.pt` and `manifest.json` with its step and SHA-256, so a copy that
-    was cut short or altered later is recognised when it is read.
+    was cut short or altered later is recognised when it is read, and the run's `settings`
+    where the state has them, so that a start can tell whose run it would resume.
     """
     staging = directory.with_name(f".{directory.name}.partial")
     staging.mkdir(parents=True)
     torch.save(state, staging / STATE_FILE)
     manifest = {"step": state["step"], "sha256": _sha256(staging / STATE_FILE)}
+    if "settings" in state:
+        manifest["settings"] = state["settings"]
     (staging / MANIFEST_FILE).write_text(json.dumps(manifest))
     staging.rename(directory)
     return directory
@@ -96,10 +99,16 @@ def newest_first(fs: pyarrow.fs.FileSystem, folders: Iterable[str]) -> list[str]
 def manifest_step(fs: pyarrow.fs.FileSystem, path: str) -> int | None:
     """The step in the manifest of the checkpoint folder `path` in `fs`, None if unreadable."""
     try:
-        with fs.open_input_stream(f"{path}/{MANIFEST_FILE}") as stream:
-            return int(json.loads(stream.readall())["step"])
+        return int(read_manifest(fs, path)["step"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def read_manifest(fs: pyarrow.fs.FileSystem, path: str) -> dict[str, Any]:
+    """The manifest of the checkpoint folder `path` in `fs` (OSError or ValueError if it
+    cannot be read)."""
+    with fs.open_input_stream(f"{path}/{MANIFEST_FILE}") as stream:
+        return json.loads(stream.readall())
 
 
 def restore(candidates: Iterable[AbstractContextManager[str]]) -> dict[str, Any] | None:

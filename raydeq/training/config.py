@@ -342,9 +342,28 @@ def without(tree: Mapping[str, Any], dotted: str) -> dict[str, Any]:
     return result
 
 
+def leaves(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """The values of a nested dict by dotted key (empty sections have none)."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            flat |= leaves(value, f"{prefix}{key}.")
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
 def default_name(cfg: Config) -> str:
     """A readable, deterministic run name: dataset, model, variant and a digest of the settings
-    that change the trained model (not those in OUTSIDE_HASH, so that changing them resumes)."""
+    that change the trained model (`trained_settings`)."""
+    settings = trained_settings(cfg)
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+    return f"{cfg.data.dataset}-{cfg.model.model}-{cfg.model.variant}-{digest}"
+
+
+def trained_settings(cfg: Config) -> dict[str, Any]:
+    """The settings that change the trained model, as plain JSON values: not those in
+    OUTSIDE_HASH, so that changing them resumes the same run."""
     settings = cfg.to_dict()
     for key in ("solver_options", "dynamics"):  # unset, they leave older runs' names unchanged
         if getattr(cfg.model, key) is None:
@@ -355,8 +374,7 @@ def default_name(cfg: Config) -> str:
     # is the way out of an evaluation that runs out of memory: the digest reads every run at
     # the default, so that such a run resumes and runs at the default keep their names.
     settings["data"]["eval_batch_size"] = DataSection.eval_batch_size
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
-    return f"{cfg.data.dataset}-{cfg.model.model}-{cfg.model.variant}-{digest}"
+    return json.loads(json.dumps(settings))
 
 
 def validate(raw: Mapping[str, Any]) -> Config:

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from raydeq import models
 from raydeq.training import data
 from raydeq.training.checkpoint import restore
-from raydeq.training.config import Config
+from raydeq.training.config import Config, trained_settings
 from raydeq.training.objective import STEP_METRICS, Evaluation, Objective, clock, evaluate
 from raydeq.training.reporting import Meter, Reporter, all_gather, all_sum
 from raydeq.training.session import Session
@@ -205,8 +205,10 @@ class Loop:
         return Evaluation(*all_sum(totals.totals(), self.device)).metrics()
 
     def checkpoint_state(self) -> dict[str, Any]:
-        """The checkpoint payload with every worker's RNG state (a collective call)."""
-        return self.state.state_dict(all_gather(rng_state(self.device)))
+        """The checkpoint payload with every worker's RNG state (a collective call) and the
+        run's settings (see `preflight.check_resume`)."""
+        payload = self.state.state_dict(all_gather(rng_state(self.device)))
+        return payload | {"settings": trained_settings(self.cfg)}
 
     def report(self, metrics: dict[str, float], checkpoint: bool) -> None:
         """Print progress and report to Ray Train, with a checkpoint when asked."""

@@ -1,5 +1,5 @@
 """Checks that run in the driver before Ray starts: the data folder (an image folder is listed
-here, once, into the index its workers read), the model, the storage."""
+here, once, into the index its workers read), the model, the storage and the run it resumes."""
 
 from __future__ import annotations
 
@@ -7,8 +7,12 @@ import torch
 
 from raydeq import models
 from raydeq.training import data
-from raydeq.training.config import Config, ConfigError
-from raydeq.training.storage import check_storage
+from raydeq.training.checkpoint import newest_first, read_manifest
+from raydeq.training.config import Config, ConfigError, leaves, trained_settings
+from raydeq.training.storage import CHECKPOINT_PREFIX, check_storage, filesystem, subfolders
+
+# Settings a refused resume names, of those that differ.
+SHOWN_CHANGES = 3
 
 
 def check_model(cfg: Config) -> None:
@@ -42,3 +46,31 @@ def check_run(cfg: Config, storage: bool = True) -> None:
     check_model(cfg)
     if storage:
         check_storage(cfg.storage_path)
+        check_resume(cfg)
+
+
+def check_resume(cfg: Config) -> None:
+    """Raise a ConfigError where the run's folder holds checkpoints of other settings: a name=
+    given again with, say, more epochs would go on from them under the old schedule (a
+    checkpoint written before checkpoints recorded their settings is not checked)."""
+    fs = filesystem(cfg.run_dir)[0]
+    for path in newest_first(fs, subfolders(cfg.run_dir, CHECKPOINT_PREFIX)):
+        try:
+            stored = read_manifest(fs, path).get("settings")
+        except (OSError, ValueError, AttributeError):
+            continue
+        break
+    else:
+        return
+    if not isinstance(stored, dict):
+        return
+    there, here = leaves(stored), leaves(trained_settings(cfg))
+    changed = [k for k in dict.fromkeys([*there, *here]) if there.get(k) != here.get(k)]
+    if changed:
+        shown = [f"{k}: {there.get(k)!r} there, {here.get(k)!r} here" for k in changed]
+        more = len(shown) - SHOWN_CHANGES
+        listed = "; ".join(shown[:SHOWN_CHANGES]) + (f"; {more} more" if more > 0 else "")
+        raise ConfigError(
+            f"{cfg.run_dir}: holds a run trained with other settings ({listed}); run it with "
+            "those to resume it, or give this run another name="
+        )
