@@ -497,6 +497,36 @@ def test_restore_falls_back_to_the_previous_checkpoint_and_never_silently_restar
         checkpoint.restore([checkpoints[0].as_directory()])
 
 
+def test_a_checkpoint_folder_missing_a_file_is_a_copy_cut_short_and_passed_over(tmp_path, caplog):
+    """Ray copies a checkpoint's files side by side, so a driver killed mid-copy can leave a
+    folder without its manifest or without state.pt, which write_checkpoint never does (it
+    renames a whole folder into place): such a folder is passed over, not counted as a bad
+    checkpoint. With an older one the run resumes from it; a trial whose only checkpoint was
+    cut starts from step 0 with a warning instead of failing on every restart; a state.pt
+    that fails its checksum still stops the run."""
+    good = checkpoint.write_checkpoint({"step": 4}, tmp_path / "a")
+    no_manifest = checkpoint.write_checkpoint({"step": 8}, tmp_path / "b")
+    (no_manifest / MANIFEST_FILE).unlink()
+    no_state = checkpoint.write_checkpoint({"step": 8}, tmp_path / "c")
+    (no_state / STATE_FILE).unlink()
+    bad = checkpoint.write_checkpoint({"step": 8}, tmp_path / "d")
+    (bad / STATE_FILE).write_bytes(b"garbage")
+    folders = {
+        f.name: Checkpoint.from_directory(str(f)) for f in (good, no_manifest, no_state, bad)
+    }
+
+    def restore(*names):
+        return checkpoint.restore(folders[name].as_directory() for name in names)
+
+    assert restore("b", "c", "a")["step"] == 4
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert restore("b", "c") is None
+    assert caplog.messages[-1] == "no whole checkpoint, only copies cut short: starting from step 0"
+    with pytest.raises(checkpoint.CheckpointError, match="no readable checkpoint: .*d: state.pt"):
+        restore("b", "d")
+
+
 def test_read_newest_takes_the_newest_readable_checkpoint_of_a_run_or_of_a_folder_in_it(tmp_path):
     """The benchmarks time a run's newest weights: of checkpoint_000003, _000006 and _000012
     (zero-padded, so that 12 sorts after 6) the newest, the one before where it is cut short,

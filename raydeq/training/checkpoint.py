@@ -26,6 +26,12 @@ class CheckpointError(RuntimeError):
     """A checkpoint folder is incomplete, corrupted, or holds something other than tensors."""
 
 
+class IncompleteCheckpoint(CheckpointError):
+    """A checkpoint folder without its manifest or its state: never a whole checkpoint, since
+    `write_checkpoint` renames a whole folder into place, but a copy cut short (Ray copies a
+    checkpoint's files side by side, and a process killed mid-copy leaves some of them)."""
+
+
 def _sha256(path: Path) -> str:
     """Hex SHA-256 of a file."""
     digest = hashlib.sha256()
@@ -59,10 +65,12 @@ def read_checkpoint(directory: Path) -> dict[str, Any]:
         manifest = json.loads((directory / MANIFEST_FILE).read_text())
         expected = manifest["sha256"]
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise CheckpointError(f"{directory}: no valid {MANIFEST_FILE} ({err})") from None
+        error = IncompleteCheckpoint if isinstance(err, FileNotFoundError) else CheckpointError
+        raise error(f"{directory}: no valid {MANIFEST_FILE} ({err})") from None
     state_path = directory / STATE_FILE
     if not state_path.is_file() or _sha256(state_path) != expected:
-        raise CheckpointError(f"{directory}: {STATE_FILE} is missing or fails its checksum")
+        error = CheckpointError if state_path.is_file() else IncompleteCheckpoint
+        raise error(f"{directory}: {STATE_FILE} is missing or fails its checksum")
     try:
         return torch.load(state_path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
@@ -117,19 +125,28 @@ def restore(candidates: Iterable[AbstractContextManager[str]]) -> dict[str, Any]
     Each candidate is a context manager that yields a local folder (Ray's
     `Checkpoint.as_directory()`). A checkpoint that cannot be read is reported and the previous
     one is tried; when every one is unreadable the run stops instead of starting from scratch.
+    A copy cut short (IncompleteCheckpoint) was never a checkpoint: it is passed over with a
+    warning, and where it is all there is (the first checkpoint's copy, cut by a killed
+    driver) the run starts from step 0 instead of failing on every restart.
     """
-    failures = []
+    failures, passed_over = [], False
     for candidate in candidates:
         try:
             with candidate as directory:
                 state = read_checkpoint(Path(directory))
+        except IncompleteCheckpoint as err:
+            log.warning("%s: a copy cut short, passed over", err)
+            passed_over = True
+            continue
         except CheckpointError as err:
             log.warning("%s; falling back to the previous checkpoint", err)
             failures.append(str(err))
             continue
-        if failures:
+        if failures or passed_over:
             log.warning("resumed from the checkpoint of step %d", state["step"])
         return state
     if failures:
         raise CheckpointError(f"no readable checkpoint: {'; '.join(failures)}")
+    if passed_over:
+        log.warning("no whole checkpoint, only copies cut short: starting from step 0")
     return None
