@@ -183,6 +183,7 @@ def start(args: argparse.Namespace) -> tuple[Experiment, str, run.Options | None
             f"--num-samples: {args.num_samples} is fewer than the {points} variants the search "
             "evaluates first"
         )
+    run.check_scheduler(experiment, args.scheduler or experiment.search.scheduler)
     path = _path(args, experiment)
     if args.dry_run:
         return experiment, path, None

@@ -1720,3 +1720,34 @@ def test_report_with_resume_or_dry_run_is_refused_rather_than_one_of_them_ignore
     assert rt.main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: --report: not with {other}; ") and err.count("\n") == 1
+
+
+def test_an_asha_grace_period_past_max_t_is_a_one_line_error_before_ray_starts(
+    tmp_path, capsys, monkeypatch
+):
+    """Ray's ASHA refuses grace_period > max_t with an assertion, which came after the settings
+    were stored, so neither a second start nor --resume could go on; it is refused first: past
+    the longest trial's 60 steps (max_t 61), or past a search's max_t of 30. Under FIFO, or
+    with grace_period == max_t, ASHA's bounds do not matter or hold."""
+    with pytest.raises(AssertionError):
+        run.ASHAScheduler(time_attr="step", max_t=61, grace_period=100)
+    monkeypatch.setattr(ray, "init", lambda *args, **kwargs: pytest.fail("Ray was started"))
+    experiment = tmp_path / "tiny.yaml"
+    search = {"scheduler": "asha", "grace_period": 100}
+    experiment.write_text(yaml.safe_dump({**TINY, "train": {"max_steps": 60}, "search": search}))
+    argv = [str(experiment), "--storage", str(tmp_path / "runs")]
+    assert rt.main(argv) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "error: search.grace_period: 100 is past ASHA's max_t, 61 (one past the longest "
+        "trial's last step); it must be at most 61"
+    ]
+    assert not run.has_settings(str(tmp_path / "runs" / "tiny"))
+    assert rt.main([*argv, "search.max_t=30", "search.grace_period=50"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "error: search.grace_period: 50 is past ASHA's max_t, 30 (search.max_t); it must be at "
+        "most 30"
+    ]
+    fifo = spec.from_dict("tiny", {**TINY, "train": {"max_steps": 60}, "search": search})
+    run.check_scheduler(fifo, "fifo")
+    fits = spec.from_dict("tiny", {**TINY, "search": {"max_t": 30, "grace_period": 30}})
+    run.check_scheduler(fits, "asha")

@@ -182,16 +182,32 @@ def load_settings(path: str) -> tuple[Experiment, Options]:
         raise ConfigError(f"{file}: {err}") from None
 
 
+def asha_max_t(experiment: Experiment) -> int:
+    """ASHA's max_t: the search's, else past the longest trial's last step, so that no trial is
+    stopped before it ends."""
+    steps = experiment.longest_trial()
+    return experiment.search.max_t or (steps + 1 if steps else UNBOUNDED_STEPS)
+
+
+def check_scheduler(experiment: Experiment, scheduler: str) -> None:
+    """Raise a ConfigError for an ASHA grace period past its max_t, which Ray's ASHA refuses."""
+    search, max_t = experiment.search, asha_max_t(experiment)
+    if scheduler == "asha" and search.grace_period > max_t:
+        why = "search.max_t" if search.max_t else "one past the longest trial's last step"
+        raise ConfigError(
+            f"search.grace_period: {search.grace_period} is past ASHA's max_t, {max_t} ({why}); "
+            f"it must be at most {max_t}"
+        )
+
+
 def _scheduler(experiment: Experiment, options: Options) -> TrialScheduler:
-    """FIFO, or ASHA on the training step (max_t: the search's, else past the longest trial's
-    last step, so that no trial is stopped before it ends)."""
+    """FIFO, or ASHA on the training step (max_t: `asha_max_t`)."""
     if options.scheduler != "asha":
         return FIFOScheduler()
     search = experiment.search
-    steps = experiment.longest_trial()
     return ASHAScheduler(
         time_attr="step",
-        max_t=search.max_t or (steps + 1 if steps else UNBOUNDED_STEPS),
+        max_t=asha_max_t(experiment),
         grace_period=search.grace_period,
         reduction_factor=search.reduction_factor,
     )
