@@ -428,3 +428,22 @@ def test_a_trial_continues_on_another_node_from_its_last_checkpoint_when_its_nod
     assert steps_by_tag(board)["train_loss"] == list(range(1, 61))
     steps = _reported_steps(experiment / trial)
     assert steps == sorted(set(steps)) and steps[-1] == 60, steps
+
+
+def test_one_worker_trials_at_once_are_counted_by_what_each_trials_process_holds(monkeypatch):
+    """A one-worker trial's process holds cpus_per_worker CPUs (nothing is reserved for a
+    driver beside it): a 100-CPU node holds 100 trials of 1 CPU, not 100 / 0.99 = 101, and 64
+    trials of 0.25 CPU on a 16-CPU node; with half a GPU each, a 1-GPU node of 8 CPUs holds 2
+    trials of 2 CPUs."""
+    one = spec.from_dict("x", {**TINY, "scaling": {"num_workers": 1, "cpus_per_worker": 1}})
+    assert run.trial_resources(one.trial_config({}), 0) == {"CPU": 1.0}
+    monkeypatch.setattr(capacity, "node_types", lambda: [capacity.NodeType({"CPU": 100}, 1)])
+    assert run.concurrency(one, 0) == 100
+    quarter = spec.from_dict("x", {**TINY, "scaling": {"num_workers": 1, "cpus_per_worker": 0.25}})
+    monkeypatch.setattr(capacity, "node_types", lambda: [capacity.NodeType({"CPU": 16}, 1)])
+    assert run.concurrency(quarter, 0) == 64
+    two = spec.from_dict("x", {**TINY, "scaling": {"num_workers": 1, "cpus_per_worker": 2}})
+    gpu_node = [capacity.NodeType({"CPU": 8, "GPU": 1}, 1)]
+    monkeypatch.setattr(capacity, "node_types", lambda: gpu_node)
+    assert run.concurrency(two, 0.5) == 2
+    assert run.trial_workers(two, 0.5) == (1, {"CPU": 2.0, "GPU": 0.5})

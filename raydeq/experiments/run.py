@@ -117,10 +117,13 @@ def concurrency(experiment: Experiment, gpus: float | None, limit: int = 0) -> i
 
 
 def trial_workers(experiment: Experiment, gpus: float | None) -> tuple[int, dict[str, float]]:
-    """A trial's Train workers and what each one needs (its share of CPUs beside the trial's
-    own process, and a GPU when `gpus`, or by default when the cluster may have GPUs)."""
+    """A trial's workers and what each one needs: a one-worker trial's process holds its
+    `trial_resources`; Train workers share their CPUs with the trial's process, and take a GPU
+    when `gpus`, or by default when the cluster may have GPUs."""
     cfg = experiment.trial_config({})
     gpus = launch.gpus_per_worker(cfg) if gpus is None else gpus
+    if in_process(cfg):
+        return 1, trial_resources(cfg, gpus)
     worker = launch.scaling_config(cfg, gpus, reserve_cpu=TRIAL_CPU).resources_per_worker
     return cfg.scaling.num_workers, worker
 
