@@ -1751,3 +1751,18 @@ def test_an_asha_grace_period_past_max_t_is_a_one_line_error_before_ray_starts(
     run.check_scheduler(fifo, "fifo")
     fits = spec.from_dict("tiny", {**TINY, "search": {"max_t": 30, "grace_period": 30}})
     run.check_scheduler(fits, "asha")
+
+
+def test_a_restart_without_a_limit_says_so_rather_than_of_minus_1(tmp_path, capsys):
+    """scaling.max_failures -1 lets Tune restart a trial without limit (Trial.should_recover:
+    max_failures < 0); its line counts the restarts and names no limit."""
+    trial = SimpleNamespace(
+        config={"variant": {"label": "Skip"}},
+        error_file=None,
+        path=str(tmp_path),
+        num_failures=4,
+        max_failures=-1,
+        status="RUNNING",
+    )
+    run.TrialLines(total=1).on_trial_recover(0, [trial], trial)
+    assert capsys.readouterr().out == "trial Skip: failed; restart 4 (no limit)\n"

@@ -331,7 +331,8 @@ class TrialLines(tune.Callback):
         print(f"trial {describe(trial.config)}: {ended}{shown}{done}", flush=True)
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Trial, **info: Any) -> None:
-        failed, count = self.failure(trial), f"{trial.num_failures} of {trial.max_failures}"
+        limit = f"of {trial.max_failures}" if trial.max_failures >= 0 else "(no limit)"
+        failed, count = self.failure(trial), f"{trial.num_failures} {limit}"
         print(f"trial {describe(trial.config)}: {failed}; restart {count}", flush=True)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Trial, **info: Any) -> None:
