@@ -14,6 +14,7 @@ import optuna
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+import ray.cloudpickle
 import yaml
 from hypothesis import given
 from hypothesis import strategies as st
@@ -514,7 +515,7 @@ def test_a_killed_search_resumes_with_its_searchers_history_and_repeats_no_trial
 
 def test_a_searcher_reads_its_objectives_from_the_last_report_only():
     experiment = spec.from_dict("s", {**TINY, "search": SEARCH | {"cost": None}})
-    limiter = search.searcher(experiment.space(), experiment.search, seed=0, max_concurrent=2)
+    limiter = search.searcher(experiment.space(), experiment.search, seed=0, bound=lambda: 2)
     optuna_search = limiter.searcher
     config = optuna_search.suggest("t0")
     assert config["variant"] == {"label": "Vanilla"}
@@ -524,6 +525,28 @@ def test_a_searcher_reads_its_objectives_from_the_last_report_only():
     assert trial.values == [0.9] and trial.params["model/solver"] == "vcab3"
 
 
+CLUSTER = {"trials": 3}
+
+
+def cluster_trials() -> int:
+    """The trials the cluster holds now (a function pickled by reference, as Tune's bound is)."""
+    return CLUSTER["trials"]
+
+
+def test_a_restored_searcher_lets_in_as_many_trials_as_the_cluster_holds_now(monkeypatch):
+    """Tune restores a search by unpickling the limiter pickled at its first start: a cluster
+    grown from 3 trials to 5 since then lets 5 in after the resume, and the searcher keeps the
+    trials it suggested."""
+    experiment = spec.from_dict("s", {**TINY, "search": SEARCH})
+    limiter = search.searcher(experiment.space(), experiment.search, seed=0, bound=cluster_trials)
+    assert limiter.max_concurrent == 3
+    limiter.suggest("t0")
+    saved = ray.cloudpickle.dumps(limiter)
+    monkeypatch.setitem(CLUSTER, "trials", 5)
+    restored = ray.cloudpickle.loads(saved)
+    assert restored.max_concurrent == 5 and set(restored.live_trials) == {"t0"}
+
+
 def test_a_search_maximises_its_metric_minimises_its_cost_and_repeats_its_draws_per_seed():
     """The study's directions: test accuracy up and the cost down (a cost maximised would
     hunt for the slowest solvers); a searcher of the same seed suggests the same trials after
@@ -531,7 +554,7 @@ def test_a_search_maximises_its_metric_minimises_its_cost_and_repeats_its_draws_
     experiment = spec.from_dict("s", {**TINY, "search": SEARCH})
 
     def suggestions(seed: int) -> tuple[list, list[dict]]:
-        limiter = search.searcher(experiment.space(), experiment.search, seed, max_concurrent=8)
+        limiter = search.searcher(experiment.space(), experiment.search, seed, bound=lambda: 8)
         drawn = [limiter.searcher.suggest(f"t{i}") for i in range(5)]
         return limiter.searcher._ot_study.directions, drawn
 
@@ -624,7 +647,7 @@ def test_the_samplers_take_the_searchs_population_and_a_constant_liar():
 
 def test_a_searcher_suggests_no_more_trials_at_once_than_its_limit():
     experiment = spec.from_dict("s", {**TINY, "search": SEARCH})
-    limiter = search.searcher(experiment.space(), experiment.search, seed=0, max_concurrent=1)
+    limiter = search.searcher(experiment.space(), experiment.search, seed=0, bound=lambda: 1)
     assert limiter.suggest("t0")["variant"] == {"label": "Vanilla"}
     assert limiter.suggest("t1") is None  # until t0 ends
     limiter.on_trial_complete("t0", {"test_accuracy": 0.9, "test_nfe": 8.0})

@@ -738,7 +738,9 @@ def test_the_trials_at_once_follow_the_runs_gpus_and_limit_and_draws_the_experim
     while (trial := generator.next_trial()) is not None:
         drawn.append(trial.config["optim"]["lr"])
     assert drawn == [sampled["optim"]["lr"] for sampled in spec.expand(grid)]
-    monkeypatch.setattr(run.searchers, "searcher", lambda space, search, seed, bound: (seed, bound))
+    monkeypatch.setattr(
+        run.searchers, "searcher", lambda space, search, seed, bound: (seed, bound())
+    )
     optuna = spec.from_dict("o", {**TINY, "seed": 7, "search": {"searcher": "tpe", "space": space}})
     assert run.search_algorithm(optuna, run.Options(None, 3, "fifo", 0)) == (7, 4)
     assert asked[-1] == (None, 0)

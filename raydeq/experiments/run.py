@@ -223,7 +223,7 @@ def search_algorithm(experiment: Experiment, options: Options) -> SearchAlgorith
     seed = experiment.trial_config({}).seed
     if not experiment.searched:
         return VariantsWithinCapacity(bound, constant_grid_search=True, random_state=seed)
-    return searchers.searcher(experiment.space(), experiment.search, seed, bound())
+    return searchers.searcher(experiment.space(), experiment.search, seed, bound)
 
 
 def tuner(experiment: Experiment, path: str, options: Options, resume: bool) -> tune.Tuner:

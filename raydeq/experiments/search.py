@@ -9,7 +9,7 @@ search with a `cost` has two objectives: `metric` (its `mode`) and the cost (min
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -239,9 +239,24 @@ def sampler(search: SearchSection, seed: int) -> optuna.samplers.BaseSampler:
         )
 
 
-def searcher(space: Space, search: SearchSection, seed: int, max_concurrent: int) -> Searcher:
-    """Tune's OptunaSearch over the space, the points enqueued first, limited to
-    `max_concurrent` trials at once (TPE learns from the finished ones)."""
+class LimitWithinCapacity(ConcurrencyLimiter):
+    """Tune's ConcurrencyLimiter, with its bound on live trials computed when a run starts and
+    again when a resume unpickles it (Tune restores the limiter pickled at the first start, so
+    a resumed search would keep the cluster of its first start)."""
+
+    def __init__(self, searcher: Searcher, bound: Callable[[], int]) -> None:
+        super().__init__(searcher, max_concurrent=bound())
+        self.bound = bound
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Unpickle, then bound the live trials by the cluster of now."""
+        self.__dict__.update(state)
+        self.max_concurrent = self.bound()
+
+
+def searcher(space: Space, search: SearchSection, seed: int, bound: Callable[[], int]) -> Searcher:
+    """Tune's OptunaSearch over the space, the points enqueued first, limited to bound()
+    trials at once (TPE learns from the finished ones)."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     metric, mode = objectives(search)
     optuna_search = OptunaSearch(
@@ -251,7 +266,7 @@ def searcher(space: Space, search: SearchSection, seed: int, max_concurrent: int
         points_to_evaluate=[dict(point) for _, point in space.points],
         sampler=sampler(search, seed),
     )
-    return ConcurrencyLimiter(optuna_search, max_concurrent=max_concurrent)
+    return LimitWithinCapacity(optuna_search, bound)
 
 
 def sample(space: Space, count: int, seed: int) -> list[dict[str, Any]]:
