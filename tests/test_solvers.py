@@ -307,6 +307,27 @@ def test_anderson_falls_back_to_the_plain_step_when_its_system_is_singular():
     torch.testing.assert_close(sol.z, torch.full_like(z0, 2.0), rtol=0, atol=1e-9)
 
 
+def test_anderson_s_plain_step_after_a_singular_system_backpropagates_as_fixed_point():
+    """With lam=0 a one-dimensional history is singular from the second step on, so every
+    step is the plain one and the iterates are fixed-point iteration's: an unrolled gradient
+    through them is fixed-point iteration's, 3 / (1 - a)^2 at the fixed point, not NaN."""
+    a = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+    grads = {}
+    for solver, options in (("anderson", {"lam": 0.0}), ("fixed_point", {})):
+        sol = raydeq.solve(
+            lambda z: a * z + 1.0,
+            torch.zeros(3, 1, dtype=torch.float64),
+            solver=solver,
+            adjoint="unrolled",
+            abstol=1e-10,
+            reltol=0.0,
+            solver_options=options,
+        )
+        (grads[solver],) = torch.autograd.grad(sol.z.sum(), a)
+    torch.testing.assert_close(grads["anderson"], grads["fixed_point"], rtol=1e-12, atol=0)
+    assert float(grads["anderson"]) == pytest.approx(12.0, rel=1e-7)
+
+
 def test_broyden_converges_where_an_update_is_lost_in_float32_rounding():
     """Sample 180 of this float32 problem meets a v . dg of -2e-8: updating with it diverged."""
     problem = SpectralProblem(Spectrum(dim=1024, batch=256), torch.device("cpu"))

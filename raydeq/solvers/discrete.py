@@ -135,12 +135,12 @@ class Anderson:
         ridge = gram.diagonal(dim1=1, dim2=2).mean(-1, keepdim=True).clamp_min(1e-30)
         eye = c.eye if n == self.m else c.eye[:n, :n]
         gram = gram + ridge.mul_(self.lam)[:, :, None] * eye
-        weights, info = torch.linalg.solve_ex(gram, _first(c.ones, n))
-        weights = weights.mT
-        alpha = weights / weights.sum(2, keepdim=True)
-        # A singular system falls back to the plain step z = f(z). |alpha| < inf is
-        # isfinite(alpha) in fewer operations (NaN compares false).
-        ok = (info.view(-1, 1, 1) == 0) & (alpha.abs() < float("inf")).all(2, keepdim=True)
+        ones = _first(c.ones, n)
+        alpha, ok = _mixing_weights(gram, ones)
+        if alpha.requires_grad:
+            # Solved again with the identity where the system is singular: an unrolled
+            # backward through the singular solve gives NaN there, not the plain step's 0.
+            alpha = _mixing_weights(torch.where(ok, gram, eye), ones)[0]
         plain = c.eye[slot] if n == self.m else c.eye[slot, :n]
         alpha = torch.where(ok, alpha, plain)
         mixed = combine(alpha, _first(fs, n))
@@ -148,6 +148,18 @@ class Anderson:
             mixed = self.beta * mixed + (1 - self.beta) * combine(alpha, _first(xs, n))
         (z,) = monitor.select(monitor.active, ((mixed[:, 0], z),))
         return Mixing(evaluate(f, z, monitor), fs, gs, xs, c.count + 1, c.ones, c.eye)
+
+
+def _mixing_weights(gram: torch.Tensor, ones: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Anderson's weights alpha = w / sum(w), gram w = 1, as (B, 1, n) rows, and where they
+    are usable (B, 1, 1): elsewhere the system is singular and the step falls back to the
+    plain step z = f(z)."""
+    weights, info = torch.linalg.solve_ex(gram, ones)
+    weights = weights.mT
+    alpha = weights / weights.sum(2, keepdim=True)
+    # |alpha| < inf is isfinite(alpha) in fewer operations (NaN compares false).
+    ok = (info.view(-1, 1, 1) == 0) & (alpha.abs() < float("inf")).all(2, keepdim=True)
+    return alpha, ok
 
 
 def _first(buffer: torch.Tensor, n: int) -> torch.Tensor:
