@@ -397,6 +397,16 @@ def test_bad_arguments_are_named(kwargs, message):
         raydeq.solve(lambda z: z, torch.zeros(1, 2), **kwargs)
 
 
+def test_unknown_option_names_of_mixed_types_are_named():
+    """Option names that do not sort together (a YAML key read as a number) are still named
+    in the one-line refusal, not lost in a TypeError from comparing them."""
+    message = "solver='anderson' takes no option 'mm', 1; its options are m, lam, beta"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        raydeq.solve(
+            lambda z: z, torch.zeros(1, 2), solver="anderson", solver_options={1: 2, "mm": 3}
+        )
+
+
 def test_bad_states_are_named():
     with pytest.raises(TypeError, match="z0 must be a tensor .* got <class 'NoneType'>"):
         raydeq.solve(lambda z: z, None)

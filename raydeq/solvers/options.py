@@ -54,7 +54,7 @@ def construct(what: str, make: Callable[..., Any], options: dict, own: tuple[str
     (`own`, taken out of options before) takes, and those they do: instead of a TypeError
     about an unexpected keyword argument of some class."""
     accepted = [*parameters(make), *own]
-    unknown = sorted(set(options) - set(accepted))
+    unknown = sorted(set(options) - set(accepted), key=repr)
     if unknown:
         raise ValueError(
             f"{what} takes no option {', '.join(map(repr, unknown))}; "
