@@ -1547,7 +1547,11 @@ def test_a_trial_trains_in_its_folder_in_its_own_process_or_fits_its_train_run_t
     trial's 0.01 CPU between them and reporting to Tune."""
     from raydeq.training import loop
 
-    context = SimpleNamespace(get_trial_name=lambda: "t1_seed=3")
+    held = {"CPU": 2}
+    resources = SimpleNamespace(required_resources=held)
+    context = SimpleNamespace(
+        get_trial_name=lambda: "t1_seed=3", get_trial_resources=lambda: resources
+    )
     monkeypatch.setattr(run.tune, "get_context", lambda: context)
     trained = []
     monkeypatch.setattr(
@@ -1560,7 +1564,10 @@ def test_a_trial_trains_in_its_folder_in_its_own_process_or_fits_its_train_run_t
     monkeypatch.setattr(run.launch, "fit", lambda *args, **kwargs: fitted.append((args, kwargs)))
     folder = f"{tmp_path}/t1_seed=3"
     one = spec.from_dict("x", {**TINY, "scaling": {"num_workers": 1, "cpus_per_worker": 2}})
-    for gpus, device in [(0.5, "cuda"), (0, "cpu")]:
+    # A resumed trial holds what it held at its start: its device follows that, not `gpus`.
+    for share, gpus, device in [(0.5, 0.5, "cuda"), (0, 0, "cpu"), (0, 1, "cpu"), (1, 0, "cuda")]:
+        held.pop("GPU", None)
+        held.update({"GPU": share} if share else {})
         run.run_trial({"seed": 3}, experiment=one, path=str(tmp_path), gpus=gpus)
         cfg, session = trained[-1]
         assert (session.folder, session.device.type) == (folder, device)
@@ -1572,7 +1579,7 @@ def test_a_trial_trains_in_its_folder_in_its_own_process_or_fits_its_train_run_t
     assert (cfg.name, cfg.storage_path, cfg.label) == ("train", folder, "seed=3")
     assert scaling.num_workers == 2 and scaling.use_gpu
     assert scaling.resources_per_worker == {"CPU": 2 - 0.01 / 2, "GPU": 1}
-    assert kwargs["callbacks"] == ["reports to Tune"] and len(trained) == 2
+    assert kwargs["callbacks"] == ["reports to Tune"] and len(trained) == 4
 
 
 def test_the_tuner_runs_the_trials_with_the_runs_options_in_the_experiments_folder(

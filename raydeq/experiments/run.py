@@ -67,15 +67,18 @@ class Options:
 
 
 def run_trial(sampled: dict[str, Any], *, experiment: Experiment, path: str, gpus: float) -> None:
-    """One trial: train (or resume) in this process with one worker, else fit its
-    TorchTrainer in `<trial>/train`; either reports to Tune."""
-    trial_dir = f"{path.rstrip('/')}/{tune.get_context().get_trial_name()}"
+    """One trial: train (or resume) in this process with one worker, on CUDA where the trial
+    holds a GPU share (a resumed trial holds what it held at its start, whatever `gpus` says
+    now), else fit its TorchTrainer in `<trial>/train`; either reports to Tune."""
+    context = tune.get_context()
+    trial_dir = f"{path.rstrip('/')}/{context.get_trial_name()}"
     where = {"name": TRAIN_RUN, "label": describe(sampled), "storage_path": trial_dir}
     cfg = experiment.trial_config(merge(sampled, where))
     if in_process(cfg):
         from raydeq.training.loop import Loop  # the trial's process trains (see launch)
 
-        Loop(cfg, TuneTrial(trial_dir, use_gpu=gpus > 0)).run()
+        held = context.get_trial_resources().required_resources.get("GPU", 0)
+        Loop(cfg, TuneTrial(trial_dir, use_gpu=held > 0)).run()
         return
     scaling = launch.scaling_config(cfg, gpus, reserve_cpu=TRIAL_CPU)
     launch.fit(cfg, scaling, callbacks=[TuneReportCallback()])
