@@ -18,6 +18,7 @@ import shlex
 import sys
 from collections.abc import Sequence
 from contextlib import ExitStack
+from pathlib import Path
 
 import ray.train
 from ray.train import Result
@@ -30,6 +31,16 @@ from raydeq.training.storage import StorageError
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
+SHIPPED_CONFIGS = Path(__file__).resolve().parent / "tune_configs"
+
+
+def config_file(path: str) -> str:
+    """`path`, or the shipped file that a `tune_configs/NAME.yaml` missing from here names."""
+    given = Path(path)
+    shipped = SHIPPED_CONFIGS / given.name
+    if not given.exists() and given.parent == Path("tune_configs") and shipped.is_file():
+        return str(shipped)
+    return path
 
 
 def summary(result: Result, cfg: Config) -> str:
@@ -61,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     with ExitStack() as held:
         try:
-            cfg = load(args.config, args.overrides)
+            cfg = load(config_file(args.config), args.overrides)
             check_run(cfg)
             launch.check_cluster()
             held.enter_context(runlock.hold(cfg.run_dir))

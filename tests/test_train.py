@@ -164,6 +164,20 @@ def test_the_command_exits_with_status_2_on_a_bad_config(tmp_path):
     assert done.stderr == "error: train.lambda_skip: must be >= 0, got -1.0\n"
 
 
+def test_a_shipped_experiment_file_is_found_from_a_folder_without_tune_configs(
+    tmp_path, monkeypatch
+):
+    """`python -m raydeq.train tune_configs/digits.yaml`, as the README writes it, trains the
+    shipped file when the folder it runs in has no tune_configs/ of its own."""
+    started = []
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(train, "run", lambda cfg, argv: started.append((cfg, argv)) or 0)
+    assert train.main(["tune_configs/digits.yaml", "train.max_steps=20"]) == 0
+    [(cfg, argv)] = started
+    assert cfg.model.variant == "skip_reg" and cfg.scaling.num_workers == 2
+    assert cfg.train.max_steps == 20 and argv == ["tune_configs/digits.yaml", "train.max_steps=20"]
+
+
 def test_a_run_written_as_a_relative_or_an_absolute_path_has_one_lock(tmp_path, monkeypatch):
     """`runs/a` from its parent folder and the absolute path of that folder are one run: a
     driver of either spelling holds off the other; another run has its own lock."""
