@@ -23,6 +23,7 @@ from pathlib import Path
 import ray.train
 from ray.train import Result
 
+from raydeq.experiments.spec import CONFIG_DIR
 from raydeq.training import data, launch, runlock
 from raydeq.training.config import Config, ConfigError, load
 from raydeq.training.preflight import check_run
@@ -31,13 +32,12 @@ from raydeq.training.storage import StorageError
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
-SHIPPED_CONFIGS = Path(__file__).resolve().parent / "tune_configs"
 
 
 def config_file(path: str) -> str:
     """`path`, or the shipped file that a `tune_configs/NAME.yaml` missing from here names."""
     given = Path(path)
-    shipped = SHIPPED_CONFIGS / given.name
+    shipped = CONFIG_DIR / given.name
     if not given.exists() and given.parent == Path("tune_configs") and shipped.is_file():
         return str(shipped)
     return path
