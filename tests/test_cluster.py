@@ -212,6 +212,26 @@ def test_node_types_come_from_the_published_config_else_from_the_nodes_alive(mon
     assert not capacity.can_have("GPU")
 
 
+def test_publishing_names_a_file_that_is_no_autoscaling_config_in_one_line(tmp_path, capsys):
+    """--help prints the usage; a missing file, or one without node types, is one line and
+    status 2 before Ray is reached."""
+    assert capacity.main(["--help"]) == 0
+    assert (
+        capsys.readouterr().out == "usage: python -m raydeq.training.capacity AUTOSCALING_CONFIG\n"
+    )
+    missing, empty = tmp_path / "missing.yaml", tmp_path / "empty.yaml"
+    empty.write_text("max_workers: 4\n")
+    assert capacity.main([str(missing)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {missing}: not an autoscaling config ([Errno 2] No such file or directory: "
+        f"'{missing}')\n"
+    )
+    assert capacity.main([str(empty)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {empty}: not an autoscaling config ('available_node_types')\n"
+    )
+
+
 @pytest.mark.parametrize("argv", [[], ["a.yaml", "b.yaml"]])
 def test_publishing_takes_one_autoscaling_config_file(capsys, argv):
     assert capacity.main(argv) == 2

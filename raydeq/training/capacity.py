@@ -98,14 +98,24 @@ def main(argv: list[str]) -> int:
     """Publish the node types of the autoscaling config file `argv[0]` (YAML or JSON)."""
     import yaml
 
+    usage = "usage: python -m raydeq.training.capacity AUTOSCALING_CONFIG"
+    if argv in (["-h"], ["--help"]):
+        print(usage)
+        return 0
     if len(argv) != 1:
-        print("usage: python -m raydeq.training.capacity AUTOSCALING_CONFIG", file=sys.stderr)
+        print(usage, file=sys.stderr)
         return 2
-    with open(argv[0]) as file:
-        autoscaling = yaml.safe_load(file)  # `ray up` writes JSON, which YAML reads too
+    try:
+        with open(argv[0]) as file:
+            autoscaling = yaml.safe_load(file)  # `ray up` writes JSON, which YAML reads too
+        node_types = autoscaling["available_node_types"]
+        cluster_config(autoscaling)
+    except (OSError, yaml.YAMLError, KeyError, TypeError, AttributeError, ValueError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        print(f"error: {argv[0]}: not an autoscaling config ({reason})", file=sys.stderr)
+        return 2
     ray.init(address="auto", logging_level="WARNING", log_to_driver=False)
     publish(autoscaling)
-    node_types = autoscaling["available_node_types"]
     shown = {name: node_type.get("resources", {}) for name, node_type in node_types.items()}
     print(f"node types published: {json.dumps(shown)}")
     return 0
