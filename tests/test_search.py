@@ -729,6 +729,31 @@ def test_a_searcher_refuses_a_quantized_log_range_that_optuna_would_draw_unround
     assert all(abs(lr / 1e-4 - round(lr / 1e-4)) < 1e-6 for lr in drawn)
 
 
+def test_a_searcher_refuses_a_quantized_integer_range_that_optuna_would_draw_otherwise():
+    """Tune's qrandint [1, 9] with q 4 draws 4 and 8 (multiples of q), Optuna 1, 5 and 9 (steps
+    from the lower bound); at q 1 Tune leaves out the upper bound and Optuna draws it. Both
+    are refused under a searcher; [0, 8] with q 4 draws 0, 4 and 8 under either."""
+    for bounds, message in [
+        ([1, 9, 4], "lower bound 1 is not a multiple of q = 4"),
+        ([1, 5, 1], "q = 1 leaves out 5 under searcher random and draws it under Optuna"),
+    ]:
+        space = {"train.max_steps": {"qrandint": bounds}}
+        raw = {**TINY, "search": {"searcher": "tpe", "space": space}}
+        with pytest.raises(ConfigError, match=r"^search.space.train.max_steps.qrandint: ") as err:
+            spec.from_dict("s", raw)
+        assert message in str(err.value) and "\n" not in str(err.value)
+    space = {"optim.lr": {"quniform": [0.1, 0.2, 0.1]}, "train.max_steps": {"qrandint": [0, 8, 4]}}
+    dist = search.distribution("search.space.train.max_steps", space["train.max_steps"])
+    assert (dist.low, dist.high, dist.step) == (0, 8, 4)
+    tune_draws = {
+        d["train"]["max_steps"]
+        for d in spec.expand(
+            spec.from_dict("s", {**TINY, "search": {"space": space, "num_samples": 40}})
+        )
+    }
+    assert tune_draws == {0, 4, 8}
+
+
 def test_a_paper_point_runs_a_conditional_solver_option_at_the_solvers_default():
     """mnist_search draws Broyden's memory only with Broyden: its Discrete DEQ points leave it
     unset, as Table 1's rows do, so they run at Broyden's own memory of 30, not at a draw."""

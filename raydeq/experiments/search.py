@@ -47,10 +47,29 @@ def distribution(key: str, spec: Any) -> BaseDistribution | Any:
             f"{key}.qloguniform: Optuna cannot quantize a log range; use loguniform, quniform "
             "(or searcher random)"
         )
+    tune_domain = domain(key, spec)
+    if "qrandint" in spec:
+        _check_integer_steps(key, tune_domain.lower, tune_domain.upper, tune_domain.sampler.q)
     try:
-        return OptunaSearch.convert_search_space({"x": domain(key, spec)})["x"]
+        return OptunaSearch.convert_search_space({"x": tune_domain})["x"]
     except ValueError as err:
         raise ConfigError(f"{key}: Optuna cannot sample {spec!r} ({err})") from None
+
+
+def _check_integer_steps(key: str, lower: int, upper: int, q: int) -> None:
+    """Raise a ConfigError for a qrandint that Optuna would draw otherwise than Tune does:
+    Optuna steps from lower (1, 5, 9 for lower 1, q 4) where Tune rounds to multiples of q (4,
+    8), and at q = 1 Tune leaves out the upper bound, which Optuna draws."""
+    if q == 1:
+        raise ConfigError(
+            f"{key}.qrandint: q = 1 leaves out {upper} under searcher random and draws it under "
+            f"Optuna; use randint [{lower}, {upper}] (upper left out) or [{lower}, {upper + 1}]"
+        )
+    if lower % q:
+        raise ConfigError(
+            f"{key}.qrandint: lower bound {lower} is not a multiple of q = {q}, which Optuna "
+            "steps from and Tune rounds to; use a lower bound that is a multiple of q"
+        )
 
 
 def suggest(trial: optuna.Trial, name: str, dist: BaseDistribution | Any) -> Any:
