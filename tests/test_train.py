@@ -3,6 +3,7 @@
 import contextlib
 import copy
 import functools
+import hashlib
 import itertools
 import json
 import logging
@@ -457,15 +458,44 @@ def test_checkpoints_round_trip_and_corruption_is_detected(tmp_path):
     loaded = checkpoint.read_checkpoint(folder)
     assert loaded["step"] == 7 and torch.equal(loaded["model"]["w"], torch.arange(4.0))
     assert json.loads((folder / MANIFEST_FILE).read_text())["step"] == 7
-    blob = (folder / STATE_FILE).read_bytes()
-    (folder / STATE_FILE).write_bytes(blob[: len(blob) // 2])
-    with pytest.raises(
-        checkpoint.CheckpointError, match="state.pt is missing or fails its checksum"
-    ):
+    corrupt(folder / STATE_FILE)
+    with pytest.raises(checkpoint.CheckpointError, match="state.pt fails its checksum"):
         checkpoint.read_checkpoint(folder)
     (folder / MANIFEST_FILE).unlink()
     with pytest.raises(checkpoint.CheckpointError, match="no valid manifest.json"):
         checkpoint.read_checkpoint(folder)
+
+
+def corrupt(path: Path) -> None:
+    """Flip one bit of a file's last byte: damage that keeps its size."""
+    blob = path.read_bytes()
+    path.write_bytes(blob[:-1] + bytes([blob[-1] ^ 1]))
+
+
+def test_a_state_cut_short_under_a_whole_manifest_is_a_copy_cut_short(tmp_path):
+    """The manifest records state.pt's size: a state.pt shorter than that (a copy cut short
+    after the manifest's) is an IncompleteCheckpoint, one of the recorded size that fails its
+    checksum a damaged checkpoint, and a manifest written before sizes were recorded still
+    reads."""
+    folder = checkpoint.write_checkpoint({"step": 7, "w": torch.arange(4.0)}, tmp_path / "ckpt")
+    state, manifest = folder / STATE_FILE, json.loads((folder / MANIFEST_FILE).read_text())
+    blob = state.read_bytes()
+    assert manifest["bytes"] == len(blob) and manifest["sha256"] == hashlib.sha256(blob).hexdigest()
+    state.write_bytes(blob[:100])
+    with pytest.raises(
+        checkpoint.IncompleteCheckpoint,
+        match=f"state.pt is cut short: 100 of the {len(blob)} bytes its manifest.json records",
+    ):
+        checkpoint.read_checkpoint(folder)
+    state.write_bytes(blob)
+    corrupt(state)
+    with pytest.raises(checkpoint.CheckpointError, match="fails its checksum") as caught:
+        checkpoint.read_checkpoint(folder)
+    assert not isinstance(caught.value, checkpoint.IncompleteCheckpoint)
+    state.write_bytes(blob)
+    del manifest["bytes"]
+    (folder / MANIFEST_FILE).write_text(json.dumps(manifest))
+    assert checkpoint.read_checkpoint(folder)["step"] == 7
 
 
 def test_a_crash_while_saving_leaves_no_checkpoint_folder(tmp_path, monkeypatch):
@@ -503,7 +533,7 @@ def test_a_malicious_pickle_in_a_checkpoint_is_refused(tmp_path):
 def test_restore_falls_back_to_the_previous_checkpoint_and_never_silently_restarts(tmp_path):
     good = checkpoint.write_checkpoint({"step": 4}, tmp_path / "a")
     bad = checkpoint.write_checkpoint({"step": 6}, tmp_path / "b")
-    (bad / STATE_FILE).write_bytes(b"garbage")
+    corrupt(bad / STATE_FILE)
     checkpoints = [Checkpoint.from_directory(str(p)) for p in (bad, good)]
     assert checkpoint.restore(c.as_directory() for c in checkpoints)["step"] == 4
     assert checkpoint.restore([]) is None
@@ -517,25 +547,27 @@ def test_a_checkpoint_folder_missing_a_file_is_a_copy_cut_short_and_passed_over(
     renames a whole folder into place): such a folder is passed over, not counted as a bad
     checkpoint. With an older one the run resumes from it; a trial whose only checkpoint was
     cut starts from step 0 with a warning instead of failing on every restart; a state.pt
-    that fails its checksum still stops the run."""
+    of its recorded size that fails its checksum still stops the run."""
     good = checkpoint.write_checkpoint({"step": 4}, tmp_path / "a")
     no_manifest = checkpoint.write_checkpoint({"step": 8}, tmp_path / "b")
     (no_manifest / MANIFEST_FILE).unlink()
     no_state = checkpoint.write_checkpoint({"step": 8}, tmp_path / "c")
     (no_state / STATE_FILE).unlink()
     bad = checkpoint.write_checkpoint({"step": 8}, tmp_path / "d")
-    (bad / STATE_FILE).write_bytes(b"garbage")
+    corrupt(bad / STATE_FILE)
+    short = checkpoint.write_checkpoint({"step": 8}, tmp_path / "e")
+    (short / STATE_FILE).write_bytes((short / STATE_FILE).read_bytes()[:50])
     folders = {
-        f.name: Checkpoint.from_directory(str(f)) for f in (good, no_manifest, no_state, bad)
+        f.name: Checkpoint.from_directory(str(f)) for f in (good, no_manifest, no_state, bad, short)
     }
 
     def restore(*names):
         return checkpoint.restore(folders[name].as_directory() for name in names)
 
-    assert restore("b", "c", "a")["step"] == 4
+    assert restore("b", "c", "e", "a")["step"] == 4
     caplog.clear()
     with caplog.at_level(logging.WARNING):
-        assert restore("b", "c") is None
+        assert restore("b", "c", "e") is None
     assert caplog.messages[-1] == "no whole checkpoint, only copies cut short: starting from step 0"
     with pytest.raises(checkpoint.CheckpointError, match="no readable checkpoint: .*d: state.pt"):
         restore("b", "d")

@@ -27,9 +27,10 @@ class CheckpointError(RuntimeError):
 
 
 class IncompleteCheckpoint(CheckpointError):
-    """A checkpoint folder without its manifest or its state: never a whole checkpoint, since
-    `write_checkpoint` renames a whole folder into place, but a copy cut short (Ray copies a
-    checkpoint's files side by side, and a process killed mid-copy leaves some of them)."""
+    """A checkpoint folder without its manifest or its state, or whose state is shorter than
+    its manifest records: never a whole checkpoint, since `write_checkpoint` renames a whole
+    folder into place, but a copy cut short (Ray copies a checkpoint's files side by side, and
+    a process killed mid-copy leaves some of them, or part of one)."""
 
 
 def _sha256(path: Path) -> str:
@@ -44,14 +45,15 @@ def _sha256(path: Path) -> str:
 def write_checkpoint(state: dict[str, Any], directory: Path) -> Path:
     """Write `state` to the new folder `directory`, atomically: a temporary folder is renamed.
 
-    The folder holds `state.pt` and `manifest.json` with its step and SHA-256, so a copy that
-    was cut short or altered later is recognised when it is read, and the run's `settings`
-    where the state has them, so that a start can tell whose run it would resume.
+    The folder holds `state.pt` and `manifest.json` with its step, size in bytes and SHA-256,
+    so a copy that was cut short or altered later is recognised when it is read, and the run's
+    `settings` where the state has them, so that a start can tell whose run it would resume.
     """
     staging = directory.with_name(f".{directory.name}.partial")
     staging.mkdir(parents=True)
-    torch.save(state, staging / STATE_FILE)
-    manifest = {"step": state["step"], "sha256": _sha256(staging / STATE_FILE)}
+    saved = staging / STATE_FILE
+    torch.save(state, saved)
+    manifest = {"step": state["step"], "bytes": saved.stat().st_size, "sha256": _sha256(saved)}
     if "settings" in state:
         manifest["settings"] = state["settings"]
     (staging / MANIFEST_FILE).write_text(json.dumps(manifest))
@@ -68,9 +70,9 @@ def read_checkpoint(directory: Path) -> dict[str, Any]:
         error = IncompleteCheckpoint if isinstance(err, FileNotFoundError) else CheckpointError
         raise error(f"{directory}: no valid {MANIFEST_FILE} ({err})") from None
     state_path = directory / STATE_FILE
-    if not state_path.is_file() or _sha256(state_path) != expected:
-        error = CheckpointError if state_path.is_file() else IncompleteCheckpoint
-        raise error(f"{directory}: {STATE_FILE} is missing or fails its checksum")
+    check_size(directory, manifest.get("bytes"))
+    if _sha256(state_path) != expected:
+        raise CheckpointError(f"{directory}: {STATE_FILE} fails its checksum")
     try:
         return torch.load(state_path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
@@ -78,6 +80,20 @@ def read_checkpoint(directory: Path) -> dict[str, Any]:
         raise CheckpointError(
             f"{directory}: {STATE_FILE} refused by the loader ({reason})"
         ) from None
+
+
+def check_size(directory: Path, recorded: int | None) -> None:
+    """Raise an IncompleteCheckpoint when the folder's state is missing or shorter than the
+    `recorded` bytes (manifests written before sizes were recorded have none)."""
+    state_path = directory / STATE_FILE
+    if not state_path.is_file():
+        raise IncompleteCheckpoint(f"{directory}: {STATE_FILE} is missing")
+    size = state_path.stat().st_size
+    if isinstance(recorded, int) and size < recorded:
+        raise IncompleteCheckpoint(
+            f"{directory}: {STATE_FILE} is cut short: {size} of the {recorded} bytes its "
+            f"{MANIFEST_FILE} records"
+        )
 
 
 def read_newest(folder: Path) -> dict[str, Any]:
