@@ -45,6 +45,14 @@ def test_step_decay_at_explicit_milestones_and_every_few_epochs():
         ({"milestones": [20, 10]}, "optim.milestones: expected increasing steps, got [20, 10]"),
         ({"milestones": [0]}, "optim.milestones: expected a list of positive integers"),
         ({"eta_min": 0.1, "lr": 0.01}, "optim.eta_min: 0.1 is above optim.lr=0.01"),
+        (
+            {"milestones": [10, 20]},
+            "optim.milestones: [10, 20] apply to optim.schedule=step only, not 'cosine'; set",
+        ),
+        (
+            {"milestones": [10], "schedule": "constant"},
+            "optim.milestones: [10] apply to optim.schedule=step only, not 'constant'; set",
+        ),
     ],
 )
 def test_bad_schedules_are_one_line_errors(optim, message):

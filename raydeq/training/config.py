@@ -256,6 +256,11 @@ def _check_together(cfg: Config) -> None:
         raise ConfigError(
             f"optim.milestones: expected increasing steps, got {list(optim.milestones)}"
         )
+    if optim.milestones and optim.schedule != "step":
+        raise ConfigError(
+            f"optim.milestones: {list(optim.milestones)} apply to optim.schedule=step only, not "
+            f"{optim.schedule!r}; set optim.schedule=step or remove optim.milestones"
+        )
     if optim.eta_min > optim.lr:
         raise ConfigError(f"optim.eta_min: {optim.eta_min:g} is above optim.lr={optim.lr:g}")
     if optim.nesterov and optim.optimizer != "sgd":
