@@ -178,8 +178,16 @@ def test_lambda_skip_defaults_to_the_presets_and_amp_reads_yaml_off():
         ({"name": ".."}, "name: '..' is not a folder name"),
         ({"name": "."}, "name: '.' is not a folder name"),
         ({"name": "-x"}, "name: '-x' is not a folder name"),
-        ({"data": {"download": True}}, "data.download: only mnist, cifar10, svhn can be"),
-        ({"train": {"lambda_jac": 0.1}}, "train.lambda_jac: needs model.jac_reg=true"),
+        (
+            {"data": {"download": True}},
+            "data.download: only mnist, cifar10, svhn can be downloaded, not dataset 'digits'; "
+            "set data.download=false",
+        ),
+        (
+            {"train": {"lambda_jac": 0.1}},
+            "train.lambda_jac: needs model.jac_reg=true to have a Jacobian term, got 0.1 "
+            "without it; set model.jac_reg=true or train.lambda_jac=0",
+        ),
         ({"data": {"batch_size": 33}}, "data.batch_size: 33 does not split evenly over scaling"),
         ({"model": {"variant": "neural_ode", "jac_reg": True}}, "model.jac_reg: not an option"),
         (

@@ -226,7 +226,10 @@ def _check_together(cfg: Config) -> None:
             "remove data_dir (or use dataset 'mnist' for MNIST files of your own)"
         )
     if data.download and data.dataset not in DOWNLOADABLE:
-        raise ConfigError(f"data.download: only {', '.join(DOWNLOADABLE)} can be downloaded")
+        raise ConfigError(
+            f"data.download: only {', '.join(DOWNLOADABLE)} can be downloaded, not dataset "
+            f"{data.dataset!r}; set data.download=false"
+        )
     if data.stage_to is not None and data.dataset not in STAGED_DATASETS:
         raise ConfigError(
             f"data.stage_to: dataset {data.dataset!r} is read in place; only "
@@ -249,7 +252,10 @@ def _check_together(cfg: Config) -> None:
             f"scaling.num_workers={cfg.scaling.num_workers}; use a multiple of it"
         )
     if cfg.train.lambda_jac > 0 and not cfg.model.jac_reg:
-        raise ConfigError("train.lambda_jac: needs model.jac_reg=true to have a Jacobian term")
+        raise ConfigError(
+            "train.lambda_jac: needs model.jac_reg=true to have a Jacobian term, got "
+            f"{cfg.train.lambda_jac:g} without it; set model.jac_reg=true or train.lambda_jac=0"
+        )
     _check_search(cfg.search)
     optim = cfg.optim
     if list(optim.milestones) != sorted(set(optim.milestones)):
