@@ -356,6 +356,29 @@ def test_a_normal_distribution_without_spread_is_a_one_line_error():
     assert "\n" not in message
 
 
+@pytest.mark.parametrize(
+    ("space", "value"),
+    [
+        ({"optim.lr": {"randn": ["a", 1]}}, "'a'"),
+        ({"optim.lr": {"randn": {"mean": "a"}}}, "'a'"),
+        ({"optim.lr": {"qrandn": [0, 1, "a"]}}, "'a'"),
+        ({"train.epochs": {"randint": ["a", 3]}}, "'a'"),
+        ({"optim.lr": {"uniform": [0.1, ".inf"]}}, "'.inf'"),
+        ({"optim.lr": {"randn": [True]}}, "True"),
+    ],
+)
+def test_a_ranges_argument_that_is_no_number_is_a_one_line_error(space, value):
+    """A normal's mean or an integer range's bound written as text stopped the dry run with
+    Tune's or Python's traceback (a normal only at its first draw)."""
+    ((key, spec_),) = space.items()
+    ((primitive, _),) = spec_.items()
+    with pytest.raises(ConfigError) as err:
+        rt.preflight(spec.from_dict("x", {**TINY, "search": {"space": space}}))
+    assert str(err.value) == (
+        f"search.space.{key}.{primitive}: {value} is not a number; its arguments are numbers"
+    )
+
+
 def test_range_bounds_written_as_yaml_text_are_read_as_numbers():
     """YAML 1.1 reads `1e-4` as a string: such bounds still make a log-uniform range, and its
     draws lie between them."""

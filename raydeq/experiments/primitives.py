@@ -49,14 +49,18 @@ def nested(tree: Mapping[str, Any]) -> dict[str, Any]:
     return apply_overrides({}, dimensions(tree))
 
 
-def _number(value: Any) -> Any:
-    """YAML 1.1 reads `1e-3` as a string; numeric arguments of a primitive become floats."""
+def _number(key: str, value: Any) -> float | int:
+    """A numeric argument of the primitive at `key` (YAML 1.1 reads `1e-3` as a string, which
+    becomes a float); a ConfigError for any other value, which Tune would take and fail on
+    with a traceback (a normal's mean at its first draw)."""
     if isinstance(value, str):
         try:
             return float(value)
         except ValueError:
-            return value
-    return value
+            pass
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        return value
+    raise ConfigError(f"{key}: {value!r} is not a number; its arguments are numbers")
 
 
 def domain(key: str, spec: Any) -> Any:
@@ -76,13 +80,14 @@ def domain(key: str, spec: Any) -> Any:
         if not isinstance(args, list) or not args:
             raise ConfigError(f"{key}.{primitive}: expected a non-empty list of values")
         return getattr(tune, primitive)(args)
+    where = f"{key}.{primitive}"
+    if isinstance(args, Mapping):
+        keywords, positional = {k: _number(where, v) for k, v in args.items()}, []
+    else:
+        listed = args if isinstance(args, list) else [args]
+        keywords, positional = {}, [_number(where, v) for v in listed]
     try:
-        if isinstance(args, Mapping):
-            made = getattr(tune, primitive)(**{k: _number(v) for k, v in args.items()})
-        else:
-            made = getattr(tune, primitive)(
-                *map(_number, args if isinstance(args, list) else [args])
-            )
+        made = getattr(tune, primitive)(*positional, **keywords)
     except ZeroDivisionError:  # Tune divides a float range's ends by its step q
         raise ConfigError(f"{key}.{primitive}: the step q must be above 0, got 0") from None
     except (TypeError, ValueError, AssertionError) as err:
