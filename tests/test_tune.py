@@ -224,7 +224,10 @@ def test_an_override_fixes_a_searched_key():
         ({"space": {"optim": {"lr": {"loguniform": [1]}}}}, r"^search.space.optim.lr.loguniform"),
         ({"space": {"seed": {"grid_search": []}}}, r"^search.space.seed.grid_search: expected"),
         ({"variants": [{"model.variant": {"choice": [1]}}]}, r"^search.variants\[0\].model"),
-        ({"variants": [{"model.variant": "wide"}]}, r"^model.variant: 'wide' is not allowed"),
+        (
+            {"variants": [{"model.variant": "wide"}]},
+            r"^search.variants\[0\]: model.variant: 'wide' is not allowed",
+        ),
         (
             {"space": {"model": {"abstol": {"grid_search": [-1]}}}},
             r"^search.space.model.abstol: the grid value -1: model.abstol: must be > 0",
@@ -1712,6 +1715,28 @@ def test_an_override_that_no_variant_has_names_each_value_they_have_once():
         "model.variant='skip_reg': no variant of search.variants has that value; they have "
         "'vanilla', 'skip'"
     )
+
+
+@pytest.mark.parametrize("searcher", ["random", "tpe"])
+@pytest.mark.parametrize(
+    ("space", "bad", "message"),
+    [
+        ({}, {"model.variant": "bogus"}, "model.variant: 'bogus' is not allowed; choose one of"),
+        ({"seed": {"grid_search": [0, 1]}}, {"model.abstol": -1.0}, "model.abstol: must be > 0"),
+    ],
+)
+def test_a_variants_bad_setting_is_named_by_its_variant(searcher, space, bad, message):
+    """A variant's bad value was named alone (`model.variant: 'bogus' ...`, no variant) or
+    under the space's first dimension (`search.space.seed: the grid value 0: ...`); the error
+    now names the variant that sets it."""
+    dims = {"model.variant": {"choice": ["vanilla", "skip"]}, "model.abstol": 0.1}
+    variants = [{"label": "a", "model.variant": "skip"}, {"label": "b", **bad}]
+    search = {"space": space, "variants": variants}
+    if searcher == "tpe":  # a searcher's variants are points of its space
+        search |= {"searcher": searcher, "space": dims, "num_samples": 2}
+    with pytest.raises(ConfigError) as err:
+        spec.from_dict("x", {**TINY, "search": search})
+    assert str(err.value).startswith(f"search.variants[1]: {message}")
 
 
 def test_a_trials_words_show_its_label_then_its_draws_to_three_significant_digits():

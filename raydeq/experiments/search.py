@@ -195,7 +195,11 @@ def _points(base: Mapping[str, Any], search: SearchSection, space: Space) -> tup
                     f"search.variants[{index}].{key}: not a dimension of the search space; a "
                     "searcher's variants are points of its space"
                 )
-        point = _point(validate(apply_overrides(base, settings)), space, settings)
+        try:
+            cfg = validate(apply_overrides(base, settings))
+        except ConfigError as err:
+            raise ConfigError(f"search.variants[{index}]: {err}") from None
+        point = _point(cfg, space, settings)
         for key, dist in dists.items():
             choices = dist.choices if isinstance(dist, CategoricalDistribution) else None
             if choices is not None and _name(key) in point and point[_name(key)] not in choices:

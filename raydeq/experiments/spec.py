@@ -207,11 +207,12 @@ def from_dict(
 
 
 def _check_space(experiment: Experiment) -> None:
-    """Check the space's keys and, in a trial config, the values its dimensions can take: each
-    value of a `choice` or `grid_search` (each variant's, the other dimensions at their first
-    values) and both ends of a range; a conditional dimension's with its rule's `when` met (at
-    its first value). A trial draws its values at random, so a bad one would otherwise fail
-    only the trials that draw it, after the run has started."""
+    """Check the space's keys, each variant (named in its error, the dimensions at their first
+    values) and, in a trial config, the values the dimensions can take: each value of a
+    `choice` or `grid_search` (each variant's, the other dimensions at their first values) and
+    both ends of a range; a conditional dimension's with its rule's `when` met (at its first
+    value). A trial draws its values at random, so a bad one would otherwise fail only the
+    trials that draw it, after the run has started."""
     search = experiment.search
     for i, row in enumerate(search.variants):
         for key in row:
@@ -222,6 +223,11 @@ def _check_space(experiment: Experiment) -> None:
     ]
     tried = [(where, fixed, _space_values(where, space)) for where, fixed, space in spaces]
     firsts = {key: pairs[0][1] for key, pairs in tried[0][2].items()}
+    for i, row in enumerate(search.variants):
+        try:
+            experiment.trial_config(apply_overrides({VARIANT: row}, firsts))
+        except ConfigError as err:
+            raise ConfigError(f"search.variants[{i}]: {err}") from None
     for where, fixed, values in tried:
         for row in search.variants or ({},):
             for key, pairs in values.items():
