@@ -224,6 +224,7 @@ def test_an_override_fixes_a_searched_key():
         ({"space": {"optim": {"lr": {"loguniform": [1]}}}}, r"^search.space.optim.lr.loguniform"),
         ({"space": {"seed": {"grid_search": []}}}, r"^search.space.seed.grid_search: expected"),
         ({"variants": [{"model.variant": {"choice": [1]}}]}, r"^search.variants\[0\].model"),
+        ({"variants": [{1: 2}]}, r"^search.variants\[0\]: key 1 is not a dotted setting"),
         (
             {"variants": [{"model.variant": "wide"}]},
             r"^search.variants\[0\]: model.variant: 'wide' is not allowed",

@@ -336,6 +336,8 @@ def _check_variants(variants: Sequence[Mapping[str, Any]]) -> None:
                 f"{label!r} (the results average a label's trials as seeds); give it its own label"
             )
         for key, value in row.items():
+            if not isinstance(key, str):
+                raise ConfigError(f"{where}: key {key!r} is not a dotted setting (model.solver)")
             if isinstance(value, Mapping):
                 raise ConfigError(f"{where}.{key}: expected a value (variants take no primitives)")
 
