@@ -309,6 +309,31 @@ def test_a_measurement_on_its_limit_passes_and_the_table_shows_which_way_the_lim
     ]
 
 
+def refuse_constant(name: str) -> float:
+    """parse_constant for a strict reader: NaN, Infinity and -Infinity are not JSON."""
+    raise ValueError(f"not strict JSON: {name}")
+
+
+def test_the_json_is_strict_with_every_nan_or_infinity_written_as_null():
+    """jq and JavaScript refuse NaN and Infinity: the report writes them as null, and a
+    target's verdict still says whether an infinite measurement failed."""
+    section = Section(
+        "s",
+        "S",
+        ["a", "b"],
+        targets=[Target("inf", math.inf, 0.5), Target("nan", math.nan, 0.5)],
+        timings={"case": [0.25, math.inf]},
+    )
+    section.add(a=math.nan, b=-math.inf)
+    section.add(a=1.5, b="x")
+    report = Report(date="2026-12-03", device="cpu", size="tiny", machine={}, sections=[section])
+    data = json.loads(report.to_json(), parse_constant=refuse_constant)
+    (raw,) = data["sections"]
+    assert raw["rows"] == [{"a": None, "b": None}, {"a": 1.5, "b": "x"}]
+    assert [(t["measured"], t["passed"]) for t in raw["targets"]] == [(None, False), (None, None)]
+    assert raw["timings"] == {"case": [0.25, None]}
+
+
 def test_spread_is_the_interquartile_range_over_the_median_and_a_zero_time_ratio_is_infinite():
     # Exclusive quartiles of 1, 2, 3, 4, 10: q1 halfway from 1 to 2, q3 halfway from 4 to 10.
     assert Timing(seconds=[4.0, 1.0, 10.0, 3.0, 2.0]).spread == pytest.approx((7.0 - 1.5) / 3.0)

@@ -70,12 +70,13 @@ class Report:
     failures: dict[str, str] = field(default_factory=dict)  # suite -> its error, one line
 
     def to_json(self) -> str:
-        """All of it, including each target's verdict and the raw timings."""
+        """All of it, including each target's verdict and the raw timings, as strict JSON: a
+        NaN or infinite number is null (the verdict stays in each target's `passed`)."""
         data = asdict(self)
         for section, raw in zip(self.sections, data["sections"], strict=True):
             for target, out in zip(section.targets, raw["targets"], strict=True):
                 out["passed"] = target.passed
-        return json.dumps(data, indent=2, default=str)
+        return json.dumps(finite_or_null(data), indent=2, default=str, allow_nan=False)
 
     def to_markdown(self) -> str:
         """The targets summary, then one table per section."""
@@ -110,6 +111,18 @@ class Report:
             if section.notes:
                 lines += [""] + [f"- {note}" for note in section.notes]
         return "\n".join(lines) + "\n"
+
+
+def finite_or_null(value: object) -> object:
+    """`value` with every NaN or infinite float inside it replaced by None: JSON has no
+    NaN or Infinity, and jq, JavaScript and most readers refuse Python's."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite_or_null(item) for item in value]
+    return value
 
 
 def error_line(err: BaseException) -> str:
