@@ -638,10 +638,37 @@ def test_a_second_run_of_the_day_writes_beside_the_first_instead_of_over_it(tmp_
     kept = (tmp_path / "2026-12-03-cpu.json").read_text()
     second = Report(date="2026-12-03", device="cpu", size="quick", machine={})
     assert output_stem(second, tmp_path) == tmp_path / "2026-12-03-cpu-2"
-    write(second, output_stem(second, tmp_path))
+    write(second, tmp_path / "2026-12-03-cpu-2")
     assert (tmp_path / "2026-12-03-cpu.json").read_text() == kept
     assert json.loads((tmp_path / "2026-12-03-cpu-2.json").read_text())["size"] == "quick"
     assert output_stem(second, tmp_path) == tmp_path / "2026-12-03-cpu-3"
+
+
+def test_two_runs_started_together_on_one_day_write_apart(tmp_path):
+    """Each run takes its name before its first suite ends: a run started beside another (on
+    another GPU of the machine, say) must not take the same name and overwrite its results."""
+    first = Report(date="2026-12-03", device="cuda", size="tiny", machine={"gpu": "0"})
+    second = Report(date="2026-12-03", device="cuda", size="tiny", machine={"gpu": "1"})
+    stems = [output_stem(first, tmp_path), output_stem(second, tmp_path)]
+    assert stems == [tmp_path / "2026-12-03-cuda", tmp_path / "2026-12-03-cuda-2"]
+    for report, stem in zip((first, second), stems, strict=True):
+        write(report, stem)
+    for gpu, stem in zip("01", stems, strict=True):
+        assert json.loads(stem.with_suffix(".json").read_text())["machine"] == {"gpu": gpu}
+
+
+def test_a_run_interrupted_in_its_first_suite_leaves_a_report_without_sections(
+    monkeypatch, tmp_path
+):
+    def interrupted(ctx: Context) -> Section:
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(SUITES, "skip", interrupted)
+    with pytest.raises(SystemExit):
+        main(["--size", "tiny", "--only", "skip", "--out", str(tmp_path)])
+    (json_path,) = tmp_path.glob("*-cpu.json")
+    assert json.loads(json_path.read_text())["sections"] == []
+    assert (tmp_path / f"{json_path.stem}.md").read_text().startswith("# raydeq benchmarks")
 
 
 @pytest.mark.parametrize("suffix", [".json", ".md"])

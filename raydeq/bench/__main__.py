@@ -175,6 +175,7 @@ def main(argv: Sequence[str] | None = None) -> Report:
         machine=machine_info(device),
     )
     stem = output_stem(report, args.out)
+    json_path, md_path = write(report, stem)
     for name in args.only or SUITES:
         start = time.perf_counter()
         print(f"[{name}] running", file=sys.stderr, flush=True)

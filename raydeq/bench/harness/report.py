@@ -152,13 +152,27 @@ def table(columns: list[str], rows: list[dict[str, Value]]) -> list[str]:
 
 
 def output_stem(report: Report, out_dir: Path) -> Path:
-    """out_dir/<date>-<device>, or with -2, -3, ... the first that names no written result: a
-    second run on one day would overwrite the first's."""
+    """out_dir/<date>-<device>, or with -2, -3, ... the first that names no written result,
+    reserved by creating its JSON file at once: a second run on one day, or one started beside
+    it (another GPU of the machine), would overwrite the first's."""
+    out_dir.mkdir(parents=True, exist_ok=True)
     stem, number = out_dir / f"{report.date}-{report.device}", 1
-    while stem.with_suffix(".json").exists() or stem.with_suffix(".md").exists():
+    while not reserve(stem):
         number += 1
         stem = out_dir / f"{report.date}-{report.device}-{number}"
     return stem
+
+
+def reserve(stem: Path) -> bool:
+    """Create stem.json unless it or stem.md exists; whether this call created it (creating
+    the file is atomic, so of two runs taking the same name one only succeeds)."""
+    if stem.with_suffix(".md").exists():
+        return False
+    try:
+        stem.with_suffix(".json").open("x").close()
+    except FileExistsError:
+        return False
+    return True
 
 
 def write(report: Report, stem: Path) -> tuple[Path, Path]:
