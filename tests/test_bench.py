@@ -451,6 +451,26 @@ def test_node_benchmark_times_the_weights_of_a_training_checkpoint(tmp_path, cap
         assert message in capsys.readouterr().err
 
 
+def test_weights_of_another_model_stop_the_run_before_any_suite(tmp_path, capsys):
+    """A checkpoint whose weights do not fit its preset is a usage error at once, not a failed
+    node suite after the presets before it have trained, losing their rows."""
+    model = models.build("mnist_dense", "vanilla", CPU, seed=1)
+    folder = write_checkpoint({"step": 7, "model": model.state_dict()}, tmp_path / "ckpt")
+    out = tmp_path / "out"
+    for name, message in (
+        ("cifar10_small", "holds no weights for stem.net.0.weight"),
+        ("mnist_mdeq", "holds no weights for stem.net.0.weight"),
+    ):
+        argv = ["--models", "mnist_dense", name, "--weights", f"{name}={folder}"]
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--size", "tiny", *argv, "--out", str(out)])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert f"error: --weights '{name}={folder}': {folder} {message}" in err
+        assert "it is a checkpoint of another model" in err and "running" not in err
+    assert not out.exists()
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from raydeq.bench.harness.context import SIZES, Checkpoint, Context
+from raydeq.bench.harness.models import build, load_checkpoint
 from raydeq.bench.harness.report import Report, error_line, machine_info, output_stem, write
 from raydeq.bench.harness.timing import keep_freed_memory
 from raydeq.bench.suites import SUITES
@@ -149,10 +150,19 @@ def parse_weights(
         if name not in models:
             parser.error(f"--weights {item!r}: {name!r} is not among --models {' '.join(models)}")
         try:
-            weights[name] = Checkpoint(Path(folder), read_newest(Path(folder))["model"])
-        except CheckpointError as err:
+            weights[name] = fitting(
+                name, Checkpoint(Path(folder), read_newest(Path(folder))["model"])
+            )
+        except (CheckpointError, ValueError) as err:
             parser.error(f"--weights {item!r}: {err}")
     return weights
+
+
+def fitting(name: str, checkpoint: Checkpoint) -> Checkpoint:
+    """The checkpoint, once its weights load into the preset (a ValueError naming what does not
+    fit otherwise): a misfit found by the node suite would lose the presets timed before it."""
+    load_checkpoint(build(name, "vanilla", torch.device("cpu"), 0), checkpoint)
+    return checkpoint
 
 
 def main(argv: Sequence[str] | None = None) -> Report:
