@@ -480,6 +480,11 @@ def test_weights_of_another_model_stop_the_run_before_any_suite(tmp_path, capsys
         ),
         (["--threads", "0"], "argument --threads: '0' is not an integer >= 1"),
         (["--device", "gpu"], "argument --device: 'gpu' is not a torch device"),
+        (
+            ["--seed", str(2**64)],
+            f"argument --seed: '{2**64}' is not an integer from 0 to 4294967295",
+        ),
+        (["--seed", "-1"], "argument --seed: '-1' is not an integer from 0 to 4294967295"),
     ],
 )
 def test_a_bad_argument_is_named_with_what_is_allowed(args, message, capsys, tmp_path):
@@ -576,6 +581,11 @@ def test_a_compiled_step_count_that_fails_fails_its_own_target_only(monkeypatch,
         "solver": "euler, compile=True"
     }
     assert "Traceback" in capsys.readouterr().err
+
+
+def test_the_seed_is_any_of_those_a_training_config_takes():
+    assert parse([]).seed == 0
+    assert parse(["--seed", "4294967295"]).seed == 2**32 - 1
 
 
 def test_the_size_is_full_unless_asked_otherwise():

@@ -22,6 +22,9 @@ from raydeq.models import PRESETS
 from raydeq.training.checkpoint import CheckpointError, read_newest
 from raydeq.training.data import EXPECTED_FILES, unreadable_file
 
+# The largest seed, as in a training config: raydeq.train's seeds are 0 to 2**32 - 1.
+MAX_SEED = 2**32 - 1
+
 
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     """The command line."""
@@ -81,7 +84,9 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
             "day (default: benchmarks/results)"
         ),
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of every problem and model")
+    parser.add_argument(
+        "--seed", type=seed, default=0, help=f"seed of every problem and model (0 to {MAX_SEED})"
+    )
     args = parser.parse_args(argv)
     args.weights = parse_weights(parser, args.weights, args.models)
     try:  # here, not after the first suite has run
@@ -135,6 +140,14 @@ def positive_int(text: str) -> int:
     """An integer >= 1 named on the command line."""
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= 1")
+    return int(text)
+
+
+def seed(text: str) -> int:
+    """A seed named on the command line, in the range raydeq.train takes (torch refuses one
+    past 2**64 - 1 in every suite, and a suite seeds its cotangents with seed + 1)."""
+    if not text.isdigit() or int(text) > MAX_SEED:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer from 0 to {MAX_SEED}")
     return int(text)
 
 
