@@ -5,6 +5,7 @@ import json
 import math
 import statistics
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -1353,6 +1354,25 @@ def test_fitting_takes_adam_at_1e_3_over_batches_that_cover_each_epoch_once(monk
     assert rates == [1e-3] and len(batches) == 6
     for epoch in range(3):
         assert sorted(batches[2 * epoch] + batches[2 * epoch + 1]) == list(range(8))
+
+
+def test_the_cifar10_large_training_step_times_the_weights_given_for_it():
+    """--weights cifar10_large=... times that checkpoint's model in train_step as in node,
+    instead of the untrained one whose forward stops at max_steps."""
+    large = next(w for w in train_step.WORKLOADS if w.model == "cifar10_large")
+    ctx = Context(CPU, "tiny", ("cifar10_large",))
+    model, weights = train_step.timed_model(ctx, large, False, {})
+    assert weights == "untrained weights"
+    trained = models.build("cifar10_large", "vanilla", CPU, seed=1)
+    with torch.no_grad():
+        next(trained.head.parameters()).mul_(2.0)
+    checkpoint = Checkpoint(Path("ckpt"), trained.state_dict())
+    ctx = Context(CPU, "tiny", ("cifar10_large",), weights={"cifar10_large": checkpoint})
+    model, weights = train_step.timed_model(ctx, large, False, {})
+    assert weights == "weights of the checkpoint ckpt"
+    own = model.state_dict()
+    assert all(torch.equal(own[k], v) for k, v in checkpoint.weights.items() if k in own)
+    assert torch.equal(next(model.head.parameters()), next(trained.head.parameters()))
 
 
 def test_a_train_step_row_takes_the_median_step_and_the_backwards_vjps(capsys):

@@ -93,6 +93,7 @@ WORKLOADS = (
     ),
 )
 
+UNTRAINED = "untrained weights"
 
 COLUMNS = (
     "model",
@@ -131,12 +132,16 @@ def timed_model(
     """The preset as the workload's variant with the preset's solver and adjoint settings, and
     a description of its weights: mnist_dense takes those of node's trained DEQ (trained when
     its inputs are digits, or a --weights checkpoint; once, kept in `trained`), cifar10_large
-    stays untrained."""
+    those of its --weights checkpoint, else it stays untrained."""
     model = models.build(
         workload.model, workload.variant, ctx.device, ctx.seed, compile=workload.compile
     )
+    checkpoint = ctx.weights.get(workload.model)
+    if workload.model != "mnist_dense" and checkpoint is None:
+        return model, UNTRAINED
     if workload.model != "mnist_dense":
-        return model, "untrained weights"
+        models.load_checkpoint(model, checkpoint)
+        return model, f"weights of the checkpoint {checkpoint.folder}"
     if workload.model not in trained:
         deq, weights = trained_deq(ctx, workload.model, digits, suite="train_step")
         trained[workload.model] = deq.state_dict(), weights
@@ -226,9 +231,6 @@ def run(ctx: Context) -> Section:
             "n/a and the table holds the time. cifar10_large runs under bfloat16 autocast on a "
             "GPU and in float32 on a CPU (one without bfloat16 units runs it about 10x slower in "
             "bfloat16).",
-            "cifar10_large is untrained: at initialisation its f has no attracting equilibrium "
-            "(the preset pretrains unrolled steps first), so its forward stops at max_steps "
-            "(converged 0) and its time is that of a step at the NFE shown.",
         ],
     )
     cases: dict[str, Case] = {}
@@ -243,6 +245,12 @@ def run(ctx: Context) -> Section:
         model, weights = timed_model(ctx, workload, digits, trained)
         cases[workload.key] = case(model, images, amp_on(workload, ctx.device), workload.model)
         section.notes.append(f"{workload.key}: batch of {batch} {source}, {weights}.")
+        if weights == UNTRAINED:
+            section.notes.append(
+                f"{workload.model} is untrained: at initialisation its f has no attracting "
+                "equilibrium (the preset pretrains unrolled steps first), so its forward stops "
+                "at max_steps (converged 0) and its time is that of a step at the NFE shown."
+            )
     if any(w.compile for w in workloads):
         section.notes.append(
             "The compile= rows are timed after the others, each on its own; where a capture "
