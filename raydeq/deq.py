@@ -49,18 +49,25 @@ def _tensors(z: State) -> tuple[Tensor, ...]:
     return (z,) if isinstance(z, Tensor) else tuple(z)
 
 
+def _rebuilt(z: State, tensors: list[Tensor]) -> State:
+    """tensors in the container of z: its list, tuple or named tuple type (one tensor for a
+    tensor), so that f reads a state it made as it made it."""
+    if isinstance(z, Tensor):
+        return tensors[0]
+    return getattr(type(z), "_make", type(z))(tensors)
+
+
 def _detach(z: State) -> State:
     """A copy of the state cut from the autograd graph, with the same structure."""
-    return z.detach() if isinstance(z, Tensor) else [t.detach() for t in z]
+    return _rebuilt(z, [t.detach() for t in _tensors(z)])
 
 
 def solver_start(z: State) -> State:
     """z0 cut from the graph in at least float32: under autocast x and f(0, x) are bfloat16 or
     float16, and the solver keeps its state in float32 (it casts f's outputs back to it)."""
-    tensors = [z] if isinstance(z, Tensor) else z
+    tensors = _tensors(z)
     dtype = torch.promote_types(tensors[0].dtype, torch.float32)
-    start = [t.detach().to(dtype) for t in tensors]
-    return start[0] if isinstance(z, Tensor) else start
+    return _rebuilt(z, [t.detach().to(dtype) for t in tensors])
 
 
 def initial_state(f: nn.Module, x: Tensor) -> State:
@@ -152,7 +159,7 @@ def hutchinson_jacobian_loss(f: Callable[[State], State], z: State) -> Tensor:
     differentiable = torch.is_grad_enabled()
     inputs = [t.detach().requires_grad_() for t in _tensors(z)]
     with torch.enable_grad():
-        out = _tensors(f(inputs[0] if isinstance(z, Tensor) else inputs))
+        out = _tensors(f(_rebuilt(z, inputs)))
         probes = [torch.randn_like(t) for t in out]
         vjps = torch.autograd.grad(
             out, inputs, probes, create_graph=differentiable, materialize_grads=True

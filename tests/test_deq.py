@@ -5,6 +5,7 @@ import dataclasses
 import gc
 import math
 import weakref
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -313,6 +314,48 @@ class TwoPartPredictor(nn.Module):
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         return [x @ self.p1, x @ self.p2]
+
+
+class Pair(NamedTuple):
+    """A state of two named parts."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+
+
+class PairCell(nn.Module):
+    """TwoPartCell on a named-tuple state, which it reads by name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.f = TwoPartCell()
+
+    def initial_state(self, x: torch.Tensor) -> Pair:
+        return Pair(*self.f.initial_state(x))
+
+    def forward(self, z: Pair, x: torch.Tensor) -> Pair:
+        return Pair(*self.f([z.a, z.b], x))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"init": "skip_reg"}, {"jac_reg": True}, {"pretrain_steps": 1}, {"autocast": True}],
+    ids=["solve", "skip_reg", "jac_reg", "warm-up", "autocast"],
+)
+def test_a_named_tuple_state_reaches_f_and_comes_back_as_that_named_tuple(options):
+    """f is called on the state in the container its initial_state gives (a named tuple read
+    by name), as the solver and the Neural ODE call it; z* is TwoPartCell's fixed point."""
+    options = dict(options)
+    autocast = options.pop("autocast", False)
+    f = PairCell()
+    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(23))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = DEQ(f, solver="fixed_point", abstol=1e-6, reltol=0.0, **options)(x)
+    assert type(out.z) is Pair and type(out.z0) is Pair
+    if not autocast and "pretrain_steps" not in options:
+        want = iterate(f.f, x, f.f.initial_state(x))
+        for got, ref in zip(out.z, want, strict=True):
+            torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("mode", ["unrolled", "unrolled under autocast", "warm-up"])
