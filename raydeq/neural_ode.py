@@ -11,7 +11,8 @@ forward pass is stored; adjoint="backprop" differentiates through the forward st
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -27,6 +28,7 @@ from raydeq.deq import (
     solver_start,
     zero_state_hint,
 )
+from raydeq.models.layers import VariationalDropout2d
 from raydeq.solvers import SolveStats, Termination
 from raydeq.solvers.interval import INTERVAL_SOLVERS, Endpoint, integrate
 from raydeq.solvers.options import choice, integer, number
@@ -93,6 +95,30 @@ class Record:
         return end.y
 
 
+# A variational dropout's mode and mask: what f's evaluations depend on besides their inputs.
+Dropout = tuple[VariationalDropout2d, bool, Tensor | None]
+
+
+def _dropouts(f: nn.Module) -> list[Dropout]:
+    """The mode and mask of each variational dropout in f, as they are now."""
+    return [(m, m.training, m.mask) for m in f.modules() if isinstance(m, VariationalDropout2d)]
+
+
+@contextmanager
+def _as_held(dropouts: list[Dropout]) -> Iterator[None]:
+    """Give each variational dropout the mode and mask it held (f as a forward pass ran it),
+    and the ones it holds now back afterwards: a later forward pass draws new masks, and a
+    backward must differentiate the f its forward pass integrated."""
+    now = [(m, m.training, m.mask) for m, _, _ in dropouts]
+    try:
+        for m, training, mask in dropouts:
+            m.training, m.mask = training, mask
+        yield
+    finally:
+        for m, training, mask in now:
+            m.training, m.mask = training, mask
+
+
 SECOND_ORDER = (
     "adjoint='continuous' gives first derivatives only: its backward integrates the adjoint "
     "system without a graph, so a backward with create_graph=True (a gradient penalty, a "
@@ -106,7 +132,8 @@ class ContinuousAdjoint(torch.autograd.Function):
     by ds = -dt: dz/ds = -F(z), da/ds = a^T dF/dz, dg/ds = a^T dF/d(x, params), with F the
     forward field (problem.field: f(z, x) - z or f(z, x)), a(t1) the incoming gradient and
     g(t1) = 0; g(0) is the gradient of x and the parameters. Each backward evaluation is one f
-    and one vector-Jacobian product, counted in stats.backward_nvjp."""
+    and one vector-Jacobian product, counted in stats.backward_nvjp; f's variational dropouts
+    run with the modes and masks of the forward pass."""
 
     @staticmethod
     def forward(
@@ -115,6 +142,8 @@ class ContinuousAdjoint(torch.autograd.Function):
         """Integrate to t1 (its counts go to `record`); returns z(t1)."""
         y1 = record.count(problem.integrate(problem.field(x), y0, problem.t1))
         ctx.problem, ctx.record = problem, record
+        # The masks the integration drew, which a later forward pass replaces.
+        ctx.dropouts = _dropouts(problem.f)
         # The backward evaluates f again: under the forward's autocast, as its f ran.
         device = y0.device.type
         ctx.autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
@@ -144,7 +173,7 @@ class ContinuousAdjoint(torch.autograd.Function):
         zeros = [torch.zeros(1, t.numel(), dtype=y1.dtype, device=y1.device) for t in inputs]
         start = torch.cat([y1, grad_y, *zeros], dim=1)
         device, dtype, enabled = ctx.autocast
-        with torch.autocast(device, dtype=dtype, enabled=enabled):
+        with torch.autocast(device, dtype=dtype, enabled=enabled), _as_held(ctx.dropouts):
             end = problem.integrate(augmented, start, problem.t1)
         ctx.record.stats.backward_nvjp += end.nfe
         grads = end.y.split(sizes, dim=1)[1:]

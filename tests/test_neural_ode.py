@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from raydeq.models import build
+from raydeq.models.layers import VariationalDropout2d
 from raydeq.neural_ode import NeuralODE
 from raydeq.solvers.interval import integrate
 from raydeq.solvers.termination import Termination
@@ -48,6 +49,42 @@ def gradients(
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:
     """||a - b|| / ||b||."""
     return float((a - b).norm() / b.norm())
+
+
+class DropoutCell(TanhCell):
+    """TanhCell with variational dropout on its state term: f(z, x) = tanh(drop(W z) + U x + b)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__(width)
+        self.drop = VariationalDropout2d(0.5)
+
+    def forward(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.drop(self.state(z)) + self.input(x))
+
+
+@pytest.mark.parametrize("between", ["another forward pass", "eval mode"])
+def test_the_continuous_adjoint_runs_f_with_the_dropout_of_its_forward_pass(between):
+    """A forward pass of another batch (with a fresh mask, as a model's forward draws) or a
+    switch to eval mode before the backward leaves the continuous adjoint's gradient that of
+    the forward pass, as backprop's is, and f's mask and mode as they were before the backward."""
+    grads = {}
+    for adjoint in ("continuous", "backprop"):
+        torch.manual_seed(0)
+        f = DropoutCell(6).double()
+        x, other = torch.randn(2, 3, 6, dtype=torch.float64)
+        layer = NeuralODE(f, adjoint=adjoint, abstol=1e-9, reltol=1e-9)
+        out = layer(x.requires_grad_())
+        f.drop.reset()
+        if between == "eval mode":
+            layer.eval()
+        else:
+            layer(other)
+        mask = f.drop.mask
+        grads[adjoint] = torch.cat(
+            [g.flatten() for g in torch.autograd.grad(out.z.sum(), [x, *f.parameters()])]
+        )
+        assert f.drop.mask is mask and f.drop.training == (between != "eval mode")
+    assert relative(grads["continuous"], grads["backprop"]) < 1e-6
 
 
 @pytest.mark.parametrize("dynamics", ["f_minus_z", "f"])
