@@ -28,7 +28,6 @@ from raydeq.deq import (
     solver_start,
     zero_state_hint,
 )
-from raydeq.models.layers import VariationalDropout2d
 from raydeq.solvers import SolveStats, Termination
 from raydeq.solvers.interval import INTERVAL_SOLVERS, Endpoint, integrate
 from raydeq.solvers.options import choice, integer, number
@@ -95,13 +94,16 @@ class Record:
         return end.y
 
 
-# A variational dropout's mode and mask: what f's evaluations depend on besides their inputs.
-Dropout = tuple[VariationalDropout2d, bool, Tensor | None]
+# A module's mode and the mask it holds: what f's evaluations depend on besides their inputs.
+Dropout = tuple[nn.Module, bool, Tensor | None]
 
 
 def _dropouts(f: nn.Module) -> list[Dropout]:
-    """The mode and mask of each variational dropout in f, as they are now."""
-    return [(m, m.training, m.mask) for m in f.modules() if isinstance(m, VariationalDropout2d)]
+    """The mode and mask of each module in f that holds a mask drawn once per forward pass
+    (models.layers.VariationalDropout2d; found by its `mask`, so that the layer needs no
+    model), as they are now."""
+    held = (m for m in f.modules() if isinstance(getattr(m, "mask", False), Tensor | None))
+    return [(m, m.training, m.mask) for m in held]
 
 
 @contextmanager
