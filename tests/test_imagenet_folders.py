@@ -493,3 +493,25 @@ def test_a_batch_larger_than_an_image_folders_training_set_is_refused_by_the_pre
     assert str(info.value) == (
         "data.batch_size=4 exceeds the 3 training samples of 'imagenet'; lower it"
     )
+
+
+def test_a_class_folder_of_train_without_images_is_refused_as_imagefolder_refuses_it(tmp_path):
+    """An editor's hidden folder and a class whose archive is not unpacked yet: classes that no
+    step trains on, numbered among the others (n01 would be class 1, not 0). ImageFolder
+    refuses them; the index names them and is not written."""
+    root = small_tree(tmp_path / "data", ["n01", "n02", "n03"])
+    (root / "train" / ".ipynb_checkpoints").mkdir()
+    (root / "train" / "n02" / "0.png").unlink()
+    (root / "train" / "n02" / "n02.tar").write_bytes(b"")
+    with pytest.raises(
+        FileNotFoundError, match="no valid file for the classes .ipynb_checkpoints, n02"
+    ):
+        datasets.ImageFolder(root / "train")
+    with pytest.raises(data.DataError) as info:
+        folders.load_index(str(root))
+    assert str(info.value) == (
+        f"dataset 'imagenet' in {root} is unreadable: train/ has class folders without images: "
+        ".ipynb_checkpoints, n02 (expected train/<class>/<image>); unpack their images there, "
+        "or remove them"
+    )
+    assert not (root / folders.INDEX_FILE).exists()

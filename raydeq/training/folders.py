@@ -156,7 +156,9 @@ def _val_images(root: Path, number: dict[str, int]) -> tuple[list, list]:
 
 
 def build(root: Path) -> Index:
-    """List the train and val splits of an ImageNet-style folder (the one full listing)."""
+    """List the train and val splits of an ImageNet-style folder (the one full listing); a
+    class folder of train/ without images is refused, as ImageFolder refuses it: no step would
+    train its class, and it would shift the number of every class after it."""
     classes, _ = _entries(root / "train")
     if not classes:
         raise DataError(
@@ -165,6 +167,15 @@ def build(root: Path) -> Index:
         )
     number = {name: i for i, name in enumerate(classes)}
     train_files, train_labels = _class_images(root / "train", classes, number)
+    held = set(train_labels)
+    empty = [name for name in classes if number[name] not in held]
+    if empty:
+        more = f" and {len(empty) - 5} more" if len(empty) > 5 else ""
+        raise DataError(
+            f"dataset 'imagenet' in {root} is unreadable: train/ has class folders without "
+            f"images: {', '.join(empty[:5])}{more} (expected train/<class>/<image>); unpack "
+            "their images there, or remove them"
+        )
     val_files, val_labels = _val_images(root, number)
     files = {"train": train_files, "val": val_files}
     return Index(tuple(classes), files, {"train": train_labels, "val": val_labels})
