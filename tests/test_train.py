@@ -1330,6 +1330,30 @@ def test_a_runs_evaluation_runs_under_its_bf16_autocast(tmp_path):
     assert dtypes == [torch.bfloat16]
 
 
+def test_the_weights_a_run_trains_do_not_depend_on_how_its_evaluations_are_batched(tmp_path):
+    """A Jacobian-regularised layer draws Hutchinson probes at test time too: a run of 2 epochs
+    of one step that evaluates its 16 test images trains the same weights as the run of that
+    name that evaluates 2 batches of 4 of them (neither setting is one that changes the
+    model), and an evaluation leaves the random stream where it found it."""
+    fake = {"dataset": "fake", "fake_samples": 64, "batch_size": 64}
+    train = {"epochs": 2, "lambda_jac": 1.0}
+    settings = [(fake, train), (fake | {"eval_batch_size": 4}, train | {"eval_batches": 2})]
+    names, weights = set(), []
+    for i, (data_section, train_section) in enumerate(settings):
+        raw = {"storage_path": str(tmp_path / str(i)), "model": {"jac_reg": True}}
+        cfg = validate(raw | {"data": data_section, "train": train_section})
+        run = loop.Loop(cfg, FolderSession(tmp_path / str(i)))
+        before = torch.get_rng_state()
+        run.evaluate()
+        assert torch.equal(torch.get_rng_state(), before)
+        run.run()
+        names.add(cfg.name)
+        weights.append(run.state.model.state_dict())
+    assert len(names) == 1
+    for name, value in weights[0].items():
+        assert torch.equal(weights[1][name], value), name
+
+
 def test_each_epochs_end_is_evaluated_and_checkpointed(tmp_path):
     """Batches of 512 of the 1,438 digits are 2 steps an epoch: a run of 2 epochs reports test
     metrics with a checkpoint at steps 2 and 4 (epochs 1 and 2), and only there."""

@@ -26,7 +26,13 @@ from raydeq.training.config import Config, trained_settings
 from raydeq.training.objective import STEP_METRICS, Evaluation, Objective, clock, evaluate
 from raydeq.training.reporting import Meter, Reporter, all_gather, all_sum
 from raydeq.training.session import Session
-from raydeq.training.state import TrainState, make_optimizer, make_scheduler, rng_state
+from raydeq.training.state import (
+    TrainState,
+    make_optimizer,
+    make_scheduler,
+    rng_state,
+    set_rng_state,
+)
 from raydeq.training.storage import exists, read_text, write_bytes
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -195,13 +201,21 @@ class Loop:
             )
 
     def evaluate(self) -> dict[str, float]:
-        """Test metrics over every worker's test shard (train.eval_batches of it, 0 = all)."""
+        """Test metrics over every worker's test shard (train.eval_batches of it, 0 = all).
+
+        The random stream is left where it was: a Jacobian-regularised layer draws probes at
+        test time too, and the steps after an evaluation would otherwise draw other probes for
+        other test batch settings, which are not settings that change the trained model.
+        """
         limit = self.cfg.train.eval_batches or None
         batches = on_device(itertools.islice(self.test_data, limit), self.device)
+        saved = rng_state(self.device)
         try:
             totals = evaluate(self.state.model, batches, self.device, self.autocast())
         except torch.OutOfMemoryError as err:
             raise self.out_of_memory(err, evaluating=True) from None
+        finally:
+            set_rng_state(saved, self.device)
         return Evaluation(*all_sum(totals.totals(), self.device)).metrics()
 
     def checkpoint_state(self) -> dict[str, Any]:
