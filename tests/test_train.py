@@ -1084,12 +1084,12 @@ def test_a_steps_times_split_it_at_the_loss_the_gradients_and_the_update(tmp_pat
 def test_a_reports_images_per_second_are_its_images_over_its_time(tmp_path, monkeypatch):
     """Two steps of 32 images that took 0.25 s and 1.75 s: the report says 64 / 2 = 32 images
     per second, not the mean of the steps' rates (128 and 18.3: 73.1)."""
-    ticks = iter([0.0, 0.0, 0.0, 0.25, 1.0, 1.0, 1.0, 2.75])
+    ticks = iter([0.0, 0.0, 0.0, 0.0, 0.0, 0.25, 1.0, 1.0, 1.0, 1.0, 1.0, 2.75, 3.0])
     monkeypatch.setattr(loop, "clock", lambda device: next(ticks))
     session = RecordingSession(tmp_path / "run")
     loop.Loop(make_config(tmp_path, max_steps=2, eval_batches=1), session).run()
     ((metrics, _),) = session.reports
-    assert metrics["step_time"] == pytest.approx(1.0, rel=1e-2)  # and a wait for data
+    assert metrics["step_time"] == pytest.approx(1.0, rel=1e-2)
     assert metrics["images_per_second"] == pytest.approx(32.0, rel=1e-2)
 
 
@@ -1104,6 +1104,33 @@ def test_a_steps_data_time_is_its_wait_for_the_batch(tmp_path, monkeypatch):
             yield batch
 
     monkeypatch.setattr(loop, "on_device", slow)
+    session = RecordingSession(tmp_path / "run")
+    loop.Loop(make_config(tmp_path, max_steps=2, eval_batches=1), session).run()
+    ((metrics, _),) = session.reports
+    assert metrics["data_time"] >= 0.05
+    assert metrics["step_time"] >= metrics["data_time"] + metrics["forward_time"]
+
+
+def test_a_steps_data_time_includes_the_copy_of_its_batch_to_the_device(tmp_path, monkeypatch):
+    """A batch copied to a GPU from pinned memory is there only once the device is synchronised:
+    a copy that the first synchronisation after it waits 50 ms for is part of the step's wait
+    for data, and of its step_time, not time before its clock starts."""
+    copying = []
+    on_device = loop.on_device
+
+    def copied(batches: Iterable, device: torch.device) -> Iterator:
+        for batch in on_device(batches, device):
+            copying.append(batch)
+            yield batch
+
+    def synchronised(device: torch.device) -> float:
+        if copying:
+            copying.clear()
+            time.sleep(0.05)
+        return time.perf_counter()
+
+    monkeypatch.setattr(loop, "on_device", copied)
+    monkeypatch.setattr(loop, "clock", synchronised)
     session = RecordingSession(tmp_path / "run")
     loop.Loop(make_config(tmp_path, max_steps=2, eval_batches=1), session).run()
     ((metrics, _),) = session.reports

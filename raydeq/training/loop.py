@@ -2,9 +2,9 @@
 
 Timings follow the paper's columns: `forward_time` is the forward pass and the loss,
 `backward_time` the backward pass alone, `optimizer_time` unscaling, clipping, the cross-worker
-finiteness check and the update, `data_time` the wait for the loader (all synchronised on
-CUDA). Steps of the unrolled warm-up (`pretrain_steps`) report `pretrain_*` metrics instead,
-so the DEQ columns never mix the two.
+finiteness check and the update, `data_time` the wait for the loader and the batch's copy to
+the device (all synchronised on CUDA). Steps of the unrolled warm-up (`pretrain_steps`) report
+`pretrain_*` metrics instead, so the DEQ columns never mix the two.
 """
 
 from __future__ import annotations
@@ -299,11 +299,11 @@ class Loop:
             left = itertools.islice(self.train_data, steps)
             batches = on_device(left, self.device)
             while True:
-                waited = time.perf_counter()
+                waited = clock(self.device)
                 batch = next(batches, None)
                 if batch is None:
                     break
-                data_time = time.perf_counter() - waited
+                data_time = clock(self.device) - waited  # its copy to the device included
                 self.record(self.train_step(*batch, data_time))
                 self.end_step()
         self.reporter.close()
