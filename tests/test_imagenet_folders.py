@@ -515,3 +515,30 @@ def test_a_class_folder_of_train_without_images_is_refused_as_imagefolder_refuse
         "or remove them"
     )
     assert not (root / folders.INDEX_FILE).exists()
+
+
+@pytest.mark.parametrize("breakage", ["train is a file", "class folder unreadable"])
+def test_a_folder_that_cannot_be_listed_is_one_line_naming_it(tmp_path, monkeypatch, breakage):
+    """A file named train where its folder should be, and a class folder this user may not
+    read (as on shared storage): the preflight's one line names the path and why, instead of
+    os.scandir's traceback."""
+    root = small_tree(tmp_path / "data", ["n01", "n02"])
+    if breakage == "train is a file":
+        shutil.rmtree(root / "train")
+        (root / "train").write_bytes(b"")
+        path, reason = root / "train", "Not a directory"
+    else:
+        path, reason = root / "train" / "n02", "Permission denied"
+        scandir = os.scandir
+
+        def refused(folder):
+            if Path(folder) == path:
+                raise PermissionError(13, reason, str(folder))
+            return scandir(folder)
+
+        monkeypatch.setattr(os, "scandir", refused)
+    with pytest.raises(data.DataError) as info:
+        folders.load_index(str(root))
+    assert str(info.value) == (
+        f"dataset 'imagenet' in {root} is unreadable: {path} cannot be listed ({reason})"
+    )

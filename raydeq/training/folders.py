@@ -217,12 +217,19 @@ def index_paths(data_dir: str) -> list[Path]:
 
 
 def load_index(data_dir: str) -> Index:
-    """The folder's index: read where it was stored, else listed now and stored for the next."""
+    """The folder's index: read where it was stored, else listed now and stored for the next;
+    a folder that cannot be listed (a file in its place, no permission) is a DataError."""
     candidates = index_paths(data_dir)
     for path in candidates:
         if path.is_file():
             return read(path)
-    index = build(Path(data_dir))
+    try:
+        index = build(Path(data_dir))
+    except OSError as err:
+        raise DataError(
+            f"dataset 'imagenet' in {data_dir} is unreadable: {err.filename} cannot be listed "
+            f"({err.strerror})"
+        ) from None
     for path in candidates:
         try:
             write(index, path)
