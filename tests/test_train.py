@@ -1191,12 +1191,13 @@ def test_a_non_finite_gradient_of_a_finite_loss_skips_the_step_without_fp16(tmp_
 
 def test_fp16_steps_with_a_non_finite_loss_are_skipped_not_counted_as_overflows(tmp_path):
     """Under fp16 a NaN loss is no scaler overflow (a lower scale cannot make it finite): the
-    step is skipped, so that max_nonfinite_steps of them stop the run."""
+    step is skipped at the scale it had, so that max_nonfinite_steps of them stop the run."""
     cfg = make_config(tmp_path, max_steps=2, amp="fp16", max_nonfinite_steps=1)
     run = loop.Loop(cfg, FolderSession(tmp_path / "run"))
     images, labels = next(iter(run.train_data))
     assert run.train_step(torch.full_like(images, math.nan), labels, 0.0) is None
-    assert run.state.overflow_steps == 0
+    assert run.state.overflow_steps == 0 and run.state.scaler.get_scale() == 2.0**16
+    assert run.train_step(images, labels, 0.0) is not None  # the scaler goes on
     with pytest.raises(loop.NonFiniteError, match="^training stopped at step 1"):
         run.record(None)
 

@@ -105,7 +105,8 @@ class Loop:
         """One optimisation step; None when it was skipped for a non-finite loss or gradient.
 
         Under fp16 a non-finite gradient with a finite loss is the GradScaler's overflow: the
-        scaler skips the update and lowers its scale, and the step counts in overflow_steps.
+        scaler skips the update and lowers its scale, and the step counts in overflow_steps; a
+        non-finite loss leaves the scale as it was.
         """
         state = self.state
         unrolls = getattr(state.model.layer, "pretraining", None)  # DEQ only, before its call
@@ -131,7 +132,8 @@ class Loop:
             state.scaler.step(state.optimizer)  # skips the update itself on an overflow
         if finite:
             state.scheduler.step()
-        state.scaler.update()
+        # A non-finite loss owes nothing to the scale, which update() would lower: it is kept.
+        state.scaler.update(None if finite or overflow else state.scaler.get_scale())
         end = clock(self.device)
         state.overflow_steps += overflow
         if not (finite or overflow):
