@@ -193,7 +193,9 @@ class DEQ(nn.Module):
     large weight the latter makes f ignore z, a one-step DEQ. The solver starts from z0
     detached: the main loss's gradient does not depend on z0.
 
-    jac_reg adds the Hutchinson estimate of ||J_f(z*)||_F^2 / dim as jac_loss. While the
+    jac_reg adds the Hutchinson estimate of ||J_f(z*)||_F^2 / dim as jac_loss in training mode
+    (0 in eval mode: a training penalty, whose extra f and VJP would otherwise cost every
+    prediction, and draw random probes there). While the
     layer's training-mode call count is below pretrain_steps, f is unrolled pretrain_depth times
     from z0 and backpropagated through instead of being solved (MDEQ's warm-up).
     stats.nfe counts f's evaluations by the solver, plus the one giving z0 for "skip_reg".
@@ -318,5 +320,5 @@ class DEQ(nn.Module):
             z0=z0,
             stats=stats,
             skip_loss=zero if self.init == "zeros" else skip_loss(z, z0),
-            jac_loss=hutchinson_jacobian_loss(fx, z) if self.jac_reg else zero,
+            jac_loss=hutchinson_jacobian_loss(fx, z) if self.jac_reg and self.training else zero,
         )

@@ -482,6 +482,22 @@ def test_under_inference_mode_the_jacobian_penalty_says_to_use_no_grad():
     assert float(out.jac_loss) > 0
 
 
+def test_in_eval_mode_the_jacobian_penalty_costs_nothing():
+    """In eval mode a jac_reg layer gives jac_loss 0 with f called only by the solve (nfe
+    times) and no random probe drawn: the penalty trains, and would otherwise cost every
+    prediction an f and a VJP."""
+    f, x = dense_cell(24)
+    calls = []
+    layer = DEQ(lambda z, x: calls.append(1) or f(z, x), solver="broyden", jac_reg=True, **TIGHT)
+    layer.eval()
+    before = torch.get_rng_state()
+    with torch.no_grad():
+        out = layer(x)
+    assert float(out.jac_loss) == 0.0
+    assert len(calls) == out.stats.nfe
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 class TanhCell(nn.Module):
     """f(z, x) = tanh(W z + U x): its Jacobian diag(1 - f^2) W depends on z and x (a ReLU
     cell's is piecewise constant, so no derivative reaches z* through it)."""
