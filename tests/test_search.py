@@ -108,6 +108,19 @@ def test_an_override_of_a_dimension_resolves_the_rules_that_depend_on_it(overrid
             assert getattr(getattr(cfg, section), key) == value
 
 
+def test_an_override_of_a_solver_option_that_a_rule_draws_fixes_it_in_that_rule():
+    """Anderson's m=3 was set in the base config too, whose solver (VCAB3) takes no m, so the
+    search stopped; now the trials that draw Anderson run m=3 and the others no m."""
+    override = {"model.solver_options.m": 3}
+    experiment = spec.from_dict("s", {**TINY, "search": SEARCH}, override)
+    configs = [experiment.trial_config(draw) for draw in spec.expand(experiment)]
+    anderson = [cfg for cfg in configs if cfg.model.solver == "anderson"]
+    assert anderson and all(cfg.model.solver_options == {"m": 3} for cfg in anderson)
+    assert all(cfg.model.solver_options is None for cfg in configs if cfg not in anderson)
+    with pytest.raises(ConfigError, match=r"^model.solver_options.m=3: no trial runs it"):
+        spec.from_dict("s", {**TINY, "search": SEARCH}, override | {"model.solver": "vcab3"})
+
+
 def test_an_override_that_no_point_of_a_searcher_has_leaves_it_to_draw_every_trial():
     """It stopped the run ("not a dimension of the search space"): the points it excluded were
     kept whole when none was left."""

@@ -157,7 +157,10 @@ def _fix_rules(rules: list, dotted: str, value: Any) -> tuple[list, dict[str, An
         if not isinstance(when, Mapping) or not isinstance(space, Mapping) or not space:
             kept.append(rule)  # malformed: validate_search names it
             continue
+        drawn = dotted in dimensions(space)
         when, space = dict(when), without(nested(space), dotted)
+        if drawn and _rule_only(dotted):
+            space = apply_overrides(space, {dotted: value})
         if dotted in when:
             allowed = when.pop(dotted)
             if value not in (allowed if isinstance(allowed, list) else [allowed]):
@@ -167,6 +170,40 @@ def _fix_rules(rules: list, dotted: str, value: Any) -> tuple[list, dict[str, An
         elif space:
             joined = merge(joined, space)
     return kept, joined
+
+
+def _rule_only(dotted: str) -> bool:
+    """Whether an override of a key that a conditional rule draws is fixed in that rule alone:
+    a solver's option, which the base's solver may not take (Anderson's m under VCAB3)."""
+    return dotted.startswith(searchers.SOLVER_OPTIONS)
+
+
+def _rule_keys(search: Any) -> set[str]:
+    """The keys that the conditional rules of a search section draw (malformed rules left to
+    `validate_search`)."""
+    rules = search.get("conditional") if isinstance(search, Mapping) else None
+    spaces = (
+        [r.get("space") for r in rules if isinstance(r, Mapping)] if isinstance(rules, list) else []
+    )
+    return {k for space in spaces if isinstance(space, Mapping) for k in dimensions(space)}
+
+
+def _ruled(search: Any, overrides: Mapping[str, Any]) -> set[str]:
+    """The overridden keys that `_rule_only` fixes in the conditional rules that draw them."""
+    drawn = _rule_keys(search)
+    return {key for key in overrides if key in drawn and _rule_only(key)}
+
+
+def _check_ruled(search: Mapping[str, Any], overrides: Mapping[str, Any]) -> None:
+    """Raise a ConfigError for a `_ruled` override that no rule draws once the overrides
+    have settled them (Anderson's m with model.solver=vcab3), which no trial would run."""
+    drawn = _rule_keys(search) | set(dimensions(search.get("space") or {}))
+    for key, value in overrides.items():
+        if key not in drawn:
+            raise ConfigError(
+                f"{key}={value!r}: no trial runs it, since the other overrides leave no rule "
+                "of search.conditional that draws it; drop it, or override the setting it needs"
+            )
 
 
 def from_dict(
@@ -183,7 +220,8 @@ def from_dict(
     workers = search.get("workers_per_trial") if isinstance(search, Mapping) else None
     if isinstance(workers, int) and workers > 0:
         raw = apply_overrides(raw, {"scaling.num_workers": workers})
-    raw = apply_overrides(raw, overrides)
+    ruled = _ruled(search, overrides)
+    raw = apply_overrides(raw, {k: v for k, v in overrides.items() if k not in ruled})
     base = {key: value for key, value in raw.items() if key != "search"}
     search = raw.get("search") or {}
     if isinstance(search, Mapping):
@@ -191,6 +229,7 @@ def from_dict(
         search = _fix(
             {**search, "space": nested(space)} if isinstance(space, Mapping) else search, overrides
         )
+        _check_ruled(search, {k: overrides[k] for k in ruled})
     # The base holds workers_per_trial's effect: the settings a run stores, read back for a
     # resume, must not apply it again over a --workers-per-trial or scaling.num_workers given.
     stored = search
