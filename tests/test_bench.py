@@ -598,9 +598,12 @@ def test_the_size_is_full_unless_asked_otherwise():
 
 @pytest.mark.skipif(torch.cuda.device_count() > 3, reason="needs a missing CUDA device")
 @pytest.mark.parametrize("device", ["cuda:3", "mps", "meta"])
-def test_a_device_this_machine_lacks_stops_the_run_before_any_suite(device, tmp_path):
-    with pytest.raises(SystemExit, match=f"--device {device}: not on this machine, which has cpu"):
+def test_a_device_this_machine_lacks_stops_the_run_before_any_suite(device, tmp_path, capsys):
+    """A usage error like any other bad argument: status 2, one line naming the device."""
+    with pytest.raises(SystemExit) as stopped:
         main(["--size", "tiny", "--device", device, "--out", str(tmp_path)])
+    assert stopped.value.code == 2
+    assert f"--device {device}: not on this machine, which has cpu" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
 
 
@@ -1270,9 +1273,9 @@ def test_an_accelerator_index_past_the_last_device_stops_the_run(monkeypatch):
     monkeypatch.setattr(torch.accelerator, "device_count", lambda: 2)
     for device in ("cpu", "cuda", "cuda:0", "cuda:1"):
         check_device(torch.device(device))
-    with pytest.raises(SystemExit, match="--device cuda:2: not on this machine, which has cpu "):
+    with pytest.raises(ValueError, match="--device cuda:2: not on this machine, which has cpu "):
         check_device(torch.device("cuda:2"))
-    with pytest.raises(SystemExit, match="and cuda:0 to cuda:1$"):
+    with pytest.raises(ValueError, match="and cuda:0 to cuda:1$"):
         check_device(torch.device("cuda:2"))
 
 

@@ -88,6 +88,10 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         "--seed", type=seed, default=0, help=f"seed of every problem and model (0 to {MAX_SEED})"
     )
     args = parser.parse_args(argv)
+    try:
+        check_device(args.device)
+    except ValueError as err:
+        parser.error(str(err))
     args.weights = parse_weights(parser, args.weights, args.models)
     try:  # here, not after the first suite has run
         args.out.mkdir(parents=True, exist_ok=True)
@@ -124,8 +128,8 @@ def torch_device(text: str) -> torch.device:
 
 
 def check_device(device: torch.device) -> None:
-    """Exit naming the devices this machine has unless `device` is one of them (the CPU, or
-    an available accelerator's device)."""
+    """Raise a ValueError naming the devices this machine has unless `device` is one of them
+    (the CPU, or an available accelerator's device): a usage error, status 2."""
     accelerator = torch.accelerator.current_accelerator(check_available=True)
     count = torch.accelerator.device_count() if accelerator is not None else 0
     if device.type == "cpu" or (
@@ -133,7 +137,7 @@ def check_device(device: torch.device) -> None:
     ):
         return
     devices = f" and {accelerator.type}:0 to {accelerator.type}:{count - 1}" if count else ""
-    sys.exit(f"--device {device}: not on this machine, which has cpu{devices}")
+    raise ValueError(f"--device {device}: not on this machine, which has cpu{devices}")
 
 
 def positive_int(text: str) -> int:
@@ -186,7 +190,6 @@ def main(argv: Sequence[str] | None = None) -> Report:
     """
     args = parse(argv)
     device = args.device
-    check_device(device)
     if args.threads:
         torch.set_num_threads(args.threads)
     keep_freed_memory()
