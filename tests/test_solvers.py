@@ -681,12 +681,35 @@ def test_statistics_are_complete_when_solve_returns(adjoint, counted_vjp):
     (sol.z * 1.0).sum().backward()
     assert sol.stats.nfe == len(calls)
     assert sol.stats.backward_nvjp >= 1
-    # The VJPs of f on backward: those taken, or through the steps one per evaluation.
-    unrolled = adjoint == "unrolled"
-    assert sol.stats.backward_nvjp == (len(calls) if unrolled else counted_vjp.calls)
+    # The VJPs of f on backward: those taken (through the steps, fewer than the evaluations).
+    assert sol.stats.backward_nvjp == counted_vjp.calls
     implicit = adjoint in ("gmres", "fixed_point")
     assert sol.stats.backward_unconverged_fraction == (0.0 if implicit else None)
     assert isinstance(make_adjoint("unrolled", {}), Unrolled)
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_an_unrolled_backward_counts_the_vjps_of_f_it_takes(solver, counted_vjp):
+    """adjoint="unrolled" counts in backward_nvjp the VJPs of f its backward takes, as counted
+    on f's outputs: not the caller's initial_nfe, the last evaluation (its output only
+    measures the residual) or the one that picks the first step (h0=None), where it counted
+    one per evaluation."""
+    f, _ = problem(3)
+    calls = []
+
+    def counted(z):
+        calls.append(z.shape[0])
+        return counted_vjp.apply(f(z))
+
+    options = {"h0": None} if solver in raydeq.solvers.CONTINUOUS else {}
+    z0 = torch.zeros(B, D, dtype=torch.float64)
+    sol = raydeq.solve(
+        counted, z0, solver=solver, adjoint="unrolled", initial_nfe=2, solver_options=options
+    )
+    sol.z.sum().backward()
+    assert sol.stats.nfe == len(calls) + 2
+    assert 0 < counted_vjp.calls < len(calls)
+    assert sol.stats.backward_nvjp == counted_vjp.calls
 
 
 @pytest.mark.parametrize("solver", SOLVERS)

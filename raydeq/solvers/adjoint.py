@@ -116,12 +116,31 @@ class Unrolled:
     differentiates_solver = True
     evaluations = 0
 
+    def __init__(self) -> None:
+        self.stats: SolveStats | None = None
+
+    def counting(self, f: Map) -> Map:
+        """f, each of whose outputs adds one VJP to the solve's statistics when a backward
+        passes through it: the evaluations a backward reaches, not the caller's initial_nfe,
+        the last one (whose output only measures the residual), one that picks the first step
+        or a step left out of every sample's path."""
+
+        def counted(z: torch.Tensor) -> torch.Tensor:
+            out = f(z)
+            if out.requires_grad:
+                out = out.view_as(out)
+                out.register_hook(self._add_vjp)
+            return out
+
+        return counted
+
+    def _add_vjp(self, v: torch.Tensor) -> None:
+        """Count one backward VJP of f."""
+        self.stats.backward_nvjp += 1
+
     def attach(self, f: Map, z_star: torch.Tensor, stats: SolveStats) -> torch.Tensor:
-        """Return z* as the solver left it, counting the steps' VJPs on backward: one per
-        evaluation of f."""
-        if z_star.requires_grad:
-            z_star = z_star.view_as(z_star)
-            z_star.register_hook(lambda v: _count(stats, stats.nfe, v))
+        """Return z* as the solver left it; the VJPs its backward takes are counted in stats."""
+        self.stats = stats
         return z_star
 
 

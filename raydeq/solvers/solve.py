@@ -225,6 +225,8 @@ def solve(
         z = z.float()
     attach = torch.is_grad_enabled()
     record_graph = attach and backward.differentiates_solver
+    if record_graph:
+        f_flat = backward.counting(f_flat)
     options = compile_options(compile, z.device)
     # A step recorded as a graph must not depend on autograd's record of the solve; a device
     # without a recorder (a CPU) runs compile="graph" eagerly, as compile=False.
