@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import scipy.optimize
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import raydeq
 from raydeq.bench.harness.problems import SpectralProblem, Spectrum
@@ -555,6 +556,48 @@ def test_every_step_runs_on_a_gpu_without_reading_the_host(solver):
                 carry = phase.step(f, carry, monitor)
                 monitor.test(method.residual(carry))
         assert monitor.best_z.device.type == "cuda" and monitor.status.device.type == "cuda"
+
+
+class HostCopies(TorchDispatchMode):
+    """Counts the copies of a CPU tensor to a CUDA device: torch waits for the device's queued
+    work before each one (a blocking copy), as a host read does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.copies = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        source = args[1] if func is torch.ops.aten.copy_.default else args[0]
+        if func in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default):
+            self.copies += source.device.type == "cpu" and out.device.type == "cuda"
+        return out
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_every_step_recorded_for_an_unrolled_backward_copies_nothing_from_the_host(solver):
+    """Each kind of step with autograd recording it (adjoint="unrolled"), on a simulated CUDA
+    state: no tensor is made on the CPU and copied to the device, a copy that waits for the
+    device like a host read (the ring buffers of Anderson and Broyden took their slot from
+    one on every write)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from raydeq.solvers.solve import make_solver
+
+    method = make_solver(solver, {})
+    with FakeTensorMode():
+        w = torch.randn(D, D, device="cuda", requires_grad=True)
+        x = torch.randn(B, D, device="cuda")
+        f = lambda z: torch.tanh(z @ w.T + x)  # noqa: E731
+        z0 = torch.zeros(B, D, device="cuda")
+        monitor = Monitor(z0, Termination(1e-4, 1e-4))
+        carry, _, _ = method.init(f, z0, monitor)
+        with HostCopies() as counter:
+            for phase in method.phases():
+                for _ in range(3):
+                    carry = phase.step(f, carry, monitor)
+        assert monitor.best_z.requires_grad
+    assert counter.copies == 0
 
 
 @pytest.mark.parametrize("solver", ["vcab3", "euler", "fixed_point", "anderson"])

@@ -115,9 +115,10 @@ def history(like: torch.Tensor, rows: int) -> torch.Tensor:
 
 def put(buffer: torch.Tensor, index: int, row: torch.Tensor) -> torch.Tensor:
     """buffer (B, k, N) with row (B, N) at position index: in place, unless autograd records
-    the solve (adjoint="unrolled"), where it writes a copy so that saved tensors stay valid."""
+    the solve (adjoint="unrolled"), where it writes a copy so that saved tensors stay valid
+    (select_scatter takes the index as a number: an index tensor made on the host is a
+    blocking copy to the device, which waits for its queued work on every write)."""
     if torch.is_grad_enabled() and (buffer.requires_grad or row.requires_grad):
-        position = torch.tensor([index], device=buffer.device)
-        return buffer.index_copy(1, position, row[:, None])
+        return buffer.select_scatter(row, 1, index)
     buffer[:, index] = row
     return buffer
