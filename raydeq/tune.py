@@ -129,6 +129,13 @@ def _check_flags(args: argparse.Namespace) -> None:
             raise ConfigError(f"{flag}: must be >= {least}, got {value:g}")
     if args.workers_per_trial is not None and args.workers_per_trial < 1:
         raise ConfigError(f"--workers-per-trial: must be >= 1, got {args.workers_per_trial}")
+    gpus = args.gpus_per_worker
+    if gpus is not None and gpus > 1 and not gpus.is_integer():
+        # Ray refuses a resource quantity above 1 that is not whole, in every trial.
+        raise ConfigError(
+            f"--gpus-per-worker: {gpus:g} is above 1 and not whole; give a fraction of one GPU "
+            "(0.5: trials share it) or a whole number"
+        )
 
 
 def _path(args: argparse.Namespace, experiment: Experiment) -> str:
@@ -184,6 +191,7 @@ def start(args: argparse.Namespace) -> tuple[Experiment, str, run.Options | None
             "evaluates first"
         )
     run.check_scheduler(experiment, args.scheduler or experiment.search.scheduler)
+    run.check_gpus(experiment, args.gpus_per_worker)
     path = _path(args, experiment)
     if args.dry_run:
         return experiment, path, None

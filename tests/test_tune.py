@@ -505,6 +505,26 @@ def test_the_flags_of_a_new_run_override_the_experiment_files_search_settings(ca
     assert capsys.readouterr().err == "error: --gpus-per-worker: must be >= 0, got -1\n"
 
 
+def test_gpu_shares_ray_or_nccl_would_refuse_in_every_trial_are_one_line(tmp_path, capsys):
+    """A fraction of a GPU per worker shares GPUs between one-worker trials, but puts a
+    trial's DDP workers on one GPU, which NCCL refuses; Ray refuses 1.5 GPUs outright."""
+    experiment = tmp_path / "x.yaml"
+    experiment.write_text(yaml.safe_dump(TINY))
+    flags = ["--dry-run", "--storage", str(tmp_path)]
+    assert rt.main([str(experiment), *flags, "--gpus-per-worker", "0.5"]) == 0
+    capsys.readouterr()
+    two = ["--workers-per-trial", "2", "--gpus-per-worker", "0.5"]
+    assert rt.main([str(experiment), *flags, *two]) == 2
+    assert capsys.readouterr().err == (
+        "error: --gpus-per-worker: 0.5 with 2 workers per trial would put a trial's workers on "
+        "one GPU, where DDP (NCCL) cannot run two ranks; give 1, or --workers-per-trial 1 to "
+        "share GPUs between trials\n"
+    )
+    assert rt.main([str(experiment), *flags, "--gpus-per-worker", "1.5"]) == 2
+    assert capsys.readouterr().err.startswith("error: --gpus-per-worker: 1.5 is above 1 and not")
+    assert rt.main([str(experiment), *flags, "--gpus-per-worker", "2"]) == 0
+
+
 def run_without_ray(monkeypatch: pytest.MonkeyPatch) -> None:
     """Let the command run to its end without a cluster: the variables it sets are undone after
     the test, it connects to nothing and its report is `table of <path>`."""

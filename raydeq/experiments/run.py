@@ -97,6 +97,19 @@ def trial_resources(cfg: Config, gpus: float) -> dict[str, float]:
     return {"CPU": cfg.scaling.cpus_per_worker} | ({"GPU": gpus} if gpus else {})
 
 
+def check_gpus(experiment: Experiment, gpus: float | None) -> None:
+    """Raise a ConfigError for a fraction of a GPU per worker in trials of several workers:
+    Ray packs a trial's workers onto one GPU, where NCCL refuses to start DDP (two ranks on one
+    device). One-worker trials share GPUs that way."""
+    workers = experiment.trial_config({}).scaling.num_workers
+    if gpus is not None and 0 < gpus < 1 and workers > 1:
+        raise ConfigError(
+            f"--gpus-per-worker: {gpus:g} with {workers} workers per trial would put a trial's "
+            "workers on one GPU, where DDP (NCCL) cannot run two ranks; give 1, or "
+            "--workers-per-trial 1 to share GPUs between trials"
+        )
+
+
 def trial_gpus(experiment: Experiment, options: Options) -> float:
     """GPUs per worker: as given, else what the cluster's node types offer now (at every
     start and resume)."""
