@@ -184,6 +184,29 @@ def test_imagenet_folders_are_read_at_the_configured_resolution(tmp_path):
     assert splits.test[3][0].shape == (3, 32, 32)
 
 
+def test_imagenet_images_are_resized_whole_as_the_reference_does(tmp_path):
+    """As experiments/imagenet/main.jl of SciML/DeepEquilibriumNetworks.jl at d18c610: a test
+    image is resized to size x size whole (its left and right edges stay in), and a training
+    image to 256 x 256 at size 224, flipped and cropped to size, so that every crop holds most of
+    the image (its white top and black bottom); RandomResizedCrop and a centre crop did not."""
+    for split in ("train", "val"):
+        folder = tmp_path / split / "cls"
+        folder.mkdir(parents=True)
+        image = Image.new("RGB", (64, 32), (255, 255, 255))
+        image.paste((0, 0, 0), (0, 16, 64, 32))
+        image.paste((255, 0, 0), (0, 0, 4, 16))
+        image.paste((0, 0, 255), (60, 0, 64, 16))
+        image.save(folder / "0.png")
+    splits = data.load_splits(section(dataset="imagenet", data_dir=str(tmp_path), image_size=16))
+    test = splits.test[0][0]
+    assert test[0, 0, 0] > test[2, 0, 0] and test[2, 0, -1] > test[0, 0, -1]
+    torch.manual_seed(0)
+    for _ in range(20):
+        train = splits.train[0][0].mean(dim=(0, 2))
+        assert train[0] > 1.5 and train[-1] < -1.5
+    assert splits.augmented
+
+
 @pytest.mark.parametrize(
     ("dataset", "files"),
     [

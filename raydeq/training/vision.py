@@ -124,18 +124,21 @@ class FileImages(Dataset):
 
 def _imagenet(cfg: DataSection) -> Splits:
     """ImageNet `train/` and `val/` from the folder's index (listed once, see `folders`), read
-    from the node-local copy when `stage_to` is set: resize + center crop; augmentation:
-    RandomResizedCrop + flip for training."""
+    from the node-local copy when `stage_to` is set; transforms as the paper's reference code
+    (experiments/imagenet/main.jl at DeepEquilibriumNetworks.jl d18c610): resized whole to
+    size x size; augmentation: resized to 256 x 256 (at size 224), flipped, cropped to size."""
     size = cfg.image_size
+    val_steps = (T.Resize((size, size)),)
+    enlarged = round(size * 256 / 224)
+    augment = (T.Resize((enlarged, enlarged)), T.RandomHorizontalFlip(), T.RandomCrop(size))
     data_dir = cfg.data_dir or "."
     index = load_index(data_dir)
     root = Path(data_dir)
     if cfg.stage_to is not None:
         root = stage(data_dir, [f for split in SPLITS for f in index.files[split]], cfg.stage_to)
-    val_steps = (T.Resize(round(size * 256 / 224)), T.CenterCrop(size))
-    augment = (T.RandomResizedCrop(size), T.RandomHorizontalFlip()) if cfg.augment else val_steps
+    train_steps = augment if cfg.augment else val_steps
     train = FileImages(
-        root, index.files["train"], index.labels["train"], _normalized(IMAGENET_STATS, *augment)
+        root, index.files["train"], index.labels["train"], _normalized(IMAGENET_STATS, *train_steps)
     )
     val = FileImages(
         root, index.files["val"], index.labels["val"], _normalized(IMAGENET_STATS, *val_steps)
