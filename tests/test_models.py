@@ -566,6 +566,18 @@ def test_presets_carry_the_readme_s_settings():
         assert p.adjoint_options == {"rtol": tol, "max_iters": gmres}, name
 
 
+def test_cifar10_small_warms_up_unrolling_f_five_times():
+    """experiments/cifar10/main.jl of SciML/DeepEquilibriumNetworks.jl at d18c610 unrolls f to
+    a fixed depth of 5 (`fixed_depth`, Val(5)) for tiny.yml's 3,000 warm-up steps; the layer's
+    default depth of 10 doubled the cost of each warm-up step and changed the model trained."""
+    torch.manual_seed(0)
+    assert resolve({"model": "cifar10_small"})["pretrain_depth"] == 5
+    model = build({"model": "cifar10_small", "variant": "vanilla"}).train()
+    _, out = model(torch.randn(1, 3, 32, 32))
+    assert (model.layer.pretrain_steps, out.stats.nfe) == (3000, 5)
+    assert resolve({"model": "mnist_mdeq"})["pretrain_depth"] == 10
+
+
 def test_weight_normalisation_is_off_for_cifar10_small_only():
     for name in ("mnist_mdeq", "cifar10_small", "cifar10_large", "imagenet_small"):
         cell = build({"model": name, "variant": "vanilla"}).layer.f

@@ -43,8 +43,8 @@ def resolve(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """The complete options of the model a config names, checked without building it.
 
     Returns model, variant, solver and every option of the layer (DEQ or NeuralODE): the
-    config's, else the preset's (tolerances, max_steps, pretrain_steps, the implicit
-    adjoints' limits), else the layer's default (a Neural ODE trains by the continuous
+    config's, else the preset's (tolerances, max_steps, the warm-up's steps and depth, the
+    implicit adjoints' limits), else the layer's default (a Neural ODE trains by the continuous
     adjoint, the paper's baseline). The one validator of model options: raises ValueError
     naming the key and the allowed values.
     """
@@ -71,6 +71,7 @@ def resolve(cfg: Mapping[str, Any]) -> dict[str, Any]:
             **tolerances,
             "max_steps": preset.max_steps,
             "pretrain_steps": preset.pretrain_steps,
+            "pretrain_depth": preset.pretrain_depth,
             # The preset's linear-solver limits apply to the implicit adjoints only.
             "adjoint_options": preset.adjoint_options
             if options.get("adjoint", "gmres") in ("gmres", "fixed_point")
