@@ -152,7 +152,9 @@ def integrate(
             e, norm(point.k), norm(new.k), h, memory, error_order
         )
         nfe, steps = nfe + spent, steps + 1
-        if not bool(rejected):
+        # Both decisions in one read of the host: one synchronisation a step.
+        was_rejected, next_size = torch.cat([rejected.to(h_next.dtype), h_next], 1)[0].tolist()
+        if not was_rejected:
             point, t, path_nfe = new, t1 if last else t + step_size, path_nfe + spent
-        step_size = float(h_next)
+        step_size = next_size
     return Endpoint(point.y, point.k, nfe, path_nfe, steps)
