@@ -378,30 +378,35 @@ def test_a_worker_waits_for_the_copy_another_is_making(tmp_path):
     assert result == [staged] and (staged / files[1]).read_bytes() == (root / files[1]).read_bytes()
 
 
-def test_validation_images_are_resized_to_256_224ths_then_center_cropped_and_normalised(
-    tmp_path,
-):
-    """ImageNet's evaluation: at image_size 16 an image is resized to round(16 * 256 / 224)
-    = 18 pixels and its central 16 x 16 kept, so the 1-pixel border of an 18 x 18 image is
-    cut off; each channel is then (value / 255 - mean) / std with ImageNet's published mean
-    (0.485, 0.456, 0.406) and deviation (0.229, 0.224, 0.225). Training images without
-    augmentation are read the same way."""
-    colour = (51, 102, 204)
-    image = Image.new("RGB", (18, 18), (250, 0, 0))
-    image.paste(Image.new("RGB", (16, 16), colour), (1, 1))
+def test_validation_images_are_resized_whole_to_the_image_size_and_normalised(tmp_path):
+    """ImageNet's evaluation as the paper's reference code (imagenet/main.jl,
+    Augmentor.Resize(224, 224)): the whole image is resized to image_size x image_size, no crop.
+    A 36 x 18 image whose left third is one colour and the rest another, at image_size 16,
+    keeps its left third (columns 0 to 4; a resize of the short side to 18 and a centre crop
+    would keep 2 of its columns); each channel is then (value / 255 - mean) / std with
+    ImageNet's published mean (0.485, 0.456, 0.406) and deviation (0.229, 0.224, 0.225).
+    Training images without augmentation are read the same way."""
+    left, right = (51, 102, 204), (250, 0, 0)
+    image = Image.new("RGB", (36, 18), right)
+    image.paste(Image.new("RGB", (12, 18), left), (0, 0))
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     root = small_tree(tmp_path / "data", ["n01"], payload=buffer.getvalue())
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-    expected = torch.tensor([(v / 255 - m) / s for v, m, s in zip(colour, mean, std)])
-    expected = expected[:, None, None].expand(3, 16, 16)
+
+    def normalised(colour: tuple[int, int, int], width: int) -> torch.Tensor:
+        values = torch.tensor([(v / 255 - m) / s for v, m, s in zip(colour, mean, std)])
+        return values[:, None, None].expand(3, 16, width)
+
     augmented = data.load_splits(section(root))
     plain = data.load_splits(section(root, augment=False))
     assert augmented.augmented and not plain.augmented  # see Samples: drawn per (epoch, index)
     for seed in range(3):
         torch.manual_seed(seed)
-        for image in (augmented.test[0][0], plain.test[0][0], plain.train[0][0]):
-            torch.testing.assert_close(image, expected, rtol=0, atol=1e-5)
+        for read in (augmented.test[0][0], plain.test[0][0], plain.train[0][0]):
+            assert read.shape == (3, 16, 16)
+            torch.testing.assert_close(read[:, :, :5], normalised(left, 5), rtol=0, atol=1e-5)
+            torch.testing.assert_close(read[:, :, 6:], normalised(right, 10), rtol=0, atol=1e-5)
 
 
 def test_training_crops_are_mirrored_at_random(tmp_path):
