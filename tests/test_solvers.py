@@ -280,16 +280,31 @@ def test_best_iterate_and_status_when_not_converging():
     torch.testing.assert_close(sol.stats.residual, torch.ones(2))
 
 
-def test_nonfinite_values_stop_with_a_status():
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_nonfinite_values_stop_with_a_status(solver):
+    """Sample 1's f is NaN from its first evaluation: it stops as non-finite at its start 0
+    with an infinite residual, while sample 0 (f = z / 2 + 1) reaches its fixed point 2 as it
+    does solved alone, the NaN beside it changing none of its steps."""
+
     def f(z):
-        out = z + 1.0
+        out = z / 2 + 1.0
         out[1] = float("nan")
         return out
 
+    options = {"solver": solver, "abstol": 1e-8, "reltol": 0.0, "max_steps": 500}
+    z0 = torch.zeros(2, 3, dtype=torch.float64)
     with torch.no_grad():
-        sol = raydeq.solve(f, torch.zeros(2, 3), solver="vcab3", max_steps=50)
+        sol = raydeq.solve(f, z0, **options)
+        alone = raydeq.solve(lambda z: z / 2 + 1.0, z0[:1], **options)
     assert int(sol.stats.status[1]) == Status.NONFINITE
     assert torch.isfinite(sol.z).all()
+    assert sol.stats.status.tolist() == [Status.CONVERGED, Status.NONFINITE]
+    assert torch.equal(sol.z[1], z0[1]) and float(sol.stats.residual[1]) == float("inf")
+    torch.testing.assert_close(sol.z[:1], alone.z, rtol=0, atol=0)
+    torch.testing.assert_close(sol.stats.residual[:1], alone.stats.residual, rtol=0, atol=0)
+    assert sol.stats.steps == alone.stats.steps
+    # f(z) - z = (2 - z) / 2: the RMS distance to 2 is twice the residual, within abstol.
+    assert float((sol.z[0] - 2).square().mean().sqrt()) <= 2e-8
 
 
 def test_anderson_falls_back_to_the_plain_step_when_its_system_is_singular():
