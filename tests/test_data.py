@@ -522,7 +522,8 @@ def test_svhn_images_are_normalised_with_svhns_mean_and_deviation(monkeypatch, t
 def test_cifar10_training_crops_32_pixels_of_the_image_resized_to_42(monkeypatch, tmp_path):
     """An image whose red channel rises by 8 per column: resized to 42 x 42, neighbouring
     columns differ by 8 * 32 / 42, so any 32 columns of it span 8 * 31 * 32 / 42 = 189
-    (flipped or not); a crop without the resize would span 248."""
+    (flipped or not); a crop without the resize would span 248. A flip turns the rise into a
+    fall: of the 8 seeds' images some rise and some fall along the row."""
     from raydeq.training import vision
 
     transforms = {}
@@ -537,11 +538,14 @@ def test_cifar10_training_crops_32_pixels_of_the_image_resized_to_42(monkeypatch
     pixels = torch.zeros(32, 32, 3, dtype=torch.uint8)
     pixels[:, :, 0] = columns
     image = Image.fromarray(pixels.numpy(), mode="RGB")
+    rising = []
     for seed in range(8):
         torch.manual_seed(seed)
         red = transforms[True](image)[0] * 0.2470 + 0.4914  # back to 0..1
         spread = (red[16].max() - red[16].min()).item() * 255
         assert spread == pytest.approx(8 * 31 * 32 / 42, abs=4), seed
+        rising.append(bool(red[16, -1] > red[16, 0]))
+    assert set(rising) == {True, False}, rising
 
 
 def test_fake_test_images_are_not_the_training_images():
