@@ -230,14 +230,20 @@ def test_the_losses_of_a_float16_state_are_summed_without_overflow():
 
 def test_a_float16_skip_reg_layer_has_finite_losses():
     """f(z, x) = z / 2 + x in float16 with x = 1 on 100,000 elements: z0 = f(0, x) = 1,
-    z* = 2, so skip_loss = 1 and jac_loss = ||eps / 2||^2 / dim, about 1/4."""
+    z* = 2, so skip_loss = 1 and jac_loss = ||eps / 2||^2 / dim, about 1/4 (exactly that of
+    the probe eps the layer draws)."""
     x = torch.ones(2, 50_000, dtype=torch.float16)
     layer = DEQ(lambda z, x: z / 2 + x, init="skip_reg", solver="fixed_point", jac_reg=True)
+    torch.manual_seed(26)
     with torch.no_grad():
         out = layer(x)
+    torch.manual_seed(26)
+    eps = torch.randn_like(x)
     assert out.z.dtype == torch.float16
     assert float(out.skip_loss) == pytest.approx(1.0, abs=5e-3)
     assert float(out.jac_loss) == pytest.approx(0.25, abs=5e-3)
+    expected = (eps.float() / 2).square().sum() / x.numel()
+    torch.testing.assert_close(out.jac_loss, expected, rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("init", ["zeros", "skip_reg"])
