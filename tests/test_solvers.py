@@ -540,6 +540,28 @@ def test_state_stays_float32_under_autocast():
 
 
 @pytest.mark.parametrize("solver", SOLVERS)
+def test_under_autocast_only_f_computes_in_bfloat16_and_the_gmres_backward_runs(solver):
+    """Under the caller's bfloat16 autocast the solver's own products (Anderson's and Broyden's
+    batched ones) stay float32: z* and the gradient are those of an f that autocasts itself,
+    to the bit, where Anderson's mixing had made the state bfloat16 and GMRES's triangular
+    solve failed on it."""
+    f, params = problem(dtype=torch.float32)
+
+    def f_autocast(z):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return f(z)
+
+    results = []
+    for fn, amp in ((f, True), (f_autocast, False)):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            sol = raydeq.solve(fn, torch.zeros(B, D), solver=solver, max_steps=20)
+        results.append((sol.z, *torch.autograd.grad(sol.z.sum(), params)))
+    for got, expected in zip(*results, strict=True):
+        assert got.dtype == torch.float32
+        assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
 def test_a_step_reads_the_host_at_most_once_every_four_steps(solver):
     """No step synchronises with the host: the termination test is read every few steps (the
     issue's problem: dense tanh layer, batch 64, width 128, abstol 1e-4)."""

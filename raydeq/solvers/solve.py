@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import reprlib
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -216,7 +218,8 @@ def solve(
     method = make_solver(solver, option_dict("solver_options", solver_options))
     backward = make_adjoint(adjoint, option_dict("adjoint_options", adjoint_options))
     structure = Structure.of(z0)
-    f_flat = flat_function(f, structure)
+    device = structure.flatten(z0).device.type
+    f_flat, own_precision = outside_autocast(flat_function(f, structure), device)
     # A float16 or bfloat16 state rounds at about the tolerances themselves (float16's epsilon
     # is 1e-3), and the backward's small triangular solve has no half-precision kernel on a
     # CPU: the solve keeps its state in float32, as the layers do under autocast.
@@ -235,7 +238,7 @@ def solve(
         backward = backward.recorded()
     if stop_on_convergence is None:
         stop_on_convergence = z.device.type == "cpu"
-    with torch.set_grad_enabled(record_graph):
+    with torch.set_grad_enabled(record_graph), own_precision():
         start = z if record_graph else z.detach()
         # Selects read their masks only where a read stalls nothing: a CPU, run eagerly.
         eager = options is None and not graph
@@ -255,8 +258,26 @@ def solve(
         )
     spent = backward.evaluations if attach else 0
     stats = SolveStats.from_monitor(monitor, initial_nfe + nfe + spent, steps)
-    z_star = backward.attach(f_flat, monitor.best_z, stats) if attach else monitor.best_z
+    with own_precision():
+        z_star = backward.attach(f_flat, monitor.best_z, stats) if attach else monitor.best_z
     return Solution(structure.unflatten(z_star.to(structure.dtype)), stats)
+
+
+def outside_autocast(
+    f: Callable[[torch.Tensor], torch.Tensor], device: str
+) -> tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[], AbstractContextManager]]:
+    """f under the caller's autocast, and the context that turns it off for the solver's own
+    arithmetic (Anderson's and Broyden's batched products, GMRES's triangular solve), which
+    stays in the state's float32; f itself and no context where no autocast is on."""
+    if not (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)):
+        return f, nullcontext
+    dtype = torch.get_autocast_dtype(device)
+
+    def autocast_f(z: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device, dtype=dtype):
+            return f(z)
+
+    return autocast_f, partial(torch.autocast, device, enabled=False)
 
 
 def compile_options(compile: bool | dict | str, device: torch.device) -> dict | None:
