@@ -500,6 +500,19 @@ def test_a_batch_larger_than_an_image_folders_training_set_is_refused_by_the_pre
     )
 
 
+def test_an_image_folder_of_more_classes_than_the_model_predicts_is_refused_by_the_preflight(
+    tmp_path,
+):
+    """cifar10_large predicts 10 classes: a folder of 11 is refused before Ray starts, where
+    its 11th class's labels stopped the first step that drew one (target 10 out of bounds)."""
+    root = small_tree(tmp_path / "data", [f"n{i:02d}" for i in range(11)])
+    settings = {"model": {"model": "cifar10_large"}, "storage_path": str(tmp_path / "runs")}
+    images = {"dataset": "imagenet", "data_dir": str(root), "image_size": 32, "batch_size": 8}
+    settings["data"] = images
+    with pytest.raises(ConfigError, match="^model: 'cifar10_large' predicts 10 classes, fewer"):
+        preflight.check_run(validate(settings), storage=False)
+
+
 def test_a_class_folder_of_train_without_images_is_refused_as_imagefolder_refuses_it(tmp_path):
     """An editor's hidden folder and a class whose archive is not unpacked yet: classes that no
     step trains on, numbered among the others (n01 would be class 1, not 0). ImageFolder

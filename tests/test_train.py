@@ -123,6 +123,10 @@ def event_files(cfg: Config) -> list[Path]:
             "error: model: 'mnist_dense' does not fit 'fake' images of shape (3, 8, 8)",
         ),
         (
+            ["data.dataset=fake", "data.fake_classes=20"],
+            "error: model: 'mnist_dense' predicts 10 classes, fewer than the 20 of dataset 'fake'",
+        ),
+        (
             ["model.variant=neural_ode", "model.solver=broyden"],
             "error: model: solver='broyden' is not one of",
         ),

@@ -66,6 +66,15 @@ TRAIN_SAMPLES = {
 }
 
 
+# Classes of the datasets whose classes are fixed (an image folder's are its class folders).
+CLASSES = {"digits": 10, "mnist10k": 10, "mnist": 10, "cifar10": 10, "svhn": 10}
+
+
+def dataset_classes(cfg: DataSection) -> int | None:
+    """The configured dataset's classes where they are known without reading it."""
+    return cfg.fake_classes if cfg.dataset == "fake" else CLASSES.get(cfg.dataset)
+
+
 def train_samples(cfg: DataSection) -> int | None:
     """The configured dataset's training samples where they are known without reading it."""
     return cfg.fake_samples if cfg.dataset == "fake" else TRAIN_SAMPLES.get(cfg.dataset)

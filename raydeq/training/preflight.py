@@ -4,6 +4,7 @@ here, once, into the index its workers read), the model, the storage and the run
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from raydeq import models
 from raydeq.training import data
@@ -15,12 +16,25 @@ from raydeq.training.storage import CHECKPOINT_PREFIX, check_storage, filesystem
 SHOWN_CHANGES = 3
 
 
-def check_model(cfg: Config) -> None:
-    """Build the model and pass one blank image through its stem, or raise a ConfigError."""
+def check_model(cfg: Config, classes: int | None = None) -> None:
+    """Build the model, check that it predicts the dataset's `classes` (where known) and pass
+    one blank image through its stem, or raise a ConfigError."""
     try:
         model = models.build(cfg.model_options())
     except ValueError as err:
         raise ConfigError(f"model: {str(err).splitlines()[0]}") from None
+    outputs = [m for m in model.head.modules() if isinstance(m, nn.Linear)][-1].out_features
+    if classes is not None and outputs < classes:
+        fix = (
+            f"set data.fake_classes to at most {outputs}"
+            if cfg.data.dataset == "fake"
+            else "choose a model of as many classes"
+        )
+        raise ConfigError(
+            f"model: {cfg.model.model!r} predicts {outputs} classes, fewer than the {classes} "
+            f"of dataset {cfg.data.dataset!r}, whose labels past {outputs - 1} it cannot score; "
+            f"{fix}"
+        )
     shape = data.image_shape(cfg.data)
     try:
         with torch.no_grad():
@@ -39,11 +53,14 @@ def check_run(cfg: Config, storage: bool = True) -> None:
     samples = data.train_samples(cfg.data)
     if samples is not None:
         data.check_batch(cfg.data, samples)
+    classes = data.dataset_classes(cfg.data)
     if cfg.data.dataset == "imagenet":
         from raydeq.training.folders import load_index  # torchvision: for image folders only
 
-        data.check_batch(cfg.data, len(load_index(cfg.data.data_dir).files["train"]))
-    check_model(cfg)
+        index = load_index(cfg.data.data_dir)
+        data.check_batch(cfg.data, len(index.files["train"]))
+        classes = len(index.classes)
+    check_model(cfg, classes)
     if storage:
         check_storage(cfg.storage_path)
         check_resume(cfg)
