@@ -1226,6 +1226,26 @@ def test_an_fp16_overflow_step_halves_the_scale_and_moves_neither_weights_nor_sc
     assert run.state.scaler.get_scale() == 2.0**126
 
 
+def test_an_fp16_overflow_step_leaves_sgds_momentum_unset_for_the_next_step(tmp_path):
+    """SGD with momentum under fp16, its first step an overflow: the optimizer holds no
+    momentum yet, and the next step moves each weight by lr times its own gradient, where
+    torch's fused SGD, handed the overflow, had made its momentum of uninitialised memory."""
+    optim = {"optimizer": "sgd", "momentum": 0.9, "lr": 0.1, "schedule": "constant"}
+    raw = {"name": "run", "storage_path": str(tmp_path), "optim": optim}
+    cfg = validate(raw | {"train": {"epochs": 1, "max_steps": 2, "amp": "fp16"}})
+    run = loop.Loop(cfg, FolderSession(tmp_path / "run"))
+    (images, labels), second = itertools.islice(run.train_data, 2)
+    model = run.state.model
+    hook = next(model.parameters()).register_hook(lambda grad: torch.full_like(grad, math.inf))
+    run.train_step(images, labels, 0.0)
+    hook.remove()
+    assert run.state.overflow_steps == 1 and not run.state.optimizer.state
+    before = [p.detach().clone() for p in model.parameters()]
+    assert run.train_step(*second, 0.0) is not None
+    for weight, was in zip(model.parameters(), before, strict=True):
+        torch.testing.assert_close(weight.detach(), was - 0.1 * weight.grad)
+
+
 def test_an_fp16_run_resumes_at_the_scale_its_overflows_lowered(tmp_path, monkeypatch):
     """Two overflow steps from 2**127 leave the scale at 2**125; the run resumed from its
     checkpoint of step 2 goes on at 2**125 with its 2 overflows, not at a fresh scaler's."""

@@ -105,7 +105,7 @@ class Loop:
         """One optimisation step; None when it was skipped for a non-finite loss or gradient.
 
         Under fp16 a non-finite gradient with a finite loss is the GradScaler's overflow: the
-        scaler skips the update and lowers its scale, and the step counts in overflow_steps; a
+        update is skipped, the scaler lowers its scale and the step counts in overflow_steps; a
         non-finite loss leaves the scale as it was.
         """
         state = self.state
@@ -128,9 +128,11 @@ class Loop:
         )
         finite = not (bad_loss or bad_grad)
         overflow = state.scaler.is_enabled() and bad_grad > 0 and bad_loss == 0
-        if finite or overflow:
-            state.scaler.step(state.optimizer)  # skips the update itself on an overflow
+        # An overflow never reaches the optimizer: the scaler would hand a fused one the step
+        # with its found_inf flag, and torch's fused SGD then leaves the momentum of a first
+        # step as uninitialised memory (torch.empty_like), which the next update adds in.
         if finite:
+            state.scaler.step(state.optimizer)
             state.scheduler.step()
         # A non-finite loss owes nothing to the scale, which update() would lower: it is kept.
         state.scaler.update(None if finite or overflow else state.scaler.get_scale())
