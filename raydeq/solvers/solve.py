@@ -218,12 +218,12 @@ def solve(
     method = make_solver(solver, option_dict("solver_options", solver_options))
     backward = make_adjoint(adjoint, option_dict("adjoint_options", adjoint_options))
     structure = Structure.of(z0)
-    device = structure.flatten(z0).device.type
+    z = structure.flatten(z0)
+    device = z.device.type
     f_flat, own_precision = outside_autocast(flat_function(f, structure), device)
     # A float16 or bfloat16 state rounds at about the tolerances themselves (float16's epsilon
     # is 1e-3), and the backward's small triangular solve has no half-precision kernel on a
     # CPU: the solve keeps its state in float32, as the layers do under autocast.
-    z = structure.flatten(z0)
     if z.dtype in (torch.float16, torch.bfloat16):
         z = z.float()
     attach = torch.is_grad_enabled()
