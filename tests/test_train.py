@@ -1383,9 +1383,9 @@ def test_a_runs_evaluation_runs_under_its_bf16_autocast(tmp_path):
 
 
 def test_the_weights_a_run_trains_do_not_depend_on_how_its_evaluations_are_batched(tmp_path):
-    """A Jacobian-regularised layer draws Hutchinson probes at test time too: a run of 2 epochs
-    of one step that evaluates its 16 test images trains the same weights as the run of that
-    name that evaluates 2 batches of 4 of them (neither setting is one that changes the
+    """A run of 2 epochs of one step of a Jacobian-regularised layer (whose training draws
+    Hutchinson probes) that evaluates its 16 test images trains the same weights as the run of
+    that name that evaluates 2 batches of 4 of them (neither setting is one that changes the
     model), and an evaluation leaves the random stream where it found it."""
     fake = {"dataset": "fake", "fake_samples": 64, "batch_size": 64}
     train = {"epochs": 2, "lambda_jac": 1.0}

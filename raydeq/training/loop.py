@@ -207,9 +207,9 @@ class Loop:
     def evaluate(self) -> dict[str, float]:
         """Test metrics over every worker's test shard (train.eval_batches of it, 0 = all).
 
-        The random stream is left where it was: a Jacobian-regularised layer draws probes at
-        test time too, and the steps after an evaluation would otherwise draw other probes for
-        other test batch settings, which are not settings that change the trained model.
+        The random stream is left where it was: a cell that draws random numbers in eval mode
+        would otherwise make the steps after an evaluation depend on the test batch settings,
+        which are not settings that change the trained model.
         """
         limit = self.cfg.train.eval_batches or None
         batches = on_device(itertools.islice(self.test_data, limit), self.device)
