@@ -1,6 +1,7 @@
 """ODE solvers: convergence order on a linear flow with a closed form, and torchdiffeq agreement."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -425,6 +426,29 @@ def test_a_first_step_picked_from_a_zero_state_with_abstol_0_integrates(solver):
 def test_a_fixed_step_controller_without_h0_is_refused():
     with pytest.raises(ValueError, match="kind='fixed' needs the step size h0"):
         Controller(kind="fixed")
+
+
+@pytest.mark.parametrize("solver", ["tsit5", "vcab3"])
+def test_a_safety_factor_whose_error_unit_overflows_float32_is_refused(solver: str):
+    # The error ratio's unit is safety^(1 / (b - a)): 1e50 for Tsit5's PI exponents at
+    # safety 1e-3, past float32's range, where a float32 solve stopped with a RuntimeError.
+    f = lambda z: torch.tanh(z / 2 + 1)  # noqa: E731
+    with pytest.raises(ValueError, match=re.escape("safety=0.001 must be a number in [0.1, 1]")):
+        raydeq.solve(f, torch.zeros(3, 4), solver=solver, solver_options={"safety": 1e-3})
+    with torch.no_grad():
+        sol = raydeq.solve(
+            f,
+            torch.zeros(3, 4),
+            solver=solver,
+            abstol=1e-6,
+            reltol=0,
+            solver_options={"safety": 0.1},
+        )
+    # PI control at safety 0.1 aims at errors far below the tolerance: small steps, no overflow.
+    residual = (f(sol.z) - sol.z).norm(dim=1) / 2
+    assert sol.stats.status.tolist() == [Status.MAX_STEPS] * 3
+    torch.testing.assert_close(sol.stats.residual, residual)
+    assert (residual < (f(torch.zeros(3, 4))).norm(dim=1) / 2).all()
 
 
 def scalar_decay(lam: float, y0: float, abstol: float):

@@ -66,7 +66,9 @@ class Controller:
         if self.h0 is not None:
             number("h0", self.h0, "(0, inf)")
         number("h_max", self.h_max, "(0, inf]")
-        number("safety", self.safety, "(0, 1]")
+        # The error ratio's unit, safety^(1 / (b - a)), is 5e16 at 0.1 for Tsit5's PI
+        # exponents and past float32's range (3e38) below 0.005.
+        number("safety", self.safety, "[0.1, 1]")
         number("min_factor", self.min_factor, "(0, 1]")
         number("max_factor", self.max_factor, "[1, inf)")
         number("step_rtol", self.step_rtol, "[0, 1)")
