@@ -876,3 +876,38 @@ def test_down_maps_double_the_channels_only_where_that_reaches_the_target():
 def test_an_inconsistent_multiscale_config_is_named(change, message):
     with pytest.raises(ValueError, match=message):
         dataclasses.replace(THREE_SCALES, **change)
+
+
+@pytest.mark.parametrize(
+    ("name", "shape", "message"),
+    [
+        (
+            "mnist_dense",
+            (2, 1, 32, 32),
+            r"784 values per image .* got images of shape \(2, 1, 32, 32\)",
+        ),
+        (
+            "mnist_dense",
+            (2, 3, 28, 28),
+            r"784 values per image .* got images of shape \(2, 3, 28, 28\)",
+        ),
+        ("mnist_mdeq", (2, 3, 28, 28), r"\(batch, 1, height, width\), got \(2, 3, 28, 28\)"),
+        ("cifar10_small", (3, 32, 32), r"\(batch, 3, height, width\), got \(3, 32, 32\)"),
+        ("cifar10_small", (2, 1, 32, 32), r"\(batch, 3, height, width\), got \(2, 1, 32, 32\)"),
+    ],
+)
+def test_images_of_the_wrong_shape_are_named_with_the_shape_the_stem_takes(name, shape, message):
+    """A wrong image size (the dense model's) or channel count, or an image without its batch
+    dimension, is refused naming both shapes, not deep inside a matrix product or a group norm."""
+    model = build({"model": name, "variant": "skip", "pretrain_steps": 0})
+    with pytest.raises(ValueError, match=message):
+        model(torch.randn(*shape))
+
+
+@pytest.mark.parametrize(("name", "side"), [("mnist_mdeq", 20), ("imagenet_small", 32)])
+def test_the_multiscale_stems_take_any_image_size(name, side):
+    """MDEQ's convolutions take any height and width (ImageNet at 32x32 in a quick run)."""
+    model = build({"model": name, "variant": "vanilla", **BOUNDED}).eval()
+    with torch.no_grad():
+        logits, _ = model(torch.randn(1, PRESETS[name].input_shape[0], side, side + 3))
+    assert logits.shape == (1, 1000 if name == "imagenet_small" else 10)

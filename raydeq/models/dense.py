@@ -1,5 +1,6 @@
 """The paper's dense MNIST model: f(z, x) = relu(W1 z) + relu(W2 x) in R^128 (Table 1)."""
 
+import math
 from dataclasses import dataclass
 
 import torch.nn.functional as F
@@ -21,9 +22,21 @@ class DenseCell(nn.Module):
         return F.relu(self.state(z)) + F.relu(self.inject(x))
 
 
-def dense_stem(in_features: int, width: int) -> nn.Module:
+class DenseStem(nn.Sequential):
     """Flatten the image and embed it: Linear(in_features, width) + ReLU."""
-    return nn.Sequential(nn.Flatten(), nn.Linear(in_features, width), nn.ReLU())
+
+    def __init__(self, in_features: int, width: int) -> None:
+        super().__init__(nn.Flatten(), nn.Linear(in_features, width), nn.ReLU())
+        self.in_features = in_features
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Embed images (B, ...) of in_features values each, naming any other shape."""
+        if images.dim() < 2 or math.prod(images.shape[1:]) != self.in_features:
+            raise ValueError(
+                f"the dense model takes {self.in_features} values per image (batch, ...), "
+                f"got images of shape {tuple(images.shape)}"
+            )
+        return super().forward(images)
 
 
 def dense_skip(width: int) -> nn.Module:
@@ -43,7 +56,7 @@ class DenseConfig:
 def dense_parts(cfg: DenseConfig) -> Parts:
     """Stem, cell, head and skip predictor of the dense model."""
     return Parts(
-        stem=dense_stem(cfg.in_features, cfg.width),
+        stem=DenseStem(cfg.in_features, cfg.width),
         cell=DenseCell(cfg.width),
         head=nn.Linear(cfg.width, cfg.num_classes),
         skip=dense_skip(cfg.width),

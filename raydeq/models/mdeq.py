@@ -204,9 +204,15 @@ class Stem(nn.Module):
             group_norm(c, g),
             nn.ReLU(),
         )
+        self.in_channels = cfg.in_channels
 
     def forward(self, images: Tensor) -> Tensor:
-        """Images (B, C, H, W) -> injection x at the highest DEQ resolution."""
+        """Images (B, C, H, W) of any size -> injection x at the highest DEQ resolution."""
+        if images.dim() != 4 or images.shape[1] != self.in_channels:
+            raise ValueError(
+                f"the multiscale model takes images (batch, {self.in_channels}, height, width), "
+                f"got {tuple(images.shape)}"
+            )
         return self.net(images)
 
 

@@ -39,7 +39,7 @@ def check_model(cfg: Config, classes: int | None = None) -> None:
     try:
         with torch.no_grad():
             model.stem(torch.zeros(1, *shape))
-    except RuntimeError as err:
+    except (RuntimeError, ValueError) as err:
         raise ConfigError(
             f"model: {cfg.model.model!r} does not fit {cfg.data.dataset!r} images of shape "
             f"{shape}: {str(err).splitlines()[0]}"
