@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from raydeq.solvers import ADJOINTS, SOLVERS, SolveStats, Termination, solve
 from raydeq.solvers.options import choice, integer
 from raydeq.solvers.solve import check_options
-from raydeq.solvers.state import State, Structure
+from raydeq.solvers.state import State, Structure, contained
 from raydeq.solvers.termination import Monitor, norm
 
 INITS = ("zeros", "skip", "skip_reg")
@@ -52,9 +52,7 @@ def _tensors(z: State) -> tuple[Tensor, ...]:
 def _rebuilt(z: State, tensors: list[Tensor]) -> State:
     """tensors in the container of z: its list, tuple or named tuple type (one tensor for a
     tensor), so that f reads a state it made as it made it."""
-    if isinstance(z, Tensor):
-        return tensors[0]
-    return getattr(type(z), "_make", type(z))(tensors)
+    return tensors[0] if isinstance(z, Tensor) else contained(type(z), tensors)
 
 
 def _detach(z: State) -> State:

@@ -81,7 +81,12 @@ class Structure:
             return z.view(self.shapes[0])
         sizes = [s[1:].numel() for s in self.shapes]
         parts = [p.reshape(s) for p, s in zip(z.split(sizes, dim=1), self.shapes, strict=True)]
-        return getattr(self.container, "_make", self.container)(parts)
+        return contained(self.container, parts)
+
+
+def contained(container: type, tensors: list[torch.Tensor]) -> Sequence[torch.Tensor]:
+    """tensors in `container`, a list, tuple or named tuple type (a named tuple's by its _make)."""
+    return getattr(container, "_make", container)(tensors)
 
 
 def flat_function(f: Callable[[State], State], structure: Structure) -> Callable:
