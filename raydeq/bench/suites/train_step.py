@@ -136,10 +136,10 @@ def timed_model(
     model = models.build(
         workload.model, workload.variant, ctx.device, ctx.seed, compile=workload.compile
     )
-    checkpoint = ctx.weights.get(workload.model)
-    if workload.model != "mnist_dense" and checkpoint is None:
-        return model, UNTRAINED
     if workload.model != "mnist_dense":
+        checkpoint = ctx.weights.get(workload.model)
+        if checkpoint is None:
+            return model, UNTRAINED
         models.load_checkpoint(model, checkpoint)
         return model, f"weights of the checkpoint {checkpoint.folder}"
     if workload.model not in trained:
