@@ -66,7 +66,8 @@ TRAIN_SAMPLES = {
 }
 
 
-# Classes of the datasets whose classes are fixed (an image folder's are its class folders).
+# Classes of the datasets whose classes are fixed, as their Splits give them (an image
+# folder's are its class folders).
 CLASSES = {"digits": 10, "mnist10k": 10, "mnist": 10, "cifar10": 10, "svhn": 10}
 
 
@@ -193,7 +194,7 @@ def _digits(cfg: DataSection) -> Splits:
         TensorDataset(images[train_idx], labels[train_idx]),
         TensorDataset(images[test_idx], labels[test_idx]),
         image_shape(cfg),
-        10,
+        CLASSES["digits"],
     )
 
 

@@ -15,7 +15,7 @@ from torchvision.datasets.folder import default_loader
 
 from raydeq.datasets import mnist10k
 from raydeq.training.config import DataSection
-from raydeq.training.data import Splits, image_shape
+from raydeq.training.data import CLASSES, Splits, image_shape
 from raydeq.training.folders import SPLITS, load_index
 from raydeq.training.staging import stage
 
@@ -48,7 +48,7 @@ def _mnist(cfg: DataSection) -> Splits:
     make = partial(datasets.MNIST, cfg.data_dir, download=cfg.download)
     train = make(train=True, transform=train_transform)
     test = make(train=False, transform=test_transform)
-    return Splits(train, test, image_shape(cfg), 10, augmented=cfg.augment)
+    return Splits(train, test, image_shape(cfg), CLASSES["mnist"], augmented=cfg.augment)
 
 
 class GreyImages(Dataset):
@@ -73,7 +73,7 @@ def _mnist10k(cfg: DataSection) -> Splits:
     train_transform, test_transform = _mnist_transforms(cfg)
     train = GreyImages(*mnist10k(train=True), train_transform)
     test = GreyImages(*mnist10k(train=False), test_transform)
-    return Splits(train, test, image_shape(cfg), 10, augmented=cfg.augment)
+    return Splits(train, test, image_shape(cfg), CLASSES["mnist10k"], augmented=cfg.augment)
 
 
 def _cifar10(cfg: DataSection) -> Splits:
@@ -94,7 +94,7 @@ def _cifar10(cfg: DataSection) -> Splits:
     test = datasets.CIFAR10(
         cfg.data_dir, train=False, download=cfg.download, transform=_normalized(CIFAR10_STATS)
     )
-    return Splits(train, test, image_shape(cfg), 10, augmented=cfg.augment)
+    return Splits(train, test, image_shape(cfg), CLASSES["cifar10"], augmented=cfg.augment)
 
 
 def _svhn(cfg: DataSection) -> Splits:
@@ -102,7 +102,7 @@ def _svhn(cfg: DataSection) -> Splits:
     make = partial(
         datasets.SVHN, cfg.data_dir, download=cfg.download, transform=_normalized(SVHN_STATS)
     )
-    return Splits(make(split="train"), make(split="test"), image_shape(cfg), 10)
+    return Splits(make(split="train"), make(split="test"), image_shape(cfg), CLASSES["svhn"])
 
 
 class FileImages(Dataset):
