@@ -121,6 +121,22 @@ def test_an_override_of_a_solver_option_that_a_rule_draws_fixes_it_in_that_rule(
         spec.from_dict("s", {**TINY, "search": SEARCH}, override | {"model.solver": "vcab3"})
 
 
+@pytest.mark.parametrize(
+    "order",
+    [["model.solver", "model.solver_options.m"], ["model.solver_options.m", "model.solver"]],
+)
+def test_a_solver_option_overridden_with_the_solver_of_its_rule_runs_in_either_order(order):
+    """`model.solver=anderson model.solver_options.m=4` was refused ("no trial runs it"): the
+    solver's override moved the rule's m into the main space, which m's override then dropped;
+    given the other way round they ran m=4. Now every trial runs Anderson with m=4 either way."""
+    values = {"model.solver": "anderson", "model.solver_options.m": 4}
+    experiment = spec.from_dict("s", {**TINY, "search": SEARCH}, {k: values[k] for k in order})
+    configs = [experiment.trial_config(draw) for draw in spec.expand(experiment)]
+    assert {(cfg.model.solver, repr(cfg.model.solver_options)) for cfg in configs} == {
+        ("anderson", "{'m': 4}")
+    }
+
+
 def test_an_override_that_no_point_of_a_searcher_has_leaves_it_to_draw_every_trial():
     """It stopped the run ("not a dimension of the search space"): the points it excluded were
     kept whole when none was left."""

@@ -124,7 +124,7 @@ def _fix(search: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, A
     variants = search.get("variants") or []
     rules = search.get("conditional")
     for dotted, value in overrides.items():
-        space = without(space, dotted)
+        space = _fix_dimension(space, dotted, value)
         if isinstance(rules, list):
             rules, joined = _fix_rules(rules, dotted, value)
             space = merge(space, joined)
@@ -157,10 +157,7 @@ def _fix_rules(rules: list, dotted: str, value: Any) -> tuple[list, dict[str, An
         if not isinstance(when, Mapping) or not isinstance(space, Mapping) or not space:
             kept.append(rule)  # malformed: validate_search names it
             continue
-        drawn = dotted in dimensions(space)
-        when, space = dict(when), without(nested(space), dotted)
-        if drawn and _rule_only(dotted):
-            space = apply_overrides(space, {dotted: value})
+        when, space = dict(when), _fix_dimension(nested(space), dotted, value)
         if dotted in when:
             allowed = when.pop(dotted)
             if value not in (allowed if isinstance(allowed, list) else [allowed]):
@@ -170,6 +167,15 @@ def _fix_rules(rules: list, dotted: str, value: Any) -> tuple[list, dict[str, An
         elif space:
             joined = merge(joined, space)
     return kept, joined
+
+
+def _fix_dimension(space: Mapping[str, Any], dotted: str, value: Any) -> dict[str, Any]:
+    """A nested space without the dimension `dotted`, or with it fixed at `value` where it is
+    `_rule_only`: a rule's space that joined the main one keeps its solver option there."""
+    fixed = without(space, dotted)
+    if dotted in dimensions(space) and _rule_only(dotted):
+        fixed = apply_overrides(fixed, {dotted: value})
+    return fixed
 
 
 def _rule_only(dotted: str) -> bool:
