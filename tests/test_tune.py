@@ -472,6 +472,17 @@ def test_a_dry_run_of_a_bad_space_is_a_one_line_error(tmp_path, capsys):
     assert out.err.count("\n") == 1 and out.out == ""
 
 
+def test_a_bad_solver_option_override_that_a_rule_draws_is_a_one_line_error(capsys):
+    """`model.solver_options.m=x` passed the checks before a run (a rule's fixed value went
+    untried) and then stopped the dry run after the space's lines, and a run's Anderson trials;
+    it is now refused before anything is printed, in one line naming it."""
+    assert rt.main(["digits_search", "model.solver_options.m=x", "--dry-run"]) == 2
+    out = capsys.readouterr()
+    assert out.err.startswith("error: search.conditional[0].space.model.solver_options.m: ")
+    assert "m='x' must be an integer >= 1" in out.err
+    assert out.err.count("\n") == 1 and out.out == ""
+
+
 def test_the_command_refuses_bad_input_and_an_existing_experiment_with_status_2(tmp_path, capsys):
     experiment = tmp_path / "tiny.yaml"
     experiment.write_text(yaml.safe_dump(TINY))

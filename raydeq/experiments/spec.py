@@ -314,10 +314,10 @@ def _first_values(when: Mapping[str, Any]) -> dict[str, Any]:
 
 def _values(key: str, spec: Any) -> list[tuple[str, Any]]:
     """The values of a dimension that `_check_space` tries, each with its name: a choice's or a
-    grid's values, a range's ends (an integer range's upper end is excluded unless quantized);
-    none for a constant or an unbounded normal."""
+    grid's values, a range's ends (an integer range's upper end is excluded unless quantized),
+    a constant (an override fixed in a rule); none for an unbounded normal."""
     if not is_primitive(spec):
-        return []
+        return [("the value", spec)]
     ((primitive, args),) = spec.items()
     if primitive in ("choice", "grid_search"):
         what = "the choice" if primitive == "choice" else "the grid value"
