@@ -106,11 +106,13 @@ def zero_state_hint(f: nn.Module, x: Tensor) -> Iterator[None]:
 def residual_stats(
     z: State, fz: State, termination: Termination, nfe: int, steps: int
 ) -> SolveStats:
-    """Statistics of a state z reached without the solver, from its image fz = f(z, x)."""
+    """Statistics of a state z reached without the solver, from its image fz = f(z, x), judged
+    in at least float32 as a solve's: in half precision the residual's norm and the tolerance
+    round to three digits."""
     structure = Structure.of(z)
-    flat = structure.flatten(_detach(z))
+    flat = _wide(structure.flatten(_detach(z)))
     monitor = Monitor(flat, termination)
-    residual = norm(structure.flatten(_detach(fz)) - flat)
+    residual = norm(_wide(structure.flatten(_detach(fz))) - flat)
     monitor.record(flat, residual)
     monitor.test(residual)
     return SolveStats.from_monitor(monitor, nfe, steps)

@@ -646,6 +646,19 @@ def test_warm_up_statistics_judge_the_state_f_was_unrolled_from(reltol, converge
     assert out.stats.converged.tolist() == [converged] * B
 
 
+def test_a_bfloat16_warm_up_is_judged_in_float32_not_at_bfloat16s_rounding():
+    """A bfloat16 cell unrolled once from 0 to x = 0.010009765625 (a bfloat16 number) in both
+    features: the residual is 0.010009765625, above abstol 1e-2. In bfloat16 its 2-norm and
+    the tolerance's both rounded to 0.01416 and the step counted as converged; the statistics
+    are float32, as a solve's, and unconverged."""
+    x = torch.full((1, 2), 0.010009765625, dtype=torch.bfloat16)
+    layer = DEQ(lambda z, x: x, abstol=1e-2, reltol=0.0, pretrain_steps=1, pretrain_depth=1)
+    out = layer(x)
+    assert out.stats.residual.dtype == torch.float32
+    assert out.stats.residual.tolist() == [0.010009765625]
+    assert out.stats.status.tolist() == [int(Status.MAX_STEPS)]
+
+
 def test_a_warm_up_that_overflows_is_marked_non_finite():
     """f(z, x) = z + x / 0 is infinite after one step and NaN (inf - inf) in the residual of
     the next: the warm-up's statistics say non-finite, not merely unconverged."""

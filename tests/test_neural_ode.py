@@ -370,6 +370,16 @@ def test_a_module_in_bfloat16_takes_its_state_in_bfloat16_and_integrates_in_floa
     torch.testing.assert_close(low.float(), full, rtol=0, atol=3e-2)
 
 
+def test_a_bfloat16_modules_residual_is_measured_in_float32_as_a_deqs():
+    """A bfloat16 module's residual ||f(z(t1), x) - z(t1)|| is judged in float32, as a DEQ's
+    solve judges it, not rounded to bfloat16's three digits."""
+    torch.manual_seed(0)
+    cell = TanhCell(4).to(torch.bfloat16)
+    with torch.no_grad():
+        out = NeuralODE(cell, solver="tsit5")(torch.randn(3, 4, dtype=torch.bfloat16))
+    assert out.z.dtype == torch.bfloat16 and out.stats.residual.dtype == torch.float32
+
+
 @pytest.mark.parametrize("adjoint", ["continuous", "backprop"])
 def test_a_batch_of_no_samples_integrates_nothing_and_differentiates(adjoint):
     """An empty batch: an empty output, the output's one evaluation, no step, zero gradients."""
