@@ -110,9 +110,9 @@ def residual_stats(
     in at least float32 as a solve's: in half precision the residual's norm and the tolerance
     round to three digits."""
     structure = Structure.of(z)
-    flat = _wide(structure.flatten(_detach(z)))
+    flat = widened(structure.flatten(_detach(z)))
     monitor = Monitor(flat, termination)
-    residual = norm(_wide(structure.flatten(_detach(fz))) - flat)
+    residual = norm(widened(structure.flatten(_detach(fz))) - flat)
     monitor.record(flat, residual)
     monitor.test(residual)
     return SolveStats.from_monitor(monitor, nfe, steps)
@@ -136,9 +136,10 @@ def _add_vjps(stats: SolveStats, nvjp: int, grad: Tensor) -> None:
     stats.backward_nvjp += nvjp
 
 
-def _wide(t: Tensor) -> Tensor:
-    """t in at least float32, for a sum over a batch: a float16 state has more elements than
-    float16's largest value (65504), and a loss summed in float16 overflows to inf."""
+def widened(t: Tensor) -> Tensor:
+    """t in at least float32 (float64 stays float64), for a sum over a batch or a loss: a
+    float16 state has more elements than float16's largest value (65504), and a loss summed
+    in float16 overflows to inf."""
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
@@ -164,7 +165,7 @@ def hutchinson_jacobian_loss(f: Callable[[State], State], z: State) -> Tensor:
         vjps = torch.autograd.grad(
             out, inputs, probes, create_graph=differentiable, materialize_grads=True
         )
-    return sum(_wide(v).pow(2).sum() for v in vjps) / sum(t.numel() for t in inputs)
+    return sum(widened(v).pow(2).sum() for v in vjps) / sum(t.numel() for t in inputs)
 
 
 def _shapes(z: State) -> list[tuple[int, ...]]:
@@ -179,7 +180,7 @@ def skip_loss(z: State, z0: State) -> Tensor:
     producer of z0 (g, or f through f(0, x)) and, by the implicit adjoint of z*, f itself.
     """
     pairs = list(zip(_tensors(z), _tensors(z0), strict=True))
-    total = sum(_wide(a - b).abs().sum() for a, b in pairs)
+    total = sum(widened(a - b).abs().sum() for a, b in pairs)
     return total / sum(b.numel() for _, b in pairs)
 
 

@@ -690,6 +690,22 @@ def test_the_loss_of_bfloat16_logits_is_their_cross_entropy_in_float32():
     assert loss.item() == pytest.approx(-sum(log_softmax) / len(log_softmax), rel=1e-6)
 
 
+def test_the_loss_of_float64_logits_is_their_cross_entropy_in_float64():
+    """A float64 model (`.double()`) keeps its precision through the loss: the cross-entropy
+    of float64 logits is taken in float64, not rounded to float32's seven digits."""
+    logits = torch.tensor([[0.1, 0.2, 0.3], [1.7, -0.4, 0.9]], dtype=torch.float64)
+    labels = torch.tensor([2, 0])
+    zero = torch.tensor(0.0, dtype=torch.float64)
+    out = SimpleNamespace(skip_loss=zero, jac_loss=zero)
+    log_softmax = [
+        row[label] - math.log(sum(math.exp(v) for v in row))
+        for row, label in zip(logits.tolist(), labels.tolist(), strict=True)
+    ]
+    loss = objective.Objective(lambda_skip=1.0)(logits, labels, out)
+    assert loss.dtype == torch.float64
+    assert loss.item() == pytest.approx(-sum(log_softmax) / len(log_softmax), rel=1e-15)
+
+
 class GivenLogits(nn.Module):
     """A classifier whose logits are its input, with the NFE of each call from `nfes`; it notes
     the mode, whether gradients were on and the CPU autocast dtype (or None) of each call."""

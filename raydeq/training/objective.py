@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from raydeq.deq import LayerOutput
+from raydeq.deq import LayerOutput, widened
 
 # Per-step training metrics, averaged over a report interval; *_time in seconds per batch
 # (step_time: the whole step, data wait and warm-up steps included, for total training time).
@@ -49,8 +49,9 @@ class Objective:
     lambda_jac: float = 0.0
 
     def __call__(self, logits: Tensor, labels: Tensor, out: LayerOutput) -> Tensor:
-        """Cross-entropy (in float32, also under autocast) plus the weighted layer losses."""
-        loss = F.cross_entropy(logits.float(), labels)
+        """Cross-entropy (in float32 under autocast, float64 for a float64 model) plus the
+        weighted layer losses."""
+        loss = F.cross_entropy(widened(logits), labels)
         return loss + self.lambda_skip * out.skip_loss + self.lambda_jac * out.jac_loss
 
 
