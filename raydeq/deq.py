@@ -85,20 +85,35 @@ def _takes_zero_state(f: nn.Module, x: Tensor) -> bool:
         return False
 
 
+def _dtype_note(f: nn.Module, x: Tensor) -> str | None:
+    """A note naming x's dtype and f's floating parameters' where they differ, else None."""
+    params = f.parameters() if isinstance(f, nn.Module) else ()
+    dtypes = sorted({str(p.dtype) for p in params if p.is_floating_point()} - {str(x.dtype)})
+    if not dtypes:
+        return None
+    return (
+        f"x is {x.dtype} but f's parameters are {', '.join(dtypes)}: give x in f's dtype "
+        f"(x.to({dtypes[0]})) or convert f (f.to({x.dtype}))"
+    )
+
+
 @contextmanager
 def zero_state_hint(f: nn.Module, x: Tensor) -> Iterator[None]:
-    """Add to an error raised within a note naming `initial_state`, for an f without it that
-    does not take the zero state zeros_like(x) to a state of its shape: a cell whose state is
-    not shaped like its input otherwise fails inside its own first product. An error of an f
-    that does (an integration past max_steps, running out of memory) gets no note."""
+    """Add to an error raised within a note, for an f without `initial_state` that does not
+    take the zero state zeros_like(x) to a state of its shape: one naming x's dtype and f's
+    where they differ (f fails in its own product, on any state), else one naming
+    `initial_state` (a cell whose state is not shaped like its input fails inside its own
+    first product). An error of an f that does (an integration past max_steps, running out of
+    memory) gets no note."""
     try:
         yield
     except (RuntimeError, ValueError) as err:
         if not callable(getattr(f, "initial_state", None)) and not _takes_zero_state(f, x):
             err.add_note(
-                f"the state started as zeros_like(x), of shape {tuple(x.shape)}: a cell whose "
-                "state is not shaped like its input needs a method initial_state(x) returning "
-                "the zero state"
+                _dtype_note(f, x)
+                or f"the state started as zeros_like(x), of shape {tuple(x.shape)}: a cell "
+                "whose state is not shaped like its input needs a method initial_state(x) "
+                "returning the zero state"
             )
         raise
 

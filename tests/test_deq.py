@@ -844,6 +844,19 @@ def test_a_state_not_shaped_like_the_input_names_initial_state(layer):
     assert layer(WideCell(zero_state=True))(x).z.shape == (4, 3)
 
 
+@pytest.mark.parametrize("layer", [DEQ, NeuralODE, lambda f: DEQ(f, init="skip_reg")])
+def test_an_input_of_another_dtype_than_the_cell_names_both_dtypes_not_initial_state(layer):
+    """A float64 cell given float32 x fails in its own product, on the zero state too: the
+    note names the two dtypes and the cast, not a state shaped unlike its input (it is not)."""
+    f, x = dense_cell(25)
+    with pytest.raises(RuntimeError) as failure:
+        layer(f)(x.float())
+    notes = "".join(failure.value.__notes__)
+    assert "initial_state" not in notes
+    assert "x is torch.float32 but f's parameters are torch.float64" in notes
+    assert "x.to(torch.float64)" in notes
+
+
 def test_an_error_of_a_cell_that_takes_the_zero_state_names_no_initial_state():
     """A cell whose state is its input's shape gets no note about initial_state on an error
     that is not about the state: a Neural ODE past max_steps, or f's own error on a later call.
