@@ -24,6 +24,8 @@ import ray
 import yaml
 from PIL import Image
 from ray._common.constants import HEAD_NODE_RESOURCE_NAME
+from ray.train._internal.storage import StorageContext
+from ray.tune.experiment.trial import Trial
 from ray.tune.search.sample import Categorical, Float
 from ray.util.state import list_actors
 
@@ -1287,6 +1289,36 @@ def test_the_report_has_a_row_per_trial_from_every_session_and_writes_its_files(
     assert plotted == [(metric, steps) for metric in results.PLOTS]
     for metric in results.PLOTS:
         assert (path / f"{metric}.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_the_report_of_an_interrupted_run_has_a_row_for_a_trial_that_never_started(
+    tmp_path, monkeypatch
+):
+    """A trial still waiting for resources when the run stopped has no folder (Tune names it
+    when the trial starts), and Tune's trial refuses to give its path: the report rows it as
+    one stopped before its first report beside the trials that ran."""
+    variants = [{"label": "Ran", "model.variant": "skip"}, {"label": "Waited"}]
+    settings = TINY | {"train": {"epochs": 1, "max_steps": 30}, "search": {"variants": variants}}
+    path = tmp_path / "interrupted"
+    storage = StorageContext(storage_path=str(tmp_path), experiment_dir_name=path.name)
+    config = {"variant": variants[1]}
+    waited = Trial("trainable", config=config, storage=storage, stub=True, trial_id="ab_00001")
+    ran = SimpleNamespace(
+        trial_id="ab_00000", status="TERMINATED", config={"variant": variants[0]}, path=""
+    )
+    ran.path = str(path / spec.trial_name(ran))
+    Path(ran.path).mkdir(parents=True)
+    frames = {ran.trial_id: pd.DataFrame({"step": [30], "test_accuracy": [0.75]})}
+    analysis = SimpleNamespace(trials=[ran, waited], trial_dataframes=frames)
+    monkeypatch.setattr(results.tune, "ExperimentAnalysis", lambda given: analysis)
+    monkeypatch.setattr(results, "plot", lambda *args: b"")
+    table = results.report(str(path), spec.from_dict("interrupted", settings))
+    rows = pq.read_table(path / "results.parquet").to_pylist()
+    assert [(r["group"], r["status"], r["step"]) for r in rows] == [
+        ("Ran", "TERMINATED", 30),
+        ("Waited", "PENDING", 0),
+    ]
+    assert "| Ran | 1 | 75.00 |" in table and "| Waited | 1 (1 stopped) | - |" in table
 
 
 # End to end on the shared Ray cluster ----------------------------------------------------------

@@ -205,6 +205,15 @@ def plot(metric: str, label: str, curves: dict[str, list[pd.DataFrame]]) -> byte
     return png(figure, outside=[legend])
 
 
+def _folder(path: str, trial: Any) -> str | None:
+    """A trial's folder in the experiment's, or None for a trial that never started (Tune names
+    its folder when it starts it, and raises for its path before)."""
+    try:
+        return f"{path}/{trial.path.rstrip('/').rsplit('/', 1)[-1]}"
+    except RuntimeError:  # "Should not access `trial_fs_path` without setting `trial_dir_name`"
+        return None
+
+
 def report(path: str, experiment: Experiment) -> str:
     """Write results.parquet, results.md and the plots for an experiment; return the table (a
     ConfigError for an experiment stopped before Tune recorded its first state)."""
@@ -218,8 +227,9 @@ def report(path: str, experiment: Experiment) -> str:
     frames = analysis.trial_dataframes
     rows, curves = [], {}
     for trial in sorted(analysis.trials, key=lambda t: t.trial_id):
-        folder = f"{path}/{trial.path.rstrip('/').rsplit('/', 1)[-1]}"
-        frame = history(folder, frames.get(trial.trial_id, pd.DataFrame()))
+        frame = frames.get(trial.trial_id, pd.DataFrame())
+        folder = _folder(path, trial)
+        frame = frame if folder is None else history(folder, frame)
         row = trial_row(experiment, trial, frame)
         rows.append(row)
         curves.setdefault(row["group"], []).append(frame)
