@@ -5,6 +5,7 @@ import math
 import matplotlib.image
 import pandas as pd
 import pytest
+from matplotlib.colors import to_rgba
 
 from raydeq.experiments import paper, results, spec
 from raydeq.experiments.figures import plt
@@ -253,6 +254,25 @@ def test_figure_1_of_table_1_shows_total_training_minutes_relative_to_the_vanill
     assert theirs[CONTINUOUS] == 1.0 and theirs[skip_reg] == pytest.approx(1.295 / 5.197)
     widths = [bar.get_width() for bar in backward.patches]
     assert dict(zip(labels, widths, strict=True))[skip_reg] == pytest.approx(0.25)
+    plt.close(figure)
+
+
+def test_figure_1_without_our_reference_draws_no_bars_of_ours_and_says_why(monkeypatch):
+    """Every Vanilla Continuous DEQ trial failed: none of our times can be put relative to it,
+    so the panels draw the paper's bars alone, in the paper's colour, and their titles say
+    that ours are missing, rather than a legend "ours" over bars of 0."""
+    monkeypatch.setattr(paper, "png", lambda figure, dpi: figure)
+    rows = [
+        _row(CONTINUOUS, "vanilla", "vcab3", 0, train_time=math.nan, backward_time=math.nan),
+        _row("Skip Continuous DEQ", "skip", "vcab3", 0, train_time=0.4, backward_time=0.1),
+    ]
+    figure = paper.figure1(2, rows)
+    methods = len(figure.axes[0].get_yticklabels())  # the panels share them
+    for axis in figure.axes:
+        assert [text.get_text() for text in axis.get_legend().get_texts()] == ["paper"]
+        assert len(axis.patches) == methods == 7
+        assert {bar.get_facecolor() for bar in axis.patches} == {to_rgba("C1")}
+        assert axis.get_title().endswith(f"(ours: no {CONTINUOUS} time to divide by)")
     plt.close(figure)
 
 

@@ -182,24 +182,26 @@ def figure1(table: int, rows: list[dict[str, Any]]) -> bytes:
     height = 1.6 + 0.42 * len(labels)
     figure, axes = plt.subplots(1, 2, figsize=(12.0, height), sharey=True)
     where = range(len(labels))
+    # Each side keeps its colour where the other has no bars; a side without bars says why.
+    sides = [
+        ("ours", ours, -0.2, f"ours: no {REFERENCE} time to divide by"),
+        ("paper", theirs, 0.2, "the paper's table gives none"),
+    ]
     for axis, (_, name) in zip(axes, measures, strict=True):
-        axis.barh(
-            [i - 0.2 for i in where], [ours[name].get(k, 0.0) for k in labels], 0.4, label="ours"
-        )
-        if theirs[name]:
-            axis.barh(
-                [i + 0.2 for i in where],
-                [theirs[name].get(k, 0.0) for k in labels],
-                0.4,
-                label="paper",
-            )
+        missing = ""
+        for colour, (side, values, shift, why) in enumerate(sides):
+            if not values[name]:
+                missing += f"\n({why})"
+                continue
+            heights = [values[name].get(k, 0.0) for k in labels]
+            axis.barh([i + shift for i in where], heights, 0.4, color=f"C{colour}", label=side)
         axis.axvline(1.0, color="grey", linewidth=0.8)
         axis.set_yticks(list(where), labels, fontsize="small")
         axis.set_xlabel(f"{name} time / {REFERENCE}")
-        unpublished = "" if theirs[name] else "\n(the paper's table gives none)"
-        axis.set_title(f"{name.capitalize()} time, relative (lower is better){unpublished}")
+        axis.set_title(f"{name.capitalize()} time, relative (lower is better){missing}")
         axis.grid(axis="x", alpha=0.3)
-        axis.legend(fontsize="small")
+        if axis.patches:
+            axis.legend(fontsize="small")
     axes[0].invert_yaxis()
     figure.suptitle(f"Figure 1 for {TITLES[table].split(':')[0]}")
     return png(figure, dpi=110)
