@@ -735,6 +735,25 @@ def test_the_chart_shows_a_front_point_exactly_zoom_points_below_the_best():
     assert not pareto._shown({"pareto_c": False}, "c", best, best)
 
 
+def test_the_chart_legend_names_only_what_a_panel_draws(monkeypatch):
+    """An interrupted run: the paper's Skip DEQ failed before its first report, so no panel
+    draws it and the legend leaves it out; the Vanilla DEQ has a test NFE only, and is named
+    though only the first panel draws it."""
+    monkeypatch.setattr(pareto, "png", lambda figure: figure)
+    rows = _trials((False, 0.9, 20.0, 0.1), (False, 0.8, 10.0, math.nan), (False, *[math.nan] * 3))
+    rows[1] |= {"paper": True, "group": "Vanilla DEQ"}
+    rows[2] |= {"paper": True, "group": "Skip DEQ"}
+    figure = pareto.chart(pareto.mark(rows, "test_accuracy"), "test_accuracy")
+    legend = figure.legends[0] if figure.legends else figure.axes[-1].get_legend()
+    assert [text.get_text() for text in legend.get_texts()] == [
+        "trial",
+        "Vanilla DEQ",
+        "Pareto front",
+    ]
+    assert [len(collection.get_offsets()) for collection in figure.axes[1].collections] == [1]
+    plt.close(figure)
+
+
 def test_a_trial_without_a_measure_is_never_on_the_front_or_the_cheapest():
     """A trial that reported no test NFE (it failed before its evaluation) costs nothing known,
     not nothing."""

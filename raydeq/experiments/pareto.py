@@ -190,6 +190,8 @@ def chart(rows: Sequence[Mapping[str, Any]], metric: str, mode: str = "max") -> 
             axes.scatter([p[0] for p in plain], [p[1] for p in plain], s=18, c="0.6", label="trial")
         for name, (colour, marker) in styles.items():
             mine = [p for p in points if table_name(p[2]) == name and p[2].get("paper")]
+            if not mine:  # no finite measure in this view: nothing to name in its legend
+                continue
             axes.scatter(
                 [p[0] for p in mine],
                 [p[1] for p in mine],
@@ -220,8 +222,17 @@ def chart(rows: Sequence[Mapping[str, Any]], metric: str, mode: str = "max") -> 
         axes.set_xlabel(words)
         axes.set_ylabel(f"{metric} (%)" if percent else metric)
         axes.grid(alpha=0.3)
-    handles, labels = panels[-1].get_legend_handles_labels()
+    # One legend for both views: what either draws, once.
+    drawn = {
+        label: handle
+        for axes in panels
+        for handle, label in zip(*axes.get_legend_handles_labels(), strict=True)
+    }
     panels[-1].legend(
-        handles, labels, fontsize="small", loc="upper left", bbox_to_anchor=(1.03, 1.0)
+        list(drawn.values()),
+        list(drawn),
+        fontsize="small",
+        loc="upper left",
+        bbox_to_anchor=(1.03, 1.0),
     )
     return png(figure)
