@@ -1035,6 +1035,11 @@ def test_a_trials_row_holds_its_last_evaluation_and_its_reports_mean_solve_times
     assert not cut["completed"] and cut["test_accuracy"] == 0.5 and cut["step"] == 20
 
 
+def write_reports(file: Path, reports: list[dict]) -> None:
+    """Write reports as Tune's result.json holds them, one JSON object per line."""
+    file.write_text("".join(json.dumps(report) + "\n" for report in reports))
+
+
 def test_a_trials_history_joins_the_reports_archived_before_each_resume_in_step_order(tmp_path):
     """Tune starts result.json anew in each session: the archived reports come first, in the
     order they were archived (the 10th after the 2nd), and where two report a step the later
@@ -1047,10 +1052,33 @@ def test_a_trials_history_joins_the_reports_archived_before_each_resume_in_step_
     ]:
         lines = "".join(json.dumps(report) + "\n" for report in reports)
         (trial / f"{archive.ARCHIVE_PREFIX}{number}.json").write_text(lines)
-    current = pd.DataFrame({"step": [30, 40], "loss": [0.9, 0.5]})
-    frame = archive.history(str(trial), current)
+    write_reports(
+        trial / archive.RESULT_FILE, [{"step": 30, "loss": 0.9}, {"step": 40, "loss": 0.5}]
+    )
+    frame = archive.history(str(trial))
     assert frame["step"].tolist() == [10, 20, 30, 40]
     assert frame["loss"].tolist() == [3.0, 1.5, 0.9, 0.5]
+
+
+def test_a_result_file_cut_in_its_last_line_keeps_every_whole_report(tmp_path):
+    """A driver stopped while writing a report leaves result.json's last line cut short, and
+    a resume archives it so: the trial's history keeps every whole report of both files and
+    their nested config flattened as Tune names it (Tune's own reader drops such a file)."""
+    lines = [{"step": 10, "loss": 2.0, "config": {"model": {"solver": "vcab3"}}}, {"step": 20}]
+    text = "".join(json.dumps(line) + "\n" for line in lines)
+    (tmp_path / f"{archive.ARCHIVE_PREFIX}0.json").write_text(text[:-6])
+    (tmp_path / archive.RESULT_FILE).write_text(text.replace("10", "30")[:-3])
+    frame = archive.history(str(tmp_path))
+    assert frame["step"].tolist() == [10, 30]
+    assert frame["loss"].tolist() == [2.0, 2.0]
+    assert frame["config/model/solver"].tolist() == ["vcab3", "vcab3"]
+
+
+def test_a_result_file_with_a_broken_line_before_its_last_names_the_file_and_line(tmp_path):
+    """Only a last line can be cut by a stop; a broken line before it is named, not skipped."""
+    (tmp_path / archive.RESULT_FILE).write_text('{"step": 10}\n{"step": 2\n{"step": 30}\n')
+    with pytest.raises(ValueError, match=r"result.json, line 2: not a JSON report"):
+        archive.history(str(tmp_path))
 
 
 def test_a_finished_trial_started_again_keeps_its_last_steps_training_measures(tmp_path):
@@ -1065,7 +1093,8 @@ def test_a_finished_trial_started_again_keeps_its_last_steps_training_measures(t
     ]
     lines = "".join(json.dumps(report) + "\n" for report in reports)
     (trial / f"{archive.ARCHIVE_PREFIX}0.json").write_text(lines)
-    frame = archive.history(str(trial), pd.DataFrame({"step": [20], "test_accuracy": [0.9]}))
+    write_reports(trial / archive.RESULT_FILE, [{"step": 20, "test_accuracy": 0.9}])
+    frame = archive.history(str(trial))
     assert frame["step"].tolist() == [10, 20]
     experiment = spec.from_dict("again", TINY | {"train": {"epochs": 1, "max_steps": 20}})
     trial = SimpleNamespace(trial_id="abc12_00000", status="TERMINATED", config={})
@@ -1093,7 +1122,8 @@ def test_each_resume_archives_the_reports_of_the_session_before_it_beside_the_ea
     archived = sorted(p.name for p in trial.iterdir() if p.name != archive.RESULT_FILE)
     assert archived == [f"{archive.ARCHIVE_PREFIX}{n}.json" for n in (0, 1)]
     assert os.listdir(experiment / "empty_trial") == [archive.RESULT_FILE]
-    frame = archive.history(str(trial), pd.DataFrame({"step": [50], "loss": [1 / 50]}))
+    write_reports(trial / archive.RESULT_FILE, [{"step": 50, "loss": 1 / 50}])
+    frame = archive.history(str(trial))
     assert frame["step"].tolist() == [10, 20, 30, 40, 50]
     assert frame["loss"].tolist() == pytest.approx([1 / 10, 1 / 20, 1 / 30, 1 / 40, 1 / 50])
 
@@ -1181,7 +1211,8 @@ def test_a_history_cut_short_after_a_resume_is_in_step_order(tmp_path):
     reports = [(10, 4.0), (20, 3.0), (30, 2.0), (40, 1.0)]
     lines = "".join(json.dumps({"step": step, "loss": loss}) + "\n" for step, loss in reports)
     (tmp_path / f"{archive.ARCHIVE_PREFIX}0.json").write_text(lines)
-    frame = archive.history(str(tmp_path), pd.DataFrame({"step": [30], "loss": [2.5]}))
+    write_reports(tmp_path / archive.RESULT_FILE, [{"step": 30, "loss": 2.5}])
+    frame = archive.history(str(tmp_path))
     assert frame["step"].tolist() == [10, 20, 30, 40]
     assert frame["loss"].tolist() == [4.0, 3.0, 2.5, 1.0]
 
@@ -1255,16 +1286,15 @@ def test_the_report_has_a_row_per_trial_from_every_session_and_writes_its_files(
     archived = Path(trials[0].path, f"{archive.ARCHIVE_PREFIX}0.json")
     archived.write_text("".join(json.dumps(report) + "\n" for report in earlier))
     last = {"backward_time": 0.1, "train_accuracy": 0.6}
-    frames = {
-        trials[0].trial_id: pd.DataFrame(
-            [{"step": 30, "forward_time": 0.6, "test_accuracy": 0.9} | last]
-        ),
-        trials[1].trial_id: pd.DataFrame(
-            {"step": [10, 20, 30], "forward_time": [0.1] * 3, "test_accuracy": [0.5, 0.7, 0.8]}
-            | {"backward_time": [0.1] * 3, "train_accuracy": [0.5, 0.6, 0.7]}
-        ),
-    }
-    analysis = SimpleNamespace(trials=trials[::-1], trial_dataframes=frames)
+    slow = [{"step": 30, "forward_time": 0.6, "test_accuracy": 0.9} | last]
+    write_reports(Path(trials[0].path, archive.RESULT_FILE), slow)
+    fast = [
+        {"step": step, "forward_time": 0.1, "test_accuracy": accuracy, "backward_time": 0.1}
+        | {"train_accuracy": train}
+        for step, accuracy, train in [(10, 0.5, 0.5), (20, 0.7, 0.6), (30, 0.8, 0.7)]
+    ]
+    write_reports(Path(trials[1].path, archive.RESULT_FILE), fast)
+    analysis = SimpleNamespace(trials=trials[::-1])
     monkeypatch.setattr(results.tune, "ExperimentAnalysis", lambda given: analysis)
     plotted, plot = [], results.plot
 
@@ -1308,8 +1338,8 @@ def test_the_report_of_an_interrupted_run_has_a_row_for_a_trial_that_never_start
     )
     ran.path = str(path / spec.trial_name(ran))
     Path(ran.path).mkdir(parents=True)
-    frames = {ran.trial_id: pd.DataFrame({"step": [30], "test_accuracy": [0.75]})}
-    analysis = SimpleNamespace(trials=[ran, waited], trial_dataframes=frames)
+    write_reports(Path(ran.path, archive.RESULT_FILE), [{"step": 30, "test_accuracy": 0.75}])
+    analysis = SimpleNamespace(trials=[ran, waited])
     monkeypatch.setattr(results.tune, "ExperimentAnalysis", lambda given: analysis)
     monkeypatch.setattr(results, "plot", lambda *args: b"")
     table = results.report(str(path), spec.from_dict("interrupted", settings))

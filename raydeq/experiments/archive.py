@@ -4,7 +4,7 @@ session, so before a resume the reports are archived next to it (`archive_result
 
 from __future__ import annotations
 
-import io
+import json
 
 import pandas as pd
 import pyarrow.fs
@@ -40,16 +40,33 @@ def _archived(fs: pyarrow.fs.FileSystem, folder: str) -> list[str]:
     return sorted(names, key=lambda p: int(p.rsplit("-", 1)[-1].removesuffix(".json")))
 
 
-def history(trial_path: str, frame: pd.DataFrame) -> pd.DataFrame:
+def reports(fs: pyarrow.fs.FileSystem, file: str) -> pd.DataFrame:
+    """The reports of one result file, flattened as Tune flattens them ("config/model/..."); a
+    last line cut short (the driver stopped while writing it) is left out, where Tune's reader
+    would drop the whole file."""
+    if fs.get_file_info(file).type != pyarrow.fs.FileType.File:
+        return pd.DataFrame()
+    with fs.open_input_stream(file) as stream:
+        lines = stream.readall().decode("utf-8").splitlines()
+    rows = []
+    for number, line in enumerate(lines, 1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines):
+                raise ValueError(
+                    f"{file}, line {number}: not a JSON report: {line[:80]!r}"
+                ) from None
+    return pd.json_normalize(rows, sep="/")
+
+
+def history(trial_path: str) -> pd.DataFrame:
     """A trial's reports in step order, archived ones first; the latest report of a step wins,
     measure by measure (a finished trial started again reports its last step's evaluation
     alone, which must not drop that step's training times)."""
     fs, folder = filesystem(trial_path)
-    parts = []
-    for archived in _archived(fs, folder):
-        with fs.open_input_stream(archived) as stream:
-            parts.append(pd.read_json(io.BytesIO(stream.readall()), lines=True))
-    frame = pd.concat([*parts, frame], ignore_index=True)
+    files = [*_archived(fs, folder), f"{folder}/{RESULT_FILE}"]
+    frame = pd.concat([reports(fs, file) for file in files], ignore_index=True)
     if frame.empty or "step" not in frame:
         return frame
     return frame.dropna(subset=["step"]).groupby("step", as_index=False, sort=True).last()

@@ -224,12 +224,10 @@ def report(path: str, experiment: Experiment) -> str:
             f"{path}: no trial has been recorded yet, so there is nothing to report; "
             "--resume runs the experiment"
         ) from None
-    frames = analysis.trial_dataframes
     rows, curves = [], {}
     for trial in sorted(analysis.trials, key=lambda t: t.trial_id):
-        frame = frames.get(trial.trial_id, pd.DataFrame())
         folder = _folder(path, trial)
-        frame = frame if folder is None else history(folder, frame)
+        frame = pd.DataFrame() if folder is None else history(folder)
         row = trial_row(experiment, trial, frame)
         rows.append(row)
         curves.setdefault(row["group"], []).append(frame)
