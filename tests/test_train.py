@@ -577,6 +577,28 @@ def test_a_checkpoint_folder_missing_a_file_is_a_copy_cut_short_and_passed_over(
         restore("b", "d")
 
 
+@pytest.mark.parametrize("kept", [0, 20], ids=["empty", "cut-inside"])
+def test_a_manifest_cut_short_is_a_copy_cut_short_and_passed_over(tmp_path, caplog, kept):
+    """A copy killed while it wrote manifest.json, before state.pt: the manifest is empty or
+    cut inside its JSON. The run resumes from the older checkpoint, or where the cut copy is
+    its only one starts from step 0 with a warning, as for a copy without its manifest,
+    instead of failing on every restart; a whole manifest without its sha256 still stops it."""
+    good = checkpoint.write_checkpoint({"step": 4}, tmp_path / "a")
+    cut = checkpoint.write_checkpoint({"step": 8}, tmp_path / "b")
+    manifest = cut / MANIFEST_FILE
+    manifest.write_text(manifest.read_text()[:kept])
+    (cut / STATE_FILE).unlink()
+    with pytest.raises(checkpoint.IncompleteCheckpoint, match="b: no valid manifest.json"):
+        read_checkpoint(cut)
+    assert checkpoint.restore(contextlib.nullcontext(str(p)) for p in (cut, good))["step"] == 4
+    with caplog.at_level(logging.WARNING):
+        assert checkpoint.restore([contextlib.nullcontext(str(cut))]) is None
+    assert caplog.messages[-1] == "no whole checkpoint, only copies cut short: starting from step 0"
+    (good / MANIFEST_FILE).write_text(json.dumps({"step": 4}))
+    with pytest.raises(checkpoint.CheckpointError, match="no readable checkpoint: .*a: no valid"):
+        checkpoint.restore(contextlib.nullcontext(str(p)) for p in (cut, good))
+
+
 def test_read_newest_takes_the_newest_readable_checkpoint_of_a_run_or_of_a_folder_in_it(tmp_path):
     """The benchmarks time a run's newest weights: of checkpoint_000003, _000006 and _000012
     (zero-padded, so that 12 sorts after 6) the newest, the one before where it is cut short,

@@ -27,10 +27,11 @@ class CheckpointError(RuntimeError):
 
 
 class IncompleteCheckpoint(CheckpointError):
-    """A checkpoint folder without its manifest or its state, or whose state is shorter than
-    its manifest records: never a whole checkpoint, since `write_checkpoint` renames a whole
-    folder into place, but a copy cut short (Ray copies a checkpoint's files side by side, and
-    a process killed mid-copy leaves some of them, or part of one)."""
+    """A checkpoint folder without its manifest or its state, with a manifest cut short, or
+    whose state is shorter than its manifest records: never a whole checkpoint, since
+    `write_checkpoint` renames a whole folder into place, but a copy cut short (Ray copies a
+    checkpoint's files side by side, and a process killed mid-copy leaves some of them, or
+    part of one)."""
 
 
 def _sha256(path: Path) -> str:
@@ -67,8 +68,7 @@ def read_checkpoint(directory: Path) -> dict[str, Any]:
         manifest = json.loads((directory / MANIFEST_FILE).read_text())
         expected = manifest["sha256"]
     except (OSError, ValueError, KeyError, TypeError) as err:
-        error = IncompleteCheckpoint if isinstance(err, FileNotFoundError) else CheckpointError
-        raise error(f"{directory}: no valid {MANIFEST_FILE} ({err})") from None
+        raise manifest_error(directory, err) from None
     state_path = directory / STATE_FILE
     check_size(directory, manifest.get("bytes"))
     if _sha256(state_path) != expected:
@@ -80,6 +80,15 @@ def read_checkpoint(directory: Path) -> dict[str, Any]:
         raise CheckpointError(
             f"{directory}: {STATE_FILE} refused by the loader ({reason})"
         ) from None
+
+
+def manifest_error(directory: Path, err: Exception) -> CheckpointError:
+    """The error for a manifest that cannot be read: an IncompleteCheckpoint where it is
+    missing or is not whole JSON (empty, or cut inside, as a copy cut short leaves it: the
+    manifest `write_checkpoint` renames into place is always whole), else a CheckpointError."""
+    cut = isinstance(err, FileNotFoundError | json.JSONDecodeError)
+    error = IncompleteCheckpoint if cut else CheckpointError
+    return error(f"{directory}: no valid {MANIFEST_FILE} ({err})")
 
 
 def check_size(directory: Path, recorded: int | None) -> None:
