@@ -11,6 +11,7 @@ readable checkpoint; a worker that dies is restarted from it (`scaling.max_failu
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import os
@@ -21,6 +22,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import ray.train
+import yaml
 from ray.train import Result
 
 from raydeq.experiments.spec import CONFIG_DIR
@@ -50,6 +52,27 @@ def summary(result: Result, cfg: Config) -> str:
         f"test_accuracy={metrics.get('test_accuracy', math.nan):.4f} "
         f"steps={metrics.get('step', 0)} run={cfg.run_dir}"
     )
+
+
+def resume_command(cfg: Config, argv: Sequence[str]) -> str:
+    """The command that resumes the run: its arguments with the run's name and storage added
+    where they do not give them, since a config file edited since, or a relative storage path
+    read from another folder, would otherwise name another run, started from step 0 (with
+    them, settings that change the model are refused, naming them)."""
+    given = {word.partition("=")[0].strip() for word in argv[1:]}
+    pinned = {"name": cfg.name, "storage_path": cfg.storage_path}
+    added = [f"{key}={as_yaml(value)}" for key, value in pinned.items() if key not in given]
+    return shlex.join(["python", "-m", "raydeq.train", *argv, *added])
+
+
+def as_yaml(text: str) -> str:
+    """`text` as an override's value reads it back: as it is, or quoted where YAML would read
+    something else (a name `007` is the number 7)."""
+    try:
+        plain = yaml.safe_load(text) == text
+    except yaml.YAMLError:
+        plain = False
+    return text if plain else json.dumps(text)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -105,8 +128,7 @@ def run(cfg: Config, argv: Sequence[str]) -> int:
     except (KeyboardInterrupt, SystemExit):
         # Ctrl-C before training, or while Ray Train trains: its own handler aborts the run,
         # which then ends in a SystemExit out of Ray (status 1, and no word of why).
-        command = shlex.join(["python", "-m", "raydeq.train", *argv])
-        print(f"\ninterrupted; resume with: {command}", file=sys.stderr)
+        print(f"\ninterrupted; resume with: {resume_command(cfg, argv)}", file=sys.stderr)
         return EXIT_INTERRUPTED
     print(summary(result, cfg))
     return 0

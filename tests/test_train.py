@@ -2,6 +2,7 @@
 
 import contextlib
 import copy
+import dataclasses
 import functools
 import hashlib
 import itertools
@@ -10,6 +11,7 @@ import logging
 import math
 import os
 import pickle
+import shlex
 import shutil
 import signal
 import subprocess
@@ -359,13 +361,60 @@ def test_a_failed_run_exits_1_with_its_own_error_and_an_interrupted_one_130_with
     monkeypatch.setattr(launch, "fit", interrupt)
     assert train.main(argv) == 130
     assert capsys.readouterr().err.splitlines()[-1] == (
-        f"interrupted; resume with: python -m raydeq.train {path} optim.lr=0.003"
+        f"interrupted; resume with: python -m raydeq.train {path} optim.lr=0.003 "
+        f"name={cfg.name} storage_path={tmp_path / 'runs'}"
     )
     finished = SimpleNamespace(metrics={"test_accuracy": 0.98765, "step": 44})
     monkeypatch.setattr(launch, "fit", lambda *args, **kwargs: finished)
     assert train.main(argv) == 0
     last = capsys.readouterr().out.splitlines()[-1]
     assert last == f"test_accuracy=0.9877 steps=44 run={cfg.run_dir}"
+
+
+def test_the_resume_command_resumes_its_run_after_its_config_file_changed(
+    tmp_path, capsys, monkeypatch
+):
+    """The command an interrupted run prints names its run: with the config file edited since
+    (another learning rate, which would derive another name and start another run from step 0)
+    it is refused naming the change, and run from another folder (a relative storage_path)
+    after a change of reporting cadence it resumes the same run; a name YAML would read as a
+    number is quoted."""
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "run.yaml"
+    text = "scaling: {device: cpu}\nstorage_path: runs\ntrain: {epochs: 1, max_steps: 2}\n"
+    text += "data: {dataset: fake, fake_samples: 16, batch_size: 8}\n"
+    path.write_text(text)
+    cfg = config.load(str(path))
+    loop.Loop(cfg, FolderSession(Path(cfg.run_dir))).run()
+    monkeypatch.setattr(launch, "check_cluster", lambda: None)
+    monkeypatch.setattr(launch, "connect", lambda: False)
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(launch, "fit", interrupt)
+    assert train.main([str(path)]) == 130
+    command = capsys.readouterr().err.splitlines()[-1].removeprefix("interrupted; resume with: ")
+    argv = shlex.split(command)[3:]
+    path.write_text(text + "optim: {lr: 0.003}\n")
+    assert train.main(argv) == 2
+    assert capsys.readouterr().err == (
+        f"error: {cfg.run_dir}: holds a run trained with other settings (optim.lr: 0.001 there, "
+        "0.003 here); run it with those to resume it, or give this run another name=\n"
+    )
+    path.write_text(text.replace("max_steps: 2}", "max_steps: 2, report_every: 1}"))
+    monkeypatch.chdir(tmp_path.parent)
+    resumed = []
+
+    def fit(cfg, scaling):
+        resumed.append(cfg.run_dir)
+        return SimpleNamespace(metrics={"test_accuracy": 0.5, "step": 2})
+
+    monkeypatch.setattr(launch, "fit", fit)
+    assert train.main(argv) == 0
+    assert resumed == [cfg.run_dir]
+    odd = dataclasses.replace(cfg, name="007")
+    assert shlex.split(train.resume_command(odd, ["run.yaml"]))[4] == 'name="007"'
 
 
 def test_workers_that_just_fit_are_taken_and_one_more_is_refused_naming_the_fix(monkeypatch):
@@ -1759,7 +1808,10 @@ def test_sigterm_ends_a_run_with_status_130_and_its_resume_command_continues_pas
     driver.send_signal(signal.SIGTERM)
     err = driver.communicate(timeout=120)[1]
     assert driver.returncode == 130, err[-2000:]
-    assert err.splitlines()[-1] == f"interrupted; resume with: python -m raydeq.train {path}"
+    assert err.splitlines()[-1] == (
+        f"interrupted; resume with: python -m raydeq.train {path} name=run "
+        f"storage_path={tmp_path / 'runs'}"
+    )
     written = sorted(checkpoints())
     *_, before, newest = written
     assert newest < 200
