@@ -32,9 +32,11 @@ from ray.train import Checkpoint, ScalingConfig
 from ray.util.state import list_actors
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from raydeq import models, train
 from raydeq.experiments.run import SETTINGS_FILE
+from raydeq.solvers import adjoint, driver
 from raydeq.training import (
     checkpoint,
     config,
@@ -1251,6 +1253,68 @@ def test_a_run_trains_on_its_shards_batches_in_order_from_the_first(tmp_path, mo
     images, labels = next(iter(loader))
     assert run.train_step(torch.full_like(images, math.nan), labels, 0.0) is None
     assert run.state.scheduler.last_epoch == 3
+
+
+class HostReads(TorchDispatchMode):
+    """Counts the host reads of tensor values (`.item()`, `float(t)`, `bool(t)`, `.tolist()`)
+    that the loop makes outside the solver core, whose own reads tests/test_solvers.py counts:
+    on an accelerator each one waits for the device's queued work."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        super().__init__()
+        self.reads = 0
+        tolist = torch.Tensor.tolist
+
+        def counted(tensor: torch.Tensor) -> Any:
+            self.count()
+            return tolist(tensor)
+
+        monkeypatch.setattr(torch.Tensor, "tolist", counted)
+
+    def count(self) -> None:
+        """Count a read unless the solver core makes it: a forward solve's steps or an adjoint."""
+        core = {driver.__file__, adjoint.__file__}
+        frame = sys._getframe()
+        while frame is not None and frame.f_code.co_filename not in core:
+            frame = frame.f_back
+        self.reads += frame is None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.count()
+        return func(*args, **(kwargs or {}))
+
+
+def reads_per_step(run: loop.Loop, monkeypatch: pytest.MonkeyPatch, steps: int = 3) -> float:
+    """Host reads outside the solver core per step of `run`'s loop (step, record, end of step)
+    between its reports, after a first step."""
+    batches = loop.on_device(iter(run.train_data), run.device)
+
+    def step() -> None:
+        run.record(run.train_step(*next(batches), 0.0))
+        run.end_step()
+
+    step()
+    with HostReads(monkeypatch) as counter:
+        for _ in range(steps):
+            step()
+    monkeypatch.undo()
+    return counter.reads / steps
+
+
+@pytest.mark.parametrize(
+    "model", [{"variant": "vanilla"}, {"variant": "skip", "jac_reg": True}, {"variant": "skip_reg"}]
+)
+def test_a_training_step_reads_the_device_once_for_its_finiteness_and_its_metrics(
+    tmp_path, monkeypatch, model
+):
+    """Whether a step is finite decides on the host whether the optimizer steps: that one read
+    also brings the step's loss, accuracy, layer losses and solver statistics, where each was
+    a read of its own (ten a step, each a stall of the device's queue)."""
+    train = {"epochs": 1, "report_every": 20, "lambda_jac": float(model.get("jac_reg", False))}
+    raw = {"name": "run", "storage_path": str(tmp_path), "model": model, "train": train}
+    run = loop.Loop(validate(raw), FolderSession(tmp_path / "run"))
+    assert reads_per_step(run, monkeypatch) == 1
 
 
 def test_non_finite_steps_stop_the_run_only_when_max_nonfinite_steps_come_in_a_row(tmp_path):

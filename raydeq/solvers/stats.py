@@ -37,7 +37,7 @@ class SolveStats:
     @property
     def unconverged_fraction(self) -> float:
         """Fraction of samples that did not meet the tolerance."""
-        return float((~self.converged).float().mean())
+        return float(unconverged(self.converged))
 
     @property
     def backward_unconverged_fraction(self) -> float | None:
@@ -45,4 +45,10 @@ class SolveStats:
         has run an implicit adjoint (None before, and for the other adjoints)."""
         if self.backward_converged is None:
             return None
-        return float((~self.backward_converged).float().mean())
+        return float(unconverged(self.backward_converged))
+
+
+def unconverged(converged: torch.Tensor) -> torch.Tensor:
+    """The fraction of samples not converged, on the device (a training step reads it with
+    its other metrics)."""
+    return (~converged).float().mean()

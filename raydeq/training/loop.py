@@ -20,11 +20,13 @@ import torch
 from torch import Tensor, nn
 
 from raydeq import models
+from raydeq.deq import LayerOutput
+from raydeq.solvers.stats import unconverged
 from raydeq.training import data
 from raydeq.training.checkpoint import restore
 from raydeq.training.config import Config, trained_settings
 from raydeq.training.objective import STEP_METRICS, Evaluation, Objective, clock, evaluate
-from raydeq.training.reporting import Meter, Reporter, all_gather, all_sum
+from raydeq.training.reporting import Meter, Reporter, all_gather, all_sum, summed
 from raydeq.training.session import Session
 from raydeq.training.state import (
     TrainState,
@@ -55,6 +57,23 @@ def on_device(batches: Iterable[tuple[Tensor, Tensor]], device: torch.device) ->
     """The batches moved to `device` (asynchronously from pinned memory)."""
     for images, labels in batches:
         yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+
+
+def step_values(loss: Tensor, logits: Tensor, labels: Tensor, out: LayerOutput) -> dict:
+    """A step's metrics that live on the device, as float64 scalars there, to be read with one
+    transfer: its loss and accuracy, the layer's losses and the solves' statistics."""
+    stats = out.stats
+    values = {
+        "train_loss": loss.detach(),
+        "train_accuracy": (logits.argmax(1) == labels).float().mean(),
+        "skip_loss": out.skip_loss.detach(),
+        "jac_loss": out.jac_loss.detach(),
+        "residual": stats.residual.float().mean(),
+        "unconverged_fraction": unconverged(stats.converged),
+    }
+    if stats.backward_converged is not None:
+        values["backward_unconverged_fraction"] = unconverged(stats.backward_converged)
+    return {key: value.double() for key, value in values.items()}
 
 
 class Loop:
@@ -123,9 +142,12 @@ class Loop:
         grad_norm = nn.utils.clip_grad_norm_(
             self.model.parameters(), self.cfg.optim.grad_clip or math.inf
         )
-        bad_loss, bad_grad = all_sum(
-            [float(not torch.isfinite(loss)), float(not torch.isfinite(grad_norm))], self.device
-        )
+        # Whether the step is finite decides on the host whether the optimizer steps: that one
+        # read of the device also brings the step's metrics.
+        flags = torch.stack([loss.detach().double(), grad_norm.double()]).isfinite().logical_not()
+        measured = step_values(loss, logits, labels, out)
+        read = torch.cat([summed(flags.double()), torch.stack(list(measured.values()))]).tolist()
+        (bad_loss, bad_grad), values = read[:2], dict(zip(measured, read[2:], strict=True))
         finite = not (bad_loss or bad_grad)
         overflow = state.scaler.is_enabled() and bad_grad > 0 and bad_loss == 0
         # An overflow never reaches the optimizer: the scaler would hand a fused one the step
@@ -142,24 +164,14 @@ class Loop:
             return None
         times = {"forward_time": forward_end - start, "backward_time": backward_end - forward_end}
         counts = {"nfe": float(out.stats.nfe), "backward_nvjp": float(out.stats.backward_nvjp)}
-        unconverged = out.stats.backward_unconverged_fraction
-        if unconverged is not None:
-            counts["backward_unconverged_fraction"] = unconverged
+        if "backward_unconverged_fraction" in values:
+            counts["backward_unconverged_fraction"] = values.pop("backward_unconverged_fraction")
         solver = counts | times
         if pretraining:
             solver = {f"pretrain_{k}": v for k, v in solver.items()}
-        return solver | {
-            "train_loss": loss.item(),
-            "train_accuracy": (logits.argmax(1) == labels).float().mean().item(),
-            "optimizer_time": end - backward_end,
-            "data_time": data_time,
-            "step_time": end - start + data_time,
-            "skip_loss": float(out.skip_loss.detach()),
-            "jac_loss": float(out.jac_loss.detach()),
-            "residual": out.stats.residual.float().mean().item(),
-            "unconverged_fraction": out.stats.unconverged_fraction,
-            "images_per_second": len(labels) * self.world / (end - start + data_time),
-        }
+        took = end - start + data_time
+        rest = {"optimizer_time": end - backward_end, "data_time": data_time, "step_time": took}
+        return solver | values | rest | {"images_per_second": len(labels) * self.world / took}
 
     def record(self, metrics: dict[str, float] | None) -> None:
         """Count a finished step and log its metrics; stop after too many skipped in a row."""

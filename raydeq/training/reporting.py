@@ -41,10 +41,14 @@ def distributed() -> bool:
 
 def all_sum(values: Sequence[float], device: torch.device) -> list[float]:
     """Element-wise sums of `values` over all workers."""
-    totals = torch.tensor(values, dtype=torch.float64, device=device)
+    return summed(torch.tensor(values, dtype=torch.float64, device=device)).tolist()
+
+
+def summed(totals: torch.Tensor) -> torch.Tensor:
+    """Element-wise sums of `totals` over all workers, left on the device (no host read)."""
     if distributed():
         dist.all_reduce(totals)
-    return totals.tolist()
+    return totals
 
 
 def all_gather(value: Any) -> list[Any]:
