@@ -199,6 +199,11 @@ def skip_loss(z: State, z0: State) -> Tensor:
     return total / sum(b.numel() for _, b in pairs)
 
 
+def _count_loaded(layer: DEQ, incompatible_keys: object) -> None:
+    """Read a loaded call count again before the next call: it may lie within the warm-up."""
+    layer._warmed_up = False
+
+
 class DEQ(nn.Module):
     """Deep equilibrium layer: z* = f(z*, x) by an ODE solver (continuous DEQ) or a root finder.
 
@@ -268,6 +273,8 @@ class DEQ(nn.Module):
         self.adjoint_options = dict(adjoint_options or {})
         self.compile = compile
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        self._warmed_up = False
+        self.register_load_state_dict_post_hook(_count_loaded)
 
     def initial_guess(self, x: Tensor) -> State:
         """z0 for input x according to `init` (with its graph, for skip_loss)."""
@@ -284,8 +291,12 @@ class DEQ(nn.Module):
 
     def pretraining(self) -> bool:
         """Whether this call unrolls f: training mode, fewer than pretrain_steps calls so far
-        (the count is read on the host, a synchronisation on a GPU, only if there is a warm-up)."""
-        return self.training and self.pretrain_steps > 0 and int(self.step) < self.pretrain_steps
+        (the count is read on the host, a synchronisation on a GPU, only during a warm-up: it
+        only grows, so its end is kept until a state dict is loaded)."""
+        if not self.training or self.pretrain_steps == 0 or self._warmed_up:
+            return False
+        self._warmed_up = int(self.step) >= self.pretrain_steps
+        return not self._warmed_up
 
     def forward(self, x: Tensor) -> LayerOutput:
         """Solve for the equilibrium of f(., x); see the class docstring for the outputs."""

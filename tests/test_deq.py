@@ -1,6 +1,7 @@
 """DEQ and NeuralODE layers against independent references: fixed points, implicit-function
 gradients, skip and Jacobian losses, pretraining, and the closed-form solution of a linear ODE."""
 
+import copy
 import dataclasses
 import gc
 import math
@@ -988,3 +989,23 @@ def test_only_a_layer_with_a_warm_up_reads_its_call_count_on_the_host():
     with OpCounter() as counter:
         assert warm.pretraining() is True
     assert counter.syncs == 1
+
+
+def test_a_layer_whose_warm_up_is_over_reads_its_call_count_no_more():
+    """The call count only grows in training, so once pretraining() has read it at
+    pretrain_steps every later call solves without reading it (two reads each training step
+    for the rest of a run, the loop's and the layer's); a loaded state dict with a count
+    inside the warm-up unrolls again."""
+    from raydeq.bench.suites.step_cost import OpCounter
+
+    f, x = dense_cell()
+    layer = DEQ(f, pretrain_steps=2, pretrain_depth=2).train()
+    start = copy.deepcopy(layer.state_dict())
+    for _ in range(2):
+        assert layer(x).stats.nfe == 2
+    assert layer.pretraining() is False
+    with OpCounter() as counter:
+        assert layer.pretraining() is False
+    assert counter.syncs == 0
+    layer.load_state_dict(start)
+    assert layer.pretraining() is True and layer(x).stats.nfe == 2
