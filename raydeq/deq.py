@@ -219,7 +219,8 @@ class DEQ(nn.Module):
     prediction, and draw random probes there). While the
     layer's training-mode call count is below pretrain_steps, f is unrolled pretrain_depth times
     from z0 and backpropagated through instead of being solved (MDEQ's warm-up).
-    stats.nfe counts f's evaluations by the solver, plus the one giving z0 for "skip_reg".
+    stats.nfe counts f's evaluations by the solver, plus the one giving z0 for "skip_reg" and,
+    with adjoint="unrolled", the one giving skip_loss its f(z*, x).
     compile= is solve's: f and the solver steps run through torch.compile (True, or a dict of
     its options), or each solve records its step as a CUDA graph and replays it ("graph").
     """
@@ -303,6 +304,21 @@ class DEQ(nn.Module):
         with zero_state_hint(self.f, x):
             return self._solve(x)
 
+    def _image(self, fx: Callable[[State], State], z: State, stats: SolveStats) -> State:
+        """f(z*, x) for skip_loss, so that every adjoint measures the same loss on the same z*:
+        the z of an implicit or Jacobian-free adjoint, which attach z* through f; for an
+        unrolled one, whose z is z* itself, one more evaluation (counted in nfe, its VJP in
+        backward_nvjp). Without a graph (evaluation) z, z* for every adjoint, at no cost."""
+        if self.init == "zeros" or self.adjoint != "unrolled" or not torch.is_grad_enabled():
+            return z
+        stats.nfe += 1
+        image = fx(z)
+        # One hook on the first part: under autocast the parts of a state may differ in dtype.
+        first = _tensors(image)[0]
+        if first.requires_grad:
+            first.register_hook(partial(_add_vjps, stats, 1))
+        return image
+
     def _solve(self, x: Tensor) -> LayerOutput:
         """The forward pass."""
         z0 = self.initial_guess(x)
@@ -317,7 +333,7 @@ class DEQ(nn.Module):
                 z_prev, z = z, fx(z)
             depth = self.pretrain_depth
             stats = residual_stats(z_prev, z, self.termination, depth + extra_nfe, depth)
-            z = counting_vjps(z, stats, depth)
+            z = image = counting_vjps(z, stats, depth)
         else:
             t = self.termination
             # Under autocast f takes the solver's float32 state; a module in half precision
@@ -339,6 +355,7 @@ class DEQ(nn.Module):
                 check_start=self.init != "zeros",
             )
             z, stats = sol.z, sol.stats
+            image = self._image(fx, z, stats)
         if self.training:
             self.step += 1
         zero = x.new_zeros(())
@@ -346,6 +363,6 @@ class DEQ(nn.Module):
             z=z,
             z0=z0,
             stats=stats,
-            skip_loss=zero if self.init == "zeros" else skip_loss(z, z0),
+            skip_loss=zero if self.init == "zeros" else skip_loss(image, z0),
             jac_loss=hutchinson_jacobian_loss(fx, z) if self.jac_reg and self.training else zero,
         )

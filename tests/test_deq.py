@@ -1009,3 +1009,24 @@ def test_a_layer_whose_warm_up_is_over_reads_its_call_count_no_more():
     assert counter.syncs == 0
     layer.load_state_dict(start)
     assert layer.pretraining() is True and layer(x).stats.nfe == 2
+
+
+@pytest.mark.parametrize("init", ["skip", "skip_reg"])
+def test_an_unrolled_layer_s_skip_loss_is_measured_at_f_of_z_star(init):
+    """skip_loss is mean |f(z*, x) - z0| for every adjoint: stopped short of z* (3 steps), an
+    unrolled layer's, whose z is z* itself, equals that of f(z*, x) and JFB's (whose z is
+    f(z*, x)) on the same z*; the evaluation counts in nfe and its VJP in backward_nvjp."""
+    f, x = dense_cell(31, contraction=0.9)
+    g = dense_skip(D).double() if init == "skip" else None
+    options = {"init": init, "skip": g, "solver": "fixed_point", "max_steps": 3, "abstol": 1e-9}
+    unrolled = DEQ(f, adjoint="unrolled", **options)(x)
+    jfb = DEQ(f, adjoint="jfb", **options)(x)
+    assert not bool(unrolled.stats.converged.any())
+    expected = (f(unrolled.z, x) - unrolled.z0).abs().mean()
+    torch.testing.assert_close(unrolled.skip_loss, expected, rtol=1e-12, atol=0)
+    torch.testing.assert_close(unrolled.skip_loss, jfb.skip_loss, rtol=1e-12, atol=0)
+    assert unrolled.stats.nfe == jfb.stats.nfe
+    counting = VJPCounting(f)
+    out = DEQ(counting, adjoint="unrolled", **options)(x)
+    out.skip_loss.backward()
+    assert out.stats.backward_nvjp == counting.vjps - (init == "skip_reg")
