@@ -569,6 +569,19 @@ def test_the_run_seed_sets_the_order_of_the_samples_and_their_augmentation():
     assert not torch.equal(images[0], images[1])
 
 
+def test_the_order_of_an_epoch_depends_on_the_seed_and_the_epoch_apart():
+    """DistributedSampler shuffles by seed + epoch, so seed 0's epoch 1 was seed 1's epoch 0
+    and the runs of a search over seeds saw each other's orders an epoch apart; the 16 orders
+    of seeds and epochs 0 to 3 are now all different."""
+    dataset = torch.utils.data.TensorDataset(torch.arange(100))
+    orders = set()
+    for seed, epoch in itertools.product(range(4), range(4)):
+        sampler = data.ShardSampler(dataset, 1, 0, seed)
+        sampler.set_position(epoch, 0)
+        orders.add(tuple(i for _, i in sampler))
+    assert len(orders) == 16
+
+
 def test_an_idx_file_cut_short_inside_its_header_is_named_before_it_is_read(tmp_path):
     """An IDX image file's header is its 4-byte signature and 3 dimensions of 4 bytes: 16
     bytes. One that ends inside them is cut short, the same one-line error as a file that

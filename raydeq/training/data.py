@@ -232,7 +232,9 @@ def download_lock(data_dir: str) -> Iterator[None]:
 
 class ShardSampler(DistributedSampler):
     """A seeded DistributedSampler whose epoch can start after a number of samples (resume);
-    it yields (epoch, index) keys, read by `Samples`."""
+    it yields (epoch, index) keys, read by `Samples`. An epoch's order is drawn from (seed,
+    epoch) as `Samples` draws an augmentation: DistributedSampler's seed + epoch gave seed 0's
+    epoch 1 the order of seed 1's epoch 0."""
 
     def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
@@ -246,7 +248,17 @@ class ShardSampler(DistributedSampler):
     def __iter__(self) -> Iterator[tuple[int, int]]:
         """The shard's (epoch, index) keys for the current epoch, from `start` on."""
         epoch = self.epoch
-        return ((epoch, i) for i in itertools.islice(super().__iter__(), self.start, None))
+        return ((epoch, i) for i in itertools.islice(self._shard(), self.start, None))
+
+    def _shard(self) -> list[int]:
+        """The shard's indices for the current epoch: the epoch's permutation, repeated to
+        a whole number of samples per replica as DistributedSampler pads it, every
+        num_replicas-th from rank."""
+        seed = int(np.random.SeedSequence((self.seed, self.epoch)).generate_state(1)[0])
+        generator = torch.Generator().manual_seed(seed)
+        order = torch.randperm(len(self.dataset), generator=generator).tolist()
+        padded = (order * math.ceil(self.total_size / len(order)))[: self.total_size]
+        return padded[self.rank : self.total_size : self.num_replicas]
 
     def __len__(self) -> int:
         """Samples left in the current epoch."""
