@@ -20,7 +20,7 @@ from raydeq.solvers import ADJOINTS, SOLVERS, SolveStats, Termination, solve
 from raydeq.solvers.options import choice, integer
 from raydeq.solvers.solve import check_options
 from raydeq.solvers.state import State, Structure, contained
-from raydeq.solvers.termination import Monitor, norm
+from raydeq.solvers.termination import Monitor, Status, norm
 
 INITS = ("zeros", "skip", "skip_reg")
 
@@ -122,15 +122,19 @@ def residual_stats(
     z: State, fz: State, termination: Termination, nfe: int, steps: int
 ) -> SolveStats:
     """Statistics of a state z reached without the solver, from its image fz = f(z, x), judged
-    in at least float32 as a solve's: in half precision the residual's norm and the tolerance
-    round to three digits."""
+    in at least float32 as a solve's (in half precision the residual's norm and the tolerance
+    round to three digits); a sample above the tolerance is UNSOLVED, as no max_steps stopped
+    it."""
     structure = Structure.of(z)
     flat = widened(structure.flatten(_detach(z)))
     monitor = Monitor(flat, termination)
     residual = norm(widened(structure.flatten(_detach(fz))) - flat)
     monitor.record(flat, residual)
     monitor.test(residual)
-    return SolveStats.from_monitor(monitor, nfe, steps)
+    stats = SolveStats.from_monitor(monitor, nfe, steps)
+    running = stats.status == int(Status.MAX_STEPS)
+    stats.status = stats.status.masked_fill(running, int(Status.UNSOLVED))
+    return stats
 
 
 def counting_vjps(z: State, stats: SolveStats, nvjp: int) -> State:

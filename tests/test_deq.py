@@ -541,6 +541,20 @@ def test_the_jacobian_penalty_holds_the_equilibrium_constant():
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
+def test_a_state_no_solve_reached_misses_the_tolerance_as_unsolved_not_at_max_steps():
+    """A warm-up's unrolled steps and a Neural ODE's interval end where they end, whatever
+    max_steps is: a sample they leave above the tolerance is Status.UNSOLVED, where it was
+    reported at MAX_STEPS, a limit neither ran to."""
+    f, x = dense_cell(9)
+    warm_up = DEQ(f, pretrain_steps=1, pretrain_depth=2, max_steps=50)(x)
+    node = NeuralODE(f, t1=0.1, max_steps=50, abstol=1e-9, reltol=1e-9)(x)
+    for out in (warm_up, node):
+        assert out.stats.status.tolist() == [int(Status.UNSOLVED)] * B
+        assert not bool(out.stats.converged.any())
+    loose = NeuralODE(f, t1=0.1, abstol=1e3, reltol=1e3)(x)
+    assert loose.stats.status.tolist() == [int(Status.CONVERGED)] * B
+
+
 def test_pretraining_unrolls_f_then_solves():
     f, x = dense_cell(9)
     layer = DEQ(f, solver="broyden", pretrain_steps=2, pretrain_depth=3, **TIGHT)

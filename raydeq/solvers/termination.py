@@ -26,12 +26,14 @@ PREDICTED_BLOCK = 3
 
 
 class Status(enum.IntEnum):
-    """Why a sample's solve ended."""
+    """Why a sample's solve ended; UNSOLVED for a state no solve reached (a Neural ODE's
+    interval, a warm-up's unrolled steps), which ends where it ends, above the tolerance."""
 
     CONVERGED = 0
     MAX_STEPS = 1
     NONFINITE = 2
     DIVERGED = 3
+    UNSOLVED = 4
 
 
 def norm(x: torch.Tensor) -> torch.Tensor:
