@@ -192,11 +192,11 @@ def test_lambda_skip_defaults_to_the_presets_and_amp_reads_yaml_off():
         ({"model": {"variant": "neural_ode", "jac_reg": True}}, "model.jac_reg: not an option"),
         (
             {"model": {"variant": "neural_ode", "adjoint": "gmres"}},
-            "model: adjoint='gmres' is not one of 'continuous', 'backprop' for variant",
+            "model.adjoint='gmres' is not one of 'continuous', 'backprop' for variant",
         ),
         (
             {"model": {"variant": "vanilla", "adjoint": "continuous"}},
-            "model: adjoint='continuous' is not one of 'gmres', 'fixed_point', 'jfb', 'unrolled'",
+            "model.adjoint='continuous' is not one of 'gmres', 'fixed_point', 'jfb', 'unrolled'",
         ),
         ({"model": {"t1": 2.0}}, "model.t1: not an option of variant 'skip_reg'"),
         ({"name": "a/b"}, "name: 'a/b' is not a folder name"),

@@ -283,12 +283,12 @@ def test_the_presets_train_the_neural_ode_by_the_continuous_adjoint():
     [
         (
             {"variant": "neural_ode", "adjoint": "gmres"},
-            "model: adjoint='gmres' is not one of 'continuous', 'backprop' for variant "
+            "model.adjoint='gmres' is not one of 'continuous', 'backprop' for variant "
             "'neural_ode'",
         ),
         (
             {"variant": "neural_ode", "solver": "anderson"},
-            "model: solver='anderson' is not one of 'vcab3', 'tsit5', 'bs3', 'euler' for variant "
+            "model.solver='anderson' is not one of 'vcab3', 'tsit5', 'bs3', 'euler' for variant "
             "'neural_ode'",
         ),
         (
@@ -296,7 +296,7 @@ def test_the_presets_train_the_neural_ode_by_the_continuous_adjoint():
             "model.dynamics: 'f - z' is not allowed; choose one of f_minus_z, f",
         ),
         ({"dynamics": "f"}, "model.dynamics: not an option of variant 'skip_reg'"),
-        ({"adjoint": "backprop"}, "model: adjoint='backprop' is not one of 'gmres', 'fixed_point'"),
+        ({"adjoint": "backprop"}, "model.adjoint='backprop' is not one of 'gmres', 'fixed_point'"),
         ({"adjoint": "adjoint"}, "model.adjoint: 'adjoint' is not allowed; choose one of"),
     ],
 )

@@ -17,7 +17,7 @@ import torch
 
 from raydeq.solvers.gmres import GMRES, LinearOperator, LinearSolveInfo
 from raydeq.solvers.linear import Neumann
-from raydeq.solvers.options import construct
+from raydeq.solvers.options import construct, named
 from raydeq.solvers.stats import SolveStats
 
 Map = Callable[[torch.Tensor], torch.Tensor]
@@ -159,6 +159,8 @@ def make_adjoint(name: str, options: dict) -> Adjoint:
     if name in ("gmres", "fixed_point"):
         options = dict(options)
         warm_start = options.pop("warm_start", True)
-        linear = construct(what, GMRES if name == "gmres" else Neumann, options, ("warm_start",))
-        return ImplicitAdjoint(linear, warm_start)
-    return construct(what, JacobianFree if name == "jfb" else Unrolled, options)
+        kind = GMRES if name == "gmres" else Neumann
+        linear = construct("adjoint_options", what, kind, options, ("warm_start",))
+        with named("adjoint_options", {"warm_start": warm_start}):
+            return ImplicitAdjoint(linear, warm_start)
+    return construct("adjoint_options", what, JacobianFree if name == "jfb" else Unrolled, options)

@@ -3,12 +3,13 @@ ValueError that names it and what is allowed, and options passed by name to a co
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import math
 import numbers
 import reprlib
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from typing import Any
 
 
@@ -49,10 +50,13 @@ def option_dict(name: str, given: Mapping[str, Any] | None) -> dict[str, Any]:
     return dict(given)
 
 
-def construct(what: str, make: Callable[..., Any], options: dict, own: tuple[str, ...] = ()) -> Any:
+def construct(
+    key: str, what: str, make: Callable[..., Any], options: dict, own: tuple[str, ...] = ()
+) -> Any:
     """make(**options), or a ValueError naming the options that neither make nor the caller
     (`own`, taken out of options before) takes, and those they do: instead of a TypeError
-    about an unexpected keyword argument of some class."""
+    about an unexpected keyword argument of some class. A bad option's value is named by the
+    key the caller wrote it under (`key`, e.g. solver_options.m=0)."""
     accepted = [*parameters(make), *own]
     unknown = sorted(set(options) - set(accepted), key=repr)
     if unknown:
@@ -60,7 +64,20 @@ def construct(what: str, make: Callable[..., Any], options: dict, own: tuple[str
             f"{what} takes no option {', '.join(map(repr, unknown))}; "
             f"its options are {', '.join(accepted) or 'none'}"
         )
-    return make(**options)
+    with named(key, options):
+        return make(**options)
+
+
+@contextlib.contextmanager
+def named(key: str, options: Mapping[str, Any]) -> Iterator[None]:
+    """Re-raise an option's ValueError ("m=0 must be ...") under the key that holds the
+    options ("solver_options.m=0 must be ...")."""
+    try:
+        yield
+    except ValueError as err:
+        if str(err).split("=", 1)[0] not in options:
+            raise
+        raise ValueError(f"{key}.{err}") from None
 
 
 @functools.cache

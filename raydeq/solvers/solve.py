@@ -116,12 +116,14 @@ def make_solver(name: str, options: dict) -> Method:
     choice("solver", name, SOLVERS)
     if name in CONTINUOUS:
         what = f"solver={name!r}"
-        controller = construct(what, Controller, {**CONTROLLER_DEFAULTS.get(name, {}), **options})
+        controller = construct(
+            "solver_options", what, Controller, {**CONTROLLER_DEFAULTS.get(name, {}), **options}
+        )
         if name == "vcab3":
             return VCAB3(controller, VCAB3_STARTUP_H_MAX)
         return RungeKutta({"tsit5": TSIT5, "bs3": BS3, "euler": EULER}[name], controller)
     method = {"fixed_point": FixedPoint, "anderson": Anderson, "broyden": Broyden}[name]
-    return construct(f"solver={name!r}", method, options)
+    return construct("solver_options", f"solver={name!r}", method, options)
 
 
 def check_options(

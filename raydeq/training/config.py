@@ -288,6 +288,15 @@ def check_folder_name(key: str, name: str) -> None:
         )
 
 
+def model_error(err: ValueError) -> ConfigError:
+    """A model option's error under the key a config writes it as: "m=0 must be ..." from the
+    solver's options reads "model.solver_options.m=0 must be ...", another "model: ..."."""
+    message = str(err).splitlines()[0]
+    if re.match(r"[A-Za-z_][\w.]*=", message):
+        return ConfigError(f"model.{message}")
+    return ConfigError(f"model: {message}")
+
+
 def _resolve_model(model: ModelSection) -> ModelSection:
     """The model section with its unset options filled in by `raydeq.models.resolve`, the
     model options' one validator, so that a printed or stored config shows what is built."""
@@ -295,7 +304,7 @@ def _resolve_model(model: ModelSection) -> ModelSection:
     try:
         resolved = resolve(options)
     except ValueError as err:
-        raise ConfigError(f"model: {err}") from None
+        raise model_error(err) from None
     unset = [f.name for f in dataclasses.fields(model) if getattr(model, f.name) is None]
     return dataclasses.replace(model, **{k: resolved[k] for k in unset if k in resolved})
 

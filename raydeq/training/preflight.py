@@ -9,7 +9,7 @@ from torch import nn
 from raydeq import models
 from raydeq.training import data
 from raydeq.training.checkpoint import newest_first, read_manifest
-from raydeq.training.config import Config, ConfigError, leaves, trained_settings
+from raydeq.training.config import Config, ConfigError, leaves, model_error, trained_settings
 from raydeq.training.storage import CHECKPOINT_PREFIX, check_storage, filesystem, subfolders
 
 # Settings a refused resume names, of those that differ.
@@ -22,7 +22,7 @@ def check_model(cfg: Config, classes: int | None = None) -> None:
     try:
         model = models.build(cfg.model_options())
     except ValueError as err:
-        raise ConfigError(f"model: {str(err).splitlines()[0]}") from None
+        raise model_error(err) from None
     outputs = [m for m in model.head.modules() if isinstance(m, nn.Linear)][-1].out_features
     if classes is not None and outputs < classes:
         fix = (
