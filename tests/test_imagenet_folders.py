@@ -560,3 +560,30 @@ def test_a_folder_that_cannot_be_listed_is_one_line_naming_it(tmp_path, monkeypa
     assert str(info.value) == (
         f"dataset 'imagenet' in {root} is unreadable: {path} cannot be listed ({reason})"
     )
+
+
+def test_images_in_subfolders_of_a_class_are_listed_as_imagefolder_lists_them(tmp_path):
+    """A class folder whose images sit in subfolders of it (train/n02/a/0.png, as some
+    archives unpack) keeps them all, in ImageFolder's order, and a class whose every image is
+    in a subfolder is no class without images."""
+    root = small_tree(tmp_path, ["n01", "n02", "n03"])
+    for split in folders.SPLITS:
+        for name in ("b/1.png", "a/2.png", "a/c/3.png"):
+            (root / split / "n02" / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(root / split / "n01" / "0.png", root / split / "n02" / name)
+        (root / split / "n03" / "z").mkdir()
+        (root / split / "n03" / "0.png").rename(root / split / "n03" / "z" / "0.png")
+    index = folders.load_index(str(root))
+    assert index.files["train"] == [
+        "train/n01/0.png",
+        "train/n02/0.png",
+        "train/n02/a/2.png",
+        "train/n02/a/c/3.png",
+        "train/n02/b/1.png",
+        "train/n03/z/0.png",
+    ]
+    for split in folders.SPLITS:
+        reference = datasets.ImageFolder(root / split)
+        assert [(str(root / f), n) for f, n in zip(index.files[split], index.labels[split])] == [
+            (str(path), n) for path, n in reference.samples
+        ]

@@ -2,11 +2,11 @@
 by the first reader (the driver's preflight) and read by every worker, trial and restart after
 it, instead of each one listing the 1.28M files again.
 
-`train/` holds one folder per class (WordNet ids, numbered in sorted order). `val/` holds the
-same class folders, or the images flat as the official archive unpacks them, labelled by
-Kaggle's `LOC_val_solution.csv` or by the ImageNet devkit (`ILSVRC2012_devkit_t12/` or its
-`.tar.gz`: `data/ILSVRC2012_validation_ground_truth.txt` numbers the images' classes by
-`data/meta.mat`'s ILSVRC2012_ID).
+`train/` holds one folder per class (WordNet ids, numbered in sorted order), its images in it or
+in its subfolders. `val/` holds the same class folders, or the images flat as the official
+archive unpacks them, labelled by Kaggle's `LOC_val_solution.csv` or by the ImageNet devkit
+(`ILSVRC2012_devkit_t12/` or its `.tar.gz`: `data/ILSVRC2012_validation_ground_truth.txt`
+numbers the images' classes by `data/meta.mat`'s ILSVRC2012_ID).
 """
 
 from __future__ import annotations
@@ -61,11 +61,28 @@ def _entries(folder: Path) -> tuple[list[str], list[str]]:
     return sorted(folders), sorted(images)
 
 
+def _raise(err: OSError) -> None:
+    """Raise a listing's error, which os.walk would pass over."""
+    raise err
+
+
+def _tree_images(folder: Path) -> list[str]:
+    """Image paths relative to `folder`, in it and in its subfolders (followed through links),
+    in the order of torchvision's ImageFolder, which reads a class's subfolders too."""
+    images = []
+    for path, _, names in sorted(os.walk(folder, onerror=_raise, followlinks=True)):
+        within = Path(path).relative_to(folder)
+        images += [
+            (within / n).as_posix() for n in sorted(names) if n.lower().endswith(IMG_EXTENSIONS)
+        ]
+    return images
+
+
 def _class_images(split: Path, classes: list[str], number: dict[str, int]) -> tuple[list, list]:
     """Paths (relative to the data folder) and class numbers of the images in class folders."""
     files, labels = [], []
     for name in classes:
-        _, images = _entries(split / name)
+        images = _tree_images(split / name)
         files += [f"{split.name}/{name}/{image}" for image in images]
         labels += [number[name]] * len(images)
     return files, labels
