@@ -617,3 +617,65 @@ def test_a_folder_in_place_of_a_dataset_file_is_named_before_it_is_read(tmp_path
         f"dataset 'mnist' in {tmp_path} is unreadable: {name} is a folder, not a file; "
         "replace it, or delete it and set data.download=true to download it again"
     )
+
+
+def cifar10_folder(root: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """root/cifar-10-batches-py of two-image pickles in CIFAR-10's layout, published (for
+    torchvision, which reads only files of its published MD5s) under their own checksums."""
+    import pickle
+
+    from torchvision.datasets import CIFAR10
+
+    folder = root / CIFAR10.base_folder
+    folder.mkdir(parents=True)
+    pixels = torch.arange(2 * 3072, dtype=torch.int64).remainder(256).to(torch.uint8)
+    batch = {"data": pixels.reshape(2, 3072).numpy(), "labels": [3, 7]}
+    for name in data.EXPECTED_FILES["cifar10"]:
+        content = {"label_names": [str(i) for i in range(10)]} if "meta" in name else batch
+        (root / name).write_bytes(pickle.dumps(content, protocol=2))
+    md5 = {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in folder.iterdir()}
+    monkeypatch.setattr(CIFAR10, "train_list", [[n, md5[n]] for n, _ in CIFAR10.train_list])
+    monkeypatch.setattr(CIFAR10, "test_list", [[n, md5[n]] for n, _ in CIFAR10.test_list])
+    monkeypatch.setattr(CIFAR10, "meta", {**CIFAR10.meta, "md5": md5["batches.meta"]})
+    return root
+
+
+def test_a_cifar10_batch_cut_short_is_named_before_it_is_read(tmp_path, monkeypatch):
+    """torchvision reads a CIFAR-10 batch only if its MD5 is the published one, and otherwise
+    says in each worker 'Dataset not found or corrupted', naming no file; the preflight names
+    the file whose checksum differs, before Ray starts."""
+    from torchvision.datasets import CIFAR10
+
+    cfg = section(dataset="cifar10", data_dir=str(cifar10_folder(tmp_path, monkeypatch)))
+    data.check_files(cfg)
+    splits = data.load_splits(cfg)
+    assert (len(splits.train), len(splits.test)) == (10, 2)
+    name = "cifar-10-batches-py/data_batch_3"
+    whole = (tmp_path / name).read_bytes()
+    (tmp_path / name).write_bytes(whole[:-100])
+    with pytest.raises(RuntimeError, match="^Dataset not found or corrupted"):
+        CIFAR10(str(tmp_path), download=False)
+    with pytest.raises(data.DataError) as info:
+        data.check_files(cfg)
+    assert str(info.value) == (
+        f"dataset 'cifar10' in {tmp_path} is unreadable: {name} is not the published file "
+        f"that torchvision reads (cut short or altered): its MD5 is "
+        f"{hashlib.md5(whole[:-100]).hexdigest()}, not {hashlib.md5(whole).hexdigest()}; "
+        "replace it, or delete it and set data.download=true to download it again"
+    )
+
+
+def test_an_svhn_file_of_another_checksum_is_named_before_it_is_read(tmp_path):
+    """SVHN's .mat files, as CIFAR-10's batches: torchvision reads only the published ones."""
+    from torchvision.datasets import SVHN
+
+    for name in data.EXPECTED_FILES["svhn"]:
+        (tmp_path / name).write_bytes(b"MATLAB 5.0 MAT-file, cut")
+    with pytest.raises(data.DataError) as info:
+        data.check_files(section(dataset="svhn", data_dir=str(tmp_path)))
+    published = SVHN.split_list["train"][2]
+    digest = hashlib.md5(b"MATLAB 5.0 MAT-file, cut").hexdigest()
+    assert str(info.value).startswith(
+        f"dataset 'svhn' in {tmp_path} is unreadable: train_32x32.mat is not the published file "
+        f"that torchvision reads (cut short or altered): its MD5 is {digest}, not {published}; "
+    )

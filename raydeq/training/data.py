@@ -9,6 +9,7 @@ so that a resumed run trains as the uninterrupted one would have.
 """
 
 import fcntl
+import hashlib
 import itertools
 import math
 import struct
@@ -111,7 +112,7 @@ def check_files(cfg: DataSection) -> None:
     expected = EXPECTED_FILES[cfg.dataset]
     missing = [name for name in expected if not (root / name).exists()]
     if not missing:
-        problem = unreadable_file(root, expected)
+        problem = unreadable_file(root, expected) or altered_file(root, cfg.dataset)
         if problem:
             raise DataError(
                 f"dataset {cfg.dataset!r} in {root} is unreadable: {problem}; replace it, or "
@@ -136,6 +137,36 @@ def unreadable_file(root: Path, names: list[str]) -> str | None:
     """'NAME PROBLEM' for the first of the files `names` in `root` that cannot be read (see
     `file_problem`), None where each looks whole."""
     return next((f"{n} {p}" for n in names if (p := file_problem(root, n))), None)
+
+
+def published_checksums(dataset: str) -> dict[str, str]:
+    """The MD5 of each file of `dataset` by its name where torchvision reads only the published
+    files (CIFAR-10's, SVHN's) and says in each worker 'Dataset not found or corrupted' of any
+    other, naming none; empty for the other datasets."""
+    if dataset not in ("cifar10", "svhn"):
+        return {}
+    from torchvision.datasets import CIFAR10, SVHN  # seconds to import; for these two only
+
+    if dataset == "svhn":
+        files = SVHN.split_list.values()  # train, test and extra, which raydeq does not read
+        return {name: md5 for _, name, md5 in files if name in EXPECTED_FILES["svhn"]}
+    meta = (CIFAR10.meta["filename"], CIFAR10.meta["md5"])
+    files = [*CIFAR10.train_list, *CIFAR10.test_list, meta]
+    return {f"{CIFAR10.base_folder}/{name}": md5 for name, md5 in files}
+
+
+def altered_file(root: Path, dataset: str) -> str | None:
+    """'NAME PROBLEM' for the first file of `dataset` in `root` whose MD5 is not the published
+    one that torchvision requires (see `published_checksums`), None where each has it."""
+    for name, md5 in published_checksums(dataset).items():
+        with (root / name).open("rb") as stream:
+            digest = hashlib.file_digest(stream, "md5").hexdigest()
+        if digest != md5:
+            return (
+                f"{name} is not the published file that torchvision reads (cut short or "
+                f"altered): its MD5 is {digest}, not {md5}"
+            )
+    return None
 
 
 def file_problem(root: Path, name: str) -> str | None:
