@@ -283,8 +283,7 @@ def test_the_presets_train_the_neural_ode_by_the_continuous_adjoint():
     [
         (
             {"variant": "neural_ode", "adjoint": "gmres"},
-            "model.adjoint='gmres' is not one of 'continuous', 'backprop' for variant "
-            "'neural_ode'",
+            "model.adjoint='gmres' is not one of 'continuous', 'backprop' for variant 'neural_ode'",
         ),
         (
             {"variant": "neural_ode", "solver": "anderson"},

@@ -287,7 +287,8 @@ def test_an_override_fixes_a_searched_key():
                     }
                 ],
             },
-            r"^search.conditional\[0\].space.model.solver_options.m: the lower bound 0: model.solver_options.m=0",
+            r"^search.conditional\[0\].space.model.solver_options.m: the lower bound 0: "
+            r"model.solver_options.m=0",
         ),
         (
             {"space": {"model.solver": {"choice": ["vcab3", "rk4"]}}},
