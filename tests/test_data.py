@@ -679,3 +679,33 @@ def test_an_svhn_file_of_another_checksum_is_named_before_it_is_read(tmp_path):
         f"dataset 'svhn' in {tmp_path} is unreadable: train_32x32.mat is not the published file "
         f"that torchvision reads (cut short or altered): its MD5 is {digest}, not {published}; "
     )
+
+
+def test_mnist_files_kept_as_gz_archives_are_named_with_the_way_to_unpack_them(tmp_path):
+    """MNIST/raw with the four files as their .gz archives only: the error names them and says
+    that data.download=true unpacks them (torchvision checks them and downloads nothing)."""
+    mnist_folder(tmp_path)
+    for name in data.EXPECTED_FILES["mnist"]:
+        file = tmp_path / name
+        Path(f"{file}.gz").write_bytes(gzip.compress(file.read_bytes()))
+        file.unlink()
+    with pytest.raises(data.DataError) as info:
+        data.check_files(section(dataset="mnist", data_dir=str(tmp_path)))
+    names = ", ".join(data.EXPECTED_FILES["mnist"])
+    assert str(info.value).endswith(
+        f"put the files there, or unpack the .gz archives of {names} that are there (gunzip), "
+        "or set data.download=true, which unpacks them without downloading"
+    )
+
+
+def test_a_data_dir_that_is_the_files_own_folder_is_told_to_point_above_it(tmp_path):
+    """data_dir = .../MNIST/raw (the files' own folder, where torchvision reads
+    data_dir/MNIST/raw): the error says that data_dir is the folder that holds MNIST/raw/."""
+    mnist_folder(tmp_path)
+    raw = tmp_path / "MNIST" / "raw"
+    with pytest.raises(data.DataError) as info:
+        data.check_files(section(dataset="mnist", data_dir=str(raw)))
+    assert str(info.value).endswith(
+        "put the files there, or point data.data_dir at the folder that holds MNIST/raw/ "
+        f"({raw} holds train-images-idx3-ubyte itself)"
+    )

@@ -103,6 +103,26 @@ class Splits:
     augmented: bool = False
 
 
+def _found_elsewhere(root: Path, missing: list[str]) -> str | None:
+    """Where the missing files are there in another form, what to do: gzip archives of them
+    (torchvision unpacks those it can verify, with no download), or the files in `root` itself
+    where they belong in a subfolder (data_dir names that subfolder)."""
+    packed = [name for name in missing if (root / f"{name}.gz").is_file()]
+    if packed:
+        return (
+            f"or unpack the .gz archives of {', '.join(packed)} that are there (gunzip), or set "
+            "data.download=true, which unpacks them without downloading"
+        )
+    for name in missing:
+        folder, file = Path(name).parent, Path(name).name
+        if folder.parts and (root / file).exists():
+            return (
+                f"or point data.data_dir at the folder that holds {folder.as_posix()}/ ({root} "
+                f"holds {file} itself)"
+            )
+    return None
+
+
 def check_files(cfg: DataSection) -> None:
     """Raise a DataError naming the folder and the expected files if any of them is missing,
     or naming the file if one of them is not what its name says or is cut short."""
@@ -124,7 +144,8 @@ def check_files(cfg: DataSection) -> None:
         "or point data.data_dir at the folder that holds them, in the ImageFolder layout, one "
         "subfolder per class"
         if cfg.dataset == "imagenet"
-        else "point data.data_dir at the folder that holds them, or set data.download=true to "
+        else _found_elsewhere(root, missing)
+        or "point data.data_dir at the folder that holds them, or set data.download=true to "
         "download them"
     )
     raise DataError(
