@@ -27,7 +27,7 @@ from ray.train import Result
 
 from raydeq.experiments.spec import CONFIG_DIR
 from raydeq.training import data, launch, runlock
-from raydeq.training.config import Config, ConfigError, load
+from raydeq.training.config import Config, ConfigError, load, load_yaml
 from raydeq.training.preflight import check_run
 from raydeq.training.reporting import TENSORBOARD_DIR
 from raydeq.training.storage import StorageError
@@ -69,7 +69,7 @@ def as_yaml(text: str) -> str:
     """`text` as an override's value reads it back: as it is, or quoted where YAML would read
     something else (a name `007` is the number 7)."""
     try:
-        plain = yaml.safe_load(text) == text
+        plain = load_yaml(text) == text
     except yaml.YAMLError:
         plain = False
     return text if plain else json.dumps(text)

@@ -37,6 +37,7 @@ def test_defaults_are_a_dense_skip_reg_deq_on_digits():
         "max_steps": 50,
         "jac_reg": False,
         "pretrain_steps": 0,
+        "adjoint_options": {"rtol": 5e-3, "max_iters": 15},
         "compile": False,
     }
     assert cfg.storage_path.startswith("/")
@@ -59,6 +60,41 @@ def test_the_default_runs_name_stays_what_it_was_so_that_its_runs_resume():
     (model.solver_options, model.dynamics) must not change the digest of older runs' names."""
     assert validate({}).name == "digits-mnist_dense-skip_reg-e12ecada"
     assert validate({"model": {"solver_options": {"kind": "i"}}}).name != validate({}).name
+    preset = {"rtol": 5e-3, "max_iters": 15}  # mnist_dense's GMRES limits, written out
+    assert validate({"model": {"adjoint_options": preset}}).name == validate({}).name
+    assert validate({"model": {"adjoint_options": {"rtol": 1e-2}}}).name != validate({}).name
+
+
+def test_adjoint_options_given_in_part_are_completed_by_the_presets_and_built():
+    """model.adjoint_options.rtol=1e-2 keeps the preset's max_iters (15 for mnist_dense): the
+    config shows both and the layer's GMRES runs with both; jfb takes no such option."""
+    from raydeq import models
+
+    cfg = validate(
+        config.apply_overrides({}, config.parse_overrides(["model.adjoint_options.rtol=1e-2"]))
+    )
+    assert cfg.model.adjoint_options == {"rtol": 0.01, "max_iters": 15}
+    layer = models.build(cfg.model_options()).layer
+    assert layer.adjoint_options == {"rtol": 0.01, "max_iters": 15}
+    assert validate({}).model.adjoint_options == {"rtol": 5e-3, "max_iters": 15}
+    with pytest.raises(ConfigError, match=r"^model.adjoint='jfb' takes no option 'rtol'"):
+        validate({"model": {"adjoint": "jfb", "adjoint_options": {"rtol": 0.1}}})
+    with pytest.raises(ConfigError, match=r"^model.adjoint_options.max_iters=0 must be"):
+        validate({"model": {"adjoint_options": {"max_iters": 0}}})
+
+
+@pytest.mark.parametrize("text", ["1e-3", "1E-3", "+1e-3", "1.e-3", ".1e-2", "1.0e-3"])
+def test_a_number_in_exponent_form_is_a_number_inside_a_mapping_setting_too(tmp_path, text):
+    """PyYAML reads 1e-3 as a string (YAML 1.1 wants a dot): a typed key converted it, but
+    model.solver_options holds any value, and Euler's h0 refused '1e-3'. An override and a
+    config file read it as 0.001."""
+    override = config.parse_overrides([f"model.solver_options.h0={text}"])
+    cfg = validate(config.apply_overrides({"model": {"solver": "euler"}}, override))
+    assert cfg.model.solver_options == {"h0": 0.001}
+    file = tmp_path / "run.yaml"
+    file.write_text(f"model: {{solver: euler, solver_options: {{h0: {text}}}}}\n")
+    assert load(str(file)).model.solver_options == {"h0": 0.001}
+    assert config.load_yaml("[1e3, e3, 1e, 1e-3x, 007]") == [1000.0, "e3", "1e", "1e-3x", 7]
 
 
 def test_validate_accepts_its_own_output():

@@ -132,7 +132,7 @@ def event_files(cfg: Config) -> list[Path]:
         ),
         (
             ["model.variant=neural_ode", "model.solver=broyden"],
-            "error: model: solver='broyden' is not one of",
+            "error: model.solver='broyden' is not one of",
         ),
         (
             ["data.batch_size=4096"],

@@ -1555,6 +1555,7 @@ def test_dry_run_shows_the_model_defaults_the_preset_and_the_layer_give(capsys):
         "t1": None,
         "dynamics": None,
         "solver_options": None,
+        "adjoint_options": {"rtol": 5e-2, "max_iters": 20},
         "compile": False,
     }
     assert models["Neural ODE"] == {
@@ -1569,6 +1570,7 @@ def test_dry_run_shows_the_model_defaults_the_preset_and_the_layer_give(capsys):
         "t1": 1.0,
         "dynamics": "f",
         "solver_options": None,
+        "adjoint_options": None,
         "compile": None,
     }
 

@@ -12,7 +12,7 @@ from raydeq.models.presets import PRESETS, Preset
 from raydeq.neural_ode import NODE_ADJOINTS, NODE_DYNAMICS, NeuralODE
 from raydeq.solvers import ADJOINTS, CONTINUOUS, DISCRETE
 from raydeq.solvers.interval import INTERVAL_SOLVERS
-from raydeq.solvers.options import choice
+from raydeq.solvers.options import choice, option_dict
 from raydeq.solvers.solve import check_options
 
 VARIANTS = ("vanilla", "skip", "skip_reg", "neural_ode")
@@ -79,6 +79,9 @@ def resolve(cfg: Mapping[str, Any]) -> dict[str, Any]:
         }
         layer, adjoints = DEQ, ADJOINTS
     resolved = {**_defaults(layer), **defaults, **_options(layer, options)}
+    if layer is DEQ and options.get("adjoint_options") is not None:  # given keys over the preset's
+        given = option_dict("adjoint_options", options["adjoint_options"])
+        resolved["adjoint_options"] = {**defaults["adjoint_options"], **given}
     choice("adjoint", resolved["adjoint"], adjoints, where)
     if layer is DEQ:
         check_options(

@@ -62,7 +62,7 @@ METRICS = (
     "images_per_second",
     *COSTS,
 )
-DEQ_ONLY = ("jac_reg", "pretrain_steps", "solver_options", "compile")
+DEQ_ONLY = ("jac_reg", "pretrain_steps", "solver_options", "adjoint_options", "compile")
 ODE_ONLY = ("t1", "dynamics")
 # Settings that do not change the trained model, so that changing them resumes the same run.
 OUTSIDE_HASH = ("name", "label", "storage_path", "search", "scaling")
@@ -90,6 +90,8 @@ class ModelSection:
     t1: float | None = option(None, gt=0)
     dynamics: str | None = option(None, choices=NODE_DYNAMICS)
     solver_options: dict | None = option(None)  # e.g. Anderson's memory {m: 5}
+    # the implicit adjoint's linear solver, e.g. GMRES's {rtol: 1e-2}; unset keys: the preset's
+    adjoint_options: dict | None = option(None)
     # true: torch.compile f and the solver steps (CUDA graphs); graph: record each solve's
     # step as a CUDA graph and replay it (raydeq.solve's compile=)
     compile: bool | str | None = option(None, choices=(GRAPH,))
@@ -306,7 +308,16 @@ def _resolve_model(model: ModelSection) -> ModelSection:
     except ValueError as err:
         raise model_error(err) from None
     unset = [f.name for f in dataclasses.fields(model) if getattr(model, f.name) is None]
-    return dataclasses.replace(model, **{k: resolved[k] for k in unset if k in resolved})
+    # Adjoint options given in part are completed by the preset's.
+    filled = [*unset, "adjoint_options"]
+    return dataclasses.replace(model, **{k: resolved[k] for k in filled if k in resolved})
+
+
+def _preset_adjoint_options(model: ModelSection) -> dict | None:
+    """The adjoint options a model takes where none are given (its preset's)."""
+    options = {k: v for k, v in dataclasses.asdict(model).items() if v is not None}
+    options.pop("adjoint_options", None)
+    return resolve(options).get("adjoint_options")
 
 
 def _check_search(search: SearchSection) -> None:
@@ -390,6 +401,8 @@ def trained_settings(cfg: Config) -> dict[str, Any]:
     for key in ("solver_options", "dynamics"):  # unset, they leave older runs' names unchanged
         if getattr(cfg.model, key) is None:
             settings = without(settings, f"model.{key}")
+    if cfg.model.adjoint_options in (None, _preset_adjoint_options(cfg.model)):  # likewise
+        settings = without(settings, "model.adjoint_options")
     for dotted in OUTSIDE_HASH:
         settings = without(settings, dotted)
     # How many test images a worker predicts at once changes no trained weight, and lowering it
@@ -434,7 +447,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not sep or not key.strip():
         raise ConfigError(f"override {text!r}: expected key=value, e.g. optim.lr=3e-4")
     try:
-        parsed = yaml.safe_load(value)
+        parsed = load_yaml(value)
     except yaml.YAMLError:
         parsed = value
     return key.strip(), parsed
@@ -470,6 +483,24 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Mapping[str, Any]) -> dic
     return result
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, which reads 1e-3 as a string (YAML 1.1 wants 1.0e-3), reading it
+    as the number YAML 1.2 and a user mean; a typed key converted it, but not a value inside a
+    mapping setting such as model.solver_options."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*\.?[0-9_]*|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def load_yaml(text: str) -> Any:
+    """A YAML document as raydeq reads configs and overrides: numbers such as 1e-3 are floats."""
+    return yaml.load(text, Loader=_Loader)
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML config file into a dict, turning every failure into a one-line ConfigError."""
     try:
@@ -482,7 +513,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
             f"{err.start} is not UTF-8)"
         ) from None
     try:
-        raw = yaml.safe_load(text)
+        raw = load_yaml(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         line = f" at line {mark.line + 1}" if mark is not None else ""
