@@ -221,10 +221,18 @@ def dry_run(experiment: Experiment, num_samples: int | None, path: str) -> None:
     """Print each trial's label, the experiment's folder (where each trial gets a folder of its
     own, named by Tune when it starts) and the trial's fully resolved training config, one JSON
     object a line (and a searcher's space, a dimension a line, on stderr)."""
+    trials = expand(experiment, num_samples)
     if experiment.searched:
-        print("\n".join(searchers.lines(experiment.space())), file=sys.stderr)
+        shown = searchers.lines(experiment.space())
+        learned = searchers.first_learned(experiment.search)
+        if len(trials) > learned:
+            shown.append(
+                f"trials {learned + 1} to {len(trials)}: {experiment.search.searcher} draws them "
+                "from the results of those before; listed here are random draws in their place"
+            )
+        print("\n".join(shown), file=sys.stderr)
     lines = []  # every trial checked before the first is printed
-    for sampled in expand(experiment, num_samples):
+    for sampled in trials:
         cfg = experiment.trial_config(sampled)
         label = describe(sampled) or experiment.name
         config = {k: v for k, v in cfg.to_dict().items() if k != "search"}  # a trial has none

@@ -250,6 +250,28 @@ def test_dry_run_shows_the_space_and_the_paper_points_first(capsys):
         "'fixed_point']" in err
     )
     assert "model.solver_options.m: int [2, 8] (when model.solver in ['anderson'])" in err
+    # TPE learns from results after Optuna's 10 startup trials: a dry run cannot know those.
+    assert err.splitlines()[-1] == (
+        "trials 11 to 24: tpe draws them from the results of those before; listed here are "
+        "random draws in their place"
+    )
+
+
+@pytest.mark.parametrize(
+    ("change", "last"),
+    [
+        ({"searcher": "nsga2", "population_size": 4}, "trials 5 to 6: nsga2 draws them"),
+        ({"searcher": "nsga2"}, "first: "),  # 6 trials within the first generation of 50
+        ({"num_samples": 10}, "first: "),  # TPE's 10 startup trials are random draws
+    ],
+)
+def test_a_dry_run_says_where_a_searcher_starts_learning_from_results(
+    change, last, capsys, tmp_path
+):
+    file = tmp_path / "search.yaml"
+    file.write_text(yaml.safe_dump({**TINY, "search": {**SEARCH, "num_samples": 6} | change}))
+    assert rt.main([str(file), "--dry-run"]) == 0
+    assert capsys.readouterr().err.splitlines()[-1].startswith(last)
 
 
 def _brute_front(accuracy, cost):

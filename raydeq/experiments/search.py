@@ -8,6 +8,7 @@ search with a `cost` has two objectives: `metric` (its `mode`) and the cost (min
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -302,6 +303,15 @@ def sample(space: Space, count: int, seed: int) -> list[dict[str, Any]]:
         for _, point in space.points:
             study.enqueue_trial(dict(point))
         return [unflatten_dict(space(study.ask()), SEPARATOR) for _ in range(count)]
+
+
+def first_learned(search: SearchSection) -> int:
+    """How many trials a searcher draws before it learns from results (Optuna's defaults: TPE's
+    startup trials, NSGA-II's first generation); from there on a dry run cannot know them."""
+    if search.searcher == "nsga2":
+        default = inspect.signature(optuna.samplers.NSGAIISampler).parameters["population_size"]
+        return search.population_size or default.default
+    return inspect.signature(optuna.samplers.TPESampler).parameters["n_startup_trials"].default
 
 
 def lines(space: Space) -> list[str]:
