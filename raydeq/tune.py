@@ -271,6 +271,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_experiment(args, experiment, path, options)
 
 
+def report_while_running(path: str) -> str:
+    """How --report names the trials that have not ended: "running" (with a note on stderr)
+    while a driver on this machine runs the experiment, else "stopped"."""
+    running = runlock.holder(path)
+    if running is None:
+        return "stopped"
+    print(
+        f"note: {path} is still being run by {running} on this machine: its unfinished trials "
+        "are counted as running, and the run writes its results again when it ends",
+        file=sys.stderr,
+    )
+    return "running"
+
+
 def run_experiment(
     args: argparse.Namespace, experiment: Experiment, path: str, options: run.Options | None
 ) -> int:
@@ -288,7 +302,7 @@ def run_experiment(
         return 0
     if args.report:
         try:
-            print(report(path, experiment))
+            print(report(path, experiment, unfinished=report_while_running(path)))
         except ConfigError as err:
             print(f"error: {err}", file=sys.stderr)
             return EXIT_BAD_INPUT

@@ -114,6 +114,17 @@ def test_the_lock_names_its_holder_even_over_a_longer_earlier_holder(tmp_path, m
     assert str(refused.value).startswith(f"{run} is being run by process {os.getpid()} on ")
 
 
+def test_the_holder_of_a_run_is_named_while_it_runs_and_none_before_or_after(tmp_path, monkeypatch):
+    monkeypatch.setattr(runlock.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    run = str(tmp_path / "runs" / "a")
+    assert runlock.holder(run) is None
+    with runlock.hold(run):
+        assert runlock.holder(run) == f"process {os.getpid()}"
+    assert runlock.lock_file(run).is_file() and runlock.holder(run) is None
+    with runlock.hold(run):  # the test took nothing over
+        pass
+
+
 @pytest.mark.parametrize("manifest", ["{}", "[1, 2]", "not json", '{"step": 1}'])
 def test_a_manifest_without_its_checksum_is_a_checkpoint_error(tmp_path, manifest):
     folder = checkpoint.write_checkpoint({"step": 1}, tmp_path / "checkpoint_000001")

@@ -997,6 +997,7 @@ def test_the_table_averages_finished_seeds_per_variant_and_the_parquet_round_tri
     # A trial that ended in an error is counted as failed, not as stopped early.
     failed = results.markdown([*rows, rows[2] | {"seed": 3, "status": "ERROR"}])
     assert "| Skip DEQ | 4 (1 stopped, 1 failed) | 97.50 ± 0.71 |" in failed
+    assert "| Skip DEQ | 3 (1 running) | 97.50 ± 0.71 |" in results.markdown(rows, "running")
     skipped = [row | {"skipped_steps": 3.0 * (row["seed"] == 1)} for row in rows]
     assert results.markdown(skipped).endswith(
         "\nSteps skipped for a non-finite loss or gradient: Skip DEQ seed 1: 3 of 100.\n"
@@ -1878,6 +1879,35 @@ def test_leaves_name_each_setting_by_its_dotted_key():
         "train.max_steps": 0,
         "seed": 1,
     }
+
+
+def test_a_report_while_a_driver_here_runs_the_experiment_counts_its_trials_as_running(
+    tmp_path, capsys, monkeypatch
+):
+    """--report from a second terminal: the trials that have not ended are running, not
+    stopped (as in an interrupted run), and a note says the run writes its results again."""
+    monkeypatch.setattr(runlock.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    file = tmp_path / "tiny.yaml"
+    file.write_text(yaml.safe_dump(TINY))
+    folder = tmp_path / "runs" / "tiny"
+    experiment = spec.from_dict("tiny", TINY)
+    run.save_settings(
+        str(folder), experiment, rt.new_options(rt._parser().parse_args([""]), experiment)
+    )
+    called = []
+    monkeypatch.setattr(
+        rt, "report", lambda path, experiment, unfinished: called.append(unfinished)
+    )
+    argv = [str(file), "--storage", str(tmp_path / "runs"), "--report"]
+    assert rt.main(argv) == 0 and called == ["stopped"]
+    assert capsys.readouterr().err == ""
+    with runlock.hold(str(folder)):
+        assert rt.main(argv) == 0 and called == ["stopped", "running"]
+    assert capsys.readouterr().err == (
+        f"note: {folder} is still being run by process {os.getpid()} on this machine: its "
+        "unfinished trials are counted as running, and the run writes its results again when "
+        "it ends\n"
+    )
 
 
 @pytest.mark.parametrize("other", ["--resume", "--dry-run"])

@@ -140,12 +140,13 @@ def _cell(values: list[float], scale: float) -> str:
     return f"{mean:{digits}} ± {statistics.stdev(finite):{digits}}"
 
 
-def markdown(rows: list[dict[str, Any]]) -> str:
+def markdown(rows: list[dict[str, Any]], unfinished: str = "stopped") -> str:
     """The paper's table: per variant, mean +- std over seeds of each measure.
 
     Trials that trained to the end are averaged; a variant whose trials were all stopped early
     (by ASHA, or an interrupted run) shows those, and the Seeds column counts the stopped ones
-    and, apart, the failed ones (a trial that ended in an error, its restarts spent).
+    (named `unfinished`: "running" while a driver runs the experiment) and, apart, the failed
+    ones (a trial that ended in an error, its restarts spent).
     """
     groups: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
@@ -156,7 +157,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         done = [m for m in members if m["completed"]] or members
         failed = sum(m.get("status") == "ERROR" for m in members)
         stopped = sum(not m["completed"] and m.get("status") != "ERROR" for m in members)
-        notes = [f"{n} {what}" for n, what in ((stopped, "stopped"), (failed, "failed")) if n]
+        notes = [f"{n} {what}" for n, what in ((stopped, unfinished), (failed, "failed")) if n]
         seeds = f"{len(members)} ({', '.join(notes)})" if notes else str(len(members))
         cells = [_cell([m[key] for m in done], scale) for key, _, scale in TABLE]
         row = [group, seeds, *cells, f"{members[0]['parameters']:,}"]
@@ -214,9 +215,10 @@ def _folder(path: str, trial: Any) -> str | None:
         return None
 
 
-def report(path: str, experiment: Experiment) -> str:
+def report(path: str, experiment: Experiment, unfinished: str = "stopped") -> str:
     """Write results.parquet, results.md and the plots for an experiment; return the table (a
-    ConfigError for an experiment stopped before Tune recorded its first state)."""
+    ConfigError for an experiment stopped before Tune recorded its first state). `unfinished`
+    names its trials that have not ended (see `markdown`)."""
     try:
         analysis = tune.ExperimentAnalysis(path)
     except ValueError:  # Tune's "No experiment snapshot file" (no experiment_state-*.json)
@@ -238,7 +240,7 @@ def report(path: str, experiment: Experiment) -> str:
     write_bytes(f"{path}/results.parquet", buffer.getvalue().to_pybytes())
     write_bytes(f"{path}/{pareto.CHART}", pareto.chart(rows, metric, mode))
     hparams.write(path, rows, pareto.varying(rows))
-    table = markdown(rows) + pareto.markdown(rows, metric)
+    table = markdown(rows, unfinished) + pareto.markdown(rows, metric)
     write_bytes(f"{path}/results.md", table.encode())
     table += paper.write(path, experiment, rows, curves)
     for metric, label in PLOTS.items():

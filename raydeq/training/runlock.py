@@ -52,3 +52,17 @@ def hold(run: str) -> Iterator[None]:
         file.write(f"process {os.getpid()}")
         file.flush()
         yield
+
+
+def holder(run: str) -> str | None:
+    """The process that runs `run` on this machine ("process N"), or None where none does (the
+    lock is held, shared, for the test alone)."""
+    path = lock_file(run)
+    if not path.is_file():
+        return None
+    with open(path) as file:
+        try:
+            fcntl.flock(file, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return file.read().strip() or "another process"
+    return None
