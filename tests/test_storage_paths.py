@@ -162,13 +162,23 @@ def test_events_at_a_uri_are_uploaded_once_as_a_segment_per_flush(tmp_path):
 def test_a_resumed_event_log_drops_every_tag_from_its_purge_step_on(tmp_path):
     """A run that died after step 5 (its events flushed) and resumed from the checkpoint of
     step 3: the dead run's events of step 4 on, of every tag, are hidden, so that a test
-    accuracy it wrote at step 5 is not shown beside the resumed run's."""
+    accuracy it wrote at step 5 is not shown beside the resumed run's.
+
+    The dead run's file is named as one started a minute earlier, as it would be: TensorBoard
+    reads a folder's files in name order, and two writers of one process in one second are
+    told apart by a counter that sorts 10 before 9, so after nine writers in the test process
+    (any earlier test's) the resumed file came first and the dead run's steps 4 and 5 were
+    shown after it."""
     folder = tmp_path / "tensorboard"
     dead = EventLog(str(folder))
     for step in range(1, 6):
         dead.add_scalar("loss", 10.0 - step, step)
     dead.add_scalar("test_accuracy", 0.5, 5)
     dead.flush()
+    (written,) = folder.iterdir()
+    parts = written.name.split(".", 4)  # events, out, tfevents, start time, host.pid.counter
+    parts[3] = str(int(parts[3]) - 60)
+    written.rename(folder / ".".join(parts))
     resumed = EventLog(str(folder), purge_step=4)
     resumed.add_scalar("loss", 16.0, 4)
     resumed.close()
