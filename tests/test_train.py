@@ -937,6 +937,37 @@ class RecordingSession(FolderSession):
         self.reports.append((dict(metrics), saved))
 
 
+def test_each_checkpoint_keeps_the_reports_since_the_one_before_for_a_stopped_driver(tmp_path):
+    """Tune records a trial's reports on its driver, and a driver stopped before it recorded
+    them lost them for good (the resumed trial starts after the checkpoint). Each checkpoint
+    keeps the reports since the one before, its own included, as sent; a trial folder that
+    holds only the checkpoints gives every report's step in its history."""
+    from raydeq.experiments import archive
+
+    cfg = make_config(tmp_path, max_steps=8, checkpoint_every=4)
+    recorded = RecordingSession(tmp_path / "recorded")
+    loop.Loop(cfg, recorded).run()
+    session = FolderSession(tmp_path / "trial")
+    loop.Loop(cfg, session).run()
+    folders = sorted(Path(session.folder).iterdir())
+    assert [p.name for p in folders] == ["checkpoint_000004", "checkpoint_000008"]
+    kept = [
+        [json.loads(line) for line in (p / checkpoint.REPORTS_FILE).read_text().splitlines()]
+        for p in folders
+    ]
+    assert [[row["step"] for row in rows] for rows in kept] == [[2, 4], [6, 8]]
+    sent = [metrics for metrics, _ in recorded.reports]
+    timed = ("time", "second", "time_left_s")  # measured, not the same across two runs
+    for row, metrics in zip(kept[0] + kept[1], sent, strict=True):
+        assert row.keys() == metrics.keys()
+        assert {k: v for k, v in row.items() if not k.endswith(timed)} == {
+            k: v for k, v in metrics.items() if not k.endswith(timed)
+        }
+    history = archive.history(session.folder)
+    assert history["step"].tolist() == [2, 4, 6, 8]
+    assert history["test_accuracy"].dropna().tolist() == [kept[1][-1]["test_accuracy"]]
+
+
 def crash_in_step_5(cfg: Config, session: Session, monkeypatch: pytest.MonkeyPatch) -> None:
     """Run cfg in session until its optimizer's fifth step raises, as a machine going down."""
     step, steps = torch.optim.Adam.step, []

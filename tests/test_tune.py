@@ -35,7 +35,7 @@ from raydeq.experiments import archive, results, run, spec
 from raydeq.experiments.figures import plt
 from raydeq.models import PRESETS
 from raydeq.training import capacity, preflight, runlock
-from raydeq.training.checkpoint import MANIFEST_FILE, CheckpointError, read_checkpoint
+from raydeq.training.checkpoint import MANIFEST_FILE, REPORTS_FILE, CheckpointError, read_checkpoint
 from raydeq.training.config import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -1062,6 +1062,19 @@ def test_a_trials_history_joins_the_reports_archived_before_each_resume_in_step_
     assert frame["loss"].tolist() == [3.0, 1.5, 0.9, 0.5]
 
 
+def test_a_step_the_driver_never_recorded_comes_from_the_checkpoint_that_kept_it(tmp_path):
+    """A driver stopped after a trial's checkpoint of step 20 was stored and before it recorded
+    that report: the step comes from the checkpoint's reports, and where the result files have
+    a step too their row wins (a resumed trial's later report of it)."""
+    kept = tmp_path / "checkpoint_000001"
+    kept.mkdir()
+    write_reports(kept / REPORTS_FILE, [{"step": 10, "loss": 9.0}, {"step": 20, "loss": 2.0}])
+    write_reports(tmp_path / archive.RESULT_FILE, [{"step": 10, "loss": 3.0}])
+    frame = archive.history(str(tmp_path))
+    assert frame["step"].tolist() == [10, 20]
+    assert frame["loss"].tolist() == [3.0, 2.0]
+
+
 def test_a_result_file_cut_in_its_last_line_keeps_every_whole_report(tmp_path):
     """A driver stopped while writing a report leaves result.json's last line cut short, and
     a resume archives it so: the trial's history keeps every whole report of both files and
@@ -1465,6 +1478,8 @@ def test_a_killed_driver_resumes_every_trial_without_training_a_step_twice(ray_c
     for trial in before:
         steps = _reported_steps(experiment / trial)
         assert steps == sorted(set(steps)) and steps[-1] == 160, steps
+        # Every report once, those the killed driver never recorded from their checkpoints.
+        assert archive.history(str(experiment / trial))["step"].tolist() == [40, 80, 120, 160]
     assert "| variant=skip_reg | 1 |" in output
     assert f"tensorboard --logdir {experiment}" in output
     # The restored run counts the experiment's trials as the first one did.

@@ -1,6 +1,7 @@
 """A trial's reports across resumes: Ray Tune starts a trial's result.json anew in each Ray
 session, so before a resume the reports are archived next to it (`archive_results`) and
-`history` joins them back in step order."""
+`history` joins them back in step order, with those a stopped driver never recorded from the
+checkpoints that kept them."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import json
 import pandas as pd
 import pyarrow.fs
 
+from raydeq.training.checkpoint import REPORTS_FILE
 from raydeq.training.storage import filesystem
 
 RESULT_FILE = "result.json"
@@ -40,6 +42,15 @@ def _archived(fs: pyarrow.fs.FileSystem, folder: str) -> list[str]:
     return sorted(names, key=lambda p: int(p.rsplit("-", 1)[-1].removesuffix(".json")))
 
 
+def _carried(fs: pyarrow.fs.FileSystem, folder: str) -> list[str]:
+    """The report files of a trial's checkpoints, oldest first: each holds the reports since the
+    checkpoint before, which a driver stopped before it recorded them left nowhere else."""
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(folder))
+    checkpoints = [i.path for i in infos if i.type == pyarrow.fs.FileType.Directory]
+    names = sorted(p for p in checkpoints if p.rsplit("/", 1)[-1].startswith("checkpoint_"))
+    return [f"{path}/{REPORTS_FILE}" for path in names]
+
+
 def reports(fs: pyarrow.fs.FileSystem, file: str) -> pd.DataFrame:
     """The reports of one result file, flattened as Tune flattens them ("config/model/..."); a
     last line cut short (the driver stopped while writing it) is left out, where Tune's reader
@@ -65,7 +76,7 @@ def history(trial_path: str) -> pd.DataFrame:
     measure by measure (a finished trial started again reports its last step's evaluation
     alone, which must not drop that step's training times)."""
     fs, folder = filesystem(trial_path)
-    files = [*_archived(fs, folder), f"{folder}/{RESULT_FILE}"]
+    files = [*_carried(fs, folder), *_archived(fs, folder), f"{folder}/{RESULT_FILE}"]
     frame = pd.concat([reports(fs, file) for file in files], ignore_index=True)
     if frame.empty or "step" not in frame:
         return frame

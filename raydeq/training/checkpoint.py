@@ -9,7 +9,7 @@ import hashlib
 import json
 import logging
 import pickle
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,10 @@ import torch
 
 STATE_FILE = "state.pt"
 MANIFEST_FILE = "manifest.json"
+# The reports made since the previous checkpoint, this one's included, one JSON object a line:
+# Tune records a trial's reports on the driver, and a driver stopped before it recorded (or
+# synced) them leaves them here alone, where `experiments.archive.history` finds them.
+REPORTS_FILE = "reports.jsonl"
 log = logging.getLogger(__name__)
 
 
@@ -43,15 +47,21 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_checkpoint(state: dict[str, Any], directory: Path) -> Path:
+def write_checkpoint(
+    state: dict[str, Any], directory: Path, reports: Sequence[Mapping[str, Any]] = ()
+) -> Path:
     """Write `state` to the new folder `directory`, atomically: a temporary folder is renamed.
 
     The folder holds `state.pt` and `manifest.json` with its step, size in bytes and SHA-256,
     so a copy that was cut short or altered later is recognised when it is read, and the run's
-    `settings` where the state has them, so that a start can tell whose run it would resume.
+    `settings` where the state has them, so that a start can tell whose run it would resume;
+    `reports` go to REPORTS_FILE.
     """
     staging = directory.with_name(f".{directory.name}.partial")
     staging.mkdir(parents=True)
+    if reports:
+        lines = "".join(json.dumps(dict(report)) + "\n" for report in reports)
+        (staging / REPORTS_FILE).write_text(lines)
     saved = staging / STATE_FILE
     torch.save(state, saved)
     manifest = {"step": state["step"], "bytes": saved.stat().st_size, "sha256": _sha256(saved)}

@@ -125,6 +125,7 @@ class Reporter:
         self.name = name
         self.rank = rank
         self.send = send
+        self.unsaved: list[dict[str, float]] = []  # reports since the last checkpoint
         self.writer = None
         if rank == 0:
             # From the step after the resumed one, also at 1: a run restarted before its first
@@ -152,8 +153,11 @@ class Reporter:
     def report(
         self, metrics: dict[str, float], state: Callable[[], dict[str, Any]] | None = None
     ) -> None:
-        """Report to Ray; with `state` (a collective call), also a checkpoint of it."""
+        """Report to Ray; with `state` (a collective call), also a checkpoint of it, which keeps
+        the reports since the one before (a stopped driver may not have recorded them)."""
         if state is None:
+            if self.rank == 0:
+                self.unsaved.append(metrics)
             self.send(metrics, None)
             return
         payload = state()
@@ -162,9 +166,11 @@ class Reporter:
         with tempfile.TemporaryDirectory() as root:
             saved = None
             if self.rank == 0:
-                folder = write_checkpoint(payload, Path(root) / "checkpoint")
+                reports = [*self.unsaved, metrics]
+                folder = write_checkpoint(payload, Path(root) / "checkpoint", reports)
                 saved = Checkpoint.from_directory(str(folder))
             self.send(metrics, saved)
+        self.unsaved.clear()
 
     def close(self) -> None:
         """Flush and close TensorBoard."""
