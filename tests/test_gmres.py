@@ -164,7 +164,7 @@ def test_a_restart_cycle_runs_on_a_gpu_without_reading_the_host():
         beta, tol = r.norm(dim=1), torch.full((4,), 1e-6, device="cuda")
         active = beta > tol
         solver = GMRES(restart=6)
-        correction, steps, j, estimate, _ = solver._cycle(matvec(a), r, beta, tol, active, 6, 7)
+        correction, steps, j, estimate, _, _ = solver._cycle(matvec(a), r, beta, tol, active, 6, 7)
     assert j == 6 and correction.device.type == "cuda" and estimate.device.type == "cuda"
 
 
@@ -333,3 +333,70 @@ def test_a_right_hand_side_in_the_null_space_stays_unsolved_and_finite(warm):
     torch.testing.assert_close(x[2], b[2] / 2, rtol=1e-15, atol=0)
     assert info.converged.tolist() == [False, False, True]
     assert int(info.iterations[2]) == 1 and float(info.residual[2]) == 0.0
+
+
+def singular_system(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A = Q diag(0, d_2, ..., d_n) P^T (Q, P orthogonal, d_i in [0.5, 1.5]) and a random b,
+    whose part along Q's first column is outside A's range: A x = b has no solution."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))[0]
+    p = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))[0]
+    d = 0.5 + torch.rand(n, generator=g, dtype=torch.float64)
+    d[0] = 0.0
+    return q @ torch.diag(d) @ p.T, torch.randn(n, generator=g, dtype=torch.float64)
+
+
+def least_squares_residual(a: torch.Tensor, b: torch.Tensor) -> float:
+    """min_x ||b - A x||, by numpy's least-squares solve."""
+    x = np.linalg.lstsq(a.numpy(), b.numpy(), rcond=None)[0]
+    return float(np.linalg.norm(b.numpy() - a.numpy() @ x))
+
+
+@pytest.mark.parametrize("dtype, rtol", [(torch.float32, 1e-5), (torch.float64, 1e-10)])
+@pytest.mark.parametrize("n", [2, 3, 12, 20])
+def test_a_singular_system_stops_unconverged_at_its_least_squares_residual(dtype, rtol, n):
+    """b outside A's range (the adjoint's I - J^T where J^T u = u for some u): n Arnoldi steps
+    span the whole space and its last one meets A's null space, where the residual estimate
+    fell to rounding (1e-7, 1e-16) and the sample read converged with x of 1e7 to 1e17 and a
+    true residual up to 600. It keeps the solve of the steps before, whose residual is the
+    least-squares minimum, and stops there unconverged."""
+    a, b = singular_system(n, seed=n)
+    x, info = GMRES(rtol=rtol, restart=20)(matvec(a[None].to(dtype)), b[None].to(dtype))
+    minimum = least_squares_residual(a, b)
+    true_residual = float((b - a @ x[0].double()).norm())
+    noise = 1e-5 if dtype == torch.float32 else 1e-13
+    assert info.converged.tolist() == [False] and bool(torch.isfinite(x).all())
+    assert info.iterations.tolist() == [n] and info.matvecs == n
+    assert minimum > 0.1 and abs(true_residual - minimum) <= noise * float(b.norm())
+    assert abs(float(info.residual[0]) - true_residual) <= noise * float(b.norm())
+
+
+@pytest.mark.parametrize("dtype, rtol", [(torch.float32, 1e-5), (torch.float64, 1e-10)])
+@pytest.mark.parametrize("warm", [False, True])
+def test_a_singular_sample_leaves_the_rest_of_its_batch_as_it_was(dtype, rtol, warm):
+    """A batch with one singular sample (1): it stops unconverged, finite, at no more than its
+    start's residual and at least the least-squares minimum; the regular samples' x, steps and
+    residuals are bit for bit those of the batch whose sample 1 has b = 0 (read at the cycle's
+    end only, so that both take the same steps: a longer cycle moves x by rounding), and solve
+    A x = b."""
+    a, b = systems(4, 20, seed=11)
+    a[1], b[1] = singular_system(20, seed=12)
+    a, b = a.to(dtype), b.to(dtype)
+    solver = GMRES(rtol=rtol, restart=20, check_every=20)
+    x, info = solver(matvec(a), b, b if warm else None)
+    zeroed = b.clone()
+    zeroed[1] = 0.0
+    x_ref, ref = solver(matvec(a), zeroed, zeroed if warm else None)
+    regular = [0, 2, 3]
+    assert info.converged.tolist() == [True, False, True, True]
+    assert torch.equal(x[regular], x_ref[regular])
+    assert torch.equal(info.iterations[regular], ref.iterations[regular])
+    assert torch.equal(info.residual[regular], ref.residual[regular])
+    a, b = a.double(), b.double()
+    exact = torch.linalg.solve(a[regular], b[regular])
+    torch.testing.assert_close(x[regular].double(), exact, rtol=0, atol=100 * rtol)
+    assert bool(torch.isfinite(x).all())
+    start = b[1] - a[1] @ b[1] if warm else b[1]
+    true_residual = float((b[1] - a[1] @ x[1].double()).norm())
+    assert least_squares_residual(a[1], b[1]) * (1 - 1e-6) <= true_residual <= float(start.norm())
+    torch.testing.assert_close(float(info.residual[1]), true_residual, rtol=1e-4, atol=0)

@@ -28,6 +28,19 @@ LinearOperator = Callable[[torch.Tensor], torch.Tensor]
 ARNOLDI_CHECK = 4
 
 
+# A step whose diagonal entry of R (the distance of A v_j from A's images of the earlier basis
+# vectors, never below A's smallest singular value) is within BREAKDOWN * eps of |A v_j| has
+# met a Krylov space that A maps into itself singularly (A v_j = 0 is one): b has a part
+# outside A's range (the adjoint's I - J^T where J^T u = u for some u). In exact arithmetic
+# that step and any restart leave the residual as it was; in rounding its estimate fell to
+# 1e-7 (float32) or 1e-16 while x grew by 1e7 to 1e17, and the true residual stayed at or above
+# the least-squares minimum. Such steps measured up to 40 eps, those of a regular A with a
+# condition number of 1e3 1e4 eps and more (one reads so only above 1 / (BREAKDOWN eps), 3e4
+# in float32). Its sample keeps the solve of the steps before it, with their residual (the
+# least-squares minimum once they span the whole space), and stops unconverged.
+BREAKDOWN = 256
+
+
 @dataclass
 class LinearSolveInfo:
     """Outcome of a batched linear solve: per-sample iterations and convergence, operator calls."""
@@ -166,6 +179,16 @@ def arnoldi(k: Krylov, j: int, w: torch.Tensor, row: torch.Tensor, tiny: float) 
     return torch.cat([row * s, -c], dim=2, out=k.q_flat[:, :, after : after + j + 2])
 
 
+def kept_steps(
+    upper: torch.Tensor, hess: torch.Tensor, steps: torch.Tensor, positions: torch.Tensor
+) -> torch.Tensor:
+    """Each sample's steps (of `steps`, at `positions` 0, 1, ...) before its first that broke
+    down (see BREAKDOWN), from R = Q H (B, j, j) and H (B, j + 1, j): those it can trust."""
+    size = torch.linalg.vector_norm(hess, dim=1)
+    broken = upper.diagonal(dim1=1, dim2=2) <= BREAKDOWN * torch.finfo(hess.dtype).eps * size
+    return torch.where(broken, positions, steps[:, None]).amin(1)
+
+
 # Workspaces kept for recorded Arnoldi steps (GMRES.graph), with each step's recording, per
 # batch shape, m, dtype and device: a recording reads and writes its workspace's addresses.
 # The last few shapes are kept (a training run has one or two: its batch and its last one).
@@ -196,7 +219,8 @@ class GMRES(ScaledLinearSolver):
     With `graph`, on a device with a recorder (graphs.RECORDERS: CUDA) each Arnoldi step j
     after the operator is recorded once on a workspace kept per shape and replayed by later
     solves (its first solve runs it eagerly, the second records it); elsewhere it runs
-    eagerly.
+    eagerly. A sample whose b has a part outside a singular A's range stops unconverged where
+    its Krylov space breaks down (see BREAKDOWN).
     """
 
     restart: int = 20
@@ -232,15 +256,19 @@ class GMRES(ScaledLinearSolver):
         # is rare, and takes `every` masked steps.
         every = self.check_every or (1 if b.device.type == "cpu" else ARNOLDI_CHECK)
         total = 0
+        # Samples whose Krylov space has not broken down (see BREAKDOWN): a restart of one
+        # that has leaves its residual as it was, so it stops there.
+        running = torch.ones_like(active)
         while total < self.max_iters:
-            correction, cycle, steps, estimate, finished = self._cycle(
+            correction, cycle, steps, estimate, whole, finished = self._cycle(
                 A, r, beta, tol, active, self.max_iters - total, every
             )
             x = x + correction
             iterations += cycle
             total += steps
             matvecs += steps
-            if finished or not bool((active & (estimate > tol)).any()):
+            running &= whole
+            if finished or not bool((active & running & (estimate > tol)).any()):
                 # The Arnoldi estimate is the residual norm of x (exact in exact arithmetic):
                 # trusting it when every sample has stopped saves a product with A. Rounding
                 # x0 + correction moves the true residual by about eps ||A|| ||x0||, far below
@@ -251,7 +279,7 @@ class GMRES(ScaledLinearSolver):
             r = b - A(x)
             matvecs += 1
             beta = r.norm(dim=1)
-            active = beta > tol
+            active = (beta > tol) & running
             if not bool(active.any()):
                 break
         return x, LinearSolveInfo(iterations, beta <= tol, beta, matvecs)
@@ -265,11 +293,12 @@ class GMRES(ScaledLinearSolver):
         active: torch.Tensor,
         budget: int,
         every: int,
-    ) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor, bool]:
+    ) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor, torch.Tensor, bool]:
         """One restart cycle from residual r, read every `every` steps: correction to x,
-        per-sample steps, Arnoldi steps, the per-sample estimate of the new residual norm, and
-        whether a read found every sample stopped (the caller reads that itself after a full
-        cycle)."""
+        per-sample steps, Arnoldi steps, the per-sample estimate of the new residual norm,
+        whether each sample kept all its steps (one that broke down keeps the correction and
+        estimate of the steps before: see BREAKDOWN), and whether a read found every sample
+        stopped (the caller reads that itself after a full cycle)."""
         m = min(self.restart, budget)
         tiny = torch.finfo(r.dtype).tiny
         beta_column, tol_column = beta[:, None], tol[:, None]
@@ -303,25 +332,24 @@ class GMRES(ScaledLinearSolver):
                 # estimate has fallen to tol stays there, and one that did not run (beta <= tol)
                 # starts there.
                 finished = not bool(((first[:, j - 1 : j] * beta_column).abs() > tol_column).any())
-        estimates = first[:, :j] * beta_column
-        # A sample stops at its first step whose estimate is not above tol (converged, or NaN,
-        # which every later estimate repeats): since estimates never grow, one step more than
-        # those above tol.
-        steps = ((estimates.abs() > tol_column).sum(1) + 1).clamp_max_(j) * active
-        last = estimates.gather(1, (steps - 1).clamp_min(0)[:, None])[:, 0].abs()
-        estimate = torch.where(active, last, beta)
-        used = torch.arange(j, device=r.device)[None, :] < steps[:, None]
+        # The residual norms before and after each step (column 0 of Q's rows 0, 1, ... times
+        # beta). A sample stops at its first step whose estimate is not above tol (converged,
+        # or NaN, which every later estimate repeats): since estimates never grow, as many
+        # steps as the estimates above tol, its start's included.
+        estimates = k.q[:, : j + 1, 0] * beta_column
+        steps = (estimates.abs() > tol_column).sum(1).clamp_max_(j) * active
         # Row i of Q: c_i times q's row i up to the diagonal, and s_i just right of it (flat
         # entry i (m + 2) + 1). The zeros further right are scaled by 1, not c_i, so that they
         # stay +0 (c_i 0 would be -0 where c_i < 0) and R is the one a per-step scaling gives.
         left = torch.ones(j, j + 1, dtype=torch.bool, device=r.device).tril()
         k.q[:, :j, : j + 1].mul_(torch.where(left, k.cosines[:, :j], 1.0))
         upper = torch.bmm(k.q[:, :j, : j + 1], k.hess[:, : j + 1, :j])
+        positions = torch.arange(j, device=r.device)
+        kept = kept_steps(upper, k.hess[:, : j + 1, :j], steps, positions)
+        estimate = estimates.gather(1, kept[:, None])[:, 0].abs()
+        used = positions[None, :] < kept[:, None]
         eye = torch.eye(j, dtype=r.dtype, device=r.device).expand_as(upper)
         upper = torch.where(used[:, None, :] & used[:, :, None], upper, eye)
-        # A zero column of H (c 0, s 1) leaves a row of R and its rhs entry 0: its y is 0.
-        diagonal = upper.diagonal(dim1=1, dim2=2)
-        diagonal.masked_fill_(diagonal == 0, 1.0)
         rhs = torch.where(used, beta_column * k.q[:, :j, 0], 0.0)
         y = torch.linalg.solve_triangular(upper, rhs[:, :, None], upper=True)[:, :, 0]
-        return combine(y, k.basis[:, :j]), steps, j, estimate, finished
+        return combine(y, k.basis[:, :j]), steps, j, estimate, kept == steps, finished
