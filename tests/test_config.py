@@ -115,6 +115,7 @@ def test_validate_accepts_its_own_output():
         {"data": {"loader_workers": 4}},
         {"data": {"pin_memory": True}},
         {"data": {"eval_batch_size": 64}},  # the way out of an evaluation out of memory
+        {"train": {"max_nonfinite_steps": 20}},  # the way on after a run stopped by them
         {"storage_path": "/tmp/elsewhere"},
         {"label": "a trial"},
         {"scaling": {"num_workers": 1, "max_failures": 0}},

@@ -1483,9 +1483,13 @@ def test_a_run_that_diverged_after_a_checkpoint_is_not_trained_again_from_it(tmp
     with pytest.raises(loop.NonFiniteError, match="^training stopped at step 3"):
         run.record(None)
     record = json.loads(Path(session.folder, loop.DIVERGED_FILE).read_text())
-    assert (record["from_step"], record["workers"]) == (2, 1)
+    assert (record["from_step"], record["workers"], record["limit"]) == (2, 1, 1)
     with pytest.raises(loop.NonFiniteError, match="it diverged like this from step 2"):
         loop.Loop(cfg, session)
+    # A higher limit is the way on: the same run (its name unchanged) resumes from step 2.
+    raised = make_config(tmp_path, max_steps=10, checkpoint_every=2, max_nonfinite_steps=3)
+    assert raised.name == cfg.name
+    assert loop.Loop(raised, session).state.step == 2
 
 
 def test_a_divergence_recorded_with_other_workers_does_not_stop_a_start_with_one(tmp_path):

@@ -406,9 +406,12 @@ def trained_settings(cfg: Config) -> dict[str, Any]:
     for dotted in OUTSIDE_HASH:
         settings = without(settings, dotted)
     # How many test images a worker predicts at once changes no trained weight, and lowering it
-    # is the way out of an evaluation that runs out of memory: the digest reads every run at
-    # the default, so that such a run resumes and runs at the default keep their names.
+    # is the way out of an evaluation that runs out of memory; how many non-finite steps stop a
+    # run changes none either, and raising it is the way on after a stop. The digest reads
+    # every run at their defaults, so that such a run resumes and runs at the defaults keep
+    # their names.
     settings["data"]["eval_batch_size"] = DataSection.eval_batch_size
+    settings["train"]["max_nonfinite_steps"] = TrainSection.max_nonfinite_steps
     return json.loads(json.dumps(settings))
 
 

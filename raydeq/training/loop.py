@@ -195,25 +195,30 @@ class Loop:
 
     def diverged(self, reason: str) -> NonFiniteError:
         """The error that stops a diverged run, recorded (by rank 0) in its folder with the step
-        of its newest checkpoint and the workers: a restart from there with as many workers
-        (Ray's scaling.max_failures, a resume) replays the same data from the same state and
-        diverges again."""
+        of its newest checkpoint, the workers and the limit: a restart from there with as many
+        workers and no higher limit (Ray's scaling.max_failures, a resume) replays the same data
+        from the same state and stops again."""
         if self.rank == 0:
             record = {"from_step": self.checkpointed, "workers": self.world, "reason": reason}
+            record["limit"] = self.cfg.train.max_nonfinite_steps
             write_bytes(f"{self.session.folder}/{DIVERGED_FILE}", json.dumps(record).encode())
         return NonFiniteError(reason)
 
     def refuse_a_known_divergence(self) -> None:
         """Raise the recorded NonFiniteError when this start resumes from the step where the
-        run diverged before, with as many workers, instead of training those steps again."""
+        run diverged before, with as many workers and no higher train.max_nonfinite_steps,
+        instead of training those steps again."""
         path = f"{self.session.folder}/{DIVERGED_FILE}"
         if not exists(path):
             return
         record = json.loads(read_text(path))
-        if (record["from_step"], record["workers"]) == (self.state.step, self.world):
+        limit = self.cfg.train.max_nonfinite_steps
+        same = (record["from_step"], record["workers"]) == (self.state.step, self.world)
+        if same and limit <= record.get("limit", limit):
             raise NonFiniteError(
                 f"{record['reason']}; it diverged like this from step {self.state.step}, where "
-                f"it would resume, so it is not trained again (delete {path} to try anyway)"
+                f"it would resume, so it is not trained again (raise train.max_nonfinite_steps "
+                f"above {limit}, or delete {path}, to try anyway)"
             )
 
     def evaluate(self) -> dict[str, float]:
