@@ -11,7 +11,7 @@ import pandas as pd
 import pyarrow.fs
 
 from raydeq.training.checkpoint import REPORTS_FILE
-from raydeq.training.storage import filesystem
+from raydeq.training.storage import CHECKPOINT_PREFIX, filesystem, subfolders
 
 RESULT_FILE = "result.json"
 ARCHIVE_PREFIX = "result-before-resume-"
@@ -42,13 +42,10 @@ def _archived(fs: pyarrow.fs.FileSystem, folder: str) -> list[str]:
     return sorted(names, key=lambda p: int(p.rsplit("-", 1)[-1].removesuffix(".json")))
 
 
-def _carried(fs: pyarrow.fs.FileSystem, folder: str) -> list[str]:
+def _carried(trial_path: str) -> list[str]:
     """The report files of a trial's checkpoints, oldest first: each holds the reports since the
     checkpoint before, which a driver stopped before it recorded them left nowhere else."""
-    infos = fs.get_file_info(pyarrow.fs.FileSelector(folder))
-    checkpoints = [i.path for i in infos if i.type == pyarrow.fs.FileType.Directory]
-    names = sorted(p for p in checkpoints if p.rsplit("/", 1)[-1].startswith("checkpoint_"))
-    return [f"{path}/{REPORTS_FILE}" for path in names]
+    return [f"{path}/{REPORTS_FILE}" for path in subfolders(trial_path, CHECKPOINT_PREFIX)]
 
 
 def reports(fs: pyarrow.fs.FileSystem, file: str) -> pd.DataFrame:
@@ -76,7 +73,7 @@ def history(trial_path: str) -> pd.DataFrame:
     measure by measure (a finished trial started again reports its last step's evaluation
     alone, which must not drop that step's training times)."""
     fs, folder = filesystem(trial_path)
-    files = [*_carried(fs, folder), *_archived(fs, folder), f"{folder}/{RESULT_FILE}"]
+    files = [*_carried(trial_path), *_archived(fs, folder), f"{folder}/{RESULT_FILE}"]
     frame = pd.concat([reports(fs, file) for file in files], ignore_index=True)
     if frame.empty or "step" not in frame:
         return frame
