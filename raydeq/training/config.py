@@ -212,7 +212,7 @@ class Config:
 
     def model_options(self) -> dict[str, Any]:
         """The model section as `raydeq.models.build` takes it, without unset options."""
-        return {k: v for k, v in dataclasses.asdict(self.model).items() if v is not None}
+        return _given_options(self.model)
 
 
 def _check_together(cfg: Config) -> None:
@@ -299,10 +299,15 @@ def model_error(err: ValueError) -> ConfigError:
     return ConfigError(f"model: {message}")
 
 
+def _given_options(model: ModelSection) -> dict[str, Any]:
+    """The options a model section sets, its unset (None) ones left out."""
+    return {k: v for k, v in dataclasses.asdict(model).items() if v is not None}
+
+
 def _resolve_model(model: ModelSection) -> ModelSection:
     """The model section with its unset options filled in by `raydeq.models.resolve`, the
     model options' one validator, so that a printed or stored config shows what is built."""
-    options = {k: v for k, v in dataclasses.asdict(model).items() if v is not None}
+    options = _given_options(model)
     try:
         resolved = resolve(options)
     except ValueError as err:
@@ -315,7 +320,7 @@ def _resolve_model(model: ModelSection) -> ModelSection:
 
 def _preset_adjoint_options(model: ModelSection) -> dict | None:
     """The adjoint options a model takes where none are given (its preset's)."""
-    options = {k: v for k, v in dataclasses.asdict(model).items() if v is not None}
+    options = _given_options(model)
     options.pop("adjoint_options", None)
     return resolve(options).get("adjoint_options")
 
