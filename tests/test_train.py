@@ -49,7 +49,7 @@ from raydeq.training import (
     runlock,
     storage,
 )
-from raydeq.training.checkpoint import MANIFEST_FILE, STATE_FILE, read_checkpoint
+from raydeq.training.checkpoint import MANIFEST_FILE, REPORTS_FILE, STATE_FILE, read_checkpoint
 from raydeq.training.config import Config, validate
 from raydeq.training.launch import LOCAL_ENV_VARS
 from raydeq.training.session import Session, TrainWorker, TuneTrial, stored_checkpoints
@@ -1915,7 +1915,7 @@ def test_sigterm_ends_a_run_with_status_130_and_its_resume_command_continues_pas
     *_, before, newest = written
     assert newest < 200
     folder = checkpoints()[newest]
-    assert sorted(os.listdir(folder)) == [MANIFEST_FILE, STATE_FILE]
+    assert sorted(os.listdir(folder)) == [MANIFEST_FILE, REPORTS_FILE, STATE_FILE]
     state = folder / STATE_FILE
     state.write_bytes(state.read_bytes()[:100])
     resumed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=200)
