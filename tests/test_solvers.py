@@ -14,6 +14,7 @@ import raydeq
 from raydeq.bench.harness.problems import SpectralProblem, Spectrum
 from raydeq.bench.suites.step_cost import OpCounter
 from raydeq.solvers import SOLVERS, Status
+from raydeq.solvers import options as construct_options
 from raydeq.solvers.termination import Monitor, Termination
 
 D, B = 6, 3
@@ -421,6 +422,17 @@ def test_unknown_option_names_of_mixed_types_are_named():
         raydeq.solve(
             lambda z: z, torch.zeros(1, 2), solver="anderson", solver_options={1: 2, "mm": 3}
         )
+
+
+def test_an_error_that_names_no_given_option_is_not_put_under_the_options_key():
+    """Only an error naming one of the given options ("m=0 ...") is re-raised under the key
+    that holds them; another ValueError keeps its own message, not a made-up option name."""
+    with pytest.raises(ValueError, match=r"^solver_options\.m=0 must be"):
+        with construct_options.named("solver_options", {"m": 0}):
+            raise ValueError("m=0 must be at least 1")
+    with pytest.raises(ValueError, match=r"^the state is not finite$"):
+        with construct_options.named("solver_options", {"m": 0}):
+            raise ValueError("the state is not finite")
 
 
 def test_bad_states_are_named():
