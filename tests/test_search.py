@@ -18,8 +18,10 @@ import ray.cloudpickle
 import yaml
 from hypothesis import given
 from hypothesis import strategies as st
+from tensorboard import context as tb_context
+from tensorboard.backend.event_processing import data_provider, plugin_event_multiplexer
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from tensorboard.plugins.hparams import plugin_data_pb2
+from tensorboard.plugins.hparams import api_pb2, backend_context, plugin_data_pb2
 from test_tune import (
     TINY,
     _alive_actors,
@@ -510,6 +512,59 @@ def test_the_hparams_view_has_each_finished_trials_settings_and_final_measures_o
         "hparam/train_time": 0.125
     }
     assert values == {"trial": "b", "optim.lr": 0.5, "model.solver": "euler"}
+
+
+def _hparams_tab(logdir: Path) -> dict[str, object]:
+    """What TensorBoard's HParams tab shows for `logdir`: each setting's type and range (or
+    values), and the measures, as its backend works them out from the event files."""
+    multiplexer = plugin_event_multiplexer.EventMultiplexer()
+    multiplexer.AddRunsFromDirectory(str(logdir))
+    multiplexer.Reload()
+    provider = data_provider.MultiplexerDataProvider(multiplexer, str(logdir))
+    backend = backend_context.Context(SimpleNamespace(data_provider=provider, logdir=str(logdir)))
+    request = tb_context.RequestContext()
+    found = backend.hparams_metadata(request, "")
+    listed = backend.hparams_from_data_provider(request, "", 0)
+    experiment = backend.experiment_from_metadata(request, "", True, found, listed)
+    columns = {
+        info.name: (
+            api_pb2.DataType.Name(info.type),
+            (info.domain_interval.min_value, info.domain_interval.max_value)
+            if info.HasField("domain_interval")
+            else sorted(v.string_value for v in info.domain_discrete.values),
+        )
+        for info in experiment.hparam_infos
+    }
+    return columns | {"measures": sorted(m.name.tag for m in experiment.metric_infos)}
+
+
+def test_the_hparams_tab_types_and_measures_come_from_every_trial_not_one_of_them(tmp_path):
+    """Anderson's memory drawn only where the solver is anderson (a conditional dimension):
+    the trial without it leaves it out, and the column is a number from 3 to 5, where it was
+    written as the text 'None' (a text column when the tab read that trial's types); each
+    trial lacks one measure, and the tab has all four, where every entry declared the
+    experiment and the tab took one trial's as the whole: its types, no range or values to
+    filter by, and its measures alone."""
+    rows = [
+        {"trial": "a", "config.model.solver": "vcab3", "config.model.solver_options.m": None}
+        | {"test_nfe": 8.0, "train_time": 0.25},
+        {"trial": "b", "config.model.solver": "anderson", "config.model.solver_options.m": 5}
+        | {"test_top5_accuracy": 0.75, "test_nfe": 6.0},
+        {"trial": "c", "config.model.solver": "anderson", "config.model.solver_options.m": 3}
+        | {"test_top5_accuracy": 1.0, "train_time": 0.5},
+    ]
+    rows = [row | {"completed": True, "test_accuracy": 0.5} for row in rows]
+    assert hparams.write(str(tmp_path), rows, pareto.varying(rows)) == 3
+    assert _hparams_tab(tmp_path) == {
+        "trial": ("DATA_TYPE_STRING", ["a", "b", "c"]),
+        "model.solver": ("DATA_TYPE_STRING", ["anderson", "vcab3"]),
+        "model.solver_options.m": ("DATA_TYPE_FLOAT64", (3.0, 5.0)),
+        "measures": [f"hparam/{name}" for name in sorted(hparams.MEASURES)],
+    }
+    assert _hparams_entry(tmp_path / hparams.FOLDER / "a")[1] == {
+        "trial": "a",
+        "model.solver": "vcab3",
+    }
 
 
 def test_a_killed_search_resumes_with_its_searchers_history_and_repeats_no_trial(

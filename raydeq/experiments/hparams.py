@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from torch.utils.tensorboard import SummaryWriter
+from torch.utils.tensorboard.summary import hparams
 
 from raydeq.training.storage import exists, write_bytes
 
@@ -24,18 +25,31 @@ def _hparam(value: Any) -> bool | int | float | str:
 
 
 def _event_files(row: Mapping[str, Any], settings: Sequence[str]) -> dict[str, bytes]:
-    """The TensorBoard files of one trial's HParams entry, by name."""
-    hparams = {"trial": row["trial"]} | {
-        key.removeprefix("config."): _hparam(row.get(key)) for key in settings
+    """The TensorBoard files of one trial's HParams entry, by name.
+
+    A setting the trial does not have (None: a conditional dimension it did not draw) is left
+    out rather than written as text, which would make the column text for every trial. No
+    trial writes the experiment's summary: TensorBoard takes the first one it finds for the
+    whole tab, so one trial's types and measures stood for all; without it, TensorBoard
+    derives the columns, their types and ranges from every trial's entry.
+    """
+    given = {"trial": row["trial"]} | {
+        key.removeprefix("config."): _hparam(row[key])
+        for key in settings
+        if row.get(key) is not None
     }
     metrics = {
         f"hparam/{name}": float(row[name])
         for name in MEASURES
         if row.get(name) is not None and math.isfinite(row[name])
     }
+    _, start, end = hparams(given, metrics)
     with tempfile.TemporaryDirectory() as folder:
         with SummaryWriter(folder) as writer:
-            writer.add_hparams(hparams, metrics, run_name=".")
+            writer.file_writer.add_summary(start)
+            writer.file_writer.add_summary(end)
+            for tag, value in metrics.items():
+                writer.add_scalar(tag, value)
         return {p.name: p.read_bytes() for p in Path(folder).iterdir() if p.is_file()}
 
 
