@@ -253,8 +253,8 @@ def resume_command(args: argparse.Namespace, path: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command line entry point; returns the exit status (2 bad input, 1 failed trials, 130
-    interrupted)."""
+    """Command line entry point; returns the exit status (2 bad input, 1 failed trials or
+    results that could not be written, 130 interrupted)."""
     args = _parser().parse_intermixed_args(argv)
     with ExitStack() as held:
         try:
@@ -306,6 +306,9 @@ def run_experiment(
         except ConfigError as err:
             print(f"error: {err}", file=sys.stderr)
             return EXIT_BAD_INPUT
+        except StorageError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
         return 0
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"  # no second TensorBoard stream
@@ -331,7 +334,7 @@ def run_experiment(
             run.save_settings(path, experiment, options)
         if options.scheduler == "asha":
             run.check_dashboard()
-    except ConfigError as err:
+    except (ConfigError, StorageError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     print(f"tensorboard --logdir {path}", flush=True)
@@ -342,7 +345,14 @@ def run_experiment(
     if unfinished:
         print(f"interrupted; resume with: {resume_command(args, path)}", file=sys.stderr)
         return EXIT_INTERRUPTED
-    print(report(path, experiment))
+    try:
+        print(report(path, experiment))
+    except StorageError as err:
+        print(
+            f"error: {err}; the trials' reports are kept: --report writes the results from them",
+            file=sys.stderr,
+        )
+        return 1
     print(f"results: {path}/results.parquet, {path}/results.md, plots {', '.join(PLOTS)} (.png)")
     return 1 if errors else 0
 

@@ -72,7 +72,9 @@ def test_a_local_write_cut_short_leaves_the_file_it_was_to_replace(tmp_path, mon
             return CutStream(local.open_output_stream(inner))
 
     monkeypatch.setattr(storage, "filesystem", lambda p: (CutFileSystem(), str(path)))
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(
+        storage.StorageError, match=f"^{path} could not be written: No space left on device$"
+    ):
         storage.write_bytes(str(path), b"name: new\n")
     assert path.read_bytes() == b"name: old\n" and os.listdir(tmp_path) == ["settings.yaml"]
     monkeypatch.undo()

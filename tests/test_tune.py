@@ -1,5 +1,6 @@
 """Ray Tune experiments: experiment files, search spaces, reports, cluster.yaml, and end to end."""
 
+import errno
 import io
 import json
 import logging
@@ -18,6 +19,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pandas as pd
+import pyarrow.fs
 import pyarrow.parquet as pq
 import pytest
 import ray
@@ -34,7 +36,7 @@ from raydeq import tune as rt
 from raydeq.experiments import archive, results, run, spec
 from raydeq.experiments.figures import plt
 from raydeq.models import PRESETS
-from raydeq.training import capacity, preflight, runlock
+from raydeq.training import capacity, preflight, runlock, storage
 from raydeq.training.checkpoint import MANIFEST_FILE, REPORTS_FILE, CheckpointError, read_checkpoint
 from raydeq.training.config import ConfigError
 
@@ -1923,6 +1925,77 @@ def test_a_report_while_a_driver_here_runs_the_experiment_counts_its_trials_as_r
         "unfinished trials are counted as running, and the run writes its results again when "
         "it ends\n"
     )
+
+
+class FullDisk:
+    """A local filesystem where a file whose name starts with `full` is cut after 3 bytes by
+    pyarrow's error for a full disk."""
+
+    def __init__(self, full: str) -> None:
+        self.local, self.full = pyarrow.fs.LocalFileSystem(), full
+
+    def __getattr__(self, name: str):
+        return getattr(self.local, name)
+
+    def open_output_stream(self, path: str):
+        stream = self.local.open_output_stream(path)
+        return CutStream(stream) if Path(path).name.startswith(self.full) else stream
+
+
+class CutStream:
+    """An output stream that writes 3 bytes of a payload and fails as on a full disk."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.inner.close()
+
+    def write(self, payload: bytes) -> None:
+        self.inner.write(payload[:3])
+        raise OSError(errno.ENOSPC, "Error writing bytes to file. Detail: [errno 28] No space")
+
+
+def test_a_report_that_cannot_write_its_table_is_one_line_and_keeps_the_previous_one(
+    tmp_path, capsys, monkeypatch
+):
+    """--report on a full disk: pyarrow's error named no file and came as a traceback; it is
+    one line naming results.md and why, exit 1, and the previous results.md is left whole, as
+    at the end of a run, which says the trials' reports are kept."""
+    monkeypatch.setattr(runlock.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    run_without_ray(monkeypatch)
+    monkeypatch.setattr(rt, "report", results.report)
+    monkeypatch.setattr(run, "fit", lambda *args: (0, 0))
+    file = tmp_path / "tiny.yaml"
+    file.write_text(yaml.safe_dump(TINY))
+    folder = tmp_path / "runs" / "tiny"
+    experiment = spec.from_dict("tiny", TINY)
+    run.save_settings(
+        str(folder), experiment, rt.new_options(rt._parser().parse_args([""]), experiment)
+    )
+    (folder / "results.md").write_text("the previous table\n")
+    analysis = SimpleNamespace(trials=[])
+    monkeypatch.setattr(results.tune, "ExperimentAnalysis", lambda path: analysis)
+    full = FullDisk("results.md")
+    monkeypatch.setattr(storage, "filesystem", lambda path: (full, storage.absolute(path)))
+    argv = [str(file), "--storage", str(tmp_path / "runs")]
+    assert rt.main([*argv, "--report"]) == 1
+    said = f"error: {folder}/results.md could not be written: [Errno 28] Error writing bytes"
+    assert capsys.readouterr().err.startswith(said)
+    assert (folder / "results.md").read_text() == "the previous table\n"
+    assert sorted(p.name for p in folder.iterdir() if "results" in p.name) == [
+        "results.md",
+        "results.parquet",
+    ]
+    assert rt.main([*argv, "--resume"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(said) and err.endswith(
+        "; the trials' reports are kept: --report writes the results from them\n"
+    )
+    assert err.count("\n") == 1 and (folder / "results.md").read_text() == "the previous table\n"
 
 
 @pytest.mark.parametrize("other", ["--resume", "--dry-run"])

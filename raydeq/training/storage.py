@@ -48,7 +48,18 @@ def subfolders(path: str, prefix: str) -> list[str]:
 def write_bytes(path: str, payload: bytes) -> None:
     """Write a file at a local path or URI. A local file is written beside it and renamed into
     place, so that a crash mid-write (a stored experiment's settings, diverged.json) leaves the
-    old file or the new one, never a cut one; an object store's upload is whole already."""
+    old file or the new one, never a cut one; an object store's upload is whole already. A
+    write that fails (a full disk, a read-only folder) is a StorageError naming the file and
+    why, where pyarrow's error for a full disk names no file."""
+    try:
+        _write(path, payload)
+    except OSError as err:
+        reason = str(err).splitlines()[0]
+        raise StorageError(f"{path} could not be written: {reason}") from None
+
+
+def _write(path: str, payload: bytes) -> None:
+    """`write_bytes` without its error: the OSError of the filesystem."""
     fs, inner = filesystem(path)
     fs.create_dir(inner.rsplit("/", 1)[0], recursive=True)
     local = fs.type_name == "local"
