@@ -3,6 +3,7 @@
 import contextlib
 import copy
 import dataclasses
+import errno
 import functools
 import hashlib
 import itertools
@@ -11,6 +12,7 @@ import logging
 import math
 import os
 import pickle
+import re
 import shlex
 import shutil
 import signal
@@ -558,7 +560,7 @@ def test_a_crash_while_saving_leaves_no_checkpoint_folder(tmp_path, monkeypatch)
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", crash)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(storage.StorageError, match="step 1 could not be written to .*: disk full$"):
         checkpoint.write_checkpoint({"step": 1}, tmp_path / "ckpt")
     assert not (tmp_path / "ckpt").exists()
 
@@ -966,6 +968,37 @@ def test_each_checkpoint_keeps_the_reports_since_the_one_before_for_a_stopped_dr
     history = archive.history(session.folder)
     assert history["step"].tolist() == [2, 4, 6, 8]
     assert history["test_accuracy"].dropna().tolist() == [kept[1][-1]["test_accuracy"]]
+
+
+def test_a_checkpoint_cut_by_a_full_disk_stops_the_run_in_one_line_and_the_one_before_stays(
+    tmp_path, monkeypatch
+):
+    """A full disk under the checkpoint of step 8: torch.save given a path said only
+    'unexpected pos 704 vs 598', a traceback naming neither the disk nor the folder; the run
+    stops with raydeq's one line naming the step, the folder and the cause, and a resume
+    starts from the checkpoint of step 4, whole."""
+    save, saved = torch.save, []
+
+    def full_disk(state, target):
+        saved.append(state["step"])
+        if state["step"] < 8:
+            return save(state, target)
+        if isinstance(target, str | os.PathLike):  # as torch's zip writer reports it
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704")
+        target.write(b"PK")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    cfg = make_config(tmp_path, max_steps=8, checkpoint_every=4)
+    session = FolderSession(tmp_path / "trial")
+    with pytest.raises(storage.StorageError) as stopped:
+        loop.Loop(cfg, session).run()
+    said = "the checkpoint of step 8 could not be written to /.+/.checkpoint.partial: "
+    assert re.fullmatch(said + r"\[Errno 28\] No space left on device", str(stopped.value))
+    error = f"raydeq.training.storage.StorageError: {stopped.value}"
+    assert launch.own_error(error) == f"StorageError: {stopped.value}" and saved == [4, 8]
+    assert sorted(p.name for p in Path(session.folder).iterdir()) == ["checkpoint_000004"]
+    assert checkpoint.restore(session.checkpoints())["step"] == 4
 
 
 def crash_in_step_5(cfg: Config, session: Session, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -17,6 +17,8 @@ from typing import Any
 import pyarrow.fs
 import torch
 
+from raydeq.training.storage import StorageError
+
 STATE_FILE = "state.pt"
 MANIFEST_FILE = "manifest.json"
 # The reports made since the previous checkpoint, this one's included, one JSON object a line:
@@ -55,21 +57,36 @@ def write_checkpoint(
     The folder holds `state.pt` and `manifest.json` with its step, size in bytes and SHA-256,
     so a copy that was cut short or altered later is recognised when it is read, and the run's
     `settings` where the state has them, so that a start can tell whose run it would resume;
-    `reports` go to REPORTS_FILE.
+    `reports` go to REPORTS_FILE. A write that fails (a full disk) is a StorageError naming the
+    step, the folder and why.
     """
     staging = directory.with_name(f".{directory.name}.partial")
+    try:
+        _stage(state, staging, reports)
+    except OSError as err:
+        reason = str(err).splitlines()[0]
+        raise StorageError(
+            f"the checkpoint of step {state['step']} could not be written to {staging}: {reason}"
+        ) from None
+    staging.rename(directory)
+    return directory
+
+
+def _stage(state: dict[str, Any], staging: Path, reports: Sequence[Mapping[str, Any]]) -> None:
+    """Write the files of `write_checkpoint` into the new folder `staging`. The state goes
+    through a file opened here: torch.save given a path reports a full disk as 'unexpected pos
+    704 vs 598', where a file's write raises the OSError that says so."""
     staging.mkdir(parents=True)
     if reports:
         lines = "".join(json.dumps(dict(report)) + "\n" for report in reports)
         (staging / REPORTS_FILE).write_text(lines)
     saved = staging / STATE_FILE
-    torch.save(state, saved)
+    with saved.open("wb") as stream:
+        torch.save(state, stream)
     manifest = {"step": state["step"], "bytes": saved.stat().st_size, "sha256": _sha256(saved)}
     if "settings" in state:
         manifest["settings"] = state["settings"]
     (staging / MANIFEST_FILE).write_text(json.dumps(manifest))
-    staging.rename(directory)
-    return directory
 
 
 def read_checkpoint(directory: Path) -> dict[str, Any]:
