@@ -514,6 +514,17 @@ def test_the_hparams_view_has_each_finished_trials_settings_and_final_measures_o
     assert values == {"trial": "b", "optim.lr": 0.5, "model.solver": "euler"}
 
 
+def test_an_hparams_entry_whose_write_failed_is_written_by_the_next_report(tmp_path):
+    """A write that failed (a full disk) left the trial's folder empty: the next report writes
+    the entry, where it took the folder for the entry and skipped the trial for good."""
+    rows = [{"trial": "a", "completed": True, "config.optim.lr": 0.25, "test_accuracy": 0.75}]
+    (tmp_path / hparams.FOLDER / "a").mkdir(parents=True)
+    assert hparams.write(str(tmp_path), rows, ["config.optim.lr"]) == 1
+    measures, values = _hparams_entry(tmp_path / hparams.FOLDER / "a")
+    assert measures == {"hparam/test_accuracy": 0.75}
+    assert values == {"trial": "a", "optim.lr": 0.25}
+
+
 def _hparams_tab(logdir: Path) -> dict[str, object]:
     """What TensorBoard's HParams tab shows for `logdir`: each setting's type and range (or
     values), and the measures, as its backend works them out from the event files."""

@@ -10,10 +10,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 
-from raydeq.training.storage import exists, write_bytes
+from raydeq.training.storage import filesystem, write_bytes
 
 FOLDER = "hparams"
 MEASURES = ("test_accuracy", "test_top5_accuracy", "test_nfe", "train_time")
@@ -53,13 +54,20 @@ def _event_files(row: Mapping[str, Any], settings: Sequence[str]) -> dict[str, b
         return {p.name: p.read_bytes() for p in Path(folder).iterdir() if p.is_file()}
 
 
+def _written(folder: str) -> bool:
+    """Whether a trial's entry is there: a folder that a failed write left empty is not."""
+    fs, inner = filesystem(folder)
+    found = fs.get_file_info(pyarrow.fs.FileSelector(inner, allow_not_found=True))
+    return any(i.type == pyarrow.fs.FileType.File for i in found)
+
+
 def write(path: str, rows: Sequence[Mapping[str, Any]], settings: Sequence[str]) -> int:
     """Write the HParams entry of each finished trial that has none yet (a rebuild or a resumed
     search adds the new ones only); returns how many were written."""
     written = 0
     for row in rows:
         folder = f"{path}/{FOLDER}/{row['trial']}"
-        if not row.get("completed") or exists(folder):
+        if not row.get("completed") or _written(folder):
             continue
         for name, payload in _event_files(row, settings).items():
             write_bytes(f"{folder}/{name}", payload)
