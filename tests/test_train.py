@@ -1525,6 +1525,28 @@ def test_a_run_that_diverged_after_a_checkpoint_is_not_trained_again_from_it(tmp
     assert loop.Loop(raised, session).state.step == 2
 
 
+def test_a_divergence_whose_record_cannot_be_written_still_says_why_the_run_stopped(
+    tmp_path, monkeypatch
+):
+    """A full disk under the divergence record: the run stops with the divergence's reason and
+    says that its record was not kept, instead of a storage error alone."""
+    cfg = make_config(tmp_path, max_steps=10, max_nonfinite_steps=1)
+    run = loop.Loop(cfg, FolderSession(tmp_path / "run"))
+
+    def full(path, payload):
+        raise storage.StorageError(f"{path} could not be written: No space left on device")
+
+    monkeypatch.setattr(loop, "write_bytes", full)
+    with pytest.raises(loop.NonFiniteError) as info:
+        run.record(None)
+    message = str(info.value)
+    assert message.startswith("training stopped at step 1")
+    assert message.endswith(
+        f"; its record for restarts could not be kept ({tmp_path / 'run'}/{loop.DIVERGED_FILE} "
+        "could not be written: No space left on device)"
+    )
+
+
 def test_a_divergence_recorded_with_other_workers_does_not_stop_a_start_with_one(tmp_path):
     """The record of a run that diverged from step 0 on 2 workers refuses a start from step 0
     on 2 workers only: one worker replays other batches, so it starts."""

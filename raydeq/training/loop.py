@@ -35,7 +35,7 @@ from raydeq.training.state import (
     rng_state,
     set_rng_state,
 )
-from raydeq.training.storage import exists, read_text, write_bytes
+from raydeq.training.storage import StorageError, exists, read_text, write_bytes
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 PRETRAIN_METRICS = ("nfe", "backward_nvjp", "forward_time", "backward_time")
@@ -201,7 +201,10 @@ class Loop:
         if self.rank == 0:
             record = {"from_step": self.checkpointed, "workers": self.world, "reason": reason}
             record["limit"] = self.cfg.train.max_nonfinite_steps
-            write_bytes(f"{self.session.folder}/{DIVERGED_FILE}", json.dumps(record).encode())
+            try:
+                write_bytes(f"{self.session.folder}/{DIVERGED_FILE}", json.dumps(record).encode())
+            except StorageError as err:  # the divergence is the news, not the record's write
+                reason += f"; its record for restarts could not be kept ({err})"
         return NonFiniteError(reason)
 
     def refuse_a_known_divergence(self) -> None:
