@@ -1716,6 +1716,9 @@ def test_pretraining_steps_report_their_own_times_apart_from_the_deq_solves(tmp_
     steps = steps_by_tag(Path(cfg.run_dir, reporting.TENSORBOARD_DIR))
     assert steps["pretrain_forward_time"] == steps["pretrain_backward_time"] == [1, 2]
     assert steps["forward_time"] == steps["backward_time"] == steps["nfe"] == [3, 4]
+    # The solves' state too: the warm-up runs none, and the DEQ's curves hold solves only.
+    assert steps["pretrain_residual"] == steps["pretrain_unconverged_fraction"] == [1, 2]
+    assert steps["residual"] == steps["unconverged_fraction"] == [3, 4]
     assert steps["optimizer_time"] == steps["data_time"] == [1, 2, 3, 4]
 
 

@@ -38,7 +38,10 @@ from raydeq.training.state import (
 from raydeq.training.storage import StorageError, exists, read_text, write_bytes
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# Named pretrain_* in a step of the unrolled warm-up, which runs no solve, so that the DEQ's
+# curves and interval means of its solves' cost and state hold solves only.
 PRETRAIN_METRICS = ("nfe", "backward_nvjp", "forward_time", "backward_time")
+PRETRAIN_METRICS += ("residual", "unconverged_fraction", "backward_unconverged_fraction")
 
 
 # Written in a run's folder when it stops for non-finite steps (see `Loop.diverged`).
@@ -164,14 +167,13 @@ class Loop:
             return None
         times = {"forward_time": forward_end - start, "backward_time": backward_end - forward_end}
         counts = {"nfe": float(out.stats.nfe), "backward_nvjp": float(out.stats.backward_nvjp)}
-        if "backward_unconverged_fraction" in values:
-            counts["backward_unconverged_fraction"] = values.pop("backward_unconverged_fraction")
-        solver = counts | times
-        if pretraining:
-            solver = {f"pretrain_{k}": v for k, v in solver.items()}
         took = end - start + data_time
         rest = {"optimizer_time": end - backward_end, "data_time": data_time, "step_time": took}
-        return solver | values | rest | {"images_per_second": len(labels) * self.world / took}
+        rest["images_per_second"] = len(labels) * self.world / took
+        metrics = counts | times | values | rest
+        if pretraining:
+            return {f"pretrain_{k}" if k in PRETRAIN_METRICS else k: v for k, v in metrics.items()}
+        return metrics
 
     def record(self, metrics: dict[str, float] | None) -> None:
         """Count a finished step and log its metrics; stop after too many skipped in a row."""
