@@ -104,6 +104,26 @@ def test_mnist10k_pixels_are_standardised_with_mnists_mean_and_deviation():
     assert abs(images.mean().item()) < 0.02 and images.std().item() == pytest.approx(1, abs=0.02)
 
 
+@pytest.mark.parametrize("augment", [False, True])
+def test_mnist10k_reads_each_digit_to_the_bit_as_torchvisions_transforms_give_it(augment):
+    """Every fifth embedded digit, train and test, equals torchvision's ToTensor and Normalize
+    (after RandomAffine drawn from the same seed where augmented) of its PIL image, to the bit."""
+    from torchvision import transforms as T
+
+    splits = data.load_splits(section(dataset="mnist10k", augment=augment))
+    affine = (T.RandomAffine(degrees=10, translate=(0.1, 0.1)),) if augment else ()
+    stats = T.ToTensor(), T.Normalize((0.1307,), (0.3081,))
+    for split, train in ((splits.train, True), (splits.test, False)):
+        reference = T.Compose([*(affine if train else ()), *stats])
+        pixels, labels = datasets.mnist10k(train=train)
+        for index in range(0, len(labels), 5):
+            torch.manual_seed(index)
+            expected = reference(Image.fromarray(pixels[index].numpy(), mode="L"))
+            torch.manual_seed(index)
+            image, label = split[index]
+            assert torch.equal(image, expected) and label == labels[index], index
+
+
 def dot_pair_geometry(image: torch.Tensor) -> tuple[float, float, float]:
     """For a 28 x 28 image of ink in 0..1 holding one dot in each half (left, right): the angle
     in degrees of the line from the left dot's centroid to the right one's, the largest

@@ -6,6 +6,7 @@ from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
@@ -32,35 +33,51 @@ def _normalized(
     return T.Compose([*augment, T.ToTensor(), T.Normalize(*stats)])
 
 
-def _mnist_transforms(cfg: DataSection) -> tuple[T.Compose, T.Compose]:
-    """MNIST's train and test transforms.
-
-    Augmentation: random rotations (up to 10 degrees) and shifts (up to 10%), which a dense
-    model needs to generalise from a few thousand digits.
-    """
-    augment = (T.RandomAffine(degrees=10, translate=(0.1, 0.1)),) if cfg.augment else ()
-    return _normalized(MNIST_STATS, *augment), _normalized(MNIST_STATS)
+def _mnist_augmentation(cfg: DataSection) -> tuple[Callable, ...]:
+    """MNIST's training augmentation: random rotations (up to 10 degrees) and shifts (up to
+    10%), which a dense model needs to generalise from a few thousand digits."""
+    return (T.RandomAffine(degrees=10, translate=(0.1, 0.1)),) if cfg.augment else ()
 
 
 def _mnist(cfg: DataSection) -> Splits:
     """MNIST from `data_dir/MNIST/raw` in the IDX layout torchvision reads."""
-    train_transform, test_transform = _mnist_transforms(cfg)
     make = partial(datasets.MNIST, cfg.data_dir, download=cfg.download)
-    train = make(train=True, transform=train_transform)
-    test = make(train=False, transform=test_transform)
+    train = make(train=True, transform=_normalized(MNIST_STATS, *_mnist_augmentation(cfg)))
+    test = make(train=False, transform=_normalized(MNIST_STATS))
     return Splits(train, test, image_shape(cfg), CLASSES["mnist"], augmented=cfg.augment)
 
 
 class GreyImages(Dataset):
-    """uint8 images (N, H, W) and labels, each image a PIL image passed through `transform`."""
+    """uint8 images (N, H, W) and labels, each image passed through the PIL transforms `augment`
+    and then ToTensor and Normalize(*stats) (see `transform`). Without augmentation every image
+    is standardised once, here, so that a read is an index rather than a PIL round trip."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform: Callable) -> None:
-        self.images, self.labels, self.transform = images, labels, transform
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        stats: tuple[tuple[float, ...], tuple[float, ...]],
+        *augment: Callable,
+    ) -> None:
+        self.images, self.labels, self.augment = images, labels, T.Compose(augment)
+        self.mean, self.std = (torch.tensor(s).view(1, 1, 1) for s in stats)
+        self.standardised = None if augment else self.standardise(images)
 
     def __len__(self) -> int:
         return len(self.labels)
 
+    def standardise(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 pixels (..., H, W) as ToTensor and Normalize give them: (..., 1, H, W) floats,
+        p / 255, less the mean, over the deviation, in the same float32 operations."""
+        return pixels.unsqueeze(-3).float().div(255).sub(self.mean).div(self.std)
+
+    def transform(self, image: Image.Image) -> torch.Tensor:
+        """A PIL image augmented and standardised, as a training read gives it."""
+        return self.standardise(torch.from_numpy(np.array(self.augment(image), np.uint8)))
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        if self.standardised is not None:
+            return self.standardised[index], int(self.labels[index])
         image = Image.fromarray(self.images[index].numpy(), mode="L")
         return self.transform(image), int(self.labels[index])
 
@@ -70,9 +87,8 @@ def _mnist10k(cfg: DataSection) -> Splits:
 
     Transforms and augmentation are MNIST's; the files ship in the package (MNIST10K_DIR).
     """
-    train_transform, test_transform = _mnist_transforms(cfg)
-    train = GreyImages(*mnist10k(train=True), train_transform)
-    test = GreyImages(*mnist10k(train=False), test_transform)
+    train = GreyImages(*mnist10k(train=True), MNIST_STATS, *_mnist_augmentation(cfg))
+    test = GreyImages(*mnist10k(train=False), MNIST_STATS)
     return Splits(train, test, image_shape(cfg), CLASSES["mnist10k"], augmented=cfg.augment)
 
 
