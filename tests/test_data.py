@@ -105,12 +105,17 @@ def test_mnist10k_pixels_are_standardised_with_mnists_mean_and_deviation():
 
 
 @pytest.mark.parametrize("augment", [False, True])
-def test_mnist10k_reads_each_digit_to_the_bit_as_torchvisions_transforms_give_it(augment):
-    """Every fifth embedded digit, train and test, equals torchvision's ToTensor and Normalize
-    (after RandomAffine drawn from the same seed where augmented) of its PIL image, to the bit."""
+@pytest.mark.parametrize("dataset", ["mnist10k", "mnist"])
+def test_mnist_digits_read_to_the_bit_as_torchvisions_transforms_give_them(
+    tmp_path, dataset, augment
+):
+    """Every fifth digit, train and test, embedded or read from MNIST's files, equals
+    torchvision's ToTensor and Normalize (after RandomAffine drawn from the same seed where
+    augmented) of its PIL image, to the bit."""
     from torchvision import transforms as T
 
-    splits = data.load_splits(section(dataset="mnist10k", augment=augment))
+    folder = {"data_dir": str(mnist_folder(tmp_path))} if dataset == "mnist" else {}
+    splits = data.load_splits(section(dataset=dataset, augment=augment, **folder))
     affine = (T.RandomAffine(degrees=10, translate=(0.1, 0.1)),) if augment else ()
     stats = T.ToTensor(), T.Normalize((0.1307,), (0.3081,))
     for split, train in ((splits.train, True), (splits.test, False)):

@@ -39,14 +39,6 @@ def _mnist_augmentation(cfg: DataSection) -> tuple[Callable, ...]:
     return (T.RandomAffine(degrees=10, translate=(0.1, 0.1)),) if cfg.augment else ()
 
 
-def _mnist(cfg: DataSection) -> Splits:
-    """MNIST from `data_dir/MNIST/raw` in the IDX layout torchvision reads."""
-    make = partial(datasets.MNIST, cfg.data_dir, download=cfg.download)
-    train = make(train=True, transform=_normalized(MNIST_STATS, *_mnist_augmentation(cfg)))
-    test = make(train=False, transform=_normalized(MNIST_STATS))
-    return Splits(train, test, image_shape(cfg), CLASSES["mnist"], augmented=cfg.augment)
-
-
 class GreyImages(Dataset):
     """uint8 images (N, H, W) and labels, each image passed through the PIL transforms `augment`
     and then ToTensor and Normalize(*stats) (see `transform`). Without augmentation every image
@@ -80,6 +72,20 @@ class GreyImages(Dataset):
             return self.standardised[index], int(self.labels[index])
         image = Image.fromarray(self.images[index].numpy(), mode="L")
         return self.transform(image), int(self.labels[index])
+
+
+def _mnist(cfg: DataSection) -> Splits:
+    """MNIST from `data_dir/MNIST/raw` in the IDX layout torchvision reads, its digits read as
+    the embedded ones (see GreyImages)."""
+    make = partial(datasets.MNIST, cfg.data_dir, download=cfg.download)
+    train, test = make(train=True), make(train=False)
+    return Splits(
+        GreyImages(train.data, train.targets, MNIST_STATS, *_mnist_augmentation(cfg)),
+        GreyImages(test.data, test.targets, MNIST_STATS),
+        image_shape(cfg),
+        CLASSES["mnist"],
+        augmented=cfg.augment,
+    )
 
 
 def _mnist10k(cfg: DataSection) -> Splits:
