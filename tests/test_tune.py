@@ -1898,12 +1898,9 @@ def test_leaves_name_each_setting_by_its_dotted_key():
     }
 
 
-def test_a_report_while_a_driver_here_runs_the_experiment_counts_its_trials_as_running(
-    tmp_path, capsys, monkeypatch
-):
-    """--report from a second terminal: the trials that have not ended are running, not
-    stopped (as in an interrupted run), and a note says the run writes its results again."""
-    monkeypatch.setattr(runlock.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+def stored_tiny_experiment(tmp_path: Path) -> tuple[Path, Path]:
+    """The TINY experiment's file, and its folder under tmp_path/runs with its stored settings,
+    as a run started from that file leaves them."""
     file = tmp_path / "tiny.yaml"
     file.write_text(yaml.safe_dump(TINY))
     folder = tmp_path / "runs" / "tiny"
@@ -1911,6 +1908,16 @@ def test_a_report_while_a_driver_here_runs_the_experiment_counts_its_trials_as_r
     run.save_settings(
         str(folder), experiment, rt.new_options(rt._parser().parse_args([""]), experiment)
     )
+    return file, folder
+
+
+def test_a_report_while_a_driver_here_runs_the_experiment_counts_its_trials_as_running(
+    tmp_path, capsys, monkeypatch
+):
+    """--report from a second terminal: the trials that have not ended are running, not
+    stopped (as in an interrupted run), and a note says the run writes its results again."""
+    monkeypatch.setattr(runlock.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    file, folder = stored_tiny_experiment(tmp_path)
     called = []
     monkeypatch.setattr(
         rt, "report", lambda path, experiment, unfinished: called.append(unfinished)
@@ -1969,13 +1976,7 @@ def test_a_report_that_cannot_write_its_table_is_one_line_and_keeps_the_previous
     run_without_ray(monkeypatch)
     monkeypatch.setattr(rt, "report", results.report)
     monkeypatch.setattr(run, "fit", lambda *args: (0, 0))
-    file = tmp_path / "tiny.yaml"
-    file.write_text(yaml.safe_dump(TINY))
-    folder = tmp_path / "runs" / "tiny"
-    experiment = spec.from_dict("tiny", TINY)
-    run.save_settings(
-        str(folder), experiment, rt.new_options(rt._parser().parse_args([""]), experiment)
-    )
+    file, folder = stored_tiny_experiment(tmp_path)
     (folder / "results.md").write_text("the previous table\n")
     analysis = SimpleNamespace(trials=[])
     monkeypatch.setattr(results.tune, "ExperimentAnalysis", lambda path: analysis)
@@ -2005,13 +2006,7 @@ def test_report_with_resume_or_dry_run_is_refused_rather_than_one_of_them_ignore
     """--report writes the results of the experiment as it stands and exits: given with
     --resume it left the interrupted trials unrun (status 0), with --dry-run it wrote nothing."""
     run_without_ray(monkeypatch)
-    file = tmp_path / "tiny.yaml"
-    file.write_text(yaml.safe_dump(TINY))
-    folder = tmp_path / "runs" / "tiny"
-    experiment = spec.from_dict("tiny", TINY)
-    run.save_settings(
-        str(folder), experiment, rt.new_options(rt._parser().parse_args([""]), experiment)
-    )
+    file, folder = stored_tiny_experiment(tmp_path)
     argv = [str(file), "--storage", str(tmp_path / "runs"), "--report", other]
     assert rt.main(argv) == 2
     err = capsys.readouterr().err
