@@ -667,6 +667,16 @@ def test_read_newest_takes_the_newest_readable_checkpoint_of_a_run_or_of_a_folde
     assert checkpoint.read_newest(tmp_path / "trial")["step"] == 6
 
 
+def test_read_newest_of_a_run_holding_only_copies_cut_short_is_a_checkpoint_error(tmp_path):
+    """A run whose one checkpoint is a copy cut short (no state.pt) has no weights to time: a
+    CheckpointError naming the folder, which --weights reports as a usage error, not the
+    'NoneType' TypeError of indexing the None that restore gives there."""
+    cut = checkpoint.write_checkpoint({"step": 3}, tmp_path / "run" / "checkpoint_000003")
+    (cut / STATE_FILE).unlink()
+    with pytest.raises(checkpoint.CheckpointError, match="run: no whole checkpoint"):
+        checkpoint.read_newest(tmp_path / "run")
+
+
 def test_read_newest_passes_over_ray_trains_checkpoint_record_without_a_warning(tmp_path, caplog):
     """Ray Train keeps its record of a run's checkpoints in the file
     checkpoint_manager_snapshot.json beside them: it is no checkpoint, so reading the run's

@@ -144,7 +144,10 @@ def read_newest(folder: Path) -> dict[str, Any]:
         return read_checkpoint(folder)
     local = pyarrow.fs.LocalFileSystem()
     newest = newest_first(local, [str(path) for path in inside])
-    return restore(nullcontext(path) for path in newest)
+    state = restore(nullcontext(path) for path in newest)
+    if state is None:
+        raise CheckpointError(f"{folder}: no whole checkpoint, only copies cut short")
+    return state
 
 
 def newest_first(fs: pyarrow.fs.FileSystem, folders: Iterable[str]) -> list[str]:
