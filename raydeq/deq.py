@@ -276,7 +276,7 @@ class DEQ(nn.Module):
         self.pretrain_depth = pretrain_depth
         self.solver_options = dict(solver_options or {})
         self.adjoint_options = dict(adjoint_options or {})
-        self.compile = compile
+        self.compile_mode = compile  # not `compile`, nn.Module's method
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self._warmed_up = False
         self.register_load_state_dict_post_hook(_count_loaded)
@@ -354,7 +354,7 @@ class DEQ(nn.Module):
                 divergence=t.divergence,
                 solver_options=self.solver_options,
                 adjoint_options=self.adjoint_options,
-                compile=self.compile,
+                compile=self.compile_mode,
                 initial_nfe=extra_nfe,
                 check_start=self.init != "zeros",
             )

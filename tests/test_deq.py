@@ -724,6 +724,25 @@ def test_the_layer_s_compile_options_reach_the_solve():
     torch.testing.assert_close(out.z, eager.z, rtol=0, atol=1e-12)
 
 
+def test_the_layer_keeps_nn_modules_compile_method():
+    """layer.compile(...) is torch's in-place compile of the module, whatever compile= the layer
+    was built with (which took its name, so that calling it raised "'bool' object is not
+    callable"); the compiled layer gives the eager solution."""
+    import torch._dynamo
+
+    f, x = dense_cell()
+    x = x.detach()
+    layer = DEQ(f, solver="broyden", **TIGHT)
+    eager = layer(x)
+    torch._dynamo.reset()
+    try:
+        layer.compile(backend="eager")
+        out = layer(x)
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(out.z, eager.z, rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
