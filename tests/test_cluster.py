@@ -107,6 +107,26 @@ def test_imagenet_claims_gpus_and_runs_as_many_trials_as_the_autoscaler_can_prov
     assert launch.gpus_per_worker(cfg) == 0.0
 
 
+def _published(autoscaling: dict) -> list[capacity.NodeType]:
+    """The node types that `python -m raydeq.training.capacity` publishes for `autoscaling`."""
+    groups = capacity.cluster_config(autoscaling).node_group_configs
+    return [capacity.NodeType(dict(g.resources), g.max_count) for g in groups]
+
+
+def test_on_gcp_trials_claim_gpus_only_with_the_node_resources_the_readme_gives(monkeypatch):
+    """Ray fills node types' resources in from the instance type on AWS only: on GCP
+    cluster.yaml's empty ones publish no GPU; those the README gives hold 4 ImageNet trials."""
+    gcp = {"type": "gcp", "region": "us-central1", "project_id": "p"}
+    autoscaling = prepare_config(CLUSTER | {"provider": gcp})
+    monkeypatch.setattr(capacity, "node_types", lambda: _published(autoscaling))
+    assert not capacity.can_have("GPU")
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert "`{CPU: 8}` for the head, `{CPU: 48, GPU: 4}` for `a2-highgpu-4g`" in readme
+    for name, resources in {"head": {"CPU": 8}, "gpu_worker": {"CPU": 48, "GPU": 4}}.items():
+        autoscaling["available_node_types"][name]["resources"] = resources
+    assert capacity.can_have("GPU") and run.concurrency(spec.load("imagenet"), None) == 4
+
+
 def test_a_trials_workers_share_its_cpus_and_take_the_gpus_given_else_one_where_nodes_have_gpus(
     monkeypatch,
 ):
