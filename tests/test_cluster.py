@@ -15,6 +15,7 @@ import time
 import tomllib
 from pathlib import Path
 
+import click
 import psutil
 import pyarrow.parquet as pq
 import pytest
@@ -125,6 +126,22 @@ def test_on_gcp_trials_claim_gpus_only_with_the_node_resources_the_readme_gives(
     for name, resources in {"head": {"CPU": 8}, "gpu_worker": {"CPU": 48, "GPU": 4}}.items():
         autoscaling["available_node_types"][name]["resources"] = resources
     assert capacity.can_have("GPU") and run.concurrency(spec.load("imagenet"), None) == 4
+
+
+def test_on_machines_of_ones_own_the_file_drops_the_node_types_and_the_capacity_step():
+    """`ray up` refuses node types for an on-premise cluster and makes one without resources,
+    which the capacity step would publish as a cluster with no GPUs."""
+    local = {"type": "local", "head_ip": "10.0.0.1", "worker_ips": ["10.0.0.2", "10.0.0.3"]}
+    with pytest.raises(click.ClickException, match="available_node_types is not supported"):
+        prepare_config(CLUSTER | {"provider": local})
+    kept = {k: v for k, v in CLUSTER.items() if k not in ("available_node_types", "head_node_type")}
+    start = CLUSTER["head_start_ray_commands"][:-1]
+    autoscaling = prepare_config(kept | {"provider": local, "head_start_ray_commands": start})
+    validate_config(autoscaling)
+    assert [t.resources for t in _published(autoscaling)] == [{}]
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert "with the rest of the file but `available_node_types` and `head_node_type`" in readme
+    assert "and the `raydeq.training.capacity` step (it would publish that type" in readme
 
 
 def test_a_trials_workers_share_its_cpus_and_take_the_gpus_given_else_one_where_nodes_have_gpus(
