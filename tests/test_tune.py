@@ -744,10 +744,13 @@ def test_asha_lets_the_longest_variant_finish_and_a_drawn_length_run_unbounded()
     search = {"scheduler": "asha", "variants": variants}
     raw = {**TINY, "train": {"max_steps": 60}, "search": search}
     options = run.Options(gpus=0, num_samples=1, scheduler="asha", max_concurrent=0)
-    assert run._scheduler(spec.from_dict("a", raw), options)._max_t == 91
+    assert run._scheduler(spec.from_dict("a", raw), options, "runs/a")._max_t == 91
     drawn = {"scheduler": "asha", "space": {"train": {"max_steps": {"choice": [30, 120]}}}}
     assert spec.from_dict("a", raw | {"search": drawn}).longest_trial() == 0
-    assert run._scheduler(spec.from_dict("a", raw | {"search": drawn}), options)._max_t == 2**31
+    assert (
+        run._scheduler(spec.from_dict("a", raw | {"search": drawn}), options, "runs/a")._max_t
+        == 2**31
+    )
     rule = {"when": {"model.solver": "vcab3"}, "space": {"train.max_steps": {"randint": [9, 99]}}}
     solvers = {"model.solver": {"choice": ["vcab3", "tsit5"]}}
     conditional = {"searcher": "tpe", "space": solvers, "conditional": [rule]}
@@ -1599,10 +1602,10 @@ def test_asha_rungs_follow_the_search_and_a_trial_is_not_stopped_at_its_last_ste
     search = {"scheduler": "asha", "grace_period": 5, "reduction_factor": 3}
     experiment = spec.from_dict("a", {**TINY, "train": {"max_steps": 60}, "search": search})
     options = run.Options(gpus=0, num_samples=1, scheduler="asha", max_concurrent=0)
-    scheduler = run._scheduler(experiment, options)
+    scheduler = run._scheduler(experiment, options, "runs/a")
     assert sorted(milestone for milestone, _ in scheduler._brackets[0]._rungs) == [5, 15, 45]
     scheduler.set_search_properties("test_accuracy", "max")
-    trial = SimpleNamespace(trial_id="t0")
+    trial = SimpleNamespace(trial_id="t0", path="runs/a/t0")
     scheduler.on_trial_add(None, trial)
     action = scheduler.on_trial_result(None, trial, {"step": 60, "test_accuracy": 0.5})
     assert action == run.TrialScheduler.CONTINUE
@@ -1615,10 +1618,11 @@ def test_asha_compares_trials_at_the_same_step_and_stops_at_the_searchs_max_t():
     search = {"scheduler": "asha", "grace_period": 5, "reduction_factor": 3, "max_t": 30}
     capped = spec.from_dict("a", {**TINY, "train": {"max_steps": 60}, "search": search})
     options = run.Options(gpus=0, num_samples=1, scheduler="asha", max_concurrent=0)
-    scheduler = run._scheduler(capped, options)
+    scheduler = run._scheduler(capped, options, "runs/a")
     assert sorted(milestone for milestone, _ in scheduler._brackets[0]._rungs) == [5, 15]
     scheduler.set_search_properties("test_accuracy", "max")
-    good, bad = SimpleNamespace(trial_id="good"), SimpleNamespace(trial_id="bad")
+    good = SimpleNamespace(trial_id="good", path="runs/a/good")
+    bad = SimpleNamespace(trial_id="bad", path="runs/a/bad")
     scheduler.on_trial_add(None, good)
     scheduler.on_trial_add(None, bad)
     result = {"step": 5, "training_iteration": 1}
@@ -1628,10 +1632,34 @@ def test_asha_compares_trials_at_the_same_step_and_stops_at_the_searchs_max_t():
     assert action == run.TrialScheduler.STOP
     search = {"scheduler": "asha", "grace_period": 1, "reduction_factor": 2}
     epochs = spec.from_dict("a", {**TINY, "search": search})
-    rungs = run._scheduler(epochs, options)._brackets[0]._rungs
+    rungs = run._scheduler(epochs, options, "runs/a")._brackets[0]._rungs
     assert sorted(milestone for milestone, _ in rungs) == [2**k for k in range(32)]
     fifo = run.Options(gpus=0, num_samples=1, scheduler="fifo", max_concurrent=0)
-    assert type(run._scheduler(capped, fifo)) is run.FIFOScheduler
+    assert type(run._scheduler(capped, fifo, "runs/a")) is run.FIFOScheduler
+
+
+def test_asha_resumed_keeps_the_rungs_of_the_reports_before_the_resume(tmp_path):
+    """Tune restores the ASHA pickled at the run's start (empty rungs): a trial that reported
+    0.9 at rung 20 before the resume, archived, stops a new trial's 0.1 there, as it did in an
+    uninterrupted run; a trial not yet started (no folder) replays nothing."""
+    search = {"scheduler": "asha", "grace_period": 10, "reduction_factor": 2}
+    experiment = spec.from_dict("a", {**TINY, "train": {"max_steps": 60}, "search": search})
+    options = run.Options(gpus=0, num_samples=3, scheduler="asha", max_concurrent=0)
+    folder = tmp_path / "good"
+    folder.mkdir()
+    reports = [{"step": 10}, {"step": 22, "test_accuracy": 0.9}]
+    lines = "".join(json.dumps(report) + "\n" for report in reports)
+    (folder / f"{archive.ARCHIVE_PREFIX}0.json").write_text(lines)
+    scheduler = run._scheduler(experiment, options, str(tmp_path))
+    scheduler.set_search_properties("test_accuracy", "max")
+    good = SimpleNamespace(trial_id="good", path=str(folder))
+    bad = SimpleNamespace(trial_id="bad", path=str(tmp_path / "bad"))
+    scheduler.on_trial_add(None, good)
+    scheduler.on_trial_add(None, bad)
+    rungs = dict(scheduler._brackets[0]._rungs)
+    assert rungs[20] == {"good": 0.9} and rungs[10] == {}
+    action = scheduler.on_trial_result(None, bad, {"step": 22, "test_accuracy": 0.1})
+    assert action == run.TrialScheduler.STOP
 
 
 def test_a_trial_that_reaches_its_last_step_finished_and_one_cut_short_stopped_early(capsys):
@@ -1772,7 +1800,7 @@ def test_the_tuner_runs_the_trials_with_the_runs_options_in_the_experiments_fold
     tune_config, run_config = internal._tune_config, internal._run_config
     assert (tune_config.metric, tune_config.mode) == ("train_loss", "min")
     assert tune_config.num_samples == 5 and not tune_config.reuse_actors
-    assert type(tune_config.scheduler) is run.ASHAScheduler
+    assert type(tune_config.scheduler) is run.ResumableASHA
     assert tune_config.search_alg.max_concurrent == 3
     assert (run_config.name, run_config.storage_path) == ("x", f"{tmp_path}/runs")
     assert run_config.checkpoint_config.num_to_keep == 2

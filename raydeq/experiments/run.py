@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import MISSING, dataclass
 from typing import Any
 
+import pyarrow.fs
 import ray
 import ray.util.state
 import yaml
@@ -26,7 +27,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import BasicVariantGenerator, SearchAlgorithm, Searcher
 
 from raydeq.experiments import search as searchers
-from raydeq.experiments.archive import archive_results
+from raydeq.experiments.archive import archive_results, history
 from raydeq.experiments.spec import (
     Experiment,
     describe,
@@ -40,7 +41,7 @@ from raydeq.training.config import SCHEDULERS, Config, ConfigError
 from raydeq.training.reporting import progress_line
 from raydeq.training.schema import build_section, option
 from raydeq.training.session import TuneTrial
-from raydeq.training.storage import exists, read_text, write_bytes
+from raydeq.training.storage import exists, filesystem, read_text, write_bytes
 
 SETTINGS_FILE = "experiment.yaml"
 TRAIN_RUN = "train"
@@ -219,12 +220,46 @@ def check_scheduler(experiment: Experiment, scheduler: str) -> None:
         )
 
 
-def _scheduler(experiment: Experiment, options: Options) -> TrialScheduler:
-    """FIFO, or ASHA on the training step (max_t: `asha_max_t`)."""
+def past_reports(path: str, trial: Trial, time_attr: str, metric: str) -> list[tuple]:
+    """(time, metric) of each report that a trial of the experiment at `path` made before a
+    resume, in step order; none for a trial that has not started (Tune names its folder then)."""
+    try:
+        folder = f"{path}/{trial.path.rstrip('/').rsplit('/', 1)[-1]}"
+    except RuntimeError:  # "Should not access `trial_fs_path` without setting `trial_dir_name`"
+        return []
+    fs, inner = filesystem(folder)
+    if fs.get_file_info(inner).type != pyarrow.fs.FileType.Directory:
+        return []
+    frame = history(folder)
+    if time_attr not in frame or metric not in frame:
+        return []
+    return list(frame[[time_attr, metric]].dropna().itertuples(index=False, name=None))
+
+
+class ResumableASHA(ASHAScheduler):
+    """Ray's ASHA, its rungs rebuilt from the trials' reports when a run is resumed: Tune
+    restores the scheduler pickled at the run's start, with empty rungs, which let a resumed
+    run's trials through where the first part's results would have stopped them."""
+
+    def __init__(self, path: str, **options: Any) -> None:
+        super().__init__(**options)
+        self.path = path
+
+    def on_trial_add(self, tune_controller: Any, trial: Trial) -> None:
+        """Add the trial, and record at each rung what it reported there before a resume."""
+        super().on_trial_add(tune_controller, trial)
+        for time, value in past_reports(self.path, trial, self._time_attr, self._metric):
+            result = {self._time_attr: time, self._metric: value}
+            self.on_trial_result(tune_controller, trial, result)
+
+
+def _scheduler(experiment: Experiment, options: Options, path: str) -> TrialScheduler:
+    """FIFO, or ASHA on the training step (max_t: `asha_max_t`) for the experiment at `path`."""
     if options.scheduler != "asha":
         return FIFOScheduler()
     search = experiment.search
-    return ASHAScheduler(
+    return ResumableASHA(
+        path,
         time_attr="step",
         max_t=asha_max_t(experiment),
         grace_period=search.grace_period,
@@ -267,7 +302,7 @@ def tuner(experiment: Experiment, path: str, options: Options, resume: bool) -> 
         tune_config=tune.TuneConfig(
             metric=search.metric,
             mode=search.mode,
-            scheduler=_scheduler(experiment, options),
+            scheduler=_scheduler(experiment, options, path),
             num_samples=options.num_samples,
             search_alg=search_algorithm(experiment, options),
             trial_name_creator=trial_name,
