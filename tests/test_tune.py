@@ -2085,3 +2085,26 @@ def test_a_restart_without_a_limit_says_so_rather_than_of_minus_1(tmp_path, caps
     )
     run.TrialLines(total=1).on_trial_recover(0, [trial], trial)
     assert capsys.readouterr().out == "trial Skip: failed; restart 4 (no limit)\n"
+
+
+def test_the_trials_are_read_without_tunes_warning_over_trials_that_never_reported(
+    monkeypatch, caplog
+):
+    """Tune reads every trial's result file when it loads an experiment and warns 'Failed to
+    fetch metrics' for each trial that never reported (three lines after every interrupt,
+    --report and --resume), though raydeq reads those files itself: the warning is not shown,
+    and Tune's logger is left at its level."""
+    logger = logging.getLogger("ray.tune.analysis.experiment_analysis")
+    trials = [SimpleNamespace(trial_id="ab_00000")]
+
+    def analysis(path):
+        logger.warning("Failed to fetch metrics for 1 trial(s)")
+        logger.error("an error still shows")
+        return SimpleNamespace(trials=trials)
+
+    monkeypatch.setattr(results.tune, "ExperimentAnalysis", analysis)
+    level = logger.level
+    with caplog.at_level(logging.WARNING):
+        assert results.recorded_trials("somewhere") == trials
+    assert [r.getMessage() for r in caplog.records] == ["an error still shows"]
+    assert logger.level == level

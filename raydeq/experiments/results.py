@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
 import statistics
 from typing import Any
@@ -215,19 +216,32 @@ def _folder(path: str, trial: Any) -> str | None:
         return None
 
 
+def recorded_trials(path: str) -> list[Any]:
+    """Tune's trials of the experiment at `path` (a ValueError where it recorded none yet),
+    without the warning of Tune's own reading of their result files, which raydeq reads itself
+    (`history`): Tune names each trial that never reported 'Failed to fetch metrics'."""
+    logger = logging.getLogger("ray.tune.analysis.experiment_analysis")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        return tune.ExperimentAnalysis(path).trials
+    finally:
+        logger.setLevel(level)
+
+
 def report(path: str, experiment: Experiment, unfinished: str = "stopped") -> str:
     """Write results.parquet, results.md and the plots for an experiment; return the table (a
     ConfigError for an experiment stopped before Tune recorded its first state). `unfinished`
     names its trials that have not ended (see `markdown`)."""
     try:
-        analysis = tune.ExperimentAnalysis(path)
+        trials = recorded_trials(path)
     except ValueError:  # Tune's "No experiment snapshot file" (no experiment_state-*.json)
         raise ConfigError(
             f"{path}: no trial has been recorded yet, so there is nothing to report; "
             "--resume runs the experiment"
         ) from None
     rows, curves = [], {}
-    for trial in sorted(analysis.trials, key=lambda t: t.trial_id):
+    for trial in sorted(trials, key=lambda t: t.trial_id):
         folder = _folder(path, trial)
         frame = pd.DataFrame() if folder is None else history(folder)
         row = trial_row(experiment, trial, frame)

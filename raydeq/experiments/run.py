@@ -28,6 +28,7 @@ from ray.tune.search import BasicVariantGenerator, SearchAlgorithm, Searcher
 
 from raydeq.experiments import search as searchers
 from raydeq.experiments.archive import archive_results, history
+from raydeq.experiments.results import recorded_trials
 from raydeq.experiments.spec import (
     Experiment,
     describe,
@@ -395,5 +396,5 @@ class TrialLines(tune.Callback):
 def fit(experiment: Experiment, path: str, options: Options, resume: bool) -> tuple[int, int]:
     """Run (or resume) the experiment; (errored trials, unfinished trials) at its end."""
     results = tuner(experiment, path, options, resume and tune.Tuner.can_restore(path)).fit()
-    trials = tune.ExperimentAnalysis(path).trials
+    trials = recorded_trials(path)
     return len(results.errors), sum(trial.status in UNFINISHED for trial in trials)
