@@ -97,7 +97,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (default: auto)")
     parser.add_argument(
-        "--max-concurrent-trials", type=int, help="trials at once (default: what the cluster holds)"
+        "--max-concurrent-trials",
+        type=int,
+        help="trials at once (default: YAML, else what the cluster holds)",
     )
     parser.add_argument("--report", action="store_true", help="only write the results report")
     parser.add_argument(
