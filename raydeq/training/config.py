@@ -105,7 +105,8 @@ class DataSection:
     data_dir: str | None = option(None)
     stage_to: str | None = option(None)  # node-local folder to copy data_dir's files to first
     download: bool = option(False)
-    augment: bool = option(True)  # the dataset's standard training augmentation (see data.py)
+    # the dataset's standard training augmentation (see vision.py); digits, svhn, fake: none
+    augment: bool = option(True)
     batch_size: int = option(32, ge=1)  # global: split evenly over the workers
     eval_batch_size: int = option(256, ge=1)  # per worker
     loader_workers: int = option(0, ge=0)

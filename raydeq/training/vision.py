@@ -1,6 +1,6 @@
 """The datasets read through torchvision: mnist10k (embedded), MNIST, CIFAR-10, SVHN, ImageNet
-folders (listed once, optionally staged to local disk) and FakeData, each with its standard
-training augmentation."""
+folders (listed once, optionally staged to local disk) and FakeData, the MNIST, CIFAR-10 and
+ImageNet ones with their standard training augmentation (SVHN and FakeData take none)."""
 
 from collections.abc import Callable, Sequence
 from functools import partial
