@@ -74,7 +74,8 @@ def parameter_count(model_section: str) -> int:
 def trial_row(experiment: Experiment, trial: Any, frame: pd.DataFrame) -> dict[str, Any]:
     """One row of results.parquet: the trial, its group, its config and its final metrics.
 
-    Time, rate and NFE columns are means of the reports' interval means; forward and backward
+    The training steps' time, rate and NFE columns are means of the reports' interval means,
+    the test columns (test_nfe, predict_time) the last evaluation's; forward and backward
     times are the DEQ's solves only (the unrolled warm-up steps report pretrain_* times
     instead). Every metric a search can rank by (config.METRICS) has its column.
     """
