@@ -29,9 +29,9 @@ class Context:
     """Settings of one benchmark run.
 
     size is "tiny" (the smoke test: smallest problems, one repeat), "quick" (a few minutes on
-    a 2-core CPU) or "full"; models are the presets the model-level suites use; weights maps
-    a preset to a training checkpoint whose model the DEQ-vs-Neural-ODE suite loads instead
-    of training or leaving it untrained.
+    a 2-core CPU) or "full"; models are the presets the DEQ-vs-Neural-ODE suite times; weights
+    maps a preset to a training checkpoint whose model that suite and the training-step suite
+    load instead of training or leaving it untrained.
     """
 
     device: torch.device
