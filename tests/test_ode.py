@@ -371,6 +371,29 @@ def test_a_fixed_step_controller_accepts_every_step_and_keeps_h():
     assert not bool(rejected.any()) and torch.equal(h_next, h)
 
 
+def test_a_fixed_step_vcab3_takes_its_adams_steps_at_h0_above_its_adaptive_cap():
+    """kind="fixed" keeps h0 = 1 past VCAB3's Adams cap of 0.5: on z' = -z / 2 from 1, two BS3
+    steps (R(z) = 1 + z + z^2 / 2 + z^3 / 6) and two constant-step AB3 steps, by hand."""
+    lam = -0.5
+    r = 1 + lam + lam**2 / 2 + lam**3 / 6
+    ys = [1.0, r, r * r]
+    for _ in range(2):
+        f0, f1, f2 = (lam * y for y in ys[-3:])
+        ys.append(ys[-1] + (23 * f2 - 16 * f1 + 5 * f0) / 12)
+    with torch.no_grad():
+        sol = raydeq.solve(
+            lambda z: (1 + lam) * z,
+            torch.ones(1, 1, dtype=torch.float64),
+            solver="vcab3",
+            abstol=1e-12,
+            reltol=0.0,
+            max_steps=4,
+            solver_options={"kind": "fixed", "h0": 1.0},
+        )
+    assert sol.stats.steps == 4
+    torch.testing.assert_close(sol.z[0, 0].item(), ys[-1], rtol=1e-12, atol=0)
+
+
 def test_the_first_step_follows_hairer_norsett_wanner():
     """Per sample (one feature, abstol = reltol = 1e-3, order 3): for y' = -y from 1, the
     step 0.01 of the first guess sees d2 = d1 = 500 and h1 = (0.01 / 500)**(1/4); for a

@@ -75,6 +75,11 @@ class Controller:
         number("contraction", self.contraction, "[0, 1)")
         number("stalled_factor", self.stalled_factor, "(0, 1]")
 
+    def capped(self, h: torch.Tensor) -> torch.Tensor:
+        """h at most h_max, as decide caps an adaptive step; with kind="fixed" h itself,
+        which stays h0."""
+        return h if self.kind == "fixed" else h.clamp_max(self.h_max)
+
     def first_step(
         self, field: Field, y: torch.Tensor, k: torch.Tensor, order: int, term: Termination
     ) -> tuple[torch.Tensor, int]:

@@ -262,7 +262,7 @@ class VCAB3:
         kept = starting <= rejected
         accepted = c.accepted + ~kept
         h_next = torch.where(starting | rejected, new.h, flow.h)
-        h_next = torch.where(accepted < 2, h_next, h_next.clamp_max(self.controller.h_max))
+        h_next = torch.where(accepted < 2, h_next, self.controller.capped(h_next))
         # A zero step's error 0 is no error estimate: the PI memory stays the last step's.
         memory = torch.where(starting, new.memory, flow.memory)
         # Divided by the unmasked step, never 0 (a zero step would give 0 / 0, and NaN
