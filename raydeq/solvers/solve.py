@@ -67,7 +67,8 @@ class Solution:
 #   per BS3 step (3 evaluations), 0.7^6 per Tsit5 step. Per step, 0.7 held Tsit5 where the
 #   error control would have shrunk h. On spectra of radius 0.5 that step was h = 2.1, where
 #   the residual fell 0.57 per step against 0.41 at h = 1.8, and Tsit5 took up to 6.7x the
-#   fixed-point evaluations at tolerance 1e-10. Now it takes at most 4.2x, and BS3 3.1x.
+#   fixed-point evaluations at tolerance 1e-10. Now it takes at most 4.5x, and BS3 3.4x
+#   (widths 8 to 16, tolerances 1e-3 to 1e-10).
 # - vcab3: AB3's real stability interval is only [-6/11, 0]. The Adams steps take h_max = 0.5,
 #   which their error estimate (Milne's device) then holds inside the region: uncapped, the
 #   first Adams step inherited the start-up's h of about 2 and the next dozen steps were
@@ -191,7 +192,8 @@ def solve(
     take a few steps past the last sample's convergence; stats.steps and stats.nfe count
     them); check_start=True also reads it at z0 (one more synchronisation), for a z0 that is
     a prediction and may already meet the tolerance (Skip DEQs): a batch that does takes no
-    step, and one that does not a first block of 3 steps instead of 4.
+    step, and one that does not a first block of 3 steps instead of 4 (VCAB3's first block
+    is its two start-up steps either way).
     stop_on_convergence=True also reads after every step whether any sample still runs, and
     stops at the step the last one converges; by default (None) on a CPU, which runs each
     operation as it is issued, so that a read stalls nothing there; on a CPU, run eagerly, the
@@ -201,11 +203,12 @@ def solve(
     A float16 or bfloat16 z0 is solved in float32; f sees the state, and z* comes back, in
     z0's dtype.
     compile=True runs f and each solver step through torch.compile (mode "reduce-overhead",
-    CUDA graphs, on a GPU; inductor's C++ kernels on a CPU); a dict gives torch.compile's
-    options. compile="graph" records the step of a capturable solver (the continuous ones,
-    fixed_point) once per solve as a CUDA graph, after one eager step, and replays it for the
-    steps after (VCAB3: its Adams steps), and the backward's GMRES replays each Arnoldi step
-    from the second backward of a batch shape on (GMRES.graph); on a CPU all runs eagerly.
+    CUDA graphs, on a GPU; inductor's C++ kernels on a CPU; "anderson" and "broyden", whose
+    steps are not capturable, compile f alone); a dict gives torch.compile's options.
+    compile="graph" records the step of a capturable solver (the continuous ones, fixed_point)
+    once per solve as a CUDA graph, after one eager step, and replays it for the steps after
+    (VCAB3: its Adams steps), and the backward's GMRES replays each Arnoldi step from the
+    second backward of a batch shape on (GMRES.graph); on a CPU all runs eagerly.
     """
     if not callable(f):
         raise ValueError(f"f={reprlib.repr(f)} must be callable: z -> f(z), a state like z0")
