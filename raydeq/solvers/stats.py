@@ -41,8 +41,9 @@ class SolveStats:
 
     @property
     def backward_unconverged_fraction(self) -> float | None:
-        """Fraction of samples whose adjoint solve stopped at its max_iters, once backward()
-        has run an implicit adjoint (None before, and for the other adjoints)."""
+        """Fraction of samples whose adjoint solve did not converge (stopped at its max_iters,
+        or where GMRES's Krylov space broke down), once backward() has run an implicit adjoint
+        (None before, and for the other adjoints)."""
         if self.backward_converged is None:
             return None
         return float(unconverged(self.backward_converged))
