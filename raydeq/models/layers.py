@@ -8,7 +8,8 @@ from torch.nn.utils.parametrizations import weight_norm
 
 
 def group_norm(channels: int, groups: int) -> nn.GroupNorm:
-    """GroupNorm (no batch statistics) with the most groups <= `groups` that divide `channels`."""
+    """GroupNorm (no batch statistics) in gcd(channels, groups) groups, the most that divide
+    both (14 channels with groups=8 take 2, not 7)."""
     return nn.GroupNorm(gcd(channels, groups), channels, affine=True)
 
 
