@@ -212,7 +212,9 @@ class GMRES(ScaledLinearSolver):
     """Solve A x = b for a batch (B, N): sample b stops when ||b - A x|| <= max(atol, rtol ||b||).
 
     `restart` is the Krylov dimension between restarts and `max_iters` bounds the Arnoldi steps
-    (operator applications) per sample; the 2-norm is used, as in scipy.sparse.linalg.gmres.
+    per sample, one operator application each (the residual at x0 and after each cycle that
+    leaves a sample running take one more: 22 at most for max_iters=20 = restart from x0); the
+    2-norm is used, as in scipy.sparse.linalg.gmres.
     `check_every` is the number of Arnoldi steps between reads of whether any sample still runs
     (None: 1 on a CPU, ARNOLDI_CHECK elsewhere); it changes the products spent, and x only by
     rounding (a longer cycle adds zero-weighted basis vectors to each sample's sum).
