@@ -39,7 +39,7 @@ class Preset:
 
 
 # The multiscale experiments' solver settings (the reference's cifar10 files): tolerance 5e-2,
-# 18 steps, GMRES to 5e-2 in at most 20 products, Skip DEQ's loss weight 0.01.
+# 18 steps, GMRES to 5e-2 in at most 20 Arnoldi steps, Skip DEQ's loss weight 0.01.
 MULTISCALE = {
     "lambda_skip": 0.01,
     "abstol": 5e-2,
