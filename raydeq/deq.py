@@ -181,10 +181,22 @@ def hutchinson_jacobian_loss(f: Callable[[State], State], z: State) -> Tensor:
     with torch.enable_grad():
         out = _tensors(f(_rebuilt(z, inputs)))
         probes = [torch.randn_like(t) for t in out]
-        vjps = torch.autograd.grad(
-            out, inputs, probes, create_graph=differentiable, materialize_grads=True
-        )
+        vjps = _probed_vjps(out, probes, inputs, differentiable)
     return sum(widened(v).pow(2).sum() for v in vjps) / sum(t.numel() for t in inputs)
+
+
+def _probed_vjps(
+    out: tuple[Tensor, ...], probes: list[Tensor], inputs: list[Tensor], differentiable: bool
+) -> tuple[Tensor, ...]:
+    """eps^T J_f for each input part; a part of f's output without a graph (a constant) has a
+    zero Jacobian, so it adds nothing rather than failing autograd."""
+    live = [(o, p) for o, p in zip(out, probes, strict=True) if o.requires_grad]
+    if not live:
+        return tuple(torch.zeros_like(t) for t in inputs)
+    outputs, eps = zip(*live, strict=True)
+    return torch.autograd.grad(
+        outputs, inputs, eps, create_graph=differentiable, materialize_grads=True
+    )
 
 
 def _shapes(z: State) -> list[tuple[int, ...]]:

@@ -460,6 +460,21 @@ def test_a_state_part_that_f_ignores_adds_nothing_to_the_jacobian_penalty():
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=0)
 
 
+def test_a_state_part_that_f_sets_to_a_constant_adds_nothing_to_the_jacobian_penalty():
+    """f(a, b) = (a M1 + x, c) with c a constant (no graph): eps^T J = eps1 M1^T over the
+    2 x (3 + 5) elements, where autograd's error read 'element 1 of tensors does not require
+    grad'; an f whose every part is constant has the penalty 0."""
+    g = torch.Generator().manual_seed(29)
+    m1, x, c = torch.randn(3, 3, generator=g), torch.randn(2, 3, generator=g), torch.ones(2, 5)
+    z = [torch.zeros(2, 3), torch.zeros(2, 5)]
+    torch.manual_seed(30)
+    got = hutchinson_jacobian_loss(lambda s: [s[0] @ m1 + x, c], z)
+    torch.manual_seed(30)
+    eps1 = torch.randn(2, 3)
+    torch.testing.assert_close(got, (eps1 @ m1.T).square().sum() / 16, rtol=1e-6, atol=0)
+    assert float(hutchinson_jacobian_loss(lambda s: [x, c], z)) == 0.0
+
+
 def test_layer_jacobian_loss_is_the_estimate_at_the_equilibrium_and_differentiable():
     f, x = dense_cell(7)
     torch.manual_seed(8)
