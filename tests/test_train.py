@@ -555,6 +555,45 @@ def test_a_state_cut_short_under_a_whole_manifest_is_a_copy_cut_short(tmp_path):
     assert checkpoint.read_checkpoint(folder)["step"] == 7
 
 
+def test_a_checkpoints_reports_are_checked_as_its_state_is(tmp_path):
+    """reports.jsonl is listed in the manifest with its size and SHA-256: a copy of it cut
+    short is an IncompleteCheckpoint, one of its size that fails its checksum a damaged
+    checkpoint, as for state.pt; a manifest written before it was listed still reads."""
+    rows = [{"step": 6, "loss": 0.5}, {"step": 7, "loss": 0.25}]
+    folder = checkpoint.write_checkpoint({"step": 7}, tmp_path / "ckpt", rows)
+    reports, manifest = folder / REPORTS_FILE, json.loads((folder / MANIFEST_FILE).read_text())
+    blob = reports.read_bytes()
+    digest = hashlib.sha256(blob).hexdigest()
+    assert manifest["reports"] == {"bytes": len(blob), "sha256": digest}
+    reports.write_bytes(blob[:10])
+    with pytest.raises(
+        checkpoint.IncompleteCheckpoint,
+        match=f"reports.jsonl is cut short: 10 of the {len(blob)} bytes its manifest.json records",
+    ):
+        checkpoint.read_checkpoint(folder)
+    reports.unlink()
+    with pytest.raises(checkpoint.IncompleteCheckpoint, match="reports.jsonl is missing"):
+        checkpoint.read_checkpoint(folder)
+    reports.write_bytes(blob)
+    corrupt(reports)
+    with pytest.raises(
+        checkpoint.CheckpointError, match="reports.jsonl fails its checksum"
+    ) as caught:
+        checkpoint.read_checkpoint(folder)
+    assert not isinstance(caught.value, checkpoint.IncompleteCheckpoint)
+    del manifest["reports"]
+    (folder / MANIFEST_FILE).write_text(json.dumps(manifest))
+    assert checkpoint.read_checkpoint(folder)["step"] == 7
+
+
+def test_a_checkpoint_without_reports_lists_none(tmp_path):
+    """A checkpoint made before any report holds no reports.jsonl and its manifest lists none."""
+    folder = checkpoint.write_checkpoint({"step": 0}, tmp_path / "ckpt")
+    assert not (folder / REPORTS_FILE).exists()
+    assert "reports" not in json.loads((folder / MANIFEST_FILE).read_text())
+    assert checkpoint.read_checkpoint(folder)["step"] == 0
+
+
 def test_a_crash_while_saving_leaves_no_checkpoint_folder(tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise OSError("disk full")

@@ -57,8 +57,8 @@ def write_checkpoint(
     The folder holds `state.pt` and `manifest.json` with its step, size in bytes and SHA-256,
     so a copy that was cut short or altered later is recognised when it is read, and the run's
     `settings` where the state has them, so that a start can tell whose run it would resume;
-    `reports` go to REPORTS_FILE. A write that fails (a full disk) is a StorageError naming the
-    step, the folder and why.
+    `reports` go to REPORTS_FILE, whose size and SHA-256 the manifest records under "reports".
+    A write that fails (a full disk) is a StorageError naming the step, the folder and why.
     """
     staging = directory.with_name(f".{directory.name}.partial")
     try:
@@ -77,13 +77,14 @@ def _stage(state: dict[str, Any], staging: Path, reports: Sequence[Mapping[str, 
     through a file opened here: torch.save given a path reports a full disk as 'unexpected pos
     704 vs 598', where a file's write raises the OSError that says so."""
     staging.mkdir(parents=True)
-    if reports:
-        lines = "".join(json.dumps(dict(report)) + "\n" for report in reports)
-        (staging / REPORTS_FILE).write_text(lines)
     saved = staging / STATE_FILE
     with saved.open("wb") as stream:
         torch.save(state, stream)
-    manifest = {"step": state["step"], "bytes": saved.stat().st_size, "sha256": _sha256(saved)}
+    manifest: dict[str, Any] = {"step": state["step"], **_recorded(saved)}
+    if reports:
+        lines = "".join(json.dumps(dict(report)) + "\n" for report in reports)
+        (staging / REPORTS_FILE).write_text(lines)
+        manifest["reports"] = _recorded(staging / REPORTS_FILE)
     if "settings" in state:
         manifest["settings"] = state["settings"]
     (staging / MANIFEST_FILE).write_text(json.dumps(manifest))
@@ -93,13 +94,14 @@ def read_checkpoint(directory: Path) -> dict[str, Any]:
     """The state in a checkpoint folder, checked against its manifest and loaded tensors-only."""
     try:
         manifest = json.loads((directory / MANIFEST_FILE).read_text())
-        expected = manifest["sha256"]
+        listed = _listed(manifest)
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise manifest_error(directory, err) from None
+    for name, (expected, recorded) in listed.items():
+        check_size(directory, name, recorded)
+        if _sha256(directory / name) != expected:
+            raise CheckpointError(f"{directory}: {name} fails its checksum")
     state_path = directory / STATE_FILE
-    check_size(directory, manifest.get("bytes"))
-    if _sha256(state_path) != expected:
-        raise CheckpointError(f"{directory}: {STATE_FILE} fails its checksum")
     try:
         return torch.load(state_path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
@@ -118,16 +120,31 @@ def manifest_error(directory: Path, err: Exception) -> CheckpointError:
     return error(f"{directory}: no valid {MANIFEST_FILE} ({err})")
 
 
-def check_size(directory: Path, recorded: int | None) -> None:
-    """Raise an IncompleteCheckpoint when the folder's state is missing or shorter than the
-    `recorded` bytes (manifests written before sizes were recorded have none)."""
-    state_path = directory / STATE_FILE
-    if not state_path.is_file():
-        raise IncompleteCheckpoint(f"{directory}: {STATE_FILE} is missing")
-    size = state_path.stat().st_size
+def _recorded(path: Path) -> dict[str, Any]:
+    """The size in bytes and SHA-256 of a checkpoint's file, as its manifest records them."""
+    return {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+
+
+def _listed(manifest: dict[str, Any]) -> dict[str, tuple[str, int | None]]:
+    """The files a manifest records, each with its SHA-256 and size (None in manifests written
+    before sizes were recorded): the state, and the reports where they were recorded
+    (manifests written before them leave reports.jsonl unchecked)."""
+    listed = {STATE_FILE: (manifest["sha256"], manifest.get("bytes"))}
+    if "reports" in manifest:
+        listed[REPORTS_FILE] = (manifest["reports"]["sha256"], manifest["reports"]["bytes"])
+    return listed
+
+
+def check_size(directory: Path, name: str, recorded: int | None) -> None:
+    """Raise an IncompleteCheckpoint when the folder's file `name` is missing or shorter than
+    the `recorded` bytes."""
+    path = directory / name
+    if not path.is_file():
+        raise IncompleteCheckpoint(f"{directory}: {name} is missing")
+    size = path.stat().st_size
     if isinstance(recorded, int) and size < recorded:
         raise IncompleteCheckpoint(
-            f"{directory}: {STATE_FILE} is cut short: {size} of the {recorded} bytes its "
+            f"{directory}: {name} is cut short: {size} of the {recorded} bytes its "
             f"{MANIFEST_FILE} records"
         )
 
