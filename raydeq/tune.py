@@ -254,6 +254,14 @@ def resume_command(args: argparse.Namespace, path: str) -> str:
     return shlex.join(words)
 
 
+def nothing_to_resume(
+    args: argparse.Namespace, experiment: Experiment, path: str, options: run.Options | None
+) -> bool:
+    """Whether this is a --resume, not a --dry-run, of an experiment whose trials have all
+    finished (`run.finished`, read without Ray): it only writes the results again."""
+    return args.resume and not args.dry_run and run.finished(path, experiment, options)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line entry point; returns the exit status (2 bad input, 1 failed trials or
     results that could not be written, 130 interrupted)."""
@@ -261,8 +269,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     with ExitStack() as held:
         try:
             experiment, path, options = start(args)
+            ended = nothing_to_resume(args, experiment, path, options)
             if not (args.dry_run or args.report):
-                launch.check_cluster()
+                if not ended:
+                    launch.check_cluster()
                 held.enter_context(runlock.hold(path))
         except (ConfigError, data.DataError, StorageError) as err:
             print(f"error: {err}", file=sys.stderr)
@@ -270,6 +280,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         except KeyboardInterrupt:  # in the preflight, which may list a large data folder
             print("\ninterrupted before the trials started", file=sys.stderr)
             return EXIT_INTERRUPTED
+        if ended:
+            print(
+                f"note: every trial of {path} has finished; its results are written again",
+                file=sys.stderr,
+            )
+            return write_results(path, experiment, errors=0)
         return run_experiment(args, experiment, path, options)
 
 
@@ -347,6 +363,13 @@ def run_experiment(
     if unfinished:
         print(f"interrupted; resume with: {resume_command(args, path)}", file=sys.stderr)
         return EXIT_INTERRUPTED
+    return write_results(path, experiment, errors)
+
+
+def write_results(path: str, experiment: Experiment, errors: int) -> int:
+    """Write and print the results of the experiment at `path` whose trials have all ended,
+    `errors` of them failed; returns the exit status (1 for failed trials or results that could
+    not be written)."""
     try:
         print(report(path, experiment))
     except StorageError as err:

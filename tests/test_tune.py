@@ -1962,6 +1962,81 @@ def test_a_report_while_a_driver_here_runs_the_experiment_counts_its_trials_as_r
     )
 
 
+def recorded_tiny_trials(
+    folder: Path, statuses: list[str], monkeypatch: pytest.MonkeyPatch
+) -> list[SimpleNamespace]:
+    """Tune's record of the stored tiny experiment's trials, stood in by trials of `statuses`,
+    each with a folder whose result file holds one report, of its last epoch."""
+    epochs = spec.from_dict("tiny", TINY).trial_config({}).train.epochs
+    trials = []
+    for number, status in enumerate(statuses):
+        trial = SimpleNamespace(trial_id=f"ab_0000{number}", status=status, config={}, path="")
+        trial.path = str(folder / spec.trial_name(trial))
+        Path(trial.path).mkdir(parents=True)
+        report = {"step": 30, "epoch": epochs, "test_accuracy": 0.75 - 0.25 * number}
+        write_reports(Path(trial.path, archive.RESULT_FILE), [report])
+        trials.append(trial)
+    analysis = SimpleNamespace(trials=trials)
+    monkeypatch.setattr(results.tune, "ExperimentAnalysis", lambda path: analysis)
+    return trials
+
+
+def test_a_resume_of_a_finished_experiment_writes_its_results_without_starting_ray(
+    tmp_path, capsys, monkeypatch
+):
+    """--resume of an experiment whose trials all terminated, as its folder records them,
+    has nothing to run: the results are written and printed as at the end of a run, exit 0,
+    without Ray (nor the cluster's address asked), and no trial's reports are archived."""
+    monkeypatch.setattr(runlock.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    monkeypatch.setattr(ray, "init", lambda *args, **kwargs: pytest.fail("Ray was started"))
+    monkeypatch.setattr(rt.launch, "check_cluster", lambda: pytest.fail("the cluster was asked"))
+    monkeypatch.setattr(results, "plot", lambda *args: b"")
+    file, folder = stored_tiny_experiment(tmp_path)
+    options = run.Options(gpus=None, num_samples=2, scheduler="fifo", max_concurrent=0)
+    run.save_settings(str(folder), spec.from_dict("tiny", TINY), options)
+    trials = recorded_tiny_trials(folder, ["TERMINATED", "TERMINATED"], monkeypatch)
+    assert rt.main([str(file), "--storage", str(tmp_path / "runs"), "--resume"]) == 0
+    out, err = capsys.readouterr()
+    table = (folder / "results.md").read_text()
+    assert "| all | 2 | 62.50 ± 17.68 |" in table
+    assert out == (
+        f"{table}\nresults: {folder}/results.parquet, {folder}/results.md, plots "
+        "test_accuracy, forward_time, backward_time (.png)\n"
+    )
+    assert err == f"note: every trial of {folder} has finished; its results are written again\n"
+    assert [list(Path(t.path).glob(f"{archive.ARCHIVE_PREFIX}*")) for t in trials] == [[], []]
+    (folder / "results.md").unlink()
+    argv = [str(file), "--storage", str(tmp_path / "runs"), "--resume", "--dry-run"]
+    assert rt.main(argv) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 2  # the trials, as a dry run lists them
+    assert not (folder / "results.md").exists()
+
+
+@pytest.mark.parametrize(
+    "statuses",
+    [["TERMINATED", "RUNNING"], ["TERMINATED", "PENDING"], ["TERMINATED", "ERROR"], ["TERMINATED"]],
+)
+def test_a_resume_of_an_experiment_with_a_trial_to_run_runs_it_on_ray(
+    tmp_path, capsys, monkeypatch, statuses
+):
+    """A trial that has not ended, one that failed (a resume continues it from its checkpoint)
+    or one that the search has yet to add (1 of 2 recorded): --resume runs the experiment."""
+    monkeypatch.setattr(runlock.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    run_without_ray(monkeypatch)
+    resumed = []
+    monkeypatch.setattr(run, "fit", lambda *args: resumed.append(args[3]) or (0, 0))
+    file, folder = stored_tiny_experiment(tmp_path)
+    options = run.Options(gpus=None, num_samples=2, scheduler="fifo", max_concurrent=0)
+    run.save_settings(str(folder), spec.from_dict("tiny", TINY), options)
+    recorded_tiny_trials(folder, statuses, monkeypatch)
+    assert rt.main([str(file), "--storage", str(tmp_path / "runs"), "--resume"]) == 0
+    assert resumed == [True]
+    assert capsys.readouterr().out == f"tensorboard --logdir {folder}\ntable of {folder}\n" + (
+        f"results: {folder}/results.parquet, {folder}/results.md, plots test_accuracy, "
+        "forward_time, backward_time (.png)\n"
+    )
+
+
 class FullDisk:
     """A local filesystem where a file whose name starts with `full` is cut after 3 bytes by
     pyarrow's error for a full disk."""

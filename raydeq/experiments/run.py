@@ -393,6 +393,18 @@ class TrialLines(tune.Callback):
         print(f"trial {describe(trial.config)}: {failed}, see {where}{done}", flush=True)
 
 
+def finished(path: str, experiment: Experiment, options: Options) -> bool:
+    """True when Tune's record at `path`, read from storage without Ray, holds every trial of
+    the experiment and each one terminated, so that a resume would run nothing: a trial that
+    failed is resumed from its checkpoint (`tuner`), and a search adds its trials as it runs."""
+    try:
+        trials = recorded_trials(path)
+    except ValueError:  # Tune's "No experiment snapshot file": no trial recorded yet
+        return False
+    total = trial_count(experiment, options.num_samples)
+    return len(trials) >= total and all(trial.status == Trial.TERMINATED for trial in trials)
+
+
 def fit(experiment: Experiment, path: str, options: Options, resume: bool) -> tuple[int, int]:
     """Run (or resume) the experiment; (errored trials, unfinished trials) at its end."""
     results = tuner(experiment, path, options, resume and tune.Tuner.can_restore(path)).fit()
