@@ -25,7 +25,7 @@ import ray.train
 import yaml
 from ray.train import Result
 
-from raydeq.experiments.spec import CONFIG_DIR
+from raydeq.experiments.spec import shipped
 from raydeq.training import data, launch, runlock
 from raydeq.training.config import Config, ConfigError, load, load_yaml
 from raydeq.training.preflight import check_run
@@ -39,10 +39,7 @@ EXIT_INTERRUPTED = 130
 def config_file(path: str) -> str:
     """`path`, or the shipped file that a `tune_configs/NAME.yaml` missing from here names."""
     given = Path(path)
-    shipped = CONFIG_DIR / given.name
-    if not given.exists() and given.parent == Path("tune_configs") and shipped.is_file():
-        return str(shipped)
-    return path
+    return path if given.exists() else str(shipped(given) or path)
 
 
 def summary(result: Result, cfg: Config) -> str:

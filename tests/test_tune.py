@@ -891,6 +891,23 @@ def test_dry_run_prints_every_trials_resolved_config_without_ray(capsys, monkeyp
     assert config["train"]["lambda_skip"] == 1.0 and config["scaling"]["num_workers"] == 1
 
 
+def test_an_experiment_written_as_its_tune_configs_path_is_found_from_any_folder(
+    tmp_path, monkeypatch
+):
+    """`python -m raydeq.tune tune_configs/digits.yaml`, as the help writes it and as
+    `raydeq.train` takes it, was 'no such experiment file' in a folder without tune_configs/
+    of its own (an installed raydeq); it reads the shipped file, as the name `digits` does."""
+    monkeypatch.chdir(tmp_path)
+    assert spec.locate("tune_configs/digits.yaml") == spec.locate("digits")
+    assert spec.locate("digits") == spec.CONFIG_DIR / "digits.yaml"
+    own = tmp_path / "tune_configs" / "digits.yaml"
+    own.parent.mkdir()
+    own.write_text(yaml.safe_dump(TINY))
+    assert spec.locate("tune_configs/digits.yaml") == Path("tune_configs/digits.yaml")
+    with pytest.raises(ConfigError, match="tune_configs/nosuch.yaml: no such experiment file"):
+        spec.locate("tune_configs/nosuch.yaml")
+
+
 def test_a_dry_run_read_only_in_part_exits_0_without_a_traceback():
     command = [sys.executable, "-m", "raydeq.tune", "imagenet", "--dry-run"]  # 24 lines
     dry = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)

@@ -98,12 +98,19 @@ def merge(base: Mapping[str, Any], sampled: Mapping[str, Any]) -> dict[str, Any]
     return result
 
 
+def shipped(path: Path) -> Path | None:
+    """The experiment file shipped with raydeq that a `tune_configs/NAME.yaml` path names
+    (found from a folder without tune_configs/ of its own), None for any other path."""
+    packaged = CONFIG_DIR / path.name
+    return packaged if path.parent == Path("tune_configs") and packaged.is_file() else None
+
+
 def locate(experiment: str) -> Path:
     """The YAML file of an experiment name (`tune_configs/NAME.yaml`) or path."""
     for candidate in (Path(experiment), Path("tune_configs") / f"{experiment}.yaml"):
         if candidate.suffix in (".yaml", ".yml") and candidate.is_file():
             return candidate
-    packaged = CONFIG_DIR / f"{experiment}.yaml"
+    packaged = shipped(Path(experiment)) or CONFIG_DIR / f"{experiment}.yaml"
     if packaged.is_file():
         return packaged
     if Path(experiment).exists():
