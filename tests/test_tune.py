@@ -8,6 +8,7 @@ import math
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -916,10 +917,26 @@ def test_a_dry_run_read_only_in_part_exits_0_without_a_traceback():
     assert dry.wait(timeout=60) == 0 and b"Traceback" not in dry.stderr.read()
 
 
+def source_copy(folder: Path) -> Path:
+    """A copy of the files that a wheel is built from, in `folder`: a build in the checkout
+    packs whatever its build/ holds from the builds before, files no longer shipped included."""
+    folder.mkdir()
+    for name in ("pyproject.toml", "README.md", "raydeq", "tune_configs"):
+        if (ROOT / name).is_dir():
+            ignore = shutil.ignore_patterns("__pycache__")
+            shutil.copytree(ROOT / name, folder / name, symlinks=True, ignore=ignore)
+        else:
+            shutil.copy(ROOT / name, folder / name)
+    return folder
+
+
 def test_an_installed_raydeq_finds_its_experiments_from_any_folder(tmp_path):
+    """The wheel holds every file raydeq reads at run time; it is built from a copy, since one
+    built in the checkout passed with them dropped from the package data once it had run."""
     wheels = tmp_path / "wheels"
     build = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation"]
-    subprocess.run([*build, "-w", str(wheels), str(ROOT)], check=True, capture_output=True)
+    source = source_copy(tmp_path / "source")
+    subprocess.run([*build, "-w", str(wheels), str(source)], check=True, capture_output=True)
     (wheel,) = wheels.glob("raydeq-*.whl")
     site = tmp_path / "site"
     with zipfile.ZipFile(wheel) as archive:
@@ -929,6 +946,7 @@ def test_an_installed_raydeq_finds_its_experiments_from_any_folder(tmp_path):
         names
     )
     assert {f"raydeq/datasets/mnist10k/{n}" for n in datasets.MNIST10K_FILES} <= set(names)
+    assert "raydeq/experiments/paper_numbers.csv" in names
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     (elsewhere / "mine.yaml").write_text(yaml.safe_dump(TINY))
