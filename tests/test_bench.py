@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from raydeq.bench.__main__ import check_device, main, parse, parse_weights
+from raydeq.bench.__main__ import MAX_THREADS, check_device, main, parse, parse_weights
 from raydeq.bench.harness import cases, models, timing, training
 from raydeq.bench.harness.cases import (
     Outcome,
@@ -490,7 +490,12 @@ def test_weights_of_another_model_stop_the_run_before_any_suite(tmp_path, capsys
             ["--models", "mnist"],
             "argument --models: invalid choice: 'mnist' (choose from 'mnist_dense'",
         ),
-        (["--threads", "0"], "argument --threads: '0' is not an integer >= 1"),
+        (["--threads", "0"], f"argument --threads: '0' is not an integer from 1 to {MAX_THREADS}"),
+        (
+            ["--threads", str(2**64)],
+            f"argument --threads: '{2**64}' is not an integer from 1 to {MAX_THREADS} (this",
+        ),
+        (["--threads", str(MAX_THREADS + 1)], f"'{MAX_THREADS + 1}' is not an integer from 1 to"),
         (["--device", "gpu"], "argument --device: 'gpu' is not a torch device"),
         (
             ["--seed", str(2**64)],
@@ -500,8 +505,9 @@ def test_weights_of_another_model_stop_the_run_before_any_suite(tmp_path, capsys
     ],
 )
 def test_a_bad_argument_is_named_with_what_is_allowed(args, message, capsys, tmp_path):
-    with pytest.raises(SystemExit):
-        main(["--size", "tiny", "--out", str(tmp_path), *args])
+    with pytest.raises(SystemExit) as stopped:
+        main(["--size", "tiny", "--only", "overhead", "--out", str(tmp_path), *args])
+    assert stopped.value.code == 2
     assert message in capsys.readouterr().err
 
 

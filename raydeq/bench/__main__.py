@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import sys
 import tempfile
 import time
@@ -24,6 +25,9 @@ from raydeq.training.data import EXPECTED_FILES, unreadable_file
 
 # The largest seed, as in a training config: raydeq.train's seeds are 0 to 2**32 - 1.
 MAX_SEED = 2**32 - 1
+# The most torch CPU threads a run takes: one per CPU of this machine (more only time the
+# threads' contention, and past 2**31 - 1 torch fails every suite with an overflow).
+MAX_THREADS = os.cpu_count() or 1
 
 
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -74,7 +78,11 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         type=mnist_folder,
         help="folder holding the full MNIST's MNIST/raw (default: the embedded 10k digits)",
     )
-    parser.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's)")
+    parser.add_argument(
+        "--threads",
+        type=thread_count,
+        help=f"torch CPU threads, 1 to {MAX_THREADS} (default: torch's)",
+    )
     parser.add_argument(
         "--out",
         type=Path,
@@ -140,10 +148,12 @@ def check_device(device: torch.device) -> None:
     raise ValueError(f"--device {device}: not on this machine, which has cpu{devices}")
 
 
-def positive_int(text: str) -> int:
-    """An integer >= 1 named on the command line."""
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= 1")
+def thread_count(text: str) -> int:
+    """A number of torch CPU threads named on the command line, 1 to this machine's CPUs."""
+    if not text.isdigit() or not 1 <= int(text) <= MAX_THREADS:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an integer from 1 to {MAX_THREADS} (this machine's CPUs)"
+        )
     return int(text)
 
 
