@@ -502,6 +502,15 @@ def test_weights_of_another_model_stop_the_run_before_any_suite(tmp_path, capsys
             f"argument --seed: '{2**64}' is not an integer from 0 to 4294967295",
         ),
         (["--seed", "-1"], "argument --seed: '-1' is not an integer from 0 to 4294967295"),
+        (["--only", "overhead", "overhead"], "--only: overhead given more than once; name each"),
+        (
+            ["--models", "mnist_dense", "cifar10_small", "mnist_dense"],
+            "--models: mnist_dense given more than once; name each once",
+        ),
+        (
+            ["--models", "mnist_dense", "--weights", "mnist_dense=a", "mnist_dense=b"],
+            "--weights: mnist_dense given more than once; name each once",
+        ),
     ],
 )
 def test_a_bad_argument_is_named_with_what_is_allowed(args, message, capsys, tmp_path):

@@ -96,6 +96,9 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         "--seed", type=seed, default=0, help=f"seed of every problem and model (0 to {MAX_SEED})"
     )
     args = parser.parse_args(argv)
+    check_once(parser, "--only", args.only or [])
+    check_once(parser, "--models", args.models)
+    check_once(parser, "--weights", [item.partition("=")[0] for item in args.weights])
     try:
         check_device(args.device)
     except ValueError as err:
@@ -107,6 +110,14 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     except OSError as err:
         parser.error(f"--out {args.out}: cannot write there ({err.strerror or err})")
     return args
+
+
+def check_once(parser: argparse.ArgumentParser, flag: str, names: Sequence[str]) -> None:
+    """A usage error naming what `flag` lists twice: a suite or preset run twice would report
+    its rows and targets twice, and a second checkpoint of a preset would replace the first."""
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        parser.error(f"{flag}: {', '.join(twice)} given more than once; name each once")
 
 
 def mnist_folder(text: str) -> Path:
