@@ -282,6 +282,20 @@ def test_measure_interleaves_rotated_rounds_and_keeps_the_last_value():
     assert all(t.median >= 0 for t in timings.values())
 
 
+def test_measure_with_a_label_says_each_round_it_has_timed(capsys):
+    measure({"a": lambda: lambda: None}, CPU, repeats=2, warmup=1, label="[x] timing")
+    assert capsys.readouterr().err.splitlines() == [f"[x] timing: round {i}/3" for i in (1, 2, 3)]
+    measure({"a": lambda: lambda: None}, CPU, repeats=2)
+    assert capsys.readouterr().err == ""
+
+
+def test_the_node_suite_says_each_round_of_its_timing(tmp_path, capsys):
+    """Its timing took minutes at --quick after the training's last progress line."""
+    main(["--size", "tiny", "--only", "node", "--models", "mnist_dense", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert "[node] timing mnist_dense: round 1/2\n[node] timing mnist_dense: round 2/2\n" in err
+
+
 def test_time_ratios_pair_the_cases_within_each_round():
     # Rounds 4 and 5 are slow for both cases; in round 3 a spell slows only the second.
     first = Timing(seconds=[1.0, 1.0, 1.0, 2.0, 2.0])
@@ -853,7 +867,9 @@ def test_each_rows_ratios_and_times_are_those_its_own_rows_and_raw_times_give(ru
 def fake_measure(seconds: dict[str, list[float]], values: dict[str, object]):
     """A stand-in for measure: the given seconds and value of each case it is handed."""
 
-    def measure_cases(cases: dict, device: torch.device, repeats: int = 1, warmup: int = 1):
+    def measure_cases(
+        cases: dict, device: torch.device, repeats: int = 1, warmup: int = 1, label: str = ""
+    ):
         return {name: Timing(list(seconds[name]), values[name]) for name in cases}
 
     return measure_cases
@@ -1548,7 +1564,7 @@ def test_the_bare_f_case_calls_f_as_often_as_the_ratio_divides_by(monkeypatch):
             super().__init__(*args)
             problems.append(self)
 
-    def measure_bare(cases: dict, device: torch.device, repeats: int = 1) -> dict:
+    def measure_bare(cases: dict, device: torch.device, repeats: int = 1, label: str = "") -> dict:
         (problem,) = problems
         problem.counter.reset()
         cases["f"]()()

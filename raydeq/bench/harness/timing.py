@@ -6,6 +6,7 @@ import ctypes
 import ctypes.util
 import gc
 import statistics
+import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -104,9 +105,14 @@ def time_call(thunk: Callable[[], Any], device: torch.device) -> tuple[float, An
 
 
 def measure(
-    cases: Mapping[str, Case], device: torch.device, repeats: int, warmup: int = 1
+    cases: Mapping[str, Case],
+    device: torch.device,
+    repeats: int,
+    warmup: int = 1,
+    label: str = "",
 ) -> dict[str, Timing]:
-    """Time every case `repeats` times after `warmup` untimed rounds, interleaving the cases.
+    """Time every case `repeats` times after `warmup` untimed rounds, interleaving the cases;
+    with a `label`, a progress line on stderr after each round.
 
     Each round runs every case once, in an order rotated by one from the previous round, so
     that slow drifts of the machine (other processes, clocks, caches) spread over all cases.
@@ -124,6 +130,10 @@ def measure(
             if round_index >= warmup:
                 timings[name].seconds.append(seconds)
                 timings[name].value = value
+        if label:
+            print(
+                f"{label}: round {round_index + 1}/{warmup + repeats}", file=sys.stderr, flush=True
+            )
     return timings
 
 

@@ -55,7 +55,10 @@ def run(ctx: Context) -> Section:
         else:
             chosen[adjoint] = tol
     timings = measure(
-        {a: case(a, tol) for a, tol in chosen.items()}, ctx.device, repeats=size.repeats
+        {a: case(a, tol) for a, tol in chosen.items()},
+        ctx.device,
+        repeats=size.repeats,
+        label="[adjoints] timing",
     )
     outcomes: dict[str, Outcome] = {}
     for adjoint, t in timings.items():

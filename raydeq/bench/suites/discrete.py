@@ -53,7 +53,7 @@ def spectral_rows(ctx: Context, size: DiscreteSize, section: Section) -> None:
     spec = size.spectrum
     problem = SpectralProblem(spec, ctx.device, torch.float32, ctx.seed)
     cases = {name: forward_case(problem, raydeq_forward(name, TOL, 3000)) for name in SOLVERS}
-    timings = measure(cases, ctx.device, repeats=size.repeats)
+    timings = measure(cases, ctx.device, size.repeats, label="[discrete] timing the solvers")
     fixed_nfe = timings["fixed_point"].value.nfe
     for name in SOLVERS:
         outcome = timings[name].value
@@ -102,7 +102,10 @@ def model_rows(ctx: Context, size: DiscreteSize, section: Section) -> None:
     for net in nets.values():
         net.eval()
     timings = measure(
-        {s: model_case(net, images) for s, net in nets.items()}, ctx.device, size.repeats
+        {s: model_case(net, images) for s, net in nets.items()},
+        ctx.device,
+        size.repeats,
+        label="[discrete] timing the models",
     )
     fixed_nfe = timings["fixed_point"].value.stats.nfe
     for name in SOLVERS:

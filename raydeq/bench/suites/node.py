@@ -250,7 +250,7 @@ def compare(ctx: Context, name: str, section: Section) -> None:
         for variant, model in nets.items()
         for part, case in cases(model, objective, images, labels).items()
     }
-    timings = measure(all_cases, ctx.device, repeats=ctx.pick(SIZES).repeats)
+    timings = measure(all_cases, ctx.device, ctx.pick(SIZES).repeats, label=f"[node] timing {name}")
     add_rows(section, name, batch, timings)
     add_targets(section, name, timings, deq_variants(ctx.device))
     term, limits = deq.layer.termination, PRESETS[name].adjoint_options

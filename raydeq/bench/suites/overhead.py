@@ -51,7 +51,7 @@ def run(ctx: Context) -> Section:
     cases = {"f": bare} | {
         name: forward_case(problem, raydeq_forward(name, TOL, 2000)) for name in SOLVERS
     }
-    timings = measure(cases, ctx.device, repeats=size.repeats)
+    timings = measure(cases, ctx.device, size.repeats, label="[overhead] timing")
     per_call = timings["f"].median / calls
     section = Section(
         name="overhead",

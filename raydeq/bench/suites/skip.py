@@ -137,7 +137,10 @@ def run(ctx: Context) -> Section:
     step_times = train_lockstep(ctx, nets, train, size)
     batch = test_images[: size.batch]
     timings = measure(
-        {v: predict_case(n, batch) for v, n in nets.items()}, ctx.device, size.repeats
+        {v: predict_case(n, batch) for v, n in nets.items()},
+        ctx.device,
+        size.repeats,
+        label="[skip] timing",
     )
     batches = list(zip(test_images.split(size.batch), test_labels.split(size.batch), strict=True))
     results = {v: evaluate(n, batches, ctx.device).metrics() for v, n in nets.items()}

@@ -114,7 +114,7 @@ def forward_rows(ctx: Context, spec: Spectrum, repeats: int, section: Section) -
         cases[f"torchdeq {peer}"] = forward_case(
             problem, torchdeq_forward(peer, TOL * norm, budget, **theirs)
         )
-    timings = measure(cases, ctx.device, repeats=repeats)
+    timings = measure(cases, ctx.device, repeats, label="[torchdeq] timing the forwards")
     for label, t in timings.items():
         outcome = t.value
         library, method = label.split(" ")
@@ -177,7 +177,12 @@ def backward_rows(ctx: Context, spec: Spectrum, repeats: int, section: Section) 
             section.notes.append(f"{label} backward did not reach error {TARGET_ERROR:g}")
         else:
             chosen[label] = tol
-    timings = measure({k: case(k, tol) for k, tol in chosen.items()}, ctx.device, repeats)
+    timings = measure(
+        {k: case(k, tol) for k, tol in chosen.items()},
+        ctx.device,
+        repeats,
+        label="[torchdeq] timing the backwards",
+    )
     for label, t in timings.items():
         outcome: Outcome = t.value
         library, method = label.split(" ")

@@ -182,7 +182,7 @@ def run(ctx: Context) -> Section:
     }
     peers, settings = peer_cases(problem, horizon, size.grid)
     cases |= peers
-    timings = measure(cases, ctx.device, repeats=size.repeats)
+    timings = measure(cases, ctx.device, size.repeats, label="[torchdiffeq] timing")
     outcomes: dict[str, Outcome] = {}
     for label, t in timings.items():
         outcomes[label] = outcome = t.value

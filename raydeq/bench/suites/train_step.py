@@ -268,7 +268,7 @@ def run(ctx: Context) -> Section:
         )
     eager = {w.key: cases[w.key] for w in workloads if not w.compile}
     timings: dict[str, Timing | str] = dict(
-        measure(eager, ctx.device, repeats=size.repeats, warmup=size.warmup)
+        measure(eager, ctx.device, size.repeats, size.warmup, "[train_step] timing")
     )
     for workload in workloads:
         if workload.compile:
