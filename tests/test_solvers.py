@@ -355,6 +355,31 @@ def test_broyden_converges_where_an_update_is_lost_in_float32_rounding():
     assert sol.stats.nfe <= 30
 
 
+def test_broyden_below_float32_s_reach_runs_to_max_steps_at_its_floor_not_diverged():
+    """abstol 1e-11 cannot be met in float32: once the residual is at its rounding floor
+    (about 1e-8), the secant pairs measure rounding, and updating H with them drove the
+    iterates away until every sample stopped as DIVERGED. Like fixed-point iteration, each
+    sample now runs to max_steps, its best iterate within 1e-7 of z = f(z) in float64."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(16, 16, generator=g, dtype=torch.float64)
+    w = 0.9 * w / torch.linalg.matrix_norm(w, 2)
+    x = torch.randn(8, 16, generator=g, dtype=torch.float64)
+    w32, x32 = w.float(), x.float()
+    with torch.no_grad():
+        sol = raydeq.solve(
+            lambda z: torch.tanh(z @ w32.T + x32),
+            torch.zeros(8, 16),
+            solver="broyden",
+            abstol=1e-11,
+            reltol=0.0,
+            max_steps=200,
+        )
+    assert sol.stats.status.tolist() == [Status.MAX_STEPS] * 8 and sol.stats.steps == 200
+    z = sol.z.double()
+    residual = (torch.tanh(z @ w.T + x) - z).square().mean(1).sqrt()
+    assert float(residual.max()) < 1e-7 and float(sol.stats.residual.max()) < 1e-7
+
+
 def test_divergence_stops_the_sample():
     with torch.no_grad():
         sol = raydeq.solve(

@@ -20,6 +20,10 @@ from raydeq.solvers.termination import Monitor, norm
 
 Map = Callable[[torch.Tensor], torch.Tensor]
 
+# Broyden skips a secant pair whose dg is within this many eps (||f(z)|| + ||z||): about the
+# rounding of f(z) - z at its two points, which then makes up all of dg.
+ROUNDING = 4.0
+
 
 @dataclass(frozen=True)
 class Iterate:
@@ -186,8 +190,10 @@ class Broyden:
     The inverse Jacobian of g is kept as -I + U V^T with at most `memory` rank-one terms per
     sample; each step adds u = (dz - H dg) / (dz^T H dg) and v^T = dz^T H (Sherman-Morrison),
     replacing the oldest term once `memory` are held. A step whose dz^T H dg is below
-    sqrt(eps) ||dz^T H|| ||dg|| (lost in rounding) leaves H unchanged. Its rank-one terms
-    grow over the first `memory` steps, so its steps are not capturable (f is).
+    sqrt(eps) ||dz^T H|| ||dg|| (lost in rounding), or whose ||dg|| is within ROUNDING eps
+    (||f(z)|| + ||z||) (the rounding of g itself, at a residual as small as the dtype holds),
+    leaves H unchanged. Its rank-one terms grow over the first `memory` steps, so its steps
+    are not capturable (f is).
     """
 
     capturable = False
@@ -226,11 +232,15 @@ class Broyden:
         denom = torch.linalg.vecdot(v, dg)[:, None]
         # Skip the rank-one update where v . dg is lost in rounding: its huge u would throw
         # the next step far off (seen in float32 at width 1024).
-        tiny = torch.finfo(dz.dtype).eps ** 0.5
-        floor = tiny * torch.linalg.vector_norm(v, dim=1) * torch.linalg.vector_norm(dg, dim=1)
+        eps = torch.finfo(dz.dtype).eps
+        dg_norm = norm(dg)
+        floor = eps**0.5 * norm(v) * dg_norm
+        # Skip it too where dg is rounding: at a tolerance below the dtype's reach (1e-11 in
+        # float32) such updates drove the iterates from the floor until they diverged.
+        noise = (norm(new.fz) + norm(new.z)).mul_(ROUNDING * eps)
         # |denom| < inf is isfinite(denom) from the same |denom| (NaN compares false).
         size = denom.abs()
-        ok = (size > floor[:, None]) & (size < float("inf"))
+        ok = (size > floor) & (size < float("inf")) & (dg_norm > noise)
         # 1 / denom where ok, else 0; denom is replaced before the division, not after, so
         # that a skipped update (denom 0 once a sample has stopped) back-propagates 0, not
         # 0 * inf = NaN, through an unrolled backward.
