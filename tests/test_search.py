@@ -762,6 +762,22 @@ def test_the_samplers_take_the_searchs_population_and_a_constant_liar():
     assert (tpe._multivariate, tpe._group, tpe._constant_liar) == (True, True, True)
 
 
+def test_nsga2s_first_generation_holds_the_papers_points_so_it_breeds_from_them():
+    """NSGA-II left the points out of every generation (Optuna records a trial's generation as
+    it samples a value the trial is not given, and a point is given all), so it never bred from
+    them and its first generation was the 4 draws after the 2 points, where the dry run says
+    that trials 5 on are bred."""
+    raw = {**TINY, "search": SEARCH | {"searcher": "nsga2", "population_size": 4}}
+    experiment = spec.from_dict("s", raw)
+    optuna_search = search.searcher(experiment.space(), experiment.search, 0, lambda: 8).searcher
+    for i in range(6):
+        optuna_search.suggest(f"t{i}")
+        optuna_search.on_trial_complete(f"t{i}", {"test_accuracy": 0.9, "test_nfe": 10.0 - i})
+    study = optuna_search._ot_study
+    first = [trial.number for trial in study.sampler.get_population(study, 0)]
+    assert first == [0, 1, 2, 3] and search.first_learned(experiment.search) == 4
+
+
 def test_a_searcher_suggests_no_more_trials_at_once_than_its_limit():
     experiment = spec.from_dict("s", {**TINY, "search": SEARCH})
     limiter = search.searcher(experiment.space(), experiment.search, seed=0, bound=lambda: 1)

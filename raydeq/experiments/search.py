@@ -113,6 +113,7 @@ class Space:
     points: tuple[tuple[str, dict[str, Any]], ...]
 
     def __call__(self, trial: optuna.Trial) -> dict[str, Any]:
+        _sample_relative(trial)
         drawn = {_name(key): suggest(trial, _name(key), d) for key, d in self.space.items()}
         for rule in self.rules:
             if rule.holds(drawn):
@@ -125,6 +126,13 @@ class Space:
     def distributions(self) -> dict[str, Any]:
         """Every dotted key the space can set, with its distribution."""
         return self.space | {key: d for rule in self.rules for key, d in rule.space.items()}
+
+
+def _sample_relative(trial: optuna.Trial) -> None:
+    """Have the sampler see the trial, a point too: Optuna samples a trial's relative values
+    (where NSGA-II records its generation) at its first value that is not given, so NSGA-II
+    left every point out of its generations and never bred from them."""
+    trial.relative_params  # noqa: B018 (the property samples them)
 
 
 def _name(dotted: str) -> str:
