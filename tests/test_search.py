@@ -712,7 +712,25 @@ def test_a_searcher_draws_log_ranges_on_a_log_scale_and_quantized_ones_on_their_
     assert sum(r < 1e-2 for r in lr) >= 15
     assert search.lines(space)[:2] == [
         "optim.lr: log float [0.0001, 0.1]",
-        "train.epochs: int [2, 10]",
+        "train.epochs: int [2, 10] step 2",
+    ]
+
+
+def test_the_space_in_words_gives_the_step_of_a_quantized_dimension():
+    """A qrandint [2, 10] with q 2 read "int [2, 10]", every integer to the eye, where the
+    searcher draws 2, 4, 6, 8 and 10 alone; the words now give the step of a quantized range."""
+    ranges = {
+        "train.epochs": {"qrandint": [2, 10, 2]},
+        "train.lambda_skip": {"quniform": [0.01, 0.05, 0.01]},
+        "train.report_every": {"randint": [1, 5]},
+        "optim.grad_clip": {"quniform": [0, 5, 1]},
+    }
+    raw = {**TINY, "search": {"searcher": "tpe", "space": ranges}}
+    assert search.lines(spec.from_dict("s", raw).space()) == [
+        "train.epochs: int [2, 10] step 2",
+        "train.lambda_skip: float [0.01, 0.05] step 0.01",
+        "train.report_every: int [1, 4]",
+        "optim.grad_clip: float [0, 5] step 1",
     ]
 
 

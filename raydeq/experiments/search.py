@@ -336,6 +336,7 @@ def _words(dist: BaseDistribution | Any) -> str:
     if isinstance(dist, CategoricalDistribution):
         return f"choice {list(dist.choices)}"
     if isinstance(dist, FloatDistribution | IntDistribution):
-        kind = "int" if isinstance(dist, IntDistribution) else "float"
-        return f"{'log ' if dist.log else ''}{kind} [{dist.low:g}, {dist.high:g}]"
+        kind, unit = ("int", 1) if isinstance(dist, IntDistribution) else ("float", None)
+        step = "" if dist.step == unit else f" step {dist.step:g}"
+        return f"{'log ' if dist.log else ''}{kind} [{dist.low:g}, {dist.high:g}]{step}"
     return f"fixed {dist!r}"
