@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -1160,7 +1161,8 @@ def test_a_resume_takes_the_checkpoint_of_the_latest_step_whatever_the_clock_nam
 
 def test_a_tune_trials_session_is_rank_0_of_1_and_reports_its_checkpoints(tmp_path, monkeypatch):
     """The process of a one-worker Tune trial: on the CPU unless given a GPU, its checkpoints
-    newest first (Tune numbers them), and each report hands its checkpoint to Tune."""
+    newest first (Tune numbers them), and each report hands its checkpoint to Tune as a
+    ray.tune.Checkpoint (with a ray.train one, Tune warned of a deprecation in every trial)."""
     for step in (3, 12, 100):
         (tmp_path / f"checkpoint_{step:06d}").mkdir()
     (tmp_path / "tensorboard").mkdir()
@@ -1178,12 +1180,15 @@ def test_a_tune_trials_session_is_rank_0_of_1_and_reports_its_checkpoints(tmp_pa
             newest_first.append(Path(folder).name)
     assert newest_first == ["checkpoint_000100", "checkpoint_000012", "checkpoint_000003"]
     sent = []
-    monkeypatch.setattr(
-        ray.tune, "report", lambda metrics, checkpoint: sent.append((metrics, checkpoint))
-    )
+    tune_session = SimpleNamespace(report=lambda metrics, checkpoint: sent.append(checkpoint))
+    monkeypatch.setattr(ray.train._internal.session, "_session", tune_session)
     saved = Checkpoint.from_directory(str(tmp_path / "checkpoint_000100"))
-    trial.report({"step": 100}, saved)
-    assert sent == [({"step": 100}, saved)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        trial.report({"step": 100}, saved)
+        trial.report({"step": 101}, None)
+    assert isinstance(sent[0], ray.tune.Checkpoint) and sent[1] is None
+    assert (sent[0].path, sent[0].filesystem) == (saved.path, saved.filesystem)
 
 
 def test_a_worker_of_two_steps_through_each_epoch_as_one_worker_does(tmp_path, monkeypatch):

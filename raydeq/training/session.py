@@ -95,8 +95,14 @@ class TuneTrial(Session):
         return module.to(self.device)
 
     def report(self, metrics: dict[str, Any], checkpoint: Checkpoint | None) -> None:
-        """Report to Ray Tune, which stores the checkpoint in the trial's folder."""
-        ray.tune.report(metrics, checkpoint=checkpoint)
+        """Report to Ray Tune, which stores the checkpoint in the trial's folder (as Tune's own
+        Checkpoint: it warns of a deprecation, in every trial, for Ray Train's)."""
+        saved = (
+            None
+            if checkpoint is None
+            else ray.tune.Checkpoint(checkpoint.path, checkpoint.filesystem)
+        )
+        ray.tune.report(metrics, checkpoint=saved)
 
 
 def stored_checkpoints(folder: str) -> list[AbstractContextManager[str]]:
