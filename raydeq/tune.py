@@ -22,7 +22,7 @@ from contextlib import ExitStack
 
 from raydeq.experiments import run
 from raydeq.experiments import search as searchers
-from raydeq.experiments.results import PLOTS, report
+from raydeq.experiments.results import report, written
 from raydeq.experiments.spec import Experiment, describe, expand, load
 from raydeq.training import data, launch, runlock
 from raydeq.training.config import SCHEDULERS, ConfigError, check_folder_name, parse_overrides
@@ -378,7 +378,7 @@ def write_results(path: str, experiment: Experiment, errors: int) -> int:
             file=sys.stderr,
         )
         return 1
-    print(f"results: {path}/results.parquet, {path}/results.md, plots {', '.join(PLOTS)} (.png)")
+    print(f"results in {path}: {', '.join(written(path, experiment))}")
     return 1 if errors else 0
 
 

@@ -299,6 +299,10 @@ def test_the_report_writes_the_table_and_readable_figures_for_a_paper_experiment
     ]:
         image = matplotlib.image.imread(tmp_path / name)
         assert image.shape[:2] == (height, width) and image.std() > 0.05
+    named = paper.written(experiment)
+    assert named == [paper.TABLE_FILE, paper.FIGURE1_FILE, paper.CURVES_FILE]
+    assert all((tmp_path / name).is_file() for name in named)
+    assert paper.written(spec.from_dict("plain", base)) == []
     assert paper.write(str(tmp_path / "none"), spec.from_dict("plain", base), rows, curves) == ""
     assert not (tmp_path / "none").exists()
 

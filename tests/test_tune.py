@@ -2034,9 +2034,11 @@ def test_a_resume_of_a_finished_experiment_writes_its_results_without_starting_r
     out, err = capsys.readouterr()
     table = (folder / "results.md").read_text()
     assert "| all | 2 | 62.50 ± 17.68 |" in table
-    assert out == (
-        f"{table}\nresults: {folder}/results.parquet, {folder}/results.md, plots "
-        "test_accuracy, forward_time, backward_time (.png)\n"
+    named = "results.parquet, results.md, test_accuracy.png, forward_time.png, backward_time.png"
+    assert out == f"{table}\nresults in {folder}: {named}, pareto.png, hparams/\n"
+    assert all(
+        (folder / name).exists()
+        for name in results.written(str(folder), spec.from_dict("tiny", TINY))
     )
     assert err == f"note: every trial of {folder} has finished; its results are written again\n"
     assert [list(Path(t.path).glob(f"{archive.ARCHIVE_PREFIX}*")) for t in trials] == [[], []]
@@ -2067,8 +2069,8 @@ def test_a_resume_of_an_experiment_with_a_trial_to_run_runs_it_on_ray(
     assert rt.main([str(file), "--storage", str(tmp_path / "runs"), "--resume"]) == 0
     assert resumed == [True]
     assert capsys.readouterr().out == f"tensorboard --logdir {folder}\ntable of {folder}\n" + (
-        f"results: {folder}/results.parquet, {folder}/results.md, plots test_accuracy, "
-        "forward_time, backward_time (.png)\n"
+        f"results in {folder}: results.parquet, results.md, test_accuracy.png, forward_time.png, "
+        "backward_time.png, pareto.png\n"  # no hparams/: no trial has finished
     )
 
 

@@ -270,6 +270,14 @@ def curves_figure(rows: list[dict[str, Any]], curves: dict[str, list[pd.DataFram
     return png(figure, dpi=110)
 
 
+def written(experiment: Experiment) -> list[str]:
+    """The names of the files `write` writes for the experiment (none where it reproduces no
+    paper table)."""
+    if experiment.search.paper.get("table") is None:
+        return []
+    return [TABLE_FILE, FIGURE1_FILE, CURVES_FILE]
+
+
 def write(
     path: str,
     experiment: Experiment,

@@ -23,7 +23,7 @@ from raydeq.experiments.archive import history
 from raydeq.experiments.figures import plt, png
 from raydeq.experiments.spec import LABEL, VARIANT, Experiment, describe, trial_name
 from raydeq.training.config import ConfigError, leaves
-from raydeq.training.storage import write_bytes
+from raydeq.training.storage import exists, write_bytes
 
 PLOTS = {
     "test_accuracy": "test accuracy",
@@ -228,6 +228,16 @@ def recorded_trials(path: str) -> list[Any]:
         return tune.ExperimentAnalysis(path).trials
     finally:
         logger.setLevel(level)
+
+
+def written(path: str, experiment: Experiment) -> list[str]:
+    """The names of what `report` has written in the experiment's folder at `path`: the
+    HParams folder where a trial has finished, the paper's files where it reproduces a table."""
+    names = ["results.parquet", "results.md", *(f"{metric}.png" for metric in PLOTS)]
+    names.append(pareto.CHART)
+    if exists(f"{path}/{hparams.FOLDER}"):
+        names.append(f"{hparams.FOLDER}/")
+    return names + paper.written(experiment)
 
 
 def report(path: str, experiment: Experiment, unfinished: str = "stopped") -> str:
