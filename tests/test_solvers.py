@@ -1279,6 +1279,46 @@ def test_broyden_with_a_full_memory_replaces_its_oldest_rank_one_term():
     )
 
 
+def test_broyden_skipping_an_update_keeps_every_rank_one_term():
+    """A step whose dg is rounding (f repeats the last residual at the 4th evaluation, with
+    both of memory=2's slots held) leaves H unchanged: the slot it would fill keeps its term,
+    and later steps fill the slots in turn. Against a dense numpy loop over the two slots;
+    the skipped step used to empty its slot, which moved the 5th point by up to 0.055."""
+    g = torch.Generator().manual_seed(4)
+    w = 0.6 * torch.randn(5, 5, generator=g, dtype=torch.float64) / 5**0.5
+    b = torch.randn(5, dtype=torch.float64, generator=g)
+    z0 = torch.randn(1, 5, generator=g, dtype=torch.float64)
+    points, residuals = [], []
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        points.append(z.clone())
+        fz = z + residuals[-1] if len(points) == 4 else torch.tanh(z @ w.T + b)
+        residuals.append(fz - z)
+        return fz
+
+    with torch.no_grad():
+        raydeq.solve(
+            f, z0, solver="broyden", solver_options={"memory": 2}, max_steps=7, abstol=1e-14
+        )
+    w_np, b_np = w.numpy(), b.numpy()
+    z, g_z = z0[0].numpy(), np.tanh(w_np @ z0[0].numpy() + b_np) - z0[0].numpy()
+    slots = [(np.zeros(5), np.zeros(5))] * 2
+    expected = [z]
+    for step in range(6):
+        h = -np.eye(5) + sum(np.outer(u, v) for u, v in slots)
+        dz = -h @ g_z
+        g_new = g_z if step == 2 else np.tanh(w_np @ (z + dz) + b_np) - (z + dz)
+        if step != 2:
+            v = h.T @ dz
+            slots[step % 2] = ((dz - h @ (g_new - g_z)) / (v @ (g_new - g_z)), v)
+        z, g_z = z + dz, g_new
+        expected.append(z)
+    assert len(points) >= 7
+    np.testing.assert_allclose(
+        torch.cat(points[:7]).numpy(), np.stack(expected), rtol=1e-10, atol=1e-12
+    )
+
+
 @pytest.mark.parametrize("solver", ["vcab3", "anderson"])
 def test_the_evaluations_count_adds_initial_nfe_to_every_call_of_f(solver):
     """stats.nfe is initial_nfe (the caller's evaluations making z0) plus each call of f."""

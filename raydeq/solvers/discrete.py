@@ -187,13 +187,14 @@ class Secant:
 class Broyden:
     """Limited-memory 'good' Broyden on g(z) = f(z) - z, per sample, unit step.
 
-    The inverse Jacobian of g is kept as -I + U V^T with at most `memory` rank-one terms per
-    sample; each step adds u = (dz - H dg) / (dz^T H dg) and v^T = dz^T H (Sherman-Morrison),
-    replacing the oldest term once `memory` are held. A step whose dz^T H dg is below
-    sqrt(eps) ||dz^T H|| ||dg|| (lost in rounding), or whose ||dg|| is within ROUNDING eps
-    (||f(z)|| + ||z||) (the rounding of g itself, at a residual as small as the dtype holds),
-    leaves H unchanged. Its rank-one terms grow over the first `memory` steps, so its steps
-    are not capturable (f is).
+    The inverse Jacobian of g is kept as -I + U V^T with `memory` slots of rank-one terms per
+    sample, filled in turn: step k puts u = (dz - H dg) / (dz^T H dg) and v^T = dz^T H
+    (Sherman-Morrison) in slot k mod `memory`, replacing the term there (the oldest, unless
+    a skipped step kept it). A step whose dz^T H dg is below sqrt(eps) ||dz^T H|| ||dg||
+    (lost in rounding), or whose ||dg|| is within ROUNDING eps (||f(z)|| + ||z||) (the
+    rounding of g itself, at a residual as small as the dtype holds), is skipped: its slot
+    keeps its term (none before the slots are first filled) and H is unchanged. Its
+    rank-one terms grow over the first `memory` steps, so its steps are not capturable (f is).
     """
 
     capturable = False
@@ -248,12 +249,15 @@ class Broyden:
         u = n * scale
         # The next step -H' g_new with H' = H + u v^T (minus the evicted term), from the
         # last step -H g = dz instead of applying all rank-one terms again:
-        # -H' g_new = dz - H dg - u (v . g_new) = n (1 - scale (v . g_new)) [+ evicted].
-        update = n * (1 - scale * torch.linalg.vecdot(v, g_new)[:, None])
+        # -H' g_new = dz - H dg - u (v . g_new) = n - u (v . g_new) [+ evicted].
+        update = torch.addcmul(n, u, torch.linalg.vecdot(v, g_new)[:, None], value=-1.0)
         slot = c.count % self.memory
         if c.count >= self.memory:
+            # A skipped update keeps the slot's term, so that H stays as it was.
             u_old, v_old = c.us[:, slot], c.vs[:, slot]
-            update = torch.addcmul(update, u_old, torch.linalg.vecdot(v_old, g_new)[:, None])
+            evicted = torch.linalg.vecdot(v_old, g_new)[:, None] * ok
+            update = torch.addcmul(update, u_old, evicted)
+            u, v = torch.where(ok, u, u_old), torch.where(ok, v, v_old)
         us, vs = put(c.us, slot, u), put(c.vs, slot, v)
         return Secant(new, update, us, vs, c.count + 1)
 
