@@ -38,7 +38,13 @@ from raydeq.experiments import archive, results, run, spec
 from raydeq.experiments.figures import plt
 from raydeq.models import PRESETS
 from raydeq.training import capacity, preflight, runlock, storage
-from raydeq.training.checkpoint import MANIFEST_FILE, REPORTS_FILE, CheckpointError, read_checkpoint
+from raydeq.training.checkpoint import (
+    MANIFEST_FILE,
+    REPORTS_FILE,
+    CheckpointError,
+    read_checkpoint,
+    write_checkpoint,
+)
 from raydeq.training.config import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -1113,6 +1119,36 @@ def test_a_step_the_driver_never_recorded_comes_from_the_checkpoint_that_kept_it
     frame = archive.history(str(tmp_path))
     assert frame["step"].tolist() == [10, 20]
     assert frame["loss"].tolist() == [3.0, 2.0]
+
+
+@pytest.mark.parametrize(
+    ("altered", "steps", "losses"), [(False, [10, 20], [3.0, 2.0]), (True, [10], [3.0])]
+)
+def test_a_checkpoints_reports_that_fail_its_manifests_checksum_are_left_out(
+    tmp_path, caplog, altered, steps, losses
+):
+    """A checkpoint's reports.jsonl is checked against the size and SHA-256 its manifest
+    records, as loading the checkpoint checks it: a copy altered since (step 20's loss 2.0
+    read 7.0 in the tables) is left out as a missing one is, with a warning naming it."""
+    kept = write_checkpoint(
+        {"step": 20},
+        tmp_path / "checkpoint_000001",
+        [{"step": 10, "loss": 9.0}, {"step": 20, "loss": 2.0}],
+    )
+    if altered:
+        text = (kept / REPORTS_FILE).read_text()
+        (kept / REPORTS_FILE).write_text(text.replace("2.0", "7.0"))
+    write_reports(tmp_path / archive.RESULT_FILE, [{"step": 10, "loss": 3.0}])
+    with caplog.at_level(logging.WARNING):
+        frame = archive.history(str(tmp_path))
+    assert frame["step"].tolist() == steps
+    assert frame["loss"].tolist() == losses
+    warned = [r.getMessage() for r in caplog.records]
+    assert warned == (
+        [f"{kept / REPORTS_FILE} fails the checksum its {MANIFEST_FILE} records: left out"]
+        if altered
+        else []
+    )
 
 
 def test_a_result_file_cut_in_its_last_line_keeps_every_whole_report(tmp_path):

@@ -5,16 +5,19 @@ checkpoints that kept them."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 
 import pandas as pd
 import pyarrow.fs
 
-from raydeq.training.checkpoint import REPORTS_FILE
+from raydeq.training.checkpoint import MANIFEST_FILE, REPORTS_FILE, reports_sha256
 from raydeq.training.storage import CHECKPOINT_PREFIX, filesystem, subfolders
 
 RESULT_FILE = "result.json"
 ARCHIVE_PREFIX = "result-before-resume-"
+log = logging.getLogger(__name__)
 
 
 def _trial_folders(path: str) -> list[str]:
@@ -42,20 +45,29 @@ def _archived(fs: pyarrow.fs.FileSystem, folder: str) -> list[str]:
     return sorted(names, key=lambda p: int(p.rsplit("-", 1)[-1].removesuffix(".json")))
 
 
-def _carried(trial_path: str) -> list[str]:
-    """The report files of a trial's checkpoints, oldest first: each holds the reports since the
+def _carried(fs: pyarrow.fs.FileSystem, trial_path: str) -> list[pd.DataFrame]:
+    """The reports of a trial's checkpoints, oldest first: each holds the reports since the
     checkpoint before, which a driver stopped before it recorded them left nowhere else."""
-    return [f"{path}/{REPORTS_FILE}" for path in subfolders(trial_path, CHECKPOINT_PREFIX)]
+    return [
+        reports(fs, f"{path}/{REPORTS_FILE}", reports_sha256(fs, path))
+        for path in subfolders(trial_path, CHECKPOINT_PREFIX)
+    ]
 
 
-def reports(fs: pyarrow.fs.FileSystem, file: str) -> pd.DataFrame:
+def reports(fs: pyarrow.fs.FileSystem, file: str, sha256: str | None = None) -> pd.DataFrame:
     """The reports of one result file, flattened as Tune flattens them ("config/model/..."); a
     last line cut short (the driver stopped while writing it) is left out, where Tune's reader
-    would drop the whole file."""
+    would drop the whole file. A checkpoint's file whose SHA-256 is not the `sha256` its
+    manifest records (a copy cut short or altered, which loading the checkpoint refuses) is
+    left out as a missing one is, with a warning."""
     if fs.get_file_info(file).type != pyarrow.fs.FileType.File:
         return pd.DataFrame()
     with fs.open_input_stream(file) as stream:
-        lines = stream.readall().decode("utf-8").splitlines()
+        data = stream.readall()
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        log.warning("%s fails the checksum its %s records: left out", file, MANIFEST_FILE)
+        return pd.DataFrame()
+    lines = data.decode("utf-8").splitlines()
     rows = []
     for number, line in enumerate(lines, 1):
         try:
@@ -73,8 +85,9 @@ def history(trial_path: str) -> pd.DataFrame:
     measure by measure (a finished trial started again reports its last step's evaluation
     alone, which must not drop that step's training times)."""
     fs, folder = filesystem(trial_path)
-    files = [*_carried(trial_path), *_archived(fs, folder), f"{folder}/{RESULT_FILE}"]
-    frame = pd.concat([reports(fs, file) for file in files], ignore_index=True)
+    results = [*_archived(fs, folder), f"{folder}/{RESULT_FILE}"]
+    frames = [*_carried(fs, trial_path), *(reports(fs, file) for file in results)]
+    frame = pd.concat(frames, ignore_index=True)
     if frame.empty or "step" not in frame:
         return frame
     return frame.dropna(subset=["step"]).groupby("step", as_index=False, sort=True).last()

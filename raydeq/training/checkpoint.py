@@ -184,6 +184,16 @@ def manifest_step(fs: pyarrow.fs.FileSystem, path: str) -> int | None:
         return None
 
 
+def reports_sha256(fs: pyarrow.fs.FileSystem, path: str) -> str | None:
+    """The SHA-256 of REPORTS_FILE that the manifest of the checkpoint folder `path` in `fs`
+    records, None where it records none (written before reports were recorded) or cannot be
+    read (a copy cut short before it, which leaves nothing to check against)."""
+    try:
+        return str(read_manifest(fs, path)["reports"]["sha256"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def read_manifest(fs: pyarrow.fs.FileSystem, path: str) -> dict[str, Any]:
     """The manifest of the checkpoint folder `path` in `fs` (OSError or ValueError if it
     cannot be read)."""
