@@ -586,6 +586,25 @@ def test_a_failing_suite_is_reported_and_the_others_still_run(monkeypatch, tmp_p
     assert "[step_cost] running" in err
 
 
+def test_a_cpu_run_prints_no_cuda_warning(monkeypatch, tmp_path, capfd):
+    """Compiling a step imports torch.utils.cpp_extension, which on a machine with a CUDA
+    toolkit but no GPU warned 'No CUDA runtime is found' in a run that has no use for CUDA;
+    such a run prints no CUDA warning (at that import or at a later look for CUDA)."""
+
+    def compiling(ctx: Context) -> Section:
+        from torch.utils import cpp_extension
+
+        cpp_extension._find_cuda_home()
+        return Section(name="step_cost", title="t", columns=["solver"])
+
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setitem(SUITES, "step_cost", compiling)
+    main(["--size", "tiny", "--only", "step_cost", "--out", str(tmp_path)])
+    err = capfd.readouterr().err
+    assert "[step_cost] running" in err and "CUDA" not in err
+
+
 def test_a_compiled_workload_that_fails_fails_its_own_target_only(capsys):
     """On a GPU the compiled row is timed apart: its error fails its target with the error's
     first line, and the eager rows keep their times."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import logging
 import os
 import sys
 import tempfile
@@ -28,6 +29,9 @@ MAX_SEED = 2**32 - 1
 # The most torch CPU threads a run takes: one per CPU of this machine (more only time the
 # threads' contention, and past 2**31 - 1 torch fails every suite with an overflow).
 MAX_THREADS = os.cpu_count() or 1
+# What torch.utils.cpp_extension (imported by compile=True's C++ builds) warns on a machine
+# with a CUDA toolkit but no GPU, where the run has no use for CUDA.
+NO_CUDA_RUNTIME = "No CUDA runtime is found"
 
 
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -203,6 +207,11 @@ def fitting(name: str, checkpoint: Checkpoint) -> Checkpoint:
     return checkpoint
 
 
+def drop_no_cuda_runtime(record: logging.LogRecord) -> bool:
+    """False (dropped) for torch's warning that no CUDA runtime is found, True otherwise."""
+    return not record.getMessage().startswith(NO_CUDA_RUNTIME)
+
+
 def main(argv: Sequence[str] | None = None) -> Report:
     """Run the selected suites, rewriting the report after each one; returns it.
 
@@ -211,6 +220,7 @@ def main(argv: Sequence[str] | None = None) -> Report:
     """
     args = parse(argv)
     device = args.device
+    logging.getLogger("torch.utils.cpp_extension").addFilter(drop_no_cuda_runtime)
     if args.threads:
         torch.set_num_threads(args.threads)
     keep_freed_memory()
