@@ -1038,7 +1038,7 @@ def test_the_table_averages_finished_seeds_per_variant_and_the_parquet_round_tri
     ]
     table = results.markdown(rows)
     assert "| Skip DEQ | 3 (1 stopped) | 97.50 ± 0.71 | 0.5 ± 0 | 0.5 ± 0 | 0.5 ± 0 |" in table
-    assert "| 11 ± 1.414 | 1,234 |" in table
+    assert "| 11.0 ± 1.4 | 1,234 |" in table
     assert "skipped" not in table
     # A trial that ended in an error is counted as failed, not as stopped early.
     failed = results.markdown([*rows, rows[2] | {"seed": 3, "status": "ERROR"}])
@@ -1280,7 +1280,30 @@ def test_a_table_cell_leaves_out_a_seed_that_lacks_the_measure():
         | {"test_accuracy": 0.5, "test_nfe": nfe}
         for seed, nfe in [(0, 10.0), (1, math.nan), (2, 14.0)]
     ]
-    assert "| Skip | 3 | 50.00 ± 0.00 | - | - | - | 12 ± 2.828 | 10 |" in results.markdown(rows)
+    assert "| Skip | 3 | 50.00 ± 0.00 | - | - | - | 12.0 ± 2.8 | 10 |" in results.markdown(rows)
+
+
+def test_a_time_cell_rounds_the_mean_to_the_two_significant_digits_of_its_std():
+    """A time or NFE cell reads `mean ± std` with two significant digits of the std and the
+    mean to the same decimal place (0.01645 ± 0.0003357 read with the std's four digits)."""
+    rows = [
+        {"group": "g", "seed": seed, "completed": True, "parameters": 1, "step": 1}
+        | {"test_accuracy": accuracy, "train_time": train, "backward_time": backward}
+        | {"predict_time": predict, "test_nfe": nfe}
+        for seed, accuracy, train, backward, predict, nfe in [
+            (0, 0.9721, 0.016213, 0.00224, 0.34, 2000.0),
+            (1, 0.9749, 0.016687, 0.002366, 0.48, 3750.0),
+        ]
+    ]
+    line = results.markdown(rows).splitlines()[2]
+    # std: 0.0003352, 8.91e-05, 0.0990, 1237.4; accuracy keeps its two decimals.
+    assert line == (
+        "| g | 2 | 97.35 ± 0.20 | 0.01645 ± 0.00034 | 0.002303 ± 0.000089 | 0.410 ± 0.099 "
+        "| 2900 ± 1200 | 1 |"
+    )
+    wide = results.markdown([rows[0] | {"predict_time": 0.3}, rows[1] | {"predict_time": 0.4408}])
+    # 0.3 and 0.4408 have std 0.09956, which rounds up to 0.10: two digits, not 0.100.
+    assert "| 0.37 ± 0.10 |" in wide
 
 
 def test_the_parquet_keeps_a_column_that_only_a_later_trial_has():

@@ -130,8 +130,21 @@ def results_table(rows: list[dict[str, Any]]) -> pa.Table:
     return pa.table({c: _column([row.get(c) for row in rows]) for c in columns})
 
 
+def _decimals(spread: float) -> int:
+    """The decimal place of a positive spread's second significant digit, once rounded there
+    (0.09956 rounds to 0.10: two places, not three)."""
+    places = 1 - math.floor(math.log10(spread))
+    return places - 1 if round(spread, places) >= 10.0 ** (2 - places) else places
+
+
+def _rounded(value: float, places: int) -> str:
+    """A value rounded to a decimal place (a negative one rounds to tens, hundreds...)."""
+    return f"{round(value, places) + 0.0:.{max(places, 0)}f}"
+
+
 def _cell(values: list[float], scale: float) -> str:
-    """`mean +- std` of the finite values (the mean alone for one value)."""
+    """`mean +- std` of the finite values (the mean alone for one value): a percentage with two
+    decimals, another measure with two significant digits of its std and the mean to match."""
     finite = [v * scale for v in values if v is not None and math.isfinite(v)]
     if not finite:
         return "-"
@@ -139,7 +152,11 @@ def _cell(values: list[float], scale: float) -> str:
     mean = statistics.fmean(finite)
     if len(finite) == 1:
         return f"{mean:{digits}}"
-    return f"{mean:{digits}} ± {statistics.stdev(finite):{digits}}"
+    spread = statistics.stdev(finite)
+    if scale != 1.0 or spread == 0.0:
+        return f"{mean:{digits}} ± {spread:{digits}}"
+    places = _decimals(spread)
+    return f"{_rounded(mean, places)} ± {_rounded(spread, places)}"
 
 
 def markdown(rows: list[dict[str, Any]], unfinished: str = "stopped") -> str:
