@@ -366,6 +366,28 @@ def test_a_ranges_ends_are_checked_as_tune_draws_them():
         check({"optim.lr": {"uniform": [0.1, 0.1]}})
 
 
+def test_a_quantized_integer_range_is_checked_at_the_values_tune_draws():
+    """Tune's qrandint draws the multiples of q within its ends, and at q = 1 leaves out the
+    upper end: [4, 64] with q 8 draws 8 to 64, so an image size of 4 (below the allowed 8) is
+    never drawn, and [0, 2**32] with q 1 draws up to 2**32 - 1; a range without a multiple of q
+    would fail its first draw."""
+
+    def check(space):
+        return rt.preflight(spec.from_dict("x", {**TINY, "search": {"space": space}}))
+
+    image_sizes = {"qrandint": [4, 64, 8]}
+    drawn = ray.tune.search.sample.Integer(4, 64).uniform().quantized(8).sample(size=200)
+    assert set(drawn) == set(range(8, 65, 8))
+    check({"data.image_size": image_sizes, "seed": {"qrandint": [0, 2**32, 1]}})
+    check({"data.image_size": {"qlograndint": [4, 64, 8]}, "seed": {"qrandint": [-3, 8, 4]}})
+    for bounds in ([0, 2**32 + 1, 1], [0, 2**32 + 3, 4]):
+        with pytest.raises(ConfigError, match=r"^search.space.seed: the upper bound 4294967296: "):
+            check({"seed": {"qrandint": bounds}})
+    with pytest.raises(ConfigError) as err:
+        check({"seed": {"qrandint": [1, 3, 4]}})
+    assert str(err.value) == "search.space.seed.qrandint: no multiple of q = 4 lies in [1, 3]"
+
+
 @pytest.mark.parametrize(
     ("space", "step"),
     [

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ray import tune
+from ray.tune.search.sample import Integer
 
 from raydeq.training.config import ConfigError, apply_overrides
 
@@ -100,4 +101,26 @@ def domain(key: str, spec: Any) -> Any:
     if lower is not None and upper is not None and not lower < upper:
         # Tune samples a reversed or empty range without a word (Optuna refuses it).
         raise ConfigError(f"{key}.{primitive}: the lower bound {lower!r} must be below {upper!r}")
+    if isinstance(made, Integer):
+        _check_drawable(where, made)
     return made
+
+
+def _check_drawable(where: str, made: Integer) -> None:
+    """Raise a ConfigError for an integer range without a value to draw (qrandint [1, 3] with
+    q 4), which Tune takes and fails on at the first draw, after the run has started."""
+    least, greatest = integer_ends(made)
+    if least > greatest:
+        step = made.get_sampler().q
+        raise ConfigError(
+            f"{where}: no multiple of q = {step} lies in [{made.lower}, {made.upper}]"
+        )
+
+
+def integer_ends(made: Integer) -> tuple[int, int]:
+    """The least and greatest values that Tune draws from an integer range: a quantized one
+    draws the multiples of its step q within its ends, and the upper end is left out at q = 1
+    as in an unquantized range."""
+    q = getattr(made.get_sampler(), "q", 1)
+    upper = made.upper // q * q
+    return made.cast(-(-made.lower // q) * q), made.cast(upper - 1 if q == 1 else upper)

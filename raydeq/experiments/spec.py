@@ -20,7 +20,14 @@ from ray.tune.search.sample import Integer
 from ray.tune.search.variant_generator import generate_variants
 
 from raydeq.experiments import search as searchers
-from raydeq.experiments.primitives import PRIMITIVES, dimensions, domain, is_primitive, nested
+from raydeq.experiments.primitives import (
+    PRIMITIVES,
+    dimensions,
+    domain,
+    integer_ends,
+    is_primitive,
+    nested,
+)
 from raydeq.training.config import (
     Config,
     ConfigError,
@@ -321,7 +328,7 @@ def _first_values(when: Mapping[str, Any]) -> dict[str, Any]:
 
 def _values(key: str, spec: Any) -> list[tuple[str, Any]]:
     """The values of a dimension that `_check_space` tries, each with its name: a choice's or a
-    grid's values, a range's ends (an integer range's upper end is excluded unless quantized),
+    grid's values, a range's ends (an integer range's as Tune draws them: `integer_ends`),
     a constant (an override fixed in a rule); none for an unbounded normal."""
     if not is_primitive(spec):
         return [("the value", spec)]
@@ -333,8 +340,8 @@ def _values(key: str, spec: Any) -> list[tuple[str, Any]]:
     lower, upper = getattr(made, "lower", None), getattr(made, "upper", None)
     if lower is None or not math.isfinite(lower) or not math.isfinite(upper):
         return []
-    if isinstance(made, Integer) and not primitive.startswith("q"):
-        upper -= 1
+    if isinstance(made, Integer):
+        lower, upper = integer_ends(made)
     return [("the lower bound", lower), ("the upper bound", upper)]
 
 
