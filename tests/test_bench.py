@@ -564,6 +564,20 @@ def test_a_data_or_output_folder_that_cannot_serve_stops_the_run_before_any_suit
         assert message in err and "[step_cost] running" not in err
 
 
+def test_an_empty_output_folder_is_a_usage_error(tmp_path, monkeypatch, capsys):
+    """--out "" is Path("") and wrote the results into the current folder; it is a usage error
+    naming what --out takes, before any suite, and nothing is written."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--size", "tiny", "--only", "step_cost", "--out", ""])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "python -m raydeq.bench: error: argument --out: '' names no folder; name the folder for "
+        "the results (default: benchmarks/results)"
+    )
+    assert not list(tmp_path.iterdir())
+
+
 def test_a_failing_suite_is_reported_and_the_others_still_run(monkeypatch, tmp_path, capsys):
     """A suite that raises (a compiled step failing on a GPU, say) loses its own section only:
     the suites after it run, the report names the error, and the run exits with status 1."""

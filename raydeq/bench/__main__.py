@@ -89,7 +89,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--out",
-        type=Path,
+        type=output_folder,
         default=Path("benchmarks/results"),
         help=(
             "folder for <date>-<device>.json and .md, -2, -3, ... after the first run of a "
@@ -138,6 +138,17 @@ def mnist_folder(text: str) -> Path:
     if problem:
         raise argparse.ArgumentTypeError(f"{text!r}: {problem}")
     return root
+
+
+def output_folder(text: str) -> Path:
+    """The folder for the results named on the command line; an empty name is refused, as
+    Path("") is the current folder, which the results would fill."""
+    if not text:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} names no folder; name the folder for the results "
+            "(default: benchmarks/results)"
+        )
+    return Path(text)
 
 
 def torch_device(text: str) -> torch.device:
