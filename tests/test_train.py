@@ -1277,6 +1277,43 @@ def test_a_step_reports_the_solve_of_its_own_forward_pass_and_adds_the_jacobian_
     assert metrics["residual"] == pytest.approx(sum(residuals) / len(residuals), rel=1e-5)
 
 
+def test_a_jacobian_term_of_weight_0_is_logged_and_noted_but_left_out_of_the_loss(tmp_path, caplog):
+    """model.jac_reg with train.lambda_jac 0 logs jac_loss alone: the loss is the cross-entropy
+    plus the skip term, whose gradient pays no double backward through the estimate (and an
+    infinite estimate no longer turns the loss into NaN), and the run says so at its start."""
+    cfg = validate(
+        {
+            "name": "run",
+            "storage_path": str(tmp_path),
+            "model": {"jac_reg": True},
+            "train": {"epochs": 1, "max_steps": 1},
+        }
+    )
+    with caplog.at_level(logging.INFO, logger="raydeq"):
+        run = loop.Loop(cfg, FolderSession(tmp_path / "run"))
+    said = [r.getMessage() for r in caplog.records if r.name == "raydeq"]
+    assert said == [
+        "[run] training 1 steps on 1 worker",
+        "[run] model.jac_reg=true with train.lambda_jac=0: jac_loss is estimated and logged, "
+        "not penalised; set train.lambda_jac above 0 to penalise it",
+    ]
+    images, labels = next(iter(run.train_data))
+    with torch.random.fork_rng():  # the step draws the same probes
+        logits, out = run.state.model(images)
+    picked = logits.detach().log_softmax(1)[torch.arange(len(labels)), labels]
+    skip, jac = out.skip_loss.item(), out.jac_loss.item()
+    assert jac > 0 and out.jac_loss.requires_grad
+    metrics = run.train_step(images, labels, 0.0)
+    assert metrics["train_loss"] == pytest.approx(-picked.mean().item() + skip, rel=1e-5)
+    assert metrics["jac_loss"] == pytest.approx(jac, rel=1e-5)
+    estimate = torch.tensor(math.inf, requires_grad=True)
+    logits = torch.zeros(2, 3, requires_grad=True)
+    layer = SimpleNamespace(skip_loss=torch.tensor(0.0), jac_loss=estimate)
+    loss = objective.Objective(lambda_skip=1.0)(logits, torch.tensor([0, 1]), layer)
+    loss.backward()
+    assert loss.item() == pytest.approx(math.log(3)) and estimate.grad is None
+
+
 def test_a_steps_times_split_it_at_the_loss_the_gradients_and_the_update(tmp_path, monkeypatch):
     """A step that waited 0.75 s for its batch and read the clock at 10, 10.5, 12 and 12.25 s
     (start, loss, gradients, update): forward 0.5 s, backward 1.5 s, optimizer 0.25 s, the step

@@ -283,6 +283,17 @@ def _check_together(cfg: Config) -> None:
         check_folder_name("name", cfg.name)
 
 
+def notes(cfg: Config) -> list[str]:
+    """Lines a run says at its start about settings that are taken but do less than they may
+    seem to: a Jacobian estimate of weight 0 is logged as jac_loss and penalises nothing."""
+    if cfg.model.jac_reg and cfg.train.lambda_jac == 0:
+        return [
+            "model.jac_reg=true with train.lambda_jac=0: jac_loss is estimated and logged, not "
+            "penalised; set train.lambda_jac above 0 to penalise it"
+        ]
+    return []
+
+
 def check_folder_name(key: str, name: str) -> None:
     """Raise a ConfigError unless `name` is one folder's name (a run's or an experiment's)."""
     if not _NAME_PATTERN.fullmatch(name):

@@ -24,7 +24,7 @@ from raydeq.deq import LayerOutput
 from raydeq.solvers.stats import unconverged
 from raydeq.training import data
 from raydeq.training.checkpoint import restore
-from raydeq.training.config import Config, trained_settings
+from raydeq.training.config import Config, notes, trained_settings
 from raydeq.training.objective import STEP_METRICS, Evaluation, Objective, clock, evaluate
 from raydeq.training.reporting import Meter, Reporter, all_gather, all_sum, summed
 from raydeq.training.session import Session
@@ -115,7 +115,7 @@ class Loop:
         self.meter = Meter(keys)
         name = cfg.label or cfg.name
         self.reporter = Reporter(cfg.run_dir, name, self.rank, self.state.step, session.report)
-        self.reporter.begin(self.state.step, self.total_steps, self.world)
+        self.reporter.begin(self.state.step, self.total_steps, self.world, notes(cfg))
         self.started = (time.monotonic(), self.state.step)
 
     def autocast(self) -> torch.autocast:

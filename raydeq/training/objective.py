@@ -50,9 +50,10 @@ class Objective:
 
     def __call__(self, logits: Tensor, labels: Tensor, out: LayerOutput) -> Tensor:
         """Cross-entropy (in float32 under autocast, float64 for a float64 model) plus the
-        weighted layer losses."""
-        loss = F.cross_entropy(widened(logits), labels)
-        return loss + self.lambda_skip * out.skip_loss + self.lambda_jac * out.jac_loss
+        weighted layer losses; a Jacobian term of weight 0 is left out, as its gradient would
+        cost a double backward for nothing (and an infinite estimate would make the loss NaN)."""
+        loss = F.cross_entropy(widened(logits), labels) + self.lambda_skip * out.skip_loss
+        return loss + self.lambda_jac * out.jac_loss if self.lambda_jac else loss
 
 
 def clock(device: torch.device) -> float:

@@ -132,12 +132,14 @@ class Reporter:
             # checkpoint writes steps 1, 2, ... again over those of the session that crashed.
             self.writer = EventLog(os.path.join(run_dir, TENSORBOARD_DIR), resumed_step + 1)
 
-    def begin(self, step: int, total: int, workers: int) -> None:
-        """Say on rank 0 where training starts: the first progress line can be many steps (and,
-        behind Ray's worker start, half a minute) away."""
+    def begin(self, step: int, total: int, workers: int, notes: Sequence[str] = ()) -> None:
+        """Say on rank 0 where training starts (the first progress line can be many steps and,
+        behind Ray's worker start, half a minute away), then each note on the settings."""
         if self.rank == 0:
             where = f"resumed at step {step} of {total}" if step else f"training {total} steps"
             log.info(f"[{self.name}] {where} on {workers} worker{'s' * (workers > 1)}")
+            for note in notes:
+                log.info(f"[{self.name}] {note}")
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         """Write scalars to TensorBoard (rank 0)."""
