@@ -69,9 +69,19 @@ def solver_start(z: State) -> State:
 
 
 def initial_state(f: nn.Module, x: Tensor) -> State:
-    """The all-zero state for input x: `f.initial_state(x)` if f defines it, else zeros_like(x)."""
+    """The all-zero state for input x: `f.initial_state(x)` if f defines it, else zeros_like(x);
+    a ValueError for a state part without a feature dimension, which the solver would read as
+    a batch of one-value samples (x of shape (D,), which f's layers take as one sample)."""
     make = getattr(f, "initial_state", None)
-    return make(x) if callable(make) else torch.zeros_like(x)
+    z = make(x) if callable(make) else torch.zeros_like(x)
+    shapes = _shapes(z)
+    if any(len(shape) < 2 for shape in shapes):
+        raise ValueError(
+            f"x of shape {tuple(x.shape)} gives a state of shapes {shapes}: each part needs a "
+            "batch dimension and a feature dimension (B, N, ...), where a 1-D part would be "
+            "solved as B samples of one value each; give one sample as x[None]"
+        )
+    return z
 
 
 def _takes_zero_state(f: nn.Module, x: Tensor) -> bool:

@@ -786,6 +786,18 @@ def test_invalid_arguments_name_the_value_and_the_choices(kwargs, message):
         DEQ(**({"f": f} | kwargs))
 
 
+@pytest.mark.parametrize("init", ["zeros", "skip_reg"])
+def test_a_one_dimensional_x_is_refused_not_solved_as_a_batch_of_scalars(init):
+    """x of shape (D,) made a state of shape (D,), which the solver read as D samples of one
+    value while f's linear maps coupled them: the gradients were not those of the one sample
+    x[None], and the statistics had D entries."""
+    f, x = dense_cell()
+    with pytest.raises(
+        ValueError, match=r"x of shape \(16,\) gives a state of shapes \[\(16,\)\].*x\[None\]"
+    ):
+        DEQ(f, init=init)(x[0])
+
+
 class LinearCell(nn.Module):
     """f(z, x) = A z + x, so dz/dt = f - z = (A - I) z + x and dz/dt = f = A z + x have
     closed-form solutions."""

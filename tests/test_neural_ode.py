@@ -391,6 +391,13 @@ def test_a_batch_of_no_samples_integrates_nothing_and_differentiates(adjoint):
     assert x.grad.shape == (0, 4) and float(f.state.weight.grad.abs().sum()) == 0.0
 
 
+def test_a_one_dimensional_x_is_refused_not_integrated_as_a_batch_of_scalars():
+    """x of shape (D,) made a state of shape (D,), whose statistics had D entries (one per
+    value, as a batch of D samples); it is refused as the DEQ refuses it."""
+    with pytest.raises(ValueError, match=r"x of shape \(4,\) gives a state of shapes \[\(4,\)\]"):
+        NeuralODE(TanhCell(4))(torch.zeros(4))
+
+
 def test_a_non_positive_t1_and_a_plain_function_for_the_continuous_adjoint_are_refused():
     """t1 must be > 0; the continuous adjoint differentiates f.parameters(), so a plain
     function is a TypeError naming adjoint='backprop', which takes it."""
