@@ -71,7 +71,10 @@ def solver_start(z: State) -> State:
 def initial_state(f: nn.Module, x: Tensor) -> State:
     """The all-zero state for input x: `f.initial_state(x)` if f defines it, else zeros_like(x);
     a ValueError for a state part without a feature dimension, which the solver would read as
-    a batch of one-value samples (x of shape (D,), which f's layers take as one sample)."""
+    a batch of one-value samples (x of shape (D,), which f's layers take as one sample), and
+    a TypeError for an x that is no tensor."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a tensor (B, ...), got {type(x).__name__}")
     make = getattr(f, "initial_state", None)
     z = make(x) if callable(make) else torch.zeros_like(x)
     shapes = _shapes(z)

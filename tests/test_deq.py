@@ -798,6 +798,15 @@ def test_a_one_dimensional_x_is_refused_not_solved_as_a_batch_of_scalars(init):
         DEQ(f, init=init)(x[0])
 
 
+@pytest.mark.parametrize("layer", [DEQ, NeuralODE])
+def test_an_x_that_is_no_tensor_is_named(layer):
+    """A list for x failed in torch's zeros_like() with a message naming none of the layer's
+    arguments; it is a TypeError naming x and its type."""
+    f, x = dense_cell()
+    with pytest.raises(TypeError, match=r"x must be a tensor \(B, \.\.\.\), got list"):
+        layer(f)(x.tolist())
+
+
 class LinearCell(nn.Module):
     """f(z, x) = A z + x, so dz/dt = f - z = (A - I) z + x and dz/dt = f = A z + x have
     closed-form solutions."""
