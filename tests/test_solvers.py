@@ -495,6 +495,18 @@ def test_a_batch_of_no_samples_takes_no_step_and_differentiates(solver):
         assert torch.equal(grad, torch.zeros(3, 3))
 
 
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_an_unrolled_batch_of_no_samples_differentiates_as_the_implicit_adjoints_do(solver):
+    """With no sample the solver takes no step, and the unrolled z* had no graph: its backward
+    failed in autograd ('element 0 of tensors does not require grad') where every other
+    adjoint gives zero gradients; it now gives them too, from its one evaluation of f."""
+    w = torch.randn(3, 3, requires_grad=True)
+    sol = raydeq.solve(lambda z: torch.tanh(z @ w.T + 1), torch.zeros(0, 3), solver, "unrolled")
+    assert sol.z.shape == (0, 3) and (sol.stats.nfe, sol.stats.steps) == (1, 0)
+    (grad,) = torch.autograd.grad(sol.z.sum(), w)
+    assert torch.equal(grad, torch.zeros(3, 3)) and sol.stats.backward_nvjp == 1
+
+
 def test_contractive_dense_deq_vcab3_needs_fewer_evaluations_than_tsit5():
     """The issue's comparison: d=128, batch 32, tolerance 1e-3."""
     g = torch.Generator().manual_seed(0)

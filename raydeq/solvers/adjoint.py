@@ -139,9 +139,15 @@ class Unrolled:
         self.stats.backward_nvjp += 1
 
     def attach(self, f: Map, z_star: torch.Tensor, stats: SolveStats) -> torch.Tensor:
-        """Return z* as the solver left it; the VJPs its backward takes are counted in stats."""
+        """Return z* as the solver left it; the VJPs its backward takes are counted in stats.
+        A batch of no samples, which the solver leaves without a step and so without a graph,
+        is f(z*) instead (one more evaluation, counted in stats.nfe), so that its backward
+        gives zero gradients as the implicit adjoints' does."""
         self.stats = stats
-        return z_star
+        if z_star.shape[0] > 0:
+            return z_star
+        stats.nfe += 1
+        return f(z_star)
 
 
 def _count(stats: SolveStats, nvjp: int, v: torch.Tensor) -> torch.Tensor:
