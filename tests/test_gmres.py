@@ -134,6 +134,46 @@ def test_bad_options_are_named():
         GMRES(graph="yes")
 
 
+def HALF(u: torch.Tensor) -> torch.Tensor:
+    """A = I / 2."""
+    return 0.5 * u
+
+
+@pytest.mark.parametrize("solver", [GMRES(), Neumann()])
+@pytest.mark.parametrize(
+    ("A", "b", "x0", "error", "message"),
+    [
+        (HALF, torch.ones(4), None, ValueError, r"b must be a matrix \(B, N\).*got shape \(4,\)"),
+        (HALF, torch.ones(2, 3, 4), None, ValueError, r"b must be.*got shape \(2, 3, 4\)"),
+        (HALF, torch.ones(2, 0), None, ValueError, r"b must be.*N >= 1.*got shape \(2, 0\)"),
+        (HALF, [[1.0, 2.0]], None, TypeError, "b must be a floating tensor.*got list"),
+        (HALF, torch.ones(2, 4, dtype=torch.long), None, TypeError, "b must be.*torch.int64"),
+        (HALF, torch.ones(2, 4), torch.ones(2, 3), ValueError, r"x0 must be None or.*\(2, 3\)"),
+        (HALF, torch.ones(2, 4), torch.ones(2, 4).double(), TypeError, "x0 .*torch.float64"),
+        (3, torch.ones(2, 4), None, TypeError, "A=3 must be callable"),
+        (lambda u: u[:, :2], torch.ones(2, 4), None, ValueError, r"A must map.*got \(2, 2\)"),
+    ],
+)
+def test_a_bad_system_is_named_at_the_call(solver, A, b, x0, error, message):
+    """b, x0 or A of the wrong kind or shape failed deep in torch (an IndexError, 'too many
+    values to unpack', a batched product's sizes) or, for x0 in float64, returned float64
+    residuals; each is now named with what is allowed."""
+    with pytest.raises(error, match=message):
+        solver(A, b, x0)
+
+
+def test_gmres_names_a_half_precision_b_which_it_cannot_solve():
+    """A float16 b failed in torch ('triangular_solve_cpu not implemented for Half')."""
+    with pytest.raises(TypeError, match="b must be.*torch.float32 or torch.float64.*float16"):
+        GMRES()(HALF, torch.ones(2, 4, dtype=torch.float16))
+
+
+def test_an_empty_batch_is_solved_by_both_solvers():
+    for solver in (GMRES(), Neumann()):
+        x, info = solver(HALF, torch.ones(0, 4))
+        assert x.shape == (0, 4) and info.converged.shape == (0,)
+
+
 def test_float32():
     a, b = systems(3, 16, seed=6)
     x, info = GMRES(rtol=1e-5)(matvec(a.float()), b.float())

@@ -6,10 +6,12 @@ solved on vector-Jacobian products (Saad & Schultz 1986; Givens rotations, CGS2 
 
 from __future__ import annotations
 
+import reprlib
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from typing import ClassVar
 
 import torch
 
@@ -67,6 +69,13 @@ class ScaledLinearSolver:
     rtol: float = 1e-5
     atol: float = 0.0
     max_iters: int = 100
+    # The dtypes of b it solves in.
+    dtypes: ClassVar[tuple[torch.dtype, ...]] = (
+        torch.float16,
+        torch.bfloat16,
+        torch.float32,
+        torch.float64,
+    )
 
     def __post_init__(self) -> None:
         number("rtol", self.rtol)
@@ -77,6 +86,7 @@ class ScaledLinearSolver:
         self, A: LinearOperator, b: torch.Tensor, x0: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, LinearSolveInfo]:
         """Return x and the solve's info; x0 is the initial guess (zeros when None)."""
+        A = self._checked(A, b, x0)
         scale = b.abs().amax(dim=1, keepdim=True)  # 10x faster than the inf-norm on a CPU
         scale = torch.where(scale > 0, scale, 1.0)
         unit = b / scale
@@ -85,6 +95,29 @@ class ScaledLinearSolver:
         x, info = self._solve(A, unit, x0, self.atol / scale[:, 0] if self.atol else 0.0)
         info.residual = info.residual * scale[:, 0]
         return x * scale, info
+
+    def _checked(
+        self, A: LinearOperator, b: torch.Tensor, x0: torch.Tensor | None
+    ) -> LinearOperator:
+        """A, checked to map each x to a matrix of b's shape, once b is checked to be a matrix
+        (B, N) of one of `dtypes` and x0 None or a tensor like b: a TypeError or ValueError
+        naming the argument, instead of torch's failure deep inside the solve."""
+        names = " or ".join(map(str, self.dtypes))
+        if not isinstance(b, torch.Tensor) or b.dtype not in self.dtypes:
+            got = b.dtype if isinstance(b, torch.Tensor) else type(b).__name__
+            raise TypeError(f"b must be a floating tensor of dtype {names}, got {got}")
+        if b.dim() != 2 or b.shape[1] == 0:
+            raise ValueError(f"b must be a matrix (B, N) with N >= 1, got shape {tuple(b.shape)}")
+        like = f"a tensor like b, of shape {tuple(b.shape)} and dtype {b.dtype} on {b.device}"
+        if x0 is not None and not isinstance(x0, torch.Tensor):
+            raise TypeError(f"x0 must be None or {like}, got {type(x0).__name__}")
+        if x0 is not None and x0.shape != b.shape:
+            raise ValueError(f"x0 must be None or {like}, got shape {tuple(x0.shape)}")
+        if x0 is not None and (x0.dtype, x0.device) != (b.dtype, b.device):
+            raise TypeError(f"x0 must be None or {like}, got {x0.dtype} on {x0.device}")
+        if not callable(A):
+            raise TypeError(f"A={reprlib.repr(A)} must be callable: x (B, N) -> A x (B, N)")
+        return partial(_shaped, A)
 
     def _solve(
         self,
@@ -95,6 +128,15 @@ class ScaledLinearSolver:
     ) -> tuple[torch.Tensor, LinearSolveInfo]:
         """The solve of A x = b for b of order 1, with atol in b's units."""
         raise NotImplementedError
+
+
+def _shaped(A: LinearOperator, x: torch.Tensor) -> torch.Tensor:
+    """A x, or a ValueError where A gives another shape than x's."""
+    y = A(x)
+    if not isinstance(y, torch.Tensor) or y.shape != x.shape:
+        got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+        raise ValueError(f"A must map x of shape {tuple(x.shape)} to one of that shape, got {got}")
+    return y
 
 
 @dataclass(frozen=True)
@@ -228,6 +270,8 @@ class GMRES(ScaledLinearSolver):
     restart: int = 20
     check_every: int | None = None
     graph: bool = False
+    # Its least-squares solve's triangular solve has no half-precision kernel.
+    dtypes: ClassVar[tuple[torch.dtype, ...]] = (torch.float32, torch.float64)
 
     def __post_init__(self) -> None:
         super().__post_init__()
