@@ -181,7 +181,8 @@ def hutchinson_jacobian_loss(f: Callable[[State], State], z: State) -> Tensor:
     E[||eps^T J||^2] = ||J||_F^2 (Hutchinson); dim counts every element of the batch, so for an f
     acting per sample this is the batch mean of ||J_b||_F^2 / dim_b. Differentiable (double
     backward) in the parameters and inputs f closes over when grad mode is on; z itself is
-    treated as a constant. Raises RuntimeError under torch.inference_mode(), which has no VJP.
+    treated as a constant; 0 for a batch of no samples. Raises RuntimeError under
+    torch.inference_mode(), which has no VJP.
     """
     if torch.is_inference_mode_enabled():
         raise RuntimeError(
@@ -195,7 +196,7 @@ def hutchinson_jacobian_loss(f: Callable[[State], State], z: State) -> Tensor:
         out = _tensors(f(_rebuilt(z, inputs)))
         probes = [torch.randn_like(t) for t in out]
         vjps = _probed_vjps(out, probes, inputs, differentiable)
-    return sum(widened(v).pow(2).sum() for v in vjps) / sum(t.numel() for t in inputs)
+    return sum(widened(v).pow(2).sum() for v in vjps) / max(sum(t.numel() for t in inputs), 1)
 
 
 def _probed_vjps(
@@ -218,14 +219,15 @@ def _shapes(z: State) -> list[tuple[int, ...]]:
 
 
 def skip_loss(z: State, z0: State) -> Tensor:
-    """The paper's L1 skip loss mean |f(z*, x) - z0| over every element (z holds f(z*, x)).
+    """The paper's L1 skip loss mean |f(z*, x) - z0| over every element (z holds f(z*, x));
+    0 for a batch of no samples, whose mean over no element would be NaN.
 
     Both sides stay in the graph, as in the paper's joint objective: the gradient trains the
     producer of z0 (g, or f through f(0, x)) and, by the implicit adjoint of z*, f itself.
     """
     pairs = list(zip(_tensors(z), _tensors(z0), strict=True))
     total = sum(widened(a - b).abs().sum() for a, b in pairs)
-    return total / sum(b.numel() for _, b in pairs)
+    return total / max(sum(b.numel() for _, b in pairs), 1)
 
 
 def _count_loaded(layer: DEQ, incompatible_keys: object) -> None:

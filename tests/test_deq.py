@@ -807,6 +807,19 @@ def test_an_x_that_is_no_tensor_is_named(layer):
         layer(f)(x.tolist())
 
 
+@pytest.mark.parametrize("init", ["skip", "skip_reg"])
+def test_a_batch_of_no_samples_has_zero_losses_not_nan(init):
+    """skip_loss and jac_loss divided a sum over no elements by their count, 0: NaN, which a
+    training loss that adds them carried into its value; they are now 0 with zero gradients."""
+    f, x = dense_cell()
+    layer = DEQ(f, init=init, skip=dense_skip(D).double() if init == "skip" else None)
+    out = layer.train()(x[:0])
+    jac = DEQ(f, jac_reg=True).train()(x[:0]).jac_loss
+    assert (out.skip_loss.item(), jac.item()) == (0.0, 0.0)
+    (out.skip_loss + jac).backward()
+    assert float(f.state.weight.grad.abs().sum()) == 0.0
+
+
 class LinearCell(nn.Module):
     """f(z, x) = A z + x, so dz/dt = f - z = (A - I) z + x and dz/dt = f = A z + x have
     closed-form solutions."""
