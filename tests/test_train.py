@@ -1887,6 +1887,18 @@ def test_each_report_before_the_last_says_the_time_left_at_the_runs_pace(tmp_pat
     assert figures == ["0.9721", "33.5", "9999", "10530", "2.5e-05", "nan"]
 
 
+def test_a_run_in_this_process_leaves_its_loggers_as_it_found_them(tmp_path):
+    """num_workers=0 runs train_loop in the caller's process, whose logging it set up for a
+    worker for good: raydeq's logger at INFO, so that a later run's lines reached the log of a
+    caller that had not asked for them, the root logger at WARNING, and one more filter each run."""
+    loggers = [logging.getLogger(name) for name in launch.WORKER_LOGGERS]
+    with launch.loggers_kept(launch.WORKER_LOGGERS):
+        loggers[0].setLevel(logging.INFO)  # as `raydeq.train` sets it up
+        before = [(logger.level, list(logger.filters)) for logger in loggers]
+        launch.fit(make_config(tmp_path, max_steps=2), LOCAL)
+        assert [(logger.level, list(logger.filters)) for logger in loggers] == before
+
+
 def test_raydeqs_own_errors_are_one_line_and_other_tracebacks_stay(monkeypatch):
     """A run that diverged printed Ray Train's traceback per worker and per restart, and again
     in the final error (65 lines); raydeq's errors explain themselves in their message."""

@@ -7,6 +7,7 @@ This module stays light: Ray Train's controller and each Tune trial import it to
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -14,7 +15,7 @@ import signal
 import socket
 import sys
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import ray
@@ -58,6 +59,8 @@ API_SERVER = "RAY_API_SERVER_ADDRESS"
 # worker's exception with its traceback.
 AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
 TRAIN_FN_LOGGER = "ray.train.v2._internal.util"
+# The loggers whose level or filters show_warnings_and_progress sets (root's name is "").
+WORKER_LOGGERS = ("", "raydeq", TRAIN_FN_LOGGER)
 # The line a traceback ends with, `package.module.Error: message`.
 QUALIFIED_ERROR = re.compile(r"^(?P<module>(?:\w+\.)+)(?P<error>\w+: .*)$")
 log = logging.getLogger("raydeq")
@@ -269,9 +272,24 @@ def fit(
     once it has finished, the checkpoints Ray Train kept no record of are deleted (see
     `drop_unrecorded_checkpoints`)."""
     scaling = scaling or scaling_config(cfg, gpus_per_worker(cfg))
-    result = trainer(cfg, scaling, callbacks, train_fn).fit()
+    with loggers_kept(WORKER_LOGGERS):
+        result = trainer(cfg, scaling, callbacks, train_fn).fit()
     drop_unrecorded_checkpoints(result, cfg.run_dir)
     return result
+
+
+@contextlib.contextmanager
+def loggers_kept(names: Sequence[str]) -> Iterator[None]:
+    """Put the named loggers' levels and filters back on exit: with num_workers=0 Ray Train
+    runs train_fn in this process, where show_warnings_and_progress sets them for a worker."""
+    loggers = [logging.getLogger(name) for name in names]
+    kept = [(logger.level, list(logger.filters)) for logger in loggers]
+    try:
+        yield
+    finally:
+        for logger, (level, filters) in zip(loggers, kept, strict=True):
+            logger.setLevel(level)
+            logger.filters = filters
 
 
 def drop_unrecorded_checkpoints(result: Result, run_dir: str) -> list[str]:
