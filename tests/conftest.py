@@ -5,6 +5,7 @@ the state API can list actors). Tests marked `multinode` build their own multi-n
 so they run after all the others, once the shared cluster has been shut down.
 """
 
+import logging
 import os
 import socket
 from collections.abc import Callable, Iterator
@@ -13,7 +14,7 @@ import pytest
 import ray
 import torch
 
-from raydeq.training.launch import runtime_env
+from raydeq.training.launch import WORKER_LOGGERS, runtime_env
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -110,3 +111,33 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def process_state() -> dict[str, object]:
+    """What a test shares with the tests after it in this process: torch's default dtype,
+    threads and grad mode, the working folder, and the loggers a run in this process sets."""
+    loggers = {name or "root": logging.getLogger(name) for name in WORKER_LOGGERS}
+    return {
+        "default dtype": torch.get_default_dtype(),
+        "threads": torch.get_num_threads(),
+        "grad enabled": torch.is_grad_enabled(),
+        "cwd": os.getcwd(),
+        **{
+            f"logger {name}": (
+                logger.level,
+                list(logger.filters),
+                logger.isEnabledFor(logging.INFO),
+            )
+            for name, logger in loggers.items()
+        },
+    }
+
+
+@pytest.fixture(autouse=True)
+def process_state_kept() -> Iterator[None]:
+    """Fail a test that leaves process_state changed (a logger's INFO answer included, which
+    logging caches: monkeypatching a logger's level leaves it stale), so that no test passes
+    or fails by the order it runs in."""
+    before = process_state()
+    yield
+    assert process_state() == before

@@ -923,12 +923,13 @@ def test_a_worker_logs_the_progress_and_warnings_but_not_ray_s_info_lines(monkey
     handler.emit = lambda record: records.append(record.getMessage())
     root = logging.getLogger()
     monkeypatch.setattr(root, "handlers", [handler])
-    monkeypatch.setattr(root, "level", logging.INFO)
-    monkeypatch.setattr(logging.getLogger("raydeq"), "level", logging.NOTSET)
-    launch.show_warnings_and_progress()
-    logging.getLogger("/ray/train/v2/_internal/execution/context.py").info("Reporting result 1")
-    logging.getLogger("raydeq").info("[run] epoch 1.00 step 2/4")
-    logging.getLogger(checkpoint.__name__).warning("falling back to the previous checkpoint")
+    with launch.loggers_kept(launch.WORKER_LOGGERS):
+        root.setLevel(logging.INFO)
+        logging.getLogger("raydeq").setLevel(logging.NOTSET)
+        launch.show_warnings_and_progress()
+        logging.getLogger("/ray/train/v2/_internal/execution/context.py").info("Reporting result 1")
+        logging.getLogger("raydeq").info("[run] epoch 1.00 step 2/4")
+        logging.getLogger(checkpoint.__name__).warning("falling back to the previous checkpoint")
     assert records == ["[run] epoch 1.00 step 2/4", "falling back to the previous checkpoint"]
 
 
@@ -1899,7 +1900,7 @@ def test_a_run_in_this_process_leaves_its_loggers_as_it_found_them(tmp_path):
         assert [(logger.level, list(logger.filters)) for logger in loggers] == before
 
 
-def test_raydeqs_own_errors_are_one_line_and_other_tracebacks_stay(monkeypatch):
+def test_raydeqs_own_errors_are_one_line_and_other_tracebacks_stay():
     """A run that diverged printed Ray Train's traceback per worker and per restart, and again
     in the final error (65 lines); raydeq's errors explain themselves in their message."""
     traceback = (
@@ -1912,14 +1913,13 @@ def test_raydeqs_own_errors_are_one_line_and_other_tracebacks_stay(monkeypatch):
     )
     bug = "Traceback (most recent call last):\n  File x\nKeyError: 'raydeq.training'\n"
     assert launch.own_error(bug) is None
-    monkeypatch.setattr(logging.getLogger(), "level", logging.getLogger().level)
-    monkeypatch.setattr(logging.getLogger("raydeq"), "level", logging.getLogger("raydeq").level)
-    launch.show_warnings_and_progress()
     logger = logging.getLogger(launch.TRAIN_FN_LOGGER)
-    assert not logger.filter(
-        logging.makeLogRecord({"msg": f"Error in training function:\n{traceback}"})
-    )
-    assert logger.filter(logging.makeLogRecord({"msg": f"Error in training function:\n{bug}"}))
+    with launch.loggers_kept(launch.WORKER_LOGGERS):
+        launch.show_warnings_and_progress()
+        assert not logger.filter(
+            logging.makeLogRecord({"msg": f"Error in training function:\n{traceback}"})
+        )
+        assert logger.filter(logging.makeLogRecord({"msg": f"Error in training function:\n{bug}"}))
 
 
 def nan_splits(cfg: data.DataSection, load=data.load_splits) -> data.Splits:
