@@ -1340,6 +1340,33 @@ def test_the_parquet_keeps_a_column_that_only_a_later_trial_has():
     assert table.to_pylist() == [rows[0] | {"config.model.solver_options.m": None}, rows[1]]
 
 
+def test_a_trials_reports_are_read_as_columns_with_the_values_a_line_by_line_reading_gives(
+    tmp_path, monkeypatch
+):
+    """Tune's result files of a long trial (thousands of reports) are read as columns, not a
+    JSON parse and a flattening per report: every file is parsed once, and the history is
+    the one pandas makes of the reports line by line, nested config, NaN, missing values,
+    lists and a last line cut short included."""
+    config = {"model": {"solver": "vcab3", "solver_options": {"m": 5}}, "variant": {"label": "S"}}
+    reports = [
+        {"step": 10 * i, "loss": 1.0 / i, "done": False, "config": config, "dims": [1, i]}
+        | ({"test_accuracy": math.nan if i == 40 else i / 100, "best": i > 2} if i % 4 else {})
+        for i in range(1, 201)
+    ]
+    text = "".join(json.dumps(report) + "\n" for report in reports)
+    (tmp_path / f"{archive.ARCHIVE_PREFIX}0.json").write_text(text[: len(text) // 2])
+    write_reports(tmp_path / archive.RESULT_FILE, reports[90:])
+    parsed = []
+    monkeypatch.setattr(
+        archive.json, "loads", lambda line, loads=json.loads: parsed.append(line) or loads(line)
+    )
+    frame = archive.history(str(tmp_path))
+    assert len(parsed) <= 2
+    monkeypatch.undo()
+    expected = pd.json_normalize(reports, sep="/")
+    pd.testing.assert_frame_equal(frame, expected, check_exact=True)
+
+
 def test_a_history_cut_short_after_a_resume_is_in_step_order(tmp_path):
     """A trial resumed from a checkpoint older than its last report, then stopped again: the
     new session's report of step 30 replaces the old one, and the old step 40 still comes

@@ -8,9 +8,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 
 import pandas as pd
+import pyarrow as pa
 import pyarrow.fs
+import pyarrow.json
 
 from raydeq.training.checkpoint import MANIFEST_FILE, REPORTS_FILE, reports_sha256
 from raydeq.training.storage import CHECKPOINT_PREFIX, filesystem, subfolders
@@ -18,6 +21,14 @@ from raydeq.training.storage import CHECKPOINT_PREFIX, filesystem, subfolders
 RESULT_FILE = "result.json"
 ARCHIVE_PREFIX = "result-before-resume-"
 log = logging.getLogger(__name__)
+# pyarrow's types of JSON's plain values (it reads a date's text as a timestamp).
+JSON_VALUES = (
+    pa.types.is_null,
+    pa.types.is_boolean,
+    pa.types.is_int64,
+    pa.types.is_float64,
+    pa.types.is_string,
+)
 
 
 def _trial_folders(path: str) -> list[str]:
@@ -67,6 +78,72 @@ def reports(fs: pyarrow.fs.FileSystem, file: str, sha256: str | None = None) -> 
     if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
         log.warning("%s fails the checksum its %s records: left out", file, MANIFEST_FILE)
         return pd.DataFrame()
+    table = _table(data) if _plain(data) else None
+    if table is None:
+        return _parsed(file, data)
+    # pd.json_normalize puts a report's objects, flattened, after its plain values.
+    nested = [pa.types.is_struct(column.type) for column in table.columns]
+    order = sorted(range(table.num_columns), key=nested.__getitem__)
+    columns = [table.column(i) for i in order]
+    return pd.DataFrame(dict(_flattened(columns, [table.column_names[i] for i in order], "")))
+
+
+def _plain(data: bytes) -> bool:
+    """Whether a file may be read as columns: no blank line, which `_parsed` refuses, and no
+    carriage return, which it takes for a line's end."""
+    return bool(data) and b"\n\n" not in data and b"\r" not in data and not data.startswith(b"\n")
+
+
+def _table(data: bytes) -> pa.Table | None:
+    """A file's reports as columns, read by pyarrow, its last line left out where it is cut
+    short; None where pyarrow refuses a line (which `_parsed` names) or reads a value as other
+    than JSON gives it (a date's text as a timestamp)."""
+    whole, _, last = data.rpartition(b"\n")
+    try:
+        json.loads(last or b"null")
+    except json.JSONDecodeError:
+        data = whole
+    try:
+        table = pyarrow.json.read_json(pa.BufferReader(data))
+    except pa.ArrowInvalid:
+        return None
+    return table if all(_json_type(field.type) for field in table.schema) else None
+
+
+def _json_type(kind: pa.DataType) -> bool:
+    """Whether pyarrow's type holds JSON values as they are: null, bool, numbers, text and
+    lists or objects of them."""
+    if pa.types.is_struct(kind):
+        return all(_json_type(field.type) for field in kind)
+    if pa.types.is_list(kind):
+        return _json_type(kind.value_type)
+    return any(check(kind) for check in JSON_VALUES)
+
+
+def _flattened(
+    columns: list[pa.ChunkedArray | pa.Array], names: list[str], prefix: str
+) -> list[tuple[str, pd.Series]]:
+    """(name, values) of each column, a struct's fields named `<struct>/<field>` as
+    `pd.json_normalize` names them; lists as Python lists and a bool's missing values as NaN,
+    as pandas reads them from the reports."""
+    flat = []
+    for column, name in zip(columns, names, strict=True):
+        if pa.types.is_struct(column.type):
+            whole = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+            flat += _flattened(whole.flatten(), [f.name for f in column.type], f"{prefix}{name}/")
+        elif pa.types.is_list(column.type) or (
+            column.null_count and pa.types.is_boolean(column.type)
+        ):
+            values = [math.nan if v is None else v for v in column.to_pylist()]
+            flat.append((f"{prefix}{name}", pd.Series(values, dtype=object)))
+        else:
+            flat.append((f"{prefix}{name}", column.to_pandas()))
+    return flat
+
+
+def _parsed(file: str, data: bytes) -> pd.DataFrame:
+    """The reports of a file read line by line: a last line cut short is left out, another
+    line that is no report a ValueError naming it."""
     lines = data.decode("utf-8").splitlines()
     rows = []
     for number, line in enumerate(lines, 1):
