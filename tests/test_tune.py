@@ -1458,7 +1458,7 @@ def test_the_report_has_a_row_per_trial_from_every_session_and_writes_its_files(
     ]
     write_reports(Path(trials[1].path, archive.RESULT_FILE), fast)
     analysis = SimpleNamespace(trials=trials[::-1])
-    monkeypatch.setattr(results.tune, "ExperimentAnalysis", lambda given: analysis)
+    monkeypatch.setattr(results, "RecordedExperiment", lambda given: analysis)
     plotted, plot = [], results.plot
 
     def recorded(metric, label, curves):
@@ -1503,7 +1503,7 @@ def test_the_report_of_an_interrupted_run_has_a_row_for_a_trial_that_never_start
     Path(ran.path).mkdir(parents=True)
     write_reports(Path(ran.path, archive.RESULT_FILE), [{"step": 30, "test_accuracy": 0.75}])
     analysis = SimpleNamespace(trials=[ran, waited])
-    monkeypatch.setattr(results.tune, "ExperimentAnalysis", lambda given: analysis)
+    monkeypatch.setattr(results, "RecordedExperiment", lambda given: analysis)
     monkeypatch.setattr(results, "plot", lambda *args: b"")
     table = results.report(str(path), spec.from_dict("interrupted", settings))
     rows = pq.read_table(path / "results.parquet").to_pylist()
@@ -2003,7 +2003,7 @@ def test_fit_counts_the_errored_trials_and_those_left_pending_running_or_paused(
     monkeypatch.setattr(run, "tuner", tuner)
     statuses = ["TERMINATED", "ERROR", "ERROR", "PENDING", "RUNNING", "PAUSED", "TERMINATED"]
     trials = [SimpleNamespace(status=status) for status in statuses]
-    monkeypatch.setattr(run.tune, "ExperimentAnalysis", lambda path: SimpleNamespace(trials=trials))
+    monkeypatch.setattr(results, "RecordedExperiment", lambda path: SimpleNamespace(trials=trials))
     old = f"{tmp_path}/old"
     monkeypatch.setattr(run.tune.Tuner, "can_restore", lambda path: path == old)
     options = run.Options(gpus=0, num_samples=1, scheduler="fifo", max_concurrent=0)
@@ -2120,7 +2120,7 @@ def recorded_tiny_trials(
         write_reports(Path(trial.path, archive.RESULT_FILE), [report])
         trials.append(trial)
     analysis = SimpleNamespace(trials=trials)
-    monkeypatch.setattr(results.tune, "ExperimentAnalysis", lambda path: analysis)
+    monkeypatch.setattr(results, "RecordedExperiment", lambda path: analysis)
     return trials
 
 
@@ -2227,7 +2227,7 @@ def test_a_report_that_cannot_write_its_table_is_one_line_and_keeps_the_previous
     file, folder = stored_tiny_experiment(tmp_path)
     (folder / "results.md").write_text("the previous table\n")
     analysis = SimpleNamespace(trials=[])
-    monkeypatch.setattr(results.tune, "ExperimentAnalysis", lambda path: analysis)
+    monkeypatch.setattr(results, "RecordedExperiment", lambda path: analysis)
     full = FullDisk("results.md")
     monkeypatch.setattr(storage, "filesystem", lambda path: (full, storage.absolute(path)))
     argv = [str(file), "--storage", str(tmp_path / "runs")]
@@ -2307,6 +2307,24 @@ def test_a_restart_without_a_limit_says_so_rather_than_of_minus_1(tmp_path, caps
     assert capsys.readouterr().out == "trial Skip: failed; restart 4 (no limit)\n"
 
 
+def test_the_trials_are_read_from_tunes_record_without_a_second_read_of_each_result_file(
+    tmp_path, monkeypatch
+):
+    """Tune's analysis of an experiment reads every trial's result file into a DataFrame
+    (a second read of each, held for all of them, where `history` reads them for the report):
+    the trials come from Tune's record alone, and no trial's result file is read for them."""
+    trials = [SimpleNamespace(trial_id=f"ab_{i:05d}", config={}) for i in range(3)]
+    analysis = sys.modules[ray.tune.ExperimentAnalysis.__module__]
+    monkeypatch.setattr(analysis, "_find_newest_experiment_checkpoint", lambda **kw: "state.json")
+    monkeypatch.setattr(ray.tune.ExperimentAnalysis, "_load_trials", lambda self: trials)
+    fetched = []
+    monkeypatch.setattr(
+        ray.tune.ExperimentAnalysis, "_fetch_trial_dataframe", lambda self, t: fetched.append(t)
+    )
+    assert results.recorded_trials(str(tmp_path)) == trials
+    assert fetched == []
+
+
 def test_the_trials_are_read_without_tunes_warning_over_trials_that_never_reported(
     monkeypatch, caplog
 ):
@@ -2322,7 +2340,7 @@ def test_the_trials_are_read_without_tunes_warning_over_trials_that_never_report
         logger.error("an error still shows")
         return SimpleNamespace(trials=trials)
 
-    monkeypatch.setattr(results.tune, "ExperimentAnalysis", analysis)
+    monkeypatch.setattr(results, "RecordedExperiment", analysis)
     level = logger.level
     with caplog.at_level(logging.WARNING):
         assert results.recorded_trials("somewhere") == trials

@@ -234,6 +234,15 @@ def _folder(path: str, trial: Any) -> str | None:
         return None
 
 
+class RecordedExperiment(tune.ExperimentAnalysis):
+    """Tune's record of an experiment, its trials alone: Tune's own reading of every trial's
+    result file into a DataFrame (a second read of each, held for every trial) is left out,
+    since raydeq reads those files itself (`history`)."""
+
+    def _fetch_trial_dataframes(self) -> dict[str, pd.DataFrame]:
+        return {}
+
+
 def recorded_trials(path: str) -> list[Any]:
     """Tune's trials of the experiment at `path` (a ValueError where it recorded none yet),
     without the warning of Tune's own reading of their result files, which raydeq reads itself
@@ -242,7 +251,7 @@ def recorded_trials(path: str) -> list[Any]:
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
-        return tune.ExperimentAnalysis(path).trials
+        return RecordedExperiment(path).trials
     finally:
         logger.setLevel(level)
 
