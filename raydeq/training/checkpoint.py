@@ -9,10 +9,10 @@ import hashlib
 import json
 import logging
 import pickle
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pyarrow.fs
 import torch
@@ -26,6 +26,7 @@ MANIFEST_FILE = "manifest.json"
 # synced) them leaves them here alone, where `experiments.archive.history` finds them.
 REPORTS_FILE = "reports.jsonl"
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class CheckpointError(RuntimeError):
@@ -179,18 +180,23 @@ def newest_first(fs: pyarrow.fs.FileSystem, folders: Iterable[str]) -> list[str]
 
 def manifest_step(fs: pyarrow.fs.FileSystem, path: str) -> int | None:
     """The step in the manifest of the checkpoint folder `path` in `fs`, None if unreadable."""
-    try:
-        return int(read_manifest(fs, path)["step"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    return _from_manifest(fs, path, lambda manifest: int(manifest["step"]))
 
 
 def reports_sha256(fs: pyarrow.fs.FileSystem, path: str) -> str | None:
     """The SHA-256 of REPORTS_FILE that the manifest of the checkpoint folder `path` in `fs`
     records, None where it records none (written before reports were recorded) or cannot be
     read (a copy cut short before it, which leaves nothing to check against)."""
+    return _from_manifest(fs, path, lambda manifest: str(manifest["reports"]["sha256"]))
+
+
+def _from_manifest(
+    fs: pyarrow.fs.FileSystem, path: str, entry: Callable[[dict[str, Any]], T]
+) -> T | None:
+    """`entry` of the manifest of the checkpoint folder `path` in `fs`, None where the manifest
+    cannot be read or lacks that entry."""
     try:
-        return str(read_manifest(fs, path)["reports"]["sha256"])
+        return entry(read_manifest(fs, path))
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
