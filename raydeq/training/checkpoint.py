@@ -35,11 +35,10 @@ class CheckpointError(RuntimeError):
 
 class IncompleteCheckpoint(CheckpointError):
     """A checkpoint folder without its manifest, its state or the reports its manifest records,
-    with a manifest cut short, or whose state or reports are shorter than their manifest
-    records: never a whole checkpoint, since
-    `write_checkpoint` renames a whole folder into place, but a copy cut short (Ray copies a
-    checkpoint's files side by side, and a process killed mid-copy leaves some of them, or
-    part of one)."""
+    with a manifest cut short, or whose state or reports are shorter than its manifest
+    records: never a whole checkpoint, since `write_checkpoint` renames a whole folder into
+    place, but a copy cut short (Ray copies a checkpoint's files side by side, and a process
+    killed mid-copy leaves some of them, or part of one)."""
 
 
 def _sha256(path: Path) -> str:
