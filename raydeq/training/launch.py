@@ -59,7 +59,8 @@ API_SERVER = "RAY_API_SERVER_ADDRESS"
 # worker's exception with its traceback.
 AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
 TRAIN_FN_LOGGER = "ray.train.v2._internal.util"
-# The loggers whose level or filters show_warnings_and_progress sets (root's name is "").
+# The loggers whose level or filters show_warnings_and_progress sets, in this order (root's
+# name is "").
 WORKER_LOGGERS = ("", "raydeq", TRAIN_FN_LOGGER)
 # The line a traceback ends with, `package.module.Error: message`.
 QUALIFIED_ERROR = re.compile(r"^(?P<module>(?:\w+\.)+)(?P<error>\w+: .*)$")
@@ -217,9 +218,10 @@ def show_warnings_and_progress() -> None:
     loggers under `ray.train`; the one that reports results is named by its file instead, so
     every report printed a line per worker with the whole metrics dict in it.
     """
-    logging.getLogger().setLevel(logging.WARNING)
-    logging.getLogger("raydeq").setLevel(logging.INFO)
-    logging.getLogger(TRAIN_FN_LOGGER).addFilter(lambda record: not own_error(record.getMessage()))
+    root, own, train_fn = (logging.getLogger(name) for name in WORKER_LOGGERS)
+    root.setLevel(logging.WARNING)
+    own.setLevel(logging.INFO)
+    train_fn.addFilter(lambda record: not own_error(record.getMessage()))
 
 
 def gpus_per_worker(cfg: Config) -> float:
