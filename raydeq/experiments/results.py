@@ -25,6 +25,10 @@ from raydeq.experiments.spec import LABEL, VARIANT, Experiment, describe, trial_
 from raydeq.training.config import ConfigError, leaves
 from raydeq.training.storage import exists, write_bytes
 
+# The files `report` writes in the experiment's folder, besides the plots, the Pareto chart,
+# the HParams folder and the paper's files.
+RESULTS_FILE = "results.parquet"
+MARKDOWN_FILE = "results.md"
 PLOTS = {
     "test_accuracy": "test accuracy",
     "forward_time": "forward time per batch (s)",
@@ -259,8 +263,7 @@ def recorded_trials(path: str) -> list[Any]:
 def written(path: str, experiment: Experiment) -> list[str]:
     """The names of what `report` has written in the experiment's folder at `path`: the
     HParams folder where a trial has finished, the paper's files where it reproduces a table."""
-    names = ["results.parquet", "results.md", *(f"{metric}.png" for metric in PLOTS)]
-    names.append(pareto.CHART)
+    names = [RESULTS_FILE, MARKDOWN_FILE, *(f"{metric}.png" for metric in PLOTS), pareto.CHART]
     if exists(f"{path}/{hparams.FOLDER}"):
         names.append(f"{hparams.FOLDER}/")
     return names + paper.written(experiment)
@@ -288,11 +291,11 @@ def report(path: str, experiment: Experiment, unfinished: str = "stopped") -> st
     rows = pareto.mark(rows, metric, mode)
     buffer = pa.BufferOutputStream()
     pq.write_table(results_table(rows), buffer)
-    write_bytes(f"{path}/results.parquet", buffer.getvalue().to_pybytes())
+    write_bytes(f"{path}/{RESULTS_FILE}", buffer.getvalue().to_pybytes())
     write_bytes(f"{path}/{pareto.CHART}", pareto.chart(rows, metric, mode))
     hparams.write(path, rows, pareto.varying(rows))
     table = markdown(rows, unfinished) + pareto.markdown(rows, metric)
-    write_bytes(f"{path}/results.md", table.encode())
+    write_bytes(f"{path}/{MARKDOWN_FILE}", table.encode())
     table += paper.write(path, experiment, rows, curves)
     for metric, label in PLOTS.items():
         write_bytes(f"{path}/{metric}.png", plot(metric, label, curves))
