@@ -11,7 +11,7 @@ from torch import nn
 from raydeq.models import build
 from raydeq.models.layers import VariationalDropout2d
 from raydeq.neural_ode import NeuralODE
-from raydeq.solvers.interval import integrate
+from raydeq.solvers.interval import INTERVAL_SOLVERS, integrate
 from raydeq.solvers.termination import Termination
 from raydeq.training.config import ConfigError, validate
 
@@ -377,6 +377,20 @@ def test_a_bfloat16_modules_residual_is_measured_in_float32_as_a_deqs():
     with torch.no_grad():
         out = NeuralODE(cell, solver="tsit5")(torch.randn(3, 4, dtype=torch.bfloat16))
     assert out.z.dtype == torch.bfloat16 and out.stats.residual.dtype == torch.float32
+
+
+@pytest.mark.parametrize("solver", INTERVAL_SOLVERS)
+def test_a_tolerance_past_float32_s_range_integrates_a_float32_state_as_a_float64_one(solver):
+    """abstol=1e300 failed in torch's full_like on a float32 state; its steps are now those of
+    a float64 integration, which takes the same tolerance."""
+    torch.manual_seed(0)
+    cell = TanhCell(4)
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        wide = NeuralODE(cell.double(), solver=solver, abstol=1e300, reltol=1e300)(x.double())
+        narrow = NeuralODE(cell.float(), solver=solver, abstol=1e300, reltol=1e300)(x)
+    assert narrow.stats.nfe == wide.stats.nfe
+    torch.testing.assert_close(narrow.z.double(), wide.z, rtol=0, atol=1e-4)
 
 
 @pytest.mark.parametrize("adjoint", ["continuous", "backprop"])

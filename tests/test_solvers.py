@@ -240,6 +240,26 @@ def test_float32_multiscale_state(solver):
     assert max(float((a - b).abs().max()) for a, b in zip(fz, sol.z, strict=True)) < 1e-4
 
 
+@pytest.mark.parametrize("tolerances", [{"abstol": 1e300}, {"reltol": 1e300}, {"abstol": 1e38}])
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_a_tolerance_past_float32_s_range_solves_a_float32_state_as_a_float64_one(
+    solver, tolerances
+):
+    """abstol=1e300 (or 1e38, whose scaled floor is past the range) failed in torch's
+    full_like on a float32 state; every sample now meets it where a float64 solve does."""
+    f, _ = problem()
+
+    def f32(z):
+        return f(z.double()).float()
+
+    with torch.no_grad():
+        wide = raydeq.solve(f, torch.zeros(B, D, dtype=torch.float64), solver, **tolerances)
+        narrow = raydeq.solve(f32, torch.zeros(B, D), solver, **tolerances)
+    assert narrow.stats.status.tolist() == [Status.CONVERGED] * B
+    assert narrow.stats.nfe == wide.stats.nfe
+    torch.testing.assert_close(narrow.z.double(), wide.z, rtol=0, atol=1e-4)
+
+
 def test_samples_stop_on_their_own():
     """An easy and a hard sample: the easy one stops first and its state then stays fixed."""
     scales = torch.tensor([[0.1], [0.95]], dtype=torch.float64)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from raydeq.solvers.options import choice, number
-from raydeq.solvers.termination import Termination, norm
+from raydeq.solvers.termination import Termination, in_range, norm
 
 Field = Callable[[torch.Tensor], torch.Tensor]
 
@@ -145,8 +145,9 @@ class Controller:
         combinations' factored-out weights): the abstol floor as a (B, 1) column, the
         step_rtol and reltol weights."""
         weight = abs(error) * self.unit(error_order)
-        floor = torch.full_like(like[:, :1], term.abstol * like.shape[1] ** 0.5 / weight)
-        return floor, self.step_rtol * abs(move) / weight, term.reltol / weight
+        floor = in_range(term.abstol * like.shape[1] ** 0.5 / weight, like.dtype)
+        rel_weight = in_range(term.reltol / weight, like.dtype)
+        return torch.full_like(like[:, :1], floor), self.step_rtol * abs(move) / weight, rel_weight
 
     def decide(
         self,

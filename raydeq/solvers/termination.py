@@ -36,6 +36,13 @@ class Status(enum.IntEnum):
     UNSOLVED = 4
 
 
+def in_range(value: float, dtype: torch.dtype) -> float:
+    """value, or dtype's greatest finite number where value is past it: torch cannot make a
+    scalar of the state's dtype from a tolerance beyond its range (abstol=1e300 on float32),
+    which every finite residual meets as it meets the greatest one."""
+    return min(value, torch.finfo(dtype).max)
+
+
 def norm(x: torch.Tensor) -> torch.Tensor:
     """2-norm of each sample of a (B, N) matrix as a (B, 1) column, the solvers' scalar shape
     (a column broadcasts against the state without a reshaping view)."""
@@ -49,6 +56,8 @@ class Termination:
     A sample whose residual is not finite stops with Status.NONFINITE, and one whose residual
     exceeds `divergence` times its first residual stops with Status.DIVERGED (relative to the
     first, not the best, so that a quasi-Newton transient near convergence is not mistaken).
+    A tolerance past the state dtype's range acts as its greatest finite number, which every
+    finite residual meets.
     """
 
     abstol: float = 1e-3
@@ -86,6 +95,7 @@ class Monitor:
         self.reads = reads
         self.to_rms = features**-0.5  # 2-norm -> RMS norm
         self.abstol_norm = termination.abstol / self.to_rms  # abstol as a 2-norm
+        self.reltol = in_range(termination.reltol, z0.dtype)
         self.best_z = z0
         self.best_norm = torch.full((batch, 1), float("inf"), dtype=z0.dtype, device=z0.device)
         self.divergence_bound: torch.Tensor | None = None
@@ -154,15 +164,15 @@ class Monitor:
         """r <= abstol + reltol * ||z|| per sample (2-norms), as r - reltol * ||z|| <= abstol:
         one operation fewer, and false where both are infinite (inf - inf is NaN), as at a
         non-finite z0 that no finite residual has replaced."""
-        if not self.termination.reltol:
+        if not self.reltol:
             return r <= self.abstol_norm
-        return torch.add(r, norm(z), alpha=-self.termination.reltol) <= self.abstol_norm
+        return torch.add(r, norm(z), alpha=-self.reltol) <= self.abstol_norm
 
     def _tolerance(self, z: torch.Tensor) -> torch.Tensor | float:
         """abstol + reltol * ||z|| per sample, as a 2-norm."""
-        if not self.termination.reltol:
+        if not self.reltol:
             return self.abstol_norm
-        return norm(z).mul_(self.termination.reltol).add_(self.abstol_norm)
+        return norm(z).mul_(self.reltol).add_(self.abstol_norm)
 
     @torch.no_grad()
     def _predict(self, since: int) -> int:
