@@ -88,11 +88,12 @@ def initial_state(f: nn.Module, x: Tensor) -> State:
 
 
 def _takes_zero_state(f: nn.Module, x: Tensor) -> bool:
-    """Whether f(zeros_like(x), x) runs and gives a state of x's shapes (tried without a graph,
-    only after an error)."""
-    zeros = torch.zeros_like(x)
+    """Whether f(z0, x) runs from the zero state z0, f.initial_state(x) or else zeros_like(x),
+    and gives a state of z0's shapes (tried without a graph, only after an error)."""
+    make = getattr(f, "initial_state", None)
     try:
         with torch.no_grad():
+            zeros = make(x) if callable(make) else torch.zeros_like(x)
             return _shapes(f(zeros, x)) == _shapes(zeros)
     except Exception:
         return False
@@ -110,24 +111,37 @@ def _dtype_note(f: nn.Module, x: Tensor) -> str | None:
     )
 
 
+def _shape_note(f: nn.Module, x: Tensor) -> str:
+    """A note naming x's shape, which f may not take (an input of another feature size fails
+    in f's first product as a state of another shape does), and for an f without
+    `initial_state` the zeros_like(x) state it started from and the method it may need."""
+    shape = tuple(x.shape)
+    if callable(getattr(f, "initial_state", None)):
+        return (
+            f"f fails on x of shape {shape} from its own initial_state(x): x may not be the "
+            "input f expects (check x's feature sizes against f's)"
+        )
+    return (
+        f"the state started as zeros_like(x), of shape {shape}: x may not be the input f "
+        "expects (check x's feature sizes against f's), or f's state is not shaped like its "
+        "input, and f needs a method initial_state(x) returning the zero state"
+    )
+
+
 @contextmanager
 def zero_state_hint(f: nn.Module, x: Tensor) -> Iterator[None]:
-    """Add to an error raised within a note, for an f without `initial_state` that does not
-    take the zero state zeros_like(x) to a state of its shape: one naming x's dtype and f's
-    where they differ (f fails in its own product, on any state), else one naming
-    `initial_state` (a cell whose state is not shaped like its input fails inside its own
-    first product). An error of an f that does (an integration past max_steps, running out of
-    memory) gets no note."""
+    """Add to an error raised within a note, for an f that does not take its zero state
+    (initial_state(x), or zeros_like(x) without one) to a state of its shape: one naming x's
+    dtype and f's where they differ (f fails in its own product, on any state), else one
+    naming x's shape, which f may not take, and for an f without `initial_state` that method
+    (a cell whose state is not shaped like its input fails inside its own first product). An
+    error of an f that does (an integration past max_steps, running out of memory) gets no
+    note."""
     try:
         yield
     except (RuntimeError, ValueError) as err:
-        if not callable(getattr(f, "initial_state", None)) and not _takes_zero_state(f, x):
-            err.add_note(
-                _dtype_note(f, x)
-                or f"the state started as zeros_like(x), of shape {tuple(x.shape)}: a cell "
-                "whose state is not shaped like its input needs a method initial_state(x) "
-                "returning the zero state"
-            )
+        if not _takes_zero_state(f, x):
+            err.add_note(_dtype_note(f, x) or _shape_note(f, x))
         raise
 
 

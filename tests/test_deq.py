@@ -927,6 +927,22 @@ def test_a_state_not_shaped_like_the_input_names_initial_state(layer):
     assert layer(WideCell(zero_state=True))(x).z.shape == (4, 3)
 
 
+@pytest.mark.parametrize("zero_state", [False, True])
+@pytest.mark.parametrize("layer", [DEQ, NeuralODE, lambda f: DEQ(f, init="skip_reg")])
+def test_an_input_of_another_width_than_the_cell_s_is_named_as_what_f_may_not_expect(
+    layer, zero_state
+):
+    """x of width 5 into a cell whose input is width 2 fails in f's own product: the note
+    names x's shape as what f may not expect (a cell with initial_state got no note at all,
+    one without only the advice to define initial_state)."""
+    x = torch.randn(4, 5)
+    with pytest.raises(RuntimeError, match="cannot be multiplied") as failure:
+        layer(WideCell(zero_state))(x)
+    notes = "".join(failure.value.__notes__)
+    assert "(4, 5)" in notes and "x may not be the input f expects" in notes
+    assert ("initial_state(x) returning the zero state" in notes) is not zero_state
+
+
 @pytest.mark.parametrize("layer", [DEQ, NeuralODE, lambda f: DEQ(f, init="skip_reg")])
 def test_an_input_of_another_dtype_than_the_cell_names_both_dtypes_not_initial_state(layer):
     """A float64 cell given float32 x fails in its own product, on the zero state too: the
