@@ -99,15 +99,17 @@ def _takes_zero_state(f: nn.Module, x: Tensor) -> bool:
         return False
 
 
-def _dtype_note(f: nn.Module, x: Tensor) -> str | None:
-    """A note naming x's dtype and f's floating parameters' where they differ, else None."""
+def dtype_note(f: nn.Module, x: Tensor, x_name: str = "x", f_name: str = "f") -> str | None:
+    """A note naming x's dtype and f's floating parameters' where they differ, else None (x
+    and f called by the names the caller gave them)."""
     params = f.parameters() if isinstance(f, nn.Module) else ()
     dtypes = sorted({str(p.dtype) for p in params if p.is_floating_point()} - {str(x.dtype)})
     if not dtypes:
         return None
     return (
-        f"x is {x.dtype} but f's parameters are {', '.join(dtypes)}: give x in f's dtype "
-        f"(x.to({dtypes[0]})) or convert f (f.to({x.dtype}))"
+        f"{x_name} is {x.dtype} but {f_name}'s parameters are {', '.join(dtypes)}: give "
+        f"{x_name} in {f_name}'s dtype ({x_name}.to({dtypes[0]})) or convert {f_name} "
+        f"({f_name}.to({x.dtype}))"
     )
 
 
@@ -141,7 +143,7 @@ def zero_state_hint(f: nn.Module, x: Tensor) -> Iterator[None]:
         yield
     except (RuntimeError, ValueError) as err:
         if not _takes_zero_state(f, x):
-            err.add_note(_dtype_note(f, x) or _shape_note(f, x))
+            err.add_note(dtype_note(f, x) or _shape_note(f, x))
         raise
 
 

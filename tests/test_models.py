@@ -482,6 +482,30 @@ def test_a_model_in_half_precision_solves_and_trains(name, variant):
     assert grads and all(g.dtype == torch.float16 and torch.isfinite(g).all() for g in grads)
 
 
+@pytest.mark.parametrize("name", ["mnist_dense", "mnist_mdeq"])
+def test_images_of_another_dtype_than_the_model_name_both_dtypes(name):
+    """float16 images into a float32 model failed in the stem with torch's message alone; the
+    error now names both dtypes and the casts, as a layer's does for x and f. Under autocast
+    the same images run, and an error raised there gets no such note."""
+    model = build({"model": name}).eval()
+    images = torch.randn(2, 1, 28, 28, dtype=torch.float16)
+    with pytest.raises(RuntimeError) as failure:
+        model(images)
+    notes = "".join(failure.value.__notes__)
+    assert "images is torch.float16 but model's parameters are torch.float32" in notes
+    assert "images.to(torch.float32)" in notes and "model.to(torch.float16)" in notes
+
+    def fails(*_) -> None:
+        raise RuntimeError("the layer's own error")
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model(images)[0].shape == (2, 10)
+        model.layer.register_forward_hook(fails)
+        with pytest.raises(RuntimeError, match="the layer's own error") as failure:
+            model(images)
+    assert not getattr(failure.value, "__notes__", [])
+
+
 def test_config_options_reach_the_layer():
     model = build(
         {

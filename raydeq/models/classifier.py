@@ -1,10 +1,13 @@
 """Image classifier around an equilibrium layer: stem -> DEQ / Neural ODE -> head."""
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import NamedTuple
 
+import torch
 from torch import Tensor, nn
 
-from raydeq.deq import LayerOutput
+from raydeq.deq import LayerOutput, dtype_note
 from raydeq.models.layers import VariationalDropout2d
 
 
@@ -32,5 +35,28 @@ class EquilibriumClassifier(nn.Module):
         for module in self.layer.modules():
             if isinstance(module, VariationalDropout2d):
                 module.reset()
-        out = self.layer(self.stem(images))
+        with self._dtype_hint(images):
+            out = self.layer(self.stem(images))
         return self.head(out.z), out
+
+    @contextmanager
+    def _dtype_hint(self, images: Tensor) -> Iterator[None]:
+        """Add to an error raised within a note naming the images' dtype and the model's where
+        they differ and the stem fails on the images (outside autocast it fails in its first
+        product, with torch's message alone), as the layers name x's dtype and f's."""
+        try:
+            yield
+        except (RuntimeError, ValueError) as err:
+            note = isinstance(images, Tensor) and dtype_note(self, images, "images", "model")
+            if note and not self._stem_takes(images):
+                err.add_note(note)
+            raise
+
+    def _stem_takes(self, images: Tensor) -> bool:
+        """Whether the stem runs on the images (tried without a graph, only after an error)."""
+        try:
+            with torch.no_grad():
+                self.stem(images)
+        except Exception:
+            return False
+        return True
