@@ -173,7 +173,11 @@ def test_lambda_skip_defaults_to_the_presets_and_amp_reads_yaml_off():
         ({"model": {"variant": "deep"}}, "model.variant: 'deep' is not allowed; choose one of van"),
         ({"data": {"dataset": "coco"}}, "data.dataset: 'coco' is not allowed; choose one"),
         ({"optim": {"optimizer": "lbfgs"}}, "optim.optimizer: 'lbfgs' is not allowed; choose one"),
-        ({"model": {"abstol": -1e-3}}, "model.abstol: must be > 0, got -0.001"),
+        ({"model": {"abstol": -1e-3}}, "model.abstol: must be >= 0, got -0.001"),
+        (
+            {"model": {"abstol": 0, "reltol": 0}},
+            "model: abstol and reltol cannot both be 0: the solve could never stop",
+        ),
         ({"optim": {"lr": 0}}, "optim.lr: must be > 0, got 0.0"),
         ({"train": {"keep_checkpoints": 0}}, "train.keep_checkpoints: must be >= 1, got 0"),
         ({"train": {"lambda_skip": -1}}, "train.lambda_skip: must be >= 0, got -1.0"),
@@ -273,6 +277,17 @@ def test_values_on_a_bound_are_allowed():
     )
     assert (cfg.seed, cfg.train.keep_checkpoints, cfg.optim.momentum) == (2**32 - 1, 1, 1.0)
     assert (cfg.optim.eta_min, cfg.scaling.max_failures, len(cfg.search.variants)) == (0.01, -1, 2)
+
+
+def test_abstol_0_with_a_relative_tolerance_is_a_pure_relative_test_as_the_layers_take_it():
+    """model.abstol had to be > 0 where DEQ and NeuralODE take 0 with reltol > 0 (the test
+    ||f(z) - z|| <= reltol ||z||, the reference code's rel_norm); the config now builds it."""
+    from raydeq import models
+
+    for variant in ("skip_reg", "neural_ode"):
+        cfg = validate({"model": {"variant": variant, "abstol": 0, "reltol": 1e-2}})
+        model = models.build(cfg.model_options())
+        assert (model.layer.termination.abstol, model.layer.termination.reltol) == (0, 1e-2)
 
 
 def test_an_empty_section_or_file_takes_the_defaults(tmp_path):

@@ -266,7 +266,7 @@ def test_an_override_fixes_a_searched_key():
         ),
         (
             {"space": {"model": {"abstol": {"grid_search": [-1]}}}},
-            r"^search.space.model.abstol: the grid value -1: model.abstol: must be > 0",
+            r"^search.space.model.abstol: the grid value -1: model.abstol: must be >= 0",
         ),
         (
             {"space": {"optim.lr": {"gird_search": [1e-3]}}},
@@ -278,7 +278,7 @@ def test_an_override_fixes_a_searched_key():
         ),
         (
             {"space": {"model.abstol": {"uniform": [-0.1, 0.5]}}},
-            r"^search.space.model.abstol: the lower bound -0.1: model.abstol: must be > 0",
+            r"^search.space.model.abstol: the lower bound -0.1: model.abstol: must be >= 0",
         ),
         (
             {"space": {"train.epochs": {"randint": [0, 3]}}},
@@ -2032,7 +2032,7 @@ def test_an_override_that_no_variant_has_names_each_value_they_have_once():
     ("space", "bad", "message"),
     [
         ({}, {"model.variant": "bogus"}, "model.variant: 'bogus' is not allowed; choose one of"),
-        ({"seed": {"grid_search": [0, 1]}}, {"model.abstol": -1.0}, "model.abstol: must be > 0"),
+        ({"seed": {"grid_search": [0, 1]}}, {"model.abstol": -1.0}, "model.abstol: must be >= 0"),
     ],
 )
 def test_a_variants_bad_setting_is_named_by_its_variant(searcher, space, bad, message):

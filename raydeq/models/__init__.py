@@ -10,7 +10,7 @@ from raydeq.models.dense import DenseCell, DenseConfig
 from raydeq.models.mdeq import MDEQConfig, MultiscaleCell
 from raydeq.models.presets import PRESETS, Preset
 from raydeq.neural_ode import NODE_ADJOINTS, NODE_DYNAMICS, NeuralODE
-from raydeq.solvers import ADJOINTS, CONTINUOUS, DISCRETE
+from raydeq.solvers import ADJOINTS, CONTINUOUS, DISCRETE, Termination
 from raydeq.solvers.interval import INTERVAL_SOLVERS
 from raydeq.solvers.options import choice, option_dict
 from raydeq.solvers.solve import check_options
@@ -83,6 +83,7 @@ def resolve(cfg: Mapping[str, Any]) -> dict[str, Any]:
         given = option_dict("adjoint_options", options["adjoint_options"])
         resolved["adjoint_options"] = {**defaults["adjoint_options"], **given}
     choice("adjoint", resolved["adjoint"], adjoints, where)
+    Termination(resolved["abstol"], resolved["reltol"])  # both 0: a solve that never stops
     if layer is DEQ:
         check_options(
             solver, resolved["adjoint"], resolved["solver_options"], resolved["adjoint_options"]

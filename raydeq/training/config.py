@@ -82,7 +82,8 @@ class ModelSection:
     variant: str = option(DEFAULT_VARIANT, choices=VARIANTS)
     solver: str = option(DEFAULT_SOLVER, choices=SOLVERS)
     adjoint: str | None = option(None, choices=ADJOINTS + NODE_ADJOINTS)
-    abstol: float | None = option(None, gt=0)
+    # 0 with reltol > 0 is a pure relative test, as the layers take it; both 0: resolve refuses
+    abstol: float | None = option(None, ge=0)
     reltol: float | None = option(None, ge=0)
     max_steps: int | None = option(None, ge=1)
     jac_reg: bool | None = option(None)
