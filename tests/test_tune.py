@@ -1250,11 +1250,26 @@ def test_a_search_s_many_long_labels_all_fit_in_the_plot_without_a_layout_warnin
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         image = Image.open(io.BytesIO(results.plot("test_accuracy", "test accuracy", curves)))
-    # The image holds the legend's 24 rows (at the plot's dpi) and grows right of the figure's
-    # 9.6 inches to hold its labels.
+    # The image holds the legend's 24 rows (at the plot's dpi; one column, as tall as the
+    # axes) and grows right of the figure's 9.6 inches to hold its labels.
     assert image.height >= 24 * 0.19 * 120 and image.width > 9.6 * 120
     short = Image.open(io.BytesIO(results.plot("test_accuracy", "acc", {"Skip DEQ": [frame]})))
-    assert short.height < image.height and short.width < image.width
+    assert short.height <= image.height and short.width < image.width
+
+
+def test_a_search_s_hundred_variants_fill_legend_columns_beside_axes_of_a_fixed_height(
+    monkeypatch,
+):
+    """100 variants: the figure stays 4.8 inches tall, as for one (grown by a row per variant,
+    every curve was drawn on a canvas that tall, and 300 variants took minutes), and the
+    legend names them all in columns of results.LEGEND_ROWS."""
+    monkeypatch.setattr(results, "png", lambda figure, **layout: figure)
+    frame = pd.DataFrame({"step": [250, 500], "test_accuracy": [0.9, 0.93]})
+    figure = results.plot("test_accuracy", "acc", {f"seed={i}": [frame] for i in range(100)})
+    legend = figure.axes[0].get_legend()
+    assert tuple(figure.get_size_inches()) == (9.6, 4.8)
+    assert len(legend.get_texts()) == 100 and legend._ncols == 4
+    plt.close(figure)
 
 
 def test_a_trials_row_takes_its_test_metrics_from_the_last_evaluation_and_the_rest_as_means():
