@@ -876,6 +876,17 @@ def test_the_chart_legend_names_only_what_a_panel_draws(monkeypatch):
     plt.close(figure)
 
 
+def test_a_cost_spanning_decades_is_drawn_on_a_log_axis(monkeypatch):
+    """Training times from 1e-3 to 1e-1 s on a linear axis crushed every cheap trial, the front
+    among them, into the left edge: that panel is logarithmic, and test NFE from 5 to 60 is
+    not."""
+    monkeypatch.setattr(pareto, "png", lambda figure: figure)
+    rows = _trials((True, 0.9, 5.0, 0.001), (True, 0.95, 20.0, 0.003), (True, 0.97, 60.0, 0.1))
+    figure = pareto.chart(pareto.mark(rows, "test_accuracy"), "test_accuracy")
+    assert [axes.get_xscale() for axes in figure.axes[:2]] == ["linear", "log"]
+    plt.close(figure)
+
+
 def test_a_trial_without_a_measure_is_never_on_the_front_or_the_cheapest():
     """A trial that reported no test NFE (it failed before its evaluation) costs nothing known,
     not nothing."""

@@ -21,6 +21,9 @@ VIEWS = {"test_nfe": "test NFE", "train_time": "training time per step (s)"}
 CHART = "pareto.png"
 # How far below the lowest front or paper point (in accuracy points) the chart still shows.
 ZOOM_POINTS = 10.0
+# A cost axis whose values span this factor or more is logarithmic: on a linear one, training
+# times from 1e-3 to 1e-1 s put the cheap end of the front, the part that matters, in a sliver.
+LOG_SPAN = 20.0
 # "Within 0.5 accuracy points of the best": accuracies are fractions, so 0.005.
 MARGIN = 0.005
 # Settings that name or place a trial rather than change it.
@@ -169,6 +172,12 @@ def _zoom(axes: Any, accuracy: list[float], shown: list[float], front: list[floa
         axes.set_title(f"{below} trial(s) below {floor:.0f}% not shown{of_front}", fontsize="small")
 
 
+def _scale(axes: Any, costs: list[float]) -> None:
+    """A logarithmic cost axis where the positive costs drawn span LOG_SPAN or more."""
+    if costs and min(costs) > 0 and max(costs) >= LOG_SPAN * min(costs):
+        axes.set_xscale("log")
+
+
 def chart(rows: Sequence[Mapping[str, Any]], metric: str, mode: str = "max") -> bytes:
     """PNG of `metric` against each cost view: every trial, the front joined, each of the
     paper's configurations in its own colour, one legend right of the panels (the trials far
@@ -219,6 +228,7 @@ def chart(rows: Sequence[Mapping[str, Any]], metric: str, mode: str = "max") -> 
         shown = [p[1] for p in points if _shown(p[2], cost, p[1], best_accuracy)]
         if mode == "max" and percent:
             _zoom(axes, [p[1] for p in points], shown, [p[1] for p in front_points])
+        _scale(axes, [p[0] for p in points])
         axes.set_xlabel(words)
         axes.set_ylabel(f"{metric} (%)" if percent else metric)
         axes.grid(alpha=0.3)
