@@ -1,5 +1,6 @@
 """The paper's published numbers, its tables and figures beside ours, and total training time."""
 
+import io
 import math
 
 import matplotlib.image
@@ -295,7 +296,7 @@ def test_the_report_writes_the_table_and_readable_figures_for_a_paper_experiment
     assert text.startswith("\n### Table 2: CIFAR10 Classification with Small Neural Network")
     for name, (height, width) in [
         (paper.FIGURE1_FILE, (499, 1320)),  # seven methods, one bar row each
-        (paper.CURVES_FILE, (770, 1760)),  # one legend per row, right of it
+        (paper.CURVES_FILE, (759, 1970)),  # one legend per row, right of it
     ]:
         image = matplotlib.image.imread(tmp_path / name)
         assert image.shape[:2] == (height, width) and image.std() > 0.05
@@ -305,6 +306,30 @@ def test_the_report_writes_the_table_and_readable_figures_for_a_paper_experiment
     assert paper.written(spec.from_dict("plain", base)) == []
     assert paper.write(str(tmp_path / "none"), spec.from_dict("plain", base), rows, curves) == ""
     assert not (tmp_path / "none").exists()
+
+
+def test_figures_4_6_name_a_searchs_many_groups_in_legends_that_neither_overlap_nor_get_cut(
+    monkeypatch,
+):
+    """40 searched groups per kind: each row's legend, one column of the figure's height, ran
+    over the other's and off the image; each now fills columns of paper.LEGEND_ROWS beside its
+    row, and the image grows to hold them and keeps the figure's title."""
+    rows, curves = _run()
+    label = "variant=skip, solver=bs3, adjoint=gmres, abstol=0.00{}, max_steps=20"
+    for solver, kind in [("vcab3", "Continuous"), ("broyden", "Discrete")]:
+        for i in range(40):
+            group = f"{kind} {label.format(i)}"
+            rows.append(_row(group, "skip", solver, 0, test_accuracy=0.8))
+            curves[group] = curves[CONTINUOUS]
+    image = matplotlib.image.imread(io.BytesIO(paper.curves_figure(rows, curves)))
+    drawn = []
+    monkeypatch.setattr(paper, "png", lambda figure, dpi, outside: drawn.append(outside) or figure)
+    figure = paper.curves_figure(rows, curves)
+    figure.canvas.draw()
+    first, second = (legend.get_window_extent() for legend in drawn[0])
+    assert [legend._ncols for legend in drawn[0]] == [3, 3] and first.y0 > second.y1
+    assert image.shape[1] / 110 > first.x1 / figure.dpi and image.shape[0] > 6.8 * 110
+    plt.close(figure)
 
 
 def test_figure_1_is_relative_to_the_vanilla_continuous_deq_and_figures_4_6_skip_the_node():

@@ -22,7 +22,9 @@ def png(figure: plt.Figure, dpi: int = 120, outside: Sequence[Artist] = ()) -> b
     for artist in outside:
         artist.set_in_layout(False)
     figure.tight_layout()
-    grow = {"bbox_inches": "tight", "bbox_extra_artists": outside} if outside else {}
+    # The artists the tight box takes in replace the figure's own, a suptitle among them.
+    extra = [*figure.get_default_bbox_extra_artists(), *outside]
+    grow = {"bbox_inches": "tight", "bbox_extra_artists": extra} if outside else {}
     figure.savefig(buffer, format="png", dpi=dpi, **grow)
     plt.close(figure)
     return buffer.getvalue()

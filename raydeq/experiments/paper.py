@@ -31,6 +31,8 @@ TABLE_FILE = "paper_table.md"
 FIGURE1_FILE = "paper_figure1.png"
 CURVES_FILE = "paper_curves.png"
 VARIANTS = ("vanilla", "skip", "skip_reg")  # the lines of Figures 4-6
+# Rows of a Figures 4-6 legend per column: a column as tall as its row of panels.
+LEGEND_ROWS = 14
 
 
 @dataclass(frozen=True)
@@ -259,6 +261,9 @@ def curves_figure(rows: list[dict[str, Any]], curves: dict[str, list[pd.DataFram
                 axis.set_xlabel("training step")
         # One legend per row, right of it: a row's panels draw the same variants, and a legend
         # inside a panel covered its curves.
+        # A search's many groups fill columns, and the image grows right to hold them: in one
+        # column of the figure's width, the first row's legend ran over the second's and both
+        # were cut at the figure's edges.
         handles = {line.get_label(): line for axis in axes[r] for line in axis.lines}
         if handles:
             axes[r][-1].legend(
@@ -267,9 +272,11 @@ def curves_figure(rows: list[dict[str, Any]], curves: dict[str, list[pd.DataFram
                 loc="upper left",
                 bbox_to_anchor=(1.03, 1.0),
                 fontsize="small",
+                ncols=math.ceil(len(handles) / LEGEND_ROWS),
             )
     figure.suptitle("Figures 4-6: Discrete and Continuous DEQ against training step")
-    return png(figure, dpi=110)
+    legends = [axis.get_legend() for axis in axes[:, -1] if axis.get_legend()]
+    return png(figure, dpi=110, outside=legends)
 
 
 def written(experiment: Experiment) -> list[str]:
