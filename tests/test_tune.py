@@ -1272,6 +1272,20 @@ def test_a_search_s_hundred_variants_fill_legend_columns_beside_axes_of_a_fixed_
     plt.close(figure)
 
 
+def test_a_curve_of_many_reports_is_a_line_and_one_of_few_marks_each(monkeypatch):
+    """A marker per point up to results.MARKED_POINTS: 5,000 reports' markers merged into one
+    band in which only the last curve's colour showed."""
+    monkeypatch.setattr(results, "png", lambda figure, **layout: figure)
+    steps = {"few": 100, "many": 101}
+    curves = {
+        name: [pd.DataFrame({"step": range(n), "forward_time": [0.01] * n})]
+        for name, n in steps.items()
+    }
+    figure = results.plot("forward_time", "forward time", curves)
+    assert [line.get_marker() for line in figure.axes[0].lines] == ["o", "None"]
+    plt.close(figure)
+
+
 def test_a_trials_row_takes_its_test_metrics_from_the_last_evaluation_and_the_rest_as_means():
     """The test metrics of a row (NFE, top-5, prediction time) are those of the trial's last
     evaluation, not of the training solves; the training NFE is the mean of the reports, and

@@ -28,8 +28,9 @@ from raydeq.training.storage import exists, write_bytes
 # The files `report` writes in the experiment's folder, besides the plots, the Pareto chart,
 # the HParams folder and the paper's files.
 RESULTS_FILE = "results.parquet"
-# Rows of a plot's legend per column.
+# Rows of a plot's legend per column, and the most points of a curve drawn with markers.
 LEGEND_ROWS = 30
+MARKED_POINTS = 100
 MARKDOWN_FILE = "results.md"
 PLOTS = {
     "test_accuracy": "test accuracy",
@@ -214,7 +215,9 @@ def plot(metric: str, label: str, curves: dict[str, list[pd.DataFrame]]) -> byte
         stats = joined.groupby("step")[metric].agg(["mean", "std"]).fillna(0.0)
         # Matplotlib's 10 colours repeat from the 11th variant on: a new line style tells it.
         style = ("-", "--", ":")[len(axes.lines) // 10 % 3]
-        axes.plot(stats.index, stats["mean"], style, marker="o", markersize=3, label=group)
+        # A marker per report only where they stay apart: 5,000 merged into a band.
+        marker = "o" if len(stats) <= MARKED_POINTS else None
+        axes.plot(stats.index, stats["mean"], style, marker=marker, markersize=3, label=group)
         axes.fill_between(
             stats.index, stats["mean"] - stats["std"], stats["mean"] + stats["std"], alpha=0.2
         )
