@@ -401,3 +401,35 @@ def test_the_ratio_to_the_paper_is_of_our_mean_over_the_seeds():
         line for line in paper.markdown(2, [*rows, third]).splitlines() if CONTINUOUS in line
     )
     assert line.startswith(f"| {CONTINUOUS} | 3 | 84.000 ± 5.292 | 80.807 ± 0.631 | 1.04 |")
+
+
+def test_figure_1_of_a_search_beside_the_table_draws_the_papers_methods_alone(monkeypatch):
+    """A searcher's 100 drawn trials each drew a bar row, a 5,119 px image in which the paper's
+    methods were lost: Figure 1 draws the table's points (the paper's seven rows and a labelled
+    variant of ours), as tall as without the search, and its title counts the trials it leaves
+    to pareto.png and the table."""
+    point = f"{CONTINUOUS}, variant=vanilla, solver=vcab3, abstol=0.05"
+    extra = "Skip Reg. Continuous DEQ (raydeq, lambda_skip 1.0)"
+    times = {"train_time": 0.5, "backward_time": 0.2}
+    rows = [
+        _row(point, "vanilla", "vcab3", 0, **times) | {"paper": True},
+        _row(extra, "skip_reg", "vcab3", 0, train_time=0.4, backward_time=0.1) | {"paper": True},
+    ]
+    for i in range(100):
+        group = f"variant=skip, solver=tsit5, abstol=0.{i:04d}"
+        rows.append(_row(group, "skip", "tsit5", 0, **times) | {"paper": False})
+    image = matplotlib.image.imread(io.BytesIO(paper.figure1(2, rows)))
+    assert image.shape[:2] == (545, 1320)  # eight bar rows: one more than the 499 px of seven
+    monkeypatch.setattr(paper, "png", lambda figure, dpi: figure)
+    figure = paper.figure1(2, rows)
+    labels = [label.get_text() for label in figure.axes[0].get_yticklabels()]
+    assert labels == [*LABELS[2], extra]  # the panels share them
+    for axis, relative in zip(figure.axes, (0.8, 0.5), strict=True):
+        assert len(axis.patches) == 2 * len(labels)
+        widths = [bar.get_width() for bar in axis.patches[: len(labels)]]
+        ours = {label: width for label, width in zip(labels, widths, strict=True) if width}
+        assert ours == {CONTINUOUS: 1.0, extra: pytest.approx(relative)}
+    assert figure._suptitle.get_text().endswith(
+        "(100 trials of no labelled variant left out: see pareto.png and paper_table.md)"
+    )
+    plt.close(figure)
