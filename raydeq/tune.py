@@ -360,6 +360,9 @@ def run_experiment(
         errors, unfinished = run.fit(experiment, path, options, args.resume)
     except KeyboardInterrupt:
         errors, unfinished = 0, 1
+    except StorageError as err:  # Tune's record, read at the end of the run, is damaged
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     if unfinished:
         print(f"interrupted; resume with: {resume_command(args, path)}", file=sys.stderr)
         return EXIT_INTERRUPTED

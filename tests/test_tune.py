@@ -2211,6 +2211,58 @@ def test_a_resume_of_an_experiment_with_a_trial_to_run_runs_it_on_ray(
     )
 
 
+def write_tune_state(folder: Path, session: str, cut: bool) -> Path:
+    """Tune's record of one pending trial in the experiment's folder, as its session `session`
+    saves it, or the first half of it (`cut`: a copy that stopped)."""
+    storage = StorageContext(storage_path=str(folder.parent), experiment_dir_name=folder.name)
+    trial = Trial("trainable", config={}, storage=storage, stub=True, trial_id="ab_00000")
+    trial.create_placement_group_factory()
+    state = json.dumps({"trial_data": [trial.get_json_state()], "runner_data": {}, "stats": {}})
+    file = folder / f"experiment_state-{session}.json"
+    file.write_text(state[: len(state) // 2] if cut else state)
+    return file
+
+
+def test_a_damaged_record_of_tune_is_one_line_naming_it_in_report_resume_and_a_runs_end(
+    tmp_path, capsys, monkeypatch
+):
+    """Tune's record of the trials cut short (a copy that stopped) is read by --report,
+    --resume and the end of a run: each fails in one line naming the file and where an intact
+    record may be (the session before's, which Tune keeps), with the status of the command's
+    other storage errors there, without Ray nor Tune's traceback."""
+    monkeypatch.setattr(runlock.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    monkeypatch.setattr(ray, "init", lambda *args, **kwargs: pytest.fail("Ray was started"))
+    monkeypatch.setattr(rt.launch, "check_cluster", lambda: pytest.fail("the cluster was asked"))
+    file, folder = stored_tiny_experiment(tmp_path)
+    write_tune_state(folder, "2024-01-01_00-00-00", cut=False)
+    state = write_tune_state(folder, "2024-01-02_00-00-00", cut=True)
+    argv = [str(file), "--storage", str(tmp_path / "runs")]
+    for flag, status in [("--report", 1), ("--resume", 2)]:
+        assert rt.main([*argv, flag]) == status, flag
+        out, err = capsys.readouterr()
+        assert out == "" and len(err.splitlines()) == 1, flag
+        assert err.startswith(
+            f"error: {state}, Tune's record of the experiment's trials, is damaged "
+            "(JSONDecodeError: Unterminated string"
+        ), flag
+        assert err.endswith(
+            "or move it out of the folder for Tune to read experiment_state-2024-01-01_00-00-00"
+            ".json, the record of the session before, without the trials' progress since\n"
+        ), flag
+    run_without_ray(monkeypatch)
+    new = tmp_path / "runs" / "new"
+
+    def fit() -> SimpleNamespace:
+        write_tune_state(new, "now", cut=True)
+        return SimpleNamespace(errors=[])
+
+    monkeypatch.setattr(run, "tuner", lambda *args: SimpleNamespace(fit=fit))
+    assert rt.main([*argv, "--name", "new"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {new}/experiment_state-now.json, Tune's record"), err
+    assert err.endswith("; Tune keeps no earlier record here\n") and len(err.splitlines()) == 1
+
+
 class FullDisk:
     """A local filesystem where a file whose name starts with `full` is cut after 3 bytes by
     pyarrow's error for a full disk."""

@@ -4,6 +4,7 @@ mean +- std over seeds) and plots of the metrics against step, rebuilt from the 
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import functools
 import logging
 import math
@@ -23,7 +24,7 @@ from raydeq.experiments.archive import history
 from raydeq.experiments.figures import plt, png
 from raydeq.experiments.spec import LABEL, VARIANT, Experiment, describe, trial_name
 from raydeq.training.config import ConfigError, leaves
-from raydeq.training.storage import exists, write_bytes
+from raydeq.training.storage import StorageError, exists, write_bytes
 
 # The files `report` writes in the experiment's folder, besides the plots, the Pareto chart,
 # the HParams folder and the paper's files.
@@ -32,6 +33,9 @@ RESULTS_FILE = "results.parquet"
 LEGEND_ROWS = 30
 MARKED_POINTS = 100
 MARKDOWN_FILE = "results.md"
+# Tune's record of an experiment's trials: a file per session, named by its start; Tune reads
+# the newest and keeps those of the sessions before.
+STATE_FILES = "experiment_state-*.json"
 PLOTS = {
     "test_accuracy": "test accuracy",
     "forward_time": "forward time per batch (s)",
@@ -252,14 +256,51 @@ class RecordedExperiment(tune.ExperimentAnalysis):
     result file into a DataFrame (a second read of each, held for every trial) is left out,
     since raydeq reads those files itself (`history`)."""
 
+    def __init__(self, path: str) -> None:
+        self.path = path.rstrip("/")
+        super().__init__(path)
+
     def _fetch_trial_dataframes(self) -> dict[str, pd.DataFrame]:
         return {}
 
+    def _load_trials(self) -> list[Any]:
+        """Tune's trials from its newest state file, or a StorageError naming that file where
+        it holds none (cut short, no JSON), in place of Tune's traceback."""
+        try:
+            return super()._load_trials()
+        except (ValueError, KeyError, TypeError) as err:
+            raise StorageError(self.damaged(err)) from None
+
+    def damaged(self, err: Exception) -> str:
+        """The line naming the damaged state file, why, and where an intact record may be."""
+        folder, name = self._experiment_json_fs_path.rsplit("/", 1)
+        found = self._fs.get_file_info(pyarrow.fs.FileSelector(folder))
+        earlier = sorted(
+            i.base_name
+            for i in found
+            if fnmatch.fnmatch(i.base_name, STATE_FILES) and i.base_name < name
+        )
+        reason = f"{type(err).__name__}: {err}".splitlines()[0]
+        fallback = (
+            f"or move it out of the folder for Tune to read {earlier[-1]}, the record of the "
+            "session before, without the trials' progress since"
+            if earlier
+            else "Tune keeps no earlier record here"
+        )
+        staged = f"/tmp/ray/session_*/artifacts/*/{self.path.rsplit('/', 1)[-1]}/driver_artifacts"
+        return (
+            f"{self.path}/{name}, Tune's record of the experiment's trials, is damaged "
+            f"({reason}): restore it from a backup, or from the copy Tune wrote first on the "
+            f"machine that ran the experiment ({staged}/{name}, while Ray keeps that "
+            f"session's files); {fallback}"
+        )
+
 
 def recorded_trials(path: str) -> list[Any]:
-    """Tune's trials of the experiment at `path` (a ValueError where it recorded none yet),
-    without the warning of Tune's own reading of their result files, which raydeq reads itself
-    (`history`): Tune names each trial that never reported 'Failed to fetch metrics'."""
+    """Tune's trials of the experiment at `path` (a ValueError where it recorded none yet, a
+    StorageError where its record is damaged), without the warning of Tune's own reading of
+    their result files, which raydeq reads itself (`history`): Tune names each trial that never
+    reported 'Failed to fetch metrics'."""
     logger = logging.getLogger("ray.tune.analysis.experiment_analysis")
     level = logger.level
     logger.setLevel(logging.ERROR)

@@ -12,7 +12,7 @@ CHECKPOINT_PREFIX = "checkpoint_"
 
 
 class StorageError(RuntimeError):
-    """The storage folder cannot be created or written."""
+    """The storage folder cannot be created or written, or what it holds cannot be read back."""
 
 
 def is_uri(path: str) -> bool:
