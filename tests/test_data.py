@@ -514,6 +514,14 @@ def test_a_batch_as_large_as_the_training_set_is_allowed_and_one_more_is_refused
     )
 
 
+def test_a_batch_larger_than_a_training_set_of_one_sample_names_it_in_the_singular():
+    with pytest.raises(data.DataError) as info:
+        data.check_batch(section(batch_size=8), 1)
+    assert (
+        str(info.value) == "data.batch_size=8 exceeds the 1 training sample of 'digits'; lower it"
+    )
+
+
 @pytest.mark.parametrize(
     ("dataset", "samples"), [("mnist", 60000), ("cifar10", 50000), ("svhn", 73257)]
 )

@@ -85,9 +85,9 @@ def train_samples(cfg: DataSection) -> int | None:
 def check_batch(cfg: DataSection, samples: int) -> None:
     """Raise a DataError when data.batch_size exceeds `samples` training samples."""
     if cfg.batch_size > samples:
+        counted = f"{samples} training sample{'' if samples == 1 else 's'}"
         raise DataError(
-            f"data.batch_size={cfg.batch_size} exceeds the {samples} training samples of "
-            f"{cfg.dataset!r}; lower it"
+            f"data.batch_size={cfg.batch_size} exceeds the {counted} of {cfg.dataset!r}; lower it"
         )
 
 
