@@ -68,6 +68,16 @@ def solver_start(z: State) -> State:
     return _rebuilt(z, [t.detach().to(dtype) for t in tensors])
 
 
+def _defines_initial_state(f: nn.Module) -> bool:
+    """Whether f has its own zero state, a method initial_state(x)."""
+    return callable(getattr(f, "initial_state", None))
+
+
+def _zero_state(f: nn.Module, x: Tensor) -> State:
+    """f.initial_state(x) where f defines it, else zeros_like(x), unchecked."""
+    return f.initial_state(x) if _defines_initial_state(f) else torch.zeros_like(x)
+
+
 def initial_state(f: nn.Module, x: Tensor) -> State:
     """The all-zero state for input x: `f.initial_state(x)` if f defines it, else zeros_like(x);
     a ValueError for a state part without a feature dimension, which the solver would read as
@@ -75,8 +85,7 @@ def initial_state(f: nn.Module, x: Tensor) -> State:
     a TypeError for an x that is no tensor."""
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a tensor (B, ...), got {type(x).__name__}")
-    make = getattr(f, "initial_state", None)
-    z = make(x) if callable(make) else torch.zeros_like(x)
+    z = _zero_state(f, x)
     shapes = _shapes(z)
     if any(len(shape) < 2 for shape in shapes):
         raise ValueError(
@@ -90,10 +99,9 @@ def initial_state(f: nn.Module, x: Tensor) -> State:
 def _takes_zero_state(f: nn.Module, x: Tensor) -> bool:
     """Whether f(z0, x) runs from the zero state z0, f.initial_state(x) or else zeros_like(x),
     and gives a state of z0's shapes (tried without a graph, only after an error)."""
-    make = getattr(f, "initial_state", None)
     try:
         with torch.no_grad():
-            zeros = make(x) if callable(make) else torch.zeros_like(x)
+            zeros = _zero_state(f, x)
             return _shapes(f(zeros, x)) == _shapes(zeros)
     except Exception:
         return False
@@ -118,7 +126,7 @@ def _shape_note(f: nn.Module, x: Tensor) -> str:
     in f's first product as a state of another shape does), and for an f without
     `initial_state` the zeros_like(x) state it started from and the method it may need."""
     shape = tuple(x.shape)
-    if callable(getattr(f, "initial_state", None)):
+    if _defines_initial_state(f):
         return (
             f"f fails on x of shape {shape} from its own initial_state(x): x may not be the "
             "input f expects (check x's feature sizes against f's)"
