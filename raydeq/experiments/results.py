@@ -29,18 +29,18 @@ from raydeq.training.storage import StorageError, exists, write_bytes
 # The files `report` writes in the experiment's folder, besides the plots, the Pareto chart,
 # the HParams folder and the paper's files.
 RESULTS_FILE = "results.parquet"
-# Rows of a plot's legend per column, and the most points of a curve drawn with markers.
-LEGEND_ROWS = 30
-MARKED_POINTS = 100
 MARKDOWN_FILE = "results.md"
-# Tune's record of an experiment's trials: a file per session, named by its start; Tune reads
-# the newest and keeps those of the sessions before.
-STATE_FILES = "experiment_state-*.json"
 PLOTS = {
     "test_accuracy": "test accuracy",
     "forward_time": "forward time per batch (s)",
     "backward_time": "backward time per batch (s)",
 }
+# Rows of a plot's legend per column, and the most points of a curve drawn with markers.
+LEGEND_ROWS = 30
+MARKED_POINTS = 100
+# Tune's record of an experiment's trials: a file per session, named by its start; Tune reads
+# the newest and keeps those of the sessions before.
+STATE_FILES = "experiment_state-*.json"
 TABLE = (
     ("test_accuracy", "Test Accuracy (%)", 100.0),
     ("train_time", "Training Time (s/batch)", 1.0),
