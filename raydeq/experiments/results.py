@@ -17,6 +17,7 @@ import pyarrow.fs
 import pyarrow.parquet as pq
 import yaml
 from ray import tune
+from ray.tune.execution.tune_controller import TuneController
 
 from raydeq import models
 from raydeq.experiments import hparams, paper, pareto
@@ -40,7 +41,7 @@ LEGEND_ROWS = 30
 MARKED_POINTS = 100
 # Tune's record of an experiment's trials: a file per session, named by its start; Tune reads
 # the newest and keeps those of the sessions before.
-STATE_FILES = "experiment_state-*.json"
+STATE_FILES = TuneController.CKPT_FILE_TMPL.format("*")
 TABLE = (
     ("test_accuracy", "Test Accuracy (%)", 100.0),
     ("train_time", "Training Time (s/batch)", 1.0),
