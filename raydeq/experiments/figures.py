@@ -22,9 +22,15 @@ def png(figure: plt.Figure, dpi: int = 120, outside: Sequence[Artist] = ()) -> b
     for artist in outside:
         artist.set_in_layout(False)
     figure.tight_layout()
-    # The artists the tight box takes in replace the figure's own, a suptitle among them.
-    extra = [*figure.get_default_bbox_extra_artists(), *outside]
-    grow = {"bbox_inches": "tight", "bbox_extra_artists": extra} if outside else {}
-    figure.savefig(buffer, format="png", dpi=dpi, **grow)
+    figure.savefig(buffer, format="png", dpi=dpi, **_grown(figure, outside))
     plt.close(figure)
     return buffer.getvalue()
+
+
+def _grown(figure: plt.Figure, outside: Sequence[Artist]) -> dict[str, object]:
+    """savefig's settings for an image that takes in the `outside` artists (none without them):
+    the artists a tight box takes in replace the figure's own, a suptitle among them."""
+    if not outside:
+        return {}
+    extra = [*figure.get_default_bbox_extra_artists(), *outside]
+    return {"bbox_inches": "tight", "bbox_extra_artists": extra}
