@@ -798,6 +798,19 @@ def test_a_one_dimensional_x_is_refused_not_solved_as_a_batch_of_scalars(init):
         DEQ(f, init=init)(x[0])
 
 
+class FlatPartCell(TwoPartCell):
+    """TwoPartCell whose second state part is (B,), without a feature dimension."""
+
+    def initial_state(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [x.new_zeros(x.shape[0], 3), x.new_zeros(x.shape[0])]
+
+
+def test_a_state_with_one_part_of_one_dimension_is_refused():
+    """One 1-D part among 2-D ones is solved as B samples of one value as a 1-D x is."""
+    with pytest.raises(ValueError, match=r"gives a state of shapes \[\(4, 3\), \(4,\)\]"):
+        DEQ(FlatPartCell())(torch.zeros(4, 3))
+
+
 @pytest.mark.parametrize("layer", [DEQ, NeuralODE])
 def test_an_x_that_is_no_tensor_is_named(layer):
     """A list for x failed in torch's zeros_like() with a message naming none of the layer's
