@@ -534,6 +534,12 @@ def test_a_bad_argument_is_named_with_what_is_allowed(args, message, capsys, tmp
     assert message in capsys.readouterr().err
 
 
+def test_threads_up_to_the_machines_cpus_are_taken(tmp_path):
+    """--threads takes each count from 1 to this machine's CPUs, both ends included."""
+    for count in (1, MAX_THREADS):
+        assert parse(["--threads", str(count), "--out", str(tmp_path)]).threads == count
+
+
 def test_a_data_or_output_folder_that_cannot_serve_stops_the_run_before_any_suite(tmp_path, capsys):
     (tmp_path / "file").write_text("")
     raw = tmp_path / "mnist" / "MNIST" / "raw"
