@@ -887,6 +887,18 @@ def test_a_cost_spanning_decades_is_drawn_on_a_log_axis(monkeypatch):
     plt.close(figure)
 
 
+def test_a_cost_axis_is_logarithmic_from_a_span_of_exactly_log_span(monkeypatch):
+    """The test NFE axis turns logarithmic at a span of LOG_SPAN itself (20), not just past it."""
+    monkeypatch.setattr(pareto, "png", lambda figure: figure)
+    scales = []
+    for top in (0.95 * pareto.LOG_SPAN, pareto.LOG_SPAN):
+        rows = _trials((True, 0.9, 1.0, 0.01), (True, 0.95, top, 0.01))
+        figure = pareto.chart(pareto.mark(rows, "test_accuracy"), "test_accuracy")
+        scales.append(figure.axes[0].get_xscale())
+        plt.close(figure)
+    assert scales == ["linear", "log"]
+
+
 def test_a_trial_without_a_measure_is_never_on_the_front_or_the_cheapest():
     """A trial that reported no test NFE (it failed before its evaluation) costs nothing known,
     not nothing."""
