@@ -627,12 +627,19 @@ def test_a_malicious_pickle_in_a_checkpoint_is_refused(tmp_path):
     assert not marker.exists()
 
 
-def test_restore_falls_back_to_the_previous_checkpoint_and_never_silently_restarts(tmp_path):
+def test_restore_falls_back_to_the_previous_checkpoint_and_never_silently_restarts(
+    tmp_path, caplog
+):
+    """A checkpoint failing its checksum is named, with the fallback and the step resumed."""
     good = checkpoint.write_checkpoint({"step": 4}, tmp_path / "a")
     bad = checkpoint.write_checkpoint({"step": 6}, tmp_path / "b")
     corrupt(bad / STATE_FILE)
     checkpoints = [Checkpoint.from_directory(str(p)) for p in (bad, good)]
-    assert checkpoint.restore(c.as_directory() for c in checkpoints)["step"] == 4
+    with caplog.at_level(logging.WARNING):
+        assert checkpoint.restore(c.as_directory() for c in checkpoints)["step"] == 4
+    said, resumed = caplog.messages[-2:]
+    assert "b: state.pt" in said and said.endswith("; falling back to the previous checkpoint")
+    assert resumed == "resumed from the checkpoint of step 4"
     assert checkpoint.restore([]) is None
     with pytest.raises(checkpoint.CheckpointError, match="no readable checkpoint: .*b: state.pt"):
         checkpoint.restore([checkpoints[0].as_directory()])
