@@ -57,9 +57,9 @@ COLUMNS = [
 ]
 # Batch of the Adam steps on MNIST before timing: the paper compares trained models.
 TRAIN_BATCH = 64
-# The paper's VCAB3; BS3 (the Neural ODE's integrator here) takes fewer steps, which is faster
-# where f is cheap next to a step's per-sample bookkeeping; Euler with its step-relative error
-# control takes the fewest evaluations near a contractive steady state.
+# The paper's VCAB3 (the Neural ODE's integrator here too); BS3 takes fewer steps, which is
+# faster where f is cheap next to a step's per-sample bookkeeping; Euler with its step-relative
+# error control takes the fewest evaluations near a contractive steady state.
 DEQ_SOLVERS = ("vcab3", "bs3", "euler")
 # On a GPU the same DEQs again with compile="graph" (each solve's step recorded as a CUDA
 # graph and replayed: the eager step there is bound by launching its kernels).
