@@ -53,7 +53,8 @@ class Timing:
         return (q3 - q1) / self.median if self.median > 0 else 0.0
 
 
-# glibc's mallopt parameters, and the largest mmap threshold it accepts on a 64-bit system.
+# glibc's mallopt parameters, and the largest mmap threshold that every glibc accepts on a
+# 64-bit system (older ones refuse more, above HEAP_MAX_SIZE / 2; 2.36 takes 1 GiB too).
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 MAX_MMAP_THRESHOLD = 32 * 2**20
 
