@@ -1,4 +1,4 @@
-"""Discrete DEQ (Broyden, Anderson, fixed point) against continuous DEQ (VCAB3, Tsit5)."""
+"""Discrete DEQ (Broyden, Anderson, fixed point) against continuous DEQ (VCAB3, Tsit5, Euler)."""
 
 from __future__ import annotations
 
