@@ -602,7 +602,10 @@ def test_a_crash_while_saving_leaves_no_checkpoint_folder(tmp_path, monkeypatch)
     monkeypatch.setattr(torch, "save", crash)
     with pytest.raises(storage.StorageError, match="step 1 could not be written to .*: disk full$"):
         checkpoint.write_checkpoint({"step": 1}, tmp_path / "ckpt")
-    assert not (tmp_path / "ckpt").exists()
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    folder = checkpoint.write_checkpoint({"step": 1}, tmp_path / "ckpt")
+    assert checkpoint.read_checkpoint(folder)["step"] == 1
 
 
 class Payload:

@@ -9,6 +9,7 @@ import hashlib
 import json
 import logging
 import pickle
+import shutil
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
@@ -59,12 +60,14 @@ def write_checkpoint(
     so a copy that was cut short or altered later is recognised when it is read, and the run's
     `settings` where the state has them, so that a start can tell whose run it would resume;
     `reports` go to REPORTS_FILE, whose size and SHA-256 the manifest records under "reports".
-    A write that fails (a full disk) is a StorageError naming the step, the folder and why.
+    A write that fails (a full disk) is a StorageError naming the step, the folder and why, and
+    leaves no temporary folder behind, so the same write can be tried again.
     """
     staging = directory.with_name(f".{directory.name}.partial")
     try:
         _stage(state, staging, reports)
     except OSError as err:
+        shutil.rmtree(staging, ignore_errors=True)
         reason = str(err).splitlines()[0]
         raise StorageError(
             f"the checkpoint of step {state['step']} could not be written to {staging}: {reason}"
