@@ -332,6 +332,27 @@ def test_a_name_given_again_with_other_settings_is_refused_naming_them(tmp_path,
     )
 
 
+def test_a_loop_resuming_a_checkpoint_of_other_settings_refuses_it_naming_them(tmp_path):
+    """The driver's check before Ray starts is not the only way into a run's folder (a Tune
+    trial's process resumes without it): a Loop given a checkpoint of another lr went on under
+    the checkpoint's lr of 0.001, where its config says 0.1; it is refused as the driver
+    refuses it, naming the setting, before any of the checkpoint is loaded."""
+    cfg = make_config(tmp_path, max_steps=2)
+    loop.Loop(cfg, FolderSession(tmp_path / "run")).run()
+    raised = dataclasses.replace(
+        cfg,
+        optim=dataclasses.replace(cfg.optim, lr=0.1),
+        train=dataclasses.replace(cfg.train, max_steps=4),
+    )
+    with pytest.raises(config.ConfigError) as caught:
+        loop.Loop(raised, FolderSession(tmp_path / "run"))
+    assert str(caught.value) == (
+        f"{tmp_path / 'run'}: holds a run trained with other settings (optim.lr: 0.001 there, "
+        "0.1 here; train.max_steps: 2 there, 4 here); run it with those to resume it, or give "
+        "this run another name="
+    )
+
+
 def test_a_failed_run_exits_1_with_its_own_error_and_an_interrupted_one_130_with_its_command(
     tmp_path, capsys, monkeypatch
 ):

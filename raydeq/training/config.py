@@ -70,6 +70,8 @@ OUTSIDE_HASH += ("train.report_every", "train.checkpoint_every", "train.keep_che
 OUTSIDE_HASH += ("model.compile",)  # the same solves, compiled
 OUTSIDE_HASH += ("train.eval_batches", "data.loader_workers", "data.pin_memory", "data.stage_to")
 STAGED_DATASETS = ("imagenet",)
+# Settings a refused resume names, of those that differ.
+SHOWN_CHANGES = 3
 _NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
@@ -431,6 +433,25 @@ def trained_settings(cfg: Config) -> dict[str, Any]:
     settings["data"]["eval_batch_size"] = DataSection.eval_batch_size
     settings["train"]["max_nonfinite_steps"] = TrainSection.max_nonfinite_steps
     return json.loads(json.dumps(settings))
+
+
+def check_settings(folder: str, stored: Any, cfg: Config) -> None:
+    """Raise a ConfigError naming the settings in which `stored`, the trained_settings of a
+    checkpoint in the run folder `folder`, differ from `cfg`'s: resumed, the run would go on
+    from that checkpoint under settings it was not trained with (an older checkpoint that
+    records none, not a mapping, is not checked)."""
+    if not isinstance(stored, dict):
+        return
+    there, here = leaves(stored), leaves(trained_settings(cfg))
+    changed = [k for k in dict.fromkeys([*there, *here]) if there.get(k) != here.get(k)]
+    if changed:
+        shown = [f"{k}: {there.get(k)!r} there, {here.get(k)!r} here" for k in changed]
+        more = len(shown) - SHOWN_CHANGES
+        listed = "; ".join(shown[:SHOWN_CHANGES]) + (f"; {more} more" if more > 0 else "")
+        raise ConfigError(
+            f"{folder}: holds a run trained with other settings ({listed}); run it with "
+            "those to resume it, or give this run another name="
+        )
 
 
 def validate(raw: Mapping[str, Any]) -> Config:

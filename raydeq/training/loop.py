@@ -24,7 +24,7 @@ from raydeq.deq import LayerOutput
 from raydeq.solvers.stats import unconverged
 from raydeq.training import data
 from raydeq.training.checkpoint import restore
-from raydeq.training.config import Config, notes, trained_settings
+from raydeq.training.config import Config, check_settings, notes, trained_settings
 from raydeq.training.objective import STEP_METRICS, Evaluation, Objective, clock, evaluate
 from raydeq.training.reporting import Meter, Reporter, all_gather, all_sum, summed
 from raydeq.training.session import Session
@@ -100,6 +100,7 @@ class Loop:
         module = models.build(cfg.model_options())
         saved = restore(session.checkpoints())
         if saved is not None:
+            check_settings(session.folder, saved.get("settings"), cfg)
             module.load_state_dict(saved["model"])
         self.model = session.prepare_model(module)
         optimizer = make_optimizer(cfg.optim, self.model.parameters())

@@ -9,11 +9,8 @@ from torch import nn
 from raydeq import models
 from raydeq.training import data
 from raydeq.training.checkpoint import newest_first, read_manifest
-from raydeq.training.config import Config, ConfigError, leaves, model_error, trained_settings
+from raydeq.training.config import Config, ConfigError, check_settings, model_error
 from raydeq.training.storage import CHECKPOINT_PREFIX, check_storage, filesystem, subfolders
-
-# Settings a refused resume names, of those that differ.
-SHOWN_CHANGES = 3
 
 
 def check_model(cfg: Config, classes: int | None = None) -> None:
@@ -79,15 +76,4 @@ def check_resume(cfg: Config) -> None:
         break
     else:
         return
-    if not isinstance(stored, dict):
-        return
-    there, here = leaves(stored), leaves(trained_settings(cfg))
-    changed = [k for k in dict.fromkeys([*there, *here]) if there.get(k) != here.get(k)]
-    if changed:
-        shown = [f"{k}: {there.get(k)!r} there, {here.get(k)!r} here" for k in changed]
-        more = len(shown) - SHOWN_CHANGES
-        listed = "; ".join(shown[:SHOWN_CHANGES]) + (f"; {more} more" if more > 0 else "")
-        raise ConfigError(
-            f"{cfg.run_dir}: holds a run trained with other settings ({listed}); run it with "
-            "those to resume it, or give this run another name="
-        )
+    check_settings(cfg.run_dir, stored, cfg)
