@@ -353,6 +353,61 @@ def test_a_loop_resuming_a_checkpoint_of_other_settings_refuses_it_naming_them(t
     )
 
 
+def written_before_settings(folder: Path) -> None:
+    """Rewrite each checkpoint in `folder` as one written before checkpoints recorded their
+    settings."""
+    for saved in folder.glob("checkpoint_*"):
+        state = read_checkpoint(saved)
+        del state["settings"]
+        shutil.rmtree(saved)
+        checkpoint.write_checkpoint(state, saved)
+
+
+@pytest.mark.parametrize(
+    ("section", "changed", "named"),
+    [
+        ("optim", {"optimizer": "sgd"}, "optimizer state has amsgrad, betas"),
+        ("optim", {"schedule": "step"}, "learning-rate schedule has T_max, eta_min"),
+        (
+            "train",
+            {"amp": "fp16"},
+            "GradScaler state is empty (trained without fp16), where this run's train.amp is fp16",
+        ),
+        (
+            "model",
+            {"variant": "skip"},
+            "model lacks 2 of this run's tensors (layer.skip.0.weight, layer.skip.0.bias)",
+        ),
+    ],
+)
+def test_a_checkpoint_recording_no_settings_that_this_run_cannot_take_is_refused_naming_it(
+    tmp_path, section, changed, named
+):
+    """A checkpoint written before checkpoints recorded their settings is not checked against
+    them: one of Adam resumed with SGD stopped at its first step in torch's KeyError 'momentum',
+    one of a cosine schedule went on under a StepLR holding the cosine's T_max, one without
+    fp16 ended in torch's GradScaler error, another model in torch's list of keys. Each is
+    refused naming the checkpoint, its step and the part that does not fit."""
+    cfg = make_config(tmp_path, max_steps=2)
+    folder = tmp_path / "run"
+    loop.Loop(cfg, FolderSession(folder)).run()
+    written_before_settings(folder)
+    other = dataclasses.replace(
+        cfg, **{section: dataclasses.replace(getattr(cfg, section), **changed)}
+    )
+    with pytest.raises(checkpoint.CheckpointError) as caught:
+        loop.Loop(other, FolderSession(folder))
+    message = str(caught.value)
+    assert message.startswith(
+        f"{folder}: the checkpoint of step 2 records no settings (written before checkpoints "
+        "recorded them) and does not fit this run: its "
+    )
+    assert named in message
+    assert message.endswith(
+        "; run it with the settings it was trained with, or give this run another name="
+    )
+
+
 def test_a_failed_run_exits_1_with_its_own_error_and_an_interrupted_one_130_with_its_command(
     tmp_path, capsys, monkeypatch
 ):

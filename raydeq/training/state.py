@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from raydeq.training.checkpoint import CheckpointError
 from raydeq.training.config import OptimSection
 
 
@@ -55,6 +56,28 @@ class TrainState:
             "rng": rng,
         }
 
+    def misfits(self, state: dict[str, Any]) -> list[str]:
+        """What of a checkpoint's payload the run's optimizer, schedule and GradScaler cannot
+        take: another optimizer's or schedule's settings, a GradScaler's state where fp16 is
+        off (torch would drop it) or none where it is on."""
+        optimizer, scheduler = self.optimizer, self.scheduler
+        saved_group, own_group = state["optimizer"]["param_groups"][0], optimizer.param_groups[0]
+        misfits = _keys_misfit("optimizer state", saved_group, own_group, type(optimizer).__name__)
+        misfits += _keys_misfit(
+            "learning-rate schedule",
+            state["scheduler"],
+            scheduler.state_dict(),
+            type(scheduler).__name__,
+        )
+        if self.scaler.is_enabled() and not state["scaler"]:
+            misfits.append(
+                "GradScaler state is empty (trained without fp16), where this run's train.amp "
+                "is fp16"
+            )
+        if state["scaler"] and not self.scaler.is_enabled():
+            misfits.append("GradScaler state is fp16's, where this run's train.amp is not fp16")
+        return misfits
+
     def load(self, state: dict[str, Any]) -> None:
         """Continue from a checkpoint's payload (the model's weights are loaded before DDP)."""
         self.optimizer.load_state_dict(state["optimizer"])
@@ -73,6 +96,55 @@ class TrainState:
             set_rng_state(rng[rank], device)
         else:
             torch.manual_seed(seed + 1 + rank + world * self.step)
+
+
+# Tensor names a refused checkpoint's model shows, of those that do not fit.
+SHOWN_TENSORS = 3
+
+
+def model_misfits(model: nn.Module, saved: dict[str, Tensor]) -> list[str]:
+    """What of a checkpoint's model weights `saved` `model` cannot take: tensors it lacks or
+    has past the model's, or of another shape."""
+    own = model.state_dict()
+    lacked = [k for k in own if k not in saved]
+    past = [k for k in saved if k not in own]
+    reshaped = [k for k in own if k in saved and saved[k].shape != own[k].shape]
+    misfits = [f"model lacks {len(lacked)} of this run's tensors ({_names(lacked)})"] * bool(lacked)
+    misfits += [f"model has {len(past)} tensors past this run's ({_names(past)})"] * bool(past)
+    return misfits + [
+        f"model's {k} is {list(saved[k].shape)} where this run's is {list(own[k].shape)}"
+        for k in reshaped[:SHOWN_TENSORS]
+    ]
+
+
+def _names(keys: list[str]) -> str:
+    """The first SHOWN_TENSORS of `keys`, and how many more."""
+    more = len(keys) - SHOWN_TENSORS
+    return ", ".join(keys[:SHOWN_TENSORS]) + (f", {more} more" if more > 0 else "")
+
+
+def _keys_misfit(what: str, saved: dict[str, Any], own: dict[str, Any], kind: str) -> list[str]:
+    """`what` of a checkpoint where its settings `saved` have keys that the run's `own` of
+    type `kind` lacks (another optimizer or schedule), with the keys each has alone. Keys of
+    the run's alone are no misfit: a newer torch adds settings, which it defaults on load."""
+    theirs, ours = sorted(saved.keys() - own.keys()), sorted(own.keys() - saved.keys())
+    if not theirs:
+        return []
+    return [
+        f"{what} has {', '.join(theirs)} where this run's {kind} has {', '.join(ours) or 'none'}"
+    ]
+
+
+def refuse_misfits(folder: str, saved: dict[str, Any], misfits: list[str]) -> None:
+    """Raise a CheckpointError naming the `misfits` of the checkpoint `saved` in `folder`, one
+    written before checkpoints recorded their settings, which the run cannot take."""
+    if misfits:
+        raise CheckpointError(
+            f"{folder}: the checkpoint of step {saved['step']} records no settings (written "
+            f"before checkpoints recorded them) and does not fit this run: its "
+            f"{'; its '.join(misfits)}; run it with the settings it was trained with, or give "
+            "this run another name="
+        )
 
 
 # Devices whose optimizer update torch runs as one fused kernel per step rather than about a
