@@ -132,7 +132,11 @@ def check_files(cfg: DataSection) -> None:
     expected = EXPECTED_FILES[cfg.dataset]
     missing = [name for name in expected if not (root / name).exists()]
     if not missing:
-        problem = unreadable_file(root, expected) or altered_file(root, cfg.dataset)
+        problem = (
+            unreadable_file(root, expected)
+            or altered_file(root, cfg.dataset)
+            or mislabelled_file(root, cfg.dataset)
+        )
         if problem:
             raise DataError(
                 f"dataset {cfg.dataset!r} in {root} is unreadable: {problem}; replace it, or "
@@ -186,6 +190,33 @@ def altered_file(root: Path, dataset: str) -> str | None:
             return (
                 f"{name} is not the published file that torchvision reads (cut short or "
                 f"altered): its MD5 is {digest}, not {md5}"
+            )
+    return None
+
+
+def idx_count(path: Path) -> int:
+    """The number of items (images or labels) an IDX file's header gives."""
+    with path.open("rb") as stream:
+        return struct.unpack(">I", stream.read(8)[4:])[0]
+
+
+def mislabelled_file(root: Path, dataset: str) -> str | None:
+    """'NAME PROBLEM' for the first IDX label file of `dataset` in `root` whose count is not its
+    images' or that holds a label past the dataset's classes, None where each is sound:
+    torchvision reads both unchecked, so a worker would drop the images past the labels, fail
+    on the labels past the images, or fail in the loss (a device assert on a GPU)."""
+    classes = CLASSES.get(dataset, 0)
+    for name in (n for n in EXPECTED_FILES.get(dataset, []) if n.endswith("idx1-ubyte")):
+        images = name.replace("labels-idx1", "images-idx3")
+        count, pictured = idx_count(root / name), idx_count(root / images)
+        if count != pictured:
+            return f"{name} holds {count:,} labels for the {pictured:,} images of {images}"
+        labels = np.fromfile(root / name, np.uint8, count, offset=8)
+        bad = np.flatnonzero(labels >= classes)
+        if bad.size:
+            return (
+                f"{name} holds label {labels[bad[0]]} at index {bad[0]:,} ({bad.size:,} labels "
+                f"in all), where the labels of {classes} classes run from 0 to {classes - 1}"
             )
     return None
 
