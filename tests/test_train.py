@@ -972,6 +972,19 @@ def test_evaluation_with_fewer_than_five_classes_counts_every_sample_a_top5_hit(
     assert (metrics["test_accuracy"], metrics["test_top5_accuracy"]) == (0.5, 1.0)
 
 
+def test_a_sample_whose_logits_hold_a_nan_is_no_hit_where_an_infinite_logit_is_a_prediction():
+    """topk ranks NaN above every number, so a model with a NaN weight had its NaN logits read
+    as predictions (5 of 6 labels a top-5 hit); such a sample now hits nothing, while a
+    sample whose label's logit is +inf (a finite ranking) is still a hit."""
+    nan, inf = float("nan"), float("inf")
+    logits = torch.tensor(
+        [[nan] * 6, [0.0, 1.0, nan, 2.0, 3.0, 4.0], [inf, 0.0, 1.0, 2.0, 3.0, -inf]]
+    )
+    batches = [(logits, torch.tensor([3, 2, 0]))]
+    metrics = objective.evaluate(GivenLogits([4]), batches, torch.device("cpu")).metrics()
+    assert (metrics["test_accuracy"], metrics["test_top5_accuracy"]) == (1 / 3, 1 / 3)
+
+
 def test_predict_time_is_the_mean_of_each_batchs_seconds_on_the_clock(monkeypatch):
     """Three batches read the clock at (0, 1), (5, 8) and (8, 10): predict_time is
     (1 + 3 + 2) / 3 = 2 seconds per batch, whatever the batches' sizes."""

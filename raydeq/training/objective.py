@@ -86,6 +86,14 @@ class Evaluation:
         return dict(zip(TEST_METRICS, values, strict=True))
 
 
+def top_hits(logits: Tensor, labels: Tensor) -> Tensor:
+    """(batch, k) booleans: whether each sample's label is its i-th largest logit, of the five
+    largest (or all classes, if fewer); a sample whose logits hold a NaN hits none, where topk
+    ranks NaN above every number and so named its classes as predictions."""
+    top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+    return (top == labels[:, None]) & ~logits.isnan().any(1, keepdim=True)
+
+
 def evaluate(
     model: nn.Module,
     batches: Iterable[tuple[Tensor, Tensor]],
@@ -102,9 +110,9 @@ def evaluate(
             with autocast or nullcontext():
                 logits, out = model(images)
             totals.seconds += clock(device) - start
-            top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
-            totals.correct += (top5[:, 0] == labels).sum().item()
-            totals.correct_top5 += (top5 == labels[:, None]).any(1).sum().item()
+            hits = top_hits(logits, labels)
+            totals.correct += hits[:, 0].sum().item()
+            totals.correct_top5 += hits.any(1).sum().item()
             totals.samples += len(labels)
             totals.nfe += out.stats.nfe
             totals.batches += 1
