@@ -1716,6 +1716,26 @@ def test_a_run_that_diverged_after_a_checkpoint_is_not_trained_again_from_it(tmp
     assert loop.Loop(raised, session).state.step == 2
 
 
+def test_a_run_whose_loss_turns_infinite_stops_naming_the_step_and_the_values(tmp_path):
+    """A loss that is +inf from step 3 on stops the run at step 4 (max_nonfinite_steps=2), in
+    its error and in its divergence record, with the last skipped step's loss and gradient
+    norm, where both named the step alone: whether it was the loss or the gradient, NaN or
+    inf, was left to a rerun."""
+    cfg = make_config(tmp_path, max_steps=10, max_nonfinite_steps=2)
+    run = loop.Loop(cfg, FolderSession(tmp_path / "run"))
+    losses = iter([1.0, 1.0, math.inf, math.inf])
+    objective_of = run.objective
+    run.objective = lambda *args: objective_of(*args) * next(losses)
+    reason = (
+        "training stopped at step 4: 2 steps in a row had a non-finite loss or gradient "
+        "(train.max_nonfinite_steps=2); the last had loss inf on worker 0 and gradient norm nan"
+    )
+    with pytest.raises(loop.NonFiniteError, match=f"^{re.escape(reason)}$"):
+        run.train()
+    record = json.loads(Path(run.session.folder, loop.DIVERGED_FILE).read_text())
+    assert record["reason"] == reason
+
+
 def test_a_divergence_whose_record_cannot_be_written_still_says_why_the_run_stopped(
     tmp_path, monkeypatch
 ):

@@ -115,6 +115,7 @@ class Loop:
             self.state.load(saved)
         self.state.seed_workers(saved, cfg.seed, self.rank, self.world)
         self.checkpointed = self.state.step  # where a restart would resume
+        self.skipped_values: tuple[float, float] | None = None  # a skipped step's loss, norm
         self.refuse_a_known_divergence()
         keys = STEP_METRICS + tuple(f"pretrain_{k}" for k in PRETRAIN_METRICS)
         self.meter = Meter(keys)
@@ -159,9 +160,10 @@ class Loop:
         # Whether the step is finite decides on the host whether the optimizer steps: that one
         # read of the device also brings the step's metrics.
         flags = torch.stack([loss.detach().double(), grad_norm.double()]).isfinite().logical_not()
-        measured = step_values(loss, logits, labels, out)
+        measured = step_values(loss, logits, labels, out) | {"grad_norm": grad_norm.double()}
         read = torch.cat([summed(flags.double()), torch.stack(list(measured.values()))]).tolist()
         (bad_loss, bad_grad), values = read[:2], dict(zip(measured, read[2:], strict=True))
+        norm = values.pop("grad_norm")
         finite = not (bad_loss or bad_grad)
         overflow = state.scaler.is_enabled() and bad_grad > 0 and bad_loss == 0
         # An overflow never reaches the optimizer: the scaler would hand a fused one the step
@@ -175,6 +177,7 @@ class Loop:
         end = clock(self.device)
         state.overflow_steps += overflow
         if not (finite or overflow):
+            self.skipped_values = (values["train_loss"], norm)
             return None
         times = {"forward_time": forward_end - start, "backward_time": backward_end - forward_end}
         counts = {"nfe": float(out.stats.nfe), "backward_nvjp": float(out.stats.backward_nvjp)}
@@ -203,8 +206,16 @@ class Loop:
         if state.nonfinite_in_row >= limit:
             raise self.diverged(
                 f"training stopped at step {state.step}: {limit} steps in a row had a non-finite "
-                f"loss or gradient (train.max_nonfinite_steps={limit})"
+                f"loss or gradient (train.max_nonfinite_steps={limit}){self.skipped_note()}"
             )
+
+    def skipped_note(self) -> str:
+        """'; the last had loss L on worker R and gradient norm G', the values of the newest
+        skipped step, or nothing where none was measured here."""
+        if self.skipped_values is None:
+            return ""
+        loss, norm = self.skipped_values
+        return f"; the last had loss {loss:g} on worker {self.rank} and gradient norm {norm:g}"
 
     def diverged(self, reason: str) -> NonFiniteError:
         """The error that stops a diverged run, recorded (by rank 0) in its folder with the step
