@@ -1599,6 +1599,20 @@ def test_a_non_finite_gradient_of_a_finite_loss_skips_the_step_without_fp16(tmp_
     assert (run.state.skipped_steps, run.state.overflow_steps) == (1, 0)
 
 
+def test_fp16_overflows_at_a_scale_of_1_are_non_finite_steps_that_stop_the_run(tmp_path):
+    """A gradient infinite at any scale: the scaler halves 2**16 to 1 in 16 overflow steps, and
+    the overflows after it, which no lower scale owes to scaling, are non-finite steps that stop
+    the run at step 19 (max_nonfinite_steps=3), where each was an overflow and 30 steps of no
+    update finished as a trained run."""
+    cfg = make_config(tmp_path, max_steps=30, amp="fp16", max_nonfinite_steps=3)
+    run = loop.Loop(cfg, FolderSession(tmp_path / "run"))
+    next(run.state.model.parameters()).register_hook(lambda grad: torch.full_like(grad, math.inf))
+    with pytest.raises(loop.NonFiniteError, match="^training stopped at step 19: 3 steps in a"):
+        run.train()
+    state = run.state
+    assert (state.overflow_steps, state.skipped_steps, state.scaler.get_scale()) == (16, 3, 1.0)
+
+
 def test_fp16_steps_with_a_non_finite_loss_are_skipped_not_counted_as_overflows(tmp_path):
     """Under fp16 a NaN loss is no scaler overflow (a lower scale cannot make it finite): the
     step is skipped at the scale it had, so that max_nonfinite_steps of them stop the run."""

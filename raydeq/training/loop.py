@@ -139,8 +139,9 @@ class Loop:
         """One optimisation step; None when it was skipped for a non-finite loss or gradient.
 
         Under fp16 a non-finite gradient with a finite loss is the GradScaler's overflow: the
-        update is skipped, the scaler lowers its scale and the step counts in overflow_steps; a
-        non-finite loss leaves the scale as it was.
+        update is skipped, the scaler lowers its scale and the step counts in overflow_steps;
+        a non-finite loss, or a gradient that overflows at a scale of 1 or below (which scales
+        nothing up, so the gradient itself is past fp16's range), leaves the scale as it was.
         """
         state = self.state
         unrolls = getattr(state.model.layer, "pretraining", None)  # DEQ only, before its call
@@ -166,6 +167,7 @@ class Loop:
         norm = values.pop("grad_norm")
         finite = not (bad_loss or bad_grad)
         overflow = state.scaler.is_enabled() and bad_grad > 0 and bad_loss == 0
+        overflow = overflow and state.scaler.get_scale() > 1  # read for an overflow alone
         # An overflow never reaches the optimizer: the scaler would hand a fused one the step
         # with its found_inf flag, and torch's fused SGD then leaves the momentum of a first
         # step as uninitialised memory (torch.empty_like), which the next update adds in.
