@@ -421,3 +421,31 @@ def test_a_non_positive_t1_and_a_plain_function_for_the_continuous_adjoint_are_r
         NeuralODE(lambda z, x: torch.tanh(z + x))
     out = NeuralODE(lambda z, x: torch.tanh(z + x), adjoint="backprop")(torch.ones(2, 3))
     assert out.z.shape == (2, 3)
+
+
+class Spin(Exception):
+    """An integration that went on past the evaluations it could need."""
+
+
+@pytest.mark.parametrize("solver", INTERVAL_SOLVERS)
+def test_a_step_too_small_to_move_t_is_an_error_naming_it_not_a_spin_to_max_steps(solver):
+    """dy/dt = y^2 from y = 1 blows up at t = 1: the steps shrink until t + h rounds to t. The
+    integration stops there naming the step size, where it went on to max_steps on steps that
+    left t in place, or to an inf state whose NaN step ended it as if at t1 (a guard on the
+    evaluations fails the test instead of waiting for a billion steps)."""
+    calls = 0
+
+    def field(y: torch.Tensor) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        if calls > 5_000:
+            raise Spin(f"{calls} evaluations at a blow-up")
+        return y * y
+
+    y0 = torch.ones(1, 2, dtype=torch.float64)
+    stuck = (
+        rf"the {solver} integration's step size fell to \S+ at t=(0\.99|1\.0)\d* of t1=2, too "
+        r"small to move t \(its solution may blow up there\); max_steps cannot help"
+    )
+    with pytest.raises(RuntimeError, match=stuck):
+        integrate(field, y0, 2.0, solver, Termination(1e-3, 1e-3), 10**9)

@@ -10,6 +10,7 @@ Adams step of the steady-state solvers.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -23,6 +24,10 @@ from raydeq.solvers.termination import Termination, norm
 
 Field = Callable[[torch.Tensor], torch.Tensor]
 INTERVAL_SOLVERS = ("vcab3", "tsit5", "bs3", "euler")
+# A step under this many spacings of the floats at t cannot advance t to any purpose: the
+# controller has shrunk it at a singularity, and the remaining steps would leave t in place
+# (scipy's solve_ivp stops at the same bound).
+STUCK_ULPS = 10
 
 
 @dataclass(frozen=True)
@@ -130,7 +135,8 @@ def integrate(
 
     A step is accepted when its local error is at most abstol sqrt(M) + reltol ||y_new|| (an
     RMS tolerance on the whole row). The step size is read on the host after each step (one
-    synchronisation a step). Raises RuntimeError after max_steps steps short of t1.
+    synchronisation a step). Raises RuntimeError after max_steps steps short of t1, or at a
+    step too small to move t (STUCK_ULPS), which more steps would repeat.
     """
     method = interval_method(solver)
     controller = Controller()
@@ -146,6 +152,12 @@ def integrate(
                 f"{max_steps} steps; raise max_steps or loosen abstol / reltol"
             )
         last = step_size >= t1 - t
+        if not last and step_size < STUCK_ULPS * math.ulp(t):
+            raise RuntimeError(
+                f"the {solver} integration's step size fell to {step_size:.3g} at t={t:.6g} of "
+                f"t1={t1:g}, too small to move t (its solution may blow up there); max_steps "
+                "cannot help"
+            )
         h = torch.full_like(y[:, :1], t1 - t if last else step_size)
         new, e, spent, error_order = method.step(field, point, h, controller)
         rejected, h_next, memory = controller.decide(
