@@ -587,3 +587,46 @@ def test_images_in_subfolders_of_a_class_are_listed_as_imagefolder_lists_them(tm
         assert [(str(root / f), n) for f, n in zip(index.files[split], index.labels[split])] == [
             (str(path), n) for path, n in reference.samples
         ]
+
+
+class Spin(Exception):
+    """A listing that went on past the folders a tree could hold."""
+
+
+@pytest.mark.parametrize("target", ["..", "."])
+def test_a_link_back_to_a_folder_that_holds_it_is_one_line_naming_it(tmp_path, monkeypatch, target):
+    """train/n01/up -> .. (and the same in n02) leads os.walk, which follows links, into
+    train/n01/up/n02/up/n01/... without end (and one such link listed n02's images as n01's,
+    41 times over); the listing stops at the link, named with where it leads. A guard on the
+    folders listed fails the test instead of a wait."""
+    root = small_tree(tmp_path / "data", ["n01", "n02", "n03"])
+    for name in ("n01", "n02"):
+        (root / "train" / name / "up").symlink_to(target, target_is_directory=True)
+    scandir, listed = os.scandir, []
+
+    def guarded(folder):
+        listed.append(folder)
+        if len(listed) > 1_000:
+            raise Spin(f"{len(listed)} folders listed")
+        return scandir(folder)
+
+    monkeypatch.setattr(os, "scandir", guarded)
+    with pytest.raises(data.DataError) as info:
+        folders.load_index(str(root))
+    held = root / "train" if target == ".." else root / "train" / "n01"
+    assert str(info.value) == (
+        f"dataset 'imagenet' in {root} is unreadable: {root}/train/n01/up cannot be listed (it "
+        f"links to {held.resolve()}, a folder that holds it, so its listing never ends; remove "
+        "the link)"
+    )
+
+
+def test_a_link_to_a_sibling_class_folder_is_listed_as_imagefolder_lists_it(tmp_path):
+    """train/n01/more -> ../n02 is no cycle: its images count in n01, as ImageFolder counts
+    them."""
+    root = small_tree(tmp_path / "data", ["n01", "n02"])
+    (root / "train" / "n01" / "more").symlink_to("../n02", target_is_directory=True)
+    index = folders.load_index(str(root))
+    assert index.files["train"] == ["train/n01/0.png", "train/n01/more/0.png", "train/n02/0.png"]
+    reference = datasets.ImageFolder(root / "train")
+    assert index.labels["train"] == [n for _, n in reference.samples]

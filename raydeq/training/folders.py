@@ -12,6 +12,7 @@ numbers the images' classes by `data/meta.mat`'s ILSVRC2012_ID).
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import io
 import json
@@ -19,7 +20,7 @@ import os
 import re
 import tarfile
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,11 +67,29 @@ def _raise(err: OSError) -> None:
     raise err
 
 
+def _walk(folder: Path) -> Iterator[tuple[str, list[str], list[str]]]:
+    """os.walk through links, with an OSError naming a link to a folder that holds it (to
+    itself, its class or the split): os.walk would follow it without end."""
+    for path, subfolders, names in os.walk(folder, onerror=_raise, followlinks=True):
+        here = os.path.realpath(path)
+        for name in subfolders:
+            link = os.path.join(path, name)
+            target = os.path.realpath(link)
+            if os.path.commonpath([here, target]) == target:
+                raise OSError(
+                    errno.ELOOP,
+                    f"it links to {target}, a folder that holds it, so its listing never ends; "
+                    "remove the link",
+                    link,
+                )
+        yield path, subfolders, names
+
+
 def _tree_images(folder: Path) -> list[str]:
     """Image paths relative to `folder`, in it and in its subfolders (followed through links),
     in the order of torchvision's ImageFolder, which reads a class's subfolders too."""
     images = []
-    for path, _, names in sorted(os.walk(folder, onerror=_raise, followlinks=True)):
+    for path, _, names in sorted(_walk(folder)):
         within = Path(path).relative_to(folder)
         images += [
             (within / n).as_posix() for n in sorted(names) if n.lower().endswith(IMG_EXTENSIONS)
