@@ -197,14 +197,19 @@ def start(args: argparse.Namespace) -> tuple[Experiment, str, run.Options | None
     path = _path(args, experiment)
     if args.dry_run:
         return experiment, path, None
+    refuse_started(path)
+    preflight(experiment, args.num_samples)
+    check_storage(path)
+    return experiment, path, None
+
+
+def refuse_started(path: str) -> None:
+    """Raise a ConfigError where an experiment was started at `path` already."""
     if run.has_settings(path):
         raise ConfigError(
             f"experiment {path} already exists; add --resume to continue it, --report to "
             "summarise it, or choose another --name"
         )
-    preflight(experiment, args.num_samples)
-    check_storage(path)
-    return experiment, path, None
 
 
 def new_options(args: argparse.Namespace, experiment: Experiment) -> run.Options:
@@ -274,6 +279,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if not ended:
                     launch.check_cluster()
                 held.enter_context(runlock.hold(path))
+                if options is None:  # another start may have run it during the preflight
+                    refuse_started(path)
         except (ConfigError, data.DataError, StorageError) as err:
             print(f"error: {err}", file=sys.stderr)
             return EXIT_BAD_INPUT

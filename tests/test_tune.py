@@ -2134,6 +2134,34 @@ def test_a_report_while_a_driver_here_runs_the_experiment_counts_its_trials_as_r
     )
 
 
+def test_a_start_refuses_an_experiment_another_one_started_during_its_preflight(
+    tmp_path, capsys, monkeypatch
+):
+    """Two starts of one experiment: the first that ends (a short run) while the second still
+    checks its data leaves its settings and trials there; the second, holding the folder only
+    then, is refused instead of storing its own settings and training over the first's."""
+    monkeypatch.setattr(runlock.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    monkeypatch.setattr(ray, "init", lambda *args, **kwargs: pytest.fail("Ray was started"))
+    monkeypatch.setattr(rt.launch, "check_cluster", lambda: None)
+    file, folder = stored_tiny_experiment(tmp_path)
+    first = (folder / run.SETTINGS_FILE).read_bytes()
+    (folder / run.SETTINGS_FILE).unlink()
+
+    def first_run_ends(*args: object) -> None:
+        """The first start, run and ended while this one checks its data."""
+        with runlock.hold(str(folder)):
+            (folder / run.SETTINGS_FILE).write_bytes(first)
+
+    monkeypatch.setattr(rt, "preflight", first_run_ends)
+    monkeypatch.setattr(rt, "run_experiment", lambda *args: pytest.fail("the first was run over"))
+    assert rt.main([str(file), "--storage", str(tmp_path / "runs"), "--num-samples", "3"]) == 2
+    assert capsys.readouterr().err == (
+        f"error: experiment {folder} already exists; add --resume to continue it, --report to "
+        "summarise it, or choose another --name\n"
+    )
+    assert (folder / run.SETTINGS_FILE).read_bytes() == first
+
+
 def recorded_tiny_trials(
     folder: Path, statuses: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> list[SimpleNamespace]:
