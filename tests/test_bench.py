@@ -4,6 +4,7 @@ import argparse
 import json
 import math
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -768,6 +769,35 @@ def test_two_runs_started_together_on_one_day_write_apart(tmp_path):
         write(report, stem)
     for gpu, stem in zip("01", stems, strict=True):
         assert json.loads(stem.with_suffix(".json").read_text())["machine"] == {"gpu": gpu}
+
+
+def test_a_report_read_while_a_suite_rewrites_it_is_the_old_or_the_new_one_whole(tmp_path):
+    """The report is rewritten after each suite while another process may read it (a script
+    watching the run): each read is a whole report, never a file emptied or cut short."""
+    report = Report(date="2026-12-03", device="cpu", size="tiny", machine={"cpu": "x" * 400_000})
+    stem = output_stem(report, tmp_path)
+    write(report, stem)
+    reader = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import json, sys, time\n"
+            "end, cut, reads = time.monotonic() + 1.5, 0, 0\n"
+            "while time.monotonic() < end:\n"
+            "    for name in sys.argv[1:]:\n"
+            "        text, reads = open(name).read(), reads + 1\n"
+            "        cut += not text.endswith(('}', '|\\n'))\n"
+            "print(cut, reads)",
+            str(stem.with_suffix(".json")),
+            str(stem.with_suffix(".md")),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    while reader.poll() is None:
+        write(report, stem)
+    cut, reads = map(int, reader.stdout.read().split())
+    assert reads > 0 and cut == 0
 
 
 def test_a_run_interrupted_in_its_first_suite_leaves_a_report_without_sections(

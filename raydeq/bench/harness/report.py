@@ -179,9 +179,21 @@ def write(report: Report, stem: Path) -> tuple[Path, Path]:
     """Write the report to stem.json and stem.md (see output_stem); returns both paths."""
     stem.parent.mkdir(parents=True, exist_ok=True)
     json_path, md_path = stem.with_suffix(".json"), stem.with_suffix(".md")
-    json_path.write_text(report.to_json())
-    md_path.write_text(report.to_markdown())
+    replace(json_path, report.to_json())
+    replace(md_path, report.to_markdown())
     return json_path, md_path
+
+
+def replace(path: Path, text: str) -> None:
+    """Write `path` beside it and rename it into place: a reader during a rewrite, or a full
+    disk, finds the previous suites' report whole, where writing over it empties it first."""
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        partial.write_text(text)
+    except OSError:
+        partial.unlink(missing_ok=True)
+        raise
+    os.replace(partial, path)
 
 
 def cpu_name() -> str:
