@@ -202,6 +202,19 @@ def test_a_run_written_as_a_relative_or_an_absolute_path_has_one_lock(tmp_path, 
             pass
 
 
+def test_a_run_reached_through_a_link_to_its_folder_has_the_lock_of_that_folder(tmp_path):
+    """A storage folder named through a link (a home folder linked to a shared disk) and by
+    its own path is one folder: the second driver of a run in it is refused, not let write
+    and prune checkpoints beside the first."""
+    (tmp_path / "disk" / "runs").mkdir(parents=True)
+    (tmp_path / "home").symlink_to(tmp_path / "disk")
+    linked, real = str(tmp_path / "home" / "runs" / "a"), str(tmp_path / "disk" / "runs" / "a")
+    assert runlock.lock_file(linked) == runlock.lock_file(real)
+    with runlock.hold(linked), pytest.raises(runlock.RunInUse):
+        with runlock.hold(real):
+            pass
+
+
 def test_a_run_that_a_process_here_is_running_is_refused_until_it_ends(tmp_path, capsys):
     """Two drivers of one run folder would both resume from it and prune each other's
     checkpoints; the second is refused, naming the first, until the first ends (however it

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from raydeq.training.storage import StorageError, absolute
+from raydeq.training.storage import StorageError, absolute, is_uri
 
 
 class RunInUse(StorageError):
@@ -26,8 +26,10 @@ class RunInUse(StorageError):
 
 
 def lock_file(run: str) -> Path:
-    """The lock file of a run folder or URI, in this user's temporary folder."""
-    digest = hashlib.sha256(absolute(run).encode()).hexdigest()[:20]
+    """The lock file of a run folder or URI, in this user's temporary folder; a local folder
+    is named by its real path, so that a path through a link to it takes the same lock."""
+    place = run if is_uri(run) else os.path.realpath(absolute(run))
+    digest = hashlib.sha256(place.encode()).hexdigest()[:20]
     return Path(tempfile.gettempdir()) / f"raydeq-locks-{os.getuid()}" / f"{digest}.lock"
 
 
