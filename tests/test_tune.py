@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import warnings
 import zipfile
@@ -2179,6 +2180,49 @@ def recorded_tiny_trials(
     analysis = SimpleNamespace(trials=trials)
     monkeypatch.setattr(results, "RecordedExperiment", lambda path: analysis)
     return trials
+
+
+def test_a_report_that_read_the_trials_before_the_run_ended_leaves_the_final_results(
+    tmp_path, monkeypatch
+):
+    """--report from a second terminal reads a trial still running, then the run ends and
+    writes its results: the report's, written after, must not replace them (a running trial
+    in the results of a finished run); the run's report waits for it, then reads the end."""
+    monkeypatch.setattr(runlock.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    monkeypatch.setattr(results, "plot", lambda *args: b"")
+    _, folder = stored_tiny_experiment(tmp_path)
+    experiment = spec.from_dict("tiny", TINY)
+    [trial] = recorded_tiny_trials(folder, ["RUNNING"], monkeypatch)
+    statuses, read, final_read, ended = ["RUNNING"], *(threading.Event() for _ in range(3))
+
+    def recorded(path: str) -> SimpleNamespace:
+        """Tune's record as it stands; the run's end is read by the report after it."""
+        if statuses[-1] == "TERMINATED":
+            final_read.set()
+        return SimpleNamespace(trials=[SimpleNamespace(**{**vars(trial), "status": statuses[-1]})])
+
+    def history(path: str) -> pd.DataFrame:
+        """The trial's reports, the first read held until the run has ended."""
+        if not read.is_set():
+            read.set()
+            ended.wait(5)
+        return archive.history(path)
+
+    monkeypatch.setattr(results, "RecordedExperiment", recorded)
+    monkeypatch.setattr(results, "history", history)
+    early = threading.Thread(target=results.report, args=(str(folder), experiment, "running"))
+    early.start()
+    assert read.wait(5)
+    statuses.append("TERMINATED")
+    final = threading.Thread(target=results.report, args=(str(folder), experiment))
+    final.start()
+    held_off = not final_read.wait(1)
+    ended.set()
+    early.join()
+    final.join()
+    assert held_off
+    table = (folder / "results.md").read_text()
+    assert "running" not in table and "| all | 1 | 75.00 |" in table
 
 
 def test_a_resume_of_a_finished_experiment_writes_its_results_without_starting_ray(

@@ -24,6 +24,7 @@ from raydeq.experiments import hparams, paper, pareto
 from raydeq.experiments.archive import history
 from raydeq.experiments.figures import plt, png
 from raydeq.experiments.spec import LABEL, VARIANT, Experiment, describe, trial_name
+from raydeq.training import runlock
 from raydeq.training.config import ConfigError, leaves
 from raydeq.training.storage import StorageError, exists, write_bytes
 
@@ -323,7 +324,14 @@ def written(path: str, experiment: Experiment) -> list[str]:
 def report(path: str, experiment: Experiment, unfinished: str = "stopped") -> str:
     """Write results.parquet, results.md and the plots for an experiment; return the table (a
     ConfigError for an experiment stopped before Tune recorded its first state). `unfinished`
-    names its trials that have not ended (see `markdown`)."""
+    names its trials that have not ended (see `markdown`). Two processes here report one
+    at a time (`runlock.writing_results`)."""
+    with runlock.writing_results(path):
+        return _report(path, experiment, unfinished)
+
+
+def _report(path: str, experiment: Experiment, unfinished: str) -> str:
+    """`report`, without its lock."""
     try:
         trials = recorded_trials(path)
     except ValueError:  # Tune's "No experiment snapshot file" (no experiment_state-*.json)

@@ -56,6 +56,18 @@ def hold(run: str) -> Iterator[None]:
         yield
 
 
+@contextmanager
+def writing_results(experiment: str) -> Iterator[None]:
+    """Hold the results lock of the experiment at `experiment` for the block, waiting while
+    another process here reads and writes its results: a --report that read a trial still
+    running would otherwise write its results over those the run wrote at its end."""
+    path = lock_file(experiment).with_suffix(".results")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as file:
+        fcntl.flock(file, fcntl.LOCK_EX)
+        yield
+
+
 def holder(run: str) -> str | None:
     """The process that runs `run` on this machine ("process N"), or None where none does (the
     lock is held, shared, for the test alone)."""
