@@ -391,6 +391,42 @@ def test_unreadable_files_are_config_errors(tmp_path, text, expected):
         load(tmp_path / "missing.yaml")
 
 
+@pytest.mark.parametrize(
+    ("text", "line", "key", "first"),
+    [
+        ("optim:\n  lr: 0.1\n  lr: 0.01\n", 3, "lr", 2),
+        ("optim: {lr: 0.1}\ntrain: {epochs: 2}\noptim: {momentum: 0.5}\n", 3, "optim", 1),
+        (
+            "search:\n  variants:\n    - {label: a, optim.lr: 0.1, optim.lr: 0.2}\n",
+            3,
+            "optim.lr",
+            3,
+        ),
+    ],
+)
+def test_a_key_given_twice_in_a_mapping_is_refused_with_its_lines(tmp_path, text, line, key, first):
+    """PyYAML keeps the last of two equal keys: a second `optim:` section dropped the first's
+    lr without a word, and the run trained at the default."""
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        config.read_yaml(path)
+    assert str(err.value) == (
+        f"{path}: invalid YAML at line {line}: key {key!r} is given twice (first at line "
+        f"{first}); keep one"
+    )
+
+
+def test_invalid_yaml_names_the_problem(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("optim:\n\tlr: 0.1\n")
+    with pytest.raises(ConfigError) as err:
+        load(path)
+    assert str(err.value) == (
+        f"{path}: invalid YAML at line 2: found character '\\t' that cannot start any token"
+    )
+
+
 def test_a_binary_file_is_named_as_no_yaml_text(tmp_path):
     path = tmp_path / "images.yaml"
     path.write_bytes(b"\x1f\x8b\x08\x00binary")

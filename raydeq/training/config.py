@@ -16,7 +16,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Mapping, MutableMapping, Sequence
+from collections.abc import Hashable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -528,7 +528,27 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Mapping[str, Any]) -> dic
 class _Loader(yaml.SafeLoader):
     """PyYAML's safe loader, which reads 1e-3 as a string (YAML 1.1 wants 1.0e-3), reading it
     as the number YAML 1.2 and a user mean; a typed key converted it, but not a value inside a
-    mapping setting such as model.solver_options."""
+    mapping setting such as model.solver_options. A key given twice in one mapping is an
+    error, where PyYAML keeps the last (a second `optim:` section dropped the first)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        """The mapping of `node`, refusing a key written twice in it (merge keys aside)."""
+        seen: dict[Any, yaml.Mark] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, Hashable):
+                continue  # PyYAML's own error names it
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"key {key!r} is given twice (first at line {seen[key].line + 1}); keep one",
+                    key_node.start_mark,
+                )
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.add_implicit_resolver(
@@ -559,7 +579,10 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         line = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}: invalid YAML{line}") from None
+        problem = getattr(err, "problem", None)
+        raise ConfigError(
+            f"{path}: invalid YAML{line}" + (f": {problem}" if problem else "")
+        ) from None
     return {} if raw is None else raw
 
 
