@@ -320,6 +320,28 @@ def test_bad_search_sections_are_one_line_errors(search, message):
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize(
+    ("search", "overrides", "message"),
+    [
+        ({"space": [1, 2]}, {}, "search.space: expected a mapping, got [1, 2]"),
+        ({"variants": [1]}, {"model.solver": "tsit5"}, "search.variants: expected a list of "),
+        (
+            {"space": {"optim.lr": {"uniform": [0.1, 0.2]}}},
+            {"search.space": [1], "optim.lr": 0.1},
+            "search.space: expected a mapping, got [1]",
+        ),
+    ],
+)
+def test_a_search_section_of_the_wrong_type_is_a_one_line_error(search, overrides, message):
+    """A space written as a list, or variants that are no mappings with an override given,
+    stopped the dry run with Python's traceback ('list' object has no attribute 'items')."""
+    with pytest.raises(ConfigError) as err:
+        spec.from_dict("bad", {**TINY, "search": search}, overrides)
+    assert str(err.value).startswith(message)
+    left_empty = spec.from_dict("ok", {**TINY, "search": {"space": None, "variants": None}})
+    assert (left_empty.search.space, left_empty.search.variants) == ({}, ())
+
+
 def test_a_search_that_varies_the_scaling_section_is_a_one_line_error():
     """Every trial's resources, and the trials at once, are reserved from the base config's
     scaling: a trial of 2 workers in a run of 1-worker trials held a worker's CPUs and GPU and

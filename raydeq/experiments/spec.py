@@ -40,6 +40,7 @@ from raydeq.training.config import (
     validate_search,
     without,
 )
+from raydeq.training.schema import build_section
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "tune_configs"
 VARIANT = "variant"
@@ -245,6 +246,8 @@ def from_dict(
     base = {key: value for key, value in raw.items() if key != "search"}
     search = raw.get("search") or {}
     if isinstance(search, Mapping):
+        given = {key: value for key, value in search.items() if value is not None}
+        build_section(SearchSection, given, "search.")  # the types that `_fix` reads
         space = search.get("space")
         search = _fix(
             {**search, "space": nested(space)} if isinstance(space, Mapping) else search, overrides
