@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import re
+import reprlib
 import shlex
 import shutil
 import signal
@@ -461,6 +462,30 @@ def test_a_ranges_argument_that_is_no_number_is_a_one_line_error(space, value):
         rt.preflight(spec.from_dict("x", {**TINY, "search": {"space": space}}))
     assert str(err.value) == (
         f"search.space.{key}.{primitive}: {value} is not a number; its arguments are numbers"
+    )
+
+
+@pytest.mark.parametrize(
+    ("space", "value"),
+    [
+        ({"optim.lr": {"randn": [math.nan, 1]}}, "nan"),
+        ({"optim.lr": {"randn": {"mean": "nan"}}}, "'nan'"),
+        ({"optim.lr": {"uniform": [0.1, math.inf]}}, "inf"),
+        ({"optim.lr": {"qloguniform": [1e-4, 1e-1, "-inf"]}}, "'-inf'"),
+        ({"train.epochs": {"randint": [1, 10**400]}}, reprlib.repr(10**400)),
+    ],
+)
+def test_a_ranges_argument_that_is_not_finite_is_a_one_line_error(space, value):
+    """A normal's mean of .nan drew nan for every trial, which failed each at its start; an
+    upper bound of .inf read as Tune's 'Uniform requires a upper bound', one of 10**400 as
+    Python's OverflowError."""
+    ((key, spec_),) = space.items()
+    ((primitive, _),) = spec_.items()
+    with pytest.raises(ConfigError) as err:
+        spec.from_dict("x", {**TINY, "search": {"space": space}})
+    assert str(err.value) == (
+        f"search.space.{key}.{primitive}: {value} is not a finite number; its arguments are "
+        "finite numbers"
     )
 
 

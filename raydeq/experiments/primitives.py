@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import reprlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -53,15 +54,22 @@ def nested(tree: Mapping[str, Any]) -> dict[str, Any]:
 def _number(key: str, value: Any) -> float | int:
     """A numeric argument of the primitive at `key` (YAML 1.1 reads `1e-3` as a string, which
     becomes a float); a ConfigError for any other value, which Tune would take and fail on
-    with a traceback (a normal's mean at its first draw)."""
+    with a traceback (a normal's mean at its first draw), and for nan, an infinity or an
+    integer past a float's range, which Tune draws as nan, refuses as a missing bound or
+    fails on with Python's OverflowError."""
+    number = value
     if isinstance(value, str):
         try:
-            return float(value)
+            number = float(value)
         except ValueError:
             pass
-    elif isinstance(value, int | float) and not isinstance(value, bool):
-        return value
-    raise ConfigError(f"{key}: {value!r} is not a number; its arguments are numbers")
+    if not isinstance(number, int | float) or isinstance(number, bool):
+        raise ConfigError(f"{key}: {value!r} is not a number; its arguments are numbers")
+    if abs(number) < 2**1000:  # within a float's range: false for nan and the infinities
+        return number
+    raise ConfigError(
+        f"{key}: {reprlib.repr(value)} is not a finite number; its arguments are finite numbers"
+    )
 
 
 def domain(key: str, spec: Any) -> Any:
