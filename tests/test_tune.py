@@ -538,6 +538,25 @@ def test_a_random_space_takes_dotted_keys_as_sections():
     assert [rates(space, {"optim.lr": 0.3}) for space in forms] == [[0.3], [0.3]]
 
 
+@pytest.mark.parametrize("where", ["space", "conditional"])
+def test_a_dimension_written_both_dotted_and_nested_is_a_one_line_error(where):
+    """`optim.lr` and `optim: {lr: ...}` in one space are two YAML keys for one dimension:
+    the one written last was drawn and the other dropped without a word."""
+    twice = {"optim.lr": {"choice": [0.1]}, "optim": {"lr": {"choice": [0.2]}}}
+    search = {"space": twice}
+    if where == "conditional":
+        search = {
+            "searcher": "tpe",
+            "space": {"model.solver": {"choice": ["vcab3", "anderson"]}},
+            "conditional": [{"when": {"model.solver": "anderson"}, "space": twice}],
+        }
+    with pytest.raises(ConfigError) as err:
+        spec.from_dict("x", {**TINY, "search": search})
+    assert str(err.value) == (
+        "optim.lr: written twice in one search space, dotted and under its section; keep one"
+    )
+
+
 def test_an_experiment_file_may_end_in_yml(tmp_path):
     experiment = tmp_path / "tiny.yml"
     experiment.write_text(yaml.safe_dump(TINY))

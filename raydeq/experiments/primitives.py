@@ -35,13 +35,19 @@ def is_primitive(spec: Any) -> bool:
 
 def dimensions(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """A space written nested (`model: {solver: ...}`) or dotted (`model.solver: ...`) as
-    {dotted key: primitive or constant}."""
-    flat = {}
+    {dotted key: primitive or constant}; a key written in both forms is a ConfigError."""
+    flat: dict[str, Any] = {}
     for key, value in tree.items():
         if isinstance(value, Mapping) and not is_primitive(value):
-            flat |= dimensions(value, f"{prefix}{key}.")
+            found = dimensions(value, f"{prefix}{key}.")
         else:
-            flat[f"{prefix}{key}"] = value
+            found = {f"{prefix}{key}": value}
+        for dotted in found.keys() & flat.keys():
+            raise ConfigError(
+                f"{dotted}: written twice in one search space, dotted and under its section; "
+                "keep one"
+            )
+        flat |= found
     return flat
 
 
