@@ -358,6 +358,22 @@ def test_overrides_set_keys_of_a_section_left_empty_in_the_file(tmp_path):
     assert (cfg.model.variant, cfg.train.epochs) == ("skip", 4)
 
 
+def test_an_override_of_a_section_sets_its_keys_and_keeps_the_files_others(tmp_path):
+    """`optim={lr: 0.2}` replaced the file's whole optim section: the run trained with Adam
+    and a cosine schedule where the file set SGD and a constant one."""
+    path = tmp_path / "run.yaml"
+    path.write_text("optim: {optimizer: sgd, lr: 0.1, schedule: constant}\n")
+    optim = load(path, ["optim={lr: 0.2, momentum: 0.5}"]).optim
+    assert (optim.optimizer, optim.schedule, optim.lr, optim.momentum) == (
+        "sgd",
+        "constant",
+        0.2,
+        0.5,
+    )
+    with pytest.raises(ConfigError, match=r"^override optim.lr: given twice \(0.3, then 0.2\)"):
+        load(path, ["optim.lr=0.3", "optim={lr: 0.2}"])
+
+
 @pytest.mark.parametrize(
     ("override", "expected"),
     [

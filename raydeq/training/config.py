@@ -219,6 +219,11 @@ class Config:
         return _given_options(self.model)
 
 
+SECTIONS = tuple(
+    f.name for f in dataclasses.fields(Config) if dataclasses.is_dataclass(f.default_factory)
+)
+
+
 def _check_together(cfg: Config) -> None:
     """Rules that involve more than one key."""
     data = cfg.data
@@ -495,16 +500,24 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), parsed
 
 
+def _section_keys(key: str, value: Any) -> dict[str, Any]:
+    """An override by dotted key: a section's mapping (`optim={lr: 0.2}`) sets its keys, where
+    setting the section itself would drop every other key the file gives it."""
+    if key in SECTIONS and isinstance(value, Mapping):
+        return {f"{key}.{name}": given for name, given in value.items()}
+    return {key: value}
+
+
 def parse_overrides(texts: Sequence[str]) -> dict[str, Any]:
     """`key=value` overrides as a mapping; a key given twice is an error, not a silent choice."""
     overrides: dict[str, Any] = {}
     for text in texts:
-        key, value = parse_override(text)
-        if key in overrides:
-            raise ConfigError(
-                f"override {key}: given twice ({overrides[key]!r}, then {value!r}); keep one"
-            )
-        overrides[key] = value
+        for key, value in _section_keys(*parse_override(text)).items():
+            if key in overrides:
+                raise ConfigError(
+                    f"override {key}: given twice ({overrides[key]!r}, then {value!r}); keep one"
+                )
+            overrides[key] = value
     return overrides
 
 
