@@ -97,6 +97,22 @@ def test_a_number_in_exponent_form_is_a_number_inside_a_mapping_setting_too(tmp_
     assert config.load_yaml("[1e3, e3, 1e, 1e-3x, 007]") == [1000.0, "e3", "1e", "1e-3x", 7]
 
 
+def test_yaml_11_octal_and_base_60_numbers_are_read_as_written(tmp_path):
+    """PyYAML reads `seed: 010` as 8 (YAML 1.1's octal) and `1:30` as 90 (base 60), so such a
+    seed or batch size trained another run than written; 010 is now ten, as in YAML 1.2, and
+    1:30 text."""
+    assert config.load_yaml("[010, -07, +0_10, 1:30, 1:30.5, 0x10, 0b11, 1_000, 0, 1.5]") == [
+        *(10, -7, 10, "1:30", "1:30.5", 16, 3, 1000, 0, 1.5)
+    ]
+    path = tmp_path / "run.yaml"
+    path.write_text("seed: 010\ndata: {batch_size: 064}\n")
+    cfg = load(path)
+    assert (cfg.seed, cfg.data.batch_size) == (10, 64)
+    path.write_text("seed: 1:30\n")
+    with pytest.raises(ConfigError, match="^seed: expected an integer, got '1:30'$"):
+        load(path)
+
+
 def test_validate_accepts_its_own_output():
     search = {"num_samples": 2, "variants": [{"label": "a", "seed": 1}]}
     cfg = validate({"data": {"dataset": "fake", "fake_shape": [3, 8, 8]}, "search": search})

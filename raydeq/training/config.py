@@ -564,6 +564,19 @@ class _Loader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+def _construct_number(loader: _Loader, node: yaml.ScalarNode) -> Any:
+    """An int or float scalar as YAML 1.2 reads it: 010 is ten (YAML 1.1's octal: eight), and
+    1:30 text (YAML 1.1's base 60: ninety), as a config means them."""
+    text = loader.construct_scalar(node)
+    if ":" in text:
+        return text
+    if re.fullmatch(r"[-+]?0[0-9_]+", text):
+        return int(text.replace("_", ""), 10)
+    return yaml.SafeLoader.yaml_constructors[node.tag](loader, node)
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _construct_number)
+_Loader.add_constructor("tag:yaml.org,2002:float", _construct_number)
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?(?:[0-9][0-9_]*\.?[0-9_]*|\.[0-9_]+)[eE][-+]?[0-9]+$"),
