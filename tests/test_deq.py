@@ -739,10 +739,12 @@ def test_the_layer_s_compile_options_reach_the_solve():
     torch.testing.assert_close(out.z, eager.z, rtol=0, atol=1e-12)
 
 
+@pytest.mark.filterwarnings("error:Dynamo detected a call to a `functools.lru_cache`")
 def test_the_layer_keeps_nn_modules_compile_method():
     """layer.compile(...) is torch's in-place compile of the module, whatever compile= the layer
     was built with (which took its name, so that calling it raised "'bool' object is not
-    callable"); the compiled layer gives the eager solution."""
+    callable"); the compiled layer gives the eager solution, without the warning torch gives
+    on tracing a functools.cache function (the solve's option checks kept one)."""
     import torch._dynamo
 
     f, x = dense_cell()

@@ -80,14 +80,29 @@ def named(key: str, options: Mapping[str, Any]) -> Iterator[None]:
         raise ValueError(f"{key}.{err}") from None
 
 
-@functools.cache
+def memoized(fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """fn of one argument, each result computed once and kept in a dict: functools.cache's
+    effect, without the UserWarning that torch.compile gives on tracing a functools.cache
+    function (a compiled layer traces its solve's option checks)."""
+    results: dict[Any, Any] = {}
+
+    @functools.wraps(fn)
+    def cached(key: Any) -> Any:
+        if key not in results:
+            results[key] = fn(key)
+        return results[key]
+
+    return cached
+
+
+@memoized
 def bounds(interval: str) -> tuple[str, float, float, str]:
     """An interval "[a, b)" as its left bracket, ends and right bracket, parsed once."""
     low, high = (float(end) for end in interval[1:-1].split(","))
     return interval[0], low, high, interval[-1]
 
 
-@functools.cache
+@memoized
 def parameters(make: Callable[..., Any]) -> tuple[str, ...]:
     """The parameter names of a constructor, read once: inspect.signature took about 15 us,
     on every solve, where a solve of a small layer takes a few hundred."""
