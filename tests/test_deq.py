@@ -268,6 +268,26 @@ def test_under_autocast_the_solve_and_its_backward_stay_float32(init):
         assert (low - full).norm() <= 0.02 * full.norm()
 
 
+@pytest.mark.parametrize("adjoint", ["gmres", "fixed_point"])
+def test_a_backward_inside_autocast_gives_the_gradient_of_one_outside_it(adjoint):
+    """backward() called inside the autocast block of its forward (as a training loop may) runs
+    the adjoint's hook under autocast: its linear solve still runs in float32 (GMRES failed on
+    a bfloat16 product written into its float32 workspace) and gives the same gradient."""
+    f, x = dense_cell(3)
+    f, x = f.float(), x.detach().float()
+    layer = DEQ(f, adjoint=adjoint, abstol=1e-4, reltol=0.0)
+
+    def grads(inside: bool) -> list[torch.Tensor]:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = layer(x).z.square().sum()
+            if inside:
+                return list(torch.autograd.grad(loss, list(f.parameters())))
+        return list(torch.autograd.grad(loss, list(f.parameters())))
+
+    for inside, outside in zip(grads(inside=True), grads(inside=False), strict=True):
+        torch.testing.assert_close(inside, outside, rtol=0, atol=0)
+
+
 def test_skip_reg_counts_the_evaluation_that_gives_z0():
     f, x = dense_cell(3)
     out = DEQ(f, init="skip_reg", solver="anderson", **TIGHT)(x)

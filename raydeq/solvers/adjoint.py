@@ -86,7 +86,12 @@ class ImplicitAdjoint:
             if torch.is_grad_enabled():
                 raise RuntimeError(SECOND_ORDER)
             v = v.to(fz.dtype)
-            g, info = self.linear_solver(lambda u: u - vjp(u), v, v if self.warm_start else None)
+            # A backward() called inside torch.autocast runs this hook under it, where GMRES's
+            # products would come out in half precision beside its float32 workspace.
+            with torch.autocast(v.device.type, enabled=False):
+                g, info = self.linear_solver(
+                    lambda u: u - vjp(u), v, v if self.warm_start else None
+                )
             stats.backward_nvjp += info.matvecs + 1
             stats.backward_converged = info.converged
             return g
