@@ -30,7 +30,9 @@ ADJOINTS = ("gmres", "fixed_point", "jfb", "unrolled")
 
 @dataclass
 class Solution:
-    """The fixed point z* (structured like z0) and the statistics of the solve."""
+    """The fixed point (structured like z0) and the statistics of the solve: z* itself, or
+    where the solve attaches it to the graph through f (grad mode, an implicit or Jacobian-free
+    adjoint) f(z*), one evaluation past it; stats.residual and stats.converged are z*'s."""
 
     z: State
     stats: SolveStats
