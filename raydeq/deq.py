@@ -275,7 +275,10 @@ class DEQ(nn.Module):
     layer's training-mode call count is below pretrain_steps, f is unrolled pretrain_depth times
     from z0 and backpropagated through instead of being solved (MDEQ's warm-up).
     stats.nfe counts f's evaluations by the solver, plus the one giving z0 for "skip_reg" and,
-    with adjoint="unrolled", the one giving skip_loss its f(z*, x).
+    with adjoint="unrolled", the one giving skip_loss its f(z*, x); stats.backward_nvjp the
+    VJPs of f a backward takes through the solve's adjoint, the warm-up's unrolled evaluations
+    and that f(z*, x), not the one through skip_reg's z0 = f(0, x). jac_reg's evaluation of f
+    and its VJPs count in neither.
     compile= is solve's: f and the solver steps run through torch.compile (True, or a dict of
     its options), or each solve records its step as a CUDA graph and replays it ("graph").
     """
