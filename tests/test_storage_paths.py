@@ -1,7 +1,9 @@
 """Local paths and URIs of the run's storage, its checkpoint folders, the run lock's record of
 its holder, and TensorBoard events in a folder or at a file:// URI: no Ray, no S3 server."""
 
+import fcntl
 import os
+import threading
 from pathlib import Path
 
 import pyarrow.fs
@@ -125,6 +127,27 @@ def test_the_holder_of_a_run_is_named_while_it_runs_and_none_before_or_after(tmp
     assert runlock.lock_file(run).is_file() and runlock.holder(run) is None
     with runlock.hold(run):  # the test took nothing over
         pass
+
+
+def test_a_start_that_meets_a_readers_probe_waits_for_it_not_refused_by_an_ended_run(
+    tmp_path, monkeypatch
+):
+    """A --report asks whether a driver runs the experiment by holding the lock shared for a
+    moment; a start at that moment was refused, naming the driver that had already ended."""
+    monkeypatch.setattr(runlock.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    run = str(tmp_path / "runs" / "a")
+    path = runlock.lock_file(run)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("process 99999999999999")
+    with open(path) as probe:
+        fcntl.flock(probe, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        reader = threading.Timer(0.2, fcntl.flock, (probe, fcntl.LOCK_UN))
+        reader.start()
+        try:
+            with runlock.hold(run):
+                assert runlock.holder(run) == f"process {os.getpid()}"
+        finally:
+            reader.join()
 
 
 @pytest.mark.parametrize("manifest", ["{}", "[1, 2]", "not json", '{"step": 1}'])

@@ -14,11 +14,15 @@ import fcntl
 import hashlib
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 
 from raydeq.training.storage import StorageError, absolute, is_uri
+
+PROBE_WAIT_S = 5.0  # the longest a start waits out readers' shared probes of its lock
 
 
 class RunInUse(StorageError):
@@ -40,11 +44,8 @@ def hold(run: str) -> Iterator[None]:
     path = lock_file(run)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as file:
-        try:
-            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            file.seek(0)
-            holder = file.read().strip() or "another process"
+        holder = take(file)
+        if holder is not None:
             raise RunInUse(
                 f"{run} is being run by {holder} on this machine; wait for it to end (or stop "
                 "it), or give this run another name"
@@ -54,6 +55,28 @@ def hold(run: str) -> Iterator[None]:
         file.write(f"process {os.getpid()}")
         file.flush()
         yield
+
+
+def take(file: IO[str]) -> str | None:
+    """Take the exclusive lock of the open lock file, or name the driver that holds it; a
+    reader's shared probe (`holder`) lasts a moment, so a start that meets one waits it out
+    rather than be refused in the name of the driver that ended before."""
+    deadline = time.monotonic() + PROBE_WAIT_S
+    while True:
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return None
+        except BlockingIOError:
+            pass
+        try:
+            fcntl.flock(file, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            file.seek(0)
+            return file.read().strip() or "another process"
+        fcntl.flock(file, fcntl.LOCK_UN)
+        if time.monotonic() > deadline:
+            return f"processes that kept reading its lock for {PROBE_WAIT_S:g} s"
+        time.sleep(0.01)
 
 
 @contextmanager
