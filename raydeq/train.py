@@ -93,9 +93,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     with ExitStack() as held:
         try:
             cfg = load(config_file(args.config), args.overrides)
+            held.enter_context(runlock.hold(cfg.run_dir))  # before its checkpoints are read
             check_run(cfg)
             launch.check_cluster()
-            held.enter_context(runlock.hold(cfg.run_dir))
         except (ConfigError, data.DataError, StorageError) as err:
             print(f"error: {err}", file=sys.stderr)
             return EXIT_BAD_INPUT

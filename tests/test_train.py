@@ -309,7 +309,7 @@ def test_workers_that_this_machine_cannot_hold_are_refused_not_waited_for(tmp_pa
 
 def test_ctrl_c_in_the_preflight_exits_130_in_one_line(tmp_path, capsys, monkeypatch):
     """The preflight may list a large data folder: Ctrl-C there ends with 130 and a line, not
-    a traceback, and takes no run lock."""
+    a traceback, and leaves the run lock free."""
 
     def interrupt(cfg):
         raise KeyboardInterrupt
@@ -320,6 +320,7 @@ def test_ctrl_c_in_the_preflight_exits_130_in_one_line(tmp_path, capsys, monkeyp
     assert train.main([str(path)]) == 130
     assert capsys.readouterr().err == "\ninterrupted before training started\n"
     assert not (tmp_path / "runs").exists()
+    assert runlock.holder(config.load(str(path)).run_dir) is None
 
 
 def test_a_name_given_again_with_other_settings_is_refused_naming_them(tmp_path, capsys):
@@ -343,6 +344,23 @@ def test_a_name_given_again_with_other_settings_is_refused_naming_them(tmp_path,
         f"error: {tmp_path / 'run'}: holds a run trained with other settings (train.epochs: 1 "
         "there, 3 here); run it with those to resume it, or give this run another name=\n"
     )
+
+
+def test_the_settings_of_a_runs_checkpoints_are_checked_under_its_lock(tmp_path, monkeypatch):
+    """The check that a run's checkpoints hold its settings ran before its lock was taken, up
+    to 3 s earlier with the cluster's check between, so another driver could write checkpoints
+    of other settings after the check; it now runs while this driver holds the lock."""
+    checked = []
+    path = tmp_path / "run.yaml"
+    path.write_text(f"name: run\nstorage_path: {tmp_path}\nscaling: {{device: cpu}}\n")
+    monkeypatch.setattr(runlock.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    monkeypatch.setattr(launch, "check_cluster", lambda: None)
+    monkeypatch.setattr(
+        preflight, "check_resume", lambda cfg: checked.append(runlock.holder(cfg.run_dir))
+    )
+    monkeypatch.setattr(train, "run", lambda cfg, argv: 0)
+    assert train.main([str(path)]) == 0
+    assert checked == [f"process {os.getpid()}"]
 
 
 def test_a_loop_resuming_a_checkpoint_of_other_settings_refuses_it_naming_them(tmp_path):
