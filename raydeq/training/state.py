@@ -179,9 +179,9 @@ def make_optimizer(cfg: OptimSection, params: Iterable[nn.Parameter]) -> torch.o
 def make_scheduler(
     cfg: OptimSection, optimizer: torch.optim.Optimizer, total_steps: int, steps_per_epoch: int
 ) -> torch.optim.lr_scheduler.LRScheduler:
-    """The configured learning-rate schedule, stepped once per training step: cosine from lr to
-    eta_min over the run, step decay by gamma at the milestones (or every step_epochs epochs),
-    or constant."""
+    """The configured learning-rate schedule, stepped once per update (a skipped step leaves
+    it): cosine from lr to eta_min over the run, step decay by gamma at the milestones (or
+    every step_epochs epochs), or constant."""
     schedulers = torch.optim.lr_scheduler
     if cfg.schedule == "cosine":
         return schedulers.CosineAnnealingLR(
