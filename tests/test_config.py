@@ -109,7 +109,8 @@ def test_yaml_11_octal_and_base_60_numbers_are_read_as_written(tmp_path):
     cfg = load(path)
     assert (cfg.seed, cfg.data.batch_size) == (10, 64)
     path.write_text("seed: 1:30\n")
-    with pytest.raises(ConfigError, match="^seed: expected an integer, got '1:30'$"):
+    in_path = re.escape(f" (in {path})")
+    with pytest.raises(ConfigError, match=rf"^seed: expected an integer, got '1:30'{in_path}$"):
         load(path)
 
 
@@ -512,3 +513,21 @@ def test_random_configs_validate_or_raise_config_error(raw):
         assert "\n" not in str(err)
         return
     assert validate(cfg.to_dict()) == cfg
+
+
+def test_a_bad_value_from_a_file_names_the_file_and_one_from_an_override_does_not(tmp_path):
+    """A bad value named its key alone, so a user of several files could not tell which file
+    held it; an override's value is not the file's."""
+    path = tmp_path / "run.yaml"
+    path.write_text("optim: {lr: -1, optimizer: sgd}\ndata: {batch_size: 3}\n")
+    with pytest.raises(ConfigError) as err:
+        load(path)
+    assert str(err.value) == f"optim.lr: must be > 0, got -1.0 (in {path})"
+    with pytest.raises(ConfigError) as err:
+        load(path, ["optim.lr=0.1", "optim.optimizer=sgdd"])
+    assert str(err.value).startswith("optim.optimizer: 'sgdd' is not allowed; choose one of")
+    assert str(path) not in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        load(path, ["optim.lr=0.1"])
+    assert str(err.value).startswith("data.batch_size: 3 does not split evenly")
+    assert str(err.value).endswith(f" (in {path})")

@@ -970,3 +970,16 @@ def test_num_samples_on_the_command_line_is_refused_below_the_points_as_in_the_f
     )
     assert rt.main(["mnist_search", "--num-samples", "6", "--dry-run"]) == 0
     assert len(capsys.readouterr().out.splitlines()) == 6
+
+
+def test_a_bad_value_in_an_experiment_file_names_the_file(tmp_path):
+    """An experiment's bad value named its key alone, not the file that held it."""
+    path = tmp_path / "exp.yaml"
+    path.write_text("search:\n  space:\n    optim.lr: {uniform: [0.2, 0.1]}\n")
+    with pytest.raises(ConfigError) as err:
+        spec.load(str(path))
+    assert str(err.value) == (
+        f"search.space.optim.lr.uniform: the lower bound 0.2 must be below 0.1 (in {path})"
+    )
+    with pytest.raises(ConfigError, match=r"^optim.lr: must be > 0, got -1.0$"):
+        spec.load(str(path), ["optim.lr=-1"])

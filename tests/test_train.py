@@ -173,7 +173,7 @@ def test_the_command_exits_with_status_2_on_a_bad_config(tmp_path):
         [sys.executable, "-m", "raydeq.train", str(path)], capture_output=True, text=True
     )
     assert done.returncode == 2
-    assert done.stderr == "error: train.lambda_skip: must be >= 0, got -1.0\n"
+    assert done.stderr == f"error: train.lambda_skip: must be >= 0, got -1.0 (in {path})\n"
 
 
 def test_a_shipped_experiment_file_is_found_from_a_folder_without_tune_configs(

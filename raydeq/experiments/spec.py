@@ -33,6 +33,7 @@ from raydeq.training.config import (
     ConfigError,
     SearchSection,
     apply_overrides,
+    in_file,
     leaves,
     parse_overrides,
     read_yaml,
@@ -385,7 +386,11 @@ def load(experiment: str, overrides: Sequence[str] = ()) -> Experiment:
     """Read `tune_configs/EXPERIMENT.yaml` (or a path), apply overrides, check the base."""
     path = locate(experiment)
     parsed = parse_overrides(overrides)
-    return from_dict(path.stem, read_yaml(path), parsed)
+    raw = read_yaml(path)
+    try:
+        return from_dict(path.stem, raw, parsed)
+    except ConfigError as err:
+        raise in_file(err, path, parsed) from None
 
 
 def expand(experiment: Experiment, num_samples: int | None = None) -> list[dict[str, Any]]:

@@ -73,6 +73,7 @@ STAGED_DATASETS = ("imagenet",)
 # Settings a refused resume names, of those that differ.
 SHOWN_CHANGES = 3
 _NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_ERROR_KEY = re.compile(r"[A-Za-z_][\w.\[\]]*")  # the key an error names first
 
 
 @dataclass(frozen=True)
@@ -612,6 +613,17 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return {} if raw is None else raw
 
 
+def in_file(err: ConfigError, path: str | Path, overrides: Mapping[str, Any]) -> ConfigError:
+    """`err` with the file `path` named after it, unless an override set the key it names
+    first (or one in it: a rule's `search.conditional[0].space.model.solver_options.m`): a
+    user of several files sees which one holds the bad value."""
+    found = _ERROR_KEY.match(str(err))
+    key = found.group() if found else ""
+    if any(f".{k}." in f".{key}." or k.startswith(f"{key}.") for k in overrides):
+        return err
+    return ConfigError(f"{err} (in {path})")
+
+
 def load(path: str | Path, overrides: Sequence[str] | Mapping[str, Any] = ()) -> Config:
     """Read a YAML file, apply `key=value` overrides (strings or a mapping) and validate."""
     raw = read_yaml(path)
@@ -619,4 +631,7 @@ def load(path: str | Path, overrides: Sequence[str] | Mapping[str, Any] = ()) ->
         raise ConfigError(f"{path}: expected a mapping of keys to values at the top level")
     if not isinstance(overrides, Mapping):
         overrides = parse_overrides(overrides)
-    return validate(apply_overrides(raw, overrides))
+    try:
+        return validate(apply_overrides(raw, overrides))
+    except ConfigError as err:
+        raise in_file(err, path, overrides) from None
