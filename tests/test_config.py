@@ -531,3 +531,16 @@ def test_a_bad_value_from_a_file_names_the_file_and_one_from_an_override_does_no
         load(path, ["optim.lr=0.1"])
     assert str(err.value).startswith("data.batch_size: 3 does not split evenly")
     assert str(err.value).endswith(f" (in {path})")
+
+
+def test_a_key_written_as_a_yaml_11_boolean_is_named_as_written(tmp_path):
+    """YAML 1.1 reads a key `on:` as true, so it was reported as `optim.True`; a key is its
+    text, a value written so stays a boolean."""
+    assert config.load_yaml("{on: yes, No: off, true: 1}") == {"on": True, "No": False, "true": 1}
+    path = tmp_path / "run.yaml"
+    path.write_text("optim:\n  on: 1\n")
+    with pytest.raises(ConfigError, match="^optim.on: unknown key; allowed keys in optim: "):
+        load(path)
+    path.write_text("optim:\n  yes: 1\n  true: 2\n")
+    with pytest.raises(ConfigError, match="^optim.yes: unknown key"):
+        load(path)

@@ -543,7 +543,8 @@ class _Loader(yaml.SafeLoader):
     """PyYAML's safe loader, which reads 1e-3 as a string (YAML 1.1 wants 1.0e-3), reading it
     as the number YAML 1.2 and a user mean; a typed key converted it, but not a value inside a
     mapping setting such as model.solver_options. A key given twice in one mapping is an
-    error, where PyYAML keeps the last (a second `optim:` section dropped the first)."""
+    error, where PyYAML keeps the last (a second `optim:` section dropped the first). A key
+    written `on`, `yes` or `true` is that text, where YAML 1.1 reads a boolean (`optim.True`)."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         """The mapping of `node`, refusing a key written twice in it (merge keys aside)."""
@@ -551,6 +552,8 @@ class _Loader(yaml.SafeLoader):
         for key_node, _ in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":
                 continue
+            if key_node.tag == "tag:yaml.org,2002:bool":
+                key_node.tag = "tag:yaml.org,2002:str"
             key = self.construct_object(key_node, deep=True)
             if not isinstance(key, Hashable):
                 continue  # PyYAML's own error names it
