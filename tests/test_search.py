@@ -33,7 +33,7 @@ from test_tune import (
 from raydeq import tune as rt
 from raydeq.experiments import hparams, pareto, results, search, spec
 from raydeq.experiments.figures import plt
-from raydeq.training.config import METRICS, ConfigError
+from raydeq.training.config import METRICS, ConfigError, parse_overrides
 
 SEARCH = {
     "searcher": "tpe",
@@ -983,3 +983,15 @@ def test_a_bad_value_in_an_experiment_file_names_the_file(tmp_path):
     )
     with pytest.raises(ConfigError, match=r"^optim.lr: must be > 0, got -1.0$"):
         spec.load(str(path), ["optim.lr=-1"])
+
+
+def test_an_override_matches_a_variants_number_written_as_text():
+    """A variant's lr written '1e-3' (quoted, text) trains at 0.001, but the override
+    optim.lr=1e-3 found no variant of that value; numbers are now compared as numbers."""
+    variants = [{"label": "a", "optim.lr": "1e-3"}, {"label": "b", "optim.lr": 0.01}]
+    raw = {"data": {"dataset": "fake"}, "search": {"variants": variants}}
+    experiment = spec.from_dict("x", raw, parse_overrides(["optim.lr=1e-3"]))
+    assert [row["label"] for row in experiment.search.variants] == ["a"]
+    assert experiment.trial_config({"variant": experiment.search.variants[0]}).optim.lr == 1e-3
+    with pytest.raises(ConfigError, match="^optim.lr=0.002: no variant of search.variants"):
+        spec.from_dict("x", raw, {"optim.lr": 0.002})
