@@ -399,6 +399,8 @@ def test_an_override_of_a_section_sets_its_keys_and_keeps_the_files_others(tmp_p
         ("optim.lr.x=1", "optim.lr: is a value, not a section"),
         ("optim.bogus=1", "optim.bogus: unknown key"),
         (["train.epochs=1", "train.epochs=3"], "override train.epochs: given twice (1, then 3)"),
+        ("optim=", "override optim: an empty value sets no key of section optim; set its keys"),
+        ("search=null", "override search: an empty value sets no key of section search"),
     ],
 )
 def test_bad_overrides_are_config_errors(tmp_path, override, expected):

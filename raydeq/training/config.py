@@ -503,7 +503,13 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 def _section_keys(key: str, value: Any) -> dict[str, Any]:
     """An override by dotted key: a section's mapping (`optim={lr: 0.2}`) sets its keys, where
-    setting the section itself would drop every other key the file gives it."""
+    setting the section itself would drop every other key the file gives it; an empty one
+    (`optim=`), which would drop them all, is refused."""
+    if key in SECTIONS and value is None:
+        raise ConfigError(
+            f"override {key}: an empty value sets no key of section {key}; set its keys "
+            f"({key}.KEY=VALUE or {key}={{KEY: VALUE}})"
+        )
     if key in SECTIONS and isinstance(value, Mapping):
         return {f"{key}.{name}": given for name, given in value.items()}
     return {key: value}
