@@ -995,3 +995,31 @@ def test_an_override_matches_a_variants_number_written_as_text():
     assert experiment.trial_config({"variant": experiment.search.variants[0]}).optim.lr == 1e-3
     with pytest.raises(ConfigError, match="^optim.lr=0.002: no variant of search.variants"):
         spec.from_dict("x", raw, {"optim.lr": 0.002})
+
+
+@pytest.mark.parametrize(
+    ("primitive", "args", "message"),
+    [
+        ("randint", [1.5, 3], "the lower bound 1.5 is not an integer"),
+        ("lograndint", [1, 9.5], "the upper bound 9.5 is not an integer"),
+        ("qrandint", [2, 8, 1.5], "the q 1.5 is not an integer"),
+    ],
+)
+def test_an_integer_range_of_a_bound_or_step_that_is_no_integer_is_refused(
+    primitive, args, message
+):
+    """randint [1.5, 3] was taken and drew the integers Tune rounds to; it is one line now."""
+    space = {"search": {"space": {"data.batch_size": {primitive: args}}}}
+    with pytest.raises(ConfigError) as err:
+        spec.from_dict("x", {"data": {"dataset": "fake"}, **space})
+    assert (
+        str(err.value) == f"search.space.data.batch_size.{primitive}: {message}; use whole numbers"
+    )
+
+
+def test_an_integer_range_of_whole_floats_is_taken():
+    """1.0 is a whole number, as YAML's 1.0 or 1e0 reads."""
+    space = {"search": {"space": {"data.batch_size": {"randint": [1.0, 3]}}}}
+    base = {"data": {"dataset": "fake"}, "scaling": {"num_workers": 1}}
+    experiment = spec.from_dict("x", {**base, **space})
+    assert {row["data"]["batch_size"] for row in spec.expand(experiment, 20)} == {1, 2}

@@ -116,8 +116,18 @@ def domain(key: str, spec: Any) -> Any:
         # Tune samples a reversed or empty range without a word (Optuna refuses it).
         raise ConfigError(f"{key}.{primitive}: the lower bound {lower!r} must be below {upper!r}")
     if isinstance(made, Integer):
+        _check_whole(where, made)
         _check_drawable(where, made)
     return made
+
+
+def _check_whole(where: str, made: Integer) -> None:
+    """Raise a ConfigError for an integer range whose bound or step q is no whole number
+    (randint [1.5, 3]), which Tune takes and draws from as it rounds."""
+    step = getattr(made.get_sampler(), "q", 1)
+    for name, value in (("lower bound", made.lower), ("upper bound", made.upper), ("q", step)):
+        if not float(value).is_integer():
+            raise ConfigError(f"{where}: the {name} {value!r} is not an integer; use whole numbers")
 
 
 def _check_drawable(where: str, made: Integer) -> None:
