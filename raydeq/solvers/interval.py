@@ -143,6 +143,8 @@ def integrate(
     k = field(y)
     h, spent = controller.first_step(field, y, k, method.order, termination)
     point = method.start(y, k, controller, termination)
+    if overflowed(point):
+        raise RuntimeError(overflow_message(solver, 0.0, t1, y.dtype))
     memory = controller.memory(h)
     step_size, t, nfe, path_nfe, steps = float(h), 0.0, 1 + spent, 1, 0
     while t < t1:
@@ -168,5 +170,30 @@ def integrate(
         was_rejected, next_size = torch.cat([rejected.to(h_next.dtype), h_next], 1)[0].tolist()
         if not was_rejected:
             point, t, path_nfe = new, t1 if last else t + step_size, path_nfe + spent
+        if not math.isfinite(next_size) and overflowed(new):
+            raise RuntimeError(overflow_message(solver, t, t1, y.dtype))
         step_size = next_size
+    if overflowed(point):
+        raise RuntimeError(overflow_message(solver, t, t1, y.dtype))
     return Endpoint(point.y, point.k, nfe, path_nfe, steps)
+
+
+def overflowed(point: Point) -> bool:
+    """Whether the norms of a finite state or field overflow (squares of entries past the
+    square root of the dtype's range, about 1e19 in float32): the error ratio is then 0 or
+    NaN, and the steps go uncontrolled. Read at the start, at the end and at a step size that
+    is not finite, not on every step. A state or field that is itself NaN or inf ends the
+    integration as a NaN output, which training counts as a non-finite step."""
+    values = torch.isfinite(point.y).all() & torch.isfinite(point.k).all()
+    norms = torch.isfinite(norm(point.y)).all() & torch.isfinite(norm(point.k)).all()
+    return bool(values > norms)
+
+
+def overflow_message(solver: str, t: float, t1: float, dtype: torch.dtype) -> str:
+    """Why an integration stops where its norms overflow (see overflowed)."""
+    limit = math.sqrt(torch.finfo(dtype).max)
+    return (
+        f"the {solver} integration's state or field at t={t:.6g} of t1={t1:g} is finite but "
+        f"its norms overflow (entries past about {limit:.0e} in {dtype}), which leaves its "
+        "steps without error control; scale the problem down or integrate in float64"
+    )
