@@ -123,6 +123,18 @@ def test_an_override_of_a_solver_option_that_a_rule_draws_fixes_it_in_that_rule(
         spec.from_dict("s", {**TINY, "search": SEARCH}, override | {"model.solver": "vcab3"})
 
 
+@pytest.mark.parametrize("first", ["model.solver_options.m", "model.solver_options.memory"])
+def test_of_two_solver_options_that_no_rule_draws_the_first_given_is_named(first):
+    """The error named whichever of the two a set of their keys held first, so the message
+    changed with PYTHONHASHSEED from one run of the same command to the next."""
+    broyden = {"model.solver_options.memory": {"randint": [5, 31]}}
+    rules = [*SEARCH["conditional"], {"when": {"model.solver": "broyden"}, "space": broyden}]
+    options = {"model.solver_options.m": 4, "model.solver_options.memory": 10}
+    overrides = {first: options[first]} | options | {"model.solver": "vcab3"}
+    with pytest.raises(ConfigError, match=rf"^{first}={options[first]}: no trial runs it"):
+        spec.from_dict("s", {**TINY, "search": {**SEARCH, "conditional": rules}}, overrides)
+
+
 @pytest.mark.parametrize(
     "order",
     [["model.solver", "model.solver_options.m"], ["model.solver_options.m", "model.solver"]],

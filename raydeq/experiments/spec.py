@@ -274,7 +274,7 @@ def from_dict(
         search = _fix(
             {**search, "space": nested(space)} if isinstance(space, Mapping) else search, overrides
         )
-        _check_ruled(search, {k: overrides[k] for k in ruled})
+        _check_ruled(search, {k: v for k, v in overrides.items() if k in ruled})
     # The base holds workers_per_trial's effect: the settings a run stores, read back for a
     # resume, must not apply it again over a --workers-per-trial or scaling.num_workers given.
     stored = search
