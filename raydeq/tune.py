@@ -230,8 +230,10 @@ def dry_run(experiment: Experiment, num_samples: int | None, path: str) -> None:
     object a line (and a searcher's space, a dimension a line, on stderr)."""
     trials = expand(experiment, num_samples)
     if experiment.searched:
-        shown = searchers.lines(experiment.space())
-        learned = searchers.first_learned(experiment.search)
+        space = experiment.space()
+        shown = searchers.lines(space)
+        # The paper's points run as listed, also those past the searcher's first draws.
+        learned = max(searchers.first_learned(experiment.search), len(space.points))
         if len(trials) > learned:
             shown.append(
                 f"trials {learned + 1} to {len(trials)}: {experiment.search.searcher} draws them "

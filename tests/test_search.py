@@ -271,10 +271,18 @@ def test_dry_run_shows_the_space_and_the_paper_points_first(capsys):
     )
 
 
+SKIP = {"label": "Skip", "model.variant": "skip_reg"}
+
+
 @pytest.mark.parametrize(
     ("change", "last"),
     [
         ({"searcher": "nsga2", "population_size": 4}, "trials 5 to 6: nsga2 draws them"),
+        # The paper's points past the first generation are listed as they run, not drawn.
+        (
+            {"searcher": "nsga2", "population_size": 2, "variants": [*SEARCH["variants"], SKIP]},
+            "trials 4 to 6: nsga2 draws them",
+        ),
         ({"searcher": "nsga2"}, "first: "),  # 6 trials within the first generation of 50
         ({"num_samples": 10}, "first: "),  # TPE's 10 startup trials are random draws
     ],
