@@ -177,6 +177,26 @@ def test_the_define_by_run_space_draws_the_same_values_through_optuna():
     assert pickle.loads(pickle.dumps(space)) == space  # the searcher's state pickles with it
 
 
+def test_a_draw_that_repeats_a_paper_point_is_not_labelled_as_that_point():
+    """A searcher's draw of a point's values was given the point's label, so results counted
+    it as the paper's configuration, a second seed of it that ran the same seed."""
+    space = {
+        "model.variant": {"choice": ["vanilla", "skip_reg"]},
+        "model.adjoint": {"choice": ["gmres", "jfb"]},
+    }
+    variants = [{"label": "Vanilla", "model.variant": "vanilla"}]
+    raw = {
+        **TINY,
+        "search": {"searcher": "tpe", "num_samples": 12, "variants": variants, "space": space},
+    }
+    experiment = spec.from_dict("s", raw)
+    limiter = search.searcher(experiment.space(), experiment.search, seed=0, bound=lambda: 12)
+    for draws in (spec.expand(experiment), [limiter.suggest(f"t{i}") for i in range(12)]):
+        repeats = [draw for draw in draws[1:] if draw["model"] == draws[0]["model"]]
+        assert draws[0]["variant"] == {"label": "Vanilla"} and repeats
+        assert not any("variant" in draw for draw in draws[1:])
+
+
 def test_a_sampled_dimension_is_honoured_over_a_variants_setting():
     experiment = spec.from_dict(
         "s",

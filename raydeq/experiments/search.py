@@ -105,7 +105,8 @@ class Space:
     """The define-by-run space (a plain object, so the searcher's state pickles with it).
 
     Called with an Optuna trial it returns every value by parameter name, and the label of the
-    paper's point it drew (points are enqueued, so they come back exactly).
+    paper's point it is: the points are enqueued before any trial is asked, so they are the
+    study's first trials (a later draw of a point's values is the searcher's, not the paper's).
     """
 
     space: dict[str, Any]
@@ -118,9 +119,8 @@ class Space:
         for rule in self.rules:
             if rule.holds(drawn):
                 drawn |= {_name(k): suggest(trial, _name(k), d) for k, d in rule.space.items()}
-        for label, point in self.points:
-            if all(drawn.get(name) == value for name, value in point.items()):
-                return drawn | {LABEL_KEY: label}
+        if trial.number < len(self.points):
+            return drawn | {LABEL_KEY: self.points[trial.number][0]}
         return drawn
 
     def distributions(self) -> dict[str, Any]:
