@@ -212,6 +212,13 @@ def test_a_sampled_dimension_is_honoured_over_a_variants_setting():
     assert experiment.trial_config(sampled).model.solver == "euler"
 
 
+# A rule drawing a dimension drawn elsewhere: Optuna kept the first value (an Anderson trial's
+# abstol outside the rule's range) or refused the second kind of distribution mid-run.
+BROYDEN = {"model.solver": "broyden"}
+NARROW_ABSTOL = {"model.abstol": {"loguniform": [1e-3, 1e-2]}}
+LAMBDA_SKIP = {"train.lambda_skip": {"uniform": [1, 10]}}
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
@@ -238,6 +245,14 @@ def test_a_sampled_dimension_is_honoured_over_a_variants_setting():
         (
             {"conditional": [{"when": {"model.adjoint": "jfb"}, "space": {"seed": 1}}]},
             r"^search.conditional\[0\].when.model.adjoint: not a dimension drawn before it",
+        ),
+        (
+            {"conditional": [*SEARCH["conditional"], {"when": BROYDEN, "space": NARROW_ABSTOL}]},
+            r"^search.conditional\[2\].space.model.abstol: drawn by search.space too",
+        ),
+        (
+            {"conditional": [*SEARCH["conditional"], {"when": BROYDEN, "space": LAMBDA_SKIP}]},
+            r"^search.conditional\[2\].space.train.lambda_skip: drawn by search.conditional\[1\]",
         ),
         (
             {"conditional": [{"if": {"model.solver": "anderson"}}]},

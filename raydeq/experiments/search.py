@@ -230,7 +230,9 @@ def space(base: Mapping[str, Any], search: SearchSection) -> Space:
     dims = {k: distribution(f"search.space.{k}", v) for k, v in dimensions(search.space).items()}
     rules = tuple(_rule(i, raw) for i, raw in enumerate(search.conditional))
     known = dict(dims)
+    drawn_in = dict.fromkeys(dims, "search.space")
     for index, rule in enumerate(rules):
+        _check_drawn_once(index, rule, drawn_in)
         for key, values in rule.when.items():
             where = f"search.conditional[{index}].when.{key}"
             if key not in known:
@@ -245,6 +247,20 @@ def space(base: Mapping[str, Any], search: SearchSection) -> Space:
         known |= rule.space
     unconditional = Space(dims, rules, ())
     return Space(dims, rules, _points(base, search, unconditional))
+
+
+def _check_drawn_once(index: int, rule: Rule, drawn_in: dict[str, str]) -> None:
+    """Raise a ConfigError for a rule's dimension that the space or an earlier rule draws too:
+    Optuna keeps a trial's first value of a name (a value outside the rule's range) and refuses
+    a name's second kind of distribution, failing trials after the run has started."""
+    where = f"search.conditional[{index}]"
+    for key in rule.space:
+        if key in drawn_in:
+            raise ConfigError(
+                f"{where}.space.{key}: drawn by {drawn_in[key]} too; Optuna draws a setting "
+                "once a trial from one distribution, so draw it in one place"
+            )
+        drawn_in[key] = where
 
 
 def objectives(search: SearchSection) -> tuple[list[str], list[str]]:
