@@ -46,6 +46,14 @@ def test_step_decay_at_explicit_milestones_and_every_few_epochs():
         ({"milestones": [0]}, "optim.milestones: expected a list of positive integers"),
         ({"eta_min": 0.1, "lr": 0.01}, "optim.eta_min: 0.1 is above optim.lr=0.01"),
         (
+            {"eta_min": 0.1, "lr": 0.01, "schedule": "step"},
+            "optim.eta_min: 0.1 applies to optim.schedule=cosine only, not 'step'; set",
+        ),
+        (
+            {"eta_min": 1e-6, "schedule": "constant"},
+            "optim.eta_min: 1e-06 applies to optim.schedule=cosine only, not 'constant'; set",
+        ),
+        (
             {"milestones": [10, 20]},
             "optim.milestones: [10, 20] apply to optim.schedule=step only, not 'cosine'; set",
         ),

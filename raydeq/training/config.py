@@ -70,6 +70,8 @@ OUTSIDE_HASH += ("train.report_every", "train.checkpoint_every", "train.keep_che
 OUTSIDE_HASH += ("model.compile",)  # the same solves, compiled
 OUTSIDE_HASH += ("train.eval_batches", "data.loader_workers", "data.pin_memory", "data.stage_to")
 STAGED_DATASETS = ("imagenet",)
+# Optimizer settings that have an effect under one value of another alone: (that key, value).
+APPLIES_UNDER = {"eta_min": ("schedule", "cosine")}
 # Settings a refused resume names, of those that differ.
 SHOWN_CHANGES = 3
 _NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -279,7 +281,8 @@ def _check_together(cfg: Config) -> None:
             f"optim.milestones: {list(optim.milestones)} apply to optim.schedule=step only, not "
             f"{optim.schedule!r}; set optim.schedule=step or remove optim.milestones"
         )
-    if optim.eta_min > optim.lr:
+    _check_applies(optim)
+    if optim.schedule == "cosine" and optim.eta_min > optim.lr:
         raise ConfigError(f"optim.eta_min: {optim.eta_min:g} is above optim.lr={optim.lr:g}")
     if optim.nesterov and optim.optimizer != "sgd":
         raise ConfigError(
@@ -290,6 +293,19 @@ def _check_together(cfg: Config) -> None:
         raise ConfigError("optim.nesterov: needs optim.momentum > 0 (Nesterov momentum of 0)")
     if cfg.name is not None:
         check_folder_name("name", cfg.name)
+
+
+def _check_applies(optim: OptimSection) -> None:
+    """Refuse a setting of `APPLIES_UNDER` set off its default where it has no effect (a step
+    schedule's eta_min), which the run would ignore without a word; a default stays silent."""
+    defaults = OptimSection()
+    for key, (under, needed) in APPLIES_UNDER.items():
+        value, actual = getattr(optim, key), getattr(optim, under)
+        if value != getattr(defaults, key) and actual != needed:
+            raise ConfigError(
+                f"optim.{key}: {value:g} applies to optim.{under}={needed} only, not "
+                f"{actual!r}; set optim.{under}={needed} or remove optim.{key}"
+            )
 
 
 def notes(cfg: Config) -> list[str]:
