@@ -281,13 +281,13 @@ def test_bad_values_give_one_line_naming_the_key_and_what_is_allowed(raw, expect
 
 def test_values_on_a_bound_are_allowed():
     """Bounds are inclusive where the schema says so: the largest seed, one kept checkpoint,
-    momentum 1, no restarts (-1: unlimited), a cosine schedule that ends at its own rate, and
+    SGD at momentum 1, no restarts (-1: unlimited), a cosine schedule that ends at its own rate, and
     variants of one label that differ in their seed alone (the seeds of one configuration)."""
     cfg = validate(
         {
             "seed": 2**32 - 1,
             "train": {"keep_checkpoints": 1, "max_steps": 0},
-            "optim": {"momentum": 1, "lr": 0.01, "eta_min": 0.01},
+            "optim": {"optimizer": "sgd", "momentum": 1, "lr": 0.01, "eta_min": 0.01},
             "scaling": {"max_failures": -1},
             "search": {"variants": [{"label": "a", "seed": 1}, {"label": "a", "seed": 2}]},
         }

@@ -61,8 +61,32 @@ def test_step_decay_at_explicit_milestones_and_every_few_epochs():
             {"milestones": [10], "schedule": "constant"},
             "optim.milestones: [10] apply to optim.schedule=step only, not 'constant'; set",
         ),
+        (
+            {"gamma": 0.5},
+            "optim.gamma: 0.5 applies to optim.schedule=step only, not 'cosine'; set",
+        ),
+        (
+            {"step_epochs": 5, "schedule": "constant"},
+            "optim.step_epochs: 5 applies to optim.schedule=step only, not 'constant'; set",
+        ),
+        (
+            {"step_epochs": 5, "schedule": "step", "milestones": [10]},
+            "optim.step_epochs: 5 is not used with optim.milestones, which set the steps",
+        ),
+        (
+            {"momentum": 0.5, "optimizer": "adamw"},
+            "optim.momentum: 0.5 applies to optim.optimizer=sgd only, not 'adamw'; set",
+        ),
     ],
 )
 def test_bad_schedules_are_one_line_errors(optim, message):
     with pytest.raises(ConfigError, match="^" + message.replace("[", r"\[").replace(".", r"\.")):
         validate({"optim": optim})
+
+
+def test_settings_at_their_defaults_load_where_they_have_no_effect():
+    """momentum (0.9), gamma and step_epochs left at their defaults, or given at them, load
+    under Adam and a cosine schedule, so a config that never names them is not refused."""
+    optim = {"optimizer": "adam", "momentum": 0.9, "gamma": 0.1, "step_epochs": 30}
+    assert validate({"optim": optim}).optim.momentum == 0.9
+    assert validate({"optim": {"optimizer": "adam", "schedule": "constant"}}).optim.gamma == 0.1

@@ -275,7 +275,7 @@ def test_an_override_fixes_a_searched_key():
             r"^search.space.optim.lr: 'gird_search' is not a search primitive; use one of grid_",
         ),
         (
-            {"space": {"optim.momentum": {"uniform": [0.5, 1.5]}}},
+            {"space": {"optim.optimizer": "sgd", "optim.momentum": {"uniform": [0.5, 1.5]}}},
             r"^search.space.optim.momentum: the upper bound 1.5: optim.momentum: must be <= 1",
         ),
         (

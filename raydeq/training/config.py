@@ -71,7 +71,12 @@ OUTSIDE_HASH += ("model.compile",)  # the same solves, compiled
 OUTSIDE_HASH += ("train.eval_batches", "data.loader_workers", "data.pin_memory", "data.stage_to")
 STAGED_DATASETS = ("imagenet",)
 # Optimizer settings that have an effect under one value of another alone: (that key, value).
-APPLIES_UNDER = {"eta_min": ("schedule", "cosine")}
+APPLIES_UNDER = {
+    "momentum": ("optimizer", "sgd"),
+    "eta_min": ("schedule", "cosine"),
+    "gamma": ("schedule", "step"),
+    "step_epochs": ("schedule", "step"),
+}
 # Settings a refused resume names, of those that differ.
 SHOWN_CHANGES = 3
 _NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -306,6 +311,11 @@ def _check_applies(optim: OptimSection) -> None:
                 f"optim.{key}: {value:g} applies to optim.{under}={needed} only, not "
                 f"{actual!r}; set optim.{under}={needed} or remove optim.{key}"
             )
+    if optim.milestones and optim.step_epochs != defaults.step_epochs:
+        raise ConfigError(
+            f"optim.step_epochs: {optim.step_epochs} is not used with optim.milestones, which "
+            "set the steps of decay; remove one of them"
+        )
 
 
 def notes(cfg: Config) -> list[str]:
