@@ -1052,6 +1052,24 @@ def test_an_override_matches_a_variants_number_written_as_text():
         spec.from_dict("x", raw, {"optim.lr": 0.002})
 
 
+def test_a_rules_number_written_as_text_holds_for_that_number_as_an_override_finds_it():
+    """A rule's when optim.lr '1e-3' (quoted, text) was refused as no choice of [0.001, 0.01],
+    where the override optim.lr=1e-3 resolved the same rule as holding (a variant so written
+    was no choice either); the rule now holds for the trials that draw 0.001 alone, and the
+    variant is the point 0.001."""
+    rule = {"when": {"optim.lr": ["1e-3"]}, "space": {"optim.weight_decay": {"uniform": [0, 1]}}}
+    space = {"optim.lr": {"choice": [1e-3, 1e-2]}}
+    raw = {**TINY, "search": {"searcher": "tpe", "space": space, "conditional": [rule]}}
+    trials = _drawn_through_optuna(spec.from_dict("s", raw).space(), 20)
+    low = [t.params["optim/lr"] == 1e-3 for t in trials]
+    assert [("optim/weight_decay" in t.params) for t in trials] == low and 0 < sum(low) < 20
+    fixed = spec.from_dict("s", raw, parse_overrides(["optim.lr=1e-3"])).search
+    assert fixed.conditional == () and "weight_decay" in fixed.space["optim"]
+    point = {"label": "p", "optim.lr": "1e-3"}  # a variant so written is the choice 0.001
+    raw["search"] |= {"variants": [point]}
+    assert spec.from_dict("s", raw).space().points[0][1]["optim/lr"] == 1e-3
+
+
 @pytest.mark.parametrize(
     ("primitive", "args", "message"),
     [

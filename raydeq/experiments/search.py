@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,6 +85,25 @@ def suggest(trial: optuna.Trial, name: str, dist: BaseDistribution | Any) -> Any
     return dist
 
 
+def same(written: Any, value: Any) -> bool:
+    """Whether a variant's or a rule's value is an override's, numbers compared as numbers: a
+    value written as the text '1e-3' is the 0.001 of optim.lr=1e-3, as a trial reads it (two
+    texts are compared as written)."""
+    if isinstance(written, str) and isinstance(value, str):
+        return written == value
+    return _as_number(written) == _as_number(value)
+
+
+def _as_number(value: Any) -> Any:
+    """A text that is a number as that number (a float), any other value as it is."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
+
+
 @dataclass(frozen=True)
 class Rule:
     """Dimensions that exist only when every `when` key holds one of its values."""
@@ -95,7 +114,7 @@ class Rule:
     def holds(self, drawn: Mapping[str, Any]) -> bool:
         """True when the values drawn so far satisfy `when`."""
         return all(
-            _name(key) in drawn and drawn[_name(key)] in allowed
+            _name(key) in drawn and any(same(a, drawn[_name(key)]) for a in allowed)
             for key, allowed in self.when.items()
         )
 
@@ -211,11 +230,15 @@ def _points(base: Mapping[str, Any], search: SearchSection, space: Space) -> tup
         point = _point(cfg, space, settings)
         for key, dist in dists.items():
             choices = dist.choices if isinstance(dist, CategoricalDistribution) else None
-            if choices is not None and _name(key) in point and point[_name(key)] not in choices:
+            if _name(key) not in point:
+                continue
+            found = _matches(point[_name(key)], choices)
+            if not found:
                 raise ConfigError(
                     f"search.variants[{index}].{key}: {point[_name(key)]!r} is not a choice of "
-                    f"search.space {key} ({', '.join(map(str, choices))})"
+                    f"search.space {key} ({', '.join(map(str, choices or ()))})"
                 )
+            point[_name(key)] = found[0]  # enqueued as the choice Optuna draws
         points.append((row.get("label", f"point {index}"), point))
     if len(points) > search.num_samples:
         raise ConfigError(
@@ -223,6 +246,12 @@ def _points(base: Mapping[str, Any], search: SearchSection, space: Space) -> tup
             "the search evaluates first"
         )
     return tuple(points)
+
+
+def _matches(value: Any, choices: Sequence[Any] | None) -> list[Any]:
+    """The choices of a categorical dimension that `value` is, numbers compared as numbers as
+    `same` does ('1e-3' is the choice 0.001); [value] for a dimension without choices."""
+    return [value] if choices is None else [c for c in choices if same(value, c)]
 
 
 def space(base: Mapping[str, Any], search: SearchSection) -> Space:
@@ -238,7 +267,7 @@ def space(base: Mapping[str, Any], search: SearchSection) -> Space:
             if key not in known:
                 raise ConfigError(f"{where}: not a dimension drawn before it")
             choices = getattr(known[key], "choices", None)  # a categorical dimension's values
-            missing = [v for v in values if choices is not None and v not in choices]
+            missing = [v for v in values if not _matches(v, choices)]
             if missing:
                 raise ConfigError(
                     f"{where}: {missing[0]!r} is not one of its choices "

@@ -145,7 +145,9 @@ def _fix(search: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, A
             rules, joined = _fix_rules(rules, dotted, value)
             space = merge(space, joined)
         given = variants
-        variants = [row for row in variants if dotted not in row or _same(row[dotted], value)]
+        variants = [
+            row for row in variants if dotted not in row or searchers.same(row[dotted], value)
+        ]
         searched = search.get("searcher", "random") != "random"
         if searched:  # a searcher's points lose the key
             variants = [{k: v for k, v in row.items() if k != dotted} for row in variants]
@@ -158,25 +160,6 @@ def _fix(search: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, A
             )
     fixed = {**search, "space": space} | ({"variants": variants} if "variants" in search else {})
     return fixed | ({"conditional": rules} if isinstance(rules, list) else {})
-
-
-def _same(written: Any, value: Any) -> bool:
-    """Whether a variant's or a rule's value is an override's, numbers compared as numbers: a
-    value written as the text '1e-3' is the 0.001 of optim.lr=1e-3, as a trial reads it (two
-    texts are compared as written)."""
-    if isinstance(written, str) and isinstance(value, str):
-        return written == value
-    return _as_number(written) == _as_number(value)
-
-
-def _as_number(value: Any) -> Any:
-    """A text that is a number as that number (a float), any other value as it is."""
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    return value
 
 
 def _fix_rules(rules: list, dotted: str, value: Any) -> tuple[list, dict[str, Any]]:
@@ -196,7 +179,8 @@ def _fix_rules(rules: list, dotted: str, value: Any) -> tuple[list, dict[str, An
         if dotted in when:
             allowed = when.pop(dotted)
             if not any(
-                _same(a, value) for a in (allowed if isinstance(allowed, list) else [allowed])
+                searchers.same(a, value)
+                for a in (allowed if isinstance(allowed, list) else [allowed])
             ):
                 continue
         if space and when:
