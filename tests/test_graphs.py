@@ -294,3 +294,36 @@ def test_a_graphed_solve_dispatches_few_operations_per_step_on_a_gpu():
         graphed = step_cost(solver, 64, 128, device=cuda, compile="graph")
         assert (graphed["steps"], graphed["nfe"]) == (eager["steps"], eager["nfe"])
         assert graphed["ops"] <= limit < eager["ops"], (solver, graphed, eager)
+
+
+def test_a_nested_solves_recorded_adjoint_keeps_the_outer_ones_workspace(traced):
+    """An f that solves a DEQ of the outer state's shape runs the inner adjoint's GMRES inside
+    each product of the outer one: recorded, both get the eager gradients, bit for bit."""
+    g = torch.Generator().manual_seed(7)
+    w, v = (
+        (0.5 * torch.randn(D, D, generator=g, dtype=torch.float64) / D**0.5).requires_grad_()
+        for _ in range(2)
+    )
+    x = torch.randn(B, D, generator=g, dtype=torch.float64)
+    tight = {"abstol": 1e-10, "reltol": 0.0, "adjoint_options": {"rtol": 1e-10}}
+
+    def gradients(compile):
+        def f(z):
+            u = z @ w.T + x
+            inner = raydeq.solve(
+                lambda y: torch.tanh(y @ v.T + u),
+                torch.zeros_like(u),
+                solver="anderson",
+                compile=compile,
+                **tight,
+            )
+            return torch.tanh(inner.z)
+
+        sol = raydeq.solve(f, torch.zeros_like(x), solver="anderson", compile=compile, **tight)
+        return torch.autograd.grad(sol.z.square().sum(), (w, v))
+
+    eager = gradients(False)
+    for _ in range(2):
+        for a, b in zip(gradients("graph"), eager, strict=True):
+            assert torch.equal(a, b)
+    assert not gmres.IN_USE and len(gmres.WORKSPACES) == 2

@@ -6,9 +6,12 @@ solved on vector-Jacobian products (Saad & Schultz 1986; Givens rotations, CGS2 
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import reprlib
+import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from typing import ClassVar
@@ -238,15 +241,32 @@ WORKSPACES: OrderedDict[tuple, tuple[Krylov, dict[int, Replayed]]] = OrderedDict
 KEPT_WORKSPACES = 4
 
 
-def recorded_workspace(like: torch.Tensor, m: int) -> tuple[Krylov, dict[int, Replayed]]:
-    """The kept workspace for vectors like `like` and m steps, with its recorded steps."""
-    key = (*like.shape, m, like.dtype, like.device)
-    if key not in WORKSPACES:
-        WORKSPACES[key] = Krylov.new(like, m, recorded=True), {}
-        if len(WORKSPACES) > KEPT_WORKSPACES:
-            WORKSPACES.popitem(last=False)
-    WORKSPACES.move_to_end(key)
-    return WORKSPACES[key]
+# The keys of the kept workspaces a cycle is using: a GMRES run inside another's operator (a
+# nested DEQ's adjoint, within a VJP of the outer f) or beside it in another thread takes a
+# workspace of its own (a next copy of the key) instead of overwriting the other's basis.
+IN_USE: set[tuple] = set()
+IN_USE_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def recorded_workspace(like: torch.Tensor, m: int) -> Iterator[tuple[Krylov, dict[int, Replayed]]]:
+    """The kept workspace for vectors like `like` and m steps that no cycle is using, with its
+    recorded steps, held for the caller's cycle."""
+    shape = (*like.shape, m, like.dtype, like.device)
+    with IN_USE_LOCK:
+        key = next(k for k in ((*shape, copy) for copy in itertools.count()) if k not in IN_USE)
+        if key not in WORKSPACES:
+            WORKSPACES[key] = Krylov.new(like, m, recorded=True), {}
+            if len(WORKSPACES) > KEPT_WORKSPACES:
+                WORKSPACES.popitem(last=False)
+        WORKSPACES.move_to_end(key)
+        IN_USE.add(key)
+        workspace = WORKSPACES[key]
+    try:
+        yield workspace
+    finally:
+        with IN_USE_LOCK:
+            IN_USE.discard(key)
 
 
 @dataclass(frozen=True)
@@ -346,10 +366,29 @@ class GMRES(ScaledLinearSolver):
         estimate of the steps before: see BREAKDOWN), and whether a read found every sample
         stopped (the caller reads that itself after a full cycle)."""
         m = min(self.restart, budget)
+        graphed = self.graph and r.device.type in RECORDERS
+        held = (
+            recorded_workspace(r, m) if graphed else contextlib.nullcontext((Krylov.new(r, m), {}))
+        )
+        with held as (k, recorded):
+            return self._cycle_in(k, recorded, graphed, A, r, beta, tol, active, every)
+
+    def _cycle_in(
+        self,
+        k: Krylov,
+        recorded: dict[int, Replayed],
+        graphed: bool,
+        A: LinearOperator,
+        r: torch.Tensor,
+        beta: torch.Tensor,
+        tol: torch.Tensor,
+        active: torch.Tensor,
+        every: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor, torch.Tensor, bool]:
+        """`_cycle` in workspace k, whose Arnoldi steps are `recorded` where `graphed`."""
+        m = k.size
         tiny = torch.finfo(r.dtype).tiny
         beta_column, tol_column = beta[:, None], tol[:, None]
-        graphed = self.graph and r.device.type in RECORDERS
-        k, recorded = recorded_workspace(r, m) if graphed else (Krylov.new(r, m), {})
         u = torch.div(r, beta_column.clamp_min(tiny), out=k.basis[:, 0])
         row = k.row(0).fill_(1.0)
         # Column 0 of rows 1, 2, ...: times beta, +- the residual norm after 1, 2, ... steps.
