@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call
 
 from raydeq.deq import (
     LayerOutput,
@@ -54,16 +55,20 @@ class Problem:
     # integration keeps float32; None under autocast, where f takes the float32 state.
     given: torch.dtype | None = None
 
-    def field(self, x: Tensor) -> Callable[[Tensor], Tensor]:
+    def field(
+        self, x: Tensor, tensors: dict[str, Tensor] | None = None
+    ) -> Callable[[Tensor], Tensor]:
         """dz/dt = f(z, x) - z or f(z, x) (`dynamics`) on the (1, M) row that holds the batch's
-        flat (B, N) state."""
+        flat (B, N) state; f runs with its parameters and buffers replaced by `tensors` where
+        given (torch.func.functional_call)."""
         s = self.structure
         minus_z = self.dynamics == "f_minus_z"
+        f = self.f if tensors is None else partial(_called_with, self.f, tensors)
 
         def flow(row: Tensor) -> Tensor:
             z = row.reshape(self.shape)
             given = z if self.given in (None, z.dtype) else z.to(self.given)
-            fz = s.flatten(self.f(s.unflatten(given), x)).to(z.dtype)
+            fz = s.flatten(f(s.unflatten(given), x)).to(z.dtype)
             return (fz - z if minus_z else fz).reshape(1, -1)
 
         return flow
@@ -71,6 +76,24 @@ class Problem:
     def integrate(self, field: Callable[[Tensor], Tensor], y: Tensor, t1: float) -> Endpoint:
         """Integrate a row from 0 to t1 with the problem's solver and tolerances."""
         return integrate(field, y, t1, self.solver, self.termination, self.max_steps)
+
+
+def _called_with(f: nn.Module, tensors: dict[str, Tensor], *args: Any) -> Any:
+    """f(*args) run with its parameters and buffers replaced by `tensors`."""
+    return functional_call(f, tensors, args)
+
+
+def _tensors_of(f: nn.Module) -> dict[str, Tensor]:
+    """The parameters and buffers f runs with now (under torch.func.functional_call, the
+    call's), by name."""
+    return {**dict(f.named_parameters()), **dict(f.named_buffers())}
+
+
+def _replaced(f: nn.Module, tensors: dict[str, Tensor]) -> dict[str, Tensor] | None:
+    """tensors, or None where they are f's own (f runs as it is, without functional_call's
+    cost of swapping every tensor on each evaluation)."""
+    own = _tensors_of(f)
+    return None if all(own.get(n) is t for n, t in tensors.items()) else tensors
 
 
 @dataclass
@@ -134,16 +157,27 @@ class ContinuousAdjoint(torch.autograd.Function):
     by ds = -dt: dz/ds = -F(z), da/ds = a^T dF/dz, dg/ds = a^T dF/d(x, params), with F the
     forward field (problem.field: f(z, x) - z or f(z, x)), a(t1) the incoming gradient and
     g(t1) = 0; g(0) is the gradient of x and the parameters. Each backward evaluation is one f
-    and one vector-Jacobian product, counted in stats.backward_nvjp; f's variational dropouts
-    run with the modes and masks of the forward pass."""
+    and one vector-Jacobian product, counted in stats.backward_nvjp; f runs with the
+    parameters and buffers of the forward pass (those of a torch.func.functional_call, which
+    has put f's own back by then), its variational dropouts with the forward's modes and
+    masks."""
 
     @staticmethod
     def forward(
-        ctx: Any, problem: Problem, record: Record, y0: Tensor, x: Tensor, *params: Tensor
+        ctx: Any,
+        problem: Problem,
+        record: Record,
+        y0: Tensor,
+        x: Tensor,
+        names: tuple[str, ...],
+        *params: Tensor,
     ) -> Tensor:
-        """Integrate to t1 (its counts go to `record`); returns z(t1)."""
+        """Integrate to t1 (its counts go to `record`); returns z(t1). params are f's trained
+        tensors, called `names` in f."""
         y1 = record.count(problem.integrate(problem.field(x), y0, problem.t1))
-        ctx.problem, ctx.record = problem, record
+        ctx.problem, ctx.record, ctx.names = problem, record, names
+        # f's other tensors as they are now: frozen parameters and buffers.
+        ctx.constants = {n: t for n, t in _tensors_of(problem.f).items() if n not in names}
         # The masks the integration drew, which a later forward pass replaces.
         ctx.dropouts = _dropouts(problem.f)
         # The backward evaluates f again: under the forward's autocast, as its f ran.
@@ -161,12 +195,15 @@ class ContinuousAdjoint(torch.autograd.Function):
         inputs = [x.detach().requires_grad_(), *params]
         sizes = [y1.numel(), y1.numel(), *(t.numel() for t in inputs)]
         problem: Problem = ctx.problem
+        tensors = _replaced(
+            problem.f, {**ctx.constants, **dict(zip(ctx.names, params, strict=True))}
+        )
 
         def augmented(row: Tensor) -> Tensor:
             z, a, *_ = row.split(sizes, dim=1)
             with torch.enable_grad():
                 z = z.detach().requires_grad_()
-                flow = problem.field(inputs[0])(z)
+                flow = problem.field(inputs[0], tensors)(z)
                 vjps = torch.autograd.grad(
                     flow, [z, *inputs], a, allow_unused=True, materialize_grads=True
                 )
@@ -180,7 +217,7 @@ class ContinuousAdjoint(torch.autograd.Function):
         ctx.record.stats.backward_nvjp += end.nfe
         grads = end.y.split(sizes, dim=1)[1:]
         shaped = [g.reshape(t.shape) for g, t in zip(grads, [y1, *inputs], strict=True)]
-        return None, None, *shaped
+        return None, None, *shaped[:2], None, *shaped[2:]
 
 
 class NeuralODE(nn.Module):
@@ -262,8 +299,8 @@ class NeuralODE(nn.Module):
         if flat.shape[0] == 0:
             y = row  # a batch of no samples: nothing to integrate
         elif self.adjoint == "continuous" and torch.is_grad_enabled():
-            params = [p for p in self.f.parameters() if p.requires_grad]
-            y = ContinuousAdjoint.apply(problem, record, row, x, *params)
+            trained = {n: p for n, p in self.f.named_parameters() if p.requires_grad}
+            y = ContinuousAdjoint.apply(problem, record, row, x, tuple(trained), *trained.values())
         else:
             y = record.count(problem.integrate(problem.field(x), row, self.t1))
         z = structure.unflatten(y.reshape(flat.shape).to(problem.given or y.dtype))
