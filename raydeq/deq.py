@@ -60,6 +60,21 @@ def _detach(z: State) -> State:
     return _rebuilt(z, [t.detach() for t in _tensors(z)])
 
 
+def variational_dropouts(module: nn.Module) -> list[nn.Module]:
+    """The modules in module that hold a mask drawn once per forward pass
+    (models.layers.VariationalDropout2d; found by its `mask`, so that the layer needs no
+    model)."""
+    return [m for m in module.modules() if isinstance(getattr(m, "mask", False), Tensor | None)]
+
+
+def draw_new_masks(module: nn.Module) -> None:
+    """Discard the masks of module's variational dropouts, so that the forward pass about to
+    run draws its own: a layer called on its own would otherwise drop the same units of every
+    batch (of one shape) for good."""
+    for m in variational_dropouts(module):
+        m.mask = None
+
+
 def solver_start(z: State) -> State:
     """z0 cut from the graph in at least float32: under autocast x and f(0, x) are bfloat16 or
     float16, and the solver keeps its state in float32 (it casts f's outputs back to it)."""
@@ -358,7 +373,9 @@ class DEQ(nn.Module):
         return not self._warmed_up
 
     def forward(self, x: Tensor) -> LayerOutput:
-        """Solve for the equilibrium of f(., x); see the class docstring for the outputs."""
+        """Solve for the equilibrium of f(., x) with new dropout masks; see the class
+        docstring for the outputs."""
+        draw_new_masks(self)
         with zero_state_hint(self.f, x):
             return self._solve(x)
 

@@ -24,9 +24,11 @@ from torch.func import functional_call
 from raydeq.deq import (
     LayerOutput,
     callable_layer,
+    draw_new_masks,
     initial_state,
     residual_stats,
     solver_start,
+    variational_dropouts,
     zero_state_hint,
 )
 from raydeq.solvers import SolveStats, Termination
@@ -122,11 +124,8 @@ Dropout = tuple[nn.Module, bool, Tensor | None]
 
 
 def _dropouts(f: nn.Module) -> list[Dropout]:
-    """The mode and mask of each module in f that holds a mask drawn once per forward pass
-    (models.layers.VariationalDropout2d; found by its `mask`, so that the layer needs no
-    model), as they are now."""
-    held = (m for m in f.modules() if isinstance(getattr(m, "mask", False), Tensor | None))
-    return [(m, m.training, m.mask) for m in held]
+    """The mode and mask of each variational dropout in f, as they are now."""
+    return [(m, m.training, m.mask) for m in variational_dropouts(f)]
 
 
 @contextmanager
@@ -274,7 +273,8 @@ class NeuralODE(nn.Module):
         self.max_steps = max_steps
 
     def forward(self, x: Tensor) -> LayerOutput:
-        """Integrate to t1 and return f(z(t1), x) with its statistics."""
+        """Integrate to t1 with new dropout masks and return f(z(t1), x) with its statistics."""
+        draw_new_masks(self)
         with zero_state_hint(self.f, x):
             return self._integrate(x)
 

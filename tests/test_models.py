@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from raydeq import DEQ, NeuralODE
 from raydeq.datasets import mnist10k
 from raydeq.models import PRESETS, VARIANTS, build, resolve
 from raydeq.models.dense import DenseCell
@@ -321,6 +322,25 @@ def test_model_forward_draws_fresh_masks():
     model(images)
     first = [m.mask.clone() for m in drops]
     model(images)
+    assert any(not torch.equal(a, m.mask) for a, m in zip(first, drops, strict=True))
+
+
+@pytest.mark.parametrize(
+    ("layer", "options"), [(DEQ, {"max_steps": 4}), (NeuralODE, BOUNDED_ODE)], ids=["deq", "node"]
+)
+def test_a_layer_called_alone_draws_fresh_masks_as_a_model_does(layer, options):
+    """A DEQ or Neural ODE called on its own draws new masks on every forward pass, as a
+    model's forward does: masks kept from the last call would drop the same units of every
+    batch of a training run."""
+    torch.manual_seed(3)
+    cfg = MDEQConfig(channels=(8, 8), head_channels=(4, 4), final_channels=8, dropout=0.5)
+    deq = layer(MultiscaleCell(cfg), **options).train()
+    x = torch.randn(2, 8, 8, 8)
+    drops = [m for m in deq.modules() if isinstance(m, VariationalDropout2d)]
+    with torch.no_grad():
+        deq(x)
+        first = [m.mask.clone() for m in drops]
+        deq(x)
     assert any(not torch.equal(a, m.mask) for a, m in zip(first, drops, strict=True))
 
 
