@@ -75,6 +75,11 @@ def draw_new_masks(module: nn.Module) -> None:
         m.mask = None
 
 
+def settings(**values: object) -> str:
+    """A layer's settings as `name=value` pairs for its repr (nn.Module.extra_repr)."""
+    return ", ".join(f"{name}={value!r}" for name, value in values.items())
+
+
 def solver_start(z: State) -> State:
     """z0 cut from the graph in at least float32: under autocast x and f(0, x) are bfloat16 or
     float16, and the solver keeps its state in float32 (it casts f's outputs back to it)."""
@@ -349,6 +354,25 @@ class DEQ(nn.Module):
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self._warmed_up = False
         self.register_load_state_dict_post_hook(_count_loaded)
+
+    def extra_repr(self) -> str:
+        """The settings the layer solves with, for its repr."""
+        t = self.termination
+        return settings(
+            init=self.init,
+            solver=self.solver,
+            adjoint=self.adjoint,
+            abstol=t.abstol,
+            reltol=t.reltol,
+            max_steps=self.max_steps,
+            divergence=t.divergence,
+            jac_reg=self.jac_reg,
+            pretrain_steps=self.pretrain_steps,
+            pretrain_depth=self.pretrain_depth,
+            solver_options=self.solver_options,
+            adjoint_options=self.adjoint_options,
+            compile=self.compile_mode,
+        )
 
     def initial_guess(self, x: Tensor) -> State:
         """z0 for input x according to `init` (with its graph, for skip_loss)."""

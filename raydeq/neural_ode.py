@@ -27,6 +27,7 @@ from raydeq.deq import (
     draw_new_masks,
     initial_state,
     residual_stats,
+    settings,
     solver_start,
     variational_dropouts,
     zero_state_hint,
@@ -271,6 +272,18 @@ class NeuralODE(nn.Module):
         self.adjoint = adjoint
         self.termination = Termination(abstol, reltol)
         self.max_steps = max_steps
+
+    def extra_repr(self) -> str:
+        """The settings the layer integrates with, for its repr."""
+        return settings(
+            t1=self.t1,
+            dynamics=self.dynamics,
+            solver=self.solver,
+            adjoint=self.adjoint,
+            abstol=self.termination.abstol,
+            reltol=self.termination.reltol,
+            max_steps=self.max_steps,
+        )
 
     def forward(self, x: Tensor) -> LayerOutput:
         """Integrate to t1 with new dropout masks and return f(z(t1), x) with its statistics."""

@@ -1163,3 +1163,20 @@ def test_an_unrolled_layer_s_skip_loss_is_measured_at_f_of_z_star(init):
     out = DEQ(counting, adjoint="unrolled", **options)(x)
     out.skip_loss.backward()
     assert out.stats.backward_nvjp == counting.vjps - (init == "skip_reg")
+
+
+def test_a_layer_s_repr_names_the_settings_it_solves_with():
+    """Two layers that solve differently print differently: the repr names each setting given
+    to the constructor (not only f), as nn.Linear's names its sizes."""
+    deq = DEQ(DenseCell(4), init="skip_reg", solver="anderson", adjoint="jfb", abstol=1e-5)
+    assert repr(deq) != repr(DEQ(DenseCell(4)))
+    assert repr(deq).startswith(
+        "DEQ(\n  init='skip_reg', solver='anderson', adjoint='jfb', abstol=1e-05, reltol=0.001, "
+        "max_steps=100, divergence=10000.0, jac_reg=False, pretrain_steps=0, "
+        "pretrain_depth=10, solver_options={}, adjoint_options={}, compile=False\n  (f): DenseCell("
+    )
+    node = NeuralODE(DenseCell(4), t1=2.0, dynamics="f", adjoint="backprop")
+    assert repr(node).startswith(
+        "NeuralODE(\n  t1=2.0, dynamics='f', solver='vcab3', adjoint='backprop', abstol=0.001, "
+        "reltol=0.001, max_steps=10000\n  (f): DenseCell("
+    )
