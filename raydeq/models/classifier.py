@@ -8,7 +8,6 @@ import torch
 from torch import Tensor, nn
 
 from raydeq.deq import LayerOutput, dtype_note
-from raydeq.models.layers import VariationalDropout2d
 
 
 class Parts(NamedTuple):
@@ -31,10 +30,8 @@ class EquilibriumClassifier(nn.Module):
         self.head = head
 
     def forward(self, images: Tensor) -> tuple[Tensor, LayerOutput]:
-        """Classify a batch; variational dropout draws fresh masks for every call."""
-        for module in self.layer.modules():
-            if isinstance(module, VariationalDropout2d):
-                module.reset()
+        """Classify a batch; variational dropout draws fresh masks for every call (the layer
+        discards the last call's)."""
         with self._dtype_hint(images):
             out = self.layer(self.stem(images))
         return self.head(out.z), out
