@@ -301,6 +301,8 @@ class DEQ(nn.Module):
     and its VJPs count in neither.
     compile= is solve's: f and the solver steps run through torch.compile (True, or a dict of
     its options), or each solve records its step as a CUDA graph and replays it ("graph").
+    Each forward pass draws new masks for f's variational dropouts, in or outside a model;
+    repr names every setting the layer was built with.
     """
 
     def __init__(
