@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from raydeq.training.storage import write_bytes
+
 Value = float | int | str | bool | None
 
 
@@ -176,24 +178,13 @@ def reserve(stem: Path) -> bool:
 
 
 def write(report: Report, stem: Path) -> tuple[Path, Path]:
-    """Write the report to stem.json and stem.md (see output_stem); returns both paths."""
-    stem.parent.mkdir(parents=True, exist_ok=True)
+    """Write the report to stem.json and stem.md (see output_stem), each beside it and renamed
+    into place (storage.write_bytes): a reader during a rewrite, or a full disk, finds the
+    previous suites' report whole; returns both paths."""
     json_path, md_path = stem.with_suffix(".json"), stem.with_suffix(".md")
-    replace(json_path, report.to_json())
-    replace(md_path, report.to_markdown())
+    write_bytes(str(json_path), report.to_json().encode())
+    write_bytes(str(md_path), report.to_markdown().encode())
     return json_path, md_path
-
-
-def replace(path: Path, text: str) -> None:
-    """Write `path` beside it and rename it into place: a reader during a rewrite, or a full
-    disk, finds the previous suites' report whole, where writing over it empties it first."""
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        partial.write_text(text)
-    except OSError:
-        partial.unlink(missing_ok=True)
-        raise
-    os.replace(partial, path)
 
 
 def cpu_name() -> str:
