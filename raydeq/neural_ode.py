@@ -198,12 +198,13 @@ class ContinuousAdjoint(torch.autograd.Function):
         tensors = _replaced(
             problem.f, {**ctx.constants, **dict(zip(ctx.names, params, strict=True))}
         )
+        field = problem.field(inputs[0], tensors)
 
         def augmented(row: Tensor) -> Tensor:
             z, a, *_ = row.split(sizes, dim=1)
             with torch.enable_grad():
                 z = z.detach().requires_grad_()
-                flow = problem.field(inputs[0], tensors)(z)
+                flow = field(z)
                 vjps = torch.autograd.grad(
                     flow, [z, *inputs], a, allow_unused=True, materialize_grads=True
                 )
