@@ -62,9 +62,10 @@ def _detach(z: State) -> State:
 
 def variational_dropouts(module: nn.Module) -> list[nn.Module]:
     """The modules in module that hold a mask drawn once per forward pass
-    (models.layers.VariationalDropout2d; found by its `mask`, so that the layer needs no
-    model)."""
-    return [m for m in module.modules() if isinstance(getattr(m, "mask", False), Tensor | None)]
+    (models.layers.VariationalDropout2d; found by its plain `mask` attribute, so that the layer
+    needs no model: a registered buffer or parameter of that name is a setting of f, and
+    getattr's AttributeError from every other module made the walk about 4 times as slow)."""
+    return [m for m in module.modules() if isinstance(vars(m).get("mask", False), Tensor | None)]
 
 
 def draw_new_masks(module: nn.Module) -> None:

@@ -344,6 +344,35 @@ def test_a_layer_called_alone_draws_fresh_masks_as_a_model_does(layer, options):
     assert any(not torch.equal(a, m.mask) for a, m in zip(first, drops, strict=True))
 
 
+class MaskedCell(nn.Module):
+    """f(z, x) = tanh(W z * mask + x), with a fixed mask held as a registered buffer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 4, bias=False)
+        nn.init.normal_(self.linear.weight, std=0.2)
+        self.register_buffer("mask", torch.tensor([1.0, 0.0, 1.0, 0.0]))
+
+    def forward(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.linear(z) * self.mask + x)
+
+
+@pytest.mark.parametrize(
+    ("layer", "options"), [(DEQ, {"max_steps": 40}), (NeuralODE, BOUNDED_ODE)], ids=["deq", "node"]
+)
+def test_a_layer_keeps_a_buffer_named_mask_when_it_draws_new_dropout_masks(layer, options):
+    """Only the variational dropouts' masks are discarded before a forward pass: a cell's own
+    buffer that is called `mask` is a setting of f, kept through every call."""
+    torch.manual_seed(4)
+    cell = MaskedCell()
+    deq = layer(cell, **options).train()
+    with torch.no_grad():
+        deq(torch.randn(3, 4))
+        deq(torch.randn(3, 4))
+    torch.testing.assert_close(cell.mask, torch.tensor([1.0, 0.0, 1.0, 0.0]))
+    assert "mask" in dict(cell.named_buffers())
+
+
 def test_weight_normalised_convolutions_scale_each_output_channel():
     """weight = g * v / ||v|| with one norm per output channel (MDEQ's weight_norm, dim 0)."""
     layer = conv(3, 5, normalize=True)
