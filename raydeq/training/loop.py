@@ -103,7 +103,7 @@ class Loop:
         saved = restore(session.checkpoints())
         if saved is not None:
             check_settings(session.folder, saved.get("settings"), cfg)
-            self.refuse_misfits(saved, model_misfits(module, saved["model"]))
+            refuse_misfits(session.folder, saved, model_misfits(module, saved["model"]))
             module.load_state_dict(saved["model"])
         self.model = session.prepare_model(module)
         optimizer = make_optimizer(cfg.optim, self.model.parameters())
@@ -111,7 +111,7 @@ class Loop:
         scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.train.amp == "fp16")
         self.state = TrainState(module, optimizer, scheduler, scaler)
         if saved is not None:
-            self.refuse_misfits(saved, self.state.misfits(saved))
+            refuse_misfits(session.folder, saved, self.state.misfits(saved))
             self.state.load(saved)
         self.state.seed_workers(saved, cfg.seed, self.rank, self.world)
         self.checkpointed = self.state.step  # where a restart would resume
@@ -123,12 +123,6 @@ class Loop:
         self.reporter = Reporter(cfg.run_dir, name, self.rank, self.state.step, session.report)
         self.reporter.begin(self.state.step, self.total_steps, self.world, notes(cfg))
         self.started = (time.monotonic(), self.state.step)
-
-    def refuse_misfits(self, saved: dict[str, Any], misfits: list[str]) -> None:
-        """Raise a CheckpointError naming the `misfits` of a checkpoint that records no
-        settings, which `check_settings` leaves unchecked."""
-        if "settings" not in saved:
-            refuse_misfits(self.session.folder, saved, misfits)
 
     def autocast(self) -> torch.autocast:
         """Mixed precision as configured (train.amp), or a disabled autocast."""

@@ -136,9 +136,10 @@ def _keys_misfit(what: str, saved: dict[str, Any], own: dict[str, Any], kind: st
 
 
 def refuse_misfits(folder: str, saved: dict[str, Any], misfits: list[str]) -> None:
-    """Raise a CheckpointError naming the `misfits` of the checkpoint `saved` in `folder`, one
-    written before checkpoints recorded their settings, which the run cannot take."""
-    if misfits:
+    """Raise a CheckpointError naming the `misfits` of the checkpoint `saved` in `folder` where
+    it was written before checkpoints recorded their settings (config.check_settings checks a
+    later one's), and the run cannot take it."""
+    if misfits and "settings" not in saved:
         raise CheckpointError(
             f"{folder}: the checkpoint of step {saved['step']} records no settings (written "
             f"before checkpoints recorded them) and does not fit this run: its "
