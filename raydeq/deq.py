@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from raydeq.solvers import ADJOINTS, SOLVERS, SolveStats, Termination, solve
 from raydeq.solvers.options import choice, integer
 from raydeq.solvers.solve import check_options
-from raydeq.solvers.state import State, Structure, contained
+from raydeq.solvers.state import State, Structure, contained, valued
 from raydeq.solvers.termination import Monitor, Status, norm
 
 INITS = ("zeros", "skip", "skip_reg")
@@ -402,6 +402,8 @@ class DEQ(nn.Module):
     def forward(self, x: Tensor) -> LayerOutput:
         """Solve for the equilibrium of f(., x) with new dropout masks; see the class
         docstring for the outputs."""
+        if isinstance(x, Tensor):
+            valued("x", x)
         draw_new_masks(self)
         with zero_state_hint(self.f, x):
             return self._solve(x)

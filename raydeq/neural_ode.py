@@ -35,7 +35,7 @@ from raydeq.deq import (
 from raydeq.solvers import SolveStats, Termination
 from raydeq.solvers.interval import INTERVAL_SOLVERS, Endpoint, integrate
 from raydeq.solvers.options import choice, integer, number
-from raydeq.solvers.state import Structure
+from raydeq.solvers.state import Structure, valued
 
 NODE_ADJOINTS = ("continuous", "backprop")
 # "f_minus_z": dz/dt = f(z, x) - z (the continuous DEQ's flow); "f": dz/dt = f(z, x).
@@ -290,6 +290,8 @@ class NeuralODE(nn.Module):
 
     def forward(self, x: Tensor) -> LayerOutput:
         """Integrate to t1 with new dropout masks and return f(z(t1), x) with its statistics."""
+        if isinstance(x, Tensor):
+            valued("x", x)
         draw_new_masks(self)
         with zero_state_hint(self.f, x):
             return self._integrate(x)

@@ -1180,3 +1180,20 @@ def test_a_layer_s_repr_names_the_settings_it_solves_with():
         "NeuralODE(\n  t1=2.0, dynamics='f', solver='vcab3', adjoint='backprop', abstol=0.001, "
         "reltol=0.001, max_steps=10000\n  (f): DenseCell("
     )
+
+
+@pytest.mark.parametrize(
+    "run",
+    [
+        lambda f, x: raydeq.solve(lambda z: f(z, x), torch.zeros_like(x)),
+        lambda f, x: DEQ(f, init="skip_reg", pretrain_steps=2)(x),
+        lambda f, x: NeuralODE(f)(x),
+    ],
+    ids=["solve", "deq", "neural_ode"],
+)
+def test_a_meta_input_is_refused_naming_its_device(run):
+    """A 'meta' tensor holds no values to solve for: each path says so in one ValueError, not
+    torch's Tensor.item() error from deep inside the solve (or autocast's unknown device)."""
+    f = DenseCell(5).to("meta")
+    with pytest.raises(ValueError, match=r"of shape \(3, 5\) is on the 'meta' device"):
+        run(f, torch.zeros(3, 5, device="meta"))

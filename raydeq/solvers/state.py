@@ -37,6 +37,8 @@ class Structure:
                     f"each state tensor must be floating point with a batch dimension, "
                     f"got shape {tuple(t.shape)} and dtype {t.dtype}"
                 )
+        for t in tensors:
+            valued("z0", t)
         batch = {t.shape[0] for t in tensors}
         if len(batch) != 1:
             raise ValueError(f"all state tensors must share the batch size, got {sorted(batch)}")
@@ -82,6 +84,17 @@ class Structure:
         sizes = [s[1:].numel() for s in self.shapes]
         parts = [p.reshape(s) for p, s in zip(z.split(sizes, dim=1), self.shapes, strict=True)]
         return contained(self.container, parts)
+
+
+def valued(name: str, t: torch.Tensor) -> None:
+    """Raise a ValueError naming `name` for a tensor on the 'meta' device, which holds shapes
+    but no values: a solve reads its residuals, and would fail at its first read with
+    torch's "Tensor.item() cannot be called on meta tensors" or deeper."""
+    if t.device.type == "meta":
+        raise ValueError(
+            f"{name} of shape {tuple(t.shape)} is on the 'meta' device, which holds no values "
+            "to solve for; give it on a CPU or GPU (an equilibrium z* has the shapes of z0)"
+        )
 
 
 def contained(container: type, tensors: list[torch.Tensor]) -> Sequence[torch.Tensor]:
