@@ -427,6 +427,18 @@ def test_variational_dropout_drops_a_fraction_p_and_rescales_by_one_over_one_min
     torch.testing.assert_close(drop(2 * h), 2 * out, rtol=0, atol=0)  # the same mask again
 
 
+def test_a_dropout_mask_is_drawn_alike_for_channels_last_and_contiguous_states():
+    """The same seed drops the same elements of a state whatever its memory layout: a mask
+    drawn like a channels_last state (as a warm-up's Skip DEQ z0 = g(x) of channels_last
+    images is) took the random numbers in memory order, another mask and another run."""
+    h = torch.ones(2, 8, 3, 3)
+    masks = []
+    for state in (h, h.contiguous(memory_format=torch.channels_last)):
+        torch.manual_seed(29)
+        masks.append(VariationalDropout2d(0.5).train()(state))
+    torch.testing.assert_close(masks[1], masks[0], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("p", [1.0, -0.1, 1.5])
 def test_a_dropout_probability_outside_zero_to_one_is_refused(p):
     with pytest.raises(ValueError, match=rf"dropout probability must lie in \[0, 1\), got {p}"):

@@ -62,7 +62,10 @@ class VariationalDropout2d(nn.Module):
             or mask.dtype != h.dtype
             or mask.device != h.device
         ):
-            mask = torch.empty_like(h).bernoulli_(1.0 - self.p).div_(1.0 - self.p)
+            # Drawn in h's logical order, not its memory layout: the same seed drops the same
+            # elements of a channels_last state.
+            mask = torch.empty(h.shape, dtype=h.dtype, device=h.device)
+            mask = mask.bernoulli_(1.0 - self.p).div_(1.0 - self.p)
             self.mask = mask
         return h * mask
 
