@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import shlex
 import sys
@@ -124,6 +125,10 @@ def _check_flags(args: argparse.Namespace) -> None:
         check_folder_name("--name", args.name)
     if args.storage is not None and not args.storage.strip():
         raise ConfigError("--storage: empty; give a folder or a URI, or leave it out")
+    gpus = args.gpus_per_worker
+    if gpus is not None and not math.isfinite(gpus):
+        # Ray takes no such share, and the run's stored options would refuse it on --resume.
+        raise ConfigError(f"--gpus-per-worker: expected a finite number >= 0, got {gpus:g}")
     for option, least in [("num_samples", 1), ("max_concurrent_trials", 1), ("gpus_per_worker", 0)]:
         value = getattr(args, option)
         if value is not None and value < least:
@@ -131,7 +136,6 @@ def _check_flags(args: argparse.Namespace) -> None:
             raise ConfigError(f"{flag}: must be >= {least}, got {value:g}")
     if args.workers_per_trial is not None and args.workers_per_trial < 1:
         raise ConfigError(f"--workers-per-trial: must be >= 1, got {args.workers_per_trial}")
-    gpus = args.gpus_per_worker
     if gpus is not None and gpus > 1 and not gpus.is_integer():
         # Ray refuses a resource quantity above 1 that is not whole, in every trial.
         raise ConfigError(

@@ -659,6 +659,12 @@ def test_gpu_shares_ray_or_nccl_would_refuse_in_every_trial_are_one_line(tmp_pat
     assert rt.main([str(experiment), *flags, "--gpus-per-worker", "1.5"]) == 2
     assert capsys.readouterr().err.startswith("error: --gpus-per-worker: 1.5 is above 1 and not")
     assert rt.main([str(experiment), *flags, "--gpus-per-worker", "2"]) == 0
+    capsys.readouterr()
+    for share in ("nan", "inf"):  # a stored share of nan or inf could not be resumed
+        assert rt.main([str(experiment), *flags, "--gpus-per-worker", share]) == 2
+        assert capsys.readouterr().err == (
+            f"error: --gpus-per-worker: expected a finite number >= 0, got {share}\n"
+        )
 
 
 def run_without_ray(monkeypatch: pytest.MonkeyPatch) -> None:
