@@ -1459,3 +1459,29 @@ def test_an_f_that_does_not_read_z_differentiates_as_its_own_value(adjoint):
     sol = raydeq.solve(lambda z: torch.tanh(x), z0, solver="fixed_point", adjoint=adjoint)
     (grad,) = torch.autograd.grad(sol.z.sum(), x)
     torch.testing.assert_close(grad, 1 - torch.tanh(x.detach()) ** 2, rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize("solver", ["vcab3", "anderson", "broyden"])
+def test_numpy_integers_are_taken_as_the_integers_they_are(solver):
+    """A count from numpy (np.int64(3)) is an integer, as the error for a bad one says."""
+    w = torch.tensor([[0.5, 0.1], [0.2, 0.3]], dtype=torch.float64, requires_grad=True)
+    z0 = torch.zeros(3, 2, dtype=torch.float64)
+    memory = {"anderson": "m", "broyden": "memory"}.get(solver)
+
+    def solved(count: type) -> raydeq.Solution:
+        options = {memory: count(3)} if memory else {}
+        return raydeq.solve(
+            lambda z: torch.tanh(z @ w + 1),
+            z0,
+            solver=solver,
+            max_steps=count(40),
+            solver_options=options,
+            adjoint_options={"max_iters": count(10), "restart": count(5)},
+        )
+
+    plain, numpy = solved(int), solved(np.int64)
+    assert torch.equal(plain.z, numpy.z) and plain.stats.steps == numpy.stats.steps
+    (grad,) = torch.autograd.grad(plain.z.sum(), w)
+    assert torch.equal(torch.autograd.grad(numpy.z.sum(), w)[0], grad)
+    with pytest.raises(ValueError, match=re.escape("max_steps=np.True_ must be an integer >= 1")):
+        raydeq.solve(lambda z: z, torch.zeros(1, 2), max_steps=np.True_)

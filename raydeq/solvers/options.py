@@ -20,8 +20,9 @@ def choice(name: str, value: Any, allowed: Collection[str], where: str = "") -> 
 
 
 def integer(name: str, value: Any, low: int = 1) -> None:
-    """Raise ValueError unless value is an int (not a bool) >= low: a count or a limit."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+    """Raise ValueError unless value is an integer (numpy's too, not a bool) >= low: a count
+    or a limit."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
         raise ValueError(f"{name}={value!r} must be an integer >= {low}")
 
 
