@@ -237,6 +237,11 @@ def test_lambda_skip_defaults_to_the_presets_and_amp_reads_yaml_off():
         ({"name": "."}, "name: '.' is not a folder name"),
         ({"name": "-x"}, "name: '-x' is not a folder name"),
         (
+            {"name": "_run"},  # of the listed characters, but one that may not come first
+            "name: '_run' is not a folder name; use letters, digits, '.', '_' and '-', starting "
+            "with a letter or a digit",
+        ),
+        (
             {"data": {"download": True}},
             "data.download: only mnist, cifar10, svhn can be downloaded, not dataset 'digits'; "
             "set data.download=false",

@@ -333,7 +333,8 @@ def check_folder_name(key: str, name: str) -> None:
     """Raise a ConfigError unless `name` is one folder's name (a run's or an experiment's)."""
     if not _NAME_PATTERN.fullmatch(name):
         raise ConfigError(
-            f"{key}: {name!r} is not a folder name; use letters, digits, '.', '_' and '-'"
+            f"{key}: {name!r} is not a folder name; use letters, digits, '.', '_' and '-', "
+            "starting with a letter or a digit"
         )
 
 
