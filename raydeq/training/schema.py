@@ -65,8 +65,18 @@ def _finite(key: str, value: int | float) -> float:
     raise ConfigError(f"{key}: expected a finite number, got {reprlib.repr(value)}")
 
 
-def _coerce(key: str, value: Any, kind: Any) -> Any:
-    """Check `value` against the annotated type `kind` and return it in that type."""
+def _expected(kind: Any, choices: tuple[str, ...] | None) -> str:
+    """What a value of type `kind` must be, a string of a field with choices as those choices
+    ("off, bf16 or fp16"), not any string."""
+    if kind is str and choices:
+        *rest, last = choices
+        return f"{', '.join(rest)} or {last}" if rest else last
+    return _ACCEPTS[kind][0]
+
+
+def _coerce(key: str, value: Any, kind: Any, choices: tuple[str, ...] | None = None) -> Any:
+    """Check `value` against the annotated type `kind` (a string's `choices` named where it
+    is of no type the field takes) and return it in that type."""
     if get_origin(kind) in (Union, types.UnionType):
         if value is None:
             return None
@@ -74,7 +84,7 @@ def _coerce(key: str, value: Any, kind: Any) -> Any:
         if len(kinds) > 1:
             kind = next((k for k in kinds if _ACCEPTS[k][1](value)), None)
             if kind is None:
-                expected = " or ".join(_ACCEPTS[k][0] for k in kinds)
+                expected = " or ".join(_expected(k, choices) for k in kinds)
                 raise ConfigError(f"{key}: expected {expected}, got {reprlib.repr(value)}")
         else:
             kind = kinds[0]
@@ -83,8 +93,8 @@ def _coerce(key: str, value: Any, kind: Any) -> Any:
             value = float(value)
         except ValueError:
             pass
-    expected, accepts = _ACCEPTS[kind]
-    if not accepts(value):
+    if not _ACCEPTS[kind][1](value):
+        expected = _expected(kind, choices)
         raise ConfigError(f"{key}: expected {expected}, got {reprlib.repr(value)}")
     if kind is float:
         return _finite(key, value)
@@ -136,6 +146,6 @@ def build_section(cls: type, raw: Any, prefix: str) -> Any:
         value = raw[name]
         if value is False and "off" in (spec.metadata["choices"] or ()):
             value = "off"  # YAML 1.1 reads an unquoted `off` as false
-        values[name] = _coerce(prefix + name, value, kind)
+        values[name] = _coerce(prefix + name, value, kind, spec.metadata["choices"])
         _check_range(prefix + name, values[name], spec.metadata, kind)
     return cls(**values)
