@@ -257,7 +257,11 @@ def test_an_override_fixes_a_searched_key():
         ({"sapce": {}}, r"^search.sapce: unknown key; allowed keys in search: variants, space"),
         ({"scheduler": "hyperband"}, r"^search.scheduler: 'hyperband' is not allowed"),
         ({"num_samples": 0}, r"^search.num_samples: must be >= 1"),
-        ({"space": {"seed": {"eval": "1"}}}, r"^search.space.seed.eval: code is not run"),
+        (
+            {"space": {"seed": {"eval": "1"}}},
+            r"^search.space.seed.eval: code is not run from experiment files; use one of "
+            r"grid_search, choice, uniform, ",
+        ),
         ({"space": {"optim": {"lr": {"loguniform": [1]}}}}, r"^search.space.optim.lr.loguniform"),
         ({"space": {"seed": {"grid_search": []}}}, r"^search.space.seed.grid_search: expected"),
         ({"variants": [{"model.variant": {"choice": [1]}}]}, r"^search.variants\[0\].model"),

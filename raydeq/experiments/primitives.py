@@ -87,7 +87,9 @@ def domain(key: str, spec: Any) -> Any:
     if not isinstance(spec, Mapping):
         return spec
     if "eval" in spec:
-        raise ConfigError(f"{key}.eval: code is not run from experiment files; use {PRIMITIVES}")
+        raise ConfigError(
+            f"{key}.eval: code is not run from experiment files; use one of {', '.join(PRIMITIVES)}"
+        )
     if not is_primitive(spec):
         return {name: domain(f"{key}.{name}", value) for name, value in spec.items()}
     ((primitive, args),) = spec.items()
