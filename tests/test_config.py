@@ -337,6 +337,27 @@ def test_trials_at_once_are_unlimited_and_searches_maximise_by_default():
     assert (search.scheduler, search.searcher, search.cost) == ("fifo", "random", None)
 
 
+@pytest.mark.parametrize(
+    ("metric", "mode"),
+    [
+        ("test_accuracy", "max"),
+        ("test_top5_accuracy", "max"),
+        ("train_accuracy", "max"),
+        ("images_per_second", "max"),
+        ("train_loss", "min"),
+        ("step_time", "min"),
+        ("test_nfe", "min"),
+        ("backward_time", "min"),
+    ],
+)
+def test_a_search_s_mode_defaults_to_its_metric_s_direction(metric, mode):
+    """A search of train_loss or a time with no mode minimises it (it maximised it: the worst
+    trials ranked first); an accuracy or a throughput is maximised, and a mode given stays."""
+    assert validate({"search": {"metric": metric}}).search.mode == mode
+    other = "max" if mode == "min" else "min"
+    assert validate({"search": {"metric": metric, "mode": other}}).search.mode == other
+
+
 def test_a_search_may_optimise_its_costs_alone():
     """A search may minimise test NFE or a time per batch as its one metric."""
     measures = ["test_top5_accuracy", "test_nfe", "nfe", "forward_time", "predict_time"]

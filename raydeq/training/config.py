@@ -62,6 +62,8 @@ METRICS = (
     "images_per_second",
     *COSTS,
 )
+# The metrics a search maximises unless its mode says otherwise (the others are minimised).
+MAXIMISED = ("test_accuracy", "test_top5_accuracy", "train_accuracy", "images_per_second")
 DEQ_ONLY = ("jac_reg", "pretrain_steps", "solver_options", "adjoint_options", "compile")
 ODE_ONLY = ("t1", "dynamics")
 # Settings that do not change the trained model, so that changing them resumes the same run.
@@ -184,7 +186,7 @@ class SearchSection:
     conditional: tuple[dict, ...] = option(())  # [{when: {key: values}, space: {...}}]
     population_size: int = option(0, ge=0)  # nsga2's generation; 0: Optuna's default (50)
     metric: str = option("test_accuracy", choices=METRICS)
-    mode: str = option("max", choices=MODES)
+    mode: str | None = option(None, choices=MODES)  # None: the metric's (MAXIMISED)
     cost: str | None = option(None, choices=COSTS)  # minimised as a second objective
     num_samples: int = option(1, ge=1)
     scheduler: str = option("fifo", choices=SCHEDULERS)
@@ -194,6 +196,11 @@ class SearchSection:
     max_concurrent_trials: int = option(0, ge=0)
     workers_per_trial: int = option(0, ge=0)
     paper: dict = option({})  # {table: N}: the paper's table this experiment reproduces
+
+    def __post_init__(self) -> None:
+        """Fill an unset mode with the metric's direction: max for MAXIMISED, else min."""
+        if self.mode is None:
+            object.__setattr__(self, "mode", "max" if self.metric in MAXIMISED else "min")
 
 
 @dataclass(frozen=True)
