@@ -365,18 +365,18 @@ def test_an_idx_file_shorter_than_its_header_says_is_cut_short(tmp_path):
 def test_mnist_labels_past_the_classes_or_not_one_per_image_are_named_before_they_are_read(
     tmp_path,
 ):
-    """torchvision reads an IDX label file unchecked: a label 12 failed in the loss of each
+    """torchvision reads an IDX label file unchecked: a label 10 failed in the loss of each
     worker, and 7,999 labels for 8,000 images dropped an image without a word."""
     mnist_folder(tmp_path)
     labels = tmp_path / "MNIST/raw/train-labels-idx1-ubyte"
     whole = bytearray(labels.read_bytes())
     bad = whole.copy()
-    bad[8 + 5], bad[8 + 70] = 12, 255
+    bad[8 + 5], bad[8 + 70] = 10, 255
     labels.write_bytes(bytes(bad))
     with pytest.raises(data.DataError) as info:
         data.check_files(section(dataset="mnist", data_dir=str(tmp_path)))
     assert (
-        f"{tmp_path} is unreadable: MNIST/raw/train-labels-idx1-ubyte holds label 12 at index 5 "
+        f"{tmp_path} is unreadable: MNIST/raw/train-labels-idx1-ubyte holds label 10 at index 5 "
         "(2 labels in all), where the labels of 10 classes run from 0 to 9;"
     ) in str(info.value)
     short = whole[:4] + (8000 - 1).to_bytes(4, "big") + whole[8:-1]
