@@ -1003,6 +1003,15 @@ def test_evaluation_with_fewer_than_five_classes_counts_every_sample_a_top5_hit(
     assert (metrics["test_accuracy"], metrics["test_top5_accuracy"]) == (0.5, 1.0)
 
 
+def test_a_label_ranked_fifth_is_a_top5_hit_and_one_ranked_sixth_is_not():
+    """Of six classes, the label with the fifth largest logit is among the top five and the
+    one with the smallest is not; neither is a top-1 hit."""
+    logits = torch.tensor([[5.0, 4.0, 3.0, 2.0, 1.0, 0.0]] * 2)
+    batches = [(logits, torch.tensor([4, 5]))]
+    metrics = objective.evaluate(GivenLogits([4]), batches, torch.device("cpu")).metrics()
+    assert (metrics["test_accuracy"], metrics["test_top5_accuracy"]) == (0.0, 0.5)
+
+
 def test_a_sample_whose_logits_hold_a_nan_is_no_hit_where_an_infinite_logit_is_a_prediction():
     """topk ranks NaN above every number, so a model with a NaN weight had its NaN logits read
     as predictions (5 of 6 labels a top-5 hit); such a sample now hits nothing, while a
