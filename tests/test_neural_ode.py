@@ -3,6 +3,7 @@ its statistics, and its configuration errors."""
 
 import gc
 import math
+import re
 import weakref
 
 import pytest
@@ -472,6 +473,16 @@ def test_a_float32_state_whose_norm_overflows_is_an_error_not_a_nan_endpoint(sol
     torch.testing.assert_close(end.y, start.double() * math.exp(rate), rtol=0.05, atol=0)
     nan = integrate(lambda y: y * math.nan, start, 1.0, solver, Termination(1e-3, 1e-3), 1000)
     assert nan.y.isnan().all()
+
+
+@pytest.mark.parametrize("solver", ["tsit5", "bs3", "euler"])
+def test_norms_that_overflow_midway_stop_the_integration_where_its_step_size_turns_nan(solver):
+    """dy/dt = y from 5e18 to t1=10 in float32: once the norms overflow (past t = 1.3) the
+    error ratio turns a step size NaN, and the integration stops there, naming a t before t1."""
+    start = torch.full((1, 4), 5e18)
+    with pytest.raises(RuntimeError, match=r"state or field at t=\S+ of t1=10 ") as info:
+        integrate(lambda y: y, start, 10.0, solver, Termination(1e-3, 1e-3), 1000)
+    assert 0 < float(re.search(r"at t=(\S+) of", str(info.value)).group(1)) < 10
 
 
 @pytest.mark.parametrize("adjoint", ["continuous", "backprop"])
