@@ -302,6 +302,55 @@ def test_values_on_a_bound_are_allowed():
     assert (cfg.optim.eta_min, cfg.scaling.max_failures, len(cfg.search.variants)) == (0.01, -1, 2)
 
 
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (
+            {"fake_samples": 64},
+            "data.fake_samples: 64 applies to data.dataset=fake only, not 'digits'; set "
+            "data.dataset=fake, or remove data.fake_samples",
+        ),
+        (
+            {"dataset": "mnist10k", "fake_shape": [3, 8, 8]},
+            "data.fake_shape: [3, 8, 8] applies to data.dataset=fake only, not 'mnist10k'; set "
+            "data.dataset=fake, or remove data.fake_shape",
+        ),
+        (
+            {"dataset": "mnist", "data_dir": "d", "fake_classes": 4},
+            "data.fake_classes: 4 applies to data.dataset=fake only, not 'mnist'; set "
+            "data.dataset=fake, or remove data.fake_classes",
+        ),
+        (
+            {"dataset": "cifar10", "data_dir": "d", "image_size": 32},
+            "data.image_size: 32 applies to data.dataset=imagenet only, not 'cifar10'; set "
+            "data.dataset=imagenet, or remove data.image_size",
+        ),
+        (
+            {"dataset": "fake", "data_dir": "d"},
+            "data.data_dir: 'd' applies to data.dataset=mnist, cifar10, svhn or imagenet only, "
+            "not 'fake'; set data.dataset=mnist, cifar10, svhn or imagenet, or remove "
+            "data.data_dir",
+        ),
+    ],
+)
+def test_a_data_setting_where_it_has_no_effect_is_refused(data, expected):
+    """A FakeData setting outside `fake`, an image size outside ImageNet (the one dataset it
+    resizes) and a folder for `fake` (which reads none) would be ignored without a word."""
+    assert error_of({"data": data}) == expected
+
+
+def test_data_settings_load_at_their_defaults_and_where_they_apply():
+    """Defaults stay silent (a stored config writes every key), and each setting is taken by
+    the datasets it applies to."""
+    stored = validate({}).to_dict()
+    assert validate(stored).data == validate({}).data
+    assert validate({"data": {"image_size": 224, "fake_samples": 256}}).data.dataset == "digits"
+    fake = {"dataset": "fake", "fake_samples": 64, "fake_shape": [3, 8, 8], "fake_classes": 4}
+    assert validate({"data": fake}).data.fake_shape == (3, 8, 8)
+    images = {"dataset": "imagenet", "data_dir": "d", "image_size": 64}
+    assert validate({"data": images}).data.image_size == 64
+
+
 def test_abstol_0_with_a_relative_tolerance_is_a_pure_relative_test_as_the_layers_take_it():
     """model.abstol had to be > 0 where DEQ and NeuralODE take 0 with reltol > 0 (the test
     ||f(z) - z|| <= reltol ||z||, the reference code's rel_norm); the config now builds it."""

@@ -398,16 +398,26 @@ def test_a_quantized_integer_range_is_checked_at_the_values_tune_draws():
     """Tune's qrandint draws the multiples of q within its ends, and at q = 1 leaves out the
     upper end: [4, 64] with q 8 draws 8 to 64, so an image size of 4 (below the allowed 8) is
     never drawn, and [0, 2**32] with q 1 draws up to 2**32 - 1; a range without a multiple of q
-    would fail its first draw."""
+    would fail its first draw. An image size applies to ImageNet alone, whose folder the
+    preflight would read: its trials are validated without it."""
+
+    def experiment(space, data=TINY["data"]):
+        return spec.from_dict("x", {**TINY, "data": data, "search": {"space": space}})
 
     def check(space):
-        return rt.preflight(spec.from_dict("x", {**TINY, "search": {"space": space}}))
+        return rt.preflight(experiment(space))
+
+    def check_images(space):
+        images = experiment(space, {"dataset": "imagenet", "data_dir": "images", "batch_size": 8})
+        return [images.trial_config(sampled) for sampled in spec.expand(images, 20)]
 
     image_sizes = {"qrandint": [4, 64, 8]}
     drawn = ray.tune.search.sample.Integer(4, 64).uniform().quantized(8).sample(size=200)
     assert set(drawn) == set(range(8, 65, 8))
-    check({"data.image_size": image_sizes, "seed": {"qrandint": [0, 2**32, 1]}})
-    check({"data.image_size": {"qlograndint": [4, 64, 8]}, "seed": {"qrandint": [-3, 8, 4]}})
+    check_images({"data.image_size": image_sizes, "seed": {"qrandint": [0, 2**32, 1]}})
+    check_images({"data.image_size": {"qlograndint": [4, 64, 8]}, "seed": {"qrandint": [-3, 8, 4]}})
+    check({"seed": {"qrandint": [0, 2**32, 1]}})
+    check({"seed": {"qrandint": [-3, 8, 4]}})
     for bounds in ([0, 2**32 + 1, 1], [0, 2**32 + 3, 4]):
         with pytest.raises(ConfigError, match=r"^search.space.seed: the upper bound 4294967296: "):
             check({"seed": {"qrandint": bounds}})

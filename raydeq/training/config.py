@@ -34,7 +34,7 @@ from raydeq.models import (
 )
 from raydeq.solvers import ADJOINTS, SOLVERS
 from raydeq.solvers.solve import GRAPH
-from raydeq.training.schema import ConfigError, build_section, option
+from raydeq.training.schema import ConfigError, build_section, listed, option
 from raydeq.training.storage import absolute
 
 MODELS = tuple(PRESETS)
@@ -72,12 +72,18 @@ OUTSIDE_HASH += ("train.report_every", "train.checkpoint_every", "train.keep_che
 OUTSIDE_HASH += ("model.compile",)  # the same solves, compiled
 OUTSIDE_HASH += ("train.eval_batches", "data.loader_workers", "data.pin_memory", "data.stage_to")
 STAGED_DATASETS = ("imagenet",)
-# Optimizer settings that have an effect under one value of another alone: (that key, value).
+# Settings that have an effect under some values of another key of their section alone:
+# (that key, those values).
 APPLIES_UNDER = {
-    "momentum": ("optimizer", "sgd"),
-    "eta_min": ("schedule", "cosine"),
-    "gamma": ("schedule", "step"),
-    "step_epochs": ("schedule", "step"),
+    "optim.momentum": ("optimizer", ("sgd",)),
+    "optim.eta_min": ("schedule", ("cosine",)),
+    "optim.gamma": ("schedule", ("step",)),
+    "optim.step_epochs": ("schedule", ("step",)),
+    "data.data_dir": ("dataset", FILE_DATASETS),
+    "data.image_size": ("dataset", ("imagenet",)),  # the one dataset it resizes
+    "data.fake_samples": ("dataset", ("fake",)),
+    "data.fake_shape": ("dataset", ("fake",)),
+    "data.fake_classes": ("dataset", ("fake",)),
 }
 # Settings a refused resume names, of those that differ.
 SHOWN_CHANGES = 3
@@ -293,7 +299,7 @@ def _check_together(cfg: Config) -> None:
             f"optim.milestones: {list(optim.milestones)} apply to optim.schedule=step only, not "
             f"{optim.schedule!r}; set optim.schedule=step or remove optim.milestones"
         )
-    _check_applies(optim)
+    _check_applies(cfg)
     if optim.schedule == "cosine" and optim.eta_min > optim.lr:
         raise ConfigError(f"optim.eta_min: {optim.eta_min:g} is above optim.lr={optim.lr:g}")
     if optim.nesterov and optim.optimizer != "sgd":
@@ -307,22 +313,33 @@ def _check_together(cfg: Config) -> None:
         check_folder_name("name", cfg.name)
 
 
-def _check_applies(optim: OptimSection) -> None:
+def _check_applies(cfg: Config) -> None:
     """Refuse a setting of `APPLIES_UNDER` set off its default where it has no effect (a step
-    schedule's eta_min), which the run would ignore without a word; a default stays silent."""
-    defaults = OptimSection()
-    for key, (under, needed) in APPLIES_UNDER.items():
-        value, actual = getattr(optim, key), getattr(optim, under)
-        if value != getattr(defaults, key) and actual != needed:
+    schedule's eta_min, digits' image_size), which the run would ignore without a word; a
+    default stays silent."""
+    for dotted, (under, needed) in APPLIES_UNDER.items():
+        name, key = dotted.split(".")
+        section = getattr(cfg, name)
+        value, actual = getattr(section, key), getattr(section, under)
+        if value != getattr(type(section), key) and actual not in needed:
+            allowed = f"{name}.{under}={listed(needed)}"
             raise ConfigError(
-                f"optim.{key}: {value:g} applies to optim.{under}={needed} only, not "
-                f"{actual!r}; set optim.{under}={needed} or remove optim.{key}"
+                f"{dotted}: {_shown(value)} applies to {allowed} only, not {actual!r}; set "
+                f"{allowed}, or remove {dotted}"
             )
-    if optim.milestones and optim.step_epochs != defaults.step_epochs:
+    optim = cfg.optim
+    if optim.milestones and optim.step_epochs != OptimSection.step_epochs:
         raise ConfigError(
             f"optim.step_epochs: {optim.step_epochs} is not used with optim.milestones, which "
             "set the steps of decay; remove one of them"
         )
+
+
+def _shown(value: Any) -> str:
+    """A setting's value as a config writes it: 1e-06, [3, 8, 8], 'data'."""
+    if isinstance(value, float):
+        return f"{value:g}"
+    return repr(list(value) if isinstance(value, tuple) else value)
 
 
 def notes(cfg: Config) -> list[str]:

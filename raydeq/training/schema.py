@@ -8,7 +8,7 @@ import math
 import operator
 import reprlib
 import types
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import field
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
@@ -65,12 +65,17 @@ def _finite(key: str, value: int | float) -> float:
     raise ConfigError(f"{key}: expected a finite number, got {reprlib.repr(value)}")
 
 
+def listed(choices: Sequence[str]) -> str:
+    """Choices as a message names them: "off, bf16 or fp16"."""
+    *rest, last = choices
+    return f"{', '.join(rest)} or {last}" if rest else last
+
+
 def _expected(kind: Any, choices: tuple[str, ...] | None) -> str:
     """What a value of type `kind` must be, a string of a field with choices as those choices
     ("off, bf16 or fp16"), not any string."""
     if kind is str and choices:
-        *rest, last = choices
-        return f"{', '.join(rest)} or {last}" if rest else last
+        return listed(choices)
     return _ACCEPTS[kind][0]
 
 
