@@ -10,10 +10,12 @@ import os
 import socket
 from collections.abc import Callable, Iterator
 
+import pyarrow.fs
 import pytest
 import ray
 import torch
 
+from raydeq.training import storage
 from raydeq.training.launch import WORKER_LOGGERS, runtime_env
 
 
@@ -102,6 +104,45 @@ def _central_difference(
 def central_difference() -> Callable[..., float]:
     """The central difference of a scalar along a direction of a tensor it reads."""
     return _central_difference
+
+
+class _CutStream:
+    """An output stream that writes 5 bytes of its first write, then fails as a full disk."""
+
+    def __init__(self, inner: pyarrow.NativeFile) -> None:
+        self.inner = inner
+
+    def __enter__(self) -> "_CutStream":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.inner.close()
+
+    def write(self, payload: bytes) -> None:
+        self.inner.write(payload[:5])
+        raise OSError("No space left on device")
+
+
+class _FullDisk:
+    """A local filesystem whose every file write stops after 5 bytes on a full disk."""
+
+    type_name = "local"
+
+    def __init__(self) -> None:
+        self.local = pyarrow.fs.LocalFileSystem()
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.local, name)
+
+    def open_output_stream(self, inner: str) -> _CutStream:
+        return _CutStream(self.local.open_output_stream(inner))
+
+
+@pytest.fixture
+def full_disk(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Local writes through raydeq.training.storage stop part way with ENOSPC (undo with
+    monkeypatch.undo())."""
+    monkeypatch.setattr(storage, "filesystem", lambda path: (_FullDisk(), storage.absolute(path)))
 
 
 @pytest.fixture

@@ -1,7 +1,6 @@
 """Smoke test of the benchmarks: every suite at the tiniest sizes, the harness, report files."""
 
 import argparse
-import errno
 import json
 import math
 import statistics
@@ -47,6 +46,7 @@ from raydeq.bench.suites import torchdiffeq as torchdiffeq_suite
 from raydeq.models import PRESETS
 from raydeq.training.checkpoint import read_checkpoint, write_checkpoint
 from raydeq.training.objective import Objective
+from raydeq.training.storage import StorageError
 
 CPU = torch.device("cpu")
 
@@ -802,7 +802,7 @@ def test_a_report_read_while_a_suite_rewrites_it_is_the_old_or_the_new_one_whole
 
 
 def test_a_report_rewrite_on_a_full_disk_leaves_the_last_report_whole_and_nothing_beside_it(
-    monkeypatch, tmp_path
+    monkeypatch, request, tmp_path
 ):
     """A rewrite whose write fails half way (a full disk) raises, and the folder holds the
     report as the last suite left it, with no partial file beside it."""
@@ -810,14 +810,8 @@ def test_a_report_rewrite_on_a_full_disk_leaves_the_last_report_whole_and_nothin
     stem = output_stem(report, tmp_path)
     write(report, stem)
     before = {p.name: p.read_text() for p in stem.parent.iterdir()}
-    write_text = Path.write_text
-
-    def full_disk(path: Path, text: str) -> int:
-        write_text(path, text[: len(text) // 2])
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(Path, "write_text", full_disk)
-    with pytest.raises(OSError, match="No space left"):
+    request.getfixturevalue("full_disk")
+    with pytest.raises(StorageError, match="could not be written: No space left on device$"):
         write(Report(date="2026-12-03", device="cpu", size="tiny", machine={"cpu": "y"}), stem)
     monkeypatch.undo()
     assert {p.name: p.read_text() for p in stem.parent.iterdir()} == before

@@ -6,7 +6,6 @@ import os
 import threading
 from pathlib import Path
 
-import pyarrow.fs
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -45,35 +44,12 @@ def test_write_bytes_creates_the_folders_on_the_way_and_read_text_reads_it_back(
     assert storage.exists(str(path)) and not storage.exists(str(tmp_path / "c"))
 
 
-def test_a_local_write_cut_short_leaves_the_file_it_was_to_replace(tmp_path, monkeypatch):
+def test_a_local_write_cut_short_leaves_the_file_it_was_to_replace(tmp_path, monkeypatch, request):
     """A write that fails after 5 of its bytes (a process killed, a full disk) leaves the old
     file whole and no partial one beside it; a whole write replaces it."""
     path = tmp_path / "settings.yaml"
     storage.write_bytes(str(path), b"name: old\n")
-    local = pyarrow.fs.LocalFileSystem()
-
-    class CutStream:
-        def __init__(self, inner):
-            self.inner = inner
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.inner.close()
-
-        def write(self, payload):
-            self.inner.write(payload[:5])
-            raise OSError("No space left on device")
-
-    class CutFileSystem:
-        type_name = "local"
-        create_dir, move, delete_file = local.create_dir, local.move, local.delete_file
-
-        def open_output_stream(self, inner):
-            return CutStream(local.open_output_stream(inner))
-
-    monkeypatch.setattr(storage, "filesystem", lambda p: (CutFileSystem(), str(path)))
+    request.getfixturevalue("full_disk")
     with pytest.raises(
         storage.StorageError, match=f"^{path} could not be written: No space left on device$"
     ):
