@@ -611,6 +611,24 @@ def test_a_bad_value_from_a_file_names_the_file_and_one_from_an_override_does_no
     assert str(err.value).endswith(f" (in {path})")
 
 
+def test_an_override_of_a_key_spelt_with_other_characters_is_not_blamed_on_the_file(tmp_path):
+    """The key of an error was read back from its message up to a character other than a
+    letter, a digit, '_', '.' or brackets, so an unknown override `data.batch-size` or `2nd`
+    was reported as in the file; an error carries its key."""
+    path = tmp_path / "run.yaml"
+    path.write_text("optim: {lr: 0.1}\n")
+    for key, section in (("data.batch-size", "data"), ("2nd", "config")):
+        with pytest.raises(ConfigError) as err:
+            load(path, [f"{key}=3"])
+        assert err.value.key == key
+        assert str(err.value).startswith(f"{key}: unknown key; allowed keys in {section}: ")
+        assert str(path) not in str(err.value)
+    path.write_text("data: {batch-size: 3}\n")
+    with pytest.raises(ConfigError) as err:
+        load(path)
+    assert str(err.value).endswith(f" (in {path})")
+
+
 def test_a_key_written_as_a_yaml_11_boolean_is_named_as_written(tmp_path):
     """YAML 1.1 reads a key `on:` as true, so it was reported as `optim.True`; a key is its
     text, a value written so stays a boolean."""

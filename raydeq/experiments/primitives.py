@@ -45,7 +45,8 @@ def dimensions(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         for dotted in found.keys() & flat.keys():
             raise ConfigError(
                 f"{dotted}: written twice in one search space, dotted and under its section; "
-                "keep one"
+                "keep one",
+                key=dotted,
             )
         flat |= found
     return flat
@@ -70,11 +71,12 @@ def _number(key: str, value: Any) -> float | int:
         except ValueError:
             pass
     if not isinstance(number, int | float) or isinstance(number, bool):
-        raise ConfigError(f"{key}: {value!r} is not a number; its arguments are numbers")
+        raise ConfigError(f"{key}: {value!r} is not a number; its arguments are numbers", key=key)
     if abs(number) < 2**1000:  # within a float's range: false for nan and the infinities
         return number
     raise ConfigError(
-        f"{key}: {reprlib.repr(value)} is not a finite number; its arguments are finite numbers"
+        f"{key}: {reprlib.repr(value)} is not a finite number; its arguments are finite numbers",
+        key=key,
     )
 
 
@@ -88,14 +90,18 @@ def domain(key: str, spec: Any) -> Any:
         return spec
     if "eval" in spec:
         raise ConfigError(
-            f"{key}.eval: code is not run from experiment files; use one of {', '.join(PRIMITIVES)}"
+            f"{key}.eval: code is not run from experiment files; "
+            f"use one of {', '.join(PRIMITIVES)}",
+            key=f"{key}.eval",
         )
     if not is_primitive(spec):
         return {name: domain(f"{key}.{name}", value) for name, value in spec.items()}
     ((primitive, args),) = spec.items()
     if primitive in ("grid_search", "choice"):
         if not isinstance(args, list) or not args:
-            raise ConfigError(f"{key}.{primitive}: expected a non-empty list of values")
+            raise ConfigError(
+                f"{key}.{primitive}: expected a non-empty list of values", key=f"{key}.{primitive}"
+            )
         return getattr(tune, primitive)(args)
     where = f"{key}.{primitive}"
     if isinstance(args, Mapping):
@@ -106,17 +112,21 @@ def domain(key: str, spec: Any) -> Any:
     try:
         made = getattr(tune, primitive)(*positional, **keywords)
     except ZeroDivisionError:  # Tune divides a float range's ends by its step q
-        raise ConfigError(f"{key}.{primitive}: the step q must be above 0, got 0") from None
+        raise ConfigError(
+            f"{key}.{primitive}: the step q must be above 0, got 0", key=where
+        ) from None
     except (TypeError, ValueError, AssertionError) as err:
-        raise ConfigError(f"{key}.{primitive}: bad arguments {args!r} ({err})") from None
+        raise ConfigError(f"{key}.{primitive}: bad arguments {args!r} ({err})", key=where) from None
     step = getattr(made.get_sampler(), "q", None)
     if step is not None and not step > 0:
         # Tune takes an integer range's step of 0 and fails on the first draw.
-        raise ConfigError(f"{key}.{primitive}: the step q must be above 0, got {step!r}")
+        raise ConfigError(f"{key}.{primitive}: the step q must be above 0, got {step!r}", key=where)
     lower, upper = getattr(made, "lower", None), getattr(made, "upper", None)
     if lower is not None and upper is not None and not lower < upper:
         # Tune samples a reversed or empty range without a word (Optuna refuses it).
-        raise ConfigError(f"{key}.{primitive}: the lower bound {lower!r} must be below {upper!r}")
+        raise ConfigError(
+            f"{key}.{primitive}: the lower bound {lower!r} must be below {upper!r}", key=where
+        )
     if isinstance(made, Integer):
         _check_whole(where, made)
         _check_drawable(where, made)
@@ -129,7 +139,9 @@ def _check_whole(where: str, made: Integer) -> None:
     step = getattr(made.get_sampler(), "q", 1)
     for name, value in (("lower bound", made.lower), ("upper bound", made.upper), ("q", step)):
         if not float(value).is_integer():
-            raise ConfigError(f"{where}: the {name} {value!r} is not an integer; use whole numbers")
+            raise ConfigError(
+                f"{where}: the {name} {value!r} is not an integer; use whole numbers", key=where
+            )
 
 
 def _check_drawable(where: str, made: Integer) -> None:
@@ -139,7 +151,7 @@ def _check_drawable(where: str, made: Integer) -> None:
     if least > greatest:
         step = made.get_sampler().q
         raise ConfigError(
-            f"{where}: no multiple of q = {step} lies in [{made.lower}, {made.upper}]"
+            f"{where}: no multiple of q = {step} lies in [{made.lower}, {made.upper}]", key=where
         )
 
 

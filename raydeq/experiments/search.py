@@ -41,12 +41,14 @@ def distribution(key: str, spec: Any) -> BaseDistribution | Any:
         return spec
     if "grid_search" in spec:
         raise ConfigError(
-            f"{key}.grid_search: a searcher draws every trial; use choice (or searcher random)"
+            f"{key}.grid_search: a searcher draws every trial; use choice (or searcher random)",
+            key=f"{key}.grid_search",
         )
     if "qloguniform" in spec:  # Tune's conversion drops q, and Optuna draws off its steps
         raise ConfigError(
             f"{key}.qloguniform: Optuna cannot quantize a log range; use loguniform, quniform "
-            "(or searcher random)"
+            "(or searcher random)",
+            key=f"{key}.qloguniform",
         )
     tune_domain = domain(key, spec)
     if "qrandint" in spec:
@@ -54,7 +56,7 @@ def distribution(key: str, spec: Any) -> BaseDistribution | Any:
     try:
         return OptunaSearch.convert_search_space({"x": tune_domain})["x"]
     except ValueError as err:
-        raise ConfigError(f"{key}: Optuna cannot sample {spec!r} ({err})") from None
+        raise ConfigError(f"{key}: Optuna cannot sample {spec!r} ({err})", key=key) from None
 
 
 def _check_integer_steps(key: str, lower: int, upper: int, q: int) -> None:
@@ -64,12 +66,14 @@ def _check_integer_steps(key: str, lower: int, upper: int, q: int) -> None:
     if q == 1:
         raise ConfigError(
             f"{key}.qrandint: q = 1 leaves out {upper} under searcher random and draws it under "
-            f"Optuna; use randint [{lower}, {upper}] (upper left out) or [{lower}, {upper + 1}]"
+            f"Optuna; use randint [{lower}, {upper}] (upper left out) or [{lower}, {upper + 1}]",
+            key=f"{key}.qrandint",
         )
     if lower % q:
         raise ConfigError(
             f"{key}.qrandint: lower bound {lower} is not a multiple of q = {q}, which Optuna "
-            "steps from and Tune rounds to; use a lower bound that is a multiple of q"
+            "steps from and Tune rounds to; use a lower bound that is a multiple of q",
+            key=f"{key}.qrandint",
         )
 
 
@@ -163,12 +167,18 @@ def _rule(index: int, raw: Mapping[str, Any]) -> Rule:
     """One `search.conditional` entry, checked."""
     where = f"search.conditional[{index}]"
     if set(raw) != {"when", "space"}:
-        raise ConfigError(f"{where}: expected the keys when and space, got {', '.join(raw)}")
+        raise ConfigError(
+            f"{where}: expected the keys when and space, got {', '.join(raw)}", key=where
+        )
     when, space = raw["when"], raw["space"]
     if not isinstance(when, Mapping) or not when:
-        raise ConfigError(f"{where}.when: expected a mapping of dotted keys to values")
+        raise ConfigError(
+            f"{where}.when: expected a mapping of dotted keys to values", key=f"{where}.when"
+        )
     if not isinstance(space, Mapping) or not space:
-        raise ConfigError(f"{where}.space: expected a mapping of keys to primitives")
+        raise ConfigError(
+            f"{where}.space: expected a mapping of keys to primitives", key=f"{where}.space"
+        )
     allowed = {k: tuple(v) if isinstance(v, list) else (v,) for k, v in when.items()}
     dims = {k: distribution(f"{where}.space.{k}", v) for k, v in dimensions(space).items()}
     return Rule(allowed, dims)
@@ -221,12 +231,15 @@ def _points(base: Mapping[str, Any], search: SearchSection, space: Space) -> tup
             if key not in dists:
                 raise ConfigError(
                     f"search.variants[{index}].{key}: not a dimension of the search space; a "
-                    "searcher's variants are points of its space"
+                    "searcher's variants are points of its space",
+                    key=f"search.variants[{index}].{key}",
                 )
         try:
             cfg = validate(apply_overrides(base, settings))
         except ConfigError as err:
-            raise ConfigError(f"search.variants[{index}]: {err}") from None
+            raise ConfigError(
+                f"search.variants[{index}]: {err}", key=f"search.variants[{index}]"
+            ) from None
         point = _point(cfg, space, settings)
         for key, dist in dists.items():
             choices = dist.choices if isinstance(dist, CategoricalDistribution) else None
@@ -236,14 +249,16 @@ def _points(base: Mapping[str, Any], search: SearchSection, space: Space) -> tup
             if not found:
                 raise ConfigError(
                     f"search.variants[{index}].{key}: {point[_name(key)]!r} is not a choice of "
-                    f"search.space {key} ({', '.join(map(str, choices or ()))})"
+                    f"search.space {key} ({', '.join(map(str, choices or ()))})",
+                    key=f"search.variants[{index}].{key}",
                 )
             point[_name(key)] = found[0]  # enqueued as the choice Optuna draws
         points.append((row.get("label", f"point {index}"), point))
     if len(points) > search.num_samples:
         raise ConfigError(
             f"search.num_samples: {search.num_samples} is fewer than the {len(points)} variants "
-            "the search evaluates first"
+            "the search evaluates first",
+            key="search.num_samples",
         )
     return tuple(points)
 
@@ -265,13 +280,14 @@ def space(base: Mapping[str, Any], search: SearchSection) -> Space:
         for key, values in rule.when.items():
             where = f"search.conditional[{index}].when.{key}"
             if key not in known:
-                raise ConfigError(f"{where}: not a dimension drawn before it")
+                raise ConfigError(f"{where}: not a dimension drawn before it", key=where)
             choices = getattr(known[key], "choices", None)  # a categorical dimension's values
             missing = [v for v in values if not _matches(v, choices)]
             if missing:
                 raise ConfigError(
                     f"{where}: {missing[0]!r} is not one of its choices "
-                    f"{', '.join(map(repr, choices))}, so the rule would never apply"
+                    f"{', '.join(map(repr, choices))}, so the rule would never apply",
+                    key=where,
                 )
         known |= rule.space
     unconditional = Space(dims, rules, ())
@@ -287,7 +303,8 @@ def _check_drawn_once(index: int, rule: Rule, drawn_in: dict[str, str]) -> None:
         if key in drawn_in:
             raise ConfigError(
                 f"{where}.space.{key}: drawn by {drawn_in[key]} too; Optuna draws a setting "
-                "once a trial from one distribution, so draw it in one place"
+                "once a trial from one distribution, so draw it in one place",
+                key=f"{where}.space.{key}",
             )
         drawn_in[key] = where
 

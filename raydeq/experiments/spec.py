@@ -156,7 +156,8 @@ def _fix(search: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, A
             values = ", ".join(dict.fromkeys(repr(row[dotted]) for row in given if dotted in row))
             raise ConfigError(
                 f"{dotted}={value!r}: no variant of search.variants has that value; they have "
-                f"{values}"
+                f"{values}",
+                key=dotted,
             )
     fixed = {**search, "space": space} | ({"variants": variants} if "variants" in search else {})
     return fixed | ({"conditional": rules} if isinstance(rules, list) else {})
@@ -229,7 +230,8 @@ def _check_ruled(search: Mapping[str, Any], overrides: Mapping[str, Any]) -> Non
         if key not in drawn:
             raise ConfigError(
                 f"{key}={value!r}: no trial runs it, since the other overrides leave no rule "
-                "of search.conditional that draws it; drop it, or override the setting it needs"
+                "of search.conditional that draws it; drop it, or override the setting it needs",
+                key=key,
             )
 
 
@@ -295,7 +297,7 @@ def _check_space(experiment: Experiment) -> None:
         try:
             experiment.trial_config(apply_overrides({VARIANT: row}, firsts))
         except ConfigError as err:
-            raise ConfigError(f"search.variants[{i}]: {err}") from None
+            raise ConfigError(f"search.variants[{i}]: {err}", key=f"search.variants[{i}]") from None
     for where, fixed, values in tried:
         for row in search.variants or ({},):
             for key, pairs in values.items():
@@ -304,7 +306,9 @@ def _check_space(experiment: Experiment) -> None:
                     try:
                         experiment.trial_config(sampled)
                     except ConfigError as err:
-                        raise ConfigError(f"{where}.{key}: {what} {value!r}: {err}") from None
+                        raise ConfigError(
+                            f"{where}.{key}: {what} {value!r}: {err}", key=f"{where}.{key}"
+                        ) from None
 
 
 def _space_values(where: str, space: Mapping[str, Any]) -> dict[str, list[tuple[str, Any]]]:
@@ -326,7 +330,8 @@ def _check_per_trial(dotted: str, where: str) -> None:
         raise ConfigError(
             f"{where}.{dotted}: the scaling section is the same for every trial (their resources "
             "are reserved from it); set it in the base config, or search.workers_per_trial, or "
-            "run an experiment for each value"
+            "run an experiment for each value",
+            key=f"{where}.{dotted}",
         )
 
 
@@ -364,13 +369,15 @@ def _check_key(dotted: str, where: str = "search.space") -> None:
         if not is_dataclass(kind):
             raise ConfigError(
                 f"{where}.{section}: {part!r} is not a search primitive; use one of "
-                f"{', '.join(PRIMITIVES)}"
+                f"{', '.join(PRIMITIVES)}",
+                key=f"{where}.{section}",
             )
         names = [f.name for f in fields(kind)]
         if part not in names:
             raise ConfigError(
                 f"{where}.{dotted}: unknown key; allowed keys in {section or 'config'}: "
-                f"{', '.join(names)}"
+                f"{', '.join(names)}",
+                key=f"{where}.{dotted}",
             )
         kind = get_type_hints(kind)[part]
         if dict in (kind, *get_args(kind)):  # a mapping setting (solver_options) takes any key
@@ -383,7 +390,8 @@ def _check_searcher(search: SearchSection) -> None:
         if given and search.searcher == "random":
             raise ConfigError(
                 f"search.{key}: needs searcher tpe or nsga2 (random sampling has no "
-                "conditional dimensions and no objectives)"
+                "conditional dimensions and no objectives)",
+                key=f"search.{key}",
             )
 
 

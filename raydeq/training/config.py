@@ -88,7 +88,6 @@ APPLIES_UNDER = {
 # Settings a refused resume names, of those that differ.
 SHOWN_CHANGES = 3
 _NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-_ERROR_KEY = re.compile(r"[A-Za-z_][\w.\[\]]*")  # the key an error names first
 
 
 @dataclass(frozen=True)
@@ -250,65 +249,81 @@ def _check_together(cfg: Config) -> None:
     data = cfg.data
     if data.dataset in FILE_DATASETS and data.data_dir is None:
         raise ConfigError(
-            f"data.data_dir: required for dataset {data.dataset!r} (the folder with its files)"
+            f"data.data_dir: required for dataset {data.dataset!r} (the folder with its files)",
+            key="data.data_dir",
         )
     if data.dataset in EMBEDDED_DATASETS and data.data_dir is not None:
         raise ConfigError(
             f"data.data_dir: dataset {data.dataset!r} ships with raydeq and reads no folder; "
-            "remove data_dir (or use dataset 'mnist' for MNIST files of your own)"
+            "remove data_dir (or use dataset 'mnist' for MNIST files of your own)",
+            key="data.data_dir",
         )
     if data.download and data.dataset not in DOWNLOADABLE:
         raise ConfigError(
             f"data.download: only {', '.join(DOWNLOADABLE)} can be downloaded, not dataset "
-            f"{data.dataset!r}; set data.download=false"
+            f"{data.dataset!r}; set data.download=false",
+            key="data.download",
         )
     if data.stage_to is not None and data.dataset not in STAGED_DATASETS:
         raise ConfigError(
             f"data.stage_to: dataset {data.dataset!r} is read in place; only "
-            f"{', '.join(STAGED_DATASETS)} (many small files) is staged to local disk"
+            f"{', '.join(STAGED_DATASETS)} (many small files) is staged to local disk",
+            key="data.stage_to",
         )
     if len(data.fake_shape) != 3:
         raise ConfigError(
-            f"data.fake_shape: expected [channels, height, width], got {data.fake_shape}"
+            f"data.fake_shape: expected [channels, height, width], got {data.fake_shape}",
+            key="data.fake_shape",
         )
     neural_ode = cfg.model.variant == "neural_ode"
     for key in ODE_ONLY if not neural_ode else DEQ_ONLY:
         if getattr(cfg.model, key) is not None:
             raise ConfigError(
                 f"model.{key}: not an option of variant {cfg.model.variant!r}; "
-                f"DEQ variants take {', '.join(DEQ_ONLY)}, neural_ode takes {', '.join(ODE_ONLY)}"
+                f"DEQ variants take {', '.join(DEQ_ONLY)}, neural_ode takes {', '.join(ODE_ONLY)}",
+                key=f"model.{key}",
             )
     if data.batch_size % cfg.scaling.num_workers:
         raise ConfigError(
             f"data.batch_size: {data.batch_size} does not split evenly over "
-            f"scaling.num_workers={cfg.scaling.num_workers}; use a multiple of it"
+            f"scaling.num_workers={cfg.scaling.num_workers}; use a multiple of it",
+            key="data.batch_size",
         )
     if cfg.train.lambda_jac > 0 and not cfg.model.jac_reg:
         raise ConfigError(
             "train.lambda_jac: needs model.jac_reg=true to have a Jacobian term, got "
-            f"{cfg.train.lambda_jac:g} without it; set model.jac_reg=true or train.lambda_jac=0"
+            f"{cfg.train.lambda_jac:g} without it; set model.jac_reg=true or train.lambda_jac=0",
+            key="train.lambda_jac",
         )
     _check_search(cfg.search)
     optim = cfg.optim
     if list(optim.milestones) != sorted(set(optim.milestones)):
         raise ConfigError(
-            f"optim.milestones: expected increasing steps, got {list(optim.milestones)}"
+            f"optim.milestones: expected increasing steps, got {list(optim.milestones)}",
+            key="optim.milestones",
         )
     if optim.milestones and optim.schedule != "step":
         raise ConfigError(
             f"optim.milestones: {list(optim.milestones)} apply to optim.schedule=step only, not "
-            f"{optim.schedule!r}; set optim.schedule=step or remove optim.milestones"
+            f"{optim.schedule!r}; set optim.schedule=step or remove optim.milestones",
+            key="optim.milestones",
         )
     _check_applies(cfg)
     if optim.schedule == "cosine" and optim.eta_min > optim.lr:
-        raise ConfigError(f"optim.eta_min: {optim.eta_min:g} is above optim.lr={optim.lr:g}")
+        raise ConfigError(
+            f"optim.eta_min: {optim.eta_min:g} is above optim.lr={optim.lr:g}", key="optim.eta_min"
+        )
     if optim.nesterov and optim.optimizer != "sgd":
         raise ConfigError(
             f"optim.nesterov: applies to optimizer 'sgd' only, not {optim.optimizer!r}; "
-            "set optim.nesterov=false or optim.optimizer=sgd"
+            "set optim.nesterov=false or optim.optimizer=sgd",
+            key="optim.nesterov",
         )
     if optim.nesterov and optim.momentum == 0:
-        raise ConfigError("optim.nesterov: needs optim.momentum > 0 (Nesterov momentum of 0)")
+        raise ConfigError(
+            "optim.nesterov: needs optim.momentum > 0 (Nesterov momentum of 0)",
+            key="optim.nesterov",
+        )
     if cfg.name is not None:
         check_folder_name("name", cfg.name)
 
@@ -325,13 +340,15 @@ def _check_applies(cfg: Config) -> None:
             allowed = f"{name}.{under}={listed(needed)}"
             raise ConfigError(
                 f"{dotted}: {_shown(value)} applies to {allowed} only, not {actual!r}; set "
-                f"{allowed}, or remove {dotted}"
+                f"{allowed}, or remove {dotted}",
+                key=dotted,
             )
     optim = cfg.optim
     if optim.milestones and optim.step_epochs != OptimSection.step_epochs:
         raise ConfigError(
             f"optim.step_epochs: {optim.step_epochs} is not used with optim.milestones, which "
-            "set the steps of decay; remove one of them"
+            "set the steps of decay; remove one of them",
+            key="optim.step_epochs",
         )
 
 
@@ -358,7 +375,8 @@ def check_folder_name(key: str, name: str) -> None:
     if not _NAME_PATTERN.fullmatch(name):
         raise ConfigError(
             f"{key}: {name!r} is not a folder name; use letters, digits, '.', '_' and '-', "
-            "starting with a letter or a digit"
+            "starting with a letter or a digit",
+            key=key,
         )
 
 
@@ -366,9 +384,10 @@ def model_error(err: ValueError) -> ConfigError:
     """A model option's error under the key a config writes it as: "m=0 must be ..." from the
     solver's options reads "model.solver_options.m=0 must be ...", another "model: ..."."""
     message = str(err).splitlines()[0]
-    if re.match(r"[A-Za-z_][\w.]*=", message):
-        return ConfigError(f"model.{message}")
-    return ConfigError(f"model: {message}")
+    option = re.match(r"[A-Za-z_][\w.]*(?==)", message)
+    if option:
+        return ConfigError(f"model.{message}", key=f"model.{option.group()}")
+    return ConfigError(f"model: {message}", key="model")
 
 
 def _given_options(model: ModelSection) -> dict[str, Any]:
@@ -401,15 +420,20 @@ def _check_search(search: SearchSection) -> None:
     """The variants' rows and the paper reference of a search section."""
     _check_variants(search.variants)
     if search.population_size == 1:
-        raise ConfigError("search.population_size: must be 0 (Optuna's default, 50) or >= 2, got 1")
+        raise ConfigError(
+            "search.population_size: must be 0 (Optuna's default, 50) or >= 2, got 1",
+            key="search.population_size",
+        )
     unknown = set(search.paper) - {"table"}
     if unknown:
-        raise ConfigError(f"search.paper.{sorted(unknown)[0]}: unknown key; allowed keys: table")
+        key = f"search.paper.{sorted(unknown)[0]}"
+        raise ConfigError(f"{key}: unknown key; allowed keys: table", key=key)
     table = search.paper.get("table", PAPER_TABLES[0])
     if isinstance(table, bool) or table not in PAPER_TABLES:
         raise ConfigError(
             f"search.paper.table: {table!r} is not a table of the paper; "
-            f"choose one of {', '.join(map(str, PAPER_TABLES))}"
+            f"choose one of {', '.join(map(str, PAPER_TABLES))}",
+            key="search.paper.table",
         )
 
 
@@ -421,22 +445,28 @@ def _check_variants(variants: Sequence[Mapping[str, Any]]) -> None:
     for index, row in enumerate(variants):
         where = f"search.variants[{index}]"
         if not row:
-            raise ConfigError(f"{where}: expected a mapping of dotted keys to values")
+            raise ConfigError(f"{where}: expected a mapping of dotted keys to values", key=where)
         label = row.get("label", "")
         if not isinstance(label, str):
-            raise ConfigError(f"{where}.label: expected a string")
+            raise ConfigError(f"{where}.label: expected a string", key=f"{where}.label")
         first = labelled.setdefault(label, index) if label else index
         settings = [{k: v for k, v in r.items() if k != "seed"} for r in (variants[first], row)]
         if settings[0] != settings[1]:
             raise ConfigError(
                 f"{where}: sets other values than search.variants[{first}] under the same label "
-                f"{label!r} (the results average a label's trials as seeds); give it its own label"
+                f"{label!r} (the results average a label's trials as seeds); give it its own label",
+                key=where,
             )
         for key, value in row.items():
             if not isinstance(key, str):
-                raise ConfigError(f"{where}: key {key!r} is not a dotted setting (model.solver)")
+                raise ConfigError(
+                    f"{where}: key {key!r} is not a dotted setting (model.solver)", key=where
+                )
             if isinstance(value, Mapping):
-                raise ConfigError(f"{where}.{key}: expected a value (variants take no primitives)")
+                raise ConfigError(
+                    f"{where}.{key}: expected a value (variants take no primitives)",
+                    key=f"{where}.{key}",
+                )
 
 
 def without(tree: Mapping[str, Any], dotted: str) -> dict[str, Any]:
@@ -590,7 +620,8 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Mapping[str, Any]) -> dic
                 node[part] = {}
             child = node[part]
             if not isinstance(child, MutableMapping):
-                raise ConfigError(f"{'.'.join(path[: i + 1])}: is a value, not a section")
+                key = ".".join(path[: i + 1])
+                raise ConfigError(f"{key}: is a value, not a section", key=key)
             node = child
         node[last] = value
     return result
@@ -674,12 +705,13 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def in_file(err: ConfigError, path: str | Path, overrides: Mapping[str, Any]) -> ConfigError:
-    """`err` with the file `path` named after it, unless an override set the key it names
-    first (or one in it: a rule's `search.conditional[0].space.model.solver_options.m`): a
-    user of several files sees which one holds the bad value."""
-    found = _ERROR_KEY.match(str(err))
-    key = found.group() if found else ""
-    if any(f".{k}." in f".{key}." or k.startswith(f"{key}.") for k in overrides):
+    """`err` with the file `path` named after it, unless an override set its key (or one in
+    it: a rule's `search.conditional[0].space.model.solver_options.m`): a user of several
+    files sees which one holds the bad value."""
+    key = err.key
+    if key is not None and any(
+        f".{k}." in f".{key}." or k.startswith(f"{key}.") for k in overrides
+    ):
         return err
     return ConfigError(f"{err} (in {path})")
 

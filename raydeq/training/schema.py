@@ -16,7 +16,12 @@ _BOUNDS = {"ge": (">=", operator.ge), "gt": (">", operator.gt), "le": ("<=", ope
 
 
 class ConfigError(ValueError):
-    """A configuration key is unknown, or its value has the wrong type or is out of range."""
+    """A configuration key is unknown, or its value has the wrong type or is out of range;
+    `key` is the dotted key the message names first (None for an error about no one key)."""
+
+    def __init__(self, message: str, *, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
 
 
 def option(
@@ -62,7 +67,7 @@ def _finite(key: str, value: int | float) -> float:
         value = float(value)
         if math.isfinite(value):
             return value
-    raise ConfigError(f"{key}: expected a finite number, got {reprlib.repr(value)}")
+    raise ConfigError(f"{key}: expected a finite number, got {reprlib.repr(value)}", key=key)
 
 
 def listed(choices: Sequence[str]) -> str:
@@ -90,7 +95,7 @@ def _coerce(key: str, value: Any, kind: Any, choices: tuple[str, ...] | None = N
             kind = next((k for k in kinds if _ACCEPTS[k][1](value)), None)
             if kind is None:
                 expected = " or ".join(_expected(k, choices) for k in kinds)
-                raise ConfigError(f"{key}: expected {expected}, got {reprlib.repr(value)}")
+                raise ConfigError(f"{key}: expected {expected}, got {reprlib.repr(value)}", key=key)
         else:
             kind = kinds[0]
     if kind is float and isinstance(value, str):
@@ -100,7 +105,7 @@ def _coerce(key: str, value: Any, kind: Any, choices: tuple[str, ...] | None = N
             pass
     if not _ACCEPTS[kind][1](value):
         expected = _expected(kind, choices)
-        raise ConfigError(f"{key}: expected {expected}, got {reprlib.repr(value)}")
+        raise ConfigError(f"{key}: expected {expected}, got {reprlib.repr(value)}", key=key)
     if kind is float:
         return _finite(key, value)
     if kind == tuple[dict, ...]:
@@ -118,25 +123,32 @@ def _check_range(key: str, value: Any, meta: Mapping[str, Any], kind: Any) -> No
         allowed = ", ".join(meta["choices"])
         others = [_ACCEPTS[k][0] for k in get_args(kind) if k not in (str, type(None))]
         also = f" (or {' or '.join(others)})" if others else ""
-        raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {allowed}{also}")
+        raise ConfigError(
+            f"{key}: {value!r} is not allowed; choose one of {allowed}{also}", key=key
+        )
     for name, (sign, holds) in _BOUNDS.items():
         bound = meta[name]
         if bound is not None and not holds(value, bound):
             shown = bound if isinstance(bound, int) else f"{bound:g}"
-            raise ConfigError(f"{key}: must be {sign} {shown}, got {reprlib.repr(value)}")
+            raise ConfigError(f"{key}: must be {sign} {shown}, got {reprlib.repr(value)}", key=key)
 
 
 def build_section(cls: type, raw: Any, prefix: str) -> Any:
     """Build the dataclass `cls` from the mapping `raw`, checking every key and value."""
     where = prefix.rstrip(".") or "config"
     if not isinstance(raw, Mapping):
-        raise ConfigError(f"{where}: expected a mapping of keys to values, got {reprlib.repr(raw)}")
+        raise ConfigError(
+            f"{where}: expected a mapping of keys to values, got {reprlib.repr(raw)}", key=where
+        )
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in raw:
         if key not in fields:
             allowed = ", ".join(fields)
             shown = key if isinstance(key, str) and key.isprintable() else reprlib.repr(key)
-            raise ConfigError(f"{prefix}{shown}: unknown key; allowed keys in {where}: {allowed}")
+            raise ConfigError(
+                f"{prefix}{shown}: unknown key; allowed keys in {where}: {allowed}",
+                key=f"{prefix}{shown}",
+            )
     hints = get_type_hints(cls)
     values = {}
     for name, spec in fields.items():
