@@ -809,6 +809,24 @@ def test_the_stored_settings_give_back_the_experiment_and_every_option(tmp_path)
     assert loaded.search.num_samples == 2
 
 
+def test_a_stored_search_of_no_mode_keeps_the_max_it_was_started_with(tmp_path):
+    """An experiment stored when an unset mode meant max (its Tune searcher and scheduler built
+    with max) is read back in mode max, not its metric's min, so that --resume and --report
+    rank as the search ran; one stored now keeps its metric's min."""
+    old = tmp_path / "old"
+    old.mkdir()
+    search = {"metric": "train_loss", "num_samples": 2}
+    options = vars(run.Options(None, 2, "fifo", 0))
+    stored = {"experiment": {**TINY, "search": search}, "options": options}
+    (old / run.SETTINGS_FILE).write_text(yaml.safe_dump(stored))
+    assert run.load_settings(str(old))[0].search.mode == "max"
+    new = str(tmp_path / "new")
+    run.save_settings(
+        new, spec.from_dict("new", {**TINY, "search": search}), run.Options(**options)
+    )
+    assert run.load_settings(new)[0].search.mode == "min"
+
+
 def test_the_stored_settings_keep_the_workers_given_over_workers_per_trial(tmp_path):
     """`--workers-per-trial 2` (scaling.num_workers=2) over a file's workers_per_trial 1: the
     resumed or reported experiment's trials have 2 workers, as the run's had, not 1."""

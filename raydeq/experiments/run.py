@@ -55,6 +55,8 @@ SYNC_PERIOD_S = 60
 UNBOUNDED_STEPS = 2**31
 UNFINISHED = (Trial.PENDING, Trial.RUNNING, Trial.PAUSED)
 ENDED = (Trial.TERMINATED, Trial.ERROR)
+# The mode of a search that set none, in experiments stored before settings stored their mode.
+OLD_MODE = "max"
 
 
 @dataclass(frozen=True)
@@ -175,7 +177,9 @@ def check_dashboard() -> None:
 
 def save_settings(path: str, experiment: Experiment, options: Options) -> None:
     """Store what the experiment runs with, so `--resume` and `--report` use the same."""
-    settings = {"experiment": experiment.raw, "options": vars(options)}
+    search = experiment.raw.get("search") or {}
+    stored = experiment.raw | {"search": {**search, "mode": experiment.search.mode}}
+    settings = {"experiment": stored, "options": vars(options)}
     write_bytes(f"{path}/{SETTINGS_FILE}", yaml.safe_dump(settings, sort_keys=False).encode())
 
 
@@ -198,9 +202,21 @@ def load_settings(path: str) -> tuple[Experiment, Options]:
     except ConfigError as err:
         raise ConfigError(f"{file}: {err}") from None
     try:
-        return from_dict(path.rstrip("/").rsplit("/", 1)[-1], experiment), options
+        return from_dict(path.rstrip("/").rsplit("/", 1)[-1], with_mode(experiment)), options
     except ConfigError as err:
         raise ConfigError(f"{file}: {err}") from None
+
+
+def with_mode(stored: Any) -> Any:
+    """Stored experiment settings with the search's mode that their run was started with: one
+    stored without it was started when an unset mode meant max (its searcher and scheduler
+    maximise), where it now means the metric's direction."""
+    search = stored.get("search") if isinstance(stored, dict) else None
+    if search is not None and not isinstance(search, dict):
+        return stored  # from_dict names it
+    if search is not None and search.get("mode") is not None:
+        return stored
+    return stored | {"search": {**(search or {}), "mode": OLD_MODE}}
 
 
 def asha_max_t(experiment: Experiment) -> int:
