@@ -346,6 +346,33 @@ def test_a_name_given_again_with_other_settings_is_refused_naming_them(tmp_path,
     )
 
 
+@pytest.mark.parametrize(
+    ("written", "now"),
+    [
+        ({"optim": {"optimizer": "adam", "momentum": 0.95}}, {"optim": {"optimizer": "adam"}}),
+        (
+            {"optim": {"schedule": "step", "milestones": [4], "step_epochs": 7, "eta_min": 0.1}},
+            {"optim": {"schedule": "step", "milestones": [4]}},
+        ),
+        ({"data": {"fake_classes": 3, "image_size": 64}}, {}),
+    ],
+)
+def test_a_checkpoint_of_a_setting_that_had_no_effect_resumes_without_it(tmp_path, written, now):
+    """A checkpoint stored when a setting that has no effect was taken (momentum 0.95 under
+    Adam, a step schedule's eta_min and step_epochs beside milestones, digits' fake_classes)
+    trained as one at its default: the run resumes without that setting, which is now refused,
+    while a setting that does take effect still differs."""
+    base = {"name": "run", "storage_path": str(tmp_path), "scaling": {"device": "cpu"}}
+    stored = config.trained_settings(config.validate(base))
+    for section, values in written.items():
+        stored[section].update(values)
+    cfg = config.validate({**base, **now})
+    config.check_settings("run", stored, cfg)
+    stored["optim"]["lr"] = 0.5
+    with pytest.raises(config.ConfigError, match=r"optim.lr: 0.5 there, 0.001 here\)"):
+        config.check_settings("run", stored, cfg)
+
+
 def test_the_settings_of_a_runs_checkpoints_are_checked_under_its_lock(tmp_path, monkeypatch):
     """The check that a run's checkpoints hold its settings ran before its lock was taken, up
     to 3 s earlier with the cluster's check between, so another driver could write checkpoints

@@ -529,7 +529,7 @@ def check_settings(folder: str, stored: Any, cfg: Config) -> None:
     records none, not a mapping, is not checked)."""
     if not isinstance(stored, dict):
         return
-    there, here = leaves(stored), leaves(trained_settings(cfg))
+    there, here = (_in_effect(leaves(s)) for s in (stored, trained_settings(cfg)))
     changed = [k for k in dict.fromkeys([*there, *here]) if there.get(k) != here.get(k)]
     if changed:
         shown = [f"{k}: {there.get(k)!r} there, {here.get(k)!r} here" for k in changed]
@@ -539,6 +539,20 @@ def check_settings(folder: str, stored: Any, cfg: Config) -> None:
             f"{folder}: holds a run trained with other settings ({listed}); run it with "
             "those to resume it, or give this run another name="
         )
+
+
+def _in_effect(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """Flat settings with each one that has no effect under the others (`APPLIES_UNDER`, a
+    step_epochs beside milestones) at its default: a checkpoint stored when such a setting was
+    taken (momentum 0.95 under Adam) was trained as one at the default, which now refuses it."""
+    defaults = leaves(json.loads(json.dumps(dataclasses.asdict(Config()))))
+    idle = [
+        dotted
+        for dotted, (under, needed) in APPLIES_UNDER.items()
+        if flat.get(f"{dotted.split('.')[0]}.{under}", needed[0]) not in needed
+    ]
+    idle += ["optim.step_epochs"] if flat.get("optim.milestones") else []
+    return {**flat, **{key: defaults[key] for key in idle if key in flat}}
 
 
 def validate(raw: Mapping[str, Any]) -> Config:
