@@ -827,6 +827,27 @@ def test_a_stored_search_of_no_mode_keeps_the_max_it_was_started_with(tmp_path):
     assert run.load_settings(new)[0].search.mode == "min"
 
 
+def test_a_stored_experiment_of_a_setting_without_effect_resumes_at_its_default(tmp_path):
+    """An experiment stored when momentum under Adam was taken (and had no effect) is read
+    back with momentum at its default, where its settings were refused and --resume could
+    not go on; one whose variant runs SGD, where that momentum took effect, is refused still."""
+    base = {**TINY, "optim": {"optimizer": "adam", "momentum": 0.95}}
+    options = vars(run.Options(None, 1, "fifo", 0))
+    space = {"search": {"space": {"optim.lr": {"choice": [0.001, 0.01]}}}}
+    (tmp_path / run.SETTINGS_FILE).write_text(
+        yaml.safe_dump({"experiment": base | space, "options": options})
+    )
+    experiment, _ = run.load_settings(str(tmp_path))
+    optim = experiment.trial_config({"optim": {"lr": 0.01}}).optim
+    assert (optim.optimizer, optim.lr, optim.momentum) == ("adam", 0.01, 0.9)
+    variants = {"search": {"variants": [{"optim.optimizer": "sgd"}]}}
+    (tmp_path / run.SETTINGS_FILE).write_text(
+        yaml.safe_dump({"experiment": base | variants, "options": options})
+    )
+    with pytest.raises(ConfigError, match="optim.momentum: 0.95 applies to optim.optimizer=sgd"):
+        run.load_settings(str(tmp_path))
+
+
 def test_the_stored_settings_keep_the_workers_given_over_workers_per_trial(tmp_path):
     """`--workers-per-trial 2` (scaling.num_workers=2) over a file's workers_per_trial 1: the
     resumed or reported experiment's trials have 2 workers, as the run's had, not 1."""

@@ -28,6 +28,7 @@ from ray.tune.search import BasicVariantGenerator, SearchAlgorithm, Searcher
 
 from raydeq.experiments import search as searchers
 from raydeq.experiments.archive import archive_results, history
+from raydeq.experiments.primitives import dimensions
 from raydeq.experiments.results import recorded_trials
 from raydeq.experiments.spec import (
     Experiment,
@@ -38,7 +39,16 @@ from raydeq.experiments.spec import (
     trial_name,
 )
 from raydeq.training import capacity, launch
-from raydeq.training.config import SCHEDULERS, Config, ConfigError
+from raydeq.training.config import (
+    DECIDED_BY,
+    DEFAULTS,
+    SCHEDULERS,
+    Config,
+    ConfigError,
+    apply_overrides,
+    leaves,
+    without_effect,
+)
 from raydeq.training.reporting import progress_line
 from raydeq.training.schema import build_section, option
 from raydeq.training.session import TuneTrial
@@ -202,7 +212,8 @@ def load_settings(path: str) -> tuple[Experiment, Options]:
     except ConfigError as err:
         raise ConfigError(f"{file}: {err}") from None
     try:
-        return from_dict(path.rstrip("/").rsplit("/", 1)[-1], with_mode(experiment)), options
+        settings = settled(with_mode(experiment))
+        return from_dict(path.rstrip("/").rsplit("/", 1)[-1], settings), options
     except ConfigError as err:
         raise ConfigError(f"{file}: {err}") from None
 
@@ -217,6 +228,34 @@ def with_mode(stored: Any) -> Any:
     if search is not None and search.get("mode") is not None:
         return stored
     return stored | {"search": {**(search or {}), "mode": OLD_MODE}}
+
+
+def settled(stored: Any) -> Any:
+    """Stored experiment settings with the base's settings that have no effect (momentum under
+    Adam) at their defaults, as their trials ran them: an experiment stored before such a
+    setting was refused could not be read back. One the search sets, or sets what decides it
+    (a variant of SGD), is left to be refused, naming it."""
+    if not isinstance(stored, dict):
+        return stored
+    flat = leaves({k: v for k, v in stored.items() if k != "search"})
+    searched = searched_keys(stored.get("search"))
+    idle = [
+        key
+        for key in without_effect(DEFAULTS | flat)
+        if key in flat and searched.isdisjoint((key, *DECIDED_BY[key]))
+    ]
+    return apply_overrides(stored, {key: DEFAULTS[key] for key in idle})
+
+
+def searched_keys(search: Any) -> set[str]:
+    """The settings that a search section's variants, space and conditional rules set."""
+    if not isinstance(search, dict):
+        return set()
+    rules = [r for r in search.get("conditional") or [] if isinstance(r, dict)]
+    spaces = [search.get("space"), *(r.get("space") for r in rules)]
+    keys = {k for space in spaces if isinstance(space, dict) for k in dimensions(space)}
+    keys |= {k for r in rules if isinstance(r.get("when"), dict) for k in r["when"]}
+    return keys | {k for row in search.get("variants") or [] if isinstance(row, dict) for k in row}
 
 
 def asha_max_t(experiment: Experiment) -> int:

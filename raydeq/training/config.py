@@ -541,18 +541,31 @@ def check_settings(folder: str, stored: Any, cfg: Config) -> None:
         )
 
 
-def _in_effect(flat: Mapping[str, Any]) -> dict[str, Any]:
-    """Flat settings with each one that has no effect under the others (`APPLIES_UNDER`, a
-    step_epochs beside milestones) at its default: a checkpoint stored when such a setting was
-    taken (momentum 0.95 under Adam) was trained as one at the default, which now refuses it."""
-    defaults = leaves(json.loads(json.dumps(dataclasses.asdict(Config()))))
+# Every setting's default, by dotted key, as plain JSON values.
+DEFAULTS = leaves(json.loads(json.dumps(dataclasses.asdict(Config()))))
+# The keys that decide whether a setting of `without_effect` has an effect.
+DECIDED_BY = {
+    dotted: (f"{dotted.split('.')[0]}.{under}",) for dotted, (under, _) in APPLIES_UNDER.items()
+}
+DECIDED_BY["optim.step_epochs"] += ("optim.milestones",)
+
+
+def without_effect(flat: Mapping[str, Any]) -> list[str]:
+    """The settings that have no effect under the others of flat settings (`APPLIES_UNDER`, a
+    step_epochs beside milestones), which a config now refuses set off their defaults."""
     idle = [
         dotted
         for dotted, (under, needed) in APPLIES_UNDER.items()
         if flat.get(f"{dotted.split('.')[0]}.{under}", needed[0]) not in needed
     ]
-    idle += ["optim.step_epochs"] if flat.get("optim.milestones") else []
-    return {**flat, **{key: defaults[key] for key in idle if key in flat}}
+    return idle + (["optim.step_epochs"] if flat.get("optim.milestones") else [])
+
+
+def _in_effect(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """Flat settings with each one `without_effect` at its default: a checkpoint stored when
+    such a setting was taken (momentum 0.95 under Adam) was trained as one at the default,
+    which now refuses it."""
+    return {**flat, **{key: DEFAULTS[key] for key in without_effect(flat) if key in flat}}
 
 
 def validate(raw: Mapping[str, Any]) -> Config:
