@@ -178,7 +178,8 @@ def start(args: argparse.Namespace) -> tuple[Experiment, str, run.Options | None
     _check_flags(args)
     if args.resume or args.report:
         _refuse_new_run_flags(args)
-        path = _path(args, load(args.experiment))
+        # The file is read for its name and storage, the run's settings from its folder.
+        path = _path(args, load(args.experiment, stored=True))
         if not run.has_settings(path):
             flag = "--resume" if args.resume else "--report"
             raise ConfigError(

@@ -2383,6 +2383,60 @@ def test_a_resume_of_a_finished_experiment_writes_its_results_without_starting_r
     assert not (folder / "results.md").exists()
 
 
+REFUSED_SINCE = {
+    "a rule drawing what the space draws": {
+        "searcher": "tpe",
+        "space": {"model": {"solver": {"choice": ["vcab3", "anderson"]}}, "optim.lr": 0.01},
+        "conditional": [
+            {"when": {"model.solver": "anderson"}, "space": {"model.solver": {"choice": ["vcab3"]}}}
+        ],
+    },
+    "an integer range of a bound no integer": {"space": {"seed": {"randint": [1.5, 3]}}},
+    "a range of a bound no finite number": {"space": {"optim.lr": {"randn": [math.nan, 1]}}},
+    "a key written dotted and nested": {
+        "searcher": "tpe",
+        "space": {"model.solver": {"choice": ["vcab3", "anderson"]}},
+        "conditional": [
+            {
+                "when": {"model.solver": "anderson"},
+                "space": {
+                    "model.solver_options.m": {"choice": [3]},
+                    "model": {"solver_options": {"m": {"choice": [4]}}},
+                },
+            }
+        ],
+    },
+}
+
+
+@pytest.mark.parametrize("search", REFUSED_SINCE.values(), ids=REFUSED_SINCE)
+def test_an_experiment_stored_with_a_space_refused_since_is_reported_and_resumed(
+    tmp_path, capsys, monkeypatch, search
+):
+    """A run started before a check of its space (whose file and stored settings hold that
+    space) is still reported and resumed without an edit: its results draw from no space, and
+    Tune resumes its search from its own state."""
+    monkeypatch.setattr(runlock.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    monkeypatch.setattr(results, "plot", lambda *args: b"")
+    file, folder = stored_tiny_experiment(tmp_path)
+    with pytest.raises(ConfigError):
+        spec.from_dict("tiny", {**TINY, "search": search})
+    options = run.Options(gpus=None, num_samples=2, scheduler="fifo", max_concurrent=0)
+    run.save_settings(str(folder), spec.from_dict("tiny", TINY), options)
+    settings = yaml.safe_load((folder / run.SETTINGS_FILE).read_text())
+    settings["experiment"]["search"] |= search
+    (folder / run.SETTINGS_FILE).write_text(yaml.safe_dump(settings))
+    file.write_text(yaml.safe_dump({**TINY, "search": search}))
+    recorded_tiny_trials(folder, ["TERMINATED", "RUNNING"], monkeypatch)
+    assert rt.main([str(file), "--storage", str(tmp_path / "runs"), "--report"]) == 0
+    assert "| all | 2 | 62.50 ± 17.68 |" in (folder / "results.md").read_text()
+    run_without_ray(monkeypatch)
+    resumed = []
+    monkeypatch.setattr(run, "fit", lambda *args: resumed.append(args[3]) or (0, 0))
+    assert rt.main([str(file), "--storage", str(tmp_path / "runs"), "--resume"]) == 0
+    assert resumed == [True] and capsys.readouterr().err == ""
+
+
 @pytest.mark.parametrize(
     "statuses",
     [["TERMINATED", "RUNNING"], ["TERMINATED", "PENDING"], ["TERMINATED", "ERROR"], ["TERMINATED"]],

@@ -33,16 +33,17 @@ def is_primitive(spec: Any) -> bool:
     return isinstance(spec, Mapping) and len(spec) == 1 and next(iter(spec)) in PRIMITIVES
 
 
-def dimensions(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def dimensions(tree: Mapping[str, Any], prefix: str = "", *, once: bool = True) -> dict[str, Any]:
     """A space written nested (`model: {solver: ...}`) or dotted (`model.solver: ...`) as
-    {dotted key: primitive or constant}; a key written in both forms is a ConfigError."""
+    {dotted key: primitive or constant}; a key written in both forms is a ConfigError, or with
+    `once` False the one written last (as a run stored before that check drew it)."""
     flat: dict[str, Any] = {}
     for key, value in tree.items():
         if isinstance(value, Mapping) and not is_primitive(value):
-            found = dimensions(value, f"{prefix}{key}.")
+            found = dimensions(value, f"{prefix}{key}.", once=once)
         else:
             found = {f"{prefix}{key}": value}
-        for dotted in found.keys() & flat.keys():
+        for dotted in found.keys() & flat.keys() if once else ():
             raise ConfigError(
                 f"{dotted}: written twice in one search space, dotted and under its section; "
                 "keep one",
@@ -52,10 +53,11 @@ def dimensions(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def nested(tree: Mapping[str, Any]) -> dict[str, Any]:
+def nested(tree: Mapping[str, Any], *, once: bool = True) -> dict[str, Any]:
     """The space with its dotted keys written as sections (`optim.lr: x` as `optim: {lr: x}`),
-    the one form that Tune's variants and the trial configs merge key by key."""
-    return apply_overrides({}, dimensions(tree))
+    the one form that Tune's variants and the trial configs merge key by key (`once`: see
+    `dimensions`)."""
+    return apply_overrides({}, dimensions(tree, once=once))
 
 
 def _number(key: str, value: Any) -> float | int:

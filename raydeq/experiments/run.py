@@ -213,7 +213,8 @@ def load_settings(path: str) -> tuple[Experiment, Options]:
         raise ConfigError(f"{file}: {err}") from None
     try:
         settings = settled(with_mode(experiment))
-        return from_dict(path.rstrip("/").rsplit("/", 1)[-1], settings), options
+        name = path.rstrip("/").rsplit("/", 1)[-1]
+        return from_dict(name, settings, stored=True), options
     except ConfigError as err:
         raise ConfigError(f"{file}: {err}") from None
 
@@ -253,7 +254,7 @@ def searched_keys(search: Any) -> set[str]:
         return set()
     rules = [r for r in search.get("conditional") or [] if isinstance(r, dict)]
     spaces = [search.get("space"), *(r.get("space") for r in rules)]
-    keys = {k for space in spaces if isinstance(space, dict) for k in dimensions(space)}
+    keys = {k for space in spaces if isinstance(space, dict) for k in dimensions(space, once=False)}
     keys |= {k for r in rules if isinstance(r.get("when"), dict) for k in r["when"]}
     return keys | {k for row in search.get("variants") or [] if isinstance(row, dict) for k in row}
 

@@ -68,9 +68,23 @@ class Experiment:
         for a searcher, which draws every trial itself)."""
         if self.searched:
             return {}
-        space = domain("search.space", self.search.space)
+        return domain("search.space", self.search.space) | self._variant_grid()
+
+    def grid(self) -> dict[str, Any]:
+        """The grid of `param_space` alone (its grid_search dimensions, by dotted key, and the
+        variants), which decides how many trials a sample runs: a stored experiment's ranges
+        may be ones that checks added since refuse."""
+        grids = {
+            key: domain(f"search.space.{key}", spec)
+            for key, spec in dimensions(self.search.space).items()
+            if is_primitive(spec) and "grid_search" in spec
+        }
+        return grids | self._variant_grid()
+
+    def _variant_grid(self) -> dict[str, Any]:
+        """A grid over the variants under VARIANT, empty without variants."""
         variants = list(self.search.variants)
-        return space | ({VARIANT: tune.grid_search(variants)} if variants else {})
+        return {VARIANT: tune.grid_search(variants)} if variants else {}
 
     def space(self) -> searchers.Space:
         """The searcher's define-by-run space, the variants as its first points."""
@@ -208,12 +222,14 @@ def _rule_only(dotted: str) -> bool:
 
 def _rule_keys(search: Any) -> set[str]:
     """The keys that the conditional rules of a search section draw (malformed rules left to
-    `validate_search`)."""
+    `validate_search`, a key written both dotted and nested to the space's checks)."""
     rules = search.get("conditional") if isinstance(search, Mapping) else None
     spaces = (
         [r.get("space") for r in rules if isinstance(r, Mapping)] if isinstance(rules, list) else []
     )
-    return {k for space in spaces if isinstance(space, Mapping) for k in dimensions(space)}
+    return {
+        k for space in spaces if isinstance(space, Mapping) for k in dimensions(space, once=False)
+    }
 
 
 def _ruled(search: Any, overrides: Mapping[str, Any]) -> set[str]:
@@ -236,11 +252,18 @@ def _check_ruled(search: Mapping[str, Any], overrides: Mapping[str, Any]) -> Non
 
 
 def from_dict(
-    name: str, raw: Mapping[str, Any], overrides: Mapping[str, Any] | None = None
+    name: str,
+    raw: Mapping[str, Any],
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    stored: bool = False,
 ) -> Experiment:
     """An Experiment from a parsed YAML dict and dotted `key=value` overrides (see `_fix`).
 
     `search.workers_per_trial` sets the trials' `scaling.num_workers`; overrides come last.
+    `stored`: the settings of a run that has started, read for --resume and --report, whose
+    space is not checked for drawing (`_check_draws`): results draw from no space, a resumed
+    search from Tune's own state, so a check added since the run started must not refuse them.
     """
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{name}: expected a mapping of keys to values at the top level")
@@ -258,22 +281,32 @@ def from_dict(
         build_section(SearchSection, given, "search.")  # the types that `_fix` reads
         space = search.get("space")
         search = _fix(
-            {**search, "space": nested(space)} if isinstance(space, Mapping) else search, overrides
+            {**search, "space": nested(space, once=not stored)}
+            if isinstance(space, Mapping)
+            else search,
+            overrides,
         )
         _check_ruled(search, {k: v for k, v in overrides.items() if k in ruled})
     # The base holds workers_per_trial's effect: the settings a run stores, read back for a
     # resume, must not apply it again over a --workers-per-trial or scaling.num_workers given.
-    stored = search
+    kept = search
     if isinstance(search, Mapping):
-        stored = {k: v for k, v in search.items() if k != "workers_per_trial"}
-    experiment = Experiment(name, base, validate_search(search), base | {"search": stored})
+        kept = {k: v for k, v in search.items() if k != "workers_per_trial"}
+    experiment = Experiment(name, base, validate_search(search), base | {"search": kept})
     _check_searcher(experiment.search)
-    experiment.param_space()
     experiment.trial_config({})
+    if not stored:
+        _check_draws(experiment)
+    return experiment
+
+
+def _check_draws(experiment: Experiment) -> None:
+    """Check that the space builds as Tune's domains or the searcher's distributions, and that
+    every value it can draw makes a valid trial (`_check_space`)."""
+    experiment.param_space()
     if experiment.searched:
         experiment.space()
     _check_space(experiment)
-    return experiment
 
 
 def _check_space(experiment: Experiment) -> None:
@@ -395,13 +428,14 @@ def _check_searcher(search: SearchSection) -> None:
             )
 
 
-def load(experiment: str, overrides: Sequence[str] = ()) -> Experiment:
-    """Read `tune_configs/EXPERIMENT.yaml` (or a path), apply overrides, check the base."""
+def load(experiment: str, overrides: Sequence[str] = (), *, stored: bool = False) -> Experiment:
+    """Read `tune_configs/EXPERIMENT.yaml` (or a path), apply overrides, check the base
+    (`stored`: see `from_dict`)."""
     path = locate(experiment)
     parsed = parse_overrides(overrides)
     raw = read_yaml(path)
     try:
-        return from_dict(path.stem, raw, parsed)
+        return from_dict(path.stem, raw, parsed, stored=stored)
     except ConfigError as err:
         raise in_file(err, path, parsed) from None
 
@@ -433,7 +467,7 @@ def trial_count(experiment: Experiment, num_samples: int | None = None) -> int:
     samples = num_samples or experiment.search.num_samples
     if experiment.searched:
         return samples
-    grid = generate_variants(experiment.param_space(), constant_grid_search=True)
+    grid = generate_variants(experiment.grid(), constant_grid_search=True)
     return samples * sum(1 for _ in grid)
 
 
