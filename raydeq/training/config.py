@@ -534,9 +534,9 @@ def check_settings(folder: str, stored: Any, cfg: Config) -> None:
     if changed:
         shown = [f"{k}: {there.get(k)!r} there, {here.get(k)!r} here" for k in changed]
         more = len(shown) - SHOWN_CHANGES
-        listed = "; ".join(shown[:SHOWN_CHANGES]) + (f"; {more} more" if more > 0 else "")
+        changes = "; ".join(shown[:SHOWN_CHANGES]) + (f"; {more} more" if more > 0 else "")
         raise ConfigError(
-            f"{folder}: holds a run trained with other settings ({listed}); run it with "
+            f"{folder}: holds a run trained with other settings ({changes}); run it with "
             "those to resume it, or give this run another name="
         )
 
