@@ -28,13 +28,13 @@ from ray.tune.search import BasicVariantGenerator, SearchAlgorithm, Searcher
 
 from raydeq.experiments import search as searchers
 from raydeq.experiments.archive import archive_results, history
-from raydeq.experiments.primitives import dimensions
 from raydeq.experiments.results import recorded_trials
 from raydeq.experiments.spec import (
     Experiment,
     describe,
     from_dict,
     merge,
+    searched_keys,
     trial_count,
     trial_name,
 )
@@ -246,17 +246,6 @@ def settled(stored: Any) -> Any:
         if key in flat and searched.isdisjoint((key, *DECIDED_BY[key]))
     ]
     return apply_overrides(stored, {key: DEFAULTS[key] for key in idle})
-
-
-def searched_keys(search: Any) -> set[str]:
-    """The settings that a search section's variants, space and conditional rules set."""
-    if not isinstance(search, dict):
-        return set()
-    rules = [r for r in search.get("conditional") or [] if isinstance(r, dict)]
-    spaces = [search.get("space"), *(r.get("space") for r in rules)]
-    keys = {k for space in spaces if isinstance(space, dict) for k in dimensions(space, once=False)}
-    keys |= {k for r in rules if isinstance(r.get("when"), dict) for k in r["when"]}
-    return keys | {k for row in search.get("variants") or [] if isinstance(row, dict) for k in row}
 
 
 def asha_max_t(experiment: Experiment) -> int:

@@ -232,6 +232,22 @@ def _rule_keys(search: Any) -> set[str]:
     }
 
 
+def searched_keys(search: Any) -> set[str]:
+    """The settings that a search section's space, conditional rules and variants set
+    (malformed parts left to `validate_search`)."""
+    if not isinstance(search, Mapping):
+        return set()
+    space, rules = search.get("space"), search.get("conditional")
+    drawn = dimensions(space, once=False) if isinstance(space, Mapping) else ()
+    keys = _rule_keys(search) | set(drawn)
+    for rule in rules if isinstance(rules, list) else []:
+        when = rule.get("when") if isinstance(rule, Mapping) else None
+        keys |= set(when) if isinstance(when, Mapping) else set()
+    return keys | {
+        k for row in search.get("variants") or [] if isinstance(row, Mapping) for k in row
+    }
+
+
 def _ruled(search: Any, overrides: Mapping[str, Any]) -> set[str]:
     """The overridden keys that `_rule_only` fixes in the conditional rules that draw them."""
     drawn = _rule_keys(search)
