@@ -541,12 +541,15 @@ def check_settings(folder: str, stored: Any, cfg: Config) -> None:
         )
 
 
+def _deciding(dotted: str) -> str:
+    """The dotted key whose value decides whether a setting of `APPLIES_UNDER` has an effect."""
+    return f"{dotted.split('.')[0]}.{APPLIES_UNDER[dotted][0]}"
+
+
 # Every setting's default, by dotted key, as plain JSON values.
 DEFAULTS = leaves(json.loads(json.dumps(dataclasses.asdict(Config()))))
 # The keys that decide whether a setting of `without_effect` has an effect.
-DECIDED_BY = {
-    dotted: (f"{dotted.split('.')[0]}.{under}",) for dotted, (under, _) in APPLIES_UNDER.items()
-}
+DECIDED_BY = {dotted: (_deciding(dotted),) for dotted in APPLIES_UNDER}
 DECIDED_BY["optim.step_epochs"] += ("optim.milestones",)
 
 
@@ -555,8 +558,8 @@ def without_effect(flat: Mapping[str, Any]) -> list[str]:
     step_epochs beside milestones), which a config now refuses set off their defaults."""
     idle = [
         dotted
-        for dotted, (under, needed) in APPLIES_UNDER.items()
-        if flat.get(f"{dotted.split('.')[0]}.{under}", needed[0]) not in needed
+        for dotted, (_, needed) in APPLIES_UNDER.items()
+        if flat.get(_deciding(dotted), needed[0]) not in needed
     ]
     return idle + (["optim.step_epochs"] if flat.get("optim.milestones") else [])
 
