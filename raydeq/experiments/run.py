@@ -186,7 +186,8 @@ def check_dashboard() -> None:
 
 
 def save_settings(path: str, experiment: Experiment, options: Options) -> None:
-    """Store what the experiment runs with, so `--resume` and `--report` use the same."""
+    """Store what the experiment runs with, so `--resume` and `--report` use the same: its
+    search's mode written out, which another default of an unset mode would change."""
     search = experiment.raw.get("search") or {}
     stored = experiment.raw | {"search": {**search, "mode": experiment.search.mode}}
     settings = {"experiment": stored, "options": vars(options)}
