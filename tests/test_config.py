@@ -209,7 +209,7 @@ def test_lambda_skip_defaults_to_the_presets_and_amp_reads_yaml_off():
             {"model": {"compile": "graphs"}},
             "model.compile: 'graphs' is not allowed; choose one of graph (or true or false)",
         ),
-        ({"model": {"compile": 1}}, "model.compile: expected true or false or graph, got 1"),
+        ({"model": {"compile": 1}}, "model.compile: expected true, false or graph, got 1"),
         ({"model": {"adjoint": 5}}, "model.adjoint: expected gmres, fixed_point, jfb, "),
         ({"search": {"scheduler": "pbt"}}, "search.scheduler: 'pbt' is not allowed; choose one"),
         ({"search": {"num_samples": 0}}, "search.num_samples: must be >= 1, got 0"),

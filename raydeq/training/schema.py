@@ -76,12 +76,19 @@ def listed(choices: Sequence[str]) -> str:
     return f"{', '.join(rest)} or {last}" if rest else last
 
 
-def _expected(kind: Any, choices: tuple[str, ...] | None) -> str:
-    """What a value of type `kind` must be, a string of a field with choices as those choices
-    ("off, bf16 or fp16"), not any string."""
+def _expected(kinds: Sequence[Any], choices: tuple[str, ...] | None) -> str:
+    """What a value of one of the types `kinds` must be, listed as one list ("true, false or
+    graph"), a string of a field with choices as those choices, not any string."""
+    return listed([named for kind in kinds for named in _alternatives(kind, choices)])
+
+
+def _alternatives(kind: Any, choices: tuple[str, ...] | None) -> list[str]:
+    """The values or kinds of value that type `kind` takes, one phrase each."""
+    if kind is bool:
+        return ["true", "false"]
     if kind is str and choices:
-        return listed(choices)
-    return _ACCEPTS[kind][0]
+        return list(choices)
+    return [_ACCEPTS[kind][0]]
 
 
 def _coerce(key: str, value: Any, kind: Any, choices: tuple[str, ...] | None = None) -> Any:
@@ -94,7 +101,7 @@ def _coerce(key: str, value: Any, kind: Any, choices: tuple[str, ...] | None = N
         if len(kinds) > 1:
             kind = next((k for k in kinds if _ACCEPTS[k][1](value)), None)
             if kind is None:
-                expected = " or ".join(_expected(k, choices) for k in kinds)
+                expected = _expected(kinds, choices)
                 raise ConfigError(f"{key}: expected {expected}, got {reprlib.repr(value)}", key=key)
         else:
             kind = kinds[0]
@@ -104,7 +111,7 @@ def _coerce(key: str, value: Any, kind: Any, choices: tuple[str, ...] | None = N
         except ValueError:
             pass
     if not _ACCEPTS[kind][1](value):
-        expected = _expected(kind, choices)
+        expected = _expected([kind], choices)
         raise ConfigError(f"{key}: expected {expected}, got {reprlib.repr(value)}", key=key)
     if kind is float:
         return _finite(key, value)
