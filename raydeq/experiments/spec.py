@@ -356,8 +356,15 @@ def _check_space(experiment: Experiment) -> None:
                         experiment.trial_config(sampled)
                     except ConfigError as err:
                         raise ConfigError(
-                            f"{where}.{key}: {what} {value!r}: {err}", key=f"{where}.{key}"
+                            f"{where}.{key}: {what} {value!r}: {_unprefixed(err, key)}",
+                            key=f"{where}.{key}",
                         ) from None
+
+
+def _unprefixed(err: ConfigError, key: str) -> str:
+    """The message of `err` without its leading `key`, which the space's error names already."""
+    message = str(err)
+    return message.removeprefix(f"{key}: ") if err.key == key else message
 
 
 def _space_values(where: str, space: Mapping[str, Any]) -> dict[str, list[tuple[str, Any]]]:
