@@ -2684,3 +2684,25 @@ def test_the_trials_are_read_without_tunes_warning_over_trials_that_never_report
         assert results.recorded_trials("somewhere") == trials
     assert [r.getMessage() for r in caplog.records] == ["an error still shows"]
     assert logger.level == level
+
+
+def test_relative_paths_stay_where_the_experiment_was_started_from(tmp_path, monkeypatch):
+    """A trial builds its config in a Ray worker, which Tune moves into the trial's folder, and
+    --resume may run from another folder: relative data folders (the base's, a variant's) and
+    storage are read from the folder the experiment was started in, not from theirs."""
+    start, elsewhere = tmp_path / "start", tmp_path / "trial"
+    start.mkdir()
+    elsewhere.mkdir()
+    monkeypatch.chdir(start)
+    data = {"dataset": "imagenet", "data_dir": "images", "stage_to": "staged", "batch_size": 8}
+    raw = {**TINY, "data": data, "search": {"variants": [{"seed": 0}, {"data.data_dir": "other"}]}}
+    experiment = spec.from_dict("tiny", raw, {"storage_path": "runs"})
+    folder = str(tmp_path / "runs" / "tiny")
+    run.save_settings(folder, experiment, run.Options(None, 1, "fifo", 0))
+    monkeypatch.chdir(elsewhere)
+    for read in (experiment, run.load_settings(folder)[0]):
+        configs = [read.trial_config(sampled) for sampled in spec.expand(read)]
+        assert [c.data.data_dir for c in configs] == [str(start / "images"), str(start / "other")]
+        assert {(c.data.stage_to, c.storage_path) for c in configs} == {
+            (str(start / "staged"), str(start / "runs"))
+        }

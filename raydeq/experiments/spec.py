@@ -42,9 +42,12 @@ from raydeq.training.config import (
     without,
 )
 from raydeq.training.schema import build_section
+from raydeq.training.storage import absolute
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "tune_configs"
 VARIANT = "variant"
+# The settings that name a folder, made absolute where the experiment is read (see `pinned`).
+PATH_KEYS = ("storage_path", "data.data_dir", "data.stage_to")
 LABEL = "label"
 STEPS_KEY = "train.max_steps"
 
@@ -289,7 +292,7 @@ def from_dict(
     if isinstance(workers, int) and workers > 0:
         raw = apply_overrides(raw, {"scaling.num_workers": workers})
     ruled = _ruled(search, overrides)
-    raw = apply_overrides(raw, {k: v for k, v in overrides.items() if k not in ruled})
+    raw = pinned(apply_overrides(raw, {k: v for k, v in overrides.items() if k not in ruled}))
     base = {key: value for key, value in raw.items() if key != "search"}
     search = raw.get("search") or {}
     if isinstance(search, Mapping):
@@ -314,6 +317,30 @@ def from_dict(
     if not stored:
         _check_draws(experiment)
     return experiment
+
+
+def pinned(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """`raw` with the relative folders of its base and variants (PATH_KEYS) made absolute here:
+    a trial builds its config in a Ray worker that Tune runs in the trial's folder, and a
+    stored experiment is resumed from any folder."""
+    base = leaves({k: v for k, v in raw.items() if k != "search"})
+    raw = apply_overrides(raw, {k: absolute(base[k]) for k in PATH_KEYS if _is_path(base.get(k))})
+    search = raw.get("search")
+    variants = search.get("variants") if isinstance(search, Mapping) else None
+    if not isinstance(variants, list):
+        return raw
+    rows = [
+        {k: absolute(v) if k in PATH_KEYS and _is_path(v) else v for k, v in row.items()}
+        if isinstance(row, Mapping)
+        else row
+        for row in variants
+    ]
+    return raw | {"search": {**search, "variants": rows}}
+
+
+def _is_path(value: Any) -> bool:
+    """Whether a setting's value is a path to pin: a non-empty string (others are refused)."""
+    return isinstance(value, str) and bool(value.strip())
 
 
 def _check_draws(experiment: Experiment) -> None:
