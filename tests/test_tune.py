@@ -2706,3 +2706,13 @@ def test_relative_paths_stay_where_the_experiment_was_started_from(tmp_path, mon
         assert {(c.data.stage_to, c.storage_path) for c in configs} == {
             (str(start / "staged"), str(start / "runs"))
         }
+
+
+def test_an_experiment_file_of_an_upper_case_suffix_is_read_as_a_yaml_file(tmp_path):
+    """`Tiny.YAML` or `tiny.Yml` (as saved on systems that write suffixes in capitals) is a
+    YAML file, which `python -m raydeq.train` reads too, not 'not a .yaml or .yml file'."""
+    for name in ("Tiny.YAML", "tiny.Yml"):
+        (tmp_path / name).write_text(yaml.safe_dump(TINY))
+        experiment = spec.load(str(tmp_path / name))
+        assert experiment.name == name.split(".")[0]
+        assert experiment.trial_config({}).data.dataset == "digits"

@@ -134,7 +134,7 @@ def shipped(path: Path) -> Path | None:
 def locate(experiment: str) -> Path:
     """The YAML file of an experiment name (`tune_configs/NAME.yaml`) or path."""
     for candidate in (Path(experiment), Path("tune_configs") / f"{experiment}.yaml"):
-        if candidate.suffix in (".yaml", ".yml") and candidate.is_file():
+        if candidate.suffix.lower() in (".yaml", ".yml") and candidate.is_file():
             return candidate
     packaged = shipped(Path(experiment)) or CONFIG_DIR / f"{experiment}.yaml"
     if packaged.is_file():
