@@ -861,6 +861,22 @@ def test_read_newest_of_a_run_holding_only_copies_cut_short_is_a_checkpoint_erro
         checkpoint.read_newest(tmp_path / "run")
 
 
+def test_read_newest_of_a_folder_of_several_runs_refuses_to_pick_one(tmp_path):
+    """An experiment's folder holds a trial per folder, each with its checkpoints: its newest
+    step was taken across the trials, the weights of whichever trial ran longest, as if they
+    were the folder's; it is refused naming the runs."""
+    for trial, steps in (("trial_a", (4, 8)), ("trial_b", (12,)), ("trial_c", (2,))):
+        for step in steps:
+            checkpoint.write_checkpoint({"step": step}, tmp_path / trial / f"checkpoint_{step:06d}")
+    with pytest.raises(checkpoint.CheckpointError) as refused:
+        checkpoint.read_newest(tmp_path)
+    assert str(refused.value) == (
+        f"{tmp_path}: holds the checkpoints of 3 runs (trial_a, trial_b, trial_c); "
+        "name the folder of one"
+    )
+    assert checkpoint.read_newest(tmp_path / "trial_a")["step"] == 8
+
+
 def test_read_newest_passes_over_ray_trains_checkpoint_record_without_a_warning(tmp_path, caplog):
     """Ray Train keeps its record of a run's checkpoints in the file
     checkpoint_manager_snapshot.json beside them: it is no checkpoint, so reading the run's

@@ -156,11 +156,19 @@ def check_size(directory: Path, name: str, recorded: int | None) -> None:
 def read_newest(folder: Path) -> dict[str, Any]:
     """The state in a checkpoint folder, or in the newest readable `checkpoint_*` folder of a
     run's or a trial's folder, or of a folder in it (a trial of several workers keeps them in
-    its Train run), falling back past unreadable ones as a resume does."""
+    its Train run), falling back past unreadable ones as a resume does. A folder whose
+    folders hold the checkpoints of several runs (an experiment's trials) is refused: its
+    newest step would be some one run's, by how long it ran."""
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: no such folder")
     inside = [path for path in folder.glob("checkpoint_*") if path.is_dir()]
     inside = inside or [path for path in folder.glob("*/checkpoint_*") if path.is_dir()]
+    runs = sorted({path.parent.name for path in inside})
+    if len(runs) > 1:
+        raise CheckpointError(
+            f"{folder}: holds the checkpoints of {len(runs)} runs ({', '.join(runs[:3])}"
+            f"{', ...' if len(runs) > 3 else ''}); name the folder of one"
+        )
     if (folder / MANIFEST_FILE).exists() or not inside:
         return read_checkpoint(folder)
     local = pyarrow.fs.LocalFileSystem()
