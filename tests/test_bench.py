@@ -471,7 +471,7 @@ def test_node_benchmark_times_the_weights_of_a_training_checkpoint(tmp_path, cap
     for bad, message in (
         ("mnist_dense", "expected MODEL=CHECKPOINT_FOLDER"),
         (f"cifar10_large={folder}", "'cifar10_large' is not among --models"),
-        (f"mnist_dense={tmp_path / 'empty'}", "no valid manifest.json"),
+        (f"mnist_dense={tmp_path / 'empty'}", f"{tmp_path / 'empty'}: holds no checkpoint"),
         (f"mnist_dense={tmp_path / 'nothing'}", f"{tmp_path / 'nothing'}: no such folder"),
     ):
         with pytest.raises(SystemExit):

@@ -45,6 +45,7 @@ from raydeq.training import (
     config,
     data,
     launch,
+    load_model,
     loop,
     objective,
     preflight,
@@ -1170,6 +1171,68 @@ class RecordingSession(FolderSession):
     def report(self, metrics, checkpoint):
         saved = checkpoint and read_checkpoint(Path(checkpoint.path))["step"]
         self.reports.append((dict(metrics), saved))
+
+
+def test_load_model_gives_the_trained_model_of_a_run_a_trial_or_a_checkpoint_folder(tmp_path):
+    """A run stored as a trial of several workers stores it (its Train run in the trial's
+    folder): the model loaded from the trial's folder, the run's or its newest checkpoint's
+    is the trained one, in eval mode on the CPU, its logits those of the run's model to the
+    bit and its test accuracy the one the run reported with that checkpoint."""
+    cfg = make_config(tmp_path, max_steps=3, eval_batches=1)
+    run = loop.Loop(cfg, FolderSession(tmp_path / "trial" / "train"))
+    run.run()
+    model = run.state.model.eval()
+    newest = tmp_path / "trial" / "train" / "checkpoint_000003"
+    reported = json.loads((newest / REPORTS_FILE).read_text().splitlines()[-1])
+    splits = data.load_splits(cfg.data)
+    images = torch.stack([splits.test[i][0] for i in range(64)])
+    with torch.no_grad():
+        logits = model(images)[0]
+    for folder in (tmp_path / "trial", newest.parent, newest):
+        loaded = load_model(folder)
+        assert not loaded.training and next(loaded.parameters()).device.type == "cpu"
+        with torch.no_grad():
+            assert torch.equal(loaded(images)[0], logits)
+    test_data = itertools.islice(data.eval_loader(splits.test, cfg.data, 0, 1), 1)
+    totals = objective.evaluate(load_model(tmp_path / "trial"), test_data, torch.device("cpu"))
+    tested = objective.Evaluation(*totals.totals()).metrics()
+    assert tested["test_accuracy"] == reported["test_accuracy"] > 0.1
+
+
+def test_load_model_refuses_a_folder_without_a_checkpoint_or_settings_in_one_line(tmp_path):
+    """A folder without a checkpoint, a checkpoint written before checkpoints recorded their
+    settings, and one whose weights do not fit the model its settings build are refused
+    naming the folder and what is missing."""
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(checkpoint.CheckpointError) as refused:
+        load_model(tmp_path / "empty")
+    assert str(refused.value) == (
+        f"{tmp_path / 'empty'}: holds no checkpoint (no checkpoint_* folder in it or in a "
+        "folder in it, and no manifest.json)"
+    )
+    weights = models.build({"model": "mnist_dense"}).state_dict()
+    old = tmp_path / "old" / "checkpoint_000004"
+    checkpoint.write_checkpoint({"step": 4, "model": weights}, old)
+    with pytest.raises(checkpoint.CheckpointError) as refused:
+        load_model(tmp_path / "old")
+    assert str(refused.value) == (
+        f"{tmp_path / 'old'}: the checkpoint of step 4 records no settings (written before "
+        "checkpoints recorded them), so the model it holds cannot be built from them; build it "
+        "with raydeq.models.build and load into it the weights of "
+        "raydeq.training.checkpoint.read_newest(folder)['model']"
+    )
+    settings = config.trained_settings(make_config(tmp_path))
+    other = tmp_path / "other" / "checkpoint_000004"
+    checkpoint.write_checkpoint(
+        {"step": 4, "model": {"w": torch.ones(2)}, "settings": settings}, other
+    )
+    with pytest.raises(checkpoint.CheckpointError) as refused:
+        load_model(other)
+    assert str(refused.value) == (
+        f"{other}: the checkpoint of step 4 does not fit the model its settings build: its model "
+        "lacks 7 of the built model's tensors (stem.1.weight, stem.1.bias, layer.step, 4 more); "
+        "its model has 1 tensors past the built model's (w)"
+    )
 
 
 def test_each_checkpoint_keeps_the_reports_since_the_one_before_for_a_stopped_driver(tmp_path):

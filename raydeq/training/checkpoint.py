@@ -1,6 +1,7 @@
 """Checkpoint folders: written atomically, checksummed, read tensors-only, with a fallback.
 
-No Ray here: the benchmarks and any script read a run's weights with `read_checkpoint`.
+No Ray here: the benchmarks and any script read a run's weights with `read_checkpoint`, and
+`state.load_model` its trained model.
 """
 
 from __future__ import annotations
@@ -158,7 +159,8 @@ def read_newest(folder: Path) -> dict[str, Any]:
     run's or a trial's folder, or of a folder in it (a trial of several workers keeps them in
     its Train run), falling back past unreadable ones as a resume does. A folder whose
     folders hold the checkpoints of several runs (an experiment's trials) is refused: its
-    newest step would be some one run's, by how long it ran."""
+    newest step would be some one run's, by how long it ran; so is one without a checkpoint,
+    naming what it lacks."""
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: no such folder")
     inside = [path for path in folder.glob("checkpoint_*") if path.is_dir()]
@@ -168,6 +170,11 @@ def read_newest(folder: Path) -> dict[str, Any]:
         raise CheckpointError(
             f"{folder}: holds the checkpoints of {len(runs)} runs ({', '.join(runs[:3])}"
             f"{', ...' if len(runs) > 3 else ''}); name the folder of one"
+        )
+    if not inside and not any((folder / name).exists() for name in (MANIFEST_FILE, STATE_FILE)):
+        raise CheckpointError(
+            f"{folder}: holds no checkpoint (no checkpoint_* folder in it or in a folder in it, "
+            f"and no {MANIFEST_FILE})"
         )
     if (folder / MANIFEST_FILE).exists() or not inside:
         return read_checkpoint(folder)

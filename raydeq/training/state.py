@@ -1,16 +1,18 @@
 """Everything a resume restores (weights, optimizer, schedule, scaler, counters, RNG states),
-and the optimizer and schedule it is made of."""
+the optimizer and schedule it is made of, and the trained model a run's folder holds."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from raydeq.training.checkpoint import CheckpointError
+from raydeq import models
+from raydeq.training.checkpoint import CheckpointError, read_newest
 from raydeq.training.config import OptimSection
 
 
@@ -102,17 +104,19 @@ class TrainState:
 SHOWN_TENSORS = 3
 
 
-def model_misfits(model: nn.Module, saved: dict[str, Tensor]) -> list[str]:
+def model_misfits(
+    model: nn.Module, saved: dict[str, Tensor], whose: str = "this run's"
+) -> list[str]:
     """What of a checkpoint's model weights `saved` `model` cannot take: tensors it lacks or
-    has past the model's, or of another shape."""
+    has past the model's, or of another shape; `whose` names the model's in the message."""
     own = model.state_dict()
     lacked = [k for k in own if k not in saved]
     past = [k for k in saved if k not in own]
     reshaped = [k for k in own if k in saved and saved[k].shape != own[k].shape]
-    misfits = [f"model lacks {len(lacked)} of this run's tensors ({_names(lacked)})"] * bool(lacked)
-    misfits += [f"model has {len(past)} tensors past this run's ({_names(past)})"] * bool(past)
+    misfits = [f"model lacks {len(lacked)} of {whose} tensors ({_names(lacked)})"] * bool(lacked)
+    misfits += [f"model has {len(past)} tensors past {whose} ({_names(past)})"] * bool(past)
     return misfits + [
-        f"model's {k} is {list(saved[k].shape)} where this run's is {list(own[k].shape)}"
+        f"model's {k} is {list(saved[k].shape)} where {whose} is {list(own[k].shape)}"
         for k in reshaped[:SHOWN_TENSORS]
     ]
 
@@ -146,6 +150,35 @@ def refuse_misfits(folder: str, saved: dict[str, Any], misfits: list[str]) -> No
             f"{'; its '.join(misfits)}; run it with the settings it was trained with, or give "
             "this run another name="
         )
+
+
+def load_model(folder: str | Path) -> nn.Module:
+    """The trained model of a run's or a trial's folder, or of a checkpoint folder: built from
+    the settings its newest readable checkpoint records, with that checkpoint's weights (read
+    tensors-only, on the CPU), in eval mode. A CheckpointError names the folder and what it
+    lacks: a checkpoint, recorded settings, or weights that fit the model they build."""
+    folder = Path(folder)
+    saved = read_newest(folder)
+    settings = saved.get("settings")
+    if not isinstance(settings, dict):
+        raise CheckpointError(
+            f"{folder}: the checkpoint of step {saved['step']} records no settings (written "
+            "before checkpoints recorded them), so the model it holds cannot be built from "
+            "them; build it with raydeq.models.build and load into it the weights of "
+            "raydeq.training.checkpoint.read_newest(folder)['model']"
+        )
+    try:
+        model = models.build({k: v for k, v in settings["model"].items() if v is not None})
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{folder}: its settings build no model ({err})") from None
+    misfits = model_misfits(model, saved["model"], whose="the built model's")
+    if misfits:
+        raise CheckpointError(
+            f"{folder}: the checkpoint of step {saved['step']} does not fit the model its "
+            f"settings build: its {'; its '.join(misfits)}"
+        )
+    model.load_state_dict(saved["model"])
+    return model.eval()
 
 
 # Devices whose optimizer update torch runs as one fused kernel per step rather than about a
