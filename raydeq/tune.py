@@ -24,7 +24,7 @@ from contextlib import ExitStack
 from raydeq.experiments import run
 from raydeq.experiments import search as searchers
 from raydeq.experiments.results import report, written
-from raydeq.experiments.spec import Experiment, describe, expand, load
+from raydeq.experiments.spec import Experiment, check_draws, describe, expand, load
 from raydeq.training import data, launch, runlock
 from raydeq.training.config import SCHEDULERS, ConfigError, check_folder_name, parse_overrides
 from raydeq.training.preflight import check_run
@@ -187,6 +187,8 @@ def start(args: argparse.Namespace) -> tuple[Experiment, str, run.Options | None
                 f"trials started has saved nothing); start it without {flag}"
             )
         experiment, options = run.load_settings(path)
+        if args.dry_run:
+            check_listable(experiment, path)
         return experiment, path, options
     workers = [] if args.workers_per_trial is None else [args.workers_per_trial]
     overrides = [*args.overrides, *(f"scaling.num_workers={k}" for k in workers)]
@@ -206,6 +208,20 @@ def start(args: argparse.Namespace) -> tuple[Experiment, str, run.Options | None
     preflight(experiment, args.num_samples)
     check_storage(path)
     return experiment, path, None
+
+
+def check_listable(experiment: Experiment, path: str) -> None:
+    """Raise a ConfigError where the stored experiment at `path` has a space that checks added
+    since it started refuse: --dry-run cannot draw its trials, though --resume goes on from
+    Tune's own state of the search."""
+    try:
+        check_draws(experiment)
+    except ConfigError as err:
+        raise ConfigError(
+            f"{path}: --dry-run cannot list the trials of this experiment, its stored search "
+            f"space being refused since it started ({err}); --resume goes on from Tune's own "
+            "state of the search, and --report summarises the trials so far"
+        ) from None
 
 
 def refuse_started(path: str) -> None:

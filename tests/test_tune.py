@@ -2421,11 +2421,12 @@ def test_an_experiment_stored_with_a_space_refused_since_is_reported_and_resumed
 ):
     """A run started before a check of its space (whose file and stored settings hold that
     space) is still reported and resumed without an edit: its results draw from no space, and
-    Tune resumes its search from its own state."""
+    Tune resumes its search from its own state; --dry-run, which would draw from the space,
+    says in one line why it cannot list the trials."""
     monkeypatch.setattr(runlock.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
     monkeypatch.setattr(results, "plot", lambda *args: b"")
     file, folder = stored_tiny_experiment(tmp_path)
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError) as refused:
         spec.from_dict("tiny", {**TINY, "search": search})
     options = run.Options(gpus=None, num_samples=2, scheduler="fifo", max_concurrent=0)
     run.save_settings(str(folder), spec.from_dict("tiny", TINY), options)
@@ -2436,6 +2437,15 @@ def test_an_experiment_stored_with_a_space_refused_since_is_reported_and_resumed
     recorded_tiny_trials(folder, ["TERMINATED", "RUNNING"], monkeypatch)
     assert rt.main([str(file), "--storage", str(tmp_path / "runs"), "--report"]) == 0
     assert "| all | 2 | 62.50 ± 17.68 |" in (folder / "results.md").read_text()
+    capsys.readouterr()
+    argv = [str(file), "--storage", str(tmp_path / "runs"), "--resume", "--dry-run"]
+    assert rt.main(argv) == 2
+    assert capsys.readouterr() == (
+        "",
+        f"error: {folder}: --dry-run cannot list the trials of this experiment, its stored "
+        f"search space being refused since it started ({refused.value}); --resume goes on from "
+        "Tune's own state of the search, and --report summarises the trials so far\n",
+    )
     run_without_ray(monkeypatch)
     resumed = []
     monkeypatch.setattr(run, "fit", lambda *args: resumed.append(args[3]) or (0, 0))

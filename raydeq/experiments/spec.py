@@ -281,7 +281,7 @@ def from_dict(
 
     `search.workers_per_trial` sets the trials' `scaling.num_workers`; overrides come last.
     `stored`: the settings of a run that has started, read for --resume and --report, whose
-    space is not checked for drawing (`_check_draws`): results draw from no space, a resumed
+    space is not checked for drawing (`check_draws`): results draw from no space, a resumed
     search from Tune's own state, so a check added since the run started must not refuse them.
     """
     if not isinstance(raw, Mapping):
@@ -315,7 +315,7 @@ def from_dict(
     _check_searcher(experiment.search)
     experiment.trial_config({})
     if not stored:
-        _check_draws(experiment)
+        check_draws(experiment)
     return experiment
 
 
@@ -343,7 +343,7 @@ def _is_path(value: Any) -> bool:
     return isinstance(value, str) and bool(value.strip())
 
 
-def _check_draws(experiment: Experiment) -> None:
+def check_draws(experiment: Experiment) -> None:
     """Check that the space builds as Tune's domains or the searcher's distributions, and that
     every value it can draw makes a valid trial (`_check_space`)."""
     experiment.param_space()
