@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -2049,14 +2049,48 @@ def test_a_finished_run_started_again_reports_its_test_metrics_and_a_checkpoint_
     assert set(objective.TEST_METRICS) <= set(metrics) and "train_loss" not in metrics
 
 
-def test_the_learning_rate_in_tensorboard_is_the_cosine_schedules_after_each_step(tmp_path):
-    """optim.lr 0.01 annealed to 0 over 4 steps: after step k the rate is
-    0.005 (1 + cos(pi k / 4))."""
+def rates_used(schedule: Callable[[torch.optim.Optimizer], Any], steps: int) -> list[float]:
+    """The rate each of `steps` updates takes under torch's `schedule` of an optimizer of lr
+    0.01, read before the update as it is taken."""
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.01)
+    scheduler = schedule(optimizer)
+    used = []
+    for _ in range(steps):
+        used.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    return used
+
+
+LR_SCHEDULES = {
+    "cosine": (
+        {"eta_min": 0.0, "schedule": "cosine"},
+        lambda optimizer: torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=4),
+        [0.005 * (1 + math.cos(math.pi * k / 4)) for k in range(4)],
+    ),
+    "step": (
+        {"schedule": "step", "milestones": [2], "gamma": 0.1},
+        lambda optimizer: torch.optim.lr_scheduler.MultiStepLR(optimizer, [2], gamma=0.1),
+        [0.01, 0.01, 0.001, 0.001],
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("schedule", "torch_schedule", "expected"), LR_SCHEDULES.values(), ids=LR_SCHEDULES
+)
+def test_the_learning_rate_in_tensorboard_at_a_step_is_the_rate_that_step_took(
+    tmp_path, schedule, torch_schedule, expected
+):
+    """optim.lr 0.01 over 4 steps: step k is logged with the rate its update took, lr at step
+    1 (not the first step's after it), and a cosine's floor, reached after the last update,
+    at none; a milestone at 2 lowers the rate of step 3, the third update."""
+    assert rates_used(torch_schedule, 4) == pytest.approx(expected, abs=1e-12)
     cfg = validate(
         {
             "name": "run",
             "storage_path": str(tmp_path),
-            "optim": {"lr": 0.01, "eta_min": 0.0, "schedule": "cosine"},
+            "optim": {"lr": 0.01, **schedule},
             "train": {"epochs": 1, "max_steps": 4, "report_every": 4, "eval_batches": 1},
         }
     )
@@ -2064,7 +2098,6 @@ def test_the_learning_rate_in_tensorboard_is_the_cosine_schedules_after_each_ste
     events = EventAccumulator(str(Path(cfg.run_dir, reporting.TENSORBOARD_DIR)))
     events.Reload()
     rates = [(e.step, e.value) for e in events.Scalars("lr")]
-    expected = [0.005 * (1 + math.cos(math.pi * k / 4)) for k in (1, 2, 3, 4)]
     assert [step for step, _ in rates] == [1, 2, 3, 4]
     assert [rate for _, rate in rates] == pytest.approx(expected, abs=1e-9)
 

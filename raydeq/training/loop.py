@@ -162,6 +162,7 @@ class Loop:
         finite = not (bad_loss or bad_grad)
         overflow = state.scaler.is_enabled() and bad_grad > 0 and bad_loss == 0
         overflow = overflow and state.scaler.get_scale() > 1  # read for an overflow alone
+        rate = state.scheduler.get_last_lr()[0]  # this step's, logged with it
         # An overflow never reaches the optimizer: the scaler would hand a fused one the step
         # with its found_inf flag, and torch's fused SGD then leaves the momentum of a first
         # step as uninitialised memory (torch.empty_like), which the next update adds in.
@@ -180,6 +181,7 @@ class Loop:
         took = end - start + data_time
         rest = {"optimizer_time": end - backward_end, "data_time": data_time, "step_time": took}
         rest["images_per_second"] = len(labels) * self.world / took
+        rest["lr"] = rate
         metrics = counts | times | values | rest
         if pretraining:
             return {f"pretrain_{k}" if k in PRETRAIN_METRICS else k: v for k, v in metrics.items()}
@@ -195,7 +197,7 @@ class Loop:
         else:
             state.nonfinite_in_row = 0
             self.meter.add(metrics)
-            self.reporter.scalars(metrics | {"lr": state.scheduler.get_last_lr()[0]}, state.step)
+            self.reporter.scalars(metrics, state.step)
         counters = {"skipped_steps": state.skipped_steps, "overflow_steps": state.overflow_steps}
         self.reporter.scalars(counters, state.step)
         limit = self.cfg.train.max_nonfinite_steps
