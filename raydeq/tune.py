@@ -357,6 +357,8 @@ def run_experiment(
         except StorageError as err:
             print(f"error: {err}", file=sys.stderr)
             return 1
+        except KeyboardInterrupt:
+            return results_interrupted(path)
         return 0
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"  # no second TensorBoard stream
@@ -411,8 +413,21 @@ def write_results(path: str, experiment: Experiment, errors: int) -> int:
             file=sys.stderr,
         )
         return 1
+    except KeyboardInterrupt:
+        return results_interrupted(path)
     print(f"results in {path}: {', '.join(written(path, experiment))}")
     return 1 if errors else 0
+
+
+def results_interrupted(path: str) -> int:
+    """Say that Ctrl-C stopped the writing of the results of the experiment at `path`, which
+    writes each file beside it and renames it into place; returns the exit status."""
+    print(
+        f"\ninterrupted while writing the results of {path}; each file is whole, old or new: "
+        "--report writes them all again",
+        file=sys.stderr,
+    )
+    return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -2726,3 +2726,42 @@ def test_an_experiment_file_of_an_upper_case_suffix_is_read_as_a_yaml_file(tmp_p
         experiment = spec.load(str(tmp_path / name))
         assert experiment.name == name.split(".")[0]
         assert experiment.trial_config({}).data.dataset == "digits"
+
+
+def test_ctrl_c_while_the_results_are_written_exits_130_in_one_line_and_keeps_them_whole(
+    tmp_path, capsys, monkeypatch
+):
+    """Ctrl-C while --report writes the results, or a resume of an ended experiment writes
+    them again, ends in one line and status 130, not Python's traceback; the files written
+    before are whole, none is left half-written beside them, and --report then writes them."""
+    experiment = tmp_path / "tiny.yaml"
+    experiment.write_text(yaml.safe_dump(TINY))
+    folder = tmp_path / "runs" / "tiny"
+    run.save_settings(str(folder), spec.from_dict("tiny", TINY), run.Options(None, 1, "fifo", 0))
+    trial = SimpleNamespace(trial_id="ab_00000", status="TERMINATED", config={}, path="")
+    trial.path = str(folder / "trial_0")
+    Path(trial.path).mkdir()
+    write_reports(Path(trial.path, archive.RESULT_FILE), [{"step": 30, "test_accuracy": 0.75}])
+    monkeypatch.setattr(
+        results, "RecordedExperiment", lambda given: SimpleNamespace(trials=[trial])
+    )
+    monkeypatch.setattr(run, "finished", lambda *args: True)
+    drawn = results.plot
+
+    def interrupted(*args):
+        os.kill(os.getpid(), signal.SIGINT)
+
+    argv = [str(experiment), "--storage", str(tmp_path / "runs")]
+    monkeypatch.setattr(results, "plot", interrupted)
+    for flag in ("--report", "--resume"):
+        assert rt.main([*argv, flag]) == 130, flag
+        err = capsys.readouterr().err
+        assert err.splitlines()[-1] == (
+            f"interrupted while writing the results of {folder}; each file is whole, old or "
+            "new: --report writes them all again"
+        ), flag
+        assert pq.read_table(folder / "results.parquet").num_rows == 1
+        assert not list(folder.glob("*.partial"))
+    monkeypatch.setattr(results, "plot", drawn)
+    assert rt.main([*argv, "--report"]) == 0
+    assert (folder / "test_accuracy.png").read_bytes().startswith(b"\x89PNG")
