@@ -3,6 +3,8 @@
 import argparse
 import json
 import math
+import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -15,6 +17,7 @@ import torch
 
 from raydeq.bench.__main__ import MAX_THREADS, check_device, main, parse, parse_weights
 from raydeq.bench.harness import cases, models, timing, training
+from raydeq.bench.harness import report as report_module
 from raydeq.bench.harness.cases import (
     Outcome,
     backward_case,
@@ -44,6 +47,7 @@ from raydeq.bench.suites import memory as memory_suite
 from raydeq.bench.suites import overhead as overhead_suite
 from raydeq.bench.suites import torchdiffeq as torchdiffeq_suite
 from raydeq.models import PRESETS
+from raydeq.training import storage
 from raydeq.training.checkpoint import read_checkpoint, write_checkpoint
 from raydeq.training.objective import Objective
 from raydeq.training.storage import StorageError
@@ -1751,3 +1755,34 @@ def test_torchdeqs_implicit_backward_stops_on_the_2_norm_at_the_tolerance_times_
     assert seen["b_tol"] == pytest.approx(4e-5, rel=1e-12)
     assert seen["f_tol"] == pytest.approx(4 * torchdeq.FORWARD_TOL, rel=1e-12)
     assert (seen["b_solver"], seen["b_max_iter"], seen["ift"]) == ("broyden", 30, True)
+
+
+def test_ctrl_c_while_the_report_is_rewritten_keeps_the_suite_that_finished(
+    monkeypatch, tmp_path, capsys
+):
+    """Ctrl-C while the report is rewritten after a suite (its JSON written, its Markdown not
+    yet) ends in one line and status 130, not Python's traceback, with that suite in both
+    files and nothing half-written beside them."""
+    sent = []
+
+    def finished(ctx: Context) -> Section:
+        return Section("skip", "Finished first", ["a"], rows=[{"a": 1}])
+
+    def interrupted_once(path: str, payload: bytes) -> None:
+        if path.endswith(".md") and b"Finished first" in payload and not sent:
+            sent.append(path)
+            os.kill(os.getpid(), signal.SIGINT)
+        storage.write_bytes(path, payload)
+
+    monkeypatch.setitem(SUITES, "skip", finished)
+    monkeypatch.setattr(report_module, "write_bytes", interrupted_once)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--size", "tiny", "--only", "skip", "node", "--out", str(tmp_path)])
+    assert exit_info.value.code == 130
+    (md_path,) = tmp_path.glob("*-cpu.md")
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == f"interrupted in [skip]; the finished suites are in {md_path}"
+    assert "Traceback" not in err
+    assert "## Finished first (`skip`)" in md_path.read_text()
+    assert json.loads(md_path.with_suffix(".json").read_text())["sections"][0]["name"] == "skip"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [md_path.stem + ".json", md_path.name]

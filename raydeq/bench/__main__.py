@@ -223,6 +223,31 @@ def drop_no_cuda_runtime(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith(NO_CUDA_RUNTIME)
 
 
+def run_suite(name: str, ctx: Context, report: Report) -> None:
+    """Run one suite into the report; a suite that raises is reported (its traceback on stderr,
+    its error in the report's failures) so that the others still run."""
+    start = time.perf_counter()
+    print(f"[{name}] running", file=sys.stderr, flush=True)
+    try:
+        report.sections.append(SUITES[name](ctx))
+    except Exception as err:  # one suite's failure must not lose the others
+        traceback.print_exc()
+        report.failures[name] = error_line(err)
+        print(f"[{name}] failed: {report.failures[name]}", file=sys.stderr, flush=True)
+    else:
+        print(f"[{name}] {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+
+
+def interrupted(name: str, report: Report, stem: Path) -> None:
+    """End a run that Ctrl-C stopped in suite `name`, or in the rewrite after it, with status
+    130: the report is written again, so that a suite that finished before a cut rewrite is
+    in both files, and one line says where."""
+    write(report, stem)
+    kept = f"the finished suites are in {stem}.md" if report.sections else "none finished"
+    print(f"\ninterrupted in [{name}]; {kept}", file=sys.stderr)
+    sys.exit(130)
+
+
 def main(argv: Sequence[str] | None = None) -> Report:
     """Run the selected suites, rewriting the report after each one; returns it.
 
@@ -245,21 +270,11 @@ def main(argv: Sequence[str] | None = None) -> Report:
     stem = output_stem(report, args.out)
     json_path, md_path = write(report, stem)
     for name in args.only or SUITES:
-        start = time.perf_counter()
-        print(f"[{name}] running", file=sys.stderr, flush=True)
         try:
-            report.sections.append(SUITES[name](ctx))
+            run_suite(name, ctx, report)
+            json_path, md_path = write(report, stem)
         except KeyboardInterrupt:
-            kept = f"the finished suites are in {stem}.md" if report.sections else "none finished"
-            print(f"\ninterrupted in [{name}]; {kept}", file=sys.stderr)
-            sys.exit(130)
-        except Exception as err:  # one suite's failure must not lose the others
-            traceback.print_exc()
-            report.failures[name] = error_line(err)
-            print(f"[{name}] failed: {report.failures[name]}", file=sys.stderr, flush=True)
-        else:
-            print(f"[{name}] {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
-        json_path, md_path = write(report, stem)
+            interrupted(name, report, stem)
     print(report.to_markdown())
     print(f"wrote {json_path} and {md_path}", file=sys.stderr)
     if report.failures:
