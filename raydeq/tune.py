@@ -378,12 +378,13 @@ def run_experiment(
         fresh = options is None
         if fresh:
             options = new_options(args, experiment)
-        if own:  # before the settings are stored: the same command may then run again
+        # Before the settings are stored: the same command may then run again.
+        if own:
             launch.check_fits(*run.trial_workers(experiment, options.gpus))
-        if fresh:
-            run.save_settings(path, experiment, options)
         if options.scheduler == "asha":
             run.check_dashboard()
+        if fresh:
+            run.save_settings(path, experiment, options)
     except (ConfigError, StorageError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -2765,3 +2765,26 @@ def test_ctrl_c_while_the_results_are_written_exits_130_in_one_line_and_keeps_th
     monkeypatch.setattr(results, "plot", drawn)
     assert rt.main([*argv, "--report"]) == 0
     assert (folder / "test_accuracy.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_an_asha_run_refused_for_its_dashboard_is_not_stored_and_runs_again_with_fifo(
+    tmp_path, capsys, monkeypatch
+):
+    """The ASHA check's error asks for --scheduler fifo: the experiment it refused is not
+    stored, so the same command with --scheduler fifo starts it rather than finding it
+    started with asha (and --resume refuses --scheduler)."""
+    run_without_ray(monkeypatch)
+
+    def down() -> None:
+        raise ConfigError("scheduler asha: the Ray dashboard (state API) is not reachable")
+
+    monkeypatch.setattr(run, "check_dashboard", down)
+    monkeypatch.setattr(run, "fit", lambda *args: (0, 0))
+    file = tmp_path / "tiny.yaml"
+    file.write_text(yaml.safe_dump(TINY))
+    argv = [str(file), "--storage", str(tmp_path / "runs")]
+    assert rt.main([*argv, "--scheduler", "asha"]) == 2
+    assert capsys.readouterr().err.startswith("error: scheduler asha: the Ray dashboard")
+    assert not run.has_settings(str(tmp_path / "runs" / "tiny"))
+    assert rt.main([*argv, "--scheduler", "fifo"]) == 0
+    assert run.load_settings(str(tmp_path / "runs" / "tiny"))[1].scheduler == "fifo"
