@@ -388,6 +388,9 @@ def run_experiment(
     except (ConfigError, StorageError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except KeyboardInterrupt:  # in the ASHA check, which may wait 30 s for the dashboard
+        print("\ninterrupted before the trials started", file=sys.stderr)
+        return EXIT_INTERRUPTED
     print(f"tensorboard --logdir {path}", flush=True)
     try:
         errors, unfinished = run.fit(experiment, path, options, args.resume)

@@ -2788,3 +2788,25 @@ def test_an_asha_run_refused_for_its_dashboard_is_not_stored_and_runs_again_with
     assert not run.has_settings(str(tmp_path / "runs" / "tiny"))
     assert rt.main([*argv, "--scheduler", "fifo"]) == 0
     assert run.load_settings(str(tmp_path / "runs" / "tiny"))[1].scheduler == "fifo"
+
+
+def test_ctrl_c_in_the_checks_after_ray_starts_exits_130_in_one_line_with_nothing_stored(
+    tmp_path, capsys, monkeypatch
+):
+    """The ASHA check waits up to 30 s for Ray's dashboard: Ctrl-C there ends in one line and
+    status 130, not Python's traceback, and stores nothing, so the same command starts it."""
+    run_without_ray(monkeypatch)
+
+    def interrupted() -> None:
+        os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(run, "check_dashboard", interrupted)
+    monkeypatch.setattr(run, "fit", lambda *args: (0, 0))
+    file = tmp_path / "tiny.yaml"
+    file.write_text(yaml.safe_dump(TINY))
+    argv = [str(file), "--storage", str(tmp_path / "runs"), "--scheduler", "asha"]
+    assert rt.main(argv) == 130
+    assert capsys.readouterr().err == "\ninterrupted before the trials started\n"
+    assert not run.has_settings(str(tmp_path / "runs" / "tiny"))
+    monkeypatch.setattr(run, "check_dashboard", lambda: None)
+    assert rt.main(argv) == 0
