@@ -1786,3 +1786,35 @@ def test_ctrl_c_while_the_report_is_rewritten_keeps_the_suite_that_finished(
     assert "## Finished first (`skip`)" in md_path.read_text()
     assert json.loads(md_path.with_suffix(".json").read_text())["sections"][0]["name"] == "skip"
     assert sorted(p.name for p in tmp_path.iterdir()) == [md_path.stem + ".json", md_path.name]
+
+
+def test_sigterm_ends_a_run_as_ctrl_c_does_keeping_the_suites_that_finished(
+    monkeypatch, tmp_path, capsys
+):
+    """A batch scheduler's time limit sends SIGTERM: the run ends as on Ctrl-C, in one line
+    naming the report that holds the finished suites and status 130, where SIGTERM's default
+    killed it without a word (and a rewrite it cut left its partial file beside the report)."""
+
+    def finished(ctx: Context) -> Section:
+        return Section("skip", "Finished first", ["a"], rows=[{"a": 1}])
+
+    def terminated(ctx: Context) -> Section:
+        os.kill(os.getpid(), signal.SIGTERM)
+        return Section("node", "Never", ["a"])
+
+    def killed(signum: int, frame: object) -> None:
+        pytest.fail("SIGTERM killed the run")
+
+    monkeypatch.setitem(SUITES, "skip", finished)
+    monkeypatch.setitem(SUITES, "node", terminated)
+    previous = signal.signal(signal.SIGTERM, killed)
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--size", "tiny", "--only", "skip", "node", "--out", str(tmp_path)])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert exit_info.value.code == 130
+    (md_path,) = tmp_path.glob("*-cpu.md")
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == f"interrupted in [node]; the finished suites are in {md_path}"
+    assert "## Finished first (`skip`)" in md_path.read_text()

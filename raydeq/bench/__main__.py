@@ -6,6 +6,7 @@ import argparse
 import datetime
 import logging
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -255,6 +256,10 @@ def main(argv: Sequence[str] | None = None) -> Report:
     others still run; the run then exits with status 1.
     """
     args = parse(argv)
+    # SIGTERM (a batch scheduler's time limit, `kill`) ends the run as Ctrl-C does: its
+    # default killed it without a word, and a rewrite of the report it cut left its partial
+    # file beside it.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     device = args.device
     logging.getLogger("torch.utils.cpp_extension").addFilter(drop_no_cuda_runtime)
     if args.threads:
