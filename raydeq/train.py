@@ -90,6 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    launch.stop_before_ray_as_on_ctrl_c()
     with ExitStack() as held:
         try:
             cfg = load(config_file(args.config), args.overrides)

@@ -294,6 +294,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Command line entry point; returns the exit status (2 bad input, 1 failed trials or
     results that could not be written, 130 interrupted)."""
     args = _parser().parse_intermixed_args(argv)
+    launch.stop_before_ray_as_on_ctrl_c()
     with ExitStack() as held:
         try:
             experiment, path, options = start(args)

@@ -2496,3 +2496,28 @@ def test_ddp_keeps_the_workers_on_two_nodes_identical(tmp_path):
     for name, value in workers[0]["params"].items():
         assert torch.equal(value, workers[1]["params"][name]), name
     assert any(not torch.equal(v, initial[k]) for k, v in workers[0]["params"].items())
+
+
+def test_sigterm_in_the_preflight_exits_130_in_one_line_as_ctrl_c_does(
+    tmp_path, capsys, monkeypatch
+):
+    """A batch scheduler's SIGTERM before Ray starts (the preflight may list a large data
+    folder) ends the run as Ctrl-C does, in one line and status 130, where its default killed
+    it without a word."""
+
+    def terminated(cfg):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def killed(signum: int, frame: object) -> None:
+        pytest.fail("SIGTERM killed the run")
+
+    path = tmp_path / "run.yaml"
+    path.write_text(f"scaling: {{device: cpu}}\nstorage_path: {tmp_path / 'runs'}\n")
+    monkeypatch.setattr(train, "check_run", terminated)
+    previous = signal.signal(signal.SIGTERM, killed)
+    try:
+        assert train.main([str(path)]) == 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert capsys.readouterr().err == "\ninterrupted before training started\n"
+    assert runlock.holder(config.load(str(path)).run_dir) is None

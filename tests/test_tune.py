@@ -2810,3 +2810,31 @@ def test_ctrl_c_in_the_checks_after_ray_starts_exits_130_in_one_line_with_nothin
     assert not run.has_settings(str(tmp_path / "runs" / "tiny"))
     monkeypatch.setattr(run, "check_dashboard", lambda: None)
     assert rt.main(argv) == 0
+
+
+def test_sigterm_while_the_results_are_written_exits_130_in_one_line_as_ctrl_c_does(
+    tmp_path, capsys, monkeypatch
+):
+    """A batch scheduler's SIGTERM while --report writes the results ends it as Ctrl-C does,
+    in one line and status 130, where its default killed it without a word (a rewrite it cut
+    leaving its partial file beside the results)."""
+    experiment = tmp_path / "tiny.yaml"
+    experiment.write_text(yaml.safe_dump(TINY))
+    folder = tmp_path / "runs" / "tiny"
+    run.save_settings(str(folder), spec.from_dict("tiny", TINY), run.Options(None, 1, "fifo", 0))
+    monkeypatch.setattr(results, "RecordedExperiment", lambda given: SimpleNamespace(trials=[]))
+
+    def terminated(*args):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def killed(signum: int, frame: object) -> None:
+        pytest.fail("SIGTERM killed the report")
+
+    monkeypatch.setattr(results, "plot", terminated)
+    previous = signal.signal(signal.SIGTERM, killed)
+    try:
+        assert rt.main([str(experiment), "--storage", str(tmp_path / "runs"), "--report"]) == 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert capsys.readouterr().err.splitlines()[-1].startswith("interrupted while writing")
+    assert not list(folder.glob("*.partial"))
