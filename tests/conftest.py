@@ -5,9 +5,12 @@ the state API can list actors). Tests marked `multinode` build their own multi-n
 so they run after all the others, once the shared cluster has been shut down.
 """
 
+import json
 import logging
 import os
 import socket
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 
 import pyarrow.fs
@@ -143,6 +146,20 @@ def full_disk(monkeypatch: pytest.MonkeyPatch) -> None:
     """Local writes through raydeq.training.storage stop part way with ENOSPC (undo with
     monkeypatch.undo())."""
     monkeypatch.setattr(storage, "filesystem", lambda path: (_FullDisk(), storage.absolute(path)))
+
+
+def _loaded(statement: str, modules: list[str]) -> list[str]:
+    """Those of `modules` that a fresh Python has loaded after running `statement`."""
+    listed = f"print(json.dumps([m for m in {modules!r} if m in sys.modules]))"
+    check = f"import json, sys\n{statement}\n{listed}"
+    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+@pytest.fixture
+def loaded() -> Callable[[str, list[str]], list[str]]:
+    """Which of some modules a statement run in a fresh Python loads: what an import costs."""
+    return _loaded
 
 
 @pytest.fixture

@@ -1818,3 +1818,10 @@ def test_sigterm_ends_a_run_as_ctrl_c_does_keeping_the_suites_that_finished(
     err = capsys.readouterr().err
     assert err.splitlines()[-1] == f"interrupted in [node]; the finished suites are in {md_path}"
     assert "## Finished first (`skip`)" in md_path.read_text()
+
+
+def test_the_bench_command_loads_no_compile_stack_before_a_suite_compiles(loaded):
+    """`python -m raydeq.bench --help` and any suite but step_cost's compiled counts pay for no
+    import of torch.compile's inductor (and sympy under it): step_cost imports it where used."""
+    heavy = ["torch._inductor", "torch._dynamo", "sympy"]
+    assert loaded("import raydeq.bench.__main__", heavy) == []

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
-from torch._inductor import config as inductor_config
 from torch.autograd.profiler_util import FunctionEvent
 from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -142,6 +141,8 @@ def compiled_step_cost(solver: str, batch: int, dim: int, seed: int = 0) -> dict
     # kineto writes its start and stop, and on a machine without a GPU its failed device
     # probe, to stderr, between the bench's progress lines.
     os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+    from torch._inductor import config as inductor_config  # the compile stack: only here
+
     torch._dynamo.reset()
     try:
         with torch.no_grad(), inductor_config.patch({"cpp.enable_kernel_profile": True}):
