@@ -2838,3 +2838,9 @@ def test_sigterm_while_the_results_are_written_exits_130_in_one_line_as_ctrl_c_d
         signal.signal(signal.SIGTERM, previous)
     assert capsys.readouterr().err.splitlines()[-1].startswith("interrupted while writing")
     assert not list(folder.glob("*.partial"))
+
+
+def test_the_tune_command_loads_no_matplotlib_until_it_draws(loaded):
+    """`python -m raydeq.tune X --dry-run` and --help, and each trial's worker, pay for no
+    import of matplotlib: pyplot is imported at the first chart a report draws."""
+    assert loaded("import raydeq.tune, raydeq.experiments.run", ["matplotlib"]) == []

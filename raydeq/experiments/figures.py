@@ -1,21 +1,49 @@
 """Matplotlib without a display (the Agg backend) and figures as PNG bytes, for every chart an
-experiment writes (results, Pareto front, the paper's figures)."""
+experiment writes (results, Pareto front, the paper's figures).
+
+pyplot is imported on the first chart, not with this module: `python -m raydeq.tune` imports
+this for its reports, and a --dry-run, a --help or a trial's worker draws nothing.
+"""
 
 from __future__ import annotations
 
+import functools
 import io
 from collections.abc import Sequence
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
-import matplotlib
-from matplotlib.artist import Artist
+if TYPE_CHECKING:
+    from matplotlib.artist import Artist
+    from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-from matplotlib import pyplot as plt  # noqa: E402  (the backend is chosen first)
-
-__all__ = ["plt", "png"]
+__all__ = ["png", "subplots"]
 
 
-def png(figure: plt.Figure, dpi: int = 120, outside: Sequence[Artist] = ()) -> bytes:
+@functools.cache
+def _pyplot() -> ModuleType:
+    """matplotlib.pyplot on the Agg backend, chosen before pyplot is first imported."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    return pyplot
+
+
+def __getattr__(name: str) -> ModuleType:
+    """`plt`, pyplot on the Agg backend, imported when first asked for."""
+    if name == "plt":
+        return _pyplot()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def subplots(*args: Any, **kwargs: Any) -> Any:
+    """pyplot.subplots on the Agg backend: a figure and its axes."""
+    return _pyplot().subplots(*args, **kwargs)
+
+
+def png(figure: Figure, dpi: int = 120, outside: Sequence[Artist] = ()) -> bytes:
     """The figure, laid out, as PNG bytes; the figure is closed. The image grows to take in
     the `outside` artists, which the layout leaves out (a legend too large for the figure)."""
     buffer = io.BytesIO()
@@ -23,11 +51,11 @@ def png(figure: plt.Figure, dpi: int = 120, outside: Sequence[Artist] = ()) -> b
         artist.set_in_layout(False)
     figure.tight_layout()
     figure.savefig(buffer, format="png", dpi=dpi, **_grown(figure, outside))
-    plt.close(figure)
+    _pyplot().close(figure)
     return buffer.getvalue()
 
 
-def _grown(figure: plt.Figure, outside: Sequence[Artist]) -> dict[str, object]:
+def _grown(figure: Figure, outside: Sequence[Artist]) -> dict[str, object]:
     """savefig's settings for an image that takes in the `outside` artists (none without them):
     the artists a tight box takes in replace the figure's own, a suptitle among them."""
     if not outside:

@@ -20,7 +20,7 @@ from typing import Any
 import pandas as pd
 
 from raydeq.experiments import pareto
-from raydeq.experiments.figures import plt, png
+from raydeq.experiments.figures import png, subplots
 from raydeq.experiments.spec import Experiment
 from raydeq.solvers import DISCRETE
 from raydeq.training.storage import write_bytes
@@ -200,7 +200,7 @@ def figure1(table: int, rows: list[dict[str, Any]]) -> bytes:
     ]
     # Horizontal bars, one row per method: the methods' long names read without rotation.
     height = 1.6 + 0.42 * len(labels)
-    figure, axes = plt.subplots(1, 2, figsize=(12.0, height), sharey=True)
+    figure, axes = subplots(1, 2, figsize=(12.0, height), sharey=True)
     where = range(len(labels))
     # Each side keeps its colour where the other has no bars; a side without bars says why.
     sides = [
@@ -249,7 +249,7 @@ def curves_figure(rows: list[dict[str, Any]], curves: dict[str, list[pd.DataFram
         ("backward_time", "backward time (s / batch)", 1.0),
         ("test_accuracy", "test accuracy (%)", 100.0),
     ]
-    figure, axes = plt.subplots(2, 3, figsize=(16.0, 7.0), sharex=True)
+    figure, axes = subplots(2, 3, figsize=(16.0, 7.0), sharex=True)
     for r, kind in enumerate(("Discrete", "Continuous")):
         for c, (metric, label, scale) in enumerate(panels):
             axis = axes[r][c]

@@ -14,7 +14,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from raydeq.experiments.figures import plt, png
+from raydeq.experiments.figures import png, subplots
 
 # Cost columns of results.parquet and their words.
 VIEWS = {"test_nfe": "test NFE", "train_time": "training time per step (s)"}
@@ -183,7 +183,7 @@ def chart(rows: Sequence[Mapping[str, Any]], metric: str, mode: str = "max") -> 
     paper's configurations in its own colour, one legend right of the panels (the trials far
     below the best left off for an accuracy in mode max only: in mode min the best trials sit
     lowest, and other metrics have no accuracy points to zoom by)."""
-    figure, panels = plt.subplots(1, len(VIEWS), figsize=(14.0, 4.6))
+    figure, panels = subplots(1, len(VIEWS), figsize=(14.0, 4.6))
     percent = in_percent(metric)
     scale = 100 if percent else 1
     members = [rows[i] for i in counted(rows)]

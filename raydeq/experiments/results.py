@@ -22,7 +22,7 @@ from ray.tune.execution.tune_controller import TuneController
 from raydeq import models
 from raydeq.experiments import hparams, paper, pareto
 from raydeq.experiments.archive import history
-from raydeq.experiments.figures import plt, png
+from raydeq.experiments.figures import png, subplots
 from raydeq.experiments.spec import LABEL, VARIANT, Experiment, describe, trial_name
 from raydeq.training import runlock
 from raydeq.training.config import ConfigError, leaves
@@ -212,7 +212,7 @@ def _skipped(rows: list[dict[str, Any]]) -> str:
 
 def plot(metric: str, label: str, curves: dict[str, list[pd.DataFrame]]) -> bytes:
     """PNG of a metric against step: per variant, the mean over seeds with a +- std band."""
-    figure, axes = plt.subplots(figsize=(9.6, 4.8))
+    figure, axes = subplots(figsize=(9.6, 4.8))
     for group, frames in curves.items():
         usable = [f[["step", metric]].dropna() for f in frames if metric in f]
         if not any(len(f) for f in usable):
