@@ -2521,3 +2521,11 @@ def test_sigterm_in_the_preflight_exits_130_in_one_line_as_ctrl_c_does(
         signal.signal(signal.SIGTERM, previous)
     assert capsys.readouterr().err == "\ninterrupted before training started\n"
     assert runlock.holder(config.load(str(path)).run_dir) is None
+
+
+def test_the_commands_load_no_tensorboard_until_a_run_writes_events(loaded):
+    """`python -m raydeq.train --help` and `python -m raydeq.tune X --dry-run` pay for no import
+    of TensorBoard: its writer is imported where a run's events or a report's hparams are
+    written."""
+    heavy = ["tensorboard", "torch.utils.tensorboard"]
+    assert loaded("import raydeq.train, raydeq.tune, raydeq.experiments.run", heavy) == []

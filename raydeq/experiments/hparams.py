@@ -11,8 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow.fs
-from torch.utils.tensorboard import SummaryWriter
-from torch.utils.tensorboard.summary import hparams
 
 from raydeq.training.storage import filesystem, write_bytes
 
@@ -44,6 +42,9 @@ def _event_files(row: Mapping[str, Any], settings: Sequence[str]) -> dict[str, b
         for name in MEASURES
         if row.get(name) is not None and math.isfinite(row[name])
     }
+    from torch.utils.tensorboard import SummaryWriter  # a report's alone: not on every import
+    from torch.utils.tensorboard.summary import hparams
+
     _, start, end = hparams(given, metrics)
     with tempfile.TemporaryDirectory() as folder:
         with SummaryWriter(folder) as writer:

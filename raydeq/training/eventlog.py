@@ -13,10 +13,12 @@ import socket
 import tempfile
 import time
 from pathlib import Path
-
-from torch.utils.tensorboard import SummaryWriter
+from typing import TYPE_CHECKING
 
 from raydeq.training.storage import is_uri, write_bytes
+
+if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter
 
 EVENTS_GLOB = "events.out.tfevents.*"
 
@@ -29,7 +31,7 @@ class EventLog:
         self.folder = folder
         self.remote = is_uri(folder)
         self.local = tempfile.mkdtemp(prefix="raydeq-events-") if self.remote else folder
-        self.writer = SummaryWriter(self.local, purge_step=purge_step)
+        self.writer = _writer(self.local, purge_step)
 
     def add_scalar(self, tag: str, value: float, step: int) -> None:
         """One scalar at one step."""
@@ -42,7 +44,7 @@ class EventLog:
             return
         self.writer.close()
         self._upload()
-        self.writer = SummaryWriter(self.local)
+        self.writer = _writer(self.local)
 
     def close(self) -> None:
         """Write the last events and release the writer (and a URI's local folder)."""
@@ -60,3 +62,11 @@ class EventLog:
             name = f"events.out.tfevents.{time.time_ns():020d}.{socket.gethostname()}"
             write_bytes(f"{self.folder.rstrip('/')}/{name}", path.read_bytes())
             path.unlink()
+
+
+def _writer(folder: str, purge_step: int | None = None) -> SummaryWriter:
+    """TensorBoard's writer at a local folder, imported here since only a run's rank 0 writes:
+    the commands that import this module for their settings pay nothing for TensorBoard."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(folder, purge_step=purge_step)
