@@ -20,17 +20,20 @@ import sys
 from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import ray.train
 import yaml
-from ray.train import Result
 
-from raydeq.experiments.spec import shipped
-from raydeq.training import data, launch, runlock
+from raydeq.training import data, runlock
 from raydeq.training.config import Config, ConfigError, load, load_yaml
 from raydeq.training.preflight import check_run
-from raydeq.training.reporting import TENSORBOARD_DIR
 from raydeq.training.storage import StorageError
+
+if TYPE_CHECKING:
+    from ray.train import Result
+
+# Ray, and the experiments module that finds a shipped file, are imported once the arguments
+# are read: --help starts without them.
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
@@ -38,6 +41,8 @@ EXIT_INTERRUPTED = 130
 
 def config_file(path: str) -> str:
     """`path`, or the shipped file that a `tune_configs/NAME.yaml` missing from here names."""
+    from raydeq.experiments.spec import shipped
+
     given = Path(path)
     return path if given.exists() else str(shipped(given) or path)
 
@@ -90,6 +95,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    from raydeq.training import launch
+
     launch.stop_before_ray_as_on_ctrl_c()
     with ExitStack() as held:
         try:
@@ -108,6 +115,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run(cfg: Config, argv: Sequence[str]) -> int:
     """Train the run of a checked config; returns the exit status."""
+    import ray.train
+
+    from raydeq.training import launch
+    from raydeq.training.reporting import TENSORBOARD_DIR
+
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         own = launch.connect()

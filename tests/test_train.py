@@ -2529,3 +2529,9 @@ def test_the_commands_load_no_tensorboard_until_a_run_writes_events(loaded):
     written."""
     heavy = ["tensorboard", "torch.utils.tensorboard"]
     assert loaded("import raydeq.train, raydeq.tune, raydeq.experiments.run", heavy) == []
+
+
+def test_the_train_command_loads_no_ray_before_its_arguments_are_read(loaded):
+    """`python -m raydeq.train --help` pays for no import of Ray Train (over a second), Tune or
+    optuna: the command imports them once its arguments are read."""
+    assert loaded("import raydeq.train", ["ray", "ray.train", "ray.tune", "optuna"]) == []
