@@ -37,7 +37,7 @@ from ray.util.state import list_actors
 from raydeq import datasets
 from raydeq import tune as rt
 from raydeq.experiments import archive, results, run, spec
-from raydeq.experiments.figures import plt
+from raydeq.experiments.figures import pyplot
 from raydeq.models import PRESETS
 from raydeq.training import capacity, preflight, runlock, storage
 from raydeq.training.checkpoint import (
@@ -1401,7 +1401,7 @@ def test_a_search_s_hundred_variants_fill_legend_columns_beside_axes_of_a_fixed_
     legend = figure.axes[0].get_legend()
     assert tuple(figure.get_size_inches()) == (9.6, 4.8)
     assert len(legend.get_texts()) == 100 and legend._ncols == 4
-    plt.close(figure)
+    pyplot().close(figure)
 
 
 def test_a_curve_of_many_reports_is_a_line_and_one_of_few_marks_each(monkeypatch):
@@ -1415,7 +1415,7 @@ def test_a_curve_of_many_reports_is_a_line_and_one_of_few_marks_each(monkeypatch
     }
     figure = results.plot("forward_time", "forward time", curves)
     assert [line.get_marker() for line in figure.axes[0].lines] == ["o", "None"]
-    plt.close(figure)
+    pyplot().close(figure)
 
 
 def test_a_trials_row_takes_its_test_metrics_from_the_last_evaluation_and_the_rest_as_means():
@@ -1565,17 +1565,17 @@ def test_a_plot_shows_per_variant_the_mean_over_seeds_with_a_band_of_one_std(mon
         heights = band[band[:, 0] == step][:, 1]
         assert (heights.min(), heights.max()) == pytest.approx((mean - 0.02**0.5, mean + 0.02**0.5))
     assert [label.get_text() for label in axes.get_legend().get_texts()] == list(lines)
-    plt.close(figure)
+    pyplot().close(figure)
 
 
 def test_a_plot_closes_its_figure():
     """A search writes a plot per metric at each report: figures left open add up (matplotlib
     warns past 20) and hold their memory."""
     frame = pd.DataFrame({"step": [1, 2], "test_accuracy": [0.5, 0.6]})
-    open_before = plt.get_fignums()
+    open_before = pyplot().get_fignums()
     results.plot("test_accuracy", "test accuracy", {"Skip": [frame]})
     results.plot("test_accuracy", "test accuracy", {})
-    assert plt.get_fignums() == open_before
+    assert pyplot().get_fignums() == open_before
 
 
 def test_the_report_has_a_row_per_trial_from_every_session_and_writes_its_files(

@@ -17,30 +17,23 @@ if TYPE_CHECKING:
     from matplotlib.artist import Artist
     from matplotlib.figure import Figure
 
-__all__ = ["png", "subplots"]
+__all__ = ["png", "pyplot", "subplots"]
 
 
 @functools.cache
-def _pyplot() -> ModuleType:
+def pyplot() -> ModuleType:
     """matplotlib.pyplot on the Agg backend, chosen before pyplot is first imported."""
     import matplotlib
 
     matplotlib.use("Agg")
-    from matplotlib import pyplot
+    from matplotlib import pyplot as plt
 
-    return pyplot
-
-
-def __getattr__(name: str) -> ModuleType:
-    """`plt`, pyplot on the Agg backend, imported when first asked for."""
-    if name == "plt":
-        return _pyplot()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return plt
 
 
 def subplots(*args: Any, **kwargs: Any) -> Any:
     """pyplot.subplots on the Agg backend: a figure and its axes."""
-    return _pyplot().subplots(*args, **kwargs)
+    return pyplot().subplots(*args, **kwargs)
 
 
 def png(figure: Figure, dpi: int = 120, outside: Sequence[Artist] = ()) -> bytes:
@@ -51,7 +44,7 @@ def png(figure: Figure, dpi: int = 120, outside: Sequence[Artist] = ()) -> bytes
         artist.set_in_layout(False)
     figure.tight_layout()
     figure.savefig(buffer, format="png", dpi=dpi, **_grown(figure, outside))
-    _pyplot().close(figure)
+    pyplot().close(figure)
     return buffer.getvalue()
 
 
