@@ -1485,3 +1485,31 @@ def test_numpy_integers_are_taken_as_the_integers_they_are(solver):
     assert torch.equal(torch.autograd.grad(numpy.z.sum(), w)[0], grad)
     with pytest.raises(ValueError, match=re.escape("max_steps=np.True_ must be an integer >= 1")):
         raydeq.solve(lambda z: z, torch.zeros(1, 2), max_steps=np.True_)
+
+
+@pytest.mark.parametrize("adjoint", raydeq.solvers.ADJOINTS)
+@pytest.mark.parametrize("solver", ["fixed_point", "anderson", "vcab3"])
+def test_an_f_that_changes_its_input_in_place_is_refused_naming_the_operation(solver, adjoint):
+    """An f that changes the state it is given (z += x, z.relu_()) changes the solver's own
+    iterate; without grad it went on from a wrong state (z* off by 0.3), with an implicit
+    adjoint it failed in autograd's 'leaf Variable ... in-place operation'."""
+    w = torch.randn(5, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) / 8
+
+    def f(z):
+        out = torch.tanh(z @ w + 1)
+        z.zero_()
+        return out
+
+    with pytest.raises(ValueError, match=r"f changed its input in place .*z = z \+ x"):
+        raydeq.solve(f, torch.zeros(3, 5, dtype=torch.float64), solver=solver, adjoint=adjoint)
+
+
+def test_an_f_that_changes_a_multiscale_input_in_place_is_refused():
+    """A part of a multiscale state changed in place is the solver's iterate changed too."""
+
+    def f(z):
+        z[1].relu_()
+        return [torch.tanh(z[0] + 1), torch.tanh(z[1] - 1)]
+
+    with torch.no_grad(), pytest.raises(ValueError, match="f changed its input in place"):
+        raydeq.solve(f, [torch.zeros(2, 3, 4), torch.zeros(2, 2, 2)])

@@ -69,10 +69,12 @@ class ImplicitAdjoint:
         """Return f(z*) whose backward solves the adjoint system instead of differentiating f.
 
         The hook sits on a view of f(z*) so that the VJPs it takes of f(z*) do not re-enter it.
+        f is given a copy of z*, so that one changing its input in place is refused by the
+        solver's check (f_flat) rather than by autograd, which refuses it on a leaf.
         """
         z_star = z_star.detach().requires_grad_()
         with torch.enable_grad():
-            fz = f(z_star)
+            fz = f(z_star.clone())
         if not fz.requires_grad:
             return fz.detach()
         z_out = fz.view_as(fz)

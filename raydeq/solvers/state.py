@@ -102,17 +102,36 @@ def contained(container: type, tensors: list[torch.Tensor]) -> Sequence[torch.Te
     return getattr(container, "_make", container)(tensors)
 
 
+IN_PLACE = (
+    "f changed its input in place (z.relu_(), z += x, z.mul_(...)): the state it is given is "
+    "the solver's own iterate, which every later step reads; compute a new tensor instead "
+    "(z = z.relu(), z = z + x)"
+)
+
+
+def _version(z: torch.Tensor) -> int | None:
+    """z's count of in-place changes; None where none is kept (an inference tensor) or read
+    (a step traced by torch.compile)."""
+    if torch.compiler.is_compiling() or z.is_inference():
+        return None
+    return z._version
+
+
 def flat_function(f: Callable[[State], State], structure: Structure) -> Callable:
     """Wrap f: state -> state as a function on flat (B, N) matrices of z's dtype, calling f
     on the state in the dtype it was given in.
 
     Casting f's output back to the state's dtype keeps the solver in float32 when f runs
-    under autocast (mixed precision) or in half precision.
+    under autocast (mixed precision) or in half precision. A ValueError for an f that changes
+    the state it is given in place, the solver's iterate.
     """
 
     def f_flat(z: torch.Tensor) -> torch.Tensor:
         given = z if z.dtype == structure.dtype else z.to(structure.dtype)
+        version = _version(given)
         out = f(given if structure.is_matrix else structure.unflatten(given))
+        if _version(given) != version:
+            raise ValueError(IN_PLACE)
         # A (B, N) state needs no views: f's output is checked by shape alone.
         if not (structure.is_matrix and isinstance(out, torch.Tensor) and out.shape == z.shape):
             out = structure.flatten(out)
