@@ -76,6 +76,33 @@ def draw_new_masks(module: nn.Module) -> None:
         m.mask = None
 
 
+# Dropouts that draw a new mask at every call, i.e. at every evaluation of f within a solve.
+FRESH_MASK_DROPOUTS = (
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.FeatureAlphaDropout,
+)
+
+
+def fixed_masks(f: object) -> None:
+    """Raise a ValueError naming a dropout of f that drops in training mode and draws a new
+    mask at every evaluation (nn.Dropout): f then changes between solver steps and has no
+    fixed point, so a solve runs to max_steps and its adjoint differentiates one draw of f."""
+    if not isinstance(f, nn.Module):
+        return
+    for name, m in f.named_modules(prefix="f"):
+        if isinstance(m, FRESH_MASK_DROPOUTS) and m.training and m.p > 0:
+            raise ValueError(
+                f"{name} is {m} in training mode, which draws a new mask at every evaluation "
+                "of f, so that f has no fixed point; use "
+                "raydeq.models.layers.VariationalDropout2d(p), whose mask is drawn once per "
+                "forward pass, or apply the dropout outside f"
+            )
+
+
 def settings(**values: object) -> str:
     """A layer's settings as `name=value` pairs for its repr (nn.Module.extra_repr)."""
     return ", ".join(f"{name}={value!r}" for name, value in values.items())
@@ -302,7 +329,8 @@ class DEQ(nn.Module):
     and its VJPs count in neither.
     compile= is solve's: f and the solver steps run through torch.compile (True, or a dict of
     its options), or each solve records its step as a CUDA graph and replays it ("graph").
-    Each forward pass draws new masks for f's variational dropouts, in or outside a model;
+    Each forward pass draws new masks for f's variational dropouts, in or outside a model; a
+    dropout that draws one at every evaluation of f (nn.Dropout) is refused in training mode.
     repr names every setting the layer was built with.
     """
 
@@ -404,6 +432,8 @@ class DEQ(nn.Module):
         docstring for the outputs."""
         if isinstance(x, Tensor):
             valued("x", x)
+        if self.training:
+            fixed_masks(self.f)
         draw_new_masks(self)
         with zero_state_hint(self.f, x):
             return self._solve(x)

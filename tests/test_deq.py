@@ -1197,3 +1197,34 @@ def test_a_meta_input_is_refused_naming_its_device(run):
     f = DenseCell(5).to("meta")
     with pytest.raises(ValueError, match=r"of shape \(3, 5\) is on the 'meta' device"):
         run(f, torch.zeros(3, 5, device="meta"))
+
+
+class DroppedCell(nn.Module):
+    """A dense cell whose state map's output passes through `drop`."""
+
+    def __init__(self, drop: nn.Module) -> None:
+        super().__init__()
+        self.cell, _ = dense_cell()
+        self.drop = drop
+
+    def forward(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.cell(z, x))
+
+
+@pytest.mark.parametrize("drop", [nn.Dropout(0.1), nn.AlphaDropout(0.2), nn.Dropout1d(0.1)])
+def test_a_dropout_drawing_a_mask_per_evaluation_of_f_is_refused_naming_it(drop):
+    """nn.Dropout in f draws a new mask at every evaluation, so f has no fixed point: a solve
+    ran to max_steps with converged samples drawn by chance (5 of 8 at p=0.1, Anderson), and
+    each adjoint differentiated another f."""
+    deq = DEQ(DroppedCell(drop), solver="anderson")
+    x = torch.randn(B, D, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"f\.drop is .*Dropout.* new mask .*VariationalDropout2d"):
+        deq(x)
+    assert deq.eval()(x).stats.converged.all()
+
+
+@pytest.mark.parametrize("drop", [nn.Dropout(0.0), VariationalDropout2d(0.1)])
+def test_a_dropout_that_keeps_f_fixed_within_a_forward_pass_is_taken(drop):
+    """A dropout of p=0 or one mask per forward pass leaves f one map within the solve."""
+    out = DEQ(DroppedCell(drop).double(), solver="anderson", **TIGHT)(torch.randn(B, D).double())
+    assert out.stats.converged.all()
