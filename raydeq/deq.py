@@ -23,6 +23,8 @@ from raydeq.solvers.state import State, Structure, contained, valued
 from raydeq.solvers.termination import Monitor, Status, norm
 
 INITS = ("zeros", "skip", "skip_reg")
+# The adjoints that solve a linear system per sample.
+IMPLICIT = ("gmres", "fixed_point")
 
 
 @dataclass
@@ -87,20 +89,43 @@ FRESH_MASK_DROPOUTS = (
 )
 
 
-def fixed_masks(f: object) -> None:
-    """Raise a ValueError naming a dropout of f that drops in training mode and draws a new
-    mask at every evaluation (nn.Dropout): f then changes between solver steps and has no
-    fixed point, so a solve runs to max_steps and its adjoint differentiates one draw of f."""
+# Norms that normalise by the batch's statistics in training mode (or always, without
+# running statistics), so that f couples the samples of a batch.
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+def _refusal(name: str, m: nn.Module, implicit: bool) -> str | None:
+    """Why f's submodule m (called name) cannot be solved, else None: a dropout drawing a new
+    mask at every evaluation (f then has no fixed point), or under an implicit adjoint, which
+    solves each sample's system alone, a norm by the batch's statistics."""
+    if isinstance(m, FRESH_MASK_DROPOUTS) and m.training and m.p > 0:
+        return (
+            f"{name} is {m} in training mode, which draws a new mask at every evaluation "
+            "of f, so that f has no fixed point; use "
+            "raydeq.models.layers.VariationalDropout2d(p), whose mask is drawn once per "
+            "forward pass, or apply the dropout outside f"
+        )
+    if implicit and isinstance(m, BATCH_NORMS) and (m.training or m.running_mean is None):
+        return (
+            f"{name} is {m} normalising by the batch's statistics, which couples the samples "
+            "of a batch, while the implicit adjoints solve each sample's system (I - J)^T g = v "
+            "alone and would give wrong gradients; use a per-sample norm (nn.GroupNorm, "
+            "nn.LayerNorm), the BatchNorm in eval mode with running statistics, or "
+            "adjoint='unrolled' or 'jfb'"
+        )
+    return None
+
+
+def check_modules(f: object, implicit: bool) -> None:
+    """Raise a ValueError naming the first submodule of f that cannot be solved (_refusal):
+    a dropout drawing a new mask at every call (nn.Dropout in training mode) made a solve run
+    to max_steps, and a BatchNorm by the batch's statistics gave GMRES gradients 15% off."""
     if not isinstance(f, nn.Module):
         return
     for name, m in f.named_modules(prefix="f"):
-        if isinstance(m, FRESH_MASK_DROPOUTS) and m.training and m.p > 0:
-            raise ValueError(
-                f"{name} is {m} in training mode, which draws a new mask at every evaluation "
-                "of f, so that f has no fixed point; use "
-                "raydeq.models.layers.VariationalDropout2d(p), whose mask is drawn once per "
-                "forward pass, or apply the dropout outside f"
-            )
+        reason = _refusal(name, m, implicit)
+        if reason is not None:
+            raise ValueError(reason)
 
 
 def settings(**values: object) -> str:
@@ -330,7 +355,9 @@ class DEQ(nn.Module):
     compile= is solve's: f and the solver steps run through torch.compile (True, or a dict of
     its options), or each solve records its step as a CUDA graph and replays it ("graph").
     Each forward pass draws new masks for f's variational dropouts, in or outside a model; a
-    dropout that draws one at every evaluation of f (nn.Dropout) is refused in training mode.
+    dropout that draws one at every evaluation of f (nn.Dropout) is refused in training mode,
+    and under an implicit adjoint with grad enabled, which solves each sample's system alone,
+    a BatchNorm normalising by the batch's statistics (training mode), which couples them.
     repr names every setting the layer was built with.
     """
 
@@ -432,8 +459,9 @@ class DEQ(nn.Module):
         docstring for the outputs."""
         if isinstance(x, Tensor):
             valued("x", x)
-        if self.training:
-            fixed_masks(self.f)
+        implicit = self.adjoint in IMPLICIT and torch.is_grad_enabled()
+        if self.training or implicit:
+            check_modules(self.f, implicit)
         draw_new_masks(self)
         with zero_state_hint(self.f, x):
             return self._solve(x)
