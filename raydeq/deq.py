@@ -351,7 +351,8 @@ class DEQ(nn.Module):
     with adjoint="unrolled", the one giving skip_loss its f(z*, x); stats.backward_nvjp the
     VJPs of f a backward takes through the solve's adjoint, the warm-up's unrolled evaluations
     and that f(z*, x), not the one through skip_reg's z0 = f(0, x). jac_reg's evaluation of f
-    and its VJPs count in neither.
+    and its VJPs count in neither. A BatchNorm in f updates its running statistics at each
+    evaluation in training mode: stats.nfe times per forward pass, once more with jac_reg.
     compile= is solve's: f and the solver steps run through torch.compile (True, or a dict of
     its options), or each solve records its step as a CUDA graph and replays it ("graph").
     Each forward pass draws new masks for f's variational dropouts, in or outside a model; a
