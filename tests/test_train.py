@@ -837,6 +837,23 @@ def test_a_manifest_cut_short_is_a_copy_cut_short_and_passed_over(tmp_path, capl
         checkpoint.restore(contextlib.nullcontext(str(p)) for p in (cut, good))
 
 
+def test_read_newest_says_which_checkpoint_it_read_and_starts_nothing(tmp_path, caplog):
+    """read_newest (load_model's, the benchmarks') passed over a cut copy logging 'resumed from
+    the checkpoint of step 4', and past only cut copies 'starting from step 0' before refusing
+    the folder: it resumes and starts nothing, so it says which checkpoint it read."""
+    checkpoint.write_checkpoint({"step": 4}, tmp_path / "run" / "checkpoint_000004")
+    cut = checkpoint.write_checkpoint({"step": 8}, tmp_path / "run" / "checkpoint_000008")
+    (cut / STATE_FILE).unlink()
+    with caplog.at_level(logging.WARNING):
+        assert checkpoint.read_newest(tmp_path / "run")["step"] == 4
+    assert caplog.messages[-1] == "read the checkpoint of step 4"
+    shutil.rmtree(tmp_path / "run" / "checkpoint_000004")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING), pytest.raises(checkpoint.CheckpointError, match="cut"):
+        checkpoint.read_newest(tmp_path / "run")
+    assert not any("step 0" in message for message in caplog.messages)
+
+
 def test_read_newest_takes_the_newest_readable_checkpoint_of_a_run_or_of_a_folder_in_it(tmp_path):
     """The benchmarks time a run's newest weights: of checkpoint_000003, _000006 and _000012
     (zero-padded, so that 12 sorts after 6) the newest, the one before where it is cut short,

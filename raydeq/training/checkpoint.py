@@ -180,7 +180,7 @@ def read_newest(folder: Path) -> dict[str, Any]:
         return read_checkpoint(folder)
     local = pyarrow.fs.LocalFileSystem()
     newest = newest_first(local, [str(path) for path in inside])
-    state = restore(nullcontext(path) for path in newest)
+    state = restore((nullcontext(path) for path in newest), resuming=False)
     if state is None:
         raise CheckpointError(f"{folder}: no whole checkpoint, only copies cut short")
     return state
@@ -225,7 +225,9 @@ def read_manifest(fs: pyarrow.fs.FileSystem, path: str) -> dict[str, Any]:
         return json.loads(stream.readall())
 
 
-def restore(candidates: Iterable[AbstractContextManager[str]]) -> dict[str, Any] | None:
+def restore(
+    candidates: Iterable[AbstractContextManager[str]], resuming: bool = True
+) -> dict[str, Any] | None:
     """The state of the first readable checkpoint, newest first; None when there is none.
 
     Each candidate is a context manager that yields a local folder (Ray's
@@ -233,7 +235,8 @@ def restore(candidates: Iterable[AbstractContextManager[str]]) -> dict[str, Any]
     one is tried; when every one is unreadable the run stops instead of starting from scratch.
     A copy cut short (IncompleteCheckpoint) was never a checkpoint: it is passed over with a
     warning, and where it is all there is (the first checkpoint's copy, cut by a killed
-    driver) the run starts from step 0 instead of failing on every restart.
+    driver) the run starts from step 0 instead of failing on every restart. Not `resuming`
+    (a reader of a run's weights), the warnings say which checkpoint was read and start nothing.
     """
     failures, passed_over = [], False
     for candidate in candidates:
@@ -249,10 +252,11 @@ def restore(candidates: Iterable[AbstractContextManager[str]]) -> dict[str, Any]
             failures.append(str(err))
             continue
         if failures or passed_over:
-            log.warning("resumed from the checkpoint of step %d", state["step"])
+            took = "resumed from" if resuming else "read"
+            log.warning("%s the checkpoint of step %d", took, state["step"])
         return state
     if failures:
         raise CheckpointError(f"no readable checkpoint: {'; '.join(failures)}")
-    if passed_over:
+    if passed_over and resuming:
         log.warning("no whole checkpoint, only copies cut short: starting from step 0")
     return None
