@@ -17,14 +17,13 @@ import torch
 from torch import Tensor, nn
 
 from raydeq.solvers import ADJOINTS, SOLVERS, SolveStats, Termination, solve
+from raydeq.solvers.adjoint import IMPLICIT_ADJOINTS
 from raydeq.solvers.options import choice, integer
 from raydeq.solvers.solve import check_options
 from raydeq.solvers.state import State, Structure, contained, valued
 from raydeq.solvers.termination import Monitor, Status, norm
 
 INITS = ("zeros", "skip", "skip_reg")
-# The adjoints that solve a linear system per sample.
-IMPLICIT = ("gmres", "fixed_point")
 
 
 @dataclass
@@ -460,7 +459,7 @@ class DEQ(nn.Module):
         docstring for the outputs."""
         if isinstance(x, Tensor):
             valued("x", x)
-        implicit = self.adjoint in IMPLICIT and torch.is_grad_enabled()
+        implicit = self.adjoint in IMPLICIT_ADJOINTS and torch.is_grad_enabled()
         if self.training or implicit:
             check_modules(self.f, implicit)
         draw_new_masks(self)

@@ -11,6 +11,7 @@ from raydeq.models.mdeq import MDEQConfig, MultiscaleCell
 from raydeq.models.presets import PRESETS, Preset
 from raydeq.neural_ode import NODE_ADJOINTS, NODE_DYNAMICS, NeuralODE
 from raydeq.solvers import ADJOINTS, CONTINUOUS, DISCRETE, Termination
+from raydeq.solvers.adjoint import IMPLICIT_ADJOINTS
 from raydeq.solvers.interval import INTERVAL_SOLVERS
 from raydeq.solvers.options import choice, option_dict
 from raydeq.solvers.solve import check_options
@@ -74,7 +75,7 @@ def resolve(cfg: Mapping[str, Any]) -> dict[str, Any]:
             "pretrain_depth": preset.pretrain_depth,
             # The preset's linear-solver limits apply to the implicit adjoints only.
             "adjoint_options": preset.adjoint_options
-            if options.get("adjoint", "gmres") in ("gmres", "fixed_point")
+            if options.get("adjoint", "gmres") in IMPLICIT_ADJOINTS
             else {},
         }
         layer, adjoints = DEQ, ADJOINTS

@@ -164,12 +164,14 @@ def _count(stats: SolveStats, nvjp: int, v: torch.Tensor) -> torch.Tensor:
 
 
 Adjoint = ImplicitAdjoint | JacobianFree | Unrolled
+# The adjoints that solve a linear system per sample (ImplicitAdjoint).
+IMPLICIT_ADJOINTS = ("gmres", "fixed_point")
 
 
 def make_adjoint(name: str, options: dict) -> Adjoint:
     """The adjoint named by `adjoint=`."""
     what = f"adjoint={name!r}"
-    if name in ("gmres", "fixed_point"):
+    if name in IMPLICIT_ADJOINTS:
         options = dict(options)
         warm_start = options.pop("warm_start", True)
         kind = GMRES if name == "gmres" else Neumann
