@@ -357,7 +357,8 @@ class DEQ(nn.Module):
     Each forward pass draws new masks for f's variational dropouts, in or outside a model; a
     dropout that draws one at every evaluation of f (nn.Dropout) is refused in training mode,
     and under an implicit adjoint with grad enabled, which solves each sample's system alone,
-    a BatchNorm normalising by the batch's statistics (training mode), which couples them.
+    a BatchNorm normalising by the batch's statistics (in training mode, or in any mode
+    without running statistics), which couples them.
     repr names every setting the layer was built with.
     """
 
