@@ -93,10 +93,10 @@ FRESH_MASK_DROPOUTS = (
 BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
-def _refusal(name: str, m: nn.Module, implicit: bool) -> str | None:
+def _refusal(name: str, m: nn.Module, implicit: str | None) -> str | None:
     """Why f's submodule m (called name) cannot be solved, else None: a dropout drawing a new
-    mask at every evaluation (f then has no fixed point), or under an implicit adjoint, which
-    solves each sample's system alone, a norm by the batch's statistics."""
+    mask at every evaluation (f then has no fixed point), or under the implicit adjoint named
+    `implicit`, which solves each sample's system alone, a norm by the batch's statistics."""
     if isinstance(m, FRESH_MASK_DROPOUTS) and m.training and m.p > 0:
         return (
             f"{name} is {m} in training mode, which draws a new mask at every evaluation "
@@ -107,18 +107,19 @@ def _refusal(name: str, m: nn.Module, implicit: bool) -> str | None:
     if implicit and isinstance(m, BATCH_NORMS) and (m.training or m.running_mean is None):
         return (
             f"{name} is {m} normalising by the batch's statistics, which couples the samples "
-            "of a batch, while the implicit adjoints solve each sample's system (I - J)^T g = v "
-            "alone and would give wrong gradients; use a per-sample norm (nn.GroupNorm, "
-            "nn.LayerNorm), the BatchNorm in eval mode with running statistics, or "
+            f"of a batch, while adjoint={implicit!r} solves each sample's system "
+            "(I - J)^T g = v alone and would give wrong gradients; use a per-sample norm "
+            "(nn.GroupNorm, nn.LayerNorm), the BatchNorm in eval mode with running statistics, or "
             "adjoint='unrolled' or 'jfb'"
         )
     return None
 
 
-def check_modules(f: object, implicit: bool) -> None:
+def check_modules(f: object, implicit: str | None) -> None:
     """Raise a ValueError naming the first submodule of f that cannot be solved (_refusal):
     a dropout drawing a new mask at every call (nn.Dropout in training mode) made a solve run
-    to max_steps, and a BatchNorm by the batch's statistics gave GMRES gradients 15% off."""
+    to max_steps, and a BatchNorm by the batch's statistics gave GMRES gradients 15% off;
+    `implicit` names the implicit adjoint that will differentiate the solve, if any."""
     if not isinstance(f, nn.Module):
         return
     for name, m in f.named_modules(prefix="f"):
@@ -460,7 +461,8 @@ class DEQ(nn.Module):
         docstring for the outputs."""
         if isinstance(x, Tensor):
             valued("x", x)
-        implicit = self.adjoint in IMPLICIT_ADJOINTS and torch.is_grad_enabled()
+        grads = self.adjoint in IMPLICIT_ADJOINTS and torch.is_grad_enabled()
+        implicit = self.adjoint if grads else None
         if self.training or implicit:
             check_modules(self.f, implicit)
         draw_new_masks(self)

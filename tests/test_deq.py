@@ -1250,7 +1250,10 @@ def test_an_implicit_adjoint_refuses_a_batchnorm_coupling_the_samples(adjoint):
     dense implicit gradient (Neumann's 11%) with every sample reported converged."""
     deq = DEQ(BatchNormedCell(), solver="anderson", adjoint=adjoint)
     x = torch.randn(6, 5, dtype=torch.float64)
-    with pytest.raises(ValueError, match=r"f\.norm is BatchNorm1d.* couples .*nn\.GroupNorm"):
+    with pytest.raises(
+        ValueError,
+        match=rf"f\.norm is BatchNorm1d.* couples .* adjoint='{adjoint}' solves .*nn\.GroupNorm",
+    ):
         deq(x)
     with torch.no_grad():
         assert deq(x).stats.converged.all()
