@@ -1272,3 +1272,38 @@ def test_a_batchnorm_coupling_the_samples_is_differentiated_exactly_when_unrolle
     g = torch.linalg.solve((torch.eye(30, dtype=torch.float64) - jac).T, c.reshape(-1))
     (reference,) = torch.autograd.grad(f(z, x), f.lin.weight, g.reshape(6, 5))
     torch.testing.assert_close(f.lin.weight.grad, reference, rtol=1e-6, atol=1e-8)
+
+
+def nested(module: nn.Module) -> nn.Module:
+    """`module` two containers deep, as a block of a model holds its norm."""
+    return nn.Sequential(nn.Sequential(module))
+
+
+@pytest.mark.parametrize(
+    ("norm", "name", "mode"),
+    [
+        (nn.BatchNorm2d(D), "f.drop", "train"),
+        (nn.BatchNorm3d(D), "f.drop", "train"),
+        (nn.SyncBatchNorm(D), "f.drop", "train"),
+        (nested(nn.BatchNorm1d(D)), r"f\.drop\.0\.0", "train"),
+        (nn.BatchNorm1d(D), "f.drop", "train"),
+        (nn.BatchNorm1d(D, track_running_stats=False), "f.drop", "eval"),
+    ],
+)
+def test_every_batchnorm_by_the_batchs_statistics_is_refused_under_an_implicit_adjoint(
+    norm, name, mode
+):
+    """Each BatchNorm kind, nested or not, normalises by the batch's statistics in training
+    mode (running statistics kept or not) and in eval mode without running statistics."""
+    deq = DEQ(DroppedCell(norm), adjoint="gmres").train(mode == "train")
+    with pytest.raises(ValueError, match=rf"{name} is .*BatchNorm.* couples the samples"):
+        deq(torch.randn(B, D, dtype=torch.float64))
+
+
+def test_a_batchnorm_in_eval_mode_with_running_statistics_is_differentiated_implicitly():
+    """In eval mode a BatchNorm with running statistics is a per-sample affine map."""
+    deq = DEQ(DroppedCell(nn.BatchNorm1d(D).double()), adjoint="gmres", **TIGHT).eval()
+    x = torch.randn(B, D, dtype=torch.float64, requires_grad=True)
+    out = deq(x)
+    out.z.sum().backward()
+    assert out.stats.converged.all() and x.grad.isfinite().all()
