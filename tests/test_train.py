@@ -895,6 +895,21 @@ def test_read_newest_of_a_folder_of_several_runs_refuses_to_pick_one(tmp_path):
     assert checkpoint.read_newest(tmp_path / "trial_a")["step"] == 8
 
 
+@pytest.mark.parametrize(
+    ("count", "named"), [(2, "trial_0, trial_1"), (4, "trial_0, trial_1, trial_2, ...")]
+)
+def test_read_newest_refuses_two_runs_and_names_three_of_many(tmp_path, count, named):
+    """Two trials are as many runs to pick from as three; past three the message names the
+    first three and says there are more."""
+    for trial in range(count):
+        checkpoint.write_checkpoint({"step": trial}, tmp_path / f"trial_{trial}" / "checkpoint_1")
+    with pytest.raises(checkpoint.CheckpointError) as refused:
+        checkpoint.read_newest(tmp_path)
+    assert str(refused.value) == (
+        f"{tmp_path}: holds the checkpoints of {count} runs ({named}); name the folder of one"
+    )
+
+
 def test_read_newest_passes_over_ray_trains_checkpoint_record_without_a_warning(tmp_path, caplog):
     """Ray Train keeps its record of a run's checkpoints in the file
     checkpoint_manager_snapshot.json beside them: it is no checkpoint, so reading the run's

@@ -324,7 +324,7 @@ def pinned(raw: Mapping[str, Any]) -> dict[str, Any]:
     a trial builds its config in a Ray worker that Tune runs in the trial's folder, and a
     stored experiment is resumed from any folder."""
     base = leaves({k: v for k, v in raw.items() if k != "search"})
-    raw = apply_overrides(raw, {k: absolute(base[k]) for k in PATH_KEYS if False})
+    raw = apply_overrides(raw, {k: absolute(base[k]) for k in PATH_KEYS if _is_path(base.get(k))})
     search = raw.get("search")
     variants = search.get("variants") if isinstance(search, Mapping) else None
     if not isinstance(variants, list):
