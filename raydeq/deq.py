@@ -89,8 +89,17 @@ FRESH_MASK_DROPOUTS = (
 
 
 # Norms that normalise by the batch's statistics in training mode (or always, without
-# running statistics), so that f couples the samples of a batch.
-BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+# running statistics), so that f couples the samples of a batch; a lazy one becomes its
+# BatchNorm at its first forward pass, which is checked before it.
+BATCH_NORMS = (
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.SyncBatchNorm,
+    nn.LazyBatchNorm1d,
+    nn.LazyBatchNorm2d,
+    nn.LazyBatchNorm3d,
+)
 
 
 def _refusal(name: str, m: nn.Module, implicit: str | None) -> str | None:

@@ -1285,6 +1285,7 @@ def nested(module: nn.Module) -> nn.Module:
         (nn.BatchNorm2d(D), "f.drop", "train"),
         (nn.BatchNorm3d(D), "f.drop", "train"),
         (nn.SyncBatchNorm(D), "f.drop", "train"),
+        (nn.LazyBatchNorm1d(), "f.drop", "train"),
         (nested(nn.BatchNorm1d(D)), r"f\.drop\.0\.0", "train"),
         (nn.BatchNorm1d(D), "f.drop", "train"),
         (nn.BatchNorm1d(D, track_running_stats=False), "f.drop", "eval"),
