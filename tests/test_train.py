@@ -1267,6 +1267,32 @@ def test_load_model_refuses_a_folder_without_a_checkpoint_or_settings_in_one_lin
     )
 
 
+@pytest.mark.parametrize(
+    ("settings", "shown"),
+    [
+        ({"optim": {"optimizer": "sgd", "schedule": "step"}}, "missing"),
+        ({"model": None, "optim": {"optimizer": "adam"}}, "None"),
+        ({"model": "mnist_dense"}, "'mnist_dense'"),
+    ],
+)
+def test_load_model_refuses_settings_without_a_model_section_in_one_line(tmp_path, settings, shown):
+    """A checkpoint whose settings hold no model section as a mapping (an optimizer's or a
+    schedule's alone, or a model that is not one) was refused as 'build no model ('model')'
+    or crashed with an AttributeError; it is refused naming the folder, the step, the model
+    section and the sections it records."""
+    weights = models.build({"model": "mnist_dense"}).state_dict()
+    written = tmp_path / "run" / "checkpoint_000002"
+    checkpoint.write_checkpoint({"step": 2, "model": weights, "settings": settings}, written)
+    with pytest.raises(checkpoint.CheckpointError) as refused:
+        load_model(tmp_path / "run")
+    assert str(refused.value) == (
+        f"{tmp_path / 'run'}: the checkpoint of step 2 records settings without a model section "
+        f"to build from (model: {shown}; sections: {', '.join(settings)}); build it with "
+        "raydeq.models.build and load into it the weights of "
+        "raydeq.training.checkpoint.read_newest(folder)['model']"
+    )
+
+
 def test_each_checkpoint_keeps_the_reports_since_the_one_before_for_a_stopped_driver(tmp_path):
     """Tune records a trial's reports on its driver, and a driver stopped before it recorded
     them lost them for good (the resumed trial starts after the checkpoint). Each checkpoint

@@ -156,19 +156,12 @@ def load_model(folder: str | Path) -> nn.Module:
     """The trained model of a run's or a trial's folder, or of a checkpoint folder: built from
     the settings its newest readable checkpoint records, with that checkpoint's weights (read
     tensors-only, on the CPU), in eval mode. A CheckpointError names the folder and what it
-    lacks: a checkpoint, recorded settings, or weights that fit the model they build."""
+    lacks: a checkpoint, recorded settings, a model section in them, or weights that fit the
+    model they build."""
     folder = Path(folder)
     saved = read_newest(folder)
-    settings = saved.get("settings")
-    if not isinstance(settings, dict):
-        raise CheckpointError(
-            f"{folder}: the checkpoint of step {saved['step']} records no settings (written "
-            "before checkpoints recorded them), so the model it holds cannot be built from "
-            "them; build it with raydeq.models.build and load into it the weights of "
-            "raydeq.training.checkpoint.read_newest(folder)['model']"
-        )
     try:
-        model = models.build({k: v for k, v in settings["model"].items() if v is not None})
+        model = models.build(_model_options(folder, saved))
     except (KeyError, TypeError, ValueError) as err:
         raise CheckpointError(f"{folder}: its settings build no model ({err})") from None
     misfits = model_misfits(model, saved["model"], whose="the built model's")
@@ -179,6 +172,35 @@ def load_model(folder: str | Path) -> nn.Module:
         )
     model.load_state_dict(saved["model"])
     return model.eval()
+
+
+# How a refusal of a checkpoint without a model to build says to load its weights instead.
+BUILD_BY_HAND = (
+    "build it with raydeq.models.build and load into it the weights of "
+    "raydeq.training.checkpoint.read_newest(folder)['model']"
+)
+
+
+def _model_options(folder: Path, saved: dict[str, Any]) -> dict[str, Any]:
+    """The model options (unset ones left out) that the settings of the checkpoint `saved` in
+    `folder` record; a CheckpointError where it records no settings (an older checkpoint) or
+    no model section as a mapping among them, naming the step and what it records."""
+    settings = saved.get("settings")
+    if not isinstance(settings, dict):
+        raise CheckpointError(
+            f"{folder}: the checkpoint of step {saved['step']} records no settings (written "
+            "before checkpoints recorded them), so the model it holds cannot be built from "
+            f"them; {BUILD_BY_HAND}"
+        )
+    options = settings.get("model")
+    if not isinstance(options, dict):
+        shown = repr(options) if "model" in settings else "missing"
+        raise CheckpointError(
+            f"{folder}: the checkpoint of step {saved['step']} records settings without a "
+            f"model section to build from (model: {shown}; sections: "
+            f"{', '.join(map(str, settings)) or 'none'}); {BUILD_BY_HAND}"
+        )
+    return {k: v for k, v in options.items() if v is not None}
 
 
 # Devices whose optimizer update torch runs as one fused kernel per step rather than about a
