@@ -1267,6 +1267,23 @@ def test_load_model_refuses_a_folder_without_a_checkpoint_or_settings_in_one_lin
     )
 
 
+def test_load_model_given_a_checkpoint_file_names_it_a_file_and_its_folder(tmp_path):
+    """A checkpoint's state.pt or manifest.json given for its folder was refused as 'no such
+    folder', though it exists; it is refused as a file, naming the folder that holds it."""
+    cfg = make_config(tmp_path)
+    settings = config.trained_settings(cfg)
+    weights = models.build(cfg.model_options()).state_dict()
+    written = tmp_path / "run" / "checkpoint_000002"
+    checkpoint.write_checkpoint({"step": 2, "model": weights, "settings": settings}, written)
+    for name in (STATE_FILE, MANIFEST_FILE):
+        with pytest.raises(checkpoint.CheckpointError) as refused:
+            load_model(written / name)
+        assert str(refused.value) == (
+            f"{written / name}: a file, not a folder; name the folder that holds it ({written})"
+        )
+    assert load_model(f"{written}/").layer.step == 0
+
+
 @pytest.mark.parametrize(
     ("settings", "shown"),
     [

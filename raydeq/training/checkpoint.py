@@ -160,7 +160,11 @@ def read_newest(folder: Path) -> dict[str, Any]:
     its Train run), falling back past unreadable ones as a resume does. A folder whose
     folders hold the checkpoints of several runs (an experiment's trials) is refused: its
     newest step would be some one run's, by how long it ran; so is one without a checkpoint,
-    naming what it lacks."""
+    naming what it lacks, and a file (a checkpoint's state.pt), naming its folder."""
+    if folder.is_file():
+        raise CheckpointError(
+            f"{folder}: a file, not a folder; name the folder that holds it ({folder.parent})"
+        )
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: no such folder")
     inside = [path for path in folder.glob("checkpoint_*") if path.is_dir()]
