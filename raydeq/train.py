@@ -26,6 +26,7 @@ import yaml
 
 from raydeq.training import data, runlock
 from raydeq.training.config import Config, ConfigError, load, load_yaml
+from raydeq.training.interrupts import sigterm_as_ctrl_c
 from raydeq.training.preflight import check_run
 from raydeq.training.storage import StorageError
 
@@ -97,8 +98,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from raydeq.training import launch
 
-    launch.stop_before_ray_as_on_ctrl_c()
     with ExitStack() as held:
+        held.enter_context(sigterm_as_ctrl_c())
         try:
             cfg = load(config_file(args.config), args.overrides)
             held.enter_context(runlock.hold(cfg.run_dir))  # before its checkpoints are read

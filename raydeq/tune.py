@@ -27,6 +27,7 @@ from raydeq.experiments.results import report, written
 from raydeq.experiments.spec import Experiment, check_draws, describe, expand, load
 from raydeq.training import data, launch, runlock
 from raydeq.training.config import SCHEDULERS, ConfigError, check_folder_name, parse_overrides
+from raydeq.training.interrupts import sigterm_as_ctrl_c
 from raydeq.training.preflight import check_run
 from raydeq.training.storage import CHECKPOINT_PREFIX, StorageError, absolute, check_storage
 
@@ -294,8 +295,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Command line entry point; returns the exit status (2 bad input, 1 failed trials or
     results that could not be written, 130 interrupted)."""
     args = _parser().parse_intermixed_args(argv)
-    launch.stop_before_ray_as_on_ctrl_c()
     with ExitStack() as held:
+        held.enter_context(sigterm_as_ctrl_c())
         try:
             experiment, path, options = start(args)
             ended = nothing_to_resume(args, experiment, path, options)

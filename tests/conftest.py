@@ -5,12 +5,15 @@ the state API can list actors). Tests marked `multinode` build their own multi-n
 so they run after all the others, once the shared cluster has been shut down.
 """
 
+import contextlib
 import json
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 
 import pyarrow.fs
@@ -201,3 +204,53 @@ def process_state_kept() -> Iterator[None]:
     before = process_state()
     yield
     assert process_state() == before
+
+
+def user_state() -> dict[str, object]:
+    """The process-wide state a script that embeds raydeq keeps: torch's threads, default dtype,
+    RNG stream, backend flags and modes, the signal handlers, the environment, sys.path, the
+    loggers' levels, filters and handlers, warnings filters, matplotlib's backend, cwd, umask."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    matplotlib = sys.modules.get("matplotlib")
+    return {
+        "threads": torch.get_num_threads(),
+        "default dtype": torch.get_default_dtype(),
+        "rng": torch.random.get_rng_state().tolist(),
+        "cudnn": (torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32),
+        "matmul": (torch.backends.cuda.matmul.allow_tf32, torch.get_float32_matmul_precision()),
+        "deterministic": torch.are_deterministic_algorithms_enabled(),
+        "anomaly": torch.is_anomaly_enabled(),
+        "grad enabled": torch.is_grad_enabled(),
+        "autocast": torch.is_autocast_enabled("cpu"),
+        "signals": (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)),
+        "environ": dict(os.environ),
+        "sys.path": list(sys.path),
+        "loggers": {
+            name: (logger.level, list(logger.filters), list(logger.handlers), logger.propagate)
+            for name, logger in [("", logging.root), *logging.root.manager.loggerDict.items()]
+            if isinstance(logger, logging.Logger)
+        },
+        "logging disabled": logging.root.manager.disable,
+        "warnings": list(warnings.filters),
+        "matplotlib backend": matplotlib.get_backend() if matplotlib else None,
+        "cwd": os.getcwd(),
+        "umask": umask,
+    }
+
+
+@contextlib.contextmanager
+def _state_kept() -> Iterator[None]:
+    """Fail where the code run inside changes user_state (loggers created inside aside)."""
+    before = user_state()
+    yield
+    after = user_state()
+    after["loggers"] = {k: v for k, v in after["loggers"].items() if k in before["loggers"]}
+    changed = [key for key in before if before[key] != after[key]]
+    assert not changed, f"changed: {changed}"
+
+
+@pytest.fixture
+def state_kept() -> Callable[[], contextlib.AbstractContextManager[None]]:
+    """`with state_kept(): ...` fails where the code inside changes the user's process state."""
+    return _state_kept

@@ -2610,3 +2610,17 @@ def test_the_train_command_loads_no_ray_before_its_arguments_are_read(loaded):
     """`python -m raydeq.train --help` pays for no import of Ray Train (over a second), Tune or
     optuna: the command imports them once its arguments are read."""
     assert loaded("import raydeq.train", ["ray", "ray.train", "ray.tune", "optuna"]) == []
+
+
+def test_the_command_called_from_python_leaves_the_callers_process_as_it_found_it(
+    tmp_path, state_kept, capsys
+):
+    """train.main called from a script with a bad config puts back the script's SIGTERM
+    handler, where it left SIGTERM raising KeyboardInterrupt in the script for good."""
+    path = tmp_path / "run.yaml"
+    path.write_text(f"storage_path: {tmp_path / 'runs'}\nbogus: 1\n")
+    with state_kept():
+        assert train.main([str(path)]) == 2
+    with state_kept():
+        assert train.main([str(tmp_path / "absent.yaml")]) == 2
+    assert capsys.readouterr().err.startswith("error: ")

@@ -2844,3 +2844,17 @@ def test_the_tune_command_loads_no_matplotlib_until_it_draws(loaded):
     """`python -m raydeq.tune X --dry-run` and --help, and each trial's worker, pay for no
     import of matplotlib: pyplot is imported at the first chart a report draws."""
     assert loaded("import raydeq.tune, raydeq.experiments.run", ["matplotlib"]) == []
+
+
+def test_the_command_called_from_python_leaves_the_callers_process_as_it_found_it(
+    tmp_path, state_kept, capsys
+):
+    """rt.main called from a script, on a dry run or a bad experiment, puts back the script's
+    SIGTERM handler, where it left SIGTERM raising KeyboardInterrupt in the script for good."""
+    experiment = tmp_path / "tiny.yaml"
+    experiment.write_text(yaml.safe_dump(TINY))
+    with state_kept():
+        assert rt.main([str(experiment), "--storage", str(tmp_path / "runs"), "--dry-run"]) == 0
+    with state_kept():
+        assert rt.main([str(tmp_path / "absent.yaml")]) == 2
+    assert capsys.readouterr().err.startswith("error: ")

@@ -1,6 +1,7 @@
 """Training: config and its schema, objective, checkpoint, state, reporting, the per-worker
-loop, launch (Ray Train), preflight checks, storage and TensorBoard events on it (eventlog), and
-the data (data, vision; image folders listed once in folders, staged to local disk in staging)."""
+loop, launch (Ray Train), the commands' SIGTERM as Ctrl-C (interrupts), preflight checks,
+storage and TensorBoard events on it (eventlog), and the data (data, vision; image folders
+listed once in folders, staged to local disk in staging)."""
 
 from raydeq.training.state import load_model
 

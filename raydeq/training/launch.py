@@ -121,14 +121,6 @@ def connect(log_to_driver: bool = True) -> bool:
     return own
 
 
-def stop_before_ray_as_on_ctrl_c() -> None:
-    """Make SIGTERM raise KeyboardInterrupt, as Ctrl-C does, until `connect` hands it to Ray:
-    its default killed the command in the preflight or in a report's rewrite without a word,
-    the cut rewrite leaving its partial file beside the results."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, signal.default_int_handler)
-
-
 def stop_as_on_ctrl_c(signum: int, frame: object) -> None:
     """Stop the driver on SIGTERM (`kill`, a batch scheduler's preemption, `docker stop`) as
     Ctrl-C stops it: Tune saves the experiment, and either command prints the one that resumes
