@@ -1825,3 +1825,32 @@ def test_the_bench_command_loads_no_compile_stack_before_a_suite_compiles(loaded
     import of torch.compile's inductor (and sympy under it): step_cost imports it where used."""
     heavy = ["torch._inductor", "torch._dynamo", "sympy"]
     assert loaded("import raydeq.bench.__main__", heavy) == []
+
+
+def test_the_command_called_from_python_leaves_the_callers_process_as_it_found_it(
+    monkeypatch, tmp_path, state_kept, capsys
+):
+    """main called from a script puts back the script's SIGTERM handler, torch threads, RNG
+    stream and torch's loggers, where a run left SIGTERM raising KeyboardInterrupt, --threads'
+    count, a reseeded RNG and one more log filter in the script for good."""
+
+    def seeded(ctx: Context) -> Section:
+        torch.manual_seed(ctx.seed)
+        return Section("skip", "Seeded", ["a"], rows=[{"a": torch.rand(()).item()}])
+
+    monkeypatch.setitem(SUITES, "skip", seeded)
+    threads = torch.get_num_threads()
+    with state_kept():
+        main(
+            [
+                "--size",
+                "tiny",
+                "--only",
+                "skip",
+                "--threads",
+                str(threads % 2 + 1),
+                "--out",
+                str(tmp_path),
+            ]
+        )
+    assert capsys.readouterr().out.startswith("#")

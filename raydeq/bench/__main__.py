@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import logging
 import os
-import signal
 import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -24,6 +24,7 @@ from raydeq.bench.suites import SUITES
 from raydeq.models import PRESETS
 from raydeq.training.checkpoint import CheckpointError, read_newest
 from raydeq.training.data import EXPECTED_FILES, unreadable_file
+from raydeq.training.interrupts import sigterm_as_ctrl_c
 
 # The largest seed, as in a training config: raydeq.train's seeds are 0 to 2**32 - 1.
 MAX_SEED = 2**32 - 1
@@ -256,14 +257,32 @@ def main(argv: Sequence[str] | None = None) -> Report:
     others still run; the run then exits with status 1.
     """
     args = parse(argv)
-    # SIGTERM (a batch scheduler's time limit, `kill`) ends the run as Ctrl-C does: its
-    # default killed it without a word, and a rewrite of the report it cut left its partial
-    # file beside it.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    with settings_of_the_run(args.threads):
+        return run(args)
+
+
+@contextlib.contextmanager
+def settings_of_the_run(threads: int | None) -> Iterator[None]:
+    """SIGTERM as Ctrl-C (its default killed a run without a word, a cut rewrite leaving its
+    partial file), the run's threads, its own RNG stream and no word of a missing CUDA runtime,
+    the caller's back on return: main called from a script leaves the script's process as it
+    was."""
+    cpp_extension = logging.getLogger("torch.utils.cpp_extension")
+    kept_threads = torch.get_num_threads()
+    cpp_extension.addFilter(drop_no_cuda_runtime)
+    try:
+        with sigterm_as_ctrl_c(), torch.random.fork_rng():
+            if threads:
+                torch.set_num_threads(threads)
+            yield
+    finally:
+        torch.set_num_threads(kept_threads)
+        cpp_extension.removeFilter(drop_no_cuda_runtime)
+
+
+def run(args: argparse.Namespace) -> Report:
+    """Run the suites of parsed arguments, as main does."""
     device = args.device
-    logging.getLogger("torch.utils.cpp_extension").addFilter(drop_no_cuda_runtime)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     keep_freed_memory()
     ctx = Context(device, args.size, tuple(args.models), args.data, args.seed, args.weights)
     report = Report(
