@@ -1096,3 +1096,18 @@ def test_an_integer_range_of_whole_floats_is_taken():
     base = {"data": {"dataset": "fake"}, "scaling": {"num_workers": 1}}
     experiment = spec.from_dict("x", {**base, **space})
     assert {row["data"]["batch_size"] for row in spec.expand(experiment, 20)} == {1, 2}
+
+
+def test_expanding_a_search_leaves_the_callers_optuna_verbosity(state_kept):
+    """spec.expand of a searched experiment (--dry-run, the checks before a run) called from a
+    script puts back the script's Optuna verbosity, where it left Optuna at WARNING for good,
+    silencing the script's own studies."""
+    experiment = spec.load("mnist_search")
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.INFO)
+    try:
+        with state_kept():
+            assert len(spec.expand(experiment, 3)) == 3
+        assert optuna.logging.get_verbosity() == optuna.logging.INFO
+    finally:
+        optuna.logging.set_verbosity(verbosity)

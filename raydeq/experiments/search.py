@@ -8,9 +8,10 @@ search with a `cost` has two objectives: `metric` (its `mode`) and the cost (min
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -366,13 +367,25 @@ def searcher(space: Space, search: SearchSection, seed: int, bound: Callable[[],
 def sample(space: Space, count: int, seed: int) -> list[dict[str, Any]]:
     """What a search would start with, without Ray: the points, then random draws (`--dry-run`
     and the checks before a run)."""
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
-    with warnings.catch_warnings():
+    with optuna_warnings_only(), warnings.catch_warnings():
+        study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
         warnings.simplefilter("ignore", UserWarning)  # a point outside a range is kept, as meant
         for _, point in space.points:
             study.enqueue_trial(dict(point))
         return [unflatten_dict(space(study.ask()), SEPARATOR) for _ in range(count)]
+
+
+@contextlib.contextmanager
+def optuna_warnings_only() -> Iterator[None]:
+    """Optuna logs its warnings only (no line per study) inside, and at the caller's verbosity
+    again on exit: a dry run or a check called from a script leaves the script's Optuna as it
+    was."""
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        yield
+    finally:
+        optuna.logging.set_verbosity(verbosity)
 
 
 def first_learned(search: SearchSection) -> int:
