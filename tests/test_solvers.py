@@ -1504,6 +1504,22 @@ def test_an_f_that_changes_its_input_in_place_is_refused_naming_the_operation(so
         raydeq.solve(f, torch.zeros(3, 5, dtype=torch.float64), solver=solver, adjoint=adjoint)
 
 
+def test_an_f_that_changes_its_input_in_place_is_refused_under_compile():
+    """A traced f reads no version counter: Anderson under compile=True, which compiles f
+    alone, returned a z* with residual 2.9 without a word; its eager first evaluation at z0
+    now refuses it."""
+    w = torch.randn(5, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) / 8
+
+    def f(z):
+        out = torch.tanh(z @ w + 1)
+        z.zero_()
+        return out
+
+    z0 = torch.zeros(3, 5, dtype=torch.float64)
+    with torch.no_grad(), pytest.raises(ValueError, match="f changed its input in place"):
+        raydeq.solve(f, z0, solver="anderson", compile={"backend": "eager"})
+
+
 def test_an_f_that_changes_a_multiscale_input_in_place_is_refused():
     """A part of a multiscale state changed in place is the solver's iterate changed too."""
 

@@ -106,6 +106,9 @@ def iterate(
         # step's outputs. One generation per solve: its steps record a path of graphs that
         # later solves replay, and what the solve returns is copied out at the end.
         torch.compiler.cudagraph_mark_step_begin()
+    # init evaluates f at z0 eagerly, where flat_function can read whether f changed its
+    # input in place (a traced f reads no version counter): once per solve, not per step.
+    eager_f = f
     if compile_options is not None:
         if method.capturable:
             phases = tuple(replace(p, step=compiled(p.step, compile_options)) for p in phases)
@@ -115,7 +118,7 @@ def iterate(
     if recorder is not None:
         last = phases[-1]
         phases = (*phases[:-1], replace(last, step=GraphedStep(last.step, recorder(z.device))))
-    carry, nfe, steps = method.init(f, z, monitor)
+    carry, nfe, steps = method.init(eager_f, z, monitor)
     # Without check_start the first block runs unread: from an uninformed z0 a batch that has
     # converged there is rare enough that a few wasted steps cost less than a synchronisation
     # on every solve. A predicted z0 (Skip DEQs) often meets the tolerance: one read there
