@@ -2718,6 +2718,30 @@ def test_relative_paths_stay_where_the_experiment_was_started_from(tmp_path, mon
         }
 
 
+@pytest.mark.parametrize("primitive", ["grid_search", "choice"])
+def test_a_relative_folder_drawn_from_the_space_is_refused_and_an_absolute_one_kept(
+    tmp_path, monkeypatch, primitive
+):
+    """A folder drawn from search.space is no base's or variant's, which are made absolute
+    where the experiment is read: a relative one was read by each trial from its own folder;
+    it is now refused, naming the value and its absolute form, and an absolute one is kept."""
+    monkeypatch.chdir(tmp_path)
+    data = {"dataset": "imagenet", "data_dir": "images", "batch_size": 8}
+    drawn = {primitive: [str(tmp_path / "a"), "b"]}
+    raw = {**TINY, "data": data, "search": {"space": {"data": {"data_dir": drawn}}}}
+    what = "grid value" if primitive == "grid_search" else "choice"
+    message = f"search.space.data.data_dir: the {what} 'b' is a relative folder, which each"
+    with pytest.raises(ConfigError, match=re.escape(message)) as err:
+        spec.from_dict("tiny", raw)
+    assert repr(str(tmp_path / "b")) in str(err.value)
+    drawn[primitive] = [str(tmp_path / "a"), "s3://bucket/b"]
+    experiment = spec.from_dict("tiny", raw)
+    monkeypatch.chdir(tmp_path.parent)
+    assert experiment.trial_config({"data": {"data_dir": drawn[primitive][0]}}).data.data_dir == (
+        str(tmp_path / "a")
+    )
+
+
 def test_an_experiment_file_of_an_upper_case_suffix_is_read_as_a_yaml_file(tmp_path):
     """`Tiny.YAML` or `tiny.Yml` (as saved on systems that write suffixes in capitals) is a
     YAML file, which `python -m raydeq.train` reads too, not 'not a .yaml or .yml file'."""

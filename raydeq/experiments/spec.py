@@ -8,6 +8,7 @@ labelled variants, a space over Ray Tune's primitives and the trial scheduling.
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields, is_dataclass
@@ -42,7 +43,7 @@ from raydeq.training.config import (
     without,
 )
 from raydeq.training.schema import build_section
-from raydeq.training.storage import absolute
+from raydeq.training.storage import absolute, is_uri
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "tune_configs"
 VARIANT = "variant"
@@ -402,7 +403,22 @@ def _space_values(where: str, space: Mapping[str, Any]) -> dict[str, list[tuple[
         _check_key(key, where)
         _check_per_trial(key, where)
     values = {key: _values(f"{where}.{key}", spec) for key, spec in dims.items()}
+    for key in values.keys() & set(PATH_KEYS):
+        for what, value in values[key]:
+            _check_searched_folder(f"{where}.{key}", what, value)
     return {key: pairs for key, pairs in values.items() if pairs}
+
+
+def _check_searched_folder(where: str, what: str, value: Any) -> None:
+    """Raise a ConfigError for a relative folder that a space draws: a trial would read it
+    from its own folder, where Tune runs it (the base's and the variants' are `pinned`)."""
+    if _is_path(value) and not is_uri(value) and not os.path.isabs(os.path.expanduser(value)):
+        raise ConfigError(
+            f"{where}: {what} {value!r} is a relative folder, which each trial would read from "
+            f"its own trial folder; write it absolute ({absolute(value)!r}) or set it in "
+            "search.variants, whose folders are read from here",
+            key=where,
+        )
 
 
 def _check_per_trial(dotted: str, where: str) -> None:
