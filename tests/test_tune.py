@@ -2718,6 +2718,21 @@ def test_relative_paths_stay_where_the_experiment_was_started_from(tmp_path, mon
         }
 
 
+def test_an_override_of_a_relative_folder_picks_out_the_variant_that_names_it(
+    tmp_path, monkeypatch
+):
+    """The variants' folders are made absolute where the experiment is read, and an override
+    `data.data_dir=a` naming one as written was compared with them as it was, refused as
+    'no variant of search.variants has that value'; it now keeps that variant alone."""
+    monkeypatch.chdir(tmp_path)
+    data = {"dataset": "imagenet", "data_dir": "images", "batch_size": 8}
+    rows = [{"data.data_dir": "a"}, {"data.data_dir": "b"}]
+    raw = {**TINY, "data": data, "search": {"variants": rows}}
+    experiment = spec.from_dict("tiny", raw, {"data.data_dir": "a"})
+    configs = [experiment.trial_config(sampled) for sampled in spec.expand(experiment)]
+    assert [c.data.data_dir for c in configs] == [str(tmp_path / "a")]
+
+
 @pytest.mark.parametrize("primitive", ["grid_search", "choice"])
 def test_a_relative_folder_drawn_from_the_space_is_refused_and_an_absolute_one_kept(
     tmp_path, monkeypatch, primitive

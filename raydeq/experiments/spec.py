@@ -287,7 +287,8 @@ def from_dict(
     """
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{name}: expected a mapping of keys to values at the top level")
-    overrides = overrides or {}
+    # Pinned as the variants are, so that an override picks out the variant it names.
+    overrides = _pinned_row(overrides or {})
     search = raw.get("search")
     workers = search.get("workers_per_trial") if isinstance(search, Mapping) else None
     if isinstance(workers, int) and workers > 0:
@@ -330,13 +331,13 @@ def pinned(raw: Mapping[str, Any]) -> dict[str, Any]:
     variants = search.get("variants") if isinstance(search, Mapping) else None
     if not isinstance(variants, list):
         return raw
-    rows = [
-        {k: absolute(v) if k in PATH_KEYS and _is_path(v) else v for k, v in row.items()}
-        if isinstance(row, Mapping)
-        else row
-        for row in variants
-    ]
+    rows = [_pinned_row(row) if isinstance(row, Mapping) else row for row in variants]
     return raw | {"search": {**search, "variants": rows}}
+
+
+def _pinned_row(row: Mapping[str, Any]) -> dict[str, Any]:
+    """Dotted settings (a variant, the overrides) with their relative folders made absolute."""
+    return {k: absolute(v) if k in PATH_KEYS and _is_path(v) else v for k, v in row.items()}
 
 
 def _is_path(value: Any) -> bool:
