@@ -1854,3 +1854,17 @@ def test_the_command_called_from_python_leaves_the_callers_process_as_it_found_i
             ]
         )
     assert capsys.readouterr().out.startswith("#")
+
+
+def test_a_cpu_run_on_a_machine_with_gpus_forks_no_gpus_rng(monkeypatch, tmp_path, capsys):
+    """The run's RNG fork covers the CPU and --device alone: fork_rng's default read the RNG of
+    every GPU, initialising CUDA on each for a CPU run and warning where there are several."""
+
+    def no_gpu_rng(device: object = "cuda") -> torch.Tensor:
+        raise AssertionError(f"the RNG of {device} read for a CPU run")
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", no_gpu_rng)
+    monkeypatch.setitem(SUITES, "skip", lambda ctx: Section("skip", "Skip", ["a"], rows=[]))
+    main(["--size", "tiny", "--only", "skip", "--device", "cpu", "--out", str(tmp_path)])
+    assert capsys.readouterr().out.startswith("#")

@@ -257,27 +257,35 @@ def main(argv: Sequence[str] | None = None) -> Report:
     others still run; the run then exits with status 1.
     """
     args = parse(argv)
-    with settings_of_the_run(args.threads):
+    with settings_of_the_run(args.threads, args.device):
         return run(args)
 
 
 @contextlib.contextmanager
-def settings_of_the_run(threads: int | None) -> Iterator[None]:
+def settings_of_the_run(threads: int | None, device: torch.device) -> Iterator[None]:
     """SIGTERM as Ctrl-C (its default killed a run without a word, a cut rewrite leaving its
-    partial file), the run's threads, its own RNG stream and no word of a missing CUDA runtime,
-    the caller's back on return: main called from a script leaves the script's process as it
-    was."""
+    partial file), the run's threads, its own RNG streams (the CPU's and `device`'s) and no word
+    of a missing CUDA runtime, the caller's back on return: main called from a script leaves
+    the script's process as it was."""
     cpp_extension = logging.getLogger("torch.utils.cpp_extension")
     kept_threads = torch.get_num_threads()
     cpp_extension.addFilter(drop_no_cuda_runtime)
     try:
-        with sigterm_as_ctrl_c(), torch.random.fork_rng():
+        with sigterm_as_ctrl_c(), forked_rng(device):
             if threads:
                 torch.set_num_threads(threads)
             yield
     finally:
         torch.set_num_threads(kept_threads)
         cpp_extension.removeFilter(drop_no_cuda_runtime)
+
+
+def forked_rng(device: torch.device) -> contextlib.AbstractContextManager[None]:
+    """The RNG streams of the CPU and of `device` alone, forked: fork_rng's default reads every
+    GPU's, initialising CUDA on each for a run on one device or the CPU."""
+    if device.type == "cpu":
+        return torch.random.fork_rng(devices=[])
+    return torch.random.fork_rng(devices=[device], device_type=device.type)
 
 
 def run(args: argparse.Namespace) -> Report:
