@@ -2897,3 +2897,20 @@ def test_the_command_called_from_python_leaves_the_callers_process_as_it_found_i
     with state_kept():
         assert rt.main([str(tmp_path / "absent.yaml")]) == 2
     assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_relative_folders_drawn_from_the_space_are_refused_in_the_order_of_the_settings(
+    tmp_path, monkeypatch
+):
+    """Of several relative folders a space draws, the refusal names the first setting of
+    PATH_KEYS in every run, not whichever a set of the keys, hashed anew per process, gave."""
+    monkeypatch.chdir(tmp_path)
+    data = {"dataset": "imagenet", "data_dir": "images", "batch_size": 8}
+    folders = {"data_dir": {"choice": ["a"]}, "stage_to": {"choice": ["s"]}}
+    space = {"storage_path": {"choice": ["r"]}, "data": folders}
+    raw = {**TINY, "data": data, "search": {"space": space}}
+    with pytest.raises(ConfigError, match=r"^search\.space\.storage_path: the choice 'r' is"):
+        spec.from_dict("tiny", raw)
+    del space["storage_path"]
+    with pytest.raises(ConfigError, match=r"^search\.space\.data\.data_dir: the choice 'a' is"):
+        spec.from_dict("tiny", raw)

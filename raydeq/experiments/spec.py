@@ -398,14 +398,14 @@ def _unprefixed(err: ConfigError, key: str) -> str:
 
 def _space_values(where: str, space: Mapping[str, Any]) -> dict[str, list[tuple[str, Any]]]:
     """The values `_check_space` tries of each dimension of a space written at `where` that
-    has any, after checking its keys."""
+    has any, after checking its keys and the folders it draws (in PATH_KEYS' order)."""
     dims = dimensions(space)
     for key in dims:
         _check_key(key, where)
         _check_per_trial(key, where)
     values = {key: _values(f"{where}.{key}", spec) for key, spec in dims.items()}
-    for key in values.keys() & set(PATH_KEYS):
-        for what, value in values[key]:
+    for key in PATH_KEYS:
+        for what, value in values.get(key, ()):
             _check_searched_folder(f"{where}.{key}", what, value)
     return {key: pairs for key, pairs in values.items() if pairs}
 
