@@ -26,7 +26,7 @@ import yaml
 
 from raydeq.training import data, runlock
 from raydeq.training.config import Config, ConfigError, load, load_yaml
-from raydeq.training.interrupts import sigterm_as_ctrl_c
+from raydeq.training.interrupts import interruptible
 from raydeq.training.preflight import check_run
 from raydeq.training.storage import StorageError
 
@@ -99,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from raydeq.training import launch
 
     with ExitStack() as held:
-        held.enter_context(sigterm_as_ctrl_c())
+        held.enter_context(interruptible())
         try:
             cfg = load(config_file(args.config), args.overrides)
             held.enter_context(runlock.hold(cfg.run_dir))  # before its checkpoints are read

@@ -27,7 +27,7 @@ from raydeq.experiments.results import report, written
 from raydeq.experiments.spec import Experiment, check_draws, describe, expand, load
 from raydeq.training import data, launch, runlock
 from raydeq.training.config import SCHEDULERS, ConfigError, check_folder_name, parse_overrides
-from raydeq.training.interrupts import sigterm_as_ctrl_c
+from raydeq.training.interrupts import interruptible
 from raydeq.training.preflight import check_run
 from raydeq.training.storage import CHECKPOINT_PREFIX, StorageError, absolute, check_storage
 
@@ -296,7 +296,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results that could not be written, 130 interrupted)."""
     args = _parser().parse_intermixed_args(argv)
     with ExitStack() as held:
-        held.enter_context(sigterm_as_ctrl_c())
+        held.enter_context(interruptible())
         try:
             experiment, path, options = start(args)
             ended = nothing_to_resume(args, experiment, path, options)

@@ -2851,6 +2851,33 @@ def test_ctrl_c_in_the_checks_after_ray_starts_exits_130_in_one_line_with_nothin
     assert rt.main(argv) == 0
 
 
+def test_ctrl_c_stops_the_command_where_the_process_had_a_handler_swallowing_it(
+    tmp_path, capsys, monkeypatch
+):
+    """A SIGINT handler left in the process (Ray Train's, after a trainer ran in it, logs and
+    returns) swallowed Ctrl-C in a command's main called there; the command's own Ctrl-C
+    stops it, and the caller's handler is back on return."""
+    run_without_ray(monkeypatch)
+    swallowed = []
+    monkeypatch.setattr(run, "check_dashboard", lambda: os.kill(os.getpid(), signal.SIGINT))
+    monkeypatch.setattr(run, "fit", lambda *args: (0, 0))
+    file = tmp_path / "tiny.yaml"
+    file.write_text(yaml.safe_dump(TINY))
+    argv = [str(file), "--storage", str(tmp_path / "runs"), "--scheduler", "asha"]
+
+    def swallow(signum: int, frame: object) -> None:
+        swallowed.append(signum)
+
+    previous = signal.signal(signal.SIGINT, swallow)
+    try:
+        assert rt.main(argv) == 130
+        assert signal.getsignal(signal.SIGINT) is swallow
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert swallowed == []
+    assert capsys.readouterr().err == "\ninterrupted before the trials started\n"
+
+
 def test_sigterm_while_the_results_are_written_exits_130_in_one_line_as_ctrl_c_does(
     tmp_path, capsys, monkeypatch
 ):

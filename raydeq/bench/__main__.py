@@ -24,7 +24,7 @@ from raydeq.bench.suites import SUITES
 from raydeq.models import PRESETS
 from raydeq.training.checkpoint import CheckpointError, read_newest
 from raydeq.training.data import EXPECTED_FILES, unreadable_file
-from raydeq.training.interrupts import sigterm_as_ctrl_c
+from raydeq.training.interrupts import interruptible
 
 # The largest seed, as in a training config: raydeq.train's seeds are 0 to 2**32 - 1.
 MAX_SEED = 2**32 - 1
@@ -263,15 +263,15 @@ def main(argv: Sequence[str] | None = None) -> Report:
 
 @contextlib.contextmanager
 def settings_of_the_run(threads: int | None, device: torch.device) -> Iterator[None]:
-    """SIGTERM as Ctrl-C (its default killed a run without a word, a cut rewrite leaving its
-    partial file), the run's threads, its own RNG streams (the CPU's and `device`'s) and no word
-    of a missing CUDA runtime, the caller's back on return: main called from a script leaves
-    the script's process as it was."""
+    """Ctrl-C and SIGTERM raising KeyboardInterrupt (SIGTERM's default killed a run without a
+    word, a cut rewrite leaving its partial file), the run's threads, its own RNG streams (the
+    CPU's and `device`'s) and no word of a missing CUDA runtime, the caller's back on return:
+    main called from a script leaves the script's process as it was."""
     cpp_extension = logging.getLogger("torch.utils.cpp_extension")
     kept_threads = torch.get_num_threads()
     cpp_extension.addFilter(drop_no_cuda_runtime)
     try:
-        with sigterm_as_ctrl_c(), forked_rng(device):
+        with interruptible(), forked_rng(device):
             if threads:
                 torch.set_num_threads(threads)
             yield

@@ -1,5 +1,5 @@
 """Training: config and its schema, objective, checkpoint, state, reporting, the per-worker
-loop, launch (Ray Train), the commands' SIGTERM as Ctrl-C (interrupts), preflight checks,
+loop, launch (Ray Train), Ctrl-C and SIGTERM in the commands (interrupts), preflight checks,
 storage and TensorBoard events on it (eventlog), and the data (data, vision; image folders
 listed once in folders, staged to local disk in staging)."""
 
