@@ -364,6 +364,7 @@ class DEQ(nn.Module):
     evaluation in training mode: stats.nfe times per forward pass, once more with jac_reg.
     compile= is solve's: f and the solver steps run through torch.compile (True, or a dict of
     its options), or each solve records its step as a CUDA graph and replays it ("graph").
+    solve refuses an f that changes its input in place, under compile= too.
     Each forward pass draws new masks for f's variational dropouts, in or outside a model; a
     dropout that draws one at every evaluation of f (nn.Dropout) is refused in training mode,
     and under an implicit adjoint with grad enabled, which solves each sample's system alone,

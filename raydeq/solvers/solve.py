@@ -202,11 +202,14 @@ def solve(
     steps then also read whether a per-sample select (a rejected step, a stopped sample) has
     anything to select, and skip it where not. Each sample's z* is the same either way (a
     sample stops on the step it converges); only the steps the batch spends after that differ.
+    An f that changes its input (the solver's own iterate) in place is refused, naming the
+    operation and its out-of-place form.
     A float16 or bfloat16 z0 is solved in float32; f sees the state, and z* comes back, in
     z0's dtype.
     compile=True runs f and each solver step through torch.compile (mode "reduce-overhead",
     CUDA graphs, on a GPU; inductor's C++ kernels on a CPU; "anderson" and "broyden", whose
-    steps are not capturable, compile f alone); a dict gives torch.compile's options.
+    steps are not capturable, compile f alone), all but the first evaluation of f, at z0, which
+    runs eagerly to see an in-place change of its input; a dict gives torch.compile's options.
     compile="graph" records the step of a capturable solver (the continuous ones, fixed_point)
     once per solve as a CUDA graph, after one eager step, and replays it for the steps after
     (VCAB3: its Adams steps), and the backward's GMRES replays each Arnoldi step from the
