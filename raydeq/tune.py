@@ -349,6 +349,9 @@ def run_experiment(
         except ConfigError as err:
             print(f"error: {err}", file=sys.stderr)
             return EXIT_BAD_INPUT
+        except KeyboardInterrupt:  # a search's long listing, which stores nothing
+            print("\ninterrupted while listing the trials", file=sys.stderr)
+            return EXIT_INTERRUPTED
         return 0
     if args.report:
         try:

@@ -763,6 +763,16 @@ def test_ctrl_c_in_the_preflight_exits_130_in_one_line(tmp_path, capsys, monkeyp
     assert not run.has_settings(str(tmp_path / "runs" / "tiny"))
 
 
+def test_ctrl_c_in_a_dry_run_exits_130_in_one_line(tmp_path, capsys, monkeypatch):
+    """Ctrl-C (or SIGTERM) while --dry-run lists a search's trials ends with 130 and a line,
+    not a traceback."""
+    experiment = tmp_path / "tiny.yaml"
+    experiment.write_text(yaml.safe_dump(TINY))
+    monkeypatch.setattr(rt, "expand", lambda *args: os.kill(os.getpid(), signal.SIGTERM))
+    assert rt.main([str(experiment), "--storage", str(tmp_path / "runs"), "--dry-run"]) == 130
+    assert capsys.readouterr().err == "\ninterrupted while listing the trials\n"
+
+
 def test_stored_settings_that_are_no_text_or_bad_name_the_file_with_status_2(tmp_path, capsys):
     experiment = tmp_path / "tiny.yaml"
     experiment.write_text(yaml.safe_dump(TINY))
