@@ -20,13 +20,14 @@ import shlex
 import sys
 from collections.abc import Sequence
 from contextlib import ExitStack
+from pathlib import Path
 
 from raydeq.experiments import run
 from raydeq.experiments import search as searchers
 from raydeq.experiments.results import report, written
 from raydeq.experiments.spec import Experiment, check_draws, describe, expand, load
 from raydeq.training import data, launch, runlock
-from raydeq.training.config import SCHEDULERS, ConfigError, check_folder_name, parse_overrides
+from raydeq.training.config import SCHEDULERS, ConfigError, check_folder_name
 from raydeq.training.interrupts import interruptible
 from raydeq.training.preflight import check_run
 from raydeq.training.storage import CHECKPOINT_PREFIX, StorageError, absolute, check_storage
@@ -272,13 +273,13 @@ def dry_run(experiment: Experiment, num_samples: int | None, path: str) -> None:
 
 
 def resume_command(args: argparse.Namespace, path: str) -> str:
-    """The command that resumes this experiment at `path` (storage/name): a `storage_path=`
-    override, which --resume refuses, is given as --storage."""
-    words = ["python", "-m", "raydeq.tune", args.experiment, "--resume"]
-    storage = args.storage
-    if storage is None and "storage_path" in parse_overrides(args.overrides):
-        storage = path.rstrip("/").rsplit("/", 1)[0]
-    words += ["--storage", storage] if storage else []
+    """The command that resumes this experiment at `path` (storage/name) from any folder: its
+    file and storage absolute (a `storage_path=` override, which --resume refuses, given as
+    --storage), since a relative one read from another folder would name no experiment."""
+    file = Path(args.experiment)
+    experiment = str(file.resolve()) if file.is_file() else args.experiment
+    words = ["python", "-m", "raydeq.tune", experiment, "--resume"]
+    words += ["--storage", path.rstrip("/").rsplit("/", 1)[0]]
     words += ["--name", args.name] if args.name else []
     return shlex.join(words)
 

@@ -748,6 +748,24 @@ def test_the_resume_command_of_a_run_stored_by_a_storage_path_override_finds_it(
     assert f"table of {storage}/tiny\n" in capsys.readouterr().out
 
 
+def test_the_resume_command_of_a_relative_file_and_storage_path_resumes_from_another_folder(
+    tmp_path, capsys, monkeypatch
+):
+    """A file and a storage_path relative to the folder the run started in: the printed
+    command names both absolute, so that run from another folder it resumes that run."""
+    run_without_ray(monkeypatch)
+    monkeypatch.setattr(run, "fit", lambda *args: (0, 1))
+    (tmp_path / "start").mkdir()
+    (tmp_path / "start" / "tiny.yaml").write_text(yaml.safe_dump(TINY | {"storage_path": "runs"}))
+    monkeypatch.chdir(tmp_path / "start")
+    assert rt.main(["tiny.yaml"]) == 130
+    command = capsys.readouterr().err.splitlines()[-1].removeprefix("interrupted; resume with: ")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(run, "fit", lambda *args: (0, 0))
+    assert rt.main(shlex.split(command)[3:]) == 0
+    assert f"table of {tmp_path}/start/runs/tiny\n" in capsys.readouterr().out
+
+
 def test_ctrl_c_in_the_preflight_exits_130_in_one_line(tmp_path, capsys, monkeypatch):
     """Checking every trial's data and model before Ray starts may take a while: Ctrl-C there
     ends with 130 and a line, not a traceback, and stores no settings."""
