@@ -58,14 +58,17 @@ def summary(result: Result, cfg: Config) -> str:
 
 
 def resume_command(cfg: Config, argv: Sequence[str]) -> str:
-    """The command that resumes the run: its arguments with the run's name and storage added
-    where they do not give them, since a config file edited since, or a relative storage path
-    read from another folder, would otherwise name another run, started from step 0 (with
-    them, settings that change the model are refused, naming them)."""
-    given = {word.partition("=")[0].strip() for word in argv[1:]}
+    """The command that resumes the run from any folder: its config file's absolute path, its
+    overrides, and the run's name and absolute storage in place of any given, since a config
+    file edited since, or a relative path read from another folder, would otherwise name
+    another run, started from step 0 (with them, settings that change the model are refused,
+    naming them)."""
+    config, *overrides = argv
     pinned = {"name": cfg.name, "storage_path": cfg.storage_path}
-    added = [f"{key}={as_yaml(value)}" for key, value in pinned.items() if key not in given]
-    return shlex.join(["python", "-m", "raydeq.train", *argv, *added])
+    kept = [word for word in overrides if word.partition("=")[0].strip() not in pinned]
+    added = [f"{key}={as_yaml(value)}" for key, value in pinned.items()]
+    config = os.path.abspath(config) if os.path.isfile(config) else config
+    return shlex.join(["python", "-m", "raydeq.train", config, *kept, *added])
 
 
 def as_yaml(text: str) -> str:

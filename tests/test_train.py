@@ -557,6 +557,44 @@ def test_the_resume_command_resumes_its_run_after_its_config_file_changed(
     assert shlex.split(train.resume_command(odd, ["run.yaml"]))[4] == 'name="007"'
 
 
+def test_the_resume_command_of_a_run_started_with_relative_paths_resumes_it_from_elsewhere(
+    tmp_path, capsys, monkeypatch
+):
+    """A run started as `python -m raydeq.train run.yaml storage_path=runs` prints a resume
+    command that names the config file and the storage absolutely: run from another folder,
+    it resumes that run, not a missing file or a new run under another `runs`."""
+    monkeypatch.chdir(tmp_path)
+    text = "scaling: {device: cpu}\ntrain: {epochs: 1, max_steps: 2}\n"
+    text += "data: {dataset: fake, fake_samples: 16, batch_size: 8}\n"
+    (tmp_path / "run.yaml").write_text(text)
+    monkeypatch.setattr(launch, "check_cluster", lambda: None)
+    monkeypatch.setattr(launch, "connect", lambda: False)
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(launch, "fit", interrupt)
+    assert train.main(["run.yaml", "storage_path=runs", "train.report_every=1"]) == 130
+    command = capsys.readouterr().err.splitlines()[-1].removeprefix("interrupted; resume with: ")
+    argv = shlex.split(command)[3:]
+    name = config.load(str(tmp_path / "run.yaml")).name
+    assert argv[0] == str(tmp_path / "run.yaml")
+    assert f"storage_path={tmp_path / 'runs'}" in argv
+    assert "train.report_every=1" in argv
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    resumed = []
+
+    def fit(cfg, scaling):
+        resumed.append(cfg.run_dir)
+        return SimpleNamespace(metrics={"test_accuracy": 0.5, "step": 2})
+
+    monkeypatch.setattr(launch, "fit", fit)
+    assert train.main(argv) == 0
+    assert resumed == [str(tmp_path / "runs" / name)]
+
+
 def test_workers_that_just_fit_are_taken_and_one_more_is_refused_naming_the_fix(monkeypatch):
     monkeypatch.setattr(launch.capacity, "worker_slots", lambda need: 2)
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0})
