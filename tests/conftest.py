@@ -21,7 +21,7 @@ import pytest
 import ray
 import torch
 
-from raydeq.training import storage
+from raydeq.training import interrupts, storage
 from raydeq.training.launch import WORKER_LOGGERS, runtime_env
 
 
@@ -64,7 +64,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def ray_cluster() -> Iterator[str]:
     """A local Ray cluster with 2 CPUs and raydeq's runtime environment, started once per
     session; yields the dashboard URL."""
-    context = ray.init(num_cpus=2, runtime_env=runtime_env(local=True))
+    with signal_handlers_kept():  # ray.init's SIGTERM handler would outlive every later test
+        context = ray.init(num_cpus=2, runtime_env=runtime_env(local=True))
     yield f"http://{context.dashboard_url}"
     ray.shutdown()
 
@@ -196,13 +197,33 @@ def process_state() -> dict[str, object]:
     }
 
 
+def signal_handlers() -> tuple[object, ...]:
+    """The handlers of SIGINT and SIGTERM, the signals that stop a command."""
+    return tuple(signal.getsignal(signum) for signum in interrupts.SIGNALS)
+
+
+@contextlib.contextmanager
+def signal_handlers_kept() -> Iterator[None]:
+    """Put the SIGINT and SIGTERM handlers back on exit: ray.init sets SIGTERM's in its driver,
+    and a TorchTrainer or Tuner fitted in the main thread sets SIGINT's for good."""
+    handlers = signal_handlers()
+    try:
+        yield
+    finally:
+        for signum, handler in zip(interrupts.SIGNALS, handlers, strict=True):
+            signal.signal(signum, handler)
+
+
 @pytest.fixture(autouse=True)
-def process_state_kept() -> Iterator[None]:
+def process_state_kept(request: pytest.FixtureRequest) -> Iterator[None]:
     """Fail a test that leaves process_state changed (a logger's INFO answer included, which
     logging caches: monkeypatching a logger's level leaves it stale), so that no test passes
-    or fails by the order it runs in."""
+    or fails by the order it runs in. A Ray test gets the signal handlers back first: Ray sets
+    them in the process that drives it."""
     before = process_state()
-    yield
+    ray_test = request.node.get_closest_marker("ray") is not None
+    with signal_handlers_kept() if ray_test else contextlib.nullcontext():
+        yield
     assert process_state() == before
 
 
