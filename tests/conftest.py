@@ -19,6 +19,10 @@ from collections.abc import Callable, Iterator
 import pyarrow.fs
 import pytest
 import ray
+
+# Importing setuptools (torch's C++ builds, inductor's among them, do) appends its vendored
+# packages' folder to sys.path for good: done here, before any test's process_state is taken.
+import setuptools  # noqa: F401
 import torch
 
 from raydeq.training import interrupts, storage
@@ -177,13 +181,24 @@ def one_thread() -> Iterator[None]:
 
 def process_state() -> dict[str, object]:
     """What a test shares with the tests after it in this process: torch's default dtype,
-    threads and grad mode, the working folder, and the loggers a run in this process sets."""
+    threads, grad mode, backend flags and modes, the SIGINT and SIGTERM handlers, sys.path, the
+    working folder, the umask, and the loggers a run in this process sets."""
+    umask = os.umask(0o022)
+    os.umask(umask)
     loggers = {name or "root": logging.getLogger(name) for name in WORKER_LOGGERS}
     return {
         "default dtype": torch.get_default_dtype(),
         "threads": torch.get_num_threads(),
         "grad enabled": torch.is_grad_enabled(),
+        "cudnn": (torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32),
+        "matmul": (torch.backends.cuda.matmul.allow_tf32, torch.get_float32_matmul_precision()),
+        "deterministic": torch.are_deterministic_algorithms_enabled(),
+        "anomaly": torch.is_anomaly_enabled(),
+        "autocast": torch.is_autocast_enabled("cpu"),
+        "signals": signal_handlers(),
+        "sys.path": list(sys.path),
         "cwd": os.getcwd(),
+        "umask": umask,
         **{
             f"logger {name}": (
                 logger.level,
@@ -228,25 +243,13 @@ def process_state_kept(request: pytest.FixtureRequest) -> Iterator[None]:
 
 
 def user_state() -> dict[str, object]:
-    """The process-wide state a script that embeds raydeq keeps: torch's threads, default dtype,
-    RNG stream, backend flags and modes, the signal handlers, the environment, sys.path, the
-    loggers' levels, filters and handlers, warnings filters, matplotlib's backend, cwd, umask."""
-    umask = os.umask(0o022)
-    os.umask(umask)
+    """The process-wide state a script that embeds raydeq keeps: process_state, and the RNG
+    stream, the environment, the loggers' levels, filters and handlers, warnings filters and
+    matplotlib's backend."""
     matplotlib = sys.modules.get("matplotlib")
-    return {
-        "threads": torch.get_num_threads(),
-        "default dtype": torch.get_default_dtype(),
+    return process_state() | {
         "rng": torch.random.get_rng_state().tolist(),
-        "cudnn": (torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32),
-        "matmul": (torch.backends.cuda.matmul.allow_tf32, torch.get_float32_matmul_precision()),
-        "deterministic": torch.are_deterministic_algorithms_enabled(),
-        "anomaly": torch.is_anomaly_enabled(),
-        "grad enabled": torch.is_grad_enabled(),
-        "autocast": torch.is_autocast_enabled("cpu"),
-        "signals": (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)),
         "environ": dict(os.environ),
-        "sys.path": list(sys.path),
         "loggers": {
             name: (logger.level, list(logger.filters), list(logger.handlers), logger.propagate)
             for name, logger in [("", logging.root), *logging.root.manager.loggerDict.items()]
@@ -255,8 +258,6 @@ def user_state() -> dict[str, object]:
         "logging disabled": logging.root.manager.disable,
         "warnings": list(warnings.filters),
         "matplotlib backend": matplotlib.get_backend() if matplotlib else None,
-        "cwd": os.getcwd(),
-        "umask": umask,
     }
 
 
