@@ -511,6 +511,18 @@ def test_a_failed_run_exits_1_with_its_own_error_and_an_interrupted_one_130_with
     assert last == f"test_accuracy=0.9877 steps=44 run={cfg.run_dir}"
 
 
+def fits_recorded(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The run folders launch.fit is called with from now on, each fit ending at once."""
+    resumed: list[str] = []
+
+    def fit(cfg, scaling):
+        resumed.append(cfg.run_dir)
+        return SimpleNamespace(metrics={"test_accuracy": 0.5, "step": 2})
+
+    monkeypatch.setattr(launch, "fit", fit)
+    return resumed
+
+
 def test_the_resume_command_resumes_its_run_after_its_config_file_changed(
     tmp_path, capsys, monkeypatch
 ):
@@ -544,13 +556,7 @@ def test_the_resume_command_resumes_its_run_after_its_config_file_changed(
     )
     path.write_text(text.replace("max_steps: 2}", "max_steps: 2, report_every: 1}"))
     monkeypatch.chdir(tmp_path.parent)
-    resumed = []
-
-    def fit(cfg, scaling):
-        resumed.append(cfg.run_dir)
-        return SimpleNamespace(metrics={"test_accuracy": 0.5, "step": 2})
-
-    monkeypatch.setattr(launch, "fit", fit)
+    resumed = fits_recorded(monkeypatch)
     assert train.main(argv) == 0
     assert resumed == [cfg.run_dir]
     odd = dataclasses.replace(cfg, name="007")
@@ -584,13 +590,7 @@ def test_the_resume_command_of_a_run_started_with_relative_paths_resumes_it_from
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
-    resumed = []
-
-    def fit(cfg, scaling):
-        resumed.append(cfg.run_dir)
-        return SimpleNamespace(metrics={"test_accuracy": 0.5, "step": 2})
-
-    monkeypatch.setattr(launch, "fit", fit)
+    resumed = fits_recorded(monkeypatch)
     assert train.main(argv) == 0
     assert resumed == [str(tmp_path / "runs" / name)]
 
