@@ -20,12 +20,11 @@ import shlex
 import sys
 from collections.abc import Sequence
 from contextlib import ExitStack
-from pathlib import Path
 
 from raydeq.experiments import run
 from raydeq.experiments import search as searchers
 from raydeq.experiments.results import report, written
-from raydeq.experiments.spec import Experiment, check_draws, describe, expand, load
+from raydeq.experiments.spec import Experiment, check_draws, describe, expand, load, locate
 from raydeq.training import data, launch, runlock
 from raydeq.training.config import SCHEDULERS, ConfigError, check_folder_name
 from raydeq.training.interrupts import interruptible
@@ -276,8 +275,7 @@ def resume_command(args: argparse.Namespace, path: str) -> str:
     """The command that resumes this experiment at `path` (storage/name) from any folder: its
     file and storage absolute (a `storage_path=` override, which --resume refuses, given as
     --storage), since a relative one read from another folder would name no experiment."""
-    file = Path(args.experiment)
-    experiment = str(file.resolve()) if file.is_file() else args.experiment
+    experiment = str(locate(args.experiment).resolve())  # a name too: tune_configs/ is here
     words = ["python", "-m", "raydeq.tune", experiment, "--resume"]
     words += ["--storage", path.rstrip("/").rsplit("/", 1)[0]]
     words += ["--name", args.name] if args.name else []

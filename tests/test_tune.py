@@ -766,6 +766,27 @@ def test_the_resume_command_of_a_relative_file_and_storage_path_resumes_from_ano
     assert f"table of {tmp_path}/start/runs/tiny\n" in capsys.readouterr().out
 
 
+def test_the_resume_command_of_an_experiment_given_by_name_resumes_from_another_folder(
+    tmp_path, capsys, monkeypatch
+):
+    """An experiment named as `tiny` (its file tune_configs/tiny.yaml in the folder the run
+    started in): the printed command names that file absolute, so that run from another
+    folder, which has no tune_configs/, it resumes that run."""
+    run_without_ray(monkeypatch)
+    monkeypatch.setattr(run, "fit", lambda *args: (0, 1))
+    (tmp_path / "start" / "tune_configs").mkdir(parents=True)
+    file = tmp_path / "start" / "tune_configs" / "tiny.yaml"
+    file.write_text(yaml.safe_dump(TINY | {"storage_path": "runs"}))
+    monkeypatch.chdir(tmp_path / "start")
+    assert rt.main(["tiny"]) == 130
+    command = capsys.readouterr().err.splitlines()[-1].removeprefix("interrupted; resume with: ")
+    assert shlex.split(command)[3] == str(file)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(run, "fit", lambda *args: (0, 0))
+    assert rt.main(shlex.split(command)[3:]) == 0
+    assert f"table of {tmp_path}/start/runs/tiny\n" in capsys.readouterr().out
+
+
 def test_ctrl_c_in_the_preflight_exits_130_in_one_line(tmp_path, capsys, monkeypatch):
     """Checking every trial's data and model before Ray starts may take a while: Ctrl-C there
     ends with 130 and a line, not a traceback, and stores no settings."""
