@@ -59,14 +59,15 @@ def summary(result: Result, cfg: Config) -> str:
 
 def resume_command(cfg: Config, argv: Sequence[str]) -> str:
     """The command that resumes the run from any folder: its config file's absolute path, its
-    overrides, and the run's name and absolute storage in place of any given, since a config
-    file edited since, or a relative path read from another folder, would otherwise name
-    another run, started from step 0 (with them, settings that change the model are refused,
-    naming them)."""
+    overrides, and the run's name and absolute storage and data folders in place of any given,
+    since a config file edited since, or a relative path read from another folder, would
+    otherwise name another run, started from step 0, or other data (with them, settings that
+    change the model are refused, naming them)."""
     config, *overrides = argv
-    pinned = {"name": cfg.name, "storage_path": cfg.storage_path}
+    folders = {"data.data_dir": cfg.data.data_dir, "data.stage_to": cfg.data.stage_to}
+    pinned = {"name": cfg.name, "storage_path": cfg.storage_path, **folders}
     kept = [word for word in overrides if word.partition("=")[0].strip() not in pinned]
-    added = [f"{key}={as_yaml(value)}" for key, value in pinned.items()]
+    added = [f"{key}={as_yaml(value)}" for key, value in pinned.items() if value is not None]
     config = os.path.abspath(config) if os.path.isfile(config) else config
     return shlex.join(["python", "-m", "raydeq.train", config, *kept, *added])
 

@@ -595,6 +595,21 @@ def test_the_resume_command_of_a_run_started_with_relative_paths_resumes_it_from
     assert resumed == [str(tmp_path / "runs" / name)]
 
 
+def test_the_resume_command_names_relative_data_folders_absolutely(tmp_path, monkeypatch):
+    """A data_dir relative in the config file and a stage_to relative on the command line are
+    read from the folder the run started in: the resume command names both absolutely, so
+    that run from another folder it reads the same data, not a folder of that one."""
+    monkeypatch.chdir(tmp_path)
+    text = "scaling: {device: cpu}\ndata: {dataset: imagenet, data_dir: images}\n"
+    (tmp_path / "run.yaml").write_text(text)
+    argv = ["run.yaml", "data.stage_to=local"]
+    cfg = config.load("run.yaml", argv[1:])
+    words = shlex.split(train.resume_command(cfg, argv))
+    assert f"data.data_dir={tmp_path / 'images'}" in words
+    assert f"data.stage_to={tmp_path / 'local'}" in words
+    assert "data.stage_to=local" not in words
+
+
 def test_workers_that_just_fit_are_taken_and_one_more_is_refused_naming_the_fix(monkeypatch):
     monkeypatch.setattr(launch.capacity, "worker_slots", lambda need: 2)
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0})
