@@ -68,7 +68,8 @@ def resume_command(cfg: Config, argv: Sequence[str]) -> str:
     pinned = {"name": cfg.name, "storage_path": cfg.storage_path, **folders}
     kept = [word for word in overrides if word.partition("=")[0].strip() not in pinned]
     added = [f"{key}={as_yaml(value)}" for key, value in pinned.items() if value is not None]
-    config = os.path.abspath(config) if os.path.isfile(config) else config
+    read = config_file(config)  # a shipped file where tune_configs/NAME.yaml is not here
+    config = os.path.abspath(read) if os.path.isfile(read) else config
     return shlex.join(["python", "-m", "raydeq.train", config, *kept, *added])
 
 

@@ -561,6 +561,8 @@ def test_the_resume_command_resumes_its_run_after_its_config_file_changed(
     assert resumed == [cfg.run_dir]
     odd = dataclasses.replace(cfg, name="007")
     assert shlex.split(train.resume_command(odd, ["run.yaml"]))[4] == 'name="007"'
+    shipped = shlex.split(train.resume_command(cfg, ["tune_configs/digits.yaml"]))[3]
+    assert shipped == str(Path(train.__file__).parent / "tune_configs" / "digits.yaml")
 
 
 def test_the_resume_command_of_a_run_started_with_relative_paths_resumes_it_from_elsewhere(
