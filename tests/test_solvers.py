@@ -527,6 +527,42 @@ def test_an_unrolled_batch_of_no_samples_differentiates_as_the_implicit_adjoints
     assert torch.equal(grad, torch.zeros(3, 3)) and sol.stats.backward_nvjp == 1
 
 
+@pytest.mark.parametrize("solver", SOLVERS)
+@pytest.mark.parametrize("stop_on_convergence", [True, False])
+def test_an_unrolled_sample_converged_at_z0_differentiates_through_one_evaluation(
+    solver, stop_on_convergence
+):
+    """A sample whose z0 meets the tolerance takes no step and its unrolled z* was z0 itself:
+    a batch of such samples had no graph, so that its backward failed in autograd ('element 0
+    of tensors does not require grad'), or gave zero gradients where each step selects its
+    samples; each such sample is now f(z0), whose gradient is that of a loop of one
+    evaluation, alone or in a batch with samples that step."""
+    f, params = problem(4)
+    zeros = torch.zeros(B, D, dtype=torch.float64)
+    with torch.no_grad():
+        fixed = raydeq.solve(f, zeros, solver="fixed_point", **tight("fixed_point")).z
+    mixed = torch.cat([fixed[:1], zeros[1:]])
+    for z0, check_start in ((fixed, True), (fixed, False), (mixed, False)):
+        sol = raydeq.solve(
+            f,
+            z0,
+            solver=solver,
+            adjoint="unrolled",
+            abstol=1e-6,
+            reltol=0.0,
+            check_start=check_start,
+            stop_on_convergence=stop_on_convergence,
+        )
+        assert bool(sol.stats.converged[0])
+        one_evaluation = f(z0)[0]
+        torch.testing.assert_close(sol.z[0], one_evaluation, rtol=0, atol=0)
+        got = torch.autograd.grad(sol.z[0].sum(), params)
+        expected = torch.autograd.grad(one_evaluation.sum(), params)
+        for g, e in zip(got, expected, strict=True):
+            torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
+            assert e.abs().max() > 0.1
+
+
 def test_contractive_dense_deq_vcab3_needs_fewer_evaluations_than_tsit5():
     """The issue's comparison: d=128, batch 32, tolerance 1e-3."""
     g = torch.Generator().manual_seed(0)

@@ -65,7 +65,9 @@ class ImplicitAdjoint:
             return self
         return replace(self, linear_solver=replace(self.linear_solver, graph=True))
 
-    def attach(self, f: Map, z_star: torch.Tensor, stats: SolveStats) -> torch.Tensor:
+    def attach(
+        self, f: Map, z_star: torch.Tensor, z0: torch.Tensor, stats: SolveStats
+    ) -> torch.Tensor:
         """Return f(z*) whose backward solves the adjoint system instead of differentiating f.
 
         The hook sits on a view of f(z*) so that the VJPs it takes of f(z*) do not re-enter it.
@@ -108,7 +110,9 @@ class JacobianFree:
     differentiates_solver = False
     evaluations = 1  # f(z*), which attaches z* to the graph
 
-    def attach(self, f: Map, z_star: torch.Tensor, stats: SolveStats) -> torch.Tensor:
+    def attach(
+        self, f: Map, z_star: torch.Tensor, z0: torch.Tensor, stats: SolveStats
+    ) -> torch.Tensor:
         """Return f(z*) backpropagated through one application of f."""
         with torch.enable_grad():
             z_out = f(z_star.detach())
@@ -145,16 +149,22 @@ class Unrolled:
         """Count one backward VJP of f."""
         self.stats.backward_nvjp += 1
 
-    def attach(self, f: Map, z_star: torch.Tensor, stats: SolveStats) -> torch.Tensor:
+    def attach(
+        self, f: Map, z_star: torch.Tensor, z0: torch.Tensor, stats: SolveStats
+    ) -> torch.Tensor:
         """Return z* as the solver left it; the VJPs its backward takes are counted in stats.
-        A batch of no samples, which the solver leaves without a step and so without a graph,
-        is f(z*) instead (one more evaluation, counted in stats.nfe), so that its backward
-        gives zero gradients as the implicit adjoints' does."""
+        The samples whose z* is still z0 (met the tolerance there, or never improved on it),
+        which no step reaches, and a batch of no samples, which takes no step, are f(z*)
+        instead (one more evaluation, counted in stats.nfe): without it their backward reached
+        f's parameters through no evaluation, and a batch without a graph failed in autograd
+        ("element 0 of tensors does not require grad") or, on the paths that select each
+        step's samples, gave zero gradients; now each gives one evaluation's, in any batch."""
         self.stats = stats
-        if z_star.shape[0] > 0:
+        stayed = (z_star == z0).all(dim=1, keepdim=True)
+        if z_star.shape[0] > 0 and not bool(stayed.any()):
             return z_star
         stats.nfe += 1
-        return f(z_star)
+        return torch.where(stayed, f(z_star), z_star)
 
 
 def _count(stats: SolveStats, nvjp: int, v: torch.Tensor) -> torch.Tensor:

@@ -32,7 +32,8 @@ ADJOINTS = ("gmres", "fixed_point", "jfb", "unrolled")
 class Solution:
     """The fixed point (structured like z0) and the statistics of the solve: z* itself, or
     where the solve attaches it to the graph through f (grad mode, an implicit or Jacobian-free
-    adjoint) f(z*), one evaluation past it; stats.residual and stats.converged are z*'s."""
+    adjoint, or an unrolled one for a sample whose z* is still z0) f(z*), one evaluation past
+    it; stats.residual and stats.converged are z*'s."""
 
     z: State
     stats: SolveStats
@@ -271,7 +272,7 @@ def solve(
     spent = backward.evaluations if attach else 0
     stats = SolveStats.from_monitor(monitor, initial_nfe + nfe + spent, steps)
     with own_precision():
-        z_star = backward.attach(f_flat, monitor.best_z, stats) if attach else monitor.best_z
+        z_star = backward.attach(f_flat, monitor.best_z, start, stats) if attach else monitor.best_z
     return Solution(structure.unflatten(z_star.to(structure.dtype)), stats)
 
 
