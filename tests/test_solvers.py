@@ -1131,6 +1131,30 @@ def test_a_residual_exactly_at_the_tolerance_has_converged(check_every):
     assert sol.stats.residual.item() == 2.0**-10 and sol.z.item() == 2.0**-9
 
 
+@pytest.mark.parametrize("solver", ["vcab3", "euler", "fixed_point", "anderson"])
+def test_a_float32_residual_whose_norm_underflows_does_not_read_as_converged(solver):
+    """With abstol 0 the test is ||f(z) - z|| <= reltol ||z||, which a contraction towards
+    z* = 0 never meets (the residual is about half of ||z||); in float32 both norms underflowed
+    to 0 near 1e-23 and the samples ended CONVERGED with residual 0. They now end MAX_STEPS
+    with the residual measured in float64."""
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(8, 8, generator=g)
+    w = 0.5 * w / torch.linalg.matrix_norm(w, 2)
+
+    def f(z):
+        return torch.tanh(z @ w.T)
+
+    z0 = torch.randn(2, 8, generator=g)
+    with torch.no_grad():
+        sol = raydeq.solve(f, z0, solver=solver, abstol=0.0, reltol=1e-4, max_steps=1000)
+    z = sol.z.double()
+    expected = torch.linalg.vector_norm(f(sol.z).double() - z, dim=1) / 8**0.5
+    assert (expected > 1e-4 * torch.linalg.vector_norm(z, dim=1) / 8**0.5).all()
+    assert sol.stats.status.tolist() == [int(Status.MAX_STEPS)] * 2
+    assert not sol.stats.converged.any()
+    torch.testing.assert_close(sol.stats.residual.double(), expected, rtol=1e-5, atol=0)
+
+
 def test_a_converged_samples_result_meets_its_own_tolerance():
     """With reltol the tolerance grows with ||z||: fixed-point iteration of the map 0 -> 8 ->
     9 -> 10.0625 has the residual 1 at z = 8, above its tolerance 0.12 x 8 = 0.96, and the

@@ -269,6 +269,7 @@ def solve(
             stop_on_convergence,
             graph,
         )
+        nfe += monitor.remeasure(f_flat)
     spent = backward.evaluations if attach else 0
     stats = SolveStats.from_monitor(monitor, initial_nfe + nfe + spent, steps)
     with own_precision():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -47,6 +47,13 @@ def norm(x: torch.Tensor) -> torch.Tensor:
     """2-norm of each sample of a (B, N) matrix as a (B, 1) column, the solvers' scalar shape
     (a column broadcasts against the state without a reshaping view)."""
     return torch.linalg.vector_norm(x, dim=1, keepdim=True)
+
+
+def scaled_norm(x: torch.Tensor) -> torch.Tensor:
+    """norm(x) computed on x over its largest magnitude per sample, so that it does not
+    underflow to 0 where the squares of x do (entries below 1e-19 in float32)."""
+    largest = x.abs().amax(dim=1, keepdim=True)
+    return norm(x / largest.clamp_min(torch.finfo(x.dtype).tiny)) * largest
 
 
 @dataclass(frozen=True)
@@ -200,6 +207,26 @@ class Monitor:
         # too few.
         limit = min(MAX_BLOCK, max(UNKNOWN_BLOCK, 2 * since))
         return int(min(max(math.ceil(min(since * slowest, limit)) + 1, 1), limit))
+
+    @torch.no_grad()
+    def remeasure(self, f: Callable[[torch.Tensor], torch.Tensor]) -> int:
+        """Measure again, with norms that do not underflow, the samples that converged on a
+        residual 2-norm of 0 where a tolerance below the square root of the dtype's smallest
+        normal number made that the test (abstol 0: z* = 0 in float32 converged at about
+        1e-23, where the squares underflow); those that miss the tolerance then run no more
+        and end as MAX_STEPS with their residual. Returns the evaluations of f spent (0 or 1):
+        once at the end of a solve, not per step."""
+        if self.abstol_norm >= torch.finfo(self.best_z.dtype).tiny ** 0.5:
+            return 0
+        suspect = (self.best_norm == 0) & (self.codes == int(Status.CONVERGED))[:, None]
+        if not bool(suspect.any()):
+            return 0
+        z = self.best_z.detach()
+        residual = scaled_norm(f(z) - z)
+        failed = suspect & (residual > self.reltol * scaled_norm(z) + self.abstol_norm)
+        self.best_norm = torch.where(suspect, residual, self.best_norm)
+        self.active = self.active | failed
+        return 1
 
     def copy_out(self) -> None:
         """Copy what a solve returns (best iterate, residual, status) into tensors of its own:
