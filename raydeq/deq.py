@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
+from typing import NoReturn
 
 import torch
 from torch import Tensor, nn
@@ -341,7 +342,37 @@ def _count_loaded(layer: DEQ, incompatible_keys: object) -> None:
     layer._warmed_up = False
 
 
-class DEQ(nn.Module):
+def _hook_refusal(layer: nn.Module, method: str) -> TypeError:
+    """The error for a module backward hook on a layer returning a LayerOutput, naming the
+    tensor hooks that see the gradients it would."""
+    return TypeError(
+        f"{type(layer).__name__}.{method} cannot hook this layer: its forward returns a "
+        "LayerOutput, not a tensor, and torch calls a module's backward hooks on tensor "
+        "outputs only; hook the tensors instead: out.z.register_hook(fn) receives dL/dz* "
+        "(one hook per part of a multiscale z), x.register_hook(fn) dL/dx, or hook the "
+        "module that takes out.z"
+    )
+
+
+class OutputLayer(nn.Module):
+    """A module whose forward returns a LayerOutput: torch never called a full backward hook
+    or pre-hook of it (warning at each call) and register_backward_hook's failed the forward
+    pass, so registering either is refused, naming the tensor hooks to use."""
+
+    def register_full_backward_hook(self, hook: Callable, prepend: bool = False) -> NoReturn:
+        """Refuse: torch would never call it (see the class docstring)."""
+        raise _hook_refusal(self, "register_full_backward_hook")
+
+    def register_full_backward_pre_hook(self, hook: Callable, prepend: bool = False) -> NoReturn:
+        """Refuse: torch would never call it (see the class docstring)."""
+        raise _hook_refusal(self, "register_full_backward_pre_hook")
+
+    def register_backward_hook(self, hook: Callable) -> NoReturn:
+        """Refuse: the forward pass would fail (see the class docstring)."""
+        raise _hook_refusal(self, "register_backward_hook")
+
+
+class DEQ(OutputLayer):
     """Deep equilibrium layer: z* = f(z*, x) by an ODE solver (continuous DEQ) or a root finder.
 
     init picks the initial guess z0: "zeros" (vanilla), "skip" (z0 = skip(x), an explicit
@@ -370,7 +401,8 @@ class DEQ(nn.Module):
     and under an implicit adjoint with grad enabled, which solves each sample's system alone,
     a BatchNorm normalising by the batch's statistics (in training mode, or in any mode
     without running statistics), which couples them.
-    repr names every setting the layer was built with.
+    repr names every setting the layer was built with. Module backward hooks are refused
+    (OutputLayer): hook out.z's tensors instead.
     """
 
     def __init__(

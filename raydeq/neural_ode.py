@@ -23,6 +23,7 @@ from torch.func import functional_call
 
 from raydeq.deq import (
     LayerOutput,
+    OutputLayer,
     callable_layer,
     draw_new_masks,
     initial_state,
@@ -221,7 +222,7 @@ class ContinuousAdjoint(torch.autograd.Function):
         return None, None, *shaped[:2], None, *shaped[2:]
 
 
-class NeuralODE(nn.Module):
+class NeuralODE(OutputLayer):
     """Neural ODE baseline: integrate dz/dt = F(z) from z(0) = 0 over [0, t1], output f(z(t1), x).
 
     dynamics picks F: "f_minus_z" (default) f(z, x) - z, the continuous DEQ's flow and the
@@ -242,6 +243,7 @@ class NeuralODE(nn.Module):
     too small to move t (a solution that blows up before t1), or the norms of a finite state
     overflow (entries past about 1e19 in float32).
     Each forward pass draws new masks for f's variational dropouts; repr names every setting.
+    Module backward hooks are refused (OutputLayer): hook out.z's tensors instead.
     """
 
     def __init__(

@@ -842,6 +842,30 @@ def test_an_x_that_is_no_tensor_is_named(layer):
         layer(f)(x.tolist())
 
 
+@pytest.mark.parametrize("layer", [DEQ, NeuralODE])
+@pytest.mark.parametrize(
+    "method",
+    ["register_full_backward_hook", "register_full_backward_pre_hook", "register_backward_hook"],
+)
+def test_a_module_backward_hook_is_refused_naming_the_tensor_hook(layer, method):
+    """The layer returns a LayerOutput, of whose tensors torch hooks none: a full backward hook
+    or pre-hook was never called (a warning at each call) and register_backward_hook's failed
+    the forward pass with "'LayerOutput' object is not subscriptable"; registering is now
+    refused, and the hook it names on out.z receives dL/dz* (the weights of a weighted sum)."""
+    f, x = dense_cell()
+    deq = layer(f)
+    named = rf"{layer.__name__}\.{method} .* out\.z\.register_hook"
+    with pytest.raises(TypeError, match=named):
+        getattr(deq, method)(lambda *args: None)
+    assert not deq._backward_hooks and not deq._backward_pre_hooks
+    seen = []
+    out = deq(x)
+    out.z.register_hook(seen.append)
+    weights = torch.randn_like(out.z)
+    (weights * out.z).sum().backward()
+    torch.testing.assert_close(seen, [weights])
+
+
 @pytest.mark.parametrize("init", ["skip", "skip_reg"])
 def test_a_batch_of_no_samples_has_zero_losses_not_nan(init):
     """skip_loss and jac_loss divided a sum over no elements by their count, 0: NaN, which a
