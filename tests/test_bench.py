@@ -1868,3 +1868,29 @@ def test_a_cpu_run_on_a_machine_with_gpus_forks_no_gpus_rng(monkeypatch, tmp_pat
     monkeypatch.setitem(SUITES, "skip", lambda ctx: Section("skip", "Skip", ["a"], rows=[]))
     main(["--size", "tiny", "--only", "skip", "--device", "cpu", "--out", str(tmp_path)])
     assert capsys.readouterr().out.startswith("#")
+
+
+def test_a_folder_in_the_home_given_after_a_flags_equals_sign_is_read_there(tmp_path, monkeypatch):
+    """The shell leaves a tilde after --out= as written: --out=TILDE/results wrote into a
+    folder named TILDE in the current one, and --data=TILDE/mnist or --weights=M=TILDE/run
+    found none; each is now the folder in the home, as train's and tune's folders are."""
+    home, here = tmp_path / "home", tmp_path / "here"
+    here.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(here)
+    model = models.build("mnist_dense", "vanilla", CPU, seed=1)
+    write_checkpoint({"step": 7, "model": model.state_dict()}, home / "run" / "checkpoint_000007")
+    raw = home / "mnist" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in ("train-labels-idx1-ubyte", "t10k-labels-idx1-ubyte"):
+        (raw / name).write_bytes(b"\0\0\x08\x01\0\0\0\0")  # no labels
+    for name in ("train-images-idx3-ubyte", "t10k-images-idx3-ubyte"):
+        (raw / name).write_bytes(b"\0\0\x08\x03" + (0).to_bytes(4) + (28).to_bytes(4) * 2)
+    home_of = f"{chr(126)}/"
+    argv = [f"--out={home_of}results", f"--data={home_of}mnist", "--models", "mnist_dense"]
+    args = parse([*argv, f"--weights=mnist_dense={home_of}run"])
+    assert args.out == home / "results" and args.out.is_dir()
+    assert args.data == home / "mnist"
+    assert args.weights["mnist_dense"].folder == home / "run"
+    assert torch.equal(args.weights["mnist_dense"].weights["head.weight"], model.head.weight)
+    assert not list(here.iterdir())

@@ -25,6 +25,7 @@ from raydeq.models import PRESETS
 from raydeq.training.checkpoint import CheckpointError, read_newest
 from raydeq.training.data import EXPECTED_FILES, unreadable_file
 from raydeq.training.interrupts import interruptible
+from raydeq.training.storage import absolute
 
 # The largest seed, as in a training config: raydeq.train's seeds are 0 to 2**32 - 1.
 MAX_SEED = 2**32 - 1
@@ -129,7 +130,7 @@ def check_once(parser: argparse.ArgumentParser, flag: str, names: Sequence[str])
 def mnist_folder(text: str) -> Path:
     """A folder holding the full MNIST's IDX files in MNIST/raw, each looking whole (a wrong
     folder would leave the benchmarks on untrained weights and Gaussian images)."""
-    root = Path(text)
+    root = folder(text)
     names = EXPECTED_FILES["mnist"]
     missing = [name for name in names if not (root / name).is_file()]
     if missing:
@@ -150,7 +151,14 @@ def output_folder(text: str) -> Path:
             f"{text!r} names no folder; name the folder for the results "
             "(default: benchmarks/results)"
         )
-    return Path(text)
+    return folder(text)
+
+
+def folder(text: str) -> Path:
+    """A folder named on the command line, absolute with ~ expanded as train and tune take
+    theirs: the shell leaves a ~ after a flag's = (--out=~/results) as written, which would
+    name a folder called ~ in the current one."""
+    return Path(absolute(text))
 
 
 def torch_device(text: str) -> torch.device:
@@ -199,15 +207,14 @@ def parse_weights(
     """MODEL=CHECKPOINT pairs, each checkpoint read once; a usage error names a bad pair."""
     weights = {}
     for item in items:
-        name, sep, folder = item.partition("=")
-        if not sep or not folder:
+        name, sep, given = item.partition("=")
+        if not sep or not given:
             parser.error(f"--weights {item!r}: expected MODEL=CHECKPOINT_FOLDER")
         if name not in models:
             parser.error(f"--weights {item!r}: {name!r} is not among --models {' '.join(models)}")
         try:
-            weights[name] = fitting(
-                name, Checkpoint(Path(folder), read_newest(Path(folder))["model"])
-            )
+            place = folder(given)
+            weights[name] = fitting(name, Checkpoint(place, read_newest(place)["model"]))
         except (CheckpointError, ValueError) as err:
             parser.error(f"--weights {item!r}: {err}")
     return weights
