@@ -17,21 +17,19 @@ import math
 import os
 import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import yaml
 
 from raydeq.training import data, runlock
+from raydeq.training.checkpoint import final_report, newest_first
 from raydeq.training.config import Config, ConfigError, load, load_yaml
 from raydeq.training.interrupts import interruptible
 from raydeq.training.preflight import check_run
-from raydeq.training.storage import StorageError
-
-if TYPE_CHECKING:
-    from ray.train import Result
+from raydeq.training.storage import CHECKPOINT_PREFIX, StorageError, filesystem, subfolders
 
 # Ray, and the experiments module that finds a shipped file, are imported once the arguments
 # are read: --help starts without them.
@@ -48,9 +46,8 @@ def config_file(path: str) -> str:
     return path if given.exists() else str(shipped(given) or path)
 
 
-def summary(result: Result, cfg: Config) -> str:
-    """The final line: test accuracy, steps and run folder."""
-    metrics = result.metrics or {}
+def summary(metrics: Mapping[str, Any], cfg: Config) -> str:
+    """The final line of a run's last report: test accuracy, steps and run folder."""
     return (
         f"test_accuracy={metrics.get('test_accuracy', math.nan):.4f} "
         f"steps={metrics.get('step', 0)} run={cfg.run_dir}"
@@ -127,12 +124,14 @@ def run(cfg: Config, argv: Sequence[str]) -> int:
     from raydeq.training.reporting import TENSORBOARD_DIR
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    earlier: frozenset[str] | None = None  # the checkpoints stored before the run trained
     try:
         own = launch.connect()
         scaling = launch.scaling_config(cfg, launch.gpus_per_worker(cfg))
         if own:
             launch.check_fits(scaling.num_workers, scaling.resources_per_worker)
         print(f"tensorboard --logdir {os.path.join(cfg.run_dir, TENSORBOARD_DIR)}", flush=True)
+        earlier = frozenset(subfolders(cfg.run_dir, CHECKPOINT_PREFIX))
         result = launch.fit(cfg, scaling)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -144,10 +143,24 @@ def run(cfg: Config, argv: Sequence[str]) -> int:
     except (KeyboardInterrupt, SystemExit):
         # Ctrl-C before training, or while Ray Train trains: its own handler aborts the run,
         # which then ends in a SystemExit out of Ray (status 1, and no word of why).
-        print(f"\ninterrupted; resume with: {resume_command(cfg, argv)}", file=sys.stderr)
+        last = None if earlier is None else finished(cfg.run_dir, earlier)
+        if last is None:
+            print(f"\ninterrupted; resume with: {resume_command(cfg, argv)}", file=sys.stderr)
+        else:
+            line = f"interrupted as it shut down; the run had finished: {summary(last, cfg)}"
+            print(f"\n{line}", file=sys.stderr)
         return EXIT_INTERRUPTED
-    print(summary(result, cfg))
+    print(summary(result.metrics or {}, cfg))
     return 0
+
+
+def finished(run_dir: str, earlier: frozenset[str]) -> dict[str, Any] | None:
+    """The last step's report where a whole checkpoint of the run's, stored since the folders
+    `earlier`, holds it: a run interrupted as it shut down had finished, and running it again
+    would only report; None otherwise (one stored before may be another length's last)."""
+    fs = filesystem(run_dir)[0]
+    stored = [p for p in subfolders(run_dir, CHECKPOINT_PREFIX) if p not in earlier]
+    return next(filter(None, (final_report(fs, p) for p in newest_first(fs, stored))), None)
 
 
 if __name__ == "__main__":

@@ -511,6 +511,48 @@ def test_a_failed_run_exits_1_with_its_own_error_and_an_interrupted_one_130_with
     assert last == f"test_accuracy=0.9877 steps=44 run={cfg.run_dir}"
 
 
+def test_a_run_interrupted_after_its_last_checkpoint_is_stored_says_it_finished(
+    tmp_path, capsys, monkeypatch
+):
+    """Ctrl-C as a run shut down after its last step printed 'interrupted; resume with', though
+    the step's checkpoint was stored and the command would only report; a whole checkpoint
+    stored by the run with its last step's report now ends it saying it finished, and where.
+    One short of its steps, cut short, or stored before the run (another length's last) still
+    gives the command that resumes."""
+    path = tmp_path / "run.yaml"
+    path.write_text(f"scaling: {{device: cpu}}\nstorage_path: {tmp_path / 'runs'}\n")
+    cfg = config.load(str(path), [])
+    monkeypatch.setattr(launch, "check_cluster", lambda: None)
+    monkeypatch.setattr(launch, "connect", lambda: False)
+    last = {"step": 44, "total_steps": 44, "test_accuracy": 0.98765}
+    numbers = itertools.count()
+
+    def stored(report: dict) -> Path:
+        state = {"step": report["step"], "model": {"w": torch.zeros(2)}}
+        folder = Path(cfg.run_dir, f"checkpoint_{next(numbers):03d}")
+        return checkpoint.write_checkpoint(state, folder, [report])
+
+    def ended(*reports: dict, cut: bool = False) -> str:
+        def fit(*args, **kwargs):
+            folders = [stored(report) for report in reports]
+            if cut:
+                (folders[-1] / STATE_FILE).write_bytes(b"cut")
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(launch, "fit", fit)
+        assert train.main([str(path)]) == 130
+        return capsys.readouterr().err.splitlines()[-1]
+
+    resume = f"interrupted; resume with: python -m raydeq.train {path} name={cfg.name} "
+    assert ended(last | {"step": 43}).startswith(resume)
+    assert ended(last, cut=True).startswith(resume)
+    assert ended({"step": 22, "total_steps": 44}, last) == (
+        f"interrupted as it shut down; the run had finished: test_accuracy=0.9877 steps=44 "
+        f"run={cfg.run_dir}"
+    )
+    assert ended().startswith(resume)  # the last step's checkpoint was there before the run
+
+
 def fits_recorded(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The run folders launch.fit is called with from now on, each fit ending at once."""
     resumed: list[str] = []
@@ -1225,7 +1267,7 @@ def test_the_loop_trains_reports_every_metric_and_writes_tensorboard(tmp_path, c
     assert steps["test_accuracy"] == [6]
     assert metrics["test_accuracy"] <= metrics["test_top5_accuracy"] <= 1
     assert "pretrain_forward_time" not in metrics  # the preset does not unroll
-    summary = train.summary(result, cfg)
+    summary = train.summary(result.metrics, cfg)
     assert summary == f"test_accuracy={metrics['test_accuracy']:.4f} steps=6 run={cfg.run_dir}"
 
 

@@ -211,6 +211,23 @@ def reports_sha256(fs: pyarrow.fs.FileSystem, path: str) -> str | None:
     return _from_manifest(fs, path, lambda manifest: str(manifest["reports"]["sha256"]))
 
 
+def final_report(fs: pyarrow.fs.FileSystem, path: str) -> dict[str, Any] | None:
+    """The last report in the checkpoint folder `path` in `fs` where it is its run's last
+    step's (its step at its total_steps) and the folder is whole (its state of the size and
+    its reports of the SHA-256 that its manifest records); else None."""
+    try:
+        manifest = read_manifest(fs, path)
+        with fs.open_input_stream(f"{path}/{REPORTS_FILE}") as stream:
+            data = stream.readall()
+        last = json.loads(data.splitlines()[-1])
+        done = last["step"] >= last["total_steps"]
+        whole = hashlib.sha256(data).hexdigest() == manifest["reports"]["sha256"]
+        size = fs.get_file_info(f"{path}/{STATE_FILE}").size
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return None
+    return last if done and whole and size == manifest["bytes"] else None
+
+
 def _from_manifest(
     fs: pyarrow.fs.FileSystem, path: str, entry: Callable[[dict[str, Any]], T]
 ) -> T | None:
