@@ -55,6 +55,7 @@ from raydeq.training import (
 )
 from raydeq.training.checkpoint import MANIFEST_FILE, REPORTS_FILE, STATE_FILE, read_checkpoint
 from raydeq.training.config import Config, validate
+from raydeq.training.interrupts import interruptible
 from raydeq.training.launch import LOCAL_ENV_VARS
 from raydeq.training.session import Session, TrainWorker, TuneTrial, stored_checkpoints
 from raydeq.training.state import TrainState, rng_state
@@ -2721,3 +2722,37 @@ def test_the_command_called_from_python_leaves_the_callers_process_as_it_found_i
     with state_kept():
         assert train.main([str(tmp_path / "absent.yaml")]) == 2
     assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_connect_called_from_python_leaves_the_callers_signal_handlers(monkeypatch):
+    """launch.connect called from a script set SIGTERM to stop the driver as Ctrl-C does and
+    left it so once it returned, as ray.init leaves its own; the script's handlers are now back
+    on return, and the commands alone, while they run, stop on SIGTERM as on Ctrl-C."""
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    monkeypatch.setenv(launch.COLOR_PREFIX, "0")
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    own = signal.getsignal(signal.SIGTERM)
+    try:
+        # ray.init sets a SIGTERM handler of its own in the driver.
+        monkeypatch.setattr(ray, "init", lambda **kwargs: signal.signal(signal.SIGTERM, print))
+        assert launch.connect() is False
+        assert signal.getsignal(signal.SIGTERM) is own
+    finally:
+        signal.signal(signal.SIGTERM, own)
+
+
+def test_sigterm_in_a_command_stops_it_as_ctrl_c_does_through_the_sigint_handler_set_inside():
+    """SIGTERM while a command runs goes to the SIGINT handler of the moment: Ray Train's or
+    Tune's while they fit (which stop the run and save what it has), else KeyboardInterrupt."""
+    stops = []
+    with interruptible():
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)
+        signal.signal(signal.SIGINT, lambda signum, frame: stops.append(signum))
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.01)
+        except KeyboardInterrupt:
+            pytest.fail("SIGTERM raised KeyboardInterrupt past the SIGINT handler")
+    assert stops == [signal.SIGINT]

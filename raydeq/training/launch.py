@@ -11,10 +11,8 @@ import contextlib
 import logging
 import os
 import re
-import signal
 import socket
 import sys
-import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -33,6 +31,7 @@ from ray.train.torch import TorchTrainer
 
 from raydeq.training import capacity
 from raydeq.training.config import Config, ConfigError, validate
+from raydeq.training.interrupts import handlers_kept
 from raydeq.training.storage import CHECKPOINT_PREFIX, filesystem, subfolders
 
 # Ray's own INFO lines (per-report "Reporting training result", trial tables) are not shown;
@@ -115,18 +114,9 @@ def connect(log_to_driver: bool = True) -> bool:
         # Ray wraps each forwarded worker line's "(RayTrainWorker pid=...)" in colour codes
         # whether or not a terminal shows them; in a log file they are noise.
         os.environ.setdefault(COLOR_PREFIX, "0")
-    ray.init(**options, runtime_env=runtime_env(local=own))
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, stop_as_on_ctrl_c)
+    with handlers_kept():  # ray.init's SIGTERM handler aborts; the commands stop as on Ctrl-C
+        ray.init(**options, runtime_env=runtime_env(local=own))
     return own
-
-
-def stop_as_on_ctrl_c(signum: int, frame: object) -> None:
-    """Stop the driver on SIGTERM (`kill`, a batch scheduler's preemption, `docker stop`) as
-    Ctrl-C stops it: Tune saves the experiment, and either command prints the one that resumes
-    it. Ray's own handler, set by ray.init, dumped a stack and aborted (status 134) with the
-    run's last state unsaved."""
-    os.kill(os.getpid(), signal.SIGINT)
 
 
 def check_fits(workers: int, need: Mapping[str, float]) -> None:
