@@ -17,8 +17,8 @@ import math
 import os
 import shlex
 import sys
-from collections.abc import Mapping, Sequence
-from contextlib import ExitStack
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -113,7 +113,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         except KeyboardInterrupt:  # in the preflight, which may list a large data folder
             print("\ninterrupted before training started", file=sys.stderr)
             return EXIT_INTERRUPTED
+        held.enter_context(messages_shown())
         return run(cfg, argv)
+
+
+@contextmanager
+def messages_shown() -> Iterator[None]:
+    """Show INFO messages and above on stderr, each as its line alone, where the root logger
+    has no handler (as logging.basicConfig would), and put the root logger back on exit: main
+    called from a script leaves that script's logging as it found it."""
+    root = logging.getLogger()
+    if root.handlers:
+        yield
+        return
+    handler, level = logging.StreamHandler(), root.level
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
 
 
 def run(cfg: Config, argv: Sequence[str]) -> int:
@@ -123,7 +144,6 @@ def run(cfg: Config, argv: Sequence[str]) -> int:
     from raydeq.training import launch
     from raydeq.training.reporting import TENSORBOARD_DIR
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     earlier: frozenset[str] | None = None  # the checkpoints stored before the run trained
     try:
         own = launch.connect()

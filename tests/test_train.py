@@ -2756,3 +2756,27 @@ def test_sigterm_in_a_command_stops_it_as_ctrl_c_does_through_the_sigint_handler
         except KeyboardInterrupt:
             pytest.fail("SIGTERM raised KeyboardInterrupt past the SIGINT handler")
     assert stops == [signal.SIGINT]
+
+
+def test_the_command_called_from_python_leaves_the_callers_logging_as_it_found_it(
+    tmp_path, monkeypatch, capsys
+):
+    """train.main called from a script that configured no logging called logging.basicConfig,
+    leaving the script's root logger at INFO with a handler of the command's for good; it now
+    shows the run's messages while it runs alone."""
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", [])  # pytest's own aside, as in a plain script
+    level = root.level
+    path = tmp_path / "run.yaml"
+    path.write_text(f"scaling: {{device: cpu}}\nstorage_path: {tmp_path / 'runs'}\n")
+
+    def fit(*args, **kwargs):
+        logging.getLogger("raydeq.training").info("a message of the run")
+        return SimpleNamespace(metrics={"test_accuracy": 0.5, "step": 2})
+
+    monkeypatch.setattr(launch, "check_cluster", lambda: None)
+    monkeypatch.setattr(launch, "connect", lambda: False)
+    monkeypatch.setattr(launch, "fit", fit)
+    assert train.main([str(path)]) == 0
+    assert (root.handlers, root.level) == ([], level)
+    assert "a message of the run\n" in capsys.readouterr().err
