@@ -157,6 +157,28 @@ def test_bad_input_exits_with_code_2_and_one_line_before_ray_starts(
     assert not storage.exists() or not any(storage.iterdir())
 
 
+@pytest.mark.parametrize("variant", ["vanilla", "skip", "neural_ode"])
+def test_images_too_small_for_the_heads_group_norms_are_refused_before_training(variant):
+    """mnist_mdeq strides 2x2 images to 1x1, where a group norm of its head holds one value
+    per group: that took the preflight's stem and failed the first step of a batch of 1 in
+    torch's 'Expected more than 1 value per channel' (or trained that group's output as its
+    bias alone); the preflight now runs the head on the layer's zero state and refuses it."""
+    cfg = validate(
+        {
+            "model": {"model": "mnist_mdeq", "variant": variant},
+            "data": {"dataset": "fake", "fake_shape": [1, 2, 2], "batch_size": 1},
+            "scaling": {"num_workers": 1},
+        }
+    )
+    with pytest.raises(config.ConfigError) as caught:
+        preflight.check_model(cfg)
+    assert str(caught.value).startswith(
+        "model: 'mnist_mdeq' does not fit 'fake' images of shape (1, 2, 2): "
+    )
+    fits = validate({"model": {"model": "mnist_mdeq"}, "data": {"dataset": "fake"}})
+    preflight.check_model(fits)  # 28x28
+
+
 def test_unwritable_storage_is_a_clear_error_before_training(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from raydeq import models
+from raydeq.deq import initial_state
 from raydeq.training import data
 from raydeq.training.checkpoint import newest_first, read_manifest
 from raydeq.training.config import Config, ConfigError, check_settings, model_error
@@ -15,7 +16,7 @@ from raydeq.training.storage import CHECKPOINT_PREFIX, check_storage, filesystem
 
 def check_model(cfg: Config, classes: int | None = None) -> None:
     """Build the model, check that it predicts the dataset's `classes` (where known) and pass
-    one blank image through its stem, or raise a ConfigError."""
+    one blank image through its stem, f and head, or raise a ConfigError."""
     try:
         model = models.build(cfg.model_options())
     except ValueError as err:
@@ -35,12 +36,24 @@ def check_model(cfg: Config, classes: int | None = None) -> None:
     shape = data.image_shape(cfg.data)
     try:
         with torch.no_grad():
-            model.stem(torch.zeros(1, *shape))
+            blank_pass(model, torch.zeros(1, *shape))
     except (RuntimeError, ValueError) as err:
         raise ConfigError(
             f"model: {cfg.model.model!r} does not fit {cfg.data.dataset!r} images of shape "
             f"{shape}: {str(err).splitlines()[0]}"
         ) from None
+
+
+def blank_pass(model: nn.Module, images: torch.Tensor) -> None:
+    """Run a training-mode model's stem, its layer's f and skip predictor at the zero state,
+    and its head, without a solve: a scale too small for a group norm fails here, not at the
+    first step (and not only for a batch of 1)."""
+    x = model.stem(images)
+    layer = model.layer
+    z = initial_state(layer.f, x)
+    if getattr(layer, "skip", None) is not None:
+        layer.skip(x)
+    model.head(layer.f(z, x))
 
 
 def check_run(cfg: Config, storage: bool = True) -> None:
