@@ -1422,6 +1422,31 @@ def test_each_resume_archives_the_reports_of_the_session_before_it_beside_the_ea
     assert frame["loss"].tolist() == pytest.approx([1 / 10, 1 / 20, 1 / 30, 1 / 40, 1 / 50])
 
 
+def test_a_resume_archives_only_the_reports_no_earlier_archive_holds(tmp_path):
+    """Tune goes on from a copy of the result.json of a trial with a checkpoint, so after k
+    resumes it holds every session's reports: archiving the whole file each time kept the
+    first session's reports k times (quadratic in the resumes, for hundreds of trials); each
+    archive now holds the reports no earlier one does, and the history is unchanged."""
+    experiment = tmp_path / "experiment"
+    trial = experiment / "trial_0"
+    trial.mkdir(parents=True)
+    sessions = [[{"step": s, "loss": 1 / s} for s in steps] for steps in ([10, 20], [30], [40])]
+    for n in range(len(sessions)):
+        write_reports(trial / archive.RESULT_FILE, [r for s in sessions[: n + 1] for r in s])
+        archive.archive_results(str(experiment))
+    archived = [
+        (trial / f"{archive.ARCHIVE_PREFIX}{n}.json").read_text().splitlines() for n in range(3)
+    ]
+    assert [[json.loads(line)["step"] for line in lines] for lines in archived] == [
+        [10, 20],
+        [30],
+        [40],
+    ]
+    archive.archive_results(str(experiment))  # no report since: no archive
+    assert len(list(trial.glob(f"{archive.ARCHIVE_PREFIX}*"))) == 3
+    assert archive.history(str(trial))["step"].tolist() == [10, 20, 30, 40]
+
+
 def test_a_search_s_many_long_labels_all_fit_in_the_plot_without_a_layout_warning():
     """24 search variants named by their settings: the legend ran off the figure's right and
     bottom, cut mid-label, and matplotlib warned that it could not lay the figure out."""

@@ -1,7 +1,7 @@
-"""A trial's reports across resumes: Ray Tune starts a trial's result.json anew in each Ray
-session, so before a resume the reports are archived next to it (`archive_results`) and
-`history` joins them back in step order, with those a stopped driver never recorded from the
-checkpoints that kept them."""
+"""A trial's reports across resumes: Ray Tune starts a trial's result.json anew in a Ray session
+where the trial has no checkpoint, so before a resume the reports that no archive holds yet are
+archived next to it (`archive_results`) and `history` joins them back in step order, with those
+a stopped driver never recorded from the checkpoints that kept them."""
 
 from __future__ import annotations
 
@@ -40,13 +40,33 @@ def _trial_folders(path: str) -> list[str]:
 
 
 def archive_results(path: str) -> None:
-    """Keep each trial's reports before a resume: in a new Ray session Tune starts them anew."""
+    """Keep each trial's reports before a resume: in a new Ray session Tune starts them anew,
+    or goes on from a copy of them (a trial with a checkpoint), so an archive holds the lines
+    that no earlier one does and none is written where there are none."""
     fs, _ = filesystem(path)
     for folder in _trial_folders(path):
         current = fs.get_file_info(f"{folder}/{RESULT_FILE}")
-        if current.type == pyarrow.fs.FileType.File and current.size:
-            kept = len(_archived(fs, folder))
-            fs.copy_file(current.path, f"{folder}/{ARCHIVE_PREFIX}{kept}.json")
+        if current.type != pyarrow.fs.FileType.File or not current.size:
+            continue
+        earlier = _archived(fs, folder)
+        lines = _unarchived(fs, current.path, earlier)
+        if lines:
+            with fs.open_output_stream(f"{folder}/{ARCHIVE_PREFIX}{len(earlier)}.json") as out:
+                out.write(b"".join(lines))
+
+
+def _unarchived(fs: pyarrow.fs.FileSystem, file: str, archives: list[str]) -> list[bytes]:
+    """The lines of the result file `file` that none of the `archives` holds, in order."""
+    held: set[bytes] = set()
+    for name in archives:
+        held.update(_lines(fs, name))
+    return [line for line in _lines(fs, file) if line not in held]
+
+
+def _lines(fs: pyarrow.fs.FileSystem, file: str) -> list[bytes]:
+    """The lines of a file, each with its line end (a last line cut short without one)."""
+    with fs.open_input_stream(file) as stream:
+        return stream.readall().splitlines(keepends=True)
 
 
 def _archived(fs: pyarrow.fs.FileSystem, folder: str) -> list[str]:
