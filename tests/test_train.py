@@ -18,6 +18,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import warnings
@@ -2468,6 +2469,25 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_run_when_they_persist
     marker.unlink()  # as the message says: delete it to try anyway
     with pytest.raises(loop.NonFiniteError, match="3 steps in a row had a non-finite loss"):
         launch.fit(diverging, LOCAL)
+
+
+def test_a_run_at_a_uri_that_stops_with_an_error_uploads_its_events_and_removes_its_folder(
+    tmp_path, monkeypatch
+):
+    """Events at a URI go to a local folder until a checkpoint or the end uploads them: a run
+    stopped by an error (here non-finite steps) never uploaded the steps that led to it and
+    left its local folder in the temporary folder; both are now done as at the end."""
+    monkeypatch.setattr(data, "load_splits", nan_splits)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    cfg = make_config(tmp_path, max_steps=8, max_nonfinite_steps=3)
+    cfg = dataclasses.replace(cfg, storage_path=f"file://{tmp_path / 'store'}")
+    run = loop.Loop(cfg, FolderSession(tmp_path / "run"))
+    with pytest.raises(loop.NonFiniteError, match="3 steps in a row"):
+        run.run()
+    assert not list((tmp_path / "tmp").glob("raydeq-events-*"))
+    steps = steps_by_tag(tmp_path / "store" / "run" / reporting.TENSORBOARD_DIR)
+    assert steps["skipped_steps"] == [1, 2, 3]
 
 
 def test_a_batch_that_does_not_fit_in_memory_is_one_line_naming_the_setting(tmp_path, monkeypatch):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import math
 import time
 from collections.abc import Iterable, Iterator
@@ -45,6 +46,7 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 PRETRAIN_METRICS = ("nfe", "backward_nvjp", "forward_time", "backward_time")
 PRETRAIN_METRICS += ("residual", "unconverged_fraction", "backward_unconverged_fraction")
 
+log = logging.getLogger("raydeq")
 
 # Written in a run's folder when it stops for non-finite steps (see `Loop.diverged`).
 DIVERGED_FILE = "diverged.json"
@@ -328,11 +330,26 @@ class Loop:
 
     def run(self) -> None:
         """Train from the current step to the end, reporting and checkpointing on the way; a
-        batch that does not fit in memory stops it with an OutOfMemory naming the setting."""
+        batch that does not fit in memory stops it with an OutOfMemory naming the setting.
+        TensorBoard is closed however it ends, so a run stopped by an error keeps the events
+        of the steps that led to it (at a URI, uploaded from a local folder then removed)."""
         try:
             self.train()
         except torch.OutOfMemoryError as err:  # a step's (evaluate raises its own)
+            self.close_after_error()
             raise self.out_of_memory(err, evaluating=False) from None
+        except BaseException:
+            self.close_after_error()
+            raise
+        self.reporter.close()
+
+    def close_after_error(self) -> None:
+        """Close TensorBoard after the error that stops the run, which a failed upload of its
+        events is said beside rather than put in place of."""
+        try:
+            self.reporter.close()
+        except StorageError as err:
+            log.warning("[%s] TensorBoard's last events were not kept: %s", self.reporter.name, err)
 
     def train(self) -> None:
         """The steps, reports and checkpoints of `run`."""
@@ -352,4 +369,3 @@ class Loop:
                 data_time = clock(self.device) - waited  # its copy to the device included
                 self.record(self.train_step(*batch, data_time))
                 self.end_step()
-        self.reporter.close()
