@@ -1354,6 +1354,21 @@ def test_a_checkpoints_reports_that_fail_its_manifests_checksum_are_left_out(
     )
 
 
+def test_the_reports_of_a_trial_of_several_workers_are_read_from_its_train_runs_checkpoints(
+    tmp_path,
+):
+    """A trial of K > 1 workers keeps its checkpoints in its Train run (`train/`): the reports
+    they keep for a driver stopped before it recorded them were read from the trial folder's
+    own checkpoints alone, none, so the history lost steps 20 and 30; they are read there
+    too, as they are for a trial of one worker."""
+    write_reports(tmp_path / archive.RESULT_FILE, [{"step": 10, "loss": 3.0}])
+    reports = [{"step": 20, "loss": 2.0}, {"step": 30, "loss": 1.0}]
+    write_checkpoint({"step": 30}, tmp_path / run.TRAIN_RUN / "checkpoint_000001", reports)
+    frame = archive.history(str(tmp_path))
+    assert frame["step"].tolist() == [10, 20, 30]
+    assert frame["loss"].tolist() == [3.0, 2.0, 1.0]
+
+
 def test_a_result_file_cut_in_its_last_line_keeps_every_whole_report(tmp_path):
     """A driver stopped while writing a report leaves result.json's last line cut short, and
     a resume archives it so: the trial's history keeps every whole report of both files and

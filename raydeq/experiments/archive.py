@@ -19,6 +19,8 @@ from raydeq.training.checkpoint import MANIFEST_FILE, REPORTS_FILE, reports_sha2
 from raydeq.training.storage import CHECKPOINT_PREFIX, filesystem, subfolders
 
 RESULT_FILE = "result.json"
+# The folder of a trial of several workers that holds its Ray Train run and its checkpoints.
+TRAIN_RUN = "train"
 ARCHIVE_PREFIX = "result-before-resume-"
 log = logging.getLogger(__name__)
 # pyarrow's types of JSON's plain values (it reads a date's text as a timestamp).
@@ -77,11 +79,14 @@ def _archived(fs: pyarrow.fs.FileSystem, folder: str) -> list[str]:
 
 
 def _carried(fs: pyarrow.fs.FileSystem, trial_path: str) -> list[pd.DataFrame]:
-    """The reports of a trial's checkpoints, oldest first: each holds the reports since the
-    checkpoint before, which a driver stopped before it recorded them left nowhere else."""
+    """The reports of a trial's checkpoints, in its folder or, for a trial of several workers,
+    its Train run's (TRAIN_RUN): each holds the reports since the checkpoint before, which a
+    driver stopped before it recorded them left nowhere else."""
+    folders = [trial_path, f"{trial_path.rstrip('/')}/{TRAIN_RUN}"]
     return [
         reports(fs, f"{path}/{REPORTS_FILE}", reports_sha256(fs, path))
-        for path in subfolders(trial_path, CHECKPOINT_PREFIX)
+        for folder in folders
+        for path in subfolders(folder, CHECKPOINT_PREFIX)
     ]
 
 

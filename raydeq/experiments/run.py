@@ -27,7 +27,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import BasicVariantGenerator, SearchAlgorithm, Searcher
 
 from raydeq.experiments import search as searchers
-from raydeq.experiments.archive import archive_results, history
+from raydeq.experiments.archive import TRAIN_RUN, archive_results, history
 from raydeq.experiments.results import recorded_trials
 from raydeq.experiments.spec import (
     Experiment,
@@ -55,7 +55,6 @@ from raydeq.training.session import TuneTrial
 from raydeq.training.storage import exists, filesystem, read_text, write_bytes
 
 SETTINGS_FILE = "experiment.yaml"
-TRAIN_RUN = "train"
 # A trial's own driver holds this much CPU; its workers' share is reduced by it.
 TRIAL_CPU = 0.01
 # ... and runs on the head node, with its Train controller: a GPU node that is lost takes only
