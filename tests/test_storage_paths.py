@@ -65,6 +65,14 @@ def test_the_storage_check_leaves_the_folder_as_it_found_it(tmp_path):
     assert (tmp_path / "runs").is_dir() and list((tmp_path / "runs").iterdir()) == []
 
 
+def test_a_storage_check_on_a_full_disk_leaves_no_probe_file(tmp_path, full_disk):
+    """The check's probe file, created before its write failed (a full disk, a quota), was
+    left in the storage folder at each start refused so; it is removed as a written one is."""
+    with pytest.raises(storage.StorageError, match="No space left on device"):
+        storage.check_storage(str(tmp_path / "runs"))
+    assert list((tmp_path / "runs").iterdir()) == []
+
+
 def test_a_storage_uri_of_no_known_scheme_is_a_storage_error_naming_it():
     with pytest.raises(
         storage.StorageError,

@@ -84,14 +84,18 @@ def read_text(path: str) -> str:
 
 
 def check_storage(path: str) -> None:
-    """Create the storage folder and write a probe file to it, or raise a StorageError."""
+    """Create the storage folder and write a probe file to it, or raise a StorageError; the
+    probe is removed whether or not its write went through."""
     try:
         fs, root = filesystem(path)
         fs.create_dir(root, recursive=True)
         probe = f"{root.rstrip('/')}/.write-test-{uuid.uuid4().hex}"
-        with fs.open_output_stream(probe) as stream:
-            stream.write(b"ok")
-        fs.delete_file(probe)
+        try:
+            with fs.open_output_stream(probe) as stream:
+                stream.write(b"ok")
+        finally:
+            if fs.get_file_info(probe).type != pyarrow.fs.FileType.NotFound:
+                fs.delete_file(probe)
     except (OSError, ValueError) as err:
         reason = str(err).splitlines()[0]
         raise StorageError(f"storage_path {path} is not writable: {reason}") from None
