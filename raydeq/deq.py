@@ -342,6 +342,13 @@ def _count_loaded(layer: DEQ, incompatible_keys: object) -> None:
     layer._warmed_up = False
 
 
+def _recomputing() -> bool:
+    """Whether this forward pass runs within a backward pass: torch.utils.checkpoint's
+    recomputation of a call already counted, which counted again had ended the warm-up early
+    and, at its last call, solved where the call had unrolled (other gradients)."""
+    return torch._C._current_graph_task_id() != -1
+
+
 def _hook_refusal(layer: nn.Module, method: str) -> TypeError:
     """The error for a module backward hook on a layer returning a LayerOutput, naming the
     tensor hooks that see the gradients it would."""
@@ -492,10 +499,12 @@ class DEQ(OutputLayer):
     def pretraining(self) -> bool:
         """Whether this call unrolls f: training mode, fewer than pretrain_steps calls so far
         (the count is read on the host, a synchronisation on a GPU, only during a warm-up: it
-        only grows, so its end is kept until a state dict is loaded)."""
+        only grows, so its end is kept until a state dict is loaded); a recomputation
+        (_recomputing) decides as the call it repeats did, before that call was counted."""
         if not self.training or self.pretrain_steps == 0 or self._warmed_up:
             return False
-        self._warmed_up = int(self.step) >= self.pretrain_steps
+        calls = int(self.step) - int(_recomputing())
+        self._warmed_up = calls >= self.pretrain_steps
         return not self._warmed_up
 
     def forward(self, x: Tensor) -> LayerOutput:
@@ -563,7 +572,7 @@ class DEQ(OutputLayer):
             )
             z, stats = sol.z, sol.stats
             image = self._image(fx, z, stats)
-        if self.training:
+        if self.training and not _recomputing():
             self.step += 1
         zero = x.new_zeros(())
         return LayerOutput(

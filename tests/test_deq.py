@@ -1332,3 +1332,24 @@ def test_a_batchnorm_in_eval_mode_with_running_statistics_is_differentiated_impl
     out = deq(x)
     out.z.sum().backward()
     assert out.stats.converged.all() and x.grad.isfinite().all()
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_a_checkpointed_layer_counts_each_call_once_and_recomputes_its_own_warm_up(reentrant):
+    """torch.utils.checkpoint runs the forward pass again in the backward: that recomputation
+    counted as a training call, so the warm-up ended early, and at its last step the
+    recomputation solved where the call had unrolled (a CheckpointError without reentrancy,
+    gradients 5% off with it); the gradients now equal the plain layer's (within the solve's
+    tolerance with reentrancy, whose forward runs without a graph and returns z*, not f(z*)) and
+    each call counts once."""
+    f, x = dense_cell()
+    layers = [DEQ(copy.deepcopy(f), pretrain_steps=2, pretrain_depth=3, **TIGHT) for _ in range(2)]
+    for call in range(4):
+        for layer in layers:
+            layer.zero_grad()
+        layers[0](x).z.square().sum().backward()
+        z = torch.utils.checkpoint.checkpoint(lambda t: layers[1](t).z, x, use_reentrant=reentrant)
+        z.square().sum().backward()
+        for kept, plain in zip(layers[1].parameters(), layers[0].parameters(), strict=True):
+            torch.testing.assert_close(kept.grad, plain.grad, rtol=0, atol=1e-6)
+        assert int(layers[1].step) == int(layers[0].step) == call + 1
