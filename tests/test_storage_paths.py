@@ -10,6 +10,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from raydeq.training import checkpoint, runlock, storage
+from raydeq.training.config import validate
 from raydeq.training.eventlog import EventLog
 
 
@@ -21,6 +22,20 @@ def test_a_uri_of_any_scheme_is_kept_as_it_is_and_a_relative_path_made_absolute(
     monkeypatch.chdir(tmp_path)
     assert not storage.is_uri("runs/a")
     assert storage.absolute("runs/a") == str(tmp_path / "runs" / "a")
+
+
+def test_a_file_uri_in_its_short_form_is_kept_as_a_uri_and_writes_where_it_names(
+    tmp_path, monkeypatch
+):
+    """file:/abs/path, pyarrow's and Ray's short form of file:///abs/path, was made a folder
+    named 'file:' in the current one, where the run's files went instead of at the path."""
+    monkeypatch.chdir(tmp_path)
+    uri = f"file:{tmp_path / 'store'}"
+    assert storage.is_uri(uri) and storage.absolute(uri) == uri
+    assert validate({"storage_path": uri}).storage_path == uri
+    storage.write_bytes(f"{uri}/run/a.json", b"{}")
+    assert (tmp_path / "store" / "run" / "a.json").read_bytes() == b"{}"
+    assert not (tmp_path / "file:").exists()
 
 
 def test_subfolders_are_the_folders_named_with_the_prefix_sorted_by_name(tmp_path):

@@ -16,8 +16,9 @@ class StorageError(RuntimeError):
 
 
 def is_uri(path: str) -> bool:
-    """True for a URI such as s3://bucket/runs, False for a local path."""
-    return "://" in path
+    """True for a URI such as s3://bucket/runs or file:/mnt/runs (the short form of
+    file:///mnt/runs, which pyarrow and Ray read as a URI), False for a local path."""
+    return "://" in path or path.startswith("file:/")
 
 
 def absolute(path: str) -> str:
