@@ -117,6 +117,21 @@ def test_the_lock_names_its_holder_even_over_a_longer_earlier_holder(tmp_path, m
     assert str(refused.value).startswith(f"{run} is being run by process {os.getpid()} on ")
 
 
+def test_a_run_named_by_a_file_uri_or_its_local_path_takes_one_lock(tmp_path, monkeypatch):
+    """storage_path=file:///mnt/runs on one command and /mnt/runs on another run one folder:
+    each took a lock of its own, so two drivers wrote and pruned its checkpoints side by side.
+    A URI of another scheme keeps its own lock, a trailing slash aside."""
+    monkeypatch.setattr(runlock.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    run = tmp_path / "runs" / "a"
+    forms = [str(run), f"{run}/", f"file://{run}", f"file://{run}/", f"file:{run}"]
+    assert {runlock.lock_file(form) for form in forms} == {runlock.lock_file(str(run))}
+    assert runlock.lock_file("s3://bucket/runs/a/") == runlock.lock_file("s3://bucket/runs/a")
+    assert runlock.lock_file("gs://bucket/runs/a") != runlock.lock_file("s3://bucket/runs/a")
+    with runlock.hold(f"file://{run}"), pytest.raises(runlock.RunInUse):
+        with runlock.hold(str(run)):
+            pass
+
+
 def test_the_holder_of_a_run_is_named_while_it_runs_and_none_before_or_after(tmp_path, monkeypatch):
     monkeypatch.setattr(runlock.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
     run = str(tmp_path / "runs" / "a")

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
-from raydeq.training.storage import StorageError, absolute, is_uri
+from raydeq.training.storage import StorageError, local_path
 
 PROBE_WAIT_S = 5.0  # the longest a start waits out readers' shared probes of its lock
 
@@ -30,9 +30,11 @@ class RunInUse(StorageError):
 
 
 def lock_file(run: str) -> Path:
-    """The lock file of a run folder or URI, in this user's temporary folder; a local folder
-    is named by its real path, so that a path through a link to it takes the same lock."""
-    place = run if is_uri(run) else os.path.realpath(absolute(run))
+    """The lock file of a run folder or URI, in this user's temporary folder; a local folder,
+    given as a path or a file: URI, is named by its real path, so that a path through a link to
+    it or a URI of it takes the same lock, and another URI by itself without a trailing slash."""
+    local = local_path(run)
+    place = run.rstrip("/") if local is None else os.path.realpath(local)
     digest = hashlib.sha256(place.encode()).hexdigest()[:20]
     return Path(tempfile.gettempdir()) / f"raydeq-locks-{os.getuid()}" / f"{digest}.lock"
 

@@ -26,6 +26,19 @@ def absolute(path: str) -> str:
     return path if is_uri(path) else os.path.abspath(os.path.expanduser(path))
 
 
+def local_path(path: str) -> str | None:
+    """The absolute local path that a local path or a file: URI names (its percent-escapes
+    decoded, as pyarrow reads it); None for a URI of another scheme or one pyarrow refuses."""
+    if not is_uri(path):
+        return absolute(path)
+    if not path.startswith("file:"):
+        return None
+    try:
+        return filesystem(path)[1]
+    except ValueError:
+        return None
+
+
 def filesystem(path: str) -> tuple[pyarrow.fs.FileSystem, str]:
     """The filesystem and the path within it for a local path or a URI."""
     return pyarrow.fs.FileSystem.from_uri(absolute(path))
