@@ -1352,6 +1352,29 @@ def test_load_model_gives_the_trained_model_of_a_run_a_trial_or_a_checkpoint_fol
     assert tested["test_accuracy"] == reported["test_accuracy"] > 0.1
 
 
+def test_load_model_reads_a_file_uri_and_refuses_another_uri_naming_it(tmp_path):
+    """Path() made file:///abs/run 'file:/abs/run' and s3://bucket/run 's3:/bucket/run', each
+    refused as 'no such folder', the first though it was there; a file: URI is now read as
+    its folder, escapes decoded, and another URI refused naming it as given."""
+    model = models.build({"model": "mnist_dense"})
+    state = {
+        "step": 4,
+        "model": model.state_dict(),
+        "settings": {"model": {"model": "mnist_dense"}},
+    }
+    checkpoint.write_checkpoint(state, tmp_path / "my run" / "checkpoint_000004")
+    images = torch.rand(2, 1, 28, 28)
+    for uri in (f"file://{tmp_path}/my%20run", f"file:{tmp_path}/my%20run/"):
+        with torch.no_grad():
+            assert torch.equal(load_model(uri)(images)[0], model.eval()(images)[0])
+    with pytest.raises(checkpoint.CheckpointError) as refused:
+        load_model("s3://bucket/runs/a")
+    assert str(refused.value) == (
+        "s3://bucket/runs/a: load_model reads a local folder or a file: URI; copy the run to a "
+        "local folder (for S3: aws s3 sync s3://bucket/runs/a DIR) and give that folder"
+    )
+
+
 def test_load_model_refuses_a_folder_without_a_checkpoint_or_settings_in_one_line(tmp_path):
     """A folder without a checkpoint, a checkpoint written before checkpoints recorded their
     settings, and one whose weights do not fit the model its settings build are refused

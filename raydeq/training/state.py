@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from raydeq import models
 from raydeq.training.checkpoint import CheckpointError, read_newest
 from raydeq.training.config import OptimSection
+from raydeq.training.storage import is_uri, local_path
 
 
 def rng_state(device: torch.device) -> dict[str, Tensor]:
@@ -157,8 +158,8 @@ def load_model(folder: str | Path) -> nn.Module:
     the settings its newest readable checkpoint records, with that checkpoint's weights (read
     tensors-only, on the CPU), in eval mode. A CheckpointError names the folder and what it
     lacks: a checkpoint, recorded settings, a model section in them, or weights that fit the
-    model they build."""
-    folder = Path(folder)
+    model they build; a file: URI is read as its folder, and another URI refused."""
+    folder = local_folder(folder)
     saved = read_newest(folder)
     try:
         model = models.build(_model_options(folder, saved))
@@ -172,6 +173,20 @@ def load_model(folder: str | Path) -> nn.Module:
         )
     model.load_state_dict(saved["model"])
     return model.eval()
+
+
+def local_folder(folder: str | Path) -> Path:
+    """The local folder of a path or a file: URI; a CheckpointError naming another URI, which
+    Path would cut to a missing folder (s3://bucket/run to s3:/bucket/run)."""
+    if not is_uri(str(folder)):
+        return Path(folder)
+    local = local_path(str(folder))
+    if local is None:
+        raise CheckpointError(
+            f"{folder}: load_model reads a local folder or a file: URI; copy the run to a local "
+            f"folder (for S3: aws s3 sync {folder} DIR) and give that folder"
+        )
+    return Path(local)
 
 
 # How a refusal of a checkpoint without a model to build says to load its weights instead.
