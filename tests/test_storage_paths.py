@@ -96,6 +96,26 @@ def test_a_storage_uri_of_no_known_scheme_is_a_storage_error_naming_it():
         storage.check_storage("nosuch://bucket/runs")
 
 
+@pytest.mark.parametrize(
+    ("uri", "escaped"),
+    [
+        ("file:///mnt/my runs", "file:///mnt/my%20runs"),
+        ("s3://bucket/résultats", "s3://bucket/r%C3%A9sultats"),
+    ],
+)
+def test_a_storage_uri_with_a_space_or_non_ascii_character_is_refused_with_its_escaped_form(
+    uri, escaped
+):
+    """pyarrow refuses such a URI unparsed; the error said the storage was not writable and
+    showed a non-ASCII character as a byte of it ('\ufffd'). It now gives the URI to write."""
+    with pytest.raises(storage.StorageError) as refused:
+        storage.check_storage(uri)
+    assert str(refused.value) == (
+        f"storage_path {uri} is not a URI that pyarrow reads: a space or a non-ASCII character "
+        f"in a URI is written percent-encoded, as in {escaped}"
+    )
+
+
 def test_the_first_lock_of_a_machine_makes_its_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(runlock.tempfile, "gettempdir", lambda: str(tmp_path / "fresh"))
     with runlock.hold(str(tmp_path / "runs" / "a")):

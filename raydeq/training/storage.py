@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import urllib.parse
 import uuid
 
 import pyarrow.fs
 
 # How Ray Train and Tune name a checkpoint's folder in a run's or trial's folder.
 CHECKPOINT_PREFIX = "checkpoint_"
+# What a URI holds as written (RFC 3986's reserved characters and escapes); others are escaped.
+URI_CHARACTERS = ":/?#[]@!$&'()*+,;=%"
 
 
 class StorageError(RuntimeError):
@@ -99,7 +102,14 @@ def read_text(path: str) -> str:
 
 def check_storage(path: str) -> None:
     """Create the storage folder and write a probe file to it, or raise a StorageError; the
-    probe is removed whether or not its write went through."""
+    probe is removed whether or not its write went through. A URI with a character pyarrow
+    refuses unparsed (a space, a non-ASCII one) is refused giving its escaped form."""
+    escaped = urllib.parse.quote(path, safe=URI_CHARACTERS)
+    if is_uri(path) and escaped != path:
+        raise StorageError(
+            f"storage_path {path} is not a URI that pyarrow reads: a space or a non-ASCII "
+            f"character in a URI is written percent-encoded, as in {escaped}"
+        )
     try:
         fs, root = filesystem(path)
         fs.create_dir(root, recursive=True)
