@@ -1531,6 +1531,29 @@ def test_a_trials_row_takes_its_test_metrics_from_the_last_evaluation_and_the_re
     assert row["train_minutes"] == pytest.approx((10 * 0.5 + 10 * 0.25 + 10 * 1.0) / 60)
 
 
+def test_a_trials_per_step_means_weigh_each_report_by_the_steps_it_covers():
+    """An epoch of 110 steps reported every 100: a report of 100 steps at 0.12 s and one of
+    the epoch's last 10 at 0.1 s took 13 s over 110 steps, 13 / 110 s a step (the row's total
+    minutes times 60 over its steps), not the reports' plain mean 0.11; forward time and NFE
+    are weighed alike."""
+    settings = TINY | {"train": {"epochs": 1, "max_steps": 110}}
+    experiment = spec.from_dict("weighed", settings)
+    trial = SimpleNamespace(trial_id="abc12_00000", status="TERMINATED", config={})
+    frame = pd.DataFrame(
+        {
+            "step": [100, 110],
+            "step_time": [0.12, 0.1],
+            "forward_time": [0.05, 0.02],
+            "nfe": [20.0, 9.0],
+        }
+    )
+    row = results.trial_row(experiment, trial, frame)
+    assert row["step_time"] == pytest.approx(13 / 110)
+    assert row["step_time"] == pytest.approx(row["train_minutes"] * 60 / row["step"])
+    assert row["forward_time"] == pytest.approx((100 * 0.05 + 10 * 0.02) / 110)
+    assert row["nfe"] == pytest.approx((100 * 20 + 10 * 9) / 110)
+
+
 def test_a_run_of_epochs_alone_is_complete_at_its_last_epoch_and_counts_its_models_parameters():
     """train.max_steps=0 trains by epochs only (the paper's MNIST runs): such a trial is
     complete once it has reported its last epoch. The row counts the model's trainable

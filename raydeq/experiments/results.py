@@ -60,11 +60,22 @@ def _last(frame: pd.DataFrame, column: str) -> float:
     return float(values.iloc[-1]) if len(values) else math.nan
 
 
+def _interval_steps(frame: pd.DataFrame) -> pd.Series:
+    """The steps each report's interval means cover: its step less the step of the report
+    before (one each where the reports name no step)."""
+    if "step" not in frame:
+        return pd.Series(1.0, index=frame.index)
+    return frame["step"].diff().fillna(frame["step"])
+
+
 def _mean(frame: pd.DataFrame, column: str) -> float:
-    """The mean of a column's values, or NaN."""
+    """The per-step mean of a column of interval means, each weighed by the steps it covers
+    (an epoch's short last interval counts for its few steps), or NaN."""
     if column not in frame or frame[column].dropna().empty:
         return math.nan
-    return float(frame[column].dropna().mean())
+    values = frame[column].dropna()
+    steps = _interval_steps(frame)[values.index]
+    return float((steps * values).sum() / steps.sum())
 
 
 def total_minutes(frame: pd.DataFrame) -> float:
@@ -72,8 +83,7 @@ def total_minutes(frame: pd.DataFrame) -> float:
     step time, summed over the reports."""
     if "step_time" not in frame or frame["step_time"].dropna().empty:
         return math.nan
-    steps = frame["step"].diff().fillna(frame["step"])
-    return float((steps * frame["step_time"]).sum()) / 60.0
+    return float((_interval_steps(frame) * frame["step_time"]).sum()) / 60.0
 
 
 @functools.cache
@@ -87,10 +97,11 @@ def parameter_count(model_section: str) -> int:
 def trial_row(experiment: Experiment, trial: Any, frame: pd.DataFrame) -> dict[str, Any]:
     """One row of results.parquet: the trial, its group, its config and its final metrics.
 
-    The training steps' time, rate and NFE columns are means of the reports' interval means,
-    the test columns (test_nfe, predict_time) the last evaluation's; forward and backward
-    times are the DEQ's solves only (the unrolled warm-up steps report pretrain_* times
-    instead). Every metric a search can rank by (config.METRICS) has its column.
+    The training steps' time, rate and NFE columns are per-step means of the reports' interval
+    means (each weighed by its steps), the test columns (test_nfe, predict_time) the last
+    evaluation's; forward and backward times are the DEQ's solves only (the unrolled warm-up
+    steps report pretrain_* times instead). Every metric a search can rank by
+    (config.METRICS) has its column.
     """
     cfg = experiment.trial_config(trial.config)
     model_section = yaml.safe_dump(dataclasses.asdict(cfg.model))
