@@ -106,13 +106,23 @@ def _mean(values: list[float]) -> float:
     return statistics.fmean(values) if values else math.nan
 
 
+def _places(mean: float) -> int:
+    """The paper's three decimals, or more for a mean below 0.1 to keep three significant
+    digits (a time of milliseconds a batch, which three decimals wrote 0.002 or 0.000)."""
+    if mean == 0 or not math.isfinite(mean):
+        return 3
+    return max(3, 2 - math.floor(math.log10(abs(mean))))
+
+
 def _ours(values: list[float]) -> str:
-    """`mean ± std` with the paper's three decimals (the mean alone for one trial)."""
+    """`mean ± std` to `_places` decimals (the mean alone for one trial)."""
     if not values:
         return "-"
+    mean = statistics.fmean(values)
+    places = _places(mean)
     if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f}"
+        return f"{mean:.{places}f}"
+    return f"{mean:.{places}f} ± {statistics.stdev(values):.{places}f}"
 
 
 def _paper(paper: pd.DataFrame, label: str, column: str) -> str:
