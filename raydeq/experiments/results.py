@@ -78,6 +78,17 @@ def _mean(frame: pd.DataFrame, column: str) -> float:
     return float((steps * values).sum() / steps.sum())
 
 
+def _rate(frame: pd.DataFrame, column: str) -> float:
+    """The run's rate from a column of interval rates (images a second): its steps over the
+    time they took, each interval's time its steps over its rate, or NaN; the mean of the
+    rates would weigh a slow interval's few seconds as a fast one's many."""
+    if column not in frame or frame[column].dropna().empty:
+        return math.nan
+    values = frame[column].dropna()
+    steps = _interval_steps(frame)[values.index]
+    return float(steps.sum() / (steps / values).sum())
+
+
 def total_minutes(frame: pd.DataFrame) -> float:
     """Total training time in minutes (the paper's Table 1): each report's steps times its mean
     step time, summed over the reports."""
@@ -98,7 +109,8 @@ def trial_row(experiment: Experiment, trial: Any, frame: pd.DataFrame) -> dict[s
     """One row of results.parquet: the trial, its group, its config and its final metrics.
 
     The training steps' time, rate and NFE columns are per-step means of the reports' interval
-    means (each weighed by its steps), the test columns (test_nfe, predict_time) the last
+    means (each weighed by its steps), images_per_second the steps' images over their time,
+    the test columns (test_nfe, predict_time) the last
     evaluation's; forward and backward times are the DEQ's solves only (the unrolled warm-up
     steps report pretrain_* times instead). Every metric a search can rank by
     (config.METRICS) has its column.
@@ -127,7 +139,7 @@ def trial_row(experiment: Experiment, trial: Any, frame: pd.DataFrame) -> dict[s
         "optimizer_time": _mean(frame, "optimizer_time"),
         "data_time": _mean(frame, "data_time"),
         "step_time": _mean(frame, "step_time"),
-        "images_per_second": _mean(frame, "images_per_second"),
+        "images_per_second": _rate(frame, "images_per_second"),
         "pretrain_forward_time": _mean(frame, "pretrain_forward_time"),
         "pretrain_backward_time": _mean(frame, "pretrain_backward_time"),
         "nfe": _mean(frame, "nfe"),
