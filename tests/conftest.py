@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import warnings
 from collections.abc import Callable, Iterator
 
@@ -62,6 +63,26 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         if any("CUDA device" in mark.kwargs.get("reason", "") for mark in skips):
             item.add_marker(pytest.mark.cuda)
     items.sort(key=lambda item: item.get_closest_marker("multinode") is not None)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def own_temp_folder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Point the temporary folder of this process and those it starts at one of the session's:
+    the run locks, data indexes and TensorBoard folders that the tests' runs leave there (by
+    design, a lock file outlives its run) are not left in the user's for good. Ray keeps its
+    own (RAY_TMPDIR), whose sockets' paths have a length limit."""
+    folder = str(tmp_path_factory.mktemp("tmp"))
+    saved = {name: os.environ.get(name) for name in ("TMPDIR", "RAY_TMPDIR")}
+    previous = tempfile.tempdir
+    os.environ["RAY_TMPDIR"] = saved["RAY_TMPDIR"] or saved["TMPDIR"] or "/tmp"
+    os.environ["TMPDIR"] = tempfile.tempdir = folder
+    yield
+    tempfile.tempdir = previous
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 @pytest.fixture(scope="session")
