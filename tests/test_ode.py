@@ -593,3 +593,34 @@ def test_a_vcab3_sample_solves_alike_alone_and_beside_one_with_a_longer_start_up
     for i in range(2):
         alone = run(slice(i, i + 1))
         torch.testing.assert_close(batched.z[i : i + 1], alone.z, rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize(
+    ("solver", "options", "h"),
+    [
+        ("euler", {"h_max": 0.1}, 0.1),
+        ("bs3", {"h0": 1.0, "h_max": 0.1}, 0.1),
+        ("tsit5", {"h_max": 0.5}, 0.5),
+        ("vcab3", {"h0": 3.0}, 1.4),  # its BS3 start-up's cap
+    ],
+)
+def test_h_max_caps_the_first_step(solver: str, options: dict, h: float):
+    """The first step is at most h_max like every other: on y' = 1 - y / 2 from 0 the field is
+    1, so the first stage after z0 is at c2 h (Euler's c2 = 1, BS3's 1 / 2, Tsit5's 0.161)."""
+    points = []
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        points.append(z[0, 0].item())
+        return z / 2 + 1
+
+    with torch.no_grad():
+        raydeq.solve(
+            f,
+            torch.zeros(1, 1, dtype=torch.float64),
+            solver=solver,
+            solver_options=options,
+            max_steps=1,
+            check_every=1,
+        )
+    c2 = {"euler": 1.0, "bs3": 0.5, "vcab3": 0.5, "tsit5": 0.161}[solver]
+    assert points[1] == pytest.approx(c2 * h, rel=1e-12)

@@ -83,11 +83,13 @@ class Controller:
     def first_step(
         self, field: Field, y: torch.Tensor, k: torch.Tensor, order: int, term: Termination
     ) -> tuple[torch.Tensor, int]:
-        """The first step size per sample (B, 1) and the evaluations of f spent choosing it."""
+        """The first step size per sample (B, 1), at most h_max as every step (an h0 above
+        it, such as a solver's default beside a smaller h_max, is cut to it), and the
+        evaluations of f spent choosing it."""
         if self.h0 is not None:
-            return torch.full_like(y[:, :1], self.h0), 0
+            return self.capped(torch.full_like(y[:, :1], self.h0)), 0
         with torch.no_grad():
-            return initial_step(field, y, k, order, term), 1
+            return self.capped(initial_step(field, y, k, order, term)), 1
 
     def exponents(self, error_order: int) -> tuple[float, float]:
         """The controller's exponents (a, b) for a local error of order error_order."""
