@@ -624,3 +624,16 @@ def test_h_max_caps_the_first_step(solver: str, options: dict, h: float):
         )
     c2 = {"euler": 1.0, "bs3": 0.5, "vcab3": 0.5, "tsit5": 0.161}[solver]
     assert points[1] == pytest.approx(c2 * h, rel=1e-12)
+
+
+@pytest.mark.parametrize("key", ["h_max", "safety", "step_rtol", "contraction", "max_factor"])
+def test_an_adaptive_option_beside_kind_fixed_is_refused(key: str):
+    """kind="fixed" keeps every step at h0 and accepts it: h_max, the error control's and the
+    contraction rule's options would change nothing, so they are refused, naming the key, at the
+    solve and where a model's config is checked."""
+    options = {"kind": "fixed", "h0": 0.5, key: 0.2 if key != "max_factor" else 2.0}
+    message = f"solver_options.{key}={options[key]!r} is not used with kind='fixed'"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        raydeq.solve(lambda z: z / 2 + 1, torch.zeros(1, 2), solver="tsit5", solver_options=options)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        raydeq.models.resolve({"model": "mnist_dense", "solver": "bs3", "solver_options": options})

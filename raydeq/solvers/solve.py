@@ -111,6 +111,16 @@ CONTROLLER_DEFAULTS = {
     "vcab3": STEADY_STATE | {"h_max": 0.5},
 }
 VCAB3_STARTUP_H_MAX = 1.4
+# The step-size controller's options that only an adaptive kind ("pi", "i") reads.
+ADAPTIVE_ONLY = (
+    "safety",
+    "min_factor",
+    "max_factor",
+    "step_rtol",
+    "contraction",
+    "h_max",
+    "stalled_factor",
+)
 # compile= value that records each solve's step as a graph (graphs.py) instead of compiling.
 GRAPH = "graph"
 
@@ -120,6 +130,7 @@ def make_solver(name: str, options: dict) -> Method:
     choice("solver", name, SOLVERS)
     if name in CONTINUOUS:
         what = f"solver={name!r}"
+        fixed_step_only(options)
         controller = construct(
             "solver_options", what, Controller, {**CONTROLLER_DEFAULTS.get(name, {}), **options}
         )
@@ -128,6 +139,20 @@ def make_solver(name: str, options: dict) -> Method:
         return RungeKutta({"tsit5": TSIT5, "bs3": BS3, "euler": EULER}[name], controller)
     method = {"fixed_point": FixedPoint, "anderson": Anderson, "broyden": Broyden}[name]
     return construct("solver_options", f"solver={name!r}", method, options)
+
+
+def fixed_step_only(options: dict) -> None:
+    """Raise ValueError for a controller option given beside kind="fixed", whose steps all
+    stay h0 and are all accepted, so that the option would change nothing."""
+    if options.get("kind") != "fixed":
+        return
+    unused = [key for key in ADAPTIVE_ONLY if key in options]
+    if unused:
+        key = unused[0]
+        raise ValueError(
+            f"solver_options.{key}={options[key]!r} is not used with kind='fixed', which keeps "
+            "every step at h0; give kind 'pi' or 'i' for it, or remove it"
+        )
 
 
 def check_options(
