@@ -268,6 +268,10 @@ def test_lambda_skip_defaults_to_the_presets_and_amp_reads_yaml_off():
         ({"data": {"fake_shape": [1, 0, 8]}}, "data.fake_shape: expected a list of positive"),
         ({"seed": 2**64}, "seed: must be <= 4294967295, got 18446744073709551616"),
         ({"search": {"population_size": 1}}, "search.population_size: must be 0 (Optuna's"),
+        (
+            {"search": {"searcher": "tpe", "population_size": 10}},
+            "search.population_size: 10 applies to search.searcher='nsga2' only, not 'tpe'; set",
+        ),
         ({"optim": {"milestones": [10, 10]}}, "optim.milestones: expected increasing steps, got"),
         (
             {"optim": {"optimizer": "sgd", "nesterov": True, "momentum": 0}},

@@ -424,6 +424,13 @@ def _check_search(search: SearchSection) -> None:
             "search.population_size: must be 0 (Optuna's default, 50) or >= 2, got 1",
             key="search.population_size",
         )
+    if search.population_size and search.searcher != "nsga2":
+        raise ConfigError(
+            f"search.population_size: {search.population_size} applies to "
+            f"search.searcher='nsga2' only, not {search.searcher!r}; set search.searcher=nsga2, "
+            "or remove search.population_size",
+            key="search.population_size",
+        )
     unknown = set(search.paper) - {"table"}
     if unknown:
         key = f"search.paper.{sorted(unknown)[0]}"
