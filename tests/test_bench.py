@@ -323,6 +323,12 @@ def test_target_verdicts():
         Section("s", "S", ["a"]).add(b=1)
 
 
+def test_a_cell_of_thousands_is_written_whole_not_in_scientific_notation():
+    """Scientific notation is for the tiny and the huge: 3,000 NFE or 1,234.5 s read whole."""
+    assert fmt(3000.0) == "3000" and fmt(1234.5) == "1234" and fmt(-99999.0) == "-99999"
+    assert fmt(1e5) == "1.00e+05" and fmt(999.4) == "999" and fmt(2500.0, digits=4) == "2500"
+
+
 def test_a_measurement_on_its_limit_passes_and_the_table_shows_which_way_the_limit_binds():
     """Limits are inclusive both ways (syncs per step can land exactly on theirs), and the
     Markdown writes <= for an upper limit, >= for a lower one, beside the verdict."""

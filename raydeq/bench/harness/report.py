@@ -133,7 +133,8 @@ def error_line(err: BaseException) -> str:
 
 
 def fmt(value: Value, digits: int = 3) -> str:
-    """A cell: floats to `digits` significant digits (scientific when tiny or huge), None blank."""
+    """A cell: floats to `digits` significant digits (scientific when tiny or huge; a whole number
+    of more digits below 1e5 whole, where the g format wrote 3000 as 3e+03), None blank."""
     if value is None:
         return ""
     if isinstance(value, bool) or not isinstance(value, float):
@@ -142,6 +143,8 @@ def fmt(value: Value, digits: int = 3) -> str:
         return str(value)
     if value != 0 and not 1e-2 <= abs(value) < 1e5:
         return f"{value:.{digits - 1}e}"
+    if abs(value) >= 10**digits:
+        return f"{value:.0f}"
     return f"{value:.{digits}g}"
 
 
