@@ -347,6 +347,26 @@ def test_figures_4_6_name_a_searchs_many_groups_in_legends_that_neither_overlap_
     pyplot().close(figure)
 
 
+def test_the_curves_figure_s_time_panels_turn_logarithmic_where_the_variants_span_decades(
+    monkeypatch,
+):
+    """A Skip DEQ's backward of 5 ms beside a Vanilla one's of 0.5 s read as 0 on a linear
+    axis; the accuracy panels and the times of one decade stay linear."""
+    monkeypatch.setattr(paper, "png", lambda figure, **layout: figure)
+    rows = [
+        _row("Vanilla Discrete DEQ", "vanilla", "broyden", 0),
+        _row("Skip Discrete DEQ", "skip", "broyden", 0),
+    ]
+    steps = {"step": [10, 20], "predict_time": [0.1, 0.2], "test_accuracy": [0.01, 0.9]}
+    curves = {
+        "Vanilla Discrete DEQ": [pd.DataFrame(steps | {"backward_time": [0.5, 0.4]})],
+        "Skip Discrete DEQ": [pd.DataFrame(steps | {"backward_time": [0.005, 0.004]})],
+    }
+    figure = paper.curves_figure(rows, curves)
+    assert [axis.get_yscale() for axis in figure.axes[:3]] == ["linear", "log", "linear"]
+    pyplot().close(figure)
+
+
 def test_figure_1_is_relative_to_the_vanilla_continuous_deq_and_figures_4_6_skip_the_node():
     rows, _ = _run()
     means = {"Vanilla Continuous DEQ": 0.25, "Neural ODE": 2.48, "Skip DEQ": math.nan}

@@ -32,7 +32,7 @@ from test_tune import (
 
 from raydeq import tune as rt
 from raydeq.experiments import hparams, pareto, results, search, spec
-from raydeq.experiments.figures import pyplot
+from raydeq.experiments.figures import LOG_SPAN, pyplot
 from raydeq.training.config import METRICS, ConfigError, parse_overrides
 
 SEARCH = {
@@ -948,7 +948,7 @@ def test_a_cost_axis_is_logarithmic_from_a_span_of_exactly_log_span(monkeypatch)
     """The test NFE axis turns logarithmic at a span of LOG_SPAN itself (20), not just past it."""
     monkeypatch.setattr(pareto, "png", lambda figure: figure)
     scales = []
-    for top in (0.95 * pareto.LOG_SPAN, pareto.LOG_SPAN):
+    for top in (0.95 * LOG_SPAN, LOG_SPAN):
         rows = _trials((True, 0.9, 1.0, 0.01), (True, 0.95, top, 0.01))
         figure = pareto.chart(pareto.mark(rows, "test_accuracy"), "test_accuracy")
         scales.append(figure.axes[0].get_xscale())

@@ -1680,6 +1680,24 @@ def test_a_plot_shows_per_variant_the_mean_over_seeds_with_a_band_of_one_std(mon
     pyplot().close(figure)
 
 
+def test_a_plot_of_times_that_span_decades_has_a_log_axis_and_one_of_accuracy_not(monkeypatch):
+    """A Neural ODE's 2 s a batch beside a DEQ's 2 ms flattened the DEQ's curve to 0 on a
+    linear axis; accuracies, fractions, stay linear whatever their span."""
+    monkeypatch.setattr(results, "png", lambda figure, **layout: figure)
+    fast = pd.DataFrame({"step": [10, 20], "forward_time": [0.002, 0.003], "test_accuracy": 0.01})
+    slow = pd.DataFrame({"step": [10, 20], "forward_time": [2.0, 2.5], "test_accuracy": 0.9})
+    scales = {}
+    for metric, curves in [
+        ("forward_time", {"DEQ": [fast], "Neural ODE": [slow]}),
+        ("backward_time", {"DEQ": [fast.rename(columns={"forward_time": "backward_time"})]}),
+        ("test_accuracy", {"DEQ": [fast], "Neural ODE": [slow]}),
+    ]:
+        figure = results.plot(metric, metric, curves)
+        scales[metric] = figure.axes[0].get_yscale()
+        pyplot().close(figure)
+    assert scales == {"forward_time": "log", "backward_time": "linear", "test_accuracy": "linear"}
+
+
 def test_a_plot_closes_its_figure():
     """A search writes a plot per metric at each report: figures left open add up (matplotlib
     warns past 20) and hold their memory."""

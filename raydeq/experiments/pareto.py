@@ -14,16 +14,13 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from raydeq.experiments.figures import png, subplots
+from raydeq.experiments.figures import png, spans_decades, subplots
 
 # Cost columns of results.parquet and their words.
 VIEWS = {"test_nfe": "test NFE", "train_time": "training time per step (s)"}
 CHART = "pareto.png"
 # How far below the lowest front or paper point (in accuracy points) the chart still shows.
 ZOOM_POINTS = 10.0
-# A cost axis whose values span this factor or more is logarithmic: on a linear one, training
-# times from 1e-3 to 1e-1 s put the cheap end of the front, the part that matters, in a sliver.
-LOG_SPAN = 20.0
 # "Within 0.5 accuracy points of the best": accuracies are fractions, so 0.005.
 MARGIN = 0.005
 # Settings that name or place a trial rather than change it.
@@ -174,7 +171,7 @@ def _zoom(axes: Any, accuracy: list[float], shown: list[float], front: list[floa
 
 def _scale(axes: Any, costs: list[float]) -> None:
     """A logarithmic cost axis where the positive costs drawn span LOG_SPAN or more."""
-    if costs and min(costs) > 0 and max(costs) >= LOG_SPAN * min(costs):
+    if spans_decades(costs):
         axes.set_xscale("log")
 
 

@@ -22,7 +22,7 @@ from ray.tune.execution.tune_controller import TuneController
 from raydeq import models
 from raydeq.experiments import hparams, paper, pareto
 from raydeq.experiments.archive import history
-from raydeq.experiments.figures import png, subplots
+from raydeq.experiments.figures import log_y, png, subplots
 from raydeq.experiments.spec import LABEL, VARIANT, Experiment, describe, trial_name
 from raydeq.training import runlock
 from raydeq.training.config import ConfigError, leaves
@@ -253,6 +253,8 @@ def plot(metric: str, label: str, curves: dict[str, list[pd.DataFrame]]) -> byte
     axes.set_xlabel("step")
     axes.set_ylabel(label)
     axes.grid(alpha=0.3)
+    if not pareto.in_percent(metric):
+        log_y(axes)
     if not axes.lines:
         return png(figure)
     # Right of the axes: inside, Table 1's eleven variants covered half the curves. Outside
