@@ -894,6 +894,14 @@ def test_an_experiment_without_finished_trials_takes_its_front_over_all_of_them(
     assert [r["cheapest_test_nfe"] for r in marked] == [True, False]
 
 
+def test_a_front_trial_without_the_other_view_s_cost_shows_a_dash_not_nan():
+    """A trial whose steps all unrolled has a test NFE but no training time per step: on the
+    NFE front its time cell reads '-', as a missing setting does."""
+    rows = _trials((True, 0.9, 20.0, math.nan), (True, 0.8, 10.0, 0.2))
+    text = pareto.markdown(pareto.mark(rows, "test_accuracy"), "test_accuracy")
+    assert "| 9db77_00000 | 90.00 | 20 | - | euler |" in text and "nan" not in text
+
+
 def test_the_front_table_lists_the_cheapest_first_with_the_settings_that_vary_only():
     rows = _trials((True, 0.9, 20.0, 0.1), (True, 0.8, 10.0, 0.2), (True, 0.95, 30.0, 0.3))
     text = pareto.markdown(pareto.mark(rows, "test_accuracy"), "test_accuracy")

@@ -108,8 +108,10 @@ def in_percent(metric: str) -> bool:
 
 
 def _value(value: Any) -> str:
-    """A setting in a table cell."""
-    return f"{value:.3g}" if isinstance(value, float) else "-" if value is None else str(value)
+    """A setting or a cost in a table cell: '-' where there is none (None, or a NaN measure)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
 def _metric_value(value: Any, percent: bool) -> str:
