@@ -320,7 +320,9 @@ class FakeAutoscalingCluster:
             **dict.fromkeys(EMPTY_LISTS, []),
             "file_mounts_sync_continuously": False,
         }
-        self.folder = tempfile.mkdtemp(prefix="rfc")  # short: Ray's socket paths are limited
+        # Short, in Ray's temporary folder rather than the session's: its socket paths are
+        # limited to 107 bytes.
+        self.folder = tempfile.mkdtemp(prefix="rfc", dir=os.environ["RAY_TMPDIR"])
         self.head: subprocess.Popen | None = None
 
     def start(self) -> None:
