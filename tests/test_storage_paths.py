@@ -99,7 +99,7 @@ def test_a_storage_uri_of_no_known_scheme_is_a_storage_error_naming_it():
 @pytest.mark.parametrize(
     ("uri", "escaped"),
     [
-        ("file:///mnt/my runs", "file:///mnt/my%20runs"),
+        ("file:///data/my runs", "file:///data/my%20runs"),
         ("s3://bucket/résultats", "s3://bucket/r%C3%A9sultats"),
     ],
 )
@@ -138,7 +138,7 @@ def test_the_lock_names_its_holder_even_over_a_longer_earlier_holder(tmp_path, m
 
 
 def test_a_run_named_by_a_file_uri_or_its_local_path_takes_one_lock(tmp_path, monkeypatch):
-    """storage_path=file:///mnt/runs on one command and /mnt/runs on another run one folder:
+    """storage_path=file:///data/runs on one command and /data/runs on another run one folder:
     each took a lock of its own, so two drivers wrote and pruned its checkpoints side by side.
     A URI of another scheme keeps its own lock, a trailing slash aside."""
     monkeypatch.setattr(runlock.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))

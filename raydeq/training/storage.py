@@ -19,8 +19,8 @@ class StorageError(RuntimeError):
 
 
 def is_uri(path: str) -> bool:
-    """True for a URI such as s3://bucket/runs or file:/mnt/runs (the short form of
-    file:///mnt/runs, which pyarrow and Ray read as a URI), False for a local path."""
+    """True for a URI such as s3://bucket/runs or file:/data/runs (the short form of
+    file:///data/runs, which pyarrow and Ray read as a URI), False for a local path."""
     return "://" in path or path.startswith("file:/")
 
 
