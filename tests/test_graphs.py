@@ -7,6 +7,7 @@ the recording read, and the checks between steps that replace the running mask.
 """
 
 import contextlib
+import threading
 
 import pytest
 import torch
@@ -327,3 +328,54 @@ def test_a_nested_solves_recorded_adjoint_keeps_the_outer_ones_workspace(traced)
         for a, b in zip(gradients("graph"), eager, strict=True):
             assert torch.equal(a, b)
     assert not gmres.IN_USE and len(gmres.WORKSPACES) == 2
+
+
+class FakeStream:
+    """A stream of a CUDA-less machine: waits on nothing."""
+
+    def __init__(self, device=None) -> None:
+        self.device = device
+
+    def wait_stream(self, other) -> None:
+        pass
+
+
+class FakeGraph:
+    """A CUDA graph of a CUDA-less machine: its capture runs nothing."""
+
+    def capture_begin(self, pool=None, capture_error_mode="global") -> None:
+        pass
+
+    def capture_end(self) -> None:
+        pass
+
+    def pool(self) -> None:
+        return None
+
+
+def test_a_capture_keeps_the_side_stream_from_other_threads(monkeypatch):
+    """A capture records whatever any thread queues on its stream: another thread's warm-up
+    on the device's side stream waits until the capture has ended, instead of joining it."""
+    monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: FakeStream(device))
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(graphs.CudaGraphRecorder, "STREAMS", {})
+    device = torch.device("cuda")
+    capturing, warming = threading.Event(), threading.Event()
+    seen = []
+
+    def body():
+        capturing.set()
+        seen.append(warming.wait(timeout=0.5))
+
+    def warm_up():
+        capturing.wait()
+        with graphs.CudaGraphRecorder(device).warm_up():
+            warming.set()
+
+    other = threading.Thread(target=warm_up)
+    other.start()
+    graphs.CudaGraphRecorder(device).record(body, [])
+    other.join()
+    assert seen == [False] and warming.is_set()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
@@ -66,9 +67,16 @@ class Recorder(Protocol):
 
 class CudaGraphRecorder:
     """torch.cuda.CUDAGraph on a side stream of the device (warm-up on the same stream, as
-    torch's documentation asks, so that cuBLAS has its workspace there before recording)."""
+    torch's documentation asks, so that cuBLAS has its workspace there before recording).
+
+    A capture records whatever any thread queues on its stream, and torch supports one
+    capture at a time: the threads of a process take the side streams in turn (SIDE_STREAM),
+    so that one thread's warm-up or capture never joins another's graph; the same thread may
+    take it again (a nested solve inside f's warm-up).
+    """
 
     STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+    SIDE_STREAM = threading.RLock()
 
     def __init__(self, device: torch.device, shares: CudaGraphRecorder | None = None) -> None:
         if device not in self.STREAMS:
@@ -80,12 +88,14 @@ class CudaGraphRecorder:
 
     @contextlib.contextmanager
     def _on_side_stream(self) -> Iterator[None]:
-        """Run on the side stream after the work queued so far, and queue later work after."""
-        current = torch.cuda.current_stream(self.device)
-        self.stream.wait_stream(current)
-        with torch.cuda.stream(self.stream):
-            yield
-        current.wait_stream(self.stream)
+        """Run on the side stream after the work queued so far, and queue later work after;
+        the other threads wait meanwhile."""
+        with self.SIDE_STREAM:
+            current = torch.cuda.current_stream(self.device)
+            self.stream.wait_stream(current)
+            with torch.cuda.stream(self.stream):
+                yield
+            current.wait_stream(self.stream)
 
     def warm_up(self) -> contextlib.AbstractContextManager:
         """The side stream."""
