@@ -614,6 +614,26 @@ def test_fake_test_images_are_not_the_training_images():
         assert not torch.equal(splits.test[index][0], splits.train[index][0]), index
 
 
+def test_fake_images_are_torchvisions_and_leave_the_gpus_generators_alone(monkeypatch):
+    """torchvision's FakeData seeds each read with torch.manual_seed, which seeds every GPU's
+    generator too: on a GPU, dropout and Hutchinson probes drew from the seed of the batch's
+    last sample, the same at each epoch. The images and labels are still FakeData's."""
+    from torchvision import datasets as tv
+    from torchvision import transforms as T
+
+    seeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", seeded.append)
+    cfg = section(dataset="fake", fake_shape=[3, 6, 5], fake_classes=4, fake_samples=12)
+    splits = data.load_splits(cfg)
+    samples = data.Samples(splits.train, seed=0, augmented=splits.augmented)
+    reads = [samples[(0, i)] for i in range(12)] + [splits.test[i] for i in range(3)]
+    assert seeded == []
+    reference = tv.FakeData(15, (3, 6, 5), 4, transform=T.ToTensor())
+    for index, (image, label) in enumerate(reads):
+        expected, expected_label = reference[index]
+        assert torch.equal(image, expected) and label == expected_label, index
+
+
 def test_the_run_seed_sets_the_order_of_the_samples_and_their_augmentation():
     """Runs of another seed (the seeds of a search) shuffle the samples otherwise and draw
     other augmentations of them; one seed gives the same order and images each time."""

@@ -168,14 +168,32 @@ def _imagenet(cfg: DataSection) -> Splits:
     return Splits(train, val, image_shape(cfg), len(index.classes), augmented=cfg.augment)
 
 
+class FakeImages(Dataset):
+    """torchvision FakeData's random images and labels (sample i drawn from seed i + offset),
+    drawn from a generator of their own: FakeData seeds the process's with torch.manual_seed,
+    which seeds every GPU's too, so that dropout and probes on a GPU would draw from the seed
+    of the batch's last sample."""
+
+    def __init__(self, size: int, shape: tuple[int, int, int], classes: int, offset: int) -> None:
+        self.size, self.shape, self.classes, self.offset = size, shape, classes, offset
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        if not 0 <= index < self.size:
+            raise IndexError(f"FakeImages index {index} out of range of {self.size}")
+        generator = torch.Generator().manual_seed(index + self.offset)
+        image = torch.randn(*self.shape, generator=generator)
+        label = int(torch.randint(0, self.classes, (1,), generator=generator))
+        return T.ToTensor()(T.ToPILImage()(image)), label
+
+
 def _fake(cfg: DataSection) -> Splits:
-    """torchvision FakeData of the configured shape: random images, for tests."""
+    """FakeData of the configured shape (see FakeImages): random images, for tests."""
     shape = image_shape(cfg)
-    make = partial(
-        datasets.FakeData, image_size=shape, num_classes=cfg.fake_classes, transform=T.ToTensor()
-    )
-    train = make(size=cfg.fake_samples)
-    test = make(size=max(cfg.fake_samples // 4, 1), random_offset=cfg.fake_samples)
+    train = FakeImages(cfg.fake_samples, shape, cfg.fake_classes, 0)
+    test = FakeImages(max(cfg.fake_samples // 4, 1), shape, cfg.fake_classes, cfg.fake_samples)
     return Splits(train, test, shape, cfg.fake_classes)
 
 
