@@ -389,6 +389,54 @@ def test_mnist_labels_past_the_classes_or_not_one_per_image_are_named_before_the
     ) in str(info.value)
 
 
+def test_mnist_files_that_download_would_keep_are_checked_as_without_it(tmp_path):
+    """With data.download=true torchvision downloads MNIST only where a file is missing and
+    reads the four it finds as they are, unchecked: a label 12 reached the loss of each
+    worker, a file cut short failed in each. They are named before they are read, as
+    without download; a missing file is left to the download."""
+    mnist_folder(tmp_path)
+    cfg = section(dataset="mnist", data_dir=str(tmp_path), download=True)
+    labels = tmp_path / "MNIST/raw/train-labels-idx1-ubyte"
+    whole = labels.read_bytes()
+    labels.write_bytes(whole[:8] + bytes([12]) + whole[9:])
+    with pytest.raises(data.DataError) as info:
+        data.check_files(cfg)
+    assert str(info.value) == (
+        f"dataset 'mnist' in {tmp_path} is unreadable: MNIST/raw/train-labels-idx1-ubyte "
+        "holds label 12 at index 0 (1 labels in all), where the labels of 10 classes run from "
+        "0 to 9; replace it, or delete it to download it again"
+    )
+    labels.write_bytes(whole[:-1])
+    with pytest.raises(data.DataError, match="train-labels-idx1-ubyte is cut short: 8,007 of"):
+        data.check_files(cfg)
+    labels.unlink()
+    data.check_files(cfg)
+
+
+def test_a_worker_checks_mnists_files_after_another_has_downloaded_them(tmp_path, monkeypatch):
+    """A worker of a node checks the files with download=true once it holds the download lock:
+    before it, another worker's download may have written part of one."""
+    import threading
+    import time
+
+    from raydeq.training import vision
+
+    mnist_folder(tmp_path)
+    labels = tmp_path / "MNIST/raw/train-labels-idx1-ubyte"
+    whole = labels.read_bytes()
+    labels.write_bytes(whole[:100])
+    monkeypatch.setitem(vision.BUILDERS, "mnist", lambda cfg: "read")
+    cfg = section(dataset="mnist", data_dir=str(tmp_path), download=True)
+    results = []
+    with data.download_lock(str(tmp_path)):
+        worker = threading.Thread(target=lambda: results.append(data.load_splits(cfg)))
+        worker.start()
+        time.sleep(0.2)
+        labels.write_bytes(whole)
+    worker.join()
+    assert results == ["read"]
+
+
 def test_any_failure_of_a_reader_is_one_data_error(tmp_path, monkeypatch):
     from raydeq.training import vision
 
