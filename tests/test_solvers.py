@@ -844,6 +844,27 @@ def test_a_step_function_is_wrapped_by_torch_compile_once_for_every_solve():
     assert compiled(first.phases()[1].step, {"backend": "aot_eager"}).func is not adams.func
 
 
+@pytest.mark.parametrize("solver", ["anderson", "broyden"])
+def test_a_compiled_f_adds_no_torch_compile_wrapper_per_solve(solver):
+    """A method whose steps are not capturable runs f alone through torch.compile: a wrapper
+    made per solve was kept by dynamo's cache of backends for good (one more each solve, a
+    training run's hundreds of thousands); one wrapper now serves every solve."""
+    from torch._dynamo import eval_frame
+
+    f, params = problem(7)
+    z0 = torch.zeros(B, D, dtype=torch.float64)
+
+    def backends_after(solves: int) -> int:
+        for _ in range(solves):
+            with torch.no_grad():
+                sol = raydeq.solve(f, z0, solver=solver, compile={"backend": "eager"})
+            assert bool(sol.stats.converged.all())
+        return len(eval_frame.cached_backends)
+
+    torch._dynamo.reset()
+    assert backends_after(2) == backends_after(4)
+
+
 @pytest.mark.parametrize("adjoint", ["gmres", "fixed_point", "jfb", "unrolled"])
 def test_statistics_are_complete_when_solve_returns(adjoint, counted_vjp):
     """nfe counts every evaluation of f the solve made (the one attaching z* included) as a

@@ -55,19 +55,31 @@ class Method(Protocol):
         """Residual 2-norm (B, 1) at each sample's current point, for the termination test."""
 
 
-# torch.compile's wrappers of the step functions, one per function and options: making one
-# copies torch's compiler settings (about 1 ms, three times per VCAB3 solve when made anew).
+# torch.compile's wrappers of the step functions and of `evaluate`, one per function and
+# options: making one copies torch's compiler settings (about 1 ms, three times per VCAB3
+# solve when made anew), and dynamo keeps every wrapper it has run until torch._dynamo.reset().
 WRAPPERS: dict[tuple[Callable, str], Callable] = {}
 
 
-def compiled(step: Callable[[Map, Carry, Monitor], Carry], options: dict) -> Callable:
-    """A method's bound step through torch.compile with `options`: the wrapper of its
-    function is made once and reused by every later solve (its graphs are cached by the
-    function's code either way); f is traced inside the step."""
-    key = (step.__func__, repr(sorted(options.items())))
+def wrapped(fn: Callable, options: dict) -> Callable:
+    """fn through torch.compile with `options`, the wrapper made once and reused by every
+    later solve (its graphs are cached by the function's code either way)."""
+    key = (fn, repr(sorted(options.items())))
     if key not in WRAPPERS:
-        WRAPPERS[key] = torch.compile(step.__func__, **options)
-    return partial(WRAPPERS[key], step.__self__)
+        WRAPPERS[key] = torch.compile(fn, **options)
+    return WRAPPERS[key]
+
+
+def compiled(step: Callable[[Map, Carry, Monitor], Carry], options: dict) -> Callable:
+    """A method's bound step through torch.compile with `options` (see `wrapped`); f is
+    traced inside the step."""
+    return partial(wrapped(step.__func__, options), step.__self__)
+
+
+def evaluate(f: Map, z: torch.Tensor) -> torch.Tensor:
+    """f(z): compiled for a method whose steps are not capturable, with each solve's f as an
+    argument traced inside it, so that one wrapper serves every solve."""
+    return f(z)
 
 
 def iterate(
@@ -113,7 +125,7 @@ def iterate(
         if method.capturable:
             phases = tuple(replace(p, step=compiled(p.step, compile_options)) for p in phases)
         else:
-            f = torch.compile(f, **compile_options)
+            f = partial(wrapped(evaluate, compile_options), f)
     recorder = RECORDERS.get(z.device.type) if graph and method.capturable else None
     if recorder is not None:
         last = phases[-1]
