@@ -77,8 +77,10 @@ class Controller:
 
     def capped(self, h: torch.Tensor) -> torch.Tensor:
         """h at most h_max, as decide caps an adaptive step; with kind="fixed" h itself,
-        which stays h0."""
-        return h if self.kind == "fixed" else h.clamp_max(self.h_max)
+        which stays h0, and without a cap h itself (no operation)."""
+        if self.kind == "fixed" or self.h_max == float("inf"):
+            return h
+        return h.clamp_max(self.h_max)
 
     def first_step(
         self, field: Field, y: torch.Tensor, k: torch.Tensor, order: int, term: Termination
