@@ -329,6 +329,11 @@ def test_a_cell_of_thousands_is_written_whole_not_in_scientific_notation():
     assert fmt(1e5) == "1.00e+05" and fmt(999.4) == "999" and fmt(2500.0, digits=4) == "2500"
 
 
+def test_a_cell_that_rounds_up_to_thousands_is_written_whole():
+    """999.7 to three digits rounds to 1000, which the g format wrote as 1e+03."""
+    assert fmt(999.7) == "1000" and fmt(-999.5) == "-1000" and fmt(9999.6, digits=4) == "10000"
+
+
 def test_a_measurement_on_its_limit_passes_and_the_table_shows_which_way_the_limit_binds():
     """Limits are inclusive both ways (syncs per step can land exactly on theirs), and the
     Markdown writes <= for an upper limit, >= for a lower one, beside the verdict."""

@@ -134,7 +134,8 @@ def error_line(err: BaseException) -> str:
 
 def fmt(value: Value, digits: int = 3) -> str:
     """A cell: floats to `digits` significant digits (scientific when tiny or huge; a whole number
-    of more digits below 1e5 whole, where the g format wrote 3000 as 3e+03), None blank."""
+    of more digits below 1e5, or one that rounds to them, whole, where the g format wrote 3000
+    and 999.7 as 3e+03 and 1e+03), None blank."""
     if value is None:
         return ""
     if isinstance(value, bool) or not isinstance(value, float):
@@ -143,9 +144,8 @@ def fmt(value: Value, digits: int = 3) -> str:
         return str(value)
     if value != 0 and not 1e-2 <= abs(value) < 1e5:
         return f"{value:.{digits - 1}e}"
-    if abs(value) >= 10**digits:
-        return f"{value:.0f}"
-    return f"{value:.{digits}g}"
+    text = f"{value:.{digits}g}"
+    return f"{value:.0f}" if "e" in text else text
 
 
 def table(columns: list[str], rows: list[dict[str, Value]]) -> list[str]:
