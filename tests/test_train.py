@@ -1375,6 +1375,17 @@ def test_load_model_reads_a_file_uri_and_refuses_another_uri_naming_it(tmp_path)
     )
 
 
+def test_load_model_refuses_a_file_uri_pyarrow_does_not_read_giving_its_escaped_form():
+    """A file: URI with a space, which pyarrow refuses unparsed, was refused as another
+    scheme's URI, told to copy the run down with aws s3 sync."""
+    with pytest.raises(checkpoint.CheckpointError) as refused:
+        load_model("file:///data/my run")
+    assert str(refused.value) == (
+        "file:///data/my run is not a URI that pyarrow reads: a space or a non-ASCII character "
+        "in a URI is written percent-encoded, as in file:///data/my%20run"
+    )
+
+
 def test_load_model_refuses_a_folder_without_a_checkpoint_or_settings_in_one_line(tmp_path):
     """A folder without a checkpoint, a checkpoint written before checkpoints recorded their
     settings, and one whose weights do not fit the model its settings build are refused

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from raydeq import models
 from raydeq.training.checkpoint import CheckpointError, read_newest
 from raydeq.training.config import OptimSection
-from raydeq.training.storage import is_uri, local_path
+from raydeq.training.storage import is_uri, local_path, unparsed_uri
 
 
 def rng_state(device: torch.device) -> dict[str, Tensor]:
@@ -177,9 +177,13 @@ def load_model(folder: str | Path) -> nn.Module:
 
 def local_folder(folder: str | Path) -> Path:
     """The local folder of a path or a file: URI; a CheckpointError naming another URI, which
-    Path would cut to a missing folder (s3://bucket/run to s3:/bucket/run)."""
+    Path would cut to a missing folder (s3://bucket/run to s3:/bucket/run), or a URI that
+    pyarrow does not read, giving its escaped form."""
     if not is_uri(str(folder)):
         return Path(folder)
+    problem = unparsed_uri(str(folder))
+    if problem:
+        raise CheckpointError(problem)
     local = local_path(str(folder))
     if local is None:
         raise CheckpointError(

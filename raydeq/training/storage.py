@@ -100,16 +100,25 @@ def read_text(path: str) -> str:
         return stream.readall().decode()
 
 
+def unparsed_uri(path: str) -> str | None:
+    """Why pyarrow refuses a URI holding a character it reads only percent-encoded (a space, a
+    non-ASCII one), giving that form; None for a local path or a URI written so."""
+    escaped = urllib.parse.quote(path, safe=URI_CHARACTERS)
+    if not is_uri(path) or escaped == path:
+        return None
+    return (
+        f"{path} is not a URI that pyarrow reads: a space or a non-ASCII character in a URI "
+        f"is written percent-encoded, as in {escaped}"
+    )
+
+
 def check_storage(path: str) -> None:
     """Create the storage folder and write a probe file to it, or raise a StorageError; the
     probe is removed whether or not its write went through. A URI with a character pyarrow
     refuses unparsed (a space, a non-ASCII one) is refused giving its escaped form."""
-    escaped = urllib.parse.quote(path, safe=URI_CHARACTERS)
-    if is_uri(path) and escaped != path:
-        raise StorageError(
-            f"storage_path {path} is not a URI that pyarrow reads: a space or a non-ASCII "
-            f"character in a URI is written percent-encoded, as in {escaped}"
-        )
+    problem = unparsed_uri(path)
+    if problem:
+        raise StorageError(f"storage_path {problem}")
     try:
         fs, root = filesystem(path)
         fs.create_dir(root, recursive=True)
