@@ -318,6 +318,12 @@ def test_an_override_fixes_a_searched_key():
             {"variants": [{"label": "a", "seed": 1}, {"label": "a", "seed": 2, "optim.lr": 1.0}]},
             r"^search.variants\[1\]: sets other values than search.variants\[0\] under the same",
         ),
+        (
+            {"space": {"seed": {"grid_search": [6171, 3859, 6171]}}},
+            r"^search.space.seed.grid_search: 6171 is listed twice; each value of a grid runs "
+            r"trials of its own, which the results would count as more seeds of one "
+            r"configuration; list it once$",
+        ),
     ],
 )
 def test_bad_search_sections_are_one_line_errors(search, message):

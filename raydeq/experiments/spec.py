@@ -403,11 +403,26 @@ def _space_values(where: str, space: Mapping[str, Any]) -> dict[str, list[tuple[
     for key in dims:
         _check_key(key, where)
         _check_per_trial(key, where)
+        _check_listed_once(f"{where}.{key}", dims[key])
     values = {key: _values(f"{where}.{key}", spec) for key, spec in dims.items()}
     for key in PATH_KEYS:
         for what, value in values.get(key, ()):
             _check_searched_folder(f"{where}.{key}", what, value)
     return {key: pairs for key, pairs in values.items() if pairs}
+
+
+def _check_listed_once(where: str, spec: Any) -> None:
+    """Raise a ConfigError for a grid value listed twice (a seed twice): Tune runs the same
+    trials again, which the results would average as further seeds of one configuration."""
+    values = spec.get("grid_search") if is_primitive(spec) else None
+    for index, value in enumerate(values if isinstance(values, list) else ()):
+        if value in values[:index]:
+            raise ConfigError(
+                f"{where}.grid_search: {value!r} is listed twice; each value of a grid runs "
+                "trials of its own, which the results would count as more seeds of one "
+                "configuration; list it once",
+                key=f"{where}.grid_search",
+            )
 
 
 def _check_searched_folder(where: str, what: str, value: Any) -> None:
