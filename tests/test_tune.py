@@ -324,6 +324,20 @@ def test_an_override_fixes_a_searched_key():
             r"trials of its own, which the results would count as more seeds of one "
             r"configuration; list it once$",
         ),
+        (
+            {"variants": [{"label": "a", "seed": 1}, {"label": "a", "seed": 1}]},
+            r"^search.variants\[1\]: runs the same trials as search.variants\[0\], which the "
+            r"results would count as more seeds of one configuration; remove it, or change a "
+            r"setting$",
+        ),
+        (
+            {
+                "variants": [{"label": "a", "seed": 1}, {"label": "a", "seed": 2}],
+                "space": {"seed": {"grid_search": [3, 4]}},
+            },
+            r"^search.variants\[1\]: runs the same trials as search.variants\[0\] \(search.space "
+            r"sets seed over both\), which the results would count as more seeds",
+        ),
     ],
 )
 def test_bad_search_sections_are_one_line_errors(search, message):

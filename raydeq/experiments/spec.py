@@ -365,6 +365,7 @@ def _check_space(experiment: Experiment) -> None:
     for i, row in enumerate(search.variants):
         for key in row:
             _check_per_trial(key, f"search.variants[{i}]")
+    _check_variants_differ(experiment)
     spaces = [("search.space", {}, search.space)] + [
         (f"search.conditional[{i}].space", _first_values(rule["when"]), rule["space"])
         for i, rule in enumerate(search.conditional)
@@ -388,6 +389,28 @@ def _check_space(experiment: Experiment) -> None:
                             f"{where}.{key}: {what} {value!r}: {_unprefixed(err, key)}",
                             key=f"{where}.{key}",
                         ) from None
+
+
+def _check_variants_differ(experiment: Experiment) -> None:
+    """Raise a ConfigError for a variant that runs the trials of an earlier one: written alike,
+    or differing only in settings that the space sets over a variant's (Tune's grid and random
+    sampling; a searcher's points are its values). The results would average them as seeds."""
+    search = experiment.search
+    drawn = set() if experiment.searched else set(dimensions(search.space))
+    rows = [{k: v for k, v in row.items() if k not in drawn} for row in search.variants]
+    for index, row in enumerate(rows):
+        if row not in rows[:index]:
+            continue
+        first = rows.index(row)
+        written = search.variants[first] != search.variants[index]
+        over = sorted((set(search.variants[first]) | set(search.variants[index])) & drawn)
+        why = f" (search.space sets {', '.join(over)} over both)" if written else ""
+        raise ConfigError(
+            f"search.variants[{index}]: runs the same trials as search.variants[{first}]{why}, "
+            "which the results would count as more seeds of one configuration; remove it, or "
+            "change a setting",
+            key=f"search.variants[{index}]",
+        )
 
 
 def _unprefixed(err: ConfigError, key: str) -> str:
