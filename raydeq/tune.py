@@ -24,7 +24,15 @@ from contextlib import ExitStack
 from raydeq.experiments import run
 from raydeq.experiments import search as searchers
 from raydeq.experiments.results import report, written
-from raydeq.experiments.spec import Experiment, check_draws, describe, expand, load, locate
+from raydeq.experiments.spec import (
+    Experiment,
+    check_draws,
+    check_repeats,
+    describe,
+    expand,
+    load,
+    locate,
+)
 from raydeq.training import data, launch, runlock
 from raydeq.training.config import SCHEDULERS, ConfigError, check_folder_name
 from raydeq.training.interrupts import interruptible
@@ -164,6 +172,7 @@ def _refuse_new_run_flags(args: argparse.Namespace) -> None:
 
 def preflight(experiment: Experiment, num_samples: int | None = None) -> None:
     """Validate every trial's config, data folder and model before Ray starts."""
+    check_repeats(experiment, num_samples)
     checked: set[str] = set()
     for sampled in expand(experiment, num_samples):
         cfg = experiment.trial_config(sampled)
@@ -204,6 +213,7 @@ def start(args: argparse.Namespace) -> tuple[Experiment, str, run.Options | None
     run.check_gpus(experiment, args.gpus_per_worker)
     path = _path(args, experiment)
     if args.dry_run:
+        check_repeats(experiment, args.num_samples)
         return experiment, path, None
     refuse_started(path)
     preflight(experiment, args.num_samples)

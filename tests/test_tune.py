@@ -613,6 +613,26 @@ def test_a_dry_run_of_a_bad_space_is_a_one_line_error(tmp_path, capsys):
     assert out.err.count("\n") == 1 and out.out == ""
 
 
+def test_samples_of_a_space_that_draws_nothing_at_random_are_refused(tmp_path, capsys):
+    """Several samples of a grid alone repeat its trials, seed and all, which the table then
+    counted as seeds of one configuration; a dry run and a run refuse them in one line."""
+    grid = {"space": {"seed": {"grid_search": [1, 2]}}, "num_samples": 2}
+    experiment = tmp_path / "grid.yaml"
+    experiment.write_text(yaml.safe_dump({**TINY, "search": grid}))
+    assert rt.main([str(experiment), "--dry-run"]) == 2
+    out = capsys.readouterr()
+    assert out.err == (
+        "error: search.num_samples: 2 samples of a space that draws nothing at random run each "
+        "trial 2 times alike, which the results would count as more seeds of one "
+        "configuration; set 1, and list seeds in search.space.seed: {grid_search: [...]}\n"
+    )
+    assert out.out == ""
+    assert rt.main([str(experiment), "search.num_samples=1", "--dry-run"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 2
+    with pytest.raises(ConfigError, match=r"^--num-samples: 3 samples of a space that draws"):
+        rt.preflight(spec.from_dict("grid", {**TINY, "search": {**grid, "num_samples": 1}}), 3)
+
+
 def test_a_bad_solver_option_override_that_a_rule_draws_is_a_one_line_error(capsys):
     """`model.solver_options.m=x` passed the checks before a run (a rule's fixed value went
     untried) and then stopped the dry run after the space's lines, and a run's Anderson trials;

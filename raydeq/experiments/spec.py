@@ -567,6 +567,23 @@ def expand(experiment: Experiment, num_samples: int | None = None) -> list[dict[
     ]
 
 
+def check_repeats(experiment: Experiment, num_samples: int | None = None) -> None:
+    """Raise a ConfigError for several samples of a space that draws nothing at random (Tune's
+    grid and random sampling): each sample repeats the grid's trials, seeds and all, which the
+    results would average as further seeds of one configuration."""
+    samples = num_samples or experiment.search.num_samples
+    drawn = dimensions(experiment.search.space).values()
+    random = any(is_primitive(spec) and "grid_search" not in spec for spec in drawn)
+    if samples > 1 and not experiment.searched and not random:
+        where = "search.num_samples" if num_samples is None else "--num-samples"
+        raise ConfigError(
+            f"{where}: {samples} samples of a space that draws nothing at random run each trial "
+            f"{samples} times alike, which the results would count as more seeds of one "
+            "configuration; set 1, and list seeds in search.space.seed: {grid_search: [...]}",
+            key=where,
+        )
+
+
 def trial_count(experiment: Experiment, num_samples: int | None = None) -> int:
     """How many trials `expand` lists, without drawing them."""
     samples = num_samples or experiment.search.num_samples
