@@ -538,7 +538,8 @@ def test_invalid_yaml_names_the_problem(tmp_path):
     with pytest.raises(ConfigError) as err:
         load(path)
     assert str(err.value) == (
-        f"{path}: invalid YAML at line 2: found character '\\t' that cannot start any token"
+        f"{path}: invalid YAML at line 2: found character '\\t' that cannot start any token; "
+        "indent with spaces (YAML takes no tabs there)"
     )
 
 

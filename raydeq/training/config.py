@@ -736,9 +736,15 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         line = f" at line {mark.line + 1}" if mark is not None else ""
         problem = getattr(err, "problem", None)
         raise ConfigError(
-            f"{path}: invalid YAML{line}" + (f": {problem}" if problem else "")
+            f"{path}: invalid YAML{line}" + (f": {problem}" if problem else "") + _tab_hint(problem)
         ) from None
     return {} if raw is None else raw
+
+
+def _tab_hint(problem: str | None) -> str:
+    """What to write instead where PyYAML's problem is a tab, which it names without saying that
+    YAML indents with spaces only."""
+    return "; indent with spaces (YAML takes no tabs there)" if "'\\t'" in (problem or "") else ""
 
 
 def in_file(err: ConfigError, path: str | Path, overrides: Mapping[str, Any]) -> ConfigError:
