@@ -251,6 +251,20 @@ def test_an_override_fixes_a_searched_key():
         spec.load("digits", ["model.variant=wide"])
 
 
+def test_an_override_inside_a_section_the_space_draws_whole_sets_it_in_each_value():
+    """A space drawing `optim` as whole sections laid each one's lr over an optim.lr=0.5
+    override, so that no trial ran it; the override now sets lr in each of them."""
+    adam, sgd = {"optimizer": "adam", "lr": 1e-3}, {"optimizer": "sgd", "lr": 0.1, "momentum": 0.9}
+    search = {"space": {"optim": {"grid_search": [adam, sgd]}}}
+    experiment = spec.from_dict("x", {**TINY, "search": search}, {"optim.lr": 0.5})
+    optims = [experiment.trial_config(s).optim for s in spec.expand(experiment)]
+    assert [(o.optimizer, o.lr, o.momentum) for o in optims] == [
+        ("adam", 0.5, 0.9),
+        ("sgd", 0.5, 0.9),
+    ]
+    assert search["space"]["optim"]["grid_search"][1]["lr"] == 0.1
+
+
 @pytest.mark.parametrize(
     ("search", "message"),
     [

@@ -212,10 +212,26 @@ def _fix_rules(rules: list, dotted: str, value: Any) -> tuple[list, dict[str, An
 def _fix_dimension(space: Mapping[str, Any], dotted: str, value: Any) -> dict[str, Any]:
     """A nested space without the dimension `dotted`, or with it fixed at `value` where it is
     `_rule_only`: a rule's space that joined the main one keeps its solver option there."""
-    fixed = without(space, dotted)
+    fixed = _fix_within(without(space, dotted), dotted, value)
     if dotted in dimensions(space) and _rule_only(dotted):
         fixed = apply_overrides(fixed, {dotted: value})
     return fixed
+
+
+def _fix_within(space: Mapping[str, Any], dotted: str, value: Any) -> dict[str, Any]:
+    """A nested space with `dotted` set in each section that a choice or grid above it draws
+    whole (optim.lr in `optim: {choice: [{optimizer: adam, lr: ...}, ...]}`), whose values a
+    trial lays over the base's, the override's among them."""
+    changes = {}
+    for key, spec in dimensions(space).items():
+        if not dotted.startswith(f"{key}.") or not is_primitive(spec):
+            continue
+        ((primitive, values),) = spec.items()
+        if primitive in ("choice", "grid_search") and isinstance(values, list):
+            inner = {dotted.removeprefix(f"{key}."): value}
+            laid = [apply_overrides(v, inner) if isinstance(v, Mapping) else v for v in values]
+            changes[key] = {primitive: laid}
+    return apply_overrides(space, changes)
 
 
 def _rule_only(dotted: str) -> bool:
