@@ -875,6 +875,17 @@ def test_a_dry_run_draws_from_the_experiments_seed():
         assert rates(1, searcher) == rates(1, searcher) != rates(2, searcher)
 
 
+def test_a_searcher_over_a_choice_of_whole_sections_draws_them_without_warnings(recwarn):
+    """Optuna warns at each categorical of dicts that persistent storage needs plain values; a
+    search keeps its study in memory (and Tune pickles it), so the draws are right and the
+    lines noise: one per choice per draw, on every dry run and trial."""
+    sections = [{"optimizer": "adam", "lr": 0.001}, {"optimizer": "sgd", "lr": 0.1}]
+    raw = {**TINY, "search": {"searcher": "tpe", "space": {"optim": {"choice": sections}}}}
+    draws = spec.expand(spec.from_dict("s", raw), 6)
+    assert {d["optim"]["optimizer"] for d in draws} == {"adam", "sgd"}
+    assert [str(w.message) for w in recwarn if "categorical" in str(w.message)] == []
+
+
 def _trials(*points: tuple[bool, float, float, float]) -> list[dict]:
     """Results rows of trials (completed, test_accuracy, test_nfe, train_time) that searched
     the solver (euler, then bs3, ...) at one learning rate."""

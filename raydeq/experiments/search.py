@@ -55,9 +55,23 @@ def distribution(key: str, spec: Any) -> BaseDistribution | Any:
     if "qrandint" in spec:
         _check_integer_steps(key, tune_domain.lower, tune_domain.upper, tune_domain.sampler.q)
     try:
-        return OptunaSearch.convert_search_space({"x": tune_domain})["x"]
+        with whole_choices():
+            return OptunaSearch.convert_search_space({"x": tune_domain})["x"]
     except ValueError as err:
         raise ConfigError(f"{key}: Optuna cannot sample {spec!r} ({err})", key=key) from None
+
+
+@contextlib.contextmanager
+def whole_choices() -> Iterator[None]:
+    """Silence Optuna's warning at each categorical of other than plain values (a choice of
+    whole sections, dicts) that persistent storage cannot hold them: a search keeps its study
+    in memory, and Tune pickles it, so the draws are right and the lines, one per choice at
+    every draw, noise."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", "Choices for a categorical distribution", UserWarning, "optuna"
+        )
+        yield
 
 
 def _check_integer_steps(key: str, lower: int, upper: int, q: int) -> None:
@@ -82,7 +96,8 @@ def suggest(trial: optuna.Trial, name: str, dist: BaseDistribution | Any) -> Any
     """Draw `name` from its distribution through the trial's public `suggest_*` methods (the
     ones Tune's OptunaSearch records); a constant is returned as it is."""
     if isinstance(dist, CategoricalDistribution):
-        return trial.suggest_categorical(name, dist.choices)
+        with whole_choices():
+            return trial.suggest_categorical(name, dist.choices)
     if isinstance(dist, IntDistribution):
         return trial.suggest_int(name, dist.low, dist.high, step=dist.step, log=dist.log)
     if isinstance(dist, FloatDistribution):
