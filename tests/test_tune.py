@@ -496,6 +496,15 @@ def test_a_normal_distribution_without_spread_is_a_one_line_error():
     assert "\n" not in message
 
 
+def test_arguments_by_names_a_primitive_does_not_take_are_refused_naming_those_it_takes():
+    """loguniform: {low, high} (numpy's and scipy's names) got Python's "unexpected keyword
+    argument 'low'" alone; the error now names Tune's arguments."""
+    space = {"optim.lr": {"loguniform": {"low": 1e-4, "high": 0.1}}}
+    with pytest.raises(ConfigError) as err:
+        rt.preflight(spec.from_dict("x", {**TINY, "search": {"space": space}}))
+    assert str(err.value).endswith("; loguniform takes lower, upper, base (a list, or by name)")
+
+
 @pytest.mark.parametrize(
     ("space", "value"),
     [

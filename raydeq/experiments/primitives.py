@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import inspect
 import reprlib
 from collections.abc import Mapping
 from typing import Any
@@ -118,7 +119,12 @@ def domain(key: str, spec: Any) -> Any:
             f"{key}.{primitive}: the step q must be above 0, got 0", key=where
         ) from None
     except (TypeError, ValueError, AssertionError) as err:
-        raise ConfigError(f"{key}.{primitive}: bad arguments {args!r} ({err})", key=where) from None
+        takes = ", ".join(inspect.signature(getattr(tune, primitive)).parameters)
+        raise ConfigError(
+            f"{key}.{primitive}: bad arguments {args!r} ({err}); {primitive} takes {takes} "
+            "(a list, or by name)",
+            key=where,
+        ) from None
     step = getattr(made.get_sampler(), "q", None)
     if step is not None and not step > 0:
         # Tune takes an integer range's step of 0 and fails on the first draw.
