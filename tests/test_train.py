@@ -1181,6 +1181,33 @@ def test_evaluation_counts_top1_and_top5_hits_over_all_samples_and_averages_nfe_
     assert model.grads == [False, False] and model.autocasts == [None, None]
 
 
+class SlowestSample(nn.Module):
+    """A classifier whose logits are its input and whose NFE is its batch's largest first
+    feature, as a solve's NFE is that of the batch's slowest sample."""
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, SimpleNamespace]:
+        nfe = int(images[:, 0].max())
+        return images, SimpleNamespace(stats=SimpleNamespace(nfe=nfe))
+
+
+def test_test_nfe_is_the_same_on_any_number_of_workers():
+    """A batch's NFE is its slowest sample's, so test_nfe depends on which samples share a
+    batch: every world_size-th sample per worker gave the digits model 5 on one worker and 8
+    on two; the workers now share the test set's batches of data.eval_batch_size, the same
+    batches (9, 1, 1 here) on any number of workers."""
+    features = torch.tensor([2.0, 9.0, 1.0, 1.0, 1.0, 1.0, 1.0])[:, None].repeat(1, 3)
+    dataset = torch.utils.data.TensorDataset(features, torch.zeros(7, dtype=torch.long))
+    cfg = data.DataSection(dataset="digits", eval_batch_size=3)
+    for world in (1, 2, 3, 4):
+        totals = objective.Evaluation()
+        for rank in range(world):
+            loader = data.eval_loader(dataset, cfg, rank, world)
+            part = objective.evaluate(SlowestSample(), loader, torch.device("cpu"))
+            totals = objective.Evaluation(*map(sum, zip(totals.totals(), part.totals())))
+        assert (totals.samples, totals.batches) == (7, 3)
+        assert totals.metrics()["test_nfe"] == pytest.approx((9 + 1 + 1) / 3), world
+
+
 def test_evaluation_predicts_under_the_given_autocast_and_leaves_an_eval_model_in_eval_mode():
     """The autocast handed to evaluate (a run's train.amp) covers each prediction; a model that
     was in eval mode (a benchmark's) is still in eval mode afterwards."""

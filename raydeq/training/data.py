@@ -2,10 +2,11 @@
 
 Each training worker reads its own shard: the train loader samples with a seeded
 `DistributedSampler` for the worker's rank (so shuffling is reproducible and an epoch can be
-resumed part-way), the test loader reads every world_size-th sample without padding (so test
-accuracy is exact). The loop moves the batches to its device. Neither loader draws from the
-process's random stream, and a training sample's augmentation draws from a stream of its own,
-so that a resumed run trains as the uninterrupted one would have.
+resumed part-way), the test loader reads every world_size-th batch without padding (so test
+accuracy is exact, and the test NFE the same on any number of workers). The loop moves the
+batches to its device. Neither loader draws from the process's random stream, and a training
+sample's augmentation draws from a stream of its own, so that a resumed run trains as the
+uninterrupted one would have.
 """
 
 import fcntl
@@ -419,14 +420,17 @@ def train_loader(
     )
 
 
-def eval_shard(dataset: Dataset, rank: int, world_size: int) -> Subset:
-    """Every world_size-th sample from `rank` on: the shards cover `dataset` once, unpadded."""
-    return Subset(dataset, range(rank, len(dataset), world_size))
+def eval_shard(dataset: Dataset, batch_size: int, rank: int, world_size: int) -> Subset:
+    """Every world_size-th batch of `dataset` in batches of `batch_size`, from `rank` on: the
+    shards cover `dataset` once, unpadded, in the same batches on any number of workers (a
+    batch's NFE is its slowest sample's, so the test NFE depends on which samples share one)."""
+    starts = range(rank * batch_size, len(dataset), world_size * batch_size)
+    return Subset(dataset, [i for s in starts for i in range(s, min(s + batch_size, len(dataset)))])
 
 
 def eval_loader(dataset: Dataset, cfg: DataSection, rank: int, world_size: int) -> DataLoader:
     """Worker `rank`'s share of `dataset` (see `eval_shard`), in order."""
-    shard = eval_shard(dataset, rank, world_size)
+    shard = eval_shard(dataset, cfg.eval_batch_size, rank, world_size)
     return DataLoader(shard, batch_size=cfg.eval_batch_size, **_loader_options(cfg))
 
 
