@@ -1525,6 +1525,28 @@ def test_a_resume_archives_only_the_reports_no_earlier_archive_holds(tmp_path):
     assert archive.history(str(trial))["step"].tolist() == [10, 20, 30, 40]
 
 
+def test_a_resume_archives_the_reports_only_a_checkpoint_kept_before_they_are_pruned(tmp_path):
+    """A driver stopped before it recorded steps 30 and 40 left them only in the checkpoints
+    that kept them, which the resumed trial prunes as it goes on (train.keep_checkpoints):
+    tune digits killed twice lost 61 of a trial's 300 reports so; a resume now archives them
+    beside the reports of the result file, each value as the checkpoint kept it."""
+    experiment = tmp_path / "experiment"
+    trial = experiment / "trial_0"
+    trial.mkdir(parents=True)
+    write_reports(trial / archive.RESULT_FILE, [{"step": 10, "loss": 1 / 10}])
+    unrecorded = [{"step": 20, "loss": 1 / 20}, {"step": 30, "loss": 1 / 30}]
+    for n, reports in enumerate((unrecorded, [{"step": 40, "loss": 1 / 40}])):
+        write_checkpoint({"step": 20 * n + 20}, trial / f"checkpoint_00000{n}", reports)
+    archive.archive_results(str(experiment))
+    archive.archive_results(str(experiment))  # nothing new: no second archive
+    for folder in trial.glob("checkpoint_*"):
+        shutil.rmtree(folder)
+    assert len(list(trial.glob(f"{archive.ARCHIVE_PREFIX}*"))) == 1
+    frame = archive.history(str(trial))
+    assert frame["step"].tolist() == [10, 20, 30, 40]
+    assert frame["loss"].tolist() == [1 / 10, 1 / 20, 1 / 30, 1 / 40]
+
+
 def test_a_search_s_many_long_labels_all_fit_in_the_plot_without_a_layout_warning():
     """24 search variants named by their settings: the legend ran off the figure's right and
     bottom, cut mid-label, and matplotlib warned that it could not lay the figure out."""

@@ -1,7 +1,8 @@
 """A trial's reports across resumes: Ray Tune starts a trial's result.json anew in a Ray session
 where the trial has no checkpoint, so before a resume the reports that no archive holds yet are
-archived next to it (`archive_results`) and `history` joins them back in step order, with those
-a stopped driver never recorded from the checkpoints that kept them."""
+archived next to it (`archive_results`), with those a stopped driver never recorded, which only
+the checkpoints that the resumed trial prunes kept; `history` joins them back in step order,
+with those of the checkpoints still there."""
 
 from __future__ import annotations
 
@@ -47,11 +48,11 @@ def archive_results(path: str) -> None:
     that no earlier one does and none is written where there are none."""
     fs, _ = filesystem(path)
     for folder in _trial_folders(path):
-        current = fs.get_file_info(f"{folder}/{RESULT_FILE}")
-        if current.type != pyarrow.fs.FileType.File or not current.size:
-            continue
         earlier = _archived(fs, folder)
-        lines = _unarchived(fs, current.path, earlier)
+        current = f"{folder}/{RESULT_FILE}"
+        trial_path = f"{path.rstrip('/')}/{folder.rsplit('/', 1)[-1]}"
+        unrecorded = _unrecorded(fs, trial_path, [*earlier, current])
+        lines = unrecorded + _unarchived(fs, current, earlier)  # a line cut short stays last
         if lines:
             with fs.open_output_stream(f"{folder}/{ARCHIVE_PREFIX}{len(earlier)}.json") as out:
                 out.write(b"".join(lines))
@@ -65,8 +66,24 @@ def _unarchived(fs: pyarrow.fs.FileSystem, file: str, archives: list[str]) -> li
     return [line for line in _lines(fs, file) if line not in held]
 
 
+def _unrecorded(fs: pyarrow.fs.FileSystem, trial_path: str, files: list[str]) -> list[bytes]:
+    """The reports that a trial's checkpoints keep of steps none of the result `files` holds
+    (a driver stopped before it recorded them), as their lines: the resumed trial prunes
+    those checkpoints as it goes on, and the reports with them."""
+    recorded = {step for file in files for step in reports(fs, file).get("step", [])}
+    return [
+        line.rstrip(b"\n") + b"\n"
+        for _, data in _checkpoint_reports(fs, trial_path)
+        for line in data.splitlines()
+        if json.loads(line).get("step") not in recorded
+    ]
+
+
 def _lines(fs: pyarrow.fs.FileSystem, file: str) -> list[bytes]:
-    """The lines of a file, each with its line end (a last line cut short without one)."""
+    """The lines of a file, each with its line end (a last line cut short without one); none
+    where there is no file."""
+    if fs.get_file_info(file).type != pyarrow.fs.FileType.File:
+        return []
     with fs.open_input_stream(file) as stream:
         return stream.readall().splitlines(keepends=True)
 
@@ -79,15 +96,22 @@ def _archived(fs: pyarrow.fs.FileSystem, folder: str) -> list[str]:
 
 
 def _carried(fs: pyarrow.fs.FileSystem, trial_path: str) -> list[pd.DataFrame]:
-    """The reports of a trial's checkpoints, in its folder or, for a trial of several workers,
-    its Train run's (TRAIN_RUN): each holds the reports since the checkpoint before, which a
-    driver stopped before it recorded them left nowhere else."""
+    """The reports of a trial's checkpoints (see `_checkpoint_reports`), one frame each."""
+    return [_frame(file, data) for file, data in _checkpoint_reports(fs, trial_path)]
+
+
+def _checkpoint_reports(fs: pyarrow.fs.FileSystem, trial_path: str) -> list[tuple[str, bytes]]:
+    """The report files of a trial's checkpoints and their bytes, in its folder or, for a trial
+    of several workers, its Train run's (TRAIN_RUN): each holds the reports since the
+    checkpoint before, which a driver stopped before it recorded them left nowhere else."""
     folders = [trial_path, f"{trial_path.rstrip('/')}/{TRAIN_RUN}"]
-    return [
-        reports(fs, f"{path}/{REPORTS_FILE}", reports_sha256(fs, path))
+    files = [
+        (f"{path}/{REPORTS_FILE}", reports_sha256(fs, path))
         for folder in folders
         for path in subfolders(folder, CHECKPOINT_PREFIX)
     ]
+    read = [(file, _read(fs, file, sha256)) for file, sha256 in files]
+    return [(file, data) for file, data in read if data is not None]
 
 
 def reports(fs: pyarrow.fs.FileSystem, file: str, sha256: str | None = None) -> pd.DataFrame:
@@ -96,13 +120,25 @@ def reports(fs: pyarrow.fs.FileSystem, file: str, sha256: str | None = None) -> 
     would drop the whole file. A checkpoint's file whose SHA-256 is not the `sha256` its
     manifest records (a copy cut short or altered, which loading the checkpoint refuses) is
     left out as a missing one is, with a warning."""
+    data = _read(fs, file, sha256)
+    return pd.DataFrame() if data is None else _frame(file, data)
+
+
+def _read(fs: pyarrow.fs.FileSystem, file: str, sha256: str | None) -> bytes | None:
+    """The bytes of a report file; None where there is none or its SHA-256 is not `sha256`
+    (with a warning)."""
     if fs.get_file_info(file).type != pyarrow.fs.FileType.File:
-        return pd.DataFrame()
+        return None
     with fs.open_input_stream(file) as stream:
         data = stream.readall()
     if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
         log.warning("%s fails the checksum its %s records: left out", file, MANIFEST_FILE)
-        return pd.DataFrame()
+        return None
+    return data
+
+
+def _frame(file: str, data: bytes) -> pd.DataFrame:
+    """The reports in the bytes `data` of the report file `file` (see `reports`)."""
     table = _table(data) if _plain(data) else None
     if table is None:
         return _parsed(file, data)
