@@ -416,8 +416,8 @@ def test_mnist_files_that_download_would_keep_are_checked_as_without_it(tmp_path
 def test_a_worker_checks_mnists_files_after_another_has_downloaded_them(tmp_path, monkeypatch):
     """A worker of a node checks the files with download=true once it holds the download lock:
     before it, another worker's download may have written part of one."""
+    import fcntl
     import threading
-    import time
 
     from raydeq.training import vision
 
@@ -428,10 +428,18 @@ def test_a_worker_checks_mnists_files_after_another_has_downloaded_them(tmp_path
     monkeypatch.setitem(vision.BUILDERS, "mnist", lambda cfg: "read")
     cfg = section(dataset="mnist", data_dir=str(tmp_path), download=True)
     results = []
+    at_lock = threading.Event()
+    lock = fcntl.flock
+
+    def flock(fd: int, operation: int) -> None:
+        at_lock.set()  # the worker has done all it does before the lock
+        lock(fd, operation)
+
     with data.download_lock(str(tmp_path)):
+        monkeypatch.setattr(data.fcntl, "flock", flock)
         worker = threading.Thread(target=lambda: results.append(data.load_splits(cfg)))
         worker.start()
-        time.sleep(0.2)
+        assert at_lock.wait(10)
         labels.write_bytes(whole)
     worker.join()
     assert results == ["read"]
