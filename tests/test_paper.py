@@ -367,6 +367,29 @@ def test_the_curves_figure_s_time_panels_turn_logarithmic_where_the_variants_spa
     pyplot().close(figure)
 
 
+def test_a_panel_of_figures_4_6_that_no_trial_reported_says_so(monkeypatch):
+    """A Continuous DEQ alone whose tests all failed: the Discrete row and the test panels of
+    the Continuous one were bare 0-1 axes; each says what no trial reported, and the drawn
+    backward panel keeps its step ticks though the empty panels share its x axis."""
+    monkeypatch.setattr(paper, "png", lambda figure, **layout: figure)
+    rows = [_row("Vanilla Continuous DEQ", "vanilla", "vcab3", 0)]
+    curves = {"Vanilla Continuous DEQ": [pd.DataFrame({"step": [10, 20], "backward_time": 0.1})]}
+    figure = paper.curves_figure(rows, curves)
+    said = [[t.get_text() for t in axis.texts] for axis in figure.axes[:6]]
+    assert said == [
+        ["no Discrete DEQ trial reported predict_time"],
+        ["no Discrete DEQ trial reported backward_time"],
+        ["no Discrete DEQ trial reported test_accuracy"],
+        ["no Continuous DEQ trial reported predict_time"],
+        [],
+        ["no Continuous DEQ trial reported test_accuracy"],
+    ]
+    backward = figure.axes[4]
+    assert backward.axison and [len(line.get_xdata()) for line in backward.lines] == [2]
+    assert list(backward.get_xticks()) != []
+    pyplot().close(figure)
+
+
 def test_figure_1_is_relative_to_the_vanilla_continuous_deq_and_figures_4_6_skip_the_node():
     rows, _ = _run()
     means = {"Vanilla Continuous DEQ": 0.25, "Neural ODE": 2.48, "Skip DEQ": math.nan}

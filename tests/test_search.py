@@ -952,6 +952,37 @@ def test_the_chart_legend_names_only_what_a_panel_draws(monkeypatch):
     pyplot().close(figure)
 
 
+@pytest.mark.parametrize(
+    ("rows", "said"),
+    [
+        # Every trial failed before its first report: both panels were bare 0-1 axes.
+        (
+            _trials((False, math.nan, math.nan, math.nan), (False, math.nan, math.nan, math.nan)),
+            ["no trial reported test_accuracy", "no trial reported test_accuracy"],
+        ),
+        # One trial, its steps all unrolled: a test NFE and no training time per step.
+        (
+            _trials((True, 0.9, 20.0, math.nan)),
+            [None, "no trial reported training time per step (s)"],
+        ),
+        (
+            _trials((True, 0.9, math.nan, 0.1), (True, math.nan, 20.0, 0.1)),
+            ["no trial reported both test_accuracy and test NFE", None],
+        ),
+    ],
+)
+def test_a_pareto_panel_without_a_point_says_what_no_trial_reported(monkeypatch, rows, said):
+    monkeypatch.setattr(pareto, "png", lambda figure: figure)
+    figure = pareto.chart(pareto.mark(rows, "test_accuracy"), "test_accuracy")
+    for axes, text in zip(figure.axes, said, strict=True):
+        assert [t.get_text() for t in axes.texts] == ([] if text is None else [text])
+        assert axes.axison == (text is None)
+        assert len(axes.collections) == (text is None)  # the one trial's point, or none
+    legends = [axes.get_legend() for axes in figure.axes if axes.get_legend()]
+    assert [len(legend.get_texts()) for legend in legends] == ([] if None not in said else [2])
+    pyplot().close(figure)
+
+
 def test_a_cost_spanning_decades_is_drawn_on_a_log_axis(monkeypatch):
     """Training times from 1e-3 to 1e-1 s on a linear axis crushed every cheap trial, the front
     among them, into the left edge: that panel is logarithmic, and test NFE from 5 to 60 is

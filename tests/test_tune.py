@@ -1783,6 +1783,18 @@ def test_a_plot_of_times_that_span_decades_has_a_log_axis_and_one_of_accuracy_no
     assert scales == {"forward_time": "log", "backward_time": "linear", "test_accuracy": "linear"}
 
 
+def test_a_plot_of_a_metric_no_trial_reported_says_so_on_bare_axes(monkeypatch):
+    """Every trial failed before its first report: the plot was bare 0-1 axes with no word of
+    why; it now says which metric none reported, with no ticks or legend."""
+    monkeypatch.setattr(results, "png", lambda figure, **layout: figure)
+    curves = {"Skip DEQ": [pd.DataFrame()], "Vanilla DEQ": [pd.DataFrame({"step": [10]})]}
+    figure = results.plot("test_accuracy", "test accuracy", curves)
+    (axes,) = figure.axes
+    assert [text.get_text() for text in axes.texts] == ["no trial reported test_accuracy"]
+    assert not axes.axison and axes.get_legend() is None and len(axes.lines) == 0
+    pyplot().close(figure)
+
+
 def test_a_plot_closes_its_figure():
     """A search writes a plot per metric at each report: figures left open add up (matplotlib
     warns past 20) and hold their memory."""

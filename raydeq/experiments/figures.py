@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from matplotlib.artist import Artist
     from matplotlib.figure import Figure
 
-__all__ = ["LOG_SPAN", "log_y", "png", "pyplot", "spans_decades", "subplots"]
+__all__ = ["LOG_SPAN", "log_y", "nothing_drawn", "png", "pyplot", "spans_decades", "subplots"]
 
 # An axis whose values span this factor or more is logarithmic: on a linear one, times from
 # 1e-3 to 1e-1 s put the small ones, often the ones that matter, in a sliver at the bottom.
@@ -52,6 +52,14 @@ def log_y(axes: Any) -> None:
     variant's times of 1e-3 s beside another's of 1 s flattened to 0 on a linear one)."""
     if spans_decades([float(y) for line in axes.lines for y in line.get_ydata()]):
         axes.set_yscale("log")
+
+
+def nothing_drawn(axes: Any, text: str) -> None:
+    """Write `text` in place of empty axes, whose frame, ticks and grid are hidden (the ticks
+    of axes shared with a drawn panel stay there): a panel with nothing to draw says why (every
+    trial failed before its first report) instead of showing bare 0-1 axes."""
+    axes.set_axis_off()
+    axes.text(0.5, 0.5, text, ha="center", va="center", transform=axes.transAxes)
 
 
 def png(figure: Figure, dpi: int = 120, outside: Sequence[Artist] = ()) -> bytes:

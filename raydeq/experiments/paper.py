@@ -20,7 +20,7 @@ from typing import Any
 import pandas as pd
 
 from raydeq.experiments import pareto
-from raydeq.experiments.figures import log_y, png, subplots
+from raydeq.experiments.figures import log_y, nothing_drawn, png, subplots
 from raydeq.experiments.spec import Experiment
 from raydeq.solvers import DISCRETE
 from raydeq.training.storage import write_bytes
@@ -285,7 +285,9 @@ def curves_figure(rows: list[dict[str, Any]], curves: dict[str, list[pd.DataFram
                     markersize=3,
                     label=group,
                 )
-            if metric != ACCURACY.ours:
+            if not axis.lines:
+                nothing_drawn(axis, f"no {kind} DEQ trial reported {metric}")
+            elif metric != ACCURACY.ours:
                 log_y(axis)
             axis.set_title(f"{kind} DEQ: {label}", fontsize="medium")
             axis.grid(alpha=0.3)

@@ -14,7 +14,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from raydeq.experiments.figures import png, spans_decades, subplots
+from raydeq.experiments.figures import nothing_drawn, png, spans_decades, subplots
 
 # Cost columns of results.parquet and their words.
 VIEWS = {"test_nfe": "test NFE", "train_time": "training time per step (s)"}
@@ -209,6 +209,12 @@ def chart(rows: Sequence[Mapping[str, Any]], metric: str, mode: str = "max") -> 
                 label=name,
                 zorder=3,
             )
+        axes.set_xlabel(words)
+        axes.set_ylabel(f"{metric} (%)" if percent else metric)
+        if not points:
+            axes.set_title(f"{metric} against {words}", fontsize="medium")
+            nothing_drawn(axes, _unreported(members, metric, cost, words))
+            continue
         front_points = sorted((p for p in points if p[2].get(f"pareto_{cost}")), key=lambda p: p[0])
         # Open circles over the markers, so that a front point that is also a paper point
         # shows both.
@@ -228,8 +234,6 @@ def chart(rows: Sequence[Mapping[str, Any]], metric: str, mode: str = "max") -> 
         if mode == "max" and percent:
             _zoom(axes, [p[1] for p in points], shown, [p[1] for p in front_points])
         _scale(axes, [p[0] for p in points])
-        axes.set_xlabel(words)
-        axes.set_ylabel(f"{metric} (%)" if percent else metric)
         axes.grid(alpha=0.3)
     # One legend for both views: what either draws, once.
     drawn = {
@@ -237,11 +241,22 @@ def chart(rows: Sequence[Mapping[str, Any]], metric: str, mode: str = "max") -> 
         for axes in panels
         for handle, label in zip(*axes.get_legend_handles_labels(), strict=True)
     }
-    panels[-1].legend(
-        list(drawn.values()),
-        list(drawn),
-        fontsize="small",
-        loc="upper left",
-        bbox_to_anchor=(1.03, 1.0),
-    )
+    if drawn:
+        panels[-1].legend(
+            list(drawn.values()),
+            list(drawn),
+            fontsize="small",
+            loc="upper left",
+            bbox_to_anchor=(1.03, 1.0),
+        )
     return png(figure)
+
+
+def _unreported(rows: Sequence[Mapping[str, Any]], metric: str, cost: str, words: str) -> str:
+    """Why a cost view draws no point: what none of the trials reported."""
+    reported = [any(math.isfinite(_number(r.get(key))) for r in rows) for key in (metric, cost)]
+    if not reported[0]:
+        return f"no trial reported {metric}"
+    if not reported[1]:
+        return f"no trial reported {words}"
+    return f"no trial reported both {metric} and {words}"

@@ -22,7 +22,7 @@ from ray.tune.execution.tune_controller import TuneController
 from raydeq import models
 from raydeq.experiments import hparams, paper, pareto
 from raydeq.experiments.archive import history
-from raydeq.experiments.figures import log_y, png, subplots
+from raydeq.experiments.figures import log_y, nothing_drawn, png, subplots
 from raydeq.experiments.spec import LABEL, VARIANT, Experiment, describe, trial_name
 from raydeq.training import runlock
 from raydeq.training.config import ConfigError, leaves
@@ -256,6 +256,7 @@ def plot(metric: str, label: str, curves: dict[str, list[pd.DataFrame]]) -> byte
     if not pareto.in_percent(metric):
         log_y(axes)
     if not axes.lines:
+        nothing_drawn(axes, f"no trial reported {metric}")
         return png(figure)
     # Right of the axes: inside, Table 1's eleven variants covered half the curves. Outside
     # the layout, which cannot shrink the axes enough for a search's long labels: the image
