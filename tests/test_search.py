@@ -264,6 +264,11 @@ LAMBDA_SKIP = {"train.lambda_skip": {"uniform": [1, 10]}}
             r"'vcab3', 'anderson', 'broyden', so the rule would never apply",
         ),
         ({"metric": "test_acc"}, r"^search.metric: 'test_acc' is not allowed; choose one of"),
+        (
+            {"metric": "test_nfe"},
+            r"^search.cost: 'test_nfe' is search.metric too, .* choose another cost \(nfe, "
+            r"forward_time, backward_time, predict_time\) or remove search.cost$",
+        ),
         ({"searcher": "random", "conditional": []}, r"^search.cost: needs searcher tpe or nsga2"),
         (
             {

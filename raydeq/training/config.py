@@ -417,7 +417,7 @@ def _preset_adjoint_options(model: ModelSection) -> dict | None:
 
 
 def _check_search(search: SearchSection) -> None:
-    """The variants' rows and the paper reference of a search section."""
+    """The variants' rows, the objectives and the paper reference of a search section."""
     _check_variants(search.variants)
     if search.population_size == 1:
         raise ConfigError(
@@ -430,6 +430,13 @@ def _check_search(search: SearchSection) -> None:
             f"search.searcher='nsga2' only, not {search.searcher!r}; set search.searcher=nsga2, "
             "or remove search.population_size",
             key="search.population_size",
+        )
+    if search.cost is not None and search.cost == search.metric:
+        others = ", ".join(c for c in COSTS if c != search.cost)
+        raise ConfigError(
+            f"search.cost: {search.cost!r} is search.metric too, so a searcher would rank by "
+            f"one objective twice; choose another cost ({others}) or remove search.cost",
+            key="search.cost",
         )
     unknown = set(search.paper) - {"table"}
     if unknown:
