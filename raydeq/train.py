@@ -5,7 +5,8 @@ Ray start (or is joined, when a cluster runs). Each worker trains the model with
 writes TensorBoard scalars under `storage_path/name/tensorboard`, and every worker reports its
 metrics to Ray Train, with a checkpoint every `train.checkpoint_every` steps and at each epoch
 end. Running the same command again (same `name` and `storage_path`) resumes from the newest
-readable checkpoint; a worker that dies is restarted from it (`scaling.max_failures`).
+readable checkpoint, or says that the run had finished and trains nothing; a worker that dies
+is restarted from it (`scaling.max_failures`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from raydeq.training import data, runlock
 from raydeq.training.checkpoint import final_report, newest_first
 from raydeq.training.config import Config, ConfigError, load, load_yaml
 from raydeq.training.interrupts import interruptible
-from raydeq.training.preflight import check_run
+from raydeq.training.preflight import check_run, newest_manifest
 from raydeq.training.storage import CHECKPOINT_PREFIX, StorageError, filesystem, subfolders
 
 # Ray, and the experiments module that finds a shipped file, are imported once the arguments
@@ -88,8 +89,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         epilog=(
             "The run is written to STORAGE_PATH/NAME (storage_path=DIR or s3://..., default "
             "runs; the name is derived from the settings unless name= is given). Running the "
-            "same command again resumes it from its newest checkpoint. Exit status 2 for a bad "
-            "config, 1 for a failed run, 130 when interrupted."
+            "same command again resumes it from its newest checkpoint (a finished run is only "
+            "reported). Exit status 2 for a bad config, 1 for a failed run, 130 when "
+            "interrupted."
         ),
     )
     parser.add_argument("config", help="YAML config (a tune_configs/ experiment file works too)")
@@ -106,6 +108,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             cfg = load(config_file(args.config), args.overrides)
             held.enter_context(runlock.hold(cfg.run_dir))  # before its checkpoints are read
             check_run(cfg)
+            last = finished_before(cfg)
+            if last is not None:
+                print(f"the run had finished, so nothing was trained: {summary(last, cfg)}")
+                return 0
             launch.check_cluster()
         except (ConfigError, data.DataError, StorageError) as err:
             print(f"error: {err}", file=sys.stderr)
@@ -172,6 +178,17 @@ def run(cfg: Config, argv: Sequence[str]) -> int:
         return EXIT_INTERRUPTED
     print(summary(result.metrics or {}, cfg))
     return 0
+
+
+def finished_before(cfg: Config) -> dict[str, Any] | None:
+    """The last step's report where the run's newest checkpoint, one that records the run's
+    settings (`check_resume` compared them), is whole and holds it: run again, the run would
+    only evaluate and store that step once more; None otherwise (a checkpoint that records
+    no settings may be another length's last)."""
+    newest = newest_manifest(cfg.run_dir)
+    if newest is None or not isinstance(newest[1].get("settings"), dict):
+        return None
+    return final_report(filesystem(cfg.run_dir)[0], newest[0])
 
 
 def finished(run_dir: str, earlier: frozenset[str]) -> dict[str, Any] | None:

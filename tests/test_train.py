@@ -577,6 +577,43 @@ def test_a_run_interrupted_after_its_last_checkpoint_is_stored_says_it_finished(
     assert ended().startswith(resume)  # the last step's checkpoint was there before the run
 
 
+def test_a_finished_run_run_again_says_so_and_stores_nothing(tmp_path, capsys, monkeypatch):
+    """The same command run again after the run's last step evaluated it again and stored a
+    second checkpoint of that step (digits, 3 steps: two folders of step 3 after two runs); it
+    now says the run had finished, with its test accuracy, and starts nothing. A last step of
+    another run in the folder (no recorded settings), or a newest checkpoint one step short of
+    the end or cut short, still trains."""
+    path = tmp_path / "run.yaml"
+    path.write_text(f"scaling: {{device: cpu}}\nstorage_path: {tmp_path / 'runs'}\n")
+    cfg = config.load(str(path), [])
+    monkeypatch.setattr(launch, "check_cluster", lambda: None)
+    monkeypatch.setattr(launch, "connect", lambda: False)
+    resumed = fits_recorded(monkeypatch)
+    last = {"step": 44, "total_steps": 44, "test_accuracy": 0.98765}
+    settings = {"settings": config.trained_settings(cfg)}
+
+    def trains(report: dict, number: int, recorded: dict, cut: bool = False) -> bool:
+        state = {"step": report["step"], "model": {"w": torch.zeros(2)}} | recorded
+        folder = Path(cfg.run_dir, f"checkpoint_{number:03d}")
+        checkpoint.write_checkpoint(state, folder, [report])
+        if cut:
+            (folder / REPORTS_FILE).write_text("{}\n")
+        before = len(resumed)
+        assert train.main([str(path)]) == 0
+        return len(resumed) > before
+
+    assert trains(last, 0, {})
+    assert trains(last | {"step": 43}, 1, settings)
+    assert trains(last, 2, settings, cut=True)
+    folders = sorted(os.listdir(cfg.run_dir))
+    assert not trains(last, 3, settings)
+    assert sorted(os.listdir(cfg.run_dir)) == [*folders, "checkpoint_003"]
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"the run had finished, so nothing was trained: test_accuracy=0.9877 steps=44 "
+        f"run={cfg.run_dir}"
+    )
+
+
 def fits_recorded(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The run folders launch.fit is called with from now on, each fit ending at once."""
     resumed: list[str] = []
@@ -599,11 +636,13 @@ def test_the_resume_command_resumes_its_run_after_its_config_file_changed(
     number is quoted."""
     monkeypatch.chdir(tmp_path)
     path = tmp_path / "run.yaml"
-    text = "scaling: {device: cpu}\nstorage_path: runs\ntrain: {epochs: 1, max_steps: 2}\n"
+    text = "scaling: {device: cpu}\nstorage_path: runs\n"
+    text += "train: {epochs: 1, max_steps: 2, checkpoint_every: 1}\n"
     text += "data: {dataset: fake, fake_samples: 16, batch_size: 8}\n"
     path.write_text(text)
     cfg = config.load(str(path))
     loop.Loop(cfg, FolderSession(Path(cfg.run_dir))).run()
+    shutil.rmtree(Path(cfg.run_dir, "checkpoint_000002"))  # interrupted one step short
     monkeypatch.setattr(launch, "check_cluster", lambda: None)
     monkeypatch.setattr(launch, "connect", lambda: False)
 
@@ -620,7 +659,7 @@ def test_the_resume_command_resumes_its_run_after_its_config_file_changed(
         f"error: {cfg.run_dir}: holds a run trained with other settings (optim.lr: 0.001 there, "
         "0.003 here); run it with those to resume it, or give this run another name=\n"
     )
-    path.write_text(text.replace("max_steps: 2}", "max_steps: 2, report_every: 1}"))
+    path.write_text(text.replace("checkpoint_every: 1}", "checkpoint_every: 1, report_every: 1}"))
     monkeypatch.chdir(tmp_path.parent)
     resumed = fits_recorded(monkeypatch)
     assert train.main(argv) == 0

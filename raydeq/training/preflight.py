@@ -3,6 +3,8 @@ here, once, into the index its workers read), the model, the storage and the run
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -76,17 +78,24 @@ def check_run(cfg: Config, storage: bool = True) -> None:
         check_resume(cfg)
 
 
+def newest_manifest(run_dir: str) -> tuple[str, dict[str, Any]] | None:
+    """The newest checkpoint folder of a run whose manifest reads, with that manifest: the one
+    whose settings a resume must match; None without one."""
+    fs = filesystem(run_dir)[0]
+    for path in newest_first(fs, subfolders(run_dir, CHECKPOINT_PREFIX)):
+        try:
+            manifest = read_manifest(fs, path)
+        except (OSError, ValueError):
+            continue
+        if isinstance(manifest, dict):
+            return path, manifest
+    return None
+
+
 def check_resume(cfg: Config) -> None:
     """Raise a ConfigError where the run's folder holds checkpoints of other settings: a name=
     given again with, say, more epochs would go on from them under the old schedule (a
     checkpoint written before checkpoints recorded their settings is not checked)."""
-    fs = filesystem(cfg.run_dir)[0]
-    for path in newest_first(fs, subfolders(cfg.run_dir, CHECKPOINT_PREFIX)):
-        try:
-            stored = read_manifest(fs, path).get("settings")
-        except (OSError, ValueError, AttributeError):
-            continue
-        break
-    else:
-        return
-    check_settings(cfg.run_dir, stored, cfg)
+    newest = newest_manifest(cfg.run_dir)
+    if newest is not None:
+        check_settings(cfg.run_dir, newest[1].get("settings"), cfg)
