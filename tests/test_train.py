@@ -1441,6 +1441,27 @@ def test_load_model_reads_a_file_uri_and_refuses_another_uri_naming_it(tmp_path)
     )
 
 
+def test_load_model_names_a_file_uri_as_given_in_its_errors(tmp_path):
+    """Given a file: URI, load_model's errors named the local path it reads ('/abs/my run: no
+    such folder' for file:///abs/my%20run), not what the caller passed; they name the URI, and
+    a checkpoint inside it by the URI's path."""
+    uri = f"file://{tmp_path}/my%20run"
+    (tmp_path / "my run" / "empty").mkdir(parents=True)
+    checkpoint.write_checkpoint({"step": 3, "model": {}}, tmp_path / "my run" / "old")
+    refusals = []
+    for given in (f"{uri}/absent", f"{uri}/empty/", f"{uri}/old"):
+        with pytest.raises(checkpoint.CheckpointError) as refused:
+            load_model(given)
+        refusals.append(str(refused.value).split(": ", 1)[0])
+    assert refusals == [f"{uri}/absent", f"{uri}/empty", f"{uri}/old"]
+    (tmp_path / "my run" / "old" / STATE_FILE).write_bytes(b"cut")
+    with pytest.raises(checkpoint.IncompleteCheckpoint) as cut:
+        load_model(f"{uri}/old")
+    assert str(cut.value).startswith(f"{uri}/old: {STATE_FILE} is cut short: 3 of the ")
+    with pytest.raises(checkpoint.CheckpointError, match=f"^{tmp_path}/my run/absent: no such"):
+        load_model(tmp_path / "my run" / "absent")
+
+
 def test_load_model_refuses_a_file_uri_pyarrow_does_not_read_giving_its_escaped_form():
     """A file: URI with a space, which pyarrow refuses unparsed, was refused as another
     scheme's URI, told to copy the run down with aws s3 sync."""

@@ -158,8 +158,20 @@ def load_model(folder: str | Path) -> nn.Module:
     the settings its newest readable checkpoint records, with that checkpoint's weights (read
     tensors-only, on the CPU), in eval mode. A CheckpointError names the folder and what it
     lacks: a checkpoint, recorded settings, a model section in them, or weights that fit the
-    model they build; a file: URI is read as its folder, and another URI refused."""
-    folder = local_folder(folder)
+    model they build; a file: URI is read as its folder, and another URI refused. The errors
+    name the folder as given: a file: URI's local path is put back as the URI."""
+    local = local_folder(folder)
+    try:
+        return _built(local)
+    except CheckpointError as err:
+        if not is_uri(str(folder)) or local == Path(local.anchor):
+            raise
+        given = str(folder).rstrip("/")
+        raise type(err)(str(err).replace(str(local), given)) from None
+
+
+def _built(folder: Path) -> nn.Module:
+    """`load_model` of a local folder."""
     saved = read_newest(folder)
     try:
         model = models.build(_model_options(folder, saved))
