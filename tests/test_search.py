@@ -988,6 +988,18 @@ def test_a_pareto_panel_without_a_point_says_what_no_trial_reported(monkeypatch,
     pyplot().close(figure)
 
 
+def test_a_front_table_without_a_trial_says_what_no_trial_reported():
+    """Every trial failed before its first report: each front table was a bare header; it now
+    says what none reported, and a view whose front holds a trial says nothing of the kind."""
+    failed = _trials((False, math.nan, math.nan, math.nan), (False, math.nan, math.nan, math.nan))
+    text = pareto.markdown(pareto.mark(failed, "test_accuracy"), "test_accuracy")
+    assert text.count("\nNo front: no trial reported test_accuracy.\n") == 2
+    untimed = pareto.mark(_trials((True, 0.9, 20.0, math.nan)), "test_accuracy")
+    nfe, time = pareto.markdown(untimed, "test_accuracy").split("## Pareto front")[1:]
+    assert "No front" not in nfe
+    assert "No front: no trial reported training time per step (s)." in time
+
+
 def test_a_cost_spanning_decades_is_drawn_on_a_log_axis(monkeypatch):
     """Training times from 1e-3 to 1e-1 s on a linear axis crushed every cheap trial, the front
     among them, into the left edge: that panel is logarithmic, and test NFE from 5 to 60 is

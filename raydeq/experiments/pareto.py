@@ -138,6 +138,9 @@ def markdown(rows: Sequence[Mapping[str, Any]], metric: str) -> str:
             cells += [_value(_number(row.get(c))) for c in VIEWS]
             cells += [_value(row.get(k)) for k in settings]
             text.append("| " + " | ".join(cells) + " |")
+        if not members:
+            counted_rows = [rows[i] for i in counted(rows)]
+            text.append(f"\nNo front: {_unreported(counted_rows, metric, cost, words)}.")
         chosen = [row for row in rows if row.get(f"cheapest_{cost}")]
         if chosen:
             row = chosen[0]
