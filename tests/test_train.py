@@ -34,7 +34,10 @@ import torch
 from ray.cluster_utils import Cluster
 from ray.train import Checkpoint, ScalingConfig
 from ray.util.state import list_actors
+from tensorboard.backend.event_processing import data_provider, plugin_event_multiplexer
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+from tensorboard.context import RequestContext
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -45,6 +48,7 @@ from raydeq.training import (
     checkpoint,
     config,
     data,
+    eventlog,
     launch,
     load_model,
     loop,
@@ -2441,6 +2445,63 @@ def test_pretraining_steps_report_their_own_times_apart_from_the_deq_solves(tmp_
     assert steps["pretrain_residual"] == steps["pretrain_unconverged_fraction"] == [1, 2]
     assert steps["residual"] == steps["unconverged_fraction"] == [3, 4]
     assert steps["optimizer_time"] == steps["data_time"] == [1, 2, 3, 4]
+
+
+def test_every_tensorboard_scalar_says_what_it_measures_and_in_which_unit(tmp_path):
+    """A tag such as forward_time says neither that it is seconds nor of what: each scalar a
+    run writes, the warm-up's included, carries a description that TensorBoard's data provider
+    gives beside its chart (the times in seconds, accuracies and shares as fractions), held
+    once per tag in the file; a resumed run's file holds them again."""
+    train = {"epochs": 1, "max_steps": 3, "report_every": 3, "eval_batches": 1}
+    cfg = validate(
+        {
+            "name": "run",
+            "storage_path": str(tmp_path),
+            "model": {"pretrain_steps": 1},
+            "train": train,
+        }
+    )
+    loop.Loop(cfg, FolderSession(tmp_path / "run")).run()
+    folder = Path(cfg.run_dir, reporting.TENSORBOARD_DIR)
+    multiplexer = plugin_event_multiplexer.EventMultiplexer()
+    multiplexer.AddRunsFromDirectory(str(folder))
+    multiplexer.Reload()
+    provider = data_provider.MultiplexerDataProvider(multiplexer, str(folder))
+    (series,) = provider.list_scalars(
+        RequestContext(), experiment_id="", plugin_name="scalars"
+    ).values()
+    described = {tag: found.description for tag, found in series.items()}
+    assert {"pretrain_forward_time", "forward_time", "lr", "test_nfe", "skipped_steps"} < set(
+        described
+    )
+    assert [tag for tag, text in described.items() if not text] == []
+    times = [tag for tag in described if tag.endswith("_time")]
+    assert len(times) == 8 and all("seconds per" in described[tag] for tag in times)
+    shares = [tag for tag in described if "accuracy" in tag or "fraction" in tag]
+    assert len(shares) == 6 and all("fraction (0 to 1)" in described[tag] for tag in shares)
+    assert described["pretrain_nfe"] == (
+        f"unrolled warm-up steps (model.pretrain_steps): {described['nfe']}"
+    )
+    assert "per test batch of data.eval_batch_size" in described["predict_time"]
+    (file,) = event_files(cfg)
+    carried = [
+        value.tag
+        for event in EventFileLoader(str(file)).Load()
+        for value in event.summary.value
+        if value.metadata.summary_description
+    ]
+    assert sorted(carried) == sorted(described)  # once each, not at every step
+    resumed = eventlog.EventLog(str(folder), purge_step=4)
+    resumed.add_scalar("lr", 0.5, 4, reporting.description("lr"))
+    resumed.add_scalar("lr", 0.25, 5, reporting.description("lr"))
+    resumed.close()
+    newest = max(event_files(cfg), key=lambda path: path.stat().st_mtime_ns)
+    again = [
+        value.metadata.summary_description
+        for event in EventFileLoader(str(newest)).Load()
+        for value in event.summary.value
+    ]
+    assert again == [described["lr"], ""]
 
 
 def test_a_changed_reporting_setting_resumes_the_run_instead_of_starting_anew(

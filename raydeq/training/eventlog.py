@@ -32,10 +32,25 @@ class EventLog:
         self.remote = is_uri(folder)
         self.local = tempfile.mkdtemp(prefix="raydeq-events-") if self.remote else folder
         self.writer = _writer(self.local, purge_step)
+        self.described: set[str] = set()  # the tags whose description the open file holds
 
-    def add_scalar(self, tag: str, value: float, step: int) -> None:
-        """One scalar at one step."""
-        self.writer.add_scalar(tag, value, step)
+    def add_scalar(self, tag: str, value: float, step: int, description: str = "") -> None:
+        """One scalar at one step; a `description` (what it measures, in which unit), which
+        TensorBoard shows beside the tag's chart, goes with the tag's first value in a file."""
+        if not description or tag in self.described:
+            self.writer.add_scalar(tag, value, step)
+            return
+        from tensorboard.compat.proto.summary_pb2 import DATA_CLASS_SCALAR
+        from tensorboard.plugins.scalar.metadata import create_summary_metadata
+        from torch.utils.tensorboard.summary import scalar
+
+        summary = scalar(tag, value)
+        metadata = summary.value[0].metadata
+        metadata.CopyFrom(create_summary_metadata(tag, description))
+        # TensorBoard's data server drops the description of a scalar whose class is unset.
+        metadata.data_class = DATA_CLASS_SCALAR
+        self.writer.file_writer.add_summary(summary, step)
+        self.described.add(tag)
 
     def flush(self) -> None:
         """Make the events so far readable at `folder`; for a URI, upload them as a segment."""
@@ -45,6 +60,7 @@ class EventLog:
         self.writer.close()
         self._upload()
         self.writer = _writer(self.local)
+        self.described.clear()
 
     def close(self) -> None:
         """Write the last events and release the writer (and a URI's local folder)."""

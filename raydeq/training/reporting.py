@@ -32,6 +32,45 @@ SHOWN = {
     "test_accuracy": "test_acc",
     "test_nfe": "test_nfe",
 }
+# What each TensorBoard scalar measures, in which unit, shown beside its chart: a name such as
+# forward_time says neither that it is seconds nor of what.
+DESCRIPTIONS = {
+    "train_loss": "loss of the step: cross-entropy + lambda_skip * skip_loss + lambda_jac * "
+    "jac_loss, mean over the batch",
+    "train_accuracy": "fraction (0 to 1) of the step's batch classified right",
+    "nfe": "evaluations of f by the step's forward solve (a batch's: its slowest sample's)",
+    "backward_nvjp": "vector-Jacobian products of f in the step's backward pass",
+    "forward_time": "seconds per training step: the forward pass and the loss",
+    "backward_time": "seconds per training step: the backward pass",
+    "optimizer_time": "seconds per training step: unscaling, clipping, the finiteness check "
+    "and the update",
+    "data_time": "seconds per training step waiting for the loader and copying the batch to "
+    "the device",
+    "step_time": "seconds per training step, the whole step (data wait included)",
+    "skip_loss": "mean |f(z*, x) - z0| over the batch (Skip and Skip Reg. DEQ, 0 otherwise), "
+    "before its weight lambda_skip",
+    "jac_loss": "Hutchinson estimate of ||J_f(z*)||_F^2 / dim (model.jac_reg, 0 otherwise), "
+    "before its weight lambda_jac",
+    "residual": "RMS of f(z) - z at the iterate each sample's forward solve returned, mean over "
+    "the batch",
+    "unconverged_fraction": "fraction (0 to 1) of the batch whose forward solve missed the "
+    "tolerance",
+    "backward_unconverged_fraction": "fraction (0 to 1) of the batch whose backward linear "
+    "solve did not converge",
+    "images_per_second": "training images a second: the batch over the whole step's time "
+    "(data wait included)",
+    "lr": "learning rate the step's update took",
+    "skipped_steps": "steps skipped so far for a non-finite loss or gradient (a running count)",
+    "overflow_steps": "steps skipped so far for an fp16 overflow of the gradient scaler (a "
+    "running count)",
+    "test_accuracy": "fraction (0 to 1) of the test images whose largest logit is their label",
+    "test_top5_accuracy": "fraction (0 to 1) of the test images whose label is among their 5 "
+    "largest logits",
+    "test_nfe": "evaluations of f per test batch of data.eval_batch_size (a batch's: its "
+    "slowest sample's), mean over the test batches",
+    "predict_time": "seconds per test batch of data.eval_batch_size: the forward pass, mean "
+    "over the test batches",
+}
 
 
 def distributed() -> bool:
@@ -58,6 +97,16 @@ def all_gather(value: Any) -> list[Any]:
     gathered: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, value)
     return gathered
+
+
+def description(tag: str) -> str:
+    """What a scalar measures and in which unit (DESCRIPTIONS), a warm-up step's pretrain_*
+    scalar as its solve's, named so; empty for a tag not described."""
+    base = tag.removeprefix("pretrain_")
+    said = DESCRIPTIONS.get(base, "")
+    return (
+        f"unrolled warm-up steps (model.pretrain_steps): {said}" if said and base != tag else said
+    )
 
 
 def progress_line(label: str, metrics: dict[str, Any]) -> str:
@@ -145,7 +194,7 @@ class Reporter:
         """Write scalars to TensorBoard (rank 0)."""
         if self.writer is not None:
             for key, value in values.items():
-                self.writer.add_scalar(key, value, step)
+                self.writer.add_scalar(key, value, step, description(key))
 
     def progress(self, metrics: dict[str, float]) -> None:
         """One progress line on rank 0 (see `progress_line`)."""
