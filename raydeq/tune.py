@@ -350,30 +350,49 @@ def run_experiment(
     """Dry-run, report, start or resume the experiment of checked arguments; returns the exit
     status."""
     if args.dry_run:
-        try:
-            samples = options.num_samples if options is not None else args.num_samples
-            dry_run(experiment, samples, path)
-        except BrokenPipeError:  # the reader stopped early (`| head`): not an error
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        except ConfigError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return EXIT_BAD_INPUT
-        except KeyboardInterrupt:  # a search's long listing, which stores nothing
-            print("\ninterrupted while listing the trials", file=sys.stderr)
-            return EXIT_INTERRUPTED
-        return 0
+        samples = options.num_samples if options is not None else args.num_samples
+        return dry_run_command(experiment, samples, path)
     if args.report:
-        try:
-            print(report(path, experiment, unfinished=report_while_running(path)))
-        except ConfigError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return EXIT_BAD_INPUT
-        except StorageError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 1
-        except KeyboardInterrupt:
-            return results_interrupted(path)
-        return 0
+        return report_command(experiment, path)
+    return launch_experiment(args, experiment, path, options)
+
+
+def dry_run_command(experiment: Experiment, num_samples: int | None, path: str) -> int:
+    """List the trials of `--dry-run` on stdout; returns the exit status."""
+    try:
+        dry_run(experiment, num_samples, path)
+    except BrokenPipeError:  # the reader stopped early (`| head`): not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:  # a search's long listing, which stores nothing
+        print("\ninterrupted while listing the trials", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return 0
+
+
+def report_command(experiment: Experiment, path: str) -> int:
+    """Rebuild and print the results of `--report` from the trials' reports; returns the exit
+    status."""
+    try:
+        print(report(path, experiment, unfinished=report_while_running(path)))
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except StorageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return results_interrupted(path)
+    return 0
+
+
+def launch_experiment(
+    args: argparse.Namespace, experiment: Experiment, path: str, options: run.Options | None
+) -> int:
+    """Start the experiment on Ray (or resume it, with its stored `options`), run its trials
+    and write its results; returns the exit status."""
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"  # no second TensorBoard stream
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # with verbose=0: no tables, the trial lines only
