@@ -245,8 +245,31 @@ SECTIONS = tuple(
 
 
 def _check_together(cfg: Config) -> None:
-    """Rules that involve more than one key."""
-    data = cfg.data
+    """Rules that involve more than one key; the first one broken is raised."""
+    _check_data(cfg.data)
+    _check_variant_options(cfg.model)
+    if cfg.data.batch_size % cfg.scaling.num_workers:
+        raise ConfigError(
+            f"data.batch_size: {cfg.data.batch_size} does not split evenly over "
+            f"scaling.num_workers={cfg.scaling.num_workers}; use a multiple of it",
+            key="data.batch_size",
+        )
+    if cfg.train.lambda_jac > 0 and not cfg.model.jac_reg:
+        raise ConfigError(
+            "train.lambda_jac: needs model.jac_reg=true to have a Jacobian term, got "
+            f"{cfg.train.lambda_jac:g} without it; set model.jac_reg=true or train.lambda_jac=0",
+            key="train.lambda_jac",
+        )
+    _check_search(cfg.search)
+    _check_milestones(cfg.optim)
+    _check_applies(cfg)
+    _check_optim(cfg.optim)
+    if cfg.name is not None:
+        check_folder_name("name", cfg.name)
+
+
+def _check_data(data: DataSection) -> None:
+    """The dataset's folder, download and staging, and the fake dataset's image shape."""
     if data.dataset in FILE_DATASETS and data.data_dir is None:
         raise ConfigError(
             f"data.data_dir: required for dataset {data.dataset!r} (the folder with its files)",
@@ -275,28 +298,22 @@ def _check_together(cfg: Config) -> None:
             f"data.fake_shape: expected [channels, height, width], got {data.fake_shape}",
             key="data.fake_shape",
         )
-    neural_ode = cfg.model.variant == "neural_ode"
+
+
+def _check_variant_options(model: ModelSection) -> None:
+    """Refuse a Neural ODE's option under a DEQ variant, and a DEQ's under neural_ode."""
+    neural_ode = model.variant == "neural_ode"
     for key in ODE_ONLY if not neural_ode else DEQ_ONLY:
-        if getattr(cfg.model, key) is not None:
+        if getattr(model, key) is not None:
             raise ConfigError(
-                f"model.{key}: not an option of variant {cfg.model.variant!r}; "
+                f"model.{key}: not an option of variant {model.variant!r}; "
                 f"DEQ variants take {', '.join(DEQ_ONLY)}, neural_ode takes {', '.join(ODE_ONLY)}",
                 key=f"model.{key}",
             )
-    if data.batch_size % cfg.scaling.num_workers:
-        raise ConfigError(
-            f"data.batch_size: {data.batch_size} does not split evenly over "
-            f"scaling.num_workers={cfg.scaling.num_workers}; use a multiple of it",
-            key="data.batch_size",
-        )
-    if cfg.train.lambda_jac > 0 and not cfg.model.jac_reg:
-        raise ConfigError(
-            "train.lambda_jac: needs model.jac_reg=true to have a Jacobian term, got "
-            f"{cfg.train.lambda_jac:g} without it; set model.jac_reg=true or train.lambda_jac=0",
-            key="train.lambda_jac",
-        )
-    _check_search(cfg.search)
-    optim = cfg.optim
+
+
+def _check_milestones(optim: OptimSection) -> None:
+    """A step schedule's milestones: increasing, and under optim.schedule=step alone."""
     if list(optim.milestones) != sorted(set(optim.milestones)):
         raise ConfigError(
             f"optim.milestones: expected increasing steps, got {list(optim.milestones)}",
@@ -308,7 +325,10 @@ def _check_together(cfg: Config) -> None:
             f"{optim.schedule!r}; set optim.schedule=step or remove optim.milestones",
             key="optim.milestones",
         )
-    _check_applies(cfg)
+
+
+def _check_optim(optim: OptimSection) -> None:
+    """The cosine schedule's floor and SGD's Nesterov momentum."""
     if optim.schedule == "cosine" and optim.eta_min > optim.lr:
         raise ConfigError(
             f"optim.eta_min: {optim.eta_min:g} is above optim.lr={optim.lr:g}", key="optim.eta_min"
@@ -324,8 +344,6 @@ def _check_together(cfg: Config) -> None:
             "optim.nesterov: needs optim.momentum > 0 (Nesterov momentum of 0)",
             key="optim.nesterov",
         )
-    if cfg.name is not None:
-        check_folder_name("name", cfg.name)
 
 
 def _check_applies(cfg: Config) -> None:
