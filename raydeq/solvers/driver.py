@@ -109,7 +109,6 @@ def iterate(
     """
     if z.shape[0] == 0:
         return 0, 0  # a batch of no samples: nothing to solve, and no reduction to read
-    phases = method.phases()
     graphs = compile_options is not None and z.device.type == "cuda"
     if graphs:
         # CUDA graph trees (torch.compile's "reduce-overhead") start a new generation at each
@@ -118,19 +117,10 @@ def iterate(
         # step's outputs. One generation per solve: its steps record a path of graphs that
         # later solves replay, and what the solve returns is copied out at the end.
         torch.compiler.cudagraph_mark_step_begin()
+    phases, step_f = _compiled_steps(method, f, z.device, compile_options, graph)
     # init evaluates f at z0 eagerly, where flat_function can read whether f changed its
     # input in place (a traced f reads no version counter): once per solve, not per step.
-    eager_f = f
-    if compile_options is not None:
-        if method.capturable:
-            phases = tuple(replace(p, step=compiled(p.step, compile_options)) for p in phases)
-        else:
-            f = partial(wrapped(evaluate, compile_options), f)
-    recorder = RECORDERS.get(z.device.type) if graph and method.capturable else None
-    if recorder is not None:
-        last = phases[-1]
-        phases = (*phases[:-1], replace(last, step=GraphedStep(last.step, recorder(z.device))))
-    carry, nfe, steps = method.init(eager_f, z, monitor)
+    carry, nfe, steps = method.init(f, z, monitor)
     # Without check_start the first block runs unread: from an uninformed z0 a batch that has
     # converged there is rare enough that a few wasted steps cost less than a synchronisation
     # on every solve. A predicted z0 (Skip DEQs) often meets the tolerance: one read there
@@ -145,7 +135,7 @@ def iterate(
             size = min(PHASE_BLOCK if phase.pending else block, max_steps - steps)
             taken = 0
             while taken < size:
-                carry = phase.step(f, carry, monitor)
+                carry = phase.step(step_f, carry, monitor)
                 taken += 1
                 if stop_on_convergence and not bool(monitor.active.any()):
                     break
@@ -162,3 +152,22 @@ def iterate(
     if graphs:
         monitor.copy_out()
     return nfe, steps
+
+
+def _compiled_steps(
+    method: Method, f: Map, device: torch.device, compile_options: dict | None, graph: bool
+) -> tuple[tuple[Phase, ...], Map]:
+    """The method's phases and f as `iterate` runs them after init: with compile_options, each
+    step of a capturable method compiled (f with it), else f alone; with graph, the last phase
+    of a capturable method recorded as a graph where the device has a recorder."""
+    phases = method.phases()
+    if compile_options is not None:
+        if method.capturable:
+            phases = tuple(replace(p, step=compiled(p.step, compile_options)) for p in phases)
+        else:
+            f = partial(wrapped(evaluate, compile_options), f)
+    recorder = RECORDERS.get(device.type) if graph and method.capturable else None
+    if recorder is not None:
+        last = phases[-1]
+        phases = (*phases[:-1], replace(last, step=GraphedStep(last.step, recorder(device))))
+    return phases, f
