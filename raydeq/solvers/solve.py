@@ -241,17 +241,9 @@ def solve(
     (VCAB3: its Adams steps), and the backward's GMRES replays each Arnoldi step from the
     second backward of a batch shape on (GMRES.graph); on a CPU all runs eagerly.
     """
-    if not callable(f):
-        raise ValueError(f"f={reprlib.repr(f)} must be callable: z -> f(z), a state like z0")
-    choice("adjoint", adjoint, ADJOINTS)
-    integer("max_steps", max_steps)
-    if check_every is not None:
-        integer("check_every", check_every)
-    integer("initial_nfe", initial_nfe, 0)
-    if not isinstance(check_start, bool):
-        raise ValueError(f"check_start={check_start!r} must be True or False")
-    if stop_on_convergence is not None and not isinstance(stop_on_convergence, bool):
-        raise ValueError(f"stop_on_convergence={stop_on_convergence!r} must be True, False or None")
+    _check_arguments(
+        f, adjoint, max_steps, check_every, initial_nfe, check_start, stop_on_convergence
+    )
     termination = Termination(abstol, reltol, divergence)
     method = make_solver(solver, option_dict("solver_options", solver_options))
     backward = make_adjoint(adjoint, option_dict("adjoint_options", adjoint_options))
@@ -271,16 +263,16 @@ def solve(
     options = compile_options(compile, z.device)
     # A step recorded as a graph must not depend on autograd's record of the solve; a device
     # without a recorder (a CPU) runs compile="graph" eagerly, as compile=False.
-    graph = compile == GRAPH and not record_graph and z.device.type in RECORDERS
+    graph = compile == GRAPH and not record_graph and device in RECORDERS
     if graph and isinstance(backward, ImplicitAdjoint):
         backward = backward.recorded()
     if stop_on_convergence is None:
-        stop_on_convergence = z.device.type == "cpu"
+        stop_on_convergence = device == "cpu"
     with torch.set_grad_enabled(record_graph), own_precision():
         start = z if record_graph else z.detach()
         # Selects read their masks only where a read stalls nothing: a CPU, run eagerly.
         eager = options is None and not graph
-        reads = stop_on_convergence and eager and z.device.type == "cpu"
+        reads = stop_on_convergence and eager and device == "cpu"
         monitor = Monitor(start, termination, reads=reads)
         nfe, steps = iterate(
             method,
@@ -300,6 +292,30 @@ def solve(
     with own_precision():
         z_star = backward.attach(f_flat, monitor.best_z, start, stats) if attach else monitor.best_z
     return Solution(structure.unflatten(z_star.to(structure.dtype)), stats)
+
+
+def _check_arguments(
+    f: object,
+    adjoint: str,
+    max_steps: int,
+    check_every: int | None,
+    initial_nfe: int,
+    check_start: bool,
+    stop_on_convergence: bool | None,
+) -> None:
+    """Raise a ValueError naming the first of solve's own arguments that is not allowed, before
+    any evaluation of f (the solver's and adjoint's options are checked as they are built)."""
+    if not callable(f):
+        raise ValueError(f"f={reprlib.repr(f)} must be callable: z -> f(z), a state like z0")
+    choice("adjoint", adjoint, ADJOINTS)
+    integer("max_steps", max_steps)
+    if check_every is not None:
+        integer("check_every", check_every)
+    integer("initial_nfe", initial_nfe, 0)
+    if not isinstance(check_start, bool):
+        raise ValueError(f"check_start={check_start!r} must be True or False")
+    if stop_on_convergence is not None and not isinstance(stop_on_convergence, bool):
+        raise ValueError(f"stop_on_convergence={stop_on_convergence!r} must be True, False or None")
 
 
 def outside_autocast(
