@@ -383,6 +383,7 @@ class TrialLines(tune.Callback):
     output stays in Ray's logs)."""
 
     def __init__(self, total: int) -> None:
+        """Lines for an experiment of `total` trials."""
         self.total = total
 
     def ended(self, trials: list, trial: Trial) -> str:
@@ -405,15 +406,18 @@ class TrialLines(tune.Callback):
         return f"failed ({match['error'] if match else lines[-1]})"
 
     def on_trial_start(self, iteration: int, trials: list, trial: Trial, **info: Any) -> None:
+        """Say that the trial started."""
         print(f"trial {describe(trial.config)}: started", flush=True)
 
     def on_trial_result(
         self, iteration: int, trials: list, trial: Trial, result: dict, **info: Any
     ) -> None:
+        """Print a progress line for each training report of the trial (one with total_steps)."""
         if "total_steps" in result:
             print(progress_line(describe(trial.config), result), flush=True)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Trial, **info: Any) -> None:
+        """Say where the trial ended (its last step, or a scheduler's stop) and its accuracy."""
         result = trial.last_result or {}
         accuracy = result.get("test_accuracy")
         shown = f", test_accuracy {accuracy:.4f}" if accuracy is not None else ""
@@ -428,11 +432,13 @@ class TrialLines(tune.Callback):
         print(f"trial {describe(trial.config)}: {ended}{shown}{done}", flush=True)
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Trial, **info: Any) -> None:
+        """Say why the trial failed and which of its allowed restarts follows."""
         limit = f"of {trial.max_failures}" if trial.max_failures >= 0 else "(no limit)"
         failed, count = self.failure(trial), f"{trial.num_failures} {limit}"
         print(f"trial {describe(trial.config)}: {failed}; restart {count}", flush=True)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Trial, **info: Any) -> None:
+        """Say why the trial failed for good and where its traceback is."""
         failed, done = self.failure(trial), self.ended(trials, trial)
         where = f"{trial.path}/error.txt"
         print(f"trial {describe(trial.config)}: {failed}, see {where}{done}", flush=True)

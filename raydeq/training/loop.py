@@ -87,6 +87,8 @@ class Loop:
     """The training loop of one worker, in a Ray Train worker or a Tune trial (`session`)."""
 
     def __init__(self, cfg: Config, session: Session) -> None:
+        """Load the data, build the model and optimizer, resume from the session's latest
+        checkpoint (refusing one trained with other settings) and report the run's start."""
         self.cfg = cfg
         self.session = session
         self.rank, self.world, self.device = session.rank, session.world, session.device
