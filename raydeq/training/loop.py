@@ -202,14 +202,21 @@ class Loop:
             state.nonfinite_in_row = 0
             self.meter.add(metrics)
             self.reporter.scalars(metrics, state.step)
-        counters = {"skipped_steps": state.skipped_steps, "overflow_steps": state.overflow_steps}
-        self.reporter.scalars(counters, state.step)
+        self.reporter.scalars(self.counters(), state.step)
         limit = self.cfg.train.max_nonfinite_steps
         if state.nonfinite_in_row >= limit:
             raise self.diverged(
                 f"training stopped at step {state.step}: {limit} steps in a row had a non-finite "
                 f"loss or gradient (train.max_nonfinite_steps={limit}){self.skipped_note()}"
             )
+
+    def counters(self) -> dict[str, int]:
+        """The run's skipped (non-finite) and fp16 overflow steps so far, logged at every step
+        and in every report."""
+        return {
+            "skipped_steps": self.state.skipped_steps,
+            "overflow_steps": self.state.overflow_steps,
+        }
 
     def skipped_note(self) -> str:
         """'; the last had loss L on worker R and gradient norm G', the values of the newest
@@ -277,11 +284,9 @@ class Loop:
     def report(self, metrics: dict[str, float], checkpoint: bool) -> None:
         """Print progress and report to Ray Train, with a checkpoint when asked."""
         step = self.state.step
-        counters = {"skipped_steps": self.state.skipped_steps}
-        counters |= {"overflow_steps": self.state.overflow_steps}
         epoch = step / self.steps_per_epoch
         position = {"step": step, "epoch": epoch, "total_steps": self.total_steps}
-        metrics = position | counters | self.time_left(step) | metrics
+        metrics = position | self.counters() | self.time_left(step) | metrics
         self.reporter.progress(metrics)
         self.reporter.report(metrics, self.checkpoint_state if checkpoint else None)
         if checkpoint:
