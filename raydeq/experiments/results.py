@@ -270,7 +270,7 @@ def plot(metric: str, label: str, curves: dict[str, list[pd.DataFrame]]) -> byte
     return png(figure, outside=[legend])
 
 
-def _folder(path: str, trial: Any) -> str | None:
+def trial_folder(path: str, trial: Any) -> str | None:
     """A trial's folder in the experiment's, or None for a trial that never started (Tune names
     its folder when it starts it, and raises for its path before)."""
     try:
@@ -367,7 +367,7 @@ def _report(path: str, experiment: Experiment, unfinished: str) -> str:
         ) from None
     rows, curves = [], {}
     for trial in sorted(trials, key=lambda t: t.trial_id):
-        folder = _folder(path, trial)
+        folder = trial_folder(path, trial)
         frame = pd.DataFrame() if folder is None else history(folder)
         row = trial_row(experiment, trial, frame)
         rows.append(row)

@@ -28,7 +28,7 @@ from ray.tune.search import BasicVariantGenerator, SearchAlgorithm, Searcher
 
 from raydeq.experiments import search as searchers
 from raydeq.experiments.archive import TRAIN_RUN, archive_results, history
-from raydeq.experiments.results import recorded_trials
+from raydeq.experiments.results import recorded_trials, trial_folder
 from raydeq.experiments.spec import (
     Experiment,
     describe,
@@ -269,9 +269,8 @@ def check_scheduler(experiment: Experiment, scheduler: str) -> None:
 def past_reports(path: str, trial: Trial, time_attr: str, metric: str) -> list[tuple]:
     """(time, metric) of each report that a trial of the experiment at `path` made before a
     resume, in step order; none for a trial that has not started (Tune names its folder then)."""
-    try:
-        folder = f"{path}/{trial.path.rstrip('/').rsplit('/', 1)[-1]}"
-    except RuntimeError:  # "Should not access `trial_fs_path` without setting `trial_dir_name`"
+    folder = trial_folder(path, trial)
+    if folder is None:
         return []
     fs, inner = filesystem(folder)
     if fs.get_file_info(inner).type != pyarrow.fs.FileType.Directory:
