@@ -37,8 +37,8 @@ MAX_THREADS = os.cpu_count() or 1
 NO_CUDA_RUNTIME = "No CUDA runtime is found"
 
 
-def parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    """The command line."""
+def _parser() -> argparse.ArgumentParser:
+    """The command's flags, each read and checked alone (`parse` checks them together)."""
     parser = argparse.ArgumentParser(
         prog="python -m raydeq.bench",
         description="Side-by-side benchmarks of raydeq against its baselines and peers.",
@@ -102,6 +102,14 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--seed", type=seed, default=0, help=f"seed of every problem and model (0 to {MAX_SEED})"
     )
+    return parser
+
+
+def parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The command line, checked before any suite runs: no suite, preset or checkpoint given
+    twice, a usable device, each --weights checkpoint read (of a preset among --models), and
+    an --out folder that can be written."""
+    parser = _parser()
     args = parser.parse_args(argv)
     check_once(parser, "--only", args.only or [])
     check_once(parser, "--models", args.models)
