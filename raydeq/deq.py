@@ -535,6 +535,43 @@ class DEQ(OutputLayer):
             first.register_hook(partial(_add_vjps, stats, 1))
         return image
 
+    def _unroll(
+        self, fx: Callable[[State], State], z0: State, extra_nfe: int
+    ) -> tuple[State, SolveStats]:
+        """The warm-up's z: f applied pretrain_depth times from z0, backpropagated through, with
+        statistics judged on its last step."""
+        z_prev, z = None, _detach(z0)
+        for _ in range(self.pretrain_depth):
+            z_prev, z = z, fx(z)
+        depth = self.pretrain_depth
+        stats = residual_stats(z_prev, z, self.termination, depth + extra_nfe, depth)
+        return counting_vjps(z, stats, depth), stats
+
+    def _equilibrium(
+        self, fx: Callable[[State], State], z0: State, device: str, extra_nfe: int
+    ) -> tuple[State, SolveStats]:
+        """z* and its statistics from `solve`, started at z0 with the layer's settings."""
+        t = self.termination
+        # Under autocast f takes the solver's float32 state; a module in half precision
+        # takes its own dtype, and solve keeps its state in float32 all the same.
+        autocast = torch.is_autocast_enabled(device)
+        sol = solve(
+            fx,
+            solver_start(z0) if autocast else _detach(z0),
+            solver=self.solver,
+            adjoint=self.adjoint,
+            abstol=t.abstol,
+            reltol=t.reltol,
+            max_steps=self.max_steps,
+            divergence=t.divergence,
+            solver_options=self.solver_options,
+            adjoint_options=self.adjoint_options,
+            compile=self.compile_mode,
+            initial_nfe=extra_nfe,
+            check_start=self.init != "zeros",
+        )
+        return sol.z, sol.stats
+
     def _solve(self, x: Tensor) -> LayerOutput:
         """The forward pass."""
         z0 = self.initial_guess(x)
@@ -544,33 +581,10 @@ class DEQ(OutputLayer):
             return self.f(z, x)
 
         if self.pretraining():
-            z_prev, z = None, _detach(z0)
-            for _ in range(self.pretrain_depth):
-                z_prev, z = z, fx(z)
-            depth = self.pretrain_depth
-            stats = residual_stats(z_prev, z, self.termination, depth + extra_nfe, depth)
-            z = image = counting_vjps(z, stats, depth)
+            z, stats = self._unroll(fx, z0, extra_nfe)
+            image = z
         else:
-            t = self.termination
-            # Under autocast f takes the solver's float32 state; a module in half precision
-            # takes its own dtype, and solve keeps its state in float32 all the same.
-            autocast = torch.is_autocast_enabled(x.device.type)
-            sol = solve(
-                fx,
-                solver_start(z0) if autocast else _detach(z0),
-                solver=self.solver,
-                adjoint=self.adjoint,
-                abstol=t.abstol,
-                reltol=t.reltol,
-                max_steps=self.max_steps,
-                divergence=t.divergence,
-                solver_options=self.solver_options,
-                adjoint_options=self.adjoint_options,
-                compile=self.compile_mode,
-                initial_nfe=extra_nfe,
-                check_start=self.init != "zeros",
-            )
-            z, stats = sol.z, sol.stats
+            z, stats = self._equilibrium(fx, z0, x.device.type, extra_nfe)
             image = self._image(fx, z, stats)
         if self.training and not _recomputing():
             self.step += 1
