@@ -83,6 +83,20 @@ def step_values(loss: Tensor, logits: Tensor, labels: Tensor, out: LayerOutput) 
     return {key: value.double() for key, value in values.items()}
 
 
+def read_step(
+    loss: Tensor, grad_norm: Tensor, logits: Tensor, labels: Tensor, out: LayerOutput
+) -> tuple[float, float, dict[str, float]]:
+    """How many workers have a non-finite loss and a non-finite gradient (a collective sum),
+    and this worker's step metrics with grad_norm, in one read of the device: whether the step
+    is finite decides on the host whether the optimizer steps, and that read brings the
+    metrics too."""
+    flags = torch.stack([loss.detach().double(), grad_norm.double()]).isfinite().logical_not()
+    measured = step_values(loss, logits, labels, out) | {"grad_norm": grad_norm.double()}
+    read = torch.cat([summed(flags.double()), torch.stack(list(measured.values()))]).tolist()
+    (bad_loss, bad_grad), values = read[:2], dict(zip(measured, read[2:], strict=True))
+    return bad_loss, bad_grad, values
+
+
 class Loop:
     """The training loop of one worker, in a Ray Train worker or a Tune trial (`session`)."""
 
@@ -156,12 +170,7 @@ class Loop:
         grad_norm = nn.utils.clip_grad_norm_(
             self.model.parameters(), self.cfg.optim.grad_clip or math.inf
         )
-        # Whether the step is finite decides on the host whether the optimizer steps: that one
-        # read of the device also brings the step's metrics.
-        flags = torch.stack([loss.detach().double(), grad_norm.double()]).isfinite().logical_not()
-        measured = step_values(loss, logits, labels, out) | {"grad_norm": grad_norm.double()}
-        read = torch.cat([summed(flags.double()), torch.stack(list(measured.values()))]).tolist()
-        (bad_loss, bad_grad), values = read[:2], dict(zip(measured, read[2:], strict=True))
+        bad_loss, bad_grad, values = read_step(loss, grad_norm, logits, labels, out)
         norm = values.pop("grad_norm")
         finite = not (bad_loss or bad_grad)
         overflow = state.scaler.is_enabled() and bad_grad > 0 and bad_loss == 0
