@@ -106,7 +106,14 @@ def domain(key: str, spec: Any) -> Any:
                 f"{key}.{primitive}: expected a non-empty list of values", key=f"{key}.{primitive}"
             )
         return getattr(tune, primitive)(args)
-    where = f"{key}.{primitive}"
+    return _sampled(f"{key}.{primitive}", primitive, args)
+
+
+def _sampled(where: str, primitive: str, args: Any) -> Any:
+    """The domain of a sampling primitive (uniform, randint, ...) given its arguments at
+    `where` as a list or by name, refusing what Tune would take and then fail on or draw
+    without a word (a step q of 0, a reversed range, an integer range with a fractional bound
+    or step, or with no value to draw)."""
     if isinstance(args, Mapping):
         keywords, positional = {k: _number(where, v) for k, v in args.items()}, []
     else:
@@ -115,26 +122,22 @@ def domain(key: str, spec: Any) -> Any:
     try:
         made = getattr(tune, primitive)(*positional, **keywords)
     except ZeroDivisionError:  # Tune divides a float range's ends by its step q
-        raise ConfigError(
-            f"{key}.{primitive}: the step q must be above 0, got 0", key=where
-        ) from None
+        raise ConfigError(f"{where}: the step q must be above 0, got 0", key=where) from None
     except (TypeError, ValueError, AssertionError) as err:
         takes = ", ".join(inspect.signature(getattr(tune, primitive)).parameters)
         raise ConfigError(
-            f"{key}.{primitive}: bad arguments {args!r} ({err}); {primitive} takes {takes} "
+            f"{where}: bad arguments {args!r} ({err}); {primitive} takes {takes} "
             "(a list, or by name)",
             key=where,
         ) from None
     step = getattr(made.get_sampler(), "q", None)
     if step is not None and not step > 0:
         # Tune takes an integer range's step of 0 and fails on the first draw.
-        raise ConfigError(f"{key}.{primitive}: the step q must be above 0, got {step!r}", key=where)
+        raise ConfigError(f"{where}: the step q must be above 0, got {step!r}", key=where)
     lower, upper = getattr(made, "lower", None), getattr(made, "upper", None)
     if lower is not None and upper is not None and not lower < upper:
         # Tune samples a reversed or empty range without a word (Optuna refuses it).
-        raise ConfigError(
-            f"{key}.{primitive}: the lower bound {lower!r} must be below {upper!r}", key=where
-        )
+        raise ConfigError(f"{where}: the lower bound {lower!r} must be below {upper!r}", key=where)
     if isinstance(made, Integer):
         _check_whole(where, made)
         _check_drawable(where, made)
