@@ -109,8 +109,8 @@ def iterate(
     """
     if z.shape[0] == 0:
         return 0, 0  # a batch of no samples: nothing to solve, and no reduction to read
-    graphs = compile_options is not None and z.device.type == "cuda"
-    if graphs:
+    compiled_on_cuda = compile_options is not None and z.device.type == "cuda"
+    if compiled_on_cuda:
         # CUDA graph trees (torch.compile's "reduce-overhead") start a new generation at each
         # call of a compiled function unless told where an iteration begins, and a generation
         # invalidates the outputs of the previous one, while each step here takes the previous
@@ -149,7 +149,7 @@ def iterate(
                 break
     if steps >= max_steps:
         monitor.test(method.residual(carry))
-    if graphs:
+    if compiled_on_cuda:
         monitor.copy_out()
     return nfe, steps
 
