@@ -21,7 +21,7 @@ from raydeq.solvers import ADJOINTS, SOLVERS, SolveStats, Termination, solve
 from raydeq.solvers.adjoint import IMPLICIT_ADJOINTS
 from raydeq.solvers.options import choice, integer
 from raydeq.solvers.solve import check_options
-from raydeq.solvers.state import State, Structure, contained, valued
+from raydeq.solvers.state import State, Structure, contained, untransformed, valued
 from raydeq.solvers.termination import Monitor, Status, norm
 
 INITS = ("zeros", "skip", "skip_reg")
@@ -510,6 +510,7 @@ class DEQ(OutputLayer):
     def forward(self, x: Tensor) -> LayerOutput:
         """Solve for the equilibrium of f(., x) with new dropout masks; see the class
         docstring for the outputs."""
+        untransformed(type(self).__name__)
         if isinstance(x, Tensor):
             valued("x", x)
         grads = self.adjoint in IMPLICIT_ADJOINTS and torch.is_grad_enabled()

@@ -36,7 +36,7 @@ from raydeq.deq import (
 from raydeq.solvers import SolveStats, Termination
 from raydeq.solvers.interval import INTERVAL_SOLVERS, Endpoint, integrate
 from raydeq.solvers.options import choice, integer, number
-from raydeq.solvers.state import Structure, valued
+from raydeq.solvers.state import Structure, untransformed, valued
 
 NODE_ADJOINTS = ("continuous", "backprop")
 # "f_minus_z": dz/dt = f(z, x) - z (the continuous DEQ's flow); "f": dz/dt = f(z, x).
@@ -292,6 +292,7 @@ class NeuralODE(OutputLayer):
 
     def forward(self, x: Tensor) -> LayerOutput:
         """Integrate to t1 with new dropout masks and return f(z(t1), x) with its statistics."""
+        untransformed(type(self).__name__)
         if isinstance(x, Tensor):
             valued("x", x)
         draw_new_masks(self)

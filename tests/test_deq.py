@@ -842,6 +842,43 @@ def test_an_x_that_is_no_tensor_is_named(layer):
         layer(f)(x.tolist())
 
 
+@pytest.mark.parametrize(
+    ("transform", "name"),
+    [
+        (lambda g, x: torch.func.vmap(lambda xb: g(xb[None]))(x), "vmap"),
+        (lambda g, x: torch.func.grad(lambda xb: g(xb).sum())(x), r"grad \(vjp, jacrev"),
+        (lambda g, x: torch.func.jacrev(g)(x), r"grad \(vjp, jacrev"),
+        (lambda g, x: torch.func.jacfwd(g)(x), r"jvp \(jacfwd\)"),
+    ],
+)
+def test_a_torch_func_transform_is_refused_naming_it_and_the_jacobian_that_works(transform, name):
+    """Under vmap a layer failed deep in its termination test (.item()) and under grad in its
+    adjoint (requires_grad_()); solve and both layers now refuse the transform at the call,
+    and torch.autograd.functional.jacobian, which the message names, gives the implicit
+    Jacobian (I - D1 W)^-1 D2 U of z* = relu(W z*) + relu(U x)."""
+    f, x = dense_cell(2)
+    x = x.detach()
+    deq = DEQ(f, adjoint_options=GMRES_TIGHT, **TIGHT)
+    layers = {
+        "DEQ": lambda xb: deq(xb).z,
+        "NeuralODE": lambda xb: NeuralODE(f)(xb).z,
+        r"raydeq\.solve": lambda xb: raydeq.solve(lambda z: f(z, xb), torch.zeros_like(xb)).z,
+    }
+    for what, g in layers.items():
+        with pytest.raises(RuntimeError, match=rf"{what} cannot run under torch\.func\.{name}"):
+            transform(g, x)
+
+    jac = torch.autograd.functional.jacobian(lambda xb: deq(xb).z, x)  # (B, D, B, D)
+    z = iterate(f, x, torch.zeros(B, D, dtype=torch.float64))
+    w, u = f.state.weight, f.inject.weight
+    for b in range(B):
+        d1 = torch.diag((w @ z[b] > 0).double())
+        d2 = torch.diag((u @ x[b] > 0).double())
+        expected = torch.linalg.solve(torch.eye(D, dtype=torch.float64) - d1 @ w, d2 @ u)
+        assert (jac[b, :, b] - expected).norm() / expected.norm() < 1e-6
+        assert jac[b, :, torch.arange(B) != b].abs().max() == 0
+
+
 @pytest.mark.parametrize("layer", [DEQ, NeuralODE])
 @pytest.mark.parametrize(
     "method",

@@ -17,7 +17,7 @@ from raydeq.solvers.driver import Method, iterate
 from raydeq.solvers.graphs import RECORDERS
 from raydeq.solvers.ode import VCAB3, RungeKutta
 from raydeq.solvers.options import choice, construct, integer, option_dict
-from raydeq.solvers.state import State, Structure, flat_function
+from raydeq.solvers.state import State, Structure, flat_function, untransformed
 from raydeq.solvers.stats import SolveStats
 from raydeq.solvers.tableau import BS3, EULER, TSIT5
 from raydeq.solvers.termination import Monitor, Termination
@@ -307,6 +307,7 @@ def _check_arguments(
     any evaluation of f (the solver's and adjoint's options are checked as they are built)."""
     if not callable(f):
         raise ValueError(f"f={reprlib.repr(f)} must be callable: z -> f(z), a state like z0")
+    untransformed("raydeq.solve")
     choice("adjoint", adjoint, ADJOINTS)
     integer("max_steps", max_steps)
     if check_every is not None:

@@ -97,6 +97,26 @@ def valued(name: str, t: torch.Tensor) -> None:
         )
 
 
+# torch.func transforms a solve cannot run under, by the names a user calls them.
+TRANSFORMS = {"Vmap": "vmap", "Grad": "grad (vjp, jacrev, hessian)", "Jvp": "jvp (jacfwd)"}
+
+
+def untransformed(what: str) -> None:
+    """Raise a RuntimeError naming `what` (solve, a layer) when called within a torch.func
+    transform: a solver reads each sample's residual on the host to stop it (vmap fails in
+    .item()), and an adjoint runs autograd itself (grad fails in requires_grad_()), both
+    deep inside the solve."""
+    interpreter = torch._C._functorch.peek_interpreter_stack()
+    name = interpreter and TRANSFORMS.get(interpreter.key().name)
+    if name:
+        raise RuntimeError(
+            f"{what} cannot run under torch.func.{name}: its solver reads each sample's "
+            "residual on the host to stop it, and its backward runs autograd itself; call it "
+            "on the whole batch (each sample is solved on its own) and differentiate with "
+            "loss.backward(), torch.autograd.grad or torch.autograd.functional.jacobian"
+        )
+
+
 def contained(container: type, tensors: list[torch.Tensor]) -> Sequence[torch.Tensor]:
     """tensors in `container`, a list, tuple or named tuple type (a named tuple's by its _make)."""
     return getattr(container, "_make", container)(tensors)
