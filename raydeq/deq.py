@@ -192,15 +192,16 @@ def _takes_zero_state(f: nn.Module, x: Tensor) -> bool:
 
 def dtype_note(f: nn.Module, x: Tensor, x_name: str = "x", f_name: str = "f") -> str | None:
     """A note naming x's dtype and f's floating parameters' where they differ, else None (x
-    and f called by the names the caller gave them)."""
+    and f called by the names the caller gave them); converting f to x's dtype is named only
+    for a floating x, as an integer f could not be trained."""
     params = f.parameters() if isinstance(f, nn.Module) else ()
     dtypes = sorted({str(p.dtype) for p in params if p.is_floating_point()} - {str(x.dtype)})
     if not dtypes:
         return None
+    convert = f" or convert {f_name} ({f_name}.to({x.dtype}))" if x.is_floating_point() else ""
     return (
         f"{x_name} is {x.dtype} but {f_name}'s parameters are {', '.join(dtypes)}: give "
-        f"{x_name} in {f_name}'s dtype ({x_name}.to({dtypes[0]})) or convert {f_name} "
-        f"({f_name}.to({x.dtype}))"
+        f"{x_name} in {f_name}'s dtype ({x_name}.to({dtypes[0]})){convert}"
     )
 
 
@@ -229,12 +230,17 @@ def zero_state_hint(f: nn.Module, x: Tensor) -> Iterator[None]:
     naming x's shape, which f may not take, and for an f without `initial_state` that method
     (a cell whose state is not shaped like its input fails inside its own first product). An
     error of an f that does (an integration past max_steps, running out of memory) gets no
-    note."""
+    note, and a TypeError (an integer x whose zeros_like state is no floating one) only the
+    note on dtypes."""
     try:
         yield
-    except (RuntimeError, ValueError) as err:
-        if not _takes_zero_state(f, x):
-            err.add_note(dtype_note(f, x) or _shape_note(f, x))
+    except (RuntimeError, TypeError, ValueError) as err:
+        if isinstance(x, Tensor) and not _takes_zero_state(f, x):
+            # A TypeError (a state of integers, an f returning no tensor) is no shape's doing.
+            shape = None if isinstance(err, TypeError) else _shape_note(f, x)
+            note = dtype_note(f, x) or shape
+            if note:
+                err.add_note(note)
         raise
 
 

@@ -1052,6 +1052,21 @@ def test_an_input_of_another_dtype_than_the_cell_names_both_dtypes_not_initial_s
     assert "x.to(torch.float64)" in notes
 
 
+@pytest.mark.parametrize("layer", [DEQ, NeuralODE])
+def test_an_integer_input_names_its_dtype_and_the_cast_to_the_cell_s(layer):
+    """An int64 x made an int64 zero state, refused by the solver as "each state tensor must be
+    floating point" with no word of x; the error now names x's dtype and x.to(f's dtype), and
+    not f.to(torch.int64), which would leave f with nothing to train."""
+    f, x = dense_cell(26)
+    with pytest.raises(TypeError, match="floating point") as failure:
+        layer(f)(x.round().long())
+    notes = "".join(failure.value.__notes__)
+    assert notes == (
+        "x is torch.int64 but f's parameters are torch.float64: give x in f's dtype "
+        "(x.to(torch.float64))"
+    )
+
+
 def test_an_error_of_a_cell_that_takes_the_zero_state_names_no_initial_state():
     """A cell whose state is its input's shape gets no note about initial_state on an error
     that is not about the state: a Neural ODE past max_steps, or f's own error on a later call.

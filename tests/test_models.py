@@ -544,6 +544,19 @@ def test_a_model_in_half_precision_solves_and_trains(name, variant):
 
 
 @pytest.mark.parametrize("name", ["mnist_dense", "mnist_mdeq"])
+def test_byte_images_are_told_to_become_floats_not_the_model_to_become_bytes(name):
+    """uint8 images (raw pixels) got the note "convert model (model.to(torch.uint8))", a model
+    of integers; the note now names the images' cast alone."""
+    model = build({"model": name}).eval()
+    with pytest.raises(RuntimeError) as failure:
+        model(torch.zeros(2, 1, 28, 28, dtype=torch.uint8))
+    assert "".join(failure.value.__notes__) == (
+        "images is torch.uint8 but model's parameters are torch.float32: give images in "
+        "model's dtype (images.to(torch.float32))"
+    )
+
+
+@pytest.mark.parametrize("name", ["mnist_dense", "mnist_mdeq"])
 def test_images_of_another_dtype_than_the_model_name_both_dtypes(name):
     """float16 images into a float32 model failed in the stem with torch's message alone; the
     error now names both dtypes and the casts, as a layer's does for x and f. Under autocast
