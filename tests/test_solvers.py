@@ -1307,6 +1307,27 @@ def test_a_recorded_implicit_adjoint_records_gmres_and_leaves_neumann_as_it_is()
     assert neumann.recorded() is neumann
 
 
+@pytest.mark.parametrize("given", ["gmres", None, "class"])
+def test_an_implicit_adjoint_of_no_linear_solver_instance_is_refused_where_it_is_made(given):
+    """ImplicitAdjoint("gmres"), (None) or (GMRES), the class, were taken and failed in the
+    backward pass ('str' object is not callable, or GMRES(rtol=<function>) from its operator);
+    each is refused where it is made, naming the value and GMRES(); an instance attached by
+    hand differentiates z* = a z* + c as the closed form dz*/dc = 1 / (1 - a) does."""
+    from raydeq.solvers import GMRES, SolveStats
+    from raydeq.solvers.adjoint import ImplicitAdjoint
+
+    value = GMRES if given == "class" else given
+    with pytest.raises(ValueError, match=r"linear_solver=.* must be a linear solver such as GMRES"):
+        ImplicitAdjoint(value)
+
+    c = torch.tensor([[1.0, 2.0]], dtype=torch.float64, requires_grad=True)
+    z_star = (c / 0.7).detach()
+    stats = SolveStats(1, 1, torch.zeros(1), torch.ones(1, dtype=torch.bool), torch.zeros(1))
+    z = ImplicitAdjoint(GMRES(rtol=1e-12)).attach(lambda z: 0.3 * z + c, z_star, z_star, stats)
+    (grad,) = torch.autograd.grad(z.sum(), c)
+    torch.testing.assert_close(grad, torch.full((1, 2), 1 / 0.7, dtype=torch.float64))
+
+
 def test_anderson_mixes_beta_f_and_one_minus_beta_z_from_a_nonzero_start():
     """With f constant c, the first step from z0 lands on beta c + (1 - beta) z0."""
     c = torch.tensor([[1.0, -2.0], [0.5, 4.0]], dtype=torch.float64)

@@ -10,6 +10,7 @@ parameters and inputs f closes over. No step of the forward solver is backpropag
 
 from __future__ import annotations
 
+import reprlib
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
@@ -55,6 +56,12 @@ class ImplicitAdjoint:
     evaluations = 1  # f(z*), which attaches z* to the graph
 
     def __post_init__(self) -> None:
+        solver = self.linear_solver
+        if isinstance(solver, type) or not callable(solver):
+            raise ValueError(
+                f"linear_solver={reprlib.repr(solver)} must be a linear solver such as GMRES() "
+                "or Neumann(), an instance called as solver(A, b, x0) -> (x, info)"
+            )
         if not isinstance(self.warm_start, bool):
             raise ValueError(f"warm_start={self.warm_start!r} must be True or False")
 
