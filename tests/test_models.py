@@ -544,6 +544,22 @@ def test_a_model_in_half_precision_solves_and_trains(name, variant):
 
 
 @pytest.mark.parametrize("name", ["mnist_dense", "mnist_mdeq"])
+@pytest.mark.parametrize("kind", ["list", "numpy", "None"])
+def test_images_that_are_no_tensor_are_named_with_the_conversion(name, kind):
+    """A list, a numpy array or None failed in the stem with "'list' object has no attribute
+    'dim'"; it is a TypeError naming the images' type and torch.as_tensor, after which the
+    same pixels classify as the tensor does."""
+    model = build({"model": name}).eval()
+    images = torch.rand(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    given = {"list": images.tolist(), "numpy": images.numpy(), "None": None}[kind]
+    with pytest.raises(TypeError, match=r"images must be a tensor \(B, \.\.\.\), got "):
+        model(given)
+    if given is not None:
+        converted = torch.as_tensor(given, dtype=torch.float32)
+        torch.testing.assert_close(model(converted)[0], model(images)[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["mnist_dense", "mnist_mdeq"])
 def test_byte_images_are_told_to_become_floats_not_the_model_to_become_bytes(name):
     """uint8 images (raw pixels) got the note "convert model (model.to(torch.uint8))", a model
     of integers; the note now names the images' cast alone."""

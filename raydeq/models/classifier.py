@@ -31,7 +31,13 @@ class EquilibriumClassifier(nn.Module):
 
     def forward(self, images: Tensor) -> tuple[Tensor, LayerOutput]:
         """Classify a batch; variational dropout draws fresh masks for every call (the layer
-        discards the last call's)."""
+        discards the last call's). A TypeError for images that are no tensor (a list, a numpy
+        array), which the stems would fail on reading their shape."""
+        if not isinstance(images, Tensor):
+            raise TypeError(
+                f"images must be a tensor (B, ...), got {type(images).__name__}: convert it "
+                "with torch.as_tensor(images, dtype=torch.float32)"
+            )
         with self._dtype_hint(images):
             out = self.layer(self.stem(images))
         return self.head(out.z), out
@@ -44,7 +50,7 @@ class EquilibriumClassifier(nn.Module):
         try:
             yield
         except (RuntimeError, ValueError) as err:
-            note = isinstance(images, Tensor) and dtype_note(self, images, "images", "model")
+            note = dtype_note(self, images, "images", "model")
             if note and not self._stem_takes(images):
                 err.add_note(note)
             raise
