@@ -4,6 +4,7 @@ continuous and a discrete solver, batch independence (group norm), dropout masks
 import dataclasses
 import functools
 import math
+import re
 import time
 
 import pytest
@@ -507,6 +508,28 @@ def test_bad_configs_name_the_value_and_the_choices(cfg, message):
 def test_resolve_checks_the_solver_and_adjoint_options_without_building(options, message):
     with pytest.raises(ValueError, match=message):
         resolve({"model": "mnist_dense", **options})
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"compile": "yes"}, "compile='yes' must be True, False, 'graph' or a dict"),
+        ({"jac_reg": "true"}, "jac_reg='true' must be True or False"),
+        ({"divergence": 1}, "divergence=1 must be a number > 1"),
+        ({"pretrain_depth": 0}, "pretrain_depth=0 must be an integer >= 1"),
+        ({"variant": "neural_ode", "t1": -1}, "t1=-1 must be a number > 0"),
+        ({"variant": "neural_ode", "dynamics": "F"}, "dynamics='F' is not one of"),
+        ({"variant": "neural_ode", "max_steps": 0}, "max_steps=0 must be an integer >= 1"),
+    ],
+)
+def test_resolve_checks_every_layer_option_as_build_does(options, message):
+    """resolve, the config's check of its model section, returned compile='yes', t1=-1 or
+    jac_reg='true' as resolved options, which build then refused; it refuses them as build
+    does, by the layer's own checks."""
+    cfg = {"model": "mnist_dense", **options}
+    for check in (resolve, build):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            check(cfg)
 
 
 def test_a_config_that_is_not_a_dict_is_named():

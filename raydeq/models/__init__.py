@@ -4,17 +4,18 @@ import inspect
 from collections.abc import Mapping
 from typing import Any
 
+from torch import nn
+
 from raydeq.deq import DEQ
 from raydeq.models.classifier import EquilibriumClassifier, Parts
 from raydeq.models.dense import DenseCell, DenseConfig
 from raydeq.models.mdeq import MDEQConfig, MultiscaleCell
 from raydeq.models.presets import PRESETS, Preset
 from raydeq.neural_ode import NODE_ADJOINTS, NODE_DYNAMICS, NeuralODE
-from raydeq.solvers import ADJOINTS, CONTINUOUS, DISCRETE, Termination
+from raydeq.solvers import ADJOINTS, CONTINUOUS, DISCRETE
 from raydeq.solvers.adjoint import IMPLICIT_ADJOINTS
 from raydeq.solvers.interval import INTERVAL_SOLVERS
 from raydeq.solvers.options import choice, option_dict
-from raydeq.solvers.solve import check_options
 
 VARIANTS = ("vanilla", "skip", "skip_reg", "neural_ode")
 DEFAULT_VARIANT = "skip_reg"
@@ -46,8 +47,8 @@ def resolve(cfg: Mapping[str, Any]) -> dict[str, Any]:
     Returns model, variant, solver and every option of the layer (DEQ or NeuralODE): the
     config's, else the preset's (tolerances, max_steps, the warm-up's steps and depth, the
     implicit adjoints' limits), else the layer's default (a Neural ODE trains by the continuous
-    adjoint, the paper's baseline). The one validator of model options: raises ValueError
-    naming the key and the allowed values.
+    adjoint, the paper's baseline). The one validator of model options, by the layer's own
+    constructor: raises ValueError naming the key and the allowed values.
     """
     if not isinstance(cfg, Mapping):
         raise TypeError(
@@ -84,11 +85,9 @@ def resolve(cfg: Mapping[str, Any]) -> dict[str, Any]:
         given = option_dict("adjoint_options", options["adjoint_options"])
         resolved["adjoint_options"] = {**defaults["adjoint_options"], **given}
     choice("adjoint", resolved["adjoint"], adjoints, where)
-    Termination(resolved["abstol"], resolved["reltol"])  # both 0: a solve that never stops
-    if layer is DEQ:
-        check_options(
-            solver, resolved["adjoint"], resolved["solver_options"], resolved["adjoint_options"]
-        )
+    # The layer's constructor checks each option (t1, jac_reg, compile, divergence, ...) with
+    # its own validator; a placeholder cell, which it never calls, builds nothing.
+    layer(nn.Identity(), solver=solver, **resolved)
     return {"model": name, "variant": variant, "solver": solver, **resolved}
 
 
