@@ -15,7 +15,7 @@ from torch import nn
 from raydeq import DEQ, NeuralODE
 from raydeq.datasets import mnist10k
 from raydeq.models import PRESETS, VARIANTS, build, resolve
-from raydeq.models.dense import DenseCell
+from raydeq.models.dense import DenseCell, DenseConfig
 from raydeq.models.layers import VariationalDropout2d, conv, group_norm
 from raydeq.models.mdeq import MDEQConfig, MultiscaleCell, mdeq_parts
 from raydeq.training.objective import Objective
@@ -530,6 +530,27 @@ def test_resolve_checks_every_layer_option_as_build_does(options, message):
     for check in (resolve, build):
         with pytest.raises(ValueError, match=re.escape(message)):
             check(cfg)
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: DenseConfig(width=0), "width=0 must be an integer >= 1"),
+        (lambda: DenseConfig(width=1.5), "width=1.5 must be an integer >= 1"),
+        (lambda: DenseConfig(in_features=-1), "in_features=-1 must be an integer >= 1"),
+        (lambda: MDEQConfig((), (), 8), "channels=() needs one channel count per scale"),
+        (lambda: MDEQConfig((8, 0), (4, 4), 8), "channels[1]=0 must be an integer >= 1"),
+        (lambda: MDEQConfig((8,), (4.0,), 8), "head_channels[0]=4.0 must be an integer >= 1"),
+        (lambda: MDEQConfig((8,), (4,), 8, groups=0), "groups=0 must be an integer >= 1"),
+        (lambda: MDEQConfig((8,), (4,), 0), "final_channels=0 must be an integer >= 1"),
+    ],
+)
+def test_a_model_config_of_a_size_below_one_is_refused_naming_the_field(make, message):
+    """DenseConfig(width=0) built a model of width 0, width=1.5 failed in torch.empty, an
+    MDEQConfig without channels in an IndexError and groups=0 made every group norm one group
+    per channel (gcd(c, 0) = c); each is refused where the config is made, naming the field."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        make()
 
 
 def test_a_config_that_is_not_a_dict_is_named():

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from raydeq.models.classifier import Parts
+from raydeq.solvers.options import integer
 
 
 class DenseCell(nn.Module):
@@ -51,6 +52,11 @@ class DenseConfig:
     in_features: int = 784
     width: int = 128
     num_classes: int = 10
+
+    def __post_init__(self) -> None:
+        """Refuse a size that is no integer >= 1, naming it, before any layer is made of it."""
+        for name in ("in_features", "width", "num_classes"):
+            integer(name, getattr(self, name))
 
 
 def dense_parts(cfg: DenseConfig) -> Parts:

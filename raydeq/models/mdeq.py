@@ -14,6 +14,19 @@ from torch import Tensor, nn
 
 from raydeq.models.classifier import Parts
 from raydeq.models.layers import VariationalDropout2d, conv, group_norm
+from raydeq.solvers.options import integer
+
+# MDEQConfig's counts besides the per-scale channels, each an integer >= 1 (groups=0 made
+# every group norm one of a group per channel, gcd(c, 0) = c).
+SIZES = (
+    "final_channels",
+    "in_channels",
+    "num_classes",
+    "expansion",
+    "skip_expansion",
+    "groups",
+    "upsample_kernel",
+)
 
 
 @dataclass(frozen=True)
@@ -35,6 +48,13 @@ class MDEQConfig:
 
     def __post_init__(self) -> None:
         """Reject inconsistent sizes early, naming the offending field."""
+        if len(self.channels) == 0:
+            raise ValueError(f"channels={self.channels!r} needs one channel count per scale")
+        for name in ("channels", "head_channels"):
+            for i, count in enumerate(getattr(self, name)):
+                integer(f"{name}[{i}]", count)
+        for name in SIZES:
+            integer(name, getattr(self, name))
         if len(self.head_channels) != len(self.channels):
             raise ValueError(
                 f"head_channels {self.head_channels} needs one entry per scale {self.channels}"
