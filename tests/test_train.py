@@ -1156,6 +1156,28 @@ def test_the_loss_is_the_mean_cross_entropy_plus_the_weighted_skip_and_jacobian_
     assert plain.item() == pytest.approx(cross_entropy, rel=1e-6)
 
 
+@pytest.mark.parametrize(
+    ("weights", "message"),
+    [
+        ({"lambda_skip": -0.5}, "lambda_skip=-0.5 must be a number >= 0"),
+        ({"lambda_skip": float("nan")}, "lambda_skip=nan must be a number >= 0"),
+        ({"lambda_skip": "1"}, "lambda_skip='1' must be a number >= 0"),
+        ({"lambda_skip": 1, "lambda_jac": -2.0}, "lambda_jac=-2.0 must be a number >= 0"),
+        ({"lambda_skip": 1, "lambda_jac": math.inf}, "lambda_jac=inf must be a finite number"),
+    ],
+)
+def test_a_loss_weight_that_is_no_finite_number_at_least_zero_is_refused(weights, message):
+    """Objective(lambda_skip=-0.5) trained with loss cross_entropy - 0.5 * skip_loss, pushing
+    z0 away from z*, and NaN made every loss NaN, both silently; each weight is now refused
+    where the objective is made, naming it (an int weight is a number)."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        objective.Objective(**weights)
+    logits, labels = torch.tensor([[0.0, math.log(3.0)]]), torch.tensor([1])
+    out = SimpleNamespace(skip_loss=torch.tensor(0.25), jac_loss=torch.tensor(0.0))
+    loss = objective.Objective(lambda_skip=2)(logits, labels, out)
+    assert loss.item() == pytest.approx(-math.log(0.75) + 0.5, rel=1e-6)
+
+
 def test_the_loss_of_bfloat16_logits_is_their_cross_entropy_in_float32():
     """Under autocast the logits come in bfloat16: the cross-entropy is taken of their values
     in float32, not rounded to bfloat16's three digits."""

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from raydeq.deq import LayerOutput, widened
+from raydeq.solvers.options import number
 
 # Per-step training metrics, averaged over a report interval; *_time in seconds per batch
 # (step_time: the whole step, data wait and warm-up steps included, for total training time).
@@ -47,6 +48,12 @@ class Objective:
 
     lambda_skip: float
     lambda_jac: float = 0.0
+
+    def __post_init__(self) -> None:
+        """Refuse a weight that is no finite number >= 0: a negative one rewards the distance
+        it should shrink (z0 from z*, or a large Jacobian) and NaN makes every loss NaN."""
+        number("lambda_skip", self.lambda_skip)
+        number("lambda_jac", self.lambda_jac)
 
     def __call__(self, logits: Tensor, labels: Tensor, out: LayerOutput) -> Tensor:
         """Cross-entropy (in float32 under autocast, float64 for a float64 model) plus the
