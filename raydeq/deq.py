@@ -10,7 +10,7 @@ from __future__ import annotations
 import reprlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import NoReturn
 
@@ -367,6 +367,20 @@ def _hook_refusal(layer: nn.Module, method: str) -> TypeError:
     )
 
 
+def held_by_termination(name: str) -> property:
+    """A layer's tolerance `name` read from and set through its Termination, which checks
+    it: set on the layer as a plain attribute (deq.abstol = 1e-6), it was one that no solve
+    read, which went on at the tolerance the layer was built with."""
+
+    def get(layer: nn.Module) -> float:
+        return getattr(layer.termination, name)
+
+    def set_(layer: nn.Module, value: float) -> None:
+        layer.termination = replace(layer.termination, **{name: value})
+
+    return property(get, set_, doc=f"The layer's {name}, held by its Termination.")
+
+
 class OutputLayer(nn.Module):
     """A module whose forward returns a LayerOutput: torch never called a full backward hook
     or pre-hook of it (warning at each call) and register_backward_hook's failed the forward
@@ -414,9 +428,14 @@ class DEQ(OutputLayer):
     and under an implicit adjoint with grad enabled, which solves each sample's system alone,
     a BatchNorm normalising by the batch's statistics (in training mode, or in any mode
     without running statistics), which couples them.
-    repr names every setting the layer was built with. Module backward hooks are refused
-    (OutputLayer): hook out.z's tensors instead.
+    repr names every setting the layer was built with; abstol, reltol and divergence set on it
+    later (deq.abstol = 1e-6) are checked and solved with as given. Module backward hooks are
+    refused (OutputLayer): hook out.z's tensors instead.
     """
+
+    abstol = held_by_termination("abstol")
+    reltol = held_by_termination("reltol")
+    divergence = held_by_termination("divergence")
 
     def __init__(
         self,

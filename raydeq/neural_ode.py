@@ -26,6 +26,7 @@ from raydeq.deq import (
     OutputLayer,
     callable_layer,
     draw_new_masks,
+    held_by_termination,
     initial_state,
     residual_stats,
     settings,
@@ -242,9 +243,13 @@ class NeuralODE(OutputLayer):
     RuntimeError when an integration needs more than max_steps steps, its step size falls
     too small to move t (a solution that blows up before t1), or the norms of a finite state
     overflow (entries past about 1e19 in float32).
-    Each forward pass draws new masks for f's variational dropouts; repr names every setting.
+    Each forward pass draws new masks for f's variational dropouts; repr names every setting;
+    abstol and reltol set on the layer later are checked and integrated with as given.
     Module backward hooks are refused (OutputLayer): hook out.z's tensors instead.
     """
+
+    abstol = held_by_termination("abstol")
+    reltol = held_by_termination("reltol")
 
     def __init__(
         self,

@@ -1258,6 +1258,34 @@ def test_a_layer_s_repr_names_the_settings_it_solves_with():
     )
 
 
+def test_tolerances_set_on_a_layer_after_it_is_made_are_checked_and_solved_with():
+    """deq.abstol = 1e-11 set an attribute that no solve read: the layer went on solving at
+    the 1e-3 it was built with (z* 1.7e-3 from plain iteration's); the tolerances are now its
+    Termination's, checked as at construction, and the solve meets them (z* within 1e-9 of
+    the reference); a Neural ODE's likewise."""
+    f, x = dense_cell(27)
+    x = x.detach()
+    reference = iterate(f, x, torch.zeros(B, D, dtype=torch.float64))
+    deq = DEQ(f, max_steps=2000)
+    deq.abstol, deq.reltol = 1e-11, 0.0
+    out = deq(x)
+    assert (deq.abstol, deq.termination.abstol, deq.termination.reltol) == (1e-11, 1e-11, 0.0)
+    assert "abstol=1e-11" in repr(deq)
+    assert out.stats.converged.all()
+    assert (out.z - reference).abs().max() < 1e-9
+    with pytest.raises(ValueError, match=r"abstol=-1 must be a number >= 0"):
+        deq.abstol = -1
+    with pytest.raises(ValueError, match=r"divergence=0.5 must be a number > 1"):
+        deq.divergence = 0.5
+    assert deq.abstol == 1e-11
+
+    node = NeuralODE(f)
+    node.reltol = 1e-7
+    assert node.termination.reltol == 1e-7
+    with pytest.raises(ValueError, match=r"reltol=nan must be a number >= 0"):
+        node.reltol = float("nan")
+
+
 @pytest.mark.parametrize(
     "run",
     [
