@@ -1488,6 +1488,25 @@ def test_load_model_names_a_file_uri_as_given_in_its_errors(tmp_path):
         load_model(tmp_path / "my run" / "absent")
 
 
+@pytest.mark.parametrize("folder", [None, 3, b"runs/a"])
+def test_load_model_given_no_path_names_it_and_what_it_takes(folder, tmp_path):
+    """load_model(None) or (3) failed in pathlib with "expected str, bytes or os.PathLike
+    object, not NoneType", naming no argument; it is a TypeError naming the folder given and
+    the paths it takes, a pathlib.Path among them, which loads the checkpoint's weights."""
+    with pytest.raises(TypeError) as refused:
+        load_model(folder)
+    assert str(refused.value) == (
+        f"folder={folder!r} must be a path (a str or pathlib.Path) of a run's, a trial's or "
+        "a checkpoint's folder, or a file: URI"
+    )
+    model = models.build({"model": "mnist_dense"})
+    settings = {"model": {"model": "mnist_dense"}}
+    state = {"step": 1, "model": model.state_dict(), "settings": settings}
+    checkpoint.write_checkpoint(state, tmp_path / "checkpoint_000001")
+    loaded = load_model(tmp_path)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.parameters(), model.parameters()))
+
+
 def test_load_model_refuses_a_file_uri_pyarrow_does_not_read_giving_its_escaped_form():
     """A file: URI with a space, which pyarrow refuses unparsed, was refused as another
     scheme's URI, told to copy the run down with aws s3 sync."""

@@ -3,6 +3,7 @@ the optimizer and schedule it is made of, and the trained model a run's folder h
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -190,7 +191,13 @@ def _built(folder: Path) -> nn.Module:
 def local_folder(folder: str | Path) -> Path:
     """The local folder of a path or a file: URI; a CheckpointError naming another URI, which
     Path would cut to a missing folder (s3://bucket/run to s3:/bucket/run), or a URI that
-    pyarrow does not read, giving its escaped form."""
+    pyarrow does not read, giving its escaped form; a TypeError naming a folder that is no
+    path (None, a number), which pathlib refused without naming it."""
+    if not isinstance(folder, str | os.PathLike):
+        raise TypeError(
+            f"folder={folder!r} must be a path (a str or pathlib.Path) of a run's, a trial's "
+            "or a checkpoint's folder, or a file: URI"
+        )
     if not is_uri(str(folder)):
         return Path(folder)
     problem = unparsed_uri(str(folder))
