@@ -326,6 +326,16 @@ def _probed_vjps(
     )
 
 
+def _form(z: object) -> str:
+    """What holds a state's tensors, for comparing a predicted state with the zero state: a
+    predictor's one tensor in a list, or a list for a tensor, failed inside f's first layer."""
+    if isinstance(z, Tensor):
+        return "one tensor"
+    if isinstance(z, list | tuple) and all(isinstance(t, Tensor) for t in z):
+        return f"a list or tuple of {len(z)} tensors"
+    return f"a {type(z).__name__}"
+
+
 def _shapes(z: State) -> list[tuple[int, ...]]:
     """The shape of each tensor of a state, for messages and comparisons."""
     return [tuple(t.shape) for t in _tensors(z)]
@@ -513,6 +523,11 @@ class DEQ(OutputLayer):
         zeros = initial_state(self.f, x)
         if self.init == "skip":
             z0 = self.skip(x)
+            if _form(z0) != _form(zeros):
+                raise ValueError(
+                    f"skip(x) must give the state as f's zero state holds it, {_form(zeros)}, "
+                    f"got {_form(z0)}"
+                )
             expected, got = _shapes(zeros), _shapes(z0)
             if got != expected:
                 raise ValueError(f"skip(x) must give the state's shapes {expected}, got {got}")

@@ -5,6 +5,7 @@ import copy
 import dataclasses
 import gc
 import math
+import re
 import weakref
 from typing import NamedTuple
 
@@ -996,6 +997,32 @@ def test_a_skip_predictor_of_the_wrong_shape_is_named_before_the_solve():
         match=rf"skip\(x\) must give the state's shapes \[\({x.shape[0]}, {width}\)\], got",
     ):
         deq(x)
+
+
+@pytest.mark.parametrize(
+    ("predict", "form"),
+    [
+        (lambda z: [z], "a list or tuple of 1 tensors"),
+        (lambda z: (z, z), "a list or tuple of 2 tensors"),
+        (lambda z: None, "a NoneType"),
+        (lambda z: z.detach().numpy(), "a ndarray"),
+    ],
+)
+def test_a_skip_predictor_giving_the_state_in_another_container_is_named(predict, form):
+    """A predictor giving [z] for a cell whose state is one tensor passed the shape check and
+    failed in f's first layer ("linear(): argument 'input' must be Tensor, not list"), and one
+    giving None in a TypeError of the check itself; both are named before the solve, while
+    the same predictor giving the tensor solves to plain iteration's z*."""
+    f, x = dense_cell(28)
+    x = x.detach()
+    g = nn.Linear(D, D).double()
+    deq = DEQ(f, init="skip", skip=lambda xb: predict(g(xb)), **TIGHT)
+    message = f"skip(x) must give the state as f's zero state holds it, one tensor, got {form}"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        deq(x)
+    out = DEQ(f, init="skip", skip=g, **TIGHT)(x)
+    reference = iterate(f, x, torch.zeros(B, D, dtype=torch.float64))
+    assert (out.z - reference).abs().max() < 1e-7
 
 
 class WideCell(nn.Module):
