@@ -38,6 +38,19 @@ class LayerOutput:
     jac_loss: Tensor
 
 
+def check_init(init: str, skip: object) -> None:
+    """Raise a ValueError for an init that is none of INITS, or one that does not match
+    skip: a predictor for init="skip" and only for it (a typo as deq.init = "Skip" made the
+    layer solve from zeros, init="skip" set without skip failed in calling None)."""
+    choice("init", init, INITS)
+    if skip is not None:
+        callable_layer("skip", skip, "g(x) -> z0")
+    if init == "skip" and skip is None:
+        raise ValueError("init='skip' needs a predictor module: pass skip=g with g(x) -> z0")
+    if init != "skip" and skip is not None:
+        raise ValueError(f"skip= is only used with init='skip', got init={init!r}")
+
+
 def callable_layer(name: str, layer: object, call: str) -> None:
     """Raise a ValueError naming `name` unless `layer` can be called (as `call`)."""
     if not callable(layer):
@@ -467,15 +480,9 @@ class DEQ(OutputLayer):
     ) -> None:
         super().__init__()
         callable_layer("f", f, "f(z, x) -> z")
-        choice("init", init, INITS)
+        check_init(init, skip)
         choice("solver", solver, SOLVERS)
         choice("adjoint", adjoint, ADJOINTS)
-        if skip is not None:
-            callable_layer("skip", skip, "g(x) -> z0")
-        if init == "skip" and skip is None:
-            raise ValueError("init='skip' needs a predictor module: pass skip=g with g(x) -> z0")
-        if init != "skip" and skip is not None:
-            raise ValueError(f"skip= is only used with init='skip', got init={init!r}")
         integer("max_steps", max_steps)
         integer("pretrain_steps", pretrain_steps, 0)
         integer("pretrain_depth", pretrain_depth)
@@ -519,7 +526,9 @@ class DEQ(OutputLayer):
         )
 
     def initial_guess(self, x: Tensor) -> State:
-        """z0 for input x according to `init` (with its graph, for skip_loss)."""
+        """z0 for input x according to `init` (with its graph, for skip_loss), checked with
+        skip as at construction: both may be set on the layer after it is made."""
+        check_init(self.init, self.skip)
         zeros = initial_state(self.f, x)
         if self.init == "skip":
             z0 = self.skip(x)

@@ -1025,6 +1025,29 @@ def test_a_skip_predictor_giving_the_state_in_another_container_is_named(predict
     assert (out.z - reference).abs().max() < 1e-7
 
 
+def test_an_init_set_on_a_layer_after_it_is_made_is_checked_with_its_predictor():
+    """deq.init = "Skip" (a typo) made the layer solve from zeros with skip_loss 0, and
+    init = "skip" set without a predictor failed in calling None; both are refused at the
+    call as at construction, and init = "skip_reg" set later starts from f(0, x) as a layer
+    built with it does (its skip loss mean |f(z*, x) - f(0, x)| by hand)."""
+    f, x = dense_cell(29)
+    x = x.detach()
+    deq = DEQ(f, **TIGHT)
+    deq.init = "Skip"
+    with pytest.raises(ValueError, match=r"init='Skip' is not one of 'zeros', 'skip', 'skip_reg'"):
+        deq(x)
+    deq.init = "skip"
+    with pytest.raises(ValueError, match=r"init='skip' needs a predictor module: pass skip=g"):
+        deq(x)
+    deq.init = "skip_reg"
+    out = deq(x)
+    reference = iterate(f, x, torch.zeros(B, D, dtype=torch.float64))
+    z0 = f(torch.zeros(B, D, dtype=torch.float64), x)
+    torch.testing.assert_close(out.z0, z0, rtol=0, atol=0)
+    expected = (f(reference, x) - z0).abs().mean()
+    torch.testing.assert_close(out.skip_loss, expected, rtol=1e-7, atol=0)
+
+
 class WideCell(nn.Module):
     """A cell whose state (width 3) is not shaped like its input (width 2)."""
 
