@@ -51,6 +51,16 @@ def check_init(init: str, skip: object) -> None:
         raise ValueError(f"skip= is only used with init='skip', got init={init!r}")
 
 
+def check_training(jac_reg: bool, pretrain_steps: int, pretrain_depth: int) -> None:
+    """Raise a ValueError for a jac_reg that is no bool or a warm-up of a negative number of
+    steps or a depth below 1 (set on the layer later, jac_reg="no" estimated the Jacobian
+    and pretrain_depth=0 failed in the solver, given no state to judge)."""
+    if not isinstance(jac_reg, bool):
+        raise ValueError(f"jac_reg={jac_reg!r} must be True or False")
+    integer("pretrain_steps", pretrain_steps, 0)
+    integer("pretrain_depth", pretrain_depth)
+
+
 def callable_layer(name: str, layer: object, call: str) -> None:
     """Raise a ValueError naming `name` unless `layer` can be called (as `call`)."""
     if not callable(layer):
@@ -484,10 +494,7 @@ class DEQ(OutputLayer):
         choice("solver", solver, SOLVERS)
         choice("adjoint", adjoint, ADJOINTS)
         integer("max_steps", max_steps)
-        integer("pretrain_steps", pretrain_steps, 0)
-        integer("pretrain_depth", pretrain_depth)
-        if not isinstance(jac_reg, bool):
-            raise ValueError(f"jac_reg={jac_reg!r} must be True or False")
+        check_training(jac_reg, pretrain_steps, pretrain_depth)
         check_options(solver, adjoint, solver_options, adjoint_options, compile)
         self.f = f
         self.skip = skip
@@ -526,9 +533,11 @@ class DEQ(OutputLayer):
         )
 
     def initial_guess(self, x: Tensor) -> State:
-        """z0 for input x according to `init` (with its graph, for skip_loss), checked with
-        skip as at construction: both may be set on the layer after it is made."""
+        """z0 for input x according to `init` (with its graph, for skip_loss); init and skip,
+        jac_reg and the warm-up's settings are checked as at construction, as each may be set
+        on the layer after it is made."""
         check_init(self.init, self.skip)
+        check_training(self.jac_reg, self.pretrain_steps, self.pretrain_depth)
         zeros = initial_state(self.f, x)
         if self.init == "skip":
             z0 = self.skip(x)

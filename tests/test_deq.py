@@ -1048,6 +1048,33 @@ def test_an_init_set_on_a_layer_after_it_is_made_is_checked_with_its_predictor()
     torch.testing.assert_close(out.skip_loss, expected, rtol=1e-7, atol=0)
 
 
+@pytest.mark.parametrize(
+    ("setting", "value", "message"),
+    [
+        ("jac_reg", "no", "jac_reg='no' must be True or False"),
+        ("pretrain_depth", 0, "pretrain_depth=0 must be an integer >= 1"),
+        ("pretrain_steps", -1, "pretrain_steps=-1 must be an integer >= 0"),
+    ],
+)
+def test_training_settings_set_on_a_layer_after_it_is_made_are_checked(setting, value, message):
+    """deq.jac_reg = "no" estimated the Jacobian penalty (a truthy string), pretrain_depth = 0
+    failed in the solver ("z0 must be a tensor ..., got NoneType") and pretrain_steps = -1
+    skipped the warm-up; each is refused at the call as at construction, and a depth of 3 set
+    later unrolls f three times (z = f(f(f(0, x), x), x))."""
+    f, x = dense_cell(30)
+    x = x.detach()
+    deq = DEQ(f, pretrain_steps=5)
+    setattr(deq, setting, value)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        deq(x)
+    deq = DEQ(f, pretrain_steps=5)
+    deq.pretrain_depth = 3
+    z = torch.zeros(B, D, dtype=torch.float64)
+    for _ in range(3):
+        z = f(z, x)
+    torch.testing.assert_close(deq(x).z, z, rtol=0, atol=0)
+
+
 class WideCell(nn.Module):
     """A cell whose state (width 3) is not shaped like its input (width 2)."""
 
