@@ -223,6 +223,26 @@ class ContinuousAdjoint(torch.autograd.Function):
         return None, None, *shaped[:2], None, *shaped[2:]
 
 
+def check_settings(
+    f: object, t1: float, dynamics: str, solver: str, adjoint: str, max_steps: int
+) -> None:
+    """Raise for a Neural ODE setting out of its range, naming it and what is allowed (set on
+    the layer after it was made, t1 = -1 integrated nothing and dynamics = "F" took dz/dt = f,
+    silently)."""
+    number("t1", t1, "(0, inf)")
+    choice("dynamics", dynamics, NODE_DYNAMICS)
+    choice("solver", solver, INTERVAL_SOLVERS)
+    choice("adjoint", adjoint, NODE_ADJOINTS)
+    integer("max_steps", max_steps)
+    callable_layer("f", f, "f(z, x) -> z")
+    if adjoint == "continuous" and not isinstance(f, nn.Module):
+        raise TypeError(
+            f"adjoint='continuous' needs f as an nn.Module, got {type(f).__name__}: its "
+            "backward differentiates f.parameters(); wrap f in a module or use "
+            "adjoint='backprop'"
+        )
+
+
 class NeuralODE(OutputLayer):
     """Neural ODE baseline: integrate dz/dt = F(z) from z(0) = 0 over [0, t1], output f(z(t1), x).
 
@@ -263,18 +283,7 @@ class NeuralODE(OutputLayer):
         max_steps: int = 10_000,
     ) -> None:
         super().__init__()
-        number("t1", t1, "(0, inf)")
-        choice("dynamics", dynamics, NODE_DYNAMICS)
-        choice("solver", solver, INTERVAL_SOLVERS)
-        choice("adjoint", adjoint, NODE_ADJOINTS)
-        integer("max_steps", max_steps)
-        callable_layer("f", f, "f(z, x) -> z")
-        if adjoint == "continuous" and not isinstance(f, nn.Module):
-            raise TypeError(
-                f"adjoint='continuous' needs f as an nn.Module, got {type(f).__name__}: its "
-                "backward differentiates f.parameters(); wrap f in a module or use "
-                "adjoint='backprop'"
-            )
+        check_settings(f, t1, dynamics, solver, adjoint, max_steps)
         self.f = f
         self.t1 = float(t1)
         self.dynamics = dynamics
@@ -296,8 +305,10 @@ class NeuralODE(OutputLayer):
         )
 
     def forward(self, x: Tensor) -> LayerOutput:
-        """Integrate to t1 with new dropout masks and return f(z(t1), x) with its statistics."""
+        """Integrate to t1 with new dropout masks and return f(z(t1), x) with its statistics;
+        the settings are checked as at construction, as each may be set on the layer after."""
         untransformed(type(self).__name__)
+        check_settings(self.f, self.t1, self.dynamics, self.solver, self.adjoint, self.max_steps)
         if isinstance(x, Tensor):
             valued("x", x)
         draw_new_masks(self)

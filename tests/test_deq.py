@@ -974,6 +974,33 @@ def test_neural_ode_rejects_a_deq_adjoint_a_discrete_solver_and_unknown_dynamics
         NeuralODE(None, adjoint="backprop")
 
 
+@pytest.mark.parametrize(
+    ("setting", "value", "message"),
+    [
+        ("t1", -1.0, "t1=-1.0 must be a number > 0"),
+        ("dynamics", "F", "dynamics='F' is not one of 'f_minus_z', 'f'"),
+        ("adjoint", "Backprop", "adjoint='Backprop' is not one of 'continuous', 'backprop'"),
+        ("max_steps", 0, "max_steps=0 must be an integer >= 1"),
+    ],
+)
+def test_neural_ode_settings_set_after_it_is_made_are_checked(setting, value, message):
+    """Set on the layer after it was made, t1 = -1 integrated nothing (0 steps, output
+    f(0, x)), dynamics = "F" took dz/dt = f and adjoint = "Backprop" backpropagated, all
+    silently; each is refused at the call as at construction, and t1 = 0.7 set later
+    integrates to the matrix exponential's z(0.7)."""
+    torch.manual_seed(11)
+    a = 0.5 * torch.randn(D, D, dtype=torch.float64) / D**0.5
+    x = torch.randn(B, D, dtype=torch.float64)
+    layer = NeuralODE(LinearCell(a.clone()), solver="tsit5", abstol=1e-11, reltol=1e-11)
+    setattr(layer, setting, value)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        layer(x)
+    layer = NeuralODE(LinearCell(a.clone()), solver="tsit5", abstol=1e-11, reltol=1e-11)
+    layer.t1 = 0.7
+    z1 = linear_ode_solution(a - torch.eye(D, dtype=a.dtype), x, 0.7)
+    torch.testing.assert_close(layer(x).z, z1 @ a.T + x, rtol=0, atol=1e-9)
+
+
 def test_a_neural_ode_of_a_plain_function_trains_by_backprop_and_the_adjoint_says_so():
     """The continuous adjoint differentiates f.parameters(): a closure's tensors would get no
     gradient, so it refuses a function that is not a module; backprop takes one."""
