@@ -162,6 +162,21 @@ def test_a_bad_system_is_named_at_the_call(solver, A, b, x0, error, message):
         solver(A, b, x0)
 
 
+@pytest.mark.parametrize("solver", [GMRES(rtol=1e-12), Neumann(rtol=1e-12, max_iters=200)])
+def test_an_operator_giving_another_dtype_than_x_is_named(solver):
+    """An A giving float64 for float32 x failed in the batched products ("expected scalar
+    type Double but found Float"); it is a TypeError naming both dtypes, and the same A in
+    x's dtype solves to torch.linalg.solve's x."""
+    g = torch.Generator().manual_seed(4)
+    m = torch.eye(4, dtype=torch.float64) - 0.3 * torch.rand(4, 4, generator=g, dtype=torch.float64)
+    b = torch.randn(3, 4, generator=g, dtype=torch.float64)
+    with pytest.raises(TypeError, match="A must map x of dtype torch.float32 to one of that dtype"):
+        solver(lambda u: u.double() @ m.T, b.float())
+    x, info = solver(lambda u: u @ m.T, b)
+    torch.testing.assert_close(x, torch.linalg.solve(m, b.T).T, rtol=0, atol=1e-10)
+    assert info.converged.all()
+
+
 def test_gmres_names_a_half_precision_b_which_it_cannot_solve():
     """A float16 b failed in torch ('triangular_solve_cpu not implemented for Half')."""
     with pytest.raises(TypeError, match="b must be.*torch.float32 or torch.float64.*float16"):

@@ -134,11 +134,14 @@ class ScaledLinearSolver:
 
 
 def _shaped(A: LinearOperator, x: torch.Tensor) -> torch.Tensor:
-    """A x, or a ValueError where A gives another shape than x's."""
+    """A x, or a ValueError where A gives another shape than x's and a TypeError where it
+    gives another dtype (which failed in the batched products, "expected scalar type")."""
     y = A(x)
     if not isinstance(y, torch.Tensor) or y.shape != x.shape:
         got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
         raise ValueError(f"A must map x of shape {tuple(x.shape)} to one of that shape, got {got}")
+    if y.dtype != x.dtype:
+        raise TypeError(f"A must map x of dtype {x.dtype} to one of that dtype, got {y.dtype}")
     return y
 
 
