@@ -1799,6 +1799,62 @@ def test_a_tune_trials_session_is_rank_0_of_1_and_reports_its_checkpoints(tmp_pa
     assert (sent[0].path, sent[0].filesystem) == (saved.path, saved.filesystem)
 
 
+def written_in_the_first_format(folder: Path) -> None:
+    """Rewrite each checkpoint in `folder` as raydeq wrote them until 2026-12-02: a manifest
+    of the step and the state's SHA-256 alone, no settings, no reports."""
+    for saved in folder.glob("checkpoint_*"):
+        state = read_checkpoint(saved)
+        del state["settings"]
+        shutil.rmtree(saved)
+        saved.mkdir()
+        torch.save(state, saved / STATE_FILE)
+        digest = hashlib.sha256((saved / STATE_FILE).read_bytes()).hexdigest()
+        (saved / MANIFEST_FILE).write_text(json.dumps({"step": state["step"], "sha256": digest}))
+
+
+class RecordingTrial(TuneTrial):
+    """A one-worker Tune trial's session that keeps its reports' steps instead of sending them
+    to Tune, and stores its checkpoints in its folder as Tune does."""
+
+    def __init__(self, trial_dir: Path) -> None:
+        super().__init__(str(trial_dir), use_gpu=False)
+        self.steps: list[int] = []
+
+    def report(self, metrics, checkpoint):
+        self.steps.append(metrics["step"])
+        if checkpoint is not None:
+            shutil.copytree(checkpoint.path, Path(self.folder, f"checkpoint_{len(self.steps):06d}"))
+
+
+def test_a_one_worker_trial_of_an_older_raydeq_resumes_from_its_train_runs_checkpoints(
+    tmp_path, monkeypatch
+):
+    """Until 2026-12-02 every Tune trial trained through Ray Train, which kept a one-worker
+    trial's checkpoints in the trial's TRAIN_RUN folder; a trial now trains in its own process
+    and read its own folder alone, so `tune --resume` of such an experiment trained every
+    trial again from step 1 (digits stopped at step 198: steps 22 to 198 trained and reported
+    twice). It now resumes from the newest of either folder, and the old checkpoints stay."""
+    trial = tmp_path / "trial"
+    cfg = validate(
+        {
+            "name": storage.TRAIN_RUN,
+            "storage_path": str(trial),
+            "train": {"epochs": 1, "max_steps": 6, "report_every": 2, "checkpoint_every": 2},
+        }
+    )
+    crash_in_step_5(cfg, FolderSession(trial / storage.TRAIN_RUN), monkeypatch)
+    written_in_the_first_format(trial / storage.TRAIN_RUN)
+    old = sorted(p.name for p in (trial / storage.TRAIN_RUN).glob("checkpoint_*"))
+    assert old == ["checkpoint_000002", "checkpoint_000004"]
+    session = RecordingTrial(trial)
+    resumed = loop.Loop(cfg, session)
+    assert resumed.state.step == 4
+    resumed.run()
+    assert session.steps == [6]
+    assert sorted(p.name for p in (trial / storage.TRAIN_RUN).glob("checkpoint_*")) == old
+    assert read_checkpoint(trial / "checkpoint_000001")["step"] == 6
+
+
 def test_a_worker_of_two_steps_through_each_epoch_as_one_worker_does(tmp_path, monkeypatch):
     """11 samples in global batches of 4: worker 0 of 2 takes two steps an epoch, as one worker
     would (its shard of 6, evened out by DistributedSampler, holds three batches of 2, the

@@ -17,11 +17,9 @@ import pyarrow.fs
 import pyarrow.json
 
 from raydeq.training.checkpoint import MANIFEST_FILE, REPORTS_FILE, reports_sha256
-from raydeq.training.storage import CHECKPOINT_PREFIX, filesystem, subfolders
+from raydeq.training.storage import CHECKPOINT_PREFIX, TRAIN_RUN, filesystem, subfolders
 
 RESULT_FILE = "result.json"
-# The folder of a trial of several workers that holds its Ray Train run and its checkpoints.
-TRAIN_RUN = "train"
 ARCHIVE_PREFIX = "result-before-resume-"
 log = logging.getLogger(__name__)
 # pyarrow's types of JSON's plain values (it reads a date's text as a timestamp).

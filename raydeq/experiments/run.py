@@ -27,7 +27,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import BasicVariantGenerator, SearchAlgorithm, Searcher
 
 from raydeq.experiments import search as searchers
-from raydeq.experiments.archive import TRAIN_RUN, archive_results, history
+from raydeq.experiments.archive import archive_results, history
 from raydeq.experiments.results import recorded_trials, trial_folder
 from raydeq.experiments.spec import (
     Experiment,
@@ -52,7 +52,7 @@ from raydeq.training.config import (
 from raydeq.training.reporting import progress_line
 from raydeq.training.schema import build_section, option
 from raydeq.training.session import TuneTrial
-from raydeq.training.storage import exists, filesystem, read_text, write_bytes
+from raydeq.training.storage import TRAIN_RUN, exists, filesystem, read_text, write_bytes
 
 SETTINGS_FILE = "experiment.yaml"
 # A trial's own driver holds this much CPU; its workers' share is reduced by it.

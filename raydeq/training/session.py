@@ -20,7 +20,7 @@ from ray.train import Checkpoint
 from torch import nn
 
 from raydeq.training.checkpoint import newest_first
-from raydeq.training.storage import CHECKPOINT_PREFIX, filesystem, subfolders
+from raydeq.training.storage import CHECKPOINT_PREFIX, TRAIN_RUN, filesystem, subfolders
 
 
 class Session(ABC):
@@ -82,13 +82,15 @@ class TuneTrial(Session):
         self.device = torch.device("cuda" if use_gpu else "cpu")
 
     def checkpoints(self) -> list[AbstractContextManager[str]]:
-        """Every checkpoint in the trial's folder, newest first.
+        """Every checkpoint in the trial's folder and in its TRAIN_RUN folder, newest first.
 
         Read from storage rather than from Tune's trial state: the driver saves that state
         only now and then, so after the driver is killed it can name an older checkpoint than
-        the newest one written, and the steps between would be trained twice.
+        the newest one written, and the steps between would be trained twice. TRAIN_RUN holds
+        the checkpoints of a trial that an older raydeq trained through Ray Train: resumed
+        without them, it trained again from step 1.
         """
-        return stored_checkpoints(self.folder)
+        return stored_checkpoints(self.folder, f"{self.folder}/{TRAIN_RUN}")
 
     def prepare_model(self, module: nn.Module) -> nn.Module:
         """The module on the trial's device."""
@@ -105,9 +107,9 @@ class TuneTrial(Session):
         ray.tune.report(metrics, checkpoint=saved)
 
 
-def stored_checkpoints(folder: str) -> list[AbstractContextManager[str]]:
-    """The `checkpoint_*` folders in `folder` (a path or URI) as local folders, newest first
-    (see `newest_first`)."""
-    fs = filesystem(folder)[0]
-    paths = newest_first(fs, subfolders(folder, CHECKPOINT_PREFIX))
+def stored_checkpoints(*folders: str) -> list[AbstractContextManager[str]]:
+    """The `checkpoint_*` folders in `folders` (paths or URIs of one filesystem) as local
+    folders, newest first (see `newest_first`)."""
+    fs = filesystem(folders[0])[0]
+    paths = newest_first(fs, [path for f in folders for path in subfolders(f, CHECKPOINT_PREFIX)])
     return [Checkpoint(path, filesystem=fs).as_directory() for path in paths]

@@ -10,6 +10,10 @@ import pyarrow.fs
 
 # How Ray Train and Tune name a checkpoint's folder in a run's or trial's folder.
 CHECKPOINT_PREFIX = "checkpoint_"
+# The folder of a Tune trial that holds its Ray Train run and its checkpoints: a trial's of
+# several workers, and a one-worker trial's that raydeq wrote before such trials trained in
+# their own process (until 2026-12-02, when every trial trained through Ray Train).
+TRAIN_RUN = "train"
 # What a URI holds as written (RFC 3986's reserved characters and escapes); others are escaped.
 URI_CHARACTERS = ":/?#[]@!$&'()*+,;=%"
 
