@@ -352,6 +352,36 @@ def test_ctrl_c_in_the_preflight_exits_130_in_one_line(tmp_path, capsys, monkeyp
     assert runlock.holder(config.load(str(path)).run_dir) is None
 
 
+def test_a_run_stored_under_the_name_an_older_raydeq_gave_its_settings_is_named_not_redone(
+    tmp_path, capsys
+):
+    """raydeq of 2026-12-02 named `train tune_configs/digits.yaml` digits-mnist_dense-skip_reg-
+    25a1a1ca, a digest of the model options it left unset as null; names now digest them
+    filled in, so after an update the same command started the run again from step 1 under a
+    new name (an old run's 396 steps left beside it). It is refused naming the folder, the
+    options and both names, creating nothing; name= the old one resumes it, another name=
+    starts anew, and a folder of the old name without checkpoints blocks nothing."""
+    digits = Path(__file__).parents[1] / "tune_configs" / "digits.yaml"
+    argv = [str(digits), f"storage_path={tmp_path}"]
+    cfg = config.load(argv[0], argv[1:])
+    assert cfg.name == "digits-mnist_dense-skip_reg-aa17a09a"
+    old = tmp_path / "digits-mnist_dense-skip_reg-25a1a1ca"
+    old.mkdir()
+    preflight.check_resume(cfg)
+    checkpoint.write_checkpoint({"step": 396}, old / "checkpoint_000396")
+    assert train.main(argv) == 2
+    assert capsys.readouterr().err == (
+        f"error: {old}: holds the run of these settings under the name raydeq gave it before "
+        "run names counted the model's default options (model.abstol: 0.005, model.reltol: "
+        "0.005, model.max_steps: 50, model.jac_reg: False, model.pretrain_steps: 0), where "
+        f"this run is named {cfg.name}; resume it with name={old.name}, or give this run "
+        "another name= to start anew\n"
+    )
+    assert [p.name for p in tmp_path.iterdir()] == [old.name]
+    preflight.check_resume(config.load(argv[0], [*argv[1:], f"name={old.name}"]))
+    preflight.check_resume(config.load(argv[0], [*argv[1:], "name=fresh"]))
+
+
 def test_a_name_given_again_with_other_settings_is_refused_naming_them(tmp_path, capsys):
     """A run's checkpoints record the settings that change its model; the same name= with
     more epochs (which would go on from them under the old schedule) is refused before Ray

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -552,6 +553,30 @@ def trained_settings(cfg: Config) -> dict[str, Any]:
     settings["data"]["eval_batch_size"] = DataSection.eval_batch_size
     settings["train"]["max_nonfinite_steps"] = TrainSection.max_nonfinite_steps
     return json.loads(json.dumps(settings))
+
+
+def former_names(cfg: Config) -> dict[str, list[str]]:
+    """The names raydeq derived from `cfg`'s settings before 2026-12-02, when a name digested
+    the model options as the config gave them, unset ones as null, not as `validate` fills
+    them in from the preset and the layer: each with the options it took as unset, one for
+    each set of the filled-in options that the config may have left unset."""
+    model = cfg.model
+    filled = [
+        f.name
+        for f in dataclasses.fields(ModelSection)
+        if f.default is None
+        and f"model.{f.name}" not in OUTSIDE_HASH
+        and getattr(model, f.name) is not None
+        and getattr(model, f.name)
+        == getattr(_resolve_model(dataclasses.replace(model, **{f.name: None})), f.name)
+    ]
+    names: dict[str, list[str]] = {}
+    for count in range(1, len(filled) + 1):
+        for unset in itertools.combinations(filled, count):
+            given = dataclasses.replace(model, **dict.fromkeys(unset))
+            names.setdefault(default_name(dataclasses.replace(cfg, model=given)), list(unset))
+    names.pop(default_name(cfg), None)
+    return names
 
 
 def check_settings(folder: str, stored: Any, cfg: Config) -> None:

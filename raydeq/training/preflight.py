@@ -3,6 +3,7 @@ here, once, into the index its workers read), the model, the storage and the run
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -12,7 +13,14 @@ from raydeq import models
 from raydeq.deq import initial_state
 from raydeq.training import data
 from raydeq.training.checkpoint import newest_first, read_manifest
-from raydeq.training.config import Config, ConfigError, check_settings, model_error
+from raydeq.training.config import (
+    Config,
+    ConfigError,
+    check_settings,
+    default_name,
+    former_names,
+    model_error,
+)
 from raydeq.training.storage import CHECKPOINT_PREFIX, check_storage, filesystem, subfolders
 
 
@@ -95,7 +103,29 @@ def newest_manifest(run_dir: str) -> tuple[str, dict[str, Any]] | None:
 def check_resume(cfg: Config) -> None:
     """Raise a ConfigError where the run's folder holds checkpoints of other settings: a name=
     given again with, say, more epochs would go on from them under the old schedule (a
-    checkpoint written before checkpoints recorded their settings is not checked)."""
+    checkpoint written before checkpoints recorded their settings is not checked); or where
+    it holds none and the run of these settings is stored under its former name."""
     newest = newest_manifest(cfg.run_dir)
     if newest is not None:
         check_settings(cfg.run_dir, newest[1].get("settings"), cfg)
+    elif cfg.name == default_name(cfg) and not subfolders(cfg.run_dir, CHECKPOINT_PREFIX):
+        check_former_names(cfg)
+
+
+def check_former_names(cfg: Config) -> None:
+    """Raise a ConfigError where the storage holds checkpoints of a run of `cfg`'s settings
+    under a name that raydeq gave it before 2026-12-02 (`config.former_names`): the same
+    command after an update started that run anew under its new name, as if never run."""
+    former = former_names(cfg)
+    prefix = cfg.name.rsplit("-", 1)[0] + "-"
+    for path in subfolders(cfg.storage_path, prefix):
+        name = path.rsplit("/", 1)[-1]
+        folder = os.path.join(cfg.storage_path, name)
+        if name in former and subfolders(folder, CHECKPOINT_PREFIX):
+            unset = ", ".join(f"model.{k}: {getattr(cfg.model, k)!r}" for k in former[name])
+            raise ConfigError(
+                f"{folder}: holds the run of these settings under the name raydeq gave it "
+                f"before run names counted the model's default options ({unset}), where "
+                f"this run is named {cfg.name}; resume it with name={name}, or give this run "
+                "another name= to start anew"
+            )
