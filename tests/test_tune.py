@@ -2365,17 +2365,46 @@ def test_a_resumed_tuner_archives_the_reports_and_continues_errored_trials_from_
     session before are archived."""
     calls = []
     monkeypatch.setattr(run, "archive_results", lambda path: calls.append(("archive", path)))
+    restored = restored_tuner([])
 
     def restore(path, trainable, **kwargs):
         calls.append(("restore", path, kwargs))
-        return "restored"
+        return restored
 
     monkeypatch.setattr(run.tune.Tuner, "restore", restore)
     options = run.Options(gpus=0, num_samples=1, scheduler="fifo", max_concurrent=0)
     path = f"{tmp_path}/x"
-    assert run.tuner(spec.from_dict("x", TINY), path, options, resume=True) == "restored"
+    assert run.tuner(spec.from_dict("x", TINY), path, options, resume=True) is restored
     flags = {"resume_unfinished": True, "resume_errored": True, "restart_errored": False}
     assert calls == [("archive", path), ("restore", path, flags)]
+
+
+def restored_tuner(callbacks: list) -> SimpleNamespace:
+    """A stand-in for the Tuner that Tune restores, its run config holding `callbacks`."""
+    run_config = SimpleNamespace(callbacks=callbacks)
+    return SimpleNamespace(_local_tuner=SimpleNamespace(get_run_config=lambda: run_config))
+
+
+def test_a_resume_reports_through_this_raydeqs_callbacks_not_those_the_experiment_pickled(
+    tmp_path, monkeypatch
+):
+    """Tune restores the callbacks pickled in tuner.pkl when the experiment started; those of
+    raydeq of 2026-12-02 unpickle as TrialLines without the total of trials, so a resume of
+    its digits experiment ended at its first finished trial in AttributeError 'TrialLines'
+    object has no attribute 'total'. The resumed run reports through this raydeq's callbacks:
+    the first of 6 trials to end is counted as 1 of 6."""
+    old = object.__new__(run.TrialLines)  # what unpickling the older tuner.pkl gives
+    restored = restored_tuner([run.JsonLoggerCallback(), run.CSVLoggerCallback(), old])
+    monkeypatch.setattr(run, "archive_results", lambda path: None)
+    monkeypatch.setattr(run.tune.Tuner, "restore", lambda path, trainable, **kwargs: restored)
+    options = run.Options(gpus=0, num_samples=1, scheduler="fifo", max_concurrent=0)
+    settings = {**TINY, "search": {"space": {"seed": {"grid_search": [0, 1, 2, 3, 4, 5]}}}}
+    run.tuner(spec.from_dict("x", settings), f"{tmp_path}/x", options, resume=True)
+    callbacks = restored._local_tuner.get_run_config().callbacks
+    loggers = [type(callback) for callback in callbacks]
+    assert loggers == [run.JsonLoggerCallback, run.CSVLoggerCallback, run.TrialLines]
+    trials = [SimpleNamespace(status="RUNNING") for _ in range(6)]
+    assert callbacks[-1].ended(trials, trials[0]) == " (1 of 6 trials done)"
 
 
 def test_fit_counts_the_errored_trials_and_those_left_pending_running_or_paused(

@@ -336,9 +336,14 @@ def tuner(experiment: Experiment, path: str, options: Options, resume: bool) -> 
     )
     if resume:
         archive_results(path)
-        return tune.Tuner.restore(
+        restored = tune.Tuner.restore(
             path, trainable, resume_unfinished=True, resume_errored=True, restart_errored=False
         )
+        # Tune restores the callbacks pickled when the experiment started: this raydeq's
+        # classes with the attributes of the raydeq that started it (an older TrialLines had
+        # no total, and the first trial to end stopped the resumed run). It takes this one's.
+        restored._local_tuner.get_run_config().callbacks = callbacks(experiment, options)
+        return restored
     storage, name = path.rstrip("/").rsplit("/", 1)
     search = experiment.search
     return tune.Tuner(
@@ -366,14 +371,17 @@ def tuner(experiment: Experiment, path: str, options: Options, resume: bool) -> 
             failure_config=tune.FailureConfig(
                 max_failures=cfg.scaling.max_failures if in_process(cfg) else 0
             ),
-            callbacks=[
-                JsonLoggerCallback(),
-                CSVLoggerCallback(),
-                TrialLines(trial_count(experiment, options.num_samples)),
-            ],
+            callbacks=callbacks(experiment, options),
             verbose=0,
         ),
     )
+
+
+def callbacks(experiment: Experiment, options: Options) -> list[tune.Callback]:
+    """What Tune calls on the trials' events: result.json (the reports the results read),
+    progress.csv and the trial lines."""
+    total = trial_count(experiment, options.num_samples)
+    return [JsonLoggerCallback(), CSVLoggerCallback(), TrialLines(total)]
 
 
 class TrialLines(tune.Callback):
