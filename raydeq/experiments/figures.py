@@ -1,5 +1,5 @@
-"""Matplotlib without a display (the Agg backend) and figures as PNG bytes, for every chart an
-experiment writes (results, Pareto front, the paper's figures).
+"""Matplotlib without a display (the Agg backend), figures as PNG bytes and the pieces that
+every chart an experiment writes (results, Pareto front, the paper's figures) shares.
 
 pyplot is imported on the first chart, not with this module: `python -m raydeq.tune` imports
 this for its reports, and a --dry-run, a --help or a trial's worker draws nothing.
@@ -10,15 +10,29 @@ from __future__ import annotations
 import functools
 import io
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
+
+import pandas as pd
 
 if TYPE_CHECKING:
     from matplotlib.artist import Artist
     from matplotlib.figure import Figure
+    from matplotlib.legend import Legend
 
-__all__ = ["LOG_SPAN", "log_y", "nothing_drawn", "png", "pyplot", "spans_decades", "subplots"]
+__all__ = [
+    "LOG_SPAN",
+    "legend_beside",
+    "log_y",
+    "nothing_drawn",
+    "png",
+    "pyplot",
+    "spans_decades",
+    "step_curves",
+    "step_panel",
+    "subplots",
+]
 
 # An axis whose values span this factor or more is logarithmic: on a linear one, times from
 # 1e-3 to 1e-1 s put the small ones, often the ones that matter, in a sliver at the bottom.
@@ -60,6 +74,44 @@ def nothing_drawn(axes: Any, text: str) -> None:
     trial failed before its first report) instead of showing bare 0-1 axes."""
     axes.set_axis_off()
     axes.text(0.5, 0.5, text, ha="center", va="center", transform=axes.transAxes)
+
+
+def step_curves(
+    curves: Mapping[str, Sequence[pd.DataFrame]], metric: str
+) -> Iterator[tuple[str, pd.DataFrame]]:
+    """Per variant that reported `metric`, its line against step: the mean and std over its
+    seeds' report histories at each step (a std of 0 where one seed reported)."""
+    for group, frames in curves.items():
+        usable = [f[["step", metric]].dropna() for f in frames if metric in f]
+        if any(len(f) for f in usable):
+            stats = pd.concat(usable).groupby("step")[metric].agg(["mean", "std"])
+            yield group, stats.fillna(0.0)
+
+
+def step_panel(axes: Any, unreported: str, linear: bool) -> None:
+    """Finish axes of lines against step: a grid, a log y axis where the lines span decades
+    (unless `linear`: an accuracy's fractions read linearly whatever their span), or the words
+    `unreported` in place of axes with no line."""
+    axes.grid(alpha=0.3)
+    if not axes.lines:
+        nothing_drawn(axes, unreported)
+    elif not linear:
+        log_y(axes)
+
+
+def legend_beside(
+    axes: Any, handles: Mapping[str, Artist], columns: int = 1, gap: float = 0.03
+) -> Legend:
+    """One legend of the labelled `handles` right of `axes`, its top left `gap` (of the axes'
+    width) past their right edge: inside, it covered what a panel draws."""
+    return axes.legend(
+        list(handles.values()),
+        list(handles),
+        fontsize="small",
+        loc="upper left",
+        bbox_to_anchor=(1.0 + gap, 1.0),
+        ncols=columns,
+    )
 
 
 def png(figure: Figure, dpi: int = 120, outside: Sequence[Artist] = ()) -> bytes:

@@ -20,7 +20,7 @@ from typing import Any
 import pandas as pd
 
 from raydeq.experiments import pareto
-from raydeq.experiments.figures import log_y, nothing_drawn, png, subplots
+from raydeq.experiments.figures import legend_beside, png, step_curves, step_panel, subplots
 from raydeq.experiments.spec import Experiment
 from raydeq.solvers import DISCRETE
 from raydeq.training.storage import write_bytes
@@ -250,47 +250,27 @@ def _kind(row: dict[str, Any]) -> tuple[str, str] | None:
     return ("Discrete" if row.get("config.model.solver") in DISCRETE else "Continuous", variant)
 
 
+# The columns of Figures 4-6: a metric, its words and our unit's factor to the figure's.
+CURVE_PANELS = (
+    ("predict_time", "test forward time (s / batch)", 1.0),
+    ("backward_time", "backward time (s / batch)", 1.0),
+    ("test_accuracy", "test accuracy (%)", 100.0),
+)
+
+
 def curves_figure(rows: list[dict[str, Any]], curves: dict[str, list[pd.DataFrame]]) -> bytes:
     """PNG of Figures 4-6: rows Discrete / Continuous DEQ, columns test forward time, backward
     time and test accuracy against step; one line per variant (mean over seeds)."""
     kinds = {row["group"]: _kind(row) for row in rows}
-    panels = [
-        ("predict_time", "test forward time (s / batch)", 1.0),
-        ("backward_time", "backward time (s / batch)", 1.0),
-        ("test_accuracy", "test accuracy (%)", 100.0),
-    ]
     figure, axes = subplots(2, 3, figsize=(16.0, 7.0), sharex=True)
     for r, kind in enumerate(("Discrete", "Continuous")):
-        for c, (metric, label, scale) in enumerate(panels):
-            axis = axes[r][c]
-            drawn: list[str] = []
-            for group, frames in curves.items():
-                if kinds.get(group) is None or kinds[group][0] != kind:
-                    continue
-                usable = [f[["step", metric]].dropna() for f in frames if metric in f]
-                if not any(len(f) for f in usable):
-                    continue
-                mean = pd.concat(usable).groupby("step")[metric].mean() * scale
-                variant = kinds[group][1]
-                color = f"C{VARIANTS.index(variant)}"  # a variant's colour in every panel
-                # A second row of the same variant (an extra, labelled setting) is dashed.
-                style = "--" if variant in drawn else "-"
-                drawn.append(variant)
-                axis.plot(
-                    mean.index,
-                    mean.values,
-                    color=color,
-                    linestyle=style,
-                    marker="o",
-                    markersize=3,
-                    label=group,
-                )
-            if not axis.lines:
-                nothing_drawn(axis, f"no {kind} DEQ trial reported {metric}")
-            elif metric != ACCURACY.ours:
-                log_y(axis)
+        variants = {g: k[1] for g, k in kinds.items() if k is not None and k[0] == kind}
+        mine = {g: frames for g, frames in curves.items() if g in variants}
+        for axis, (metric, label, scale) in zip(axes[r], CURVE_PANELS, strict=True):
+            _variant_lines(axis, mine, variants, metric, scale)
+            unreported = f"no {kind} DEQ trial reported {metric}"
+            step_panel(axis, unreported, linear=metric == ACCURACY.ours)
             axis.set_title(f"{kind} DEQ: {label}", fontsize="medium")
-            axis.grid(alpha=0.3)
             if r == 1:
                 axis.set_xlabel("training step")
         # One legend per row, right of it: a row's panels draw the same variants, and a legend
@@ -300,17 +280,38 @@ def curves_figure(rows: list[dict[str, Any]], curves: dict[str, list[pd.DataFram
         # were cut at the figure's edges.
         handles = {line.get_label(): line for axis in axes[r] for line in axis.lines}
         if handles:
-            axes[r][-1].legend(
-                handles.values(),
-                handles.keys(),
-                loc="upper left",
-                bbox_to_anchor=(1.03, 1.0),
-                fontsize="small",
-                ncols=math.ceil(len(handles) / LEGEND_ROWS),
-            )
+            legend_beside(axes[r][-1], handles, math.ceil(len(handles) / LEGEND_ROWS))
     figure.suptitle("Figures 4-6: Discrete and Continuous DEQ against training step")
     legends = [axis.get_legend() for axis in axes[:, -1] if axis.get_legend()]
     return png(figure, dpi=110, outside=legends)
+
+
+def _variant_lines(
+    axis: Any,
+    curves: dict[str, list[pd.DataFrame]],
+    variants: dict[str, str],
+    metric: str,
+    scale: float,
+) -> None:
+    """Draw a panel of Figures 4-6: per group, its mean over seeds against step in the colour
+    of its variant (`variants`), a second group of one variant dashed."""
+    drawn: list[str] = []
+    for group, stats in step_curves(curves, metric):
+        mean = stats["mean"] * scale
+        variant = variants[group]
+        color = f"C{VARIANTS.index(variant)}"  # a variant's colour in every panel
+        # A second row of the same variant (an extra, labelled setting) is dashed.
+        style = "--" if variant in drawn else "-"
+        drawn.append(variant)
+        axis.plot(
+            mean.index,
+            mean.values,
+            color=color,
+            linestyle=style,
+            marker="o",
+            markersize=3,
+            label=group,
+        )
 
 
 def written(experiment: Experiment) -> list[str]:

@@ -22,7 +22,7 @@ from ray.tune.execution.tune_controller import TuneController
 from raydeq import models
 from raydeq.experiments import hparams, paper, pareto
 from raydeq.experiments.archive import history
-from raydeq.experiments.figures import log_y, nothing_drawn, png, subplots
+from raydeq.experiments.figures import legend_beside, png, step_curves, step_panel, subplots
 from raydeq.experiments.spec import LABEL, VARIANT, Experiment, describe, trial_name
 from raydeq.training import runlock
 from raydeq.training.config import ConfigError, leaves
@@ -236,12 +236,7 @@ def _skipped(rows: list[dict[str, Any]]) -> str:
 def plot(metric: str, label: str, curves: dict[str, list[pd.DataFrame]]) -> bytes:
     """PNG of a metric against step: per variant, the mean over seeds with a +- std band."""
     figure, axes = subplots(figsize=(9.6, 4.8))
-    for group, frames in curves.items():
-        usable = [f[["step", metric]].dropna() for f in frames if metric in f]
-        if not any(len(f) for f in usable):
-            continue
-        joined = pd.concat(usable)
-        stats = joined.groupby("step")[metric].agg(["mean", "std"]).fillna(0.0)
+    for group, stats in step_curves(curves, metric):
         # Matplotlib's 10 colours repeat from the 11th variant on: a new line style tells it.
         style = ("-", "--", ":")[len(axes.lines) // 10 % 3]
         # A marker per report only where they stay apart: 5,000 merged into a band.
@@ -252,21 +247,17 @@ def plot(metric: str, label: str, curves: dict[str, list[pd.DataFrame]]) -> byte
         )
     axes.set_xlabel("step")
     axes.set_ylabel(label)
-    axes.grid(alpha=0.3)
-    if not pareto.in_percent(metric):
-        log_y(axes)
+    step_panel(axes, f"no trial reported {metric}", linear=pareto.in_percent(metric))
     if not axes.lines:
-        nothing_drawn(axes, f"no trial reported {metric}")
         return png(figure)
     # Right of the axes: inside, Table 1's eleven variants covered half the curves. Outside
     # the layout, which cannot shrink the axes enough for a search's long labels: the image
     # grows to hold them, a column per LEGEND_ROWS variants. The axes keep their height: grown
     # by a row per variant, each curve was drawn on a canvas as tall (300 variants of 5,000
     # reports took 8 minutes, 30 s now).
+    handles, labels = axes.get_legend_handles_labels()
     columns = math.ceil(len(axes.lines) / LEGEND_ROWS)
-    legend = axes.legend(
-        fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0), ncols=columns
-    )
+    legend = legend_beside(axes, dict(zip(labels, handles, strict=True)), columns, gap=0.02)
     return png(figure, outside=[legend])
 
 
