@@ -14,7 +14,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from raydeq.experiments.figures import nothing_drawn, png, spans_decades, subplots
+from raydeq.experiments.figures import legend_beside, nothing_drawn, png, spans_decades, subplots
 
 # Cost columns of results.parquet and their words.
 VIEWS = {"test_nfe": "test NFE", "train_time": "training time per step (s)"}
@@ -25,6 +25,8 @@ ZOOM_POINTS = 10.0
 MARGIN = 0.005
 # Settings that name or place a trial rather than change it.
 NOT_SETTINGS = ("config.name", "config.label", "config.storage_path")
+# A trial on the chart: its cost, its metric (in percent for an accuracy) and its row.
+Point = tuple[float, float, Mapping[str, Any]]
 
 
 def front(accuracy: Sequence[float], cost: Sequence[float]) -> list[int]:
@@ -186,58 +188,14 @@ def chart(rows: Sequence[Mapping[str, Any]], metric: str, mode: str = "max") -> 
     below the best left off for an accuracy in mode max only: in mode min the best trials sit
     lowest, and other metrics have no accuracy points to zoom by)."""
     figure, panels = subplots(1, len(VIEWS), figsize=(14.0, 4.6))
-    percent = in_percent(metric)
-    scale = 100 if percent else 1
     members = [rows[i] for i in counted(rows)]
     # One colour (and past ten, another marker) per configuration, the same in both views: a
     # name beside each point overlapped where the configurations crowd (Table 1's eleven).
     names = list(dict.fromkeys(table_name(r) for r in members if r.get("paper")))
     styles = {n: (f"C{i % 10}", "*PXD"[i // 10 % 4]) for i, n in enumerate(names)}
+    zoom = mode == "max" and in_percent(metric)
     for axes, (cost, words) in zip(panels, VIEWS.items()):
-        points = [(_number(r.get(cost)), scale * _number(r.get(metric)), r) for r in members]
-        points = [p for p in points if math.isfinite(p[0] + p[1])]
-        plain = [p for p in points if not p[2].get("paper")]
-        if plain:
-            axes.scatter([p[0] for p in plain], [p[1] for p in plain], s=18, c="0.6", label="trial")
-        for name, (colour, marker) in styles.items():
-            mine = [p for p in points if table_name(p[2]) == name and p[2].get("paper")]
-            if not mine:  # no finite measure in this view: nothing to name in its legend
-                continue
-            axes.scatter(
-                [p[0] for p in mine],
-                [p[1] for p in mine],
-                marker=marker,
-                s=110,
-                c=colour,
-                label=name,
-                zorder=3,
-            )
-        axes.set_xlabel(words)
-        axes.set_ylabel(f"{metric} (%)" if percent else metric)
-        if not points:
-            axes.set_title(f"{metric} against {words}", fontsize="medium")
-            nothing_drawn(axes, _unreported(members, metric, cost, words))
-            continue
-        front_points = sorted((p for p in points if p[2].get(f"pareto_{cost}")), key=lambda p: p[0])
-        # Open circles over the markers, so that a front point that is also a paper point
-        # shows both.
-        axes.plot(
-            [p[0] for p in front_points],
-            [p[1] for p in front_points],
-            "o-",
-            c="C3",
-            ms=9,
-            mfc="none",
-            mew=1.5,
-            label="Pareto front",
-            zorder=4,
-        )
-        best_accuracy = max((p[1] for p in points), default=math.nan)
-        shown = [p[1] for p in points if _shown(p[2], cost, p[1], best_accuracy)]
-        if mode == "max" and percent:
-            _zoom(axes, [p[1] for p in points], shown, [p[1] for p in front_points])
-        _scale(axes, [p[0] for p in points])
-        axes.grid(alpha=0.3)
+        _view(axes, members, metric, cost, words, styles, zoom)
     # One legend for both views: what either draws, once.
     drawn = {
         label: handle
@@ -245,14 +203,61 @@ def chart(rows: Sequence[Mapping[str, Any]], metric: str, mode: str = "max") -> 
         for handle, label in zip(*axes.get_legend_handles_labels(), strict=True)
     }
     if drawn:
-        panels[-1].legend(
-            list(drawn.values()),
-            list(drawn),
-            fontsize="small",
-            loc="upper left",
-            bbox_to_anchor=(1.03, 1.0),
-        )
+        legend_beside(panels[-1], drawn)
     return png(figure)
+
+
+def _view(
+    axes: Any,
+    members: Sequence[Mapping[str, Any]],
+    metric: str,
+    cost: str,
+    words: str,
+    styles: Mapping[str, tuple[str, str]],
+    zoom: bool,
+) -> None:
+    """Draw one cost view of the chart: the trials with a finite `metric` and `cost`, the front
+    joined over them, the trials far below the best left off where `zoom`, or why none shows."""
+    percent = in_percent(metric)
+    scale = 100 if percent else 1
+    points = [(_number(r.get(cost)), scale * _number(r.get(metric)), r) for r in members]
+    points = [p for p in points if math.isfinite(p[0] + p[1])]
+    _trials(axes, points, styles)
+    axes.set_xlabel(words)
+    axes.set_ylabel(f"{metric} (%)" if percent else metric)
+    if not points:
+        axes.set_title(f"{metric} against {words}", fontsize="medium")
+        nothing_drawn(axes, _unreported(members, metric, cost, words))
+        return
+    front_points = sorted((p for p in points if p[2].get(f"pareto_{cost}")), key=lambda p: p[0])
+    # Open circles over the markers, so that a front point that is also a paper point
+    # shows both.
+    axes.plot(
+        *_xy(front_points), "o-", c="C3", ms=9, mfc="none", mew=1.5, label="Pareto front", zorder=4
+    )
+    best_accuracy = max((p[1] for p in points), default=math.nan)
+    shown = [p[1] for p in points if _shown(p[2], cost, p[1], best_accuracy)]
+    if zoom:
+        _zoom(axes, [p[1] for p in points], shown, [p[1] for p in front_points])
+    _scale(axes, [p[0] for p in points])
+    axes.grid(alpha=0.3)
+
+
+def _trials(axes: Any, points: Sequence[Point], styles: Mapping[str, tuple[str, str]]) -> None:
+    """Scatter the trials: grey dots, and each of the paper's configurations in its style
+    (colour, marker), named in the legend only where this view draws it."""
+    plain = [p for p in points if not p[2].get("paper")]
+    if plain:
+        axes.scatter(*_xy(plain), s=18, c="0.6", label="trial")
+    for name, (colour, marker) in styles.items():
+        mine = [p for p in points if table_name(p[2]) == name and p[2].get("paper")]
+        if mine:  # none without a finite measure in this view: nothing to name in its legend
+            axes.scatter(*_xy(mine), marker=marker, s=110, c=colour, label=name, zorder=3)
+
+
+def _xy(points: Sequence[Point]) -> tuple[list[float], list[float]]:
+    """The costs and the metric's values of chart points, as two lists."""
+    return [p[0] for p in points], [p[1] for p in points]
 
 
 def _unreported(rows: Sequence[Mapping[str, Any]], metric: str, cost: str, words: str) -> str:
