@@ -68,13 +68,22 @@ def _interval_steps(frame: pd.DataFrame) -> pd.Series:
     return frame["step"].diff().fillna(frame["step"])
 
 
+def _reported(frame: pd.DataFrame, column: str) -> tuple[pd.Series, pd.Series] | None:
+    """A column's reported (non-missing) values and the steps each covers (`_interval_steps`),
+    or None where no report holds one."""
+    if column not in frame or frame[column].dropna().empty:
+        return None
+    values = frame[column].dropna()
+    return values, _interval_steps(frame)[values.index]
+
+
 def _mean(frame: pd.DataFrame, column: str) -> float:
     """The per-step mean of a column of interval means, each weighed by the steps it covers
     (an epoch's short last interval counts for its few steps), or NaN."""
-    if column not in frame or frame[column].dropna().empty:
+    reported = _reported(frame, column)
+    if reported is None:
         return math.nan
-    values = frame[column].dropna()
-    steps = _interval_steps(frame)[values.index]
+    values, steps = reported
     return float((steps * values).sum() / steps.sum())
 
 
@@ -82,17 +91,17 @@ def _rate(frame: pd.DataFrame, column: str) -> float:
     """The run's rate from a column of interval rates (images a second): its steps over the
     time they took, each interval's time its steps over its rate, or NaN; the mean of the
     rates would weigh a slow interval's few seconds as a fast one's many."""
-    if column not in frame or frame[column].dropna().empty:
+    reported = _reported(frame, column)
+    if reported is None:
         return math.nan
-    values = frame[column].dropna()
-    steps = _interval_steps(frame)[values.index]
+    values, steps = reported
     return float(steps.sum() / (steps / values).sum())
 
 
 def total_minutes(frame: pd.DataFrame) -> float:
     """Total training time in minutes (the paper's Table 1): each report's steps times its mean
     step time, summed over the reports."""
-    if "step_time" not in frame or frame["step_time"].dropna().empty:
+    if _reported(frame, "step_time") is None:
         return math.nan
     return float((_interval_steps(frame) * frame["step_time"]).sum()) / 60.0
 
