@@ -33,7 +33,6 @@ from raydeq.experiments.spec import (
     Experiment,
     describe,
     from_dict,
-    merge,
     searched_keys,
     trial_count,
     trial_name,
@@ -47,6 +46,7 @@ from raydeq.training.config import (
     ConfigError,
     apply_overrides,
     leaves,
+    merge,
     without_effect,
 )
 from raydeq.training.reporting import progress_line

@@ -515,6 +515,17 @@ def without(tree: Mapping[str, Any], dotted: str) -> dict[str, Any]:
     return result
 
 
+def merge(base: Mapping[str, Any], sampled: Mapping[str, Any]) -> dict[str, Any]:
+    """`base` with `sampled` laid over it; sections are merged key by key."""
+    result = dict(base)
+    for key, value in sampled.items():
+        if isinstance(value, Mapping) and isinstance(result.get(key), Mapping):
+            result[key] = merge(result[key], value)
+        else:
+            result[key] = value
+    return result
+
+
 def leaves(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """The values of a nested dict by dotted key (empty sections have none)."""
     flat = {}

@@ -1,0 +1,136 @@
+"""Dotted overrides (`key=value`) of an experiment's settings fixed in its search section: a
+searched key leaves the space, the variants that set it to another value go, and the
+conditional rules are resolved for it (see `fix_search`)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from raydeq.experiments import search as searchers
+from raydeq.experiments.primitives import dimensions, is_primitive, nested
+from raydeq.training.config import ConfigError, apply_overrides, merge, without
+
+
+def fix_search(search: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """The search section with the overridden keys fixed.
+
+    An override of a key that the space varies removes it from the space; an override of a key
+    that variants set keeps only the variants with that value; conditional rules are resolved
+    for it (see `_fix_rules`).
+    """
+    space = search.get("space") or {}
+    variants = search.get("variants") or []
+    rules = search.get("conditional")
+    for dotted, value in overrides.items():
+        space = _fix_dimension(space, dotted, value)
+        if isinstance(rules, list):
+            rules, joined = _fix_rules(rules, dotted, value)
+            space = merge(space, joined)
+        given = variants
+        variants = [
+            row for row in variants if dotted not in row or searchers.same(row[dotted], value)
+        ]
+        searched = search.get("searcher", "random") != "random"
+        if searched:  # a searcher's points lose the key
+            variants = [{k: v for k, v in row.items() if k != dotted} for row in variants]
+        elif search.get("variants") and not variants:
+            # A grid's variants are its trials; a searcher's are only its first points.
+            values = ", ".join(dict.fromkeys(repr(row[dotted]) for row in given if dotted in row))
+            raise ConfigError(
+                f"{dotted}={value!r}: no variant of search.variants has that value; they have "
+                f"{values}",
+                key=dotted,
+            )
+    fixed = {**search, "space": space} | ({"variants": variants} if "variants" in search else {})
+    return fixed | ({"conditional": rules} if isinstance(rules, list) else {})
+
+
+def _fix_rules(rules: list, dotted: str, value: Any) -> tuple[list, dict[str, Any]]:
+    """`search.conditional` with the key `dotted` fixed at `value`, and the dimensions that no
+    longer depend on anything: a rule whose `when` allows the value loses that condition, and
+    with none left its space joins the main one; a rule whose `when` excludes it is dropped;
+    a rule's dimension of that key goes, as it does from the main space."""
+    kept, joined = [], {}
+    for rule in rules:
+        when, space = (
+            rule.get(k) if isinstance(rule, Mapping) else None for k in ("when", "space")
+        )
+        if not isinstance(when, Mapping) or not isinstance(space, Mapping) or not space:
+            kept.append(rule)  # malformed: validate_search names it
+            continue
+        when, space = dict(when), _fix_dimension(nested(space), dotted, value)
+        if dotted in when:
+            allowed = when.pop(dotted)
+            if not any(
+                searchers.same(a, value)
+                for a in (allowed if isinstance(allowed, list) else [allowed])
+            ):
+                continue
+        if space and when:
+            kept.append({**rule, "when": when, "space": space})
+        elif space:
+            joined = merge(joined, space)
+    return kept, joined
+
+
+def _fix_dimension(space: Mapping[str, Any], dotted: str, value: Any) -> dict[str, Any]:
+    """A nested space without the dimension `dotted`, or with it fixed at `value` where it is
+    `_rule_only`: a rule's space that joined the main one keeps its solver option there."""
+    fixed = _fix_within(without(space, dotted), dotted, value)
+    if dotted in dimensions(space) and _rule_only(dotted):
+        fixed = apply_overrides(fixed, {dotted: value})
+    return fixed
+
+
+def _fix_within(space: Mapping[str, Any], dotted: str, value: Any) -> dict[str, Any]:
+    """A nested space with `dotted` set in each section that a choice or grid above it draws
+    whole (optim.lr in `optim: {choice: [{optimizer: adam, lr: ...}, ...]}`), whose values a
+    trial lays over the base's, the override's among them."""
+    changes = {}
+    for key, spec in dimensions(space).items():
+        if not dotted.startswith(f"{key}.") or not is_primitive(spec):
+            continue
+        ((primitive, values),) = spec.items()
+        if primitive in ("choice", "grid_search") and isinstance(values, list):
+            inner = {dotted.removeprefix(f"{key}."): value}
+            laid = [apply_overrides(v, inner) if isinstance(v, Mapping) else v for v in values]
+            changes[key] = {primitive: laid}
+    return apply_overrides(space, changes)
+
+
+def _rule_only(dotted: str) -> bool:
+    """Whether an override of a key that a conditional rule draws is fixed in that rule alone:
+    a solver's option, which the base's solver may not take (Anderson's m under VCAB3)."""
+    return dotted.startswith(searchers.SOLVER_OPTIONS)
+
+
+def rule_keys(search: Any) -> set[str]:
+    """The keys that the conditional rules of a search section draw (malformed rules left to
+    `validate_search`, a key written both dotted and nested to the space's checks)."""
+    rules = search.get("conditional") if isinstance(search, Mapping) else None
+    spaces = (
+        [r.get("space") for r in rules if isinstance(r, Mapping)] if isinstance(rules, list) else []
+    )
+    return {
+        k for space in spaces if isinstance(space, Mapping) for k in dimensions(space, once=False)
+    }
+
+
+def fixed_in_rules(search: Any, overrides: Mapping[str, Any]) -> set[str]:
+    """The overridden keys that `_rule_only` fixes in the conditional rules that draw them."""
+    drawn = rule_keys(search)
+    return {key for key in overrides if key in drawn and _rule_only(key)}
+
+
+def check_fixed_in_rules(search: Mapping[str, Any], overrides: Mapping[str, Any]) -> None:
+    """Raise a ConfigError for a `fixed_in_rules` override that no rule draws once the overrides
+    have settled them (Anderson's m with model.solver=vcab3), which no trial would run."""
+    drawn = rule_keys(search) | set(dimensions(search.get("space") or {}))
+    for key, value in overrides.items():
+        if key not in drawn:
+            raise ConfigError(
+                f"{key}={value!r}: no trial runs it, since the other overrides leave no rule "
+                "of search.conditional that draws it; drop it, or override the setting it needs",
+                key=key,
+            )
