@@ -367,6 +367,26 @@ def test_the_curves_figure_s_time_panels_turn_logarithmic_where_the_variants_spa
     pyplot().close(figure)
 
 
+def test_a_line_of_figures_4_6_is_the_mean_over_seeds_at_each_step_accuracy_in_percent(
+    monkeypatch,
+):
+    """Two seeds of a Skip Continuous DEQ, one missing a report: each step's point is the mean
+    of the seeds that reported it, an accuracy in percent and a time as it is."""
+    monkeypatch.setattr(paper, "png", lambda figure, **layout: figure)
+    rows = [_row("Skip Continuous DEQ", "skip", "vcab3", seed) for seed in (0, 1)]
+    seeds = [
+        pd.DataFrame({"step": [10, 20], "test_accuracy": [0.5, 0.7], "backward_time": 0.2}),
+        pd.DataFrame({"step": [10, 20], "test_accuracy": [0.6, math.nan], "backward_time": 0.4}),
+    ]
+    figure = paper.curves_figure(rows, {"Skip Continuous DEQ": seeds})
+    backward, accuracy = figure.axes[4].lines[0], figure.axes[5].lines[0]
+    assert list(accuracy.get_xdata()) == [10, 20]
+    assert list(accuracy.get_ydata()) == pytest.approx([55.0, 70.0])
+    assert list(backward.get_ydata()) == pytest.approx([0.3, 0.3])
+    assert [len(axis.lines) for axis in figure.axes[:3]] == [0, 0, 0]
+    pyplot().close(figure)
+
+
 def test_a_panel_of_figures_4_6_that_no_trial_reported_says_so(monkeypatch):
     """A Continuous DEQ alone whose tests all failed: the Discrete row and the test panels of
     the Continuous one were bare 0-1 axes; each says what no trial reported, and the drawn
