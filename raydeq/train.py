@@ -106,7 +106,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         held.enter_context(interruptible())
         try:
             cfg = load(config_file(args.config), args.overrides)
-            held.enter_context(runlock.hold(cfg.run_dir))  # before its checkpoints are read
+            left = held.enter_context(runlock.hold(cfg.run_dir))  # before checkpoints are read
+            if left:
+                print(f"note: {left}", file=sys.stderr)
             check_run(cfg)
             last = finished_before(cfg)
             if last is not None:

@@ -312,7 +312,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not (args.dry_run or args.report):
                 if not ended:
                     launch.check_cluster()
-                held.enter_context(runlock.hold(path))
+                left = held.enter_context(runlock.hold(path))
+                if left:
+                    print(f"note: {left}", file=sys.stderr)
                 if options is None:  # another start may have run it during the preflight
                     refuse_started(path)
         except (ConfigError, data.DataError, StorageError) as err:
@@ -332,12 +334,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def report_while_running(path: str) -> str:
     """How --report names the trials that have not ended: "running" (with a note on stderr)
-    while a driver on this machine runs the experiment, else "stopped"."""
+    while a driver runs the experiment, else "stopped"."""
     running = runlock.holder(path)
     if running is None:
         return "stopped"
     print(
-        f"note: {path} is still being run by {running} on this machine: its unfinished trials "
+        f"note: {path} is still being run by {running}: its unfinished trials "
         "are counted as running, and the run writes its results again when it ends",
         file=sys.stderr,
     )

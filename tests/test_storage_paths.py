@@ -3,6 +3,9 @@ its holder, and TensorBoard events in a folder or at a file:// URI: no Ray, no S
 
 import fcntl
 import os
+import signal
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -157,7 +160,7 @@ def test_the_holder_of_a_run_is_named_while_it_runs_and_none_before_or_after(tmp
     run = str(tmp_path / "runs" / "a")
     assert runlock.holder(run) is None
     with runlock.hold(run):
-        assert runlock.holder(run) == f"process {os.getpid()}"
+        assert runlock.holder(run) == f"process {os.getpid()} on this machine"
     assert runlock.lock_file(run).is_file() and runlock.holder(run) is None
     with runlock.hold(run):  # the test took nothing over
         pass
@@ -179,9 +182,125 @@ def test_a_start_that_meets_a_readers_probe_waits_for_it_not_refused_by_an_ended
         reader.start()
         try:
             with runlock.hold(run):
-                assert runlock.holder(run) == f"process {os.getpid()}"
+                assert runlock.holder(run) == f"process {os.getpid()} on this machine"
         finally:
             reader.join()
+
+
+def driver_elsewhere(run: str, tmp: Path, host: str | None = None) -> subprocess.Popen:
+    """A process holding the locks of `run` as a driver on another node of a shared disk does:
+    its own temporary folder and, where `host` is given, its own host name."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    rename = f"socket.gethostname = lambda: {host!r}\n" if host else ""
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import socket, time\nfrom raydeq.training import runlock\n"
+            f"{rename}with runlock.hold({run!r}):\n    print('held', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "TMPDIR": str(tmp)},
+    )
+    assert holder.stdout.readline() == "held\n"
+    return holder
+
+
+def test_a_run_held_by_a_driver_of_another_temporary_folder_or_node_is_refused(
+    tmp_path, monkeypatch
+):
+    """The lock lived in the user's temporary folder alone: a driver on another node of a
+    shared disk (or another user, or a batch job's own TMPDIR) took a lock of its own, trained
+    beside the first and failed on a checkpoint the first had pruned. The storage holds one
+    too, naming the process and its node."""
+    monkeypatch.setattr(runlock.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    run = str(tmp_path / "runs" / "a")
+    here = driver_elsewhere(run, tmp_path / "other")
+    node = driver_elsewhere(str(tmp_path / "runs" / "b"), tmp_path / "node-7", host="node-7")
+    try:
+        with pytest.raises(runlock.RunInUse) as refused:
+            with runlock.hold(run):
+                pass
+        assert str(refused.value) == (
+            f"{run} is being run by process {here.pid} on this machine; wait for it to end (or "
+            "stop it), or give this run another name"
+        )
+        assert runlock.holder(run) == f"process {here.pid} on this machine"
+        other = str(tmp_path / "runs" / "b")
+        with pytest.raises(runlock.RunInUse, match=f"by process {node.pid} on node-7; wait"):
+            with runlock.hold(f"file://{other}/"):
+                pass
+        assert runlock.holder(other) == f"process {node.pid} on node-7"
+        with runlock.hold(str(tmp_path / "runs" / "c")) as left:  # another run is free
+            assert left is None
+    finally:
+        for process in (here, node):
+            process.kill()
+            process.wait()
+
+
+def test_a_lock_left_by_a_killed_driver_is_taken_over_naming_it(tmp_path, monkeypatch):
+    """A driver killed with SIGKILL leaves its lock file in the storage, unheld: the next start
+    takes it, saying which driver left it; one that ended removes it, leaving the storage as
+    it found it."""
+    monkeypatch.setattr(runlock.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    run = str(tmp_path / "runs" / "a")
+    killed = driver_elsewhere(run, tmp_path / "other", host="node-7")
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert runlock.holder(run) is None
+    with runlock.hold(run) as left:
+        assert left == (
+            f"{run} was last run by process {killed.pid} on node-7, which ended without "
+            f"releasing its lock {tmp_path / 'runs' / '.a.lock'} (killed); the lock is taken over"
+        )
+    assert os.listdir(tmp_path / "runs") == []
+    with runlock.hold(run) as left:
+        assert left is None
+    with runlock.hold(str(tmp_path / "new" / "runs" / "a")):
+        assert (tmp_path / "new" / "runs" / ".a.lock").is_file()
+    assert not (tmp_path / "new").exists()  # a run that stored nothing leaves no folder
+
+
+def test_drivers_of_many_temporary_folders_hold_a_run_one_at_a_time(tmp_path):
+    """A driver removes its lock file in the storage as it ends; one that opened the file just
+    before must not lock the removed file while a third locks the new one."""
+    run = str(tmp_path / "runs" / "a")
+    log = tmp_path / "held.log"
+    script = (
+        (
+            "import os, time\nfrom raydeq.training import runlock\n"
+            "end, took = time.monotonic() + 3, 0\n"
+            "while time.monotonic() < end:\n"
+            "    try:\n"
+            "        with runlock.hold(RUN):\n"
+            "            with open(LOG, 'a') as log: log.write(f'+{os.getpid()}\\n')\n"
+            "            time.sleep(0.002)\n"
+            "            with open(LOG, 'a') as log: log.write(f'-{os.getpid()}\\n')\n"
+            "            took += 1\n"
+            "    except runlock.RunInUse:\n"
+            "        pass\n"
+            "print(took)\n"
+        )
+        .replace("RUN", repr(run))
+        .replace("LOG", repr(str(log)))
+    )
+    for k in range(4):
+        (tmp_path / f"tmp{k}").mkdir()
+    drivers = [
+        subprocess.Popen(
+            [sys.executable, "-c", script],
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "TMPDIR": str(tmp_path / f"tmp{k}")},
+        )
+        for k in range(4)
+    ]
+    took = [int(driver.communicate(timeout=120)[0]) for driver in drivers]
+    lines = log.read_text().split()
+    assert len(lines) == 2 * sum(took) and sum(took) >= 2
+    assert all(a[0] == "+" and b == f"-{a[1:]}" for a, b in zip(lines[::2], lines[1::2]))
 
 
 @pytest.mark.parametrize("manifest", ["{}", "[1, 2]", "not json", '{"step": 1}'])

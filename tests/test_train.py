@@ -446,7 +446,7 @@ def test_the_settings_of_a_runs_checkpoints_are_checked_under_its_lock(tmp_path,
     )
     monkeypatch.setattr(train, "run", lambda cfg, argv: 0)
     assert train.main([str(path)]) == 0
-    assert checked == [f"process {os.getpid()}"]
+    assert checked == [f"process {os.getpid()} on this machine"]
 
 
 def test_a_loop_resuming_a_checkpoint_of_other_settings_refuses_it_naming_them(tmp_path):

@@ -1,11 +1,14 @@
-"""One driver per run on a machine: a second `raydeq.train` of a run that is training here, or
-a second `raydeq.tune` of an experiment that is running here, is refused at once.
+"""One driver per run: a second `raydeq.train` of a run that is training, or a second
+`raydeq.tune` of an experiment that is running, is refused at once.
 
 Two drivers of one run folder both resume from its newest checkpoint, then write and prune
 checkpoints side by side: the second one's restore found the folders the first had just
-pruned, and failed after three worker restarts. The lock is an flock on a file named after the
-run (its storage may be a URI, which has no locks), so the system releases it when the driver
-ends, however it ends.
+pruned, and failed after three worker restarts. A driver holds two flocks, which the system
+releases when it ends, however it ends: one on a file named after the run in this user's
+temporary folder (its storage may be a URI, which has no locks), and, for a local folder, one
+on a file beside it in the storage, which a driver on another machine of a shared disk, of
+another user or with another TMPDIR takes too. The driver removes the file in the storage as
+it ends, so one found there unheld was left by a driver that was killed.
 """
 
 from __future__ import annotations
@@ -13,10 +16,11 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import socket
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO
 
@@ -26,7 +30,7 @@ PROBE_WAIT_S = 5.0  # the longest a start waits out readers' shared probes of it
 
 
 class RunInUse(StorageError):
-    """Another process on this machine is running the same run."""
+    """Another process is running the same run."""
 
 
 def lock_file(run: str) -> Path:
@@ -40,23 +44,120 @@ def lock_file(run: str) -> Path:
 
 
 @contextmanager
-def hold(run: str) -> Iterator[None]:
-    """Hold the lock of `run` for the block, or raise RunInUse naming the process that holds
-    it."""
+def hold(run: str) -> Iterator[str | None]:
+    """Hold the locks of `run` for the block, or raise RunInUse naming the process that holds
+    one; yields a note naming the driver that was killed holding it, else None."""
     path = lock_file(run)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as file:
         holder = take(file)
         if holder is not None:
-            raise RunInUse(
-                f"{run} is being run by {holder} on this machine; wait for it to end (or stop "
-                "it), or give this run another name"
-            ) from None
+            raise RunInUse(in_use(run, f"{holder} on this machine")) from None
         file.seek(0)
         file.truncate()
         file.write(f"process {os.getpid()}")
         file.flush()
-        yield
+        with hold_shared(run) as left:
+            yield left
+
+
+def in_use(run: str, holder: str) -> str:
+    """The refusal of a run that `holder` (a process and its machine) runs."""
+    return (
+        f"{run} is being run by {holder}; wait for it to end (or stop it), or give this run "
+        "another name"
+    )
+
+
+def shared_lock_file(run: str) -> Path | None:
+    """The lock file of a local run folder in its storage, beside the folder (in it, it would
+    be one more entry where Tune and load_model list theirs); None for a URI."""
+    local = local_path(run)
+    if local is None:
+        return None
+    folder = Path(os.path.realpath(local))
+    return folder.parent / f".{folder.name}.lock"
+
+
+@contextmanager
+def hold_shared(run: str) -> Iterator[str | None]:
+    """Hold the lock file of `run` in its storage for the block, or raise RunInUse naming its
+    holder and machine; yields a note where a killed driver left it. Folders it makes for the
+    file, and the file, are removed after, so a run that never started stores nothing. A
+    storage where no file can be made or locked (read-only, a filesystem without flock) is left
+    to the preflight's checks, under the lock of this machine alone."""
+    path = shared_lock_file(run)
+    made = [] if path is None else missing_folders(path.parent)
+    file = None
+    try:
+        for folder in reversed(made):
+            folder.mkdir()
+        file = None if path is None else open_locked(path, run)
+    except OSError:
+        pass
+    try:
+        if file is None:
+            yield None
+            return
+        file.seek(0)
+        left = file.read().strip()
+        file.seek(0)
+        file.truncate()
+        file.write(f"process {os.getpid()} on {socket.gethostname()}")
+        file.flush()
+        yield (
+            f"{run} was last run by {place(left)}, which ended without releasing its lock "
+            f"{path} (killed); the lock is taken over"
+            if left
+            else None
+        )
+    finally:
+        if file is not None:
+            path.unlink(missing_ok=True)  # before the lock goes: see open_locked
+            file.close()
+        for folder in made:
+            try:
+                folder.rmdir()
+            except OSError:  # something else was put in it
+                break
+
+
+def missing_folders(folder: Path) -> list[Path]:
+    """`folder` and those above it that do not exist, deepest first."""
+    missing = []
+    while not folder.exists() and folder.parent != folder:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
+def open_locked(path: Path, run: str) -> IO[str]:
+    """The lock file of `run` at `path`, opened and locked; raise RunInUse where another process
+    holds it. A holder removes the file before releasing it, so a lock taken on a file no longer
+    at `path` is dropped and the new file opened: two drivers never hold two files."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        file = os.fdopen(fd, "r+")
+        try:
+            with suppress(OSError):  # shared by the users of a shared disk; the owner's alone
+                os.fchmod(fd, 0o666)
+            holder = take(file)
+            if holder is not None:
+                raise RunInUse(in_use(run, place(holder)))
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                return file
+        except FileNotFoundError:
+            pass
+        except BaseException:
+            file.close()
+            raise
+        file.close()
+
+
+def place(holder: str) -> str:
+    """A holder written in the storage ("process N on HOST"), HOST said "this machine" here."""
+    process, _, host = holder.partition(" on ")
+    return f"{process} on this machine" if host == socket.gethostname() else holder
 
 
 def take(file: IO[str]) -> str | None:
@@ -94,14 +195,24 @@ def writing_results(experiment: str) -> Iterator[None]:
 
 
 def holder(run: str) -> str | None:
-    """The process that runs `run` on this machine ("process N"), or None where none does (the
-    lock is held, shared, for the test alone)."""
-    path = lock_file(run)
-    if not path.is_file():
+    """The process that runs `run` and its machine ("process N on this machine"), or None
+    where none does (each lock is held, shared, for the test alone)."""
+    here = probe(lock_file(run))
+    if here is not None:
+        return f"{here} on this machine"
+    shared = shared_lock_file(run)
+    there = None if shared is None else probe(shared)
+    return None if there is None else place(there)
+
+
+def probe(path: Path) -> str | None:
+    """What the holder of the lock file at `path` wrote there, or None where none holds it."""
+    try:
+        with open(path) as file:
+            try:
+                fcntl.flock(file, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return file.read().strip() or "another process"
+    except OSError:  # no such file, or one that cannot be read
         return None
-    with open(path) as file:
-        try:
-            fcntl.flock(file, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return file.read().strip() or "another process"
     return None
