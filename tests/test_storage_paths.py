@@ -263,6 +263,37 @@ def test_a_lock_left_by_a_killed_driver_is_taken_over_naming_it(tmp_path, monkey
     assert not (tmp_path / "new").exists()  # a run that stored nothing leaves no folder
 
 
+def test_results_written_from_another_temporary_folder_wait_for_the_writer(tmp_path, monkeypatch):
+    """A --report on another node of a shared disk and the run's end wrote the results side by
+    side (the report's, read from a trial still running, could land last); the second writer
+    now waits for the first, wherever it runs, and the storage keeps no lock file after."""
+    monkeypatch.setattr(runlock.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    experiment, done = tmp_path / "runs" / "e", tmp_path / "written"
+    experiment.mkdir(parents=True)
+    (tmp_path / "other").mkdir()
+    writer = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import pathlib, time\nfrom raydeq.training import runlock\n"
+            f"with runlock.writing_results({str(experiment)!r}):\n"
+            "    print('held', flush=True); time.sleep(1)\n"
+            f"    pathlib.Path({str(done)!r}).write_text('done')",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "TMPDIR": str(tmp_path / "other")},
+    )
+    try:
+        assert writer.stdout.readline() == "held\n"
+        with runlock.writing_results(str(experiment)):
+            assert done.read_text() == "done"
+    finally:
+        writer.kill()
+        writer.wait()
+    assert os.listdir(tmp_path / "runs") == ["e"]
+
+
 def test_drivers_of_many_temporary_folders_hold_a_run_one_at_a_time(tmp_path):
     """A driver removes its lock file in the storage as it ends; one that opened the file just
     before must not lock the removed file while a third locks the new one."""

@@ -69,14 +69,14 @@ def in_use(run: str, holder: str) -> str:
     )
 
 
-def shared_lock_file(run: str) -> Path | None:
+def shared_lock_file(run: str, suffix: str = ".lock") -> Path | None:
     """The lock file of a local run folder in its storage, beside the folder (in it, it would
     be one more entry where Tune and load_model list theirs); None for a URI."""
     local = local_path(run)
     if local is None:
         return None
     folder = Path(os.path.realpath(local))
-    return folder.parent / f".{folder.name}.lock"
+    return folder.parent / f".{folder.name}{suffix}"
 
 
 @contextmanager
@@ -131,18 +131,20 @@ def missing_folders(folder: Path) -> list[Path]:
     return missing
 
 
-def open_locked(path: Path, run: str) -> IO[str]:
+def open_locked(path: Path, run: str, wait: bool = False) -> IO[str]:
     """The lock file of `run` at `path`, opened and locked; raise RunInUse where another process
-    holds it. A holder removes the file before releasing it, so a lock taken on a file no longer
-    at `path` is dropped and the new file opened: two drivers never hold two files."""
+    holds it, or with `wait` wait for it. A holder removes the file before releasing it, so a
+    lock taken on a file no longer at `path` is dropped and the new file opened: two processes
+    never hold two files."""
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
         file = os.fdopen(fd, "r+")
         try:
             with suppress(OSError):  # shared by the users of a shared disk; the owner's alone
                 os.fchmod(fd, 0o666)
-            holder = take(file)
-            if holder is not None:
+            if wait:
+                fcntl.flock(file, fcntl.LOCK_EX)
+            elif (holder := take(file)) is not None:
                 raise RunInUse(in_use(run, place(holder)))
             if os.fstat(fd).st_ino == os.stat(path).st_ino:
                 return file
@@ -185,13 +187,24 @@ def take(file: IO[str]) -> str | None:
 @contextmanager
 def writing_results(experiment: str) -> Iterator[None]:
     """Hold the results lock of the experiment at `experiment` for the block, waiting while
-    another process here reads and writes its results: a --report that read a trial still
-    running would otherwise write its results over those the run wrote at its end."""
+    another process, here or on another machine of its shared disk, reads and writes its
+    results: a --report that read a trial still running would otherwise write its results
+    over those the run wrote at its end."""
     path = lock_file(experiment).with_suffix(".results")
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as file:
         fcntl.flock(file, fcntl.LOCK_EX)
-        yield
+        shared = shared_lock_file(experiment, ".results.lock")
+        try:
+            held = None if shared is None else open_locked(shared, experiment, wait=True)
+        except OSError:  # a storage without flock: this machine's lock alone
+            held = None
+        try:
+            yield
+        finally:
+            if held is not None:
+                shared.unlink(missing_ok=True)  # before the lock goes: see open_locked
+                held.close()
 
 
 def holder(run: str) -> str | None:
