@@ -2746,6 +2746,24 @@ def write_tune_state(folder: Path, session: str, cut: bool) -> Path:
     return file
 
 
+def test_a_record_of_tune_read_while_its_driver_copies_it_is_read_whole(tmp_path, monkeypatch):
+    """A running driver copies Tune's record into the storage in place, so a --report from a
+    second terminal found it empty for a moment (8 of 10,187 reads during a digits run) and
+    failed calling it damaged, to be restored from a backup; it is read again once copied."""
+    monkeypatch.setattr(runlock.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    _, folder = stored_tiny_experiment(tmp_path)
+    state = write_tune_state(folder, "2024-01-02_00-00-00", cut=False)
+    whole = state.read_text()
+    state.write_text("")
+    copy = threading.Timer(0.3, state.write_text, (whole,))
+    copy.start()
+    try:
+        [trial] = results.recorded_trials(str(folder))
+    finally:
+        copy.join()
+    assert trial.trial_id == "ab_00000"
+
+
 def test_a_damaged_record_of_tune_is_one_line_naming_it_in_report_resume_and_a_runs_end(
     tmp_path, capsys, monkeypatch
 ):

@@ -9,6 +9,7 @@ import functools
 import logging
 import math
 import statistics
+import time
 from typing import Any
 
 import pandas as pd
@@ -279,6 +280,11 @@ def trial_folder(path: str, trial: Any) -> str | None:
         return None
 
 
+# How long a state file that does not parse is read again: its copy by a running driver, a few
+# kilobytes, takes milliseconds (8 of 10,187 reads during a digits run found it empty).
+STATE_RETRY_S = 1.0
+
+
 class RecordedExperiment(tune.ExperimentAnalysis):
     """Tune's record of an experiment, its trials alone: Tune's own reading of every trial's
     result file into a DataFrame (a second read of each, held for every trial) is left out,
@@ -293,11 +299,18 @@ class RecordedExperiment(tune.ExperimentAnalysis):
 
     def _load_trials(self) -> list[Any]:
         """Tune's trials from its newest state file, or a StorageError naming that file where
-        it holds none (cut short, no JSON), in place of Tune's traceback."""
-        try:
-            return super()._load_trials()
-        except (ValueError, KeyError, TypeError) as err:
-            raise StorageError(self.damaged(err)) from None
+        it holds none (cut short, no JSON), in place of Tune's traceback. A running driver
+        copies the file into the storage in place every few seconds, where a reader (--report
+        from a second terminal) finds it empty or cut for a moment, so a damaged file is read
+        again for STATE_RETRY_S before it is called damaged."""
+        deadline = time.monotonic() + STATE_RETRY_S
+        while True:
+            try:
+                return super()._load_trials()
+            except (ValueError, KeyError, TypeError) as err:
+                if time.monotonic() > deadline:
+                    raise StorageError(self.damaged(err)) from None
+            time.sleep(0.05)
 
     def damaged(self, err: Exception) -> str:
         """The line naming the damaged state file, why, and where an intact record may be."""
