@@ -215,7 +215,7 @@ def start(args: argparse.Namespace) -> tuple[Experiment, str, run.Options | None
     if args.dry_run:
         check_repeats(experiment, args.num_samples)
         return experiment, path, None
-    refuse_started(path)
+    refuse_started(path, runlock.holder(path))
     preflight(experiment, args.num_samples)
     check_storage(path)
     return experiment, path, None
@@ -235,13 +235,20 @@ def check_listable(experiment: Experiment, path: str) -> None:
         ) from None
 
 
-def refuse_started(path: str) -> None:
-    """Raise a ConfigError where an experiment was started at `path` already."""
-    if run.has_settings(path):
+def refuse_started(path: str, running: str | None = None) -> None:
+    """Raise a ConfigError where an experiment was started at `path` already, naming the
+    driver `running` it where one does (--resume would be refused while it runs)."""
+    if not run.has_settings(path):
+        return
+    if running is not None:
         raise ConfigError(
-            f"experiment {path} already exists; add --resume to continue it, --report to "
-            "summarise it, or choose another --name"
+            f"experiment {path} already exists and is being run by {running}; wait for it to "
+            "end (or stop it), add --report to summarise it meanwhile, or choose another --name"
         )
+    raise ConfigError(
+        f"experiment {path} already exists; add --resume to continue it, --report to "
+        "summarise it, or choose another --name"
+    )
 
 
 def new_options(args: argparse.Namespace, experiment: Experiment) -> run.Options:

@@ -2522,6 +2522,23 @@ def test_a_report_while_a_driver_here_runs_the_experiment_counts_its_trials_as_r
     )
 
 
+def test_a_start_of_an_experiment_that_is_running_names_its_driver_not_resume(
+    tmp_path, capsys, monkeypatch
+):
+    """A second start of an experiment that has stored its settings and still runs was told
+    to add --resume, which the running driver's lock then refused; it names the driver."""
+    monkeypatch.setattr(runlock.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    monkeypatch.setattr(ray, "init", lambda *args, **kwargs: pytest.fail("Ray was started"))
+    file, folder = stored_tiny_experiment(tmp_path)
+    with runlock.hold(str(folder)):
+        assert rt.main([str(file), "--storage", str(tmp_path / "runs")]) == 2
+    assert capsys.readouterr().err == (
+        f"error: experiment {folder} already exists and is being run by process {os.getpid()} "
+        "on this machine; wait for it to end (or stop it), add --report to summarise it "
+        "meanwhile, or choose another --name\n"
+    )
+
+
 def test_a_start_refuses_an_experiment_another_one_started_during_its_preflight(
     tmp_path, capsys, monkeypatch
 ):
