@@ -263,6 +263,26 @@ def test_a_lock_left_by_a_killed_driver_is_taken_over_naming_it(tmp_path, monkey
     assert not (tmp_path / "new").exists()  # a run that stored nothing leaves no folder
 
 
+def test_a_lock_file_that_cannot_be_removed_is_emptied_not_left_naming_its_driver(
+    tmp_path, monkeypatch
+):
+    """Another user's lock file in a folder with the sticky bit cannot be removed by the driver
+    that took it over: removing it raised at the end of a run that had finished, and the file
+    it left would name that driver as killed to the next start."""
+    monkeypatch.setattr(runlock.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    run = str(tmp_path / "runs" / "a")
+    (tmp_path / "runs").mkdir()
+
+    def refused(self: Path, missing_ok: bool = False) -> None:
+        raise PermissionError(1, "Operation not permitted", str(self))
+
+    with monkeypatch.context() as patched, runlock.hold(run):
+        patched.setattr(Path, "unlink", refused)
+    assert (tmp_path / "runs" / ".a.lock").read_text() == ""
+    with runlock.hold(run) as left:
+        assert left is None
+
+
 def test_results_written_from_another_temporary_folder_wait_for_the_writer(tmp_path, monkeypatch):
     """A --report on another node of a shared disk and the run's end wrote the results side by
     side (the report's, read from a trial still running, could land last); the second writer

@@ -113,8 +113,7 @@ def hold_shared(run: str) -> Iterator[str | None]:
         )
     finally:
         if file is not None:
-            path.unlink(missing_ok=True)  # before the lock goes: see open_locked
-            file.close()
+            release(path, file)
         for folder in made:
             try:
                 folder.rmdir()
@@ -154,6 +153,19 @@ def open_locked(path: Path, run: str, wait: bool = False) -> IO[str]:
             file.close()
             raise
         file.close()
+
+
+def release(path: Path, file: IO[str]) -> None:
+    """Remove the lock file at `path` and release its lock, in that order (see `open_locked`);
+    one that cannot be removed (another user's, in a folder with the sticky bit) is emptied,
+    so that the next holder finds no killed driver in it."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        file.seek(0)
+        file.truncate()
+        file.flush()
+    file.close()
 
 
 def place(holder: str) -> str:
@@ -203,8 +215,7 @@ def writing_results(experiment: str) -> Iterator[None]:
             yield
         finally:
             if held is not None:
-                shared.unlink(missing_ok=True)  # before the lock goes: see open_locked
-                held.close()
+                release(shared, held)
 
 
 def holder(run: str) -> str | None:
