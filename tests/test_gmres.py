@@ -189,6 +189,23 @@ def test_an_empty_batch_is_solved_by_both_solvers():
         assert x.shape == (0, 4) and info.converged.shape == (0,)
 
 
+def test_an_empty_batch_takes_no_product_with_a():
+    """GMRES counted 2 products on a batch of no samples (the residual of x0 and one Arnoldi
+    step) and Neumann 1 from a start; neither now applies A, which is what the count says."""
+    calls = []
+
+    def counted(u: torch.Tensor) -> torch.Tensor:
+        calls.append(u.shape)
+        return HALF(u)
+
+    b = torch.ones(0, 4)
+    for solver in (GMRES(), Neumann()):
+        for x0 in (None, b):
+            x, info = solver(counted, b, x0)
+            assert x.shape == (0, 4) and info.matvecs == 0 and calls == []
+            assert info.iterations.shape == info.residual.shape == (0,)
+
+
 def test_float32():
     a, b = systems(3, 16, seed=6)
     x, info = GMRES(rtol=1e-5)(matvec(a.float()), b.float())

@@ -88,8 +88,14 @@ class ScaledLinearSolver:
     def __call__(
         self, A: LinearOperator, b: torch.Tensor, x0: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, LinearSolveInfo]:
-        """Return x and the solve's info; x0 is the initial guess (zeros when None)."""
+        """Return x and the solve's info; x0 is the initial guess (zeros when None). A batch of
+        no samples takes no product with A (GMRES took 2, each a VJP for the implicit adjoint)."""
         A = self._checked(A, b, x0)
+        if b.shape[0] == 0:
+            # A batch of no samples has nothing to solve: no product with A is taken.
+            return torch.zeros_like(b), LinearSolveInfo(
+                b.new_zeros(0, dtype=torch.long), b.new_ones(0, dtype=torch.bool), b.new_zeros(0), 0
+            )
         scale = b.abs().amax(dim=1, keepdim=True)  # 10x faster than the inf-norm on a CPU
         scale = torch.where(scale > 0, scale, 1.0)
         unit = b / scale
