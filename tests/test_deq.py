@@ -315,6 +315,47 @@ def test_skip_loss_trains_the_predictor_and_f():
         assert (a - b).norm() / b.norm() < 1e-6
 
 
+@pytest.mark.parametrize("adjoint", raydeq.solvers.ADJOINTS)
+def test_a_frozen_layer_on_an_input_without_gradient_gives_z_star_without_a_graph(adjoint):
+    """With f's parameters frozen and x needing no gradient, an implicit adjoint's z* needed
+    one all the same (a torch module's output does not), so that a backward ran GMRES to no
+    parameter; z* now comes without a graph, of the same value and evaluations."""
+    f, x = dense_cell(5)
+    x = x.detach()
+    trained = DEQ(copy.deepcopy(f), adjoint=adjoint, **TIGHT)(x)
+    f.requires_grad_(False)
+    assert not f.state(x).requires_grad
+    out = DEQ(f, adjoint=adjoint, **TIGHT)(x)
+    assert not out.z.requires_grad and torch.equal(out.z, trained.z)
+    assert out.stats.nfe == trained.stats.nfe
+    reference = iterate(f, x, torch.zeros(B, D, dtype=torch.float64))
+    # A residual of 1e-8 (RMS) at contraction 0.6 leaves z* within 2.5e-8 (RMS) of it.
+    torch.testing.assert_close(out.z, reference, rtol=0, atol=1e-7)
+
+
+def test_a_frozen_layer_differentiates_its_input_and_leaves_the_predictor_to_skip_loss():
+    """f frozen: the gradient in x is the implicit one (dense Jacobians), and a trained
+    predictor g gets skip_loss's direct term alone, with no adjoint solve (its backward took 11
+    VJPs before, with nothing to reach)."""
+    f, x = dense_cell(6)
+    f.requires_grad_(False)
+    g = dense_skip(D).double()
+    out = DEQ(f, init="skip", skip=g, adjoint_options=GMRES_TIGHT, **TIGHT)(x.detach())
+    assert not out.z.requires_grad and out.skip_loss.requires_grad
+    reference = iterate(f, x.detach(), torch.zeros(B, D, dtype=torch.float64))
+    g_params = list(g.parameters())
+    out.skip_loss.backward()
+    want = torch.autograd.grad((reference - g(x.detach())).abs().mean(), g_params)
+    for p, b in zip(g_params, want, strict=True):
+        assert (p.grad - b).norm() / b.norm() < 1e-6
+    assert out.stats.backward_nvjp == 0
+    out = DEQ(f, adjoint_options=GMRES_TIGHT, **TIGHT)(x)
+    v = torch.randn(B, D, dtype=torch.float64)
+    (got,) = torch.autograd.grad(out.z, x, v)
+    (want,) = ift_vjp(f, reference, x, v, [x])
+    assert (got - want).norm() / want.norm() < 1e-6 and out.stats.backward_nvjp > 1
+
+
 class TwoPartCell(nn.Module):
     """A state of two parts, (B, 3) and (B, 5): f(a, b) = (tanh(a W1 + x), tanh(b W2 + a W3))."""
 

@@ -527,6 +527,18 @@ def test_a_batch_of_no_samples_counts_the_one_product_its_backward_takes(adjoint
     assert (sol.stats.nfe, sol.stats.backward_nvjp) == (1, 1)
 
 
+@pytest.mark.parametrize("adjoint", raydeq.solvers.ADJOINTS)
+def test_z_star_needs_a_gradient_where_something_f_closes_over_does(adjoint):
+    """An implicit adjoint's z* needed a gradient where nothing f closes over did (a constant
+    W, z0 without one), unlike a torch function's output, and a backward then solved the
+    adjoint system for nothing; now it needs one where W does, as for every adjoint."""
+    w = 0.5 * torch.eye(3) + 0.1
+    for trained in (False, True):
+        w.requires_grad_(trained)
+        sol = raydeq.solve(lambda z: torch.tanh(z @ w.T + 1), torch.zeros(2, 3), adjoint=adjoint)
+        assert sol.z.requires_grad == trained == (w @ torch.ones(3)).requires_grad
+
+
 @pytest.mark.parametrize("solver", SOLVERS)
 def test_an_unrolled_batch_of_no_samples_differentiates_as_the_implicit_adjoints_do(solver):
     """With no sample the solver takes no step, and the unrolled z* had no graph: its backward

@@ -79,12 +79,14 @@ class ImplicitAdjoint:
 
         The hook sits on a view of f(z*) so that the VJPs it takes of f(z*) do not re-enter it.
         f is given a copy of z*, so that one changing its input in place is refused by the
-        solver's check (f_flat) rather than by autograd, which refuses it on a leaf.
+        solver's check (f_flat) rather than by autograd, which refuses it on a leaf. Where
+        nothing else f(z*) depends on needs a gradient (frozen parameters, an x without one),
+        f(z*) is returned without a graph, as a torch module's output is there.
         """
         z_star = z_star.detach().requires_grad_()
         with torch.enable_grad():
             fz = f(z_star.clone())
-        if not fz.requires_grad:
+        if not _needs_gradient_beside(fz, z_star):
             return fz.detach()
         z_out = fz.view_as(fz)
 
@@ -172,6 +174,24 @@ class Unrolled:
             return z_star
         stats.nfe += 1
         return torch.where(stayed, f(z_star), z_star)
+
+
+def _needs_gradient_beside(out: torch.Tensor, leaf: torch.Tensor) -> bool:
+    """Whether out's graph reaches a tensor needing a gradient other than leaf: a leaf's
+    gradient accumulator, which every graph ends in (found after a few nodes where f has a
+    trainable parameter; the whole of f's graph is walked only where none is found)."""
+    stack = [out.grad_fn]
+    seen = set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)
+        if variable is not None and variable is not leaf:
+            return True
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return False
 
 
 def _count(stats: SolveStats, nvjp: int, v: torch.Tensor) -> torch.Tensor:
