@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from functools import partial
+from types import MethodType
 from typing import NoReturn
 
 import torch
@@ -20,7 +21,7 @@ from torch import Tensor, nn
 from raydeq.solvers import ADJOINTS, SOLVERS, SolveStats, Termination, solve
 from raydeq.solvers.adjoint import IMPLICIT_ADJOINTS
 from raydeq.solvers.options import choice, integer
-from raydeq.solvers.solve import check_options
+from raydeq.solvers.solve import check_compile, check_options
 from raydeq.solvers.state import State, Structure, contained, untransformed, valued
 from raydeq.solvers.termination import Monitor, Status, norm
 
@@ -462,8 +463,9 @@ class DEQ(OutputLayer):
     a BatchNorm normalising by the batch's statistics (in training mode, or in any mode
     without running statistics), which couples them.
     repr names every setting the layer was built with; abstol, reltol and divergence set on it
-    later (deq.abstol = 1e-6) are checked and solved with as given. Module backward hooks are
-    refused (OutputLayer): hook out.z's tensors instead.
+    later (deq.abstol = 1e-6) are checked and solved with as given, and so is compile
+    (deq.compile = True sets compile_mode; deq.compile() is still nn.Module's). Module
+    backward hooks are refused (OutputLayer): hook out.z's tensors instead.
     """
 
     abstol = held_by_termination("abstol")
@@ -512,6 +514,18 @@ class DEQ(OutputLayer):
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self._warmed_up = False
         self.register_load_state_dict_post_hook(_count_loaded)
+
+    @property
+    def compile(self) -> Callable[..., None]:
+        """nn.Module's compile, bound to the layer: layer.compile() compiles its forward."""
+        return MethodType(nn.Module.compile, self)
+
+    @compile.setter
+    def compile(self, value: bool | dict | str) -> None:
+        """Set the solves' compile= (compile_mode), checked as the constructor checks it: set
+        as a plain attribute, it hid nn.Module's compile method and no solve read it."""
+        check_compile(value)
+        self.compile_mode = value
 
     def extra_repr(self) -> str:
         """The settings the layer solves with, for its repr."""

@@ -801,6 +801,37 @@ def test_the_layer_s_compile_options_reach_the_solve():
     torch.testing.assert_close(out.z, eager.z, rtol=0, atol=1e-12)
 
 
+def test_compile_set_on_the_layer_later_reaches_the_solve_and_keeps_the_method():
+    """layer.compile = {...} set after construction was a plain attribute: it hid
+    nn.Module.compile ("'dict' object is not callable") and no solve read it (compile_mode
+    stayed False, nothing was traced); it now sets compile_mode, checked as the constructor
+    checks it, f runs through the given backend, and layer.compile() stays torch's."""
+    import torch._dynamo
+
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    f, x = dense_cell()
+    x = x.detach()
+    layer = DEQ(f, solver="broyden", **TIGHT)
+    eager = layer(x)
+    with pytest.raises(ValueError, match="compile='yes' must be True, False, 'graph' or a dict"):
+        layer.compile = "yes"
+    torch._dynamo.reset()
+    try:
+        layer.compile = {"backend": backend}
+        out = layer(x)
+    finally:
+        torch._dynamo.reset()
+    assert layer.compile_mode == {"backend": backend} and "compile={'backend'" in repr(layer)
+    assert graphs and "compile" not in vars(layer)
+    torch.testing.assert_close(out.z, eager.z, rtol=0, atol=1e-12)
+    assert layer.compile.__func__ is nn.Module.compile and layer.compile.__self__ is layer
+
+
 @pytest.mark.filterwarnings("error:Dynamo detected a call to a `functools.lru_cache`")
 def test_the_layer_keeps_nn_modules_compile_method():
     """layer.compile(...) is torch's in-place compile of the module, whatever compile= the layer
