@@ -515,6 +515,48 @@ def test_a_batch_of_no_samples_takes_no_step_and_differentiates(solver):
         assert torch.equal(grad, torch.zeros(3, 3))
 
 
+@pytest.mark.parametrize(
+    ("solver", "options"),
+    [("anderson", {"m": 30}), ("anderson", {"m": 30, "beta": 0.7}), ("broyden", {})],
+)
+@pytest.mark.parametrize("adjoint", ["gmres", "unrolled"])
+def test_a_history_longer_than_max_steps_is_sized_by_max_steps(
+    monkeypatch, solver, options, adjoint
+):
+    """Anderson's m and Broyden's memory (30 each here) sized their per-sample buffers where
+    a solve of max_steps = 6 stores at most 5 iterates: 30 rows each, now 6, with the same
+    iterates, statistics and gradients bit for bit as the 30-row buffers give."""
+    from raydeq.solvers import batched, discrete
+
+    rows = []
+
+    def recorded(like: torch.Tensor, n: int) -> torch.Tensor:
+        rows.append(n)
+        return batched.history(like, n)
+
+    def run() -> tuple[list[torch.Tensor], int, list[int]]:
+        f, params = problem(7)
+        rows.clear()
+        sol = raydeq.solve(
+            f, torch.zeros(B, D, dtype=torch.float64), solver, adjoint,
+            abstol=1e-12, reltol=0.0, max_steps=6, solver_options=options,
+        )  # fmt: skip
+        grads = torch.autograd.grad(sol.z.square().sum(), params)
+        values = [sol.z, sol.stats.residual, sol.stats.status, *grads]
+        return values, sol.stats.nfe + 1000 * sol.stats.backward_nvjp, list(rows)
+
+    monkeypatch.setattr(discrete, "history", recorded)
+    sized, sized_counts, sized_rows = run()
+    method = discrete.Anderson if solver == "anderson" else discrete.Broyden
+    monkeypatch.setattr(method, "within", lambda self, max_steps: self, raising=False)
+    full, full_counts, full_rows = run()
+    buffers = 3 if options.get("beta") else 2
+    assert (sized_rows, full_rows) == ([6] * buffers, [30] * buffers)
+    assert sized_counts == full_counts and not full[0].isnan().any()
+    for a, b in zip(sized, full, strict=True):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("adjoint", raydeq.solvers.ADJOINTS)
 def test_a_batch_of_no_samples_counts_the_one_product_its_backward_takes(adjoint):
     """With no sample the backward's only vector-Jacobian product is the one autograd takes

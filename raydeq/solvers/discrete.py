@@ -106,6 +106,11 @@ class Anderson:
         number("beta", beta, "(0, 1]")
         self.m, self.lam, self.beta = m, lam, beta
 
+    def within(self, max_steps: int) -> Anderson:
+        """This method with its history sized for a solve of at most max_steps steps, which
+        stores fewer than max_steps iterates: the same iterates, in less memory."""
+        return Anderson(min(self.m, max_steps), self.lam, self.beta)
+
     def init(self, f: Map, z: torch.Tensor, monitor: Monitor) -> tuple[Mixing, int, int]:
         """f at z0 and empty buffers (a slot is written before it is first read)."""
         batch = z.shape[0]
@@ -202,6 +207,11 @@ class Broyden:
     def __init__(self, memory: int = 30) -> None:
         integer("memory", memory)
         self.memory = memory
+
+    def within(self, max_steps: int) -> Broyden:
+        """This method with its rank-one terms sized for a solve of at most max_steps steps,
+        which makes fewer than max_steps updates: the same iterates, in less memory."""
+        return Broyden(min(self.memory, max_steps))
 
     def init(self, f: Map, z: torch.Tensor, monitor: Monitor) -> tuple[Secant, int, int]:
         """f at z0; the first update is -H g = g with H = -I."""

@@ -125,8 +125,10 @@ ADAPTIVE_ONLY = (
 GRAPH = "graph"
 
 
-def make_solver(name: str, options: dict) -> Method:
-    """The forward solver named by `solver=`, built with its options."""
+def make_solver(name: str, options: dict, max_steps: int | None = None) -> Method:
+    """The forward solver named by `solver=`, built with its options; given max_steps, a
+    solver with a history (anderson's m, broyden's memory) keeps no more of it than a solve of
+    max_steps steps fills."""
     choice("solver", name, SOLVERS)
     if name in CONTINUOUS:
         what = f"solver={name!r}"
@@ -138,7 +140,10 @@ def make_solver(name: str, options: dict) -> Method:
             return VCAB3(controller, VCAB3_STARTUP_H_MAX)
         return RungeKutta({"tsit5": TSIT5, "bs3": BS3, "euler": EULER}[name], controller)
     method = {"fixed_point": FixedPoint, "anderson": Anderson, "broyden": Broyden}[name]
-    return construct("solver_options", f"solver={name!r}", method, options)
+    made = construct("solver_options", f"solver={name!r}", method, options)
+    if max_steps is None or isinstance(made, FixedPoint):
+        return made
+    return made.within(max_steps)
 
 
 def fixed_step_only(options: dict) -> None:
@@ -251,7 +256,7 @@ def solve(
         f, adjoint, max_steps, check_every, initial_nfe, check_start, stop_on_convergence
     )
     termination = Termination(abstol, reltol, divergence)
-    method = make_solver(solver, option_dict("solver_options", solver_options))
+    method = make_solver(solver, option_dict("solver_options", solver_options), max_steps)
     backward = make_adjoint(adjoint, option_dict("adjoint_options", adjoint_options))
     structure = Structure.of(z0)
     z = structure.flatten(z0)
