@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from raydeq.solvers import ADJOINTS, SOLVERS, SolveStats, Termination, solve
-from raydeq.solvers.adjoint import IMPLICIT_ADJOINTS
+from raydeq.solvers.adjoint import IMPLICIT_ADJOINTS, needs_gradient_beside
 from raydeq.solvers.options import choice, integer
 from raydeq.solvers.solve import check_compile, check_options
 from raydeq.solvers.state import State, Structure, contained, untransformed, valued
@@ -317,9 +317,9 @@ def hutchinson_jacobian_loss(f: Callable[[State], State], z: State) -> Tensor:
 
     E[||eps^T J||^2] = ||J||_F^2 (Hutchinson); dim counts every element of the batch, so for an f
     acting per sample this is the batch mean of ||J_b||_F^2 / dim_b. Differentiable (double
-    backward) in the parameters and inputs f closes over when grad mode is on; z itself is
-    treated as a constant; 0 for a batch of no samples. Raises RuntimeError under
-    torch.inference_mode(), which has no VJP.
+    backward) in the parameters and inputs f closes over when grad mode is on, and without a
+    graph where none needs a gradient; z itself is treated as a constant; 0 for a batch of no
+    samples. Raises RuntimeError under torch.inference_mode(), which has no VJP.
     """
     if torch.is_inference_mode_enabled():
         raise RuntimeError(
@@ -333,7 +333,9 @@ def hutchinson_jacobian_loss(f: Callable[[State], State], z: State) -> Tensor:
         out = _tensors(f(_rebuilt(z, inputs)))
         probes = [torch.randn_like(t) for t in out]
         vjps = _probed_vjps(out, probes, inputs, differentiable)
-    return sum(widened(v).pow(2).sum() for v in vjps) / max(sum(t.numel() for t in inputs), 1)
+    loss = sum(widened(v).pow(2).sum() for v in vjps) / max(sum(t.numel() for t in inputs), 1)
+    # Without a gradient where nothing f closes over needs one, as a torch module's output.
+    return loss if needs_gradient_beside(loss, tuple(inputs)) else loss.detach()
 
 
 def _probed_vjps(

@@ -333,6 +333,32 @@ def test_a_frozen_layer_on_an_input_without_gradient_gives_z_star_without_a_grap
     torch.testing.assert_close(out.z, reference, rtol=0, atol=1e-7)
 
 
+def test_a_frozen_layer_s_jacobian_loss_needs_a_gradient_only_through_x():
+    """jac_loss of a frozen f needed a gradient through the state's own detached copy where x
+    needed none (its backward a double backward to no parameter); it now has none there, of
+    the same value, and keeps x's: d/dx by hand for f(z) = tanh(W z + U x), whose probed VJP
+    is W^T (eps * (1 - f^2))."""
+    f = TanhCell(12).requires_grad_(False)
+    x = torch.randn(B, D, dtype=torch.float64)
+    layer = DEQ(f, jac_reg=True, **TIGHT).train()
+    values = []
+    for needs in (False, True):
+        xi = x.clone().requires_grad_(needs)
+        torch.manual_seed(3)
+        out = layer(xi)
+        assert out.jac_loss.requires_grad == needs
+        values.append((out.jac_loss, xi))
+    assert torch.equal(values[0][0], values[1][0].detach())
+    z = out.z.detach()
+    torch.manual_seed(3)
+    xi = x.clone().requires_grad_()
+    eps = torch.randn_like(z)
+    hand = ((eps * (1 - torch.tanh(z @ f.w.T + xi @ f.u.T).square())) @ f.w).square().sum()
+    (want,) = torch.autograd.grad(hand / z.numel(), xi)
+    (got,) = torch.autograd.grad(*values[1])
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+
+
 def test_a_frozen_layer_differentiates_its_input_and_leaves_the_predictor_to_skip_loss():
     """f frozen: the gradient in x is the implicit one (dense Jacobians), and a trained
     predictor g gets skip_loss's direct term alone, with no adjoint solve (its backward took 11

@@ -86,7 +86,7 @@ class ImplicitAdjoint:
         z_star = z_star.detach().requires_grad_()
         with torch.enable_grad():
             fz = f(z_star.clone())
-        if not _needs_gradient_beside(fz, z_star):
+        if not needs_gradient_beside(fz, (z_star,)):
             return fz.detach()
         z_out = fz.view_as(fz)
 
@@ -176,8 +176,8 @@ class Unrolled:
         return torch.where(stayed, f(z_star), z_star)
 
 
-def _needs_gradient_beside(out: torch.Tensor, leaf: torch.Tensor) -> bool:
-    """Whether out's graph reaches a tensor needing a gradient other than leaf: a leaf's
+def needs_gradient_beside(out: torch.Tensor, leaves: tuple[torch.Tensor, ...]) -> bool:
+    """Whether out's graph reaches a tensor needing a gradient other than `leaves`: a leaf's
     gradient accumulator, which every graph ends in (found after a few nodes where f has a
     trainable parameter; the whole of f's graph is walked only where none is found)."""
     stack = [out.grad_fn]
@@ -188,7 +188,7 @@ def _needs_gradient_beside(out: torch.Tensor, leaf: torch.Tensor) -> bool:
             continue
         seen.add(node)
         variable = getattr(node, "variable", None)
-        if variable is not None and variable is not leaf:
+        if variable is not None and not any(variable is leaf for leaf in leaves):
             return True
         stack.extend(next_node for next_node, _ in node.next_functions)
     return False
