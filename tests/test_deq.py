@@ -1635,3 +1635,21 @@ def test_a_checkpointed_layer_counts_each_call_once_and_recomputes_its_own_warm_
         for kept, plain in zip(layers[1].parameters(), layers[0].parameters(), strict=True):
             torch.testing.assert_close(kept.grad, plain.grad, rtol=0, atol=1e-6)
         assert int(layers[1].step) == int(layers[0].step) == call + 1
+
+
+def test_an_f_whose_graph_hides_its_parameters_keeps_z_star_on_the_graph():
+    """torch.utils.checkpoint with use_reentrant=True shows only its inputs to autograd and
+    accumulates its parameters' gradients in its own backward: z* must keep its graph (it came
+    without one, so a backward gave the parameters no gradient without a word), and the
+    implicit adjoint's autograd.grad then fails naming the checkpoint instead."""
+    f, x = dense_cell(7)
+    x = x.detach()
+
+    def hidden(z: torch.Tensor) -> torch.Tensor:
+        return torch.utils.checkpoint.checkpoint(lambda a: f(a, x), z, use_reentrant=True)
+
+    z0 = torch.zeros(B, D, dtype=torch.float64)
+    out = raydeq.solve(hidden, z0, solver="fixed_point", abstol=1e-10, reltol=0)
+    assert out.z.requires_grad
+    with pytest.raises(RuntimeError, match="use_reentrant=True"):
+        out.z.sum().backward()

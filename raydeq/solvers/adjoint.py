@@ -179,13 +179,17 @@ class Unrolled:
 def needs_gradient_beside(out: torch.Tensor, leaves: tuple[torch.Tensor, ...]) -> bool:
     """Whether out's graph reaches a tensor needing a gradient other than `leaves`: a leaf's
     gradient accumulator, which every graph ends in (found after a few nodes where f has a
-    trainable parameter; the whole of f's graph is walked only where none is found)."""
+    trainable parameter; the whole of f's graph is walked only where none is found). A custom
+    autograd.Function's node counts as reaching one: its backward may accumulate gradients the
+    graph does not show (torch.utils.checkpoint with use_reentrant=True)."""
     stack = [out.grad_fn]
     seen = set()
     while stack:
         node = stack.pop()
         if node is None or node in seen:
             continue
+        if isinstance(node, torch.autograd.function.BackwardCFunction):
+            return True
         seen.add(node)
         variable = getattr(node, "variable", None)
         if variable is not None and not any(variable is leaf for leaf in leaves):
