@@ -381,7 +381,7 @@ def skip_loss(z: State, z0: State) -> Tensor:
 
 def _count_loaded(layer: DEQ, incompatible_keys: object) -> None:
     """Read a loaded call count again before the next call: it may lie within the warm-up."""
-    layer._warmed_up = False
+    layer._calls_read = 0
 
 
 def _recomputing() -> bool:
@@ -514,7 +514,7 @@ class DEQ(OutputLayer):
         self.adjoint_options = dict(adjoint_options or {})
         self.compile_mode = compile  # not `compile`, nn.Module's method
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
-        self._warmed_up = False
+        self._calls_read = 0  # the call count last read: the count is at least this
         self.register_load_state_dict_post_hook(_count_loaded)
 
     @property
@@ -572,14 +572,15 @@ class DEQ(OutputLayer):
 
     def pretraining(self) -> bool:
         """Whether this call unrolls f: training mode, fewer than pretrain_steps calls so far
-        (the count is read on the host, a synchronisation on a GPU, only during a warm-up: it
-        only grows, so its end is kept until a state dict is loaded); a recomputation
-        (_recomputing) decides as the call it repeats did, before that call was counted."""
-        if not self.training or self.pretrain_steps == 0 or self._warmed_up:
+        (the count is read on the host, a synchronisation on a GPU, only while it may lie within
+        the warm-up: it only grows, so the count last read bounds it until a state dict is
+        loaded, and a pretrain_steps set above that bound later reads it again); a
+        recomputation (_recomputing) decides as the call it repeats did, before that call was
+        counted."""
+        if not self.training or self.pretrain_steps <= self._calls_read:
             return False
-        calls = int(self.step) - int(_recomputing())
-        self._warmed_up = calls >= self.pretrain_steps
-        return not self._warmed_up
+        self._calls_read = int(self.step) - int(_recomputing())
+        return self._calls_read < self.pretrain_steps
 
     def forward(self, x: Tensor) -> LayerOutput:
         """Solve for the equilibrium of f(., x) with new dropout masks; see the class

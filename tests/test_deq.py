@@ -1422,6 +1422,26 @@ def test_a_layer_whose_warm_up_is_over_reads_its_call_count_no_more():
     assert layer.pretraining() is True and layer(x).stats.nfe == 2
 
 
+def test_a_warm_up_lengthened_after_it_ended_unrolls_its_added_calls():
+    """pretrain_steps raised on the layer after its warm-up ended (2 calls unrolled, the 3rd
+    solved, then 5) unrolls calls 4 and 5 (nfe = pretrain_depth = 3, z = f(f(f(0, x), x), x)),
+    as a layer built with 5 and that count does, and the 6th solves; all solved from call 3
+    on, the ended warm-up kept whatever pretrain_steps said."""
+    f, x = dense_cell()
+    x = x.detach()
+    layer = DEQ(f, pretrain_steps=2, pretrain_depth=3).train()
+    assert [layer(x).stats.nfe == 3 for _ in range(3)] == [True, True, False]
+    layer.pretrain_steps = 5
+    z = torch.zeros(B, D, dtype=torch.float64)
+    for _ in range(3):
+        z = f(z, x)
+    for _ in range(2):
+        out = layer(x)
+        assert out.stats.nfe == 3
+        torch.testing.assert_close(out.z, z, rtol=0, atol=0)
+    assert layer(x).stats.nfe != 3 and int(layer.step) == 6
+
+
 @pytest.mark.parametrize("init", ["skip", "skip_reg"])
 def test_an_unrolled_layer_s_skip_loss_is_measured_at_f_of_z_star(init):
     """skip_loss is mean |f(z*, x) - z0| for every adjoint: stopped short of z* (3 steps), an
