@@ -1,6 +1,7 @@
 """Local paths and URIs of the run's storage, its checkpoint folders, the run lock's record of
 its holder, and TensorBoard events in a folder or at a file:// URI: no Ray, no S3 server."""
 
+import errno
 import fcntl
 import os
 import signal
@@ -281,6 +282,35 @@ def test_a_lock_file_that_cannot_be_removed_is_emptied_not_left_naming_its_drive
     assert (tmp_path / "runs" / ".a.lock").read_text() == ""
     with runlock.hold(run) as left:
         assert left is None
+
+
+def test_a_storage_without_flock_keeps_no_lock_file_of_a_run_or_its_results(tmp_path, monkeypatch):
+    """On a filesystem that refuses flock (ENOLCK: some NFS mounts, FUSE object stores) the
+    lock files made in the storage stayed there, with the folders made for them: a run that
+    stored nothing left its storage folder and .a.lock, and every --report a .e.results.lock.
+    The machine's own locks still hold, and the storage is left as it was found."""
+    monkeypatch.setattr(runlock.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    storage = tmp_path / "nfs"
+    storage.mkdir()
+    flock = fcntl.flock
+
+    def refused_in_storage(file: object, operation: int) -> None:
+        inode = os.fstat(file.fileno()).st_ino
+        if any(inode == p.stat().st_ino for p in storage.rglob("*") if p.is_file()):
+            raise OSError(errno.ENOLCK, "No locks available")
+        flock(file, operation)
+
+    monkeypatch.setattr(runlock.fcntl, "flock", refused_in_storage)
+    with runlock.hold(str(storage / "runs" / "a")) as left:
+        assert left is None
+        with pytest.raises(runlock.RunInUse):
+            with runlock.hold(str(storage / "runs" / "a")):
+                pass
+    assert os.listdir(storage) == []
+    (storage / "e").mkdir()
+    with runlock.writing_results(str(storage / "e")):
+        pass
+    assert os.listdir(storage) == ["e"]
 
 
 def test_results_written_from_another_temporary_folder_wait_for_the_writer(tmp_path, monkeypatch):

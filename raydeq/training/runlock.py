@@ -134,9 +134,16 @@ def open_locked(path: Path, run: str, wait: bool = False) -> IO[str]:
     """The lock file of `run` at `path`, opened and locked; raise RunInUse where another process
     holds it, or with `wait` wait for it. A holder removes the file before releasing it, so a
     lock taken on a file no longer at `path` is dropped and the new file opened: two processes
-    never hold two files."""
+    never hold two files. A file it made on a filesystem that refuses flock, which no process
+    can hold, is removed before the OSError is raised."""
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fd, made = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666), True
+        except FileExistsError:
+            try:
+                fd, made = os.open(path, os.O_RDWR), False
+            except FileNotFoundError:  # removed by its holder since
+                continue
         file = os.fdopen(fd, "r+")
         try:
             with suppress(OSError):  # shared by the users of a shared disk; the owner's alone
@@ -149,6 +156,11 @@ def open_locked(path: Path, run: str, wait: bool = False) -> IO[str]:
                 return file
         except FileNotFoundError:
             pass
+        except OSError:
+            file.close()
+            if made:
+                path.unlink(missing_ok=True)
+            raise
         except BaseException:
             file.close()
             raise
