@@ -314,8 +314,9 @@ def _check_arguments(
     check_start: bool,
     stop_on_convergence: bool | None,
 ) -> None:
-    """Raise a ValueError naming the first of solve's own arguments that is not allowed, before
-    any evaluation of f (the solver's and adjoint's options are checked as they are built)."""
+    """Raise a ValueError naming the first of solve's own arguments that is not allowed, or a
+    RuntimeError where solve runs under a torch.func transform (`untransformed`), before any
+    evaluation of f (the solver's and adjoint's options are checked as they are built)."""
     if not callable(f):
         raise ValueError(f"f={reprlib.repr(f)} must be callable: z -> f(z), a state like z0")
     untransformed("raydeq.solve")
