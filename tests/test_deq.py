@@ -7,6 +7,7 @@ import gc
 import math
 import re
 import weakref
+from collections.abc import Callable
 from typing import NamedTuple
 
 import pytest
@@ -804,17 +805,23 @@ def test_a_solve_stops_at_the_layer_s_divergence_bound():
     assert statuses == {10.0: [int(Status.DIVERGED)] * B, 1e4: [int(Status.MAX_STEPS)] * B}
 
 
-def test_the_layer_s_compile_options_reach_the_solve():
-    """compile= a dict of torch.compile options: f runs through the given backend (here one
-    that records the graphs it is handed and runs them as traced), with the eager solution."""
-    import torch._dynamo
-
+def recording_backend() -> tuple[list, Callable]:
+    """A torch.compile backend that records the graphs it is handed and runs them as traced."""
     graphs = []
 
     def backend(gm, example_inputs):
         graphs.append(gm)
         return gm.forward
 
+    return graphs, backend
+
+
+def test_the_layer_s_compile_options_reach_the_solve():
+    """compile= a dict of torch.compile options: f runs through the given backend (here one
+    that records the graphs it is handed and runs them as traced), with the eager solution."""
+    import torch._dynamo
+
+    graphs, backend = recording_backend()
     f, x = dense_cell()
     x = x.detach()
     eager = DEQ(f, solver="broyden", **TIGHT)(x)
@@ -834,12 +841,7 @@ def test_compile_set_on_the_layer_later_reaches_the_solve_and_keeps_the_method()
     checks it, f runs through the given backend, and layer.compile() stays torch's."""
     import torch._dynamo
 
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
+    graphs, backend = recording_backend()
     f, x = dense_cell()
     x = x.detach()
     layer = DEQ(f, solver="broyden", **TIGHT)
