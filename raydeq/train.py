@@ -29,7 +29,7 @@ from raydeq.training import data, runlock
 from raydeq.training.checkpoint import final_report, newest_first
 from raydeq.training.config import Config, ConfigError, load, load_yaml
 from raydeq.training.interrupts import interruptible
-from raydeq.training.preflight import check_run, newest_manifest
+from raydeq.training.preflight import check_run
 from raydeq.training.storage import CHECKPOINT_PREFIX, StorageError, filesystem, subfolders
 
 # Ray, and the experiments module that finds a shipped file, are imported once the arguments
@@ -109,8 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             left = held.enter_context(runlock.hold(cfg.run_dir))  # before checkpoints are read
             if left:
                 print(f"note: {left}", file=sys.stderr)
-            check_run(cfg)
-            last = finished_before(cfg)
+            last = check_run(cfg)
             if last is not None:
                 print(f"the run had finished, so nothing was trained: {summary(last, cfg)}")
                 return 0
@@ -180,17 +179,6 @@ def run(cfg: Config, argv: Sequence[str]) -> int:
         return EXIT_INTERRUPTED
     print(summary(result.metrics or {}, cfg))
     return 0
-
-
-def finished_before(cfg: Config) -> dict[str, Any] | None:
-    """The last step's report where the run's newest checkpoint, one that records the run's
-    settings (`check_resume` compared them), is whole and holds it: run again, the run would
-    only evaluate and store that step once more; None otherwise (a checkpoint that records
-    no settings may be another length's last)."""
-    newest = newest_manifest(cfg.run_dir)
-    if newest is None or not isinstance(newest[1].get("settings"), dict):
-        return None
-    return final_report(filesystem(cfg.run_dir)[0], newest[0])
 
 
 def finished(run_dir: str, earlier: frozenset[str]) -> dict[str, Any] | None:

@@ -648,6 +648,54 @@ def test_a_finished_run_run_again_says_so_and_stores_nothing(tmp_path, capsys, m
     )
 
 
+class ReadOnlyFileSystem:
+    """A storage filesystem that lists and reads as `fs` does and refuses every write, as an
+    archived folder mounted read-only does (root writes through a chmod)."""
+
+    def __init__(self, fs: Any) -> None:
+        self.fs = fs
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.fs, name)
+
+    def open_output_stream(self, path: str) -> Any:
+        raise OSError(errno.EROFS, f"Read-only file system: {path}")
+
+
+def test_a_finished_run_on_read_only_storage_says_so_where_one_that_trains_is_refused(
+    tmp_path, capsys, monkeypatch
+):
+    """The same command of a finished run whose storage had become read-only ended with
+    status 2 and "storage_path ... is not writable", though it writes nothing; it now says the
+    run had finished, with its accuracy and folder, as on writable storage. The run one step
+    short of its end, which would train, is still refused before Ray starts."""
+    path = tmp_path / "run.yaml"
+    path.write_text(f"scaling: {{device: cpu}}\nstorage_path: {tmp_path / 'runs'}\n")
+    cfg = config.load(str(path), [])
+    monkeypatch.setattr(launch, "check_cluster", lambda: None)
+    resumed = fits_recorded(monkeypatch)
+    last = {"step": 44, "total_steps": 44, "test_accuracy": 0.98765}
+    state = {"step": 44, "model": {"w": torch.zeros(2)}, "settings": config.trained_settings(cfg)}
+    checkpoint.write_checkpoint(state, Path(cfg.run_dir, "checkpoint_000"), [last | {"step": 43}])
+    real = storage.filesystem
+    monkeypatch.setattr(
+        storage, "filesystem", lambda p: (ReadOnlyFileSystem(real(p)[0]), real(p)[1])
+    )
+    assert train.main([str(path)]) == 2
+    assert capsys.readouterr().err.startswith(
+        f"error: storage_path {tmp_path / 'runs'} is not writable: [Errno 30] Read-only"
+    )
+    checkpoint.write_checkpoint(state, Path(cfg.run_dir, "checkpoint_001"), [last])
+    folders = sorted(os.listdir(cfg.run_dir))
+    assert train.main([str(path)]) == 0
+    assert capsys.readouterr().out == (
+        f"the run had finished, so nothing was trained: test_accuracy=0.9877 steps=44 "
+        f"run={cfg.run_dir}\n"
+    )
+    assert sorted(os.listdir(cfg.run_dir)) == folders
+    assert resumed == []
+
+
 def fits_recorded(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The run folders launch.fit is called with from now on, each fit ending at once."""
     resumed: list[str] = []

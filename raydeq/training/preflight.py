@@ -12,7 +12,7 @@ from torch import nn
 from raydeq import models
 from raydeq.deq import initial_state
 from raydeq.training import data
-from raydeq.training.checkpoint import newest_first, read_manifest
+from raydeq.training.checkpoint import final_report, newest_first, read_manifest
 from raydeq.training.config import (
     Config,
     ConfigError,
@@ -66,9 +66,11 @@ def blank_pass(model: nn.Module, images: torch.Tensor) -> None:
     model.head(layer.f(z, x))
 
 
-def check_run(cfg: Config, storage: bool = True) -> None:
+def check_run(cfg: Config, storage: bool = True) -> dict[str, Any] | None:
     """Check the data folder (and index an image folder), the batch against the training set,
-    the model and (with `storage`) the storage before Ray starts."""
+    the model and (with `storage`) the run it resumes and the storage before Ray starts;
+    returns the last report of a run that had finished (`finished_before`), whose storage
+    is not checked for writing: nothing would be written (an archived, read-only folder)."""
     data.check_files(cfg.data)
     samples = data.train_samples(cfg.data)
     if samples is not None:
@@ -81,9 +83,13 @@ def check_run(cfg: Config, storage: bool = True) -> None:
         data.check_batch(cfg.data, len(index.files["train"]))
         classes = len(index.classes)
     check_model(cfg, classes)
-    if storage:
+    if not storage:
+        return None
+    check_resume(cfg)
+    last = finished_before(cfg)
+    if last is None:
         check_storage(cfg.storage_path)
-        check_resume(cfg)
+    return last
 
 
 def newest_manifest(run_dir: str) -> tuple[str, dict[str, Any]] | None:
@@ -98,6 +104,17 @@ def newest_manifest(run_dir: str) -> tuple[str, dict[str, Any]] | None:
         if isinstance(manifest, dict):
             return path, manifest
     return None
+
+
+def finished_before(cfg: Config) -> dict[str, Any] | None:
+    """The last step's report where the run's newest checkpoint, one that records the run's
+    settings (`check_resume` compared them), is whole and holds it: run again, the run would
+    only evaluate and store that step once more; None otherwise (a checkpoint that records
+    no settings may be another length's last)."""
+    newest = newest_manifest(cfg.run_dir)
+    if newest is None or not isinstance(newest[1].get("settings"), dict):
+        return None
+    return final_report(filesystem(cfg.run_dir)[0], newest[0])
 
 
 def check_resume(cfg: Config) -> None:
