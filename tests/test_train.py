@@ -27,6 +27,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import pyarrow.fs
 import pytest
 import ray
 import ray.cloudpickle
@@ -970,6 +971,62 @@ def test_a_checkpoint_without_reports_lists_none(tmp_path):
     assert not (folder / REPORTS_FILE).exists()
     assert "reports" not in json.loads((folder / MANIFEST_FILE).read_text())
     assert checkpoint.read_checkpoint(folder)["step"] == 0
+
+
+def test_a_manifest_records_its_format_and_a_newer_one_is_refused_not_passed_over(
+    tmp_path, capsys, monkeypatch
+):
+    """Manifests recorded no format, so a layout changed later would read as a damaged file,
+    and restore fell back past it to an older checkpoint: a resume by an older raydeq trained
+    the newer steps again. A manifest now records format 1 (one without it, every run before,
+    reads as 1); a higher one is refused naming the file, the format found and the one read,
+    and the run's command stops before Ray starts. A format that is no positive integer is a
+    damaged manifest, passed over as one."""
+    older = checkpoint.write_checkpoint({"step": 3}, tmp_path / "checkpoint_000")
+    folder = checkpoint.write_checkpoint({"step": 7}, tmp_path / "checkpoint_001")
+    file = folder / MANIFEST_FILE
+    manifest = json.loads(file.read_text())
+    assert manifest["format"] == checkpoint.MANIFEST_FORMAT == 1
+    del manifest["format"]
+    file.write_text(json.dumps(manifest))
+    assert checkpoint.read_checkpoint(folder)["step"] == 7
+    file.write_text(json.dumps(manifest | {"format": 2}))
+    refusal = (
+        f"{file}: format 2, written by a newer raydeq; this raydeq reads formats up to 1; "
+        "update raydeq"
+    )
+    with pytest.raises(checkpoint.NewerFormat) as caught:
+        checkpoint.read_checkpoint(folder)
+    assert str(caught.value) == refusal
+    local = pyarrow.fs.LocalFileSystem()
+    with pytest.raises(checkpoint.NewerFormat, match=re.escape(refusal)):
+        checkpoint.read_manifest(local, str(folder))
+    with pytest.raises(checkpoint.NewerFormat, match=re.escape(refusal)):
+        checkpoint.restore(contextlib.nullcontext(str(p)) for p in (folder, older))
+    with pytest.raises(checkpoint.NewerFormat, match=re.escape(refusal)):
+        checkpoint.read_newest(tmp_path)
+    for damaged in ("2", 0, True, 1.5):
+        file.write_text(json.dumps(manifest | {"format": damaged}))
+        with pytest.raises(checkpoint.CheckpointError, match="is not a positive integer"):
+            checkpoint.read_checkpoint(folder)
+        restored = checkpoint.restore(contextlib.nullcontext(str(p)) for p in (folder, older))
+        assert restored == {"step": 3}
+
+    path = tmp_path / "run.yaml"
+    path.write_text(f"scaling: {{device: cpu}}\nstorage_path: {tmp_path / 'runs'}\n")
+    cfg = config.load(str(path), [])
+    monkeypatch.setattr(launch, "check_cluster", lambda: None)
+    resumed = fits_recorded(monkeypatch)
+    state = {"step": 5, "settings": config.trained_settings(cfg)}
+    newer = checkpoint.write_checkpoint(state, Path(cfg.run_dir, "checkpoint_000"))
+    written = json.loads((newer / MANIFEST_FILE).read_text())
+    (newer / MANIFEST_FILE).write_text(json.dumps(written | {"format": 2}))
+    assert train.main([str(path)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {newer / MANIFEST_FILE}: format 2, written by a newer raydeq; this raydeq "
+        "reads formats up to 1; update raydeq\n"
+    )
+    assert resumed == []
 
 
 def test_a_crash_while_saving_leaves_no_checkpoint_folder(tmp_path, monkeypatch):

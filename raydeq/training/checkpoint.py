@@ -27,6 +27,9 @@ MANIFEST_FILE = "manifest.json"
 # Tune records a trial's reports on the driver, and a driver stopped before it recorded (or
 # synced) them leaves them here alone, where `experiments.archive.history` finds them.
 REPORTS_FILE = "reports.jsonl"
+# The manifest layout this raydeq writes, and the newest it reads; a manifest without "format"
+# was written before layouts were numbered, and is format 1.
+MANIFEST_FORMAT = 1
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -43,6 +46,28 @@ class IncompleteCheckpoint(CheckpointError):
     killed mid-copy leaves some of them, or part of one)."""
 
 
+class NewerFormat(CheckpointError, StorageError):
+    """A checkpoint whose manifest a newer raydeq wrote, in a layout this one does not read:
+    refused, never passed over for an older checkpoint (a resume from that one would train
+    the newer steps again and prune the checkpoints that hold them)."""
+
+
+def check_format(manifest: object, file: str) -> None:
+    """Raise NewerFormat where the manifest read from `file` records a format above
+    MANIFEST_FORMAT, and a ValueError (a damaged file) where its format is not a positive
+    integer; a manifest that is not a JSON object is left to its reader."""
+    if not isinstance(manifest, dict):
+        return
+    found = manifest.get("format", 1)
+    if isinstance(found, bool) or not isinstance(found, int) or found < 1:
+        raise ValueError(f"{file}: format {found!r} is not a positive integer")
+    if found > MANIFEST_FORMAT:
+        raise NewerFormat(
+            f"{file}: format {found}, written by a newer raydeq; this raydeq reads formats up "
+            f"to {MANIFEST_FORMAT}; update raydeq"
+        )
+
+
 def _sha256(path: Path) -> str:
     """Hex SHA-256 of a file."""
     digest = hashlib.sha256()
@@ -57,7 +82,8 @@ def write_checkpoint(
 ) -> Path:
     """Write `state` to the new folder `directory`, atomically: a temporary folder is renamed.
 
-    The folder holds `state.pt` and `manifest.json` with its step, size in bytes and SHA-256,
+    The folder holds `state.pt` and `manifest.json` with its format (MANIFEST_FORMAT), the
+    step, and the state's size in bytes and SHA-256,
     so a copy that was cut short or altered later is recognised when it is read, and the run's
     `settings` where the state has them, so that a start can tell whose run it would resume;
     `reports` go to REPORTS_FILE, whose size and SHA-256 the manifest records under "reports".
@@ -85,7 +111,11 @@ def _stage(state: dict[str, Any], staging: Path, reports: Sequence[Mapping[str, 
     saved = staging / STATE_FILE
     with saved.open("wb") as stream:
         torch.save(state, stream)
-    manifest: dict[str, Any] = {"step": state["step"], **_recorded(saved)}
+    manifest: dict[str, Any] = {
+        "format": MANIFEST_FORMAT,
+        "step": state["step"],
+        **_recorded(saved),
+    }
     if reports:
         lines = "".join(json.dumps(dict(report)) + "\n" for report in reports)
         (staging / REPORTS_FILE).write_text(lines)
@@ -96,9 +126,11 @@ def _stage(state: dict[str, Any], staging: Path, reports: Sequence[Mapping[str, 
 
 
 def read_checkpoint(directory: Path) -> dict[str, Any]:
-    """The state in a checkpoint folder, checked against its manifest and loaded tensors-only."""
+    """The state in a checkpoint folder, checked against its manifest and loaded tensors-only;
+    NewerFormat where a newer raydeq wrote it."""
     try:
         manifest = json.loads((directory / MANIFEST_FILE).read_text())
+        check_format(manifest, str(directory / MANIFEST_FILE))
         listed = _listed(manifest)
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise manifest_error(directory, err) from None
@@ -241,9 +273,12 @@ def _from_manifest(
 
 def read_manifest(fs: pyarrow.fs.FileSystem, path: str) -> dict[str, Any]:
     """The manifest of the checkpoint folder `path` in `fs` (OSError or ValueError if it
-    cannot be read)."""
-    with fs.open_input_stream(f"{path}/{MANIFEST_FILE}") as stream:
-        return json.loads(stream.readall())
+    cannot be read, NewerFormat where a newer raydeq wrote it)."""
+    file = f"{path}/{MANIFEST_FILE}"
+    with fs.open_input_stream(file) as stream:
+        manifest = json.loads(stream.readall())
+    check_format(manifest, file)
+    return manifest
 
 
 def restore(
@@ -264,6 +299,8 @@ def restore(
         try:
             with candidate as directory:
                 state = read_checkpoint(Path(directory))
+        except NewerFormat:
+            raise
         except IncompleteCheckpoint as err:
             log.warning("%s: a copy cut short, passed over", err)
             passed_over = True
