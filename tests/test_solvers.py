@@ -581,6 +581,20 @@ def test_z_star_needs_a_gradient_where_something_f_closes_over_does(adjoint):
         assert sol.z.requires_grad == trained == (w @ torch.ones(3)).requires_grad
 
 
+@pytest.mark.parametrize("adjoint", raydeq.solvers.ADJOINTS)
+def test_an_f_returning_a_leaf_that_needs_a_gradient_passes_it_one(adjoint):
+    """An f returning a tensor it closes over as it is (z* = x, x a leaf needing a gradient)
+    gave an implicit adjoint's z* without a graph, its backward failing ('element 0 of tensors
+    does not require grad') where dz*/dx = I; z* now passes x the incoming gradient."""
+    x = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, 3, dtype=torch.float64)
+    zeros = torch.zeros(2, 3, dtype=torch.float64)
+    sol = raydeq.solve(lambda z: x, zeros, solver="fixed_point", adjoint=adjoint)
+    assert torch.equal(sol.z, x)
+    (grad,) = torch.autograd.grad(sol.z, x, v)
+    torch.testing.assert_close(grad, v, rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("solver", SOLVERS)
 def test_an_unrolled_batch_of_no_samples_differentiates_as_the_implicit_adjoints_do(solver):
     """With no sample the solver takes no step, and the unrolled z* had no graph: its backward

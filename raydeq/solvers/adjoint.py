@@ -181,7 +181,10 @@ def needs_gradient_beside(out: torch.Tensor, leaves: tuple[torch.Tensor, ...]) -
     gradient accumulator, which every graph ends in (found after a few nodes where f has a
     trainable parameter; the whole of f's graph is walked only where none is found). A custom
     autograd.Function's node counts as reaching one: its backward may accumulate gradients the
-    graph does not show (torch.utils.checkpoint with use_reentrant=True)."""
+    graph does not show (torch.utils.checkpoint with use_reentrant=True). An out that is itself
+    a leaf needing a gradient (an f returning a parameter or x as it is) has no graph to walk."""
+    if out.grad_fn is None:
+        return out.requires_grad and not any(out is leaf for leaf in leaves)
     stack = [out.grad_fn]
     seen = set()
     while stack:
