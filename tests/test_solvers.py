@@ -595,6 +595,20 @@ def test_an_f_returning_a_leaf_that_needs_a_gradient_passes_it_one(adjoint):
     torch.testing.assert_close(grad, v, rtol=0, atol=1e-12)
 
 
+def test_jacobian_free_counts_only_the_backwards_through_its_own_solve():
+    """The Jacobian-free adjoint hooked f(z*) itself, so an f returning x as it is left its
+    counting hook on x: a backward through a second solve, then one through x alone, counted
+    1 and then 2 VJPs in a first solve no backward went through; each now counts its own."""
+    x = torch.randn(2, 3, requires_grad=True)
+    first, second = (
+        raydeq.solve(lambda z: x, torch.zeros(2, 3), solver="fixed_point", adjoint="jfb")
+        for _ in range(2)
+    )
+    second.z.sum().backward()
+    (2 * x).sum().backward()
+    assert (first.stats.backward_nvjp, second.stats.backward_nvjp) == (0, 1)
+
+
 @pytest.mark.parametrize("solver", SOLVERS)
 def test_an_unrolled_batch_of_no_samples_differentiates_as_the_implicit_adjoints_do(solver):
     """With no sample the solver takes no step, and the unrolled z* had no graph: its backward

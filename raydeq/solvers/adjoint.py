@@ -122,10 +122,12 @@ class JacobianFree:
     def attach(
         self, f: Map, z_star: torch.Tensor, z0: torch.Tensor, stats: SolveStats
     ) -> torch.Tensor:
-        """Return f(z*) backpropagated through one application of f."""
+        """Return f(z*) backpropagated through one application of f; the counting hook sits
+        on a view, so that an f returning a tensor it closes over leaves that tensor unhooked."""
         with torch.enable_grad():
             z_out = f(z_star.detach())
         if z_out.requires_grad:
+            z_out = z_out.view_as(z_out)
             z_out.register_hook(lambda v: _count(stats, 1, v))
         return z_out
 
