@@ -196,6 +196,25 @@ def test_unwritable_storage_is_a_clear_error_before_training(tmp_path, capsys):
     assert capsys.readouterr().err.startswith(f"error: storage_path {blocker}/runs is not writable")
 
 
+@pytest.mark.parametrize(
+    ("uri", "error"),
+    [
+        ("file:///data/my runs", "is not a URI that pyarrow reads: a space or a non-ASCII "),
+        ("nosuch://bucket/runs", "is not writable: Unrecognized filesystem type in URI: "),
+    ],
+)
+def test_a_storage_uri_that_cannot_be_read_is_a_clear_error_before_the_run_is_read(
+    tmp_path, capsys, uri, error
+):
+    """The preflight read the run's checkpoints before it checked the storage, so a URI
+    pyarrow cannot parse (a space) or of no known scheme ended in a traceback (ArrowInvalid)
+    where it was refused with exit status 2 naming the storage; it is refused so again."""
+    path = tmp_path / "run.yaml"
+    path.write_text(f"scaling: {{device: cpu}}\nstorage_path: '{uri}'\n")
+    assert train.main([str(path)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: storage_path {uri} {error}")
+
+
 def test_the_command_exits_with_status_2_on_a_bad_config(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("train: {lambda_skip: -1}\n")

@@ -21,7 +21,13 @@ from raydeq.training.config import (
     former_names,
     model_error,
 )
-from raydeq.training.storage import CHECKPOINT_PREFIX, check_storage, filesystem, subfolders
+from raydeq.training.storage import (
+    CHECKPOINT_PREFIX,
+    StorageError,
+    check_storage,
+    filesystem,
+    subfolders,
+)
 
 
 def check_model(cfg: Config, classes: int | None = None) -> None:
@@ -70,7 +76,8 @@ def check_run(cfg: Config, storage: bool = True) -> dict[str, Any] | None:
     """Check the data folder (and index an image folder), the batch against the training set,
     the model and (with `storage`) the run it resumes and the storage before Ray starts;
     returns the last report of a run that had finished (`finished_before`), whose storage
-    is not checked for writing: nothing would be written (an archived, read-only folder)."""
+    is not checked for writing: nothing would be written (an archived, read-only folder). A
+    storage that cannot be read is a StorageError, named as check_storage names it."""
     data.check_files(cfg.data)
     samples = data.train_samples(cfg.data)
     if samples is not None:
@@ -85,8 +92,15 @@ def check_run(cfg: Config, storage: bool = True) -> dict[str, Any] | None:
     check_model(cfg, classes)
     if not storage:
         return None
-    check_resume(cfg)
-    last = finished_before(cfg)
+    try:
+        check_resume(cfg)
+        last = finished_before(cfg)
+    except ConfigError:
+        raise
+    except (OSError, ValueError) as err:  # pyarrow's, for a storage it cannot read
+        check_storage(cfg.storage_path)  # names a URI it cannot parse or a storage unreached
+        reason = str(err).splitlines()[0]
+        raise StorageError(f"storage_path {cfg.storage_path} cannot be read: {reason}") from None
     if last is None:
         check_storage(cfg.storage_path)
     return last
