@@ -56,8 +56,8 @@ class Method(Protocol):
 
 
 # torch.compile's wrappers of the step functions and of `evaluate`, one per function and
-# options: making one copies torch's compiler settings (about 1 ms, three times per VCAB3
-# solve when made anew), and dynamo keeps every wrapper it has run until torch._dynamo.reset().
+# options: making one copies torch's compiler settings (about 1 ms, twice per VCAB3 solve
+# when made anew), and dynamo keeps every wrapper it has run until torch._dynamo.reset().
 WRAPPERS: dict[tuple[Callable, str], Callable] = {}
 
 

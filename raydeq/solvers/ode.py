@@ -55,7 +55,7 @@ def rk_step(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One explicit FSAL Runge-Kutta step of size h (B, 1): new point, f - z there, and the
     local error and the step over h, each divided by its tableau's first weight (see
-    combination; `Solver.scales` holds the weights)."""
+    combination; `Controller.scales` holds the weights)."""
     ks = [k]
     y_stage, move = y, k
     for row in tableau.a:
