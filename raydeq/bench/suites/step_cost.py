@@ -82,7 +82,7 @@ class OpCounter(TorchDispatchMode):
 def dense_layer(
     batch: int, dim: int, seed: int = 0, device: torch.device = CPU
 ) -> tuple[Callable, torch.Tensor]:
-    """The issue's problem: f(z) = tanh(W z + x), ||W|| = 0.9 * sqrt-scaled Gaussian, z0 = 0."""
+    """The issue's problem: f(z) = tanh(W z + x), W = 0.9 * Gaussian / sqrt(dim), z0 = 0."""
     g = torch.Generator().manual_seed(seed)
     w = (0.9 * torch.randn(dim, dim, generator=g) / dim**0.5).to(device)
     x = torch.randn(batch, dim, generator=g).to(device)
