@@ -445,6 +445,17 @@ def test_node_benchmark_on_a_gpu_times_the_graph_variants_and_takes_the_fastest(
         assert target.detail.startswith(f"DEQ with {node.GRAPHED.get(fastest, fastest).upper()}")
 
 
+def test_the_node_note_says_which_untrained_preset_unrolls_its_first_steps():
+    """The note on the CIFAR-10 and ImageNet DEQs, which run untrained, said that their presets
+    pretrain thousands of unrolled steps; of them only cifar10_small's has a warm-up."""
+    note = node.run(Context(CPU, "tiny", ())).notes[0]
+    untrained = [name for name, p in PRESETS.items() if p.input_shape != (1, 28, 28)]
+    assert untrained == ["cifar10_small", "cifar10_large", "imagenet_small"]
+    assert [name for name in untrained if PRESETS[name].pretrain_steps] == ["cifar10_small"]
+    steps = PRESETS["cifar10_small"].pretrain_steps
+    assert f"only cifar10_small unrolls f in its first {steps:,} training steps" in note
+
+
 def test_node_benchmark_times_the_weights_of_a_training_checkpoint(tmp_path, capsys):
     model = models.build("mnist_dense", "skip", CPU, seed=1)
     with torch.no_grad():

@@ -284,9 +284,9 @@ def run(ctx: Context) -> Section:
             "is trained briefly as a DEQ on the digits first, unless --weights gives a training "
             "checkpoint (without the digits it stays untrained). The CIFAR-10 and ImageNet "
             "DEQs run untrained unless --weights gives a checkpoint: at initialisation they "
-            "have no attracting equilibrium (their presets pretrain thousands of unrolled steps "
-            "first), so their forward stops at max_steps and GMRES at max_iters, and their "
-            "ratios say little. The targets "
+            "have no attracting equilibrium (of their presets only cifar10_small unrolls f in "
+            "its first 3,000 training steps), so their forward stops at max_steps and GMRES at "
+            "max_iters, and their ratios say little. The targets "
             "compare the Neural ODE with the fastest of the DEQ solvers (named in detail), "
             'each with GMRES (on a GPU also with compile="graph", each solve\'s step '
             "recorded as a CUDA graph and replayed); the row with the Neumann adjoint (the "
