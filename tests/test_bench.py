@@ -754,6 +754,9 @@ def test_train_step_runs_as_a_suite_of_the_cli(tmp_path):
     # Briefly trained, the dense DEQ converges; the untrained MDEQ runs to its max_steps.
     assert dense["converged"] == 1 and dense["NFE"] < PRESETS["mnist_dense"].max_steps
     assert large["converged"] == 0 and large["NFE"] > PRESETS["cifar10_large"].max_steps
+    # The note on the untrained MDEQ said its preset pretrains unrolled steps; it has none.
+    (untrained,) = [note for note in section.notes if "is untrained" in note]
+    assert PRESETS["cifar10_large"].pretrain_steps == 0 and "pretrain" not in untrained
     # The GPU limits, checked only on a CUDA device; there cifar10_large is bf16.
     assert [(r["GPU limit ms"], t.limit) for r, t in zip(section.rows, section.targets)] == [
         (10.0, 10.0),

@@ -248,8 +248,8 @@ def run(ctx: Context) -> Section:
         if weights == UNTRAINED:
             section.notes.append(
                 f"{workload.model} is untrained: at initialisation its f has no attracting "
-                "equilibrium (the preset pretrains unrolled steps first), so its forward stops "
-                "at max_steps (converged 0) and its time is that of a step at the NFE shown."
+                "equilibrium, so its forward stops at max_steps (converged 0) and its time is "
+                "that of a step at the NFE shown."
             )
     if any(w.compile for w in workloads):
         section.notes.append(
