@@ -154,8 +154,14 @@ def _check_flags(args: argparse.Namespace) -> None:
 
 
 def _path(args: argparse.Namespace, experiment: Experiment) -> str:
-    """`storage/name` of the experiment."""
+    """`storage/name` of the experiment; a ConfigError where the file's name, which names the
+    experiment without --name, is no folder's name (`...yaml` would name the storage's parent)."""
     storage = absolute(args.storage or experiment.trial_config({}).storage_path)
+    if args.name is None:
+        try:
+            check_folder_name(f"{args.experiment}: experiment name", experiment.name)
+        except ConfigError as err:
+            raise ConfigError(f"{err}; rename the file or give --name") from None
     return f"{storage.rstrip('/')}/{args.name or experiment.name}"
 
 

@@ -711,6 +711,35 @@ def test_the_command_refuses_bad_input_and_an_existing_experiment_with_status_2(
     assert capsys.readouterr().err.startswith("error: --storage: empty; give a folder or a URI")
 
 
+@pytest.mark.parametrize("stem", ["..", "my exp", "-x", "résumé"])
+def test_an_experiment_file_whose_name_is_no_folder_name_is_refused_naming_it(
+    tmp_path, capsys, monkeypatch, stem
+):
+    """Without --name an experiment is named by its file, whose name went unchecked: `...yaml`
+    named the folder `..`, the storage's parent, where a start would store its settings and
+    trials, and `my exp.yaml` one that --name refuses; each command is refused in one line
+    naming the file, before Ray, and the same file runs under a --name."""
+    monkeypatch.setattr(runlock.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    monkeypatch.setattr(ray, "init", lambda *args, **kwargs: pytest.fail("Ray was started"))
+    monkeypatch.setattr(rt.launch, "check_cluster", lambda: pytest.fail("the cluster was asked"))
+    (tmp_path / "runs").mkdir()
+    file = tmp_path / f"{stem}.yaml"
+    file.write_text(yaml.safe_dump(TINY))
+    argv = [str(file), "--storage", str(tmp_path / "runs")]
+    for flags in ([], ["--dry-run"], ["--resume"], ["--report"]):
+        assert rt.main([*argv, *flags]) == 2, flags
+        assert capsys.readouterr() == (
+            "",
+            f"error: {file}: experiment name: {stem!r} is not a folder name; use letters, "
+            "digits, '.', '_' and '-', starting with a letter or a digit; rename the file or "
+            "give --name\n",
+        ), flags
+    assert sorted(os.listdir(tmp_path)) == sorted([file.name, "runs"])
+    assert os.listdir(tmp_path / "runs") == []
+    assert rt.main([*argv, "--name", "tiny", "--dry-run"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 1
+
+
 def test_the_flags_of_a_new_run_override_the_experiment_files_search_settings(capsys):
     search = {"num_samples": 3, "scheduler": "fifo", "max_concurrent_trials": 2}
     experiment = spec.from_dict("x", {**TINY, "search": search})
