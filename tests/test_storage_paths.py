@@ -14,7 +14,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from raydeq.training import checkpoint, runlock, storage
-from raydeq.training.config import validate
+from raydeq.training.config import NAME_MAX, ConfigError, validate
 from raydeq.training.eventlog import EventLog
 
 
@@ -262,6 +262,29 @@ def test_a_lock_left_by_a_killed_driver_is_taken_over_naming_it(tmp_path, monkey
     with runlock.hold(str(tmp_path / "new" / "runs" / "a")):
         assert (tmp_path / "new" / "runs" / ".a.lock").is_file()
     assert not (tmp_path / "new").exists()  # a run that stored nothing leaves no folder
+
+
+def test_a_name_whose_lock_files_would_not_fit_a_file_name_is_refused(tmp_path, monkeypatch):
+    """A run of 250 characters ran without the lock file beside its folder (`.NAME.lock`, 256
+    bytes, which the filesystem refuses), so a second driver of a shared disk was not refused,
+    and one of 300 was refused as storage that 'cannot be read'; the longest name taken holds
+    both lock files, and a longer one is refused naming its length and the most allowed."""
+    monkeypatch.setattr(runlock.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    name = "a" * NAME_MAX
+    assert NAME_MAX == 241 and validate({"name": name}).name == name
+    run = str(tmp_path / "runs" / name)
+    (tmp_path / "runs").mkdir()
+    with runlock.hold(run):
+        assert os.listdir(tmp_path / "runs") == [f".{name}.lock"]
+    with runlock.writing_results(run):
+        assert os.listdir(tmp_path / "runs") == [f".{name}.results.lock"]
+    for length in (NAME_MAX + 1, 250, 300):
+        with pytest.raises(ConfigError) as refused:
+            validate({"name": "a" * length})
+        assert str(refused.value) == (
+            f"name: a name of {length} characters is too long; use at most 241, so that the "
+            "lock files beside its folder fit in a file name (255 bytes)"
+        )
 
 
 def test_a_lock_file_that_cannot_be_removed_is_emptied_not_left_naming_its_driver(

@@ -89,6 +89,9 @@ APPLIES_UNDER = {
 # Settings a refused resume names, of those that differ.
 SHOWN_CHANGES = 3
 _NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+# The longest name of a run or an experiment: the lock files beside its folder (`.NAME.lock`,
+# `.NAME.results.lock`) must fit in the 255 bytes of a file name that local filesystems take.
+NAME_MAX = 255 - len("..results.lock")
 
 
 @dataclass(frozen=True)
@@ -395,6 +398,12 @@ def check_folder_name(key: str, name: str) -> None:
         raise ConfigError(
             f"{key}: {name!r} is not a folder name; use letters, digits, '.', '_' and '-', "
             "starting with a letter or a digit",
+            key=key,
+        )
+    if len(name) > NAME_MAX:
+        raise ConfigError(
+            f"{key}: a name of {len(name)} characters is too long; use at most {NAME_MAX}, so "
+            "that the lock files beside its folder fit in a file name (255 bytes)",
             key=key,
         )
 
