@@ -1,5 +1,6 @@
 """Ray Tune experiments: experiment files, search spaces, reports, cluster.yaml, and end to end."""
 
+import datetime
 import errno
 import io
 import json
@@ -47,7 +48,7 @@ from raydeq.training.checkpoint import (
     read_checkpoint,
     write_checkpoint,
 )
-from raydeq.training.config import ConfigError
+from raydeq.training.config import ConfigError, load
 
 ROOT = Path(__file__).resolve().parent.parent
 PAPER_TRIALS = {
@@ -625,6 +626,33 @@ def test_an_experiment_file_may_end_in_yml(tmp_path):
     experiment.write_text(yaml.safe_dump(TINY))
     loaded = spec.load(str(experiment))
     assert loaded.name == "tiny" and loaded.trial_config({}).data.batch_size == 8
+
+
+@pytest.mark.parametrize(
+    ("keys", "message"),
+    [
+        ({1: "x"}, "1: unknown key; allowed keys in config: name, storage_path, seed, label,"),
+        ({None: "x"}, "None: unknown key; allowed keys in config: name, storage_path, seed,"),
+        (
+            {"model": {**TINY["model"], "solver_options": {datetime.date(2024, 1, 1): 3}}},
+            "model.solver='vcab3' takes no option datetime.date(2024, 1, 1); its options are",
+        ),
+    ],
+)
+def test_a_key_yaml_reads_as_no_text_is_a_one_line_error_as_the_trainer_gives_it(
+    tmp_path, capsys, keys, message
+):
+    """A key that YAML reads as a number, null or a date (`1:`, `null:`, `2024-01-01:`) ended
+    `python -m raydeq.tune` in a TypeError ('can only concatenate str (not "int") to str')
+    where `python -m raydeq.train` named it; both now give the same line, naming the file."""
+    file = tmp_path / "keys.yaml"
+    file.write_text(yaml.safe_dump({**TINY, **keys}))
+    with pytest.raises(ConfigError) as trainer:
+        load(file)
+    assert str(trainer.value).startswith(message)
+    assert str(trainer.value).endswith(f"(in {file})")
+    assert rt.main([str(file), "--dry-run"]) == 2
+    assert capsys.readouterr() == ("", f"error: {trainer.value}\n")
 
 
 def test_a_dry_run_of_a_bad_space_is_a_one_line_error(tmp_path, capsys):

@@ -536,13 +536,14 @@ def merge(base: Mapping[str, Any], sampled: Mapping[str, Any]) -> dict[str, Any]
 
 
 def leaves(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """The values of a nested dict by dotted key (empty sections have none)."""
+    """The values of a nested dict by dotted key (empty sections have none); a key YAML read
+    as other than text (`1:`, `2024-01-01:`) is written as text, for validation to name."""
     flat = {}
     for key, value in tree.items():
         if isinstance(value, Mapping):
             flat |= leaves(value, f"{prefix}{key}.")
         else:
-            flat[prefix + key] = value
+            flat[f"{prefix}{key}"] = value
     return flat
 
 
