@@ -287,6 +287,34 @@ def test_a_name_whose_lock_files_would_not_fit_a_file_name_is_refused(tmp_path, 
         )
 
 
+def test_a_lock_file_of_bytes_no_driver_writes_is_named_in_one_line_not_a_traceback(
+    tmp_path, monkeypatch
+):
+    """A lock file beside the run holding bytes that are no UTF-8 and several lines (damaged,
+    or edited by hand) ended the next start, `--report`'s probe and a refusal in a
+    UnicodeDecodeError; each now reads it as one line, undecodable bytes as U+FFFD."""
+    monkeypatch.setattr(runlock.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    run = str(tmp_path / "runs" / "a")
+    (tmp_path / "runs").mkdir()
+    lock = tmp_path / "runs" / ".a.lock"
+    lock.write_bytes(b"\xff\xfe process 7\n on node-7\n")
+    with runlock.hold(run) as left:
+        assert left == (
+            f"{run} was last run by \ufffd\ufffd process 7 on node-7, which ended without "
+            f"releasing its lock {lock} (killed); the lock is taken over"
+        )
+    lock.write_bytes(b"\xff\xfe process 7\n on node-7\n")
+    with lock.open("rb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert runlock.holder(run) == "\ufffd\ufffd process 7 on node-7"
+        with pytest.raises(runlock.RunInUse) as refused, runlock.hold(run):
+            pass
+    assert str(refused.value) == (
+        f"{run} is being run by \ufffd\ufffd process 7 on node-7; wait for it to end (or stop "
+        "it), or give this run another name"
+    )
+
+
 def test_a_lock_file_that_cannot_be_removed_is_emptied_not_left_naming_its_driver(
     tmp_path, monkeypatch
 ):

@@ -49,7 +49,7 @@ def hold(run: str) -> Iterator[str | None]:
     one; yields a note naming the driver that was killed holding it, else None."""
     path = lock_file(run)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as file:
+    with open(path, "a+", encoding="utf-8", errors="replace") as file:
         holder = take(file)
         if holder is not None:
             raise RunInUse(in_use(run, f"{holder} on this machine")) from None
@@ -99,8 +99,7 @@ def hold_shared(run: str) -> Iterator[str | None]:
         if file is None:
             yield None
             return
-        file.seek(0)
-        left = file.read().strip()
+        left = written(file)
         file.seek(0)
         file.truncate()
         file.write(f"process {os.getpid()} on {socket.gethostname()}")
@@ -144,7 +143,7 @@ def open_locked(path: Path, run: str, wait: bool = False) -> IO[str]:
                 fd, made = os.open(path, os.O_RDWR), False
             except FileNotFoundError:  # removed by its holder since
                 continue
-        file = os.fdopen(fd, "r+")
+        file = os.fdopen(fd, "r+", encoding="utf-8", errors="replace")
         try:
             with suppress(OSError):  # shared by the users of a shared disk; the owner's alone
                 os.fchmod(fd, 0o666)
@@ -180,6 +179,13 @@ def release(path: Path, file: IO[str]) -> None:
     file.close()
 
 
+def written(file: IO[str]) -> str:
+    """What an open lock file holds, as one line: a file damaged or edited by hand may hold
+    bytes that are no UTF-8 (read as U+FFFD) and several lines."""
+    file.seek(0)
+    return " ".join(file.read().split())
+
+
 def place(holder: str) -> str:
     """A holder written in the storage ("process N on HOST"), HOST said "this machine" here."""
     process, _, host = holder.partition(" on ")
@@ -200,8 +206,7 @@ def take(file: IO[str]) -> str | None:
         try:
             fcntl.flock(file, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
-            file.seek(0)
-            return file.read().strip() or "another process"
+            return written(file) or "another process"
         fcntl.flock(file, fcntl.LOCK_UN)
         if time.monotonic() > deadline:
             return f"processes that kept reading its lock for {PROBE_WAIT_S:g} s"
@@ -244,11 +249,11 @@ def holder(run: str) -> str | None:
 def probe(path: Path) -> str | None:
     """What the holder of the lock file at `path` wrote there, or None where none holds it."""
     try:
-        with open(path) as file:
+        with open(path, encoding="utf-8", errors="replace") as file:
             try:
                 fcntl.flock(file, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except BlockingIOError:
-                return file.read().strip() or "another process"
+                return written(file) or "another process"
     except OSError:  # no such file, or one that cannot be read
         return None
     return None
