@@ -1510,6 +1510,35 @@ def test_a_result_file_with_a_broken_line_before_its_last_names_the_file_and_lin
         archive.history(str(tmp_path))
 
 
+@pytest.mark.parametrize(
+    ("edited", "shown"),
+    [(b"[1, 2]\n", "'[1, 2]'"), (b'{"step": 2\n', "'{\"step\": 2'"), (b"\xff\n", "'\ufffd'")],
+)
+def test_a_result_file_edited_by_hand_is_one_line_naming_its_line_in_report_and_a_runs_end(
+    tmp_path, capsys, monkeypatch, edited, shown
+):
+    """A trial's result.json with a line that is JSON but no report, no JSON, or no UTF-8
+    before its last ended --report and the results at a run's end in a traceback (TypeError
+    'All items in data must be of type dict', ValueError, UnicodeDecodeError); each is one
+    line naming the file and line, the trials' files as they were."""
+    monkeypatch.setattr(runlock.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    monkeypatch.setattr(results, "plot", lambda *args: b"")
+    file, folder = stored_tiny_experiment(tmp_path)
+    [trial, _] = recorded_tiny_trials(folder, ["TERMINATED", "TERMINATED"], monkeypatch)
+    result = Path(trial.path, archive.RESULT_FILE)
+    result.write_bytes(b'{"step": 10}\n' + edited + result.read_bytes())
+    kept = sorted(folder.rglob("*"))
+    line = f"{result}, line 2: not a JSON report: {shown}"
+    assert rt.main([str(file), "--storage", str(tmp_path / "runs"), "--report"]) == 1
+    assert capsys.readouterr() == ("", f"error: {line}\n")
+    assert rt.write_results(str(folder), spec.from_dict("tiny", TINY), errors=0) == 1
+    assert capsys.readouterr() == (
+        "",
+        f"error: {line}; the trials' reports are kept: --report writes the results from them\n",
+    )
+    assert sorted(folder.rglob("*")) == kept
+
+
 def test_a_finished_trial_started_again_keeps_its_last_steps_training_measures(tmp_path):
     """A trial resumed from its last checkpoint reports that step's evaluation alone: its row
     keeps the step's training times, 10 x 0.5 + 10 x 1.0 = 15 s in all and forward time

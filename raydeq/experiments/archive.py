@@ -17,7 +17,13 @@ import pyarrow.fs
 import pyarrow.json
 
 from raydeq.training.checkpoint import MANIFEST_FILE, REPORTS_FILE, reports_sha256
-from raydeq.training.storage import CHECKPOINT_PREFIX, TRAIN_RUN, filesystem, subfolders
+from raydeq.training.storage import (
+    CHECKPOINT_PREFIX,
+    TRAIN_RUN,
+    StorageError,
+    filesystem,
+    subfolders,
+)
 
 RESULT_FILE = "result.json"
 ARCHIVE_PREFIX = "result-before-resume-"
@@ -30,6 +36,12 @@ JSON_VALUES = (
     pa.types.is_float64,
     pa.types.is_string,
 )
+
+
+class DamagedReports(StorageError, ValueError):
+    """A trial's result file with a line before its last that is no JSON report, or one of
+    any place that is JSON but no report (a file edited by hand): the results are not written
+    from it, and the commands that write them say so in one line naming the file and line."""
 
 
 def _trial_folders(path: str) -> list[str]:
@@ -201,18 +213,20 @@ def _flattened(
 
 
 def _parsed(file: str, data: bytes) -> pd.DataFrame:
-    """The reports of a file read line by line: a last line cut short is left out, another
-    line that is no report a ValueError naming it."""
-    lines = data.decode("utf-8").splitlines()
+    """The reports of a file read line by line: a last line cut short (in a character too) is
+    left out, another line that is no report a DamagedReports naming it."""
+    lines = data.decode("utf-8", errors="replace").splitlines()
     rows = []
     for number, line in enumerate(lines, 1):
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError:
-            if number < len(lines):
-                raise ValueError(
-                    f"{file}, line {number}: not a JSON report: {line[:80]!r}"
-                ) from None
+            if number == len(lines):
+                continue
+            row = None
+        if not isinstance(row, dict):
+            raise DamagedReports(f"{file}, line {number}: not a JSON report: {line[:80]!r}")
+        rows.append(row)
     return pd.json_normalize(rows, sep="/")
 
 
