@@ -16,6 +16,7 @@ import torch
 import yaml
 from PIL import Image
 from torchvision import datasets
+from torchvision.datasets.folder import default_loader
 
 from raydeq import train
 from raydeq.training import data, folders, preflight, staging
@@ -587,6 +588,29 @@ def test_images_in_subfolders_of_a_class_are_listed_as_imagefolder_lists_them(tm
         assert [(str(root / f), n) for f, n in zip(index.files[split], index.labels[split])] == [
             (str(path), n) for path, n in reference.samples
         ]
+
+
+def test_hidden_files_such_as_macos_metadata_are_not_listed_as_images(tmp_path):
+    """A folder copied from a Mac holds `._0.png` beside each 0.png (its metadata: 4 KB that
+    begin 00 05 16 07, no image) and `.DS_Store`; the index listed each `._0.png` as an image,
+    which the loader fails on mid-training ('cannot identify image file'). Hidden files are
+    left out, an image's extension is read in any case, and every listed file opens."""
+    root = small_tree(tmp_path / "data", ["n01", "n02"])
+    for split in folders.SPLITS:
+        for wnid in ("n01", "n02"):
+            (root / split / wnid / "._0.png").write_bytes(b"\x00\x05\x16\x07" + bytes(4092))
+            (root / split / wnid / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+        shutil.copy(root / split / "n02" / "0.png", root / split / "n02" / "1.PNG")
+    index = folders.load_index(str(root))
+    for split in folders.SPLITS:
+        assert index.files[split] == [
+            f"{split}/n01/0.png",
+            f"{split}/n02/0.png",
+            f"{split}/n02/1.PNG",
+        ]
+        assert index.labels[split] == [0, 1, 1]
+        for file in index.files[split]:
+            assert default_loader(root / file).size == (8, 8)
 
 
 class Spin(Exception):

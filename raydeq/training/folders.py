@@ -50,6 +50,13 @@ class Index:
     labels: dict[str, list[int]]
 
 
+def is_image(name: str) -> bool:
+    """Whether a file of that name is listed as an image: an image extension in any case, and
+    not hidden (macOS writes `._x.png` beside x.png on other filesystems, its metadata, which
+    no image reader opens; ImageFolder lists it and fails on it mid-training)."""
+    return name.lower().endswith(IMG_EXTENSIONS) and not name.startswith(".")
+
+
 def _entries(folder: Path) -> tuple[list[str], list[str]]:
     """(subfolder names, image file names) of a folder, each sorted: one listing."""
     folders, images = [], []
@@ -57,7 +64,7 @@ def _entries(folder: Path) -> tuple[list[str], list[str]]:
         for entry in entries:
             if entry.is_dir():
                 folders.append(entry.name)
-            elif entry.name.lower().endswith(IMG_EXTENSIONS):
+            elif is_image(entry.name):
                 images.append(entry.name)
     return sorted(folders), sorted(images)
 
@@ -91,9 +98,7 @@ def _tree_images(folder: Path) -> list[str]:
     images = []
     for path, _, names in sorted(_walk(folder)):
         within = Path(path).relative_to(folder)
-        images += [
-            (within / n).as_posix() for n in sorted(names) if n.lower().endswith(IMG_EXTENSIONS)
-        ]
+        images += [(within / n).as_posix() for n in sorted(names) if is_image(n)]
     return images
 
 
