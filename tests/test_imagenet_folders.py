@@ -7,6 +7,7 @@ import os
 import shutil
 import tarfile
 import threading
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from torchvision import datasets
 from torchvision.datasets.folder import default_loader
 
 from raydeq import train
-from raydeq.training import data, folders, preflight, staging
+from raydeq.training import data, folders, launch, preflight, staging
 from raydeq.training.config import ConfigError, validate
 
 CLASSES = [f"n0{7 * i + 1440764:07d}" for i in range(10)]
@@ -611,6 +612,39 @@ def test_hidden_files_such_as_macos_metadata_are_not_listed_as_images(tmp_path):
         assert index.labels[split] == [0, 1, 1]
         for file in index.files[split]:
             assert default_loader(root / file).size == (8, 8)
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        (b"<html>Not found</html>", "cannot identify image file"),
+        (b"", "cannot identify image file"),
+        (jpeg(10)[:-40], "Truncated File Read"),
+    ],
+    ids=["a saved web page", "empty", "cut short"],
+)
+def test_a_listed_file_that_is_no_image_is_one_line_naming_it(tmp_path, payload, reason):
+    """A file of an image's name that is no image, or one cut short, failed the run in PIL's
+    error inside the loader's traceback, which Ray prints whole for each worker and restart;
+    it is now raydeq's DataError naming the file and what to do, one line from a loader
+    process's traceback too."""
+    root = small_tree(tmp_path / "data", ["n01", "n02"])
+    bad = root / "train" / "n02" / "0.png"
+    bad.write_bytes(payload)
+    splits = data.load_splits(section(root, augment=False))
+    assert splits.train[0][0].shape == (3, 16, 16)
+    with pytest.raises(data.DataError) as refused:
+        splits.train[1]
+    message = str(refused.value)
+    assert message.startswith(f"{bad} cannot be read as an image ({reason}")
+    assert message.endswith(
+        "); replace it, or remove it and delete the folder's raydeq-index.parquet, which lists it"
+    )
+    loader = torch.utils.data.DataLoader(splits.train, batch_size=2, num_workers=1)
+    with pytest.raises(data.DataError) as wrapped:
+        next(iter(loader))
+    lines = "".join(traceback.format_exception(wrapped.value))
+    assert launch.own_error(lines) == f"DataError: {message}"
 
 
 class Spin(Exception):

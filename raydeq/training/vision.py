@@ -16,8 +16,8 @@ from torchvision.datasets.folder import default_loader
 
 from raydeq.datasets import mnist10k
 from raydeq.training.config import DataSection
-from raydeq.training.data import CLASSES, Splits, image_shape
-from raydeq.training.folders import SPLITS, load_index
+from raydeq.training.data import CLASSES, DataError, Splits, image_shape
+from raydeq.training.folders import INDEX_FILE, SPLITS, load_index
 from raydeq.training.staging import stage
 
 MNIST_STATS = ((0.1307,), (0.3081,))
@@ -140,7 +140,14 @@ class FileImages(Dataset):
         return len(self.labels)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image = default_loader(self.root / self.files[index])
+        path = self.root / self.files[index]
+        try:
+            image = default_loader(path)
+        except OSError as err:  # PIL's UnidentifiedImageError and "image file is truncated"
+            raise DataError(
+                f"{path} cannot be read as an image ({str(err).splitlines()[0]}); replace it, "
+                f"or remove it and delete the folder's {INDEX_FILE}, which lists it"
+            ) from None
         return self.transform(image), self.labels[index]
 
 
