@@ -21,6 +21,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -2502,6 +2503,34 @@ def test_a_divergence_recorded_with_other_workers_does_not_stop_a_start_with_one
     (folder / loop.DIVERGED_FILE).write_text(json.dumps(record | {"workers": 1}))
     with pytest.raises(loop.NonFiniteError, match="^diverged; it diverged like this from step 0"):
         loop.Loop(cfg, FolderSession(folder))
+
+
+@pytest.mark.parametrize(
+    ("written", "why"),
+    [
+        (b"", "JSONDecodeError: Expecting value: line 1 column 1 (char 0)"),
+        (b'{"from_step": 0, "workers"', "JSONDecodeError: Expecting ':' delimiter"),
+        (b"[0, 1]", "TypeError: list indices must be integers or slices, not str"),
+        (b'{"from_step": 0}', "KeyError: 'workers'"),
+        (b'{"from_step": 0, "workers": 1, "reason": "x", "limit": []}', "TypeError: '<=' not"),
+        (b"\xff", "UnicodeDecodeError: 'utf-8' codec can't decode byte 0xff in position 0"),
+    ],
+)
+def test_a_divergence_record_edited_by_hand_is_one_line_naming_it(tmp_path, written, why):
+    """A diverged.json edited by hand (empty, cut, of other JSON, other keys, other bytes)
+    stopped every start of the run's workers in a traceback of json's or Python's error; it
+    is now a StorageError naming the file and why, which a run prints as its one line."""
+    cfg = make_config(tmp_path, max_steps=2)
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / loop.DIVERGED_FILE).write_bytes(written)
+    with pytest.raises(storage.StorageError) as refused:
+        loop.Loop(cfg, FolderSession(folder))
+    assert str(refused.value).startswith(f"{folder / loop.DIVERGED_FILE} is no record of a ")
+    assert f"divergence ({why}" in str(refused.value)
+    assert str(refused.value).endswith("); delete it to train on")
+    lines = "".join(traceback.format_exception(refused.value))
+    assert launch.own_error(lines) == f"StorageError: {refused.value}"
 
 
 @pytest.mark.parametrize(

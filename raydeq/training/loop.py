@@ -256,12 +256,19 @@ class Loop:
         path = f"{self.session.folder}/{DIVERGED_FILE}"
         if not exists(path):
             return
-        record = json.loads(read_text(path))
         limit = self.cfg.train.max_nonfinite_steps
-        same = (record["from_step"], record["workers"]) == (self.state.step, self.world)
-        if same and limit <= record.get("limit", limit):
+        try:
+            record = json.loads(read_text(path))
+            same = (record["from_step"], record["workers"]) == (self.state.step, self.world)
+            stopped, reason = limit <= record.get("limit", limit), str(record["reason"])
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise StorageError(
+                f"{path} is no record of a divergence ({type(err).__name__}: "
+                f"{str(err).splitlines()[0] if str(err) else ''}); delete it to train on"
+            ) from None
+        if same and stopped:
             raise NonFiniteError(
-                f"{record['reason']}; it diverged like this from step {self.state.step}, where "
+                f"{reason}; it diverged like this from step {self.state.step}, where "
                 f"it would resume, so it is not trained again (raise train.max_nonfinite_steps "
                 f"above {limit}, or delete {path}, to try anyway)"
             )
