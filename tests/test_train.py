@@ -1922,6 +1922,23 @@ def test_a_resume_takes_the_checkpoint_of_the_latest_step_whatever_the_clock_nam
     assert checkpoint.restore(stored_checkpoints(str(tmp_path)))["step"] == 30
 
 
+def test_a_manifest_whose_step_is_edited_to_no_integer_is_read_as_an_unreadable_one(tmp_path):
+    """A manifest whose step was edited to 1e999 (JSON's infinity) ended the ordering of the
+    checkpoints, and so the preflight of the run, in an OverflowError; it is ordered first
+    with the manifests that cannot be read, and restore, which checks the state against the
+    manifest's checksum, reads its state of step 12."""
+    for step in (3, 12):
+        checkpoint.write_checkpoint({"step": step}, tmp_path / f"checkpoint_{step:06d}")
+    manifest = tmp_path / "checkpoint_000012" / checkpoint.MANIFEST_FILE
+    for edited in ("1e999", "-1e999", "NaN", '"twelve"'):
+        manifest.write_text(manifest.read_text().replace('"step": 12', f'"step": {edited}'))
+        folders = [str(tmp_path / f"checkpoint_{step:06d}") for step in (3, 12)]
+        assert checkpoint.newest_first(pyarrow.fs.LocalFileSystem(), folders) == folders[::-1]
+        assert checkpoint.read_newest(tmp_path)["step"] == 12
+        manifest.write_text(manifest.read_text().replace(f'"step": {edited}', '"step": 12'))
+    assert checkpoint.manifest_step(pyarrow.fs.LocalFileSystem(), folders[1]) == 12
+
+
 def test_a_tune_trials_session_is_rank_0_of_1_and_reports_its_checkpoints(tmp_path, monkeypatch):
     """The process of a one-worker Tune trial: on the CPU unless given a GPU, its checkpoints
     newest first (Tune numbers them), and each report hands its checkpoint to Tune as a

@@ -264,10 +264,11 @@ def _from_manifest(
     fs: pyarrow.fs.FileSystem, path: str, entry: Callable[[dict[str, Any]], T]
 ) -> T | None:
     """`entry` of the manifest of the checkpoint folder `path` in `fs`, None where the manifest
-    cannot be read or lacks that entry."""
+    cannot be read or lacks that entry (a step edited to 1e999, which JSON reads as infinite,
+    is none)."""
     try:
         return entry(read_manifest(fs, path))
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, OverflowError):
         return None
 
 
