@@ -37,7 +37,7 @@ from ray.util.state import list_actors
 
 from raydeq import datasets
 from raydeq import tune as rt
-from raydeq.experiments import archive, results, run, spec
+from raydeq.experiments import archive, pareto, results, run, spec
 from raydeq.experiments.figures import pyplot
 from raydeq.models import PRESETS
 from raydeq.training import capacity, preflight, runlock, storage
@@ -1747,6 +1747,21 @@ def test_a_table_cell_leaves_out_a_seed_that_lacks_the_measure():
         for seed, nfe in [(0, 10.0), (1, math.nan), (2, 14.0)]
     ]
     assert "| Skip | 3 | 50.00 ± 0.00 | - | - | - | 12.0 ± 2.8 | 10 |" in results.markdown(rows)
+
+
+def test_a_label_holding_a_pipe_or_a_line_break_keeps_the_tables_columns():
+    """A variant's label is the table's first cell: `lr | 1e-3` split its row of results.md
+    into 9 columns under a header of 8, and a line break in one ended the row; the pipe is
+    now escaped and the break a space, as in the paper's and the Pareto tables."""
+    rows = [
+        {"group": "lr | 1e-3\nwarm", "seed": 0, "completed": True, "parameters": 10, "step": 5}
+        | dict.fromkeys(("train_time", "backward_time", "predict_time"), math.nan)
+        | {"test_accuracy": 0.5, "test_nfe": 10.0}
+    ]
+    header, rule, row = results.markdown(rows).splitlines()
+    assert row == "| lr \\| 1e-3 warm | 1 | 50.00 | - | - | - | 10 | 10 |"
+    assert [len(re.findall(r"(?<!\\)\|", line)) for line in (header, rule, row)] == [9, 9, 9]
+    assert pareto.table_row(["a|b", "c\r\n d"]) == "| a\\|b | c d |"
 
 
 def test_a_time_cell_rounds_the_mean_to_the_two_significant_digits_of_its_std():

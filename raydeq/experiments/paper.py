@@ -150,7 +150,7 @@ def markdown(table: int, rows: list[dict[str, Any]]) -> str:
     lines = [
         f"### {TITLES[table]}, ours beside the paper's",
         "",
-        "| " + " | ".join(header) + " |",
+        pareto.table_row(header),
         "|" + " --- |" * len(header),
     ]
     for label in [*paper.index, *(g for g in groups if g not in paper.index)]:
@@ -162,7 +162,7 @@ def markdown(table: int, rows: list[dict[str, Any]]) -> str:
             share = ratio(_mean(values), float(published_mean))
             cells += [_ours(values), _paper(paper, label, column.paper)]
             cells.append("-" if math.isnan(share) else f"{share:.3g}")
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(pareto.table_row(cells))
     return "\n".join(lines) + "\n"
 
 

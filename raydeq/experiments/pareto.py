@@ -93,6 +93,14 @@ def _number(value: Any) -> float:
     return math.nan if value is None else float(value)
 
 
+def table_row(cells: Sequence[str]) -> str:
+    """A Markdown table's line of `cells`, a `|` in one escaped and its line breaks made
+    spaces: a label holding them (`lr | 1e-3`) split its row into more columns than the
+    header's."""
+    escaped = [" ".join(cell.split()).replace("|", "\\|") for cell in cells]
+    return "| " + " | ".join(escaped) + " |"
+
+
 def table_name(row: Mapping[str, Any]) -> str:
     """A trial as the tables name it: the paper's label (its group up to the first ", key=",
     so that a label may hold a comma), else its Tune id: `9db77_00001` (the experiment's part,
@@ -131,7 +139,7 @@ def markdown(rows: Sequence[Mapping[str, Any]], metric: str) -> str:
     text = []
     for cost, words in VIEWS.items():
         text += [f"\n## Pareto front: {metric} against {words}\n"]
-        text += ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+        text += [table_row(header), "|" + " --- |" * len(header)]
         members = sorted(
             (row for row in rows if row.get(f"pareto_{cost}")), key=lambda r: _number(r[cost])
         )
@@ -139,7 +147,7 @@ def markdown(rows: Sequence[Mapping[str, Any]], metric: str) -> str:
             cells = [table_name(row), _metric_value(row[metric], percent)]
             cells += [_value(_number(row.get(c))) for c in VIEWS]
             cells += [_value(row.get(k)) for k in settings]
-            text.append("| " + " | ".join(cells) + " |")
+            text.append(table_row(cells))
         if not members:
             counted_rows = [rows[i] for i in counted(rows)]
             text.append(f"\nNo front: {_unreported(counted_rows, metric, cost, words)}.")

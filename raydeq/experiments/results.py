@@ -217,7 +217,7 @@ def markdown(rows: list[dict[str, Any]], unfinished: str = "stopped") -> str:
     for row in rows:
         groups.setdefault(row["group"], []).append(row)
     header = ["Variant", "Seeds", *(title for _, title, _ in TABLE), "# Params"]
-    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    lines = [pareto.table_row(header), "|" + " --- |" * len(header)]
     for group, members in groups.items():
         done = [m for m in members if m["completed"]] or members
         failed = sum(m.get("status") == "ERROR" for m in members)
@@ -226,7 +226,7 @@ def markdown(rows: list[dict[str, Any]], unfinished: str = "stopped") -> str:
         seeds = f"{len(members)} ({', '.join(notes)})" if notes else str(len(members))
         cells = [_cell([m[key] for m in done], scale) for key, _, scale in TABLE]
         row = [group, seeds, *cells, f"{members[0]['parameters']:,}"]
-        lines.append("| " + " | ".join(row) + " |")
+        lines.append(pareto.table_row(row))
     return "\n".join(lines) + "\n" + _skipped(rows)
 
 
