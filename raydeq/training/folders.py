@@ -22,7 +22,7 @@ import tarfile
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -239,7 +239,9 @@ def write(index: Index, path: Path) -> None:
 
 
 def read(path: Path) -> Index:
-    """The index stored at `path`."""
+    """The index stored at `path`; a DataError where it lists a file outside its split's folder
+    (`../x`, an absolute path), which a read or a staged copy would reach outside the data
+    folder or write outside the copy's (an index written elsewhere, or edited)."""
     table = pq.read_table(path)
     classes = tuple(json.loads(table.schema.metadata[b"classes"]))
     files, labels = {}, {}
@@ -247,7 +249,20 @@ def read(path: Path) -> Index:
         rows = table.filter(pc.equal(table["split"], split))
         files[split] = rows["path"].to_pylist()
         labels[split] = rows["label"].to_pylist()
+        outside = next((f for f in files[split] if not _within(f, split)), None)
+        if outside is not None:
+            raise DataError(
+                f"{path} lists {outside!r}, which is not a file in {split}/ of the data folder; "
+                "delete the index for the folder to be listed again"
+            )
     return Index(classes, files, labels)
+
+
+def _within(name: str, split: str) -> bool:
+    """Whether an index's path names a file inside the `split` folder: relative, under it,
+    with no `..`."""
+    parts = PurePosixPath(name).parts
+    return len(parts) > 1 and parts[0] == split and ".." not in parts
 
 
 def index_paths(data_dir: str) -> list[Path]:
