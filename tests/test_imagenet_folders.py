@@ -678,6 +678,23 @@ def test_an_index_listing_a_file_outside_its_split_is_refused_before_a_read_or_a
     assert folders.load_index(str(root)) == index
 
 
+@pytest.mark.parametrize("label", [2, -1])
+def test_an_index_listing_a_class_it_does_not_name_is_refused(tmp_path, label):
+    """An index of 2 classes edited to give a file class 2 (or -1) trained until the loss met
+    it ('Target 2 is out of bounds'); it is refused naming the index, the class and the
+    classes it names."""
+    root = small_tree(tmp_path / "data", ["n01", "n02"])
+    index = folders.load_index(str(root))
+    labels = {**index.labels, "train": [0, label]}
+    folders.write(folders.Index(index.classes, index.files, labels), root / folders.INDEX_FILE)
+    with pytest.raises(data.DataError) as refused:
+        folders.load_index(str(root))
+    assert str(refused.value) == (
+        f"{root / folders.INDEX_FILE} lists a file of class {label}, of 2 classes (0 to 1); "
+        "delete the index for the folder to be listed again"
+    )
+
+
 class Spin(Exception):
     """A listing that went on past the folders a tree could hold."""
 

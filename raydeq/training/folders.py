@@ -241,7 +241,8 @@ def write(index: Index, path: Path) -> None:
 def read(path: Path) -> Index:
     """The index stored at `path`; a DataError where it lists a file outside its split's folder
     (`../x`, an absolute path), which a read or a staged copy would reach outside the data
-    folder or write outside the copy's (an index written elsewhere, or edited)."""
+    folder or write outside the copy's, or a class it does not name, which would fail the
+    loss mid-training (an index written elsewhere, or edited)."""
     table = pq.read_table(path)
     classes = tuple(json.loads(table.schema.metadata[b"classes"]))
     files, labels = {}, {}
@@ -254,6 +255,12 @@ def read(path: Path) -> Index:
             raise DataError(
                 f"{path} lists {outside!r}, which is not a file in {split}/ of the data folder; "
                 "delete the index for the folder to be listed again"
+            )
+        label = next((n for n in labels[split] if not 0 <= n < len(classes)), None)
+        if label is not None:
+            raise DataError(
+                f"{path} lists a file of class {label}, of {len(classes)} classes (0 to "
+                f"{len(classes) - 1}); delete the index for the folder to be listed again"
             )
     return Index(classes, files, labels)
 
