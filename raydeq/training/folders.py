@@ -240,7 +240,7 @@ def write(index: Index, path: Path) -> None:
 
 def read(path: Path) -> Index:
     """The index stored at `path`; a DataError where it lists a file outside its split's folder
-    (`../x`, an absolute path), which a read or a staged copy would reach outside the data
+    (through `..`, or an absolute path), which a read or a staged copy would reach outside the data
     folder or write outside the copy's, or a class it does not name, which would fail the
     loss mid-training (an index written elsewhere, or edited)."""
     table = pq.read_table(path)
