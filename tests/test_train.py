@@ -324,6 +324,35 @@ def test_a_cluster_address_where_no_ray_answers_is_one_line_not_minutes_of_retri
     assert f"no Ray answers at {dead}, named by " in err and "or delete the file" in err
 
 
+def test_ray_trains_v1_api_turned_on_is_one_line_naming_the_variable(tmp_path, capsys, monkeypatch):
+    """RAY_TRAIN_V2_ENABLED=0 turns on Ray Train's v1 API, which lacks LoggingConfig: both
+    commands ended in an ImportError's traceback (raydeq.tune as it imported). They stop in one
+    line naming the setting, and a cluster's processes get the v2 API unless it is set here."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    line = (
+        "error: RAY_TRAIN_V2_ENABLED={} turns off Ray Train's v2 API, which raydeq runs on; "
+        "unset RAY_TRAIN_V2_ENABLED, or set it to 1"
+    )
+    for value in ("0", "false"):
+        tune_run = subprocess.run(
+            [sys.executable, "-m", "raydeq.tune", "digits", "--storage", str(tmp_path / value)],
+            env=env | {"RAY_TRAIN_V2_ENABLED": value},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert (tune_run.returncode, tune_run.stderr) == (2, line.format(value) + "\n")
+    assert not (tmp_path / "0" / "digits" / SETTINGS_FILE).exists()
+    path = tmp_path / "run.yaml"
+    path.write_text(f"data: {{dataset: digits}}\nstorage_path: {tmp_path / 'runs'}\n")
+    monkeypatch.setattr(ray, "init", lambda *args, **kwargs: pytest.fail("Ray was started"))
+    monkeypatch.setenv("RAY_TRAIN_V2_ENABLED", "0")
+    assert train.main([str(path)]) == 2
+    assert capsys.readouterr().err == line.format("0") + "\n"
+    monkeypatch.delenv("RAY_TRAIN_V2_ENABLED")
+    assert launch.runtime_env()["env_vars"]["RAY_TRAIN_V2_ENABLED"] == "1"
+
+
 def test_workers_that_this_machine_cannot_hold_are_refused_not_waited_for(tmp_path):
     """On a Ray of the run's own no node ever joins: Ray Train waited a minute for the workers,
     failed, and waited again. Both commands now stop at once, before anything is stored."""

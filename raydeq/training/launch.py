@@ -19,15 +19,9 @@ from typing import Any
 import ray
 import ray._private.utils
 import ray.train
-from ray.train import (
-    CheckpointConfig,
-    FailureConfig,
-    LoggingConfig,
-    Result,
-    RunConfig,
-    ScalingConfig,
-)
+from ray.train import CheckpointConfig, FailureConfig, Result, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
+from ray.train.v2._internal.constants import V2_ENABLED_ENV_VAR, is_v2_enabled
 
 from raydeq.training import capacity
 from raydeq.training.config import Config, ConfigError, validate
@@ -42,7 +36,9 @@ RAY_LOG_LEVEL = "WARNING"
 # Ray Train's controller takes a worker's report when it polls the workers, every 2 s by
 # default, and a worker that reports again before that waits for it: with a report every few
 # steps that wait was most of a small trial's time. 0.2 s keeps it short at little cost.
-ENV_VARS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
+# Ray Train's v2 API is the one raydeq runs on: its processes get it on a cluster whose nodes
+# were started with the v1 API turned on for other jobs.
+ENV_VARS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", V2_ENABLED_ENV_VAR: "1"}
 # On a Ray of the run's own, one machine: Ray Train's preemption watcher (a process that polls
 # the nodes for a cloud's notice that a spot node will be taken) has no node to lose but the
 # one it runs on, and each run printed Ray's core error line about its actor's arguments.
@@ -146,9 +142,15 @@ def amounts(resources: Mapping[str, float]) -> str:
 
 
 def check_cluster() -> None:
-    """Raise a ConfigError when the cluster connect would join does not answer: Ray retries a
-    dead address for minutes (a `ray start` that ended without `ray stop` leaves its address
+    """Raise a ConfigError when the Ray that connect would use cannot run the job: the
+    environment turns Ray Train's v2 API off, or the cluster does not answer, where Ray retries
+    a dead address for minutes (a `ray start` that ended without `ray stop` leaves its address
     behind)."""
+    if not is_v2_enabled():  # ray.train then lacks LoggingConfig, and the run failed importing it
+        raise ConfigError(
+            f"{V2_ENABLED_ENV_VAR}={os.environ[V2_ENABLED_ENV_VAR]} turns off Ray Train's v2 API, "
+            f"which raydeq runs on; unset {V2_ENABLED_ENV_VAR}, or set it to 1"
+        )
     given = os.environ.get("RAY_ADDRESS", "")
     address = given or ray._private.utils.read_ray_address()
     if not address or "://" in address or address in ("auto", "local"):
@@ -249,7 +251,8 @@ def trainer(
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
             callbacks=list(callbacks),
-            logging_config=LoggingConfig(log_level=RAY_LOG_LEVEL),
+            # Ray Train's v1 API lacks it, so it is looked up here: check_cluster names that.
+            logging_config=ray.train.LoggingConfig(log_level=RAY_LOG_LEVEL),
         ),
     )
 
