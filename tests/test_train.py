@@ -911,6 +911,30 @@ def test_a_ray_of_the_runs_own_has_no_preemption_watcher_and_the_settings_given_
     assert "RAY_ADDRESS" not in launch.runtime_env()["env_vars"]
 
 
+def test_ray_address_local_starts_a_ray_of_the_runs_own_as_no_address_does(monkeypatch):
+    """RAY_ADDRESS=local starts a new local Ray, which connect took for a cluster: no check
+    that the workers fit (scaling.num_workers=4 on 2 CPUs waited past 100 s, with Ray Train's
+    placement-group cleaner's tracebacks, as it could not tell which Ray's state API to ask),
+    and the preemption watcher on. It is now the run's own Ray, as without RAY_ADDRESS."""
+    for name in ("RAY_ADDRESS", launch.API_SERVER, launch.COLOR_PREFIX, *LOCAL_ENV_VARS):
+        monkeypatch.delenv(name, raising=False)
+    started = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **options: started.append(options))
+    monkeypatch.setattr(ray._private.utils, "read_ray_address", lambda *args: None)
+    assert launch.connect()
+    monkeypatch.setenv("RAY_ADDRESS", "local")
+    assert launch.connect()
+    alone, local = started
+    assert local.keys() == alone.keys() and "dashboard_port" in local
+    assert os.environ[launch.API_SERVER] == f"http://127.0.0.1:{local['dashboard_port']}"
+    assert local["runtime_env"]["env_vars"].keys() == alone["runtime_env"]["env_vars"].keys()
+    assert "RAY_ADDRESS" not in local["runtime_env"]["env_vars"]
+    assert local["runtime_env"]["env_vars"]["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    assert not launch.connect()
+
+
 def test_a_progress_line_shows_each_headline_metric_under_its_own_name():
     metrics = {"epoch": 0.5, "step": 10, "total_steps": 20, "train_loss": 1.5}
     metrics |= {"train_accuracy": 0.25, "nfe": 12.0, "images_per_second": 12345.6}

@@ -82,7 +82,8 @@ def runtime_env(local: bool = False) -> dict[str, Any]:
 
 def connect(log_to_driver: bool = True) -> bool:
     """Join the cluster RAY_ADDRESS names or the one `ray start` runs here (the head node of
-    `ray up`), else start a local one of this run's own; returns whether it started one.
+    `ray up`), else (or with RAY_ADDRESS=local) start a local one of this run's own; returns
+    whether it started one.
 
     Never address="auto": it also joins a local Ray that another run's driver started, and
     that Ray ends with that driver. A second `python -m raydeq.tune` started beside a first
@@ -93,7 +94,9 @@ def connect(log_to_driver: bool = True) -> bool:
     if ray.is_initialized():
         return False
     options: dict[str, Any] = {"logging_level": RAY_LOG_LEVEL, "log_to_driver": log_to_driver}
-    own = "RAY_ADDRESS" not in os.environ and ray._private.utils.read_ray_address() is None
+    given = os.environ.get("RAY_ADDRESS")
+    # RAY_ADDRESS=local starts a Ray of its own, as no address and no `ray start` here do.
+    own = given == "local" or (given is None and ray._private.utils.read_ray_address() is None)
     if own:
         # A Ray of this run's own. Its processes, this driver included, find the state API
         # (the ASHA check here, Ray Train's placement-group cleaner) by looking for the one Ray
