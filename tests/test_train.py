@@ -353,6 +353,46 @@ def test_ray_trains_v1_api_turned_on_is_one_line_naming_the_variable(tmp_path, c
     assert launch.runtime_env()["env_vars"]["RAY_TRAIN_V2_ENABLED"] == "1"
 
 
+def test_a_dashboard_address_or_an_auto_that_finds_no_single_ray_is_one_line(
+    tmp_path, capsys, monkeypatch
+):
+    """RAY_ADDRESS set to the dashboard's URL, as for `ray job submit`, and RAY_ADDRESS=auto
+    where no Ray runs here ended in ray.init's traceback (31 lines for the URL); with several
+    and no `ray start`, `auto` joined either. Each is one line naming the fix."""
+    path = tmp_path / "run.yaml"
+    path.write_text(f"data: {{dataset: digits}}\nstorage_path: {tmp_path / 'runs'}\n")
+    monkeypatch.setattr(ray, "init", lambda *args, **kwargs: pytest.fail("Ray was started"))
+    monkeypatch.setattr(ray._private.utils, "read_ray_address", lambda *args: None)
+    dashboard = "http://127.0.0.1:8265"
+    monkeypatch.setenv("RAY_ADDRESS", dashboard)
+    assert train.main([str(path)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: RAY_ADDRESS={dashboard} is a dashboard's address, which `ray job submit` "
+        "takes, where a run joins a cluster at its GCS address (host:6379, as `ray start "
+        f"--head` prints it); submit the command with `ray job submit --address {dashboard} "
+        "-- python -m ...`, or set RAY_ADDRESS to the GCS address, or unset it\n"
+    )
+    # With several, ray.init's `auto` joins any: one that another run started ends with it.
+    monkeypatch.setenv("RAY_ADDRESS", "auto")
+    fix = "set RAY_ADDRESS to the cluster's address (host:port), or unset it to start a Ray of "
+    dead = [f"127.0.0.1:{launch.free_port()}" for _ in range(2)]
+    for found, reason in [
+        ([], "no Ray runs on this machine; "),
+        (dead, f"2 Rays run on this machine ({', '.join(sorted(dead))}) and no `ray start` "),
+    ]:
+        monkeypatch.setattr(ray._private.services, "find_gcs_addresses", lambda f=found: f)
+        assert train.main([str(path)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: RAY_ADDRESS=auto: {reason}"), err
+        assert err.endswith(f"{fix}the run's own\n") and err.count("\n") == 1
+    for one, started in [(dead[:1], None), (dead, dead[1])]:  # the one, or `ray start`'s
+        monkeypatch.setattr(ray._private.services, "find_gcs_addresses", lambda f=one: f)
+        monkeypatch.setattr(ray._private.utils, "read_ray_address", lambda *args, s=started: s)
+        assert train.main([str(path)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: no Ray answers at {started or one[0]} (RAY_ADDRESS)")
+
+
 def test_workers_that_this_machine_cannot_hold_are_refused_not_waited_for(tmp_path):
     """On a Ray of the run's own no node ever joins: Ray Train waited a minute for the workers,
     failed, and waited again. Both commands now stop at once, before anything is stored."""

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import ray
+import ray._private.services
 import ray._private.utils
 import ray.train
 from ray.train import CheckpointConfig, FailureConfig, Result, RunConfig, ScalingConfig
@@ -146,17 +147,27 @@ def amounts(resources: Mapping[str, float]) -> str:
 
 def check_cluster() -> None:
     """Raise a ConfigError when the Ray that connect would use cannot run the job: the
-    environment turns Ray Train's v2 API off, or the cluster does not answer, where Ray retries
-    a dead address for minutes (a `ray start` that ended without `ray stop` leaves its address
-    behind)."""
+    environment turns Ray Train's v2 API off, RAY_ADDRESS names a dashboard (ray.init raised in
+    a traceback) or, as `auto`, finds no single Ray here (`auto_address`), or the cluster does
+    not answer, where Ray retries a dead address for minutes (a `ray start` that ended without
+    `ray stop` leaves its address behind)."""
     if not is_v2_enabled():  # ray.train then lacks LoggingConfig, and the run failed importing it
         raise ConfigError(
             f"{V2_ENABLED_ENV_VAR}={os.environ[V2_ENABLED_ENV_VAR]} turns off Ray Train's v2 API, "
             f"which raydeq runs on; unset {V2_ENABLED_ENV_VAR}, or set it to 1"
         )
     given = os.environ.get("RAY_ADDRESS", "")
+    if given.startswith(("http://", "https://")):
+        raise ConfigError(
+            f"RAY_ADDRESS={given} is a dashboard's address, which `ray job submit` takes, where "
+            "a run joins a cluster at its GCS address (host:6379, as `ray start --head` prints "
+            f"it); submit the command with `ray job submit --address {given} -- python -m ...`, "
+            "or set RAY_ADDRESS to the GCS address, or unset it"
+        )
+    if given == "auto":
+        given = auto_address()
     address = given or ray._private.utils.read_ray_address()
-    if not address or "://" in address or address in ("auto", "local"):
+    if not address or "://" in address or address == "local":
         return
     host, _, port = address.rpartition(":")
     try:
@@ -172,6 +183,24 @@ def check_cluster() -> None:
             f"no Ray answers at {address}, named by {file} (a `ray start` that ended without "
             "`ray stop` leaves it); start that cluster again, or delete the file"
         ) from None
+
+
+def auto_address() -> str:
+    """The cluster that RAY_ADDRESS=auto joins: the one `ray start` ran here last, else the one
+    Ray that runs on this machine; a ConfigError where none runs, or several and no `ray start`
+    names one, where Ray joins any of them (a Ray that a run started ends with that run)."""
+    started = ray._private.utils.read_ray_address()
+    running = sorted(set(ray._private.services.find_gcs_addresses()))
+    if started or len(running) == 1:
+        return started or running[0]
+    fix = "set RAY_ADDRESS to the cluster's address (host:port), or unset it to start a Ray of "
+    if not running:
+        raise ConfigError(f"RAY_ADDRESS=auto: no Ray runs on this machine; {fix}the run's own")
+    raise ConfigError(
+        f"RAY_ADDRESS=auto: {len(running)} Rays run on this machine ({', '.join(running)}) and "
+        f"no `ray start` names one, so the run would join either, and a Ray that another run "
+        f"started ends with it; {fix}the run's own"
+    )
 
 
 def free_port() -> int:
