@@ -60,14 +60,18 @@ def resume_command(cfg: Config, argv: Sequence[str]) -> str:
     overrides, and the run's name and absolute storage and data folders in place of any given,
     since a config file edited since, or a relative path read from another folder, would
     otherwise name another run, started from step 0, or other data (with them, settings that
-    change the model are refused, naming them)."""
+    change the model are refused, naming them). In a Ray job, the paths in its working
+    directory are relative to it, as the same command submitted again finds them."""
+    from raydeq.training import launch
+
     config, *overrides = argv
     folders = {"data.data_dir": cfg.data.data_dir, "data.stage_to": cfg.data.stage_to}
+    folders = {key: folder and launch.as_submitted(folder) for key, folder in folders.items()}
     pinned = {"name": cfg.name, "storage_path": cfg.storage_path, **folders}
     kept = [word for word in overrides if word.partition("=")[0].strip() not in pinned]
     added = [f"{key}={as_yaml(value)}" for key, value in pinned.items() if value is not None]
     read = config_file(config)  # a shipped file where tune_configs/NAME.yaml is not here
-    config = os.path.abspath(read) if os.path.isfile(read) else config
+    config = launch.as_submitted(os.path.abspath(read)) if os.path.isfile(read) else config
     return shlex.join(["python", "-m", "raydeq.train", config, *kept, *added])
 
 
@@ -114,6 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"the run had finished, so nothing was trained: {summary(last, cfg)}")
                 return 0
             launch.check_cluster()
+            launch.check_kept(cfg.storage_path)
         except (ConfigError, data.DataError, StorageError) as err:
             print(f"error: {err}", file=sys.stderr)
             return EXIT_BAD_INPUT

@@ -298,7 +298,8 @@ def resume_command(args: argparse.Namespace, path: str) -> str:
     """The command that resumes this experiment at `path` (storage/name) from any folder: its
     file and storage absolute (a `storage_path=` override, which --resume refuses, given as
     --storage), since a relative one read from another folder would name no experiment."""
-    experiment = str(locate(args.experiment).resolve())  # a name too: tune_configs/ is here
+    # A name too (tune_configs/ is here); in a Ray job, as its working directory has it.
+    experiment = launch.as_submitted(str(locate(args.experiment).resolve()))
     words = ["python", "-m", "raydeq.tune", experiment, "--resume"]
     words += ["--storage", path.rstrip("/").rsplit("/", 1)[0]]
     words += ["--name", args.name] if args.name else []
@@ -325,6 +326,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not (args.dry_run or args.report):
                 if not ended:
                     launch.check_cluster()
+                    launch.check_kept(path)
                 left = held.enter_context(runlock.hold(path))
                 if left:
                     print(f"note: {left}", file=sys.stderr)

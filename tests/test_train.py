@@ -33,6 +33,7 @@ import pytest
 import ray
 import ray.cloudpickle
 import torch
+from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
 from ray.cluster_utils import Cluster
 from ray.train import Checkpoint, ScalingConfig
 from ray.util.state import list_actors
@@ -43,7 +44,7 @@ from tensorboard.context import RequestContext
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from raydeq import models, train
+from raydeq import models, train, tune
 from raydeq.experiments.run import SETTINGS_FILE
 from raydeq.solvers import adjoint, driver
 from raydeq.training import (
@@ -391,6 +392,52 @@ def test_a_dashboard_address_or_an_auto_that_finds_no_single_ray_is_one_line(
         assert train.main([str(path)]) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"error: no Ray answers at {started or one[0]} (RAY_ADDRESS)")
+
+
+def test_a_ray_jobs_storage_in_its_working_dir_copy_is_refused_and_resumes_name_files_there(
+    tmp_path, capsys, monkeypatch
+):
+    """`ray job submit --working-dir DIR` runs the command in Ray's copy of DIR, which Ray
+    deletes: `tune digits` stored its runs in .../working_dir_files/_ray_pkg_<hash>/runs, and
+    its resume command named the experiment file in that copy, which the next job's copy is
+    not. Both commands refuse such a storage; a resume command names the files of the working
+    directory relative to it, as a job submitted again with it has them."""
+    copy = tmp_path / "working_dir_files" / "_ray_pkg_0123"
+    shutil.copytree(Path(__file__).parents[1] / "tune_configs", copy / "tune_configs")
+    monkeypatch.chdir(copy)
+    monkeypatch.setattr(ray, "init", lambda *args, **kwargs: pytest.fail("Ray was started"))
+    monkeypatch.setattr(launch, "check_cluster", lambda: None)
+    job = {"runtime_env": {"working_dir": "gcs://_ray_pkg_0123.zip"}, "metadata": {}}
+    monkeypatch.setenv(RAY_JOB_CONFIG_JSON_ENV_VAR, json.dumps(job))
+    fix = (
+        "Ray's copy of this job's working directory, which Ray deletes with the job's files; "
+        "give an absolute storage folder outside it (storage_path=..., or --storage for "
+        "raydeq.tune), such as one on a shared disk\n"
+    )
+    assert tune.main(["digits"]) == 2
+    assert capsys.readouterr().err == f"error: storage {copy}/runs/digits lies in {copy}, {fix}"
+    assert train.main(["tune_configs/digits.yaml", "storage_path=kept"]) == 2
+    assert capsys.readouterr().err == f"error: storage {copy}/kept lies in {copy}, {fix}"
+    kept = tmp_path / "runs"
+    args = tune._parser().parse_intermixed_args(["digits", "--storage", str(kept)])
+    assert shlex.split(tune.resume_command(args, f"{kept}/digits"))[3:] == [
+        "tune_configs/digits.yaml",
+        "--resume",
+        "--storage",
+        str(kept),
+    ]
+    argv = ["tune_configs/digits.yaml", "data.dataset=mnist", "data.data_dir=data"]
+    cfg = config.load(argv[0], [*argv[1:], f"storage_path={kept}"])
+    words = shlex.split(train.resume_command(cfg, argv))
+    assert (words[3], words[-1]) == ("tune_configs/digits.yaml", "data.data_dir=data")
+    monkeypatch.delenv(RAY_JOB_CONFIG_JSON_ENV_VAR)  # outside a job: absolute, from anywhere
+    words = shlex.split(train.resume_command(cfg, argv))
+    assert (words[3], words[-1]) == (
+        f"{copy}/tune_configs/digits.yaml",
+        f"data.data_dir={copy}/data",
+    )
+    assert launch.job_folder() is None
+    launch.check_kept(str(copy / "runs"))
 
 
 def test_workers_that_this_machine_cannot_hold_are_refused_not_waited_for(tmp_path):

@@ -8,6 +8,7 @@ This module stays light: Ray Train's controller and each Tune trial import it to
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import re
@@ -20,6 +21,7 @@ import ray
 import ray._private.services
 import ray._private.utils
 import ray.train
+from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
 from ray.train import CheckpointConfig, FailureConfig, Result, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from ray.train.v2._internal.constants import V2_ENABLED_ENV_VAR, is_v2_enabled
@@ -27,7 +29,7 @@ from ray.train.v2._internal.constants import V2_ENABLED_ENV_VAR, is_v2_enabled
 from raydeq.training import capacity
 from raydeq.training.config import Config, ConfigError, validate
 from raydeq.training.interrupts import handlers_kept
-from raydeq.training.storage import CHECKPOINT_PREFIX, filesystem, subfolders
+from raydeq.training.storage import CHECKPOINT_PREFIX, filesystem, local_path, subfolders
 
 # Ray's own INFO lines (per-report "Reporting training result", trial tables) are not shown;
 # the run's progress lines and warnings are.
@@ -183,6 +185,38 @@ def check_cluster() -> None:
             f"no Ray answers at {address}, named by {file} (a `ray start` that ended without "
             "`ray stop` leaves it); start that cluster again, or delete the file"
         ) from None
+
+
+def job_folder() -> str | None:
+    """The folder that Ray unpacked the working directory of the Ray job that runs this command
+    into (`ray job submit --working-dir`), this process's current folder; None outside one.
+    Ray deletes that copy with the job's files, and the next job of the same directory gets
+    another."""
+    job = json.loads(os.environ.get(RAY_JOB_CONFIG_JSON_ENV_VAR) or "{}")
+    return os.getcwd() if (job.get("runtime_env") or {}).get("working_dir") else None
+
+
+def check_kept(storage: str) -> None:
+    """Raise a ConfigError where the run's storage lies in the copy of a Ray job's working
+    directory (a relative storage_path, `runs` by default, read in it): the runs stored there
+    go with the copy, and the command submitted again finds none to resume."""
+    copy, folder = job_folder(), local_path(storage)
+    if copy is None or folder is None or os.path.commonpath([copy, folder]) != copy:
+        return
+    raise ConfigError(
+        f"storage {folder} lies in {copy}, Ray's copy of this job's working directory, which "
+        "Ray deletes with the job's files; give an absolute storage folder outside it "
+        "(storage_path=..., or --storage for raydeq.tune), such as one on a shared disk"
+    )
+
+
+def as_submitted(path: str) -> str:
+    """`path` as a command submitted again with the same working directory names it: relative
+    to the Ray job's copy of it where it lies there, else as it is."""
+    copy = job_folder()
+    if copy is None or os.path.commonpath([copy, os.path.abspath(path)]) != copy:
+        return path
+    return os.path.relpath(path, copy)
 
 
 def auto_address() -> str:
