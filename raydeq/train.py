@@ -160,8 +160,11 @@ def run(cfg: Config, argv: Sequence[str]) -> int:
     try:
         own = launch.connect()
         scaling = launch.scaling_config(cfg, launch.gpus_per_worker(cfg))
+        workers = scaling.num_workers, scaling.resources_per_worker
         if own:
-            launch.check_fits(scaling.num_workers, scaling.resources_per_worker)
+            launch.check_fits(*workers)
+        elif note := launch.waiting_note(*workers, "the run's"):
+            print(note, file=sys.stderr, flush=True)
         print(f"tensorboard --logdir {os.path.join(cfg.run_dir, TENSORBOARD_DIR)}", flush=True)
         earlier = frozenset(subfolders(cfg.run_dir, CHECKPOINT_PREFIX))
         result = launch.fit(cfg, scaling)

@@ -429,8 +429,11 @@ def launch_experiment(
         if fresh:
             options = new_options(args, experiment)
         # Before the settings are stored: the same command may then run again.
+        workers = run.trial_workers(experiment, options.gpus)
         if own:
-            launch.check_fits(*run.trial_workers(experiment, options.gpus))
+            launch.check_fits(*workers)
+        elif note := launch.waiting_note(*workers, "a trial's"):
+            print(note, file=sys.stderr, flush=True)
         if options.scheduler == "asha":
             run.check_dashboard()
         if fresh:

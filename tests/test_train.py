@@ -440,6 +440,46 @@ def test_a_ray_jobs_storage_in_its_working_dir_copy_is_refused_and_resumes_name_
     launch.check_kept(str(copy / "runs"))
 
 
+def test_workers_that_other_jobs_keep_waiting_on_a_cluster_are_named_in_a_note(
+    tmp_path, capsys, monkeypatch
+):
+    """On a cluster of 2 CPUs that another job held, `tune digits` waited without a word (150 s
+    and counting) and raydeq.train printed Ray Train's traceback after a minute; both now say
+    first that the workers wait for CPUs other jobs hold. Where the nodes alive cannot hold
+    them at all (an autoscaler adds nodes), or they fit, there is no note."""
+    nodes = {"a": {"CPU": 2.0}, "b": {"CPU": 1.0, "GPU": 1.0}}
+    free = {"a": {"CPU": 0.0}, "b": {"CPU": 1.0, "GPU": 1.0}}
+    state = ray._private.state
+    monkeypatch.setattr(state, "total_resources_per_node", lambda: nodes)
+    monkeypatch.setattr(state, "available_resources_per_node", lambda: free)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 3.0, "GPU": 1.0})
+    assert launch.waiting_note(3, {"CPU": 1.0}, "the run's") == (
+        "note: the run's 3 workers need 1 CPU each, and other jobs hold so much of the "
+        "cluster's 3 CPU that only 1 fits now; it waits until they free it (`ray status` shows "
+        "what is in use)"
+    )
+    free["b"]["CPU"] = 0.5
+    assert launch.waiting_note(1, {"CPU": 0.5, "GPU": 1.0}, "a trial's") is None
+    assert launch.waiting_note(1, {"CPU": 1.0, "GPU": 1.0}, "a trial's") == (
+        "note: a trial's worker needs 1 CPU, 1 GPU, and other jobs hold so much of the "
+        "cluster's 3 CPU, 1 GPU that none fits now; it waits until they free it (`ray status` "
+        "shows what is in use)"
+    )
+    assert launch.waiting_note(4, {"CPU": 1.0}, "the run's") is None  # more than the nodes
+    path = tmp_path / "run.yaml"
+    path.write_text(f"data: {{dataset: digits}}\nstorage_path: {tmp_path / 'runs'}\n")
+    monkeypatch.setattr(launch, "check_cluster", lambda: None)
+    monkeypatch.setattr(launch, "connect", lambda: False)
+    monkeypatch.setattr(launch, "gpus_per_worker", lambda cfg: 0.0)
+    fits_recorded(monkeypatch)
+    assert train.main([str(path)]) == 0
+    note = capsys.readouterr().err.splitlines()[0]
+    assert note.startswith("note: the run's 2 workers need 1 CPU each, and other jobs hold")
+    assert note.endswith(
+        "3 CPU that none fits now; it waits until they free it (`ray status` shows what is in use)"
+    )
+
+
 def test_workers_that_this_machine_cannot_hold_are_refused_not_waited_for(tmp_path):
     """On a Ray of the run's own no node ever joins: Ray Train waited a minute for the workers,
     failed, and waited again. Both commands now stop at once, before anything is stored."""
@@ -683,6 +723,7 @@ def test_a_failed_run_exits_1_with_its_own_error_and_an_interrupted_one_130_with
 
     monkeypatch.setattr(launch, "check_cluster", lambda: None)
     monkeypatch.setattr(launch, "connect", lambda: False)
+    monkeypatch.setattr(launch, "waiting_note", lambda *args: None)
     monkeypatch.setattr(launch, "fit", fail)
     assert train.main(argv) == 1
     assert capsys.readouterr().err.splitlines()[-1] == (
@@ -719,6 +760,7 @@ def test_a_run_interrupted_after_its_last_checkpoint_is_stored_says_it_finished(
     cfg = config.load(str(path), [])
     monkeypatch.setattr(launch, "check_cluster", lambda: None)
     monkeypatch.setattr(launch, "connect", lambda: False)
+    monkeypatch.setattr(launch, "waiting_note", lambda *args: None)
     last = {"step": 44, "total_steps": 44, "test_accuracy": 0.98765}
     numbers = itertools.count()
 
@@ -759,6 +801,7 @@ def test_a_finished_run_run_again_says_so_and_stores_nothing(tmp_path, capsys, m
     cfg = config.load(str(path), [])
     monkeypatch.setattr(launch, "check_cluster", lambda: None)
     monkeypatch.setattr(launch, "connect", lambda: False)
+    monkeypatch.setattr(launch, "waiting_note", lambda *args: None)
     resumed = fits_recorded(monkeypatch)
     last = {"step": 44, "total_steps": 44, "test_accuracy": 0.98765}
     settings = {"settings": config.trained_settings(cfg)}
@@ -864,6 +907,7 @@ def test_the_resume_command_resumes_its_run_after_its_config_file_changed(
     shutil.rmtree(Path(cfg.run_dir, "checkpoint_000002"))  # interrupted one step short
     monkeypatch.setattr(launch, "check_cluster", lambda: None)
     monkeypatch.setattr(launch, "connect", lambda: False)
+    monkeypatch.setattr(launch, "waiting_note", lambda *args: None)
 
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
@@ -901,6 +945,7 @@ def test_the_resume_command_of_a_run_started_with_relative_paths_resumes_it_from
     (tmp_path / "run.yaml").write_text(text)
     monkeypatch.setattr(launch, "check_cluster", lambda: None)
     monkeypatch.setattr(launch, "connect", lambda: False)
+    monkeypatch.setattr(launch, "waiting_note", lambda *args: None)
 
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
@@ -3437,6 +3482,7 @@ def test_the_command_called_from_python_leaves_the_callers_logging_as_it_found_i
 
     monkeypatch.setattr(launch, "check_cluster", lambda: None)
     monkeypatch.setattr(launch, "connect", lambda: False)
+    monkeypatch.setattr(launch, "waiting_note", lambda *args: None)
     monkeypatch.setattr(launch, "fit", fit)
     assert train.main([str(path)]) == 0
     assert (root.handlers, root.level) == ([], level)

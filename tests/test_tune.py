@@ -816,6 +816,8 @@ def run_without_ray(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     monkeypatch.setattr(rt.launch, "check_cluster", lambda: None)
     monkeypatch.setattr(rt.launch, "connect", lambda log_to_driver: False)
+    monkeypatch.setattr(run, "trial_workers", lambda *args: (1, {"CPU": 1.0}))
+    monkeypatch.setattr(rt.launch, "waiting_note", lambda *args: None)
     monkeypatch.setattr(rt, "report", lambda path, experiment: f"table of {path}")
 
 

@@ -69,6 +69,17 @@ def worker_slots(need: Mapping[str, float]) -> int:
     return slots
 
 
+def slots_now(need: Mapping[str, float], free: bool = False) -> int:
+    """How many workers needing `need` each the nodes alive now hold, packed node by node; with
+    `free`, in what other jobs leave free of them."""
+    state = ray._private.state
+    nodes = state.available_resources_per_node() if free else state.total_resources_per_node()
+    return sum(
+        min(int(node.get(key, 0) / amount + SLACK) for key, amount in need.items() if amount > 0)
+        for node in nodes.values()
+    )
+
+
 def cluster_config(autoscaling: Mapping[str, Any]) -> autoscaler_pb2.ClusterConfig:
     """The GCS cluster config of an autoscaling config (the cluster.yaml `ray up` fills out):
     one node group per node type, the head type counting the head node itself."""

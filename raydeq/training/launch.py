@@ -142,6 +142,24 @@ def check_fits(workers: int, need: Mapping[str, float]) -> None:
     )
 
 
+def waiting_note(workers: int, need: Mapping[str, float], whose: str) -> str | None:
+    """A note where the nodes alive hold `workers` workers needing `need` each (`whose`: "the
+    run's", "a trial's") but other jobs hold what they need now: Ray Tune waits for them
+    without a word, and Ray Train with a traceback a minute. None where they fit, or where
+    they wait for nodes that can hold them (an autoscaler's)."""
+    free = capacity.slots_now(need, free=True)
+    if free >= workers or capacity.slots_now(need) < workers:
+        return None
+    total = {key: ray.cluster_resources().get(key, 0) for key in need}
+    needs = f"{workers} workers need {amounts(need)} each" if workers > 1 else "worker needs"
+    needs += "" if workers > 1 else f" {amounts(need)}"
+    fit = f"only {free} fits" if free == 1 else f"only {free} fit" if free else "none fits"
+    return (
+        f"note: {whose} {needs}, and other jobs hold so much of the cluster's {amounts(total)} "
+        f"that {fit} now; it waits until they free it (`ray status` shows what is in use)"
+    )
+
+
 def amounts(resources: Mapping[str, float]) -> str:
     """Resources as "1 CPU, 1 GPU"."""
     return ", ".join(f"{amount:g} {name}" for name, amount in resources.items())
