@@ -327,6 +327,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if not ended:
                     launch.check_cluster()
                     launch.check_kept(path)
+                    run.check_pending_limit()
                 left = held.enter_context(runlock.hold(path))
                 if left:
                     print(f"note: {left}", file=sys.stderr)

@@ -821,6 +821,27 @@ def run_without_ray(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(rt, "report", lambda path, experiment: f"table of {path}")
 
 
+def test_a_pending_trial_limit_tune_cannot_run_with_is_one_line_before_ray_starts(
+    tmp_path, capsys, monkeypatch
+):
+    """TUNE_MAX_PENDING_TRIALS_PG=abc failed `tune digits` in Tune's 38-line traceback after Ray
+    started, and 0 started no trial, waiting without a word until stopped (100 s here)."""
+    monkeypatch.setattr(rt.launch, "check_cluster", lambda: None)
+    monkeypatch.setattr(ray, "init", lambda *args, **kwargs: pytest.fail("Ray was started"))
+    argv = ["digits", "--storage", str(tmp_path)]
+    for value in ("abc", "0", "-1", "1.5"):
+        monkeypatch.setenv(run.PENDING_LIMIT, value)
+        assert rt.main(argv) == 2
+        assert capsys.readouterr().err == (
+            f"error: TUNE_MAX_PENDING_TRIALS_PG={value}: Tune takes `auto` or a whole number of "
+            "at least 1 (0 starts no trial); unset it, or give such a number\n"
+        )
+    assert not (tmp_path / "digits" / run.SETTINGS_FILE).exists()
+    for value in ("auto", "1", "16"):
+        monkeypatch.setenv(run.PENDING_LIMIT, value)
+        run.check_pending_limit()
+
+
 def test_a_run_with_failed_trials_exits_1_and_an_interrupted_one_130_with_its_resume_command(
     tmp_path, capsys, monkeypatch
 ):

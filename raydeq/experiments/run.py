@@ -10,6 +10,7 @@ started with are stored in the experiment folder, so `--resume` and `--report` u
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable
 from dataclasses import MISSING, dataclass
 from typing import Any
@@ -55,6 +56,8 @@ from raydeq.training.session import TuneTrial
 from raydeq.training.storage import TRAIN_RUN, exists, filesystem, read_text, write_bytes
 
 SETTINGS_FILE = "experiment.yaml"
+# Tune's bound on the trials that wait for resources at once: `auto` or a whole number.
+PENDING_LIMIT = "TUNE_MAX_PENDING_TRIALS_PG"
 # A trial's own driver holds this much CPU; its workers' share is reduced by it.
 TRIAL_CPU = 0.01
 # ... and runs on the head node, with its Train controller: a GPU node that is lost takes only
@@ -182,6 +185,22 @@ def check_dashboard() -> None:
             f"stopped trials would never be released ({type(err).__name__}); start Ray with "
             "the dashboard (ray[default]) or use --scheduler fifo"
         ) from None
+
+
+def check_pending_limit() -> None:
+    """Raise a ConfigError for a TUNE_MAX_PENDING_TRIALS_PG that Tune cannot run with: one that
+    is no whole number failed the run in Tune's traceback once Ray had started, and 0 started no
+    trial and waited without a word until stopped."""
+    value = os.environ.get(PENDING_LIMIT, "auto")
+    try:
+        usable = value == "auto" or int(value) >= 1
+    except ValueError:
+        usable = False
+    if not usable:
+        raise ConfigError(
+            f"{PENDING_LIMIT}={value}: Tune takes `auto` or a whole number of at least 1 (0 "
+            "starts no trial); unset it, or give such a number"
+        )
 
 
 def save_settings(path: str, experiment: Experiment, options: Options) -> None:
