@@ -842,6 +842,21 @@ def test_a_pending_trial_limit_tune_cannot_run_with_is_one_line_before_ray_start
         run.check_pending_limit()
 
 
+def test_trials_tune_had_not_added_when_it_was_stopped_count_as_unfinished(monkeypatch):
+    """`tune digits` stopped before Tune had added its trials (TUNE_MAX_PENDING_TRIALS_PG=0
+    added none) printed an empty results table as the experiment's end and no resume command;
+    the trials not added count as unfinished, so it exits 130 with the resume command."""
+    experiment = spec.load("digits")
+    options = run.Options(gpus=0, num_samples=1, scheduler="fifo", max_concurrent=0)
+    done = SimpleNamespace(status=Trial.TERMINATED)
+    monkeypatch.setattr(
+        run, "tuner", lambda *args: SimpleNamespace(fit=lambda: SimpleNamespace(errors=[]))
+    )
+    for recorded, unfinished in [([], 6), ([done] * 2, 4), ([done] * 6, 0)]:
+        monkeypatch.setattr(run, "recorded_trials", lambda path, r=recorded: r)
+        assert run.fit(experiment, "runs/digits", options, resume=False) == (0, unfinished)
+
+
 def test_a_run_with_failed_trials_exits_1_and_an_interrupted_one_130_with_its_resume_command(
     tmp_path, capsys, monkeypatch
 ):

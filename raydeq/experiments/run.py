@@ -483,7 +483,9 @@ def finished(path: str, experiment: Experiment, options: Options) -> bool:
 
 
 def fit(experiment: Experiment, path: str, options: Options, resume: bool) -> tuple[int, int]:
-    """Run (or resume) the experiment; (errored trials, unfinished trials) at its end."""
+    """Run (or resume) the experiment; (errored trials, unfinished trials) at its end, those
+    that Tune had not added yet when it was stopped among the unfinished."""
     results = tuner(experiment, path, options, resume and tune.Tuner.can_restore(path)).fit()
     trials = recorded_trials(path)
-    return len(results.errors), sum(trial.status in UNFINISHED for trial in trials)
+    unadded = max(trial_count(experiment, options.num_samples) - len(trials), 0)
+    return len(results.errors), unadded + sum(trial.status in UNFINISHED for trial in trials)
