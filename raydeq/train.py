@@ -165,6 +165,8 @@ def run(cfg: Config, argv: Sequence[str]) -> int:
             launch.check_fits(*workers)
         elif note := launch.waiting_note(*workers, "the run's"):
             print(note, file=sys.stderr, flush=True)
+        if note := launch.threads_note(cfg.scaling.cpus_per_worker):
+            print(note, file=sys.stderr, flush=True)
         print(f"tensorboard --logdir {os.path.join(cfg.run_dir, TENSORBOARD_DIR)}", flush=True)
         earlier = frozenset(subfolders(cfg.run_dir, CHECKPOINT_PREFIX))
         result = launch.fit(cfg, scaling)

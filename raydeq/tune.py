@@ -435,6 +435,8 @@ def launch_experiment(
             launch.check_fits(*workers)
         elif note := launch.waiting_note(*workers, "a trial's"):
             print(note, file=sys.stderr, flush=True)
+        if note := launch.threads_note(experiment.trial_config({}).scaling.cpus_per_worker):
+            print(note, file=sys.stderr, flush=True)
         if options.scheduler == "asha":
             run.check_dashboard()
         if fresh:

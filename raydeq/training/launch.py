@@ -160,6 +160,24 @@ def waiting_note(workers: int, need: Mapping[str, float], whose: str) -> str | N
     )
 
 
+def threads_note(cpus_per_worker: float) -> str | None:
+    """A note where OMP_NUM_THREADS, which Ray hands on to every worker, gives a worker more
+    threads than the CPUs it holds, or is no count (libgomp then takes every core): on 2 CPUs,
+    digits trained at 150 img/s with 8 and 110 with 2, against 1,900 without it."""
+    value = os.environ.get("OMP_NUM_THREADS")
+    threads = int(value) if value is not None and value.strip().isdigit() else 0
+    if value is None or 0 < threads <= cpus_per_worker:
+        return None
+    runs = f"runs {threads} threads" if threads else "is no thread count, so libgomp runs one"
+    runs += "" if threads else " thread per core"
+    return (
+        f"note: OMP_NUM_THREADS={value} {runs} in each worker, which holds "
+        f"{cpus_per_worker:g} CPU (scaling.cpus_per_worker), and workers that share cores "
+        "wait on each other's threads; unset it, and Ray gives each worker as many threads "
+        "as the CPUs it holds"
+    )
+
+
 def amounts(resources: Mapping[str, float]) -> str:
     """Resources as "1 CPU, 1 GPU"."""
     return ", ".join(f"{amount:g} {name}" for name, amount in resources.items())
