@@ -422,6 +422,9 @@ def launch_experiment(
     drop_tune_logs()
     try:
         own = launch.connect(log_to_driver=False)
+    except ConfigError as err:  # an environment Ray cannot start in
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("\ninterrupted while Ray started; nothing ran yet", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -508,6 +508,59 @@ def test_more_threads_than_a_worker_holds_cpus_are_named_in_a_note(tmp_path, cap
     assert capsys.readouterr().err.splitlines()[0] == launch.threads_note(1.0)
 
 
+def test_a_home_or_temporary_folder_ray_cannot_start_in_is_one_line_naming_what_to_set(tmp_path):
+    """ray.init ended both commands in a traceback where it could not make its temporary folder
+    or its token's folder ~/.ray (a file stands at each here, as an unwritable folder would
+    refuse), or where its temporary folder's socket paths were too long or not ASCII."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "TMPDIR", "HOME"))}
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where a folder is needed")
+    long = tmp_path / ("x" * (120 - len(str(tmp_path))))
+    long.mkdir()
+    accented = tmp_path / "temp é"
+    accented.mkdir()
+    digits = Path(__file__).parents[1] / "tune_configs" / "digits.yaml"
+    fix = "set RAY_TMPDIR (or TMPDIR) to a folder you can write"
+    cases = [
+        (
+            ["raydeq.train", str(digits)],
+            {"TMPDIR": str(blocked)},
+            f"Ray cannot start: {blocked}/ray: Not a directory (its temporary folder); {fix}",
+        ),
+        (
+            ["raydeq.tune", "digits", "--storage"],
+            {"HOME": str(blocked), "TMPDIR": str(tmp_path)},
+            f"Ray cannot start: it keeps its token in ~/.ray, and {blocked}/.ray: Not a "
+            "directory; set HOME to a folder you can write, or RAY_AUTH_TOKEN_PATH to a file "
+            "that holds a token",
+        ),
+        (
+            ["raydeq.train", str(digits)],
+            {"TMPDIR": str(long)},
+            f"Ray cannot start: the socket paths in its temporary folder {long}/ray exceed 107 "
+            f"bytes; {fix} with a shorter path",
+        ),
+        (
+            ["raydeq.train", str(digits)],
+            {"TMPDIR": str(accented)},
+            f"Ray cannot start: its temporary folder {accented}/ray is not ASCII; {fix} in ASCII",
+        ),
+    ]
+    for number, (command, settings, line) in enumerate(cases):
+        runs = tmp_path / f"runs{number}"
+        storage = [str(runs)] if command[-1] == "--storage" else [f"storage_path={runs}"]
+        done = subprocess.run(
+            [sys.executable, "-m", *command, *storage],
+            env={"HOME": str(tmp_path), **env, **settings},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert (done.returncode, done.stderr.splitlines()[-1:]) == (2, [f"error: {line}"])
+        assert "Traceback" not in done.stderr
+        assert not list(runs.rglob("*.json")), "nothing stored"
+
+
 def test_workers_that_this_machine_cannot_hold_are_refused_not_waited_for(tmp_path):
     """On a Ray of the run's own no node ever joins: Ray Train waited a minute for the workers,
     failed, and waited again. Both commands now stop at once, before anything is stored."""

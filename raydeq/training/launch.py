@@ -15,9 +15,11 @@ import re
 import socket
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import ray
+import ray._common.utils
 import ray._private.services
 import ray._private.utils
 import ray.train
@@ -117,8 +119,39 @@ def connect(log_to_driver: bool = True) -> bool:
         # whether or not a terminal shows them; in a log file they are noise.
         os.environ.setdefault(COLOR_PREFIX, "0")
     with handlers_kept():  # ray.init's SIGTERM handler aborts; the commands stop as on Ctrl-C
-        ray.init(**options, runtime_env=runtime_env(local=own))
+        try:
+            ray.init(**options, runtime_env=runtime_env(local=own))
+        except (OSError, UnicodeError) as err:
+            ray.shutdown()
+            raise ConfigError(start_error(err)) from None
     return own
+
+
+def start_error(err: OSError | UnicodeError) -> str:
+    """One line saying why Ray could not start in this environment and what to set, where
+    ray.init ends in a traceback: a HOME it cannot write its token into (~/.ray), a temporary
+    folder it cannot write, one whose socket paths exceed 107 bytes or that is not ASCII."""
+    temp = ray._common.utils.get_default_ray_temp_dir()
+    fix = "set RAY_TMPDIR (or TMPDIR) to a folder you can write"
+    if not temp.isascii():
+        return f"Ray cannot start: its temporary folder {temp} is not ASCII; {fix} in ASCII"
+    reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+    if isinstance(err, OSError) and err.filename is not None:
+        file = Path(os.fsdecode(err.filename))
+        reason = f"{file}: {err.strerror}"
+        if file.is_relative_to(Path.home() / ".ray"):
+            return (
+                f"Ray cannot start: it keeps its token in ~/.ray, and {reason}; set HOME to a "
+                "folder you can write, or RAY_AUTH_TOKEN_PATH to a file that holds a token"
+            )
+        if file.is_relative_to(temp) or Path(temp).is_relative_to(file):
+            return f"Ray cannot start: {reason} (its temporary folder); {fix}"
+    if "AF_UNIX path length" in reason:
+        return (
+            f"Ray cannot start: the socket paths in its temporary folder {temp} exceed 107 "
+            f"bytes; {fix} with a shorter path"
+        )
+    return f"Ray cannot start: {reason}"
 
 
 def check_fits(workers: int, need: Mapping[str, float]) -> None:
