@@ -28,6 +28,7 @@ import yaml
 from raydeq.training import data, runlock
 from raydeq.training.checkpoint import final_report, newest_first
 from raydeq.training.config import Config, ConfigError, load, load_yaml
+from raydeq.training.console import output_kept
 from raydeq.training.interrupts import interruptible
 from raydeq.training.preflight import check_run
 from raydeq.training.storage import CHECKPOINT_PREFIX, StorageError, filesystem, subfolders
@@ -107,6 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from raydeq.training import launch
 
     with ExitStack() as held:
+        held.enter_context(output_kept())
         held.enter_context(interruptible())
         try:
             cfg = load(config_file(args.config), args.overrides)

@@ -35,6 +35,7 @@ from raydeq.experiments.spec import (
 )
 from raydeq.training import data, launch, runlock
 from raydeq.training.config import SCHEDULERS, ConfigError, check_folder_name
+from raydeq.training.console import output_kept
 from raydeq.training.interrupts import interruptible
 from raydeq.training.preflight import check_run
 from raydeq.training.storage import CHECKPOINT_PREFIX, StorageError, absolute, check_storage
@@ -319,6 +320,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results that could not be written, 130 interrupted)."""
     args = _parser().parse_intermixed_args(argv)
     with ExitStack() as held:
+        held.enter_context(output_kept())
         held.enter_context(interruptible())
         try:
             experiment, path, options = start(args)
@@ -379,8 +381,6 @@ def dry_run_command(experiment: Experiment, num_samples: int | None, path: str) 
     """List the trials of `--dry-run` on stdout; returns the exit status."""
     try:
         dry_run(experiment, num_samples, path)
-    except BrokenPipeError:  # the reader stopped early (`| head`): not an error
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT

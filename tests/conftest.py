@@ -265,8 +265,8 @@ def process_state_kept(request: pytest.FixtureRequest) -> Iterator[None]:
 
 def user_state() -> dict[str, object]:
     """The process-wide state a script that embeds raydeq keeps: process_state, and the RNG
-    stream, the environment, the loggers' levels, filters and handlers, warnings filters and
-    matplotlib's backend."""
+    stream, the environment, the loggers' levels, filters and handlers, warnings filters,
+    matplotlib's backend and the standard streams with their error handlers."""
     matplotlib = sys.modules.get("matplotlib")
     return process_state() | {
         "rng": torch.random.get_rng_state().tolist(),
@@ -279,6 +279,9 @@ def user_state() -> dict[str, object]:
         "logging disabled": logging.root.manager.disable,
         "warnings": list(warnings.filters),
         "matplotlib backend": matplotlib.get_backend() if matplotlib else None,
+        "streams": [
+            (stream, getattr(stream, "errors", None)) for stream in (sys.stdout, sys.stderr)
+        ],
     }
 
 

@@ -23,6 +23,7 @@ from raydeq.bench.harness.timing import keep_freed_memory
 from raydeq.bench.suites import SUITES
 from raydeq.models import PRESETS
 from raydeq.training.checkpoint import CheckpointError, read_newest
+from raydeq.training.console import output_kept
 from raydeq.training.data import EXPECTED_FILES, unreadable_file
 from raydeq.training.interrupts import interruptible
 from raydeq.training.storage import absolute
@@ -271,9 +272,10 @@ def main(argv: Sequence[str] | None = None) -> Report:
     A suite that raises is reported (its traceback on stderr, its error in the report) and the
     others still run; the run then exits with status 1.
     """
-    args = parse(argv)
-    with settings_of_the_run(args.threads, args.device):
-        return run(args)
+    with output_kept():
+        args = parse(argv)
+        with settings_of_the_run(args.threads, args.device):
+            return run(args)
 
 
 @contextlib.contextmanager

@@ -114,7 +114,7 @@ def connect(log_to_driver: bool = True) -> bool:
         logging.getLogger(AUTH_LOGGER).addFilter(
             lambda record: not record.getMessage().startswith("Token authentication is enabled")
         )
-    if not (sys.stdout.isatty() and sys.stderr.isatty()):
+    if not all(stream is not None and stream.isatty() for stream in (sys.stdout, sys.stderr)):
         # Ray wraps each forwarded worker line's "(RayTrainWorker pid=...)" in colour codes
         # whether or not a terminal shows them; in a log file they are noise.
         os.environ.setdefault(COLOR_PREFIX, "0")

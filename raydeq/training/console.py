@@ -1,0 +1,108 @@
+"""The commands' output where their standard streams are closed, cannot encode a character or
+lose their reader: the run goes on, and what they print is never the end of it."""
+
+from __future__ import annotations
+
+import codecs
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
+from typing import Any, TextIO
+
+# The codec error handler of the commands' streams (`escaped`).
+ERRORS = "raydeq.console"
+# Characters of the commands' output written in ASCII where a stream's encoding lacks them.
+ASCII_FORMS = {"±": "+-"}
+STREAMS = ("stdout", "stderr")
+
+
+def escaped(err: UnicodeError) -> tuple[str, int]:
+    """Write what a stream's encoding lacks (`±` in a table, to an ASCII or Latin-1 terminal)
+    in its ASCII form, a path's undecodable bytes as they were read (surrogateescape), and
+    anything else as a backslash escape: Python's strict handler ended the command in a
+    traceback after its run, with the results unprinted."""
+    if not isinstance(err, UnicodeEncodeError):
+        raise err
+    part = err.object[err.start : err.end]
+    if all(char in ASCII_FORMS for char in part):
+        return "".join(ASCII_FORMS[char] for char in part), err.end
+    try:
+        return codecs.lookup_error("surrogateescape")(err)
+    except UnicodeError:
+        return codecs.lookup_error("backslashreplace")(err)
+
+
+codecs.register_error(ERRORS, escaped)
+
+
+class Kept:
+    """A standard stream whose reader may go away (`| head -1`, a closed terminal): once a
+    write or flush meets a broken pipe, its descriptor is pointed at /dev/null and the output
+    is dropped, where the BrokenPipeError stopped a run mid-way (in Tune's callback, with its
+    trials left running)."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        """Write `text`, or drop it once the reader has gone."""
+        try:
+            return self.stream.write(text)
+        except BrokenPipeError:
+            self.drop()
+            return len(text)
+
+    def flush(self) -> None:
+        """Flush, or drop what is buffered once the reader has gone."""
+        try:
+            self.stream.flush()
+        except BrokenPipeError:
+            self.drop()
+
+    def drop(self) -> None:
+        """Point the stream's descriptor at /dev/null and drop what it holds."""
+        null = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(null, self.stream.fileno())
+        finally:
+            os.close(null)
+        with contextlib.suppress(BrokenPipeError):
+            self.stream.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        """Everything else as the stream has it (encoding, fileno, isatty, ...)."""
+        return getattr(self.stream, name)
+
+
+@contextlib.contextmanager
+def output_kept() -> Iterator[None]:
+    """For a command's run: a closed descriptor 1 or 2 (`>&-`) opened on /dev/null, so that no
+    file opened later takes its number and receives what Ray's processes print; the standard
+    streams writing what their encoding lacks by `escaped` and dropping their output once their
+    reader has gone (`Kept`). The caller's streams are back on exit."""
+    for fd in (1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.dup2(null := os.open(os.devnull, os.O_WRONLY), fd)
+            if null != fd:
+                os.close(null)
+    kept = {name: getattr(sys, name) for name in STREAMS}
+    errors = {}
+    for name, stream in kept.items():
+        if stream is None:
+            continue
+        if hasattr(stream, "reconfigure") and stream.errors != ERRORS:
+            errors[name] = stream.errors
+            with contextlib.suppress(BrokenPipeError):
+                stream.reconfigure(errors=ERRORS)
+        setattr(sys, name, Kept(stream))
+    try:
+        yield
+    finally:
+        for name, stream in kept.items():
+            setattr(sys, name, stream)
+            if name in errors:
+                with contextlib.suppress(BrokenPipeError, ValueError):
+                    stream.reconfigure(errors=errors[name])

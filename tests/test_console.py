@@ -1,0 +1,86 @@
+"""The commands' output on standard streams that are closed, cannot encode it, or lose their
+reader."""
+
+import io
+import os
+import subprocess
+import sys
+import textwrap
+
+import ray
+
+from raydeq.training import launch
+from raydeq.training.console import output_kept
+
+
+def test_a_character_the_stream_cannot_encode_is_written_in_ascii_not_a_traceback(monkeypatch):
+    """An ASCII stdout (LC_ALL=C, PYTHONUTF8=0) ended `tune` in a UnicodeEncodeError on the
+    results table's ±, after the run; a path's undecodable bytes go out as they came in."""
+    raw = io.BytesIO()
+    stdout = io.TextIOWrapper(raw, encoding="ascii", errors="strict")
+    monkeypatch.setattr(sys, "stdout", stdout)
+    with output_kept():
+        print("| Skip DEQ | 2 | 74.79 ± 2.17 |")
+        print("results in /tmp/s\udcc3\udca9, \u2192 done")
+        sys.stdout.flush()
+    assert sys.stdout is stdout and stdout.errors == "strict"
+    assert raw.getvalue() == (
+        b"| Skip DEQ | 2 | 74.79 +- 2.17 |\nresults in /tmp/s\xc3\xa9, \\u2192 done\n"
+    )
+
+
+def test_output_whose_reader_went_away_is_dropped_and_the_command_goes_on(monkeypatch):
+    """`python -m raydeq.tune digits | head -1` ended in a BrokenPipeError raised in Tune's
+    trial callback, with the trials left unfinished; the lines after the reader went are
+    dropped, and the descriptor points at /dev/null after."""
+    read, write = os.pipe()
+    stdout = io.TextIOWrapper(os.fdopen(write, "wb", buffering=0), encoding="utf-8")
+    monkeypatch.setattr(sys, "stdout", stdout)
+    try:
+        with output_kept():
+            print("tensorboard --logdir runs/digits", flush=True)
+            assert os.read(read, 100) == b"tensorboard --logdir runs/digits\n"
+            os.close(read)
+            for step in range(3):
+                print(f"step {step}", flush=True)
+            print("table", end="")
+        assert os.path.samestat(os.fstat(write), os.stat(os.devnull))
+    finally:
+        stdout.close()
+
+
+def test_a_closed_stdout_neither_stops_connect_nor_lends_its_number_to_a_file(monkeypatch):
+    """With stdout closed (`>&-`) Python's sys.stdout is None: connect's terminal check ended
+    both commands in an AttributeError, and the next file opened took descriptor 1."""
+    started = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **options: started.append(options))
+    monkeypatch.setattr(sys, "stdout", None)
+    monkeypatch.setenv("RAY_ADDRESS", "local")
+    monkeypatch.setenv(launch.COLOR_PREFIX, "1")
+    launch.connect()
+    assert len(started) == 1
+
+
+def test_a_closed_descriptor_is_opened_on_dev_null_for_the_command(tmp_path):
+    """A file the run opens never takes the number of a closed stdout or stderr, where what
+    Ray's processes print would be written into it."""
+    script = textwrap.dedent(
+        """
+        import os
+        from raydeq.training.console import output_kept
+        with output_kept():
+            fd = os.open(os.path.join(os.environ["FOLDER"], "state"), os.O_WRONLY | os.O_CREAT)
+            null = os.stat(os.devnull)
+            same = [os.path.samestat(os.fstat(n), null) for n in (1, 2)]
+            with open(os.path.join(os.environ["FOLDER"], "out"), "w") as out:
+                print(fd > 2, *same, file=out)
+        """
+    )
+    subprocess.run(
+        [sys.executable, "-c", script],
+        env={**os.environ, "FOLDER": str(tmp_path)},
+        preexec_fn=lambda: (os.close(1), os.close(2)),
+        check=True,
+    )
+    assert (tmp_path / "out").read_text() == "True True True\n"
