@@ -495,3 +495,28 @@ def test_a_resumed_event_log_drops_every_tag_from_its_purge_step_on(tmp_path):
     assert scalars(folder, "loss") == [(1, 9.0), (2, 8.0), (3, 7.0), (4, 16.0)]
     assert scalars(folder, "test_accuracy") == []
     dead.writer.close()
+
+
+@pytest.mark.parametrize("command", ["raydeq.train", "raydeq.bench"])
+def test_a_non_ascii_path_under_a_locale_not_utf8_is_one_line_not_two_folders(tmp_path, command):
+    """Under LC_ALL=C (or a Latin-1 locale) Python writes a path in the locale's encoding,
+    pyarrow, Ray and TensorBoard in UTF-8: raydeq.train's storage_path=runs-é ended in a
+    traceback (a Latin-1 locale made two folders first), and so did bench's --out."""
+    env = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    env.pop("PYTHONIOENCODING", None)
+    folder = tmp_path / "runs-é"
+    digits = os.path.join(os.path.dirname(__file__), "..", "tune_configs", "digits.yaml")
+    argv = {
+        "raydeq.train": [digits, f"storage_path={folder}"],
+        "raydeq.bench": ["--quick", "--only", "step_cost", "--out", str(folder)],
+    }[command]
+    done = subprocess.run(
+        [sys.executable, "-m", command, *argv], env=env, capture_output=True, timeout=300
+    )
+    err = done.stderr.decode("utf-8").splitlines()
+    expected = (
+        f"{folder} is not ASCII, and this locale writes paths in ascii, pyarrow and Ray in "
+        "UTF-8; run under a UTF-8 locale (LC_ALL=C.UTF-8) or with PYTHONUTF8=1"
+    )
+    assert done.returncode == 2 and err[-1].endswith(expected), err
+    assert not list(tmp_path.iterdir())

@@ -26,7 +26,7 @@ from raydeq.training.checkpoint import CheckpointError, read_newest
 from raydeq.training.console import output_kept
 from raydeq.training.data import EXPECTED_FILES, unreadable_file
 from raydeq.training.interrupts import interruptible
-from raydeq.training.storage import absolute
+from raydeq.training.storage import StorageError, absolute
 
 # The largest seed, as in a training config: raydeq.train's seeds are 0 to 2**32 - 1.
 MAX_SEED = 2**32 - 1
@@ -167,7 +167,10 @@ def folder(text: str) -> Path:
     """A folder named on the command line, absolute with ~ expanded as train and tune take
     theirs: the shell leaves a ~ after a flag's = (--out=~/results) as written, which would
     name a folder called ~ in the current one."""
-    return Path(absolute(text))
+    try:
+        return Path(absolute(text))
+    except StorageError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def torch_device(text: str) -> torch.device:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import urllib.parse
 import uuid
 
@@ -29,8 +30,27 @@ def is_uri(path: str) -> bool:
 
 
 def absolute(path: str) -> str:
-    """An absolute local path, or the URI unchanged (so workers see the same place)."""
-    return path if is_uri(path) else os.path.abspath(os.path.expanduser(path))
+    """An absolute local path, or the URI unchanged (so workers see the same place); a local
+    path that this locale writes other than in UTF-8 is refused (`check_encoding`)."""
+    return path if is_uri(path) else check_encoding(os.path.abspath(os.path.expanduser(path)))
+
+
+def check_encoding(path: str) -> str:
+    """`path`, or a StorageError where the filesystem encoding of this process's locale (ASCII
+    under LC_ALL=C, Latin-1 under en_US.ISO-8859-1) writes it other than in UTF-8, in which
+    pyarrow, Ray and TensorBoard write every path: a run's files went to two folders (`é`
+    written as two bytes by one and as four by the other), or the run ended in a traceback."""
+    try:
+        same = os.fsencode(path) == path.encode("utf-8")
+    except UnicodeEncodeError:
+        same = False
+    if not same:
+        raise StorageError(
+            f"{path} is not ASCII, and this locale writes paths in "
+            f"{sys.getfilesystemencoding()}, pyarrow and Ray in UTF-8; run under a UTF-8 "
+            "locale (LC_ALL=C.UTF-8) or with PYTHONUTF8=1"
+        )
+    return path
 
 
 def local_path(path: str) -> str | None:
