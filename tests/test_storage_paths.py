@@ -5,8 +5,10 @@ import errno
 import fcntl
 import os
 import signal
+import stat
 import subprocess
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -520,3 +522,32 @@ def test_a_non_ascii_path_under_a_locale_not_utf8_is_one_line_not_two_folders(tm
     )
     assert done.returncode == 2 and err[-1].endswith(expected), err
     assert not list(tmp_path.iterdir())
+
+
+def test_the_folder_of_a_users_run_locks_is_private_under_any_umask(tmp_path, monkeypatch):
+    """Under umask 000 the folder of this user's lock files in the temporary folder was made
+    writable by every user (mode 0777), and one that another user had made first was taken as
+    it was: either could remove a driver's lock or link its name to a file of this user's,
+    which the next start empties. It is now 0700, and another user's is refused."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    run = str(tmp_path / "runs" / "a")
+    folder = runlock.lock_file(run).parent
+    umask = os.umask(0)
+    try:
+        with runlock.hold(run):
+            assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+        folder.chmod(0o777)
+        with runlock.writing_results(run):
+            assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    finally:
+        os.umask(umask)
+    monkeypatch.setattr(os, "getuid", lambda: 4321 if os.geteuid() != 4321 else 4322)
+    other = runlock.lock_file(run).parent
+    other.mkdir()
+    with pytest.raises(storage.StorageError) as refused:
+        with runlock.hold(run):
+            pass
+    assert str(refused.value) == (
+        f"{other}, the folder of this user's run locks, is not a folder of this user's (owner "
+        f"uid {os.geteuid()}); remove it, or set TMPDIR to a folder of your own"
+    )

@@ -17,6 +17,7 @@ import fcntl
 import hashlib
 import os
 import socket
+import stat
 import tempfile
 import time
 from collections.abc import Iterator
@@ -43,12 +44,29 @@ def lock_file(run: str) -> Path:
     return Path(tempfile.gettempdir()) / f"raydeq-locks-{os.getuid()}" / f"{digest}.lock"
 
 
+def own_folder(folder: Path) -> None:
+    """Make the folder of this user's lock files, or check the one there, private (mode 0700):
+    made under umask 000 it was writable by every user, or made first by another user it was
+    theirs, either of whom could remove a driver's lock file (a second driver then trained
+    beside it) or put a link in its place to a file of this user's, which `hold` empties. A
+    StorageError names a folder that another user owns."""
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    found = folder.lstat()
+    if found.st_uid != os.getuid() or not stat.S_ISDIR(found.st_mode):
+        raise StorageError(
+            f"{folder}, the folder of this user's run locks, is not a folder of this user's "
+            f"(owner uid {found.st_uid}); remove it, or set TMPDIR to a folder of your own"
+        )
+    if stat.S_IMODE(found.st_mode) != 0o700:
+        folder.chmod(0o700)
+
+
 @contextmanager
 def hold(run: str) -> Iterator[str | None]:
     """Hold the locks of `run` for the block, or raise RunInUse naming the process that holds
     one; yields a note naming the driver that was killed holding it, else None."""
     path = lock_file(run)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    own_folder(path.parent)
     with open(path, "a+", encoding="utf-8", errors="replace") as file:
         holder = take(file)
         if holder is not None:
@@ -220,7 +238,7 @@ def writing_results(experiment: str) -> Iterator[None]:
     results: a --report that read a trial still running would otherwise write its results
     over those the run wrote at its end."""
     path = lock_file(experiment).with_suffix(".results")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    own_folder(path.parent)
     with open(path, "a") as file:
         fcntl.flock(file, fcntl.LOCK_EX)
         shared = shared_lock_file(experiment, ".results.lock")
