@@ -598,6 +598,23 @@ def test_a_data_or_output_folder_that_cannot_serve_stops_the_run_before_any_suit
         assert message in err and "[step_cost] running" not in err
 
 
+def test_a_compile_cache_folder_torch_cannot_make_stops_the_run_before_any_suite(
+    tmp_path, monkeypatch, capsys
+):
+    """With TORCHINDUCTOR_CACHE_DIR where no folder can be made every suite failed, each in a
+    traceback of torch._dynamo's import naming the folder alone."""
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "file" / "inductor"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--size", "tiny", "--only", "step_cost", "--out", str(tmp_path / "results")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "[step_cost] running" not in err
+    assert err.splitlines()[-1].endswith(
+        f"error: torch cannot make or write its compile cache folder {tmp_path / 'file'}"
+        "/inductor (Not a directory); set TORCHINDUCTOR_CACHE_DIR to a folder you can write"
+    )
+
+
 def test_an_empty_output_folder_is_a_usage_error(tmp_path, monkeypatch, capsys):
     """--out "" is Path("") and wrote the results into the current folder; it is a usage error
     naming what --out takes, before any suite, and nothing is written."""

@@ -561,6 +561,26 @@ def test_a_home_or_temporary_folder_ray_cannot_start_in_is_one_line_naming_what_
         assert not list(runs.rglob("*.json")), "nothing stored"
 
 
+def test_a_compile_cache_folder_torch_cannot_make_is_one_line_before_ray_starts(
+    tmp_path, capsys, monkeypatch
+):
+    """Every solve imports torch._dynamo, which makes torch's compile cache folder: with
+    TORCHINDUCTOR_CACHE_DIR where none can be made, each worker failed after Ray started (1 min
+    42 s for digits), in a PermissionError naming the folder alone."""
+    path = tmp_path / "run.yaml"
+    path.write_text(f"data: {{dataset: digits}}\nstorage_path: {tmp_path / 'runs'}\n")
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where a folder is needed")
+    monkeypatch.setattr(ray, "init", lambda *args, **kwargs: pytest.fail("Ray was started"))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(blocked / "inductor"))
+    assert train.main([str(path)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: torch cannot make or write its compile cache folder {blocked / 'inductor'} "
+        "(Not a directory); set TORCHINDUCTOR_CACHE_DIR to a folder you can write\n"
+    )
+    assert not (tmp_path / "runs").exists()
+
+
 def test_workers_that_this_machine_cannot_hold_are_refused_not_waited_for(tmp_path):
     """On a Ray of the run's own no node ever joins: Ray Train waited a minute for the workers,
     failed, and waited again. Both commands now stop at once, before anything is stored."""

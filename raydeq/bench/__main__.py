@@ -23,9 +23,11 @@ from raydeq.bench.harness.timing import keep_freed_memory
 from raydeq.bench.suites import SUITES
 from raydeq.models import PRESETS
 from raydeq.training.checkpoint import CheckpointError, read_newest
+from raydeq.training.config import ConfigError
 from raydeq.training.console import output_kept
 from raydeq.training.data import EXPECTED_FILES, unreadable_file
 from raydeq.training.interrupts import interruptible
+from raydeq.training.preflight import check_compile_cache
 from raydeq.training.storage import StorageError, absolute
 
 # The largest seed, as in a training config: raydeq.train's seeds are 0 to 2**32 - 1.
@@ -120,6 +122,10 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     except ValueError as err:
         parser.error(str(err))
     args.weights = parse_weights(parser, args.weights, args.models)
+    try:
+        check_compile_cache()  # every suite's solve needs it
+    except ConfigError as err:
+        parser.error(str(err))
     try:  # here, not after the first suite has run
         args.out.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=args.out).close()

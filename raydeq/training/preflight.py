@@ -3,7 +3,11 @@ here, once, into the index its workers read), the model, the storage and the run
 
 from __future__ import annotations
 
+import errno
+import getpass
 import os
+import re
+import tempfile
 from typing import Any
 
 import torch
@@ -28,6 +32,9 @@ from raydeq.training.storage import (
     filesystem,
     subfolders,
 )
+
+# The variable that names torch's compile cache folder.
+CACHE_VARIABLE = "TORCHINDUCTOR_CACHE_DIR"
 
 
 def check_model(cfg: Config, classes: int | None = None) -> None:
@@ -72,6 +79,37 @@ def blank_pass(model: nn.Module, images: torch.Tensor) -> None:
     model.head(layer.f(z, x))
 
 
+def compile_cache_dir() -> str:
+    """torch's compile cache folder, named as torch._inductor names it (importing that module
+    imports torch._dynamo, which makes the folder or fails)."""
+    given = os.environ.get(CACHE_VARIABLE)
+    if given is not None:
+        return os.path.abspath(given)
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = f"uid_{os.getuid()}"
+    name = "torchinductor_" + re.sub(r'[\\/:*?"<>|]', "_", user)
+    return os.path.join(tempfile.gettempdir(), name)
+
+
+def check_compile_cache() -> None:
+    """Raise a ConfigError where torch cannot make or write its compile cache folder
+    (TORCHINDUCTOR_CACHE_DIR, else torchinductor_USER in the temporary folder): importing
+    torch._dynamo, which every solve does, makes it, so each worker of the run failed after Ray
+    started, in a PermissionError naming the folder alone."""
+    folder = compile_cache_dir()
+    try:
+        os.makedirs(folder, exist_ok=True)
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), folder)
+    except OSError as err:
+        raise ConfigError(
+            f"torch cannot make or write its compile cache folder {folder} ({err.strerror}); "
+            f"set {CACHE_VARIABLE} to a folder you can write"
+        ) from None
+
+
 def check_run(cfg: Config, storage: bool = True) -> dict[str, Any] | None:
     """Check the data folder (and index an image folder), the batch against the training set,
     the model and (with `storage`) the run it resumes and the storage before Ray starts;
@@ -90,6 +128,7 @@ def check_run(cfg: Config, storage: bool = True) -> dict[str, Any] | None:
         data.check_batch(cfg.data, len(index.files["train"]))
         classes = len(index.classes)
     check_model(cfg, classes)
+    check_compile_cache()
     if not storage:
         return None
     try:
