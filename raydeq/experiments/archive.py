@@ -113,7 +113,9 @@ def _carried(fs: pyarrow.fs.FileSystem, trial_path: str) -> list[pd.DataFrame]:
 def _checkpoint_reports(fs: pyarrow.fs.FileSystem, trial_path: str) -> list[tuple[str, bytes]]:
     """The report files of a trial's checkpoints and their bytes, in its folder or, for a trial
     of several workers, its Train run's (TRAIN_RUN): each holds the reports since the
-    checkpoint before, which a driver stopped before it recorded them left nowhere else."""
+    checkpoint before, which a driver stopped before it recorded them left nowhere else. A file
+    whose SHA-256 is not the one its manifest records (a copy cut short or altered, which
+    loading the checkpoint refuses) is left out as a missing one is, with a warning."""
     folders = [trial_path, f"{trial_path.rstrip('/')}/{TRAIN_RUN}"]
     files = [
         (f"{path}/{REPORTS_FILE}", reports_sha256(fs, path))
@@ -124,13 +126,11 @@ def _checkpoint_reports(fs: pyarrow.fs.FileSystem, trial_path: str) -> list[tupl
     return [(file, data) for file, data in read if data is not None]
 
 
-def reports(fs: pyarrow.fs.FileSystem, file: str, sha256: str | None = None) -> pd.DataFrame:
+def reports(fs: pyarrow.fs.FileSystem, file: str) -> pd.DataFrame:
     """The reports of one result file, flattened as Tune flattens them ("config/model/..."); a
     last line cut short (the driver stopped while writing it) is left out, where Tune's reader
-    would drop the whole file. A checkpoint's file whose SHA-256 is not the `sha256` its
-    manifest records (a copy cut short or altered, which loading the checkpoint refuses) is
-    left out as a missing one is, with a warning."""
-    data = _read(fs, file, sha256)
+    would drop the whole file."""
+    data = _read(fs, file, None)
     return pd.DataFrame() if data is None else _frame(file, data)
 
 

@@ -239,7 +239,7 @@ class Broyden:
         u_used, v_used = c.us[:, :used], c.vs[:, :used]
         v = self._apply_transposed(u_used, v_used, dz)
         # n = dz - H dg, the numerator of Sherman-Morrison's u.
-        n = self._apply(u_used, v_used, dg, sign=-1.0) + dz
+        n = self._apply_negated(u_used, v_used, dg) + dz
         denom = torch.linalg.vecdot(v, dg)[:, None]
         # Skip the rank-one update where v . dg is lost in rounding: its huge u would throw
         # the next step far off (seen in float32 at width 1024).
@@ -272,13 +272,11 @@ class Broyden:
         return Secant(new, update, us, vs, c.count + 1)
 
     @staticmethod
-    def _apply(
-        u: torch.Tensor, v: torch.Tensor, x: torch.Tensor, sign: float = 1.0
-    ) -> torch.Tensor:
-        """sign (-I + U V^T) x per sample, with the rank-one terms as rows of u and v (B, k, N)."""
+    def _apply_negated(u: torch.Tensor, v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """-H x = (I - U V^T) x per sample, with the rank-one terms as rows of u and v (B, k, N)."""
         if u.shape[1] == 0:
-            return -sign * x
-        return combine(dots(v, x), u, base=x, alpha=sign, beta=-sign)
+            return x
+        return combine(dots(v, x), u, base=x, alpha=-1.0)
 
     @staticmethod
     def _apply_transposed(u: torch.Tensor, v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
