@@ -150,6 +150,7 @@ def HALF(u: torch.Tensor) -> torch.Tensor:
         (HALF, torch.ones(2, 4, dtype=torch.long), None, TypeError, "b must be.*torch.int64"),
         (HALF, torch.ones(2, 4), torch.ones(2, 3), ValueError, r"x0 must be None or.*\(2, 3\)"),
         (HALF, torch.ones(2, 4), torch.ones(2, 4).double(), TypeError, "x0 .*torch.float64"),
+        (HALF, torch.ones(2, 4), [[0.0] * 4] * 2, TypeError, "x0 must be None or.*got list"),
         (3, torch.ones(2, 4), None, TypeError, "A=3 must be callable"),
         (lambda u: u[:, :2], torch.ones(2, 4), None, ValueError, r"A must map.*got \(2, 2\)"),
     ],

@@ -448,6 +448,7 @@ def test_divergence_stops_the_sample():
         ({"adjoint_options": [1]}, "adjoint_options=[1] must be a dict of options or None"),
         ({"abstol": 0.0, "reltol": 0.0}, "abstol and reltol cannot both be 0"),
         ({"divergence": 1.0}, "divergence=1.0 must be a number > 1"),
+        ({"stop_on_convergence": 1}, "stop_on_convergence=1 must be True, False or None"),
         (
             {"solver_options": {"stalled_factor": 1.5}},
             "stalled_factor=1.5 must be a number in (0, 1]",

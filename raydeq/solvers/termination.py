@@ -183,13 +183,12 @@ class Monitor:
 
     @torch.no_grad()
     def _predict(self, since: int) -> int:
-        """Steps until the slowest running sample converges at its current rate, in
-        [1, MAX_BLOCK] (UNKNOWN_BLOCK where its residual does not fall), 0 if none runs; marks
-        the residuals for the next prediction."""
+        """Steps until the slowest running sample converges at its rate over the `since` (at
+        least 1: a block takes a step) steps since the mark, in [1, MAX_BLOCK] (UNKNOWN_BLOCK
+        where its residual does not fall), 0 if none runs; marks the residuals for the next
+        prediction."""
         best_log = self.best_norm.log()
         fall, self.checked_log = best_log - self.checked_log, best_log
-        if since == 0:
-            return UNKNOWN_BLOCK * bool(self.active.any())
         tol = self._tolerance(self.best_z)
         to_go = (math.log(tol) if isinstance(tol, float) else tol.log()) - best_log
         # Intervals of `since` steps to go at the rate since the last check: positive where a
