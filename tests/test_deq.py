@@ -1296,6 +1296,25 @@ def test_an_error_of_a_cell_that_takes_the_zero_state_names_no_initial_state():
     assert "initial_state(x)" in "".join(failure.value.__notes__)
 
 
+@pytest.mark.parametrize("layer", [DEQ, NeuralODE])
+def test_a_cell_returning_no_state_gets_the_solver_s_error_without_a_note(layer):
+    """A cell that returns None fails on its zero state too, but neither x's shape nor its
+    dtype is the cause (both match the cell's): the solver's TypeError comes alone."""
+
+    class NoState(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.cell = dense_cell(27)[0]
+
+        def forward(self, z: torch.Tensor, x: torch.Tensor) -> None:
+            self.cell(z, x)
+
+    x = dense_cell(27)[1]
+    with pytest.raises(TypeError, match="f must return a state like z0 .* got NoneType") as failure:
+        layer(NoState())(x)
+    assert not getattr(failure.value, "__notes__", [])
+
+
 def test_a_predictor_s_shape_error_names_initial_state_for_a_cell_without_one():
     """A cell whose state (width 3) is not its input's (width 2) and that defines no
     initial_state: a predictor of the state's true shape fails the zeros_like(x) check, and
