@@ -405,11 +405,8 @@ def train_loader(
     augmented: bool = False,
 ) -> DataLoader:
     """Worker `rank`'s shuffled shard of `dataset` in full batches of its share of batch_size
-    (`augmented`: see Samples)."""
-    if cfg.batch_size % world_size:
-        raise DataError(
-            f"data.batch_size={cfg.batch_size} does not split over {world_size} workers"
-        )
+    (`augmented`: see Samples); config.validate has checked that batch_size splits over the
+    workers, scaling.num_workers."""
     sampler = ShardSampler(dataset, world_size, rank, seed)
     return DataLoader(
         Samples(dataset, seed, augmented),
