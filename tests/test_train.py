@@ -1095,6 +1095,15 @@ def test_workers_that_just_fit_are_taken_and_one_more_is_refused_naming_the_fix(
     )
     with pytest.raises(config.ConfigError, match=r"\(4 CPU, 0 GPU\), .*; set scaling.device=cpu"):
         launch.check_fits(3, {"CPU": 1.0, "GPU": 1.0})
+    # One worker of 8 CPUs does not fit on 4 however few there are: only its share helps.
+    monkeypatch.setattr(launch.capacity, "worker_slots", lambda need: 0)
+    with pytest.raises(config.ConfigError) as err:
+        launch.check_fits(1, {"CPU": 8.0})
+    assert str(err.value) == (
+        "scaling.num_workers=1 with 8 CPU per worker does not fit on this machine (4 CPU), "
+        "which holds 0 such workers; lower scaling.cpus_per_worker, or run on a cluster "
+        "(RAY_ADDRESS, or `ray start`)"
+    )
 
 
 def test_a_tune_trials_process_takes_its_cpu_from_its_workers_share_but_never_all_of_it():

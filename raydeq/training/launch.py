@@ -164,8 +164,8 @@ def check_fits(workers: int, need: Mapping[str, float]) -> None:
     have = {key: ray.cluster_resources().get(key, 0) for key in need}
     if have.get("GPU", 1) == 0:
         fix = "set scaling.device=cpu"
-    elif have["CPU"] < need["CPU"]:
-        fix = "lower scaling.num_workers or scaling.cpus_per_worker"
+    elif have["CPU"] < need["CPU"]:  # no number of workers fits: one alone does not
+        fix = "lower scaling.cpus_per_worker"
     else:
         fix = "lower scaling.num_workers"
     raise ConfigError(
