@@ -803,6 +803,27 @@ def test_a_checkpoint_recording_no_settings_that_this_run_cannot_take_is_refused
     )
 
 
+def test_a_checkpoint_recording_no_settings_trained_in_fp16_is_refused_by_a_run_without_it(
+    tmp_path,
+):
+    """The converse of an fp16 run resuming a checkpoint without a GradScaler's state: a
+    checkpoint of an fp16 run, recording no settings, resumed without fp16 is refused naming
+    its GradScaler state, before any of it is loaded."""
+    cfg = make_config(tmp_path, max_steps=2, amp="fp16")
+    folder = tmp_path / "run"
+    loop.Loop(cfg, FolderSession(folder)).run()
+    written_before_settings(folder)
+    plain = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, amp="off"))
+    with pytest.raises(checkpoint.CheckpointError) as caught:
+        loop.Loop(plain, FolderSession(folder))
+    assert str(caught.value) == (
+        f"{folder}: the checkpoint of step 2 records no settings (written before checkpoints "
+        "recorded them) and does not fit this run: its GradScaler state is fp16's, where this "
+        "run's train.amp is not fp16; run it with the settings it was trained with, or give "
+        "this run another name="
+    )
+
+
 def test_a_failed_run_exits_1_with_its_own_error_and_an_interrupted_one_130_with_its_command(
     tmp_path, capsys, monkeypatch
 ):
