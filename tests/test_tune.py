@@ -1671,6 +1671,28 @@ def test_a_resume_archives_the_reports_only_a_checkpoint_kept_before_they_are_pr
     assert frame["loss"].tolist() == [1 / 10, 1 / 20, 1 / 30, 1 / 40]
 
 
+def test_a_trial_that_recorded_no_report_archives_what_its_checkpoint_kept_and_none_else(
+    tmp_path,
+):
+    """A trial whose driver stopped before it recorded any report has no result.json: a resume
+    archives the reports its checkpoint kept (steps 10 and 20), which its history keeps once
+    the checkpoint is pruned; a trial folder with neither gets no archive and an empty
+    history."""
+    experiment = tmp_path / "experiment"
+    trial, empty = experiment / "trial_0", experiment / "trial_1"
+    empty.mkdir(parents=True)
+    reports = [{"step": 10, "loss": 1 / 10}, {"step": 20, "loss": 1 / 20}]
+    write_checkpoint({"step": 20}, trial / "checkpoint_000000", reports)
+    archive.archive_results(str(experiment))
+    shutil.rmtree(trial / "checkpoint_000000")
+    assert os.listdir(trial) == [f"{archive.ARCHIVE_PREFIX}0.json"]
+    frame = archive.history(str(trial))
+    assert frame["step"].tolist() == [10, 20]
+    assert frame["loss"].tolist() == [1 / 10, 1 / 20]
+    assert os.listdir(empty) == []
+    assert archive.history(str(empty)).empty
+
+
 def test_a_search_s_many_long_labels_all_fit_in_the_plot_without_a_layout_warning():
     """24 search variants named by their settings: the legend ran off the figure's right and
     bottom, cut mid-label, and matplotlib warned that it could not lay the figure out."""
