@@ -259,6 +259,14 @@ LAMBDA_SKIP = {"train.lambda_skip": {"uniform": [1, 10]}}
             r"^search.conditional\[0\]: expected the keys when and space",
         ),
         (
+            {"conditional": [{"when": {}, "space": {"seed": 1}}]},
+            r"^search.conditional\[0\].when: expected a mapping of dotted keys to values$",
+        ),
+        (
+            {"conditional": [{"when": {"model.solver": "anderson"}, "space": None}]},
+            r"^search.conditional\[0\].space: expected a mapping of keys to primitives$",
+        ),
+        (
             {"conditional": [{"when": {"model.solver": ["andersen"]}, "space": {"seed": 1}}]},
             r"^search.conditional\[0\].when.model.solver: 'andersen' is not one of its choices "
             r"'vcab3', 'anderson', 'broyden', so the rule would never apply",
@@ -287,6 +295,29 @@ def test_bad_searches_are_one_line_errors(change, message):
     with pytest.raises(ConfigError, match=message) as err:
         rt.preflight(spec.from_dict("bad", {**TINY, "search": SEARCH | change}))
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("rule", "message"),
+    [
+        (
+            {"when": {}, "space": {"seed": 1}},
+            r"^search.conditional\[0\].when: expected a mapping of dotted keys to values$",
+        ),
+        (
+            {"when": {"model.solver": "anderson"}, "space": {"seed": 1}, "if": 1},
+            r"^search.conditional\[0\]: expected the keys when and space, got when, space, if$",
+        ),
+    ],
+)
+def test_a_malformed_rule_is_refused_under_an_override_as_without_one(rule, message):
+    """An override resolves the rules for its key: a rule with an empty `when`, or a key beside
+    when and space, lost it there and joined the main space, so that every trial ran seed 1
+    where the same file without the override was refused; it is refused either way."""
+    raw = {**TINY, "search": SEARCH | {"conditional": [rule]}}
+    for overrides in ({}, {"model.solver": "anderson"}):
+        with pytest.raises(ConfigError, match=message):
+            rt.preflight(spec.from_dict("bad", raw, overrides))
 
 
 def test_dry_run_shows_the_space_and_the_paper_points_first(capsys):

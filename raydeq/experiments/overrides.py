@@ -53,10 +53,9 @@ def _fix_rules(rules: list, dotted: str, value: Any) -> tuple[list, dict[str, An
     a rule's dimension of that key goes, as it does from the main space."""
     kept, joined = [], {}
     for rule in rules:
-        when, space = (
-            rule.get(k) if isinstance(rule, Mapping) else None for k in ("when", "space")
-        )
-        if not isinstance(when, Mapping) or not isinstance(space, Mapping) or not space:
+        try:
+            when, space = searchers.rule_parts("search.conditional", rule)
+        except ConfigError:
             kept.append(rule)  # malformed: validate_search names it
             continue
         when, space = dict(when), _fix_dimension(nested(space), dotted, value)

@@ -179,13 +179,12 @@ def _name(dotted: str) -> str:
     return dotted.replace(".", SEPARATOR)
 
 
-def _rule(index: int, raw: Mapping[str, Any]) -> Rule:
-    """One `search.conditional` entry, checked."""
-    where = f"search.conditional[{index}]"
-    if set(raw) != {"when", "space"}:
-        raise ConfigError(
-            f"{where}: expected the keys when and space, got {', '.join(raw)}", key=where
-        )
+def rule_parts(where: str, raw: Any) -> tuple[Mapping[str, Any], Mapping[str, Any]]:
+    """A `search.conditional` entry's `when` and `space`, or a ConfigError naming what is not
+    a mapping of just those two keys, each a non-empty mapping."""
+    if not isinstance(raw, Mapping) or set(raw) != {"when", "space"}:
+        got = ", ".join(map(str, raw)) if isinstance(raw, Mapping) else repr(raw)
+        raise ConfigError(f"{where}: expected the keys when and space, got {got}", key=where)
     when, space = raw["when"], raw["space"]
     if not isinstance(when, Mapping) or not when:
         raise ConfigError(
@@ -195,6 +194,13 @@ def _rule(index: int, raw: Mapping[str, Any]) -> Rule:
         raise ConfigError(
             f"{where}.space: expected a mapping of keys to primitives", key=f"{where}.space"
         )
+    return when, space
+
+
+def _rule(index: int, raw: Mapping[str, Any]) -> Rule:
+    """One `search.conditional` entry, checked."""
+    where = f"search.conditional[{index}]"
+    when, space = rule_parts(where, raw)
     allowed = {k: tuple(v) if isinstance(v, list) else (v,) for k, v in when.items()}
     dims = {k: distribution(f"{where}.space.{k}", v) for k, v in dimensions(space).items()}
     return Rule(allowed, dims)
