@@ -532,6 +532,26 @@ def test_a_key_given_twice_in_a_mapping_is_refused_with_its_lines(tmp_path, text
     )
 
 
+def test_a_merge_key_s_values_are_laid_under_the_keys_given_beside_it(tmp_path):
+    """A variant merged from another's anchor (`<<: *fast`) that sets some of its keys again
+    gives no key twice: the keys written beside the merge win, the others come from the
+    anchor; a key that no mapping can hold (a list) is named as PyYAML names it, at its line."""
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        "search:\n  variants:\n"
+        "    - &fast {label: fast, model.solver: bs3, model.abstol: 0.01}\n"
+        "    - {<<: *fast, label: tight, model.abstol: 0.001}\n"
+    )
+    assert load(path).search.variants == (
+        {"label": "fast", "model.solver": "bs3", "model.abstol": 0.01},
+        {"label": "tight", "model.solver": "bs3", "model.abstol": 0.001},
+    )
+    path.write_text("optim:\n  ? [lr, momentum]\n  : 0.1\n")
+    with pytest.raises(ConfigError) as err:
+        config.read_yaml(path)
+    assert str(err.value) == f"{path}: invalid YAML at line 2: found unhashable key"
+
+
 def test_invalid_yaml_names_the_problem(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("optim:\n\tlr: 0.1\n")
