@@ -660,6 +660,28 @@ def test_a_run_stored_under_the_name_an_older_raydeq_gave_its_settings_is_named_
     preflight.check_resume(config.load(argv[0], [*argv[1:], "name=fresh"]))
 
 
+def test_the_settings_a_resume_must_match_are_read_past_a_manifest_cut_short(tmp_path):
+    """The newest checkpoint's manifest cut short (a copy killed while writing it, which the
+    run passes over as it resumes) holds no settings to compare: those of the checkpoint
+    before it are compared instead, so that a run of other settings is refused and one of
+    the same settings resumes."""
+    cfg = make_config(tmp_path)
+    settings = config.trained_settings(cfg)
+    checkpoint.write_checkpoint(
+        {"step": 2, "settings": settings}, Path(cfg.run_dir) / "checkpoint_000002"
+    )
+    cut = checkpoint.write_checkpoint(
+        {"step": 4, "settings": settings}, Path(cfg.run_dir) / "checkpoint_000004"
+    )
+    (cut / MANIFEST_FILE).write_text((cut / MANIFEST_FILE).read_text()[:20])
+    path, manifest = preflight.newest_manifest(cfg.run_dir)
+    assert (Path(path).name, manifest["step"]) == ("checkpoint_000002", 2)
+    preflight.check_resume(cfg)
+    other = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=0.1))
+    with pytest.raises(config.ConfigError, match=r"optim.lr: 0.001 there, 0.1 here\)"):
+        preflight.check_resume(other)
+
+
 def test_a_name_given_again_with_other_settings_is_refused_naming_them(tmp_path, capsys):
     """A run's checkpoints record the settings that change its model; the same name= with
     more epochs (which would go on from them under the old schedule) is refused before Ray
