@@ -2912,6 +2912,25 @@ def test_a_resume_of_an_experiment_with_a_trial_to_run_runs_it_on_ray(
     )
 
 
+def test_asha_rebuilds_its_rungs_from_the_reports_of_trials_that_reported_the_metric(tmp_path):
+    """ResumableASHA's rungs after a resume: a trial's (step, metric) reports in step order,
+    those without the metric left out; none for a trial that never started (no folder named
+    yet), one whose folder holds no report, or one whose reports never name the metric."""
+    path = tmp_path / "experiment"
+    storage = StorageContext(storage_path=str(tmp_path), experiment_dir_name=path.name)
+    waited = Trial("trainable", config={}, storage=storage, stub=True, trial_id="ab_00002")
+    trials = [SimpleNamespace(path=str(path / name)) for name in ("ran", "quiet", "unmeasured")]
+    for trial in trials:
+        Path(trial.path).mkdir(parents=True)
+    write_reports(
+        Path(trials[0].path, archive.RESULT_FILE),
+        [{"step": 20, "test_accuracy": 0.5}, {"step": 10}, {"step": 30, "test_accuracy": 0.7}],
+    )
+    write_reports(Path(trials[2].path, archive.RESULT_FILE), [{"step": 10, "train_loss": 2.0}])
+    found = [run.past_reports(str(path), t, "step", "test_accuracy") for t in [*trials, waited]]
+    assert found == [[(20, 0.5), (30, 0.7)], [], [], []]
+
+
 def write_tune_state(folder: Path, session: str, cut: bool) -> Path:
     """Tune's record of one pending trial in the experiment's folder, as its session `session`
     saves it, or the first half of it (`cut`: a copy that stopped)."""
