@@ -1005,6 +1005,14 @@ def test_stored_settings_that_are_no_text_or_bad_name_the_file_with_status_2(tmp
     stored.write_text(yaml.safe_dump({"experiment": bad, "options": options}))
     assert rt.main(argv) == 2
     assert capsys.readouterr().err.startswith(f"error: {stored}: model.solver: 'nope' is not")
+    # Edited into no mapping (a traceback, "unsupported operand type(s) for |: 'list'").
+    for edited, named in [
+        ([1, 2], "tiny: expected a mapping"),
+        ({**TINY, "search": [1]}, "search"),
+    ]:
+        stored.write_text(yaml.safe_dump({"experiment": edited, "options": options}))
+        assert rt.main(argv) == 2
+        assert capsys.readouterr().err.startswith(f"error: {stored}: {named}")
 
 
 def test_the_stored_settings_give_back_the_experiment_and_every_option(tmp_path):

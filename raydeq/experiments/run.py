@@ -242,9 +242,11 @@ def with_mode(stored: Any) -> Any:
     """Stored experiment settings with the search's mode that their run was started with: one
     stored without it was started when an unset mode meant max (its searcher and scheduler
     maximise), where it now means the metric's direction."""
-    search = stored.get("search") if isinstance(stored, dict) else None
-    if search is not None and not isinstance(search, dict):
+    if not isinstance(stored, dict):
         return stored  # from_dict names it
+    search = stored.get("search")
+    if search is not None and not isinstance(search, dict):
+        return stored
     if search is not None and search.get("mode") is not None:
         return stored
     return stored | {"search": {**(search or {}), "mode": OLD_MODE}}
