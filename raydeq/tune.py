@@ -139,13 +139,17 @@ def _check_flags(args: argparse.Namespace) -> None:
     if gpus is not None and not math.isfinite(gpus):
         # Ray takes no such share, and the run's stored options would refuse it on --resume.
         raise ConfigError(f"--gpus-per-worker: expected a finite number >= 0, got {gpus:g}")
-    for option, least in [("num_samples", 1), ("max_concurrent_trials", 1), ("gpus_per_worker", 0)]:
+    lowest = {
+        "num_samples": 1,
+        "max_concurrent_trials": 1,
+        "workers_per_trial": 1,
+        "gpus_per_worker": 0,
+    }
+    for option, least in lowest.items():
         value = getattr(args, option)
         if value is not None and value < least:
             flag = "--" + option.replace("_", "-")
             raise ConfigError(f"{flag}: must be >= {least}, got {value:g}")
-    if args.workers_per_trial is not None and args.workers_per_trial < 1:
-        raise ConfigError(f"--workers-per-trial: must be >= 1, got {args.workers_per_trial}")
     if gpus is not None and gpus > 1 and not gpus.is_integer():
         # Ray refuses a resource quantity above 1 that is not whole, in every trial.
         raise ConfigError(

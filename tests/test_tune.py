@@ -716,6 +716,8 @@ def test_the_command_refuses_bad_input_and_an_existing_experiment_with_status_2(
     assert f"{tmp_path}: a folder; an experiment is a YAML file" in capsys.readouterr().err
     assert rt.main([*argv, "--name", "other", "--num-samples", "0"]) == 2
     assert "--num-samples: must be >= 1, got 0" in capsys.readouterr().err
+    assert rt.main([*argv, "--name", "other", "--workers-per-trial", "0"]) == 2
+    assert "--workers-per-trial: must be >= 1, got 0" in capsys.readouterr().err
     assert rt.main([*argv, "--name", "other", "--workers-per-trial", "3"]) == 2
     assert "data.batch_size: 8 does not split evenly" in capsys.readouterr().err
     for flags, named in [
