@@ -1039,7 +1039,7 @@ def test_the_resume_command_resumes_its_run_after_its_config_file_changed(
     (another learning rate, which would derive another name and start another run from step 0)
     it is refused naming the change, and run from another folder (a relative storage_path)
     after a change of reporting cadence it resumes the same run; a name YAML would read as a
-    number is quoted."""
+    number, or a folder it would not read, is quoted."""
     monkeypatch.chdir(tmp_path)
     path = tmp_path / "run.yaml"
     text = "scaling: {device: cpu}\nstorage_path: runs\n"
@@ -1073,6 +1073,11 @@ def test_the_resume_command_resumes_its_run_after_its_config_file_changed(
     assert resumed == [cfg.run_dir]
     odd = dataclasses.replace(cfg, name="007")
     assert shlex.split(train.resume_command(odd, ["run.yaml"]))[4] == 'name="007"'
+    # A folder YAML cannot read at all (a mapping inside a mapping's value) is quoted too.
+    colons = dataclasses.replace(cfg, storage_path="/data/a: b: c")
+    words = shlex.split(train.resume_command(colons, ["run.yaml"]))
+    [storage] = [word for word in words if word.startswith("storage_path=")]
+    assert config.parse_override(storage) == ("storage_path", "/data/a: b: c")
     shipped = shlex.split(train.resume_command(cfg, ["tune_configs/digits.yaml"]))[3]
     assert shipped == str(Path(train.__file__).parent / "tune_configs" / "digits.yaml")
 
