@@ -1422,6 +1422,12 @@ def test_the_table_averages_finished_seeds_per_variant_and_the_parquet_round_tri
     path = tmp_path / "results.parquet"
     pq.write_table(results.results_table(rows), path)
     assert pq.read_table(path).to_pylist() == rows
+    # A setting of values of several types (compile searched over False and "graph") is one
+    # column of their text, which pyarrow cannot type otherwise; a missing value stays null.
+    mixed = [row | {"config.model.compile": c} for row, c in zip(rows, [False, "graph", None])]
+    pq.write_table(results.results_table(mixed), path)
+    stored = [row["config.model.compile"] for row in pq.read_table(path).to_pylist()]
+    assert stored == ["False", "graph", None]
 
 
 def test_a_trials_row_holds_its_last_evaluation_and_its_reports_mean_solve_times():
