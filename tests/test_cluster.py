@@ -114,6 +114,26 @@ def _published(autoscaling: dict) -> list[capacity.NodeType]:
     return [capacity.NodeType(dict(g.resources), g.max_count) for g in groups]
 
 
+def test_a_node_type_that_no_max_workers_limits_is_published_without_a_limit(monkeypatch):
+    """An autoscaling config without max_workers, at the top or for a worker type, failed to
+    publish ('not an autoscaling config (Value out of range: 9223372036854775807)', a count
+    past Ray's int32 field); such a type is published as Ray's -1, no limit, and holds any
+    number of workers, while the head type counts its one node."""
+    autoscaling = {
+        "head_node_type": "head",
+        "available_node_types": {
+            "head": {"resources": {"CPU": 8}},
+            "gpu": {"resources": {"CPU": 48, "GPU": 4}},
+        },
+    }
+    types = _published(autoscaling)
+    assert [t.max_count for t in types] == [1, -1]
+    monkeypatch.setattr(capacity, "node_types", lambda: types)
+    assert capacity.worker_slots({"CPU": 10, "GPU": 1}) == capacity.UNBOUNDED
+    assert capacity.worker_slots({"CPU": 8}) == capacity.UNBOUNDED
+    assert _published(autoscaling | {"max_workers": 3})[1].max_count == 3
+
+
 def test_on_gcp_trials_claim_gpus_only_with_the_node_resources_the_readme_gives(monkeypatch):
     """Ray fills node types' resources in from the instance type on AWS only: on GCP
     cluster.yaml's empty ones publish no GPU; those the README gives hold 4 ImageNet trials."""
@@ -266,6 +286,14 @@ def test_publishing_names_a_file_that_is_no_autoscaling_config_in_one_line(tmp_p
     assert capacity.main([str(empty)]) == 2
     assert capsys.readouterr().err == (
         f"error: {empty}: not an autoscaling config ('available_node_types')\n"
+    )
+    # Node types that do not build a cluster config (a resource that is no number).
+    odd = tmp_path / "odd.yaml"
+    odd.write_text("available_node_types:\n  cpu: {resources: {CPU: many}}\n")
+    assert capacity.main([str(odd)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {odd}: not an autoscaling config (invalid literal for int() with base 10: "
+        "'many')\n"
     )
 
 

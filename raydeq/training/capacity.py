@@ -82,17 +82,19 @@ def slots_now(need: Mapping[str, float], free: bool = False) -> int:
 
 def cluster_config(autoscaling: Mapping[str, Any]) -> autoscaler_pb2.ClusterConfig:
     """The GCS cluster config of an autoscaling config (the cluster.yaml `ray up` fills out):
-    one node group per node type, the head type counting the head node itself."""
+    one node group per node type, the head type counting the head node itself; a type that
+    neither it nor the config limits has the count -1, Ray's "no limit" (its int32 field holds
+    no larger one)."""
     config = autoscaler_pb2.ClusterConfig()
     limit = autoscaling.get("max_workers", UNBOUNDED)
     head = autoscaling.get("head_node_type")
     for name, node_type in autoscaling["available_node_types"].items():
         extra = int(name == head)  # the head node; its type adds no workers unless it says so
-        workers = node_type.get("max_workers", 0 if extra else limit)
+        workers = min(node_type.get("max_workers", 0 if extra else limit), limit)
         group = config.node_group_configs.add(
             name=name,
             min_count=node_type.get("min_workers", 0) + extra,
-            max_count=min(workers, limit) + extra,
+            max_count=-1 if workers == UNBOUNDED else workers + extra,
         )
         for key, amount in node_type.get("resources", {}).items():
             group.resources[key] = int(amount)
