@@ -608,8 +608,7 @@ def test_workers_that_this_machine_cannot_hold_are_refused_not_waited_for(tmp_pa
         assert err.splitlines()[-1] == (
             f"error: scaling.num_workers={workers} with {need:g} CPU per worker does not fit "
             f"on this machine ({os.cpu_count():g} CPU), which holds 0 such workers; lower "
-            "scaling.num_workers or scaling.cpus_per_worker, or run on a cluster (RAY_ADDRESS, "
-            "or `ray start`)"
+            "scaling.cpus_per_worker, or run on a cluster (RAY_ADDRESS, or `ray start`)"
         )
     assert not (runs / "digits" / SETTINGS_FILE).exists()  # so the command can run again
 
