@@ -27,12 +27,15 @@ import pyarrow.fs
 import pyarrow.parquet as pq
 import pytest
 import ray
+import ray.cloudpickle as cloudpickle
 import yaml
 from PIL import Image
 from ray._common.constants import HEAD_NODE_RESOURCE_NAME
 from ray.train._internal.storage import StorageContext
+from ray.tune.execution.experiment_state import _find_newest_experiment_checkpoint
 from ray.tune.experiment.trial import Trial
 from ray.tune.search.sample import Categorical, Float
+from ray.tune.utils.util import _load_newest_checkpoint
 from ray.util.state import list_actors
 
 from raydeq import datasets
@@ -2975,6 +2978,62 @@ def test_a_record_of_tune_read_while_its_driver_copies_it_is_read_whole(tmp_path
     finally:
         copy.join()
     assert trial.trial_id == "ab_00000"
+
+
+def write_tune_session(folder: Path, session: str, start: float, trial_id: str) -> None:
+    """Tune's files of a session named `session` (its local time) that started at `start`
+    (seconds since the epoch): its record of one trial `trial_id`, and its variants' and
+    callbacks' states, each naming that trial."""
+    storage = StorageContext(storage_path=str(folder.parent), experiment_dir_name=folder.name)
+    trial = Trial("trainable", config={}, storage=storage, stub=True, trial_id=trial_id)
+    trial.create_placement_group_factory()
+    state = {"trial_data": [trial.get_json_state()], "runner_data": {}, "stats": {}}
+    state["stats"]["start_time"] = start
+    (folder / f"experiment_state-{session}.json").write_text(json.dumps(state))
+    (folder / f"basic-variant-state-{session}.json").write_bytes(cloudpickle.dumps(trial_id))
+    (folder / f"callback-states-{session}.pkl").write_bytes(cloudpickle.dumps(trial_id))
+
+
+def test_a_resume_restores_tunes_newest_state_whatever_time_zone_named_it(
+    tmp_path, capsys, monkeypatch
+):
+    """Tune names a session's state files by its start in local time and restores those named
+    highest: a run started in Tokyo at 17:00 and resumed in Los Angeles five minutes later
+    (00:05 there) named the resumed session's files below the first's, so --report and the
+    next resume read the first session's record. Both read the newest by the start it
+    records; the resume sets the older session's files aside, kept, for Tune to restore it."""
+    folder = tmp_path / "runs" / "x"
+    folder.mkdir(parents=True)
+    start = datetime.datetime(2026, 12, 6, 8, 0, tzinfo=datetime.UTC).timestamp()
+    write_tune_session(folder, "2026-12-06_17-00-00", start, "ab_00000")
+    write_tune_session(folder, "2026-12-06_00-05-00", start + 300, "ab_00001")
+    older = {p.name: p.read_bytes() for p in folder.glob("*-2026-12-06_17-00-00.*")}
+    assert [trial.trial_id for trial in results.recorded_trials(str(folder))] == ["ab_00001"]
+    monkeypatch.setattr(run, "archive_results", lambda path: None)
+    restored = restored_tuner([])
+    seen = []
+
+    def restore(path: str, trainable: object, **kwargs: object) -> SimpleNamespace:
+        state = _find_newest_experiment_checkpoint(path).rsplit("/", 1)[-1]
+        variants = _load_newest_checkpoint(path, "basic-variant-state-*.json")
+        callbacks = _load_newest_checkpoint(path, "callback-states-*.pkl")
+        seen.append((state, variants, callbacks))
+        return restored
+
+    monkeypatch.setattr(run.tune.Tuner, "restore", restore)
+    options = run.Options(gpus=0, num_samples=1, scheduler="fifo", max_concurrent=0)
+    for _ in range(2):
+        assert run.tuner(spec.from_dict("x", TINY), str(folder), options, True) is restored
+    state = "experiment_state-2026-12-06_00-05-00.json"
+    assert seen == [(state, "ab_00001", "ab_00001")] * 2
+    aside = folder / results.SUPERSEDED_FOLDER
+    assert {p.name: p.read_bytes() for p in aside.iterdir()} == older
+    assert capsys.readouterr().out == (
+        "Tune's state of an older session, named later by another time zone or clock, set "
+        f"aside in {folder}/superseded-state: experiment_state-2026-12-06_17-00-00.json, "
+        "basic-variant-state-2026-12-06_17-00-00.json, callback-states-2026-12-06_17-00-00.pkl\n"
+    )
+    assert [trial.trial_id for trial in results.recorded_trials(str(folder))] == ["ab_00001"]
 
 
 def test_a_damaged_record_of_tune_is_one_line_naming_it_in_report_resume_and_a_runs_end(

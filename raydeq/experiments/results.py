@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import functools
+import json
 import logging
 import math
 import statistics
@@ -18,7 +19,9 @@ import pyarrow.fs
 import pyarrow.parquet as pq
 import yaml
 from ray import tune
+from ray.tune.callback import CallbackList
 from ray.tune.execution.tune_controller import TuneController
+from ray.tune.search import BasicVariantGenerator, Searcher, SearchGenerator
 
 from raydeq import models
 from raydeq.experiments import hparams, paper, pareto
@@ -27,7 +30,7 @@ from raydeq.experiments.figures import legend_beside, png, step_curves, step_pan
 from raydeq.experiments.spec import LABEL, VARIANT, Experiment, describe, trial_name
 from raydeq.training import runlock
 from raydeq.training.config import ConfigError, leaves
-from raydeq.training.storage import StorageError, exists, write_bytes
+from raydeq.training.storage import StorageError, exists, filesystem, write_bytes
 
 # The files `report` writes in the experiment's folder, besides the plots, the Pareto chart,
 # the HParams folder and the paper's files.
@@ -44,6 +47,16 @@ MARKED_POINTS = 100
 # Tune's record of an experiment's trials: a file per session, named by its start; Tune reads
 # the newest and keeps those of the sessions before.
 STATE_FILES = TuneController.CKPT_FILE_TMPL.format("*")
+# What else Tune saves per session, named alike, and restores from the file named highest.
+SESSION_FILES = (
+    TuneController.CKPT_FILE_TMPL,
+    BasicVariantGenerator.CKPT_FILE_TMPL,
+    SearchGenerator.CKPT_FILE_TMPL,
+    Searcher.CKPT_FILE_TMPL,
+    CallbackList.CKPT_FILE_TMPL,
+)
+# Where a resume sets aside the files of sessions older than the newest that Tune would read.
+SUPERSEDED_FOLDER = "superseded-state"
 TABLE = (
     ("test_accuracy", "Test Accuracy (%)", 100.0),
     ("train_time", "Training Time (s/batch)", 1.0),
@@ -292,7 +305,8 @@ class RecordedExperiment(tune.ExperimentAnalysis):
 
     def __init__(self, path: str) -> None:
         self.path = path.rstrip("/")
-        super().__init__(path)
+        files = state_files(self.path)
+        super().__init__(f"{self.path}/{files[-1]}" if files else self.path)
 
     def _fetch_trial_dataframes(self) -> dict[str, pd.DataFrame]:
         return {}
@@ -314,13 +328,8 @@ class RecordedExperiment(tune.ExperimentAnalysis):
 
     def damaged(self, err: Exception) -> str:
         """The line naming the damaged state file, why, and where an intact record may be."""
-        folder, name = self._experiment_json_fs_path.rsplit("/", 1)
-        found = self._fs.get_file_info(pyarrow.fs.FileSelector(folder))
-        earlier = sorted(
-            i.base_name
-            for i in found
-            if fnmatch.fnmatch(i.base_name, STATE_FILES) and i.base_name < name
-        )
+        name = self._experiment_json_fs_path.rsplit("/", 1)[-1]
+        earlier = [other for other in state_files(self.path) if other != name]
         reason = f"{type(err).__name__}: {err}".splitlines()[0]
         fallback = (
             f"or move it out of the folder for Tune to read {earlier[-1]}, the record of the "
@@ -335,6 +344,52 @@ class RecordedExperiment(tune.ExperimentAnalysis):
             f"machine that ran the experiment ({staged}/{name}, while Ray keeps that "
             f"session's files); {fallback}"
         )
+
+
+def state_files(path: str) -> list[str]:
+    """The names of Tune's state files in the experiment folder at `path`, oldest first by the
+    start each records: Tune names them by their session's start in local time, so a resume in
+    a time zone behind the first run's, or after the clocks went back, names its file below
+    an older one's. One that does not parse or records no start goes last (by name), for its
+    reader to read again or call damaged rather than pass over it."""
+    fs, inner = filesystem(path)
+    found = fs.get_file_info(pyarrow.fs.FileSelector(inner, allow_not_found=True))
+    names = [
+        i.base_name
+        for i in found
+        if i.type == pyarrow.fs.FileType.File and fnmatch.fnmatch(i.base_name, STATE_FILES)
+    ]
+    return sorted(names, key=lambda name: (_started(fs, f"{inner}/{name}"), name))
+
+
+def _started(fs: pyarrow.fs.FileSystem, file: str) -> float:
+    """The start (seconds since the epoch) of the session whose state file is `file`, or
+    infinity where it does not parse or records none."""
+    try:
+        with fs.open_input_stream(file) as stream:
+            return float(json.loads(stream.readall())["stats"]["start_time"])
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
+def set_aside_superseded(path: str) -> list[str]:
+    """Move into SUPERSEDED_FOLDER the files of each older session (`state_files`) named
+    above the newest, which Tune would restore in its place (its trials, searcher and
+    variants), and return their names; older sessions named below stay, as Tune leaves them."""
+    files = state_files(path)
+    prefix, suffix = STATE_FILES.split("*")
+    fs, inner = filesystem(path)
+    moved = []
+    for name in files[:-1]:
+        if name < files[-1]:
+            continue
+        session = name.removeprefix(prefix).removesuffix(suffix)
+        for kept in (template.format(session) for template in SESSION_FILES):
+            if fs.get_file_info(f"{inner}/{kept}").type == pyarrow.fs.FileType.File:
+                fs.create_dir(f"{inner}/{SUPERSEDED_FOLDER}")
+                fs.move(f"{inner}/{kept}", f"{inner}/{SUPERSEDED_FOLDER}/{kept}")
+                moved.append(kept)
+    return moved
 
 
 def recorded_trials(path: str) -> list[Any]:

@@ -29,7 +29,12 @@ from ray.tune.search import BasicVariantGenerator, SearchAlgorithm, Searcher
 
 from raydeq.experiments import search as searchers
 from raydeq.experiments.archive import archive_results, history
-from raydeq.experiments.results import recorded_trials, trial_folder
+from raydeq.experiments.results import (
+    SUPERSEDED_FOLDER,
+    recorded_trials,
+    set_aside_superseded,
+    trial_folder,
+)
 from raydeq.experiments.spec import (
     Experiment,
     describe,
@@ -357,6 +362,13 @@ def tuner(experiment: Experiment, path: str, options: Options, resume: bool) -> 
     )
     if resume:
         archive_results(path)
+        moved = set_aside_superseded(path)
+        if moved:
+            print(
+                f"Tune's state of an older session, named later by another time zone or "
+                f"clock, set aside in {path}/{SUPERSEDED_FOLDER}: {', '.join(moved)}",
+                flush=True,
+            )
         restored = tune.Tuner.restore(
             path, trainable, resume_unfinished=True, resume_errored=True, restart_errored=False
         )
