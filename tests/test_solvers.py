@@ -444,6 +444,11 @@ def test_divergence_stops_the_sample():
         ({"reltol": "1e-3"}, "reltol='1e-3' must be a number >= 0"),
         ({"abstol": float("inf")}, "abstol=inf must be a finite number >= 0"),
         ({"compile": "yes"}, "compile='yes' must be True, False, 'graph' or a dict of torch"),
+        (
+            {"compile": {"mode": "fast"}},
+            "compile={'mode': 'fast'}: Unrecognized mode=fast, should be one of: default",
+        ),
+        ({"compile": {"fast": True}}, "compile={'fast': True}: "),
         ({"solver_options": 5}, "solver_options=5 must be a dict of options or None"),
         ({"adjoint_options": [1]}, "adjoint_options=[1] must be a dict of options or None"),
         ({"abstol": 0.0, "reltol": 0.0}, "abstol and reltol cannot both be 0"),

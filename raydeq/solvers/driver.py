@@ -63,10 +63,15 @@ WRAPPERS: dict[tuple[Callable, str], Callable] = {}
 
 def wrapped(fn: Callable, options: dict) -> Callable:
     """fn through torch.compile with `options`, the wrapper made once and reused by every
-    later solve (its graphs are cached by the function's code either way)."""
+    later solve (its graphs are cached by the function's code either way); options torch
+    refuses raise a ValueError naming them as the `compile=` they were given as."""
     key = (fn, repr(sorted(options.items())))
     if key not in WRAPPERS:
-        WRAPPERS[key] = torch.compile(fn, **options)
+        try:
+            WRAPPERS[key] = torch.compile(fn, **options)
+        except (RuntimeError, TypeError, ValueError) as err:
+            reason = str(err).splitlines()[0][:300]
+            raise ValueError(f"compile={options!r}: {reason}") from None
     return WRAPPERS[key]
 
 
