@@ -481,6 +481,18 @@ def test_an_override_of_a_section_sets_its_keys_and_keeps_the_files_others(tmp_p
         (["train.epochs=1", "train.epochs=3"], "override train.epochs: given twice (1, then 3)"),
         ("optim=", "override optim: an empty value sets no key of section optim; set its keys"),
         ("search=null", "override search: an empty value sets no key of section search"),
+        # YAML reads {lr:0.1} as the key 'lr:0.1' with no value: it was refused as the mangled
+        # key optim.lr:0 (its dots split as sections), {m:5} as an option 'm:5'.
+        (
+            "optim={lr:0.1}",
+            "override 'optim={lr:0.1}': YAML reads 'lr:0.1' as a key without a value; put a "
+            "space after the colon: {lr: 0.1}",
+        ),
+        (
+            "model.solver_options={kind: fixed, h0:0.5}",
+            "override 'model.solver_options={kind: fixed, h0:0.5}': YAML reads 'h0:0.5' as a "
+            "key without a value; put a space after the colon: {h0: 0.5}",
+        ),
     ],
 )
 def test_bad_overrides_are_config_errors(tmp_path, override, expected):

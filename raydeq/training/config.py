@@ -89,6 +89,8 @@ APPLIES_UNDER = {
 # Settings a refused resume names, of those that differ.
 SHOWN_CHANGES = 3
 _NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+# A key, a colon and a value without the space between them that makes YAML read a pair.
+_UNSPACED = re.compile(r"[A-Za-z_][\w.]*:(?!//)\S+")
 # The longest name of a run or an experiment: the lock files beside its folder (`.NAME.lock`,
 # `.NAME.results.lock`) must fit in the 255 bytes of a file name that local filesystems take.
 NAME_MAX = 255 - len("..results.lock")
@@ -687,7 +689,27 @@ def parse_override(text: str) -> tuple[str, Any]:
         parsed = load_yaml(value)
     except yaml.YAMLError:
         parsed = value
+    unspaced = _unspaced_key(parsed)
+    if unspaced is not None:
+        raise ConfigError(
+            f"override {text!r}: YAML reads {unspaced!r} as a key without a value; put a space "
+            f"after the colon: {{{unspaced.replace(':', ': ', 1)}}}"
+        )
     return key.strip(), parsed
+
+
+def _unspaced_key(value: Any) -> str | None:
+    """A key of a mapping in `value` that YAML read from `key:value` written without a space
+    after the colon (`{lr:0.1}` is the key 'lr:0.1' with no value), or None."""
+    if not isinstance(value, Mapping):
+        return None
+    for key, given in value.items():
+        if given is None and isinstance(key, str) and _UNSPACED.fullmatch(key):
+            return key
+        found = _unspaced_key(given)
+        if found is not None:
+            return found
+    return None
 
 
 def _section_keys(key: str, value: Any) -> dict[str, Any]:
