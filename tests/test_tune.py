@@ -585,6 +585,21 @@ def test_dimensions_that_are_valid_only_together_are_checked_together():
     assert [(c.model.jac_reg, c.train.lambda_jac) for c in configs] == [(True, 0.5), (True, 1.0)]
 
 
+def test_an_override_of_workers_per_trial_sets_the_trials_workers():
+    """`search.workers_per_trial=2` on the command line was read after the file's value had
+    set the trials' workers: they kept the file's 1, and a value that does not divide the
+    batch was not refused."""
+    assert (
+        spec.load("digits", ["search.workers_per_trial=2"]).trial_config({}).scaling.num_workers
+        == 2
+    )
+    message = "data.batch_size: 64 does not split evenly over scaling.num_workers=3"
+    with pytest.raises(ConfigError, match=message):
+        spec.load("digits", ["search.workers_per_trial=3"])
+    both = spec.load("digits", ["search.workers_per_trial=2", "scaling.num_workers=4"])
+    assert both.trial_config({}).scaling.num_workers == 4
+
+
 def test_workers_per_trial_0_keeps_the_bases_workers():
     """0 is the default, "not set": the base's scaling.num_workers stays."""
     raw = {**TINY, "scaling": {"num_workers": 2}, "search": {"workers_per_trial": 0}}

@@ -162,7 +162,8 @@ def from_dict(
 ) -> Experiment:
     """An Experiment from a parsed YAML dict and dotted `key=value` overrides (see `fix_search`).
 
-    `search.workers_per_trial` sets the trials' `scaling.num_workers`; overrides come last.
+    `search.workers_per_trial`, the file's or an override's, sets the trials'
+    `scaling.num_workers`; overrides of it come last.
     `stored`: the settings of a run that has started, read for --resume and --report, whose
     space is not checked for drawing (`check_draws`): results draw from no space, a resumed
     search from Tune's own state, so a check added since the run started must not refuse them.
@@ -173,6 +174,7 @@ def from_dict(
     overrides = _pinned_row(overrides or {})
     search = raw.get("search")
     workers = search.get("workers_per_trial") if isinstance(search, Mapping) else None
+    workers = overrides.get("search.workers_per_trial", workers)
     if isinstance(workers, int) and workers > 0:
         raw = apply_overrides(raw, {"scaling.num_workers": workers})
     ruled = fixed_in_rules(search, overrides)
