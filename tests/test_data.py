@@ -4,6 +4,8 @@ import gzip
 import hashlib
 import itertools
 import math
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -287,6 +289,28 @@ def test_a_missing_folder_names_the_folder_the_files_and_the_download_option(
         "put the files there, point data.data_dir at the folder that holds them, or set "
         "data.download=true to download them"
     )
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("dataset", ["mnist", "cifar10"])
+def test_a_failed_download_is_one_line_naming_its_reason_and_what_to_do(
+    tmp_path, monkeypatch, dataset
+):
+    """torchvision's refusal of a failed MNIST download spans lines, the first ending in a
+    colon: the error read "is unreadable: Error downloading train-images-idx3-ubyte.gz:",
+    without the reason, and called files that were never there unreadable."""
+
+    def unreachable(*args: Any, **kwargs: Any) -> None:
+        raise urllib.error.URLError("no route to the download site")
+
+    monkeypatch.setattr(urllib.request, "urlopen", unreachable)
+    with pytest.raises(data.DataError) as info:
+        data.load_splits(section(dataset=dataset, data_dir=str(tmp_path), download=True))
+    message = str(info.value)
+    assert message.startswith(f"dataset {dataset!r} could not be downloaded to {tmp_path}: ")
+    assert "no route to the download site" in message
+    expected = ", ".join(data.EXPECTED_FILES[dataset])
+    assert message.endswith(f"; put its files there ({expected}) and set data.download=false")
     assert "\n" not in message
 
 

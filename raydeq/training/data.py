@@ -303,7 +303,16 @@ def load_splits(cfg: DataSection) -> Splits:
     except DataError:
         raise
     except Exception as err:  # a reader's bare AssertionError too: each is a bad file
-        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        # torchvision's refusal of a download spans lines, the first ending in a colon.
+        message = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+        message = message or type(err).__name__
+        expected = EXPECTED_FILES.get(cfg.dataset, [])
+        root = Path(cfg.data_dir or ".")
+        if cfg.download and not all((root / name).exists() for name in expected):
+            raise DataError(
+                f"dataset {cfg.dataset!r} could not be downloaded to {root}: {message}; put "
+                f"its files there ({', '.join(expected)}) and set data.download=false"
+            ) from err
         where = f" in {cfg.data_dir}" if cfg.data_dir else ""
         raise DataError(f"dataset {cfg.dataset!r}{where} is unreadable: {message}") from err
 
