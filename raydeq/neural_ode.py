@@ -260,9 +260,9 @@ class NeuralODE(OutputLayer):
     evaluating f, or for backprop the evaluations on the accepted steps but the field at t1).
     stats.residual is ||f(z(t1), x) - z(t1)|| from the output's evaluation and converged
     applies the DEQ test with abstol / reltol to it. skip_loss and jac_loss are 0. Raises
-    RuntimeError when an integration needs more than max_steps steps, its step size falls
-    too small to move t (a solution that blows up before t1), or the norms of a finite state
-    overflow (entries past about 1e19 in float32).
+    IntegrationError (a RuntimeError) when an integration needs more than max_steps steps,
+    its step size falls too small to move t (a solution that blows up before t1), or the
+    norms of a finite state overflow (entries past about 1e19 in float32).
     Each forward pass draws new masks for f's variational dropouts; repr names every setting;
     abstol and reltol set on the layer later are checked and integrated with as given.
     Module backward hooks are refused (OutputLayer): hook out.z's tensors instead.

@@ -1184,6 +1184,24 @@ def test_a_ray_client_address_is_left_to_ray_and_only_raydeqs_errors_are_shorten
     assert launch.own_error(torch_error) is None
 
 
+def test_a_neural_ode_short_of_max_steps_is_one_line_at_the_command_line():
+    """model.max_steps too few for a Neural ODE's tolerance raised a builtin RuntimeError in
+    the worker, which the command printed as Ray's traceback of 60 lines; it is raydeq's own
+    error, one line naming the steps and the settings to change."""
+    cfg = validate({"model": {"variant": "neural_ode", "adjoint": "backprop", "max_steps": 2}})
+    model = models.build(cfg.model_options())
+    with pytest.raises(RuntimeError) as refused:
+        model(torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(0)))
+    lines = "".join(traceback.format_exception(refused.value))
+    line = launch.own_error(lines)
+    assert line == f"IntegrationError: {refused.value}"
+    assert re.fullmatch(
+        r"IntegrationError: the vcab3 integration reached t=\S+ of t1=1 in max_steps=2 steps; "
+        r"raise max_steps or loosen abstol / reltol",
+        line,
+    )
+
+
 def test_a_ray_of_the_runs_own_has_no_preemption_watcher_and_the_settings_given_are_kept(
     monkeypatch,
 ):

@@ -30,6 +30,11 @@ INTERVAL_SOLVERS = ("vcab3", "tsit5", "bs3", "euler")
 STUCK_ULPS = 10
 
 
+class IntegrationError(RuntimeError):
+    """An integration that cannot reach t1: out of max_steps, at a step too small to move t,
+    or where its norms overflow."""
+
+
 @dataclass(frozen=True)
 class Point:
     """A method's carry at an accepted point: the state, the field there, the error-ratio
@@ -135,7 +140,7 @@ def integrate(
 
     A step is accepted when its local error is at most abstol sqrt(M) + reltol ||y_new|| (an
     RMS tolerance on the whole row). The step size is read on the host after each step (one
-    synchronisation a step). Raises RuntimeError after max_steps steps short of t1, or at a
+    synchronisation a step). Raises IntegrationError after max_steps steps short of t1, or at a
     step too small to move t (STUCK_ULPS), which more steps would repeat.
     """
     method = interval_method(solver)
@@ -144,18 +149,18 @@ def integrate(
     h, spent = controller.first_step(field, y, k, method.order, termination)
     point = method.start(y, k, controller, termination)
     if overflowed(point):
-        raise RuntimeError(overflow_message(solver, 0.0, t1, y.dtype))
+        raise IntegrationError(overflow_message(solver, 0.0, t1, y.dtype))
     memory = controller.memory(h)
     step_size, t, nfe, path_nfe, steps = float(h), 0.0, 1 + spent, 1, 0
     while t < t1:
         if steps == max_steps:
-            raise RuntimeError(
+            raise IntegrationError(
                 f"the {solver} integration reached t={t:.6g} of t1={t1:g} in max_steps="
                 f"{max_steps} steps; raise max_steps or loosen abstol / reltol"
             )
         last = step_size >= t1 - t
         if not last and step_size < STUCK_ULPS * math.ulp(t):
-            raise RuntimeError(
+            raise IntegrationError(
                 f"the {solver} integration's step size fell to {step_size:.3g} at t={t:.6g} of "
                 f"t1={t1:g}, too small to move t (its solution may blow up there); max_steps "
                 "cannot help"
@@ -171,10 +176,10 @@ def integrate(
         if not was_rejected:
             point, t, path_nfe = new, t1 if last else t + step_size, path_nfe + spent
         if not math.isfinite(next_size) and overflowed(new):
-            raise RuntimeError(overflow_message(solver, t, t1, y.dtype))
+            raise IntegrationError(overflow_message(solver, t, t1, y.dtype))
         step_size = next_size
     if overflowed(point):
-        raise RuntimeError(overflow_message(solver, t, t1, y.dtype))
+        raise IntegrationError(overflow_message(solver, t, t1, y.dtype))
     return Endpoint(point.y, point.k, nfe, path_nfe, steps)
 
 
