@@ -600,6 +600,22 @@ def test_an_override_of_workers_per_trial_sets_the_trials_workers():
     assert both.trial_config({}).scaling.num_workers == 4
 
 
+def test_a_bad_variant_from_an_override_is_not_blamed_on_the_file(tmp_path):
+    """An error's key `search.variants[0]` did not match the override `search.variants` for
+    its index, so a variant given on the command line was reported as in the file; one the
+    file gives still names the file."""
+    with pytest.raises(ConfigError) as err:
+        spec.load("digits", ["search.variants=[{model.solver: rk4}]"])
+    message = str(err.value)
+    assert message.startswith("search.variants[0]: model.solver: 'rk4' is not allowed; choose")
+    assert message.endswith("vcab3, tsit5, bs3, euler, broyden, anderson, fixed_point")
+    path = tmp_path / "bad.yaml"
+    path.write_text("search: {variants: [{model.solver: rk4}]}\n")
+    with pytest.raises(ConfigError) as err:
+        spec.load(str(path))
+    assert str(err.value).endswith(f"fixed_point (in {path})")
+
+
 def test_workers_per_trial_0_keeps_the_bases_workers():
     """0 is the default, "not set": the base's scaling.num_workers stays."""
     raw = {**TINY, "scaling": {"num_workers": 2}, "search": {"workers_per_trial": 0}}

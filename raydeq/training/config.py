@@ -844,7 +844,8 @@ def in_file(err: ConfigError, path: str | Path, overrides: Mapping[str, Any]) ->
     """`err` with the file `path` named after it, unless an override set its key (or one in
     it: a rule's `search.conditional[0].space.model.solver_options.m`): a user of several
     files sees which one holds the bad value."""
-    key = err.key
+    # An index names an entry of the list an override sets whole (search.variants[0]).
+    key = None if err.key is None else re.sub(r"\[\d+\]", "", err.key)
     if key is not None and any(
         f".{k}." in f".{key}." or k.startswith(f"{key}.") for k in overrides
     ):
