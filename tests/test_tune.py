@@ -616,6 +616,21 @@ def test_a_bad_variant_from_an_override_is_not_blamed_on_the_file(tmp_path):
     assert str(err.value).endswith(f"fixed_point (in {path})")
 
 
+def test_a_bad_first_value_of_the_space_is_named_in_the_space_not_in_a_variant(tmp_path):
+    """The variants are checked with the space's first values: a bad first one was refused
+    as `search.variants[0]: model.solver: 'rk4' ...`, naming a variant that sets no solver
+    (and, from an override, the file); it names the space's dimension and value."""
+    with pytest.raises(ConfigError) as err:
+        spec.load("digits", ["search.space={model.solver: {choice: [rk4, euler]}}"])
+    assert str(err.value) == (
+        "search.space.model.solver: the choice 'rk4': 'rk4' is not allowed; choose one of "
+        "vcab3, tsit5, bs3, euler, broyden, anderson, fixed_point"
+    )
+    variant = "search.variants=[{model.solver: rk4}]"  # a variant's own value is the variant's
+    with pytest.raises(ConfigError, match=r"^search.variants\[0\]: model.solver: 'rk4' is not"):
+        spec.load("digits", [variant])
+
+
 def test_workers_per_trial_0_keeps_the_bases_workers():
     """0 is the default, "not set": the base's scaling.num_workers stays."""
     raw = {**TINY, "scaling": {"num_workers": 2}, "search": {"workers_per_trial": 0}}

@@ -260,6 +260,9 @@ def _check_space(experiment: Experiment) -> None:
         try:
             experiment.trial_config(apply_overrides({VARIANT: row}, firsts))
         except ConfigError as err:
+            if err.key in firsts and err.key not in row:  # the space's first value is bad
+                what, value = tried[0][2][err.key][0]
+                raise _value_error("search.space", err.key, what, value, err) from None
             raise ConfigError(f"search.variants[{i}]: {err}", key=f"search.variants[{i}]") from None
     for where, fixed, values in tried:
         for row in search.variants or ({},):
@@ -269,10 +272,14 @@ def _check_space(experiment: Experiment) -> None:
                     try:
                         experiment.trial_config(sampled)
                     except ConfigError as err:
-                        raise ConfigError(
-                            f"{where}.{key}: {what} {value!r}: {_unprefixed(err, key)}",
-                            key=f"{where}.{key}",
-                        ) from None
+                        raise _value_error(where, key, what, value, err) from None
+
+
+def _value_error(where: str, key: str, what: str, value: Any, err: ConfigError) -> ConfigError:
+    """The refusal of a value the space at `where` can draw for `key`, naming the value."""
+    return ConfigError(
+        f"{where}.{key}: {what} {value!r}: {_unprefixed(err, key)}", key=f"{where}.{key}"
+    )
 
 
 def _check_variants_differ(experiment: Experiment) -> None:
