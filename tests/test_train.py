@@ -494,6 +494,12 @@ def test_more_threads_than_a_worker_holds_cpus_are_named_in_a_note(tmp_path, cap
     for value, cpus in [("2", 2.0), ("1", 4.0)]:
         monkeypatch.setenv("OMP_NUM_THREADS", value)
         assert launch.threads_note(cpus) is None
+    # Ray gives a worker of less than 1 CPU one thread, and `ray exec` exports
+    # OMP_NUM_THREADS=1: the same count is no cause to unset it; 2 threads on 1.5 CPUs are.
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert launch.threads_note(0.5) is None
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert launch.threads_note(1.5).startswith("note: OMP_NUM_THREADS=2 runs 2 threads")
     monkeypatch.delenv("OMP_NUM_THREADS")
     assert launch.threads_note(1.0) is None
     path = tmp_path / "run.yaml"
