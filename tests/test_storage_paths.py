@@ -524,6 +524,18 @@ def test_a_non_ascii_path_under_a_locale_not_utf8_is_one_line_not_two_folders(tm
     assert not list(tmp_path.iterdir())
 
 
+def test_a_path_of_bytes_that_are_no_utf8_under_a_utf8_locale_is_named_as_such():
+    """Under a UTF-8 locale a folder named in Latin-1 (runs-\\xe9) was refused with the advice
+    to run under a UTF-8 locale, the one it ran under; the refusal now names its bytes."""
+    assert sys.getfilesystemencoding() == "utf-8"
+    with pytest.raises(storage.StorageError) as refused:
+        storage.absolute(os.fsdecode(b"/data/runs-\xe9"))
+    assert str(refused.value) == (
+        "b'/data/runs-\\xe9' holds bytes that are no UTF-8 (a name written in another "
+        "encoding), which pyarrow and Ray cannot name; rename it in UTF-8"
+    )
+
+
 def test_the_folder_of_a_users_run_locks_is_private_under_any_umask(tmp_path, monkeypatch):
     """Under umask 000 the folder of this user's lock files in the temporary folder was made
     writable by every user (mode 0777), and one that another user had made first was taken as

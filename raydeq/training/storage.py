@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import os
 import sys
 import urllib.parse
@@ -39,11 +40,18 @@ def check_encoding(path: str) -> str:
     """`path`, or a StorageError where the filesystem encoding of this process's locale (ASCII
     under LC_ALL=C, Latin-1 under en_US.ISO-8859-1) writes it other than in UTF-8, in which
     pyarrow, Ray and TensorBoard write every path: a run's files went to two folders (`é`
-    written as two bytes by one and as four by the other), or the run ended in a traceback."""
+    written as two bytes by one and as four by the other), or the run ended in a traceback.
+    Under a UTF-8 locale, a path whose bytes are no UTF-8 (a folder named in another encoding)
+    is refused for what it is."""
     try:
         same = os.fsencode(path) == path.encode("utf-8")
     except UnicodeEncodeError:
         same = False
+    if not same and codecs.lookup(sys.getfilesystemencoding()).name == "utf-8":
+        raise StorageError(
+            f"{os.fsencode(path)!r} holds bytes that are no UTF-8 (a name written in another "
+            "encoding), which pyarrow and Ray cannot name; rename it in UTF-8"
+        )
     if not same:
         raise StorageError(
             f"{path} is not ASCII, and this locale writes paths in "
