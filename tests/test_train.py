@@ -440,6 +440,30 @@ def test_a_ray_jobs_storage_in_its_working_dir_copy_is_refused_and_resumes_name_
     launch.check_kept(str(copy / "runs"))
 
 
+def test_a_ray_job_that_changes_folder_first_stores_outside_its_working_dir_copy(
+    tmp_path, capsys, monkeypatch
+):
+    """A job whose entrypoint changes folder (`cd /shared && python -m raydeq.train ...`) was
+    taken to run in Ray's copy of its working directory: its storage /shared/runs was refused
+    as lying in a copy that Ray deletes, naming /shared as that copy. The copy is the
+    PYTHONPATH entry Ray names after the working directory's package."""
+    copy = tmp_path / "working_dir_files" / "_ray_pkg_0123"
+    shared = tmp_path / "shared"
+    copy.mkdir(parents=True)
+    shared.mkdir()
+    monkeypatch.chdir(shared)
+    job = {"runtime_env": {"working_dir": "gcs://_ray_pkg_0123.zip"}, "metadata": {}}
+    monkeypatch.setenv(RAY_JOB_CONFIG_JSON_ENV_VAR, json.dumps(job))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(copy), "/opt/lib"]))
+    assert launch.job_folder() == str(copy)
+    launch.check_kept(str(shared / "runs"))
+    assert launch.as_submitted(str(shared / "data")) == str(shared / "data")
+    with pytest.raises(config.ConfigError) as refused:
+        launch.check_kept(str(copy / "runs"))
+    assert str(refused.value).startswith(f"storage {copy}/runs lies in {copy}, Ray's copy")
+    assert launch.as_submitted(str(copy / "tune_configs")) == "tune_configs"
+
+
 def test_workers_that_other_jobs_keep_waiting_on_a_cluster_are_named_in_a_note(
     tmp_path, capsys, monkeypatch
 ):

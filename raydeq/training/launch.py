@@ -25,6 +25,7 @@ import ray._private.services
 import ray._private.utils
 import ray.train
 from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+from ray._private.runtime_env.packaging import get_local_dir_from_uri
 from ray.train import CheckpointConfig, FailureConfig, Result, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from ray.train.v2._internal.constants import V2_ENABLED_ENV_VAR, is_v2_enabled
@@ -260,11 +261,18 @@ def check_cluster() -> None:
 
 def job_folder() -> str | None:
     """The folder that Ray unpacked the working directory of the Ray job that runs this command
-    into (`ray job submit --working-dir`), this process's current folder; None outside one.
-    Ray deletes that copy with the job's files, and the next job of the same directory gets
+    into (`ray job submit --working-dir`), None outside one: the PYTHONPATH entry Ray names
+    after the working directory's package, where the job starts, else the current folder (an
+    entrypoint that changes folder first, `cd /shared && python -m ...`, runs outside it). Ray
+    deletes that copy with the job's files, and the next job of the same directory gets
     another."""
     job = json.loads(os.environ.get(RAY_JOB_CONFIG_JSON_ENV_VAR) or "{}")
-    return os.getcwd() if (job.get("runtime_env") or {}).get("working_dir") else None
+    uri = (job.get("runtime_env") or {}).get("working_dir")
+    if not uri:
+        return None
+    name = get_local_dir_from_uri(uri, os.sep).name
+    entries = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    return next((entry for entry in entries if entry and Path(entry).name == name), os.getcwd())
 
 
 def check_kept(storage: str) -> None:
