@@ -1181,6 +1181,15 @@ def test_workers_that_just_fit_are_taken_and_one_more_is_refused_naming_the_fix(
         "which holds 0 such workers; lower scaling.cpus_per_worker, or run on a cluster "
         "(RAY_ADDRESS, or `ray start`)"
     )
+    # Nor does one of 2 GPUs (raydeq.tune's --gpus-per-worker 2) on a machine of 1.
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0, "GPU": 1.0})
+    with pytest.raises(config.ConfigError) as err:
+        launch.check_fits(1, {"CPU": 1.0, "GPU": 2.0})
+    assert str(err.value) == (
+        "scaling.num_workers=1 with 1 CPU, 2 GPU per worker does not fit on this machine "
+        "(4 CPU, 1 GPU), which holds 0 such workers; lower --gpus-per-worker, or run on a "
+        "cluster (RAY_ADDRESS, or `ray start`)"
+    )
 
 
 def test_a_tune_trials_process_takes_its_cpu_from_its_workers_share_but_never_all_of_it():

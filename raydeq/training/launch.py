@@ -168,6 +168,8 @@ def check_fits(workers: int, need: Mapping[str, float]) -> None:
         fix = "set scaling.device=cpu"
     elif have["CPU"] < need["CPU"]:  # no number of workers fits: one alone does not
         fix = "lower scaling.cpus_per_worker"
+    elif have.get("GPU", 0) < need.get("GPU", 0):  # only raydeq.tune asks more than 1 a worker
+        fix = "lower --gpus-per-worker"
     else:
         fix = "lower scaling.num_workers"
     raise ConfigError(
