@@ -443,9 +443,9 @@ def test_a_ray_jobs_storage_in_its_working_dir_copy_is_refused_and_resumes_name_
 def test_a_ray_job_that_changes_folder_first_stores_outside_its_working_dir_copy(
     tmp_path, capsys, monkeypatch
 ):
-    """A job whose entrypoint changes folder (`cd /shared && python -m raydeq.train ...`) was
-    taken to run in Ray's copy of its working directory: its storage /shared/runs was refused
-    as lying in a copy that Ray deletes, naming /shared as that copy. The copy is the
+    """A job whose entrypoint changes folder (`cd SHARED && python -m raydeq.train ...`) was
+    taken to run in Ray's copy of its working directory: its storage SHARED/runs was refused
+    as lying in a copy that Ray deletes, naming SHARED as that copy. The copy is the
     PYTHONPATH entry Ray names after the working directory's package."""
     copy = tmp_path / "working_dir_files" / "_ray_pkg_0123"
     shared = tmp_path / "shared"
@@ -454,7 +454,7 @@ def test_a_ray_job_that_changes_folder_first_stores_outside_its_working_dir_copy
     monkeypatch.chdir(shared)
     job = {"runtime_env": {"working_dir": "gcs://_ray_pkg_0123.zip"}, "metadata": {}}
     monkeypatch.setenv(RAY_JOB_CONFIG_JSON_ENV_VAR, json.dumps(job))
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(copy), "/opt/lib"]))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(copy), str(tmp_path / "lib")]))
     assert launch.job_folder() == str(copy)
     launch.check_kept(str(shared / "runs"))
     assert launch.as_submitted(str(shared / "data")) == str(shared / "data")

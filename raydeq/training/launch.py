@@ -265,7 +265,7 @@ def job_folder() -> str | None:
     """The folder that Ray unpacked the working directory of the Ray job that runs this command
     into (`ray job submit --working-dir`), None outside one: the PYTHONPATH entry Ray names
     after the working directory's package, where the job starts, else the current folder (an
-    entrypoint that changes folder first, `cd /shared && python -m ...`, runs outside it). Ray
+    entrypoint that changes folder first, `cd DIR && python -m ...`, runs outside it). Ray
     deletes that copy with the job's files, and the next job of the same directory gets
     another."""
     job = json.loads(os.environ.get(RAY_JOB_CONFIG_JSON_ENV_VAR) or "{}")
