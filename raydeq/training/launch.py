@@ -199,9 +199,9 @@ def waiting_note(workers: int, need: Mapping[str, float], whose: str) -> str | N
 
 def threads_note(cpus_per_worker: float) -> str | None:
     """A note where OMP_NUM_THREADS, which Ray hands on to every worker, gives a worker more
-    threads than Ray gives one of the CPUs it holds (their whole number, at least 1, as `ray exec`
-    sets it), or is no count (libgomp then takes every core): on 2 CPUs, digits trained at 150
-    img/s with 8 and 110 with 2, against 1,900 without it."""
+    threads than Ray would give it (the whole CPUs it holds, at least 1; `ray exec` exports 1),
+    or is no count (libgomp then takes every core): on 2 CPUs, digits trained at 150 img/s
+    with 8 and 110 with 2, against 1,900 without it."""
     value = os.environ.get("OMP_NUM_THREADS")
     threads = int(value) if value is not None and value.strip().isdigit() else 0
     if value is None or 0 < threads <= max(math.floor(cpus_per_worker), 1):
