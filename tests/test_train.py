@@ -1279,6 +1279,12 @@ def test_ray_address_local_starts_a_ray_of_the_runs_own_as_no_address_does(monke
     assert local["runtime_env"]["env_vars"]["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
     assert not launch.connect()
+    # Set empty (`RAY_ADDRESS= python -m ...`, to leave an exported one out) Ray reads it as
+    # unset and starts a Ray here, which was taken for a cluster's: no check that the workers
+    # fit, and the preemption watcher on.
+    monkeypatch.setenv("RAY_ADDRESS", "")
+    assert launch.connect()
+    assert started[-1]["runtime_env"]["env_vars"]["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
 
 
 def test_a_progress_line_shows_each_headline_metric_under_its_own_name():

@@ -101,7 +101,7 @@ def connect(log_to_driver: bool = True) -> bool:
     if ray.is_initialized():
         return False
     options: dict[str, Any] = {"logging_level": RAY_LOG_LEVEL, "log_to_driver": log_to_driver}
-    given = os.environ.get("RAY_ADDRESS")
+    given = os.environ.get("RAY_ADDRESS") or None  # set empty, Ray takes it as unset
     # RAY_ADDRESS=local starts a Ray of its own, as no address and no `ray start` here do.
     own = given == "local" or (given is None and ray._private.utils.read_ray_address() is None)
     if own:
