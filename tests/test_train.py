@@ -3538,6 +3538,22 @@ def train_and_save_parameters(config: dict) -> None:
     torch.save(record, Path(config["storage_path"], f"worker-{rank}.pt"))
 
 
+def record_threads(config: dict) -> None:
+    """Save this worker's OMP_NUM_THREADS and torch's thread count next to the run folder."""
+    threads = {"omp": os.environ.get("OMP_NUM_THREADS"), "torch": torch.get_num_threads()}
+    Path(config["storage_path"], "threads.json").write_text(json.dumps(threads))
+
+
+def test_a_train_run_given_threads_runs_its_workers_with_them(ray_cluster, tmp_path):
+    """A worker that holds 1.995 CPU (a Tune trial's of 2, less its share of the trial's
+    driver) ran 1 thread, as Ray counts whole CPUs; given 2 threads, torch runs 2 in it."""
+    cfg = make_config(tmp_path)
+    scaling = ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1.995})
+    assert launch.fit(cfg, scaling, train_fn=record_threads, threads=2).error is None
+    threads = json.loads((tmp_path / "threads.json").read_text())
+    assert threads == {"omp": "2", "torch": 2}
+
+
 def test_a_second_run_beside_another_starts_its_own_ray_instead_of_joining_it(ray_cluster):
     """A local Ray started by another driver (here the test session's) ends with that driver:
     joining it, a second run lost its trials when the first finished. Without RAY_ADDRESS

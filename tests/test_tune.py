@@ -43,7 +43,7 @@ from raydeq import tune as rt
 from raydeq.experiments import archive, pareto, results, run, spec
 from raydeq.experiments.figures import pyplot
 from raydeq.models import PRESETS
-from raydeq.training import capacity, preflight, runlock, storage
+from raydeq.training import capacity, launch, preflight, runlock, storage
 from raydeq.training.checkpoint import (
     MANIFEST_FILE,
     REPORTS_FILE,
@@ -2524,12 +2524,42 @@ def test_a_trial_trains_in_its_folder_in_its_own_process_or_fits_its_train_run_t
         assert (cfg.name, cfg.storage_path, cfg.label, cfg.seed) == ("train", folder, "seed=3", 3)
     assert not fitted
     two = spec.from_dict("x", {**TINY, "scaling": {"num_workers": 2, "cpus_per_worker": 2}})
-    run.run_trial({"seed": 3}, experiment=two, path=str(tmp_path), gpus=1)
+    run.run_trial({"seed": 3}, experiment=two, path=str(tmp_path), gpus=1, threads=2)
     (((cfg, scaling), kwargs),) = fitted
     assert (cfg.name, cfg.storage_path, cfg.label) == ("train", folder, "seed=3")
     assert scaling.num_workers == 2 and scaling.use_gpu
     assert scaling.resources_per_worker == {"CPU": 2 - 0.01 / 2, "GPU": 1}
     assert kwargs["callbacks"] == ["reports to Tune"] and len(trained) == 4
+    assert kwargs["threads"] == 2
+
+
+def test_a_trials_workers_run_as_many_threads_as_their_cpus_per_worker_unless_set_here(
+    tmp_path, monkeypatch
+):
+    """Ray gives a worker the whole CPUs it holds as threads, and a trial's driver takes its
+    0.01 CPU out of its workers' share: workers of 2 CPUs ran 1 thread, of 12 ran 11, where a
+    `raydeq.train` run's ran 2 and 12. The tuner gives the trials' workers the threads of
+    cpus_per_worker, which their TorchTrainer hands on; OMP_NUM_THREADS set here is Ray's to
+    hand on, so none is given then."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(run, "concurrency", lambda *args, **kwargs: 1)
+    path = f"{tmp_path}/runs/x"
+    options = run.Options(gpus=0, num_samples=1, scheduler="fifo", max_concurrent=0)
+    for cpus, held, threads in [(0.5, 1, 1), (1, 1, 1), (2, 1, 2), (2.5, 2, 2), (12, 11, 12)]:
+        scaling = {"num_workers": 2, "cpus_per_worker": cpus}
+        experiment = spec.from_dict("x", {**TINY, "scaling": scaling})
+        cfg = experiment.trial_config({})
+        share = launch.scaling_config(cfg, 0, reserve_cpu=run.TRIAL_CPU).resources_per_worker
+        assert launch.ray_threads(share["CPU"]) == held  # what Ray would give them
+        trainable = run.tuner(experiment, path, options, resume=False)._local_tuner._trainable
+        assert trainable.keywords["threads"] == threads
+        trainer = launch.trainer(cfg, launch.scaling_config(cfg, 0), threads=threads)
+        env = {"OMP_NUM_THREADS": str(threads)}
+        assert trainer.run_config.worker_runtime_env == {"env_vars": env}
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    trainable = run.tuner(experiment, path, options, resume=False)._local_tuner._trainable
+    assert trainable.keywords["threads"] is None
+    assert launch.trainer(cfg, launch.scaling_config(cfg, 0)).run_config.worker_runtime_env == {}
 
 
 def test_the_tuner_runs_the_trials_with_the_runs_options_in_the_experiments_folder(
@@ -2541,6 +2571,7 @@ def test_the_tuner_runs_the_trials_with_the_runs_options_in_the_experiments_fold
     restarts its own), and the GPUs decided here when not given: one per worker where a node
     type has GPUs."""
     monkeypatch.setattr(run, "concurrency", lambda *args, **kwargs: 3)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     gpu_nodes = [capacity.NodeType({"CPU": 8, "GPU": 1}, 1)]
     monkeypatch.setattr(capacity, "node_types", lambda: gpu_nodes)
     search = {"metric": "train_loss", "mode": "min", "space": {"seed": {"grid_search": [0, 1]}}}
@@ -2572,7 +2603,8 @@ def test_the_tuner_runs_the_trials_with_the_runs_options_in_the_experiments_fold
     assert tune_config.trial_name_creator(trial) == "a1b2_seed=1"
     assert tune_config.trial_dirname_creator(trial) == "a1b2_seed=1"
     assert internal._trainable._resources.bundles == [{"CPU": 2.0, "GPU": 1.0}]
-    assert internal._trainable.keywords == {"experiment": experiment, "path": path, "gpus": 1.0}
+    keywords = {"experiment": experiment, "path": path, "gpus": 1.0, "threads": 2}
+    assert internal._trainable.keywords == keywords
     fifo = run.Options(gpus=0, num_samples=1, scheduler="fifo", max_concurrent=0)
     scaling = {"num_workers": 2, "max_failures": 5}
     two = spec.from_dict("x", {**settings, "scaling": scaling, "search": {}})

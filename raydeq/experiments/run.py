@@ -87,10 +87,18 @@ class Options:
     max_concurrent: int = option(MISSING, ge=0)
 
 
-def run_trial(sampled: dict[str, Any], *, experiment: Experiment, path: str, gpus: float) -> None:
+def run_trial(
+    sampled: dict[str, Any],
+    *,
+    experiment: Experiment,
+    path: str,
+    gpus: float,
+    threads: int | None = None,
+) -> None:
     """One trial: train (or resume) in this process with one worker, on CUDA where the trial
     holds a GPU share (a resumed trial holds what it held at its start, whatever `gpus` says
-    now), else fit its TorchTrainer in `<trial>/train`; either reports to Tune."""
+    now), else fit its TorchTrainer in `<trial>/train`, its workers running `threads` threads
+    (`launch.trial_threads`); either reports to Tune."""
     context = tune.get_context()
     trial_dir = f"{path.rstrip('/')}/{context.get_trial_name()}"
     where = {"name": TRAIN_RUN, "label": describe(sampled), "storage_path": trial_dir}
@@ -102,7 +110,7 @@ def run_trial(sampled: dict[str, Any], *, experiment: Experiment, path: str, gpu
         Loop(cfg, TuneTrial(trial_dir, use_gpu=held > 0)).run()
         return
     scaling = launch.scaling_config(cfg, gpus, reserve_cpu=TRIAL_CPU)
-    launch.fit(cfg, scaling, callbacks=[TuneReportCallback()])
+    launch.fit(cfg, scaling, callbacks=[TuneReportCallback()], threads=threads)
 
 
 def in_process(cfg: Config) -> bool:
@@ -357,7 +365,13 @@ def tuner(experiment: Experiment, path: str, options: Options, resume: bool) -> 
     cfg = experiment.trial_config({})
     gpus = trial_gpus(experiment, options)
     trainable = tune.with_resources(
-        functools.partial(run_trial, experiment=experiment, path=path, gpus=gpus),
+        functools.partial(
+            run_trial,
+            experiment=experiment,
+            path=path,
+            gpus=gpus,
+            threads=launch.trial_threads(cfg.scaling.cpus_per_worker),
+        ),
         trial_resources(cfg, gpus),
     )
     if resume:

@@ -204,7 +204,7 @@ def threads_note(cpus_per_worker: float) -> str | None:
     with 8 and 110 with 2, against 1,900 without it."""
     value = os.environ.get("OMP_NUM_THREADS")
     threads = int(value) if value is not None and value.strip().isdigit() else 0
-    if value is None or 0 < threads <= max(math.floor(cpus_per_worker), 1):
+    if value is None or 0 < threads <= ray_threads(cpus_per_worker):
         return None
     runs = f"runs {threads} threads" if threads else "is no thread count, so libgomp runs one"
     runs += "" if threads else " thread per core"
@@ -214,6 +214,20 @@ def threads_note(cpus_per_worker: float) -> str | None:
         "wait on each other's threads; unset it, and Ray gives each worker as many threads "
         "as the CPUs it holds"
     )
+
+
+def ray_threads(cpus: float) -> int:
+    """The threads Ray gives a worker that holds `cpus` CPUs where OMP_NUM_THREADS is unset:
+    its whole CPUs, at least 1."""
+    return max(math.floor(cpus), 1)
+
+
+def trial_threads(cpus_per_worker: float) -> int | None:
+    """The threads of a Tune trial's Train workers, decided where the run starts: as many as
+    `ray_threads(cpus_per_worker)`, though the trial's driver takes its CPU out of their share
+    (Ray gave workers of 2 CPUs 1 thread); None where OMP_NUM_THREADS is set here, which Ray
+    hands on to them (`threads_note`)."""
+    return None if "OMP_NUM_THREADS" in os.environ else ray_threads(cpus_per_worker)
 
 
 def amounts(resources: Mapping[str, float]) -> str:
@@ -386,8 +400,11 @@ def trainer(
     scaling: ScalingConfig,
     callbacks: Sequence[Any] = (),
     train_fn: Callable[[dict[str, Any]], None] = train_loop,
+    threads: int | None = None,
 ) -> TorchTrainer:
-    """The TorchTrainer of a run: `storage_path/name`, checkpoints kept, restarts allowed."""
+    """The TorchTrainer of a run: `storage_path/name`, checkpoints kept, restarts allowed;
+    its workers run `threads` threads where given, else as many as Ray gives them."""
+    env = {"env_vars": {"OMP_NUM_THREADS": str(threads)}} if threads else None
     return TorchTrainer(
         train_fn,
         train_loop_config=cfg.to_dict(),
@@ -400,6 +417,7 @@ def trainer(
             callbacks=list(callbacks),
             # Ray Train's v1 API lacks it, so it is looked up here: check_cluster names that.
             logging_config=ray.train.LoggingConfig(log_level=RAY_LOG_LEVEL),
+            worker_runtime_env=env,
         ),
     )
 
@@ -409,13 +427,14 @@ def fit(
     scaling: ScalingConfig | None = None,
     train_fn: Callable[[dict[str, Any]], None] = train_loop,
     callbacks: Sequence[Any] = (),
+    threads: int | None = None,
 ) -> Result:
-    """Train or resume the run on Ray Train (`scaling`, `train_fn`: other workers or loop);
-    once it has finished, the checkpoints Ray Train kept no record of are deleted (see
-    `drop_unrecorded_checkpoints`)."""
+    """Train or resume the run on Ray Train (`scaling`, `train_fn`, `threads`: other workers,
+    loop or threads per worker); once it has finished, the checkpoints Ray Train kept no record
+    of are deleted (see `drop_unrecorded_checkpoints`)."""
     scaling = scaling or scaling_config(cfg, gpus_per_worker(cfg))
     with loggers_kept(WORKER_LOGGERS):
-        result = trainer(cfg, scaling, callbacks, train_fn).fit()
+        result = trainer(cfg, scaling, callbacks, train_fn, threads).fit()
     drop_unrecorded_checkpoints(result, cfg.run_dir)
     return result
 
