@@ -38,7 +38,13 @@ from raydeq.training.config import SCHEDULERS, ConfigError, check_folder_name
 from raydeq.training.console import output_kept
 from raydeq.training.interrupts import interruptible
 from raydeq.training.preflight import check_run
-from raydeq.training.storage import CHECKPOINT_PREFIX, StorageError, absolute, check_storage
+from raydeq.training.storage import (
+    CHECKPOINT_PREFIX,
+    StorageError,
+    absolute,
+    check_storage,
+    unparsed_uri,
+)
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
@@ -160,14 +166,22 @@ def _check_flags(args: argparse.Namespace) -> None:
 
 def _path(args: argparse.Namespace, experiment: Experiment) -> str:
     """`storage/name` of the experiment; a ConfigError where the file's name, which names the
-    experiment without --name, is no folder's name (`...yaml` would name the storage's parent)."""
+    experiment without --name, names no one folder inside the storage (`...yaml` would name the
+    storage's parent), or one that a URI storage takes only percent-encoded."""
     storage = absolute(args.storage or experiment.trial_config({}).storage_path)
+    path = f"{storage.rstrip('/')}/{args.name or experiment.name}"
     if args.name is None:
         try:
-            check_folder_name(f"{args.experiment}: experiment name", experiment.name)
+            check_folder_name(f"{args.experiment}: experiment name", experiment.name, strict=False)
         except ConfigError as err:
             raise ConfigError(f"{err}; rename the file or give --name") from None
-    return f"{storage.rstrip('/')}/{args.name or experiment.name}"
+        if unparsed_uri(path) and not unparsed_uri(storage):
+            raise ConfigError(
+                f"{args.experiment}: experiment name: {experiment.name!r} holds a space or a "
+                f"non-ASCII character, which the URI storage {storage} takes only "
+                "percent-encoded; rename the file or give --name"
+            )
+    return path
 
 
 def _refuse_new_run_flags(args: argparse.Namespace) -> None:

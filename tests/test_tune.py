@@ -51,7 +51,7 @@ from raydeq.training.checkpoint import (
     read_checkpoint,
     write_checkpoint,
 )
-from raydeq.training.config import ConfigError, load
+from raydeq.training.config import NAME_MAX, ConfigError, load
 
 ROOT = Path(__file__).resolve().parent.parent
 PAPER_TRIALS = {
@@ -790,14 +790,15 @@ def test_the_command_refuses_bad_input_and_an_existing_experiment_with_status_2(
     assert capsys.readouterr().err.startswith("error: --storage: empty; give a folder or a URI")
 
 
-@pytest.mark.parametrize("stem", ["..", "my exp", "-x", "résumé"])
+@pytest.mark.parametrize("stem", [".", "..", "a\\b", "a\tb", "a\x7f"])
 def test_an_experiment_file_whose_name_is_no_folder_name_is_refused_naming_it(
     tmp_path, capsys, monkeypatch, stem
 ):
     """Without --name an experiment is named by its file, whose name went unchecked: `...yaml`
     named the folder `..`, the storage's parent, where a start would store its settings and
-    trials, and `my exp.yaml` one that --name refuses; each command is refused in one line
-    naming the file, before Ray, and the same file runs under a --name."""
+    trials; a name that is no one folder inside the storage (`.`, `..`, a separator, a control
+    character) is refused in one line naming the file, before Ray, and the same file runs
+    under a --name."""
     monkeypatch.setattr(runlock.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
     monkeypatch.setattr(ray, "init", lambda *args, **kwargs: pytest.fail("Ray was started"))
     monkeypatch.setattr(rt.launch, "check_cluster", lambda: pytest.fail("the cluster was asked"))
@@ -817,6 +818,74 @@ def test_an_experiment_file_whose_name_is_no_folder_name_is_refused_naming_it(
     assert os.listdir(tmp_path / "runs") == []
     assert rt.main([*argv, "--name", "tiny", "--dry-run"]) == 0
     assert len(capsys.readouterr().out.splitlines()) == 1
+
+
+@pytest.mark.parametrize("stem", ["my exp", "_x", "-x", "résumé", "a" * NAME_MAX])
+def test_an_experiment_file_whose_name_is_one_folder_starts_resumes_and_reports_in_it(
+    tmp_path, capsys, monkeypatch, stem
+):
+    """An experiment started from `my exp.yaml` or `_x.yaml`, stored in a folder of that name,
+    was refused by --resume and --report for a name that --name would refuse, so its runs could
+    not be reached without renaming them; a file's name that is one folder inside the storage
+    names the experiment's folder, new or stored."""
+    monkeypatch.setattr(runlock.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    monkeypatch.setattr(ray, "init", lambda *args, **kwargs: pytest.fail("Ray was started"))
+    monkeypatch.setattr(rt.launch, "check_cluster", lambda: pytest.fail("the cluster was asked"))
+    file = tmp_path / f"{stem}.yaml"
+    file.write_text(yaml.safe_dump(TINY))
+    folder = tmp_path / "runs" / stem
+    argv = [str(file), "--storage", str(tmp_path / "runs")]
+    assert rt.main([*argv, "--dry-run"]) == 0
+    assert json.loads(capsys.readouterr().out)["experiment"] == str(folder)
+    run.save_settings(str(folder), spec.load(str(file)), run.Options(None, 1, "fifo", 0))
+    assert rt.main([*argv, "--resume", "--dry-run"]) == 0
+    assert json.loads(capsys.readouterr().out)["experiment"] == str(folder)
+    assert rt.main(argv) == 2
+    assert capsys.readouterr().err == (
+        f"error: experiment {folder} already exists; add --resume to continue it, --report "
+        "to summarise it, or choose another --name\n"
+    )
+    assert rt.main([*argv, "--report"]) == 2  # it reads the stored folder, with no trial yet
+    assert capsys.readouterr().err.startswith(f"error: {folder}: no trial has been recorded yet")
+    with runlock.hold(str(folder)):
+        assert set(os.listdir(tmp_path / "runs")) == {f".{stem}.lock", stem}
+    with runlock.writing_results(str(folder)):
+        assert set(os.listdir(tmp_path / "runs")) == {f".{stem}.results.lock", stem}
+
+
+@pytest.mark.parametrize("stem", ["a" * (NAME_MAX + 1), "é" * (NAME_MAX // 2 + 1)])
+def test_an_experiment_file_whose_name_leaves_no_room_for_its_lock_files_is_refused(
+    tmp_path, capsys, stem
+):
+    """A file's name of more than 241 bytes (121 `é` are 242) leaves the lock files beside the
+    experiment's folder no room in a file name of 255 bytes; it is refused naming its length."""
+    file = tmp_path / f"{stem}.yaml"
+    file.write_text(yaml.safe_dump(TINY))
+    assert rt.main([str(file), "--storage", str(tmp_path / "runs"), "--dry-run"]) == 2
+    size = "" if stem.isascii() else " (242 bytes)"
+    assert capsys.readouterr().err == (
+        f"error: {file}: experiment name: a name of {len(stem)} characters{size} is too long; "
+        "use at most 241, so that the lock files beside its folder fit in a file name (255 "
+        "bytes); rename the file or give --name\n"
+    )
+
+
+def test_an_experiment_file_whose_name_a_uri_storage_takes_only_escaped_is_refused(
+    tmp_path, capsys
+):
+    """`my exp.yaml` under a URI storage names a URI that pyarrow cannot parse (a space is
+    written %20 in a URI), where --resume ended in pyarrow's traceback; it is refused naming
+    the file."""
+    file = tmp_path / "my exp.yaml"
+    file.write_text(yaml.safe_dump(TINY))
+    storage = f"file:{tmp_path}/runs"
+    for flags in ([], ["--resume"], ["--report"]):
+        assert rt.main([str(file), "--storage", storage, *flags]) == 2
+        assert capsys.readouterr().err == (
+            f"error: {file}: experiment name: 'my exp' holds a space or a non-ASCII character, "
+            f"which the URI storage {storage} takes only percent-encoded; rename the file or "
+            "give --name\n"
+        )
 
 
 def test_the_flags_of_a_new_run_override_the_experiment_files_search_settings(capsys):

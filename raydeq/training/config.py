@@ -17,6 +17,7 @@ import itertools
 import json
 import os
 import re
+import unicodedata
 from collections.abc import Hashable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -394,18 +395,25 @@ def notes(cfg: Config) -> list[str]:
     return []
 
 
-def check_folder_name(key: str, name: str) -> None:
-    """Raise a ConfigError unless `name` is one folder's name (a run's or an experiment's)."""
-    if not _NAME_PATTERN.fullmatch(name):
+def check_folder_name(key: str, name: str, *, strict: bool = True) -> None:
+    """Raise a ConfigError unless `name` is one folder's name (a run's or an experiment's):
+    `strict`, of the letters --name and name= take; else any name of one folder inside the
+    storage (an experiment file's `my exp` or `_x`, which named stored experiments before)."""
+    unsafe = name in ("", ".", "..") or any(
+        char in "/\\" or unicodedata.category(char) in ("Cc", "Cs") for char in name
+    )
+    if unsafe or (strict and not _NAME_PATTERN.fullmatch(name)):
         raise ConfigError(
             f"{key}: {name!r} is not a folder name; use letters, digits, '.', '_' and '-', "
             "starting with a letter or a digit",
             key=key,
         )
-    if len(name) > NAME_MAX:
+    size = len(name.encode())
+    if size > NAME_MAX:
+        length = f"{len(name)} characters" + ("" if size == len(name) else f" ({size} bytes)")
         raise ConfigError(
-            f"{key}: a name of {len(name)} characters is too long; use at most {NAME_MAX}, so "
-            "that the lock files beside its folder fit in a file name (255 bytes)",
+            f"{key}: a name of {length} is too long; use at most {NAME_MAX}, so that the lock "
+            "files beside its folder fit in a file name (255 bytes)",
             key=key,
         )
 
