@@ -16,7 +16,13 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from raydeq.training import checkpoint, runlock, storage
-from raydeq.training.config import NAME_MAX, ConfigError, validate
+from raydeq.training.config import (
+    NAME_MAX,
+    RUN_NAME_MAX,
+    ConfigError,
+    check_folder_name,
+    validate,
+)
 from raydeq.training.eventlog import EventLog
 
 
@@ -269,24 +275,48 @@ def test_a_lock_left_by_a_killed_driver_is_taken_over_naming_it(tmp_path, monkey
 def test_a_name_whose_lock_files_would_not_fit_a_file_name_is_refused(tmp_path, monkeypatch):
     """A run of 250 characters ran without the lock file beside its folder (`.NAME.lock`, 256
     bytes, which the filesystem refuses), so a second driver of a shared disk was not refused,
-    and one of 300 was refused as storage that 'cannot be read'; the longest name taken holds
-    both lock files, and a longer one is refused naming its length and the most allowed."""
+    and one of 300 was refused as storage that 'cannot be read'; the longest experiment name
+    taken holds both of an experiment's lock files, and a longer one is refused naming its
+    length and the most allowed."""
     monkeypatch.setattr(runlock.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
     name = "a" * NAME_MAX
-    assert NAME_MAX == 241 and validate({"name": name}).name == name
-    run = str(tmp_path / "runs" / name)
+    assert NAME_MAX == 241
+    check_folder_name("--name", name)
+    experiment = str(tmp_path / "runs" / name)
     (tmp_path / "runs").mkdir()
-    with runlock.hold(run):
+    with runlock.hold(experiment):
         assert os.listdir(tmp_path / "runs") == [f".{name}.lock"]
-    with runlock.writing_results(run):
+    with runlock.writing_results(experiment):
         assert os.listdir(tmp_path / "runs") == [f".{name}.results.lock"]
     for length in (NAME_MAX + 1, 250, 300):
         with pytest.raises(ConfigError) as refused:
-            validate({"name": "a" * length})
+            check_folder_name("--name", "a" * length)
         assert str(refused.value) == (
-            f"name: a name of {length} characters is too long; use at most 241, so that the "
+            f"--name: a name of {length} characters is too long; use at most 241, so that the "
             "lock files beside its folder fit in a file name (255 bytes)"
         )
+    for length in (250, 300):
+        with pytest.raises(ConfigError) as refused:
+            validate({"name": "a" * length})
+        assert str(refused.value) == (
+            f"name: a name of {length} characters is too long; use at most 249, so that the "
+            "lock files beside its folder fit in a file name (255 bytes)"
+        )
+
+
+@pytest.mark.parametrize("length", [NAME_MAX + 1, 245, RUN_NAME_MAX])
+def test_a_run_whose_one_lock_file_fits_beside_its_folder_is_taken(tmp_path, monkeypatch, length):
+    """A training run's folder has one lock file beside it (`.NAME.lock`), where an experiment's
+    has a second (`.NAME.results.lock`); runs of 242 to 249 characters, started and stored with
+    that lock, were refused by the experiments' limit of 241, so that running the same command
+    again could not resume them; they are taken, and hold their lock."""
+    monkeypatch.setattr(runlock.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    name = "a" * length
+    assert RUN_NAME_MAX == 249 and validate({"name": name}).name == name
+    (tmp_path / "runs").mkdir()
+    with runlock.hold(str(tmp_path / "runs" / name)):
+        assert os.listdir(tmp_path / "runs") == [f".{name}.lock"]
+        assert len(f".{name}.lock") <= 255
 
 
 def test_a_lock_file_of_bytes_no_driver_writes_is_named_in_one_line_not_a_traceback(

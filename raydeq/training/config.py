@@ -92,9 +92,11 @@ SHOWN_CHANGES = 3
 _NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 # A key, a colon and a value without the space between them that makes YAML read a pair.
 _UNSPACED = re.compile(r"[A-Za-z_][\w.]*:(?!//)\S+")
-# The longest name of a run or an experiment: the lock files beside its folder (`.NAME.lock`,
-# `.NAME.results.lock`) must fit in the 255 bytes of a file name that local filesystems take.
+# The longest name of an experiment: the lock files beside its folder (`.NAME.lock`,
+# `.NAME.results.lock`) must fit in the 255 bytes of a file name that local filesystems take;
+# a run's, whose folder has only the first.
 NAME_MAX = 255 - len("..results.lock")
+RUN_NAME_MAX = 255 - len("..lock")
 
 
 @dataclass(frozen=True)
@@ -272,7 +274,7 @@ def _check_together(cfg: Config) -> None:
     _check_applies(cfg)
     _check_optim(cfg.optim)
     if cfg.name is not None:
-        check_folder_name("name", cfg.name)
+        check_folder_name("name", cfg.name, longest=RUN_NAME_MAX)
 
 
 def _check_data(data: DataSection) -> None:
@@ -395,10 +397,11 @@ def notes(cfg: Config) -> list[str]:
     return []
 
 
-def check_folder_name(key: str, name: str, *, strict: bool = True) -> None:
-    """Raise a ConfigError unless `name` is one folder's name (a run's or an experiment's):
-    `strict`, of the letters --name and name= take; else any name of one folder inside the
-    storage (an experiment file's `my exp` or `_x`, which named stored experiments before)."""
+def check_folder_name(key: str, name: str, *, strict: bool = True, longest: int = NAME_MAX) -> None:
+    """Raise a ConfigError unless `name` is one folder's name (a run's or an experiment's) of at
+    most `longest` bytes: `strict`, of the letters --name and name= take; else any name of one
+    folder inside the storage (an experiment file's `my exp` or `_x`, which named stored
+    experiments before)."""
     unsafe = name in ("", ".", "..") or any(
         char in "/\\" or unicodedata.category(char) in ("Cc", "Cs") for char in name
     )
@@ -409,10 +412,10 @@ def check_folder_name(key: str, name: str, *, strict: bool = True) -> None:
             key=key,
         )
     size = len(name.encode())
-    if size > NAME_MAX:
+    if size > longest:
         length = f"{len(name)} characters" + ("" if size == len(name) else f" ({size} bytes)")
         raise ConfigError(
-            f"{key}: a name of {length} is too long; use at most {NAME_MAX}, so that the lock "
+            f"{key}: a name of {length} is too long; use at most {longest}, so that the lock "
             "files beside its folder fit in a file name (255 bytes)",
             key=key,
         )
