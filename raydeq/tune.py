@@ -167,15 +167,19 @@ def _check_flags(args: argparse.Namespace) -> None:
 def _path(args: argparse.Namespace, experiment: Experiment) -> str:
     """`storage/name` of the experiment; a ConfigError where the file's name, which names the
     experiment without --name, names no one folder inside the storage (`...yaml` would name the
-    storage's parent), or one that a URI storage takes only percent-encoded."""
+    storage's parent), or one that a URI storage takes only percent-encoded; a StorageError
+    where the storage is a URI that pyarrow cannot parse."""
     storage = absolute(args.storage or experiment.trial_config({}).storage_path)
+    problem = unparsed_uri(storage)
+    if problem:  # before anything is read there
+        raise StorageError(f"storage_path {problem}")
     path = f"{storage.rstrip('/')}/{args.name or experiment.name}"
     if args.name is None:
         try:
             check_folder_name(f"{args.experiment}: experiment name", experiment.name, strict=False)
         except ConfigError as err:
             raise ConfigError(f"{err}; rename the file or give --name") from None
-        if unparsed_uri(path) and not unparsed_uri(storage):
+        if unparsed_uri(path):
             raise ConfigError(
                 f"{args.experiment}: experiment name: {experiment.name!r} holds a space or a "
                 f"non-ASCII character, which the URI storage {storage} takes only "

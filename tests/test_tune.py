@@ -888,6 +888,23 @@ def test_an_experiment_file_whose_name_a_uri_storage_takes_only_escaped_is_refus
         )
 
 
+def test_a_uri_storage_that_pyarrow_cannot_parse_is_one_line_before_anything_is_read(
+    tmp_path, capsys
+):
+    """A storage URI with a space (file:///data/my runs) ended a start, --resume, --report and
+    --dry-run in pyarrow's ArrowInvalid traceback, read for a stored experiment before the
+    storage was checked; each now exits 2 giving the URI's percent-encoded form."""
+    storage = f"file://{tmp_path}/my runs"
+    for flags in ([], ["--resume"], ["--report"], ["--dry-run"]):
+        assert rt.main(["digits", "--storage", storage, *flags]) == 2
+        assert capsys.readouterr().err == (
+            f"error: storage_path {storage} is not a URI that pyarrow reads: a space or a "
+            "non-ASCII character in a URI is written percent-encoded, as in "
+            f"file://{tmp_path}/my%20runs\n"
+        )
+    assert not (tmp_path / "my runs").exists()
+
+
 def test_the_flags_of_a_new_run_override_the_experiment_files_search_settings(capsys):
     search = {"num_samples": 3, "scheduler": "fifo", "max_concurrent_trials": 2}
     experiment = spec.from_dict("x", {**TINY, "search": search})
