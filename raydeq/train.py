@@ -28,7 +28,7 @@ import yaml
 from raydeq.training import data, runlock
 from raydeq.training.checkpoint import final_report, newest_first
 from raydeq.training.config import Config, ConfigError, load, load_yaml
-from raydeq.training.console import output_kept
+from raydeq.training.console import output_kept, tensorboard_command
 from raydeq.training.interrupts import interruptible
 from raydeq.training.preflight import check_run
 from raydeq.training.storage import CHECKPOINT_PREFIX, StorageError, filesystem, subfolders
@@ -169,7 +169,7 @@ def run(cfg: Config, argv: Sequence[str]) -> int:
             print(note, file=sys.stderr, flush=True)
         if note := launch.threads_note(cfg.scaling.cpus_per_worker):
             print(note, file=sys.stderr, flush=True)
-        print(f"tensorboard --logdir {os.path.join(cfg.run_dir, TENSORBOARD_DIR)}", flush=True)
+        print(tensorboard_command(os.path.join(cfg.run_dir, TENSORBOARD_DIR)), flush=True)
         earlier = frozenset(subfolders(cfg.run_dir, CHECKPOINT_PREFIX))
         result = launch.fit(cfg, scaling)
     except ConfigError as err:

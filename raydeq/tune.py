@@ -35,7 +35,7 @@ from raydeq.experiments.spec import (
 )
 from raydeq.training import data, launch, runlock
 from raydeq.training.config import SCHEDULERS, ConfigError, check_folder_name
-from raydeq.training.console import output_kept
+from raydeq.training.console import output_kept, tensorboard_command
 from raydeq.training.interrupts import interruptible
 from raydeq.training.preflight import check_run
 from raydeq.training.storage import (
@@ -472,7 +472,7 @@ def launch_experiment(
     except KeyboardInterrupt:  # in the ASHA check, which may wait 30 s for the dashboard
         print("\ninterrupted before the trials started", file=sys.stderr)
         return EXIT_INTERRUPTED
-    print(f"tensorboard --logdir {path}", flush=True)
+    print(tensorboard_command(path), flush=True)
     try:
         errors, unfinished = run.fit(experiment, path, options, args.resume)
     except KeyboardInterrupt:

@@ -3,13 +3,14 @@ reader."""
 
 import io
 import os
+import shlex
 import subprocess
 import sys
 import textwrap
 
 import ray
 
-from raydeq.training import launch
+from raydeq.training import console, launch
 from raydeq.training.console import output_kept
 
 
@@ -84,3 +85,18 @@ def test_a_closed_descriptor_is_opened_on_dev_null_for_the_command(tmp_path):
         check=True,
     )
     assert (tmp_path / "out").read_text() == "True True True\n"
+
+
+def test_the_tensorboard_command_quotes_a_folder_the_shell_would_split():
+    """A run folder with a space was printed unquoted, so the line pasted into a shell gave
+    TensorBoard two arguments; folders and URIs without one are printed as they are."""
+    assert console.tensorboard_command("/data/my runs/digits") == (
+        "tensorboard --logdir '/data/my runs/digits'"
+    )
+    assert shlex.split(console.tensorboard_command("/data/it's")) == [
+        "tensorboard",
+        "--logdir",
+        "/data/it's",
+    ]
+    for plain in ("runs/digits", "s3://bucket/experiments/s3run"):
+        assert console.tensorboard_command(plain) == f"tensorboard --logdir {plain}"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import codecs
 import contextlib
 import os
+import shlex
 import sys
 from collections.abc import Iterator
 from typing import Any, TextIO
@@ -34,6 +35,12 @@ def escaped(err: UnicodeError) -> tuple[str, int]:
 
 
 codecs.register_error(ERRORS, escaped)
+
+
+def tensorboard_command(logdir: str) -> str:
+    """The command that shows a run in TensorBoard, its folder quoted for a shell (a folder
+    with a space was printed as it is, which the shell split when pasted)."""
+    return f"tensorboard --logdir {shlex.quote(logdir)}"
 
 
 class Kept:
