@@ -27,7 +27,7 @@ import setuptools  # noqa: F401
 import torch
 
 from raydeq.training import interrupts, storage
-from raydeq.training.launch import WORKER_LOGGERS, runtime_env
+from raydeq.training.launch import API_SERVER, COLOR_PREFIX, WORKER_LOGGERS, runtime_env
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -108,6 +108,17 @@ class CountedVJP(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         CountedVJP.calls += 1
         return grad
+
+
+@pytest.fixture
+def connect_env_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unset, for the test, the variables launch.connect writes into this process's
+    environment (a Ray of the run's own's state API, Ray's colour setting), and remove what it
+    wrote after: a dashboard address left behind sent the session's Ray cluster, and every
+    later Ray test, to a dashboard that never ran."""
+    for name in (API_SERVER, COLOR_PREFIX):
+        monkeypatch.setenv(name, "")  # recorded as it was, so the undo removes it again
+        monkeypatch.delenv(name)
 
 
 @pytest.fixture

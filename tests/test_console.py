@@ -50,7 +50,9 @@ def test_output_whose_reader_went_away_is_dropped_and_the_command_goes_on(monkey
         stdout.close()
 
 
-def test_a_closed_stdout_neither_stops_connect_nor_lends_its_number_to_a_file(monkeypatch):
+def test_a_closed_stdout_neither_stops_connect_nor_lends_its_number_to_a_file(
+    monkeypatch, connect_env_kept
+):
     """With stdout closed (`>&-`) Python's sys.stdout is None: connect's terminal check ended
     both commands in an AttributeError, and the next file opened took descriptor 1."""
     started = []

@@ -1257,7 +1257,9 @@ def test_a_ray_of_the_runs_own_has_no_preemption_watcher_and_the_settings_given_
     assert "RAY_ADDRESS" not in launch.runtime_env()["env_vars"]
 
 
-def test_ray_address_local_starts_a_ray_of_the_runs_own_as_no_address_does(monkeypatch):
+def test_ray_address_local_starts_a_ray_of_the_runs_own_as_no_address_does(
+    monkeypatch, connect_env_kept
+):
     """RAY_ADDRESS=local starts a new local Ray, which connect took for a cluster: no check
     that the workers fit (scaling.num_workers=4 on 2 CPUs waited past 100 s, with Ray Train's
     placement-group cleaner's tracebacks, as it could not tell which Ray's state API to ask),
