@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from raydeq.bench.__main__ import MAX_THREADS, check_device, main, parse, parse_weights
-from raydeq.bench.harness import cases, models, timing, training
+from raydeq.bench.harness import cases, gradients, models, timing, training
 from raydeq.bench.harness import report as report_module
 from raydeq.bench.harness.cases import (
     Outcome,
@@ -892,7 +892,7 @@ def test_an_adjoint_comparison_where_no_adjoint_reaches_the_error_reports_it_ins
     """Neither GMRES nor Neumann reaching the gradient error leaves nothing to time: the
     section says so in its notes and its target is n/a, and timing no cases times nothing."""
     assert measure({}, CPU, repeats=3) == {}
-    monkeypatch.setattr(adjoints, "loosest", lambda *args, **kwargs: (None, None))
+    monkeypatch.setattr(gradients, "loosest", lambda *args, **kwargs: (None, None))
     section = adjoints.run(Context(CPU, "tiny"))
     assert section.rows == [] and section.timings == {}
     assert [note.split(" did not")[0] for note in section.notes[1:]] == ["GMRES", "Neumann"]
@@ -1414,7 +1414,7 @@ def test_skip_rows_take_the_median_training_step_and_skip_regs_nfe_over_vanillas
 def test_adjoint_rows_take_the_median_backward_and_divide_gmres_vjps_by_neumanns(monkeypatch):
     values = {"gmres": Outcome(nvjp=12, error=5e-5), "fixed_point": Outcome(nvjp=40, error=8e-5)}
     seconds = {"gmres": [0.004, 0.001, 0.002], "fixed_point": [0.010, 0.030, 0.020]}
-    monkeypatch.setattr(adjoints, "loosest", lambda *args, **kwargs: (1e-3, None))
+    monkeypatch.setattr(gradients, "loosest", lambda *args, **kwargs: (1e-3, None))
     monkeypatch.setattr(adjoints, "measure", fake_measure(seconds, values))
     section = adjoints.run(Context(CPU, "tiny"))
     rows = {row["adjoint"]: row for row in section.rows}

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from raydeq.bench.harness.cases import backward_case, loosest
 from raydeq.bench.harness.context import Context
 from raydeq.bench.harness.problems import SpectralProblem, Spectrum
+from raydeq.bench.harness.timing import Case, time_call
 
 TARGET_ERROR = 1e-4
 FORWARD_TOL = 1e-9
@@ -34,6 +37,25 @@ class GradientSetup:
         problem.weight.requires_grad_(True)
         problem.x.requires_grad_(True)
         return GradientSetup(problem, cotangent, reference)
+
+    def case(self, forward: Callable[[], Tensor]) -> Case:
+        """The timed backward of L = sum(c * z*) after an untimed forward(), with its error
+        against the exact gradient (backward_case)."""
+        return backward_case(self.problem, forward, self.cotangent, self.reference)
+
+    def tolerances(
+        self, makers: Mapping[str, Callable[[float], Callable[[], Tensor]]], device: torch.device
+    ) -> dict[str, float]:
+        """Per label, the loosest of TOLERANCES at which the backward after makers[label](tol)()
+        reaches TARGET_ERROR (see `loosest`); a label that reaches it at none is left out."""
+        chosen = {}
+        for label, make in makers.items():
+            tol, _ = loosest(
+                TOLERANCES, lambda t, m=make: time_call(self.case(m(t))(), device)[1], TARGET_ERROR
+            )
+            if tol is not None:
+                chosen[label] = tol
+        return chosen
 
     def note(self) -> str:
         """How the gradient errors are measured."""

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from raydeq.bench.harness.cases import Outcome, backward_case, loosest, raydeq_implicit
+from raydeq.bench.harness.cases import Outcome, raydeq_implicit
 from raydeq.bench.harness.context import Context
-from raydeq.bench.harness.gradients import FORWARD_TOL, TARGET_ERROR, TOLERANCES, GradientSetup
+from raydeq.bench.harness.gradients import FORWARD_TOL, TARGET_ERROR, GradientSetup
 from raydeq.bench.harness.problems import Spectrum
 from raydeq.bench.harness.report import Section, Target
-from raydeq.bench.harness.timing import measure, ratio, time_call
+from raydeq.bench.harness.timing import measure, ratio
 
 
 @dataclass(frozen=True)
@@ -40,22 +40,20 @@ def run(ctx: Context) -> Section:
         notes=[setup.note()],
     )
 
-    def case(adjoint: str, tol: float):
-        forward = raydeq_implicit(setup.problem, adjoint, tol, FORWARD_TOL, MAX_ITERS)
-        return backward_case(setup.problem, forward, setup.cotangent, setup.reference)
-
-    def evaluate(adjoint: str):
-        return lambda tol: time_call(case(adjoint, tol)(), ctx.device)[1]
-
-    chosen: dict[str, float] = {}
-    for adjoint, label in ADJOINTS.items():
-        tol, _ = loosest(TOLERANCES, evaluate(adjoint), TARGET_ERROR)
-        if tol is None:
-            section.notes.append(f"{label} did not reach {TARGET_ERROR:g} at any tolerance")
-        else:
-            chosen[adjoint] = tol
+    makers = {
+        adjoint: lambda tol, a=adjoint: raydeq_implicit(
+            setup.problem, a, tol, FORWARD_TOL, MAX_ITERS
+        )
+        for adjoint in ADJOINTS
+    }
+    chosen = setup.tolerances(makers, ctx.device)
+    section.notes += [
+        f"{label} did not reach {TARGET_ERROR:g} at any tolerance"
+        for adjoint, label in ADJOINTS.items()
+        if adjoint not in chosen
+    ]
     timings = measure(
-        {a: case(a, tol) for a, tol in chosen.items()},
+        {a: setup.case(makers[a](tol)) for a, tol in chosen.items()},
         ctx.device,
         repeats=size.repeats,
         label="[adjoints] timing",

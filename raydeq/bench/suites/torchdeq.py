@@ -11,17 +11,15 @@ from torch import Tensor
 
 from raydeq.bench.harness.cases import (
     Outcome,
-    backward_case,
     forward_case,
-    loosest,
     raydeq_forward,
     raydeq_implicit,
 )
 from raydeq.bench.harness.context import Context
-from raydeq.bench.harness.gradients import FORWARD_TOL, TARGET_ERROR, TOLERANCES, GradientSetup
+from raydeq.bench.harness.gradients import FORWARD_TOL, TARGET_ERROR, GradientSetup
 from raydeq.bench.harness.problems import SpectralProblem, Spectrum
 from raydeq.bench.harness.report import Section, Target
-from raydeq.bench.harness.timing import Timing, measure, paired_ratio, time_call
+from raydeq.bench.harness.timing import Timing, measure, paired_ratio
 
 
 @dataclass(frozen=True)
@@ -165,20 +163,14 @@ def backward_rows(ctx: Context, spec: Spectrum, repeats: int, section: Section) 
             problem, s, tol, n
         )
 
-    def case(label: str, tol: float):
-        return backward_case(problem, makers[label](tol), setup.cotangent, setup.reference)
-
-    chosen: dict[str, float] = {}
-    for label in makers:
-        tol, _ = loosest(
-            TOLERANCES, lambda t, m=label: time_call(case(m, t)(), ctx.device)[1], TARGET_ERROR
-        )
-        if tol is None:
-            section.notes.append(f"{label} backward did not reach error {TARGET_ERROR:g}")
-        else:
-            chosen[label] = tol
+    chosen = setup.tolerances(makers, ctx.device)
+    section.notes += [
+        f"{label} backward did not reach error {TARGET_ERROR:g}"
+        for label in makers
+        if label not in chosen
+    ]
     timings = measure(
-        {k: case(k, tol) for k, tol in chosen.items()},
+        {k: setup.case(makers[k](tol)) for k, tol in chosen.items()},
         ctx.device,
         repeats,
         label="[torchdeq] timing the backwards",
