@@ -101,7 +101,8 @@ class ScaledLinearSolver:
         unit = b / scale
         # The implicit adjoint's warm start is b itself.
         x0 = unit if x0 is b else None if x0 is None else x0 / scale
-        x, info = self._solve(A, unit, x0, self.atol / scale[:, 0] if self.atol else 0.0)
+        atol = self.atol / scale[:, 0] if self.atol else 0.0
+        x, info = self._solve(A, unit, x0, torch.clamp_min(self.rtol * unit.norm(dim=1), atol))
         info.residual = info.residual * scale[:, 0]
         return x * scale, info
 
@@ -133,10 +134,21 @@ class ScaledLinearSolver:
         A: LinearOperator,
         b: torch.Tensor,
         x0: torch.Tensor | None,
-        atol: torch.Tensor | float,
+        tol: torch.Tensor,
     ) -> tuple[torch.Tensor, LinearSolveInfo]:
-        """The solve of A x = b for b of order 1, with atol in b's units."""
+        """The solve of A x = b for b of order 1, sample i stopping once ||b_i - A x_i|| <=
+        tol[i], max(atol, rtol ||b_i||) in b's units."""
         raise NotImplementedError
+
+    @staticmethod
+    def _start(
+        A: LinearOperator, b: torch.Tensor, x0: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """x0, zeros where None, its residual b - A x0 and the products with A that took (none
+        from zeros, whose residual is b)."""
+        if x0 is None:
+            return torch.zeros_like(b), b, 0
+        return x0, b - A(x0), 1
 
 
 def _shaped(A: LinearOperator, x: torch.Tensor) -> torch.Tensor:
@@ -315,16 +327,11 @@ class GMRES(ScaledLinearSolver):
         A: LinearOperator,
         b: torch.Tensor,
         x0: torch.Tensor | None,
-        atol: torch.Tensor | float,
+        tol: torch.Tensor,
     ) -> tuple[torch.Tensor, LinearSolveInfo]:
         """GMRES on b of order 1 (see ScaledLinearSolver)."""
-        batch = b.shape[0]
-        tol = torch.clamp_min(self.rtol * b.norm(dim=1), atol)
-        iterations = torch.zeros(batch, dtype=torch.long, device=b.device)
-        if x0 is None:
-            x, r, matvecs = torch.zeros_like(b), b, 0
-        else:
-            x, r, matvecs = x0, b - A(x0), 1
+        iterations = torch.zeros(b.shape[0], dtype=torch.long, device=b.device)
+        x, r, matvecs = self._start(A, b, x0)
         beta = r.norm(dim=1)
         active = beta > tol
         # Not read before the first cycle: a batch that starts solved (b = 0, or an exact x0)

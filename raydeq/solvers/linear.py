@@ -22,14 +22,11 @@ class Neumann(ScaledLinearSolver):
         A: LinearOperator,
         b: torch.Tensor,
         x0: torch.Tensor | None,
-        atol: torch.Tensor | float,
+        tol: torch.Tensor,
     ) -> tuple[torch.Tensor, LinearSolveInfo]:
         """Neumann iteration on b of order 1 (see ScaledLinearSolver)."""
-        tol = torch.clamp_min(self.rtol * b.norm(dim=1), atol)
-        x = torch.zeros_like(b) if x0 is None else x0
         iterations = torch.zeros(b.shape[0], dtype=torch.long, device=b.device)
-        r = b if x0 is None else b - A(x)
-        matvecs = 0 if x0 is None else 1
+        x, r, matvecs = self._start(A, b, x0)
         beta = r.norm(dim=1)
         for _ in range(self.max_iters):
             active = beta > tol
