@@ -163,11 +163,7 @@ def run(cfg: Config, argv: Sequence[str]) -> int:
         own = launch.connect()
         scaling = launch.scaling_config(cfg, launch.gpus_per_worker(cfg))
         workers = scaling.num_workers, scaling.resources_per_worker
-        if own:
-            launch.check_fits(*workers)
-        elif note := launch.waiting_note(*workers, "the run's"):
-            print(note, file=sys.stderr, flush=True)
-        if note := launch.threads_note(cfg.scaling.cpus_per_worker):
+        for note in launch.check_placement(own, *workers, "the run's", cfg.scaling.cpus_per_worker):
             print(note, file=sys.stderr, flush=True)
         print(tensorboard_command(os.path.join(cfg.run_dir, TENSORBOARD_DIR)), flush=True)
         earlier = frozenset(subfolders(cfg.run_dir, CHECKPOINT_PREFIX))

@@ -456,11 +456,8 @@ def launch_experiment(
             options = new_options(args, experiment)
         # Before the settings are stored: the same command may then run again.
         workers = run.trial_workers(experiment, options.gpus)
-        if own:
-            launch.check_fits(*workers)
-        elif note := launch.waiting_note(*workers, "a trial's"):
-            print(note, file=sys.stderr, flush=True)
-        if note := launch.threads_note(experiment.trial_config({}).scaling.cpus_per_worker):
+        cpus = experiment.trial_config({}).scaling.cpus_per_worker
+        for note in launch.check_placement(own, *workers, "a trial's", cpus):
             print(note, file=sys.stderr, flush=True)
         if options.scheduler == "asha":
             run.check_dashboard()

@@ -179,6 +179,19 @@ def check_fits(workers: int, need: Mapping[str, float]) -> None:
     )
 
 
+def check_placement(
+    own: bool, workers: int, need: Mapping[str, float], whose: str, cpus_per_worker: float
+) -> list[str]:
+    """Before `workers` workers needing `need` each (`whose`: "the run's", "a trial's") are
+    placed: a ConfigError where they do not fit on a Ray of this process's `own` (check_fits),
+    else the notes to print, that they wait on a cluster other jobs hold (waiting_note) and that
+    OMP_NUM_THREADS gives each more threads than its CPUs (threads_note)."""
+    if own:
+        check_fits(workers, need)
+    notes = [None if own else waiting_note(workers, need, whose), threads_note(cpus_per_worker)]
+    return [note for note in notes if note]
+
+
 def waiting_note(workers: int, need: Mapping[str, float], whose: str) -> str | None:
     """A note where the nodes alive hold `workers` workers needing `need` each (`whose`: "the
     run's", "a trial's") but other jobs hold what they need now: Ray Tune waits for them
