@@ -16,6 +16,7 @@ import re
 import shlex
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -28,6 +29,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import pandas as pd
 import pyarrow.fs
 import pytest
 import ray
@@ -45,6 +47,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from raydeq import models, train, tune
+from raydeq.experiments import results
 from raydeq.experiments.run import SETTINGS_FILE
 from raydeq.solvers import adjoint, driver
 from raydeq.training import (
@@ -3136,12 +3139,15 @@ def test_pretraining_steps_report_their_own_times_apart_from_the_deq_solves(tmp_
             "train": {"epochs": 1, "max_steps": 4, "report_every": 4},
         }
     )
-    metrics = launch.fit(cfg, LOCAL).metrics
-    assert metrics["pretrain_forward_time"] > 0 and metrics["forward_time"] > 0
+    session = RecordingSession(tmp_path / "run")
+    loop.Loop(cfg, session).run()
+    (warm_up, _), (metrics, _) = session.reports  # the warm-up's last step reports too
+    assert (warm_up["step"], metrics["step"]) == (2, 4)
+    assert warm_up["pretrain_forward_time"] > 0 and metrics["forward_time"] > 0
     # The unrolled steps backpropagate through f's calls: one VJP of f per unrolled evaluation
     # (the layer's pretrain_depth, 10), as the unrolled adjoint counts them.
-    assert metrics["pretrain_backward_time"] > 0 and metrics["pretrain_backward_nvjp"] == 10
-    assert metrics["pretrain_nfe"] > 0
+    assert warm_up["pretrain_backward_time"] > 0 and warm_up["pretrain_backward_nvjp"] == 10
+    assert warm_up["pretrain_nfe"] > 0
     steps = steps_by_tag(Path(cfg.run_dir, reporting.TENSORBOARD_DIR))
     assert steps["pretrain_forward_time"] == steps["pretrain_backward_time"] == [1, 2]
     assert steps["forward_time"] == steps["backward_time"] == steps["nfe"] == [3, 4]
@@ -3149,6 +3155,33 @@ def test_pretraining_steps_report_their_own_times_apart_from_the_deq_solves(tmp_
     assert steps["pretrain_residual"] == steps["pretrain_unconverged_fraction"] == [1, 2]
     assert steps["residual"] == steps["unconverged_fraction"] == [3, 4]
     assert steps["optimizer_time"] == steps["data_time"] == [1, 2, 3, 4]
+
+
+def test_no_report_mixes_warm_up_steps_and_solves_so_the_results_mean_is_per_solve(tmp_path):
+    """The results weigh each report's interval means by the steps it covers: a report of 3
+    unrolled steps and 1 solve gave that solve's forward_time the weight of 4 steps (110 steps
+    of mnist_mdeq, 60 unrolled, a report every 25: the Training Time 5% high). The warm-up's
+    last step reports, so the results' mean of each solve's and each unrolled step's metric is
+    the mean of the steps' own values, TensorBoard's per-step scalars."""
+    cfg = validate(
+        {
+            "name": "run",
+            "storage_path": str(tmp_path),
+            "model": {"pretrain_steps": 3},
+            "train": {"epochs": 1, "max_steps": 8, "report_every": 4, "eval_batches": 1},
+        }
+    )
+    session = RecordingSession(tmp_path / "run")
+    loop.Loop(cfg, session).run()
+    reported = [metrics for metrics, _ in session.reports]
+    assert [metrics["step"] for metrics in reported] == [3, 4, 8]
+    frame = pd.DataFrame(reported)
+    events = EventAccumulator(str(Path(cfg.run_dir, reporting.TENSORBOARD_DIR)))
+    events.Reload()
+    for key in ("forward_time", "backward_time", "nfe", "pretrain_forward_time"):
+        per_step = [event.value for event in events.Scalars(key)]
+        assert len(per_step) == (3 if key.startswith("pretrain_") else 5)
+        assert results._mean(frame, key) == pytest.approx(statistics.fmean(per_step), rel=1e-6)
 
 
 def test_every_tensorboard_scalar_says_what_it_measures_and_in_which_unit(tmp_path):

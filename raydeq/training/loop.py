@@ -134,6 +134,7 @@ class Loop:
         self.state.seed_workers(saved, cfg.seed, self.rank, self.world)
         self.checkpointed = self.state.step  # where a restart would resume
         self.skipped_values: tuple[float, float] | None = None  # a skipped step's loss, norm
+        self.unrolled = False  # whether the last step was one of the unrolled warm-up's
         self.refuse_a_known_divergence()
         keys = STEP_METRICS + tuple(f"pretrain_{k}" for k in PRETRAIN_METRICS)
         self.meter = Meter(keys)
@@ -156,8 +157,8 @@ class Loop:
         nothing up, so the gradient itself is past fp16's range), leaves the scale as it was.
         """
         state = self.state
-        unrolls = getattr(state.model.layer, "pretraining", None)  # DEQ only, before its call
-        pretraining = unrolls is not None and unrolls()
+        pretraining = self.unrolls()  # before the layer's call, which it counts
+        self.unrolled = pretraining
         start = clock(self.device)
         with self.autocast():
             logits, out = self.model(images)
@@ -199,6 +200,11 @@ class Loop:
         if pretraining:
             return {f"pretrain_{k}" if k in PRETRAIN_METRICS else k: v for k, v in metrics.items()}
         return metrics
+
+    def unrolls(self) -> bool:
+        """Whether the next step is one of the unrolled warm-up's (a DEQ's pretrain_steps)."""
+        pretraining = getattr(self.state.model.layer, "pretraining", None)  # DEQ only
+        return pretraining is not None and pretraining()
 
     def record(self, metrics: dict[str, float] | None) -> None:
         """Count a finished step and log its metrics; stop after too many skipped in a row."""
@@ -319,11 +325,15 @@ class Loop:
         }
 
     def end_step(self) -> None:
-        """Report at interval ends; evaluate and checkpoint at epoch ends and the last step."""
+        """Report at interval ends and at the unrolled warm-up's last step; evaluate and
+        checkpoint at epoch ends and the last step. No interval mixes unrolled steps and
+        solves: the results weigh an interval's means by all its steps, and a solve's metrics
+        are means over the solves alone."""
         cfg, step = self.cfg.train, self.state.step
         last = step % self.steps_per_epoch == 0 or step >= self.total_steps
         periodic = bool(cfg.checkpoint_every) and step % cfg.checkpoint_every == 0
-        if not (last or periodic or step % cfg.report_every == 0):
+        warmed_up = self.unrolled and not self.unrolls()
+        if not (last or periodic or warmed_up or step % cfg.report_every == 0):
             return
         summary = self.meter.means(self.device)
         if "step_time" in summary:  # the interval's images over its time, not a mean of rates
