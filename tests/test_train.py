@@ -16,6 +16,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -2463,6 +2464,66 @@ def test_a_worker_of_two_steps_through_each_epoch_as_one_worker_does(tmp_path, m
     assert [s for s, _ in seen] == [0, 1, 2, 3]
     assert all(torch.equal(a, b) for (_, a), b in zip(seen, expected, strict=True))
     assert [(m["step"], m["epoch"]) for m, _ in session.reports] == [(2, 1.0), (4, 2.0)]
+
+
+# One worker of two (gloo on this machine): its Loop's step on its half of the batch in
+# batch.pt, the step's metrics printed as JSON.
+HALF_A_BATCH = """
+import json, sys, torch, torch.distributed as dist
+from raydeq.training import loop
+from raydeq.training.config import validate
+from raydeq.training.session import Session
+rank, address, folder = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+dist.init_process_group("gloo", init_method=address, rank=rank, world_size=2)
+class Worker(Session):
+    def __init__(self):
+        self.rank, self.world, self.device, self.folder = rank, 2, torch.device("cpu"), folder
+    def checkpoints(self):
+        return []
+    def prepare_model(self, module):
+        return module
+    def report(self, metrics, checkpoint):
+        pass
+cfg = validate(json.loads(sys.argv[4]))
+images, labels = torch.load(f"{folder}/batch.pt")
+share = slice(rank * len(labels) // 2, (rank + 1) * len(labels) // 2)
+print(json.dumps(loop.Loop(cfg, Worker()).train_step(images[share], labels[share], 0.0)))
+dist.destroy_process_group()
+"""
+
+
+def test_a_steps_nfe_on_two_workers_is_the_whole_batchs_slowest_samples(tmp_path):
+    """A batch's NFE is its slowest sample's: a batch whose second half takes 17 evaluations of
+    f and first half 13 takes 17 on one worker. Two workers, a half each, reported the mean of
+    their halves' counts, 15, so a run's nfe fell with its workers (digits, the same model and
+    losses on 1 and 2 workers: 14.77 and 14.48); each step's count is now the batch's, the most
+    of any worker's, on either worker."""
+    raw = {"name": "run", "storage_path": str(tmp_path), "train": {"epochs": 1, "max_steps": 1}}
+    run = loop.Loop(validate(raw), FolderSession(tmp_path / "run"))
+    images, labels = next(iter(run.train_data))
+    images[16:] *= 4.0  # a harder half
+    with torch.random.fork_rng():
+        halves = [run.state.model(images[half])[1].stats.nfe for half in (slice(16), slice(16, 32))]
+    assert halves == [13, 17]
+    whole = run.train_step(images, labels, 0.0)
+    assert whole["nfe"] == 17
+    torch.save((images, labels), tmp_path / "batch.pt")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        address = f"tcp://127.0.0.1:{probe.getsockname()[1]}"
+    two = json.dumps(raw | {"scaling": {"num_workers": 2}})
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-c", HALF_A_BATCH, str(rank), address, str(tmp_path), two],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    steps = [json.loads(worker.communicate(timeout=300)[0]) for worker in workers]
+    assert [worker.returncode for worker in workers] == [0, 0]
+    assert [step["nfe"] for step in steps] == [whole["nfe"]] * 2
+    assert [step["backward_nvjp"] for step in steps] == [whole["backward_nvjp"]] * 2
 
 
 def test_a_step_reports_its_loss_and_accuracy_and_clips_the_gradient_to_grad_clip(tmp_path):

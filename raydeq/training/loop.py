@@ -27,7 +27,7 @@ from raydeq.training import data
 from raydeq.training.checkpoint import restore
 from raydeq.training.config import Config, check_settings, notes, trained_settings
 from raydeq.training.objective import STEP_METRICS, Evaluation, Objective, clock, evaluate
-from raydeq.training.reporting import Meter, Reporter, all_gather, all_sum, summed
+from raydeq.training.reporting import Meter, Reporter, all_gather, all_sum, most
 from raydeq.training.session import Session
 from raydeq.training.state import (
     TrainState,
@@ -86,15 +86,20 @@ def step_values(loss: Tensor, logits: Tensor, labels: Tensor, out: LayerOutput) 
 def read_step(
     loss: Tensor, grad_norm: Tensor, logits: Tensor, labels: Tensor, out: LayerOutput
 ) -> tuple[float, float, dict[str, float]]:
-    """How many workers have a non-finite loss and a non-finite gradient (a collective sum),
-    and this worker's step metrics with grad_norm, in one read of the device: whether the step
-    is finite decides on the host whether the optimizer steps, and that read brings the
-    metrics too."""
+    """Whether any worker has a non-finite loss and a non-finite gradient, the step's metrics
+    with grad_norm, this worker's but for nfe and backward_nvjp, the whole batch's, in one
+    read of the device: whether the step is finite decides on the host whether the optimizer
+    steps, and that read brings the metrics too. A batch's counts are its slowest sample's,
+    the most of any worker's share (one collective maximum with the flags), so that a step
+    counts the same on any number of workers, where each worker's share counts fewer."""
     flags = torch.stack([loss.detach().double(), grad_norm.double()]).isfinite().logical_not()
+    counts = torch.tensor([out.stats.nfe, out.stats.backward_nvjp], dtype=torch.float64)
+    counts = counts.to(flags.device, non_blocking=True)  # no wait for the step's queue
     measured = step_values(loss, logits, labels, out) | {"grad_norm": grad_norm.double()}
-    read = torch.cat([summed(flags.double()), torch.stack(list(measured.values()))]).tolist()
-    (bad_loss, bad_grad), values = read[:2], dict(zip(measured, read[2:], strict=True))
-    return bad_loss, bad_grad, values
+    shared = most(torch.cat([flags.double(), counts]))
+    read = torch.cat([shared, torch.stack(list(measured.values()))]).tolist()
+    (bad_loss, bad_grad, nfe, nvjp), values = read[:4], dict(zip(measured, read[4:], strict=True))
+    return bad_loss, bad_grad, values | {"nfe": nfe, "backward_nvjp": nvjp}
 
 
 class Loop:
@@ -191,12 +196,11 @@ class Loop:
             self.skipped_values = (values["train_loss"], norm)
             return None
         times = {"forward_time": forward_end - start, "backward_time": backward_end - forward_end}
-        counts = {"nfe": float(out.stats.nfe), "backward_nvjp": float(out.stats.backward_nvjp)}
         took = end - start + data_time
         rest = {"optimizer_time": end - backward_end, "data_time": data_time, "step_time": took}
         rest["images_per_second"] = len(labels) * self.world / took
         rest["lr"] = rate
-        metrics = counts | times | values | rest
+        metrics = times | values | rest
         if pretraining:
             return {f"pretrain_{k}" if k in PRETRAIN_METRICS else k: v for k, v in metrics.items()}
         return metrics

@@ -90,6 +90,13 @@ def summed(totals: torch.Tensor) -> torch.Tensor:
     return totals
 
 
+def most(values: torch.Tensor) -> torch.Tensor:
+    """Element-wise maxima of `values` over all workers, left on the device (no host read)."""
+    if distributed():
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return values
+
+
 def all_gather(value: Any) -> list[Any]:
     """Every worker's `value`, by rank (a list of one outside a process group)."""
     if not distributed():
