@@ -2526,6 +2526,34 @@ def test_a_steps_nfe_on_two_workers_is_the_whole_batchs_slowest_samples(tmp_path
     assert [step["backward_nvjp"] for step in steps] == [whole["backward_nvjp"]] * 2
 
 
+def test_eval_batches_tests_the_same_images_on_any_number_of_workers(tmp_path, monkeypatch):
+    """train.eval_batches=3 took 3 batches of each worker's shard: 600 test images on two
+    workers where one worker tests 300, so a shortened evaluation's accuracy and NFE moved with
+    the workers. The workers now share the test set's first 3 batches as they share the whole:
+    worker 0 the first and third (200 images), worker 1 the second, and between them they
+    count the hits and evaluations that one worker counts."""
+    totals: list[objective.Evaluation] = []
+
+    def recorded(*args: Any, **kwargs: Any) -> objective.Evaluation:
+        totals.append(objective.evaluate(*args, **kwargs))
+        return totals[-1]
+
+    monkeypatch.setattr(loop, "evaluate", recorded)
+    train = {"epochs": 1, "max_steps": 1, "eval_batches": 3}
+    raw = {"name": "run", "storage_path": str(tmp_path), "train": train}
+    raw["data"] = {"eval_batch_size": 100}
+    loop.Loop(validate(raw), FolderSession(tmp_path / "one")).evaluate()
+    for rank in (0, 1):
+        session = FolderSession(tmp_path / "two")
+        session.rank, session.world = rank, 2
+        loop.Loop(validate(raw | {"scaling": {"num_workers": 2}}), session).evaluate()
+    alone, *shares = totals
+    assert (alone.samples, alone.batches) == (300, 3)
+    assert [(share.samples, share.batches) for share in shares] == [(200, 2), (100, 1)]
+    assert sum(share.correct for share in shares) == alone.correct
+    assert sum(share.nfe for share in shares) == alone.nfe
+
+
 def test_a_step_reports_its_loss_and_accuracy_and_clips_the_gradient_to_grad_clip(tmp_path):
     """A step's train_loss is the cross-entropy (-log softmax at the label, averaged) plus
     lambda_skip times the skip loss of its forward pass, its train_accuracy the fraction of the

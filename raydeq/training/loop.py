@@ -284,14 +284,17 @@ class Loop:
             )
 
     def evaluate(self) -> dict[str, float]:
-        """Test metrics over every worker's test shard (train.eval_batches of it, 0 = all).
+        """Test metrics over the test set, or its first train.eval_batches batches (0 = all),
+        which the workers share as they share the whole (every world-th batch from the rank's,
+        `data.eval_shard`), so that they are the same on any number of workers.
 
         The random stream is left where it was: a cell that draws random numbers in eval mode
         would otherwise make the steps after an evaluation depend on the test batch settings,
         which are not settings that change the trained model.
         """
-        limit = self.cfg.train.eval_batches or None
-        batches = on_device(itertools.islice(self.test_data, limit), self.device)
+        first = self.cfg.train.eval_batches
+        mine = len(range(self.rank, first, self.world)) if first else None
+        batches = on_device(itertools.islice(self.test_data, mine), self.device)
         saved = rng_state(self.device)
         try:
             totals = evaluate(self.state.model, batches, self.device, self.autocast())
