@@ -929,6 +929,39 @@ def test_a_capturable_step_is_one_graph_that_every_step_and_later_solve_reuses(s
     assert method.capturable and len(graphs) == len(method.phases())
 
 
+@pytest.mark.parametrize("solver", ["vcab3", "euler"])
+def test_a_compiled_step_traces_again_for_no_more_than_one_new_tolerance(solver):
+    """A tolerance reached the compiled steps as a constant (the reltol weight as `alpha=`),
+    so every new abstol / reltol traced each step again: a Tune trial process, which runs the
+    trials of a search one after another, traced anew for each and fell back to eager past
+    dynamo's recompile limit (8). Like a new batch size, a second tolerance now traces one
+    step taking it as an input, which every later one reuses (aot_eager: the tracing, with
+    no C++ build)."""
+    from torch._dynamo.utils import counters
+
+    from raydeq.solvers.solve import make_solver
+
+    f, _ = problem(7)
+    z0 = torch.zeros(B, D, dtype=torch.float64)
+    phases = len(make_solver(solver, {}).phases())
+    torch._dynamo.reset()
+    counters.clear()
+    traced = []
+    try:
+        with torch.no_grad():
+            for tol in (1e-6, 2e-6, 3e-6, 4e-6, 5e-6):
+                eager = raydeq.solve(f, z0, solver=solver, abstol=tol, reltol=tol)
+                sol = raydeq.solve(
+                    f, z0, solver=solver, abstol=tol, reltol=tol, compile={"backend": "aot_eager"}
+                )
+                traced.append(counters["frames"]["total"])
+                assert sol.stats.nfe == eager.stats.nfe and bool(sol.stats.converged.all())
+                torch.testing.assert_close(sol.z, eager.z, rtol=0, atol=1e-12)
+    finally:
+        torch._dynamo.reset()
+    assert traced == [phases, 2 * phases, 2 * phases, 2 * phases, 2 * phases]
+
+
 def test_a_step_function_is_wrapped_by_torch_compile_once_for_every_solve():
     """Each solve builds its method anew; its compiled steps share one torch.compile wrapper
     per step function and options (making one costs about 1 ms), bound to that solve's method."""

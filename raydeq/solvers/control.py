@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from raydeq.solvers.options import choice, number
-from raydeq.solvers.termination import Termination, in_range, norm
+from raydeq.solvers.termination import Termination, add_scaled, in_range, norm
 
 Field = Callable[[torch.Tensor], torch.Tensor]
 
@@ -138,7 +138,7 @@ class Controller:
             elif step_weight:
                 scale = torch.addcmul(scale, move_scale, move_norm(), value=step_weight)
             if rel_weight:
-                scale = torch.add(scale, norm(y_new), alpha=rel_weight)
+                scale = add_scaled(scale, norm(y_new), rel_weight)
             return torch.mul(error_scale, norm(error)).div_(scale)
 
     def scales(

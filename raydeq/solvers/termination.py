@@ -49,6 +49,16 @@ def norm(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(x, dim=1, keepdim=True)
 
 
+def add_scaled(a: torch.Tensor, b: torch.Tensor, weight: float) -> torch.Tensor:
+    """a + weight * b: one operation eagerly (alpha=); under torch.compile a product, whose
+    weight, where it changes from solve to solve (a tolerance's), is traced as an input from
+    its second value on, where alpha= made it a constant and each new tolerance compiled the
+    steps again."""
+    if torch.compiler.is_compiling():
+        return a + weight * b
+    return torch.add(a, b, alpha=weight)
+
+
 def scaled_norm(x: torch.Tensor) -> torch.Tensor:
     """norm(x) computed on x over its largest magnitude per sample, so that it does not
     underflow to 0 where the squares of x do (entries below 1e-19 in float32)."""
@@ -173,7 +183,7 @@ class Monitor:
         non-finite z0 that no finite residual has replaced."""
         if not self.reltol:
             return r <= self.abstol_norm
-        return torch.add(r, norm(z), alpha=-self.reltol) <= self.abstol_norm
+        return add_scaled(r, norm(z), -self.reltol) <= self.abstol_norm
 
     def _tolerance(self, z: torch.Tensor) -> torch.Tensor | float:
         """abstol + reltol * ||z|| per sample, as a 2-norm."""
