@@ -56,6 +56,8 @@ DROPPED_LOGS = {
     "ray.tune.tune": "Experiment has been interrupted",
     "ray.tune.execution.tune_controller": "Trial task failed for trial",
 }
+# A trial's folder in its experiment's, as a dry run shows it: Tune names it as the trial starts.
+UNNAMED_TRIAL = "<trial>"
 # Flags that shape a new run; an experiment that has started keeps the ones it started with.
 NEW_RUN_FLAGS = {
     "overrides": "key=value overrides",
@@ -294,8 +296,9 @@ def new_options(args: argparse.Namespace, experiment: Experiment) -> run.Options
 
 def dry_run(experiment: Experiment, num_samples: int | None, path: str) -> None:
     """Print each trial's label, the experiment's folder (where each trial gets a folder of its
-    own, named by Tune when it starts) and the trial's fully resolved training config, one JSON
-    object a line (and a searcher's space, a dimension a line, on stderr)."""
+    own, named by Tune when it starts: UNNAMED_TRIAL here) and the fully resolved training
+    config the trial runs with, one JSON object a line (and a searcher's space, a dimension a
+    line, on stderr)."""
     trials = expand(experiment, num_samples)
     if experiment.searched:
         space = experiment.space()
@@ -310,7 +313,7 @@ def dry_run(experiment: Experiment, num_samples: int | None, path: str) -> None:
         print("\n".join(shown), file=sys.stderr)
     lines = []  # every trial checked before the first is printed
     for sampled in trials:
-        cfg = experiment.trial_config(sampled)
+        cfg = run.trial_config(experiment, sampled, f"{path.rstrip('/')}/{UNNAMED_TRIAL}")
         label = describe(sampled) or experiment.name
         config = {k: v for k, v in cfg.to_dict().items() if k != "search"}  # a trial has none
         lines.append(json.dumps({"label": label, "experiment": path, "config": config}))

@@ -1404,6 +1404,28 @@ def test_dry_run_prints_every_trials_resolved_config_without_ray(capsys, monkeyp
     assert config["train"]["lambda_skip"] == 1.0 and config["scaling"]["num_workers"] == 1
 
 
+def test_a_dry_run_prints_the_folder_name_and_workers_each_trial_runs_with(
+    tmp_path, capsys, monkeypatch
+):
+    """--dry-run --storage DIR printed each trial's config with the file's storage_path and a
+    train run's name, where the trial writes its Train run `train` in its own folder of
+    DIR/NAME; it now prints the config the trial runs with, as run_trial builds it."""
+    monkeypatch.setattr(ray, "init", lambda *args, **kwargs: pytest.fail("Ray was started"))
+    file = tmp_path / "tiny.yaml"
+    file.write_text(yaml.safe_dump({**TINY, "storage_path": str(tmp_path / "file")}))
+    argv = [str(file), "--storage", str(tmp_path / "runs"), "--name", "other"]
+    assert rt.main([*argv, "--workers-per-trial", "2", "--dry-run"]) == 0
+    (line,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    folder = tmp_path / "runs" / "other"
+    assert line["experiment"] == str(folder)
+    config = line["config"]
+    assert config["storage_path"] == f"{folder}/{rt.UNNAMED_TRIAL}"
+    assert config["name"] == storage.TRAIN_RUN and config["scaling"]["num_workers"] == 2
+    experiment = spec.load(str(file), ["scaling.num_workers=2"])
+    ran = run.trial_config(experiment, {}, f"{folder}/{rt.UNNAMED_TRIAL}").to_dict()
+    assert config == json.loads(json.dumps({k: v for k, v in ran.items() if k != "search"}))
+
+
 def test_an_experiment_written_as_its_tune_configs_path_is_found_from_any_folder(
     tmp_path, monkeypatch
 ):

@@ -101,8 +101,7 @@ def run_trial(
     (`launch.trial_threads`); either reports to Tune."""
     context = tune.get_context()
     trial_dir = f"{path.rstrip('/')}/{context.get_trial_name()}"
-    where = {"name": TRAIN_RUN, "label": describe(sampled), "storage_path": trial_dir}
-    cfg = experiment.trial_config(merge(sampled, where))
+    cfg = trial_config(experiment, sampled, trial_dir)
     if in_process(cfg):
         from raydeq.training.loop import Loop  # the trial's process trains (see launch)
 
@@ -111,6 +110,13 @@ def run_trial(
         return
     scaling = launch.scaling_config(cfg, gpus, reserve_cpu=TRIAL_CPU)
     launch.fit(cfg, scaling, callbacks=[TuneReportCallback()], threads=threads)
+
+
+def trial_config(experiment: Experiment, sampled: dict[str, Any], trial_dir: str) -> Config:
+    """The config a trial trains with in its folder `trial_dir`: its Train run there
+    (`<trial>/train`), labelled with its sampled values, not the file's name and storage."""
+    where = {"name": TRAIN_RUN, "label": describe(sampled), "storage_path": trial_dir}
+    return experiment.trial_config(merge(sampled, where))
 
 
 def in_process(cfg: Config) -> bool:
