@@ -34,7 +34,13 @@ from raydeq.experiments.spec import (
     locate,
 )
 from raydeq.training import data, launch, runlock
-from raydeq.training.config import SCHEDULERS, ConfigError, check_folder_name
+from raydeq.training.config import (
+    SCHEDULERS,
+    WORKERS_KEY,
+    ConfigError,
+    check_folder_name,
+    workers_named,
+)
 from raydeq.training.console import output_kept, tensorboard_command
 from raydeq.training.interrupts import interruptible
 from raydeq.training.preflight import check_run
@@ -112,7 +118,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--name", help="experiment name (default: the file's name)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run")
     parser.add_argument(
-        "--workers-per-trial", type=int, help="DDP workers per trial (sets scaling.num_workers)"
+        "--workers-per-trial", type=int, help=f"DDP workers per trial (sets {WORKERS_KEY})"
     )
     parser.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (default: auto)")
     parser.add_argument(
@@ -231,9 +237,7 @@ def start(args: argparse.Namespace) -> tuple[Experiment, str, run.Options | None
         if args.dry_run:
             check_listable(experiment, path)
         return experiment, path, options
-    workers = [] if args.workers_per_trial is None else [args.workers_per_trial]
-    overrides = [*args.overrides, *(f"scaling.num_workers={k}" for k in workers)]
-    experiment = load(args.experiment, overrides)
+    experiment = load_experiment(args)
     points = len(experiment.search.variants) if experiment.searched else 0
     if args.num_samples is not None and args.num_samples < points:
         raise ConfigError(
@@ -250,6 +254,18 @@ def start(args: argparse.Namespace) -> tuple[Experiment, str, run.Options | None
     preflight(experiment, args.num_samples)
     check_storage(path)
     return experiment, path, None
+
+
+def load_experiment(args: argparse.Namespace) -> Experiment:
+    """The experiment of a new run: its file, the overrides, and --workers-per-trial over the
+    file's workers, named in an error it causes (a batch size it does not divide)."""
+    workers = args.workers_per_trial
+    if workers is None:
+        return load(args.experiment, args.overrides)
+    try:
+        return load(args.experiment, [*args.overrides, f"{WORKERS_KEY}={workers}"])
+    except ConfigError as err:
+        raise workers_named(err, workers, f"--workers-per-trial {workers}") from None
 
 
 def check_listable(experiment: Experiment, path: str) -> None:

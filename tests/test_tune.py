@@ -593,11 +593,43 @@ def test_an_override_of_workers_per_trial_sets_the_trials_workers():
         spec.load("digits", ["search.workers_per_trial=2"]).trial_config({}).scaling.num_workers
         == 2
     )
-    message = "data.batch_size: 64 does not split evenly over scaling.num_workers=3"
+    message = "data.batch_size: 64 does not split evenly over search.workers_per_trial=3;"
     with pytest.raises(ConfigError, match=message):
         spec.load("digits", ["search.workers_per_trial=3"])
     both = spec.load("digits", ["search.workers_per_trial=2", "scaling.num_workers=4"])
     assert both.trial_config({}).scaling.num_workers == 4
+
+
+def test_workers_that_do_not_divide_the_batch_are_named_as_the_user_gave_them(tmp_path, capsys):
+    """`--workers-per-trial 3` with a batch of 64 was refused for `scaling.num_workers=3`, a
+    key the user never wrote, and `search.workers_per_trial: 3` in a file the same; the error
+    names what was given and the worker counts that divide the batch."""
+    divisors = "(1, 2, 4, 8, 16, 32, 64)"  # 64 = 2**6
+    assert rt.main(["digits", "--workers-per-trial", "3", "--dry-run"]) == 2
+    assert capsys.readouterr().err == (
+        "error: data.batch_size: 64 does not split evenly over --workers-per-trial 3; give a "
+        f"batch size that is a multiple of 3, or workers that divide 64 {divisors} (in "
+        "tune_configs/digits.yaml)\n"
+    )
+    file = tmp_path / "tiny.yaml"
+    file.write_text(yaml.safe_dump({**TINY, "search": {"workers_per_trial": 3}}))
+    assert rt.main([str(file), "--dry-run"]) == 2
+    assert "batch_size: 8 does not split evenly over search.workers_per_trial=3; give a " in (
+        capsys.readouterr().err
+    )
+    assert rt.main([str(file), "scaling.num_workers=5", "--dry-run"]) == 2
+    assert (
+        "over scaling.num_workers=5; give a batch size that is a multiple of 5, or workers "
+        "that divide 8 (1, 2, 4, 8)"
+    ) in capsys.readouterr().err
+    variant = {"variants": [{"label": "a", "data.batch_size": 30}]}
+    file.write_text(yaml.safe_dump({**TINY, "search": variant}))
+    assert rt.main([str(file), "--workers-per-trial", "4", "--dry-run"]) == 2
+    assert capsys.readouterr().err.startswith(
+        "error: search.variants[0]: data.batch_size: 30 does not split evenly over "
+        "--workers-per-trial 4; give a batch size that is a multiple of 4, or workers that "
+        "divide 30 (1, 2, 3, 5, 6, 10, 15, 30)"
+    )
 
 
 def test_a_bad_variant_from_an_override_is_not_blamed_on_the_file(tmp_path):

@@ -31,6 +31,7 @@ from raydeq.experiments.primitives import (
     nested,
 )
 from raydeq.training.config import (
+    WORKERS_KEY,
     Config,
     ConfigError,
     SearchSection,
@@ -42,6 +43,7 @@ from raydeq.training.config import (
     read_yaml,
     validate,
     validate_search,
+    workers_named,
 )
 from raydeq.training.schema import build_section
 from raydeq.training.storage import absolute, is_uri
@@ -176,7 +178,7 @@ def from_dict(
     workers = search.get("workers_per_trial") if isinstance(search, Mapping) else None
     workers = overrides.get("search.workers_per_trial", workers)
     if isinstance(workers, int) and workers > 0:
-        raw = apply_overrides(raw, {"scaling.num_workers": workers})
+        raw = apply_overrides(raw, {WORKERS_KEY: workers})
     ruled = fixed_in_rules(search, overrides)
     raw = pinned(apply_overrides(raw, {k: v for k, v in overrides.items() if k not in ruled}))
     base = {key: value for key, value in raw.items() if key != "search"}
@@ -199,9 +201,14 @@ def from_dict(
         kept = {k: v for k, v in search.items() if k != "workers_per_trial"}
     experiment = Experiment(name, base, validate_search(search), base | {"search": kept})
     _check_searcher(experiment.search)
-    experiment.trial_config({})
-    if not stored:
-        check_draws(experiment)
+    try:
+        experiment.trial_config({})
+        if not stored:
+            check_draws(experiment)
+    except ConfigError as err:
+        if leaves(base).get(WORKERS_KEY) != workers:  # set by scaling.num_workers
+            raise
+        raise workers_named(err, workers, f"search.workers_per_trial={workers}") from None
     return experiment
 
 

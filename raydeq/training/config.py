@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import math
 import os
 import re
 import unicodedata
@@ -89,6 +90,8 @@ APPLIES_UNDER = {
 }
 # Settings a refused resume names, of those that differ.
 SHOWN_CHANGES = 3
+# The key of a run's workers, which --workers-per-trial and search.workers_per_trial set.
+WORKERS_KEY = "scaling.num_workers"
 _NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 # A key, a colon and a value without the space between them that makes YAML read a pair.
 _UNSPACED = re.compile(r"[A-Za-z_][\w.]*:(?!//)\S+")
@@ -257,10 +260,14 @@ def _check_together(cfg: Config) -> None:
     """Rules that involve more than one key; the first one broken is raised."""
     _check_data(cfg.data)
     _check_variant_options(cfg.model)
-    if cfg.data.batch_size % cfg.scaling.num_workers:
+    batch, workers = cfg.data.batch_size, cfg.scaling.num_workers
+    if batch % workers:
+        low = [d for d in range(1, math.isqrt(batch) + 1) if batch % d == 0]
+        divisors = sorted({*low, *(batch // d for d in low)})
         raise ConfigError(
-            f"data.batch_size: {cfg.data.batch_size} does not split evenly over "
-            f"scaling.num_workers={cfg.scaling.num_workers}; use a multiple of it",
+            f"data.batch_size: {batch} does not split evenly over {WORKERS_KEY}={workers}; "
+            f"give a batch size that is a multiple of {workers}, or workers that divide {batch} "
+            f"({', '.join(map(str, divisors))})",
             key="data.batch_size",
         )
     if cfg.train.lambda_jac > 0 and not cfg.model.jac_reg:
@@ -275,6 +282,12 @@ def _check_together(cfg: Config) -> None:
     _check_optim(cfg.optim)
     if cfg.name is not None:
         check_folder_name("name", cfg.name, longest=RUN_NAME_MAX)
+
+
+def workers_named(err: ConfigError, workers: int, given: str) -> ConfigError:
+    """`err` naming `given`, the option the user wrote, where it names the workers that this
+    option set (`scaling.num_workers=K`, which a command's option or a search's setting sets)."""
+    return ConfigError(str(err).replace(f"{WORKERS_KEY}={workers}", given), key=err.key)
 
 
 def _check_data(data: DataSection) -> None:
