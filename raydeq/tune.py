@@ -476,7 +476,7 @@ def launch_experiment(
         # Before the settings are stored: the same command may then run again.
         workers = run.trial_workers(experiment, options.gpus)
         cpus = experiment.trial_config({}).scaling.cpus_per_worker
-        for note in launch.check_placement(own, *workers, "a trial's", cpus):
+        for note in placement_notes(args, own, *workers, cpus):
             print(note, file=sys.stderr, flush=True)
         if options.scheduler == "asha":
             run.check_dashboard()
@@ -500,6 +500,20 @@ def launch_experiment(
         print(f"interrupted; resume with: {resume_command(args, path)}", file=sys.stderr)
         return EXIT_INTERRUPTED
     return write_results(path, experiment, errors)
+
+
+def placement_notes(
+    args: argparse.Namespace, own: bool, workers: int, need: dict[str, float], cpus: float
+) -> list[str]:
+    """`launch.check_placement` of a trial's workers, its error naming --workers-per-trial
+    where that flag set them."""
+    try:
+        return launch.check_placement(own, workers, need, "a trial's", cpus)
+    except ConfigError as err:
+        if args.workers_per_trial is None:
+            raise
+        given = f"--workers-per-trial {args.workers_per_trial}"
+        raise workers_named(err, args.workers_per_trial, given) from None
 
 
 def write_results(path: str, experiment: Experiment, errors: int) -> int:

@@ -1171,7 +1171,7 @@ def test_workers_that_just_fit_are_taken_and_one_more_is_refused_naming_the_fix(
         launch.check_fits(3, {"CPU": 2.0})
     assert str(err.value) == (
         "scaling.num_workers=3 with 2 CPU per worker does not fit on this machine (4 CPU), "
-        "which holds 2 such workers; lower scaling.num_workers, or run on a cluster "
+        "which holds 2 such workers; give at most 2, or run on a cluster "
         "(RAY_ADDRESS, or `ray start`)"
     )
     with pytest.raises(config.ConfigError, match=r"\(4 CPU, 0 GPU\), .*; set scaling.device=cpu"):

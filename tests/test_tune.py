@@ -632,6 +632,28 @@ def test_workers_that_do_not_divide_the_batch_are_named_as_the_user_gave_them(tm
     )
 
 
+def test_trials_of_more_workers_than_fit_name_the_flag_that_gave_them(
+    tmp_path, capsys, monkeypatch
+):
+    """A trial of --workers-per-trial 4 that a Ray of its own could not hold was refused for
+    `scaling.num_workers=4` ('lower scaling.num_workers'); it names the flag and how many fit."""
+    monkeypatch.setattr(runlock.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    monkeypatch.setattr(rt.launch, "check_cluster", lambda: None)
+    monkeypatch.setattr(rt.launch, "connect", lambda **kwargs: True)
+    monkeypatch.setattr(rt.launch.capacity, "worker_slots", lambda need: 2)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0})
+    file = tmp_path / "tiny.yaml"
+    file.write_text(yaml.safe_dump(TINY))
+    argv = [str(file), "--storage", str(tmp_path / "runs"), "--gpus-per-worker", "0"]
+    assert rt.main([*argv, "--workers-per-trial", "4"]) == 2
+    # Each worker's CPU less its share of the trial's process: 1 - 0.01 / 4.
+    assert capsys.readouterr().err.startswith(
+        "error: --workers-per-trial 4 with 0.9975 CPU per worker does not fit on this machine "
+        "(4 CPU), which holds 2 such workers; give at most 2, or run on a cluster"
+    )
+    assert not run.has_settings(str(tmp_path / "runs" / "tiny"))
+
+
 def test_a_bad_variant_from_an_override_is_not_blamed_on_the_file(tmp_path):
     """An error's key `search.variants[0]` did not match the override `search.variants` for
     its index, so a variant given on the command line was reported as in the file; one the

@@ -31,7 +31,7 @@ from ray.train.torch import TorchTrainer
 from ray.train.v2._internal.constants import V2_ENABLED_ENV_VAR, is_v2_enabled
 
 from raydeq.training import capacity
-from raydeq.training.config import Config, ConfigError, validate
+from raydeq.training.config import WORKERS_KEY, Config, ConfigError, validate
 from raydeq.training.interrupts import handlers_kept
 from raydeq.training.storage import CHECKPOINT_PREFIX, filesystem, local_path, subfolders
 
@@ -171,9 +171,9 @@ def check_fits(workers: int, need: Mapping[str, float]) -> None:
     elif have.get("GPU", 0) < need.get("GPU", 0):  # only raydeq.tune asks more than 1 a worker
         fix = "lower --gpus-per-worker"
     else:
-        fix = "lower scaling.num_workers"
+        fix = f"give at most {slots}"
     raise ConfigError(
-        f"scaling.num_workers={workers} with {amounts(need)} per worker does not fit on this "
+        f"{WORKERS_KEY}={workers} with {amounts(need)} per worker does not fit on this "
         f"machine ({amounts(have)}), which holds {slots} such workers; {fix}, or run on a "
         "cluster (RAY_ADDRESS, or `ray start`)"
     )
