@@ -7,7 +7,6 @@ to its loss and nothing else.
 
 from __future__ import annotations
 
-import reprlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -20,12 +19,14 @@ from torch import Tensor, nn
 
 from raydeq.solvers import ADJOINTS, SOLVERS, SolveStats, Termination, solve
 from raydeq.solvers.adjoint import IMPLICIT_ADJOINTS, needs_gradient_beside
-from raydeq.solvers.options import choice, integer
+from raydeq.solvers.options import choice, flag, function, integer
 from raydeq.solvers.solve import check_compile, check_options
 from raydeq.solvers.state import State, Structure, contained, untransformed, valued
 from raydeq.solvers.termination import Monitor, Status, norm
 
 INITS = ("zeros", "skip", "skip_reg")
+# How a layer calls the modules it is given, as an error for one that cannot be called says.
+LAYER_CALLS = {"f": "f(z, x) -> z, e.g. an nn.Module", "skip": "g(x) -> z0, e.g. an nn.Module"}
 
 
 @dataclass
@@ -40,12 +41,13 @@ class LayerOutput:
 
 
 def check_init(init: str, skip: object) -> None:
-    """Raise a ValueError for an init that is none of INITS, or one that does not match
-    skip: a predictor for init="skip" and only for it (a typo as deq.init = "Skip" made the
-    layer solve from zeros, init="skip" set without skip failed in calling None)."""
+    """Raise a TypeError for a skip that cannot be called, a ValueError for an init that is
+    none of INITS, or one that does not match skip: a predictor for init="skip" and only for
+    it (a typo as deq.init = "Skip" made the layer solve from zeros, init="skip" set without
+    skip failed in calling None)."""
     choice("init", init, INITS)
     if skip is not None:
-        callable_layer("skip", skip, "g(x) -> z0")
+        function("skip", skip, LAYER_CALLS["skip"])
     if init == "skip" and skip is None:
         raise ValueError("init='skip' needs a predictor module: pass skip=g with g(x) -> z0")
     if init != "skip" and skip is not None:
@@ -53,21 +55,13 @@ def check_init(init: str, skip: object) -> None:
 
 
 def check_training(jac_reg: bool, pretrain_steps: int, pretrain_depth: int) -> None:
-    """Raise a ValueError for a jac_reg that is no bool or a warm-up of a negative number of
-    steps or a depth below 1 (set on the layer later, jac_reg="no" estimated the Jacobian
-    and pretrain_depth=0 failed in the solver, given no state to judge)."""
-    if not isinstance(jac_reg, bool):
-        raise ValueError(f"jac_reg={jac_reg!r} must be True or False")
+    """Raise a TypeError for a jac_reg that is no bool, a ValueError for a warm-up of a
+    negative number of steps or a depth below 1 (set on the layer later, jac_reg="no"
+    estimated the Jacobian and pretrain_depth=0 failed in the solver, given no state to
+    judge)."""
+    flag("jac_reg", jac_reg)
     integer("pretrain_steps", pretrain_steps, 0)
     integer("pretrain_depth", pretrain_depth)
-
-
-def callable_layer(name: str, layer: object, call: str) -> None:
-    """Raise a ValueError naming `name` unless `layer` can be called (as `call`)."""
-    if not callable(layer):
-        raise ValueError(
-            f"{name}={reprlib.repr(layer)} must be callable as {call}, e.g. an nn.Module"
-        )
 
 
 def _tensors(z: State) -> tuple[Tensor, ...]:
@@ -493,7 +487,7 @@ class DEQ(OutputLayer):
         compile: bool | dict | str = False,
     ) -> None:
         super().__init__()
-        callable_layer("f", f, "f(z, x) -> z")
+        function("f", f, LAYER_CALLS["f"])
         check_init(init, skip)
         choice("solver", solver, SOLVERS)
         choice("adjoint", adjoint, ADJOINTS)

@@ -22,9 +22,9 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from raydeq.deq import (
+    LAYER_CALLS,
     LayerOutput,
     OutputLayer,
-    callable_layer,
     draw_new_masks,
     held_by_termination,
     initial_state,
@@ -36,7 +36,7 @@ from raydeq.deq import (
 )
 from raydeq.solvers import SolveStats, Termination
 from raydeq.solvers.interval import INTERVAL_SOLVERS, Endpoint, integrate
-from raydeq.solvers.options import choice, integer, number
+from raydeq.solvers.options import choice, function, integer, number
 from raydeq.solvers.state import Structure, untransformed, valued
 
 NODE_ADJOINTS = ("continuous", "backprop")
@@ -234,7 +234,7 @@ def check_settings(
     choice("solver", solver, INTERVAL_SOLVERS)
     choice("adjoint", adjoint, NODE_ADJOINTS)
     integer("max_steps", max_steps)
-    callable_layer("f", f, "f(z, x) -> z")
+    function("f", f, LAYER_CALLS["f"])
     if adjoint == "continuous" and not isinstance(f, nn.Module):
         raise TypeError(
             f"adjoint='continuous' needs f as an nn.Module, got {type(f).__name__}: its "

@@ -891,21 +891,35 @@ def test_the_layer_keeps_nn_modules_compile_method():
         ({"adjoint": "magic"}, "adjoint='magic' is not one of 'gmres'"),
         ({"max_steps": 0}, "max_steps=0 must be an integer >= 1"),
         ({"pretrain_steps": -1}, "pretrain_steps=-1 must be an integer >= 0"),
-        ({"pretrain_depth": 1.5}, "pretrain_depth=1.5 must be an integer >= 1"),
-        ({"jac_reg": "yes"}, "jac_reg='yes' must be True or False"),
         ({"abstol": -1.0}, "abstol=-1.0 must be a number >= 0"),
         ({"solver": "euler", "solver_options": {"m": 5}}, "solver='euler' takes no option 'm'"),
         ({"adjoint_options": {"rtol": -1.0}}, "rtol=-1.0 must be a number >= 0"),
         ({"compile": "yes"}, "compile='yes' must be True, False, 'graph' or a dict"),
         ({"compile": {"mode": "fast"}}, "compile={'mode': 'fast'}: Unrecognized mode=fast"),
-        ({"init": "skip", "skip": 5}, "skip=5 must be callable as g(x) -> z0, e.g. an nn.Module"),
-        ({"f": None}, "f=None must be callable as f(z, x) -> z, e.g. an nn.Module"),
-        ({"solver_options": 5}, "solver_options=5 must be a dict of options or None"),
     ],
 )
 def test_invalid_arguments_name_the_value_and_the_choices(kwargs, message):
     f, _ = dense_cell()
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        DEQ(**({"f": f} | kwargs))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"pretrain_depth": 1.5}, "pretrain_depth=1.5 must be an integer >= 1"),
+        ({"jac_reg": "yes"}, "jac_reg='yes' must be True or False"),
+        ({"init": "skip", "skip": 5}, "skip=5 must be callable: g(x) -> z0, e.g. an nn.Module"),
+        ({"f": None}, "f=None must be callable: f(z, x) -> z, e.g. an nn.Module"),
+        ({"solver_options": 5}, "solver_options=5 must be a dict of options or None"),
+        ({"compile": 1}, "compile=1 must be True, False, 'graph' or a dict"),
+    ],
+)
+def test_arguments_of_the_wrong_type_are_a_type_error_naming_the_value(kwargs, message):
+    """f=None, jac_reg="yes" or a count of 1.5 was a ValueError, where x of the wrong type was
+    a TypeError; a wrong type is a TypeError everywhere, a bad value a ValueError."""
+    f, _ = dense_cell()
+    with pytest.raises(TypeError, match=re.escape(message)):
         DEQ(**({"f": f} | kwargs))
 
 
@@ -1070,7 +1084,7 @@ def test_neural_ode_rejects_a_deq_adjoint_a_discrete_solver_and_unknown_dynamics
         NeuralODE(f, adjoint="gmres")
     with pytest.raises(ValueError, match="solver='broyden' is not one of 'vcab3', 'tsit5'"):
         NeuralODE(f, solver="broyden")
-    with pytest.raises(ValueError, match="f=None must be callable as f"):
+    with pytest.raises(TypeError, match="f=None must be callable: f"):
         NeuralODE(None, adjoint="backprop")
 
 
@@ -1176,14 +1190,16 @@ def test_an_init_set_on_a_layer_after_it_is_made_is_checked_with_its_predictor()
 
 
 @pytest.mark.parametrize(
-    ("setting", "value", "message"),
+    ("setting", "value", "error", "message"),
     [
-        ("jac_reg", "no", "jac_reg='no' must be True or False"),
-        ("pretrain_depth", 0, "pretrain_depth=0 must be an integer >= 1"),
-        ("pretrain_steps", -1, "pretrain_steps=-1 must be an integer >= 0"),
+        ("jac_reg", "no", TypeError, "jac_reg='no' must be True or False"),
+        ("pretrain_depth", 0, ValueError, "pretrain_depth=0 must be an integer >= 1"),
+        ("pretrain_steps", -1, ValueError, "pretrain_steps=-1 must be an integer >= 0"),
     ],
 )
-def test_training_settings_set_on_a_layer_after_it_is_made_are_checked(setting, value, message):
+def test_training_settings_set_on_a_layer_after_it_is_made_are_checked(
+    setting, value, error, message
+):
     """deq.jac_reg = "no" estimated the Jacobian penalty (a truthy string), pretrain_depth = 0
     failed in the solver ("z0 must be a tensor ..., got NoneType") and pretrain_steps = -1
     skipped the warm-up; each is refused at the call as at construction, and a depth of 3 set
@@ -1192,7 +1208,7 @@ def test_training_settings_set_on_a_layer_after_it_is_made_are_checked(setting, 
     x = x.detach()
     deq = DEQ(f, pretrain_steps=5)
     setattr(deq, setting, value)
-    with pytest.raises(ValueError, match=re.escape(message)):
+    with pytest.raises(error, match=re.escape(message)):
         deq(x)
     deq = DEQ(f, pretrain_steps=5)
     deq.pretrain_depth = 3
@@ -1351,7 +1367,7 @@ def test_a_predicted_state_that_meets_the_tolerance_takes_no_step(solver, steps)
     # f(0, x), then f at z0; the solve reads the test there and stops.
     assert (out.stats.steps, out.stats.nfe, bool(out.stats.converged.all())) == (steps, 2, True)
     assert unread.stats.steps > steps  # without the read, the first block runs
-    with pytest.raises(ValueError, match="check_start=1 must be True or False"):
+    with pytest.raises(TypeError, match="check_start=1 must be True or False"):
         raydeq.solve(lambda z: f(z, x), x, check_start=1)
 
 

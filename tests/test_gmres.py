@@ -130,7 +130,7 @@ def test_bad_options_are_named():
         GMRES(restart=0)
     with pytest.raises(ValueError, match="rtol=-1"):
         Neumann(rtol=-1)
-    with pytest.raises(ValueError, match="graph='yes' must be True or False"):
+    with pytest.raises(TypeError, match="graph='yes' must be True or False"):
         GMRES(graph="yes")
 
 
@@ -375,11 +375,11 @@ def test_neumann_stops_at_max_iters_with_its_partial_sum():
     assert info.converged.tolist() == [False, False]
 
 
-@pytest.mark.parametrize("every", [0, -4, 2.5])
-def test_a_check_every_that_is_not_a_positive_integer_is_named(every):
+@pytest.mark.parametrize(("every", "error"), [(0, ValueError), (-4, ValueError), (2.5, TypeError)])
+def test_a_check_every_that_is_not_a_positive_integer_is_named(every, error):
     """check_every=0 would fall back to the default read interval unannounced; None is the
     default itself."""
-    with pytest.raises(ValueError, match=rf"check_every={every} must be an integer >= 1"):
+    with pytest.raises(error, match=rf"check_every={every} must be an integer >= 1"):
         GMRES(check_every=every)
     assert GMRES(check_every=None).check_every is None
 

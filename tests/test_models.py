@@ -511,45 +511,45 @@ def test_resolve_checks_the_solver_and_adjoint_options_without_building(options,
 
 
 @pytest.mark.parametrize(
-    ("options", "message"),
+    ("options", "error", "message"),
     [
-        ({"compile": "yes"}, "compile='yes' must be True, False, 'graph' or a dict"),
-        ({"jac_reg": "true"}, "jac_reg='true' must be True or False"),
-        ({"divergence": 1}, "divergence=1 must be a number > 1"),
-        ({"pretrain_depth": 0}, "pretrain_depth=0 must be an integer >= 1"),
-        ({"variant": "neural_ode", "t1": -1}, "t1=-1 must be a number > 0"),
-        ({"variant": "neural_ode", "dynamics": "F"}, "dynamics='F' is not one of"),
-        ({"variant": "neural_ode", "max_steps": 0}, "max_steps=0 must be an integer >= 1"),
+        ({"compile": "yes"}, ValueError, "compile='yes' must be True, False, 'graph' or a dict"),
+        ({"jac_reg": "true"}, TypeError, "jac_reg='true' must be True or False"),
+        ({"divergence": 1}, ValueError, "divergence=1 must be a number > 1"),
+        ({"pretrain_depth": 0}, ValueError, "pretrain_depth=0 must be an integer >= 1"),
+        ({"variant": "neural_ode", "t1": -1}, ValueError, "t1=-1 must be a number > 0"),
+        ({"variant": "neural_ode", "dynamics": "F"}, ValueError, "dynamics='F' is not one of"),
+        ({"variant": "neural_ode", "max_steps": 0}, ValueError, "max_steps=0 must be an integer"),
     ],
 )
-def test_resolve_checks_every_layer_option_as_build_does(options, message):
+def test_resolve_checks_every_layer_option_as_build_does(options, error, message):
     """resolve, the config's check of its model section, returned compile='yes', t1=-1 or
     jac_reg='true' as resolved options, which build then refused; it refuses them as build
     does, by the layer's own checks."""
     cfg = {"model": "mnist_dense", **options}
     for check in (resolve, build):
-        with pytest.raises(ValueError, match=re.escape(message)):
+        with pytest.raises(error, match=re.escape(message)):
             check(cfg)
 
 
 @pytest.mark.parametrize(
-    ("make", "message"),
+    ("make", "error", "message"),
     [
-        (lambda: DenseConfig(width=0), "width=0 must be an integer >= 1"),
-        (lambda: DenseConfig(width=1.5), "width=1.5 must be an integer >= 1"),
-        (lambda: DenseConfig(in_features=-1), "in_features=-1 must be an integer >= 1"),
-        (lambda: MDEQConfig((), (), 8), "channels=() needs one channel count per scale"),
-        (lambda: MDEQConfig((8, 0), (4, 4), 8), "channels[1]=0 must be an integer >= 1"),
-        (lambda: MDEQConfig((8,), (4.0,), 8), "head_channels[0]=4.0 must be an integer >= 1"),
-        (lambda: MDEQConfig((8,), (4,), 8, groups=0), "groups=0 must be an integer >= 1"),
-        (lambda: MDEQConfig((8,), (4,), 0), "final_channels=0 must be an integer >= 1"),
+        (lambda: DenseConfig(width=0), ValueError, "width=0 must be an integer >= 1"),
+        (lambda: DenseConfig(width=1.5), TypeError, "width=1.5 must be an integer >= 1"),
+        (lambda: DenseConfig(in_features=-1), ValueError, "in_features=-1 must be an integer"),
+        (lambda: MDEQConfig((), (), 8), ValueError, "channels=() needs one channel count"),
+        (lambda: MDEQConfig((8, 0), (4, 4), 8), ValueError, "channels[1]=0 must be an integer"),
+        (lambda: MDEQConfig((8,), (4.0,), 8), TypeError, "head_channels[0]=4.0 must be an"),
+        (lambda: MDEQConfig((8,), (4,), 8, groups=0), ValueError, "groups=0 must be an integer"),
+        (lambda: MDEQConfig((8,), (4,), 0), ValueError, "final_channels=0 must be an integer"),
     ],
 )
-def test_a_model_config_of_a_size_below_one_is_refused_naming_the_field(make, message):
+def test_a_model_config_of_a_size_below_one_is_refused_naming_the_field(make, error, message):
     """DenseConfig(width=0) built a model of width 0, width=1.5 failed in torch.empty, an
     MDEQConfig without channels in an IndexError and groups=0 made every group norm one group
     per channel (gcd(c, 0) = c); each is refused where the config is made, naming the field."""
-    with pytest.raises(ValueError, match=re.escape(message)):
+    with pytest.raises(error, match=re.escape(message)):
         make()
 
 

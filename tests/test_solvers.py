@@ -421,10 +421,7 @@ def test_divergence_stops_the_sample():
         ({"abstol": -1.0}, "abstol=-1.0 must be a number >= 0"),
         ({"max_steps": 0}, "max_steps=0 must be an integer >= 1"),
         ({"solver": "anderson", "solver_options": {"m": 0}}, "m=0 must be an integer >= 1"),
-        ({"solver": "anderson", "solver_options": {"m": 2.5}}, "m=2.5 must be an integer >= 1"),
         ({"solver_options": {"h0": 0}}, "h0=0 must be a number > 0"),
-        ({"adjoint_options": {"max_iters": "10"}}, "max_iters='10' must be an integer >= 1"),
-        ({"adjoint_options": {"warm_start": "no"}}, "warm_start='no' must be True or False"),
         ({"solver_options": {"kind": "pid"}}, "kind='pid' is not one of"),
         ({"solver_options": {"step_rtol": 1.5}}, "step_rtol=1.5 must be a number in [0, 1)"),
         ({"solver_options": {"contraction": 1.0}}, "contraction=1.0 must be a number in [0, 1)"),
@@ -441,7 +438,6 @@ def test_divergence_stops_the_sample():
             {"adjoint": "jfb", "adjoint_options": {"warm_start": False}},
             "adjoint='jfb' takes no option 'warm_start'; its options are none",
         ),
-        ({"reltol": "1e-3"}, "reltol='1e-3' must be a number >= 0"),
         ({"abstol": float("inf")}, "abstol=inf must be a finite number >= 0"),
         ({"compile": "yes"}, "compile='yes' must be True, False, 'graph' or a dict of torch"),
         (
@@ -449,11 +445,8 @@ def test_divergence_stops_the_sample():
             "compile={'mode': 'fast'}: Unrecognized mode=fast, should be one of: default",
         ),
         ({"compile": {"fast": True}}, "compile={'fast': True}: "),
-        ({"solver_options": 5}, "solver_options=5 must be a dict of options or None"),
-        ({"adjoint_options": [1]}, "adjoint_options=[1] must be a dict of options or None"),
         ({"abstol": 0.0, "reltol": 0.0}, "abstol and reltol cannot both be 0"),
         ({"divergence": 1.0}, "divergence=1.0 must be a number > 1"),
-        ({"stop_on_convergence": 1}, "stop_on_convergence=1 must be True, False or None"),
         (
             {"solver_options": {"stalled_factor": 1.5}},
             "stalled_factor=1.5 must be a number in (0, 1]",
@@ -462,6 +455,29 @@ def test_divergence_stops_the_sample():
 )
 def test_bad_arguments_are_named(kwargs, message):
     with pytest.raises(ValueError, match=re.escape(message)):
+        raydeq.solve(lambda z: z, torch.zeros(1, 2), **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"solver": "anderson", "solver_options": {"m": 2.5}}, "m=2.5 must be an integer >= 1"),
+        ({"adjoint_options": {"max_iters": "10"}}, "max_iters='10' must be an integer >= 1"),
+        ({"adjoint_options": {"warm_start": "no"}}, "warm_start='no' must be True or False"),
+        ({"reltol": "1e-3"}, "reltol='1e-3' must be a number >= 0"),
+        ({"max_steps": True}, "max_steps=True must be an integer >= 1"),
+        ({"solver_options": 5}, "solver_options=5 must be a dict of options or None"),
+        ({"adjoint_options": [1]}, "adjoint_options=[1] must be a dict of options or None"),
+        ({"stop_on_convergence": 1}, "stop_on_convergence=1 must be True, False or None"),
+        ({"check_start": "yes"}, "check_start='yes' must be True or False"),
+        ({"compile": 1}, "compile=1 must be True, False, 'graph' or a dict of torch"),
+    ],
+)
+def test_arguments_of_the_wrong_type_are_a_type_error_naming_them(kwargs, message):
+    """A value of the wrong type (a string for a tolerance, 2.5 for a count, 1 for a flag)
+    was a ValueError here and a TypeError in GMRES and the layers' inputs; every one is a
+    TypeError now, a value of the right type out of range a ValueError."""
+    with pytest.raises(TypeError, match=re.escape(message)):
         raydeq.solve(lambda z: z, torch.zeros(1, 2), **kwargs)
 
 
@@ -489,7 +505,7 @@ def test_an_error_that_names_no_given_option_is_not_put_under_the_options_key():
 def test_bad_states_are_named():
     with pytest.raises(TypeError, match="z0 must be a tensor .* got <class 'NoneType'>"):
         raydeq.solve(lambda z: z, None)
-    with pytest.raises(ValueError, match="f=None must be callable: z -> f"):
+    with pytest.raises(TypeError, match="f=None must be callable: z -> f"):
         raydeq.solve(None, torch.zeros(2, 3))
     with pytest.raises(TypeError, match="floating point"):
         raydeq.solve(lambda z: z, torch.zeros(2, 3, dtype=torch.long))
@@ -1450,7 +1466,7 @@ def test_an_implicit_adjoint_of_no_linear_solver_instance_is_refused_where_it_is
     from raydeq.solvers.adjoint import ImplicitAdjoint
 
     value = GMRES if given == "class" else given
-    with pytest.raises(ValueError, match=r"linear_solver=.* must be a linear solver such as GMRES"):
+    with pytest.raises(TypeError, match=r"linear_solver=.* must be a linear solver such as GMRES"):
         ImplicitAdjoint(value)
 
     c = torch.tensor([[1.0, 2.0]], dtype=torch.float64, requires_grad=True)
@@ -1718,7 +1734,7 @@ def test_numpy_integers_are_taken_as_the_integers_they_are(solver):
     assert torch.equal(plain.z, numpy.z) and plain.stats.steps == numpy.stats.steps
     (grad,) = torch.autograd.grad(plain.z.sum(), w)
     assert torch.equal(torch.autograd.grad(numpy.z.sum(), w)[0], grad)
-    with pytest.raises(ValueError, match=re.escape("max_steps=np.True_ must be an integer >= 1")):
+    with pytest.raises(TypeError, match=re.escape("max_steps=np.True_ must be an integer >= 1")):
         raydeq.solve(lambda z: z, torch.zeros(1, 2), max_steps=np.True_)
 
 

@@ -1723,20 +1723,20 @@ def test_the_loss_is_the_mean_cross_entropy_plus_the_weighted_skip_and_jacobian_
 
 
 @pytest.mark.parametrize(
-    ("weights", "message"),
+    ("weights", "error", "message"),
     [
-        ({"lambda_skip": -0.5}, "lambda_skip=-0.5 must be a number >= 0"),
-        ({"lambda_skip": float("nan")}, "lambda_skip=nan must be a number >= 0"),
-        ({"lambda_skip": "1"}, "lambda_skip='1' must be a number >= 0"),
-        ({"lambda_skip": 1, "lambda_jac": -2.0}, "lambda_jac=-2.0 must be a number >= 0"),
-        ({"lambda_skip": 1, "lambda_jac": math.inf}, "lambda_jac=inf must be a finite number"),
+        ({"lambda_skip": -0.5}, ValueError, "lambda_skip=-0.5 must be a number >= 0"),
+        ({"lambda_skip": float("nan")}, ValueError, "lambda_skip=nan must be a number >= 0"),
+        ({"lambda_skip": "1"}, TypeError, "lambda_skip='1' must be a number >= 0"),
+        ({"lambda_skip": 1, "lambda_jac": -2.0}, ValueError, "lambda_jac=-2.0 must be a number"),
+        ({"lambda_skip": 1, "lambda_jac": math.inf}, ValueError, "lambda_jac=inf must be a finite"),
     ],
 )
-def test_a_loss_weight_that_is_no_finite_number_at_least_zero_is_refused(weights, message):
+def test_a_loss_weight_that_is_no_finite_number_at_least_zero_is_refused(weights, error, message):
     """Objective(lambda_skip=-0.5) trained with loss cross_entropy - 0.5 * skip_loss, pushing
     z0 away from z*, and NaN made every loss NaN, both silently; each weight is now refused
     where the objective is made, naming it (an int weight is a number)."""
-    with pytest.raises(ValueError, match=re.escape(message)):
+    with pytest.raises(error, match=re.escape(message)):
         objective.Objective(**weights)
     logits, labels = torch.tensor([[0.0, math.log(3.0)]]), torch.tensor([1])
     out = SimpleNamespace(skip_loss=torch.tensor(0.25), jac_loss=torch.tensor(0.0))

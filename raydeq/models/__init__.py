@@ -48,7 +48,8 @@ def resolve(cfg: Mapping[str, Any]) -> dict[str, Any]:
     config's, else the preset's (tolerances, max_steps, the warm-up's steps and depth, the
     implicit adjoints' limits), else the layer's default (a Neural ODE trains by the continuous
     adjoint, the paper's baseline). The one validator of model options, by the layer's own
-    constructor: raises ValueError naming the key and the allowed values.
+    constructor: raises a TypeError (a value of the wrong type) or ValueError naming the key and
+    the allowed values.
     """
     if not isinstance(cfg, Mapping):
         raise TypeError(

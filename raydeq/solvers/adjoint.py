@@ -18,7 +18,7 @@ import torch
 
 from raydeq.solvers.gmres import GMRES, LinearOperator, LinearSolveInfo
 from raydeq.solvers.linear import Neumann
-from raydeq.solvers.options import construct, named
+from raydeq.solvers.options import construct, flag, named
 from raydeq.solvers.stats import SolveStats
 
 Map = Callable[[torch.Tensor], torch.Tensor]
@@ -58,12 +58,11 @@ class ImplicitAdjoint:
     def __post_init__(self) -> None:
         solver = self.linear_solver
         if isinstance(solver, type) or not callable(solver):
-            raise ValueError(
+            raise TypeError(
                 f"linear_solver={reprlib.repr(solver)} must be a linear solver such as GMRES() "
                 "or Neumann(), an instance called as solver(A, b, x0) -> (x, info)"
             )
-        if not isinstance(self.warm_start, bool):
-            raise ValueError(f"warm_start={self.warm_start!r} must be True or False")
+        flag("warm_start", self.warm_start)
 
     def recorded(self) -> ImplicitAdjoint:
         """This adjoint with GMRES's Arnoldi steps recorded as graphs (GMRES.graph); another

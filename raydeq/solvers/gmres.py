@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import reprlib
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -20,7 +19,7 @@ import torch
 
 from raydeq.solvers.batched import combine, dots, history
 from raydeq.solvers.graphs import RECORDERS, Replayed
-from raydeq.solvers.options import integer, number
+from raydeq.solvers.options import flag, function, integer, number
 
 LinearOperator = Callable[[torch.Tensor], torch.Tensor]
 
@@ -125,8 +124,7 @@ class ScaledLinearSolver:
             raise ValueError(f"x0 must be None or {like}, got shape {tuple(x0.shape)}")
         if x0 is not None and (x0.dtype, x0.device) != (b.dtype, b.device):
             raise TypeError(f"x0 must be None or {like}, got {x0.dtype} on {x0.device}")
-        if not callable(A):
-            raise TypeError(f"A={reprlib.repr(A)} must be callable: x (B, N) -> A x (B, N)")
+        function("A", A, "x (B, N) -> A x (B, N)")
         return partial(_shaped, A)
 
     def _solve(
@@ -319,8 +317,7 @@ class GMRES(ScaledLinearSolver):
         integer("restart", self.restart)
         if self.check_every is not None:
             integer("check_every", self.check_every)
-        if not isinstance(self.graph, bool):
-            raise ValueError(f"graph={self.graph!r} must be True or False")
+        flag("graph", self.graph)
 
     def _solve(
         self,

@@ -1,5 +1,7 @@
-"""Options of the solver core and its layers: each value checked where it is given, with a
-ValueError that names it and what is allowed, and options passed by name to a constructor."""
+"""Options of the solver core and its layers: each value checked where it is given, with an
+error that names it and what is allowed (a TypeError for a value of the wrong type, a
+ValueError for one of the right type out of what is allowed), and options passed by name to a
+constructor."""
 
 from __future__ import annotations
 
@@ -20,34 +22,50 @@ def choice(name: str, value: Any, allowed: Collection[str], where: str = "") -> 
 
 
 def integer(name: str, value: Any, low: int = 1) -> None:
-    """Raise ValueError unless value is an integer (numpy's too, not a bool) >= low: a count
-    or a limit."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+    """Raise TypeError unless value is an integer (numpy's too, not a bool), ValueError unless
+    it is >= low: a count or a limit."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}={reprlib.repr(value)} must be an integer >= {low}")
+    if value < low:
         raise ValueError(f"{name}={value!r} must be an integer >= {low}")
 
 
 def number(name: str, value: Any, interval: str = "[0, inf)") -> None:
-    """Raise ValueError unless value is a real number (not a bool) in `interval`, written
-    "[a, b)" with a bracket for a closed end and a parenthesis for an open one (NaN is in
-    none)."""
+    """Raise TypeError unless value is a real number (not a bool), ValueError unless it is in
+    `interval`, written "[a, b)" with a bracket for a closed end and a parenthesis for an open
+    one (NaN is in none)."""
     left, low, high, right = bounds(interval)
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
-    if ok:
-        ok = (low <= value if left == "[" else low < value) and (
-            value <= high if right == "]" else value < high
-        )
-    if not ok:
-        bound = f"{'>=' if left == '[' else '>'} {low:g}" if math.isinf(high) else f"in {interval}"
+    bound = f"{'>=' if left == '[' else '>'} {low:g}" if math.isinf(high) else f"in {interval}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}={reprlib.repr(value)} must be a number {bound}")
+    inside = (low <= value if left == "[" else low < value) and (
+        value <= high if right == "]" else value < high
+    )
+    if not inside:
         finite = "finite " if math.isinf(high) and right == ")" and value == math.inf else ""
         raise ValueError(f"{name}={value!r} must be a {finite}number {bound}")
 
 
+def flag(name: str, value: Any, none: bool = False) -> None:
+    """Raise TypeError unless value is True or False (or None, where `none` allows it): an
+    int or a string such as "no" would read as true."""
+    if not (isinstance(value, bool) or (none and value is None)):
+        allowed = "True, False or None" if none else "True or False"
+        raise TypeError(f"{name}={reprlib.repr(value)} must be {allowed}")
+
+
+def function(name: str, value: Any, call: str) -> None:
+    """Raise TypeError unless value can be called, as `call` describes."""
+    if not callable(value):
+        raise TypeError(f"{name}={reprlib.repr(value)} must be callable: {call}")
+
+
 def option_dict(name: str, given: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Options given as a mapping (None: none) as a dict, or a ValueError naming `name`."""
+    """Options given as a mapping (None: none) as a dict, or a TypeError naming `name`."""
     if given is None:
         return {}
     if not isinstance(given, Mapping):
-        raise ValueError(f"{name}={reprlib.repr(given)} must be a dict of options or None")
+        raise TypeError(f"{name}={reprlib.repr(given)} must be a dict of options or None")
     return dict(given)
 
 
@@ -71,14 +89,14 @@ def construct(
 
 @contextlib.contextmanager
 def named(key: str, options: Mapping[str, Any]) -> Iterator[None]:
-    """Re-raise an option's ValueError ("m=0 must be ...") under the key that holds the
-    options ("solver_options.m=0 must be ...")."""
+    """Re-raise an option's TypeError or ValueError ("m=0 must be ...") under the key that
+    holds the options ("solver_options.m=0 must be ..."), of the same type."""
     try:
         yield
-    except ValueError as err:
-        if str(err).split("=", 1)[0] not in options:
+    except (TypeError, ValueError) as err:
+        if type(err) not in (TypeError, ValueError) or str(err).split("=", 1)[0] not in options:
             raise
-        raise ValueError(f"{key}.{err}") from None
+        raise type(err)(f"{key}.{err}") from None
 
 
 def memoized(fn: Callable[[Any], Any]) -> Callable[[Any], Any]:

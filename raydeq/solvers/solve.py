@@ -16,7 +16,7 @@ from raydeq.solvers.discrete import Anderson, Broyden, FixedPoint
 from raydeq.solvers.driver import Method, evaluate, iterate, wrapped
 from raydeq.solvers.graphs import RECORDERS
 from raydeq.solvers.ode import VCAB3, RungeKutta
-from raydeq.solvers.options import choice, construct, integer, option_dict
+from raydeq.solvers.options import choice, construct, flag, function, integer, option_dict
 from raydeq.solvers.state import State, Structure, flat_function, untransformed
 from raydeq.solvers.stats import SolveStats
 from raydeq.solvers.tableau import BS3, EULER, TSIT5
@@ -168,16 +168,16 @@ def check_options(
     compile: bool | dict | str = False,
 ) -> None:
     """Build the solver and the adjoint once with their options and read compile=, so that a
-    bad name or value raises its ValueError where a layer or a config is made, not at its
-    first solve."""
+    bad name or value raises its ValueError (a value of the wrong type its TypeError) where a
+    layer or a config is made, not at its first solve."""
     make_solver(solver, option_dict("solver_options", solver_options))
     make_adjoint(adjoint, option_dict("adjoint_options", adjoint_options))
     check_compile(compile)
 
 
 def check_compile(compile: bool | dict | str) -> None:
-    """Raise a ValueError for a compile= that is none of True, False, "graph" and a dict of
-    options torch.compile takes."""
+    """Raise a TypeError for a compile= of none of the types it takes, a ValueError for one
+    that is none of True, False, "graph" and a dict of options torch.compile takes."""
     compile_options(compile, torch.device("cpu"))
     if isinstance(compile, dict):
         wrapped(evaluate, compile)  # torch.compile checks its options when it wraps
@@ -310,21 +310,19 @@ def _check_arguments(
     check_start: bool,
     stop_on_convergence: bool | None,
 ) -> None:
-    """Raise a ValueError naming the first of solve's own arguments that is not allowed, or a
-    RuntimeError where solve runs under a torch.func transform (`untransformed`), before any
-    evaluation of f (the solver's and adjoint's options are checked as they are built)."""
-    if not callable(f):
-        raise ValueError(f"f={reprlib.repr(f)} must be callable: z -> f(z), a state like z0")
+    """Raise a TypeError or ValueError naming the first of solve's own arguments that is not
+    allowed, or a RuntimeError where solve runs under a torch.func transform (`untransformed`),
+    before any evaluation of f (the solver's and adjoint's options are checked as they are
+    built)."""
+    function("f", f, "z -> f(z), a state like z0")
     untransformed("raydeq.solve")
     choice("adjoint", adjoint, ADJOINTS)
     integer("max_steps", max_steps)
     if check_every is not None:
         integer("check_every", check_every)
     integer("initial_nfe", initial_nfe, 0)
-    if not isinstance(check_start, bool):
-        raise ValueError(f"check_start={check_start!r} must be True or False")
-    if stop_on_convergence is not None and not isinstance(stop_on_convergence, bool):
-        raise ValueError(f"stop_on_convergence={stop_on_convergence!r} must be True, False or None")
+    flag("check_start", check_start)
+    flag("stop_on_convergence", stop_on_convergence, none=True)
 
 
 def outside_autocast(
@@ -347,10 +345,11 @@ def outside_autocast(
 def compile_options(compile: bool | dict | str, device: torch.device) -> dict | None:
     """torch.compile's options for `compile=`: None to run eagerly (or to record the steps as
     graphs, compile="graph"); CUDA graphs on a GPU."""
-    if not (isinstance(compile, bool | dict) or compile == GRAPH):
-        raise ValueError(
-            f"compile={compile!r} must be True, False, {GRAPH!r} or a dict of torch.compile options"
-        )
+    allowed = f"True, False, {GRAPH!r} or a dict of torch.compile options"
+    if not isinstance(compile, bool | dict | str):
+        raise TypeError(f"compile={reprlib.repr(compile)} must be {allowed}")
+    if isinstance(compile, str) and compile != GRAPH:
+        raise ValueError(f"compile={compile!r} must be {allowed}")
     if isinstance(compile, dict):
         return compile
     if compile in (False, GRAPH):

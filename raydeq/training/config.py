@@ -434,7 +434,7 @@ def check_folder_name(key: str, name: str, *, strict: bool = True, longest: int 
         )
 
 
-def model_error(err: ValueError) -> ConfigError:
+def model_error(err: TypeError | ValueError) -> ConfigError:
     """A model option's error under the key a config writes it as: "m=0 must be ..." from the
     solver's options reads "model.solver_options.m=0 must be ...", another "model: ..."."""
     message = str(err).splitlines()[0]
@@ -455,7 +455,7 @@ def _resolve_model(model: ModelSection) -> ModelSection:
     options = _given_options(model)
     try:
         resolved = resolve(options)
-    except ValueError as err:
+    except (TypeError, ValueError) as err:  # the options' type or value
         raise model_error(err) from None
     unset = [f.name for f in dataclasses.fields(model) if getattr(model, f.name) is None]
     # Adjoint options given in part are completed by the preset's.

@@ -42,7 +42,7 @@ def check_model(cfg: Config, classes: int | None = None) -> None:
     one blank image through its stem, f and head, or raise a ConfigError."""
     try:
         model = models.build(cfg.model_options())
-    except ValueError as err:
+    except (TypeError, ValueError) as err:
         raise model_error(err) from None
     outputs = [m for m in model.head.modules() if isinstance(m, nn.Linear)][-1].out_features
     if classes is not None and outputs < classes:
