@@ -2807,6 +2807,20 @@ def test_a_training_step_reads_the_device_once_for_its_finiteness_and_its_metric
     assert reads_per_step(run, monkeypatch) == 1
 
 
+def test_an_unrolled_warm_up_step_asks_the_layer_once_whether_a_step_unrolls(tmp_path, monkeypatch):
+    """A warm-up step reads the device three times: the step's finiteness and metrics, and the
+    layer's call count twice, for the loop's question whether the step unrolls and the layer's
+    own in its call. The report at the warm-up's last step asked again at each step's end
+    whether the next unrolls, the question the next step then read once more (4 reads a step);
+    the step's end and the next step now share one answer."""
+    train = {"epochs": 1, "report_every": 20}
+    model = {"pretrain_steps": 10}
+    raw = {"name": "run", "storage_path": str(tmp_path), "model": model, "train": train}
+    run = loop.Loop(validate(raw), FolderSession(tmp_path / "run"))
+    assert reads_per_step(run, monkeypatch) == 3
+    assert run.unrolled and run.state.model.layer.pretraining()
+
+
 def test_non_finite_steps_stop_the_run_only_when_max_nonfinite_steps_come_in_a_row(tmp_path):
     """A finite step between non-finite ones starts the count again: with
     max_nonfinite_steps=3, two skipped steps, a good one and two more skipped go on, and the

@@ -140,6 +140,7 @@ class Loop:
         self.checkpointed = self.state.step  # where a restart would resume
         self.skipped_values: tuple[float, float] | None = None  # a skipped step's loss, norm
         self.unrolled = False  # whether the last step was one of the unrolled warm-up's
+        self.unrolling: bool | None = None  # whether the next step unrolls, once asked
         self.refuse_a_known_divergence()
         keys = STEP_METRICS + tuple(f"pretrain_{k}" for k in PRETRAIN_METRICS)
         self.meter = Meter(keys)
@@ -163,7 +164,7 @@ class Loop:
         """
         state = self.state
         pretraining = self.unrolls()  # before the layer's call, which it counts
-        self.unrolled = pretraining
+        self.unrolled, self.unrolling = pretraining, None  # the call moves the count on
         start = clock(self.device)
         with self.autocast():
             logits, out = self.model(images)
@@ -206,9 +207,13 @@ class Loop:
         return metrics
 
     def unrolls(self) -> bool:
-        """Whether the next step is one of the unrolled warm-up's (a DEQ's pretrain_steps)."""
-        pretraining = getattr(self.state.model.layer, "pretraining", None)  # DEQ only
-        return pretraining is not None and pretraining()
+        """Whether the next step is one of the unrolled warm-up's (a DEQ's pretrain_steps): the
+        layer's answer, a host read of its call count during the warm-up, asked once between
+        two steps, so that the end of a step and the next step share it."""
+        if self.unrolling is None:
+            pretraining = getattr(self.state.model.layer, "pretraining", None)  # DEQ only
+            self.unrolling = pretraining is not None and pretraining()
+        return self.unrolling
 
     def record(self, metrics: dict[str, float] | None) -> None:
         """Count a finished step and log its metrics; stop after too many skipped in a row."""
