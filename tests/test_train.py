@@ -3861,3 +3861,26 @@ def test_the_command_called_from_python_leaves_the_callers_logging_as_it_found_i
     assert train.main([str(path)]) == 0
     assert (root.handlers, root.level) == ([], level)
     assert "a message of the run\n" in capsys.readouterr().err
+
+
+def test_load_model_gives_its_weights_step_and_warns_where_no_evaluation_measured_them(
+    tmp_path, caplog
+):
+    """A run stopped after a periodic checkpoint written past its last test evaluation gave
+    that checkpoint's weights without a word: their step was nowhere on the model, and the
+    test accuracy the run last reported was another step's. The model carries its step, and
+    loading weights that no evaluation measured warns, naming the step and the run's last."""
+    cfg = make_config(tmp_path, max_steps=3, checkpoint_every=2, eval_batches=1)
+    loop.Loop(cfg, FolderSession(tmp_path / "run")).run()
+    with caplog.at_level(logging.WARNING):
+        assert load_model(tmp_path / "run").checkpoint_step == 3
+    assert caplog.records == []
+    shutil.rmtree(tmp_path / "run" / "checkpoint_000003")  # stopped before its last step
+    with caplog.at_level(logging.WARNING):
+        assert load_model(tmp_path / "run").checkpoint_step == 2
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{tmp_path / 'run' / 'checkpoint_000002'}: the weights of step 2 of 3, a periodic "
+        "checkpoint (train.checkpoint_every) past the run's last test evaluation, which it "
+        "makes at each epoch's end and its last step; the test accuracy it last reported is "
+        "an earlier step's, not theirs"
+    ]

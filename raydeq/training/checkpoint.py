@@ -11,7 +11,7 @@ import json
 import logging
 import pickle
 import shutil
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any, TypeVar
@@ -188,8 +188,15 @@ def check_size(directory: Path, name: str, recorded: int | None) -> None:
 
 def read_newest(folder: Path) -> dict[str, Any]:
     """The state in a checkpoint folder, or in the newest readable `checkpoint_*` folder of a
-    run's or a trial's folder, or of a folder in it (a trial of several workers keeps them in
-    its Train run), falling back past unreadable ones as a resume does. A folder whose
+    run's or a trial's folder, as `newest_checkpoint` finds it."""
+    return newest_checkpoint(folder)[1]
+
+
+def newest_checkpoint(folder: Path) -> tuple[Path, dict[str, Any]]:
+    """The checkpoint folder `folder` names and its state: `folder` itself, or the newest
+    readable `checkpoint_*` folder of a run's or a trial's folder, or of a folder in it (a
+    trial of several workers keeps them in its Train run), falling back past unreadable ones
+    as a resume does. A folder whose
     folders hold the checkpoints of several runs (an experiment's trials) is refused: its
     newest step would be some one run's, by how long it ran; so is one without a checkpoint,
     naming what it lacks, and a file (a checkpoint's state.pt), naming its folder."""
@@ -213,13 +220,32 @@ def read_newest(folder: Path) -> dict[str, Any]:
             f"and no {MANIFEST_FILE})"
         )
     if (folder / MANIFEST_FILE).exists() or not inside:
-        return read_checkpoint(folder)
+        return folder, read_checkpoint(folder)
     local = pyarrow.fs.LocalFileSystem()
-    newest = newest_first(local, [str(path) for path in inside])
-    state = restore((nullcontext(path) for path in newest), resuming=False)
+    tried: list[str] = []
+    state = restore(_in_turn(newest_first(local, [str(path) for path in inside]), tried), False)
     if state is None:
         raise CheckpointError(f"{folder}: no whole checkpoint, only copies cut short")
-    return state
+    return Path(tried[-1]), state
+
+
+def _in_turn(folders: list[str], tried: list[str]) -> Iterator[AbstractContextManager[str]]:
+    """`folders` as restore's candidates, each added to `tried` as restore comes to it, so
+    that the last of `tried` is the one it read."""
+    for folder in folders:
+        tried.append(folder)
+        yield nullcontext(folder)
+
+
+def own_report(directory: Path) -> dict[str, Any] | None:
+    """The report a checkpoint folder was written with, the last of its REPORTS_FILE (with the
+    test metrics where its step was evaluated); None where it keeps none (written before
+    checkpoints kept their reports, or by a caller that gave none)."""
+    try:
+        lines = (directory / REPORTS_FILE).read_text().splitlines()
+        return json.loads(lines[-1]) if lines else None
+    except (OSError, ValueError):  # none, or one written before manifests checked it, damaged
+        return None
 
 
 def newest_first(fs: pyarrow.fs.FileSystem, folders: Iterable[str]) -> list[str]:

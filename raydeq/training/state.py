@@ -3,6 +3,7 @@ the optimizer and schedule it is made of, and the trained model a run's folder h
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -13,9 +14,11 @@ import torch
 from torch import Tensor, nn
 
 from raydeq import models
-from raydeq.training.checkpoint import CheckpointError, read_newest
+from raydeq.training.checkpoint import CheckpointError, newest_checkpoint, own_report
 from raydeq.training.config import OptimSection
 from raydeq.training.storage import is_uri, local_path, unparsed_uri
+
+log = logging.getLogger(__name__)
 
 
 def rng_state(device: torch.device) -> dict[str, Tensor]:
@@ -157,7 +160,10 @@ def refuse_misfits(folder: str, saved: dict[str, Any], misfits: list[str]) -> No
 def load_model(folder: str | Path) -> nn.Module:
     """The trained model of a run's or a trial's folder, or of a checkpoint folder: built from
     the settings its newest readable checkpoint records, with that checkpoint's weights (read
-    tensors-only, on the CPU), in eval mode. A CheckpointError names the folder and what it
+    tensors-only, on the CPU), in eval mode, and its step as `checkpoint_step`; a warning says
+    where that step is past the run's last test evaluation (a periodic checkpoint of a run
+    stopped before its next one), whose reported accuracy is then not these weights'. A
+    CheckpointError names the folder and what it
     lacks: a checkpoint, recorded settings, a model section in them, or weights that fit the
     model they build; a file: URI is read as its folder, and another URI refused. The errors
     name the folder as given: a file: URI's local path is put back as the URI."""
@@ -173,7 +179,7 @@ def load_model(folder: str | Path) -> nn.Module:
 
 def _built(folder: Path) -> nn.Module:
     """`load_model` of a local folder."""
-    saved = read_newest(folder)
+    read, saved = newest_checkpoint(folder)
     try:
         model = models.build(_model_options(folder, saved))
     except (KeyError, TypeError, ValueError) as err:
@@ -185,6 +191,17 @@ def _built(folder: Path) -> nn.Module:
             f"settings build: its {'; its '.join(misfits)}"
         )
     model.load_state_dict(saved["model"])
+    model.checkpoint_step = saved["step"]
+    report = own_report(read)
+    if report is not None and "test_accuracy" not in report:
+        log.warning(
+            "%s: the weights of step %d of %s, a periodic checkpoint (train.checkpoint_every) "
+            "past the run's last test evaluation, which it makes at each epoch's end and its "
+            "last step; the test accuracy it last reported is an earlier step's, not theirs",
+            read,
+            saved["step"],
+            report.get("total_steps", "?"),
+        )
     return model.eval()
 
 
