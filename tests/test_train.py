@@ -3884,3 +3884,33 @@ def test_load_model_gives_its_weights_step_and_warns_where_no_evaluation_measure
         "makes at each epoch's end and its last step; the test accuracy it last reported is "
         "an earlier step's, not theirs"
     ]
+
+
+def test_a_checkpoint_records_its_evaluations_test_batches_which_reproduce_its_report(tmp_path):
+    """A run's data.eval_batch_size and train.eval_batches were recorded nowhere (its
+    checkpoints' settings give eval_batch_size at its default, 256, for the name's digest),
+    though the test NFE it reports is per batch of that size and its accuracy over that many
+    batches; each checkpoint records them under "evaluation", in its manifest as in its state,
+    and evaluating the loaded model on those batches gives the reported numbers."""
+    cfg = validate(
+        {
+            "name": "run",
+            "storage_path": str(tmp_path),
+            "data": {"eval_batch_size": 50},
+            "train": {"epochs": 1, "max_steps": 3, "eval_batches": 2},
+        }
+    )
+    loop.Loop(cfg, FolderSession(tmp_path / "run")).run()
+    newest = tmp_path / "run" / "checkpoint_000003"
+    manifest = json.loads((newest / MANIFEST_FILE).read_text())
+    recorded = {"data": {"eval_batch_size": 50}, "train": {"eval_batches": 2}}
+    assert manifest["evaluation"] == read_checkpoint(newest)["evaluation"] == recorded
+    assert manifest["settings"]["data"]["eval_batch_size"] == 256
+    reported = json.loads((newest / REPORTS_FILE).read_text().splitlines()[-1])
+    splits = data.load_splits(cfg.data)
+    test_data = itertools.islice(data.eval_loader(splits.test, cfg.data, 0, 1), 2)
+    totals = objective.evaluate(load_model(newest), test_data, torch.device("cpu"))
+    assert totals.samples == 100
+    tested = objective.Evaluation(*totals.totals()).metrics()
+    for key in ("test_accuracy", "test_nfe"):
+        assert tested[key] == reported[key]

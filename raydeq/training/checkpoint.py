@@ -85,7 +85,8 @@ def write_checkpoint(
     The folder holds `state.pt` and `manifest.json` with its format (MANIFEST_FORMAT), the
     step, and the state's size in bytes and SHA-256,
     so a copy that was cut short or altered later is recognised when it is read, and the run's
-    `settings` where the state has them, so that a start can tell whose run it would resume;
+    `settings` where the state has them, so that a start can tell whose run it would resume,
+    and its `evaluation` (the test batches of its evaluations) where it has one;
     `reports` go to REPORTS_FILE, whose size and SHA-256 the manifest records under "reports".
     A write that fails (a full disk) is a StorageError naming the step, the folder and why, and
     leaves no temporary folder behind, so the same write can be tried again.
@@ -120,8 +121,9 @@ def _stage(state: dict[str, Any], staging: Path, reports: Sequence[Mapping[str, 
         lines = "".join(json.dumps(dict(report)) + "\n" for report in reports)
         (staging / REPORTS_FILE).write_text(lines)
         manifest["reports"] = _recorded(staging / REPORTS_FILE)
-    if "settings" in state:
-        manifest["settings"] = state["settings"]
+    for recorded in ("settings", "evaluation"):
+        if recorded in state:
+            manifest[recorded] = state[recorded]
     (staging / MANIFEST_FILE).write_text(json.dumps(manifest))
 
 

@@ -602,6 +602,17 @@ def trained_settings(cfg: Config) -> dict[str, Any]:
     return json.loads(json.dumps(settings))
 
 
+def evaluation_settings(cfg: Config) -> dict[str, Any]:
+    """The test batch settings of the run's evaluations, which `trained_settings` records at
+    their defaults or not at all (they change no trained weight): a checkpoint records them
+    apart, since the test NFE reported is per batch of data.eval_batch_size and the accuracy
+    over train.eval_batches batches (0: all)."""
+    return {
+        "data": {"eval_batch_size": cfg.data.eval_batch_size},
+        "train": {"eval_batches": cfg.train.eval_batches},
+    }
+
+
 def former_names(cfg: Config) -> dict[str, list[str]]:
     """The names raydeq derived from `cfg`'s settings before 2026-12-02, when a name digested
     the model options as the config gave them, unset ones as null, not as `validate` fills

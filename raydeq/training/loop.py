@@ -25,7 +25,13 @@ from raydeq.deq import LayerOutput
 from raydeq.solvers.stats import unconverged
 from raydeq.training import data
 from raydeq.training.checkpoint import restore
-from raydeq.training.config import Config, check_settings, notes, trained_settings
+from raydeq.training.config import (
+    Config,
+    check_settings,
+    evaluation_settings,
+    notes,
+    trained_settings,
+)
 from raydeq.training.objective import STEP_METRICS, Evaluation, Objective, clock, evaluate
 from raydeq.training.reporting import Meter, Reporter, all_gather, all_sum, most
 from raydeq.training.session import Session
@@ -310,10 +316,11 @@ class Loop:
         return Evaluation(*all_sum(totals.totals(), self.device)).metrics()
 
     def checkpoint_state(self) -> dict[str, Any]:
-        """The checkpoint payload with every worker's RNG state (a collective call) and the
-        run's settings (see `preflight.check_resume`)."""
+        """The checkpoint payload with every worker's RNG state (a collective call), the
+        run's settings (see `preflight.check_resume`) and its evaluations' test batches."""
         payload = self.state.state_dict(all_gather(rng_state(self.device)))
-        return payload | {"settings": trained_settings(self.cfg)}
+        settings = {"settings": trained_settings(self.cfg)}
+        return payload | settings | {"evaluation": evaluation_settings(self.cfg)}
 
     def report(self, metrics: dict[str, float], checkpoint: bool) -> None:
         """Print progress and report to Ray Train, with a checkpoint when asked."""
