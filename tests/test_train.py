@@ -3881,8 +3881,8 @@ def test_load_model_gives_its_weights_step_and_warns_where_no_evaluation_measure
     assert [r.getMessage() for r in caplog.records] == [
         f"{tmp_path / 'run' / 'checkpoint_000002'}: the weights of step 2 of 3, a periodic "
         "checkpoint (train.checkpoint_every) past the run's last test evaluation, which it "
-        "makes at each epoch's end and its last step; the test accuracy it last reported is "
-        "an earlier step's, not theirs"
+        "makes at each epoch's end and its last step; no test accuracy the run reported "
+        "measured them"
     ]
 
 
@@ -3914,3 +3914,31 @@ def test_a_checkpoint_records_its_evaluations_test_batches_which_reproduce_its_r
     tested = objective.Evaluation(*totals.totals()).metrics()
     for key in ("test_accuracy", "test_nfe"):
         assert tested[key] == reported[key]
+
+
+def test_load_model_of_a_run_that_diverged_after_its_newest_checkpoint_says_so(tmp_path, caplog):
+    """A run that stopped diverged gave its newest checkpoint's weights without a word of the
+    divergence its folder records (a real digits run at lr 1e30 loaded step 3's weights, of
+    1e30, whose logits are NaN); loading them warns, naming the step and the recorded reason,
+    and says nothing where the run trained on past the step it diverged from."""
+    cfg = make_config(tmp_path, max_steps=10, checkpoint_every=2, max_nonfinite_steps=1)
+    run = loop.Loop(cfg, FolderSession(tmp_path / "run"))
+    for images, labels in itertools.islice(run.train_data, 2):
+        run.record(run.train_step(images, labels, 0.0))
+        run.end_step()
+    with pytest.raises(loop.NonFiniteError):
+        run.record(None)
+    reason = json.loads((tmp_path / "run" / loop.DIVERGED_FILE).read_text())["reason"]
+    assert reason.startswith("training stopped at step 3")
+    with caplog.at_level(logging.WARNING):
+        assert load_model(tmp_path / "run").checkpoint_step == 2
+    assert caplog.records[0].getMessage() == (
+        f"{tmp_path / 'run'}: the weights of step 2, the run's newest checkpoint before it "
+        f"diverged; its diverged.json records: {reason}"
+    )
+    caplog.clear()
+    record = {"from_step": 1, "workers": 1, "reason": reason, "limit": 1}
+    (tmp_path / "run" / loop.DIVERGED_FILE).write_text(json.dumps(record))
+    with caplog.at_level(logging.WARNING):
+        load_model(tmp_path / "run")
+    assert not any("diverged" in r.getMessage() for r in caplog.records)

@@ -27,6 +27,9 @@ MANIFEST_FILE = "manifest.json"
 # Tune records a trial's reports on the driver, and a driver stopped before it recorded (or
 # synced) them leaves them here alone, where `experiments.archive.history` finds them.
 REPORTS_FILE = "reports.jsonl"
+# Written in a run's folder, beside its checkpoints, when it stops for non-finite steps (see
+# `loop.Loop.diverged`), with the step of its newest checkpoint as "from_step".
+DIVERGED_FILE = "diverged.json"
 # The manifest layout this raydeq writes, and the newest it reads; a manifest without "format"
 # was written before layouts were numbered, and is format 1.
 MANIFEST_FORMAT = 1

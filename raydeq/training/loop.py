@@ -24,7 +24,7 @@ from raydeq import models
 from raydeq.deq import LayerOutput
 from raydeq.solvers.stats import unconverged
 from raydeq.training import data
-from raydeq.training.checkpoint import restore
+from raydeq.training.checkpoint import DIVERGED_FILE, restore
 from raydeq.training.config import (
     Config,
     check_settings,
@@ -53,9 +53,6 @@ PRETRAIN_METRICS = ("nfe", "backward_nvjp", "forward_time", "backward_time")
 PRETRAIN_METRICS += ("residual", "unconverged_fraction", "backward_unconverged_fraction")
 
 log = logging.getLogger("raydeq")
-
-# Written in a run's folder when it stops for non-finite steps (see `Loop.diverged`).
-DIVERGED_FILE = "diverged.json"
 
 
 class NonFiniteError(RuntimeError):

@@ -3,6 +3,7 @@ the optimizer and schedule it is made of, and the trained model a run's folder h
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Iterable
@@ -14,7 +15,12 @@ import torch
 from torch import Tensor, nn
 
 from raydeq import models
-from raydeq.training.checkpoint import CheckpointError, newest_checkpoint, own_report
+from raydeq.training.checkpoint import (
+    DIVERGED_FILE,
+    CheckpointError,
+    newest_checkpoint,
+    own_report,
+)
 from raydeq.training.config import OptimSection
 from raydeq.training.storage import is_uri, local_path, unparsed_uri
 
@@ -192,17 +198,47 @@ def _built(folder: Path) -> nn.Module:
         )
     model.load_state_dict(saved["model"])
     model.checkpoint_step = saved["step"]
+    warn_of_untested(read, saved["step"])
+    return model.eval()
+
+
+def warn_of_untested(read: Path, step: int) -> None:
+    """Warn where the weights of step `step`, read from the checkpoint folder `read`, are not
+    those the run last tested: the run diverged after them, or they are a periodic
+    checkpoint's past its last test evaluation (a run stopped before its next)."""
+    divergence = divergence_from(read.parent, step)
+    if divergence is not None:
+        log.warning(
+            "%s: the weights of step %d, the run's newest checkpoint before it diverged; its "
+            "%s records: %s",
+            read.parent,
+            step,
+            DIVERGED_FILE,
+            divergence,
+        )
     report = own_report(read)
     if report is not None and "test_accuracy" not in report:
         log.warning(
             "%s: the weights of step %d of %s, a periodic checkpoint (train.checkpoint_every) "
             "past the run's last test evaluation, which it makes at each epoch's end and its "
-            "last step; the test accuracy it last reported is an earlier step's, not theirs",
+            "last step; no test accuracy the run reported measured them",
             read,
-            saved["step"],
+            step,
             report.get("total_steps", "?"),
         )
-    return model.eval()
+
+
+def divergence_from(run: Path, step: int) -> str | None:
+    """The reason recorded in the run folder `run` where the run stopped diverged after its
+    checkpoint of `step`; None where it records no divergence or one after another step (a
+    resume with a higher train.max_nonfinite_steps trained on past it)."""
+    try:
+        record = json.loads((run / DIVERGED_FILE).read_text())
+        return str(record["reason"]) if record["from_step"] == step else None
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as err:  # the loop refuses it so too
+        return f"a record it cannot read ({type(err).__name__})"
 
 
 def local_folder(folder: str | Path) -> Path:
