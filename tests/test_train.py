@@ -3942,3 +3942,28 @@ def test_load_model_of_a_run_that_diverged_after_its_newest_checkpoint_says_so(t
     with caplog.at_level(logging.WARNING):
         load_model(tmp_path / "run")
     assert not any("diverged" in r.getMessage() for r in caplog.records)
+
+
+def test_a_folder_whose_runs_lie_deeper_is_refused_naming_them_not_as_holding_none(tmp_path):
+    """An experiment of trials of two workers keeps each trial's checkpoints in its Train run
+    (trial/train/checkpoint_*), and a storage folder its experiments' trials one level down:
+    load_model refused either as holding no checkpoint (a real digits search of two such
+    trials held four); it is refused naming the runs that hold them, the folders to name."""
+    weights = models.build({"model": "mnist_dense"}).state_dict()
+    state = {"step": 6, "model": weights, "settings": {"model": {"model": "mnist_dense"}}}
+    for trial in ("t0_seed=0", "t1_seed=1"):
+        for step in (4, 6):
+            written = tmp_path / "exp" / trial / "train" / f"checkpoint_{step:06d}"
+            checkpoint.write_checkpoint(state | {"step": step}, written)
+    for folder, prefix in ((tmp_path / "exp", ""), (tmp_path, "exp/")):
+        with pytest.raises(checkpoint.CheckpointError) as refused:
+            load_model(folder)
+        assert str(refused.value) == (
+            f"{folder}: holds no checkpoint in it or in a folder in it, but folders deeper in it "
+            f"hold the checkpoints of 2 runs ({prefix}t0_seed=0/train, {prefix}t1_seed=1/train); "
+            "name the folder of one"
+        )
+    assert load_model(tmp_path / "exp" / "t1_seed=1").checkpoint_step == 6
+    shutil.rmtree(tmp_path / "exp" / "t0_seed=0")
+    with pytest.raises(checkpoint.CheckpointError, match=r"of 1 run \(t1_seed=1/train\); name"):
+        load_model(tmp_path / "exp")

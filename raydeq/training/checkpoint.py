@@ -197,14 +197,34 @@ def read_newest(folder: Path) -> dict[str, Any]:
     return newest_checkpoint(folder)[1]
 
 
+# Where the checkpoints of the runs in an experiment's folder (trials of several workers, which
+# keep them in their Train run) and in a storage folder of experiments lie.
+DEEPER_RUNS = ("*/*/checkpoint_*", "*/*/*/checkpoint_*")
+
+
+def _runs(folders: list[str]) -> str:
+    """'N runs (a, b, c, ...); name the folder of one' for the run folders `folders`."""
+    shown = ", ".join(folders[:3]) + (", ..." if len(folders) > 3 else "")
+    runs = "1 run" if len(folders) == 1 else f"{len(folders)} runs"
+    return f"{runs} ({shown}); name the folder of one"
+
+
+def _deeper_runs(folder: Path) -> list[str]:
+    """The folders, relative to `folder`, that hold checkpoints DEEPER_RUNS below it."""
+    found = {path.parent for pattern in DEEPER_RUNS for path in folder.glob(pattern)}
+    return sorted(str(path.relative_to(folder)) for path in found if path.is_dir())
+
+
 def newest_checkpoint(folder: Path) -> tuple[Path, dict[str, Any]]:
     """The checkpoint folder `folder` names and its state: `folder` itself, or the newest
     readable `checkpoint_*` folder of a run's or a trial's folder, or of a folder in it (a
     trial of several workers keeps them in its Train run), falling back past unreadable ones
     as a resume does. A folder whose
     folders hold the checkpoints of several runs (an experiment's trials) is refused: its
-    newest step would be some one run's, by how long it ran; so is one without a checkpoint,
-    naming what it lacks, and a file (a checkpoint's state.pt), naming its folder."""
+    newest step would be some one run's, by how long it ran; so is one whose checkpoints lie
+    deeper (an experiment of trials of several workers, a storage folder of experiments),
+    naming the runs that hold them, one without a checkpoint, naming what it lacks, and a
+    file (a checkpoint's state.pt), naming its folder."""
     if folder.is_file():
         raise CheckpointError(
             f"{folder}: a file, not a folder; name the folder that holds it ({folder.parent})"
@@ -215,11 +235,14 @@ def newest_checkpoint(folder: Path) -> tuple[Path, dict[str, Any]]:
     inside = inside or [path for path in folder.glob("*/checkpoint_*") if path.is_dir()]
     runs = sorted({path.parent.name for path in inside})
     if len(runs) > 1:
-        raise CheckpointError(
-            f"{folder}: holds the checkpoints of {len(runs)} runs ({', '.join(runs[:3])}"
-            f"{', ...' if len(runs) > 3 else ''}); name the folder of one"
-        )
+        raise CheckpointError(f"{folder}: holds the checkpoints of {_runs(runs)}")
     if not inside and not any((folder / name).exists() for name in (MANIFEST_FILE, STATE_FILE)):
+        deeper = _deeper_runs(folder)
+        if deeper:
+            raise CheckpointError(
+                f"{folder}: holds no checkpoint in it or in a folder in it, but folders "
+                f"deeper in it hold the checkpoints of {_runs(deeper)}"
+            )
         raise CheckpointError(
             f"{folder}: holds no checkpoint (no checkpoint_* folder in it or in a folder in it, "
             f"and no {MANIFEST_FILE})"
