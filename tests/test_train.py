@@ -468,6 +468,47 @@ def test_a_ray_job_that_changes_folder_first_stores_outside_its_working_dir_copy
     assert launch.as_submitted(str(copy / "tune_configs")) == "tune_configs"
 
 
+def test_a_ray_jobs_working_dir_copy_under_a_linked_temporary_folder_is_found(
+    tmp_path, capsys, monkeypatch
+):
+    """On macOS Ray unpacks a job's working directory under /tmp/ray, /tmp being a link to
+    /private/tmp: the PYTHONPATH entry names the copy through the link, the job's current folder
+    reads as the real path. `tune digits` and raydeq.train then stored their runs in the copy,
+    which Ray deletes, and the resume commands named its files by absolute path; the copy is now
+    found by either path."""
+    real = tmp_path / "private" / "tmp"
+    (real / "working_dir_files" / "_ray_pkg_0123").mkdir(parents=True)
+    (tmp_path / "tmp").symlink_to(real, target_is_directory=True)
+    copy = tmp_path / "tmp" / "working_dir_files" / "_ray_pkg_0123"
+    resolved = real / "working_dir_files" / "_ray_pkg_0123"
+    shutil.copytree(Path(__file__).parents[1] / "tune_configs", copy / "tune_configs")
+    monkeypatch.chdir(copy)
+    assert os.getcwd() == str(resolved)
+    monkeypatch.setattr(ray, "init", lambda *args, **kwargs: pytest.fail("Ray was started"))
+    monkeypatch.setattr(launch, "check_cluster", lambda: None)
+    job = {"runtime_env": {"working_dir": "gcs://_ray_pkg_0123.zip"}, "metadata": {}}
+    monkeypatch.setenv(RAY_JOB_CONFIG_JSON_ENV_VAR, json.dumps(job))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(copy), str(tmp_path / "lib")]))
+    assert launch.job_folder() == str(copy)
+    assert tune.main(["digits"]) == 2
+    assert capsys.readouterr().err.startswith(
+        f"error: storage {resolved}/runs/digits lies in {copy}, Ray's copy"
+    )
+    assert train.main(["tune_configs/digits.yaml", "storage_path=kept"]) == 2
+    assert capsys.readouterr().err.startswith(f"error: storage {resolved}/kept lies in {copy},")
+    with pytest.raises(config.ConfigError):
+        launch.check_kept(str(copy / "runs"))
+    launch.check_kept(str(tmp_path / "runs"))
+    kept = tmp_path / "runs"
+    args = tune._parser().parse_intermixed_args(["digits", "--storage", str(kept)])
+    assert shlex.split(tune.resume_command(args, f"{kept}/digits"))[3] == "tune_configs/digits.yaml"
+    argv = ["tune_configs/digits.yaml", "data.dataset=mnist", "data.data_dir=data"]
+    cfg = config.load(argv[0], [*argv[1:], f"storage_path={kept}"])
+    words = shlex.split(train.resume_command(cfg, argv))
+    assert (words[3], words[-1]) == ("tune_configs/digits.yaml", "data.data_dir=data")
+    assert launch.as_submitted(str(tmp_path / "data")) == str(tmp_path / "data")
+
+
 def test_workers_that_other_jobs_keep_waiting_on_a_cluster_are_named_in_a_note(
     tmp_path, capsys, monkeypatch
 ):

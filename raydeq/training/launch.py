@@ -309,7 +309,7 @@ def check_kept(storage: str) -> None:
     directory (a relative storage_path, `runs` by default, read in it): the runs stored there
     go with the copy, and the command submitted again finds none to resume."""
     copy, folder = job_folder(), local_path(storage)
-    if copy is None or folder is None or os.path.commonpath([copy, folder]) != copy:
+    if copy is None or folder is None or in_copy(folder, copy) is None:
         return
     raise ConfigError(
         f"storage {folder} lies in {copy}, Ray's copy of this job's working directory, which "
@@ -322,9 +322,19 @@ def as_submitted(path: str) -> str:
     """`path` as a command submitted again with the same working directory names it: relative
     to the Ray job's copy of it where it lies there, else as it is."""
     copy = job_folder()
-    if copy is None or os.path.commonpath([copy, os.path.abspath(path)]) != copy:
-        return path
-    return os.path.relpath(path, copy)
+    inside = None if copy is None else in_copy(path, copy)
+    return path if inside is None else inside
+
+
+def in_copy(path: str, copy: str) -> str | None:
+    """`path` relative to the job's copy `copy` where it lies there, else None; the copy is
+    taken by its name and by its real path, since the job's current folder reads as the latter
+    (on macOS Ray unpacks it under /tmp, a link to /private/tmp)."""
+    path = os.path.abspath(path)
+    for base in dict.fromkeys([copy, os.path.realpath(copy)]):
+        if os.path.commonpath([base, path]) == base:
+            return os.path.relpath(path, base)
+    return None
 
 
 def auto_address() -> str:
