@@ -583,6 +583,33 @@ def test_more_threads_than_a_worker_holds_cpus_are_named_in_a_note(tmp_path, cap
     assert capsys.readouterr().err.splitlines()[0] == launch.threads_note(1.0)
 
 
+def test_a_temporary_folder_ray_cannot_start_in_on_macos_names_what_ray_reads_there(
+    tmp_path, monkeypatch
+):
+    """On macOS Ray reads RAY_TMPDIR, else /tmp, never TMPDIR, and refuses socket paths past
+    103 bytes: the refusal told a Mac's user to set TMPDIR, which changes nothing, and said
+    107 bytes."""
+    monkeypatch.setattr(sys, "platform", "darwin")
+    monkeypatch.delenv("RAY_TMPDIR", raising=False)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    assert ray._common.utils.get_default_ray_temp_dir() == "/tmp/ray"
+    unwritable = OSError(errno.EACCES, "Permission denied", "/tmp/ray")
+    assert launch.start_error(unwritable) == (
+        "Ray cannot start: /tmp/ray: Permission denied (its temporary folder); set RAY_TMPDIR "
+        "to a folder you can write"
+    )
+    long = tmp_path / ("x" * 90)
+    monkeypatch.setenv("RAY_TMPDIR", str(long))
+    socket = f"{long}/ray/session_2026-12-06_10-00-00_000000_1/sockets/plasma_store"
+    refused = OSError(
+        f"validate_socket_filename failed: AF_UNIX path length cannot exceed 103 bytes: {socket}"
+    )
+    assert launch.start_error(refused) == (
+        f"Ray cannot start: the socket paths in its temporary folder {long}/ray exceed 103 "
+        "bytes; set RAY_TMPDIR to a folder you can write with a shorter path"
+    )
+
+
 def test_a_home_or_temporary_folder_ray_cannot_start_in_is_one_line_naming_what_to_set(tmp_path):
     """ray.init ended both commands in a traceback where it could not make its temporary folder
     or its token's folder ~/.ray (a file stands at each here, as an unwritable folder would

@@ -132,9 +132,11 @@ def connect(log_to_driver: bool = True) -> bool:
 def start_error(err: OSError | UnicodeError) -> str:
     """One line saying why Ray could not start in this environment and what to set, where
     ray.init ends in a traceback: a HOME it cannot write its token into (~/.ray), a temporary
-    folder it cannot write, one whose socket paths exceed 107 bytes or that is not ASCII."""
+    folder it cannot write, one whose socket paths exceed Ray's limit (107 bytes, on macOS 103)
+    or that is not ASCII. Ray reads TMPDIR on Linux alone (on macOS RAY_TMPDIR, else /tmp)."""
     temp = ray._common.utils.get_default_ray_temp_dir()
-    fix = "set RAY_TMPDIR (or TMPDIR) to a folder you can write"
+    variables = "RAY_TMPDIR (or TMPDIR)" if sys.platform.startswith("linux") else "RAY_TMPDIR"
+    fix = f"set {variables} to a folder you can write"
     if not temp.isascii():
         return f"Ray cannot start: its temporary folder {temp} is not ASCII; {fix} in ASCII"
     reason = str(err).splitlines()[0] if str(err) else type(err).__name__
@@ -149,9 +151,10 @@ def start_error(err: OSError | UnicodeError) -> str:
         if file.is_relative_to(temp) or Path(temp).is_relative_to(file):
             return f"Ray cannot start: {reason} (its temporary folder); {fix}"
     if "AF_UNIX path length" in reason:
+        limit = re.search(r"exceed (\d+) bytes", reason)
         return (
-            f"Ray cannot start: the socket paths in its temporary folder {temp} exceed 107 "
-            f"bytes; {fix} with a shorter path"
+            f"Ray cannot start: the socket paths in its temporary folder {temp} exceed "
+            f"{limit[1] if limit else 107} bytes; {fix} with a shorter path"
         )
     return f"Ray cannot start: {reason}"
 
