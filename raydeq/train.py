@@ -26,6 +26,7 @@ from typing import Any
 import yaml
 
 from raydeq.training import data, runlock
+from raydeq.training.caller import process_kept
 from raydeq.training.checkpoint import final_report, newest_first
 from raydeq.training.config import Config, ConfigError, load, load_yaml
 from raydeq.training.console import output_kept, tensorboard_command
@@ -108,6 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from raydeq.training import launch
 
     with ExitStack() as held:
+        held.enter_context(process_kept())  # after Ray's import, whose loggers it puts back
         held.enter_context(output_kept())
         held.enter_context(interruptible())
         try:

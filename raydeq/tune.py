@@ -34,6 +34,7 @@ from raydeq.experiments.spec import (
     locate,
 )
 from raydeq.training import data, launch, runlock
+from raydeq.training.caller import process_kept
 from raydeq.training.config import (
     SCHEDULERS,
     WORKERS_KEY,
@@ -361,6 +362,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results that could not be written, 130 interrupted)."""
     args = _parser().parse_intermixed_args(argv)
     with ExitStack() as held:
+        held.enter_context(process_kept())
         held.enter_context(output_kept())
         held.enter_context(interruptible())
         try:

@@ -1,0 +1,109 @@
+"""The commands called from one long-lived Python process, as a notebook calls them."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import yaml
+
+from raydeq.training.launch import LOCAL_ENV_VARS
+
+# A process that runs train.main, tune.main, and train.main again on a Ray of its own, each
+# trained by a stand-in for the fit (the commands' own Ray and state are what count here), and
+# prints what each call left changed.
+SCRIPT = textwrap.dedent(
+    """
+    import hashlib, json, logging, os, random, sys
+    import numpy as np, ray, torch
+    from raydeq import train, tune
+    from raydeq.experiments import run
+    from raydeq.training import launch
+
+    class Result:
+        metrics = {"test_accuracy": 0.5, "step": 1}
+
+    launch.fit = lambda cfg, scaling: Result()
+    run.fit = lambda *args: (0, 1)  # the trials interrupted: the command returns 130
+
+    def state():
+        streams = [
+            torch.random.get_rng_state().numpy().tobytes(),
+            repr(random.getstate()).encode(),
+            repr(np.random.get_state()).encode(),
+        ]
+        made = logging.root.manager.loggerDict.items()
+        return {
+            "ray": ray.is_initialized(),
+            "environ": dict(os.environ),
+            "loggers": {
+                name: [logger.level, len(logger.filters)]
+                for name, logger in made
+                if isinstance(logger, logging.Logger)
+            },
+            "random": [hashlib.sha1(s).hexdigest() for s in streams],
+        }
+
+    def changed(before, after):
+        for key in ("environ", "loggers"):  # the names whose value changed, or that came or went
+            names = before[key].keys() | (after[key].keys() if key == "environ" else set())
+            after[key] = sorted(n for n in names if before[key].get(n) != after[key].get(n))
+            before[key] = []
+        return {k: after[k] for k in before if before[k] != after[k]}
+
+    config, experiment, storage = sys.argv[1:]
+    calls = {
+        "train": lambda: train.main([config, "name=a"]),
+        "tune": lambda: tune.main([experiment, "--storage", storage]),
+        "train again": lambda: train.main([config, "name=b"]),
+    }
+    for name, call in calls.items():
+        before = state()
+        status = call()
+        print(json.dumps({"call": name, "status": status, "changed": changed(before, state())}))
+    ray.init(num_cpus=1)  # the caller's own Ray, which the command joins and keeps
+    address = ray.get_runtime_context().gcs_address
+    status = train.main([config, "name=c"])
+    kept = ray.is_initialized() and ray.get_runtime_context().gcs_address == address
+    print(json.dumps({"call": "train on the caller's Ray", "status": status, "kept": kept}))
+    """
+)
+
+
+@pytest.mark.ray
+def test_the_commands_called_from_one_process_leave_it_as_they_found_it(tmp_path):
+    """train.main and tune.main called from a notebook that had no Ray left the Ray each
+    started running, ray.init's PYTHONBREAKPOINT (breakpoint() then opened Ray's remote
+    debugger) and the commands' RAY_* and TUNE_* variables set, the `ray` logger at WARNING,
+    one more log filter per call and the caller's torch and Python random draws moved; each
+    call now leaves none of it, and a caller's own Ray is joined and kept."""
+    config = tmp_path / "run.yaml"
+    storage = tmp_path / "runs"
+    settings = {
+        "data": {"dataset": "digits"},
+        "scaling": {"num_workers": 1},
+        "storage_path": str(storage),
+    }
+    config.write_text(yaml.safe_dump(settings))
+    experiment = tmp_path / "tiny.yaml"
+    search = {"variants": [{"label": "a", "seed": 0}]}
+    experiment.write_text(yaml.safe_dump({**settings, "search": search}))
+    leave_out = ("RAY_ADDRESS", "RAY_AUTH_MODE", *LOCAL_ENV_VARS)
+    env = {k: v for k, v in os.environ.items() if k not in leave_out}
+    done = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(config), str(experiment), str(storage)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    calls = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert calls == [
+        {"call": "train", "status": 0, "changed": {}},
+        {"call": "tune", "status": 130, "changed": {}},
+        {"call": "train again", "status": 0, "changed": {}},
+        {"call": "train on the caller's Ray", "status": 0, "kept": True},
+    ]
