@@ -105,7 +105,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "overrides", nargs="*", default=[], help="key=value settings, e.g. optim.lr=3e-4"
     )
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as stopped:  # --help, or a bad argument that argparse names on stderr
+        return int(stopped.code or 0)
     from raydeq.training import launch
 
     with ExitStack() as held:

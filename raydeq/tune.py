@@ -360,7 +360,10 @@ def nothing_to_resume(
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line entry point; returns the exit status (2 bad input, 1 failed trials or
     results that could not be written, 130 interrupted)."""
-    args = _parser().parse_intermixed_args(argv)
+    try:
+        args = _parser().parse_intermixed_args(argv)
+    except SystemExit as stopped:  # --help, or a bad argument that argparse names on stderr
+        return int(stopped.code or 0)
     with ExitStack() as held:
         held.enter_context(process_kept())
         held.enter_context(output_kept())

@@ -9,6 +9,7 @@ import textwrap
 import pytest
 import yaml
 
+from raydeq import train, tune
 from raydeq.training.launch import LOCAL_ENV_VARS
 
 # A process that runs train.main, tune.main, and train.main again on a Ray of its own, each
@@ -107,3 +108,24 @@ def test_the_commands_called_from_one_process_leave_it_as_they_found_it(tmp_path
         {"call": "train again", "status": 0, "changed": {}},
         {"call": "train on the caller's Ray", "status": 0, "kept": True},
     ]
+
+
+def test_a_bad_argument_or_help_returns_the_status_where_it_raised_system_exit(capsys):
+    """train.main and tune.main return the exit status (2 for bad input) to a Python caller,
+    but a flag argparse refuses, a missing argument or --help raised SystemExit, which ends a
+    notebook cell or a script that reads the status; each now returns 2 or 0, after argparse's
+    usage line on stderr (or the help on stdout)."""
+    assert train.main(["tune_configs/digits.yaml", "--epochs", "3"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "python -m raydeq.train: error: unrecognized arguments: --epochs 3"
+    )
+    assert tune.main([]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "python -m raydeq.tune: error: the following arguments are required: experiment"
+    )
+    assert tune.main(["digits", "--num-samples", "many"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "python -m raydeq.tune: error: argument --num-samples: invalid int value: 'many'"
+    )
+    assert train.main(["--help"]) == 0 and tune.main(["--help"]) == 0
+    assert capsys.readouterr().out.count("usage: python -m raydeq.") == 2
