@@ -2078,6 +2078,18 @@ def test_load_model_gives_the_trained_model_of_a_run_a_trial_or_a_checkpoint_fol
     assert tested["test_accuracy"] == reported["test_accuracy"] > 0.1
 
 
+def test_load_model_leaves_the_callers_random_stream_as_it_found_it(tmp_path):
+    """load_model drew the built model's initial weights, which the checkpoint's replace,
+    from the caller's global torch stream: a notebook seeded with torch.manual_seed(0) drew
+    other numbers after loading a model; it now draws the same."""
+    loop.Loop(make_config(tmp_path, max_steps=1), FolderSession(tmp_path / "run")).run()
+    torch.manual_seed(0)
+    expected = torch.rand(8)
+    torch.manual_seed(0)
+    load_model(tmp_path / "run")
+    assert torch.equal(torch.rand(8), expected)
+
+
 def test_load_model_reads_a_file_uri_and_refuses_another_uri_naming_it(tmp_path):
     """Path() made file:///abs/run 'file:/abs/run' and s3://bucket/run 's3:/bucket/run', each
     refused as 'no such folder', the first though it was there; a file: URI is now read as

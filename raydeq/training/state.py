@@ -187,7 +187,8 @@ def _built(folder: Path) -> nn.Module:
     """`load_model` of a local folder."""
     read, saved = newest_checkpoint(folder)
     try:
-        model = models.build(_model_options(folder, saved))
+        with torch.random.fork_rng(devices=[]):  # initial weights the checkpoint's replace
+            model = models.build(_model_options(folder, saved))
     except (KeyError, TypeError, ValueError) as err:
         raise CheckpointError(f"{folder}: its settings build no model ({err})") from None
     misfits = model_misfits(model, saved["model"], whose="the built model's")
