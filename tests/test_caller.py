@@ -129,3 +129,28 @@ def test_a_bad_argument_or_help_returns_the_status_where_it_raised_system_exit(c
     )
     assert train.main(["--help"]) == 0 and tune.main(["--help"]) == 0
     assert capsys.readouterr().out.count("usage: python -m raydeq.") == 2
+
+
+def test_the_experiments_figures_leave_the_callers_matplotlib_backend(tmp_path):
+    """Writing an experiment's figures (tune's results, --report) chose matplotlib's Agg
+    backend for the whole process: a notebook's inline figures stopped showing after a run.
+    The figures are now drawn without pyplot, on a figure of their own, and are PNG images of
+    the size asked (4 x 3 inches at 120 dpi: 480 x 360 pixels)."""
+    script = textwrap.dedent(
+        """
+        import json, struct, matplotlib
+        matplotlib.use("svg")  # a backend of the caller's, as a notebook's inline one
+        from matplotlib import pyplot as plt
+        from raydeq.experiments.figures import png, subplots
+        own = plt.figure()
+        figure, axes = subplots(figsize=(4.0, 3.0))
+        axes.plot([0, 1], [0, 1])
+        image = png(figure)
+        size = struct.unpack(">II", image[16:24])
+        kept = plt.get_fignums() == [own.number]
+        print(json.dumps([matplotlib.get_backend(), image[:8].hex(), size, kept]))
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout) == ["svg", "89504e470d0a1a0a", [480, 360], True]

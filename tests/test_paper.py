@@ -9,7 +9,6 @@ import pytest
 from matplotlib.colors import to_rgba
 
 from raydeq.experiments import paper, results, spec
-from raydeq.experiments.figures import pyplot
 from raydeq.training.config import ConfigError
 
 NUMBERS = [
@@ -255,7 +254,6 @@ def test_figure_1_of_table_1_shows_total_training_minutes_relative_to_the_vanill
     assert theirs[CONTINUOUS] == 1.0 and theirs[skip_reg] == pytest.approx(1.295 / 5.197)
     widths = [bar.get_width() for bar in backward.patches]
     assert dict(zip(labels, widths, strict=True))[skip_reg] == pytest.approx(0.25)
-    pyplot().close(figure)
 
 
 def test_figure_1_without_our_reference_draws_no_bars_of_ours_and_says_why(monkeypatch):
@@ -274,7 +272,6 @@ def test_figure_1_without_our_reference_draws_no_bars_of_ours_and_says_why(monke
         assert len(axis.patches) == methods == 7
         assert {bar.get_facecolor() for bar in axis.patches} == {to_rgba("C1")}
         assert axis.get_title().endswith(f"(ours: no {CONTINUOUS} time to divide by)")
-    pyplot().close(figure)
 
 
 def test_table_1_reports_total_minutes_and_test_nfe_and_table_4_top5():
@@ -344,7 +341,6 @@ def test_figures_4_6_name_a_searchs_many_groups_in_legends_that_neither_overlap_
     first, second = (legend.get_window_extent() for legend in drawn[0])
     assert [legend._ncols for legend in drawn[0]] == [3, 3] and first.y0 > second.y1
     assert image.shape[1] / 110 > first.x1 / figure.dpi and image.shape[0] > 6.8 * 110
-    pyplot().close(figure)
 
 
 def test_the_curves_figure_s_time_panels_turn_logarithmic_where_the_variants_span_decades(
@@ -364,7 +360,6 @@ def test_the_curves_figure_s_time_panels_turn_logarithmic_where_the_variants_spa
     }
     figure = paper.curves_figure(rows, curves)
     assert [axis.get_yscale() for axis in figure.axes[:3]] == ["linear", "log", "linear"]
-    pyplot().close(figure)
 
 
 def test_a_line_of_figures_4_6_is_the_mean_over_seeds_at_each_step_accuracy_in_percent(
@@ -384,7 +379,6 @@ def test_a_line_of_figures_4_6_is_the_mean_over_seeds_at_each_step_accuracy_in_p
     assert list(accuracy.get_ydata()) == pytest.approx([55.0, 70.0])
     assert list(backward.get_ydata()) == pytest.approx([0.3, 0.3])
     assert [len(axis.lines) for axis in figure.axes[:3]] == [0, 0, 0]
-    pyplot().close(figure)
 
 
 def test_a_panel_of_figures_4_6_that_no_trial_reported_says_so(monkeypatch):
@@ -407,7 +401,6 @@ def test_a_panel_of_figures_4_6_that_no_trial_reported_says_so(monkeypatch):
     backward = figure.axes[4]
     assert backward.axison and [len(line.get_xdata()) for line in backward.lines] == [2]
     assert list(backward.get_xticks()) != []
-    pyplot().close(figure)
 
 
 def test_figure_1_is_relative_to_the_vanilla_continuous_deq_and_figures_4_6_skip_the_node():
@@ -510,4 +503,3 @@ def test_figure_1_of_a_search_beside_the_table_draws_the_papers_methods_alone(mo
     assert figure._suptitle.get_text().endswith(
         "(100 trials of no labelled variant left out: see pareto.png and paper_table.md)"
     )
-    pyplot().close(figure)

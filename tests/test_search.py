@@ -32,7 +32,7 @@ from test_tune import (
 
 from raydeq import tune as rt
 from raydeq.experiments import hparams, pareto, results, search, spec
-from raydeq.experiments.figures import LOG_SPAN, pyplot
+from raydeq.experiments.figures import LOG_SPAN, subplots
 from raydeq.training.config import METRICS, ConfigError, parse_overrides
 
 SEARCH = {
@@ -538,7 +538,7 @@ def test_the_chart_leaves_off_a_front_end_at_chance_level_and_counts_it():
     """A cheap trial that collapsed to chance sits on the front; drawing it would squeeze the
     others into the top of the chart, so the panel shows the front within ZOOM_POINTS of the
     best and the paper's points, and its title counts what it leaves off."""
-    figure, axes = pyplot().subplots()
+    figure, axes = subplots()
     accuracy, front = [10.6, 10.6, 96.9, 97.2, 95.8, 92.5], [10.6, 10.6, 96.9, 97.2]
     shown = [
         a
@@ -552,7 +552,6 @@ def test_the_chart_leaves_off_a_front_end_at_chance_level_and_counts_it():
     assert axes.get_ylim() == pytest.approx((95.8 - pareto.ZOOM_POINTS, 98.2))
     assert axes.get_title() == "2 trial(s) below 86% not shown (2 of them on the front)"
     assert pareto._shown({"paper": True}, "c", 10.0, 97.2)
-    pyplot().close(figure)
 
 
 def _finished(experiment: Path) -> set[str]:
@@ -985,7 +984,6 @@ def test_the_chart_legend_names_only_what_a_panel_draws(monkeypatch):
         "Pareto front",
     ]
     assert [len(collection.get_offsets()) for collection in figure.axes[1].collections] == [1]
-    pyplot().close(figure)
 
 
 @pytest.mark.parametrize(
@@ -1016,7 +1014,6 @@ def test_a_pareto_panel_without_a_point_says_what_no_trial_reported(monkeypatch,
         assert len(axes.collections) == (text is None)  # the one trial's point, or none
     legends = [axes.get_legend() for axes in figure.axes if axes.get_legend()]
     assert [len(legend.get_texts()) for legend in legends] == ([] if None not in said else [2])
-    pyplot().close(figure)
 
 
 def test_a_front_table_without_a_trial_says_what_no_trial_reported():
@@ -1039,7 +1036,6 @@ def test_a_cost_spanning_decades_is_drawn_on_a_log_axis(monkeypatch):
     rows = _trials((True, 0.9, 5.0, 0.001), (True, 0.95, 20.0, 0.003), (True, 0.97, 60.0, 0.1))
     figure = pareto.chart(pareto.mark(rows, "test_accuracy"), "test_accuracy")
     assert [axes.get_xscale() for axes in figure.axes[:2]] == ["linear", "log"]
-    pyplot().close(figure)
 
 
 def test_a_cost_axis_is_logarithmic_from_a_span_of_exactly_log_span(monkeypatch):
@@ -1050,7 +1046,6 @@ def test_a_cost_axis_is_logarithmic_from_a_span_of_exactly_log_span(monkeypatch)
         rows = _trials((True, 0.9, 1.0, 0.01), (True, 0.95, top, 0.01))
         figure = pareto.chart(pareto.mark(rows, "test_accuracy"), "test_accuracy")
         scales.append(figure.axes[0].get_xscale())
-        pyplot().close(figure)
     assert scales == ["linear", "log"]
 
 

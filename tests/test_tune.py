@@ -41,7 +41,6 @@ from ray.util.state import list_actors
 from raydeq import datasets
 from raydeq import tune as rt
 from raydeq.experiments import archive, pareto, results, run, spec
-from raydeq.experiments.figures import pyplot
 from raydeq.models import PRESETS
 from raydeq.training import capacity, launch, preflight, runlock, storage
 from raydeq.training.checkpoint import (
@@ -1948,7 +1947,6 @@ def test_a_search_s_hundred_variants_fill_legend_columns_beside_axes_of_a_fixed_
     legend = figure.axes[0].get_legend()
     assert tuple(figure.get_size_inches()) == (9.6, 4.8)
     assert len(legend.get_texts()) == 100 and legend._ncols == 4
-    pyplot().close(figure)
 
 
 def test_a_curve_of_many_reports_is_a_line_and_one_of_few_marks_each(monkeypatch):
@@ -1962,7 +1960,6 @@ def test_a_curve_of_many_reports_is_a_line_and_one_of_few_marks_each(monkeypatch
     }
     figure = results.plot("forward_time", "forward time", curves)
     assert [line.get_marker() for line in figure.axes[0].lines] == ["o", "None"]
-    pyplot().close(figure)
 
 
 def test_a_trials_row_takes_its_test_metrics_from_the_last_evaluation_and_the_rest_as_means():
@@ -2150,7 +2147,6 @@ def test_a_plot_shows_per_variant_the_mean_over_seeds_with_a_band_of_one_std(mon
         heights = band[band[:, 0] == step][:, 1]
         assert (heights.min(), heights.max()) == pytest.approx((mean - 0.02**0.5, mean + 0.02**0.5))
     assert [label.get_text() for label in axes.get_legend().get_texts()] == list(lines)
-    pyplot().close(figure)
 
 
 def test_a_plot_of_times_that_span_decades_has_a_log_axis_and_one_of_accuracy_not(monkeypatch):
@@ -2167,7 +2163,6 @@ def test_a_plot_of_times_that_span_decades_has_a_log_axis_and_one_of_accuracy_no
     ]:
         figure = results.plot(metric, metric, curves)
         scales[metric] = figure.axes[0].get_yscale()
-        pyplot().close(figure)
     assert scales == {"forward_time": "log", "backward_time": "linear", "test_accuracy": "linear"}
 
 
@@ -2180,17 +2175,18 @@ def test_a_plot_of_a_metric_no_trial_reported_says_so_on_bare_axes(monkeypatch):
     (axes,) = figure.axes
     assert [text.get_text() for text in axes.texts] == ["no trial reported test_accuracy"]
     assert not axes.axison and axes.get_legend() is None and len(axes.lines) == 0
-    pyplot().close(figure)
 
 
 def test_a_plot_closes_its_figure():
     """A search writes a plot per metric at each report: figures left open add up (matplotlib
     warns past 20) and hold their memory."""
+    from matplotlib import pyplot as plt
+
     frame = pd.DataFrame({"step": [1, 2], "test_accuracy": [0.5, 0.6]})
-    open_before = pyplot().get_fignums()
+    open_before = plt.get_fignums()
     results.plot("test_accuracy", "test accuracy", {"Skip": [frame]})
     results.plot("test_accuracy", "test accuracy", {})
-    assert pyplot().get_fignums() == open_before
+    assert plt.get_fignums() == open_before
 
 
 def test_the_report_has_a_row_per_trial_from_every_session_and_writes_its_files(
@@ -3694,7 +3690,7 @@ def test_sigterm_while_the_results_are_written_exits_130_in_one_line_as_ctrl_c_d
 
 def test_the_tune_command_loads_no_matplotlib_until_it_draws(loaded):
     """`python -m raydeq.tune X --dry-run` and --help, and each trial's worker, pay for no
-    import of matplotlib: pyplot is imported at the first chart a report draws."""
+    import of matplotlib: it is imported at the first chart a report draws."""
     assert loaded("import raydeq.tune, raydeq.experiments.run", ["matplotlib"]) == []
 
 

@@ -1,17 +1,16 @@
 """Matplotlib without a display (the Agg backend), figures as PNG bytes and the pieces that
 every chart an experiment writes (results, Pareto front, the paper's figures) shares.
 
-pyplot is imported on the first chart, not with this module: `python -m raydeq.tune` imports
-this for its reports, and a --dry-run, a --help or a trial's worker draws nothing.
+Matplotlib is imported on the first chart, not with this module: `python -m raydeq.tune`
+imports this for its reports, and a --dry-run, a --help or a trial's worker draws nothing. The
+figures are matplotlib Figures of their own, never pyplot's, whose backend is the process's.
 """
 
 from __future__ import annotations
 
-import functools
 import io
 import math
 from collections.abc import Iterator, Mapping, Sequence
-from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
@@ -27,7 +26,6 @@ __all__ = [
     "log_y",
     "nothing_drawn",
     "png",
-    "pyplot",
     "spans_decades",
     "step_curves",
     "step_panel",
@@ -39,20 +37,14 @@ __all__ = [
 LOG_SPAN = 20.0
 
 
-@functools.cache
-def pyplot() -> ModuleType:
-    """matplotlib.pyplot on the Agg backend, chosen before pyplot is first imported."""
-    import matplotlib
+def subplots(*args: Any, figsize: tuple[float, float] | None = None, **kwargs: Any) -> Any:
+    """A figure of its own and its axes (Figure.subplots' arguments), drawn by Agg without
+    pyplot: pyplot's backend is the process's, and choosing Agg for it switched off the inline
+    figures of a notebook that ran an experiment."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    return plt
-
-
-def subplots(*args: Any, **kwargs: Any) -> Any:
-    """pyplot.subplots on the Agg backend: a figure and its axes."""
-    return pyplot().subplots(*args, **kwargs)
+    figure = Figure(figsize=figsize)
+    return figure, figure.subplots(*args, **kwargs)
 
 
 def spans_decades(values: Sequence[float]) -> bool:
@@ -115,14 +107,13 @@ def legend_beside(
 
 
 def png(figure: Figure, dpi: int = 120, outside: Sequence[Artist] = ()) -> bytes:
-    """The figure, laid out, as PNG bytes; the figure is closed. The image grows to take in
-    the `outside` artists, which the layout leaves out (a legend too large for the figure)."""
+    """The figure, laid out, as PNG bytes. The image grows to take in the `outside` artists,
+    which the layout leaves out (a legend too large for the figure)."""
     buffer = io.BytesIO()
     for artist in outside:
         artist.set_in_layout(False)
     figure.tight_layout()
     figure.savefig(buffer, format="png", dpi=dpi, **_grown(figure, outside))
-    pyplot().close(figure)
     return buffer.getvalue()
 
 
