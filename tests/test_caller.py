@@ -12,9 +12,9 @@ import yaml
 from raydeq import train, tune
 from raydeq.training.launch import LOCAL_ENV_VARS
 
-# A process that runs train.main, tune.main, and train.main again on a Ray of its own, each
-# trained by a stand-in for the fit (the commands' own Ray and state are what count here), and
-# prints what each call left changed.
+# A process that runs train.main, tune.main, train.main again, one interrupted and one that
+# raises, each on a Ray of its own and trained by a stand-in for the fit (the commands' own Ray
+# and state are what count here), and prints what each call left changed.
 SCRIPT = textwrap.dedent(
     """
     import hashlib, json, logging, os, random, sys
@@ -26,7 +26,13 @@ SCRIPT = textwrap.dedent(
     class Result:
         metrics = {"test_accuracy": 0.5, "step": 1}
 
-    launch.fit = lambda cfg, scaling: Result()
+    def fit(cfg, scaling):
+        if cfg.name in failures:
+            raise failures[cfg.name]
+        return Result()
+
+    failures = {"stopped": KeyboardInterrupt(), "failed": RuntimeError("a bug")}
+    launch.fit = fit
     run.fit = lambda *args: (0, 1)  # the trials interrupted: the command returns 130
 
     def state():
@@ -59,10 +65,15 @@ SCRIPT = textwrap.dedent(
         "train": lambda: train.main([config, "name=a"]),
         "tune": lambda: tune.main([experiment, "--storage", storage]),
         "train again": lambda: train.main([config, "name=b"]),
+        "train interrupted": lambda: train.main([config, "name=stopped"]),
+        "train that raised": lambda: train.main([config, "name=failed"]),
     }
     for name, call in calls.items():
         before = state()
-        status = call()
+        try:
+            status = call()
+        except RuntimeError as err:
+            status = str(err)
         print(json.dumps({"call": name, "status": status, "changed": changed(before, state())}))
     ray.init(num_cpus=1)  # the caller's own Ray, which the command joins and keeps
     address = ray.get_runtime_context().gcs_address
@@ -79,7 +90,8 @@ def test_the_commands_called_from_one_process_leave_it_as_they_found_it(tmp_path
     started running, ray.init's PYTHONBREAKPOINT (breakpoint() then opened Ray's remote
     debugger) and the commands' RAY_* and TUNE_* variables set, the `ray` logger at WARNING,
     one more log filter per call and the caller's torch and Python random draws moved; each
-    call now leaves none of it, and a caller's own Ray is joined and kept."""
+    call now leaves none of it, also one interrupted or one that raised, and a caller's own
+    Ray is joined and kept."""
     config = tmp_path / "run.yaml"
     storage = tmp_path / "runs"
     settings = {
@@ -106,6 +118,8 @@ def test_the_commands_called_from_one_process_leave_it_as_they_found_it(tmp_path
         {"call": "train", "status": 0, "changed": {}},
         {"call": "tune", "status": 130, "changed": {}},
         {"call": "train again", "status": 0, "changed": {}},
+        {"call": "train interrupted", "status": 130, "changed": {}},
+        {"call": "train that raised", "status": "a bug", "changed": {}},
         {"call": "train on the caller's Ray", "status": 0, "kept": True},
     ]
 
