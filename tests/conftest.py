@@ -214,10 +214,11 @@ def one_thread() -> Iterator[None]:
 def process_state() -> dict[str, object]:
     """What a test shares with the tests after it in this process: torch's default dtype,
     threads, grad mode, backend flags and modes, the SIGINT and SIGTERM handlers, sys.path, the
-    working folder, the umask, and the loggers a run in this process sets."""
+    working folder, the umask, and the loggers a run in this process sets (Optuna's, whose
+    level is its verbosity, which a search's searcher sets)."""
     umask = os.umask(0o022)
     os.umask(umask)
-    loggers = {name or "root": logging.getLogger(name) for name in WORKER_LOGGERS}
+    loggers = {name or "root": logging.getLogger(name) for name in (*WORKER_LOGGERS, "optuna")}
     return {
         "default dtype": torch.get_default_dtype(),
         "threads": torch.get_num_threads(),

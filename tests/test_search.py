@@ -6,6 +6,7 @@ import math
 import pickle
 import signal
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -61,6 +62,15 @@ SEARCH = {
         },
     ],
 }
+
+
+@pytest.fixture(autouse=True)
+def optuna_verbosity_kept() -> Iterator[None]:
+    """Put Optuna's verbosity back after each test: search.searcher sets it for the command's
+    process for good."""
+    verbosity = optuna.logging.get_verbosity()
+    yield
+    optuna.logging.set_verbosity(verbosity)
 
 
 def test_a_searchers_trials_are_its_points_then_draws_with_conditional_dimensions():
