@@ -3949,7 +3949,8 @@ def test_load_model_gives_its_weights_step_and_warns_where_no_evaluation_measure
     """A run stopped after a periodic checkpoint written past its last test evaluation gave
     that checkpoint's weights without a word: their step was nowhere on the model, and the
     test accuracy the run last reported was another step's. The model carries its step, and
-    loading weights that no evaluation measured warns, naming the step and the run's last."""
+    loading weights that no evaluation measured warns, naming the step and the run's last;
+    here the run stopped in its first epoch, before any evaluation, and the warning says so."""
     cfg = make_config(tmp_path, max_steps=3, checkpoint_every=2, eval_batches=1)
     loop.Loop(cfg, FolderSession(tmp_path / "run")).run()
     with caplog.at_level(logging.WARNING):
@@ -3960,6 +3961,32 @@ def test_load_model_gives_its_weights_step_and_warns_where_no_evaluation_measure
         assert load_model(tmp_path / "run").checkpoint_step == 2
     assert [r.getMessage() for r in caplog.records] == [
         f"{tmp_path / 'run' / 'checkpoint_000002'}: the weights of step 2 of 3, a periodic "
+        "checkpoint (train.checkpoint_every) before the run's first test evaluation, which it "
+        "makes at each epoch's end and its last step; the run reported no test accuracy"
+    ]
+
+
+def test_load_model_of_a_periodic_checkpoint_after_an_evaluation_says_it_is_past_the_last(
+    tmp_path, caplog
+):
+    """The warning for a periodic checkpoint's weights said they were past the run's last test
+    evaluation also where the run had made none (a stop in its first epoch); past one, it says
+    so. The 1,438 digits in batches of 718 are 2 steps an epoch: evaluations at steps 2 and 4, a
+    periodic checkpoint at 3."""
+    cfg = validate(
+        {
+            "name": "run",
+            "storage_path": str(tmp_path),
+            "data": {"batch_size": 718},
+            "train": {"epochs": 2, "checkpoint_every": 3, "eval_batches": 1},
+        }
+    )
+    loop.Loop(cfg, FolderSession(tmp_path / "run")).run()
+    shutil.rmtree(tmp_path / "run" / "checkpoint_000004")  # stopped before its last step
+    with caplog.at_level(logging.WARNING):
+        assert load_model(tmp_path / "run").checkpoint_step == 3
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{tmp_path / 'run' / 'checkpoint_000003'}: the weights of step 3 of 4, a periodic "
         "checkpoint (train.checkpoint_every) past the run's last test evaluation, which it "
         "makes at each epoch's end and its last step; no test accuracy the run reported "
         "measured them"

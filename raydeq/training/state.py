@@ -167,8 +167,9 @@ def load_model(folder: str | Path) -> nn.Module:
     """The trained model of a run's or a trial's folder, or of a checkpoint folder: built from
     the settings its newest readable checkpoint records, with that checkpoint's weights (read
     tensors-only, on the CPU), in eval mode, and its step as `checkpoint_step`; a warning says
-    where that step is past the run's last test evaluation (a periodic checkpoint of a run
-    stopped before its next one), whose reported accuracy is then not these weights'. A
+    where that step is past the run's last test evaluation or before its first (a periodic
+    checkpoint of a run stopped before its next one): no test accuracy it reported measured
+    these weights. A
     CheckpointError names the folder and what it
     lacks: a checkpoint, recorded settings, a model section in them, or weights that fit the
     model they build; a file: URI is read as its folder, and another URI refused. The errors
@@ -206,7 +207,8 @@ def _built(folder: Path) -> nn.Module:
 def warn_of_untested(read: Path, step: int) -> None:
     """Warn where the weights of step `step`, read from the checkpoint folder `read`, are not
     those the run last tested: the run diverged after them, or they are a periodic
-    checkpoint's past its last test evaluation (a run stopped before its next)."""
+    checkpoint's past its last test evaluation or, in its first epoch, before its first (a
+    run stopped before its next)."""
     divergence = divergence_from(read.parent, step)
     if divergence is not None:
         log.warning(
@@ -219,13 +221,19 @@ def warn_of_untested(read: Path, step: int) -> None:
         )
     report = own_report(read)
     if report is not None and "test_accuracy" not in report:
+        when, measured = (
+            ("before the run's first", "the run reported no test accuracy")
+            if report.get("epoch", 1) < 1  # the first epoch's end is its first evaluation
+            else ("past the run's last", "no test accuracy the run reported measured them")
+        )
         log.warning(
             "%s: the weights of step %d of %s, a periodic checkpoint (train.checkpoint_every) "
-            "past the run's last test evaluation, which it makes at each epoch's end and its "
-            "last step; no test accuracy the run reported measured them",
+            "%s test evaluation, which it makes at each epoch's end and its last step; %s",
             read,
             step,
             report.get("total_steps", "?"),
+            when,
+            measured,
         )
 
 
