@@ -4074,3 +4074,29 @@ def test_a_folder_whose_runs_lie_deeper_is_refused_naming_them_not_as_holding_no
     shutil.rmtree(tmp_path / "exp" / "t0_seed=0")
     with pytest.raises(checkpoint.CheckpointError, match=r"of 1 run \(t1_seed=1/train\); name"):
         load_model(tmp_path / "exp")
+
+
+def test_a_file_named_like_a_checkpoint_deeper_in_a_folder_names_no_run(tmp_path):
+    """A file named like a checkpoint two levels down (an archive of one left beside the
+    runs) added its folder to the runs that load_model's refusal of an experiment's folder
+    named (2 runs, one of them the archive's folder); only checkpoint folders name a run, and
+    a folder holding such files alone holds no checkpoint."""
+    weights = models.build({"model": "mnist_dense"}).state_dict()
+    state = {"step": 4, "model": weights, "settings": {"model": {"model": "mnist_dense"}}}
+    checkpoint.write_checkpoint(state, tmp_path / "exp" / "t0_seed=0" / "train" / "checkpoint_4")
+    stray = tmp_path / "exp" / "old" / "copies" / "checkpoint_000004.tar.gz"
+    stray.parent.mkdir(parents=True)
+    stray.write_bytes(b"")
+    with pytest.raises(checkpoint.CheckpointError) as refused:
+        load_model(tmp_path / "exp")
+    assert str(refused.value) == (
+        f"{tmp_path / 'exp'}: holds no checkpoint in it or in a folder in it, but folders deeper "
+        "in it hold the checkpoints of 1 run (t0_seed=0/train); name the folder of one"
+    )
+    shutil.rmtree(tmp_path / "exp" / "t0_seed=0")
+    with pytest.raises(checkpoint.CheckpointError) as refused:
+        load_model(tmp_path / "exp")
+    assert str(refused.value) == (
+        f"{tmp_path / 'exp'}: holds no checkpoint (no checkpoint_* folder in it or in a folder "
+        "in it, and no manifest.json)"
+    )

@@ -211,8 +211,10 @@ def _runs(folders: list[str]) -> str:
 
 def _deeper_runs(folder: Path) -> list[str]:
     """The folders, relative to `folder`, that hold checkpoints DEEPER_RUNS below it."""
-    found = {path.parent for pattern in DEEPER_RUNS for path in folder.glob(pattern)}
-    return sorted(str(path.relative_to(folder)) for path in found if path.is_dir())
+    found = {
+        path.parent for pattern in DEEPER_RUNS for path in folder.glob(pattern) if path.is_dir()
+    }
+    return sorted(str(path.relative_to(folder)) for path in found)
 
 
 def newest_checkpoint(folder: Path) -> tuple[Path, dict[str, Any]]:
