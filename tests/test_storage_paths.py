@@ -467,6 +467,30 @@ def test_drivers_of_many_temporary_folders_hold_a_run_one_at_a_time(tmp_path):
     assert all(a[0] == "+" and b == f"-{a[1:]}" for a, b in zip(lines[::2], lines[1::2]))
 
 
+def test_a_driver_whose_storage_folder_is_removed_as_it_starts_still_locks_the_run(
+    tmp_path, monkeypatch
+):
+    """A driver that found the run's parent folder, made by a driver that removed it as it
+    ended, opened its lock file in no folder and ran without the storage's lock, beside a third
+    driver; it now makes the folder again, holds the lock, and removes the folder after."""
+    monkeypatch.setattr(runlock.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    run, opened = str(runs / "a"), os.open
+
+    def open_after_the_other_driver_ended(path, *args):
+        if runs.exists():
+            runs.rmdir()
+        monkeypatch.setattr(runlock.os, "open", opened)
+        return opened(path, *args)
+
+    monkeypatch.setattr(runlock.os, "open", open_after_the_other_driver_ended)
+    with runlock.hold(run):
+        held = runlock.probe(runlock.shared_lock_file(run))
+    assert held == f"process {os.getpid()} on {runlock.socket.gethostname()}"
+    assert not runs.exists()
+
+
 @pytest.mark.parametrize("manifest", ["{}", "[1, 2]", "not json", '{"step": 1}'])
 def test_a_manifest_without_its_checksum_is_a_checkpoint_error(tmp_path, manifest):
     folder = checkpoint.write_checkpoint({"step": 1}, tmp_path / "checkpoint_000001")

@@ -100,17 +100,15 @@ def shared_lock_file(run: str, suffix: str = ".lock") -> Path | None:
 @contextmanager
 def hold_shared(run: str) -> Iterator[str | None]:
     """Hold the lock file of `run` in its storage for the block, or raise RunInUse naming its
-    holder and machine; yields a note where a killed driver left it. Folders it makes for the
-    file, and the file, are removed after, so a run that never started stores nothing. A
-    storage where no file can be made or locked (read-only, a filesystem without flock) is left
-    to the preflight's checks, under the lock of this machine alone."""
+    holder and machine; yields a note where a killed driver left it. The file, and the folders
+    made for it that are empty after, are removed, so a run that never started stores nothing.
+    A storage where no file can be made or locked (read-only, a filesystem without flock) is
+    left to the preflight's checks, under the lock of this machine alone."""
     path = shared_lock_file(run)
-    made = [] if path is None else missing_folders(path.parent)
+    made: list[Path] = []
     file = None
     try:
-        for folder in reversed(made):
-            folder.mkdir()
-        file = None if path is None else open_locked(path, run)
+        file = None if path is None else open_locked(path, run, folders_made=made)
     except OSError:
         pass
     try:
@@ -131,10 +129,10 @@ def hold_shared(run: str) -> Iterator[str | None]:
     finally:
         if file is not None:
             release(path, file)
-        for folder in made:
+        for folder in sorted(set(made), key=lambda folder: len(folder.parts), reverse=True):
             try:
                 folder.rmdir()
-            except OSError:  # something else was put in it
+            except OSError:  # something else was put in it, or another driver removed it
                 break
 
 
@@ -147,15 +145,29 @@ def missing_folders(folder: Path) -> list[Path]:
     return missing
 
 
-def open_locked(path: Path, run: str, wait: bool = False) -> IO[str]:
+def open_locked(
+    path: Path, run: str, wait: bool = False, folders_made: list[Path] | None = None
+) -> IO[str]:
     """The lock file of `run` at `path`, opened and locked; raise RunInUse where another process
     holds it, or with `wait` wait for it. A holder removes the file before releasing it, so a
     lock taken on a file no longer at `path` is dropped and the new file opened: two processes
-    never hold two files. A file it made on a filesystem that refuses flock, which no process
-    can hold, is removed before the OSError is raised."""
+    never hold two files. Given `folders_made`, the file's missing folders are made and added
+    to it, again where a holder that made them removed them as it ended. A file it made on a
+    filesystem that refuses flock, which no process can hold, is removed before the OSError is
+    raised."""
     while True:
         try:
             fd, made = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666), True
+        except FileNotFoundError:
+            if folders_made is None:
+                raise
+            for folder in reversed(missing_folders(path.parent)):
+                try:
+                    folder.mkdir()
+                except FileExistsError:  # made by another driver meanwhile
+                    continue
+                folders_made.append(folder)
+            continue
         except FileExistsError:
             try:
                 fd, made = os.open(path, os.O_RDWR), False
