@@ -1737,6 +1737,43 @@ def test_read_newest_takes_the_checkpoint_of_the_latest_step_whatever_the_clock_
     assert checkpoint.read_newest(tmp_path / "trial")["step"] == 30
 
 
+@pytest.mark.parametrize("when", ["listed", "reading"])
+def test_read_newest_of_a_run_that_prunes_the_checkpoint_it_reads_takes_the_new_one(
+    tmp_path, monkeypatch, caplog, when
+):
+    """load_model from a notebook beside a run of train.keep_checkpoints=1: the run wrote step
+    3 and pruned step 2 after the reader listed step 2 (it called the run's folder one of
+    copies cut short) or as it hashed step 2's state (a FileNotFoundError of its state.pt); it
+    lists the folder again and reads step 3, with no word of a cut copy."""
+    run = tmp_path / "run"
+    checkpoint.write_checkpoint({"step": 2}, run / "checkpoint_000002")
+    listed, hashed = checkpoint.newest_first, checkpoint._sha256
+
+    def driver_step() -> None:
+        checkpoint.write_checkpoint({"step": 3}, run / "checkpoint_000003")
+        shutil.rmtree(run / "checkpoint_000002")
+
+    def newest_first(*args):
+        found = listed(*args)
+        monkeypatch.setattr(checkpoint, "newest_first", listed)
+        driver_step()
+        return found
+
+    def sha256(path):
+        monkeypatch.setattr(checkpoint, "_sha256", hashed)
+        driver_step()
+        return hashed(path)
+
+    if when == "listed":
+        monkeypatch.setattr(checkpoint, "newest_first", newest_first)
+    else:
+        monkeypatch.setattr(checkpoint, "_sha256", sha256)
+    with caplog.at_level(logging.WARNING):
+        read, state = checkpoint.newest_checkpoint(run)
+    assert (read, state["step"]) == (run / "checkpoint_000003", 3)
+    assert caplog.messages == []
+
+
 def test_a_resume_restores_the_counters_and_each_worker_draws_from_its_own_stream():
     """The skipped and overflow steps reported after a resume count the steps before it too;
     a fresh start seeds each rank apart (the same Hutchinson probes on every worker would

@@ -12,7 +12,7 @@ import logging
 import pickle
 import shutil
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -139,13 +139,21 @@ def read_checkpoint(directory: Path) -> dict[str, Any]:
         listed = _listed(manifest)
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise manifest_error(directory, err) from None
-    for name, (expected, recorded) in listed.items():
-        check_size(directory, name, recorded)
-        if _sha256(directory / name) != expected:
-            raise CheckpointError(f"{directory}: {name} fails its checksum")
-    state_path = directory / STATE_FILE
     try:
-        return torch.load(state_path, map_location="cpu", weights_only=True)
+        for name, (expected, recorded) in listed.items():
+            check_size(directory, name, recorded)
+            if _sha256(directory / name) != expected:
+                raise CheckpointError(f"{directory}: {name} fails its checksum")
+        return _load_state(directory)
+    except FileNotFoundError as err:  # removed as it was read (pruned by its run)
+        raise IncompleteCheckpoint(f"{directory}: {Path(err.filename).name} is missing") from None
+
+
+def _load_state(directory: Path) -> dict[str, Any]:
+    """The state of a checked checkpoint folder, loaded tensors-only on the CPU; a
+    CheckpointError where the loader refuses it."""
+    try:
+        return torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
         reason = str(err).splitlines()[0]
         raise CheckpointError(
@@ -226,15 +234,15 @@ def newest_checkpoint(folder: Path) -> tuple[Path, dict[str, Any]]:
     newest step would be some one run's, by how long it ran; so is one whose checkpoints lie
     deeper (an experiment of trials of several workers, a storage folder of experiments),
     naming the runs that hold them, one without a checkpoint, naming what it lacks, and a
-    file (a checkpoint's state.pt), naming its folder."""
+    file (a checkpoint's state.pt), naming its folder. A run that prunes the checkpoint being
+    read, having written a newer one, is listed again (`Relisted`)."""
     if folder.is_file():
         raise CheckpointError(
             f"{folder}: a file, not a folder; name the folder that holds it ({folder.parent})"
         )
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: no such folder")
-    inside = [path for path in folder.glob("checkpoint_*") if path.is_dir()]
-    inside = inside or [path for path in folder.glob("*/checkpoint_*") if path.is_dir()]
+    inside = _checkpoint_folders(folder)
     runs = sorted({path.parent.name for path in inside})
     if len(runs) > 1:
         raise CheckpointError(f"{folder}: holds the checkpoints of {_runs(runs)}")
@@ -252,19 +260,58 @@ def newest_checkpoint(folder: Path) -> tuple[Path, dict[str, Any]]:
     if (folder / MANIFEST_FILE).exists() or not inside:
         return folder, read_checkpoint(folder)
     local = pyarrow.fs.LocalFileSystem()
-    tried: list[str] = []
-    state = restore(_in_turn(newest_first(local, [str(path) for path in inside]), tried), False)
-    if state is None:
-        raise CheckpointError(f"{folder}: no whole checkpoint, only copies cut short")
-    return Path(tried[-1]), state
+    while True:
+        tried: list[str] = []
+        listed = newest_first(local, [str(path) for path in inside])
+        try:
+            state = restore(_in_turn(folder, inside, listed, tried), False)
+        except Relisted as relisted:
+            inside = relisted.inside
+            continue
+        if state is None:
+            raise CheckpointError(f"{folder}: no whole checkpoint, only copies cut short")
+        return Path(tried[-1]), state
 
 
-def _in_turn(folders: list[str], tried: list[str]) -> Iterator[AbstractContextManager[str]]:
-    """`folders` as restore's candidates, each added to `tried` as restore comes to it, so
-    that the last of `tried` is the one it read."""
-    for folder in folders:
-        tried.append(folder)
-        yield nullcontext(folder)
+def _checkpoint_folders(folder: Path) -> list[Path]:
+    """The `checkpoint_*` folders of a run's or a trial's folder, or else of the folders in it
+    (a trial of several workers keeps them in its Train run)."""
+    inside = [path for path in folder.glob("checkpoint_*") if path.is_dir()]
+    return inside or [path for path in folder.glob("*/checkpoint_*") if path.is_dir()]
+
+
+class Relisted(Exception):
+    """A checkpoint could not be read while its run wrote and pruned checkpoints (its folder's
+    checkpoint folders are no longer those listed): `inside` holds those there now."""
+
+    def __init__(self, inside: list[Path]) -> None:
+        super().__init__()
+        self.inside = inside
+
+
+def _in_turn(
+    folder: Path, inside: list[Path], listed: list[str], tried: list[str]
+) -> Iterator[AbstractContextManager[str]]:
+    """The checkpoint folders `listed` as restore's candidates, each added to `tried` as
+    restore comes to it, so that the last of `tried` is the one it read; one that cannot be
+    read where `folder`'s checkpoints are no longer `inside` (its run pruned it as a reader
+    came to it, with a newer one written) raises Relisted in place of its error."""
+    for path in listed:
+        tried.append(path)
+        yield _unless_pruned(path, folder, set(inside))
+
+
+@contextmanager
+def _unless_pruned(path: str, folder: Path, inside: set[Path]) -> Iterator[str]:
+    """`path` for restore to read; Relisted where its read fails and `folder` no longer holds
+    the checkpoint folders `inside`."""
+    try:
+        yield path
+    except CheckpointError:
+        now = _checkpoint_folders(folder)
+        if set(now) != inside:
+            raise Relisted(now) from None
+        raise
 
 
 def own_report(directory: Path) -> dict[str, Any] | None:
