@@ -12,6 +12,7 @@ import tempfile
 import threading
 from pathlib import Path
 
+import pyarrow.fs
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -523,6 +524,49 @@ def test_events_at_a_uri_are_uploaded_once_as_a_segment_per_flush(tmp_path):
     assert len(files) == 3 and all(f.name.startswith("events.out.tfevents.") for f in files)
     assert scalars(folder, "loss") == [(step, 10.0 - step) for step in range(1, 7)]
     assert not Path(log.local).exists()
+
+
+def test_tensorboard_polling_a_uri_run_as_a_segment_is_written_keeps_every_event(
+    tmp_path, monkeypatch
+):
+    """A file: URI's events go up as a segment per flush, written beside their file and
+    renamed; TensorBoard polling as the first segment was begun took its temporary file, named
+    after the event file and so holding "tfevents", for the newest event file, and failed on
+    it once it was renamed at every poll after: a running TensorBoard showed none of the run's
+    steps, those after the poll included. The temporary file is now none TensorBoard reads."""
+    folder = tmp_path / "tensorboard"
+    folder.mkdir()
+    shown, polled, opened = EventAccumulator(str(folder)), [], storage.filesystem
+
+    class PolledWhileWritten:
+        """A filesystem whose output stream is polled by TensorBoard before it is written."""
+
+        def __init__(self, fs: pyarrow.fs.FileSystem) -> None:
+            self.fs = fs
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self.fs, name)
+
+        def open_output_stream(self, path: str) -> object:
+            stream = self.fs.open_output_stream(path)
+            if not polled:
+                polled.append(shown.Reload())
+            return stream
+
+    monkeypatch.setattr(
+        storage, "filesystem", lambda path: (PolledWhileWritten(opened(path)[0]), opened(path)[1])
+    )
+    log = EventLog(folder.as_uri())
+    for step in range(1, 5):
+        log.add_scalar("loss", 10.0 - step, step)
+        if step == 2:
+            log.flush()
+    log.close()
+    shown.Reload()
+    assert "loss" in shown.Tags()["scalars"]
+    assert [(e.step, e.value) for e in shown.Scalars("loss")] == [
+        (step, 10.0 - step) for step in range(1, 5)
+    ]
 
 
 def test_a_resumed_event_log_drops_every_tag_from_its_purge_step_on(tmp_path):

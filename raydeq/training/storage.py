@@ -97,7 +97,10 @@ def subfolders(path: str, prefix: str) -> list[str]:
 def write_bytes(path: str, payload: bytes) -> None:
     """Write a file at a local path or URI. A local file is written beside it and renamed into
     place, so that a crash mid-write (a stored experiment's settings, diverged.json) leaves the
-    old file or the new one, never a cut one; an object store's upload is whole already. A
+    old file or the new one, never a cut one; an object store's upload is whole already. The
+    file beside it is named after no file: TensorBoard reads any file whose name holds
+    "tfevents" as an event file, and one it polled as it was written, renamed after, failed
+    its every later poll of the folder, which then showed no new event. A
     write that fails (a full disk, a read-only folder) is a StorageError naming the file and
     why, where pyarrow's error for a full disk names no file."""
     try:
@@ -110,9 +113,10 @@ def write_bytes(path: str, payload: bytes) -> None:
 def _write(path: str, payload: bytes) -> None:
     """`write_bytes` without its error: the OSError of the filesystem."""
     fs, inner = filesystem(path)
-    fs.create_dir(inner.rsplit("/", 1)[0], recursive=True)
+    folder = inner.rsplit("/", 1)[0]
+    fs.create_dir(folder, recursive=True)
     local = fs.type_name == "local"
-    written = f"{inner}.{uuid.uuid4().hex}.partial" if local else inner
+    written = f"{folder}/.{uuid.uuid4().hex}.partial" if local else inner
     stream = fs.open_output_stream(written)
     try:
         with stream:
