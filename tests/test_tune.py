@@ -1738,6 +1738,50 @@ def test_a_checkpoints_reports_that_fail_its_manifests_checksum_are_left_out(
     )
 
 
+def test_a_report_while_a_trial_prunes_a_checkpoint_it_is_reading_keeps_the_trials_steps(
+    tmp_path, monkeypatch
+):
+    """--report beside a running trial, which pruned its checkpoint of step 20 (having stored
+    step 40's) after the report found that checkpoint's reports.jsonl and before it opened it:
+    the report ended in pyarrow's FileNotFoundError of that file; the checkpoint is now read
+    as one pruned before the listing, and the trial's steps come from its other files."""
+    pruned = write_checkpoint(
+        {"step": 20}, tmp_path / "checkpoint_000001", [{"step": 10}, {"step": 20, "loss": 2.0}]
+    )
+    write_checkpoint(
+        {"step": 40},
+        tmp_path / "checkpoint_000002",
+        [{"step": 30, "loss": 1.5}, {"step": 40, "loss": 1.0}],
+    )
+    write_reports(
+        tmp_path / archive.RESULT_FILE, [{"step": s, "loss": 5.0 - s / 10} for s in (10, 20)]
+    )
+    opened = archive.filesystem
+
+    class PrunedOnceFound:
+        """The trial's filesystem, whose driver prunes step 20's checkpoint once a reader has
+        found its reports."""
+
+        def __init__(self, fs: pyarrow.fs.FileSystem) -> None:
+            self.fs = fs
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self.fs, name)
+
+        def get_file_info(self, path: object) -> object:
+            found = self.fs.get_file_info(path)
+            if path == f"{pruned}/{REPORTS_FILE}":
+                shutil.rmtree(pruned)
+            return found
+
+    monkeypatch.setattr(
+        archive, "filesystem", lambda path: (PrunedOnceFound(opened(path)[0]), opened(path)[1])
+    )
+    frame = archive.history(str(tmp_path))
+    assert frame["step"].tolist() == [10, 20, 30, 40]
+    assert frame["loss"].tolist() == [4.0, 3.0, 1.5, 1.0]
+
+
 def test_the_reports_of_a_trial_of_several_workers_are_read_from_its_train_runs_checkpoints(
     tmp_path,
 ):

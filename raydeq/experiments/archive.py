@@ -135,12 +135,15 @@ def reports(fs: pyarrow.fs.FileSystem, file: str) -> pd.DataFrame:
 
 
 def _read(fs: pyarrow.fs.FileSystem, file: str, sha256: str | None) -> bytes | None:
-    """The bytes of a report file; None where there is none or its SHA-256 is not `sha256`
-    (with a warning)."""
+    """The bytes of a report file; None where there is none (or no longer: a running trial
+    prunes its checkpoints) or its SHA-256 is not `sha256` (with a warning)."""
     if fs.get_file_info(file).type != pyarrow.fs.FileType.File:
         return None
-    with fs.open_input_stream(file) as stream:
-        data = stream.readall()
+    try:
+        with fs.open_input_stream(file) as stream:
+            data = stream.readall()
+    except FileNotFoundError:  # a checkpoint its running trial pruned since it was found
+        return None
     if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
         log.warning("%s fails the checksum its %s records: left out", file, MANIFEST_FILE)
         return None
