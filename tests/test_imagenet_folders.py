@@ -155,6 +155,46 @@ def test_a_read_only_folder_is_indexed_once_per_node(tmp_path, listings, monkeyp
     assert folders.index_paths(str(root))[1].is_relative_to(tmp_path / "node")
 
 
+def test_the_workers_of_a_node_that_find_no_index_list_a_read_only_folder_once(
+    tmp_path, monkeypatch
+):
+    """Two workers of a node without the index of a read-only folder (a node other than the
+    driver's): the second, starting while the first listed the folder, found no index either
+    and listed it again (a node of 8 workers listed it 8 times, over network storage); it now
+    waits for the first one's listing and reads its index."""
+    root = imagenet_tree(tmp_path / "data")
+    monkeypatch.setattr(folders.tempfile, "gettempdir", lambda: str(tmp_path / "node"))
+    written, built = folders.write, folders.build
+    listed, read, listing, second_listing = [], [], threading.Event(), threading.Event()
+
+    def read_only(index, path):
+        if path.is_relative_to(root):
+            raise PermissionError(13, "Permission denied", str(path))
+        written(index, path)
+
+    def build(folder):
+        listed.append(folder)
+        if len(listed) == 1:
+            listing.set()
+            second_listing.wait(timeout=2)  # the second worker, were it to list too
+        else:
+            second_listing.set()
+        return built(folder)
+
+    def second_worker():
+        listing.wait()
+        read.append(folders.load_index(str(root)))
+
+    monkeypatch.setattr(folders, "write", read_only)
+    monkeypatch.setattr(folders, "build", build)
+    worker = threading.Thread(target=second_worker)
+    worker.start()
+    first = folders.load_index(str(root))
+    worker.join()
+    assert len(listed) == 1 and read == [first]
+    assert len(first.files["train"]) == len(CLASSES) * TRAIN_PER_CLASS
+
+
 def test_staging_copies_the_indexed_files_to_local_disk_once(tmp_path, monkeypatch):
     root = imagenet_tree(tmp_path / "data", "kaggle")
     local = tmp_path / "local"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import errno
+import fcntl
 import hashlib
 import io
 import json
@@ -21,6 +22,7 @@ import re
 import tarfile
 import tempfile
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -32,6 +34,8 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from raydeq.training.data import DataError
 
 INDEX_FILE = "raydeq-index.parquet"
+# Held, in this node's folder of the index, by the process that lists the data folder.
+LISTING_LOCK = ".listing.lock"
 SPLITS = ("train", "val")
 KAGGLE_LABELS = "LOC_val_solution.csv"
 DEVKIT = "ILSVRC2012_devkit_t12"
@@ -279,24 +283,54 @@ def index_paths(data_dir: str) -> list[Path]:
     return [Path(data_dir, INDEX_FILE), Path(tempfile.gettempdir(), f"raydeq-{digest}", INDEX_FILE)]
 
 
-def load_index(data_dir: str) -> Index:
-    """The folder's index: read where it was stored, else listed now and stored for the next;
-    a folder that cannot be listed (a file in its place, no permission) is a DataError."""
-    candidates = index_paths(data_dir)
+def stored(candidates: list[Path]) -> Index | None:
+    """The index stored at the first of `candidates` that holds one, else None."""
     for path in candidates:
         if path.is_file():
             return read(path)
+    return None
+
+
+@contextmanager
+def node_lock(folder: Path) -> Iterator[None]:
+    """Hold the lock file LISTING_LOCK in this node's `folder` for the block, so that the
+    processes of a node that find no index list the folder one at a time, the later ones
+    finding the first one's index; a folder where none can be made (another user's) leaves
+    the block unlocked."""
     try:
-        index = build(Path(data_dir))
-    except OSError as err:
-        raise DataError(
-            f"dataset 'imagenet' in {data_dir} is unreadable: {err.filename} cannot be listed "
-            f"({err.strerror})"
-        ) from None
-    for path in candidates:
+        folder.mkdir(parents=True, exist_ok=True)
+        lock = open(folder / LISTING_LOCK, "a")
+    except OSError:
+        yield
+        return
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def load_index(data_dir: str) -> Index:
+    """The folder's index: read where it was stored, else listed now and stored for the next,
+    by one process of this node at a time (`node_lock`); a folder that cannot be listed (a
+    file in its place, no permission) is a DataError."""
+    candidates = index_paths(data_dir)
+    index = stored(candidates)
+    if index is not None:
+        return index
+    with node_lock(candidates[-1].parent):
+        index = stored(candidates)  # listed by another process of this node meanwhile
+        if index is not None:
+            return index
         try:
-            write(index, path)
-            break
-        except OSError:
-            continue
+            index = build(Path(data_dir))
+        except OSError as err:
+            raise DataError(
+                f"dataset 'imagenet' in {data_dir} is unreadable: {err.filename} cannot be "
+                f"listed ({err.strerror})"
+            ) from None
+        for path in candidates:
+            try:
+                write(index, path)
+                break
+            except OSError:
+                continue
     return index
