@@ -3357,18 +3357,17 @@ def test_a_damaged_record_of_tune_is_one_line_naming_it_in_report_resume_and_a_r
 
 
 class FullDisk:
-    """A local filesystem where a file whose name starts with `full` is cut after 3 bytes by
-    pyarrow's error for a full disk."""
+    """A local filesystem whose every file is cut after 3 bytes by pyarrow's error for a full
+    disk."""
 
-    def __init__(self, full: str) -> None:
-        self.local, self.full = pyarrow.fs.LocalFileSystem(), full
+    def __init__(self) -> None:
+        self.local = pyarrow.fs.LocalFileSystem()
 
     def __getattr__(self, name: str):
         return getattr(self.local, name)
 
     def open_output_stream(self, path: str):
-        stream = self.local.open_output_stream(path)
-        return CutStream(stream) if Path(path).name.startswith(self.full) else stream
+        return CutStream(self.local.open_output_stream(path))
 
 
 class CutStream:
@@ -3402,14 +3401,22 @@ def test_a_report_that_cannot_write_its_table_is_one_line_and_keeps_the_previous
     (folder / "results.md").write_text("the previous table\n")
     analysis = SimpleNamespace(trials=[])
     monkeypatch.setattr(results, "RecordedExperiment", lambda path: analysis)
-    full = FullDisk("results.md")
-    monkeypatch.setattr(storage, "filesystem", lambda path: (full, storage.absolute(path)))
+
+    def write_on_a_disk_full_at_results_md(path: str, payload: bytes) -> None:
+        with monkeypatch.context() as disk:
+            if path.endswith("/results.md"):
+                disk.setattr(storage, "filesystem", lambda path: (FullDisk(), path))
+            storage.write_bytes(path, payload)
+
+    monkeypatch.setattr(results, "write_bytes", write_on_a_disk_full_at_results_md)
     argv = [str(file), "--storage", str(tmp_path / "runs")]
     assert rt.main([*argv, "--report"]) == 1
     said = f"error: {folder}/results.md could not be written: [Errno 28] Error writing bytes"
     assert capsys.readouterr().err.startswith(said)
     assert (folder / "results.md").read_text() == "the previous table\n"
-    assert sorted(p.name for p in folder.iterdir() if "results" in p.name) == [
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "experiment.yaml",
+        "pareto.png",
         "results.md",
         "results.parquet",
     ]
