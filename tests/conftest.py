@@ -29,6 +29,11 @@ import torch
 from raydeq.training import interrupts, storage
 from raydeq.training.launch import API_SERVER, COLOR_PREFIX, WORKER_LOGGERS, runtime_env
 
+# The S3 endpoint's port, bound for the whole session and never listened on: let go once found
+# free, it was any socket's to take (Ray's, a connection's) until the S3 test's server bound
+# it, whose start then waited for good. The server binds it too (both reuse the address).
+S3_PORT = socket.socket()
+
 
 def pytest_configure(config: pytest.Config) -> None:
     """Register the `multinode` marker."""
@@ -36,13 +41,18 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ.update(local_s3_settings())
 
 
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Let the S3 endpoint's port go."""
+    S3_PORT.close()
+
+
 def local_s3_settings() -> dict[str, str]:
     """S3 settings for every process of the session, Ray's workers included (they inherit them
     when the first cluster starts): a local endpoint that the S3 test serves, so that no test
     ever reaches a real account."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    S3_PORT.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    S3_PORT.bind(("127.0.0.1", 0))
+    port = S3_PORT.getsockname()[1]
     return {
         "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
         "AWS_ACCESS_KEY_ID": "testing",

@@ -2,7 +2,9 @@
 results in an S3 bucket, served by a local S3-compatible server (moto) at the endpoint that
 tests/conftest.py gives every process of the session."""
 
+import errno
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -36,6 +38,15 @@ def s3() -> pyarrow.fs.S3FileSystem:
     filesystem.create_dir(BUCKET)
     yield filesystem
     server.stop()
+
+
+def test_the_endpoints_port_is_kept_from_other_sockets_while_no_server_runs() -> None:
+    """The endpoint's port, found free as the session began and let go, could be taken by any
+    socket before the S3 server bound it, which then never started; no other socket binds it."""
+    port = urlparse(os.environ["AWS_ENDPOINT_URL"]).port
+    with socket.socket() as other, pytest.raises(OSError) as refused:
+        other.bind(("127.0.0.1", port))
+    assert refused.value.errno == errno.EADDRINUSE
 
 
 def download(s3: pyarrow.fs.S3FileSystem, folder: str, target: Path) -> list[Path]:
