@@ -492,6 +492,31 @@ def test_a_driver_whose_storage_folder_is_removed_as_it_starts_still_locks_the_r
     assert not runs.exists()
 
 
+def test_a_driver_whose_storage_folders_are_removed_as_it_makes_them_still_locks_the_run(
+    tmp_path, monkeypatch
+):
+    """A storage two folders deep that another driver made and removed as it ended: the
+    driver found new/ there and runs/ gone, and making runs/ in the new/ removed meanwhile
+    raised, so it ran without the storage's lock; it now looks again, makes both, holds the
+    lock, and removes both after."""
+    monkeypatch.setattr(runlock.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    new, runs = tmp_path / "new", tmp_path / "new" / "runs"
+    new.mkdir()
+    run, mkdir = str(runs / "a"), Path.mkdir
+
+    def mkdir_after_the_other_driver_ended(folder: Path, *args: object, **kwargs: object) -> None:
+        if folder == runs:
+            new.rmdir()
+            monkeypatch.setattr(Path, "mkdir", mkdir)
+        mkdir(folder, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir_after_the_other_driver_ended)
+    with runlock.hold(run):
+        held = runlock.probe(runlock.shared_lock_file(run))
+    assert held == f"process {os.getpid()} on {runlock.socket.gethostname()}"
+    assert not new.exists()
+
+
 @pytest.mark.parametrize("manifest", ["{}", "[1, 2]", "not json", '{"step": 1}'])
 def test_a_manifest_without_its_checksum_is_a_checkpoint_error(tmp_path, manifest):
     folder = checkpoint.write_checkpoint({"step": 1}, tmp_path / "checkpoint_000001")

@@ -166,6 +166,8 @@ def open_locked(
                     folder.mkdir()
                 except FileExistsError:  # made by another driver meanwhile
                     continue
+                except FileNotFoundError:  # one above it removed by a driver as it ended
+                    break
                 folders_made.append(folder)
             continue
         except FileExistsError:
