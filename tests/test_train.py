@@ -16,7 +16,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -2625,9 +2624,8 @@ def test_a_steps_nfe_on_two_workers_is_the_whole_batchs_slowest_samples(tmp_path
     whole = run.train_step(images, labels, 0.0)
     assert whole["nfe"] == 17
     torch.save((images, labels), tmp_path / "batch.pt")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        address = f"tcp://127.0.0.1:{probe.getsockname()[1]}"
+    # A file rendezvous: a port found free here could be taken before rank 0 listens on it.
+    address = f"file://{tmp_path / 'rendezvous'}"
     two = json.dumps(raw | {"scaling": {"num_workers": 2}})
     workers = [
         subprocess.Popen(
