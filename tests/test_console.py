@@ -7,6 +7,7 @@ import shlex
 import subprocess
 import sys
 import textwrap
+from types import SimpleNamespace
 
 import ray
 
@@ -57,7 +58,8 @@ def test_a_closed_stdout_neither_stops_connect_nor_lends_its_number_to_a_file(
     both commands in an AttributeError, and the next file opened took descriptor 1."""
     started = []
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(ray, "init", lambda **options: started.append(options))
+    context = SimpleNamespace(dashboard_url="127.0.0.1:8265")  # what ray.init returns
+    monkeypatch.setattr(ray, "init", lambda **options: started.append(options) or context)
     monkeypatch.setattr(sys, "stdout", None)
     monkeypatch.setenv("RAY_ADDRESS", "local")
     monkeypatch.setenv(launch.COLOR_PREFIX, "1")

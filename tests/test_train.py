@@ -1339,7 +1339,8 @@ def test_ray_address_local_starts_a_ray_of_the_runs_own_as_no_address_does(
         monkeypatch.delenv(name, raising=False)
     started = []
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(ray, "init", lambda **options: started.append(options))
+    context = SimpleNamespace(dashboard_url="127.0.0.1:8265")  # what ray.init returns
+    monkeypatch.setattr(ray, "init", lambda **options: started.append(options) or context)
     monkeypatch.setattr(ray._private.utils, "read_ray_address", lambda *args: None)
     assert launch.connect()
     monkeypatch.setenv("RAY_ADDRESS", "local")
@@ -3843,6 +3844,34 @@ def test_a_second_run_beside_another_starts_its_own_ray_instead_of_joining_it(ra
     )
     assert shared.stdout.strip().splitlines()[-1] == own, shared.stderr[-2000:]
     assert shared.stdout.strip().splitlines()[-2] == "None"
+
+
+def test_a_ray_of_the_runs_own_whose_dashboard_port_was_taken_starts_again_on_another(ray_cluster):
+    """The port connect finds free for its Ray's dashboard may be taken before the dashboard
+    binds it (another process found the same one): Ray started without a dashboard, and the
+    state API the run's processes were told of refused them (list_actors: ServerUnavailable).
+    Here the first port handed out is one a socket listens on; connect starts Ray again."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
+    script = (
+        "import os, socket, ray; from ray.util.state import list_actors\n"
+        "from raydeq.training import launch\n"
+        "taken = socket.create_server(('127.0.0.1', 0))\n"
+        "port = taken.getsockname()[1]; ports = [port]\n"
+        "found = launch.free_port\n"
+        "launch.free_port = lambda: ports.pop() if ports else found()\n"
+        "launch.connect()\n"
+        "taken.close()\n"
+        "list_actors()\n"
+        "ray.get(ray.remote(lambda: list_actors()).remote())\n"
+        "print(port, os.environ[launch.API_SERVER])\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=180
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    taken, api_server = done.stdout.split()[-2:]
+    assert f"127.0.0.1:{taken} because it's already occupied" in done.stderr
+    assert api_server != f"http://127.0.0.1:{taken}"
 
 
 @pytest.mark.multinode

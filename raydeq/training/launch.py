@@ -57,6 +57,8 @@ COLOR_PREFIX = "RAY_COLOR_PREFIX"
 # The variable that names a Ray's state API (its dashboard's URL); Ray's state API client reads
 # it before RAY_ADDRESS.
 API_SERVER = "RAY_API_SERVER_ADDRESS"
+# Rays of the run's own started, each on a port found free, until one's dashboard binds its port.
+DASHBOARD_TRIES = 3
 # Ray's loggers of its notice that it enabled token authentication, and of a Ray Train
 # worker's exception with its traceback.
 AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
@@ -105,12 +107,6 @@ def connect(log_to_driver: bool = True) -> bool:
     # RAY_ADDRESS=local starts a Ray of its own, as no address and no `ray start` here do.
     own = given == "local" or (given is None and ray._private.utils.read_ray_address() is None)
     if own:
-        # A Ray of this run's own. Its processes, this driver included, find the state API
-        # (the ASHA check here, Ray Train's placement-group cleaner) by looking for the one Ray
-        # on this machine, and fail where another run's Ray runs too: name its dashboard.
-        port = free_port()
-        options["dashboard_port"] = port
-        os.environ[API_SERVER] = f"http://127.0.0.1:{port}"
         # Ray starts a local cluster with token authentication and says so in a warning on
         # every start; the setting stays, the line goes.
         logging.getLogger(AUTH_LOGGER).addFilter(
@@ -121,11 +117,25 @@ def connect(log_to_driver: bool = True) -> bool:
         # whether or not a terminal shows them; in a log file they are noise.
         os.environ.setdefault(COLOR_PREFIX, "0")
     with handlers_kept():  # ray.init's SIGTERM handler aborts; the commands stop as on Ctrl-C
-        try:
-            ray.init(**options, runtime_env=runtime_env(local=own))
-        except (OSError, UnicodeError) as err:
+        for tries_left in reversed(range(DASHBOARD_TRIES)):
+            if own:
+                # A Ray of this run's own. Its processes, this driver included, find the state
+                # API (the ASHA check here, Ray Train's placement-group cleaner) by looking for
+                # the one Ray on this machine, and fail where another run's Ray runs too: name
+                # its dashboard.
+                port = free_port()
+                options["dashboard_port"] = port
+                os.environ[API_SERVER] = f"http://127.0.0.1:{port}"
+            try:
+                context = ray.init(**options, runtime_env=runtime_env(local=own))
+            except (OSError, UnicodeError) as err:
+                ray.shutdown()
+                raise ConfigError(start_error(err)) from None
+            # A port found free may be taken before the dashboard binds it; Ray then starts
+            # without one (dashboard_url None), and the state API named above never answers.
+            if not own or context.dashboard_url is not None or not tries_left:
+                break
             ray.shutdown()
-            raise ConfigError(start_error(err)) from None
     return own
 
 
