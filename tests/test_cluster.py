@@ -323,9 +323,11 @@ class FakeAutoscalingCluster:
     # Without token authentication: its processes and drivers share no token file.
     ENV = {"RAY_AUTH_MODE": "disabled"}
 
+    # Heads started, each on a port found free, until one's GCS binds its port.
+    TRIES = 3
+
     def __init__(self, head: dict, worker_types: dict) -> None:
-        self.port = _free_port()
-        self.address = f"{ray.util.get_node_ip_address()}:{self.port}"
+        self.address = ""
         self.config = {
             "cluster_name": "fake",
             "max_workers": sum(t["max_workers"] for t in worker_types.values()),
@@ -334,7 +336,7 @@ class FakeAutoscalingCluster:
                 "use_node_id_as_ip": True,
                 "disable_node_updaters": True,
                 "disable_launch_config_check": True,
-                "gcs_address": self.address,
+                "gcs_address": "",
             },
             "available_node_types": {
                 "ray.head.default": {"resources": head, "node_config": {}, "max_workers": 0},
@@ -355,6 +357,20 @@ class FakeAutoscalingCluster:
 
     def start(self) -> None:
         """Start the head node and its autoscaler, connect, and publish the node types."""
+        for tries_left in reversed(range(self.TRIES)):
+            if self.start_head(_free_port(), last=not tries_left):
+                break
+            with contextlib.suppress(ProcessLookupError):  # what is left of that head
+                os.killpg(self.head.pid, signal.SIGKILL)
+        ray.init(address=self.address, logging_level="WARNING")
+        capacity.publish(self.config)  # as cluster.yaml's head_start_ray_commands do
+
+    def start_head(self, port: int, last: bool) -> bool:
+        """Start the head node and its autoscaler on `port`; False, unless on the `last` try,
+        where its GCS found the port taken (found free, it may be taken before the GCS binds
+        it)."""
+        self.address = f"{ray.util.get_node_ip_address()}:{port}"
+        self.config["provider"]["gcs_address"] = self.address
         config = Path(self.folder, "autoscaling.json")
         config.write_text(json.dumps(self.config))
         env = os.environ | {"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"} | self.ENV
@@ -363,7 +379,7 @@ class FakeAutoscalingCluster:
         self.head = subprocess.Popen(
             [
                 *(sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block"),
-                f"--port={self.port}",
+                f"--port={port}",
                 f"--num-cpus={cpus}",
                 f"--autoscaling-config={config}",
                 f"--temp-dir={self.folder}",
@@ -375,13 +391,15 @@ class FakeAutoscalingCluster:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+        taken = f"Failed to start the grpc server. The specified port is {port}."
         deadline = time.monotonic() + 90
         while b"Ray runtime started" not in Path(log.name).read_bytes():
+            if not last and self.head.poll() is not None and taken in Path(log.name).read_text():
+                return False
             assert self.head.poll() is None, Path(log.name).read_text()[-3000:]
             assert time.monotonic() < deadline, "the fake cluster did not come up"
             time.sleep(0.5)
-        ray.init(address=self.address, logging_level="WARNING")
-        capacity.publish(self.config)  # as cluster.yaml's head_start_ray_commands do
+        return True
 
     def stop(self) -> None:
         """Disconnect and end every process of the cluster (its process group)."""
