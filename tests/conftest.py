@@ -31,7 +31,8 @@ from raydeq.training.launch import API_SERVER, COLOR_PREFIX, WORKER_LOGGERS, run
 
 # The S3 endpoint's port, bound for the whole session and never listened on: let go once found
 # free, it was any socket's to take (Ray's, a connection's) until the S3 test's server bound
-# it, whose start then waited for good. The server binds it too (both reuse the address).
+# it, whose start then waited for good. The server binds it too (both reuse the address), where
+# the system allows it (`held_port`).
 S3_PORT = socket.socket()
 
 
@@ -50,9 +51,7 @@ def local_s3_settings() -> dict[str, str]:
     """S3 settings for every process of the session, Ray's workers included (they inherit them
     when the first cluster starts): a local endpoint that the S3 test serves, so that no test
     ever reaches a real account."""
-    S3_PORT.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    S3_PORT.bind(("127.0.0.1", 0))
-    port = S3_PORT.getsockname()[1]
+    port = held_port(S3_PORT)
     return {
         "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
         "AWS_ACCESS_KEY_ID": "testing",
@@ -60,6 +59,22 @@ def local_s3_settings() -> dict[str, str]:
         "AWS_REGION": "us-east-1",
         "AWS_EC2_METADATA_DISABLED": "true",
     }
+
+
+def held_port(held: socket.socket) -> int:
+    """A free port of 127.0.0.1, bound by `held` and reusable by a server; let go at once where
+    no second socket can bind it beside (macOS and the BSDs refuse one address and port to two
+    sockets that set SO_REUSEADDR alone), since the S3 server's start would wait for good."""
+    held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    held.bind(("127.0.0.1", 0))
+    port = held.getsockname()[1]
+    with socket.socket() as beside:
+        beside.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            beside.bind(("127.0.0.1", port))
+        except OSError:
+            held.close()
+    return port
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
