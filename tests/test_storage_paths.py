@@ -517,6 +517,32 @@ def test_a_driver_whose_storage_folders_are_removed_as_it_makes_them_still_locks
     assert not new.exists()
 
 
+def test_a_lock_file_that_links_to_no_file_is_an_error_naming_it(tmp_path, monkeypatch):
+    """A link to no file in the lock file's place (a storage copied with its links): the
+    driver found the file there, failed to open it, took it for one its holder removed and
+    tried again for ever; it is now a StorageError naming the link, after one try each."""
+    monkeypatch.setattr(runlock.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    run = tmp_path / "runs" / "a"
+    run.parent.mkdir()
+    link = runlock.shared_lock_file(str(run))
+    link.symlink_to(tmp_path / "nowhere")
+    opened, tries = os.open, []
+
+    def counted_open(path, *args):
+        tries.append(path)
+        assert len(tries) <= 10, f"opened {len(tries)} times"
+        return opened(path, *args)
+
+    monkeypatch.setattr(runlock.os, "open", counted_open)
+    with pytest.raises(storage.StorageError) as refused, runlock.hold(str(run)):
+        pass
+    assert str(refused.value) == (
+        f"{link}, the lock file of {run}, is a link to {tmp_path / 'nowhere'}, which does not "
+        "exist; remove the link"
+    )
+    assert len(tries) == 2 and link.is_symlink()
+
+
 @pytest.mark.parametrize("manifest", ["{}", "[1, 2]", "not json", '{"step": 1}'])
 def test_a_manifest_without_its_checksum_is_a_checkpoint_error(tmp_path, manifest):
     folder = checkpoint.write_checkpoint({"step": 1}, tmp_path / "checkpoint_000001")

@@ -151,10 +151,10 @@ def open_locked(
     """The lock file of `run` at `path`, opened and locked; raise RunInUse where another process
     holds it, or with `wait` wait for it. A holder removes the file before releasing it, so a
     lock taken on a file no longer at `path` is dropped and the new file opened: two processes
-    never hold two files. Given `folders_made`, the file's missing folders are made and added
-    to it, again where a holder that made them removed them as it ended. A file it made on a
-    filesystem that refuses flock, which no process can hold, is removed before the OSError is
-    raised."""
+    never hold two files; a StorageError names a link there to no file. Given `folders_made`,
+    the file's missing folders are made and added to it, again where a holder that made them
+    removed them as it ended. A file it made on a filesystem that refuses flock, which no
+    process can hold, is removed before the OSError is raised."""
     while True:
         try:
             fd, made = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666), True
@@ -173,8 +173,13 @@ def open_locked(
         except FileExistsError:
             try:
                 fd, made = os.open(path, os.O_RDWR), False
-            except FileNotFoundError:  # removed by its holder since
-                continue
+            except FileNotFoundError:
+                if path.is_symlink():  # a link to no file, which no holder removes
+                    raise StorageError(
+                        f"{path}, the lock file of {run}, is a link to {os.readlink(path)}, "
+                        "which does not exist; remove the link"
+                    ) from None
+                continue  # removed by its holder since
         file = os.fdopen(fd, "r+", encoding="utf-8", errors="replace")
         try:
             with suppress(OSError):  # shared by the users of a shared disk; the owner's alone
