@@ -712,3 +712,31 @@ def test_the_folder_of_a_users_run_locks_is_private_under_any_umask(tmp_path, mo
         f"{other}, the folder of this user's run locks, is not a folder of this user's (owner "
         f"uid {os.geteuid()}); remove it, or set TMPDIR to a folder of your own"
     )
+
+
+def test_a_results_writer_kept_waiting_names_the_lock_and_its_holder(tmp_path, monkeypatch, caplog):
+    """A --report that met the results lock held (by the run's end, another --report, or a dead
+    NFS client until its server lets it go) waited without a word for as long as it was held;
+    it now says at once what it waits for, where, and for whom, then takes the lock."""
+    monkeypatch.setattr(runlock.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    experiment = tmp_path / "runs" / "e"
+    experiment.mkdir(parents=True)
+    entered = threading.Event()
+
+    def report() -> None:
+        with runlock.writing_results(str(experiment)):
+            entered.set()
+
+    with runlock.writing_results(str(experiment)):
+        reporter = threading.Thread(target=report, daemon=True)
+        reporter.start()
+        reporter.join(2)
+        assert not entered.is_set()
+        waits = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Waiting")]
+    reporter.join(10)
+    assert entered.is_set()
+    lock = runlock.lock_file(str(experiment)).with_suffix(".results")
+    assert waits == [
+        f"Waiting for the results of {experiment}: its lock {lock} is held by process "
+        f"{os.getpid()} on this machine"
+    ]

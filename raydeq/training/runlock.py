@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import logging
 import os
 import socket
 import stat
@@ -28,6 +29,8 @@ from typing import IO
 from raydeq.training.storage import StorageError, local_path
 
 PROBE_WAIT_S = 5.0  # the longest a start waits out readers' shared probes of its lock
+
+log = logging.getLogger(__name__)
 
 
 class RunInUse(StorageError):
@@ -116,10 +119,7 @@ def hold_shared(run: str) -> Iterator[str | None]:
             yield None
             return
         left = written(file)
-        file.seek(0)
-        file.truncate()
-        file.write(f"process {os.getpid()} on {socket.gethostname()}")
-        file.flush()
+        sign(file)
         yield (
             f"{run} was last run by {place(left)}, which ended without releasing its lock "
             f"{path} (killed); the lock is taken over"
@@ -145,16 +145,40 @@ def missing_folders(folder: Path) -> list[Path]:
     return missing
 
 
+def sign(file: IO[str]) -> None:
+    """Write this process and its machine in the lock file it holds, for a process that meets
+    the lock to name its holder."""
+    file.seek(0)
+    file.truncate()
+    file.write(f"process {os.getpid()} on {socket.gethostname()}")
+    file.flush()
+
+
+def wait_for(file: IO[str], path: Path, what: str) -> None:
+    """Take the exclusive flock of `file`, the lock file at `path` opened for reading; where
+    another process holds it, first say in a line what is waited for (`what`), the lock and
+    its holder: a lock held long (a long --report, a dead NFS client until its server lets
+    it go) was otherwise waited for without a word."""
+    try:
+        fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = written(file)
+        by = place(holder) if holder else "another process"
+        log.warning("Waiting for %s: its lock %s is held by %s", what, path, by)
+        fcntl.flock(file, fcntl.LOCK_EX)
+
+
 def open_locked(
-    path: Path, run: str, wait: bool = False, folders_made: list[Path] | None = None
+    path: Path, run: str, wait: str | None = None, folders_made: list[Path] | None = None
 ) -> IO[str]:
     """The lock file of `run` at `path`, opened and locked; raise RunInUse where another process
-    holds it, or with `wait` wait for it. A holder removes the file before releasing it, so a
-    lock taken on a file no longer at `path` is dropped and the new file opened: two processes
-    never hold two files; a StorageError names a link there to no file. Given `folders_made`,
-    the file's missing folders are made and added to it, again where a holder that made them
-    removed them as it ended. A file it made on a filesystem that refuses flock, which no
-    process can hold, is removed before the OSError is raised."""
+    holds it, or given `wait`, what is waited for, wait for it (`wait_for`). A holder removes
+    the file before releasing it, so a lock taken on a file no longer at `path` is dropped and
+    the new file opened: two processes never hold two files; a StorageError names a link there
+    to no file. Given `folders_made`, the file's missing folders are made and added to it,
+    again where a holder that made them removed them as it ended. A file it made on a
+    filesystem that refuses flock, which no process can hold, is removed before the OSError is
+    raised."""
     while True:
         try:
             fd, made = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666), True
@@ -184,8 +208,8 @@ def open_locked(
         try:
             with suppress(OSError):  # shared by the users of a shared disk; the owner's alone
                 os.fchmod(fd, 0o666)
-            if wait:
-                fcntl.flock(file, fcntl.LOCK_EX)
+            if wait is not None:
+                wait_for(file, path, wait)
             elif (holder := take(file)) is not None:
                 raise RunInUse(in_use(run, place(holder)))
             if os.fstat(fd).st_ino == os.stat(path).st_ino:
@@ -255,16 +279,20 @@ def writing_results(experiment: str) -> Iterator[None]:
     """Hold the results lock of the experiment at `experiment` for the block, waiting while
     another process, here or on another machine of its shared disk, reads and writes its
     results: a --report that read a trial still running would otherwise write its results
-    over those the run wrote at its end."""
+    over those the run wrote at its end. A writer kept waiting says for whom (`wait_for`)."""
     path = lock_file(experiment).with_suffix(".results")
     own_folder(path.parent)
-    with open(path, "a") as file:
-        fcntl.flock(file, fcntl.LOCK_EX)
+    what = f"the results of {experiment}"
+    with open(path, "a+", encoding="utf-8", errors="replace") as file:
+        wait_for(file, path, what)
+        sign(file)
         shared = shared_lock_file(experiment, ".results.lock")
         try:
-            held = None if shared is None else open_locked(shared, experiment, wait=True)
+            held = None if shared is None else open_locked(shared, experiment, wait=what)
         except OSError:  # a storage without flock: this machine's lock alone
             held = None
+        if held is not None:
+            sign(held)
         try:
             yield
         finally:
