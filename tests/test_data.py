@@ -460,7 +460,7 @@ def test_a_worker_checks_mnists_files_after_another_has_downloaded_them(tmp_path
         lock(fd, operation)
 
     with data.download_lock(str(tmp_path)):
-        monkeypatch.setattr(data.fcntl, "flock", flock)
+        monkeypatch.setattr(fcntl, "flock", flock)
         worker = threading.Thread(target=lambda: results.append(data.load_splits(cfg)))
         worker.start()
         assert at_lock.wait(10)
@@ -880,3 +880,30 @@ def test_a_data_dir_that_is_the_files_own_folder_is_told_to_point_above_it(tmp_p
         "put the files there, or point data.data_dir at the folder that holds MNIST/raw/ "
         f"({raw} holds train-images-idx3-ubyte itself)"
     )
+
+
+def test_a_worker_kept_waiting_for_a_download_says_so(tmp_path, caplog):
+    """A worker that met the node's download lock held (a download takes minutes, and a data
+    folder on a shared disk is locked by the workers of every node) waited without a word; it
+    now says at once what it waits for, the lock and its holder."""
+    import os
+    import threading
+
+    entered = threading.Event()
+
+    def download() -> None:
+        with data.download_lock(str(tmp_path)):
+            entered.set()
+
+    with data.download_lock(str(tmp_path)):
+        worker = threading.Thread(target=download, daemon=True)
+        worker.start()
+        worker.join(timeout=1)
+        assert not entered.is_set()
+        said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Waiting")]
+    worker.join(timeout=10)
+    assert entered.is_set()
+    assert said == [
+        f"Waiting for the dataset's download into {tmp_path}: its lock "
+        f"{tmp_path / data.DOWNLOAD_LOCK} is held by process {os.getpid()} on this machine"
+    ]

@@ -779,3 +779,49 @@ def test_a_link_to_a_sibling_class_folder_is_listed_as_imagefolder_lists_it(tmp_
     assert index.files["train"] == ["train/n01/0.png", "train/n01/more/0.png", "train/n02/0.png"]
     reference = datasets.ImageFolder(root / "train")
     assert index.labels["train"] == [n for _, n in reference.samples]
+
+
+def waits(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The lines said by processes kept waiting for a lock."""
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith("Waiting")]
+
+
+def test_a_worker_kept_waiting_for_a_copy_or_a_listing_says_for_which(
+    tmp_path, monkeypatch, caplog
+):
+    """A worker that met the lock of the node's copy (an ImageNet's takes many minutes) or of
+    its listing held by another waited without a word for as long as it was held; it now says
+    at once what it waits for, the lock and its holder."""
+    monkeypatch.setattr(folders.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    root = small_tree(tmp_path / "data", ["n01"])
+    listing = folders.index_paths(str(root))[-1].parent
+    with folders.node_lock(listing, str(root)):
+        worker = threading.Thread(target=folders.load_index, args=(str(root),), daemon=True)
+        worker.start()
+        worker.join(timeout=1)
+        assert worker.is_alive()
+        assert waits(caplog) == [
+            f"Waiting for the listing of {root}: its lock {listing / folders.LISTING_LOCK} is "
+            f"held by process {os.getpid()} on this machine"
+        ]
+    worker.join(timeout=30)
+    assert not worker.is_alive()
+    caplog.clear()
+    files = folders.load_index(str(root)).files["train"]
+    local = str(tmp_path / "local")
+    staged = staging.staged_root(local, str(root))
+    staged.mkdir(parents=True)
+    with open(staged / staging.LOCK_FILE, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        lock.write("process 7 on node-7")
+        lock.flush()
+        worker = threading.Thread(target=staging.stage, args=(str(root), files, local))
+        worker.start()
+        worker.join(timeout=1)
+        assert worker.is_alive()
+        assert waits(caplog) == [
+            f"Waiting for the copy of {root} to {staged}: its lock {staged / staging.LOCK_FILE} "
+            "is held by process 7 on node-7"
+        ]
+    worker.join(timeout=30)
+    assert (staged / files[0]).read_bytes() == (root / files[0]).read_bytes()

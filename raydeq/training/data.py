@@ -9,7 +9,6 @@ sample's augmentation draws from a stream of its own, so that a resumed run trai
 uninterrupted one would have.
 """
 
-import fcntl
 import hashlib
 import itertools
 import math
@@ -25,6 +24,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, TensorDataset
 
 from raydeq.training.config import DataSection
+from raydeq.training.runlock import sign, wait_for
 
 EXPECTED_FILES = {
     "mnist": [
@@ -322,11 +322,12 @@ def download_lock(data_dir: str) -> Iterator[None]:
     """Hold a file lock in `data_dir` for a read that may download into it: the workers of a
     node download one at a time, and the later ones find the files there (torchvision writes
     into the folder without a lock, so two workers downloading at once corrupt each other's
-    files)."""
+    files); a worker kept waiting says so."""
     folder = Path(data_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / DOWNLOAD_LOCK, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with open(folder / DOWNLOAD_LOCK, "a+", encoding="utf-8", errors="replace") as lock:
+        wait_for(lock, folder / DOWNLOAD_LOCK, f"the dataset's download into {folder}")
+        sign(lock)
         yield
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import csv
 import errno
-import fcntl
 import hashlib
 import io
 import json
@@ -32,6 +31,7 @@ import pyarrow.parquet as pq
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from raydeq.training.data import DataError
+from raydeq.training.runlock import sign, wait_for
 
 INDEX_FILE = "raydeq-index.parquet"
 # Held, in this node's folder of the index, by the process that lists the data folder.
@@ -292,19 +292,20 @@ def stored(candidates: list[Path]) -> Index | None:
 
 
 @contextmanager
-def node_lock(folder: Path) -> Iterator[None]:
+def node_lock(folder: Path, data_dir: str) -> Iterator[None]:
     """Hold the lock file LISTING_LOCK in this node's `folder` for the block, so that the
     processes of a node that find no index list the folder one at a time, the later ones
-    finding the first one's index; a folder where none can be made (another user's) leaves
-    the block unlocked."""
+    finding the first one's index (one kept waiting says for which folder of images,
+    `data_dir`); a folder where none can be made (another user's) leaves the block unlocked."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        lock = open(folder / LISTING_LOCK, "a")
+        lock = open(folder / LISTING_LOCK, "a+", encoding="utf-8", errors="replace")
     except OSError:
         yield
         return
     with lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        wait_for(lock, folder / LISTING_LOCK, f"the listing of {data_dir}")
+        sign(lock)
         yield
 
 
@@ -316,7 +317,7 @@ def load_index(data_dir: str) -> Index:
     index = stored(candidates)
     if index is not None:
         return index
-    with node_lock(candidates[-1].parent):
+    with node_lock(candidates[-1].parent, data_dir):
         index = stored(candidates)  # listed by another process of this node meanwhile
         if index is not None:
             return index

@@ -9,13 +9,14 @@ short resumes where it stopped, since each file is written under a temporary nam
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import os
 import shutil
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from raydeq.training.runlock import sign, wait_for
 
 COMPLETE_FILE = ".complete"
 LOCK_FILE = ".lock"
@@ -49,15 +50,16 @@ def _complete(root: Path, mark: str) -> bool:
 def stage(data_dir: str, files: Sequence[str], stage_to: str) -> Path:
     """Copy `files` (paths relative to `data_dir`) to this node's `stage_to`, once; the copy's
     root, to read them from. A copy completed for other files (the folder changed and was
-    indexed again) gets the files it lacks."""
+    indexed again) gets the files it lacks. A worker that waits for another's copy says so."""
     root = staged_root(stage_to, data_dir)
     listing = hashlib.sha256("\n".join(files).encode()).hexdigest()
     mark = f"{len(files)} files from {data_dir}\nlisting sha256 {listing}\n"
     if _complete(root, mark):
         return root
     root.mkdir(parents=True, exist_ok=True)
-    with open(root / LOCK_FILE, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with open(root / LOCK_FILE, "a+", encoding="utf-8", errors="replace") as lock:
+        wait_for(lock, root / LOCK_FILE, f"the copy of {data_dir} to {root}")
+        sign(lock)
         if not _complete(root, mark):
             for folder in sorted({Path(name).parent for name in files}):
                 (root / folder).mkdir(parents=True, exist_ok=True)
