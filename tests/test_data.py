@@ -907,3 +907,49 @@ def test_a_worker_kept_waiting_for_a_download_says_so(tmp_path, caplog):
         f"Waiting for the dataset's download into {tmp_path}: its lock "
         f"{tmp_path / data.DOWNLOAD_LOCK} is held by process {os.getpid()} on this machine"
     ]
+
+
+def test_a_download_from_a_server_that_stalls_ends_in_a_data_error(tmp_path, monkeypatch):
+    """torchvision downloads without a timeout: a server that took the connection and sent
+    nothing held the worker (and its node's others, at the download lock) for good (still
+    waiting after 20 s); the download now ends DOWNLOAD_TIMEOUT_S after its last bytes, in a
+    DataError that says so."""
+    import socket
+    import threading
+    import time
+
+    from torchvision import datasets as torchvision_datasets
+
+    server = socket.create_server(("127.0.0.1", 0))
+    taken = []
+    threading.Thread(target=lambda: taken.append(server.accept()), daemon=True).start()
+    port = server.getsockname()[1]
+    monkeypatch.setattr(torchvision_datasets.MNIST, "mirrors", [f"http://127.0.0.1:{port}/"])
+    monkeypatch.setattr(data, "DOWNLOAD_TIMEOUT_S", 0.5)
+    cfg = section(dataset="mnist", data_dir=str(tmp_path), download=True)
+    errors = []
+
+    def load() -> None:
+        try:
+            data.load_splits(cfg)
+        except data.DataError as err:
+            errors.append(str(err))
+
+    began = time.monotonic()
+    worker = threading.Thread(target=load, daemon=True)
+    worker.start()
+    worker.join(timeout=20)
+    try:
+        assert not worker.is_alive()
+        assert time.monotonic() - began < 10
+        assert errors == [
+            f"dataset 'mnist' could not be downloaded to {tmp_path}: timed out (a download got "
+            "nothing for 0.5 s); put its files there (MNIST/raw/train-images-idx3-ubyte, "
+            "MNIST/raw/train-labels-idx1-ubyte, MNIST/raw/t10k-images-idx3-ubyte, "
+            "MNIST/raw/t10k-labels-idx1-ubyte) and set data.download=false"
+        ]
+        assert socket.getdefaulttimeout() is None  # the process's own sockets as they were
+    finally:
+        server.close()
+        for connection, _ in taken:
+            connection.close()

@@ -12,6 +12,7 @@ uninterrupted one would have.
 import hashlib
 import itertools
 import math
+import socket
 import struct
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -48,6 +49,9 @@ SIGNATURES = {
     ".mat": ("a MATLAB 5 file", b"MATLAB 5.0 MAT-file"),
 }
 DOWNLOAD_LOCK = ".raydeq-download.lock"
+# The longest a download waits for a connection or for its next bytes (torchvision sets no
+# timeout, so a server or a link that stalls held the worker, and its node's others, for good).
+DOWNLOAD_TIMEOUT_S = 60.0
 # The datasets whose files torchvision reads only at their published MD5s, downloading them again
 # with data.download=true where they differ; it keeps MNIST's four files where they are all there.
 CHECKSUMMED = ("cifar10", "svhn")
@@ -292,7 +296,10 @@ def _digits(cfg: DataSection) -> Splits:
 def load_splits(cfg: DataSection) -> Splits:
     """The configured dataset's train and test sets; any read failure is one DataError."""
     try:
-        with download_lock(cfg.data_dir or ".") if cfg.download else nullcontext():
+        with (
+            download_lock(cfg.data_dir or ".") if cfg.download else nullcontext(),
+            socket_timeout(DOWNLOAD_TIMEOUT_S if cfg.download else None),
+        ):
             check_files(cfg)  # in the lock: another worker of the node may be writing them
             if cfg.dataset == "digits":
                 return _digits(cfg)
@@ -306,6 +313,8 @@ def load_splits(cfg: DataSection) -> Splits:
         # torchvision's refusal of a download spans lines, the first ending in a colon.
         message = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
         message = message or type(err).__name__
+        if cfg.download and isinstance(err, TimeoutError):
+            message += f" (a download got nothing for {DOWNLOAD_TIMEOUT_S:g} s)"
         expected = EXPECTED_FILES.get(cfg.dataset, [])
         root = Path(cfg.data_dir or ".")
         if cfg.download and not all((root / name).exists() for name in expected):
@@ -315,6 +324,19 @@ def load_splits(cfg: DataSection) -> Splits:
             ) from err
         where = f" in {cfg.data_dir}" if cfg.data_dir else ""
         raise DataError(f"dataset {cfg.dataset!r}{where} is unreadable: {message}") from err
+
+
+@contextmanager
+def socket_timeout(seconds: float | None) -> Iterator[None]:
+    """Give the sockets made in the block a timeout of `seconds` for each connect and read
+    (None: as the process has it), which downloads by torchvision, setting none, then end on."""
+    previous = socket.getdefaulttimeout()
+    if seconds is not None:
+        socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(previous)
 
 
 @contextmanager
