@@ -740,3 +740,28 @@ def test_a_results_writer_kept_waiting_names_the_lock_and_its_holder(tmp_path, m
         f"Waiting for the results of {experiment}: its lock {lock} is held by process "
         f"{os.getpid()} on this machine"
     ]
+
+
+def test_results_are_written_under_a_lock_a_full_disk_leaves_unnamed(tmp_path):
+    """A results writer names itself in its lock for the writers it keeps waiting; where no
+    byte can be written (a full temporary folder, here a file size limit of 0) the naming
+    failed the writer with EFBIG, where the lock alone is what it needs; it now holds it
+    unnamed."""
+    experiment = tmp_path / "runs" / "e"
+    experiment.mkdir(parents=True)
+    (tmp_path / "tmp").mkdir()
+    script = (
+        "import resource, signal, tempfile\nfrom raydeq.training import runlock\n"
+        "tempfile.gettempdir()\nsignal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (0, hard))\n"
+        f"with runlock.writing_results({str(experiment)!r}):\n    print('held')"
+    )
+    done = subprocess.run(
+        [sys.executable, "-B", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "TMPDIR": str(tmp_path / "tmp")},
+    )
+    assert (done.returncode, done.stdout, done.stderr) == (0, "held\n", "")

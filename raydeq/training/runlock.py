@@ -147,11 +147,11 @@ def missing_folders(folder: Path) -> list[Path]:
 
 def sign(file: IO[str]) -> None:
     """Write this process and its machine in the lock file it holds, for a process that meets
-    the lock to name its holder."""
-    file.seek(0)
-    file.truncate()
-    file.write(f"process {os.getpid()} on {socket.gethostname()}")
-    file.flush()
+    the lock to name its holder; on a full disk the lock is held unnamed (unbuffered, so that
+    no write is left to fail again as the file closes)."""
+    with suppress(OSError):
+        os.ftruncate(file.fileno(), 0)
+        os.pwrite(file.fileno(), f"process {os.getpid()} on {socket.gethostname()}".encode(), 0)
 
 
 def wait_for(file: IO[str], path: Path, what: str) -> None:
