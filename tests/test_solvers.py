@@ -993,6 +993,62 @@ def test_a_step_function_is_wrapped_by_torch_compile_once_for_every_solve():
     assert compiled(first.phases()[1].step, {"backend": "aot_eager"}).func is not adams.func
 
 
+def test_solves_of_other_solvers_dtypes_and_fs_each_keep_their_compiled_steps():
+    """Dynamo keeps at most 8 compiled versions of a code object (recompile_limit), and Euler,
+    BS3 and Tsit5 share RungeKutta.step: 3 solvers x 2 dtypes x 2 functions f made 12 versions
+    of it in one process, and from the 9th on every step of every such solve ran eagerly. Each
+    kind of solve now compiles into a region of its own: all 12 solves run each step through
+    their compiled graph (one graph call per step: no break, no fallback) and match eager."""
+    from torch._dynamo.utils import counters
+
+    graph_calls = []
+
+    def backend(graph, example_inputs):
+        def run(*args):
+            graph_calls.append(1)
+            return graph.forward(*args)
+
+        return run
+
+    def tanh_f(w, x):
+        return lambda z: torch.tanh(z @ w.T + x)
+
+    def sin_f(w, x):
+        return lambda z: torch.sin(z @ w.T + x)
+
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        for make in (tanh_f, sin_f):
+            for dtype in (torch.float32, torch.float64):
+                g = torch.Generator().manual_seed(1)
+                w = torch.randn(D, D, generator=g, dtype=dtype)
+                w = 0.5 * w / torch.linalg.matrix_norm(w, 2)
+                f = make(w, torch.randn(B, D, generator=g, dtype=dtype))
+                z0 = torch.zeros(B, D, dtype=dtype)
+                for solver in ("euler", "bs3", "tsit5"):
+                    with torch.no_grad():
+                        eager = raydeq.solve(f, z0, solver=solver, abstol=1e-5, reltol=0.0)
+                        before = len(graph_calls)
+                        sol = raydeq.solve(
+                            f,
+                            z0,
+                            solver=solver,
+                            abstol=1e-5,
+                            reltol=0.0,
+                            compile={"backend": backend},
+                        )
+                    what = (make.__name__, dtype, solver)
+                    assert len(graph_calls) - before == sol.stats.steps > 0, what
+                    assert sol.stats.nfe == eager.stats.nfe, what
+                    assert bool(sol.stats.converged.all()), what
+                    atol = 1e-12 if dtype == torch.float64 else 1e-6
+                    torch.testing.assert_close(sol.z, eager.z, rtol=0, atol=atol)
+        assert counters["frames"]["ok"] == 12
+    finally:
+        torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("solver", ["anderson", "broyden"])
 def test_a_compiled_f_adds_no_torch_compile_wrapper_per_solve(solver):
     """A method whose steps are not capturable runs f alone through torch.compile: a wrapper

@@ -7,7 +7,7 @@ carry, and phases of a `step` that advances the carry without reading a tensor o
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, Protocol
@@ -55,30 +55,39 @@ class Method(Protocol):
         """Residual 2-norm (B, 1) at each sample's current point, for the termination test."""
 
 
-# torch.compile's wrappers of the step functions and of `evaluate`, one per function and
-# options: making one copies torch's compiler settings (about 1 ms, twice per VCAB3 solve
-# when made anew), and dynamo keeps every wrapper it has run until torch._dynamo.reset().
-WRAPPERS: dict[tuple[Callable, str], Callable] = {}
+# torch.compile's wrappers of the step functions and of `evaluate`, one per function,
+# options and region: making one copies torch's compiler settings (about 1 ms, twice per
+# VCAB3 solve when made anew), and dynamo keeps every wrapper it has run until
+# torch._dynamo.reset().
+WRAPPERS: dict[tuple[Callable, str, Hashable], Callable] = {}
 
 
-def wrapped(fn: Callable, options: dict) -> Callable:
-    """fn through torch.compile with `options`, the wrapper made once and reused by every
-    later solve (its graphs are cached by the function's code either way); options torch
-    refuses raise a ValueError naming them as the `compile=` they were given as."""
-    key = (fn, repr(sorted(options.items())))
+def wrapped(fn: Callable, options: dict, region: Hashable = None) -> Callable:
+    """fn through torch.compile with `options`, the wrapper made once per region and reused
+    by every later solve of it; options torch refuses raise a ValueError naming them as the
+    `compile=` they were given as.
+
+    Dynamo caches compiled versions per code object, at most recompile_limit (8) of them,
+    and runs the function eagerly from then on (fullgraph=True raises). Each region (a kind
+    of solve: `solve` gives its solver, dtype, device, grad mode and f's code, each of which
+    makes versions of its own) keeps its versions apart (isolate_recompiles), so that the
+    limit counts a kind's batch-size classes and not every kind the process has solved."""
+    key = (fn, repr(sorted(options.items())), region)
     if key not in WRAPPERS:
         try:
-            WRAPPERS[key] = torch.compile(fn, **options)
+            WRAPPERS[key] = torch.compile(fn, **{"isolate_recompiles": True, **options})
         except (RuntimeError, TypeError, ValueError) as err:
             reason = str(err).splitlines()[0][:300]
             raise ValueError(f"compile={options!r}: {reason}") from None
     return WRAPPERS[key]
 
 
-def compiled(step: Callable[[Map, Carry, Monitor], Carry], options: dict) -> Callable:
-    """A method's bound step through torch.compile with `options` (see `wrapped`); f is
-    traced inside the step."""
-    return partial(wrapped(step.__func__, options), step.__self__)
+def compiled(
+    step: Callable[[Map, Carry, Monitor], Carry], options: dict, region: Hashable = None
+) -> Callable:
+    """A method's bound step through torch.compile with `options` in `region` (see
+    `wrapped`); f is traced inside the step."""
+    return partial(wrapped(step.__func__, options, region), step.__self__)
 
 
 def evaluate(f: Map, z: torch.Tensor) -> torch.Tensor:
@@ -98,6 +107,7 @@ def iterate(
     check_start: bool = False,
     stop_on_convergence: bool = False,
     graph: bool = False,
+    region: Hashable = None,
 ) -> tuple[int, int]:
     """Run method from z until every sample has stopped or max_steps; returns (nfe, steps).
 
@@ -108,9 +118,10 @@ def iterate(
     stop_on_convergence it also reads after every step whether any sample still runs, and ends
     the block where none does.
     With compile_options, each kind of step of a capturable method runs compiled by
-    torch.compile with those options (f with it), or else f alone. With graph, the last phase
-    of a capturable method (the one that runs to the end) is recorded once as a graph on a
-    device with a recorder (graphs.RECORDERS: CUDA) and replayed; elsewhere it runs eagerly.
+    torch.compile with those options (f with it), or else f alone, compiled in `region` (see
+    `wrapped`). With graph, the last phase of a capturable method (the one that runs to the
+    end) is recorded once as a graph on a device with a recorder (graphs.RECORDERS: CUDA) and
+    replayed; elsewhere it runs eagerly.
     """
     if z.shape[0] == 0:
         return 0, 0  # a batch of no samples: nothing to solve, and no reduction to read
@@ -122,7 +133,7 @@ def iterate(
         # step's outputs. One generation per solve: its steps record a path of graphs that
         # later solves replay, and what the solve returns is copied out at the end.
         torch.compiler.cudagraph_mark_step_begin()
-    phases, step_f = _compiled_steps(method, f, z.device, compile_options, graph)
+    phases, step_f = _compiled_steps(method, f, z.device, compile_options, graph, region)
     # init evaluates f at z0 eagerly, where flat_function can read whether f changed its
     # input in place (a traced f reads no version counter): once per solve, not per step.
     carry, nfe, steps = method.init(f, z, monitor)
@@ -160,17 +171,25 @@ def iterate(
 
 
 def _compiled_steps(
-    method: Method, f: Map, device: torch.device, compile_options: dict | None, graph: bool
+    method: Method,
+    f: Map,
+    device: torch.device,
+    compile_options: dict | None,
+    graph: bool,
+    region: Hashable = None,
 ) -> tuple[tuple[Phase, ...], Map]:
     """The method's phases and f as `iterate` runs them after init: with compile_options, each
-    step of a capturable method compiled (f with it), else f alone; with graph, the last phase
-    of a capturable method recorded as a graph where the device has a recorder."""
+    step of a capturable method compiled in `region` (f with it), else f alone; with graph,
+    the last phase of a capturable method recorded as a graph where the device has a
+    recorder."""
     phases = method.phases()
     if compile_options is not None:
         if method.capturable:
-            phases = tuple(replace(p, step=compiled(p.step, compile_options)) for p in phases)
+            phases = tuple(
+                replace(p, step=compiled(p.step, compile_options, region)) for p in phases
+            )
         else:
-            f = partial(wrapped(evaluate, compile_options), f)
+            f = partial(wrapped(evaluate, compile_options, region), f)
     recorder = RECORDERS.get(device.type) if graph and method.capturable else None
     if recorder is not None:
         last = phases[-1]

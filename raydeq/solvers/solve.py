@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import reprlib
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from functools import partial
@@ -292,6 +292,7 @@ def solve(
             check_start,
             stop_on_convergence,
             graph,
+            compile_region(solver, method, f, structure.dtype, z.device, record_graph),
         )
         nfe += monitor.remeasure(f_flat)
     spent = backward.evaluations if attach else 0
@@ -323,6 +324,31 @@ def _check_arguments(
     integer("initial_nfe", initial_nfe, 0)
     flag("check_start", check_start)
     flag("stop_on_convergence", stop_on_convergence, none=True)
+
+
+def compile_region(
+    solver: str,
+    method: Method,
+    f: Callable,
+    dtype: torch.dtype,
+    device: torch.device,
+    grad: bool,
+) -> Hashable:
+    """The kind of solve whose compiled versions dynamo keeps apart from other kinds'
+    (driver.wrapped): each part makes versions of its own anyway, so that a process that
+    alternates them compiles no more often, and no kind runs eagerly for the others' versions.
+    The solver where its steps are compiled (Euler, BS3 and Tsit5 share one step function,
+    their tableaus constants in it), not where f alone is (Anderson, Broyden); the state's
+    dtype and device, whether the solve records autograd's graph, and f's code."""
+    return (solver if method.capturable else None, dtype, device, grad, code_of(f))
+
+
+def code_of(f: Callable) -> object:
+    """What dynamo's guards know f by: a function's or bound method's code (a partial's
+    function's), else f's type (a module, whose type fixes its forward's code)."""
+    while isinstance(f, partial):
+        f = f.func
+    return getattr(f, "__code__", type(f))
 
 
 def outside_autocast(
