@@ -978,6 +978,46 @@ def test_a_compiled_step_traces_again_for_no_more_than_one_new_tolerance(solver)
     assert traced == [phases, 2 * phases, 2 * phases, 2 * phases, 2 * phases]
 
 
+@pytest.mark.parametrize("solver", ["vcab3", "euler"])
+def test_a_batch_of_one_traces_each_compiled_step_once(solver):
+    """The first step size h0 was a column made like z[:, :1], which keeps z's row stride
+    where B is 1, and without an h_max to cap it (Euler's defaults) the first step of a batch
+    of one saw a stride that the later steps' computed h does not have: Euler's step traced
+    twice for it (2 of dynamo's 8 versions per step function, each an inductor build). It
+    now traces once, after the first batch size and the dynamic one a second size makes:
+    three graphs per kind of step over the batch sizes 4, 3, 1, 2, 1 (aot_eager: the tracing,
+    with no C++ build)."""
+    from torch._dynamo.utils import counters
+
+    from raydeq.solvers.solve import make_solver
+
+    g = torch.Generator().manual_seed(0)
+    w = 0.5 * torch.randn(D, D, generator=g, dtype=torch.float64) / D**0.5
+    phases = len(make_solver(solver, {}).phases())
+    torch._dynamo.reset()
+    counters.clear()
+    traced = []
+    try:
+        for batch in (4, 3, 1, 2, 1):
+            x = torch.randn(batch, D, generator=g, dtype=torch.float64)
+
+            def f(z, x=x):
+                return torch.tanh(z @ w + x)
+
+            z0 = torch.zeros(batch, D, dtype=torch.float64)
+            with torch.no_grad():
+                eager = raydeq.solve(f, z0, solver=solver, abstol=1e-8, reltol=0.0)
+                sol = raydeq.solve(
+                    f, z0, solver=solver, abstol=1e-8, reltol=0.0, compile={"backend": "aot_eager"}
+                )
+            traced.append(counters["frames"]["total"])
+            assert sol.stats.nfe == eager.stats.nfe and bool(sol.stats.converged.all())
+            torch.testing.assert_close(sol.z, eager.z, rtol=0, atol=1e-12)
+    finally:
+        torch._dynamo.reset()
+    assert traced == [phases, 2 * phases, 3 * phases, 3 * phases, 3 * phases]
+
+
 def test_a_step_function_is_wrapped_by_torch_compile_once_for_every_solve():
     """Each solve builds its method anew; its compiled steps share one torch.compile wrapper
     per step function and options (making one costs about 1 ms), bound to that solve's method."""

@@ -87,9 +87,10 @@ class Controller:
     ) -> tuple[torch.Tensor, int]:
         """The first step size per sample (B, 1), at most h_max as every step (an h0 above
         it, such as a solver's default beside a smaller h_max, is cut to it), and the
-        evaluations of f spent choosing it."""
+        evaluations of f spent choosing it. A contiguous column, as the steps' own: one made
+        like y[:, :1] keeps y's row stride where B is 1, which a compiled step traces apart."""
         if self.h0 is not None:
-            return self.capped(torch.full_like(y[:, :1], self.h0)), 0
+            return self.capped(y.new_full((y.shape[0], 1), self.h0)), 0
         with torch.no_grad():
             return self.capped(initial_step(field, y, k, order, term)), 1
 
