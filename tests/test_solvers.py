@@ -375,6 +375,54 @@ def test_broyden_converges_where_an_update_is_lost_in_float32_rounding():
     assert sol.stats.nfe <= 30
 
 
+def test_broyden_restarts_a_sample_that_diverges_on_a_contraction_and_it_converges():
+    """Started 1e-7 away from 0 (seed 10), sample 51 of the problem above stalled near 3e-5,
+    then diverged and ended DIVERGED after 47 evaluations, though f = W tanh(z) + x with
+    ||W|| <= 0.97 is a contraction. It now restarts once from its best iterate with H = -I
+    and converges, within residual / (1 - 0.97) of z* found by Newton's method in float64."""
+    problem = SpectralProblem(Spectrum(dim=1024, batch=256), torch.device("cpu"))
+    z0 = 1e-7 * torch.randn(256, 1024, generator=torch.Generator().manual_seed(10))
+    with torch.no_grad():
+        sol = raydeq.solve(problem.f, z0, solver="broyden", abstol=1e-5, reltol=0.0)
+    assert (sol.stats.status == Status.CONVERGED).all()
+    exact = SpectralProblem(Spectrum(dim=1024, batch=256), torch.device("cpu"), torch.float64)
+    w, z = exact.weight, sol.z.double()
+    assert float(torch.linalg.eigvalsh(w).abs().max()) <= 0.97
+    residual = exact.residual(z)
+    assert float(residual.max()) <= 1e-5
+    star, x, eye = z[51], exact.x[51], torch.eye(1024, dtype=torch.float64)
+    for _ in range(4):
+        jacobian = w * (1 - torch.tanh(star).square()) - eye
+        star = star - torch.linalg.solve(jacobian, w @ torch.tanh(star) + x - star)
+    assert float((w @ torch.tanh(star) + x - star).abs().max()) < 1e-13
+    error = float((z[51] - star).square().mean().sqrt())
+    assert error <= float(residual[51]) / (1 - 0.97)
+
+
+@pytest.mark.parametrize("check_every", [None, 4])
+def test_broyden_stops_a_sample_whose_best_does_not_fall_after_its_restart(check_every):
+    """g(z) = z^2 + 1 has no real root: from 0 Broyden's residual passes 1e4 times the first
+    (DIVERGED there before). Restarted at its best iterate, z0, with H = -I, it takes the same
+    steps, its best falls no more, and it stops DIVERGED at the next check: 5 evaluations
+    more, 1 at the restart and 4 steps."""
+    points = []
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        points.append(z)
+        return z * z + z + 1
+
+    with torch.no_grad():
+        sol = raydeq.solve(
+            f, torch.zeros(4, 8), solver="broyden", max_steps=1000, check_every=check_every
+        )
+    assert sol.stats.status.tolist() == [Status.DIVERGED] * 4
+    restarts = [i for i, z in enumerate(points) if i and not z.any()]
+    assert len(restarts) == 1
+    first, last = (float(torch.linalg.vector_norm(z * z + 1)) for z in (points[0], points[-6]))
+    assert last > 1e4 * first
+    assert sol.stats.nfe == len(points) == restarts[0] + 5
+
+
 def test_broyden_below_float32_s_reach_runs_to_max_steps_at_its_floor_not_diverged():
     """abstol 1e-11 cannot be met in float32: once the residual is at its rounding floor
     (about 1e-8), the secant pairs measure rounding, and updating H with them drove the

@@ -272,6 +272,22 @@ class Broyden:
         return Secant(new, update, us, vs, c.count + 1)
 
     @staticmethod
+    def restart(f: Map, c: Secant, samples: torch.Tensor, monitor: Monitor) -> Secant:
+        """The (B, 1) mask `samples` back at their best iterates with H = -I, f evaluated
+        there (once, for the batch): in float32 a contracting layer's sample could end
+        DIVERGED where its updates had gone wrong. Their next update is -H g = g, as at z0."""
+        z = torch.where(samples, monitor.best_z, c.now.z)
+        new, now = evaluate(f, z, monitor), c.now
+        fz, g, residual = (
+            torch.where(samples, a, b)
+            for a, b in ((new.fz, now.fz), (new.g, now.g), (new.residual, now.residual))
+        )
+        rows = samples[:, :, None]
+        us, vs = torch.where(rows, 0.0, c.us), torch.where(rows, 0.0, c.vs)
+        update = torch.where(samples, g, c.update)
+        return Secant(Iterate(z, fz, g, residual), update, us, vs, c.count)
+
+    @staticmethod
     def _apply_negated(u: torch.Tensor, v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """-H x = (I - U V^T) x per sample, with the rank-one terms as rows of u and v (B, k, N)."""
         if u.shape[1] == 0:

@@ -40,6 +40,9 @@ class Method(Protocol):
 
     `capturable`: whether its steps have fixed shapes and no host-side state that changes
     from step to step, so that torch.compile (or a CUDA graph) can capture one for reuse.
+    A method may also have `restart(f, carry, samples, monitor) -> carry`, which restarts
+    the samples of a (B, 1) mask at their best iterates (monitor.best_z) with one evaluation
+    of f: a sample that fails the divergence test then restarts once before it stops.
     """
 
     capturable: bool
@@ -137,12 +140,16 @@ def iterate(
     # init evaluates f at z0 eagerly, where flat_function can read whether f changed its
     # input in place (a traced f reads no version counter): once per solve, not per step.
     carry, nfe, steps = method.init(f, z, monitor)
+    restart = getattr(method, "restart", None)
     # Without check_start the first block runs unread: from an uninformed z0 a batch that has
     # converged there is rare enough that a few wasted steps cost less than a synchronisation
     # on every solve. A predicted z0 (Skip DEQs) often meets the tolerance: one read there
     # saves the whole first block, and where it does not, the solve has fewer steps to go.
     monitor.test(method.residual(carry))
     monitor.mark()
+    if restart is not None:
+        # After the test at z0: a sample that fails there has no better point to restart at.
+        monitor.allow_restarts()
     block, since = check_every or (PREDICTED_BLOCK if check_start else UNKNOWN_BLOCK), 0
     if check_start:
         block *= bool(monitor.active.any())
@@ -161,6 +168,9 @@ def iterate(
                 continue
             monitor.test(method.residual(carry))
             block, since = monitor.next_block(since, check_every), 0
+            if monitor.due and steps < max_steps:
+                carry = restart(step_f, carry, monitor.resume(), monitor)
+                nfe += 1
             if phase.pending is not None:
                 break
     if steps >= max_steps:

@@ -100,6 +100,11 @@ class Monitor:
 
     `reads`: a host read of a tensor costs nothing here (a CPU, which runs each operation as
     it is issued), so that `select` may read whether its mask is uniform.
+
+    With `allow_restarts`, a sample that fails the divergence test for the first time is
+    stopped as before, but the check's read (`next_block`) also says so (`due`), and `resume`
+    runs it again, for its solver to restart from its best iterate; from then on it also
+    fails the test at a check where its best residual has not fallen since the last one.
     """
 
     # The attributes a solver step replaces (record): a step recorded as a CUDA graph writes
@@ -119,6 +124,33 @@ class Monitor:
         self.status = torch.full((batch, 1), int(Status.MAX_STEPS), device=z0.device)
         self.active = torch.ones(batch, 1, dtype=torch.bool, device=z0.device)
         self.checked_log = self.best_norm
+        # With restarts: NaN per sample while it has its restart left (`spare`, spent by
+        # `resume`), and for the samples that failed the last test with it (`restarting`),
+        # else 0: next_block's one read propagates the NaN, so that they cost no read of
+        # their own, and a check one operation more.
+        self.spare: torch.Tensor | None = None
+        self.restarting: torch.Tensor | float = 0.0
+        self.due = False
+        # The samples resumed so far and their best residuals at the last check.
+        self.restarted: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def allow_restarts(self) -> None:
+        """Give each sample one restart: its first failure of the divergence test makes the
+        next read `due`, and `resume` runs it again."""
+        self.spare = torch.full_like(self.best_norm, float("nan"))
+
+    def resume(self) -> torch.Tensor:
+        """Run again the samples that failed the last test with their restart left, as (B, 1)
+        mask of them, for their solver to restart them; called where `due`."""
+        samples = self.restarting.isnan()
+        self.spare = torch.where(samples, 0.0, self.spare)
+        self.status = torch.where(samples, int(Status.MAX_STEPS), self.status)
+        self.active = self.active | samples
+        self.due = False
+        if self.restarted is not None:
+            samples = samples | self.restarted[0]
+        self.restarted = samples, self.best_norm.clone()
+        return samples
 
     def record(self, z: torch.Tensor, r: torch.Tensor) -> None:
         """Record iterate z with residual 2-norm r (B, 1) and stop the samples whose best
@@ -157,7 +189,17 @@ class Monitor:
             self.divergence_bound = bound.clamp_max_(torch.finfo(current.dtype).max)
         # NaN compares false, so a non-finite residual also fails the bound; a norm is >= 0,
         # so it is finite exactly where it is below infinity, and NONFINITE + 1 is DIVERGED.
-        failing = self.active > (current <= self.divergence_bound)
+        within = current <= self.divergence_bound
+        if self.restarted is not None:
+            # A restarted sample whose best has not fallen since the last check has diverged
+            # again: where there is no root to find, it would only repeat its steps.
+            samples, best = self.restarted
+            within = within > (samples & (self.best_norm >= best))
+            self.restarted = samples, self.best_norm.clone()
+        failing = self.active > within
+        if self.spare is not None:
+            # failing as the 0 elsewhere: a tensor, where a scalar 0 is one operation more.
+            self.restarting = torch.where(failing, self.spare, failing)
         code = (current < float("inf")) + int(Status.NONFINITE)
         self.status = torch.where(failing, code, self.status)
         self.active = self.active > failing
@@ -170,12 +212,23 @@ class Monitor:
         """Steps to take before the next test, 0 when no sample runs: the solve's one host
         synchronisation per check. `every` steps, or by default where the slowest running
         sample is predicted to converge at its residual's rate over the `steps` since the
-        last mark."""
+        last mark. Where a sample failed the last test with its restart left, `due`, and the
+        block is `every` or UNKNOWN_BLOCK."""
         if every:
-            block = every * bool(self.active.any())
+            if self.spare is None:
+                block = every * bool(self.active.any())
+            else:
+                block = every * (self._read(self.active + self.restarting) > 0)
             self.mark()
             return block
         return self._predict(steps)
+
+    def _read(self, value: torch.Tensor) -> float:
+        """The check's read: value's largest entry on the host; NaN, which marks a sample to
+        restart (`restarting`), makes the restart `due` and is read as running."""
+        largest = float(value.amax())
+        self.due = largest != largest
+        return math.inf if self.due else largest
 
     def _within(self, z: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         """r <= abstol + reltol * ||z|| per sample (2-norms), as r - reltol * ||z|| <= abstol:
@@ -207,9 +260,11 @@ class Monitor:
         # give 4).
         checks = to_go / fall
         checks = torch.where(checks > 0, checks, (UNKNOWN_BLOCK - 1.5) / since)
-        slowest = float(torch.where(self.active, checks, 0.0).amax())
+        slowest = self._read(torch.where(self.active, checks, self.restarting))
         if slowest == 0:
             return 0
+        if self.due:
+            return UNKNOWN_BLOCK
         # One step of margin: the rate still improves as a transient dies out, so the
         # prediction runs short more often than long. At most twice the steps since the last
         # check: early rates, from the transient, predict too many steps more often than
