@@ -1811,6 +1811,50 @@ def test_a_result_file_cut_in_its_last_line_keeps_every_whole_report(tmp_path):
     assert frame["config/model/solver"].tolist() == ["vcab3", "vcab3"]
 
 
+@pytest.mark.parametrize("found", [0, 1000], ids=["emptied", "cut-mid-line"])
+def test_a_result_file_read_while_its_driver_copies_it_in_place_keeps_every_report(
+    tmp_path, monkeypatch, found
+):
+    """A running driver copies result.json into the storage in place, emptying it first: a
+    --report that read it mid-copy counted the trial as one with no reports (no step, no
+    accuracy) or without those past the cut; a file just written that is empty or cut short
+    is read again once the copy has gone on."""
+    reports = [{"step": 10 * i, "test_accuracy": i / 100} for i in range(1, 101)]
+    text = "".join(json.dumps(report) + "\n" for report in reports)
+    file = tmp_path / archive.RESULT_FILE
+    file.write_text(text[:found])
+    assert not text[:found].endswith("\n")
+    waits = []
+
+    def copy_goes_on(seconds: float) -> None:
+        waits.append(seconds)
+        file.write_text(text)
+
+    monkeypatch.setattr(time, "sleep", copy_goes_on)
+    frame = archive.history(str(tmp_path))
+    assert frame["step"].tolist() == [10 * i for i in range(1, 101)]
+    assert frame["test_accuracy"].iloc[-1] == 1.0
+    assert len(waits) == 1
+
+
+@pytest.mark.parametrize(("text", "steps"), [("", []), ('{"step": 10}\n{"step": 2', [10])])
+def test_a_result_file_empty_or_cut_and_left_alone_is_read_once_without_waiting(
+    tmp_path, monkeypatch, text, steps
+):
+    """A trial yet to report, or a driver stopped mid-line, leaves its result file so for good:
+    one not written to for a while is read at once, its cut last line left out, as is an
+    archive written just now by a resume, which keeps such a line."""
+    file = tmp_path / archive.RESULT_FILE
+    file.write_text(text)
+    os.utime(file, (time.time() - 60, time.time() - 60))
+    (tmp_path / f"{archive.ARCHIVE_PREFIX}0.json").write_text(text.replace("1", "2"))
+    monkeypatch.setattr(time, "sleep", lambda seconds: pytest.fail("waited"))
+    frame = archive.history(str(tmp_path))
+    assert frame.get("step", pd.Series(dtype=int)).tolist() == sorted(
+        {*steps, *(s * 2 for s in steps)}
+    )
+
+
 def test_a_result_file_with_a_broken_line_before_its_last_names_the_file_and_line(tmp_path):
     """Only a last line can be cut by a stop; a broken line before it is named, not skipped."""
     (tmp_path / archive.RESULT_FILE).write_text('{"step": 10}\n{"step": 2\n{"step": 30}\n')

@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import math
+import time
 
 import pandas as pd
 import pyarrow as pa
@@ -27,6 +28,12 @@ from raydeq.training.storage import (
 
 RESULT_FILE = "result.json"
 ARCHIVE_PREFIX = "result-before-resume-"
+# How long a result file found empty or cut short, and written to within that long, is read
+# again: a running driver copies each trial's result.json into the storage in place, emptying
+# it first, so a --report from a second terminal could find it so for the copy's milliseconds
+# and count the trial as one with no reports. A copy of a long trial's file (5,000 reports,
+# 4 MB) takes 3 ms on a local disk.
+RESULT_RETRY_S = 1.0
 log = logging.getLogger(__name__)
 # pyarrow's types of JSON's plain values (it reads a date's text as a timestamp).
 JSON_VALUES = (
@@ -129,9 +136,26 @@ def _checkpoint_reports(fs: pyarrow.fs.FileSystem, trial_path: str) -> list[tupl
 def reports(fs: pyarrow.fs.FileSystem, file: str) -> pd.DataFrame:
     """The reports of one result file, flattened as Tune flattens them ("config/model/..."); a
     last line cut short (the driver stopped while writing it) is left out, where Tune's reader
-    would drop the whole file."""
-    data = _read(fs, file, None)
+    would drop the whole file; one the driver is copying is read once copied (`_settled`)."""
+    data = _settled(fs, file)
     return pd.DataFrame() if data is None else _frame(file, data)
+
+
+def _settled(fs: pyarrow.fs.FileSystem, file: str) -> bytes | None:
+    """The bytes of a report file, Tune's result file read again for up to RESULT_RETRY_S
+    while they are empty or cut short and it was written to within that long (a copy in
+    progress); one found so and left alone longer (a trial yet to report, a driver stopped
+    mid-line) is read once, as an archive is (written once, its cut last line kept)."""
+    deadline = time.monotonic() + RESULT_RETRY_S
+    copied = file.rsplit("/", 1)[-1] == RESULT_FILE
+    while True:
+        data = _read(fs, file, None)
+        if data is None or data.endswith(b"\n") or not copied or time.monotonic() > deadline:
+            return data
+        mtime = fs.get_file_info(file).mtime
+        if mtime is None or time.time() - mtime.timestamp() > RESULT_RETRY_S:
+            return data
+        time.sleep(0.05)
 
 
 def _read(fs: pyarrow.fs.FileSystem, file: str, sha256: str | None) -> bytes | None:
