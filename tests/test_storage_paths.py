@@ -517,6 +517,32 @@ def test_a_driver_whose_storage_folders_are_removed_as_it_makes_them_still_locks
     assert not new.exists()
 
 
+def test_drivers_whose_storage_folders_crossed_leave_none_when_neither_run_started(
+    tmp_path, monkeypatch
+):
+    """Two drivers of a run two folders down in a new storage: the first made new/, the second
+    runs/ in it, and the first held the lock and refused the second, which could not remove
+    runs/ (the first's lock file was in it) while the first removed only what it made, so
+    new/runs/ stayed, empty; the last to end now removes every folder that was missing when
+    it first looked."""
+    monkeypatch.setattr(runlock.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    new, runs = tmp_path / "new", tmp_path / "new" / "runs"
+    run, mkdir = str(runs / "a"), Path.mkdir
+
+    def the_other_driver_makes_runs_first(folder: Path, *args: object, **kwargs: object) -> None:
+        if folder == runs:
+            mkdir(runs)
+            monkeypatch.setattr(Path, "mkdir", mkdir)
+        mkdir(folder, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", the_other_driver_makes_runs_first)
+    with runlock.hold_shared(run):
+        with pytest.raises(runlock.RunInUse), runlock.hold_shared(run):
+            pass
+        assert runs.is_dir()
+    assert not new.exists()
+
+
 def test_a_lock_file_that_links_to_no_file_is_an_error_naming_it(tmp_path, monkeypatch):
     """A link to no file in the lock file's place (a storage copied with its links): the
     driver found the file there, failed to open it, took it for one its holder removed and

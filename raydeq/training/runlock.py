@@ -104,14 +104,15 @@ def shared_lock_file(run: str, suffix: str = ".lock") -> Path | None:
 def hold_shared(run: str) -> Iterator[str | None]:
     """Hold the lock file of `run` in its storage for the block, or raise RunInUse naming its
     holder and machine; yields a note where a killed driver left it. The file, and the folders
-    made for it that are empty after, are removed, so a run that never started stores nothing.
-    A storage where no file can be made or locked (read-only, a filesystem without flock) is
-    left to the preflight's checks, under the lock of this machine alone."""
+    made for it that are empty after (`remove_new_folders`), are removed, so a run that never
+    started stores nothing. A storage where no file can be made or locked (read-only, a
+    filesystem without flock) is left to the preflight's checks, under the lock of this
+    machine alone."""
     path = shared_lock_file(run)
-    made: list[Path] = []
+    new = [] if path is None else missing_folders(path.parent)
     file = None
     try:
-        file = None if path is None else open_locked(path, run, folders_made=made)
+        file = None if path is None else open_locked(path, run, folders_made=new)
     except OSError:
         pass
     try:
@@ -129,11 +130,27 @@ def hold_shared(run: str) -> Iterator[str | None]:
     finally:
         if file is not None:
             release(path, file)
-        for folder in sorted(set(made), key=lambda folder: len(folder.parts), reverse=True):
-            try:
-                folder.rmdir()
-            except OSError:  # something else was put in it, or another driver removed it
-                break
+        if path is not None:
+            remove_new_folders(path.parent, new)
+
+
+def remove_new_folders(folder: Path, new: list[Path]) -> None:
+    """Remove `folder` and those above it, up to the highest of `new` (those missing when the
+    driver first looked, and those it made), while they are empty: each came into being after
+    that look, made by this driver or by another that crossed it, for a lock file beside a run
+    (a driver refused by this one could not remove those it made, which held this one's lock
+    file); a driver that meets one removed makes it again (`open_locked`)."""
+    if not new:
+        return
+    top = min(new, key=lambda made: len(made.parts))
+    chain = [folder, *folder.parents]
+    for each in chain[: chain.index(top) + 1]:
+        try:
+            each.rmdir()
+        except FileNotFoundError:  # removed by another driver as it ended
+            continue
+        except OSError:  # something else was put in it
+            return
 
 
 def missing_folders(folder: Path) -> list[Path]:
