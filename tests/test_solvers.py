@@ -423,6 +423,36 @@ def test_broyden_stops_a_sample_whose_best_does_not_fall_after_its_restart(check
     assert sol.stats.nfe == len(points) == restarts[0] + 5
 
 
+@pytest.mark.parametrize("max_steps, status", [(10, Status.MAX_STEPS), (14, Status.CONVERGED)])
+def test_a_restarted_sample_still_improving_at_max_steps_ends_max_steps(max_steps, status):
+    """f(z) = 0.5 z + 2 sin(3z) + 1 from 0 under divergence=2: Broyden's residuals are 1,
+    0.78, 0.58, 6.8, 2.5, and at the check there it restarts from its best iterate (the third,
+    0.58), then falls to 0.0093 at the 10th step and converges at the 14th. Cut at 10 steps it
+    ended DIVERGED though its best had fallen at every check since the restart: the end of the
+    solve tested its last point a second time, where its best had not fallen since the first.
+    It now ends MAX_STEPS with that best, and the restart is one evaluation more."""
+    points = []
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        points.append(float(z))
+        return 0.5 * z + 2 * torch.sin(3 * z) + 1
+
+    def residual(z: float) -> float:
+        return abs(2 * math.sin(3 * z) + 1 - 0.5 * z)
+
+    z0 = torch.zeros(1, 1, dtype=torch.float64)
+    with torch.no_grad():
+        sol = raydeq.solve(
+            f, z0, solver="broyden", abstol=1e-12, reltol=0.0, max_steps=max_steps, divergence=2.0
+        )
+    first = [residual(z) for z in points[:5]]
+    assert first[4] > 2 * first[0] and points[5] == points[2] == min(points[:5], key=residual)
+    assert sol.stats.status.tolist() == [status]
+    assert sol.stats.nfe == len(points) == max_steps + 1
+    assert float(sol.stats.residual[0]) == pytest.approx(residual(float(sol.z)), rel=1e-9)
+    assert float(sol.stats.residual[0]) <= (1e-12 if status == Status.CONVERGED else 0.01)
+
+
 def test_broyden_below_float32_s_reach_runs_to_max_steps_at_its_floor_not_diverged():
     """abstol 1e-11 cannot be met in float32: once the residual is at its rounding floor
     (about 1e-8), the secant pairs measure rounding, and updating H with them drove the

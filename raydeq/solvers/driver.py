@@ -173,7 +173,10 @@ def iterate(
                 nfe += 1
             if phase.pending is not None:
                 break
-    if steps >= max_steps:
+    if since:
+        # The steps since the last test, which max_steps cut before their check. Not again
+        # where the last test was at this point: a restarted sample's best has not fallen
+        # since a test at the same point, which stopped it as DIVERGED at max_steps.
         monitor.test(method.residual(carry))
     if compiled_on_cuda:
         monitor.copy_out()
