@@ -423,6 +423,50 @@ def test_broyden_stops_a_sample_whose_best_does_not_fall_after_its_restart(check
     assert sol.stats.nfe == len(points) == restarts[0] + 5
 
 
+def test_a_restarted_sample_is_not_restarted_again_when_another_sample_restarts():
+    """Broyden restarts a sample once. Sample 0 (f = 0.95 z + 0.5 sin z + 1) restarts at one
+    check and converges at its 21st step alone; beside sample 1 (f = 0.9 z + 2 sin(3z) + 1),
+    which restarts at a later check, it was restarted again there, from its best iterate
+    with H = -I, and ended DIVERGED. With a fixed check_every, which makes the checks the same
+    in any batch, it now takes the same steps in the batch as alone and converges."""
+    points: list[list[float]] = [[], []]
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        for row, value in zip(points, z[:, 0].tolist(), strict=True):
+            row.append(value)
+        a, b, c = torch.tensor([[0.95, 0.5, 1.0], [0.9, 2.0, 3.0]], dtype=z.dtype).T[:, :, None]
+        return a * z + b * torch.sin(c * z) + 1
+
+    def solve(batch: int) -> raydeq.Solution:
+        z0 = torch.zeros(batch, 1, dtype=torch.float64)
+        with torch.no_grad():
+            return raydeq.solve(
+                lambda z: f(torch.cat([z, z0[:1]]) if batch == 1 else z)[:batch],
+                z0,
+                solver="broyden",
+                abstol=1e-12,
+                reltol=0.0,
+                divergence=2.0,
+                check_every=4,
+            )
+
+    def path(row: list[float]) -> list[float]:
+        """The points of a row, each once where it is evaluated again at once (a stopped
+        sample, or one the others' restart evaluates where it is)."""
+        return [z for i, z in enumerate(row) if i == 0 or z != row[i - 1]]
+
+    alone = solve(1)
+    own = path(points[0])
+    points[0], points[1] = [], []
+    both = solve(2)
+    assert both.stats.status.tolist() == [Status.CONVERGED, Status.CONVERGED]
+    assert path(points[0]) == own
+    assert len(set(own)) == len(own) - 1  # its one restart, at an earlier point
+    assert len(set(points[1])) < len(path(points[1]))  # sample 1 restarted too
+    z = float(both.z[0])
+    assert float(alone.z[0]) == z and abs(0.5 * math.sin(z) + 1 - 0.05 * z) <= 1e-12
+
+
 @pytest.mark.parametrize("max_steps, status", [(10, Status.MAX_STEPS), (14, Status.CONVERGED)])
 def test_a_restarted_sample_still_improving_at_max_steps_ends_max_steps(max_steps, status):
     """f(z) = 0.5 z + 2 sin(3z) + 1 from 0 under divergence=2: Broyden's residuals are 1,

@@ -147,9 +147,8 @@ class Monitor:
         self.status = torch.where(samples, int(Status.MAX_STEPS), self.status)
         self.active = self.active | samples
         self.due = False
-        if self.restarted is not None:
-            samples = samples | self.restarted[0]
-        self.restarted = samples, self.best_norm.clone()
+        resumed = samples if self.restarted is None else samples | self.restarted[0]
+        self.restarted = resumed, self.best_norm.clone()
         return samples
 
     def record(self, z: torch.Tensor, r: torch.Tensor) -> None:
