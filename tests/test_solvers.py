@@ -423,6 +423,33 @@ def test_broyden_stops_a_sample_whose_best_does_not_fall_after_its_restart(check
     assert sol.stats.nfe == len(points) == restarts[0] + 5
 
 
+@pytest.mark.parametrize("check_every", [None, 4])
+def test_a_restarted_sample_whose_f_went_non_finite_still_ends_nonfinite(check_every):
+    """f = z^2 + z + 1, NaN where |z| > 10 (0 * log(10 - |z|)): from 0 Broyden's 15th point is
+    156, where f is NaN, and the sample stopped NONFINITE. Restarted at its best iterate, z0,
+    it repeats its steps and stops again at the next check, 5 evaluations later, before they
+    reach 156: it ended DIVERGED, which hid that f had gone non-finite. It ends NONFINITE."""
+    points = []
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        points.append(float(z))
+        return z * z + z + 1 + 0 * torch.log(10 - z.abs())
+
+    with torch.no_grad():
+        sol = raydeq.solve(
+            f,
+            torch.zeros(1, 1, dtype=torch.float64),
+            solver="broyden",
+            max_steps=1000,
+            check_every=check_every,
+        )
+    assert sol.stats.status.tolist() == [Status.NONFINITE]
+    overflow = next(i for i, z in enumerate(points) if abs(z) > 10)
+    assert overflow == 14 and all(abs(z) <= 10 for z in points[overflow + 3 :])
+    assert points[overflow + 3] == 0.0  # the restart, at z0
+    assert sol.stats.nfe == len(points) == overflow + 3 + 5
+
+
 def test_a_restarted_sample_is_not_restarted_again_when_another_sample_restarts():
     """Broyden restarts a sample once. Sample 0 (f = 0.95 z + 0.5 sin z + 1) restarts at one
     check and converges at its 21st step alone; beside sample 1 (f = 0.9 z + 2 sin(3z) + 1),

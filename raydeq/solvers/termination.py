@@ -104,7 +104,8 @@ class Monitor:
     With `allow_restarts`, a sample that fails the divergence test for the first time is
     stopped as before, but the check's read (`next_block`) also says so (`due`), and `resume`
     runs it again, for its solver to restart from its best iterate; from then on it also
-    fails the test at a check where its best residual has not fallen since the last one.
+    fails the test at a check where its best residual has not fallen since the last one. One
+    that stops again ends NONFINITE where either stop was for a non-finite residual.
     """
 
     # The attributes a solver step replaces (record): a step recorded as a CUDA graph writes
@@ -131,8 +132,9 @@ class Monitor:
         self.spare: torch.Tensor | None = None
         self.restarting: torch.Tensor | float = 0.0
         self.due = False
-        # The samples resumed so far and their best residuals at the last check.
-        self.restarted: tuple[torch.Tensor, torch.Tensor] | None = None
+        # The samples resumed so far, their best residuals at the last check and the status
+        # each first stopped with (DIVERGED for the others).
+        self.restarted: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def allow_restarts(self) -> None:
         """Give each sample one restart: its first failure of the divergence test makes the
@@ -143,12 +145,15 @@ class Monitor:
         """Run again the samples that failed the last test with their restart left, as (B, 1)
         mask of them, for their solver to restart them; called where `due`."""
         samples = self.restarting.isnan()
+        first = torch.where(samples, self.status, int(Status.DIVERGED))
         self.spare = torch.where(samples, 0.0, self.spare)
         self.status = torch.where(samples, int(Status.MAX_STEPS), self.status)
         self.active = self.active | samples
         self.due = False
-        resumed = samples if self.restarted is None else samples | self.restarted[0]
-        self.restarted = resumed, self.best_norm.clone()
+        resumed = samples
+        if self.restarted is not None:
+            resumed, first = resumed | self.restarted[0], torch.minimum(first, self.restarted[2])
+        self.restarted = resumed, self.best_norm.clone(), first
         return samples
 
     def record(self, z: torch.Tensor, r: torch.Tensor) -> None:
@@ -192,14 +197,18 @@ class Monitor:
         if self.restarted is not None:
             # A restarted sample whose best has not fallen since the last check has diverged
             # again: where there is no root to find, it would only repeat its steps.
-            samples, best = self.restarted
+            samples, best, first = self.restarted
             within = within > (samples & (self.best_norm >= best))
-            self.restarted = samples, self.best_norm.clone()
+            self.restarted = samples, self.best_norm.clone(), first
         failing = self.active > within
         if self.spare is not None:
             # failing as the 0 elsewhere: a tensor, where a scalar 0 is one operation more.
             self.restarting = torch.where(failing, self.spare, failing)
         code = (current < float("inf")) + int(Status.NONFINITE)
+        if self.restarted is not None:
+            # A sample whose f overflowed, restarted at z0, repeats its steps and stops again
+            # before they overflow: its restart did not change why it stops.
+            code = torch.minimum(code, self.restarted[2])
         self.status = torch.where(failing, code, self.status)
         self.active = self.active > failing
 
