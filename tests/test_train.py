@@ -647,18 +647,22 @@ def test_a_home_or_temporary_folder_ray_cannot_start_in_is_one_line_naming_what_
             f"Ray cannot start: its temporary folder {accented}/ray is not ASCII; {fix} in ASCII",
         ),
     ]
+    started = {}  # the commands run side by side: each is a process's start and Ray's refusal
     for number, (command, settings, line) in enumerate(cases):
         runs = tmp_path / f"runs{number}"
         storage = [str(runs)] if command[-1] == "--storage" else [f"storage_path={runs}"]
-        done = subprocess.run(
+        process = subprocess.Popen(
             [sys.executable, "-m", *command, *storage],
             env={"HOME": str(tmp_path), **env, **settings},
-            capture_output=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
             text=True,
-            timeout=300,
         )
-        assert (done.returncode, done.stderr.splitlines()[-1:]) == (2, [f"error: {line}"])
-        assert "Traceback" not in done.stderr
+        started[process] = (runs, line)
+    for process, (runs, line) in started.items():
+        err = process.communicate(timeout=300)[1]
+        assert (process.returncode, err.splitlines()[-1:]) == (2, [f"error: {line}"])
+        assert "Traceback" not in err
         assert not list(runs.rglob("*.json")), "nothing stored"
 
 
@@ -3808,7 +3812,39 @@ def test_a_train_run_given_threads_runs_its_workers_with_them(ray_cluster, tmp_p
     assert threads == {"omp": "2", "torch": 2}
 
 
-def test_a_second_run_beside_another_starts_its_own_ray_instead_of_joining_it(ray_cluster):
+@pytest.fixture(scope="module")
+def own_ray(ray_cluster: str) -> subprocess.CompletedProcess[str]:
+    """A driver run where neither RAY_ADDRESS nor a `ray start` cluster names a Ray, so that
+    connect starts one of its own, with the first port it finds free for that Ray's dashboard
+    one that a socket listens on; its driver and a task then list the actors through the state
+    API, and it prints the task's RAY_TRAIN_ENABLE_PREEMPTION_WATCHER, its GCS address, the
+    taken port and the state API's address. One driver (two Ray starts, ten seconds and more)
+    for the tests of both."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", *LOCAL_ENV_VARS)}
+    # This session's ray.init set RAY_AUTH_MODE for its own cluster.
+    env.pop("RAY_AUTH_MODE", None)
+    script = (
+        "import os, socket, ray; from ray.util.state import list_actors\n"
+        "from raydeq.training import launch\n"
+        "taken = socket.create_server(('127.0.0.1', 0))\n"
+        "port = taken.getsockname()[1]; ports = [port]\n"
+        "found = launch.free_port\n"
+        "launch.free_port = lambda: ports.pop() if ports else found()\n"
+        "launch.connect()\n"
+        "taken.close()\n"
+        "list_actors()\n"
+        "ray.get(ray.remote(lambda: list_actors()).remote())\n"
+        "name = 'RAY_TRAIN_ENABLE_PREEMPTION_WATCHER'\n"
+        "print(ray.get(ray.remote(lambda: os.environ.get(name)).remote()))\n"
+        "print(ray.get_runtime_context().gcs_address)\n"
+        "print(port, os.environ[launch.API_SERVER])\n"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=180
+    )
+
+
+def test_a_second_run_beside_another_starts_its_own_ray_instead_of_joining_it(ray_cluster, own_ray):
     """A local Ray started by another driver (here the test session's) ends with that driver:
     joining it, a second run lost its trials when the first finished. Without RAY_ADDRESS
     and without a `ray start` cluster, connect starts a Ray of its own, whose workers run
@@ -3825,16 +3861,11 @@ def test_a_second_run_beside_another_starts_its_own_ray_instead_of_joining_it(ra
         "print(ray.get(ray.remote(lambda: os.environ.get(name)).remote()))\n"
         "print(ray.get_runtime_context().gcs_address)"
     )
-    # This session's ray.init set RAY_AUTH_MODE for its own cluster.
-    alone = {k: v for k, v in env.items() if k != "RAY_AUTH_MODE"}
-    joined = subprocess.run(
-        [sys.executable, "-c", script], env=alone, capture_output=True, text=True, timeout=120
-    )
-    assert joined.returncode == 0, joined.stderr[-2000:]
+    assert own_ray.returncode == 0, own_ray.stderr[-2000:]
     own = ray.get_runtime_context().gcs_address
-    assert joined.stdout.strip().splitlines()[-2] == "0"
-    assert "Token authentication" not in joined.stderr  # on, as Ray's default, and unannounced
-    assert joined.stdout.strip().splitlines()[-1] != own
+    assert own_ray.stdout.strip().splitlines()[-3] == "0"
+    assert "Token authentication" not in own_ray.stderr  # on, as Ray's default, and unannounced
+    assert own_ray.stdout.strip().splitlines()[-2] != own
     shared = subprocess.run(
         [sys.executable, "-c", script],
         env=env | {"RAY_ADDRESS": own},
@@ -3846,31 +3877,14 @@ def test_a_second_run_beside_another_starts_its_own_ray_instead_of_joining_it(ra
     assert shared.stdout.strip().splitlines()[-2] == "None"
 
 
-def test_a_ray_of_the_runs_own_whose_dashboard_port_was_taken_starts_again_on_another(ray_cluster):
+def test_a_ray_of_the_runs_own_whose_dashboard_port_was_taken_starts_again_on_another(own_ray):
     """The port connect finds free for its Ray's dashboard may be taken before the dashboard
     binds it (another process found the same one): Ray started without a dashboard, and the
     state API the run's processes were told of refused them (list_actors: ServerUnavailable).
     Here the first port handed out is one a socket listens on; connect starts Ray again."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
-    script = (
-        "import os, socket, ray; from ray.util.state import list_actors\n"
-        "from raydeq.training import launch\n"
-        "taken = socket.create_server(('127.0.0.1', 0))\n"
-        "port = taken.getsockname()[1]; ports = [port]\n"
-        "found = launch.free_port\n"
-        "launch.free_port = lambda: ports.pop() if ports else found()\n"
-        "launch.connect()\n"
-        "taken.close()\n"
-        "list_actors()\n"
-        "ray.get(ray.remote(lambda: list_actors()).remote())\n"
-        "print(port, os.environ[launch.API_SERVER])\n"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=180
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    taken, api_server = done.stdout.split()[-2:]
-    assert f"127.0.0.1:{taken} because it's already occupied" in done.stderr
+    assert own_ray.returncode == 0, own_ray.stderr[-2000:]
+    taken, api_server = own_ray.stdout.split()[-2:]
+    assert f"127.0.0.1:{taken} because it's already occupied" in own_ray.stderr
     assert api_server != f"http://127.0.0.1:{taken}"
 
 
