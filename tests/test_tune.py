@@ -3367,6 +3367,8 @@ def test_a_damaged_record_of_tune_is_one_line_naming_it_in_report_resume_and_a_r
     --resume and the end of a run: each fails in one line naming the file and where an intact
     record may be (the session before's, which Tune keeps), with the status of the command's
     other storage errors there, without Ray nor Tune's traceback."""
+    # The records here stay damaged: no read again waits out a copy in progress.
+    monkeypatch.setattr(results, "STATE_RETRY_S", 0.0)
     monkeypatch.setattr(runlock.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
     monkeypatch.setattr(ray, "init", lambda *args, **kwargs: pytest.fail("Ray was started"))
     monkeypatch.setattr(rt.launch, "check_cluster", lambda: pytest.fail("the cluster was asked"))
