@@ -651,17 +651,17 @@ def test_a_failing_suite_is_reported_and_the_others_still_run(monkeypatch, tmp_p
 
     monkeypatch.setitem(SUITES, "train_step", broken)
     with pytest.raises(SystemExit, match="failed suites: train_step"):
-        main(["--size", "tiny", "--only", "train_step", "skip_lambda", "--out", str(tmp_path)])
+        main(["--size", "tiny", "--only", "train_step", "overhead", "--out", str(tmp_path)])
     (md_path,) = tmp_path.glob("*-cpu.md")
     (json_path,) = tmp_path.glob("*-cpu.json")
     md = md_path.read_text()
     assert "- `train_step`: RuntimeError: accessing tensor output of CUDAGraphs\n" in md
-    assert "Stack trace" not in md and "(`skip_lambda`)" in md
+    assert "Stack trace" not in md and "(`overhead`)" in md
     error = "RuntimeError: accessing tensor output of CUDAGraphs"
     assert json.loads(json_path.read_text())["failures"] == {"train_step": error}
     err = capsys.readouterr().err
     assert "Traceback" in err and f"[train_step] failed: {error}" in err
-    assert "[skip_lambda] running" in err
+    assert "[overhead] running" in err
 
 
 def test_a_cpu_run_prints_no_cuda_warning(monkeypatch, tmp_path, capfd):
