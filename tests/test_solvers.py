@@ -524,6 +524,45 @@ def test_a_restarted_sample_still_improving_at_max_steps_ends_max_steps(max_step
     assert float(sol.stats.residual[0]) <= (1e-12 if status == Status.CONVERGED else 0.01)
 
 
+@pytest.mark.parametrize("check_every", [None, 4])
+def test_a_sample_restarted_where_max_steps_cuts_its_next_block_ends_max_steps(check_every):
+    """The problem above restarts at the check after its 5th point from its best, 0.575; its
+    next point is 1.176 and the one after 0.567. With max_steps 6, one step was left of the
+    block after the restart, and at that cut block's test its best had not fallen: it ended
+    DIVERGED, where with max_steps 7 to 13 it ends MAX_STEPS and with 14 it converges. How
+    many steps max_steps leaves of a block depends on where the batch's checks fell (the same
+    sample of a 4-feature sine problem converged alone and ended DIVERGED beside another). A
+    restarted sample is now stopped for a best that has not fallen only after a whole block,
+    and ends MAX_STEPS with its best."""
+    points = []
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        points.append(float(z))
+        return 0.5 * z + 2 * torch.sin(3 * z) + 1
+
+    def residual(z: float) -> float:
+        return abs(2 * math.sin(3 * z) + 1 - 0.5 * z)
+
+    with torch.no_grad():
+        sol = raydeq.solve(
+            f,
+            torch.zeros(1, 1, dtype=torch.float64),
+            solver="broyden",
+            abstol=1e-12,
+            reltol=0.0,
+            max_steps=6,
+            divergence=2.0,
+            check_every=check_every,
+        )
+    residuals = [round(residual(z), 3) for z in points]
+    assert residuals == [1.0, 0.782, 0.575, 6.772, 2.493, 0.575, 1.176]
+    assert points[5] == points[2]  # the restart, at its best iterate
+    assert sol.stats.status.tolist() == [Status.MAX_STEPS]
+    assert sol.stats.nfe == len(points) == 7 and sol.stats.steps == 6
+    assert float(sol.stats.residual[0]) == pytest.approx(residual(points[2]), rel=1e-12)
+    assert float(sol.z[0, 0]) == points[2]
+
+
 def test_broyden_below_float32_s_reach_runs_to_max_steps_at_its_floor_not_diverged():
     """abstol 1e-11 cannot be met in float32: once the residual is at its rounding floor
     (about 1e-8), the secant pairs measure rounding, and updating H with them drove the

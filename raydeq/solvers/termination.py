@@ -104,8 +104,9 @@ class Monitor:
     With `allow_restarts`, a sample that fails the divergence test for the first time is
     stopped as before, but the check's read (`next_block`) also says so (`due`), and `resume`
     runs it again, for its solver to restart from its best iterate; from then on it also
-    fails the test at a check where its best residual has not fallen since the last one. One
-    that stops again ends NONFINITE where either stop was for a non-finite residual.
+    fails the test at a check after a whole block where its best residual has not fallen since
+    the last one (one that max_steps cut short ends it MAX_STEPS). One that stops again ends
+    NONFINITE where either stop was for a non-finite residual.
     """
 
     # The attributes a solver step replaces (record): a step recorded as a CUDA graph writes
@@ -183,9 +184,12 @@ class Monitor:
                 return [a if count else b for a, b in pairs]
         return [torch.where(mask, a, b) for a, b in pairs]
 
-    def test(self, current: torch.Tensor) -> None:
+    def test(self, current: torch.Tensor, whole: bool = True) -> None:
         """Stop the running samples that diverged or went non-finite, given each one's residual
-        2-norm at its current point (B, 1), with that status; no host synchronisation."""
+        2-norm at its current point (B, 1), with that status; no host synchronisation. `whole`:
+        whether the steps since the last test were a whole block, not one max_steps cut short,
+        whose length depends on where the batch's checks fell: only after a whole block is a
+        restarted sample whose best has not fallen stopped (else it ends MAX_STEPS)."""
         if self.divergence_bound is None:
             # Finite, so that an infinite residual fails it where divergence or the first
             # residual is infinite.
@@ -198,7 +202,8 @@ class Monitor:
             # A restarted sample whose best has not fallen since the last check has diverged
             # again: where there is no root to find, it would only repeat its steps.
             samples, best, first = self.restarted
-            within = within > (samples & (self.best_norm >= best))
+            if whole:
+                within = within > (samples & (self.best_norm >= best))
             self.restarted = samples, self.best_norm.clone(), first
         failing = self.active > within
         if self.spare is not None:
