@@ -532,7 +532,7 @@ def test_a_sample_restarted_where_max_steps_cuts_its_next_block_ends_max_steps(c
     DIVERGED, where with max_steps 7 to 13 it ends MAX_STEPS and with 14 it converges. How
     many steps max_steps leaves of a block depends on where the batch's checks fell (the same
     sample of a 4-feature sine problem converged alone and ended DIVERGED beside another). A
-    restarted sample is now stopped for a best that has not fallen only after a whole block,
+    restarted sample is now stopped for a best that has not fallen only over 4 steps or more,
     and ends MAX_STEPS with its best."""
     points = []
 
@@ -561,6 +561,41 @@ def test_a_sample_restarted_where_max_steps_cuts_its_next_block_ends_max_steps(c
     assert sol.stats.nfe == len(points) == 7 and sol.stats.steps == 6
     assert float(sol.stats.residual[0]) == pytest.approx(residual(points[2]), rel=1e-12)
     assert float(sol.z[0, 0]) == points[2]
+
+
+def test_a_restarted_sample_is_judged_over_several_steps_at_check_every_1():
+    """The problem above at check_every=1 restarts after its 4th point (6.77) from its best,
+    0.575; its next point is 1.18 and the three after fall to 0.12. Each single step was
+    judged: the first one, above its best, ended it DIVERGED after 6 evaluations, where at
+    check_every 2, 3 and by default it converges (a float32 sample of a width-128 spectral
+    contraction, seed 37, restarted likewise and ended DIVERGED only at check_every=1). A
+    restarted sample's best must now fall over UNKNOWN_BLOCK (4) steps, and it converges at
+    its 13th step, with one evaluation more for the restart."""
+    points = []
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        points.append(float(z))
+        return 0.5 * z + 2 * torch.sin(3 * z) + 1
+
+    def residual(z: float) -> float:
+        return abs(2 * math.sin(3 * z) + 1 - 0.5 * z)
+
+    with torch.no_grad():
+        sol = raydeq.solve(
+            f,
+            torch.zeros(1, 1, dtype=torch.float64),
+            solver="broyden",
+            abstol=1e-12,
+            reltol=0.0,
+            divergence=2.0,
+            check_every=1,
+        )
+    residuals = [round(residual(z), 3) for z in points[:9]]
+    assert residuals == [1.0, 0.782, 0.575, 6.772, 0.575, 1.176, 0.567, 0.216, 0.12]
+    assert points[4] == points[2]  # the restart, at its best iterate
+    assert sol.stats.status.tolist() == [Status.CONVERGED]
+    assert sol.stats.nfe == len(points) == 14 and sol.stats.steps == 13
+    assert residual(float(sol.z[0, 0])) <= 1e-12
 
 
 def test_broyden_below_float32_s_reach_runs_to_max_steps_at_its_floor_not_diverged():

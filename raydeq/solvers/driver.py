@@ -155,8 +155,7 @@ def iterate(
         block *= bool(monitor.active.any())
     for phase in phases:
         while block and steps < max_steps:
-            planned = PHASE_BLOCK if phase.pending else block
-            size = min(planned, max_steps - steps)
+            size = min(PHASE_BLOCK if phase.pending else block, max_steps - steps)
             taken = 0
             while taken < size:
                 carry = phase.step(step_f, carry, monitor)
@@ -167,7 +166,7 @@ def iterate(
             nfe += taken * phase.evaluations
             if phase.pending is not None and bool(phase.pending(carry, monitor).any()):
                 continue
-            monitor.test(method.residual(carry), whole=size == planned)
+            monitor.test(method.residual(carry), since)
             block, since = monitor.next_block(since, check_every), 0
             if monitor.due and steps < max_steps:
                 carry = restart(step_f, carry, monitor.resume(), monitor)
@@ -178,7 +177,7 @@ def iterate(
         # The steps since the last test, which max_steps cut before their check. Not again
         # where the last test was at this point: a restarted sample's best has not fallen
         # since a test at the same point, which stopped it as DIVERGED at max_steps.
-        monitor.test(method.residual(carry), whole=False)
+        monitor.test(method.residual(carry), since)
     if compiled_on_cuda:
         monitor.copy_out()
     return nfe, steps

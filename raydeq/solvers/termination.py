@@ -104,9 +104,10 @@ class Monitor:
     With `allow_restarts`, a sample that fails the divergence test for the first time is
     stopped as before, but the check's read (`next_block`) also says so (`due`), and `resume`
     runs it again, for its solver to restart from its best iterate; from then on it also
-    fails the test at a check after a whole block where its best residual has not fallen since
-    the last one (one that max_steps cut short ends it MAX_STEPS). One that stops again ends
-    NONFINITE where either stop was for a non-finite residual.
+    fails the test at a check where its best residual has not fallen over the UNKNOWN_BLOCK or
+    more steps since it was last so judged (or restarted); one that max_steps stops first ends
+    MAX_STEPS. One that stops again ends NONFINITE where either stop was for a non-finite
+    residual.
     """
 
     # The attributes a solver step replaces (record): a step recorded as a CUDA graph writes
@@ -133,9 +134,10 @@ class Monitor:
         self.spare: torch.Tensor | None = None
         self.restarting: torch.Tensor | float = 0.0
         self.due = False
-        # The samples resumed so far, their best residuals at the last check and the status
-        # each first stopped with (DIVERGED for the others).
-        self.restarted: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        # The samples resumed so far, the status each first stopped with (DIVERGED for the
+        # others), and per sample the best residual its progress is measured from and the
+        # steps taken since then.
+        self.restarted: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def allow_restarts(self) -> None:
         """Give each sample one restart: its first failure of the divergence test makes the
@@ -151,10 +153,17 @@ class Monitor:
         self.status = torch.where(samples, int(Status.MAX_STEPS), self.status)
         self.active = self.active | samples
         self.due = False
-        resumed = samples
-        if self.restarted is not None:
-            resumed, first = resumed | self.restarted[0], torch.minimum(first, self.restarted[2])
-        self.restarted = resumed, self.best_norm.clone(), first
+        best, steps = self.best_norm.clone(), torch.zeros_like(self.best_norm)
+        if self.restarted is None:
+            self.restarted = samples, first, best, steps
+        else:
+            resumed, earlier, since, taken = self.restarted
+            self.restarted = (
+                resumed | samples,
+                torch.minimum(first, earlier),
+                torch.where(samples, best, since),
+                torch.where(samples, steps, taken),
+            )
         return samples
 
     def record(self, z: torch.Tensor, r: torch.Tensor) -> None:
@@ -184,12 +193,10 @@ class Monitor:
                 return [a if count else b for a, b in pairs]
         return [torch.where(mask, a, b) for a, b in pairs]
 
-    def test(self, current: torch.Tensor, whole: bool = True) -> None:
+    def test(self, current: torch.Tensor, steps: int = 0) -> None:
         """Stop the running samples that diverged or went non-finite, given each one's residual
-        2-norm at its current point (B, 1), with that status; no host synchronisation. `whole`:
-        whether the steps since the last test were a whole block, not one max_steps cut short,
-        whose length depends on where the batch's checks fell: only after a whole block is a
-        restarted sample whose best has not fallen stopped (else it ends MAX_STEPS)."""
+        2-norm at its current point (B, 1) after `steps` steps since the last test, with that
+        status; no host synchronisation."""
         if self.divergence_bound is None:
             # Finite, so that an infinite residual fails it where divergence or the first
             # residual is infinite.
@@ -199,12 +206,16 @@ class Monitor:
         # so it is finite exactly where it is below infinity, and NONFINITE + 1 is DIVERGED.
         within = current <= self.divergence_bound
         if self.restarted is not None:
-            # A restarted sample whose best has not fallen since the last check has diverged
-            # again: where there is no root to find, it would only repeat its steps.
-            samples, best, first = self.restarted
-            if whole:
-                within = within > (samples & (self.best_norm >= best))
-            self.restarted = samples, self.best_norm.clone(), first
+            # A restarted sample whose best has not fallen over UNKNOWN_BLOCK steps or more has
+            # diverged again: where there is no root to find, it would only repeat its steps.
+            # Not over fewer (a check_every of 1, a block max_steps cut short): a quasi-Newton
+            # step often rises where the next falls, and how few depends on the checks.
+            samples, first, best, taken = self.restarted
+            taken = taken + steps
+            judged = samples & (taken >= UNKNOWN_BLOCK)
+            within = within > (judged & (self.best_norm >= best))
+            best = torch.where(judged, self.best_norm, best)
+            self.restarted = samples, first, best, torch.where(judged, 0.0, taken)
         failing = self.active > within
         if self.spare is not None:
             # failing as the 0 elsewhere: a tensor, where a scalar 0 is one operation more.
@@ -213,7 +224,7 @@ class Monitor:
         if self.restarted is not None:
             # A sample whose f overflowed, restarted at z0, repeats its steps and stops again
             # before they overflow: its restart did not change why it stops.
-            code = torch.minimum(code, self.restarted[2])
+            code = torch.minimum(code, self.restarted[1])
         self.status = torch.where(failing, code, self.status)
         self.active = self.active > failing
 
