@@ -134,10 +134,10 @@ class Monitor:
         self.spare: torch.Tensor | None = None
         self.restarting: torch.Tensor | float = 0.0
         self.due = False
-        # The samples resumed so far, the status each first stopped with (DIVERGED for the
-        # others), and per sample the best residual its progress is measured from and the
-        # steps taken since then.
-        self.restarted: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        # From the first resume on, per sample: the status it first stopped with (DIVERGED for
+        # the others), the best residual its progress is measured from and the steps taken
+        # since then, NaN for a sample not resumed (which no count of steps then judges).
+        self.restarted: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def allow_restarts(self) -> None:
         """Give each sample one restart: its first failure of the divergence test makes the
@@ -148,22 +148,19 @@ class Monitor:
         """Run again the samples that failed the last test with their restart left, as (B, 1)
         mask of them, for their solver to restart them; called where `due`."""
         samples = self.restarting.isnan()
-        first = torch.where(samples, self.status, int(Status.DIVERGED))
+        if self.restarted is None:
+            diverged = torch.full_like(self.status, int(Status.DIVERGED))
+            self.restarted = diverged, self.best_norm, torch.full_like(self.best_norm, math.nan)
+        first, best, taken = self.restarted
+        self.restarted = (
+            torch.where(samples, self.status, first),
+            torch.where(samples, self.best_norm, best),
+            torch.where(samples, 0.0, taken),
+        )
         self.spare = torch.where(samples, 0.0, self.spare)
         self.status = torch.where(samples, int(Status.MAX_STEPS), self.status)
         self.active = self.active | samples
         self.due = False
-        best, steps = self.best_norm.clone(), torch.zeros_like(self.best_norm)
-        if self.restarted is None:
-            self.restarted = samples, first, best, steps
-        else:
-            resumed, earlier, since, taken = self.restarted
-            self.restarted = (
-                resumed | samples,
-                torch.minimum(first, earlier),
-                torch.where(samples, best, since),
-                torch.where(samples, steps, taken),
-            )
         return samples
 
     def record(self, z: torch.Tensor, r: torch.Tensor) -> None:
@@ -210,12 +207,12 @@ class Monitor:
             # diverged again: where there is no root to find, it would only repeat its steps.
             # Not over fewer (a check_every of 1, a block max_steps cut short): a quasi-Newton
             # step often rises where the next falls, and how few depends on the checks.
-            samples, first, best, taken = self.restarted
+            first, best, taken = self.restarted
             taken = taken + steps
-            judged = samples & (taken >= UNKNOWN_BLOCK)
+            judged = taken >= UNKNOWN_BLOCK
             within = within > (judged & (self.best_norm >= best))
             best = torch.where(judged, self.best_norm, best)
-            self.restarted = samples, first, best, torch.where(judged, 0.0, taken)
+            self.restarted = first, best, torch.where(judged, 0.0, taken)
         failing = self.active > within
         if self.spare is not None:
             # failing as the 0 elsewhere: a tensor, where a scalar 0 is one operation more.
@@ -224,7 +221,7 @@ class Monitor:
         if self.restarted is not None:
             # A sample whose f overflowed, restarted at z0, repeats its steps and stops again
             # before they overflow: its restart did not change why it stops.
-            code = torch.minimum(code, self.restarted[1])
+            code = torch.minimum(code, self.restarted[0])
         self.status = torch.where(failing, code, self.status)
         self.active = self.active > failing
 
