@@ -174,9 +174,8 @@ def iterate(
             if phase.pending is not None:
                 break
     if since:
-        # The steps since the last test, which max_steps cut before their check. Not again
-        # where the last test was at this point: a restarted sample's best has not fallen
-        # since a test at the same point, which stopped it as DIVERGED at max_steps.
+        # The steps since the last test, which max_steps cut before their check; where the
+        # last test was at this point, a test there again would find nothing new.
         monitor.test(method.residual(carry), since)
     if compiled_on_cuda:
         monitor.copy_out()
