@@ -494,6 +494,28 @@ def test_a_restarted_sample_is_not_restarted_again_when_another_sample_restarts(
     assert float(alone.z[0]) == z and abs(0.5 * math.sin(z) + 1 - 0.05 * z) <= 1e-12
 
 
+def sine_residual(z: float) -> float:
+    """|f(z) - z| of f(z) = 0.5 z + 2 sin(3z) + 1, the problem of the restart tests below."""
+    return abs(2 * math.sin(3 * z) + 1 - 0.5 * z)
+
+
+def solve_sine(**options) -> tuple[raydeq.Solution, list[float]]:
+    """Broyden on f(z) = 0.5 z + 2 sin(3z) + 1 from 0 under divergence=2, abstol 1e-12, and
+    the points f was evaluated at, in order."""
+    points: list[float] = []
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        points.append(float(z))
+        return 0.5 * z + 2 * torch.sin(3 * z) + 1
+
+    z0 = torch.zeros(1, 1, dtype=torch.float64)
+    with torch.no_grad():
+        sol = raydeq.solve(
+            f, z0, solver="broyden", abstol=1e-12, reltol=0.0, divergence=2.0, **options
+        )
+    return sol, points
+
+
 @pytest.mark.parametrize("max_steps, status", [(10, Status.MAX_STEPS), (14, Status.CONVERGED)])
 def test_a_restarted_sample_still_improving_at_max_steps_ends_max_steps(max_steps, status):
     """f(z) = 0.5 z + 2 sin(3z) + 1 from 0 under divergence=2: Broyden's residuals are 1,
@@ -502,25 +524,12 @@ def test_a_restarted_sample_still_improving_at_max_steps_ends_max_steps(max_step
     ended DIVERGED though its best had fallen at every check since the restart: the end of the
     solve tested its last point a second time, where its best had not fallen since the first.
     It now ends MAX_STEPS with that best, and the restart is one evaluation more."""
-    points = []
-
-    def f(z: torch.Tensor) -> torch.Tensor:
-        points.append(float(z))
-        return 0.5 * z + 2 * torch.sin(3 * z) + 1
-
-    def residual(z: float) -> float:
-        return abs(2 * math.sin(3 * z) + 1 - 0.5 * z)
-
-    z0 = torch.zeros(1, 1, dtype=torch.float64)
-    with torch.no_grad():
-        sol = raydeq.solve(
-            f, z0, solver="broyden", abstol=1e-12, reltol=0.0, max_steps=max_steps, divergence=2.0
-        )
-    first = [residual(z) for z in points[:5]]
-    assert first[4] > 2 * first[0] and points[5] == points[2] == min(points[:5], key=residual)
+    sol, points = solve_sine(max_steps=max_steps)
+    first = [sine_residual(z) for z in points[:5]]
+    assert first[4] > 2 * first[0] and points[5] == points[2] == min(points[:5], key=sine_residual)
     assert sol.stats.status.tolist() == [status]
     assert sol.stats.nfe == len(points) == max_steps + 1
-    assert float(sol.stats.residual[0]) == pytest.approx(residual(float(sol.z)), rel=1e-9)
+    assert float(sol.stats.residual[0]) == pytest.approx(sine_residual(float(sol.z)), rel=1e-9)
     assert float(sol.stats.residual[0]) <= (1e-12 if status == Status.CONVERGED else 0.01)
 
 
@@ -534,32 +543,13 @@ def test_a_sample_restarted_where_max_steps_cuts_its_next_block_ends_max_steps(c
     sample of a 4-feature sine problem converged alone and ended DIVERGED beside another). A
     restarted sample is now stopped for a best that has not fallen only over 4 steps or more,
     and ends MAX_STEPS with its best."""
-    points = []
-
-    def f(z: torch.Tensor) -> torch.Tensor:
-        points.append(float(z))
-        return 0.5 * z + 2 * torch.sin(3 * z) + 1
-
-    def residual(z: float) -> float:
-        return abs(2 * math.sin(3 * z) + 1 - 0.5 * z)
-
-    with torch.no_grad():
-        sol = raydeq.solve(
-            f,
-            torch.zeros(1, 1, dtype=torch.float64),
-            solver="broyden",
-            abstol=1e-12,
-            reltol=0.0,
-            max_steps=6,
-            divergence=2.0,
-            check_every=check_every,
-        )
-    residuals = [round(residual(z), 3) for z in points]
+    sol, points = solve_sine(max_steps=6, check_every=check_every)
+    residuals = [round(sine_residual(z), 3) for z in points]
     assert residuals == [1.0, 0.782, 0.575, 6.772, 2.493, 0.575, 1.176]
     assert points[5] == points[2]  # the restart, at its best iterate
     assert sol.stats.status.tolist() == [Status.MAX_STEPS]
     assert sol.stats.nfe == len(points) == 7 and sol.stats.steps == 6
-    assert float(sol.stats.residual[0]) == pytest.approx(residual(points[2]), rel=1e-12)
+    assert float(sol.stats.residual[0]) == pytest.approx(sine_residual(points[2]), rel=1e-12)
     assert float(sol.z[0, 0]) == points[2]
 
 
@@ -571,31 +561,13 @@ def test_a_restarted_sample_is_judged_over_several_steps_at_check_every_1():
     contraction, seed 37, restarted likewise and ended DIVERGED only at check_every=1). A
     restarted sample's best must now fall over UNKNOWN_BLOCK (4) steps, and it converges at
     its 13th step, with one evaluation more for the restart."""
-    points = []
-
-    def f(z: torch.Tensor) -> torch.Tensor:
-        points.append(float(z))
-        return 0.5 * z + 2 * torch.sin(3 * z) + 1
-
-    def residual(z: float) -> float:
-        return abs(2 * math.sin(3 * z) + 1 - 0.5 * z)
-
-    with torch.no_grad():
-        sol = raydeq.solve(
-            f,
-            torch.zeros(1, 1, dtype=torch.float64),
-            solver="broyden",
-            abstol=1e-12,
-            reltol=0.0,
-            divergence=2.0,
-            check_every=1,
-        )
-    residuals = [round(residual(z), 3) for z in points[:9]]
+    sol, points = solve_sine(check_every=1)
+    residuals = [round(sine_residual(z), 3) for z in points[:9]]
     assert residuals == [1.0, 0.782, 0.575, 6.772, 0.575, 1.176, 0.567, 0.216, 0.12]
     assert points[4] == points[2]  # the restart, at its best iterate
     assert sol.stats.status.tolist() == [Status.CONVERGED]
     assert sol.stats.nfe == len(points) == 14 and sol.stats.steps == 13
-    assert residual(float(sol.z[0, 0])) <= 1e-12
+    assert sine_residual(float(sol.z[0, 0])) <= 1e-12
 
 
 def test_broyden_below_float32_s_reach_runs_to_max_steps_at_its_floor_not_diverged():
@@ -1168,6 +1140,16 @@ def test_a_capturable_step_is_one_graph_that_every_step_and_later_solve_reuses(s
     assert method.capturable and len(graphs) == len(method.phases())
 
 
+def assert_traced_solve_matches_eager(f, z0: torch.Tensor, **options) -> None:
+    """A solve compiled with the aot_eager backend (dynamo's tracing, no C++ build) converges
+    with the eager solve's NFE and z*."""
+    with torch.no_grad():
+        eager = raydeq.solve(f, z0, **options)
+        sol = raydeq.solve(f, z0, compile={"backend": "aot_eager"}, **options)
+    assert sol.stats.nfe == eager.stats.nfe and bool(sol.stats.converged.all())
+    torch.testing.assert_close(sol.z, eager.z, rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("solver", ["vcab3", "euler"])
 def test_a_compiled_step_traces_again_for_no_more_than_one_new_tolerance(solver):
     """A tolerance reached the compiled steps as a constant (the reltol weight as `alpha=`),
@@ -1187,15 +1169,9 @@ def test_a_compiled_step_traces_again_for_no_more_than_one_new_tolerance(solver)
     counters.clear()
     traced = []
     try:
-        with torch.no_grad():
-            for tol in (1e-6, 2e-6, 3e-6, 4e-6, 5e-6):
-                eager = raydeq.solve(f, z0, solver=solver, abstol=tol, reltol=tol)
-                sol = raydeq.solve(
-                    f, z0, solver=solver, abstol=tol, reltol=tol, compile={"backend": "aot_eager"}
-                )
-                traced.append(counters["frames"]["total"])
-                assert sol.stats.nfe == eager.stats.nfe and bool(sol.stats.converged.all())
-                torch.testing.assert_close(sol.z, eager.z, rtol=0, atol=1e-12)
+        for tol in (1e-6, 2e-6, 3e-6, 4e-6, 5e-6):
+            assert_traced_solve_matches_eager(f, z0, solver=solver, abstol=tol, reltol=tol)
+            traced.append(counters["frames"]["total"])
     finally:
         torch._dynamo.reset()
     assert traced == [phases, 2 * phases, 2 * phases, 2 * phases, 2 * phases]
@@ -1228,14 +1204,8 @@ def test_a_batch_of_one_traces_each_compiled_step_once(solver):
                 return torch.tanh(z @ w + x)
 
             z0 = torch.zeros(batch, D, dtype=torch.float64)
-            with torch.no_grad():
-                eager = raydeq.solve(f, z0, solver=solver, abstol=1e-8, reltol=0.0)
-                sol = raydeq.solve(
-                    f, z0, solver=solver, abstol=1e-8, reltol=0.0, compile={"backend": "aot_eager"}
-                )
+            assert_traced_solve_matches_eager(f, z0, solver=solver, abstol=1e-8, reltol=0.0)
             traced.append(counters["frames"]["total"])
-            assert sol.stats.nfe == eager.stats.nfe and bool(sol.stats.converged.all())
-            torch.testing.assert_close(sol.z, eager.z, rtol=0, atol=1e-12)
     finally:
         torch._dynamo.reset()
     assert traced == [phases, 2 * phases, 3 * phases, 3 * phases, 3 * phases]
