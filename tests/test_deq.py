@@ -994,6 +994,45 @@ def test_a_torch_func_transform_is_refused_naming_it_and_the_jacobian_that_works
         assert jac[b, :, torch.arange(B) != b].abs().max() == 0
 
 
+@pytest.mark.parametrize(
+    "trace",
+    [
+        lambda m, x: torch.export.export(m, (x,)),
+        lambda m, x: torch.jit.trace(m, (x,), check_trace=False),
+    ],
+    ids=["export", "jit.trace"],
+)
+def test_an_export_or_trace_is_refused_naming_why_and_what_runs_instead(trace):
+    """torch.export failed on a data-dependent guard deep in the termination test, and
+    torch.jit.trace without its check gave a module fixed at the example's step count (wrong
+    for other inputs); solve and both layers now refuse both at the call, and still solve
+    after it."""
+    f, x = dense_cell(2)
+    x = x.detach()
+    layers = {
+        "DEQ": lambda xb: DEQ(f)(xb).z,
+        "NeuralODE": lambda xb: NeuralODE(f)(xb).z,
+        r"raydeq\.solve": lambda xb: raydeq.solve(lambda z: f(z, xb), torch.zeros_like(xb)).z,
+    }
+    for what, g in layers.items():
+        module = Lambda(g)
+        refused = rf"{what} cannot be exported or traced .*load_model"
+        with pytest.raises(RuntimeError, match=refused):
+            trace(module, x)
+        assert torch.isfinite(module(x)).all()
+
+
+class Lambda(nn.Module):
+    """A module calling `fn`, for the tools that take a module."""
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x)
+
+
 @pytest.mark.parametrize("layer", [DEQ, NeuralODE])
 @pytest.mark.parametrize(
     "method",

@@ -103,9 +103,18 @@ TRANSFORMS = {"Vmap": "vmap", "Grad": "grad (vjp, jacrev, hessian)", "Jvp": "jvp
 
 def untransformed(what: str) -> None:
     """Raise a RuntimeError naming `what` (solve, a layer) when called within a torch.func
-    transform: a solver reads each sample's residual on the host to stop it (vmap fails in
-    .item()), and an adjoint runs autograd itself (grad fails in requires_grad_()), both
-    deep inside the solve."""
+    transform, an export or a trace: a solver reads each sample's residual on the host to stop
+    it (vmap fails in .item(), export on a data-dependent guard, and a trace fixes the step
+    count at the example's, right for that input alone), and an adjoint runs autograd itself
+    (grad fails in requires_grad_()), all deep inside the solve."""
+    if torch.compiler.is_exporting() or torch.jit.is_tracing():
+        raise RuntimeError(
+            f"{what} cannot be exported or traced (torch.export, torch.onnx.export, "
+            "torch.jit.trace): its solver reads each sample's residual on the host to decide "
+            "how many steps to take, which a traced graph would fix at the example's count; "
+            "run the module itself (raydeq.training.load_model builds a trained run's), "
+            "compiled with torch.compile where speed matters"
+        )
     interpreter = torch._C._functorch.peek_interpreter_stack()
     name = interpreter and TRANSFORMS.get(interpreter.key().name)
     if name:
