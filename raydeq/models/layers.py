@@ -1,9 +1,12 @@
 """Building blocks of the multiscale models: convolutions, group norm, variational dropout."""
 
+from collections import OrderedDict
 from math import gcd
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import weight_norm
 
 
@@ -11,6 +14,45 @@ def group_norm(channels: int, groups: int) -> nn.GroupNorm:
     """GroupNorm (no batch statistics) in gcd(channels, groups) groups, the most that divide
     both (14 channels with groups=8 take 2, not 7)."""
     return nn.GroupNorm(gcd(channels, groups), channels, affine=True)
+
+
+# The name of the hook weight_norm registers to load its older state dicts (weight_g, weight_v).
+WEIGHT_NORM_HOOK = "_weight_norm_compat_hook"
+
+
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d that pickles weight-normalised: torch refuses to pickle a parametrized module,
+    whose class it makes at run time, so torch.save(model) and pickle of a weight-normalised
+    model failed. It pickles as its plain state and its weight norm's g and v, and unpickles
+    weight-normalised again with them."""
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        """The default reduction, or for a weight-normalised layer `_weight_normalised` of its
+        state without the parametrization and of the parametrization (g and v)."""
+        if not parametrize.is_parametrized(self):
+            return super().__reduce_ex__(protocol)
+        state = dict(vars(self))
+        modules = dict(state["_modules"])
+        weight = modules.pop("parametrizations")["weight"]
+        # weight_norm's hook that loads its older state dicts is a local function, which pickle
+        # cannot name; weight_norm adds it again on unpickling.
+        hooks = state["_load_state_dict_pre_hooks"]
+        kept = {
+            k: h for k, h in hooks.items() if getattr(h.hook, "__name__", None) != WEIGHT_NORM_HOOK
+        }
+        state.update(_modules=modules, _load_state_dict_pre_hooks=OrderedDict(kept))
+        return _weight_normalised, (state, weight)
+
+
+def _weight_normalised(state: dict[str, Any], weight: nn.ModuleList) -> Conv2d:
+    """A Conv2d of the plain `state`, weight-normalised over the dimension `weight` (the
+    pickled parametrization) normalises, with its g and v."""
+    layer = Conv2d.__new__(Conv2d)
+    layer.__setstate__(state)
+    layer.weight = nn.Parameter(weight().detach())
+    weight_norm(layer, dim=weight[0].dim)
+    layer.parametrizations["weight"] = weight
+    return layer
 
 
 def conv(
@@ -25,9 +67,7 @@ def conv(
 
     Weights (and bias) start from N(0, 0.01^2) as in MDEQ, so the initial cell is a mild map.
     """
-    layer = nn.Conv2d(
-        in_channels, out_channels, kernel, stride=stride, padding=kernel // 2, bias=bias
-    )
+    layer = Conv2d(in_channels, out_channels, kernel, stride=stride, padding=kernel // 2, bias=bias)
     for p in layer.parameters():
         nn.init.normal_(p, std=0.01)
     return weight_norm(layer, dim=0) if normalize else layer
