@@ -20,6 +20,7 @@ from raydeq.models import PRESETS, VARIANTS, build, resolve
 from raydeq.models.dense import DenseCell, DenseConfig
 from raydeq.models.layers import VariationalDropout2d, conv, group_norm
 from raydeq.models.mdeq import MDEQConfig, MultiscaleCell, mdeq_parts
+from raydeq.training.config import trained_settings, validate
 from raydeq.training.objective import Objective
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small batches: thread sync dominates
@@ -557,6 +558,22 @@ def test_resolve_checks_every_layer_option_as_build_does(options, error, message
     for check in (resolve, build):
         with pytest.raises(error, match=re.escape(message)):
             check(cfg)
+
+
+@pytest.mark.parametrize("variant", ["vanilla", "skip_reg", "neural_ode"])
+def test_build_takes_the_model_section_a_checkpoint_records(variant):
+    """A checkpoint's manifest records the run's model section with null for each option it
+    left unset (t1 of a DEQ, jac_reg and pretrain_steps of a Neural ODE), which build refused
+    as unknown layer options; a null layer option is unset, as in a config."""
+    cfg = validate({"model": {"model": "mnist_dense", "variant": variant}})
+    recorded = trained_settings(cfg)["model"]
+    assert None in recorded.values()
+    given = {k: v for k, v in recorded.items() if v is not None}
+    assert resolve(recorded) == resolve(given) == resolve(cfg.model_options())
+    torch.manual_seed(0)
+    weights = build(recorded).state_dict()
+    torch.manual_seed(0)
+    assert all(torch.equal(weights[k], v) for k, v in build(given).state_dict().items())
 
 
 @pytest.mark.parametrize(

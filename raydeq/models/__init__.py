@@ -45,11 +45,11 @@ def resolve(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """The complete options of the model a config names, checked without building it.
 
     Returns model, variant, solver and every option of the layer (DEQ or NeuralODE): the
-    config's, else the preset's (tolerances, max_steps, the warm-up's steps and depth, the
-    implicit adjoints' limits), else the layer's default (a Neural ODE trains by the continuous
-    adjoint, the paper's baseline). The one validator of model options, by the layer's own
-    constructor: raises a TypeError (a value of the wrong type) or ValueError naming the key and
-    the allowed values.
+    config's (a null one is unset), else the preset's (tolerances, max_steps, the warm-up's
+    steps and depth, the implicit adjoints' limits), else the layer's default (a Neural ODE
+    trains by the continuous adjoint, the paper's baseline). The one validator of model
+    options, by the layer's own constructor: raises a TypeError (a value of the wrong type) or
+    ValueError naming the key and the allowed values.
     """
     if not isinstance(cfg, Mapping):
         raise TypeError(
@@ -62,6 +62,8 @@ def resolve(cfg: Mapping[str, Any]) -> dict[str, Any]:
     variant = options.pop("variant", DEFAULT_VARIANT)
     choice("variant", variant, VARIANTS)
     solver = options.pop("solver", DEFAULT_SOLVER)
+    # A null option is unset, as in a config section and the one each checkpoint records.
+    options = {k: v for k, v in options.items() if v is not None}
     preset = PRESETS[name]
     tolerances = {"abstol": preset.abstol, "reltol": preset.reltol}
     where = f" for variant {variant!r}"
@@ -98,7 +100,8 @@ def build(cfg: Mapping[str, Any]) -> EquilibriumClassifier:
     cfg["model"] names a preset (see PRESETS), cfg["variant"] is "vanilla", "skip",
     "skip_reg" (default, DEFAULT_VARIANT) or "neural_ode", cfg["solver"] one of raydeq's
     solvers (default "vcab3"; a Neural ODE takes the continuous ones). Every other key is an
-    option of the layer (DEQ or NeuralODE) and overrides the preset's (see `resolve`). The
+    option of the layer (DEQ or NeuralODE) and overrides the preset's, or is null, unset (see
+    `resolve`): a checkpoint's recorded settings["model"] builds its model. The
     skip-loss weight is the training objective's (the preset's recommendation is
     PRESETS[name].lambda_skip).
     """

@@ -282,9 +282,10 @@ BUILD_BY_HAND = (
 
 
 def _model_options(folder: Path, saved: dict[str, Any]) -> dict[str, Any]:
-    """The model options (unset ones left out) that the settings of the checkpoint `saved` in
-    `folder` record; a CheckpointError where it records no settings (an older checkpoint) or
-    no model section as a mapping among them, naming the step and what it records."""
+    """The model options (null where unset, as build takes them) that the settings of the
+    checkpoint `saved` in `folder` record; a CheckpointError where it records no settings (an
+    older checkpoint) or no model section as a mapping among them, naming the step and what it
+    records."""
     settings = saved.get("settings")
     if not isinstance(settings, dict):
         raise CheckpointError(
@@ -300,7 +301,7 @@ def _model_options(folder: Path, saved: dict[str, Any]) -> dict[str, Any]:
             f"model section to build from (model: {shown}; sections: "
             f"{', '.join(map(str, settings)) or 'none'}); {BUILD_BY_HAND}"
         )
-    return {k: v for k, v in options.items() if v is not None}
+    return options
 
 
 # Devices whose optimizer update torch runs as one fused kernel per step rather than about a
