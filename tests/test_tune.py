@@ -1538,21 +1538,29 @@ def test_an_installed_raydeq_finds_its_experiments_from_any_folder(tmp_path):
     elsewhere.mkdir()
     (elsewhere / "mine.yaml").write_text(yaml.safe_dump(TINY))
     env = os.environ | {"PYTHONPATH": str(site)}
-    for experiment in ("digits", "mine.yaml"):
-        command = [sys.executable, "-m", "raydeq.tune", experiment, "--dry-run"]
-        done = subprocess.run(command, cwd=elsewhere, env=env, capture_output=True, text=True)
-        assert done.returncode == 0, done.stderr[-2000:]
-        assert len(done.stdout.splitlines()) == (6 if experiment == "digits" else 1)
     probe = "import raydeq, raydeq.datasets as d; print(raydeq.__file__, len(d.mnist10k(False)[1]))"
-    done = subprocess.run(
-        [sys.executable, "-c", probe],
-        cwd=elsewhere,
-        env=env,
-        text=True,
-        capture_output=True,
-        check=True,
-    )
-    assert done.stdout.startswith(str(site)) and done.stdout.split()[1] == "2000"
+    commands = {
+        "digits": [sys.executable, "-m", "raydeq.tune", "digits", "--dry-run"],
+        "mine.yaml": [sys.executable, "-m", "raydeq.tune", "mine.yaml", "--dry-run"],
+        "probe": [sys.executable, "-c", probe],
+    }
+    started = {  # side by side: each is a process's start and its imports
+        name: subprocess.Popen(
+            command,
+            cwd=elsewhere,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name, command in commands.items()
+    }
+    out = {}
+    for name, process in started.items():
+        out[name], err = process.communicate()
+        assert process.returncode == 0, err[-2000:]
+    assert len(out["digits"].splitlines()) == 6 and len(out["mine.yaml"].splitlines()) == 1
+    assert out["probe"].startswith(str(site)) and out["probe"].split()[1] == "2000"
 
 
 def test_a_failed_trial_is_one_line_with_its_error_and_the_count_of_trials_done(tmp_path, capsys):
