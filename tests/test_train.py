@@ -3715,7 +3715,7 @@ def test_sigterm_ends_a_run_with_status_130_and_its_resume_command_continues_pas
     continues from the one before; TensorBoard keeps one history of every metric."""
     path = tmp_path / "run.yaml"
     settings = {"name": "run", "storage_path": str(tmp_path / "runs")}
-    settings |= {"train": {"epochs": 10, "max_steps": 200, "checkpoint_every": 10}}
+    settings |= {"train": {"epochs": 10, "max_steps": 120, "checkpoint_every": 10}}
     path.write_text(json.dumps(settings))  # YAML reads JSON
     cfg = validate(settings)
     command = [sys.executable, "-m", "raydeq.train", str(path)]
@@ -3743,7 +3743,7 @@ def test_sigterm_ends_a_run_with_status_130_and_its_resume_command_continues_pas
     )
     written = sorted(checkpoints())
     *_, before, newest = written
-    assert newest < 200
+    assert newest < 120
     folder = checkpoints()[newest]
     assert sorted(os.listdir(folder)) == [MANIFEST_FILE, REPORTS_FILE, STATE_FILE]
     state = folder / STATE_FILE
@@ -3751,18 +3751,18 @@ def test_sigterm_ends_a_run_with_status_130_and_its_resume_command_continues_pas
     resumed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=200)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert resumed.stdout.splitlines()[-1].startswith("test_accuracy=")
-    assert "[run] training 200 steps on 2 workers" in err
-    assert f"[run] resumed at step {before} of 200 on 2 workers" in resumed.stderr
+    assert "[run] training 120 steps on 2 workers" in err
+    assert f"[run] resumed at step {before} of 120 on 2 workers" in resumed.stderr
     # Output to a pipe or a log file carries no terminal colour codes (Ray's worker prefix).
     assert "\x1b[" not in err + resumed.stderr
     first, second = event_files(cfg)
     assert steps_by_tag(second)["train_loss"][0] == before + 1, written
     history = steps_by_tag(Path(cfg.run_dir, reporting.TENSORBOARD_DIR))
     assert set(METRICS) <= set(history)
-    assert history["train_loss"] == list(range(1, 201))
+    assert history["train_loss"] == list(range(1, 121))
     # The checkpoints the interrupted driver wrote after its last record of them are gone too:
     # Ray Train kept train.keep_checkpoints of the ones it knew, and would never prune those.
-    assert sorted(checkpoints()) == [180, 190, 200]
+    assert sorted(checkpoints()) == [100, 110, 120]
 
 
 def test_a_finished_run_keeps_only_the_checkpoints_that_ray_train_kept(tmp_path):
