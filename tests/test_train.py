@@ -3813,6 +3813,37 @@ def test_a_train_run_given_threads_runs_its_workers_with_them(ray_cluster, tmp_p
 
 
 @pytest.fixture(scope="module")
+def joined(ray_cluster: str) -> Iterator[subprocess.Popen[str]]:
+    """A driver that RAY_ADDRESS sends to the session's Ray, started before own_ray's and
+    running beside it (each a Python's start and a Ray's, seconds apiece): connect joins that
+    Ray, and its driver and a task list the actors through the state API; it prints the
+    task's RAY_TRAIN_ENABLE_PREEMPTION_WATCHER and its GCS address."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", *LOCAL_ENV_VARS)}
+    # Its processes, the driver too, also find its state API, which Ray Train's placement-group
+    # cleaner and the ASHA check use.
+    script = (
+        "import ray; from ray.util.state import list_actors; from raydeq.training import launch\n"
+        "launch.connect()\n"
+        "list_actors()\n"
+        "ray.get(ray.remote(lambda: list_actors()).remote())\n"
+        "import os; name = 'RAY_TRAIN_ENABLE_PREEMPTION_WATCHER'\n"
+        "print(ray.get(ray.remote(lambda: os.environ.get(name)).remote()))\n"
+        "print(ray.get_runtime_context().gcs_address)"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", script],
+        env=env | {"RAY_ADDRESS": ray.get_runtime_context().gcs_address},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    yield process
+    if process.returncode is None:  # no test read it
+        process.kill()
+        process.communicate()
+
+
+@pytest.fixture(scope="module")
 def own_ray(ray_cluster: str) -> subprocess.CompletedProcess[str]:
     """A driver run where neither RAY_ADDRESS nor a `ray start` cluster names a Ray, so that
     connect starts one of its own, with the first port it finds free for that Ray's dashboard
@@ -3844,37 +3875,21 @@ def own_ray(ray_cluster: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_a_second_run_beside_another_starts_its_own_ray_instead_of_joining_it(ray_cluster, own_ray):
+def test_a_second_run_beside_another_starts_its_own_ray_instead_of_joining_it(
+    ray_cluster, joined, own_ray
+):
     """A local Ray started by another driver (here the test session's) ends with that driver:
     joining it, a second run lost its trials when the first finished. Without RAY_ADDRESS
     and without a `ray start` cluster, connect starts a Ray of its own, whose workers run
     without Ray Train's preemption watcher (no spot node to lose); on a cluster it stays."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", *LOCAL_ENV_VARS)}
-    # Its processes, the driver too, also find its state API, which Ray Train's placement-group
-    # cleaner and the ASHA check use.
-    script = (
-        "import ray; from ray.util.state import list_actors; from raydeq.training import launch\n"
-        "launch.connect()\n"
-        "list_actors()\n"
-        "ray.get(ray.remote(lambda: list_actors()).remote())\n"
-        "import os; name = 'RAY_TRAIN_ENABLE_PREEMPTION_WATCHER'\n"
-        "print(ray.get(ray.remote(lambda: os.environ.get(name)).remote()))\n"
-        "print(ray.get_runtime_context().gcs_address)"
-    )
     assert own_ray.returncode == 0, own_ray.stderr[-2000:]
     own = ray.get_runtime_context().gcs_address
     assert own_ray.stdout.strip().splitlines()[-3] == "0"
     assert "Token authentication" not in own_ray.stderr  # on, as Ray's default, and unannounced
     assert own_ray.stdout.strip().splitlines()[-2] != own
-    shared = subprocess.run(
-        [sys.executable, "-c", script],
-        env=env | {"RAY_ADDRESS": own},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert shared.stdout.strip().splitlines()[-1] == own, shared.stderr[-2000:]
-    assert shared.stdout.strip().splitlines()[-2] == "None"
+    out, err = joined.communicate(timeout=120)
+    assert out.strip().splitlines()[-1] == own, err[-2000:]
+    assert out.strip().splitlines()[-2] == "None"
 
 
 def test_a_ray_of_the_runs_own_whose_dashboard_port_was_taken_starts_again_on_another(own_ray):
