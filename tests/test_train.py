@@ -3909,7 +3909,9 @@ def test_ddp_keeps_the_workers_on_two_nodes_identical(tmp_path):
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     cluster.add_node(num_cpus=1)
     try:
-        ray.init(address=cluster.address)
+        # With the job's environment, as connect joins a cluster: without it Ray Train's
+        # controller polls the workers every 2 s, and the run waited seconds for its reports.
+        ray.init(address=cluster.address, runtime_env=launch.runtime_env())
         cfg = make_config(tmp_path, max_steps=6)
         result = launch.fit(cfg, train_fn=train_and_save_parameters)
     finally:
