@@ -81,11 +81,11 @@ def _detach(z: State) -> State:
 
 
 def variational_dropouts(module: nn.Module) -> list[nn.Module]:
-    """The modules in module that hold a mask drawn once per forward pass
-    (models.layers.VariationalDropout2d; found by its plain `mask` attribute, so that the layer
-    needs no model: a registered buffer or parameter of that name is a setting of f, and
-    getattr's AttributeError from every other module made the walk about 4 times as slow)."""
-    return [m for m in module.modules() if isinstance(vars(m).get("mask", False), Tensor | None)]
+    """The modules in module that hold a mask drawn once per forward pass, found by their
+    class's `draws_mask_per_pass` (models.layers.VariationalDropout2d's, so that the layer
+    needs no model): a cell's own attribute called `mask`, a buffer or a plain tensor such as
+    a padding mask, is a setting of f, which a walk by that name had set to None."""
+    return [m for m in module.modules() if getattr(type(m), "draws_mask_per_pass", False)]
 
 
 def draw_new_masks(module: nn.Module) -> None:

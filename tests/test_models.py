@@ -377,6 +377,53 @@ def test_a_layer_keeps_a_buffer_named_mask_when_it_draws_new_dropout_masks(layer
     assert "mask" in dict(cell.named_buffers())
 
 
+class PaddedAttentionCell(nn.Module):
+    """f(z, x) = LayerNorm(0.3 tanh(attention(z)) + x) over sequences (B, T, D), whose padding
+    is a key_padding_mask the user sets as a plain attribute `mask` before each batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attention = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.norm = nn.LayerNorm(4)
+        self.mask: torch.Tensor | None = None
+
+    def forward(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        a, _ = self.attention(z, z, z, key_padding_mask=self.mask, need_weights=False)
+        return self.norm(0.3 * torch.tanh(a) + x)
+
+
+@pytest.mark.parametrize(
+    ("layer", "options"),
+    [(DEQ, {"abstol": 1e-12, "reltol": 0.0, "max_steps": 200}), (NeuralODE, {"t1": 30.0})],
+    ids=["deq", "node"],
+)
+def test_a_layer_keeps_a_plain_attribute_named_mask_of_its_cell(layer, options):
+    """A cell's own plain tensor attribute `mask` (here a padding mask) is kept through a
+    forward pass: taken for a variational dropout's mask, it was set to None, so that padded
+    keys were attended to and z* was that of another function (0.13 off the fixed point
+    iteration's at the valid positions)."""
+    torch.manual_seed(0)
+    cell = PaddedAttentionCell().double()
+    x = torch.randn(2, 5, 4, dtype=torch.float64)
+    padding = torch.tensor([[False] * 5, [False] * 3 + [True] * 2])
+    cell.mask = padding
+    with torch.no_grad():
+        z = layer(cell, **options)(x).z
+    assert cell.mask is padding
+    reference = torch.zeros_like(x)
+    with torch.no_grad():
+        for _ in range(200):
+            reference = cell(reference, x)
+    if layer is DEQ:
+        torch.testing.assert_close(z, reference, rtol=0, atol=1e-10)
+    # The padded sample's valid positions do not see its padding.
+    cell.mask = None
+    with torch.no_grad():
+        alone = layer(cell, **options)(x[1:, :3]).z
+    tol = 1e-10 if layer is DEQ else 1e-5
+    torch.testing.assert_close(z[1, :3], alone[0], rtol=0, atol=tol)
+
+
 def test_weight_normalised_convolutions_scale_each_output_channel():
     """weight = g * v / ||v|| with one norm per output channel (MDEQ's weight_norm, dim 0)."""
     layer = conv(3, 5, normalize=True)

@@ -77,8 +77,11 @@ class VariationalDropout2d(nn.Module):
     """Dropout whose mask is drawn once per forward pass and reused by every evaluation of f.
 
     A fresh mask per call would change f between solver iterations and destroy the fixed point;
-    `reset()` discards the mask so that the next call draws a new one.
+    `reset()` discards the mask so that the next call draws a new one; draws_mask_per_pass
+    tells a DEQ or Neural ODE to discard it before each forward pass.
     """
+
+    draws_mask_per_pass = True
 
     def __init__(self, p: float) -> None:
         super().__init__()
