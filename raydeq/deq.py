@@ -181,18 +181,20 @@ def _zero_state(f: nn.Module, x: Tensor) -> State:
 
 def initial_state(f: nn.Module, x: Tensor) -> State:
     """The all-zero state for input x: `f.initial_state(x)` if f defines it, else zeros_like(x);
-    a ValueError for a state part without a feature dimension, which the solver would read as
-    a batch of one-value samples (x of shape (D,), which f's layers take as one sample), and
-    a TypeError for an x that is no tensor."""
+    a ValueError for a state none of whose parts has a feature dimension, which the solver
+    would read as a batch of one-value samples (x of shape (D,), which f's layers take as one
+    sample; a (B,) part beside parts with features is a per-sample scalar, and solved as
+    one), and a TypeError for an x that is no tensor."""
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a tensor (B, ...), got {type(x).__name__}")
     z = _zero_state(f, x)
     shapes = _shapes(z)
-    if any(len(shape) < 2 for shape in shapes):
+    if all(len(shape) < 2 for shape in shapes):
         raise ValueError(
-            f"x of shape {tuple(x.shape)} gives a state of shapes {shapes}: each part needs a "
-            "batch dimension and a feature dimension (B, N, ...), where a 1-D part would be "
-            "solved as B samples of one value each; give one sample as x[None]"
+            f"x of shape {tuple(x.shape)} gives a state of shapes {shapes}: a state needs a "
+            "batch dimension and, in one part at least, a feature dimension (B, N, ...), "
+            "where 1-D parts alone would be solved as B samples of one value each; give one "
+            "sample as x[None], or a part of one value per sample as (B, 1)"
         )
     return z
 

@@ -935,17 +935,80 @@ def test_a_one_dimensional_x_is_refused_not_solved_as_a_batch_of_scalars(init):
         DEQ(f, init=init)(x[0])
 
 
-class FlatPartCell(TwoPartCell):
-    """TwoPartCell whose second state part is (B,), without a feature dimension."""
+class ScalarPartCell(nn.Module):
+    """A state of a set (B, 3, 2) and a per-sample scalar (B,) read from the set's sum:
+    f(h, c) = (tanh(h W + x + c u), 0.5 tanh(sum_n h_n . v))."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(5)
+        self.w = nn.Parameter(0.4 * torch.randn(2, 2, generator=g, dtype=torch.float64))
+        self.u = nn.Parameter(torch.randn(2, generator=g, dtype=torch.float64))
+        self.v = nn.Parameter(0.3 * torch.randn(2, generator=g, dtype=torch.float64))
+
+    def initial_state(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.zeros_like(x), x.new_zeros(x.shape[0])
+
+    def forward(
+        self, z: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        h, c = z
+        return torch.tanh(h @ self.w + x + c[:, None, None] * self.u), 0.5 * torch.tanh(
+            h.sum(1) @ self.v
+        )
+
+
+def test_a_state_with_a_per_sample_scalar_part_is_solved_and_differentiated():
+    """A multiscale state with a (B,) part beside (B, N, D) is one flat (B, N D + 1) state per
+    sample, as solve reads it; the layer refused it, saying it would be solved as B samples of
+    one value. z* matches fixed-point iteration and dL/dx the dense implicit gradient
+    (I - J)^-T w through f's Jacobian in x."""
+    f = ScalarPartCell()
+    x = torch.randn(4, 3, 2, dtype=torch.float64, requires_grad=True)
+    out = DEQ(f, abstol=1e-12, reltol=0.0, adjoint_options={"rtol": 1e-12})(x)
+    reference = f.initial_state(x)
+    with torch.no_grad():
+        for _ in range(200):
+            reference = f(reference, x)
+    for got, want in zip(out.z, reference, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+    w = (torch.randn(4, 3, 2, dtype=torch.float64), torch.randn(4, dtype=torch.float64))
+    (grad,) = torch.autograd.grad(sum((a * b).sum() for a, b in zip(out.z, w, strict=True)), x)
+
+    def flat_f(flat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        h, c = f((flat[:, :6].reshape(4, 3, 2), flat[:, 6]), x)
+        return torch.cat([h.reshape(4, 6), c[:, None]], dim=1)
+
+    z_star = torch.cat([reference[0].reshape(4, 6), reference[1][:, None]], dim=1)
+    v = torch.cat([w[0].reshape(4, 6), w[1][:, None]], dim=1)
+    jz, jx = torch.autograd.functional.jacobian(flat_f, (z_star, x.detach()))
+    want = torch.stack(
+        [
+            torch.linalg.solve(
+                torch.eye(7, dtype=torch.float64) - jz[b, :, b], jx[b, :, b].reshape(7, 6)
+            ).T
+            @ v[b]
+            for b in range(4)
+        ]
+    ).reshape(4, 3, 2)
+    torch.testing.assert_close(grad, want, rtol=1e-9, atol=1e-12)
+
+
+class ScalarsCell(nn.Module):
+    """A state of two (B,) parts, which hold no feature dimension."""
 
     def initial_state(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return [x.new_zeros(x.shape[0], 3), x.new_zeros(x.shape[0])]
+        return [x.new_zeros(x.shape[0]), x.new_zeros(x.shape[0])]
+
+    def forward(self, z: list[torch.Tensor], x: torch.Tensor) -> list[torch.Tensor]:
+        return [torch.tanh(z[1] + x.sum(1)), torch.tanh(z[0])]
 
 
-def test_a_state_with_one_part_of_one_dimension_is_refused():
-    """One 1-D part among 2-D ones is solved as B samples of one value as a 1-D x is."""
-    with pytest.raises(ValueError, match=r"gives a state of shapes \[\(4, 3\), \(4,\)\]"):
-        DEQ(FlatPartCell())(torch.zeros(4, 3))
+def test_a_state_whose_parts_all_have_one_dimension_is_refused():
+    """Without a feature dimension in any part, the batch of a 1-D x cannot be told from its
+    features: a state of (B,) parts alone is refused as a 1-D x is."""
+    with pytest.raises(ValueError, match=r"gives a state of shapes \[\(4,\), \(4,\)\]"):
+        DEQ(ScalarsCell())(torch.zeros(4, 3))
 
 
 @pytest.mark.parametrize("layer", [DEQ, NeuralODE])
