@@ -1924,8 +1924,12 @@ def test_only_the_unrolled_adjoint_records_the_forward_steps_for_autograd(adjoin
     assert all(mode == recorded for mode in grad_modes[:-1])
 
 
-def test_states_of_mixed_dtypes_are_refused():
-    with pytest.raises(TypeError, match="all state tensors must share one dtype and one device"):
+def test_states_of_mixed_dtypes_are_refused_naming_each_parts():
+    """The refusal named no dtype: a multiscale state's parts are listed with theirs."""
+    with pytest.raises(
+        TypeError,
+        match=r"share one dtype and one device, got torch\.float32 on cpu, torch\.float64 on cpu",
+    ):
         raydeq.solve(lambda z: z, [torch.zeros(2, 3), torch.zeros(2, 3, dtype=torch.float64)])
 
 

@@ -43,7 +43,11 @@ class Structure:
         if len(batch) != 1:
             raise ValueError(f"all state tensors must share the batch size, got {sorted(batch)}")
         if len({(t.dtype, t.device) for t in tensors}) != 1:
-            raise TypeError("all state tensors must share one dtype and one device")
+            parts = ", ".join(f"{t.dtype} on {t.device}" for t in tensors)
+            raise TypeError(
+                f"all state tensors must share one dtype and one device, got {parts} (in "
+                "order); make every part in one dtype on one device (t.to(z[0]))"
+            )
         shapes = tuple(t.shape for t in tensors)
         if sum(s[1:].numel() for s in shapes) == 0:
             raise ValueError(
