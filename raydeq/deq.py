@@ -439,7 +439,8 @@ class DEQ(OutputLayer):
     is mean |f(z*, x) - z0|: its gradient trains the predictor g ("skip") or f through
     z0 = f(0, x) ("skip_reg") towards the equilibrium, and f (via z*) towards the guess; at a
     large weight the latter makes f ignore z, a one-step DEQ. The solver starts from z0
-    detached: the main loss's gradient does not depend on z0.
+    detached, in the zero state's dtype (z* comes back in it): the main loss's gradient does
+    not depend on z0.
 
     jac_reg adds the Hutchinson estimate of ||J_f(z*)||_F^2 / dim as jac_loss in training mode
     (0 in eval mode: a training penalty, whose extra f and VJP would otherwise cost every
@@ -548,9 +549,14 @@ class DEQ(OutputLayer):
         """z0 for input x according to `init` (with its graph, for skip_loss); init and skip,
         jac_reg and the warm-up's settings are checked as at construction, as each may be set
         on the layer after it is made."""
+        return self._guess(x)[0]
+
+    def _guess(self, x: Tensor) -> tuple[State, torch.dtype]:
+        """initial_guess(x) and the dtype of the zero state, which the solve keeps."""
         check_init(self.init, self.skip)
         check_training(self.jac_reg, self.pretrain_steps, self.pretrain_depth)
         zeros = initial_state(self.f, x)
+        dtype = _tensors(zeros)[0].dtype
         if self.init == "skip":
             z0 = self.skip(x)
             if _form(z0) != _form(zeros):
@@ -561,10 +567,10 @@ class DEQ(OutputLayer):
             expected, got = _shapes(zeros), _shapes(z0)
             if got != expected:
                 raise ValueError(f"skip(x) must give the state's shapes {expected}, got {got}")
-            return z0
+            return z0, dtype
         if self.init == "skip_reg":
-            return self.f(zeros, x)
-        return zeros
+            return self.f(zeros, x), dtype
+        return zeros, dtype
 
     def pretraining(self) -> bool:
         """Whether this call unrolls f: training mode, fewer than pretrain_steps calls so far
@@ -620,16 +626,25 @@ class DEQ(OutputLayer):
         return counting_vjps(z, stats, depth), stats
 
     def _equilibrium(
-        self, fx: Callable[[State], State], z0: State, device: str, extra_nfe: int
+        self,
+        fx: Callable[[State], State],
+        z0: State,
+        dtype: torch.dtype,
+        device: str,
+        extra_nfe: int,
     ) -> tuple[State, SolveStats]:
-        """z* and its statistics from `solve`, started at z0 with the layer's settings."""
+        """z* and its statistics from `solve`, started at z0 in the zero state's dtype (a
+        predictor or an f(0, x) of another dtype set the solve's and z*'s dtype: a float32 f
+        on a float64 x gave a float64 z* from zeros and a float32 one from f(0, x)) with the
+        layer's settings."""
         t = self.termination
         # Under autocast f takes the solver's float32 state; a module in half precision
         # takes its own dtype, and solve keeps its state in float32 all the same.
         autocast = torch.is_autocast_enabled(device)
+        start = _rebuilt(z0, [part.detach().to(dtype) for part in _tensors(z0)])
         sol = solve(
             fx,
-            solver_start(z0) if autocast else _detach(z0),
+            solver_start(start) if autocast else start,
             solver=self.solver,
             adjoint=self.adjoint,
             abstol=t.abstol,
@@ -646,7 +661,7 @@ class DEQ(OutputLayer):
 
     def _solve(self, x: Tensor) -> LayerOutput:
         """The forward pass."""
-        z0 = self.initial_guess(x)
+        z0, dtype = self._guess(x)
         extra_nfe = 1 if self.init == "skip_reg" else 0
 
         def fx(z: State) -> State:
@@ -656,7 +671,7 @@ class DEQ(OutputLayer):
             z, stats = self._unroll(fx, z0, extra_nfe)
             image = z
         else:
-            z, stats = self._equilibrium(fx, z0, x.device.type, extra_nfe)
+            z, stats = self._equilibrium(fx, z0, dtype, x.device.type, extra_nfe)
             image = self._image(fx, z, stats)
         if self.training and not _recomputing():
             self.step += 1

@@ -249,6 +249,38 @@ def test_a_float16_skip_reg_layer_has_finite_losses():
     torch.testing.assert_close(out.jac_loss, expected, rtol=1e-6, atol=0)
 
 
+class Float32Cell(nn.Module):
+    """f(z, x) = tanh(W z + x) computed in float32 whatever the dtype of z and x."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(D, D)
+        with torch.no_grad():
+            self.linear.weight.mul_(0.3)
+
+    def forward(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.linear(z.float()) + x.float())
+
+
+def test_the_solve_keeps_the_zero_states_dtype_whatever_dtype_z0_comes_in():
+    """A float32 predictor of a float64 cell's state made f fail on a float32 state ("mat1 and
+    mat2 must have the same dtype"), and a float32 f(0, x) made Skip Reg. solve a float64 x in
+    float32 (z* float32, where init="zeros" gives float64): the solve keeps the zero state's
+    dtype, and the predicted start reaches the float64 fixed point."""
+    f, x = dense_cell()
+    predictor = nn.Linear(D, D)
+    with torch.no_grad():
+        predictor.weight.copy_(torch.eye(D))
+        predictor.bias.zero_()
+    layer = DEQ(f, init="skip", skip=lambda x: predictor(x.float()), abstol=1e-12, reltol=0.0)
+    out = layer(x)
+    assert out.z0.dtype == torch.float32 and out.z.dtype == torch.float64
+    torch.testing.assert_close(out.z, iterate(f, x, torch.zeros_like(x)), rtol=0, atol=1e-11)
+    cell, x32 = Float32Cell(), x.detach()
+    dtypes = {init: DEQ(cell, init=init)(x32).z.dtype for init in ("zeros", "skip_reg")}
+    assert dtypes == {"zeros": torch.float64, "skip_reg": torch.float64}
+
+
 @pytest.mark.parametrize("init", ["zeros", "skip_reg"])
 def test_under_autocast_the_solve_and_its_backward_stay_float32(init):
     """Under bfloat16 autocast x and f(0, x) are bfloat16; the solver still starts from a float32
