@@ -121,6 +121,15 @@ BATCH_NORMS = (
 )
 
 
+def _inner_dropout(m: nn.Module) -> float:
+    """The rate of the dropout m applies within its own forward in training mode, a new mask
+    at every call (attention weights, between an RNN's layers; torch applies an RNN's only
+    between two of its layers), else 0."""
+    if isinstance(m, nn.MultiheadAttention) or (isinstance(m, nn.RNNBase) and m.num_layers > 1):
+        return m.dropout
+    return 0.0
+
+
 def _refusal(name: str, m: nn.Module, implicit: str | None) -> str | None:
     """Why f's submodule m (called name) cannot be solved, else None: a dropout drawing a new
     mask at every evaluation (f then has no fixed point), or under the implicit adjoint named
@@ -131,6 +140,14 @@ def _refusal(name: str, m: nn.Module, implicit: str | None) -> str | None:
             "of f, so that f has no fixed point; use "
             "raydeq.models.layers.VariationalDropout2d(p), whose mask is drawn once per "
             "forward pass, or apply the dropout outside f"
+        )
+    if m.training and _inner_dropout(m) > 0:
+        return (
+            f"{name} is {m} in training mode with dropout={_inner_dropout(m)}, which draws a "
+            "new mask at every evaluation of f, so that f has no fixed point; build it with "
+            "dropout=0.0 and drop out outside f (or with "
+            "raydeq.models.layers.VariationalDropout2d(p), whose mask is drawn once per "
+            "forward pass)"
         )
     if implicit and isinstance(m, BATCH_NORMS) and (m.training or m.running_mean is None):
         return (
