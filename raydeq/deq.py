@@ -186,6 +186,21 @@ def solver_start(z: State) -> State:
     return _rebuilt(z, [t.detach().to(dtype) for t in tensors])
 
 
+def _in_dtype(z: State, dtype: torch.dtype) -> State:
+    """The state z in dtype, with its graph."""
+    return _rebuilt(z, [t.to(dtype) for t in _tensors(z)])
+
+
+def _start(z0: State, dtype: torch.dtype, device: str) -> State:
+    """Where a layer's solve (or warm-up) starts: z0 cut from the graph in the zero state's
+    dtype (a predictor or an f(0, x) of another dtype set the solve's and z*'s dtype: a float32
+    f on a float64 x gave a float64 z* from zeros and a float32 one from f(0, x)); under
+    autocast f takes the solver's float32 state (a module in half precision takes its own
+    dtype, and solve keeps its state in float32 all the same)."""
+    start = _in_dtype(_detach(z0), dtype)
+    return solver_start(start) if torch.is_autocast_enabled(device) else start
+
+
 def _defines_initial_state(f: nn.Module) -> bool:
     """Whether f has its own zero state, a method initial_state(x)."""
     return callable(getattr(f, "initial_state", None))
@@ -631,37 +646,28 @@ class DEQ(OutputLayer):
         return image
 
     def _unroll(
-        self, fx: Callable[[State], State], z0: State, extra_nfe: int
+        self, fx: Callable[[State], State], start: State, extra_nfe: int
     ) -> tuple[State, SolveStats]:
-        """The warm-up's z: f applied pretrain_depth times from z0, backpropagated through, with
-        statistics judged on its last step."""
-        z_prev, z = None, _detach(z0)
+        """The warm-up's z: f applied pretrain_depth times from the solve's start, backpropagated
+        through, each image in the start's dtype as the solver keeps it (a float32 f on a
+        float64 x, or one under autocast, made the warm-up's z float32 or bfloat16 where the
+        solve's that followed was float64 or float32), with statistics judged on its last step."""
+        dtype = _tensors(start)[0].dtype
+        z_prev, z = None, start
         for _ in range(self.pretrain_depth):
-            z_prev, z = z, fx(z)
+            z_prev, z = z, _in_dtype(fx(z), dtype)
         depth = self.pretrain_depth
         stats = residual_stats(z_prev, z, self.termination, depth + extra_nfe, depth)
         return counting_vjps(z, stats, depth), stats
 
     def _equilibrium(
-        self,
-        fx: Callable[[State], State],
-        z0: State,
-        dtype: torch.dtype,
-        device: str,
-        extra_nfe: int,
+        self, fx: Callable[[State], State], start: State, extra_nfe: int
     ) -> tuple[State, SolveStats]:
-        """z* and its statistics from `solve`, started at z0 in the zero state's dtype (a
-        predictor or an f(0, x) of another dtype set the solve's and z*'s dtype: a float32 f
-        on a float64 x gave a float64 z* from zeros and a float32 one from f(0, x)) with the
-        layer's settings."""
+        """z* and its statistics from `solve`, started at `start` with the layer's settings."""
         t = self.termination
-        # Under autocast f takes the solver's float32 state; a module in half precision
-        # takes its own dtype, and solve keeps its state in float32 all the same.
-        autocast = torch.is_autocast_enabled(device)
-        start = _rebuilt(z0, [part.detach().to(dtype) for part in _tensors(z0)])
         sol = solve(
             fx,
-            solver_start(start) if autocast else start,
+            start,
             solver=self.solver,
             adjoint=self.adjoint,
             abstol=t.abstol,
@@ -680,15 +686,16 @@ class DEQ(OutputLayer):
         """The forward pass."""
         z0, dtype = self._guess(x)
         extra_nfe = 1 if self.init == "skip_reg" else 0
+        start = _start(z0, dtype, x.device.type)
 
         def fx(z: State) -> State:
             return self.f(z, x)
 
         if self.pretraining():
-            z, stats = self._unroll(fx, z0, extra_nfe)
+            z, stats = self._unroll(fx, start, extra_nfe)
             image = z
         else:
-            z, stats = self._equilibrium(fx, z0, dtype, x.device.type, extra_nfe)
+            z, stats = self._equilibrium(fx, start, extra_nfe)
             image = self._image(fx, z, stats)
         if self.training and not _recomputing():
             self.step += 1

@@ -281,6 +281,25 @@ def test_the_solve_keeps_the_zero_states_dtype_whatever_dtype_z0_comes_in():
     assert dtypes == {"zeros": torch.float64, "skip_reg": torch.float64}
 
 
+@pytest.mark.parametrize("autocast", [False, True], ids=["float32-f", "autocast"])
+def test_the_warm_up_gives_z_in_the_dtype_the_solve_after_it_gives(autocast):
+    """A float32 f on a float64 x gave a float32 z for the warm-up's calls and a float64 one
+    after them, and under autocast bfloat16 and float32: the head that reads z saw its dtype
+    change within a run. The warm-up keeps the solve's dtype, and its z is the float64 f^3(0)."""
+    cell, x = Float32Cell(), torch.randn(B, D, dtype=torch.float64)
+    if autocast:
+        cell, x = dense_cell()[0].float(), x.float()
+    layer = DEQ(cell, pretrain_steps=1, pretrain_depth=3).train()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        warm, solved = layer(x).z, layer(x).z
+    assert warm.dtype == solved.dtype == (torch.float32 if autocast else torch.float64)
+    if not autocast:
+        want = torch.zeros_like(x)
+        for _ in range(3):
+            want = cell(want, x).double()
+        torch.testing.assert_close(warm, want, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("init", ["zeros", "skip_reg"])
 def test_under_autocast_the_solve_and_its_backward_stay_float32(init):
     """Under bfloat16 autocast x and f(0, x) are bfloat16; the solver still starts from a float32
