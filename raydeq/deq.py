@@ -8,7 +8,7 @@ to its loss and nothing else.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from functools import partial
 from types import MethodType
@@ -16,6 +16,7 @@ from typing import NoReturn
 
 import torch
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from raydeq.solvers import ADJOINTS, SOLVERS, SolveStats, Termination, solve
 from raydeq.solvers.adjoint import IMPLICIT_ADJOINTS, needs_gradient_beside
@@ -357,7 +358,12 @@ def hutchinson_jacobian_loss(f: Callable[[State], State], z: State) -> Tensor:
         )
     differentiable = torch.is_grad_enabled()
     inputs = [t.detach().requires_grad_() for t in _tensors(z)]
-    with torch.enable_grad():
+    # The loss is differentiated twice, which the fused attention kernels (flash,
+    # memory-efficient) cannot be: self-attention in f failed at the loss's backward with
+    # "derivative for aten::_scaled_dot_product_flash_attention_for_cpu_backward is not
+    # implemented"; this one evaluation of f attends with the math kernel.
+    kernel = sdpa_kernel(SDPBackend.MATH) if differentiable else nullcontext()
+    with torch.enable_grad(), kernel:
         out = _tensors(f(_rebuilt(z, inputs)))
         probes = [torch.randn_like(t) for t in out]
         vjps = _probed_vjps(out, probes, inputs, differentiable)

@@ -1780,6 +1780,34 @@ def test_a_module_dropping_out_within_its_own_forward_is_refused_naming_it(inner
     assert deq(x).stats.converged.all()
 
 
+def test_the_jacobian_penalty_of_a_self_attending_cell_is_differentiated_twice():
+    """jac_loss of a cell with nn.MultiheadAttention failed at its backward ("derivative for
+    aten::_scaled_dot_product_flash_attention_for_cpu_backward is not implemented"): its
+    gradient in an attention weight now matches central differences of the estimate with the
+    same probe, and a layer's jac_loss backpropagates."""
+    torch.manual_seed(0)
+    cell = AttendingCell(nn.MultiheadAttention(4, 2, batch_first=True)).double()
+    x = torch.randn(3, 5, 4, dtype=torch.float64)
+    z = torch.randn(3, 5, 4, dtype=torch.float64)
+    weight = cell.inner.in_proj_weight
+
+    def penalty() -> torch.Tensor:
+        torch.manual_seed(1)
+        return hutchinson_jacobian_loss(lambda s: cell(s, x), z)
+
+    (grad,) = torch.autograd.grad(penalty(), weight)
+    h = 1e-6
+    with torch.no_grad():
+        weight[0, 0] += h
+        up = penalty()
+        weight[0, 0] -= 2 * h
+        down = penalty()
+        weight[0, 0] += h
+    assert float(grad[0, 0]) == pytest.approx(float(up - down) / (2 * h), rel=1e-6)
+    DEQ(cell, jac_reg=True).train()(x).jac_loss.backward()
+    assert weight.grad is not None and bool(weight.grad.isfinite().all())
+
+
 @pytest.mark.parametrize("drop", [nn.Dropout(0.0), VariationalDropout2d(0.1)])
 def test_a_dropout_that_keeps_f_fixed_within_a_forward_pass_is_taken(drop):
     """A dropout of p=0 or one mask per forward pass leaves f one map within the solve."""
