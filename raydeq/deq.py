@@ -122,6 +122,13 @@ BATCH_NORMS = (
 )
 
 
+# What a dropout drawing a new mask at each evaluation does to a solve or an integration.
+ANOTHER_F = (
+    "so that f is another function at each evaluation (a DEQ's f has no fixed point, and a "
+    "Neural ODE's step control shrinks its steps to follow the noise)"
+)
+
+
 def _inner_dropout(m: nn.Module) -> float:
     """The rate of the dropout m applies within its own forward in training mode, a new mask
     at every call (attention weights, between an RNN's layers; torch applies an RNN's only
@@ -138,14 +145,14 @@ def _refusal(name: str, m: nn.Module, implicit: str | None) -> str | None:
     if isinstance(m, FRESH_MASK_DROPOUTS) and m.training and m.p > 0:
         return (
             f"{name} is {m} in training mode, which draws a new mask at every evaluation "
-            "of f, so that f has no fixed point; use "
+            f"of f, {ANOTHER_F}; use "
             "raydeq.models.layers.VariationalDropout2d(p), whose mask is drawn once per "
             "forward pass, or apply the dropout outside f"
         )
     if m.training and _inner_dropout(m) > 0:
         return (
             f"{name} is {m} in training mode with dropout={_inner_dropout(m)}, which draws a "
-            "new mask at every evaluation of f, so that f has no fixed point; build it with "
+            f"new mask at every evaluation of f, {ANOTHER_F}; build it with "
             "dropout=0.0 and drop out outside f (or with "
             "raydeq.models.layers.VariationalDropout2d(p), whose mask is drawn once per "
             "forward pass)"
@@ -164,7 +171,8 @@ def _refusal(name: str, m: nn.Module, implicit: str | None) -> str | None:
 def check_modules(f: object, implicit: str | None) -> None:
     """Raise a ValueError naming the first submodule of f that cannot be solved (_refusal):
     a dropout drawing a new mask at every call (nn.Dropout in training mode) made a solve run
-    to max_steps, and a BatchNorm by the batch's statistics gave GMRES gradients 15% off;
+    to max_steps and a Neural ODE take 59 times the evaluations, and a BatchNorm by the
+    batch's statistics gave GMRES gradients 15% off;
     `implicit` names the implicit adjoint that will differentiate the solve, if any."""
     if not isinstance(f, nn.Module):
         return

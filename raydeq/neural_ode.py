@@ -25,6 +25,7 @@ from raydeq.deq import (
     LAYER_CALLS,
     LayerOutput,
     OutputLayer,
+    check_modules,
     draw_new_masks,
     held_by_termination,
     initial_state,
@@ -263,7 +264,9 @@ class NeuralODE(OutputLayer):
     IntegrationError (a RuntimeError) when an integration needs more than max_steps steps,
     its step size falls too small to move t (a solution that blows up before t1), or the
     norms of a finite state overflow (entries past about 1e19 in float32).
-    Each forward pass draws new masks for f's variational dropouts; repr names every setting;
+    Each forward pass draws new masks for f's variational dropouts, and in training mode
+    refuses a dropout drawing one at every evaluation of f (nn.Dropout), as DEQ does; repr
+    names every setting;
     abstol and reltol set on the layer later are checked and integrated with as given.
     Module backward hooks are refused (OutputLayer): hook out.z's tensors instead.
     """
@@ -311,6 +314,8 @@ class NeuralODE(OutputLayer):
         check_settings(self.f, self.t1, self.dynamics, self.solver, self.adjoint, self.max_steps)
         if isinstance(x, Tensor):
             valued("x", x)
+        if self.training:
+            check_modules(self.f, None)
         draw_new_masks(self)
         with zero_state_hint(self.f, x):
             return self._integrate(x)

@@ -89,6 +89,29 @@ def test_the_continuous_adjoint_runs_f_with_the_dropout_of_its_forward_pass(betw
     assert relative(grads["continuous"], grads["backprop"]) < 1e-6
 
 
+class FreshDropoutCell(TanhCell):
+    """TanhCell whose state term passes through nn.Dropout(0.1), a new mask per call."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__(width)
+        self.drop = nn.Dropout(0.1)
+
+    def forward(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.drop(self.state(z)) + self.input(x))
+
+
+def test_a_dropout_drawing_a_mask_per_evaluation_of_f_is_refused_in_training_mode():
+    """nn.Dropout in f made each evaluation another function, and the step control followed
+    the noise: 827 evaluations to t1 = 1 where the same cell without it takes 14. It is
+    refused as a DEQ refuses it, naming the module; in eval mode it is taken."""
+    torch.manual_seed(0)
+    layer = NeuralODE(FreshDropoutCell(4))
+    x = torch.randn(3, 4)
+    with pytest.raises(ValueError, match=r"f\.drop is Dropout.* another function .*Neural ODE"):
+        layer(x)
+    assert layer.eval()(x).stats.nfe < 30
+
+
 @pytest.mark.parametrize("dynamics", ["f_minus_z", "f"])
 @pytest.mark.parametrize(("solver", "tol"), [("vcab3", 1e-9), ("tsit5", 1e-10), ("bs3", 1e-9)])
 def test_the_continuous_adjoint_matches_backprop_through_the_steps(solver, tol, dynamics):
