@@ -22,7 +22,14 @@ from raydeq.solvers import ADJOINTS, SOLVERS, SolveStats, Termination, solve
 from raydeq.solvers.adjoint import IMPLICIT_ADJOINTS, needs_gradient_beside
 from raydeq.solvers.options import choice, flag, function, integer
 from raydeq.solvers.solve import check_compile, check_options
-from raydeq.solvers.state import State, Structure, contained, untransformed, valued
+from raydeq.solvers.state import (
+    State,
+    Structure,
+    contained,
+    outside_compiled_graphs,
+    untransformed,
+    valued,
+)
 from raydeq.solvers.termination import Monitor, Status, norm
 
 INITS = ("zeros", "skip", "skip_reg")
@@ -630,6 +637,7 @@ class DEQ(OutputLayer):
         self._calls_read = int(self.step) - int(_recomputing())
         return self._calls_read < self.pretrain_steps
 
+    @outside_compiled_graphs("DEQ", "DEQ(compile=True) compiles f and the solver's steps")
     def forward(self, x: Tensor) -> LayerOutput:
         """Solve for the equilibrium of f(., x) with new dropout masks; see the class
         docstring for the outputs."""

@@ -38,7 +38,7 @@ from raydeq.deq import (
 from raydeq.solvers import SolveStats, Termination
 from raydeq.solvers.interval import INTERVAL_SOLVERS, Endpoint, integrate
 from raydeq.solvers.options import choice, function, integer, number
-from raydeq.solvers.state import Structure, untransformed, valued
+from raydeq.solvers.state import Structure, outside_compiled_graphs, untransformed, valued
 
 NODE_ADJOINTS = ("continuous", "backprop")
 # "f_minus_z": dz/dt = f(z, x) - z (the continuous DEQ's flow); "f": dz/dt = f(z, x).
@@ -307,6 +307,7 @@ class NeuralODE(OutputLayer):
             max_steps=self.max_steps,
         )
 
+    @outside_compiled_graphs("NeuralODE", "f.compile() compiles the cell's evaluations")
     def forward(self, x: Tensor) -> LayerOutput:
         """Integrate to t1 with new dropout masks and return f(z(t1), x) with its statistics;
         the settings are checked as at construction, as each may be set on the layer after."""

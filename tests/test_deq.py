@@ -1932,3 +1932,44 @@ def test_an_f_whose_graph_hides_its_parameters_keeps_z_star_on_the_graph():
     assert out.z.requires_grad
     with pytest.raises(RuntimeError, match="use_reentrant=True"):
         out.z.sum().backward()
+
+
+def test_a_compiled_training_step_runs_the_solves_eagerly_behind_one_named_graph_break():
+    """torch.compile of a user's step traced into the solver and broke its graph at each host
+    read, under reasons naming torch internals ("C-implemented special method", Tensor.item()),
+    and fullgraph=True failed on them; the solves and both layers now run outside the
+    enclosing graph, one graph break whose reason says why, with the eager gradients, and a
+    layer's own compile= still compiles f within it."""
+    import torch._dynamo
+
+    f, x = dense_cell()
+    x = x.detach()
+    graphs, backend = recording_backend()
+    deq = DEQ(f, solver="broyden", compile={"backend": backend}, **TIGHT)
+    node = NeuralODE(f)
+
+    def fx(z: torch.Tensor) -> torch.Tensor:
+        return f(z, x)
+
+    steps = {
+        "raydeq.solve": lambda xb: raydeq.solve(fx, 2.0 * xb).z.square().sum(),
+        "DEQ": lambda xb: deq(2.0 * xb).z.square().sum(),
+        "NeuralODE": lambda xb: node(2.0 * xb).z.square().sum(),
+    }
+    for what, step in steps.items():
+        eager = torch.autograd.grad(step(x), list(f.parameters()))
+        torch._dynamo.reset()
+        try:
+            explained = torch._dynamo.explain(step)(x)
+            torch._dynamo.reset()
+            compiled = torch.compile(step, backend="eager")(x)
+            torch._dynamo.reset()
+            with pytest.raises(torch._dynamo.exc.Unsupported, match=f"{what} runs outside"):
+                torch.compile(step, backend="eager", fullgraph=True)(x)
+        finally:
+            torch._dynamo.reset()
+        (only,) = explained.break_reasons
+        assert f"{what} runs outside" in only.reason and "residual on the host" in only.reason
+        for got, want in zip(torch.autograd.grad(compiled, list(f.parameters())), eager):
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    assert graphs

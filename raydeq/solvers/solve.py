@@ -17,7 +17,13 @@ from raydeq.solvers.driver import Method, evaluate, iterate, wrapped
 from raydeq.solvers.graphs import RECORDERS
 from raydeq.solvers.ode import VCAB3, RungeKutta
 from raydeq.solvers.options import choice, construct, flag, function, integer, option_dict
-from raydeq.solvers.state import State, Structure, flat_function, untransformed
+from raydeq.solvers.state import (
+    State,
+    Structure,
+    flat_function,
+    outside_compiled_graphs,
+    untransformed,
+)
 from raydeq.solvers.stats import SolveStats
 from raydeq.solvers.tableau import BS3, EULER, TSIT5
 from raydeq.solvers.termination import Monitor, Termination
@@ -183,6 +189,7 @@ def check_compile(compile: bool | dict | str) -> None:
         wrapped(evaluate, compile)  # torch.compile checks its options when it wraps
 
 
+@outside_compiled_graphs("raydeq.solve", "its compile=True compiles f and the solver's steps")
 def solve(
     f: Callable[[State], State],
     z0: State,

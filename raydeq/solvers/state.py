@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -128,6 +129,19 @@ def untransformed(what: str) -> None:
             "on the whole batch (each sample is solved on its own) and differentiate with "
             "loss.backward(), torch.autograd.grad or torch.autograd.functional.jacobian"
         )
+
+
+def outside_compiled_graphs(what: str, compiles: str) -> Callable[[Callable], Callable]:
+    """A decorator running `what` (solve, a layer's forward) outside any torch.compile graph
+    that encloses it, one graph break whose reason says why and what compiles it instead:
+    traced into, its solver broke the graph at each host read under reasons naming torch's
+    internals, and fullgraph=True failed on the first of them."""
+    reason = (
+        f"{what} runs outside the enclosing torch.compile graph: its solver reads each "
+        "sample's residual on the host to decide how many steps to take, a graph break at "
+        f"every step; {compiles}"
+    )
+    return partial(torch.compiler.disable, reason=reason)
 
 
 def contained(container: type, tensors: list[torch.Tensor]) -> Sequence[torch.Tensor]:
