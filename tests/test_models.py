@@ -731,6 +731,29 @@ def test_images_of_another_dtype_than_the_model_name_both_dtypes(name):
     assert not getattr(failure.value, "__notes__", [])
 
 
+def test_a_compiled_model_compiles_its_stem_and_head_around_the_layer_s_one_graph_break():
+    """model.compile() broke the graph at the layer within the classifier's dtype hint, a
+    context manager dynamo cannot resume in ("Failed to handle graph break gracefully"), so
+    it ran the forward eagerly, the stem alone traced as a frame of its own (one graph, no
+    break reason); the hint now holds the stem alone, and the stem and the head are compiled
+    around the layer's one named graph break, with the eager logits."""
+    import torch._dynamo
+
+    model = build({"model": "mnist_dense", "variant": "skip_reg"}).eval()
+    images = torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    eager, _ = model(images)
+    torch._dynamo.reset()
+    try:
+        explained = torch._dynamo.explain(model)(images)
+        compiled, _ = torch.compile(model, backend="eager")(images)
+    finally:
+        torch._dynamo.reset()
+    (only,) = explained.break_reasons
+    assert "DEQ runs outside the enclosing torch.compile graph" in only.reason
+    assert explained.graph_count == 2  # the stem's graph and the head's
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+
+
 def test_config_options_reach_the_layer():
     model = build(
         {

@@ -4,7 +4,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import NamedTuple
 
-import torch
 from torch import Tensor, nn
 
 from raydeq.deq import LayerOutput, dtype_note
@@ -39,27 +38,20 @@ class EquilibriumClassifier(nn.Module):
                 "with torch.as_tensor(images, dtype=torch.float32)"
             )
         with self._dtype_hint(images):
-            out = self.layer(self.stem(images))
+            x = self.stem(images)
+        out = self.layer(x)
         return self.head(out.z), out
 
     @contextmanager
     def _dtype_hint(self, images: Tensor) -> Iterator[None]:
-        """Add to an error raised within a note naming the images' dtype and the model's where
-        they differ and the stem fails on the images (outside autocast it fails in its first
-        product, with torch's message alone), as the layers name x's dtype and f's."""
+        """Add to an error the stem raises a note naming the images' dtype and the model's
+        where they differ (outside autocast the stem fails in its first product, with torch's
+        message alone), as the layers name x's dtype and f's. It holds the stem alone: the
+        layer breaks an enclosing torch.compile graph, which dynamo cannot resume within it."""
         try:
             yield
         except (RuntimeError, ValueError) as err:
             note = dtype_note(self, images, "images", "model")
-            if note and not self._stem_takes(images):
+            if note:
                 err.add_note(note)
             raise
-
-    def _stem_takes(self, images: Tensor) -> bool:
-        """Whether the stem runs on the images (tried without a graph, only after an error)."""
-        try:
-            with torch.no_grad():
-                self.stem(images)
-        except Exception:
-            return False
-        return True
