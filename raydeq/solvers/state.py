@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import partial
+from functools import wraps
 
 import torch
 
@@ -141,7 +142,24 @@ def outside_compiled_graphs(what: str, compiles: str) -> Callable[[Callable], Ca
         "sample's residual on the host to decide how many steps to take, a graph break at "
         f"every step; {compiles}"
     )
-    return partial(torch.compiler.disable, reason=reason)
+
+    def decorate(fn: Callable) -> Callable:
+        # torch.compiler.disable imports dynamo, inductor and sympy at once, which a program
+        # that never compiles need not pay for; torch._disable_dynamo imports them at its
+        # first call, made only once dynamo is loaded (nothing compiles before), and the two
+        # marks are the ones torch.compiler.disable sets for dynamo to break the graph at
+        # the call under that reason.
+        eager = torch._disable_dynamo(fn)
+
+        @wraps(fn)
+        def run(*args: object, **kwargs: object) -> object:
+            return (eager if "torch._dynamo" in sys.modules else fn)(*args, **kwargs)
+
+        run._torchdynamo_disable = True
+        run._torchdynamo_disable_msg = reason
+        return run
+
+    return decorate
 
 
 def contained(container: type, tensors: list[torch.Tensor]) -> Sequence[torch.Tensor]:
