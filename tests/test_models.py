@@ -990,12 +990,18 @@ def reference_down(down: nn.Module, h: torch.Tensor, g: int) -> torch.Tensor:
     return h
 
 
-def reference_cell(cell: nn.Module, z: list[torch.Tensor], x: torch.Tensor) -> list[torch.Tensor]:
+def reference_cell(
+    cell: nn.Module,
+    z: list[torch.Tensor],
+    x: torch.Tensor,
+    groups: int = THREE_SCALES.groups,
+    post_groups: int = THREE_SCALES.groups // 2,
+) -> list[torch.Tensor]:
     """MDEQ's f(z, x) from its equations: per scale GN3(relu(GN2(conv2(relu(GN1(conv1(z))))
     + x [scale 0]) + z)); then scale i sums identity, down maps (stride-2 3x3 conv + GN, ReLU
     between levels only) and up maps (3x3 conv + GN, nearest resize); then GN_{g/2}(conv1x1(
     relu(.)))."""
-    g = THREE_SCALES.groups
+    g = groups
     h = [
         reference_block(block, zi, x if i == 0 else None, g)
         for i, (block, zi) in enumerate(zip(cell.blocks, z))
@@ -1011,7 +1017,7 @@ def reference_cell(cell: nn.Module, z: list[torch.Tensor], x: torch.Tensor) -> l
                 (c,), (n,) = _convs(fuse), _norms(fuse)
                 y = y + _nearest(_gn(_conv(h[j], c), n, g), h[i].shape[-2:])
         (c,), (n,) = _convs(cell.post_fuse[i]), _norms(cell.post_fuse[i])
-        out.append(_gn(_conv(F.relu(y), c), n, g // 2))
+        out.append(_gn(_conv(F.relu(y), c), n, post_groups))
     return out
 
 
@@ -1027,6 +1033,24 @@ def test_the_multiscale_cell_is_mdeqs_residual_blocks_and_fusion():
     ]
     got = cell(z, x)
     for a, b in zip(got, reference_cell(cell, z, x), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_one_group_normalises_each_post_fuse_map_over_all_its_channels():
+    """groups=1 halved to 0 post-fuse groups, which group_norm took as one group per channel
+    (6 and 12 groups here); each post-fuse norm is one group, as every other norm of the cell."""
+    cfg = dataclasses.replace(THREE_SCALES, channels=(6, 12, 12), groups=1)
+    cell = mdeq_parts(cfg).cell.double()
+    assert [_norms(post)[0].num_groups for post in cell.post_fuse] == [1, 1, 1]
+    torch.manual_seed(21)
+    for p in cell.parameters():
+        nn.init.normal_(p, std=0.5)
+    x = torch.randn(2, 6, 5, 3, dtype=torch.float64)
+    z = [
+        torch.randn(2, c, *s, dtype=torch.float64)
+        for c, s in zip((6, 12, 12), ((5, 3), (3, 2), (2, 1)))
+    ]
+    for a, b in zip(cell(z, x), reference_cell(cell, z, x, groups=1, post_groups=1), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 

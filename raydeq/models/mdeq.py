@@ -158,9 +158,13 @@ class MultiscaleCell(nn.Module):
         self.fuse = nn.ModuleList(
             nn.ModuleList(self._fuse_map(cfg, j, i) for j in range(len(ch))) for i in range(len(ch))
         )
+        # MDEQ's post-fuse norm takes half the groups; at least one, since groups=1 gave
+        # group_norm(c, 0), one group per channel (gcd(c, 0) = c), the most, not the fewest.
         self.post_fuse = nn.ModuleList(
             nn.Sequential(
-                nn.ReLU(), conv(c, c, kernel=1, normalize=cfg.weight_norm), group_norm(c, g // 2)
+                nn.ReLU(),
+                conv(c, c, kernel=1, normalize=cfg.weight_norm),
+                group_norm(c, max(g // 2, 1)),
             )
             for c in ch
         )
