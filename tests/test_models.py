@@ -17,6 +17,7 @@ from torch import nn
 from raydeq import DEQ, NeuralODE
 from raydeq.datasets import mnist10k
 from raydeq.models import PRESETS, VARIANTS, build, resolve
+from raydeq.models.classifier import EquilibriumClassifier
 from raydeq.models.dense import DenseCell, DenseConfig
 from raydeq.models.layers import VariationalDropout2d, conv, group_norm
 from raydeq.models.mdeq import MDEQConfig, MultiscaleCell, mdeq_parts
@@ -1207,3 +1208,53 @@ def test_the_multiscale_stems_take_any_image_size(name, side):
     with torch.no_grad():
         logits, _ = model(torch.randn(1, PRESETS[name].input_shape[0], side, side + 3))
     assert logits.shape == (1, 1000 if name == "imagenet_small" else 10)
+
+
+SIX = dataclasses.replace(THREE_SCALES, channels=(6, 12, 24), head_channels=(3, 6, 12))
+
+
+@pytest.mark.parametrize(
+    ("cfg", "side"),
+    [
+        (SIX, 0),  # no norm of one channel per group
+        (THREE_SCALES, 4),  # scale 0's 4 channels in 4 groups, up-mapped from scale 2
+        (dataclasses.replace(SIX, groups=6), 4),
+        (dataclasses.replace(SIX, groups=6, stem_downsample=1), 8),
+    ],
+)
+def test_images_whose_coarsest_maps_leave_a_group_norm_one_value_are_refused(cfg, side):
+    """Where a group norm of one channel per group sees a 1 x 1 map, torch refused a batch of
+    one (after the solve, where the head's norm is that one) and set the norm to its bias for
+    a larger batch; the stem refuses both, naming the size, at each size where torch refuses
+    a batch of one."""
+    parts = mdeq_parts(cfg)
+    assert parts.stem.smallest_side == side
+    layer = DEQ(parts.cell, skip=parts.skip, init="skip", max_steps=1)
+    model = EquilibriumClassifier(parts.stem, layer, parts.head).eval()
+    for n in range(1, 2 * side + 2):
+        for h, w in ((n, 1), (1, n), (n, n)):
+            refused = max(h, w) <= side
+            parts.stem.smallest_side = 0
+            with torch.no_grad():
+                try:
+                    model(torch.zeros(1, 2, h, w))
+                except ValueError as err:
+                    assert refused and "Expected more than 1 value" in str(err), (h, w, err)
+                else:
+                    assert not refused, (h, w)
+            parts.stem.smallest_side = side
+            for batch in (1, 2):
+                if refused:
+                    message = f"height or width above {side}, got {h} x {w}"
+                    with pytest.raises(ValueError, match=message):
+                        parts.stem(torch.zeros(batch, 2, h, w))
+
+
+def test_a_preset_refuses_images_too_small_for_its_norms_before_the_solve():
+    """cifar10_small took 1 x 1 images in a batch of two, its head's norm of 8 channels in 8
+    groups set to its bias, and refused one alone after the solve."""
+    assert PRESETS["mnist_mdeq"].parts().stem.smallest_side == 4
+    model = build({"model": "cifar10_small", "variant": "vanilla", "pretrain_steps": 0})
+    model.layer.forward = None  # the solve is never reached
+    with pytest.raises(ValueError, match="above 1, got 1 x 1"):
+        model(torch.randn(2, 3, 1, 1))

@@ -211,6 +211,33 @@ class MultiscaleSkip(nn.Module):
         return [h] + [d(h) for d in self.down]
 
 
+def _norms(cfg: MDEQConfig) -> list[tuple[int, int, int]]:
+    """(channels, groups, level) of the group norms of the stem, f and the head, where level
+    counts the stride-2 steps from the image to the map the norm sees (g's norms repeat f's
+    at scale 0 and its down maps, with channel counts whose divisors f's have)."""
+    s, g, ch, last = cfg.stem_downsample, cfg.groups, cfg.channels, len(cfg.channels) - 1
+    norms = [(ch[0], g, min(s, 1)), (ch[0], g, s), (ch[0], g, s)]
+    for i, c in enumerate(ch):
+        norms += [(c * cfg.expansion, g, s + i), (c, g, s + i), (c, max(g // 2, 1), s + i)]
+        for j in range(i):  # down maps from finer scales
+            norms += [(w, g, s + j + k + 1) for k, w in enumerate(_down_channels(ch[j], c, i - j))]
+        norms += [(c, g, s + j) for j in range(i + 1, len(ch))]  # up maps from coarser scales
+        h = cfg.head_channels[i]
+        norms += [(h, g, s + i), (h, g, s + i), (h * Bottleneck.expansion, g, s + i)]
+        norms.append((h * Bottleneck.expansion, g, s + i))  # shortcut or next down map
+    norms.append((cfg.final_channels, g, s + last))
+    return norms
+
+
+def smallest_side(cfg: MDEQConfig) -> int:
+    """Images need a height or width above this: a group norm whose groups hold one channel
+    each sees one value per group on a 1 x 1 map (`level` stride-2 steps turn every side up to
+    2^level into 1), which torch refuses for a batch of one and sets to its bias, whatever the
+    input, for a larger batch; 0 where no norm has one channel per group."""
+    levels = [level for c, groups, level in _norms(cfg) if groups % c == 0]
+    return 2 ** max(levels) if levels else 0
+
+
 class Stem(nn.Module):
     """Input injection: two 3x3 convolutions (stride 2 as configured) and a 1x1 convolution."""
 
@@ -229,13 +256,22 @@ class Stem(nn.Module):
             nn.ReLU(),
         )
         self.in_channels = cfg.in_channels
+        self.smallest_side = smallest_side(cfg)
 
     def forward(self, images: Tensor) -> Tensor:
-        """Images (B, C, H, W) of any size -> injection x at the highest DEQ resolution."""
+        """Images (B, C, H, W) of a height or width above `smallest_side` -> injection x at
+        the highest DEQ resolution; a ValueError for others, before the solve."""
         if images.dim() != 4 or images.shape[1] != self.in_channels:
             raise ValueError(
                 f"the multiscale model takes images (batch, {self.in_channels}, height, width), "
                 f"got {tuple(images.shape)}"
+            )
+        if max(images.shape[-2:]) <= self.smallest_side:
+            raise ValueError(
+                f"the multiscale model takes images of height or width above "
+                f"{self.smallest_side}, got {images.shape[-2]} x {images.shape[-1]}: its "
+                f"coarsest maps would be 1 x 1, where a group norm of one channel per group "
+                "sees a single value"
             )
         return self.net(images)
 
