@@ -1168,9 +1168,12 @@ def test_down_maps_double_the_channels_only_where_that_reaches_the_target():
         ({"head_channels": (2, 4)}, r"head_channels \(2, 4\) needs one entry per scale"),
         ({"head_channels": (2, 4, 8, 16)}, "needs one entry per scale"),
         ({"stem_downsample": 3}, "stem_downsample must be 0, 1 or 2, got 3"),
+        ({"upsample_kernel": 2}, r"upsample_kernel=2 must be odd \(1, 3, 5, ...\)"),
     ],
 )
 def test_an_inconsistent_multiscale_config_is_named(change, message):
+    """An even upsample_kernel, padded by kernel // 2, made each up map's convolution one row
+    and column larger than its input (a 4 x 4 scale's 5 x 5) before the nearest resize."""
     with pytest.raises(ValueError, match=message):
         dataclasses.replace(THREE_SCALES, **change)
 

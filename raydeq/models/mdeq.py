@@ -59,6 +59,13 @@ class MDEQConfig:
             raise ValueError(
                 f"head_channels {self.head_channels} needs one entry per scale {self.channels}"
             )
+        if self.upsample_kernel % 2 == 0:
+            # padding kernel // 2 keeps a map's size for odd kernels only: an even one grew
+            # each coarser scale's map by one row and column before its resize.
+            raise ValueError(
+                f"upsample_kernel={self.upsample_kernel} must be odd (1, 3, 5, ...), the sizes "
+                "of a same-padding convolution"
+            )
         if self.stem_downsample not in (0, 1, 2):
             raise ValueError(f"stem_downsample must be 0, 1 or 2, got {self.stem_downsample}")
 
