@@ -1216,3 +1216,32 @@ def test_expanding_a_search_leaves_the_callers_optuna_verbosity(state_kept):
         assert optuna.logging.get_verbosity() == optuna.logging.INFO
     finally:
         optuna.logging.set_verbosity(verbosity)
+
+
+def test_a_trial_stopped_before_its_end_is_drawn_apart_and_named_not_left_off(monkeypatch):
+    """ASHA stopped the paper's Vanilla DEQ and a drawn trial at a rung: the chart drew only the
+    finished trials, so the paper's point, which its variant puts on the chart, was missing
+    without a word. Both are now drawn apart from the ranked trials, in the legend as
+    stopped, and the front tables name them as left out."""
+    monkeypatch.setattr(pareto, "png", lambda figure: figure)
+    rows = _trials(
+        (False, 0.9136, 25.0, 0.037), (True, 0.9526, 8.0, 0.020), (False, 0.7465, 4.0, 0.014)
+    )
+    rows[0] |= {"paper": True, "group": "Vanilla DEQ"}
+    marked = pareto.mark(rows, "test_accuracy")
+    assert [r["pareto_test_nfe"] for r in marked] == [False, True, False]
+    figure = pareto.chart(marked, "test_accuracy")
+    for axes in figure.axes[:2]:
+        drawn = sorted(tuple(xy) for c in axes.collections for xy in c.get_offsets().tolist())
+        costs = ([4.0, 8.0, 25.0], [0.014, 0.020, 0.037])[figure.axes.index(axes)]
+        assert [x for x, _ in drawn] == pytest.approx(costs)
+        assert [y for _, y in drawn] == pytest.approx([74.65, 95.26, 91.36])
+    legend = figure.legends[0] if figure.legends else figure.axes[-1].get_legend()
+    assert [text.get_text() for text in legend.get_texts()] == [
+        "trial",
+        "stopped before its end (not ranked)",
+        "Vanilla DEQ (stopped before its end)",
+        "Pareto front",
+    ]
+    text = pareto.markdown(marked, "test_accuracy")
+    assert text.count("Not ranked, stopped before their end: Vanilla DEQ, 9db77_00002.") == 1

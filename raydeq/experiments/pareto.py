@@ -27,6 +27,8 @@ MARGIN = 0.005
 NOT_SETTINGS = ("config.name", "config.label", "config.storage_path")
 # A trial on the chart: its cost, its metric (in percent for an accuracy) and its row.
 Point = tuple[float, float, Mapping[str, Any]]
+# The chart's name for the trials stopped before their end, which the front leaves out.
+STOPPED = "stopped before its end (not ranked)"
 
 
 def front(accuracy: Sequence[float], cost: Sequence[float]) -> list[int]:
@@ -61,6 +63,13 @@ def counted(rows: Sequence[Mapping[str, Any]]) -> list[int]:
     """Indices of the rows the front is taken over: trials that trained to their end, else all."""
     done = [i for i, row in enumerate(rows) if row.get("completed")]
     return done or list(range(len(rows)))
+
+
+def not_ranked(rows: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The rows left out of the front: trials stopped before their end (by ASHA, an error or an
+    interrupted run) where others trained to theirs."""
+    ranked = set(counted(rows))
+    return [row for i, row in enumerate(rows) if i not in ranked]
 
 
 def mark(rows: Sequence[Mapping[str, Any]], metric: str, mode: str = "max") -> list[dict[str, Any]]:
@@ -159,6 +168,10 @@ def markdown(rows: Sequence[Mapping[str, Any]], metric: str) -> str:
                 f"({_metric_value(row[metric], percent)}{'%' if percent else ''}, "
                 f"{words} {_value(_number(row[cost]))})"
             )
+    left_out = not_ranked(rows)
+    if left_out:
+        names = ", ".join(dict.fromkeys(table_name(row) for row in left_out))
+        text.append(f"\nNot ranked, stopped before their end: {names}.")
     return "\n".join(text) + "\n"
 
 
@@ -197,13 +210,14 @@ def chart(rows: Sequence[Mapping[str, Any]], metric: str, mode: str = "max") -> 
     lowest, and other metrics have no accuracy points to zoom by)."""
     figure, panels = subplots(1, len(VIEWS), figsize=(14.0, 4.6))
     members = [rows[i] for i in counted(rows)]
+    stopped = not_ranked(rows)
     # One colour (and past ten, another marker) per configuration, the same in both views: a
     # name beside each point overlapped where the configurations crowd (Table 1's eleven).
-    names = list(dict.fromkeys(table_name(r) for r in members if r.get("paper")))
+    names = list(dict.fromkeys(table_name(r) for r in [*members, *stopped] if r.get("paper")))
     styles = {n: (f"C{i % 10}", "*PXD"[i // 10 % 4]) for i, n in enumerate(names)}
     zoom = mode == "max" and in_percent(metric)
     for axes, (cost, words) in zip(panels, VIEWS.items()):
-        _view(axes, members, metric, cost, words, styles, zoom)
+        _view(axes, members, stopped, metric, cost, words, styles, zoom)
     # One legend for both views: what either draws, once.
     drawn = {
         label: handle
@@ -218,49 +232,78 @@ def chart(rows: Sequence[Mapping[str, Any]], metric: str, mode: str = "max") -> 
 def _view(
     axes: Any,
     members: Sequence[Mapping[str, Any]],
+    stopped: Sequence[Mapping[str, Any]],
     metric: str,
     cost: str,
     words: str,
     styles: Mapping[str, tuple[str, str]],
     zoom: bool,
 ) -> None:
-    """Draw one cost view of the chart: the trials with a finite `metric` and `cost`, the front
-    joined over them, the trials far below the best left off where `zoom`, or why none shows."""
+    """Draw one cost view of the chart: the ranked trials (`members`) with a finite `metric`
+    and `cost`, the front joined over them, the `stopped` ones apart, the trials far below the
+    best left off where `zoom`, or why none shows."""
     percent = in_percent(metric)
     scale = 100 if percent else 1
-    points = [(_number(r.get(cost)), scale * _number(r.get(metric)), r) for r in members]
-    points = [p for p in points if math.isfinite(p[0] + p[1])]
+    points = _drawable(members, metric, cost, scale)
+    stopped_points = _drawable(stopped, metric, cost, scale)
     _trials(axes, points, styles)
+    _trials(axes, stopped_points, styles, stopped=True)
     axes.set_xlabel(words)
     axes.set_ylabel(f"{metric} (%)" if percent else metric)
-    if not points:
+    if not points and not stopped_points:
         axes.set_title(f"{metric} against {words}", fontsize="medium")
-        nothing_drawn(axes, _unreported(members, metric, cost, words))
+        nothing_drawn(axes, _unreported([*members, *stopped], metric, cost, words))
         return
+    drawn = [*points, *stopped_points]
     front_points = sorted((p for p in points if p[2].get(f"pareto_{cost}")), key=lambda p: p[0])
     # Open circles over the markers, so that a front point that is also a paper point
     # shows both.
-    axes.plot(
-        *_xy(front_points), "o-", c="C3", ms=9, mfc="none", mew=1.5, label="Pareto front", zorder=4
-    )
+    if front_points:  # none where only stopped trials reported both measures
+        axes.plot(
+            *_xy(front_points),
+            "o-",
+            c="C3",
+            ms=9,
+            mfc="none",
+            mew=1.5,
+            label="Pareto front",
+            zorder=4,
+        )
     best_accuracy = max((p[1] for p in points), default=math.nan)
-    shown = [p[1] for p in points if _shown(p[2], cost, p[1], best_accuracy)]
+    shown = [p[1] for p in drawn if _shown(p[2], cost, p[1], best_accuracy)]
     if zoom:
-        _zoom(axes, [p[1] for p in points], shown, [p[1] for p in front_points])
-    _scale(axes, [p[0] for p in points])
+        _zoom(axes, [p[1] for p in drawn], shown, [p[1] for p in front_points])
+    _scale(axes, [p[0] for p in drawn])
     axes.grid(alpha=0.3)
 
 
-def _trials(axes: Any, points: Sequence[Point], styles: Mapping[str, tuple[str, str]]) -> None:
+def _drawable(
+    rows: Sequence[Mapping[str, Any]], metric: str, cost: str, scale: float
+) -> list[Point]:
+    """The rows with a finite `metric` (times `scale`) and `cost`, as chart points."""
+    points = [(_number(r.get(cost)), scale * _number(r.get(metric)), r) for r in rows]
+    return [p for p in points if math.isfinite(p[0] + p[1])]
+
+
+def _trials(
+    axes: Any,
+    points: Sequence[Point],
+    styles: Mapping[str, tuple[str, str]],
+    stopped: bool = False,
+) -> None:
     """Scatter the trials: grey dots, and each of the paper's configurations in its style
-    (colour, marker), named in the legend only where this view draws it."""
+    (colour, marker), named in the legend only where this view draws it; those `stopped` before
+    their end, which the front leaves out, as grey crosses and open markers named so."""
     plain = [p for p in points if not p[2].get("paper")]
     if plain:
-        axes.scatter(*_xy(plain), s=18, c="0.6", label="trial")
+        look = {"marker": "x", "s": 30, "c": "0.5"} if stopped else {"s": 18, "c": "0.6"}
+        axes.scatter(*_xy(plain), label=STOPPED if stopped else "trial", **look)
     for name, (colour, marker) in styles.items():
         mine = [p for p in points if table_name(p[2]) == name and p[2].get("paper")]
         if mine:  # none without a finite measure in this view: nothing to name in its legend
-            axes.scatter(*_xy(mine), marker=marker, s=110, c=colour, label=name, zorder=3)
+            fill = {"facecolors": "none", "edgecolors": colour} if stopped else {"c": colour}
+            label = f"{name} (stopped before its end)" if stopped else name
+            axes.scatter(*_xy(mine), marker=marker, s=110, label=label, zorder=3, **fill)
 
 
 def _xy(points: Sequence[Point]) -> tuple[list[float], list[float]]:
