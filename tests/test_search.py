@@ -1245,3 +1245,26 @@ def test_a_trial_stopped_before_its_end_is_drawn_apart_and_named_not_left_off(mo
     ]
     text = pareto.markdown(marked, "test_accuracy")
     assert text.count("Not ranked, stopped before their end: Vanilla DEQ, 9db77_00002.") == 1
+
+
+def test_the_front_tables_say_where_trials_measured_a_cost_on_other_batches():
+    """A search drawing data.batch_size (32 or 128) and data.eval_batch_size (64 or 256) ranked
+    training time per batch of 32 images beside time per batch of 128, and test NFE (a test
+    batch's slowest sample's) over batches of 64 beside 256, as one front without a word; the
+    tables now name each setting that differs and what it changes. A stopped trial's setting
+    is not among them."""
+    rows = _trials((True, 0.9, 20.0, 0.1), (True, 0.8, 10.0, 0.2), (False, 0.7, 5.0, 0.3))
+    for row, batch, test_batch in zip(rows, (32, 128, 64), (64, 256, 64), strict=True):
+        row |= {"config.data.batch_size": batch, "config.data.eval_batch_size": test_batch}
+        row |= {"config.train.eval_batches": 0}
+    rows[2]["config.train.eval_batches"] = 1
+    text = pareto.markdown(pareto.mark(rows, "test_accuracy"), "test_accuracy")
+    notes = [line for line in text.splitlines() if line.startswith("Not comparable")]
+    assert notes == [
+        "Not comparable across trials: data.batch_size differs (32, 128): training time per "
+        "step is per batch of that many images.",
+        "Not comparable across trials: data.eval_batch_size differs (64, 256): test NFE is a "
+        "test batch's slowest sample's, in batches of that size.",
+    ]
+    same = pareto.markdown(pareto.mark(rows[:1] * 2, "test_accuracy"), "test_accuracy")
+    assert "Not comparable" not in same

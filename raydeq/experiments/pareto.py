@@ -27,6 +27,15 @@ MARGIN = 0.005
 NOT_SETTINGS = ("config.name", "config.label", "config.storage_path")
 # A trial on the chart: its cost, its metric (in percent for an accuracy) and its row.
 Point = tuple[float, float, Mapping[str, Any]]
+# Settings under which trials measure accuracy or a cost on other batches: where they differ
+# between the ranked trials, the front tables name them and what each changes.
+MEASURED_BY = {
+    "config.data.batch_size": "training time per step is per batch of that many images",
+    "config.data.eval_batch_size": (
+        "test NFE is a test batch's slowest sample's, in batches of that size"
+    ),
+    "config.train.eval_batches": "test accuracy and NFE are over that many test batches (0: all)",
+}
 # The chart's name for the trials stopped before their end, which the front leaves out.
 STOPPED = "stopped before its end (not ranked)"
 
@@ -168,11 +177,26 @@ def markdown(rows: Sequence[Mapping[str, Any]], metric: str) -> str:
                 f"({_metric_value(row[metric], percent)}{'%' if percent else ''}, "
                 f"{words} {_value(_number(row[cost]))})"
             )
+    text += _not_comparable([rows[i] for i in counted(rows)])
     left_out = not_ranked(rows)
     if left_out:
         names = ", ".join(dict.fromkeys(table_name(row) for row in left_out))
         text.append(f"\nNot ranked, stopped before their end: {names}.")
     return "\n".join(text) + "\n"
+
+
+def _not_comparable(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """A line per setting of MEASURED_BY whose values differ between `rows`: their accuracy or
+    cost is measured on other batches, which one front ranks as if alike."""
+    lines = []
+    for key, changes in MEASURED_BY.items():
+        values = list(dict.fromkeys(_value(row.get(key)) for row in rows))
+        if len(values) > 1:
+            lines.append(
+                f"\nNot comparable across trials: {key.removeprefix('config.')} differs "
+                f"({', '.join(values)}): {changes}."
+            )
+    return lines
 
 
 def _shown(row: Mapping[str, Any], cost: str, accuracy: float, best: float) -> bool:
