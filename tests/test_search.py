@@ -1239,12 +1239,12 @@ def test_a_trial_stopped_before_its_end_is_drawn_apart_and_named_not_left_off(mo
     legend = figure.legends[0] if figure.legends else figure.axes[-1].get_legend()
     assert [text.get_text() for text in legend.get_texts()] == [
         "trial",
-        "stopped before its end (not ranked)",
-        "Vanilla DEQ (stopped before its end)",
+        "short of its last step (not ranked)",
+        "Vanilla DEQ (short of its last step)",
         "Pareto front",
     ]
     text = pareto.markdown(marked, "test_accuracy")
-    assert text.count("Not ranked, stopped before their end: Vanilla DEQ, 9db77_00002.") == 1
+    assert text.count("Not ranked, short of their last step: Vanilla DEQ, 9db77_00002.") == 1
 
 
 def test_the_front_tables_say_where_trials_measured_a_cost_on_other_batches():
@@ -1268,3 +1268,14 @@ def test_the_front_tables_say_where_trials_measured_a_cost_on_other_batches():
     ]
     same = pareto.markdown(pareto.mark(rows[:1] * 2, "test_accuracy"), "test_accuracy")
     assert "Not comparable" not in same
+
+
+def test_the_trials_left_off_the_front_are_not_called_stopped_while_running_or_failed():
+    """A report from a second terminal while a search ran named its running trial and one that
+    had failed as 'stopped before their end'; they are now short of their last step, the
+    failed one said to be failed."""
+    rows = _trials((False, 0.9, 20.0, 0.1), (True, 0.8, 10.0, 0.2), (False, math.nan, 5.0, 0.3))
+    rows[0]["status"], rows[1]["status"], rows[2]["status"] = "RUNNING", "TERMINATED", "ERROR"
+    text = pareto.markdown(pareto.mark(rows, "test_accuracy"), "test_accuracy")
+    assert "stopped" not in text
+    assert text.count("Not ranked, short of their last step: 9db77_00000, 9db77_00002 (failed).")

@@ -36,8 +36,9 @@ MEASURED_BY = {
     ),
     "config.train.eval_batches": "test accuracy and NFE are over that many test batches (0: all)",
 }
-# The chart's name for the trials stopped before their end, which the front leaves out.
-STOPPED = "stopped before its end (not ranked)"
+# The chart's name for the trials short of their last step (stopped by ASHA, failed, or still
+# running under a report from a second terminal), which the front leaves out.
+SHORT = "short of its last step"
 
 
 def front(accuracy: Sequence[float], cost: Sequence[float]) -> list[int]:
@@ -75,8 +76,8 @@ def counted(rows: Sequence[Mapping[str, Any]]) -> list[int]:
 
 
 def not_ranked(rows: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
-    """The rows left out of the front: trials stopped before their end (by ASHA, an error or an
-    interrupted run) where others trained to theirs."""
+    """The rows left out of the front: trials short of their last step (stopped by ASHA, failed,
+    interrupted or still running) where others trained to theirs."""
     ranked = set(counted(rows))
     return [row for i, row in enumerate(rows) if i not in ranked]
 
@@ -180,8 +181,8 @@ def markdown(rows: Sequence[Mapping[str, Any]], metric: str) -> str:
     text += _not_comparable([rows[i] for i in counted(rows)])
     left_out = not_ranked(rows)
     if left_out:
-        names = ", ".join(dict.fromkeys(table_name(row) for row in left_out))
-        text.append(f"\nNot ranked, stopped before their end: {names}.")
+        named = (f"{table_name(r)}{' (failed)' * (r.get('status') == 'ERROR')}" for r in left_out)
+        text.append(f"\nNot ranked, short of their last step: {', '.join(dict.fromkeys(named))}.")
     return "\n".join(text) + "\n"
 
 
@@ -321,12 +322,12 @@ def _trials(
     plain = [p for p in points if not p[2].get("paper")]
     if plain:
         look = {"marker": "x", "s": 30, "c": "0.5"} if stopped else {"s": 18, "c": "0.6"}
-        axes.scatter(*_xy(plain), label=STOPPED if stopped else "trial", **look)
+        axes.scatter(*_xy(plain), label=f"{SHORT} (not ranked)" if stopped else "trial", **look)
     for name, (colour, marker) in styles.items():
         mine = [p for p in points if table_name(p[2]) == name and p[2].get("paper")]
         if mine:  # none without a finite measure in this view: nothing to name in its legend
             fill = {"facecolors": "none", "edgecolors": colour} if stopped else {"c": colour}
-            label = f"{name} (stopped before its end)" if stopped else name
+            label = f"{name} ({SHORT})" if stopped else name
             axes.scatter(*_xy(mine), marker=marker, s=110, label=label, zorder=3, **fill)
 
 
