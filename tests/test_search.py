@@ -34,7 +34,7 @@ from test_tune import (
 from raydeq import tune as rt
 from raydeq.experiments import hparams, pareto, results, search, spec
 from raydeq.experiments.figures import LOG_SPAN, subplots
-from raydeq.training.config import METRICS, ConfigError, parse_overrides
+from raydeq.training.config import COSTS, METRICS, ConfigError, parse_overrides
 
 SEARCH = {
     "searcher": "tpe",
@@ -1279,3 +1279,27 @@ def test_the_trials_left_off_the_front_are_not_called_stopped_while_running_or_f
     text = pareto.markdown(pareto.mark(rows, "test_accuracy"), "test_accuracy")
     assert "stopped" not in text
     assert text.count("Not ranked, short of their last step: 9db77_00000, 9db77_00002 (failed).")
+
+
+def test_a_search_that_trades_accuracy_against_another_cost_gets_its_front(monkeypatch):
+    """A TPE search with cost predict_time drew its trials to trade accuracy against the
+    prediction time, and the report's fronts were test NFE and training time only, so the
+    trade it searched had no front; that cost is now a third view (here its front is the
+    cheapest trial and the most accurate one, where test NFE's is the most accurate alone)."""
+    monkeypatch.setattr(pareto, "png", lambda figure: figure)
+    rows = _trials((True, 0.9, 20.0, 0.1), (True, 0.95, 10.0, 0.2), (True, 0.8, 30.0, 0.3))
+    for row, seconds in zip(rows, (0.001, 0.004, 0.002), strict=True):
+        row["predict_time"] = seconds
+    costs = pareto.views("predict_time")
+    assert list(costs) == ["test_nfe", "train_time", "predict_time"]
+    assert pareto.views("test_nfe") == pareto.VIEWS == pareto.views(None)
+    assert set(COSTS) - {"test_nfe"} == set(pareto.COST_WORDS)
+    marked = pareto.mark(rows, "test_accuracy", "max", costs)
+    assert [r["pareto_predict_time"] for r in marked] == [True, True, False]
+    assert [r["pareto_test_nfe"] for r in marked] == [False, True, False]
+    text = pareto.markdown(marked, "test_accuracy", costs)
+    assert "## Pareto front: test_accuracy against prediction time per test batch (s)" in text
+    assert "| 9db77_00000 | 90.00 | 20 | 0.1 | 0.001 | euler |" in text
+    figure = pareto.chart(marked, "test_accuracy", "max", costs)
+    labels = [axes.get_xlabel() for axes in figure.axes]
+    assert labels == ["test NFE", "training time per step (s)", costs["predict_time"]]

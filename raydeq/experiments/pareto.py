@@ -2,7 +2,8 @@
 half an accuracy point of the best, their table and their chart.
 
 Two views of cost: test NFE (what the solver spends per prediction) and training time per step
-(forward and backward, what a trial spends to learn). Only trials that trained to their end
+(forward and backward, what a trial spends to learn), and a third where a search ranks by
+another cost (its `cost`, such as the prediction time). Only trials that trained to their end
 count (ASHA-stopped trials are cut short, so their cost and accuracy are not comparable); an
 experiment without any counts all of its trials.
 """
@@ -18,6 +19,13 @@ from raydeq.experiments.figures import legend_beside, nothing_drawn, png, spans_
 
 # Cost columns of results.parquet and their words.
 VIEWS = {"test_nfe": "test NFE", "train_time": "training time per step (s)"}
+# The words of the other costs a search may rank by (config.COSTS): a view of its own there.
+COST_WORDS = {
+    "nfe": "training NFE per step",
+    "forward_time": "forward time per step (s)",
+    "backward_time": "backward time per step (s)",
+    "predict_time": "prediction time per test batch (s)",
+}
 CHART = "pareto.png"
 # How far below the lowest front or paper point (in accuracy points) the chart still shows.
 ZOOM_POINTS = 10.0
@@ -82,13 +90,25 @@ def not_ranked(rows: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
     return [row for i, row in enumerate(rows) if i not in ranked]
 
 
-def mark(rows: Sequence[Mapping[str, Any]], metric: str, mode: str = "max") -> list[dict[str, Any]]:
-    """The rows with, per cost view, `pareto_<cost>` (on the front) and `cheapest_<cost>` (the
-    cheapest within half a point of the best `metric`, the lowest in mode min)."""
+def views(cost: str | None) -> dict[str, str]:
+    """A report's cost views, by column: test NFE, training time per step, and the search's own
+    `cost` where it is another, which the searcher traded against the metric."""
+    return VIEWS | ({cost: COST_WORDS[cost]} if cost in COST_WORDS else {})
+
+
+def mark(
+    rows: Sequence[Mapping[str, Any]],
+    metric: str,
+    mode: str = "max",
+    costs: Mapping[str, str] = VIEWS,
+) -> list[dict[str, Any]]:
+    """The rows with, per cost view of `costs`, `pareto_<cost>` (on the front) and
+    `cheapest_<cost>` (the cheapest within half a point of the best `metric`, the lowest in
+    mode min)."""
     marked = [dict(row) for row in rows]
     members = counted(rows)
     sign = -1.0 if mode == "min" else 1.0
-    for cost in VIEWS:
+    for cost in costs:
         accuracy = [sign * _number(rows[i].get(metric)) for i in members]
         costs = [_number(rows[i].get(cost)) for i in members]
         on_front = {members[i] for i in front(accuracy, costs)}
@@ -148,15 +168,18 @@ def _metric_value(value: Any, percent: bool) -> str:
     return f"{100 * _number(value):.2f}" if percent else _value(_number(value))
 
 
-def markdown(rows: Sequence[Mapping[str, Any]], metric: str) -> str:
-    """Per cost view: the front with its settings, and the cheapest trial within half a point."""
+def markdown(
+    rows: Sequence[Mapping[str, Any]], metric: str, costs: Mapping[str, str] = VIEWS
+) -> str:
+    """Per cost view of `costs`: the front with its settings, and the cheapest trial within
+    half a point."""
     settings = varying(rows)
     percent = in_percent(metric)
     column = f"{metric} (%)" if percent else metric
-    header = ["Trial", column, *VIEWS.values(), *(k.rsplit(".", 1)[-1] for k in settings)]
+    header = ["Trial", column, *costs.values(), *(k.rsplit(".", 1)[-1] for k in settings)]
     margin = f"{100 * MARGIN:g} points" if percent else f"{MARGIN:g}"
     text = []
-    for cost, words in VIEWS.items():
+    for cost, words in costs.items():
         text += [f"\n## Pareto front: {metric} against {words}\n"]
         text += [table_row(header), "|" + " --- |" * len(header)]
         members = sorted(
@@ -164,7 +187,7 @@ def markdown(rows: Sequence[Mapping[str, Any]], metric: str) -> str:
         )
         for row in members:
             cells = [table_name(row), _metric_value(row[metric], percent)]
-            cells += [_value(_number(row.get(c))) for c in VIEWS]
+            cells += [_value(_number(row.get(c))) for c in costs]
             cells += [_value(row.get(k)) for k in settings]
             text.append(table_row(cells))
         if not members:
@@ -228,12 +251,17 @@ def _scale(axes: Any, costs: list[float]) -> None:
         axes.set_xscale("log")
 
 
-def chart(rows: Sequence[Mapping[str, Any]], metric: str, mode: str = "max") -> bytes:
+def chart(
+    rows: Sequence[Mapping[str, Any]],
+    metric: str,
+    mode: str = "max",
+    costs: Mapping[str, str] = VIEWS,
+) -> bytes:
     """PNG of `metric` against each cost view: every trial, the front joined, each of the
     paper's configurations in its own colour, one legend right of the panels (the trials far
     below the best left off for an accuracy in mode max only: in mode min the best trials sit
     lowest, and other metrics have no accuracy points to zoom by)."""
-    figure, panels = subplots(1, len(VIEWS), figsize=(14.0, 4.6))
+    figure, panels = subplots(1, len(costs), figsize=(7.0 * len(costs), 4.6))
     members = [rows[i] for i in counted(rows)]
     stopped = not_ranked(rows)
     # One colour (and past ten, another marker) per configuration, the same in both views: a
@@ -241,7 +269,7 @@ def chart(rows: Sequence[Mapping[str, Any]], metric: str, mode: str = "max") -> 
     names = list(dict.fromkeys(table_name(r) for r in [*members, *stopped] if r.get("paper")))
     styles = {n: (f"C{i % 10}", "*PXD"[i // 10 % 4]) for i, n in enumerate(names)}
     zoom = mode == "max" and in_percent(metric)
-    for axes, (cost, words) in zip(panels, VIEWS.items()):
+    for axes, (cost, words) in zip(panels, costs.items()):
         _view(axes, members, stopped, metric, cost, words, styles, zoom)
     # One legend for both views: what either draws, once.
     drawn = {

@@ -441,13 +441,14 @@ def _report(path: str, experiment: Experiment, unfinished: str) -> str:
         rows.append(row)
         curves.setdefault(row["group"], []).append(frame)
     metric, mode = experiment.search.metric, experiment.search.mode
-    rows = pareto.mark(rows, metric, mode)
+    costs = pareto.views(experiment.search.cost)
+    rows = pareto.mark(rows, metric, mode, costs)
     buffer = pa.BufferOutputStream()
     pq.write_table(results_table(rows), buffer)
     write_bytes(f"{path}/{RESULTS_FILE}", buffer.getvalue().to_pybytes())
-    write_bytes(f"{path}/{pareto.CHART}", pareto.chart(rows, metric, mode))
+    write_bytes(f"{path}/{pareto.CHART}", pareto.chart(rows, metric, mode, costs))
     hparams.write(path, rows, pareto.varying(rows))
-    table = markdown(rows, unfinished) + pareto.markdown(rows, metric)
+    table = markdown(rows, unfinished) + pareto.markdown(rows, metric, costs)
     write_bytes(f"{path}/{MARKDOWN_FILE}", table.encode())
     table += paper.write(path, experiment, rows, curves)
     for metric, label in PLOTS.items():
