@@ -68,13 +68,19 @@ def cheapest_within(
     accuracy: Sequence[float], cost: Sequence[float], margin: float = MARGIN
 ) -> int | None:
     """Index of the cheapest point within `margin` of the best accuracy (the more accurate of
-    equally cheap ones), or None without finite points."""
+    equally cheap ones), or None without finite points; a point `margin` below up to float
+    rounding (11 against 21 of 2,000 at 0.005) counts as within."""
     finite = [i for i in range(len(accuracy)) if math.isfinite(accuracy[i] + cost[i])]
     if not finite:
         return None
     best = max(accuracy[i] for i in finite)
-    close = [i for i in finite if accuracy[i] >= best - margin]
+    close = [i for i in finite if within(best - accuracy[i], margin)]
     return min(close, key=lambda i: (cost[i], -accuracy[i]))
+
+
+def within(gap: float, margin: float) -> bool:
+    """True where an accuracy `gap` below the best is at most `margin`, equal up to rounding."""
+    return gap <= margin or math.isclose(gap, margin, rel_tol=1e-9)
 
 
 def counted(rows: Sequence[Mapping[str, Any]]) -> list[int]:
