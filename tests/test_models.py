@@ -462,6 +462,25 @@ def test_a_weight_normalised_model_pickles_and_saves_whole_giving_the_same_logit
         )
 
 
+def test_a_model_saved_whole_before_its_stem_recorded_the_smallest_side_still_runs():
+    """A cifar10_small saved by torch.save(model) before its stem recorded the smallest image
+    side it takes failed at its first call ("'Stem' object has no attribute 'smallest_side'");
+    it loads and gives the logits it gave."""
+    torch.manual_seed(0)
+    model = build({"model": "cifar10_small", "variant": "vanilla", **BOUNDED}).eval()
+    images = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        logits, _ = model(images)
+    del model.stem.smallest_side  # as the stem was pickled then
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    old = torch.load(buffer, weights_only=False)
+    assert "smallest_side" not in vars(old.stem)
+    with torch.no_grad():
+        assert torch.equal(old(images)[0], logits)
+
+
 def test_convolutions_start_from_a_normal_of_standard_deviation_one_hundredth():
     torch.manual_seed(22)
     layer = conv(64, 64, bias=True)

@@ -248,6 +248,10 @@ def smallest_side(cfg: MDEQConfig) -> int:
 class Stem(nn.Module):
     """Input injection: two 3x3 convolutions (stride 2 as configured) and a 1x1 convolution."""
 
+    # A Stem pickled whole before it recorded its smallest side (torch.save(model) of
+    # cifar10_small) has none of its own; it runs unchecked, as it ran then.
+    smallest_side = 0
+
     def __init__(self, cfg: MDEQConfig) -> None:
         super().__init__()
         c, g = cfg.channels[0], cfg.groups
