@@ -609,7 +609,7 @@ class DEQ(OutputLayer):
         check_init(self.init, self.skip)
         check_training(self.jac_reg, self.pretrain_steps, self.pretrain_depth)
         zeros = initial_state(self.f, x)
-        dtype = _tensors(zeros)[0].dtype
+        dtype = Structure.of(zeros).dtype  # one dtype, or refused naming each part's
         if self.init == "skip":
             z0 = self.skip(x)
             if _form(z0) != _form(zeros):

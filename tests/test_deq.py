@@ -281,6 +281,32 @@ def test_the_solve_keeps_the_zero_states_dtype_whatever_dtype_z0_comes_in():
     assert dtypes == {"zeros": torch.float64, "skip_reg": torch.float64}
 
 
+class MixedZeroState(nn.Module):
+    """A two-part cell whose own zero state is float32 beside float64."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(D, D, dtype=torch.float64)
+
+    def initial_state(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.zeros(len(x), D), torch.zeros(len(x), D, dtype=torch.float64)
+
+    def forward(self, z: tuple[torch.Tensor, ...], x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return torch.tanh(0.3 * z[0] + x.float()), torch.tanh(0.3 * self.linear(z[1]) + x)
+
+
+@pytest.mark.parametrize("init", ["zeros", "skip_reg"])
+def test_a_zero_state_of_parts_in_two_dtypes_is_refused_naming_each(init):
+    """A cell's own zero state of a float32 and a float64 part has no one dtype to solve in:
+    the start was cast to the first part's, so that this cell failed within its float64
+    product ("mat1 and mat2 must have the same dtype") and one casting its inputs was solved
+    in float32 throughout; it is refused naming each part's dtype, as solve refuses such a z0."""
+    x = torch.randn(B, D, dtype=torch.float64)
+    layer = DEQ(MixedZeroState(), init=init)
+    with pytest.raises(TypeError, match=r"got torch\.float32 on cpu, torch\.float64 on cpu"):
+        layer(x)
+
+
 @pytest.mark.parametrize("autocast", [False, True], ids=["float32-f", "autocast"])
 def test_the_warm_up_gives_z_in_the_dtype_the_solve_after_it_gives(autocast):
     """A float32 f on a float64 x gave a float32 z for the warm-up's calls and a float64 one
