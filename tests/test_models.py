@@ -16,7 +16,7 @@ from torch import nn
 
 from raydeq import DEQ, NeuralODE
 from raydeq.datasets import mnist10k
-from raydeq.models import PRESETS, VARIANTS, build, resolve
+from raydeq.models import PRESETS, VARIANTS, build, layers, resolve
 from raydeq.models.classifier import EquilibriumClassifier
 from raydeq.models.dense import DenseCell, DenseConfig
 from raydeq.models.layers import VariationalDropout2d, conv, group_norm
@@ -460,6 +460,60 @@ def test_a_weight_normalised_model_pickles_and_saves_whole_giving_the_same_logit
         torch.testing.assert_close(
             layer.weight, 2 * model.layer.f.blocks[0].conv1.weight, rtol=0, atol=0
         )
+
+
+def test_a_convolution_under_any_parametrization_pickles_with_its_originals():
+    """Only a lone weight norm on the weight was pickled: an orthogonal 1 x 1 convolution
+    pickled but failed to load ("'_Orthogonal' object has no attribute 'dim'"), a parametrized
+    bias failed to pickle (KeyError 'weight'), and a spectral norm's copy ran a power iteration
+    as it loaded (its u 0.007 off the original's). Each copy now holds the original's
+    parametrizations, state and outputs exactly, and a weight-normalised copy still loads
+    weight_g and weight_v."""
+    torch.manual_seed(0)
+    spectral = nn.utils.parametrizations.spectral_norm(conv(4, 4))
+    orthogonal = nn.utils.parametrizations.orthogonal(conv(4, 4, kernel=1))
+    both = conv(4, 4, bias=True, normalize=True)
+    nn.utils.parametrize.register_parametrization(both, "bias", nn.Tanh())
+    images = torch.randn(2, 4, 5, 5)
+    for layer in (spectral, orthogonal, both):
+        copy = pickle.loads(pickle.dumps(layer))
+        kinds = {k: [type(m) for m in v] for k, v in layer.parametrizations.items()}
+        assert {k: [type(m) for m in v] for k, v in copy.parametrizations.items()} == kinds
+        assert copy.state_dict().keys() == layer.state_dict().keys()
+        for key, value in layer.state_dict().items():
+            assert torch.equal(copy.state_dict()[key], value), key
+        layer.eval(), copy.eval()
+        with torch.no_grad():
+            assert torch.equal(copy(images), layer(images))
+    old = {"weight_g": torch.rand(4, 1, 1, 1), "weight_v": torch.randn(4, 4, 3, 3)}
+    copy.load_state_dict(old | {"parametrizations.bias.original": torch.zeros(4)})
+    assert torch.equal(copy.parametrizations.weight.original0, old["weight_g"])
+
+
+class EarlierReduction:
+    """Pickles as the weight-normalised convolutions were first pickled: the plain state and
+    the weight's parametrization, given to layers._weight_normalised."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        _, (self.state, parametrizations) = layer.__reduce_ex__(4)
+        self.weight = parametrizations["weight"]
+
+    def __reduce__(self) -> tuple:
+        return layers._weight_normalised, (self.state, self.weight)
+
+
+def test_a_weight_normalised_convolution_pickled_by_the_earlier_reduction_still_loads():
+    """torch.save(model) files of weight-normalised models name layers._weight_normalised with
+    the weight's parametrization alone; they load with the same g, v, state and outputs."""
+    torch.manual_seed(0)
+    layer = conv(3, 4, normalize=True)
+    copy = pickle.loads(pickle.dumps(EarlierReduction(layer)))
+    assert copy.state_dict().keys() == layer.state_dict().keys()
+    for key, value in layer.state_dict().items():
+        assert torch.equal(copy.state_dict()[key], value), key
+    images = torch.randn(2, 3, 5, 5)
+    with torch.no_grad():
+        assert torch.equal(copy(images), layer(images))
 
 
 def test_a_model_saved_whole_before_its_stem_recorded_the_smallest_side_still_runs():

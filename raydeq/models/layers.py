@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
-from torch.nn.utils.parametrizations import weight_norm
+from torch.nn.utils.parametrizations import _WeightNorm, weight_norm
 
 
 def group_norm(channels: int, groups: int) -> nn.GroupNorm:
@@ -21,19 +21,19 @@ WEIGHT_NORM_HOOK = "_weight_norm_compat_hook"
 
 
 class Conv2d(nn.Conv2d):
-    """nn.Conv2d that pickles weight-normalised: torch refuses to pickle a parametrized module,
-    whose class it makes at run time, so torch.save(model) and pickle of a weight-normalised
-    model failed. It pickles as its plain state and its weight norm's g and v, and unpickles
-    weight-normalised again with them."""
+    """nn.Conv2d that pickles parametrized: torch refuses to pickle a parametrized module, whose
+    class it makes at run time, so torch.save(model) and pickle of a weight-normalised model
+    failed. It pickles as its plain state and its parametrizations (weight norm's g and v, or
+    any other's originals), and unpickles parametrized again with them."""
 
     def __reduce_ex__(self, protocol: Any) -> Any:
-        """The default reduction, or for a weight-normalised layer `_weight_normalised` of its
-        state without the parametrization and of the parametrization (g and v)."""
+        """The default reduction, or for a parametrized layer `_parametrized` of its state
+        without the parametrizations and of the parametrizations."""
         if not parametrize.is_parametrized(self):
             return super().__reduce_ex__(protocol)
         state = dict(vars(self))
         modules = dict(state["_modules"])
-        weight = modules.pop("parametrizations")["weight"]
+        parametrizations = modules.pop("parametrizations")
         # weight_norm's hook that loads its older state dicts is a local function, which pickle
         # cannot name; weight_norm adds it again on unpickling.
         hooks = state["_load_state_dict_pre_hooks"]
@@ -41,18 +41,31 @@ class Conv2d(nn.Conv2d):
             k: h for k, h in hooks.items() if getattr(h.hook, "__name__", None) != WEIGHT_NORM_HOOK
         }
         state.update(_modules=modules, _load_state_dict_pre_hooks=OrderedDict(kept))
-        return _weight_normalised, (state, weight)
+        return _parametrized, (state, parametrizations)
 
 
-def _weight_normalised(state: dict[str, Any], weight: nn.ModuleList) -> Conv2d:
-    """A Conv2d of the plain `state`, weight-normalised over the dimension `weight` (the
-    pickled parametrization) normalises, with its g and v."""
+def _parametrized(state: dict[str, Any], parametrizations: nn.ModuleDict) -> Conv2d:
+    """A Conv2d of the plain `state` under the pickled `parametrizations`, each with its own
+    originals (a weight norm's g and v): a weight norm is registered by weight_norm, with its
+    loader of older state dicts, and any other (spectral_norm, orthogonal, the bias's) in
+    place of a stand-in, so that none is evaluated (a spectral norm's power iteration)."""
     layer = Conv2d.__new__(Conv2d)
     layer.__setstate__(state)
-    layer.weight = nn.Parameter(weight().detach())
-    weight_norm(layer, dim=weight[0].dim)
-    layer.parametrizations["weight"] = weight
+    for name, parametrization in parametrizations.items():
+        if len(parametrization) == 1 and isinstance(parametrization[0], _WeightNorm):
+            setattr(layer, name, nn.Parameter(parametrization().detach()))
+            weight_norm(layer, name, dim=parametrization[0].dim)
+        else:
+            setattr(layer, name, nn.Parameter(torch.empty(0)))
+            parametrize.register_parametrization(layer, name, nn.Identity(), unsafe=True)
+        layer.parametrizations[name] = parametrization
     return layer
+
+
+def _weight_normalised(state: dict[str, Any], weight: nn.Module) -> Conv2d:
+    """A Conv2d that an earlier reduction pickled, naming this function with the plain state
+    and the weight norm's parametrization alone (torch.save(model) files of that time)."""
+    return _parametrized(state, nn.ModuleDict({"weight": weight}))
 
 
 def conv(
