@@ -1138,20 +1138,23 @@ def test_a_torch_func_transform_is_refused_naming_it_and_the_jacobian_that_works
     "trace",
     [
         lambda m, x: torch.export.export(m, (x,)),
+        lambda m, x: torch.export.export(m, (x,), strict=True),
         lambda m, x: torch.jit.trace(m, (x,), check_trace=False),
     ],
-    ids=["export", "jit.trace"],
+    ids=["export", "strict-export", "jit.trace"],
 )
 def test_an_export_or_trace_is_refused_naming_why_and_what_runs_instead(trace):
     """torch.export failed on a data-dependent guard deep in the termination test, and
     torch.jit.trace without its check gave a module fixed at the example's step count (wrong
     for other inputs); solve and both layers now refuse both at the call, and still solve
-    after it."""
+    after it. A strict export, which traces with dynamo, stops at their graph break, whose
+    reason says the same (it named only compile=True, which exports nothing)."""
     f, x = dense_cell(2)
     x = x.detach()
+    deq, node = DEQ(f), NeuralODE(f)
     layers = {
-        "DEQ": lambda xb: DEQ(f)(xb).z,
-        "NeuralODE": lambda xb: NeuralODE(f)(xb).z,
+        "DEQ": lambda xb: deq(xb).z,
+        "NeuralODE": lambda xb: node(xb).z,
         r"raydeq\.solve": lambda xb: raydeq.solve(lambda z: f(z, xb), torch.zeros_like(xb)).z,
     }
     for what, g in layers.items():

@@ -136,11 +136,14 @@ def outside_compiled_graphs(what: str, compiles: str) -> Callable[[Callable], Ca
     """A decorator running `what` (solve, a layer's forward) outside any torch.compile graph
     that encloses it, one graph break whose reason says why and what compiles it instead:
     traced into, its solver broke the graph at each host read under reasons naming torch's
-    internals, and fullgraph=True failed on the first of them."""
+    internals, and fullgraph=True failed on the first of them. A strict torch.export, which
+    traces with dynamo, stops at that break, so the reason also says what runs instead."""
     reason = (
         f"{what} runs outside the enclosing torch.compile graph: its solver reads each "
         "sample's residual on the host to decide how many steps to take, a graph break at "
-        f"every step; {compiles}"
+        f"every step; {compiles}. For the same reason {what} cannot be exported or traced "
+        "(torch.export, torch.jit.trace): run the module itself "
+        "(raydeq.training.load_model builds a trained run's)"
     )
 
     def decorate(fn: Callable) -> Callable:
