@@ -1948,3 +1948,22 @@ def test_a_folder_in_the_home_given_after_a_flags_equals_sign_is_read_there(tmp_
     assert args.weights["mnist_dense"].folder == home / "run"
     assert torch.equal(args.weights["mnist_dense"].weights["head.weight"], model.head.weight)
     assert not list(here.iterdir())
+
+
+def test_a_gpu_limit_is_checked_only_at_the_batch_it_is_set_for():
+    """The GPU limits are for a dense step at batch 256 and a cifar10_large one at batch 128:
+    --quick on a GPU times cifar10_large at batch 2, whose 50 ms passed the 150 ms limit of
+    batch 128; a step at another batch keeps its time in the table and its target is n/a."""
+    stats = SimpleNamespace(nfe=25, unconverged_fraction=0.0, backward_nvjp=23)
+    step = Timing([0.05], SimpleNamespace(stats=stats))
+    large = next(w for w in train_step.WORKLOADS if w.model == "cifar10_large")
+    gpu = Context(torch.device("cuda"), "quick")
+    section = Section(name="train_step", title="t", columns=list(train_step.COLUMNS))
+    train_step.add_row(gpu, section, large, 2, step)
+    train_step.add_row(gpu, section, large, 128, step)
+    at_2, at_128 = section.targets
+    assert (at_2.measured, at_2.verdict()) == (None, "n/a")
+    assert at_2.detail == "the limit is for batch 128, not checked at batch 2 (time in the table)"
+    assert section.rows[0]["train step ms"] == pytest.approx(50.0)
+    assert (at_128.measured, at_128.verdict()) == (pytest.approx(50.0), "PASS")
+    assert at_128.detail == "NFE 25, VJPs 23"
