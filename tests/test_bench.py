@@ -1967,3 +1967,32 @@ def test_a_gpu_limit_is_checked_only_at_the_batch_it_is_set_for():
     assert section.rows[0]["train step ms"] == pytest.approx(50.0)
     assert (at_128.measured, at_128.verdict()) == (pytest.approx(50.0), "PASS")
     assert at_128.detail == "NFE 25, VJPs 23"
+
+
+def test_an_interrupted_run_says_in_its_report_which_suites_did_not_finish(
+    monkeypatch, tmp_path, capsys
+):
+    """A report cut by Ctrl-C read as a whole run of fewer suites (its failures empty): it now
+    names the suite interrupted and each requested suite that never ran."""
+
+    def finished(ctx: Context) -> Section:
+        return Section("skip", "Finished first", ["a"], rows=[{"a": 1}])
+
+    def interrupted(ctx: Context) -> Section:
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(SUITES, "skip", finished)
+    monkeypatch.setitem(SUITES, "node", interrupted)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--size", "tiny", "--only", "skip", "node", "overhead", "--out", str(tmp_path)])
+    assert exit_info.value.code == 130
+    (json_path,) = tmp_path.glob("*-cpu.json")
+    data = json.loads(json_path.read_text())
+    assert [s["name"] for s in data["sections"]] == ["skip"]
+    assert data["failures"] == {
+        "node": "interrupted (Ctrl-C or SIGTERM) before it finished",
+        "overhead": "not run: the run was interrupted before it",
+    }
+    md = json_path.with_suffix(".md").read_text()
+    assert "- `node`: interrupted (Ctrl-C or SIGTERM) before it finished\n" in md
+    assert "- `overhead`: not run: the run was interrupted before it\n" in md

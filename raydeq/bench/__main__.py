@@ -38,6 +38,9 @@ MAX_THREADS = os.cpu_count() or 1
 # What torch.utils.cpp_extension (imported by compile=True's C++ builds) warns on a machine
 # with a CUDA toolkit but no GPU, where the run has no use for CUDA.
 NO_CUDA_RUNTIME = "No CUDA runtime is found"
+# What the report's failures say of the suite that Ctrl-C or SIGTERM stopped and of those after.
+INTERRUPTED = "interrupted (Ctrl-C or SIGTERM) before it finished"
+NOT_RUN = "not run: the run was interrupted before it"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -265,10 +268,16 @@ def run_suite(name: str, ctx: Context, report: Report) -> None:
         print(f"[{name}] {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
 
 
-def interrupted(name: str, report: Report, stem: Path) -> None:
+def interrupted(name: str, report: Report, stem: Path, requested: Sequence[str]) -> None:
     """End a run that Ctrl-C stopped in suite `name`, or in the rewrite after it, with status
-    130: the report is written again, so that a suite that finished before a cut rewrite is
-    in both files, and one line says where."""
+    130: the report is written again, naming among its failures `name` unless it finished and
+    each of the `requested` suites after it (a cut report otherwise reads as a whole run of
+    fewer suites), so that a suite that finished before a cut rewrite is in both files, and
+    one line says where."""
+    finished = {section.name for section in report.sections} | set(report.failures)
+    for suite in requested[requested.index(name) :]:
+        if suite not in finished:
+            report.failures[suite] = INTERRUPTED if suite == name else NOT_RUN
     write(report, stem)
     kept = f"the finished suites are in {stem}.md" if report.sections else "none finished"
     print(f"\ninterrupted in [{name}]; {kept}", file=sys.stderr)
@@ -327,12 +336,13 @@ def run(args: argparse.Namespace) -> Report:
     )
     stem = output_stem(report, args.out)
     json_path, md_path = write(report, stem)
-    for name in args.only or SUITES:
+    requested = list(args.only or SUITES)
+    for name in requested:
         try:
             run_suite(name, ctx, report)
             json_path, md_path = write(report, stem)
         except KeyboardInterrupt:
-            interrupted(name, report, stem)
+            interrupted(name, report, stem, requested)
     print(report.to_markdown())
     print(f"wrote {json_path} and {md_path}", file=sys.stderr)
     if report.failures:
