@@ -1996,3 +1996,17 @@ def test_an_interrupted_run_says_in_its_report_which_suites_did_not_finish(
     md = json_path.with_suffix(".md").read_text()
     assert "- `node`: interrupted (Ctrl-C or SIGTERM) before it finished\n" in md
     assert "- `overhead`: not run: the run was interrupted before it\n" in md
+
+
+def test_an_output_folder_that_is_a_file_is_named_as_one(tmp_path, capsys):
+    """--out naming a file said "cannot write there (File exists)", which reads as a folder
+    that holds a result already; it says the name is a file, not a folder."""
+    (tmp_path / "results.md").write_text("kept")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--size", "tiny", "--only", "step_cost", "--out", str(tmp_path / "results.md")])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"python -m raydeq.bench: error: --out {tmp_path / 'results.md'}: a file, not a folder; "
+        "name the folder for the results"
+    )
+    assert (tmp_path / "results.md").read_text() == "kept"

@@ -129,6 +129,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         check_compile_cache()  # every suite's solve needs it
     except ConfigError as err:
         parser.error(str(err))
+    if args.out.exists() and not args.out.is_dir():  # mkdir's "File exists" hid it
+        parser.error(f"--out {args.out}: a file, not a folder; name the folder for the results")
     try:  # here, not after the first suite has run
         args.out.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=args.out).close()
