@@ -2010,3 +2010,19 @@ def test_an_output_folder_that_is_a_file_is_named_as_one(tmp_path, capsys):
         "name the folder for the results"
     )
     assert (tmp_path / "results.md").read_text() == "kept"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--quick", "--size", "full"], "argument --size: not allowed with argument --quick"),
+        (["--size", "tiny", "--quick"], "argument --quick: not allowed with argument --size"),
+    ],
+)
+def test_quick_and_a_size_given_together_are_refused(args, message, tmp_path, capsys):
+    """--quick --size full ran the full sizes (still in its first suite after 10 minutes on 2
+    cores) and --size tiny --quick the quick ones: whichever came last won without a word."""
+    with pytest.raises(SystemExit) as exit_info:
+        parse([*args, "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(message)

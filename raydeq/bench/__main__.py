@@ -49,16 +49,15 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m raydeq.bench",
         description="Side-by-side benchmarks of raydeq against its baselines and peers.",
     )
-    parser.add_argument(
+    sizes = parser.add_mutually_exclusive_group()  # else the last of the two won unsaid
+    sizes.add_argument(
         "--quick",
         action="store_const",
         const="quick",
         dest="size",
         help="small sizes: a few minutes on a 2-core CPU (same as --size quick)",
     )
-    parser.add_argument("--size", choices=SIZES, help="problem sizes and repeats (default: full)")
-    # Both flags write `size`: a default given to one alone is lost to the other's None.
-    parser.set_defaults(size="full")
+    sizes.add_argument("--size", choices=SIZES, help="problem sizes and repeats (default: full)")
     parser.add_argument(
         "--device", type=torch_device, default="cpu", help="torch device, e.g. cpu or cuda"
     )
@@ -117,6 +116,9 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     an --out folder that can be written."""
     parser = _parser()
     args = parser.parse_args(argv)
+    # Set here, not as the flags' default: argparse takes a value that is its default object
+    # (a "full" in a script's list) as not given, and let --quick --size full through.
+    args.size = args.size or "full"
     check_once(parser, "--only", args.only or [])
     check_once(parser, "--models", args.models)
     check_once(parser, "--weights", [item.partition("=")[0] for item in args.weights])
