@@ -2026,3 +2026,11 @@ def test_quick_and_a_size_given_together_are_refused(args, message, tmp_path, ca
         parse([*args, "--out", str(tmp_path)])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.splitlines()[-1].endswith(message)
+
+
+def test_a_limit_is_written_to_as_many_digits_as_the_measurement_beside_it():
+    """Skip Reg.'s NFE ratio on its limit of 1/3 (5 against 15 NFE) read "0.3333 | <= 0.333 |
+    PASS", a measurement over its ceiling that passed; both now show four digits."""
+    section = Section("skip", "S", ["a"], targets=[Target("nfe", 5 / 15, 1 / 3)])
+    report = Report(date="2026-12-03", device="cpu", size="tiny", machine={}, sections=[section])
+    assert "| skip | nfe | 0.3333 | <= 0.3333 | PASS |  |" in report.to_markdown()

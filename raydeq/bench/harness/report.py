@@ -98,7 +98,7 @@ class Report:
         ]
         for section in self.sections:
             for t in section.targets:
-                bound = (">= " if t.at_least else "<= ") + fmt(t.limit)
+                bound = (">= " if t.at_least else "<= ") + fmt(t.limit, digits=4)
                 measured = fmt(t.measured, digits=4)
                 lines.append(
                     f"| {section.name} | {t.name} | {measured} | {bound} | {t.verdict()} "
