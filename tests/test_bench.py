@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+import raydeq.bench.__main__ as bench_main
 from raydeq.bench.__main__ import MAX_THREADS, check_device, main, parse, parse_weights
 from raydeq.bench.harness import cases, gradients, models, timing, training
 from raydeq.bench.harness import report as report_module
@@ -2057,3 +2058,14 @@ def test_a_forward_cases_inputs_are_made_before_its_clock_starts(monkeypatch):
         seconds, outcome = time_call(case(), CPU)
         assert events == ["z0", "clock", "clock"] and outcome.nfe == 1
     assert times[0] is times[1] and times[0].tolist() == [0.0, 2.0]
+
+
+def test_threads_are_bounded_by_the_cpus_this_process_may_run_on(monkeypatch):
+    """Under taskset -c 0 on 2 CPUs, --threads 2 was taken (os.cpu_count ignores the affinity
+    that torch's own default of 1 follows) and timed two threads contending for one CPU."""
+    assert MAX_THREADS == len(os.sched_getaffinity(0))
+    monkeypatch.setattr(bench_main.os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    monkeypatch.setattr(bench_main.os, "cpu_count", lambda: 2)
+    assert bench_main.usable_cpus() == 1
+    monkeypatch.delattr(bench_main.os, "sched_getaffinity", raising=False)
+    assert bench_main.usable_cpus() == 2

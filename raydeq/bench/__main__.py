@@ -32,9 +32,19 @@ from raydeq.training.storage import StorageError, absolute
 
 # The largest seed, as in a training config: raydeq.train's seeds are 0 to 2**32 - 1.
 MAX_SEED = 2**32 - 1
-# The most torch CPU threads a run takes: one per CPU of this machine (more only time the
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity where the system keeps one (taskset, a
+    batch scheduler's cpuset), which os.cpu_count ignores, else the machine's CPUs."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+# The most torch CPU threads a run takes: one per CPU it may run on (more only time the
 # threads' contention, and past 2**31 - 1 torch fails every suite with an overflow).
-MAX_THREADS = os.cpu_count() or 1
+MAX_THREADS = usable_cpus()
 # What torch.utils.cpp_extension (imported by compile=True's C++ builds) warns on a machine
 # with a CUDA toolkit but no GPU, where the run has no use for CUDA.
 NO_CUDA_RUNTIME = "No CUDA runtime is found"
@@ -210,10 +220,11 @@ def check_device(device: torch.device) -> None:
 
 
 def thread_count(text: str) -> int:
-    """A number of torch CPU threads named on the command line, 1 to this machine's CPUs."""
+    """A number of torch CPU threads named on the command line, 1 to the CPUs this process
+    may run on."""
     if not text.isdigit() or not 1 <= int(text) <= MAX_THREADS:
         raise argparse.ArgumentTypeError(
-            f"{text!r} is not an integer from 1 to {MAX_THREADS} (this machine's CPUs)"
+            f"{text!r} is not an integer from 1 to {MAX_THREADS} (this process's CPUs)"
         )
     return int(text)
 
