@@ -2069,3 +2069,20 @@ def test_threads_are_bounded_by_the_cpus_this_process_may_run_on(monkeypatch):
     assert bench_main.usable_cpus() == 1
     monkeypatch.delattr(bench_main.os, "sched_getaffinity", raising=False)
     assert bench_main.usable_cpus() == 2
+
+
+def test_skips_training_step_times_are_in_the_json_beside_the_median_they_give():
+    """Its "train ms per batch" was the one time column whose raw seconds the JSON lacked (it
+    kept the predictions' alone), so no reader could check it or take another statistic."""
+    results = {v: {"test_nfe": 10.0, "test_accuracy": 0.5} for v in skip.VARIANTS}
+    step_times = {v: [0.001 * (i + 1), 0.009, 0.002] for i, v in enumerate(skip.VARIANTS)}
+    timings = {v: Timing([0.004, 0.001, 0.003]) for v in skip.VARIANTS}
+    section = Section("skip", "t", skip.COLUMNS)
+    skip.add_results(section, results, step_times, timings)
+    report = Report(date="2026-12-03", device="cpu", size="tiny", machine={}, sections=[section])
+    (raw,) = json.loads(report.to_json())["sections"]
+    for row in raw["rows"]:
+        seconds = raw["timings"][f"train/{row['variant']}"]
+        assert seconds == step_times[row["variant"]]
+        assert row["train ms per batch"] == pytest.approx(1e3 * statistics.median(seconds))
+        assert raw["timings"][f"predict/{row['variant']}"] == [0.004, 0.001, 0.003]
