@@ -79,9 +79,12 @@ class Problem:
 
         return flow
 
-    def integrate(self, field: Callable[[Tensor], Tensor], y: Tensor, t1: float) -> Endpoint:
-        """Integrate a row from 0 to t1 with the problem's solver and tolerances."""
-        return integrate(field, y, t1, self.solver, self.termination, self.max_steps)
+    def integrate(
+        self, field: Callable[[Tensor], Tensor], y: Tensor, t1: float, backward: bool = False
+    ) -> Endpoint:
+        """Integrate a row from 0 to t1 with the problem's solver and tolerances (`backward`:
+        the adjoint's, from t1 back to 0, as its errors say)."""
+        return integrate(field, y, t1, self.solver, self.termination, self.max_steps, backward)
 
 
 def _called_with(f: nn.Module, tensors: dict[str, Tensor], *args: Any) -> Any:
@@ -217,7 +220,7 @@ class ContinuousAdjoint(torch.autograd.Function):
         start = torch.cat([y1, grad_y, *zeros], dim=1)
         device, dtype, enabled = ctx.autocast
         with torch.autocast(device, dtype=dtype, enabled=enabled), _as_held(ctx.dropouts):
-            end = problem.integrate(augmented, start, problem.t1)
+            end = problem.integrate(augmented, start, problem.t1, backward=True)
         ctx.record.stats.backward_nvjp += end.nfe
         grads = end.y.split(sizes, dim=1)[1:]
         shaped = [g.reshape(t.shape) for g, t in zip(grads, [y1, *inputs], strict=True)]

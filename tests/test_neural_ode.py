@@ -278,6 +278,43 @@ def test_max_steps_is_an_error_naming_the_time_reached():
         integrate(lambda y: y @ a.T, y0, 5.0, "tsit5", Termination(1e-12, 1e-12), 3)
 
 
+class _Saddle(nn.Module):
+    """f(z, x) = diag(0.5, -0.5) z + x: its flow f - z contracts forward, so that the
+    continuous adjoint's z, integrated back from t1, grows and needs more steps than it did."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.diag(torch.tensor([0.5, -0.5], dtype=torch.float64)))
+
+    def forward(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return z @ self.w.T + x
+
+
+def test_an_integration_back_from_t1_past_max_steps_names_the_time_t_it_reached():
+    """The continuous adjoint integrates from t1 back to 0 in s = t1 - t; past max_steps it
+    named s as t ("reached t=5.44 of t1=30", where it had come back to t = 24.56), as if the
+    forward pass had stopped near its start."""
+    a = -torch.eye(2, dtype=torch.float64)
+    y0 = torch.ones(1, 2, dtype=torch.float64)
+    term = Termination(1e-12, 1e-12)
+    with pytest.raises(RuntimeError, match=r"reached t=(\S+) of t1=5 in") as forward:
+        integrate(lambda y: y @ a.T, y0, 5.0, "tsit5", term, 3)
+    back = r"reached t=(\S+) on its way back from t1=5 to 0 in max_steps=3 steps"
+    with pytest.raises(RuntimeError, match=back) as backward:
+        integrate(lambda y: y @ a.T, y0, 5.0, "tsit5", term, 3, backward=True)
+    s = float(re.search(r"t=(\S+) of", str(forward.value)).group(1))
+    t = float(re.search(r"t=(\S+) on", str(backward.value)).group(1))
+    assert 0 < s < 5 and t == pytest.approx(5 - s, abs=1e-5)
+
+    node = NeuralODE(_Saddle(), t1=30.0, solver="bs3", abstol=1e-6, reltol=1e-6, max_steps=200)
+    out = node(torch.ones(1, 2, dtype=torch.float64))
+    assert out.stats.steps < 200
+    way_back = r"^the bs3 integration reached t=(\S+) on its way back from t1=30 to 0 in max_steps"
+    with pytest.raises(RuntimeError, match=way_back) as refused:
+        out.z.sum().backward()
+    assert 0 < float(re.match(way_back, str(refused.value)).group(1)) < 30
+
+
 @pytest.mark.parametrize("solver", ["tsit5", "euler"])
 def test_an_integration_of_exactly_max_steps_steps_lands_and_one_fewer_raises(solver):
     """max_steps bounds the steps taken, rejected ones included: the steps an integration

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 
 import torch
 
@@ -135,34 +136,38 @@ def integrate(
     solver: str,
     termination: Termination,
     max_steps: int,
+    backward: bool = False,
 ) -> Endpoint:
     """Integrate dy/dt = field(y) from y(0) = y, a (1, M) row, to t1 with adaptive steps.
 
     A step is accepted when its local error is at most abstol sqrt(M) + reltol ||y_new|| (an
     RMS tolerance on the whole row). The step size is read on the host after each step (one
     synchronisation a step). Raises IntegrationError after max_steps steps short of t1, or at a
-    step too small to move t (STUCK_ULPS), which more steps would repeat.
+    step too small to move t (STUCK_ULPS), which more steps would repeat. `backward` marks an
+    integration from t1 back to 0 in s = t1 - t (a continuous adjoint's), whose errors name
+    the time t = t1 - s it reached and that it runs back (see `_at`).
     """
+    at = partial(_at, t1, backward)
     method = interval_method(solver)
     controller = Controller()
     k = field(y)
     h, spent = controller.first_step(field, y, k, method.order, termination)
     point = method.start(y, k, controller, termination)
     if overflowed(point):
-        raise IntegrationError(overflow_message(solver, 0.0, t1, y.dtype))
+        raise IntegrationError(overflow_message(solver, at(0.0), y.dtype))
     memory = controller.memory(h)
     step_size, t, nfe, path_nfe, steps = float(h), 0.0, 1 + spent, 1, 0
     while t < t1:
         if steps == max_steps:
             raise IntegrationError(
-                f"the {solver} integration reached t={t:.6g} of t1={t1:g} in max_steps="
+                f"the {solver} integration reached {at(t)} in max_steps="
                 f"{max_steps} steps; raise max_steps or loosen abstol / reltol"
             )
         last = step_size >= t1 - t
         if not last and step_size < STUCK_ULPS * math.ulp(t):
             raise IntegrationError(
-                f"the {solver} integration's step size fell to {step_size:.3g} at t={t:.6g} of "
-                f"t1={t1:g}, too small to move t (its solution may blow up there); max_steps "
+                f"the {solver} integration's step size fell to {step_size:.3g} at {at(t)}, too "
+                "small to move t (its solution may blow up there); max_steps "
                 "cannot help"
             )
         h = torch.full_like(y[:, :1], t1 - t if last else step_size)
@@ -176,10 +181,10 @@ def integrate(
         if not was_rejected:
             point, t, path_nfe = new, t1 if last else t + step_size, path_nfe + spent
         if not math.isfinite(next_size) and overflowed(new):
-            raise IntegrationError(overflow_message(solver, t, t1, y.dtype))
+            raise IntegrationError(overflow_message(solver, at(t), y.dtype))
         step_size = next_size
     if overflowed(point):
-        raise IntegrationError(overflow_message(solver, t, t1, y.dtype))
+        raise IntegrationError(overflow_message(solver, at(t), y.dtype))
     return Endpoint(point.y, point.k, nfe, path_nfe, steps)
 
 
@@ -194,11 +199,21 @@ def overflowed(point: Point) -> bool:
     return bool(values > norms)
 
 
-def overflow_message(solver: str, t: float, t1: float, dtype: torch.dtype) -> str:
-    """Why an integration stops where its norms overflow (see overflowed)."""
+def _at(t1: float, backward: bool, s: float) -> str:
+    """Where an integration stopped, at s in its own variable: the time t it reached, for a
+    backward one t1 - s (a continuous adjoint that stopped at s = 22 of t1 = 200 was reported
+    at t = 22, as if its forward pass had stopped near the start)."""
+    if backward:
+        return f"t={t1 - s:.6g} on its way back from t1={t1:g} to 0"
+    return f"t={s:.6g} of t1={t1:g}"
+
+
+def overflow_message(solver: str, at: str, dtype: torch.dtype) -> str:
+    """Why an integration stops where its norms overflow (see overflowed), `at` saying where
+    (`_at`)."""
     limit = math.sqrt(torch.finfo(dtype).max)
     return (
-        f"the {solver} integration's state or field at t={t:.6g} of t1={t1:g} is finite but "
+        f"the {solver} integration's state or field at {at} is finite but "
         f"its norms overflow (entries past about {limit:.0e} in {dtype}), which leaves its "
         "steps without error control; scale the problem down or integrate in float64"
     )
