@@ -207,13 +207,16 @@ def _in_dtype(z: State, dtype: torch.dtype) -> State:
     return _rebuilt(z, [t.to(dtype) for t in _tensors(z)])
 
 
-def _start(z0: State, dtype: torch.dtype, device: str) -> State:
+def _start(z0: State, zeros: State, device: str) -> State:
     """Where a layer's solve (or warm-up) starts: z0 cut from the graph in the zero state's
     dtype (a predictor or an f(0, x) of another dtype set the solve's and z*'s dtype: a float32
-    f on a float64 x gave a float64 z* from zeros and a float32 one from f(0, x)); under
-    autocast f takes the solver's float32 state (a module in half precision takes its own
-    dtype, and solve keeps its state in float32 all the same)."""
-    start = _in_dtype(_detach(z0), dtype)
+    f on a float64 x gave a float64 z* from zeros and a float32 one from f(0, x)) and container
+    (a predictor's list for a cell's named tuple state was the state f was given, which failed
+    in f reading z.fine, and z* came back as one); under autocast f takes the solver's float32
+    state (a module in half precision takes its own dtype, and solve keeps its state in float32
+    all the same)."""
+    dtype = _tensors(zeros)[0].dtype
+    start = _rebuilt(zeros, [t.detach().to(dtype) for t in _tensors(z0)])
     return solver_start(start) if torch.is_autocast_enabled(device) else start
 
 
@@ -492,8 +495,8 @@ class DEQ(OutputLayer):
     is mean |f(z*, x) - z0|: its gradient trains the predictor g ("skip") or f through
     z0 = f(0, x) ("skip_reg") towards the equilibrium, and f (via z*) towards the guess; at a
     large weight the latter makes f ignore z, a one-step DEQ. The solver starts from z0
-    detached, in the zero state's dtype (z* comes back in it): the main loss's gradient does
-    not depend on z0.
+    detached, in the zero state's dtype and container (z* comes back in them): the main
+    loss's gradient does not depend on z0.
 
     jac_reg adds the Hutchinson estimate of ||J_f(z*)||_F^2 / dim as jac_loss in training mode
     (0 in eval mode: a training penalty, whose extra f and VJP would otherwise cost every
@@ -604,12 +607,12 @@ class DEQ(OutputLayer):
         on the layer after it is made."""
         return self._guess(x)[0]
 
-    def _guess(self, x: Tensor) -> tuple[State, torch.dtype]:
-        """initial_guess(x) and the dtype of the zero state, which the solve keeps."""
+    def _guess(self, x: Tensor) -> tuple[State, State]:
+        """initial_guess(x) and the zero state, whose dtype and container the solve keeps."""
         check_init(self.init, self.skip)
         check_training(self.jac_reg, self.pretrain_steps, self.pretrain_depth)
         zeros = initial_state(self.f, x)
-        dtype = Structure.of(zeros).dtype  # one dtype, or refused naming each part's
+        Structure.of(zeros)  # one dtype, or refused naming each part's
         if self.init == "skip":
             z0 = self.skip(x)
             if _form(z0) != _form(zeros):
@@ -620,10 +623,10 @@ class DEQ(OutputLayer):
             expected, got = _shapes(zeros), _shapes(z0)
             if got != expected:
                 raise ValueError(f"skip(x) must give the state's shapes {expected}, got {got}")
-            return z0, dtype
+            return z0, zeros
         if self.init == "skip_reg":
-            return self.f(zeros, x), dtype
-        return zeros, dtype
+            return self.f(zeros, x), zeros
+        return zeros, zeros
 
     def pretraining(self) -> bool:
         """Whether this call unrolls f: training mode, fewer than pretrain_steps calls so far
@@ -706,9 +709,9 @@ class DEQ(OutputLayer):
 
     def _solve(self, x: Tensor) -> LayerOutput:
         """The forward pass."""
-        z0, dtype = self._guess(x)
+        z0, zeros = self._guess(x)
         extra_nfe = 1 if self.init == "skip_reg" else 0
-        start = _start(z0, dtype, x.device.type)
+        start = _start(z0, zeros, x.device.type)
 
         def fx(z: State) -> State:
             return self.f(z, x)

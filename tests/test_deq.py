@@ -531,6 +531,25 @@ def test_a_named_tuple_state_reaches_f_and_comes_back_as_that_named_tuple(option
             torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("pretrain_steps", [0, 1], ids=["solve", "warm-up"])
+def test_a_predictor_s_list_is_solved_in_the_cell_s_named_tuple_state(pretrain_steps):
+    """A predictor giving the parts of a named-tuple state as a list (TwoPartPredictor) was
+    the state f was given, which failed in f reading z.a ("'list' object has no attribute
+    'a'"), and z* came back as a list where init="zeros" gives a Pair; the solve now starts
+    from its tensors in the zero state's container, and z0 stays the predictor's."""
+    f = PairCell()
+    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(23))
+    g = TwoPartPredictor()
+    deq = DEQ(f, init="skip", skip=g, solver="fixed_point", abstol=1e-6, reltol=0.0)
+    deq.pretrain_steps, deq.pretrain_depth = pretrain_steps, 2
+    out = deq(x)
+    assert type(out.z) is Pair and type(out.z0) is list
+    start = [t.detach() for t in g(x)]
+    want = iterate(f.f, x, start, n=2 if pretrain_steps else 300)
+    for got, ref in zip(out.z, want, strict=True):
+        torch.testing.assert_close(got, ref, rtol=0, atol=1e-12 if pretrain_steps else 1e-5)
+
+
 @pytest.mark.parametrize("mode", ["unrolled", "unrolled under autocast", "warm-up"])
 def test_the_main_loss_does_not_reach_the_predictor(mode):
     """The solve (or the warm-up's unrolling) starts from z0 cut from the graph, a state of
