@@ -637,3 +637,33 @@ def test_an_adaptive_option_beside_kind_fixed_is_refused(key: str):
         raydeq.solve(lambda z: z / 2 + 1, torch.zeros(1, 2), solver="tsit5", solver_options=options)
     with pytest.raises(ValueError, match=re.escape(message)):
         raydeq.models.resolve({"model": "mnist_dense", "solver": "bs3", "solver_options": options})
+
+
+@pytest.mark.parametrize("solver", CONTINUOUS)
+def test_a_sample_resting_at_a_zero_fixed_point_under_abstol_0_keeps_gradients_finite(solver):
+    """abstol=0 with a reltol: a sample whose z0 = 0 is its fixed point (a zero input to a
+    bias-free cell) takes zero steps of error 0 over a tolerance of 0, an error ratio of
+    0 / 0 that set its h to NaN, and the unrolled backward through the NaN steps made every
+    parameter's gradient NaN with every continuous solver; the ratio is now 0, and the
+    gradients are the implicit function theorem's."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(4, 4, generator=g, dtype=torch.float64)
+    w = (0.5 * w / torch.linalg.matrix_norm(w, 2)).requires_grad_()
+    x = torch.randn(3, 4, generator=g, dtype=torch.float64)
+    x[1] = 0.0
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(z @ w.T + x)
+
+    sol = raydeq.solve(
+        f, torch.zeros_like(x), solver=solver, adjoint="unrolled", abstol=0.0, reltol=1e-10
+    )
+    (grad,) = torch.autograd.grad(sol.z.sum(), w)
+    assert bool(sol.stats.converged.all()) and sol.z[1].abs().max() == 0
+    z = sol.z.detach()
+    want = torch.zeros_like(w)
+    for b in range(3):
+        jac = torch.autograd.functional.jacobian(lambda v, b=b: torch.tanh(v @ w.T + x[b]), z[b])
+        u = torch.linalg.solve((torch.eye(4, dtype=w.dtype) - jac).T, torch.ones_like(z[b]))
+        want += torch.autograd.grad(torch.tanh(z[b] @ w.T + x[b]), w, u)[0]
+    torch.testing.assert_close(grad, want, rtol=1e-6, atol=1e-8)

@@ -140,7 +140,10 @@ class Controller:
                 scale = torch.addcmul(scale, move_scale, move_norm(), value=step_weight)
             if rel_weight:
                 scale = add_scaled(scale, norm(y_new), rel_weight)
-            return torch.mul(error_scale, norm(error)).div_(scale)
+            # A scale of 0 (abstol=0 at a zero state that does not move) over an error of 0
+            # is a perfect step: as 0 / 0 it was NaN, which set h to NaN.
+            tiny = torch.finfo(scale.dtype).tiny
+            return torch.mul(error_scale, norm(error)).div_(scale.clamp_min(tiny))
 
     def scales(
         self, like: torch.Tensor, term: Termination, error: float, move: float, error_order: int
