@@ -140,10 +140,7 @@ class Controller:
                 scale = torch.addcmul(scale, move_scale, move_norm(), value=step_weight)
             if rel_weight:
                 scale = add_scaled(scale, norm(y_new), rel_weight)
-            # A scale of 0 (abstol=0 at a zero state that does not move) over an error of 0
-            # is a perfect step: as 0 / 0 it was NaN, which set h to NaN.
-            tiny = torch.finfo(scale.dtype).tiny
-            return torch.mul(error_scale, norm(error)).div_(scale.clamp_min(tiny))
+            return torch.mul(error_scale, norm(error)).div_(scale)
 
     def scales(
         self, like: torch.Tensor, term: Termination, error: float, move: float, error_order: int
@@ -151,9 +148,12 @@ class Controller:
         """The weights of error_ratio's scale for an error of order error_order and a move
         given as multiples `error` and `move` of the vectors the method passes (its
         combinations' factored-out weights): the abstol floor as a (B, 1) column, the
-        step_rtol and reltol weights."""
+        step_rtol and reltol weights; the floor is at least the dtype's smallest normal number,
+        so that a zero error over a zero scale (abstol=0 at a zero state that does not move) is
+        a ratio of 0, a perfect step, where 0 / 0 set h to NaN, at no cost per step."""
         weight = abs(error) * self.unit(error_order)
         floor = in_range(term.abstol * like.shape[1] ** 0.5 / weight, like.dtype)
+        floor = max(floor, torch.finfo(like.dtype).tiny)
         rel_weight = in_range(term.reltol / weight, like.dtype)
         return torch.full_like(like[:, :1], floor), self.step_rtol * abs(move) / weight, rel_weight
 
