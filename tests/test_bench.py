@@ -1812,6 +1812,22 @@ def test_torchdeqs_implicit_backward_stops_on_the_2_norm_at_the_tolerance_times_
     assert (seen["b_solver"], seen["b_max_iter"], seen["ift"]) == ("broyden", 30, True)
 
 
+def test_ctrl_c_before_any_suite_starts_exits_130_in_one_line(monkeypatch, tmp_path, capsys):
+    """Ctrl-C while the machine is described, before the first suite, ends in one line and
+    status 130, not Python's traceback."""
+
+    def interrupted(device: torch.device) -> str:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench_main, "machine_info", interrupted)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--size", "tiny", "--only", "skip", "--out", str(tmp_path)])
+    assert exit_info.value.code == 130
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == "interrupted before any suite started"
+    assert "Traceback" not in err
+
+
 def test_ctrl_c_while_the_report_is_rewritten_keeps_the_suite_that_finished(
     monkeypatch, tmp_path, capsys
 ):

@@ -341,16 +341,20 @@ def forked_rng(device: torch.device) -> contextlib.AbstractContextManager[None]:
 def run(args: argparse.Namespace) -> Report:
     """Run the suites of parsed arguments, as main does."""
     device = args.device
-    keep_freed_memory()
-    ctx = Context(device, args.size, tuple(args.models), args.data, args.seed, args.weights)
-    report = Report(
-        date=datetime.date.today().isoformat(),
-        device=device.type,
-        size=args.size,
-        machine=machine_info(device),
-    )
-    stem = output_stem(report, args.out)
-    json_path, md_path = write(report, stem)
+    try:
+        keep_freed_memory()
+        ctx = Context(device, args.size, tuple(args.models), args.data, args.seed, args.weights)
+        report = Report(
+            date=datetime.date.today().isoformat(),
+            device=device.type,
+            size=args.size,
+            machine=machine_info(device),
+        )
+        stem = output_stem(report, args.out)
+        json_path, md_path = write(report, stem)
+    except KeyboardInterrupt:  # in the machine's description or the first, empty report
+        print("\ninterrupted before any suite started", file=sys.stderr)
+        sys.exit(130)
     requested = list(args.only or SUITES)
     for name in requested:
         try:
