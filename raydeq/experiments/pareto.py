@@ -116,9 +116,9 @@ def mark(
     sign = -1.0 if mode == "min" else 1.0
     for cost in costs:
         accuracy = [sign * _number(rows[i].get(metric)) for i in members]
-        costs = [_number(rows[i].get(cost)) for i in members]
-        on_front = {members[i] for i in front(accuracy, costs)}
-        cheapest = cheapest_within(accuracy, costs)
+        spent = [_number(rows[i].get(cost)) for i in members]
+        on_front = {members[i] for i in front(accuracy, spent)}
+        cheapest = cheapest_within(accuracy, spent)
         for i, row in enumerate(marked):
             row[f"pareto_{cost}"] = i in on_front
             row[f"cheapest_{cost}"] = cheapest is not None and i == members[cheapest]
