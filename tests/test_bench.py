@@ -2080,11 +2080,20 @@ def test_threads_are_bounded_by_the_cpus_this_process_may_run_on(monkeypatch):
     """Under taskset -c 0 on 2 CPUs, --threads 2 was taken (os.cpu_count ignores the affinity
     that torch's own default of 1 follows) and timed two threads contending for one CPU."""
     assert MAX_THREADS == len(os.sched_getaffinity(0))
-    monkeypatch.setattr(bench_main.os, "sched_getaffinity", lambda pid: {0}, raising=False)
-    monkeypatch.setattr(bench_main.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
     assert bench_main.usable_cpus() == 1
-    monkeypatch.delattr(bench_main.os, "sched_getaffinity", raising=False)
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)
     assert bench_main.usable_cpus() == 2
+
+
+def test_the_report_header_counts_the_cores_this_process_may_run_on(monkeypatch):
+    """Under taskset -c 0 on 2 CPUs the header said 'cores: 2' (os.cpu_count), so a run timed
+    on one CPU read as a run on two; it now counts the CPUs the run may use, the bound of
+    --threads."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert report_module.machine_info(torch.device("cpu"))["cores"] == 1
 
 
 def test_skips_training_step_times_are_in_the_json_beside_the_median_they_give():

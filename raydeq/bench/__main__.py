@@ -6,7 +6,6 @@ import argparse
 import contextlib
 import datetime
 import logging
-import os
 import sys
 import tempfile
 import time
@@ -18,7 +17,14 @@ import torch
 
 from raydeq.bench.harness.context import SIZES, Checkpoint, Context
 from raydeq.bench.harness.models import build, load_checkpoint
-from raydeq.bench.harness.report import Report, error_line, machine_info, output_stem, write
+from raydeq.bench.harness.report import (
+    Report,
+    error_line,
+    machine_info,
+    output_stem,
+    usable_cpus,
+    write,
+)
 from raydeq.bench.harness.timing import keep_freed_memory
 from raydeq.bench.suites import SUITES
 from raydeq.models import PRESETS
@@ -32,14 +38,6 @@ from raydeq.training.storage import StorageError, absolute
 
 # The largest seed, as in a training config: raydeq.train's seeds are 0 to 2**32 - 1.
 MAX_SEED = 2**32 - 1
-
-
-def usable_cpus() -> int:
-    """The CPUs this process may run on: its affinity where the system keeps one (taskset, a
-    batch scheduler's cpuset), which os.cpu_count ignores, else the machine's CPUs."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
 
 
 # The most torch CPU threads a run takes: one per CPU it may run on (more only time the

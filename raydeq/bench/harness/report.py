@@ -200,11 +200,20 @@ def cpu_name() -> str:
     return platform.machine()
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity where the system keeps one (taskset, a
+    batch scheduler's cpuset), which os.cpu_count ignores, else the machine's CPUs."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def machine_info(device: torch.device) -> dict[str, Value]:
-    """What the numbers were measured on: CPU, cores, threads, GPU, library versions."""
+    """What the numbers were measured on: CPU, the cores the run may use, threads, GPU, library
+    versions."""
     info: dict[str, Value] = {
         "cpu": cpu_name(),
-        "cores": os.cpu_count(),
+        "cores": usable_cpus(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "python": platform.python_version(),
