@@ -1277,13 +1277,28 @@ def test_the_front_tables_say_where_trials_measured_a_cost_on_other_batches():
     text = pareto.markdown(pareto.mark(rows, "test_accuracy"), "test_accuracy")
     notes = [line for line in text.splitlines() if line.startswith("Not comparable")]
     assert notes == [
-        "Not comparable across trials: data.batch_size differs (32, 128): training time per "
-        "step is per batch of that many images.",
+        "Not comparable across trials: data.batch_size differs (32, 128): training time, NFE, "
+        "forward and backward time per step are per batch of that many images.",
         "Not comparable across trials: data.eval_batch_size differs (64, 256): test NFE is a "
-        "test batch's slowest sample's, in batches of that size.",
+        "test batch's slowest sample's and prediction time a test batch's, in batches of that "
+        "size.",
     ]
     same = pareto.markdown(pareto.mark(rows[:1] * 2, "test_accuracy"), "test_accuracy")
     assert "Not comparable" not in same
+
+
+def test_a_search_ranking_by_prediction_time_is_told_when_test_batches_differ(monkeypatch):
+    """A search with cost predict_time drawing data.eval_batch_size (64 or 256) ranked the
+    prediction time of a test batch of 64 beside one of 256, and the note under its fronts
+    named test NFE alone, not the cost of the front it searched; it names both."""
+    rows = _trials((True, 0.9, 20.0, 0.1), (True, 0.8, 10.0, 0.2))
+    for row, test_batch, seconds in zip(rows, (64, 256), (0.004, 0.001), strict=True):
+        row |= {"config.data.eval_batch_size": test_batch, "predict_time": seconds}
+    costs = pareto.views("predict_time")
+    text = pareto.markdown(pareto.mark(rows, "test_accuracy", "max", costs), "test_accuracy", costs)
+    (note,) = [line for line in text.splitlines() if line.startswith("Not comparable")]
+    assert note.startswith("Not comparable across trials: data.eval_batch_size differs (64, 256)")
+    assert "prediction time" in note and "test NFE" in note
 
 
 def test_the_trials_left_off_the_front_are_not_called_stopped_while_running_or_failed():

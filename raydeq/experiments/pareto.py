@@ -38,9 +38,12 @@ Point = tuple[float, float, Mapping[str, Any]]
 # Settings under which trials measure accuracy or a cost on other batches: where they differ
 # between the ranked trials, the front tables name them and what each changes.
 MEASURED_BY = {
-    "config.data.batch_size": "training time per step is per batch of that many images",
+    "config.data.batch_size": (
+        "training time, NFE, forward and backward time per step are per batch of that many images"
+    ),
     "config.data.eval_batch_size": (
-        "test NFE is a test batch's slowest sample's, in batches of that size"
+        "test NFE is a test batch's slowest sample's and prediction time a test batch's, in "
+        "batches of that size"
     ),
     "config.train.eval_batches": "test accuracy and NFE are over that many test batches (0: all)",
 }
