@@ -91,8 +91,8 @@ def _detach(z: State) -> State:
 def variational_dropouts(module: nn.Module) -> list[nn.Module]:
     """The modules in module that hold a mask drawn once per forward pass, found by their
     class's `draws_mask_per_pass` (models.layers.VariationalDropout2d's, so that the layer
-    needs no model): a cell's own attribute called `mask`, a buffer or a plain tensor such as
-    a padding mask, is a setting of f, which a walk by that name had set to None."""
+    needs no model), not by a `mask` attribute, which in a cell may be a setting of f (a
+    padding mask)."""
     return [m for m in module.modules() if getattr(type(m), "draws_mask_per_pass", False)]
 
 
@@ -134,6 +134,10 @@ ANOTHER_F = (
     "so that f is another function at each evaluation (a DEQ's f has no fixed point, and a "
     "Neural ODE's step control shrinks its steps to follow the noise)"
 )
+# The dropout that f may hold, which both dropout refusals name.
+ONCE_PER_PASS = (
+    "raydeq.models.layers.VariationalDropout2d(p), whose mask is drawn once per forward pass"
+)
 
 
 def _inner_dropout(m: nn.Module) -> float:
@@ -152,17 +156,13 @@ def _refusal(name: str, m: nn.Module, implicit: str | None) -> str | None:
     if isinstance(m, FRESH_MASK_DROPOUTS) and m.training and m.p > 0:
         return (
             f"{name} is {m} in training mode, which draws a new mask at every evaluation "
-            f"of f, {ANOTHER_F}; use "
-            "raydeq.models.layers.VariationalDropout2d(p), whose mask is drawn once per "
-            "forward pass, or apply the dropout outside f"
+            f"of f, {ANOTHER_F}; use {ONCE_PER_PASS}, or apply the dropout outside f"
         )
     if m.training and _inner_dropout(m) > 0:
         return (
             f"{name} is {m} in training mode with dropout={_inner_dropout(m)}, which draws a "
             f"new mask at every evaluation of f, {ANOTHER_F}; build it with "
-            "dropout=0.0 and drop out outside f (or with "
-            "raydeq.models.layers.VariationalDropout2d(p), whose mask is drawn once per "
-            "forward pass)"
+            f"dropout=0.0 and drop out outside f (or with {ONCE_PER_PASS})"
         )
     if implicit and isinstance(m, BATCH_NORMS) and (m.training or m.running_mean is None):
         return (
@@ -209,12 +209,9 @@ def _in_dtype(z: State, dtype: torch.dtype) -> State:
 
 def _start(z0: State, zeros: State, device: str) -> State:
     """Where a layer's solve (or warm-up) starts: z0 cut from the graph in the zero state's
-    dtype (a predictor or an f(0, x) of another dtype set the solve's and z*'s dtype: a float32
-    f on a float64 x gave a float64 z* from zeros and a float32 one from f(0, x)) and container
-    (a predictor's list for a cell's named tuple state was the state f was given, which failed
-    in f reading z.fine, and z* came back as one); under autocast f takes the solver's float32
-    state (a module in half precision takes its own dtype, and solve keeps its state in float32
-    all the same)."""
+    dtype and container, so that z* has them whatever the predictor or f(0, x) gave; under
+    autocast in the solver's float32 (a module in half precision takes its own dtype, and
+    solve keeps its state in float32 all the same)."""
     dtype = _tensors(zeros)[0].dtype
     start = _rebuilt(zeros, [t.detach().to(dtype) for t in _tensors(z0)])
     return solver_start(start) if torch.is_autocast_enabled(device) else start
@@ -377,9 +374,7 @@ def hutchinson_jacobian_loss(f: Callable[[State], State], z: State) -> Tensor:
     differentiable = torch.is_grad_enabled()
     inputs = [t.detach().requires_grad_() for t in _tensors(z)]
     # The loss is differentiated twice, which the fused attention kernels (flash,
-    # memory-efficient) cannot be: self-attention in f failed at the loss's backward with
-    # "derivative for aten::_scaled_dot_product_flash_attention_for_cpu_backward is not
-    # implemented"; this one evaluation of f attends with the math kernel.
+    # memory-efficient) cannot be: this one evaluation of f attends with the math kernel.
     kernel = sdpa_kernel(SDPBackend.MATH) if differentiable else nullcontext()
     with torch.enable_grad(), kernel:
         out = _tensors(f(_rebuilt(z, inputs)))
@@ -674,9 +669,8 @@ class DEQ(OutputLayer):
         self, fx: Callable[[State], State], start: State, extra_nfe: int
     ) -> tuple[State, SolveStats]:
         """The warm-up's z: f applied pretrain_depth times from the solve's start, backpropagated
-        through, each image in the start's dtype as the solver keeps it (a float32 f on a
-        float64 x, or one under autocast, made the warm-up's z float32 or bfloat16 where the
-        solve's that followed was float64 or float32), with statistics judged on its last step."""
+        through, each image in the start's dtype as the solver keeps it (so that z has the
+        dtype of the z* that follows), with statistics judged on its last step."""
         dtype = _tensors(start)[0].dtype
         z_prev, z = None, start
         for _ in range(self.pretrain_depth):
