@@ -105,6 +105,9 @@ def valued(name: str, t: torch.Tensor) -> None:
 
 # torch.func transforms a solve cannot run under, by the names a user calls them.
 TRANSFORMS = {"Vmap": "vmap", "Grad": "grad (vjp, jacrev, hessian)", "Jvp": "jvp (jacfwd)"}
+# Why a solve cannot be traced into a graph, and what to run where it cannot be exported.
+HOST_READS = "its solver reads each sample's residual on the host to decide how many steps to take"
+RUN_INSTEAD = "run the module itself (raydeq.training.load_model builds a trained run's)"
 
 
 def untransformed(what: str) -> None:
@@ -116,10 +119,8 @@ def untransformed(what: str) -> None:
     if torch.compiler.is_exporting() or torch.jit.is_tracing():
         raise RuntimeError(
             f"{what} cannot be exported or traced (torch.export, torch.onnx.export, "
-            "torch.jit.trace): its solver reads each sample's residual on the host to decide "
-            "how many steps to take, which a traced graph would fix at the example's count; "
-            "run the module itself (raydeq.training.load_model builds a trained run's), "
-            "compiled with torch.compile where speed matters"
+            f"torch.jit.trace): {HOST_READS}, which a traced graph would fix at the example's "
+            f"count; {RUN_INSTEAD}, compiled with torch.compile where speed matters"
         )
     interpreter = torch._C._functorch.peek_interpreter_stack()
     name = interpreter and TRANSFORMS.get(interpreter.key().name)
@@ -134,16 +135,13 @@ def untransformed(what: str) -> None:
 
 def outside_compiled_graphs(what: str, compiles: str) -> Callable[[Callable], Callable]:
     """A decorator running `what` (solve, a layer's forward) outside any torch.compile graph
-    that encloses it, one graph break whose reason says why and what compiles it instead:
-    traced into, its solver broke the graph at each host read under reasons naming torch's
-    internals, and fullgraph=True failed on the first of them. A strict torch.export, which
-    traces with dynamo, stops at that break, so the reason also says what runs instead."""
+    that encloses it: one graph break, whose reason says why and what compiles it instead,
+    rather than one at each of the solver's host reads. A strict torch.export, which traces
+    with dynamo, stops at that break, so the reason also says what runs instead."""
     reason = (
-        f"{what} runs outside the enclosing torch.compile graph: its solver reads each "
-        "sample's residual on the host to decide how many steps to take, a graph break at "
-        f"every step; {compiles}. For the same reason {what} cannot be exported or traced "
-        "(torch.export, torch.jit.trace): run the module itself "
-        "(raydeq.training.load_model builds a trained run's)"
+        f"{what} runs outside the enclosing torch.compile graph: {HOST_READS}, a graph break "
+        f"at every step; {compiles}. For the same reason {what} cannot be exported or traced "
+        f"(torch.export, torch.jit.trace): {RUN_INSTEAD}"
     )
 
     def decorate(fn: Callable) -> Callable:
