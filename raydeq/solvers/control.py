@@ -150,7 +150,7 @@ class Controller:
         combinations' factored-out weights): the abstol floor as a (B, 1) column, the
         step_rtol and reltol weights; the floor is at least the dtype's smallest normal number,
         so that a zero error over a zero scale (abstol=0 at a zero state that does not move) is
-        a ratio of 0, a perfect step, where 0 / 0 set h to NaN, at no cost per step."""
+        a ratio of 0, a perfect step, rather than 0 / 0, a NaN step size, at no cost per step."""
         weight = abs(error) * self.unit(error_order)
         floor = in_range(term.abstol * like.shape[1] ** 0.5 / weight, like.dtype)
         floor = max(floor, torch.finfo(like.dtype).tiny)

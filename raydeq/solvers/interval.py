@@ -201,8 +201,8 @@ def overflowed(point: Point) -> bool:
 
 def _at(t1: float, backward: bool, s: float) -> str:
     """Where an integration stopped, at s in its own variable: the time t it reached, for a
-    backward one t1 - s (a continuous adjoint that stopped at s = 22 of t1 = 200 was reported
-    at t = 22, as if its forward pass had stopped near the start)."""
+    backward one t1 - s, so that a continuous adjoint's error names the time of the forward
+    pass it came back to."""
     if backward:
         return f"t={t1 - s:.6g} on its way back from t1={t1:g} to 0"
     return f"t={s:.6g} of t1={t1:g}"
