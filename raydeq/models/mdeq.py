@@ -60,7 +60,7 @@ class MDEQConfig:
                 f"head_channels {self.head_channels} needs one entry per scale {self.channels}"
             )
         if self.upsample_kernel % 2 == 0:
-            # padding kernel // 2 keeps a map's size for odd kernels only: an even one grew
+            # padding kernel // 2 keeps a map's size for odd kernels only: an even one grows
             # each coarser scale's map by one row and column before its resize.
             raise ValueError(
                 f"upsample_kernel={self.upsample_kernel} must be odd (1, 3, 5, ...), the sizes "
@@ -68,6 +68,12 @@ class MDEQConfig:
             )
         if self.stem_downsample not in (0, 1, 2):
             raise ValueError(f"stem_downsample must be 0, 1 or 2, got {self.stem_downsample}")
+
+    @property
+    def post_fuse_groups(self) -> int:
+        """The groups of the cell's post-fuse norms: MDEQ's half of `groups`, at least one
+        (group_norm(c, 0) would be one group per channel, gcd(c, 0) = c, the most)."""
+        return max(self.groups // 2, 1)
 
 
 class ResidualBlock(nn.Module):
@@ -165,13 +171,11 @@ class MultiscaleCell(nn.Module):
         self.fuse = nn.ModuleList(
             nn.ModuleList(self._fuse_map(cfg, j, i) for j in range(len(ch))) for i in range(len(ch))
         )
-        # MDEQ's post-fuse norm takes half the groups; at least one, since groups=1 gave
-        # group_norm(c, 0), one group per channel (gcd(c, 0) = c), the most, not the fewest.
         self.post_fuse = nn.ModuleList(
             nn.Sequential(
                 nn.ReLU(),
                 conv(c, c, kernel=1, normalize=cfg.weight_norm),
-                group_norm(c, max(g // 2, 1)),
+                group_norm(c, cfg.post_fuse_groups),
             )
             for c in ch
         )
@@ -225,7 +229,7 @@ def _norms(cfg: MDEQConfig) -> list[tuple[int, int, int]]:
     s, g, ch, last = cfg.stem_downsample, cfg.groups, cfg.channels, len(cfg.channels) - 1
     norms = [(ch[0], g, min(s, 1)), (ch[0], g, s), (ch[0], g, s)]
     for i, c in enumerate(ch):
-        norms += [(c * cfg.expansion, g, s + i), (c, g, s + i), (c, max(g // 2, 1), s + i)]
+        norms += [(c * cfg.expansion, g, s + i), (c, g, s + i), (c, cfg.post_fuse_groups, s + i)]
         for j in range(i):  # down maps from finer scales
             norms += [(w, g, s + j + k + 1) for k, w in enumerate(_down_channels(ch[j], c, i - j))]
         norms += [(c, g, s + j) for j in range(i + 1, len(ch))]  # up maps from coarser scales
