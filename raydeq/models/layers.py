@@ -21,10 +21,10 @@ WEIGHT_NORM_HOOK = "_weight_norm_compat_hook"
 
 
 class Conv2d(nn.Conv2d):
-    """nn.Conv2d that pickles parametrized: torch refuses to pickle a parametrized module, whose
-    class it makes at run time, so torch.save(model) and pickle of a weight-normalised model
-    failed. It pickles as its plain state and its parametrizations (weight norm's g and v, or
-    any other's originals), and unpickles parametrized again with them."""
+    """nn.Conv2d that pickles parametrized, as torch.save(model) needs: torch refuses to pickle
+    a parametrized module, whose class it makes at run time, so this one pickles as its plain
+    state and its parametrizations (weight norm's g and v, or any other's originals), and
+    unpickles parametrized again with them."""
 
     def __reduce_ex__(self, protocol: Any) -> Any:
         """The default reduction, or for a parametrized layer `_parametrized` of its state
