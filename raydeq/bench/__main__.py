@@ -38,8 +38,6 @@ from raydeq.training.storage import StorageError, absolute
 
 # The largest seed, as in a training config: raydeq.train's seeds are 0 to 2**32 - 1.
 MAX_SEED = 2**32 - 1
-
-
 # The most torch CPU threads a run takes: one per CPU it may run on (more only time the
 # threads' contention, and past 2**31 - 1 torch fails every suite with an overflow).
 MAX_THREADS = usable_cpus()
@@ -125,7 +123,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = _parser()
     args = parser.parse_args(argv)
     # Set here, not as the flags' default: argparse takes a value that is its default object
-    # (a "full" in a script's list) as not given, and let --quick --size full through.
+    # (a "full" in a script's list) as not given, which would let --quick --size full through.
     args.size = args.size or "full"
     check_once(parser, "--only", args.only or [])
     check_once(parser, "--models", args.models)
