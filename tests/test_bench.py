@@ -1466,9 +1466,9 @@ def test_an_accelerator_index_past_the_last_device_stops_the_run(monkeypatch):
         check_device(torch.device("cuda:2"))
 
 
-def test_an_interrupted_run_keeps_the_suites_that_finished_before_it(monkeypatch, tmp_path, capsys):
-    """The report is rewritten after every suite: an interrupt in the second leaves the first's
-    section on disk, where the message says it is."""
+def run_interrupted_in_node(monkeypatch: pytest.MonkeyPatch, out: Path, *only: str) -> None:
+    """Run the suites `only` into `out`, skip finishing and node stopped by Ctrl-C, and check
+    that the run exits with status 130."""
 
     def finished(ctx: Context) -> Section:
         return Section("skip", "Finished first", ["a"], rows=[{"a": 1}])
@@ -1479,8 +1479,14 @@ def test_an_interrupted_run_keeps_the_suites_that_finished_before_it(monkeypatch
     monkeypatch.setitem(SUITES, "skip", finished)
     monkeypatch.setitem(SUITES, "node", interrupted)
     with pytest.raises(SystemExit) as exit_info:
-        main(["--size", "tiny", "--only", "skip", "node", "--out", str(tmp_path)])
+        main(["--size", "tiny", "--only", *only, "--out", str(out)])
     assert exit_info.value.code == 130
+
+
+def test_an_interrupted_run_keeps_the_suites_that_finished_before_it(monkeypatch, tmp_path, capsys):
+    """The report is rewritten after every suite: an interrupt in the second leaves the first's
+    section on disk, where the message says it is."""
+    run_interrupted_in_node(monkeypatch, tmp_path, "skip", "node")
     (md_path,) = tmp_path.glob("*-cpu.md")
     assert "## Finished first (`skip`)" in md_path.read_text()
     assert f"interrupted in [node]; the finished suites are in {md_path}" in capsys.readouterr().err
@@ -1991,18 +1997,7 @@ def test_an_interrupted_run_says_in_its_report_which_suites_did_not_finish(
 ):
     """A report cut by Ctrl-C read as a whole run of fewer suites (its failures empty): it now
     names the suite interrupted and each requested suite that never ran."""
-
-    def finished(ctx: Context) -> Section:
-        return Section("skip", "Finished first", ["a"], rows=[{"a": 1}])
-
-    def interrupted(ctx: Context) -> Section:
-        raise KeyboardInterrupt
-
-    monkeypatch.setitem(SUITES, "skip", finished)
-    monkeypatch.setitem(SUITES, "node", interrupted)
-    with pytest.raises(SystemExit) as exit_info:
-        main(["--size", "tiny", "--only", "skip", "node", "overhead", "--out", str(tmp_path)])
-    assert exit_info.value.code == 130
+    run_interrupted_in_node(monkeypatch, tmp_path, "skip", "node", "overhead")
     (json_path,) = tmp_path.glob("*-cpu.json")
     data = json.loads(json_path.read_text())
     assert [s["name"] for s in data["sections"]] == ["skip"]
