@@ -273,14 +273,15 @@ def chart(
     figure, panels = subplots(1, len(costs), figsize=(7.0 * len(costs), 4.6))
     members = [rows[i] for i in counted(rows)]
     stopped = not_ranked(rows)
-    # One colour (and past ten, another marker) per configuration, the same in both views: a
-    # name beside each point overlapped where the configurations crowd (Table 1's eleven).
+    # One colour (and past ten, another marker) per configuration, the same in every view,
+    # rather than a name beside each point, which overlaps where the configurations crowd
+    # (Table 1's eleven).
     names = list(dict.fromkeys(table_name(r) for r in [*members, *stopped] if r.get("paper")))
     styles = {n: (f"C{i % 10}", "*PXD"[i // 10 % 4]) for i, n in enumerate(names)}
     zoom = mode == "max" and in_percent(metric)
     for axes, (cost, words) in zip(panels, costs.items()):
         _view(axes, members, stopped, metric, cost, words, styles, zoom)
-    # One legend for both views: what either draws, once.
+    # One legend for every view: what any of them draws, once.
     drawn = {
         label: handle
         for axes in panels
