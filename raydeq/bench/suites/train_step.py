@@ -221,6 +221,7 @@ def run(ctx: Context) -> Section:
     """Time a training step of each workload: the eager ones interleaved, each compiled one
     after them on its own."""
     size = ctx.pick(SIZES)
+    limit_batches = " and ".join(f"{b} ({m})" for m, b in SIZES["full"].batches.items())
     section = Section(
         name="train_step",
         title="Training step against the GPU targets",
@@ -231,10 +232,10 @@ def run(ctx: Context) -> Section:
             "sees the same parameters), in training mode, with each preset's tolerances, "
             "max_steps and GMRES limits; NFE = forward evaluations of f, converged = fraction "
             "of samples whose forward met the tolerance, VJPs = vector-Jacobian products of the "
-            "backward. The limits are the targets for one NVIDIA H100 or H200 at batch 256 "
-            "(mnist_dense) and 128 (cifar10_large), the full size's, and are checked only on a "
-            "CUDA device (the machine is in the header) at that batch; elsewhere the targets "
-            "read n/a and the table holds the time. cifar10_large runs under bfloat16 autocast "
+            "backward. The limits are the targets for one NVIDIA H100 or H200 at batch "
+            f"{limit_batches}, the full size's, and are checked only on a CUDA device (the "
+            "machine is in the header) at that batch; elsewhere the targets read n/a and the "
+            "table holds the time. cifar10_large runs under bfloat16 autocast "
             "on a GPU and in float32 on a CPU (one without bfloat16 units runs it about 10x "
             "slower in bfloat16).",
         ],
