@@ -213,7 +213,10 @@ def markdown(
     text += _not_comparable([rows[i] for i in counted(rows)])
     left_out = not_ranked(rows)
     if left_out:
-        named = (f"{table_name(r)}{' (failed)' * (r.get('status') == 'ERROR')}" for r in left_out)
+        named = (
+            f"{table_name(r)} (failed)" if r.get("status") == "ERROR" else table_name(r)
+            for r in left_out
+        )
         text.append(f"\nNot ranked, short of their last step: {', '.join(dict.fromkeys(named))}.")
     return "\n".join(text) + "\n"
 
