@@ -254,7 +254,12 @@ def test_stage_to_is_for_image_folders_only():
         ("unknown val class", "val/ has class folders that train/ lacks: n09999999"),
         ("no train classes", "train/ has no class folders (expected train/<class>/<image>)"),
         ("unlabelled image", "val/ILSVRC2012_val_00000501.JPEG has no label in LOC_val_solution"),
-        ("malformed labels", "the labels of val/ are malformed (KeyError: 'PredictionString')"),
+        (
+            "malformed labels",
+            "the labels of val/ in LOC_val_solution.csv are malformed (ValueError: its header "
+            "'ImageId,Label' lacks PredictionString); expected the header "
+            "ImageId,PredictionString and a row per image",
+        ),
     ],
 )
 def test_a_broken_layout_is_one_line_from_the_preflight_before_ray(
@@ -519,10 +524,54 @@ def test_devkit_labels_cut_short_are_one_line_naming_the_labels(tmp_path, breaka
         meta.write_bytes(meta.read_bytes()[: meta.stat().st_size // 2 if "cut" in breakage else 0])
     with pytest.raises(data.DataError) as info:
         folders.load_index(str(root))
+    source = f"{folders.DEVKIT}.tar.gz" if "archive" in breakage else f"{folders.DEVKIT}/"
     assert str(info.value).startswith(
-        f"dataset 'imagenet' in {root} is unreadable: the labels of val/ are malformed ({error}"
+        f"dataset 'imagenet' in {root} is unreadable: the labels of val/ in {source} are "
+        f"malformed ({error}"
     )
+    assert str(info.value).endswith(f"; expected {folders.DEVKIT_FORMAT}")
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("layout", "breakage", "reason"),
+    [
+        ("kaggle", "a row without a class", "line 3 (ILSVRC2012_val_00000002) gives no class"),
+        ("kaggle", "a header without ImageId", "its header 'Id,PredictionString' lacks ImageId"),
+        (
+            "devkit",
+            "an ID meta.mat lacks",
+            f"line 2 of {folders.GROUND_TRUTH} is ILSVRC2012_ID 77, which {folders.META} lacks",
+        ),
+    ],
+)
+def test_malformed_labels_name_their_file_the_bad_line_and_the_expected_format(
+    tmp_path, layout, breakage, reason
+):
+    """Labels of val/ that do not read name the labels file, the header or line at fault and
+    the format expected, where the reader's KeyError or IndexError named none of them."""
+    root = imagenet_tree(tmp_path / "data", layout)
+    if layout == "kaggle":
+        path, expected = root / folders.KAGGLE_LABELS, folders.KAGGLE_FORMAT
+        lines = path.read_text().splitlines()
+        if "row" in breakage:
+            lines[2] = lines[2].split(",")[0] + ","
+        else:
+            lines[0] = "Id,PredictionString"
+        path.write_text("\n".join(lines))
+        source = folders.KAGGLE_LABELS
+    else:
+        path, expected = root / folders.DEVKIT / folders.GROUND_TRUTH, folders.DEVKIT_FORMAT
+        lines = path.read_text().splitlines()
+        lines[1] = "77"
+        path.write_text("\n".join(lines) + "\n")
+        source = f"{folders.DEVKIT}/"
+    with pytest.raises(data.DataError) as info:
+        folders.load_index(str(root))
+    assert str(info.value) == (
+        f"dataset 'imagenet' in {root} is unreadable: the labels of val/ in {source} are "
+        f"malformed (ValueError: {reason}); expected {expected}"
+    )
 
 
 def test_a_batch_larger_than_an_image_folders_training_set_is_refused_by_the_preflight(tmp_path):

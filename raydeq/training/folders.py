@@ -38,9 +38,18 @@ INDEX_FILE = "raydeq-index.parquet"
 LISTING_LOCK = ".listing.lock"
 SPLITS = ("train", "val")
 KAGGLE_LABELS = "LOC_val_solution.csv"
+KAGGLE_COLUMNS = ("ImageId", "PredictionString")
 DEVKIT = "ILSVRC2012_devkit_t12"
 GROUND_TRUTH = "data/ILSVRC2012_validation_ground_truth.txt"
 META = "data/meta.mat"
+KAGGLE_FORMAT = (
+    "the header ImageId,PredictionString and a row per image whose PredictionString starts "
+    "with its class's WordNet id"
+)
+DEVKIT_FORMAT = (
+    f"{META} with the synsets' ILSVRC2012_ID and WNID, and {GROUND_TRUTH} with one "
+    "ILSVRC2012_ID a line, image n's on line n"
+)
 _VAL_NUMBER = re.compile(r"ILSVRC2012_val_(\d+)")
 
 
@@ -118,32 +127,54 @@ def _class_images(split: Path, classes: list[str], number: dict[str, int]) -> tu
 
 def _kaggle_labels(path: Path) -> Callable[[str], str | None]:
     """Image name -> WordNet id from Kaggle's LOC_val_solution.csv (ImageId, PredictionString
-    whose first word is the class)."""
+    whose first word is the class); a ValueError names a header or a row that is not so."""
+    wnids = {}
     with path.open(newline="") as stream:
         rows = csv.DictReader(stream)
-        wnids = {row["ImageId"]: row["PredictionString"].split()[0] for row in rows}
+        header = rows.fieldnames or []
+        missing = [name for name in KAGGLE_COLUMNS if name not in header]
+        if missing:
+            raise ValueError(f"its header {','.join(header)!r} lacks {' and '.join(missing)}")
+        for row in rows:
+            words = (row["PredictionString"] or "").split()
+            if not words:
+                raise ValueError(f"line {rows.line_num} ({row['ImageId']}) gives no class")
+            wnids[row["ImageId"]] = words[0]
     return lambda image: wnids.get(image.rsplit(".", 1)[0])
 
 
-def _devkit_files(root: Path) -> tuple[bytes, bytes] | None:
-    """The devkit's (meta.mat, ground truth) from its folder or archive in `root`, else None."""
+def _devkit_source(root: Path) -> Path | None:
+    """The devkit in `root`: its folder where that holds both files, else its archive, else
+    None."""
     folder = root / DEVKIT
     if (folder / META).is_file() and (folder / GROUND_TRUTH).is_file():
-        return (folder / META).read_bytes(), (folder / GROUND_TRUTH).read_bytes()
+        return folder
     archive = root / f"{DEVKIT}.tar.gz"
-    if not archive.is_file():
-        return None
-    with tarfile.open(archive) as tar:
+    return archive if archive.is_file() else None
+
+
+def _devkit_files(source: Path) -> tuple[bytes, bytes]:
+    """The devkit's (meta.mat, ground truth) from its folder or archive."""
+    if source.is_dir():
+        return (source / META).read_bytes(), (source / GROUND_TRUTH).read_bytes()
+    with tarfile.open(source) as tar:
         return tuple(tar.extractfile(f"{DEVKIT}/{name}").read() for name in (META, GROUND_TRUTH))
 
 
 def _devkit_labels(meta: bytes, ground_truth: bytes) -> Callable[[str], str | None]:
-    """Image name -> WordNet id: line n of the ground truth is the ILSVRC2012_ID of image n."""
+    """Image name -> WordNet id: line n of the ground truth is the ILSVRC2012_ID of image n; a
+    ValueError names a line whose ID meta.mat lacks."""
     from scipy.io import loadmat  # only for the devkit's labels
 
     synsets = loadmat(io.BytesIO(meta), squeeze_me=True)["synsets"]
     wnid = {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in synsets}
-    by_number = [wnid[int(line)] for line in ground_truth.split()]
+    by_number = []
+    for line, number in enumerate(ground_truth.split(), start=1):
+        if int(number) not in wnid:
+            raise ValueError(
+                f"line {line} of {GROUND_TRUTH} is ILSVRC2012_ID {int(number)}, which {META} lacks"
+            )
+        by_number.append(wnid[int(number)])
 
     def label(image: str) -> str | None:
         found = _VAL_NUMBER.match(image)
@@ -154,23 +185,27 @@ def _devkit_labels(meta: bytes, ground_truth: bytes) -> Callable[[str], str | No
 
 
 def _flat_labels(root: Path, count: int) -> tuple[Callable[[str], str | None], str]:
-    """The labeller of flat validation images and the file it reads, or a DataError."""
-    try:
-        if (root / KAGGLE_LABELS).is_file():
-            return _kaggle_labels(root / KAGGLE_LABELS), KAGGLE_LABELS
-        devkit = _devkit_files(root)
-        if devkit is not None:
-            return _devkit_labels(*devkit), f"{DEVKIT}/{GROUND_TRUTH}"
-    except Exception as err:  # scipy's, tarfile's and gzip's errors too: each is a bad file
+    """The labeller of flat validation images and the file it reads, or a DataError naming
+    the labels file that does not read and what it should hold."""
+    kaggle = (root / KAGGLE_LABELS).is_file()
+    devkit = None if kaggle else _devkit_source(root)
+    if not kaggle and devkit is None:
         raise DataError(
-            f"dataset 'imagenet' in {root} is unreadable: the labels of val/ are malformed "
-            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+            f"dataset 'imagenet' in {root} is unreadable: val/ holds {count} images but no class "
+            f"folders and no labels for them; put {KAGGLE_LABELS}, {DEVKIT}/ or {DEVKIT}.tar.gz "
+            f"(the ImageNet devkit) in {root}, or sort val/ into class folders"
+        )
+    try:
+        if kaggle:
+            return _kaggle_labels(root / KAGGLE_LABELS), KAGGLE_LABELS
+        return _devkit_labels(*_devkit_files(devkit)), f"{DEVKIT}/{GROUND_TRUTH}"
+    except Exception as err:  # scipy's, tarfile's and gzip's errors too: each is a bad file
+        source = KAGGLE_LABELS if kaggle else devkit.name + ("/" if devkit.is_dir() else "")
+        reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        raise DataError(
+            f"dataset 'imagenet' in {root} is unreadable: the labels of val/ in {source} are "
+            f"malformed ({reason}); expected {KAGGLE_FORMAT if kaggle else DEVKIT_FORMAT}"
         ) from None
-    raise DataError(
-        f"dataset 'imagenet' in {root} is unreadable: val/ holds {count} images but no class "
-        f"folders and no labels for them; put {KAGGLE_LABELS}, {DEVKIT}/ or {DEVKIT}.tar.gz "
-        f"(the ImageNet devkit) in {root}, or sort val/ into class folders"
-    )
 
 
 def _val_images(root: Path, number: dict[str, int]) -> tuple[list, list]:
