@@ -727,13 +727,47 @@ def test_a_listed_file_that_is_no_image_is_one_line_naming_it(tmp_path, payload,
     message = str(refused.value)
     assert message.startswith(f"{bad} cannot be read as an image ({reason}")
     assert message.endswith(
-        "); replace it, or remove it and delete the folder's raydeq-index.parquet, which lists it"
+        f"); replace it, or remove it and delete {root / folders.INDEX_FILE}, which lists it"
     )
     loader = torch.utils.data.DataLoader(splits.train, batch_size=2, num_workers=1)
     with pytest.raises(data.DataError) as wrapped:
         next(iter(loader))
     lines = "".join(traceback.format_exception(wrapped.value))
     assert launch.own_error(lines) == f"DataError: {message}"
+
+
+@pytest.mark.parametrize("staged", [False, True], ids=["read in place", "staged"])
+def test_an_image_removed_from_a_read_only_folder_after_its_index_names_that_index(
+    tmp_path, monkeypatch, staged
+):
+    """A read-only folder's index lives in the node's temporary folder; an image removed after
+    it was listed said to delete 'the folder's raydeq-index.parquet', a file that is not there
+    (and, staged, named no index at all): the error now names the index that lists the image,
+    and deleting that index lists the folder anew."""
+    root = small_tree(tmp_path / "data", ["n01", "n02"])
+    gone = root / "train" / "n02" / "1.png"
+    shutil.copy(root / "train" / "n02" / "0.png", gone)
+    monkeypatch.setattr(folders.tempfile, "gettempdir", lambda: str(tmp_path / "node"))
+    original = folders.write
+
+    def read_only(index, path):
+        if path.is_relative_to(root):
+            raise PermissionError(13, "Permission denied", str(path))
+        original(index, path)
+
+    monkeypatch.setattr(folders, "write", read_only)
+    index_file = folders.index_paths(str(root))[1]
+    assert folders.load_index(str(root)).path == index_file
+    gone.unlink()
+    cfg = section(root, augment=False, stage_to=str(tmp_path / "local") if staged else None)
+    with pytest.raises(data.DataError) as refused:
+        data.load_splits(cfg).train[2]
+    assert str(refused.value) == (
+        f"{gone}, listed in {index_file}, is not there: the folder changed after it was listed; "
+        f"delete {index_file} for the folder to be listed again"
+    )
+    index_file.unlink()
+    assert folders.load_index(str(root)).files["train"] == ["train/n01/0.png", "train/n02/0.png"]
 
 
 UP_TWO = "/".join(["train", os.pardir, os.pardir, "secret.png"])

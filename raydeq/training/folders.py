@@ -22,7 +22,7 @@ import tarfile
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 
 import pyarrow as pa
@@ -56,11 +56,12 @@ _VAL_NUMBER = re.compile(r"ILSVRC2012_val_(\d+)")
 @dataclass(frozen=True)
 class Index:
     """Class names (sorted) and, per split, image paths relative to the data folder with their
-    class numbers."""
+    class numbers; `path`: the file it is stored in (None before it is), for an error to name."""
 
     classes: tuple[str, ...]
     files: dict[str, list[str]]
     labels: dict[str, list[int]]
+    path: Path | None = field(default=None, compare=False)
 
 
 def is_image(name: str) -> bool:
@@ -301,7 +302,7 @@ def read(path: Path) -> Index:
                 f"{path} lists a file of class {label}, of {len(classes)} classes (0 to "
                 f"{len(classes) - 1}); delete the index for the folder to be listed again"
             )
-    return Index(classes, files, labels)
+    return Index(classes, files, labels, path)
 
 
 def _within(name: str, split: str) -> bool:
@@ -366,7 +367,7 @@ def load_index(data_dir: str) -> Index:
         for path in candidates:
             try:
                 write(index, path)
-                break
+                return replace(index, path=path)
             except OSError:
                 continue
     return index

@@ -17,7 +17,7 @@ from torchvision.datasets.folder import default_loader
 from raydeq.datasets import mnist10k
 from raydeq.training.config import DataSection
 from raydeq.training.data import CLASSES, DataError, Splits, image_shape
-from raydeq.training.folders import INDEX_FILE, SPLITS, load_index
+from raydeq.training.folders import SPLITS, load_index
 from raydeq.training.staging import stage
 
 MNIST_STATS = ((0.1307,), (0.3081,))
@@ -129,12 +129,19 @@ def _svhn(cfg: DataSection) -> Splits:
 
 class FileImages(Dataset):
     """Image files under `root` (paths relative to it) with their labels, each passed through
-    `transform`; read with torchvision's loader (RGB)."""
+    `transform`; read with torchvision's loader (RGB). `index_file` (the index that lists them,
+    where one is stored) is named in the error of a file that does not read."""
 
     def __init__(
-        self, root: Path, files: Sequence[str], labels: Sequence[int], transform: Callable
+        self,
+        root: Path,
+        files: Sequence[str],
+        labels: Sequence[int],
+        transform: Callable,
+        index_file: Path | None = None,
     ) -> None:
         self.root, self.files, self.labels, self.transform = root, files, labels, transform
+        self.index_file = index_file
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -143,12 +150,23 @@ class FileImages(Dataset):
         path = self.root / self.files[index]
         try:
             image = default_loader(path)
+        except FileNotFoundError:
+            raise _missing_file(path, self.index_file) from None
         except OSError as err:  # PIL's UnidentifiedImageError and "image file is truncated"
+            relist = f" and delete {self.index_file}, which lists it" if self.index_file else ""
             raise DataError(
                 f"{path} cannot be read as an image ({str(err).splitlines()[0]}); replace it, "
-                f"or remove it and delete the folder's {INDEX_FILE}, which lists it"
+                f"or remove it{relist}"
             ) from None
         return self.transform(image), self.labels[index]
+
+
+def _missing_file(path: Path, index_file: Path | None) -> DataError:
+    """The error of a listed image that is not there: the folder changed after `index_file`
+    listed it, so the index is to be deleted for the folder to be listed again."""
+    listed = f", listed in {index_file}," if index_file else ""
+    relist = f"; delete {index_file} for the folder to be listed again" if index_file else ""
+    return DataError(f"{path}{listed} is not there: the folder changed after it was listed{relist}")
 
 
 def _imagenet(cfg: DataSection) -> Splits:
@@ -164,13 +182,26 @@ def _imagenet(cfg: DataSection) -> Splits:
     index = load_index(data_dir)
     root = Path(data_dir)
     if cfg.stage_to is not None:
-        root = stage(data_dir, [f for split in SPLITS for f in index.files[split]], cfg.stage_to)
+        try:
+            root = stage(
+                data_dir, [f for split in SPLITS for f in index.files[split]], cfg.stage_to
+            )
+        except FileNotFoundError as err:
+            raise _missing_file(Path(err.filename), index.path) from None
     train_steps = augment if cfg.augment else val_steps
     train = FileImages(
-        root, index.files["train"], index.labels["train"], _normalized(IMAGENET_STATS, *train_steps)
+        root,
+        index.files["train"],
+        index.labels["train"],
+        _normalized(IMAGENET_STATS, *train_steps),
+        index.path,
     )
     val = FileImages(
-        root, index.files["val"], index.labels["val"], _normalized(IMAGENET_STATS, *val_steps)
+        root,
+        index.files["val"],
+        index.labels["val"],
+        _normalized(IMAGENET_STATS, *val_steps),
+        index.path,
     )
     return Splits(train, val, image_shape(cfg), len(index.classes), augmented=cfg.augment)
 
