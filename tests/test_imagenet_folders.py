@@ -495,6 +495,26 @@ def test_class_folders_linked_from_another_tree_are_listed_as_imagefolder_lists_
     ]
 
 
+def test_a_flat_val_sorted_part_of_the_way_into_class_folders_is_refused(tmp_path):
+    """val/ unpacked flat and then sorted into class folders part of the way (a sorting script
+    stopped): its 300 flat images were left out without a word, and the test accuracy was that
+    of the 200 sorted ones; the listing now refuses it, naming the flat images."""
+    root = imagenet_tree(tmp_path / "data", "kaggle")
+    for number, wnid in enumerate(val_truth()[:200], start=1):
+        name = f"ILSVRC2012_val_{number:08d}.JPEG"
+        (root / "val" / wnid).mkdir(exist_ok=True)
+        (root / "val" / name).rename(root / "val" / wnid / name)
+    with pytest.raises(data.DataError) as info:
+        folders.load_index(str(root))
+    assert str(info.value) == (
+        f"dataset 'imagenet' in {root} is unreadable: val/ holds 300 images outside its class "
+        "folders (ILSVRC2012_val_00000201.JPEG, ILSVRC2012_val_00000202.JPEG, "
+        "ILSVRC2012_val_00000203.JPEG and 297 more), which would not be evaluated; sort them "
+        "into their class folders, or move the class folders' images back into val/ for its "
+        "labels file to label them"
+    )
+
+
 def test_an_empty_val_folder_is_one_clear_error(tmp_path):
     root = imagenet_tree(tmp_path / "data", "kaggle")
     shutil.rmtree(root / "val")

@@ -210,8 +210,17 @@ def _flat_labels(root: Path, count: int) -> tuple[Callable[[str], str | None], s
 
 
 def _val_images(root: Path, number: dict[str, int]) -> tuple[list, list]:
-    """Paths and class numbers of the validation images, in either layout."""
+    """Paths and class numbers of the validation images, in either layout; images beside class
+    folders (a flat val/ sorted part of the way) are refused, which no evaluation would read."""
     folders, images = _entries(root / "val")
+    if folders and images:
+        more = f" and {len(images) - 3} more" if len(images) > 3 else ""
+        raise DataError(
+            f"dataset 'imagenet' in {root} is unreadable: val/ holds {len(images)} images "
+            f"outside its class folders ({', '.join(images[:3])}{more}), which "
+            "would not be evaluated; sort them into their class folders, or move the class "
+            "folders' images back into val/ for its labels file to label them"
+        )
     if folders:
         unknown = sorted(set(folders) - set(number))
         if unknown:
