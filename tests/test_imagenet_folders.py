@@ -594,6 +594,21 @@ def test_malformed_labels_name_their_file_the_bad_line_and_the_expected_format(
     )
 
 
+def test_a_devkit_folder_without_its_ground_truth_is_named_with_the_file_it_lacks(tmp_path):
+    """A devkit folder holding meta.mat but not the ground truth (unpacked in part) was passed
+    over, and the error said val/ had no labels and to put the devkit there, beside the
+    devkit; it now names the file the folder lacks and what the devkit should hold."""
+    root = imagenet_tree(tmp_path / "data", "devkit")
+    (root / folders.DEVKIT / folders.GROUND_TRUTH).unlink()
+    with pytest.raises(data.DataError) as info:
+        folders.load_index(str(root))
+    assert str(info.value) == (
+        f"dataset 'imagenet' in {root} is unreadable: the labels of val/ in {folders.DEVKIT}/ "
+        "are malformed (FileNotFoundError: [Errno 2] No such file or directory: "
+        f"'{root / folders.DEVKIT / folders.GROUND_TRUTH}'); expected {folders.DEVKIT_FORMAT}"
+    )
+
+
 def test_a_batch_larger_than_an_image_folders_training_set_is_refused_by_the_preflight(tmp_path):
     """The preflight lists the folder, so it knows its 3 training images: a batch of 4 is
     refused there, before Ray starts, not in each worker after every restart."""

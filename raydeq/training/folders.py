@@ -146,12 +146,11 @@ def _kaggle_labels(path: Path) -> Callable[[str], str | None]:
 
 def _devkit_source(root: Path) -> Path | None:
     """The devkit in `root`: its folder where that holds both files, else its archive, else
-    None."""
-    folder = root / DEVKIT
-    if (folder / META).is_file() and (folder / GROUND_TRUTH).is_file():
-        return folder
-    archive = root / f"{DEVKIT}.tar.gz"
-    return archive if archive.is_file() else None
+    its folder lacking one (for the error to name), else None."""
+    folder, archive = root / DEVKIT, root / f"{DEVKIT}.tar.gz"
+    if archive.is_file() and not all((folder / name).is_file() for name in (META, GROUND_TRUTH)):
+        return archive
+    return folder if folder.is_dir() else None
 
 
 def _devkit_files(source: Path) -> tuple[bytes, bytes]:
