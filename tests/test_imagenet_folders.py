@@ -553,6 +553,19 @@ def test_devkit_labels_cut_short_are_one_line_naming_the_labels(tmp_path, breaka
     assert "\n" not in str(info.value)
 
 
+def test_kaggle_labels_saved_with_a_byte_order_mark_are_read(tmp_path):
+    """LOC_val_solution.csv saved again by a spreadsheet starts with a UTF-8 byte order mark,
+    which made its first column '\\ufeffImageId' and the labels unreadable; they now label
+    each image as the file without it does."""
+    root = imagenet_tree(tmp_path / "data", "kaggle")
+    expected = folders.build(root)
+    labels = root / folders.KAGGLE_LABELS
+    labels.write_bytes(b"\xef\xbb\xbf" + labels.read_bytes())
+    index = folders.build(root)
+    assert index.labels["val"] == expected.labels["val"]
+    assert index.labels["val"] == [CLASSES.index(w) for w in val_truth()]
+
+
 @pytest.mark.parametrize(
     ("layout", "breakage", "reason"),
     [

@@ -130,7 +130,7 @@ def _kaggle_labels(path: Path) -> Callable[[str], str | None]:
     """Image name -> WordNet id from Kaggle's LOC_val_solution.csv (ImageId, PredictionString
     whose first word is the class); a ValueError names a header or a row that is not so."""
     wnids = {}
-    with path.open(newline="") as stream:
+    with path.open(newline="", encoding="utf-8-sig") as stream:  # with or without a BOM
         rows = csv.DictReader(stream)
         header = rows.fieldnames or []
         missing = [name for name in KAGGLE_COLUMNS if name not in header]
