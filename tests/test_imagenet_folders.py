@@ -515,6 +515,20 @@ def test_a_flat_val_sorted_part_of_the_way_into_class_folders_is_refused(tmp_pat
     )
 
 
+def test_a_stray_folder_in_a_flat_val_is_named_not_its_images(tmp_path):
+    """A flat val/ holding a folder that is no class (a notebook's .ipynb_checkpoints) was
+    refused for its 500 flat images, told to sort them into class folders; it is now
+    refused naming that folder, the one thing to remove."""
+    root = imagenet_tree(tmp_path / "data", "kaggle")
+    (root / "val" / ".ipynb_checkpoints").mkdir()
+    with pytest.raises(data.DataError) as info:
+        folders.load_index(str(root))
+    assert str(info.value) == (
+        f"dataset 'imagenet' in {root} is unreadable: val/ has class folders that train/ "
+        "lacks: .ipynb_checkpoints"
+    )
+
+
 def test_an_empty_val_folder_is_one_clear_error(tmp_path):
     root = imagenet_tree(tmp_path / "data", "kaggle")
     shutil.rmtree(root / "val")

@@ -212,6 +212,12 @@ def _val_images(root: Path, number: dict[str, int]) -> tuple[list, list]:
     """Paths and class numbers of the validation images, in either layout; images beside class
     folders (a flat val/ sorted part of the way) are refused, which no evaluation would read."""
     folders, images = _entries(root / "val")
+    unknown = sorted(set(folders) - set(number))
+    if unknown:
+        raise DataError(
+            f"dataset 'imagenet' in {root} is unreadable: val/ has class folders that "
+            f"train/ lacks: {', '.join(unknown[:5])}"
+        )
     if folders and images:
         more = f" and {len(images) - 3} more" if len(images) > 3 else ""
         raise DataError(
@@ -221,12 +227,6 @@ def _val_images(root: Path, number: dict[str, int]) -> tuple[list, list]:
             "folders' images back into val/ for its labels file to label them"
         )
     if folders:
-        unknown = sorted(set(folders) - set(number))
-        if unknown:
-            raise DataError(
-                f"dataset 'imagenet' in {root} is unreadable: val/ has class folders that "
-                f"train/ lacks: {', '.join(unknown[:5])}"
-            )
         return _class_images(root / "val", folders, number)
     if not images:
         raise DataError(f"dataset 'imagenet' in {root} is unreadable: val/ holds no images")
