@@ -832,6 +832,38 @@ def test_an_image_removed_from_a_read_only_folder_after_its_index_names_that_ind
     assert folders.load_index(str(root)).files["train"] == ["train/n01/0.png", "train/n02/0.png"]
 
 
+@pytest.mark.parametrize("fault", ["a file named as stage_to", "a full disk"])
+def test_a_copy_that_cannot_be_written_names_stage_to_not_the_data_folder(
+    tmp_path, monkeypatch, fault
+):
+    """A staged copy that cannot be written (stage_to a file, a disk that fills mid-copy) said
+    the data folder was unreadable ('dataset 'imagenet' in DATA is unreadable: [Errno 28] No
+    space left on device'), where the images read fine; it now names data.stage_to and the
+    copy, and how to go on."""
+    root = small_tree(tmp_path / "data", ["n01", "n02"])
+    local = tmp_path / "local"
+    if fault == "a file named as stage_to":
+        local.write_text("")
+        reason = f"Not a directory: {local}/data-"
+    else:
+
+        def full(source, target):
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(staging.shutil, "copyfile", full)
+        reason = "No space left on device)"
+    with pytest.raises(data.DataError) as refused:
+        data.load_splits(section(root, stage_to=str(local)))
+    copy = staging.staged_root(str(local), str(root))
+    message = str(refused.value)
+    assert message.startswith(f"data.stage_to {local}: the copy of {root} to {copy} cannot be ")
+    assert f"written ({reason}" in message
+    assert message.endswith(
+        "; set data.stage_to to a folder this node can write, with room for the copy, or leave "
+        f"it unset to read {root} in place"
+    )
+
+
 UP_TWO = "/".join(["train", os.pardir, os.pardir, "secret.png"])
 
 

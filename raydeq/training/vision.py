@@ -17,8 +17,8 @@ from torchvision.datasets.folder import default_loader
 from raydeq.datasets import mnist10k
 from raydeq.training.config import DataSection
 from raydeq.training.data import CLASSES, DataError, Splits, image_shape
-from raydeq.training.folders import SPLITS, load_index
-from raydeq.training.staging import stage
+from raydeq.training.folders import SPLITS, Index, load_index
+from raydeq.training.staging import stage, staged_root
 
 MNIST_STATS = ((0.1307,), (0.3081,))
 CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
@@ -169,6 +169,27 @@ def _missing_file(path: Path, index_file: Path | None) -> DataError:
     return DataError(f"{path}{listed} is not there: the folder changed after it was listed{relist}")
 
 
+def _staged(data_dir: str, index: Index, stage_to: str) -> Path:
+    """The root of this node's copy of the indexed files in `stage_to` (see `stage`); a DataError
+    names a listed image that is not there, or else the copy that cannot be written (a full
+    disk, a read-only or misnamed `stage_to`), which reading the data folder would not fix."""
+    try:
+        return stage(data_dir, [f for split in SPLITS for f in index.files[split]], stage_to)
+    except OSError as err:
+        source = err.filename is not None and Path(err.filename).is_relative_to(data_dir)
+        if source and isinstance(err, FileNotFoundError):
+            raise _missing_file(Path(err.filename), index.path) from None
+        if source:
+            raise
+        at = f": {err.filename}" if err.filename else ""
+        copy = staged_root(stage_to, data_dir)
+        raise DataError(
+            f"data.stage_to {stage_to}: the copy of {data_dir} to {copy} "
+            f"cannot be written ({err.strerror}{at}); set data.stage_to to a folder this node can "
+            f"write, with room for the copy, or leave it unset to read {data_dir} in place"
+        ) from None
+
+
 def _imagenet(cfg: DataSection) -> Splits:
     """ImageNet `train/` and `val/` from the folder's index (listed once, see `folders`), read
     from the node-local copy when `stage_to` is set; transforms as the paper's reference code
@@ -180,14 +201,7 @@ def _imagenet(cfg: DataSection) -> Splits:
     augment = (T.Resize((enlarged, enlarged)), T.RandomHorizontalFlip(), T.RandomCrop(size))
     data_dir = cfg.data_dir or "."
     index = load_index(data_dir)
-    root = Path(data_dir)
-    if cfg.stage_to is not None:
-        try:
-            root = stage(
-                data_dir, [f for split in SPLITS for f in index.files[split]], cfg.stage_to
-            )
-        except FileNotFoundError as err:
-            raise _missing_file(Path(err.filename), index.path) from None
+    root = Path(data_dir) if cfg.stage_to is None else _staged(data_dir, index, cfg.stage_to)
     train_steps = augment if cfg.augment else val_steps
     train = FileImages(
         root,
