@@ -11,6 +11,7 @@ import traceback
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import scipy.io
 import torch
@@ -862,6 +863,31 @@ def test_a_copy_that_cannot_be_written_names_stage_to_not_the_data_folder(
         "; set data.stage_to to a folder this node can write, with room for the copy, or leave "
         f"it unset to read {root} in place"
     )
+
+
+@pytest.mark.parametrize("damage", ["cut short", "no class list"])
+def test_an_index_that_does_not_read_is_one_line_naming_it(tmp_path, damage):
+    """An index cut short (a copy of the data folder stopped in it) or a Parquet file of its
+    name without the class list stopped the preflight in pyarrow's or a KeyError's traceback;
+    it is now one DataError naming the file and saying to delete it."""
+    root = small_tree(tmp_path / "data", ["n01", "n02"])
+    folders.load_index(str(root))
+    index = root / folders.INDEX_FILE
+    if damage == "cut short":
+        index.write_bytes(index.read_bytes()[: index.stat().st_size // 2])
+        reason = "ArrowInvalid: "
+    else:
+        table = pq.read_table(index)
+        pq.write_table(table.replace_schema_metadata({}), index)
+        reason = "KeyError: b'classes'"
+    with pytest.raises(data.DataError) as refused:
+        folders.load_index(str(root))
+    message = str(refused.value)
+    assert message.startswith(f"{index} does not read as an index of the data folder ({reason}")
+    assert message.endswith("); delete it for the folder to be listed again")
+    assert "\n" not in message
+    index.unlink()
+    assert folders.load_index(str(root)).files["train"] == ["train/n01/0.png", "train/n02/0.png"]
 
 
 UP_TWO = "/".join(["train", os.pardir, os.pardir, "secret.png"])

@@ -290,14 +290,21 @@ def read(path: Path) -> Index:
     """The index stored at `path`; a DataError where it lists a file outside its split's folder
     (through `..`, or an absolute path), which a read or a staged copy would reach outside the data
     folder or write outside the copy's, or a class it does not name, which would fail the
-    loss mid-training (an index written elsewhere, or edited)."""
-    table = pq.read_table(path)
-    classes = tuple(json.loads(table.schema.metadata[b"classes"]))
-    files, labels = {}, {}
+    loss mid-training (an index written elsewhere, or edited), or where it does not read as
+    one (cut short, or another file of its name)."""
+    try:
+        table = pq.read_table(path)
+        classes = tuple(json.loads(table.schema.metadata[b"classes"]))
+        rows = {split: table.filter(pc.equal(table["split"], split)) for split in SPLITS}
+        files = {split: rows[split]["path"].to_pylist() for split in SPLITS}
+        labels = {split: rows[split]["label"].to_pylist() for split in SPLITS}
+    except Exception as err:  # pyarrow's, json's, a missing column's or metadata's
+        reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        raise DataError(
+            f"{path} does not read as an index of the data folder ({reason}); delete it for the "
+            "folder to be listed again"
+        ) from None
     for split in SPLITS:
-        rows = table.filter(pc.equal(table["split"], split))
-        files[split] = rows["path"].to_pylist()
-        labels[split] = rows["label"].to_pylist()
         outside = next((f for f in files[split] if not _within(f, split)), None)
         if outside is not None:
             raise DataError(
