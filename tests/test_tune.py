@@ -2663,7 +2663,7 @@ def test_asha_resumed_keeps_the_rungs_of_the_reports_before_the_resume(tmp_path)
     (folder / f"{archive.ARCHIVE_PREFIX}0.json").write_text(lines)
     scheduler = run._scheduler(experiment, options, str(tmp_path))
     scheduler.set_search_properties("test_accuracy", "max")
-    good = SimpleNamespace(trial_id="good", path=str(folder))
+    good = SimpleNamespace(trial_id="good", path=str(folder), status=run.Trial.TERMINATED)
     bad = SimpleNamespace(trial_id="bad", path=str(tmp_path / "bad"))
     scheduler.on_trial_add(None, good)
     scheduler.on_trial_add(None, bad)
@@ -2671,6 +2671,68 @@ def test_asha_resumed_keeps_the_rungs_of_the_reports_before_the_resume(tmp_path)
     assert rungs[20] == {"good": 0.9} and rungs[10] == {}
     action = scheduler.on_trial_result(None, bad, {"step": 22, "test_accuracy": 0.1})
     assert action == run.TrialScheduler.STOP
+
+
+class RestoredTrial(SimpleNamespace):
+    """A trial as Tune restores it: its status and folder, and the last result it is given."""
+
+    def update_last_result(self, result: dict) -> None:
+        """Keep the result as Tune's trial does."""
+        self.last_result = result
+
+
+def test_a_trial_asha_stopped_after_tunes_last_save_stays_stopped_on_resume(tmp_path, capsys):
+    """A trial whose last report before the kill fell below its rung's cutoff was stopped by
+    ASHA, but Tune's record, saved before, resumed it as unfinished and trained it to its last
+    step: it is stopped again before it starts, the searcher told that report's accuracy and
+    cost, its line the one of a stop; a trial that reported past its rung (it passed) is
+    resumed and not judged again."""
+    search = {"scheduler": "asha", "grace_period": 10, "reduction_factor": 2}
+    experiment = spec.from_dict("a", {**TINY, "train": {"max_steps": 60}, "search": search})
+    options = run.Options(gpus=0, num_samples=3, scheduler="asha", max_concurrent=0)
+    written = {
+        "good": [{"step": 20, "test_accuracy": 0.9, "test_nfe": 8.0, "total_steps": 60}],
+        "stopped": [
+            {"step": 10, "total_steps": 60},
+            {"step": 20, "test_accuracy": 0.5, "test_nfe": 4.0, "total_steps": 60},
+        ],
+        "passed": [
+            {"step": 20, "test_accuracy": 0.4, "test_nfe": 3.0, "total_steps": 60},
+            {"step": 30, "total_steps": 60},
+        ],
+    }
+    trials = {}
+    for name, reports in written.items():
+        (tmp_path / name).mkdir()
+        write_reports(tmp_path / name / f"{archive.ARCHIVE_PREFIX}0.json", reports)
+        status = run.Trial.TERMINATED if name == "good" else run.Trial.PENDING
+        where = {"path": str(tmp_path / name), "config": {"variant": {"label": name}}}
+        trials[name] = RestoredTrial(trial_id=name, status=status, **where)
+    told, stopped = [], []
+
+    def stop(trial: RestoredTrial) -> None:
+        """Stop the trial as Tune does, its line printed."""
+        stopped.append(trial.trial_id)
+        run.TrialLines(total=3).on_trial_complete(0, list(trials.values()), trial)
+        trial.status = run.Trial.TERMINATED
+
+    controller = SimpleNamespace(
+        get_trials=lambda: list(trials.values()),
+        search_alg=SimpleNamespace(on_trial_complete=lambda *a, **k: told.append((a, k))),
+        stop_trial=stop,
+    )
+    scheduler = run._scheduler(experiment, options, str(tmp_path))
+    scheduler.set_search_properties("test_accuracy", "max")
+    for trial in trials.values():
+        scheduler.on_trial_add(controller, trial)
+    assert scheduler.choose_trial_to_run(controller) is trials["passed"]
+    assert stopped == ["stopped"] and trials["stopped"].status == run.Trial.TERMINATED
+    line = (
+        "trial stopped: stopped early at step 20 of 60, test_accuracy 0.5000 (2 of 3 trials done)"
+    )
+    assert capsys.readouterr().out == line + "\n"
+    assert told == [(("stopped",), {"result": written["stopped"][1]})]
+    assert dict(scheduler._brackets[0]._rungs)[20] == {"good": 0.9, "stopped": 0.5, "passed": 0.4}
 
 
 def test_a_trial_that_reaches_its_last_step_finished_and_one_cut_short_stopped_early(capsys):

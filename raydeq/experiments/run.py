@@ -10,11 +10,13 @@ started with are stored in the experiment folder, so `--resume` and `--report` u
 from __future__ import annotations
 
 import functools
+import math
 import os
 from collections.abc import Callable
 from dataclasses import MISSING, dataclass
 from typing import Any
 
+import pandas as pd
 import pyarrow.fs
 import ray
 import ray.util.state
@@ -309,13 +311,23 @@ def check_scheduler(experiment: Experiment, scheduler: str) -> None:
 def past_reports(path: str, trial: Trial, time_attr: str, metric: str) -> list[tuple]:
     """(time, metric) of each report that a trial of the experiment at `path` made before a
     resume, in step order; none for a trial that has not started (Tune names its folder then)."""
+    return _measured(_past_frame(path, trial), time_attr, metric)
+
+
+def _past_frame(path: str, trial: Trial) -> pd.DataFrame:
+    """A trial's reports before a resume in step order (`history`), empty for a trial that has
+    not started."""
     folder = trial_folder(path, trial)
     if folder is None:
-        return []
+        return pd.DataFrame()
     fs, inner = filesystem(folder)
     if fs.get_file_info(inner).type != pyarrow.fs.FileType.Directory:
-        return []
-    frame = history(folder)
+        return pd.DataFrame()
+    return history(folder)
+
+
+def _measured(frame: pd.DataFrame, time_attr: str, metric: str) -> list[tuple]:
+    """(time, metric) of each of the reports that has the metric, in their order."""
     if time_attr not in frame or metric not in frame:
         return []
     return list(frame[[time_attr, metric]].dropna().itertuples(index=False, name=None))
@@ -324,18 +336,62 @@ def past_reports(path: str, trial: Trial, time_attr: str, metric: str) -> list[t
 class ResumableASHA(ASHAScheduler):
     """Ray's ASHA, its rungs rebuilt from the trials' reports when a run is resumed: Tune
     restores the scheduler pickled at the run's start, with empty rungs, which let a resumed
-    run's trials through where the first part's results would have stopped them."""
+    run's trials through where the first part's results would have stopped them.
+
+    An unfinished trial whose last report carries the metric is judged on it once every trial
+    is added, as ASHA judged it before the stop: Tune's record, saved every 10 s or more, can
+    hold a trial that ASHA stopped since as unfinished, and the resume trained it to its end.
+    """
 
     def __init__(self, path: str, **options: Any) -> None:
         super().__init__(**options)
         self.path = path
+        self.unjudged: dict[str, tuple[Trial, dict[str, Any]]] = {}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Unpickle, with no report to judge where a raydeq before them pickled it."""
+        self.__dict__.update({"unjudged": {}} | state)
 
     def on_trial_add(self, tune_controller: Any, trial: Trial) -> None:
-        """Add the trial, and record at each rung what it reported there before a resume."""
+        """Add the trial, and record at each rung what it reported there before a resume (an
+        unfinished trial's last report with the metric kept for `choose_trial_to_run`)."""
         super().on_trial_add(tune_controller, trial)
-        for time, value in past_reports(self.path, trial, self._time_attr, self._metric):
+        frame = _past_frame(self.path, trial)
+        past = _measured(frame, self._time_attr, self._metric)
+        last = _last_report(frame, self._metric)
+        if past and last is not None and trial.status != Trial.TERMINATED:
+            self.unjudged[trial.trial_id] = (trial, last)
+            past = past[:-1]
+        for time, value in past:
             result = {self._time_attr: time, self._metric: value}
             self.on_trial_result(tune_controller, trial, result)
+
+    def choose_trial_to_run(self, tune_controller: Any) -> Trial | None:
+        """Judge the unfinished trials' last reports against every trial's rungs, stopping
+        those ASHA stops (the searcher told their report, as at a stop in a run), then FIFO."""
+        unjudged, self.unjudged = self.unjudged, {}
+        for trial, report in unjudged.values():
+            decision = self.on_trial_result(tune_controller, trial, report)
+            if decision == TrialScheduler.STOP and trial.status == Trial.PENDING:
+                trial.update_last_result(report)
+                tune_controller.search_alg.on_trial_complete(trial.trial_id, result=report)
+                tune_controller.stop_trial(trial)
+        return super().choose_trial_to_run(tune_controller)
+
+
+def _last_report(frame: pd.DataFrame, metric: str) -> dict[str, Any] | None:
+    """A trial's last report, where it has `metric`: each value as Python's of its column's
+    type (a row of numbers alone would make the step a float), the missing ones left out."""
+    if frame.empty or metric not in frame or pd.isna(frame[metric].iloc[-1]):
+        return None
+    values = {key: column.iloc[-1] for key, column in frame.items()}
+    values = {key: v.item() if hasattr(v, "item") else v for key, v in values.items()}
+    return {key: v for key, v in values.items() if not _missing(v)}
+
+
+def _missing(value: Any) -> bool:
+    """Whether a frame's value is a missing one (None or NaN)."""
+    return value is None or (isinstance(value, float) and math.isnan(value))
 
 
 def _scheduler(experiment: Experiment, options: Options, path: str) -> TrialScheduler:
