@@ -1,6 +1,7 @@
 """ImageNet-style folders: listed once into an index for every later reader, both validation
 layouts, staging to local disk, and one-line errors from the preflight for a broken layout."""
 
+import errno
 import fcntl
 import io
 import os
@@ -888,6 +889,30 @@ def test_an_index_that_does_not_read_is_one_line_naming_it(tmp_path, damage):
     assert "\n" not in message
     index.unlink()
     assert folders.load_index(str(root)).files["train"] == ["train/n01/0.png", "train/n02/0.png"]
+
+
+def test_a_disk_that_fills_in_the_kernels_copy_names_stage_to_and_the_copys_file(
+    tmp_path, monkeypatch
+):
+    """shutil's sendfile copy gives a full disk under the source image's name, so a copy that
+    filled its disk said the data folder was unreadable, naming an image that reads fine; it
+    names data.stage_to and the file of the copy that could not be written."""
+    root = small_tree(tmp_path / "data", ["n01", "n02"])
+    local = tmp_path / "local"
+
+    def full(*args: object) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(staging.shutil, "_USE_CP_SENDFILE", True)
+    monkeypatch.setattr(os, "sendfile", full)
+    with pytest.raises(data.DataError) as refused:
+        data.load_splits(section(root, stage_to=str(local)))
+    copy = staging.staged_root(str(local), str(root))
+    assert str(refused.value) == (
+        f"data.stage_to {local}: the copy of {root} to {copy} cannot be written (No space left "
+        f"on device: {copy}/train/n01/.0.png.partial); set data.stage_to to a folder this node "
+        f"can write, with room for the copy, or leave it unset to read {root} in place"
+    )
 
 
 UP_TWO = "/".join(["train", os.pardir, os.pardir, "secret.png"])

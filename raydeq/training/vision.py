@@ -2,6 +2,7 @@
 folders (listed once, optionally staged to local disk) and FakeData, the MNIST, CIFAR-10 and
 ImageNet ones with their standard training augmentation (SVHN and FakeData take none)."""
 
+import errno
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
@@ -19,6 +20,9 @@ from raydeq.training.config import DataSection
 from raydeq.training.data import CLASSES, DataError, Splits, image_shape
 from raydeq.training.folders import SPLITS, Index, load_index
 from raydeq.training.staging import stage, staged_root
+
+# A copy's errors in writing, which shutil's sendfile copy gives under the source file's name.
+WRITE_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
 
 MNIST_STATS = ((0.1307,), (0.3081,))
 CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
@@ -176,12 +180,17 @@ def _staged(data_dir: str, index: Index, stage_to: str) -> Path:
     try:
         return stage(data_dir, [f for split in SPLITS for f in index.files[split]], stage_to)
     except OSError as err:
-        source = err.filename is not None and Path(err.filename).is_relative_to(data_dir)
+        source = (
+            err.errno not in WRITE_ERRORS
+            and err.filename is not None
+            and Path(err.filename).is_relative_to(data_dir)
+        )
         if source and isinstance(err, FileNotFoundError):
             raise _missing_file(Path(err.filename), index.path) from None
         if source:
             raise
-        at = f": {err.filename}" if err.filename else ""
+        written = err.filename2 or err.filename  # the copy's file, where shutil names both
+        at = f": {written}" if written else ""
         copy = staged_root(stage_to, data_dir)
         raise DataError(
             f"data.stage_to {stage_to}: the copy of {data_dir} to {copy} "
