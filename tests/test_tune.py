@@ -2678,6 +2678,32 @@ def test_asha_resumed_keeps_the_rungs_of_the_reports_before_the_resume(tmp_path)
     assert action == run.TrialScheduler.STOP
 
 
+def test_asha_of_an_experiment_copied_elsewhere_rebuilds_its_rungs_from_the_copy(
+    tmp_path, monkeypatch
+):
+    """An experiment copied to another storage, its first folder then deleted, and resumed
+    there: ASHA's rungs hold the copy's reports. Tune restores the scheduler pickled at the
+    first start, which read them from the folder it started in: none, once that was gone."""
+    monkeypatch.setattr(run, "concurrency", lambda *args, **kwargs: 1)
+    search = {"scheduler": "asha", "grace_period": 10, "reduction_factor": 2}
+    experiment = spec.from_dict("a", {**TINY, "train": {"max_steps": 60}, "search": search})
+    options = run.Options(gpus=0, num_samples=3, scheduler="asha", max_concurrent=0)
+    first, copy = tmp_path / "cluster" / "a", tmp_path / "laptop" / "a"
+    run.tuner(experiment, str(first), options, resume=False)  # Tune pickles it in tuner.pkl
+    (first / "good").mkdir()
+    write_reports(first / "good" / archive.RESULT_FILE, [{"step": 22, "test_accuracy": 0.9}])
+    shutil.copytree(first, copy)
+    shutil.rmtree(first)
+    scheduler = run.tuner(
+        experiment, str(copy), options, resume=True
+    )._local_tuner._tune_config.scheduler
+    scheduler.set_search_properties("test_accuracy", "max")
+    good = SimpleNamespace(trial_id="good", path=str(copy / "good"), status=run.Trial.TERMINATED)
+    scheduler.on_trial_add(None, good)
+    assert dict(scheduler._brackets[0]._rungs)[20] == {"good": 0.9}
+    assert not first.exists()
+
+
 class RestoredTrial(SimpleNamespace):
     """A trial as Tune restores it: its status and folder, and the last result it is given."""
 

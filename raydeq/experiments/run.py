@@ -452,6 +452,9 @@ def tuner(experiment: Experiment, path: str, options: Options, resume: bool) -> 
         # classes with the attributes of the raydeq that started it (an older TrialLines had
         # no total, and the first trial to end stopped the resumed run). It takes this one's.
         restored._local_tuner.get_run_config().callbacks = callbacks(experiment, options)
+        # ... and the scheduler pickled with the folder the experiment started in: a copy
+        # resumed elsewhere rebuilt ASHA's rungs from there, or from nothing once it was gone.
+        restored._local_tuner._tune_config.scheduler = _scheduler(experiment, options, path)
         return restored
     storage, name = path.rstrip("/").rsplit("/", 1)
     search = experiment.search
