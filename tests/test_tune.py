@@ -1352,7 +1352,7 @@ def test_a_dry_run_lists_the_trials_the_run_draws_and_a_resumed_one_its_stored_c
     assert listed == [s["optim"]["lr"] for s in spec.expand(experiment)]
     assert len(set(listed)) == 3 and listed[0] == listed[1]
     monkeypatch.setattr(run, "concurrency", lambda *args, **kwargs: 6)
-    generator = run.search_algorithm(experiment, run.Options(None, 3, "fifo", 0))
+    generator = run.search_algorithm(experiment, run.Options(None, 3, "fifo", 0), "runs/tiny")
     ray.tune.register_trainable("tiny", lambda config: None)
     generator.add_configurations(
         {"tiny": {"config": experiment.param_space(), "num_samples": 3, "run": "tiny"}}
@@ -1385,7 +1385,7 @@ def test_the_trials_at_once_follow_the_runs_gpus_and_limit_and_draws_the_experim
     monkeypatch.setattr(run, "concurrency", concurrency)
     space = {"optim.lr": {"loguniform": [1e-4, 1e-2]}}
     grid = spec.from_dict("g", {**TINY, "seed": 7, "search": {"num_samples": 3, "space": space}})
-    generator = run.search_algorithm(grid, run.Options(0.5, 3, "fifo", 2))
+    generator = run.search_algorithm(grid, run.Options(0.5, 3, "fifo", 2), "runs/g")
     assert generator.max_concurrent == 4 and asked == [(0.5, 2)]
     ray.tune.register_trainable("g", lambda config: None)
     configurations = {"config": grid.param_space(), "num_samples": 3, "run": "g"}
@@ -1394,11 +1394,18 @@ def test_the_trials_at_once_follow_the_runs_gpus_and_limit_and_draws_the_experim
     while (trial := generator.next_trial()) is not None:
         drawn.append(trial.config["optim"]["lr"])
     assert drawn == [sampled["optim"]["lr"] for sampled in spec.expand(grid)]
-    monkeypatch.setattr(
-        run.searchers, "searcher", lambda space, search, seed, bound: (seed, bound())
-    )
+    given = []
+
+    def searcher(space, search, seed, bound):
+        given.append((seed, bound()))
+        return ray.tune.search.Searcher()
+
+    monkeypatch.setattr(run.searchers, "searcher", searcher)
     optuna = spec.from_dict("o", {**TINY, "seed": 7, "search": {"searcher": "tpe", "space": space}})
-    assert run.search_algorithm(optuna, run.Options(None, 3, "fifo", 0)) == (7, 4)
+    assert isinstance(
+        run.search_algorithm(optuna, run.Options(None, 3, "fifo", 0), "o"), run.SearchHere
+    )
+    assert given == [(7, 4)]
     assert asked[-1] == (None, 0)
 
 
@@ -1410,11 +1417,11 @@ def test_a_restored_variant_generator_lets_in_as_many_trials_as_the_cluster_hold
     def bound():
         return cluster["trials"]
 
-    generator = run.VariantsWithinCapacity(bound, constant_grid_search=True, random_state=0)
+    generator = run.VariantsWithinCapacity("e", bound, constant_grid_search=True, random_state=0)
     assert generator.max_concurrent == 3
     state = generator.get_state()
     cluster["trials"] = 5
-    restored = run.VariantsWithinCapacity(bound, constant_grid_search=True, random_state=0)
+    restored = run.VariantsWithinCapacity("e", bound, constant_grid_search=True, random_state=0)
     restored.set_state(state)
     assert restored.max_concurrent == 5
 
@@ -2704,6 +2711,47 @@ def test_asha_of_an_experiment_copied_elsewhere_rebuilds_its_rungs_from_the_copy
     assert not first.exists()
 
 
+def searched_as_tune_runs(tuner: ray.tune.Tuner) -> ray.tune.search.SearchAlgorithm:
+    """The search algorithm of a Tuner as Tune runs it: a searcher wrapped in a generator."""
+    found = tuner._local_tuner._tune_config.search_alg
+    searcher = isinstance(found, ray.tune.search.Searcher)
+    return ray.tune.search.SearchGenerator(found) if searcher else found
+
+
+@pytest.mark.parametrize("search", [{}, {"searcher": "tpe"}], ids=["variants", "optuna"])
+def test_new_trials_of_an_experiment_copied_elsewhere_are_stored_in_the_copy(
+    tmp_path, monkeypatch, search
+):
+    """An experiment copied to another storage, its first folder then deleted, and resumed
+    there: a trial its search adds is stored in the copy. The search's state, saved at the
+    first start, makes trials from the experiment it was given then, which stored their
+    checkpoints in the folder the experiment started in (recreated after its deletion)."""
+    # The Optuna searcher sets Optuna's verbosity for the process: it is put back.
+    with run.searchers.optuna_warnings_only():
+        monkeypatch.setattr(run, "concurrency", lambda *args, **kwargs: 2)
+        space = {"optim.lr": {"loguniform": [1e-4, 1e-2]}}
+        experiment = spec.from_dict("a", {**TINY, "search": search | {"space": space}})
+        options = run.Options(gpus=0, num_samples=3, scheduler="fifo", max_concurrent=0)
+        first, copy = tmp_path / "cluster" / "a", tmp_path / "laptop" / "a"
+        ray.tune.register_trainable("a", lambda config: None)
+        started = searched_as_tune_runs(run.tuner(experiment, str(first), options, resume=False))
+        started.set_search_properties("test_accuracy", "max", {})
+        given = ray.tune.Experiment(
+            "a", "a", config=experiment.param_space(), num_samples=3, storage_path=str(first.parent)
+        )
+        started.add_configurations([given])
+        assert started.next_trial().storage.experiment_fs_path == str(first)
+        started.save_to_dir(str(first), "2026-01-01_00-00-00")  # Tune saves it with the trials
+        shutil.copytree(first, copy)
+        shutil.rmtree(first)
+        resumed = searched_as_tune_runs(run.tuner(experiment, str(copy), options, resume=True))
+        resumed.set_search_properties("test_accuracy", "max", {})
+        resumed.restore_from_dir(str(copy))
+        trial = resumed.next_trial()
+        assert trial.storage.experiment_fs_path == str(copy)
+        assert trial.storage.storage_filesystem.type_name == "local"
+
+
 class RestoredTrial(SimpleNamespace):
     """A trial as Tune restores it: its status and folder, and the last result it is given."""
 
@@ -2970,6 +3018,7 @@ def test_a_resumed_tuner_archives_the_reports_and_continues_errored_trials_from_
     session before are archived."""
     calls = []
     monkeypatch.setattr(run, "archive_results", lambda path: calls.append(("archive", path)))
+    monkeypatch.setattr(run, "concurrency", lambda *args, **kwargs: 1)  # no cluster asked
     restored = restored_tuner([])
 
     def restore(path, trainable, **kwargs):
@@ -2985,9 +3034,13 @@ def test_a_resumed_tuner_archives_the_reports_and_continues_errored_trials_from_
 
 
 def restored_tuner(callbacks: list) -> SimpleNamespace:
-    """A stand-in for the Tuner that Tune restores, its run config holding `callbacks`."""
+    """A stand-in for the Tuner that Tune restores, its run config holding `callbacks`, its
+    Tune config a scheduler and a search algorithm."""
     run_config = SimpleNamespace(callbacks=callbacks)
-    return SimpleNamespace(_local_tuner=SimpleNamespace(get_run_config=lambda: run_config))
+    tune_config = SimpleNamespace(scheduler=None, search_alg=None)
+    return SimpleNamespace(
+        _local_tuner=SimpleNamespace(get_run_config=lambda: run_config, _tune_config=tune_config)
+    )
 
 
 def test_a_resume_reports_through_this_raydeqs_callbacks_not_those_the_experiment_pickled(
@@ -3002,6 +3055,7 @@ def test_a_resume_reports_through_this_raydeqs_callbacks_not_those_the_experimen
     restored = restored_tuner([run.JsonLoggerCallback(), run.CSVLoggerCallback(), old])
     monkeypatch.setattr(run, "archive_results", lambda path: None)
     monkeypatch.setattr(run.tune.Tuner, "restore", lambda path, trainable, **kwargs: restored)
+    monkeypatch.setattr(run, "concurrency", lambda *args, **kwargs: 1)  # no cluster asked
     options = run.Options(gpus=0, num_samples=1, scheduler="fifo", max_concurrent=0)
     settings = {**TINY, "search": {"space": {"seed": {"grid_search": [0, 1, 2, 3, 4, 5]}}}}
     run.tuner(spec.from_dict("x", settings), f"{tmp_path}/x", options, resume=True)
@@ -3435,6 +3489,7 @@ def test_a_resume_restores_tunes_newest_state_whatever_time_zone_named_it(
     older = {p.name: p.read_bytes() for p in folder.glob("*-2026-12-06_17-00-00.*")}
     assert [trial.trial_id for trial in results.recorded_trials(str(folder))] == ["ab_00001"]
     monkeypatch.setattr(run, "archive_results", lambda path: None)
+    monkeypatch.setattr(run, "concurrency", lambda *args, **kwargs: 1)  # no cluster asked
     restored = restored_tuner([])
     seen = []
 

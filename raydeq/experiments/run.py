@@ -9,9 +9,11 @@ started with are stored in the experiment folder, so `--resume` and `--report` u
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import os
+import posixpath
 from collections.abc import Callable
 from dataclasses import MISSING, dataclass
 from typing import Any
@@ -27,7 +29,7 @@ from ray.tune.experiment import Trial
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
-from ray.tune.search import BasicVariantGenerator, SearchAlgorithm, Searcher
+from ray.tune.search import BasicVariantGenerator, SearchAlgorithm, Searcher, SearchGenerator
 
 from raydeq.experiments import search as searchers
 from raydeq.experiments.archive import archive_results, history
@@ -181,19 +183,57 @@ def trial_workers(experiment: Experiment, gpus: float | None) -> tuple[int, dict
     return cfg.scaling.num_workers, worker
 
 
-class VariantsWithinCapacity(BasicVariantGenerator):
-    """Tune's variant generator, with its bound on live trials computed when a run starts and
-    again when it is restored (Tune would restore the bound saved with the run, so a resumed
-    run would keep the cluster of its first start)."""
+def stored_at(trial: Trial | None, path: str) -> Trial | None:
+    """A new trial of a search, stored in the experiment's folder `path` as it is now: a
+    search restored from its saved state makes its trials from the experiment it was given at
+    the first start, which names the folder the experiment started in, so a copy resumed
+    elsewhere stored its new trials' checkpoints there (Tune moves only the trials it
+    restores, as set here)."""
+    fs, inner = filesystem(path)
+    if trial is None or (
+        trial.storage.storage_filesystem.type_name == fs.type_name
+        and trial.storage.experiment_fs_path == inner.rstrip("/")
+    ):
+        return trial
+    storage = copy.copy(trial.storage)
+    storage.storage_filesystem = fs
+    storage.storage_fs_path, storage.experiment_dir_name = posixpath.split(inner.rstrip("/"))
+    trial.set_storage(storage)
+    return trial
 
-    def __init__(self, bound: Callable[[], int], **options: Any) -> None:
+
+class VariantsWithinCapacity(BasicVariantGenerator):
+    """Tune's variant generator for the experiment at `path`, with its bound on live trials
+    computed when a run starts and again when it is restored (Tune would restore the bound
+    saved with the run, so a resumed run would keep the cluster of its first start)."""
+
+    def __init__(self, path: str, bound: Callable[[], int], **options: Any) -> None:
         super().__init__(max_concurrent=bound(), **options)
+        self.path = path
         self.bound = bound
 
     def set_state(self, state: dict[str, Any]) -> None:
-        """Restore the saved state, then bound the live trials by the cluster of now."""
-        super().set_state(state)
+        """Restore the saved state, but the experiment's folder, then bound the live trials
+        by the cluster of now."""
+        super().set_state(state | {"path": self.path})
         self.max_concurrent = self.bound()
+
+    def next_trial(self) -> Trial | None:
+        """Tune's next trial, stored in the experiment's folder (`stored_at`)."""
+        return stored_at(super().next_trial(), self.path)
+
+
+class SearchHere(SearchGenerator):
+    """Tune's wrapper of a searcher for the experiment at `path`, its trials stored there
+    (`stored_at`)."""
+
+    def __init__(self, path: str, searcher: Searcher) -> None:
+        super().__init__(searcher)
+        self.path = path
+
+    def next_trial(self) -> Trial | None:
+        """Tune's next trial, stored in the experiment's folder (`stored_at`)."""
+        return stored_at(super().next_trial(), self.path)
 
 
 def check_dashboard() -> None:
@@ -408,14 +448,14 @@ def _scheduler(experiment: Experiment, options: Options, path: str) -> TrialSche
     )
 
 
-def search_algorithm(experiment: Experiment, options: Options) -> SearchAlgorithm | Searcher:
+def search_algorithm(experiment: Experiment, options: Options, path: str) -> SearchAlgorithm:
     """Tune's grid and random sampling, or an Optuna searcher (`search.searcher`), with as many
-    trials at once as the cluster can hold (`concurrency`)."""
+    trials at once as the cluster can hold (`concurrency`), for the experiment at `path`."""
     bound = functools.partial(concurrency, experiment, options.gpus, options.max_concurrent)
     seed = experiment.trial_config({}).seed
     if not experiment.searched:
-        return VariantsWithinCapacity(bound, constant_grid_search=True, random_state=seed)
-    return searchers.searcher(experiment.space(), experiment.search, seed, bound)
+        return VariantsWithinCapacity(path, bound, constant_grid_search=True, random_state=seed)
+    return SearchHere(path, searchers.searcher(experiment.space(), experiment.search, seed, bound))
 
 
 def tuner(experiment: Experiment, path: str, options: Options, resume: bool) -> tune.Tuner:
@@ -452,9 +492,12 @@ def tuner(experiment: Experiment, path: str, options: Options, resume: bool) -> 
         # classes with the attributes of the raydeq that started it (an older TrialLines had
         # no total, and the first trial to end stopped the resumed run). It takes this one's.
         restored._local_tuner.get_run_config().callbacks = callbacks(experiment, options)
-        # ... and the scheduler pickled with the folder the experiment started in: a copy
-        # resumed elsewhere rebuilt ASHA's rungs from there, or from nothing once it was gone.
-        restored._local_tuner._tune_config.scheduler = _scheduler(experiment, options, path)
+        # ... and the scheduler and search pickled with the folder the experiment started in:
+        # a copy resumed elsewhere rebuilt ASHA's rungs from there, or from nothing once it
+        # was gone, and stored its new trials there. It takes ones for the folder of now.
+        tuned = restored._local_tuner._tune_config
+        tuned.scheduler = _scheduler(experiment, options, path)
+        tuned.search_alg = search_algorithm(experiment, options, path)
         return restored
     storage, name = path.rstrip("/").rsplit("/", 1)
     search = experiment.search
@@ -466,7 +509,7 @@ def tuner(experiment: Experiment, path: str, options: Options, resume: bool) -> 
             mode=search.mode,
             scheduler=_scheduler(experiment, options, path),
             num_samples=options.num_samples,
-            search_alg=search_algorithm(experiment, options),
+            search_alg=search_algorithm(experiment, options, path),
             trial_name_creator=trial_name,
             trial_dirname_creator=trial_name,
             # A trial's process takes seconds to start and import; under FIFO every trial runs
