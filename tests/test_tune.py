@@ -1806,7 +1806,7 @@ def test_the_reports_of_a_trial_of_several_workers_are_read_from_its_train_runs_
     too, as they are for a trial of one worker."""
     write_reports(tmp_path / archive.RESULT_FILE, [{"step": 10, "loss": 3.0}])
     reports = [{"step": 20, "loss": 2.0}, {"step": 30, "loss": 1.0}]
-    write_checkpoint({"step": 30}, tmp_path / run.TRAIN_RUN / "checkpoint_000001", reports)
+    write_checkpoint({"step": 30}, tmp_path / storage.TRAIN_RUN / "checkpoint_000001", reports)
     frame = archive.history(str(tmp_path))
     assert frame["step"].tolist() == [10, 20, 30]
     assert frame["loss"].tolist() == [3.0, 2.0, 1.0]
@@ -2357,6 +2357,30 @@ def test_the_report_has_a_row_per_trial_from_every_session_and_writes_its_files(
     assert plotted == [(metric, steps) for metric in results.PLOTS]
     for metric in results.PLOTS:
         assert (path / f"{metric}.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_the_results_of_an_experiment_copied_elsewhere_name_the_trials_folders_in_the_copy(
+    tmp_path, monkeypatch
+):
+    """results.parquet holds each trial's config as it trained: its Train run (`train`) in its
+    folder where the experiment is now. It held the experiment's stored storage (the file's
+    `runs` made absolute where it started, though --storage put it elsewhere) and a run name
+    no trial had, a folder that never existed, and kept naming it after a copy."""
+    monkeypatch.setattr(results, "plot", lambda *args: b"")
+    experiment = spec.from_dict("a", {**TINY, "train": {"epochs": 1, "max_steps": 30}})
+    first, copy = tmp_path / "cluster" / "a", tmp_path / "laptop" / "a"
+    trial = SimpleNamespace(trial_id="ab_00000", status="TERMINATED", config={}, path="")
+    trial.path = str(first / spec.trial_name(trial))
+    Path(trial.path).mkdir(parents=True)
+    write_reports(Path(trial.path, archive.RESULT_FILE), [{"step": 30, "test_accuracy": 0.75}])
+    shutil.copytree(first, copy)
+    shutil.rmtree(first)
+    monkeypatch.setattr(results, "RecordedExperiment", lambda path: SimpleNamespace(trials=[trial]))
+    results.report(str(copy), experiment)
+    [row] = pq.read_table(copy / results.RESULTS_FILE).to_pylist()
+    folder = copy / spec.trial_name(trial)
+    assert (row["config.storage_path"], row["config.name"]) == (str(folder), storage.TRAIN_RUN)
+    assert not first.exists()
 
 
 def test_the_report_of_an_interrupted_run_has_a_row_for_a_trial_that_never_started(

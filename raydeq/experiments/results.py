@@ -27,7 +27,14 @@ from raydeq import models
 from raydeq.experiments import hparams, paper, pareto
 from raydeq.experiments.archive import history
 from raydeq.experiments.figures import legend_beside, png, step_curves, step_panel, subplots
-from raydeq.experiments.spec import LABEL, VARIANT, Experiment, describe, trial_name
+from raydeq.experiments.spec import (
+    LABEL,
+    VARIANT,
+    Experiment,
+    describe,
+    trial_config,
+    trial_name,
+)
 from raydeq.training import runlock
 from raydeq.training.config import ConfigError, leaves
 from raydeq.training.storage import StorageError, exists, filesystem, write_bytes
@@ -128,8 +135,14 @@ def parameter_count(model_section: str) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def trial_row(experiment: Experiment, trial: Any, frame: pd.DataFrame) -> dict[str, Any]:
+def trial_row(
+    experiment: Experiment, trial: Any, frame: pd.DataFrame, folder: str | None = None
+) -> dict[str, Any]:
     """One row of results.parquet: the trial, its group, its config and its final metrics.
+
+    The config is the one the trial trained with in its `folder` (`spec.trial_config`), where
+    the experiment is now, read back from there whatever folder it started in; a trial that
+    never started (no folder) has the experiment's.
 
     The training steps' time, rate and NFE columns are per-step means of the reports' interval
     means (each weighed by its steps), images_per_second the steps' images over their time,
@@ -138,7 +151,11 @@ def trial_row(experiment: Experiment, trial: Any, frame: pd.DataFrame) -> dict[s
     steps report pretrain_* times instead). Every metric a search can rank by
     (config.METRICS) has its column.
     """
-    cfg = experiment.trial_config(trial.config)
+    cfg = (
+        experiment.trial_config(trial.config)
+        if folder is None
+        else trial_config(experiment, trial.config, folder)
+    )
     model_section = yaml.safe_dump(dataclasses.asdict(cfg.model))
     step = int(_last(frame, "step")) if "step" in frame and len(frame) else 0
     epoch = _last(frame, "epoch")
@@ -437,7 +454,7 @@ def _report(path: str, experiment: Experiment, unfinished: str) -> str:
     for trial in sorted(trials, key=lambda t: t.trial_id):
         folder = trial_folder(path, trial)
         frame = pd.DataFrame() if folder is None else history(folder)
-        row = trial_row(experiment, trial, frame)
+        row = trial_row(experiment, trial, frame, folder)
         rows.append(row)
         curves.setdefault(row["group"], []).append(frame)
     metric, mode = experiment.search.metric, experiment.search.mode

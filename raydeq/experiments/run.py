@@ -44,6 +44,7 @@ from raydeq.experiments.spec import (
     describe,
     from_dict,
     searched_keys,
+    trial_config,
     trial_count,
     trial_name,
 )
@@ -56,13 +57,12 @@ from raydeq.training.config import (
     ConfigError,
     apply_overrides,
     leaves,
-    merge,
     without_effect,
 )
 from raydeq.training.reporting import progress_line
 from raydeq.training.schema import build_section, option
 from raydeq.training.session import TuneTrial
-from raydeq.training.storage import TRAIN_RUN, exists, filesystem, read_text, write_bytes
+from raydeq.training.storage import exists, filesystem, read_text, write_bytes
 
 SETTINGS_FILE = "experiment.yaml"
 # Tune's bound on the trials that wait for resources at once: `auto` or a whole number.
@@ -114,13 +114,6 @@ def run_trial(
         return
     scaling = launch.scaling_config(cfg, gpus, reserve_cpu=TRIAL_CPU)
     launch.fit(cfg, scaling, callbacks=[TuneReportCallback()], threads=threads)
-
-
-def trial_config(experiment: Experiment, sampled: dict[str, Any], trial_dir: str) -> Config:
-    """The config a trial trains with in its folder `trial_dir`: its Train run there
-    (`<trial>/train`), labelled with its sampled values, not the file's name and storage."""
-    where = {"name": TRAIN_RUN, "label": describe(sampled), "storage_path": trial_dir}
-    return experiment.trial_config(merge(sampled, where))
 
 
 def in_process(cfg: Config) -> bool:

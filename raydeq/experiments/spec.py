@@ -46,7 +46,7 @@ from raydeq.training.config import (
     workers_named,
 )
 from raydeq.training.schema import build_section
-from raydeq.training.storage import absolute, is_uri
+from raydeq.training.storage import TRAIN_RUN, absolute, is_uri
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "tune_configs"
 VARIANT = "variant"
@@ -489,6 +489,13 @@ def trial_count(experiment: Experiment, num_samples: int | None = None) -> int:
         return samples
     grid = generate_variants(experiment.grid(), constant_grid_search=True)
     return samples * sum(1 for _ in grid)
+
+
+def trial_config(experiment: Experiment, sampled: Mapping[str, Any], trial_dir: str) -> Config:
+    """The config a trial trains with in its folder `trial_dir`: its Train run there
+    (`<trial>/train`), labelled with its sampled values, not the file's name and storage."""
+    where = {"name": TRAIN_RUN, "label": describe(sampled), "storage_path": trial_dir}
+    return experiment.trial_config(merge(sampled, where))
 
 
 def describe(sampled: Mapping[str, Any], leave_out: tuple[str, ...] = ()) -> str:
