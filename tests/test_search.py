@@ -782,6 +782,26 @@ def test_a_restored_searcher_lets_in_as_many_trials_as_the_cluster_holds_now(mon
     assert restored.max_concurrent == 5 and set(restored.live_trials) == {"t0"}
 
 
+def test_a_search_resumed_from_its_saved_state_lets_in_as_many_trials_as_the_cluster_holds_now(
+    tmp_path, monkeypatch
+):
+    """A resume restores the search from the state Tune saved in the experiment's folder, which
+    held the bound of the first start: a cluster grown from 3 trials to 5 since then lets 5 in
+    after the resume, and the searcher keeps the trials it suggested."""
+    experiment = spec.from_dict("s", {**TINY, "search": SEARCH})
+    started = ray.tune.search.SearchGenerator(
+        search.searcher(experiment.space(), experiment.search, seed=0, bound=cluster_trials)
+    )
+    started.searcher.suggest("t0")
+    started.save_to_dir(str(tmp_path), "2026-01-01_00-00-00")
+    monkeypatch.setitem(CLUSTER, "trials", 5)
+    resumed = ray.tune.search.SearchGenerator(
+        search.searcher(experiment.space(), experiment.search, seed=0, bound=cluster_trials)
+    )
+    resumed.restore_from_dir(str(tmp_path))
+    assert resumed.searcher.max_concurrent == 5 and set(resumed.searcher.live_trials) == {"t0"}
+
+
 def test_a_search_maximises_its_metric_minimises_its_cost_and_repeats_its_draws_per_seed():
     """The study's directions: test accuracy up and the cost down (a cost maximised would
     hunt for the slowest solvers); a searcher of the same seed suggests the same trials after

@@ -369,6 +369,12 @@ class LimitWithinCapacity(ConcurrencyLimiter):
         self.__dict__.update(state)
         self.max_concurrent = self.bound()
 
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Restore the state Tune saved with the run (how a resume restores the search), but
+        this raydeq's bound, then bound the live trials by the cluster of now."""
+        super().set_state(state | {"bound": self.bound})
+        self.max_concurrent = self.bound()
+
 
 def searcher(space: Space, search: SearchSection, seed: int, bound: Callable[[], int]) -> Searcher:
     """Tune's OptunaSearch over the space, the points enqueued first, limited to bound()
