@@ -2838,6 +2838,45 @@ def test_a_trial_asha_stopped_after_tunes_last_save_stays_stopped_on_resume(tmp_
     assert dict(scheduler._brackets[0]._rungs)[20] == {"good": 0.9, "stopped": 0.5, "passed": 0.4}
 
 
+def test_a_trial_asha_let_through_before_the_kill_is_resumed_though_later_reports_beat_it(
+    tmp_path,
+):
+    """ASHA let a trial through its rung 20 with 0.6 (the rung held 0.5, its cutoff 0.5), then
+    another trial reported 0.9 there and the driver was killed: the resume judges the trial's
+    last report against the rung as it was then, and resumes it. Judged against both values
+    (cutoff 0.7) it was stopped, a trial the run had let through."""
+    search = {"scheduler": "asha", "grace_period": 10, "reduction_factor": 2}
+    experiment = spec.from_dict("a", {**TINY, "train": {"max_steps": 60}, "search": search})
+    options = run.Options(gpus=0, num_samples=3, scheduler="asha", max_concurrent=0)
+    written = {
+        "first": [{"step": 20, "test_accuracy": 0.5, "timestamp": 100}],
+        "through": [{"step": 20, "test_accuracy": 0.6, "timestamp": 200}],
+        "later": [
+            {"step": 20, "test_accuracy": 0.9, "timestamp": 300},
+            {"step": 30, "timestamp": 310},
+        ],
+    }
+    trials = {}
+    for name, reports in written.items():
+        (tmp_path / name).mkdir()
+        write_reports(tmp_path / name / f"{archive.ARCHIVE_PREFIX}0.json", reports)
+        status = run.Trial.TERMINATED if name == "first" else run.Trial.PENDING
+        trials[name] = RestoredTrial(trial_id=name, status=status, path=str(tmp_path / name))
+    stopped = []
+    controller = SimpleNamespace(
+        get_trials=lambda: list(trials.values()),
+        search_alg=SimpleNamespace(on_trial_complete=lambda *a, **k: None),
+        stop_trial=lambda trial: stopped.append(trial.trial_id),
+    )
+    scheduler = run._scheduler(experiment, options, str(tmp_path))
+    scheduler.set_search_properties("test_accuracy", "max")
+    for trial in trials.values():
+        scheduler.on_trial_add(controller, trial)
+    assert scheduler.choose_trial_to_run(controller) is trials["through"]
+    assert stopped == []
+    assert dict(scheduler._brackets[0]._rungs)[20] == {"first": 0.5, "through": 0.6, "later": 0.9}
+
+
 def test_a_trial_that_reaches_its_last_step_finished_and_one_cut_short_stopped_early(capsys):
     lines = run.TrialLines(total=2)
     for step in (6, 3):

@@ -374,16 +374,19 @@ class ResumableASHA(ASHAScheduler):
     An unfinished trial whose last report carries the metric is judged on it once every trial
     is added, as ASHA judged it before the stop: Tune's record, saved every 10 s or more, can
     hold a trial that ASHA stopped since as unfinished, and the resume trained it to its end.
+    It is judged against the rungs as they were when it reported (Tune's `timestamp`): the
+    values other trials reported there later were not there when ASHA let it through.
     """
 
     def __init__(self, path: str, **options: Any) -> None:
         super().__init__(**options)
         self.path = path
         self.unjudged: dict[str, tuple[Trial, dict[str, Any]]] = {}
+        self.recorded_at: dict[tuple[str, float], float] = {}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         """Unpickle, with no report to judge where a raydeq before them pickled it."""
-        self.__dict__.update({"unjudged": {}} | state)
+        self.__dict__.update({"unjudged": {}, "recorded_at": {}} | state)
 
     def on_trial_add(self, tune_controller: Any, trial: Trial) -> None:
         """Add the trial, and record at each rung what it reported there before a resume (an
@@ -391,20 +394,51 @@ class ResumableASHA(ASHAScheduler):
         super().on_trial_add(tune_controller, trial)
         frame = _past_frame(self.path, trial)
         past = _measured(frame, self._time_attr, self._metric)
+        stamps = _stamps(frame, self._time_attr, self._metric)
         last = _last_report(frame, self._metric)
         if past and last is not None and trial.status != Trial.TERMINATED:
             self.unjudged[trial.trial_id] = (trial, last)
             past = past[:-1]
-        for time, value in past:
+        for (time, value), stamp in zip(past, stamps, strict=False):
             result = {self._time_attr: time, self._metric: value}
-            self.on_trial_result(tune_controller, trial, result)
+            self._record(tune_controller, trial, result, stamp)
+
+    def _record(
+        self, tune_controller: Any, trial: Trial, result: dict[str, Any], stamp: float | None
+    ) -> str:
+        """ASHA's decision on a report, noting when it was made (`stamp`) at the rung it is
+        recorded in."""
+        rungs = self._trial_info[trial.trial_id]._rungs
+        before = {milestone for milestone, recorded in rungs if trial.trial_id in recorded}
+        decision = self.on_trial_result(tune_controller, trial, result)
+        for milestone, recorded in rungs:
+            if stamp is not None and trial.trial_id in recorded and milestone not in before:
+                self.recorded_at[trial.trial_id, milestone] = stamp
+        return decision
+
+    def _judge(self, tune_controller: Any, trial: Trial, report: dict[str, Any]) -> str:
+        """ASHA's decision on an unfinished trial's last report against the rungs as they were
+        when it was made: the values recorded from later reports are set aside meanwhile."""
+        stamp = report.get("timestamp")
+        rungs = self._trial_info[trial.trial_id]._rungs
+        later = {}
+        for milestone, recorded in rungs if stamp is not None else []:
+            for other in list(recorded):
+                if self.recorded_at.get((other, milestone), -math.inf) > stamp:
+                    later[milestone, other] = recorded.pop(other)
+        decision = self._record(tune_controller, trial, report, stamp)
+        for (milestone, other), value in later.items():
+            dict(rungs)[milestone][other] = value
+        return decision
 
     def choose_trial_to_run(self, tune_controller: Any) -> Trial | None:
         """Judge the unfinished trials' last reports against every trial's rungs, stopping
-        those ASHA stops (the searcher told their report, as at a stop in a run), then FIFO."""
+        those ASHA stops (the searcher told their report, as at a stop in a run), then FIFO;
+        the reports are judged in the order they were made."""
         unjudged, self.unjudged = self.unjudged, {}
-        for trial, report in unjudged.values():
-            decision = self.on_trial_result(tune_controller, trial, report)
+        made = sorted(unjudged.values(), key=lambda pair: pair[1].get("timestamp", -math.inf))
+        for trial, report in made:
+            decision = self._judge(tune_controller, trial, report)
             if decision == TrialScheduler.STOP and trial.status == Trial.PENDING:
                 trial.update_last_result(report)
                 tune_controller.search_alg.on_trial_complete(trial.trial_id, result=report)
@@ -420,6 +454,16 @@ def _last_report(frame: pd.DataFrame, metric: str) -> dict[str, Any] | None:
     values = {key: column.iloc[-1] for key, column in frame.items()}
     values = {key: v.item() if hasattr(v, "item") else v for key, v in values.items()}
     return {key: v for key, v in values.items() if not _missing(v)}
+
+
+def _stamps(frame: pd.DataFrame, time_attr: str, metric: str) -> list[float | None]:
+    """When each report `_measured` gives was made (Tune's `timestamp`), None where unknown."""
+    if time_attr not in frame or metric not in frame:
+        return []
+    measured = frame[[time_attr, metric]].notna().all(axis=1)
+    if "timestamp" not in frame:
+        return [None] * int(measured.sum())
+    return [None if _missing(v) else float(v) for v in frame.loc[measured, "timestamp"]]
 
 
 def _missing(value: Any) -> bool:
