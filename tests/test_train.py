@@ -4171,6 +4171,24 @@ def test_a_folder_whose_runs_lie_deeper_is_refused_naming_them_not_as_holding_no
         load_model(tmp_path / "exp")
 
 
+def test_load_model_reads_a_one_worker_trials_train_run_as_its_trial(tmp_path):
+    """A results row names each trial's Train run (`<trial>/train`) as its run; a trial of one
+    worker keeps only its TensorBoard there and its checkpoints in the trial folder, so
+    load_model of the row's run said it held no checkpoint. It now reads the trial's."""
+    weights = models.build({"model": "mnist_dense"}).state_dict()
+    state = {"step": 6, "model": weights, "settings": {"model": {"model": "mnist_dense"}}}
+    trial = tmp_path / "exp" / "t0_seed=0"
+    for step in (4, 6):
+        checkpoint.write_checkpoint(state | {"step": step}, trial / f"checkpoint_{step:06d}")
+    (trial / "train").mkdir()
+    (trial / "train" / "events.out.tfevents.1.host").write_bytes(b"")
+    assert load_model(trial / "train").checkpoint_step == 6
+    shutil.rmtree(trial / "checkpoint_000004")
+    shutil.rmtree(trial / "checkpoint_000006")
+    with pytest.raises(checkpoint.CheckpointError, match="train: holds no checkpoint"):
+        load_model(trial / "train")
+
+
 def test_a_file_named_like_a_checkpoint_deeper_in_a_folder_names_no_run(tmp_path):
     """A file named like a checkpoint two levels down (an archive of one left beside the
     runs) added its folder to the runs that load_model's refusal of an experiment's folder

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import pyarrow.fs
 import torch
 
-from raydeq.training.storage import StorageError
+from raydeq.training.storage import TRAIN_RUN, StorageError
 
 STATE_FILE = "state.pt"
 MANIFEST_FILE = "manifest.json"
@@ -234,8 +234,9 @@ def newest_checkpoint(folder: Path) -> tuple[Path, dict[str, Any]]:
     newest step would be some one run's, by how long it ran; so is one whose checkpoints lie
     deeper (an experiment of trials of several workers, a storage folder of experiments),
     naming the runs that hold them, one without a checkpoint, naming what it lacks, and a
-    file (a checkpoint's state.pt), naming its folder. A run that prunes the checkpoint being
-    read, having written a newer one, is listed again (`Relisted`)."""
+    file (a checkpoint's state.pt), naming its folder. The Train run of a trial of one worker,
+    which keeps only its TensorBoard, is read as its trial's folder. A run that prunes the
+    checkpoint being read, having written a newer one, is listed again (`Relisted`)."""
     if folder.is_file():
         raise CheckpointError(
             f"{folder}: a file, not a folder; name the folder that holds it ({folder.parent})"
@@ -247,6 +248,10 @@ def newest_checkpoint(folder: Path) -> tuple[Path, dict[str, Any]]:
     if len(runs) > 1:
         raise CheckpointError(f"{folder}: holds the checkpoints of {_runs(runs)}")
     if not inside and not any((folder / name).exists() for name in (MANIFEST_FILE, STATE_FILE)):
+        if folder.name == TRAIN_RUN and any(folder.parent.glob("checkpoint_*/")):
+            # A trial of one worker: its Train run (the run a results row names) holds only its
+            # TensorBoard, the checkpoints are the trial folder's.
+            return newest_checkpoint(folder.parent)
         deeper = _deeper_runs(folder)
         if deeper:
             raise CheckpointError(
