@@ -205,8 +205,11 @@ def initial_step(
     field: Field, y: torch.Tensor, k: torch.Tensor, order: int, term: Termination
 ) -> torch.Tensor:
     """Starting step per sample (Hairer, Norsett & Wanner, Sec. II.4), (B, 1); one evaluation
-    of f. Where the scale abstol + reltol |y| is 0 (abstol = 0 at a zero of y) the heuristic
-    gives 0 / 0 or a zero step; there it takes its own fallback step, 1e-6."""
+    of f. Unlike theirs, a sample at y = 0 (d0 < 1e-5, a vanilla DEQ's z0) takes h1 alone,
+    without the cap of 100 h0, which there is 100 times the probe step 1e-6: from z0 = 0 the
+    first step is h1 (0.06 on a small tanh layer) where Hairer's would be at most 1e-4. Where
+    the scale abstol + reltol |y| is 0 (abstol = 0 at a zero of y) the heuristic gives 0 / 0 or
+    a zero step; there it takes its own fallback step, 1e-6."""
     scale = term.abstol + term.reltol * y.abs()
     d0, d1 = rms_column(y / scale), rms_column(k / scale)
     h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), 1e-6, 0.01 * d0 / d1.clamp_min(1e-30))

@@ -225,7 +225,8 @@ def solve(
     (the one for higher derivatives: the implicit adjoints raise under create_graph=True).
     Options of the solver (e.g. m for anderson; kind="pi"|"i"|"fixed", h0, step_rtol and
     contraction for the ODE solvers' step-size controller) and of the adjoint (rtol, atol,
-    restart, max_iters, warm_start) go in solver_options / adjoint_options.
+    max_iters and warm_start for "gmres" and "fixed_point", restart and check_every for
+    "gmres" alone; "jfb" and "unrolled" take none) go in solver_options / adjoint_options.
     `stats.nfe` counts every evaluation of f, including the one that attaches z* to the graph
     and the initial_nfe evaluations the caller spent making z0 (Skip Reg. DEQ's f(0, x)).
 
@@ -242,8 +243,9 @@ def solve(
     steps then also read whether a per-sample select (a rejected step, a stopped sample) has
     anything to select, and skip it where not. Each sample's z* is the same either way (a
     sample stops on the step it converges); only the steps the batch spends after that differ.
-    An f that changes its input (the solver's own iterate) in place is refused, naming the
-    operation and its out-of-place form.
+    An f that changes its input (the solver's own iterate) in place is refused with a
+    ValueError, which gives examples of such operations (z.relu_(), z += x) and their
+    out-of-place forms; it cannot name the one f used (a sigmoid_ reads the same).
     A float16 or bfloat16 z0 is solved in float32; f sees the state, and z* comes back, in
     z0's dtype.
     compile=True runs f and each solver step through torch.compile (mode "reduce-overhead",
