@@ -45,8 +45,9 @@ def resolve(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """The complete options of the model a config names, checked without building it.
 
     Returns model, variant, solver and every option of the layer (DEQ or NeuralODE): the
-    config's (a null one is unset), else the preset's (tolerances, max_steps, the warm-up's
-    steps and depth, the implicit adjoints' limits), else the layer's default (a Neural ODE
+    config's (a null one is unset), else the preset's (tolerances; for a DEQ also max_steps,
+    the warm-up's steps and depth and the implicit adjoints' limits), else the layer's
+    default (a Neural ODE takes NeuralODE's max_steps, not the preset's solve limit, and
     trains by the continuous adjoint, the paper's baseline). The one validator of model
     options, by the layer's own constructor: raises a TypeError (a value of the wrong type) or
     ValueError naming the key and the allowed values.

@@ -3,8 +3,8 @@
 Parameter counts (vanilla / skip): mnist_dense 134,538 / 151,050, the paper's architecture
 (784 -> 128, f on R^128, 128 -> 10), whose Table 1 prints 138K / 151K (151K is 134,538 plus the
 predictor's 16,512; no count of that architecture is 138K); cifar10_small 164,170 / 200,746,
-where Tables 2 to 4 print 163,546 / 200,122; cifar10_large 10.63M / 11.19M; imagenet_small
-17.91M / 18.47M; mnist_mdeq 278,322 / 352,626. Where the
+where Table 2 prints 163,546 / 200,122; cifar10_large 10.63M / 11.19M and imagenet_small
+17.91M / 18.47M, as Tables 3 and 4 print them; mnist_mdeq 278,322 / 352,626. Where the
 paper is silent (step limits, GMRES limits, unrolled warm-up steps, weight normalisation), the
 multiscale presets take the reference code's experiment files
 (SciML/DeepEquilibriumNetworks.jl at d18c610, experiments/cifar10/{tiny,large}.yml and
