@@ -28,7 +28,8 @@ from ray.experimental.internal_kv import _internal_kv_put
 NAMESPACE = ray._raylet.GCS_AUTOSCALER_STATE_NAMESPACE
 CONFIG_KEY = ray._raylet.GCS_AUTOSCALER_CLUSTER_CONFIG_KEY
 UNBOUNDED = sys.maxsize
-# Resource amounts are divided with this slack so that 1.0 / 0.2 counts 5 workers, not 4.
+# Resource amounts are divided with this slack so that 0.6 / 0.2 (2.9999999999999996 in floats)
+# counts 3 workers, not 2.
 SLACK = 1e-9
 
 

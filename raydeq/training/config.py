@@ -1,7 +1,8 @@
 """The configuration schema: one YAML schema of dataclasses, validated before Ray starts.
 
 A config file holds the sections `model`, `data`, `optim`, `train` and `scaling` plus the
-top-level keys `name`, `storage_path` and `seed`. Experiment files for Ray Tune add a `search`
+top-level keys `name`, `storage_path`, `seed` and `label` (the name progress lines give the
+run, its name where unset). Experiment files for Ray Tune add a `search`
 section (variants, a space over Tune's primitives, trial scheduling), checked here too and
 ignored by the trainer. Every error is a `ConfigError` with a one-line message that names the
 key and what is allowed. Model defaults (variant, solver, the preset's tolerances and

@@ -158,10 +158,12 @@ class Loop:
         return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
 
     def train_step(self, images: Tensor, labels: Tensor, data_time: float) -> dict | None:
-        """One optimisation step; None when it was skipped for a non-finite loss or gradient.
+        """One optimisation step's metrics; None when it was skipped for a non-finite loss or
+        gradient, but for an fp16 overflow, whose update is skipped too but which returns them.
 
         Under fp16 a non-finite gradient with a finite loss is the GradScaler's overflow: the
-        update is skipped, the scaler lowers its scale and the step counts in overflow_steps;
+        update is skipped, the scaler lowers its scale and the step counts in overflow_steps (its
+        metrics are logged, and it does not count among the non-finite steps in a row);
         a non-finite loss, or a gradient that overflows at a scale of 1 or below (which scales
         nothing up, so the gradient itself is past fp16's range), leaves the scale as it was.
         """

@@ -1,8 +1,10 @@
 """What a worker tells the world: interval means, TensorBoard, a progress line, Ray reports.
 
 Rank 0 writes TensorBoard scalars per step under `<run>/tensorboard` (`eventlog`: also on
-s3://) and prints one progress line per report; every worker reports the interval's means to
-Ray (Train or Tune, through the session), with a checkpoint written by rank 0 when asked.
+s3://), each measured on its own share of the batch but for nfe and backward_nvjp (the whole
+batch's, the most of any worker's), and prints one progress line per report; every worker
+reports the interval's means to Ray (Train or Tune, through the session), with a checkpoint
+written by rank 0 when asked.
 """
 
 from __future__ import annotations
@@ -33,13 +35,16 @@ SHOWN = {
     "test_nfe": "test_nfe",
 }
 # What each TensorBoard scalar measures, in which unit, shown beside its chart: a name such as
-# forward_time says neither that it is seconds nor of what.
+# forward_time says neither that it is seconds nor of what. A step's scalars are rank 0's,
+# measured on its share of the batch (batch_size / num_workers images).
 DESCRIPTIONS = {
     "train_loss": "loss of the step: cross-entropy + lambda_skip * skip_loss + lambda_jac * "
-    "jac_loss, mean over the batch",
-    "train_accuracy": "fraction (0 to 1) of the step's batch classified right",
-    "nfe": "evaluations of f by the step's forward solve (a batch's: its slowest sample's)",
-    "backward_nvjp": "vector-Jacobian products of f in the step's backward pass",
+    "jac_loss, mean over rank 0's share of the batch",
+    "train_accuracy": "fraction (0 to 1) of rank 0's share of the step's batch classified right",
+    "nfe": "evaluations of f by the step's forward solve (the whole batch's: its slowest "
+    "sample's, the most of any worker's)",
+    "backward_nvjp": "vector-Jacobian products of f in the step's backward pass (the most of "
+    "any worker's)",
     "forward_time": "seconds per training step: the forward pass and the loss",
     "backward_time": "seconds per training step: the backward pass",
     "optimizer_time": "seconds per training step: unscaling, clipping, the finiteness check "
@@ -47,16 +52,17 @@ DESCRIPTIONS = {
     "data_time": "seconds per training step waiting for the loader and copying the batch to "
     "the device",
     "step_time": "seconds per training step, the whole step (data wait included)",
-    "skip_loss": "mean |f(z*, x) - z0| over the batch (Skip and Skip Reg. DEQ, 0 otherwise), "
+    "skip_loss": "mean |f(z*, x) - z0| over rank 0's share of the batch (Skip and Skip Reg. "
+    "DEQ, 0 otherwise), "
     "before its weight lambda_skip",
     "jac_loss": "Hutchinson estimate of ||J_f(z*)||_F^2 / dim (model.jac_reg, 0 otherwise), "
     "before its weight lambda_jac",
     "residual": "RMS of f(z) - z at the iterate each sample's forward solve returned, mean over "
-    "the batch",
-    "unconverged_fraction": "fraction (0 to 1) of the batch whose forward solve missed the "
-    "tolerance",
-    "backward_unconverged_fraction": "fraction (0 to 1) of the batch whose backward linear "
-    "solve did not converge",
+    "rank 0's share of the batch",
+    "unconverged_fraction": "fraction (0 to 1) of rank 0's share of the batch whose forward "
+    "solve missed the tolerance",
+    "backward_unconverged_fraction": "fraction (0 to 1) of rank 0's share of the batch whose "
+    "backward linear solve did not converge",
     "images_per_second": "training images a second: the batch over the whole step's time "
     "(data wait included)",
     "lr": "learning rate the step's update took",
