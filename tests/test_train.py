@@ -1778,18 +1778,19 @@ def test_read_newest_of_a_run_that_prunes_the_checkpoint_it_reads_takes_the_new_
     assert caplog.messages == []
 
 
+def fresh() -> TrainState:
+    """The training state of a linear model at step 0."""
+    model = nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    schedule = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+    return TrainState(model, optimizer, schedule, torch.amp.GradScaler("cpu", enabled=False))
+
+
 def test_a_resume_restores_the_counters_and_each_worker_draws_from_its_own_stream():
     """The skipped and overflow steps reported after a resume count the steps before it too;
     a fresh start seeds each rank apart (the same Hutchinson probes on every worker would
     average to fewer probes), the same way each time, and a resume with as many workers gives
     each rank back its own saved stream."""
-
-    def fresh() -> TrainState:
-        model = nn.Linear(2, 2)
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-        schedule = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
-        return TrainState(model, optimizer, schedule, torch.amp.GradScaler("cpu", enabled=False))
-
     saved = fresh()
     saved.step, saved.skipped_steps, saved.nonfinite_in_row, saved.overflow_steps = 40, 3, 1, 2
     with torch.random.fork_rng():
@@ -1811,6 +1812,29 @@ def test_a_resume_restores_the_counters_and_each_worker_draws_from_its_own_strea
             resumed.seed_workers(None, seed=0, rank=rank, world=2)
             draws.append(torch.rand(4))
         assert not torch.equal(draws[0], draws[1]) and torch.equal(draws[0], draws[2])
+
+
+def test_no_two_seeds_share_a_workers_stream_nor_one_seeds_weights_and_anothers_probes():
+    """A fresh start seeded rank r at step t with seed + 1 + r + world * t: seed 0's rank 1
+    drew the dropout masks and Hutchinson probes of seed 1's rank 0 on two workers, and seed
+    0's one worker those of seed 1's initial weights (torch.manual_seed(1), as the loop draws
+    them). Each (seed, rank, step) now has a stream of its own, none a seed's own."""
+    state = fresh()
+    with torch.random.fork_rng(devices=[]):
+        draws = {}
+        for seed, rank in itertools.product((0, 1, 2), (0, 1)):
+            state.seed_workers(None, seed=seed, rank=rank, world=2)
+            draws[seed, rank] = tuple(torch.rand(4).tolist())
+        for seed in (0, 1, 2, 3):
+            torch.manual_seed(seed)
+            draws[seed] = tuple(torch.rand(4).tolist())
+        state.step = 3
+        state.seed_workers(None, seed=0, rank=0, world=1)
+        draws["step 3"] = tuple(torch.rand(4).tolist())
+        state.step = 0
+        state.seed_workers(None, seed=0, rank=0, world=1)
+        assert tuple(torch.rand(4).tolist()) == draws[0, 0]
+    assert len(set(draws.values())) == len(draws) == 11
 
 
 def test_the_loss_is_the_mean_cross_entropy_plus_the_weighted_skip_and_jacobian_terms():

@@ -227,8 +227,7 @@ class Config:
 
     name: str | None = option(None)
     storage_path: str = option("runs")
-    # At most 2**32 - 1: the searchers' samplers (numpy) take no larger seed, and the workers'
-    # seeds (seed + 1 + rank + world * step, torch's at most 2**64 - 1) keep room to grow.
+    # At most 2**32 - 1: the searchers' samplers (numpy) take no larger seed.
     seed: int = option(0, ge=0, le=2**32 - 1)
     label: str | None = option(None)  # in progress lines (a Tune trial's variant); name if unset
     model: ModelSection = field(default_factory=ModelSection)

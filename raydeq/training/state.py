@@ -22,6 +22,7 @@ from raydeq.training.checkpoint import (
     own_report,
 )
 from raydeq.training.config import OptimSection
+from raydeq.training.seeding import WORKER_STREAM, stream_seed
 from raydeq.training.storage import is_uri, local_path, unparsed_uri
 
 log = logging.getLogger(__name__)
@@ -108,7 +109,7 @@ class TrainState:
         if len(rng) == world:
             set_rng_state(rng[rank], device)
         else:
-            torch.manual_seed(seed + 1 + rank + world * self.step)
+            torch.manual_seed(stream_seed(seed, WORKER_STREAM, rank, self.step))
 
 
 # Tensor names a refused checkpoint's model shows, of those that do not fit.
