@@ -559,6 +559,41 @@ def test_an_augmented_sample_draws_the_same_images_wherever_it_is_read():
     assert not torch.equal(a, plain[(0, 5)][0])
 
 
+class DrawnStates(torch.utils.data.Dataset):
+    """Reads give the state of torch's generator, from which an augmentation would draw."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, index: int) -> bytes:
+        return torch.get_rng_state().numpy().tobytes()
+
+
+def test_no_augmentation_draws_from_the_stream_of_an_epochs_order_or_of_another_seed(
+    monkeypatch,
+):
+    """Sample 0 of an epoch drew its augmentation from the state that drew the epoch's order:
+    numpy's SeedSequence drops a trailing 0, so (seed, epoch, 0) and (seed, epoch) seeded one
+    stream, and the sample's flip was the permutation's first draw. Each seed's orders and
+    each (seed, epoch, sample)'s augmentation now start from states of their own."""
+    permute = torch.randperm
+
+    def recorded(n: int, generator: torch.Generator) -> torch.Tensor:
+        states[len(states)] = generator.get_state().numpy().tobytes()
+        return permute(n, generator=generator)
+
+    monkeypatch.setattr(torch, "randperm", recorded)
+    dataset, states = DrawnStates(), {}
+    for seed in (0, 1):
+        sampler = data.ShardSampler(dataset, 1, 0, seed)
+        samples = data.Samples(dataset, seed, augmented=True)
+        for epoch in (0, 1):
+            sampler.set_position(epoch, 0)
+            assert len(list(sampler)) == 4
+            states |= {(seed, epoch, i): samples[(epoch, i)] for i in range(3)}
+    assert len(set(states.values())) == len(states) == 16
+
+
 def test_eval_shards_cover_the_test_set_once_without_padding():
     dataset = torch.utils.data.TensorDataset(torch.arange(7))
     parts = [list(data.eval_shard(dataset, 2, r, 3).indices) for r in range(3)]

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, Te
 
 from raydeq.training.config import DataSection
 from raydeq.training.runlock import sign, wait_for
+from raydeq.training.seeding import AUGMENTATION_STREAM, stream_seed
 
 EXPECTED_FILES = {
     "mnist": [
@@ -408,9 +409,7 @@ class Samples(Dataset):
             return self.dataset[index]
         generator = torch.default_generator  # torch.manual_seed also seeds every GPU: 200 us
         state = generator.get_state()
-        generator.manual_seed(
-            int(np.random.SeedSequence((self.seed, epoch, index)).generate_state(1)[0])
-        )
+        generator.manual_seed(stream_seed(self.seed, AUGMENTATION_STREAM, epoch, index))
         try:
             return self.dataset[index]
         finally:

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import numpy as np
 
-# The streams' first key word: tells a worker's stream from any other drawn from the seed.
+# The streams' first key word: tells a worker's or a sample's stream from any other drawn
+# from the seed (an epoch's order draws from SeedSequence((seed, epoch)), no spawn key).
 WORKER_STREAM = 1
+AUGMENTATION_STREAM = 2
 
 
 def stream_seed(seed: int, *key: int) -> int:
