@@ -40,6 +40,7 @@ from raydeq.training.config import (
     WORKERS_KEY,
     ConfigError,
     check_folder_name,
+    parse_overrides,
     workers_named,
 )
 from raydeq.training.console import output_kept, tensorboard_command
@@ -74,6 +75,16 @@ NEW_RUN_FLAGS = {
     "gpus_per_worker": "--gpus-per-worker",
     "max_concurrent_trials": "--max-concurrent-trials",
 }
+# The settings each flag sets, which a key=value override of the same setting would contradict.
+FLAG_SETTINGS = {
+    "storage": ("storage_path",),
+    "num_samples": ("search.num_samples",),
+    "scheduler": ("search.scheduler",),
+    "max_concurrent_trials": ("search.max_concurrent_trials",),
+    "workers_per_trial": ("search.workers_per_trial", WORKERS_KEY),
+}
+# Settings that each trial sets for itself: its Train run's name, and its variant's label.
+TRIAL_SETTINGS = ("name", "label")
 
 
 def pruned_before_the_interruption(record: logging.LogRecord) -> bool:
@@ -138,8 +149,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _check_flags(args: argparse.Namespace) -> None:
     """Raise a ConfigError for a count or a GPU share out of range on the command line, an
-    experiment name that is no folder's name, an empty storage, or --report with a flag that
-    it would leave undone."""
+    experiment name that is no folder's name, an empty storage, --report with a flag that it
+    would leave undone, or an override that a flag or each trial sets (`_check_overrides`)."""
     for given, flag in ((args.resume, "--resume"), (args.dry_run, "--dry-run")):
         if args.report and given:
             raise ConfigError(
@@ -171,6 +182,31 @@ def _check_flags(args: argparse.Namespace) -> None:
             f"--gpus-per-worker: {gpus:g} is above 1 and not whole; give a fraction of one GPU "
             "(0.5: trials share it) or a whole number"
         )
+    _check_overrides(args)
+
+
+def _check_overrides(args: argparse.Namespace) -> None:
+    """Raise a ConfigError naming a key=value override of a setting that a flag given too sets
+    (the flag won unsaid: --storage a storage_path=b stored in a), or that each trial sets for
+    itself (name=x, label=x changed nothing)."""
+    overrides = parse_overrides(args.overrides)
+    for key in TRIAL_SETTINGS:
+        if key in overrides:
+            raise ConfigError(
+                f"{key}={overrides[key]}: each trial sets its own {key}, so this changes "
+                "nothing; name the experiment with --name, label trials in search.variants",
+                key=key,
+            )
+    for option, keys in FLAG_SETTINGS.items():
+        value = getattr(args, option)
+        for key in keys:
+            if value is not None and key in overrides:
+                flag = "--" + option.replace("_", "-")
+                raise ConfigError(
+                    f"{flag} {value}: not with {key}={overrides[key]}, which sets the same; "
+                    "give one of them",
+                    key=key,
+                )
 
 
 def _path(args: argparse.Namespace, experiment: Experiment) -> str:

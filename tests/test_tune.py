@@ -843,6 +843,40 @@ def test_the_command_refuses_bad_input_and_an_existing_experiment_with_status_2(
     assert capsys.readouterr().err.startswith("error: --storage: empty; give a folder or a URI")
 
 
+@pytest.mark.parametrize(
+    ("flags", "line"),
+    [
+        (
+            ["--storage", "/tmp/a", "storage_path=/tmp/b"],
+            "--storage /tmp/a: not with storage_path=/tmp/b",
+        ),
+        (["--num-samples", "2", "search.num_samples=3"], "--num-samples 2: not with search."),
+        (["--scheduler", "asha", "search.scheduler=fifo"], "--scheduler asha: not with search."),
+        (
+            ["--max-concurrent-trials", "2", "search={max_concurrent_trials: 3}"],
+            "--max-concurrent-trials 2: not with search.max_concurrent_trials=3",
+        ),
+        (
+            ["--workers-per-trial", "2", "scaling.num_workers=1"],
+            "--workers-per-trial 2: not with scaling.num_workers=1",
+        ),
+        (
+            ["--workers-per-trial", "1", "search.workers_per_trial=2"],
+            "--workers-per-trial 1: not with search.workers_per_trial=2",
+        ),
+        (["name=mine"], "name=mine: each trial sets its own name, so this changes nothing"),
+        (["label=mine"], "label=mine: each trial sets its own label, so this changes nothing"),
+    ],
+)
+def test_an_override_that_a_flag_or_each_trial_sets_is_refused_naming_both(flags, line, capsys):
+    """A flag and a key=value override of the setting it sets (--storage a storage_path=b)
+    ran with the flag's value unsaid, and name= or label=, which each trial sets for itself,
+    changed nothing; each is refused in one line naming both, exit code 2, as --dry-run."""
+    assert rt.main(["digits", "--dry-run", *flags]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and out.err.startswith(f"error: {line}") and out.err.count("\n") == 1
+
+
 @pytest.mark.parametrize("stem", [".", "..", "a\\b", "a\tb", "a\x7f"])
 def test_an_experiment_file_whose_name_is_no_folder_name_is_refused_naming_it(
     tmp_path, capsys, monkeypatch, stem
