@@ -91,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Command line entry point; returns the exit status (2 for bad input, 1 for a failed run)."""
     parser = argparse.ArgumentParser(
         prog="python -m raydeq.train",
-        description=__doc__.split("\n")[0],
+        description="One training run on Ray Train: DDP workers, checkpoints, TensorBoard.",
         epilog=(
             "The run is written to STORAGE_PATH/NAME (storage_path=DIR or s3://..., default "
             "runs; the name is derived from the settings unless name= is given). Running the "
@@ -100,9 +100,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             "interrupted."
         ),
     )
-    parser.add_argument("config", help="YAML config (a tune_configs/ experiment file works too)")
     parser.add_argument(
-        "overrides", nargs="*", default=[], help="key=value settings, e.g. optim.lr=3e-4"
+        "config",
+        metavar="CONFIG.yaml",
+        help="YAML config (a tune_configs/ experiment file works too, its search section unused)",
+    )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        default=[],
+        metavar="key=value",
+        help="settings over the config's, e.g. optim.lr=3e-4 train.epochs=5",
     )
     argv = list(sys.argv[1:] if argv is None else argv)
     try:

@@ -118,27 +118,81 @@ def drop_tune_logs() -> None:
 def _parser() -> argparse.ArgumentParser:
     """The command line."""
     parser = argparse.ArgumentParser(
-        prog="python -m raydeq.tune", description=__doc__.split("\n")[0]
+        prog="python -m raydeq.tune",
+        description=(
+            "Run a Ray Tune experiment: the trials of a training config's search section, "
+            "stored in STORAGE/NAME with their results."
+        ),
+        epilog=(
+            "A default named by a key (search.num_samples) is the experiment file's setting, "
+            "else the value after it. Exit status 2 for bad input, 1 for failed trials or "
+            "results that could not be written, 130 when interrupted (it prints the command "
+            "that resumes)."
+        ),
     )
-    parser.add_argument("experiment", help="tune_configs/EXPERIMENT.yaml, or a path to one")
     parser.add_argument(
-        "overrides", nargs="*", default=[], help="key=value settings, e.g. train.epochs=2"
+        "experiment",
+        metavar="EXPERIMENT",
+        help="tune_configs/EXPERIMENT.yaml, or the path of such a file",
     )
-    parser.add_argument("--num-samples", type=int, help="samples of the space (default: YAML)")
-    parser.add_argument("--scheduler", choices=SCHEDULERS, help="trial scheduler (default: YAML)")
-    parser.add_argument("--storage", help="storage folder or URI (default: storage_path)")
-    parser.add_argument("--name", help="experiment name (default: the file's name)")
-    parser.add_argument("--resume", action="store_true", help="continue an interrupted run")
     parser.add_argument(
-        "--workers-per-trial", type=int, help=f"DDP workers per trial (sets {WORKERS_KEY})"
+        "overrides",
+        nargs="*",
+        default=[],
+        metavar="key=value",
+        help="settings of the base config, e.g. train.epochs=2; one of a key that the search "
+        "varies fixes it",
     )
-    parser.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (default: auto)")
+    parser.add_argument(
+        "--num-samples",
+        type=int,
+        metavar="N",
+        help="samples of the space, each running every variant and grid point (with a "
+        "searcher: its trials) (default: search.num_samples, 1)",
+    )
+    parser.add_argument(
+        "--scheduler", choices=SCHEDULERS, help="trial scheduler (default: search.scheduler, fifo)"
+    )
+    parser.add_argument(
+        "--storage",
+        metavar="PATH",
+        help="folder or s3:// URI that holds the experiment's folder (default: storage_path, runs)",
+    )
+    parser.add_argument(
+        "--name", help="the experiment's folder in the storage (default: the file's name)"
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted experiment with the settings it started with",
+    )
+    parser.add_argument(
+        "--workers-per-trial",
+        type=int,
+        metavar="K",
+        help=f"DDP workers per trial, {WORKERS_KEY} (default: search.workers_per_trial, "
+        f"else {WORKERS_KEY}, 2)",
+    )
+    parser.add_argument(
+        "--gpus-per-worker",
+        type=float,
+        metavar="G",
+        help="GPUs per worker, a fraction below 1 (one-worker trials share a GPU) or a whole "
+        "number (default: 1 with scaling.device cuda, or auto where the cluster may have "
+        "GPUs; else 0)",
+    )
     parser.add_argument(
         "--max-concurrent-trials",
         type=int,
-        help="trials at once (default: YAML, else what the cluster holds)",
+        metavar="N",
+        help="most trials at once, fewer where the cluster's nodes hold fewer (default: "
+        "search.max_concurrent_trials, else as many as they hold)",
     )
-    parser.add_argument("--report", action="store_true", help="only write the results report")
+    parser.add_argument(
+        "--report",
+        action="store_true",
+        help="write and print the results of the experiment as it stands; runs nothing",
+    )
     parser.add_argument(
         "--dry-run",
         action="store_true",

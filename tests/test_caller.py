@@ -1,5 +1,6 @@
 """The commands called from one long-lived Python process, as a notebook calls them."""
 
+import contextlib
 import json
 import os
 import subprocess
@@ -10,6 +11,7 @@ import pytest
 import yaml
 
 from raydeq import train, tune
+from raydeq.bench import __main__ as bench
 from raydeq.training.launch import LOCAL_ENV_VARS
 
 # A process that runs train.main, tune.main, train.main again, one interrupted and one that
@@ -135,7 +137,7 @@ def test_a_bad_argument_or_help_returns_the_status_where_it_raised_system_exit(c
     )
     assert tune.main([]) == 2
     assert capsys.readouterr().err.splitlines()[-1] == (
-        "python -m raydeq.tune: error: the following arguments are required: experiment"
+        "python -m raydeq.tune: error: the following arguments are required: EXPERIMENT"
     )
     assert tune.main(["digits", "--num-samples", "many"]) == 2
     assert capsys.readouterr().err.splitlines()[-1] == (
@@ -143,6 +145,29 @@ def test_a_bad_argument_or_help_returns_the_status_where_it_raised_system_exit(c
     )
     assert train.main(["--help"]) == 0 and tune.main(["--help"]) == 0
     assert capsys.readouterr().out.count("usage: python -m raydeq.") == 2
+
+
+@pytest.mark.parametrize("command", ["train", "tune", "bench"])
+def test_each_commands_help_fits_80_columns_naming_it_and_each_options_default(
+    command, capsys, monkeypatch
+):
+    """`--help` in an 80-column terminal: bench's usage line for --weights ran to 81 columns,
+    and its --device, --models, --only and --seed left out their defaults (cpu, mnist_dense
+    cifar10_small, every suite, 0), as tune's flags said only "default: YAML"; every line now
+    fits, the usage names the command as typed, and each option taking a value names its
+    default."""
+    monkeypatch.setenv("COLUMNS", "80")
+    main = {"train": train.main, "tune": tune.main, "bench": bench.main}[command]
+    with contextlib.suppress(SystemExit):
+        assert main(["--help"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith(f"usage: python -m raydeq.{command} [-h] ")
+    assert max(len(line) for line in text.splitlines()) <= 80
+    parsers = {"tune": tune._parser, "bench": bench._parser}
+    actions = parsers[command]()._actions if command in parsers else []
+    for action in actions:
+        if action.option_strings and action.nargs != 0:
+            assert "(default: " in action.help, action.option_strings
 
 
 def test_the_experiments_figures_leave_the_callers_matplotlib_backend(tmp_path):

@@ -47,6 +47,8 @@ NO_CUDA_RUNTIME = "No CUDA runtime is found"
 # What the report's failures say of the suite that Ctrl-C or SIGTERM stopped and of those after.
 INTERRUPTED = "interrupted (Ctrl-C or SIGTERM) before it finished"
 NOT_RUN = "not run: the run was interrupted before it"
+# The presets the node suite times without --models: a dense and a convolutional DEQ.
+DEFAULT_MODELS = ("mnist_dense", "cifar10_small")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -63,55 +65,71 @@ def _parser() -> argparse.ArgumentParser:
         dest="size",
         help="small sizes: a few minutes on a 2-core CPU (same as --size quick)",
     )
-    sizes.add_argument("--size", choices=SIZES, help="problem sizes and repeats (default: full)")
+    sizes.add_argument(
+        "--size",
+        choices=SIZES,
+        help="problem sizes and repeats: tiny (one repeat of the smallest, a smoke test), "
+        "quick or full (default: full)",
+    )
     parser.add_argument(
-        "--device", type=torch_device, default="cpu", help="torch device, e.g. cpu or cuda"
+        "--device",
+        type=torch_device,
+        default="cpu",
+        help="torch device, e.g. cpu, cuda or cuda:1 (default: cpu)",
     )
     parser.add_argument(
         "--only",
         nargs="+",
         choices=list(SUITES),
         metavar="NAME",
-        help=f"run only these suites: {', '.join(SUITES)}",
+        help=f"run only these suites (default: all, in this order): {', '.join(SUITES)}",
     )
     parser.add_argument(
         "--models",
         nargs="+",
-        default=["mnist_dense", "cifar10_small"],
+        default=list(DEFAULT_MODELS),
         choices=list(PRESETS),
         metavar="MODEL",
-        help=f"presets for the DEQ vs Neural ODE benchmark: {', '.join(PRESETS)}",
+        help=f"presets that the node suite times, of {', '.join(PRESETS)} (default: "
+        f"{' '.join(DEFAULT_MODELS)})",
     )
     parser.add_argument(
         "--weights",
         nargs="+",
         default=[],
-        metavar="MODEL=CHECKPOINT",
-        help="time these presets with the weights of a training checkpoint folder, or of a "
-        "trial's or run's folder (its newest readable checkpoint), instead of untrained or "
-        "briefly trained",
+        metavar="MODEL=FOLDER",
+        help="time these presets (of --models) in the node and train_step suites with the "
+        "weights of a training checkpoint folder, or of a trial's or run's folder (its newest "
+        "readable checkpoint), instead of untrained or briefly trained (default: none)",
     )
     parser.add_argument(
         "--data",
         type=mnist_folder,
+        metavar="FOLDER",
         help="folder holding the full MNIST's MNIST/raw (default: the embedded 10k digits)",
     )
     parser.add_argument(
         "--threads",
         type=thread_count,
-        help=f"torch CPU threads, 1 to {MAX_THREADS} (default: torch's)",
+        metavar="N",
+        help=f"torch CPU threads, 1 to {MAX_THREADS} (default: torch's, {torch.get_num_threads()})",
     )
     parser.add_argument(
         "--out",
         type=output_folder,
         default=Path("benchmarks/results"),
+        metavar="FOLDER",
         help=(
             "folder for <date>-<device>.json and .md, -2, -3, ... after the first run of a "
             "day (default: benchmarks/results)"
         ),
     )
     parser.add_argument(
-        "--seed", type=seed, default=0, help=f"seed of every problem and model (0 to {MAX_SEED})"
+        "--seed",
+        type=seed,
+        default=0,
+        metavar="N",
+        help=f"seed of every problem and model, 0 to {MAX_SEED} (default: 0)",
     )
     return parser
 
