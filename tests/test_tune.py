@@ -1007,7 +1007,9 @@ def test_the_flags_of_a_new_run_override_the_experiment_files_search_settings(ca
 
 def test_gpu_shares_ray_or_nccl_would_refuse_in_every_trial_are_one_line(tmp_path, capsys):
     """A fraction of a GPU per worker shares GPUs between one-worker trials, but puts a
-    trial's DDP workers on one GPU, which NCCL refuses; Ray refuses 1.5 GPUs outright."""
+    trial's DDP workers on one GPU, which NCCL refuses; Ray refuses 1.5 GPUs outright. GPUs
+    that scaling.device contradicts (the workers train on the GPU they hold, or the CPU) are
+    refused naming both."""
     experiment = tmp_path / "x.yaml"
     experiment.write_text(yaml.safe_dump(TINY))
     flags = ["--dry-run", "--storage", str(tmp_path)]
@@ -1029,6 +1031,18 @@ def test_gpu_shares_ray_or_nccl_would_refuse_in_every_trial_are_one_line(tmp_pat
         assert capsys.readouterr().err == (
             f"error: --gpus-per-worker: expected a finite number >= 0, got {share}\n"
         )
+    # scaling.device cpu with a GPU trained on the GPU, cuda with none on the CPU.
+    for share, device in (("1", "cpu"), ("0.5", "cpu"), ("0", "cuda")):
+        argv = [str(experiment), *flags, "--gpus-per-worker", share, f"scaling.device={device}"]
+        assert rt.main(argv) == 2
+        assert capsys.readouterr().err == (
+            f"error: --gpus-per-worker {share}: not with scaling.device {device}, which the "
+            "workers would not train on; give one of them (scaling.device auto follows "
+            "--gpus-per-worker)\n"
+        )
+    for share, device in (("0", "cpu"), ("1", "cuda"), ("0", "auto")):
+        argv = [str(experiment), *flags, "--gpus-per-worker", share, f"scaling.device={device}"]
+        assert rt.main(argv) == 0
 
 
 def run_without_ray(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -130,10 +130,19 @@ def trial_resources(cfg: Config, gpus: float) -> dict[str, float]:
 
 
 def check_gpus(experiment: Experiment, gpus: float | None) -> None:
-    """Raise a ConfigError for a fraction of a GPU per worker in trials of several workers:
-    Ray packs a trial's workers onto one GPU, where NCCL refuses to start DDP (two ranks on one
-    device). One-worker trials share GPUs that way."""
-    workers = experiment.trial_config({}).scaling.num_workers
+    """Raise a ConfigError for GPUs per worker that scaling.device contradicts (the workers
+    train on a GPU where they hold one: device cpu with a GPU trained on it, device cuda with
+    none on the CPU), or a fraction of a GPU in trials of several workers: Ray packs a trial's
+    workers onto one GPU, where NCCL refuses to start DDP (two ranks on one device). One-worker
+    trials share GPUs that way."""
+    scaling = experiment.trial_config({}).scaling
+    if gpus is not None and (scaling.device, gpus > 0) in (("cpu", True), ("cuda", False)):
+        raise ConfigError(
+            f"--gpus-per-worker {gpus:g}: not with scaling.device {scaling.device}, which the "
+            f"workers would not train on; give one of them (scaling.device auto follows "
+            "--gpus-per-worker)"
+        )
+    workers = scaling.num_workers
     if gpus is not None and 0 < gpus < 1 and workers > 1:
         raise ConfigError(
             f"--gpus-per-worker: {gpus:g} with {workers} workers per trial would put a trial's "
