@@ -567,6 +567,18 @@ def test_weights_of_another_model_stop_the_run_before_any_suite(tmp_path, capsys
             ["--models", "mnist_dense", "--weights", "mnist_dense=a", "mnist_dense=b"],
             "--weights: mnist_dense given more than once; name each once",
         ),
+        (
+            ["--models", "cifar10_large"],
+            "--models: no suite of --only overhead reads it, only node; drop it, or run one",
+        ),
+        (
+            ["--weights", "mnist_dense=a"],
+            "--weights: no suite of --only overhead reads it, only node, train_step; drop it",
+        ),
+        (  # train_step loads the weights of a preset of --models, which it then reads
+            ["--only", "train_step", "--models", "cifar10_large", "--weights", "cifar10_large=a"],
+            "--weights 'cifar10_large=a': ",
+        ),
     ],
 )
 def test_a_bad_argument_is_named_with_what_is_allowed(args, message, capsys, tmp_path):
@@ -574,6 +586,16 @@ def test_a_bad_argument_is_named_with_what_is_allowed(args, message, capsys, tmp
         main(["--size", "tiny", "--only", "overhead", "--out", str(tmp_path), *args])
     assert stopped.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_models_left_out_or_given_to_a_suite_that_reads_them_are_taken(tmp_path):
+    """--models, refused where no suite of --only reads it, is taken for one that does, and
+    left out is the node suite's two presets."""
+    out = ["--out", str(tmp_path)]
+    assert parse(["--only", "overhead", *out]).models == ["mnist_dense", "cifar10_small"]
+    assert parse(["--only", "skip", "node", "--models", "mnist_mdeq", *out]).models == [
+        "mnist_mdeq"
+    ]
 
 
 def test_threads_up_to_the_machines_cpus_are_taken(tmp_path):

@@ -49,6 +49,12 @@ INTERRUPTED = "interrupted (Ctrl-C or SIGTERM) before it finished"
 NOT_RUN = "not run: the run was interrupted before it"
 # The presets the node suite times without --models: a dense and a convolutional DEQ.
 DEFAULT_MODELS = ("mnist_dense", "cifar10_small")
+# The suites that read each flag's value; the others run as they would without it.
+READ_BY = {
+    "--models": ("node",),
+    "--weights": ("node", "train_step"),
+    "--data": ("node", "skip", "skip_lambda", "discrete", "train_step"),
+}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -87,10 +93,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--models",
         nargs="+",
-        default=list(DEFAULT_MODELS),
         choices=list(PRESETS),
         metavar="MODEL",
-        help=f"presets that the node suite times, of {', '.join(PRESETS)} (default: "
+        help=f"presets that the node suite times and --weights names, of {', '.join(PRESETS)} "
+        "(default: "
         f"{' '.join(DEFAULT_MODELS)})",
     )
     parser.add_argument(
@@ -106,7 +112,8 @@ def _parser() -> argparse.ArgumentParser:
         "--data",
         type=mnist_folder,
         metavar="FOLDER",
-        help="folder holding the full MNIST's MNIST/raw (default: the embedded 10k digits)",
+        help="folder holding the full MNIST's MNIST/raw, for the suites "
+        f"{', '.join(READ_BY['--data'])} (default: the embedded 10k digits)",
     )
     parser.add_argument(
         "--threads",
@@ -141,11 +148,18 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = _parser()
     args = parser.parse_args(argv)
     # Set here, not as the flags' default: argparse takes a value that is its default object
-    # (a "full" in a script's list) as not given, which would let --quick --size full through.
+    # (a "full" in a script's list) as not given, which would let --quick --size full through;
+    # and --models given is told from --models left out.
     args.size = args.size or "full"
+    given = {"--models": args.models, "--weights": args.weights, "--data": args.data}
+    args.models = args.models or list(DEFAULT_MODELS)
     check_once(parser, "--only", args.only or [])
     check_once(parser, "--models", args.models)
     check_once(parser, "--weights", [item.partition("=")[0] for item in args.weights])
+    readers = dict(READ_BY)
+    if args.weights:  # --weights picks its presets from --models, train_step's too
+        readers["--models"] = (*READ_BY["--models"], "train_step")
+    check_read(parser, args.only, {flag: readers[flag] for flag, value in given.items() if value})
     try:
         check_device(args.device)
     except ValueError as err:
@@ -171,6 +185,20 @@ def check_once(parser: argparse.ArgumentParser, flag: str, names: Sequence[str])
     twice = sorted({name for name in names if names.count(name) > 1})
     if twice:
         parser.error(f"{flag}: {', '.join(twice)} given more than once; name each once")
+
+
+def check_read(
+    parser: argparse.ArgumentParser, only: Sequence[str] | None, readers: dict[str, Sequence[str]]
+) -> None:
+    """A usage error naming a flag given that no suite of --only reads (`readers`, the suites
+    that read each flag given): --only train_step --models cifar10_large timed no
+    cifar10_large, and said nothing."""
+    for flag, suites in readers.items():
+        if only and not set(suites) & set(only):
+            parser.error(
+                f"{flag}: no suite of --only {' '.join(only)} reads it, only "
+                f"{', '.join(suites)}; drop it, or run one of those"
+            )
 
 
 def mnist_folder(text: str) -> Path:
