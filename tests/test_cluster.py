@@ -270,12 +270,14 @@ def test_node_types_come_from_the_published_config_else_from_the_nodes_alive(mon
 
 
 def test_publishing_names_a_file_that_is_no_autoscaling_config_in_one_line(tmp_path, capsys):
-    """--help prints the usage; a missing file, or one without node types, is one line and
-    status 2 before Ray is reached."""
+    """--help prints the usage and what the command does, which it left out, in 80 columns; a
+    missing file, or one without node types, is one line and status 2 before Ray is
+    reached."""
     assert capacity.main(["--help"]) == 0
-    assert (
-        capsys.readouterr().out == "usage: python -m raydeq.training.capacity AUTOSCALING_CONFIG\n"
-    )
+    text = capsys.readouterr().out
+    assert text.startswith("usage: python -m raydeq.training.capacity AUTOSCALING_CONFIG\n\n")
+    assert "Publish the node types of a `ray up` autoscaling config" in text
+    assert max(len(line) for line in text.splitlines()) <= 80
     missing, empty = tmp_path / "missing.yaml", tmp_path / "empty.yaml"
     empty.write_text("max_workers: 4\n")
     assert capacity.main([str(missing)]) == 2

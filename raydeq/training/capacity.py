@@ -28,6 +28,13 @@ from ray.experimental.internal_kv import _internal_kv_put
 NAMESPACE = ray._raylet.GCS_AUTOSCALER_STATE_NAMESPACE
 CONFIG_KEY = ray._raylet.GCS_AUTOSCALER_CLUSTER_CONFIG_KEY
 UNBOUNDED = sys.maxsize
+# What --help says beside the usage line, in 80 columns.
+HELP = """\
+Publish the node types of a `ray up` autoscaling config (YAML or JSON, such as
+the head node's ~/ray_bootstrap_config.yaml) to the running cluster: then
+raydeq.train and raydeq.tune claim GPUs, and tune counts its trials at once,
+for every node the cluster may start, not only those up now. Run it on the head
+node after `ray start`; exit status 2 for a file that is no autoscaling config."""
 # Resource amounts are divided with this slack so that 0.6 / 0.2 (2.9999999999999996 in floats)
 # counts 3 workers, not 2.
 SLACK = 1e-9
@@ -114,7 +121,7 @@ def main(argv: list[str]) -> int:
 
     usage = "usage: python -m raydeq.training.capacity AUTOSCALING_CONFIG"
     if argv in (["-h"], ["--help"]):
-        print(usage)
+        print(f"{usage}\n\n{HELP}")
         return 0
     if len(argv) != 1:
         print(usage, file=sys.stderr)
