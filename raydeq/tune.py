@@ -126,8 +126,8 @@ def _parser() -> argparse.ArgumentParser:
         epilog=(
             "A default named by a key (search.num_samples) is the experiment file's setting, "
             "else the value after it. Exit status 2 for bad input, 1 for failed trials or "
-            "results that could not be written, 130 when interrupted (it prints the command "
-            "that resumes)."
+            "results that could not be written, 130 when interrupted (once the trials have "
+            "started, with the command that resumes)."
         ),
     )
     parser.add_argument(
@@ -156,10 +156,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--storage",
         metavar="PATH",
-        help="folder or s3:// URI that holds the experiment's folder (default: storage_path, runs)",
+        help="folder or URI (s3://bucket/runs) that holds the experiment's folder (default: "
+        "storage_path, runs)",
     )
     parser.add_argument(
-        "--name", help="the experiment's folder in the storage (default: the file's name)"
+        "--name",
+        help="the experiment's folder in the storage: letters, digits, '.', '_', '-', "
+        "starting with a letter or digit (default: the file's name)",
     )
     parser.add_argument(
         "--resume",
@@ -170,7 +173,7 @@ def _parser() -> argparse.ArgumentParser:
         "--workers-per-trial",
         type=int,
         metavar="K",
-        help=f"DDP workers per trial, {WORKERS_KEY} (default: search.workers_per_trial, "
+        help=f"DDP workers per trial; sets {WORKERS_KEY} (default: search.workers_per_trial, "
         f"else {WORKERS_KEY}, 2)",
     )
     parser.add_argument(
