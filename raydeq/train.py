@@ -103,7 +103,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "config",
         metavar="CONFIG.yaml",
-        help="YAML config (a tune_configs/ experiment file works too, its search section unused)",
+        help="YAML config file; tune_configs/NAME.yaml reads the shipped experiment file where "
+        "this folder has none (its search section unused)",
     )
     parser.add_argument(
         "overrides",
