@@ -99,6 +99,29 @@ def test_neumann_matches_dense_solve_for_contractions():
     assert gm.matvecs < info.matvecs
 
 
+@pytest.mark.parametrize("warm", [False, True])
+def test_neumann_stops_a_diverging_sample_at_its_iterate_of_smallest_residual(warm):
+    """Sample 1's K = 3 I (the adjoint of a layer that does not contract at z*): its residual
+    triples with each iteration, and after max_iters=100 it returned its last iterate, of norm
+    3^100 ||b|| (5e47), and took the batch to 100 products. It stops once its residual passes
+    1e4 times its smallest, 3^9 after 9 iterations, and returns its iterate of smallest
+    residual: 0 from zeros (residual ||b||), b itself from the warm start b (residual 3 ||b||).
+    The contractions beside it are solved as they are alone."""
+    a, b = contraction_systems(3, 12, seed=6)
+    a[1] = -2 * torch.eye(12, dtype=torch.float64)
+    x, info = Neumann(rtol=1e-12, max_iters=100)(matvec(a), b, b if warm else None)
+    alone, alone_info = Neumann(rtol=1e-12, max_iters=100)(
+        matvec(a[[0, 2]]), b[[0, 2]], b[[0, 2]] if warm else None
+    )
+    torch.testing.assert_close(x[[0, 2]], alone, rtol=0, atol=0)
+    torch.testing.assert_close(x[[0, 2]], torch.linalg.solve(a[[0, 2]], b[[0, 2]]))
+    torch.testing.assert_close(x[1], b[1] if warm else torch.zeros_like(b[1]), rtol=0, atol=0)
+    assert info.converged.tolist() == [True, False, True]
+    assert int(info.iterations[1]) == 9
+    assert float(info.residual[1]) == pytest.approx((3.0 if warm else 1.0) * float(b[1].norm()))
+    assert info.matvecs == alone_info.matvecs
+
+
 @pytest.mark.parametrize("solver", [GMRES, Neumann])
 @pytest.mark.parametrize("warm", [False, True])
 @pytest.mark.parametrize("scale", [1e-30, 1e-21, 1e25])

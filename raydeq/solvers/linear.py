@@ -8,13 +8,22 @@ import torch
 
 from raydeq.solvers.gmres import LinearOperator, LinearSolveInfo, ScaledLinearSolver
 
+# A sample whose residual has grown past this many times its smallest has met a series that
+# diverges (K with an eigenvalue of modulus above 1 there): it stops, as a forward solve stops
+# a sample whose residual grows past `divergence` (1e4) times its first.
+DIVERGENCE = 1e4
+
 
 @dataclass(frozen=True)
 class Neumann(ScaledLinearSolver):
     """Solve A x = b by x <- x + (b - A x): for A = I - K the Neumann series x = sum_k K^k b.
 
     Converges when the spectral radius of K = I - A is below 1 (a contractive DEQ); sample b
-    stops when ||b - A x|| <= max(atol, rtol ||b||).
+    stops when ||b - A x|| <= max(atol, rtol ||b||), or once its residual has grown past
+    DIVERGENCE times its smallest. Each sample returns its iterate of smallest residual: where
+    the series diverges (the adjoint of a layer that does not contract at z*), its last
+    iterate after max_iters grew by the spectral radius to the power max_iters, and the
+    implicit gradient of the batch's shared weights with it.
     """
 
     def _solve(
@@ -28,8 +37,10 @@ class Neumann(ScaledLinearSolver):
         iterations = torch.zeros(b.shape[0], dtype=torch.long, device=b.device)
         x, r, matvecs = self._start(A, b, x0)
         beta = r.norm(dim=1)
+        best_x, best = x, beta
         for _ in range(self.max_iters):
-            active = beta > tol
+            # NaN compares false: a sample whose residual is not finite stops too.
+            active = (beta > tol) & (beta <= DIVERGENCE * best)
             if not bool(active.any()):
                 break
             x = torch.where(active[:, None], x + r, x)
@@ -37,4 +48,6 @@ class Neumann(ScaledLinearSolver):
             r = b - A(x)
             matvecs += 1
             beta = r.norm(dim=1)
-        return x, LinearSolveInfo(iterations, beta <= tol, beta, matvecs)
+            better = beta < best
+            best_x, best = torch.where(better[:, None], x, best_x), torch.where(better, beta, best)
+        return best_x, LinearSolveInfo(iterations, best <= tol, best, matvecs)
