@@ -144,12 +144,12 @@ def trial_row(
     the experiment is now, read back from there whatever folder it started in; a trial that
     never started (no folder) has the experiment's.
 
-    The training steps' time, rate and NFE columns are per-step means of the reports' interval
-    means (each weighed by its steps), images_per_second the steps' images over their time,
-    the test columns (test_nfe, predict_time) the last
-    evaluation's; forward and backward times are the DEQ's solves only (the unrolled warm-up
-    steps report pretrain_* times instead). Every metric a search can rank by
-    (config.METRICS) has its column.
+    The training steps' time, rate, NFE and unconverged-fraction columns are per-step means of
+    the reports' interval means (each weighed by its steps), images_per_second the steps'
+    images over their time, the test columns (test_nfe, predict_time) the last evaluation's;
+    forward and backward times are the DEQ's solves only (the unrolled warm-up steps report
+    pretrain_* times instead). Every metric a search can rank by (config.METRICS) has its
+    column.
     """
     cfg = (
         experiment.trial_config(trial.config)
@@ -184,6 +184,8 @@ def trial_row(
         "pretrain_backward_time": _mean(frame, "pretrain_backward_time"),
         "nfe": _mean(frame, "nfe"),
         "backward_nvjp": _mean(frame, "backward_nvjp"),
+        "unconverged_fraction": _mean(frame, "unconverged_fraction"),
+        "backward_unconverged_fraction": _mean(frame, "backward_unconverged_fraction"),
         "skipped_steps": _last(frame, "skipped_steps"),
         "train_loss": _last(frame, "train_loss"),
         "train_accuracy": _last(frame, "train_accuracy"),
