@@ -1366,12 +1366,20 @@ def test_ray_address_local_starts_a_ray_of_the_runs_own_as_no_address_does(
 
 
 def test_a_progress_line_shows_each_headline_metric_under_its_own_name():
+    """The shares of samples whose forward or backward solve did not converge, which the line
+    left to TensorBoard, and the skipped steps are shown once they are not 0."""
     metrics = {"epoch": 0.5, "step": 10, "total_steps": 20, "train_loss": 1.5}
     metrics |= {"train_accuracy": 0.25, "nfe": 12.0, "images_per_second": 12345.6}
     metrics |= {"test_accuracy": 0.75, "test_nfe": 8.0, "skipped_steps": 0, "time_left_s": 65}
+    metrics |= {"unconverged_fraction": 0.0, "backward_unconverged_fraction": 0.0}
     assert reporting.progress_line("run", metrics) == (
         "[run] epoch 0.50 step 10/20 loss 1.5 acc 0.25 nfe 12 img/s 12346 test_acc 0.75 "
         "test_nfe 8 eta 1m05s"
+    )
+    metrics |= {"unconverged_fraction": 0.125, "backward_unconverged_fraction": 0.0625}
+    assert reporting.progress_line("run", metrics | {"skipped_steps": 3}) == (
+        "[run] epoch 0.50 step 10/20 loss 1.5 acc 0.25 nfe 12 img/s 12346 test_acc 0.75 "
+        "test_nfe 8 unconverged 0.125 backward_unconverged 0.0625 skipped 3 eta 1m05s"
     )
 
 

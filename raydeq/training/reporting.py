@@ -34,6 +34,14 @@ SHOWN = {
     "test_accuracy": "test_acc",
     "test_nfe": "test_nfe",
 }
+# Shown in a progress line once they are not 0: the shares of samples whose forward solve and
+# backward linear solve did not converge, and the updates skipped for a non-finite loss or
+# gradient.
+FLAGGED = {
+    "unconverged_fraction": "unconverged",
+    "backward_unconverged_fraction": "backward_unconverged",
+    "skipped_steps": "skipped",
+}
 # What each TensorBoard scalar measures, in which unit, shown beside its chart: a name such as
 # forward_time says neither that it is seconds nor of what. A step's scalars are rank 0's,
 # measured on its share of the batch (batch_size / num_workers images).
@@ -126,11 +134,12 @@ def progress_line(label: str, metrics: dict[str, Any]) -> str:
     """`[label] epoch E step S/N` and the headline metrics of a report."""
     position = f"epoch {metrics['epoch']:.2f} step {metrics['step']}/{metrics['total_steps']}"
     shown = " ".join(f"{name} {figure(metrics[k])}" for k, name in SHOWN.items() if k in metrics)
-    # Skipped updates (a non-finite loss or gradient) are shown once there are any.
-    skipped = f" skipped {metrics['skipped_steps']}" if metrics.get("skipped_steps") else ""
+    flagged = "".join(
+        f" {name} {figure(metrics[k])}" for k, name in FLAGGED.items() if metrics.get(k)
+    )
     left = metrics.get("time_left_s")
     eta = f" eta {duration(left)}" if left and metrics["step"] < metrics["total_steps"] else ""
-    return f"[{label}] {position} {shown}{skipped}{eta}"
+    return f"[{label}] {position} {shown}{flagged}{eta}"
 
 
 def figure(value: float) -> str:
