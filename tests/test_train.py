@@ -49,7 +49,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from raydeq import models, train, tune
 from raydeq.experiments import results
 from raydeq.experiments.run import SETTINGS_FILE
-from raydeq.solvers import adjoint, driver
+from raydeq.solvers import Status, adjoint, driver
 from raydeq.training import (
     checkpoint,
     config,
@@ -95,6 +95,7 @@ METRICS = (
     "test_top5_accuracy",
     "test_nfe",
     "predict_time",
+    "test_unconverged_fraction",
 )
 LOCAL = ScalingConfig(num_workers=0)
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -1366,20 +1367,24 @@ def test_ray_address_local_starts_a_ray_of_the_runs_own_as_no_address_does(
 
 
 def test_a_progress_line_shows_each_headline_metric_under_its_own_name():
-    """The shares of samples whose forward or backward solve did not converge, which the line
-    left to TensorBoard, and the skipped steps are shown once they are not 0."""
+    """The shares of samples whose forward or backward solve did not converge and of the test
+    samples whose solve did not, which the line left to TensorBoard, and the skipped steps are
+    shown once they are not 0."""
     metrics = {"epoch": 0.5, "step": 10, "total_steps": 20, "train_loss": 1.5}
     metrics |= {"train_accuracy": 0.25, "nfe": 12.0, "images_per_second": 12345.6}
     metrics |= {"test_accuracy": 0.75, "test_nfe": 8.0, "skipped_steps": 0, "time_left_s": 65}
     metrics |= {"unconverged_fraction": 0.0, "backward_unconverged_fraction": 0.0}
+    metrics |= {"test_unconverged_fraction": 0.0}
     assert reporting.progress_line("run", metrics) == (
         "[run] epoch 0.50 step 10/20 loss 1.5 acc 0.25 nfe 12 img/s 12346 test_acc 0.75 "
         "test_nfe 8 eta 1m05s"
     )
     metrics |= {"unconverged_fraction": 0.125, "backward_unconverged_fraction": 0.0625}
-    assert reporting.progress_line("run", metrics | {"skipped_steps": 3}) == (
+    metrics |= {"test_unconverged_fraction": 0.03125, "skipped_steps": 3}
+    assert reporting.progress_line("run", metrics) == (
         "[run] epoch 0.50 step 10/20 loss 1.5 acc 0.25 nfe 12 img/s 12346 test_acc 0.75 "
-        "test_nfe 8 unconverged 0.125 backward_unconverged 0.0625 skipped 3 eta 1m05s"
+        "test_nfe 8 unconverged 0.125 backward_unconverged 0.0625 test_unconverged 0.03125 "
+        "skipped 3 eta 1m05s"
     )
 
 
@@ -1918,33 +1923,45 @@ def test_the_loss_of_float64_logits_is_their_cross_entropy_in_float64():
 
 
 class GivenLogits(nn.Module):
-    """A classifier whose logits are its input, with the NFE of each call from `nfes`; it notes
-    the mode, whether gradients were on and the CPU autocast dtype (or None) of each call."""
+    """A classifier whose logits are its input, with the NFE of each call from `nfes` and the
+    status of each sample's solve from `statuses` (all converged if not given); it notes the
+    mode, whether gradients were on and the CPU autocast dtype (or None) of each call."""
 
-    def __init__(self, nfes: list[int]) -> None:
+    def __init__(self, nfes: list[int], statuses: list[list[Status]] | None = None) -> None:
         super().__init__()
         self.nfes, self.modes, self.grads, self.autocasts = iter(nfes), [], [], []
+        self.statuses = iter(statuses) if statuses else None
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, SimpleNamespace]:
         self.modes.append(self.training)
         self.grads.append(torch.is_grad_enabled())
         autocast = torch.is_autocast_enabled("cpu")
         self.autocasts.append(torch.get_autocast_dtype("cpu") if autocast else None)
-        return images, SimpleNamespace(stats=SimpleNamespace(nfe=next(self.nfes)))
+        given = next(self.statuses) if self.statuses else [Status.CONVERGED] * len(images)
+        status = torch.tensor([int(code) for code in given])
+        return images, SimpleNamespace(stats=SimpleNamespace(nfe=next(self.nfes), status=status))
 
 
 def test_evaluation_counts_top1_and_top5_hits_over_all_samples_and_averages_nfe_per_batch():
     """Five test samples in two batches, six classes: the top-1 hits are the samples whose label
     has the largest logit (2 of 5), the top-5 hits those whose label is among the five largest
-    (4 of 5); the NFE is the mean over the batches (7 and 11), predicted in eval mode."""
+    (4 of 5); the NFE is the mean over the batches (7 and 11), predicted in eval mode; the
+    samples whose solve ended without converging, which no metric of an evaluation counted,
+    are 3 of 5 (max_steps, diverged, non-finite), where a Neural ODE's state, which no solve
+    to a tolerance reached (UNSOLVED), is none."""
     down, up = [5.0, 4.0, 3.0, 2.0, 1.0, 0.0], [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
     batches = [
         (torch.tensor([down, down, down]), torch.tensor([0, 4, 5])),  # 1st, 5th, 6th largest
         (torch.tensor([up, up]), torch.tensor([5, 2])),  # 1st, 4th largest
     ]
-    model = GivenLogits([7, 11])
+    ended = [
+        [Status.MAX_STEPS, Status.CONVERGED, Status.UNSOLVED],
+        [Status.DIVERGED, Status.NONFINITE],
+    ]
+    model = GivenLogits([7, 11], ended)
     totals = objective.evaluate(model, batches, torch.device("cpu"))
     metrics = totals.metrics()
+    assert metrics["test_unconverged_fraction"] == pytest.approx(3 / 5)
     assert metrics["test_accuracy"] == pytest.approx(2 / 5)
     assert metrics["test_top5_accuracy"] == pytest.approx(4 / 5)
     assert metrics["test_nfe"] == pytest.approx((7 + 11) / 2)
@@ -1959,7 +1976,8 @@ class SlowestSample(nn.Module):
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, SimpleNamespace]:
         nfe = int(images[:, 0].max())
-        return images, SimpleNamespace(stats=SimpleNamespace(nfe=nfe))
+        status = torch.full((len(images),), int(Status.CONVERGED))
+        return images, SimpleNamespace(stats=SimpleNamespace(nfe=nfe, status=status))
 
 
 def test_test_nfe_is_the_same_on_any_number_of_workers():
@@ -3470,7 +3488,7 @@ def test_every_tensorboard_scalar_says_what_it_measures_and_in_which_unit(tmp_pa
     times = [tag for tag in described if tag.endswith("_time")]
     assert len(times) == 8 and all("seconds per" in described[tag] for tag in times)
     shares = [tag for tag in described if "accuracy" in tag or "fraction" in tag]
-    assert len(shares) == 6 and all("fraction (0 to 1)" in described[tag] for tag in shares)
+    assert len(shares) == 7 and all("fraction (0 to 1)" in described[tag] for tag in shares)
     assert described["pretrain_nfe"] == (
         f"unrolled warm-up steps (model.pretrain_steps): {described['nfe']}"
     )
@@ -3522,14 +3540,21 @@ def test_fp16_overflow_steps_are_the_scalers_not_non_finite_steps(tmp_path, monk
 
 
 @pytest.mark.parametrize("variant", ["skip_reg", "neural_ode"])
-def test_bf16_autocast_trains_the_deq_and_the_neural_ode(tmp_path, variant):
+def test_bf16_autocast_trains_the_deq_and_the_neural_ode(tmp_path, variant, caplog):
     """train.amp=bf16: the solves keep float32 states (bfloat16 has no triangular solve for
-    GMRES) and the Neural ODE's adjoint runs f under the forward's autocast."""
+    GMRES) and the Neural ODE's adjoint runs f under the forward's autocast. A Neural ODE's
+    z(t1) is no steady state (its training share above the tolerance is 1 here, its test
+    solves' failed share 0): its progress line leaves the training share out."""
     train = {"epochs": 1, "max_steps": 2, "report_every": 2, "amp": "bf16", "eval_batches": 1}
     cfg = validate({"storage_path": str(tmp_path), "model": {"variant": variant}, "train": train})
-    metrics = launch.fit(cfg, LOCAL).metrics
+    with caplog.at_level(logging.INFO, logger="raydeq"):
+        metrics = launch.fit(cfg, LOCAL).metrics
     assert metrics["step"] == 2 and metrics["skipped_steps"] == 0
     assert math.isfinite(metrics["train_loss"]) and metrics["backward_nvjp"] > 0
+    if variant == "neural_ode":
+        assert metrics["unconverged_fraction"] == 1 and metrics["test_unconverged_fraction"] == 0
+        (line,) = [m for m in caplog.messages if "step 2/2" in m]
+        assert " unconverged" not in line
 
 
 def test_model_compile_runs_the_layers_solves_compiled_and_trains_as_eager(tmp_path, monkeypatch):

@@ -2114,11 +2114,11 @@ def test_a_curve_of_many_reports_is_a_line_and_one_of_few_marks_each(monkeypatch
 
 
 def test_a_trials_row_takes_its_test_metrics_from_the_last_evaluation_and_the_rest_as_means():
-    """The test metrics of a row (NFE, top-5, prediction time) are those of the trial's last
-    evaluation, not of the training solves; the training NFE and the shares of samples whose
-    forward and backward solves did not converge are the means of the reports (the row had
-    neither share, which TensorBoard alone showed), and the total minutes add each report's
-    steps times its step time."""
+    """The test metrics of a row (NFE, top-5, prediction time, unconverged share) are those of
+    the trial's last evaluation, not of the training solves; the training NFE and the shares
+    of samples whose forward and backward solves did not converge are the means of the
+    reports (the row had neither share, which TensorBoard alone showed), and the total minutes
+    add each report's steps times its step time."""
     settings = TINY | {"train": {"epochs": 1, "max_steps": 30}}
     experiment = spec.from_dict("rows", settings)
     trial = SimpleNamespace(trial_id="abc12_00000", status="TERMINATED", config={})
@@ -2129,6 +2129,7 @@ def test_a_trials_row_takes_its_test_metrics_from_the_last_evaluation_and_the_re
             "test_top5_accuracy": [0.8, math.nan, 0.95],
             "test_nfe": [14.0, math.nan, 9.0],
             "predict_time": [0.04, math.nan, 0.02],
+            "test_unconverged_fraction": [0.25, math.nan, 0.0625],
             "nfe": [20.0, 16.0, 12.0],
             "step_time": [0.5, 0.25, 1.0],
             "unconverged_fraction": [0.25, 0.0, 0.125],
@@ -2137,6 +2138,7 @@ def test_a_trials_row_takes_its_test_metrics_from_the_last_evaluation_and_the_re
     )
     row = results.trial_row(experiment, trial, frame)
     assert (row["test_nfe"], row["test_top5_accuracy"], row["predict_time"]) == (9.0, 0.95, 0.02)
+    assert row["test_unconverged_fraction"] == 0.0625
     assert row["nfe"] == pytest.approx(16.0)
     assert row["unconverged_fraction"] == pytest.approx(0.125)
     assert row["backward_unconverged_fraction"] == pytest.approx(0.25)

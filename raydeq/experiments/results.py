@@ -146,10 +146,10 @@ def trial_row(
 
     The training steps' time, rate, NFE and unconverged-fraction columns are per-step means of
     the reports' interval means (each weighed by its steps), images_per_second the steps'
-    images over their time, the test columns (test_nfe, predict_time) the last evaluation's;
-    forward and backward times are the DEQ's solves only (the unrolled warm-up steps report
-    pretrain_* times instead). Every metric a search can rank by (config.METRICS) has its
-    column.
+    images over their time, the test columns (test_nfe, predict_time,
+    test_unconverged_fraction) the last evaluation's; forward and backward times are the DEQ's
+    solves only (the unrolled warm-up steps report pretrain_* times instead). Every metric a
+    search can rank by (config.METRICS) has its column.
     """
     cfg = (
         experiment.trial_config(trial.config)
@@ -172,6 +172,7 @@ def trial_row(
         "test_top5_accuracy": _last(frame, "test_top5_accuracy"),
         "test_nfe": _last(frame, "test_nfe"),
         "predict_time": _last(frame, "predict_time"),
+        "test_unconverged_fraction": _last(frame, "test_unconverged_fraction"),
         "train_time": _mean(frame, "forward_time") + _mean(frame, "backward_time"),
         "train_minutes": total_minutes(frame),
         "forward_time": _mean(frame, "forward_time"),

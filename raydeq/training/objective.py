@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from raydeq.deq import LayerOutput, widened
 from raydeq.solvers.options import number
+from raydeq.solvers.termination import Status
 
 # Per-step training metrics, averaged over a report interval; *_time in seconds per batch
 # (step_time: the whole step, data wait and warm-up steps included, for total training time).
@@ -39,7 +40,13 @@ STEP_METRICS = (
     "images_per_second",
 )
 # Metrics of one evaluation on the test set.
-TEST_METRICS = ("test_accuracy", "test_top5_accuracy", "test_nfe", "predict_time")
+TEST_METRICS = (
+    "test_accuracy",
+    "test_top5_accuracy",
+    "test_nfe",
+    "predict_time",
+    "test_unconverged_fraction",
+)
 
 
 @dataclass(frozen=True)
@@ -80,17 +87,25 @@ class Evaluation:
     nfe: float = 0.0
     seconds: float = 0.0
     batches: float = 0.0
+    unconverged: float = 0.0
 
     def totals(self) -> list[float]:
         """The sums as a list (for an all-reduce)."""
         return list(astuple(self))
 
     def metrics(self) -> dict[str, float]:
-        """Test accuracy (top-1 and top-5), mean NFE and prediction seconds per batch."""
+        """Test accuracy (top-1 and top-5), mean NFE and prediction seconds per batch, and the
+        fraction of test samples whose solve ended without converging (`failed`)."""
         samples, batches = max(self.samples, 1.0), max(self.batches, 1.0)
         values = (self.correct / samples, self.correct_top5 / samples)
-        values += (self.nfe / batches, self.seconds / batches)
+        values += (self.nfe / batches, self.seconds / batches, self.unconverged / samples)
         return dict(zip(TEST_METRICS, values, strict=True))
+
+
+def failed(status: Tensor) -> Tensor:
+    """Which samples' solves ended without converging: max_steps, diverged or non-finite, not
+    a Neural ODE's z(t1), which no solve to a tolerance reached (Status.UNSOLVED)."""
+    return (status != int(Status.CONVERGED)) & (status != int(Status.UNSOLVED))
 
 
 def top_hits(logits: Tensor, labels: Tensor) -> Tensor:
@@ -122,6 +137,7 @@ def evaluate(
             totals.correct_top5 += hits.any(1).sum().item()
             totals.samples += len(labels)
             totals.nfe += out.stats.nfe
+            totals.unconverged += failed(out.stats.status).sum().item()
             totals.batches += 1
     model.train(was_training)
     return totals

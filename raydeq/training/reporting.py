@@ -35,11 +35,12 @@ SHOWN = {
     "test_nfe": "test_nfe",
 }
 # Shown in a progress line once they are not 0: the shares of samples whose forward solve and
-# backward linear solve did not converge, and the updates skipped for a non-finite loss or
-# gradient.
+# backward linear solve did not converge, of the test samples whose solve did not, and the
+# updates skipped for a non-finite loss or gradient.
 FLAGGED = {
     "unconverged_fraction": "unconverged",
     "backward_unconverged_fraction": "backward_unconverged",
+    "test_unconverged_fraction": "test_unconverged",
     "skipped_steps": "skipped",
 }
 # What each TensorBoard scalar measures, in which unit, shown beside its chart: a name such as
@@ -84,6 +85,9 @@ DESCRIPTIONS = {
     "slowest sample's), mean over the test batches",
     "predict_time": "seconds per test batch of data.eval_batch_size: the forward pass, mean "
     "over the test batches",
+    "test_unconverged_fraction": "fraction (0 to 1) of the test images whose forward solve "
+    "ended without converging (max_steps, diverged or non-finite; 0 for a Neural ODE, which "
+    "solves to no tolerance)",
 }
 
 
