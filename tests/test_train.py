@@ -1386,6 +1386,11 @@ def test_a_progress_line_shows_each_headline_metric_under_its_own_name():
         "test_nfe 8 unconverged 0.125 backward_unconverged 0.0625 test_unconverged 0.03125 "
         "skipped 3 eta 1m05s"
     )
+    # A Neural ODE's training share, near 1 at every step (its z(t1) is no steady state).
+    assert reporting.progress_line("run", metrics | {"unconverged_fraction": 1.0}, True) == (
+        "[run] epoch 0.50 step 10/20 loss 1.5 acc 0.25 nfe 12 img/s 12346 test_acc 0.75 "
+        "test_nfe 8 backward_unconverged 0.0625 test_unconverged 0.03125 skipped 3 eta 1m05s"
+    )
 
 
 @pytest.mark.parametrize(

@@ -1634,7 +1634,7 @@ def test_a_failed_trial_is_one_line_with_its_error_and_the_count_of_trials_done(
         status="RUNNING",
     )
     done = SimpleNamespace(status="TERMINATED")
-    lines = run.TrialLines(total=3)
+    lines = run.TrialLines(total=3, experiment=spec.from_dict("x", TINY))
     lines.on_trial_recover(0, [done, trial], trial)
     lines.on_trial_error(0, [done, trial], trial)
     recovered, failed = capsys.readouterr().out.splitlines()
@@ -2872,7 +2872,9 @@ def test_a_trial_asha_stopped_after_tunes_last_save_stays_stopped_on_resume(tmp_
     def stop(trial: RestoredTrial) -> None:
         """Stop the trial as Tune does, its line printed."""
         stopped.append(trial.trial_id)
-        run.TrialLines(total=3).on_trial_complete(0, list(trials.values()), trial)
+        run.TrialLines(total=3, experiment=spec.from_dict("x", TINY)).on_trial_complete(
+            0, list(trials.values()), trial
+        )
         trial.status = run.Trial.TERMINATED
 
     controller = SimpleNamespace(
@@ -2934,7 +2936,7 @@ def test_a_trial_asha_let_through_before_the_kill_is_resumed_though_later_report
 
 
 def test_a_trial_that_reaches_its_last_step_finished_and_one_cut_short_stopped_early(capsys):
-    lines = run.TrialLines(total=2)
+    lines = run.TrialLines(total=2, experiment=spec.from_dict("x", TINY))
     for step in (6, 3):
         result = {"step": step, "total_steps": 6, "test_accuracy": 0.5}
         trial = SimpleNamespace(config={"variant": {"label": "Skip"}}, last_result=result)
@@ -2948,12 +2950,18 @@ def test_a_trial_that_reaches_its_last_step_finished_and_one_cut_short_stopped_e
 def test_a_trial_has_a_line_when_it_starts_and_for_each_report_of_its_training(capsys):
     """Tune's own results (without the training's position) have none; a trial that ended
     without a report, or without a test accuracy, ends with its step alone; an accuracy of 0 is
-    shown."""
-    lines = run.TrialLines(total=4)
+    shown. A Neural ODE's line leaves out its training unconverged_fraction, 1 at every step
+    (its z(t1) is no steady state), as its training's own line does: each of its lines showed
+    'unconverged 1'."""
+    lines = run.TrialLines(total=4, experiment=spec.from_dict("x", TINY))
     trial = SimpleNamespace(config={"variant": {"label": "Skip"}}, last_result=None)
     lines.on_trial_start(0, [trial], trial)
     report = {"epoch": 0.5, "step": 3, "total_steps": 6, "train_loss": 0.25}
-    lines.on_trial_result(0, [trial], trial, report)
+    lines.on_trial_result(0, [trial], trial, report | {"unconverged_fraction": 0.5})
+    ode = {"label": "ODE", "model.variant": "neural_ode", "model.solver": "tsit5"}
+    ode_trial = SimpleNamespace(config={"variant": ode})
+    ode_report = report | {"unconverged_fraction": 1.0, "test_unconverged_fraction": 0.25}
+    lines.on_trial_result(0, [trial, ode_trial], ode_trial, ode_report)
     lines.on_trial_result(0, [trial], trial, {"done": True, "training_iteration": 1})
     lines.on_trial_complete(0, [trial], trial)
     trial.last_result = {"step": 6, "total_steps": 6}
@@ -2962,7 +2970,8 @@ def test_a_trial_has_a_line_when_it_starts_and_for_each_report_of_its_training(c
     lines.on_trial_complete(0, [trial], trial)
     assert capsys.readouterr().out.splitlines() == [
         "trial Skip: started",
-        "[Skip] epoch 0.50 step 3/6 loss 0.25",
+        "[Skip] epoch 0.50 step 3/6 loss 0.25 unconverged 0.5",
+        "[ODE] epoch 0.50 step 3/6 loss 0.25 test_unconverged 0.25",
         "trial Skip: finished at step 0 (1 of 4 trials done)",
         "trial Skip: finished at step 6 (1 of 4 trials done)",
         "trial Skip: finished at step 6, test_accuracy 0.0000 (1 of 4 trials done)",
@@ -2979,7 +2988,7 @@ def test_a_failed_trial_counts_once_among_the_trials_done_and_fails_without_an_e
     trial = SimpleNamespace(
         config={"variant": {"label": "Skip"}}, error_file=None, path=str(tmp_path), status="ERROR"
     )
-    lines = run.TrialLines(total=5)
+    lines = run.TrialLines(total=5, experiment=spec.from_dict("x", TINY))
     lines.on_trial_error(0, [*others, trial], trial)
     (tmp_path / "error.txt").write_text("\n \n")
     trial.error_file = str(tmp_path / "error.txt")
@@ -3805,7 +3814,9 @@ def test_a_restart_without_a_limit_says_so_rather_than_of_minus_1(tmp_path, caps
         max_failures=-1,
         status="RUNNING",
     )
-    run.TrialLines(total=1).on_trial_recover(0, [trial], trial)
+    run.TrialLines(total=1, experiment=spec.from_dict("x", TINY)).on_trial_recover(
+        0, [trial], trial
+    )
     assert capsys.readouterr().out == "trial Skip: failed; restart 4 (no limit)\n"
 
 

@@ -582,7 +582,7 @@ def callbacks(experiment: Experiment, options: Options) -> list[tune.Callback]:
     """What Tune calls on the trials' events: result.json (the reports the results read),
     progress.csv and the trial lines."""
     total = trial_count(experiment, options.num_samples)
-    return [JsonLoggerCallback(), CSVLoggerCallback(), TrialLines(total)]
+    return [JsonLoggerCallback(), CSVLoggerCallback(), TrialLines(total, experiment)]
 
 
 class TrialLines(tune.Callback):
@@ -590,9 +590,9 @@ class TrialLines(tune.Callback):
     failed with how many of the experiment's `total` trials have ended (the workers' own
     output stays in Ray's logs)."""
 
-    def __init__(self, total: int) -> None:
-        """Lines for an experiment of `total` trials."""
-        self.total = total
+    def __init__(self, total: int, experiment: Experiment) -> None:
+        """Lines for `experiment`, of `total` trials."""
+        self.total, self.experiment = total, experiment
 
     def ended(self, trials: list, trial: Trial) -> str:
         """' (n of total trials done)', counting `trial` as ended."""
@@ -620,9 +620,12 @@ class TrialLines(tune.Callback):
     def on_trial_result(
         self, iteration: int, trials: list, trial: Trial, result: dict, **info: Any
     ) -> None:
-        """Print a progress line for each training report of the trial (one with total_steps)."""
+        """Print a progress line for each training report of the trial (one with total_steps),
+        as its training prints it (a Neural ODE's leaves out its unconverged_fraction)."""
         if "total_steps" in result:
-            print(progress_line(describe(trial.config), result), flush=True)
+            variant = self.experiment.trial_config(trial.config).model.variant
+            line = progress_line(describe(trial.config), result, variant == "neural_ode")
+            print(line, flush=True)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Trial, **info: Any) -> None:
         """Say where the trial ended (its last step, or a scheduler's stop) and its accuracy."""

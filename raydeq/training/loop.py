@@ -149,9 +149,7 @@ class Loop:
         self.meter = Meter(keys)
         name = cfg.label or cfg.name
         self.reporter = Reporter(cfg.run_dir, name, self.rank, self.state.step, session.report)
-        # A Neural ODE's z(t1) is no steady state, whose training share above the tolerance is
-        # near 1 at every step: the progress line leaves it out (TensorBoard keeps it).
-        self.unflagged = ("unconverged_fraction",) if cfg.model.variant == "neural_ode" else ()
+        self.neural_ode = cfg.model.variant == "neural_ode"  # see progress_line
         self.reporter.begin(self.state.step, self.total_steps, self.world, notes(cfg))
         self.started = (time.monotonic(), self.state.step)
 
@@ -330,7 +328,7 @@ class Loop:
         epoch = step / self.steps_per_epoch
         position = {"step": step, "epoch": epoch, "total_steps": self.total_steps}
         metrics = position | self.counters() | self.time_left(step) | metrics
-        self.reporter.progress({k: v for k, v in metrics.items() if k not in self.unflagged})
+        self.reporter.progress(metrics, self.neural_ode)
         self.reporter.report(metrics, self.checkpoint_state if checkpoint else None)
         if checkpoint:
             self.checkpointed = step

@@ -134,12 +134,17 @@ def description(tag: str) -> str:
     )
 
 
-def progress_line(label: str, metrics: dict[str, Any]) -> str:
-    """`[label] epoch E step S/N` and the headline metrics of a report."""
+def progress_line(label: str, metrics: dict[str, Any], neural_ode: bool = False) -> str:
+    """`[label] epoch E step S/N` and the headline metrics of a report; a Neural ODE's leaves
+    out its training unconverged_fraction, near 1 at every step as its z(t1) is no steady
+    state (TensorBoard and the results keep it)."""
     position = f"epoch {metrics['epoch']:.2f} step {metrics['step']}/{metrics['total_steps']}"
     shown = " ".join(f"{name} {figure(metrics[k])}" for k, name in SHOWN.items() if k in metrics)
+    unflagged = ("unconverged_fraction",) if neural_ode else ()
     flagged = "".join(
-        f" {name} {figure(metrics[k])}" for k, name in FLAGGED.items() if metrics.get(k)
+        f" {name} {figure(metrics[k])}"
+        for k, name in FLAGGED.items()
+        if metrics.get(k) and k not in unflagged
     )
     left = metrics.get("time_left_s")
     eta = f" eta {duration(left)}" if left and metrics["step"] < metrics["total_steps"] else ""
@@ -222,10 +227,10 @@ class Reporter:
             for key, value in values.items():
                 self.writer.add_scalar(key, value, step, description(key))
 
-    def progress(self, metrics: dict[str, float]) -> None:
+    def progress(self, metrics: dict[str, float], neural_ode: bool) -> None:
         """One progress line on rank 0 (see `progress_line`)."""
         if self.rank == 0:
-            log.info(progress_line(self.name, metrics))
+            log.info(progress_line(self.name, metrics, neural_ode))
 
     def report(
         self, metrics: dict[str, float], state: Callable[[], dict[str, Any]] | None = None
