@@ -3519,12 +3519,27 @@ def test_every_tensorboard_scalar_says_what_it_measures_and_in_which_unit(tmp_pa
     assert again == [described["lr"], ""]
 
 
+def record_threads_and_train(config: dict) -> None:
+    """Save this worker's OMP_NUM_THREADS and torch's thread count next to the run folder,
+    then train."""
+    threads = {"omp": os.environ.get("OMP_NUM_THREADS"), "torch": torch.get_num_threads()}
+    Path(config["storage_path"], "threads.json").write_text(json.dumps(threads))
+    launch.train_loop(config)
+
+
 def test_a_changed_reporting_setting_resumes_the_run_instead_of_starting_anew(
     ray_cluster, tmp_path
 ):
+    """The first run's worker holds 1.995 CPU (a Tune trial's of 2, less its share of the
+    trial's driver), with which it ran 1 thread, as Ray counts whole CPUs; given 2 threads,
+    torch runs 2 in it."""
     base = {"storage_path": str(tmp_path), "scaling": {"num_workers": 1}}
     first = validate(base | {"train": {"epochs": 1, "max_steps": 4, "report_every": 2}})
-    assert launch.fit(first).metrics["step"] == 4
+    scaling = ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1.995})
+    result = launch.fit(first, scaling, train_fn=record_threads_and_train, threads=2)
+    assert result.error is None and result.metrics["step"] == 4
+    threads = json.loads((tmp_path / "threads.json").read_text())
+    assert threads == {"omp": "2", "torch": 2}
     again = {"epochs": 1, "max_steps": 4, "report_every": 50, "checkpoint_every": 3}
     again |= {"eval_batches": 1, "keep_checkpoints": 5}
     second = validate(base | {"train": again, "data": {"loader_workers": 1, "pin_memory": True}})
@@ -3856,22 +3871,6 @@ def train_and_save_parameters(config: dict) -> None:
         "params": run.state.model.state_dict(),
     }
     torch.save(record, Path(config["storage_path"], f"worker-{rank}.pt"))
-
-
-def record_threads(config: dict) -> None:
-    """Save this worker's OMP_NUM_THREADS and torch's thread count next to the run folder."""
-    threads = {"omp": os.environ.get("OMP_NUM_THREADS"), "torch": torch.get_num_threads()}
-    Path(config["storage_path"], "threads.json").write_text(json.dumps(threads))
-
-
-def test_a_train_run_given_threads_runs_its_workers_with_them(ray_cluster, tmp_path):
-    """A worker that holds 1.995 CPU (a Tune trial's of 2, less its share of the trial's
-    driver) ran 1 thread, as Ray counts whole CPUs; given 2 threads, torch runs 2 in it."""
-    cfg = make_config(tmp_path)
-    scaling = ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1.995})
-    assert launch.fit(cfg, scaling, train_fn=record_threads, threads=2).error is None
-    threads = json.loads((tmp_path / "threads.json").read_text())
-    assert threads == {"omp": "2", "torch": 2}
 
 
 @pytest.fixture(scope="module")
