@@ -911,7 +911,7 @@ def test_mnist_files_kept_as_gz_archives_are_named_with_the_way_to_unpack_them(t
     mnist_folder(tmp_path)
     for name in data.EXPECTED_FILES["mnist"]:
         file = tmp_path / name
-        Path(f"{file}.gz").write_bytes(gzip.compress(file.read_bytes()))
+        Path(f"{file}.gz").write_bytes(gzip.compress(file.read_bytes(), compresslevel=1))
         file.unlink()
     with pytest.raises(data.DataError) as info:
         data.check_files(section(dataset="mnist", data_dir=str(tmp_path)))
