@@ -338,15 +338,19 @@ def test_ray_trains_v1_api_turned_on_is_one_line_naming_the_variable(tmp_path, c
         "error: RAY_TRAIN_V2_ENABLED={} turns off Ray Train's v2 API, which raydeq runs on; "
         "unset RAY_TRAIN_V2_ENABLED, or set it to 1"
     )
-    for value in ("0", "false"):
-        tune_run = subprocess.run(
+    tune_runs = {  # side by side: each is a Python's start and an import
+        value: subprocess.Popen(
             [sys.executable, "-m", "raydeq.tune", "digits", "--storage", str(tmp_path / value)],
             env=env | {"RAY_TRAIN_V2_ENABLED": value},
-            capture_output=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             text=True,
-            timeout=120,
         )
-        assert (tune_run.returncode, tune_run.stderr) == (2, line.format(value) + "\n")
+        for value in ("0", "false")
+    }
+    for value, tune_run in tune_runs.items():
+        err = tune_run.communicate(timeout=120)[1]
+        assert (tune_run.returncode, err) == (2, line.format(value) + "\n")
     assert not (tmp_path / "0" / "digits" / SETTINGS_FILE).exists()
     path = tmp_path / "run.yaml"
     path.write_text(f"data: {{dataset: digits}}\nstorage_path: {tmp_path / 'runs'}\n")
