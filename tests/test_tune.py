@@ -2597,16 +2597,16 @@ def test_a_killed_driver_resumes_every_trial_without_training_a_step_twice(ray_c
 def test_ctrl_c_exits_130_with_the_resume_command_and_that_command_finishes(ray_cluster, tmp_path):
     # Two workers: the trial is a Ray Train run inside Tune (one-worker trials are the others').
     settings = TINY | {
-        "train": {"epochs": 1, "max_steps": 120, "checkpoint_every": 30},
+        "train": {"epochs": 1, "max_steps": 60, "checkpoint_every": 20},
         "scaling": {"num_workers": 2},
     }
     (tmp_path / "stop.yaml").write_text(yaml.safe_dump(settings))
     experiment = tmp_path / "runs" / "stop"
     driver = _tune([str(tmp_path / "stop.yaml"), "--storage", str(tmp_path / "runs")])
     deadline = time.monotonic() + 150
-    while max(_newest_steps(experiment).values(), default=0) < 30:
+    while max(_newest_steps(experiment).values(), default=0) < 20:
         assert driver.poll() is None, driver.stdout.read().decode()[-3000:]
-        assert time.monotonic() < deadline, "no checkpoint at step 30 in time"
+        assert time.monotonic() < deadline, "no checkpoint at step 20 in time"
         time.sleep(0.2)
     driver.send_signal(signal.SIGINT)
     output = driver.communicate(timeout=120)[0].decode()
@@ -2619,7 +2619,7 @@ def test_ctrl_c_exits_130_with_the_resume_command_and_that_command_finishes(ray_
     output = resumed.communicate(timeout=200)[0].decode()
     assert resumed.returncode == 0, output[-3000:]
     (row,) = pq.read_table(experiment / "results.parquet").to_pylist()
-    assert row["status"] == "TERMINATED" and row["step"] == 120
+    assert row["status"] == "TERMINATED" and row["step"] == 60
 
 
 def test_asha_stops_a_trial_and_the_next_trial_gets_its_resources(ray_cluster, tmp_path):
