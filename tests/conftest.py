@@ -6,6 +6,7 @@ so they run after all the others, once the shared cluster has been shut down.
 """
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -213,12 +214,18 @@ def full_disk(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(storage, "filesystem", lambda path: (_FullDisk(), storage.absolute(path)))
 
 
+@functools.cache
+def _modules_after(statement: str) -> frozenset[str]:
+    """Every module a fresh Python has loaded after running `statement`, found once a session
+    for each statement (a Python's start and raydeq's imports: seconds)."""
+    check = f"import json, sys\n{statement}\nprint(json.dumps(sorted(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True)
+    return frozenset(json.loads(done.stdout.splitlines()[-1]))
+
+
 def _loaded(statement: str, modules: list[str]) -> list[str]:
     """Those of `modules` that a fresh Python has loaded after running `statement`."""
-    listed = f"print(json.dumps([m for m in {modules!r} if m in sys.modules]))"
-    check = f"import json, sys\n{statement}\n{listed}"
-    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True)
-    return json.loads(done.stdout.splitlines()[-1])
+    return [m for m in modules if m in _modules_after(statement)]
 
 
 @pytest.fixture
