@@ -8,6 +8,7 @@ import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -36,9 +37,10 @@ def section(**options: Any) -> data.DataSection:
     return validate({"data": options}).data
 
 
-def test_digits_are_mnist_shaped_standardised_and_split_80_20(monkeypatch):
+def test_digits_are_mnist_shaped_standardised_and_split_80_20(monkeypatch, tmp_path):
     """The digits are scikit-learn's, read to the bit without importing sklearn.datasets (1.6 s
-    in each training worker, with SciPy): an import of it fails here."""
+    in each training worker, with SciPy): an import of it fails here; a scikit-learn that
+    keeps its file elsewhere is read through its own loader."""
     from sklearn.datasets import load_digits
 
     reference = load_digits()
@@ -55,6 +57,10 @@ def test_digits_are_mnist_shaped_standardised_and_split_80_20(monkeypatch):
     assert abs(images.mean().item()) < 1e-4 and images.std().item() == pytest.approx(1, abs=1e-3)
     assert set(labels.tolist()) == set(range(10))
     assert set(labels.tolist()) == set(splits.test.tensors[1].tolist())
+    monkeypatch.undo()
+    moved = SimpleNamespace(submodule_search_locations=[str(tmp_path)])
+    monkeypatch.setattr(data.importlib.util, "find_spec", lambda name: moved)
+    assert np.array_equal(data._digits_table(), table)  # a scikit-learn keeping it elsewhere
     monkeypatch.setattr(data.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(data.DataError) as missing:
         data.load_splits(section())

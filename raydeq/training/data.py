@@ -281,7 +281,13 @@ def _digits_table() -> np.ndarray:
     if sklearn is None:
         raise ModuleNotFoundError("scikit-learn is not installed (pip install scikit-learn)")
     (package,) = sklearn.submodule_search_locations
-    with gzip.open(Path(package, "datasets", "data", "digits.csv.gz"), "rt") as file:
+    path = Path(package, "datasets", "data", "digits.csv.gz")
+    if not path.is_file():  # a scikit-learn that keeps it elsewhere: its own loader
+        from sklearn.datasets import load_digits
+
+        bunch = load_digits()
+        return np.column_stack([bunch.data, bunch.target]).astype(np.float64)
+    with gzip.open(path, "rt") as file:
         return np.loadtxt(file, delimiter=",")
 
 
