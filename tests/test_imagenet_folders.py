@@ -794,9 +794,12 @@ def test_a_listed_file_that_is_no_image_is_one_line_naming_it(tmp_path, payload,
     assert message.endswith(
         f"); replace it, or remove it and delete {root / folders.INDEX_FILE}, which lists it"
     )
-    loader = torch.utils.data.DataLoader(splits.train, batch_size=2, num_workers=1)
+    batches = iter(torch.utils.data.DataLoader(splits.train, batch_size=2, num_workers=1))
     with pytest.raises(data.DataError) as wrapped:
-        next(iter(loader))
+        next(batches)
+    # Stopped here: collected later with the error's frames, its worker waited 5 s for a stop
+    # signal its queue, finalised first, never sent (10 s of a later test's time).
+    batches._shutdown_workers()
     lines = "".join(traceback.format_exception(wrapped.value))
     assert launch.own_error(lines) == f"DataError: {message}"
 
