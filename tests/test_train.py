@@ -3606,7 +3606,9 @@ def test_model_compile_runs_the_layers_solves_compiled_and_trains_as_eager(tmp_p
 
 def test_each_report_before_the_last_says_the_time_left_at_the_runs_pace(tmp_path, monkeypatch):
     shown: list[dict] = []
-    monkeypatch.setattr(reporting.Reporter, "progress", lambda self, m: shown.append(dict(m)))
+    monkeypatch.setattr(
+        reporting.Reporter, "progress", lambda self, m, neural_ode: shown.append(dict(m))
+    )
     launch.fit(make_config(tmp_path, max_steps=8), LOCAL)
     assert [m["step"] for m in shown] == [2, 4, 6, 8]
     assert all(m["time_left_s"] > 0 for m in shown[:-1]) and shown[-1]["time_left_s"] == 0
