@@ -15,6 +15,8 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 import warnings
 from collections.abc import Callable, Iterator
 
@@ -232,6 +234,35 @@ def _loaded(statement: str, modules: list[str]) -> list[str]:
 def loaded() -> Callable[[str, list[str]], list[str]]:
     """Which of some modules a statement run in a fresh Python loads: what an import costs."""
     return _loaded
+
+
+# The longest a test waits for what a thread it started is about to do: a loaded machine (2
+# slow cores, shared) may take seconds over what takes milliseconds alone, and the wait ends
+# as soon as it is done.
+WAIT_S = 60.0
+
+
+def _lock_waits(caplog: pytest.LogCaptureFixture, worker: threading.Thread) -> list[str]:
+    """The lines said by workers kept waiting for a lock, once `worker`, started to meet one
+    held, has said its line; checking that it still waits."""
+    deadline = time.monotonic() + WAIT_S
+    while not _waiting(caplog) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert worker.is_alive()
+    return _waiting(caplog)
+
+
+def _waiting(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The lines said so far by workers kept waiting for a lock."""
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith("Waiting")]
+
+
+@pytest.fixture
+def lock_waits(caplog: pytest.LogCaptureFixture) -> Callable[[threading.Thread], list[str]]:
+    """`lock_waits(worker)`: the lines said by workers kept waiting for a lock, once the worker
+    has said one (a loaded machine may take over a second to start it, where a fixed wait of
+    one failed)."""
+    return functools.partial(_lock_waits, caplog)
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from conftest import WAIT_S
 from PIL import Image
 
 from raydeq import datasets
@@ -941,7 +942,7 @@ def test_a_data_dir_that_is_the_files_own_folder_is_told_to_point_above_it(tmp_p
     )
 
 
-def test_a_worker_kept_waiting_for_a_download_says_so(tmp_path, caplog):
+def test_a_worker_kept_waiting_for_a_download_says_so(tmp_path, lock_waits):
     """A worker that met the node's download lock held (a download takes minutes, and a data
     folder on a shared disk is locked by the workers of every node) waited without a word; it
     now says at once what it waits for, the lock and its holder."""
@@ -957,10 +958,9 @@ def test_a_worker_kept_waiting_for_a_download_says_so(tmp_path, caplog):
     with data.download_lock(str(tmp_path)):
         worker = threading.Thread(target=download, daemon=True)
         worker.start()
-        worker.join(timeout=1)
+        said = lock_waits(worker)
         assert not entered.is_set()
-        said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Waiting")]
-    worker.join(timeout=10)
+    worker.join(timeout=WAIT_S)
     assert entered.is_set()
     assert said == [
         f"Waiting for the dataset's download into {tmp_path}: its lock "

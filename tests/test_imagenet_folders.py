@@ -8,7 +8,6 @@ import os
 import shutil
 import tarfile
 import threading
-import time
 import traceback
 from pathlib import Path
 
@@ -1013,24 +1012,8 @@ def test_a_link_to_a_sibling_class_folder_is_listed_as_imagefolder_lists_it(tmp_
     assert index.labels["train"] == [n for _, n in reference.samples]
 
 
-def waits(caplog: pytest.LogCaptureFixture, worker: threading.Thread | None = None) -> list[str]:
-    """The lines said by processes kept waiting for a lock; given a worker that waits, once it
-    has said one (a loaded machine may take over a second to start it), checking that it
-    still waits."""
-    deadline = time.monotonic() + 30
-    while worker is not None and not _waiting(caplog) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert worker is None or worker.is_alive()
-    return _waiting(caplog)
-
-
-def _waiting(caplog: pytest.LogCaptureFixture) -> list[str]:
-    """The lines said so far by processes kept waiting for a lock."""
-    return [r.getMessage() for r in caplog.records if r.getMessage().startswith("Waiting")]
-
-
 def test_a_worker_kept_waiting_for_a_copy_or_a_listing_says_for_which(
-    tmp_path, monkeypatch, caplog
+    tmp_path, monkeypatch, caplog, lock_waits
 ):
     """A worker that met the lock of the node's copy (an ImageNet's takes many minutes) or of
     its listing held by another waited without a word for as long as it was held; it now says
@@ -1041,7 +1024,7 @@ def test_a_worker_kept_waiting_for_a_copy_or_a_listing_says_for_which(
     with folders.node_lock(listing, str(root)):
         worker = threading.Thread(target=folders.load_index, args=(str(root),), daemon=True)
         worker.start()
-        assert waits(caplog, worker) == [
+        assert lock_waits(worker) == [
             f"Waiting for the listing of {root}: its lock {listing / folders.LISTING_LOCK} is "
             f"held by process {os.getpid()} on this machine"
         ]
@@ -1058,7 +1041,7 @@ def test_a_worker_kept_waiting_for_a_copy_or_a_listing_says_for_which(
         lock.flush()
         worker = threading.Thread(target=staging.stage, args=(str(root), files, local))
         worker.start()
-        assert waits(caplog, worker) == [
+        assert lock_waits(worker) == [
             f"Waiting for the copy of {root} to {staged}: its lock {staged / staging.LOCK_FILE} "
             "is held by process 7 on node-7"
         ]

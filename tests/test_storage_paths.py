@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pyarrow.fs
 import pytest
+from conftest import WAIT_S
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from raydeq.training import checkpoint, runlock, storage
@@ -740,7 +741,9 @@ def test_the_folder_of_a_users_run_locks_is_private_under_any_umask(tmp_path, mo
     )
 
 
-def test_a_results_writer_kept_waiting_names_the_lock_and_its_holder(tmp_path, monkeypatch, caplog):
+def test_a_results_writer_kept_waiting_names_the_lock_and_its_holder(
+    tmp_path, monkeypatch, lock_waits
+):
     """A --report that met the results lock held (by the run's end, another --report, or a dead
     NFS client until its server lets it go) waited without a word for as long as it was held;
     it now says at once what it waits for, where, and for whom, then takes the lock."""
@@ -756,10 +759,9 @@ def test_a_results_writer_kept_waiting_names_the_lock_and_its_holder(tmp_path, m
     with runlock.writing_results(str(experiment)):
         reporter = threading.Thread(target=report, daemon=True)
         reporter.start()
-        reporter.join(2)
+        waits = lock_waits(reporter)
         assert not entered.is_set()
-        waits = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Waiting")]
-    reporter.join(10)
+    reporter.join(WAIT_S)
     assert entered.is_set()
     lock = runlock.lock_file(str(experiment)).with_suffix(".results")
     assert waits == [
