@@ -488,7 +488,7 @@ def test_a_worker_checks_mnists_files_after_another_has_downloaded_them(tmp_path
         monkeypatch.setattr(fcntl, "flock", flock)
         worker = threading.Thread(target=lambda: results.append(data.load_splits(cfg)))
         worker.start()
-        assert at_lock.wait(10)
+        assert at_lock.wait(WAIT_S)
         labels.write_bytes(whole)
     worker.join()
     assert results == ["read"]

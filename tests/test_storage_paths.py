@@ -183,6 +183,8 @@ def test_a_start_that_meets_a_readers_probe_waits_for_it_not_refused_by_an_ended
     """A --report asks whether a driver runs the experiment by holding the lock shared for a
     moment; a start at that moment was refused, naming the driver that had already ended."""
     monkeypatch.setattr(runlock.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    # The probe's 0.2 s, on a loaded machine, may come seconds late: the start waits it out.
+    monkeypatch.setattr(runlock, "PROBE_WAIT_S", WAIT_S)
     run = str(tmp_path / "runs" / "a")
     path = runlock.lock_file(run)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -29,6 +29,7 @@ import pytest
 import ray
 import ray.cloudpickle as cloudpickle
 import yaml
+from conftest import WAIT_S
 from PIL import Image
 from ray._common.constants import HEAD_NODE_RESOURCE_NAME
 from ray.train._internal.storage import StorageContext
@@ -3396,14 +3397,14 @@ def test_a_report_that_read_the_trials_before_the_run_ended_leaves_the_final_res
         """The trial's reports, the first read held until the run has ended."""
         if not read.is_set():
             read.set()
-            ended.wait(5)
+            ended.wait(WAIT_S)
         return archive.history(path)
 
     monkeypatch.setattr(results, "RecordedExperiment", recorded)
     monkeypatch.setattr(results, "history", history)
     early = threading.Thread(target=results.report, args=(str(folder), experiment, "running"))
     early.start()
-    assert read.wait(5)
+    assert read.wait(WAIT_S)
     statuses.append("TERMINATED")
     final = threading.Thread(target=results.report, args=(str(folder), experiment))
     final.start()
@@ -3574,6 +3575,8 @@ def test_a_record_of_tune_read_while_its_driver_copies_it_is_read_whole(tmp_path
     second terminal found it empty for a moment (8 of 10,187 reads during a digits run) and
     failed calling it damaged, to be restored from a backup; it is read again once copied."""
     monkeypatch.setattr(runlock.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    # The copy's 0.3 s, on a loaded machine, may come seconds late: the read waits it out.
+    monkeypatch.setattr(results, "STATE_RETRY_S", WAIT_S)
     _, folder = stored_tiny_experiment(tmp_path)
     state = write_tune_state(folder, "2024-01-02_00-00-00", cut=False)
     whole = state.read_text()
