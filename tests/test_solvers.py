@@ -3,6 +3,7 @@
 import collections
 import math
 import re
+from functools import partial
 
 import numpy as np
 import pytest
@@ -245,6 +246,39 @@ def test_forward_mode_tangents_are_the_implicit_ones(solver, adjoint, requires_g
     assert (v * tangent).sum().item() == pytest.approx(projected, rel=1e-7)
     for got, ref in zip(grads, expected, strict=True):
         torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-10)
+
+
+@pytest.mark.parametrize("adjoint", ["gmres", "fixed_point"])
+def test_a_batched_backward_or_tangent_is_refused_naming_it_and_gradcheck_passes(adjoint):
+    """A backward batched by vmap (jacobian(vectorize=True), is_grads_batched=True) failed in
+    torch's batching rules ("Batching rule not implemented for aten::div.out" in GMRES,
+    "aten::is_nonzero" in Neumann) and a batched tangent (jacobian(strategy="forward-mode"))
+    in "aten::detach"; both are refused naming what batched them and what works. gradcheck,
+    whose undefined output gradient reached the adjoint as None ("'NoneType' object has no
+    attribute 'to'"), passes, and the jacobian the messages name is the unrolled one's."""
+    f, params = problem(6)
+    x = params[3]
+    w, u, b = (p.detach() for p in params[:3])
+
+    def z_star(x: torch.Tensor, adjoint: str = adjoint) -> torch.Tensor:
+        options = {"rtol": 1e-13} if adjoint != "unrolled" else {}
+        return raydeq.solve(
+            lambda z: torch.tanh(z @ w.T + x @ u.T + b),
+            torch.zeros(B, D, dtype=torch.float64),
+            solver="fixed_point",
+            adjoint=adjoint,
+            adjoint_options=options,
+            **tight(""),
+        ).z
+
+    jacobian = torch.autograd.functional.jacobian
+    with pytest.raises(RuntimeError, match=r"cannot take a batched backward \(.*is_grads_batched"):
+        jacobian(z_star, x, vectorize=True)
+    with pytest.raises(RuntimeError, match=r"batched tangent \(.*forward-mode.*'unrolled'"):
+        jacobian(z_star, x, vectorize=True, strategy="forward-mode")
+    unrolled = jacobian(partial(z_star, adjoint="unrolled"), x, vectorize=True)
+    torch.testing.assert_close(jacobian(z_star, x), unrolled, rtol=1e-6, atol=1e-7)
+    assert torch.autograd.gradcheck(z_star, (x,))
 
 
 def test_unrolled_second_derivatives_match_finite_differences(central_difference):

@@ -44,6 +44,33 @@ FORWARD_OVER_REVERSE = (
     "after the dual level, or use adjoint='unrolled' for higher derivatives"
 )
 
+# A backward or tangent batched by vmap: what makes one, and what to call instead.
+BATCHED = {
+    "backward": (
+        "torch.autograd.grad(is_grads_batched=True), torch.autograd.functional.jacobian("
+        "vectorize=True), gradcheck(check_batched_grad=True)",
+        "one backward per row (torch.autograd.functional.jacobian's default vectorize=False)",
+    ),
+    "tangent": (
+        "torch.autograd.functional.jacobian(strategy='forward-mode', vectorize=True)",
+        "one tangent per torch.autograd.forward_ad dual level, or the reverse-mode jacobian",
+    ),
+}
+
+
+def unbatched(t: torch.Tensor, what: str) -> None:
+    """Raise a RuntimeError naming the batched backward or tangent (`what`) and what to call
+    instead where t is batched by vmap: the linear solve failed in torch's batching rules
+    ("Batching rule not implemented for aten::div.out") or, for a tangent, detach."""
+    functorch = torch._C._functorch
+    if functorch.is_legacy_batchedtensor(t) or functorch.is_batchedtensor(t):
+        makers, instead = BATCHED[what]
+        raise RuntimeError(
+            f"adjoint='gmres' and adjoint='fixed_point' cannot take a batched {what} ({makers}, "
+            f"or any vmap over the {what}): their linear solver reads each sample's residual "
+            f"on the host; take {instead}, or use adjoint='unrolled'"
+        )
+
 
 @dataclass
 class ImplicitAdjoint:
@@ -109,9 +136,12 @@ class ImplicitAdjoint:
                 raise RuntimeError(FORWARD_OVER_REVERSE)
             return product
 
-        def solve_adjoint(v: torch.Tensor) -> torch.Tensor:
+        def solve_adjoint(v: torch.Tensor | None) -> torch.Tensor | None:
+            if v is None:  # an undefined gradient, a zero one: g = 0, left undefined
+                return None
             if torch.is_grad_enabled():
                 raise RuntimeError(SECOND_ORDER)
+            unbatched(v, "backward")
             v = v.to(fz.dtype)
             # A backward() called inside torch.autocast runs this hook under it, where GMRES's
             # products would come out in half precision beside its float32 workspace.
@@ -140,6 +170,7 @@ class ImplicitAdjoint:
         b = fwAD.unpack_dual(fz).tangent
         if b is None:
             return None
+        unbatched(b, "tangent")
         b = b.detach()  # computed in grad mode: its own graph reaches z*
 
         def jvp(u: torch.Tensor) -> torch.Tensor:
