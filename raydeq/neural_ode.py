@@ -36,6 +36,7 @@ from raydeq.deq import (
     zero_state_hint,
 )
 from raydeq.solvers import SolveStats, Termination
+from raydeq.solvers.adjoint import unbatched
 from raydeq.solvers.interval import INTERVAL_SOLVERS, Endpoint, integrate
 from raydeq.solvers.options import choice, function, integer, number
 from raydeq.solvers.state import Structure, outside_compiled_graphs, untransformed, valued
@@ -158,6 +159,20 @@ SECOND_ORDER = (
 )
 
 
+# What the continuous adjoint cannot differentiate batched (solvers.adjoint.unbatched).
+CONTINUOUS = (
+    "adjoint='continuous'",
+    "its backward integration reads its step sizes on the host",
+    "adjoint='backprop'",
+)
+FORWARD_MODE = (
+    "adjoint='continuous' gives no forward-mode derivative (torch.autograd.forward_ad, "
+    "torch.autograd.functional.jacobian(strategy='forward-mode')): it integrates the adjoint "
+    "system backwards in time; use adjoint='backprop', which carries the tangents through "
+    "the solver's steps, or a reverse-mode jacobian"
+)
+
+
 class ContinuousAdjoint(torch.autograd.Function):
     """z(t1) in the forward pass; in the backward pass, [z, a, g] integrated from t1 back to 0
     by ds = -dt: dz/ds = -F(z), da/ds = a^T dF/dz, dg/ds = a^T dF/d(x, params), with F the
@@ -197,6 +212,7 @@ class ContinuousAdjoint(torch.autograd.Function):
         """Integrate the adjoint system back to 0 and return the gradients it accumulated."""
         if torch.is_grad_enabled():  # create_graph=True: autograd runs a backward in grad mode
             raise RuntimeError(SECOND_ORDER)
+        unbatched(grad_y, "backward", CONTINUOUS)
         y1, x, *params = ctx.saved_tensors
         inputs = [x.detach().requires_grad_(), *params]
         sizes = [y1.numel(), y1.numel(), *(t.numel() for t in inputs)]
@@ -225,6 +241,12 @@ class ContinuousAdjoint(torch.autograd.Function):
         grads = end.y.split(sizes, dim=1)[1:]
         shaped = [g.reshape(t.shape) for g, t in zip(grads, [y1, *inputs], strict=True)]
         return None, None, *shaped[:2], None, *shaped[2:]
+
+    @staticmethod
+    def jvp(ctx: Any, *tangents: Tensor | None) -> Tensor:
+        """Refuse forward mode, naming the adjoint that gives it (torch's own error named
+        neither the layer nor an alternative)."""
+        raise RuntimeError(FORWARD_MODE)
 
 
 def check_settings(

@@ -8,6 +8,7 @@ import weakref
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import nn
 
 from raydeq.models import build
@@ -156,6 +157,32 @@ def test_second_derivatives_backprop_matches_finite_differences_and_the_adjoint_
     assert (hessian_term * direction).sum().item() == pytest.approx(expected, rel=1e-5)
     with pytest.raises(RuntimeError, match="first derivatives only.*'backprop'"):
         penalty("continuous", True)
+
+
+def test_forward_mode_through_backprop_matches_central_differences_and_the_adjoint_refuses(
+    central_difference,
+):
+    """Under torch.autograd.forward_ad the backprop adjoint carries the tangent of x through
+    the steps (<v, z'> matches central differences); the continuous adjoint failed in torch
+    ("You must implement the jvp function"), and a batched backward through it in torch's
+    batching rules ("aten::detach"): both now raise naming 'backprop'."""
+    torch.manual_seed(0)
+    f = TanhCell(4).double()
+    x, direction, v = torch.randn(3, 3, 4, dtype=torch.float64)
+
+    def layer(adjoint: str) -> NeuralODE:
+        return NeuralODE(f, solver="tsit5", adjoint=adjoint, abstol=1e-10, reltol=1e-10)
+
+    with fwAD.dual_level():
+        tangent = fwAD.unpack_dual(layer("backprop")(fwAD.make_dual(x, direction)).z).tangent
+        with pytest.raises(RuntimeError, match="no forward-mode derivative.*'backprop'"):
+            layer("continuous")(fwAD.make_dual(x, direction))
+    expected = central_difference(lambda: (v * layer("backprop")(x).z).sum().item(), x, direction)
+    assert (v * tangent).sum().item() == pytest.approx(expected, rel=1e-7)
+    with pytest.raises(
+        RuntimeError, match=r"'continuous' cannot take a batched backward.*'backprop'"
+    ):
+        torch.autograd.functional.jacobian(lambda xb: layer("continuous")(xb).z, x, vectorize=True)
 
 
 @pytest.mark.parametrize("solver", ["vcab3", "tsit5", "bs3", "euler"])

@@ -58,17 +58,26 @@ BATCHED = {
 }
 
 
-def unbatched(t: torch.Tensor, what: str) -> None:
-    """Raise a RuntimeError naming the batched backward or tangent (`what`) and what to call
-    instead where t is batched by vmap: the linear solve failed in torch's batching rules
-    ("Batching rule not implemented for aten::div.out") or, for a tangent, detach."""
+# Who cannot take a batched backward or tangent (ImplicitAdjoint), why, and what can.
+IMPLICIT = (
+    "adjoint='gmres' and adjoint='fixed_point'",
+    "their linear solver reads each sample's residual on the host",
+    "adjoint='unrolled'",
+)
+
+
+def unbatched(t: torch.Tensor, what: str, who: tuple[str, str, str] = IMPLICIT) -> None:
+    """Raise a RuntimeError naming the batched backward or tangent (`what`), `who` cannot take
+    it and why, and what to call instead, where t is batched by vmap: the implicit adjoints'
+    linear solve failed in torch's batching rules ("Batching rule not implemented for
+    aten::div.out") or, for a tangent, detach."""
     functorch = torch._C._functorch
     if functorch.is_legacy_batchedtensor(t) or functorch.is_batchedtensor(t):
         makers, instead = BATCHED[what]
+        name, reason, alternative = who
         raise RuntimeError(
-            f"adjoint='gmres' and adjoint='fixed_point' cannot take a batched {what} ({makers}, "
-            f"or any vmap over the {what}): their linear solver reads each sample's residual "
-            f"on the host; take {instead}, or use adjoint='unrolled'"
+            f"{name} cannot take a batched {what} ({makers}, or any vmap over the {what}): "
+            f"{reason}; take {instead}, or use {alternative}"
         )
 
 
