@@ -281,11 +281,17 @@ def test_a_batched_backward_or_tangent_is_refused_naming_it_and_gradcheck_passes
     assert torch.autograd.gradcheck(z_star, (x,))
 
 
+def z_star_of(w: torch.Tensor, z0: torch.Tensor, adjoint: str) -> torch.Tensor:
+    """z* = tanh(W z*) by fixed-point iteration with `adjoint`."""
+    return raydeq.solve(lambda z: torch.tanh(z @ w.T), z0, solver="fixed_point", adjoint=adjoint).z
+
+
 def test_unrolled_second_derivatives_match_finite_differences(central_difference):
     """A gradient penalty phi = ||dL/dw||^2 differentiated once more (create_graph=True):
     through the unrolled steps its directional derivative matches central differences of phi
     computed with the implicit gradient; the implicit adjoints refuse, naming the one that
-    works, instead of differentiating a graph that holds z* and the linear solve constant."""
+    works, instead of differentiating a graph that holds z* and the linear solve constant,
+    and name forward mode for torch.autograd.functional.jvp's double backward."""
     f, params = problem(7)
     w = params[0]
     v = torch.randn(B, D, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
@@ -306,6 +312,9 @@ def test_unrolled_second_derivatives_match_finite_differences(central_difference
     for adjoint in ("gmres", "fixed_point"):
         with pytest.raises(RuntimeError, match="first derivatives only.*'unrolled'"):
             penalty(adjoint, True)
+        # A Jacobian-vector product by a double backward is pointed to forward mode.
+        with pytest.raises(RuntimeError, match=r"functional\.jvp.*torch\.autograd\.forward_ad"):
+            torch.autograd.functional.jvp(partial(z_star_of, z0=z0, adjoint=adjoint), w, w)
 
 
 @pytest.mark.parametrize("solver", SOLVERS)

@@ -33,7 +33,8 @@ SECOND_ORDER = (
     "adjoint='gmres' and adjoint='fixed_point' give first derivatives only: the linear solve "
     "and z* are constants to autograd, so a backward with create_graph=True (a gradient "
     "penalty, a Hessian-vector product) would differentiate a wrong graph; use "
-    "adjoint='unrolled' for higher derivatives"
+    "adjoint='unrolled' for higher derivatives, and for a Jacobian-vector product (which "
+    "torch.autograd.functional.jvp takes by a double backward) torch.autograd.forward_ad"
 )
 
 # A backward in the dual level of the forward pass's tangents differentiates the gradient.
