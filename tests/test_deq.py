@@ -13,6 +13,7 @@ from typing import NamedTuple
 import pytest
 import torch
 from torch import nn
+from torch.fx.experimental.proxy_tensor import make_fx
 
 import raydeq
 from raydeq.deq import DEQ, LayerOutput, hutchinson_jacobian_loss, skip_loss
@@ -1123,6 +1124,7 @@ def test_an_x_that_is_no_tensor_is_named(layer):
         (lambda g, x: torch.func.grad(lambda xb: g(xb).sum())(x), r"grad \(vjp, jacrev"),
         (lambda g, x: torch.func.jacrev(g)(x), r"grad \(vjp, jacrev"),
         (lambda g, x: torch.func.jacfwd(g)(x), r"jvp \(jacfwd\)"),
+        (lambda g, x: torch.func.functionalize(g)(x), "functionalize"),
     ],
 )
 def test_a_torch_func_transform_is_refused_naming_it_and_the_jacobian_that_works(transform, name):
@@ -1159,15 +1161,19 @@ def test_a_torch_func_transform_is_refused_naming_it_and_the_jacobian_that_works
         lambda m, x: torch.export.export(m, (x,)),
         lambda m, x: torch.export.export(m, (x,), strict=True),
         lambda m, x: torch.jit.trace(m, (x,), check_trace=False),
+        lambda m, x: make_fx(m)(x),
+        lambda m, x: torch.func.linearize(m, x),
     ],
-    ids=["export", "strict-export", "jit.trace"],
+    ids=["export", "strict-export", "jit.trace", "make_fx", "linearize"],
 )
 def test_an_export_or_trace_is_refused_naming_why_and_what_runs_instead(trace):
     """torch.export failed on a data-dependent guard deep in the termination test, and
     torch.jit.trace without its check gave a module fixed at the example's step count (wrong
     for other inputs); solve and both layers now refuse both at the call, and still solve
     after it. A strict export, which traces with dynamo, stops at their graph break, whose
-    reason says the same (it named only compile=True, which exports nothing)."""
+    reason says the same (it named only compile=True, which exports nothing). make_fx and
+    torch.func.linearize, which traces with it, failed on "a tracing tensor" at the first
+    host read."""
     f, x = dense_cell(2)
     x = x.detach()
     deq, node = DEQ(f), NeuralODE(f)

@@ -104,7 +104,12 @@ def valued(name: str, t: torch.Tensor) -> None:
 
 
 # torch.func transforms a solve cannot run under, by the names a user calls them.
-TRANSFORMS = {"Vmap": "vmap", "Grad": "grad (vjp, jacrev, hessian)", "Jvp": "jvp (jacfwd)"}
+TRANSFORMS = {
+    "Vmap": "vmap",
+    "Grad": "grad (vjp, jacrev, hessian)",
+    "Jvp": "jvp (jacfwd)",
+    "Functionalize": "functionalize",
+}
 # Why a solve cannot be traced into a graph, and what to run where it cannot be exported.
 HOST_READS = "its solver reads each sample's residual on the host to decide how many steps to take"
 RUN_INSTEAD = "run the module itself (raydeq.training.load_model builds a trained run's)"
@@ -113,13 +118,18 @@ RUN_INSTEAD = "run the module itself (raydeq.training.load_model builds a traine
 def untransformed(what: str) -> None:
     """Raise a RuntimeError naming `what` (solve, a layer) when called within a torch.func
     transform, an export or a trace: a solver reads each sample's residual on the host to stop
-    it (vmap fails in .item(), export on a data-dependent guard, and a trace fixes the step
+    it (vmap fails in .item(), export on a data-dependent guard, make_fx on a tracing tensor,
+    functionalize in the adjoint's requires_grad_(), and a trace fixes the step
     count at the example's, right for that input alone), and an adjoint runs autograd itself
     (grad fails in requires_grad_()), all deep inside the solve."""
-    if torch.compiler.is_exporting() or torch.jit.is_tracing():
+    # make_fx traces under a proxy dispatch mode (torch.func.linearize too, whose trace of a
+    # solve failed at the first host read, "trying to get value out of a tracing tensor").
+    proxy = torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.PROXY)
+    if torch.compiler.is_exporting() or torch.jit.is_tracing() or proxy is not None:
         raise RuntimeError(
             f"{what} cannot be exported or traced (torch.export, torch.onnx.export, "
-            f"torch.jit.trace): {HOST_READS}, which a traced graph would fix at the example's "
+            "torch.jit.trace, make_fx, torch.func.linearize): "
+            f"{HOST_READS}, which a traced graph would fix at the example's "
             f"count; {RUN_INSTEAD}, compiled with torch.compile where speed matters"
         )
     interpreter = torch._C._functorch.peek_interpreter_stack()
