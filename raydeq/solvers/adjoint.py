@@ -199,6 +199,12 @@ class JacobianFree:
     differentiates_solver = False
     evaluations = 1  # f(z*), which attaches z* to the graph
 
+    def tangent(
+        self, f: Map, z_star: torch.Tensor, fz: torch.Tensor, stats: SolveStats
+    ) -> torch.Tensor | None:
+        """f's forward-mode tangent at a constant z*, the approximation g = v makes."""
+        return fwAD.unpack_dual(fz).tangent
+
     def attach(
         self, f: Map, z_star: torch.Tensor, z0: torch.Tensor, stats: SolveStats
     ) -> torch.Tensor:
@@ -256,6 +262,23 @@ class Unrolled:
             return z_star
         stats.nfe += 1
         return torch.where(stayed, f(z_star), z_star)
+
+
+def in_dual_level() -> bool:
+    """Whether a torch.autograd.forward_ad dual level is open (torch keeps it in a module
+    attribute, -1 outside one; it has no public reader)."""
+    return fwAD._current_level >= 0
+
+
+def tangent_without_graph(
+    backward: ImplicitAdjoint | JacobianFree, f: Map, z_star: torch.Tensor, stats: SolveStats
+) -> torch.Tensor:
+    """z* with the tangent `backward` gives it where nothing attaches z* to autograd's graph
+    (under no_grad, in a dual level), from one more evaluation of f at z* (counted in
+    stats.nfe); z* itself where f closes over no dual tensor."""
+    fz = f(z_star)
+    stats.nfe += 1
+    return with_tangent(z_star, backward.tangent(f, z_star, fz, stats))
 
 
 def with_tangent(out: torch.Tensor, tangent: torch.Tensor | None) -> torch.Tensor:

@@ -11,7 +11,12 @@ from functools import partial
 import torch
 import torch.autograd.forward_ad as fwAD
 
-from raydeq.solvers.adjoint import ImplicitAdjoint, make_adjoint
+from raydeq.solvers.adjoint import (
+    ImplicitAdjoint,
+    in_dual_level,
+    make_adjoint,
+    tangent_without_graph,
+)
 from raydeq.solvers.control import Controller
 from raydeq.solvers.discrete import Anderson, Broyden, FixedPoint
 from raydeq.solvers.driver import Method, evaluate, iterate, wrapped
@@ -275,9 +280,9 @@ def solve(
         z = z.float()
     attach = torch.is_grad_enabled()
     # Forward-mode tangents (a torch.autograd.forward_ad dual level) through the solver's
-    # steps, for the adjoint that differentiates them and for a z* that nothing attaches; the
-    # others give z* its tangent as they attach it and would discard the steps'.
-    tangents = backward.differentiates_solver or not attach
+    # steps, for the adjoint that differentiates them; the others give z* its own tangent
+    # after the steps, and would discard the steps'.
+    tangents = backward.differentiates_solver
     record_graph = attach and backward.differentiates_solver
     if record_graph:
         f_flat = backward.counting(f_flat)
@@ -316,7 +321,11 @@ def solve(
     spent = backward.evaluations if attach else 0
     stats = SolveStats.from_monitor(monitor, initial_nfe + nfe + spent, steps)
     with own_precision():
-        z_star = backward.attach(f_flat, monitor.best_z, start, stats) if attach else monitor.best_z
+        z_star = monitor.best_z
+        if attach:
+            z_star = backward.attach(f_flat, z_star, start, stats)
+        elif in_dual_level() and not tangents:
+            z_star = tangent_without_graph(backward, f_flat, z_star, stats)
     return Solution(structure.unflatten(z_star.to(structure.dtype)), stats)
 
 
