@@ -208,6 +208,25 @@ def dual_problem(params, tangents, requires_grad: bool):
     return f
 
 
+def test_an_f_that_takes_its_own_forward_mode_derivative_is_solved_as_written():
+    """An f that opens a torch.autograd.forward_ad dual level of its own (a directional
+    derivative of a potential, here of tanh: 1 - tanh^2) got no tangent inside a solve, which
+    turned forward mode off for its steps, and solved to a wrong z*; outside a dual level a
+    solve leaves forward mode as it finds it."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(B, D, generator=g, dtype=torch.float64)
+
+    def f(z):
+        with fwAD.dual_level():
+            tangent = fwAD.unpack_dual(torch.tanh(fwAD.make_dual(z, torch.ones_like(z)))).tangent
+        return 0.5 * tangent * z + 0.1 * x
+
+    sol = raydeq.solve(f, torch.zeros(B, D, dtype=torch.float64), abstol=1e-12, reltol=0.0)
+    assert sol.stats.converged.all()
+    expected = 0.5 * (1 - torch.tanh(sol.z) ** 2) * sol.z + 0.1 * x
+    torch.testing.assert_close(sol.z, expected, rtol=0, atol=1e-10)
+
+
 @pytest.mark.parametrize("graph", ["without", "with", "no_grad"])
 @pytest.mark.parametrize("adjoint", ["gmres", "fixed_point", "unrolled", "jfb"])
 @pytest.mark.parametrize("solver", ["vcab3", "broyden"])

@@ -281,8 +281,10 @@ def solve(
     attach = torch.is_grad_enabled()
     # Forward-mode tangents (a torch.autograd.forward_ad dual level) through the solver's
     # steps, for the adjoint that differentiates them; the others give z* its own tangent
-    # after the steps, and would discard the steps'.
+    # after the steps, and would discard the steps'. Outside a dual level forward mode stays
+    # as the caller set it, for an f that opens a dual level of its own.
     tangents = backward.differentiates_solver
+    dual = in_dual_level()
     record_graph = attach and backward.differentiates_solver
     if record_graph:
         f_flat = backward.counting(f_flat)
@@ -297,7 +299,7 @@ def solve(
     with (
         torch.set_grad_enabled(record_graph),
         own_precision(),
-        fwAD._set_fwd_grad_enabled(tangents),
+        fwAD._set_fwd_grad_enabled(tangents or not dual),
     ):
         start = z if record_graph else z.detach()
         # Selects read their masks only where a read stalls nothing: a CPU, run eagerly.
@@ -324,7 +326,7 @@ def solve(
         z_star = monitor.best_z
         if attach:
             z_star = backward.attach(f_flat, z_star, start, stats)
-        elif in_dual_level() and not tangents:
+        elif dual and not tangents:
             z_star = tangent_without_graph(backward, f_flat, z_star, stats)
     return Solution(structure.unflatten(z_star.to(structure.dtype)), stats)
 
