@@ -16,6 +16,7 @@ from raydeq.solvers.adjoint import (
     in_dual_level,
     make_adjoint,
     tangent_without_graph,
+    with_tangent,
 )
 from raydeq.solvers.control import Controller
 from raydeq.solvers.discrete import Anderson, Broyden, FixedPoint
@@ -302,6 +303,8 @@ def solve(
         fwAD._set_fwd_grad_enabled(tangents or not dual),
     ):
         start = z if record_graph else z.detach()
+        if dual and tangents and not record_graph:  # detach dropped z0's tangent as well
+            start = with_tangent(start, fwAD.unpack_dual(z).tangent)
         # Selects read their masks only where a read stalls nothing: a CPU, run eagerly.
         eager = options is None and not graph
         reads = stop_on_convergence and eager and device == "cpu"
