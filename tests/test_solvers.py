@@ -1252,6 +1252,48 @@ def test_compile_true_on_a_cpu_runs_inductors_kernels_and_solves_as_eager():
     torch.testing.assert_close(compiled_grad, grad, rtol=1e-9, atol=1e-12)
 
 
+def test_a_compiled_solve_carries_tangents_after_one_without_them():
+    """adjoint="unrolled" carries forward-mode tangents through its steps; with compile=True
+    a solve in a torch.autograd.forward_ad dual level reused the steps compiled for the same f
+    outside one (dynamo's guards tell no dual input apart), and inductor's kernels there
+    refuse tangents ("Trying to use forward AD with addmm_out that does not support it",
+    20 s of C++ builds to show here). Steps carrying tangents now run eagerly: no graph
+    compiled without tangents runs on one, and the tangent is the eager one, in float64."""
+    g = torch.Generator().manual_seed(2)
+    w = 0.3 * torch.randn(D, D, generator=g, dtype=torch.float64)
+    x, t = torch.randn(2, B, D, generator=g, dtype=torch.float64)
+    mixed = []  # per call of a compiled graph: whether it met tangents it was compiled without
+
+    def dual(tensors) -> bool:
+        return any(fwAD.unpack_dual(a).tangent is not None for a in tensors if torch.is_tensor(a))
+
+    def backend(graph, example_inputs):
+        compiled_dual = dual(example_inputs)
+
+        def run(*args):
+            mixed.append(dual(args) and not compiled_dual)
+            return graph.forward(*args)
+
+        return run
+
+    def run(x: torch.Tensor, compile: bool | dict) -> raydeq.Solution:
+        def f(z):
+            return torch.tanh(z @ w + x)
+
+        z0 = torch.zeros(B, D, dtype=torch.float64)
+        return raydeq.solve(f, z0, solver="euler", adjoint="unrolled", compile=compile, max_steps=4)
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        run(x, compile={"backend": backend})
+        with fwAD.dual_level():
+            sol = run(fwAD.make_dual(x, t), compile={"backend": backend})
+            compiled = fwAD.unpack_dual(sol.z).tangent
+            eager = fwAD.unpack_dual(run(fwAD.make_dual(x, t), compile=False).z).tangent
+    assert mixed and not any(mixed)
+    torch.testing.assert_close(compiled, eager, rtol=1e-12, atol=1e-12)
+
+
 def test_the_step_cost_benchmark_counts_the_launches_of_a_compiled_step_on_a_cpu():
     """step_cost's compile=True row on a CPU: the solve takes the eager one's steps, NFE and
     host reads, and launches (aten operations and inductor's kernels, which recorded

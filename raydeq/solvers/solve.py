@@ -289,10 +289,16 @@ def solve(
     record_graph = attach and backward.differentiates_solver
     if record_graph:
         f_flat = backward.counting(f_flat)
+    # Dynamo's guards tell no dual input from a plain one, so steps carrying tangents would
+    # run the version compiled for a solve without them, whose inductor kernels refuse them
+    # ("Trying to use forward AD with addmm_out"): they run eagerly, and record no graph.
+    eager_tangents = dual and tangents
     options = compile_options(compile, z.device)
+    if eager_tangents:
+        options = None
     # A step recorded as a graph must not depend on autograd's record of the solve; a device
     # without a recorder (a CPU) runs compile="graph" eagerly, as compile=False.
-    graph = compile == GRAPH and not record_graph and device in RECORDERS
+    graph = compile == GRAPH and not (record_graph or eager_tangents) and device in RECORDERS
     if graph and isinstance(backward, ImplicitAdjoint):
         backward = backward.recorded()
     if stop_on_convergence is None:
