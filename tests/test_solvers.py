@@ -225,6 +225,10 @@ def test_an_f_that_takes_its_own_forward_mode_derivative_is_solved_as_written():
     assert sol.stats.converged.all()
     expected = 0.5 * (1 - torch.tanh(sol.z) ** 2) * sol.z + 0.1 * x
     torch.testing.assert_close(sol.z, expected, rtol=0, atol=1e-10)
+    seen = []  # a caller that turned forward mode off: its f sees it off
+    with fwAD._set_fwd_grad_enabled(False):
+        raydeq.solve(lambda z: seen.append(torch._C._is_fwd_grad_enabled()) or 0.5 * z, x)
+    assert seen and not any(seen)
 
 
 @pytest.mark.parametrize("grad", [True, False])

@@ -306,7 +306,7 @@ def solve(
     with (
         torch.set_grad_enabled(record_graph),
         own_precision(),
-        fwAD._set_fwd_grad_enabled(tangents or not dual),
+        fwAD._set_fwd_grad_enabled(tangents) if dual else nullcontext(),
     ):
         start = z if record_graph else z.detach()
         if dual and tangents and not record_graph:  # detach dropped z0's tangent as well
