@@ -25,6 +25,7 @@ from raydeq.experiments import run
 from raydeq.experiments import search as searchers
 from raydeq.experiments.results import report, written
 from raydeq.experiments.spec import (
+    TRIAL_SETTINGS,
     Experiment,
     check_draws,
     check_repeats,
@@ -83,8 +84,6 @@ FLAG_SETTINGS = {
     "max_concurrent_trials": ("search.max_concurrent_trials",),
     "workers_per_trial": ("search.workers_per_trial", WORKERS_KEY),
 }
-# Settings that each trial sets for itself: its Train run's name, and its variant's label.
-TRIAL_SETTINGS = ("name", "label")
 
 
 def pruned_before_the_interruption(record: logging.LogRecord) -> bool:

@@ -878,6 +878,20 @@ def test_an_override_that_a_flag_or_each_trial_sets_is_refused_naming_both(flags
     assert out.out == "" and out.err.startswith(f"error: {line}") and out.err.count("\n") == 1
 
 
+@pytest.mark.parametrize("key", ["name", "label"])
+def test_a_files_own_name_or_label_is_refused_naming_it(tmp_path, capsys, key):
+    """A tune file's top-level name: or label:, which `raydeq.train` reads, changed nothing in
+    a tune run (each trial sets its own, the experiment is named by --name or the file), as
+    the same override is refused; it is refused in one line naming the key, value and file."""
+    text = (spec.CONFIG_DIR / "digits.yaml").read_text()
+    path = tmp_path / "mine.yaml"
+    path.write_text(f"{key}: theirs\n{text}")
+    assert rt.main([str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {key}: theirs: each trial sets its own {key}")
+    assert err.rstrip().endswith(f"(in {path})") and err.count("\n") == 1
+
+
 @pytest.mark.parametrize("stem", [".", "..", "a\\b", "a\tb", "a\x7f"])
 def test_an_experiment_file_whose_name_is_no_folder_name_is_refused_naming_it(
     tmp_path, capsys, monkeypatch, stem

@@ -53,6 +53,8 @@ VARIANT = "variant"
 # The settings that name a folder, made absolute where the experiment is read (see `pinned`).
 PATH_KEYS = ("storage_path", "data.data_dir", "data.stage_to")
 LABEL = "label"
+# Settings that each trial sets for itself: its Train run's name, and its variant's label.
+TRIAL_SETTINGS = ("name", LABEL)
 STEPS_KEY = "train.max_steps"
 
 
@@ -431,6 +433,18 @@ def _check_searcher(search: SearchSection) -> None:
             )
 
 
+def _check_trial_settings(raw: Any) -> None:
+    """Raise a ConfigError for a top-level `name:` or `label:` in an experiment file, which
+    `raydeq.train` reads but each trial of `raydeq.tune` sets for itself."""
+    for key in TRIAL_SETTINGS:
+        if isinstance(raw, Mapping) and key in raw:
+            raise ConfigError(
+                f"{key}: {raw[key]}: each trial sets its own {key}, so this changes nothing; "
+                "name the experiment with --name, label trials in search.variants",
+                key=key,
+            )
+
+
 def load(experiment: str, overrides: Sequence[str] = (), *, stored: bool = False) -> Experiment:
     """Read `tune_configs/EXPERIMENT.yaml` (or a path), apply overrides, check the base
     (`stored`: see `from_dict`)."""
@@ -438,6 +452,8 @@ def load(experiment: str, overrides: Sequence[str] = (), *, stored: bool = False
     parsed = parse_overrides(overrides)
     raw = read_yaml(path)
     try:
+        if not stored:
+            _check_trial_settings(raw)
         return from_dict(path.stem, raw, parsed, stored=stored)
     except ConfigError as err:
         raise in_file(err, path, parsed) from None
