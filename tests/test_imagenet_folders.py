@@ -124,7 +124,7 @@ def test_a_folder_is_listed_once_for_every_dataset_built_from_it(tmp_path, listi
     for _ in range(4):  # more workers, trials and restarts
         again = data.load_splits(section(root))
         assert again.train.files == first.train.files and again.test.labels == first.test.labels
-    assert len(listings) == listed
+    assert listings[listed:] == [str(root / "train")] * 4  # its classes, checked against the index
     reference = datasets.ImageFolder(root / "train")
     assert [(str(root / f), n) for f, n in zip(first.train.files, first.train.labels)] == [
         (str(path), n) for path, n in reference.samples
@@ -152,7 +152,7 @@ def test_a_read_only_folder_is_indexed_once_per_node(tmp_path, listings, monkeyp
     monkeypatch.setattr(folders, "write", read_only)
     first = folders.load_index(str(root))
     listed = len(listings)
-    assert folders.load_index(str(root)) == first and len(listings) == listed
+    assert folders.load_index(str(root)) == first and listings[listed:] == [str(root / "train")]
     assert not (root / folders.INDEX_FILE).exists()
     assert folders.index_paths(str(root))[1].is_relative_to(tmp_path / "node")
 
@@ -242,6 +242,28 @@ def test_a_folder_indexed_again_after_a_change_stages_the_files_its_copy_lacks(t
     assert "train/n01/added.png" in files
     assert staging.stage(str(root), files, local) == staged
     assert (staged / "train/n01/added.png").read_bytes() == b"new"
+
+
+@pytest.mark.parametrize("change", ["added", "removed", "renamed"])
+def test_an_index_whose_classes_train_no_longer_holds_is_listed_again(tmp_path, change):
+    """A stored index was read as it was after train/'s class folders changed: an added class
+    went untrained without a word, a removed one stopped the run on its first file; an index
+    naming other classes than train/ holds is now listed again and stored over."""
+    root = small_tree(tmp_path / "data", ["n01", "n02"], payload=b"x")
+    assert folders.load_index(str(root)).classes == ("n01", "n02")
+    for split in folders.SPLITS:
+        if change == "added":
+            (root / split / "n03").mkdir()
+            (root / split / "n03/a.png").write_bytes(b"x")
+        elif change == "removed":
+            shutil.rmtree(root / split / "n02")
+        else:
+            (root / split / "n02").rename(root / split / "n04")
+    expected = sorted(p.name for p in (root / "train").iterdir())
+    index = folders.load_index(str(root))
+    assert list(index.classes) == expected
+    assert {f.split("/")[1] for f in index.files["train"]} == set(expected)
+    assert folders.read(root / folders.INDEX_FILE).classes == index.classes
 
 
 def test_stage_to_is_for_image_folders_only():
