@@ -266,6 +266,31 @@ def test_an_index_whose_classes_train_no_longer_holds_is_listed_again(tmp_path, 
     assert folders.read(root / folders.INDEX_FILE).classes == index.classes
 
 
+def test_a_read_only_folders_out_of_date_index_is_passed_over_for_the_nodes_own(
+    tmp_path, monkeypatch
+):
+    """A read-only folder whose own index names classes train/ no longer holds: the folder is
+    listed once into the node's temporary folder, and later reads take that index instead
+    of listing the folder again on every read."""
+    root = small_tree(tmp_path / "data", ["n01", "n02"], payload=b"x")
+    folders.load_index(str(root))  # written beside the data while the folder was writable
+    for split in folders.SPLITS:
+        shutil.rmtree(root / split / "n02")
+    monkeypatch.setattr(folders.tempfile, "gettempdir", lambda: str(tmp_path / "node"))
+    original, built = folders.write, []
+
+    def read_only(index, path):
+        if path.is_relative_to(root):
+            raise PermissionError(13, "Permission denied", str(path))
+        original(index, path)
+
+    monkeypatch.setattr(folders, "write", read_only)
+    monkeypatch.setattr(folders, "build", lambda r, b=folders.build: built.append(r) or b(r))
+    for _ in range(3):
+        assert folders.load_index(str(root)).classes == ("n01",)
+    assert len(built) == 1
+
+
 def test_stage_to_is_for_image_folders_only():
     with pytest.raises(ConfigError, match="^data.stage_to: dataset 'digits' is read in place"):
         validate({"data": {"stage_to": "/tmp/x"}})

@@ -334,11 +334,24 @@ def index_paths(data_dir: str) -> list[Path]:
     return [Path(data_dir, INDEX_FILE), Path(tempfile.gettempdir(), f"raydeq-{digest}", INDEX_FILE)]
 
 
-def stored(candidates: list[Path]) -> Index | None:
-    """The index stored at the first of `candidates` that holds one, else None."""
+def _current(index: Index, data_dir: str) -> bool:
+    """Whether a stored index names the class folders that train/ holds now (one listing of
+    train/): one of a folder whose classes were added, removed or renamed since would train
+    without the new ones, or stop mid-run on a file that is gone."""
+    try:
+        classes, _ = _entries(Path(data_dir, "train"))
+    except OSError:
+        return True  # the listing, when it is needed, names the folder that cannot be read
+    return tuple(classes) == index.classes
+
+
+def stored(candidates: list[Path], data_dir: str) -> Index | None:
+    """The index stored at the first of `candidates` that holds one naming train/'s classes
+    as they are (`_current`), else None: a read-only folder's out-of-date index is passed over
+    for the one listed since in this node's temporary folder."""
     for path in candidates:
-        if path.is_file():
-            return read(path)
+        if path.is_file() and _current(index := read(path), data_dir):
+            return index
     return None
 
 
@@ -360,31 +373,18 @@ def node_lock(folder: Path, data_dir: str) -> Iterator[None]:
         yield
 
 
-def _current(index: Index | None, data_dir: str) -> bool:
-    """Whether a stored index names the class folders that train/ holds now (one listing of
-    train/): one of a folder whose classes were added, removed or renamed since would train
-    without the new ones, or stop mid-run on a file that is gone."""
-    if index is None:
-        return False
-    try:
-        classes, _ = _entries(Path(data_dir, "train"))
-    except OSError:
-        return True  # the listing, when it is needed, names the folder that cannot be read
-    return tuple(classes) == index.classes
-
-
 def load_index(data_dir: str) -> Index:
     """The folder's index: read where it was stored while it names train/'s classes as they
-    are (`_current`), else listed now and stored for the next, by one process of this node at
+    are (`stored`), else listed now and stored for the next, by one process of this node at
     a time (`node_lock`); a folder that cannot be listed (a file in its place, no permission)
     is a DataError."""
     candidates = index_paths(data_dir)
-    index = stored(candidates)
-    if _current(index, data_dir):
+    index = stored(candidates, data_dir)
+    if index is not None:
         return index
     with node_lock(candidates[-1].parent, data_dir):
-        index = stored(candidates)  # listed by another process of this node meanwhile
-        if _current(index, data_dir):
+        index = stored(candidates, data_dir)  # listed by another process of this node meanwhile
+        if index is not None:
             return index
         try:
             index = build(Path(data_dir))
