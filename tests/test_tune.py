@@ -1748,6 +1748,24 @@ def test_a_trials_row_holds_its_last_evaluation_and_its_reports_mean_solve_times
     assert not cut["completed"] and cut["test_accuracy"] == 0.5 and cut["step"] == 20
 
 
+def test_a_trials_row_holds_no_search_settings_that_stand_for_the_experiments():
+    """A TPE search with ASHA and a cost: a trial's config has no search section of its own,
+    and its row held that section's defaults (config.search.searcher 'random',
+    config.search.scheduler 'fifo', config.search.cost None) as if the trial had run so."""
+    search = {
+        "searcher": "tpe",
+        "scheduler": "asha",
+        "grace_period": 5,
+        "cost": "test_nfe",
+        "space": {"optim.lr": {"loguniform": [1e-4, 1e-2]}},
+    }
+    experiment = spec.from_dict("rows", TINY | {"search": search})
+    trial = SimpleNamespace(trial_id="abc12", status="TERMINATED", config={"optim": {"lr": 2e-3}})
+    row = results.trial_row(experiment, trial, pd.DataFrame({"step": [10], "test_accuracy": [0.5]}))
+    assert [key for key in row if key.startswith("config.search")] == []
+    assert (row["config.optim.lr"], row["config.model.solver"]) == (2e-3, "vcab3")
+
+
 def write_reports(file: Path, reports: list[dict]) -> None:
     """Write reports as Tune's result.json holds them, one JSON object per line."""
     file.write_text("".join(json.dumps(report) + "\n" for report in reports))

@@ -142,7 +142,9 @@ def trial_row(
 
     The config is the one the trial trained with in its `folder` (`spec.trial_config`), where
     the experiment is now, read back from there whatever folder it started in; a trial that
-    never started (no folder) has the experiment's.
+    never started (no folder) has the experiment's. Its search section is left out: a trial
+    has none, and its defaults (searcher random, scheduler fifo) would stand for the
+    experiment's, which experiment.yaml holds.
 
     The training steps' time, rate, NFE and unconverged-fraction columns are per-step means of
     the reports' interval means (each weighed by its steps), images_per_second the steps'
@@ -192,7 +194,8 @@ def trial_row(
         "train_accuracy": _last(frame, "train_accuracy"),
         "parameters": parameter_count(model_section),
     }
-    return row | {f"config.{k}": v for k, v in leaves(cfg.to_dict()).items()}
+    settings = {k: v for k, v in cfg.to_dict().items() if k != "search"}
+    return row | {f"config.{k}": v for k, v in leaves(settings).items()}
 
 
 def _column(values: list[Any]) -> pa.Array:
