@@ -337,7 +337,8 @@ def start(args: argparse.Namespace) -> tuple[Experiment, str, run.Options | None
             f"--num-samples: {args.num_samples} is fewer than the {points} variants the search "
             "evaluates first"
         )
-    run.check_scheduler(experiment, args.scheduler or experiment.search.scheduler)
+    chosen = args.scheduler is not None or "search.scheduler" in parse_overrides(args.overrides)
+    run.check_scheduler(experiment, args.scheduler or experiment.search.scheduler, chosen)
     run.check_gpus(experiment, args.gpus_per_worker)
     path = _path(args, experiment)
     if args.dry_run:

@@ -3838,6 +3838,29 @@ def test_an_asha_grace_period_past_max_t_is_a_one_line_error_before_ray_starts(
     run.check_scheduler(fits, "asha")
 
 
+def test_asha_settings_under_a_fifo_scheduler_are_a_one_line_error_unless_chosen_so(
+    tmp_path, capsys, monkeypatch
+):
+    """grace_period 20 written without scheduler asha ran every trial to its end under FIFO,
+    without a word; it is refused, naming it. The command line may choose FIFO for a search
+    written for ASHA (--scheduler fifo, search.scheduler=fifo), or ASHA for these settings."""
+    monkeypatch.setattr(ray, "init", lambda *args, **kwargs: pytest.fail("Ray was started"))
+    experiment = tmp_path / "tiny.yaml"
+    search = {"grace_period": 20, "reduction_factor": 3}
+    experiment.write_text(yaml.safe_dump({**TINY, "train": {"max_steps": 60}, "search": search}))
+    argv = [str(experiment), "--storage", str(tmp_path / "runs"), "--dry-run"]
+    assert rt.main(argv) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "error: search.grace_period: 20 applies to search.scheduler asha only, not fifo; set "
+        "search.scheduler: asha (or --scheduler asha), or remove search.grace_period"
+    ]
+    assert rt.main([*argv, "search.grace_period=1"]) == 2
+    assert "error: search.reduction_factor: 3 applies to" in capsys.readouterr().err
+    for chosen in (["--scheduler", "asha"], ["--scheduler", "fifo"], ["search.scheduler=fifo"]):
+        assert rt.main([*argv, *chosen]) == 0, chosen
+        capsys.readouterr()
+
+
 def test_a_restart_without_a_limit_says_so_rather_than_of_minus_1(tmp_path, capsys):
     """scaling.max_failures -1 lets Tune restart a trial without limit (Trial.should_recover:
     max_failures < 0); its line counts the restarts and names no limit."""

@@ -55,6 +55,7 @@ from raydeq.training.config import (
     SCHEDULERS,
     Config,
     ConfigError,
+    SearchSection,
     apply_overrides,
     leaves,
     without_effect,
@@ -74,6 +75,8 @@ TRIAL_CPU = 0.01
 TRIAL_RESOURCES = {"CPU": TRIAL_CPU, HEAD_NODE_RESOURCE_NAME: 0.001}
 SYNC_PERIOD_S = 60
 UNBOUNDED_STEPS = 2**31
+# The search settings that only ASHA reads.
+ASHA_SETTINGS = ("grace_period", "reduction_factor", "max_t")
 UNFINISHED = (Trial.PENDING, Trial.RUNNING, Trial.PAUSED)
 ENDED = (Trial.TERMINATED, Trial.ERROR)
 # The mode of a search that set none, in experiments stored before settings stored their mode.
@@ -339,9 +342,22 @@ def asha_max_t(experiment: Experiment) -> int:
     return experiment.search.max_t or (steps + 1 if steps else UNBOUNDED_STEPS)
 
 
-def check_scheduler(experiment: Experiment, scheduler: str) -> None:
-    """Raise a ConfigError for an ASHA grace period past its max_t, which Ray's ASHA refuses."""
+def check_scheduler(experiment: Experiment, scheduler: str, chosen: bool = False) -> None:
+    """Raise a ConfigError for an ASHA grace period past its max_t, which Ray's ASHA refuses,
+    or for ASHA's settings in an experiment file whose scheduler is fifo, where they would
+    stop no trial (unless the command line `chosen` the scheduler: `--scheduler fifo` runs a
+    search written for ASHA under FIFO)."""
     search, max_t = experiment.search, asha_max_t(experiment)
+    if scheduler == search.scheduler == "fifo" and not chosen:
+        for key in ASHA_SETTINGS:
+            value = getattr(search, key)
+            if value != getattr(SearchSection(), key):
+                raise ConfigError(
+                    f"search.{key}: {value} applies to search.scheduler asha only, not fifo; "
+                    f"set search.scheduler: asha (or --scheduler asha), or remove "
+                    f"search.{key}",
+                    key=f"search.{key}",
+                )
     if scheduler == "asha" and search.grace_period > max_t:
         why = "search.max_t" if search.max_t else "one past the longest trial's last step"
         raise ConfigError(
