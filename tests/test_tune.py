@@ -787,6 +787,27 @@ def test_samples_of_a_space_that_draws_nothing_at_random_are_refused(tmp_path, c
         rt.preflight(spec.from_dict("grid", {**TINY, "search": {**grid, "num_samples": 1}}), 3)
 
 
+def test_a_searcher_with_nothing_to_draw_is_refused_more_trials_than_one_past_its_points(
+    tmp_path, capsys
+):
+    """searcher tpe with an empty space and num_samples 3 listed, and ran, three trials of the
+    base config with seed 0, which the table would count as 3 seeds of one configuration; it is
+    refused in one line, as the same samples of Tune's grid are. One trial runs."""
+    experiment = tmp_path / "empty.yaml"
+    experiment.write_text(yaml.safe_dump({**TINY, "search": {"searcher": "tpe", "num_samples": 3}}))
+    assert rt.main([str(experiment), "--dry-run"]) == 2
+    assert capsys.readouterr() == (
+        "",
+        "error: search.num_samples: 3 trials of a search whose space draws nothing run 3 "
+        "alike, which the results would count as more seeds of one configuration; set 1, or "
+        "give search.space a dimension to draw\n",
+    )
+    assert rt.main([str(experiment), "search.num_samples=1", "--dry-run"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 1
+    drawn = {"searcher": "nsga2", "num_samples": 3, "space": {"seed": {"randint": [0, 9]}}}
+    spec.check_repeats(spec.from_dict("drawn", {**TINY, "search": drawn}))
+
+
 def test_a_bad_solver_option_override_that_a_rule_draws_is_a_one_line_error(capsys):
     """`model.solver_options.m=x` passed the checks before a run (a rule's fixed value went
     untried) and then stopped the dry run after the space's lines, and a run's Anderson trials;

@@ -482,14 +482,27 @@ def expand(experiment: Experiment, num_samples: int | None = None) -> list[dict[
 
 
 def check_repeats(experiment: Experiment, num_samples: int | None = None) -> None:
-    """Raise a ConfigError for several samples of a space that draws nothing at random (Tune's
-    grid and random sampling): each sample repeats the grid's trials, seeds and all, which the
-    results would average as further seeds of one configuration."""
-    samples = num_samples or experiment.search.num_samples
-    drawn = dimensions(experiment.search.space).values()
-    random = any(is_primitive(spec) and "grid_search" not in spec for spec in drawn)
-    if samples > 1 and not experiment.searched and not random:
-        where = "search.num_samples" if num_samples is None else "--num-samples"
+    """Raise a ConfigError for several samples of a space that draws nothing at random: each
+    sample of Tune's grid and random sampling repeats the grid's trials, seeds and all, and a
+    searcher's trials after its variants are all the base config; the results would average
+    them as further seeds of one configuration."""
+    search = experiment.search
+    samples = num_samples or search.num_samples
+    spaces = [search.space, *(rule["space"] for rule in search.conditional)]
+    drawn = [spec for space in spaces for spec in dimensions(space).values()]
+    if any(is_primitive(spec) and "grid_search" not in spec for spec in drawn):
+        return
+    where = "search.num_samples" if num_samples is None else "--num-samples"
+    points = len(search.variants)
+    if experiment.searched and samples > points + 1:
+        past = f" past its {points} variants" if points else ""
+        raise ConfigError(
+            f"{where}: {samples} trials of a search whose space draws nothing run "
+            f"{samples - points}{past} alike, which the results would count as more seeds of "
+            f"one configuration; set {points + 1}, or give search.space a dimension to draw",
+            key=where,
+        )
+    if samples > 1 and not experiment.searched:
         raise ConfigError(
             f"{where}: {samples} samples of a space that draws nothing at random run each trial "
             f"{samples} times alike, which the results would count as more seeds of one "
