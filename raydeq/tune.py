@@ -33,6 +33,7 @@ from raydeq.experiments.spec import (
     expand,
     load,
     locate,
+    trial_count,
 )
 from raydeq.training import data, launch, runlock
 from raydeq.training.caller import process_kept
@@ -404,6 +405,24 @@ def new_options(args: argparse.Namespace, experiment: Experiment) -> run.Options
     )
 
 
+def unlearned_notes(experiment: Experiment, trials: int) -> list[str]:
+    """A note where a searcher runs no trial drawn from results: all `trials` past the listed
+    points fall within TPE's random start-up draws or NSGA-II's first generation, so the
+    search is a random one."""
+    search = experiment.search
+    if not experiment.searched:
+        return []
+    first, points = searchers.first_learned(search), len(experiment.space().points)
+    if not points < trials <= first:
+        return []
+    fewer = f", or search.population_size below {trials}" if search.searcher == "nsga2" else ""
+    return [
+        f"note: {search.searcher} learns from results after its first {first} trials, and this "
+        f"search runs {trials}, so it draws every trial at random; set search.num_samples "
+        f"above {first}{fewer} for it to learn"
+    ]
+
+
 def dry_run(experiment: Experiment, num_samples: int | None, path: str) -> None:
     """Print each trial's label, the experiment's folder (where each trial gets a folder of its
     own, named by Tune when it starts: UNNAMED_TRIAL here) and the fully resolved training
@@ -420,6 +439,7 @@ def dry_run(experiment: Experiment, num_samples: int | None, path: str) -> None:
                 f"trials {learned + 1} to {len(trials)}: {experiment.search.searcher} draws them "
                 "from the results of those before; listed here are random draws in their place"
             )
+        shown += unlearned_notes(experiment, len(trials))
         print("\n".join(shown), file=sys.stderr)
     lines = []  # every trial checked before the first is printed
     for sampled in trials:
@@ -574,7 +594,10 @@ def launch_experiment(
         # Before the settings are stored: the same command may then run again.
         workers = run.trial_workers(experiment, options.gpus)
         cpus = experiment.trial_config({}).scaling.cpus_per_worker
-        for note in placement_notes(args, own, *workers, cpus):
+        notes = placement_notes(args, own, *workers, cpus)
+        if fresh:
+            notes += unlearned_notes(experiment, trial_count(experiment, options.num_samples))
+        for note in notes:
             print(note, file=sys.stderr, flush=True)
         if options.scheduler == "asha":
             run.check_dashboard()

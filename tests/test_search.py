@@ -364,8 +364,20 @@ SKIP = {"label": "Skip", "model.variant": "skip_reg"}
             {"searcher": "nsga2", "population_size": 2, "variants": [*SEARCH["variants"], SKIP]},
             "trials 4 to 6: nsga2 draws them",
         ),
-        ({"searcher": "nsga2"}, "first: "),  # 6 trials within the first generation of 50
-        ({"num_samples": 10}, "first: "),  # TPE's 10 startup trials are random draws
+        # 6 trials within the first generation of 50: a random search, which a note says
+        (
+            {"searcher": "nsga2"},
+            "note: nsga2 learns from results after its first 50 trials, and this search runs 6, "
+            "so it draws every trial at random; set search.num_samples above 50, or "
+            "search.population_size below 6 for it to learn",
+        ),
+        (  # TPE's 10 startup trials are random draws
+            {"num_samples": 10},
+            "note: tpe learns from results after its first 10 trials, and this search runs 10, "
+            "so it draws every trial at random; set search.num_samples above 10 for it to learn",
+        ),
+        # Trials that are all listed points draw nothing: no note.
+        ({"searcher": "nsga2", "num_samples": 2}, "first: "),
     ],
 )
 def test_a_dry_run_says_where_a_searcher_starts_learning_from_results(
