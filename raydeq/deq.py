@@ -596,14 +596,11 @@ class DEQ(OutputLayer):
             compile=self.compile_mode,
         )
 
-    def initial_guess(self, x: Tensor) -> State:
-        """z0 for input x according to `init` (with its graph, for skip_loss); init and skip,
-        jac_reg and the warm-up's settings are checked as at construction, as each may be set
-        on the layer after it is made."""
-        return self._guess(x)[0]
-
     def _guess(self, x: Tensor) -> tuple[State, State]:
-        """initial_guess(x) and the zero state, whose dtype and container the solve keeps."""
+        """z0 for input x according to `init` (with its graph, for skip_loss) and the zero
+        state, whose dtype and container the solve keeps; init and skip, jac_reg and the
+        warm-up's settings are checked as at construction, as each may be set on the layer
+        after it is made."""
         check_init(self.init, self.skip)
         check_training(self.jac_reg, self.pretrain_steps, self.pretrain_depth)
         zeros = initial_state(self.f, x)
