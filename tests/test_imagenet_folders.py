@@ -100,6 +100,20 @@ def section(root: Path, **options) -> data.DataSection:
     return validate({"data": settings}).data
 
 
+def read_only(monkeypatch, tmp_path: Path, *roots: Path) -> None:
+    """Index writes under `roots` refused as on a read-only mount, with the node's temporary
+    folder at tmp_path / "node"."""
+    monkeypatch.setattr(folders.tempfile, "gettempdir", lambda: str(tmp_path / "node"))
+    written = folders.write
+
+    def refused(index, path):
+        if any(path.is_relative_to(root) for root in roots):
+            raise PermissionError(13, "Permission denied", str(path))
+        written(index, path)
+
+    monkeypatch.setattr(folders, "write", refused)
+
+
 @pytest.fixture
 def listings(monkeypatch) -> list[str]:
     """The folders listed (os.scandir calls) while the test runs."""
@@ -141,15 +155,7 @@ def test_a_folder_is_listed_once_for_every_dataset_built_from_it(tmp_path, listi
 
 def test_a_read_only_folder_is_indexed_once_per_node(tmp_path, listings, monkeypatch):
     root = imagenet_tree(tmp_path / "data")
-    monkeypatch.setattr(folders.tempfile, "gettempdir", lambda: str(tmp_path / "node"))
-    original = folders.write
-
-    def read_only(index, path):
-        if path.is_relative_to(root):
-            raise PermissionError(13, "Permission denied", str(path))
-        original(index, path)
-
-    monkeypatch.setattr(folders, "write", read_only)
+    read_only(monkeypatch, tmp_path, root)
     first = folders.load_index(str(root))
     listed = len(listings)
     assert folders.load_index(str(root)) == first and listings[listed:] == [str(root / "train")]
@@ -165,14 +171,9 @@ def test_the_workers_of_a_node_that_find_no_index_list_a_read_only_folder_once(
     and listed it again (a node of 8 workers listed it 8 times, over network storage); it now
     waits for the first one's listing and reads its index."""
     root = imagenet_tree(tmp_path / "data")
-    monkeypatch.setattr(folders.tempfile, "gettempdir", lambda: str(tmp_path / "node"))
-    written, built = folders.write, folders.build
+    read_only(monkeypatch, tmp_path, root)
+    built = folders.build
     listed, read, listing, second_listing = [], [], threading.Event(), threading.Event()
-
-    def read_only(index, path):
-        if path.is_relative_to(root):
-            raise PermissionError(13, "Permission denied", str(path))
-        written(index, path)
 
     def build(folder):
         listed.append(folder)
@@ -187,7 +188,6 @@ def test_the_workers_of_a_node_that_find_no_index_list_a_read_only_folder_once(
         listing.wait()
         read.append(folders.load_index(str(root)))
 
-    monkeypatch.setattr(folders, "write", read_only)
     monkeypatch.setattr(folders, "build", build)
     worker = threading.Thread(target=second_worker)
     worker.start()
@@ -352,17 +352,9 @@ def small_tree(root: Path, classes: list[str], payload: bytes = b"") -> Path:
 def test_read_only_folders_each_have_their_own_index_on_a_node(tmp_path, monkeypatch):
     """Two read-only data folders indexed in the node's temporary folder: each later reader
     finds its own folder's classes, not those of the folder indexed first."""
-    monkeypatch.setattr(folders.tempfile, "gettempdir", lambda: str(tmp_path / "node"))
     first = small_tree(tmp_path / "first", ["n01", "n02"])
     second = small_tree(tmp_path / "second", ["n07", "n08", "n09"])
-    original = folders.write
-
-    def read_only(index, path):
-        if not path.is_relative_to(tmp_path / "node"):
-            raise PermissionError(13, "Permission denied", str(path))
-        original(index, path)
-
-    monkeypatch.setattr(folders, "write", read_only)
+    read_only(monkeypatch, tmp_path, first, second)
     for _ in range(2):  # listed, then read back
         assert folders.load_index(str(first)).classes == ("n01", "n02")
         assert folders.load_index(str(second)).classes == ("n07", "n08", "n09")
@@ -861,15 +853,7 @@ def test_an_image_removed_from_a_read_only_folder_after_its_index_names_that_ind
     root = small_tree(tmp_path / "data", ["n01", "n02"])
     gone = root / "train" / "n02" / "1.png"
     shutil.copy(root / "train" / "n02" / "0.png", gone)
-    monkeypatch.setattr(folders.tempfile, "gettempdir", lambda: str(tmp_path / "node"))
-    original = folders.write
-
-    def read_only(index, path):
-        if path.is_relative_to(root):
-            raise PermissionError(13, "Permission denied", str(path))
-        original(index, path)
-
-    monkeypatch.setattr(folders, "write", read_only)
+    read_only(monkeypatch, tmp_path, root)
     index_file = folders.index_paths(str(root))[1]
     assert folders.load_index(str(root)).path == index_file
     gone.unlink()
