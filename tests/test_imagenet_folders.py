@@ -276,15 +276,8 @@ def test_a_read_only_folders_out_of_date_index_is_passed_over_for_the_nodes_own(
     folders.load_index(str(root))  # written beside the data while the folder was writable
     for split in folders.SPLITS:
         shutil.rmtree(root / split / "n02")
-    monkeypatch.setattr(folders.tempfile, "gettempdir", lambda: str(tmp_path / "node"))
-    original, built = folders.write, []
-
-    def read_only(index, path):
-        if path.is_relative_to(root):
-            raise PermissionError(13, "Permission denied", str(path))
-        original(index, path)
-
-    monkeypatch.setattr(folders, "write", read_only)
+    read_only(monkeypatch, tmp_path, root)
+    built: list[Path] = []
     monkeypatch.setattr(folders, "build", lambda r, b=folders.build: built.append(r) or b(r))
     for _ in range(3):
         assert folders.load_index(str(root)).classes == ("n01",)
