@@ -115,13 +115,13 @@ def test_events_on_s3_are_segments_up_to_each_flush_and_a_resume_replaces_the_re
     folder = f"s3://{BUCKET}/run/tensorboard"
     first = EventLog(folder)
     for step in range(1, 6):
-        first.add_scalar("loss", 10.0 - step, step)
+        first.add_scalars({"loss": 10.0 - step}, step)
         if step == 3:
             first.flush()  # a checkpoint at step 3
     assert len(download(s3, f"{BUCKET}/run/tensorboard", tmp_path / "early")) == 1
     resumed = EventLog(folder, purge_step=4)  # the first writer died after step 5
     for step in range(4, 7):
-        resumed.add_scalar("loss", 20.0 - step, step)
+        resumed.add_scalars({"loss": 20.0 - step}, step)
     resumed.close()
     files = download(s3, f"{BUCKET}/run/tensorboard", tmp_path / "events")
     assert len(files) == 2 and files == sorted(files)

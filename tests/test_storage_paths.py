@@ -596,7 +596,7 @@ def test_events_at_a_uri_are_uploaded_once_as_a_segment_per_flush(tmp_path):
     folder = tmp_path / "tensorboard"
     log = EventLog(f"file://{folder}")
     for step in range(1, 7):
-        log.add_scalar("loss", 10.0 - step, step)
+        log.add_scalars({"loss": 10.0 - step}, step)
         if step in (2, 4):
             log.flush()
     log.close()
@@ -638,7 +638,7 @@ def test_tensorboard_polling_a_uri_run_as_a_segment_is_written_keeps_every_event
     )
     log = EventLog(folder.as_uri())
     for step in range(1, 5):
-        log.add_scalar("loss", 10.0 - step, step)
+        log.add_scalars({"loss": 10.0 - step}, step)
         if step == 2:
             log.flush()
     log.close()
@@ -662,15 +662,15 @@ def test_a_resumed_event_log_drops_every_tag_from_its_purge_step_on(tmp_path):
     folder = tmp_path / "tensorboard"
     dead = EventLog(str(folder))
     for step in range(1, 6):
-        dead.add_scalar("loss", 10.0 - step, step)
-    dead.add_scalar("test_accuracy", 0.5, 5)
+        dead.add_scalars({"loss": 10.0 - step}, step)
+    dead.add_scalars({"test_accuracy": 0.5}, 5)
     dead.flush()
     (written,) = folder.iterdir()
     parts = written.name.split(".", 4)  # events, out, tfevents, start time, host.pid.counter
     parts[3] = str(int(parts[3]) - 60)
     written.rename(folder / ".".join(parts))
     resumed = EventLog(str(folder), purge_step=4)
-    resumed.add_scalar("loss", 16.0, 4)
+    resumed.add_scalars({"loss": 16.0}, 4)
     resumed.close()
     assert scalars(folder, "loss") == [(1, 9.0), (2, 8.0), (3, 7.0), (4, 16.0)]
     assert scalars(folder, "test_accuracy") == []

@@ -43,6 +43,7 @@ from tensorboard.backend.event_processing import data_provider, plugin_event_mul
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 from tensorboard.context import RequestContext
+from tensorboard.util import tensor_util
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -3466,6 +3467,25 @@ def test_no_report_mixes_warm_up_steps_and_solves_so_the_results_mean_is_per_sol
         assert results._mean(frame, key) == pytest.approx(statistics.fmean(per_step), rel=1e-6)
 
 
+def test_a_training_step_writes_its_scalars_to_tensorboard_as_one_event(tmp_path):
+    """A step's 18 scalars went to TensorBoard as 18 events, each handed to the writer's thread
+    through a queue, which cost a digits step 5 to 6 ms of its 55 on 2 cores; they are one event
+    of the step now, with the values it reported."""
+    cfg = make_config(tmp_path, max_steps=3, report_every=1, eval_batches=1)
+    session = RecordingSession(tmp_path / "run")
+    loop.Loop(cfg, session).run()
+    (file,) = event_files(cfg)
+    events = [event for event in EventFileLoader(str(file)).Load() if event.summary.value]
+    assert [event.step for event in events] == [1, 2, 3, 3]  # the last: its test metrics
+    expected = set(objective.STEP_METRICS) | {"lr", "skipped_steps", "overflow_steps"}
+    for event, (reported, _) in zip(events, session.reports, strict=False):
+        values = {v.tag: float(tensor_util.make_ndarray(v.tensor)) for v in event.summary.value}
+        assert set(values) == expected
+        assert values["train_loss"] == pytest.approx(reported["train_loss"], rel=1e-6)
+        assert values["nfe"] == reported["nfe"] > 0
+    assert {value.tag for value in events[3].summary.value} == set(objective.TEST_METRICS)
+
+
 def test_every_tensorboard_scalar_says_what_it_measures_and_in_which_unit(tmp_path):
     """A tag such as forward_time says neither that it is seconds nor of what: each scalar a
     run writes, the warm-up's included, carries a description that TensorBoard's data provider
@@ -3511,8 +3531,8 @@ def test_every_tensorboard_scalar_says_what_it_measures_and_in_which_unit(tmp_pa
     ]
     assert sorted(carried) == sorted(described)  # once each, not at every step
     resumed = eventlog.EventLog(str(folder), purge_step=4)
-    resumed.add_scalar("lr", 0.5, 4, reporting.description("lr"))
-    resumed.add_scalar("lr", 0.25, 5, reporting.description("lr"))
+    resumed.add_scalars({"lr": 0.5}, 4, reporting.description)
+    resumed.add_scalars({"lr": 0.25}, 5, reporting.description)
     resumed.close()
     newest = max(event_files(cfg), key=lambda path: path.stat().st_mtime_ns)
     again = [

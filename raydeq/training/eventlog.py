@@ -12,6 +12,7 @@ import shutil
 import socket
 import tempfile
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -34,23 +35,26 @@ class EventLog:
         self.writer = _writer(self.local, purge_step)
         self.described: set[str] = set()  # the tags whose description the open file holds
 
-    def add_scalar(self, tag: str, value: float, step: int, description: str = "") -> None:
-        """One scalar at one step; a `description` (what it measures, in which unit), which
+    def add_scalars(
+        self, values: Mapping[str, float], step: int, describe: Callable[[str], str] | None = None
+    ) -> None:
+        """The scalars of one step as one event: the writer hands each event to its thread
+        through a queue, and an event per scalar cost a training step of 20 scalars 6 ms (on 2
+        cores). A tag's description, `describe(tag)` (what it measures, in which unit), which
         TensorBoard shows beside the tag's chart, goes with the tag's first value in a file."""
-        if not description or tag in self.described:
-            self.writer.add_scalar(tag, value, step)
-            return
-        from tensorboard.compat.proto.summary_pb2 import DATA_CLASS_SCALAR
+        from tensorboard.compat.proto.summary_pb2 import DATA_CLASS_SCALAR, Summary
         from tensorboard.plugins.scalar.metadata import create_summary_metadata
-        from torch.utils.tensorboard.summary import scalar
 
-        summary = scalar(tag, value)
-        metadata = summary.value[0].metadata
-        metadata.CopyFrom(create_summary_metadata(tag, description))
-        # TensorBoard's data server drops the description of a scalar whose class is unset.
-        metadata.data_class = DATA_CLASS_SCALAR
+        summary = Summary()
+        for tag, value in values.items():
+            entry = summary.value.add(tag=tag, simple_value=float(value))
+            description = describe(tag) if describe and tag not in self.described else ""
+            if description:
+                entry.metadata.CopyFrom(create_summary_metadata(tag, description))
+                # TensorBoard's data server drops the description of a scalar whose class is unset.
+                entry.metadata.data_class = DATA_CLASS_SCALAR
+                self.described.add(tag)
         self.writer.file_writer.add_summary(summary, step)
-        self.described.add(tag)
 
     def flush(self) -> None:
         """Make the events so far readable at `folder`; for a URI, upload them as a segment."""

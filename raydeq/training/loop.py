@@ -231,8 +231,7 @@ class Loop:
         else:
             state.nonfinite_in_row = 0
             self.meter.add(metrics)
-            self.reporter.scalars(metrics, state.step)
-        self.reporter.scalars(self.counters(), state.step)
+        self.reporter.scalars((metrics or {}) | self.counters(), state.step)
         limit = self.cfg.train.max_nonfinite_steps
         if state.nonfinite_in_row >= limit:
             raise self.diverged(

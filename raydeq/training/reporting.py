@@ -224,8 +224,7 @@ class Reporter:
     def scalars(self, values: dict[str, float], step: int) -> None:
         """Write scalars to TensorBoard (rank 0)."""
         if self.writer is not None:
-            for key, value in values.items():
-                self.writer.add_scalar(key, value, step, description(key))
+            self.writer.add_scalars(values, step, description)
 
     def progress(self, metrics: dict[str, float], neural_ode: bool) -> None:
         """One progress line on rank 0 (see `progress_line`)."""
