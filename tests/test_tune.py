@@ -416,6 +416,52 @@ def test_a_search_that_varies_the_scaling_section_is_a_one_line_error():
     assert workers.trial_config({}).scaling.num_workers == 2
 
 
+def test_a_search_that_sets_what_each_trial_sets_or_a_search_setting_is_a_one_line_error(
+    tmp_path,
+):
+    """A variant's or a space's name, label or storage_path was taken and changed nothing (each
+    trial runs as `train` in its trial folder, labelled by its values), nor did a search
+    setting (a trial runs no search); a variant's search.conditional: [{eval: CODE}] ran CODE
+    as Tune expanded the variants, where the file's eval is refused."""
+    ran = tmp_path / "ran"
+    code = f"open({str(ran)!r}, 'w').close() or 3"
+    variants = [{"label": "a"}]
+    for search, where, message in [
+        (
+            {"variants": [*variants, {"label": "b", "search.conditional": [{"eval": code}]}]},
+            "search.variants[1].search.conditional",
+            "a trial runs no search of its own",
+        ),
+        (
+            {"variants": [*variants, {"label": "b", "name": "mine"}]},
+            "search.variants[1].name",
+            "each trial sets its own name (its run in its trial folder)",
+        ),
+        (
+            {"variants": [*variants, {"label": "b", "storage_path": str(tmp_path)}]},
+            "search.variants[1].storage_path",
+            "each trial sets its own storage_path",
+        ),
+        (
+            {"space": {"label": {"grid_search": ["x", "y"]}}},
+            "search.space.label",
+            "each trial sets its own label",
+        ),
+        (
+            {"space": {"search": {"metric": {"choice": ["test_nfe", "nfe"]}}}},
+            "search.space.search.metric",
+            "a trial runs no search of its own",
+        ),
+    ]:
+        with pytest.raises(ConfigError) as err:
+            spec.from_dict("bad", {**TINY, "search": search})
+        assert str(err.value).startswith(f"{where}: {message}")
+        assert err.value.key == where
+    assert not ran.exists()
+    labelled = spec.from_dict("ok", {**TINY, "search": {"variants": variants}})
+    assert [spec.describe(s) for s in spec.expand(labelled)] == ["a"]
+
+
 SEED_TOO_HIGH = (
     r"^search.space.seed: the upper bound 4294967296: must be <= 4294967295, got 4294967296$"
 )
@@ -4182,7 +4228,7 @@ def test_relative_folders_drawn_from_the_space_are_refused_in_the_order_of_the_s
     folders = {"data_dir": {"choice": ["a"]}, "stage_to": {"choice": ["s"]}}
     space = {"storage_path": {"choice": ["r"]}, "data": folders}
     raw = {**TINY, "data": data, "search": {"space": space}}
-    with pytest.raises(ConfigError, match=r"^search\.space\.storage_path: the choice 'r' is"):
+    with pytest.raises(ConfigError, match=r"^search\.space\.storage_path: each trial sets"):
         spec.from_dict("tiny", raw)
     del space["storage_path"]
     with pytest.raises(ConfigError, match=r"^search\.space\.data\.data_dir: the choice 'a' is"):

@@ -53,7 +53,7 @@ VARIANT = "variant"
 # The settings that name a folder, made absolute where the experiment is read (see `pinned`).
 PATH_KEYS = ("storage_path", "data.data_dir", "data.stage_to")
 LABEL = "label"
-# Settings that each trial sets for itself: its Train run's name, and its variant's label.
+# Settings that each trial sets for itself (`trial_config`): its Train run's name and label.
 TRIAL_SETTINGS = ("name", LABEL)
 STEPS_KEY = "train.max_steps"
 
@@ -256,7 +256,7 @@ def _check_space(experiment: Experiment) -> None:
     trials that draw it, after the run has started."""
     search = experiment.search
     for i, row in enumerate(search.variants):
-        for key in row:
+        for key in [key for key in row if key != LABEL]:  # a variant's label labels its trials
             _check_per_trial(key, f"search.variants[{i}]")
     _check_variants_differ(experiment)
     spaces = [("search.space", {}, search.space)] + [
@@ -361,14 +361,29 @@ def _check_searched_folder(where: str, what: str, value: Any) -> None:
 
 
 def _check_per_trial(dotted: str, where: str) -> None:
-    """Raise a ConfigError for a `scaling` setting that a trial would set: the resources of
-    every trial (its process, its workers' CPUs and GPUs) and the trials at once are reserved
-    from the base config's."""
-    if dotted.split(".", 1)[0] == "scaling":
+    """Raise a ConfigError for a setting that a trial would set and does not run: a `scaling`
+    one (the resources of every trial, its process, its workers' CPUs and GPUs, and the trials
+    at once are reserved from the base config's), a `search` one (a trial runs no search),
+    and the name, label and folder that `trial_config` gives each trial."""
+    section = dotted.split(".", 1)[0]
+    if section == "scaling":
         raise ConfigError(
             f"{where}.{dotted}: the scaling section is the same for every trial (their resources "
             "are reserved from it); set it in the base config, or search.workers_per_trial, or "
             "run an experiment for each value",
+            key=f"{where}.{dotted}",
+        )
+    if section == "search":
+        raise ConfigError(
+            f"{where}.{dotted}: a trial runs no search of its own, so this would change "
+            "nothing; set it in the experiment's search section",
+            key=f"{where}.{dotted}",
+        )
+    if dotted in (*TRIAL_SETTINGS, "storage_path"):
+        raise ConfigError(
+            f"{where}.{dotted}: each trial sets its own {dotted} (its run in its trial folder), "
+            "so this would change nothing; name the experiment with --name, store it with "
+            "--storage, label trials in search.variants",
             key=f"{where}.{dotted}",
         )
 
