@@ -1325,10 +1325,12 @@ def test_stored_settings_that_are_no_text_or_bad_name_the_file_with_status_2(tmp
     stored.write_text(yaml.safe_dump({"experiment": bad, "options": options}))
     assert rt.main(argv) == 2
     assert capsys.readouterr().err.startswith(f"error: {stored}: model.solver: 'nope' is not")
-    # Edited into no mapping (a traceback, "unsupported operand type(s) for |: 'list'").
+    # Edited into no mapping (a traceback, "unsupported operand type(s) for |: 'list'", and
+    # "'int' object is not iterable" for the variants).
     for edited, named in [
         ([1, 2], "tiny: expected a mapping"),
         ({**TINY, "search": [1]}, "search"),
+        ({**TINY, "search": {"variants": 3}}, "search.variants: expected a list of mappings"),
     ]:
         stored.write_text(yaml.safe_dump({"experiment": edited, "options": options}))
         assert rt.main(argv) == 2

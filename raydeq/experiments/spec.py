@@ -152,9 +152,9 @@ def searched_keys(search: Any) -> set[str]:
     for rule in rules if isinstance(rules, list) else []:
         when = rule.get("when") if isinstance(rule, Mapping) else None
         keys |= set(when) if isinstance(when, Mapping) else set()
-    return keys | {
-        k for row in search.get("variants") or [] if isinstance(row, Mapping) for k in row
-    }
+    variants = search.get("variants")
+    rows = variants if isinstance(variants, list) else []
+    return keys | {k for row in rows if isinstance(row, Mapping) for k in row}
 
 
 def from_dict(
