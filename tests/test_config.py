@@ -479,6 +479,17 @@ def test_an_override_of_a_section_sets_its_keys_and_keeps_the_files_others(tmp_p
         ("optim.lr.x=1", "optim.lr: is a value, not a section"),
         ("optim.bogus=1", "optim.bogus: unknown key"),
         (["train.epochs=1", "train.epochs=3"], "override train.epochs: given twice (1, then 3)"),
+        # The one given last won: m 3 here, m 4 in the other order.
+        (
+            ["model.solver_options.m=4", "model.solver_options={m: 3}"],
+            "override model.solver_options.m: given twice, as itself and within "
+            "model.solver_options (4, then {'m': 3}); keep one",
+        ),
+        (
+            ["model={solver_options: {m: 3}}", "model.solver_options.m=4"],
+            "override model.solver_options.m: given twice, as itself and within "
+            "model.solver_options ({'m': 3}, then 4); keep one",
+        ),
         ("optim=", "override optim: an empty value sets no key of section optim; set its keys"),
         ("search=null", "override search: an empty value sets no key of section search"),
         # YAML reads {lr:0.1} as the key 'lr:0.1' with no value: it was refused as the mangled
