@@ -558,6 +558,9 @@ def test_weights_of_another_model_stop_the_run_before_any_suite(tmp_path, capsys
             f"argument --seed: '{2**64}' is not an integer from 0 to 4294967295",
         ),
         (["--seed", "-1"], "argument --seed: '-1' is not an integer from 0 to 4294967295"),
+        # A digit to str.isdigit, no integer to int: "invalid seed value: '²'", no range.
+        (["--seed", "²"], "argument --seed: '²' is not an integer from 0 to 4294967295"),
+        (["--threads", "²"], f"argument --threads: '²' is not an integer from 1 to {MAX_THREADS}"),
         (["--only", "overhead", "overhead"], "--only: overhead given more than once; name each"),
         (
             ["--models", "mnist_dense", "cifar10_small", "mnist_dense"],

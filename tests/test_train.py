@@ -560,7 +560,9 @@ def test_more_threads_than_a_worker_holds_cpus_are_named_in_a_note(tmp_path, cap
     why; an invalid count (0) gave each process libgomp's warning and a thread per core."""
     fix = "wait on each other's threads; unset it, and Ray gives each worker as many threads "
     fix += "as the CPUs it holds"
-    for value, runs in [("8", "runs 8 threads"), ("0", "is no thread count, so libgomp runs ")]:
+    counts = [("8", "runs 8 threads"), ("0", "is no thread count, so libgomp runs ")]
+    counts.append(("²", "is no thread count, so libgomp runs "))  # int() refused it: traceback
+    for value, runs in counts:
         monkeypatch.setenv("OMP_NUM_THREADS", value)
         note = launch.threads_note(1.0)
         assert note.startswith(f"note: OMP_NUM_THREADS={value} {runs}") and note.endswith(fix)

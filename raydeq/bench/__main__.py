@@ -264,7 +264,7 @@ def check_device(device: torch.device) -> None:
 def thread_count(text: str) -> int:
     """A number of torch CPU threads named on the command line, 1 to the CPUs this process
     may run on."""
-    if not text.isdigit() or not 1 <= int(text) <= MAX_THREADS:
+    if not text.isdecimal() or not 1 <= int(text) <= MAX_THREADS:
         raise argparse.ArgumentTypeError(
             f"{text!r} is not an integer from 1 to {MAX_THREADS} (this process's CPUs)"
         )
@@ -274,7 +274,7 @@ def thread_count(text: str) -> int:
 def seed(text: str) -> int:
     """A seed named on the command line, in the range raydeq.train takes (torch refuses one
     past 2**64 - 1 in every suite, and a suite seeds its cotangents with seed + 1)."""
-    if not text.isdigit() or int(text) > MAX_SEED:
+    if not text.isdecimal() or int(text) > MAX_SEED:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer from 0 to {MAX_SEED}")
     return int(text)
 

@@ -229,7 +229,7 @@ def threads_note(cpus_per_worker: float) -> str | None:
     or is no count (libgomp then takes every core): on 2 CPUs, digits trained at 150 img/s
     with 8 and 110 with 2, against 1,900 without it."""
     value = os.environ.get("OMP_NUM_THREADS")
-    threads = int(value) if value is not None and value.strip().isdigit() else 0
+    threads = int(value) if value is not None and value.strip().isdecimal() else 0
     if value is None or 0 < threads <= ray_threads(cpus_per_worker):
         return None
     runs = f"runs {threads} threads" if threads else "is no thread count, so libgomp runs one"
