@@ -17,6 +17,7 @@ import pytest
 from conftest import WAIT_S
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from raydeq import train
 from raydeq.training import checkpoint, runlock, storage
 from raydeq.training.config import (
     NAME_MAX,
@@ -50,6 +51,24 @@ def test_a_file_uri_in_its_short_form_is_kept_as_a_uri_and_writes_where_it_names
     storage.write_bytes(f"{uri}/run/a.json", b"{}")
     assert (tmp_path / "store" / "run" / "a.json").read_bytes() == b"{}"
     assert not (tmp_path / "file:").exists()
+
+
+def test_a_folder_with_a_nul_character_is_one_line(tmp_path, capsys):
+    """A NUL, which YAML writes as "\\0", ended raydeq.train in a traceback ("embedded null
+    byte") and raydeq.tune --report in pyarrow's ArrowInvalid, where --dry-run took it."""
+    data = {"dataset": "mnist", "data_dir": "/a\0b"}
+    for raw in ({"storage_path": "/a\0b"}, {"data": data}):
+        with pytest.raises(storage.StorageError) as err:
+            validate(raw)
+        assert (
+            str(err.value) == "'/a\\x00b' holds a NUL character, which no path can hold; remove it"
+        )
+    config = tmp_path / "run.yaml"
+    config.write_text('storage_path: "/a\\0b"\ndata: {dataset: digits}\n')
+    assert train.main([str(config)]) == 2
+    assert capsys.readouterr().err == (
+        "error: '/a\\x00b' holds a NUL character, which no path can hold; remove it\n"
+    )
 
 
 def test_subfolders_are_the_folders_named_with_the_prefix_sorted_by_name(tmp_path):

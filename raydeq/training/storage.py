@@ -42,7 +42,9 @@ def check_encoding(path: str) -> str:
     pyarrow, Ray and TensorBoard write every path: a run's files went to two folders (`é`
     written as two bytes by one and as four by the other), or the run ended in a traceback.
     Under a UTF-8 locale, a path whose bytes are no UTF-8 (a folder named in another encoding)
-    is refused for what it is."""
+    is refused for what it is, as is a NUL character, which no file name holds."""
+    if "\0" in path:
+        raise StorageError(f"{path!r} holds a NUL character, which no path can hold; remove it")
     try:
         same = os.fsencode(path) == path.encode("utf-8")
     except UnicodeEncodeError:
