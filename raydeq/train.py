@@ -28,7 +28,7 @@ import yaml
 from raydeq.training import data, runlock
 from raydeq.training.caller import process_kept
 from raydeq.training.checkpoint import final_report, newest_first
-from raydeq.training.config import Config, ConfigError, load, load_yaml
+from raydeq.training.config import Config, ConfigError, load, load_yaml, parse_overrides
 from raydeq.training.console import output_kept, tensorboard_command
 from raydeq.training.interrupts import interruptible
 from raydeq.training.preflight import check_run
@@ -125,6 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         held.enter_context(output_kept())
         held.enter_context(interruptible())
         try:
+            refuse_search(args.overrides)
             cfg = load(config_file(args.config), args.overrides)
             left = held.enter_context(runlock.hold(cfg.run_dir))  # before checkpoints are read
             if left:
@@ -143,6 +144,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_INTERRUPTED
         held.enter_context(messages_shown())
         return run(cfg, argv)
+
+
+def refuse_search(overrides: Sequence[str]) -> None:
+    """Raise a ConfigError for an override of a search setting, which a training run does not
+    read (search.num_samples=4 trained one run, unsaid)."""
+    for key, value in parse_overrides(overrides).items():
+        if key.split(".", 1)[0] == "search":
+            raise ConfigError(
+                f"{key}={value!r}: raydeq.train trains one run and reads no search section, so "
+                "this changes nothing; give it to raydeq.tune, which runs the search",
+                key=key,
+            )
 
 
 @contextmanager

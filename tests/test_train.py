@@ -156,6 +156,12 @@ def event_files(cfg: Config) -> list[Path]:
             ["data.batch_size=4096"],
             "error: data.batch_size=4096 exceeds the 1438 training samples of 'digits'; lower it",
         ),
+        # Taken, and one run trained.
+        (
+            ["search.num_samples=4"],
+            "error: search.num_samples=4: raydeq.train trains one run and reads no search "
+            "section, so this changes nothing; give it to raydeq.tune, which runs the search",
+        ),
     ],
 )
 def test_bad_input_exits_with_code_2_and_one_line_before_ray_starts(
