@@ -33,6 +33,7 @@ from raydeq.experiments.spec import (
     expand,
     load,
     locate,
+    set_by_each_trial,
     trial_count,
 )
 from raydeq.training import data, launch, runlock
@@ -249,11 +250,7 @@ def _check_overrides(args: argparse.Namespace) -> None:
     overrides = parse_overrides(args.overrides)
     for key in TRIAL_SETTINGS:
         if key in overrides:
-            raise ConfigError(
-                f"{key}={overrides[key]}: each trial sets its own {key}, so this changes "
-                "nothing; name the experiment with --name, label trials in search.variants",
-                key=key,
-            )
+            raise set_by_each_trial(f"{key}={overrides[key]}", key, key)
     for option, keys in FLAG_SETTINGS.items():
         value = getattr(args, option)
         for key in keys:

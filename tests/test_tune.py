@@ -932,8 +932,16 @@ def test_the_command_refuses_bad_input_and_an_existing_experiment_with_status_2(
             ["--workers-per-trial", "1", "search.workers_per_trial=2"],
             "--workers-per-trial 1: not with search.workers_per_trial=2",
         ),
-        (["name=mine"], "name=mine: each trial sets its own name, so this changes nothing"),
-        (["label=mine"], "label=mine: each trial sets its own label, so this changes nothing"),
+        (
+            ["name=mine"],
+            "name=mine: each trial sets its own name (its run in its trial folder), so this "
+            "changes nothing",
+        ),
+        (
+            ["label=mine"],
+            "label=mine: each trial sets its own label (its run in its trial folder), so this "
+            "changes nothing",
+        ),
     ],
 )
 def test_an_override_that_a_flag_or_each_trial_sets_is_refused_naming_both(flags, line, capsys):

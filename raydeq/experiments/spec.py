@@ -380,12 +380,19 @@ def _check_per_trial(dotted: str, where: str) -> None:
             key=f"{where}.{dotted}",
         )
     if dotted in (*TRIAL_SETTINGS, "storage_path"):
-        raise ConfigError(
-            f"{where}.{dotted}: each trial sets its own {dotted} (its run in its trial folder), "
-            "so this would change nothing; name the experiment with --name, store it with "
-            "--storage, label trials in search.variants",
-            key=f"{where}.{dotted}",
-        )
+        raise set_by_each_trial(f"{where}.{dotted}", dotted, f"{where}.{dotted}")
+
+
+def set_by_each_trial(shown: str, key: str, where: str) -> ConfigError:
+    """The error for `key`, given as `shown` at the setting `where`, that `trial_config` sets
+    for each trial (its run's name and label, and its folder), so that the given one would
+    change nothing."""
+    return ConfigError(
+        f"{shown}: each trial sets its own {key} (its run in its trial folder), so this changes "
+        "nothing; name the experiment with --name, store it with --storage, label trials in "
+        "search.variants",
+        key=where,
+    )
 
 
 def _first_values(when: Mapping[str, Any]) -> dict[str, Any]:
@@ -453,11 +460,7 @@ def _check_trial_settings(raw: Any) -> None:
     `raydeq.train` reads but each trial of `raydeq.tune` sets for itself."""
     for key in TRIAL_SETTINGS:
         if isinstance(raw, Mapping) and key in raw:
-            raise ConfigError(
-                f"{key}: {raw[key]}: each trial sets its own {key}, so this changes nothing; "
-                "name the experiment with --name, label trials in search.variants",
-                key=key,
-            )
+            raise set_by_each_trial(f"{key}: {raw[key]}", key, key)
 
 
 def load(experiment: str, overrides: Sequence[str] = (), *, stored: bool = False) -> Experiment:
