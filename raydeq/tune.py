@@ -412,7 +412,9 @@ def unlearned_notes(experiment: Experiment, trials: int) -> list[str]:
     first, points = searchers.first_learned(search), len(experiment.space().points)
     if not points < trials <= first:
         return []
-    fewer = f", or search.population_size below {trials}" if search.searcher == "nsga2" else ""
+    # A population of 2 or more (Optuna's least) within the trials makes a second generation.
+    within = search.searcher == "nsga2" and trials > 2
+    fewer = f", or search.population_size below {trials}" if within else ""
     return [
         f"note: {search.searcher} learns from results after its first {first} trials, and this "
         f"search runs {trials}, so it draws every trial at random; set search.num_samples "

@@ -376,6 +376,12 @@ SKIP = {"label": "Skip", "model.variant": "skip_reg"}
             "note: tpe learns from results after its first 10 trials, and this search runs 10, "
             "so it draws every trial at random; set search.num_samples above 10 for it to learn",
         ),
+        # 2 trials: no population within them, which must be 2 or more, makes a generation
+        (
+            {"searcher": "nsga2", "num_samples": 2, "variants": [SKIP]},
+            "note: nsga2 learns from results after its first 50 trials, and this search runs 2, "
+            "so it draws every trial at random; set search.num_samples above 50 for it to learn",
+        ),
         # Trials that are all listed points draw nothing: no note.
         ({"searcher": "nsga2", "num_samples": 2}, "first: "),
     ],
