@@ -855,8 +855,9 @@ def load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML config file into a dict, turning every failure into a one-line ConfigError."""
+def read_yaml(path: str | Path) -> Any:
+    """Read a YAML config file (its top-level value, {} for an empty file; the callers check
+    that it is a mapping), turning every failure into a one-line ConfigError."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as err:
