@@ -18,7 +18,7 @@ ASCII_FORMS = {"±": "+-"}
 STREAMS = ("stdout", "stderr")
 
 
-def escaped(err: UnicodeError) -> tuple[str, int]:
+def escaped(err: UnicodeError) -> tuple[str | bytes, int]:
     """Write what a stream's encoding lacks (`±` in a table, to an ASCII or Latin-1 terminal)
     in its ASCII form, a path's undecodable bytes as they were read (surrogateescape), and
     anything else as a backslash escape: Python's strict handler ended the command in a
