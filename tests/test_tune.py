@@ -3341,6 +3341,32 @@ def test_an_override_that_no_variant_has_names_each_value_they_have_once():
     )
 
 
+def test_an_override_of_a_mapping_that_holds_a_variants_key_is_refused():
+    """model.solver_options={m: 3} over variants of m 5 and 6 was taken, and their trials ran
+    m 5 and 6 (each variant's key laid over it), where model.solver_options.m=3 picks the
+    variants of m 3."""
+    model = {**TINY["model"], "solver": "anderson"}
+    variants = [{"label": "a", "model.solver_options.m": m} for m in (5, 6)]
+    variants[1]["label"] = "b"
+    raw = {**TINY, "model": model, "search": {"variants": variants}}
+    for value in ({"m": 3}, {"tol": 1}, None):
+        overrides = {"model.solver_options": value}
+        with pytest.raises(ConfigError) as err:
+            spec.from_dict("x", raw, overrides)
+        assert str(err.value) == (
+            f"model.solver_options={value!r}: search.variants set model.solver_options.m, "
+            "which their trials would take over this override; override "
+            "model.solver_options.m itself, as a key of its own"
+        )
+        assert err.value.key == "model.solver_options"
+    picked = spec.from_dict("x", raw, {"model.solver_options.m": 5})
+    assert [picked.trial_config(s).model.solver_options for s in spec.expand(picked)] == [{"m": 5}]
+    with pytest.raises(ConfigError, match=r"^model\.solver_options: expected a mapping"):
+        spec.from_dict("x", raw, {"model.solver_options": 3})
+    others = spec.from_dict("x", raw, {"model.adjoint_options": {"rtol": 0.1}})
+    assert len(spec.expand(others)) == 2
+
+
 @pytest.mark.parametrize("searcher", ["random", "tpe"])
 @pytest.mark.parametrize(
     ("space", "bad", "message"),

@@ -27,6 +27,7 @@ def fix_search(search: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[
         if isinstance(rules, list):
             rules, joined = _fix_rules(rules, dotted, value)
             space = merge(space, joined)
+        _check_not_within(variants, dotted, value)
         given = variants
         variants = [
             row for row in variants if dotted not in row or searchers.same(row[dotted], value)
@@ -44,6 +45,24 @@ def fix_search(search: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[
             )
     fixed = {**search, "space": space} | ({"variants": variants} if "variants" in search else {})
     return fixed | ({"conditional": rules} if isinstance(rules, list) else {})
+
+
+def _check_not_within(variants: list, dotted: str, value: Any) -> None:
+    """Raise a ConfigError for an override of a mapping (`model.solver_options={m: 3}`) that
+    holds a key a variant sets (`model.solver_options.m: 5`): each of the variant's trials
+    would lay its own value over the override's, which would change nothing (a value that is
+    no mapping is refused as the setting's)."""
+    if value is not None and not isinstance(value, Mapping):
+        return
+    within = sorted(
+        {k for row in variants for k in row if isinstance(k, str) and k.startswith(f"{dotted}.")}
+    )
+    if within:
+        raise ConfigError(
+            f"{dotted}={value!r}: search.variants set {within[0]}, which their trials would "
+            f"take over this override; override {within[0]} itself, as a key of its own",
+            key=dotted,
+        )
 
 
 def _fix_rules(rules: list, dotted: str, value: Any) -> tuple[list, dict[str, Any]]:
