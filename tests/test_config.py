@@ -482,13 +482,22 @@ def test_an_override_of_a_section_sets_its_keys_and_keeps_the_files_others(tmp_p
         # The one given last won: m 3 here, m 4 in the other order.
         (
             ["model.solver_options.m=4", "model.solver_options={m: 3}"],
-            "override model.solver_options.m: given twice, as itself and within "
-            "model.solver_options (4, then {'m': 3}); keep one",
+            "override model.solver_options.m: given beside model.solver_options, which replaces "
+            "all of it (4, then {'m': 3}); give model.solver_options.m within "
+            "model.solver_options's value, or leave one out",
         ),
         (
             ["model={solver_options: {m: 3}}", "model.solver_options.m=4"],
-            "override model.solver_options.m: given twice, as itself and within "
-            "model.solver_options ({'m': 3}, then 4); keep one",
+            "override model.solver_options.m: given beside model.solver_options, which replaces "
+            "all of it ({'m': 3}, then 4); give model.solver_options.m within "
+            "model.solver_options's value, or leave one out",
+        ),
+        # Not given twice: m was dropped in this order, kept in the other.
+        (
+            ["model.solver_options.m=4", "model.solver_options={tol: 1}"],
+            "override model.solver_options.m: given beside model.solver_options, which replaces "
+            "all of it (4, then {'tol': 1}); give model.solver_options.m within "
+            "model.solver_options's value, or leave one out",
         ),
         ("optim=", "override optim: an empty value sets no key of section optim; set its keys"),
         ("search=null", "override search: an empty value sets no key of section search"),

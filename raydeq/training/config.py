@@ -763,8 +763,8 @@ def _section_keys(key: str, value: Any) -> dict[str, Any]:
 
 def parse_overrides(texts: Sequence[str]) -> dict[str, Any]:
     """`key=value` overrides as a mapping; a key given twice is an error, not a silent choice,
-    and so is a key given beside one inside it (`model.solver_options={m: 3}` and
-    `model.solver_options.m=4`), of which the one given last would win."""
+    and so is a key given beside a mapping that holds it (`model.solver_options={m: 3}` and
+    `model.solver_options.m=4`), which replaces it whole: the one given last would win."""
     overrides: dict[str, Any] = {}
     for text in texts:
         for key, value in _section_keys(*parse_override(text)).items():
@@ -776,8 +776,9 @@ def parse_overrides(texts: Sequence[str]) -> dict[str, Any]:
                 outer, inner = sorted((given, key), key=len)
                 if inner.startswith(f"{outer}."):
                     raise ConfigError(
-                        f"override {inner}: given twice, as itself and within {outer} "
-                        f"({overrides[given]!r}, then {value!r}); keep one"
+                        f"override {inner}: given beside {outer}, which replaces all of it "
+                        f"({overrides[given]!r}, then {value!r}); give {inner} within "
+                        f"{outer}'s value, or leave one out"
                     )
             overrides[key] = value
     return overrides
