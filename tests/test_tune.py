@@ -435,17 +435,17 @@ def test_a_search_that_sets_what_each_trial_sets_or_a_search_setting_is_a_one_li
         (
             {"variants": [*variants, {"label": "b", "name": "mine"}]},
             "search.variants[1].name",
-            "each trial sets its own name (its run in its trial folder)",
+            "each trial sets its own name (its run is 'train' in its trial folder)",
         ),
         (
             {"variants": [*variants, {"label": "b", "storage_path": str(tmp_path)}]},
             "search.variants[1].storage_path",
-            "each trial sets its own storage_path",
+            "each trial sets its own storage_path (its trial folder)",
         ),
         (
             {"space": {"label": {"grid_search": ["x", "y"]}}},
             "search.space.label",
-            "each trial sets its own label",
+            "each trial sets its own label (its variant's label and its drawn values)",
         ),
         (
             {"space": {"search": {"metric": {"choice": ["test_nfe", "nfe"]}}}},
@@ -934,13 +934,13 @@ def test_the_command_refuses_bad_input_and_an_existing_experiment_with_status_2(
         ),
         (
             ["name=mine"],
-            "name=mine: each trial sets its own name (its run in its trial folder), so this "
-            "changes nothing",
+            "name=mine: each trial sets its own name (its run is 'train' in its trial folder), so "
+            "this changes nothing",
         ),
         (
             ["label=mine"],
-            "label=mine: each trial sets its own label (its run in its trial folder), so this "
-            "changes nothing",
+            "label=mine: each trial sets its own label (its variant's label and its drawn values), "
+            "so this changes nothing",
         ),
     ],
 )

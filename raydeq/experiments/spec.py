@@ -55,6 +55,12 @@ PATH_KEYS = ("storage_path", "data.data_dir", "data.stage_to")
 LABEL = "label"
 # Settings that each trial sets for itself (`trial_config`): its Train run's name and label.
 TRIAL_SETTINGS = ("name", LABEL)
+# What `trial_config` sets them and the storage to, for each trial.
+SET_BY_EACH_TRIAL = {
+    "name": f"its run is {TRAIN_RUN!r} in its trial folder",
+    LABEL: "its variant's label and its drawn values",
+    "storage_path": "its trial folder",
+}
 STEPS_KEY = "train.max_steps"
 
 
@@ -379,7 +385,7 @@ def _check_per_trial(dotted: str, where: str) -> None:
             "nothing; set it in the experiment's search section",
             key=f"{where}.{dotted}",
         )
-    if dotted in (*TRIAL_SETTINGS, "storage_path"):
+    if dotted in SET_BY_EACH_TRIAL:
         raise set_by_each_trial(f"{where}.{dotted}", dotted, f"{where}.{dotted}")
 
 
@@ -388,7 +394,7 @@ def set_by_each_trial(shown: str, key: str, where: str) -> ConfigError:
     for each trial (its run's name and label, and its folder), so that the given one would
     change nothing."""
     return ConfigError(
-        f"{shown}: each trial sets its own {key} (its run in its trial folder), so this changes "
+        f"{shown}: each trial sets its own {key} ({SET_BY_EACH_TRIAL[key]}), so this changes "
         "nothing; name the experiment with --name, store it with --storage, label trials in "
         "search.variants",
         key=where,
