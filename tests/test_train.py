@@ -1922,8 +1922,9 @@ def _implicit_gradients(
     layer, x = model.layer, model.stem(images)
     z = z_star.detach().requires_grad_()
     loss = nn.functional.cross_entropy(model.head(z), labels)
-    if layer.init != "zeros":
-        loss = loss + weights["lambda_skip"] * deq.skip_loss(layer.f(z, x), layer.initial_guess(x))
+    if layer.init != "zeros":  # z0: the predictor's, or Skip Reg.'s one step from zero
+        z0 = layer.skip(x) if layer.init == "skip" else layer.f(deq.initial_state(layer.f, x), x)
+        loss = loss + weights["lambda_skip"] * deq.skip_loss(layer.f(z, x), z0)
     torch.manual_seed(1)  # the forward pass's probe, drawn after a solve that draws nothing
     jac = deq.hutchinson_jacobian_loss(lambda v: layer.f(v, x), z_star.detach())
     loss = loss + weights["lambda_jac"] * jac
