@@ -28,7 +28,15 @@ import yaml
 from raydeq.training import data, runlock
 from raydeq.training.caller import process_kept
 from raydeq.training.checkpoint import final_report, newest_first
-from raydeq.training.config import Config, ConfigError, load, load_yaml, parse_overrides
+from raydeq.training.config import (
+    SECTIONS,
+    Config,
+    ConfigError,
+    load,
+    load_yaml,
+    parse_override,
+    parse_overrides,
+)
 from raydeq.training.console import output_kept, tensorboard_command
 from raydeq.training.interrupts import interruptible
 from raydeq.training.preflight import check_run
@@ -70,11 +78,29 @@ def resume_command(cfg: Config, argv: Sequence[str]) -> str:
     folders = {"data.data_dir": cfg.data.data_dir, "data.stage_to": cfg.data.stage_to}
     folders = {key: folder and launch.as_submitted(folder) for key, folder in folders.items()}
     pinned = {"name": cfg.name, "storage_path": cfg.storage_path, **folders}
-    kept = [word for word in overrides if word.partition("=")[0].strip() not in pinned]
+    kept = unpinned(overrides, set(pinned))
     added = [f"{key}={as_yaml(value)}" for key, value in pinned.items() if value is not None]
     read = config_file(config)  # a shipped file where tune_configs/NAME.yaml is not here
     config = launch.as_submitted(os.path.abspath(read)) if os.path.isfile(read) else config
     return shlex.join(["python", "-m", "raydeq.train", config, *kept, *added])
+
+
+def unpinned(overrides: Sequence[str], pinned: set[str]) -> list[str]:
+    """The `key=value` overrides without those of the `pinned` keys, which the resume command
+    gives anew: a section's mapping (`data={stage_to: local, batch_size: 16}`) keeps its other
+    keys, where kept whole it would give a pinned key twice, which is refused."""
+    kept = []
+    for word in overrides:
+        key, value = parse_override(word)
+        if key in SECTIONS and isinstance(value, Mapping):
+            left = {name: given for name, given in value.items() if f"{key}.{name}" not in pinned}
+            if len(left) < len(value):
+                flow = yaml.safe_dump(left, default_flow_style=True, width=math.inf).strip()
+                kept += [f"{key}={flow}"] if left else []
+                continue
+        if key not in pinned:
+            kept.append(word)
+    return kept
 
 
 def as_yaml(text: str) -> str:

@@ -1248,6 +1248,24 @@ def test_the_resume_command_names_relative_data_folders_absolutely(tmp_path, mon
     assert "data.stage_to=local" not in words
 
 
+def test_the_resume_command_keeps_a_data_mapping_override_without_its_folders(
+    tmp_path, monkeypatch
+):
+    """`data={stage_to: local, batch_size: 16}` was kept whole beside the absolute
+    data.stage_to the command adds, giving that key twice, which the command then refused; the
+    mapping keeps its other keys, and the command reads back the run's config."""
+    monkeypatch.chdir(tmp_path)
+    text = "scaling: {device: cpu}\ndata: {dataset: imagenet, data_dir: images}\n"
+    (tmp_path / "run.yaml").write_text(text)
+    argv = ["run.yaml", "data={stage_to: local, batch_size: 16}", "optim={lr: 0.01}"]
+    cfg = config.load("run.yaml", argv[1:])
+    words = shlex.split(train.resume_command(cfg, argv))
+    assert words[4:6] == ["data={batch_size: 16}", "optim={lr: 0.01}"]
+    assert f"data.stage_to={tmp_path / 'local'}" in words
+    monkeypatch.chdir(tmp_path.parent)
+    assert config.load(words[3], words[4:]) == cfg
+
+
 def test_workers_that_just_fit_are_taken_and_one_more_is_refused_naming_the_fix(monkeypatch):
     monkeypatch.setattr(launch.capacity, "worker_slots", lambda need: 2)
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0})
