@@ -422,11 +422,13 @@ def unlearned_notes(experiment: Experiment, trials: int) -> list[str]:
     ]
 
 
-def dry_run(experiment: Experiment, num_samples: int | None, path: str) -> None:
+def dry_run(
+    experiment: Experiment, num_samples: int | None, path: str, started: bool = False
+) -> None:
     """Print each trial's label, the experiment's folder (where each trial gets a folder of its
     own, named by Tune when it starts: UNNAMED_TRIAL here) and the fully resolved training
     config the trial runs with, one JSON object a line (and a searcher's space, a dimension a
-    line, on stderr)."""
+    line, on stderr, with `unlearned_notes` unless the search has `started`)."""
     trials = expand(experiment, num_samples)
     if experiment.searched:
         space = experiment.space()
@@ -438,7 +440,8 @@ def dry_run(experiment: Experiment, num_samples: int | None, path: str) -> None:
                 f"trials {learned + 1} to {len(trials)}: {experiment.search.searcher} draws them "
                 "from the results of those before; listed here are random draws in their place"
             )
-        shown += unlearned_notes(experiment, len(trials))
+        if not started:  # a started search's trial count is the one it started with
+            shown += unlearned_notes(experiment, len(trials))
         print("\n".join(shown), file=sys.stderr)
     lines = []  # every trial checked before the first is printed
     for sampled in trials:
@@ -529,16 +532,19 @@ def run_experiment(
     status."""
     if args.dry_run:
         samples = options.num_samples if options is not None else args.num_samples
-        return dry_run_command(experiment, samples, path)
+        return dry_run_command(experiment, samples, path, started=options is not None)
     if args.report:
         return report_command(experiment, path)
     return launch_experiment(args, experiment, path, options)
 
 
-def dry_run_command(experiment: Experiment, num_samples: int | None, path: str) -> int:
-    """List the trials of `--dry-run` on stdout; returns the exit status."""
+def dry_run_command(
+    experiment: Experiment, num_samples: int | None, path: str, started: bool = False
+) -> int:
+    """List the trials of `--dry-run` on stdout (`started`: of a --resume); returns the exit
+    status."""
     try:
-        dry_run(experiment, num_samples, path)
+        dry_run(experiment, num_samples, path, started)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -32,7 +32,7 @@ from test_tune import (
 )
 
 from raydeq import tune as rt
-from raydeq.experiments import hparams, pareto, results, search, spec
+from raydeq.experiments import hparams, pareto, results, run, search, spec
 from raydeq.experiments.figures import LOG_SPAN, subplots
 from raydeq.training.config import COSTS, METRICS, ConfigError, parse_overrides
 
@@ -393,6 +393,23 @@ def test_a_dry_run_says_where_a_searcher_starts_learning_from_results(
     file.write_text(yaml.safe_dump({**TINY, "search": {**SEARCH, "num_samples": 6} | change}))
     assert rt.main([str(file), "--dry-run"]) == 0
     assert capsys.readouterr().err.splitlines()[-1].startswith(last)
+
+
+def test_a_started_searchs_dry_run_gives_no_advice_on_its_trial_count(capsys, tmp_path):
+    """--resume --dry-run of a started 6-trial NSGA-II search said to set search.num_samples
+    above 50, which a started search cannot change; its listing now leaves the note out."""
+    raw = {**TINY, "search": {**SEARCH, "num_samples": 6, "searcher": "nsga2"}}
+    file = tmp_path / "search.yaml"
+    file.write_text(yaml.safe_dump(raw))
+    assert rt.main([str(file), "--dry-run"]) == 0
+    assert "note: nsga2 learns from results" in capsys.readouterr().err
+    experiment = spec.load(str(file))
+    options = run.Options(None, 6, "fifo", 0)
+    run.save_settings(str(tmp_path / "runs" / "search"), experiment, options)
+    argv = [str(file), "--storage", str(tmp_path / "runs"), "--resume", "--dry-run"]
+    assert rt.main(argv) == 0
+    out, err = capsys.readouterr()
+    assert len(out.splitlines()) == 6 and "note:" not in err
 
 
 def _brute_front(accuracy, cost):
