@@ -79,10 +79,24 @@ def resume_command(cfg: Config, argv: Sequence[str]) -> str:
     folders = {key: folder and launch.as_submitted(folder) for key, folder in folders.items()}
     pinned = {"name": cfg.name, "storage_path": cfg.storage_path, **folders}
     kept = unpinned(overrides, set(pinned))
-    added = [f"{key}={as_yaml(value)}" for key, value in pinned.items() if value is not None]
+    # A folder given as null (data.data_dir=null over the file's) is given as null again.
+    given = {key for word in overrides for key in override_keys(word)}
+    added = [
+        f"{key}={'null' if value is None else as_yaml(value)}"
+        for key, value in pinned.items()
+        if value is not None or key in given
+    ]
     read = config_file(config)  # a shipped file where tune_configs/NAME.yaml is not here
     config = launch.as_submitted(os.path.abspath(read)) if os.path.isfile(read) else config
     return shlex.join(["python", "-m", "raydeq.train", config, *kept, *added])
+
+
+def override_keys(word: str) -> set[str]:
+    """The dotted keys a `key=value` override sets: a section's mapping sets each of its keys."""
+    key, value = parse_override(word)
+    if key in SECTIONS and isinstance(value, Mapping):
+        return {f"{key}.{name}" for name in value}
+    return {key}
 
 
 def unpinned(overrides: Sequence[str], pinned: set[str]) -> list[str]:

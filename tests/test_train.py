@@ -1266,6 +1266,23 @@ def test_the_resume_command_keeps_a_data_mapping_override_without_its_folders(
     assert config.load(words[3], words[4:]) == cfg
 
 
+@pytest.mark.parametrize("given", ["data.data_dir=null", "data={data_dir: null}"])
+def test_the_resume_command_gives_a_data_folder_given_as_null_as_null_again(
+    tmp_path, monkeypatch, given
+):
+    """data.data_dir=null over a file's folder (its dataset switched to digits) was left out
+    of the resume command, so the file's folder came back and the command was refused (digits
+    reads no folder); it is given as null again, and the command reads back the run's config."""
+    monkeypatch.chdir(tmp_path)
+    text = "scaling: {device: cpu}\ndata: {dataset: mnist, data_dir: images}\n"
+    (tmp_path / "run.yaml").write_text(text)
+    argv = ["run.yaml", "data.dataset=digits", given]
+    cfg = config.load("run.yaml", argv[1:])
+    words = shlex.split(train.resume_command(cfg, argv))
+    assert "data.data_dir=null" in words
+    assert config.load(words[3], words[4:]) == cfg
+
+
 def test_workers_that_just_fit_are_taken_and_one_more_is_refused_naming_the_fix(monkeypatch):
     monkeypatch.setattr(launch.capacity, "worker_slots", lambda need: 2)
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0})
