@@ -2,7 +2,9 @@
 
 Every Ray test of a session shares ONE local cluster (`ray_cluster`: 2 CPUs, dashboard on, so
 the state API can list actors). Tests marked `multinode` build their own multi-node cluster,
-so they run after all the others, once the shared cluster has been shut down.
+so they run after all the others, once the shared cluster has been shut down. The suite runs
+in two pytest-xdist processes (pyproject's addopts; `-n 0` runs it in one): one runs the
+shared cluster's tests, one those that start Rays of their own.
 """
 
 import contextlib
@@ -10,6 +12,7 @@ import functools
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -80,13 +83,19 @@ def held_port(held: socket.socket) -> int:
     return port
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Mark the tests that start Ray (`ray`) and those that need a GPU (`cuda`), so that
     `-m "not ray"` leaves them out; run the multinode tests last, after every test that uses
-    the shared cluster."""
+    the shared cluster. Under pytest-xdist the tests of the shared cluster run in one worker,
+    in order, and those that start Rays of their own (the multinode tests among them) in one
+    other, each kept from a process that a Ray is connected to."""
     for item in items:
-        if "ray_cluster" in item.fixturenames or item.get_closest_marker("multinode"):
+        shared = "ray_cluster" in item.fixturenames
+        if shared or item.get_closest_marker("multinode"):
             item.add_marker(pytest.mark.ray)
+        if item.get_closest_marker("ray"):
+            item.add_marker(pytest.mark.xdist_group("ray-shared" if shared else "ray-own"))
         skips = item.iter_markers("skipif")
         if any("CUDA device" in mark.kwargs.get("reason", "") for mark in skips):
             item.add_marker(pytest.mark.cuda)
@@ -97,14 +106,18 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def own_temp_folder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Point the temporary folder of this process and those it starts at one of the session's:
     the run locks, data indexes and TensorBoard folders that the tests' runs leave there (by
-    design, a lock file outlives its run) are not left in the user's for good. Ray keeps its
-    own (RAY_TMPDIR), whose sockets' paths have a length limit."""
+    design, a lock file outlives its run) are not left in the user's for good. Ray's own
+    (RAY_TMPDIR), whose sockets' paths have a length limit, is a short one of this process:
+    there a multinode test's cluster, run by another pytest-xdist worker, names itself as a
+    `ray start` cluster, which a run that should start a Ray of its own would join instead."""
     folder = str(tmp_path_factory.mktemp("tmp"))
     saved = {name: os.environ.get(name) for name in ("TMPDIR", "RAY_TMPDIR")}
     previous = tempfile.tempdir
-    os.environ["RAY_TMPDIR"] = saved["RAY_TMPDIR"] or saved["TMPDIR"] or "/tmp"
+    ray_folder = tempfile.mkdtemp(prefix="ray", dir=saved["RAY_TMPDIR"] or saved["TMPDIR"])
+    os.environ["RAY_TMPDIR"] = ray_folder
     os.environ["TMPDIR"] = tempfile.tempdir = folder
     yield
+    shutil.rmtree(ray_folder, ignore_errors=True)
     tempfile.tempdir = previous
     for name, value in saved.items():
         if value is None:

@@ -57,6 +57,9 @@ from raydeq.training.storage import StorageError
 
 CPU = torch.device("cpu")
 
+# One pytest-xdist worker runs them all: whole_run, one tiny run of every benchmark, once.
+pytestmark = pytest.mark.xdist_group("bench")
+
 
 @pytest.fixture(scope="module")
 def whole_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Report, str, Path]:

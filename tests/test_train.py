@@ -700,6 +700,7 @@ def test_a_compile_cache_folder_torch_cannot_make_is_one_line_before_ray_starts(
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.ray  # a Ray of its own
 def test_workers_that_this_machine_cannot_hold_are_refused_not_waited_for(tmp_path):
     """On a Ray of the run's own no node ever joins: Ray Train waited a minute for the workers,
     failed, and waited again. Both commands now stop at once, before anything is stored."""
