@@ -13,13 +13,18 @@ import tempfile
 import threading
 import time
 import tomllib
+import urllib.parse
 from pathlib import Path
+from typing import Any
 
 import click
+import moto.server
 import psutil
+import pyarrow.fs
 import pyarrow.parquet as pq
 import pytest
 import ray
+import werkzeug.serving
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 from ray.cluster_utils import Cluster
@@ -27,7 +32,7 @@ from test_train import steps_by_tag
 from test_tune import TINY, _checkpoint_steps, _newest_steps, _reported_steps
 
 from raydeq.experiments import run, spec
-from raydeq.training import capacity, launch, reporting
+from raydeq.training import capacity, launch, reporting, storage
 from raydeq.training.config import validate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,7 +74,7 @@ def test_the_image_holds_the_pinned_versions_and_the_cluster_names_it():
     assert CLUSTER["docker"]["image"].endswith(f"/raydeq:{PYPROJECT['project']['version']}")
 
 
-def test_the_worker_s3_policy_reaches_only_the_runs_prefix_of_one_bucket():
+def test_the_worker_s3_policy_writes_only_the_runs_prefix_of_one_bucket():
     policy = json.loads((ROOT / "cluster" / "worker-s3-policy.json").read_text())
     actions = {a for s in policy["Statement"] for a in s["Action"]}
     assert actions == {
@@ -83,6 +88,77 @@ def test_the_worker_s3_policy_reaches_only_the_runs_prefix_of_one_bucket():
     resources = {s["Resource"] for s in policy["Statement"]}
     assert resources == {"arn:aws:s3:::YOUR-BUCKET", "arn:aws:s3:::YOUR-BUCKET/raydeq-runs/*"}
     assert all(s["Effect"] == "Allow" for s in policy["Statement"])
+
+
+def _iam_request(method: str, path: str, query: str) -> tuple[str, str, dict[str, str]]:
+    """The IAM action, resource and condition keys of an S3 request (AWS's S3 API reference:
+    HeadBucket and ListObjectsV2 are s3:ListBucket, the latter with its prefix as s3:prefix)."""
+    bucket, _, key = path.lstrip("/").partition("/")
+    params = urllib.parse.parse_qs(query, keep_blank_values=True)
+    if not key:
+        context = {"s3:prefix": params["prefix"][0]} if "prefix" in params else {}
+        return "s3:ListBucket", f"arn:aws:s3:::{bucket}", context
+    if method == "DELETE":
+        action = "s3:AbortMultipartUpload" if "uploadId" in params else "s3:DeleteObject"
+    else:  # POST and PUT write an object, whole or in the parts of a multipart upload
+        action = "s3:GetObject" if method in ("GET", "HEAD") else "s3:PutObject"
+    return action, f"arn:aws:s3:::{bucket}/{key}", {}
+
+
+def _allows(policy: dict, action: str, resource: str, context: dict[str, str]) -> bool:
+    """Whether an Allow statement of `policy` grants `action` on `resource`; a StringLike
+    condition holds only where the request has its key (IAM's rule for a missing key)."""
+
+    def like(pattern: str, value: str) -> bool:
+        return re.fullmatch(".*".join(map(re.escape, pattern.split("*"))), value) is not None
+
+    for statement in policy["Statement"]:
+        conditions = statement.get("Condition", {})
+        assert set(conditions) <= {"StringLike"}, conditions
+        holds = all(
+            key in context and any(like(p, context[key]) for p in patterns)
+            for key, patterns in conditions.get("StringLike", {}).items()
+        )
+        if action in statement["Action"] and like(statement["Resource"], resource) and holds:
+            return True
+    return False
+
+
+def test_the_worker_s3_policy_allows_every_request_a_workers_write_to_the_runs_makes(monkeypatch):
+    """A worker writing under s3://BUCKET/raydeq-runs (its TensorBoard events, a checkpoint)
+    creates the folder first, and pyarrow's create_dir asks HeadBucket whether the bucket
+    exists: s3:ListBucket with no s3:prefix, which a ListBucket held to the runs prefix
+    refused, failing every write; each request it sends, recorded at a local S3 server, is
+    allowed."""
+    policy = json.loads((ROOT / "cluster" / "worker-s3-policy.json").read_text())
+    policy = json.loads(json.dumps(policy).replace("YOUR-BUCKET", "raydeq-bucket"))
+    app = moto.server.DomainDispatcherApplication(moto.server.create_backend_app)
+    sent = []
+
+    def recorded(environ: dict, start_response: Any) -> Any:
+        sent.append((environ["REQUEST_METHOD"], environ["PATH_INFO"], environ["QUERY_STRING"]))
+        return app(environ, start_response)
+
+    server = werkzeug.serving.make_server("127.0.0.1", 0, recorded, threaded=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    endpoint = f"http://127.0.0.1:{server.server_port}"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    try:
+        owner = pyarrow.fs.S3FileSystem(endpoint_override=endpoint, allow_bucket_creation=True)
+        owner.create_dir("raydeq-bucket")
+        sent.clear()
+        storage.write_bytes("s3://raydeq-bucket/raydeq-runs/exp/trial/train/events", b"step")
+        checkpoint = "raydeq-bucket/raydeq-runs/exp/trial/train/checkpoint_000001"
+        fs, _ = storage.filesystem("s3://raydeq-bucket")
+        fs.create_dir(checkpoint)  # as Ray Train's persist_current_checkpoint does
+        with fs.open_output_stream(f"{checkpoint}/state.pt") as stream:
+            stream.write(b"weights")
+    finally:
+        server.shutdown()
+    requests = [_iam_request(*r) for r in sent if r[1].startswith("/raydeq-bucket")]
+    assert ("s3:ListBucket", "arn:aws:s3:::raydeq-bucket", {}) in requests
+    refused = [r for r in requests if not _allows(policy, *r)]
+    assert refused == []
 
 
 def test_imagenet_claims_gpus_and_runs_as_many_trials_as_the_autoscaler_can_provide(monkeypatch):
