@@ -5,6 +5,7 @@ import contextlib
 import json
 import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -24,6 +25,7 @@ import pyarrow.fs
 import pyarrow.parquet as pq
 import pytest
 import ray
+import ray.scripts.scripts
 import werkzeug.serving
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
@@ -88,6 +90,20 @@ def test_the_worker_s3_policy_writes_only_the_runs_prefix_of_one_bucket():
     resources = {s["Resource"] for s in policy["Statement"]}
     assert resources == {"arn:aws:s3:::YOUR-BUCKET", "arn:aws:s3:::YOUR-BUCKET/raydeq-runs/*"}
     assert all(s["Effect"] == "Allow" for s in policy["Statement"])
+
+
+def test_the_readmes_data_copy_runs_on_the_head_nodes_host_where_an_aws_cli_is(monkeypatch):
+    """The image has no AWS CLI (Ray's image installs boto3 alone, the Dockerfile nothing
+    more), and `ray attach`, which the README named for `aws s3 sync`, opens a shell in it;
+    the README's command, as Ray's CLI reads it, runs the copy on the host."""
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    (command,) = re.findall(r"`(ray exec [^`]*aws s3 sync [^`]*)`", readme)
+    ran = {}
+    monkeypatch.setattr(ray.scripts.scripts, "exec_cluster", lambda *a, **kw: ran.update(kw))
+    ray.scripts.scripts.exec.main(shlex.split(command)[2:], standalone_mode=False)
+    assert ran["run_env"] == "host"
+    assert ran["cmd"] == "aws s3 sync s3://YOUR-BUCKET/imagenet /mnt/shared/data/imagenet"
+    assert "awscli" not in (ROOT / "Dockerfile").read_text()
 
 
 def _iam_request(method: str, path: str, query: str) -> tuple[str, str, dict[str, str]]:
