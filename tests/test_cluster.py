@@ -92,6 +92,22 @@ def test_the_worker_s3_policy_writes_only_the_runs_prefix_of_one_bucket():
     assert all(s["Effect"] == "Allow" for s in policy["Statement"])
 
 
+def test_the_readme_asks_for_an_efs_mount_target_in_each_zone_the_nodes_start_in():
+    """The file system's name (fs-ID.efs.REGION.amazonaws.com) resolves only in a zone where
+    it has a mount target, and a node started in another failed at the mount: the README's
+    storage step names every zone of provider.availability_zone, in which `ray up` picks the
+    nodes' subnets, and the mount names the provider's region."""
+    provider = CLUSTER["provider"]
+    zones = [zone.strip() for zone in provider["availability_zone"].split(",")]
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    step = readme.split("**Shared storage.**", 1)[1].split("**Start the cluster**", 1)[0]
+    assert (
+        f"mount target in each zone of `provider.availability_zone` ({' and '.join(zones)}:" in step
+    )
+    (mount,) = [command for command in CLUSTER["initialization_commands"] if "nfs4 -o" in command]
+    assert re.search(r"\.efs\.([a-z0-9-]+)\.amazonaws\.com:/ ", mount)[1] == provider["region"]
+
+
 def test_the_readmes_data_copy_runs_on_the_head_nodes_host_where_an_aws_cli_is(monkeypatch):
     """The image has no AWS CLI (Ray's image installs boto3 alone, the Dockerfile nothing
     more), and `ray attach`, which the README named for `aws s3 sync`, opens a shell in it;
