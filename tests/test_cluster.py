@@ -92,6 +92,21 @@ def test_the_worker_s3_policy_writes_only_the_runs_prefix_of_one_bucket():
     assert all(s["Effect"] == "Allow" for s in policy["Statement"])
 
 
+def test_the_readme_asks_for_the_gpu_instance_quota_that_the_gpu_nodes_need():
+    """EC2 refuses a launch past the account's vCPU quota for G instances, which many
+    accounts hold below one g5.12xlarge, and the trials waited for GPUs without a word: the
+    README asks for the vCPUs of every GPU node the cluster may start."""
+    gpu = CLUSTER["available_node_types"]["gpu_worker"]
+    nodes = min(gpu["max_workers"], CLUSTER["max_workers"])
+    assert gpu["node_config"]["InstanceType"].startswith("g")
+    cpus = FILLED["gpu_worker"]["CPU"]
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert (
+        f'"Running On-Demand G and VT instances" (Service Quotas) at {nodes * cpus} vCPUs '
+        f"({nodes} nodes x {cpus})" in readme
+    )
+
+
 def test_the_readme_asks_for_an_efs_mount_target_in_each_zone_the_nodes_start_in():
     """The file system's name (fs-ID.efs.REGION.amazonaws.com) resolves only in a zone where
     it has a mount target, and a node started in another failed at the mount: the README's
