@@ -271,6 +271,27 @@ def test_on_gcp_trials_claim_gpus_only_with_the_node_resources_the_readme_gives(
     assert capacity.can_have("GPU") and run.concurrency(spec.load("imagenet"), None) == 4
 
 
+def test_on_kuberay_the_readme_publishes_the_node_groups_that_no_autoscaler_reports(
+    monkeypatch,
+):
+    """The README said KubeRay's autoscaler reports the node groups to Ray, but Ray 2.60's
+    autoscalers write no cluster config (nothing in Ray calls report_cluster_config), so
+    trials counted the pods alive and claimed no GPUs; the groups it publishes instead hold
+    4 ImageNet trials of GPU workers."""
+    autoscaler = Path(ray.autoscaler.__file__).parent
+    sources = [path.read_text() for path in autoscaler.rglob("*.py")]
+    assert not any("report_cluster_config" in source for source in sources)
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    kuberay = readme.split("On Kubernetes, KubeRay", 1)[1].split("On machines of your own", 1)[0]
+    assert "reports the node groups" not in kuberay
+    (groups,) = re.findall(r"`(\{head_node_type: .*?\}\}\})`", kuberay)
+    assert "`python -m raydeq.training.capacity FILE`" in kuberay
+    monkeypatch.setattr(capacity, "node_types", lambda: _published(yaml.safe_load(groups)))
+    imagenet = spec.load("imagenet")
+    assert launch.gpus_per_worker(imagenet.trial_config({})) == 1.0
+    assert run.concurrency(imagenet, None) == 4
+
+
 def test_on_machines_of_ones_own_the_file_drops_the_node_types_and_the_capacity_step():
     """`ray up` refuses node types for an on-premise cluster and makes one without resources,
     which the capacity step would publish as a cluster with no GPUs."""

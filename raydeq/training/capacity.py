@@ -2,8 +2,8 @@
 
 Trials claim GPUs and run as many at once as the autoscaler can provide nodes for, not as many
 as are up when the experiment starts (right after `ray up` no GPU node has joined yet). The node
-types come from the cluster config in the GCS, where Ray's autoscaler v2 and KubeRay report them
-and where `publish` writes the autoscaling config that `ray up` leaves on the head node
+types come from the cluster config in the GCS, which none of Ray 2.60's autoscalers writes and
+where `publish` writes the autoscaling config that `ray up` leaves on the head node
 (cluster.yaml runs `python -m raydeq.training.capacity` there); a cluster without one is the
 nodes alive now.
 
