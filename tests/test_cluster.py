@@ -92,6 +92,23 @@ def test_the_worker_s3_policy_writes_only_the_runs_prefix_of_one_bucket():
     assert all(s["Effect"] == "Allow" for s in policy["Statement"])
 
 
+def test_the_readme_gives_a_shared_storage_to_the_experiments_that_store_in_runs_on_a_cluster():
+    """The README said the embedded-digits experiments run anywhere, but they store in `runs`
+    of the folder they run in, on a cluster the head node's own disk, and a trial on a GPU
+    node stopped at its first checkpoint; it names each such file and the shared folder."""
+    local = sorted(
+        path.stem
+        for path in (ROOT / "tune_configs").glob("*.yaml")
+        if "storage_path" not in yaml.safe_load(path.read_text())
+    )
+    assert local == ["digits", "digits_search", "mnist_dense", "mnist_mdeq", "mnist_search"]
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    start = readme.index("`mnist_dense` trains on the embedded")
+    sentence = readme[start:].split(". The other", 1)[0]
+    assert all(f"`{name}`" in sentence for name in local)
+    assert "head node's own disk" in sentence and "`--storage /mnt/shared/runs`" in sentence
+
+
 def test_the_readme_asks_for_the_gpu_instance_quota_that_the_gpu_nodes_need():
     """EC2 refuses a launch past the account's vCPU quota for G instances, which many
     accounts hold below one g5.12xlarge, and the trials waited for GPUs without a word: the
