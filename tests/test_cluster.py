@@ -160,6 +160,7 @@ def _iam_request(method: str, path: str, query: str) -> tuple[str, str, dict[str
     bucket, _, key = path.lstrip("/").partition("/")
     params = urllib.parse.parse_qs(query, keep_blank_values=True)
     if not key:
+        assert method in ("GET", "HEAD"), (method, query)  # ListObjectsV2, HeadBucket
         context = {"s3:prefix": params["prefix"][0]} if "prefix" in params else {}
         return "s3:ListBucket", f"arn:aws:s3:::{bucket}", context
     if method == "DELETE":
