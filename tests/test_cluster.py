@@ -220,6 +220,7 @@ def test_the_worker_s3_policy_allows_every_request_a_workers_write_to_the_runs_m
             stream.write(b"weights")
     finally:
         server.shutdown()
+        server.server_close()
     requests = [_iam_request(*r) for r in sent if r[1].startswith("/raydeq-bucket")]
     assert ("s3:ListBucket", "arn:aws:s3:::raydeq-bucket", {}) in requests
     refused = [r for r in requests if not _allows(policy, *r)]
