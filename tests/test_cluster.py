@@ -109,6 +109,28 @@ def test_the_readme_gives_a_shared_storage_to_the_experiments_that_store_in_runs
     assert "head node's own disk" in sentence and "`--storage /mnt/shared/runs`" in sentence
 
 
+def test_the_readmes_costs_count_the_reads_of_imagenet_from_efs():
+    """The cost estimate left out EFS's charge for reads in Elastic mode ($0.03 per GB), which
+    one ImageNet trial runs up reading its images from /mnt/shared (ImageNet's 1,281,167
+    training images are 147.9 GB, 115 kB each); it gives it for the experiment's steps and
+    batch, and what Bursting mode's baseline (50 kB/s per GB, reads metered at a third) reads."""
+    imagenet = spec.load("imagenet").trial_config({})
+    assert imagenet.data.data_dir.startswith("/mnt/shared/")
+    image = 147.9e9 / 1_281_167
+    read = imagenet.train.max_steps * imagenet.data.batch_size * image
+    baseline = 3 * 50e3 * 150  # bytes a second of reads for 150 GB stored
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    costs = readme.split("**What it costs**", 1)[1].split("**GCP or on-premises.**", 1)[0]
+    assert (
+        f"about ${round(read / 1e9 * 0.03, -1):.0f} for the {read / 1e12:.1f} TB that one "
+        f"ImageNet trial of {imagenet.train.max_steps:,} steps reads "
+        f"({imagenet.data.batch_size} images of {image / 1e3:.0f} kB on average a step)" in costs
+    )
+    assert (
+        f"about {baseline / 1e6:.0f} MB/s of them, some {round(baseline / image, -2):.0f}" in costs
+    )
+
+
 def test_the_readme_asks_for_the_gpu_instance_quota_that_the_gpu_nodes_need():
     """EC2 refuses a launch past the account's vCPU quota for G instances, which many
     accounts hold below one g5.12xlarge, and the trials waited for GPUs without a word: the
