@@ -17,6 +17,8 @@ from typing import NoReturn
 import torch
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.utils import parametrize
+from torch.nn.utils.parametrizations import _WeightNorm
 
 from raydeq.solvers import ADJOINTS, SOLVERS, SolveStats, Termination, solve
 from raydeq.solvers.adjoint import IMPLICIT_ADJOINTS, needs_gradient_beside
@@ -187,6 +189,39 @@ def check_modules(f: object, implicit: str | None) -> None:
         reason = _refusal(name, m, implicit)
         if reason is not None:
             raise ValueError(reason)
+
+
+def _parametrizations(module: nn.Module) -> list[tuple[nn.Module, str, nn.ModuleList]]:
+    """Each parametrized tensor of module's submodules: (submodule, name, parametrizations)."""
+    return [
+        (m, name, chain)
+        for m in module.modules()
+        if parametrize.is_parametrized(m)
+        for name, chain in m.parametrizations.items()
+    ]
+
+
+@contextmanager
+def weights_once(module: nn.Module, eager: bool) -> Iterator[None]:
+    """Within, each parametrized weight of module is the one computed on entry, in the
+    caller's grad mode, where all are weight norms (pure functions of their g and v) and f
+    runs eagerly: torch computed them again at every access, 6 of the 40 operations of an
+    evaluation of mnist_mdeq's f (12 of cifar10_large's 119), each a kernel launch on a GPU
+    (0.16 of about 8 ms on one CPU core, at batch 32).
+    Computed on entry, not at the first access, which may lie within the solve's no_grad and
+    would leave the gradient without them. Another parametrization (a spectral norm's power
+    iteration steps at each access) and compiled steps, which compute the weights within
+    their kernels, are as they were; the weights are computed anew at each forward pass,
+    after any optimizer step."""
+    tensors = _parametrizations(module)
+    weight_norms = all(len(c) == 1 and isinstance(c[0], _WeightNorm) for _, _, c in tensors)
+    if not (eager and tensors and weight_norms):
+        yield
+        return
+    with parametrize.cached():
+        for m, name, _ in tensors:
+            getattr(m, name)
+        yield
 
 
 def settings(**values: object) -> str:
@@ -644,7 +679,7 @@ class DEQ(OutputLayer):
         if self.training or implicit:
             check_modules(self.f, implicit)
         draw_new_masks(self)
-        with zero_state_hint(self.f, x):
+        with zero_state_hint(self.f, x), weights_once(self, self.compile_mode is False):
             return self._solve(x)
 
     def _image(self, fx: Callable[[State], State], z: State, stats: SolveStats) -> State:

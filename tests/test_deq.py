@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 from torch.fx.experimental.proxy_tensor import make_fx
+from torch.nn.utils import parametrize
 
 import raydeq
 from raydeq.deq import DEQ, LayerOutput, hutchinson_jacobian_loss, skip_loss
@@ -189,6 +190,69 @@ def test_multiscale_gradient_matches_unrolled_in_float64():
         grads[adjoint] = torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)])
     err = (grads["gmres"] - grads["unrolled"]).norm() / grads["unrolled"].norm()
     assert err < 1e-6, err
+
+
+class PerAccess(nn.Module):
+    """A weight norm computed at every access of its weight, as torch computes any
+    parametrization, the one a layer does not hold fixed for its forward pass."""
+
+    def __init__(self, norm: nn.Module) -> None:
+        super().__init__()
+        self.norm = norm
+
+    def forward(self, g: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The weight norm's weight of g and v."""
+        return self.norm(g, v)
+
+
+def computed_per_access(layer: DEQ) -> DEQ:
+    """A copy of layer whose weight norms are computed at every access."""
+    copied = copy.deepcopy(layer)
+    for m in copied.modules():
+        if parametrize.is_parametrized(m):
+            m.parametrizations.weight[0] = PerAccess(m.parametrizations.weight[0])
+    return copied
+
+
+@pytest.mark.parametrize("init", ["zeros", "skip_reg"])
+def test_weight_norms_are_computed_once_per_forward_pass_with_their_gradients(init):
+    """f's six weight norms are computed once per forward pass (they were at each of its
+    evaluations), in the caller's grad mode: in training mode with dropout, z* and every
+    gradient equal those of weight norms computed at every access (exactly for a vanilla DEQ;
+    Skip Reg.'s two uses of a weight, in f(0, x) and f(z*, x), add their gradients in another
+    order), also after an optimizer step, after a state dict is loaded and under no_grad."""
+    torch.manual_seed(0)
+    _, cell, _ = tiny_mdeq(dropout=0.2)
+    x = torch.randn(2, 4, 8, 8, dtype=torch.float64)
+    calls = []
+    for m in cell.modules():
+        if parametrize.is_parametrized(m):
+            m.parametrizations.weight[0].register_forward_hook(lambda *args: calls.append(1))
+    layer = DEQ(cell, init=init, max_steps=10, adjoint_options={"max_iters": 10})
+    initial = copy.deepcopy(layer.state_dict())
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.5)
+    exact = {"rtol": 0, "atol": 0} if init == "zeros" else {"rtol": 1e-12, "atol": 1e-15}
+    for step in range(4):
+        outs = []
+        for model in (layer, computed_per_access(layer)):
+            calls.clear()
+            torch.manual_seed(step)
+            with torch.set_grad_enabled(step < 3):
+                out = model(x)
+            if step < 3:
+                (out.z[0].sum() + out.z[1].square().sum() + out.skip_loss).backward()
+            outs.append((out, len(calls), dict(model.named_parameters())))
+        (out, once, params), (reference, every, reference_params) = outs
+        assert once == 6 and every >= 6 * reference.stats.nfe > 6 * 6, (once, every)
+        for a, b in zip(out.z, reference.z, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        for name, p in params.items():
+            torch.testing.assert_close(p.grad, reference_params[name].grad, **exact, msg=name)
+        if step == 0:
+            optimizer.step()
+        else:
+            layer.load_state_dict(initial)
+        optimizer.zero_grad()
 
 
 def test_skip_reg_guess_and_loss_train_f():
