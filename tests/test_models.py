@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from raydeq import DEQ, NeuralODE
 from raydeq.datasets import mnist10k
@@ -1106,6 +1107,36 @@ def test_the_multiscale_cell_is_mdeqs_residual_blocks_and_fusion():
         for c, s in zip(THREE_SCALES.channels, (7, 4, 2))
     ]
     got = cell(z, x)
+    for a, b in zip(got, reference_cell(cell, z, x), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+class Additions(TorchDispatchMode):
+    """Counts the aten additions dispatched while active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        """Count func if it adds, then run it."""
+        self.count += func.overloadpacket is torch.ops.aten.add
+        return func(*args, **(kwargs or {}))
+
+
+def test_each_fused_scale_adds_its_maps_without_copying_a_scale():
+    """A three-scale f adds with 10 additions per evaluation (the injection, three residuals,
+    two per fused scale): the fusion's sum() from 0 spent 13, each 0 + map a copy of a scale."""
+    torch.manual_seed(21)
+    cell = mdeq_parts(THREE_SCALES).cell.double()
+    x = torch.randn(2, 4, 7, 7, dtype=torch.float64)
+    z = [
+        torch.randn(2, c, s, s, dtype=torch.float64)
+        for c, s in zip(THREE_SCALES.channels, (7, 4, 2))
+    ]
+    with torch.no_grad(), Additions() as additions:
+        got = cell(z, x)
+    assert additions.count == 10
     for a, b in zip(got, reference_cell(cell, z, x), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 

@@ -5,8 +5,10 @@ and every further scale at half the previous resolution. Only group norm is used
 so a sample's equilibrium does not depend on the other samples in its batch.
 """
 
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import reduce
 
 import torch
 import torch.nn.functional as F
@@ -201,7 +203,8 @@ class MultiscaleCell(nn.Module):
         fused = []
         for i, row in enumerate(self.fuse):
             size = h[i].shape[-2:]
-            fused.append(sum(m(hj, size) for m, hj in zip(row, h)))
+            # Summed from the first map, not from sum()'s 0: a 0 + map copied a whole scale.
+            fused.append(reduce(operator.add, (m(hj, size) for m, hj in zip(row, h))))
         return [post(y) for post, y in zip(self.post_fuse, fused)]
 
 
