@@ -23,7 +23,7 @@ from torch.nn.utils.parametrizations import _WeightNorm
 from raydeq.solvers import ADJOINTS, SOLVERS, SolveStats, Termination, solve
 from raydeq.solvers.adjoint import IMPLICIT_ADJOINTS, needs_gradient_beside
 from raydeq.solvers.options import choice, flag, function, integer
-from raydeq.solvers.solve import check_compile, check_options
+from raydeq.solvers.solve import Solution, check_compile, check_options
 from raydeq.solvers.state import (
     State,
     Structure,
@@ -682,19 +682,23 @@ class DEQ(OutputLayer):
         with zero_state_hint(self.f, x), weights_once(self, self.compile_mode is False):
             return self._solve(x)
 
-    def _image(self, fx: Callable[[State], State], z: State, stats: SolveStats) -> State:
+    def _image(self, fx: Callable[[State], State], sol: Solution) -> State:
         """f(z*, x) for skip_loss, so that every adjoint measures the same loss on the same z*:
-        the z of an implicit or Jacobian-free adjoint, which attach z* through f; for an
-        unrolled one, whose z is z* itself, one more evaluation (counted in nfe, its VJP in
-        backward_nvjp). Without a graph (evaluation) z, z* for every adjoint, at no cost."""
-        if self.init == "zeros" or self.adjoint != "unrolled" or not torch.is_grad_enabled():
-            return z
-        stats.nfe += 1
-        image = fx(z)
+        the solve's image where it evaluated one (an implicit or Jacobian-free adjoint's z,
+        which attaches z* through f; an unrolled one's where a sample stayed at z0, whose z is
+        f(z0) there); else, for an unrolled one, whose z is z* itself, one more evaluation
+        (counted in nfe, its VJP in backward_nvjp). Without a graph (evaluation) z, z* for
+        every adjoint, at no cost."""
+        if self.init == "zeros" or not torch.is_grad_enabled():
+            return sol.z
+        if sol.image is not None:
+            return sol.image
+        sol.stats.nfe += 1
+        image = fx(sol.z)
         # One hook on the first part: under autocast the parts of a state may differ in dtype.
         first = _tensors(image)[0]
         if first.requires_grad:
-            first.register_hook(partial(_add_vjps, stats, 1))
+            first.register_hook(partial(_add_vjps, sol.stats, 1))
         return image
 
     def _unroll(
@@ -711,12 +715,10 @@ class DEQ(OutputLayer):
         stats = residual_stats(z_prev, z, self.termination, depth + extra_nfe, depth)
         return counting_vjps(z, stats, depth), stats
 
-    def _equilibrium(
-        self, fx: Callable[[State], State], start: State, extra_nfe: int
-    ) -> tuple[State, SolveStats]:
+    def _equilibrium(self, fx: Callable[[State], State], start: State, extra_nfe: int) -> Solution:
         """z* and its statistics from `solve`, started at `start` with the layer's settings."""
         t = self.termination
-        sol = solve(
+        return solve(
             fx,
             start,
             solver=self.solver,
@@ -731,7 +733,6 @@ class DEQ(OutputLayer):
             initial_nfe=extra_nfe,
             check_start=self.init != "zeros",
         )
-        return sol.z, sol.stats
 
     def _solve(self, x: Tensor) -> LayerOutput:
         """The forward pass."""
@@ -746,8 +747,8 @@ class DEQ(OutputLayer):
             z, stats = self._unroll(fx, start, extra_nfe)
             image = z
         else:
-            z, stats = self._equilibrium(fx, start, extra_nfe)
-            image = self._image(fx, z, stats)
+            sol = self._equilibrium(fx, start, extra_nfe)
+            z, stats, image = sol.z, sol.stats, self._image(fx, sol)
         if self.training and not _recomputing():
             self.step += 1
         zero = x.new_zeros(())

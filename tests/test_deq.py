@@ -141,8 +141,9 @@ def test_a_saturated_sample_s_tiny_gradient_costs_no_product_and_no_nan(adjoint)
         assert error < 1e-4, (b, float(error))
 
 
-def tiny_mdeq(dropout: float) -> tuple[nn.Module, nn.Module, nn.Module]:
-    """A float64 two-scale MDEQ small enough to converge to 1e-11 and to unroll."""
+def tiny_mdeq(dropout: float) -> tuple[nn.Module, nn.Module, nn.Module, nn.Module]:
+    """A float64 two-scale MDEQ small enough to converge to 1e-11 and to unroll: its stem,
+    cell, head and skip predictor."""
     cfg = MDEQConfig(
         channels=(4, 8),
         head_channels=(2, 4),
@@ -153,7 +154,7 @@ def tiny_mdeq(dropout: float) -> tuple[nn.Module, nn.Module, nn.Module]:
         dropout=dropout,
     )
     parts = mdeq_parts(cfg)
-    return parts.stem.double(), parts.cell.double(), parts.head.double()
+    return parts.stem.double(), parts.cell.double(), parts.head.double(), parts.skip.double()
 
 
 def test_multiscale_gradient_matches_unrolled_in_float64():
@@ -163,7 +164,7 @@ def test_multiscale_gradient_matches_unrolled_in_float64():
     unrolled derivative converges too; variational dropout keeps one mask for the whole solve.
     """
     torch.manual_seed(0)
-    stem, cell, head = tiny_mdeq(dropout=0.1)
+    stem, cell, head, _ = tiny_mdeq(dropout=0.1)
     images = torch.randn(2, 1, 8, 8, dtype=torch.float64)
     params = [*stem.parameters(), *cell.parameters(), *head.parameters()]
     grads = {}
@@ -1769,6 +1770,39 @@ def test_an_unrolled_layer_s_skip_loss_is_measured_at_f_of_z_star(init):
     out = DEQ(counting, adjoint="unrolled", **options)(x)
     out.skip_loss.backward()
     assert out.stats.backward_nvjp == counting.vjps - (init == "skip_reg")
+
+
+@pytest.mark.parametrize("init", ["skip", "skip_reg"])
+def test_an_unrolled_sample_that_stays_at_z0_has_the_skip_loss_of_f_of_z0(init):
+    """A sample whose z0 meets the tolerance stays there, and an unrolled solve returns it as
+    f(z0): its skip_loss term is |f(z0) - z0|, as JFB's on the same z*, not |f(f(z0)) - z0|
+    (on the tiny two-scale MDEQ whose z0 all meet the tolerance 0.7886 against 0.7849, with
+    an evaluation more), beside a sample that steps; every VJP of its backward is counted,
+    and dropping the output frees the step."""
+    stem, cell, _, predictor = tiny_mdeq(dropout=0.0)
+    skip = predictor if init == "skip" else None
+    g = torch.Generator().manual_seed(4)
+    x = stem(torch.randn(2, 1, 8, 8, dtype=torch.float64, generator=g)).detach()
+    with torch.no_grad():
+        z0 = skip(x) if init == "skip" else cell(cell.initial_state(x), x)
+        gap = torch.cat([(a - b).flatten(1) for a, b in zip(cell(z0, x), z0, strict=True)], 1)
+    residual = gap.norm(dim=1) / gap.shape[1] ** 0.5  # the RMS residual the solve tests
+    options = {"init": init, "skip": skip, "solver": "anderson", "reltol": 0.0}
+    options["abstol"] = float(residual.prod().sqrt())  # between the two samples' residuals
+    counting = VJPCounting(cell)
+    unrolled = DEQ(counting, adjoint="unrolled", **options)(x)
+    jfb = DEQ(cell, adjoint="jfb", **options)(x)
+    stays = int(residual.argmin())
+    torch.testing.assert_close(unrolled.z[0][stays], jfb.z[0][stays], rtol=0, atol=0)
+    assert not torch.equal(unrolled.z[0][1 - stays], jfb.z[0][1 - stays])
+    torch.testing.assert_close(unrolled.skip_loss, jfb.skip_loss, rtol=1e-12, atol=0)
+    assert unrolled.stats.nfe == jfb.stats.nfe
+    (sum(t.sum() for t in unrolled.z) + unrolled.skip_loss).backward()
+    assert unrolled.stats.backward_nvjp == counting.vjps - (init == "skip_reg")
+    stats = weakref.ref(unrolled.stats)
+    del unrolled
+    gc.collect()
+    assert stats() is None  # no cycle through autograd's graph holds the step
 
 
 def test_a_layer_s_repr_names_the_settings_it_solves_with():

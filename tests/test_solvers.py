@@ -1965,7 +1965,7 @@ def test_an_implicit_adjoint_of_no_linear_solver_instance_is_refused_where_it_is
     c = torch.tensor([[1.0, 2.0]], dtype=torch.float64, requires_grad=True)
     z_star = (c / 0.7).detach()
     stats = SolveStats(1, 1, torch.zeros(1), torch.ones(1, dtype=torch.bool), torch.zeros(1))
-    z = ImplicitAdjoint(GMRES(rtol=1e-12)).attach(lambda z: 0.3 * z + c, z_star, z_star, stats)
+    z, _ = ImplicitAdjoint(GMRES(rtol=1e-12)).attach(lambda z: 0.3 * z + c, z_star, z_star, stats)
     (grad,) = torch.autograd.grad(z.sum(), c)
     torch.testing.assert_close(grad, torch.full((1, 2), 1 / 0.7, dtype=torch.float64))
 

@@ -119,8 +119,9 @@ class ImplicitAdjoint:
 
     def attach(
         self, f: Map, z_star: torch.Tensor, z0: torch.Tensor, stats: SolveStats
-    ) -> torch.Tensor:
-        """Return f(z*) whose backward solves the adjoint system instead of differentiating f.
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return f(z*) whose backward solves the adjoint system instead of differentiating f,
+        as the attached z* and as f's image of z*.
 
         The hook sits on a view of f(z*) so that the VJPs it takes of f(z*) do not re-enter it.
         f is given a copy of z*, so that one changing its input in place is refused by the
@@ -135,7 +136,8 @@ class ImplicitAdjoint:
             fz = f(z_star.clone())
         tangent = self.tangent(f, z_star.detach(), fz, stats)
         if not needs_gradient_beside(fz, (z_star,)):
-            return with_tangent(fz.detach(), tangent)
+            out = with_tangent(fz.detach(), tangent)
+            return out, out
         z_out = fz.view_as(fz)
 
         def vjp(u: torch.Tensor) -> torch.Tensor:
@@ -164,7 +166,8 @@ class ImplicitAdjoint:
             return g
 
         z_out.register_hook(solve_adjoint)
-        return with_tangent(z_out, tangent)
+        out = with_tangent(z_out, tangent)
+        return out, out
 
     def tangent(
         self, f: Map, z_star: torch.Tensor, fz: torch.Tensor, stats: SolveStats
@@ -207,15 +210,16 @@ class JacobianFree:
 
     def attach(
         self, f: Map, z_star: torch.Tensor, z0: torch.Tensor, stats: SolveStats
-    ) -> torch.Tensor:
-        """Return f(z*) backpropagated through one application of f; the counting hook sits
-        on a view, so that an f returning a tensor it closes over leaves that tensor unhooked."""
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return f(z*) backpropagated through one application of f, as the attached z* and
+        as f's image of z*; the counting hook sits on a view, so that an f returning a tensor
+        it closes over leaves that tensor unhooked."""
         with torch.enable_grad():
             z_out = f(z_star.detach())
         if z_out.requires_grad:
             z_out = z_out.view_as(z_out)
             z_out.register_hook(lambda v: _count(stats, 1, v))
-        return z_out
+        return z_out, z_out
 
 
 class Unrolled:
@@ -248,20 +252,25 @@ class Unrolled:
 
     def attach(
         self, f: Map, z_star: torch.Tensor, z0: torch.Tensor, stats: SolveStats
-    ) -> torch.Tensor:
-        """Return z* as the solver left it; the VJPs its backward takes are counted in stats.
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Return z* as the solver left it, and f's image of z* where it evaluated one (else
+        None); the VJPs its backward takes are counted in stats.
         The samples whose z* is still z0 (met the tolerance there, or never improved on it),
         which no step reaches, and a batch of no samples, which takes no step, are f(z*)
         instead (one more evaluation, counted in stats.nfe): without it their backward reached
         f's parameters through no evaluation, and a batch without a graph failed in autograd
         ("element 0 of tensors does not require grad") or, on the paths that select each
-        step's samples, gave zero gradients; now each gives one evaluation's, in any batch."""
+        step's samples, gave zero gradients; now each gives one evaluation's, in any batch.
+        That evaluation, of every sample, is the image: kept on the adjoint, which the graph's
+        counting hooks hold, it would close a cycle through autograd's graph that no garbage
+        collection frees."""
         self.stats = stats
         stayed = (z_star == z0).all(dim=1, keepdim=True)
         if z_star.shape[0] > 0 and not bool(stayed.any()):
-            return z_star
+            return z_star, None
         stats.nfe += 1
-        return torch.where(stayed, f(z_star), z_star)
+        image = f(z_star)
+        return torch.where(stayed, image, z_star), image
 
 
 def in_dual_level() -> bool:

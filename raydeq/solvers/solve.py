@@ -46,10 +46,13 @@ class Solution:
     """The fixed point (structured like z0) and the statistics of the solve: z* itself, or
     where the solve attaches it to the graph through f (grad mode, an implicit or Jacobian-free
     adjoint, or an unrolled one for a sample whose z* is still z0) f(z*), one evaluation past
-    it; stats.residual and stats.converged are z*'s."""
+    it; stats.residual and stats.converged are z*'s. `image` is f(z*) of every sample with its
+    graph where the solve evaluated it (z itself for an implicit or Jacobian-free adjoint),
+    else None."""
 
     z: State
     stats: SolveStats
+    image: State | None = None
 
 
 # Steady-state step control, per continuous solver. A steady state needs each step to be a
@@ -331,13 +334,17 @@ def solve(
         nfe += monitor.remeasure(f_flat)
     spent = backward.evaluations if attach else 0
     stats = SolveStats.from_monitor(monitor, initial_nfe + nfe + spent, steps)
+    image = None
     with own_precision():
         z_star = monitor.best_z
         if attach:
-            z_star = backward.attach(f_flat, z_star, start, stats)
+            z_star, image = backward.attach(f_flat, z_star, start, stats)
         elif dual and not tangents:
             z_star = tangent_without_graph(backward, f_flat, z_star, stats)
-    return Solution(structure.unflatten(z_star.to(structure.dtype)), stats)
+    z = structure.unflatten(z_star.to(structure.dtype))
+    if image is not None:
+        image = z if image is z_star else structure.unflatten(image.to(structure.dtype))
+    return Solution(z, stats, image)
 
 
 def _check_arguments(
