@@ -50,7 +50,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from raydeq import deq, models, train, tune
 from raydeq.experiments import results
 from raydeq.experiments.run import SETTINGS_FILE
+from raydeq.models.mdeq import MDEQConfig, mdeq_parts
 from raydeq.solvers import Status, adjoint, driver
+from raydeq.solvers.state import Structure
 from raydeq.training import (
     checkpoint,
     config,
@@ -1948,63 +1950,148 @@ def _implicit_gradients(
     model: nn.Module,
     images: torch.Tensor,
     labels: torch.Tensor,
-    z_star: torch.Tensor,
+    z_star: deq.State,
     weights: dict[str, float],
+    probe: torch.Tensor,
 ) -> list[torch.Tensor]:
-    """The objective's gradient in every parameter by the implicit function theorem: the
-    explicit terms at a constant z*, plus (df/dtheta)^T (I - J)^-T dL/dz* with J the dense
-    Jacobian of f over the whole batch at z*; the Jacobian term at z* held constant."""
-    params = list(model.parameters())
+    """The objective's gradient in every parameter and in the images by the implicit function
+    theorem: the explicit terms at a constant z*, plus (df/dtheta)^T (I - J)^-T dL/dz* with J
+    the dense Jacobian of f over the whole batch's flattened state at z*; the Jacobian term at
+    z* held constant, its probe drawn from the random state `probe`, as the forward pass's."""
+    images = images.detach().requires_grad_()
+    inputs = [*model.parameters(), images]
     layer, x = model.layer, model.stem(images)
-    z = z_star.detach().requires_grad_()
+    structure = Structure.of(z_star)
+    flat_star = structure.flatten(z_star).detach()
+    flat = flat_star.clone().requires_grad_()
+    z = structure.unflatten(flat)
     loss = nn.functional.cross_entropy(model.head(z), labels)
     if layer.init != "zeros":  # z0: the predictor's, or Skip Reg.'s one step from zero
         z0 = layer.skip(x) if layer.init == "skip" else layer.f(deq.initial_state(layer.f, x), x)
         loss = loss + weights["lambda_skip"] * deq.skip_loss(layer.f(z, x), z0)
-    torch.manual_seed(1)  # the forward pass's probe, drawn after a solve that draws nothing
-    jac = deq.hutchinson_jacobian_loss(lambda v: layer.f(v, x), z_star.detach())
+    torch.set_rng_state(probe)
+    jac = deq.hutchinson_jacobian_loss(lambda v: layer.f(v, x), structure.unflatten(flat_star))
     loss = loss + weights["lambda_jac"] * jac
-    *explicit, v = torch.autograd.grad(loss, [*params, z], retain_graph=True, allow_unused=True)
-    n = z_star.numel()
+    *explicit, v = torch.autograd.grad(loss, [*inputs, flat], retain_graph=True, allow_unused=True)
+    n = flat_star.numel()
     jacobian = torch.autograd.functional.jacobian(
-        lambda u: layer.f(u.reshape(z_star.shape), x).reshape(-1), z_star.detach().reshape(-1)
-    )
-    g = torch.linalg.solve((torch.eye(n, dtype=z.dtype) - jacobian).T, v.reshape(-1))
-    through = torch.autograd.grad(
-        layer.f(z_star.detach(), x), params, g.reshape(z_star.shape), allow_unused=True
-    )
-    zero = torch.zeros((), dtype=z.dtype)
+        lambda u: structure.flatten(layer.f(structure.unflatten(u.view_as(flat_star)), x.detach())),
+        flat_star,
+        vectorize=True,
+    ).reshape(n, n)
+    g = torch.linalg.solve((torch.eye(n, dtype=v.dtype) - jacobian).T, v.reshape(-1))
+    image = structure.flatten(layer.f(structure.unflatten(flat_star), x))
+    through = torch.autograd.grad(image, inputs, g.view_as(flat_star), allow_unused=True)
+    zero = torch.zeros((), dtype=v.dtype)
     return [
         (e if e is not None else zero) + (t if t is not None else zero)
         for e, t in zip(explicit, through, strict=True)
     ]
 
 
+def _recording_probes(monkeypatch: pytest.MonkeyPatch) -> dict[str, torch.Tensor]:
+    """Where the layer estimates its Jacobian term, the random state its probe is drawn from
+    (after the dropout masks the forward pass draws), under "probe"."""
+    recorded, estimate = {}, deq.hutchinson_jacobian_loss
+
+    def recording(f: Callable, z: deq.State) -> torch.Tensor:
+        recorded["probe"] = torch.get_rng_state()
+        return estimate(f, z)
+
+    monkeypatch.setattr(deq, "hutchinson_jacobian_loss", recording)
+    return recorded
+
+
 @pytest.mark.parametrize("variant", ["vanilla", "skip", "skip_reg"])
 @pytest.mark.parametrize("lambda_skip", [0.0, 1.0])
 def test_the_objective_s_gradient_in_every_parameter_is_the_implicit_function_theorem_s(
-    variant, lambda_skip
+    variant, lambda_skip, monkeypatch
 ):
     """The training objective (cross-entropy + lambda_skip skip_loss + lambda_jac jac_loss)
     of mnist_dense in float64, solved to 1e-11, has in every parameter (stem, f, predictor,
-    head) the gradient of the implicit function theorem with a dense Jacobian, skip_loss
-    reaching the predictor or f(0, x) through z0 and f through z*, and the Jacobian term at
-    z* held constant (its documented gradient); at lambda_skip = 0 the predictor gets 0."""
+    head) and in the images the gradient of the implicit function theorem with a dense
+    Jacobian, skip_loss reaching the predictor or f(0, x) through z0 and f through z*, and the
+    Jacobian term at z* held constant (its documented gradient); at lambda_skip = 0 the
+    predictor gets 0."""
     options = {"abstol": 1e-11, "reltol": 1e-11, "max_steps": 2000, "jac_reg": True}
     options["adjoint_options"] = {"rtol": 1e-13, "max_iters": 200}
     torch.manual_seed(0)
     model = models.build({"model": "mnist_dense", "variant": variant, **options}).double()
     images, labels = torch.randn(3, 784, dtype=torch.float64), torch.tensor([0, 4, 9])
     weights = {"lambda_skip": lambda_skip, "lambda_jac": 0.5}
-    torch.manual_seed(1)
+    recorded = _recording_probes(monkeypatch)
+    images.requires_grad_()
     logits, out = model(images)
     loss = objective.Objective(**weights)(logits, labels, out)
-    grads = torch.autograd.grad(loss, list(model.parameters()))
-    expected = _implicit_gradients(model, images, labels, out.z, weights)
-    for (name, _), got, want in zip(model.named_parameters(), grads, expected, strict=True):
+    grads = torch.autograd.grad(loss, [*model.parameters(), images])
+    expected = _implicit_gradients(model, images, labels, out.z, weights, recorded["probe"])
+    names = [name for name, _ in model.named_parameters()] + ["images"]
+    for name, got, want in zip(names, grads, expected, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-11, msg=name)
         if name.startswith("layer.skip.") and lambda_skip == 0.0:
             assert not got.any(), name
+
+
+# A float64 two-scale MDEQ on 8 x 8 images: a state of 4 x 8 x 8 and 8 x 4 x 4 per sample.
+TINY_MDEQ = MDEQConfig(
+    channels=(4, 8),
+    head_channels=(2, 4),
+    final_channels=8,
+    in_channels=1,
+    expansion=2,
+    groups=2,
+    dropout=0.3,
+)
+
+
+@pytest.mark.parametrize(
+    ("variant", "solver", "mode"),
+    [("vanilla", "bs3", "train"), ("skip", "broyden", "train"), ("skip_reg", "euler", "train")]
+    + [("skip", "anderson", "eval")],
+)
+def test_a_multiscale_objective_s_gradient_is_the_implicit_function_theorem_s(
+    variant, solver, mode, monkeypatch
+):
+    """The objective of a two-scale MDEQ (group norms, weight norm, up- and down-sampling,
+    variational dropout) in float64, solved to 1e-10 and differentiated by GMRES, has in every
+    parameter (stem, cell, predictor, head) and in the images the gradient of the implicit
+    function theorem with a dense Jacobian of f over the flattened two-part state of the
+    batch: in training mode with the dropout masks of the forward pass, which its backward
+    keeps, and the Jacobian term, in evaluation mode without either."""
+    torch.manual_seed(0)
+    stem, cell, head, skip = (part.double() for part in mdeq_parts(TINY_MDEQ))
+    with torch.no_grad():
+        for post in cell.post_fuse:  # gains of 0.05: f nearly contracts, 60 to 300 evaluations
+            post[-1].weight.mul_(0.05)
+    init = {"vanilla": "zeros", "skip": "skip", "skip_reg": "skip_reg"}[variant]
+    layer = deq.DEQ(
+        cell,
+        init=init,
+        skip=skip if init == "skip" else None,
+        solver=solver,
+        abstol=1e-10,
+        reltol=0.0,
+        max_steps=1000,
+        jac_reg=True,
+        adjoint_options={"rtol": 1e-13, "restart": 100, "max_iters": 100},
+    )
+    model = models.EquilibriumClassifier(stem, layer, head).train(mode == "train")
+    images = torch.randn(2, 1, 8, 8, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([3, 7])
+    weights = {"lambda_skip": 1.0, "lambda_jac": 0.5}
+    recorded = _recording_probes(monkeypatch)
+    logits, out = model(images)
+    loss = objective.Objective(**weights)(logits, labels, out)
+    grads = torch.autograd.grad(loss, [*model.parameters(), images])
+    assert bool(out.stats.converged.all()) and bool(out.stats.backward_converged.all())
+    weights["lambda_jac"] *= mode == "train"
+    probe = recorded.get("probe", torch.get_rng_state())
+    expected = _implicit_gradients(model, images, labels, out.z, weights, probe)
+    names = [name for name, _ in model.named_parameters()] + ["images"]
+    for name, got, want in zip(names, grads, expected, strict=True):
+        # z* is within 1e-10: the gradient carries a relative error of about that order
+        assert float((got - want).norm()) <= 1e-8 * float(want.norm()), name
+        assert float(want.norm()) > 0, name
 
 
 def test_the_loss_of_bfloat16_logits_is_their_cross_entropy_in_float32():
