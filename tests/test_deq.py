@@ -256,6 +256,63 @@ def test_weight_norms_are_computed_once_per_forward_pass_with_their_gradients(in
         optimizer.zero_grad()
 
 
+@pytest.mark.parametrize("init", ["zeros", "skip", "skip_reg"])
+@pytest.mark.parametrize("solver", ["fixed_point", "euler"])
+def test_an_unrolled_multiscale_layer_differentiates_its_steps_written_out(init, solver):
+    """12 steps of fixed-point iteration damped by 0.5, or Euler's at a fixed h = 0.5 (the same
+    map, one evaluation more), on the two-scale MDEQ in training mode (dropout 0.3): the
+    unrolled layer's z* (each sample's iterate of least residual) and the gradient of the
+    head's loss plus skip_loss in every parameter and in the images are those of the steps
+    written out from z0 cut from the graph, with the masks of the forward pass; backward_nvjp
+    counts the evaluations the backward passes through."""
+    torch.manual_seed(0)
+    stem, cell, head, predictor = tiny_mdeq(dropout=0.3)
+    images = torch.randn(2, 1, 8, 8, dtype=torch.float64, requires_grad=True)
+    steps = 12
+    options = {"damping": 0.5} if solver == "fixed_point" else {"kind": "fixed", "h0": 0.5}
+    skip = predictor if init == "skip" else None
+    layer = DEQ(
+        cell,
+        init=init,
+        skip=skip,
+        solver=solver,
+        adjoint="unrolled",
+        abstol=1e-30,
+        reltol=0.0,
+        max_steps=steps,
+        solver_options=options,
+    )
+    params = [*stem.parameters(), *cell.parameters(), *head.parameters(), *predictor.parameters()]
+    out = layer(stem(images))
+    got = torch.autograd.grad(
+        head(out.z).square().sum() + out.skip_loss,
+        [*params, images],
+        allow_unused=True,
+        materialize_grads=True,
+    )
+
+    x = stem(images)
+    zeros = cell.initial_state(x)
+    z0 = {"zeros": zeros, "skip": predictor(x), "skip_reg": cell(zeros, x)}[init]
+    z, points, residuals = [t.detach() for t in z0], [], []
+    for _ in range(steps + (solver == "euler")):
+        fz = cell(z, x)
+        points.append(z)
+        residuals.append(torch.cat([(a - b).flatten(1) for a, b in zip(fz, z)], 1).norm(dim=1))
+        z = [a + 0.5 * (b - a) for a, b in zip(z, fz)]
+    best = torch.stack(residuals).argmin(dim=0)
+    z_star = [torch.stack([points[k][i][b] for b, k in enumerate(best.tolist())]) for i in range(2)]
+    loss = head(z_star).square().sum()
+    if init != "zeros":
+        loss = loss + skip_loss(cell(z_star, x), z0)
+    want = torch.autograd.grad(loss, [*params, images], allow_unused=True, materialize_grads=True)
+    for a, b in zip(out.z, z_star, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
+    assert out.stats.backward_nvjp == int(best.max()) + (init != "zeros")
+
+
 def test_skip_reg_guess_and_loss_train_f():
     """skip_loss = mean |z* - f(0, x)|; its gradient in W1, W2 is the IFT term minus f(0, x)'s."""
     f, x = dense_cell(2)
