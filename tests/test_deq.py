@@ -229,7 +229,7 @@ def test_weight_norms_are_computed_once_per_forward_pass_with_their_gradients(in
     Skip Reg.'s two uses of a weight, in f(0, x) and f(z*, x), add their gradients in another
     order), also after an optimizer step, after a state dict is loaded and under no_grad."""
     torch.manual_seed(0)
-    _, cell, _ = tiny_mdeq(dropout=0.2)
+    _, cell, *_ = tiny_mdeq(dropout=0.2)
     x = torch.randn(2, 4, 8, 8, dtype=torch.float64)
     calls = []
     for m in cell.modules():
