@@ -680,6 +680,30 @@ def test_an_hparams_entry_whose_write_failed_is_written_by_the_next_report(tmp_p
     assert values == {"trial": "a", "optim.lr": 0.25}
 
 
+def test_an_hparams_entry_gains_a_setting_that_trials_finished_since_vary(tmp_path):
+    """A report while trial b runs (`--report`) finds the solver the same in a and b and
+    writes a's entry without it; once c, which drew euler, has finished, a's entry is written
+    again with its solver, where the HParams tab left a's solver blank (and a filter on the
+    solver hid a) for good. An entry whose settings did not change is left alone."""
+    a = {"trial": "a", "completed": True, "config.optim.lr": 0.25, "test_accuracy": 0.75}
+    a |= {"config.model.solver": "vcab3"}
+    b = {"trial": "b", "completed": False, "config.optim.lr": 0.5, "config.model.solver": "vcab3"}
+    c = {"trial": "c", "completed": True, "config.optim.lr": 0.125, "test_accuracy": 0.5}
+    c |= {"config.model.solver": "euler"}
+    early = [a, b]
+    assert hparams.write(str(tmp_path), early, pareto.varying(early)) == 1
+    assert _hparams_entry(tmp_path / hparams.FOLDER / "a")[1] == {"trial": "a", "optim.lr": 0.25}
+    later = [a, b | {"completed": True}, c]
+    assert hparams.write(str(tmp_path), later, pareto.varying(later)) == 3
+    assert len(list((tmp_path / hparams.FOLDER / "a").iterdir())) == 1
+    assert _hparams_entry(tmp_path / hparams.FOLDER / "a") == (
+        {"hparam/test_accuracy": 0.75},
+        {"trial": "a", "optim.lr": 0.25, "model.solver": "vcab3"},
+    )
+    assert _hparams_tab(tmp_path)["model.solver"] == ("DATA_TYPE_STRING", ["euler", "vcab3"])
+    assert hparams.write(str(tmp_path), later, pareto.varying(later)) == 0
+
+
 def _hparams_tab(logdir: Path) -> dict[str, object]:
     """What TensorBoard's HParams tab shows for `logdir`: each setting's type and range (or
     values), and the measures, as its backend works them out from the event files."""

@@ -4,6 +4,8 @@ experiment's `tensorboard --logdir` shows it next to the trials' runs."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -23,20 +25,34 @@ def _hparam(value: Any) -> bool | int | float | str:
     return value if isinstance(value, bool | int | float | str) else str(value)
 
 
-def _event_files(row: Mapping[str, Any], settings: Sequence[str]) -> dict[str, bytes]:
-    """The TensorBoard files of one trial's HParams entry, by name.
+def _settings(row: Mapping[str, Any], settings: Sequence[str]) -> dict[str, Any]:
+    """The settings of one trial's HParams entry: its name and its values of `settings`.
 
     A setting the trial does not have (None: a conditional dimension it did not draw) is left
-    out rather than written as text, which would make the column text for every trial. No
-    trial writes the experiment's summary: TensorBoard takes the first one it finds for the
-    whole tab, so one trial's types and measures stood for all; without it, TensorBoard
-    derives the columns, their types and ranges from every trial's entry.
+    out rather than written as text, which would make the column text for every trial.
     """
-    given = {"trial": row["trial"]} | {
+    return {"trial": row["trial"]} | {
         key.removeprefix("config."): _hparam(row[key])
         for key in settings
         if row.get(key) is not None
     }
+
+
+def _file_name(given: Mapping[str, Any]) -> str:
+    """The name of an entry's event file, which holds a digest of its settings: a report that
+    finds a setting varying that did not when the entry was written (a trial finished since
+    drew another solver) writes the entry again, where it kept the column blank for good."""
+    digest = hashlib.sha256(json.dumps(given, sort_keys=True).encode()).hexdigest()[:16]
+    return f"events.out.tfevents.hparams.{digest}"
+
+
+def _event_file(row: Mapping[str, Any], given: Mapping[str, Any]) -> bytes:
+    """The TensorBoard events of one trial's HParams entry: its settings `given` and measures.
+
+    No trial writes the experiment's summary: TensorBoard takes the first one it finds for the
+    whole tab, so one trial's types and measures stood for all; without it, TensorBoard
+    derives the columns, their types and ranges from every trial's entry.
+    """
     metrics = {
         f"hparam/{name}": float(row[name])
         for name in MEASURES
@@ -45,32 +61,35 @@ def _event_files(row: Mapping[str, Any], settings: Sequence[str]) -> dict[str, b
     from torch.utils.tensorboard import SummaryWriter  # a report's alone: not on every import
     from torch.utils.tensorboard.summary import hparams
 
-    _, start, end = hparams(given, metrics)
+    _, start, end = hparams(dict(given), metrics)
     with tempfile.TemporaryDirectory() as folder:
         with SummaryWriter(folder) as writer:
             writer.file_writer.add_summary(start)
             writer.file_writer.add_summary(end)
             for tag, value in metrics.items():
                 writer.add_scalar(tag, value)
-        return {p.name: p.read_bytes() for p in Path(folder).iterdir() if p.is_file()}
-
-
-def _written(folder: str) -> bool:
-    """Whether a trial's entry is there: a folder that a failed write left empty is not."""
-    fs, inner = filesystem(folder)
-    found = fs.get_file_info(pyarrow.fs.FileSelector(inner, allow_not_found=True))
-    return any(i.type == pyarrow.fs.FileType.File for i in found)
+        (written,) = (p for p in Path(folder).iterdir() if p.is_file())
+        return written.read_bytes()
 
 
 def write(path: str, rows: Sequence[Mapping[str, Any]], settings: Sequence[str]) -> int:
-    """Write the HParams entry of each finished trial that has none yet (a rebuild or a resumed
-    search adds the new ones only); returns how many were written."""
+    """Write the HParams entry of each finished trial that has none yet (its folder empty where
+    a write failed), or one of other settings (a rebuild or a resumed search adds the new ones
+    and rewrites those whose columns changed); returns how many were written."""
     written = 0
     for row in rows:
-        folder = f"{path}/{FOLDER}/{row['trial']}"
-        if not row.get("completed") or _written(folder):
+        if not row.get("completed"):
             continue
-        for name, payload in _event_files(row, settings).items():
-            write_bytes(f"{folder}/{name}", payload)
+        folder = f"{path}/{FOLDER}/{row['trial']}"
+        given = _settings(row, settings)
+        name = _file_name(given)
+        fs, inner = filesystem(folder)
+        found = fs.get_file_info(pyarrow.fs.FileSelector(inner, allow_not_found=True))
+        held = [i.path for i in found if i.type == pyarrow.fs.FileType.File]
+        if [Path(p).name for p in held] == [name]:
+            continue
+        for stale in held:  # before the new one: a stop between leaves no second entry
+            fs.delete_file(stale)
+        write_bytes(f"{folder}/{name}", _event_file(row, given))
         written += 1
     return written
