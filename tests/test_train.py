@@ -43,6 +43,7 @@ from tensorboard.backend.event_processing import data_provider, plugin_event_mul
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 from tensorboard.context import RequestContext
+from tensorboard.data.provider import RunTagFilter
 from tensorboard.util import tensor_util
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -3735,6 +3736,40 @@ def test_every_tensorboard_scalar_says_what_it_measures_and_in_which_unit(tmp_pa
         for value in event.summary.value
     ]
     assert again == [described["lr"], ""]
+
+
+def test_a_neural_odes_unconverged_fraction_says_beside_its_chart_why_it_is_1(tmp_path):
+    """A Neural ODE's z(t1) is no steady state, so its training unconverged_fraction is 1 at
+    every step; its description said only 'whose forward solve missed the tolerance', which
+    read as a Neural ODE that never converged beside the DEQs' curves near 0."""
+    cfg = validate(
+        {
+            "name": "run",
+            "storage_path": str(tmp_path),
+            "model": {"variant": "neural_ode", "adjoint": "continuous"},
+            "train": {"epochs": 1, "max_steps": 1, "report_every": 1, "eval_batches": 1},
+        }
+    )
+    loop.Loop(cfg, FolderSession(tmp_path / "run")).run()
+    folder = Path(cfg.run_dir, reporting.TENSORBOARD_DIR)
+    multiplexer = plugin_event_multiplexer.EventMultiplexer()
+    multiplexer.AddRunsFromDirectory(str(folder))
+    multiplexer.Reload()
+    provider = data_provider.MultiplexerDataProvider(multiplexer, str(folder))
+    context = RequestContext()
+    (series,) = provider.list_scalars(context, experiment_id="", plugin_name="scalars").values()
+    ((points,),) = (
+        by_tag.values()
+        for by_tag in provider.read_scalars(
+            context,
+            experiment_id="",
+            plugin_name="scalars",
+            downsample=10,
+            run_tag_filter=RunTagFilter(tags=["unconverged_fraction"]),
+        ).values()
+    )
+    assert [(point.step, point.value) for point in points] == [(1, 1.0)]
+    assert "a Neural ODE's is near 1" in series["unconverged_fraction"].description
 
 
 def record_threads_and_train(config: dict) -> None:

@@ -69,7 +69,8 @@ DESCRIPTIONS = {
     "residual": "RMS of f(z) - z at the iterate each sample's forward solve returned, mean over "
     "rank 0's share of the batch",
     "unconverged_fraction": "fraction (0 to 1) of rank 0's share of the batch whose forward "
-    "solve missed the tolerance",
+    "solve missed the tolerance (a Neural ODE's is near 1, as its z(t1) is no steady state: "
+    "compare its test_unconverged_fraction)",
     "backward_unconverged_fraction": "fraction (0 to 1) of rank 0's share of the batch whose "
     "backward linear solve did not converge",
     "images_per_second": "training images a second: the batch over the whole step's time "
