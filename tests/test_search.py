@@ -34,6 +34,7 @@ from test_tune import (
 from raydeq import tune as rt
 from raydeq.experiments import hparams, pareto, results, run, search, spec
 from raydeq.experiments.figures import LOG_SPAN, subplots
+from raydeq.training import reporting
 from raydeq.training.config import COSTS, METRICS, ConfigError, parse_overrides
 
 SEARCH = {
@@ -702,6 +703,37 @@ def test_an_hparams_entry_gains_a_setting_that_trials_finished_since_vary(tmp_pa
     )
     assert _hparams_tab(tmp_path)["model.solver"] == ("DATA_TYPE_STRING", ["euler", "vcab3"])
     assert hparams.write(str(tmp_path), later, pareto.varying(later)) == 0
+
+
+def test_each_hparams_measure_says_what_it_measures_and_in_which_unit(tmp_path):
+    """The entries' measures are scalars of the experiment's TensorBoard too, each beside its
+    chart with no description: hparam/train_time, a tag that no run writes, said neither that
+    it is seconds per training step nor of which passes; each now says, as the runs' do."""
+    rows = [{"trial": "a", "completed": True, "config.optim.lr": 0.25, "test_accuracy": 0.75}]
+    rows[0] |= {"test_top5_accuracy": 1.0, "test_nfe": 12.0, "train_time": 0.5}
+    assert hparams.write(str(tmp_path), rows, ["config.optim.lr"]) == 1
+    multiplexer = plugin_event_multiplexer.EventMultiplexer()
+    multiplexer.AddRunsFromDirectory(str(tmp_path))
+    multiplexer.Reload()
+    provider = data_provider.MultiplexerDataProvider(multiplexer, str(tmp_path))
+    (series,) = provider.list_scalars(
+        tb_context.RequestContext(), experiment_id="", plugin_name="scalars"
+    ).values()
+    described = {tag: found.description for tag, found in series.items()}
+    assert described["hparam/train_time"] == (
+        "the trial's mean over its training steps: seconds per training step, the forward "
+        "and backward passes (forward_time + backward_time)"
+    )
+    last = "the trial's last evaluation: "
+    assert described["hparam/test_accuracy"] == last + reporting.DESCRIPTIONS["test_accuracy"]
+    assert described["hparam/test_nfe"] == last + reporting.DESCRIPTIONS["test_nfe"]
+    assert "fraction (0 to 1)" in described["hparam/test_top5_accuracy"]
+    assert _hparams_entry(tmp_path / hparams.FOLDER / "a")[0] == {
+        "hparam/test_accuracy": 0.75,
+        "hparam/test_top5_accuracy": 1.0,
+        "hparam/test_nfe": 12.0,
+        "hparam/train_time": 0.5,
+    }
 
 
 def _hparams_tab(logdir: Path) -> dict[str, object]:

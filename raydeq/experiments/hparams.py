@@ -14,6 +14,8 @@ from typing import Any
 
 import pyarrow.fs
 
+from raydeq.training.eventlog import EventLog
+from raydeq.training.reporting import DESCRIPTIONS
 from raydeq.training.storage import filesystem, write_bytes
 
 FOLDER = "hparams"
@@ -58,18 +60,29 @@ def _event_file(row: Mapping[str, Any], given: Mapping[str, Any]) -> bytes:
         for name in MEASURES
         if row.get(name) is not None and math.isfinite(row[name])
     }
-    from torch.utils.tensorboard import SummaryWriter  # a report's alone: not on every import
-    from torch.utils.tensorboard.summary import hparams
+    from torch.utils.tensorboard.summary import hparams  # a report's: not on every import
 
     _, start, end = hparams(dict(given), metrics)
     with tempfile.TemporaryDirectory() as folder:
-        with SummaryWriter(folder) as writer:
-            writer.file_writer.add_summary(start)
-            writer.file_writer.add_summary(end)
-            for tag, value in metrics.items():
-                writer.add_scalar(tag, value)
+        log = EventLog(folder)
+        log.writer.file_writer.add_summary(start)
+        log.writer.file_writer.add_summary(end)
+        log.add_scalars(metrics, 0, _description)
+        log.close()
         (written,) = (p for p in Path(folder).iterdir() if p.is_file())
         return written.read_bytes()
+
+
+def _description(tag: str) -> str:
+    """What an entry's measure is, shown beside its chart as the runs' scalars are: the last
+    evaluation's test metrics, and train_time, which no run writes, in seconds per step."""
+    name = tag.removeprefix("hparam/")
+    if name == "train_time":
+        return (
+            "the trial's mean over its training steps: seconds per training step, the forward "
+            "and backward passes (forward_time + backward_time)"
+        )
+    return f"the trial's last evaluation: {DESCRIPTIONS[name]}"
 
 
 def write(path: str, rows: Sequence[Mapping[str, Any]], settings: Sequence[str]) -> int:
