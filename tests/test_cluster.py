@@ -42,6 +42,9 @@ CLUSTER = yaml.safe_load((ROOT / "cluster.yaml").read_text())
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 DLAMI = "resolve:ssm:/aws/service/deeplearning/ami/x86_64/base-oss-nvidia-driver-gpu-ubuntu-"
 # What `ray up` fills in for cluster.yaml's instance types (AWS's instance type table).
+# The cluster's shared runs and data folders, as the experiments that store there name them.
+IMAGENET = yaml.safe_load((ROOT / "tune_configs" / "imagenet.yaml").read_text())
+SHARED_RUNS, IMAGENET_DATA = IMAGENET["storage_path"], IMAGENET["data"]["data_dir"]
 FILLED = {"head": {"CPU": 8}, "gpu_worker": {"CPU": 48, "GPU": 4}}
 EMPTY_LISTS = (
     *("initialization_commands", "setup_commands", "head_setup_commands"),
@@ -106,16 +109,16 @@ def test_the_readme_gives_a_shared_storage_to_the_experiments_that_store_in_runs
     start = readme.index("`mnist_dense` trains on the embedded")
     sentence = readme[start:].split(". The other", 1)[0]
     assert all(f"`{name}`" in sentence for name in local)
-    assert "head node's own disk" in sentence and "`--storage /mnt/shared/runs`" in sentence
+    assert "head node's own disk" in sentence and f"`--storage {SHARED_RUNS}`" in sentence
 
 
 def test_the_readmes_costs_count_the_reads_of_imagenet_from_efs():
     """The cost estimate left out EFS's charge for reads in Elastic mode ($0.03 per GB), which
-    one ImageNet trial runs up reading its images from /mnt/shared (ImageNet's 1,281,167
+    one ImageNet trial runs up reading its images from the shared file system (ImageNet's 1,281,167
     training images are 147.9 GB, 115 kB each); it gives it for the experiment's steps and
     batch, and what Bursting mode's baseline (50 kB/s per GB, reads metered at a third) reads."""
     imagenet = spec.load("imagenet").trial_config({})
-    assert imagenet.data.data_dir.startswith("/mnt/shared/")
+    assert Path(imagenet.data.data_dir).is_relative_to(Path(SHARED_RUNS).parent)
     image = 147.9e9 / 1_281_167
     read = imagenet.train.max_steps * imagenet.data.batch_size * image
     baseline = 3 * 50e3 * 150  # bytes a second of reads for 150 GB stored
@@ -172,7 +175,7 @@ def test_the_readmes_data_copy_runs_on_the_head_nodes_host_where_an_aws_cli_is(m
     monkeypatch.setattr(ray.scripts.scripts, "exec_cluster", lambda *a, **kw: ran.update(kw))
     ray.scripts.scripts.exec.main(shlex.split(command)[2:], standalone_mode=False)
     assert ran["run_env"] == "host"
-    assert ran["cmd"] == "aws s3 sync s3://YOUR-BUCKET/imagenet /mnt/shared/data/imagenet"
+    assert ran["cmd"] == f"aws s3 sync s3://YOUR-BUCKET/imagenet {IMAGENET_DATA}"
     assert "awscli" not in (ROOT / "Dockerfile").read_text()
 
 
