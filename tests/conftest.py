@@ -22,6 +22,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
+from types import SimpleNamespace
 
 import pyarrow.fs
 import pytest
@@ -32,7 +33,7 @@ import ray
 import setuptools  # noqa: F401
 import torch
 
-from raydeq.training import interrupts, storage
+from raydeq.training import console, interrupts, storage
 from raydeq.training.launch import API_SERVER, COLOR_PREFIX, WORKER_LOGGERS, runtime_env
 
 # The S3 endpoint's port, bound for the whole session and never listened on: let go once found
@@ -40,6 +41,13 @@ from raydeq.training.launch import API_SERVER, COLOR_PREFIX, WORKER_LOGGERS, run
 # it, whose start then waited for good. The server binds it too (both reuse the address), where
 # the system allows it (`held_port`).
 S3_PORT = socket.socket()
+
+
+def ticking(monkeypatch: pytest.MonkeyPatch, step_s: float) -> None:
+    """The clock of the progress lines (`console.Progress`) at 0 s, then `step_s` later at each
+    reading."""
+    readings = iter(range(10**6))
+    monkeypatch.setattr(console, "time", SimpleNamespace(monotonic=lambda: next(readings) * step_s))
 
 
 def pytest_configure(config: pytest.Config) -> None:

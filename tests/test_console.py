@@ -10,6 +10,7 @@ import textwrap
 from types import SimpleNamespace
 
 import ray
+from conftest import ticking
 
 from raydeq.training import console, launch
 from raydeq.training.console import output_kept
@@ -104,3 +105,24 @@ def test_the_tensorboard_command_quotes_a_folder_the_shell_would_split():
     ]
     for plain in ("runs/digits", "s3://bucket/experiments/s3run"):
         assert console.tensorboard_command(plain) == f"tensorboard --logdir {plain}"
+
+
+def test_a_long_task_says_how_far_it_has_come_on_stderr_at_most_every_five_seconds(
+    monkeypatch, capsys
+):
+    """Parts 2 s apart: a line at the start of each part begun 5 s or more after the line
+    before, with the part it starts and the time left at the pace so far; nothing on stdout,
+    and nothing at all from a task whose parts come faster."""
+    ticking(monkeypatch, 2.0)
+    shown = console.Progress("copying", 6)
+    for name in "abcdef":
+        shown.next(f"file {name}")
+    assert capsys.readouterr() == (
+        "",
+        "copying: 2/6, file c, eta 12s\ncopying: 5/6, file f, eta 2s\n",
+    )
+    ticking(monkeypatch, 0.5)
+    quick = console.Progress("copying", 9)
+    for _ in range(9):
+        quick.next()
+    assert capsys.readouterr() == ("", "")

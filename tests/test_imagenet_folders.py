@@ -17,6 +17,7 @@ import pytest
 import scipy.io
 import torch
 import yaml
+from conftest import ticking
 from PIL import Image
 from torchvision import datasets
 from torchvision.datasets.folder import default_loader
@@ -340,6 +341,42 @@ def small_tree(root: Path, classes: list[str], payload: bytes = b"") -> Path:
             else:
                 Image.new("RGB", (8, 8), (number * 40, 10, 20)).save(root / split / wnid / "0.png")
     return root
+
+
+def test_listing_a_folder_says_how_far_it_has_come_and_an_interrupt_stores_no_index(
+    tmp_path, monkeypatch, capsys
+):
+    """A first listing (1,000 classes of 50 images: 1.2 s here, 1.28M files over network
+    storage far longer) said nothing until it ended; a class folder begun 5 s or more after
+    the line before is a line on stderr, with the time left. Ctrl-C part of the way leaves no
+    index, whole or partial, and the next listing is complete."""
+    monkeypatch.setattr(folders.tempfile, "gettempdir", lambda: str(tmp_path / "node"))
+    root = small_tree(tmp_path / "data", ["a", "b", "c"])
+    ticking(monkeypatch, 10.0)
+    index = folders.load_index(str(root))
+    what = f"listing the images of {root} for its index"
+    assert capsys.readouterr() == (
+        "",
+        f"{what}: 0/4, train/a\n{what}: 1/4, train/b, eta 1m00s\n"
+        f"{what}: 2/4, train/c, eta 30s\n{what}: 3/4, val/, eta 13s\n",
+    )
+    assert folders.read(root / folders.INDEX_FILE) == index
+    assert index.files["train"] == ["train/a/0.png", "train/b/0.png", "train/c/0.png"]
+    other = small_tree(tmp_path / "other", ["a", "b", "c"])
+    listed = folders._tree_images
+
+    def interrupted(folder: Path) -> list[str]:
+        if folder.name == "b":
+            raise KeyboardInterrupt
+        return listed(folder)
+
+    monkeypatch.setattr(folders, "_tree_images", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        folders.load_index(str(other))
+    assert sorted(p.name for p in other.iterdir()) == ["train", "val"]
+    assert not list((tmp_path / "node").rglob("*.parquet*"))
+    monkeypatch.setattr(folders, "_tree_images", listed)
+    assert folders.load_index(str(other)).files == index.files
 
 
 def test_read_only_folders_each_have_their_own_index_on_a_node(tmp_path, monkeypatch):

@@ -8,6 +8,7 @@ import contextlib
 import os
 import shlex
 import sys
+import time
 from collections.abc import Iterator
 from typing import Any, TextIO
 
@@ -16,6 +17,9 @@ ERRORS = "raydeq.console"
 # Characters of the commands' output written in ASCII where a stream's encoding lacks them.
 ASCII_FORMS = {"±": "+-"}
 STREAMS = ("stdout", "stderr")
+# The least time before a long task's first progress line and between two of them: a task
+# done sooner says nothing.
+PROGRESS_EVERY_S = 5.0
 
 
 def escaped(err: UnicodeError) -> tuple[str | bytes, int]:
@@ -41,6 +45,39 @@ def tensorboard_command(logdir: str) -> str:
     """The command that shows a run in TensorBoard, its folder quoted for a shell (a folder
     with a space was printed as it is, which the shell split when pasted)."""
     return f"tensorboard --logdir {shlex.quote(logdir)}"
+
+
+def duration(seconds: float) -> str:
+    """A time span to the second, in its two largest units: `2h05m`, `4m09s`, `12s`."""
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+class Progress:
+    """How far a long task of `total` parts has come, as plain lines on stderr (`what: 120/300,
+    doing, eta 1m05s`) at most one every PROGRESS_EVERY_S seconds, none for a task done
+    sooner: a log file or `| tee` keeps them readable, where a redrawn bar fills it with
+    carriage returns. `eta`: whether the parts take alike, so that the time left is the pace
+    so far times the parts left."""
+
+    def __init__(self, what: str, total: int, eta: bool = True) -> None:
+        self.what, self.total, self.eta, self.done = what, total, eta, 0
+        self.start = self.shown = time.monotonic()
+
+    def next(self, doing: str = "") -> None:
+        """Start the next part (`doing` says what it is): a line where PROGRESS_EVERY_S have
+        passed since the start or the line before."""
+        now = time.monotonic()
+        if now - self.shown >= PROGRESS_EVERY_S:
+            self.shown = now
+            parts_left = self.total - self.done if self.eta and self.done else 0
+            left = (now - self.start) / max(self.done, 1) * parts_left
+            line = f"{self.what}: {self.done}/{self.total}" + (f", {doing}" if doing else "")
+            print(line + (f", eta {duration(left)}" if left else ""), file=sys.stderr, flush=True)
+        self.done += 1
 
 
 class Kept:

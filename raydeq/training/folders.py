@@ -30,6 +30,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from raydeq.training.console import Progress
 from raydeq.training.data import DataError
 from raydeq.training.runlock import sign, wait_for
 
@@ -116,10 +117,15 @@ def _tree_images(folder: Path) -> list[str]:
     return images
 
 
-def _class_images(split: Path, classes: list[str], number: dict[str, int]) -> tuple[list, list]:
-    """Paths (relative to the data folder) and class numbers of the images in class folders."""
+def _class_images(
+    split: Path, classes: list[str], number: dict[str, int], shown: Progress | None = None
+) -> tuple[list, list]:
+    """Paths (relative to the data folder) and class numbers of the images in class folders,
+    a part of `shown` per class."""
     files, labels = [], []
     for name in classes:
+        if shown is not None:
+            shown.next(f"{split.name}/{name}")
         images = _tree_images(split / name)
         files += [f"{split.name}/{name}/{image}" for image in images]
         labels += [number[name]] * len(images)
@@ -255,7 +261,9 @@ def build(root: Path) -> Index:
             "(expected train/<class>/<image>)"
         )
     number = {name: i for i, name in enumerate(classes)}
-    train_files, train_labels = _class_images(root / "train", classes, number)
+    # A part per class folder of train/ and one for val/, which holds 4% of ImageNet's images.
+    shown = Progress(f"listing the images of {root} for its index", len(classes) + 1)
+    train_files, train_labels = _class_images(root / "train", classes, number, shown)
     held = set(train_labels)
     empty = [name for name in classes if number[name] not in held]
     if empty:
@@ -265,6 +273,7 @@ def build(root: Path) -> Index:
             f"images: {', '.join(empty[:5])}{more} (expected train/<class>/<image>); unpack "
             "their images there, or remove them"
         )
+    shown.next("val/")
     val_files, val_labels = _val_images(root, number)
     files = {"train": train_files, "val": val_files}
     return Index(tuple(classes), files, {"train": train_labels, "val": val_labels})

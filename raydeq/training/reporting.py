@@ -22,6 +22,7 @@ import torch.distributed as dist
 from ray.train import Checkpoint
 
 from raydeq.training.checkpoint import write_checkpoint
+from raydeq.training.console import duration
 from raydeq.training.eventlog import EventLog
 
 TENSORBOARD_DIR = "tensorboard"
@@ -156,15 +157,6 @@ def figure(value: float) -> str:
     """A metric to 4 significant digits, one that rounds to 5 digits whole: `0.9721`, `33.5`,
     `10000`, `10530`, where 4 digits alone wrote `1e+04`, `1.053e+04` (a fast trial's img/s)."""
     return f"{value:.0f}" if abs(value) >= 9999.5 else f"{value:.4g}"
-
-
-def duration(seconds: float) -> str:
-    """A time span to the second, in its two largest units: `2h05m`, `4m09s`, `12s`."""
-    minutes, secs = divmod(round(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    if hours:
-        return f"{hours}h{minutes:02d}m"
-    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
 class Meter:
