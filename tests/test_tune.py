@@ -29,7 +29,7 @@ import pytest
 import ray
 import ray.cloudpickle as cloudpickle
 import yaml
-from conftest import WAIT_S
+from conftest import WAIT_S, ticking
 from PIL import Image
 from ray._common.constants import HEAD_NODE_RESOURCE_NAME
 from ray.train._internal.storage import StorageContext
@@ -3507,6 +3507,27 @@ def recorded_tiny_trials(
     analysis = SimpleNamespace(trials=trials)
     monkeypatch.setattr(results, "RecordedExperiment", lambda path: analysis)
     return trials
+
+
+def test_a_report_says_on_stderr_how_far_it_has_come_and_prints_the_table_on_stdout(
+    tmp_path, capsys, monkeypatch
+):
+    """--report of 300 trials of 200 reports took 48 s without a word (reading the trials 18
+    s, each of the 3 plots 12 s); a part (a trial read, a file drawn) begun 5 s or more after
+    the line before is a line on stderr, naming it, and stdout holds the table alone."""
+    monkeypatch.setattr(runlock.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    monkeypatch.setattr(results, "plot", lambda *args: b"")
+    file, folder = stored_tiny_experiment(tmp_path)
+    trials = recorded_tiny_trials(folder, ["TERMINATED", "TERMINATED"], monkeypatch)
+    ticking(monkeypatch, 10.0)
+    assert rt.main([str(file), "--storage", str(tmp_path / "runs"), "--report"]) == 0
+    out, err = capsys.readouterr()
+    what = f"writing the results of {folder}"
+    parts = [f"reading the reports of {spec.trial_name(trial)}" for trial in trials]
+    parts += ["drawing pareto.png", "writing results.md"]
+    parts += [f"drawing {metric}.png" for metric in results.PLOTS]
+    assert err.splitlines() == [f"{what}: {n}/7, {part}" for n, part in enumerate(parts)]
+    assert out == (folder / results.MARKDOWN_FILE).read_text() + "\n"
 
 
 def test_a_report_that_read_the_trials_before_the_run_ended_leaves_the_final_results(

@@ -37,6 +37,7 @@ from raydeq.experiments.spec import (
 )
 from raydeq.training import runlock
 from raydeq.training.config import ConfigError, leaves
+from raydeq.training.console import Progress
 from raydeq.training.storage import StorageError, exists, filesystem, write_bytes
 
 # The files `report` writes in the experiment's folder, besides the plots, the Pareto chart,
@@ -456,8 +457,13 @@ def _report(path: str, experiment: Experiment, unfinished: str) -> str:
             f"{path}: no trial has been recorded yet, so there is nothing to report; "
             "--resume runs the experiment"
         ) from None
+    # A part per trial read and per file drawn: 300 trials took 48 s, each plot 12 s of it.
+    papers = paper.written(experiment)
+    parts = len(trials) + 2 + bool(papers) + len(PLOTS)
+    shown = Progress(f"writing the results of {path}", parts, eta=False)
     rows, curves = [], {}
     for trial in sorted(trials, key=lambda t: t.trial_id):
+        shown.next(f"reading the reports of {trial_name(trial)}")
         folder = trial_folder(path, trial)
         frame = pd.DataFrame() if folder is None else history(folder)
         row = trial_row(experiment, trial, frame, folder)
@@ -469,11 +475,16 @@ def _report(path: str, experiment: Experiment, unfinished: str) -> str:
     buffer = pa.BufferOutputStream()
     pq.write_table(results_table(rows), buffer)
     write_bytes(f"{path}/{RESULTS_FILE}", buffer.getvalue().to_pybytes())
+    shown.next(f"drawing {pareto.CHART}")
     write_bytes(f"{path}/{pareto.CHART}", pareto.chart(rows, metric, mode, costs))
+    shown.next(f"writing {MARKDOWN_FILE}")
     hparams.write(path, rows, pareto.varying(rows))
     table = markdown(rows, unfinished) + pareto.markdown(rows, metric, costs)
     write_bytes(f"{path}/{MARKDOWN_FILE}", table.encode())
-    table += paper.write(path, experiment, rows, curves)
+    if papers:
+        shown.next(f"writing {', '.join(papers)}")
+        table += paper.write(path, experiment, rows, curves)
     for metric, label in PLOTS.items():
+        shown.next(f"drawing {metric}.png")
         write_bytes(f"{path}/{metric}.png", plot(metric, label, curves))
     return table
