@@ -217,6 +217,22 @@ def test_staging_copies_the_indexed_files_to_local_disk_once(tmp_path, monkeypat
     assert torch.equal(again.test[3][0], in_place.test[3][0])
 
 
+def test_staging_says_how_far_the_copy_has_come_on_stderr(tmp_path, monkeypatch, capsys):
+    """The copy of 1.28M files to a node's disk (minutes to hours) said nothing until training
+    started; a file copied 5 s or more after the line before is a line on stderr, with the time
+    left at the pace so far."""
+    monkeypatch.setattr(folders.tempfile, "gettempdir", lambda: str(tmp_path / "node"))
+    root = small_tree(tmp_path / "data", ["a", "b", "c"])
+    files = folders.load_index(str(root)).files
+    listed = files["train"] + files["val"]
+    ticking(monkeypatch, 10.0)
+    staged = staging.stage(str(root), listed, str(tmp_path / "local"))
+    what = f"copying the 6 files of {root} to {staged}"
+    etas = ["", ", eta 1m40s", ", eta 1m00s", ", eta 40s", ", eta 25s", ", eta 12s"]
+    assert capsys.readouterr() == ("", "".join(f"{what}: {n}/6{e}\n" for n, e in enumerate(etas)))
+    assert [(staged / f).read_bytes() for f in listed] == [(root / f).read_bytes() for f in listed]
+
+
 def test_a_copy_cut_short_resumes_without_copying_a_file_twice(tmp_path, monkeypatch):
     root = imagenet_tree(tmp_path / "data")
     index = folders.load_index(str(root))

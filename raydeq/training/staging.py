@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from raydeq.training.console import Progress
 from raydeq.training.runlock import sign, wait_for
 
 COMPLETE_FILE = ".complete"
@@ -63,8 +64,10 @@ def stage(data_dir: str, files: Sequence[str], stage_to: str) -> Path:
         if not _complete(root, mark):
             for folder in sorted({Path(name).parent for name in files}):
                 (root / folder).mkdir(parents=True, exist_ok=True)
+            shown = Progress(f"copying the {len(files)} files of {data_dir} to {root}", len(files))
             with ThreadPoolExecutor(COPY_THREADS) as pool:
                 sources = (Path(data_dir, name) for name in files)
-                list(pool.map(_copy, sources, (root / name for name in files)))
+                for _ in pool.map(_copy, sources, (root / name for name in files)):
+                    shown.next()
             (root / COMPLETE_FILE).write_text(mark)
     return root
