@@ -313,6 +313,33 @@ def test_measure_with_a_label_says_each_round_it_has_timed(capsys):
     assert capsys.readouterr().err == ""
 
 
+def test_the_skip_suites_say_how_far_their_training_has_come(monkeypatch, capsys):
+    """skip trained its three variants in turn (750 steps of each at --quick, 9 minutes here on
+    busy cores) and skip_lambda each configuration (150 to 500 steps) between `[skip] running`
+    and the timing's first round without a line; each now says every tenth of its steps."""
+    monkeypatch.setattr(skip, "adam", lambda net, lr: None)
+    monkeypatch.setattr(skip, "train_step", lambda *args: None)
+    nets = {variant: torch.nn.Linear(1, 1) for variant in skip.VARIANTS}
+    train = (torch.zeros(6, 1), torch.zeros(6, dtype=torch.long))
+    size = skip.SkipSize(epochs=2, train=6, test=2, batch=2, repeats=1)
+    step_times = skip.train_lockstep(Context(CPU, "tiny"), nets, train, size)
+    assert all(len(times) == 6 for times in step_times.values())
+    said = "[skip] training the variants in turn"
+    assert capsys.readouterr().err.splitlines() == [f"{said}: step {n}/6" for n in range(1, 7)]
+    monkeypatch.setattr(training, "adam", lambda model, lr: None)
+    monkeypatch.setattr(training, "train_step", lambda *args: None)
+    monkeypatch.setattr(skip_lambda, "jacobian_norm", lambda model, batches: 0.0)
+    columns = ["variant", "lambda_skip", "lambda_jac", "test NFE", "test accuracy"]
+    section = Section(
+        "skip_lambda", "t", [*columns, "Jacobian before", "Jacobian after", "train s"]
+    )
+    digits = (torch.zeros(2, 1, 28, 28), torch.tensor([0, 1]))
+    config = skip_lambda.Config("skip_reg", 0.1, 1.0)
+    skip_lambda.add_row(Context(CPU, "tiny"), section, config, digits, [digits])
+    said = "[skip_lambda] training skip_reg, lambda_skip 0.1, lambda_jac 1"
+    assert capsys.readouterr().err.splitlines() == [f"{said}: step {n}/2" for n in (1, 2)]
+
+
 def test_the_node_suite_says_each_round_of_its_timing(whole_run):
     """Its timing took minutes at --quick after the training's last progress line."""
     _, err, _ = whole_run
@@ -1719,6 +1746,9 @@ def test_the_jacobian_norm_is_the_mean_over_test_batches_and_is_measured_again_a
 
     monkeypatch.setattr(skip_lambda, "fit", fit)
     monkeypatch.setattr(skip_lambda, "jacobian_norm", head_sum)
+    monkeypatch.setattr(training, "adam", lambda model, lr: None)
+    monkeypatch.setattr(training, "train_step", lambda *args: None)
+    monkeypatch.setattr(skip_lambda, "jacobian_norm", lambda model, batches: 0.0)
     columns = ["variant", "lambda_skip", "lambda_jac", "test NFE", "test accuracy"]
     columns += ["Jacobian before", "Jacobian after", "train s"]
     section = Section("skip_lambda", "t", columns)

@@ -44,6 +44,12 @@ def train_step(
     return out
 
 
+def step_line(label: str, step: int, steps: int) -> None:
+    """With a `label`, a progress line on stderr at every tenth of the `steps`."""
+    if label and step % max(steps // 10, 1) == 0:
+        print(f"{label}: step {step}/{steps}", file=sys.stderr, flush=True)
+
+
 def adam(model: nn.Module, lr: float) -> torch.optim.Optimizer:
     """The training loop's Adam (fused where the parameters allow) at learning rate `lr`; 0 keeps
     the parameters fixed, so every timed repeat sees the same model."""
@@ -66,11 +72,9 @@ def fit(
     g = torch.Generator().manual_seed(seed)
     model.train()
     order = torch.empty(0, dtype=torch.long)
-    every = max(steps // 10, 1)
     for step in range(1, steps + 1):
         if len(order) < batch:
             order = torch.randperm(len(labels), generator=g)
         index, order = order[:batch].to(images.device), order[batch:]
         train_step(model, objective, optimizer, images[index], labels[index])
-        if label and step % every == 0:
-            print(f"{label}: step {step}/{steps}", file=sys.stderr, flush=True)
+        step_line(label, step, steps)

@@ -15,7 +15,7 @@ from raydeq.bench.harness.context import Context
 from raydeq.bench.harness.models import Split
 from raydeq.bench.harness.report import Section, Target
 from raydeq.bench.harness.timing import Case, Timing, measure, ratio, time_call
-from raydeq.bench.harness.training import adam, train_step
+from raydeq.bench.harness.training import adam, step_line, train_step
 from raydeq.models import EquilibriumClassifier
 from raydeq.training.objective import evaluate
 
@@ -74,9 +74,11 @@ def train_lockstep(
     optimizers = {v: adam(n, LEARNING_RATE) for v, n in nets.items()}
     step_times: dict[str, list[float]] = {v: [] for v in nets}
     g = torch.Generator().manual_seed(ctx.seed)
-    for _ in range(size.epochs):
+    starts = range(0, len(labels), size.batch)
+    steps = size.epochs * len(starts)
+    for epoch in range(size.epochs):
         order = torch.randperm(len(labels), generator=g).to(ctx.device)
-        for start in range(0, len(labels), size.batch):
+        for number, start in enumerate(starts, epoch * len(starts) + 1):
             index = order[start : start + size.batch]
             x, y = images[index], labels[index]
             for variant, net in nets.items():
@@ -84,6 +86,7 @@ def train_lockstep(
                 step = partial(train_step, net, objective, optimizers[variant], x, y)
                 seconds, _ = time_call(step, ctx.device)
                 step_times[variant].append(seconds)
+            step_line("[skip] training the variants in turn", number, steps)
     return step_times
 
 

@@ -84,8 +84,10 @@ def add_row(
     before = jacobian_norm(model, test)
     objective = Objective(config.lambda_skip, config.lambda_jac)
     steps = ctx.pick(SIZES).steps
+    label = f"[skip_lambda] training {config.variant}, lambda_skip {config.lambda_skip:g}"
+    label += f", lambda_jac {config.lambda_jac:g}" if config.lambda_jac else ""
     seconds, _ = time_call(
-        partial(fit, model, objective, train, steps, BATCH, ctx.seed), ctx.device
+        partial(fit, model, objective, train, steps, BATCH, ctx.seed, label), ctx.device
     )
     metrics = evaluate(model, test, ctx.device).metrics()
     section.add(
