@@ -9,8 +9,8 @@ import os
 import shlex
 import sys
 import time
-from collections.abc import Iterator
-from typing import Any, TextIO
+from collections.abc import Iterable, Iterator
+from typing import Any, TextIO, TypeVar
 
 # The codec error handler of the commands' streams (`escaped`).
 ERRORS = "raydeq.console"
@@ -20,6 +20,7 @@ STREAMS = ("stdout", "stderr")
 # The least time before a long task's first progress line and between two of them: a task
 # done sooner says nothing.
 PROGRESS_EVERY_S = 5.0
+Item = TypeVar("Item")
 
 
 def escaped(err: UnicodeError) -> tuple[str | bytes, int]:
@@ -78,6 +79,12 @@ class Progress:
             line = f"{self.what}: {self.done}/{self.total}" + (f", {doing}" if doing else "")
             print(line + (f", eta {duration(left)}" if left else ""), file=sys.stderr, flush=True)
         self.done += 1
+
+    def over(self, items: Iterable[Item]) -> Iterator[Item]:
+        """`items`, each taken as the start of the next part."""
+        for item in items:
+            self.next()
+            yield item
 
 
 class Kept:

@@ -32,6 +32,7 @@ from raydeq.training.config import (
     notes,
     trained_settings,
 )
+from raydeq.training.console import Progress
 from raydeq.training.objective import STEP_METRICS, Evaluation, Objective, clock, evaluate
 from raydeq.training.reporting import Meter, Reporter, all_gather, all_sum, most
 from raydeq.training.session import Session
@@ -305,6 +306,10 @@ class Loop:
         first = self.cfg.train.eval_batches
         mine = len(range(self.rank, first, self.world)) if first else None
         batches = on_device(itertools.islice(self.test_data, mine), self.device)
+        if self.rank == 0:  # CIFAR-10's test set takes minutes on a CPU
+            count = len(self.test_data) if mine is None else min(mine, len(self.test_data))
+            what = f"[{self.reporter.name}] evaluating at step {self.state.step}"
+            batches = Progress(what, count).over(batches)
         saved = rng_state(self.device)
         try:
             totals = evaluate(self.state.model, batches, self.device, self.autocast())
