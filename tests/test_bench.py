@@ -340,6 +340,39 @@ def test_the_skip_suites_say_how_far_their_training_has_come(monkeypatch, capsys
     assert capsys.readouterr().err.splitlines() == [f"{said}: step {n}/2" for n in (1, 2)]
 
 
+def test_the_suites_say_each_part_outside_their_timing_rounds_as_it_begins(monkeypatch, capsys):
+    """At --quick on 2 busy cores step_cost counted its 13 cases (5 of them compiling) for 185
+    s, memory its 7 rows for 78 s and torchdiffeq searched its settings in hindsight for 93 s,
+    each without a line; each part now says what it is on stderr as it begins."""
+    cost = {"steps": 1, "nfe": 1, "ops": 1.0, "syncs": 0.0, "converged": True}
+    for counter in ("step_cost", "compiled_step_cost", "arnoldi_step_cost"):
+        monkeypatch.setattr(step_cost, counter, lambda *args, **options: cost)
+    step_cost.run(Context(CPU, "tiny"))
+    eager = ["vcab3", "tsit5", "bs3", "euler", "broyden", "anderson", "fixed_point"]
+    compiled = [f"{s}, compile=True" for s in eager if s not in ("broyden", "anderson")]
+    solvers = [*eager, *compiled, "gmres (backward)"]
+    assert capsys.readouterr().err.splitlines() == [
+        f"[step_cost] counting {solver} ({n}/13)" for n, solver in enumerate(solvers, 1)
+    ]
+    monkeypatch.setattr(memory_suite, "measure_row", lambda *args: None)
+    memory_suite.run(Context(CPU, "tiny"))
+    assert capsys.readouterr().err.splitlines() == [
+        "[memory] batch 2, abstol 0.0001 (1/4)",
+        "[memory] batch 4, abstol 0.0001 (2/4)",
+        "[memory] batch 2, abstol 0.01 (3/4)",
+        "[memory] batch 2, abstol 0.001 (4/4)",
+    ]
+    monkeypatch.setattr(torchdiffeq_suite, "best_event_atol", lambda problem: None)
+    monkeypatch.setattr(torchdiffeq_suite, "best_fixed_time", lambda *args: None)
+    assert torchdiffeq_suite.peer_cases(None, 1.0, 2) == ({}, {})
+    said = "[torchdiffeq] choosing"
+    assert capsys.readouterr().err.splitlines() == [
+        f"{said} dopri5 odeint_event's atol in hindsight (1/3)",
+        f"{said} dopri5 odeint's end time and atol in hindsight (2/3)",
+        f"{said} adaptive_heun odeint's end time and atol in hindsight (3/3)",
+    ]
+
+
 def test_the_node_suite_says_each_round_of_its_timing(whole_run):
     """Its timing took minutes at --quick after the training's last progress line."""
     _, err, _ = whole_run

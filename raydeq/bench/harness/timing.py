@@ -138,6 +138,12 @@ def measure(
     return timings
 
 
+def part_line(label: str, number: int, total: int) -> None:
+    """A progress line on stderr as part `number` of a suite's `total` begins, `label
+    (number/total)`: a part outside the timing's rounds may take minutes."""
+    print(f"{label} ({number}/{total})", file=sys.stderr, flush=True)
+
+
 def ratio(numerator: float, denominator: float) -> float:
     """numerator / denominator, inf when the denominator is 0."""
     return numerator / denominator if denominator > 0 else float("inf")

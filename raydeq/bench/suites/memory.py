@@ -11,7 +11,7 @@ from raydeq.bench.harness.context import Context
 from raydeq.bench.harness.memory import peak_memory
 from raydeq.bench.harness.problems import SpectralProblem, Spectrum
 from raydeq.bench.harness.report import Section
-from raydeq.bench.harness.timing import ratio
+from raydeq.bench.harness.timing import part_line, ratio
 
 
 @dataclass(frozen=True)
@@ -91,8 +91,8 @@ def run(ctx: Context) -> Section:
             "NFE): the implicit backward stays flat in depth.",
         ],
     )
-    for batch in size.batches:
-        measure_row(ctx, batch, TOL, section)
-    for tol in size.tols:
-        measure_row(ctx, size.batch, tol, section)
+    rows = [(batch, TOL) for batch in size.batches] + [(size.batch, tol) for tol in size.tols]
+    for number, (batch, tol) in enumerate(rows, 1):
+        part_line(f"[memory] batch {batch}, abstol {tol:g}", number, len(rows))
+        measure_row(ctx, batch, tol, section)
     return section

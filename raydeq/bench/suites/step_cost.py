@@ -28,6 +28,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import raydeq
 from raydeq.bench.harness.context import Context
 from raydeq.bench.harness.report import Section, Target, error_line
+from raydeq.bench.harness.timing import part_line
 from raydeq.solvers import GMRES, SOLVERS
 from raydeq.solvers.gmres import ARNOLDI_CHECK
 from raydeq.solvers.solve import GRAPH, make_solver
@@ -229,19 +230,22 @@ def run(ctx: Context) -> Section:
             "a step) and fused kernels; syncs = aten._local_scalar_dense.",
         ],
     )
-    for solver in SOLVERS:
-        add_solver(section, solver, solver, step_cost(solver, batch, dim, ctx.seed))
     # The solvers whose steps compile= captures: on a GPU compile="graph" records each as a
     # CUDA graph (one launch a replayed step), on a CPU compile=True fuses each into kernels.
-    for solver in (s for s in SOLVERS if make_solver(s, {}).capturable):
+    captured = ctx.device.type in ("cuda", "cpu")
+    compiled = [s for s in SOLVERS if captured and make_solver(s, {}).capturable]
+    parts = len(SOLVERS) + len(compiled) + 1
+    for number, solver in enumerate(SOLVERS, 1):
+        part_line(f"[step_cost] counting {solver}", number, parts)
+        add_solver(section, solver, solver, step_cost(solver, batch, dim, ctx.seed))
+    for number, solver in enumerate(compiled, len(SOLVERS) + 1):
         if ctx.device.type == "cuda":
             label = f'{solver}, compile="graph"'
             count = partial(step_cost, solver, batch, dim, ctx.seed, ctx.device, compile=GRAPH)
-        elif ctx.device.type == "cpu":
+        else:
             label = f"{solver}, compile=True"
             count = partial(compiled_step_cost, solver, batch, dim, ctx.seed)
-        else:
-            continue
+        part_line(f"[step_cost] counting {label}", number, parts)
         try:
             cost = count()
         except Exception as err:  # a compile or capture that fails here must not lose the section
@@ -253,6 +257,7 @@ def run(ctx: Context) -> Section:
             )
             continue
         add_solver(section, solver, label, cost)
+    part_line("[step_cost] counting gmres (backward)", parts, parts)
     cost = arnoldi_step_cost(batch, dim, ctx.seed)
     section.add(
         solver="gmres (backward)",

@@ -22,7 +22,7 @@ from raydeq.bench.harness.cases import Outcome, forward_case, raydeq_forward
 from raydeq.bench.harness.context import Context
 from raydeq.bench.harness.problems import SpectralProblem, Spectrum
 from raydeq.bench.harness.report import Section, Target
-from raydeq.bench.harness.timing import Case, measure, ratio, time_call
+from raydeq.bench.harness.timing import Case, measure, part_line, ratio, time_call
 
 
 @dataclass(frozen=True)
@@ -143,11 +143,15 @@ def peer_cases(
     """torchdiffeq's cases at their best settings in hindsight, and (atol, end time) of each."""
     cases: dict[str, Case] = {}
     settings: dict[str, tuple[float, float | None]] = {}
+    searches = 1 + len(FIXED_TIME_METHODS)
+    part_line("[torchdiffeq] choosing dopri5 odeint_event's atol in hindsight", 1, searches)
     atol = best_event_atol(problem)
     if atol is not None:
         settings["torchdiffeq dopri5 odeint_event"] = (atol, None)
         cases["torchdiffeq dopri5 odeint_event"] = forward_case(problem, event_run(problem, atol))
-    for method in FIXED_TIME_METHODS:
+    for number, method in enumerate(FIXED_TIME_METHODS, 2):
+        what = f"[torchdiffeq] choosing {method} odeint's end time and atol in hindsight"
+        part_line(what, number, searches)
         best = best_fixed_time(problem, method, horizon, grid)
         if best:
             settings[f"torchdiffeq {method} odeint"] = best
