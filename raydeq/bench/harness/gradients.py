@@ -11,7 +11,7 @@ from torch import Tensor
 from raydeq.bench.harness.cases import backward_case, loosest
 from raydeq.bench.harness.context import Context
 from raydeq.bench.harness.problems import SpectralProblem, Spectrum
-from raydeq.bench.harness.timing import Case, time_call
+from raydeq.bench.harness.timing import Case, part_line, time_call
 
 TARGET_ERROR = 1e-4
 FORWARD_TOL = 1e-9
@@ -44,12 +44,18 @@ class GradientSetup:
         return backward_case(self.problem, forward, self.cotangent, self.reference)
 
     def tolerances(
-        self, makers: Mapping[str, Callable[[float], Callable[[], Tensor]]], device: torch.device
+        self,
+        makers: Mapping[str, Callable[[float], Callable[[], Tensor]]],
+        device: torch.device,
+        suite: str,
     ) -> dict[str, float]:
         """Per label, the loosest of TOLERANCES at which the backward after makers[label](tol)()
-        reaches TARGET_ERROR (see `loosest`); a label that reaches it at none is left out."""
+        reaches TARGET_ERROR (see `loosest`); a label that reaches it at none is left out. Each
+        label's search is a part of the `suite` said as it begins (TorchDEQ's took minutes)."""
         chosen = {}
-        for label, make in makers.items():
+        for number, (label, make) in enumerate(makers.items(), 1):
+            what = f"[{suite}] choosing {label}'s tolerance for gradient error {TARGET_ERROR:g}"
+            part_line(what, number, len(makers))
             tol, _ = loosest(
                 TOLERANCES, lambda t, m=make: time_call(self.case(m(t))(), device)[1], TARGET_ERROR
             )

@@ -46,7 +46,7 @@ def run(ctx: Context) -> Section:
         )
         for adjoint in ADJOINTS
     }
-    chosen = setup.tolerances(makers, ctx.device)
+    chosen = setup.tolerances(makers, ctx.device, "adjoints")
     section.notes += [
         f"{label} did not reach {TARGET_ERROR:g} at any tolerance"
         for adjoint, label in ADJOINTS.items()

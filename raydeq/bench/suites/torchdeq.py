@@ -163,7 +163,7 @@ def backward_rows(ctx: Context, spec: Spectrum, repeats: int, section: Section) 
             problem, s, tol, n
         )
 
-    chosen = setup.tolerances(makers, ctx.device)
+    chosen = setup.tolerances(makers, ctx.device, "torchdeq")
     section.notes += [
         f"{label} backward did not reach error {TARGET_ERROR:g}"
         for label in makers
