@@ -1843,7 +1843,9 @@ def test_a_memory_step_computes_the_implicit_gradient_of_w_and_x():
     assert gradient_error((problem.weight.grad, problem.x.grad), exact) < 1e-5
 
 
-def test_a_workload_timed_apart_runs_its_warm_up_rounds_untimed_first():
+def test_a_workload_timed_apart_runs_its_warm_up_rounds_untimed_first(capsys):
+    """Each round is said on stderr: the compiled step's, timed apart, were not (17 s after
+    the eager timing's last round at --quick on 2 busy cores, its first call compiling)."""
     calls: list[int] = []
 
     def case():
@@ -1852,6 +1854,8 @@ def test_a_workload_timed_apart_runs_its_warm_up_rounds_untimed_first():
     size = train_step.TrainStepSize(batches={}, repeats=1, warmup=2)
     timed = train_step.measure_apart({"mnist_dense/compiled": case}, CPU, size)
     assert len(calls) == 2 + 1 and len(timed.seconds) == 1
+    said = "[train_step] timing mnist_dense/compiled: round"
+    assert capsys.readouterr().err.splitlines() == [f"{said} {n}/3" for n in (1, 2, 3)]
 
 
 def test_the_implicit_backward_runs_at_the_tolerance_it_is_given():

@@ -208,10 +208,12 @@ def add_row(
 def measure_apart(
     cases: dict[str, Case], device: torch.device, size: TrainStepSize
 ) -> Timing | str:
-    """Time one case on its own; the error, in one line, if it fails (a compiled step whose
-    capture fails on this GPU or torch must not lose the eager rows)."""
+    """Time one case on its own, each round said on stderr; the error, in one line, if it
+    fails (a compiled step whose capture fails on this GPU or torch must not lose the eager
+    rows)."""
+    label = f"[train_step] timing {', '.join(cases)}"
     try:
-        return measure(cases, device, repeats=size.repeats, warmup=size.warmup).popitem()[1]
+        return measure(cases, device, size.repeats, size.warmup, label).popitem()[1]
     except Exception as err:  # reported in the row's target
         traceback.print_exc()
         return f"failed: {error_line(err)}"
