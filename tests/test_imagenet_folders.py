@@ -9,7 +9,7 @@ import shutil
 import tarfile
 import threading
 import traceback
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -1027,6 +1027,26 @@ def test_an_index_listing_a_file_outside_its_split_is_refused_before_a_read_or_a
     assert not (tmp_path / "stage").exists()
     (root / folders.INDEX_FILE).unlink()
     assert folders.load_index(str(root)) == index
+
+
+def test_an_index_of_the_paths_the_listing_writes_reads_without_parsing_each(tmp_path, monkeypatch):
+    """Reading ImageNet's index parsed each of its 1.33M paths to check it stays within its
+    split: 21 s of every start and of every worker's read, 1.5 s now. The paths the listing
+    writes are checked as strings, any other as before: the same answers as the parsed
+    parts' rule on paths that double, dot or end their slashes."""
+    parsed = []
+    monkeypatch.setattr(folders, "PurePosixPath", lambda name: parsed.append(name) or Path(name))
+    root = small_tree(tmp_path / "data", ["a", "n02 b"])
+    index = folders.load_index(str(root))
+    assert folders.read(root / folders.INDEX_FILE) == index and parsed == []
+    names = ["train/a/0.png", "train//a/0.png", "train/./a/0.png", "train/a/", "train/", "train"]
+    names += ["train/../a.png", "train/a/..", "train/..a/0.png", "/train/a.png", "./train/a.png"]
+    names += ["train/.a/0.png", "val/a/0.png", "trainer/a.png"]
+    for name in names:
+        parts = PurePosixPath(name).parts
+        assert folders._within(name, "train") == (
+            len(parts) > 1 and parts[0] == "train" and ".." not in parts
+        ), name
 
 
 @pytest.mark.parametrize("label", [2, -1])

@@ -331,7 +331,12 @@ def read(path: Path) -> Index:
 
 def _within(name: str, split: str) -> bool:
     """Whether an index's path names a file inside the `split` folder: relative, under it,
-    with no `..`."""
+    with no `..`. A path as the listing writes it (`split/`, then components none of which is
+    empty or starts with a dot) is one at sight: parsing each of ImageNet's 1.33M paths took
+    20 s of every start and of every worker's read."""
+    plain = "//" not in name and "/." not in name and not name.endswith("/")
+    if plain and name.startswith(f"{split}/"):
+        return True
     parts = PurePosixPath(name).parts
     return len(parts) > 1 and parts[0] == split and ".." not in parts
 
