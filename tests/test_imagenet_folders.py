@@ -1049,6 +1049,28 @@ def test_an_index_of_the_paths_the_listing_writes_reads_without_parsing_each(tmp
         ), name
 
 
+def test_an_index_write_stopped_part_of_the_way_leaves_no_file_beside_it(tmp_path, monkeypatch):
+    """Ctrl-C while the preflight wrote the index (3 s for ImageNet's 1.33M paths) left its
+    partial file in the data folder for good; the write leaves nothing, and the next listing
+    stores a whole index."""
+    monkeypatch.setattr(folders.tempfile, "gettempdir", lambda: str(tmp_path / "node"))
+    root = small_tree(tmp_path / "data", ["a", "b"])
+    write_table = folders.pq.write_table
+
+    def stopped(table, where):
+        Path(where).write_bytes(b"PAR1 cut")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(folders.pq, "write_table", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        folders.load_index(str(root))
+    assert sorted(p.name for p in root.iterdir()) == ["train", "val"]
+    monkeypatch.setattr(folders.pq, "write_table", write_table)
+    index = folders.load_index(str(root))
+    assert folders.read(root / folders.INDEX_FILE) == index
+    assert sorted(p.name for p in root.iterdir()) == [folders.INDEX_FILE, "train", "val"]
+
+
 @pytest.mark.parametrize("label", [2, -1])
 def test_an_index_listing_a_class_it_does_not_name_is_refused(tmp_path, label):
     """An index of 2 classes edited to give a file class 2 (or -1) trained until the loss met

@@ -280,7 +280,8 @@ def build(root: Path) -> Index:
 
 
 def write(index: Index, path: Path) -> None:
-    """Write the index as Parquet (split, path, label; the classes in its metadata), atomically."""
+    """Write the index as Parquet (split, path, label; the classes in its metadata), atomically:
+    a write stopped part of the way (Ctrl-C, a full disk) leaves no file beside it."""
     splits = [split for split in SPLITS for _ in index.files[split]]
     table = pa.table(
         {
@@ -291,8 +292,12 @@ def write(index: Index, path: Path) -> None:
     ).replace_schema_metadata({"classes": json.dumps(index.classes)})
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    pq.write_table(table, partial)
-    os.replace(partial, path)
+    try:
+        pq.write_table(table, partial)
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
 
 
 def read(path: Path) -> Index:
