@@ -11,6 +11,7 @@ import contextlib
 import functools
 import json
 import logging
+import math
 import os
 import shutil
 import signal
@@ -43,11 +44,23 @@ from raydeq.training.launch import API_SERVER, COLOR_PREFIX, WORKER_LOGGERS, run
 S3_PORT = socket.socket()
 
 
+# The least time between progress lines that the commands keep (`console.Progress`).
+PROGRESS_EVERY_S = console.PROGRESS_EVERY_S
+
+
+@pytest.fixture(autouse=True)
+def progress_unsaid(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No progress line in a test that sets no clock of its own (`ticking`): on a busy machine a
+    task that passes 5 s would add one to the output that many tests assert whole."""
+    monkeypatch.setattr(console, "PROGRESS_EVERY_S", math.inf)
+
+
 def ticking(monkeypatch: pytest.MonkeyPatch, step_s: float) -> None:
     """The clock of the progress lines (`console.Progress`) at 0 s, then `step_s` later at each
-    reading."""
+    reading, with the commands' least time between two lines."""
     readings = iter(range(10**6))
     monkeypatch.setattr(console, "time", SimpleNamespace(monotonic=lambda: next(readings) * step_s))
+    monkeypatch.setattr(console, "PROGRESS_EVERY_S", PROGRESS_EVERY_S)
 
 
 def pytest_configure(config: pytest.Config) -> None:
