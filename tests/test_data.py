@@ -7,6 +7,7 @@ import math
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -213,34 +214,39 @@ def test_a_split_says_whether_reading_a_training_sample_draws_random_numbers(aug
     assert splits.augmented is augment
 
 
+def one_image(pixels: torch.Tensor, svhn: bool = False) -> Callable:
+    """A stand-in for torchvision's CIFAR10 (or, `svhn`, SVHN) whose every split holds the one
+    uint8 image `pixels` (H, W, 3), of class 3, in that dataset's layout."""
+
+    def make(root: str, download: bool, **split: Any) -> SimpleNamespace:
+        if svhn:
+            return SimpleNamespace(data=pixels.permute(2, 0, 1)[None].numpy(), labels=[3])
+        return SimpleNamespace(data=pixels[None].numpy(), targets=[3])
+
+    return make
+
+
 @pytest.mark.parametrize("augment", [True, False])
 def test_cifar10_augments_training_images_only(monkeypatch, tmp_path, augment):
     """Flips and crops draw a new training image per read; the test images are only
     normalised with CIFAR-10's per-channel mean and deviation."""
     from raydeq.training import vision
 
-    transforms = {}
-
-    class Recorded:
-        def __init__(self, root, train, download, transform):
-            transforms[train] = transform
-
-    monkeypatch.setattr(vision.datasets, "CIFAR10", Recorded)
+    pixels = torch.randint(0, 256, (32, 32, 3), generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(vision.datasets, "CIFAR10", one_image(pixels.to(torch.uint8)))
     cfg = section(dataset="cifar10", data_dir=str(tmp_path), augment=augment)
     splits = vision.BUILDERS["cifar10"](cfg)
     assert splits.augmented is augment and splits.shape == (3, 32, 32)
-    pixels = torch.randint(0, 256, (32, 32, 3), generator=torch.Generator().manual_seed(0))
-    image = Image.fromarray(pixels.to(torch.uint8).numpy(), mode="RGB")
     mean = torch.tensor([0.4914, 0.4822, 0.4465])[:, None, None]
     std = torch.tensor([0.2470, 0.2435, 0.2616])[:, None, None]
     normalised = (pixels.permute(2, 0, 1).float() / 255 - mean) / std
     for seed in range(3):
         torch.manual_seed(seed)
-        torch.testing.assert_close(transforms[False](image), normalised)
+        torch.testing.assert_close(splits.test[0], (normalised, 3))
     draws = []
     for seed in range(3):
         torch.manual_seed(seed)
-        draws.append(transforms[True](image))
+        draws.append(splits.train[0][0])
     assert all(d.shape == (3, 32, 32) for d in draws)
     moved = [not torch.equal(d, normalised) for d in draws]
     assert moved == [augment] * 3
@@ -713,21 +719,15 @@ def test_the_standard_training_sets_are_known_by_their_published_sizes(tmp_path,
 def test_svhn_images_are_normalised_with_svhns_mean_and_deviation(monkeypatch, tmp_path):
     from raydeq.training import vision
 
-    transforms = {}
-
-    def recorded(root, split, download, transform):
-        transforms[split] = transform
-
-    monkeypatch.setattr(vision.datasets, "SVHN", recorded)
+    pixels = torch.randint(0, 256, (32, 32, 3), generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(vision.datasets, "SVHN", one_image(pixels.to(torch.uint8), svhn=True))
     splits = vision.BUILDERS["svhn"](section(dataset="svhn", data_dir=str(tmp_path)))
     assert splits.shape == (3, 32, 32) and not splits.augmented
-    pixels = torch.randint(0, 256, (32, 32, 3), generator=torch.Generator().manual_seed(0))
-    image = Image.fromarray(pixels.to(torch.uint8).numpy(), mode="RGB")
     mean = torch.tensor([0.4377, 0.4438, 0.4728])[:, None, None]
     std = torch.tensor([0.1980, 0.2010, 0.1970])[:, None, None]
     normalised = (pixels.permute(2, 0, 1).float() / 255 - mean) / std
-    for split in ("train", "test"):
-        torch.testing.assert_close(transforms[split](image), normalised)
+    for split in (splits.train, splits.test):
+        torch.testing.assert_close(split[0], (normalised, 3))
 
 
 def test_cifar10_training_crops_32_pixels_of_the_image_resized_to_42(monkeypatch, tmp_path):
@@ -737,22 +737,15 @@ def test_cifar10_training_crops_32_pixels_of_the_image_resized_to_42(monkeypatch
     fall: of the 8 seeds' images some rise and some fall along the row."""
     from raydeq.training import vision
 
-    transforms = {}
-
-    class Recorded:
-        def __init__(self, root, train, download, transform):
-            transforms[train] = transform
-
-    monkeypatch.setattr(vision.datasets, "CIFAR10", Recorded)
-    vision.BUILDERS["cifar10"](section(dataset="cifar10", data_dir=str(tmp_path)))
     columns = torch.arange(32, dtype=torch.uint8) * 8
     pixels = torch.zeros(32, 32, 3, dtype=torch.uint8)
     pixels[:, :, 0] = columns
-    image = Image.fromarray(pixels.numpy(), mode="RGB")
+    monkeypatch.setattr(vision.datasets, "CIFAR10", one_image(pixels))
+    splits = vision.BUILDERS["cifar10"](section(dataset="cifar10", data_dir=str(tmp_path)))
     rising = []
     for seed in range(8):
         torch.manual_seed(seed)
-        red = transforms[True](image)[0] * 0.2470 + 0.4914  # back to 0..1
+        red = splits.train[0][0][0] * 0.2470 + 0.4914  # back to 0..1
         spread = (red[16].max() - red[16].min()).item() * 255
         assert spread == pytest.approx(8 * 31 * 32 / 42, abs=4), seed
         rising.append(bool(red[16, -1] > red[16, 0]))
@@ -869,6 +862,83 @@ def cifar10_folder(root: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setattr(CIFAR10, "test_list", [[n, md5[n]] for n, _ in CIFAR10.test_list])
     monkeypatch.setattr(CIFAR10, "meta", {**CIFAR10.meta, "md5": md5["batches.meta"]})
     return root
+
+
+def svhn_folder(root: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """root/train_32x32.mat and test_32x32.mat of three random images each in SVHN's layout
+    (X (32, 32, 3, N), y (N, 1), 10 for the digit 0), published (for torchvision, which reads
+    only files of its published MD5s) under their own checksums."""
+    from scipy.io import savemat
+    from torchvision.datasets import SVHN
+
+    generator = np.random.default_rng(0)
+    for name in data.EXPECTED_FILES["svhn"]:
+        pixels = generator.integers(0, 256, (32, 32, 3, 3), dtype=np.uint8)
+        savemat(root / name, {"X": pixels, "y": np.array([[10], [1], [5]], np.uint8)})
+    published = {
+        split: [url, name, hashlib.md5((root / name).read_bytes()).hexdigest()]
+        for split, (url, name, _) in SVHN.split_list.items()
+        if (root / name).exists()
+    }
+    monkeypatch.setattr(SVHN, "split_list", {**SVHN.split_list, **published})
+    return root
+
+
+@pytest.mark.parametrize("augment", [True, False])
+@pytest.mark.parametrize("dataset", ["cifar10", "svhn"])
+def test_cifar10_and_svhn_batches_are_torchvisions_to_the_bit_and_plain_reads_skip_pil(
+    tmp_path, monkeypatch, dataset, augment
+):
+    """Each training batch of two epochs (each sample augmented from its (seed, epoch, index)
+    stream) and each test batch equal those of torchvision's dataset read through its
+    ToTensor and Normalize, after CIFAR-10's flips and crops where augmented, to the bit; a
+    read without augmentation makes no PIL image (its round trip was nearly all of the 300 us
+    that reading a CIFAR-10 image took)."""
+    from torchvision import datasets as tv
+    from torchvision import transforms as T
+
+    from raydeq.training import vision
+
+    folder = (cifar10_folder if dataset == "cifar10" else svhn_folder)(tmp_path, monkeypatch)
+    cfg = section(
+        dataset=dataset, data_dir=str(folder), augment=augment, batch_size=2, eval_batch_size=2
+    )
+    splits = data.load_splits(cfg)
+    cifar10 = dataset == "cifar10"
+    flips = (T.RandomHorizontalFlip(), T.Resize(42, antialias=True), T.RandomCrop(32))
+    augmentation = flips if cifar10 and augment else ()
+    standard = (
+        T.ToTensor(),
+        T.Normalize(*(vision.CIFAR10_STATS if cifar10 else vision.SVHN_STATS)),
+    )
+    if cifar10:
+        train = tv.CIFAR10(str(folder), train=True, transform=T.Compose([*augmentation, *standard]))
+        test = tv.CIFAR10(str(folder), train=False, transform=T.Compose(standard))
+    else:
+        train, test = (tv.SVHN(str(folder), s, T.Compose(standard)) for s in ("train", "test"))
+    assert splits.augmented is bool(augmentation)
+
+    def epochs(training: torch.utils.data.Dataset, testing: torch.utils.data.Dataset) -> list:
+        """The test batches, then the training batches of epochs 0 and 1."""
+        loader = data.train_loader(training, cfg, 5, 0, 1, splits.augmented)
+        batches = [list(data.eval_loader(testing, cfg, 0, 1))]
+        for epoch in (0, 1):
+            data.set_position(loader, epoch, 0)
+            batches.append(list(loader))
+        return batches
+
+    def no_pil_image(*args: Any) -> None:
+        raise AssertionError("a read without augmentation made a PIL image")
+
+    reference = epochs(train, test)
+    with monkeypatch.context() as patch:
+        if not splits.augmented:
+            patch.setattr(Image, "fromarray", no_pil_image)
+        tested = epochs(splits.train, splits.test)
+    assert len(tested) == 3 and len(tested[1]) == len(train) // 2
+    for ours, theirs in zip(tested, reference, strict=True):
+        for (images, labels), (expected, expected_labels) in zip(ours, theirs, strict=True):
+            assert torch.equal(images, expected) and torch.equal(labels, expected_labels)
 
 
 def test_a_cifar10_batch_cut_short_is_named_before_it_is_read(tmp_path, monkeypatch):

@@ -43,49 +43,54 @@ def _mnist_augmentation(cfg: DataSection) -> tuple[Callable, ...]:
     return (T.RandomAffine(degrees=10, translate=(0.1, 0.1)),) if cfg.augment else ()
 
 
-class GreyImages(Dataset):
-    """uint8 images (N, H, W) and labels, each image passed through the PIL transforms `augment`
-    and then ToTensor and Normalize(*stats) (see `transform`). Without augmentation every image
-    is standardised once, here, so that a read is an index rather than a PIL round trip."""
+class ArrayImages(Dataset):
+    """uint8 images (N, C, H, W) and labels, each image passed through the PIL transforms
+    `augment` and then ToTensor and Normalize(*stats) (see `transform`). Without augmentation
+    every image is standardised once, here, so that a read is an index rather than a PIL round
+    trip (200 us of CPU time for a CIFAR-10 image through torchvision's dataset and
+    transforms)."""
 
     def __init__(
         self,
         images: torch.Tensor,
-        labels: torch.Tensor,
+        labels: Sequence[int],
         stats: tuple[tuple[float, ...], tuple[float, ...]],
         *augment: Callable,
     ) -> None:
-        self.images, self.labels, self.augment = images, labels, T.Compose(augment)
-        self.mean, self.std = (torch.tensor(s).view(1, 1, 1) for s in stats)
+        self.images, self.labels, self.augment = images, torch.as_tensor(labels), T.Compose(augment)
+        self.mean, self.std = (torch.tensor(s).view(-1, 1, 1) for s in stats)
         self.standardised = None if augment else self.standardise(images)
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def standardise(self, pixels: torch.Tensor) -> torch.Tensor:
-        """uint8 pixels (..., H, W) as ToTensor and Normalize give them: (..., 1, H, W) floats,
-        p / 255, less the mean, over the deviation, in the same float32 operations."""
-        return pixels.unsqueeze(-3).float().div(255).sub(self.mean).div(self.std)
+    def standardise(self, planes: torch.Tensor) -> torch.Tensor:
+        """uint8 pixels (..., C, H, W) as ToTensor and Normalize give them: floats p / 255,
+        less the mean, over the deviation, in the same float32 operations."""
+        return planes.float().div(255).sub(self.mean).div(self.std)
 
     def transform(self, image: Image.Image) -> torch.Tensor:
         """A PIL image augmented and standardised, as a training read gives it."""
-        return self.standardise(torch.from_numpy(np.array(self.augment(image), np.uint8)))
+        pixels = np.array(self.augment(image), np.uint8)
+        planes = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+        return self.standardise(torch.from_numpy(planes))
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         if self.standardised is not None:
             return self.standardised[index], int(self.labels[index])
-        image = Image.fromarray(self.images[index].numpy(), mode="L")
-        return self.transform(image), int(self.labels[index])
+        planes = self.images[index].numpy()
+        pixels = planes[0] if len(planes) == 1 else planes.transpose(1, 2, 0)
+        return self.transform(Image.fromarray(pixels)), int(self.labels[index])
 
 
 def _mnist(cfg: DataSection) -> Splits:
     """MNIST from `data_dir/MNIST/raw` in the IDX layout torchvision reads, its digits read as
-    the embedded ones (see GreyImages)."""
+    the embedded ones (see ArrayImages)."""
     make = partial(datasets.MNIST, cfg.data_dir, download=cfg.download)
     train, test = make(train=True), make(train=False)
     return Splits(
-        GreyImages(train.data, train.targets, MNIST_STATS, *_mnist_augmentation(cfg)),
-        GreyImages(test.data, test.targets, MNIST_STATS),
+        ArrayImages(train.data[:, None], train.targets, MNIST_STATS, *_mnist_augmentation(cfg)),
+        ArrayImages(test.data[:, None], test.targets, MNIST_STATS),
         image_shape(cfg),
         CLASSES["mnist"],
         augmented=cfg.augment,
@@ -97,38 +102,48 @@ def _mnist10k(cfg: DataSection) -> Splits:
 
     Transforms and augmentation are MNIST's; the files ship in the package (MNIST10K_DIR).
     """
-    train = GreyImages(*mnist10k(train=True), MNIST_STATS, *_mnist_augmentation(cfg))
-    test = GreyImages(*mnist10k(train=False), MNIST_STATS)
+    (train_images, train_labels), (test_images, test_labels) = mnist10k(True), mnist10k(False)
+    augment = _mnist_augmentation(cfg)
+    train = ArrayImages(train_images[:, None], train_labels, MNIST_STATS, *augment)
+    test = ArrayImages(test_images[:, None], test_labels, MNIST_STATS)
     return Splits(train, test, image_shape(cfg), CLASSES["mnist10k"], augmented=cfg.augment)
 
 
 def _cifar10(cfg: DataSection) -> Splits:
-    """CIFAR-10; augmentation as the paper's reference code (experiments/cifar10/main.jl at
-    DeepEquilibriumNetworks.jl d18c610): horizontal flips, then a 32 x 32 crop of the image
-    resized to 42 x 42."""
+    """CIFAR-10, its images read as arrays (see ArrayImages); augmentation as the paper's
+    reference code (experiments/cifar10/main.jl at DeepEquilibriumNetworks.jl d18c610):
+    horizontal flips, then a 32 x 32 crop of the image resized to 42 x 42."""
     augment = (
         (T.RandomHorizontalFlip(), T.Resize(42, antialias=True), T.RandomCrop(32))
         if cfg.augment
         else ()
     )
-    train = datasets.CIFAR10(
-        cfg.data_dir,
-        train=True,
-        download=cfg.download,
-        transform=_normalized(CIFAR10_STATS, *augment),
+    make = partial(datasets.CIFAR10, cfg.data_dir, download=cfg.download)
+    train, test = make(train=True), make(train=False)
+
+    def planes(images: np.ndarray) -> torch.Tensor:
+        """CIFAR-10's images (N, H, W, C) as (N, C, H, W), without a copy."""
+        return torch.from_numpy(images).permute(0, 3, 1, 2)
+
+    return Splits(
+        ArrayImages(planes(train.data), train.targets, CIFAR10_STATS, *augment),
+        ArrayImages(planes(test.data), test.targets, CIFAR10_STATS),
+        image_shape(cfg),
+        CLASSES["cifar10"],
+        augmented=cfg.augment,
     )
-    test = datasets.CIFAR10(
-        cfg.data_dir, train=False, download=cfg.download, transform=_normalized(CIFAR10_STATS)
-    )
-    return Splits(train, test, image_shape(cfg), CLASSES["cifar10"], augmented=cfg.augment)
 
 
 def _svhn(cfg: DataSection) -> Splits:
-    """SVHN (train and test .mat files); no flips, since digits are not mirror-symmetric."""
-    make = partial(
-        datasets.SVHN, cfg.data_dir, download=cfg.download, transform=_normalized(SVHN_STATS)
+    """SVHN (train and test .mat files), its images read as arrays (see ArrayImages); no
+    flips, since digits are not mirror-symmetric."""
+    make = partial(datasets.SVHN, cfg.data_dir, download=cfg.download)
+    train, test = make(split="train"), make(split="test")
+    return Splits(
+        *(ArrayImages(torch.from_numpy(s.data), s.labels, SVHN_STATS) for s in (train, test)),
+        image_shape(cfg),
+        CLASSES["svhn"],
     )
-    return Splits(make(split="train"), make(split="test"), image_shape(cfg), CLASSES["svhn"])
 
 
 class FileImages(Dataset):
