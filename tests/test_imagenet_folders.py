@@ -3,6 +3,7 @@ layouts, staging to local disk, and one-line errors from the preflight for a bro
 
 import errno
 import fcntl
+import gc
 import io
 import os
 import shutil
@@ -138,16 +139,18 @@ def test_a_folder_is_listed_once_for_every_dataset_built_from_it(tmp_path, listi
     assert (root / folders.INDEX_FILE).is_file()
     for _ in range(4):  # more workers, trials and restarts
         again = data.load_splits(section(root))
-        assert again.train.files == first.train.files and again.test.labels == first.test.labels
+        assert again.train.files.equals(first.train.files)
+        assert np.array_equal(again.test.labels, first.test.labels)
     assert listings[listed:] == [str(root / "train")] * 4  # its classes, checked against the index
     reference = datasets.ImageFolder(root / "train")
-    assert [(str(root / f), n) for f, n in zip(first.train.files, first.train.labels)] == [
+    files, labels = first.train.files.to_pylist(), first.train.labels.tolist()
+    assert [(str(root / f), n) for f, n in zip(files, labels, strict=True)] == [
         (str(path), n) for path, n in reference.samples
     ]
     assert first.num_classes == 10 and len(first.test) == VAL_IMAGES
     truth = [CLASSES.index(w) for w in val_truth()]
-    numbers = [int(Path(f).stem.rsplit("_", 1)[1]) for f in first.test.files]
-    assert [truth[n - 1] for n in numbers] == first.test.labels
+    numbers = [int(Path(f).stem.rsplit("_", 1)[1]) for f in first.test.files.to_pylist()]
+    assert [truth[n - 1] for n in numbers] == first.test.labels.tolist()
     image, label = first.test[7]
     expected = datasets.ImageFolder(root / "train", transform=first.test.transform)
     same_class = expected.targets.index(label)
@@ -205,11 +208,11 @@ def test_staging_copies_the_indexed_files_to_local_disk_once(tmp_path, monkeypat
     staged = staging.staged_root(str(local), str(root))
     assert splits.train.root == staged and (staged / staging.COMPLETE_FILE).is_file()
     copied = sorted(p.relative_to(staged) for p in staged.rglob("*.JPEG"))
-    assert copied == sorted(Path(f) for f in splits.train.files + splits.test.files)
+    listed = splits.train.files.to_pylist() + splits.test.files.to_pylist()
+    assert copied == sorted(Path(f) for f in listed)
     assert len(copied) == len(CLASSES) * TRAIN_PER_CLASS + VAL_IMAGES
-    assert (staged / splits.test.files[3]).read_bytes() == (
-        root / splits.test.files[3]
-    ).read_bytes()
+    name = splits.test.files[3].as_py()
+    assert (staged / name).read_bytes() == (root / name).read_bytes()
     monkeypatch.setattr(shutil, "copyfile", lambda *args: pytest.fail("copied again"))
     again = data.load_splits(section(root, stage_to=str(local)))
     in_place = data.load_splits(section(root))
@@ -886,6 +889,42 @@ def test_a_listed_file_that_is_no_image_is_one_line_naming_it(tmp_path, payload,
     batches._shutdown_workers()
     lines = "".join(traceback.format_exception(wrapped.value))
     assert launch.own_error(lines) == f"DataError: {message}"
+
+
+def private_kb() -> int:
+    """This process's private memory (kB): the pages it wrote since it was forked, and its own."""
+    rows = Path("/proc/self/smaps_rollup").read_text().splitlines()[1:]
+    fields = dict(row.split(":") for row in rows)
+    return sum(int(fields[name].split()[0]) for name in ("Private_Dirty", "Private_Clean"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps_rollup").exists(), reason="needs Linux's /proc")
+def test_a_loader_process_reading_the_listed_images_copies_no_pages_of_the_list(
+    tmp_path, monkeypatch
+):
+    """A loader process is a fork of its worker, and reading a Python object writes its
+    reference count: each one copied the pages of the lists of paths and labels it read, and
+    kept each file's name that pathlib interned (166 MB once it had read ImageNet's 1.28M
+    images). Reading 100,000 paths copied 17 MB; the paths and labels are arrays now, a path
+    a string, and a child reading them copies under 3 MB (0.6 MB, as for reading 1,000)."""
+    from raydeq.training import vision
+
+    files = [f"train/n{c:08d}/n{c:08d}_{i:04d}.JPEG" for c in range(100) for i in range(1000)]
+    monkeypatch.setattr(vision, "default_loader", str)
+    images = vision.FileImages(tmp_path, files, [i // 1000 for i in range(len(files))], len)
+    assert images[54321] == (len(str(tmp_path / files[54321])), 54)
+    del files
+    readable, writable = os.pipe()
+    child = os.fork()
+    if child == 0:
+        gc.disable()
+        before = private_kb()
+        for index in range(len(images)):
+            images[index]
+        os.write(writable, str(private_kb() - before).encode())
+        os._exit(0)
+    os.waitpid(child, 0)
+    assert int(os.read(readable, 64)) < 3 * 1024
 
 
 @pytest.mark.parametrize("staged", [False, True], ids=["read in place", "staged"])
