@@ -23,6 +23,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from types import SimpleNamespace
 
 import pyarrow.fs
@@ -274,6 +275,18 @@ def loaded() -> Callable[[str, list[str]], list[str]]:
 # slow cores, shared) may take seconds over what takes milliseconds alone, and the wait ends
 # as soon as it is done.
 WAIT_S = 60.0
+
+
+def private_kb() -> int:
+    """This process's private memory (kB): the pages it wrote since it was forked, and its own."""
+    rows = Path("/proc/self/smaps_rollup").read_text().splitlines()[1:]
+    fields = dict(row.split(":") for row in rows)
+    return sum(int(fields[name].split()[0]) for name in ("Private_Dirty", "Private_Clean"))
+
+
+LINUX_PROC = pytest.mark.skipif(
+    not Path("/proc/self/smaps_rollup").exists(), reason="needs Linux's /proc"
+)
 
 
 def _lock_waits(caplog: pytest.LogCaptureFixture, worker: threading.Thread) -> list[str]:

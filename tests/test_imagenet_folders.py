@@ -18,7 +18,7 @@ import pytest
 import scipy.io
 import torch
 import yaml
-from conftest import ticking
+from conftest import LINUX_PROC, private_kb, ticking
 from PIL import Image
 from torchvision import datasets
 from torchvision.datasets.folder import default_loader
@@ -891,14 +891,7 @@ def test_a_listed_file_that_is_no_image_is_one_line_naming_it(tmp_path, payload,
     assert launch.own_error(lines) == f"DataError: {message}"
 
 
-def private_kb() -> int:
-    """This process's private memory (kB): the pages it wrote since it was forked, and its own."""
-    rows = Path("/proc/self/smaps_rollup").read_text().splitlines()[1:]
-    fields = dict(row.split(":") for row in rows)
-    return sum(int(fields[name].split()[0]) for name in ("Private_Dirty", "Private_Clean"))
-
-
-@pytest.mark.skipif(not Path("/proc/self/smaps_rollup").exists(), reason="needs Linux's /proc")
+@LINUX_PROC
 def test_a_loader_process_reading_the_listed_images_copies_no_pages_of_the_list(
     tmp_path, monkeypatch
 ):
