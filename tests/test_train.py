@@ -46,13 +46,13 @@ from tensorboard.backend.event_processing.event_file_loader import EventFileLoad
 from tensorboard.context import RequestContext
 from tensorboard.data.provider import RunTagFilter
 from tensorboard.util import tensor_util
+from test_deq import tiny_mdeq
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from raydeq import deq, models, train, tune
 from raydeq.experiments import results
 from raydeq.experiments.run import SETTINGS_FILE
-from raydeq.models.mdeq import MDEQConfig, mdeq_parts
 from raydeq.solvers import Status, adjoint, driver
 from raydeq.solvers.state import Structure
 from raydeq.training import (
@@ -2034,18 +2034,6 @@ def test_the_objective_s_gradient_in_every_parameter_is_the_implicit_function_th
             assert not got.any(), name
 
 
-# A float64 two-scale MDEQ on 8 x 8 images: a state of 4 x 8 x 8 and 8 x 4 x 4 per sample.
-TINY_MDEQ = MDEQConfig(
-    channels=(4, 8),
-    head_channels=(2, 4),
-    final_channels=8,
-    in_channels=1,
-    expansion=2,
-    groups=2,
-    dropout=0.3,
-)
-
-
 @pytest.mark.parametrize(
     ("variant", "solver", "mode"),
     [("vanilla", "bs3", "train"), ("skip", "broyden", "train"), ("skip_reg", "euler", "train")]
@@ -2061,10 +2049,7 @@ def test_a_multiscale_objective_s_gradient_is_the_implicit_function_theorem_s(
     batch: in training mode with the dropout masks of the forward pass, which its backward
     keeps, and the Jacobian term, in evaluation mode without either."""
     torch.manual_seed(0)
-    stem, cell, head, skip = (part.double() for part in mdeq_parts(TINY_MDEQ))
-    with torch.no_grad():
-        for post in cell.post_fuse:  # gains of 0.05: f nearly contracts, 60 to 300 evaluations
-            post[-1].weight.mul_(0.05)
+    stem, cell, head, skip = tiny_mdeq(dropout=0.3, gain=0.05)  # 60 to 300 evaluations
     init = {"vanilla": "zeros", "skip": "skip", "skip_reg": "skip_reg"}[variant]
     layer = deq.DEQ(
         cell,
