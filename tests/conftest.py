@@ -34,6 +34,7 @@ import ray
 # packages' folder to sys.path for good: done here, before any test's process_state is taken.
 import setuptools  # noqa: F401
 import torch
+from tensorboard.backend.event_processing import data_provider, plugin_event_multiplexer
 
 from raydeq.training import console, interrupts, storage
 from raydeq.training.launch import API_SERVER, COLOR_PREFIX, WORKER_LOGGERS, runtime_env
@@ -62,6 +63,14 @@ def ticking(monkeypatch: pytest.MonkeyPatch, step_s: float) -> None:
     readings = iter(range(10**6))
     monkeypatch.setattr(console, "time", SimpleNamespace(monotonic=lambda: next(readings) * step_s))
     monkeypatch.setattr(console, "PROGRESS_EVERY_S", PROGRESS_EVERY_S)
+
+
+def tensorboard_data(logdir: Path) -> data_provider.MultiplexerDataProvider:
+    """TensorBoard's data provider of the event files under `logdir`, as its backend reads them."""
+    multiplexer = plugin_event_multiplexer.EventMultiplexer()
+    multiplexer.AddRunsFromDirectory(str(logdir))
+    multiplexer.Reload()
+    return data_provider.MultiplexerDataProvider(multiplexer, str(logdir))
 
 
 def pytest_configure(config: pytest.Config) -> None:

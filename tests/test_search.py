@@ -17,10 +17,10 @@ import pyarrow.parquet as pq
 import pytest
 import ray.cloudpickle
 import yaml
+from conftest import tensorboard_data
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tensorboard import context as tb_context
-from tensorboard.backend.event_processing import data_provider, plugin_event_multiplexer
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import api_pb2, backend_context, plugin_data_pb2
 from test_tune import (
@@ -712,10 +712,7 @@ def test_each_hparams_measure_says_what_it_measures_and_in_which_unit(tmp_path):
     rows = [{"trial": "a", "completed": True, "config.optim.lr": 0.25, "test_accuracy": 0.75}]
     rows[0] |= {"test_top5_accuracy": 1.0, "test_nfe": 12.0, "train_time": 0.5}
     assert hparams.write(str(tmp_path), rows, ["config.optim.lr"]) == 1
-    multiplexer = plugin_event_multiplexer.EventMultiplexer()
-    multiplexer.AddRunsFromDirectory(str(tmp_path))
-    multiplexer.Reload()
-    provider = data_provider.MultiplexerDataProvider(multiplexer, str(tmp_path))
+    provider = tensorboard_data(tmp_path)
     (series,) = provider.list_scalars(
         tb_context.RequestContext(), experiment_id="", plugin_name="scalars"
     ).values()
@@ -739,10 +736,7 @@ def test_each_hparams_measure_says_what_it_measures_and_in_which_unit(tmp_path):
 def _hparams_tab(logdir: Path) -> dict[str, object]:
     """What TensorBoard's HParams tab shows for `logdir`: each setting's type and range (or
     values), and the measures, as its backend works them out from the event files."""
-    multiplexer = plugin_event_multiplexer.EventMultiplexer()
-    multiplexer.AddRunsFromDirectory(str(logdir))
-    multiplexer.Reload()
-    provider = data_provider.MultiplexerDataProvider(multiplexer, str(logdir))
+    provider = tensorboard_data(logdir)
     backend = backend_context.Context(SimpleNamespace(data_provider=provider, logdir=str(logdir)))
     request = tb_context.RequestContext()
     found = backend.hparams_metadata(request, "")

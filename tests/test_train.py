@@ -35,12 +35,11 @@ import pytest
 import ray
 import ray.cloudpickle
 import torch
-from conftest import ticking
+from conftest import tensorboard_data, ticking
 from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
 from ray.cluster_utils import Cluster
 from ray.train import Checkpoint, ScalingConfig
 from ray.util.state import list_actors
-from tensorboard.backend.event_processing import data_provider, plugin_event_multiplexer
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 from tensorboard.context import RequestContext
@@ -3706,10 +3705,7 @@ def test_every_tensorboard_scalar_says_what_it_measures_and_in_which_unit(tmp_pa
     )
     loop.Loop(cfg, FolderSession(tmp_path / "run")).run()
     folder = Path(cfg.run_dir, reporting.TENSORBOARD_DIR)
-    multiplexer = plugin_event_multiplexer.EventMultiplexer()
-    multiplexer.AddRunsFromDirectory(str(folder))
-    multiplexer.Reload()
-    provider = data_provider.MultiplexerDataProvider(multiplexer, str(folder))
+    provider = tensorboard_data(folder)
     (series,) = provider.list_scalars(
         RequestContext(), experiment_id="", plugin_name="scalars"
     ).values()
@@ -3761,10 +3757,7 @@ def test_a_neural_odes_unconverged_fraction_says_beside_its_chart_why_it_is_1(tm
     )
     loop.Loop(cfg, FolderSession(tmp_path / "run")).run()
     folder = Path(cfg.run_dir, reporting.TENSORBOARD_DIR)
-    multiplexer = plugin_event_multiplexer.EventMultiplexer()
-    multiplexer.AddRunsFromDirectory(str(folder))
-    multiplexer.Reload()
-    provider = data_provider.MultiplexerDataProvider(multiplexer, str(folder))
+    provider = tensorboard_data(folder)
     context = RequestContext()
     (series,) = provider.list_scalars(context, experiment_id="", plugin_name="scalars").values()
     ((points,),) = (
