@@ -708,7 +708,8 @@ def test_an_hparams_entry_gains_a_setting_that_trials_finished_since_vary(tmp_pa
 def test_each_hparams_measure_says_what_it_measures_and_in_which_unit(tmp_path):
     """The entries' measures are scalars of the experiment's TensorBoard too, each beside its
     chart with no description: hparam/train_time, a tag that no run writes, said neither that
-    it is seconds per training step nor of which passes; each now says, as the runs' do."""
+    it is seconds per training step nor of which passes, nor that the unrolled warm-up's steps
+    (which report pretrain_* times) are not among them; each now says, as the runs' do."""
     rows = [{"trial": "a", "completed": True, "config.optim.lr": 0.25, "test_accuracy": 0.75}]
     rows[0] |= {"test_top5_accuracy": 1.0, "test_nfe": 12.0, "train_time": 0.5}
     assert hparams.write(str(tmp_path), rows, ["config.optim.lr"]) == 1
@@ -718,8 +719,9 @@ def test_each_hparams_measure_says_what_it_measures_and_in_which_unit(tmp_path):
     ).values()
     described = {tag: found.description for tag, found in series.items()}
     assert described["hparam/train_time"] == (
-        "the trial's mean over its training steps: seconds per training step, the forward "
-        "and backward passes (forward_time + backward_time)"
+        "the trial's mean over its training steps past the unrolled warm-up "
+        "(model.pretrain_steps): seconds per training step, the forward and backward passes "
+        "of its solves (forward_time + backward_time)"
     )
     last = "the trial's last evaluation: "
     assert described["hparam/test_accuracy"] == last + reporting.DESCRIPTIONS["test_accuracy"]

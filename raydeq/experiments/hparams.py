@@ -79,8 +79,9 @@ def _description(tag: str) -> str:
     name = tag.removeprefix("hparam/")
     if name == "train_time":
         return (
-            "the trial's mean over its training steps: seconds per training step, the forward "
-            "and backward passes (forward_time + backward_time)"
+            "the trial's mean over its training steps past the unrolled warm-up "
+            "(model.pretrain_steps): seconds per training step, the forward and backward passes "
+            "of its solves (forward_time + backward_time)"
         )
     return f"the trial's last evaluation: {DESCRIPTIONS[name]}"
 
