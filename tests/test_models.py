@@ -13,9 +13,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from raydeq import DEQ, NeuralODE
+from raydeq.bench.suites.step_cost import OpCounter
 from raydeq.datasets import mnist10k
 from raydeq.models import PRESETS, VARIANTS, build, layers, resolve
 from raydeq.models.classifier import EquilibriumClassifier
@@ -1111,19 +1111,6 @@ def test_the_multiscale_cell_is_mdeqs_residual_blocks_and_fusion():
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
-class Additions(TorchDispatchMode):
-    """Counts the aten additions dispatched while active."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
-        """Count func if it adds, then run it."""
-        self.count += func.overloadpacket is torch.ops.aten.add
-        return func(*args, **(kwargs or {}))
-
-
 def test_each_fused_scale_adds_its_maps_without_copying_a_scale():
     """A three-scale f adds with 10 additions per evaluation (the injection, three residuals,
     two per fused scale): the fusion's sum() from 0 spent 13, each 0 + map a copy of a scale."""
@@ -1134,9 +1121,9 @@ def test_each_fused_scale_adds_its_maps_without_copying_a_scale():
         torch.randn(2, c, s, s, dtype=torch.float64)
         for c, s in zip(THREE_SCALES.channels, (7, 4, 2))
     ]
-    with torch.no_grad(), Additions() as additions:
+    with torch.no_grad(), OpCounter() as counted:
         got = cell(z, x)
-    assert additions.count == 10
+    assert counted.ops["add"] == 10
     for a, b in zip(got, reference_cell(cell, z, x), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
