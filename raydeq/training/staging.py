@@ -32,9 +32,7 @@ def staged_root(stage_to: str, data_dir: str) -> Path:
 
 
 def _copy(source: Path, target: Path) -> None:
-    """Copy one file unless it is there already (written under a temporary name first)."""
-    if target.exists():
-        return
+    """Copy one file, written under a temporary name first."""
     partial = target.with_name(f".{target.name}.partial")
     shutil.copyfile(source, partial)
     os.replace(partial, target)
@@ -64,10 +62,14 @@ def stage(data_dir: str, files: Sequence[str], stage_to: str) -> Path:
         if not _complete(root, mark):
             for folder in sorted({Path(name).parent for name in files}):
                 (root / folder).mkdir(parents=True, exist_ok=True)
-            shown = Progress(f"copying the {len(files)} files of {data_dir} to {root}", len(files))
+            # Only the files the copy lacks are parts: a resumed copy's files already there,
+            # passed over at once, made the time left a fraction of the copy's.
+            lacking = [name for name in files if not (root / name).exists()]
+            what = f"copying {len(lacking)} of the {len(files)} files of {data_dir} to {root}"
+            shown = Progress(what, len(lacking))
             with ThreadPoolExecutor(COPY_THREADS) as pool:
-                sources = (Path(data_dir, name) for name in files)
-                for _ in pool.map(_copy, sources, (root / name for name in files)):
+                sources = (Path(data_dir, name) for name in lacking)
+                for _ in pool.map(_copy, sources, (root / name for name in lacking)):
                     shown.next()
             (root / COMPLETE_FILE).write_text(mark)
     return root
