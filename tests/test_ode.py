@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 import raydeq
 from raydeq.solvers import CONTINUOUS, Status
+from raydeq.solvers import tableau as tableaus
 from raydeq.solvers.control import Controller, initial_step
 from raydeq.solvers.termination import Termination
 
@@ -58,6 +59,68 @@ def test_convergence_order(solver, order):
     ]
     slopes = [math.log2(errors[i] / errors[i + 1]) for i in range(2)]
     assert all(abs(s - order) < 0.4 for s in slopes), (errors, slopes)
+
+
+def grown(tree: tuple) -> set[tuple]:
+    """The rooted trees made by adding one leaf to any node of `tree` (a node is the sorted
+    tuple of its subtrees, a leaf the empty tuple)."""
+    trees = {tuple(sorted((*tree, ())))}
+    for i, child in enumerate(tree):
+        trees |= {tuple(sorted((*tree[:i], g, *tree[i + 1 :]))) for g in grown(child)}
+    return trees
+
+
+def rooted_trees(order: int) -> list[list[tuple]]:
+    """The rooted trees of 1, 2, ..., order nodes, one list per order."""
+    levels = [[()]]
+    while len(levels) < order:
+        levels.append(sorted(set().union(*(grown(t) for t in levels[-1]))))
+    return levels
+
+
+def order_defects(tableau: tableaus.Tableau, weights: torch.Tensor, order: int) -> list[float]:
+    """|weights . Phi(t) - 1 / gamma(t)| over the trees of each order up to `order`, largest
+    per order (Butcher): Phi(t) = prod over t's subtrees s of A Phi(s), gamma(t) = |t| prod
+    gamma(s), A the tableau's stages with c_i = sum_j a_ij (the steps are autonomous)."""
+    stages = len(tableau.a) + 1
+    a = torch.zeros(stages, stages, dtype=torch.float64)
+    for i, row in enumerate(tableau.a):
+        a[i + 1, : len(row)] = torch.tensor(row, dtype=torch.float64)
+
+    def phi_gamma(t: tuple) -> tuple[torch.Tensor, float, int]:
+        """Phi(t), gamma(t) and the number of nodes of t."""
+        phi, gamma, size = torch.ones(stages, dtype=torch.float64), 1.0, 1
+        for s in t:
+            phi_s, gamma_s, size_s = phi_gamma(s)
+            phi, gamma, size = phi * (a @ phi_s), gamma * gamma_s, size + size_s
+        return phi, gamma * size, size
+
+    defects = []
+    for level in rooted_trees(order):
+        terms = [phi_gamma(t)[:2] for t in level]
+        defects.append(max(abs(float(weights @ phi) - 1 / gamma) for phi, gamma in terms))
+    return defects
+
+
+def test_rooted_trees_are_counted_as_in_butcher_s_table():
+    """1, 1, 2, 4, 9, 20 trees of 1 to 6 nodes (OEIS A000081)."""
+    assert [len(level) for level in rooted_trees(6)] == [1, 1, 2, 4, 9, 20]
+
+
+@pytest.mark.parametrize("name", ["EULER", "BS3", "TSIT5"])
+def test_tableaus_meet_the_order_conditions_of_their_solution_and_error_estimate(name: str):
+    """The step's weights b (the FSAL last row) meet every order condition up to `order` and
+    the embedded solution's, b - b_error, up to `error_order`, to float64 rounding, and each
+    fails one of the next order, which the controller's exponents assume. A linear flow (the
+    convergence test) checks only the stability polynomial, not the conditions of bushy trees."""
+    tableau = getattr(tableaus, name)
+    b = torch.zeros(len(tableau.a) + 1, dtype=torch.float64)
+    b[: len(tableau.a[-1])] = torch.tensor(tableau.a[-1], dtype=torch.float64)
+    embedded = b - torch.tensor(tableau.b_error, dtype=torch.float64)
+    for weights, order in ((b, tableau.order), (embedded, tableau.error_order)):
+        *met, next_order = order_defects(tableau, weights, order + 1)
+        assert max(met) < 1e-13, (name, order, met)
+        assert next_order > 1e-5, (name, order, next_order)
 
 
 @pytest.mark.parametrize("solver", ["tsit5", "bs3", "vcab3"])
