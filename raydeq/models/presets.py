@@ -10,9 +10,10 @@ multiscale presets take the reference code's experiment files
 (SciML/DeepEquilibriumNetworks.jl at d18c610, experiments/cifar10/{tiny,large}.yml and
 experiments/imagenet/small.yml: `maxiters`, `sensealg.maxiters`, `pretrain_steps`, `weight_norm`;
 experiments/cifar10/main.jl: the warm-up's depth of 5).
-mnist_dense's lambda_skip = 1.0 comes from the benchmark suite skip_lambda: with it Skip Reg.
-needs a seventh of vanilla's test NFE at about its accuracy, where 0.01 and 0.1 cut it by a fifth
-and by a half.
+mnist_dense's lambda_skip = 0.1 comes from the benchmark suite skip_lambda: with it Skip Reg.
+needs about half of vanilla's test NFE at about its accuracy, where 0.01 cuts it by a fifth; at
+1.0 the skip loss drives relu(W1 z) to zero almost everywhere (||J_f(z*)||_F^2 / dim 1e-4 against
+vanilla's 0.12), so that the trained layer is an explicit one with no equilibrium left to solve.
 """
 
 from collections.abc import Callable
@@ -61,7 +62,7 @@ PRESETS: dict[str, Preset] = {
     "mnist_dense": Preset(
         partial(dense_parts, DenseConfig()),
         (1, 28, 28),
-        lambda_skip=1.0,
+        lambda_skip=0.1,
         abstol=5e-3,
         reltol=5e-3,
         max_steps=50,
