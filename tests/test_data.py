@@ -657,6 +657,21 @@ def test_eval_shards_cover_the_test_set_once_without_padding():
     assert parts == [[0, 1, 6], [2, 3], [4, 5]]
 
 
+def test_loaders_pin_batches_only_for_a_cuda_device(monkeypatch):
+    """data.pin_memory pins a worker's batches where they go to a GPU; a worker training on
+    the CPU of a GPU node (Ray hides no GPU from it) pinned them too, opening a CUDA context on
+    GPU 0 beside the trials that hold it."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cfg = section(pin_memory=True)
+    splits = data.load_splits(cfg)
+    pinned = {}
+    for device in (torch.device("cpu"), torch.device("cuda")):
+        train = data.train_loader(splits.train, cfg, 0, 0, 1, device=device)
+        test = data.eval_loader(splits.test, cfg, 0, 1, device)
+        pinned[device.type] = (train.pin_memory, test.pin_memory)
+    assert pinned == {"cpu": (False, False), "cuda": (True, True)}
+
+
 def test_loaders_give_full_batches_and_resume_mid_epoch():
     cfg = section(batch_size=100, eval_batch_size=64)
     splits = data.load_splits(cfg)

@@ -61,6 +61,7 @@ DOWNLOAD_TIMEOUT_S = 60.0
 CHECKSUMMED = ("cifar10", "svhn")
 DIGITS_TEST_FRACTION = 0.2
 DIGITS_SIZE = (28, 28)
+CPU = torch.device("cpu")
 
 
 class DataError(ValueError):
@@ -445,12 +446,14 @@ def freeze_inherited(loader_process: int) -> None:
     gc.freeze()
 
 
-def _loader_options(cfg: DataSection, seed: int = 0) -> dict:
+def _loader_options(cfg: DataSection, device: torch.device, seed: int = 0) -> dict:
     """DataLoader options shared by the train and test loaders; the loader's own generator
-    seeds its processes, so that starting an epoch draws nothing from the process's stream."""
+    seeds its processes, so that starting an epoch draws nothing from the process's stream.
+    Batches are pinned (data.pin_memory) only for a CUDA `device`: Ray 2.60 hides no GPU from
+    a worker that holds none, and pinning there opened a CUDA context on GPU 0."""
     return {
         "num_workers": cfg.loader_workers,
-        "pin_memory": cfg.pin_memory and torch.cuda.is_available(),
+        "pin_memory": cfg.pin_memory and device.type == "cuda",
         "persistent_workers": cfg.loader_workers > 0,
         "generator": torch.Generator().manual_seed(seed),
         "worker_init_fn": freeze_inherited,
@@ -464,17 +467,18 @@ def train_loader(
     rank: int,
     world_size: int,
     augmented: bool = False,
+    device: torch.device = CPU,
 ) -> DataLoader:
     """Worker `rank`'s shuffled shard of `dataset` in full batches of its share of batch_size
-    (`augmented`: see Samples); config.validate has checked that batch_size splits over the
-    workers, scaling.num_workers."""
+    for `device` (`augmented`: see Samples); config.validate has checked that batch_size
+    splits over the workers, scaling.num_workers."""
     sampler = ShardSampler(dataset, world_size, rank, seed)
     return DataLoader(
         Samples(dataset, seed, augmented),
         batch_size=cfg.batch_size // world_size,
         sampler=sampler,
         drop_last=True,
-        **_loader_options(cfg, seed),
+        **_loader_options(cfg, device, seed),
     )
 
 
@@ -486,10 +490,12 @@ def eval_shard(dataset: Dataset, batch_size: int, rank: int, world_size: int) ->
     return Subset(dataset, [i for s in starts for i in range(s, min(s + batch_size, len(dataset)))])
 
 
-def eval_loader(dataset: Dataset, cfg: DataSection, rank: int, world_size: int) -> DataLoader:
-    """Worker `rank`'s share of `dataset` (see `eval_shard`), in order."""
+def eval_loader(
+    dataset: Dataset, cfg: DataSection, rank: int, world_size: int, device: torch.device = CPU
+) -> DataLoader:
+    """Worker `rank`'s share of `dataset` (see `eval_shard`), in order, for `device`."""
     shard = eval_shard(dataset, cfg.eval_batch_size, rank, world_size)
-    return DataLoader(shard, batch_size=cfg.eval_batch_size, **_loader_options(cfg))
+    return DataLoader(shard, batch_size=cfg.eval_batch_size, **_loader_options(cfg, device))
 
 
 def steps_per_epoch(loader: DataLoader) -> int:

@@ -119,9 +119,9 @@ class Loop:
         splits = data.load_splits(cfg.data)
         data.check_batch(cfg.data, len(splits.train))  # an image folder's size is known here
         self.train_data = data.train_loader(
-            splits.train, cfg.data, cfg.seed, self.rank, self.world, splits.augmented
+            splits.train, cfg.data, cfg.seed, self.rank, self.world, splits.augmented, self.device
         )
-        self.test_data = data.eval_loader(splits.test, cfg.data, self.rank, self.world)
+        self.test_data = data.eval_loader(splits.test, cfg.data, self.rank, self.world, self.device)
         self.steps_per_epoch = data.steps_per_epoch(self.train_data)
         epochs_steps = cfg.train.epochs * self.steps_per_epoch
         self.total_steps = min(cfg.train.max_steps or epochs_steps, epochs_steps)
