@@ -175,6 +175,35 @@ def test_recorded_arnoldi_steps_solve_as_the_eager_ones(traced, monkeypatch, res
     assert sum(step.calls for step in steps.values()) == python[False] > python[True]
 
 
+def test_an_arnoldi_step_whose_recording_failed_is_recorded_again_not_replayed(traced, monkeypatch):
+    """GMRES keeps its recorded steps per batch shape: after a recording that failed (the
+    device out of memory mid-capture, which leaves a graph of part of the step), the next
+    solve of that shape records the step again and solves as eager GMRES, where it replayed
+    what the failed recording had left."""
+    failures = [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")]
+
+    class Flaky(TracedRecorder):
+        def record(self, body, written) -> None:
+            if failures:
+                raise failures.pop()
+            super().record(body, written)
+
+    monkeypatch.setitem(graphs.RECORDERS, "cpu", Flaky)
+    g = torch.Generator().manual_seed(8)
+    a = torch.eye(D, dtype=torch.float64) - 0.5 * torch.randn(B, D, D, generator=g) / D**0.5
+    b = torch.randn(B, D, generator=g, dtype=torch.float64)
+
+    def solve(graph: bool):
+        return GMRES(rtol=1e-4, graph=graph)(lambda u: (a @ u[:, :, None])[:, :, 0], b, b)
+
+    solve(True)
+    with pytest.raises(RuntimeError, match=r"could not record .* \(CUDA out of memory\. "):
+        solve(True)
+    (x, info), (eager_x, eager_info) = solve(True), solve(False)
+    assert torch.equal(x, eager_x) and bool(info.converged.all())
+    assert info.matvecs == eager_info.matvecs
+
+
 def test_repeated_backward_passes_replay_and_match_eager(traced):
     """Three training steps of a solve with compile="graph": the same gradients as eager."""
     f, params, _ = problem(5)

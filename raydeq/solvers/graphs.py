@@ -83,7 +83,7 @@ class CudaGraphRecorder:
             self.STREAMS[device] = torch.cuda.Stream(device)
         self.device = device
         self.stream = self.STREAMS[device]
-        self.graph = torch.cuda.CUDAGraph()
+        self.graph: torch.cuda.CUDAGraph | None = None
         self.shares = shares
 
     @contextlib.contextmanager
@@ -105,8 +105,11 @@ class CudaGraphRecorder:
         """Capture body on the side stream (other threads may use CUDA meanwhile); a capture
         runs nothing, so `written` keep their values. With `shares`, a recorder that has
         recorded already, the graph takes its memory pool: graphs that are never replayed at
-        once and keep no tensor of their pool alive between replays can share its scratch."""
+        once and keep no tensor of their pool alive between replays can share its scratch.
+        Each recording captures into a new graph, so that one made again after a failed
+        capture does not meet the part that capture left."""
         pool = self.shares.graph.pool() if self.shares is not None else None
+        self.graph = torch.cuda.CUDAGraph()
         with self._on_side_stream():
             self.graph.capture_begin(pool, capture_error_mode="thread_local")
             try:
@@ -126,7 +129,9 @@ RECORDERS: dict[str, Callable[..., Recorder]] = {"cuda": CudaGraphRecorder}
 
 class Replayed:
     """fn(), which reads and writes tensors at fixed addresses only: run eagerly on its first
-    call (the warm-up), recorded on its second and replayed from then on."""
+    call (the warm-up), recorded on its second and replayed from then on; a warm-up or a
+    recording that fails is made again at the next call, never replayed (a capture that an
+    error cut short, the device out of memory, holds part of fn's work)."""
 
     def __init__(
         self, fn: Callable[[], None], written: Sequence[torch.Tensor], recorder: Recorder
@@ -137,23 +142,27 @@ class Replayed:
         self.calls = 0
 
     def __call__(self) -> None:
-        """Run fn's work once."""
-        self.calls += 1
-        if self.calls == 1:
+        """Run fn's work once; `calls` counts those that ran."""
+        if self.calls == 0:
             with self.recorder.warm_up():
                 self.fn()
-            return
-        if self.calls == 2:
-            try:
-                self.recorder.record(self.fn, self.written)
-            except Exception as err:
-                reason = str(err).splitlines()[0][:300] if str(err) else type(err).__name__
-                raise RuntimeError(
-                    f"compile='graph' could not record a solver step as a graph ({reason}): "
-                    "its work, f's included, must stay on the device without host reads; "
-                    "compile=True or False run it without recording"
-                ) from err
-        self.recorder.replay()
+        else:
+            if self.calls == 1:
+                self._record()
+            self.recorder.replay()
+        self.calls += 1
+
+    def _record(self) -> None:
+        """Record fn, or raise a RuntimeError naming the first line of the recorder's error."""
+        try:
+            self.recorder.record(self.fn, self.written)
+        except Exception as err:
+            reason = str(err).splitlines()[0][:300] if str(err) else type(err).__name__
+            raise RuntimeError(
+                f"compile='graph' could not record a solver step as a graph ({reason}): "
+                "its work, f's included, must stay on the device without host reads; "
+                "compile=True or False run it without recording"
+            ) from err
 
 
 class GraphedStep:
