@@ -408,3 +408,24 @@ def test_a_capture_keeps_the_side_stream_from_other_threads(monkeypatch):
     graphs.CudaGraphRecorder(device).record(body, [])
     other.join()
     assert seen == [False] and warming.is_set()
+
+
+def test_work_after_a_warm_up_that_raised_waits_for_the_side_stream(monkeypatch):
+    """A warm-up that raises has queued kernels on the side stream that write the step's
+    buffers: the device's stream still waits for them, so that work queued after the error
+    (the next backward pass, writing the same GMRES workspace) cannot run before them."""
+    waits = []
+
+    class Recorded(FakeStream):
+        def wait_stream(self, other) -> None:
+            waits.append((self, other))
+
+    current = Recorded(torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "Stream", Recorded)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current)
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(graphs.CudaGraphRecorder, "STREAMS", {})
+    recorder = graphs.CudaGraphRecorder(torch.device("cuda"))
+    with pytest.raises(torch.OutOfMemoryError), recorder.warm_up():
+        raise torch.OutOfMemoryError("CUDA out of memory")
+    assert waits == [(recorder.stream, current), (current, recorder.stream)]

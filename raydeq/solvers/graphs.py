@@ -88,14 +88,17 @@ class CudaGraphRecorder:
 
     @contextlib.contextmanager
     def _on_side_stream(self) -> Iterator[None]:
-        """Run on the side stream after the work queued so far, and queue later work after;
-        the other threads wait meanwhile."""
+        """Run on the side stream after the work queued so far, and queue later work after,
+        also where the work raised (a warm-up cut short leaves kernels queued that write the
+        step's buffers); the other threads wait meanwhile."""
         with self.SIDE_STREAM:
             current = torch.cuda.current_stream(self.device)
             self.stream.wait_stream(current)
-            with torch.cuda.stream(self.stream):
-                yield
-            current.wait_stream(self.stream)
+            try:
+                with torch.cuda.stream(self.stream):
+                    yield
+            finally:
+                current.wait_stream(self.stream)
 
     def warm_up(self) -> contextlib.AbstractContextManager:
         """The side stream."""
