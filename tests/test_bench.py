@@ -645,6 +645,11 @@ def test_weights_of_another_model_stop_the_run_before_any_suite(tmp_path, capsys
             ["--only", "train_step", "--models", "cifar10_large", "--weights", "cifar10_large=a"],
             "--weights 'cifar10_large=a': ",
         ),
+        (  # without node, a preset that train_step does not time would keep its weights unused
+            ["--only", "train_step", "--models", "cifar10_small", "--weights", "cifar10_small=a"],
+            "--weights 'cifar10_small=a': no suite of --only train_step times cifar10_small, "
+            "train_step only mnist_dense, cifar10_large; add node to --only, or drop it",
+        ),
     ],
 )
 def test_a_bad_argument_is_named_with_what_is_allowed(args, message, capsys, tmp_path):

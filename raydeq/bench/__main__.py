@@ -26,7 +26,7 @@ from raydeq.bench.harness.report import (
     write,
 )
 from raydeq.bench.harness.timing import keep_freed_memory
-from raydeq.bench.suites import SUITES
+from raydeq.bench.suites import SUITES, train_step
 from raydeq.models import PRESETS
 from raydeq.training.checkpoint import CheckpointError, read_newest
 from raydeq.training.config import ConfigError
@@ -160,6 +160,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.weights:  # --weights picks its presets from --models, train_step's too
         readers["--models"] = (*READ_BY["--models"], "train_step")
     check_read(parser, args.only, {flag: readers[flag] for flag, value in given.items() if value})
+    check_timed(parser, args.only, args.weights)
     try:
         check_device(args.device)
     except ValueError as err:
@@ -198,6 +199,24 @@ def check_read(
             parser.error(
                 f"{flag}: no suite of --only {' '.join(only)} reads it, only "
                 f"{', '.join(suites)}; drop it, or run one of those"
+            )
+
+
+def check_timed(
+    parser: argparse.ArgumentParser, only: Sequence[str] | None, weights: Sequence[str]
+) -> None:
+    """A usage error naming a --weights preset that no suite of --only times: without node,
+    train_step reads them and times its own presets alone, so --only train_step --weights
+    cifar10_small=... timed none of those weights, and said nothing."""
+    if not only or "node" in only:
+        return
+    timed = list(dict.fromkeys(workload.model for workload in train_step.WORKLOADS))
+    for item in weights:
+        name = item.partition("=")[0]
+        if name not in timed:
+            parser.error(
+                f"--weights {item!r}: no suite of --only {' '.join(only)} times {name}, "
+                f"train_step only {', '.join(timed)}; add node to --only, or drop it"
             )
 
 
