@@ -88,8 +88,8 @@ DESCRIPTIONS = {
     "predict_time": "seconds per test batch of data.eval_batch_size: the forward pass, mean "
     "over the test batches",
     "test_unconverged_fraction": "fraction (0 to 1) of the test images whose forward solve "
-    "ended without converging (max_steps, diverged or non-finite; 0 for a Neural ODE, which "
-    "solves to no tolerance)",
+    "ended without converging (max_steps, diverged or non-finite; for a Neural ODE, which "
+    "solves to no tolerance, non-finite alone)",
 }
 
 
