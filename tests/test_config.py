@@ -686,6 +686,27 @@ def test_an_override_of_a_key_spelt_with_other_characters_is_not_blamed_on_the_f
     assert str(err.value).endswith(f" (in {path})")
 
 
+def test_an_option_the_solver_does_not_take_is_blamed_on_where_its_options_are_given(tmp_path):
+    """An unknown solver or adjoint option was keyed by model.solver (model.adjoint), which the
+    file sets, so one given by an override read `(in FILE)`, sending the user to a file that
+    has no such option; it is keyed by the options that hold it."""
+    path = tmp_path / "run.yaml"
+    path.write_text("model: {solver: vcab3, adjoint: gmres}\n")
+    for override, key in (
+        ("model.solver_options={m: 3}", "model.solver_options"),
+        ("model.adjoint_options.restrt=5", "model.adjoint_options"),
+    ):
+        with pytest.raises(ConfigError) as err:
+            load(path, [override])
+        assert err.value.key == key
+        assert " takes no option " in str(err.value) and str(path) not in str(err.value)
+    path.write_text("model: {solver: vcab3, solver_options: {m: 3}}\n")
+    with pytest.raises(ConfigError) as err:
+        load(path, ["model.abstol=0.01"])
+    assert str(err.value).startswith("model.solver='vcab3' takes no option 'm'; its options are")
+    assert str(err.value).endswith(f" (in {path})")
+
+
 def test_a_key_written_as_a_yaml_11_boolean_is_named_as_written(tmp_path):
     """YAML 1.1 reads a key `on:` as true, so it was reported as `optim.True`; a key is its
     text, a value written so stays a boolean."""

@@ -94,6 +94,8 @@ SHOWN_CHANGES = 3
 # The key of a run's workers, which --workers-per-trial and search.workers_per_trial set.
 WORKERS_KEY = "scaling.num_workers"
 _NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+# An option that the solver or adjoint does not take ("solver='vcab3' takes no option 'm'").
+_UNKNOWN_OPTION = re.compile(r"(solver|adjoint)=\S+ takes no option ")
 # A key, a colon and a value without the space between them that makes YAML read a pair.
 _UNSPACED = re.compile(r"[A-Za-z_][\w.]*:(?!//)\S+")
 # The longest name of an experiment: the lock files beside its folder (`.NAME.lock`,
@@ -436,8 +438,13 @@ def check_folder_name(key: str, name: str, *, strict: bool = True, longest: int 
 
 def model_error(err: TypeError | ValueError) -> ConfigError:
     """A model option's error under the key a config writes it as: "m=0 must be ..." from the
-    solver's options reads "model.solver_options.m=0 must be ...", another "model: ..."."""
+    solver's options reads "model.solver_options.m=0 must be ...", an option the solver or
+    adjoint does not take is keyed by the options that hold it (model.solver_options), not by
+    model.solver, another "model: ..."."""
     message = str(err).splitlines()[0]
+    unknown = _UNKNOWN_OPTION.match(message)
+    if unknown:
+        return ConfigError(f"model.{message}", key=f"model.{unknown.group(1)}_options")
     option = re.match(r"[A-Za-z_][\w.]*(?==)", message)
     if option:
         return ConfigError(f"model.{message}", key=f"model.{option.group()}")
