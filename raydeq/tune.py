@@ -635,9 +635,11 @@ def placement_notes(
     args: argparse.Namespace, own: bool, workers: int, need: dict[str, float], cpus: float
 ) -> list[str]:
     """`launch.check_placement` of a trial's workers, its error naming --workers-per-trial
-    where that flag set them."""
+    and --gpus-per-worker where those flags set them."""
+    gpus = args.gpus_per_worker
+    gpus_given = None if gpus is None else f"--gpus-per-worker {gpus:g}"
     try:
-        return launch.check_placement(own, workers, need, "a trial's", cpus)
+        return launch.check_placement(own, workers, need, "a trial's", cpus, gpus_given)
     except ConfigError as err:
         if args.workers_per_trial is None:
             raise
