@@ -718,3 +718,47 @@ def test_a_key_written_as_a_yaml_11_boolean_is_named_as_written(tmp_path):
     path.write_text("optim:\n  yes: 1\n  true: 2\n")
     with pytest.raises(ConfigError, match="^optim.yes: unknown key"):
         load(path)
+
+
+def test_yaml_aliases_that_expand_past_the_limit_or_without_end_are_refused_at_once(
+    tmp_path, monkeypatch
+):
+    """Aliases of aliases (nine lists of nine, eight deep: 9^9 values) hung validation, which
+    expanded them, and an alias within its own value (`&a {m: *a}`) ended in a RecursionError;
+    both are refused as invalid YAML, reading the document as written, and merges still read."""
+    path = tmp_path / "run.yaml"
+    text = "model:\n  solver_options:\n    x0: &a0 [1, 1, 1, 1, 1, 1, 1, 1, 1]\n"
+    for depth in range(1, 9):
+        text += f"    x{depth}: &a{depth} [{', '.join([f'*a{depth - 1}'] * 9)}]\n"
+    path.write_text(text)
+    lists = [10]  # a list of nine is itself and its nine values; each next one, nine of these
+    for _ in range(8):
+        lists.append(1 + 9 * lists[-1])
+    expanded = 5 + sum(1 + size for size in lists)  # two mappings in the root, and the keys
+    with pytest.raises(ConfigError) as err:
+        load(path)
+    written = 5 + 9 + 10 + 8  # as above, the keys x0 to x8, x0's list and the 8 lists of aliases
+    assert str(err.value) == (
+        f"{path}: invalid YAML at line 1: its aliases expand its {written} keys and values to "
+        f"{expanded}, past the {config.MAX_YAML_VALUES} more that aliases may add; write the "
+        "repeated values out"
+    )
+    path.write_text("model:\n  model: mnist_dense\n  solver_options: &a {m: *a}\n")
+    with pytest.raises(ConfigError) as err:
+        load(path)
+    assert str(err.value) == (
+        f"{path}: invalid YAML at line 3: an alias within the value it names (&a [*a]) repeats "
+        "it endlessly"
+    )
+    assert config.load_yaml("a: &x {b: 1}\nc: {<<: *x, d: 2}") == {
+        "a": {"b": 1},
+        "c": {"b": 1, "d": 2},
+    }
+    # Past the limit by what aliases add alone: 30 values written, or 2 aliases of a list of 9
+    # (14 written, 34 expanded), are read; a third alias (44) is refused.
+    monkeypatch.setattr(config, "MAX_YAML_VALUES", 20)
+    assert config.load_yaml(f"seed: {list(range(30))}") == {"seed": list(range(30))}
+    nine = list(range(9))
+    assert config.load_yaml(f"a: &x {nine}\nb: [*x, *x]") == {"a": nine, "b": [nine, nine]}
+    with pytest.raises(yaml.YAMLError, match="expand its 14 keys and values to 44, past the 20"):
+        config.load_yaml(f"a: &x {nine}\nb: [*x, *x, *x]")

@@ -51,7 +51,7 @@ from raydeq.training.checkpoint import (
     read_checkpoint,
     write_checkpoint,
 )
-from raydeq.training.config import NAME_MAX, ConfigError, load
+from raydeq.training.config import MAX_YAML_VALUES, NAME_MAX, ConfigError, load
 
 ROOT = Path(__file__).resolve().parent.parent
 PAPER_TRIALS = {
@@ -1340,6 +1340,45 @@ def test_ctrl_c_in_a_dry_run_exits_130_in_one_line(tmp_path, capsys, monkeypatch
     monkeypatch.setattr(rt, "expand", lambda *args: os.kill(os.getpid(), signal.SIGTERM))
     assert rt.main([str(experiment), "--storage", str(tmp_path / "runs"), "--dry-run"]) == 130
     assert capsys.readouterr().err == "\ninterrupted while listing the trials\n"
+
+
+def test_stored_settings_whose_aliases_expand_past_the_limit_or_without_end_are_refused(tmp_path):
+    """Stored settings from elsewhere whose aliases nest (nine lists of nine, eight deep) hung
+    --report and --resume, and an alias within its own value ended in a RecursionError; each
+    is refused, naming the file, as the safe loader that wrote them reads them otherwise."""
+    stored = tmp_path / run.SETTINGS_FILE
+    options = "options: {gpus: null, num_samples: 1, scheduler: fifo, max_concurrent: 0}\n"
+    nested = (
+        "experiment:\n  model:\n    solver_options:\n      x0: &a0 [1, 1, 1, 1, 1, 1, 1, 1, 1]\n"
+    )
+    for depth in range(1, 9):
+        nested += f"      x{depth}: &a{depth} [{', '.join([f'*a{depth - 1}'] * 9)}]\n"
+    stored.write_text(nested + options)
+    lists = [10]  # a list of nine is itself and its nine values; each next one, nine of these
+    for _ in range(8):
+        lists.append(1 + 9 * lists[-1])
+    # The root, three keys and three mappings to the lists, options' key, mapping and 8 values.
+    expanded = 7 + 10 + sum(1 + size for size in lists)
+    with pytest.raises(ConfigError) as err:
+        run.load_settings(str(tmp_path))
+    written = 7 + 9 + 10 + 8 + 10  # as above, x0 to x8, the lists, and options' 10
+    assert str(err.value) == (
+        f"{stored} holds no experiment settings (ComposerError: its aliases expand its {written} "
+        f"keys and values to {expanded}, past the {MAX_YAML_VALUES} more that aliases may add; "
+        "write the repeated values out)"
+    )
+    stored.write_text("experiment: &a\n  model: {solver_options: *a}\n" + options)
+    with pytest.raises(ConfigError) as err:
+        run.load_settings(str(tmp_path))
+    assert str(err.value) == (
+        f"{stored} holds no experiment settings (ComposerError: an alias within the value it "
+        "names (&a [*a]) repeats it endlessly)"
+    )
+    stored.write_text(
+        yaml.safe_dump({"experiment": TINY, "options": yaml.safe_load(options)["options"]})
+    )
+    raw = run.load_settings(str(tmp_path))[0].raw
+    assert {key: raw[key] for key in TINY} == TINY
 
 
 def test_stored_settings_that_are_no_text_or_bad_name_the_file_with_status_2(tmp_path, capsys):

@@ -58,6 +58,7 @@ from raydeq.training.config import (
     SearchSection,
     apply_overrides,
     leaves,
+    load_yaml,
     without_effect,
 )
 from raydeq.training.reporting import progress_line
@@ -288,7 +289,7 @@ def load_settings(path: str) -> tuple[Experiment, Options]:
     file is not such settings (cut short, or edited)."""
     file = f"{path}/{SETTINGS_FILE}"
     try:
-        settings = yaml.safe_load(read_text(file))
+        settings = load_yaml(read_text(file), yaml.SafeLoader)  # as safe_dump wrote them
         experiment, options = settings["experiment"], settings["options"]
         options = build_section(Options, options, "options.")
     except (yaml.YAMLError, KeyError, TypeError, UnicodeDecodeError, OSError) as err:

@@ -858,9 +858,61 @@ _Loader.add_implicit_resolver(
 )
 
 
-def load_yaml(text: str) -> Any:
-    """A YAML document as raydeq reads configs and overrides: numbers such as 1e-3 are floats."""
-    return yaml.load(text, Loader=_Loader)
+# The most keys and values a YAML document's aliases may expand it to, past those it writes: a
+# config holds hundreds, but aliases of aliases multiply (nine lists of nine aliases, eight
+# deep, are 9^9 values), which hung a config's validation expanding them.
+MAX_YAML_VALUES = 100_000
+
+
+def _expanded_values(node: yaml.Node, counted: dict[int, int], written: set[int]) -> int:
+    """How many keys and values `node` holds with its aliases expanded, itself included, with
+    every node it holds added to `written`; a ComposerError where it holds itself (`&a [*a]`),
+    which no expansion ends."""
+    if isinstance(node, yaml.ScalarNode):
+        written.add(id(node))
+        return 1
+    if counted.get(id(node)) == 0:
+        raise yaml.composer.ComposerError(
+            None,
+            None,
+            "an alias within the value it names (&a [*a]) repeats it endlessly",
+            node.start_mark,
+        )
+    if id(node) not in counted:
+        written.add(id(node))
+        counted[id(node)] = 0  # being counted
+        children = (
+            [c for pair in node.value for c in pair]
+            if isinstance(node, yaml.MappingNode)
+            else node.value
+        )
+        counted[id(node)] = 1 + sum(_expanded_values(child, counted, written) for child in children)
+    return counted[id(node)]
+
+
+def load_yaml(text: str, reader: type[yaml.SafeLoader] = _Loader) -> Any:
+    """A YAML document as raydeq reads configs and overrides (numbers such as 1e-3 are floats),
+    or as `reader` reads it; a ComposerError where its aliases expand it by more than
+    MAX_YAML_VALUES keys and values, or without end."""
+    loader = reader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        written: set[int] = set()
+        values = _expanded_values(node, {}, written)
+        if values > len(written) + MAX_YAML_VALUES:
+            raise yaml.composer.ComposerError(
+                None,
+                None,
+                f"its aliases expand its {len(written)} keys and values to {values}, past "
+                f"the {MAX_YAML_VALUES} more that aliases may add; write the repeated values "
+                "out",
+                node.start_mark,
+            )
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
 
 
 def read_yaml(path: str | Path) -> Any:
