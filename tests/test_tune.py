@@ -2219,6 +2219,29 @@ def test_a_resume_archives_only_the_reports_no_earlier_archive_holds(tmp_path):
     assert archive.history(str(trial))["step"].tolist() == [10, 20, 30, 40]
 
 
+def test_a_copy_beside_the_archives_is_passed_over_and_a_gap_written_past(tmp_path):
+    """A copy of an archive (`result-before-resume-0 copy.json`, a file manager's duplicate)
+    failed --report and --resume with `invalid literal for int() ... '0 copy'`; it is now no
+    archive. With archive 0 deleted and 1 there, the next archive was named 1 (their count),
+    written over archive 1's steps; it is now 2, past the highest."""
+    experiment = tmp_path / "experiment"
+    trial = experiment / "trial_0"
+    trial.mkdir(parents=True)
+    write_reports(trial / f"{archive.ARCHIVE_PREFIX}1.json", [{"step": 10, "loss": 0.5}])
+    write_reports(trial / f"{archive.ARCHIVE_PREFIX}1 copy.json", [{"step": 10, "loss": 0.25}])
+    write_reports(trial / archive.RESULT_FILE, [{"step": 20, "loss": 0.125}])
+    archive.archive_results(str(experiment))
+    assert sorted(path.name for path in trial.iterdir()) == [
+        f"{archive.ARCHIVE_PREFIX}1 copy.json",
+        f"{archive.ARCHIVE_PREFIX}1.json",
+        f"{archive.ARCHIVE_PREFIX}2.json",
+        archive.RESULT_FILE,
+    ]
+    frame = archive.history(str(trial))
+    assert frame["step"].tolist() == [10, 20]
+    assert frame["loss"].tolist() == [0.5, 0.125]
+
+
 def test_a_resume_archives_the_reports_only_a_checkpoint_kept_before_they_are_pruned(tmp_path):
     """A driver stopped before it recorded steps 30 and 40 left them only in the checkpoints
     that kept them, which the resumed trial prunes as it goes on (train.keep_checkpoints):

@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import math
+import re
 import time
 
 import pandas as pd
@@ -28,6 +29,7 @@ from raydeq.training.storage import (
 
 RESULT_FILE = "result.json"
 ARCHIVE_PREFIX = "result-before-resume-"
+_ARCHIVE_NAME = re.compile(rf"{ARCHIVE_PREFIX}(\d+)\.json")
 # How long a result file found empty or cut short, and written to within that long, is read
 # again: a running driver copies each trial's result.json into the storage in place, emptying
 # it first, so a --report from a second terminal could find it so for the copy's milliseconds
@@ -65,13 +67,15 @@ def archive_results(path: str) -> None:
     that no earlier one does and none is written where there are none."""
     fs, _ = filesystem(path)
     for folder in _trial_folders(path):
-        earlier = _archived(fs, folder)
+        numbered = _archived(fs, folder)
+        earlier = list(numbered.values())
         current = f"{folder}/{RESULT_FILE}"
         trial_path = f"{path.rstrip('/')}/{folder.rsplit('/', 1)[-1]}"
         unrecorded = _unrecorded(fs, trial_path, [*earlier, current])
         lines = unrecorded + _unarchived(fs, current, earlier)  # a line cut short stays last
         if lines:
-            with fs.open_output_stream(f"{folder}/{ARCHIVE_PREFIX}{len(earlier)}.json") as out:
+            number = max(numbered, default=-1) + 1  # past a gap: none is written over
+            with fs.open_output_stream(f"{folder}/{ARCHIVE_PREFIX}{number}.json") as out:
                 out.write(b"".join(lines))
 
 
@@ -105,11 +109,17 @@ def _lines(fs: pyarrow.fs.FileSystem, file: str) -> list[bytes]:
         return stream.readall().splitlines(keepends=True)
 
 
-def _archived(fs: pyarrow.fs.FileSystem, folder: str) -> list[str]:
-    """A trial folder's archived result files, oldest first."""
+def _archived(fs: pyarrow.fs.FileSystem, folder: str) -> dict[int, str]:
+    """A trial folder's archived result files by their number, oldest first; a file named
+    otherwise (a copy's `result-before-resume-0 copy.json`) is none."""
     infos = fs.get_file_info(pyarrow.fs.FileSelector(folder))
-    names = [i.path for i in infos if i.base_name.startswith(ARCHIVE_PREFIX)]
-    return sorted(names, key=lambda p: int(p.rsplit("-", 1)[-1].removesuffix(".json")))
+    numbered = {
+        int(found.group(1)): info.path
+        for info in infos
+        if (found := _ARCHIVE_NAME.fullmatch(info.base_name))
+        and info.type == pyarrow.fs.FileType.File
+    }
+    return {number: numbered[number] for number in sorted(numbered)}
 
 
 def _carried(fs: pyarrow.fs.FileSystem, trial_path: str) -> list[pd.DataFrame]:
@@ -262,7 +272,7 @@ def history(trial_path: str) -> pd.DataFrame:
     measure by measure (a finished trial started again reports its last step's evaluation
     alone, which must not drop that step's training times)."""
     fs, folder = filesystem(trial_path)
-    results = [*_archived(fs, folder), f"{folder}/{RESULT_FILE}"]
+    results = [*_archived(fs, folder).values(), f"{folder}/{RESULT_FILE}"]
     frames = [*_carried(fs, trial_path), *(reports(fs, file) for file in results)]
     frame = pd.concat(frames, ignore_index=True)
     if frame.empty or "step" not in frame:
