@@ -1,5 +1,6 @@
 """The training config: defaults, deterministic run names, one-line errors, overrides, files."""
 
+import functools
 import math
 import re
 
@@ -762,3 +763,17 @@ def test_yaml_aliases_that_expand_past_the_limit_or_without_end_are_refused_at_o
     assert config.load_yaml(f"a: &x {nine}\nb: [*x, *x]") == {"a": nine, "b": [nine, nine]}
     with pytest.raises(yaml.YAMLError, match="expand its 14 keys and values to 44, past the 20"):
         config.load_yaml(f"a: &x {nine}\nb: [*x, *x, *x]")
+
+
+def test_a_yaml_file_nested_past_the_recursion_limit_is_invalid_yaml_in_one_line(tmp_path):
+    """700 nested lists ended the read in a RecursionError deep in PyYAML's parser; 100 read."""
+    path = tmp_path / "run.yaml"
+    path.write_text("model: " + "[" * 700 + "]" * 700 + "\n")
+    with pytest.raises(ConfigError) as err:
+        load(path)
+    assert str(err.value) == (
+        f"{path}: invalid YAML: its values are nested deeper than the reader's recursion limit"
+    )
+    assert config.load_yaml("a: " + "[" * 100 + "]" * 100) == {
+        "a": functools.reduce(lambda v, _: [v], range(99), [])
+    }

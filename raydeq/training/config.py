@@ -893,7 +893,8 @@ def _expanded_values(node: yaml.Node, counted: dict[int, int], written: set[int]
 def load_yaml(text: str, reader: type[yaml.SafeLoader] = _Loader) -> Any:
     """A YAML document as raydeq reads configs and overrides (numbers such as 1e-3 are floats),
     or as `reader` reads it; a ComposerError where its aliases expand it by more than
-    MAX_YAML_VALUES keys and values, or without end."""
+    MAX_YAML_VALUES keys and values, or without end, or where it nests past Python's recursion
+    limit."""
     loader = reader(text)
     try:
         node = loader.get_single_node()
@@ -911,6 +912,10 @@ def load_yaml(text: str, reader: type[yaml.SafeLoader] = _Loader) -> Any:
                 node.start_mark,
             )
         return loader.construct_document(node)
+    except RecursionError:  # PyYAML reads a nested value by recursion: 600 levels of [ exceed it
+        raise yaml.composer.ComposerError(
+            None, None, "its values are nested deeper than the reader's recursion limit", None
+        ) from None
     finally:
         loader.dispose()
 
