@@ -2264,6 +2264,37 @@ def test_a_resume_archives_the_reports_only_a_checkpoint_kept_before_they_are_pr
     assert frame["loss"].tolist() == [1 / 10, 1 / 20, 1 / 30, 1 / 40]
 
 
+def test_a_resume_archives_the_whole_reports_of_a_checkpoint_copy_cut_short_without_a_manifest(
+    tmp_path,
+):
+    """A checkpoint copy cut short before its manifest, its reports.jsonl cut inside its last
+    line, leaves nothing to check that file against: a resume failed on it with json's
+    'Unterminated string', where the history left that line out. The resume now archives its
+    whole reports (step 20), as the history reads them, and names a line before the last that
+    is no report."""
+    experiment = tmp_path / "experiment"
+    trial = experiment / "trial_0"
+    copy = trial / "checkpoint_000000"
+    copy.mkdir(parents=True)
+    write_reports(trial / archive.RESULT_FILE, [{"step": 10, "loss": 0.5}])
+    (copy / REPORTS_FILE).write_text('{"step": 20, "loss": 0.25}\n{"step": 30, "lo')
+    archive.archive_results(str(experiment))
+    archived = (trial / f"{archive.ARCHIVE_PREFIX}0.json").read_text().splitlines()
+    assert [json.loads(line) for line in archived] == [
+        {"step": 20, "loss": 0.25},
+        {"step": 10, "loss": 0.5},
+    ]
+    shutil.rmtree(copy)
+    assert archive.history(str(trial))["loss"].tolist() == [0.5, 0.25]
+    copy.mkdir()
+    (copy / REPORTS_FILE).write_text('{"step": 40, "lo\n{"step": 50, "loss": 0.125}\n')
+    with pytest.raises(archive.DamagedReports) as err:
+        archive.archive_results(str(experiment))
+    assert str(err.value) == (
+        f'{copy / REPORTS_FILE}, line 1: not a JSON report: \'{{"step": 40, "lo\''
+    )
+
+
 def test_a_trial_that_recorded_no_report_archives_what_its_checkpoint_kept_and_none_else(
     tmp_path,
 ):

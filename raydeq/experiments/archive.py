@@ -12,6 +12,7 @@ import logging
 import math
 import re
 import time
+from typing import Any
 
 import pandas as pd
 import pyarrow as pa
@@ -93,10 +94,10 @@ def _unrecorded(fs: pyarrow.fs.FileSystem, trial_path: str, files: list[str]) ->
     those checkpoints as it goes on, and the reports with them."""
     recorded = {step for file in files for step in reports(fs, file).get("step", [])}
     return [
-        line.rstrip(b"\n") + b"\n"
-        for _, data in _checkpoint_reports(fs, trial_path)
-        for line in data.splitlines()
-        if json.loads(line).get("step") not in recorded
+        f"{line}\n".encode()
+        for file, data in _checkpoint_reports(fs, trial_path)
+        for line, row in _rows(file, data)
+        if row.get("step") not in recorded
     ]
 
 
@@ -250,8 +251,13 @@ def _flattened(
 
 
 def _parsed(file: str, data: bytes) -> pd.DataFrame:
-    """The reports of a file read line by line: a last line cut short (in a character too) is
-    left out, another line that is no report a DamagedReports naming it."""
+    """The reports of a file read line by line (see `_rows`)."""
+    return pd.json_normalize([row for _, row in _rows(file, data)], sep="/")
+
+
+def _rows(file: str, data: bytes) -> list[tuple[str, dict[str, Any]]]:
+    """The lines of a report file, each with its report: a last line cut short (in a character
+    too) is left out, another line that is no report a DamagedReports naming it."""
     lines = data.decode("utf-8", errors="replace").splitlines()
     rows = []
     for number, line in enumerate(lines, 1):
@@ -263,8 +269,8 @@ def _parsed(file: str, data: bytes) -> pd.DataFrame:
             row = None
         if not isinstance(row, dict):
             raise DamagedReports(f"{file}, line {number}: not a JSON report: {line[:80]!r}")
-        rows.append(row)
-    return pd.json_normalize(rows, sep="/")
+        rows.append((line, row))
+    return rows
 
 
 def history(trial_path: str) -> pd.DataFrame:
