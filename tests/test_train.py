@@ -2506,7 +2506,8 @@ def test_load_model_refuses_a_folder_without_a_checkpoint_or_settings_in_one_lin
 
 def test_load_model_given_a_checkpoint_file_names_it_a_file_and_its_folder(tmp_path):
     """A checkpoint's state.pt or manifest.json given for its folder was refused as 'no such
-    folder', though it exists; it is refused as a file, naming the folder that holds it."""
+    folder', though it exists; it is refused as a file, naming the folder that holds it. Any
+    other file (a model.pt from elsewhere) was told to name its folder, which holds none."""
     cfg = make_config(tmp_path)
     settings = config.trained_settings(cfg)
     weights = models.build(cfg.model_options()).state_dict()
@@ -2519,6 +2520,16 @@ def test_load_model_given_a_checkpoint_file_names_it_a_file_and_its_folder(tmp_p
             f"{written / name}: a file, not a folder; name the folder that holds it ({written})"
         )
     assert load_model(f"{written}/").layer.step == 0
+    # Weights torch.save wrote elsewhere: their folder holds no checkpoint, so it is not named.
+    saved = tmp_path / "shared" / "model.pt"
+    saved.parent.mkdir()
+    torch.save(weights, saved)
+    with pytest.raises(checkpoint.CheckpointError) as refused:
+        load_model(saved)
+    assert str(refused.value) == (
+        f"{saved}: a file, not a folder; name a run's, a trial's or a checkpoint's folder (one "
+        f"with {MANIFEST_FILE} and {STATE_FILE})"
+    )
 
 
 @pytest.mark.parametrize(

@@ -33,6 +33,8 @@ DIVERGED_FILE = "diverged.json"
 # The manifest layout this raydeq writes, and the newest it reads; a manifest without "format"
 # was written before layouts were numbered, and is format 1.
 MANIFEST_FORMAT = 1
+# The files a checkpoint folder holds.
+CHECKPOINT_FILES = (STATE_FILE, MANIFEST_FILE, REPORTS_FILE)
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -234,13 +236,18 @@ def newest_checkpoint(folder: Path) -> tuple[Path, dict[str, Any]]:
     newest step would be some one run's, by how long it ran; so is one whose checkpoints lie
     deeper (an experiment of trials of several workers, a storage folder of experiments),
     naming the runs that hold them, one without a checkpoint, naming what it lacks, and a
-    file (a checkpoint's state.pt), naming its folder. The Train run of a trial of one worker,
-    which keeps only its TensorBoard, is read as its trial's folder. A run that prunes the
-    checkpoint being read, having written a newer one, is listed again (`Relisted`)."""
+    file, naming its folder where it is a checkpoint's (state.pt), else what is read. The Train
+    run of a trial of one worker, which keeps only its TensorBoard, is read as its trial's
+    folder. A run that prunes the checkpoint being read, having written a newer one, is listed
+    again (`Relisted`)."""
     if folder.is_file():
-        raise CheckpointError(
-            f"{folder}: a file, not a folder; name the folder that holds it ({folder.parent})"
+        named = (
+            f"the folder that holds it ({folder.parent})"
+            if folder.name in CHECKPOINT_FILES
+            else f"a run's, a trial's or a checkpoint's folder (one with {MANIFEST_FILE} and "
+            f"{STATE_FILE})"
         )
+        raise CheckpointError(f"{folder}: a file, not a folder; name {named}")
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: no such folder")
     inside = _checkpoint_folders(folder)
