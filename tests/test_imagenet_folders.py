@@ -314,6 +314,30 @@ def test_a_read_only_folders_out_of_date_index_is_passed_over_for_the_nodes_own(
     assert len(built) == 1
 
 
+def test_a_read_only_folders_index_that_does_not_read_is_passed_over_for_the_nodes_own(
+    tmp_path, monkeypatch, caplog
+):
+    """A read-only folder's index that does not read (another raydeq's without the class
+    list, or a copy cut short) stopped every start with 'delete it', which no reader of that
+    folder can; it is passed over with a warning for an index listed into the node's
+    temporary folder, which later reads take."""
+    root = small_tree(tmp_path / "data", ["n01", "n02"])
+    folders.load_index(str(root))  # written beside the data while the folder was writable
+    index = root / folders.INDEX_FILE
+    pq.write_table(pq.read_table(index).replace_schema_metadata({}), index)
+    read_only(monkeypatch, tmp_path, root)
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != root and access(path, mode))
+    for _ in range(2):
+        listed = folders.load_index(str(root))
+        assert listed.files["train"] == ["train/n01/0.png", "train/n02/0.png"]
+        assert listed.path == folders.index_paths(str(root))[1]
+    assert [record.getMessage() for record in caplog.records] == [
+        f"passed over, its folder being read-only here: {index} does not read as an index of "
+        "the data folder (KeyError: b'classes'); delete it for the folder to be listed again"
+    ] * 2
+
+
 def test_stage_to_is_for_image_folders_only():
     with pytest.raises(ConfigError, match="^data.stage_to: dataset 'digits' is read in place"):
         validate({"data": {"stage_to": "/tmp/x"}})

@@ -16,6 +16,7 @@ import errno
 import hashlib
 import io
 import json
+import logging
 import os
 import re
 import tarfile
@@ -52,6 +53,7 @@ DEVKIT_FORMAT = (
     "ILSVRC2012_ID a line, image n's on line n"
 )
 _VAL_NUMBER = re.compile(r"ILSVRC2012_val_(\d+)")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -364,12 +366,24 @@ def _current(index: Index, data_dir: str) -> bool:
     return tuple(classes) == index.classes
 
 
-def stored(candidates: list[Path], data_dir: str) -> Index | None:
+def stored(candidates: list[Path], data_dir: str, warn: bool = True) -> Index | None:
     """The index stored at the first of `candidates` that holds one naming train/'s classes
     as they are (`_current`), else None: a read-only folder's out-of-date index is passed over
-    for the one listed since in this node's temporary folder."""
+    for the one listed since in this node's temporary folder, and so, with a warning where
+    `warn`, is one there that does not read (another raydeq's, or cut short), which no reader
+    could delete."""
     for path in candidates:
-        if path.is_file() and _current(index := read(path), data_dir):
+        if not path.is_file():
+            continue
+        try:
+            index = read(path)
+        except DataError as err:
+            if os.access(path.parent, os.W_OK):
+                raise
+            if warn:
+                log.warning("passed over, its folder being read-only here: %s", err)
+            continue
+        if _current(index, data_dir):
             return index
     return None
 
@@ -402,7 +416,8 @@ def load_index(data_dir: str) -> Index:
     if index is not None:
         return index
     with node_lock(candidates[-1].parent, data_dir):
-        index = stored(candidates, data_dir)  # listed by another process of this node meanwhile
+        # Listed by another process of this node meanwhile? (What it passes over was told.)
+        index = stored(candidates, data_dir, warn=False)
         if index is not None:
             return index
         try:
