@@ -760,26 +760,59 @@ def test_a_run_stored_under_the_name_an_older_raydeq_gave_its_settings_is_named_
     filled in, so after an update the same command started the run again from step 1 under a
     new name (an old run's 396 steps left beside it). It is refused naming the folder, the
     options and both names, creating nothing; name= the old one resumes it, another name=
-    starts anew, and a folder of the old name without checkpoints blocks nothing."""
+    starts anew, and a folder of the old name without checkpoints blocks nothing. Its
+    lambda_skip was mnist_dense's default of then, 1.0, which the refusal names beside it
+    since the default became 0.1."""
     digits = Path(__file__).parents[1] / "tune_configs" / "digits.yaml"
     argv = [str(digits), f"storage_path={tmp_path}"]
     cfg = config.load(argv[0], argv[1:])
-    assert cfg.name == "digits-mnist_dense-skip_reg-aa17a09a"
+    assert cfg.name == "digits-mnist_dense-skip_reg-387b0107"
+    at_then = [*argv[1:], "train.lambda_skip=1.0"]
+    assert config.load(argv[0], at_then).name == "digits-mnist_dense-skip_reg-aa17a09a"
     old = tmp_path / "digits-mnist_dense-skip_reg-25a1a1ca"
     old.mkdir()
     preflight.check_resume(cfg)
     checkpoint.write_checkpoint({"step": 396}, old / "checkpoint_000396")
     assert train.main(argv) == 2
     assert capsys.readouterr().err == (
-        f"error: {old}: holds the run of these settings under the name raydeq gave it before "
-        "run names counted the model's default options (model.abstol: 0.005, model.reltol: "
-        "0.005, model.max_steps: 50, model.jac_reg: False, model.pretrain_steps: 0), where "
-        f"this run is named {cfg.name}; resume it with name={old.name}, or give this run "
-        "another name= to start anew\n"
+        f"error: {old}: holds the run of these settings at train.lambda_skip 1, mnist_dense's "
+        "default before 2026-12-07, under the name raydeq gave it before run names counted the "
+        "model's default options (model.abstol: 0.005, model.reltol: 0.005, model.max_steps: "
+        f"50, model.jac_reg: False, model.pretrain_steps: 0), where this run is named {cfg.name}; "
+        f"resume it with train.lambda_skip=1 name={old.name}, or give this run another name= to "
+        "start anew\n"
     )
     assert [p.name for p in tmp_path.iterdir()] == [old.name]
-    preflight.check_resume(config.load(argv[0], [*argv[1:], f"name={old.name}"]))
+    preflight.check_resume(config.load(argv[0], [*at_then, f"name={old.name}"]))
     preflight.check_resume(config.load(argv[0], [*argv[1:], "name=fresh"]))
+
+
+def test_a_run_at_a_presets_former_lambda_skip_is_named_not_redone(tmp_path, capsys):
+    """mnist_dense's lambda_skip was 1.0 until 2026-12-07: `train tune_configs/digits.yaml`
+    (Skip Reg.) after the change would have started anew beside the run of 1.0. It is refused
+    naming the setting that resumes it, which gives the old name; a vanilla run, which no
+    lambda_skip trains, keeps its name."""
+    digits = Path(__file__).parents[1] / "tune_configs" / "digits.yaml"
+    argv = [str(digits), f"storage_path={tmp_path}"]
+    cfg = config.load(argv[0], argv[1:])
+    before = config.load(argv[0], [*argv[1:], "train.lambda_skip=1.0"])
+    assert (cfg.train.lambda_skip, before.name != cfg.name) == (0.1, True)
+    checkpoint.write_checkpoint(
+        {"step": 22, "settings": config.trained_settings(before)},
+        Path(before.run_dir) / "checkpoint_000022",
+    )
+    assert train.main(argv) == 2
+    assert capsys.readouterr().err == (
+        f"error: {before.run_dir}: holds the run of these settings at train.lambda_skip 1, "
+        f"mnist_dense's default before 2026-12-07, where this run is named {cfg.name}; resume "
+        "it with train.lambda_skip=1, or give this run another name= to start anew\n"
+    )
+    preflight.check_resume(before)
+    vanilla = [*argv[1:], "model.variant=vanilla"]
+    assert (
+        config.load(argv[0], vanilla).name
+        == config.load(argv[0], [*vanilla, "train.lambda_skip=1.0"]).name
+    )
 
 
 def test_the_settings_a_resume_must_match_are_read_past_a_manifest_cut_short(tmp_path):

@@ -588,10 +588,20 @@ def default_name(cfg: Config) -> str:
     return f"{cfg.data.dataset}-{cfg.model.model}-{cfg.model.variant}-{digest}"
 
 
+# Presets' lambda_skip defaults before their change, with the date it took effect.
+FORMER_LAMBDA_SKIP = {"mnist_dense": (1.0, "2026-12-07")}
+
+
 def trained_settings(cfg: Config) -> dict[str, Any]:
     """The settings that change the trained model, as plain JSON values: not those in
-    OUTSIDE_HASH, so that changing them resumes the same run."""
+    OUTSIDE_HASH, so that changing them resumes the same run. A variant without a skip loss
+    takes its preset's lambda_skip as it read before a change of the default (trained the
+    same), so that its runs keep their names and resume."""
     settings = cfg.to_dict()
+    former = FORMER_LAMBDA_SKIP.get(cfg.model.model)
+    if former and cfg.model.variant in ("vanilla", "neural_ode"):
+        if cfg.train.lambda_skip == PRESETS[cfg.model.model].lambda_skip:
+            settings["train"]["lambda_skip"] = former[0]
     for key in ("solver_options", "dynamics"):  # unset, they leave older runs' names unchanged
         if getattr(cfg.model, key) is None:
             settings = without(settings, f"model.{key}")
@@ -620,11 +630,13 @@ def evaluation_settings(cfg: Config) -> dict[str, Any]:
     }
 
 
-def former_names(cfg: Config) -> dict[str, list[str]]:
-    """The names raydeq derived from `cfg`'s settings before 2026-12-02, when a name digested
-    the model options as the config gave them, unset ones as null, not as `validate` fills
-    them in from the preset and the layer: each with the options it took as unset, one for
-    each set of the filled-in options that the config may have left unset."""
+def former_names(cfg: Config) -> dict[str, tuple[str, str]]:
+    """The names raydeq derived from `cfg`'s settings before a change of how or from what it
+    names a run, each with what it took otherwise and the setting that resumes its run. Before
+    2026-12-02 a name digested the model options as the config gave them, unset ones as null,
+    not as `validate` fills them in from the preset and the layer: one name for each set of the
+    filled-in options that the config may have left unset. And a run at its preset's
+    lambda_skip was named at the former default (FORMER_LAMBDA_SKIP) before its change."""
     model = cfg.model
     filled = [
         f.name
@@ -635,11 +647,28 @@ def former_names(cfg: Config) -> dict[str, list[str]]:
         and getattr(model, f.name)
         == getattr(_resolve_model(dataclasses.replace(model, **{f.name: None})), f.name)
     ]
-    names: dict[str, list[str]] = {}
-    for count in range(1, len(filled) + 1):
-        for unset in itertools.combinations(filled, count):
-            given = dataclasses.replace(model, **dict.fromkeys(unset))
-            names.setdefault(default_name(dataclasses.replace(cfg, model=given)), list(unset))
+    bases = [(cfg, [], [])]
+    former = FORMER_LAMBDA_SKIP.get(model.model)
+    if former and cfg.train.lambda_skip == PRESETS[model.model].lambda_skip:
+        value, date = former
+        at = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lambda_skip=value))
+        taken = f"at train.lambda_skip {value:g}, {model.model}'s default before {date}"
+        bases.append((at, [taken], [f"train.lambda_skip={value:g}"]))
+    names: dict[str, tuple[str, str]] = {}
+    for base, taken, fix in bases:
+        names.setdefault(default_name(base), (", ".join(taken), " ".join(fix)))
+        for count in range(1, len(filled) + 1):
+            for unset in itertools.combinations(filled, count):
+                given = dataclasses.replace(
+                    base, model=dataclasses.replace(model, **dict.fromkeys(unset))
+                )
+                name = default_name(given)
+                options = ", ".join(f"model.{k}: {getattr(model, k)!r}" for k in unset)
+                named = "under the name raydeq gave it before run names counted the model's "
+                named += f"default options ({options})"
+                names.setdefault(
+                    name, (", ".join([*taken, named]), " ".join([*fix, f"name={name}"]))
+                )
     names.pop(default_name(cfg), None)
     return names
 

@@ -184,18 +184,16 @@ def check_resume(cfg: Config) -> None:
 
 def check_former_names(cfg: Config) -> None:
     """Raise a ConfigError where the storage holds checkpoints of a run of `cfg`'s settings
-    under a name that raydeq gave it before 2026-12-02 (`config.former_names`): the same
-    command after an update started that run anew under its new name, as if never run."""
+    under a name that raydeq gave it before (`config.former_names`): the same command after an
+    update started that run anew under its new name, as if never run."""
     former = former_names(cfg)
     prefix = cfg.name.rsplit("-", 1)[0] + "-"
     for path in subfolders(cfg.storage_path, prefix):
         name = path.rsplit("/", 1)[-1]
         folder = os.path.join(cfg.storage_path, name)
         if name in former and subfolders(folder, CHECKPOINT_PREFIX):
-            unset = ", ".join(f"model.{k}: {getattr(cfg.model, k)!r}" for k in former[name])
+            taken, fix = former[name]
             raise ConfigError(
-                f"{folder}: holds the run of these settings under the name raydeq gave it "
-                f"before run names counted the model's default options ({unset}), where "
-                f"this run is named {cfg.name}; resume it with name={name}, or give this run "
-                "another name= to start anew"
+                f"{folder}: holds the run of these settings {taken}, where this run is named "
+                f"{cfg.name}; resume it with {fix}, or give this run another name= to start anew"
             )
