@@ -3011,8 +3011,8 @@ def test_a_step_reports_its_loss_and_accuracy_and_clips_the_gradient_to_grad_cli
 
 
 def test_a_step_reports_the_solve_of_its_own_forward_pass_and_adds_the_jacobian_term(tmp_path):
-    """With the Jacobian penalty on (lambda_jac 2, the preset's lambda_skip 1), a step's
-    train_loss is the cross-entropy plus 1 x skip_loss plus 2 x jac_loss, and its nfe, residual
+    """With the Jacobian penalty on (lambda_jac 2, the preset's lambda_skip 0.1), a step's
+    train_loss is the cross-entropy plus 0.1 x skip_loss plus 2 x jac_loss, and its nfe, residual
     (the batch mean), skip_loss and jac_loss are those of the same forward pass run beforehand
     with the same Hutchinson probes."""
     cfg = validate(
@@ -3029,9 +3029,10 @@ def test_a_step_reports_the_solve_of_its_own_forward_pass_and_adds_the_jacobian_
         logits, out = run.state.model(images)
     picked = logits.detach().log_softmax(1)[torch.arange(len(labels)), labels]
     skip, jac = out.skip_loss.item(), out.jac_loss.item()
-    assert skip > 0 and jac > 0 and cfg.train.lambda_skip == 1.0
+    assert skip > 0 and jac > 0 and cfg.train.lambda_skip == 0.1
     metrics = run.train_step(images, labels, 0.0)
-    assert metrics["train_loss"] == pytest.approx(-picked.mean().item() + skip + 2 * jac, rel=1e-5)
+    expected = -picked.mean().item() + 0.1 * skip + 2 * jac
+    assert metrics["train_loss"] == pytest.approx(expected, rel=1e-5)
     assert metrics["skip_loss"] == pytest.approx(skip, rel=1e-5)
     assert metrics["jac_loss"] == pytest.approx(jac, rel=1e-5)
     assert metrics["nfe"] == out.stats.nfe and metrics["backward_nvjp"] > 0
@@ -3041,8 +3042,9 @@ def test_a_step_reports_the_solve_of_its_own_forward_pass_and_adds_the_jacobian_
 
 def test_a_jacobian_term_of_weight_0_is_logged_and_noted_but_left_out_of_the_loss(tmp_path, caplog):
     """model.jac_reg with train.lambda_jac 0 logs jac_loss alone: the loss is the cross-entropy
-    plus the skip term, whose gradient pays no double backward through the estimate (and an
-    infinite estimate no longer turns the loss into NaN), and the run says so at its start."""
+    plus the skip term (weighed by the preset's 0.1), whose gradient pays no double backward
+    through the estimate (and an infinite estimate no longer turns the loss into NaN), and the
+    run says so at its start."""
     cfg = validate(
         {
             "name": "run",
@@ -3066,7 +3068,7 @@ def test_a_jacobian_term_of_weight_0_is_logged_and_noted_but_left_out_of_the_los
     skip, jac = out.skip_loss.item(), out.jac_loss.item()
     assert jac > 0 and out.jac_loss.requires_grad
     metrics = run.train_step(images, labels, 0.0)
-    assert metrics["train_loss"] == pytest.approx(-picked.mean().item() + skip, rel=1e-5)
+    assert metrics["train_loss"] == pytest.approx(-picked.mean().item() + 0.1 * skip, rel=1e-5)
     assert metrics["jac_loss"] == pytest.approx(jac, rel=1e-5)
     estimate = torch.tensor(math.inf, requires_grad=True)
     logits = torch.zeros(2, 3, requires_grad=True)

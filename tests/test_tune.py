@@ -1684,7 +1684,7 @@ def test_dry_run_prints_every_trials_resolved_config_without_ray(capsys, monkeyp
     assert {line["experiment"] for line in lines} == {str(Path("runs", "digits").absolute())}
     config = lines[0]["config"]
     assert config["model"]["variant"] == "vanilla" and config["seed"] == 0
-    assert config["train"]["lambda_skip"] == 1.0 and config["scaling"]["num_workers"] == 1
+    assert config["train"]["lambda_skip"] == 0.1 and config["scaling"]["num_workers"] == 1
 
 
 def test_a_dry_run_prints_the_folder_name_and_workers_each_trial_runs_with(
