@@ -1246,6 +1246,15 @@ def test_a_paper_point_runs_a_conditional_solver_option_at_the_solvers_default()
         assert cfg.model.solver_options == {"memory": 30} and Broyden().memory == 30
 
 
+@pytest.mark.parametrize("name", ["digits_search", "mnist_search"])
+def test_the_dense_searches_draw_no_lambda_skip_that_makes_skip_reg_explicit(name):
+    """Above 0.1 the skip loss drives the dense Skip Reg. DEQ's relu(W1 z*) to zero (at 7.0 in
+    every unit: f(z, x) = relu(W2 x), 2 NFE), so its trials led the front as explicit layers."""
+    (rule,) = [r for r in spec.load(name).search.conditional if "train.lambda_skip" in r["space"]]
+    assert rule["when"] == {"model.variant": ["skip", "skip_reg"]}
+    assert rule["space"]["train.lambda_skip"] == {"loguniform": [1e-3, 0.1]}
+
+
 def test_num_samples_on_the_command_line_is_refused_below_the_points_as_in_the_file(capsys):
     """mnist_search's six paper points go first: --num-samples 2 would run two of them and
     leave the other four off the chart, which `search.num_samples: 2` is refused for."""
