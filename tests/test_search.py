@@ -1255,6 +1255,14 @@ def test_the_dense_searches_draw_no_lambda_skip_that_makes_skip_reg_explicit(nam
     assert rule["space"]["train.lambda_skip"] == {"loguniform": [1e-3, 0.1]}
 
 
+@pytest.mark.parametrize("name", ["cifar10_small_search", "imagenet"])
+def test_the_multiscale_searches_draw_no_lambda_skip_that_leaves_skip_reg_unsolved(name):
+    """At 1.0 mnist_mdeq's Skip Reg. DEQ learned f(0, x) as its fixed point: its prediction met
+    the tolerance for every test digit, so its 2 NFE ran no solver step; at 0.1 none did."""
+    (rule,) = [r for r in spec.load(name).search.conditional if "train.lambda_skip" in r["space"]]
+    assert rule["space"]["train.lambda_skip"] == {"loguniform": [1e-3, 0.1]}
+
+
 def test_num_samples_on_the_command_line_is_refused_below_the_points_as_in_the_file(capsys):
     """mnist_search's six paper points go first: --num-samples 2 would run two of them and
     leave the other four off the chart, which `search.num_samples: 2` is refused for."""
