@@ -498,7 +498,7 @@ def test_the_front_table_names_the_paper_points_and_the_cheapest_trial():
     assert [r["cheapest_test_nfe"] for r in marked] == [False, True, False, False]
     text = pareto.markdown(marked, "test_accuracy")
     assert (
-        "| 9a3b6bd8 | 94.80 | 9 | 0.01 | euler |" in text
+        "| 9a3b6bd8 | 94.80 | 9 | 0.01 | - | euler |" in text
         and "| Vanilla DEQ (ours, lambda 1.0) | 95.00 | 30 |" in text
     )
     assert (
@@ -1080,19 +1080,46 @@ def test_a_front_trial_without_the_other_view_s_cost_shows_a_dash_not_nan():
     NFE front its time cell reads '-', as a missing setting does."""
     rows = _trials((True, 0.9, 20.0, math.nan), (True, 0.8, 10.0, 0.2))
     text = pareto.markdown(pareto.mark(rows, "test_accuracy"), "test_accuracy")
-    assert "| 9db77_00000 | 90.00 | 20 | - | euler |" in text and "nan" not in text
+    assert "| 9db77_00000 | 90.00 | 20 | - | - | euler |" in text and "nan" not in text
 
 
 def test_the_front_table_lists_the_cheapest_first_with_the_settings_that_vary_only():
     rows = _trials((True, 0.9, 20.0, 0.1), (True, 0.8, 10.0, 0.2), (True, 0.95, 30.0, 0.3))
     text = pareto.markdown(pareto.mark(rows, "test_accuracy"), "test_accuracy")
     nfe = text.split("## Pareto front: test_accuracy against training time per step (s)")[0]
-    header = "| Trial | test_accuracy (%) | test NFE | training time per step (s) | solver |"
+    header = (
+        "| Trial | test_accuracy (%) | test NFE | training time per step (s) | unconverged (%) "
+        "| solver |"
+    )
     assert header in nfe
     assert [line.split(" | ")[2] for line in nfe.splitlines() if line.startswith("| 9db77")] == [
         "10",
         "20",
         "30",
+    ]
+
+
+def test_the_front_tables_show_each_trial_s_share_of_unconverged_test_solves():
+    """A trial whose test solves end at max_steps looks cheap on a front without being at its
+    equilibrium, and the tables did not say so: each front row now gives the last
+    evaluation's test_unconverged_fraction in percent (1 of 300 images: 0.333; 60 of 300: 20),
+    '-' for a trial that reported none."""
+    rows = _trials((True, 0.9, 20.0, 0.1), (True, 0.8, 5.0, 0.2), (True, 0.85, 10.0, 0.05))
+    for row, unconverged in zip(rows, (1 / 300, 60 / 300, None), strict=True):
+        if unconverged is not None:
+            row["test_unconverged_fraction"] = unconverged
+    text = pareto.markdown(pareto.mark(rows, "test_accuracy"), "test_accuracy")
+    nfe, time = text.split("## Pareto front")[1:]
+    header = "| test NFE | training time per step (s) | unconverged (%) |"
+    assert header in nfe and header in time
+    assert [line.split(" | ")[4] for line in nfe.splitlines() if line.startswith("| 9db77")] == [
+        "20",
+        "-",
+        "0.333",
+    ]
+    assert [line.split(" | ")[4] for line in time.splitlines() if line.startswith("| 9db77")] == [
+        "-",
+        "0.333",
     ]
 
 
@@ -1456,7 +1483,7 @@ def test_a_search_that_trades_accuracy_against_another_cost_gets_its_front(monke
     assert [r["pareto_test_nfe"] for r in marked] == [False, True, False]
     text = pareto.markdown(marked, "test_accuracy", costs)
     assert "## Pareto front: test_accuracy against prediction time per test batch (s)" in text
-    assert "| 9db77_00000 | 90.00 | 20 | 0.1 | 0.001 | euler |" in text
+    assert "| 9db77_00000 | 90.00 | 20 | 0.1 | 0.001 | - | euler |" in text
     figure = pareto.chart(marked, "test_accuracy", "max", costs)
     labels = [axes.get_xlabel() for axes in figure.axes]
     assert labels == ["test NFE", "training time per step (s)", costs["predict_time"]]

@@ -47,6 +47,11 @@ MEASURED_BY = {
     ),
     "config.train.eval_batches": "test accuracy and NFE are over that many test batches (0: all)",
 }
+# A front trial's share of test images whose solve ended unconverged (max_steps, diverged or
+# non-finite), its last evaluation's: a trial whose solves stop short of z* (a max_steps of 5, a
+# loose tolerance) looks cheap on a front without being the DEQ it names.
+UNCONVERGED = "test_unconverged_fraction"
+UNCONVERGED_TITLE = "unconverged (%)"
 # The chart's name for the trials short of their last step (stopped by ASHA, failed, or still
 # running under a report from a second terminal), which the front leaves out.
 SHORT = "short of its last step"
@@ -180,12 +185,13 @@ def _metric_value(value: Any, percent: bool) -> str:
 def markdown(
     rows: Sequence[Mapping[str, Any]], metric: str, costs: Mapping[str, str] = VIEWS
 ) -> str:
-    """Per cost view of `costs`: the front with its settings, and the cheapest trial within
-    half a point."""
+    """Per cost view of `costs`: the front with its unconverged share and settings, and the
+    cheapest trial within half a point."""
     settings = varying(rows)
     percent = in_percent(metric)
     column = f"{metric} (%)" if percent else metric
-    header = ["Trial", column, *costs.values(), *(k.rsplit(".", 1)[-1] for k in settings)]
+    names = (k.rsplit(".", 1)[-1] for k in settings)
+    header = ["Trial", column, *costs.values(), UNCONVERGED_TITLE, *names]
     margin = f"{100 * MARGIN:g} points" if percent else f"{MARGIN:g}"
     text = []
     for cost, words in costs.items():
@@ -197,6 +203,7 @@ def markdown(
         for row in members:
             cells = [table_name(row), _metric_value(row[metric], percent)]
             cells += [_value(_number(row.get(c))) for c in costs]
+            cells.append(_value(100 * _number(row.get(UNCONVERGED))))
             cells += [_value(row.get(k)) for k in settings]
             text.append(table_row(cells))
         if not members:
