@@ -51,7 +51,15 @@ from raydeq.training.checkpoint import (
     read_checkpoint,
     write_checkpoint,
 )
-from raydeq.training.config import MAX_YAML_VALUES, NAME_MAX, ConfigError, load
+from raydeq.training.config import (
+    MAX_YAML_VALUES,
+    NAME_MAX,
+    ConfigError,
+    check_settings,
+    load,
+    trained_settings,
+    validate,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 PAPER_TRIALS = {
@@ -4427,3 +4435,27 @@ def test_relative_folders_drawn_from_the_space_are_refused_in_the_order_of_the_s
     del space["storage_path"]
     with pytest.raises(ConfigError, match=r"^search\.space\.data\.data_dir: the choice 'a' is"):
         spec.from_dict("tiny", raw)
+
+
+def test_a_trial_begun_at_the_former_lambda_skip_resumes_and_is_reported_at_it(tmp_path):
+    """digits' Skip Reg. DEQ trials take mnist_dense's lambda_skip, 1.0 until its default became
+    0.1: a trial begun before, resumed after, was refused as one of other settings
+    ('train.lambda_skip: 1.0 there, 0.1 here'), naming fixes a trial cannot take, and --report
+    gave it 0.1; its trial config is now at the 1.0 its checkpoint was trained with."""
+    experiment = spec.load("digits")
+    skip_reg = [s for s in spec.expand(experiment) if "skip_reg" in str(s[spec.VARIANT])][0]
+    folder = str(tmp_path / "trial")
+    fresh = run.trial_config(experiment, skip_reg, folder)
+    assert fresh.train.lambda_skip == PRESETS["mnist_dense"].lambda_skip == 0.1
+    begun = fresh.to_dict() | {"train": fresh.to_dict()["train"] | {"lambda_skip": 1.0}}
+    settings = {"step": 22, "settings": trained_settings(validate(begun))}
+    write_checkpoint(settings, tmp_path / "trial" / "checkpoint_000022")
+    with pytest.raises(ConfigError, match=r"train\.lambda_skip: 1\.0 there, 0\.1 here"):
+        check_settings(folder, settings["settings"], fresh)
+    resumed = run.trial_config(experiment, skip_reg, folder)
+    assert resumed.train.lambda_skip == 1.0
+    check_settings(folder, settings["settings"], resumed)
+    given = spec.load("digits", ["train.lambda_skip=0.1"])
+    assert run.trial_config(given, skip_reg, folder).train.lambda_skip == 0.1
+    vanilla = [s for s in spec.expand(experiment) if "vanilla" in str(s[spec.VARIANT])][0]
+    assert run.trial_config(experiment, vanilla, folder).train.lambda_skip == 0.1

@@ -45,6 +45,7 @@ from raydeq.training.config import (
     validate_search,
     workers_named,
 )
+from raydeq.training.preflight import as_begun
 from raydeq.training.schema import build_section
 from raydeq.training.storage import TRAIN_RUN, absolute, is_uri
 
@@ -118,11 +119,15 @@ class Experiment:
         return 0 if 0 in steps else max(steps)
 
     def trial_config(self, sampled: Mapping[str, Any]) -> Config:
-        """The validated training config of one trial: base, then variant, then the sampled
-        values (a dimension the space draws is honoured over a variant's setting)."""
+        """The validated training config of one trial (`trial_settings`)."""
+        return validate(self.trial_settings(sampled))
+
+    def trial_settings(self, sampled: Mapping[str, Any]) -> dict[str, Any]:
+        """The settings of one trial as given: base, then variant, then the sampled values (a
+        dimension the space draws is honoured over a variant's setting)."""
         row = {k: v for k, v in sampled.get(VARIANT, {}).items() if k != LABEL}
         settings = apply_overrides(self.base, row)
-        return validate(merge(settings, {k: v for k, v in sampled.items() if k != VARIANT}))
+        return merge(settings, {k: v for k, v in sampled.items() if k != VARIANT})
 
 
 def shipped(path: Path) -> Path | None:
@@ -546,9 +551,15 @@ def trial_count(experiment: Experiment, num_samples: int | None = None) -> int:
 
 def trial_config(experiment: Experiment, sampled: Mapping[str, Any], trial_dir: str) -> Config:
     """The config a trial trains with in its folder `trial_dir`: its Train run there
-    (`<trial>/train`), labelled with its sampled values, not the file's name and storage."""
+    (`<trial>/train`), labelled with its sampled values, not the file's name and storage; one
+    that leaves train.lambda_skip to its preset at the value its checkpoints were trained with
+    before the default's change (`preflight.as_begun`)."""
     where = {"name": TRAIN_RUN, "label": describe(sampled), "storage_path": trial_dir}
-    return experiment.trial_config(merge(sampled, where))
+    settings = experiment.trial_settings(merge(sampled, where))
+    cfg = validate(settings)
+    if leaves(settings).get("train.lambda_skip") is not None:
+        return cfg
+    return as_begun(cfg, [trial_dir, cfg.run_dir])
 
 
 def describe(sampled: Mapping[str, Any], leave_out: tuple[str, ...] = ()) -> str:

@@ -590,6 +590,8 @@ def default_name(cfg: Config) -> str:
 
 # Presets' lambda_skip defaults before their change, with the date it took effect.
 FORMER_LAMBDA_SKIP = {"mnist_dense": (1.0, "2026-12-07")}
+# The variants that train no skip loss, whatever train.lambda_skip says.
+NO_SKIP_LOSS = ("vanilla", "neural_ode")
 
 
 def trained_settings(cfg: Config) -> dict[str, Any]:
@@ -599,7 +601,7 @@ def trained_settings(cfg: Config) -> dict[str, Any]:
     same), so that its runs keep their names and resume."""
     settings = cfg.to_dict()
     former = FORMER_LAMBDA_SKIP.get(cfg.model.model)
-    if former and cfg.model.variant in ("vanilla", "neural_ode"):
+    if former and cfg.model.variant in NO_SKIP_LOSS:
         if cfg.train.lambda_skip == PRESETS[cfg.model.model].lambda_skip:
             settings["train"]["lambda_skip"] = former[0]
     for key in ("solver_options", "dynamics"):  # unset, they leave older runs' names unchanged

@@ -3,6 +3,7 @@ here, once, into the index its workers read), the model, the storage and the run
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import getpass
 import os
@@ -18,6 +19,8 @@ from raydeq.deq import initial_state
 from raydeq.training import data
 from raydeq.training.checkpoint import final_report, newest_first, read_manifest
 from raydeq.training.config import (
+    FORMER_LAMBDA_SKIP,
+    NO_SKIP_LOSS,
     Config,
     ConfigError,
     check_settings,
@@ -157,6 +160,26 @@ def newest_manifest(run_dir: str) -> tuple[str, dict[str, Any]] | None:
         if isinstance(manifest, dict):
             return path, manifest
     return None
+
+
+def as_begun(cfg: Config, folders: list[str]) -> Config:
+    """`cfg` at its preset's former lambda_skip (FORMER_LAMBDA_SKIP) where it takes the
+    preset's and the newest checkpoint in the first of `folders` that holds one was trained at
+    the former: a trial started before the default's change resumes, and is reported, as it
+    began, not refused as one of other settings."""
+    former = FORMER_LAMBDA_SKIP.get(cfg.model.model)
+    if (
+        former is None
+        or cfg.model.variant in NO_SKIP_LOSS
+        or cfg.train.lambda_skip != models.PRESETS[cfg.model.model].lambda_skip
+    ):
+        return cfg
+    newest = next((m for m in map(newest_manifest, folders) if m is not None), (None, {}))
+    settings = newest[1].get("settings")
+    train = settings.get("train") if isinstance(settings, dict) else None
+    if not isinstance(train, dict) or train.get("lambda_skip") != former[0]:
+        return cfg
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lambda_skip=former[0]))
 
 
 def finished_before(cfg: Config) -> dict[str, Any] | None:
