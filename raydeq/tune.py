@@ -43,6 +43,7 @@ from raydeq.training.config import (
     WORKERS_KEY,
     Config,
     ConfigError,
+    ScalingSection,
     check_folder_name,
     parse_overrides,
     workers_named,
@@ -601,8 +602,7 @@ def launch_experiment(
             options = new_options(args, experiment)
         # Before the settings are stored: the same command may then run again.
         workers = run.trial_workers(experiment, options.gpus)
-        cpus = experiment.trial_config({}).scaling.cpus_per_worker
-        notes = placement_notes(args, own, *workers, cpus)
+        notes = placement_notes(args, own, *workers, experiment.trial_config({}).scaling)
         if fresh:
             notes += unlearned_notes(experiment, trial_count(experiment, options.num_samples))
         for note in notes:
@@ -632,14 +632,26 @@ def launch_experiment(
 
 
 def placement_notes(
-    args: argparse.Namespace, own: bool, workers: int, need: dict[str, float], cpus: float
+    args: argparse.Namespace,
+    own: bool,
+    workers: int,
+    need: dict[str, float],
+    scaling: ScalingSection,
 ) -> list[str]:
-    """`launch.check_placement` of a trial's workers, its error naming --workers-per-trial
-    and --gpus-per-worker where those flags set them."""
-    gpus = args.gpus_per_worker
-    gpus_given = None if gpus is None else f"--gpus-per-worker {gpus:g}"
+    """`launch.check_placement` of a trial's workers (of `scaling`), its error naming
+    --workers-per-trial and --gpus-per-worker where those flags set them: on a machine without
+    a GPU the flag is left out (or given 0), and with scaling.device cuda, which asks a GPU
+    without it and refuses 0, the device is set to cpu too."""
+    gpus, gpu_fix = args.gpus_per_worker, None
+    if gpus is not None:
+        flag = f"--gpus-per-worker {gpus:g}"
+        gpu_fix = f"leave out {flag} (or give 0)"
+        if scaling.device == "cuda":
+            gpu_fix = f"set scaling.device=cpu and leave out {flag}"
     try:
-        return launch.check_placement(own, workers, need, "a trial's", cpus, gpus_given)
+        return launch.check_placement(
+            own, workers, need, "a trial's", scaling.cpus_per_worker, gpu_fix
+        )
     except ConfigError as err:
         if args.workers_per_trial is None:
             raise

@@ -708,25 +708,33 @@ def test_trials_of_more_workers_than_fit_name_the_flag_that_gave_them(
     assert not run.has_settings(str(tmp_path / "runs" / "tiny"))
 
 
+@pytest.mark.parametrize(
+    ("device", "fix"),
+    [
+        ("auto", "leave out --gpus-per-worker 1 (or give 0)"),
+        ("cuda", "set scaling.device=cpu and leave out --gpus-per-worker 1"),
+    ],
+)
 def test_a_gpu_asked_by_the_flag_on_a_machine_without_one_names_the_flag(
-    tmp_path, capsys, monkeypatch
+    tmp_path, capsys, monkeypatch, device, fix
 ):
     """--gpus-per-worker 1 on a machine without a GPU (a laptop) said 'set scaling.device=cpu',
     which the same command then refused beside the flag ('not with scaling.device cpu'); it
-    names the flag to leave out."""
+    names the flag to leave out. With scaling.device cuda, which asks the GPU without the flag
+    and refuses 0 beside it, it names the device too."""
     monkeypatch.setattr(runlock.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
     monkeypatch.setattr(rt.launch, "check_cluster", lambda: None)
     monkeypatch.setattr(rt.launch, "connect", lambda **kwargs: True)
     monkeypatch.setattr(rt.launch.capacity, "worker_slots", lambda need: 0)
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
     file = tmp_path / "tiny.yaml"
-    file.write_text(yaml.safe_dump(TINY))
+    file.write_text(yaml.safe_dump({**TINY, "scaling": {"num_workers": 1, "device": device}}))
     argv = [str(file), "--storage", str(tmp_path / "runs"), "--gpus-per-worker", "1"]
     assert rt.main(argv) == 2
     assert capsys.readouterr().err == (
         "error: scaling.num_workers=1 with 1 CPU, 1 GPU per worker does not fit on this machine "
-        "(2 CPU, 0 GPU), which holds 0 such workers; leave out --gpus-per-worker 1 (or give 0), "
-        "or run on a cluster (RAY_ADDRESS, or `ray start`)\n"
+        f"(2 CPU, 0 GPU), which holds 0 such workers; {fix}, or run on a cluster (RAY_ADDRESS, "
+        "or `ray start`)\n"
     )
     assert not run.has_settings(str(tmp_path / "runs" / "tiny"))
 

@@ -169,17 +169,17 @@ def start_error(err: OSError | UnicodeError) -> str:
     return f"Ray cannot start: {reason}"
 
 
-def check_fits(workers: int, need: Mapping[str, float], gpus_given: str | None = None) -> None:
+def check_fits(workers: int, need: Mapping[str, float], gpu_fix: str | None = None) -> None:
     """Raise a ConfigError unless `workers` workers needing `need` each fit on this machine's
     Ray, a Ray of the run's own that no node joins: Ray Train would wait for them for a minute,
     then fail and start waiting again, as many times as scaling.max_failures allows.
-    `gpus_given`: the flag that asked for their GPUs, named where the machine has none."""
+    `gpu_fix`: what to change where the machine has no GPU (else set scaling.device=cpu)."""
     slots = capacity.worker_slots(need)
     if slots >= workers:
         return
     have = {key: ray.cluster_resources().get(key, 0) for key in need}
     if have.get("GPU", 1) == 0:
-        fix = f"leave out {gpus_given} (or give 0)" if gpus_given else "set scaling.device=cpu"
+        fix = gpu_fix or "set scaling.device=cpu"
     elif have["CPU"] < need["CPU"]:  # no number of workers fits: one alone does not
         fix = "lower scaling.cpus_per_worker"
     elif have.get("GPU", 0) < need.get("GPU", 0):  # only raydeq.tune asks more than 1 a worker
@@ -199,15 +199,15 @@ def check_placement(
     need: Mapping[str, float],
     whose: str,
     cpus_per_worker: float,
-    gpus_given: str | None = None,
+    gpu_fix: str | None = None,
 ) -> list[str]:
     """Before `workers` workers needing `need` each (`whose`: "the run's", "a trial's") are
     placed: a ConfigError where they do not fit on a Ray of this process's `own` (check_fits,
-    naming `gpus_given`), else the notes to print, that they wait on a cluster other jobs hold
+    with `gpu_fix`), else the notes to print, that they wait on a cluster other jobs hold
     (waiting_note) and that OMP_NUM_THREADS gives each more threads than its CPUs
     (threads_note)."""
     if own:
-        check_fits(workers, need, gpus_given)
+        check_fits(workers, need, gpu_fix)
     notes = [None if own else waiting_note(workers, need, whose), threads_note(cpus_per_worker)]
     return [note for note in notes if note]
 
