@@ -815,6 +815,31 @@ def test_a_run_at_a_presets_former_lambda_skip_is_named_not_redone(tmp_path, cap
     )
 
 
+def test_a_vanilla_run_given_the_new_lambda_skip_before_the_change_is_named_not_redone(
+    tmp_path, capsys
+):
+    """A vanilla run given train.lambda_skip=0.1 before mnist_dense's default became 0.1 was
+    named at 0.1 (digits-mnist_dense-vanilla-5ef8ea30, as raydeq then named it); since, such a
+    run is named at the former default, 1.0, which it trains no differently, and the same
+    command started it anew beside its stored run. It is refused naming the old name."""
+    digits = Path(__file__).parents[1] / "tune_configs" / "digits.yaml"
+    argv = [str(digits), f"storage_path={tmp_path}", "model.variant=vanilla"]
+    given = [*argv, "train.lambda_skip=0.1"]
+    cfg = config.load(given[0], given[1:])
+    assert cfg.name == config.load(argv[0], argv[1:]).name == "digits-mnist_dense-vanilla-8f7891e6"
+    old = tmp_path / "digits-mnist_dense-vanilla-5ef8ea30"
+    checkpoint.write_checkpoint({"step": 22}, old / "checkpoint_000022")
+    for command in (given, argv):
+        assert train.main(command) == 2
+        assert capsys.readouterr().err == (
+            f"error: {old}: holds the run of these settings under the name raydeq gave it before "
+            "2026-12-07, from its train.lambda_skip 0.1, which vanilla does not train with, where "
+            f"this run is named {cfg.name}; resume it with name={old.name}, or give this run "
+            "another name= to start anew\n"
+        )
+    preflight.check_resume(config.load(given[0], [*given[1:], f"name={old.name}"]))
+
+
 def test_the_settings_a_resume_must_match_are_read_past_a_manifest_cut_short(tmp_path):
     """The newest checkpoint's manifest cut short (a copy killed while writing it, which the
     run passes over as it resumes) holds no settings to compare: those of the checkpoint

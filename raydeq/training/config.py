@@ -580,10 +580,10 @@ def leaves(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def default_name(cfg: Config) -> str:
+def default_name(cfg: Config, as_former: bool = True) -> str:
     """A readable, deterministic run name: dataset, model, variant and a digest of the settings
-    that change the trained model (`trained_settings`)."""
-    settings = trained_settings(cfg)
+    that change the trained model (`trained_settings`, with `as_former`)."""
+    settings = trained_settings(cfg, as_former)
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
     return f"{cfg.data.dataset}-{cfg.model.model}-{cfg.model.variant}-{digest}"
 
@@ -594,14 +594,14 @@ FORMER_LAMBDA_SKIP = {"mnist_dense": (1.0, "2026-12-07")}
 NO_SKIP_LOSS = ("vanilla", "neural_ode")
 
 
-def trained_settings(cfg: Config) -> dict[str, Any]:
+def trained_settings(cfg: Config, as_former: bool = True) -> dict[str, Any]:
     """The settings that change the trained model, as plain JSON values: not those in
     OUTSIDE_HASH, so that changing them resumes the same run. A variant without a skip loss
     takes its preset's lambda_skip as it read before a change of the default (trained the
-    same), so that its runs keep their names and resume."""
+    same; not where `as_former` is False), so that its runs keep their names and resume."""
     settings = cfg.to_dict()
     former = FORMER_LAMBDA_SKIP.get(cfg.model.model)
-    if former and cfg.model.variant in NO_SKIP_LOSS:
+    if former and as_former and cfg.model.variant in NO_SKIP_LOSS:
         if cfg.train.lambda_skip == PRESETS[cfg.model.model].lambda_skip:
             settings["train"]["lambda_skip"] = former[0]
     for key in ("solver_options", "dynamics"):  # unset, they leave older runs' names unchanged
@@ -638,7 +638,8 @@ def former_names(cfg: Config) -> dict[str, tuple[str, str]]:
     2026-12-02 a name digested the model options as the config gave them, unset ones as null,
     not as `validate` fills them in from the preset and the layer: one name for each set of the
     filled-in options that the config may have left unset. And a run at its preset's
-    lambda_skip was named at the former default (FORMER_LAMBDA_SKIP) before its change."""
+    lambda_skip was named at the former default (FORMER_LAMBDA_SKIP) before its change, but one
+    of a variant without a skip loss that gave that lambda_skip was named at it."""
     model = cfg.model
     filled = [
         f.name
@@ -649,22 +650,28 @@ def former_names(cfg: Config) -> dict[str, tuple[str, str]]:
         and getattr(model, f.name)
         == getattr(_resolve_model(dataclasses.replace(model, **{f.name: None})), f.name)
     ]
-    bases = [(cfg, [], [])]
+    bases = [(cfg, True, [], [])]
     former = FORMER_LAMBDA_SKIP.get(model.model)
     if former and cfg.train.lambda_skip == PRESETS[model.model].lambda_skip:
         value, date = former
-        at = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lambda_skip=value))
-        taken = f"at train.lambda_skip {value:g}, {model.model}'s default before {date}"
-        bases.append((at, [taken], [f"train.lambda_skip={value:g}"]))
+        if model.variant in NO_SKIP_LOSS:
+            taken = f"under the name raydeq gave it before {date}, from its train.lambda_skip "
+            taken += f"{cfg.train.lambda_skip:g}, which {model.variant} does not train with"
+            bases.append((cfg, False, [taken], []))
+        else:
+            at = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lambda_skip=value))
+            taken = f"at train.lambda_skip {value:g}, {model.model}'s default before {date}"
+            bases.append((at, True, [taken], [f"train.lambda_skip={value:g}"]))
     names: dict[str, tuple[str, str]] = {}
-    for base, taken, fix in bases:
-        names.setdefault(default_name(base), (", ".join(taken), " ".join(fix)))
+    for base, as_former, taken, fix in bases:
+        name = default_name(base, as_former)
+        names.setdefault(name, (", ".join(taken), " ".join(fix) or f"name={name}"))
         for count in range(1, len(filled) + 1):
             for unset in itertools.combinations(filled, count):
                 given = dataclasses.replace(
                     base, model=dataclasses.replace(model, **dict.fromkeys(unset))
                 )
-                name = default_name(given)
+                name = default_name(given, as_former)
                 options = ", ".join(f"model.{k}: {getattr(model, k)!r}" for k in unset)
                 named = "under the name raydeq gave it before run names counted the model's "
                 named += f"default options ({options})"
