@@ -840,6 +840,36 @@ def test_a_vanilla_run_given_the_new_lambda_skip_before_the_change_is_named_not_
     preflight.check_resume(config.load(given[0], [*given[1:], f"name={old.name}"]))
 
 
+def test_a_variant_without_a_skip_loss_resumes_at_the_lambda_skip_its_checkpoint_recorded(
+    tmp_path,
+):
+    """A vanilla run given train.lambda_skip=0.1 before mnist_dense's default became 0.1 is
+    refused naming name=digits-mnist_dense-vanilla-5ef8ea30 that resumes it, but its checkpoints
+    record lambda_skip 0.1 where its settings now read the former default, 1.0, so that resume
+    was refused in turn ('train.lambda_skip: 0.1 there, 1.0 here'), as was such a Tune trial,
+    which takes no name=. A variant without a skip loss now resumes at any lambda_skip; a
+    checkpoint of another variant still names it."""
+    digits = Path(__file__).parents[1] / "tune_configs" / "digits.yaml"
+    name = "name=digits-mnist_dense-vanilla-5ef8ea30"
+    argv = [f"storage_path={tmp_path}", name]
+    cfg = config.load(digits, [*argv, "model.variant=vanilla", "train.lambda_skip=0.1"])
+    stored = config.trained_settings(cfg)
+    assert stored["train"]["lambda_skip"] == 1.0
+    stored["train"]["lambda_skip"] = 0.1  # as raydeq recorded it before the change
+    checkpoint.write_checkpoint(
+        {"step": 22, "settings": stored}, Path(cfg.run_dir) / "checkpoint_000022"
+    )
+    preflight.check_resume(cfg)
+    preflight.check_resume(
+        config.load(digits, [*argv, "model.variant=vanilla", "train.lambda_skip=0.5"])
+    )
+    skip_reg = config.load(digits, [*argv, "model.variant=skip_reg", "train.lambda_skip=0.5"])
+    changes = r"\(model\.variant: 'vanilla' there, 'skip_reg' here; "
+    changes += r"train\.lambda_skip: 0\.1 there, 0\.5 here\)"
+    with pytest.raises(config.ConfigError, match=changes):
+        preflight.check_resume(skip_reg)
+
+
 def test_the_settings_a_resume_must_match_are_read_past_a_manifest_cut_short(tmp_path):
     """The newest checkpoint's manifest cut short (a copy killed while writing it, which the
     run passes over as it resumes) holds no settings to compare: those of the checkpoint

@@ -690,7 +690,13 @@ def check_settings(folder: str, stored: Any, cfg: Config) -> None:
     if not isinstance(stored, dict):
         return
     there, here = (_in_effect(leaves(s)) for s in (stored, trained_settings(cfg)))
-    changed = [k for k in dict.fromkeys([*there, *here]) if there.get(k) != here.get(k)]
+    # The skip loss's weight trains nothing where neither side has a skip loss.
+    weighed = {there.get("model.variant"), cfg.model.variant} - set(NO_SKIP_LOSS)
+    changed = [
+        k
+        for k in dict.fromkeys([*there, *here])
+        if there.get(k) != here.get(k) and (weighed or k != "train.lambda_skip")
+    ]
     if changed:
         shown = [f"{k}: {there.get(k)!r} there, {here.get(k)!r} here" for k in changed]
         more = len(shown) - SHOWN_CHANGES
