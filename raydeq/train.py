@@ -32,6 +32,8 @@ from raydeq.training.config import (
     SECTIONS,
     Config,
     ConfigError,
+    given_settings,
+    leaves,
     load,
     load_yaml,
     parse_override,
@@ -166,11 +168,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         held.enter_context(interruptible())
         try:
             refuse_search(args.overrides)
-            cfg = load(config_file(args.config), args.overrides)
+            path = config_file(args.config)
+            cfg = load(path, args.overrides)
             left = held.enter_context(runlock.hold(cfg.run_dir))  # before checkpoints are read
             if left:
                 print(f"note: {left}", file=sys.stderr)
-            last = check_run(cfg)
+            preset = leaves(given_settings(path, args.overrides)).get("train.lambda_skip") is None
+            last = check_run(cfg, preset_lambda_skip=preset)
             if last is not None:
                 print(f"the run had finished, so nothing was trained: {summary(last, cfg)}")
                 return 0

@@ -740,7 +740,7 @@ def test_ctrl_c_in_the_preflight_exits_130_in_one_line(tmp_path, capsys, monkeyp
     """The preflight may list a large data folder: Ctrl-C there ends with 130 and a line, not
     a traceback, and leaves the run lock free."""
 
-    def interrupt(cfg):
+    def interrupt(cfg, preset_lambda_skip):
         raise KeyboardInterrupt
 
     path = tmp_path / "run.yaml"
@@ -813,6 +813,36 @@ def test_a_run_at_a_presets_former_lambda_skip_is_named_not_redone(tmp_path, cap
         config.load(argv[0], vanilla).name
         == config.load(argv[0], [*vanilla, "train.lambda_skip=1.0"]).name
     )
+
+
+def test_a_run_that_gives_lambda_skip_is_not_taken_for_one_at_the_former_default(
+    tmp_path, capsys, monkeypatch
+):
+    """`train tune_configs/digits.yaml train.lambda_skip=0.1` beside a stored run of
+    train.lambda_skip=1.0 (a sweep over the weight) was refused as holding 'the run of these
+    settings at train.lambda_skip 1, mnist_dense's default before 2026-12-07', though it gave
+    0.1, and a run given 0.1 was named at 0.1 before the change too. A run that gives
+    lambda_skip, by an override or in its file, now starts; one that leaves it to the preset
+    is still refused."""
+    digits = Path(__file__).parents[1] / "tune_configs" / "digits.yaml"
+    argv = [str(digits), f"storage_path={tmp_path}"]
+    before = config.load(argv[0], [*argv[1:], "train.lambda_skip=1.0"])
+    checkpoint.write_checkpoint(
+        {"step": 22, "settings": config.trained_settings(before)},
+        Path(before.run_dir) / "checkpoint_000022",
+    )
+    monkeypatch.setattr(runlock.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    monkeypatch.setattr(launch, "check_cluster", lambda: None)
+    started = []
+    monkeypatch.setattr(train, "run", lambda cfg, argv: started.append(cfg.name) or 0)
+    in_file = tmp_path / "at_0.1.yaml"
+    in_file.write_text(digits.read_text().replace("\ntrain:\n", "\ntrain:\n  lambda_skip: 0.1\n"))
+    assert train.main([*argv, "train.lambda_skip=0.1"]) == 0
+    assert train.main([str(in_file), *argv[1:]]) == 0
+    name = config.load(argv[0], argv[1:]).name
+    assert started == [name, name] == ["digits-mnist_dense-skip_reg-387b0107"] * 2
+    assert train.main(argv) == 2
+    assert "resume it with train.lambda_skip=1, or" in capsys.readouterr().err
 
 
 def test_a_vanilla_run_given_the_new_lambda_skip_before_the_change_is_named_not_redone(
@@ -952,7 +982,7 @@ def test_the_settings_of_a_runs_checkpoints_are_checked_under_its_lock(tmp_path,
     monkeypatch.setattr(runlock.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
     monkeypatch.setattr(launch, "check_cluster", lambda: None)
     monkeypatch.setattr(
-        preflight, "check_resume", lambda cfg: checked.append(runlock.holder(cfg.run_dir))
+        preflight, "check_resume", lambda cfg, preset: checked.append(runlock.holder(cfg.run_dir))
     )
     monkeypatch.setattr(train, "run", lambda cfg, argv: 0)
     assert train.main([str(path)]) == 0
@@ -4352,7 +4382,7 @@ def test_sigterm_in_the_preflight_exits_130_in_one_line_as_ctrl_c_does(
     folder) ends the run as Ctrl-C does, in one line and status 130, where its default killed
     it without a word."""
 
-    def terminated(cfg):
+    def terminated(cfg, preset_lambda_skip):
         os.kill(os.getpid(), signal.SIGTERM)
 
     def killed(signum: int, frame: object) -> None:

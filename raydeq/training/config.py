@@ -632,14 +632,15 @@ def evaluation_settings(cfg: Config) -> dict[str, Any]:
     }
 
 
-def former_names(cfg: Config) -> dict[str, tuple[str, str]]:
+def former_names(cfg: Config, preset_lambda_skip: bool = True) -> dict[str, tuple[str, str]]:
     """The names raydeq derived from `cfg`'s settings before a change of how or from what it
     names a run, each with what it took otherwise and the setting that resumes its run. Before
     2026-12-02 a name digested the model options as the config gave them, unset ones as null,
     not as `validate` fills them in from the preset and the layer: one name for each set of the
-    filled-in options that the config may have left unset. And a run at its preset's
-    lambda_skip was named at the former default (FORMER_LAMBDA_SKIP) before its change, but one
-    of a variant without a skip loss that gave that lambda_skip was named at it."""
+    filled-in options that the config may have left unset. And a run that leaves lambda_skip
+    to its preset (`preset_lambda_skip`) was named at the former default (FORMER_LAMBDA_SKIP)
+    before its change, but one of a variant without a skip loss that gave the preset's
+    lambda_skip was named at it."""
     model = cfg.model
     filled = [
         f.name
@@ -658,7 +659,7 @@ def former_names(cfg: Config) -> dict[str, tuple[str, str]]:
             taken = f"under the name raydeq gave it before {date}, from its train.lambda_skip "
             taken += f"{cfg.train.lambda_skip:g}, which {model.variant} does not train with"
             bases.append((cfg, False, [taken], []))
-        else:
+        elif preset_lambda_skip:
             at = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lambda_skip=value))
             taken = f"at train.lambda_skip {value:g}, {model.model}'s default before {date}"
             bases.append((at, True, [taken], [f"train.lambda_skip={value:g}"]))
@@ -1007,14 +1008,28 @@ def in_file(err: ConfigError, path: str | Path, overrides: Mapping[str, Any]) ->
     return ConfigError(f"{err} (in {path})")
 
 
-def load(path: str | Path, overrides: Sequence[str] | Mapping[str, Any] = ()) -> Config:
-    """Read a YAML file, apply `key=value` overrides (strings or a mapping) and validate."""
+def given_settings(
+    path: str | Path, overrides: Sequence[str] | Mapping[str, Any] = ()
+) -> dict[str, Any]:
+    """The settings of a YAML file with `key=value` overrides (strings or a mapping) applied,
+    before `validate` fills in what they leave unset."""
     raw = read_yaml(path)
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{path}: expected a mapping of keys to values at the top level")
     if not isinstance(overrides, Mapping):
         overrides = parse_overrides(overrides)
     try:
-        return validate(apply_overrides(raw, overrides))
+        return apply_overrides(raw, overrides)
+    except ConfigError as err:
+        raise in_file(err, path, overrides) from None
+
+
+def load(path: str | Path, overrides: Sequence[str] | Mapping[str, Any] = ()) -> Config:
+    """Read a YAML file, apply `key=value` overrides (strings or a mapping) and validate."""
+    if not isinstance(overrides, Mapping):
+        overrides = parse_overrides(overrides)
+    settings = given_settings(path, overrides)
+    try:
+        return validate(settings)
     except ConfigError as err:
         raise in_file(err, path, overrides) from None

@@ -113,12 +113,15 @@ def check_compile_cache() -> None:
         ) from None
 
 
-def check_run(cfg: Config, storage: bool = True) -> dict[str, Any] | None:
+def check_run(
+    cfg: Config, storage: bool = True, preset_lambda_skip: bool = True
+) -> dict[str, Any] | None:
     """Check the data folder (and index an image folder), the batch against the training set,
     the model and (with `storage`) the run it resumes and the storage before Ray starts;
     returns the last report of a run that had finished (`finished_before`), whose storage
     is not checked for writing: nothing would be written (an archived, read-only folder). A
-    storage that cannot be read is a StorageError, named as check_storage names it."""
+    storage that cannot be read is a StorageError, named as check_storage names it;
+    `preset_lambda_skip` says whether the config left train.lambda_skip to the preset."""
     data.check_files(cfg.data)
     samples = data.train_samples(cfg.data)
     if samples is not None:
@@ -135,7 +138,7 @@ def check_run(cfg: Config, storage: bool = True) -> dict[str, Any] | None:
     if not storage:
         return None
     try:
-        check_resume(cfg)
+        check_resume(cfg, preset_lambda_skip)
         last = finished_before(cfg)
     except ConfigError:
         raise
@@ -193,23 +196,24 @@ def finished_before(cfg: Config) -> dict[str, Any] | None:
     return final_report(filesystem(cfg.run_dir)[0], newest[0])
 
 
-def check_resume(cfg: Config) -> None:
+def check_resume(cfg: Config, preset_lambda_skip: bool = True) -> None:
     """Raise a ConfigError where the run's folder holds checkpoints of other settings: a name=
     given again with, say, more epochs would go on from them under the old schedule (a
     checkpoint written before checkpoints recorded their settings is not checked); or where
-    it holds none and the run of these settings is stored under its former name."""
+    it holds none and the run of these settings is stored under its former name (the former
+    default lambda_skip's only where `preset_lambda_skip`: the config left it to the preset)."""
     newest = newest_manifest(cfg.run_dir)
     if newest is not None:
         check_settings(cfg.run_dir, newest[1].get("settings"), cfg)
     elif cfg.name == default_name(cfg) and not subfolders(cfg.run_dir, CHECKPOINT_PREFIX):
-        check_former_names(cfg)
+        check_former_names(cfg, preset_lambda_skip)
 
 
-def check_former_names(cfg: Config) -> None:
+def check_former_names(cfg: Config, preset_lambda_skip: bool = True) -> None:
     """Raise a ConfigError where the storage holds checkpoints of a run of `cfg`'s settings
     under a name that raydeq gave it before (`config.former_names`): the same command after an
     update started that run anew under its new name, as if never run."""
-    former = former_names(cfg)
+    former = former_names(cfg, preset_lambda_skip)
     prefix = cfg.name.rsplit("-", 1)[0] + "-"
     for path in subfolders(cfg.storage_path, prefix):
         name = path.rsplit("/", 1)[-1]
