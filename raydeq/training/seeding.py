@@ -1,8 +1,9 @@
 """The seeds of a run's random streams, each drawn from the run's seed and a key of its own.
 
 The run's seed itself seeds the initial weights (torch.manual_seed(seed)); every other stream
-takes `stream_seed(seed, stream, ...)`, so that no stream of one seed is a stream of another
-(a sum such as seed + 1 + rank gives seed 0's second worker the stream of seed 1's first).
+takes `stream_seed(seed, stream, ...)`, so that a stream of one seed is a stream of another
+only by a chance of 1 in 2^32 (torch's CPU generator keeps the low 32 bits of a seed), where a
+sum such as seed + 1 + rank gives seed 0's second worker the stream of seed 1's first.
 """
 
 from __future__ import annotations
