@@ -1,20 +1,42 @@
-"""The README's first example, the one a reader runs first, runs as written and computes what
-it says: z* = f(z*) and the implicit gradient of sum(z*), against a dense reference."""
+"""The README's Python examples run as written and compute what the text around them says: the
+first, the one a reader runs first, z* = f(z*) and the implicit gradient of sum(z*), against a
+dense reference; the next two load a run's model and tighten its gradients."""
 
 import contextlib
+import copy
 import io
 import re
 from pathlib import Path
 
+import pytest
 import torch
 
+from raydeq import models
+from raydeq.training import checkpoint
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: thread sync dominates
+
 README = Path(__file__).resolve().parents[1] / "README.md"
+# The run folder the loading example names, relative to the folder the command ran in.
+RUN = "runs/digits-mnist_dense-skip_reg-1a2b3c4d"
+
+
+def python_blocks() -> list[str]:
+    """The README's Python blocks, in order."""
+    return re.findall(r"```python\n(.*?)```", README.read_text(), re.DOTALL)
 
 
 def solver_example() -> str:
     """The Python block of the README's section on `raydeq.solve`."""
     section = README.read_text().split("## The solver core: `raydeq.solve`", 1)[1]
     return re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
+
+
+def test_every_python_block_of_the_readme_is_one_these_tests_run():
+    """A new example is run here too: the blocks are the solver's, loading and tightening."""
+    blocks = python_blocks()
+    assert len(blocks) == 3 and blocks[0] == solver_example()
+    assert "load_model(" in blocks[1] and "layer.adjoint_options" in blocks[2]
 
 
 def test_the_readme_solve_example_runs_and_its_gradient_is_the_implicit_one():
@@ -33,3 +55,61 @@ def test_the_readme_solve_example_runs_and_its_gradient_is_the_implicit_one():
     eye = torch.eye(W.shape[0], dtype=torch.float64)
     expected = torch.stack([d * torch.linalg.solve(eye - W.T * d, torch.ones_like(d)) for d in D])
     assert torch.allclose(scope["x"].grad.double(), expected, rtol=1e-2, atol=1e-2)
+
+
+def stored_run(folder: Path, variant: str) -> torch.nn.Module:
+    """A run of the dense model stored in `folder` (its checkpoint of step 1), as built."""
+    torch.manual_seed(1)
+    settings = {"model": {"model": "mnist_dense", "variant": variant}}
+    model = models.build(settings["model"])
+    state = {"step": 1, "model": model.state_dict(), "settings": settings}
+    checkpoint.write_checkpoint(state, folder / "checkpoint_000001")
+    return model.eval()
+
+
+def run_block(block: str, scope: dict) -> dict:
+    """Run a README block with the names in scope (a block's names stay in it)."""
+    exec(compile(block, str(README), "exec"), scope)
+    return scope
+
+
+def test_the_readme_loading_example_gives_the_stored_runs_model(tmp_path, monkeypatch):
+    """Run in the folder that holds the run it names, the example's logits and NFE are those of
+    the model the run stored."""
+    model = stored_run(tmp_path / RUN, "skip_reg")
+    monkeypatch.chdir(tmp_path)
+    images = torch.randn(4, 1, 28, 28)
+    scope = run_block(python_blocks()[1], {"images": images})
+    logits, out = model(images)
+    assert torch.equal(scope["logits"], logits)
+    assert scope["out"].stats.nfe == out.stats.nfe > 0
+
+
+def image_gradient_error(model: torch.nn.Module) -> float:
+    """The relative error, along a random direction, of the float64 model's gradient of one
+    logit with respect to its images, against central differences of its logits solved to
+    1e-11 (by a copy, so that the model keeps its settings)."""
+    model = model.double()
+    images = torch.randn(2, 1, 28, 28, dtype=torch.float64, requires_grad=True)
+    model(images)[0][:, 3].sum().backward()
+    direction = torch.randn_like(images)
+    reference = copy.deepcopy(model)
+    reference.layer.abstol, reference.layer.reltol, reference.layer.max_steps = 1e-11, 1e-11, 10**5
+    with torch.no_grad():
+        ahead = reference(images + 1e-3 * direction)[0][:, 3].sum()
+        behind = reference(images - 1e-3 * direction)[0][:, 3].sum()
+    differences = float(ahead - behind) / 2e-3
+    return abs(float((images.grad * direction).sum()) - differences) / abs(differences)
+
+
+def test_the_readme_tightening_example_makes_a_loaded_deqs_gradients_accurate(
+    tmp_path, monkeypatch
+):
+    """Run on a loaded DEQ, the example takes the float64 gradients with respect to its images
+    from 2% or more off central differences to about 1e-6."""
+    stored_run(tmp_path / RUN, "skip_reg")
+    monkeypatch.chdir(tmp_path)
+    loaded = run_block(python_blocks()[1], {"images": torch.randn(4, 1, 28, 28)})["model"]
+    assert image_gradient_error(loaded) > 1e-2
+    tightened = run_block(python_blocks()[2], {"model": loaded})["model"]
+    assert image_gradient_error(tightened) < 1e-6
