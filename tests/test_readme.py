@@ -113,3 +113,15 @@ def test_the_readme_tightening_example_makes_a_loaded_deqs_gradients_accurate(
     assert image_gradient_error(loaded) > 1e-2
     tightened = run_block(python_blocks()[2], {"model": loaded})["model"]
     assert image_gradient_error(tightened) < 1e-6
+
+
+def test_the_readme_tightening_example_runs_on_a_loaded_neural_ode(tmp_path, monkeypatch):
+    """A Neural ODE of the mnist_dense experiment has no adjoint_options, which the example
+    read and failed on ('NeuralODE' object has no attribute 'adjoint_options'), and its
+    max_steps of 10,000 steps, which the example cut to 1,000; the example now sets its
+    tolerances, at which its continuous adjoint integrates too, and leaves its max_steps."""
+    stored_run(tmp_path / RUN, "neural_ode")
+    monkeypatch.chdir(tmp_path)
+    loaded = run_block(python_blocks()[1], {"images": torch.randn(4, 1, 28, 28)})["model"]
+    layer = run_block(python_blocks()[2], {"model": loaded})["layer"]
+    assert (layer.abstol, layer.reltol, layer.max_steps) == (1e-8, 1e-8, 10_000)
