@@ -1,20 +1,23 @@
 """The paper's models: parameter counts, forward/backward of every preset and variant with a
-continuous and a discrete solver, batch independence (group norm), dropout masks, config errors."""
+continuous and a discrete solver, batch independence (group norm), dropout masks, config errors,
+and the public names' docstrings and types."""
 
 import dataclasses
 import functools
+import inspect
 import io
 import math
 import pickle
 import re
 import time
+from collections.abc import Callable
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raydeq import DEQ, NeuralODE
+from raydeq import DEQ, NeuralODE, models
 from raydeq.bench.suites.step_cost import OpCounter
 from raydeq.datasets import mnist10k
 from raydeq.models import PRESETS, VARIANTS, build, layers, resolve
@@ -1352,3 +1355,44 @@ def test_a_preset_refuses_images_too_small_for_its_norms_before_the_solve():
     model.layer.forward = None  # the solve is never reached
     with pytest.raises(ValueError, match="above 1, got 1 x 1"):
         model(torch.randn(2, 3, 1, 1))
+
+
+def _unannotated(function: Callable) -> list[str]:
+    """The parameters (but self, cls, *args and **kwargs) and return of function without a
+    type annotation."""
+    signature = inspect.signature(function)
+    missing = [
+        p.name
+        for p in signature.parameters.values()
+        if p.annotation is inspect.Parameter.empty
+        and p.name not in ("self", "cls")
+        and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    ]
+    return missing + ["return"] * (signature.return_annotation is inspect.Signature.empty)
+
+
+def test_every_public_name_of_raydeq_models_has_a_docstring_and_a_typed_signature():
+    """EquilibriumClassifier(stem, layer, head), which build returns, had no return type; each
+    class and function raydeq.models exports, and each of a class's own public methods,
+    __init__ and __call__, is typed in every argument and its return, and documented."""
+    found = []
+    for name in models.__all__:
+        exported = getattr(models, name)
+        if inspect.isfunction(exported):
+            functions = {name: exported}
+        elif inspect.isclass(exported):
+            functions = {
+                f"{name}.{attribute}": value
+                for attribute, value in vars(exported).items()
+                if inspect.isfunction(value)
+                and (not attribute.startswith("_") or attribute in ("__init__", "__call__"))
+            }
+        else:
+            continue
+        if not exported.__doc__:
+            found.append(f"{name}: no docstring")
+        for qualified, function in functions.items():
+            found += [f"{qualified}: {part} not annotated" for part in _unannotated(function)]
+            if not function.__doc__ and not qualified.endswith("__init__"):
+                found.append(f"{qualified}: no docstring")
+    assert not found, found

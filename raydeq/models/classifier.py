@@ -22,7 +22,7 @@ class EquilibriumClassifier(nn.Module):
     """`logits, out = model(images)`, where out holds z*, its statistics and the auxiliary losses
     (weighed by the training objective, `raydeq.training.objective.Objective`)."""
 
-    def __init__(self, stem: nn.Module, layer: nn.Module, head: nn.Module):
+    def __init__(self, stem: nn.Module, layer: nn.Module, head: nn.Module) -> None:
         super().__init__()
         self.stem = stem
         self.layer = layer
