@@ -685,6 +685,18 @@ def test_resolve_checks_every_layer_option_as_build_does(options, error, message
             check(cfg)
 
 
+def test_options_resolved_or_validated_can_be_changed_without_changing_the_preset():
+    """resolve returned the preset's own adjoint_options dict, which a validated config's
+    model section held too: tightening it in place (resolved["adjoint_options"]["rtol"] =
+    1e-8) set rtol 1e-8 for every later mnist_dense model and config of the process."""
+    resolved = resolve({"model": "mnist_dense"})
+    resolved["adjoint_options"]["rtol"] = 1e-8
+    validate({"model": {"model": "mnist_dense"}}).model.adjoint_options["max_iters"] = 200
+    assert build(resolved).layer.adjoint_options == {"rtol": 1e-8, "max_iters": 15}
+    assert PRESETS["mnist_dense"].adjoint_options == {"rtol": 5e-3, "max_iters": 15}
+    assert build({"model": "mnist_dense"}).layer.adjoint_options == {"rtol": 5e-3, "max_iters": 15}
+
+
 @pytest.mark.parametrize("variant", ["vanilla", "skip_reg", "neural_ode"])
 def test_build_takes_the_model_section_a_checkpoint_records(variant):
     """A checkpoint's manifest records the run's model section with null for each option it

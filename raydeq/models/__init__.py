@@ -78,8 +78,9 @@ def resolve(cfg: Mapping[str, Any]) -> dict[str, Any]:
             "max_steps": preset.max_steps,
             "pretrain_steps": preset.pretrain_steps,
             "pretrain_depth": preset.pretrain_depth,
-            # The preset's linear-solver limits apply to the implicit adjoints only.
-            "adjoint_options": preset.adjoint_options
+            # The preset's linear-solver limits apply to the implicit adjoints only; a copy,
+            # which the caller may change without changing the preset.
+            "adjoint_options": dict(preset.adjoint_options)
             if options.get("adjoint", "gmres") in IMPLICIT_ADJOINTS
             else {},
         }
