@@ -719,6 +719,8 @@ def test_build_takes_the_model_section_a_checkpoint_records(variant):
         (lambda: DenseConfig(width=0), ValueError, "width=0 must be an integer >= 1"),
         (lambda: DenseConfig(width=1.5), TypeError, "width=1.5 must be an integer >= 1"),
         (lambda: DenseConfig(in_features=-1), ValueError, "in_features=-1 must be an integer"),
+        (lambda: DenseCell(0), ValueError, "width=0 must be an integer >= 1"),
+        (lambda: DenseCell(-1), ValueError, "width=-1 must be an integer >= 1"),
         (lambda: MDEQConfig((), (), 8), ValueError, "channels=() needs one channel count"),
         (lambda: MDEQConfig((8, 0), (4, 4), 8), ValueError, "channels[1]=0 must be an integer"),
         (lambda: MDEQConfig((8,), (4.0,), 8), TypeError, "head_channels[0]=4.0 must be an"),
@@ -729,7 +731,9 @@ def test_build_takes_the_model_section_a_checkpoint_records(variant):
 def test_a_model_config_of_a_size_below_one_is_refused_naming_the_field(make, error, message):
     """DenseConfig(width=0) built a model of width 0, width=1.5 failed in torch.empty, an
     MDEQConfig without channels in an IndexError and groups=0 made every group norm one group
-    per channel (gcd(c, 0) = c); each is refused where the config is made, naming the field."""
+    per channel (gcd(c, 0) = c); each is refused where the config is made, naming the field,
+    and so is the width of a DenseCell made on its own (0 built a cell of no state, -1 failed
+    in torch: "Trying to create tensor with negative dimension -1")."""
     with pytest.raises(error, match=re.escape(message)):
         make()
 

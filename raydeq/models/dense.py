@@ -15,6 +15,7 @@ class DenseCell(nn.Module):
 
     def __init__(self, width: int) -> None:
         super().__init__()
+        integer("width", width)
         self.state = nn.Linear(width, width, bias=False)
         self.inject = nn.Linear(width, width, bias=False)
 
