@@ -738,6 +738,12 @@ def test_a_model_config_of_a_size_below_one_is_refused_naming_the_field(make, er
         make()
 
 
+def test_a_multiscale_config_whose_weight_norm_is_no_bool_is_refused_naming_it():
+    """MDEQConfig(weight_norm="no") normalised every weight, as any true value does."""
+    with pytest.raises(TypeError, match=re.escape("weight_norm='no' must be True or False")):
+        MDEQConfig((8,), (4,), 8, weight_norm="no")
+
+
 def test_a_config_that_is_not_a_dict_is_named():
     with pytest.raises(TypeError, match="a model config is a dict .* got str 'mnist_dense'"):
         build("mnist_dense")

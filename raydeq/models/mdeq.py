@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from raydeq.models.classifier import Parts
 from raydeq.models.layers import VariationalDropout2d, conv, group_norm
-from raydeq.solvers.options import integer
+from raydeq.solvers.options import flag, integer
 
 # MDEQConfig's counts besides the per-scale channels, each an integer >= 1 (groups=0 made
 # every group norm one of a group per channel, gcd(c, 0) = c).
@@ -57,6 +57,7 @@ class MDEQConfig:
                 integer(f"{name}[{i}]", count)
         for name in SIZES:
             integer(name, getattr(self, name))
+        flag("weight_norm", self.weight_norm)
         if len(self.head_channels) != len(self.channels):
             raise ValueError(
                 f"head_channels {self.head_channels} needs one entry per scale {self.channels}"
