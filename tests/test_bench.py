@@ -1931,6 +1931,16 @@ def test_torchdeqs_implicit_backward_stops_on_the_2_norm_at_the_tolerance_times_
     assert (seen["b_solver"], seen["b_max_iter"], seen["ift"]) == ("broyden", 30, True)
 
 
+def test_torchdeqs_backward_starts_from_a_forward_that_meets_the_forward_tolerance():
+    """TorchDEQ's untimed forward (Anderson, whose lam of 1e-4 is added to G G^T as it is)
+    stopped at its 1,000 iterations with a worst RMS residual of 2.7e-8 at the quick size, 27
+    times raydeq's FORWARD_TOL, so its gradient errors were measured from another z*."""
+    pytest.importorskip("torchdeq")
+    problem = SpectralProblem(torchdeq.SIZES["quick"].backward, CPU, torch.float64)
+    z = torchdeq.torchdeq_implicit(problem, "broyden", 1e-5, 200)().detach()
+    assert float(problem.residual(z).max()) <= torchdeq.FORWARD_TOL
+
+
 def test_ctrl_c_before_any_suite_starts_exits_130_in_one_line(monkeypatch, tmp_path, capsys):
     """Ctrl-C while the machine is described, before the first suite, ends in one line and
     status 130, not Python's traceback."""
