@@ -1931,7 +1931,9 @@ def test_torchdeqs_implicit_backward_stops_on_the_2_norm_at_the_tolerance_times_
     assert (seen["b_solver"], seen["b_max_iter"], seen["ift"]) == ("broyden", 30, True)
 
 
-def test_torchdeqs_backward_starts_from_a_forward_that_meets_the_forward_tolerance():
+def test_torchdeqs_backward_starts_from_a_forward_that_meets_the_forward_tolerance(
+    one_thread: None,
+):
     """TorchDEQ's untimed forward (Anderson, whose lam of 1e-4 is added to G G^T as it is)
     stopped at its 1,000 iterations with a worst RMS residual of 2.7e-8 at the quick size, 27
     times raydeq's FORWARD_TOL, so its gradient errors were measured from another z*."""
@@ -1939,6 +1941,43 @@ def test_torchdeqs_backward_starts_from_a_forward_that_meets_the_forward_toleran
     problem = SpectralProblem(torchdeq.SIZES["quick"].backward, CPU, torch.float64)
     z = torchdeq.torchdeq_implicit(problem, "broyden", 1e-5, 200)().detach()
     assert float(problem.residual(z).max()) <= torchdeq.FORWARD_TOL
+
+
+def test_torchdeqs_anderson_runs_at_each_regularisation_so_that_the_targets_take_its_fastest(
+    one_thread: None,
+):
+    """TorchDEQ adds its Anderson lam to G G^T as it is (raydeq scales its own by the mean of
+    the diagonal): at its default 1e-4, which outweighs G G^T near the tolerance, its forward
+    ran out of its 200 iterations at --quick and its backward reached the gradient error at no
+    tolerance, so the targets compared raydeq with TorchDEQ's Broyden alone (0.36 and 0.24, both
+    met), where against its Anderson at lam 1e-12 they read 0.88 and 0.57. Each lam has a row."""
+    pytest.importorskip("torchdeq")
+    from torchdeq.solver.anderson import anderson_solver
+
+    spec = torchdeq.SIZES["tiny"].forward
+    columns = ["library", "part", "method", "NFE", "time ms", "max residual"]
+    section = Section("torchdeq", "raydeq vs TorchDEQ", columns)
+    torchdeq.forward_rows(Context(CPU, "tiny"), spec, 1, section)
+    rows = {r["method"]: r for r in section.rows if r["library"] == "torchdeq"}
+    problem = SpectralProblem(spec, CPU)
+    for lam in torchdeq.ANDERSON_LAMS:
+        problem.counter.reset()
+        tol = torchdeq.TOL * spec.dim**0.5
+        options = {"m": torchdeq.MEMORY, "lam": lam}
+        anderson_solver(problem.f, problem.z0(), max_iter=200, tol=tol, stop_mode="abs", **options)
+        assert rows[f"anderson lam={lam:g}"]["NFE"] == problem.counter.nfe
+    assert rows["anderson lam=1e-12"]["NFE"] * 4 <= rows["anderson lam=0.0001"]["NFE"]
+    assert rows["anderson lam=1e-12"]["max residual"] <= torchdeq.TOL
+    setup = GradientSetup.make(Context(CPU, "tiny"), torchdeq.SIZES["tiny"].backward)
+    default, small = (
+        time_call(
+            setup.case(torchdeq.torchdeq_implicit(setup.problem, "anderson", 1e-4, 200, lam=lam))(),
+            CPU,
+        )[1]
+        for lam in (1e-4, 1e-12)
+    )
+    assert small.nvjp * 4 <= default.nvjp
+    assert small.error <= gradients.TARGET_ERROR
 
 
 def test_ctrl_c_before_any_suite_starts_exits_130_in_one_line(monkeypatch, tmp_path, capsys):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -55,6 +56,12 @@ FORWARD = {
 }
 # TorchDEQ backward solvers and their iteration budgets
 BACKWARD = {"fixed_point_iter": 1000, "anderson": 200, "broyden": 200}
+# TorchDEQ adds its Anderson regularisation lam to G G^T as it is, where raydeq scales its lam
+# (1e-4) by the mean of G G^T's diagonal. Near the tolerance G G^T is about width x TOL^2
+# (5e-8 at the quick size), so TorchDEQ's default of 1e-4 outweighs it and its mixing averages
+# the last m iterates: its forward ran out of its 200 iterations there, where 1e-12 takes 11.
+# Its Anderson runs at each of these lams, its default first; the targets take its fastest.
+ANDERSON_LAMS = (1e-4, 1e-8, 1e-12)
 MISSING = "TorchDEQ is not installed (pip install -e '.[bench]'); its rows are skipped"
 FORWARD_TARGET = "forward: raydeq best / TorchDEQ best time"
 BACKWARD_TARGET = f"backward at gradient error {TARGET_ERROR:g}: raydeq GMRES / TorchDEQ best time"
@@ -63,6 +70,13 @@ BACKWARD_TARGET = f"backward at gradient error {TARGET_ERROR:g}: raydeq GMRES / 
 def available() -> bool:
     """Whether the torchdeq package can be imported."""
     return importlib.util.find_spec("torchdeq") is not None
+
+
+def torchdeq_methods(solver: str, options: dict) -> dict[str, dict]:
+    """A TorchDEQ solver's rows, by method name, and their options: Anderson's one per lam."""
+    if solver != "anderson":
+        return {solver: options}
+    return {f"anderson lam={lam:g}": options | {"lam": lam} for lam in ANDERSON_LAMS}
 
 
 def torchdeq_forward(name: str, tol: float, max_iter: int, **options) -> Callable:
@@ -78,11 +92,17 @@ def torchdeq_forward(name: str, tol: float, max_iter: int, **options) -> Callabl
 
 
 def torchdeq_implicit(
-    problem: SpectralProblem, b_solver: str, tol: float, max_iter: int
+    problem: SpectralProblem, b_solver: str, tol: float, max_iter: int, **options: float
 ) -> Callable[[], Tensor]:
     """forward() for backward_case: TorchDEQ's DEQ with implicit (IFT) backward by b_solver."""
     from torchdeq import get_deq
 
+    if options:  # get_deq passes a backward solver its budget and tolerance alone
+        from torchdeq.solver import get_solver, register_solver
+
+        name = " ".join([b_solver, *(f"{key}={value:g}" for key, value in options.items())])
+        register_solver(name, partial(get_solver(b_solver), **options))
+        b_solver = name
     norm = problem.spec.dim**0.5
     deq = get_deq(
         core="indexing",
@@ -112,13 +132,14 @@ def forward_rows(ctx: Context, spec: Spectrum, repeats: int, section: Section) -
     cases = {}
     for name, (peer, ours, theirs, budget) in FORWARD.items():
         cases[f"raydeq {name}"] = forward_case(problem, raydeq_forward(name, TOL, budget, **ours))
-        cases[f"torchdeq {peer}"] = forward_case(
-            problem, torchdeq_forward(peer, TOL * norm, budget, **theirs)
-        )
+        for method, options in torchdeq_methods(peer, theirs).items():
+            cases[f"torchdeq {method}"] = forward_case(
+                problem, torchdeq_forward(peer, TOL * norm, budget, **options)
+            )
     timings = measure(cases, ctx.device, repeats, label="[torchdeq] timing the forwards")
     for label, t in timings.items():
         outcome = t.value
-        library, method = label.split(" ")
+        library, method = label.split(" ", 1)
         section.add(
             library=library,
             part="forward",
@@ -140,7 +161,9 @@ def forward_rows(ctx: Context, spec: Spectrum, repeats: int, section: Section) -
     section.notes.append(
         f"forward: f(z) = W tanh(z) + x, width {spec.dim}, batch {spec.batch}, float32; RMS "
         f"residual {TOL:g} (TorchDEQ's 'abs' test on the 2-norm at {TOL:g} x sqrt(width)); "
-        f"Anderson memory {MEMORY}, Broyden memory {BROYDEN_MEMORY} on both sides; max "
+        f"Anderson memory {MEMORY}, Broyden memory {BROYDEN_MEMORY} on both sides, TorchDEQ's "
+        f"Anderson at lam {', '.join(f'{lam:g}' for lam in ANDERSON_LAMS)} (its default first: "
+        "its lam is added to G G^T as it is, raydeq's is relative to its diagonal's mean); max "
         "residual = worst true RMS residual of the returned z."
     )
 
@@ -162,9 +185,10 @@ def backward_rows(ctx: Context, spec: Spectrum, repeats: int, section: Section) 
     problem = setup.problem
     makers = {"raydeq gmres": lambda tol: raydeq_implicit(problem, "gmres", tol, FORWARD_TOL, 200)}
     for b_solver, budget in BACKWARD.items():
-        makers[f"torchdeq {b_solver}"] = lambda tol, s=b_solver, n=budget: torchdeq_implicit(
-            problem, s, tol, n
-        )
+        for method, options in torchdeq_methods(b_solver, {}).items():
+            makers[f"torchdeq {method}"] = lambda tol, s=b_solver, n=budget, o=options: (
+                torchdeq_implicit(problem, s, tol, n, **o)
+            )
 
     chosen = setup.tolerances(makers, ctx.device, "torchdeq")
     section.notes += [
@@ -180,7 +204,7 @@ def backward_rows(ctx: Context, spec: Spectrum, repeats: int, section: Section) 
     )
     for label, t in timings.items():
         outcome: Outcome = t.value
-        library, method = label.split(" ")
+        library, method = label.split(" ", 1)
         section.add(
             library=library,
             part="backward",
@@ -204,8 +228,8 @@ def backward_rows(ctx: Context, spec: Spectrum, repeats: int, section: Section) 
     section.timings |= {f"backward/{k}": t.seconds for k, t in timings.items()}
     section.notes.append(
         "backward: " + setup.note() + " TorchDEQ: get_deq(core='indexing', ift=True), its "
-        "forward by Broyden to the same residual, its b_tol on the 2-norm at tol x sqrt(width); "
-        "NFE = evaluations of f during backward."
+        "forward by Broyden to the same residual, its b_tol on the 2-norm at tol x sqrt(width), "
+        "its Anderson at each lam of the forward; NFE = evaluations of f during backward."
     )
 
 
