@@ -758,6 +758,25 @@ def test_a_failing_suite_is_reported_and_the_others_still_run(monkeypatch, tmp_p
     assert "[overhead] running" in err
 
 
+def test_a_report_names_the_command_and_the_commit_that_made_it(monkeypatch, tmp_path):
+    """A report said its date and machine alone, neither its flags (--only, --seed, --weights,
+    --threads) nor the code that ran: 15 reports in benchmarks/results name no command."""
+    monkeypatch.setitem(SUITES, "overhead", lambda ctx: Section("overhead", "Overhead", ["a"]))
+    report = main(["--size", "tiny", "--only", "overhead", "--seed", "3", "--out", str(tmp_path)])
+    root = Path(report_module.__file__).resolve().parents[3]
+    git = ["git", "-C", str(root)]
+    head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True)
+    changed = subprocess.run([*git, "diff", "HEAD", "--quiet"]).returncode == 1
+    expected = head.stdout.strip() + (" with uncommitted changes" if changed else "")
+    assert report.commit == (expected if head.returncode == 0 else "")
+    command = f"python -m raydeq.bench --size tiny --only overhead --seed 3 --out {tmp_path}"
+    (md_path,) = tmp_path.glob("*-cpu.md")
+    (json_path,) = tmp_path.glob("*-cpu.json")
+    commit = report.commit or "unknown (the source is no git work tree)"
+    assert f"\nRun as `{command}` on commit {commit}.\n" in md_path.read_text()
+    assert json.loads(json_path.read_text())["command"] == command
+
+
 def test_a_cpu_run_prints_no_cuda_warning(monkeypatch, tmp_path, capfd):
     """Compiling a step imports torch.utils.cpp_extension, which on a machine with a CUDA
     toolkit but no GPU warned 'No CUDA runtime is found' in a run that has no use for CUDA;

@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import datetime
 import logging
+import shlex
 import sys
 import tempfile
 import time
@@ -22,6 +23,7 @@ from raydeq.bench.harness.report import (
     error_line,
     machine_info,
     output_stem,
+    source_commit,
     usable_cpus,
     write,
 )
@@ -366,10 +368,11 @@ def main(argv: Sequence[str] | None = None) -> Report:
     A suite that raises is reported (its traceback on stderr, its error in the report) and the
     others still run; the run then exits with status 1.
     """
+    argv = list(sys.argv[1:] if argv is None else argv)
     with output_kept():
         args = parse(argv)
         with settings_of_the_run(args.threads, args.device):
-            return run(args)
+            return run(args, f"python -m raydeq.bench {shlex.join(argv)}".rstrip())
 
 
 @contextlib.contextmanager
@@ -399,8 +402,8 @@ def forked_rng(device: torch.device) -> contextlib.AbstractContextManager[None]:
     return torch.random.fork_rng(devices=[device], device_type=device.type)
 
 
-def run(args: argparse.Namespace) -> Report:
-    """Run the suites of parsed arguments, as main does."""
+def run(args: argparse.Namespace, command: str) -> Report:
+    """Run the suites of parsed arguments, as main does; `command` is the command line."""
     device = args.device
     try:
         keep_freed_memory()
@@ -410,6 +413,8 @@ def run(args: argparse.Namespace) -> Report:
             device=device.type,
             size=args.size,
             machine=machine_info(device),
+            command=command,
+            commit=source_commit(),
         )
         stem = output_stem(report, args.out)
         json_path, md_path = write(report, stem)

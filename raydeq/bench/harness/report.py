@@ -7,6 +7,7 @@ import math
 import operator
 import os
 import platform
+import subprocess
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -68,6 +69,8 @@ class Report:
     device: str
     size: str
     machine: dict[str, Value]
+    command: str = ""  # the command line that made the report
+    commit: str = ""  # source_commit() of the code that ran
     sections: list[Section] = field(default_factory=list)
     failures: dict[str, str] = field(default_factory=dict)  # suite -> its error, one line
 
@@ -87,6 +90,11 @@ class Report:
             "",
             ", ".join(f"{k}: {v}" for k, v in self.machine.items()),
             "",
+        ]
+        if self.command:
+            commit = self.commit or "unknown (the source is no git work tree)"
+            lines += [f"Run as `{self.command}` on commit {commit}.", ""]
+        lines += [
             "## Targets",
             "",
             "Times are medians over interleaved repeats; a ratio of two times is the median over "
@@ -206,6 +214,25 @@ def usable_cpus() -> int:
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
+
+
+def source_commit() -> str:
+    """The git commit of the raydeq source that runs, with a word where its tracked files differ
+    from it; empty where that source is no git work tree of its own (an installed package)."""
+    root = Path(__file__).resolve().parents[3]
+
+    def git(*args: str) -> str:
+        command = ["git", "-C", str(root), *args]
+        done = subprocess.run(command, capture_output=True, text=True, check=True, timeout=60)
+        return done.stdout.strip()
+
+    try:
+        if Path(git("rev-parse", "--show-toplevel")).resolve() != root:
+            return ""  # a package installed inside some other repository's folder
+        changed = git("status", "--porcelain", "--untracked-files=no")
+        return git("rev-parse", "HEAD") + (" with uncommitted changes" if changed else "")
+    except (OSError, subprocess.SubprocessError):  # no git, or it failed or hung
+        return ""
 
 
 def machine_info(device: torch.device) -> dict[str, Value]:
