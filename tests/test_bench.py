@@ -522,6 +522,37 @@ def test_node_benchmark_on_a_gpu_times_the_graph_variants_and_takes_the_fastest(
         assert target.detail.startswith(f"DEQ with {node.GRAPHED.get(fastest, fastest).upper()}")
 
 
+def test_a_graph_capture_that_fails_on_a_gpu_loses_its_own_rows_only(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, one_thread: None
+):
+    """compile="graph" has its rows in the node suite on a GPU, timed in one measure with the
+    eager rows: a capture that failed there lost the whole section, every preset's eager DEQ
+    and Neural ODE rows and targets with it. They are now timed again without the graph rows."""
+    every = node.DEQ_SOLVERS + tuple(node.GRAPHED)
+    monkeypatch.setattr(node, "deq_variants", lambda device: every)
+    real_measure = node.measure
+
+    def measure(cases: dict, device: torch.device, *args: object, **options: object) -> dict:
+        if any(name.partition("/")[0] in node.GRAPHED for name in cases):
+            raise RuntimeError("operation not permitted when stream is capturing\nmore")
+        return real_measure(cases, device, repeats=1, warmup=0)
+
+    monkeypatch.setattr(node, "measure", measure)
+    section = node.run(Context(CPU, "tiny", ("mnist_dense",)))
+    eager = [layer for variant, layer in node.VARIANTS.items() if variant not in node.GRAPHED]
+    assert [row["layer"] for row in section.rows] == eager
+    assert len(section.targets) == 4
+    assert all(
+        t.detail in ("DEQ with VCAB3", "DEQ with BS3", "DEQ with EULER") for t in section.targets
+    )
+    error = "RuntimeError: operation not permitted when stream is capturing"
+    assert (
+        f'mnist_dense: compile="graph" failed ({error}); timed again without its rows.'
+        in section.notes
+    )
+    assert "Traceback" in capsys.readouterr().err
+
+
 def test_the_node_note_says_which_untrained_preset_unrolls_its_first_steps():
     """The note on the CIFAR-10 and ImageNet DEQs, which run untrained, said that their presets
     pretrain thousands of unrolled steps; of them only cifar10_small's has a warm-up."""
