@@ -794,7 +794,7 @@ def test_a_report_names_the_command_and_the_commit_that_made_it(monkeypatch, tmp
     --threads) nor the code that ran: 15 reports in benchmarks/results name no command."""
     monkeypatch.setitem(SUITES, "overhead", lambda ctx: Section("overhead", "Overhead", ["a"]))
     report = main(["--size", "tiny", "--only", "overhead", "--seed", "3", "--out", str(tmp_path)])
-    root = Path(report_module.__file__).resolve().parents[3]
+    root = Path(__file__).resolve().parents[1]
     git = ["git", "-C", str(root)]
     head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True)
     changed = subprocess.run([*git, "diff", "HEAD", "--quiet"]).returncode == 1
