@@ -60,10 +60,12 @@ def test_the_default_runs_name_stays_what_it_was_so_that_its_runs_resume():
     """A run resumes from the folder its name gives: settings added later and left unset
     (model.solver_options, model.dynamics) must not change the digest of older runs' names.
     A changed default does, as the run it names trains otherwise: mnist_dense's lambda_skip,
-    1.0 until it became 0.1, names the older default runs where it is given."""
-    assert validate({}).name == "digits-mnist_dense-skip_reg-c37f775d"
+    1.0 until it became 0.1 and 0.1 until it became 0.2, names the older default runs where it
+    is given."""
+    assert validate({}).name == "digits-mnist_dense-skip_reg-69135dd3"
     older = validate({"train": {"lambda_skip": 1.0}}).name
     assert older == "digits-mnist_dense-skip_reg-e12ecada"
+    assert validate({"train": {"lambda_skip": 0.1}}).name == "digits-mnist_dense-skip_reg-c37f775d"
     assert validate({"model": {"solver_options": {"kind": "i"}}}).name != validate({}).name
     preset = {"rtol": 5e-3, "max_iters": 15}  # mnist_dense's GMRES limits, written out
     assert validate({"model": {"adjoint_options": preset}}).name == validate({}).name

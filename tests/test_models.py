@@ -917,10 +917,10 @@ def test_presets_carry_the_readme_s_settings():
     """The README's table of settings: step limit / GMRES limit 50 / 15 (dense), 18 / 20
     (CIFAR-10), 27 / 28 (ImageNet), GMRES rtol = the forward tolerance (5e-3 dense, 5e-2
     multiscale), unrolled warm-up 3,000 steps for cifar10_small, none for the large ones,
-    lambda_skip 0.01 for the multiscale models (0.1 for mnist_dense); mnist_mdeq
+    lambda_skip 0.01 for the multiscale models (0.2 for mnist_dense); mnist_mdeq
     takes the multiscale settings with a 60-step warm-up (its preset's comment)."""
     expected = {
-        "mnist_dense": (5e-3, 50, 15, 0, 0.1),
+        "mnist_dense": (5e-3, 50, 15, 0, 0.2),
         "mnist_mdeq": (5e-2, 18, 20, 60, 0.01),
         "cifar10_small": (5e-2, 18, 20, 3000, 0.01),
         "cifar10_large": (5e-2, 18, 20, 0, 0.01),

@@ -84,7 +84,7 @@ def test_a_searchers_trials_are_its_points_then_draws_with_conditional_dimension
     }
     # The points leave nothing to chance: the base's solver and the preset's abstol and lambda_skip.
     assert vanilla["model"] == {"variant": "vanilla", "solver": "vcab3", "abstol": 5e-3}
-    assert anderson["train"] == {"lambda_skip": 0.1} and "m" in anderson["model"]["solver_options"]
+    assert anderson["train"] == {"lambda_skip": 0.2} and "m" in anderson["model"]["solver_options"]
     for draw in sampled:
         model = draw["model"]
         cfg = experiment.trial_config(draw)

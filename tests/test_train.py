@@ -762,11 +762,11 @@ def test_a_run_stored_under_the_name_an_older_raydeq_gave_its_settings_is_named_
     options and both names, creating nothing; name= the old one resumes it, another name=
     starts anew, and a folder of the old name without checkpoints blocks nothing. Its
     lambda_skip was mnist_dense's default of then, 1.0, which the refusal names beside it
-    since the default became 0.1."""
+    since the default changed."""
     digits = Path(__file__).parents[1] / "tune_configs" / "digits.yaml"
     argv = [str(digits), f"storage_path={tmp_path}"]
     cfg = config.load(argv[0], argv[1:])
-    assert cfg.name == "digits-mnist_dense-skip_reg-387b0107"
+    assert cfg.name == "digits-mnist_dense-skip_reg-dcaaf276"
     at_then = [*argv[1:], "train.lambda_skip=1.0"]
     assert config.load(argv[0], at_then).name == "digits-mnist_dense-skip_reg-aa17a09a"
     old = tmp_path / "digits-mnist_dense-skip_reg-25a1a1ca"
@@ -787,25 +787,30 @@ def test_a_run_stored_under_the_name_an_older_raydeq_gave_its_settings_is_named_
     preflight.check_resume(config.load(argv[0], [*argv[1:], "name=fresh"]))
 
 
-def test_a_run_at_a_presets_former_lambda_skip_is_named_not_redone(tmp_path, capsys):
-    """mnist_dense's lambda_skip was 1.0 until 2026-12-07: `train tune_configs/digits.yaml`
-    (Skip Reg.) after the change would have started anew beside the run of 1.0. It is refused
-    naming the setting that resumes it, which gives the old name; a vanilla run, which no
-    lambda_skip trains, keeps its name."""
+@pytest.mark.parametrize(
+    "value, when",
+    [("1.0", "1, mnist_dense's default before"), ("0.1", "0.1, mnist_dense's default on")],
+)
+def test_a_run_at_a_presets_former_lambda_skip_is_named_not_redone(tmp_path, capsys, value, when):
+    """mnist_dense's lambda_skip was 1.0 until 2026-12-07, then 0.1 until it became 0.2:
+    `train tune_configs/digits.yaml` (Skip Reg.) after a change would have started anew beside
+    the run of a former default. It is refused naming the setting that resumes it, which
+    gives the old name; a vanilla run, which no lambda_skip trains, keeps its name."""
     digits = Path(__file__).parents[1] / "tune_configs" / "digits.yaml"
     argv = [str(digits), f"storage_path={tmp_path}"]
     cfg = config.load(argv[0], argv[1:])
-    before = config.load(argv[0], [*argv[1:], "train.lambda_skip=1.0"])
-    assert (cfg.train.lambda_skip, before.name != cfg.name) == (0.1, True)
+    before = config.load(argv[0], [*argv[1:], f"train.lambda_skip={value}"])
+    assert (cfg.train.lambda_skip, before.name != cfg.name) == (0.2, True)
     checkpoint.write_checkpoint(
         {"step": 22, "settings": config.trained_settings(before)},
         Path(before.run_dir) / "checkpoint_000022",
     )
     assert train.main(argv) == 2
+    fix = value.removesuffix(".0")
     assert capsys.readouterr().err == (
-        f"error: {before.run_dir}: holds the run of these settings at train.lambda_skip 1, "
-        f"mnist_dense's default before 2026-12-07, where this run is named {cfg.name}; resume "
-        "it with train.lambda_skip=1, or give this run another name= to start anew\n"
+        f"error: {before.run_dir}: holds the run of these settings at train.lambda_skip {when} "
+        f"2026-12-07, where this run is named {cfg.name}; resume it with "
+        f"train.lambda_skip={fix}, or give this run another name= to start anew\n"
     )
     preflight.check_resume(before)
     vanilla = [*argv[1:], "model.variant=vanilla"]
@@ -818,10 +823,10 @@ def test_a_run_at_a_presets_former_lambda_skip_is_named_not_redone(tmp_path, cap
 def test_a_run_that_gives_lambda_skip_is_not_taken_for_one_at_the_former_default(
     tmp_path, capsys, monkeypatch
 ):
-    """`train tune_configs/digits.yaml train.lambda_skip=0.1` beside a stored run of
+    """`train tune_configs/digits.yaml train.lambda_skip=0.2` beside a stored run of
     train.lambda_skip=1.0 (a sweep over the weight) was refused as holding 'the run of these
     settings at train.lambda_skip 1, mnist_dense's default before 2026-12-07', though it gave
-    0.1, and a run given 0.1 was named at 0.1 before the change too. A run that gives
+    0.2, and a run given 0.2 was named at 0.2 before the change too. A run that gives
     lambda_skip, by an override or in its file, now starts; one that leaves it to the preset
     is still refused."""
     digits = Path(__file__).parents[1] / "tune_configs" / "digits.yaml"
@@ -835,57 +840,73 @@ def test_a_run_that_gives_lambda_skip_is_not_taken_for_one_at_the_former_default
     monkeypatch.setattr(launch, "check_cluster", lambda: None)
     started = []
     monkeypatch.setattr(train, "run", lambda cfg, argv: started.append(cfg.name) or 0)
-    in_file = tmp_path / "at_0.1.yaml"
-    in_file.write_text(digits.read_text().replace("\ntrain:\n", "\ntrain:\n  lambda_skip: 0.1\n"))
-    assert train.main([*argv, "train.lambda_skip=0.1"]) == 0
+    in_file = tmp_path / "at_0.2.yaml"
+    in_file.write_text(digits.read_text().replace("\ntrain:\n", "\ntrain:\n  lambda_skip: 0.2\n"))
+    assert train.main([*argv, "train.lambda_skip=0.2"]) == 0
     assert train.main([str(in_file), *argv[1:]]) == 0
     name = config.load(argv[0], argv[1:]).name
-    assert started == [name, name] == ["digits-mnist_dense-skip_reg-387b0107"] * 2
+    assert started == [name, name] == ["digits-mnist_dense-skip_reg-dcaaf276"] * 2
     assert train.main(argv) == 2
     assert "resume it with train.lambda_skip=1, or" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "value, old, taken",
+    [
+        (
+            "0.2",
+            "ae1efa8d",
+            "before 2026-12-07, from its train.lambda_skip 0.2, which vanilla does not train with",
+        ),
+        (
+            "0.1",
+            "8f7891e6",
+            "on 2026-12-07, at train.lambda_skip 1 for its 0.1, then mnist_dense's default, "
+            "which vanilla does not train with",
+        ),
+    ],
+)
 def test_a_vanilla_run_given_the_new_lambda_skip_before_the_change_is_named_not_redone(
-    tmp_path, capsys
+    tmp_path, capsys, value, old, taken
 ):
-    """A vanilla run given train.lambda_skip=0.1 before mnist_dense's default became 0.1 was
-    named at 0.1 (digits-mnist_dense-vanilla-5ef8ea30, as raydeq then named it); since, such a
-    run is named at the former default, 1.0, which it trains no differently, and the same
-    command started it anew beside its stored run. It is refused naming the old name."""
+    """A vanilla run given train.lambda_skip=0.2 before mnist_dense's default became 0.2 was
+    named at 0.2 (digits-mnist_dense-vanilla-ae1efa8d); since, such a run is named at the first
+    former default, 1.0, which it trains no differently, and the same command started it anew
+    beside its stored run. One given 0.1 while that was the default was named at 1.0 and is
+    now named at 0.1. Each is refused naming the old name."""
     digits = Path(__file__).parents[1] / "tune_configs" / "digits.yaml"
     argv = [str(digits), f"storage_path={tmp_path}", "model.variant=vanilla"]
-    given = [*argv, "train.lambda_skip=0.1"]
+    given = [*argv, f"train.lambda_skip={value}"]
     cfg = config.load(given[0], given[1:])
-    assert cfg.name == config.load(argv[0], argv[1:]).name == "digits-mnist_dense-vanilla-8f7891e6"
-    old = tmp_path / "digits-mnist_dense-vanilla-5ef8ea30"
+    default = config.load(argv[0], argv[1:])
+    assert (cfg.name == default.name) == (value == "0.2")
+    old = tmp_path / f"digits-mnist_dense-vanilla-{old}"
     checkpoint.write_checkpoint({"step": 22}, old / "checkpoint_000022")
-    for command in (given, argv):
-        assert train.main(command) == 2
-        assert capsys.readouterr().err == (
-            f"error: {old}: holds the run of these settings under the name raydeq gave it before "
-            "2026-12-07, from its train.lambda_skip 0.1, which vanilla does not train with, where "
-            f"this run is named {cfg.name}; resume it with name={old.name}, or give this run "
-            "another name= to start anew\n"
-        )
+    assert train.main(given) == 2
+    assert capsys.readouterr().err == (
+        f"error: {old}: holds the run of these settings under the name raydeq gave it {taken}, "
+        f"where this run is named {cfg.name}; resume it with name={old.name}, or give this run "
+        "another name= to start anew\n"
+    )
     preflight.check_resume(config.load(given[0], [*given[1:], f"name={old.name}"]))
 
 
 def test_a_variant_without_a_skip_loss_resumes_at_the_lambda_skip_its_checkpoint_recorded(
     tmp_path,
 ):
-    """A vanilla run given train.lambda_skip=0.1 before mnist_dense's default became 0.1 is
-    refused naming name=digits-mnist_dense-vanilla-5ef8ea30 that resumes it, but its checkpoints
-    record lambda_skip 0.1 where its settings now read the former default, 1.0, so that resume
-    was refused in turn ('train.lambda_skip: 0.1 there, 1.0 here'), as was such a Tune trial,
-    which takes no name=. A variant without a skip loss now resumes at any lambda_skip; a
-    checkpoint of another variant still names it."""
+    """A vanilla run given train.lambda_skip=0.2 before mnist_dense's default became 0.2 is
+    refused naming name=digits-mnist_dense-vanilla-ae1efa8d that resumes it, but its checkpoints
+    record lambda_skip 0.2 where its settings now read the first former default, 1.0, so that
+    resume was refused in turn ('train.lambda_skip: 0.2 there, 1.0 here'), as was such a Tune
+    trial, which takes no name=. A variant without a skip loss now resumes at any lambda_skip;
+    a checkpoint of another variant still names it."""
     digits = Path(__file__).parents[1] / "tune_configs" / "digits.yaml"
-    name = "name=digits-mnist_dense-vanilla-5ef8ea30"
+    name = "name=digits-mnist_dense-vanilla-ae1efa8d"
     argv = [f"storage_path={tmp_path}", name]
-    cfg = config.load(digits, [*argv, "model.variant=vanilla", "train.lambda_skip=0.1"])
+    cfg = config.load(digits, [*argv, "model.variant=vanilla", "train.lambda_skip=0.2"])
     stored = config.trained_settings(cfg)
     assert stored["train"]["lambda_skip"] == 1.0
-    stored["train"]["lambda_skip"] = 0.1  # as raydeq recorded it before the change
+    stored["train"]["lambda_skip"] = 0.2  # as raydeq recorded it before the change
     checkpoint.write_checkpoint(
         {"step": 22, "settings": stored}, Path(cfg.run_dir) / "checkpoint_000022"
     )
@@ -895,7 +916,7 @@ def test_a_variant_without_a_skip_loss_resumes_at_the_lambda_skip_its_checkpoint
     )
     skip_reg = config.load(digits, [*argv, "model.variant=skip_reg", "train.lambda_skip=0.5"])
     changes = r"\(model\.variant: 'vanilla' there, 'skip_reg' here; "
-    changes += r"train\.lambda_skip: 0\.1 there, 0\.5 here\)"
+    changes += r"train\.lambda_skip: 0\.2 there, 0\.5 here\)"
     with pytest.raises(config.ConfigError, match=changes):
         preflight.check_resume(skip_reg)
 
@@ -3096,7 +3117,7 @@ def test_a_step_reports_its_loss_and_accuracy_and_clips_the_gradient_to_grad_cli
 
 
 def test_a_step_reports_the_solve_of_its_own_forward_pass_and_adds_the_jacobian_term(tmp_path):
-    """With the Jacobian penalty on (lambda_jac 2, the preset's lambda_skip 0.1), a step's
+    """With the Jacobian penalty on (lambda_jac 2, the preset's lambda_skip 0.2), a step's
     train_loss is the cross-entropy plus 0.1 x skip_loss plus 2 x jac_loss, and its nfe, residual
     (the batch mean), skip_loss and jac_loss are those of the same forward pass run beforehand
     with the same Hutchinson probes."""
@@ -3114,9 +3135,9 @@ def test_a_step_reports_the_solve_of_its_own_forward_pass_and_adds_the_jacobian_
         logits, out = run.state.model(images)
     picked = logits.detach().log_softmax(1)[torch.arange(len(labels)), labels]
     skip, jac = out.skip_loss.item(), out.jac_loss.item()
-    assert skip > 0 and jac > 0 and cfg.train.lambda_skip == 0.1
+    assert skip > 0 and jac > 0 and cfg.train.lambda_skip == 0.2
     metrics = run.train_step(images, labels, 0.0)
-    expected = -picked.mean().item() + 0.1 * skip + 2 * jac
+    expected = -picked.mean().item() + 0.2 * skip + 2 * jac
     assert metrics["train_loss"] == pytest.approx(expected, rel=1e-5)
     assert metrics["skip_loss"] == pytest.approx(skip, rel=1e-5)
     assert metrics["jac_loss"] == pytest.approx(jac, rel=1e-5)
@@ -3127,7 +3148,7 @@ def test_a_step_reports_the_solve_of_its_own_forward_pass_and_adds_the_jacobian_
 
 def test_a_jacobian_term_of_weight_0_is_logged_and_noted_but_left_out_of_the_loss(tmp_path, caplog):
     """model.jac_reg with train.lambda_jac 0 logs jac_loss alone: the loss is the cross-entropy
-    plus the skip term (weighed by the preset's 0.1), whose gradient pays no double backward
+    plus the skip term (weighed by the preset's 0.2), whose gradient pays no double backward
     through the estimate (and an infinite estimate no longer turns the loss into NaN), and the
     run says so at its start."""
     cfg = validate(
@@ -3153,7 +3174,7 @@ def test_a_jacobian_term_of_weight_0_is_logged_and_noted_but_left_out_of_the_los
     skip, jac = out.skip_loss.item(), out.jac_loss.item()
     assert jac > 0 and out.jac_loss.requires_grad
     metrics = run.train_step(images, labels, 0.0)
-    assert metrics["train_loss"] == pytest.approx(-picked.mean().item() + 0.1 * skip, rel=1e-5)
+    assert metrics["train_loss"] == pytest.approx(-picked.mean().item() + 0.2 * skip, rel=1e-5)
     assert metrics["jac_loss"] == pytest.approx(jac, rel=1e-5)
     estimate = torch.tensor(math.inf, requires_grad=True)
     logits = torch.zeros(2, 3, requires_grad=True)

@@ -1700,7 +1700,7 @@ def test_dry_run_prints_every_trials_resolved_config_without_ray(capsys, monkeyp
     assert {line["experiment"] for line in lines} == {str(Path("runs", "digits").absolute())}
     config = lines[0]["config"]
     assert config["model"]["variant"] == "vanilla" and config["seed"] == 0
-    assert config["train"]["lambda_skip"] == 0.1 and config["scaling"]["num_workers"] == 1
+    assert config["train"]["lambda_skip"] == 0.2 and config["scaling"]["num_workers"] == 1
 
 
 def test_a_dry_run_prints_the_folder_name_and_workers_each_trial_runs_with(
@@ -4445,25 +4445,27 @@ def test_relative_folders_drawn_from_the_space_are_refused_in_the_order_of_the_s
         spec.from_dict("tiny", raw)
 
 
-def test_a_trial_begun_at_the_former_lambda_skip_resumes_and_is_reported_at_it(tmp_path):
+@pytest.mark.parametrize("former", [1.0, 0.1])
+def test_a_trial_begun_at_the_former_lambda_skip_resumes_and_is_reported_at_it(tmp_path, former):
     """digits' Skip Reg. DEQ trials take mnist_dense's lambda_skip, 1.0 until its default became
-    0.1: a trial begun before, resumed after, was refused as one of other settings
-    ('train.lambda_skip: 1.0 there, 0.1 here'), naming fixes a trial cannot take, and --report
-    gave it 0.1; its trial config is now at the 1.0 its checkpoint was trained with."""
+    0.1 and 0.1 until it became 0.2: a trial begun before, resumed after, was refused as one of
+    other settings ('train.lambda_skip: 1.0 there, 0.1 here'), naming fixes a trial cannot take,
+    and --report gave it the new default; its trial config is now at the former default its
+    checkpoint was trained with."""
     experiment = spec.load("digits")
     skip_reg = [s for s in spec.expand(experiment) if "skip_reg" in str(s[spec.VARIANT])][0]
     folder = str(tmp_path / "trial")
     fresh = run.trial_config(experiment, skip_reg, folder)
-    assert fresh.train.lambda_skip == PRESETS["mnist_dense"].lambda_skip == 0.1
-    begun = fresh.to_dict() | {"train": fresh.to_dict()["train"] | {"lambda_skip": 1.0}}
+    assert fresh.train.lambda_skip == PRESETS["mnist_dense"].lambda_skip == 0.2
+    begun = fresh.to_dict() | {"train": fresh.to_dict()["train"] | {"lambda_skip": former}}
     settings = {"step": 22, "settings": trained_settings(validate(begun))}
     write_checkpoint(settings, tmp_path / "trial" / "checkpoint_000022")
-    with pytest.raises(ConfigError, match=r"train\.lambda_skip: 1\.0 there, 0\.1 here"):
+    with pytest.raises(ConfigError, match=re.escape(f"lambda_skip: {former} there, 0.2 here")):
         check_settings(folder, settings["settings"], fresh)
     resumed = run.trial_config(experiment, skip_reg, folder)
-    assert resumed.train.lambda_skip == 1.0
+    assert resumed.train.lambda_skip == former
     check_settings(folder, settings["settings"], resumed)
-    given = spec.load("digits", ["train.lambda_skip=0.1"])
-    assert run.trial_config(given, skip_reg, folder).train.lambda_skip == 0.1
+    given = spec.load("digits", ["train.lambda_skip=0.2"])
+    assert run.trial_config(given, skip_reg, folder).train.lambda_skip == 0.2
     vanilla = [s for s in spec.expand(experiment) if "vanilla" in str(s[spec.VARIANT])][0]
-    assert run.trial_config(experiment, vanilla, folder).train.lambda_skip == 0.1
+    assert run.trial_config(experiment, vanilla, folder).train.lambda_skip == 0.2

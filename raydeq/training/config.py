@@ -588,8 +588,8 @@ def default_name(cfg: Config, as_former: bool = True) -> str:
     return f"{cfg.data.dataset}-{cfg.model.model}-{cfg.model.variant}-{digest}"
 
 
-# Presets' lambda_skip defaults before their change, with the date it took effect.
-FORMER_LAMBDA_SKIP = {"mnist_dense": (1.0, "2026-12-07")}
+# Presets' former lambda_skip defaults, oldest first, each with when it was the default.
+FORMER_LAMBDA_SKIP = {"mnist_dense": ((1.0, "before 2026-12-07"), (0.1, "on 2026-12-07"))}
 # The variants that train no skip loss, whatever train.lambda_skip says.
 NO_SKIP_LOSS = ("vanilla", "neural_ode")
 
@@ -597,13 +597,13 @@ NO_SKIP_LOSS = ("vanilla", "neural_ode")
 def trained_settings(cfg: Config, as_former: bool = True) -> dict[str, Any]:
     """The settings that change the trained model, as plain JSON values: not those in
     OUTSIDE_HASH, so that changing them resumes the same run. A variant without a skip loss
-    takes its preset's lambda_skip as it read before a change of the default (trained the
+    takes its preset's lambda_skip as it read before the default first changed (trained the
     same; not where `as_former` is False), so that its runs keep their names and resume."""
     settings = cfg.to_dict()
-    former = FORMER_LAMBDA_SKIP.get(cfg.model.model)
-    if former and as_former and cfg.model.variant in NO_SKIP_LOSS:
+    formers = FORMER_LAMBDA_SKIP.get(cfg.model.model)
+    if formers and as_former and cfg.model.variant in NO_SKIP_LOSS:
         if cfg.train.lambda_skip == PRESETS[cfg.model.model].lambda_skip:
-            settings["train"]["lambda_skip"] = former[0]
+            settings["train"]["lambda_skip"] = formers[0][0]
     for key in ("solver_options", "dynamics"):  # unset, they leave older runs' names unchanged
         if getattr(cfg.model, key) is None:
             settings = without(settings, f"model.{key}")
@@ -638,9 +638,9 @@ def former_names(cfg: Config, preset_lambda_skip: bool = True) -> dict[str, tupl
     2026-12-02 a name digested the model options as the config gave them, unset ones as null,
     not as `validate` fills them in from the preset and the layer: one name for each set of the
     filled-in options that the config may have left unset. And a run that leaves lambda_skip
-    to its preset (`preset_lambda_skip`) was named at the former default (FORMER_LAMBDA_SKIP)
-    before its change, but one of a variant without a skip loss that gave the preset's
-    lambda_skip was named at it."""
+    to its preset (`preset_lambda_skip`) was named at each former default (FORMER_LAMBDA_SKIP)
+    while it was the default; one of a variant without a skip loss was named at the
+    lambda_skip it gave, and while that was a later former default, at the first."""
     model = cfg.model
     filled = [
         f.name
@@ -652,17 +652,29 @@ def former_names(cfg: Config, preset_lambda_skip: bool = True) -> dict[str, tupl
         == getattr(_resolve_model(dataclasses.replace(model, **{f.name: None})), f.name)
     ]
     bases = [(cfg, True, [], [])]
-    former = FORMER_LAMBDA_SKIP.get(model.model)
-    if former and cfg.train.lambda_skip == PRESETS[model.model].lambda_skip:
-        value, date = former
-        if model.variant in NO_SKIP_LOSS:
-            taken = f"under the name raydeq gave it before {date}, from its train.lambda_skip "
-            taken += f"{cfg.train.lambda_skip:g}, which {model.variant} does not train with"
+    formers = FORMER_LAMBDA_SKIP.get(model.model, ())
+    weight = cfg.train.lambda_skip
+    preset = weight == PRESETS[model.model].lambda_skip
+
+    def at(value: float) -> Config:
+        """cfg at train.lambda_skip `value`."""
+        return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lambda_skip=value))
+
+    for i, (value, when) in enumerate(formers):
+        if model.variant not in NO_SKIP_LOSS:
+            if preset and preset_lambda_skip:
+                taken = f"at train.lambda_skip {value:g}, {model.model}'s default {when}"
+                bases.append((at(value), True, [taken], [f"train.lambda_skip={value:g}"]))
+        elif preset and i == 0:
+            taken = f"under the name raydeq gave it {when}, from its train.lambda_skip "
+            taken += f"{weight:g}, which {model.variant} does not train with"
             bases.append((cfg, False, [taken], []))
-        elif preset_lambda_skip:
-            at = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lambda_skip=value))
-            taken = f"at train.lambda_skip {value:g}, {model.model}'s default before {date}"
-            bases.append((at, True, [taken], [f"train.lambda_skip={value:g}"]))
+        elif i and weight == value:
+            first = formers[0][0]
+            taken = f"under the name raydeq gave it {when}, at train.lambda_skip {first:g} "
+            taken += f"for its {weight:g}, then {model.model}'s default, which {model.variant} "
+            taken += "does not train with"
+            bases.append((at(first), True, [taken], []))
     names: dict[str, tuple[str, str]] = {}
     for base, as_former, taken, fix in bases:
         name = default_name(base, as_former)

@@ -166,13 +166,13 @@ def newest_manifest(run_dir: str) -> tuple[str, dict[str, Any]] | None:
 
 
 def as_begun(cfg: Config, folders: list[str]) -> Config:
-    """`cfg` at its preset's former lambda_skip (FORMER_LAMBDA_SKIP) where it takes the
+    """`cfg` at a former lambda_skip of its preset (FORMER_LAMBDA_SKIP) where it takes the
     preset's and the newest checkpoint in the first of `folders` that holds one was trained at
-    the former: a trial started before the default's change resumes, and is reported, as it
-    began, not refused as one of other settings."""
-    former = FORMER_LAMBDA_SKIP.get(cfg.model.model)
+    that former default: a trial started before a change of the default resumes, and is
+    reported, as it began, not refused as one of other settings."""
+    formers = FORMER_LAMBDA_SKIP.get(cfg.model.model)
     if (
-        former is None
+        formers is None
         or cfg.model.variant in NO_SKIP_LOSS
         or cfg.train.lambda_skip != models.PRESETS[cfg.model.model].lambda_skip
     ):
@@ -180,9 +180,10 @@ def as_begun(cfg: Config, folders: list[str]) -> Config:
     newest = next((m for m in map(newest_manifest, folders) if m is not None), (None, {}))
     settings = newest[1].get("settings")
     train = settings.get("train") if isinstance(settings, dict) else None
-    if not isinstance(train, dict) or train.get("lambda_skip") != former[0]:
+    began = train.get("lambda_skip") if isinstance(train, dict) else None
+    if began not in [value for value, _ in formers]:
         return cfg
-    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lambda_skip=former[0]))
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lambda_skip=began))
 
 
 def finished_before(cfg: Config) -> dict[str, Any] | None:
