@@ -406,6 +406,14 @@ def new_options(args: argparse.Namespace, experiment: Experiment) -> run.Options
     )
 
 
+def point_notes(experiment: Experiment) -> list[str]:
+    """A searcher's notes on its points' values outside the ranges of its space
+    (`searchers.outside_notes`), said once before the trials start."""
+    if not experiment.searched:
+        return []
+    return searchers.outside_notes(experiment.space(), experiment.search.searcher)
+
+
 def unlearned_notes(experiment: Experiment, trials: int) -> list[str]:
     """A note where a searcher runs no trial drawn from results: all `trials` past the listed
     points fall within TPE's random start-up draws or NSGA-II's first generation, so the
@@ -444,6 +452,7 @@ def dry_run(
                 f"trials {learned + 1} to {len(trials)}: {experiment.search.searcher} draws them "
                 "from the results of those before; listed here are random draws in their place"
             )
+        shown += searchers.outside_notes(space, experiment.search.searcher)
         if not started:  # a started search's trial count is the one it started with
             shown += unlearned_notes(experiment, len(trials))
         print("\n".join(shown), file=sys.stderr)
@@ -604,6 +613,7 @@ def launch_experiment(
         workers = run.trial_workers(experiment, options.gpus)
         notes = placement_notes(args, own, *workers, experiment.trial_config({}).scaling)
         if fresh:
+            notes += point_notes(experiment)
             notes += unlearned_notes(experiment, trial_count(experiment, options.num_samples))
         for note in notes:
             print(note, file=sys.stderr, flush=True)

@@ -6,6 +6,7 @@ import math
 import pickle
 import signal
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -412,6 +413,55 @@ def test_a_started_searchs_dry_run_gives_no_advice_on_its_trial_count(capsys, tm
     assert rt.main(argv) == 0
     out, err = capsys.readouterr()
     assert len(out.splitlines()) == 6 and "note:" not in err
+
+
+# Anderson's point takes mnist_dense's lambda_skip of 0.2, above this rule's range.
+NARROW_SKIP = {
+    "when": {"model.variant": ["skip_reg"]},
+    "space": {"train.lambda_skip": {"loguniform": [1e-3, 0.1]}},
+}
+OUTSIDE_NOTE = (
+    "note: Anderson (search.variants[1]) runs train.lambda_skip at 0.2, outside the log float "
+    "[0.001, 0.1] that search.conditional[1].space draws it from: {} records the point as run "
+    "and learns from it, but draws only within that range"
+)
+
+
+@pytest.mark.parametrize("searcher", ["tpe", "nsga2"])
+def test_a_point_outside_its_range_is_noted_before_the_run_and_runs_without_warnings(
+    searcher, capsys, tmp_path
+):
+    """digits_search's Skip DEQs ran lambda_skip 0.2 where its range ended at 0.1, and Optuna
+    warned of it in its own words mid-run, once per point, while the dry run said nothing; the
+    dry run and the start now say it once, and the run gives the point without a warning and
+    records it at 0.2."""
+    narrow = {
+        "searcher": searcher,
+        "num_samples": 4,
+        "conditional": [SEARCH["conditional"][0], NARROW_SKIP],
+    }
+    raw = {**TINY, "search": SEARCH | narrow}
+    file = tmp_path / "search.yaml"
+    file.write_text(yaml.safe_dump(raw))
+    assert rt.main([str(file), "--dry-run"]) == 0
+    note = OUTSIDE_NOTE.format(searcher)
+    assert [line for line in capsys.readouterr().err.splitlines() if "outside" in line] == [note]
+    experiment = spec.from_dict("s", raw)
+    assert rt.point_notes(experiment) == [note]
+    optuna_search = search.searcher(experiment.space(), experiment.search, 0, lambda: 8).searcher
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        drawn = [optuna_search.suggest(f"t{i}") for i in range(2)]
+    assert drawn[1]["train"] == {"lambda_skip": 0.2}
+    optuna_search.on_trial_complete("t1", {"test_accuracy": 0.9, "test_nfe": 8.0})
+    assert optuna_search._ot_study.trials[1].params["train/lambda_skip"] == 0.2
+
+
+@pytest.mark.parametrize(
+    "name", ["digits_search", "mnist_search", "cifar10_small_search", "imagenet"]
+)
+def test_no_shipped_search_has_a_point_outside_its_space(name):
+    assert rt.point_notes(spec.load(name)) == []
 
 
 def _brute_front(accuracy, cost):

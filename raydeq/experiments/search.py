@@ -74,6 +74,18 @@ def whole_choices() -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def points_kept() -> Iterator[None]:
+    """Silence Optuna's warning at a point's value outside its dimension's range, given in the
+    middle of a run once per such value: `outside_notes` says it before the run, and the point
+    runs at its value, as meant."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", "Fixed parameter .* is out of range", UserWarning, "optuna"
+        )
+        yield
+
+
 def _check_integer_steps(key: str, lower: int, upper: int, q: int) -> None:
     """Raise a ConfigError for a qrandint that Optuna would draw otherwise than Tune does:
     Optuna steps from lower (1, 5, 9 for lower 1, q 4) where Tune rounds to multiples of q (4,
@@ -154,10 +166,11 @@ class Space:
 
     def __call__(self, trial: optuna.Trial) -> dict[str, Any]:
         _sample_relative(trial)
-        drawn = {_name(key): suggest(trial, _name(key), d) for key, d in self.space.items()}
-        for rule in self.rules:
-            if rule.holds(drawn):
-                drawn |= {_name(k): suggest(trial, _name(k), d) for k, d in rule.space.items()}
+        with points_kept():
+            drawn = {_name(key): suggest(trial, _name(key), d) for key, d in self.space.items()}
+            for rule in self.rules:
+                if rule.holds(drawn):
+                    drawn |= {_name(k): suggest(trial, _name(k), d) for k, d in rule.space.items()}
         if trial.number < len(self.points):
             return drawn | {LABEL_KEY: self.points[trial.number][0]}
         return drawn
@@ -394,9 +407,8 @@ def searcher(space: Space, search: SearchSection, seed: int, bound: Callable[[],
 def sample(space: Space, count: int, seed: int) -> list[dict[str, Any]]:
     """What a search would start with, without Ray: the points, then random draws (`--dry-run`
     and the checks before a run)."""
-    with optuna_warnings_only(), warnings.catch_warnings():
+    with optuna_warnings_only():
         study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
-        warnings.simplefilter("ignore", UserWarning)  # a point outside a range is kept, as meant
         for _, point in space.points:
             study.enqueue_trial(dict(point))
         return [unflatten_dict(space(study.ask()), SEPARATOR) for _ in range(count)]
@@ -422,6 +434,35 @@ def first_learned(search: SearchSection) -> int:
         default = inspect.signature(optuna.samplers.NSGAIISampler).parameters["population_size"]
         return search.population_size or default.default
     return inspect.signature(optuna.samplers.TPESampler).parameters["n_startup_trials"].default
+
+
+def outside_notes(space: Space, searcher: str) -> list[str]:
+    """A note for each value of a point outside the range of its dimension (or off its steps):
+    the point runs at it, and the searcher records it as run and learns from it, but draws
+    only within the range."""
+    drawn_in, dists = _drawn_in(space), space.distributions()
+    notes = []
+    for index, (label, point) in enumerate(space.points):
+        for key, dist in dists.items():
+            value = point.get(_name(key))
+            numeric = isinstance(dist, FloatDistribution | IntDistribution)
+            # The test by which Optuna warns when the run gives the value.
+            if not numeric or value is None or dist._contains(dist.to_internal_repr(value)):
+                continue
+            notes.append(
+                f"note: {label} (search.variants[{index}]) runs {key} at {value!r}, outside the "
+                f"{_words(dist)} that {drawn_in[key]} draws it from: {searcher} records the point "
+                "as run and learns from it, but draws only within that range"
+            )
+    return notes
+
+
+def _drawn_in(space: Space) -> dict[str, str]:
+    """The section that draws each dimension of the space, by dotted key."""
+    ruled = {
+        k: f"search.conditional[{i}].space" for i, r in enumerate(space.rules) for k in r.space
+    }
+    return dict.fromkeys(space.space, "search.space") | ruled
 
 
 def lines(space: Space) -> list[str]:
