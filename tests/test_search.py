@@ -259,6 +259,12 @@ LAMBDA_SKIP = {"train.lambda_skip": {"uniform": [1, 10]}}
             {"conditional": [{"when": {"model.adjoint": "jfb"}, "space": {"seed": 1}}]},
             r"^search.conditional\[0\].when.model.adjoint: not a dimension drawn before it",
         ),
+        (  # Optuna refused to record it: a traceback at --dry-run, at the start, in the run
+            {"variants": [{"model.variant": "skip_reg", "train.lambda_skip": 0.0}]},
+            r"^search.variants\[0\].train.lambda_skip: 0.0 is not a value of "
+            r"search.conditional\[1\].space train.lambda_skip, a log float \[0.001, 10\], which "
+            r"holds none of 0 or below, so the searcher could not record the point",
+        ),
         (
             {"conditional": [*SEARCH["conditional"], {"when": BROYDEN, "space": NARROW_ABSTOL}]},
             r"^search.conditional\[2\].space.model.abstol: drawn by search.space too",

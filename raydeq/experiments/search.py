@@ -258,7 +258,7 @@ def _point(cfg: Config, space: Space, settings: Mapping[str, Any]) -> dict[str, 
 
 def _points(base: Mapping[str, Any], search: SearchSection, space: Space) -> tuple:
     """The variants as points of the space, each a (label, point)."""
-    dists = space.distributions()
+    dists, drawn_in = space.distributions(), _drawn_in(space)
     points = []
     for index, row in enumerate(search.variants):
         settings = {k: v for k, v in row.items() if k != "label"}
@@ -277,17 +277,9 @@ def _points(base: Mapping[str, Any], search: SearchSection, space: Space) -> tup
             ) from None
         point = _point(cfg, space, settings)
         for key, dist in dists.items():
-            choices = dist.choices if isinstance(dist, CategoricalDistribution) else None
-            if _name(key) not in point:
-                continue
-            found = _matches(point[_name(key)], choices)
-            if not found:
-                raise ConfigError(
-                    f"search.variants[{index}].{key}: {point[_name(key)]!r} is not a choice of "
-                    f"search.space {key} ({', '.join(map(str, choices or ()))})",
-                    key=f"search.variants[{index}].{key}",
-                )
-            point[_name(key)] = found[0]  # enqueued as the choice Optuna draws
+            if _name(key) in point:
+                where, dimension = f"search.variants[{index}].{key}", f"{drawn_in[key]} {key}"
+                point[_name(key)] = _point_value(where, dimension, dist, point[_name(key)])
         points.append((row.get("label", f"point {index}"), point))
     if len(points) > search.num_samples:
         raise ConfigError(
@@ -296,6 +288,29 @@ def _points(base: Mapping[str, Any], search: SearchSection, space: Space) -> tup
             key="search.num_samples",
         )
     return tuple(points)
+
+
+def _point_value(where: str, dimension: str, dist: BaseDistribution | Any, value: Any) -> Any:
+    """A point's value of a dimension as it is enqueued (a choice as the choice Optuna draws),
+    or a ConfigError at `where` for one the searcher cannot give: no choice of a categorical
+    dimension, or 0 or below in a log range, which Optuna refuses to record."""
+    if isinstance(dist, CategoricalDistribution):
+        found = _matches(value, dist.choices)
+        if not found:
+            raise ConfigError(
+                f"{where}: {value!r} is not a choice of {dimension} "
+                f"({', '.join(map(str, dist.choices))})",
+                key=where,
+            )
+        return found[0]
+    if isinstance(dist, FloatDistribution | IntDistribution) and dist.log and float(value) <= 0:
+        raise ConfigError(
+            f"{where}: {value!r} is not a value of {dimension}, a {_words(dist)}, which holds "
+            "none of 0 or below, so the searcher could not record the point; give the point a "
+            "value above 0, or draw the key from a range that is not logarithmic",
+            key=where,
+        )
+    return value
 
 
 def _matches(value: Any, choices: Sequence[Any] | None) -> list[Any]:
