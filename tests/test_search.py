@@ -259,6 +259,11 @@ LAMBDA_SKIP = {"train.lambda_skip": {"uniform": [1, 10]}}
             {"conditional": [{"when": {"model.adjoint": "jfb"}, "space": {"seed": 1}}]},
             r"^search.conditional\[0\].when.model.adjoint: not a dimension drawn before it",
         ),
+        (  # the trial ran seed 1, not the point's 2
+            {"space": {**SEARCH["space"], "seed": 1}, "variants": [{"label": "a", "seed": 2}]},
+            r"^search.variants\[0\].seed: 2 is not search.space seed, which is fixed at 1 for "
+            r"every trial, the point's too; give the point 1, or leave the key out of it$",
+        ),
         (  # Optuna refused to record it: a traceback at --dry-run, at the start, in the run
             {"variants": [{"model.variant": "skip_reg", "train.lambda_skip": 0.0}]},
             r"^search.variants\[0\].train.lambda_skip: 0.0 is not a value of "

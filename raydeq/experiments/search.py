@@ -293,7 +293,8 @@ def _points(base: Mapping[str, Any], search: SearchSection, space: Space) -> tup
 def _point_value(where: str, dimension: str, dist: BaseDistribution | Any, value: Any) -> Any:
     """A point's value of a dimension as it is enqueued (a choice as the choice Optuna draws),
     or a ConfigError at `where` for one the searcher cannot give: no choice of a categorical
-    dimension, or 0 or below in a log range, which Optuna refuses to record."""
+    dimension, another value than a fixed one's, or 0 or below in a log range, which Optuna
+    refuses to record."""
     if isinstance(dist, CategoricalDistribution):
         found = _matches(value, dist.choices)
         if not found:
@@ -303,6 +304,12 @@ def _point_value(where: str, dimension: str, dist: BaseDistribution | Any, value
                 key=where,
             )
         return found[0]
+    if not isinstance(dist, BaseDistribution) and not same(value, dist):
+        raise ConfigError(
+            f"{where}: {value!r} is not {dimension}, which is fixed at {dist!r} for every trial, "
+            f"the point's too; give the point {dist!r}, or leave the key out of it",
+            key=where,
+        )
     if isinstance(dist, FloatDistribution | IntDistribution) and dist.log and float(value) <= 0:
         raise ConfigError(
             f"{where}: {value!r} is not a value of {dimension}, a {_words(dist)}, which holds "
