@@ -230,6 +230,7 @@ def test_a_sampled_dimension_is_honoured_over_a_variants_setting():
 BROYDEN = {"model.solver": "broyden"}
 NARROW_ABSTOL = {"model.abstol": {"loguniform": [1e-3, 1e-2]}}
 LAMBDA_SKIP = {"train.lambda_skip": {"uniform": [1, 10]}}
+RELTOL = {"model.reltol": {"loguniform": [1e-4, 1e-1]}}
 
 
 @pytest.mark.parametrize(
@@ -258,6 +259,16 @@ LAMBDA_SKIP = {"train.lambda_skip": {"uniform": [1, 10]}}
         (
             {"conditional": [{"when": {"model.adjoint": "jfb"}, "space": {"seed": 1}}]},
             r"^search.conditional\[0\].when.model.adjoint: not a dimension drawn before it",
+        ),
+        (  # the trial ran the preset's reltol of 0.005, not the point's 0.05
+            {
+                "conditional": [{"when": {"model.variant": "skip_reg"}, "space": RELTOL}],
+                "variants": [{"label": "a", "model.variant": "vanilla", "model.reltol": 0.05}],
+            },
+            r"^search.variants\[0\].model.reltol: search.conditional\[0\] draws it only when "
+            r"model.variant in \['skip_reg'\], which the point does not meet, so its trial would "
+            r"run at the experiment's value, not at 0.05; leave the key out of the point, or meet "
+            r"the rule's when$",
         ),
         (  # the trial ran seed 1, not the point's 2
             {"space": {**SEARCH["space"], "seed": 1}, "variants": [{"label": "a", "seed": 2}]},

@@ -150,6 +150,10 @@ class Rule:
             for key, allowed in self.when.items()
         )
 
+    def words(self) -> str:
+        """The rule's `when` in words."""
+        return " and ".join(f"{k} in {list(v)}" for k, v in self.when.items())
+
 
 @dataclass(frozen=True)
 class Space:
@@ -276,6 +280,7 @@ def _points(base: Mapping[str, Any], search: SearchSection, space: Space) -> tup
                 f"search.variants[{index}]: {err}", key=f"search.variants[{index}]"
             ) from None
         point = _point(cfg, space, settings)
+        _check_rules_met(f"search.variants[{index}]", settings, point, space)
         for key, dist in dists.items():
             if _name(key) in point:
                 where, dimension = f"search.variants[{index}].{key}", f"{drawn_in[key]} {key}"
@@ -288,6 +293,27 @@ def _points(base: Mapping[str, Any], search: SearchSection, space: Space) -> tup
             key="search.num_samples",
         )
     return tuple(points)
+
+
+def _check_rules_met(
+    where: str, settings: Mapping[str, Any], point: Mapping[str, Any], space: Space
+) -> None:
+    """Raise a ConfigError for a point's setting of a conditional dimension whose rule's `when`
+    the point does not meet: the searcher draws the dimension only where its rule holds, so the
+    point's trial would run at the experiment's value."""
+    drawn = {_name(k): point[_name(k)] for k in space.space if _name(k) in point}
+    for index, rule in enumerate(space.rules):
+        if rule.holds(drawn):
+            drawn |= {_name(k): point[_name(k)] for k in rule.space if _name(k) in point}
+            continue
+        for key in [key for key in rule.space if key in settings]:
+            raise ConfigError(
+                f"{where}.{key}: search.conditional[{index}] draws it only when {rule.words()}, "
+                f"which the point does not meet, so its trial would run at the experiment's "
+                f"value, not at {settings[key]!r}; leave the key out of the point, or meet the "
+                "rule's when",
+                key=f"{where}.{key}",
+            )
 
 
 def _point_value(where: str, dimension: str, dist: BaseDistribution | Any, value: Any) -> Any:
@@ -491,8 +517,7 @@ def lines(space: Space) -> list[str]:
     """The space in words, one dimension a line."""
     shown = [f"{key}: {_words(d)}" for key, d in space.space.items()]
     for rule in space.rules:
-        when = " and ".join(f"{k} in {list(v)}" for k, v in rule.when.items())
-        shown += [f"{key}: {_words(d)} (when {when})" for key, d in rule.space.items()]
+        shown += [f"{key}: {_words(d)} (when {rule.words()})" for key, d in rule.space.items()]
     return shown + [f"first: {label}" for label, _ in space.points]
 
 
