@@ -3823,6 +3823,34 @@ def test_an_experiment_stored_with_a_space_refused_since_is_reported_and_resumed
     assert resumed == [True] and capsys.readouterr().err == ""
 
 
+def test_a_search_stored_with_a_space_refused_since_resumes_with_its_saved_searcher(
+    tmp_path, monkeypatch
+):
+    """--resume of a TPE search whose stored space a check added since refuses (a rule drawing
+    what the space draws) failed as Tune started, with that check's error, though the dry run
+    says that --resume goes on; Tune's saved searcher goes on with the points it started with."""
+    monkeypatch.setattr(run, "concurrency", lambda *args, **kwargs: 2)
+    options = run.Options(gpus=None, num_samples=4, scheduler="fifo", max_concurrent=0)
+    space = {"model": {"solver": {"choice": ["vcab3", "anderson"]}}}
+    points = [{"label": "p0", "model.solver": "vcab3"}, {"label": "p1", "model.solver": "anderson"}]
+    search = {"searcher": "tpe", "num_samples": 4, "space": space, "variants": points}
+    raw = {**TINY, "search": search}
+    refused = {**TINY, "search": REFUSED_SINCE["a rule drawing what the space draws"]}
+    with run.searchers.optuna_warnings_only():
+        started = run.search_algorithm(spec.from_dict("a", raw), options, str(tmp_path))
+        assert started.searcher.suggest("t0")["variant"] == {"label": "p0"}
+        started.save_to_dir(str(tmp_path), "2026-01-01_00-00-00")
+        stored = spec.from_dict("a", refused, stored=True)
+        with pytest.raises(ConfigError, match="drawn by search.space too"):
+            run.search_algorithm(stored, options, str(tmp_path))
+        resumed = run.search_algorithm(stored, options, str(tmp_path), resume=True)
+        resumed.restore_from_dir(str(tmp_path))
+        assert resumed.searcher.suggest("t1") == {
+            "model": {"solver": "anderson"},
+            "variant": {"label": "p1"},
+        }
+
+
 @pytest.mark.parametrize(
     "statuses",
     [["TERMINATED", "RUNNING"], ["TERMINATED", "PENDING"], ["TERMINATED", "ERROR"], ["TERMINATED"]],

@@ -511,14 +511,30 @@ def _scheduler(experiment: Experiment, options: Options, path: str) -> TrialSche
     )
 
 
-def search_algorithm(experiment: Experiment, options: Options, path: str) -> SearchAlgorithm:
+def search_algorithm(
+    experiment: Experiment, options: Options, path: str, resume: bool = False
+) -> SearchAlgorithm:
     """Tune's grid and random sampling, or an Optuna searcher (`search.searcher`), with as many
-    trials at once as the cluster can hold (`concurrency`), for the experiment at `path`."""
+    trials at once as the cluster can hold (`concurrency`), for the experiment at `path` (to
+    `resume` it: `searched_space`)."""
     bound = functools.partial(concurrency, experiment, options.gpus, options.max_concurrent)
     seed = experiment.trial_config({}).seed
     if not experiment.searched:
         return VariantsWithinCapacity(path, bound, constant_grid_search=True, random_state=seed)
-    return SearchHere(path, searchers.searcher(experiment.space(), experiment.search, seed, bound))
+    space = searched_space(experiment, resume)
+    return SearchHere(path, searchers.searcher(space, experiment.search, seed, bound))
+
+
+def searched_space(experiment: Experiment, resume: bool) -> searchers.Space:
+    """The searcher's space; to resume a search whose stored space a check added since it
+    started refuses, an empty one: Tune restores the searcher's saved state over it, with the
+    space, points and study the search started with."""
+    try:
+        return experiment.space()
+    except ConfigError:
+        if not resume:
+            raise
+        return searchers.Space({}, (), ())
 
 
 def tuner(experiment: Experiment, path: str, options: Options, resume: bool) -> tune.Tuner:
@@ -560,7 +576,7 @@ def tuner(experiment: Experiment, path: str, options: Options, resume: bool) -> 
         # was gone, and stored its new trials there. It takes ones for the folder of now.
         tuned = restored._local_tuner._tune_config
         tuned.scheduler = _scheduler(experiment, options, path)
-        tuned.search_alg = search_algorithm(experiment, options, path)
+        tuned.search_alg = search_algorithm(experiment, options, path, resume=True)
         return restored
     storage, name = path.rstrip("/").rsplit("/", 1)
     search = experiment.search
