@@ -820,6 +820,31 @@ def test_a_run_at_a_presets_former_lambda_skip_is_named_not_redone(tmp_path, cap
     )
 
 
+def test_a_run_named_before_options_counted_is_no_former_run_of_a_later_default(
+    tmp_path, capsys, monkeypatch
+):
+    """Run names counted the model's default options from 2026-12-02, and mnist_dense's
+    default lambda_skip was 0.1 on 2026-12-07 only: a run given train.lambda_skip=0.1 before
+    12-02 (digits-mnist_dense-skip_reg-2fcd89a2, its options unset) was never the default
+    command's, which was refused beside it as holding 'the run of these settings at
+    train.lambda_skip 0.1, mnist_dense's default on 2026-12-07, under the name raydeq gave it
+    before run names counted the model's default options'. It now starts."""
+    digits = Path(__file__).parents[1] / "tune_configs" / "digits.yaml"
+    argv = [str(digits), f"storage_path={tmp_path}"]
+    sweep = tmp_path / "digits-mnist_dense-skip_reg-2fcd89a2"
+    checkpoint.write_checkpoint({"step": 22}, sweep / "checkpoint_000022")
+    unset = dict.fromkeys(["abstol", "reltol", "max_steps", "jac_reg", "pretrain_steps"])
+    given = config.load(argv[0], [*argv[1:], "train.lambda_skip=0.1"])
+    given = dataclasses.replace(given, model=dataclasses.replace(given.model, **unset))
+    assert config.default_name(given, as_former=False) == sweep.name
+    monkeypatch.setattr(runlock.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    monkeypatch.setattr(launch, "check_cluster", lambda: None)
+    started = []
+    monkeypatch.setattr(train, "run", lambda cfg, argv: started.append(cfg.name) or 0)
+    assert train.main(argv) == 0
+    assert started == ["digits-mnist_dense-skip_reg-dcaaf276"]
+
+
 def test_a_run_that_gives_lambda_skip_is_not_taken_for_one_at_the_former_default(
     tmp_path, capsys, monkeypatch
 ):

@@ -640,7 +640,8 @@ def former_names(cfg: Config, preset_lambda_skip: bool = True) -> dict[str, tupl
     filled-in options that the config may have left unset. And a run that leaves lambda_skip
     to its preset (`preset_lambda_skip`) was named at each former default (FORMER_LAMBDA_SKIP)
     while it was the default; one of a variant without a skip loss was named at the
-    lambda_skip it gave, and while that was a later former default, at the first."""
+    lambda_skip it gave, and while that was a later former default, at the first. The later
+    former defaults came after 2026-12-02, so that their names count every option."""
     model = cfg.model
     filled = [
         f.name
@@ -651,7 +652,7 @@ def former_names(cfg: Config, preset_lambda_skip: bool = True) -> dict[str, tupl
         and getattr(model, f.name)
         == getattr(_resolve_model(dataclasses.replace(model, **{f.name: None})), f.name)
     ]
-    bases = [(cfg, True, [], [])]
+    bases = [(cfg, True, [], [], True)]
     formers = FORMER_LAMBDA_SKIP.get(model.model, ())
     weight = cfg.train.lambda_skip
     preset = weight == PRESETS[model.model].lambda_skip
@@ -664,21 +665,24 @@ def former_names(cfg: Config, preset_lambda_skip: bool = True) -> dict[str, tupl
         if model.variant not in NO_SKIP_LOSS:
             if preset and preset_lambda_skip:
                 taken = f"at train.lambda_skip {value:g}, {model.model}'s default {when}"
-                bases.append((at(value), True, [taken], [f"train.lambda_skip={value:g}"]))
+                fix = [f"train.lambda_skip={value:g}"]
+                bases.append((at(value), True, [taken], fix, i == 0))
         elif preset and i == 0:
             taken = f"under the name raydeq gave it {when}, from its train.lambda_skip "
             taken += f"{weight:g}, which {model.variant} does not train with"
-            bases.append((cfg, False, [taken], []))
+            bases.append((cfg, False, [taken], [], True))
         elif i and weight == value:
             first = formers[0][0]
             taken = f"under the name raydeq gave it {when}, at train.lambda_skip {first:g} "
             taken += f"for its {weight:g}, then {model.model}'s default, which {model.variant} "
             taken += "does not train with"
-            bases.append((at(first), True, [taken], []))
+            bases.append((at(first), True, [taken], [], False))
     names: dict[str, tuple[str, str]] = {}
-    for base, as_former, taken, fix in bases:
+    for base, as_former, taken, fix, early in bases:
         name = default_name(base, as_former)
         names.setdefault(name, (", ".join(taken), " ".join(fix) or f"name={name}"))
+        if not early:
+            continue
         for count in range(1, len(filled) + 1):
             for unset in itertools.combinations(filled, count):
                 given = dataclasses.replace(
