@@ -881,7 +881,8 @@ def test_a_run_that_gives_lambda_skip_is_not_taken_for_one_at_the_former_default
         (
             "0.2",
             "ae1efa8d",
-            "before 2026-12-07, from its train.lambda_skip 0.2, which vanilla does not train with",
+            "while mnist_dense's default was 1 or 0.1, from its train.lambda_skip 0.2, which "
+            "vanilla does not train with",
         ),
         (
             "0.1",
@@ -895,10 +896,12 @@ def test_a_vanilla_run_given_the_new_lambda_skip_before_the_change_is_named_not_
     tmp_path, capsys, value, old, taken
 ):
     """A vanilla run given train.lambda_skip=0.2 before mnist_dense's default became 0.2 was
-    named at 0.2 (digits-mnist_dense-vanilla-ae1efa8d); since, such a run is named at the first
-    former default, 1.0, which it trains no differently, and the same command started it anew
-    beside its stored run. One given 0.1 while that was the default was named at 1.0 and is
-    now named at 0.1. Each is refused naming the old name."""
+    named at 0.2 (digits-mnist_dense-vanilla-ae1efa8d), while the default was 1.0 and while it
+    was 0.1, on 2026-12-07; since, such a run is named at the first former default, 1.0, which
+    it trains no differently, and the same command started it anew beside its stored run. One
+    given 0.1 while that was the default was named at 1.0 and is now named at 0.1. Each is
+    refused naming the old name and when raydeq gave it (the first refusal said 'before
+    2026-12-07' of a run that may have been named on that day)."""
     digits = Path(__file__).parents[1] / "tune_configs" / "digits.yaml"
     argv = [str(digits), f"storage_path={tmp_path}", "model.variant=vanilla"]
     given = [*argv, f"train.lambda_skip={value}"]

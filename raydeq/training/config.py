@@ -668,8 +668,10 @@ def former_names(cfg: Config, preset_lambda_skip: bool = True) -> dict[str, tupl
                 fix = [f"train.lambda_skip={value:g}"]
                 bases.append((at(value), True, [taken], fix, i == 0))
         elif preset and i == 0:
-            taken = f"under the name raydeq gave it {when}, from its train.lambda_skip "
-            taken += f"{weight:g}, which {model.variant} does not train with"
+            was = " or ".join(f"{v:g}" for v, _ in formers)
+            taken = f"under the name raydeq gave it while {model.model}'s default was {was}, "
+            taken += f"from its train.lambda_skip {weight:g}, which {model.variant} does not "
+            taken += "train with"
             bases.append((cfg, False, [taken], [], True))
         elif i and weight == value:
             first = formers[0][0]
