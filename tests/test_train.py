@@ -3146,7 +3146,7 @@ def test_a_step_reports_its_loss_and_accuracy_and_clips_the_gradient_to_grad_cli
 
 def test_a_step_reports_the_solve_of_its_own_forward_pass_and_adds_the_jacobian_term(tmp_path):
     """With the Jacobian penalty on (lambda_jac 2, the preset's lambda_skip 0.2), a step's
-    train_loss is the cross-entropy plus 0.1 x skip_loss plus 2 x jac_loss, and its nfe, residual
+    train_loss is the cross-entropy plus 0.2 x skip_loss plus 2 x jac_loss, and its nfe, residual
     (the batch mean), skip_loss and jac_loss are those of the same forward pass run beforehand
     with the same Hutchinson probes."""
     cfg = validate(
