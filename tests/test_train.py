@@ -828,7 +828,8 @@ def test_a_run_named_before_options_counted_is_no_former_run_of_a_later_default(
     12-02 (digits-mnist_dense-skip_reg-2fcd89a2, its options unset) was never the default
     command's, which was refused beside it as holding 'the run of these settings at
     train.lambda_skip 0.1, mnist_dense's default on 2026-12-07, under the name raydeq gave it
-    before run names counted the model's default options'. It now starts."""
+    before run names counted the model's default options'. It now starts, while the command
+    that made that run still finds it, as a vanilla one given 0.2 finds its run of before 12-02."""
     digits = Path(__file__).parents[1] / "tune_configs" / "digits.yaml"
     argv = [str(digits), f"storage_path={tmp_path}"]
     sweep = tmp_path / "digits-mnist_dense-skip_reg-2fcd89a2"
@@ -843,6 +844,11 @@ def test_a_run_named_before_options_counted_is_no_former_run_of_a_later_default(
     monkeypatch.setattr(train, "run", lambda cfg, argv: started.append(cfg.name) or 0)
     assert train.main(argv) == 0
     assert started == ["digits-mnist_dense-skip_reg-dcaaf276"]
+    assert train.main([*argv, "train.lambda_skip=0.1"]) == 2
+    assert f"resume it with name={sweep.name}, or" in capsys.readouterr().err
+    vanilla = config.load(argv[0], [*argv[1:], "model.variant=vanilla", "train.lambda_skip=0.2"])
+    named = dataclasses.replace(vanilla, model=dataclasses.replace(vanilla.model, **unset))
+    assert config.default_name(named, as_former=False) in config.former_names(vanilla, False)
 
 
 def test_a_run_that_gives_lambda_skip_is_not_taken_for_one_at_the_former_default(
