@@ -329,6 +329,8 @@ def start(args: argparse.Namespace) -> tuple[Experiment, str, run.Options | None
                 f"trials started has saved nothing); start it without {flag}"
             )
         experiment, options = run.load_settings(path)
+        if args.resume:
+            run.check_resumable(experiment, path)
         if args.dry_run:
             check_listable(experiment, path)
         return experiment, path, options

@@ -3805,6 +3805,7 @@ def test_an_experiment_stored_with_a_space_refused_since_is_reported_and_resumed
     (folder / run.SETTINGS_FILE).write_text(yaml.safe_dump(settings))
     file.write_text(yaml.safe_dump({**TINY, "search": search}))
     recorded_tiny_trials(folder, ["TERMINATED", "RUNNING"], monkeypatch)
+    (folder / SEARCHER_SAVED).write_text("{}")  # as Tune saves it with its record of the trials
     assert rt.main([str(file), "--storage", str(tmp_path / "runs"), "--report"]) == 0
     assert "| all | 2 | 62.50 ± 17.68 |" in (folder / "results.md").read_text()
     capsys.readouterr()
@@ -3821,6 +3822,39 @@ def test_an_experiment_stored_with_a_space_refused_since_is_reported_and_resumed
     monkeypatch.setattr(run, "fit", lambda *args: resumed.append(args[3]) or (0, 0))
     assert rt.main([str(file), "--storage", str(tmp_path / "runs"), "--resume"]) == 0
     assert resumed == [True] and capsys.readouterr().err == ""
+
+
+SEARCHER_SAVED = run.SearchGenerator.CKPT_FILE_TMPL.format("2026-01-01_00-00-00")
+
+
+@pytest.mark.parametrize("dry_run", [[], ["--dry-run"]])
+def test_a_search_stored_with_a_space_refused_since_without_a_saved_searcher_is_not_resumed(
+    tmp_path, capsys, monkeypatch, dry_run
+):
+    """Tune records the trials before it saves the searcher, so a driver stopped between the two
+    left no searcher to restore over the empty space a refused stored space resumes with: every
+    trial past those recorded would have run at the base's values, unlabelled, and a resume
+    before Tune recorded anything stopped in a traceback; both now end in one line."""
+    monkeypatch.setattr(runlock.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    run_without_ray(monkeypatch)
+    monkeypatch.setattr(run, "fit", lambda *args: pytest.fail("the resume went on"))
+    search = REFUSED_SINCE["a rule drawing what the space draws"]
+    file, folder = stored_tiny_experiment(tmp_path)
+    with pytest.raises(ConfigError) as refused:
+        spec.from_dict("tiny", {**TINY, "search": search})
+    settings = yaml.safe_load((folder / run.SETTINGS_FILE).read_text())
+    settings["experiment"]["search"] |= search
+    (folder / run.SETTINGS_FILE).write_text(yaml.safe_dump(settings))
+    file.write_text(yaml.safe_dump({**TINY, "search": search}))
+    recorded_tiny_trials(folder, ["TERMINATED", "RUNNING"], monkeypatch)
+    argv = [str(file), "--storage", str(tmp_path / "runs"), "--resume", *dry_run]
+    assert rt.main(argv) == 2
+    assert capsys.readouterr() == (
+        "",
+        f"error: {folder}: --resume cannot go on with this search: its stored space is refused "
+        f"since it started ({refused.value}), and Tune saved no state of its searcher there to "
+        "go on from; start the experiment again under another --name\n",
+    )
 
 
 def test_a_search_stored_with_a_space_refused_since_resumes_with_its_saved_searcher(

@@ -377,13 +377,19 @@ def state_files(path: str) -> list[str]:
     an older one's. One that does not parse or records no start goes last (by name), for its
     reader to read again or call damaged rather than pass over it."""
     fs, inner = filesystem(path)
+    names = files_matching(path, STATE_FILES)
+    return sorted(names, key=lambda name: (_started(fs, f"{inner}/{name}"), name))
+
+
+def files_matching(path: str, pattern: str) -> list[str]:
+    """The names of the files in the folder at `path` that match the glob `pattern`."""
+    fs, inner = filesystem(path)
     found = fs.get_file_info(pyarrow.fs.FileSelector(inner, allow_not_found=True))
-    names = [
+    return [
         i.base_name
         for i in found
-        if i.type == pyarrow.fs.FileType.File and fnmatch.fnmatch(i.base_name, STATE_FILES)
+        if i.type == pyarrow.fs.FileType.File and fnmatch.fnmatch(i.base_name, pattern)
     ]
-    return sorted(names, key=lambda name: (_started(fs, f"{inner}/{name}"), name))
 
 
 def _started(fs: pyarrow.fs.FileSystem, file: str) -> float:

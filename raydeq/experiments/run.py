@@ -35,6 +35,7 @@ from raydeq.experiments import search as searchers
 from raydeq.experiments.archive import archive_results, history
 from raydeq.experiments.results import (
     SUPERSEDED_FOLDER,
+    files_matching,
     recorded_trials,
     set_aside_superseded,
     trial_folder,
@@ -535,6 +536,23 @@ def searched_space(experiment: Experiment, resume: bool) -> searchers.Space:
         if not resume:
             raise
         return searchers.Space({}, (), ())
+
+
+def check_resumable(experiment: Experiment, path: str) -> None:
+    """Raise a ConfigError for a search whose stored space a check added since it started
+    refuses, where Tune saved no state of its searcher at `path` to restore over the empty
+    space of `searched_space`: the resume would run its new trials at the base's values."""
+    saved = SearchGenerator.CKPT_FILE_TMPL.format("*")
+    if not experiment.searched or files_matching(path, saved):
+        return
+    try:
+        experiment.space()
+    except ConfigError as err:
+        raise ConfigError(
+            f"{path}: --resume cannot go on with this search: its stored space is refused since "
+            f"it started ({err}), and Tune saved no state of its searcher there to go on from; "
+            "start the experiment again under another --name"
+        ) from None
 
 
 def tuner(experiment: Experiment, path: str, options: Options, resume: bool) -> tune.Tuner:
