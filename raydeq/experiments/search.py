@@ -55,34 +55,27 @@ def distribution(key: str, spec: Any) -> BaseDistribution | Any:
     if "qrandint" in spec:
         _check_integer_steps(key, tune_domain.lower, tune_domain.upper, tune_domain.sampler.q)
     try:
-        with whole_choices():
+        with optuna_silenced(WHOLE_CHOICES):
             return OptunaSearch.convert_search_space({"x": tune_domain})["x"]
     except ValueError as err:
         raise ConfigError(f"{key}: Optuna cannot sample {spec!r} ({err})", key=key) from None
 
 
-@contextlib.contextmanager
-def whole_choices() -> Iterator[None]:
-    """Silence Optuna's warning at each categorical of other than plain values (a choice of
-    whole sections, dicts) that persistent storage cannot hold them: a search keeps its study
-    in memory, and Tune pickles it, so the draws are right and the lines, one per choice at
-    every draw, noise."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings(
-            "ignore", "Choices for a categorical distribution", UserWarning, "optuna"
-        )
-        yield
+# Optuna's warning at each categorical of other than plain values (a choice of whole sections,
+# dicts) that persistent storage cannot hold them: a search keeps its study in memory, and Tune
+# pickles it, so the draws are right and the lines, one per choice at every draw, noise.
+WHOLE_CHOICES = "Choices for a categorical distribution"
+# Optuna's warning at a point's value outside its dimension's range, given in the middle of a
+# run once per such value: `outside_notes` says it before the run, and the point runs at its
+# value, as meant.
+POINT_OUTSIDE = "Fixed parameter .* is out of range"
 
 
 @contextlib.contextmanager
-def points_kept() -> Iterator[None]:
-    """Silence Optuna's warning at a point's value outside its dimension's range, given in the
-    middle of a run once per such value: `outside_notes` says it before the run, and the point
-    runs at its value, as meant."""
+def optuna_silenced(message: str) -> Iterator[None]:
+    """Silence Optuna's UserWarnings whose text starts with `message` (a regular expression)."""
     with warnings.catch_warnings():
-        warnings.filterwarnings(
-            "ignore", "Fixed parameter .* is out of range", UserWarning, "optuna"
-        )
+        warnings.filterwarnings("ignore", message, UserWarning, "optuna")
         yield
 
 
@@ -108,7 +101,7 @@ def suggest(trial: optuna.Trial, name: str, dist: BaseDistribution | Any) -> Any
     """Draw `name` from its distribution through the trial's public `suggest_*` methods (the
     ones Tune's OptunaSearch records); a constant is returned as it is."""
     if isinstance(dist, CategoricalDistribution):
-        with whole_choices():
+        with optuna_silenced(WHOLE_CHOICES):
             return trial.suggest_categorical(name, dist.choices)
     if isinstance(dist, IntDistribution):
         return trial.suggest_int(name, dist.low, dist.high, step=dist.step, log=dist.log)
@@ -170,7 +163,7 @@ class Space:
 
     def __call__(self, trial: optuna.Trial) -> dict[str, Any]:
         _sample_relative(trial)
-        with points_kept():
+        with optuna_silenced(POINT_OUTSIDE):
             drawn = {_name(key): suggest(trial, _name(key), d) for key, d in self.space.items()}
             for rule in self.rules:
                 if rule.holds(drawn):
