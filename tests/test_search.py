@@ -180,6 +180,17 @@ def test_the_trial_count_that_the_progress_lines_show_is_what_expand_lists(name)
         assert spec.trial_count(experiment, samples) == len(spec.expand(experiment, samples))
 
 
+def test_a_point_runs_the_whole_section_choice_that_agrees_with_the_experiments_section():
+    """A choice of whole sections compared the base's whole optim section, every setting of
+    it, with each choice's two, so a point matched none and every such search was refused."""
+    sections = [{"optimizer": "sgd", "lr": 0.1}, {"optimizer": "adam", "lr": "1e-3"}]
+    space = {**SEARCH["space"], "optim": {"choice": sections}}
+    experiment = spec.from_dict("s", {**TINY, "search": SEARCH | {"space": space}})
+    vanilla, anderson = spec.expand(experiment)[:2]
+    assert vanilla["optim"] == anderson["optim"] == sections[1]
+    assert experiment.trial_config(vanilla).optim.lr == 1e-3  # the experiment's
+
+
 def test_the_define_by_run_space_draws_the_same_values_through_optuna():
     space = spec.from_dict("s", {**TINY, "search": SEARCH}).space()
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3))
@@ -231,6 +242,7 @@ BROYDEN = {"model.solver": "broyden"}
 NARROW_ABSTOL = {"model.abstol": {"loguniform": [1e-3, 1e-2]}}
 LAMBDA_SKIP = {"train.lambda_skip": {"uniform": [1, 10]}}
 RELTOL = {"model.reltol": {"loguniform": [1e-4, 1e-1]}}
+ANDERSON_OR_BROYDEN = {"choice": ["anderson", "broyden"]}
 
 
 @pytest.mark.parametrize(
@@ -274,6 +286,18 @@ RELTOL = {"model.reltol": {"loguniform": [1e-4, 1e-1]}}
             {"space": {**SEARCH["space"], "seed": 1}, "variants": [{"label": "a", "seed": 2}]},
             r"^search.variants\[0\].seed: 2 is not search.space seed, which is fixed at 1 for "
             r"every trial, the point's too; give the point 1, or leave the key out of it$",
+        ),
+        (  # the message showed the base's whole optim section, every setting of it
+            {"space": {**SEARCH["space"], "optim": {"choice": [{"lr": 0.1}, {"lr": 0.2}]}}},
+            r"^search.variants\[0\].optim: the point leaves it unset, and the experiment's "
+            r"section differs in a setting from each of the 2 whole sections that search.space "
+            r"optim chooses from; make the experiment's section agree with one of them$",
+        ),
+        (  # the message read as if the point had given the base's vcab3
+            {"space": {"model": {**SEARCH["space"]["model"], "solver": ANDERSON_OR_BROYDEN}}},
+            r"^search.variants\[0\].model.solver: the point leaves it unset, and the "
+            r"experiment's 'vcab3' is none of the choices of search.space model.solver "
+            r"\('anderson', 'broyden'\); give the point one of them$",
         ),
         (  # Optuna refused to record it: a traceback at --dry-run, at the start, in the run
             {"variants": [{"model.variant": "skip_reg", "train.lambda_skip": 0.0}]},

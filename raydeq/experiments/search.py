@@ -28,7 +28,14 @@ from ray.tune.utils.util import unflatten_dict
 
 from raydeq.experiments.primitives import dimensions, domain, is_primitive
 from raydeq.solvers.solve import make_solver
-from raydeq.training.config import Config, ConfigError, SearchSection, apply_overrides, validate
+from raydeq.training.config import (
+    Config,
+    ConfigError,
+    SearchSection,
+    apply_overrides,
+    leaves,
+    validate,
+)
 
 # Tune's OptunaSearch nests parameter names at "/": "model/solver" sets model.solver.
 SEPARATOR = "/"
@@ -277,6 +284,8 @@ def _points(base: Mapping[str, Any], search: SearchSection, space: Space) -> tup
         for key, dist in dists.items():
             if _name(key) in point:
                 where, dimension = f"search.variants[{index}].{key}", f"{drawn_in[key]} {key}"
+                if key not in settings:
+                    _check_unset_choice(where, dimension, dist, point[_name(key)])
                 point[_name(key)] = _point_value(where, dimension, dist, point[_name(key)])
         points.append((row.get("label", f"point {index}"), point))
     if len(points) > search.num_samples:
@@ -309,13 +318,36 @@ def _check_rules_met(
             )
 
 
+def _check_unset_choice(
+    where: str, dimension: str, dist: BaseDistribution | Any, value: Any
+) -> None:
+    """Raise a ConfigError for a categorical dimension that a point leaves unset at the
+    experiment's value, which is none of its choices (a whole section, `optim`, is not shown:
+    the base's whole section, every setting of it, is too long to read)."""
+    if not isinstance(dist, CategoricalDistribution) or _point_choices(value, dist.choices):
+        return
+    if any(isinstance(choice, Mapping) for choice in dist.choices):
+        raise ConfigError(
+            f"{where}: the point leaves it unset, and the experiment's section differs in a "
+            f"setting from each of the {len(dist.choices)} whole sections that {dimension} "
+            "chooses from; make the experiment's section agree with one of them",
+            key=where,
+        )
+    raise ConfigError(
+        f"{where}: the point leaves it unset, and the experiment's {value!r} is none of the "
+        f"choices of {dimension} ({', '.join(map(repr, dist.choices))}); give the point one "
+        "of them",
+        key=where,
+    )
+
+
 def _point_value(where: str, dimension: str, dist: BaseDistribution | Any, value: Any) -> Any:
     """A point's value of a dimension as it is enqueued (a choice as the choice Optuna draws),
     or a ConfigError at `where` for one the searcher cannot give: no choice of a categorical
     dimension, another value than a fixed one's, or 0 or below in a log range, which Optuna
     refuses to record."""
     if isinstance(dist, CategoricalDistribution):
-        found = _matches(value, dist.choices)
+        found = _point_choices(value, dist.choices)
         if not found:
             raise ConfigError(
                 f"{where}: {value!r} is not a choice of {dimension} "
@@ -343,6 +375,21 @@ def _matches(value: Any, choices: Sequence[Any] | None) -> list[Any]:
     """The choices of a categorical dimension that `value` is, numbers compared as numbers as
     `same` does ('1e-3' is the choice 0.001); [value] for a dimension without choices."""
     return [value] if choices is None else [c for c in choices if same(value, c)]
+
+
+def _point_choices(value: Any, choices: Sequence[Any]) -> list[Any]:
+    """The choices a point's value is (`_matches`), or for a whole section (the trial's every
+    setting of it) those whose settings it holds: laid over it, they change none."""
+    found = _matches(value, choices)
+    if found or not isinstance(value, Mapping):
+        return found
+    held = leaves(value)
+    return [
+        c
+        for c in choices
+        if isinstance(c, Mapping)
+        and all(k in held and same(v, held[k]) for k, v in leaves(c).items())
+    ]
 
 
 def space(base: Mapping[str, Any], search: SearchSection) -> Space:
