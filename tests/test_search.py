@@ -173,6 +173,25 @@ def test_an_override_that_no_point_of_a_searcher_has_leaves_it_to_draw_every_tri
     assert {experiment.trial_config(draw).model.variant for draw in sampled} == {"skip"}
 
 
+def test_an_override_that_drops_the_rule_drawing_a_points_key_names_both():
+    """It said "search.variants[1].train.lambda_skip: not a dimension of the search space",
+    though the file's rule draws it, and named the point by its place among those the override
+    kept (1) rather than in the file (2)."""
+    variants = [*SEARCH["variants"], {"label": "L", "train.lambda_skip": 0.1}]
+    raw = {**TINY, "search": SEARCH | {"variants": variants}}
+    with pytest.raises(ConfigError) as err:
+        spec.from_dict("s", raw, {"model.variant": "vanilla"})
+    assert str(err.value) == (
+        "search.variants[2].train.lambda_skip: model.variant='vanilla' drops "
+        "search.conditional[1], the one rule that draws it (when model.variant in "
+        "['skip_reg']), so the point's trial could not run it; leave the key out of the point, "
+        "or override model.variant to one of ['skip_reg']"
+    )
+    fixed = {"model.variant": "vanilla", "train.lambda_skip": 0.1}
+    (point, *_) = spec.expand(spec.from_dict("s", raw, fixed))
+    assert point["variant"] == {"label": "Vanilla"}
+
+
 @pytest.mark.parametrize("name", ["digits", "digits_search", "mnist_dense", "svhn"])
 def test_the_trial_count_that_the_progress_lines_show_is_what_expand_lists(name):
     experiment = spec.load(name)

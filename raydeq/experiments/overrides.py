@@ -44,7 +44,52 @@ def fix_search(search: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[
                 key=dotted,
             )
     fixed = {**search, "space": space} | ({"variants": variants} if "variants" in search else {})
-    return fixed | ({"conditional": rules} if isinstance(rules, list) else {})
+    fixed |= {"conditional": rules} if isinstance(rules, list) else {}
+    if search.get("searcher", "random") != "random":
+        _check_points_keep_rules(search, overrides, fixed)
+    return fixed
+
+
+def _check_points_keep_rules(
+    search: Mapping[str, Any], overrides: Mapping[str, Any], fixed: Mapping[str, Any]
+) -> None:
+    """Raise a ConfigError for a searcher's point that the overrides keep and that sets a key
+    only a conditional rule draws which an override drops (its `when` excludes the value): the
+    key is no dimension of the fixed space, and a point is values of the space."""
+    rules, rows = search.get("conditional"), search.get("variants")
+    if not isinstance(rules, list) or not isinstance(rows, list):
+        return
+    drawn = rule_keys(fixed) | set(dimensions(fixed.get("space") or {})) | set(overrides)
+    for index, row in enumerate(rows):
+        kept = isinstance(row, Mapping) and all(
+            k not in row or searchers.same(row[k], v) for k, v in overrides.items()
+        )
+        for r, rule in enumerate(rules if kept else []):
+            try:
+                when, space = searchers.rule_parts("search.conditional", rule)
+            except ConfigError:
+                continue  # malformed: validate_search names it
+            lost = [k for k in dimensions(space, once=False) if k in row and k not in drawn]
+            for dotted, value in overrides.items():
+                if lost and _excludes(when, dotted, value):
+                    allowed = _allowed(when[dotted])
+                    raise ConfigError(
+                        f"search.variants[{index}].{lost[0]}: {dotted}={value!r} drops "
+                        f"search.conditional[{r}], the one rule that draws it (when {dotted} in "
+                        f"{allowed}), so the point's trial could not run it; leave the key out "
+                        f"of the point, or override {dotted} to one of {allowed}",
+                        key=f"search.variants[{index}].{lost[0]}",
+                    )
+
+
+def _allowed(written: Any) -> list:
+    """The values a rule's `when` allows for a key (one written alone, as a list)."""
+    return written if isinstance(written, list) else [written]
+
+
+def _excludes(when: Mapping[str, Any], dotted: str, value: Any) -> bool:
+    """Whether a rule's `when` tests `dotted` and allows no value that is `value`."""
+    return dotted in when and not any(searchers.same(a, value) for a in _allowed(when[dotted]))
 
 
 def _check_not_within(variants: list, dotted: str, value: Any) -> None:
@@ -78,13 +123,9 @@ def _fix_rules(rules: list, dotted: str, value: Any) -> tuple[list, dict[str, An
             kept.append(rule)  # malformed: validate_search names it
             continue
         when, space = dict(when), _fix_dimension(nested(space), dotted, value)
-        if dotted in when:
-            allowed = when.pop(dotted)
-            if not any(
-                searchers.same(a, value)
-                for a in (allowed if isinstance(allowed, list) else [allowed])
-            ):
-                continue
+        if _excludes(when, dotted, value):
+            continue
+        when.pop(dotted, None)
         if space and when:
             kept.append({**rule, "when": when, "space": space})
         elif space:
