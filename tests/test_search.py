@@ -202,11 +202,13 @@ def test_the_trial_count_that_the_progress_lines_show_is_what_expand_lists(name)
 def test_a_point_runs_the_whole_section_choice_that_agrees_with_the_experiments_section():
     """A choice of whole sections compared the base's whole optim section, every setting of
     it, with each choice's two, so a point matched none and every such search was refused."""
-    sections = [{"optimizer": "sgd", "lr": 0.1}, {"optimizer": "adam", "lr": "1e-3"}]
-    space = {**SEARCH["space"], "optim": {"choice": sections}}
-    experiment = spec.from_dict("s", {**TINY, "search": SEARCH | {"space": space}})
+    adam = {"optimizer": "adam", "lr": "1e-3", "milestones": [1, 2]}  # a trial's: (1, 2)
+    space = {**SEARCH["space"], "optim": {"choice": [{"optimizer": "sgd", "lr": 0.1}, adam]}}
+    optim = {"schedule": "step", "milestones": [1, 2]}
+    raw = {**TINY, "optim": optim, "search": SEARCH | {"space": space}}
+    experiment = spec.from_dict("s", raw)
     vanilla, anderson = spec.expand(experiment)[:2]
-    assert vanilla["optim"] == anderson["optim"] == sections[1]
+    assert vanilla["optim"] == anderson["optim"] == adam
     assert experiment.trial_config(vanilla).optim.lr == 1e-3  # the experiment's
 
 

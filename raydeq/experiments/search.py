@@ -379,11 +379,12 @@ def _matches(value: Any, choices: Sequence[Any] | None) -> list[Any]:
 
 def _point_choices(value: Any, choices: Sequence[Any]) -> list[Any]:
     """The choices a point's value is (`_matches`), or for a whole section (the trial's every
-    setting of it) those whose settings it holds: laid over it, they change none."""
+    setting of it, its tuples read as the lists a choice writes) those whose settings it
+    holds: laid over it, they change none."""
     found = _matches(value, choices)
     if found or not isinstance(value, Mapping):
         return found
-    held = leaves(value)
+    held = {k: list(v) if isinstance(v, tuple) else v for k, v in leaves(value).items()}
     return [
         c
         for c in choices
