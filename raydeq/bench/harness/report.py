@@ -16,6 +16,10 @@ import torch
 from raydeq.training.storage import write_bytes
 
 Value = float | int | str | bool | None
+# Significant digits of a column's cells where the default three hide what it measures: a test
+# accuracy over 2,000 test digits moves in steps of 0.0005, and three digits wrote 0.9225 as
+# 0.922, vanilla's in the same table, and 0.9255 as 0.925.
+DIGITS = {"test accuracy": 4}
 
 
 @dataclass
@@ -157,10 +161,10 @@ def fmt(value: Value, digits: int = 3) -> str:
 
 
 def table(columns: list[str], rows: list[dict[str, Value]]) -> list[str]:
-    """A Markdown table of the rows."""
+    """A Markdown table of the rows, each column's cells to its DIGITS (three unset)."""
     lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
     for row in rows:
-        lines.append("| " + " | ".join(fmt(row.get(c)) for c in columns) + " |")
+        lines.append("| " + " | ".join(fmt(row.get(c), DIGITS.get(c, 3)) for c in columns) + " |")
     return lines
 
 
