@@ -2445,6 +2445,20 @@ def test_a_run_of_epochs_alone_is_complete_at_its_last_epoch_and_counts_its_mode
     assert not results.trial_row(experiment, trial, frame.iloc[:1])["completed"]
 
 
+def test_the_tables_nfe_column_is_named_test_nfe_apart_from_the_training_nfe():
+    """The column holds test_nfe, a test batch's: headed `NFE`, it read as the training steps'
+    `nfe` of the progress lines (30.47 for digits' vanilla seed 0, whose test NFE was 31)."""
+    row = {"group": "Vanilla", "seed": 0, "completed": True, "parameters": 10, "step": 220}
+    row |= {"test_accuracy": 0.9749, "train_time": 0.048, "backward_time": 0.013}
+    row |= {"predict_time": 0.05, "test_nfe": 31.0, "nfe": 30.47}
+    header, _, line = results.markdown([row]).splitlines()
+    assert header == (
+        "| Variant | Seeds | Test Accuracy (%) | Training Time (s/batch) | Backward Time (s/batch) "
+        "| Prediction Time (s/batch) | Test NFE | # Params |"
+    )
+    assert line == "| Vanilla | 1 | 97.49 | 0.048 | 0.013 | 0.05 | 31 | 10 |"
+
+
 def test_a_table_cell_leaves_out_a_seed_that_lacks_the_measure():
     rows = [
         {"group": "Skip", "seed": seed, "completed": True, "parameters": 10, "step": 5}

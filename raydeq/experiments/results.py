@@ -70,7 +70,7 @@ TABLE = (
     ("train_time", "Training Time (s/batch)", 1.0),
     ("backward_time", "Backward Time (s/batch)", 1.0),
     ("predict_time", "Prediction Time (s/batch)", 1.0),
-    ("test_nfe", "NFE", 1.0),
+    ("test_nfe", "Test NFE", 1.0),
 )
 
 
