@@ -2560,6 +2560,8 @@ def test_a_history_cut_short_after_a_resume_is_in_step_order(tmp_path):
 
 
 def test_a_plot_shows_per_variant_the_mean_over_seeds_with_a_band_of_one_std(monkeypatch):
+    """An accuracy in percent, as results.md, pareto.png and paper_curves.png show it: its
+    fractions, on an axis that named no unit, read 0.97 beside their 97.49."""
     monkeypatch.setattr(results, "png", lambda figure, **layout: figure)
     seeds = [
         pd.DataFrame({"step": [10, 20], "test_accuracy": [0.5, 0.7]}),
@@ -2568,20 +2570,25 @@ def test_a_plot_shows_per_variant_the_mean_over_seeds_with_a_band_of_one_std(mon
     single = pd.DataFrame({"step": [10, 20, 30], "test_accuracy": [0.2, math.nan, 0.4]})
     untested = pd.DataFrame({"step": [10], "train_loss": [1.0]})
     curves = {"Two seeds": seeds, "One seed": [single], "No evaluation": [untested]}
-    figure = results.plot("test_accuracy", "test accuracy", curves)
+    label = results.PLOTS["test_accuracy"]
+    figure = results.plot("test_accuracy", label, curves)
     (axes,) = figure.axes
-    assert (axes.get_xlabel(), axes.get_ylabel()) == ("step", "test accuracy")
+    assert (axes.get_xlabel(), axes.get_ylabel()) == ("step", "test accuracy (%)")
     lines = {line.get_label(): line for line in axes.lines}
     assert list(lines) == ["Two seeds", "One seed"]
     assert list(lines["Two seeds"].get_xdata()) == [10, 20]
-    assert list(lines["Two seeds"].get_ydata()) == pytest.approx([0.6, 0.8])
+    assert list(lines["Two seeds"].get_ydata()) == pytest.approx([60.0, 80.0])
     assert list(lines["One seed"].get_xdata()) == [10, 30]
-    assert list(lines["One seed"].get_ydata()) == pytest.approx([0.2, 0.4])
-    # The band: mean -+ the sample std of 0.5 and 0.7 (and of 0.7 and 0.9), sqrt(0.02).
+    assert list(lines["One seed"].get_ydata()) == pytest.approx([20.0, 40.0])
+    # The band: mean -+ the sample std of 50 and 70 (and of 70 and 90), sqrt(200).
     band = axes.collections[0].get_paths()[0].vertices
-    for step, mean in [(10, 0.6), (20, 0.8)]:
+    for step, mean in [(10, 60.0), (20, 80.0)]:
         heights = band[band[:, 0] == step][:, 1]
-        assert (heights.min(), heights.max()) == pytest.approx((mean - 0.02**0.5, mean + 0.02**0.5))
+        assert (heights.min(), heights.max()) == pytest.approx((mean - 200**0.5, mean + 200**0.5))
+    # A time stays in seconds.
+    timed = pd.DataFrame({"step": [10, 20], "forward_time": [0.002, 0.004]})
+    figure = results.plot("forward_time", results.PLOTS["forward_time"], {"DEQ": [timed]})
+    assert list(figure.axes[0].lines[0].get_ydata()) == pytest.approx([0.002, 0.004])
     assert [label.get_text() for label in axes.get_legend().get_texts()] == list(lines)
 
 

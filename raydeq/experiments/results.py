@@ -45,7 +45,7 @@ from raydeq.training.storage import StorageError, exists, filesystem, write_byte
 RESULTS_FILE = "results.parquet"
 MARKDOWN_FILE = "results.md"
 PLOTS = {
-    "test_accuracy": "test accuracy",
+    "test_accuracy": "test accuracy (%)",
     "forward_time": "forward time per batch (s)",
     "backward_time": "backward time per batch (s)",
 }
@@ -281,17 +281,18 @@ def _skipped(rows: list[dict[str, Any]]) -> str:
 
 
 def plot(metric: str, label: str, curves: dict[str, list[pd.DataFrame]]) -> bytes:
-    """PNG of a metric against step: per variant, the mean over seeds with a +- std band."""
+    """PNG of a metric against step: per variant, the mean over seeds with a +- std band; an
+    accuracy in percent, as results.md, pareto.png and the paper's figures show it."""
     figure, axes = subplots(figsize=(9.6, 4.8))
+    scale = 100.0 if pareto.in_percent(metric) else 1.0
     for group, stats in step_curves(curves, metric):
+        mean, std = scale * stats["mean"], scale * stats["std"]
         # Matplotlib's 10 colours repeat from the 11th variant on: a new line style tells it.
         style = ("-", "--", ":")[len(axes.lines) // 10 % 3]
         # A marker per report only where they stay apart: 5,000 merged into a band.
         marker = "o" if len(stats) <= MARKED_POINTS else None
-        axes.plot(stats.index, stats["mean"], style, marker=marker, markersize=3, label=group)
-        axes.fill_between(
-            stats.index, stats["mean"] - stats["std"], stats["mean"] + stats["std"], alpha=0.2
-        )
+        axes.plot(stats.index, mean, style, marker=marker, markersize=3, label=group)
+        axes.fill_between(stats.index, mean - std, mean + std, alpha=0.2)
     axes.set_xlabel("step")
     axes.set_ylabel(label)
     step_panel(axes, f"no trial reported {metric}", linear=pareto.in_percent(metric))
