@@ -3025,6 +3025,40 @@ def test_asha_compares_trials_at_the_same_step_and_stops_at_the_searchs_max_t():
     assert type(run._scheduler(capped, fifo, "runs/a")) is run.FIFOScheduler
 
 
+def test_asha_judges_each_report_once_at_the_highest_rung_it_reached():
+    """Rungs at 10, 20, 40, 80 and 160 steps, the test accuracy reported once an epoch of 22
+    steps: the report at 22 is judged at rung 20, the one at 44 at 40, and the one at 66, past
+    no new rung, nowhere. Ray's brackets judged it at rung 10, which the report at 22 had
+    skipped, and stopped at step 66 a trial that had passed rungs 20 and 40 (0.62 below the
+    other's 0.65); a trial's last result recorded there too."""
+    search = {"scheduler": "asha", "grace_period": 10, "reduction_factor": 2}
+    experiment = spec.from_dict("a", {**TINY, "train": {"max_steps": 220}, "search": search})
+    options = run.Options(gpus=0, num_samples=2, scheduler="asha", max_concurrent=0)
+    scheduler = run._scheduler(experiment, options, "runs/a")
+    scheduler.set_search_properties("test_accuracy", "max")
+    rungs = scheduler._brackets[0]._rungs
+    assert sorted(milestone for milestone, _ in rungs) == [10, 20, 40, 80, 160]
+    first = SimpleNamespace(trial_id="first", path="runs/a/first")
+    second = SimpleNamespace(trial_id="second", path="runs/a/second")
+    scheduler.on_trial_add(None, first)
+    scheduler.on_trial_add(None, second)
+    for step, ahead, behind in [(22, 0.5, 0.6), (44, 0.6, 0.7), (66, 0.65, 0.62)]:
+        action = scheduler.on_trial_result(None, first, {"step": step, "test_accuracy": ahead})
+        assert action == run.TrialScheduler.CONTINUE
+        action = scheduler.on_trial_result(None, second, {"step": step, "test_accuracy": behind})
+        assert action == run.TrialScheduler.CONTINUE
+    scheduler.on_trial_complete(None, first, {"step": 66, "test_accuracy": 0.65})
+    assert dict(rungs) == {
+        160: {},
+        80: {},
+        40: {"first": 0.6, "second": 0.7},
+        20: {"first": 0.5, "second": 0.6},
+        10: {},
+    }
+    stopped = scheduler.on_trial_result(None, second, {"step": 221, "test_accuracy": 0.9})
+    assert stopped == run.TrialScheduler.STOP
+
+
 def test_asha_resumed_keeps_the_rungs_of_the_reports_before_the_resume(tmp_path):
     """Tune restores the ASHA pickled at the run's start (empty rungs): a trial that reported
     0.9 at rung 20 before the resume, archived, stops a new trial's 0.1 there, as it did in an

@@ -407,6 +407,14 @@ class ResumableASHA(ASHAScheduler):
 
     def __init__(self, path: str, **options: Any) -> None:
         super().__init__(**options)
+        # Ray's brackets judge a report at the highest rung it reached or, where the trial was
+        # judged there already, at a lower one it skipped: a trial evaluated once an epoch,
+        # whose first evaluation passed several rungs, was judged again at each of those by
+        # later evaluations and its last result, cut at steps that are no rung. Brackets built
+        # not to stop trials past their last rung judge a report at the highest rung it reached
+        # alone; the scheduler still stops a trial at max_t.
+        for bracket in self._brackets:
+            bracket._stop_last_trials = False
         self.path = path
         self.unjudged: dict[str, tuple[Trial, dict[str, Any]]] = {}
         self.recorded_at: dict[tuple[str, float], float] = {}
