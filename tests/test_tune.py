@@ -4232,6 +4232,33 @@ def test_an_asha_grace_period_past_max_t_is_a_one_line_error_before_ray_starts(
     run.check_scheduler(fits, "asha")
 
 
+def test_an_asha_max_t_below_the_longest_trial_is_a_one_line_error_before_ray_starts(
+    tmp_path, capsys, monkeypatch
+):
+    """ASHA stops a trial at its first report past max_t: a max_t of 30 for trials of 60 steps
+    cut every trial that reached step 30 short of its end, stopped early as a pruned one is, so
+    the results ranked none as trained to its end; it is refused. A max_t of the trials' 60
+    steps, past a variant's 40, or with trials of epochs (no known length) is run."""
+    monkeypatch.setattr(ray, "init", lambda *args, **kwargs: pytest.fail("Ray was started"))
+    experiment = tmp_path / "tiny.yaml"
+    search = {"scheduler": "asha", "grace_period": 10, "max_t": 30}
+    experiment.write_text(yaml.safe_dump({**TINY, "train": {"max_steps": 60}, "search": search}))
+    assert rt.main([str(experiment), "--storage", str(tmp_path / "runs")]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "error: search.max_t: 30 is below the longest trial's train.max_steps, 60: ASHA would "
+        "stop every trial that reaches step 30 short of its end, as it stops those it prunes; "
+        "give at least 60, or leave it out, and set train.max_steps to shorten the trials"
+    ]
+    assert not run.has_settings(str(tmp_path / "runs" / "tiny"))
+    steps = {"train": {"max_steps": 60}}
+    whole = spec.from_dict("tiny", {**TINY, **steps, "search": search | {"max_t": 60}})
+    run.check_scheduler(whole, "asha")
+    shorter = {**search, "variants": [{"train.max_steps": 40}], "max_t": 50}
+    run.check_scheduler(spec.from_dict("tiny", {**TINY, "search": shorter}), "asha")
+    run.check_scheduler(spec.from_dict("tiny", {**TINY, "search": search}), "asha")
+    run.check_scheduler(spec.from_dict("tiny", {**TINY, **steps, "search": search}), "fifo", True)
+
+
 def test_asha_settings_under_a_fifo_scheduler_are_a_one_line_error_unless_chosen_so(
     tmp_path, capsys, monkeypatch
 ):

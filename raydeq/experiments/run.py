@@ -346,9 +346,10 @@ def asha_max_t(experiment: Experiment) -> int:
 
 def check_scheduler(experiment: Experiment, scheduler: str, chosen: bool = False) -> None:
     """Raise a ConfigError for an ASHA grace period past its max_t, which Ray's ASHA refuses,
-    or for ASHA's settings in an experiment file whose scheduler is fifo, where they would
-    stop no trial (unless the command line `chosen` the scheduler: `--scheduler fifo` runs a
-    search written for ASHA under FIFO)."""
+    for a max_t below the longest trial's last step, where ASHA would stop every trial that
+    reaches it short of its end, or for ASHA's settings in an experiment file whose scheduler
+    is fifo, where they would stop no trial (unless the command line `chosen` the scheduler:
+    `--scheduler fifo` runs a search written for ASHA under FIFO)."""
     search, max_t = experiment.search, asha_max_t(experiment)
     if scheduler == search.scheduler == "fifo" and not chosen:
         for key in ASHA_SETTINGS:
@@ -360,11 +361,21 @@ def check_scheduler(experiment: Experiment, scheduler: str, chosen: bool = False
                     f"search.{key}",
                     key=f"search.{key}",
                 )
-    if scheduler == "asha" and search.grace_period > max_t:
+    if scheduler != "asha":
+        return
+    if search.grace_period > max_t:
         why = "search.max_t" if search.max_t else "one past the longest trial's last step"
         raise ConfigError(
             f"search.grace_period: {search.grace_period} is past ASHA's max_t, {max_t} ({why}); "
             f"it must be at most {max_t}"
+        )
+    longest = experiment.longest_trial()
+    if search.max_t and search.max_t < longest:
+        raise ConfigError(
+            f"search.max_t: {search.max_t} is below the longest trial's train.max_steps, "
+            f"{longest}: ASHA would stop every trial that reaches step {search.max_t} short of "
+            f"its end, as it stops those it prunes; give at least {longest}, or leave it out, "
+            "and set train.max_steps to shorten the trials"
         )
 
 
