@@ -4206,8 +4206,10 @@ def test_an_asha_grace_period_past_max_t_is_a_one_line_error_before_ray_starts(
 ):
     """Ray's ASHA refuses grace_period > max_t with an assertion, which came after the settings
     were stored, so neither a second start nor --resume could go on; it is refused first: past
-    the longest trial's 60 steps (max_t 61), or past a search's max_t of 30. Under FIFO, or
-    with grace_period == max_t, ASHA's bounds do not matter or hold."""
+    the longest trial's 60 steps (max_t 61), or past a search's max_t of 30. A grace period of
+    60 or 61, which Ray takes, puts the first rung at or past the trials' last step, where ASHA
+    stops no trial: refused too. Under FIFO, or with grace_period == max_t for trials of
+    epochs, ASHA's bounds do not matter or hold."""
     with pytest.raises(AssertionError):
         run.ASHAScheduler(time_attr="step", max_t=61, grace_period=100)
     monkeypatch.setattr(ray, "init", lambda *args, **kwargs: pytest.fail("Ray was started"))
@@ -4215,12 +4217,15 @@ def test_an_asha_grace_period_past_max_t_is_a_one_line_error_before_ray_starts(
     search = {"scheduler": "asha", "grace_period": 100}
     experiment.write_text(yaml.safe_dump({**TINY, "train": {"max_steps": 60}, "search": search}))
     argv = [str(experiment), "--storage", str(tmp_path / "runs")]
-    assert rt.main(argv) == 2
-    assert capsys.readouterr().err.splitlines() == [
-        "error: search.grace_period: 100 is past ASHA's max_t, 61 (one past the longest "
-        "trial's last step); it must be at most 61"
-    ]
+    for grace in (100, 61, 60):
+        assert rt.main([*argv, f"search.grace_period={grace}"]) == 2
+        assert capsys.readouterr().err.splitlines() == [
+            f"error: search.grace_period: {grace} is not below the longest trial's "
+            "train.max_steps, 60: ASHA's first rung would come at or after every trial's last "
+            "step and stop none; give less than 60"
+        ]
     assert not run.has_settings(str(tmp_path / "runs" / "tiny"))
+    run.check_scheduler(spec.from_dict("tiny", {**TINY, "train": {"max_steps": 60}}), "asha")
     assert rt.main([*argv, "search.max_t=30", "search.grace_period=50"]) == 2
     assert capsys.readouterr().err.splitlines() == [
         "error: search.grace_period: 50 is past ASHA's max_t, 30 (search.max_t); it must be at "

@@ -346,10 +346,11 @@ def asha_max_t(experiment: Experiment) -> int:
 
 def check_scheduler(experiment: Experiment, scheduler: str, chosen: bool = False) -> None:
     """Raise a ConfigError for an ASHA grace period past its max_t, which Ray's ASHA refuses,
-    for a max_t below the longest trial's last step, where ASHA would stop every trial that
-    reaches it short of its end, or for ASHA's settings in an experiment file whose scheduler
-    is fifo, where they would stop no trial (unless the command line `chosen` the scheduler:
-    `--scheduler fifo` runs a search written for ASHA under FIFO)."""
+    or at or past the longest trial's last step, where ASHA would stop no trial; for a max_t
+    below that step, where it would stop every trial that reaches max_t short of its end; or
+    for ASHA's settings in an experiment file whose scheduler is fifo, where they would stop
+    no trial (unless the command line `chosen` the scheduler: `--scheduler fifo` runs a search
+    written for ASHA under FIFO)."""
     search, max_t = experiment.search, asha_max_t(experiment)
     if scheduler == search.scheduler == "fifo" and not chosen:
         for key in ASHA_SETTINGS:
@@ -363,13 +364,19 @@ def check_scheduler(experiment: Experiment, scheduler: str, chosen: bool = False
                 )
     if scheduler != "asha":
         return
-    if search.grace_period > max_t:
-        why = "search.max_t" if search.max_t else "one past the longest trial's last step"
+    longest = experiment.longest_trial()
+    if search.grace_period > max_t and (search.max_t or not longest):
+        why = "search.max_t" if search.max_t else "no trial's last step is known"
         raise ConfigError(
             f"search.grace_period: {search.grace_period} is past ASHA's max_t, {max_t} ({why}); "
             f"it must be at most {max_t}"
         )
-    longest = experiment.longest_trial()
+    if longest and search.grace_period >= longest:
+        raise ConfigError(
+            f"search.grace_period: {search.grace_period} is not below the longest trial's "
+            f"train.max_steps, {longest}: ASHA's first rung would come at or after every "
+            f"trial's last step and stop none; give less than {longest}"
+        )
     if search.max_t and search.max_t < longest:
         raise ConfigError(
             f"search.max_t: {search.max_t} is below the longest trial's train.max_steps, "
