@@ -1537,6 +1537,21 @@ def test_a_trial_stopped_before_its_end_is_drawn_apart_and_named_not_left_off(mo
     assert text.count("Not ranked, short of their last step: Vanilla DEQ, 9db77_00002.") == 1
 
 
+def test_a_paper_trial_short_of_its_end_is_named_with_its_seed_beside_another_seeds():
+    """ASHA stopped seed 1 of the paper's Vanilla DEQ at a rung and seed 0 trained to its end:
+    the front showed Vanilla DEQ and the line under it named Vanilla DEQ as not ranked, which
+    of the two unsaid. A name that several trials share now takes the trial's seed; a name of
+    one trial is left as it is."""
+    rows = _trials((True, 0.97, 31.0, 0.08), (False, 0.92, 22.0, 0.07), (False, 0.5, 9.0, 0.1))
+    for row, seed in zip(rows[:2], (0, 1), strict=True):
+        row |= {"paper": True, "group": f"Vanilla DEQ, seed={seed}", "seed": seed}
+    rows[2] |= {"status": "ERROR", "seed": 0}
+    text = pareto.markdown(pareto.mark(rows, "test_accuracy"), "test_accuracy")
+    assert "| Vanilla DEQ | 97.00 | 31 |" in text
+    line = "Not ranked, short of their last step: Vanilla DEQ seed 1, 9db77_00002 (failed)."
+    assert text.count(line) == 1
+
+
 def test_the_front_tables_say_where_trials_measured_a_cost_on_other_batches():
     """A search drawing data.batch_size (32 or 128) and data.eval_batch_size (64 or 256) ranked
     training time per batch of 32 images beside time per batch of 128, and test NFE (a test

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -164,6 +165,14 @@ def table_name(row: Mapping[str, Any]) -> str:
     return re.match(r"[^_]+(_\d+(?=_|$))?", row["trial"]).group(0)
 
 
+def left_out_name(row: Mapping[str, Any], shared: bool) -> str:
+    """A trial short of its last step as the line under the front tables names it: its table
+    name, with its seed where that name is `shared` with other trials (a paper label over
+    seeds, one of which may be on the front), and `(failed)` for one that failed."""
+    name = f"{table_name(row)} seed {row.get('seed')}" if shared else table_name(row)
+    return f"{name} (failed)" if row.get("status") == "ERROR" else name
+
+
 def in_percent(metric: str) -> bool:
     """Whether a metric is an accuracy, a fraction shown in percent (and its margin and the
     chart's zoom in accuracy points); others are shown as they are."""
@@ -220,10 +229,8 @@ def markdown(
     text += _not_comparable([rows[i] for i in counted(rows)])
     left_out = not_ranked(rows)
     if left_out:
-        named = (
-            f"{table_name(r)} (failed)" if r.get("status") == "ERROR" else table_name(r)
-            for r in left_out
-        )
+        names = Counter(table_name(row) for row in rows)
+        named = (left_out_name(row, names[table_name(row)] > 1) for row in left_out)
         text.append(f"\nNot ranked, short of their last step: {', '.join(dict.fromkeys(named))}.")
     return "\n".join(text) + "\n"
 
