@@ -155,7 +155,7 @@ def markdown(table: int, rows: list[dict[str, Any]]) -> str:
     ]
     for label in [*paper.index, *(g for g in groups if g not in paper.index)]:
         members = groups.get(label, [])
-        cells = [label, str(len(members))]
+        cells = [label, _seeds(members)]
         for column in COLUMNS[table]:
             values = _values(members, column)
             published_mean = paper.at[label, column.paper] if label in paper.index else math.nan
@@ -164,6 +164,14 @@ def markdown(table: int, rows: list[dict[str, Any]]) -> str:
             cells.append("-" if math.isnan(share) else f"{share:.3g}")
         lines.append(pareto.table_row(cells))
     return "\n".join(lines) + "\n"
+
+
+def _seeds(members: list[dict[str, Any]]) -> str:
+    """The Seeds cell: the trials a row averages, said to be short of their last step where
+    they are (a method whose every trial ASHA stopped, failed or was interrupted): their
+    accuracy is a shorter run's than the paper's."""
+    done = all(member["completed"] for member in members)
+    return f"{len(members)}{'' if done else ' (short of their last step)'}"
 
 
 def _relative(means: dict[str, float]) -> dict[str, float]:
