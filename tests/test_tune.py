@@ -1563,6 +1563,29 @@ def test_asha_lets_the_longest_variant_finish_and_a_drawn_length_run_unbounded()
     assert spec.from_dict("a", raw | {"search": {"scheduler": "asha"}}).longest_trial() == 60
 
 
+def test_asha_lets_a_trial_whose_section_choice_draws_its_length_run_to_its_end():
+    """A choice of whole train sections drew train.max_steps 120 over the base's 60, which the
+    longest trial did not see: max_t was 61, and ASHA stopped the 120-step trial at its report
+    at step 66 as past max_t, and a grace_period of 70 would be refused as past every trial's
+    last step. Its length is drawn, as a dimension's is (max_t 2**31)."""
+    space = {"train": {"choice": [{"max_steps": 30}, {"max_steps": 120}]}}
+    search = {"scheduler": "asha", "space": space, "grace_period": 10}
+    experiment = spec.from_dict("a", {**TINY, "train": {"max_steps": 60}, "search": search})
+    assert [s["train"]["max_steps"] for s in spec.expand(experiment, 2)] == [120, 120]
+    assert experiment.longest_trial() == 0
+    options = run.Options(gpus=0, num_samples=2, scheduler="asha", max_concurrent=0)
+    scheduler = run._scheduler(experiment, options, "runs/a")
+    scheduler.set_search_properties("test_accuracy", "max")
+    trial = SimpleNamespace(trial_id="t0", path="runs/a/t0")
+    scheduler.on_trial_add(None, trial)
+    action = scheduler.on_trial_result(None, trial, {"step": 66, "test_accuracy": 0.9})
+    assert action == run.TrialScheduler.CONTINUE
+    later = search | {"grace_period": 70}
+    run.check_scheduler(
+        spec.from_dict("a", {**TINY, "train": {"max_steps": 60}, "search": later}), "asha"
+    )
+
+
 def test_asha_without_a_reachable_dashboard_is_an_error_naming_the_fix(monkeypatch):
     def down(**kwargs):
         raise TimeoutError("no answer")

@@ -109,10 +109,11 @@ class Experiment:
     def longest_trial(self) -> int:
         """The most training steps a trial takes (train.max_steps over the base or the
         variants), 0 where that is unbounded: a trial trains for its epochs, or the search
-        draws train.max_steps."""
+        draws train.max_steps (as a dimension, or in a choice of whole `train` sections)."""
         search = self.search
         spaces = [search.space, *(rule["space"] for rule in search.conditional)]
-        if any(STEPS_KEY in dimensions(space) for space in spaces):
+        drawn = (key for space in spaces for key in dimensions(space))
+        if any(STEPS_KEY == key or STEPS_KEY.startswith(f"{key}.") for key in drawn):
             return 0
         rows = [{VARIANT: row} for row in search.variants] or [{}]
         steps = [self.trial_config(row).train.max_steps for row in rows]
