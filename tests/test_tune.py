@@ -1883,6 +1883,25 @@ def test_a_failed_trial_is_one_line_with_its_error_and_the_count_of_trials_done(
         assert tune_logger.filter(pruned) == kept
 
 
+def test_a_trial_asha_stopped_is_counted_stopped_while_the_run_goes_on():
+    """A --report while the driver runs: of three seeds, one trained to its end, ASHA stopped
+    one (Tune's TERMINATED, short of its last step) and one still runs. The Seeds cell read
+    `3 (2 running)`, the stopped trial among them; it reads `3 (1 stopped, 1 running)`, and
+    once no driver runs, `3 (2 stopped)`."""
+    rows = [
+        {"group": "Skip DEQ", "seed": seed, "completed": done, "status": status}
+        | dict.fromkeys(("train_time", "backward_time", "predict_time", "test_nfe"), 0.5)
+        | {"parameters": 1234, "test_accuracy": accuracy}
+        for seed, done, status, accuracy in [
+            (0, True, "TERMINATED", 0.97),
+            (1, False, "TERMINATED", 0.42),
+            (2, False, "RUNNING", 0.61),
+        ]
+    ]
+    assert "| Skip DEQ | 3 (1 stopped, 1 running) | 97.00 |" in results.markdown(rows, "running")
+    assert "| Skip DEQ | 3 (2 stopped) | 97.00 |" in results.markdown(rows)
+
+
 def test_the_table_averages_finished_seeds_per_variant_and_the_parquet_round_trips(tmp_path):
     rows = [
         {"group": "Skip DEQ", "seed": seed, "completed": done, "parameters": 1234, "step": step}

@@ -11,6 +11,7 @@ import logging
 import math
 import statistics
 import time
+from collections import Counter
 from typing import Any
 
 import pandas as pd
@@ -246,9 +247,10 @@ def markdown(rows: list[dict[str, Any]], unfinished: str = "stopped") -> str:
     """The paper's table: per variant, mean +- std over seeds of each measure.
 
     Trials that trained to the end are averaged; a variant whose trials were all stopped early
-    (by ASHA, or an interrupted run) shows those, and the Seeds column counts the stopped ones
-    (named `unfinished`: "running" while a driver runs the experiment) and, apart, the failed
-    ones (a trial that ended in an error, its restarts spent).
+    (by ASHA, or an interrupted run) shows those, and the Seeds column counts those ASHA
+    stopped, the unfinished ones (named `unfinished`: "running" while a driver runs the
+    experiment, else "stopped" too) and, apart, the failed ones (a trial that ended in an
+    error, its restarts spent).
     """
     groups: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
@@ -257,9 +259,11 @@ def markdown(rows: list[dict[str, Any]], unfinished: str = "stopped") -> str:
     lines = [pareto.table_row(header), "|" + " --- |" * len(header)]
     for group, members in groups.items():
         done = [m for m in members if m["completed"]] or members
-        failed = sum(m.get("status") == "ERROR" for m in members)
-        stopped = sum(not m["completed"] and m.get("status") != "ERROR" for m in members)
-        notes = [f"{n} {what}" for n, what in ((stopped, unfinished), (failed, "failed")) if n]
+        short = [m for m in members if not m["completed"] and m.get("status") != "ERROR"]
+        counts = Counter({"stopped": sum(m.get("status") == "TERMINATED" for m in short)})
+        counts[unfinished] += len(short) - counts["stopped"]
+        counts["failed"] = sum(m.get("status") == "ERROR" for m in members)
+        notes = [f"{n} {what}" for what, n in counts.items() if n]
         seeds = f"{len(members)} ({', '.join(notes)})" if notes else str(len(members))
         cells = [_cell([m[key] for m in done], scale) for key, _, scale in TABLE]
         row = [group, seeds, *cells, f"{members[0]['parameters']:,}"]
