@@ -413,7 +413,8 @@ def point_notes(experiment: Experiment) -> list[str]:
     (`searchers.outside_notes`), said once before the trials start."""
     if not experiment.searched:
         return []
-    return searchers.outside_notes(experiment.space(), experiment.search.searcher)
+    search = experiment.search
+    return searchers.outside_notes(experiment.space(), search.searcher, experiment.places)
 
 
 def unlearned_notes(experiment: Experiment, trials: int) -> list[str]:
@@ -454,7 +455,7 @@ def dry_run(
                 f"trials {learned + 1} to {len(trials)}: {experiment.search.searcher} draws them "
                 "from the results of those before; listed here are random draws in their place"
             )
-        shown += searchers.outside_notes(space, experiment.search.searcher)
+        shown += searchers.outside_notes(space, experiment.search.searcher, experiment.places)
         if not started:  # a started search's trial count is the one it started with
             shown += unlearned_notes(experiment, len(trials))
         print("\n".join(shown), file=sys.stderr)

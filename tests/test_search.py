@@ -192,6 +192,46 @@ def test_an_override_that_drops_the_rule_drawing_a_points_key_names_both():
     assert point["variant"] == {"label": "Vanilla"}
 
 
+def test_a_variant_after_those_an_override_drops_is_named_by_its_place_in_the_file():
+    """An override that dropped variants before a bad one had it named by its place among
+    those kept: model.solver=vcab3 over [bs3, vcab3 with abstol -1] refused
+    search.variants[0], which in the file is the good bs3 one."""
+    bad = {"label": "b", "model.solver": "vcab3", "model.abstol": -1.0}
+    raw = {**TINY, "search": {"variants": [{"label": "a", "model.solver": "bs3"}, bad]}}
+    for overrides in ({}, {"model.solver": "vcab3"}):
+        with pytest.raises(ConfigError) as err:
+            spec.from_dict("s", raw, overrides)
+        assert str(err.value) == "search.variants[1]: model.abstol: must be >= 0, got -1.0"
+        assert err.value.key == "search.variants[1]"
+
+
+def test_a_searchers_points_after_those_an_override_drops_keep_their_places_in_the_file():
+    """With model.variant=skip_reg dropping the vanilla point 0, the skip_reg points 1 and 2
+    were labelled 'point 0' and 'point 1', noted and refused as search.variants[0] and [1];
+    and an unlabelled point that sets only the overridden key, left empty, was refused as
+    'expected a mapping of dotted keys'. Each keeps its place as written, and the emptied
+    point runs the experiment's own values, as a labelled one does."""
+    rows = [
+        {"model.variant": "vanilla"},
+        {"model.variant": "skip_reg", "model.solver": "anderson"},
+        {"model.variant": "skip_reg", "train.lambda_skip": 20.0},
+    ]
+    raw = {**TINY, "search": SEARCH | {"variants": rows}}
+    experiment = spec.from_dict("s", raw, {"model.variant": "skip_reg"})
+    assert [label for label, _ in experiment.space().points] == ["point 1", "point 2"]
+    (note,) = rt.point_notes(experiment)
+    assert note.startswith("note: point 2 (search.variants[2]) runs train.lambda_skip at 20.0")
+    emptied = spec.from_dict("s", raw, {"model.variant": "vanilla"})
+    assert spec.expand(emptied)[0]["variant"] == {"label": "point 0"}
+    bad = [*rows, {"model.variant": "skip_reg", "data.batch_size": 16}]
+    with pytest.raises(ConfigError) as err:
+        spec.from_dict(
+            "s", {**TINY, "search": SEARCH | {"variants": bad}}, {"model.variant": "skip_reg"}
+        )
+    assert str(err.value).startswith("search.variants[3].data.batch_size: not a dimension")
+    assert err.value.key == "search.variants[3].data.batch_size"
+
+
 @pytest.mark.parametrize("name", ["digits", "digits_search", "mnist_dense", "svhn"])
 def test_the_trial_count_that_the_progress_lines_show_is_what_expand_lists(name):
     experiment = spec.load(name)

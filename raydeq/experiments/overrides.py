@@ -4,23 +4,33 @@ conditional rules are resolved for it (see `fix_search`)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+import re
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from raydeq.experiments import search as searchers
 from raydeq.experiments.primitives import dimensions, is_primitive, nested
 from raydeq.training.config import ConfigError, apply_overrides, merge, without
 
+# A variant named by its place in search.variants.
+_VARIANT = re.compile(r"search\.variants\[(\d+)\]")
 
-def fix_search(search: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """The search section with the overridden keys fixed.
+
+def fix_search(
+    search: Mapping[str, Any], overrides: Mapping[str, Any]
+) -> tuple[dict[str, Any], tuple[int, ...]]:
+    """The search section with the overridden keys fixed, and the place in search.variants as
+    written of each variant it keeps.
 
     An override of a key that the space varies removes it from the space; an override of a key
-    that variants set keeps only the variants with that value; conditional rules are resolved
-    for it (see `_fix_rules`).
+    that variants set keeps only the variants with that value (a searcher's points without a
+    label are labelled by their place as written); conditional rules are resolved for it (see
+    `_fix_rules`).
     """
     space = search.get("space") or {}
     variants = search.get("variants") or []
+    places = tuple(range(len(variants)))
     rules = search.get("conditional")
     for dotted, value in overrides.items():
         space = _fix_dimension(space, dotted, value)
@@ -29,11 +39,18 @@ def fix_search(search: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[
             space = merge(space, joined)
         _check_not_within(variants, dotted, value)
         given = variants
-        variants = [
-            row for row in variants if dotted not in row or searchers.same(row[dotted], value)
+        kept = [
+            i
+            for i, row in enumerate(variants)
+            if dotted not in row or searchers.same(row[dotted], value)
         ]
+        variants, places = [variants[i] for i in kept], tuple(places[i] for i in kept)
         searched = search.get("searcher", "random") != "random"
         if searched:  # a searcher's points lose the key
+            variants = [
+                {"label": searchers.point_label(place)} | row if "label" not in row else row
+                for row, place in zip(variants, places, strict=True)
+            ]
             variants = [{k: v for k, v in row.items() if k != dotted} for row in variants]
         elif search.get("variants") and not variants:
             # A grid's variants are its trials; a searcher's are only its first points.
@@ -47,7 +64,23 @@ def fix_search(search: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[
     fixed |= {"conditional": rules} if isinstance(rules, list) else {}
     if search.get("searcher", "random") != "random":
         _check_points_keep_rules(search, overrides, fixed)
-    return fixed
+    return fixed, places
+
+
+def as_written(text: str, places: Sequence[int]) -> str:
+    """`text` with each `search.variants[i]`, the i-th variant that `fix_search` kept, named
+    by that variant's place as written (`places[i]`), where the user finds it."""
+    return _VARIANT.sub(lambda m: f"search.variants[{places[int(m[1])]}]", text)
+
+
+@contextlib.contextmanager
+def variants_as_written(places: Sequence[int]) -> Iterator[None]:
+    """Raise the ConfigError raised inside with its variants named `as_written`."""
+    try:
+        yield
+    except ConfigError as err:
+        key = None if err.key is None else as_written(err.key, places)
+        raise ConfigError(as_written(str(err), places), key=key) from None
 
 
 def _check_points_keep_rules(

@@ -287,7 +287,7 @@ def _points(base: Mapping[str, Any], search: SearchSection, space: Space) -> tup
                 if key not in settings:
                     _check_unset_choice(where, dimension, dist, point[_name(key)])
                 point[_name(key)] = _point_value(where, dimension, dist, point[_name(key)])
-        points.append((row.get("label", f"point {index}"), point))
+        points.append((row.get("label", point_label(index)), point))
     if len(points) > search.num_samples:
         raise ConfigError(
             f"search.num_samples: {search.num_samples} is fewer than the {len(points)} variants "
@@ -295,6 +295,11 @@ def _points(base: Mapping[str, Any], search: SearchSection, space: Space) -> tup
             key="search.num_samples",
         )
     return tuple(points)
+
+
+def point_label(index: int) -> str:
+    """The label of a point whose variant gives none: its place in search.variants."""
+    return f"point {index}"
 
 
 def _check_rules_met(
@@ -525,10 +530,11 @@ def first_learned(search: SearchSection) -> int:
     return inspect.signature(optuna.samplers.TPESampler).parameters["n_startup_trials"].default
 
 
-def outside_notes(space: Space, searcher: str) -> list[str]:
-    """A note for each value of a point outside the range of its dimension (or off its steps):
-    the point runs at it, and the searcher records it as run and learns from it, but draws
-    only within the range."""
+def outside_notes(space: Space, searcher: str, places: Sequence[int]) -> list[str]:
+    """A note for each value of a point outside the range of its dimension (or off its steps),
+    naming the point by its place in search.variants as written (`places`): the point runs at
+    it, and the searcher records it as run and learns from it, but draws only within the
+    range."""
     drawn_in, dists = _drawn_in(space), space.distributions()
     notes = []
     for index, (label, point) in enumerate(space.points):
@@ -539,9 +545,9 @@ def outside_notes(space: Space, searcher: str) -> list[str]:
             if not numeric or value is None or dist._contains(dist.to_internal_repr(value)):
                 continue
             notes.append(
-                f"note: {label} (search.variants[{index}]) runs {key} at {value!r}, outside the "
-                f"{_words(dist)} that {drawn_in[key]} draws it from: {searcher} records the point "
-                "as run and learns from it, but draws only within that range"
+                f"note: {label} (search.variants[{places[index]}]) runs {key} at {value!r}, "
+                f"outside the {_words(dist)} that {drawn_in[key]} draws it from: {searcher} "
+                "records the point as run and learns from it, but draws only within that range"
             )
     return notes
 

@@ -21,7 +21,13 @@ from ray.tune.search.sample import Integer
 from ray.tune.search.variant_generator import generate_variants
 
 from raydeq.experiments import search as searchers
-from raydeq.experiments.overrides import check_fixed_in_rules, fix_search, fixed_in_rules, rule_keys
+from raydeq.experiments.overrides import (
+    check_fixed_in_rules,
+    fix_search,
+    fixed_in_rules,
+    rule_keys,
+    variants_as_written,
+)
 from raydeq.experiments.primitives import (
     PRIMITIVES,
     dimensions,
@@ -67,12 +73,15 @@ STEPS_KEY = "train.max_steps"
 
 @dataclass(frozen=True)
 class Experiment:
-    """A named experiment: the base training config and its search (`raw`: both as written)."""
+    """A named experiment: the base training config and its search (`raw`: both as written;
+    `places`: each variant's place in search.variants as written, before overrides dropped
+    some)."""
 
     name: str
     base: dict
     search: SearchSection
     raw: dict
+    places: tuple[int, ...]
 
     @property
     def searched(self) -> bool:
@@ -197,11 +206,12 @@ def from_dict(
     raw = pinned(apply_overrides(raw, {k: v for k, v in overrides.items() if k not in ruled}))
     base = {key: value for key, value in raw.items() if key != "search"}
     search = raw.get("search") or {}
+    places: tuple[int, ...] = ()
     if isinstance(search, Mapping):
         given = {key: value for key, value in search.items() if value is not None}
         build_section(SearchSection, given, "search.")  # the types that `fix_search` reads
         space = search.get("space")
-        search = fix_search(
+        search, places = fix_search(
             {**search, "space": nested(space, once=not stored)}
             if isinstance(space, Mapping)
             else search,
@@ -213,16 +223,19 @@ def from_dict(
     kept = search
     if isinstance(search, Mapping):
         kept = {k: v for k, v in search.items() if k != "workers_per_trial"}
-    experiment = Experiment(name, base, validate_search(search), base | {"search": kept})
-    _check_searcher(experiment.search)
-    try:
-        experiment.trial_config({})
-        if not stored:
-            check_draws(experiment)
-    except ConfigError as err:
-        if leaves(base).get(WORKERS_KEY) != workers:  # set by scaling.num_workers
-            raise
-        raise workers_named(err, workers, f"search.workers_per_trial={workers}") from None
+    with variants_as_written(places):
+        experiment = Experiment(
+            name, base, validate_search(search), base | {"search": kept}, places
+        )
+        _check_searcher(experiment.search)
+        try:
+            experiment.trial_config({})
+            if not stored:
+                check_draws(experiment)
+        except ConfigError as err:
+            if leaves(base).get(WORKERS_KEY) != workers:  # set by scaling.num_workers
+                raise
+            raise workers_named(err, workers, f"search.workers_per_trial={workers}") from None
     return experiment
 
 
