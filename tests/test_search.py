@@ -863,6 +863,28 @@ def test_an_hparams_entry_gains_a_setting_that_trials_finished_since_vary(tmp_pa
     assert hparams.write(str(tmp_path), later, pareto.varying(later)) == 0
 
 
+def test_the_hparams_view_has_the_unconverged_share_that_the_pareto_tables_show(
+    tmp_path, monkeypatch
+):
+    """The Pareto tables show each trial's share of unconverged test images beside its test
+    NFE, as a trial whose solves stop short of z* looks cheap; the HParams view had no such
+    measure, and an entry written before it gains it at the next report."""
+    row = {"trial": "a", "completed": True, "config.optim.lr": 0.25, "test_accuracy": 0.75}
+    row |= {"test_nfe": 5.0, "test_unconverged_fraction": 0.375}
+    measures = tuple(m for m in hparams.MEASURES if m != pareto.UNCONVERGED)
+    monkeypatch.setattr(hparams, "MEASURES", measures)
+    assert hparams.write(str(tmp_path), [row], ["config.optim.lr"]) == 1
+    monkeypatch.undo()
+    assert hparams.write(str(tmp_path), [row], ["config.optim.lr"]) == 1
+    assert len(list((tmp_path / hparams.FOLDER / "a").iterdir())) == 1
+    assert _hparams_entry(tmp_path / hparams.FOLDER / "a")[0] == {
+        "hparam/test_accuracy": 0.75,
+        "hparam/test_nfe": 5.0,
+        "hparam/test_unconverged_fraction": 0.375,
+    }
+    assert hparams.write(str(tmp_path), [row], ["config.optim.lr"]) == 0
+
+
 def test_each_hparams_measure_says_what_it_measures_and_in_which_unit(tmp_path):
     """The entries' measures are scalars of the experiment's TensorBoard too, each beside its
     chart with no description: hparam/train_time, a tag that no run writes, said neither that
@@ -918,7 +940,7 @@ def test_the_hparams_tab_types_and_measures_come_from_every_trial_not_one_of_the
     """Anderson's memory drawn only where the solver is anderson (a conditional dimension):
     the trial without it leaves it out, and the column is a number from 3 to 5, where it was
     written as the text 'None' (a text column when the tab read that trial's types); each
-    trial lacks one measure, and the tab has all four, where every entry declared the
+    trial lacks one measure, and the tab has all five, where every entry declared the
     experiment and the tab took one trial's as the whole: its types, no range or values to
     filter by, and its measures alone."""
     rows = [
@@ -929,7 +951,8 @@ def test_the_hparams_tab_types_and_measures_come_from_every_trial_not_one_of_the
         {"trial": "c", "config.model.solver": "anderson", "config.model.solver_options.m": 3}
         | {"test_top5_accuracy": 1.0, "train_time": 0.5},
     ]
-    rows = [row | {"completed": True, "test_accuracy": 0.5} for row in rows]
+    done = {"completed": True, "test_accuracy": 0.5, "test_unconverged_fraction": 0.0}
+    rows = [row | done for row in rows]
     assert hparams.write(str(tmp_path), rows, pareto.varying(rows)) == 3
     assert _hparams_tab(tmp_path) == {
         "trial": ("DATA_TYPE_STRING", ["a", "b", "c"]),

@@ -1,6 +1,7 @@
 """TensorBoard's HParams view of an experiment: every finished trial's settings against its final
-accuracy, test NFE and training time per step, in `<experiment>/hparams/<trial>`, so the
-experiment's `tensorboard --logdir` shows it next to the trials' runs."""
+accuracy, test NFE, share of unconverged test images and training time per step, in
+`<experiment>/hparams/<trial>`, so the experiment's `tensorboard --logdir` shows it next to the
+trials' runs."""
 
 from __future__ import annotations
 
@@ -14,12 +15,15 @@ from typing import Any
 
 import pyarrow.fs
 
+from raydeq.experiments.pareto import UNCONVERGED
 from raydeq.training.eventlog import EventLog
 from raydeq.training.reporting import DESCRIPTIONS
 from raydeq.training.storage import filesystem, write_bytes
 
 FOLDER = "hparams"
-MEASURES = ("test_accuracy", "test_top5_accuracy", "test_nfe", "train_time")
+# The unconverged share as the Pareto tables show it: a trial whose solves stop short of z* (a
+# max_steps of 5) looks cheap against its test NFE without being the DEQ it names.
+MEASURES = ("test_accuracy", "test_top5_accuracy", "test_nfe", UNCONVERGED, "train_time")
 
 
 def _hparam(value: Any) -> bool | int | float | str:
@@ -40,29 +44,34 @@ def _settings(row: Mapping[str, Any], settings: Sequence[str]) -> dict[str, Any]
     }
 
 
-def _file_name(given: Mapping[str, Any]) -> str:
-    """The name of an entry's event file, which holds a digest of its settings: a report that
-    finds a setting varying that did not when the entry was written (a trial finished since
-    drew another solver) writes the entry again, where it kept the column blank for good."""
-    digest = hashlib.sha256(json.dumps(given, sort_keys=True).encode()).hexdigest()[:16]
-    return f"events.out.tfevents.hparams.{digest}"
+def _file_name(given: Mapping[str, Any], metrics: Mapping[str, float]) -> str:
+    """The name of an entry's event file, which holds a digest of its settings and of which
+    measures it has: a report that finds a setting varying that did not when the entry was
+    written (a trial finished since drew another solver), or a measure it lacks, writes the
+    entry again, where it kept the column blank for good."""
+    named = json.dumps([given, sorted(metrics)], sort_keys=True)
+    return f"events.out.tfevents.hparams.{hashlib.sha256(named.encode()).hexdigest()[:16]}"
 
 
-def _event_file(row: Mapping[str, Any], given: Mapping[str, Any]) -> bytes:
+def _measures(row: Mapping[str, Any]) -> dict[str, float]:
+    """A trial's finite MEASURES, by their tags in the entry."""
+    return {
+        f"hparam/{name}": float(row[name])
+        for name in MEASURES
+        if row.get(name) is not None and math.isfinite(row[name])
+    }
+
+
+def _event_file(given: Mapping[str, Any], metrics: Mapping[str, float]) -> bytes:
     """The TensorBoard events of one trial's HParams entry: its settings `given` and measures.
 
     No trial writes the experiment's summary: TensorBoard takes the first one it finds for the
     whole tab, so one trial's types and measures stood for all; without it, TensorBoard
     derives the columns, their types and ranges from every trial's entry.
     """
-    metrics = {
-        f"hparam/{name}": float(row[name])
-        for name in MEASURES
-        if row.get(name) is not None and math.isfinite(row[name])
-    }
     from torch.utils.tensorboard.summary import hparams  # a report's: not on every import
 
-    _, start, end = hparams(dict(given), metrics)
+    _, start, end = hparams(dict(given), dict(metrics))
     with tempfile.TemporaryDirectory() as folder:
         log = EventLog(folder)
         log.writer.file_writer.add_summary(start)
@@ -88,15 +97,15 @@ def _description(tag: str) -> str:
 
 def write(path: str, rows: Sequence[Mapping[str, Any]], settings: Sequence[str]) -> int:
     """Write the HParams entry of each finished trial that has none yet (its folder empty where
-    a write failed), or one of other settings (a rebuild or a resumed search adds the new ones
-    and rewrites those whose columns changed); returns how many were written."""
+    a write failed), or one of other settings or measures (a rebuild or a resumed search adds
+    the new ones and rewrites those whose columns changed); returns how many were written."""
     written = 0
     for row in rows:
         if not row.get("completed"):
             continue
         folder = f"{path}/{FOLDER}/{row['trial']}"
-        given = _settings(row, settings)
-        name = _file_name(given)
+        given, metrics = _settings(row, settings), _measures(row)
+        name = _file_name(given, metrics)
         fs, inner = filesystem(folder)
         found = fs.get_file_info(pyarrow.fs.FileSelector(inner, allow_not_found=True))
         held = [i.path for i in found if i.type == pyarrow.fs.FileType.File]
@@ -104,6 +113,6 @@ def write(path: str, rows: Sequence[Mapping[str, Any]], settings: Sequence[str])
             continue
         for stale in held:  # before the new one: a stop between leaves no second entry
             fs.delete_file(stale)
-        write_bytes(f"{folder}/{name}", _event_file(row, given))
+        write_bytes(f"{folder}/{name}", _event_file(given, metrics))
         written += 1
     return written
