@@ -820,6 +820,33 @@ def test_a_run_at_a_presets_former_lambda_skip_is_named_not_redone(tmp_path, cap
     )
 
 
+def test_a_run_that_downloads_its_dataset_is_named_and_resumed_as_one_that_does_not(tmp_path):
+    """data.download, which changes no trained weight, was in the run name's digest: a run
+    started with data.download=true (mnist-mnist_dense-skip_reg-c1cb020b) and run again once
+    its files were there started anew under a038e9a7, and name=c1cb020b was refused as
+    'data.download: True there, False here'. Both settings now name a038e9a7, a start finds
+    the run stored under the older name and says how to resume it, and that resumes."""
+    mnist = {"dataset": "mnist", "data_dir": "/data/mnist"}
+    base = {"storage_path": str(tmp_path), "data": mnist}
+    downloading = validate({**base, "data": mnist | {"download": True}})
+    plain = validate(base)
+    assert downloading.name == plain.name == "mnist-mnist_dense-skip_reg-a038e9a7"
+    old = tmp_path / "mnist-mnist_dense-skip_reg-c1cb020b"
+    stored = config.trained_settings(downloading)
+    stored["data"]["download"] = True  # as checkpoints recorded it before
+    checkpoint.write_checkpoint({"step": 22, "settings": stored}, old / "checkpoint_000022")
+    for cfg in (downloading, plain):
+        with pytest.raises(config.ConfigError) as err:
+            preflight.check_resume(cfg)
+        assert str(err.value) == (
+            f"{old}: holds the run of these settings with data.download=true in its name's "
+            f"digest, where this run is named {plain.name}; resume it with name={old.name}, "
+            "or give this run another name= to start anew"
+        )
+    for cfg in (downloading, plain):
+        preflight.check_resume(dataclasses.replace(cfg, name=old.name))
+
+
 def test_a_run_named_before_options_counted_is_no_former_run_of_a_later_default(
     tmp_path, capsys, monkeypatch
 ):

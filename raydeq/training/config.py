@@ -75,6 +75,12 @@ OUTSIDE_HASH = ("name", "label", "storage_path", "search", "scaling")
 OUTSIDE_HASH += ("train.report_every", "train.checkpoint_every", "train.keep_checkpoints")
 OUTSIDE_HASH += ("model.compile",)  # the same solves, compiled
 OUTSIDE_HASH += ("train.eval_batches", "data.loader_workers", "data.pin_memory", "data.stage_to")
+# Settings that change no trained weight either, which the digest reads at their defaults (so
+# that runs at the defaults keep their names) and a resume does not compare: how many test
+# images a worker predicts at once (lowering it is the way out of an evaluation that runs out
+# of memory), how many non-finite steps stop a run (raising it is the way on after a stop),
+# and whether missing files are downloaded (a run that downloaded them goes on without).
+AT_DEFAULTS = ("data.eval_batch_size", "train.max_nonfinite_steps", "data.download")
 STAGED_DATASETS = ("imagenet",)
 # Settings that have an effect under some values of another key of their section alone:
 # (that key, those values).
@@ -583,7 +589,11 @@ def leaves(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 def default_name(cfg: Config, as_former: bool = True) -> str:
     """A readable, deterministic run name: dataset, model, variant and a digest of the settings
     that change the trained model (`trained_settings`, with `as_former`)."""
-    settings = trained_settings(cfg, as_former)
+    return _named(cfg, trained_settings(cfg, as_former))
+
+
+def _named(cfg: Config, settings: Mapping[str, Any]) -> str:
+    """`cfg`'s run name with the digest of `settings`."""
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
     return f"{cfg.data.dataset}-{cfg.model.model}-{cfg.model.variant}-{digest}"
 
@@ -611,13 +621,7 @@ def trained_settings(cfg: Config, as_former: bool = True) -> dict[str, Any]:
         settings = without(settings, "model.adjoint_options")
     for dotted in OUTSIDE_HASH:
         settings = without(settings, dotted)
-    # How many test images a worker predicts at once changes no trained weight, and lowering it
-    # is the way out of an evaluation that runs out of memory; how many non-finite steps stop a
-    # run changes none either, and raising it is the way on after a stop. The digest reads
-    # every run at their defaults, so that such a run resumes and runs at the defaults keep
-    # their names.
-    settings["data"]["eval_batch_size"] = DataSection.eval_batch_size
-    settings["train"]["max_nonfinite_steps"] = TrainSection.max_nonfinite_steps
+    settings = apply_overrides(settings, {dotted: DEFAULTS[dotted] for dotted in AT_DEFAULTS})
     return json.loads(json.dumps(settings))
 
 
@@ -641,7 +645,8 @@ def former_names(cfg: Config, preset_lambda_skip: bool = True) -> dict[str, tupl
     to its preset (`preset_lambda_skip`) was named at each former default (FORMER_LAMBDA_SKIP)
     while it was the default; one of a variant without a skip loss was named at the
     lambda_skip it gave, and while that was a later former default, at the first. The later
-    former defaults came after 2026-12-02, so that their names count every option."""
+    former defaults came after 2026-12-02, so that their names count every option. Each name
+    digested data.download as given, true or false (`_former_digests`)."""
     model = cfg.model
     filled = [
         f.name
@@ -679,24 +684,36 @@ def former_names(cfg: Config, preset_lambda_skip: bool = True) -> dict[str, tupl
             taken += f"for its {weight:g}, then {model.model}'s default, which {model.variant} "
             taken += "does not train with"
             bases.append((at(first), True, [taken], [], False))
-    names: dict[str, tuple[str, str]] = {}
+    found = []
     for base, as_former, taken, fix, early in bases:
-        name = default_name(base, as_former)
-        names.setdefault(name, (", ".join(taken), " ".join(fix) or f"name={name}"))
-        if not early:
-            continue
-        for count in range(1, len(filled) + 1):
+        found.append((base, as_former, taken, fix, not fix))
+        for count in range(1, len(filled) + 1) if early else ():
             for unset in itertools.combinations(filled, count):
                 given = dataclasses.replace(
                     base, model=dataclasses.replace(model, **dict.fromkeys(unset))
                 )
-                name = default_name(given, as_former)
                 options = ", ".join(f"model.{k}: {getattr(model, k)!r}" for k in unset)
                 named = "under the name raydeq gave it before run names counted the model's "
                 named += f"default options ({options})"
-                names.setdefault(
-                    name, (", ".join([*taken, named]), " ".join([*fix, f"name={name}"]))
-                )
+                found.append((given, as_former, [*taken, named], fix, True))
+    return _former_digests(cfg, found)
+
+
+def _former_digests(
+    cfg: Config, found: Sequence[tuple[Config, bool, list[str], list[str], bool]]
+) -> dict[str, tuple[str, str]]:
+    """The names of the configs that `former_names` found (each with `as_former`, what it took
+    otherwise, the settings that resume it and whether name= must join them), `cfg`'s own
+    left out, each digested with data.download false and true: until 2026-12-07 a name
+    digested it as given, though it changes no trained weight."""
+    names: dict[str, tuple[str, str]] = {}
+    for named, as_former, taken, fix, by_name in found:
+        settings = trained_settings(named, as_former)
+        for download in (False, True):
+            name = _named(named, apply_overrides(settings, {"data.download": download}))
+            said = [*taken, "with data.download=true in its name's digest"] if download else taken
+            resume = [*fix, f"name={name}"] if by_name or download else fix
+            names.setdefault(name, (", ".join(said), " ".join(resume)))
     names.pop(default_name(cfg), None)
     return names
 
@@ -709,6 +726,8 @@ def check_settings(folder: str, stored: Any, cfg: Config) -> None:
     if not isinstance(stored, dict):
         return
     there, here = (_in_effect(leaves(s)) for s in (stored, trained_settings(cfg)))
+    # A checkpoint stored before a setting was read at its default (AT_DEFAULTS) holds its value.
+    there |= {dotted: DEFAULTS[dotted] for dotted in AT_DEFAULTS if dotted in there}
     # The skip loss's weight trains nothing where neither side has a skip loss.
     weighed = {there.get("model.variant"), cfg.model.variant} - set(NO_SKIP_LOSS)
     changed = [
