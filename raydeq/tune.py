@@ -23,6 +23,7 @@ from contextlib import ExitStack
 
 from raydeq.experiments import run
 from raydeq.experiments import search as searchers
+from raydeq.experiments.overrides import as_written
 from raydeq.experiments.results import report, written
 from raydeq.experiments.spec import (
     TRIAL_SETTINGS,
@@ -410,11 +411,11 @@ def new_options(args: argparse.Namespace, experiment: Experiment) -> run.Options
 
 def point_notes(experiment: Experiment) -> list[str]:
     """A searcher's notes on its points' values outside the ranges of its space
-    (`searchers.outside_notes`), said once before the trials start."""
+    (`searchers.outside_notes`, naming them as written), said once before the trials start."""
     if not experiment.searched:
         return []
-    search = experiment.search
-    return searchers.outside_notes(experiment.space(), search.searcher, experiment.places)
+    notes = searchers.outside_notes(experiment.space(), experiment.search.searcher)
+    return [as_written(note, experiment.places) for note in notes]
 
 
 def unlearned_notes(experiment: Experiment, trials: int) -> list[str]:
@@ -455,7 +456,7 @@ def dry_run(
                 f"trials {learned + 1} to {len(trials)}: {experiment.search.searcher} draws them "
                 "from the results of those before; listed here are random draws in their place"
             )
-        shown += searchers.outside_notes(space, experiment.search.searcher, experiment.places)
+        shown += point_notes(experiment)
         if not started:  # a started search's trial count is the one it started with
             shown += unlearned_notes(experiment, len(trials))
         print("\n".join(shown), file=sys.stderr)

@@ -232,6 +232,21 @@ def test_a_searchers_points_after_those_an_override_drops_keep_their_places_in_t
     assert err.value.key == "search.variants[3].data.batch_size"
 
 
+def test_a_rule_after_those_an_override_drops_is_named_by_its_place_in_the_file():
+    """model.solver=vcab3 drops the rule drawing Anderson's memory, search.conditional[0]: a
+    bad range of the rule after it was refused as search.conditional[0], the dropped one."""
+    bad = {"train.lambda_skip": {"loguniform": [-1, 10]}}
+    rules = [SEARCH["conditional"][0], {**SEARCH["conditional"][1], "space": bad}]
+    raw = {**TINY, "search": SEARCH | {"conditional": rules}}
+    for overrides in ({}, {"model.solver": "vcab3"}):
+        with pytest.raises(ConfigError) as err:
+            spec.from_dict("s", raw, overrides)
+        assert str(err.value).startswith(
+            "search.conditional[1].space.train.lambda_skip.loguniform: bad arguments [-1, 10]"
+        )
+        assert err.value.key == "search.conditional[1].space.train.lambda_skip.loguniform"
+
+
 @pytest.mark.parametrize("name", ["digits", "digits_search", "mnist_dense", "svhn"])
 def test_the_trial_count_that_the_progress_lines_show_is_what_expand_lists(name):
     experiment = spec.load(name)

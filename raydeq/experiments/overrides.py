@@ -13,15 +13,15 @@ from raydeq.experiments import search as searchers
 from raydeq.experiments.primitives import dimensions, is_primitive, nested
 from raydeq.training.config import ConfigError, apply_overrides, merge, without
 
-# A variant named by its place in search.variants.
-_VARIANT = re.compile(r"search\.variants\[(\d+)\]")
+# A variant or a conditional rule named by its place in its list.
+_PLACED = re.compile(r"search\.(variants|conditional)\[(\d+)\]")
 
 
 def fix_search(
     search: Mapping[str, Any], overrides: Mapping[str, Any]
-) -> tuple[dict[str, Any], tuple[int, ...]]:
-    """The search section with the overridden keys fixed, and the place in search.variants as
-    written of each variant it keeps.
+) -> tuple[dict[str, Any], dict[str, tuple[int, ...]]]:
+    """The search section with the overridden keys fixed, and the place as written of each
+    variant and conditional rule it keeps, by list (`variants`, `conditional`).
 
     An override of a key that the space varies removes it from the space; an override of a key
     that variants set keeps only the variants with that value (a searcher's points without a
@@ -30,12 +30,14 @@ def fix_search(
     """
     space = search.get("space") or {}
     variants = search.get("variants") or []
-    places = tuple(range(len(variants)))
+    placed = tuple(range(len(variants)))
     rules = search.get("conditional")
+    ruled = tuple(range(len(rules))) if isinstance(rules, list) else ()
     for dotted, value in overrides.items():
         space = _fix_dimension(space, dotted, value)
         if isinstance(rules, list):
-            rules, joined = _fix_rules(rules, dotted, value)
+            kept_rules, joined = _fix_rules(rules, dotted, value)
+            rules, ruled = list(kept_rules.values()), tuple(ruled[i] for i in kept_rules)
             space = merge(space, joined)
         _check_not_within(variants, dotted, value)
         given = variants
@@ -44,12 +46,12 @@ def fix_search(
             for i, row in enumerate(variants)
             if dotted not in row or searchers.same(row[dotted], value)
         ]
-        variants, places = [variants[i] for i in kept], tuple(places[i] for i in kept)
+        variants, placed = [variants[i] for i in kept], tuple(placed[i] for i in kept)
         searched = search.get("searcher", "random") != "random"
         if searched:  # a searcher's points lose the key
             variants = [
                 {"label": searchers.point_label(place)} | row if "label" not in row else row
-                for row, place in zip(variants, places, strict=True)
+                for row, place in zip(variants, placed, strict=True)
             ]
             variants = [{k: v for k, v in row.items() if k != dotted} for row in variants]
         elif search.get("variants") and not variants:
@@ -64,18 +66,19 @@ def fix_search(
     fixed |= {"conditional": rules} if isinstance(rules, list) else {}
     if search.get("searcher", "random") != "random":
         _check_points_keep_rules(search, overrides, fixed)
-    return fixed, places
+    return fixed, {"variants": placed, "conditional": ruled}
 
 
-def as_written(text: str, places: Sequence[int]) -> str:
+def as_written(text: str, places: Mapping[str, Sequence[int]]) -> str:
     """`text` with each `search.variants[i]`, the i-th variant that `fix_search` kept, named
-    by that variant's place as written (`places[i]`), where the user finds it."""
-    return _VARIANT.sub(lambda m: f"search.variants[{places[int(m[1])]}]", text)
+    by that variant's place as written (`places["variants"][i]`), where the user finds it;
+    likewise each `search.conditional[i]`."""
+    return _PLACED.sub(lambda m: f"search.{m[1]}[{places[m[1]][int(m[2])]}]", text)
 
 
 @contextlib.contextmanager
-def variants_as_written(places: Sequence[int]) -> Iterator[None]:
-    """Raise the ConfigError raised inside with its variants named `as_written`."""
+def placed_as_written(places: Mapping[str, Sequence[int]]) -> Iterator[None]:
+    """Raise the ConfigError raised inside with its variants and rules named `as_written`."""
     try:
         yield
     except ConfigError as err:
@@ -143,24 +146,25 @@ def _check_not_within(variants: list, dotted: str, value: Any) -> None:
         )
 
 
-def _fix_rules(rules: list, dotted: str, value: Any) -> tuple[list, dict[str, Any]]:
-    """`search.conditional` with the key `dotted` fixed at `value`, and the dimensions that no
-    longer depend on anything: a rule whose `when` allows the value loses that condition, and
-    with none left its space joins the main one; a rule whose `when` excludes it is dropped;
-    a rule's dimension of that key goes, as it does from the main space."""
-    kept, joined = [], {}
-    for rule in rules:
+def _fix_rules(rules: list, dotted: str, value: Any) -> tuple[dict[int, Any], dict[str, Any]]:
+    """`search.conditional` with the key `dotted` fixed at `value`, each rule kept by its place
+    in `rules`, and the dimensions that no longer depend on anything: a rule whose `when`
+    allows the value loses that condition, and with none left its space joins the main one; a
+    rule whose `when` excludes it is dropped; a rule's dimension of that key goes, as it does
+    from the main space."""
+    kept, joined = {}, {}
+    for index, rule in enumerate(rules):
         try:
             when, space = searchers.rule_parts("search.conditional", rule)
         except ConfigError:
-            kept.append(rule)  # malformed: validate_search names it
+            kept[index] = rule  # malformed: validate_search names it
             continue
         when, space = dict(when), _fix_dimension(nested(space), dotted, value)
         if _excludes(when, dotted, value):
             continue
         when.pop(dotted, None)
         if space and when:
-            kept.append({**rule, "when": when, "space": space})
+            kept[index] = {**rule, "when": when, "space": space}
         elif space:
             joined = merge(joined, space)
     return kept, joined

@@ -530,11 +530,10 @@ def first_learned(search: SearchSection) -> int:
     return inspect.signature(optuna.samplers.TPESampler).parameters["n_startup_trials"].default
 
 
-def outside_notes(space: Space, searcher: str, places: Sequence[int]) -> list[str]:
-    """A note for each value of a point outside the range of its dimension (or off its steps),
-    naming the point by its place in search.variants as written (`places`): the point runs at
-    it, and the searcher records it as run and learns from it, but draws only within the
-    range."""
+def outside_notes(space: Space, searcher: str) -> list[str]:
+    """A note for each value of a point outside the range of its dimension (or off its steps):
+    the point runs at it, and the searcher records it as run and learns from it, but draws
+    only within the range."""
     drawn_in, dists = _drawn_in(space), space.distributions()
     notes = []
     for index, (label, point) in enumerate(space.points):
@@ -545,9 +544,9 @@ def outside_notes(space: Space, searcher: str, places: Sequence[int]) -> list[st
             if not numeric or value is None or dist._contains(dist.to_internal_repr(value)):
                 continue
             notes.append(
-                f"note: {label} (search.variants[{places[index]}]) runs {key} at {value!r}, "
-                f"outside the {_words(dist)} that {drawn_in[key]} draws it from: {searcher} "
-                "records the point as run and learns from it, but draws only within that range"
+                f"note: {label} (search.variants[{index}]) runs {key} at {value!r}, outside the "
+                f"{_words(dist)} that {drawn_in[key]} draws it from: {searcher} records the point "
+                "as run and learns from it, but draws only within that range"
             )
     return notes
 

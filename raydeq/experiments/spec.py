@@ -25,8 +25,8 @@ from raydeq.experiments.overrides import (
     check_fixed_in_rules,
     fix_search,
     fixed_in_rules,
+    placed_as_written,
     rule_keys,
-    variants_as_written,
 )
 from raydeq.experiments.primitives import (
     PRIMITIVES,
@@ -74,14 +74,14 @@ STEPS_KEY = "train.max_steps"
 @dataclass(frozen=True)
 class Experiment:
     """A named experiment: the base training config and its search (`raw`: both as written;
-    `places`: each variant's place in search.variants as written, before overrides dropped
-    some)."""
+    `places`: the place as written of each variant and conditional rule, by list, where
+    overrides dropped some)."""
 
     name: str
     base: dict
     search: SearchSection
     raw: dict
-    places: tuple[int, ...]
+    places: dict[str, tuple[int, ...]]
 
     @property
     def searched(self) -> bool:
@@ -206,7 +206,7 @@ def from_dict(
     raw = pinned(apply_overrides(raw, {k: v for k, v in overrides.items() if k not in ruled}))
     base = {key: value for key, value in raw.items() if key != "search"}
     search = raw.get("search") or {}
-    places: tuple[int, ...] = ()
+    places: dict[str, tuple[int, ...]] = {"variants": (), "conditional": ()}
     if isinstance(search, Mapping):
         given = {key: value for key, value in search.items() if value is not None}
         build_section(SearchSection, given, "search.")  # the types that `fix_search` reads
@@ -223,7 +223,7 @@ def from_dict(
     kept = search
     if isinstance(search, Mapping):
         kept = {k: v for k, v in search.items() if k != "workers_per_trial"}
-    with variants_as_written(places):
+    with placed_as_written(places):
         experiment = Experiment(
             name, base, validate_search(search), base | {"search": kept}, places
         )
