@@ -4022,7 +4022,8 @@ def test_asha_rebuilds_its_rungs_from_the_reports_of_trials_that_reported_the_me
         [{"step": 20, "test_accuracy": 0.5}, {"step": 10}, {"step": 30, "test_accuracy": 0.7}],
     )
     write_reports(Path(trials[2].path, archive.RESULT_FILE), [{"step": 10, "train_loss": 2.0}])
-    found = [run.past_reports(str(path), t, "step", "test_accuracy") for t in [*trials, waited]]
+    frames = [run._past_frame(str(path), t) for t in [*trials, waited]]
+    found = [run._measured(frame, "step", "test_accuracy") for frame in frames]
     assert found == [[(20, 0.5), (30, 0.7)], [], [], []]
 
 

@@ -386,12 +386,6 @@ def check_scheduler(experiment: Experiment, scheduler: str, chosen: bool = False
         )
 
 
-def past_reports(path: str, trial: Trial, time_attr: str, metric: str) -> list[tuple]:
-    """(time, metric) of each report that a trial of the experiment at `path` made before a
-    resume, in step order; none for a trial that has not started (Tune names its folder then)."""
-    return _measured(_past_frame(path, trial), time_attr, metric)
-
-
 def _past_frame(path: str, trial: Trial) -> pd.DataFrame:
     """A trial's reports before a resume in step order (`history`), empty for a trial that has
     not started."""
