@@ -221,13 +221,13 @@ def central_difference() -> Callable[..., float]:
     return _central_difference
 
 
-class _CutStream:
+class CutStream:
     """An output stream that writes 5 bytes of its first write, then fails as a full disk."""
 
     def __init__(self, inner: pyarrow.NativeFile) -> None:
         self.inner = inner
 
-    def __enter__(self) -> "_CutStream":
+    def __enter__(self) -> "CutStream":
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -238,7 +238,7 @@ class _CutStream:
         raise OSError("No space left on device")
 
 
-class _FullDisk:
+class FullDisk:
     """A local filesystem whose every file write stops after 5 bytes on a full disk."""
 
     type_name = "local"
@@ -249,15 +249,15 @@ class _FullDisk:
     def __getattr__(self, name: str) -> object:
         return getattr(self.local, name)
 
-    def open_output_stream(self, inner: str) -> _CutStream:
-        return _CutStream(self.local.open_output_stream(inner))
+    def open_output_stream(self, inner: str) -> CutStream:
+        return CutStream(self.local.open_output_stream(inner))
 
 
 @pytest.fixture
 def full_disk(monkeypatch: pytest.MonkeyPatch) -> None:
     """Local writes through raydeq.training.storage stop part way with ENOSPC (undo with
     monkeypatch.undo())."""
-    monkeypatch.setattr(storage, "filesystem", lambda path: (_FullDisk(), storage.absolute(path)))
+    monkeypatch.setattr(storage, "filesystem", lambda path: (FullDisk(), storage.absolute(path)))
 
 
 @functools.cache

@@ -1,7 +1,6 @@
 """Ray Tune experiments: experiment files, search spaces, reports, cluster.yaml, and end to end."""
 
 import datetime
-import errno
 import io
 import json
 import logging
@@ -29,7 +28,7 @@ import pytest
 import ray
 import ray.cloudpickle as cloudpickle
 import yaml
-from conftest import WAIT_S, ticking
+from conftest import WAIT_S, FullDisk, ticking
 from PIL import Image
 from ray._common.constants import HEAD_NODE_RESOURCE_NAME
 from ray.train._internal.storage import StorageContext
@@ -4158,37 +4157,6 @@ def test_a_damaged_record_of_tune_is_one_line_naming_it_in_report_resume_and_a_r
     assert err.endswith("; Tune keeps no earlier record here\n") and len(err.splitlines()) == 1
 
 
-class FullDisk:
-    """A local filesystem whose every file is cut after 3 bytes by pyarrow's error for a full
-    disk."""
-
-    def __init__(self) -> None:
-        self.local = pyarrow.fs.LocalFileSystem()
-
-    def __getattr__(self, name: str):
-        return getattr(self.local, name)
-
-    def open_output_stream(self, path: str):
-        return CutStream(self.local.open_output_stream(path))
-
-
-class CutStream:
-    """An output stream that writes 3 bytes of a payload and fails as on a full disk."""
-
-    def __init__(self, inner) -> None:
-        self.inner = inner
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.inner.close()
-
-    def write(self, payload: bytes) -> None:
-        self.inner.write(payload[:3])
-        raise OSError(errno.ENOSPC, "Error writing bytes to file. Detail: [errno 28] No space")
-
-
 def test_a_report_that_cannot_write_its_table_is_one_line_and_keeps_the_previous_one(
     tmp_path, capsys, monkeypatch
 ):
@@ -4213,7 +4181,7 @@ def test_a_report_that_cannot_write_its_table_is_one_line_and_keeps_the_previous
     monkeypatch.setattr(results, "write_bytes", write_on_a_disk_full_at_results_md)
     argv = [str(file), "--storage", str(tmp_path / "runs")]
     assert rt.main([*argv, "--report"]) == 1
-    said = f"error: {folder}/results.md could not be written: [Errno 28] Error writing bytes"
+    said = f"error: {folder}/results.md could not be written: No space left on device"
     assert capsys.readouterr().err.startswith(said)
     assert (folder / "results.md").read_text() == "the previous table\n"
     assert sorted(p.name for p in folder.iterdir()) == [
