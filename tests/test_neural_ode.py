@@ -9,6 +9,7 @@ import weakref
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
+from test_deq import LinearCell, linear_ode_solution
 from torch import nn
 
 from raydeq.models import build
@@ -305,18 +306,6 @@ def test_max_steps_is_an_error_naming_the_time_reached():
         integrate(lambda y: y @ a.T, y0, 5.0, "tsit5", Termination(1e-12, 1e-12), 3)
 
 
-class _Saddle(nn.Module):
-    """f(z, x) = diag(0.5, -0.5) z + x: its flow f - z contracts forward, so that the
-    continuous adjoint's z, integrated back from t1, grows and needs more steps than it did."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.w = nn.Parameter(torch.diag(torch.tensor([0.5, -0.5], dtype=torch.float64)))
-
-    def forward(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return z @ self.w.T + x
-
-
 def test_an_integration_back_from_t1_past_max_steps_names_the_time_t_it_reached():
     """The continuous adjoint integrates from t1 back to 0 in s = t1 - t; past max_steps it
     named s as t ("reached t=5.44 of t1=30", where it had come back to t = 24.56), as if the
@@ -333,7 +322,10 @@ def test_an_integration_back_from_t1_past_max_steps_names_the_time_t_it_reached(
     t = float(re.search(r"t=(\S+) on", str(backward.value)).group(1))
     assert 0 < s < 5 and t == pytest.approx(5 - s, abs=1e-5)
 
-    node = NeuralODE(_Saddle(), t1=30.0, solver="bs3", abstol=1e-6, reltol=1e-6, max_steps=200)
+    # f(z, x) = diag(0.5, -0.5) z + x: its flow f - z contracts forward, so that the continuous
+    # adjoint's z, integrated back from t1, grows and needs more steps than it did.
+    saddle = LinearCell(torch.diag(torch.tensor([0.5, -0.5], dtype=torch.float64)))
+    node = NeuralODE(saddle, t1=30.0, solver="bs3", abstol=1e-6, reltol=1e-6, max_steps=200)
     out = node(torch.ones(1, 2, dtype=torch.float64))
     assert out.stats.steps < 200
     way_back = r"^the bs3 integration reached t=(\S+) on its way back from t1=30 to 0 in max_steps"
@@ -412,17 +404,6 @@ def test_a_training_step_frees_its_graph(adjoint):
     assert stats() is None
 
 
-class AffineCell(nn.Module):
-    """f(z, x) = z A^T + x: both flows are linear, with z(t) in closed form."""
-
-    def __init__(self, a: torch.Tensor) -> None:
-        super().__init__()
-        self.a = nn.Parameter(a)
-
-    def forward(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return z @ self.a.T + x
-
-
 @pytest.mark.parametrize(("dynamics", "shift"), [("f_minus_z", 1.0), ("f", 0.0)])
 def test_the_output_is_f_at_the_closed_form_state_of_each_dynamics(dynamics, shift):
     """dz/dt = M z + x from 0 (M = A - I for f_minus_z, A for f) reaches
@@ -432,12 +413,10 @@ def test_the_output_is_f_at_the_closed_form_state_of_each_dynamics(dynamics, shi
     x = torch.randn(3, 4, generator=g, dtype=torch.float64)
     t1 = 1.5
     tol = {"abstol": 1e-11, "reltol": 1e-11}
-    layer = NeuralODE(AffineCell(a.clone()), t1=t1, dynamics=dynamics, solver="tsit5", **tol)
+    layer = NeuralODE(LinearCell(a.clone()), t1=t1, dynamics=dynamics, solver="tsit5", **tol)
     with torch.no_grad():
         out = layer(x)
-    m = a - shift * torch.eye(4, dtype=torch.float64)
-    flow = torch.linalg.solve(m, torch.linalg.matrix_exp(m * t1) - torch.eye(4, dtype=m.dtype))
-    z = x @ flow.T
+    z = linear_ode_solution(a - shift * torch.eye(4, dtype=torch.float64), x, t1)
     torch.testing.assert_close(out.z, z @ a.T + x, rtol=0, atol=1e-8)
     rms = (z @ a.T + x - z).square().mean(1).sqrt()
     torch.testing.assert_close(out.stats.residual, rms, rtol=0, atol=1e-8)
