@@ -59,9 +59,9 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 MAX_MMAP_THRESHOLD = 32 * 2**20
 
 
-def keep_freed_memory() -> bool:
+def keep_freed_memory() -> None:
     """Have glibc's malloc keep freed memory for reuse instead of returning it to the system
-    (a no-op elsewhere); returns whether it took the settings.
+    (a no-op elsewhere).
 
     Otherwise a call that frees a block above the mmap threshold, or leaves more free memory at
     the top of the heap than the trim threshold, gives it back, and the next call faults those
@@ -70,15 +70,10 @@ def keep_freed_memory() -> bool:
     depended on the heap the cases timed before it left behind; with these settings, 1.
     """
     name = ctypes.util.find_library("c")
-    if name is None:
-        return False
-    libc = ctypes.CDLL(name)
-    if not hasattr(libc, "mallopt"):
-        return False
-    return bool(
+    libc = ctypes.CDLL(name) if name is not None else None
+    if libc is not None and hasattr(libc, "mallopt"):
         libc.mallopt(M_MMAP_THRESHOLD, MAX_MMAP_THRESHOLD)
-        and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
-    )
+        libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
 
 
 def synchronize(device: torch.device) -> None:
