@@ -56,7 +56,7 @@ SIZES = {
 TOL = 1e-4
 # Every counted solve's settings besides its solver and compile=: read as on an accelerator.
 SOLVE = {"abstol": TOL, "reltol": 0.0, "max_steps": 1000, "stop_on_convergence": False}
-# The issue's targets: at most one host read every four steps, and operations per step
+# The targets: at most one host read every four steps, and operations per step
 # within the budget of a launch-bound step (f itself takes 4 of them here).
 SYNC_LIMIT = 0.25
 OPS_LIMITS = {"vcab3": 40, "euler": 30}
@@ -83,7 +83,7 @@ class OpCounter(TorchDispatchMode):
 def dense_layer(
     batch: int, dim: int, seed: int = 0, device: torch.device = CPU
 ) -> tuple[Callable, torch.Tensor]:
-    """The issue's problem: f(z) = tanh(W z + x), W = 0.9 * Gaussian / sqrt(dim), z0 = 0."""
+    """The counted problem: f(z) = tanh(W z + x), W = 0.9 * Gaussian / sqrt(dim), z0 = 0."""
     g = torch.Generator().manual_seed(seed)
     w = (0.9 * torch.randn(dim, dim, generator=g) / dim**0.5).to(device)
     x = torch.randn(batch, dim, generator=g).to(device)
@@ -190,8 +190,8 @@ def arnoldi_step_cost(batch: int, dim: int, seed: int = 0) -> dict[str, float]:
 
 
 def add_solver(section: Section, solver: str, label: str, cost: dict[str, float]) -> None:
-    """A solver's row and its targets: syncs per step, and ops per step where the issue sets
-    a limit."""
+    """A solver's row and its targets: syncs per step, and ops per step where OPS_LIMITS
+    sets one."""
     section.add(
         solver=label,
         steps=cost["steps"],

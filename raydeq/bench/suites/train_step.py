@@ -61,6 +61,8 @@ class Workload:
         return f"{self.model}/compiled" if self.compile else self.model
 
 
+# Three untimed rounds (warmup=3): torch.compile's mode "reduce-overhead" compiles on the first
+# call and records its CUDA graphs on a later one.
 SIZES = {
     "tiny": TrainStepSize(
         batches={"mnist_dense": 2, "cifar10_large": 2}, repeats=1, warmup=0, compile_on_cpu=False
@@ -68,9 +70,7 @@ SIZES = {
     "quick": TrainStepSize(batches={"mnist_dense": 256, "cifar10_large": 2}, repeats=5, warmup=3),
     "full": TrainStepSize(batches={"mnist_dense": 256, "cifar10_large": 128}, repeats=9, warmup=3),
 }
-# Three untimed rounds: torch.compile's mode "reduce-overhead" compiles on the first call and
-# records its CUDA graphs on a later one.
-# The targets, for one NVIDIA H100 or H200.
+# The GPU limits of a step (limit_ms at limit_batch), for one NVIDIA H100 or H200.
 WORKLOADS = (
     Workload("mnist_dense", "vanilla", "continuous DEQ (VCAB3, GMRES)", None, 10.0),
     Workload(
