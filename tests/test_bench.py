@@ -930,7 +930,7 @@ def test_train_step_runs_as_a_suite_of_the_cli(whole_run):
     # The note on the untrained MDEQ said its preset pretrains unrolled steps; it has none.
     (untrained,) = [note for note in section.notes if "is untrained" in note]
     assert PRESETS["cifar10_large"].pretrain_steps == 0 and "pretrain" not in untrained
-    # The issue's GPU limits, checked only on a CUDA device; there cifar10_large is bf16.
+    # The workloads' GPU limits, checked only on a CUDA device; there cifar10_large is bf16.
     assert [(r["GPU limit ms"], t.limit) for r, t in zip(section.rows, section.targets)] == [
         (10.0, 10.0),
         (150.0, 150.0),
@@ -1056,9 +1056,9 @@ def test_an_adjoint_comparison_where_no_adjoint_reaches_the_error_reports_it_ins
     assert target.verdict() == "n/a" and target.detail == "not reached"
 
 
-def test_every_target_has_the_issues_limit_bound_the_issues_way(run):
+def test_every_target_has_its_limit_bound_its_way(run):
     """Each target's limit and whether it is a floor (the Neural ODE at least so many times
-    slower than the DEQ) or a ceiling (everything else), as the issue sets them."""
+    slower than the DEQ) or a ceiling (everything else)."""
     data, _ = run
     upper, lower = False, True
     expected = {

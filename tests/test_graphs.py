@@ -314,8 +314,8 @@ def test_cuda_graph_steps_solve_and_differentiate_as_eager(solver):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_a_graphed_solve_dispatches_few_operations_per_step_on_a_gpu():
-    """The issue's problem (batch 64, width 128) on a GPU: the host dispatches at most the
-    issue's operations per step (40 VCAB3, 30 Euler) when its steps are replayed graphs."""
+    """step_cost's problem (batch 64, width 128) on a GPU: the host dispatches at most
+    OPS_LIMITS's operations per step (40 VCAB3, 30 Euler) when its steps are replayed graphs."""
     from raydeq.bench.suites.step_cost import OPS_LIMITS, step_cost
 
     cuda = torch.device("cuda")

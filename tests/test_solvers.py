@@ -1037,7 +1037,7 @@ def test_an_unrolled_sample_converged_at_z0_differentiates_through_one_evaluatio
 
 
 def test_contractive_dense_deq_vcab3_needs_fewer_evaluations_than_tsit5():
-    """The issue's comparison: d=128, batch 32, tolerance 1e-3."""
+    """A contraction of spectral norm 0.9: d=128, batch 32, tolerance 1e-3."""
     g = torch.Generator().manual_seed(0)
     w = torch.randn(128, 128, generator=g)
     w = 0.9 * w / torch.linalg.matrix_norm(w, 2)
@@ -1141,8 +1141,8 @@ def test_under_autocast_only_f_computes_in_bfloat16_and_the_gmres_backward_runs(
 
 @pytest.mark.parametrize("solver", SOLVERS)
 def test_a_step_reads_the_host_at_most_once_every_four_steps(solver):
-    """No step synchronises with the host: the termination test is read every few steps (the
-    issue's problem: dense tanh layer, batch 64, width 128, abstol 1e-4)."""
+    """No step synchronises with the host: the termination test is read every few steps (step_cost's
+    problem: dense tanh layer, batch 64, width 128, abstol 1e-4)."""
     from raydeq.bench.suites.step_cost import SYNC_LIMIT, step_cost
 
     cost = step_cost(solver, batch=64, dim=128)
@@ -1301,8 +1301,7 @@ def test_a_compiled_solve_carries_tangents_after_one_without_them():
 def test_the_step_cost_benchmark_counts_the_launches_of_a_compiled_step_on_a_cpu():
     """step_cost's compile=True row on a CPU: the solve takes the eager one's steps, NFE and
     host reads, and launches (aten operations and inductor's kernels, which recorded
-    themselves: the count raises otherwise) a fraction of its operations, within the issue's
-    limit."""
+    themselves: the count raises otherwise) a fraction of its operations, within OPS_LIMITS."""
     from raydeq.bench.suites.step_cost import OPS_LIMITS, compiled_step_cost, step_cost
 
     eager, compiled = step_cost("euler", 64, 128), compiled_step_cost("euler", 64, 128)
