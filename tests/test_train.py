@@ -4051,7 +4051,7 @@ def test_model_compile_runs_the_layers_solves_compiled_and_trains_as_eager(tmp_p
     solve_module = sys.modules["raydeq.solvers.solve"]  # raydeq.solvers.solve is also a function
     seen = []
 
-    def eager_backend(compile, device):  # noqa: ANN001, ANN202
+    def eager_backend(compile: bool | dict | str, device: torch.device) -> dict | None:
         seen.append(compile)
         return {"backend": "eager"} if compile else None
 
