@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from raydeq.bench.harness.context import Checkpoint
+from raydeq.bench.harness.timing import Case
 from raydeq.datasets import mnist10k
+from raydeq.deq import LayerOutput
 from raydeq.models import PRESETS, EquilibriumClassifier
 from raydeq.models import build as build_model
 from raydeq.training.objective import Objective
@@ -37,6 +40,21 @@ def build(
 def preset_objective(name: str) -> Objective:
     """The training objective with the preset's recommended skip-loss weight."""
     return Objective(PRESETS[name].lambda_skip)
+
+
+def predict_case(model: nn.Module, images: Tensor) -> Case:
+    """Time one prediction of a batch (eval mode, no autograd); the value is the layer output."""
+
+    def prepare() -> Callable[[], LayerOutput]:
+        model.eval()
+
+        def thunk() -> LayerOutput:
+            with torch.no_grad():
+                return model(images)[1]
+
+        return thunk
+
+    return prepare
 
 
 def load_checkpoint(model: EquilibriumClassifier, checkpoint: Checkpoint) -> None:

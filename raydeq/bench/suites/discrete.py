@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from raydeq.bench.harness import models
 from raydeq.bench.harness.cases import forward_case, raydeq_forward
 from raydeq.bench.harness.context import Context
 from raydeq.bench.harness.problems import SpectralProblem, Spectrum
 from raydeq.bench.harness.report import Section, Target
-from raydeq.bench.harness.timing import Case, measure, ratio
+from raydeq.bench.harness.timing import measure, ratio
 
 
 @dataclass(frozen=True)
@@ -33,19 +31,6 @@ SIZES = {
 SOLVERS = ("fixed_point", "anderson", "broyden", "vcab3", "tsit5", "euler")
 MODEL = "mnist_dense"
 TOL = 1e-5
-
-
-def model_case(model: nn.Module, images: torch.Tensor) -> Case:
-    """Time one prediction (eval mode, no autograd); the value is the layer output."""
-
-    def prepare() -> Callable:
-        def thunk():
-            with torch.no_grad():
-                return model(images)[1]
-
-        return thunk
-
-    return prepare
 
 
 def spectral_rows(ctx: Context, size: DiscreteSize, section: Section) -> None:
@@ -99,10 +84,8 @@ def model_rows(ctx: Context, size: DiscreteSize, section: Section) -> None:
     """Every solver in the same untrained dense model, predicting one batch."""
     images, source = models.image_batch(MODEL, size.batch, ctx.device, ctx.data_dir, ctx.seed)
     nets = {s: models.build(MODEL, "vanilla", ctx.device, ctx.seed, solver=s) for s in SOLVERS}
-    for net in nets.values():
-        net.eval()
     timings = measure(
-        {s: model_case(net, images) for s, net in nets.items()},
+        {s: models.predict_case(net, images) for s, net in nets.items()},
         ctx.device,
         size.repeats,
         label="[discrete] timing the models",

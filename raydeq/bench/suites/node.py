@@ -107,16 +107,7 @@ def cases(
         loss, out = loss_of(model, objective, images, labels)
         return lambda: (loss.backward(), out)[1]
 
-    def predict() -> Callable:
-        model.eval()
-
-        def thunk():
-            with torch.no_grad():
-                return model(images)[1]
-
-        return thunk
-
-    return {"train": train, "backward": backward, "predict": predict}
+    return {"train": train, "backward": backward, "predict": models.predict_case(model, images)}
 
 
 def converged_fraction(stats: object) -> float | None:

@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import statistics
-from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
 import torch
-from torch import Tensor
 
 from raydeq.bench.harness import models
 from raydeq.bench.harness.context import Context
 from raydeq.bench.harness.models import Split
 from raydeq.bench.harness.report import Section, Target
-from raydeq.bench.harness.timing import Case, Timing, measure, ratio, time_call
+from raydeq.bench.harness.timing import Timing, measure, ratio, time_call
 from raydeq.bench.harness.training import adam, step_line, train_step
 from raydeq.models import EquilibriumClassifier
 from raydeq.training.objective import evaluate
@@ -48,21 +46,6 @@ COLUMNS = [
     "predict ms",
     "test accuracy",
 ]
-
-
-def predict_case(model: EquilibriumClassifier, images: Tensor) -> Case:
-    """Time one prediction of a batch."""
-
-    def prepare() -> Callable:
-        model.eval()
-
-        def thunk():
-            with torch.no_grad():
-                return model(images)
-
-        return thunk
-
-    return prepare
 
 
 def train_lockstep(
@@ -144,7 +127,7 @@ def run(ctx: Context) -> Section:
     step_times = train_lockstep(ctx, nets, train, size)
     batch = test_images[: size.batch]
     timings = measure(
-        {v: predict_case(n, batch) for v, n in nets.items()},
+        {v: models.predict_case(n, batch) for v, n in nets.items()},
         ctx.device,
         size.repeats,
         label="[skip] timing",
