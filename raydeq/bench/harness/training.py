@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
+from raydeq.bench.harness.timing import Case
 from raydeq.deq import LayerOutput
 from raydeq.training.config import OptimSection
 from raydeq.training.objective import Objective
@@ -42,6 +44,24 @@ def train_step(
     loss.backward()
     optimizer.step()
     return out
+
+
+def step_case(
+    model: nn.Module,
+    objective: Objective,
+    images: Tensor,
+    labels: Tensor,
+    amp: torch.dtype | None = None,
+) -> Case:
+    """Time one training step of `model` on a batch (`train_step`, Adam at learning rate 0, so
+    that every timed repeat sees the same parameters); the value is the layer output."""
+    optimizer = adam(model, 0.0)
+
+    def prepare() -> Callable[[], LayerOutput]:
+        model.train()
+        return lambda: train_step(model, objective, optimizer, images, labels, amp)
+
+    return prepare
 
 
 def step_line(label: str, step: int, steps: int) -> None:

@@ -12,7 +12,7 @@ from raydeq.bench.harness import models
 from raydeq.bench.harness.context import Context
 from raydeq.bench.harness.report import Section, Target, error_line
 from raydeq.bench.harness.timing import Case, Timing, measure, paired_ratio
-from raydeq.bench.harness.training import adam, fit, loss_of, train_step
+from raydeq.bench.harness.training import fit, loss_of, step_case
 from raydeq.models import PRESETS, EquilibriumClassifier
 from raydeq.solvers.solve import GRAPH
 from raydeq.training.objective import Objective
@@ -95,19 +95,18 @@ def cases(
     model: EquilibriumClassifier, objective: Objective, images: torch.Tensor, labels: torch.Tensor
 ) -> dict[str, Case]:
     """Training step, backward pass alone, and prediction of one model on one batch."""
-    optimizer = adam(model, 0.0)
-
-    def train() -> Callable:
-        model.train()
-        return lambda: train_step(model, objective, optimizer, images, labels)
 
     def backward() -> Callable:
         model.train()
-        optimizer.zero_grad(set_to_none=True)
+        model.zero_grad(set_to_none=True)
         loss, out = loss_of(model, objective, images, labels)
         return lambda: (loss.backward(), out)[1]
 
-    return {"train": train, "backward": backward, "predict": models.predict_case(model, images)}
+    return {
+        "train": step_case(model, objective, images, labels),
+        "backward": backward,
+        "predict": models.predict_case(model, images),
+    }
 
 
 def converged_fraction(stats: object) -> float | None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +18,7 @@ from raydeq.bench.harness import models
 from raydeq.bench.harness.context import Context
 from raydeq.bench.harness.report import Section, Target, error_line
 from raydeq.bench.harness.timing import Case, Timing, measure
-from raydeq.bench.harness.training import adam, train_step
+from raydeq.bench.harness.training import step_case
 from raydeq.bench.suites.node import trained_deq
 from raydeq.models import EquilibriumClassifier
 from raydeq.solvers.solve import GRAPH
@@ -160,14 +160,7 @@ def case(
 ) -> Case:
     """One training step of `model` on `images` under the preset's objective."""
     labels = torch.arange(len(images), device=images.device) % 10
-    objective = models.preset_objective(name)
-    optimizer = adam(model, 0.0)
-
-    def prepare() -> Callable:
-        model.train()
-        return lambda: train_step(model, objective, optimizer, images, labels, amp)
-
-    return prepare
+    return step_case(model, models.preset_objective(name), images, labels, amp)
 
 
 def add_row(
