@@ -1199,7 +1199,7 @@ def layer_stats(nfe: int, unconverged: float, nvjp: int, flags: list[bool]) -> S
         nfe=nfe,
         unconverged_fraction=unconverged,
         backward_nvjp=nvjp,
-        backward_converged=torch.tensor(flags),
+        backward_unconverged_fraction=1 - sum(flags) / len(flags),
     )
     return SimpleNamespace(stats=stats)
 
