@@ -20,6 +20,8 @@ from raydeq.training.objective import Objective
 # Mean and standard deviation of the MNIST training pixels (scaled to [0, 1]).
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 Split = tuple[Tensor, Tensor]
+# A suite's note on a model that no checkpoint gave weights and nothing trained.
+UNTRAINED = "untrained weights"
 
 
 def build(
@@ -57,8 +59,9 @@ def predict_case(model: nn.Module, images: Tensor) -> Case:
     return prepare
 
 
-def load_checkpoint(model: EquilibriumClassifier, checkpoint: Checkpoint) -> None:
-    """Load the model weights of a training checkpoint into `model`.
+def load_checkpoint(model: EquilibriumClassifier, checkpoint: Checkpoint) -> str:
+    """Load the model weights of a training checkpoint into `model`; returns the suites' note
+    on them.
 
     The checkpoint may hold a Skip DEQ: its predictor is ignored, f, stem and head must match.
     """
@@ -73,6 +76,7 @@ def load_checkpoint(model: EquilibriumClassifier, checkpoint: Checkpoint) -> Non
         model.load_state_dict({k: v for k, v in checkpoint.weights.items() if k in own})
     except RuntimeError as err:
         raise ValueError(f"{checkpoint.folder} holds weights of another size: {err}") from None
+    return f"weights of the checkpoint {checkpoint.folder}"
 
 
 def mnist(data_dir: Path | None, train: bool) -> Split | None:

@@ -135,10 +135,9 @@ def trained_deq(
     checkpoint = ctx.weights.get(name)
     train = models.mnist(ctx.data_dir, train=True) if digits else None
     if checkpoint is not None:
-        models.load_checkpoint(deq, checkpoint)
-        return deq, f"weights of the checkpoint {checkpoint.folder}"
+        return deq, models.load_checkpoint(deq, checkpoint)
     if train is None:
-        return deq, "untrained weights"
+        return deq, models.UNTRAINED
     steps = ctx.pick(SIZES).train_steps
     data = (train[0].to(ctx.device), train[1].to(ctx.device))
     label = f"[{suite}] training {name} on the digits"

@@ -98,8 +98,6 @@ WORKLOADS = (
     ),
 )
 
-UNTRAINED = "untrained weights"
-
 COLUMNS = (
     "model",
     "variant",
@@ -144,9 +142,8 @@ def timed_model(
     if workload.model != "mnist_dense":
         checkpoint = ctx.weights.get(workload.model)
         if checkpoint is None:
-            return model, UNTRAINED
-        models.load_checkpoint(model, checkpoint)
-        return model, f"weights of the checkpoint {checkpoint.folder}"
+            return model, models.UNTRAINED
+        return model, models.load_checkpoint(model, checkpoint)
     if workload.model not in trained:
         deq, weights = trained_deq(ctx, workload.model, digits, suite="train_step")
         trained[workload.model] = deq.state_dict(), weights
@@ -247,7 +244,7 @@ def run(ctx: Context) -> Section:
         model, weights = timed_model(ctx, workload, digits, trained)
         cases[workload.key] = case(model, images, amp_on(workload, ctx.device), workload.model)
         section.notes.append(f"{workload.key}: batch of {batch} {source}, {weights}.")
-        if weights == UNTRAINED:
+        if weights == models.UNTRAINED:
             section.notes.append(
                 f"{workload.model} is untrained: at initialisation its f has no attracting "
                 "equilibrium, so its forward stops at max_steps (converged 0) and its time is "
