@@ -22,6 +22,8 @@ MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 Split = tuple[Tensor, Tensor]
 # A suite's note on a model that no checkpoint gave weights and nothing trained.
 UNTRAINED = "untrained weights"
+# image_batch's source for MNIST test digits: only for these do the suites train mnist_dense.
+DIGITS = "MNIST test digits"
 
 
 def build(
@@ -109,6 +111,6 @@ def image_batch(
     shape = PRESETS[name].input_shape
     data = mnist(data_dir, train=False) if shape == (1, 28, 28) else None
     if data is not None:
-        return data[0][:batch].to(device), "MNIST test digits"
+        return data[0][:batch].to(device), DIGITS
     g = torch.Generator().manual_seed(seed)
     return torch.randn(batch, *shape, generator=g).to(device), "Gaussian images"

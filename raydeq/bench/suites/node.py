@@ -227,7 +227,7 @@ def compare(ctx: Context, name: str, section: Section) -> None:
     batch = ctx.pick(SIZES).batch(name)
     images, source = models.image_batch(name, batch, ctx.device, ctx.data_dir, ctx.seed)
     labels = torch.arange(batch, device=ctx.device) % 10
-    deq, weights = trained_deq(ctx, name, digits=source == "MNIST test digits")
+    deq, weights = trained_deq(ctx, name, digits=source == models.DIGITS)
     nets = layers(ctx, name, deq)
     node = nets["adjoint"]
     same = all(torch.equal(a, b) for a, b in zip(deq.parameters(), node.parameters()))

@@ -240,7 +240,7 @@ def run(ctx: Context) -> Section:
         images, source = models.image_batch(
             workload.model, batch, ctx.device, ctx.data_dir, ctx.seed
         )
-        digits = source == "MNIST test digits"
+        digits = source == models.DIGITS
         model, weights = timed_model(ctx, workload, digits, trained)
         cases[workload.key] = case(model, images, amp_on(workload, ctx.device), workload.model)
         section.notes.append(f"{workload.key}: batch of {batch} {source}, {weights}.")
