@@ -1585,6 +1585,26 @@ def test_asha_lets_a_trial_whose_section_choice_draws_its_length_run_to_its_end(
     )
 
 
+def test_asha_checks_a_search_whose_section_choice_leaves_the_length_to_the_base():
+    """A choice of whole train sections that set lambda_skip alone counted as drawing
+    train.max_steps: the trials' 60 steps went unread, so a max_t of 30, which stops every
+    trial at step 30, and a grace_period of 60, which stops none, were run unrefused."""
+    space = {"train": {"choice": [{"lambda_skip": 0.1}, {"lambda_skip": 1.0}]}}
+    search = {"scheduler": "asha", "space": space, "grace_period": 10}
+    raw = {**TINY, "train": {"max_steps": 60}}
+    experiment = spec.from_dict("a", raw | {"search": search})
+    assert experiment.longest_trial() == 60
+    assert run.asha_max_t(experiment) == 61
+    for bad, message in [
+        ({"max_t": 30}, "search.max_t: 30 is below the longest trial's train.max_steps, 60"),
+        ({"grace_period": 60}, "search.grace_period: 60 is not below the longest trial's"),
+    ]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            run.check_scheduler(spec.from_dict("a", raw | {"search": search | bad}), "asha")
+    mixed = {"train": {"choice": [{"lambda_skip": 0.1}, {"max_steps": 120}]}}
+    assert spec.from_dict("a", raw | {"search": {"space": mixed}}).longest_trial() == 0
+
+
 def test_asha_without_a_reachable_dashboard_is_an_error_naming_the_fix(monkeypatch):
     def down(**kwargs):
         raise TimeoutError("no answer")

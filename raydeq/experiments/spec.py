@@ -118,11 +118,12 @@ class Experiment:
     def longest_trial(self) -> int:
         """The most training steps a trial takes (train.max_steps over the base or the
         variants), 0 where that is unbounded: a trial trains for its epochs, or the search
-        draws train.max_steps (as a dimension, or in a choice of whole `train` sections)."""
+        draws train.max_steps (as a dimension, or in a choice of whole `train` sections that
+        sets it: `_draws`)."""
         search = self.search
         spaces = [search.space, *(rule["space"] for rule in search.conditional)]
-        drawn = (key for space in spaces for key in dimensions(space))
-        if any(STEPS_KEY == key or STEPS_KEY.startswith(f"{key}.") for key in drawn):
+        drawn = (item for space in spaces for item in dimensions(space).items())
+        if any(_draws(key, spec, STEPS_KEY) for key, spec in drawn):
             return 0
         rows = [{VARIANT: row} for row in search.variants] or [{}]
         steps = [self.trial_config(row).train.max_steps for row in rows]
@@ -138,6 +139,21 @@ class Experiment:
         row = {k: v for k, v in sampled.get(VARIANT, {}).items() if k != LABEL}
         settings = apply_overrides(self.base, row)
         return merge(settings, {k: v for k, v in sampled.items() if k != VARIANT})
+
+
+def _draws(key: str, spec: Any, dotted: str) -> bool:
+    """Whether the space's dimension at `key` draws the setting `dotted`: it is that setting,
+    or a choice of whole sections above it one of whose values sets it (a choice of
+    `{lambda_skip: ...}` train sections leaves train.max_steps at the base's)."""
+    if key == dotted:
+        return True
+    if not dotted.startswith(f"{key}."):
+        return False
+    values = next(iter(spec.values())) if is_primitive(spec) else None
+    if not isinstance(values, list):
+        return True
+    inner = dotted.removeprefix(f"{key}.")
+    return any(not isinstance(v, Mapping) or inner in leaves(v) for v in values)
 
 
 def shipped(path: Path) -> Path | None:
