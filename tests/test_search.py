@@ -824,7 +824,7 @@ def test_the_hparams_view_has_each_finished_trials_settings_and_final_measures_o
         | {"test_accuracy": 0.25, "test_nfe": 4.0, "train_time": 0.125},
     ]
     settings = ["config.optim.lr", "config.model.solver"]
-    assert hparams.write(str(tmp_path), rows, settings) == 1
+    assert hparams.write(str(tmp_path), rows, settings, "test_accuracy", None) == 1
     folder = tmp_path / hparams.FOLDER
     assert [p.name for p in folder.iterdir()] == ["a"]
     measures, values = _hparams_entry(folder / "a")
@@ -834,7 +834,7 @@ def test_the_hparams_view_has_each_finished_trials_settings_and_final_measures_o
     assert values == {"trial": "a", "optim.lr": 0.25, "model.solver": "vcab3"}
     written = {p.name: p.read_bytes() for p in (folder / "a").iterdir()}
     later = [rows[0] | {"test_accuracy": 0.5}, rows[1] | {"completed": True}]
-    assert hparams.write(str(tmp_path), later, settings) == 1
+    assert hparams.write(str(tmp_path), later, settings, "test_accuracy", None) == 1
     assert {p.name: p.read_bytes() for p in (folder / "a").iterdir()} == written
     measures, values = _hparams_entry(folder / "b")
     assert measures == {"hparam/test_accuracy": 0.25, "hparam/test_nfe": 4.0} | {
@@ -848,7 +848,7 @@ def test_an_hparams_entry_whose_write_failed_is_written_by_the_next_report(tmp_p
     the entry, where it took the folder for the entry and skipped the trial for good."""
     rows = [{"trial": "a", "completed": True, "config.optim.lr": 0.25, "test_accuracy": 0.75}]
     (tmp_path / hparams.FOLDER / "a").mkdir(parents=True)
-    assert hparams.write(str(tmp_path), rows, ["config.optim.lr"]) == 1
+    assert hparams.write(str(tmp_path), rows, ["config.optim.lr"], "test_accuracy", None) == 1
     measures, values = _hparams_entry(tmp_path / hparams.FOLDER / "a")
     assert measures == {"hparam/test_accuracy": 0.75}
     assert values == {"trial": "a", "optim.lr": 0.25}
@@ -865,17 +865,17 @@ def test_an_hparams_entry_gains_a_setting_that_trials_finished_since_vary(tmp_pa
     c = {"trial": "c", "completed": True, "config.optim.lr": 0.125, "test_accuracy": 0.5}
     c |= {"config.model.solver": "euler"}
     early = [a, b]
-    assert hparams.write(str(tmp_path), early, pareto.varying(early)) == 1
+    assert hparams.write(str(tmp_path), early, pareto.varying(early), "test_accuracy", None) == 1
     assert _hparams_entry(tmp_path / hparams.FOLDER / "a")[1] == {"trial": "a", "optim.lr": 0.25}
     later = [a, b | {"completed": True}, c]
-    assert hparams.write(str(tmp_path), later, pareto.varying(later)) == 3
+    assert hparams.write(str(tmp_path), later, pareto.varying(later), "test_accuracy", None) == 3
     assert len(list((tmp_path / hparams.FOLDER / "a").iterdir())) == 1
     assert _hparams_entry(tmp_path / hparams.FOLDER / "a") == (
         {"hparam/test_accuracy": 0.75},
         {"trial": "a", "optim.lr": 0.25, "model.solver": "vcab3"},
     )
     assert _hparams_tab(tmp_path)["model.solver"] == ("DATA_TYPE_STRING", ["euler", "vcab3"])
-    assert hparams.write(str(tmp_path), later, pareto.varying(later)) == 0
+    assert hparams.write(str(tmp_path), later, pareto.varying(later), "test_accuracy", None) == 0
 
 
 def test_the_hparams_view_has_the_unconverged_share_that_the_pareto_tables_show(
@@ -888,16 +888,16 @@ def test_the_hparams_view_has_the_unconverged_share_that_the_pareto_tables_show(
     row |= {"test_nfe": 5.0, "test_unconverged_fraction": 0.375}
     measures = tuple(m for m in hparams.MEASURES if m != pareto.UNCONVERGED)
     monkeypatch.setattr(hparams, "MEASURES", measures)
-    assert hparams.write(str(tmp_path), [row], ["config.optim.lr"]) == 1
+    assert hparams.write(str(tmp_path), [row], ["config.optim.lr"], "test_accuracy", None) == 1
     monkeypatch.undo()
-    assert hparams.write(str(tmp_path), [row], ["config.optim.lr"]) == 1
+    assert hparams.write(str(tmp_path), [row], ["config.optim.lr"], "test_accuracy", None) == 1
     assert len(list((tmp_path / hparams.FOLDER / "a").iterdir())) == 1
     assert _hparams_entry(tmp_path / hparams.FOLDER / "a")[0] == {
         "hparam/test_accuracy": 0.75,
         "hparam/test_nfe": 5.0,
         "hparam/test_unconverged_fraction": 0.375,
     }
-    assert hparams.write(str(tmp_path), [row], ["config.optim.lr"]) == 0
+    assert hparams.write(str(tmp_path), [row], ["config.optim.lr"], "test_accuracy", None) == 0
 
 
 def test_each_hparams_measure_says_what_it_measures_and_in_which_unit(tmp_path):
@@ -907,7 +907,7 @@ def test_each_hparams_measure_says_what_it_measures_and_in_which_unit(tmp_path):
     (which report pretrain_* times) are not among them; each now says, as the runs' do."""
     rows = [{"trial": "a", "completed": True, "config.optim.lr": 0.25, "test_accuracy": 0.75}]
     rows[0] |= {"test_top5_accuracy": 1.0, "test_nfe": 12.0, "train_time": 0.5}
-    assert hparams.write(str(tmp_path), rows, ["config.optim.lr"]) == 1
+    assert hparams.write(str(tmp_path), rows, ["config.optim.lr"], "test_accuracy", None) == 1
     provider = tensorboard_data(tmp_path)
     (series,) = provider.list_scalars(
         tb_context.RequestContext(), experiment_id="", plugin_name="scalars"
@@ -927,6 +927,73 @@ def test_each_hparams_measure_says_what_it_measures_and_in_which_unit(tmp_path):
         "hparam/test_top5_accuracy": 1.0,
         "hparam/test_nfe": 12.0,
         "hparam/train_time": 0.5,
+    }
+
+
+def test_the_hparams_view_has_the_searchs_own_metric_and_cost(tmp_path):
+    """A search for images a second against prediction time: the view listed accuracy, test
+    NFE, the unconverged share and training time but neither of the searcher's objectives, so
+    the view opened to compare its trials lacked the two it traded; an entry written before
+    gains them at the next report, and a search whose objectives are among the fixed measures
+    lists each once."""
+    row = {"trial": "a", "completed": True, "config.optim.lr": 0.25, "test_accuracy": 0.75}
+    row |= {"test_nfe": 12.0, "train_time": 0.5, "test_unconverged_fraction": 0.0}
+    row |= {"images_per_second": 2048.0, "predict_time": 0.0625, "nfe": 30.0}
+    settings = ["config.optim.lr"]
+    assert hparams.write(str(tmp_path), [row], settings, "test_accuracy", "test_nfe") == 1
+    fixed = [f"hparam/{name}" for name in sorted(hparams.MEASURES) if name != "test_top5_accuracy"]
+    assert sorted(_hparams_entry(tmp_path / hparams.FOLDER / "a")[0]) == fixed
+    assert hparams.write(str(tmp_path), [row], settings, "images_per_second", "predict_time") == 1
+    assert len(list((tmp_path / hparams.FOLDER / "a").iterdir())) == 1
+    assert _hparams_entry(tmp_path / hparams.FOLDER / "a")[0] == {
+        "hparam/test_accuracy": 0.75,
+        "hparam/test_nfe": 12.0,
+        "hparam/test_unconverged_fraction": 0.0,
+        "hparam/train_time": 0.5,
+        "hparam/images_per_second": 2048.0,
+        "hparam/predict_time": 0.0625,
+    }
+    assert _hparams_tab(tmp_path)["measures"] == sorted(
+        [*fixed, "hparam/images_per_second", "hparam/predict_time"]
+    )
+    assert hparams.write(str(tmp_path), [row], settings, "images_per_second", "predict_time") == 0
+
+
+def test_every_metric_and_cost_a_search_may_rank_by_says_how_its_trial_sums_it_up(tmp_path):
+    """Each metric and cost a search may optimise is in its entries with the words of the runs'
+    scalar of that name, after how the trial's row sums up its reports: the last evaluation's
+    test measures, the means over the steps past the unrolled warm-up of the solves' cost (those
+    steps report pretrain_* instead), the means over all steps of the whole step's time, and
+    the last report's training loss and accuracy."""
+    rows = [
+        {"trial": metric, "completed": True, "config.optim.lr": 0.25, metric: 0.5}
+        for metric in METRICS
+    ]
+    for row in rows:
+        assert hparams.write(str(tmp_path), [row], ["config.optim.lr"], row["trial"], None) == 1
+    provider = tensorboard_data(tmp_path)
+    listed = provider.list_scalars(
+        tb_context.RequestContext(), experiment_id="", plugin_name="scalars"
+    )
+    described = {
+        run.rsplit("/", 1)[-1]: {tag: found.description for tag, found in series.items()}
+        for run, series in listed.items()
+    }
+    last = "the trial's last evaluation"
+    solves = (
+        "the trial's mean over its training steps past the unrolled warm-up (model.pretrain_steps)"
+    )
+    report = "the trial's last report, a mean over the steps since the report before"
+    summed = dict.fromkeys(["test_accuracy", "test_top5_accuracy", "test_nfe"], last)
+    summed |= {"predict_time": last, "train_loss": report, "train_accuracy": report}
+    summed |= dict.fromkeys(["nfe", "forward_time", "backward_time"], solves)
+    summed["step_time"] = "the trial's mean over all its training steps"
+    summed["images_per_second"] = (
+        "the trial's rate over all its training steps (their images over their time)"
+    )
+    assert described == {
+        metric: {f"hparam/{metric}": f"{summed[metric]}: {reporting.DESCRIPTIONS[metric]}"}
+        for metric in METRICS
     }
 
 
@@ -968,7 +1035,7 @@ def test_the_hparams_tab_types_and_measures_come_from_every_trial_not_one_of_the
     ]
     done = {"completed": True, "test_accuracy": 0.5, "test_unconverged_fraction": 0.0}
     rows = [row | done for row in rows]
-    assert hparams.write(str(tmp_path), rows, pareto.varying(rows)) == 3
+    assert hparams.write(str(tmp_path), rows, pareto.varying(rows), "test_accuracy", None) == 3
     assert _hparams_tab(tmp_path) == {
         "trial": ("DATA_TYPE_STRING", ["a", "b", "c"]),
         "model.solver": ("DATA_TYPE_STRING", ["anderson", "vcab3"]),

@@ -1,7 +1,7 @@
 """TensorBoard's HParams view of an experiment: every finished trial's settings against its final
-accuracy, test NFE, share of unconverged test images and training time per step, in
-`<experiment>/hparams/<trial>`, so the experiment's `tensorboard --logdir` shows it next to the
-trials' runs."""
+accuracy, test NFE, share of unconverged test images, training time per step and the search's
+own metric and cost, in `<experiment>/hparams/<trial>`, so the experiment's
+`tensorboard --logdir` shows it next to the trials' runs."""
 
 from __future__ import annotations
 
@@ -24,6 +24,33 @@ FOLDER = "hparams"
 # The unconverged share as the Pareto tables show it: a trial whose solves stop short of z* (a
 # max_steps of 5) looks cheap against its test NFE without being the DEQ it names.
 MEASURES = ("test_accuracy", "test_top5_accuracy", "test_nfe", UNCONVERGED, "train_time")
+# How a trial's row sums up its reports into each measure an entry may hold (MEASURES and every
+# metric and cost a search may optimise, config.METRICS: `results.trial_row`), said before what
+# the runs' scalar of that name measures.
+LAST_EVALUATION = "the trial's last evaluation"
+PAST_WARM_UP = (
+    "the trial's mean over its training steps past the unrolled warm-up (model.pretrain_steps)"
+)
+SUMMARIES = dict.fromkeys(
+    ("test_accuracy", "test_top5_accuracy", "test_nfe", UNCONVERGED, "predict_time"),
+    LAST_EVALUATION,
+)
+SUMMARIES |= dict.fromkeys(("train_time", "nfe", "forward_time", "backward_time"), PAST_WARM_UP)
+SUMMARIES |= dict.fromkeys(
+    ("train_loss", "train_accuracy"),
+    "the trial's last report, a mean over the steps since the report before",
+)
+SUMMARIES |= {
+    "step_time": "the trial's mean over all its training steps",
+    "images_per_second": "the trial's rate over all its training steps (their images over "
+    "their time)",
+}
+# What each measure is per step or image: the runs' scalars' words, and train_time's, which no
+# run writes.
+WHAT = DESCRIPTIONS | {
+    "train_time": "seconds per training step, the forward and backward passes of its solves "
+    "(forward_time + backward_time)"
+}
 
 
 def _hparam(value: Any) -> bool | int | float | str:
@@ -53,11 +80,14 @@ def _file_name(given: Mapping[str, Any], metrics: Mapping[str, float]) -> str:
     return f"events.out.tfevents.hparams.{hashlib.sha256(named.encode()).hexdigest()[:16]}"
 
 
-def _measures(row: Mapping[str, Any]) -> dict[str, float]:
-    """A trial's finite MEASURES, by their tags in the entry."""
+def _measures(row: Mapping[str, Any], metric: str, cost: str | None) -> dict[str, float]:
+    """A trial's finite measures, by their tags in the entry: MEASURES, then the search's own
+    `metric` and `cost` where they are others (its prediction time, its images a second), which
+    its searcher traded against each other."""
+    names = dict.fromkeys([*MEASURES, metric, *([cost] if cost else [])])
     return {
         f"hparam/{name}": float(row[name])
-        for name in MEASURES
+        for name in names
         if row.get(name) is not None and math.isfinite(row[name])
     }
 
@@ -83,28 +113,29 @@ def _event_file(given: Mapping[str, Any], metrics: Mapping[str, float]) -> bytes
 
 
 def _description(tag: str) -> str:
-    """What an entry's measure is, shown beside its chart as the runs' scalars are: the last
-    evaluation's test metrics, and train_time, which no run writes, in seconds per step."""
+    """What an entry's measure is, shown beside its chart as the runs' scalars are: how the
+    trial's reports are summed up (SUMMARIES), then what the runs' scalar measures."""
     name = tag.removeprefix("hparam/")
-    if name == "train_time":
-        return (
-            "the trial's mean over its training steps past the unrolled warm-up "
-            "(model.pretrain_steps): seconds per training step, the forward and backward passes "
-            "of its solves (forward_time + backward_time)"
-        )
-    return f"the trial's last evaluation: {DESCRIPTIONS[name]}"
+    return f"{SUMMARIES[name]}: {WHAT[name]}"
 
 
-def write(path: str, rows: Sequence[Mapping[str, Any]], settings: Sequence[str]) -> int:
-    """Write the HParams entry of each finished trial that has none yet (its folder empty where
-    a write failed), or one of other settings or measures (a rebuild or a resumed search adds
-    the new ones and rewrites those whose columns changed); returns how many were written."""
+def write(
+    path: str,
+    rows: Sequence[Mapping[str, Any]],
+    settings: Sequence[str],
+    metric: str,
+    cost: str | None,
+) -> int:
+    """Write the HParams entry of each finished trial (its measures: `_measures` of the search's
+    `metric` and `cost`) that has none yet (its folder empty where a write failed), or one of
+    other settings or measures (a rebuild or a resumed search adds the new ones and rewrites
+    those whose columns changed); returns how many were written."""
     written = 0
     for row in rows:
         if not row.get("completed"):
             continue
         folder = f"{path}/{FOLDER}/{row['trial']}"
-        given, metrics = _settings(row, settings), _measures(row)
+        given, metrics = _settings(row, settings), _measures(row, metric, cost)
         name = _file_name(given, metrics)
         fs, inner = filesystem(folder)
         found = fs.get_file_info(pyarrow.fs.FileSelector(inner, allow_not_found=True))

@@ -489,7 +489,7 @@ def _report(path: str, experiment: Experiment, unfinished: str) -> str:
     shown.next(f"drawing {pareto.CHART}")
     write_bytes(f"{path}/{pareto.CHART}", pareto.chart(rows, metric, mode, costs))
     shown.next(f"writing {MARKDOWN_FILE}")
-    hparams.write(path, rows, pareto.varying(rows))
+    hparams.write(path, rows, pareto.varying(rows), metric, experiment.search.cost)
     table = markdown(rows, unfinished) + pareto.markdown(rows, metric, costs)
     write_bytes(f"{path}/{MARKDOWN_FILE}", table.encode())
     if papers:
