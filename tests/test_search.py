@@ -800,6 +800,11 @@ def _finished(experiment: Path) -> set[str]:
     }
 
 
+def _each(rows: list[dict], settings: list[str]) -> dict[str, list[str]]:
+    """The same settings for each trial of `rows`, as `hparams.write` takes them."""
+    return {row["trial"]: settings for row in rows}
+
+
 def _hparams_entry(folder: Path) -> tuple[dict[str, float], dict[str, object]]:
     """The measures and the settings of a trial's TensorBoard HParams entry."""
     events = EventAccumulator(str(folder))
@@ -824,7 +829,7 @@ def test_the_hparams_view_has_each_finished_trials_settings_and_final_measures_o
         | {"test_accuracy": 0.25, "test_nfe": 4.0, "train_time": 0.125},
     ]
     settings = ["config.optim.lr", "config.model.solver"]
-    assert hparams.write(str(tmp_path), rows, settings, "test_accuracy", None) == 1
+    assert hparams.write(str(tmp_path), rows, _each(rows, settings), "test_accuracy", None) == 1
     folder = tmp_path / hparams.FOLDER
     assert [p.name for p in folder.iterdir()] == ["a"]
     measures, values = _hparams_entry(folder / "a")
@@ -834,7 +839,7 @@ def test_the_hparams_view_has_each_finished_trials_settings_and_final_measures_o
     assert values == {"trial": "a", "optim.lr": 0.25, "model.solver": "vcab3"}
     written = {p.name: p.read_bytes() for p in (folder / "a").iterdir()}
     later = [rows[0] | {"test_accuracy": 0.5}, rows[1] | {"completed": True}]
-    assert hparams.write(str(tmp_path), later, settings, "test_accuracy", None) == 1
+    assert hparams.write(str(tmp_path), later, _each(later, settings), "test_accuracy", None) == 1
     assert {p.name: p.read_bytes() for p in (folder / "a").iterdir()} == written
     measures, values = _hparams_entry(folder / "b")
     assert measures == {"hparam/test_accuracy": 0.25, "hparam/test_nfe": 4.0} | {
@@ -848,7 +853,10 @@ def test_an_hparams_entry_whose_write_failed_is_written_by_the_next_report(tmp_p
     the entry, where it took the folder for the entry and skipped the trial for good."""
     rows = [{"trial": "a", "completed": True, "config.optim.lr": 0.25, "test_accuracy": 0.75}]
     (tmp_path / hparams.FOLDER / "a").mkdir(parents=True)
-    assert hparams.write(str(tmp_path), rows, ["config.optim.lr"], "test_accuracy", None) == 1
+    assert (
+        hparams.write(str(tmp_path), rows, _each(rows, ["config.optim.lr"]), "test_accuracy", None)
+        == 1
+    )
     measures, values = _hparams_entry(tmp_path / hparams.FOLDER / "a")
     assert measures == {"hparam/test_accuracy": 0.75}
     assert values == {"trial": "a", "optim.lr": 0.25}
@@ -865,17 +873,32 @@ def test_an_hparams_entry_gains_a_setting_that_trials_finished_since_vary(tmp_pa
     c = {"trial": "c", "completed": True, "config.optim.lr": 0.125, "test_accuracy": 0.5}
     c |= {"config.model.solver": "euler"}
     early = [a, b]
-    assert hparams.write(str(tmp_path), early, pareto.varying(early), "test_accuracy", None) == 1
+    assert (
+        hparams.write(
+            str(tmp_path), early, _each(early, pareto.varying(early)), "test_accuracy", None
+        )
+        == 1
+    )
     assert _hparams_entry(tmp_path / hparams.FOLDER / "a")[1] == {"trial": "a", "optim.lr": 0.25}
     later = [a, b | {"completed": True}, c]
-    assert hparams.write(str(tmp_path), later, pareto.varying(later), "test_accuracy", None) == 3
+    assert (
+        hparams.write(
+            str(tmp_path), later, _each(later, pareto.varying(later)), "test_accuracy", None
+        )
+        == 3
+    )
     assert len(list((tmp_path / hparams.FOLDER / "a").iterdir())) == 1
     assert _hparams_entry(tmp_path / hparams.FOLDER / "a") == (
         {"hparam/test_accuracy": 0.75},
         {"trial": "a", "optim.lr": 0.25, "model.solver": "vcab3"},
     )
     assert _hparams_tab(tmp_path)["model.solver"] == ("DATA_TYPE_STRING", ["euler", "vcab3"])
-    assert hparams.write(str(tmp_path), later, pareto.varying(later), "test_accuracy", None) == 0
+    assert (
+        hparams.write(
+            str(tmp_path), later, _each(later, pareto.varying(later)), "test_accuracy", None
+        )
+        == 0
+    )
 
 
 def test_the_hparams_view_has_the_unconverged_share_that_the_pareto_tables_show(
@@ -888,16 +911,31 @@ def test_the_hparams_view_has_the_unconverged_share_that_the_pareto_tables_show(
     row |= {"test_nfe": 5.0, "test_unconverged_fraction": 0.375}
     measures = tuple(m for m in hparams.MEASURES if m != pareto.UNCONVERGED)
     monkeypatch.setattr(hparams, "MEASURES", measures)
-    assert hparams.write(str(tmp_path), [row], ["config.optim.lr"], "test_accuracy", None) == 1
+    assert (
+        hparams.write(
+            str(tmp_path), [row], _each([row], ["config.optim.lr"]), "test_accuracy", None
+        )
+        == 1
+    )
     monkeypatch.undo()
-    assert hparams.write(str(tmp_path), [row], ["config.optim.lr"], "test_accuracy", None) == 1
+    assert (
+        hparams.write(
+            str(tmp_path), [row], _each([row], ["config.optim.lr"]), "test_accuracy", None
+        )
+        == 1
+    )
     assert len(list((tmp_path / hparams.FOLDER / "a").iterdir())) == 1
     assert _hparams_entry(tmp_path / hparams.FOLDER / "a")[0] == {
         "hparam/test_accuracy": 0.75,
         "hparam/test_nfe": 5.0,
         "hparam/test_unconverged_fraction": 0.375,
     }
-    assert hparams.write(str(tmp_path), [row], ["config.optim.lr"], "test_accuracy", None) == 0
+    assert (
+        hparams.write(
+            str(tmp_path), [row], _each([row], ["config.optim.lr"]), "test_accuracy", None
+        )
+        == 0
+    )
 
 
 def test_each_hparams_measure_says_what_it_measures_and_in_which_unit(tmp_path):
@@ -907,7 +945,10 @@ def test_each_hparams_measure_says_what_it_measures_and_in_which_unit(tmp_path):
     (which report pretrain_* times) are not among them; each now says, as the runs' do."""
     rows = [{"trial": "a", "completed": True, "config.optim.lr": 0.25, "test_accuracy": 0.75}]
     rows[0] |= {"test_top5_accuracy": 1.0, "test_nfe": 12.0, "train_time": 0.5}
-    assert hparams.write(str(tmp_path), rows, ["config.optim.lr"], "test_accuracy", None) == 1
+    assert (
+        hparams.write(str(tmp_path), rows, _each(rows, ["config.optim.lr"]), "test_accuracy", None)
+        == 1
+    )
     provider = tensorboard_data(tmp_path)
     (series,) = provider.list_scalars(
         tb_context.RequestContext(), experiment_id="", plugin_name="scalars"
@@ -940,10 +981,18 @@ def test_the_hparams_view_has_the_searchs_own_metric_and_cost(tmp_path):
     row |= {"test_nfe": 12.0, "train_time": 0.5, "test_unconverged_fraction": 0.0}
     row |= {"images_per_second": 2048.0, "predict_time": 0.0625, "nfe": 30.0}
     settings = ["config.optim.lr"]
-    assert hparams.write(str(tmp_path), [row], settings, "test_accuracy", "test_nfe") == 1
+    assert (
+        hparams.write(str(tmp_path), [row], _each([row], settings), "test_accuracy", "test_nfe")
+        == 1
+    )
     fixed = [f"hparam/{name}" for name in sorted(hparams.MEASURES) if name != "test_top5_accuracy"]
     assert sorted(_hparams_entry(tmp_path / hparams.FOLDER / "a")[0]) == fixed
-    assert hparams.write(str(tmp_path), [row], settings, "images_per_second", "predict_time") == 1
+    assert (
+        hparams.write(
+            str(tmp_path), [row], _each([row], settings), "images_per_second", "predict_time"
+        )
+        == 1
+    )
     assert len(list((tmp_path / hparams.FOLDER / "a").iterdir())) == 1
     assert _hparams_entry(tmp_path / hparams.FOLDER / "a")[0] == {
         "hparam/test_accuracy": 0.75,
@@ -956,7 +1005,12 @@ def test_the_hparams_view_has_the_searchs_own_metric_and_cost(tmp_path):
     assert _hparams_tab(tmp_path)["measures"] == sorted(
         [*fixed, "hparam/images_per_second", "hparam/predict_time"]
     )
-    assert hparams.write(str(tmp_path), [row], settings, "images_per_second", "predict_time") == 0
+    assert (
+        hparams.write(
+            str(tmp_path), [row], _each([row], settings), "images_per_second", "predict_time"
+        )
+        == 0
+    )
 
 
 def test_every_metric_and_cost_a_search_may_rank_by_says_how_its_trial_sums_it_up(tmp_path):
@@ -970,7 +1024,12 @@ def test_every_metric_and_cost_a_search_may_rank_by_says_how_its_trial_sums_it_u
         for metric in METRICS
     ]
     for row in rows:
-        assert hparams.write(str(tmp_path), [row], ["config.optim.lr"], row["trial"], None) == 1
+        assert (
+            hparams.write(
+                str(tmp_path), [row], _each([row], ["config.optim.lr"]), row["trial"], None
+            )
+            == 1
+        )
     provider = tensorboard_data(tmp_path)
     listed = provider.list_scalars(
         tb_context.RequestContext(), experiment_id="", plugin_name="scalars"
@@ -1035,7 +1094,10 @@ def test_the_hparams_tab_types_and_measures_come_from_every_trial_not_one_of_the
     ]
     done = {"completed": True, "test_accuracy": 0.5, "test_unconverged_fraction": 0.0}
     rows = [row | done for row in rows]
-    assert hparams.write(str(tmp_path), rows, pareto.varying(rows), "test_accuracy", None) == 3
+    assert (
+        hparams.write(str(tmp_path), rows, _each(rows, pareto.varying(rows)), "test_accuracy", None)
+        == 3
+    )
     assert _hparams_tab(tmp_path) == {
         "trial": ("DATA_TYPE_STRING", ["a", "b", "c"]),
         "model.solver": ("DATA_TYPE_STRING", ["anderson", "vcab3"]),
@@ -1046,6 +1108,64 @@ def test_the_hparams_tab_types_and_measures_come_from_every_trial_not_one_of_the
         "trial": "a",
         "model.solver": "vcab3",
     }
+
+
+def test_the_hparams_view_has_the_settings_each_trial_drew_at_their_drawn_values(tmp_path):
+    """A search over variant, solver, abstol and adjoint that draws lambda_skip for skip_reg
+    alone: the view took every setting that differed between trials, so the vanilla trial,
+    which drew no lambda_skip, showed the base's 0.2 (inside the range a skip_reg trial draws
+    from, filtered and plotted as if drawn), and the adjoint's options that a gmres adjoint
+    implies (rtol 0.005, max_iters 15) showed as two searched columns; each entry now has the
+    settings its trial drew, at their values, and an entry written before is written again."""
+    model = {**SEARCH["space"]["model"], "adjoint": {"choice": ["gmres", "jfb"]}}
+    experiment = spec.from_dict("s", {**TINY, "search": {**SEARCH, "space": {"model": model}}})
+    drawn = {
+        "00000": {"variant": {"label": "Vanilla"}, "model": {"variant": "vanilla"}},
+        "00001": {
+            "model": {"variant": "vanilla", "solver": "vcab3", "abstol": 0.25, "adjoint": "gmres"}
+        },
+        "00002": {
+            "model": {"variant": "skip_reg", "solver": "anderson", "abstol": 0.125}
+            | {"adjoint": "jfb", "solver_options": {"m": 3}},
+            "train": {"lambda_skip": 0.5},
+        },
+    }
+    frame = pd.DataFrame({"step": [10], "epoch": [100.0], "test_accuracy": [0.75]})
+    rows = [
+        results.trial_row(
+            experiment, SimpleNamespace(trial_id=i, status="TERMINATED", config=c), frame
+        )
+        for i, c in drawn.items()
+    ]
+    folder = tmp_path / hparams.FOLDER
+    assert (
+        hparams.write(str(tmp_path), rows, _each(rows, pareto.varying(rows)), "test_accuracy", None)
+        == 3
+    )
+    before = _hparams_entry(folder / rows[0]["trial"])[1]
+    assert before["train.lambda_skip"] == 0.2
+    assert (before["model.adjoint_options.rtol"], before["model.adjoint_options.max_iters"]) == (
+        0.005,
+        15,
+    )
+    assert (
+        hparams.write(str(tmp_path), rows, results.drawn(experiment, rows), "test_accuracy", None)
+        == 2
+    )
+    entries = [_hparams_entry(folder / row["trial"])[1] for row in rows]
+    assert entries == [
+        {"trial": rows[0]["trial"], "model.variant": "vanilla", "model.solver": "vcab3"}
+        | {"model.abstol": 0.005, "model.adjoint": "gmres"},
+        {"trial": rows[1]["trial"], "model.variant": "vanilla", "model.solver": "vcab3"}
+        | {"model.abstol": 0.25, "model.adjoint": "gmres"},
+        {"trial": rows[2]["trial"], "model.variant": "skip_reg", "model.solver": "anderson"}
+        | {"model.abstol": 0.125, "model.adjoint": "jfb", "model.solver_options.m": 3}
+        | {"train.lambda_skip": 0.5},
+    ]
+    assert (
+        hparams.write(str(tmp_path), rows, results.drawn(experiment, rows), "test_accuracy", None)
+        == 0
+    )
 
 
 def test_a_killed_search_resumes_with_its_searchers_history_and_repeats_no_trial(

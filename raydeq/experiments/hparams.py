@@ -59,7 +59,8 @@ def _hparam(value: Any) -> bool | int | float | str:
 
 
 def _settings(row: Mapping[str, Any], settings: Sequence[str]) -> dict[str, Any]:
-    """The settings of one trial's HParams entry: its name and its values of `settings`.
+    """The settings of one trial's HParams entry: its name and its values of `settings` (the
+    config columns of those it drew).
 
     A setting the trial does not have (None: a conditional dimension it did not draw) is left
     out rather than written as text, which would make the column text for every trial.
@@ -122,20 +123,21 @@ def _description(tag: str) -> str:
 def write(
     path: str,
     rows: Sequence[Mapping[str, Any]],
-    settings: Sequence[str],
+    settings: Mapping[str, Sequence[str]],
     metric: str,
     cost: str | None,
 ) -> int:
-    """Write the HParams entry of each finished trial (its measures: `_measures` of the search's
-    `metric` and `cost`) that has none yet (its folder empty where a write failed), or one of
-    other settings or measures (a rebuild or a resumed search adds the new ones and rewrites
-    those whose columns changed); returns how many were written."""
+    """Write the HParams entry of each finished trial (its `settings`, by trial; its measures:
+    `_measures` of the search's `metric` and `cost`) that has none yet (its folder empty where
+    a write failed), or one of other settings or measures (a rebuild or a resumed search adds
+    the new ones and rewrites those whose columns changed); returns how many were written."""
     written = 0
     for row in rows:
         if not row.get("completed"):
             continue
         folder = f"{path}/{FOLDER}/{row['trial']}"
-        given, metrics = _settings(row, settings), _measures(row, metric, cost)
+        given = _settings(row, settings[row["trial"]])
+        metrics = _measures(row, metric, cost)
         name = _file_name(given, metrics)
         fs, inner = filesystem(folder)
         found = fs.get_file_info(pyarrow.fs.FileSelector(inner, allow_not_found=True))

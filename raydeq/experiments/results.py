@@ -200,6 +200,20 @@ def trial_row(
     return row | {f"config.{k}": v for k, v in leaves(settings).items()}
 
 
+def drawn(experiment: Experiment, rows: list[dict[str, Any]]) -> dict[str, list[str]]:
+    """The config columns of the settings each row's trial drew or its variant set, by trial
+    (`Experiment.drawn`)."""
+    return {
+        row["trial"]: [
+            f"config.{key}"
+            for key in experiment.drawn(
+                {k.removeprefix("config."): v for k, v in row.items() if k.startswith("config.")}
+            )
+        ]
+        for row in rows
+    }
+
+
 def _column(values: list[Any]) -> pa.Array:
     """A pyarrow column; mixed or list values are stored as their text."""
     try:
@@ -489,7 +503,7 @@ def _report(path: str, experiment: Experiment, unfinished: str) -> str:
     shown.next(f"drawing {pareto.CHART}")
     write_bytes(f"{path}/{pareto.CHART}", pareto.chart(rows, metric, mode, costs))
     shown.next(f"writing {MARKDOWN_FILE}")
-    hparams.write(path, rows, pareto.varying(rows), metric, experiment.search.cost)
+    hparams.write(path, rows, drawn(experiment, rows), metric, experiment.search.cost)
     table = markdown(rows, unfinished) + pareto.markdown(rows, metric, costs)
     write_bytes(f"{path}/{MARKDOWN_FILE}", table.encode())
     if papers:

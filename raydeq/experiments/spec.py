@@ -129,6 +129,24 @@ class Experiment:
         steps = [self.trial_config(row).train.max_steps for row in rows]
         return 0 if 0 in steps else max(steps)
 
+    def drawn(self, settings: Mapping[str, Any]) -> list[str]:
+        """The keys of `settings` (a trial's, dotted) that its search drew or its variant set:
+        the space's and the variants' (in a choice of whole sections, those it sets: `_draws`),
+        and a conditional rule's where the trial meets its `when`; a rule it does not meet drew
+        nothing (train.lambda_skip of a vanilla DEQ, at the experiment's value to no effect),
+        and a setting the drawn ones imply (a gmres adjoint's options) is none of them."""
+        search = self.search
+        rows = [{k: v for k, v in row.items() if k != LABEL} for row in search.variants]
+        spaces = [dimensions(search.space), *rows]
+        for rule in search.conditional:
+            if all(
+                _drawn_in(spaces, key)
+                and any(searchers.same(a, settings.get(key)) for a in _as_list(allowed))
+                for key, allowed in rule["when"].items()
+            ):
+                spaces.append(dimensions(rule["space"]))
+        return [key for key in settings if _drawn_in(spaces, key)]
+
     def trial_config(self, sampled: Mapping[str, Any]) -> Config:
         """The validated training config of one trial (`trial_settings`)."""
         return validate(self.trial_settings(sampled))
@@ -154,6 +172,16 @@ def _draws(key: str, spec: Any, dotted: str) -> bool:
         return True
     inner = dotted.removeprefix(f"{key}.")
     return any(not isinstance(v, Mapping) or inner in leaves(v) for v in values)
+
+
+def _drawn_in(spaces: Sequence[Mapping[str, Any]], dotted: str) -> bool:
+    """Whether a dimension of `spaces` (dotted keys to primitives or values) draws `dotted`."""
+    return any(_draws(key, spec, dotted) for dims in spaces for key, spec in dims.items())
+
+
+def _as_list(value: Any) -> list[Any]:
+    """A rule's `when` values: a list as it is, one value as a list of it."""
+    return value if isinstance(value, list) else [value]
 
 
 def shipped(path: Path) -> Path | None:
@@ -438,7 +466,7 @@ def set_by_each_trial(shown: str, key: str, where: str) -> ConfigError:
 
 def _first_values(when: Mapping[str, Any]) -> dict[str, Any]:
     """A conditional rule's `when` met at the first value it allows for each key."""
-    return {key: v[0] if isinstance(v, list) else v for key, v in when.items()}
+    return {key: _as_list(v)[0] for key, v in when.items()}
 
 
 def _values(key: str, spec: Any) -> list[tuple[str, Any]]:
