@@ -122,8 +122,7 @@ class Experiment:
         sets it: `_draws`)."""
         search = self.search
         spaces = [search.space, *(rule["space"] for rule in search.conditional)]
-        drawn = (item for space in spaces for item in dimensions(space).items())
-        if any(_draws(key, spec, STEPS_KEY) for key, spec in drawn):
+        if _drawn_in([dimensions(space) for space in spaces], STEPS_KEY):
             return 0
         rows = [{VARIANT: row} for row in search.variants] or [{}]
         steps = [self.trial_config(row).train.max_steps for row in rows]
