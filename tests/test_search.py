@@ -1168,6 +1168,50 @@ def test_the_hparams_view_has_the_settings_each_trial_drew_at_their_drawn_values
     )
 
 
+def test_the_front_tables_show_each_trials_settings_where_it_drew_them():
+    """The search of the HParams test above, its three trials on the test NFE front: the tables
+    took their setting columns from every config column that differed between trials, so both
+    vanilla trials read lambda_skip 0.2 (the base's, which only skip_reg trials draw) and the
+    gmres ones the adjoint's rtol 0.005 and max_iters 15, which no dimension draws; a column now
+    holds the values the trials drew, empty where a trial drew none, and the implied ones are
+    gone."""
+    model = {**SEARCH["space"]["model"], "adjoint": {"choice": ["gmres", "jfb"]}}
+    experiment = spec.from_dict("s", {**TINY, "search": {**SEARCH, "space": {"model": model}}})
+    drawn = {
+        "00000": {"variant": {"label": "Vanilla"}, "model": {"variant": "vanilla"}},
+        "00001": {
+            "model": {"variant": "vanilla", "solver": "vcab3", "abstol": 0.25, "adjoint": "gmres"}
+        },
+        "00002": {
+            "model": {"variant": "skip_reg", "solver": "anderson", "abstol": 0.125}
+            | {"adjoint": "jfb", "solver_options": {"m": 3}},
+            "train": {"lambda_skip": 0.5},
+        },
+    }
+    measured = [(0.5, 4.0), (0.625, 8.0), (0.75, 16.0)]  # (test accuracy, test NFE)
+    rows = [
+        results.trial_row(
+            experiment,
+            SimpleNamespace(trial_id=i, status="TERMINATED", config=c),
+            pd.DataFrame({"step": [10], "epoch": [100.0], "test_accuracy": [a], "test_nfe": [n]}),
+        )
+        for (i, c), (a, n) in zip(drawn.items(), measured, strict=True)
+    ]
+    marked = pareto.mark(rows, "test_accuracy")
+    assert [row["config.train.lambda_skip"] for row in marked] == [0.2, 0.2, 0.5]
+    text = pareto.markdown(marked, "test_accuracy", drawn=results.drawn(experiment, marked))
+    nfe = text.split("## Pareto front")[1].splitlines()
+    assert nfe[2:7] == [
+        "| Trial | test_accuracy (%) | test NFE | training time per step (s) | unconverged (%) "
+        "| variant | solver | adjoint | abstol | lambda_skip | m |",
+        "|" + " --- |" * 11,
+        "| Vanilla | 50.00 | 4 | - | - | vanilla | vcab3 | gmres | 0.005 |  |  |",
+        "| 00001 | 62.50 | 8 | - | - | vanilla | vcab3 | gmres | 0.25 |  |  |",
+        "| 00002 | 75.00 | 16 | - | - | skip_reg | anderson | jfb | 0.125 | 0.5 | 3 |",
+    ]
+    assert pareto.NOT_DRAWN_NOTE in text
+
+
 def test_a_killed_search_resumes_with_its_searchers_history_and_repeats_no_trial(
     ray_cluster, tmp_path
 ):

@@ -34,6 +34,13 @@ ZOOM_POINTS = 10.0
 MARGIN = 0.005
 # Settings that name or place a trial rather than change it.
 NOT_SETTINGS = ("config.name", "config.label", "config.storage_path")
+# A front table's cell of a setting its trial did not draw (a conditional dimension whose rule
+# it did not meet), empty rather than the experiment's value it ran at, and the line saying so.
+NOT_DRAWN = ""
+NOT_DRAWN_NOTE = (
+    "\nAn empty setting: that trial did not draw it (a conditional dimension whose rule it did "
+    "not meet)."
+)
 # A trial on the chart: its cost, its metric (in percent for an accuracy) and its row.
 Point = tuple[float, float, Mapping[str, Any]]
 # Settings under which trials measure accuracy or a cost on other batches: where they differ
@@ -134,12 +141,24 @@ def mark(
     return marked
 
 
-def varying(rows: Sequence[Mapping[str, Any]]) -> list[str]:
-    """The config columns whose values differ between trials: the settings searched."""
+def varying(
+    rows: Sequence[Mapping[str, Any]], drawn: Mapping[str, Sequence[str]] | None = None
+) -> list[str]:
+    """The config columns whose values differ between trials: the settings searched, each
+    trial's counted only where it drew it (`drawn`: its config columns, by trial; every column
+    without), so that a column no trial drew is none."""
     keys = dict.fromkeys(k for row in rows for k in row if k.startswith("config."))
     return [
-        k for k in keys if k not in NOT_SETTINGS and len({repr(row.get(k)) for row in rows}) > 1
+        k
+        for k in keys
+        if k not in NOT_SETTINGS
+        and len({repr(row.get(k)) if _drew(row, k, drawn) else None for row in rows}) > 1
     ]
+
+
+def _drew(row: Mapping[str, Any], key: str, drawn: Mapping[str, Sequence[str]] | None) -> bool:
+    """Whether the row's trial drew the config column `key` (any column without `drawn`)."""
+    return drawn is None or key in drawn[row["trial"]]
 
 
 def _number(value: Any) -> float:
@@ -192,11 +211,15 @@ def _metric_value(value: Any, percent: bool) -> str:
 
 
 def markdown(
-    rows: Sequence[Mapping[str, Any]], metric: str, costs: Mapping[str, str] = VIEWS
+    rows: Sequence[Mapping[str, Any]],
+    metric: str,
+    costs: Mapping[str, str] = VIEWS,
+    drawn: Mapping[str, Sequence[str]] | None = None,
 ) -> str:
-    """Per cost view of `costs`: the front with its unconverged share and settings, and the
-    cheapest trial within half a point."""
-    settings = varying(rows)
+    """Per cost view of `costs`: the front with its unconverged share and the settings its
+    trials drew (`drawn`, by trial: `varying`), and the cheapest trial within half a point."""
+    settings = varying(rows, drawn)
+    undrawn = False
     percent = in_percent(metric)
     column = f"{metric} (%)" if percent else metric
     names = (k.rsplit(".", 1)[-1] for k in settings)
@@ -213,7 +236,11 @@ def markdown(
             cells = [table_name(row), _metric_value(row[metric], percent)]
             cells += [_value(_number(row.get(c))) for c in costs]
             cells.append(_value(100 * _number(row.get(UNCONVERGED))))
-            cells += [_value(row.get(k)) for k in settings]
+            drew = [_drew(row, k, drawn) for k in settings]
+            undrawn = undrawn or not all(drew)
+            cells += [
+                _value(row.get(k)) if d else NOT_DRAWN for k, d in zip(settings, drew, strict=True)
+            ]
             text.append(table_row(cells))
         if not members:
             counted_rows = [rows[i] for i in counted(rows)]
@@ -226,6 +253,7 @@ def markdown(
                 f"({_metric_value(row[metric], percent)}{'%' if percent else ''}, "
                 f"{words} {_value(_number(row[cost]))})"
             )
+    text += [NOT_DRAWN_NOTE] if undrawn else []
     text += _not_comparable([rows[i] for i in counted(rows)])
     left_out = not_ranked(rows)
     if left_out:

@@ -503,8 +503,9 @@ def _report(path: str, experiment: Experiment, unfinished: str) -> str:
     shown.next(f"drawing {pareto.CHART}")
     write_bytes(f"{path}/{pareto.CHART}", pareto.chart(rows, metric, mode, costs))
     shown.next(f"writing {MARKDOWN_FILE}")
-    hparams.write(path, rows, drawn(experiment, rows), metric, experiment.search.cost)
-    table = markdown(rows, unfinished) + pareto.markdown(rows, metric, costs)
+    settings = drawn(experiment, rows)
+    hparams.write(path, rows, settings, metric, experiment.search.cost)
+    table = markdown(rows, unfinished) + pareto.markdown(rows, metric, costs, settings)
     write_bytes(f"{path}/{MARKDOWN_FILE}", table.encode())
     if papers:
         shown.next(f"writing {', '.join(papers)}")
