@@ -1,5 +1,6 @@
 """Datasets and loaders: shapes, exact shards, one clear error for a missing or bad folder."""
 
+import functools
 import gc
 import gzip
 import hashlib
@@ -134,6 +135,23 @@ def test_mnist10k_pixels_are_standardised_with_mnists_mean_and_deviation():
     assert abs(images.mean().item()) < 0.02 and images.std().item() == pytest.approx(1, abs=0.02)
 
 
+@functools.cache
+def torchvision_digits(affine: bool, train: bool) -> dict[int, torch.Tensor]:
+    """Every fifth embedded digit of a split as torchvision's ToTensor and Normalize give it
+    (after RandomAffine drawn with the digit's index as seed, where `affine`): the reference
+    of both datasets' tests, made once."""
+    from torchvision import transforms as T
+
+    moved = (T.RandomAffine(degrees=10, translate=(0.1, 0.1)),) if affine else ()
+    reference = T.Compose([*moved, T.ToTensor(), T.Normalize((0.1307,), (0.3081,))])
+    pixels, _ = datasets.mnist10k(train=train)
+    expected = {}
+    for index in range(0, len(pixels), 5):
+        torch.manual_seed(index)
+        expected[index] = reference(Image.fromarray(pixels[index].numpy(), mode="L"))
+    return expected
+
+
 @pytest.mark.parametrize("augment", [False, True])
 @pytest.mark.parametrize("dataset", ["mnist10k", "mnist"])
 def test_mnist_digits_read_to_the_bit_as_torchvisions_transforms_give_them(
@@ -142,21 +160,15 @@ def test_mnist_digits_read_to_the_bit_as_torchvisions_transforms_give_them(
     """Every fifth digit, train and test, embedded or read from MNIST's files, equals
     torchvision's ToTensor and Normalize (after RandomAffine drawn from the same seed where
     augmented) of its PIL image, to the bit."""
-    from torchvision import transforms as T
-
     folder = {"data_dir": str(mnist_folder(tmp_path))} if dataset == "mnist" else {}
     splits = data.load_splits(section(dataset=dataset, augment=augment, **folder))
-    affine = (T.RandomAffine(degrees=10, translate=(0.1, 0.1)),) if augment else ()
-    stats = T.ToTensor(), T.Normalize((0.1307,), (0.3081,))
     for split, train in ((splits.train, True), (splits.test, False)):
-        reference = T.Compose([*(affine if train else ()), *stats])
-        pixels, labels = datasets.mnist10k(train=train)
-        for index in range(0, len(labels), 5):
-            torch.manual_seed(index)
-            expected = reference(Image.fromarray(pixels[index].numpy(), mode="L"))
+        _, labels = datasets.mnist10k(train=train)
+        expected = torchvision_digits(augment and train, train)
+        for index, reference in expected.items():
             torch.manual_seed(index)
             image, label = split[index]
-            assert torch.equal(image, expected) and label == labels[index], index
+            assert torch.equal(image, reference) and label == labels[index], index
 
 
 def dot_pair_geometry(image: torch.Tensor) -> tuple[float, float, float]:
