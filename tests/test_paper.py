@@ -7,8 +7,11 @@ import matplotlib.image
 import pandas as pd
 import pytest
 from matplotlib.colors import to_rgba
+from matplotlib.figure import Figure
+from matplotlib.legend import Legend
 
 from raydeq.experiments import paper, results, spec
+from raydeq.experiments.figures import png
 from raydeq.training.config import ConfigError
 
 NUMBERS = [
@@ -336,13 +339,18 @@ def test_figures_4_6_name_a_searchs_many_groups_in_legends_that_neither_overlap_
             group = f"{kind} {label.format(i)}"
             rows.append(_row(group, "skip", solver, 0, test_accuracy=0.8))
             curves[group] = curves[CONTINUOUS]
-    image = matplotlib.image.imread(io.BytesIO(paper.curves_figure(rows, curves)))
     drawn = []
-    monkeypatch.setattr(paper, "png", lambda figure, dpi, outside: drawn.append(outside) or figure)
-    figure = paper.curves_figure(rows, curves)
+
+    def drawing(figure: Figure, dpi: int, outside: list[Legend]) -> bytes:
+        drawn.append((figure, outside))
+        return png(figure, dpi=dpi, outside=outside)
+
+    monkeypatch.setattr(paper, "png", drawing)
+    image = matplotlib.image.imread(io.BytesIO(paper.curves_figure(rows, curves)))
+    [(figure, legends)] = drawn
     figure.canvas.draw()
-    first, second = (legend.get_window_extent() for legend in drawn[0])
-    assert [legend._ncols for legend in drawn[0]] == [3, 3] and first.y0 > second.y1
+    first, second = (legend.get_window_extent() for legend in legends)
+    assert [legend._ncols for legend in legends] == [3, 3] and first.y0 > second.y1
     assert image.shape[1] / 110 > first.x1 / figure.dpi and image.shape[0] > 6.8 * 110
 
 
