@@ -1902,6 +1902,47 @@ def test_a_failed_trial_is_one_line_with_its_error_and_the_count_of_trials_done(
         assert tune_logger.filter(pruned) == kept
 
 
+def test_a_failed_trials_line_names_its_exception_not_the_last_line_of_error_txt():
+    """The line took error.txt's last line as the error: a CUDA error's last hint
+    (`Compile with TORCH_USE_CUDA_DSA ...`), and for a trial whose process was killed a
+    paragraph of 1,100 characters from Ray's account; it names the newest failure's exception
+    (a Train trial's worker's), or the dead process's pid and Ray's first sentence."""
+    frames = '  File "/x/loop.py", line 426, in train\n    self.step()\n           ^^^^^^\n'
+    cuda = (
+        "Failure # 1 (occurred at 2026-12-07_15-01-22)\n"
+        f"ray::ImplicitFunc.train() (pid=3445, ip=10.0.0.1)\n{frames}"
+        "ValueError: an earlier failure\n"
+        "Failure # 2 (occurred at 2026-12-07_15-01-33)\n"
+        f"ray::ImplicitFunc.train() (pid=3800, ip=10.0.0.1)\n{frames}"
+        "torch.AcceleratorError: CUDA error: device-side assert triggered\n"
+        "CUDA kernel errors might be asynchronously reported at some other API call\n"
+        "For debugging consider passing CUDA_LAUNCH_BLOCKING=1\n"
+        "Compile with `TORCH_USE_CUDA_DSA` to enable device-side assertions.\n\n"
+    )
+    train = (
+        f"Failure # 1 (occurred at 2026-12-07_15-01-22)\nray::ImplicitFunc.train()\n{frames}"
+        "ray.train.v2.api.exceptions.TrainingFailedError: Training failed due to worker errors:\n"
+        f"[Rank 0 Error Snippet]:\nTraceback (most recent call last):\n{frames}"
+        "raydeq.training.data.DataError: /data/cifar10 is missing\n"
+    )
+    killed = (
+        "Failure # 1 (occurred at 2026-12-07_15-04-35)\n"
+        "The actor died unexpectedly before finishing this task.\n"
+        "\tclass_name: ImplicitFunc\n\tactor_id: c18a42413b14a22ac3e9921501000000\n"
+        "\tpid: 7239\n\tip: 192.0.2.2\n"
+        "The actor is dead because its worker process has died. Worker exit type: "
+        "SYSTEM_ERROR Worker exit detail: Worker unexpectedly exits with a connection error "
+        "code 2. End of file. Some common causes include: (1) the process was killed by the "
+        "OOM killer due to high memory usage, (2) ray stop --force was called\n"
+    )
+    assert run.failure_reason(cuda) == "AcceleratorError: CUDA error: device-side assert triggered"
+    assert run.failure_reason(train) == "DataError: /data/cifar10 is missing"
+    assert run.failure_reason(killed) == (
+        "its process (pid 7239) died: The actor is dead because its worker process has died"
+    )
+    assert run.failure_reason("\n") is None
+
+
 def test_a_trial_asha_stopped_is_counted_stopped_while_the_run_goes_on():
     """A --report while the driver runs: of three seeds, one trained to its end, ASHA stopped
     one (Tune's TERMINATED, short of its last step) and one still runs. The Seeds cell read

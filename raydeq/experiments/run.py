@@ -14,6 +14,7 @@ import functools
 import math
 import os
 import posixpath
+import re
 from collections.abc import Callable
 from dataclasses import MISSING, dataclass
 from typing import Any
@@ -649,6 +650,31 @@ def tuner(experiment: Experiment, path: str, options: Options, resume: bool) -> 
     )
 
 
+def failure_reason(text: str) -> str | None:
+    """The newest failure of a trial's error.txt, where Tune appends `Failure # N` and the
+    error of each, as one line: the exception after the traceback's last frame (a Train
+    trial's: its worker's), without its module or the lines of its message after the first
+    (a CUDA error's hints); where the trial's process died (no traceback), its pid and the
+    first sentence of Ray's reason; else the last line; None where there is no text."""
+    block = re.split(r"^Failure # \d+.*$", text, flags=re.MULTILINE)[-1]
+    lines = [line.rstrip() for line in block.splitlines() if line.strip()]
+    if not lines:
+        return None
+    frames = [i for i, line in enumerate(lines) if line.startswith("  File ")]
+    if frames:
+        after = [line for line in lines[frames[-1] + 1 :] if not line[0].isspace()]
+        error = after[0] if after else lines[-1].strip()
+        match = launch.QUALIFIED_ERROR.match(error)
+        return match["error"] if match else error
+    pid = next(
+        (line.split(":")[1].strip() for line in lines if line.strip().startswith("pid:")), None
+    )
+    told = [line for line in lines[1:] if not line[0].isspace()]
+    if pid is None or not told:
+        return lines[-1].strip()
+    return f"its process (pid {pid}) died: {told[0].split('. ')[0].rstrip('.')}"
+
+
 def callbacks(experiment: Experiment, options: Options) -> list[tune.Callback]:
     """What Tune calls on the trials' events: result.json (the reports the results read),
     progress.csv and the trial lines."""
@@ -672,17 +698,14 @@ class TrialLines(tune.Callback):
 
     @staticmethod
     def failure(trial: Trial) -> str:
-        """`failed (Error: message)`: the exception that Tune's traceback (in the trial's
-        error.txt) ends with, without its module."""
+        """`failed (Error: message)`: the newest failure in the trial's error.txt
+        (`failure_reason`)."""
         try:
             with open(trial.error_file) as stream:
-                lines = [line.strip() for line in stream if line.strip()]
+                reason = failure_reason(stream.read())
         except (OSError, TypeError):
-            lines = []
-        if not lines:
-            return "failed"
-        match = launch.QUALIFIED_ERROR.match(lines[-1])
-        return f"failed ({match['error'] if match else lines[-1]})"
+            reason = None
+        return f"failed ({reason})" if reason else "failed"
 
     def on_trial_start(self, iteration: int, trials: list, trial: Trial, **info: Any) -> None:
         """Say that the trial started."""
