@@ -62,13 +62,15 @@ from raydeq.training.storage import (
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
-# Tune's log records that this command replaces, by logger and start: on Ctrl-C Tune names its
+# Tune's log records that this command replaces, by logger and starts: on Ctrl-C Tune names its
 # Python API ("Resume experiment with: Tuner.restore(...)") where this command prints the
-# command that resumes; a failed trial's traceback (20 to 60 lines, each time it fails) stays in
-# its error.txt, which the trial's own line names with the error.
+# command that resumes, and at the end lists the trials that did not finish by Tune's names of
+# them, where it says how many failed and the command that retries them; a failed trial's
+# traceback (20 to 60 lines, each time it fails) stays in its error.txt, which the trial's own
+# line names with the error.
 DROPPED_LOGS = {
-    "ray.tune.tune": "Experiment has been interrupted",
-    "ray.tune.execution.tune_controller": "Trial task failed for trial",
+    "ray.tune.tune": ("Experiment has been interrupted", "Trials did not complete"),
+    "ray.tune.execution.tune_controller": ("Trial task failed for trial",),
 }
 # A trial's folder in its experiment's, as a dry run shows it: Tune names it as the trial starts.
 UNNAMED_TRIAL = "<trial>"
@@ -110,9 +112,9 @@ def pruned_before_the_interruption(record: logging.LogRecord) -> bool:
 def drop_tune_logs() -> None:
     """Filter out Tune's log records that this command replaces (DROPPED_LOGS), and its errors
     over checkpoints pruned before an interruption."""
-    for name, start in DROPPED_LOGS.items():
+    for name, starts in DROPPED_LOGS.items():
         logging.getLogger(name).addFilter(
-            lambda record, start=start: not record.getMessage().startswith(start)
+            lambda record, starts=starts: not record.getMessage().startswith(starts)
         )
     logging.getLogger("ray.tune.execution.tune_controller").addFilter(
         lambda record: not pruned_before_the_interruption(record)
@@ -642,7 +644,14 @@ def launch_experiment(
     if unfinished:
         print(f"interrupted; resume with: {resume_command(args, path)}", file=sys.stderr)
         return EXIT_INTERRUPTED
-    return write_results(path, experiment, errors)
+    status = write_results(path, experiment, errors)
+    if errors and status != EXIT_INTERRUPTED:
+        print(
+            f"failed trials: {errors}, each named above with its error; --resume retries them "
+            f"from their last checkpoints: {resume_command(args, path)}",
+            file=sys.stderr,
+        )
+    return status
 
 
 def placement_notes(

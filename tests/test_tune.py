@@ -1248,8 +1248,9 @@ def test_a_run_with_failed_trials_exits_1_and_an_interrupted_one_130_with_its_re
     tmp_path, capsys, monkeypatch
 ):
     """The command's status once Tune returns: 0 when every trial finished, 1 when some failed
-    (the report is written either way), 130 with the command that resumes this experiment,
-    its storage and its name, when trials are left unfinished."""
+    (the report is written either way), with a last line counting them and naming the command
+    that retries them (the run ended on Tune's list of their ids), 130 with the command that
+    resumes this experiment, its storage and its name, when trials are left unfinished."""
     run_without_ray(monkeypatch)
     file = tmp_path / "tiny.yaml"
     file.write_text(yaml.safe_dump(TINY))
@@ -1263,8 +1264,13 @@ def test_a_run_with_failed_trials_exits_1_and_an_interrupted_one_130_with_its_re
         argv = [str(file), "--storage", str(storage), "--name", name]
         assert rt.main(argv) == status, name
         out, err = capsys.readouterr()
+        resume = f"python -m raydeq.tune {file} --resume --storage {storage} --name {name}"
+        if errors:
+            assert err.splitlines()[-1] == (
+                f"failed trials: {errors}, each named above with its error; --resume retries "
+                f"them from their last checkpoints: {resume}"
+            )
         if unfinished:
-            resume = f"python -m raydeq.tune {file} --resume --storage {storage} --name {name}"
             assert err.splitlines()[-1] == f"interrupted; resume with: {resume}"
             assert "table of" not in out
             # The command printed resumes the experiment it started (its settings are kept).
@@ -1887,6 +1893,10 @@ def test_a_failed_trial_is_one_line_with_its_error_and_the_count_of_trials_done(
     rt.drop_tune_logs()
     tune_logger = logging.getLogger(record.name)
     assert not tune_logger.filter(record) and tune_logger.filter(other)
+    listed = logging.makeLogRecord(
+        {"name": "ray.tune.tune", "msg": "Trials did not complete: %s", "args": (["t"],)}
+    )
+    assert not logging.getLogger(listed.name).filter(listed)
     # A resumed trial pruning a checkpoint its interrupted driver pruned already: nothing is
     # lost, and the record goes; any other failure over a checkpoint stays.
     gone = FileNotFoundError(f"Path not found: (fs, {tmp_path}/t/checkpoint_000132)")
