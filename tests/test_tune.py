@@ -2392,6 +2392,34 @@ def test_a_resume_archives_the_reports_only_a_checkpoint_kept_before_they_are_pr
     assert frame["loss"].tolist() == [1 / 10, 1 / 20, 1 / 30, 1 / 40]
 
 
+def test_a_trial_restarted_after_a_failure_archives_the_reports_only_its_checkpoints_kept(
+    tmp_path,
+):
+    """Tune restarts a failed trial with the storage's copy of its result.json, which the
+    driver syncs every 10 s or more: a trial killed 8 steps after its checkpoint of step 22
+    ended with an empty result.json, its report of step 22 kept only in that checkpoint,
+    which a trial going on prunes. The trial's start archives such reports, once; a trial's
+    first start, with no folder yet, writes nothing."""
+    trial = tmp_path / "trial_0"
+    archive.archive_unrecorded(str(trial))
+    assert not trial.exists()
+    trial.mkdir()
+    write_reports(trial / archive.RESULT_FILE, [{"step": 10, "loss": 1 / 10}])
+    reports = [{"step": 10, "loss": 1 / 10}, {"step": 20, "loss": 1 / 20}]
+    write_checkpoint({"step": 20}, trial / "checkpoint_000000", reports)
+    write_checkpoint({"step": 30}, trial / "checkpoint_000001", [{"step": 30, "loss": 1 / 30}])
+    archive.archive_unrecorded(str(trial))
+    archive.archive_unrecorded(str(trial))  # nothing new: no second archive
+    archived = (trial / f"{archive.ARCHIVE_PREFIX}0.json").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in archived] == [20, 30]
+    for folder in trial.glob("checkpoint_*"):
+        shutil.rmtree(folder)
+    assert len(list(trial.glob(f"{archive.ARCHIVE_PREFIX}*"))) == 1
+    frame = archive.history(str(trial))
+    assert frame["step"].tolist() == [10, 20, 30]
+    assert frame["loss"].tolist() == [1 / 10, 1 / 20, 1 / 30]
+
+
 def test_a_resume_archives_the_whole_reports_of_a_checkpoint_copy_cut_short_without_a_manifest(
     tmp_path,
 ):

@@ -1,8 +1,9 @@
-"""A trial's reports across resumes: Ray Tune starts a trial's result.json anew in a Ray session
-where the trial has no checkpoint, so before a resume the reports that no archive holds yet are
-archived next to it (`archive_results`), with those a stopped driver never recorded, which only
-the checkpoints that the resumed trial prunes kept; `history` joins them back in step order,
-with those of the checkpoints still there."""
+"""A trial's reports across resumes and restarts: Ray Tune starts a trial's result.json anew in a
+Ray session where the trial has no checkpoint, so before a resume the reports that no archive
+holds yet are archived next to it (`archive_results`), with those a stopped driver never
+recorded, which only the checkpoints that the resumed trial prunes kept, and as a trial starts
+those that only its checkpoints keep (`archive_unrecorded`); `history` joins them back in step
+order, with those of the checkpoints still there."""
 
 from __future__ import annotations
 
@@ -74,10 +75,31 @@ def archive_results(path: str) -> None:
         trial_path = f"{path.rstrip('/')}/{folder.rsplit('/', 1)[-1]}"
         unrecorded = _unrecorded(fs, trial_path, [*earlier, current])
         lines = unrecorded + _unarchived(fs, current, earlier)  # a line cut short stays last
-        if lines:
-            number = max(numbered, default=-1) + 1  # past a gap: none is written over
-            with fs.open_output_stream(f"{folder}/{ARCHIVE_PREFIX}{number}.json") as out:
-                out.write(b"".join(lines))
+        _write_archive(fs, folder, numbered, lines)
+
+
+def archive_unrecorded(trial_path: str) -> None:
+    """Archive the reports that the checkpoints of the trial at `trial_path` keep and none of
+    its result files holds, as a trial starts: Tune restarts a failed trial with the storage's
+    copy of its result file, which the driver syncs every 10 s or more, so the reports since
+    that copy were left only in the checkpoints that the restarted trial then prunes."""
+    fs, folder = filesystem(trial_path)
+    if fs.get_file_info(folder).type != pyarrow.fs.FileType.Directory:
+        return  # a trial's first start: nothing stored yet
+    numbered = _archived(fs, folder)
+    files = [*numbered.values(), f"{folder}/{RESULT_FILE}"]
+    _write_archive(fs, folder, numbered, _unrecorded(fs, trial_path, files))
+
+
+def _write_archive(
+    fs: pyarrow.fs.FileSystem, folder: str, numbered: dict[int, str], lines: list[bytes]
+) -> None:
+    """Write `lines` as the next archive of the trial `folder`, whose archives are `numbered`;
+    nothing where there are none."""
+    if lines:
+        number = max(numbered, default=-1) + 1  # past a gap: none is written over
+        with fs.open_output_stream(f"{folder}/{ARCHIVE_PREFIX}{number}.json") as out:
+            out.write(b"".join(lines))
 
 
 def _unarchived(fs: pyarrow.fs.FileSystem, file: str, archives: list[str]) -> list[bytes]:

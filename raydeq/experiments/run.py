@@ -33,7 +33,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import BasicVariantGenerator, SearchAlgorithm, Searcher, SearchGenerator
 
 from raydeq.experiments import search as searchers
-from raydeq.experiments.archive import archive_results, history
+from raydeq.experiments.archive import archive_results, archive_unrecorded, history
 from raydeq.experiments.results import (
     SUPERSEDED_FOLDER,
     files_matching,
@@ -115,6 +115,7 @@ def run_trial(
     if in_process(cfg):
         from raydeq.training.loop import Loop  # the trial's process trains (see launch)
 
+        archive_unrecorded(trial_dir)  # a restart's result file is the storage's copy
         held = context.get_trial_resources().required_resources.get("GPU", 0)
         Loop(cfg, TuneTrial(trial_dir, use_gpu=held > 0)).run()
         return
