@@ -1873,7 +1873,7 @@ def test_a_failed_trial_is_one_line_with_its_error_and_the_count_of_trials_done(
         status="RUNNING",
     )
     done = SimpleNamespace(status="TERMINATED")
-    lines = run.TrialLines(total=3, experiment=spec.from_dict("x", TINY))
+    lines = run.TrialLines(3, spec.from_dict("x", TINY), str(tmp_path.parent))
     lines.on_trial_recover(0, [done, trial], trial)
     lines.on_trial_error(0, [done, trial], trial)
     recovered, failed = capsys.readouterr().out.splitlines()
@@ -1951,6 +1951,19 @@ def test_a_failed_trials_line_names_its_exception_not_the_last_line_of_error_txt
         "its process (pid 7239) died: The actor is dead because its worker process has died"
     )
     assert run.failure_reason("\n") is None
+
+
+def test_a_failed_trials_error_file_is_named_at_its_experiments_uri(capsys):
+    """Tune's trial.path has no URI scheme: a failed trial of an experiment on S3 named its
+    traceback `bucket/runs/x/t1_seed=1/error.txt`, no file a reader could open; the line names
+    it in the experiment's folder, `s3://bucket/runs/x/t1_seed=1/error.txt`."""
+    trial = SimpleNamespace(
+        config={"seed": 1}, error_file=None, path="bucket/runs/x/t1_seed=1", status="ERROR"
+    )
+    lines = run.TrialLines(1, spec.from_dict("x", TINY), "s3://bucket/runs/x")
+    lines.on_trial_error(0, [trial], trial)
+    where = "s3://bucket/runs/x/t1_seed=1/error.txt"
+    assert capsys.readouterr().out == f"trial seed=1: failed, see {where} (1 of 1 trials done)\n"
 
 
 def test_a_trial_asha_stopped_is_counted_stopped_while_the_run_goes_on():
@@ -3330,7 +3343,7 @@ def test_a_trial_asha_stopped_after_tunes_last_save_stays_stopped_on_resume(tmp_
     def stop(trial: RestoredTrial) -> None:
         """Stop the trial as Tune does, its line printed."""
         stopped.append(trial.trial_id)
-        run.TrialLines(total=3, experiment=spec.from_dict("x", TINY)).on_trial_complete(
+        run.TrialLines(3, spec.from_dict("x", TINY), "runs/x").on_trial_complete(
             0, list(trials.values()), trial
         )
         trial.status = run.Trial.TERMINATED
@@ -3394,7 +3407,7 @@ def test_a_trial_asha_let_through_before_the_kill_is_resumed_though_later_report
 
 
 def test_a_trial_that_reaches_its_last_step_finished_and_one_cut_short_stopped_early(capsys):
-    lines = run.TrialLines(total=2, experiment=spec.from_dict("x", TINY))
+    lines = run.TrialLines(2, spec.from_dict("x", TINY), "runs/x")
     for step in (6, 3):
         result = {"step": step, "total_steps": 6, "test_accuracy": 0.5}
         trial = SimpleNamespace(config={"variant": {"label": "Skip"}}, last_result=result)
@@ -3411,7 +3424,7 @@ def test_a_trial_has_a_line_when_it_starts_and_for_each_report_of_its_training(c
     shown. A Neural ODE's line leaves out its training unconverged_fraction, 1 at every step
     (its z(t1) is no steady state), as its training's own line does: each of its lines showed
     'unconverged 1'."""
-    lines = run.TrialLines(total=4, experiment=spec.from_dict("x", TINY))
+    lines = run.TrialLines(4, spec.from_dict("x", TINY), "runs/x")
     trial = SimpleNamespace(config={"variant": {"label": "Skip"}}, last_result=None)
     lines.on_trial_start(0, [trial], trial)
     report = {"epoch": 0.5, "step": 3, "total_steps": 6, "train_loss": 0.25}
@@ -3446,7 +3459,7 @@ def test_a_failed_trial_counts_once_among_the_trials_done_and_fails_without_an_e
     trial = SimpleNamespace(
         config={"variant": {"label": "Skip"}}, error_file=None, path=str(tmp_path), status="ERROR"
     )
-    lines = run.TrialLines(total=5, experiment=spec.from_dict("x", TINY))
+    lines = run.TrialLines(5, spec.from_dict("x", TINY), str(tmp_path.parent))
     lines.on_trial_error(0, [*others, trial], trial)
     (tmp_path / "error.txt").write_text("\n \n")
     trial.error_file = str(tmp_path / "error.txt")
@@ -4408,7 +4421,7 @@ def test_a_restart_without_a_limit_says_so_rather_than_of_minus_1(tmp_path, caps
         max_failures=-1,
         status="RUNNING",
     )
-    run.TrialLines(total=1, experiment=spec.from_dict("x", TINY)).on_trial_recover(
+    run.TrialLines(1, spec.from_dict("x", TINY), str(tmp_path.parent)).on_trial_recover(
         0, [trial], trial
     )
     assert capsys.readouterr().out == "trial Skip: failed; restart 4 (no limit)\n"

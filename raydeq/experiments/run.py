@@ -610,7 +610,7 @@ def tuner(experiment: Experiment, path: str, options: Options, resume: bool) -> 
         # Tune restores the callbacks pickled when the experiment started: this raydeq's
         # classes with the attributes of the raydeq that started it (an older TrialLines had
         # no total, and the first trial to end stopped the resumed run). It takes this one's.
-        restored._local_tuner.get_run_config().callbacks = callbacks(experiment, options)
+        restored._local_tuner.get_run_config().callbacks = callbacks(experiment, options, path)
         # ... and the scheduler and search pickled with the folder the experiment started in:
         # a copy resumed elsewhere rebuilt ASHA's rungs from there, or from nothing once it
         # was gone, and stored its new trials there. It takes ones for the folder of now.
@@ -645,7 +645,7 @@ def tuner(experiment: Experiment, path: str, options: Options, resume: bool) -> 
             failure_config=tune.FailureConfig(
                 max_failures=cfg.scaling.max_failures if in_process(cfg) else 0
             ),
-            callbacks=callbacks(experiment, options),
+            callbacks=callbacks(experiment, options, path),
             verbose=0,
         ),
     )
@@ -676,21 +676,21 @@ def failure_reason(text: str) -> str | None:
     return f"its process (pid {pid}) died: {told[0].split('. ')[0].rstrip('.')}"
 
 
-def callbacks(experiment: Experiment, options: Options) -> list[tune.Callback]:
+def callbacks(experiment: Experiment, options: Options, path: str) -> list[tune.Callback]:
     """What Tune calls on the trials' events: result.json (the reports the results read),
-    progress.csv and the trial lines."""
+    progress.csv and the lines of the trials of the experiment at `path`."""
     total = trial_count(experiment, options.num_samples)
-    return [JsonLoggerCallback(), CSVLoggerCallback(), TrialLines(total, experiment)]
+    return [JsonLoggerCallback(), CSVLoggerCallback(), TrialLines(total, experiment, path)]
 
 
 class TrialLines(tune.Callback):
     """One line per trial event, named by the trial's label: started, each report, finished and
     failed with how many of the experiment's `total` trials have ended (the workers' own
-    output stays in Ray's logs)."""
+    output stays in Ray's logs) and where, in the experiment's folder `path`, its error.txt is."""
 
-    def __init__(self, total: int, experiment: Experiment) -> None:
-        """Lines for `experiment`, of `total` trials."""
-        self.total, self.experiment = total, experiment
+    def __init__(self, total: int, experiment: Experiment, path: str) -> None:
+        """Lines for `experiment` at `path` (a folder or a URI), of `total` trials."""
+        self.total, self.experiment, self.path = total, experiment, path
 
     def ended(self, trials: list, trial: Trial) -> str:
         """' (n of total trials done)', counting `trial` as ended."""
@@ -744,9 +744,10 @@ class TrialLines(tune.Callback):
         print(f"trial {describe(trial.config)}: {failed}; restart {count}", flush=True)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Trial, **info: Any) -> None:
-        """Say why the trial failed for good and where its traceback is."""
+        """Say why the trial failed for good and where its traceback is: in its folder in the
+        experiment's, a URI's too (Tune's trial.path has no scheme: `bucket/runs/...`)."""
         failed, done = self.failure(trial), self.ended(trials, trial)
-        where = f"{trial.path}/error.txt"
+        where = f"{trial_folder(self.path, trial)}/error.txt"
         print(f"trial {describe(trial.config)}: {failed}, see {where}{done}", flush=True)
 
 
