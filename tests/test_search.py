@@ -1110,13 +1110,9 @@ def test_the_hparams_tab_types_and_measures_come_from_every_trial_not_one_of_the
     }
 
 
-def test_the_hparams_view_has_the_settings_each_trial_drew_at_their_drawn_values(tmp_path):
-    """A search over variant, solver, abstol and adjoint that draws lambda_skip for skip_reg
-    alone: the view took every setting that differed between trials, so the vanilla trial,
-    which drew no lambda_skip, showed the base's 0.2 (inside the range a skip_reg trial draws
-    from, filtered and plotted as if drawn), and the adjoint's options that a gmres adjoint
-    implies (rtol 0.005, max_iters 15) showed as two searched columns; each entry now has the
-    settings its trial drew, at their values, and an entry written before is written again."""
+def _adjoint_search() -> tuple[spec.Experiment, dict[str, dict]]:
+    """SEARCH with the adjoint drawn too, and three trials' configs as drawn: a labelled vanilla
+    point, a vanilla and a skip_reg trial (which alone draws lambda_skip, and anderson's m)."""
     model = {**SEARCH["space"]["model"], "adjoint": {"choice": ["gmres", "jfb"]}}
     experiment = spec.from_dict("s", {**TINY, "search": {**SEARCH, "space": {"model": model}}})
     drawn = {
@@ -1130,6 +1126,17 @@ def test_the_hparams_view_has_the_settings_each_trial_drew_at_their_drawn_values
             "train": {"lambda_skip": 0.5},
         },
     }
+    return experiment, drawn
+
+
+def test_the_hparams_view_has_the_settings_each_trial_drew_at_their_drawn_values(tmp_path):
+    """A search over variant, solver, abstol and adjoint that draws lambda_skip for skip_reg
+    alone: the view took every setting that differed between trials, so the vanilla trial,
+    which drew no lambda_skip, showed the base's 0.2 (inside the range a skip_reg trial draws
+    from, filtered and plotted as if drawn), and the adjoint's options that a gmres adjoint
+    implies (rtol 0.005, max_iters 15) showed as two searched columns; each entry now has the
+    settings its trial drew, at their values, and an entry written before is written again."""
+    experiment, drawn = _adjoint_search()
     frame = pd.DataFrame({"step": [10], "epoch": [100.0], "test_accuracy": [0.75]})
     rows = [
         results.trial_row(
@@ -1175,19 +1182,7 @@ def test_the_front_tables_show_each_trials_settings_where_it_drew_them():
     gmres ones the adjoint's rtol 0.005 and max_iters 15, which no dimension draws; a column now
     holds the values the trials drew, empty where a trial drew none, and the implied ones are
     gone."""
-    model = {**SEARCH["space"]["model"], "adjoint": {"choice": ["gmres", "jfb"]}}
-    experiment = spec.from_dict("s", {**TINY, "search": {**SEARCH, "space": {"model": model}}})
-    drawn = {
-        "00000": {"variant": {"label": "Vanilla"}, "model": {"variant": "vanilla"}},
-        "00001": {
-            "model": {"variant": "vanilla", "solver": "vcab3", "abstol": 0.25, "adjoint": "gmres"}
-        },
-        "00002": {
-            "model": {"variant": "skip_reg", "solver": "anderson", "abstol": 0.125}
-            | {"adjoint": "jfb", "solver_options": {"m": 3}},
-            "train": {"lambda_skip": 0.5},
-        },
-    }
+    experiment, drawn = _adjoint_search()
     measured = [(0.5, 4.0), (0.625, 8.0), (0.75, 16.0)]  # (test accuracy, test NFE)
     rows = [
         results.trial_row(
