@@ -1953,6 +1953,28 @@ def test_a_failed_trials_line_names_its_exception_not_the_last_line_of_error_txt
     assert run.failure_reason("\n") is None
 
 
+def test_a_trial_of_several_workers_whose_worker_died_names_its_pid_not_trains_wrapper():
+    """A trial of two workers whose second worker was killed (SIGKILL, the OOM killer) failed
+    with Train's `WorkerGroupError: Training failed due to worker errors:` after the trial's
+    own frames, its worker's account of the death below it; the line named that wrapper,
+    neither the worker's pid nor why it died. It names them, as for a trial of one process."""
+    frames = '  File "/x/run.py", line 120, in run_trial\n    launch.fit(cfg)\n'
+    died = (
+        "Failure # 1 (occurred at 2026-12-07_15-04-35)\n"
+        f"ray::ImplicitFunc.train() (pid=3445, ip=10.0.0.1)\n{frames}"
+        "ray.train.v2.api.exceptions.WorkerGroupError: Training failed due to worker errors:\n"
+        "[Rank 1 Error Snippet]:\nA worker health check failed.\n"
+        "Worker info: Worker(actor=Actor(RayTrainWorker, 5e1f), metadata=...)\n"
+        "The actor died unexpectedly before finishing this task.\n"
+        "\tclass_name: RayTrainWorker\n\tactor_id: 5e1f\n\tpid: 8123\n\tip: 192.0.2.2\n"
+        "The actor is dead because its worker process has died. Worker exit type: "
+        "SYSTEM_ERROR Worker exit detail: Worker unexpectedly exits with a connection error\n"
+    )
+    assert run.failure_reason(died) == (
+        "its process (pid 8123) died: The actor is dead because its worker process has died"
+    )
+
+
 def test_a_failed_trials_error_file_is_named_at_its_experiments_uri(capsys):
     """Tune's trial.path has no URI scheme: a failed trial of an experiment on S3 named its
     traceback `bucket/runs/x/t1_seed=1/error.txt`, no file a reader could open; the line names

@@ -81,6 +81,8 @@ UNBOUNDED_STEPS = 2**31
 # The search settings that only ASHA reads.
 ASHA_SETTINGS = ("grace_period", "reduction_factor", "max_t")
 UNFINISHED = (Trial.PENDING, Trial.RUNNING, Trial.PAUSED)
+# The pid line of Ray's account of a dead actor's process (`ActorDiedError`), tab-indented.
+DEAD_PID = re.compile(r"^\s+pid: (?P<pid>\d+)$")
 ENDED = (Trial.TERMINATED, Trial.ERROR)
 # The mode of a search that set none, in experiments stored before settings stored their mode.
 OLD_MODE = "max"
@@ -653,27 +655,26 @@ def tuner(experiment: Experiment, path: str, options: Options, resume: bool) -> 
 
 def failure_reason(text: str) -> str | None:
     """The newest failure of a trial's error.txt, where Tune appends `Failure # N` and the
-    error of each, as one line: the exception after the traceback's last frame (a Train
-    trial's: its worker's), without its module or the lines of its message after the first
-    (a CUDA error's hints); where the trial's process died (no traceback), its pid and the
-    first sentence of Ray's reason; else the last line; None where there is no text."""
+    error of each, as one line: where a process of the trial died (Ray's account after the
+    last frame, or without a traceback: a Train trial's worker's below Train's
+    WorkerGroupError), its pid and the first sentence of Ray's reason; else the exception
+    after the traceback's last frame (a Train trial's: its worker's), without its module or
+    the lines of its message after the first (a CUDA error's hints); else the last line; None
+    where there is no text."""
     block = re.split(r"^Failure # \d+.*$", text, flags=re.MULTILINE)[-1]
     lines = [line.rstrip() for line in block.splitlines() if line.strip()]
     if not lines:
         return None
     frames = [i for i, line in enumerate(lines) if line.startswith("  File ")]
-    if frames:
-        after = [line for line in lines[frames[-1] + 1 :] if not line[0].isspace()]
-        error = after[0] if after else lines[-1].strip()
-        match = launch.QUALIFIED_ERROR.match(error)
-        return match["error"] if match else error
-    pid = next(
-        (line.split(":")[1].strip() for line in lines if line.strip().startswith("pid:")), None
-    )
-    told = [line for line in lines[1:] if not line[0].isspace()]
-    if pid is None or not told:
-        return lines[-1].strip()
-    return f"its process (pid {pid}) died: {told[0].split('. ')[0].rstrip('.')}"
+    tail = lines[frames[-1] + 1 :] if frames else lines
+    pids = [(i, found["pid"]) for i, line in enumerate(tail) if (found := DEAD_PID.match(line))]
+    told = [line for line in tail[pids[0][0] + 1 :] if not line[0].isspace()] if pids else []
+    if told:
+        return f"its process (pid {pids[0][1]}) died: {told[0].split('. ')[0].rstrip('.')}"
+    after = [line for line in tail if not line[0].isspace()] if frames else []
+    error = after[0] if after else lines[-1].strip()
+    match = launch.QUALIFIED_ERROR.match(error)
+    return match["error"] if match and frames else error
 
 
 def callbacks(experiment: Experiment, options: Options, path: str) -> list[tune.Callback]:
