@@ -1975,6 +1975,21 @@ def test_a_trial_of_several_workers_whose_worker_died_names_its_pid_not_trains_w
     )
 
 
+def test_a_trial_whose_process_died_without_a_pid_names_the_first_sentence_of_rays_reason():
+    """Ray writes no pid line for an actor whose process it never saw start (its node died
+    first); the line then named the last line of Ray's account, its node's reason of 500
+    characters. It names the first sentence of the reason, without a pid."""
+    node = "The actor died because its node has died. Node ID: 8a1f. " + "x" * 500
+    died = (
+        "Failure # 1 (occurred at 2026-12-07_15-04-35)\n"
+        "The actor died unexpectedly before finishing this task.\n"
+        f"\tclass_name: ImplicitFunc\n\tactor_id: c18a\n\tip: 192.0.2.2\n{node}\n"
+    )
+    assert run.failure_reason(died) == (
+        "its process died: The actor died because its node has died"
+    )
+
+
 def test_a_failed_trials_error_file_is_named_at_its_experiments_uri(capsys):
     """Tune's trial.path has no URI scheme: a failed trial of an experiment on S3 named its
     traceback `bucket/runs/x/t1_seed=1/error.txt`, no file a reader could open; the line names

@@ -81,7 +81,9 @@ UNBOUNDED_STEPS = 2**31
 # The search settings that only ASHA reads.
 ASHA_SETTINGS = ("grace_period", "reduction_factor", "max_t")
 UNFINISHED = (Trial.PENDING, Trial.RUNNING, Trial.PAUSED)
-# The pid line of Ray's account of a dead actor's process (`ActorDiedError`), tab-indented.
+# Ray's account of a dead actor's process (`ActorDiedError`): its first line, then tab-indented
+# facts (a pid line where the process had started), then the reason.
+DIED = ray.exceptions.ActorDiedError.BASE_ERROR_MSG
 DEAD_PID = re.compile(r"^\s+pid: (?P<pid>\d+)$")
 ENDED = (Trial.TERMINATED, Trial.ERROR)
 # The mode of a search that set none, in experiments stored before settings stored their mode.
@@ -657,20 +659,22 @@ def failure_reason(text: str) -> str | None:
     """The newest failure of a trial's error.txt, where Tune appends `Failure # N` and the
     error of each, as one line: where a process of the trial died (Ray's account after the
     last frame, or without a traceback: a Train trial's worker's below Train's
-    WorkerGroupError), its pid and the first sentence of Ray's reason; else the exception
-    after the traceback's last frame (a Train trial's: its worker's), without its module or
-    the lines of its message after the first (a CUDA error's hints); else the last line; None
-    where there is no text."""
+    WorkerGroupError), its pid where Ray has one and the first sentence of Ray's reason; else
+    the exception after the traceback's last frame (a Train trial's: its worker's), without
+    its module or the lines of its message after the first (a CUDA error's hints); else the
+    last line; None where there is no text."""
     block = re.split(r"^Failure # \d+.*$", text, flags=re.MULTILINE)[-1]
     lines = [line.rstrip() for line in block.splitlines() if line.strip()]
     if not lines:
         return None
     frames = [i for i, line in enumerate(lines) if line.startswith("  File ")]
     tail = lines[frames[-1] + 1 :] if frames else lines
-    pids = [(i, found["pid"]) for i, line in enumerate(tail) if (found := DEAD_PID.match(line))]
-    told = [line for line in tail[pids[0][0] + 1 :] if not line[0].isspace()] if pids else []
+    account = tail[tail.index(DIED) + 1 :] if DIED in tail else []
+    pid = next((found["pid"] for line in account if (found := DEAD_PID.match(line))), None)
+    told = [line for line in account if not line[0].isspace()]
     if told:
-        return f"its process (pid {pids[0][1]}) died: {told[0].split('. ')[0].rstrip('.')}"
+        process = f"its process (pid {pid})" if pid else "its process"
+        return f"{process} died: {told[0].split('. ')[0].rstrip('.')}"
     after = [line for line in tail if not line[0].isspace()] if frames else []
     error = after[0] if after else lines[-1].strip()
     match = launch.QUALIFIED_ERROR.match(error)
