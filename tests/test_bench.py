@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import raydeq.bench.__main__ as bench_main
+from raydeq import solve
 from raydeq.bench.__main__ import MAX_THREADS, check_device, main, parse, parse_weights
 from raydeq.bench.harness import cases, gradients, models, timing, training
 from raydeq.bench.harness import report as report_module
@@ -270,9 +271,9 @@ def test_a_raydeq_solve_stopped_short_of_the_tolerance_is_not_the_best_against_t
 
 
 def test_a_backward_case_counts_the_backwards_vjps_and_evaluations_apart():
-    """Three unrolled applications of f from z0 = 0: the backward takes a VJP through the
-    second and third (the first's input needs no gradient) and evaluates f never; its error
-    is relative to the reference passed in (here autograd's gradient, then twice it)."""
+    """Three unrolled applications of f from z0 = 0: the backward takes a VJP through each
+    (the first's to W and x alone, its input needing no gradient) and evaluates f never; its
+    error is relative to the reference passed in (here autograd's gradient, then twice it)."""
     problem = SpectralProblem(Spectrum(dim=6, batch=2), CPU, torch.float64)
     problem.weight.requires_grad_(True)
     problem.x.requires_grad_(True)
@@ -285,8 +286,28 @@ def test_a_backward_case_counts_the_backwards_vjps_and_evaluations_apart():
     doubled = (2 * exact[0], 2 * exact[1])
     for reference, error in ((exact, 0.0), (doubled, 0.5)):
         outcome = time_call(backward_case(problem, forward, cotangent, reference)(), CPU)[1]
-        assert (outcome.nfe, outcome.nvjp) == (0, 2)
+        assert (outcome.nfe, outcome.nvjp) == (0, 3)
         assert outcome.error == pytest.approx(error, abs=1e-12)
+
+
+@pytest.mark.parametrize(("adjoint", "products"), [("gmres", 11), ("fixed_point", 60)])
+def test_a_backward_case_counts_an_implicit_backwards_vjps_as_its_solve_does(adjoint, products):
+    """The counter tapped f's input, so the implicit adjoint's last product, to W and x alone,
+    went uncounted: the adjoints and torchdeq suites' VJPs read 10 and 59 here, where the
+    solve's own backward_nvjp read 11 and 60. It taps f's output now: every product counts."""
+    setup = GradientSetup.make(Context(CPU, "tiny"), Spectrum(dim=16, batch=4, slow_eig=0.8))
+    problem, solved = setup.problem, []
+
+    def forward() -> torch.Tensor:
+        options = {"rtol": 1e-6, "max_iters": 2000}
+        sol = solve(
+            problem.f, problem.z0(), "anderson", adjoint, 1e-9, 0.0, adjoint_options=options
+        )
+        solved.append(sol)
+        return solved[-1].z
+
+    outcome = time_call(setup.case(forward)(), CPU)[1]
+    assert outcome.nvjp == solved[-1].stats.backward_nvjp == products
 
 
 def test_measure_interleaves_rotated_rounds_and_keeps_the_last_value():
@@ -1299,7 +1320,7 @@ def test_a_cases_true_residual_and_gradient_error_are_computed_after_its_clock_s
     cotangent = torch.ones(2, 6, dtype=torch.float64)
     leaves = [problem.weight, problem.x]
 
-    def forward() -> torch.Tensor:  # the VJP through the second application is the only one
+    def forward() -> torch.Tensor:  # a VJP through each application
         return problem.f(problem.f(problem.z0()))
 
     exact = torch.autograd.grad((cotangent * forward()).sum(), leaves)
@@ -1311,7 +1332,7 @@ def test_a_cases_true_residual_and_gradient_error_are_computed_after_its_clock_s
     monkeypatch.setattr(cases, "gradient_error", error)
     seconds, outcome = time_call(backward_case(problem, forward, cotangent, exact)(), CPU)
     assert seconds == 4.0 and events == ["clock", "clock", "error"]
-    assert (outcome.nvjp, outcome.error) == (1, 0.0)
+    assert (outcome.nvjp, outcome.error) == (2, 0.0)
 
 
 def test_a_markdown_table_has_a_rule_per_column_and_cells_in_column_order():

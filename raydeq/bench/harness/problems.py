@@ -27,12 +27,14 @@ class Counter:
 
 
 class _Tap(torch.autograd.Function):
-    """Identity whose backward counts one vector-Jacobian product."""
+    """Identity on f's output whose backward counts one vector-Jacobian product: every
+    backward through f passes it, the one to W and x alone included (an implicit adjoint's
+    last product, which a tap on f's input missed)."""
 
     @staticmethod
-    def forward(ctx: torch.autograd.function.FunctionCtx, z: Tensor, counter: Counter) -> Tensor:
+    def forward(ctx: torch.autograd.function.FunctionCtx, out: Tensor, counter: Counter) -> Tensor:
         ctx.counter = counter
-        return z.view_as(z)
+        return out.view_as(out)
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor, None]:
@@ -77,7 +79,7 @@ class SpectralProblem:
     def f(self, z: Tensor) -> Tensor:
         """One counted evaluation of f at z (B, dim)."""
         self.counter.nfe += 1
-        return torch.tanh(_Tap.apply(z, self.counter)) @ self.weight.T + self.x
+        return _Tap.apply(torch.tanh(z) @ self.weight.T + self.x, self.counter)
 
     def z0(self) -> Tensor:
         """The zero initial state."""
