@@ -30,12 +30,12 @@ from raydeq.experiments.spec import (
     Experiment,
     check_draws,
     check_repeats,
-    describe,
     expand,
     load,
     locate,
     set_by_each_trial,
     trial_count,
+    trial_label,
 )
 from raydeq.training import data, launch, runlock
 from raydeq.training.caller import process_kept
@@ -465,7 +465,7 @@ def dry_run(
     lines = []  # every trial checked before the first is printed
     for sampled in trials:
         cfg = run.trial_config(experiment, sampled, f"{path.rstrip('/')}/{UNNAMED_TRIAL}")
-        label = describe(sampled) or experiment.name
+        label = trial_label(experiment, sampled)
         config = {k: v for k, v in cfg.to_dict().items() if k != "search"}  # a trial has none
         lines.append(json.dumps({"label": label, "experiment": path, "config": config}))
     print("\n".join(lines))

@@ -3486,6 +3486,25 @@ def test_a_trial_has_a_line_when_it_starts_and_for_each_report_of_its_training(c
     ]
 
 
+def test_the_trial_of_a_file_of_one_point_is_named_by_the_experiment(capsys):
+    """A file without variants or a space samples nothing to name its trial by: its lines read
+    `trial : started` and `[] epoch ...`, where its --dry-run line named it by the experiment;
+    both, and the trial's config, name it so."""
+    experiment = spec.from_dict("one", TINY)
+    lines = run.TrialLines(1, experiment, "runs/one")
+    trial = SimpleNamespace(config={}, last_result={"step": 6, "total_steps": 6})
+    lines.on_trial_start(0, [trial], trial)
+    report = {"epoch": 0.5, "step": 3, "total_steps": 6, "train_loss": 0.25}
+    lines.on_trial_result(0, [trial], trial, report)
+    lines.on_trial_complete(0, [trial], trial)
+    assert capsys.readouterr().out.splitlines() == [
+        "trial one: started",
+        "[one] epoch 0.50 step 3/6 loss 0.25",
+        "trial one: finished at step 6 (1 of 1 trials done)",
+    ]
+    assert run.trial_config(experiment, {}, "runs/one/t").label == "one"
+
+
 def test_a_failed_trial_counts_once_among_the_trials_done_and_fails_without_an_error_file(
     tmp_path, capsys
 ):

@@ -43,11 +43,11 @@ from raydeq.experiments.results import (
 )
 from raydeq.experiments.spec import (
     Experiment,
-    describe,
     from_dict,
     searched_keys,
     trial_config,
     trial_count,
+    trial_label,
     trial_name,
 )
 from raydeq.training import capacity, launch
@@ -697,6 +697,10 @@ class TrialLines(tune.Callback):
         """Lines for `experiment` at `path` (a folder or a URI), of `total` trials."""
         self.total, self.experiment, self.path = total, experiment, path
 
+    def label(self, trial: Trial) -> str:
+        """The trial's label in its lines (`trial_label`)."""
+        return trial_label(self.experiment, trial.config)
+
     def ended(self, trials: list, trial: Trial) -> str:
         """' (n of total trials done)', counting `trial` as ended."""
         done = 1 + sum(other.status in ENDED for other in trials if other is not trial)
@@ -715,7 +719,7 @@ class TrialLines(tune.Callback):
 
     def on_trial_start(self, iteration: int, trials: list, trial: Trial, **info: Any) -> None:
         """Say that the trial started."""
-        print(f"trial {describe(trial.config)}: started", flush=True)
+        print(f"trial {self.label(trial)}: started", flush=True)
 
     def on_trial_result(
         self, iteration: int, trials: list, trial: Trial, result: dict, **info: Any
@@ -724,7 +728,7 @@ class TrialLines(tune.Callback):
         as its training prints it (a Neural ODE's leaves out its unconverged_fraction)."""
         if "total_steps" in result:
             variant = self.experiment.trial_config(trial.config).model.variant
-            line = progress_line(describe(trial.config), result, variant == "neural_ode")
+            line = progress_line(self.label(trial), result, variant == "neural_ode")
             print(line, flush=True)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Trial, **info: Any) -> None:
@@ -740,20 +744,20 @@ class TrialLines(tune.Callback):
             else f"finished at step {step}"
         )
         done = self.ended(trials, trial)
-        print(f"trial {describe(trial.config)}: {ended}{shown}{done}", flush=True)
+        print(f"trial {self.label(trial)}: {ended}{shown}{done}", flush=True)
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Trial, **info: Any) -> None:
         """Say why the trial failed and which of its allowed restarts follows."""
         limit = f"of {trial.max_failures}" if trial.max_failures >= 0 else "(no limit)"
         failed, count = self.failure(trial), f"{trial.num_failures} {limit}"
-        print(f"trial {describe(trial.config)}: {failed}; restart {count}", flush=True)
+        print(f"trial {self.label(trial)}: {failed}; restart {count}", flush=True)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Trial, **info: Any) -> None:
         """Say why the trial failed for good and where its traceback is: in its folder in the
         experiment's, a URI's too (Tune's trial.path has no scheme: `bucket/runs/...`)."""
         failed, done = self.failure(trial), self.ended(trials, trial)
         where = f"{trial_folder(self.path, trial)}/error.txt"
-        print(f"trial {describe(trial.config)}: {failed}, see {where}{done}", flush=True)
+        print(f"trial {self.label(trial)}: {failed}, see {where}{done}", flush=True)
 
 
 def finished(path: str, experiment: Experiment, options: Options) -> bool:

@@ -608,10 +608,11 @@ def trial_count(experiment: Experiment, num_samples: int | None = None) -> int:
 
 def trial_config(experiment: Experiment, sampled: Mapping[str, Any], trial_dir: str) -> Config:
     """The config a trial trains with in its folder `trial_dir`: its Train run there
-    (`<trial>/train`), labelled with its sampled values, not the file's name and storage; one
-    that leaves train.lambda_skip to its preset at the value its checkpoints were trained with
-    before the default's change (`preflight.as_begun`)."""
-    where = {"name": TRAIN_RUN, "label": describe(sampled), "storage_path": trial_dir}
+    (`<trial>/train`), labelled as its lines name it (`trial_label`), not named and stored as
+    the file says; one that leaves train.lambda_skip to its preset at the value its checkpoints
+    were trained with before the default's change (`preflight.as_begun`)."""
+    label = trial_label(experiment, sampled)
+    where = {"name": TRAIN_RUN, "label": label, "storage_path": trial_dir}
     settings = experiment.trial_settings(merge(sampled, where))
     cfg = validate(settings)
     if leaves(settings).get("train.lambda_skip") is not None:
@@ -630,6 +631,12 @@ def describe(sampled: Mapping[str, Any], leave_out: tuple[str, ...] = ()) -> str
         if key not in leave_out
     ]
     return ", ".join(words)
+
+
+def trial_label(experiment: Experiment, sampled: Mapping[str, Any]) -> str:
+    """A trial's label in its lines and config: its sampled values in words (`describe`), or
+    the experiment's name where it samples none (a file of one point), which named it `[]`."""
+    return describe(sampled) or experiment.name
 
 
 def trial_name(trial: Any) -> str:
