@@ -634,6 +634,21 @@ def test_node_benchmark_times_the_weights_of_a_training_checkpoint(tmp_path, cap
         assert message in capsys.readouterr().err
 
 
+def test_weights_are_read_from_a_file_uri_as_load_model_reads_them(tmp_path, capsys):
+    """A run stored under a file: URI names its folder so (`run=file:///...`), which load_model
+    reads; --weights refused it as 'file:/...: no such folder', and an S3 URI as a missing
+    folder 's3:/bucket/...'."""
+    model = models.build("mnist_dense", "vanilla", CPU, seed=1)
+    write_checkpoint({"step": 7, "model": model.state_dict()}, tmp_path / "my run" / "checkpoint_7")
+    uri = f"file://{tmp_path}/my%20run"
+    read = parse_weights(argparse.ArgumentParser(), [f"mnist_dense={uri}"], ["mnist_dense"])
+    assert read["mnist_dense"].folder == tmp_path / "my run"
+    assert torch.equal(read["mnist_dense"].weights["head.weight"], model.head.weight)
+    with pytest.raises(SystemExit):
+        parse_weights(argparse.ArgumentParser(), ["mnist_dense=s3://b/run"], ["mnist_dense"])
+    assert "s3://b/run: only a local folder or a file: URI is read" in capsys.readouterr().err
+
+
 def test_weights_of_another_model_stop_the_run_before_any_suite(tmp_path, capsys):
     """A checkpoint whose weights do not fit its preset is a usage error at once, not a failed
     node suite after the presets before it have trained, losing their rows."""

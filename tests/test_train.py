@@ -2612,7 +2612,7 @@ def test_load_model_reads_a_file_uri_and_refuses_another_uri_naming_it(tmp_path)
     with pytest.raises(checkpoint.CheckpointError) as refused:
         load_model("s3://bucket/runs/a")
     assert str(refused.value) == (
-        "s3://bucket/runs/a: load_model reads a local folder or a file: URI; copy the run to a "
+        "s3://bucket/runs/a: only a local folder or a file: URI is read; copy the run to a "
         "local folder (for S3: aws s3 sync s3://bucket/runs/a DIR) and give that folder"
     )
 

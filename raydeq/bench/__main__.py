@@ -36,6 +36,7 @@ from raydeq.training.console import output_kept
 from raydeq.training.data import EXPECTED_FILES, unreadable_file
 from raydeq.training.interrupts import interruptible
 from raydeq.training.preflight import check_compile_cache
+from raydeq.training.state import local_folder
 from raydeq.training.storage import StorageError, absolute
 
 # The largest seed, as in a training config: raydeq.train's seeds are 0 to 2**32 - 1.
@@ -108,7 +109,8 @@ def _parser() -> argparse.ArgumentParser:
         metavar="MODEL=FOLDER",
         help="time these presets (of --models) in the node and train_step suites with the "
         "weights of a training checkpoint folder, or of a trial's or run's folder (its newest "
-        "readable checkpoint), instead of untrained or briefly trained (default: none)",
+        "readable checkpoint; a path or a file: URI), instead of untrained or briefly trained "
+        "(default: none)",
     )
     parser.add_argument(
         "--data",
@@ -303,7 +305,9 @@ def seed(text: str) -> int:
 def parse_weights(
     parser: argparse.ArgumentParser, items: Sequence[str], models: Sequence[str]
 ) -> dict[str, Checkpoint]:
-    """MODEL=CHECKPOINT pairs, each checkpoint read once; a usage error names a bad pair."""
+    """MODEL=CHECKPOINT pairs, each checkpoint read once, a folder or a file: URI (a run's
+    `run=` line names one under such a storage), as load_model reads them; a usage error names
+    a bad pair."""
     weights = {}
     for item in items:
         name, sep, given = item.partition("=")
@@ -312,7 +316,7 @@ def parse_weights(
         if name not in models:
             parser.error(f"--weights {item!r}: {name!r} is not among --models {' '.join(models)}")
         try:
-            place = folder(given)
+            place = folder(str(local_folder(given)))
             weights[name] = fitting(name, Checkpoint(place, read_newest(place)["model"]))
         except (CheckpointError, ValueError) as err:
             parser.error(f"--weights {item!r}: {err}")

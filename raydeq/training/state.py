@@ -269,7 +269,7 @@ def local_folder(folder: str | Path) -> Path:
     local = local_path(str(folder))
     if local is None:
         raise CheckpointError(
-            f"{folder}: load_model reads a local folder or a file: URI; copy the run to a local "
+            f"{folder}: only a local folder or a file: URI is read; copy the run to a local "
             f"folder (for S3: aws s3 sync {folder} DIR) and give that folder"
         )
     return Path(local)
