@@ -52,11 +52,17 @@ EXIT_INTERRUPTED = 130
 
 
 def config_file(path: str) -> str:
-    """`path`, or the shipped file that a `tune_configs/NAME.yaml` missing from here names."""
-    from raydeq.experiments.spec import shipped
+    """`path`, or where it is missing the experiment file it names as `raydeq.tune` finds it:
+    an experiment's name (`digits`: tune_configs/digits.yaml here, else the shipped file) or a
+    `tune_configs/NAME.yaml` missing from here (the shipped file)."""
+    from raydeq.experiments.spec import locate
 
-    given = Path(path)
-    return path if given.exists() else str(shipped(given) or path)
+    if Path(path).exists():
+        return path
+    try:
+        return str(locate(path))
+    except ConfigError:  # read as given, which names the file that is missing
+        return path
 
 
 def summary(metrics: Mapping[str, Any], cfg: Config) -> str:
@@ -145,8 +151,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "config",
         metavar="CONFIG.yaml",
-        help="YAML config file; tune_configs/NAME.yaml reads the shipped experiment file where "
-        "this folder has none (its search section unused)",
+        help="YAML config file, or an experiment's name as raydeq.tune takes it (digits: "
+        "tune_configs/digits.yaml); tune_configs/NAME.yaml reads the shipped experiment file "
+        "where this folder has none (its search section unused)",
     )
     parser.add_argument(
         "overrides",

@@ -255,6 +255,24 @@ def test_a_shipped_experiment_file_is_found_from_a_folder_without_tune_configs(
     assert cfg.train.max_steps == 20 and argv == ["tune_configs/digits.yaml", "train.max_steps=20"]
 
 
+def test_an_experiment_named_as_raydeq_tune_takes_it_is_its_file(tmp_path, monkeypatch):
+    """`python -m raydeq.tune digits` runs tune_configs/digits.yaml, where `python -m
+    raydeq.train digits` was refused ('digits: cannot read the config file'): both read the
+    folder's own file, else the shipped one; a name of neither is still the missing file."""
+    started = []
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(train, "run", lambda cfg, argv: started.append(cfg) or 0)
+    assert train.main(["digits", "train.max_steps=20"]) == 0
+    assert started[0].model.variant == "skip_reg" and started[0].train.max_steps == 20
+    assert train.config_file("digits") == str(
+        Path(train.__file__).parent / "tune_configs/digits.yaml"
+    )
+    (tmp_path / "tune_configs").mkdir()
+    (tmp_path / "tune_configs" / "digits.yaml").write_text("train: {max_steps: 3}\n")
+    assert train.config_file("digits") == str(Path("tune_configs", "digits.yaml"))
+    assert train.config_file("nothing") == "nothing"
+
+
 def test_a_run_written_as_a_relative_or_an_absolute_path_has_one_lock(tmp_path, monkeypatch):
     """`runs/a` from its parent folder and the absolute path of that folder are one run: a
     driver of either spelling holds off the other; another run has its own lock."""
