@@ -53,8 +53,9 @@ DESCRIPTIONS = {
     "train_accuracy": "fraction (0 to 1) of rank 0's share of the step's batch classified right",
     "nfe": "evaluations of f by the step's forward solve (the whole batch's: its slowest "
     "sample's, the most of any worker's)",
-    "backward_nvjp": "vector-Jacobian products of f in the step's backward pass (the most of "
-    "any worker's)",
+    "backward_nvjp": "vector-Jacobian products of f in the step's backward pass through the "
+    "solve's adjoint, an unrolled warm-up and skip_loss's f(z*, x), not through Skip Reg.'s "
+    "z0 = f(0, x) nor jac_loss (the most of any worker's)",
     "forward_time": "seconds per training step: the forward pass and the loss",
     "backward_time": "seconds per training step: the backward pass",
     "optimizer_time": "seconds per training step: unscaling, clipping, the finiteness check "
