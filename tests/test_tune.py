@@ -1611,6 +1611,23 @@ def test_asha_checks_a_search_whose_section_choice_leaves_the_length_to_the_base
     assert spec.from_dict("a", raw | {"search": {"space": mixed}}).longest_trial() == 0
 
 
+def test_asha_bounds_trials_of_epochs_beside_a_variant_of_steps_by_none():
+    """A variant of 40 steps beside one that trains for its epochs (no max_steps): the longest
+    trial's length is unknown, so ASHA's max_t is 2**31, not 41, which stopped the trial of
+    epochs at step 41; a grace period past a search's max_t for trials of epochs names that
+    max_t."""
+    variants = [{"train.max_steps": 40}, {"optim.lr": 0.01}]
+    experiment = spec.from_dict("a", {**TINY, "search": {"variants": variants}})
+    assert experiment.longest_trial() == 0
+    assert run.asha_max_t(experiment) == 2**31
+    past = spec.from_dict("a", {**TINY, "search": {"max_t": 30, "grace_period": 50}})
+    with pytest.raises(ConfigError) as err:
+        run.check_scheduler(past, "asha")
+    assert str(err.value) == (
+        "search.grace_period: 50 is past ASHA's max_t, 30 (search.max_t); it must be at most 30"
+    )
+
+
 def test_asha_without_a_reachable_dashboard_is_an_error_naming_the_fix(monkeypatch):
     def down(**kwargs):
         raise TimeoutError("no answer")
@@ -1969,6 +1986,23 @@ def test_a_trial_of_several_workers_whose_worker_died_names_its_pid_not_trains_w
         "\tclass_name: RayTrainWorker\n\tactor_id: 5e1f\n\tpid: 8123\n\tip: 192.0.2.2\n"
         "The actor is dead because its worker process has died. Worker exit type: "
         "SYSTEM_ERROR Worker exit detail: Worker unexpectedly exits with a connection error\n"
+    )
+    assert run.failure_reason(died) == (
+        "its process (pid 8123) died: The actor is dead because its worker process has died"
+    )
+
+
+def test_a_trial_whose_two_workers_died_names_the_first_ones_pid_and_reason():
+    """Two workers of a trial died: Train lists each one's account in turn under its
+    WorkerGroupError; the line names the first worker's pid and reason, not the last's."""
+    account = "The actor died unexpectedly before finishing this task.\n"
+    died = (
+        "Failure # 1 (occurred at 2026-12-07_15-04-35)\n"
+        "ray.train.v2.api.exceptions.WorkerGroupError: Training failed due to worker errors:\n"
+        f"[Rank 0 Error Snippet]:\n{account}\tclass_name: RayTrainWorker\n\tpid: 8123\n"
+        "The actor is dead because its worker process has died. Worker exit type: SYSTEM_ERROR\n"
+        f"[Rank 1 Error Snippet]:\n{account}\tclass_name: RayTrainWorker\n\tpid: 8124\n"
+        "The actor died because its node has died. Node ID: 8a1f.\n"
     )
     assert run.failure_reason(died) == (
         "its process (pid 8123) died: The actor is dead because its worker process has died"
@@ -2633,6 +2667,18 @@ def test_a_run_of_epochs_alone_is_complete_at_its_last_epoch_and_counts_its_mode
     row = results.trial_row(experiment, trial, frame)
     assert row["completed"] and row["parameters"] == 134_538
     assert not results.trial_row(experiment, trial, frame.iloc[:1])["completed"]
+
+
+def test_a_variant_whose_every_trial_stopped_early_shows_their_mean():
+    """Where ASHA stopped every seed of a variant short of its last step, its row averages
+    those seeds (none finished to stand for it), its Seeds cell saying they stopped."""
+    rows = [
+        {"group": "Skip DEQ", "seed": seed, "completed": False, "status": "TERMINATED"}
+        | dict.fromkeys(("train_time", "backward_time", "predict_time"), 0.5)
+        | {"parameters": 1234, "step": 20, "test_accuracy": accuracy, "test_nfe": 10.0}
+        for seed, accuracy in [(0, 0.4), (1, 0.5)]
+    ]
+    assert "| Skip DEQ | 2 (2 stopped) | 45.00 ± 7.07 | 0.5 ± 0 |" in results.markdown(rows)
 
 
 def test_the_tables_nfe_column_is_named_test_nfe_apart_from_the_training_nfe():
@@ -3537,6 +3583,28 @@ def test_a_one_worker_trial_holds_its_workers_cpus_and_gpu_and_a_larger_one_a_sl
     assert run.trial_resources(one, 0) == {"CPU": 3.0}
     two = spec.from_dict("x", {**TINY, "scaling": {"num_workers": 2}}).trial_config({})
     assert run.trial_resources(two, 1) == {"CPU": 0.01, HEAD_NODE_RESOURCE_NAME: 0.001}
+
+
+def test_a_trial_restarted_in_its_own_process_archives_its_checkpoints_reports_first(
+    tmp_path, monkeypatch
+):
+    """A trial of one worker that Tune restarts with a result.json short of its checkpoint's
+    reports archives those reports as it starts, before its loop prunes that checkpoint."""
+    from raydeq.training import loop
+
+    resources = SimpleNamespace(required_resources={"CPU": 1})
+    context = SimpleNamespace(get_trial_name=lambda: "t1", get_trial_resources=lambda: resources)
+    monkeypatch.setattr(run.tune, "get_context", lambda: context)
+    monkeypatch.setattr(loop, "Loop", lambda cfg, session: SimpleNamespace(run=lambda: None))
+    trial = tmp_path / "t1"
+    trial.mkdir()
+    write_reports(trial / archive.RESULT_FILE, [{"step": 10, "loss": 0.5}])
+    reports = [{"step": 10, "loss": 0.5}, {"step": 20, "loss": 0.25}]
+    write_checkpoint({"step": 20}, trial / "checkpoint_000000", reports)
+    one = spec.from_dict("x", TINY)
+    run.run_trial({"seed": 3}, experiment=one, path=str(tmp_path), gpus=0)
+    archived = (trial / f"{archive.ARCHIVE_PREFIX}0.json").read_text().splitlines()
+    assert [json.loads(line) for line in archived] == [{"step": 20, "loss": 0.25}]
 
 
 def test_a_trial_trains_in_its_folder_in_its_own_process_or_fits_its_train_run_there(
