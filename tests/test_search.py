@@ -1207,6 +1207,58 @@ def test_the_front_tables_show_each_trials_settings_where_it_drew_them():
     assert pareto.NOT_DRAWN_NOTE in text
 
 
+def test_a_front_table_whose_trials_drew_every_setting_has_no_note_on_empty_cells():
+    """The note on empty setting cells is for a trial that did not draw a setting: where every
+    trial drew each column, as the solver of two trials that both drew one, it is not there."""
+    rows = _trials((True, 0.9, 20.0, 0.1), (True, 0.8, 10.0, 0.2))
+    drawn = {row["trial"]: ["config.model.solver"] for row in rows}
+    text = pareto.markdown(pareto.mark(rows, "test_accuracy"), "test_accuracy", drawn=drawn)
+    assert "| 9db77_00000 | 90.00 | 20 | 0.1 | - | euler |" in text
+    assert pareto.NOT_DRAWN_NOTE not in text
+
+
+def test_a_trial_drew_a_rules_settings_only_where_it_meets_every_key_of_its_when():
+    """A rule drawing lambda_skip for vcab3 skip_reg trials: a vcab3 vanilla trial meets one of
+    its two keys and drew no lambda_skip; a `when` written as the text '1e-3' (as YAML reads
+    it) is met by a trial's learning rate 0.001; a variant's label is no setting it drew."""
+    space = {"model.solver": {"choice": ["vcab3", "tsit5"]}}
+    space["model.variant"] = {"choice": ["vanilla", "skip_reg"]}
+    both = {"model.solver": "vcab3", "model.variant": "skip_reg"}
+    rule = {"when": both, "space": {"train.lambda_skip": {"uniform": [0.1, 1.0]}}}
+    search = {"searcher": "tpe", "space": space, "conditional": [rule]}
+    experiment = spec.from_dict("s", {**TINY, "search": search})
+    vanilla = {"model.solver": "vcab3", "model.variant": "vanilla", "train.lambda_skip": 0.2}
+    assert experiment.drawn(vanilla) == ["model.solver", "model.variant"]
+    assert experiment.drawn(vanilla | both) == [*both, "train.lambda_skip"]
+    text = {"when": {"optim.lr": "1e-3"}, "space": {"model.abstol": {"uniform": [1e-3, 1e-2]}}}
+    search = {"searcher": "tpe", "space": {"optim.lr": {"choice": [1e-3, 1e-2]}}}
+    experiment = spec.from_dict("s", {**TINY, "search": search | {"conditional": [text]}})
+    assert experiment.drawn({"optim.lr": 0.001, "model.abstol": 0.005}) == [
+        "optim.lr",
+        "model.abstol",
+    ]
+    variants = [{"label": "A", "model.solver": "tsit5"}, {"label": "B", "model.solver": "bs3"}]
+    experiment = spec.from_dict("s", {**TINY, "search": {"variants": variants}})
+    assert experiment.drawn({"label": "A", "model.solver": "tsit5"}) == ["model.solver"]
+
+
+def test_variants_that_two_overrides_drop_in_turn_are_named_at_their_places_in_the_file():
+    """Of four variants, model.variant=skip_reg keeps 1 to 3 and model.solver=vcab3 then 2 and
+    3: the bad variant 3 is refused as search.variants[3], where the file has it, not by its
+    place among those the first override kept."""
+    rows = [
+        {"model.variant": "vanilla", "model.solver": "bs3"},
+        {"model.variant": "skip_reg", "model.solver": "bs3"},
+        {"model.variant": "skip_reg", "model.solver": "vcab3"},
+        {"model.variant": "skip_reg", "model.solver": "vcab3", "model.abstol": -1.0},
+    ]
+    overrides = {"model.variant": "skip_reg", "model.solver": "vcab3"}
+    with pytest.raises(ConfigError) as err:
+        spec.from_dict("s", {**TINY, "search": {"variants": rows}}, overrides)
+    assert str(err.value) == "search.variants[3]: model.abstol: must be >= 0, got -1.0"
+    assert err.value.key == "search.variants[3]"
+
+
 def test_a_killed_search_resumes_with_its_searchers_history_and_repeats_no_trial(
     ray_cluster, tmp_path
 ):
