@@ -30,10 +30,11 @@ from test_tune import (
     _reported_steps,
     _tune,
     _wait_for_the_end_of,
+    write_reports,
 )
 
 from raydeq import tune as rt
-from raydeq.experiments import hparams, pareto, results, run, search, spec
+from raydeq.experiments import archive, hparams, pareto, results, run, search, spec
 from raydeq.experiments.figures import LOG_SPAN, subplots
 from raydeq.models import PRESETS
 from raydeq.training import reporting
@@ -1257,6 +1258,31 @@ def test_variants_that_two_overrides_drop_in_turn_are_named_at_their_places_in_t
         spec.from_dict("s", {**TINY, "search": {"variants": rows}}, overrides)
     assert str(err.value) == "search.variants[3]: model.abstol: must be >= 0, got -1.0"
     assert err.value.key == "search.variants[3]"
+
+
+def test_the_report_writes_the_settings_each_trial_drew_and_the_searchs_cost(tmp_path, monkeypatch):
+    """The report of the search above, priced by prediction time: results.md's front tables
+    leave empty the settings a trial did not draw, and each HParams entry has the search's
+    cost beside the fixed measures."""
+    experiment, drawn = _adjoint_search()
+    experiment = replace(experiment, search=replace(experiment.search, cost="predict_time"))
+    path = tmp_path / "s"
+    trials = [
+        SimpleNamespace(trial_id=i, status="TERMINATED", config=c, path=str(path / i))
+        for i, c in drawn.items()
+    ]
+    for trial, (accuracy, nfe) in zip(trials, [(0.5, 4.0), (0.625, 8.0), (0.75, 16.0)]):
+        Path(trial.path).mkdir(parents=True)
+        report = {"step": 10, "epoch": 100.0, "test_accuracy": accuracy, "test_nfe": nfe}
+        write_reports(Path(trial.path, archive.RESULT_FILE), [report | {"predict_time": nfe / 8}])
+    monkeypatch.setattr(results, "RecordedExperiment", lambda given: SimpleNamespace(trials=trials))
+    monkeypatch.setattr(results, "plot", lambda *args: b"")  # figures: not what this checks
+    monkeypatch.setattr(pareto, "chart", lambda *args: b"")
+    table = results.report(str(path), experiment)
+    assert "| Vanilla | 50.00 | 4 | - | 0.5 | - | vanilla | vcab3 | gmres | 0.005 |  |  |" in table
+    assert pareto.NOT_DRAWN_NOTE in table
+    measures, _ = _hparams_entry(path / hparams.FOLDER / spec.trial_name(trials[2]))
+    assert measures["hparam/predict_time"] == 2.0
 
 
 def test_a_killed_search_resumes_with_its_searchers_history_and_repeats_no_trial(
