@@ -868,7 +868,8 @@ def test_a_run_that_downloads_its_dataset_is_named_and_resumed_as_one_that_does_
 def test_a_former_default_runs_name_with_data_download_resumes_with_that_name_too():
     """A run at mnist_dense's former default lambda_skip 0.1 resumes with
     train.lambda_skip=0.1 alone; the same run started with data.download=true has another
-    name, which that setting does not give back: its hint adds name= too."""
+    name, which that setting does not give back: its hint adds name= too. The run's own name
+    is none of its former ones."""
     cfg = validate({"data": {"dataset": "mnist", "data_dir": "/data/mnist"}})
     names = config.former_names(cfg)
     (plain, _), (downloaded, said) = [
@@ -879,6 +880,7 @@ def test_a_former_default_runs_name_with_data_download_resumes_with_that_name_to
     assert said[0].endswith(", with data.download=true in its name's digest")
     assert names[plain][1] == "train.lambda_skip=0.1"
     assert said[1] == f"train.lambda_skip=0.1 name={downloaded}"
+    assert cfg.name not in names
 
 
 def test_a_run_named_before_options_counted_is_no_former_run_of_a_later_default(
