@@ -2276,3 +2276,22 @@ def test_an_f_that_changes_a_multiscale_input_in_place_is_refused():
 
     with torch.no_grad(), pytest.raises(ValueError, match="f changed its input in place"):
         raydeq.solve(f, [torch.zeros(2, 3, 4), torch.zeros(2, 2, 2)])
+
+
+@pytest.mark.parametrize(
+    ("dtype", "abstol"), [(torch.float32, 1e300), (torch.float32, 2e38), (torch.float64, 1e308)]
+)
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_an_infinite_residual_meets_no_tolerance_past_the_dtype_s_range(solver, dtype, abstol):
+    """abstol times sqrt(features) past the dtype's range compared as inf with the residuals,
+    so that a sample whose f is inf everywhere ended CONVERGED with an infinite residual; the
+    tolerance acts as the greatest finite number, and the sample ends NONFINITE."""
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        return torch.full_like(z, float("inf"))
+
+    with torch.no_grad():
+        sol = raydeq.solve(f, torch.zeros(2, 4, dtype=dtype), solver, abstol=abstol, reltol=0.0)
+    assert sol.stats.status.tolist() == [Status.NONFINITE] * 2
+    assert sol.stats.converged.tolist() == [False, False]
+    assert math.isinf(float(sol.stats.residual.max()))

@@ -120,7 +120,9 @@ class Monitor:
         self.termination = termination
         self.reads = reads
         self.to_rms = features**-0.5  # 2-norm -> RMS norm
-        self.abstol_norm = termination.abstol / self.to_rms  # abstol as a 2-norm
+        # abstol as a 2-norm, at most the dtype's greatest finite number: one past it compares
+        # as inf with the residuals, which an infinite residual then met.
+        self.abstol_norm = in_range(termination.abstol / self.to_rms, z0.dtype)
         self.reltol = in_range(termination.reltol, z0.dtype)
         self.best_z = z0
         self.best_norm = torch.full((batch, 1), float("inf"), dtype=z0.dtype, device=z0.device)
