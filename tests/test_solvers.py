@@ -2295,3 +2295,24 @@ def test_an_infinite_residual_meets_no_tolerance_past_the_dtype_s_range(solver, 
     assert sol.stats.status.tolist() == [Status.NONFINITE] * 2
     assert sol.stats.converged.tolist() == [False, False]
     assert math.isinf(float(sol.stats.residual.max()))
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_a_multiscale_residual_is_the_rms_over_all_parts_together(solver):
+    """The residual and the test of a state of several parts take the RMS over all of a
+    sample's features at once (README), not per part: recomputed at the returned z*."""
+    f, _ = problem()
+
+    def split(z):
+        fz = f(torch.cat([z[0], z[1].reshape(B, -1)], 1))
+        return [fz[:, :2], fz[:, 2:].reshape(B, 2, 2)]
+
+    z0 = [torch.zeros(B, 2, dtype=torch.float64), torch.zeros(B, 2, 2, dtype=torch.float64)]
+    with torch.no_grad():
+        sol = raydeq.solve(split, z0, solver, abstol=1e-6, reltol=1e-3)
+        z = torch.cat([t.reshape(B, -1) for t in sol.z], 1)
+        fz = torch.cat([t.reshape(B, -1) for t in split(sol.z)], 1)
+    rms = (fz - z).pow(2).mean(1).sqrt()
+    torch.testing.assert_close(sol.stats.residual, rms, rtol=1e-12, atol=0)
+    assert bool(sol.stats.converged.all())
+    assert bool((rms <= 1e-6 + 1e-3 * z.pow(2).mean(1).sqrt()).all())

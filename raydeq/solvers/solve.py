@@ -224,11 +224,11 @@ def solve(
 
     Continuous solvers ("vcab3", "tsit5", "bs3", "euler") integrate dz/dt = f(z) - z from t=0
     and stop each sample once ||f(z) - z|| <= abstol + reltol * ||z|| (RMS norms over each
-    sample's features), the same test the discrete solvers ("broyden", "anderson",
-    "fixed_point") use; the step-size control of the continuous ones uses the same abstol and
-    reltol (each also accepts local errors up to 0.4 of the step length, 0.1 for "tsit5",
-    step_rtol, and any step that cuts the residual to 0.7 of its start per evaluation of f,
-    contraction).
+    sample's features, all parts of a list of tensors together), the same test the discrete
+    solvers ("broyden", "anderson", "fixed_point") use; the step-size control of the
+    continuous ones uses the same abstol and reltol (each also accepts local errors up to 0.4
+    of the step length, 0.1 for "tsit5", step_rtol, and any step that cuts the residual to 0.7
+    of its start per evaluation of f, contraction).
     Samples that do not converge within max_steps return their best iterate; non-finite or
     diverging (residual > divergence x its first, at z0) samples stop early; `stats.status`
     says which.
