@@ -2587,6 +2587,22 @@ def test_a_search_s_hundred_variants_fill_legend_columns_beside_axes_of_a_fixed_
     assert len(legend.get_texts()) == 100 and legend._ncols == 4
 
 
+def test_past_the_named_variants_a_plot_names_those_asked_and_draws_the_rest_grey(monkeypatch):
+    """A search of thousands of trials, each its own variant, filled a legend column per 30 of
+    them (an image 50,000 pixels wide): past results.NAMED_VARIANTS the plot names the paper's
+    and the fronts' variants and draws the others grey, counted in one legend entry."""
+    monkeypatch.setattr(results, "png", lambda figure, **layout: figure)
+    frame = pd.DataFrame({"step": [250, 500], "test_accuracy": [0.9, 0.93]})
+    curves = {f"seed={i}": [frame] for i in range(results.NAMED_VARIANTS + 30)}
+    figure = results.plot("test_accuracy", "acc", curves, named={"seed=3", "seed=140"})
+    axes = figure.axes[0]
+    texts = [text.get_text() for text in axes.get_legend().get_texts()]
+    assert texts == ["seed=3", "seed=140", f"{results.NAMED_VARIANTS + 28} other variants"]
+    grey = [line for line in axes.lines if line.get_color() == results.OTHERS_COLOUR]
+    assert len(axes.lines) == results.NAMED_VARIANTS + 30 and len(grey) == len(axes.lines) - 2
+    assert len(axes.collections) == 2  # the named variants' bands alone
+
+
 def test_a_curve_of_many_reports_is_a_line_and_one_of_few_marks_each(monkeypatch):
     """A marker per point up to results.MARKED_POINTS: 5,000 reports' markers merged into one
     band in which only the last curve's colour showed."""

@@ -12,6 +12,7 @@ import math
 import statistics
 import time
 from collections import Counter
+from collections.abc import Collection
 from typing import Any
 
 import pandas as pd
@@ -53,6 +54,11 @@ PLOTS = {
 # Rows of a plot's legend per column, and the most points of a curve drawn with markers.
 LEGEND_ROWS = 30
 MARKED_POINTS = 100
+# The most variants a plot names: past them (a search of thousands of trials, each a variant
+# of its own, filled 100 legend columns, an image 50,000 pixels wide, in 7 minutes a plot) it
+# names the paper's and the Pareto fronts' and draws the others as thin grey lines.
+NAMED_VARIANTS = 4 * LEGEND_ROWS
+OTHERS_COLOUR = "0.75"
 # Tune's record of an experiment's trials: a file per session, named by its start; Tune reads
 # the newest and keeps those of the sessions before.
 STATE_FILES = TuneController.CKPT_FILE_TMPL.format("*")
@@ -298,19 +304,33 @@ def _skipped(rows: list[dict[str, Any]]) -> str:
     return f"\nSteps skipped for a non-finite loss or gradient: {'; '.join(named)}.\n"
 
 
-def plot(metric: str, label: str, curves: dict[str, list[pd.DataFrame]]) -> bytes:
+def plot(
+    metric: str,
+    label: str,
+    curves: dict[str, list[pd.DataFrame]],
+    named: Collection[str] = (),
+) -> bytes:
     """PNG of a metric against step: per variant, the mean over seeds with a +- std band; an
-    accuracy in percent, as results.md, pareto.png and the paper's figures show it."""
+    accuracy in percent, as results.md, pareto.png and the paper's figures show it. Past
+    NAMED_VARIANTS variants, those not `named` are thin grey lines, counted in the legend."""
     figure, axes = subplots(figsize=(9.6, 4.8))
     scale = 100.0 if pareto.in_percent(metric) else 1.0
-    for group, stats in step_curves(curves, metric):
+    lines = list(step_curves(curves, metric))
+    many = len(lines) > NAMED_VARIANTS
+    handles, others = {}, []
+    for group, stats in lines:
         mean, std = scale * stats["mean"], scale * stats["std"]
+        if many and (group not in named or len(handles) == NAMED_VARIANTS):
+            others += axes.plot(stats.index, mean, c=OTHERS_COLOUR, lw=0.6, zorder=1)
+            continue
         # Matplotlib's 10 colours repeat from the 11th variant on: a new line style tells it.
-        style = ("-", "--", ":")[len(axes.lines) // 10 % 3]
+        style = ("-", "--", ":")[len(handles) // 10 % 3]
         # A marker per report only where they stay apart: 5,000 merged into a band.
         marker = "o" if len(stats) <= MARKED_POINTS else None
-        axes.plot(stats.index, mean, style, marker=marker, markersize=3, label=group)
+        (handles[group],) = axes.plot(stats.index, mean, style, marker=marker, markersize=3)
         axes.fill_between(stats.index, mean - std, mean + std, alpha=0.2)
+    if others:
+        handles[f"{len(others)} other variants"] = others[0]
     axes.set_xlabel("step")
     axes.set_ylabel(label)
     step_panel(axes, f"no trial reported {metric}", linear=pareto.in_percent(metric))
@@ -321,9 +341,8 @@ def plot(metric: str, label: str, curves: dict[str, list[pd.DataFrame]]) -> byte
     # grows to hold them, a column per LEGEND_ROWS variants. The axes keep their height: grown
     # by a row per variant, each curve was drawn on a canvas as tall (300 variants of 5,000
     # reports took 8 minutes, 30 s now).
-    handles, labels = axes.get_legend_handles_labels()
-    columns = math.ceil(len(axes.lines) / LEGEND_ROWS)
-    legend = legend_beside(axes, dict(zip(labels, handles, strict=True)), columns, gap=0.02)
+    columns = math.ceil(len(handles) / LEGEND_ROWS)
+    legend = legend_beside(axes, handles, columns, gap=0.02)
     return png(figure, outside=[legend])
 
 
@@ -510,7 +529,8 @@ def _report(path: str, experiment: Experiment, unfinished: str) -> str:
     if papers:
         shown.next(f"writing {', '.join(papers)}")
         table += paper.write(path, experiment, rows, curves)
+    named = {row["group"] for row in rows if row["paper"] or any(row[f"pareto_{c}"] for c in costs)}
     for metric, label in PLOTS.items():
         shown.next(f"drawing {metric}.png")
-        write_bytes(f"{path}/{metric}.png", plot(metric, label, curves))
+        write_bytes(f"{path}/{metric}.png", plot(metric, label, curves, named))
     return table
