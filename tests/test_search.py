@@ -1983,6 +1983,26 @@ def test_the_trials_left_off_the_front_are_not_called_stopped_while_running_or_f
     assert text.count("Not ranked, short of their last step: 9db77_00000, 9db77_00002 (failed).")
 
 
+def test_the_line_of_trials_not_ranked_names_the_paper_s_first_and_counts_past_its_limit():
+    """3,000 trials under ASHA left 1,300 short of their last step, all named in one line of
+    16,000 characters; it now names pareto.NAMED_NOT_RANKED, the paper's configurations first,
+    and counts the rest."""
+    done, short = _trials((True, 0.9, 20.0, 0.1), (False, 0.5, 9.0, 0.1))
+    rows = [done, *(dict(short) for _ in range(40))]
+    for i, row in enumerate(rows):
+        row["trial"] = f"9db77_{i:05d}"
+    rows[35] |= {"paper": True, "group": "Skip DEQ"}
+    text = pareto.markdown(pareto.mark(rows, "test_accuracy"), "test_accuracy")
+    (line,) = [line for line in text.splitlines() if line.startswith("Not ranked")]
+    named = [f"9db77_{i:05d}" for i in range(1, pareto.NAMED_NOT_RANKED) if i != 35]
+    listed = ", ".join(["Skip DEQ", *named])
+    more = 40 - pareto.NAMED_NOT_RANKED
+    assert line == (
+        f"Not ranked, short of their last step: {listed} and {more} more (results.parquet's "
+        "`completed` column)."
+    )
+
+
 def test_a_search_that_trades_accuracy_against_another_cost_gets_its_front(monkeypatch):
     """A TPE search with cost predict_time drew its trials to trade accuracy against the
     prediction time, and the report's fronts were test NFE and training time only, so the
