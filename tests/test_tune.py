@@ -2928,11 +2928,11 @@ def test_the_report_has_a_row_per_trial_from_every_session_and_writes_its_files(
     monkeypatch.setattr(results, "RecordedExperiment", lambda given: analysis)
     plotted, plot = [], results.plot
 
-    def recorded(metric, label, curves):
+    def recorded(metric, label, curves, named):
         plotted.append(
             (metric, {group: [f["step"].tolist() for f in c] for group, c in curves.items()})
         )
-        return plot(metric, label, curves)
+        return plot(metric, label, curves, named)
 
     monkeypatch.setattr(results, "plot", recorded)
     table = results.report(str(path), experiment)

@@ -327,7 +327,9 @@ def plot(
         style = ("-", "--", ":")[len(handles) // 10 % 3]
         # A marker per report only where they stay apart: 5,000 merged into a band.
         marker = "o" if len(stats) <= MARKED_POINTS else None
-        (handles[group],) = axes.plot(stats.index, mean, style, marker=marker, markersize=3)
+        (handles[group],) = axes.plot(
+            stats.index, mean, style, marker=marker, markersize=3, label=group
+        )
         axes.fill_between(stats.index, mean - std, mean + std, alpha=0.2)
     if others:
         handles[f"{len(others)} other variants"] = others[0]
