@@ -1,6 +1,7 @@
 """The README's Python examples run as written and compute what the text around them says: the
 first, the one a reader runs first, z* = f(z*) and the implicit gradient of sum(z*), against a
-dense reference; the next two load a run's model and tighten its gradients."""
+dense reference; the next two load a run's model and tighten its gradients. Its tables keep
+every cell where GitHub renders them."""
 
 import contextlib
 import copy
@@ -55,6 +56,18 @@ def test_the_readme_solve_example_runs_and_its_gradient_is_the_implicit_one():
     eye = torch.eye(W.shape[0], dtype=torch.float64)
     expected = torch.stack([d * torch.linalg.solve(eye - W.T * d, torch.ones_like(d)) for d in D])
     assert torch.allclose(scope["x"].grad.double(), expected, rtol=1e-2, atol=1e-2)
+
+
+def test_every_row_of_a_readme_table_has_its_headers_cells():
+    """A pipe left unescaped in a cell (a norm's ||x||) splits it, and GitHub drops the cells
+    past the header's: the paper-settings row on termination lost its source's end and its
+    reason. Cells split where GitHub splits them, at each pipe without a backslash."""
+    rows = []
+    for table in re.findall(r"(?:^\|.*\n)+", README.read_text(), re.MULTILINE):
+        header, *body = table.splitlines()
+        count = len(re.split(r"(?<!\\)\|", header.strip("|")))
+        rows += [row for row in body if len(re.split(r"(?<!\\)\|", row.strip("|"))) != count]
+    assert rows == []
 
 
 def stored_run(folder: Path, variant: str) -> torch.nn.Module:
