@@ -1,7 +1,7 @@
 """The README's Python examples run as written and compute what the text around them says: the
 first, the one a reader runs first, z* = f(z*) and the implicit gradient of sum(z*), against a
 dense reference; the next two load a run's model and tighten its gradients. Its tables keep
-every cell where GitHub renders them."""
+every cell where GitHub renders them, and the tests, paths and reports it cites exist."""
 
 import contextlib
 import copy
@@ -68,6 +68,33 @@ def test_every_row_of_a_readme_table_has_its_headers_cells():
         count = len(re.split(r"(?<!\\)\|", header.strip("|")))
         rows += [row for row in body if len(re.split(r"(?<!\\)\|", row.strip("|"))) != count]
     assert rows == []
+
+
+def test_every_test_path_and_benchmark_report_the_readme_cites_exists():
+    """The README cites tests by name or file, repository paths, and dated reports of
+    benchmarks/results (some as `...-<suffix>.md`, after one named in full); a rename leaves a
+    citation that leads nowhere. A `test_` name that no test defines is a metric the code
+    reports (`test_nfe`); an upper-case path (`tune_configs/EXPERIMENT.yaml`) a placeholder."""
+    root, text = README.parent, README.read_text()
+    results = {path.name for path in (root / "benchmarks/results").iterdir()}
+    tests = "".join(path.read_text() for path in (root / "tests").glob("test_*.py"))
+    code = "".join(path.read_text() for path in (root / "raydeq").rglob("*.py"))
+    cited = re.findall(r"\btest_\w+", text)
+    roots = r"(?<![\w/.~-])(?:raydeq|tests|tune_configs|cluster|benchmarks)/"
+    paths = re.findall(roots + r"[a-z0-9_./-]*[a-z0-9_]", text)
+    reports = re.findall(r"\b20\d\d-\d\d-\d\d-[\w.-]*\w", text)
+    endings = re.findall(r"\.\.\.(-[\w.-]*\w)", text)
+    missing = [
+        name
+        for name in cited
+        if f"def {name}(" not in tests
+        and not (root / "tests" / f"{name}.py").exists()
+        and f'"{name}' not in code
+    ]
+    missing += [path for path in paths if not (root / path).exists()]
+    missing += [name for name in reports if name not in results]
+    missing += [end for end in endings if not any(name.endswith(end) for name in results)]
+    assert len(cited) > 100 and len(paths) > 20 and len(reports) > 20 and missing == []
 
 
 def stored_run(folder: Path, variant: str) -> torch.nn.Module:
