@@ -813,6 +813,8 @@ def test_a_state_part_that_f_sets_to_a_constant_adds_nothing_to_the_jacobian_pen
 
 
 def test_layer_jacobian_loss_is_the_estimate_at_the_equilibrium_and_differentiable():
+    """jac_loss is the estimate at z*, and its gradient in the state weight is the slope of
+    the estimate (same probe) along a direction of that weight, by central differences."""
     f, x = dense_cell(7)
     torch.manual_seed(8)
     out = DEQ(f, solver="broyden", jac_reg=True, **TIGHT)(x)
@@ -822,6 +824,18 @@ def test_layer_jacobian_loss_is_the_estimate_at_the_equilibrium_and_differentiab
     grads = torch.autograd.grad(out.jac_loss, [f.state.weight, x], allow_unused=True)
     assert grads[0] is not None and bool(torch.isfinite(grads[0]).all())
     assert grads[0].abs().sum() > 0
+    direction = torch.randn(D, D, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+
+    def moved(step: float) -> float:
+        """jac_loss with the state weight moved by step along direction."""
+        g = copy.deepcopy(f)
+        with torch.no_grad():
+            g.state.weight += step * direction
+        torch.manual_seed(8)
+        return float(DEQ(g, solver="broyden", jac_reg=True, **TIGHT)(x).jac_loss.detach())
+
+    slope = (moved(1e-6) - moved(-1e-6)) / 2e-6
+    assert float((grads[0] * direction).sum()) == pytest.approx(slope, rel=5e-10)
 
 
 def test_under_inference_mode_the_jacobian_penalty_says_to_use_no_grad():
