@@ -2062,9 +2062,14 @@ def test_the_jacobian_penalty_of_a_self_attending_cell_is_differentiated_twice()
 
 @pytest.mark.parametrize("drop", [nn.Dropout(0.0), VariationalDropout2d(0.1)])
 def test_a_dropout_that_keeps_f_fixed_within_a_forward_pass_is_taken(drop):
-    """A dropout of p=0 or one mask per forward pass leaves f one map within the solve."""
-    out = DEQ(DroppedCell(drop).double(), solver="anderson", **TIGHT)(torch.randn(B, D).double())
+    """A dropout of p=0 or one mask per forward pass leaves f one map within the solve: z* is
+    where plain iteration of f with that pass's mask goes."""
+    f = DroppedCell(drop).double()
+    x = torch.randn(B, D, dtype=torch.float64)
+    out = DEQ(f, solver="anderson", **TIGHT)(x)
     assert out.stats.converged.all()
+    reference = iterate(f, x, torch.zeros(B, D, dtype=torch.float64))
+    torch.testing.assert_close(out.z, reference, rtol=0, atol=5e-8)
 
 
 class BatchNormedCell(nn.Module):
