@@ -38,6 +38,7 @@ from tensorboard.backend.event_processing import data_provider, plugin_event_mul
 
 from raydeq.training import console, interrupts, storage
 from raydeq.training.launch import API_SERVER, COLOR_PREFIX, WORKER_LOGGERS, runtime_env
+from raydeq.tune import DROPPED_LOGS
 
 # The S3 endpoint's port, bound for the whole session and never listened on: let go once found
 # free, it was any socket's to take (Ray's, a connection's) until the S3 test's server bound
@@ -334,10 +335,14 @@ def process_state() -> dict[str, object]:
     """What a test shares with the tests after it in this process: torch's default dtype,
     threads, grad mode, backend flags and modes, the SIGINT and SIGTERM handlers, sys.path, the
     working folder, the umask, and the loggers a run in this process sets (Optuna's, whose
-    level is its verbosity, which a search's searcher sets)."""
+    level is its verbosity, which a search's searcher sets, and Tune's, which a search's
+    filters quiet)."""
     umask = os.umask(0o022)
     os.umask(umask)
-    loggers = {name or "root": logging.getLogger(name) for name in (*WORKER_LOGGERS, "optuna")}
+    loggers = {
+        name or "root": logging.getLogger(name)
+        for name in (*WORKER_LOGGERS, "optuna", *DROPPED_LOGS)
+    }
     return {
         "default dtype": torch.get_default_dtype(),
         "threads": torch.get_num_threads(),

@@ -1874,7 +1874,9 @@ def test_an_installed_raydeq_finds_its_experiments_from_any_folder(tmp_path):
     assert out["probe"].startswith(str(site)) and out["probe"].split()[1] == "2000"
 
 
-def test_a_failed_trial_is_one_line_with_its_error_and_the_count_of_trials_done(tmp_path, capsys):
+def test_a_failed_trial_is_one_line_with_its_error_and_the_count_of_trials_done(
+    tmp_path, capsys, monkeypatch
+):
     """Tune printed each failure's whole traceback (678 lines for four diverging trials); the
     traceback stays in the trial's error.txt."""
     (tmp_path / "error.txt").write_text(
@@ -1907,6 +1909,9 @@ def test_a_failed_trial_is_one_line_with_its_error_and_the_count_of_trials_done(
         None,
     )
     other = logging.makeLogRecord({"name": record.name, "msg": "Trial t errored"})
+    for name in rt.DROPPED_LOGS:  # the filters go with the test
+        logger = logging.getLogger(name)
+        monkeypatch.setattr(logger, "filters", list(logger.filters))
     rt.drop_tune_logs()
     tune_logger = logging.getLogger(record.name)
     assert not tune_logger.filter(record) and tune_logger.filter(other)
