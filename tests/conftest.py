@@ -37,7 +37,13 @@ import torch
 from tensorboard.backend.event_processing import data_provider, plugin_event_multiplexer
 
 from raydeq.training import console, interrupts, storage
-from raydeq.training.launch import API_SERVER, COLOR_PREFIX, WORKER_LOGGERS, runtime_env
+from raydeq.training.launch import (
+    API_SERVER,
+    AUTH_LOGGER,
+    COLOR_PREFIX,
+    WORKER_LOGGERS,
+    runtime_env,
+)
 from raydeq.tune import DROPPED_LOGS
 
 # The S3 endpoint's port, bound for the whole session and never listened on: let go once found
@@ -188,10 +194,13 @@ def connect_env_kept(monkeypatch: pytest.MonkeyPatch) -> None:
     """Unset, for the test, the variables launch.connect writes into this process's
     environment (a Ray of the run's own's state API, Ray's colour setting), and remove what it
     wrote after: a dashboard address left behind sent the session's Ray cluster, and every
-    later Ray test, to a dashboard that never ran."""
+    later Ray test, to a dashboard that never ran. The filter each start of a Ray of the run's
+    own adds to Ray's token notice goes too."""
     for name in (API_SERVER, COLOR_PREFIX):
         monkeypatch.setenv(name, "")  # recorded as it was, so the undo removes it again
         monkeypatch.delenv(name)
+    auth = logging.getLogger(AUTH_LOGGER)
+    monkeypatch.setattr(auth, "filters", list(auth.filters))
 
 
 @pytest.fixture
@@ -335,13 +344,13 @@ def process_state() -> dict[str, object]:
     """What a test shares with the tests after it in this process: torch's default dtype,
     threads, grad mode, backend flags and modes, the SIGINT and SIGTERM handlers, sys.path, the
     working folder, the umask, and the loggers a run in this process sets (Optuna's, whose
-    level is its verbosity, which a search's searcher sets, and Tune's, which a search's
-    filters quiet)."""
+    level is its verbosity, which a search's searcher sets, Tune's, which a search's filters
+    quiet, and Ray's token notice's, which a start of a Ray of the run's own quiets)."""
     umask = os.umask(0o022)
     os.umask(umask)
     loggers = {
         name or "root": logging.getLogger(name)
-        for name in (*WORKER_LOGGERS, "optuna", *DROPPED_LOGS)
+        for name in (*WORKER_LOGGERS, "optuna", *DROPPED_LOGS, AUTH_LOGGER)
     }
     return {
         "default dtype": torch.get_default_dtype(),
