@@ -77,7 +77,7 @@ DESCRIPTIONS = {
     "backward linear solve did not converge",
     "images_per_second": "training images a second: the batch over the whole step's time "
     "(data wait included)",
-    "lr": "learning rate the step's update took",
+    "lr": "learning rate the step's update took (an fp16 overflow step's: the rate held)",
     "skipped_steps": "steps skipped so far for a non-finite loss or gradient (a running count)",
     "overflow_steps": "steps skipped so far for an fp16 overflow of the gradient scaler (a "
     "running count)",
