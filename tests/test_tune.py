@@ -1611,15 +1611,50 @@ def test_asha_checks_a_search_whose_section_choice_leaves_the_length_to_the_base
     assert spec.from_dict("a", raw | {"search": {"space": mixed}}).longest_trial() == 0
 
 
-def test_asha_bounds_trials_of_epochs_beside_a_variant_of_steps_by_none():
-    """A variant of 40 steps beside one that trains for its epochs (no max_steps): the longest
-    trial's length is unknown, so ASHA's max_t is 2**31, not 41, which stopped the trial of
-    epochs at step 41; a grace period past a search's max_t for trials of epochs names that
-    max_t."""
+def test_an_asha_grace_period_or_max_t_past_a_trial_of_epochs_is_refused():
+    """Trials of 2 epochs of 179 batches of 8 digits end at step 358: a grace_period of 358 or
+    500 stopped none and a max_t of 300 cut every one, unrefused, where a train.max_steps of
+    358 was refused; the epochs' steps count as the trial's length, and as its end where a
+    train.max_steps past them never comes. Epochs the search draws leave it unknown."""
+    base = {**TINY, "train": {"epochs": 2}}
+    asha = {"scheduler": "asha"}
+    experiment = spec.from_dict("a", base | {"search": asha})
+    assert experiment.longest() == (358, "358 steps (train.epochs: 2 of 179 steps)")
+    assert run.asha_max_t(experiment) == 359
+    for bad, message in [
+        (
+            {"grace_period": 358},
+            "search.grace_period: 358 is not below the longest trial's "
+            "358 steps (train.epochs: 2 of 179 steps): ASHA's first rung would come at or after "
+            "every trial's last step and stop none; give less than 358",
+        ),
+        ({"grace_period": 500}, "search.grace_period: 500 is not below"),
+        ({"max_t": 300}, "search.max_t: 300 is below the longest trial's 358 steps"),
+    ]:
+        for train in ({"epochs": 2}, {"epochs": 2, "max_steps": 1000}):
+            with pytest.raises(ConfigError, match=re.escape(message)):
+                search = asha | bad
+                run.check_scheduler(
+                    spec.from_dict("a", base | {"train": train, "search": search}), "asha"
+                )
+    run.check_scheduler(
+        spec.from_dict("a", base | {"search": asha | {"grace_period": 357}}), "asha"
+    )
+    capped = spec.from_dict("a", {**TINY, "train": {"epochs": 2, "max_steps": 100}})
+    assert capped.longest() == (100, "train.max_steps, 100")
+    batches = {"data.batch_size": {"grid_search": [8, 16]}}
+    assert spec.from_dict("a", base | {"search": {"space": batches}}).longest() == (0, "")
+
+
+def test_asha_bounds_trials_of_epochs_beside_a_variant_of_steps_by_their_epochs():
+    """A variant of 40 steps beside one that trains for its epochs (no max_steps): ASHA's
+    max_t is past the epochs' 1,790 steps (10 of 179 batches of 8 digits), not 41, which
+    stopped the trial of epochs at step 41; a grace period past a search's max_t for trials of
+    epochs names that max_t."""
     variants = [{"train.max_steps": 40}, {"optim.lr": 0.01}]
     experiment = spec.from_dict("a", {**TINY, "search": {"variants": variants}})
-    assert experiment.longest_trial() == 0
-    assert run.asha_max_t(experiment) == 2**31
+    assert experiment.longest_trial() == 1790
+    assert run.asha_max_t(experiment) == 1791
     past = spec.from_dict("a", {**TINY, "search": {"max_t": 30, "grace_period": 50}})
     with pytest.raises(ConfigError) as err:
         run.check_scheduler(past, "asha")
@@ -3258,7 +3293,7 @@ def test_asha_rungs_follow_the_search_and_a_trial_is_not_stopped_at_its_last_ste
 def test_asha_compares_trials_at_the_same_step_and_stops_at_the_searchs_max_t():
     """At rung 5 a trial below the one recorded there stops; rungs at 5 and 15 below a max_t
     of 30 (max_steps 60 is not used then); a run of epochs (no max_steps) without max_t has
-    rungs up to step 2**31; fifo lets every trial run to its end."""
+    rungs up to its 1,790 steps; fifo lets every trial run to its end."""
     search = {"scheduler": "asha", "grace_period": 5, "reduction_factor": 3, "max_t": 30}
     capped = spec.from_dict("a", {**TINY, "train": {"max_steps": 60}, "search": search})
     options = run.Options(gpus=0, num_samples=1, scheduler="asha", max_concurrent=0)
@@ -3277,7 +3312,7 @@ def test_asha_compares_trials_at_the_same_step_and_stops_at_the_searchs_max_t():
     search = {"scheduler": "asha", "grace_period": 1, "reduction_factor": 2}
     epochs = spec.from_dict("a", {**TINY, "search": search})
     rungs = run._scheduler(epochs, options, "runs/a")._brackets[0]._rungs
-    assert sorted(milestone for milestone, _ in rungs) == [2**k for k in range(32)]
+    assert sorted(milestone for milestone, _ in rungs) == [2**k for k in range(11)]
     fifo = run.Options(gpus=0, num_samples=1, scheduler="fifo", max_concurrent=0)
     assert type(run._scheduler(capped, fifo, "runs/a")) is run.FIFOScheduler
 
@@ -4476,8 +4511,8 @@ def test_an_asha_grace_period_past_max_t_is_a_one_line_error_before_ray_starts(
     were stored, so neither a second start nor --resume could go on; it is refused first: past
     the longest trial's 60 steps (max_t 61), or past a search's max_t of 30. A grace period of
     60 or 61, which Ray takes, puts the first rung at or past the trials' last step, where ASHA
-    stops no trial: refused too. Under FIFO, or with grace_period == max_t for trials of
-    epochs, ASHA's bounds do not matter or hold."""
+    stops no trial: refused too. Under FIFO, or with grace_period == max_t for trials whose
+    epochs the search draws, ASHA's bounds do not matter or hold."""
     with pytest.raises(AssertionError):
         run.ASHAScheduler(time_attr="step", max_t=61, grace_period=100)
     monkeypatch.setattr(ray, "init", lambda *args, **kwargs: pytest.fail("Ray was started"))
@@ -4501,7 +4536,9 @@ def test_an_asha_grace_period_past_max_t_is_a_one_line_error_before_ray_starts(
     ]
     fifo = spec.from_dict("tiny", {**TINY, "train": {"max_steps": 60}, "search": search})
     run.check_scheduler(fifo, "fifo")
-    fits = spec.from_dict("tiny", {**TINY, "search": {"max_t": 30, "grace_period": 30}})
+    drawn = {"train.epochs": {"grid_search": [1, 2]}}
+    fits = {"max_t": 30, "grace_period": 30, "space": drawn}
+    fits = spec.from_dict("tiny", {**TINY, "search": fits})
     run.check_scheduler(fits, "asha")
 
 
@@ -4511,7 +4548,8 @@ def test_an_asha_max_t_below_the_longest_trial_is_a_one_line_error_before_ray_st
     """ASHA stops a trial at its first report past max_t: a max_t of 30 for trials of 60 steps
     cut every trial that reached step 30 short of its end, stopped early as a pruned one is, so
     the results ranked none as trained to its end; it is refused. A max_t of the trials' 60
-    steps, past a variant's 40, or with trials of epochs (no known length) is run."""
+    steps, past a variant's 40, or with trials whose epochs the search draws (no known length)
+    is run."""
     monkeypatch.setattr(ray, "init", lambda *args, **kwargs: pytest.fail("Ray was started"))
     experiment = tmp_path / "tiny.yaml"
     search = {"scheduler": "asha", "grace_period": 10, "max_t": 30}
@@ -4527,8 +4565,9 @@ def test_an_asha_max_t_below_the_longest_trial_is_a_one_line_error_before_ray_st
     whole = spec.from_dict("tiny", {**TINY, **steps, "search": search | {"max_t": 60}})
     run.check_scheduler(whole, "asha")
     shorter = {**search, "variants": [{"train.max_steps": 40}], "max_t": 50}
-    run.check_scheduler(spec.from_dict("tiny", {**TINY, "search": shorter}), "asha")
-    run.check_scheduler(spec.from_dict("tiny", {**TINY, "search": search}), "asha")
+    run.check_scheduler(spec.from_dict("tiny", {**TINY, **steps, "search": shorter}), "asha")
+    drawn = search | {"space": {"train.epochs": {"grid_search": [1, 2]}}}
+    run.check_scheduler(spec.from_dict("tiny", {**TINY, "search": drawn}), "asha")
     run.check_scheduler(spec.from_dict("tiny", {**TINY, **steps, "search": search}), "fifo", True)
 
 

@@ -370,7 +370,7 @@ def check_scheduler(experiment: Experiment, scheduler: str, chosen: bool = False
                 )
     if scheduler != "asha":
         return
-    longest = experiment.longest_trial()
+    longest, ending = experiment.longest()
     if search.grace_period > max_t and (search.max_t or not longest):
         why = "search.max_t" if search.max_t else "no trial's last step is known"
         raise ConfigError(
@@ -380,15 +380,15 @@ def check_scheduler(experiment: Experiment, scheduler: str, chosen: bool = False
     if longest and search.grace_period >= longest:
         raise ConfigError(
             f"search.grace_period: {search.grace_period} is not below the longest trial's "
-            f"train.max_steps, {longest}: ASHA's first rung would come at or after every "
-            f"trial's last step and stop none; give less than {longest}"
+            f"{ending}: ASHA's first rung would come at or after every trial's last step and "
+            f"stop none; give less than {longest}"
         )
     if search.max_t and search.max_t < longest:
         raise ConfigError(
-            f"search.max_t: {search.max_t} is below the longest trial's train.max_steps, "
-            f"{longest}: ASHA would stop every trial that reaches step {search.max_t} short of "
-            f"its end, as it stops those it prunes; give at least {longest}, or leave it out, "
-            "and set train.max_steps to shorten the trials"
+            f"search.max_t: {search.max_t} is below the longest trial's {ending}: ASHA would "
+            f"stop every trial that reaches step {search.max_t} short of its end, as it stops "
+            f"those it prunes; give at least {longest}, or leave it out, and set train.max_steps "
+            "to shorten the trials"
         )
 
 

@@ -36,6 +36,7 @@ from raydeq.experiments.primitives import (
     is_primitive,
     nested,
 )
+from raydeq.training import data
 from raydeq.training.config import (
     WORKERS_KEY,
     Config,
@@ -69,6 +70,8 @@ SET_BY_EACH_TRIAL = {
     "storage_path": "its trial folder",
 }
 STEPS_KEY = "train.max_steps"
+# The settings that decide how many steps a trial's epochs take (`trial_length`).
+EPOCH_KEYS = ("train.epochs", "data.dataset", "data.batch_size", "data.fake_samples")
 
 
 @dataclass(frozen=True)
@@ -116,17 +119,24 @@ class Experiment:
         return searchers.space(self.base, self.search)
 
     def longest_trial(self) -> int:
-        """The most training steps a trial takes (train.max_steps over the base or the
-        variants), 0 where that is unbounded: a trial trains for its epochs, or the search
-        draws train.max_steps (as a dimension, or in a choice of whole `train` sections that
-        sets it: `_draws`)."""
+        """The most training steps a trial takes (`longest`), 0 where that is unbounded."""
+        return self.longest()[0]
+
+    def longest(self) -> tuple[int, str]:
+        """The most training steps a trial takes over the base or the variants (`trial_length`)
+        and what ends that trial, (0, "") where that is unbounded: the search draws
+        train.max_steps (as a dimension, or in a choice of whole `train` sections that sets it:
+        `_draws`), or a trial trains for epochs of a size not known before its data is read
+        (an image folder's, or one the search draws) and sets no train.max_steps."""
         search = self.search
-        spaces = [search.space, *(rule["space"] for rule in search.conditional)]
-        if _drawn_in([dimensions(space) for space in spaces], STEPS_KEY):
-            return 0
+        rules = (rule["space"] for rule in search.conditional)
+        spaces = [dimensions(space) for space in (search.space, *rules)]
+        if _drawn_in(spaces, STEPS_KEY):
+            return 0, ""
+        epochs_known = not any(_drawn_in(spaces, key) for key in EPOCH_KEYS)
         rows = [{VARIANT: row} for row in search.variants] or [{}]
-        steps = [self.trial_config(row).train.max_steps for row in rows]
-        return 0 if 0 in steps else max(steps)
+        lengths = [trial_length(self.trial_config(row), epochs_known) for row in rows]
+        return (0, "") if any(steps == 0 for steps, _ in lengths) else max(lengths)
 
     def drawn(self, settings: Mapping[str, Any]) -> list[str]:
         """The keys of `settings` (a trial's, dotted) that its search drew or its variant set:
@@ -156,6 +166,19 @@ class Experiment:
         row = {k: v for k, v in sampled.get(VARIANT, {}).items() if k != LABEL}
         settings = apply_overrides(self.base, row)
         return merge(settings, {k: v for k, v in sampled.items() if k != VARIANT})
+
+
+def trial_length(cfg: Config, epochs_known: bool) -> tuple[int, str]:
+    """The steps a trial trains for, as its loop counts them, and what ends it, (0, "") where
+    that is unbounded: train.max_steps, or its epochs where their steps are fewer and known
+    before the data is read (the training set's size is, and `epochs_known`)."""
+    samples = data.train_samples(cfg.data) if epochs_known else None
+    per_epoch = samples // cfg.data.batch_size if samples else 0
+    steps = cfg.train.max_steps
+    if per_epoch and (not steps or cfg.train.epochs * per_epoch < steps):
+        epochs = cfg.train.epochs * per_epoch
+        return epochs, f"{epochs} steps (train.epochs: {cfg.train.epochs} of {per_epoch} steps)"
+    return (steps, f"train.max_steps, {steps}") if steps else (0, "")
 
 
 def _draws(key: str, spec: Any, dotted: str) -> bool:
