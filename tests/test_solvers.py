@@ -1821,6 +1821,25 @@ def test_a_float32_residual_whose_norm_underflows_does_not_read_as_converged(sol
     torch.testing.assert_close(sol.stats.residual.double(), expected, rtol=1e-5, atol=0)
 
 
+@pytest.mark.parametrize("solver", ["vcab3", "euler", "fixed_point", "anderson"])
+def test_a_float32_state_whose_norm_overflows_does_not_read_as_converged(solver):
+    """A state of 1e19 in 8 features has a float32 2-norm of inf (its squares overflow), so
+    reltol x ||z|| was inf, which the residual of f(z) = z / 2 + 1, 5e18, met: the sample
+    ended CONVERGED far from z* = 2. It now ends NONFINITE; one whose residual meets reltol x
+    ||z|| measured without overflow (f(z) = z + 1e10) stays CONVERGED, as does the sample
+    solved from 0 beside it."""
+    z0 = torch.tensor([[1e19] * 8, [1e19] * 8, [0.0] * 8])
+
+    def f(z):
+        return torch.cat([z[:1] / 2 + 1, z[1:2] + 1e10, z[2:] / 2 + 1])
+
+    with torch.no_grad():
+        sol = raydeq.solve(f, z0, solver=solver, max_steps=50)
+    assert sol.stats.status.tolist() == [int(Status.NONFINITE), 0, 0]
+    assert sol.stats.converged.tolist() == [False, True, True]
+    assert sol.stats.residual[0].item() > 1e18
+
+
 def test_a_converged_samples_result_meets_its_own_tolerance():
     """With reltol the tolerance grows with ||z||: fixed-point iteration of the map 0 -> 8 ->
     9 -> 10.0625 has the residual 1 at z = 8, above its tolerance 0.12 x 8 = 0.96, and the

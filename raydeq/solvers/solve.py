@@ -334,6 +334,7 @@ def solve(
             graph,
             compile_region(solver, method, f, structure.dtype, z.device, record_graph),
         )
+        monitor.refuse_overflowed()
         nfe += monitor.remeasure(f_flat)
     spent = backward.evaluations if attach else 0
     stats = SolveStats.from_monitor(monitor, initial_nfe + nfe + spent, steps)

@@ -297,6 +297,20 @@ class Monitor:
         return int(min(max(math.ceil(min(since * slowest, limit)) + 1, 1), limit))
 
     @torch.no_grad()
+    def refuse_overflowed(self) -> None:
+        """End NONFINITE the samples that converged where their state's 2-norm overflowed to
+        inf (float32 past about 1.8e19), which every finite residual met through reltol's
+        share of it, and that miss the tolerance with norms that do not overflow: once at the
+        end of a solve, with no host read."""
+        if not self.reltol:
+            return
+        z = self.best_z.detach()
+        stopped = (self.status == int(Status.MAX_STEPS)) > self.active
+        tolerance = scaled_norm(z * self.reltol) + self.abstol_norm
+        missed = stopped & norm(z).isinf() & (self.best_norm > tolerance)
+        self.status = torch.where(missed, int(Status.NONFINITE), self.status)
+
+    @torch.no_grad()
     def remeasure(self, f: Callable[[torch.Tensor], torch.Tensor]) -> int:
         """Measure again, with norms that do not underflow, the samples that converged on a
         residual 2-norm of 0 where a tolerance below the square root of the dtype's smallest
