@@ -1144,6 +1144,28 @@ def written_before_settings(folder: Path) -> None:
         ("optim", {"optimizer": "sgd"}, "optimizer state has amsgrad, betas"),
         ("optim", {"schedule": "step"}, "learning-rate schedule has T_max, eta_min"),
         (
+            "optim",
+            {"lr": 0.01},
+            "optimizer state's initial_lr is 0.001 where this run's is 0.01 (optim.lr)",
+        ),
+        (
+            "optim",
+            {"optimizer": "adamw"},
+            "optimizer state's decoupled_weight_decay is False "
+            "where this run's is True (optim.optimizer)",
+        ),
+        (
+            "optim",
+            {"eta_min": 1e-5},
+            "learning-rate schedule's eta_min is 0.0 where this run's is 1e-05 (optim.eta_min)",
+        ),
+        (
+            "train",
+            {"max_steps": 4},
+            "learning-rate schedule's T_max is 2 where this run's is 4 "
+            "(the run's steps: train.epochs, train.max_steps)",
+        ),
+        (
             "train",
             {"amp": "fp16"},
             "GradScaler state is empty (trained without fp16), where this run's train.amp is fp16",
@@ -1161,8 +1183,10 @@ def test_a_checkpoint_recording_no_settings_that_this_run_cannot_take_is_refused
     """A checkpoint written before checkpoints recorded their settings is not checked against
     them: one of Adam resumed with SGD stopped at its first step in torch's KeyError 'momentum',
     one of a cosine schedule went on under a StepLR holding the cosine's T_max, one without
-    fp16 ended in torch's GradScaler error, another model in torch's list of keys. Each is
-    refused naming the checkpoint, its step and the part that does not fit."""
+    fp16 ended in torch's GradScaler error, another model in torch's list of keys; another
+    lr, AdamW for Adam, eta_min or length went on under the checkpoint's, which loading it put
+    in place of the run's. Each is refused naming the checkpoint, its step and the part that
+    does not fit."""
     cfg = make_config(tmp_path, max_steps=2)
     folder = tmp_path / "run"
     loop.Loop(cfg, FolderSession(folder)).run()

@@ -83,6 +83,10 @@ class TrainState:
             scheduler.state_dict(),
             type(scheduler).__name__,
         )
+        misfits += _values_misfit("optimizer state", saved_group, own_group)
+        misfits += _values_misfit(
+            "learning-rate schedule", state["scheduler"], scheduler.state_dict()
+        )
         if self.scaler.is_enabled() and not state["scaler"]:
             misfits.append(
                 "GradScaler state is empty (trained without fp16), where this run's train.amp "
@@ -148,6 +152,32 @@ def _keys_misfit(what: str, saved: dict[str, Any], own: dict[str, Any], kind: st
         return []
     return [
         f"{what} has {', '.join(theirs)} where this run's {kind} has {', '.join(ours) or 'none'}"
+    ]
+
+
+# The optimizer's and the schedule's state that the settings decide, by key: what a checkpoint
+# recording no settings holds of them, which loading it puts in place of the run's own.
+SETTING_OF = {
+    "initial_lr": "optim.lr",
+    "weight_decay": "optim.weight_decay",
+    "momentum": "optim.momentum",
+    "nesterov": "optim.nesterov",
+    "decoupled_weight_decay": "optim.optimizer",
+    "eta_min": "optim.eta_min",
+    "gamma": "optim.gamma",
+    "milestones": "optim.milestones",
+    "step_size": "optim.step_epochs",
+    "T_max": "the run's steps: train.epochs, train.max_steps",
+}
+
+
+def _values_misfit(what: str, saved: dict[str, Any], own: dict[str, Any]) -> list[str]:
+    """`what` of a checkpoint where its value of a setting's state (SETTING_OF) differs from
+    the run's `own`: loaded, it would replace the run's setting without a word."""
+    return [
+        f"{what}'s {key} is {saved[key]!r} where this run's is {own[key]!r} ({setting})"
+        for key, setting in SETTING_OF.items()
+        if key in saved and key in own and saved[key] != own[key]
     ]
 
 
