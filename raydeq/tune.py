@@ -464,7 +464,8 @@ def dry_run(
         print("\n".join(shown), file=sys.stderr)
     lines = []  # every trial checked before the first is printed
     for sampled in trials:
-        cfg = run.trial_config(experiment, sampled, f"{path.rstrip('/')}/{UNNAMED_TRIAL}")
+        trial_dir = f"{path.rstrip('/')}/{UNNAMED_TRIAL}"
+        cfg = run.trial_config(experiment, sampled, trial_dir, named=False)
         label = trial_label(experiment, sampled)
         config = {k: v for k, v in cfg.to_dict().items() if k != "search"}  # a trial has none
         lines.append(json.dumps({"label": label, "experiment": path, "config": config}))

@@ -1825,6 +1825,20 @@ def test_a_dry_run_prints_the_folder_name_and_workers_each_trial_runs_with(
     assert config == json.loads(json.dumps({k: v for k, v in ran.items() if k != "search"}))
 
 
+def test_a_dry_run_into_a_uri_storage_prints_each_trial(tmp_path, capsys, monkeypatch):
+    """--dry-run --storage URI ended in pyarrow's traceback ("Cannot parse URI ... at
+    character '<'") for a trial that leaves lambda_skip to its preset: its checkpoints were
+    looked for in the placeholder of its folder, which Tune names as the trial starts."""
+    monkeypatch.setattr(ray, "init", lambda *args, **kwargs: pytest.fail("Ray was started"))
+    file = tmp_path / "tiny.yaml"
+    file.write_text(yaml.safe_dump(TINY))
+    uri = f"file://{tmp_path}/runs"
+    assert rt.main([str(file), "--storage", uri, "--dry-run"]) == 0
+    (line,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert line["config"]["storage_path"] == f"{uri}/tiny/{rt.UNNAMED_TRIAL}"
+    assert line["config"]["train"]["lambda_skip"] == PRESETS["mnist_dense"].lambda_skip
+
+
 def test_an_experiment_written_as_its_tune_configs_path_is_found_from_any_folder(
     tmp_path, monkeypatch
 ):

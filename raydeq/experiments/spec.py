@@ -629,16 +629,19 @@ def trial_count(experiment: Experiment, num_samples: int | None = None) -> int:
     return samples * sum(1 for _ in grid)
 
 
-def trial_config(experiment: Experiment, sampled: Mapping[str, Any], trial_dir: str) -> Config:
+def trial_config(
+    experiment: Experiment, sampled: Mapping[str, Any], trial_dir: str, named: bool = True
+) -> Config:
     """The config a trial trains with in its folder `trial_dir`: its Train run there
     (`<trial>/train`), labelled as its lines name it (`trial_label`), not named and stored as
     the file says; one that leaves train.lambda_skip to its preset at the value its checkpoints
-    were trained with before the default's change (`preflight.as_begun`)."""
+    were trained with before the default's change (`preflight.as_begun`), read where the folder
+    is `named` (not a placeholder for the name Tune gives a trial as it starts)."""
     label = trial_label(experiment, sampled)
     where = {"name": TRAIN_RUN, "label": label, "storage_path": trial_dir}
     settings = experiment.trial_settings(merge(sampled, where))
     cfg = validate(settings)
-    if leaves(settings).get("train.lambda_skip") is not None:
+    if not named or leaves(settings).get("train.lambda_skip") is not None:
         return cfg
     return as_begun(cfg, [trial_dir, cfg.run_dir])
 
