@@ -26,7 +26,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, TensorDataset
+from torch.utils.data import (
+    DataLoader,
+    Dataset,
+    DistributedSampler,
+    Subset,
+    TensorDataset,
+    default_collate,
+)
 
 from raydeq.training.config import DataSection
 from raydeq.training.runlock import sign, wait_for
@@ -439,6 +446,26 @@ class Samples(Dataset):
         finally:
             generator.set_state(state)
 
+    def __getitems__(self, keys: list[tuple[int, int]]) -> list:
+        """The samples of a batch's `keys`, for `collate`: an in-memory set's without
+        augmentation (the digits) as its batch, one index into each of its tensors, where
+        reading its 64 samples one by one and stacking them took 0.3 ms a step; any other's one
+        by one."""
+        if self.augmented or not isinstance(self.dataset, TensorDataset):
+            return [self[key] for key in keys]
+        index = torch.tensor([i for _, i in keys])
+        return Batch(tensor[index] for tensor in self.dataset.tensors)
+
+
+class Batch(list):
+    """A batch read whole by `Samples.__getitems__`: its tensors, as collating its samples
+    gives them."""
+
+
+def collate(samples: list) -> list:
+    """A training batch: a Batch as it was read, other samples stacked (default_collate)."""
+    return samples if isinstance(samples, Batch) else default_collate(samples)
+
 
 # How the loader processes start: forked on Linux, where they share their worker's pages (the
 # dataset, torch's libraries). Python 3.14's default there, the forkserver, started each one
@@ -489,6 +516,7 @@ def train_loader(
         batch_size=cfg.batch_size // world_size,
         sampler=sampler,
         drop_last=True,
+        collate_fn=collate,
         **_loader_options(cfg, device, seed),
     )
 
