@@ -7,7 +7,9 @@ the recording read, and the checks between steps that replace the running mask.
 """
 
 import contextlib
+import gc
 import threading
+import weakref
 
 import pytest
 import torch
@@ -223,9 +225,46 @@ def test_a_recorded_solve_leaves_the_callers_z0_unchanged(traced, solver):
     f, _, _ = problem(6)
     z0 = torch.full((B, D), 0.25, dtype=torch.float64)
     with torch.no_grad():
-        sol = raydeq.solve(f, z0, solver=solver, compile="graph", abstol=1e-9)
+        sol = raydeq.solve(f, z0, solver="euler", compile="graph", abstol=1e-9)
     assert sol.stats.steps > 2 and bool(sol.stats.converged.all())
     assert torch.equal(z0, torch.full((B, D), 0.25, dtype=torch.float64))
+
+
+def test_a_recorded_solves_recording_is_freed_when_the_solve_returns(monkeypatch):
+    """Each solve's recording (on a GPU a CUDA graph and its memory pool) goes as the solve
+    returns, without Python's cycle collector: its step was in a reference cycle, so over
+    many solves the recordings stayed until a collection found them."""
+    made = []
+
+    class Watched:
+        """Replays by running the step again: a trace would leave cycles of its own."""
+
+        def __init__(self, device: torch.device, shares=None) -> None:
+            self.body = None
+            made.append(weakref.ref(self))
+
+        def warm_up(self) -> contextlib.AbstractContextManager:
+            return contextlib.nullcontext()
+
+        def record(self, body, written) -> None:
+            self.body = body
+
+        def replay(self) -> None:
+            self.body()
+
+    monkeypatch.setitem(graphs.RECORDERS, "cpu", Watched)
+    f, _, _ = problem(6)
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(3):
+            with torch.no_grad():
+                sol = raydeq.solve(f, torch.zeros(B, D, dtype=torch.float64), compile="graph")
+            assert sol.stats.steps > 2 and bool(sol.stats.converged.all())
+        alive = [ref for ref in made if ref() is not None]
+    finally:
+        gc.enable()
+    assert len(made) == 3 and alive == []
 
 
 @pytest.mark.parametrize("solver", ["anderson", "broyden"])

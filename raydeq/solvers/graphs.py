@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from typing import Any, Protocol
 
 import torch
@@ -193,22 +194,36 @@ class GraphedStep:
             self.carry = rebuild(carry, iter(self.buffers))
             self.monitor_buffers = {n: getattr(monitor, n).clone() for n in Monitor.STEPPED}
             written = [*self.buffers, *self.monitor_buffers.values()]
-            self.replayed = Replayed(lambda: self._step(f, monitor), written, self.recorder)
-        self._keep(monitor)
+            # The recorded work holds the buffers, not this step: a cycle through it left each
+            # solve's recording (a CUDA graph and its memory pool) to Python's cycle collector.
+            advance = partial(
+                _advance, self.step, f, self.carry, self.buffers, self.monitor_buffers, monitor
+            )
+            self.replayed = Replayed(advance, written, self.recorder)
+        _keep(self.monitor_buffers, monitor)
         self.replayed()
         return self.carry
 
-    def _step(self, f: Callable, monitor: Monitor) -> None:
-        """One step from the buffers into the buffers."""
-        new = self.step(f, self.carry, monitor)
-        for buffer, tensor in zip(self.buffers, leaves(new), strict=True):
-            if tensor is not buffer:
-                buffer.copy_(tensor)
-        self._keep(monitor)
 
-    def _keep(self, monitor: Monitor) -> None:
-        """Put the monitor's running state that something replaced back into its buffers."""
-        for name, buffer in self.monitor_buffers.items():
-            if getattr(monitor, name) is not buffer:
-                buffer.copy_(getattr(monitor, name))
-                setattr(monitor, name, buffer)
+def _advance(
+    step: Step,
+    f: Callable,
+    carry: Carry,
+    buffers: Sequence[torch.Tensor],
+    monitor_buffers: dict[str, torch.Tensor],
+    monitor: Monitor,
+) -> None:
+    """One step from the buffers (`carry` is made of them) into the buffers."""
+    new = step(f, carry, monitor)
+    for buffer, tensor in zip(buffers, leaves(new), strict=True):
+        if tensor is not buffer:
+            buffer.copy_(tensor)
+    _keep(monitor_buffers, monitor)
+
+
+def _keep(monitor_buffers: dict[str, torch.Tensor], monitor: Monitor) -> None:
+    """Put the monitor's running state that something replaced back into its buffers."""
+    for name, buffer in monitor_buffers.items():
+        if getattr(monitor, name) is not buffer:
+            buffer.copy_(getattr(monitor, name))
+            setattr(monitor, name, buffer)
