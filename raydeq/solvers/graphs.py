@@ -58,7 +58,7 @@ class Recorder(Protocol):
     def warm_up(self) -> contextlib.AbstractContextManager:
         """A context in which the step runs eagerly once before recording."""
 
-    def record(self, body: Callable[[], None], written: Sequence[torch.Tensor]) -> None:
+    def record(self, body: Callable[[], object], written: Sequence[torch.Tensor]) -> None:
         """Record body's work; `written` are the tensors it writes (a recorder that runs body
         while recording, as a tracer does, restores them)."""
 
@@ -105,7 +105,7 @@ class CudaGraphRecorder:
         """The side stream."""
         return self._on_side_stream()
 
-    def record(self, body: Callable[[], None], written: Sequence[torch.Tensor]) -> None:
+    def record(self, body: Callable[[], object], written: Sequence[torch.Tensor]) -> None:
         """Capture body on the side stream (other threads may use CUDA meanwhile); a capture
         runs nothing, so `written` keep their values. With `shares`, a recorder that has
         recorded already, the graph takes its memory pool: graphs that are never replayed at
@@ -138,7 +138,7 @@ class Replayed:
     error cut short, the device out of memory, holds part of fn's work)."""
 
     def __init__(
-        self, fn: Callable[[], None], written: Sequence[torch.Tensor], recorder: Recorder
+        self, fn: Callable[[], object], written: Sequence[torch.Tensor], recorder: Recorder
     ) -> None:
         self.fn = fn
         self.written = written

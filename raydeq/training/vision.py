@@ -55,7 +55,7 @@ class ArrayImages(Dataset):
     def __init__(
         self,
         images: torch.Tensor,
-        labels: Sequence[int],
+        labels: Sequence[int] | np.ndarray | torch.Tensor,
         stats: tuple[tuple[float, ...], tuple[float, ...]],
         *augment: Callable,
     ) -> None:
