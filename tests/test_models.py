@@ -714,6 +714,36 @@ def test_build_takes_the_model_section_a_checkpoint_records(variant):
 
 
 @pytest.mark.parametrize(
+    ("variant", "solver", "settings"),
+    [
+        ("skip_reg", "euler", {"abstol": 1e-5, "reltol": 1e-5, "max_steps": 200}),
+        ("vanilla", "anderson", {"max_steps": 7}),
+        ("neural_ode", "tsit5", {"abstol": 1e-5, "t1": 2.0}),
+    ],
+)
+def test_a_trained_models_solve_set_for_prediction_is_that_of_a_model_built_with_it(
+    variant, solver, settings
+):
+    """A solver, tolerances, max_steps or t1 set on a built model's layer predict as a model
+    built with them and given its weights does, to the bit, with the same NFE: the README's
+    way of changing a trained model's solve without retraining."""
+    torch.manual_seed(0)
+    model = build({"model": "mnist_dense", "variant": variant}).eval()
+    images = torch.randn(8, 1, 28, 28)
+    with torch.no_grad():
+        before = model(images)[1].stats.nfe
+        model.layer.solver = solver
+        for name, value in settings.items():
+            setattr(model.layer, name, value)
+        logits, out = model(images)
+    given = build({"model": "mnist_dense", "variant": variant, "solver": solver, **settings})
+    given.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        expected, solved = given.eval()(images)
+    assert torch.equal(logits, expected) and out.stats.nfe == solved.stats.nfe != before
+
+
+@pytest.mark.parametrize(
     ("make", "error", "message"),
     [
         (lambda: DenseConfig(width=0), ValueError, "width=0 must be an integer >= 1"),
