@@ -36,7 +36,7 @@ from raydeq.deq import (
     zero_state_hint,
 )
 from raydeq.solvers import SolveStats, Termination
-from raydeq.solvers.adjoint import unbatched
+from raydeq.solvers.adjoint import gradient_ends, unbatched
 from raydeq.solvers.interval import INTERVAL_SOLVERS, Endpoint, integrate
 from raydeq.solvers.options import choice, function, integer, number
 from raydeq.solvers.state import Structure, outside_compiled_graphs, untransformed, valued
@@ -249,6 +249,24 @@ class ContinuousAdjoint(torch.autograd.Function):
         raise RuntimeError(FORWARD_MODE)
 
 
+def check_differentiated(fz: Tensor, differentiated: tuple[Tensor, ...], x: Tensor) -> None:
+    """Raise a ValueError where the output f(z(t1), x), flat, depends on a tensor needing a
+    gradient that the continuous adjoint does not differentiate, beside z(t1), f's argument x
+    and f's trained parameters (`differentiated`): a tensor f closes over (an attribute set
+    from another layer's output, or from x) got its gradient from the output's evaluation of f
+    alone, silently (an encoder's weights feeding f's attribute 3% off backprop's, x's 1.6%)."""
+    for end in gradient_ends(fz, differentiated):
+        if isinstance(end, Tensor):
+            what = "x itself" if end is x else f"a tensor of shape {tuple(end.shape)}"
+            raise ValueError(
+                "adjoint='continuous' differentiates f's parameters and its argument x alone, "
+                f"but f(z, x) also depends on {what} needing a gradient through a tensor f "
+                "closes over (an attribute set from another layer's output or from x), whose "
+                "gradient would miss the integration; give that tensor to the layer within x, "
+                "make it a parameter of f, or use adjoint='backprop'"
+            )
+
+
 def check_settings(
     f: object, t1: float, dynamics: str, solver: str, adjoint: str, max_steps: int
 ) -> None:
@@ -279,11 +297,13 @@ class NeuralODE(OutputLayer):
     dL/dz(t1) through it). solver is one of the continuous DEQ's solvers (INTERVAL_SOLVERS),
     with accuracy-controlled steps over the fixed interval; abstol / reltol are its RMS
     tolerances. adjoint="continuous" (the paper's baseline) trains by the continuous adjoint
-    (ContinuousAdjoint), "backprop" by backpropagating through the accepted steps. stats.nfe
-    counts forward evaluations of f (the output's included), stats.steps the steps (rejected
-    ones too), stats.backward_nvjp after backward() the vector-Jacobian products of f (the
-    output's, then the continuous adjoint's evaluations of the augmented system, each also
-    evaluating f, or for backprop the evaluations on the accepted steps but the field at t1).
+    (ContinuousAdjoint), "backprop" by backpropagating through the accepted steps; the former
+    differentiates x and f's parameters, and refuses an f that closes over another tensor
+    needing a gradient (check_differentiated). stats.nfe counts forward evaluations of f (the
+    output's included), stats.steps the steps (rejected ones too), stats.backward_nvjp after
+    backward() the vector-Jacobian products of f (the output's, then the continuous adjoint's
+    evaluations of the augmented system, each also evaluating f, or for backprop the
+    evaluations on the accepted steps but the field at t1).
     stats.residual is ||f(z(t1), x) - z(t1)|| from the output's evaluation and converged
     applies the DEQ test with abstol / reltol to it. skip_loss and jac_loss are 0. Raises
     IntegrationError (a RuntimeError) when an integration needs more than max_steps steps,
@@ -364,16 +384,21 @@ class NeuralODE(OutputLayer):
         )
         record = Record()
         row = solver_start(flat).reshape(1, -1)
+        adjoint = self.adjoint == "continuous" and torch.is_grad_enabled()
+        trained = {n: p for n, p in self.f.named_parameters() if p.requires_grad} if adjoint else {}
         if flat.shape[0] == 0:
             y = row  # a batch of no samples: nothing to integrate
-        elif self.adjoint == "continuous" and torch.is_grad_enabled():
-            trained = {n: p for n, p in self.f.named_parameters() if p.requires_grad}
+        elif adjoint:
             y = ContinuousAdjoint.apply(problem, record, row, x, tuple(trained), *trained.values())
         else:
             y = record.count(problem.integrate(problem.field(x), row, self.t1))
         z = structure.unflatten(y.reshape(flat.shape).to(problem.given or y.dtype))
-        fz = self.f(z, x)
+        # x through a node of its own, which tells f's argument from x reached otherwise.
+        argument = x.view_as(x) if adjoint else x
+        fz = self.f(z, argument)
         record.stats = residual_stats(z, fz, self.termination, record.nfe + 1, record.steps)
+        if adjoint:
+            check_differentiated(structure.flatten(fz), (y, argument, *trained.values()), x)
         if y.requires_grad:
             y.register_hook(partial(_count_backward, record, self.adjoint == "backprop"))
         zero = x.new_zeros(())

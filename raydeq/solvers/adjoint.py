@@ -11,7 +11,7 @@ parameters and inputs f closes over. No step of the forward solver is backpropag
 from __future__ import annotations
 
 import reprlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -298,28 +298,39 @@ def with_tangent(out: torch.Tensor, tangent: torch.Tensor | None) -> torch.Tenso
 
 
 def needs_gradient_beside(out: torch.Tensor, leaves: tuple[torch.Tensor, ...]) -> bool:
-    """Whether out's graph reaches a tensor needing a gradient other than `leaves`: a leaf's
-    gradient accumulator, which every graph ends in (found after a few nodes where f has a
-    trainable parameter; the whole of f's graph is walked only where none is found). A custom
-    autograd.Function's node counts as reaching one: its backward may accumulate gradients the
-    graph does not show (torch.utils.checkpoint with use_reentrant=True). An out that is itself
-    a leaf needing a gradient (an f returning a parameter or x as it is) has no graph to walk."""
+    """Whether out's graph reaches a tensor needing a gradient other than `leaves`, or a custom
+    autograd.Function's node (`gradient_ends`): found after a few nodes where f has a trainable
+    parameter; the whole of f's graph is walked only where none is found."""
+    return any(True for _ in gradient_ends(out, leaves))
+
+
+def gradient_ends(
+    out: torch.Tensor, stops: tuple[torch.Tensor, ...]
+) -> Iterator[torch.Tensor | torch.autograd.graph.Node]:
+    """What out's graph reaches that may need a gradient, walking no further than the tensors
+    `stops` (a stop with a graph ends the walk at its node, a leaf is not yielded): each leaf
+    needing a gradient, from its gradient accumulator, which every graph ends in, and each
+    custom autograd.Function's node, whose backward may accumulate gradients the graph does not
+    show (torch.utils.checkpoint with use_reentrant=True), walked past. An out that is itself a
+    leaf needing a gradient (an f returning a parameter or x as it is) has no graph to walk."""
     if out.grad_fn is None:
-        return out.requires_grad and not any(out is leaf for leaf in leaves)
+        if out.requires_grad and not any(out is stop for stop in stops):
+            yield out
+        return
+    ends = {stop.grad_fn for stop in stops if stop.grad_fn is not None}
     stack = [out.grad_fn]
     seen = set()
     while stack:
         node = stack.pop()
-        if node is None or node in seen:
+        if node is None or node in seen or node in ends:
             continue
         if isinstance(node, torch.autograd.function.BackwardCFunction):
-            return True
+            yield node
         seen.add(node)
         variable = getattr(node, "variable", None)
-        if variable is not None and not any(variable is leaf for leaf in leaves):
-            return True
+        if variable is not None and not any(variable is stop for stop in stops):
+            yield variable
         stack.extend(next_node for next_node, _ in node.next_functions)
-    return False
 
 
 def _count(stats: SolveStats, nvjp: int, v: torch.Tensor) -> torch.Tensor:
