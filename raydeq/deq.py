@@ -202,20 +202,24 @@ def _parametrizations(module: nn.Module) -> list[tuple[nn.Module, str, nn.Module
 
 
 @contextmanager
-def weights_once(module: nn.Module, eager: bool) -> Iterator[None]:
+def weights_once(module: nn.Module, norms_once: bool) -> Iterator[None]:
     """Within, each parametrized weight of module is the one computed on entry, in the
-    caller's grad mode, where all are weight norms (pure functions of their g and v) and f
-    runs eagerly: torch computed them again at every access, 6 of the 40 operations of an
-    evaluation of mnist_mdeq's f (12 of cifar10_large's 119), each a kernel launch on a GPU
-    (0.16 of about 8 ms on one CPU core, at batch 32).
+    caller's grad mode, where all are weight norms (pure functions of their g and v) and
+    `norms_once` (a DEQ whose f runs eagerly): torch computed them again at every access, 6 of
+    the 40 operations of an evaluation of mnist_mdeq's f (12 of cifar10_large's 119), each a
+    kernel launch on a GPU (0.16 of about 8 ms on one CPU core, at batch 32).
     Computed on entry, not at the first access, which may lie within the solve's no_grad and
     would leave the gradient without them. Another parametrization (a spectral norm's power
     iteration steps at each access) and compiled steps, which compute the weights within
     their kernels, are as they were; the weights are computed anew at each forward pass,
-    after any optimizer step."""
+    after any optimizer step. Within the caller's own parametrize.cached(), which keeps each
+    weight as first computed, every parametrized weight is computed on entry whatever
+    `norms_once`: first computed within a solve's no_grad (or a Neural ODE's continuous
+    adjoint), a spectral norm's, an orthogonal map's or a Neural ODE's weight norm was kept
+    without its graph, and its parameters got no gradient through the solve, silently."""
     tensors = _parametrizations(module)
     weight_norms = all(len(c) == 1 and isinstance(c[0], _WeightNorm) for _, _, c in tensors)
-    if not (eager and tensors and weight_norms):
+    if not (tensors and (parametrize._cache_enabled or (norms_once and weight_norms))):
         yield
         return
     with parametrize.cached():

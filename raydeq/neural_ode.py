@@ -33,6 +33,7 @@ from raydeq.deq import (
     settings,
     solver_start,
     variational_dropouts,
+    weights_once,
     zero_state_hint,
 )
 from raydeq.solvers import SolveStats, Termination
@@ -227,8 +228,15 @@ class ContinuousAdjoint(torch.autograd.Function):
             with torch.enable_grad():
                 z = z.detach().requires_grad_()
                 flow = field(z)
+                # Within the caller's parametrize.cached(), every evaluation shares the weights
+                # computed on entry (weights_once), and with them their graph.
                 vjps = torch.autograd.grad(
-                    flow, [z, *inputs], a, allow_unused=True, materialize_grads=True
+                    flow,
+                    [z, *inputs],
+                    a,
+                    retain_graph=True,
+                    allow_unused=True,
+                    materialize_grads=True,
                 )
             return torch.cat([-flow.detach(), *(v.reshape(1, -1) for v in vjps)], dim=1)
 
@@ -363,7 +371,7 @@ class NeuralODE(OutputLayer):
         if self.training:
             check_modules(self.f, None)
         draw_new_masks(self)
-        with zero_state_hint(self.f, x):
+        with zero_state_hint(self.f, x), weights_once(self, norms_once=False):
             return self._integrate(x)
 
     def _integrate(self, x: Tensor) -> LayerOutput:

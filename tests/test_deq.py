@@ -262,6 +262,28 @@ def test_weight_norms_are_computed_once_per_forward_pass_with_their_gradients(in
         optimizer.zero_grad()
 
 
+@pytest.mark.parametrize("parametrization", ["spectral_norm", "orthogonal"])
+def test_within_the_caller_s_parametrize_cached_a_parametrized_weight_gets_its_gradient(
+    parametrization,
+):
+    """The caller's parametrize.cached() keeps each weight as first computed: a spectral
+    norm's or an orthogonal map's, first computed within the solve's no_grad, was kept without
+    its graph, and its parameters got no gradient. The layer computes it on entry, and every
+    gradient is the implicit function theorem's."""
+    f, x = dense_cell(1)
+    getattr(nn.utils.parametrizations, parametrization)(f.inject)
+    f.eval()
+    v = torch.randn(B, D, dtype=torch.float64)
+    params = [x, *f.parameters()]
+    with parametrize.cached():
+        out = DEQ(f, adjoint_options=GMRES_TIGHT, **TIGHT)(x)
+        got = torch.autograd.grad((out.z * v).sum(), params)
+    z = iterate(f, x.detach(), torch.zeros(B, D, dtype=torch.float64))
+    expected = ift_vjp(f, z, x, v, params)
+    for a, b in zip(got, expected, strict=True):
+        assert (a - b).norm() / b.norm() < 1e-6
+
+
 @pytest.mark.parametrize("init", ["zeros", "skip", "skip_reg"])
 @pytest.mark.parametrize("solver", ["fixed_point", "euler"])
 def test_an_unrolled_multiscale_layer_differentiates_its_steps_written_out(init, solver):
