@@ -4666,6 +4666,37 @@ def test_the_trials_are_read_without_tunes_warning_over_trials_that_never_report
     assert logger.level == level
 
 
+def test_a_run_resumed_or_interrupted_shows_no_tune_warning_over_trials_that_never_reported(
+    monkeypatch, caplog
+):
+    """Tune loads the experiment as it restores it (--resume) and as its run ends (Ctrl-C
+    included), and warned 'Failed to fetch metrics' there, a line per trial that had not
+    reported, after every interrupt and at every resume of one; neither warns now, an error
+    still shows, and Tune's logger is left at its level."""
+    logger = logging.getLogger("ray.tune.analysis.experiment_analysis")
+    experiment = spec.load("digits")
+    options = run.Options(gpus=0, num_samples=1, scheduler="fifo", max_concurrent=0)
+
+    def fit():
+        logger.warning("Failed to fetch metrics for 2 trial(s)")  # tune.run's, as it ends
+        logger.error("an error still shows")
+        return SimpleNamespace(errors=[])
+
+    def tuner(*args):
+        logger.warning("Failed to fetch metrics for 2 trial(s)")  # Tuner.restore's
+        return SimpleNamespace(fit=fit)
+
+    monkeypatch.setattr(run, "tuner", tuner)
+    monkeypatch.setattr(run, "recorded_trials", lambda path: [])
+    monkeypatch.setattr(run.tune.Tuner, "can_restore", lambda path: True)
+    level = logger.level
+    with caplog.at_level(logging.WARNING):
+        for resume in (False, True):
+            assert run.fit(experiment, "runs/digits", options, resume) == (0, 6)
+    assert [r.getMessage() for r in caplog.records] == ["an error still shows"] * 2
+    assert logger.level == level
+
+
 def test_relative_paths_stay_where_the_experiment_was_started_from(tmp_path, monkeypatch):
     """A trial builds its config in a Ray worker, which Tune moves into the trial's folder, and
     --resume may run from another folder: relative data folders (the base's, a variant's) and

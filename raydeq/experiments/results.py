@@ -3,6 +3,7 @@ mean +- std over seeds) and plots of the metrics against step, rebuilt from the 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fnmatch
 import functools
@@ -12,7 +13,7 @@ import math
 import statistics
 import time
 from collections import Counter
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from typing import Any
 
 import pandas as pd
@@ -462,18 +463,26 @@ def set_aside_superseded(path: str) -> list[str]:
     return moved
 
 
-def recorded_trials(path: str) -> list[Any]:
-    """Tune's trials of the experiment at `path` (a ValueError where it recorded none yet, a
-    StorageError where its record is damaged), without the warning of Tune's own reading of
-    their result files, which raydeq reads itself (`history`): Tune names each trial that never
-    reported 'Failed to fetch metrics'."""
+@contextlib.contextmanager
+def unfetched_metrics_unsaid() -> Iterator[None]:
+    """Hold back, inside, Tune's warning 'Failed to fetch metrics' naming each trial that never
+    reported, given wherever Tune loads an experiment (Tuner.restore, the end of Tuner.fit,
+    interrupted or not, `recorded_trials`): raydeq reads the result files itself (`history`)."""
     logger = logging.getLogger("ray.tune.analysis.experiment_analysis")
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
-        return RecordedExperiment(path).trials
+        yield
     finally:
         logger.setLevel(level)
+
+
+def recorded_trials(path: str) -> list[Any]:
+    """Tune's trials of the experiment at `path` (a ValueError where it recorded none yet, a
+    StorageError where its record is damaged), without Tune's warnings of their result files
+    (`unfetched_metrics_unsaid`)."""
+    with unfetched_metrics_unsaid():
+        return RecordedExperiment(path).trials
 
 
 def written(path: str, experiment: Experiment) -> list[str]:

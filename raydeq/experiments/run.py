@@ -40,6 +40,7 @@ from raydeq.experiments.results import (
     recorded_trials,
     set_aside_superseded,
     trial_folder,
+    unfetched_metrics_unsaid,
 )
 from raydeq.experiments.spec import (
     Experiment,
@@ -775,7 +776,8 @@ def finished(path: str, experiment: Experiment, options: Options) -> bool:
 def fit(experiment: Experiment, path: str, options: Options, resume: bool) -> tuple[int, int]:
     """Run (or resume) the experiment; (errored trials, unfinished trials) at its end, those
     that Tune had not added yet when it was stopped among the unfinished."""
-    results = tuner(experiment, path, options, resume and tune.Tuner.can_restore(path)).fit()
+    with unfetched_metrics_unsaid():
+        results = tuner(experiment, path, options, resume and tune.Tuner.can_restore(path)).fit()
     trials = recorded_trials(path)
     unadded = max(trial_count(experiment, options.num_samples) - len(trials), 0)
     return len(results.errors), unadded + sum(trial.status in UNFINISHED for trial in trials)
