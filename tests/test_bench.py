@@ -1035,7 +1035,7 @@ def test_a_report_read_while_a_suite_rewrites_it_is_the_old_or_the_new_one_whole
     )
     while reader.poll() is None:
         write(report, stem)
-    cut, reads = map(int, reader.stdout.read().split())
+    cut, reads = map(int, reader.communicate()[0].split())
     assert reads > 0 and cut == 0
 
 

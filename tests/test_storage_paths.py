@@ -269,7 +269,7 @@ def test_a_run_held_by_a_driver_of_another_temporary_folder_or_node_is_refused(
     finally:
         for process in (here, node):
             process.kill()
-            process.wait()
+            process.communicate()
 
 
 def test_a_lock_left_by_a_killed_driver_is_taken_over_naming_it(tmp_path, monkeypatch):
@@ -280,7 +280,7 @@ def test_a_lock_left_by_a_killed_driver_is_taken_over_naming_it(tmp_path, monkey
     run = str(tmp_path / "runs" / "a")
     killed = driver_elsewhere(run, tmp_path / "other", host="node-7")
     killed.send_signal(signal.SIGKILL)
-    killed.wait()
+    killed.communicate()
     assert runlock.holder(run) is None
     with runlock.hold(run) as left:
         assert left == (
@@ -446,7 +446,7 @@ def test_results_written_from_another_temporary_folder_wait_for_the_writer(tmp_p
             assert done.read_text() == "done"
     finally:
         writer.kill()
-        writer.wait()
+        writer.communicate()
     assert os.listdir(tmp_path / "runs") == ["e"]
 
 

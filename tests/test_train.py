@@ -329,7 +329,7 @@ def test_a_run_that_a_process_here_is_running_is_refused_until_it_ends(tmp_path,
                 pass
     finally:
         holder.kill()
-        holder.wait()
+        holder.communicate()
     with runlock.hold(cfg.run_dir), pytest.raises(runlock.RunInUse, match=f"{os.getpid()}"):
         with runlock.hold(cfg.run_dir):
             pass

@@ -1861,7 +1861,7 @@ def test_a_dry_run_read_only_in_part_exits_0_without_a_traceback():
     dry = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert json.loads(dry.stdout.readline())["label"].startswith("Vanilla Continuous DEQ")
     dry.stdout.close()  # as `| head -1` does
-    assert dry.wait(timeout=60) == 0 and b"Traceback" not in dry.stderr.read()
+    assert dry.wait(timeout=60) == 0 and b"Traceback" not in dry.communicate()[1]
 
 
 def source_copy(folder: Path) -> Path:
