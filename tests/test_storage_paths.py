@@ -591,6 +591,32 @@ def test_a_lock_file_that_links_to_no_file_is_an_error_naming_it(tmp_path, monke
     assert len(tries) == 2 and link.is_symlink()
 
 
+@pytest.mark.parametrize(
+    ("suffix", "held"), [(".lock", runlock.hold), (".results.lock", runlock.writing_results)]
+)
+def test_a_lock_file_that_links_to_a_file_is_refused_leaving_the_file_as_it_was(
+    tmp_path, monkeypatch, suffix, held
+):
+    """A link in a lock file's place, put there by a user who can write in a shared storage:
+    the driver opened the file it links to, named its text as the killed driver, emptied it,
+    wrote its own pid in it and made it writable by every user; it is now a StorageError."""
+    monkeypatch.setattr(runlock.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    run = tmp_path / "runs" / "a"
+    run.parent.mkdir()
+    private = tmp_path / "private"
+    private.write_text("export TOKEN=1\n")
+    private.chmod(0o600)
+    link = runlock.shared_lock_file(str(run), suffix)
+    link.symlink_to(private)
+    with pytest.raises(storage.StorageError) as refused, held(str(run)):
+        pass
+    assert str(refused.value) == (
+        f"{link}, the lock file of {run}, is a link to {private}; remove the link"
+    )
+    assert private.read_text() == "export TOKEN=1\n"
+    assert stat.S_IMODE(private.stat().st_mode) == 0o600 and link.is_symlink()
+
+
 @pytest.mark.parametrize("manifest", ["{}", "[1, 2]", "not json", '{"step": 1}'])
 def test_a_manifest_without_its_checksum_is_a_checkpoint_error(tmp_path, manifest):
     folder = checkpoint.write_checkpoint({"step": 1}, tmp_path / "checkpoint_000001")

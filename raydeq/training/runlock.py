@@ -13,6 +13,7 @@ it ends, so one found there unheld was left by a driver that was killed.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import logging
@@ -192,7 +193,7 @@ def open_locked(
     holds it, or given `wait`, what is waited for, wait for it (`wait_for`). A holder removes
     the file before releasing it, so a lock taken on a file no longer at `path` is dropped and
     the new file opened: two processes never hold two files; a StorageError names a link there
-    to no file. Given `folders_made`, the file's missing folders are made and added to it,
+    (`linked`). Given `folders_made`, the file's missing folders are made and added to it,
     again where a holder that made them removed them as it ended. A file it made on a
     filesystem that refuses flock, which no process can hold, is removed before the OSError is
     raised."""
@@ -213,14 +214,13 @@ def open_locked(
             continue
         except FileExistsError:
             try:
-                fd, made = os.open(path, os.O_RDWR), False
+                fd, made = os.open(path, os.O_RDWR | os.O_NOFOLLOW), False
             except FileNotFoundError:
-                if path.is_symlink():  # a link to no file, which no holder removes
-                    raise StorageError(
-                        f"{path}, the lock file of {run}, is a link to {os.readlink(path)}, "
-                        "which does not exist; remove the link"
-                    ) from None
                 continue  # removed by its holder since
+            except OSError as err:
+                if err.errno != errno.ELOOP:
+                    raise
+                raise StorageError(linked(path, run)) from None
         file = os.fdopen(fd, "r+", encoding="utf-8", errors="replace")
         try:
             with suppress(OSError):  # shared by the users of a shared disk; the owner's alone
@@ -242,6 +242,15 @@ def open_locked(
             file.close()
             raise
         file.close()
+
+
+def linked(path: Path, run: str) -> str:
+    """The refusal of a link at `path`, the lock file of `run`: a lock file is never one, and
+    opened through it, the driver would empty the file it links to, write in it and make it
+    writable by every user (another user of a shared storage could link it to a file of yours)."""
+    target = os.readlink(path)
+    missing = "" if path.exists() else ", which does not exist"
+    return f"{path}, the lock file of {run}, is a link to {target}{missing}; remove the link"
 
 
 def release(path: Path, file: IO[str]) -> None:
