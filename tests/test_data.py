@@ -25,6 +25,7 @@ from torch.utils.data import default_collate
 from raydeq import datasets
 from raydeq.training import data
 from raydeq.training.config import ConfigError, validate
+from raydeq.training.storage import StorageError
 
 
 def mnist_folder(root: Path) -> Path:
@@ -1143,6 +1144,23 @@ def test_a_worker_kept_waiting_for_a_download_says_so(tmp_path, lock_waits):
         f"Waiting for the dataset's download into {tmp_path}: its lock "
         f"{tmp_path / data.DOWNLOAD_LOCK} is held by process {os.getpid()} on this machine"
     ]
+
+
+def test_a_download_lock_that_links_to_a_file_is_refused_leaving_the_file_as_it_was(tmp_path):
+    """A link in the download lock's place, put there by a user who can write in a shared data
+    folder: the worker emptied the file it links to and wrote its pid in it; it is now refused."""
+    private = tmp_path / "private"
+    private.write_text("export TOKEN=1\n")
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    (data_dir / data.DOWNLOAD_LOCK).symlink_to(private)
+    with pytest.raises(StorageError) as refused, data.download_lock(str(data_dir)):
+        pass
+    assert str(refused.value) == (
+        f"{data_dir / data.DOWNLOAD_LOCK}, the lock file of the dataset's download into "
+        f"{data_dir}, is a link to {private}; remove the link"
+    )
+    assert private.read_text() == "export TOKEN=1\n"
 
 
 def test_a_download_from_a_server_that_stalls_ends_in_a_data_error(tmp_path, monkeypatch):

@@ -26,6 +26,7 @@ from torchvision.datasets.folder import default_loader
 from raydeq import train
 from raydeq.training import data, folders, launch, preflight, staging
 from raydeq.training.config import ConfigError, validate
+from raydeq.training.storage import StorageError
 
 CLASSES = [f"n0{7 * i + 1440764:07d}" for i in range(10)]
 TRAIN_PER_CLASS = 250
@@ -218,6 +219,24 @@ def test_staging_copies_the_indexed_files_to_local_disk_once(tmp_path, monkeypat
     in_place = data.load_splits(section(root))
     assert again.test.root == staged and in_place.test.root == root
     assert torch.equal(again.test[3][0], in_place.test[3][0])
+
+
+def test_a_staging_lock_that_links_to_a_file_is_refused_leaving_the_file_as_it_was(tmp_path):
+    """A link in the staged copy's lock's place, put there by a user who can write in a shared
+    node-local disk: the worker emptied the file it links to and wrote its pid in it; it is now
+    refused."""
+    private = tmp_path / "private"
+    private.write_text("export TOKEN=1\n")
+    root = staging.staged_root(str(tmp_path / "local"), str(tmp_path / "data"))
+    root.mkdir(parents=True)
+    (root / staging.LOCK_FILE).symlink_to(private)
+    with pytest.raises(StorageError) as refused:
+        staging.stage(str(tmp_path / "data"), ["train/n01/0.png"], str(tmp_path / "local"))
+    assert str(refused.value) == (
+        f"{root / staging.LOCK_FILE}, the lock file of the copy of {tmp_path / 'data'} to "
+        f"{root}, is a link to {private}; remove the link"
+    )
+    assert private.read_text() == "export TOKEN=1\n"
 
 
 def test_staging_says_how_far_the_copy_has_come_on_stderr(tmp_path, monkeypatch, capsys):

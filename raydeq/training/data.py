@@ -36,7 +36,7 @@ from torch.utils.data import (
 )
 
 from raydeq.training.config import DataSection
-from raydeq.training.runlock import sign, wait_for
+from raydeq.training.runlock import open_lock, sign, wait_for
 from raydeq.training.seeding import AUGMENTATION_STREAM, stream_seed
 
 EXPECTED_FILES = {
@@ -379,8 +379,9 @@ def download_lock(data_dir: str) -> Iterator[None]:
     files); a worker kept waiting says so."""
     folder = Path(data_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / DOWNLOAD_LOCK, "a+", encoding="utf-8", errors="replace") as lock:
-        wait_for(lock, folder / DOWNLOAD_LOCK, f"the dataset's download into {folder}")
+    what = f"the dataset's download into {folder}"
+    with open_lock(folder / DOWNLOAD_LOCK, what) as lock:
+        wait_for(lock, folder / DOWNLOAD_LOCK, what)
         sign(lock)
         yield
 

@@ -244,13 +244,25 @@ def open_locked(
         file.close()
 
 
-def linked(path: Path, run: str) -> str:
-    """The refusal of a link at `path`, the lock file of `run`: a lock file is never one, and
+def linked(path: Path, what: str) -> str:
+    """The refusal of a link at `path`, the lock file of `what`: a lock file is never one, and
     opened through it, the driver would empty the file it links to, write in it and make it
     writable by every user (another user of a shared storage could link it to a file of yours)."""
     target = os.readlink(path)
     missing = "" if path.exists() else ", which does not exist"
-    return f"{path}, the lock file of {run}, is a link to {target}{missing}; remove the link"
+    return f"{path}, the lock file of {what}, is a link to {target}{missing}; remove the link"
+
+
+def open_lock(path: Path, what: str) -> IO[str]:
+    """The lock file at `path` of `what`, opened to read and write, made where missing; a
+    StorageError names a link there (`linked`), which is not followed."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+    except OSError as err:
+        if err.errno != errno.ELOOP:
+            raise
+        raise StorageError(linked(path, what)) from None
+    return os.fdopen(fd, "r+", encoding="utf-8", errors="replace")
 
 
 def release(path: Path, file: IO[str]) -> None:

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from raydeq.training.console import Progress
-from raydeq.training.runlock import sign, wait_for
+from raydeq.training.runlock import open_lock, sign, wait_for
 
 COMPLETE_FILE = ".complete"
 LOCK_FILE = ".lock"
@@ -56,8 +56,9 @@ def stage(data_dir: str, files: Sequence[str], stage_to: str) -> Path:
     if _complete(root, mark):
         return root
     root.mkdir(parents=True, exist_ok=True)
-    with open(root / LOCK_FILE, "a+", encoding="utf-8", errors="replace") as lock:
-        wait_for(lock, root / LOCK_FILE, f"the copy of {data_dir} to {root}")
+    what = f"the copy of {data_dir} to {root}"
+    with open_lock(root / LOCK_FILE, what) as lock:
+        wait_for(lock, root / LOCK_FILE, what)
         sign(lock)
         if not _complete(root, mark):
             for folder in sorted({Path(name).parent for name in files}):
