@@ -239,6 +239,25 @@ def test_a_staging_lock_that_links_to_a_file_is_refused_leaving_the_file_as_it_w
     assert private.read_text() == "export TOKEN=1\n"
 
 
+def test_a_staged_copy_of_another_user_is_refused_not_trained_on(tmp_path, monkeypatch):
+    """A copy's folder that another user made first in a shared stage_to, with their own image
+    and a mark that the copy is complete: the workers trained on that user's image; it is now
+    refused, the image not read."""
+    data_dir = small_tree(tmp_path / "data", ["n01"])
+    local = tmp_path / "local"
+    root = staging.staged_root(str(local), str(data_dir))
+    staging.stage(str(data_dir), ["train/n01/0.png"], str(local))
+    (root / "train/n01/0.png").write_bytes(b"another user's image")
+    monkeypatch.setattr(staging.os, "getuid", lambda: root.stat().st_uid + 1)
+    with pytest.raises(StorageError) as refused:
+        staging.stage(str(data_dir), ["train/n01/0.png"], str(local))
+    assert str(refused.value) == (
+        f"{root}, the copy of {data_dir} in data.stage_to, is not a folder of this user's "
+        f"(owner uid {root.stat().st_uid}); remove it, or set data.stage_to to a folder of "
+        "your own"
+    )
+
+
 def test_staging_says_how_far_the_copy_has_come_on_stderr(tmp_path, monkeypatch, capsys):
     """The copy of 1.28M files to a node's disk (minutes to hours) said nothing until training
     started; a file copied 5 s or more after the line before is a line on stderr, with the time

@@ -12,12 +12,14 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import stat
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from raydeq.training.console import Progress
 from raydeq.training.runlock import open_lock, sign, wait_for
+from raydeq.training.storage import StorageError
 
 COMPLETE_FILE = ".complete"
 LOCK_FILE = ".lock"
@@ -46,16 +48,30 @@ def _complete(root: Path, mark: str) -> bool:
         return False
 
 
+def _check_owner(root: Path, data_dir: str) -> None:
+    """Raise a StorageError unless `root`, the copy of `data_dir`, is a folder of this user's:
+    one that another user made first in a shared `stage_to` holds files that user can change,
+    and a mark that the copy is complete, so the training would read them as the data's."""
+    found = root.lstat()
+    if stat.S_ISDIR(found.st_mode) and found.st_uid == os.getuid():
+        return
+    raise StorageError(
+        f"{root}, the copy of {data_dir} in data.stage_to, is not a folder of this user's "
+        f"(owner uid {found.st_uid}); remove it, or set data.stage_to to a folder of your own"
+    )
+
+
 def stage(data_dir: str, files: Sequence[str], stage_to: str) -> Path:
     """Copy `files` (paths relative to `data_dir`) to this node's `stage_to`, once; the copy's
     root, to read them from. A copy completed for other files (the folder changed and was
     indexed again) gets the files it lacks. A worker that waits for another's copy says so."""
     root = staged_root(stage_to, data_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    _check_owner(root, data_dir)
     listing = hashlib.sha256("\n".join(files).encode()).hexdigest()
     mark = f"{len(files)} files from {data_dir}\nlisting sha256 {listing}\n"
     if _complete(root, mark):
         return root
-    root.mkdir(parents=True, exist_ok=True)
     what = f"the copy of {data_dir} to {root}"
     with open_lock(root / LOCK_FILE, what) as lock:
         wait_for(lock, root / LOCK_FILE, what)
