@@ -239,6 +239,28 @@ def test_a_staging_lock_that_links_to_a_file_is_refused_leaving_the_file_as_it_w
     assert private.read_text() == "export TOKEN=1\n"
 
 
+def test_a_listing_lock_that_links_to_a_file_is_refused_leaving_the_file_as_it_was(
+    tmp_path, monkeypatch
+):
+    """A link in the listing lock's place in the node's temporary folder, whose name another
+    user there can tell from the data folder's path: the listing emptied the file it links
+    to and wrote its pid in it; it is now refused."""
+    monkeypatch.setattr(folders.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    private = tmp_path / "private"
+    private.write_text("export TOKEN=1\n")
+    data_dir = small_tree(tmp_path / "data", ["n01"])
+    lock = folders.index_paths(str(data_dir))[-1].parent / folders.LISTING_LOCK
+    lock.parent.mkdir(parents=True)
+    lock.symlink_to(private)
+    with pytest.raises(StorageError) as refused:
+        folders.load_index(str(data_dir))
+    assert str(refused.value) == (
+        f"{lock}, the lock file of the listing of {data_dir}, is a link to {private}; remove "
+        "the link"
+    )
+    assert private.read_text() == "export TOKEN=1\n"
+
+
 def test_a_staged_copy_of_another_user_is_refused_not_trained_on(tmp_path, monkeypatch):
     """A copy's folder that another user made first in a shared stage_to, with their own image
     and a mark that the copy is complete: the workers trained on that user's image; it is now

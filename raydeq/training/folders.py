@@ -33,7 +33,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from raydeq.training.console import Progress
 from raydeq.training.data import DataError
-from raydeq.training.runlock import sign, wait_for
+from raydeq.training.runlock import open_lock, sign, wait_for
 
 INDEX_FILE = "raydeq-index.parquet"
 # Held, in this node's folder of the index, by the process that lists the data folder.
@@ -393,15 +393,17 @@ def node_lock(folder: Path, data_dir: str) -> Iterator[None]:
     """Hold the lock file LISTING_LOCK in this node's `folder` for the block, so that the
     processes of a node that find no index list the folder one at a time, the later ones
     finding the first one's index (one kept waiting says for which folder of images,
-    `data_dir`); a folder where none can be made (another user's) leaves the block unlocked."""
+    `data_dir`); a folder where none can be made (another user's) leaves the block unlocked,
+    and a link in the lock file's place is a StorageError (`open_lock`)."""
+    what = f"the listing of {data_dir}"
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        lock = open(folder / LISTING_LOCK, "a+", encoding="utf-8", errors="replace")
+        lock = open_lock(folder / LISTING_LOCK, what)
     except OSError:
         yield
         return
     with lock:
-        wait_for(lock, folder / LISTING_LOCK, f"the listing of {data_dir}")
+        wait_for(lock, folder / LISTING_LOCK, what)
         sign(lock)
         yield
 
