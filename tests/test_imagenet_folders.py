@@ -261,6 +261,28 @@ def test_a_listing_lock_that_links_to_a_file_is_refused_leaving_the_file_as_it_w
     assert private.read_text() == "export TOKEN=1\n"
 
 
+def test_an_index_in_another_users_folder_of_the_temporary_folder_is_refused_not_read(
+    tmp_path, monkeypatch
+):
+    """An index that another user of the node put where this node keeps this user's (a folder
+    named by the data folder's path), its labels swapped: a data folder without an index of
+    its own trained on those labels; a folder there of another user's is now refused."""
+    monkeypatch.setattr(folders.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    data_dir = small_tree(tmp_path / "data", ["n01", "n02"])
+    real = folders.build(data_dir)
+    swapped = {split: [1 - label for label in labels] for split, labels in real.labels.items()}
+    owner = os.getuid()
+    monkeypatch.setattr(os, "getuid", lambda: owner + 1)  # this user; the planter is `owner`
+    planted = folders.index_paths(str(data_dir))[-1]
+    folders.write(folders.Index(real.classes, real.files, swapped), planted)
+    with pytest.raises(StorageError) as refused:
+        folders.load_index(str(data_dir))
+    assert str(refused.value) == (
+        f"{planted.parent}, the folder of this user's index of {data_dir}, is not a folder of "
+        f"this user's (owner uid {owner}); remove it, or set TMPDIR to a folder of your own"
+    )
+
+
 def test_a_staged_copy_of_another_user_is_refused_not_trained_on(tmp_path, monkeypatch):
     """A copy's folder that another user made first in a shared stage_to, with their own image
     and a mark that the copy is complete: the workers trained on that user's image; it is now

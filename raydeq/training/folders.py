@@ -22,7 +22,7 @@ import re
 import tarfile
 import tempfile
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 
@@ -33,7 +33,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from raydeq.training.console import Progress
 from raydeq.training.data import DataError
-from raydeq.training.runlock import open_lock, sign, wait_for
+from raydeq.training.runlock import open_lock, own_folder, sign, wait_for
 
 INDEX_FILE = "raydeq-index.parquet"
 # Held, in this node's folder of the index, by the process that lists the data folder.
@@ -349,10 +349,11 @@ def _within(name: str, split: str) -> bool:
 
 
 def index_paths(data_dir: str) -> list[Path]:
-    """Where the index is kept: next to the data, else (a read-only folder) in this node's
-    temporary folder, so that each node lists it at most once."""
+    """Where the index is kept: next to the data, else (a read-only folder) in this user's
+    folder of this node's temporary folder, so that each node lists it at most once."""
     digest = hashlib.sha256(data_dir.encode()).hexdigest()[:12]
-    return [Path(data_dir, INDEX_FILE), Path(tempfile.gettempdir(), f"raydeq-{digest}", INDEX_FILE)]
+    local = Path(tempfile.gettempdir(), f"raydeq-{os.getuid()}-{digest}")
+    return [Path(data_dir, INDEX_FILE), local / INDEX_FILE]
 
 
 def _current(index: Index, data_dir: str) -> bool:
@@ -414,6 +415,8 @@ def load_index(data_dir: str) -> Index:
     a time (`node_lock`); a folder that cannot be listed (a file in its place, no permission)
     is a DataError."""
     candidates = index_paths(data_dir)
+    with suppress(OSError):  # a temporary folder where none can be made: listed unlocked
+        own_folder(candidates[-1].parent, f"the folder of this user's index of {data_dir}")
     index = stored(candidates, data_dir)
     if index is not None:
         return index

@@ -48,18 +48,18 @@ def lock_file(run: str) -> Path:
     return Path(tempfile.gettempdir()) / f"raydeq-locks-{os.getuid()}" / f"{digest}.lock"
 
 
-def own_folder(folder: Path) -> None:
-    """Make the folder of this user's lock files, or check the one there, private (mode 0700):
-    made under umask 000 it was writable by every user, or made first by another user it was
-    theirs, either of whom could remove a driver's lock file (a second driver then trained
-    beside it) or put a link in its place to a file of this user's, which `hold` empties. A
-    StorageError names a folder that another user owns."""
+def own_folder(folder: Path, what: str = "the folder of this user's run locks") -> None:
+    """Make the folder of this user's lock files (or `what` else it is), or check the one
+    there, private (mode 0700): made under umask 000 it was writable by every user, or made
+    first by another user it was theirs, either of whom could remove a driver's lock file (a
+    second driver then trained beside it) or put a link in its place to a file of this user's,
+    which `hold` empties. A StorageError names a folder that another user owns."""
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     found = folder.lstat()
     if found.st_uid != os.getuid() or not stat.S_ISDIR(found.st_mode):
         raise StorageError(
-            f"{folder}, the folder of this user's run locks, is not a folder of this user's "
-            f"(owner uid {found.st_uid}); remove it, or set TMPDIR to a folder of your own"
+            f"{folder}, {what}, is not a folder of this user's (owner uid {found.st_uid}); "
+            "remove it, or set TMPDIR to a folder of your own"
         )
     if stat.S_IMODE(found.st_mode) != 0o700:
         folder.chmod(0o700)
