@@ -721,6 +721,26 @@ def test_a_compile_cache_folder_torch_cannot_make_is_one_line_before_ray_starts(
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_compile_cache_folder_of_another_user_is_refused(tmp_path, monkeypatch):
+    """torch's default compile cache is torchinductor_USER in the temporary folder, which
+    another user of a shared machine could make first, writable by all: torch loads compiled
+    code and pickles from it (a pickle put there ran as the run's user); it is now refused."""
+    folder = tmp_path / "torchinductor_someone"
+    folder.mkdir()
+    owner = os.getuid()
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(folder))
+    monkeypatch.setattr(os, "getuid", lambda: owner + 1)
+    with pytest.raises(config.ConfigError) as refused:
+        preflight.check_compile_cache()
+    assert str(refused.value) == (
+        f"torch's compile cache folder {folder} is not this user's (owner uid {owner}), whose "
+        "owner can put code there that a compiled solve runs; remove it, or set "
+        "TORCHINDUCTOR_CACHE_DIR to a folder of your own"
+    )
+    monkeypatch.setattr(os, "getuid", lambda: owner)
+    preflight.check_compile_cache()
+
+
 @pytest.mark.ray  # a Ray of its own
 def test_workers_that_this_machine_cannot_hold_are_refused_not_waited_for(tmp_path):
     """On a Ray of the run's own no node ever joins: Ray Train waited a minute for the workers,

@@ -100,7 +100,8 @@ def check_compile_cache() -> None:
     """Raise a ConfigError where torch cannot make or write its compile cache folder
     (TORCHINDUCTOR_CACHE_DIR, else torchinductor_USER in the temporary folder): importing
     torch._dynamo, which every solve does, makes it, so each worker of the run failed after Ray
-    started, in a PermissionError naming the folder alone."""
+    started, in a PermissionError naming the folder alone; or where another user owns it (made
+    first in a shared temporary folder): torch loads compiled code and pickles from it."""
     folder = compile_cache_dir()
     try:
         os.makedirs(folder, exist_ok=True)
@@ -111,6 +112,13 @@ def check_compile_cache() -> None:
             f"torch cannot make or write its compile cache folder {folder} ({err.strerror}); "
             f"set {CACHE_VARIABLE} to a folder you can write"
         ) from None
+    owner = os.lstat(folder).st_uid
+    if owner != os.getuid():
+        raise ConfigError(
+            f"torch's compile cache folder {folder} is not this user's (owner uid {owner}), "
+            "whose owner can put code there that a compiled solve runs; remove it, or set "
+            f"{CACHE_VARIABLE} to a folder of your own"
+        )
 
 
 def check_run(
