@@ -16,6 +16,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 import raydeq.bench.__main__ as bench_main
 from raydeq import solve
@@ -1649,6 +1651,58 @@ def test_adjoint_rows_take_the_median_backward_and_divide_gmres_vjps_by_neumanns
     assert rows["GMRES"]["rtol"] == rows["Neumann"]["rtol"] == 1e-3
     (target,) = section.targets
     assert (target.measured, target.detail, target.verdict()) == (0.3, "12 vs 40 VJPs", "PASS")
+
+
+META = torch.device("meta")
+
+
+class MetaWithoutFloat64(TorchDispatchMode):
+    """The meta device standing in for MPS: a float64 tensor made there raises MPS's TypeError."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_flatten(out)[0]:
+            if isinstance(tensor, torch.Tensor) and (tensor.device, tensor.dtype) == (
+                META,
+                torch.float64,
+            ):
+                raise TypeError("Cannot convert a MPS Tensor to float64 dtype")
+        return out
+
+
+def test_a_problem_on_a_device_without_float64_takes_its_exact_references_from_the_cpu():
+    """MPS has no float64: a float32 problem there has the exact fixed point, spectral radius
+    and gradient of the same problem on the CPU, none of them made in float64 on the device."""
+    spec = Spectrum(dim=8, batch=3, slow_eig=0.8)
+    cotangent = torch.linspace(-1, 1, 24).reshape(3, 8)
+    on_cpu = SpectralProblem(spec, CPU)
+    with MetaWithoutFloat64():
+        on_device = SpectralProblem(spec, META)
+        z = on_device.exact_fixed_point()
+        radius = on_device.spectral_radius()
+        exact = on_device.exact_gradient(cotangent)
+    assert (z.device, z.dtype, z.shape) == (META, torch.float32, (3, 8))
+    assert radius == on_cpu.spectral_radius()
+    assert 0.75 < radius < 0.8
+    for got, want in zip(exact, on_cpu.exact_gradient(cotangent), strict=True):
+        assert (got.device, got.dtype) == (CPU, torch.float64)
+        assert torch.equal(got, want)
+
+
+def test_the_gradient_comparisons_on_a_device_without_float64_say_they_are_skipped_and_why():
+    """adjoints and TorchDEQ's backward run in float64: on MPS each says it is skipped, naming
+    the device and what to run instead, where they raised a TypeError."""
+    ctx = Context(META, "tiny")
+    backward = Section("torchdeq", "raydeq vs TorchDEQ", [])
+    with MetaWithoutFloat64():
+        ours = adjoints.run(ctx)
+        torchdeq.backward_rows(ctx, torchdeq.SIZES["tiny"].backward, 1, backward)
+    for section in (ours, backward):
+        (target,) = section.targets
+        assert (section.rows, target.verdict()) == ([], "n/a")
+        assert "skipped on meta: it has no float64" in target.detail
+        assert target.detail.endswith("run them with --device cpu")
+        assert target.detail in section.notes[-1]
 
 
 def test_torchdeqs_fixed_point_iteration_stops_at_the_same_residual_as_raydeqs(run):

@@ -18,6 +18,15 @@ FORWARD_TOL = 1e-9
 TOLERANCES = (1e-2, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5, 3e-6, 1e-6, 3e-7, 1e-7, 1e-8)
 
 
+def no_float64(device: torch.device) -> str:
+    """Why the gradient comparisons are skipped on `device`, one without float64 (MPS)."""
+    return (
+        f"skipped on {device}: it has no float64, which these gradient comparisons run in (a "
+        f"forward solved to RMS residual {FORWARD_TOL:g}, gradient errors to {TARGET_ERROR:g}); "
+        "run them with --device cpu"
+    )
+
+
 @dataclass
 class GradientSetup:
     """A float64 spectral problem with trainable W and x, a cotangent and the exact gradient."""

@@ -4,6 +4,8 @@ f(z) = W tanh(z) + x with W symmetric: `slow` eigenvalues spread just below `slo
 rest uniform in [0, fast_max], so the Jacobian W diag(1 - tanh(z)^2) at the fixed point has a
 few eigenvalues near slow_eig and many small ones, as a trained DEQ layer does. The Jacobian is
 explicit, so the fixed point (Newton) and the implicit gradient (dense solves) are exact.
+They are computed in float64 on the problem's device, or on the CPU where the device has no
+float64 (MPS).
 """
 
 from __future__ import annotations
@@ -69,11 +71,16 @@ class SpectralProblem:
         fast = spec.fast_max * torch.rand(spec.dim - spec.slow, generator=g, dtype=torch.float64)
         slow = spec.slow_eig - 0.02 * torch.rand(spec.slow, generator=g, dtype=torch.float64)
         eig = torch.cat([slow, fast])
-        w = (q * eig) @ q.T
+        w = ((q * eig) @ q.T).to(dtype)
         x = spec.input_scale * torch.randn(spec.batch, spec.dim, generator=g, dtype=torch.float64)
+        x = x.to(dtype)
         self.spec = spec
-        self.weight = w.to(device, dtype)
-        self.x = x.to(device, dtype)
+        self.weight = w.to(device)
+        self.x = x.to(device)
+        # W and x as `dtype` holds them, copied in float64 for the exact references: converted
+        # on the CPU, as a device without float64 (MPS) refuses W.double().
+        self.exact_weight = w.to(torch.float64, copy=True)
+        self.exact_x = x.to(torch.float64, copy=True)
         self.counter = Counter()
 
     def f(self, z: Tensor) -> Tensor:
@@ -91,13 +98,15 @@ class SpectralProblem:
             r = torch.tanh(z) @ self.weight.T + self.x - z
         return r.pow(2).mean(1).sqrt()
 
-    def jacobian(self, z: Tensor) -> Tensor:
-        """J_f(z) per sample (B, dim, dim): W diag(1 - tanh(z)^2)."""
-        return self.weight.detach()[None] * (1 - torch.tanh(z).pow(2))[:, None, :]
-
     def exact_fixed_point(self, iterations: int = 30) -> Tensor:
-        """z* by Newton's method with dense per-sample solves in float64, to rounding error."""
-        w, x = self.weight.detach().double(), self.x.detach().double()
+        """z* on the problem's device, in its dtype (`newton`)."""
+        return self.newton(iterations).to(self.x.dtype).to(self.x.device)
+
+    def newton(self, iterations: int = 30) -> Tensor:
+        """z* in float64 by Newton's method with dense per-sample solves, to rounding error, on
+        `reference_device`."""
+        where = reference_device(self.x.device)
+        w, x = self.exact_weight.to(where), self.exact_x.to(where)
         z = torch.zeros_like(x)
         eye = torch.eye(self.spec.dim, dtype=z.dtype, device=z.device)
         with torch.no_grad():
@@ -105,22 +114,44 @@ class SpectralProblem:
                 r = torch.tanh(z) @ w.T + x - z
                 if float(r.abs().max()) <= 1e-12:
                     break
-                jacobian = w[None] * (1 - torch.tanh(z).pow(2))[:, None, :]
-                z = z - solve_each(jacobian - eye, r)
-        return z.to(self.x.dtype)
+                z = z - solve_each(jacobian(w, z) - eye, r)
+        return z
 
     def exact_gradient(self, cotangent: Tensor) -> tuple[Tensor, Tensor]:
-        """(dL/dW, dL/dx) for L = sum(cotangent * z*), by the implicit function theorem."""
-        z = self.exact_fixed_point().double()
+        """(dL/dW, dL/dx) for L = sum(cotangent * z*), by the implicit function theorem, in
+        float64 on `reference_device`."""
+        z = self.newton()
+        w = self.exact_weight.to(z.device)
         eye = torch.eye(self.spec.dim, dtype=z.dtype, device=z.device)
-        a = (eye - self.jacobian(z).double()).transpose(1, 2)
-        g = solve_each(a, cotangent.double())
+        a = (eye - jacobian(w, z)).transpose(1, 2)
+        g = solve_each(a, cotangent.detach().to(z.device).double())
         return g.T @ torch.tanh(z), g
 
     def spectral_radius(self, samples: int = 4) -> float:
         """Largest |eigenvalue| of J_f(z*) over the first few samples of the batch."""
-        jacobians = self.jacobian(self.exact_fixed_point()[:samples]).double().cpu()
+        z = self.newton()[:samples]
+        jacobians = jacobian(self.exact_weight.to(z.device), z).cpu()
         return max(float(torch.linalg.eigvals(j).abs().max()) for j in jacobians)
+
+
+def jacobian(w: Tensor, z: Tensor) -> Tensor:
+    """J_f(z) per sample (B, dim, dim) for f(z) = W tanh(z) + x: W diag(1 - tanh(z)^2)."""
+    return w[None] * (1 - torch.tanh(z).pow(2))[:, None, :]
+
+
+def has_float64(device: torch.device) -> bool:
+    """Whether `device` computes in float64: MPS has no float64 and refuses to make a tensor of
+    it."""
+    try:
+        return float(torch.ones(2, dtype=torch.float64, device=device).sum()) == 2
+    except (RuntimeError, TypeError):
+        return False
+
+
+def reference_device(device: torch.device) -> torch.device:
+    """Where the exact references of a problem on `device` are computed in float64: there, or
+    on the CPU where it has no float64."""
+    return device if has_float64(device) else torch.device("cpu")
 
 
 def solve_each(a: Tensor, b: Tensor) -> Tensor:
@@ -136,6 +167,8 @@ def solve_each(a: Tensor, b: Tensor) -> Tensor:
 
 def gradient_error(grads: tuple[Tensor, Tensor], reference: tuple[Tensor, Tensor]) -> float:
     """Relative error ||g - g_ref|| / ||g_ref|| over (dL/dW, dL/dx) together."""
-    diff = sum(float((a.double() - b.double()).pow(2).sum()) for a, b in zip(grads, reference))
+    diff = sum(
+        float((a.to(b.device).double() - b.double()).pow(2).sum()) for a, b in zip(grads, reference)
+    )
     norm = sum(float(b.double().pow(2).sum()) for b in reference)
     return (diff / norm) ** 0.5

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 from raydeq.bench.harness.cases import Outcome, raydeq_implicit
 from raydeq.bench.harness.context import Context
-from raydeq.bench.harness.gradients import FORWARD_TOL, TARGET_ERROR, GradientSetup
-from raydeq.bench.harness.problems import Spectrum
+from raydeq.bench.harness.gradients import FORWARD_TOL, TARGET_ERROR, GradientSetup, no_float64
+from raydeq.bench.harness.problems import Spectrum, has_float64
 from raydeq.bench.harness.report import Section, Target
 from raydeq.bench.harness.timing import measure, ratio
 
@@ -27,18 +27,20 @@ SIZES = {
 }
 ADJOINTS = {"gmres": "GMRES", "fixed_point": "Neumann"}
 MAX_ITERS = 2000
+TARGET = f"GMRES VJPs / Neumann VJPs at error {TARGET_ERROR:g}"
+TITLE = f"Implicit backward: GMRES vs Neumann to gradient error {TARGET_ERROR:g}"
+COLUMNS = ["adjoint", "rtol", "VJPs", "gradient error", "backward ms"]
 
 
 def run(ctx: Context) -> Section:
     """VJPs and backward time of each adjoint at the loosest tolerance reaching the target."""
     size = ctx.pick(SIZES)
+    if not has_float64(ctx.device):
+        skipped = no_float64(ctx.device)
+        targets = [Target(TARGET, None, 0.5, detail=skipped)]
+        return Section("adjoints", TITLE, COLUMNS, targets=targets, notes=[skipped])
     setup = GradientSetup.make(ctx, size.spectrum)
-    section = Section(
-        name="adjoints",
-        title=f"Implicit backward: GMRES vs Neumann to gradient error {TARGET_ERROR:g}",
-        columns=["adjoint", "rtol", "VJPs", "gradient error", "backward ms"],
-        notes=[setup.note()],
-    )
+    section = Section(name="adjoints", title=TITLE, columns=COLUMNS, notes=[setup.note()])
 
     makers = {
         adjoint: lambda tol, a=adjoint: raydeq_implicit(
@@ -70,8 +72,6 @@ def run(ctx: Context) -> Section:
     gmres, neumann = outcomes.get("gmres"), outcomes.get("fixed_point")
     measured = ratio(gmres.nvjp, neumann.nvjp) if gmres and neumann else None
     detail = f"{gmres.nvjp} vs {neumann.nvjp} VJPs" if gmres and neumann else "not reached"
-    section.targets.append(
-        Target(f"GMRES VJPs / Neumann VJPs at error {TARGET_ERROR:g}", measured, 0.5, detail=detail)
-    )
+    section.targets.append(Target(TARGET, measured, 0.5, detail=detail))
     section.timings = {name: t.seconds for name, t in timings.items()}
     return section

@@ -17,8 +17,8 @@ from raydeq.bench.harness.cases import (
     raydeq_implicit,
 )
 from raydeq.bench.harness.context import Context
-from raydeq.bench.harness.gradients import FORWARD_TOL, TARGET_ERROR, GradientSetup
-from raydeq.bench.harness.problems import SpectralProblem, Spectrum
+from raydeq.bench.harness.gradients import FORWARD_TOL, TARGET_ERROR, GradientSetup, no_float64
+from raydeq.bench.harness.problems import SpectralProblem, Spectrum, has_float64
 from raydeq.bench.harness.report import Section, Target
 from raydeq.bench.harness.timing import Timing, measure, paired_ratio
 
@@ -180,7 +180,13 @@ def best(timings: dict[str, Timing], library: str, tol: float) -> str | None:
 
 
 def backward_rows(ctx: Context, spec: Spectrum, repeats: int, section: Section) -> None:
-    """Implicit backward passes of both libraries at the same gradient error."""
+    """Implicit backward passes of both libraries at the same gradient error; a note instead
+    of rows on a device without float64."""
+    if not has_float64(ctx.device):
+        skipped = "backward: " + no_float64(ctx.device)
+        section.notes.append(skipped)
+        section.targets.append(Target(BACKWARD_TARGET, None, 0.3, detail=skipped))
+        return
     setup = GradientSetup.make(ctx, spec)
     problem = setup.problem
     makers = {"raydeq gmres": lambda tol: raydeq_implicit(problem, "gmres", tol, FORWARD_TOL, 200)}
