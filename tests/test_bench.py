@@ -1732,6 +1732,18 @@ def test_an_accelerator_index_past_the_last_device_stops_the_run(monkeypatch):
         check_device(torch.device("cuda:2"))
 
 
+def test_a_device_past_the_only_gpu_is_refused_naming_that_gpu_alone(monkeypatch):
+    """With one GPU the message names cuda:0, where it said 'cuda:0 to cuda:0'."""
+    monkeypatch.setattr(
+        torch.accelerator, "current_accelerator", lambda check_available: torch.device("cuda")
+    )
+    monkeypatch.setattr(torch.accelerator, "device_count", lambda: 1)
+    check_device(torch.device("cuda:0"))
+    with pytest.raises(ValueError) as refused:
+        check_device(torch.device("cuda:1"))
+    assert str(refused.value) == "--device cuda:1: not on this machine, which has cpu and cuda:0"
+
+
 def run_interrupted_in_node(monkeypatch: pytest.MonkeyPatch, out: Path, *only: str) -> None:
     """Run the suites `only` into `out`, skip finishing and node stopped by Ctrl-C, and check
     that the run exits with status 130."""

@@ -280,7 +280,8 @@ def check_device(device: torch.device) -> None:
         accelerator is not None and device.type == accelerator.type and (device.index or 0) < count
     ):
         return
-    devices = f" and {accelerator.type}:0 to {accelerator.type}:{count - 1}" if count else ""
+    last = f" to {accelerator.type}:{count - 1}" if count > 1 else ""
+    devices = f" and {accelerator.type}:0{last}" if count else ""
     raise ValueError(f"--device {device}: not on this machine, which has cpu{devices}")
 
 
