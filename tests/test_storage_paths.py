@@ -3,6 +3,7 @@ its holder, and TensorBoard events in a folder or at a file:// URI: no Ray, no S
 
 import errno
 import fcntl
+import importlib
 import os
 import signal
 import stat
@@ -147,6 +148,19 @@ def test_a_storage_uri_with_a_space_or_non_ascii_character_is_refused_with_its_e
         f"storage_path {uri} is not a URI that pyarrow reads: a space or a non-ASCII character "
         f"in a URI is written percent-encoded, as in {escaped}"
     )
+
+
+def test_the_commands_on_a_system_without_fcntl_say_in_one_line_to_run_them_in_wsl(monkeypatch):
+    """Windows has no fcntl: the run lock's import, which raydeq.train and raydeq.tune make and
+    raydeq.bench makes through the data module, exits with one line naming the platforms they
+    run on, where each command ended in a ModuleNotFoundError traceback."""
+    monkeypatch.setitem(sys.modules, "fcntl", None)
+    monkeypatch.delitem(sys.modules, "raydeq.training.runlock")
+    with pytest.raises(SystemExit) as stopped:
+        importlib.import_module("raydeq.training.runlock")
+    assert stopped.value.code == runlock.NO_FCNTL
+    assert "run on Linux and macOS, not on Windows" in runlock.NO_FCNTL
+    assert runlock.NO_FCNTL.endswith("run them in WSL")
 
 
 def test_the_first_lock_of_a_machine_makes_its_folder(tmp_path, monkeypatch):

@@ -14,7 +14,6 @@ it ends, so one found there unheld was left by a driver that was killed.
 from __future__ import annotations
 
 import errno
-import fcntl
 import hashlib
 import logging
 import os
@@ -28,6 +27,18 @@ from pathlib import Path
 from typing import IO
 
 from raydeq.training.storage import StorageError, local_path
+
+# What raydeq.train, raydeq.tune and raydeq.bench say on Windows, where this module's import
+# of fcntl ended each of them in a ModuleNotFoundError traceback.
+NO_FCNTL = (
+    "raydeq's commands (raydeq.train, raydeq.tune, raydeq.bench) run on Linux and macOS, not on "
+    "Windows, which has no fcntl for their file locks: run them in WSL"
+)
+
+try:
+    import fcntl
+except ModuleNotFoundError:
+    raise SystemExit(NO_FCNTL) from None
 
 PROBE_WAIT_S = 5.0  # the longest a start waits out readers' shared probes of its lock
 
