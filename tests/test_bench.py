@@ -10,6 +10,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -2242,6 +2243,32 @@ def test_sigterm_ends_a_run_as_ctrl_c_does_keeping_the_suites_that_finished(
     err = capsys.readouterr().err
     assert err.splitlines()[-1] == f"interrupted in [node]; the finished suites are in {md_path}"
     assert "## Finished first (`skip`)" in md_path.read_text()
+
+
+def test_sigterm_landing_in_a_weakref_callback_still_ends_the_run_as_ctrl_c_does(
+    monkeypatch, tmp_path, capsys
+):
+    """SIGTERM handled while a weakref callback runs raised KeyboardInterrupt there, where
+    Python drops it ('Exception ignored in'): `timeout` did not stop the bench, which ran on to
+    its end. The stop is raised again as the suite goes on: status 130, in one line."""
+
+    class Dropped:
+        pass
+
+    def terminated(ctx: Context) -> Section:
+        dropped = Dropped()
+        weakref.finalize(dropped, os.kill, os.getpid(), signal.SIGTERM)
+        del dropped
+        return Section("node", "Never", ["a"])
+
+    monkeypatch.setitem(SUITES, "node", terminated)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--size", "tiny", "--only", "node", "--out", str(tmp_path)])
+    assert exit_info.value.code == 130
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == "interrupted in [node]; none finished"
+    assert "Exception ignored" not in err
+    assert sys.gettrace() is None
 
 
 def test_the_bench_command_loads_no_compile_stack_before_a_suite_compiles(loaded):
