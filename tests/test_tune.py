@@ -1649,12 +1649,17 @@ def test_an_asha_grace_period_or_max_t_past_a_trial_of_epochs_is_refused():
 def test_asha_bounds_trials_of_epochs_beside_a_variant_of_steps_by_their_epochs():
     """A variant of 40 steps beside one that trains for its epochs (no max_steps): ASHA's
     max_t is past the epochs' 1,790 steps (10 of 179 batches of 8 digits), not 41, which
-    stopped the trial of epochs at step 41; a grace period past a search's max_t for trials of
-    epochs names that max_t."""
+    stopped the trial of epochs at step 41; beside an image folder's epochs, of a size not
+    known before its data is read, it is unbounded; a grace period past a search's max_t for
+    trials of epochs names that max_t."""
     variants = [{"train.max_steps": 40}, {"optim.lr": 0.01}]
     experiment = spec.from_dict("a", {**TINY, "search": {"variants": variants}})
     assert experiment.longest_trial() == 1790
     assert run.asha_max_t(experiment) == 1791
+    folder = {"data.dataset": "imagenet", "data.data_dir": "/x", "model.model": "imagenet_small"}
+    unsized = spec.from_dict("a", {**TINY, "search": {"variants": [variants[0], folder]}})
+    assert unsized.longest() == (0, "")
+    assert run.asha_max_t(unsized) == 2**31
     past = spec.from_dict("a", {**TINY, "search": {"max_t": 30, "grace_period": 50}})
     with pytest.raises(ConfigError) as err:
         run.check_scheduler(past, "asha")
