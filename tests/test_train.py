@@ -1170,6 +1170,11 @@ def written_before_settings(folder: Path) -> None:
         ),
         (
             "optim",
+            {"weight_decay": 0.1},
+            "optimizer state's weight_decay is 0.0 where this run's is 0.1 (optim.weight_decay)",
+        ),
+        (
+            "optim",
             {"optimizer": "adamw"},
             "optimizer state's decoupled_weight_decay is False "
             "where this run's is True (optim.optimizer)",
@@ -1204,9 +1209,9 @@ def test_a_checkpoint_recording_no_settings_that_this_run_cannot_take_is_refused
     them: one of Adam resumed with SGD stopped at its first step in torch's KeyError 'momentum',
     one of a cosine schedule went on under a StepLR holding the cosine's T_max, one without
     fp16 ended in torch's GradScaler error, another model in torch's list of keys; another
-    lr, AdamW for Adam, eta_min or length went on under the checkpoint's, which loading it put
-    in place of the run's. Each is refused naming the checkpoint, its step and the part that
-    does not fit."""
+    lr, weight decay, AdamW for Adam, eta_min or length went on under the checkpoint's, which
+    loading it put in place of the run's. Each is refused naming the checkpoint, its step and
+    the part that does not fit."""
     cfg = make_config(tmp_path, max_steps=2)
     folder = tmp_path / "run"
     loop.Loop(cfg, FolderSession(folder)).run()
