@@ -411,7 +411,8 @@ def process_state_kept(request: pytest.FixtureRequest) -> Iterator[None]:
 def user_state() -> dict[str, object]:
     """The process-wide state a script that embeds raydeq keeps: process_state, and the RNG
     stream, the environment, the loggers' levels, filters and handlers, warnings filters,
-    matplotlib's backend and the standard streams with their error handlers."""
+    matplotlib's backend, the standard streams with their error handlers, and the hooks of
+    exceptions Python drops and of tracing."""
     matplotlib = sys.modules.get("matplotlib")
     return process_state() | {
         "rng": torch.random.get_rng_state().tolist(),
@@ -427,6 +428,7 @@ def user_state() -> dict[str, object]:
         "streams": [
             (stream, getattr(stream, "errors", None)) for stream in (sys.stdout, sys.stderr)
         ],
+        "hooks": (sys.unraisablehook, sys.gettrace()),
     }
 
 
