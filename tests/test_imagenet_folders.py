@@ -302,6 +302,25 @@ def test_a_staged_copy_of_another_user_is_refused_not_trained_on(tmp_path, monke
     )
 
 
+def test_a_link_in_the_place_of_a_staged_copy_is_refused_not_followed(tmp_path):
+    """A link in the place of a copy's folder in a shared stage_to, to a folder holding a
+    complete copy of the data, is not taken for the copy: the workers would read and write the
+    folder it links to; it is refused naming it, the folder left as it was."""
+    data_dir = small_tree(tmp_path / "data", ["n01"])
+    elsewhere = tmp_path / "elsewhere"
+    staging.stage(str(data_dir), ["train/n01/0.png"], str(elsewhere))
+    linked_to = staging.staged_root(str(elsewhere), str(data_dir))
+    before = sorted(linked_to.rglob("*"))
+    local = tmp_path / "local"
+    root = staging.staged_root(str(local), str(data_dir))
+    root.parent.mkdir(parents=True)
+    root.symlink_to(linked_to)
+    with pytest.raises(StorageError) as refused:
+        staging.stage(str(data_dir), ["train/n01/0.png"], str(local))
+    assert str(refused.value).startswith(f"{root}, the copy of {data_dir} in data.stage_to, is ")
+    assert sorted(linked_to.rglob("*")) == before
+
+
 def test_staging_says_how_far_the_copy_has_come_on_stderr(tmp_path, monkeypatch, capsys):
     """The copy of 1.28M files to a node's disk (minutes to hours) said nothing until training
     started; a file copied 5 s or more after the line before is a line on stderr, with the time
