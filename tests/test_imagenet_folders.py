@@ -266,7 +266,8 @@ def test_an_index_in_another_users_folder_of_the_temporary_folder_is_refused_not
 ):
     """An index that another user of the node put where this node keeps this user's (a folder
     named by the data folder's path), its labels swapped: a data folder without an index of
-    its own trained on those labels; a folder there of another user's is now refused."""
+    its own trained on those labels; a folder there of another user's is now refused. Each
+    user's folder has a name of its own, so that one user's never stands in another's way."""
     monkeypatch.setattr(folders.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
     data_dir = small_tree(tmp_path / "data", ["n01", "n02"])
     real = folders.build(data_dir)
@@ -281,6 +282,8 @@ def test_an_index_in_another_users_folder_of_the_temporary_folder_is_refused_not
         f"{planted.parent}, the folder of this user's index of {data_dir}, is not a folder of "
         f"this user's (owner uid {owner}); remove it, or set TMPDIR to a folder of your own"
     )
+    monkeypatch.setattr(os, "getuid", lambda: owner)
+    assert folders.index_paths(str(data_dir))[-1].parent != planted.parent
 
 
 def test_a_staged_copy_of_another_user_is_refused_not_trained_on(tmp_path, monkeypatch):
