@@ -315,6 +315,34 @@ def test_imagenet_images_are_resized_whole_as_the_reference_does(tmp_path):
     assert splits.augmented
 
 
+def test_the_first_imagenet_test_batches_mix_the_classes_of_a_val_folder_sorted_by_class(
+    tmp_path,
+):
+    """val/ in class folders is listed class by class: train.eval_batches=2 in batches of 4
+    tested classes 0 and 1 alone. The test set is read in one mixed order, the same on every
+    load and worker, each image still with its own class (its red level)."""
+    for split, count in (("train", 1), ("val", 4)):
+        for cls in range(5):
+            folder = tmp_path / split / f"n{cls:08d}"
+            folder.mkdir(parents=True)
+            for i in range(count):
+                Image.new("RGB", (8, 8), (cls * 60, i * 60, 0)).save(folder / f"{i}.png")
+    cfg = section(dataset="imagenet", data_dir=str(tmp_path), image_size=8, eval_batch_size=4)
+    splits = data.load_splits(cfg)
+    red = [round(float(image[0, 0, 0] * 0.229 + 0.485) * 255 / 60) for image, _ in splits.test]
+    labels = [int(label) for _, label in splits.test]
+    assert red == labels and sorted(labels) == [c for c in range(5) for _ in range(4)]
+    first = [
+        label
+        for _, batch in itertools.islice(data.eval_loader(splits.test, cfg, 0, 1), 2)
+        for label in batch.tolist()
+    ]
+    assert len(set(first)) >= 4
+    shared = [data.eval_loader(splits.test, cfg, rank, 2) for rank in (0, 1)]
+    assert [next(iter(loader))[1].tolist() for loader in shared] == [first[:4], first[4:]]
+    assert [int(label) for _, label in data.load_splits(cfg).test] == labels
+
+
 @pytest.mark.parametrize(
     ("dataset", "files"),
     [

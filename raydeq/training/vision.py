@@ -220,11 +220,20 @@ def _staged(data_dir: str, index: Index, stage_to: str) -> Path:
         ) from None
 
 
+def _mixed(files: list[str], labels: list[int]) -> tuple[list[str], list[int]]:
+    """The validation images and labels in one order drawn from seed 0, the same on every worker
+    and start: a val/ in class folders lists them class by class, so that the first
+    train.eval_batches batches held the first classes alone."""
+    order = np.random.default_rng(0).permutation(len(files))
+    return [files[i] for i in order], [labels[i] for i in order]
+
+
 def _imagenet(cfg: DataSection) -> Splits:
     """ImageNet `train/` and `val/` from the folder's index (listed once, see `folders`), read
     from the node-local copy when `stage_to` is set; transforms as the paper's reference code
     (experiments/imagenet/main.jl at DeepEquilibriumNetworks.jl d18c610): resized whole to
-    size x size; augmentation: resized to 256 x 256 (at size 224), flipped, cropped to size."""
+    size x size; augmentation: resized to 256 x 256 (at size 224), flipped, cropped to size.
+    The validation images are read in a fixed mixed order (see `_mixed`)."""
     size = cfg.image_size
     val_steps = (T.Resize((size, size)),)
     enlarged = round(size * 256 / 224)
@@ -242,8 +251,7 @@ def _imagenet(cfg: DataSection) -> Splits:
     )
     val = FileImages(
         root,
-        index.files["val"],
-        index.labels["val"],
+        *_mixed(index.files["val"], index.labels["val"]),
         _normalized(IMAGENET_STATS, *val_steps),
         index.path,
     )
