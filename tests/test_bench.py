@@ -218,9 +218,10 @@ def test_each_target_is_the_quotient_its_rows_and_raw_times_give(run):
         )
 
 
-def test_a_solver_stopped_short_of_the_tolerance_has_no_nfe_ratio(monkeypatch):
+def test_a_solver_stopped_short_of_the_tolerance_fails_its_nfe_target(monkeypatch):
     """Broyden cut off after 2 steps has a tiny NFE but has not solved the problem: its NFE
-    target is n/a, not a PASS, while Anderson's is measured as before."""
+    target is a FAIL, not a PASS (nor the n/a of a target not measured), while Anderson's is
+    measured as before."""
     full_run = discrete.raydeq_forward
 
     def cut_broyden(solver: str, tol: float, max_steps: int, **options: object):
@@ -233,7 +234,8 @@ def test_a_solver_stopped_short_of_the_tolerance_has_no_nfe_ratio(monkeypatch):
     rows = {row["solver"]: row for row in section.rows}
     assert rows["broyden"]["NFE"] <= 3 and rows["broyden"]["max residual"] > discrete.TOL
     broyden, anderson = section.targets
-    assert broyden.name.startswith("broyden") and broyden.verdict() == "n/a"
+    assert broyden.name.startswith("broyden") and broyden.verdict() == "FAIL"
+    assert broyden.measured == math.inf
     assert anderson.measured == pytest.approx(rows["anderson"]["NFE"] / rows["fixed_point"]["NFE"])
 
 
@@ -1085,14 +1087,15 @@ def test_an_adjoint_comparison_where_no_adjoint_reaches_the_error_reports_it_ins
     monkeypatch,
 ):
     """Neither GMRES nor Neumann reaching the gradient error leaves nothing to time: the
-    section says so in its notes and its target is n/a, and timing no cases times nothing."""
+    section says so in its notes and its target fails, as GMRES missed, and timing no cases
+    times nothing."""
     assert measure({}, CPU, repeats=3) == {}
     monkeypatch.setattr(gradients, "loosest", lambda *args, **kwargs: (None, None))
     section = adjoints.run(Context(CPU, "tiny"))
     assert section.rows == [] and section.timings == {}
     assert [note.split(" did not")[0] for note in section.notes[1:]] == ["GMRES", "Neumann"]
     (target,) = section.targets
-    assert target.verdict() == "n/a" and target.detail == "not reached"
+    assert target.verdict() == "FAIL" and target.detail == "GMRES not reached"
 
 
 def test_every_target_has_its_limit_bound_its_way(run):
@@ -1547,10 +1550,10 @@ def test_torchdiffeqs_settings_in_hindsight_are_the_fewest_evaluations_that_meet
     assert atol == pytest.approx(0.1 * tol) and t1 == pytest.approx(1 / (0.1 * tol))
 
 
-def test_discrete_rows_divide_by_fixed_point_and_a_residual_over_the_tolerance_has_no_ratio(
+def test_discrete_rows_divide_by_fixed_point_and_a_residual_over_the_tolerance_fails(
     monkeypatch,
 ):
-    """Hand-made outcomes: Anderson on the tolerance is measured, Broyden at twice it is n/a;
+    """Hand-made outcomes: Anderson on the tolerance is measured, Broyden at twice it fails;
     the model rows report the worst sample's residual."""
     tol = discrete.TOL
     nfe = {"fixed_point": 100, "anderson": 20, "broyden": 10, "vcab3": 50, "tsit5": 40, "euler": 80}
@@ -1565,7 +1568,7 @@ def test_discrete_rows_divide_by_fixed_point_and_a_residual_over_the_tolerance_h
         assert row["NFE / fixed point"] == pytest.approx(nfe[row["solver"]] / 100)
         assert row["time ms"] == pytest.approx(2.0)
     broyden, anderson = section.targets
-    assert broyden.verdict() == "n/a" and (anderson.measured, anderson.verdict()) == (0.2, "PASS")
+    assert broyden.verdict() == "FAIL" and (anderson.measured, anderson.verdict()) == (0.2, "PASS")
     stats = {
         name: SimpleNamespace(stats=SimpleNamespace(nfe=n, residual=torch.tensor([1e-6, 4e-6])))
         for name, n in nfe.items()
@@ -1593,6 +1596,97 @@ def test_a_fixed_point_stopped_short_of_the_tolerance_gives_no_nfe_ratio(monkeyp
     discrete.spectral_rows(Context(CPU, "tiny"), discrete.SIZES["tiny"], section)
     assert [t.verdict() for t in section.targets] == ["n/a", "n/a"]
     assert all("fixed point's 1.00e-03" in t.detail for t in section.targets)
+
+
+def scripted_measure(outcome_of):
+    """A stand-in for measure: one round of 1 ms per case, its value outcome_of(the case's name)."""
+
+    def measure_cases(
+        cases: dict, device: torch.device, repeats: int = 1, warmup: int = 1, label: str = ""
+    ):
+        return {name: Timing([1e-3], outcome_of(name)) for name in cases}
+
+    return measure_cases
+
+
+@pytest.mark.parametrize(("raydeq_reaches", "verdicts"), [(False, "FAIL FAIL"), (True, "PASS n/a")])
+def test_torchdiffeq_targets_fail_where_raydeq_misses_the_tolerance_and_not_where_a_peer_does(
+    monkeypatch, raydeq_reaches, verdicts
+):
+    """Scripted outcomes, odeint_event meeting the tolerance at no atol: with no raydeq solve
+    meeting it both targets fail (they read n/a, as a target not measured, and said 'TOL not met
+    by torchdiffeq' where both missed); with raydeq meeting it the odeint target is measured
+    and the odeint_event one is n/a."""
+    tol = torchdiffeq_suite.TOL
+    peer = "torchdiffeq dopri5 odeint"
+    monkeypatch.setattr(
+        torchdiffeq_suite, "peer_cases", lambda p, h, g: ({peer: None}, {peer: (tol, 1.0)})
+    )
+
+    def outcome_of(label: str) -> Outcome:
+        if label == peer:
+            return Outcome(nfe=100, residual=tol / 2)
+        return Outcome(nfe=10, residual=tol / 2 if raydeq_reaches else 2 * tol)
+
+    monkeypatch.setattr(torchdiffeq_suite, "measure", scripted_measure(outcome_of))
+    odeint, event = torchdiffeq_suite.run(Context(CPU, "tiny")).targets
+    assert " ".join(t.verdict() for t in (odeint, event)) == verdicts
+    if raydeq_reaches:
+        assert odeint.measured == pytest.approx(0.1) and event.measured is None
+        assert event.detail == "TOL not met by torchdiffeq"
+    else:
+        assert odeint.measured == event.measured == math.inf
+        assert odeint.detail == event.detail == "TOL not met by any raydeq solver"
+
+
+def test_torchdeq_targets_fail_where_raydeq_misses_and_read_n_a_where_torchdeq_does(monkeypatch):
+    """Scripted outcomes: raydeq's forwards miss the residual and its GMRES reaches the gradient
+    error at no tolerance, so both targets fail (they read n/a); with TorchDEQ missing instead,
+    both read n/a, naming TorchDEQ."""
+    tol = torchdeq.TOL
+    spec = torchdeq.SIZES["tiny"]
+    monkeypatch.setattr(torchdeq, "torchdeq_implicit", lambda *args, **options: None)
+    for loser in ("raydeq", "torchdeq"):
+
+        def outcome_of(label: str, loser: str = loser) -> Outcome:
+            library = label.split(" ")[0]
+            return Outcome(nfe=10, nvjp=5, residual=2 * tol if library == loser else tol / 2)
+
+        def chosen(self, makers: dict, device: torch.device, suite: str, loser: str = loser):
+            return {label: 1e-4 for label in makers if not label.startswith(loser)}
+
+        monkeypatch.setattr(torchdeq, "measure", scripted_measure(outcome_of))
+        monkeypatch.setattr(GradientSetup, "tolerances", chosen)
+        columns = ["library", "part", "method", "tol", "NFE", "VJPs", "time ms", "max residual"]
+        section = Section("torchdeq", "raydeq vs TorchDEQ", [*columns, "gradient error"])
+        torchdeq.forward_rows(Context(CPU, "tiny"), spec.forward, 1, section)
+        torchdeq.backward_rows(Context(CPU, "tiny"), spec.backward, 1, section)
+        forward, backward = section.targets
+        if loser == "raydeq":
+            assert (forward.verdict(), backward.verdict()) == ("FAIL", "FAIL")
+            assert forward.measured == backward.measured == math.inf
+            assert forward.detail == f"no raydeq solver met the residual {tol:g}"
+            assert backward.detail == "raydeq GMRES reached no tolerance"
+        else:
+            assert (forward.measured, backward.measured) == (None, None)
+            assert forward.detail == f"no TorchDEQ solver met the residual {tol:g}"
+            assert backward.detail == "TorchDEQ reached no tolerance"
+
+
+def test_the_adjoint_target_fails_where_gmres_misses_the_error_and_not_where_neumann_does(
+    monkeypatch,
+):
+    """Scripted searches: GMRES reaching the gradient error at no tolerance fails the target
+    (it read n/a, 'not reached'), Neumann reaching it at none leaves it n/a."""
+    monkeypatch.setattr(adjoints, "measure", scripted_measure(lambda label: Outcome(nvjp=7)))
+    for missing, verdict, detail in (("gmres", "FAIL", "GMRES"), ("fixed_point", "n/a", "Neumann")):
+
+        def chosen(self, makers: dict, device: torch.device, suite: str, missing: str = missing):
+            return {label: 1e-4 for label in makers if label != missing}
+
+        monkeypatch.setattr(GradientSetup, "tolerances", chosen)
+        (target,) = adjoints.run(Context(CPU, "tiny")).targets
+        assert (target.verdict(), target.detail) == (verdict, f"{detail} not reached")
 
 
 def test_overhead_rows_are_time_per_evaluation_over_a_bare_call_paired_within_rounds(monkeypatch):

@@ -20,6 +20,10 @@ Value = float | int | str | bool | None
 # accuracy over 2,000 test digits moves in steps of 0.0005, and three digits wrote 0.9225 as
 # 0.922, vanilla's in the same table, and 0.9255 as 0.925.
 DIGITS = {"test accuracy": 4}
+# The measured value of a target whose raydeq side missed what the comparison is made at (a
+# tolerance, a gradient error): its claim does not hold, a FAIL; a peer's or a baseline's miss
+# leaves the target unmeasured (None or NaN), n/a.
+MISSED = math.inf
 
 
 @dataclass

@@ -8,7 +8,7 @@ from raydeq.bench.harness.cases import Outcome, raydeq_implicit
 from raydeq.bench.harness.context import Context
 from raydeq.bench.harness.gradients import FORWARD_TOL, TARGET_ERROR, GradientSetup, no_float64
 from raydeq.bench.harness.problems import Spectrum, has_float64
-from raydeq.bench.harness.report import Section, Target
+from raydeq.bench.harness.report import MISSED, Section, Target
 from raydeq.bench.harness.timing import measure, ratio
 
 
@@ -70,8 +70,12 @@ def run(ctx: Context) -> Section:
             **{"gradient error": outcome.error, "backward ms": 1e3 * t.median},
         )
     gmres, neumann = outcomes.get("gmres"), outcomes.get("fixed_point")
-    measured = ratio(gmres.nvjp, neumann.nvjp) if gmres and neumann else None
-    detail = f"{gmres.nvjp} vs {neumann.nvjp} VJPs" if gmres and neumann else "not reached"
+    if gmres is None:
+        measured, detail = MISSED, "GMRES not reached"
+    elif neumann is None:
+        measured, detail = None, "Neumann not reached"
+    else:
+        measured, detail = ratio(gmres.nvjp, neumann.nvjp), f"{gmres.nvjp} vs {neumann.nvjp} VJPs"
     section.targets.append(Target(TARGET, measured, 0.5, detail=detail))
     section.timings = {name: t.seconds for name, t in timings.items()}
     return section

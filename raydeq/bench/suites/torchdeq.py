@@ -19,7 +19,7 @@ from raydeq.bench.harness.cases import (
 from raydeq.bench.harness.context import Context
 from raydeq.bench.harness.gradients import FORWARD_TOL, TARGET_ERROR, GradientSetup, no_float64
 from raydeq.bench.harness.problems import SpectralProblem, Spectrum, has_float64
-from raydeq.bench.harness.report import Section, Target
+from raydeq.bench.harness.report import MISSED, Section, Target
 from raydeq.bench.harness.timing import Timing, measure, paired_ratio
 
 
@@ -148,15 +148,14 @@ def forward_rows(ctx: Context, spec: Spectrum, repeats: int, section: Section) -
             **{"time ms": 1e3 * t.median, "max residual": outcome.residual},
         )
     ours_best, theirs_best = best(timings, "raydeq", TOL), best(timings, "torchdeq", TOL)
-    both = ours_best and theirs_best
-    section.targets.append(
-        Target(
-            FORWARD_TARGET,
-            paired_ratio(timings[ours_best], timings[theirs_best]) if both else None,
-            0.5,
-            detail=f"{ours_best} vs {theirs_best}" if both else "",
-        )
-    )
+    if ours_best is None:
+        measured, detail = MISSED, f"no raydeq solver met the residual {TOL:g}"
+    elif theirs_best is None:
+        measured, detail = None, f"no TorchDEQ solver met the residual {TOL:g}"
+    else:
+        measured = paired_ratio(timings[ours_best], timings[theirs_best])
+        detail = f"{ours_best} vs {theirs_best}"
+    section.targets.append(Target(FORWARD_TARGET, measured, 0.5, detail=detail))
     section.timings |= {f"forward/{k}": t.seconds for k, t in timings.items()}
     section.notes.append(
         f"forward: f(z) = W tanh(z) + x, width {spec.dim}, batch {spec.batch}, float32; RMS "
@@ -223,14 +222,13 @@ def backward_rows(ctx: Context, spec: Spectrum, repeats: int, section: Section) 
     ours = timings.get("raydeq gmres")
     theirs = [k for k in timings if k.startswith("torchdeq")]
     peer = min(theirs, key=lambda label: timings[label].median) if theirs else None
-    section.targets.append(
-        Target(
-            BACKWARD_TARGET,
-            paired_ratio(ours, timings[peer]) if ours and peer else None,
-            0.3,
-            detail=f"vs {peer}" if peer else "TorchDEQ reached no tolerance",
-        )
-    )
+    if ours is None:
+        measured, detail = MISSED, "raydeq GMRES reached no tolerance"
+    elif peer is None:
+        measured, detail = None, "TorchDEQ reached no tolerance"
+    else:
+        measured, detail = paired_ratio(ours, timings[peer]), f"vs {peer}"
+    section.targets.append(Target(BACKWARD_TARGET, measured, 0.3, detail=detail))
     section.timings |= {f"backward/{k}": t.seconds for k, t in timings.items()}
     section.notes.append(
         "backward: " + setup.note() + " TorchDEQ: get_deq(core='indexing', ift=True), its "

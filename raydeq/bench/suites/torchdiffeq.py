@@ -21,7 +21,7 @@ from torchdiffeq import odeint, odeint_event
 from raydeq.bench.harness.cases import Outcome, forward_case, raydeq_forward
 from raydeq.bench.harness.context import Context
 from raydeq.bench.harness.problems import SpectralProblem, Spectrum
-from raydeq.bench.harness.report import Section, Target
+from raydeq.bench.harness.report import MISSED, Section, Target
 from raydeq.bench.harness.timing import Case, measure, part_line, ratio, time_call
 
 
@@ -207,14 +207,18 @@ def run(ctx: Context) -> Section:
     ours = min(met, default=None)
     for label, how in (("odeint", "best end time and atol"), ("odeint_event", "best atol")):
         peer = outcomes.get(f"torchdiffeq dopri5 {label}")
-        both = ours is not None and peer is not None
-        missed = "TOL not met by " + ("torchdiffeq" if peer is None else "any raydeq solver")
+        if ours is None:  # raydeq did not solve the problem: a FAIL, whatever torchdiffeq did
+            measured, detail = MISSED, "TOL not met by any raydeq solver"
+        elif peer is None:
+            measured, detail = None, "TOL not met by torchdiffeq"
+        else:
+            measured, detail = ratio(ours[0], peer.nfe), f"{ours[1]}: {ours[0]} vs {peer.nfe} NFE"
         section.targets.append(
             Target(
                 f"raydeq best NFE / torchdiffeq dopri5 {label} NFE ({how} in hindsight)",
-                ratio(ours[0], peer.nfe) if both else None,
+                measured,
                 0.5,
-                detail=f"{ours[1]}: {ours[0]} vs {peer.nfe} NFE" if both else missed,
+                detail=detail,
             )
         )
     section.timings = {k: t.seconds for k, t in timings.items()}
