@@ -265,6 +265,43 @@ def test_forward_backward_is_finite(name, variant, solver):
         assert (out.skip_loss.item() > 0) == (variant != "vanilla")
 
 
+@pytest.mark.parametrize("variant", ["vanilla", "skip", "skip_reg"])
+def test_the_gradient_of_the_training_loss_in_every_parameter_matches_a_dense_reference(variant):
+    """The objective cross-entropy + 0.7 skip_loss + 0.3 jac_loss of the dense model (float64):
+    the gradient of the stem, f, the predictor and the head is the reference's, z* by
+    fixed-point iteration differentiated through a dense (I - J)^-1, the skip loss through z*
+    and z0, the Jacobian term at a constant z* with the layer's probe."""
+    torch.manual_seed(0)
+    tight = {"abstol": 1e-12, "reltol": 1e-12, "adjoint_options": {"rtol": 1e-12, "max_iters": 60}}
+    cfg = {"model": "mnist_dense", "variant": variant, "solver": "broyden", "jac_reg": True}
+    model = build(cfg | tight).double()
+    images, labels = torch.randn(3, 1, 28, 28, dtype=torch.float64), torch.tensor([1, 4, 7])
+    params = list(model.parameters())
+    torch.manual_seed(5)
+    logits, out = model(images)
+    got = torch.autograd.grad(Objective(0.7, 0.3)(logits, labels, out), params)
+    f, x = model.layer.f, model.stem(images)
+    z = torch.zeros_like(x)
+    with torch.no_grad():
+        for _ in range(200):
+            z = f(z, x)
+    J = torch.autograd.functional.jacobian(lambda v: f(v, x), z, create_graph=True)
+    J = torch.stack([J[b, :, b] for b in range(len(z))])
+    # Valued z*, with the implicit function theorem's derivative in everything f reads.
+    eye = torch.eye(z.shape[1], dtype=z.dtype)
+    z_star = z + torch.linalg.solve(eye - J.detach(), (f(z, x) - z)[..., None])[..., 0]
+    loss = F.cross_entropy(model.head(z_star), labels)
+    if variant != "vanilla":
+        z0 = model.layer.skip(x) if variant == "skip" else f(torch.zeros_like(x), x)
+        loss = loss + 0.7 * (f(z_star, x) - z0).abs().mean()
+    torch.manual_seed(5)
+    probe = torch.randn_like(z)
+    loss = loss + 0.3 * torch.einsum("bi,bij->bj", probe, J).pow(2).sum() / z.numel()
+    want = torch.autograd.grad(loss, params)
+    for (name, _), a, b in zip(model.named_parameters(), got, want, strict=True):
+        assert (a - b).norm() <= 1e-9 * b.norm(), (name, float((a - b).norm() / b.norm()))
+
+
 def test_multiscale_state_has_one_tensor_per_scale():
     model = build({"model": "cifar10_large", "variant": "vanilla", **BOUNDED}).eval()
     with torch.no_grad():
