@@ -2905,6 +2905,40 @@ def test_a_checkpoint_cut_by_a_full_disk_stops_the_run_in_one_line_and_the_one_b
     assert checkpoint.restore(session.checkpoints())["step"] == 4
 
 
+class FullStorage(FolderSession):
+    """A FolderSession whose storage is full: a checkpoint's copy stops after its manifest with
+    the error pyarrow's copy gives Ray Train and Tune, which names neither file nor folder."""
+
+    def report(self, metrics, checkpoint):
+        if checkpoint is not None:
+            cut = Path(self.folder, f"checkpoint_{metrics['step']:06d}")
+            cut.mkdir(parents=True)
+            shutil.copy(Path(checkpoint.path, MANIFEST_FILE), cut)
+            detail = "Error writing bytes to file. Detail: [errno 28] No space left on device"
+            raise OSError(errno.ENOSPC, detail)
+
+
+def test_a_checkpoint_the_storage_cannot_take_stops_the_run_in_one_line_naming_it(tmp_path):
+    """A full storage under Ray's copy of a checkpoint: the run stopped with pyarrow's OSError,
+    naming neither the step nor the folder, in a traceback from the worker and again from the
+    driver, cut there before its last line; it stops with raydeq's one line naming both and
+    the cause, and the copy cut short is passed over for the checkpoint before it."""
+    cfg = make_config(tmp_path, max_steps=2)
+    session = FullStorage(tmp_path / "run")
+    run = loop.Loop(cfg, session)
+    checkpoint.write_checkpoint(run.checkpoint_state(), Path(session.folder, "checkpoint_000000"))
+    run.state.step = 1
+    with pytest.raises(storage.StorageError) as stopped:
+        run.report({}, checkpoint=True)
+    assert str(stopped.value) == (
+        f"the checkpoint of step 1 could not be stored in {session.folder}: [Errno 28] Error "
+        "writing bytes to file. Detail: [errno 28] No space left on device"
+    )
+    error = f"raydeq.training.storage.StorageError: {stopped.value}"
+    assert launch.own_error(error) == f"StorageError: {stopped.value}"
+    assert run.checkpointed == 0 and checkpoint.restore(session.checkpoints())["step"] == 0
+
+
 def crash_in_step_5(cfg: Config, session: Session, monkeypatch: pytest.MonkeyPatch) -> None:
     """Run cfg in session until its optimizer's fifth step raises, as a machine going down."""
     step, steps = torch.optim.Adam.step, []

@@ -327,13 +327,25 @@ class Loop:
         return payload | settings | {"evaluation": evaluation_settings(self.cfg)}
 
     def report(self, metrics: dict[str, float], checkpoint: bool) -> None:
-        """Print progress and report to Ray Train, with a checkpoint when asked."""
+        """Print progress and report to Ray Train, with a checkpoint when asked; one that the
+        storage cannot take is a StorageError naming its step, the folder and why."""
         step = self.state.step
         epoch = step / self.steps_per_epoch
         position = {"step": step, "epoch": epoch, "total_steps": self.total_steps}
         metrics = position | self.counters() | self.time_left(step) | metrics
         self.reporter.progress(metrics, self.neural_ode)
-        self.reporter.report(metrics, self.checkpoint_state if checkpoint else None)
+        try:
+            self.reporter.report(metrics, self.checkpoint_state if checkpoint else None)
+        except OSError as err:
+            if not checkpoint:
+                raise
+            # Ray's copy of the checkpoint into the storage (a full disk), whose error names
+            # neither the folder nor the step, in a traceback from every worker and restart.
+            reason = str(err).splitlines()[0]
+            raise StorageError(
+                f"the checkpoint of step {step} could not be stored in {self.session.folder}: "
+                f"{reason}"
+            ) from None
         if checkpoint:
             self.checkpointed = step
 
