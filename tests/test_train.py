@@ -44,6 +44,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 from tensorboard.context import RequestContext
 from tensorboard.data.provider import RunTagFilter
+from tensorboard.summary.writer import record_writer
 from tensorboard.util import tensor_util
 from test_deq import tiny_mdeq
 from torch import nn
@@ -4073,6 +4074,42 @@ def test_every_tensorboard_scalar_says_what_it_measures_and_in_which_unit(tmp_pa
         for value in event.summary.value
     ]
     assert again == [described["lr"], ""]
+
+
+def full_disk_under_tensorboard(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make every record TensorBoard's writer thread writes fail as on a full disk."""
+
+    def full(self, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(record_writer.RecordWriter, "write", full)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_tensorboard_write_that_fails_is_a_storage_error_naming_the_folder(tmp_path, monkeypatch):
+    """A full disk under TensorBoard's events: its writer thread's OSError came back at the
+    next write, flush or close as '[Errno 28] No space left on device', naming no file, in a
+    worker's traceback; each is a StorageError naming the folder and the cause."""
+    folder = tmp_path / "tensorboard"
+    events = eventlog.EventLog(str(folder))
+    full_disk_under_tensorboard(monkeypatch)
+    events.add_scalars({"train_loss": 1.0}, 1)
+    said = f"TensorBoard's events could not be written to {folder}: [Errno 28] No space left"
+    for call in (events.flush, lambda: events.add_scalars({"train_loss": 0.5}, 2), events.close):
+        with pytest.raises(storage.StorageError, match=f"^{re.escape(said)} on device$"):
+            call()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_run_stopped_by_a_tensorboard_write_says_so_once(tmp_path, monkeypatch, caplog):
+    """The run that a failed TensorBoard write stops ends with that StorageError, which its
+    close of TensorBoard, raising it again, does not repeat as events not kept."""
+    cfg = make_config(tmp_path, max_steps=2, eval_batches=1)
+    run = loop.Loop(cfg, FolderSession(tmp_path / "run"))
+    full_disk_under_tensorboard(monkeypatch)
+    with pytest.raises(storage.StorageError, match="^TensorBoard's events could not be written"):
+        run.run()
+    assert [r.getMessage() for r in caplog.records if "were not kept" in r.getMessage()] == []
 
 
 def test_a_neural_odes_unconverged_fraction_says_beside_its_chart_why_it_is_1(tmp_path):

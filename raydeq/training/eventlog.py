@@ -12,11 +12,12 @@ import shutil
 import socket
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from raydeq.training.storage import is_uri, write_bytes
+from raydeq.training.storage import StorageError, is_uri, write_bytes
 
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
@@ -32,7 +33,8 @@ class EventLog:
         self.folder = folder
         self.remote = is_uri(folder)
         self.local = tempfile.mkdtemp(prefix="raydeq-events-") if self.remote else folder
-        self.writer = _writer(self.local, purge_step)
+        with self.writing():
+            self.writer = _writer(self.local, purge_step)
         self.described: set[str] = set()  # the tags whose description the open file holds
 
     def add_scalars(
@@ -54,24 +56,41 @@ class EventLog:
                 # TensorBoard's data server drops the description of a scalar whose class is unset.
                 entry.metadata.data_class = DATA_CLASS_SCALAR
                 self.described.add(tag)
-        self.writer.file_writer.add_summary(summary, step)
+        with self.writing():
+            self.writer.file_writer.add_summary(summary, step)
 
     def flush(self) -> None:
         """Make the events so far readable at `folder`; for a URI, upload them as a segment."""
         if not self.remote:
-            self.writer.flush()
+            with self.writing():
+                self.writer.flush()
             return
-        self.writer.close()
+        with self.writing():
+            self.writer.close()
         self._upload()
-        self.writer = _writer(self.local)
+        with self.writing():
+            self.writer = _writer(self.local)
         self.described.clear()
 
     def close(self) -> None:
         """Write the last events and release the writer (and a URI's local folder)."""
-        self.writer.close()
+        with self.writing():
+            self.writer.close()
         if self.remote:
             self._upload()
             shutil.rmtree(self.local, ignore_errors=True)
+
+    @contextmanager
+    def writing(self) -> Iterator[None]:
+        """Raise a StorageError naming the local folder and why for the OSError of a write of
+        TensorBoard's (a full disk), which names no file, from the writer's own thread too."""
+        try:
+            yield
+        except OSError as err:
+            reason = str(err).splitlines()[0]
+            raise StorageError(
+                f"TensorBoard's events could not be written to {self.local}: {reason}"
+            ) from None
 
     def _upload(self) -> None:
         """Move the closed local event files to `folder`."""

@@ -404,20 +404,24 @@ class Loop:
         try:
             self.train()
         except torch.OutOfMemoryError as err:  # a step's (evaluate raises its own)
-            self.close_after_error()
+            self.close_after_error(err)
             raise self.out_of_memory(err, evaluating=False) from None
-        except BaseException:
-            self.close_after_error()
+        except BaseException as err:
+            self.close_after_error(err)
             raise
         self.reporter.close()
 
-    def close_after_error(self) -> None:
-        """Close TensorBoard after the error that stops the run, which a failed upload of its
-        events is said beside rather than put in place of."""
+    def close_after_error(self, stopped: BaseException) -> None:
+        """Close TensorBoard after the error that stopped the run, which a failed write or
+        upload of its events is said beside rather than put in place of (not again where it
+        is that error: TensorBoard's writer raises its failure at every call)."""
         try:
             self.reporter.close()
         except StorageError as err:
-            log.warning("[%s] TensorBoard's last events were not kept: %s", self.reporter.name, err)
+            if str(err) != str(stopped):
+                log.warning(
+                    "[%s] TensorBoard's last events were not kept: %s", self.reporter.name, err
+                )
 
     def train(self) -> None:
         """The steps, reports and checkpoints of `run`."""
