@@ -639,7 +639,7 @@ def launch_experiment(
         errors, unfinished = run.fit(experiment, path, options, args.resume)
     except KeyboardInterrupt:
         errors, unfinished = 0, 1
-    except StorageError as err:  # Tune's record, read at the end of the run, is damaged
+    except StorageError as err:  # Tune's record or an error file, read at the end, is damaged
         print(f"error: {err}", file=sys.stderr)
         return 1
     if unfinished:

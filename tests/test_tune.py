@@ -4426,6 +4426,30 @@ def test_a_resume_restores_tunes_newest_state_whatever_time_zone_named_it(
     assert [trial.trial_id for trial in results.recorded_trials(str(folder))] == ["ab_00001"]
 
 
+def test_a_failed_trials_error_file_cut_by_a_full_storage_is_one_line_naming_the_folder(
+    tmp_path, capsys, monkeypatch
+):
+    """A full storage left a failed trial's error.pkl empty: Tune's reading of it back as the
+    run ended raised an EOFError ('Ran out of input') out of the command, in a traceback of
+    40 lines with no word of the storage nor of a resume; it is one line naming the folder,
+    the cause and --resume, exit 1."""
+    monkeypatch.setattr(runlock.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    run_without_ray(monkeypatch)
+
+    def fit() -> SimpleNamespace:
+        raise EOFError("Ran out of input")
+
+    monkeypatch.setattr(run, "tuner", lambda *args: SimpleNamespace(fit=fit))
+    file = tmp_path / "tiny.yaml"
+    file.write_text(yaml.safe_dump(TINY))
+    assert rt.main([str(file), "--storage", str(tmp_path / "runs")]) == 1
+    assert capsys.readouterr().err == (
+        f"error: Tune could not read back the error of a failed trial in {tmp_path}/runs/tiny "
+        "(EOFError: Ran out of input): its error.pkl is cut short, as a full storage leaves "
+        "it; once there is room, --resume retries the failed trials\n"
+    )
+
+
 def test_a_damaged_record_of_tune_is_one_line_naming_it_in_report_resume_and_a_runs_end(
     tmp_path, capsys, monkeypatch
 ):

@@ -13,6 +13,7 @@ import copy
 import functools
 import math
 import os
+import pickle
 import posixpath
 import re
 from collections.abc import Callable
@@ -67,7 +68,7 @@ from raydeq.training.config import (
 from raydeq.training.reporting import progress_line
 from raydeq.training.schema import build_section, option
 from raydeq.training.session import TuneTrial
-from raydeq.training.storage import exists, filesystem, read_text, write_bytes
+from raydeq.training.storage import StorageError, exists, filesystem, read_text, write_bytes
 
 SETTINGS_FILE = "experiment.yaml"
 # Tune's bound on the trials that wait for resources at once: `auto` or a whole number.
@@ -775,9 +776,19 @@ def finished(path: str, experiment: Experiment, options: Options) -> bool:
 
 def fit(experiment: Experiment, path: str, options: Options, resume: bool) -> tuple[int, int]:
     """Run (or resume) the experiment; (errored trials, unfinished trials) at its end, those
-    that Tune had not added yet when it was stopped among the unfinished."""
+    that Tune had not added yet when it was stopped among the unfinished. A failed trial's
+    error.pkl that Tune cannot read back as the run ends (empty, as a full storage leaves it)
+    is a StorageError naming the folder and why."""
     with unfetched_metrics_unsaid():
-        results = tuner(experiment, path, options, resume and tune.Tuner.can_restore(path)).fit()
+        fitted = tuner(experiment, path, options, resume and tune.Tuner.can_restore(path))
+        try:
+            results = fitted.fit()
+        except (EOFError, pickle.UnpicklingError) as err:
+            raise StorageError(
+                f"Tune could not read back the error of a failed trial in {path} "
+                f"({type(err).__name__}: {err}): its error.pkl is cut short, as a full storage "
+                "leaves it; once there is room, --resume retries the failed trials"
+            ) from None
     trials = recorded_trials(path)
     unadded = max(trial_count(experiment, options.num_samples) - len(trials), 0)
     return len(results.errors), unadded + sum(trial.status in UNFINISHED for trial in trials)
