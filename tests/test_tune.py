@@ -4349,6 +4349,41 @@ def write_tune_state(folder: Path, session: str, cut: bool) -> Path:
     return file
 
 
+def test_a_resume_refuses_tunes_saved_search_cut_short_rather_than_start_the_experiment_anew(
+    tmp_path, capsys, monkeypatch
+):
+    """A full storage cut the newest of Tune's saved states of the search (basic-variant-state,
+    a pickle) to nothing: --resume, its record of the trials whole, had Tune log 'Failed to
+    restore the run state' and 'Restarting experiment', run one trial of the base config in
+    the experiment's folder and exit 130 as interrupted. It is refused in one line naming the
+    file and where a whole copy may be, before Tune restores anything."""
+    monkeypatch.setattr(runlock.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    run_without_ray(monkeypatch)
+    monkeypatch.setattr(run.tune.Tuner, "restore", lambda *args, **kwargs: pytest.fail("restored"))
+    monkeypatch.setattr(run, "trial_gpus", lambda *args: 0.0)
+    file, folder = stored_tiny_experiment(tmp_path)
+    write_tune_state(folder, "2024-01-02_00-00-00", cut=False)
+    (folder / "tuner.pkl").write_bytes(b"")  # read by the restore alone
+    saved = ray.cloudpickle.dumps({"name": "the search's state"})
+    (folder / "basic-variant-state-2024-01-01_00-00-00.json").write_bytes(saved)
+    cut = folder / "basic-variant-state-2024-01-02_00-00-00.json"
+    cut.write_bytes(b"")
+    argv = [str(file), "--storage", str(tmp_path / "runs"), "--resume"]
+    assert rt.main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(
+        f"error: {cut}, Tune's saved state of the experiment's search, is damaged (EOFError: "
+    )
+    assert err.endswith(
+        "/tiny/driver_artifacts/basic-variant-state-2024-01-02_00-00-00.json, while Ray keeps "
+        "that session's files); resumed without it, Tune would start the experiment again "
+        "from nothing\n"
+    )
+    assert err.count("\n") == 1
+    cut.write_bytes(saved)
+    results.check_saved_search(str(folder))
+
+
 def test_a_record_of_tune_read_while_its_driver_copies_it_is_read_whole(tmp_path, monkeypatch):
     """A running driver copies Tune's record into the storage in place, so a --report from a
     second terminal found it empty for a moment (8 of 10,187 reads during a digits run) and

@@ -20,6 +20,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.fs
 import pyarrow.parquet as pq
+import ray.cloudpickle
 import yaml
 from ray import tune
 from ray.tune.callback import CallbackList
@@ -402,13 +403,43 @@ class RecordedExperiment(tune.ExperimentAnalysis):
             if earlier
             else "Tune keeps no earlier record here"
         )
-        staged = f"/tmp/ray/session_*/artifacts/*/{self.path.rsplit('/', 1)[-1]}/driver_artifacts"
         return (
             f"{self.path}/{name}, Tune's record of the experiment's trials, is damaged "
-            f"({reason}): restore it from a backup, or from the copy Tune wrote first on the "
-            f"machine that ran the experiment ({staged}/{name}, while Ray keeps that "
-            f"session's files); {fallback}"
+            f"({reason}): {restore_hint(self.path, name)}; {fallback}"
         )
+
+
+def restore_hint(path: str, name: str) -> str:
+    """How to restore Tune's damaged state file `name` of the experiment at `path`: from a
+    backup, or from the copy in its driver's staging folder among Ray's session files."""
+    staged = f"/tmp/ray/session_*/artifacts/*/{path.rsplit('/', 1)[-1]}/driver_artifacts"
+    return (
+        "restore it from a backup, or from the copy Tune wrote first on the machine that ran "
+        f"the experiment ({staged}/{name}, while Ray keeps that session's files)"
+    )
+
+
+def check_saved_search(path: str) -> None:
+    """Raise a StorageError naming the file where one of Tune's saved states of the search and
+    callbacks at `path` that its restore reads (the newest by name of each) does not load: cut
+    short, as a full storage leaves it. Tune's restore, failing on it, started the experiment
+    again from nothing over its folder, with one trial of the base config."""
+    fs, inner = filesystem(path)
+    for template in SESSION_FILES[1:]:  # the record of the trials is read as RecordedExperiment
+        names = files_matching(path, template.format("*"))
+        if not names:
+            continue
+        name = max(names)
+        try:
+            with fs.open_input_stream(f"{inner}/{name}") as stream:
+                ray.cloudpickle.loads(stream.readall())
+        except Exception as err:  # whatever the file's unpickling raises, Tune's would too
+            reason = f"{type(err).__name__}: {err}".splitlines()[0]
+            raise StorageError(
+                f"{path}/{name}, Tune's saved state of the experiment's search, is damaged "
+                f"({reason}): {restore_hint(path, name)}; resumed without it, Tune would "
+                "start the experiment again from nothing"
+            ) from None
 
 
 def state_files(path: str) -> list[str]:

@@ -37,6 +37,7 @@ from raydeq.experiments import search as searchers
 from raydeq.experiments.archive import archive_results, archive_unrecorded, history
 from raydeq.experiments.results import (
     SUPERSEDED_FOLDER,
+    check_saved_search,
     files_matching,
     recorded_trials,
     set_aside_superseded,
@@ -610,6 +611,7 @@ def tuner(experiment: Experiment, path: str, options: Options, resume: bool) -> 
                 f"clock, set aside in {path}/{SUPERSEDED_FOLDER}: {', '.join(moved)}",
                 flush=True,
             )
+        check_saved_search(path)
         restored = tune.Tuner.restore(
             path, trainable, resume_unfinished=True, resume_errored=True, restart_errored=False
         )
