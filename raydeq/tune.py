@@ -72,6 +72,8 @@ DROPPED_LOGS = {
     "ray.tune.tune": ("Experiment has been interrupted", "Trials did not complete"),
     "ray.tune.execution.tune_controller": ("Trial task failed for trial",),
 }
+# Tune's logger of a failed save of the experiment's state into the storage, with a traceback.
+STATE_SAVE_LOGGER = "ray.tune.execution.experiment_state"
 # A trial's folder in its experiment's, as a dry run shows it: Tune names it as the trial starts.
 UNNAMED_TRIAL = "<trial>"
 # Flags that shape a new run; an experiment that has started keeps the ones it started with.
@@ -109,9 +111,22 @@ def pruned_before_the_interruption(record: logging.LogRecord) -> bool:
     )
 
 
+def without_traceback(record: logging.LogRecord) -> bool:
+    """Keep a log record of Tune's failed save of the experiment's state into the storage (a
+    full disk) as one line, its exception's type and first line after its message, in place
+    of the 20-line traceback that every later save repeats; the record is always kept."""
+    error = record.exc_info[1] if record.exc_info else None
+    if error is not None:
+        said = str(error).splitlines()
+        record.msg = f"{record.getMessage()}{type(error).__name__}: {said[0] if said else ''}"
+        record.args, record.exc_info, record.exc_text = None, None, None
+    return True
+
+
 def drop_tune_logs() -> None:
     """Filter out Tune's log records that this command replaces (DROPPED_LOGS), and its errors
-    over checkpoints pruned before an interruption."""
+    over checkpoints pruned before an interruption; its failed saves of the experiment's
+    state are a line each (`without_traceback`)."""
     for name, starts in DROPPED_LOGS.items():
         logging.getLogger(name).addFilter(
             lambda record, starts=starts: not record.getMessage().startswith(starts)
@@ -119,6 +134,7 @@ def drop_tune_logs() -> None:
     logging.getLogger("ray.tune.execution.tune_controller").addFilter(
         lambda record: not pruned_before_the_interruption(record)
     )
+    logging.getLogger(STATE_SAVE_LOGGER).addFilter(without_traceback)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -1,6 +1,7 @@
 """Ray Tune experiments: experiment files, search spaces, reports, cluster.yaml, and end to end."""
 
 import datetime
+import errno
 import io
 import json
 import logging
@@ -1963,9 +1964,7 @@ def test_a_failed_trial_is_one_line_with_its_error_and_the_count_of_trials_done(
         None,
     )
     other = logging.makeLogRecord({"name": record.name, "msg": "Trial t errored"})
-    for name in rt.DROPPED_LOGS:  # the filters go with the test
-        logger = logging.getLogger(name)
-        monkeypatch.setattr(logger, "filters", list(logger.filters))
+    tune_filters_kept(monkeypatch)
     rt.drop_tune_logs()
     tune_logger = logging.getLogger(record.name)
     assert not tune_logger.filter(record) and tune_logger.filter(other)
@@ -1986,6 +1985,33 @@ def test_a_failed_trial_is_one_line_with_its_error_and_the_count_of_trials_done(
             }
         )
         assert tune_logger.filter(pruned) == kept
+
+
+def tune_filters_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Let the filters that drop_tune_logs adds to Tune's loggers go with the test."""
+    for name in (*rt.DROPPED_LOGS, rt.STATE_SAVE_LOGGER):
+        logger = logging.getLogger(name)
+        monkeypatch.setattr(logger, "filters", list(logger.filters))
+
+
+def test_tunes_failed_save_of_the_experiments_state_is_one_line_naming_the_cause(monkeypatch):
+    """A full storage under Tune's save of the experiment's state: Tune logged the path and a
+    20-line traceback ending in pyarrow's OSError, again at every later save; it is one line,
+    the path and the error, and a record without an exception is left as it was."""
+    logger = logging.getLogger(rt.STATE_SAVE_LOGGER)
+    tune_filters_kept(monkeypatch)
+    rt.drop_tune_logs()
+    full = OSError(errno.ENOSPC, "Error writing bytes to file. Detail: [errno 28] No space left")
+    said = "Saving experiment state to storage at '/runs/digits' failed with exception: "
+    failed = logging.makeLogRecord(
+        {"name": logger.name, "msg": said, "exc_info": (OSError, full, None)}
+    )
+    assert logger.filter(failed) and failed.exc_info is None
+    assert logging.Formatter().format(failed) == (
+        f"{said}OSError: [Errno 28] Error writing bytes to file. Detail: [errno 28] No space left"
+    )
+    other = logging.makeLogRecord({"name": logger.name, "msg": "Saving took %d s", "args": (31,)})
+    assert logger.filter(other) and other.getMessage() == "Saving took 31 s"
 
 
 def test_a_failed_trials_line_names_its_exception_not_the_last_line_of_error_txt():
