@@ -316,6 +316,10 @@ def test_an_override_inside_a_section_the_space_draws_whole_sets_it_in_each_valu
             {"space": {"train.epochs": {"randint": [0, 3]}}},
             r"^search.space.train.epochs: the lower bound 0: must be >= 1, got 0$",
         ),
+        (
+            {"space": {"train.epochs": {"uniform": [1, 3]}}},
+            r"^search.space.train.epochs: the lower bound 1.0: expected an integer, got 1.0$",
+        ),
         ({"searcher": "nsga2", "population_size": 1}, r"^search.population_size: must be 0 \("),
         (
             {

@@ -507,6 +507,8 @@ def _values(key: str, spec: Any) -> list[tuple[str, Any]]:
         return []
     if isinstance(made, Integer):
         lower, upper = integer_ends(made)
+    else:  # a float range draws floats, also between whole ends (uniform [5, 51])
+        lower, upper = float(lower), float(upper)
     return [("the lower bound", lower), ("the upper bound", upper)]
 
 
