@@ -305,6 +305,11 @@ def test_an_override_inside_a_section_the_space_draws_whole_sets_it_in_each_valu
             r"^search.space.optim.lr: 'gird_search' is not a search primitive; use one of grid_",
         ),
         (
+            {"space": {"optim.lr": {"loguniform": [1e-4, 1e-1], "base": 10}}},
+            r"^search.space.optim.lr: 'loguniform' is given beside other keys; a dimension is one "
+            r"primitive with its arguments inside it \(\{loguniform: \[...\]\}, or by name: ",
+        ),
+        (
             {"space": {"optim.optimizer": "sgd", "optim.momentum": {"uniform": [0.5, 1.5]}}},
             r"^search.space.optim.momentum: the upper bound 1.5: must be <= 1, got 1.5$",
         ),

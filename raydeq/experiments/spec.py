@@ -519,6 +519,13 @@ def _check_key(dotted: str, where: str = "search.space") -> None:
     kind: Any = Config
     for i, part in enumerate(parts := dotted.split(".")):
         section = ".".join(parts[:i])
+        if not is_dataclass(kind) and part in PRIMITIVES:
+            raise ConfigError(
+                f"{where}.{section}: {part!r} is given beside other keys; a dimension is one "
+                f"primitive with its arguments inside it ({{{part}: [...]}}, or by name: "
+                f"{{{part}: {{NAME: VALUE}}}})",
+                key=f"{where}.{section}",
+            )
         if not is_dataclass(kind):
             raise ConfigError(
                 f"{where}.{section}: {part!r} is not a search primitive; use one of "
