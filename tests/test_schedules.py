@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from raydeq.training.config import ConfigError, validate
+from raydeq.training.config import ConfigError, notes, validate
 from raydeq.training.state import make_scheduler
 
 
@@ -37,6 +37,26 @@ def test_step_decay_at_explicit_milestones_and_every_few_epochs():
     periodic = rates({"lr": 1.0, "schedule": "step", "step_epochs": 2, "gamma": 0.5}, 45)
     assert periodic == pytest.approx([0.5 ** (t // 20) for t in range(46)])
     assert rates({"lr": 0.1, "schedule": "constant"}, 5) == pytest.approx([0.1] * 6)
+
+
+def test_a_step_schedule_that_decays_nothing_within_the_run_says_so_at_its_start():
+    """optim.schedule=step at the default step_epochs of 30 trained a run of 10 epochs at
+    optim.lr throughout, without a word; the run now says so, and says nothing where a decay
+    comes within it."""
+    cfg = validate({"optim": {"lr": 0.1, "schedule": "step"}})
+    assert rates({"lr": 0.1, "schedule": "step"}, 220, 22) == pytest.approx([0.1] * 221)
+    assert notes(cfg, 220, 22) == [
+        "optim.schedule=step with optim.step_epochs=30: the first decay comes after step 660, "
+        "past the run's last update (step 220), so every step trains at optim.lr=0.1; lower "
+        "optim.step_epochs to decay within the run"
+    ]
+    assert notes(cfg, 661, 22) == []
+    milestones = validate({"optim": {"schedule": "step", "milestones": [20, 30]}})
+    assert notes(milestones, 20, 5)[0].startswith(
+        "optim.schedule=step with optim.milestones=[20, 30]: the first decay comes after step "
+        "20, past the run's last update (step 20)"
+    )
+    assert notes(milestones, 21, 5) == []
 
 
 @pytest.mark.parametrize(

@@ -407,15 +407,30 @@ def _shown(value: Any) -> str:
     return repr(list(value) if isinstance(value, tuple) else value)
 
 
-def notes(cfg: Config) -> list[str]:
-    """Lines a run says at its start about settings that are taken but do less than they may
-    seem to: a Jacobian estimate of weight 0 is logged as jac_loss and penalises nothing."""
+def notes(cfg: Config, total_steps: int, steps_per_epoch: int) -> list[str]:
+    """Lines a run of `total_steps` steps says at its start about settings that are taken but
+    do less than they may seem to: a Jacobian estimate of weight 0 is logged as jac_loss and
+    penalises nothing, and a step schedule whose first decay comes after the last update
+    decays nothing."""
+    said = []
     if cfg.model.jac_reg and cfg.train.lambda_jac == 0:
-        return [
+        said.append(
             "model.jac_reg=true with train.lambda_jac=0: jac_loss is estimated and logged, not "
             "penalised; set train.lambda_jac above 0 to penalise it"
-        ]
-    return []
+        )
+    optim = cfg.optim
+    if optim.schedule == "step":
+        key, given = "optim.step_epochs", optim.step_epochs
+        first = optim.step_epochs * steps_per_epoch
+        if optim.milestones:
+            key, given, first = "optim.milestones", list(optim.milestones), optim.milestones[0]
+        if first >= total_steps:
+            said.append(
+                f"optim.schedule=step with {key}={given}: the first decay comes after step "
+                f"{first}, past the run's last update (step {total_steps}), so every step trains "
+                f"at optim.lr={optim.lr:g}; lower {key} to decay within the run"
+            )
+    return said
 
 
 def check_folder_name(key: str, name: str, *, strict: bool = True, longest: int = NAME_MAX) -> None:

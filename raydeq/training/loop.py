@@ -151,7 +151,12 @@ class Loop:
         name = cfg.label or cfg.name
         self.reporter = Reporter(cfg.run_dir, name, self.rank, self.state.step, session.report)
         self.neural_ode = cfg.model.variant == "neural_ode"  # see progress_line
-        self.reporter.begin(self.state.step, self.total_steps, self.world, notes(cfg))
+        self.reporter.begin(
+            self.state.step,
+            self.total_steps,
+            self.world,
+            notes(cfg, self.total_steps, self.steps_per_epoch),
+        )
         self.started = (time.monotonic(), self.state.step)
 
     def autocast(self) -> torch.autocast:
