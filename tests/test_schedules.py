@@ -59,6 +59,19 @@ def test_a_step_schedule_that_decays_nothing_within_the_run_says_so_at_its_start
     assert notes(milestones, 21, 5) == []
 
 
+def test_an_unrolled_warm_up_as_long_as_the_run_says_so_at_its_start():
+    """model.pretrain_steps of 500 in a run of 220 steps unrolled f in every training step,
+    without a word, so that none trained through the solve that the test accuracy measured."""
+    cfg = validate({"model": {"model": "mnist_dense", "pretrain_steps": 500}})
+    assert notes(cfg, 220, 22) == [
+        "model.pretrain_steps=500 unrolls f in all of the run's 220 steps, so none trains "
+        "through the solve that the test evaluations run; lower model.pretrain_steps below "
+        "220, or train longer"
+    ]
+    assert notes(cfg, 501, 22) == []
+    assert notes(validate({"model": {"variant": "neural_ode"}}), 1, 1) == []
+
+
 @pytest.mark.parametrize(
     ("optim", "message"),
     [

@@ -410,8 +410,8 @@ def _shown(value: Any) -> str:
 def notes(cfg: Config, total_steps: int, steps_per_epoch: int) -> list[str]:
     """Lines a run of `total_steps` steps says at its start about settings that are taken but
     do less than they may seem to: a Jacobian estimate of weight 0 is logged as jac_loss and
-    penalises nothing, and a step schedule whose first decay comes after the last update
-    decays nothing."""
+    penalises nothing, a step schedule whose first decay comes after the last update decays
+    nothing, and an unrolled warm-up as long as the run leaves no step to train the solve."""
     said = []
     if cfg.model.jac_reg and cfg.train.lambda_jac == 0:
         said.append(
@@ -430,6 +430,13 @@ def notes(cfg: Config, total_steps: int, steps_per_epoch: int) -> list[str]:
                 f"{first}, past the run's last update (step {total_steps}), so every step trains "
                 f"at optim.lr={optim.lr:g}; lower {key} to decay within the run"
             )
+    warm_up = cfg.model.pretrain_steps or 0
+    if warm_up >= total_steps:
+        said.append(
+            f"model.pretrain_steps={warm_up} unrolls f in all of the run's {total_steps} steps, "
+            "so none trains through the solve that the test evaluations run; lower "
+            f"model.pretrain_steps below {total_steps}, or train longer"
+        )
     return said
 
 
