@@ -322,6 +322,14 @@ def test_an_override_inside_a_section_the_space_draws_whole_sets_it_in_each_valu
             r"^search.space.train.epochs: the lower bound 0: must be >= 1, got 0$",
         ),
         (
+            {"space": {"train.epochs": {"randn": [10, 2]}}},
+            r"^search.space.train.epochs: the mean 10.0: expected an integer, got 10.0$",
+        ),
+        (
+            {"space": {"optim.lr": {"qrandn": [-0.1, 0.5, 0.1]}}},
+            r"^search.space.optim.lr: the mean -0.1: must be > 0, got -0.1$",
+        ),
+        (
             {"space": {"train.epochs": {"uniform": [1, 3]}}},
             r"^search.space.train.epochs: the lower bound 1.0: expected an integer, got 1.0$",
         ),

@@ -494,7 +494,7 @@ def _first_values(when: Mapping[str, Any]) -> dict[str, Any]:
 def _values(key: str, spec: Any) -> list[tuple[str, Any]]:
     """The values of a dimension that `_check_space` tries, each with its name: a choice's or a
     grid's values, a range's ends (an integer range's as Tune draws them: `integer_ends`),
-    a constant (an override fixed in a rule); none for an unbounded normal."""
+    a constant (an override fixed in a rule), a normal's mean as it draws it (a float)."""
     if not is_primitive(spec):
         return [("the value", spec)]
     ((primitive, args),) = spec.items()
@@ -503,8 +503,11 @@ def _values(key: str, spec: Any) -> list[tuple[str, Any]]:
         return [(what, value) for value in args]
     made = domain(key, spec)
     lower, upper = getattr(made, "lower", None), getattr(made, "upper", None)
-    if lower is None or not math.isfinite(lower) or not math.isfinite(upper):
-        return []
+    if not math.isfinite(lower) or not math.isfinite(upper):  # a normal, randn or qrandn
+        sampler = made.get_sampler()
+        q = getattr(sampler, "q", None)
+        mean = sampler.sampler.mean if q else sampler.mean
+        return [("the mean", float(np.round(mean / q) * q if q else mean))]
     if isinstance(made, Integer):
         lower, upper = integer_ends(made)
     else:  # a float range draws floats, also between whole ends (uniform [5, 51])
