@@ -2278,6 +2278,17 @@ def test_a_step_the_driver_never_recorded_comes_from_the_checkpoint_that_kept_it
     assert frame["loss"].tolist() == [3.0, 2.0]
 
 
+def test_a_trial_folder_removed_from_a_local_experiment_holds_no_reports_as_on_s3(tmp_path):
+    """A trial's folder removed from a local experiment stopped --report in pyarrow's
+    FileNotFoundError traceback, where S3, which has no folders, finds no reports in it; it
+    is read as S3 reads it, and the report names the trial as short of its last step."""
+    (tmp_path / "kept").mkdir()
+    write_reports(tmp_path / "kept" / archive.RESULT_FILE, [{"step": 10, "loss": 3.0}])
+    assert archive.history(str(tmp_path / "kept"))["step"].tolist() == [10]
+    gone = archive.history(str(tmp_path / "gone"))
+    assert gone.empty and list(gone.columns) == []
+
+
 @pytest.mark.parametrize(
     ("altered", "steps", "losses"), [(False, [10, 20], [3.0, 2.0]), (True, [10], [3.0])]
 )

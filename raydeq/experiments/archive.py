@@ -134,8 +134,9 @@ def _lines(fs: pyarrow.fs.FileSystem, file: str) -> list[bytes]:
 
 def _archived(fs: pyarrow.fs.FileSystem, folder: str) -> dict[int, str]:
     """A trial folder's archived result files by their number, oldest first; a file named
-    otherwise (a copy's `result-before-resume-0 copy.json`) is none."""
-    infos = fs.get_file_info(pyarrow.fs.FileSelector(folder))
+    otherwise (a copy's `result-before-resume-0 copy.json`) is none, and so is every file of a
+    folder that is gone (removed by hand), as S3, which has no folders, lists it."""
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(folder, allow_not_found=True))
     numbered = {
         int(found.group(1)): info.path
         for info in infos
