@@ -448,6 +448,26 @@ def test_a_file_that_is_not_what_its_name_says_is_named_before_it_is_read(
     )
 
 
+def test_a_download_folder_that_cannot_be_made_is_refused_before_ray_starts(tmp_path):
+    """data.download=true into a data_dir that cannot be made (below a file) passed the
+    driver's preflight, and every worker failed to make it once Ray had started, then again
+    at each of its restarts; the preflight now names the folder and why."""
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    for dataset in ("mnist", "cifar10"):
+        cfg = section(dataset=dataset, data_dir=str(blocker / "data"), download=True)
+        with pytest.raises(data.DataError) as info:
+            data.check_files(cfg)
+        assert str(info.value) == (
+            f"data.data_dir: {blocker / 'data'} cannot be made or written (Not a directory), "
+            "where data.download=true downloads into it; give a folder you can write, or put "
+            "the files there and set data.download=false"
+        )
+    made = tmp_path / "new" / "data"
+    assert data.check_files(section(dataset="mnist", data_dir=str(made), download=True)) is None
+    assert made.is_dir()
+
+
 def test_an_idx_file_shorter_than_its_header_says_is_cut_short(tmp_path):
     mnist_folder(tmp_path)
     images = tmp_path / "MNIST/raw/train-images-idx3-ubyte"

@@ -9,12 +9,14 @@ sample's augmentation draws from a stream of its own, so that a resumed run trai
 uninterrupted one would have.
 """
 
+import errno
 import gc
 import gzip
 import hashlib
 import importlib.util
 import itertools
 import math
+import os
 import socket
 import struct
 import sys
@@ -151,6 +153,8 @@ def check_files(cfg: DataSection) -> None:
     if cfg.dataset not in EXPECTED_FILES:
         return
     root = Path(cfg.data_dir or ".")
+    if cfg.download:
+        check_download_folder(root)
     expected = EXPECTED_FILES[cfg.dataset]
     missing = [name for name in expected if not (root / name).exists()]
     if cfg.download and (missing or cfg.dataset in CHECKSUMMED):
@@ -181,6 +185,22 @@ def check_files(cfg: DataSection) -> None:
         f"dataset {cfg.dataset!r} not found in {root}: expected {', '.join(expected)} "
         f"({absent}); put the files there, {hint}"
     )
+
+
+def check_download_folder(root: Path) -> None:
+    """Raise a DataError where `root`, which data.download=true downloads into and locks for
+    the node's workers, cannot be made or written: each worker failed there once Ray had
+    started, and again at each restart."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        if not os.access(root, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(root))
+    except OSError as err:
+        raise DataError(
+            f"data.data_dir: {root} cannot be made or written ({err.strerror}), where "
+            "data.download=true downloads into it; give a folder you can write, or put the "
+            "files there and set data.download=false"
+        ) from None
 
 
 def unreadable_file(root: Path, names: list[str]) -> str | None:
