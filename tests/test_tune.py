@@ -291,6 +291,12 @@ def test_an_override_inside_a_section_the_space_draws_whole_sets_it_in_each_valu
         ({"space": {"optim": {"lr": {"loguniform": [1]}}}}, r"^search.space.optim.lr.loguniform"),
         ({"space": {"seed": {"grid_search": []}}}, r"^search.space.seed.grid_search: expected"),
         ({"variants": [{"model.variant": {"choice": [1]}}]}, r"^search.variants\[0\].model"),
+        (
+            {"variants": [{"label": "a", "model.solver_options": {"m": 3}}]},
+            r"^search.variants\[0\].model.solver_options: expected a value, got the mapping "
+            r"\{'m': 3\}; a variant takes no primitives, and sets the keys of a section or of a "
+            r"mapping setting one by one, dotted \(model.solver_options.m: 3\)$",
+        ),
         ({"variants": [{1: 2}]}, r"^search.variants\[0\]: key 1 is not a dotted setting"),
         (
             {"variants": [{"model.variant": "wide"}]},

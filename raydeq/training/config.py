@@ -567,7 +567,9 @@ def _check_variants(variants: Sequence[Mapping[str, Any]]) -> None:
                 )
             if isinstance(value, Mapping):
                 raise ConfigError(
-                    f"{where}.{key}: expected a value (variants take no primitives)",
+                    f"{where}.{key}: expected a value, got the mapping {value!r}; a variant "
+                    "takes no primitives, and sets the keys of a section or of a mapping "
+                    "setting one by one, dotted (model.solver_options.m: 3)",
                     key=f"{where}.{key}",
                 )
 
