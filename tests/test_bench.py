@@ -808,6 +808,25 @@ def test_an_empty_output_folder_is_a_usage_error(tmp_path, monkeypatch, capsys):
     assert not list(tmp_path.iterdir())
 
 
+def test_a_remote_uri_for_a_folder_is_a_usage_error_and_a_file_uri_names_its_folder(
+    tmp_path, monkeypatch, capsys
+):
+    """--out s3://bucket/results wrote the results into a local folder s3:/bucket/results in the
+    current one, unsaid; a URI other than file: is a usage error naming it and what is taken,
+    before anything is written, and a file: URI names its local folder."""
+    monkeypatch.chdir(tmp_path)
+    for flag in ("--out", "--data"):
+        with pytest.raises(SystemExit) as exit_info:
+            parse([flag, "s3://bucket/results"])
+        assert exit_info.value.code == 2
+        assert capsys.readouterr().err.splitlines()[-1] == (
+            f"python -m raydeq.bench: error: argument {flag}: 's3://bucket/results' is a URI of "
+            "remote storage; give a local folder or a file: URI"
+        )
+    assert not list(tmp_path.iterdir())
+    assert parse(["--out", f"file://{tmp_path}/results"]).out == tmp_path / "results"
+
+
 def test_a_failing_suite_is_reported_and_the_others_still_run(monkeypatch, tmp_path, capsys):
     """A suite that raises (a compiled step failing on a GPU, say) loses its own section only:
     the suites after it run, the report names the error, and the run exits with status 1."""

@@ -37,7 +37,7 @@ from raydeq.training.data import EXPECTED_FILES, unreadable_file
 from raydeq.training.interrupts import interruptible
 from raydeq.training.preflight import check_compile_cache
 from raydeq.training.state import local_folder
-from raydeq.training.storage import StorageError, absolute
+from raydeq.training.storage import StorageError, local_path
 
 # The largest seed, as in a training config: raydeq.train's seeds are 0 to 2**32 - 1.
 MAX_SEED = 2**32 - 1
@@ -253,12 +253,17 @@ def output_folder(text: str) -> Path:
 
 def folder(text: str) -> Path:
     """A folder named on the command line, absolute with ~ expanded as train and tune take
-    theirs: the shell leaves a ~ after a flag's = (--out=~/results) as written, which would
-    name a folder called ~ in the current one."""
+    theirs (the shell leaves a ~ after a flag's = as written), or a file: URI's; another URI
+    is refused, which Path cut to a local folder (s3://bucket/results to ./s3:/bucket/results)."""
     try:
-        return Path(absolute(text))
+        local = local_path(text)
     except StorageError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
+    if local is None:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is a URI of remote storage; give a local folder or a file: URI"
+        )
+    return Path(local)
 
 
 def torch_device(text: str) -> torch.device:
