@@ -320,6 +320,11 @@ def test_an_override_inside_a_section_the_space_draws_whole_sets_it_in_each_valu
             r"^search.space.optim.momentum: the upper bound 1.5: must be <= 1, got 1.5$",
         ),
         (
+            # Named as seed's grid value 0, which the space tried first, with epochs at its first.
+            {"space": {"seed": {"grid_search": [0, 1]}, "train.epochs": {"grid_search": [0, 1]}}},
+            r"^search.space.train.epochs: the grid value 0: must be >= 1, got 0$",
+        ),
+        (
             {"space": {"model.abstol": {"uniform": [-0.1, 0.5]}}},
             r"^search.space.model.abstol: the lower bound -0.1: must be >= 0, got -0.1$",
         ),

@@ -356,14 +356,18 @@ def _check_space(experiment: Experiment) -> None:
     ]
     tried = [(where, fixed, _space_values(where, space)) for where, fixed, space in spaces]
     firsts = {key: pairs[0][1] for key, pairs in tried[0][2].items()}
-    for i, row in enumerate(search.variants):
+    # Without variants too, so that a dimension's bad first value is named, not the value of
+    # another dimension that is tried first and fails with it.
+    for i, row in enumerate(search.variants or ({},)):
         try:
             experiment.trial_config(apply_overrides({VARIANT: row}, firsts))
         except ConfigError as err:
             if err.key in firsts and err.key not in row:  # the space's first value is bad
                 what, value = tried[0][2][err.key][0]
                 raise _value_error("search.space", err.key, what, value, err) from None
-            raise ConfigError(f"search.variants[{i}]: {err}", key=f"search.variants[{i}]") from None
+            if search.variants:
+                key = f"search.variants[{i}]"
+                raise ConfigError(f"{key}: {err}", key=key) from None
     for where, fixed, values in tried:
         for row in search.variants or ({},):
             for key, pairs in values.items():
