@@ -274,6 +274,18 @@ def test_lambda_skip_defaults_to_the_presets_and_amp_reads_yaml_off():
         ({"name": "a/b"}, "name: 'a/b' is not a folder name"),
         ({"data": {"fake_shape": [1, 8]}}, "data.fake_shape: expected [channels, height, width]"),
         ({"data": {"fake_shape": [1, 0, 8]}}, "data.fake_shape: expected a list of positive"),
+        (
+            # A list is shown cut short past 6 items, so the bad one is named.
+            {"search": {"variants": [{"seed": i} for i in range(8)] + [None]}},
+            "search.variants: expected a list of mappings, got [{'seed': 0}, {'seed': 1}, "
+            "{'seed': 2}, {'seed': 3}, {'seed': 4}, {'seed': 5}, ...]: search.variants[8] is "
+            "None, not a mapping",
+        ),
+        (
+            {"optim": {"milestones": [10, 20, 30, 40, 50, 60, 70, -80]}},
+            "optim.milestones: expected a list of positive integers, got [10, 20, 30, 40, 50, 60, "
+            "...]: optim.milestones[7] is -80, not a positive integer",
+        ),
         ({"seed": 2**64}, "seed: must be <= 4294967295, got 18446744073709551616"),
         ({"search": {"population_size": 1}}, "search.population_size: must be 0 (Optuna's"),
         (

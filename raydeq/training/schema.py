@@ -52,13 +52,23 @@ _ACCEPTS = {
     dict: ("a mapping", lambda v: isinstance(v, Mapping)),
     tuple[int, ...]: (
         "a list of positive integers",
-        lambda v: isinstance(v, list | tuple) and all(_is_int(i) and i > 0 for i in v),
+        lambda v: isinstance(v, list | tuple) and _bad_item(v, tuple[int, ...]) is None,
     ),
     tuple[dict, ...]: (
         "a list of mappings",
-        lambda v: isinstance(v, list | tuple) and all(isinstance(i, Mapping) for i in v),
+        lambda v: isinstance(v, list | tuple) and _bad_item(v, tuple[dict, ...]) is None,
     ),
 }
+# What each item of a list setting must be.
+_ITEMS = {
+    tuple[int, ...]: ("a positive integer", lambda i: _is_int(i) and i > 0),
+    tuple[dict, ...]: ("a mapping", lambda i: isinstance(i, Mapping)),
+}
+
+
+def _bad_item(value: Sequence[Any], kind: Any) -> int | None:
+    """The index of the first item of `value` that a list setting of type `kind` refuses."""
+    return next((i for i, item in enumerate(value) if not _ITEMS[kind][1](item)), None)
 
 
 def _finite(key: str, value: int | float) -> float:
@@ -112,7 +122,11 @@ def _coerce(key: str, value: Any, kind: Any, choices: tuple[str, ...] | None = N
             pass
     if not _ACCEPTS[kind][1](value):
         expected = _expected([kind], choices)
-        raise ConfigError(f"{key}: expected {expected}, got {reprlib.repr(value)}", key=key)
+        shown = reprlib.repr(value)
+        if kind in _ITEMS and isinstance(value, list | tuple):  # cut short past 6 items
+            index = _bad_item(value, kind)
+            shown += f": {key}[{index}] is {reprlib.repr(value[index])}, not {_ITEMS[kind][0]}"
+        raise ConfigError(f"{key}: expected {expected}, got {shown}", key=key)
     if kind is float:
         return _finite(key, value)
     if kind == tuple[dict, ...]:
