@@ -149,6 +149,21 @@ def test_of_two_solver_options_that_no_rule_draws_the_first_given_is_named(first
         spec.from_dict("s", {**TINY, "search": {**SEARCH, "conditional": rules}}, overrides)
 
 
+@pytest.mark.parametrize("memory", [{"lograndint": [5, 31]}, {"choice": [10, 20]}])
+def test_a_dimension_of_an_option_the_points_solver_lacks_is_refused_naming_the_option(memory):
+    """Broyden's memory drawn beside a point of vcab3 took vcab3's method `memory` for the
+    point's value: a log range failed in a TypeError traceback, a choice named the bound method
+    as the experiment's value; both are refused naming the option and those vcab3 takes."""
+    search = {"searcher": "tpe", "num_samples": 2, "variants": [{"label": "a"}]}
+    search["space"] = {"model.solver_options.memory": memory}
+    with pytest.raises(ConfigError) as err:
+        spec.from_dict("s", {**TINY, "search": search})
+    assert str(err.value) == (
+        "search.variants[0]: model.solver='vcab3' takes no option 'memory'; its options are "
+        "kind, h0, safety, min_factor, max_factor, step_rtol, contraction, h_max, stalled_factor"
+    )
+
+
 @pytest.mark.parametrize(
     "order",
     [["model.solver", "model.solver_options.m"], ["model.solver_options.m", "model.solver"]],

@@ -27,6 +27,7 @@ from ray.tune.search.optuna import OptunaSearch
 from ray.tune.utils.util import unflatten_dict
 
 from raydeq.experiments.primitives import dimensions, domain, is_primitive
+from raydeq.solvers.options import parameters
 from raydeq.solvers.solve import make_solver
 from raydeq.training.config import (
     Config,
@@ -236,9 +237,10 @@ def _default(cfg: Config, dotted: str) -> Any:
 
 def _solver_default(solver: str, option: str) -> Any:
     """The value a solver (a continuous one: its step controller) takes for an option it is not
-    given, or None for no such option."""
+    given, or None for no such option (a method of its name is none: vcab3's `memory`)."""
     made = make_solver(solver, {})
-    return getattr(made, option, getattr(getattr(made, "controller", None), option, None))
+    holder = getattr(made, "controller", made)
+    return getattr(holder, option) if option in parameters(type(holder)) else None
 
 
 def _defaults(cfg: Config, dims: Mapping[str, Any]) -> dict[str, Any]:
