@@ -2,6 +2,7 @@
 front, and a search that resumes with its searcher's state after the driver is killed."""
 
 import json
+import logging
 import math
 import pickle
 import signal
@@ -1880,6 +1881,22 @@ def test_an_integer_range_of_a_bound_or_step_that_is_no_integer_is_refused(
     assert (
         str(err.value) == f"search.space.data.batch_size.{primitive}: {message}; use whole numbers"
     )
+
+
+def test_a_log_range_of_integers_with_q_1_is_drawn_without_a_warning_that_q_is_ignored():
+    """Tune warned, at each of the five conversions of a dry run, that Optuna would probably
+    ignore the quantization of a qlograndint of q 1, which it draws as it is."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger(search.TUNE_OPTUNA_LOGGER)
+    logger.addHandler(handler)
+    try:
+        dist = search.distribution("search.space.x", {"qlograndint": [9, 28, 1]})
+    finally:
+        logger.removeHandler(handler)
+    assert dist == optuna.distributions.IntDistribution(9, 27, log=True)
+    assert [record.getMessage() for record in records] == []
 
 
 def test_an_integer_range_of_whole_floats_is_taken():

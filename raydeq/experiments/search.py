@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -63,7 +64,7 @@ def distribution(key: str, spec: Any) -> BaseDistribution | Any:
     if "qrandint" in spec:
         _check_integer_steps(key, tune_domain.lower, tune_domain.upper, tune_domain.sampler.q)
     try:
-        with optuna_silenced(WHOLE_CHOICES):
+        with optuna_silenced(WHOLE_CHOICES), tune_log_dropped(LOG_STEP_IGNORED):
             return OptunaSearch.convert_search_space({"x": tune_domain})["x"]
     except ValueError as err:
         raise ConfigError(f"{key}: Optuna cannot sample {spec!r} ({err})", key=key) from None
@@ -77,6 +78,28 @@ WHOLE_CHOICES = "Choices for a categorical distribution"
 # run once per such value: `outside_notes` says it before the run, and the point runs at its
 # value, as meant.
 POINT_OUTSIDE = "Fixed parameter .* is out of range"
+
+
+# Tune's warning at each conversion of a quantized log range that Optuna will probably ignore
+# its step: a qlograndint's q of 1 is the step Optuna draws, and one above 1 is refused.
+LOG_STEP_IGNORED = "Optuna does not handle quantization in loguniform"
+TUNE_OPTUNA_LOGGER = "ray.tune.search.optuna.optuna_search"
+
+
+@contextlib.contextmanager
+def tune_log_dropped(message: str) -> Iterator[None]:
+    """Drop the log records of Tune's Optuna searcher whose text starts with `message`."""
+    logger = logging.getLogger(TUNE_OPTUNA_LOGGER)
+
+    def kept(record: logging.LogRecord) -> bool:
+        """False (dropped) for a record starting with `message`."""
+        return not record.getMessage().startswith(message)
+
+    logger.addFilter(kept)
+    try:
+        yield
+    finally:
+        logger.removeFilter(kept)
 
 
 @contextlib.contextmanager
