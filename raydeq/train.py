@@ -57,11 +57,13 @@ def config_file(path: str) -> str:
     `tune_configs/NAME.yaml` missing from here (the shipped file)."""
     from raydeq.experiments.spec import locate
 
-    if Path(path).exists():
+    if path.strip() and Path(path).exists():  # Path("") is the current folder
         return path
     try:
         return str(locate(path))
     except ConfigError:  # read as given, which names the file that is missing
+        if not path.strip():  # nothing to read as given: Path("") is the current folder
+            raise
         return path
 
 

@@ -274,6 +274,16 @@ def test_an_experiment_named_as_raydeq_tune_takes_it_is_its_file(tmp_path, monke
     assert train.config_file("nothing") == "nothing"
 
 
+@pytest.mark.parametrize("name", ["", " "])
+def test_an_empty_config_name_is_refused_naming_it(name, capsys):
+    """`python -m raydeq.train "$CONFIG"` with CONFIG unset read the current folder and said
+    ': cannot read the config file (Is a directory)'; it names the empty name now."""
+    assert train.main([name]) == 2
+    assert capsys.readouterr().err.startswith(
+        f"error: {name!r}: no such experiment file; experiments: cifar10_large, "
+    )
+
+
 def test_a_run_written_as_a_relative_or_an_absolute_path_has_one_lock(tmp_path, monkeypatch):
     """`runs/a` from its parent folder and the absolute path of that folder are one run: a
     driver of either spelling holds off the other; another run has its own lock."""

@@ -967,6 +967,8 @@ def test_the_command_refuses_bad_input_and_an_existing_experiment_with_status_2(
     assert "start it without --resume" in err
     assert rt.main(["no_such_experiment"]) == 2
     assert "no such experiment file; experiments: cifar10_large" in capsys.readouterr().err
+    assert rt.main(["", "--dry-run"]) == 2  # not the current folder, Path("")
+    assert "error: '': no such experiment file; experiments: cifar10" in capsys.readouterr().err
     (tmp_path / "tiny.txt").write_text(yaml.safe_dump(TINY))
     assert rt.main([str(tmp_path / "tiny.txt"), "--dry-run"]) == 2
     assert "tiny.txt: not a .yaml or .yml file; an experiment is a YAML" in capsys.readouterr().err

@@ -221,11 +221,12 @@ def locate(experiment: str) -> Path:
     packaged = shipped(Path(experiment)) or CONFIG_DIR / f"{experiment}.yaml"
     if packaged.is_file():
         return packaged
-    if Path(experiment).exists():
+    if experiment.strip() and Path(experiment).exists():  # Path("") is the current folder
         what = "a folder" if Path(experiment).is_dir() else "not a .yaml or .yml file"
         raise ConfigError(f"{experiment}: {what}; an experiment is a YAML file")
     known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
-    raise ConfigError(f"{experiment}: no such experiment file; experiments: {known}")
+    shown = experiment if experiment.strip() else repr(experiment)
+    raise ConfigError(f"{shown}: no such experiment file; experiments: {known}")
 
 
 def searched_keys(search: Any) -> set[str]:
