@@ -754,6 +754,7 @@ def test_a_data_or_output_folder_that_cannot_serve_stops_the_run_before_any_suit
     for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-labels-idx1-ubyte"):
         (raw / name).write_bytes(b"\0\0\x08\x01\0\0\0\0")
     (raw / "t10k-images-idx3-ubyte").write_bytes(b"<html>")
+    long = tmp_path / ("a" * 300)  # a name longer than a file system's 255 bytes
     for args, message in (
         (
             ["--data", str(tmp_path / "none")],
@@ -770,6 +771,9 @@ def test_a_data_or_output_folder_that_cannot_serve_stops_the_run_before_any_suit
             ["--out", str(tmp_path / "file" / "results")],
             f"--out {tmp_path / 'file' / 'results'}: cannot write there (Not a directory)",
         ),
+        # Each ended in an OSError traceback.
+        (["--data", str(long)], f"argument --data: '{long}': cannot be read (File name too long)"),
+        (["--out", str(long)], f"--out {long}: cannot write there (File name too long)"),
     ):
         with pytest.raises(SystemExit):
             main(["--size", "tiny", "--only", "step_cost", *args])

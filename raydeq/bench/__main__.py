@@ -174,9 +174,9 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         check_compile_cache()  # every suite's solve needs it
     except ConfigError as err:
         parser.error(str(err))
-    if args.out.exists() and not args.out.is_dir():  # mkdir's "File exists" hid it
-        parser.error(f"--out {args.out}: a file, not a folder; name the folder for the results")
     try:  # here, not after the first suite has run
+        if args.out.exists() and not args.out.is_dir():  # mkdir's "File exists" hid it
+            parser.error(f"--out {args.out}: a file, not a folder; name the folder for the results")
         args.out.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=args.out).close()
     except OSError as err:
@@ -229,7 +229,10 @@ def mnist_folder(text: str) -> Path:
     folder would leave the benchmarks on untrained weights and Gaussian images)."""
     root = folder(text)
     names = EXPECTED_FILES["mnist"]
-    missing = [name for name in names if not (root / name).is_file()]
+    try:
+        missing = [name for name in names if not (root / name).is_file()]
+    except OSError as err:  # a name too long for the filesystem
+        raise argparse.ArgumentTypeError(f"{text!r}: cannot be read ({err.strerror})") from None
     if missing:
         raise argparse.ArgumentTypeError(
             f"{text!r} does not hold the full MNIST: {', '.join(missing)} missing"
