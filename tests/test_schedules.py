@@ -68,6 +68,9 @@ def test_an_unrolled_warm_up_as_long_as_the_run_says_so_at_its_start():
         "through the solve that the test evaluations run; lower model.pretrain_steps below "
         "220, or train longer"
     ]
+    assert notes(cfg, 500, 22)[0].startswith(  # steps 0 to 499 unroll: each of the 500
+        "model.pretrain_steps=500 unrolls f in all of the run's 500 steps"
+    )
     assert notes(cfg, 501, 22) == []
     assert notes(validate({"model": {"variant": "neural_ode"}}), 1, 1) == []
 
