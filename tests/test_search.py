@@ -165,6 +165,15 @@ def test_a_dimension_of_an_option_the_points_solver_lacks_is_refused_naming_the_
     )
 
 
+def test_a_point_leaving_a_step_controllers_option_unset_runs_it_at_the_controllers_default():
+    """A point of vcab3 that leaves a drawn option of its step controller unset runs it at the
+    controller's own value (safety 0.9), as a point of Broyden runs Broyden's memory."""
+    search = {"searcher": "tpe", "num_samples": 2, "variants": [{"label": "a"}]}
+    search["space"] = {"model.solver_options.safety": {"uniform": [0.5, 0.95]}}
+    (point,) = spec.expand(spec.from_dict("s", {**TINY, "search": search}), 1)
+    assert point["model"]["solver_options"] == {"safety": 0.9}
+
+
 @pytest.mark.parametrize(
     "order",
     [["model.solver", "model.solver_options.m"], ["model.solver_options.m", "model.solver"]],
