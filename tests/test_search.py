@@ -1906,6 +1906,7 @@ def test_a_log_range_of_integers_with_q_1_is_drawn_without_a_warning_that_q_is_i
         logger.removeHandler(handler)
     assert dist == optuna.distributions.IntDistribution(9, 27, log=True)
     assert [record.getMessage() for record in records] == []
+    assert logger.filters == []  # for the conversion alone, not Tune's later records
 
 
 def test_an_integer_range_of_whole_floats_is_taken():
