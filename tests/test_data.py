@@ -7,6 +7,7 @@ import hashlib
 import itertools
 import math
 import multiprocessing
+import os
 import sys
 import urllib.error
 import urllib.request
@@ -466,6 +467,19 @@ def test_a_download_folder_that_cannot_be_made_is_refused_before_ray_starts(tmp_
     made = tmp_path / "new" / "data"
     assert data.check_files(section(dataset="mnist", data_dir=str(made), download=True)) is None
     assert made.is_dir()
+
+
+def test_a_folder_that_cannot_be_written_is_refused_only_to_download_into(tmp_path, monkeypatch):
+    """A data_dir that the user may read but not write (root, who runs these tests, may write
+    any) holds files to train on, and is refused where data.download=true would write there."""
+    mnist_folder(tmp_path)
+    monkeypatch.setattr(data.os, "access", lambda path, mode: not mode & os.W_OK)
+    assert data.check_files(section(dataset="mnist", data_dir=str(tmp_path))) is None
+    with pytest.raises(data.DataError) as info:
+        data.check_files(section(dataset="mnist", data_dir=str(tmp_path), download=True))
+    assert str(info.value).startswith(
+        f"data.data_dir: {tmp_path} cannot be made or written (Permission denied), where "
+    )
 
 
 def test_an_idx_file_shorter_than_its_header_says_is_cut_short(tmp_path):
