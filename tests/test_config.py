@@ -275,6 +275,10 @@ def test_lambda_skip_defaults_to_the_presets_and_amp_reads_yaml_off():
         ({"data": {"fake_shape": [1, 8]}}, "data.fake_shape: expected [channels, height, width]"),
         ({"data": {"fake_shape": [1, 0, 8]}}, "data.fake_shape: expected a list of positive"),
         (
+            {"optim": {"schedule": "step", "milestones": 5}},
+            "optim.milestones: expected a list of positive integers, got 5",
+        ),
+        (
             # A list is shown cut short past 6 items, so the bad one is named.
             {"search": {"variants": [{"seed": i} for i in range(8)] + [None]}},
             "search.variants: expected a list of mappings, got [{'seed': 0}, {'seed': 1}, "
