@@ -3341,12 +3341,14 @@ def test_a_jacobian_term_of_weight_0_is_logged_and_noted_but_left_out_of_the_los
     """model.jac_reg with train.lambda_jac 0 logs jac_loss alone: the loss is the cross-entropy
     plus the skip term (weighed by the preset's 0.2), whose gradient pays no double backward
     through the estimate (and an infinite estimate no longer turns the loss into NaN), and the
-    run says so at its start."""
+    run says so at its start (beside a step schedule's first decay, after 30 epochs of 44
+    steps, past the run's one)."""
     cfg = validate(
         {
             "name": "run",
             "storage_path": str(tmp_path),
             "model": {"jac_reg": True},
+            "optim": {"schedule": "step"},
             "train": {"epochs": 1, "max_steps": 1},
         }
     )
@@ -3357,6 +3359,9 @@ def test_a_jacobian_term_of_weight_0_is_logged_and_noted_but_left_out_of_the_los
         "[run] training 1 steps on 1 worker",
         "[run] model.jac_reg=true with train.lambda_jac=0: jac_loss is estimated and logged, "
         "not penalised; set train.lambda_jac above 0 to penalise it",
+        "[run] optim.schedule=step with optim.step_epochs=30: the first decay comes after step "
+        "1320, past the run's last update (step 1), so every step trains at optim.lr=0.001; "
+        "lower optim.step_epochs to decay within the run",
     ]
     images, labels = next(iter(run.train_data))
     with torch.random.fork_rng():  # the step draws the same probes
