@@ -341,6 +341,11 @@ def test_an_override_inside_a_section_the_space_draws_whole_sets_it_in_each_valu
             r"^search.space.optim.lr: the mean -0.1: must be > 0, got -0.1$",
         ),
         (
+            # Drawn at 0.0 mostly: the mean as qrandn rounds it to its step.
+            {"space": {"optim.lr": {"qrandn": [0.04, 0.01, 0.1]}}},
+            r"^search.space.optim.lr: the mean 0.0: must be > 0, got 0.0$",
+        ),
+        (
             {"space": {"train.epochs": {"uniform": [1, 3]}}},
             r"^search.space.train.epochs: the lower bound 1.0: expected an integer, got 1.0$",
         ),
