@@ -405,6 +405,20 @@ def test_bad_search_sections_are_one_line_errors(search, message):
     assert "\n" not in str(err.value)
 
 
+def test_a_setting_that_a_dimensions_value_refuses_is_named_under_it_without_variants():
+    """Without variants, a fixed setting that a dimension's first value refuses is named under
+    that dimension and value, not under a variant that the experiment does not have."""
+    fixed = {**TINY, "optim": {"schedule": "step", "milestones": [10]}}
+    fixed["search"] = {"space": {"optim.schedule": {"grid_search": ["constant", "step"]}}}
+    with pytest.raises(ConfigError) as err:
+        spec.from_dict("bad", fixed)
+    assert str(err.value) == (
+        "search.space.optim.schedule: the grid value 'constant': optim.milestones: [10] apply "
+        "to optim.schedule=step only, not 'constant'; set optim.schedule=step or remove "
+        "optim.milestones"
+    )
+
+
 @pytest.mark.parametrize(
     ("search", "overrides", "message"),
     [
