@@ -1621,6 +1621,22 @@ def test_a_fixed_point_stopped_short_of_the_tolerance_gives_no_nfe_ratio(monkeyp
     assert all("fixed point's 1.00e-03" in t.detail for t in section.targets)
 
 
+def test_a_residual_within_the_rounding_slack_of_the_tolerance_meets_it(monkeypatch):
+    """Hand-made outcomes: the fixed point and Anderson end 5e-5 x TOL over it, within the
+    1e-4 slack for rounding of the residual: both reached it, Anderson's ratio is measured."""
+    tol = discrete.TOL
+    nfe = {"fixed_point": 100, "anderson": 20, "broyden": 10, "vcab3": 50, "tsit5": 4, "euler": 8}
+    residual = dict.fromkeys(nfe, tol / 2) | dict.fromkeys(
+        ("fixed_point", "anderson"), tol * 1.00005
+    )
+    values = {name: Outcome(nfe[name], 0, residual[name]) for name in nfe}
+    monkeypatch.setattr(discrete, "measure", fake_measure(dict.fromkeys(nfe, [0.001]), values))
+    columns = ["problem", "solver", "NFE", "NFE / fixed point", "time ms", "max residual"]
+    section = Section("discrete", "t", columns)
+    discrete.spectral_rows(Context(CPU, "tiny"), discrete.SIZES["tiny"], section)
+    assert [(t.measured, t.verdict()) for t in section.targets] == [(0.1, "PASS"), (0.2, "PASS")]
+
+
 def scripted_measure(outcome_of):
     """A stand-in for measure: one round of 1 ms per case, its value outcome_of(the case's name)."""
 
