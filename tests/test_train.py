@@ -4091,6 +4091,23 @@ def test_every_tensorboard_scalar_says_what_it_measures_and_in_which_unit(tmp_pa
     assert again == [described["lr"], ""]
 
 
+def test_a_report_without_a_checkpoint_keeps_its_own_os_error(tmp_path):
+    """An OSError from a report that carries no checkpoint is no checkpoint's failure: it is
+    raised as it was, not said as a checkpoint of the step that could not be stored."""
+    failed = OSError(errno.EIO, "Input/output error")
+
+    def report(metrics, checkpoint):
+        raise failed
+
+    session = FolderSession(tmp_path / "run")
+    session.report = report
+    run = loop.Loop(make_config(tmp_path, max_steps=2), session)
+    run.state.step = 1
+    with pytest.raises(OSError) as stopped:
+        run.report({}, checkpoint=False)
+    assert stopped.value is failed and run.checkpointed == 0
+
+
 def full_disk_under_tensorboard(monkeypatch: pytest.MonkeyPatch) -> None:
     """Make every record TensorBoard's writer thread writes fail as on a full disk."""
 
