@@ -2063,6 +2063,22 @@ def test_tunes_failed_save_of_the_experiments_state_is_one_line_naming_the_cause
     assert logger.filter(other) and other.getMessage() == "Saving took 31 s"
 
 
+def test_tunes_failed_save_with_a_many_line_error_keeps_the_errors_first_line(monkeypatch):
+    """An error of several lines under Tune's failed save of the experiment's state is said by
+    its first line, the one that names the cause, after its type."""
+    logger = logging.getLogger(rt.STATE_SAVE_LOGGER)
+    tune_filters_kept(monkeypatch)
+    rt.drop_tune_logs()
+    error = OSError("Error writing bytes to file\nDetail: [errno 28] No space left on device")
+    failed = logging.makeLogRecord(
+        {"name": logger.name, "msg": "Saving failed: ", "exc_info": (OSError, error, None)}
+    )
+    assert logger.filter(failed)
+    assert (
+        logging.Formatter().format(failed) == "Saving failed: OSError: Error writing bytes to file"
+    )
+
+
 def test_a_failed_trials_line_names_its_exception_not_the_last_line_of_error_txt():
     """The line took error.txt's last line as the error: a CUDA error's last hint
     (`Compile with TORCH_USE_CUDA_DSA ...`), and for a trial whose process was killed a
