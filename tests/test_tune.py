@@ -4563,6 +4563,27 @@ def test_a_resume_restores_tunes_newest_state_whatever_time_zone_named_it(
     assert [trial.trial_id for trial in results.recorded_trials(str(folder))] == ["ab_00001"]
 
 
+def test_a_saved_search_cut_mid_pickle_is_damaged_and_its_hint_names_the_experiments_folder(
+    tmp_path,
+):
+    """A save of the search's state cut partway (not to nothing) fails Tune's unpickling with
+    an UnpicklingError, not an EOFError: it is refused as damaged all the same, and the copy
+    to restore from is looked for under the experiment's folder name among Ray's sessions."""
+    folder = tmp_path / "runs" / "tiny"
+    folder.mkdir(parents=True)
+    saved = cloudpickle.dumps({"name": "the search's state"})
+    cut = folder / "basic-variant-state-2024-01-02_00-00-00.json"
+    cut.write_bytes(saved[: len(saved) // 2])
+    with pytest.raises(storage.StorageError) as refused:
+        results.check_saved_search(str(folder))
+    assert str(refused.value).startswith(
+        f"{cut}, Tune's saved state of the experiment's search, is damaged (UnpicklingError: "
+        "pickle data was truncated): restore it from a backup, or from the copy Tune wrote "
+        "first on the machine that ran the experiment (/tmp/ray/session_*/artifacts/*/tiny/"
+        f"driver_artifacts/{cut.name}, "
+    )
+
+
 def test_a_failed_trials_error_file_cut_by_a_full_storage_is_one_line_naming_the_folder(
     tmp_path, capsys, monkeypatch
 ):
