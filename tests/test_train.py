@@ -4132,6 +4132,24 @@ def test_a_tensorboard_write_that_fails_is_a_storage_error_naming_the_folder(tmp
             call()
 
 
+def test_tensorboard_events_that_cannot_be_opened_are_a_storage_error_naming_the_folder(
+    tmp_path, monkeypatch
+):
+    """A full disk as TensorBoard's events file is created: its OSError names no folder; it is
+    a StorageError naming the folder and the cause, as a failed write is."""
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(eventlog, "_writer", full)
+    folder = tmp_path / "tensorboard"
+    with pytest.raises(storage.StorageError) as stopped:
+        eventlog.EventLog(str(folder))
+    assert str(stopped.value) == (
+        f"TensorBoard's events could not be written to {folder}: [Errno 28] No space left on device"
+    )
+
+
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 def test_a_run_stopped_by_a_tensorboard_write_says_so_once(tmp_path, monkeypatch, caplog):
     """The run that a failed TensorBoard write stops ends with that StorageError, which its
