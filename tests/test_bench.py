@@ -1712,6 +1712,53 @@ def test_torchdeq_targets_fail_where_raydeq_misses_and_read_n_a_where_torchdeq_d
             assert backward.detail == "TorchDEQ reached no tolerance"
 
 
+def test_torchdeq_targets_divide_raydeqs_fastest_case_by_torchdeqs(monkeypatch):
+    """Hand-made times, every case meeting the residual and the gradient error: the forward
+    target is raydeq's Anderson over TorchDEQ's Anderson at lam 1e-12 (2 / 4 ms) and the
+    backward one GMRES over TorchDEQ's Anderson at lam 1e-4 (4 / 10 ms), over its limit of 0.3."""
+    tol = torchdeq.TOL
+    spec = torchdeq.SIZES["tiny"]
+    forward_ms = {
+        "raydeq fixed_point": 5,
+        "raydeq anderson": 2,
+        "raydeq broyden": 3,
+        "torchdeq fixed_point_iter": 9,
+        "torchdeq anderson lam=0.0001": 6,
+        "torchdeq anderson lam=1e-08": 8,
+        "torchdeq anderson lam=1e-12": 4,
+        "torchdeq broyden": 7,
+    }
+    backward_ms = {
+        "raydeq gmres": 4,
+        "torchdeq fixed_point_iter": 20,
+        "torchdeq anderson lam=0.0001": 10,
+        "torchdeq anderson lam=1e-08": 12,
+        "torchdeq anderson lam=1e-12": 30,
+        "torchdeq broyden": 15,
+    }
+    monkeypatch.setattr(torchdeq, "torchdeq_forward", lambda *args, **options: None)
+    monkeypatch.setattr(torchdeq, "torchdeq_implicit", lambda *args, **options: None)
+    monkeypatch.setattr(
+        GradientSetup, "tolerances", lambda self, makers, device, suite: dict.fromkeys(makers, 1e-4)
+    )
+    columns = ["library", "part", "method", "tol", "NFE", "VJPs", "time ms", "max residual"]
+    section = Section("torchdeq", "raydeq vs TorchDEQ", [*columns, "gradient error"])
+    parts = (
+        (torchdeq.forward_rows, spec.forward, forward_ms),
+        (torchdeq.backward_rows, spec.backward, backward_ms),
+    )
+    for rows, spectrum, ms in parts:
+        seconds = {label: [1e-3 * t] for label, t in ms.items()}
+        values = dict.fromkeys(ms, Outcome(nfe=10, nvjp=5, residual=tol / 2))
+        monkeypatch.setattr(torchdeq, "measure", fake_measure(seconds, values))
+        rows(Context(CPU, "tiny"), spectrum, 1, section)
+    forward, backward = section.targets
+    assert (forward.measured, forward.verdict()) == (pytest.approx(0.5), "PASS")
+    assert forward.detail == "raydeq anderson vs torchdeq anderson lam=1e-12"
+    assert (backward.measured, backward.verdict()) == (pytest.approx(0.4), "FAIL")
+    assert backward.detail == "vs torchdeq anderson lam=0.0001"
+
+
 def test_the_adjoint_target_fails_where_gmres_misses_the_error_and_not_where_neumann_does(
     monkeypatch,
 ):
