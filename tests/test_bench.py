@@ -1672,6 +1672,7 @@ def test_torchdiffeq_targets_fail_where_raydeq_misses_the_tolerance_and_not_wher
     assert " ".join(t.verdict() for t in (odeint, event)) == verdicts
     if raydeq_reaches:
         assert odeint.measured == pytest.approx(0.1) and event.measured is None
+        assert odeint.detail == "raydeq bs3: 10 vs 100 NFE"
         assert event.detail == "TOL not met by torchdiffeq"
     else:
         assert odeint.measured == event.measured == math.inf
