@@ -4150,6 +4150,31 @@ def test_tensorboard_events_that_cannot_be_opened_are_a_storage_error_naming_the
     )
 
 
+def test_a_uris_next_tensorboard_events_file_that_cannot_be_opened_is_a_storage_error(
+    tmp_path, monkeypatch
+):
+    """A URI's flush uploads the closed events file and opens the next one locally: a full
+    disk at that open is a StorageError naming the local folder and the cause, as at the
+    first open, after the events so far went up."""
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    folder = tmp_path / "tensorboard"
+    events = eventlog.EventLog(folder.as_uri())
+    events.add_scalars({"train_loss": 1.0}, 1)
+    monkeypatch.setattr(eventlog, "_writer", full)
+    with pytest.raises(storage.StorageError) as stopped:
+        events.flush()
+    assert str(stopped.value) == (
+        f"TensorBoard's events could not be written to {events.local}: [Errno 28] No space left "
+        "on device"
+    )
+    uploaded = EventAccumulator(str(folder)).Reload().Scalars("train_loss")
+    assert [(event.step, event.value) for event in uploaded] == [(1, 1.0)]
+    shutil.rmtree(events.local)
+
+
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 def test_a_run_stopped_by_a_tensorboard_write_says_so_once(tmp_path, monkeypatch, caplog):
     """The run that a failed TensorBoard write stops ends with that StorageError, which its
