@@ -2950,6 +2950,36 @@ def test_a_checkpoint_the_storage_cannot_take_stops_the_run_in_one_line_naming_i
     assert run.checkpointed == 0 and checkpoint.restore(session.checkpoints())["step"] == 0
 
 
+class UnreachableStorage(FolderSession):
+    """A FolderSession whose storage refuses a checkpoint with an error of several lines, as
+    pyarrow's are with the Arrow source lines they passed through."""
+
+    def report(self, metrics, checkpoint):
+        if checkpoint is not None:
+            raise OSError(
+                "When uploading part for key 'run/checkpoint_000001/model.pt' in bucket 'runs': "
+                "AWS Error NETWORK_CONNECTION during UploadPart operation: curlCode: 28, Timeout "
+                "was reached\n/arrow/cpp/src/arrow/filesystem/s3fs.cc:1848  UploadPart(part)\n"
+                "/arrow/cpp/src/arrow/filesystem/filesystem.cc:636  dest->Close()"
+            )
+
+
+def test_a_checkpoint_error_of_several_lines_is_stored_in_one_line_naming_it(tmp_path):
+    """The StorageError of a checkpoint the storage refuses keeps its error's first line: the
+    Arrow source lines after it would break raydeq's one line of why the run stopped."""
+    cfg = make_config(tmp_path, max_steps=2)
+    session = UnreachableStorage(tmp_path / "run")
+    run = loop.Loop(cfg, session)
+    run.state.step = 1
+    with pytest.raises(storage.StorageError) as stopped:
+        run.report({}, checkpoint=True)
+    assert str(stopped.value) == (
+        f"the checkpoint of step 1 could not be stored in {session.folder}: When uploading part "
+        "for key 'run/checkpoint_000001/model.pt' in bucket 'runs': AWS Error NETWORK_CONNECTION "
+        "during UploadPart operation: curlCode: 28, Timeout was reached"
+    )
+
+
 def crash_in_step_5(cfg: Config, session: Session, monkeypatch: pytest.MonkeyPatch) -> None:
     """Run cfg in session until its optimizer's fifth step raises, as a machine going down."""
     step, steps = torch.optim.Adam.step, []
