@@ -126,3 +126,10 @@ def test_a_long_task_says_how_far_it_has_come_on_stderr_at_most_every_five_secon
     for _ in range(9):
         quick.next()
     assert capsys.readouterr() == ("", "")
+
+
+def test_first_line_is_a_messages_first_line_or_its_types_name_where_it_has_none():
+    """The one-line reason of an error: an empty message gave an IndexError."""
+    assert console.first_line(OSError("no space\n/arrow/cpp/src/io.cc:12")) == "no space"
+    assert console.first_line(OSError()) == "OSError"
+    assert console.first_line(ValueError(" \n")) == "ValueError"

@@ -2980,6 +2980,28 @@ def test_a_checkpoint_error_of_several_lines_is_stored_in_one_line_naming_it(tmp
     )
 
 
+class SilentStorage(FolderSession):
+    """A FolderSession whose storage refuses a checkpoint with an OSError of no text."""
+
+    def report(self, metrics, checkpoint):
+        if checkpoint is not None:
+            raise OSError()
+
+
+def test_a_checkpoint_error_of_no_text_is_stored_in_one_line_naming_its_type(tmp_path):
+    """An OSError() of no message under a checkpoint's copy: taking its first line raised an
+    IndexError in place of the StorageError naming the step and the folder."""
+    cfg = make_config(tmp_path, max_steps=2)
+    session = SilentStorage(tmp_path / "run")
+    run = loop.Loop(cfg, session)
+    run.state.step = 1
+    with pytest.raises(storage.StorageError) as stopped:
+        run.report({}, checkpoint=True)
+    assert str(stopped.value) == (
+        f"the checkpoint of step 1 could not be stored in {session.folder}: OSError"
+    )
+
+
 def crash_in_step_5(cfg: Config, session: Session, monkeypatch: pytest.MonkeyPatch) -> None:
     """Run cfg in session until its optimizer's fifth step raises, as a machine going down."""
     step, steps = torch.optim.Adam.step, []

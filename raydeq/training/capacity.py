@@ -23,6 +23,8 @@ import ray._private.state
 from ray.core.generated import autoscaler_pb2
 from ray.experimental.internal_kv import _internal_kv_put
 
+from raydeq.training.console import first_line
+
 # Where the GCS keeps the cluster config (ray._raylet.GCS_AUTOSCALER_STATE_NAMESPACE and
 # GCS_AUTOSCALER_CLUSTER_CONFIG_KEY), read back by ray._private.state.state.get_cluster_config.
 NAMESPACE = ray._raylet.GCS_AUTOSCALER_STATE_NAMESPACE
@@ -132,7 +134,7 @@ def main(argv: list[str]) -> int:
         node_types = autoscaling["available_node_types"]
         cluster_config(autoscaling)
     except (OSError, yaml.YAMLError, KeyError, TypeError, AttributeError, ValueError) as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        reason = first_line(err)
         print(f"error: {argv[0]}: not an autoscaling config ({reason})", file=sys.stderr)
         return 2
     ray.init(address="auto", logging_level="WARNING", log_to_driver=False)

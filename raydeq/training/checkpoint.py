@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import pyarrow.fs
 import torch
 
+from raydeq.training.console import first_line
 from raydeq.training.storage import TRAIN_RUN, StorageError
 
 STATE_FILE = "state.pt"
@@ -101,7 +102,7 @@ def write_checkpoint(
         _stage(state, staging, reports)
     except OSError as err:
         shutil.rmtree(staging, ignore_errors=True)
-        reason = str(err).splitlines()[0]
+        reason = first_line(err)
         raise StorageError(
             f"the checkpoint of step {state['step']} could not be written to {staging}: {reason}"
         ) from None
@@ -157,7 +158,7 @@ def _load_state(directory: Path) -> dict[str, Any]:
     try:
         return torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
-        reason = str(err).splitlines()[0]
+        reason = first_line(err)
         raise CheckpointError(
             f"{directory}: {STATE_FILE} refused by the loader ({reason})"
         ) from None

@@ -38,6 +38,7 @@ from raydeq.models import (
 )
 from raydeq.solvers import ADJOINTS, SOLVERS
 from raydeq.solvers.solve import GRAPH
+from raydeq.training.console import first_line
 from raydeq.training.schema import ConfigError, build_section, listed, option
 from raydeq.training.storage import absolute
 
@@ -469,7 +470,7 @@ def model_error(err: TypeError | ValueError) -> ConfigError:
     solver's options reads "model.solver_options.m=0 must be ...", an option the solver or
     adjoint does not take is keyed by the options that hold it (model.solver_options), not by
     model.solver, another "model: ..."."""
-    message = str(err).splitlines()[0]
+    message = first_line(err)
     unknown = _UNKNOWN_OPTION.match(message)
     if unknown:
         return ConfigError(f"model.{message}", key=f"model.{unknown.group(1)}_options")

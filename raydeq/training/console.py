@@ -42,6 +42,14 @@ def escaped(err: UnicodeError) -> tuple[str | bytes, int]:
 codecs.register_error(ERRORS, escaped)
 
 
+def first_line(err: BaseException) -> str:
+    """The first line of err's message for a one-line error, or its type's name where it has
+    none (an OSError() from a storage layer): indexing the lines of an empty message raised an
+    IndexError in place of the error being reported."""
+    text = str(err)
+    return text.splitlines()[0] if text.strip() else type(err).__name__
+
+
 def tensorboard_command(logdir: str) -> str:
     """The command that shows a run in TensorBoard, its folder quoted for a shell (a folder
     with a space was printed as it is, which the shell split when pasted)."""

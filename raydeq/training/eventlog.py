@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from raydeq.training.console import first_line
 from raydeq.training.storage import StorageError, is_uri, write_bytes
 
 if TYPE_CHECKING:
@@ -87,7 +88,7 @@ class EventLog:
         try:
             yield
         except OSError as err:
-            reason = str(err).splitlines()[0]
+            reason = first_line(err)
             raise StorageError(
                 f"TensorBoard's events could not be written to {self.local}: {reason}"
             ) from None

@@ -32,6 +32,7 @@ from ray.train.v2._internal.constants import V2_ENABLED_ENV_VAR, is_v2_enabled
 
 from raydeq.training import capacity
 from raydeq.training.config import WORKERS_KEY, Config, ConfigError, validate
+from raydeq.training.console import first_line
 from raydeq.training.interrupts import handlers_kept
 from raydeq.training.storage import CHECKPOINT_PREFIX, filesystem, local_path, subfolders
 
@@ -149,7 +150,7 @@ def start_error(err: OSError | UnicodeError) -> str:
     fix = f"set {variables} to a folder you can write"
     if not temp.isascii():
         return f"Ray cannot start: its temporary folder {temp} is not ASCII; {fix} in ASCII"
-    reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+    reason = first_line(err)
     if isinstance(err, OSError) and err.filename is not None:
         file = Path(os.fsdecode(err.filename))
         reason = f"{file}: {err.strerror}"

@@ -32,7 +32,7 @@ from raydeq.training.config import (
     notes,
     trained_settings,
 )
-from raydeq.training.console import Progress
+from raydeq.training.console import Progress, first_line
 from raydeq.training.objective import STEP_METRICS, Evaluation, Objective, clock, evaluate
 from raydeq.training.reporting import Meter, Reporter, all_gather, all_sum, most
 from raydeq.training.session import Session
@@ -346,7 +346,7 @@ class Loop:
                 raise
             # Ray's copy of the checkpoint into the storage (a full disk), whose error names
             # neither the folder nor the step, in a traceback from every worker and restart.
-            reason = str(err).splitlines()[0]
+            reason = first_line(err)
             raise StorageError(
                 f"the checkpoint of step {step} could not be stored in {self.session.folder}: "
                 f"{reason}"

@@ -28,6 +28,7 @@ from raydeq.training.config import (
     former_names,
     model_error,
 )
+from raydeq.training.console import first_line
 from raydeq.training.storage import (
     CHECKPOINT_PREFIX,
     StorageError,
@@ -66,7 +67,7 @@ def check_model(cfg: Config, classes: int | None = None) -> None:
     except (RuntimeError, ValueError) as err:
         raise ConfigError(
             f"model: {cfg.model.model!r} does not fit {cfg.data.dataset!r} images of shape "
-            f"{shape}: {str(err).splitlines()[0]}"
+            f"{shape}: {first_line(err)}"
         ) from None
 
 
@@ -152,7 +153,7 @@ def check_run(
         raise
     except (OSError, ValueError) as err:  # pyarrow's, for a storage it cannot read
         check_storage(cfg.storage_path)  # names a URI it cannot parse or a storage unreached
-        reason = str(err).splitlines()[0]
+        reason = first_line(err)
         raise StorageError(f"storage_path {cfg.storage_path} cannot be read: {reason}") from None
     if last is None:
         check_storage(cfg.storage_path)

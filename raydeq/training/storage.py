@@ -10,6 +10,8 @@ import uuid
 
 import pyarrow.fs
 
+from raydeq.training.console import first_line
+
 # How Ray Train and Tune name a checkpoint's folder in a run's or trial's folder.
 CHECKPOINT_PREFIX = "checkpoint_"
 # The folder of a Tune trial that holds its Ray Train run and its checkpoints: a trial's of
@@ -108,7 +110,7 @@ def write_bytes(path: str, payload: bytes) -> None:
     try:
         _write(path, payload)
     except OSError as err:
-        reason = str(err).splitlines()[0]
+        reason = first_line(err)
         raise StorageError(f"{path} could not be written: {reason}") from None
 
 
@@ -168,5 +170,5 @@ def check_storage(path: str) -> None:
             if fs.get_file_info(probe).type != pyarrow.fs.FileType.NotFound:
                 fs.delete_file(probe)
     except (OSError, ValueError) as err:
-        reason = str(err).splitlines()[0]
+        reason = first_line(err)
         raise StorageError(f"storage_path {path} is not writable: {reason}") from None

@@ -19,6 +19,7 @@ from torchvision.datasets.folder import default_loader
 
 from raydeq.datasets import mnist10k
 from raydeq.training.config import DataSection
+from raydeq.training.console import first_line
 from raydeq.training.data import CLASSES, DataError, Splits, image_shape
 from raydeq.training.folders import SPLITS, Index, load_index
 from raydeq.training.staging import stage, staged_root
@@ -180,7 +181,7 @@ class FileImages(Dataset):
         except OSError as err:  # PIL's UnidentifiedImageError and "image file is truncated"
             relist = f" and delete {self.index_file}, which lists it" if self.index_file else ""
             raise DataError(
-                f"{path} cannot be read as an image ({str(err).splitlines()[0]}); replace it, "
+                f"{path} cannot be read as an image ({first_line(err)}); replace it, "
                 f"or remove it{relist}"
             ) from None
         return self.transform(image), int(self.labels[index])
