@@ -1951,6 +1951,43 @@ def test_restore_falls_back_to_the_previous_checkpoint_and_never_silently_restar
         checkpoint.restore([checkpoints[0].as_directory()])
 
 
+@pytest.mark.parametrize(
+    ("reading", "code"), [("_sha256", errno.EACCES), ("_load_state", errno.EIO)]
+)
+def test_a_checkpoint_that_cannot_be_read_is_named_and_fallen_back_past(
+    tmp_path, caplog, monkeypatch, reading, code
+):
+    """An OSError reading a checkpoint's state (EACCES as its checksum is read, EIO as it is
+    loaded) ended the resume in its traceback, where a damaged checkpoint is fallen back past:
+    it is named with why, the run resumes from the checkpoint before, and where no checkpoint
+    is readable it stops, never starting from step 0."""
+    good = checkpoint.write_checkpoint({"step": 4}, tmp_path / "a")
+    unreadable = checkpoint.write_checkpoint({"step": 6}, tmp_path / "b")
+    read = getattr(checkpoint, reading)
+
+    def failing(path: Path) -> Any:
+        if unreadable in (path, path.parent):
+            raise OSError(code, os.strerror(code), str(path))
+        return read(path)
+
+    monkeypatch.setattr(checkpoint, reading, failing)
+    said = f"{unreadable}: state.pt cannot be read ({os.strerror(code)})"
+    with pytest.raises(checkpoint.CheckpointError) as caught:
+        read_checkpoint(unreadable)
+    assert str(caught.value) == said
+    assert not isinstance(caught.value, checkpoint.IncompleteCheckpoint)
+    with caplog.at_level(logging.WARNING):
+        restored = checkpoint.restore(contextlib.nullcontext(str(p)) for p in (unreadable, good))
+    assert restored == {"step": 4}
+    assert caplog.messages[-2:] == [
+        f"{said}; falling back to the previous checkpoint",
+        "resumed from the checkpoint of step 4",
+    ]
+    with pytest.raises(checkpoint.CheckpointError) as caught:
+        checkpoint.restore([contextlib.nullcontext(str(unreadable))])
+    assert str(caught.value) == f"no readable checkpoint: {said}"
+
+
 def test_a_checkpoint_folder_missing_a_file_is_a_copy_cut_short_and_passed_over(tmp_path, caplog):
     """Ray copies a checkpoint's files side by side, so a driver killed mid-copy can leave a
     folder without its manifest or without state.pt, which write_checkpoint never does (it

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import pyarrow.fs
 import torch
 
-from raydeq.training.console import first_line
+from raydeq.training.console import first_line, os_reason
 from raydeq.training.storage import TRAIN_RUN, StorageError
 
 STATE_FILE = "state.pt"
@@ -142,14 +142,27 @@ def read_checkpoint(directory: Path) -> dict[str, Any]:
         listed = _listed(manifest)
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise manifest_error(directory, err) from None
-    try:
-        for name, (expected, recorded) in listed.items():
+    for name, (expected, recorded) in listed.items():
+        with _reading(directory, name):
             check_size(directory, name, recorded)
-            if _sha256(directory / name) != expected:
-                raise CheckpointError(f"{directory}: {name} fails its checksum")
+            digest = _sha256(directory / name)
+        if digest != expected:
+            raise CheckpointError(f"{directory}: {name} fails its checksum")
+    with _reading(directory, STATE_FILE):
         return _load_state(directory)
-    except FileNotFoundError as err:  # removed as it was read (pruned by its run)
-        raise IncompleteCheckpoint(f"{directory}: {Path(err.filename).name} is missing") from None
+
+
+@contextmanager
+def _reading(directory: Path, name: str) -> Iterator[None]:
+    """Raise an IncompleteCheckpoint where the checkpoint's file `name` was removed as it was
+    read (pruned by its run), and a CheckpointError naming it and why for another OSError
+    (EACCES, EIO), which restore falls back past as past a damaged file."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise IncompleteCheckpoint(f"{directory}: {name} is missing") from None
+    except OSError as err:
+        raise CheckpointError(f"{directory}: {name} cannot be read ({os_reason(err)})") from None
 
 
 def _load_state(directory: Path) -> dict[str, Any]:

@@ -50,6 +50,12 @@ def first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text.strip() else type(err).__name__
 
 
+def os_reason(err: OSError) -> str:
+    """Why an OSError was raised, in one line: its errno's text where it has one (pyarrow's
+    message repeats the path, and Python's adds it), else its first line."""
+    return os.strerror(err.errno) if err.errno else first_line(err)
+
+
 def tensorboard_command(logdir: str) -> str:
     """The command that shows a run in TensorBoard, its folder quoted for a shell (a folder
     with a space was printed as it is, which the shell split when pasted)."""
