@@ -1988,6 +1988,37 @@ def test_a_checkpoint_that_cannot_be_read_is_named_and_fallen_back_past(
     assert str(caught.value) == f"no readable checkpoint: {said}"
 
 
+@pytest.mark.parametrize("name", [STATE_FILE, MANIFEST_FILE, REPORTS_FILE])
+@pytest.mark.parametrize("put", ["folder", "link"])
+def test_a_folder_or_a_dangling_link_in_a_checkpoint_files_place_is_no_copy_cut_short(
+    tmp_path, caplog, name, put
+):
+    """A checkpoint's file that is a folder, or a link to nothing, was read as missing, a copy
+    cut short, so that a run whose only checkpoint held one started from step 0, to prune it:
+    it is a checkpoint that cannot be read, named with what is there, fallen back past, and
+    where it is the only one the run stops."""
+    good = checkpoint.write_checkpoint({"step": 4}, tmp_path / "a")
+    odd = checkpoint.write_checkpoint({"step": 6}, tmp_path / "b", [{"step": 6}])
+    (odd / name).unlink()
+    if put == "folder":
+        (odd / name).mkdir()
+        said = f"{odd}: {name} is a folder, not a file"
+    else:
+        (odd / name).symlink_to(tmp_path / "gone")
+        said = f"{odd}: {name} is a link to {tmp_path / 'gone'}, which does not exist"
+    with pytest.raises(checkpoint.CheckpointError) as caught:
+        read_checkpoint(odd)
+    assert str(caught.value) == said
+    assert not isinstance(caught.value, checkpoint.IncompleteCheckpoint)
+    with caplog.at_level(logging.WARNING):
+        restored = checkpoint.restore(contextlib.nullcontext(str(p)) for p in (odd, good))
+    assert restored == {"step": 4}
+    assert caplog.messages[-2] == f"{said}; falling back to the previous checkpoint"
+    with pytest.raises(checkpoint.CheckpointError) as caught:
+        checkpoint.restore([contextlib.nullcontext(str(odd))])
+    assert str(caught.value) == f"no readable checkpoint: {said}"
+
+
 def test_a_checkpoint_folder_missing_a_file_is_a_copy_cut_short_and_passed_over(tmp_path, caplog):
     """Ray copies a checkpoint's files side by side, so a driver killed mid-copy can leave a
     folder without its manifest or without state.pt, which write_checkpoint never does (it

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import pickle
 import shutil
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -137,6 +138,7 @@ def read_checkpoint(directory: Path) -> dict[str, Any]:
     """The state in a checkpoint folder, checked against its manifest and loaded tensors-only;
     NewerFormat where a newer raydeq wrote it."""
     try:
+        check_file(directory, MANIFEST_FILE)
         manifest = json.loads((directory / MANIFEST_FILE).read_text())
         check_format(manifest, str(directory / MANIFEST_FILE))
         listed = _listed(manifest)
@@ -203,8 +205,9 @@ def _listed(manifest: dict[str, Any]) -> dict[str, tuple[str, int | None]]:
 
 def check_size(directory: Path, name: str, recorded: int | None) -> None:
     """Raise an IncompleteCheckpoint when the folder's file `name` is missing or shorter than
-    the `recorded` bytes."""
+    the `recorded` bytes, and a CheckpointError where no file can be there (`check_file`)."""
     path = directory / name
+    check_file(directory, name)
     if not path.is_file():
         raise IncompleteCheckpoint(f"{directory}: {name} is missing")
     size = path.stat().st_size
@@ -213,6 +216,20 @@ def check_size(directory: Path, name: str, recorded: int | None) -> None:
             f"{directory}: {name} is cut short: {size} of the {recorded} bytes its "
             f"{MANIFEST_FILE} records"
         )
+
+
+def check_file(directory: Path, name: str) -> None:
+    """Raise a CheckpointError where the folder's `name` is a folder or a link to nothing:
+    unreadable, not a copy cut short (which leaves a file missing or short, never so), so that
+    a checkpoint holding one is fallen back past, or stops the run, rather than passed over
+    for a start from step 0 that would prune it."""
+    path = directory / name
+    if path.is_symlink() and not path.exists():
+        raise CheckpointError(
+            f"{directory}: {name} is a link to {os.readlink(path)}, which does not exist"
+        )
+    if path.is_dir():
+        raise CheckpointError(f"{directory}: {name} is a folder, not a file")
 
 
 def read_newest(folder: Path) -> dict[str, Any]:
