@@ -4192,6 +4192,53 @@ def test_a_report_says_on_stderr_how_far_it_has_come_and_prints_the_table_on_std
     assert out == (folder / results.MARKDOWN_FILE).read_text() + "\n"
 
 
+class Unreadable:
+    """A local filesystem on which opening or listing the path `denied` fails as pyarrow's
+    does, with the errno `code`."""
+
+    type_name = "local"
+
+    def __init__(self, denied: str, code: int) -> None:
+        self.local, self.denied, self.code = pyarrow.fs.LocalFileSystem(), denied, code
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.local, name)
+
+    def refuse(self, path: str) -> None:
+        if path == self.denied:
+            detail = f"[errno {self.code}] {os.strerror(self.code)}"
+            raise OSError(self.code, f"Cannot read '{path}'. Detail: {detail}")
+
+    def open_input_stream(self, path: str) -> pyarrow.NativeFile:
+        self.refuse(path)
+        return self.local.open_input_stream(path)
+
+    def get_file_info(self, what: str | pyarrow.fs.FileSelector) -> object:
+        if isinstance(what, pyarrow.fs.FileSelector):
+            self.refuse(what.base_dir)
+        return self.local.get_file_info(what)
+
+
+@pytest.mark.parametrize(("denied", "code"), [("result.json", errno.EACCES), ("", errno.EIO)])
+def test_a_trials_file_or_folder_that_cannot_be_read_is_one_line_naming_it(
+    tmp_path, capsys, monkeypatch, denied, code
+):
+    """--report of an experiment with a trial's result.json that cannot be read (Permission
+    denied) or a trial folder that cannot be listed (Input/output error) ended in pyarrow's
+    traceback; it is one line naming the file or folder and why, exit 1, and no results are
+    written without that trial's reports."""
+    monkeypatch.setattr(runlock.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    monkeypatch.setattr(results, "plot", lambda *args: b"")
+    file, folder = stored_tiny_experiment(tmp_path)
+    trials = recorded_tiny_trials(folder, ["TERMINATED", "TERMINATED"], monkeypatch)
+    path = str(Path(trials[1].path, denied))
+    unreadable = Unreadable(path, code)
+    monkeypatch.setattr(archive, "filesystem", lambda p: (unreadable, storage.absolute(p)))
+    assert rt.main([str(file), "--storage", str(tmp_path / "runs"), "--report"]) == 1
+    assert capsys.readouterr() == ("", f"error: {path} cannot be read: {os.strerror(code)}\n")
+    assert not (folder / results.MARKDOWN_FILE).exists()
+
+
 def test_a_report_that_read_the_trials_before_the_run_ended_leaves_the_final_results(
     tmp_path, monkeypatch
 ):

@@ -26,6 +26,7 @@ from raydeq.training.storage import (
     TRAIN_RUN,
     StorageError,
     filesystem,
+    reading,
     subfolders,
 )
 
@@ -126,17 +127,19 @@ def _unrecorded(fs: pyarrow.fs.FileSystem, trial_path: str, files: list[str]) ->
 def _lines(fs: pyarrow.fs.FileSystem, file: str) -> list[bytes]:
     """The lines of a file, each with its line end (a last line cut short without one); none
     where there is no file."""
-    if fs.get_file_info(file).type != pyarrow.fs.FileType.File:
-        return []
-    with fs.open_input_stream(file) as stream:
-        return stream.readall().splitlines(keepends=True)
+    with reading(file):
+        if fs.get_file_info(file).type != pyarrow.fs.FileType.File:
+            return []
+        with fs.open_input_stream(file) as stream:
+            return stream.readall().splitlines(keepends=True)
 
 
 def _archived(fs: pyarrow.fs.FileSystem, folder: str) -> dict[int, str]:
     """A trial folder's archived result files by their number, oldest first; a file named
     otherwise (a copy's `result-before-resume-0 copy.json`) is none, and so is every file of a
     folder that is gone (removed by hand), as S3, which has no folders, lists it."""
-    infos = fs.get_file_info(pyarrow.fs.FileSelector(folder, allow_not_found=True))
+    with reading(folder):
+        infos = fs.get_file_info(pyarrow.fs.FileSelector(folder, allow_not_found=True))
     numbered = {
         int(found.group(1)): info.path
         for info in infos
@@ -157,12 +160,11 @@ def _checkpoint_reports(fs: pyarrow.fs.FileSystem, trial_path: str) -> list[tupl
     checkpoint before, which a driver stopped before it recorded them left nowhere else. A file
     whose SHA-256 is not the one its manifest records (a copy cut short or altered, which
     loading the checkpoint refuses) is left out as a missing one is, with a warning."""
-    folders = [trial_path, f"{trial_path.rstrip('/')}/{TRAIN_RUN}"]
-    files = [
-        (f"{path}/{REPORTS_FILE}", reports_sha256(fs, path))
-        for folder in folders
-        for path in subfolders(folder, CHECKPOINT_PREFIX)
-    ]
+    files = []
+    for folder in (trial_path, f"{trial_path.rstrip('/')}/{TRAIN_RUN}"):
+        with reading(folder):
+            paths = subfolders(folder, CHECKPOINT_PREFIX)
+        files += [(f"{path}/{REPORTS_FILE}", reports_sha256(fs, path)) for path in paths]
     read = [(file, _read(fs, file, sha256)) for file, sha256 in files]
     return [(file, data) for file, data in read if data is not None]
 
@@ -194,12 +196,14 @@ def _settled(fs: pyarrow.fs.FileSystem, file: str) -> bytes | None:
 
 def _read(fs: pyarrow.fs.FileSystem, file: str, sha256: str | None) -> bytes | None:
     """The bytes of a report file; None where there is none (or no longer: a running trial
-    prunes its checkpoints) or its SHA-256 is not `sha256` (with a warning)."""
-    if fs.get_file_info(file).type != pyarrow.fs.FileType.File:
-        return None
+    prunes its checkpoints) or its SHA-256 is not `sha256` (with a warning); a StorageError
+    naming it and why where it cannot be read."""
     try:
-        with fs.open_input_stream(file) as stream:
-            data = stream.readall()
+        with reading(file):
+            if fs.get_file_info(file).type != pyarrow.fs.FileType.File:
+                return None
+            with fs.open_input_stream(file) as stream:
+                data = stream.readall()
     except FileNotFoundError:  # a checkpoint its running trial pruned since it was found
         return None
     if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
@@ -299,7 +303,9 @@ def _rows(file: str, data: bytes) -> list[tuple[str, dict[str, Any]]]:
 def history(trial_path: str) -> pd.DataFrame:
     """A trial's reports in step order, archived ones first; the latest report of a step wins,
     measure by measure (a finished trial started again reports its last step's evaluation
-    alone, which must not drop that step's training times)."""
+    alone, which must not drop that step's training times). A file or folder of the trial's
+    that cannot be read is a StorageError naming it and why: results left without its reports
+    would rank the trial as one that never reported them."""
     fs, folder = filesystem(trial_path)
     results = [*_archived(fs, folder).values(), f"{folder}/{RESULT_FILE}"]
     frames = [*_carried(fs, trial_path), *(reports(fs, file) for file in results)]

@@ -7,10 +7,12 @@ import os
 import sys
 import urllib.parse
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pyarrow.fs
 
-from raydeq.training.console import first_line
+from raydeq.training.console import first_line, os_reason
 
 # How Ray Train and Tune name a checkpoint's folder in a run's or trial's folder.
 CHECKPOINT_PREFIX = "checkpoint_"
@@ -138,6 +140,19 @@ def read_text(path: str) -> str:
     fs, inner = filesystem(path)
     with fs.open_input_stream(inner) as stream:
         return stream.readall().decode()
+
+
+@contextmanager
+def reading(path: str) -> Iterator[None]:
+    """Raise a StorageError naming `path` and why for an OSError as it is read or listed
+    (Permission denied, Input/output error), which pyarrow raised in a traceback; a
+    FileNotFoundError, which its readers take for no file, is raised as it is."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise
+    except OSError as err:
+        raise StorageError(f"{path} cannot be read: {os_reason(err)}") from None
 
 
 def unparsed_uri(path: str) -> str | None:
