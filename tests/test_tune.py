@@ -4697,6 +4697,32 @@ def test_a_damaged_record_of_tune_is_one_line_naming_it_in_report_resume_and_a_r
     assert err.endswith("; Tune keeps no earlier record here\n") and len(err.splitlines()) == 1
 
 
+def test_tunes_files_that_cannot_be_read_are_one_line_naming_them_not_called_damaged(
+    tmp_path, capsys, monkeypatch
+):
+    """Tune's record of the trials that cannot be read (Permission denied) ended --report and
+    --resume in pyarrow's traceback, and its saved state of the search that cannot be read
+    was called damaged, to be restored from a backup: each is one line naming the file and
+    why, with the status of the command's other storage errors."""
+    monkeypatch.setattr(runlock.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    monkeypatch.setattr(ray, "init", lambda *args, **kwargs: pytest.fail("Ray was started"))
+    monkeypatch.setattr(rt.launch, "check_cluster", lambda: pytest.fail("the cluster was asked"))
+    file, folder = stored_tiny_experiment(tmp_path)
+    state = str(write_tune_state(folder, "2024-01-02_00-00-00", cut=False))
+    unreadable = Unreadable(state, errno.EACCES)
+    monkeypatch.setattr(results, "filesystem", lambda p: (unreadable, storage.absolute(p)))
+    argv = [str(file), "--storage", str(tmp_path / "runs")]
+    for flag, status in [("--report", 1), ("--resume", 2)]:
+        assert rt.main([*argv, flag]) == status, flag
+        assert capsys.readouterr() == ("", f"error: {state} cannot be read: Permission denied\n")
+    saved = folder / "basic-variant-state-2024-01-02_00-00-00.json"
+    saved.write_bytes(ray.cloudpickle.dumps({"name": "the search's state"}))
+    unreadable.denied = str(saved)
+    with pytest.raises(storage.StorageError) as refused:
+        results.check_saved_search(str(folder))
+    assert str(refused.value) == f"{saved} cannot be read: Permission denied"
+
+
 def test_a_report_that_cannot_write_its_table_is_one_line_and_keeps_the_previous_one(
     tmp_path, capsys, monkeypatch
 ):

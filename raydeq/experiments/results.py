@@ -42,7 +42,7 @@ from raydeq.experiments.spec import (
 from raydeq.training import runlock
 from raydeq.training.config import ConfigError, leaves
 from raydeq.training.console import Progress
-from raydeq.training.storage import StorageError, exists, filesystem, write_bytes
+from raydeq.training.storage import StorageError, exists, filesystem, reading, write_bytes
 
 # The files `report` writes in the experiment's folder, besides the plots, the Pareto chart,
 # the HParams folder and the paper's files.
@@ -430,9 +430,10 @@ def check_saved_search(path: str) -> None:
         if not names:
             continue
         name = max(names)
+        with reading(f"{path}/{name}"), fs.open_input_stream(f"{inner}/{name}") as stream:
+            saved = stream.readall()
         try:
-            with fs.open_input_stream(f"{inner}/{name}") as stream:
-                ray.cloudpickle.loads(stream.readall())
+            ray.cloudpickle.loads(saved)
         except Exception as err:  # whatever the file's unpickling raises, Tune's would too
             reason = f"{type(err).__name__}: {err}".splitlines()[0]
             raise StorageError(
@@ -466,10 +467,12 @@ def files_matching(path: str, pattern: str) -> list[str]:
 
 def _started(fs: pyarrow.fs.FileSystem, file: str) -> float:
     """The start (seconds since the epoch) of the session whose state file is `file`, or
-    infinity where it does not parse or records none."""
+    infinity where it does not parse or records none; a StorageError naming it and why where
+    it cannot be read."""
+    with reading(file), fs.open_input_stream(file) as stream:
+        saved = stream.readall()
     try:
-        with fs.open_input_stream(file) as stream:
-            return float(json.loads(stream.readall())["stats"]["start_time"])
+        return float(json.loads(saved)["stats"]["start_time"])
     except (ValueError, KeyError, TypeError):
         return math.inf
 
