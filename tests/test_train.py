@@ -3914,6 +3914,28 @@ def test_a_divergence_record_edited_by_hand_is_one_line_naming_it(tmp_path, writ
     assert launch.own_error(lines) == f"StorageError: {refused.value}"
 
 
+def test_a_divergence_record_that_cannot_be_read_is_one_line_naming_it(tmp_path, monkeypatch):
+    """A diverged.json that cannot be read (Permission denied) stopped every start of the run's
+    workers in pyarrow's traceback; it is a StorageError naming the file and why, which a run
+    prints as its one line, not one calling the record edited, to be deleted."""
+    cfg = make_config(tmp_path, max_steps=2)
+    folder = tmp_path / "run"
+    folder.mkdir()
+    file = folder / loop.DIVERGED_FILE
+    file.write_text(json.dumps({"from_step": 0, "workers": 1, "reason": "diverged"}))
+
+    def denied(path: str) -> str:
+        detail = f"[errno {errno.EACCES}] {os.strerror(errno.EACCES)}"
+        raise OSError(errno.EACCES, f"Failed to open local file '{path}'. Detail: {detail}")
+
+    monkeypatch.setattr(loop, "read_text", denied)
+    with pytest.raises(storage.StorageError) as refused:
+        loop.Loop(cfg, FolderSession(folder))
+    assert str(refused.value) == f"{file} cannot be read: Permission denied"
+    lines = "".join(traceback.format_exception(refused.value))
+    assert launch.own_error(lines) == f"StorageError: {refused.value}"
+
+
 @pytest.mark.parametrize(
     ("epochs", "max_steps", "total"), [(1, 10**6, 44), (2, 0, 88), (2, 50, 50)]
 )

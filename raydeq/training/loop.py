@@ -45,7 +45,7 @@ from raydeq.training.state import (
     rng_state,
     set_rng_state,
 )
-from raydeq.training.storage import StorageError, exists, read_text, write_bytes
+from raydeq.training.storage import StorageError, exists, read_text, reading, write_bytes
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # Named pretrain_* in a step of the unrolled warm-up, which runs no solve, so that the DEQ's
@@ -284,7 +284,8 @@ class Loop:
             return
         limit = self.cfg.train.max_nonfinite_steps
         try:
-            record = json.loads(read_text(path))
+            with reading(path):  # one that cannot be read is no edited record, to be deleted
+                record = json.loads(read_text(path))
             same = (record["from_step"], record["workers"]) == (self.state.step, self.world)
             stopped, reason = limit <= record.get("limit", limit), str(record["reason"])
         except (ValueError, KeyError, TypeError, AttributeError) as err:
