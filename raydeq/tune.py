@@ -343,6 +343,7 @@ def start(args: argparse.Namespace) -> tuple[Experiment, str, run.Options | None
         path = _path(args, load(args.experiment, stored=True))
         if not run.has_settings(path):
             flag = "--resume" if args.resume else "--report"
+            refuse_starting(path, flag)
             raise ConfigError(
                 f"{path}: no experiment to resume or report there (one stopped before its "
                 f"trials started has saved nothing); start it without {flag}"
@@ -371,6 +372,23 @@ def start(args: argparse.Namespace) -> tuple[Experiment, str, run.Options | None
     preflight(experiment, args.num_samples)
     check_storage(path)
     return experiment, path, None
+
+
+def refuse_starting(path: str, flag: str) -> None:
+    """Raise a ConfigError where a driver holds the experiment at `path` that has stored no
+    settings yet (in its first seconds, its preflight and Ray's start), which `flag` (--resume,
+    --report) cannot read: told to start it without the flag, the user was refused there."""
+    running = runlock.holder(path)
+    if running is None:
+        return
+    then = (
+        "wait for it to end (or stop it)"
+        if flag == "--resume"
+        else "--report again once its trials have started"
+    )
+    raise ConfigError(
+        f"{path}: {running} has just started this experiment and stored nothing yet; {then}"
+    )
 
 
 def load_experiment(args: argparse.Namespace) -> Experiment:

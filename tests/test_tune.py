@@ -4107,6 +4107,45 @@ def test_a_report_while_a_driver_here_runs_the_experiment_counts_its_trials_as_r
     )
 
 
+def test_a_report_in_a_runs_first_seconds_says_it_has_just_started_not_to_start_or_resume_it(
+    tmp_path, capsys, monkeypatch
+):
+    """--report (or --resume) while a driver that has stored no settings, or recorded no
+    trial, runs the experiment was told to start it without the flag, or to --resume it,
+    which that driver's lock refuses; it says the run has just started."""
+    monkeypatch.setattr(runlock.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    file, folder = stored_tiny_experiment(tmp_path)
+    settings = (folder / run.SETTINGS_FILE).read_bytes()
+    (folder / run.SETTINGS_FILE).unlink()
+    argv = [str(file), "--storage", str(tmp_path / "runs")]
+    driver = f"process {os.getpid()} on this machine"
+    with runlock.hold(str(folder)):
+        assert rt.main([*argv, "--report"]) == 2
+        assert capsys.readouterr().err == (
+            f"error: {folder}: {driver} has just started this experiment and stored nothing "
+            "yet; --report again once its trials have started\n"
+        )
+        assert rt.main([*argv, "--resume"]) == 2
+        assert capsys.readouterr().err == (
+            f"error: {folder}: {driver} has just started this experiment and stored nothing "
+            "yet; wait for it to end (or stop it)\n"
+        )
+        (folder / run.SETTINGS_FILE).write_bytes(settings)
+        assert rt.main([*argv, "--report"]) == 2
+        assert capsys.readouterr().err.endswith(
+            f"error: {folder}: no trial has been recorded yet, so there is nothing to report; "
+            "its run has just started: --report again once its trials have started\n"
+        )
+    assert rt.main([*argv, "--report"]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {folder}: no trial has been recorded yet, so there is nothing to report; "
+        "--resume runs the experiment\n"
+    )
+    (folder / run.SETTINGS_FILE).unlink()
+    assert rt.main([*argv, "--report"]) == 2
+    assert "start it without --report" in capsys.readouterr().err
+
+
 def test_a_start_of_an_experiment_that_is_running_names_its_driver_not_resume(
     tmp_path, capsys, monkeypatch
 ):

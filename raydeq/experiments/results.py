@@ -531,8 +531,9 @@ def written(path: str, experiment: Experiment) -> list[str]:
 def report(path: str, experiment: Experiment, unfinished: str = "stopped") -> str:
     """Write results.parquet, results.md and the plots for an experiment; return the table (a
     ConfigError for an experiment stopped before Tune recorded its first state). `unfinished`
-    names its trials that have not ended (see `markdown`). Two processes here report one
-    at a time (`runlock.writing_results`)."""
+    names its trials that have not ended (see `markdown`): "running" where a driver runs the
+    experiment, whose first seconds record no trial yet. Two processes here report one at a
+    time (`runlock.writing_results`)."""
     with runlock.writing_results(path):
         return _report(path, experiment, unfinished)
 
@@ -542,9 +543,13 @@ def _report(path: str, experiment: Experiment, unfinished: str) -> str:
     try:
         trials = recorded_trials(path)
     except ValueError:  # Tune's "No experiment snapshot file" (no experiment_state-*.json)
+        then = (
+            "its run has just started: --report again once its trials have started"
+            if unfinished == "running"
+            else "--resume runs the experiment"
+        )
         raise ConfigError(
-            f"{path}: no trial has been recorded yet, so there is nothing to report; "
-            "--resume runs the experiment"
+            f"{path}: no trial has been recorded yet, so there is nothing to report; {then}"
         ) from None
     # A part per trial read and per file drawn: 300 trials took 48 s, each plot 12 s of it.
     papers = paper.written(experiment)
