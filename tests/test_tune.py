@@ -2367,6 +2367,34 @@ def test_a_checkpoints_reports_that_fail_its_manifests_checksum_are_left_out(
     )
 
 
+def test_a_checkpoints_reports_read_while_ray_copies_them_after_its_manifest_are_kept(
+    tmp_path, caplog, monkeypatch
+):
+    """Ray copies a checkpoint into the trial's folder file by file, its manifest often
+    first: a --report that found the reports file there still empty warned that it failed
+    its manifest's checksum and left out its reports, which the driver has not recorded yet;
+    a file just written that fails it is read again once the copy has gone on."""
+    whole = write_checkpoint(
+        {"step": 20}, tmp_path / "source", [{"step": 10, "loss": 3.0}, {"step": 20, "loss": 2.0}]
+    )
+    copied = tmp_path / "checkpoint_000001"
+    copied.mkdir()
+    shutil.copy(whole / MANIFEST_FILE, copied)
+    (copied / REPORTS_FILE).write_bytes(b"")
+    waits = []
+
+    def copy_goes_on(seconds: float) -> None:
+        waits.append(seconds)
+        shutil.copy(whole / REPORTS_FILE, copied)
+
+    monkeypatch.setattr(time, "sleep", copy_goes_on)
+    with caplog.at_level(logging.WARNING):
+        frame = archive.history(str(tmp_path))
+    assert frame["step"].tolist() == [10, 20]
+    assert frame["loss"].tolist() == [3.0, 2.0]
+    assert caplog.records == [] and len(waits) == 1
+
+
 def test_a_report_while_a_trial_prunes_a_checkpoint_it_is_reading_keeps_the_trials_steps(
     tmp_path, monkeypatch
 ):

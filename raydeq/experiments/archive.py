@@ -159,13 +159,14 @@ def _checkpoint_reports(fs: pyarrow.fs.FileSystem, trial_path: str) -> list[tupl
     of several workers, its Train run's (TRAIN_RUN): each holds the reports since the
     checkpoint before, which a driver stopped before it recorded them left nowhere else. A file
     whose SHA-256 is not the one its manifest records (a copy cut short or altered, which
-    loading the checkpoint refuses) is left out as a missing one is, with a warning."""
+    loading the checkpoint refuses) is left out as a missing one is, with a warning, once it
+    is not being copied (`_settled`)."""
     files = []
     for folder in (trial_path, f"{trial_path.rstrip('/')}/{TRAIN_RUN}"):
         with reading(folder):
             paths = subfolders(folder, CHECKPOINT_PREFIX)
         files += [(f"{path}/{REPORTS_FILE}", reports_sha256(fs, path)) for path in paths]
-    read = [(file, _read(fs, file, sha256)) for file, sha256 in files]
+    read = [(file, _settled(fs, file, sha256)) for file, sha256 in files]
     return [(file, data) for file, data in read if data is not None]
 
 
@@ -177,39 +178,50 @@ def reports(fs: pyarrow.fs.FileSystem, file: str) -> pd.DataFrame:
     return pd.DataFrame() if data is None else _frame(file, data)
 
 
-def _settled(fs: pyarrow.fs.FileSystem, file: str) -> bytes | None:
-    """The bytes of a report file, Tune's result file read again for up to RESULT_RETRY_S
-    while they are empty or cut short and it was written to within that long (a copy in
-    progress); one found so and left alone longer (a trial yet to report, a driver stopped
-    mid-line) is read once, as an archive is (written once, its cut last line kept)."""
+def _settled(fs: pyarrow.fs.FileSystem, file: str, sha256: str | None = None) -> bytes | None:
+    """The bytes of a report file, read again for up to RESULT_RETRY_S while they are not
+    whole (`_whole`) and it was written to within that long: a copy in progress, of Tune's
+    result file, which the driver copies in place, or of a checkpoint's reports, which Ray
+    copies beside its manifest (often the first file there). One found so and left alone
+    longer (a trial yet to report, a driver stopped mid-line, a copy cut short) is read once,
+    as an archive is (written once, its cut last line kept); reports whose SHA-256 is not
+    `sha256` then are None, with a warning."""
     deadline = time.monotonic() + RESULT_RETRY_S
-    copied = file.rsplit("/", 1)[-1] == RESULT_FILE
     while True:
-        data = _read(fs, file, None)
-        if data is None or data.endswith(b"\n") or not copied or time.monotonic() > deadline:
-            return data
+        data = _read(fs, file)
+        whole = data is None or _whole(file, data, sha256)
+        if whole or time.monotonic() > deadline:
+            break
         mtime = fs.get_file_info(file).mtime
         if mtime is None or time.time() - mtime.timestamp() > RESULT_RETRY_S:
-            return data
+            break
         time.sleep(0.05)
+    if not whole and sha256 is not None:
+        log.warning("%s fails the checksum its %s records: left out", file, MANIFEST_FILE)
+        return None
+    return data
 
 
-def _read(fs: pyarrow.fs.FileSystem, file: str, sha256: str | None) -> bytes | None:
+def _whole(file: str, data: bytes, sha256: str | None) -> bool:
+    """Whether the bytes of a report file are whole: of the SHA-256 `sha256` where its
+    checkpoint's manifest records one, ending in a line's end where it is Tune's result file
+    (emptied as the driver copies it), else as they are."""
+    if sha256 is not None:
+        return hashlib.sha256(data).hexdigest() == sha256
+    return data.endswith(b"\n") or file.rsplit("/", 1)[-1] != RESULT_FILE
+
+
+def _read(fs: pyarrow.fs.FileSystem, file: str) -> bytes | None:
     """The bytes of a report file; None where there is none (or no longer: a running trial
-    prunes its checkpoints) or its SHA-256 is not `sha256` (with a warning); a StorageError
-    naming it and why where it cannot be read."""
+    prunes its checkpoints); a StorageError naming it and why where it cannot be read."""
     try:
         with reading(file):
             if fs.get_file_info(file).type != pyarrow.fs.FileType.File:
                 return None
             with fs.open_input_stream(file) as stream:
-                data = stream.readall()
+                return stream.readall()
     except FileNotFoundError:  # a checkpoint its running trial pruned since it was found
         return None
-    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
-        log.warning("%s fails the checksum its %s records: left out", file, MANIFEST_FILE)
-        return None
-    return data
 
 
 def _frame(file: str, data: bytes) -> pd.DataFrame:
