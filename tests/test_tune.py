@@ -2468,6 +2468,28 @@ def test_a_result_file_cut_in_its_last_line_keeps_every_whole_report(tmp_path):
     assert frame["config/model/solver"].tolist() == ["vcab3", "vcab3"]
 
 
+def test_a_resume_leaves_out_a_cut_last_line_that_tune_would_join_to_the_next_report(tmp_path):
+    """Tune resumes a trial with a checkpoint by appending to a copy of its result file: a
+    last line a stopped driver cut short was joined to the first report after the resume,
+    a line before the last that is no report, and every report and run's end after named it
+    and wrote nothing. The resume archives that line and leaves it out of the result file."""
+    trial = tmp_path / "trial"
+    trial.mkdir()
+    write_checkpoint({"step": 20}, trial / "checkpoint_000001", [{"step": 20, "loss": 8.0}])
+    text = "".join(json.dumps({"step": s, "loss": 10.0 - s / 10}) + "\n" for s in (10, 20, 30))
+    file = trial / archive.RESULT_FILE
+    file.write_text(text[:-6])
+    os.utime(file, (time.time() - 60, time.time() - 60))  # stopped a while ago
+    archive.archive_results(str(tmp_path))
+    assert file.read_text() == text[: text.index('{"step": 30')]
+    assert (trial / f"{archive.ARCHIVE_PREFIX}0.json").read_text() == text[:-6]
+    with file.open("a") as tune_goes_on:  # Tune's JSON logger, on its copy of the file
+        tune_goes_on.write(json.dumps({"step": 30, "loss": 6.5}) + "\n")
+    frame = archive.history(str(trial))
+    assert frame["step"].tolist() == [10, 20, 30]
+    assert frame["loss"].tolist() == [9.0, 8.0, 6.5]
+
+
 @pytest.mark.parametrize("found", [0, 1000], ids=["emptied", "cut-mid-line"])
 def test_a_result_file_read_while_its_driver_copies_it_in_place_keeps_every_report(
     tmp_path, monkeypatch, found

@@ -28,6 +28,7 @@ from raydeq.training.storage import (
     filesystem,
     reading,
     subfolders,
+    write_bytes,
 )
 
 RESULT_FILE = "result.json"
@@ -67,7 +68,8 @@ def _trial_folders(path: str) -> list[str]:
 def archive_results(path: str) -> None:
     """Keep each trial's reports before a resume: in a new Ray session Tune starts them anew,
     or goes on from a copy of them (a trial with a checkpoint), so an archive holds the lines
-    that no earlier one does and none is written where there are none."""
+    that no earlier one does and none is written where there are none; a last line cut short
+    is left out of the result file once archived (`_end_at_whole_line`)."""
     fs, _ = filesystem(path)
     for folder in _trial_folders(path):
         numbered = _archived(fs, folder)
@@ -77,6 +79,17 @@ def archive_results(path: str) -> None:
         unrecorded = _unrecorded(fs, trial_path, [*earlier, current])
         lines = unrecorded + _unarchived(fs, current, earlier)  # a line cut short stays last
         _write_archive(fs, folder, numbered, lines)
+        _end_at_whole_line(fs, current, f"{trial_path}/{RESULT_FILE}")
+
+
+def _end_at_whole_line(fs: pyarrow.fs.FileSystem, file: str, path: str) -> None:
+    """Leave out the last line of the result file `file` (at `path`) where a stop cut it short,
+    once archived: Tune resumes a trial with a checkpoint by appending to a copy of the file,
+    which joined its next report to that line, one before the last that is no report, so
+    that every report of the experiment after it stopped naming that line."""
+    data = _read(fs, file)
+    if data and not data.endswith(b"\n"):
+        write_bytes(path, data[: data.rfind(b"\n") + 1])
 
 
 def archive_unrecorded(trial_path: str) -> None:
