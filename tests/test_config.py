@@ -173,6 +173,25 @@ def test_settings_that_change_the_trained_model_name_a_new_run(setting):
     assert validate(setting).name != validate({}).name
 
 
+@pytest.mark.parametrize("variant", ["vanilla", "neural_ode"])
+def test_a_lambda_skip_given_for_a_run_without_a_skip_loss_is_refused(variant):
+    """A lambda_skip that a command or a search variant gave a vanilla DEQ or a Neural ODE
+    trained it as if unset, unsaid; one that a config file carries for its skip variants (the
+    paper experiments' 0.01) stays silent."""
+    cfg = validate({"model": {"variant": variant}, "train": {"lambda_skip": 0.01}})
+    assert cfg.train.lambda_skip == 0.01
+    config.check_skip_weight({"model.variant": variant}, cfg)
+    with pytest.raises(ConfigError) as err:
+        config.check_skip_weight({"train.lambda_skip": 0.5}, cfg)
+    assert str(err.value) == (
+        f"train.lambda_skip: 0.5 weighs the skip loss, which variant {variant!r} does not "
+        "have; set model.variant to skip or skip_reg, or remove train.lambda_skip"
+    )
+    assert err.value.key == "train.lambda_skip"
+    skip = validate({"model": {"variant": "skip"}, "train": {"lambda_skip": 0.5}})
+    config.check_skip_weight({"train.lambda_skip": 0.5}, skip)
+
+
 def test_lambda_skip_defaults_to_the_presets_and_amp_reads_yaml_off():
     from raydeq.models import PRESETS
 

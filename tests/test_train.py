@@ -160,6 +160,11 @@ def event_files(cfg: Config) -> list[Path]:
             ["data.batch_size=4096"],
             "error: data.batch_size=4096 exceeds the 1438 training samples of 'digits'; lower it",
         ),
+        (
+            ["model.variant=vanilla", "train={lambda_skip: 0.5}"],
+            "error: train.lambda_skip: 0.5 weighs the skip loss, which variant 'vanilla' does "
+            "not have; set model.variant to skip or skip_reg, or remove train.lambda_skip",
+        ),
         # Taken, and one run trained.
         (
             ["search.num_samples=4"],

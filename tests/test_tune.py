@@ -4101,6 +4101,21 @@ def test_a_variants_bad_setting_is_named_by_its_variant(searcher, space, bad, me
     assert str(err.value).startswith(f"search.variants[1]: {message}")
 
 
+def test_a_variant_giving_lambda_skip_to_a_variant_without_a_skip_loss_is_named():
+    """A vanilla variant's own lambda_skip trained nothing, unsaid; the base's, which the skip
+    variants take, stays silent under it."""
+    base = {**TINY, "train": {"lambda_skip": 0.01}}
+    variants = [{"label": "a", "model.variant": "skip"}, {"label": "b", "model.variant": "vanilla"}]
+    spec.from_dict("x", {**base, "search": {"variants": variants}})
+    variants[1]["train.lambda_skip"] = 0.5
+    with pytest.raises(ConfigError) as err:
+        spec.from_dict("x", {**base, "search": {"variants": variants}})
+    assert str(err.value).startswith(
+        "search.variants[1]: train.lambda_skip: 0.5 weighs the skip loss, which variant "
+        "'vanilla' does not have"
+    )
+
+
 def test_a_trials_words_show_its_label_then_its_draws_to_three_significant_digits():
     """Draws that differ in the third digit are told apart (the results group trials by them)."""
     sampled = {"variant": {"label": "Skip", "seed": 1}, "optim": {"lr": 0.00125}, "seed": 2}

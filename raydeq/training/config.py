@@ -629,6 +629,21 @@ FORMER_LAMBDA_SKIP = {"mnist_dense": ((1.0, "before 2026-12-07"), (0.1, "on 2026
 NO_SKIP_LOSS = ("vanilla", "neural_ode")
 
 
+def check_skip_weight(given: Mapping[str, Any], cfg: Config) -> None:
+    """Raise a ConfigError where `given`, dotted settings written for this run alone (a
+    command's overrides, a search variant's row), sets train.lambda_skip under a variant that
+    trains no skip loss: it would weigh nothing. A config file's, which its skip variants take,
+    is carried silently."""
+    weight = given.get("train.lambda_skip")
+    if weight is not None and cfg.model.variant in NO_SKIP_LOSS:
+        raise ConfigError(
+            f"train.lambda_skip: {_shown(weight)} weighs the skip loss, which variant "
+            f"{cfg.model.variant!r} does not have; set model.variant to skip or skip_reg, or "
+            "remove train.lambda_skip",
+            key="train.lambda_skip",
+        )
+
+
 def trained_settings(cfg: Config, as_former: bool = True) -> dict[str, Any]:
     """The settings that change the trained model, as plain JSON values: not those in
     OUTSIDE_HASH, so that changing them resumes the same run. A variant without a skip loss
