@@ -490,6 +490,25 @@ def test_overrides_set_dotted_keys_read_as_yaml(tmp_path):
     assert load(path, ["model.compile=true"]).model_options()["compile"] is True
 
 
+@pytest.mark.parametrize("device", ["cpu", "auto", "cuda"])
+def test_compile_graph_on_a_cpu_device_is_refused(device):
+    """model.compile=graph under scaling.device=cpu ran every solve eagerly (a CPU records no
+    CUDA graph), unsaid; compile=true compiles kernels there and stays taken."""
+    raw = {"model": {"compile": "graph"}, "scaling": {"device": device}}
+    if device != "cpu":
+        assert validate(raw).model.compile == "graph"
+        return
+    with pytest.raises(ConfigError) as err:
+        validate(raw)
+    assert str(err.value) == (
+        "model.compile: 'graph' records CUDA graphs, which scaling.device=cpu has none of, so "
+        "every solve would run eagerly; set scaling.device to cuda or auto, or "
+        "model.compile=true (compiled kernels on a CPU)"
+    )
+    assert err.value.key == "model.compile"
+    assert validate(raw | {"model": {"compile": True}}).model.compile is True
+
+
 def test_overrides_set_keys_of_a_section_left_empty_in_the_file(tmp_path):
     """A section written with no keys (`model:`, which YAML reads as null) takes overrides."""
     path = tmp_path / "run.yaml"

@@ -269,6 +269,7 @@ def _check_together(cfg: Config) -> None:
     """Rules that involve more than one key; the first one broken is raised."""
     _check_data(cfg.data)
     _check_variant_options(cfg.model)
+    _check_compile(cfg)
     batch, workers = cfg.data.batch_size, cfg.scaling.num_workers
     if batch % workers:
         low = [d for d in range(1, math.isqrt(batch) + 1) if batch % d == 0]
@@ -341,6 +342,18 @@ def _check_variant_options(model: ModelSection) -> None:
                 f"DEQ variants take {', '.join(DEQ_ONLY)}, neural_ode takes {', '.join(ODE_ONLY)}",
                 key=f"model.{key}",
             )
+
+
+def _check_compile(cfg: Config) -> None:
+    """Refuse model.compile=graph on scaling.device=cpu: a CPU has no CUDA graphs to record,
+    so every solve would run eagerly, as without it."""
+    if cfg.model.compile == GRAPH and cfg.scaling.device == "cpu":
+        raise ConfigError(
+            f"model.compile: {GRAPH!r} records CUDA graphs, which scaling.device=cpu has none "
+            "of, so every solve would run eagerly; set scaling.device to cuda or auto, or "
+            "model.compile=true (compiled kernels on a CPU)",
+            key="model.compile",
+        )
 
 
 def _check_milestones(optim: OptimSection) -> None:
