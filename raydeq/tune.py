@@ -361,8 +361,9 @@ def start(args: argparse.Namespace) -> tuple[Experiment, str, run.Options | None
             f"--num-samples: {args.num_samples} is fewer than the {points} variants the search "
             "evaluates first"
         )
-    chosen = args.scheduler is not None or "search.scheduler" in parse_overrides(args.overrides)
-    run.check_scheduler(experiment, args.scheduler or experiment.search.scheduler, chosen)
+    given = parse_overrides(args.overrides)
+    chosen = args.scheduler is not None or "search.scheduler" in given
+    run.check_scheduler(experiment, args.scheduler or experiment.search.scheduler, chosen, given)
     run.check_gpus(experiment, args.gpus_per_worker)
     path = _path(args, experiment)
     if args.dry_run:

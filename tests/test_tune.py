@@ -4954,7 +4954,8 @@ def test_asha_settings_under_a_fifo_scheduler_are_a_one_line_error_unless_chosen
 ):
     """grace_period 20 written without scheduler asha ran every trial to its end under FIFO,
     without a word; it is refused, naming it. The command line may choose FIFO for a search
-    written for ASHA (--scheduler fifo, search.scheduler=fifo), or ASHA for these settings."""
+    written for ASHA (--scheduler fifo, search.scheduler=fifo), or ASHA for these settings,
+    but not give an ASHA setting of its own beside FIFO."""
     monkeypatch.setattr(ray, "init", lambda *args, **kwargs: pytest.fail("Ray was started"))
     experiment = tmp_path / "tiny.yaml"
     search = {"grace_period": 20, "reduction_factor": 3}
@@ -4970,6 +4971,13 @@ def test_asha_settings_under_a_fifo_scheduler_are_a_one_line_error_unless_chosen
     for chosen in (["--scheduler", "asha"], ["--scheduler", "fifo"], ["search.scheduler=fifo"]):
         assert rt.main([*argv, *chosen]) == 0, chosen
         capsys.readouterr()
+    # An ASHA setting given beside the command line's FIFO would stop no trial either.
+    for chosen in (["--scheduler", "fifo"], ["search.scheduler=fifo"]):
+        assert rt.main([*argv, *chosen, "search={reduction_factor: 4}"]) == 2, chosen
+        assert capsys.readouterr().err.splitlines() == [
+            "error: search.reduction_factor: 4 applies to search.scheduler asha only, not fifo; "
+            "set search.scheduler: asha (or --scheduler asha), or remove search.reduction_factor"
+        ]
 
 
 def test_a_restart_without_a_limit_says_so_rather_than_of_minus_1(tmp_path, capsys):

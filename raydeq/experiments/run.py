@@ -16,7 +16,7 @@ import os
 import pickle
 import posixpath
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import MISSING, dataclass
 from typing import Any
 
@@ -353,18 +353,21 @@ def asha_max_t(experiment: Experiment) -> int:
     return experiment.search.max_t or (steps + 1 if steps else UNBOUNDED_STEPS)
 
 
-def check_scheduler(experiment: Experiment, scheduler: str, chosen: bool = False) -> None:
+def check_scheduler(
+    experiment: Experiment, scheduler: str, chosen: bool = False, given: Collection[str] = ()
+) -> None:
     """Raise a ConfigError for an ASHA grace period past its max_t, which Ray's ASHA refuses,
     or at or past the longest trial's last step, where ASHA would stop no trial; for a max_t
     below that step, where it would stop every trial that reaches max_t short of its end; or
-    for ASHA's settings in an experiment file whose scheduler is fifo, where they would stop
-    no trial (unless the command line `chosen` the scheduler: `--scheduler fifo` runs a search
-    written for ASHA under FIFO)."""
+    for ASHA's settings under fifo, where they would stop no trial: an experiment file's whose
+    scheduler is fifo (unless the command line `chosen` the scheduler: `--scheduler fifo` runs a
+    search written for ASHA under FIFO), and any the command line's dotted settings `given`."""
     search, max_t = experiment.search, asha_max_t(experiment)
-    if scheduler == search.scheduler == "fifo" and not chosen:
+    if scheduler == "fifo":
         for key in ASHA_SETTINGS:
             value = getattr(search, key)
-            if value != getattr(SearchSection(), key):
+            written = search.scheduler == "fifo" and not chosen
+            if value != getattr(SearchSection(), key) and (written or f"search.{key}" in given):
                 raise ConfigError(
                     f"search.{key}: {value} applies to search.scheduler asha only, not fifo; "
                     f"set search.scheduler: asha (or --scheduler asha), or remove "
