@@ -477,7 +477,8 @@ def test_a_search_that_sets_what_each_trial_sets_or_a_search_setting_is_a_one_li
     """A variant's or a space's name, label or storage_path was taken and changed nothing (each
     trial runs as `train` in its trial folder, labelled by its values), nor did a search
     setting (a trial runs no search); a variant's search.conditional: [{eval: CODE}] ran CODE
-    as Tune expanded the variants, where the file's eval is refused."""
+    as Tune expanded the variants, where the file's eval is refused; nor did a variant's or
+    a space's train.keep_checkpoints (Tune keeps each trial's by the base config's count)."""
     ran = tmp_path / "ran"
     code = f"open({str(ran)!r}, 'w').close() or 3"
     variants = [{"label": "a"}]
@@ -506,6 +507,18 @@ def test_a_search_that_sets_what_each_trial_sets_or_a_search_setting_is_a_one_li
             {"space": {"search": {"metric": {"choice": ["test_nfe", "nfe"]}}}},
             "search.space.search.metric",
             "a trial runs no search of its own",
+        ),
+        # Kept by Tune at the base's count: a variant's 1 left 3 checkpoints in its folder.
+        (
+            {"variants": [*variants, {"label": "b", "train.keep_checkpoints": 1}]},
+            "search.variants[1].train.keep_checkpoints",
+            "Tune keeps every trial's checkpoints by the base config's train.keep_checkpoints, "
+            "so this changes nothing; set it in the base config",
+        ),
+        (
+            {"space": {"train": {"keep_checkpoints": {"grid_search": [1, 2]}}}},
+            "search.space.train.keep_checkpoints",
+            "Tune keeps every trial's checkpoints by the base config's train.keep_checkpoints",
         ),
     ]:
         with pytest.raises(ConfigError) as err:

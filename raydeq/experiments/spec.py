@@ -71,6 +71,8 @@ SET_BY_EACH_TRIAL = {
     "storage_path": "its trial folder",
 }
 STEPS_KEY = "train.max_steps"
+# The checkpoints kept, which the experiment's one CheckpointConfig sets from the base config.
+KEPT_KEY = "train.keep_checkpoints"
 # The settings that decide how many steps a trial's epochs take (`trial_length`).
 EPOCH_KEYS = ("train.epochs", "data.dataset", "data.batch_size", "data.fake_samples")
 
@@ -461,7 +463,8 @@ def _check_per_trial(dotted: str, where: str) -> None:
     """Raise a ConfigError for a setting that a trial would set and does not run: a `scaling`
     one (the resources of every trial, its process, its workers' CPUs and GPUs, and the trials
     at once are reserved from the base config's), a `search` one (a trial runs no search),
-    and the name, label and folder that `trial_config` gives each trial."""
+    and the name, label and folder that `trial_config` gives each trial; and the checkpoints
+    kept, which Tune keeps by the base config's count for every trial."""
     section = dotted.split(".", 1)[0]
     if section == "scaling":
         raise ConfigError(
@@ -474,6 +477,12 @@ def _check_per_trial(dotted: str, where: str) -> None:
         raise ConfigError(
             f"{where}.{dotted}: a trial runs no search of its own, so this would change "
             "nothing; set it in the experiment's search section",
+            key=f"{where}.{dotted}",
+        )
+    if dotted == KEPT_KEY:
+        raise ConfigError(
+            f"{where}.{dotted}: Tune keeps every trial's checkpoints by the base config's "
+            f"{KEPT_KEY}, so this changes nothing; set it in the base config",
             key=f"{where}.{dotted}",
         )
     if dotted in SET_BY_EACH_TRIAL:
