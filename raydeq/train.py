@@ -32,7 +32,7 @@ from raydeq.training.config import (
     SECTIONS,
     Config,
     ConfigError,
-    check_skip_weight,
+    check_given,
     given_settings,
     leaves,
     load,
@@ -180,7 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             refuse_search(args.overrides)
             path = config_file(args.config)
             cfg = load(path, args.overrides)
-            check_skip_weight(parse_overrides(args.overrides), cfg)
+            check_given(parse_overrides(args.overrides), cfg)
             left = held.enter_context(runlock.hold(cfg.run_dir))  # before checkpoints are read
             if left:
                 print(f"note: {left}", file=sys.stderr)

@@ -180,16 +180,33 @@ def test_a_lambda_skip_given_for_a_run_without_a_skip_loss_is_refused(variant):
     paper experiments' 0.01) stays silent."""
     cfg = validate({"model": {"variant": variant}, "train": {"lambda_skip": 0.01}})
     assert cfg.train.lambda_skip == 0.01
-    config.check_skip_weight({"model.variant": variant}, cfg)
+    config.check_given({"model.variant": variant}, cfg)
     with pytest.raises(ConfigError) as err:
-        config.check_skip_weight({"train.lambda_skip": 0.5}, cfg)
+        config.check_given({"train.lambda_skip": 0.5}, cfg)
     assert str(err.value) == (
         f"train.lambda_skip: 0.5 weighs the skip loss, which variant {variant!r} does not "
         "have; set model.variant to skip or skip_reg, or remove train.lambda_skip"
     )
     assert err.value.key == "train.lambda_skip"
     skip = validate({"model": {"variant": "skip"}, "train": {"lambda_skip": 0.5}})
-    config.check_skip_weight({"train.lambda_skip": 0.5}, skip)
+    config.check_given({"train.lambda_skip": 0.5}, skip)
+
+
+@pytest.mark.parametrize("dataset", ["digits", "svhn", "fake"])
+def test_augment_given_for_a_dataset_without_augmentation_is_refused(dataset, tmp_path):
+    """data.augment=true given for the digits, SVHN or fake images trained without
+    augmentation, unsaid; the default true, and false, stay silent, as does true for MNIST."""
+    folder = {"data_dir": str(tmp_path)} if dataset == "svhn" else {}
+    cfg = validate({"data": {"dataset": dataset, "augment": True, **folder}})
+    config.check_given({"data.augment": False}, cfg)
+    with pytest.raises(ConfigError) as err:
+        config.check_given({"data.augment": True}, cfg)
+    assert str(err.value) == (
+        "data.augment: true applies to data.dataset=mnist10k, mnist, cifar10 or imagenet only, "
+        f"not {dataset!r}, which has no augmentation; remove data.augment"
+    )
+    assert err.value.key == "data.augment"
+    config.check_given({"data.augment": True}, validate({"data": {"dataset": "mnist10k"}}))
 
 
 def test_lambda_skip_defaults_to_the_presets_and_amp_reads_yaml_off():

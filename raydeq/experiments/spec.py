@@ -43,7 +43,7 @@ from raydeq.training.config import (
     ConfigError,
     SearchSection,
     apply_overrides,
-    check_skip_weight,
+    check_given,
     in_file,
     leaves,
     merge,
@@ -364,7 +364,7 @@ def _check_space(experiment: Experiment) -> None:
     # another dimension that is tried first and fails with it.
     for i, row in enumerate(search.variants or ({},)):
         try:
-            check_skip_weight(row, experiment.trial_config(apply_overrides({VARIANT: row}, firsts)))
+            check_given(row, experiment.trial_config(apply_overrides({VARIANT: row}, firsts)))
         except ConfigError as err:
             if err.key in firsts and err.key not in row:  # the space's first value is bad
                 what, value = tried[0][2][err.key][0]

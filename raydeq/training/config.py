@@ -83,6 +83,8 @@ OUTSIDE_HASH += ("train.eval_batches", "data.loader_workers", "data.pin_memory",
 # and whether missing files are downloaded (a run that downloaded them goes on without).
 AT_DEFAULTS = ("data.eval_batch_size", "train.max_nonfinite_steps", "data.download")
 STAGED_DATASETS = ("imagenet",)
+# The datasets with a training augmentation (raydeq.training.vision), which data.augment switches.
+AUGMENTED_DATASETS = ("mnist10k", "mnist", "cifar10", "imagenet")
 # Settings that have an effect under some values of another key of their section alone:
 # (that key, those values).
 APPLIES_UNDER = {
@@ -642,11 +644,12 @@ FORMER_LAMBDA_SKIP = {"mnist_dense": ((1.0, "before 2026-12-07"), (0.1, "on 2026
 NO_SKIP_LOSS = ("vanilla", "neural_ode")
 
 
-def check_skip_weight(given: Mapping[str, Any], cfg: Config) -> None:
+def check_given(given: Mapping[str, Any], cfg: Config) -> None:
     """Raise a ConfigError where `given`, dotted settings written for this run alone (a
-    command's overrides, a search variant's row), sets train.lambda_skip under a variant that
-    trains no skip loss: it would weigh nothing. A config file's, which its skip variants take,
-    is carried silently."""
+    command's overrides, a search variant's row), sets one that `cfg`'s other settings leave
+    without effect: train.lambda_skip under a variant that trains no skip loss, data.augment
+    true for a dataset that has no augmentation. A config file's, which its other variants
+    and datasets take, is carried silently."""
     weight = given.get("train.lambda_skip")
     if weight is not None and cfg.model.variant in NO_SKIP_LOSS:
         raise ConfigError(
@@ -654,6 +657,12 @@ def check_skip_weight(given: Mapping[str, Any], cfg: Config) -> None:
             f"{cfg.model.variant!r} does not have; set model.variant to skip or skip_reg, or "
             "remove train.lambda_skip",
             key="train.lambda_skip",
+        )
+    if given.get("data.augment") is True and cfg.data.dataset not in AUGMENTED_DATASETS:
+        raise ConfigError(
+            f"data.augment: true applies to data.dataset={listed(AUGMENTED_DATASETS)} only, "
+            f"not {cfg.data.dataset!r}, which has no augmentation; remove data.augment",
+            key="data.augment",
         )
 
 
