@@ -209,6 +209,22 @@ def test_augment_given_for_a_dataset_without_augmentation_is_refused(dataset, tm
     config.check_given({"data.augment": True}, validate({"data": {"dataset": "mnist10k"}}))
 
 
+def test_pin_memory_given_for_a_cpu_device_is_refused():
+    """data.pin_memory=true given beside scaling.device=cpu pinned nothing (batches are pinned
+    for a CUDA device alone), unsaid; a file's true (the CIFAR experiments') stays silent, and
+    so does one given under device auto, which may train on a GPU."""
+    cpu = validate({"data": {"pin_memory": True}, "scaling": {"device": "cpu"}})
+    config.check_given({"scaling.device": "cpu"}, cpu)
+    with pytest.raises(ConfigError) as err:
+        config.check_given({"data.pin_memory": True}, cpu)
+    assert str(err.value) == (
+        "data.pin_memory: true pins batches for a GPU, which scaling.device=cpu trains on none "
+        "of; set scaling.device to cuda or auto, or remove data.pin_memory"
+    )
+    assert err.value.key == "data.pin_memory"
+    config.check_given({"data.pin_memory": True}, validate({"data": {"pin_memory": True}}))
+
+
 def test_lambda_skip_defaults_to_the_presets_and_amp_reads_yaml_off():
     from raydeq.models import PRESETS
 

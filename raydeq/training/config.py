@@ -648,8 +648,9 @@ def check_given(given: Mapping[str, Any], cfg: Config) -> None:
     """Raise a ConfigError where `given`, dotted settings written for this run alone (a
     command's overrides, a search variant's row), sets one that `cfg`'s other settings leave
     without effect: train.lambda_skip under a variant that trains no skip loss, data.augment
-    true for a dataset that has no augmentation. A config file's, which its other variants
-    and datasets take, is carried silently."""
+    true for a dataset that has no augmentation, data.pin_memory true on scaling.device=cpu.
+    A config file's, which its other variants, datasets and devices take, is carried
+    silently."""
     weight = given.get("train.lambda_skip")
     if weight is not None and cfg.model.variant in NO_SKIP_LOSS:
         raise ConfigError(
@@ -663,6 +664,12 @@ def check_given(given: Mapping[str, Any], cfg: Config) -> None:
             f"data.augment: true applies to data.dataset={listed(AUGMENTED_DATASETS)} only, "
             f"not {cfg.data.dataset!r}, which has no augmentation; remove data.augment",
             key="data.augment",
+        )
+    if given.get("data.pin_memory") is True and cfg.scaling.device == "cpu":
+        raise ConfigError(
+            "data.pin_memory: true pins batches for a GPU, which scaling.device=cpu trains on "
+            "none of; set scaling.device to cuda or auto, or remove data.pin_memory",
+            key="data.pin_memory",
         )
 
 
