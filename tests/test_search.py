@@ -324,16 +324,23 @@ def test_a_draw_that_repeats_a_paper_point_is_not_labelled_as_that_point():
 
 
 def test_a_sampled_dimension_is_honoured_over_a_variants_setting():
-    experiment = spec.from_dict(
-        "s",
-        {
-            **TINY,
-            "search": {
-                "variants": [{"label": "v", "model.solver": "broyden"}],
-                "space": {"model": {"solver": {"choice": ["euler"]}}},
-            },
+    """A new experiment that writes both is refused, the variant's setting changing nothing; one
+    stored before that was refused runs the space's value, as it did."""
+    raw = {
+        **TINY,
+        "search": {
+            "variants": [{"label": "v", "model.solver": "broyden"}],
+            "space": {"model": {"solver": {"choice": ["euler"]}}},
         },
+    }
+    with pytest.raises(ConfigError) as err:
+        spec.from_dict("s", raw)
+    assert str(err.value) == (
+        "search.variants[0].model.solver: search.space draws model.solver for every trial, "
+        "over this variant's 'broyden', so this changes nothing; remove it from the variant or "
+        "from search.space"
     )
+    experiment = spec.from_dict("s", raw, stored=True)
     (sampled,) = spec.expand(experiment)
     assert experiment.trial_config(sampled).model.solver == "euler"
 

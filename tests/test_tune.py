@@ -389,13 +389,23 @@ def test_an_override_inside_a_section_the_space_draws_whole_sets_it_in_each_valu
             r"results would count as more seeds of one configuration; remove it, or change a "
             r"setting$",
         ),
+        # The space's seeds ran over both variants' own: each would have run the same trials.
         (
             {
                 "variants": [{"label": "a", "seed": 1}, {"label": "a", "seed": 2}],
                 "space": {"seed": {"grid_search": [3, 4]}},
             },
-            r"^search.variants\[1\]: runs the same trials as search.variants\[0\] \(search.space "
-            r"sets seed over both\), which the results would count as more seeds",
+            r"^search.variants\[0\].seed: search.space draws seed for every trial, over this "
+            r"variant's 1, so this changes nothing; remove it from the variant or from "
+            r"search.space$",
+        ),
+        (
+            {
+                "variants": [{"label": "a", "optim.lr": 0.1}, {"label": "b"}],
+                "space": {"optim": {"lr": {"grid_search": [0.01, 0.001]}}},
+            },
+            r"^search.variants\[0\].optim.lr: search.space draws optim.lr for every trial, over "
+            r"this variant's 0.1, so this changes nothing",
         ),
     ],
 )

@@ -353,6 +353,7 @@ def _check_space(experiment: Experiment) -> None:
     for i, row in enumerate(search.variants):
         for key in [key for key in row if key != LABEL]:  # a variant's label labels its trials
             _check_per_trial(key, f"search.variants[{i}]")
+            _check_not_drawn(experiment, key, row[key], f"search.variants[{i}]")
     _check_variants_differ(experiment)
     spaces = [("search.space", {}, search.space)] + [
         (f"search.conditional[{i}].space", _first_values(rule["when"]), rule["space"])
@@ -390,26 +391,31 @@ def _value_error(where: str, key: str, what: str, value: Any, err: ConfigError) 
     )
 
 
-def _check_variants_differ(experiment: Experiment) -> None:
-    """Raise a ConfigError for a variant that runs the trials of an earlier one: written alike,
-    or differing only in settings that the space sets over a variant's (Tune's grid and random
-    sampling; a searcher's points are its values). The results would average them as seeds."""
-    search = experiment.search
-    drawn = set() if experiment.searched else set(dimensions(search.space))
-    rows = [{k: v for k, v in row.items() if k not in drawn} for row in search.variants]
-    for index, row in enumerate(rows):
-        if row not in rows[:index]:
-            continue
-        first = rows.index(row)
-        written = search.variants[first] != search.variants[index]
-        over = sorted((set(search.variants[first]) | set(search.variants[index])) & drawn)
-        why = f" (search.space sets {', '.join(over)} over both)" if written else ""
+def _check_not_drawn(experiment: Experiment, dotted: str, value: Any, where: str) -> None:
+    """Raise a ConfigError for a variant's setting that the space of Tune's grid and random
+    sampling draws too, over the variant's (a searcher's variants are points of its space):
+    every trial of the variant would run the drawn values, not this one."""
+    if not experiment.searched and dotted in dimensions(experiment.search.space):
         raise ConfigError(
-            f"search.variants[{index}]: runs the same trials as search.variants[{first}]{why}, "
-            "which the results would count as more seeds of one configuration; remove it, or "
-            "change a setting",
-            key=f"search.variants[{index}]",
+            f"{where}.{dotted}: search.space draws {dotted} for every trial, over this "
+            f"variant's {value!r}, so this changes nothing; remove it from the variant or from "
+            "search.space",
+            key=f"{where}.{dotted}",
         )
+
+
+def _check_variants_differ(experiment: Experiment) -> None:
+    """Raise a ConfigError for a variant written as an earlier one: the results would average
+    their trials as seeds of one configuration."""
+    variants = list(experiment.search.variants)
+    for index, row in enumerate(variants):
+        if row in variants[:index]:
+            raise ConfigError(
+                f"search.variants[{index}]: runs the same trials as "
+                f"search.variants[{variants.index(row)}], which the results would count as "
+                "more seeds of one configuration; remove it, or change a setting",
+                key=f"search.variants[{index}]",
+            )
 
 
 def _unprefixed(err: ConfigError, key: str) -> str:
