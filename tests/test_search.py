@@ -213,9 +213,14 @@ def test_an_override_that_drops_the_rule_drawing_a_points_key_names_both():
         "['skip_reg']), so the point's trial could not run it; leave the key out of the point, "
         "or override model.variant to one of ['skip_reg']"
     )
-    fixed = {"model.variant": "vanilla", "train.lambda_skip": 0.1}
-    (point, *_) = spec.expand(spec.from_dict("s", raw, fixed))
-    assert point["variant"] == {"label": "Vanilla"}
+    fixed = {"model.variant": "skip_reg", "train.lambda_skip": 0.1}
+    assert [p.get("variant") for p in spec.expand(spec.from_dict("s", raw, fixed))[:2]] == [
+        {"label": "Anderson"},
+        {"label": "L"},
+    ]
+    # Every trial a vanilla DEQ, the lambda_skip given beside it would weigh nothing.
+    with pytest.raises(ConfigError, match="^train.lambda_skip: 0.1 weighs the skip loss"):
+        spec.from_dict("s", raw, {"model.variant": "vanilla", "train.lambda_skip": 0.1})
 
 
 def test_a_variant_after_those_an_override_drops_is_named_by_its_place_in_the_file():

@@ -4139,6 +4139,25 @@ def test_a_variant_giving_lambda_skip_to_a_variant_without_a_skip_loss_is_named(
     )
 
 
+def test_an_override_that_no_variant_takes_is_refused_and_one_some_take_is_silent():
+    """raydeq.tune digits data.augment=true trained every trial without augmentation, unsaid;
+    a lambda_skip override, which the skip variants take, stays silent beside a vanilla one,
+    and so does an override whose deciding setting the space draws."""
+    variants = [{"label": "a", "model.variant": "skip"}, {"label": "b", "model.variant": "vanilla"}]
+    raw = {**TINY, "search": {"variants": variants}}
+    with pytest.raises(ConfigError) as err:
+        spec.from_dict("x", raw, {"data.augment": True})
+    assert str(err.value).startswith(
+        "data.augment: true applies to data.dataset=mnist10k, mnist, cifar10 or imagenet only, "
+        "not 'digits'"
+    )
+    spec.from_dict("x", raw, {"train.lambda_skip": 0.5})
+    with pytest.raises(ConfigError, match="^train.lambda_skip: 0.5 weighs the skip loss"):
+        spec.from_dict("x", raw, {"train.lambda_skip": 0.5, "model.variant": "vanilla"})
+    datasets = {"data.dataset": {"grid_search": ["digits", "mnist10k"]}}
+    spec.from_dict("x", {**TINY, "search": {"space": datasets}}, {"data.augment": True})
+
+
 def test_a_trials_words_show_its_label_then_its_draws_to_three_significant_digits():
     """Draws that differ in the third digit are told apart (the results group trials by them)."""
     sampled = {"variant": {"label": "Skip", "seed": 1}, "optim": {"lr": 0.00125}, "seed": 2}

@@ -38,6 +38,7 @@ from raydeq.experiments.primitives import (
 )
 from raydeq.training import data
 from raydeq.training.config import (
+    GIVEN_DECIDED_BY,
     WORKERS_KEY,
     Config,
     ConfigError,
@@ -302,11 +303,38 @@ def from_dict(
             experiment.trial_config({})
             if not stored:
                 check_draws(experiment)
+                _check_overrides_taken(experiment, overrides)
         except ConfigError as err:
             if leaves(base).get(WORKERS_KEY) != workers:  # set by scaling.num_workers
                 raise
             raise workers_named(err, workers, f"search.workers_per_trial={workers}") from None
     return experiment
+
+
+def _check_overrides_taken(experiment: Experiment, overrides: Mapping[str, Any]) -> None:
+    """Raise `check_given`'s ConfigError where an override takes effect in no variant (a
+    `data.augment=true` for the digits), unless the space draws what decides it (the
+    variant), for some trials: another variant's trials taking it, it is carried silently."""
+    search = experiment.search
+    spaces = [dimensions(search.space), *(dimensions(r["space"]) for r in search.conditional)]
+    overrides = {
+        key: value
+        for key, value in overrides.items()
+        if key in GIVEN_DECIDED_BY and not _drawn_in(spaces, GIVEN_DECIDED_BY[key])
+    }
+    refused = []
+    for row in search.variants or ({},):
+        try:
+            cfg = experiment.trial_config({VARIANT: row})
+        except ConfigError:  # valid with the space's values only: some trials may take it
+            return
+        try:
+            check_given(overrides, cfg)
+        except ConfigError as err:
+            refused.append(err)
+        else:
+            return
+    raise refused[0]
 
 
 def pinned(raw: Mapping[str, Any]) -> dict[str, Any]:

@@ -644,6 +644,14 @@ FORMER_LAMBDA_SKIP = {"mnist_dense": ((1.0, "before 2026-12-07"), (0.1, "on 2026
 NO_SKIP_LOSS = ("vanilla", "neural_ode")
 
 
+# The settings `check_given` checks, each with the one that decides whether it has an effect.
+GIVEN_DECIDED_BY = {
+    "train.lambda_skip": "model.variant",
+    "data.augment": "data.dataset",
+    "data.pin_memory": "scaling.device",
+}
+
+
 def check_given(given: Mapping[str, Any], cfg: Config) -> None:
     """Raise a ConfigError where `given`, dotted settings written for this run alone (a
     command's overrides, a search variant's row), sets one that `cfg`'s other settings leave
