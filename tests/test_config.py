@@ -524,21 +524,28 @@ def test_overrides_set_dotted_keys_read_as_yaml(tmp_path):
 
 
 @pytest.mark.parametrize("device", ["cpu", "auto", "cuda"])
-def test_compile_graph_on_a_cpu_device_is_refused(device):
-    """model.compile=graph under scaling.device=cpu ran every solve eagerly (a CPU records no
-    CUDA graph), unsaid; compile=true compiles kernels there and stays taken."""
-    raw = {"model": {"compile": "graph"}, "scaling": {"device": device}}
+@pytest.mark.parametrize(
+    ("model", "key", "value"),
+    [
+        ({"compile": "graph"}, "model.compile", "'graph'"),
+        ({"adjoint_options": {"graph": True}}, "model.adjoint_options.graph", "true"),
+    ],
+)
+def test_cuda_graphs_on_a_cpu_device_are_refused(device, model, key, value):
+    """model.compile=graph or GMRES's adjoint_options.graph under scaling.device=cpu ran every
+    solve eagerly (a CPU records no CUDA graph), unsaid; compile=true compiles kernels there
+    and stays taken."""
+    raw = {"model": model, "scaling": {"device": device}}
     if device != "cpu":
-        assert validate(raw).model.compile == "graph"
+        validate(raw)
         return
     with pytest.raises(ConfigError) as err:
         validate(raw)
     assert str(err.value) == (
-        "model.compile: 'graph' records CUDA graphs, which scaling.device=cpu has none of, so "
-        "every solve would run eagerly; set scaling.device to cuda or auto, or "
-        "model.compile=true (compiled kernels on a CPU)"
+        f"{key}: {value} records CUDA graphs, which scaling.device=cpu has none of, so the "
+        f"solves would run eagerly; set scaling.device to cuda or auto, or remove {key}"
     )
-    assert err.value.key == "model.compile"
+    assert err.value.key == key
     assert validate(raw | {"model": {"compile": True}}).model.compile is True
 
 

@@ -271,7 +271,7 @@ def _check_together(cfg: Config) -> None:
     """Rules that involve more than one key; the first one broken is raised."""
     _check_data(cfg.data)
     _check_variant_options(cfg.model)
-    _check_compile(cfg)
+    _check_graphs(cfg)
     batch, workers = cfg.data.batch_size, cfg.scaling.num_workers
     if batch % workers:
         low = [d for d in range(1, math.isqrt(batch) + 1) if batch % d == 0]
@@ -346,16 +346,24 @@ def _check_variant_options(model: ModelSection) -> None:
             )
 
 
-def _check_compile(cfg: Config) -> None:
-    """Refuse model.compile=graph on scaling.device=cpu: a CPU has no CUDA graphs to record,
-    so every solve would run eagerly, as without it."""
-    if cfg.model.compile == GRAPH and cfg.scaling.device == "cpu":
-        raise ConfigError(
-            f"model.compile: {GRAPH!r} records CUDA graphs, which scaling.device=cpu has none "
-            "of, so every solve would run eagerly; set scaling.device to cuda or auto, or "
-            "model.compile=true (compiled kernels on a CPU)",
-            key="model.compile",
-        )
+def _check_graphs(cfg: Config) -> None:
+    """Refuse CUDA graphs asked of scaling.device=cpu (model.compile=graph, GMRES's
+    adjoint_options.graph): a CPU has none to record, so the solves would run eagerly, as
+    without them (model.compile=true compiles kernels there)."""
+    asked = {
+        "model.compile": _shown(GRAPH) if cfg.model.compile == GRAPH else None,
+        "model.adjoint_options.graph": "true"
+        if (cfg.model.adjoint_options or {}).get("graph") is True
+        else None,
+    }
+    for key, value in asked.items():
+        if value is not None and cfg.scaling.device == "cpu":
+            raise ConfigError(
+                f"{key}: {value} records CUDA graphs, which scaling.device=cpu has none of, "
+                "so the solves would run eagerly; set scaling.device to cuda or auto, or "
+                f"remove {key}",
+                key=key,
+            )
 
 
 def _check_milestones(optim: OptimSection) -> None:
