@@ -1006,7 +1006,9 @@ def test_a_vanilla_run_given_the_new_lambda_skip_before_the_change_is_named_not_
     it trains no differently, and the same command started it anew beside its stored run. One
     given 0.1 while that was the default was named at 1.0 and is now named at 0.1. Each is
     refused naming the old name and when raydeq gave it (the first refusal said 'before
-    2026-12-07' of a run that may have been named on that day)."""
+    2026-12-07' of a run that may have been named on that day), its settings given in a file;
+    given on the command line, the lambda_skip, which vanilla does not train with, is refused
+    saying so."""
     digits = Path(__file__).parents[1] / "tune_configs" / "digits.yaml"
     argv = [str(digits), f"storage_path={tmp_path}", "model.variant=vanilla"]
     given = [*argv, f"train.lambda_skip={value}"]
@@ -1016,6 +1018,14 @@ def test_a_vanilla_run_given_the_new_lambda_skip_before_the_change_is_named_not_
     old = tmp_path / f"digits-mnist_dense-vanilla-{old}"
     checkpoint.write_checkpoint({"step": 22}, old / "checkpoint_000022")
     assert train.main(given) == 2
+    assert capsys.readouterr().err == (
+        f"error: train.lambda_skip: {value} weighs the skip loss, which variant 'vanilla' does "
+        "not have; set model.variant to skip or skip_reg, or remove train.lambda_skip\n"
+    )
+    in_file = tmp_path / "vanilla.yaml"
+    in_file.write_text(json.dumps(config.given_settings(given[0], given[1:])))
+    assert config.load(in_file).name == cfg.name
+    assert train.main([str(in_file)]) == 2
     assert capsys.readouterr().err == (
         f"error: {old}: holds the run of these settings under the name raydeq gave it {taken}, "
         f"where this run is named {cfg.name}; resume it with name={old.name}, or give this run "
