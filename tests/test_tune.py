@@ -942,6 +942,39 @@ def test_samples_of_a_space_that_draws_nothing_at_random_are_refused(tmp_path, c
         rt.preflight(spec.from_dict("grid", {**TINY, "search": {**grid, "num_samples": 1}}), 3)
 
 
+def test_more_samples_than_a_space_has_points_to_draw_are_refused_naming_both_counts():
+    """A random search over choices alone (model.solver of 2, seed's grid) ran 6 samples as 3
+    repeats of each point, seeds and all, without a word, which the table counted as seeds of
+    one configuration; more samples than the points, and a searcher's trials past its
+    variants and points, are refused in one line naming both counts. As many pass."""
+    space = {"model.solver": {"choice": ["vcab3", "bs3"]}, "seed": {"grid_search": [0, 1]}}
+    choices = spec.from_dict("choices", {**TINY, "search": {"space": space, "num_samples": 6}})
+    with pytest.raises(ConfigError) as err:
+        spec.check_repeats(choices)
+    assert str(err.value) == (
+        "search.num_samples: 6 samples of a space of 2 points at random (model.solver: 2 "
+        "values) draw a point again, its trials seeds and all, which the results would count "
+        "as more seeds of one configuration; set 2 or fewer, or list the values in grid_search "
+        "and set 1, to run each point once"
+    )
+    spec.check_repeats(choices, 2)
+    ranges = {"train.epochs": {"qrandint": [1, 3, 1]}, "optim.lr": {"quniform": [0.1, 0.3, 0.1]}}
+    with pytest.raises(ConfigError, match=r"^--num-samples: 7 samples of a space of 6 points "):
+        spec.check_repeats(spec.from_dict("ranges", {**TINY, "search": {"space": ranges}}), 7)
+    space = {"model.solver": {"choice": ["vcab3", "bs3"]}, "model.max_steps": {"randint": [9, 11]}}
+    variants = [{"model.solver": "bs3", "model.max_steps": 9}, {"model.max_steps": 40}]
+    search = {"searcher": "tpe", "space": space, "variants": variants, "num_samples": 6}
+    with pytest.raises(ConfigError) as err:
+        spec.check_repeats(spec.from_dict("tpe", {**TINY, "search": search}))
+    assert str(err.value) == (
+        "search.num_samples: 6 trials of a search over 5 points (model.solver: 2 values, "
+        "model.max_steps: 2 values, 1 variants outside its ranges) repeat one or more, which the "
+        "results would count as more seeds of one configuration; set 5 or fewer, or widen "
+        "search.space"
+    )
+    spec.check_repeats(spec.from_dict("tpe", {**TINY, "search": search}), 5)
+
+
 def test_the_preflight_checks_each_model_and_data_once_saying_how_far_it_has_come(
     monkeypatch, capsys
 ):

@@ -559,21 +559,31 @@ def outside_notes(space: Space, searcher: str) -> list[str]:
     """A note for each value of a point outside the range of its dimension (or off its steps):
     the point runs at it, and the searcher records it as run and learns from it, but draws
     only within the range."""
-    drawn_in, dists = _drawn_in(space), space.distributions()
-    notes = []
+    drawn_in = _drawn_in(space)
+    return [
+        f"note: {label} (search.variants[{index}]) runs {key} at {value!r}, outside the "
+        f"{_words(dist)} that {drawn_in[key]} draws it from: {searcher} records the point "
+        "as run and learns from it, but draws only within that range"
+        for index, label, key, value, dist in _outside(space)
+    ]
+
+
+def points_outside(space: Space) -> int:
+    """How many of the space's points have a value outside the range of its dimension."""
+    return len({index for index, *_ in _outside(space)})
+
+
+def _outside(space: Space) -> Iterator[tuple[int, str, str, Any, BaseDistribution]]:
+    """Each value of a point outside the range of its dimension (or off its steps): the point's
+    index and label, the dimension's key, the value and the dimension."""
+    dists = space.distributions()
     for index, (label, point) in enumerate(space.points):
         for key, dist in dists.items():
             value = point.get(_name(key))
             numeric = isinstance(dist, FloatDistribution | IntDistribution)
             # The test by which Optuna warns when the run gives the value.
-            if not numeric or value is None or dist._contains(dist.to_internal_repr(value)):
-                continue
-            notes.append(
-                f"note: {label} (search.variants[{index}]) runs {key} at {value!r}, outside the "
-                f"{_words(dist)} that {drawn_in[key]} draws it from: {searcher} records the point "
-                "as run and learns from it, but draws only within that range"
-            )
-    return notes
+            if numeric and value is not None and not dist._contains(dist.to_internal_repr(value)):
+                yield index, label, key, value, dist
 
 
 def _drawn_in(space: Space) -> dict[str, str]:

@@ -652,33 +652,67 @@ def expand(experiment: Experiment, num_samples: int | None = None) -> list[dict[
 
 
 def check_repeats(experiment: Experiment, num_samples: int | None = None) -> None:
-    """Raise a ConfigError for several samples of a space that draws nothing at random: each
-    sample of Tune's grid and random sampling repeats the grid's trials, seeds and all, and a
-    searcher's trials after its variants are all the base config; the results would average
-    them as further seeds of one configuration."""
+    """Raise a ConfigError for more samples than the space has points to draw (`_points`; a
+    searcher's, and its variants outside its ranges): past them, each sample of Tune's grid
+    and random sampling repeats a point's trials, seeds and all, and a searcher's trials repeat
+    a point; the results would average them as further seeds of one configuration."""
     search = experiment.search
     samples = num_samples or search.num_samples
     spaces = [search.space, *(rule["space"] for rule in search.conditional)]
-    drawn = [spec for space in spaces for spec in dimensions(space).values()]
-    if any(is_primitive(spec) and "grid_search" not in spec for spec in drawn):
+    counts = [(k, _points(k, v)) for space in spaces for k, v in dimensions(space).items()]
+    points = math.prod(count for _, count in counts)
+    outside = searchers.points_outside(experiment.space()) if experiment.searched else 0
+    if samples <= points + outside:
         return
     where = "search.num_samples" if num_samples is None else "--num-samples"
-    points = len(search.variants)
-    if experiment.searched and samples > points + 1:
-        past = f" past its {points} variants" if points else ""
+    seeds = "which the results would count as more seeds of one configuration"
+    drawn = ", ".join(f"{key}: {count} values" for key, count in counts if count > 1)
+    drawn += f"{', ' if drawn else ''}{outside} variants outside its ranges" if outside else ""
+    if experiment.searched and points + outside > 1:
         raise ConfigError(
-            f"{where}: {samples} trials of a search whose space draws nothing run "
-            f"{samples - points}{past} alike, which the results would count as more seeds of "
-            f"one configuration; set {points + 1}, or give search.space a dimension to draw",
+            f"{where}: {samples} trials of a search over {points + outside} points ({drawn}) "
+            f"repeat one or more, {seeds}; set {points + outside} or fewer, or widen "
+            "search.space",
             key=where,
         )
-    if samples > 1 and not experiment.searched:
+    if experiment.searched:
         raise ConfigError(
-            f"{where}: {samples} samples of a space that draws nothing at random run each trial "
-            f"{samples} times alike, which the results would count as more seeds of one "
-            "configuration; set 1, and list seeds in search.space.seed: {grid_search: [...]}",
+            f"{where}: {samples} trials of a search whose space draws nothing run {samples} "
+            f"alike, {seeds}; set 1, or give search.space a dimension to draw",
             key=where,
         )
+    if points > 1:
+        raise ConfigError(
+            f"{where}: {samples} samples of a space of {points} points at random ({drawn}) "
+            f"draw a point again, its trials seeds and all, {seeds}; set {points} or fewer, or "
+            "list the values in grid_search and set 1, to run each point once",
+            key=where,
+        )
+    raise ConfigError(
+        f"{where}: {samples} samples of a space that draws nothing at random run each trial "
+        f"{samples} times alike, {seeds}; set 1, and list seeds in "
+        "search.space.seed: {grid_search: [...]}",
+        key=where,
+    )
+
+
+def _points(key: str, spec: Any) -> float:
+    """How many values a dimension draws at random: a choice's distinct ones, an integer
+    range's or a quantized float range's steps, one for a grid (each sample runs all of it)
+    and a constant, and infinitely many for a float range or a normal."""
+    if not is_primitive(spec) or "grid_search" in spec:
+        return 1
+    if "choice" in spec:
+        values = spec["choice"]
+        return sum(1 for i, value in enumerate(values) if value not in values[:i])
+    made = domain(key, spec)
+    q = getattr(made.get_sampler(), "q", None)
+    if isinstance(made, Integer):
+        least, greatest = integer_ends(made)
+        return (greatest - least) // (q or 1) + 1
+    if q is None or not math.isfinite(made.lower) or not math.isfinite(made.upper):
+        return math.inf
+    return round(made.upper / q) - round(made.lower / q) + 1
 
 
 def trial_count(experiment: Experiment, num_samples: int | None = None) -> int:
