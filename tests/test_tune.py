@@ -407,12 +407,66 @@ def test_an_override_inside_a_section_the_space_draws_whole_sets_it_in_each_valu
             r"^search.variants\[0\].optim.lr: search.space draws optim.lr for every trial, over "
             r"this variant's 0.1, so this changes nothing",
         ),
+        (
+            {"variants": [{"label": "a", "seed": 1}, {"label": "b", "seed": 1}]},
+            r"^search.variants\[1\]: runs the same trials as search.variants\[0\], which the ",
+        ),
+        (
+            {"variants": [{"label": "a", "model.solver": "vcab3", "seed": 0}, {"label": "b"}]},
+            r"^search.variants\[1\]: runs the same trials as search.variants\[0\] \(their trials "
+            r"run model.solver, seed at the same value\), which the results would count as more ",
+        ),
+        (
+            {
+                "variants": [
+                    {"label": "a", "model.variant": "vanilla", "train.lambda_skip": 0.1},
+                    {"label": "b", "model.variant": "vanilla", "train.lambda_skip": 1.0},
+                ]
+            },
+            r"^search.variants\[1\]: runs the same trials as search.variants\[0\] \(vanilla "
+            r"trains no skip loss, whatever train.lambda_skip says\), which the results would ",
+        ),
+        (
+            {
+                "searcher": "tpe",
+                "space": {"model.max_steps": {"randint": [40, 60]}},
+                "variants": [{"label": "a"}, {"label": "b", "model.max_steps": 50}],
+                "num_samples": 2,
+            },
+            r"^search.variants\[1\]: runs the same trials as search.variants\[0\] \(their trials "
+            r"run model.max_steps at the same value\), which the results would count as more ",
+        ),
     ],
 )
 def test_bad_search_sections_are_one_line_errors(search, message):
     with pytest.raises(ConfigError, match=message) as err:
         rt.preflight(spec.from_dict("bad", {**TINY, "search": search}))
     assert "\n" not in str(err.value)
+
+
+def test_a_variant_that_an_override_makes_the_same_as_an_earlier_one_goes():
+    """mnist_dense train.lambda_skip=1.0 ran its row at lambda_skip 1.0 and its Skip Reg.
+    Continuous DEQ row, then at 1.0 too, as 6 alike trials that the table showed as two rows;
+    the later row goes, as the override's other variants do, and a row the override leaves
+    apart stays."""
+    variants = [
+        {"label": "Skip Reg.", "model.variant": "skip_reg"},
+        {"label": "Skip Reg. at 1", "model.variant": "skip_reg", "train.lambda_skip": 1.0},
+        {"label": "Skip Reg. at 1 by Tsit5", "train.lambda_skip": 1.0, "model.solver": "tsit5"},
+    ]
+    raw = {**TINY, "search": {"variants": variants}}
+    assert [s["variant"]["label"] for s in spec.expand(spec.from_dict("s", raw))] == [
+        "Skip Reg.",
+        "Skip Reg. at 1",
+        "Skip Reg. at 1 by Tsit5",
+    ]
+    fixed = spec.from_dict("s", raw, {"train.lambda_skip": 1.0})
+    assert [s["variant"]["label"] for s in spec.expand(fixed)] == [
+        "Skip Reg.",
+        "Skip Reg. at 1 by Tsit5",
+    ]
+    assert fixed.places["variants"] == (0, 2)
+    assert {fixed.trial_config(s).train.lambda_skip for s in spec.expand(fixed)} == {1.0}
 
 
 def test_a_setting_that_a_dimensions_value_refuses_is_named_under_it_without_variants():

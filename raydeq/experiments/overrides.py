@@ -62,11 +62,40 @@ def fix_search(
                 f"{values}",
                 key=dotted,
             )
+    variants, placed = _without_made_alike(
+        search.get("variants") or [], variants, placed, overrides
+    )
     fixed = {**search, "space": space} | ({"variants": variants} if "variants" in search else {})
     fixed |= {"conditional": rules} if isinstance(rules, list) else {}
     if search.get("searcher", "random") != "random":
         _check_points_keep_rules(search, overrides, fixed)
     return fixed, {"variants": placed, "conditional": ruled}
+
+
+def _without_made_alike(
+    written: Sequence[Any], variants: list, placed: tuple[int, ...], overrides: Mapping[str, Any]
+) -> tuple[list, tuple[int, ...]]:
+    """The kept `variants` (at their `placed` places in those `written`) less each that the
+    overrides made the same as an earlier one, its settings less the overridden keys and its
+    label being that one's: it would run that one's trials again (mnist_dense's lambda_skip 1.0
+    row under train.lambda_skip=1.0). Variants written alike are left to the check that
+    refuses them."""
+    kept: list[int] = []
+    for i, row in enumerate(variants):
+        if not any(
+            _unfixed(row, overrides) == _unfixed(variants[j], overrides)
+            and _unfixed(written[placed[i]], {}) != _unfixed(written[placed[j]], {})
+            for j in kept
+        ):
+            kept.append(i)
+    return [variants[i] for i in kept], tuple(placed[i] for i in kept)
+
+
+def _unfixed(row: Any, overrides: Mapping[str, Any]) -> Any:
+    """A variant's settings less its label and the keys that `overrides` fix."""
+    if not isinstance(row, Mapping):
+        return row
+    return {k: v for k, v in row.items() if k != "label" and k not in overrides}
 
 
 def as_written(text: str, places: Mapping[str, Sequence[int]]) -> str:

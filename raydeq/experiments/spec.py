@@ -39,6 +39,7 @@ from raydeq.experiments.primitives import (
 from raydeq.training import data
 from raydeq.training.config import (
     GIVEN_DECIDED_BY,
+    NO_SKIP_LOSS,
     WORKERS_KEY,
     Config,
     ConfigError,
@@ -52,6 +53,7 @@ from raydeq.training.config import (
     read_yaml,
     validate,
     validate_search,
+    without,
     workers_named,
 )
 from raydeq.training.preflight import as_begun
@@ -382,7 +384,6 @@ def _check_space(experiment: Experiment) -> None:
         for key in [key for key in row if key != LABEL]:  # a variant's label labels its trials
             _check_per_trial(key, f"search.variants[{i}]")
             _check_not_drawn(experiment, key, row[key], f"search.variants[{i}]")
-    _check_variants_differ(experiment)
     spaces = [("search.space", {}, search.space)] + [
         (f"search.conditional[{i}].space", _first_values(rule["when"]), rule["space"])
         for i, rule in enumerate(search.conditional)
@@ -401,6 +402,7 @@ def _check_space(experiment: Experiment) -> None:
             if search.variants:
                 key = f"search.variants[{i}]"
                 raise ConfigError(f"{key}: {err}", key=key) from None
+    _check_variants_differ(experiment, firsts)
     for where, fixed, values in tried:
         for row in search.variants or ({},):
             for key, pairs in values.items():
@@ -432,18 +434,40 @@ def _check_not_drawn(experiment: Experiment, dotted: str, value: Any, where: str
         )
 
 
-def _check_variants_differ(experiment: Experiment) -> None:
-    """Raise a ConfigError for a variant written as an earlier one: the results would average
-    their trials as seeds of one configuration."""
-    variants = list(experiment.search.variants)
-    for index, row in enumerate(variants):
-        if row in variants[:index]:
-            raise ConfigError(
-                f"search.variants[{index}]: runs the same trials as "
-                f"search.variants[{variants.index(row)}], which the results would count as "
-                "more seeds of one configuration; remove it, or change a setting",
-                key=f"search.variants[{index}]",
-            )
+def _check_variants_differ(experiment: Experiment, firsts: Mapping[str, Any]) -> None:
+    """Raise a ConfigError for a variant whose trials train as an earlier one's (`_as_run`),
+    the space at its `firsts` values for both (Tune's grid and random sampling set its keys
+    over a variant's; a searcher's points are its values): written alike, or alike once the
+    base config, the overrides and the defaults fill in what one leaves unset, or differing in
+    their labels alone. The results would average them as seeds."""
+    search = experiment.search
+    sampled = {} if experiment.searched else firsts
+    runs = [
+        _as_run(experiment.trial_config(apply_overrides({VARIANT: row}, sampled)))
+        for row in search.variants
+    ]
+    for index, run in enumerate(runs):
+        if run not in runs[:index]:
+            continue
+        first = runs.index(run)
+        rows = (search.variants[first], search.variants[index])
+        keys = sorted({k for row in rows for k in row if k != LABEL})
+        differ = [k for k in keys if rows[0].get(k, rows) != rows[1].get(k, rows)]
+        shown = f" (their trials run {', '.join(differ)} at the same value)" if differ else ""
+        raise ConfigError(
+            f"search.variants[{index}]: runs the same trials as search.variants[{first}]{shown}, "
+            "which the results would count as more seeds of one configuration; remove it, or "
+            "change a setting",
+            key=f"search.variants[{index}]",
+        )
+
+
+def _as_run(cfg: Config) -> dict[str, Any]:
+    """A trial's settings as it trains with them: its config, less the name and label that
+    each trial sets for itself, and less train.lambda_skip where its variant trains no skip
+    loss."""
+    settings = {k: v for k, v in cfg.to_dict().items() if k not in TRIAL_SETTINGS}
+    return without(settings, "train.lambda_skip") if cfg.model.variant in NO_SKIP_LOSS else settings
 
 
 def _unprefixed(err: ConfigError, key: str) -> str:
