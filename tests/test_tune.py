@@ -384,6 +384,29 @@ def test_an_override_inside_a_section_the_space_draws_whole_sets_it_in_each_valu
             r"configuration; list it once$",
         ),
         (
+            {"space": {"model.abstol": yaml.safe_load("{grid_search: [1e-3, 0.001]}")}},
+            r"^search.space.model.abstol.grid_search: '1e-3' and 0.001 run the same trials \(their "
+            r"trials run it at the same value\), which the results would count as more seeds of "
+            r"one configuration; list one of them$",
+        ),
+        (
+            {"space": {"model.max_steps": {"grid_search": [None, 50]}}},
+            r"^search.space.model.max_steps.grid_search: None and 50 run the same trials",
+        ),
+        (
+            {
+                "variants": [
+                    {"label": "a", "model.variant": "skip"},
+                    {"label": "b", "model.variant": "vanilla"},
+                ],
+                "space": {"train.lambda_skip": {"grid_search": [0.1, 1.0]}},
+            },
+            r"^search.space.train.lambda_skip.grid_search: 0.1 and 1.0 run the same trials \(the "
+            r"trials of search.variants\[1\] are a vanilla model's, which trains no skip loss\), "
+            r"which the results would count as more seeds of one configuration; set it in "
+            r"search.variants, in those that train one$",
+        ),
+        (
             {"variants": [{"label": "a", "seed": 1}, {"label": "a", "seed": 1}]},
             r"^search.variants\[1\]: runs the same trials as search.variants\[0\], which the "
             r"results would count as more seeds of one configuration; remove it, or change a "

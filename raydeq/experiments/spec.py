@@ -404,14 +404,17 @@ def _check_space(experiment: Experiment) -> None:
                 raise ConfigError(f"{key}: {err}", key=key) from None
     _check_variants_differ(experiment, firsts)
     for where, fixed, values in tried:
-        for row in search.variants or ({},):
+        for i, row in enumerate(search.variants or ({},)):
             for key, pairs in values.items():
+                runs = []
                 for what, value in pairs:
                     sampled = apply_overrides({VARIANT: row}, firsts | fixed | {key: value})
                     try:
-                        experiment.trial_config(sampled)
+                        runs.append(_as_run(experiment.trial_config(sampled)))
                     except ConfigError as err:
                         raise _value_error(where, key, what, value, err) from None
+                variant = f"search.variants[{i}]" if search.variants else ""
+                _check_grid_apart(f"{where}.{key}", pairs, runs, variant)
 
 
 def _value_error(where: str, key: str, what: str, value: Any, err: ConfigError) -> ConfigError:
@@ -483,7 +486,6 @@ def _space_values(where: str, space: Mapping[str, Any]) -> dict[str, list[tuple[
     for key in dims:
         _check_key(key, where)
         _check_per_trial(key, where)
-        _check_listed_once(f"{where}.{key}", dims[key])
     values = {key: _values(f"{where}.{key}", spec) for key, spec in dims.items()}
     for key in PATH_KEYS:
         for what, value in values.get(key, ()):
@@ -491,18 +493,37 @@ def _space_values(where: str, space: Mapping[str, Any]) -> dict[str, list[tuple[
     return {key: pairs for key, pairs in values.items() if pairs}
 
 
-def _check_listed_once(where: str, spec: Any) -> None:
-    """Raise a ConfigError for a grid value listed twice (a seed twice): Tune runs the same
-    trials again, which the results would average as further seeds of one configuration."""
-    values = spec.get("grid_search") if is_primitive(spec) else None
-    for index, value in enumerate(values if isinstance(values, list) else ()):
-        if value in values[:index]:
+def _check_grid_apart(
+    where: str, pairs: Sequence[tuple[str, Any]], runs: list[dict[str, Any]], variant: str
+) -> None:
+    """Raise a ConfigError for a grid value at `where` whose trials (`runs`, of the dimension's
+    values `pairs` in the trials of `variant`) train as an earlier value's: listed twice (a seed
+    twice), written otherwise (1e-3 read as text beside 0.001, null beside the preset's
+    value), or a lambda_skip that the variant trains without. Tune runs each value's trials,
+    which the results would average as further seeds of one configuration."""
+    for index, (what, value) in enumerate(pairs):
+        if what != "the grid value" or runs[index] not in runs[:index]:
+            continue
+        seeds = "which the results would count as more seeds of one configuration"
+        other = pairs[runs.index(runs[index])][1]
+        if other == value:
             raise ConfigError(
                 f"{where}.grid_search: {value!r} is listed twice; each value of a grid runs "
-                "trials of its own, which the results would count as more seeds of one "
-                "configuration; list it once",
+                f"trials of its own, {seeds}; list it once",
                 key=f"{where}.grid_search",
             )
+        trained = runs[index]["model"]["variant"]
+        if where.endswith(".train.lambda_skip") and trained in NO_SKIP_LOSS:
+            whose = f"the trials of {variant}" if variant else "their trials"
+            why = f"{whose} are a {trained} model's, which trains no skip loss"
+            fix = "set it in search.variants, in those that train one" if variant else "list one"
+        else:
+            why, fix = "their trials run it at the same value", "list one of them"
+        raise ConfigError(
+            f"{where}.grid_search: {other!r} and {value!r} run the same trials ({why}), "
+            f"{seeds}; {fix}",
+            key=f"{where}.grid_search",
+        )
 
 
 def _check_searched_folder(where: str, what: str, value: Any) -> None:
