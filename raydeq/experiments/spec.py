@@ -707,9 +707,10 @@ def check_repeats(experiment: Experiment, num_samples: int | None = None) -> Non
     counts = [(k, _points(k, v)) for space in spaces for k, v in dimensions(space).items()]
     points = math.prod(count for _, count in counts)
     outside = searchers.points_outside(experiment.space()) if experiment.searched else 0
-    if samples <= points + outside:
-        return
     where = "search.num_samples" if num_samples is None else "--num-samples"
+    if samples <= points + outside:
+        _check_repeats_without_skip_loss(experiment, samples, counts, where)
+        return
     seeds = "which the results would count as more seeds of one configuration"
     drawn = ", ".join(f"{key}: {count} values" for key, count in counts if count > 1)
     drawn += f"{', ' if drawn else ''}{outside} variants outside its ranges" if outside else ""
@@ -739,6 +740,35 @@ def check_repeats(experiment: Experiment, num_samples: int | None = None) -> Non
         "search.space.seed: {grid_search: [...]}",
         key=where,
     )
+
+
+def _check_repeats_without_skip_loss(
+    experiment: Experiment, samples: int, counts: list[tuple[str, float]], where: str
+) -> None:
+    """Raise a ConfigError (naming `where` the sample count is set) where Tune's random
+    sampling draws train.lambda_skip (of `counts`, the space's dimensions and their points) and
+    a variant without a skip loss, which trains the same at every value, runs more `samples`
+    than the other dimensions have points: those trials repeat, seeds and all (a space of
+    lambda_skip alone runs a vanilla DEQ's trials `samples` times alike)."""
+    search = experiment.search
+    keys = [key for key, _ in counts]
+    if experiment.searched or "train.lambda_skip" not in keys or "model.variant" in keys:
+        return
+    points = math.prod(count for key, count in counts if key != "train.lambda_skip")
+    for i, row in enumerate(search.variants or ({},)):
+        variant = experiment.trial_config({VARIANT: row}).model.variant
+        if variant not in NO_SKIP_LOSS or samples <= points:
+            continue
+        whose = f"search.variants[{i}]" if search.variants else "the base config"
+        raise ConfigError(
+            f"{where}: {samples} samples draw the trials of {whose}, a {variant} model, from "
+            f"{points} point{'s' * (points != 1)} at most: it trains no skip loss, so "
+            "train.lambda_skip changes nothing in them, and they repeat, seeds and all, which "
+            "the results would count as more seeds of one configuration; set "
+            f"{points}{' or fewer' * (points > 1)}, or draw train.lambda_skip for the skip "
+            "variants alone (searcher tpe with a conditional rule)",
+            key=where,
+        )
 
 
 def _points(key: str, spec: Any) -> float:
