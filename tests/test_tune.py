@@ -1023,7 +1023,8 @@ def test_more_samples_than_a_space_has_points_to_draw_are_refused_naming_both_co
     """A random search over choices alone (model.solver of 2, seed's grid) ran 6 samples as 3
     repeats of each point, seeds and all, without a word, which the table counted as seeds of
     one configuration; more samples than the points, and a searcher's trials past its
-    variants and points, are refused in one line naming both counts. As many pass."""
+    variants and points, are refused in one line naming both counts. As many pass (a
+    searcher's; Tune's where they draw no point twice)."""
     space = {"model.solver": {"choice": ["vcab3", "bs3"]}, "seed": {"grid_search": [0, 1]}}
     choices = spec.from_dict("choices", {**TINY, "search": {"space": space, "num_samples": 6}})
     with pytest.raises(ConfigError) as err:
@@ -1034,7 +1035,7 @@ def test_more_samples_than_a_space_has_points_to_draw_are_refused_naming_both_co
         "as more seeds of one configuration; set 2 or fewer, or list the values in grid_search "
         "and set 1, to run each point once"
     )
-    spec.check_repeats(choices, 2)
+    spec.check_repeats(choices, 1)
     ranges = {"train.epochs": {"qrandint": [1, 3, 1]}, "optim.lr": {"quniform": [0.1, 0.3, 0.1]}}
     with pytest.raises(ConfigError, match=r"^--num-samples: 7 samples of a space of 6 points "):
         spec.check_repeats(spec.from_dict("ranges", {**TINY, "search": {"space": ranges}}), 7)
@@ -1050,6 +1051,26 @@ def test_more_samples_than_a_space_has_points_to_draw_are_refused_naming_both_co
         "search.space"
     )
     spec.check_repeats(spec.from_dict("tpe", {**TINY, "search": search}), 5)
+
+
+def test_a_sample_that_draws_a_point_of_a_small_space_again_by_chance_is_refused():
+    """3 samples of a choice of 3 solvers drew euler, bs3 and bs3 (the experiment's seed draws
+    them), so bs3's trials ran twice and vcab3's never, without a word; the repeat is refused
+    naming the samples and the value, and the samples before it pass."""
+    space = {"model.solver": {"choice": ["vcab3", "bs3", "euler"]}, "seed": {"grid_search": [0, 1]}}
+    experiment = spec.from_dict("three", {**TINY, "search": {"space": space, "num_samples": 3}})
+    assert [s["model"]["solver"] for s in spec.expand(experiment)] == [
+        *["euler", "euler", "bs3", "bs3", "bs3", "bs3"]
+    ]
+    with pytest.raises(ConfigError) as err:
+        spec.check_repeats(experiment)
+    assert str(err.value) == (
+        "search.num_samples: sample 3 of 3 draws solver=bs3 again, as sample 2 did (the draws "
+        "come from the experiment's seed), and would run its trials again, seeds and all, which "
+        "the results would count as more seeds of one configuration; set 2, or list the values "
+        "in grid_search and set 1, to run each point once"
+    )
+    spec.check_repeats(experiment, 2)
 
 
 def test_samples_that_repeat_a_vanilla_variants_trials_at_other_lambda_skips_are_refused():

@@ -710,6 +710,8 @@ def check_repeats(experiment: Experiment, num_samples: int | None = None) -> Non
     where = "search.num_samples" if num_samples is None else "--num-samples"
     if samples <= points + outside:
         _check_repeats_without_skip_loss(experiment, samples, counts, where)
+        if not experiment.searched and samples > 1 and math.isfinite(points):
+            _check_draws_apart(experiment, samples, where)
         return
     seeds = "which the results would count as more seeds of one configuration"
     drawn = ", ".join(f"{key}: {count} values" for key, count in counts if count > 1)
@@ -740,6 +742,29 @@ def check_repeats(experiment: Experiment, num_samples: int | None = None) -> Non
         "search.space.seed: {grid_search: [...]}",
         key=where,
     )
+
+
+def _check_draws_apart(experiment: Experiment, samples: int, where: str) -> None:
+    """Raise a ConfigError where Tune's random sampling of a space of few points draws one
+    again by chance (a choice of 3 solvers, 3 samples: bs3 twice): the draws come from the
+    experiment's seed (`expand`), so the repeat is known before the run, whose results would
+    average its trials, seeds and all, as further seeds of one configuration."""
+    trials = expand(experiment, samples)
+    each = len(trials) // samples  # a sample's grid: its first trial holds its draws
+    draws = [trials[i * each] for i in range(samples)]
+    grid = tuple(experiment.grid())
+    for index, drawn in enumerate(draws):
+        if drawn not in draws[:index]:
+            continue
+        values = describe({k: v for k, v in drawn.items() if k != VARIANT}, leave_out=grid)
+        raise ConfigError(
+            f"{where}: sample {index + 1} of {samples} draws {values} again, as sample "
+            f"{draws.index(drawn) + 1} did (the draws come from the experiment's seed), and "
+            "would run its trials again, seeds and all, which the results would count as more "
+            f"seeds of one configuration; set {index}, or list the values in grid_search and "
+            "set 1, to run each point once",
+            key=where,
+        )
 
 
 def _check_repeats_without_skip_loss(
