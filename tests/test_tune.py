@@ -401,10 +401,21 @@ def test_an_override_inside_a_section_the_space_draws_whole_sets_it_in_each_valu
                 ],
                 "space": {"train.lambda_skip": {"grid_search": [0.1, 1.0]}},
             },
-            r"^search.space.train.lambda_skip.grid_search: 0.1 and 1.0 run the same trials \(the "
-            r"trials of search.variants\[1\] are a vanilla model's, which trains no skip loss\), "
-            r"which the results would count as more seeds of one configuration; set it in "
-            r"search.variants, in those that train one$",
+            r"^search.space.train.lambda_skip.grid_search: 0.1 and 1.0 run the same trials "
+            r"\(\[b\]: a vanilla model trains no skip loss\), which the results would count as "
+            r"more seeds of one configuration; set train.lambda_skip in search.variants, in those "
+            r"that train a skip loss$",
+        ),
+        (
+            {
+                "space": {
+                    "model.variant": {"grid_search": ["skip", "vanilla"]},
+                    "train.lambda_skip": {"grid_search": [0.1, 1.0]},
+                    "seed": {"grid_search": [0, 1]},
+                }
+            },
+            r"^search.space.train.lambda_skip.grid_search: 0.1 and 1.0 run the same trials "
+            r"\(\[variant=vanilla, seed=0\]: a vanilla model trains no skip loss\), which ",
         ),
         (
             {"variants": [{"label": "a", "seed": 1}, {"label": "a", "seed": 1}]},

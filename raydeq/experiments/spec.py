@@ -404,17 +404,16 @@ def _check_space(experiment: Experiment) -> None:
                 raise ConfigError(f"{key}: {err}", key=key) from None
     _check_variants_differ(experiment, firsts)
     for where, fixed, values in tried:
-        for i, row in enumerate(search.variants or ({},)):
+        for row in search.variants or ({},):
             for key, pairs in values.items():
-                runs = []
                 for what, value in pairs:
                     sampled = apply_overrides({VARIANT: row}, firsts | fixed | {key: value})
                     try:
-                        runs.append(_as_run(experiment.trial_config(sampled)))
+                        experiment.trial_config(sampled)
                     except ConfigError as err:
                         raise _value_error(where, key, what, value, err) from None
-                variant = f"search.variants[{i}]" if search.variants else ""
-                _check_grid_apart(f"{where}.{key}", pairs, runs, variant)
+    if not experiment.searched:
+        _check_grid_apart(experiment)
 
 
 def _value_error(where: str, key: str, what: str, value: Any, err: ConfigError) -> ConfigError:
@@ -486,6 +485,7 @@ def _space_values(where: str, space: Mapping[str, Any]) -> dict[str, list[tuple[
     for key in dims:
         _check_key(key, where)
         _check_per_trial(key, where)
+        _check_listed_once(f"{where}.{key}", dims[key])
     values = {key: _values(f"{where}.{key}", spec) for key, spec in dims.items()}
     for key in PATH_KEYS:
         for what, value in values.get(key, ()):
@@ -493,36 +493,58 @@ def _space_values(where: str, space: Mapping[str, Any]) -> dict[str, list[tuple[
     return {key: pairs for key, pairs in values.items() if pairs}
 
 
-def _check_grid_apart(
-    where: str, pairs: Sequence[tuple[str, Any]], runs: list[dict[str, Any]], variant: str
-) -> None:
-    """Raise a ConfigError for a grid value at `where` whose trials (`runs`, of the dimension's
-    values `pairs` in the trials of `variant`) train as an earlier value's: listed twice (a seed
-    twice), written otherwise (1e-3 read as text beside 0.001, null beside the preset's
-    value), or a lambda_skip that the variant trains without. Tune runs each value's trials,
-    which the results would average as further seeds of one configuration."""
-    for index, (what, value) in enumerate(pairs):
-        if what != "the grid value" or runs[index] not in runs[:index]:
-            continue
-        seeds = "which the results would count as more seeds of one configuration"
-        other = pairs[runs.index(runs[index])][1]
-        if other == value:
+def _check_listed_once(where: str, spec: Any) -> None:
+    """Raise a ConfigError for a grid value listed twice (a seed twice): Tune runs the same
+    trials again, which the results would average as further seeds of one configuration."""
+    values = spec.get("grid_search") if is_primitive(spec) else None
+    for index, value in enumerate(values if isinstance(values, list) else ()):
+        if value in values[:index]:
             raise ConfigError(
                 f"{where}.grid_search: {value!r} is listed twice; each value of a grid runs "
-                f"trials of its own, {seeds}; list it once",
+                "trials of its own, which the results would count as more seeds of one "
+                "configuration; list it once",
                 key=f"{where}.grid_search",
             )
-        trained = runs[index]["model"]["variant"]
-        if where.endswith(".train.lambda_skip") and trained in NO_SKIP_LOSS:
-            whose = f"the trials of {variant}" if variant else "their trials"
-            why = f"{whose} are a {trained} model's, which trains no skip loss"
-            fix = "set it in search.variants, in those that train one" if variant else "list one"
-        else:
-            why, fix = "their trials run it at the same value", "list one of them"
+
+
+def _check_grid_apart(experiment: Experiment) -> None:
+    """Raise a ConfigError for two trials of a sample of Tune's grid that train alike
+    (`_as_run`), named by the grid dimension they differ in where they differ in one: a value
+    written otherwise (1e-3, which YAML reads as text, beside 0.001; null beside the preset's
+    value), or a train.lambda_skip that their model trains without. Tune runs each trial of
+    the grid, which the results would average as further seeds of one configuration."""
+    trials = expand(experiment, 1)
+    runs = [_as_run(experiment.trial_config(sampled)) for sampled in trials]
+    for index, run in enumerate(runs):
+        if run not in runs[:index]:
+            continue
+        seeds = "which the results would count as more seeds of one configuration"
+        pair = (trials[runs.index(run)], trials[index])
+        flat = [leaves({k: v for k, v in t.items() if k != VARIANT}) for t in pair]
+        differ = sorted(
+            k for k in flat[0].keys() | flat[1].keys() if flat[0].get(k) != flat[1].get(k)
+        )
+        if len(differ) != 1 or pair[0].get(VARIANT) != pair[1].get(VARIANT):
+            raise ConfigError(
+                f"search.space: the trials [{describe(pair[0])}] and [{describe(pair[1])}] "
+                f"train alike, {seeds}; change the space or the variants so that they differ",
+                key="search.space",
+            )
+        where = f"search.space.{differ[0]}.grid_search"
+        values = f"{flat[0][differ[0]]!r} and {flat[1][differ[0]]!r}"
+        variant = run["model"]["variant"]
+        if differ == ["train.lambda_skip"] and variant in NO_SKIP_LOSS:
+            shown = describe(pair[1], tuple(differ))
+            raise ConfigError(
+                f"{where}: {values} run the same trials ({f'[{shown}]' if shown else 'theirs'}: "
+                f"a {variant} model trains no skip loss), {seeds}; set train.lambda_skip in "
+                "search.variants, in those that train a skip loss",
+                key=where,
+            )
         raise ConfigError(
-            f"{where}.grid_search: {other!r} and {value!r} run the same trials ({why}), "
-            f"{seeds}; {fix}",
-            key=f"{where}.grid_search",
+            f"{where}: {values} run the same trials (their trials run it at the same value), "
+            f"{seeds}; list one of them",
+            key=where,
         )
 
 
