@@ -1085,22 +1085,28 @@ def test_a_sample_that_draws_a_point_of_a_small_space_again_by_chance_is_refused
 
 
 def test_samples_that_repeat_a_vanilla_variants_trials_at_other_lambda_skips_are_refused():
-    """train.lambda_skip drawn at random over a vanilla and a skip variant ran 3 samples of the
-    vanilla DEQ's trials at 3 values it trains without, alike, seeds and all; they are refused
-    naming the variant, and pass where the space draws another dimension too."""
+    """train.lambda_skip drawn at random over a vanilla and a skip variant (or grid value of
+    model.variant) ran 3 samples of the vanilla DEQ's trials at 3 values it trains without,
+    alike, seeds and all; they are refused naming the trials, and pass where the space draws
+    another dimension too."""
     space = {"train.lambda_skip": {"loguniform": [1e-3, 1e-1]}, "seed": {"grid_search": [0, 1]}}
     variants = [{"label": "S", "model.variant": "skip"}, {"label": "V", "model.variant": "vanilla"}]
     search = {"space": space, "variants": variants, "num_samples": 3}
     with pytest.raises(ConfigError) as err:
         spec.check_repeats(spec.from_dict("lambda", {**TINY, "search": search}))
     assert str(err.value) == (
-        "search.num_samples: 3 samples draw the trials of search.variants[1], a vanilla model, "
-        "from 1 point at most: it trains no skip loss, so train.lambda_skip changes nothing in "
-        "them, and they repeat, seeds and all, which the results would count as more seeds of "
-        "one configuration; set 1, or draw train.lambda_skip for the skip variants alone "
-        "(searcher tpe with a conditional rule)"
+        "search.num_samples: 3 samples draw the trials of [V, seed=0], a vanilla model, from 1 "
+        "point at most: it trains no skip loss, so train.lambda_skip changes nothing in them, "
+        "and they repeat, seeds and all, which the results would count as more seeds of one "
+        "configuration; set 1, or draw train.lambda_skip for the skip variants alone (searcher "
+        "tpe with a conditional rule)"
     )
     spec.check_repeats(spec.from_dict("lambda", {**TINY, "search": search}), 1)
+    grid = {"model.variant": {"grid_search": ["skip", "vanilla"]}, **space}
+    with pytest.raises(ConfigError, match=r"trials of \[variant=vanilla, seed=0\], a vanilla "):
+        spec.check_repeats(
+            spec.from_dict("grid", {**TINY, "search": {"space": grid, "num_samples": 3}})
+        )
     space["model.abstol"] = {"loguniform": [1e-3, 1e-1]}
     spec.check_repeats(spec.from_dict("lambda", {**TINY, "search": search}))
 

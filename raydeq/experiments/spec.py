@@ -793,25 +793,27 @@ def _check_repeats_without_skip_loss(
     experiment: Experiment, samples: int, counts: list[tuple[str, float]], where: str
 ) -> None:
     """Raise a ConfigError (naming `where` the sample count is set) where Tune's random
-    sampling draws train.lambda_skip (of `counts`, the space's dimensions and their points) and
-    a variant without a skip loss, which trains the same at every value, runs more `samples`
-    than the other dimensions have points: those trials repeat, seeds and all (a space of
-    lambda_skip alone runs a vanilla DEQ's trials `samples` times alike)."""
-    search = experiment.search
-    keys = [key for key, _ in counts]
-    if experiment.searched or "train.lambda_skip" not in keys or "model.variant" in keys:
+    sampling draws train.lambda_skip (of `counts`, the space's dimensions and their points)
+    and a trial of its grid (a variant's, a grid value's of model.variant) is of a model
+    without a skip loss, which trains the same at every value, and the samples are more than
+    the other dimensions have points: its trials repeat, seeds and all (a space of lambda_skip
+    alone runs a vanilla DEQ's trials `samples` times alike)."""
+    drawn = dict(counts)
+    if experiment.searched or "train.lambda_skip" not in drawn or drawn.get("model.variant", 1) > 1:
         return
     points = math.prod(count for key, count in counts if key != "train.lambda_skip")
-    for i, row in enumerate(search.variants or ({},)):
-        variant = experiment.trial_config({VARIANT: row}).model.variant
-        if variant not in NO_SKIP_LOSS or samples <= points:
+    if samples <= points:
+        return
+    for sampled in expand(experiment, 1):
+        variant = experiment.trial_config(sampled).model.variant
+        if variant not in NO_SKIP_LOSS:
             continue
-        whose = f"search.variants[{i}]" if search.variants else "the base config"
+        shown = describe(sampled, leave_out=("train.lambda_skip",))
         raise ConfigError(
-            f"{where}: {samples} samples draw the trials of {whose}, a {variant} model, from "
-            f"{points} point{'s' * (points != 1)} at most: it trains no skip loss, so "
-            "train.lambda_skip changes nothing in them, and they repeat, seeds and all, which "
-            "the results would count as more seeds of one configuration; set "
+            f"{where}: {samples} samples draw the trials{f' of [{shown}]' if shown else ''}, "
+            f"a {variant} model, from {points} point{'s' * (points != 1)} at most: it trains no "
+            "skip loss, so train.lambda_skip changes nothing in them, and they repeat, seeds and "
+            "all, which the results would count as more seeds of one configuration; set "
             f"{points}{' or fewer' * (points > 1)}, or draw train.lambda_skip for the skip "
             "variants alone (searcher tpe with a conditional rule)",
             key=where,
