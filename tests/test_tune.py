@@ -418,6 +418,18 @@ def test_an_override_inside_a_section_the_space_draws_whole_sets_it_in_each_valu
             r"\(\[variant=vanilla, seed=0\]: a vanilla model trains no skip loss\), which ",
         ),
         (
+            {
+                "variants": [
+                    {"label": "a", "train.lambda_skip": 0.1},
+                    {"label": "b", "train.lambda_skip": 1.0},
+                ],
+                "space": {"model.variant": {"grid_search": ["skip", "vanilla"]}},
+            },
+            r"^search.space: the trials \[a, variant=vanilla\] and \[b, variant=vanilla\] train "
+            r"alike, which the results would count as more seeds of one configuration; change the "
+            r"space or the variants so that they differ$",
+        ),
+        (
             {"variants": [{"label": "a", "seed": 1}, {"label": "a", "seed": 1}]},
             r"^search.variants\[1\]: runs the same trials as search.variants\[0\], which the "
             r"results would count as more seeds of one configuration; remove it, or change a "
