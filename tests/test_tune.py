@@ -469,8 +469,8 @@ def test_an_override_inside_a_section_the_space_draws_whole_sets_it_in_each_valu
                     {"label": "b", "model.variant": "vanilla", "train.lambda_skip": 1.0},
                 ]
             },
-            r"^search.variants\[1\]: runs the same trials as search.variants\[0\] \(vanilla "
-            r"trains no skip loss, whatever train.lambda_skip says\), which the results would ",
+            r"^search.variants\[0\]: train.lambda_skip: 0.1 weighs the skip loss, which variant "
+            r"'vanilla' does not have",
         ),
         (
             {
