@@ -38,7 +38,10 @@ import torch
 from conftest import tensorboard_data, ticking
 from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
 from ray.cluster_utils import Cluster
-from ray.train import Checkpoint, ScalingConfig
+from ray.train import Checkpoint, FailureConfig, ScalingConfig
+from ray.train.v2._internal.exceptions import UserExceptionWithTraceback
+from ray.train.v2._internal.execution.failure_handling import DefaultFailurePolicy, FailureDecision
+from ray.train.v2._internal.execution.worker_group.poll import WorkerGroupPollStatus, WorkerStatus
 from ray.util.state import list_actors
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
@@ -4505,6 +4508,49 @@ def test_raydeqs_own_errors_are_one_line_and_other_tracebacks_stay():
             logging.makeLogRecord({"msg": f"Error in training function:\n{traceback}"})
         )
         assert logger.filter(logging.makeLogRecord({"msg": f"Error in training function:\n{bug}"}))
+
+
+def worker_failed(err: Exception, running: bool = False) -> WorkerStatus:
+    """A worker's status as Ray Train polls it after its training function raised `err`."""
+    try:
+        raise err
+    except Exception:
+        return WorkerStatus(running, UserExceptionWithTraceback(err, traceback.format_exc()))
+
+
+def test_an_error_that_a_restart_meets_again_ends_the_run_without_restarts(tmp_path):
+    """A worker's error that recurs (no readable checkpoint, a config refused, a divergence on
+    record) took each of scaling.max_failures restarts, a Ray Train start each, to print again;
+    it now ends the run at once, as a controller error that Ray Train's failure policy does not
+    retry, naming raydeq's error in one line. A lost worker, a storage error (an interrupted
+    copy) or a bug is restarted as before."""
+    folder = tmp_path / "checkpoint_1"
+    checkpoint.write_checkpoint({"step": 1, "model": {"w": torch.zeros(2)}}, folder)
+    state = (folder / STATE_FILE).read_bytes()
+    (folder / STATE_FILE).write_bytes(bytes(len(state)))  # whole in size, failing its checksum
+    with pytest.raises(checkpoint.CheckpointError) as unreadable:
+        checkpoint.restore([contextlib.nullcontext(str(folder))])
+    with pytest.raises(config.ConfigError) as refused:
+        validate({"optim": {"lr": -1.0}})
+    recurring = [unreadable.value, refused.value, loop.NonFiniteError("training stopped at step 4")]
+    transient = [
+        ray.exceptions.ActorDiedError(),
+        storage.StorageError("the checkpoint of step 4 could not be stored in s3://b/run: reset"),
+        RuntimeError("a bug"),
+    ]
+    trainer = launch.trainer(make_config(tmp_path), LOCAL)
+    stop = next(c for c in trainer.run_config.callbacks if isinstance(c, launch.NoRestart))
+    policy = DefaultFailurePolicy(FailureConfig(max_failures=3))
+    for err in recurring:
+        status = WorkerGroupPollStatus({0: worker_failed(err), 1: WorkerStatus(running=True)})
+        with pytest.raises(ray.train.ControllerError) as ended:
+            stop.after_worker_group_poll_status(status)
+        assert policy.make_decision(ended.value) == FailureDecision.RAISE
+        assert launch.own_error(str(ended.value)) == f"{type(err).__name__}: {err}"
+    for err in transient:
+        status = WorkerGroupPollStatus({0: worker_failed(err), 1: worker_failed(err)})
+        stop.after_worker_group_poll_status(status)
+        assert policy.make_decision(status.get_worker_group_error()) == FailureDecision.RETRY
 
 
 def nan_splits(cfg: data.DataSection, load=data.load_splits) -> data.Splits:

@@ -21,6 +21,7 @@ import pyarrow.fs
 import torch
 
 from raydeq.training.console import first_line, os_reason
+from raydeq.training.errors import Recurring
 from raydeq.training.storage import TRAIN_RUN, StorageError
 
 STATE_FILE = "state.pt"
@@ -41,7 +42,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(Recurring, RuntimeError):
     """A checkpoint folder is incomplete, corrupted, or holds something other than tensors."""
 
 

@@ -29,10 +29,14 @@ from ray._private.runtime_env.packaging import get_local_dir_from_uri
 from ray.train import CheckpointConfig, FailureConfig, Result, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from ray.train.v2._internal.constants import V2_ENABLED_ENV_VAR, is_v2_enabled
+from ray.train.v2._internal.execution.callback import WorkerGroupCallback
+from ray.train.v2._internal.execution.worker_group.poll import WorkerGroupPollStatus
+from ray.train.v2.api.exceptions import ControllerError
 
 from raydeq.training import capacity
 from raydeq.training.config import WORKERS_KEY, Config, ConfigError, validate
 from raydeq.training.console import first_line
+from raydeq.training.errors import Recurring
 from raydeq.training.interrupts import handlers_kept
 from raydeq.training.storage import CHECKPOINT_PREFIX, filesystem, local_path, subfolders
 
@@ -439,6 +443,20 @@ def scaling_config(cfg: Config, gpus: float, reserve_cpu: float = 0.0) -> Scalin
     return ScalingConfig(num_workers=workers, use_gpu=gpus > 0, resources_per_worker=resources)
 
 
+class NoRestart(WorkerGroupCallback):
+    """Ray Train's restarts (scaling.max_failures) left out where a worker raised an error that
+    a restart meets again (`Recurring`: no checkpoint readable, a divergence on record): each
+    took a Ray Train start to print the same error. Ray Train's failure policy restarts a run
+    for a worker's error and ends it for its controller's, so that error ends the run as the
+    controller's, with the workers' errors as Ray Train states them; a worker lost or killed,
+    and any other error, is restarted as before."""
+
+    def after_worker_group_poll_status(self, worker_group_status: WorkerGroupPollStatus) -> None:
+        """Raise a ControllerError where a worker's error is `Recurring`."""
+        if any(isinstance(err, Recurring) for err in worker_group_status.errors.values()):
+            raise ControllerError(worker_group_status.get_worker_group_error())
+
+
 def trainer(
     cfg: Config,
     scaling: ScalingConfig,
@@ -446,8 +464,9 @@ def trainer(
     train_fn: Callable[[dict[str, Any]], None] = train_loop,
     threads: int | None = None,
 ) -> TorchTrainer:
-    """The TorchTrainer of a run: `storage_path/name`, checkpoints kept, restarts allowed;
-    its workers run `threads` threads where given, else as many as Ray gives them."""
+    """The TorchTrainer of a run: `storage_path/name`, checkpoints kept, restarts allowed but
+    for errors that recur (`NoRestart`); its workers run `threads` threads where given, else as
+    many as Ray gives them."""
     env = {"env_vars": {"OMP_NUM_THREADS": str(threads)}} if threads else None
     return TorchTrainer(
         train_fn,
@@ -458,7 +477,7 @@ def trainer(
             storage_path=cfg.storage_path,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
-            callbacks=list(callbacks),
+            callbacks=[*callbacks, NoRestart()],
             # Ray Train's v1 API lacks it, so it is looked up here: check_cluster names that.
             logging_config=ray.train.LoggingConfig(log_level=RAY_LOG_LEVEL),
             worker_runtime_env=env,

@@ -33,6 +33,7 @@ from raydeq.training.config import (
     trained_settings,
 )
 from raydeq.training.console import Progress, first_line
+from raydeq.training.errors import Recurring
 from raydeq.training.objective import STEP_METRICS, Evaluation, Objective, clock, evaluate
 from raydeq.training.reporting import Meter, Reporter, all_gather, all_sum, most
 from raydeq.training.session import Session
@@ -56,7 +57,7 @@ PRETRAIN_METRICS += ("residual", "unconverged_fraction", "backward_unconverged_f
 log = logging.getLogger("raydeq")
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(Recurring, RuntimeError):
     """Training stopped after too many steps in a row with a non-finite loss or gradient."""
 
 

@@ -12,10 +12,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import field
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
+from raydeq.training.errors import Recurring
+
 _BOUNDS = {"ge": (">=", operator.ge), "gt": (">", operator.gt), "le": ("<=", operator.le)}
 
 
-class ConfigError(ValueError):
+class ConfigError(Recurring, ValueError):
     """A configuration key is unknown, or its value has the wrong type or is out of range;
     `key` is the dotted key the message names first (None for an error about no one key)."""
 
