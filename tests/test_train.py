@@ -39,6 +39,7 @@ from conftest import tensorboard_data, ticking
 from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
 from ray.cluster_utils import Cluster
 from ray.train import Checkpoint, FailureConfig, ScalingConfig
+from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
 from ray.train.v2._internal.exceptions import UserExceptionWithTraceback
 from ray.train.v2._internal.execution.failure_handling import DefaultFailurePolicy, FailureDecision
 from ray.train.v2._internal.execution.worker_group.poll import WorkerGroupPollStatus, WorkerStatus
@@ -1914,6 +1915,48 @@ def test_a_manifest_records_its_format_and_a_newer_one_is_refused_not_passed_ove
         "reads formats up to 1; update raydeq\n"
     )
     assert resumed == []
+
+
+def test_a_record_of_ray_train_naming_a_checkpoint_that_is_gone_is_one_line_before_ray_starts(
+    tmp_path, capsys, monkeypatch
+):
+    """A checkpoint folder deleted by hand, or Ray Train's record of the checkpoints cut short,
+    made Ray Train's controller refuse to start at every run of the command, in a traceback
+    that said to delete the run's folder; the command now names the record and what is gone,
+    exit code 2, before Ray starts, and the run resumes from its checkpoints once the record
+    alone is deleted."""
+    path = tmp_path / "run.yaml"
+    path.write_text(f"scaling: {{device: cpu}}\nstorage_path: {tmp_path / 'runs'}\n")
+    cfg = config.load(str(path), [])
+    monkeypatch.setattr(launch, "check_cluster", lambda: None)
+    monkeypatch.setattr(launch, "connect", lambda: False)
+    monkeypatch.setattr(launch, "waiting_note", lambda *args: None)
+    resumed = fits_recorded(monkeypatch)
+    settings = config.trained_settings(cfg)
+    for step in (2, 4):
+        state = {"step": step, "settings": settings}
+        checkpoint.write_checkpoint(state, Path(cfg.run_dir, f"checkpoint_00000{step}"))
+    record = Path(cfg.run_dir, preflight.RAY_RECORD)
+    assert record.name == CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
+    names = [{"checkpoint_dir_name": f"checkpoint_00000{step}"} for step in (2, 4)]
+    record.write_text(json.dumps({"checkpoint_results": names}))
+    assert train.main([str(path)]) == 0 and resumed == [cfg.run_dir]
+    shutil.rmtree(Path(cfg.run_dir, "checkpoint_000004"))
+    assert train.main([str(path)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {record}, Ray Train's record of the run's checkpoints, names "
+        "checkpoint_000004, which is not there; delete it, and the run resumes from the "
+        "checkpoints in its folder\n"
+    )
+    record.write_text(json.dumps({"checkpoint_results": names})[:30])
+    assert train.main([str(path)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {record}, Ray Train's record of the run's checkpoints, cannot be read "
+        "(JSONDecodeError: Unterminated string starting at: line 1 column 26 (char 25)); "
+        "delete it, and the run resumes from the checkpoints in its folder\n"
+    )
+    record.unlink()
+    assert train.main([str(path)]) == 0 and resumed == [cfg.run_dir] * 2
 
 
 def test_a_crash_while_saving_leaves_no_checkpoint_folder(tmp_path, monkeypatch):

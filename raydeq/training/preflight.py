@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import getpass
+import json
 import os
 import re
 import tempfile
@@ -33,12 +34,17 @@ from raydeq.training.storage import (
     CHECKPOINT_PREFIX,
     StorageError,
     check_storage,
+    exists,
     filesystem,
+    read_text,
     subfolders,
 )
 
 # The variable that names torch's compile cache folder.
 CACHE_VARIABLE = "TORCHINDUCTOR_CACHE_DIR"
+# Ray Train's record of a run's checkpoints, in the run's folder (its
+# CHECKPOINT_MANAGER_SNAPSHOT_FILENAME, named here: the preflight imports no Ray).
+RAY_RECORD = "checkpoint_manager_snapshot.json"
 
 
 def check_model(cfg: Config, classes: int | None = None) -> None:
@@ -149,6 +155,8 @@ def check_run(
     try:
         check_resume(cfg, preset_lambda_skip)
         last = finished_before(cfg)
+        if last is None:
+            check_ray_record(cfg.run_dir)
     except ConfigError:
         raise
     except (OSError, ValueError) as err:  # pyarrow's, for a storage it cannot read
@@ -158,6 +166,32 @@ def check_run(
     if last is None:
         check_storage(cfg.storage_path)
     return last
+
+
+def check_ray_record(run_dir: str) -> None:
+    """Raise a StorageError where Ray Train's record of the run's checkpoints (RAY_RECORD) names
+    a checkpoint folder that is gone (deleted by hand) or cannot be read (cut short by a full
+    disk): Ray Train's controller refused to start on it at every run of the command, in a
+    traceback that said to delete the run's folder. raydeq resumes from the checkpoint folders
+    themselves, so the record alone is to be deleted."""
+    path = f"{run_dir}/{RAY_RECORD}"
+    if not exists(path):
+        return
+    fix = "delete it, and the run resumes from the checkpoints in its folder"
+    try:
+        results = json.loads(read_text(path))["checkpoint_results"]
+        names = [str(result["checkpoint_dir_name"]) for result in results]
+    except (ValueError, KeyError, TypeError) as err:
+        reason = f"{type(err).__name__}: {first_line(err)}"
+        raise StorageError(
+            f"{path}, Ray Train's record of the run's checkpoints, cannot be read ({reason}); {fix}"
+        ) from None
+    gone = [name for name in names if not exists(f"{run_dir}/{name}")]
+    if gone:
+        raise StorageError(
+            f"{path}, Ray Train's record of the run's checkpoints, names {', '.join(gone)}, "
+            f"which {'is' if len(gone) == 1 else 'are'} not there; {fix}"
+        )
 
 
 def newest_manifest(run_dir: str) -> tuple[str, dict[str, Any]] | None:
