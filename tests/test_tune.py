@@ -2846,6 +2846,24 @@ def test_a_resume_archives_only_the_reports_no_earlier_archive_holds(tmp_path):
     assert archive.history(str(trial))["step"].tolist() == [10, 20, 30, 40]
 
 
+def test_a_resume_says_how_far_archiving_the_trials_reports_has_come(tmp_path, capsys, monkeypatch):
+    """--resume archived every trial's reports before Tune restored the experiment without a
+    word: 3,000 trials of 200 reports took 54 s on 2 busy cores; a trial begun 5 s or more
+    after the line before is a line on stderr, with the time left."""
+    experiment = tmp_path / "experiment"
+    for number in range(3):
+        (experiment / f"trial_{number}").mkdir(parents=True)
+        write_reports(experiment / f"trial_{number}" / archive.RESULT_FILE, [{"step": number}])
+    ticking(monkeypatch, 10.0)
+    archive.archive_results(str(experiment))
+    assert len(list(experiment.glob(f"*/{archive.ARCHIVE_PREFIX}0.json"))) == 3
+    what = f"archiving the reports of the trials of {experiment} before the resume"
+    assert capsys.readouterr() == (
+        "",
+        f"{what}: 0/3\n{what}: 1/3, eta 40s\n{what}: 2/3, eta 15s\n",
+    )
+
+
 def test_a_copy_beside_the_archives_is_passed_over_and_a_gap_written_past(tmp_path):
     """A copy of an archive (`result-before-resume-0 copy.json`, a file manager's duplicate)
     failed --report and --resume with `invalid literal for int() ... '0 copy'`; it is now no
