@@ -2807,6 +2807,20 @@ def test_an_evaluation_says_on_stderr_how_far_it_has_come(tmp_path, monkeypatch,
     )
 
 
+def test_training_says_on_stderr_how_far_it_has_come_between_two_reports(
+    tmp_path, monkeypatch, capsys
+):
+    """Nothing was said between two progress lines, train.report_every steps apart (100 of
+    cifar10_small, a minute each on 2 busy cores); a step begun 5 s or more after the line
+    before is a line on stderr, with the time left to the epoch's end or the run's."""
+    cfg = make_config(tmp_path, max_steps=3, eval_batches=1)
+    ticking(monkeypatch, 10.0)
+    loop.Loop(cfg, FolderSession(tmp_path / "run")).run()
+    what = "[run] training steps 1 to 3"
+    said = [line for line in capsys.readouterr().err.splitlines() if "training" in line]
+    assert said == [f"{what}: 0/3", f"{what}: 1/3, eta 40s", f"{what}: 2/3, eta 15s"]
+
+
 def test_load_model_leaves_the_callers_random_stream_as_it_found_it(tmp_path):
     """load_model drew the built model's initial weights, which the checkpoint's replace,
     from the caller's global torch stream: a notebook seeded with torch.manual_seed(0) drew

@@ -439,6 +439,10 @@ class Loop:
             data.set_position(self.train_data, epoch, position)
             steps = min(self.total_steps - self.state.step, self.steps_per_epoch - position)
             left = itertools.islice(self.train_data, steps)
+            if self.rank == 0:  # train.report_every steps of cifar10_small take minutes on a CPU
+                first = self.state.step + 1
+                what = f"[{self.reporter.name}] training steps {first} to {first + steps - 1}"
+                left = Progress(what, steps).over(left)
             batches = on_device(left, self.device)
             while True:
                 waited = clock(self.device)
