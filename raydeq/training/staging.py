@@ -77,11 +77,14 @@ def stage(data_dir: str, files: Sequence[str], stage_to: str) -> Path:
         wait_for(lock, root / LOCK_FILE, what)
         sign(lock)
         if not _complete(root, mark):
-            for folder in sorted({Path(name).parent for name in files}):
-                (root / folder).mkdir(parents=True, exist_ok=True)
             # Only the files the copy lacks are parts: a resumed copy's files already there,
-            # passed over at once, made the time left a fraction of the copy's.
-            lacking = [name for name in files if not (root / name).exists()]
+            # passed over at once, made the time left a fraction of the copy's. Finding them
+            # among ImageNet's 1.28M files took 7 s on 2 busy cores, and their folders 5 s more.
+            what = f"finding the files of {data_dir} that {root} lacks"
+            shown = Progress(what, len(files))
+            lacking = [name for name in shown.over(files) if not (root / name).exists()]
+            for folder in sorted({Path(name).parent for name in lacking}):
+                (root / folder).mkdir(parents=True, exist_ok=True)
             what = f"copying {len(lacking)} of the {len(files)} files of {data_dir} to {root}"
             shown = Progress(what, len(lacking))
             with ThreadPoolExecutor(COPY_THREADS) as pool:
