@@ -1590,6 +1590,28 @@ def test_torchdiffeqs_settings_in_hindsight_are_the_fewest_evaluations_that_meet
     assert atol == pytest.approx(0.1 * tol) and t1 == pytest.approx(1 / (0.1 * tol))
 
 
+def test_torchdiffeqs_settings_in_hindsight_say_each_atol_tried_after_5_s(monkeypatch, capsys):
+    """Choosing adaptive_heun's atol took 10 s at --quick on 2 busy cores, a part said only as
+    it began; an atol tried 5 s or more after the line before is a line on stderr."""
+    monkeypatch.setattr(torchdiffeq_suite, "ATOL_FACTORS", (1.0, 0.1))
+    monkeypatch.setattr(torchdiffeq_suite, "event_run", lambda problem, atol: atol)
+    monkeypatch.setattr(torchdiffeq_suite, "fixed_time_run", lambda p, m, atol, t1: atol)
+    monkeypatch.setattr(torchdiffeq_suite, "first_steady_time", lambda p, m, atol, h, g: 1.0)
+    outcome = Outcome(nfe=10, residual=0.0)
+    monkeypatch.setattr(torchdiffeq_suite, "forward_case", lambda p, run: lambda: lambda: outcome)
+    problem = SpectralProblem(Spectrum(dim=4, batch=2), CPU)
+    ticking(monkeypatch, 10.0)
+    torchdiffeq_suite.best_event_atol(problem)
+    torchdiffeq_suite.best_fixed_time(problem, "adaptive_heun", 100.0, 10)
+    said = "[torchdiffeq] trying"
+    assert capsys.readouterr().err.splitlines() == [
+        f"{said} dopri5 odeint_event's atols: 0/2",
+        f"{said} dopri5 odeint_event's atols: 1/2, eta 20s",
+        f"{said} adaptive_heun odeint's atols: 0/2",
+        f"{said} adaptive_heun odeint's atols: 1/2, eta 20s",
+    ]
+
+
 def test_discrete_rows_divide_by_fixed_point_and_a_residual_over_the_tolerance_fails(
     monkeypatch,
 ):

@@ -11,7 +11,7 @@ Euler estimate), for comparison with raydeq's euler.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +23,7 @@ from raydeq.bench.harness.context import Context
 from raydeq.bench.harness.problems import SpectralProblem, Spectrum
 from raydeq.bench.harness.report import MISSED, Section, Target
 from raydeq.bench.harness.timing import Case, measure, part_line, ratio, time_call
+from raydeq.training.console import Progress
 
 
 @dataclass(frozen=True)
@@ -110,12 +111,19 @@ def first_steady_time(
     return math.inf
 
 
+def tried(run: str) -> Iterator[float]:
+    """ATOL_FACTORS, each said on stderr as it is tried where it begins 5 s or more after the
+    line before (`console.Progress`): adaptive_heun's took 10 s at --quick on 2 busy cores,
+    and the full size's problem is twice as wide with 4 times the batch."""
+    return Progress(f"[torchdiffeq] trying {run}'s atols", len(ATOL_FACTORS)).over(ATOL_FACTORS)
+
+
 def best_fixed_time(
     problem: SpectralProblem, method: str, horizon: float, grid: int
 ) -> tuple[float, float] | None:
     """(atol, end time) of the fewest-NFE odeint run that meets TOL, None if no atol does."""
     best = None
-    for factor in ATOL_FACTORS:
+    for factor in tried(f"{method} odeint"):
         atol = factor * TOL
         t1 = first_steady_time(problem, method, atol, horizon, grid)
         if math.isfinite(t1):
@@ -129,7 +137,7 @@ def best_fixed_time(
 def best_event_atol(problem: SpectralProblem) -> float | None:
     """The atol of the fewest-NFE odeint_event run that meets TOL, None if no atol does."""
     best = None
-    for factor in ATOL_FACTORS:
+    for factor in tried("dopri5 odeint_event"):
         case = forward_case(problem, event_run(problem, factor * TOL))
         outcome = time_call(case(), problem.x.device)[1]
         if outcome.residual <= TOL and (best is None or outcome.nfe < best[0]):
