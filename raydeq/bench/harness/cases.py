@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -112,7 +112,7 @@ def raydeq_implicit(
 
 
 def loosest(
-    tolerances: Sequence[float],
+    tolerances: Iterable[float],
     evaluate: Callable[[float], Outcome],
     target: float,
     patience: int = 3,

@@ -12,6 +12,7 @@ from raydeq.bench.harness.cases import backward_case, loosest
 from raydeq.bench.harness.context import Context
 from raydeq.bench.harness.problems import SpectralProblem, Spectrum
 from raydeq.bench.harness.timing import Case, part_line, time_call
+from raydeq.training.console import Progress
 
 TARGET_ERROR = 1e-4
 FORWARD_TOL = 1e-9
@@ -60,13 +61,16 @@ class GradientSetup:
     ) -> dict[str, float]:
         """Per label, the loosest of TOLERANCES at which the backward after makers[label](tol)()
         reaches TARGET_ERROR (see `loosest`); a label that reaches it at none is left out. Each
-        label's search is a part of the `suite` said as it begins (TorchDEQ's took minutes)."""
+        label's search is a part of the `suite` said as it begins (TorchDEQ's took minutes), and
+        each tolerance it tries 5 s or more after the line before (`console.Progress`)."""
         chosen = {}
         for number, (label, make) in enumerate(makers.items(), 1):
             what = f"[{suite}] choosing {label}'s tolerance for gradient error {TARGET_ERROR:g}"
             part_line(what, number, len(makers))
+            # A search may stop before its last tolerance, so its time left is not said.
+            tried = Progress(what, len(TOLERANCES), eta=False).over(TOLERANCES)
             tol, _ = loosest(
-                TOLERANCES, lambda t, m=make: time_call(self.case(m(t))(), device)[1], TARGET_ERROR
+                tried, lambda t, m=make: time_call(self.case(m(t))(), device)[1], TARGET_ERROR
             )
             if tol is not None:
                 chosen[label] = tol
