@@ -360,7 +360,10 @@ def test_measure_says_the_case_it_begins_within_a_long_round(capsys, monkeypatch
 def test_the_skip_suites_say_how_far_their_training_has_come(monkeypatch, capsys):
     """skip trained its three variants in turn (750 steps of each at --quick, 9 minutes here on
     busy cores) and skip_lambda each configuration (150 to 500 steps) between `[skip] running`
-    and the timing's first round without a line; each now says every tenth of its steps."""
+    and the timing's first round without a line; each said every tenth of its steps, which at
+    skip's 54 s apart left it silent still, and now says a step begun 5 s or more after the
+    line before, with the time left."""
+    ticking(monkeypatch, 10.0)
     monkeypatch.setattr(skip, "adam", lambda net, lr: None)
     monkeypatch.setattr(skip, "train_step", lambda *args: None)
     nets = {variant: torch.nn.Linear(1, 1) for variant in skip.VARIANTS}
@@ -369,7 +372,8 @@ def test_the_skip_suites_say_how_far_their_training_has_come(monkeypatch, capsys
     step_times = skip.train_lockstep(Context(CPU, "tiny"), nets, train, size)
     assert all(len(times) == 6 for times in step_times.values())
     said = "[skip] training the variants in turn"
-    assert capsys.readouterr().err.splitlines() == [f"{said}: step {n}/6" for n in range(1, 7)]
+    etas = ["", ", eta 1m40s", ", eta 1m00s", ", eta 40s", ", eta 25s", ", eta 12s"]
+    assert capsys.readouterr().err.splitlines() == [f"{said}: {n}/6{e}" for n, e in enumerate(etas)]
     monkeypatch.setattr(training, "adam", lambda model, lr: None)
     monkeypatch.setattr(training, "train_step", lambda *args: None)
     monkeypatch.setattr(skip_lambda, "jacobian_norm", lambda model, batches: 0.0)
@@ -381,7 +385,7 @@ def test_the_skip_suites_say_how_far_their_training_has_come(monkeypatch, capsys
     config = skip_lambda.Config("skip_reg", 0.1, 1.0)
     skip_lambda.add_row(Context(CPU, "tiny"), section, config, digits, [digits])
     said = "[skip_lambda] training skip_reg, lambda_skip 0.1, lambda_jac 1"
-    assert capsys.readouterr().err.splitlines() == [f"{said}: step {n}/2" for n in (1, 2)]
+    assert capsys.readouterr().err.splitlines() == [f"{said}: 0/2", f"{said}: 1/2, eta 20s"]
 
 
 def test_the_suites_say_each_part_outside_their_timing_rounds_as_it_begins(monkeypatch, capsys):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 
 import torch
@@ -11,6 +10,7 @@ from torch import Tensor, nn
 from raydeq.bench.harness.timing import Case
 from raydeq.deq import LayerOutput
 from raydeq.training.config import OptimSection
+from raydeq.training.console import Progress
 from raydeq.training.objective import Objective
 from raydeq.training.state import make_optimizer
 
@@ -64,12 +64,6 @@ def step_case(
     return prepare
 
 
-def step_line(label: str, step: int, steps: int) -> None:
-    """With a `label`, a progress line on stderr at every tenth of the `steps`."""
-    if label and step % max(steps // 10, 1) == 0:
-        print(f"{label}: step {step}/{steps}", file=sys.stderr, flush=True)
-
-
 def adam(model: nn.Module, lr: float) -> torch.optim.Optimizer:
     """The training loop's Adam (fused where the parameters allow) at learning rate `lr`; 0 keeps
     the parameters fixed, so every timed repeat sees the same model."""
@@ -86,15 +80,18 @@ def fit(
     label: str = "",
 ) -> None:
     """Train `model` for `steps` Adam steps (learning rate 1e-3) on batches reshuffled per epoch;
-    with a `label`, a progress line on stderr every tenth of the steps."""
+    with a `label`, a progress line on stderr for a step begun 5 s or more after the line before
+    (`console.Progress`)."""
     images, labels = data
     optimizer = adam(model, 1e-3)
     g = torch.Generator().manual_seed(seed)
     model.train()
     order = torch.empty(0, dtype=torch.long)
-    for step in range(1, steps + 1):
+    shown = Progress(label, steps) if label else None
+    for _ in range(steps):
+        if shown:
+            shown.next()
         if len(order) < batch:
             order = torch.randperm(len(labels), generator=g)
         index, order = order[:batch].to(images.device), order[batch:]
         train_step(model, objective, optimizer, images[index], labels[index])
-        step_line(label, step, steps)

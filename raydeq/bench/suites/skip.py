@@ -13,8 +13,9 @@ from raydeq.bench.harness.context import Context
 from raydeq.bench.harness.models import Split
 from raydeq.bench.harness.report import Section, Target
 from raydeq.bench.harness.timing import Timing, measure, ratio, time_call
-from raydeq.bench.harness.training import adam, step_line, train_step
+from raydeq.bench.harness.training import adam, train_step
 from raydeq.models import EquilibriumClassifier
+from raydeq.training.console import Progress
 from raydeq.training.objective import evaluate
 
 
@@ -58,10 +59,11 @@ def train_lockstep(
     step_times: dict[str, list[float]] = {v: [] for v in nets}
     g = torch.Generator().manual_seed(ctx.seed)
     starts = range(0, len(labels), size.batch)
-    steps = size.epochs * len(starts)
-    for epoch in range(size.epochs):
+    shown = Progress("[skip] training the variants in turn", size.epochs * len(starts))
+    for _ in range(size.epochs):
         order = torch.randperm(len(labels), generator=g).to(ctx.device)
-        for number, start in enumerate(starts, epoch * len(starts) + 1):
+        for start in starts:
+            shown.next()
             index = order[start : start + size.batch]
             x, y = images[index], labels[index]
             for variant, net in nets.items():
@@ -69,7 +71,6 @@ def train_lockstep(
                 step = partial(train_step, net, objective, optimizers[variant], x, y)
                 seconds, _ = time_call(step, ctx.device)
                 step_times[variant].append(seconds)
-            step_line("[skip] training the variants in turn", number, steps)
     return step_times
 
 
