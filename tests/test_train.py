@@ -2033,19 +2033,25 @@ def test_a_checkpoint_that_cannot_be_read_is_named_and_fallen_back_past(
 
     monkeypatch.setattr(checkpoint, reading, failing)
     said = f"{unreadable}: state.pt cannot be read ({os.strerror(code)})"
+    assert_passed_over(unreadable, good, said, caplog)
+
+
+def assert_passed_over(bad: Path, good: Path, said: str, caplog: Any) -> None:
+    """Reading checkpoint `bad` is refused as `said` (not as a copy cut short), a resume falls
+    back past it to `good` (step 4) saying so, and with no other checkpoint the run stops."""
     with pytest.raises(checkpoint.CheckpointError) as caught:
-        read_checkpoint(unreadable)
+        read_checkpoint(bad)
     assert str(caught.value) == said
     assert not isinstance(caught.value, checkpoint.IncompleteCheckpoint)
     with caplog.at_level(logging.WARNING):
-        restored = checkpoint.restore(contextlib.nullcontext(str(p)) for p in (unreadable, good))
+        restored = checkpoint.restore(contextlib.nullcontext(str(p)) for p in (bad, good))
     assert restored == {"step": 4}
     assert caplog.messages[-2:] == [
         f"{said}; falling back to the previous checkpoint",
         "resumed from the checkpoint of step 4",
     ]
     with pytest.raises(checkpoint.CheckpointError) as caught:
-        checkpoint.restore([contextlib.nullcontext(str(unreadable))])
+        checkpoint.restore([contextlib.nullcontext(str(bad))])
     assert str(caught.value) == f"no readable checkpoint: {said}"
 
 
@@ -2067,17 +2073,7 @@ def test_a_folder_or_a_dangling_link_in_a_checkpoint_files_place_is_no_copy_cut_
     else:
         (odd / name).symlink_to(tmp_path / "gone")
         said = f"{odd}: {name} is a link to {tmp_path / 'gone'}, which does not exist"
-    with pytest.raises(checkpoint.CheckpointError) as caught:
-        read_checkpoint(odd)
-    assert str(caught.value) == said
-    assert not isinstance(caught.value, checkpoint.IncompleteCheckpoint)
-    with caplog.at_level(logging.WARNING):
-        restored = checkpoint.restore(contextlib.nullcontext(str(p)) for p in (odd, good))
-    assert restored == {"step": 4}
-    assert caplog.messages[-2] == f"{said}; falling back to the previous checkpoint"
-    with pytest.raises(checkpoint.CheckpointError) as caught:
-        checkpoint.restore([contextlib.nullcontext(str(odd))])
-    assert str(caught.value) == f"no readable checkpoint: {said}"
+    assert_passed_over(odd, good, said, caplog)
 
 
 def test_a_checkpoint_folder_missing_a_file_is_a_copy_cut_short_and_passed_over(tmp_path, caplog):
