@@ -1096,6 +1096,16 @@ def test_a_sample_that_draws_a_point_of_a_small_space_again_by_chance_is_refused
     spec.check_repeats(experiment, 2)
 
 
+def test_two_samples_that_draw_one_point_are_refused_and_two_apart_pass():
+    """Two samples are the fewest that can repeat: seed 1 draws bs3 twice from a choice of 3
+    solvers, refused naming both samples; seed 0 draws euler and bs3, which pass."""
+    space = {"model.solver": {"choice": ["vcab3", "bs3", "euler"]}}
+    search = {"space": space, "num_samples": 2}
+    with pytest.raises(ConfigError, match=r"^search.num_samples: sample 2 of 2 draws solver=bs3 "):
+        spec.check_repeats(spec.from_dict("two", {**TINY, "seed": 1, "search": search}))
+    spec.check_repeats(spec.from_dict("two", {**TINY, "seed": 0, "search": search}))
+
+
 def test_samples_that_repeat_a_vanilla_variants_trials_at_other_lambda_skips_are_refused():
     """train.lambda_skip drawn at random over a vanilla and a skip variant (or grid value of
     model.variant) ran 3 samples of the vanilla DEQ's trials at 3 values it trains without,
