@@ -4365,6 +4365,11 @@ def test_an_override_that_no_variant_takes_is_refused_and_one_some_take_is_silen
         spec.from_dict("x", raw, {"train.lambda_skip": 0.5, "model.variant": "vanilla"})
     datasets = {"data.dataset": {"grid_search": ["digits", "mnist10k"]}}
     spec.from_dict("x", {**TINY, "search": {"space": datasets}}, {"data.augment": True})
+    # Each override is judged on its own: the vanilla variant refusing lambda_skip, which the
+    # skip variant takes, is not the reason when no variant takes data.augment.
+    vanilla_first = {**TINY, "search": {"variants": variants[::-1]}}
+    with pytest.raises(ConfigError, match="^data.augment: true applies to "):
+        spec.from_dict("x", vanilla_first, {"train.lambda_skip": 0.5, "data.augment": True})
 
 
 def test_a_trials_words_show_its_label_then_its_draws_to_three_significant_digits():

@@ -314,29 +314,29 @@ def from_dict(
 
 
 def _check_overrides_taken(experiment: Experiment, overrides: Mapping[str, Any]) -> None:
-    """Raise `check_given`'s ConfigError where an override takes effect in no variant (a
-    `data.augment=true` for the digits), unless the space draws what decides it (the
-    variant), for some trials: another variant's trials taking it, it is carried silently."""
+    """Raise `check_given`'s ConfigError for an override that takes effect in no variant (a
+    `data.augment=true` for the digits), each override judged on its own, unless the space
+    draws what decides it (the variant), for some trials: another variant's trials taking it,
+    it is carried silently."""
     search = experiment.search
     spaces = [dimensions(search.space), *(dimensions(r["space"]) for r in search.conditional)]
-    overrides = {
-        key: value
-        for key, value in overrides.items()
-        if key in GIVEN_DECIDED_BY and not _drawn_in(spaces, GIVEN_DECIDED_BY[key])
-    }
-    refused = []
+    cfgs = []
     for row in search.variants or ({},):
         try:
-            cfg = experiment.trial_config({VARIANT: row})
+            cfgs.append(experiment.trial_config({VARIANT: row}))
         except ConfigError:  # valid with the space's values only: some trials may take it
             return
-        try:
-            check_given(overrides, cfg)
-        except ConfigError as err:
-            refused.append(err)
-        else:
-            return
-    raise refused[0]
+    for key, value in overrides.items():
+        if key not in GIVEN_DECIDED_BY or _drawn_in(spaces, GIVEN_DECIDED_BY[key]):
+            continue
+        refused = []
+        for cfg in cfgs:
+            try:
+                check_given({key: value}, cfg)
+            except ConfigError as err:
+                refused.append(err)
+        if len(refused) == len(cfgs):
+            raise refused[0]
 
 
 def pinned(raw: Mapping[str, Any]) -> dict[str, Any]:
