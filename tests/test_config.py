@@ -192,6 +192,16 @@ def test_a_lambda_skip_given_for_a_run_without_a_skip_loss_is_refused(variant):
     config.check_given({"train.lambda_skip": 0.5}, skip)
 
 
+def test_a_zero_lambda_skip_given_for_a_vanilla_run_is_refused():
+    """A lambda_skip of 0 given a vanilla DEQ is refused as any other weight is: it sets a
+    loss the variant does not train, however small."""
+    cfg = validate({"model": {"variant": "vanilla"}})
+    with pytest.raises(ConfigError) as err:
+        config.check_given({"train.lambda_skip": 0.0}, cfg)
+    assert err.value.key == "train.lambda_skip"
+    assert str(err.value).startswith("train.lambda_skip: 0 weighs the skip loss")
+
+
 @pytest.mark.parametrize("dataset", ["digits", "svhn", "fake"])
 def test_augment_given_for_a_dataset_without_augmentation_is_refused(dataset, tmp_path):
     """data.augment=true given for the digits, SVHN or fake images trained without
