@@ -4600,6 +4600,10 @@ def test_an_error_that_a_restart_meets_again_ends_the_run_without_restarts(tmp_p
             stop.after_worker_group_poll_status(status)
         assert policy.make_decision(ended.value) == FailureDecision.RAISE
         assert launch.own_error(str(ended.value)) == f"{type(err).__name__}: {err}"
+    # One worker's recurring error ends the run whatever another worker's error is.
+    mixed = {0: worker_failed(transient[0]), 1: worker_failed(recurring[0])}
+    with pytest.raises(ray.train.ControllerError):
+        stop.after_worker_group_poll_status(WorkerGroupPollStatus(mixed))
     for err in transient:
         status = WorkerGroupPollStatus({0: worker_failed(err), 1: worker_failed(err)})
         stop.after_worker_group_poll_status(status)
