@@ -35,6 +35,10 @@ from raydeq.solvers.state import (
 from raydeq.solvers.termination import Monitor, Status, norm
 
 INITS = ("zeros", "skip", "skip_reg")
+# What a layer calls: its cell f(z, x) -> z and a Skip DEQ's predictor g(x) -> z0, each an
+# nn.Module or any other callable.
+Cell = Callable[[State, Tensor], State]
+Predictor = Callable[[Tensor], State]
 # How a layer calls the modules it is given, as an error for one that cannot be called says.
 LAYER_CALLS = {"f": "f(z, x) -> z, e.g. an nn.Module", "skip": "g(x) -> z0, e.g. an nn.Module"}
 
@@ -256,17 +260,17 @@ def _start(z0: State, zeros: State, device: str) -> State:
     return solver_start(start) if torch.is_autocast_enabled(device) else start
 
 
-def _defines_initial_state(f: nn.Module) -> bool:
+def _defines_initial_state(f: Cell) -> bool:
     """Whether f has its own zero state, a method initial_state(x)."""
     return callable(getattr(f, "initial_state", None))
 
 
-def _zero_state(f: nn.Module, x: Tensor) -> State:
+def _zero_state(f: Cell, x: Tensor) -> State:
     """f.initial_state(x) where f defines it, else zeros_like(x), unchecked."""
     return f.initial_state(x) if _defines_initial_state(f) else torch.zeros_like(x)
 
 
-def initial_state(f: nn.Module, x: Tensor) -> State:
+def initial_state(f: Cell, x: Tensor) -> State:
     """The all-zero state for input x: `f.initial_state(x)` if f defines it, else zeros_like(x);
     a ValueError for a state none of whose parts has a feature dimension, which the solver
     would read as a batch of one-value samples (x of shape (D,), which f's layers take as one
@@ -286,7 +290,7 @@ def initial_state(f: nn.Module, x: Tensor) -> State:
     return z
 
 
-def _takes_zero_state(f: nn.Module, x: Tensor) -> bool:
+def _takes_zero_state(f: Cell, x: Tensor) -> bool:
     """Whether f(z0, x) runs from the zero state z0, f.initial_state(x) or else zeros_like(x),
     and gives a state of z0's shapes (tried without a graph, only after an error)."""
     try:
@@ -297,7 +301,7 @@ def _takes_zero_state(f: nn.Module, x: Tensor) -> bool:
         return False
 
 
-def dtype_note(f: nn.Module, x: Tensor, x_name: str = "x", f_name: str = "f") -> str | None:
+def dtype_note(f: Callable, x: Tensor, x_name: str = "x", f_name: str = "f") -> str | None:
     """A note naming x's dtype and f's floating parameters' where they differ, else None (x
     and f called by the names the caller gave them); converting f to x's dtype is named only
     for a floating x, as an integer f could not be trained."""
@@ -312,7 +316,7 @@ def dtype_note(f: nn.Module, x: Tensor, x_name: str = "x", f_name: str = "f") ->
     )
 
 
-def _shape_note(f: nn.Module, x: Tensor) -> str:
+def _shape_note(f: Cell, x: Tensor) -> str:
     """A note naming x's shape, which f may not take (an input of another feature size fails
     in f's first product as a state of another shape does), and for an f without
     `initial_state` the zeros_like(x) state it started from and the method it may need."""
@@ -330,7 +334,7 @@ def _shape_note(f: nn.Module, x: Tensor) -> str:
 
 
 @contextmanager
-def zero_state_hint(f: nn.Module, x: Tensor) -> Iterator[None]:
+def zero_state_hint(f: Cell, x: Tensor) -> Iterator[None]:
     """Add to an error raised within a note, for an f that does not take its zero state
     (initial_state(x), or zeros_like(x) without one) to a state of its shape: one naming x's
     dtype and f's where they differ (f fails in its own product, on any state), else one
@@ -524,6 +528,11 @@ class OutputLayer(nn.Module):
 class DEQ(OutputLayer):
     """Deep equilibrium layer: z* = f(z*, x) by an ODE solver (continuous DEQ) or a root finder.
 
+    f, the cell f(z, x) -> z, and skip, the predictor g(x) -> z0, are nn.Modules or any other
+    callables; only a module is the layer's submodule (its parameters, its train/eval mode,
+    the dropout and BatchNorm checks and new dropout masks below), not one a plain function
+    closes over.
+
     init picks the initial guess z0: "zeros" (vanilla), "skip" (z0 = skip(x), an explicit
     predictor trained by skip_loss), "skip_reg" (z0 = f(0, x), no extra parameters). skip_loss
     is mean |f(z*, x) - z0|: its gradient trains the predictor g ("skip") or f through
@@ -563,9 +572,9 @@ class DEQ(OutputLayer):
 
     def __init__(
         self,
-        f: nn.Module,
+        f: Cell,
         init: str = "zeros",
-        skip: nn.Module | None = None,
+        skip: Predictor | None = None,
         solver: str = "vcab3",
         adjoint: str = "gmres",
         abstol: float = 1e-3,

@@ -23,6 +23,7 @@ from torch.func import functional_call
 
 from raydeq.deq import (
     LAYER_CALLS,
+    Cell,
     LayerOutput,
     OutputLayer,
     check_modules,
@@ -51,7 +52,7 @@ NODE_DYNAMICS = ("f_minus_z", "f")
 class Problem:
     """One forward pass: f, the batch's flat structure, the interval, solver and tolerances."""
 
-    f: nn.Module
+    f: Cell
     structure: Structure
     shape: torch.Size
     t1: float
@@ -298,6 +299,8 @@ def check_settings(
 class NeuralODE(OutputLayer):
     """Neural ODE baseline: integrate dz/dt = F(z) from z(0) = 0 over [0, t1], output f(z(t1), x).
 
+    f is the cell f(z, x) -> z, an nn.Module (adjoint="continuous" differentiates its
+    parameters) or, with adjoint="backprop", any other callable.
     dynamics picks F: "f_minus_z" (default) f(z, x) - z, the continuous DEQ's flow and the
     later reference library's (DeepEquilibriumNetworks.jl v1 `src/layers/evaluate.jl`); "f"
     f(z, x), the paper's experiments (reference 0.2.x `src/layers/neuralode.jl`). As there, the
@@ -329,7 +332,7 @@ class NeuralODE(OutputLayer):
 
     def __init__(
         self,
-        f: nn.Module,
+        f: Cell,
         t1: float = 1.0,
         dynamics: str = "f_minus_z",
         solver: str = "vcab3",

@@ -6,6 +6,8 @@ import dataclasses
 import gc
 import math
 import re
+import types
+import typing
 import weakref
 from collections.abc import Callable
 from typing import NamedTuple
@@ -76,6 +78,20 @@ def test_output_has_the_public_fields():
         "skip_loss",
         "jac_loss",
     ]
+
+
+@pytest.mark.parametrize(
+    ("layer", "name"),
+    [(DEQ, "f"), (DEQ, "skip"), (NeuralODE, "f")],
+    ids=["deq-f", "skip", "node-f"],
+)
+def test_the_annotations_of_f_and_skip_admit_the_plain_functions_the_layers_take(layer, name):
+    """A layer takes a plain function as f (and as skip), so their annotations admit one as
+    they admit a module; annotated nn.Module, a type checker refused DEQ(lambda z, x: ...)."""
+    hint = typing.get_type_hints(layer.__init__)[name]
+    kinds = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    for value in (lambda z, x: z, nn.Linear(2, 2)):
+        assert any(isinstance(value, typing.get_origin(k) or k) for k in kinds), (hint, value)
 
 
 @pytest.mark.parametrize("solver", ["vcab3", "tsit5", "bs3", "euler", "broyden", "anderson"])
