@@ -346,6 +346,22 @@ def test_an_override_inside_a_section_the_space_draws_whole_sets_it_in_each_valu
             r"^search.space.optim.lr: the mean 0.0: must be > 0, got 0.0$",
         ),
         (
+            # A normal draws values without bound, a negative lambda_skip too, whatever its seed.
+            {"space": {"train.lambda_skip": {"randn": [0.01, 0.1]}}},
+            r"^search.space.train.lambda_skip: the draws of randn \[0.01, 0.1\], which have no "
+            r"bound, reach -1e\+308: must be >= 0, got -1e\+308$",
+        ),
+        (
+            {
+                "space": {
+                    "model.solver_options.safety": {"qrandn": {"mean": 0.9, "sd": 0.01, "q": 0.1}}
+                }
+            },
+            r"^search.space.model.solver_options.safety: the draws of qrandn \{'mean': 0.9, 'sd': "
+            r"0.01, 'q': 0.1\}, which have no bound, reach -1e\+308: model.solver_options.safety="
+            r"-1e\+308 must be a number in \[0.1, 1\]$",
+        ),
+        (
             {"space": {"train.epochs": {"uniform": [1, 3]}}},
             r"^search.space.train.epochs: the lower bound 1.0: expected an integer, got 1.0$",
         ),

@@ -610,7 +610,8 @@ def _first_values(when: Mapping[str, Any]) -> dict[str, Any]:
 def _values(key: str, spec: Any) -> list[tuple[str, Any]]:
     """The values of a dimension that `_check_space` tries, each with its name: a choice's or a
     grid's values, a range's ends (an integer range's as Tune draws them: `integer_ends`),
-    a constant (an override fixed in a rule), a normal's mean as it draws it (a float)."""
+    a constant (an override fixed in a rule), a normal's mean as it draws it (a float) and
+    values far either side of it, which it draws too: it has no bound."""
     if not is_primitive(spec):
         return [("the value", spec)]
     ((primitive, args),) = spec.items()
@@ -623,7 +624,12 @@ def _values(key: str, spec: Any) -> list[tuple[str, Any]]:
         sampler = made.get_sampler()
         q = getattr(sampler, "q", None)
         mean = sampler.sampler.mean if q else sampler.mean
-        return [("the mean", float(np.round(mean / q) * q if q else mean))]
+        unbounded = f"the draws of {primitive} {args!r}, which have no bound, reach"
+        return [
+            ("the mean", float(np.round(mean / q) * q if q else mean)),
+            (unbounded, -1e308),
+            (unbounded, 1e308),
+        ]
     if isinstance(made, Integer):
         lower, upper = integer_ends(made)
     else:  # a float range draws floats, also between whole ends (uniform [5, 51])
