@@ -1664,16 +1664,16 @@ def test_stored_settings_whose_aliases_expand_past_the_limit_or_without_end_are_
         run.load_settings(str(tmp_path))
     written = 7 + 9 + 10 + 8 + 10  # as above, x0 to x8, the lists, and options' 10
     assert str(err.value) == (
-        f"{stored} holds no experiment settings (ComposerError: its aliases expand its {written} "
-        f"keys and values to {expanded}, past the {MAX_YAML_VALUES} more that aliases may add; "
-        "write the repeated values out)"
+        f"{stored}: invalid YAML at line 1: its aliases expand its {written} keys and values to "
+        f"{expanded}, past the {MAX_YAML_VALUES} more that aliases may add; write the repeated "
+        "values out"
     )
     stored.write_text("experiment: &a\n  model: {solver_options: *a}\n" + options)
     with pytest.raises(ConfigError) as err:
         run.load_settings(str(tmp_path))
     assert str(err.value) == (
-        f"{stored} holds no experiment settings (ComposerError: an alias within the value it "
-        "names (&a [*a]) repeats it endlessly)"
+        f"{stored}: invalid YAML at line 1: an alias within the value it names (&a [*a]) "
+        "repeats it endlessly"
     )
     stored.write_text(
         yaml.safe_dump({"experiment": TINY, "options": yaml.safe_load(options)["options"]})
@@ -1682,7 +1682,9 @@ def test_stored_settings_whose_aliases_expand_past_the_limit_or_without_end_are_
     assert {key: raw[key] for key in TINY} == TINY
 
 
-def test_stored_settings_that_are_no_text_or_bad_name_the_file_with_status_2(tmp_path, capsys):
+def test_stored_settings_that_are_no_text_or_bad_name_the_file_with_status_2(
+    tmp_path, capsys, monkeypatch
+):
     experiment = tmp_path / "tiny.yaml"
     experiment.write_text(yaml.safe_dump(TINY))
     folder = tmp_path / "runs" / "tiny"
@@ -1691,12 +1693,27 @@ def test_stored_settings_that_are_no_text_or_bad_name_the_file_with_status_2(tmp
     stored = folder / run.SETTINGS_FILE
     stored.write_bytes(b"\x1f\x8b\x08\x00")
     assert rt.main(argv) == 2
-    assert capsys.readouterr().err.startswith(f"error: {stored} holds no experiment settings")
+    assert capsys.readouterr().err == (
+        f"error: {stored}: not a YAML text file (byte 0x8b at offset 1 is not UTF-8)\n"
+    )
     stored.unlink()
     stored.mkdir()
     assert rt.main(argv) == 2
-    assert capsys.readouterr().err.startswith(f"error: {stored} holds no experiment settings")
+    assert capsys.readouterr().err == (
+        f"error: {stored} cannot be read: Cannot open for reading: path '{stored}' is a directory\n"
+    )
     stored.rmdir()
+    stored.write_text("experiment: {}\n")
+
+    def failing(path: str) -> bytes:
+        """A read that the disk fails."""
+        raise OSError(errno.EIO, "Input/output error")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(run, "read_bytes", failing)
+        assert rt.main(argv) == 2
+    assert capsys.readouterr().err == f"error: {stored} cannot be read: Input/output error\n"
+    stored.unlink()
     # Cut short: before anything was written, and inside a quoted value (a YAML error of many
     # lines, given by its first).
     stored.write_text("")
@@ -1708,8 +1725,7 @@ def test_stored_settings_that_are_no_text_or_bad_name_the_file_with_status_2(tmp
     stored.write_text('experiment:\n  model:\n    model: "mnist_de')
     assert rt.main(argv) == 2
     assert capsys.readouterr().err == (
-        f"error: {stored} holds no experiment settings (ScannerError: while scanning a quoted "
-        "scalar)\n"
+        f"error: {stored}: invalid YAML at line 3: found unexpected end of stream\n"
     )
     stored.unlink()
     bad = {**TINY, "model": {**TINY["model"], "solver": "nope"}}

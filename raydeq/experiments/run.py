@@ -63,13 +63,14 @@ from raydeq.training.config import (
     SearchSection,
     apply_overrides,
     leaves,
-    load_yaml,
+    parse_yaml,
     without_effect,
 )
+from raydeq.training.console import os_reason
 from raydeq.training.reporting import progress_line
 from raydeq.training.schema import build_section, option
 from raydeq.training.session import TuneTrial
-from raydeq.training.storage import StorageError, exists, filesystem, read_text, write_bytes
+from raydeq.training.storage import StorageError, exists, filesystem, read_bytes, write_bytes
 
 SETTINGS_FILE = "experiment.yaml"
 # Tune's bound on the trials that wait for resources at once: `auto` or a whole number.
@@ -295,14 +296,19 @@ def has_settings(path: str) -> bool:
 
 
 def load_settings(path: str) -> tuple[Experiment, Options]:
-    """The experiment and run options stored in an experiment folder; a ConfigError where the
-    file is not such settings (cut short, or edited)."""
+    """The experiment and run options stored in an experiment folder; a StorageError where the
+    file cannot be read, a ConfigError where it is not such settings (no YAML text, cut short,
+    or edited)."""
     file = f"{path}/{SETTINGS_FILE}"
     try:
-        settings = load_yaml(read_text(file), yaml.SafeLoader)  # as safe_dump wrote them
+        data = read_bytes(file)
+    except OSError as err:
+        raise StorageError(f"{file} cannot be read: {os_reason(err)}") from None
+    settings = parse_yaml(file, data, yaml.SafeLoader)  # as safe_dump wrote them
+    try:
         experiment, options = settings["experiment"], settings["options"]
         options = build_section(Options, options, "options.")
-    except (yaml.YAMLError, KeyError, TypeError, UnicodeDecodeError, OSError) as err:
+    except (KeyError, TypeError) as err:
         reason = f"{type(err).__name__}: {err}".splitlines()[0]
         raise ConfigError(f"{file} holds no experiment settings ({reason})") from None
     except ConfigError as err:

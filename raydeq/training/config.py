@@ -1091,16 +1091,25 @@ def read_yaml(path: str | Path) -> Any:
     """Read a YAML config file (its top-level value, {} for an empty file; the callers check
     that it is a mapping), turning every failure into a one-line ConfigError."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        data = Path(path).read_bytes()
     except OSError as err:
         raise ConfigError(f"{path}: cannot read the config file ({err.strerror})") from None
+    raw = parse_yaml(path, data)
+    return {} if raw is None else raw
+
+
+def parse_yaml(path: str | Path, data: bytes, reader: type[yaml.SafeLoader] = _Loader) -> Any:
+    """The YAML document `data`, read from the file `path`, as `load_yaml` reads it (None for
+    an empty one), or a one-line ConfigError naming the file and why it is no YAML text."""
+    try:
+        text = data.decode("utf-8")
     except UnicodeDecodeError as err:
         raise ConfigError(
             f"{path}: not a YAML text file (byte {err.object[err.start]:#04x} at offset "
             f"{err.start} is not UTF-8)"
         ) from None
     try:
-        raw = load_yaml(text)
+        return load_yaml(text, reader)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         line = f" at line {mark.line + 1}" if mark is not None else ""
@@ -1108,7 +1117,6 @@ def read_yaml(path: str | Path) -> Any:
         raise ConfigError(
             f"{path}: invalid YAML{line}" + (f": {problem}" if problem else "") + _tab_hint(problem)
         ) from None
-    return {} if raw is None else raw
 
 
 def _tab_hint(problem: str | None) -> str:

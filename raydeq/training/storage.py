@@ -135,11 +135,16 @@ def _write(path: str, payload: bytes) -> None:
         fs.move(written, inner)
 
 
-def read_text(path: str) -> str:
-    """Read a text file at a local path or URI."""
+def read_bytes(path: str) -> bytes:
+    """Read a file at a local path or URI."""
     fs, inner = filesystem(path)
     with fs.open_input_stream(inner) as stream:
-        return stream.readall().decode()
+        return stream.readall()
+
+
+def read_text(path: str) -> str:
+    """Read a text file at a local path or URI."""
+    return read_bytes(path).decode()
 
 
 @contextmanager
