@@ -1071,8 +1071,9 @@ def test_more_samples_than_a_space_has_points_to_draw_are_refused_naming_both_co
     assert str(err.value) == (
         "search.num_samples: 6 samples of a space of 2 points at random (model.solver: 2 "
         "values) draw a point again, its trials seeds and all, which the results would count "
-        "as more seeds of one configuration; set 2 or fewer, or list the values in grid_search "
-        "and set 1, to run each point once"
+        "as more seeds of one configuration; set 1 (sample 2 would draw sample 1's point again "
+        "by chance: the draws come from the experiment's seed), or list the values in "
+        "grid_search and set 1, to run each point once"
     )
     spec.check_repeats(choices, 1)
     ranges = {"train.epochs": {"qrandint": [1, 3, 1]}, "optim.lr": {"quniform": [0.1, 0.3, 0.1]}}
@@ -1095,7 +1096,8 @@ def test_more_samples_than_a_space_has_points_to_draw_are_refused_naming_both_co
 def test_a_sample_that_draws_a_point_of_a_small_space_again_by_chance_is_refused():
     """3 samples of a choice of 3 solvers drew euler, bs3 and bs3 (the experiment's seed draws
     them), so bs3's trials ran twice and vcab3's never, without a word; the repeat is refused
-    naming the samples and the value, and the samples before it pass."""
+    naming the samples and the value, and the samples before it pass. 4 samples were told to
+    set 3 or fewer, which repeat too."""
     space = {"model.solver": {"choice": ["vcab3", "bs3", "euler"]}, "seed": {"grid_search": [0, 1]}}
     experiment = spec.from_dict("three", {**TINY, "search": {"space": space, "num_samples": 3}})
     assert [s["model"]["solver"] for s in spec.expand(experiment)] == [
@@ -1110,6 +1112,16 @@ def test_a_sample_that_draws_a_point_of_a_small_space_again_by_chance_is_refused
         "in grid_search and set 1, to run each point once"
     )
     spec.check_repeats(experiment, 2)
+    # More samples than points: the count suggested is the one that draws no point again.
+    with pytest.raises(ConfigError) as err:
+        spec.check_repeats(experiment, 4)
+    assert str(err.value) == (
+        "--num-samples: 4 samples of a space of 3 points at random (model.solver: 3 values) "
+        "draw a point again, its trials seeds and all, which the results would count as more "
+        "seeds of one configuration; set 2 or fewer (sample 3 would draw sample 2's point "
+        "again by chance: the draws come from the experiment's seed), or list the values in "
+        "grid_search and set 1, to run each point once"
+    )
 
 
 def test_two_samples_that_draw_one_point_are_refused_and_two_apart_pass():

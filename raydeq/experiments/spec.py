@@ -758,10 +758,19 @@ def check_repeats(experiment: Experiment, num_samples: int | None = None) -> Non
             key=where,
         )
     if points > 1:
+        repeat = _first_repeat(experiment, points)
+        most = points if repeat is None else repeat[0]
+        chance = (
+            ""
+            if repeat is None
+            else f" (sample {most + 1} would draw sample {repeat[1] + 1}'s point again by "
+            "chance: the draws come from the experiment's seed)"
+        )
         raise ConfigError(
             f"{where}: {samples} samples of a space of {points} points at random ({drawn}) "
-            f"draw a point again, its trials seeds and all, {seeds}; set {points} or fewer, or "
-            "list the values in grid_search and set 1, to run each point once",
+            f"draw a point again, its trials seeds and all, {seeds}; set {most}"
+            f"{' or fewer' * (most > 1)}{chance}, or list the values in grid_search and set 1, "
+            "to run each point once",
             key=where,
         )
     raise ConfigError(
@@ -777,22 +786,32 @@ def _check_draws_apart(experiment: Experiment, samples: int, where: str) -> None
     again by chance (a choice of 3 solvers, 3 samples: bs3 twice): the draws come from the
     experiment's seed (`expand`), so the repeat is known before the run, whose results would
     average its trials, seeds and all, as further seeds of one configuration."""
+    repeat = _first_repeat(experiment, samples)
+    if repeat is None:
+        return
+    index, first, drawn = repeat
+    values = describe(drawn, leave_out=tuple(experiment.grid()))
+    raise ConfigError(
+        f"{where}: sample {index + 1} of {samples} draws {values} again, as sample "
+        f"{first + 1} did (the draws come from the experiment's seed), and "
+        "would run its trials again, seeds and all, which the results would count as more "
+        f"seeds of one configuration; set {index}, or list the values in grid_search and "
+        "set 1, to run each point once",
+        key=where,
+    )
+
+
+def _first_repeat(experiment: Experiment, samples: int) -> tuple[int, int, dict[str, Any]] | None:
+    """The first of `samples` samples of Tune's random sampling that draws an earlier one's
+    point: its index, the earlier one's and its draws (the variant left out), or None. The
+    draws come from one stream (`expand`), so fewer samples draw the same ones first."""
     trials = expand(experiment, samples)
     each = len(trials) // samples  # a sample's grid: its first trial holds its draws
     draws = [trials[i * each] for i in range(samples)]
-    grid = tuple(experiment.grid())
     for index, drawn in enumerate(draws):
-        if drawn not in draws[:index]:
-            continue
-        values = describe({k: v for k, v in drawn.items() if k != VARIANT}, leave_out=grid)
-        raise ConfigError(
-            f"{where}: sample {index + 1} of {samples} draws {values} again, as sample "
-            f"{draws.index(drawn) + 1} did (the draws come from the experiment's seed), and "
-            "would run its trials again, seeds and all, which the results would count as more "
-            f"seeds of one configuration; set {index}, or list the values in grid_search and "
-            "set 1, to run each point once",
-            key=where,
-        )
+        if drawn in draws[:index]:
+            return index, draws.index(drawn), {k: v for k, v in drawn.items() if k != VARIANT}
+    return None
 
 
 def _check_repeats_without_skip_loss(
