@@ -1138,7 +1138,7 @@ def test_samples_that_repeat_a_vanilla_variants_trials_at_other_lambda_skips_are
     """train.lambda_skip drawn at random over a vanilla and a skip variant (or grid value of
     model.variant) ran 3 samples of the vanilla DEQ's trials at 3 values it trains without,
     alike, seeds and all; they are refused naming the trials, and pass where the space draws
-    another dimension too."""
+    another dimension too, unless its draws repeat by chance for the vanilla trials."""
     space = {"train.lambda_skip": {"loguniform": [1e-3, 1e-1]}, "seed": {"grid_search": [0, 1]}}
     variants = [{"label": "S", "model.variant": "skip"}, {"label": "V", "model.variant": "vanilla"}]
     search = {"space": space, "variants": variants, "num_samples": 3}
@@ -1159,6 +1159,21 @@ def test_samples_that_repeat_a_vanilla_variants_trials_at_other_lambda_skips_are
         )
     space["model.abstol"] = {"loguniform": [1e-3, 1e-1]}
     spec.check_repeats(spec.from_dict("lambda", {**TINY, "search": search}))
+    # By chance: seed 1 draws bs3 for the first two samples, whose vanilla trials train alike.
+    space = {"model.solver": {"choice": ["vcab3", "bs3", "tsit5"]}, **space}
+    del space["model.abstol"]
+    search = {"space": space, "variants": variants, "num_samples": 3}
+    with pytest.raises(ConfigError) as err:
+        spec.check_repeats(spec.from_dict("lambda", {**TINY, "seed": 1, "search": search}))
+    assert str(err.value) == (
+        "search.num_samples: sample 2 of 3 draws the trials of [V, solver=bs3, seed=0], a "
+        "vanilla model, again, as sample 1 did (the draws come from the experiment's seed): it "
+        "trains no skip loss, so train.lambda_skip changes nothing in them, and they repeat, "
+        "seeds and all, which the results would count as more seeds of one configuration; set "
+        "1, or draw train.lambda_skip for the skip variants alone (searcher tpe with a "
+        "conditional rule)"
+    )
+    spec.check_repeats(spec.from_dict("lambda", {**TINY, "seed": 0, "search": search}))
 
 
 def test_the_preflight_checks_each_model_and_data_once_saying_how_far_it_has_come(

@@ -801,16 +801,20 @@ def _check_draws_apart(experiment: Experiment, samples: int, where: str) -> None
     )
 
 
-def _first_repeat(experiment: Experiment, samples: int) -> tuple[int, int, dict[str, Any]] | None:
+def _first_repeat(
+    experiment: Experiment, samples: int, leave_out: str | None = None
+) -> tuple[int, int, dict[str, Any]] | None:
     """The first of `samples` samples of Tune's random sampling that draws an earlier one's
-    point: its index, the earlier one's and its draws (the variant left out), or None. The
-    draws come from one stream (`expand`), so fewer samples draw the same ones first."""
+    point (the dotted key `leave_out` aside): its index, the earlier one's and its draws (the
+    variant left out), or None. The draws come from one stream (`expand`), so fewer samples
+    draw the same ones first."""
     trials = expand(experiment, samples)
     each = len(trials) // samples  # a sample's grid: its first trial holds its draws
-    draws = [trials[i * each] for i in range(samples)]
-    for index, drawn in enumerate(draws):
-        if drawn in draws[:index]:
-            return index, draws.index(drawn), {k: v for k, v in drawn.items() if k != VARIANT}
+    draws = [{k: v for k, v in trials[i * each].items() if k != VARIANT} for i in range(samples)]
+    kept = [without(drawn, leave_out) if leave_out else drawn for drawn in draws]
+    for index, point in enumerate(kept):
+        if point in kept[:index]:
+            return index, kept.index(point), draws[index]
     return None
 
 
@@ -821,26 +825,37 @@ def _check_repeats_without_skip_loss(
     sampling draws train.lambda_skip (of `counts`, the space's dimensions and their points)
     and a trial of its grid (a variant's, a grid value's of model.variant) is of a model
     without a skip loss, which trains the same at every value, and the samples are more than
-    the other dimensions have points: its trials repeat, seeds and all (a space of lambda_skip
-    alone runs a vanilla DEQ's trials `samples` times alike)."""
+    the other dimensions have points, or draw their values again by chance: its trials
+    repeat, seeds and all (a space of lambda_skip alone runs a vanilla DEQ's trials `samples`
+    times alike)."""
     drawn = dict(counts)
     if experiment.searched or "train.lambda_skip" not in drawn or drawn.get("model.variant", 1) > 1:
         return
     points = math.prod(count for key, count in counts if key != "train.lambda_skip")
-    if samples <= points:
+    repeat = _first_repeat(experiment, min(samples, points), "train.lambda_skip")
+    if samples <= points and repeat is None:
         return
-    for sampled in expand(experiment, 1):
+    most = points if repeat is None else repeat[0]
+    trials = expand(experiment, most + 1)
+    each = len(trials) // (most + 1)
+    for sampled in trials[-each:]:  # the grid of the sample that repeats
         variant = experiment.trial_config(sampled).model.variant
         if variant not in NO_SKIP_LOSS:
             continue
         shown = describe(sampled, leave_out=("train.lambda_skip",))
+        drawn = f"the trials{f' of [{shown}]' if shown else ''}, a {variant} model,"
+        if repeat is None:
+            how = f"{samples} samples draw {drawn} from {points} point{'s' * (points != 1)} at most"
+        else:
+            how = (
+                f"sample {most + 1} of {samples} draws {drawn} again, as sample {repeat[1] + 1} "
+                "did (the draws come from the experiment's seed)"
+            )
         raise ConfigError(
-            f"{where}: {samples} samples draw the trials{f' of [{shown}]' if shown else ''}, "
-            f"a {variant} model, from {points} point{'s' * (points != 1)} at most: it trains no "
-            "skip loss, so train.lambda_skip changes nothing in them, and they repeat, seeds and "
-            "all, which the results would count as more seeds of one configuration; set "
-            f"{points}{' or fewer' * (points > 1)}, or draw train.lambda_skip for the skip "
-            "variants alone (searcher tpe with a conditional rule)",
+            f"{where}: {how}: it trains no skip loss, so train.lambda_skip changes nothing in "
+            "them, and they repeat, seeds and all, which the results would count as more seeds "
+            f"of one configuration; set {most}{' or fewer' * (most > 1)}, or draw "
+            "train.lambda_skip for the skip variants alone (searcher tpe with a conditional rule)",
             key=where,
         )
 
