@@ -2164,12 +2164,18 @@ def test_read_newest_takes_the_newest_readable_checkpoint_of_a_run_or_of_a_folde
 
 def test_read_newest_of_a_run_holding_only_copies_cut_short_is_a_checkpoint_error(tmp_path):
     """A run whose one checkpoint is a copy cut short (no state.pt) has no weights to time: a
-    CheckpointError naming the folder, which --weights reports as a usage error, not the
-    'NoneType' TypeError of indexing the None that restore gives there."""
+    CheckpointError naming the folder, the copies and what to do (it named the folder alone),
+    which --weights reports as a usage error, not the 'NoneType' TypeError of indexing the
+    None that restore gives there."""
     cut = checkpoint.write_checkpoint({"step": 3}, tmp_path / "run" / "checkpoint_000003")
     (cut / STATE_FILE).unlink()
-    with pytest.raises(checkpoint.CheckpointError, match="run: no whole checkpoint"):
+    with pytest.raises(checkpoint.CheckpointError) as err:
         checkpoint.read_newest(tmp_path / "run")
+    assert str(err.value) == (
+        f"{tmp_path / 'run'}: no whole checkpoint, only copies cut short (checkpoint_000003): "
+        "one that its run is copying now is whole once the copy ends, so load it again then; a "
+        "run stopped mid-copy has none until it is resumed (from step 0) and writes one"
+    )
 
 
 def test_read_newest_of_a_folder_of_several_runs_refuses_to_pick_one(tmp_path):

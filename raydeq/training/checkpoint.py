@@ -313,7 +313,12 @@ def newest_checkpoint(folder: Path) -> tuple[Path, dict[str, Any]]:
             inside = relisted.inside
             continue
         if state is None:
-            raise CheckpointError(f"{folder}: no whole checkpoint, only copies cut short")
+            cut = ", ".join(str(Path(path).relative_to(folder)) for path in tried)
+            raise CheckpointError(
+                f"{folder}: no whole checkpoint, only copies cut short ({cut}): one that its "
+                "run is copying now is whole once the copy ends, so load it again then; a run "
+                "stopped mid-copy has none until it is resumed (from step 0) and writes one"
+            )
         return Path(tried[-1]), state
 
 
