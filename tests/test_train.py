@@ -4616,6 +4616,47 @@ def test_an_error_that_a_restart_meets_again_ends_the_run_without_restarts(tmp_p
         assert policy.make_decision(status.get_worker_group_error()) == FailureDecision.RETRY
 
 
+def test_a_data_folder_as_a_restart_finds_it_again_ends_the_run_without_restarts(
+    tmp_path, monkeypatch
+):
+    """A worker's DataError for a data folder missing or a file that does not read took each of
+    scaling.max_failures restarts, a Ray Train start each, to print again: a restart finds the
+    folder as it was. It now ends the run at once; a download that failed and a read that the
+    system failed (an OSError: a network folder's) may pass, and are restarted as before."""
+
+    def data_error(cause: Exception | None, **options: Any) -> data.DataError:
+        def reader(cfg: data.DataSection) -> data.Splits:
+            raise cause
+
+        # torchvision's readers, without the seconds of its import
+        vision = SimpleNamespace(BUILDERS={"mnist": reader})
+        monkeypatch.setitem(sys.modules, "raydeq.training.vision", vision)
+        with pytest.raises(data.DataError) as raised:
+            data.load_splits(validate({"data": {"dataset": "mnist", **options}}).data)
+        return raised.value
+
+    missing = data_error(None, data_dir=str(tmp_path / "absent"))
+    assert str(missing).startswith(f"dataset 'mnist' not found in {tmp_path / 'absent'}")
+    monkeypatch.setattr(data, "check_files", lambda cfg: None)  # the files as the check saw them
+    malformed = data_error(AssertionError(), data_dir=str(tmp_path))
+    failed_read = data_error(OSError(errno.EIO, os.strerror(errno.EIO)), data_dir=str(tmp_path))
+    download = data_error(TimeoutError("timed out"), data_dir=str(tmp_path), download=True)
+    assert str(download).startswith(f"dataset 'mnist' could not be downloaded to {tmp_path}")
+    stop, policy = launch.NoRestart(), DefaultFailurePolicy(FailureConfig(max_failures=3))
+    for err in (missing, malformed):
+        status = WorkerGroupPollStatus({0: worker_failed(err), 1: WorkerStatus(running=True)})
+        with pytest.raises(ray.train.ControllerError) as ended:
+            stop.after_worker_group_poll_status(status)
+        assert launch.own_error(str(ended.value)) == f"DataError: {err}"
+    for err in (failed_read, download):
+        status = WorkerGroupPollStatus({0: worker_failed(err)})
+        stop.after_worker_group_poll_status(status)
+        assert policy.make_decision(status.get_worker_group_error()) == FailureDecision.RETRY
+    # As a worker's error reaches Ray Train's controller: pickled, its mark kept.
+    assert not pickle.loads(pickle.dumps(download)).recurs
+    assert pickle.loads(pickle.dumps(missing)).recurs
+
+
 def nan_splits(cfg: data.DataSection, load=data.load_splits) -> data.Splits:
     """Digits whose training images are all NaN."""
     splits = load(cfg)

@@ -38,6 +38,7 @@ from torch.utils.data import (
 )
 
 from raydeq.training.config import DataSection
+from raydeq.training.errors import Recurring
 from raydeq.training.runlock import open_lock, sign, wait_for
 from raydeq.training.seeding import AUGMENTATION_STREAM, stream_seed
 
@@ -74,8 +75,10 @@ DIGITS_SIZE = (28, 28)
 CPU = torch.device("cpu")
 
 
-class DataError(ValueError):
-    """A dataset's folder is missing, incomplete or unreadable, or too small for a batch."""
+class DataError(Recurring, ValueError):
+    """A dataset's folder is missing, incomplete or unreadable, or too small for a batch: a
+    restart meets it again, but for a download that failed or a read that the system failed
+    (an OSError of a network folder may pass: `recurs=False`)."""
 
 
 # Training samples of the datasets whose size is fixed (the embedded ones, torchvision's
@@ -361,7 +364,7 @@ def load_splits(cfg: DataSection) -> Splits:
             return BUILDERS[cfg.dataset](cfg)
     except DataError:
         raise
-    except Exception as err:  # a reader's bare AssertionError too: each is a bad file
+    except Exception as err:  # a reader's bare AssertionError too
         # torchvision's refusal of a download spans lines, the first ending in a colon.
         message = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
         message = message or type(err).__name__
@@ -372,10 +375,13 @@ def load_splits(cfg: DataSection) -> Splits:
         if cfg.download and not all((root / name).exists() for name in expected):
             raise DataError(
                 f"dataset {cfg.dataset!r} could not be downloaded to {root}: {message}; put "
-                f"its files there ({', '.join(expected)}) and set data.download=false"
+                f"its files there ({', '.join(expected)}) and set data.download=false",
+                recurs=False,
             ) from err
         where = f" in {cfg.data_dir}" if cfg.data_dir else ""
-        raise DataError(f"dataset {cfg.dataset!r}{where} is unreadable: {message}") from err
+        unreadable = f"dataset {cfg.dataset!r}{where} is unreadable: {message}"
+        # The system's failed read (an OSError; a network folder's) may pass at a restart.
+        raise DataError(unreadable, recurs=not isinstance(err, OSError)) from err
 
 
 @contextmanager

@@ -445,15 +445,17 @@ def scaling_config(cfg: Config, gpus: float, reserve_cpu: float = 0.0) -> Scalin
 
 class NoRestart(WorkerGroupCallback):
     """Ray Train's restarts (scaling.max_failures) left out where a worker raised an error that
-    a restart meets again (`Recurring`: no checkpoint readable, a divergence on record): each
-    took a Ray Train start to print the same error. Ray Train's failure policy restarts a run
-    for a worker's error and ends it for its controller's, so that error ends the run as the
-    controller's, with the workers' errors as Ray Train states them; a worker lost or killed,
-    and any other error, is restarted as before."""
+    a restart meets again (`Recurring`: no checkpoint readable, a divergence on record, a data
+    folder missing): each took a Ray Train start to print the same error. Ray Train's failure
+    policy restarts a run for a worker's error and ends it for its controller's, so that error
+    ends the run as the controller's, with the workers' errors as Ray Train states them; a
+    worker lost or killed, a download that failed, and any other error, is restarted as
+    before."""
 
     def after_worker_group_poll_status(self, worker_group_status: WorkerGroupPollStatus) -> None:
-        """Raise a ControllerError where a worker's error is `Recurring`."""
-        if any(isinstance(err, Recurring) for err in worker_group_status.errors.values()):
+        """Raise a ControllerError where a worker's error is `Recurring` and recurs."""
+        errors = worker_group_status.errors.values()
+        if any(isinstance(err, Recurring) and err.recurs for err in errors):
             raise ControllerError(worker_group_status.get_worker_group_error())
 
 
