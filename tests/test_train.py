@@ -10,6 +10,7 @@ import itertools
 import json
 import logging
 import math
+import operator
 import os
 import pickle
 import re
@@ -4336,11 +4337,13 @@ def full_disk_under_tensorboard(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(record_writer.RecordWriter, "write", full)
 
 
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 def test_a_tensorboard_write_that_fails_is_a_storage_error_naming_the_folder(tmp_path, monkeypatch):
     """A full disk under TensorBoard's events: its writer thread's OSError came back at the
     next write, flush or close as '[Errno 28] No space left on device', naming no file, in a
-    worker's traceback; each is a StorageError naming the folder and the cause."""
+    worker's traceback; each is a StorageError naming the folder and the cause. The thread
+    printed its own traceback of the OSError besides, which it now leaves to that error."""
+    unhandled = []
+    monkeypatch.setattr(threading, "excepthook", unhandled.append)
     folder = tmp_path / "tensorboard"
     events = eventlog.EventLog(str(folder))
     full_disk_under_tensorboard(monkeypatch)
@@ -4349,6 +4352,13 @@ def test_a_tensorboard_write_that_fails_is_a_storage_error_naming_the_folder(tmp
     for call in (events.flush, lambda: events.add_scalars({"train_loss": 0.5}, 2), events.close):
         with pytest.raises(storage.StorageError, match=f"^{re.escape(said)} on device$"):
             call()
+    thread = events.writer.file_writer.event_writer._async_writer._worker
+    thread.join()
+    assert isinstance(thread.exception, OSError) and unhandled == []
+    other = threading.Thread(target=operator.truediv, args=(1, 0))
+    other.start()
+    other.join()  # another thread's error is passed on as before
+    assert [type(args.exc_value) for args in unhandled] == [ZeroDivisionError]
 
 
 def test_tensorboard_events_that_cannot_be_opened_are_a_storage_error_naming_the_folder(
@@ -4394,7 +4404,6 @@ def test_a_uris_next_tensorboard_events_file_that_cannot_be_opened_is_a_storage_
     shutil.rmtree(events.local)
 
 
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 def test_a_run_stopped_by_a_tensorboard_write_says_so_once(tmp_path, monkeypatch, caplog):
     """The run that a failed TensorBoard write stops ends with that StorageError, which its
     close of TensorBoard, raising it again, does not repeat as events not kept."""

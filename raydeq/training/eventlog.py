@@ -11,9 +11,11 @@ from __future__ import annotations
 import shutil
 import socket
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -104,9 +106,29 @@ class EventLog:
             path.unlink()
 
 
+@dataclass(frozen=True)
+class _WriterThreadsUnsaid:
+    """threading.excepthook leaving out the traceback of TensorBoard's writer thread, which
+    printed the OSError of a full disk beside the run's one line: the writer raises it again
+    at its next call, a StorageError naming the folder (`EventLog.writing`). Other threads'
+    go to `passed_on`."""
+
+    passed_on: Callable[[threading.ExceptHookArgs], object]
+
+    def __call__(self, args: threading.ExceptHookArgs) -> None:
+        """Pass on the exception of any thread but a writer thread of TensorBoard's."""
+        from tensorboard.summary.writer.event_file_writer import _AsyncWriterThread
+
+        if not isinstance(args.thread, _AsyncWriterThread):
+            self.passed_on(args)
+
+
 def _writer(folder: str, purge_step: int | None = None) -> SummaryWriter:
     """TensorBoard's writer at a local folder, imported here since only a run's rank 0 writes:
-    the commands that import this module for their settings pay nothing for TensorBoard."""
+    the commands that import this module for their settings pay nothing for TensorBoard. Its
+    thread's traceback is left unsaid (`_WriterThreadsUnsaid`)."""
     from torch.utils.tensorboard import SummaryWriter
 
+    if not isinstance(threading.excepthook, _WriterThreadsUnsaid):
+        threading.excepthook = _WriterThreadsUnsaid(threading.excepthook)
     return SummaryWriter(folder, purge_step=purge_step)
