@@ -2807,6 +2807,19 @@ def test_a_result_file_empty_or_cut_and_left_alone_is_read_once_without_waiting(
     )
 
 
+def test_a_result_file_whose_last_line_is_cut_in_a_character_keeps_every_whole_report(tmp_path):
+    """A last line cut inside a character of two bytes (a file with text beyond ASCII, or one
+    damaged to hold a byte that is no UTF-8) ended --report and a run's end in a
+    UnicodeDecodeError traceback, where a last line cut anywhere else is left out; it is left
+    out as those are."""
+    text = '{"step": 10, "loss": 2.0}\n{"step": 20, "label": "é"}\n'.encode()
+    file = tmp_path / archive.RESULT_FILE
+    file.write_bytes(text[: text.index("é".encode()) + 1])
+    os.utime(file, (time.time() - 60, time.time() - 60))  # cut a while ago: read at once
+    frame = archive.history(str(tmp_path))
+    assert frame["step"].tolist() == [10] and frame["loss"].tolist() == [2.0]
+
+
 def test_a_result_file_with_a_broken_line_before_its_last_names_the_file_and_line(tmp_path):
     """Only a last line can be cut by a stop; a broken line before it is named, not skipped."""
     (tmp_path / archive.RESULT_FILE).write_text('{"step": 10}\n{"step": 2\n{"step": 30}\n')

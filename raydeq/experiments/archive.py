@@ -266,7 +266,7 @@ def _table(data: bytes) -> pa.Table | None:
     whole, _, last = data.rpartition(b"\n")
     try:
         json.loads(last or b"null")
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, UnicodeDecodeError):  # cut in a character too
         data = whole
     try:
         table = pyarrow.json.read_json(pa.BufferReader(data))
