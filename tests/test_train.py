@@ -4355,6 +4355,7 @@ def test_a_tensorboard_write_that_fails_is_a_storage_error_naming_the_folder(tmp
     thread = events.writer.file_writer.event_writer._async_writer._worker
     thread.join()
     assert isinstance(thread.exception, OSError) and unhandled == []
+    assert threading.excepthook == unhandled.append  # the process's hook, back after close
     other = threading.Thread(target=operator.truediv, args=(1, 0))
     other.start()
     other.join()  # another thread's error is passed on as before

@@ -38,6 +38,9 @@ class EventLog:
         self.local = tempfile.mkdtemp(prefix="raydeq-events-") if self.remote else folder
         with self.writing():
             self.writer = _writer(self.local, purge_step)
+        # The hook of the process (a num_workers=0 run's is the driver's), put back at close.
+        self.excepthook = threading.excepthook
+        threading.excepthook = _WriterThreadsUnsaid(self.excepthook)
         self.described: set[str] = set()  # the tags whose description the open file holds
 
     def add_scalars(
@@ -76,9 +79,13 @@ class EventLog:
         self.described.clear()
 
     def close(self) -> None:
-        """Write the last events and release the writer (and a URI's local folder)."""
-        with self.writing():
-            self.writer.close()
+        """Write the last events and release the writer (and a URI's local folder), and put
+        back the process's threading.excepthook once its writer thread has ended."""
+        try:
+            with self.writing():
+                self.writer.close()
+        finally:
+            threading.excepthook = self.excepthook
         if self.remote:
             self._upload()
             shutil.rmtree(self.local, ignore_errors=True)
@@ -125,10 +132,7 @@ class _WriterThreadsUnsaid:
 
 def _writer(folder: str, purge_step: int | None = None) -> SummaryWriter:
     """TensorBoard's writer at a local folder, imported here since only a run's rank 0 writes:
-    the commands that import this module for their settings pay nothing for TensorBoard. Its
-    thread's traceback is left unsaid (`_WriterThreadsUnsaid`)."""
+    the commands that import this module for their settings pay nothing for TensorBoard."""
     from torch.utils.tensorboard import SummaryWriter
 
-    if not isinstance(threading.excepthook, _WriterThreadsUnsaid):
-        threading.excepthook = _WriterThreadsUnsaid(threading.excepthook)
     return SummaryWriter(folder, purge_step=purge_step)
