@@ -153,6 +153,8 @@ def test_bad_options_are_named():
         GMRES(restart=0)
     with pytest.raises(ValueError, match="rtol=-1"):
         Neumann(rtol=-1)
+    with pytest.raises(ValueError, match="resolution=-1 must be a number >= 0"):
+        Neumann(resolution=-1)
     with pytest.raises(TypeError, match="graph='yes' must be True or False"):
         GMRES(graph="yes")
 
@@ -384,6 +386,26 @@ def test_a_zero_right_hand_side_is_solved_by_zero_and_counts_as_converged(solver
     assert info.converged.tolist() == [True, True, True]
     assert float(info.residual[1]) == 0.0 and int(info.iterations[1]) == 0
     torch.testing.assert_close(x, torch.linalg.solve(a, b), rtol=0, atol=1e-9)
+
+
+def test_neumann_stops_a_sample_stalled_at_the_rounding_of_its_products():
+    """Products K x rounded to float16 (an f in half precision) hold sample 2's residual at 4e-5
+    ||b||, above rtol 1e-5: it ran the batch to max_iters=100. At resolution float16's epsilon
+    it stops STALL iterations after its smallest residual, unconverged, with the same iterate."""
+    a, b = contraction_systems(3, 12, seed=12)
+    k = (torch.eye(12, dtype=torch.float64) - a).float()
+
+    def rounded(x: torch.Tensor) -> torch.Tensor:
+        return x - (k @ x[:, :, None])[:, :, 0].half().float()
+
+    x, info = Neumann()(rounded, b.float())
+    eps = torch.finfo(torch.float16).eps
+    stalled, stalled_info = Neumann(resolution=eps)(rounded, b.float())
+    assert info.matvecs == 100 and stalled_info.matvecs == 14
+    assert stalled_info.converged.tolist() == info.converged.tolist() == [True, True, False]
+    assert stalled_info.iterations.tolist() == [10, 12, 14]
+    assert torch.equal(stalled, x) and torch.equal(stalled_info.residual, info.residual)
+    assert 1e-5 < float(stalled_info.residual[2] / b[2].norm()) < eps
 
 
 def test_neumann_stops_at_max_iters_with_its_partial_sum():

@@ -117,6 +117,15 @@ class ImplicitAdjoint:
             return self
         return replace(self, linear_solver=replace(self.linear_solver, graph=True))
 
+    def rounding_in(self, dtype: torch.dtype) -> ImplicitAdjoint:
+        """This adjoint with Neumann's resolution at least the epsilon of `dtype`, the one f
+        computes in, whose VJPs round at it; another linear solver runs as it is."""
+        solver = self.linear_solver
+        eps = torch.finfo(dtype).eps
+        if not isinstance(solver, Neumann) or solver.resolution >= eps:
+            return self
+        return replace(self, linear_solver=replace(solver, resolution=eps))
+
     def attach(
         self, f: Map, z_star: torch.Tensor, z0: torch.Tensor, stats: SolveStats
     ) -> tuple[torch.Tensor, torch.Tensor]:

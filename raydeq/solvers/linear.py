@@ -7,11 +7,15 @@ from dataclasses import dataclass
 import torch
 
 from raydeq.solvers.gmres import LinearOperator, LinearSolveInfo, ScaledLinearSolver
+from raydeq.solvers.options import number
 
 # A sample whose residual has grown past this many times its smallest has met a series that
 # diverges (K with an eigenvalue of modulus above 1 there): it stops, as a forward solve stops
 # a sample whose residual grows past `divergence` (1e4) times its first.
 DIVERGENCE = 1e4
+# A sample whose smallest residual is within `resolution` ||b|| and has not fallen in this
+# many iterations has met the rounding of A's products: it stops, unconverged.
+STALL = 5
 
 
 @dataclass(frozen=True)
@@ -24,7 +28,17 @@ class Neumann(ScaledLinearSolver):
     the series diverges (the adjoint of a layer that does not contract at z*), its last
     iterate after max_iters grew by the spectral radius to the power max_iters, and the
     implicit gradient of the batch's shared weights with it.
+    `resolution` is the relative rounding of A's products (raydeq.solve sets it to the epsilon
+    of a float16 or bfloat16 f, or of the caller's autocast): a sample whose smallest residual
+    is within resolution ||b|| and has not fallen for STALL iterations stops there,
+    unconverged, where an rtol below it ran the batch to max_iters.
     """
+
+    resolution: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        number("resolution", self.resolution)
 
     def _solve(
         self,
@@ -38,9 +52,12 @@ class Neumann(ScaledLinearSolver):
         x, r, matvecs = self._start(A, b, x0)
         beta = r.norm(dim=1)
         best_x, best = x, beta
+        unchanged = torch.zeros_like(iterations)  # iterations since the smallest residual
+        rounding = self.resolution * b.norm(dim=1)
         for _ in range(self.max_iters):
             # NaN compares false: a sample whose residual is not finite stops too.
             active = (beta > tol) & (beta <= DIVERGENCE * best)
+            active &= (unchanged < STALL) | (best > rounding)
             if not bool(active.any()):
                 break
             x = torch.where(active[:, None], x + r, x)
@@ -49,5 +66,6 @@ class Neumann(ScaledLinearSolver):
             matvecs += 1
             beta = r.norm(dim=1)
             better = beta < best
+            unchanged = torch.where(better, 0, unchanged + 1)
             best_x, best = torch.where(better[:, None], x, best_x), torch.where(better, beta, best)
         return best_x, LinearSolveInfo(iterations, best <= tol, best, matvecs)

@@ -239,7 +239,8 @@ def solve(
     Options of the solver (e.g. m for anderson; kind="pi"|"i"|"fixed", h0, step_rtol and
     contraction for the ODE solvers' step-size controller) and of the adjoint (rtol, atol,
     max_iters and warm_start for "gmres" and "fixed_point", restart and check_every for
-    "gmres" alone; "jfb" and "unrolled" take none) go in solver_options / adjoint_options.
+    "gmres" alone, resolution for "fixed_point" alone, at least the epsilon of the dtype f
+    computes in; "jfb" and "unrolled" take none) go in solver_options / adjoint_options.
     `stats.nfe` counts every evaluation of f, including the one that attaches z* to the graph
     and the initial_nfe evaluations the caller spent making z0 (Skip Reg. DEQ's f(0, x)).
 
@@ -307,6 +308,8 @@ def solve(
     graph = compile == GRAPH and not (record_graph or eager_tangents) and device in RECORDERS
     if graph and isinstance(backward, ImplicitAdjoint):
         backward = backward.recorded()
+    if isinstance(backward, ImplicitAdjoint):
+        backward = backward.rounding_in(computing_dtype(structure.dtype, device))
     if stop_on_convergence is None:
         stop_on_convergence = device == "cpu"
     with (
@@ -406,15 +409,29 @@ def outside_autocast(
     """f under the caller's autocast, and the context that turns it off for the solver's own
     arithmetic (Anderson's and Broyden's batched products, GMRES's triangular solve), which
     stays in the state's float32; f itself and no context where no autocast is on."""
-    if not (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)):
+    dtype = autocast_dtype(device)
+    if dtype is None:
         return f, nullcontext
-    dtype = torch.get_autocast_dtype(device)
 
     def autocast_f(z: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device, dtype=dtype):
             return f(z)
 
     return autocast_f, partial(torch.autocast, device, enabled=False)
+
+
+def autocast_dtype(device: str) -> torch.dtype | None:
+    """The dtype of the caller's autocast on `device`, None where none is on."""
+    if not (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)):
+        return None
+    return torch.get_autocast_dtype(device)
+
+
+def computing_dtype(dtype: torch.dtype, device: str) -> torch.dtype:
+    """The dtype f computes in: the state's, or the caller's autocast's where it is on and
+    coarser."""
+    amp = autocast_dtype(device)
+    return dtype if amp is None else max(dtype, amp, key=lambda d: torch.finfo(d).eps)
 
 
 def compile_options(compile: bool | dict | str, device: torch.device) -> dict | None:
