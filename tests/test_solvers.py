@@ -1644,6 +1644,26 @@ def test_a_monitor_selects_as_torch_where(reads):
             assert got[0] is (a if rows[0] else b)
 
 
+def test_a_record_without_reltol_finds_the_samples_that_run_in_one_comparison():
+    """Monitor.record at reltol 0 costs four operations (the better point, its two selects
+    and one comparison with the per-sample limit); a sample that the test stopped stays
+    stopped, at a point within the tolerance or not, and runs again once resumed."""
+    z = torch.zeros(4, 2)
+    monitor = Monitor(z, Termination(abstol=1e-3, reltol=0.0))
+    monitor.allow_restarts()
+    monitor.test(torch.tensor([[1.0], [1.0], [math.nan], [math.nan]]))
+    residual = torch.tensor([[1e-5], [1.0], [1e-5], [1.0]])
+    with OpCounter() as counter:
+        monitor.record(z, residual)
+    assert dict(counter.ops) == {"lt": 1, "where": 2, "gt": 1}
+    assert monitor.active[:, 0].tolist() == [False, True, False, False]
+    assert monitor.codes.tolist() == [Status.CONVERGED, Status.MAX_STEPS, *[Status.NONFINITE] * 2]
+    monitor.next_block(1, every=1)
+    assert monitor.resume()[:, 0].tolist() == [False, False, True, True]
+    monitor.record(z, torch.ones(4, 1))
+    assert monitor.active[:, 0].tolist() == [False, True, False, True]
+
+
 @pytest.mark.parametrize(("warm_start", "expected"), [(False, [0.8, 0.8]), (True, [1.4, 0.6])])
 def test_one_adjoint_step_starts_from_v_with_warm_start_and_from_0_without(
     warm_start, expected, counted_vjp

@@ -111,9 +111,10 @@ class Monitor:
     residual.
     """
 
-    # The attributes a solver step replaces (record): a step recorded as a CUDA graph writes
-    # them back into the tensors it read (graphs.GraphedStep).
-    STEPPED = ("best_z", "best_norm", "active")
+    # The attributes a solver step reads and replaces (record): a step recorded as a CUDA graph
+    # writes them back into the tensors it read (graphs.GraphedStep), where the checks between
+    # steps replaced them.
+    STEPPED = ("best_z", "best_norm", "active", "limit")
 
     def __init__(self, z0: torch.Tensor, termination: Termination, reads: bool = False) -> None:
         batch, features = z0.shape
@@ -129,6 +130,9 @@ class Monitor:
         self.divergence_bound: torch.Tensor | None = None
         self.status = torch.full((batch, 1), int(Status.MAX_STEPS), device=z0.device)
         self.active = torch.ones(batch, 1, dtype=torch.bool, device=z0.device)
+        # abstol_norm per sample, inf for one that a test stopped: without reltol a step finds
+        # the samples that run in one comparison of their best residual with it.
+        self.limit = torch.full_like(self.best_norm, self.abstol_norm)
         self.checked_log = self.best_norm
         # With restarts: NaN per sample while it has its restart left (`spare`, spent by
         # `resume`), and for the samples that failed the last test with it (`restarting`),
@@ -163,6 +167,7 @@ class Monitor:
         self.spare = torch.where(samples, 0.0, self.spare)
         self.status = torch.where(samples, int(Status.MAX_STEPS), self.status)
         self.active = self.active | samples
+        self.limit = self.limit.masked_fill(samples, self.abstol_norm)
         self.due = False
         return samples
 
@@ -175,8 +180,7 @@ class Monitor:
         non-finite residual is never better, so an overflowed norm never converges."""
         better = r < self.best_norm
         self.best_z, self.best_norm = self.select(better, ((z, self.best_z), (r, self.best_norm)))
-        # On booleans a > b is a & ~b.
-        self.active = self.active > self._within(self.best_z, self.best_norm)
+        self.active = self._running(self.best_z, self.best_norm)
 
     def select(
         self, mask: torch.Tensor, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]
@@ -227,6 +231,7 @@ class Monitor:
             code = torch.minimum(code, self.restarted[0])
         self.status = torch.where(failing, code, self.status)
         self.active = self.active > failing
+        self.limit = self.limit.masked_fill(failing, math.inf)
 
     def mark(self) -> None:
         """Start measuring the residual's rate of decrease from here (no host read)."""
@@ -254,13 +259,17 @@ class Monitor:
         self.due = largest != largest
         return math.inf if self.due else largest
 
-    def _within(self, z: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-        """r <= abstol + reltol * ||z|| per sample (2-norms), as r - reltol * ||z|| <= abstol:
-        one operation fewer, and false where both are infinite (inf - inf is NaN), as at a
-        non-finite z0 that no finite residual has replaced."""
+    def _running(self, z: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        """Whether each running sample still runs at its best iterate z with residual r (B, 1):
+        it stops once r <= abstol + reltol * ||z|| (2-norms). Without reltol that is r above
+        its limit, which a stopped sample's inf never is (r, a best residual, is never NaN).
+        With it, r - reltol * ||z|| <= limit (one operation fewer than the sum), which is
+        false where both are infinite (inf - inf is NaN), as at a non-finite z0 that no finite
+        residual has replaced, so that such a sample runs on."""
         if not self.reltol:
-            return r <= self.abstol_norm
-        return add_scaled(r, norm(z), -self.reltol) <= self.abstol_norm
+            return r > self.limit
+        # On booleans a > b is a & ~b.
+        return self.active > (add_scaled(r, norm(z), -self.reltol) <= self.limit)
 
     def _tolerance(self, z: torch.Tensor) -> torch.Tensor | float:
         """abstol + reltol * ||z|| per sample, as a 2-norm."""
