@@ -1664,6 +1664,22 @@ def test_a_record_without_reltol_finds_the_samples_that_run_in_one_comparison():
     assert monitor.active[:, 0].tolist() == [False, True, False, True]
 
 
+def test_a_predicted_check_costs_ten_operations_and_one_read():
+    """next_block's prediction: the rates (log, fall, distance to go, their quotient), the
+    fallback where no rate is known, the running samples' largest in one read; the stopped
+    samples count as 0 (a tensor, no operation to make it). The slowest sample, 2.2 decades
+    to go at 2 per 4 steps, asks for ceil(4.4) steps and one of margin."""
+    z = torch.zeros(3, 1, dtype=torch.float64)
+    monitor = Monitor(z, Termination(abstol=1e-6, reltol=0.0))
+    monitor.record(z, torch.tensor([[1e-2], [10**-1.8], [1.0]], dtype=torch.float64))
+    monitor.mark()
+    monitor.record(z, torch.tensor([[1e-5], [10**-3.8], [1e-7]], dtype=torch.float64))
+    with OpCounter() as counter:
+        block = monitor.next_block(4)
+    assert block == 6
+    assert sum(counter.ops.values()) == 10 and counter.syncs == 1
+
+
 @pytest.mark.parametrize(("warm_start", "expected"), [(False, [0.8, 0.8]), (True, [1.4, 0.6])])
 def test_one_adjoint_step_starts_from_v_with_warm_start_and_from_0_without(
     warm_start, expected, counted_vjp

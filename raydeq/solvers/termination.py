@@ -136,10 +136,11 @@ class Monitor:
         self.checked_log = self.best_norm
         # With restarts: NaN per sample while it has its restart left (`spare`, spent by
         # `resume`), and for the samples that failed the last test with it (`restarting`),
-        # else 0: next_block's one read propagates the NaN, so that they cost no read of
-        # their own, and a check one operation more.
+        # else 0 (a tensor: a scalar 0 costs each check one operation): next_block's one read
+        # propagates the NaN, so that they cost no read of their own, and a check one
+        # operation more.
         self.spare: torch.Tensor | None = None
-        self.restarting: torch.Tensor | float = 0.0
+        self.restarting = torch.zeros_like(self.best_norm)
         self.due = False
         # From the first resume on, per sample: the status it first stopped with (DIVERGED for
         # the others), the best residual its progress is measured from and the steps taken
