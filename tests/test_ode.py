@@ -407,6 +407,22 @@ def test_a_step_accepted_by_contraction_above_the_tolerance_is_remembered_at_the
     assert h_next[0, 0].item() == 1.0 and h_next[1, 0].item() < 1.0
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+def test_the_error_ratio_s_floor_is_a_contiguous_column_made_in_one_operation(batch):
+    """Controller.scales' abstol floor, abstol sqrt(N) / (|error weight| unit), is a column
+    of contiguous strides, as the steps' own (also at batch 1, where a column cut from the
+    state would keep its row stride), made by one operation per solve."""
+    from raydeq.bench.suites.step_cost import OpCounter
+
+    ctl = Controller()
+    like = torch.zeros(batch, 9, dtype=torch.float64)
+    with OpCounter() as counter:
+        floor, _, _ = ctl.scales(like, Termination(abstol=1e-3), 2.0, 3.0, error_order=2)
+    assert sum(counter.ops.values()) == 1 and floor.stride() == (1, 1)
+    expected = torch.full((batch, 1), 1e-3 * 3 / (2 * ctl.unit(2)), dtype=torch.float64)
+    torch.testing.assert_close(floor, expected, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("move_scale", [None, 0.5])
 def test_the_error_ratio_weighs_the_error_against_abstol_the_step_and_reltol(move_scale):
     """e / unit = 2 ||error|| h / (abstol sqrt(N) + step_rtol 3 s ||move|| + reltol ||y_new||)

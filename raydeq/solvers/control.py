@@ -147,7 +147,7 @@ class Controller:
     ) -> tuple[torch.Tensor, float, float]:
         """The weights of error_ratio's scale for an error of order error_order and a move
         given as multiples `error` and `move` of the vectors the method passes (its
-        combinations' factored-out weights): the abstol floor as a (B, 1) column, the
+        combinations' factored-out weights): the abstol floor as a contiguous (B, 1) column, the
         step_rtol and reltol weights; the floor is at least the dtype's smallest normal number,
         so that a zero error over a zero scale (abstol=0 at a zero state that does not move) is
         a ratio of 0, a perfect step, rather than 0 / 0, a NaN step size, at no cost per step."""
@@ -155,7 +155,8 @@ class Controller:
         floor = in_range(term.abstol * like.shape[1] ** 0.5 / weight, like.dtype)
         floor = max(floor, torch.finfo(like.dtype).tiny)
         rel_weight = in_range(term.reltol / weight, like.dtype)
-        return torch.full_like(like[:, :1], floor), self.step_rtol * abs(move) / weight, rel_weight
+        floor_column = like.new_full((like.shape[0], 1), floor)
+        return floor_column, self.step_rtol * abs(move) / weight, rel_weight
 
     def decide(
         self,
