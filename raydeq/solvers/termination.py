@@ -264,9 +264,10 @@ class Monitor:
         """Whether each running sample still runs at its best iterate z with residual r (B, 1):
         it stops once r <= abstol + reltol * ||z|| (2-norms). Without reltol that is r above
         its limit, which a stopped sample's inf never is (r, a best residual, is never NaN).
-        With it, r - reltol * ||z|| <= limit (one operation fewer than the sum), which is
-        false where both are infinite (inf - inf is NaN), as at a non-finite z0 that no finite
-        residual has replaced, so that such a sample runs on."""
+        With it, r - reltol * ||z|| <= limit, which is false where both are infinite (inf -
+        inf is NaN), as at a non-finite z0 that no finite residual has replaced, so that such a
+        sample runs on; the sum's test r <= limit + reltol * ||z||, as many operations, is
+        true there (inf <= inf)."""
         if not self.reltol:
             return r > self.limit
         # On booleans a > b is a & ~b.
