@@ -1787,6 +1787,17 @@ def test_the_stored_settings_give_back_the_experiment_and_every_option(tmp_path)
     assert loaded.search.num_samples == 2
 
 
+def test_stored_settings_read_back_a_text_that_looks_like_a_number_as_text(tmp_path):
+    """safe_dump writes the text "1e-3" unquoted, which PyYAML's safe loader reads as text and
+    raydeq's config reader as the number 0.001: the stored settings are read as written."""
+    variants = [{"label": "1e-3", "optim.lr": 0.001}, {"label": "1e-2", "optim.lr": 0.01}]
+    experiment = spec.from_dict("labels", {**TINY, "search": {"variants": variants}})
+    folder = str(tmp_path / "labels")
+    run.save_settings(folder, experiment, run.Options(None, 1, "fifo", 0))
+    loaded, _ = run.load_settings(folder)
+    assert loaded.raw["search"]["variants"] == variants
+
+
 def test_a_stored_search_of_no_mode_keeps_the_max_it_was_started_with(tmp_path):
     """An experiment stored when an unset mode meant max (its Tune searcher and scheduler built
     with max) is read back in mode max, not its metric's min, so that --resume and --report
