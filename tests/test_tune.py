@@ -1076,6 +1076,17 @@ def test_more_samples_than_a_space_has_points_to_draw_are_refused_naming_both_co
         "grid_search and set 1, to run each point once"
     )
     spec.check_repeats(choices, 1)
+    # Seed 1 draws vcab3 then bs3: as many samples as points draw none again, by chance or not.
+    apart = spec.from_dict("apart", {**TINY, "seed": 1, "search": {"space": space}})
+    with pytest.raises(ConfigError) as err:
+        spec.check_repeats(apart, 3)
+    assert str(err.value) == (
+        "--num-samples: 3 samples of a space of 2 points at random (model.solver: 2 values) "
+        "draw a point again, its trials seeds and all, which the results would count as more "
+        "seeds of one configuration; set 2 or fewer, or list the values in grid_search and set "
+        "1, to run each point once"
+    )
+    spec.check_repeats(apart, 2)
     ranges = {"train.epochs": {"qrandint": [1, 3, 1]}, "optim.lr": {"quniform": [0.1, 0.3, 0.1]}}
     with pytest.raises(ConfigError, match=r"^--num-samples: 7 samples of a space of 6 points "):
         spec.check_repeats(spec.from_dict("ranges", {**TINY, "search": {"space": ranges}}), 7)
