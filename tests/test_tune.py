@@ -1185,6 +1185,21 @@ def test_samples_that_repeat_a_vanilla_variants_trials_at_other_lambda_skips_are
         "conditional rule)"
     )
     spec.check_repeats(spec.from_dict("lambda", {**TINY, "seed": 0, "search": search}))
+    # The trials named are the repeating sample's: seed 3 draws tsit5, vcab3, tsit5 ...
+    with pytest.raises(ConfigError) as err:
+        spec.check_repeats(spec.from_dict("lambda", {**TINY, "seed": 3, "search": search}))
+    assert str(err.value).startswith(
+        "search.num_samples: sample 3 of 3 draws the trials of [V, solver=tsit5, seed=0], a "
+        "vanilla model, again, as sample 1 did "
+    )
+    # ... and of two solvers seed 1 draws vcab3, bs3, bs3: the third sample repeats bs3's.
+    space["model.solver"] = {"choice": ["vcab3", "bs3"]}
+    with pytest.raises(ConfigError) as err:
+        spec.check_repeats(spec.from_dict("lambda", {**TINY, "seed": 1, "search": search}))
+    assert str(err.value).startswith(
+        "search.num_samples: 3 samples draw the trials of [V, solver=bs3, seed=0], a vanilla "
+        "model, from 2 points at most: "
+    )
 
 
 def test_the_preflight_checks_each_model_and_data_once_saying_how_far_it_has_come(
