@@ -2177,6 +2177,15 @@ def test_read_newest_of_a_run_holding_only_copies_cut_short_is_a_checkpoint_erro
         "one that its run is copying now is whole once the copy ends, so load it again then; a "
         "run stopped mid-copy has none until it is resumed (from step 0) and writes one"
     )
+    # Of the folder above the run: each copy by its path in that folder, the newest first.
+    cut = checkpoint.write_checkpoint({"step": 6}, tmp_path / "run" / "checkpoint_000006")
+    (cut / STATE_FILE).unlink()
+    with pytest.raises(checkpoint.CheckpointError) as err:
+        checkpoint.read_newest(tmp_path)
+    assert str(err.value).startswith(
+        f"{tmp_path}: no whole checkpoint, only copies cut short (run/checkpoint_000006, "
+        "run/checkpoint_000003): "
+    )
 
 
 def test_read_newest_of_a_folder_of_several_runs_refuses_to_pick_one(tmp_path):
