@@ -4375,18 +4375,21 @@ def test_tensorboard_events_that_cannot_be_opened_are_a_storage_error_naming_the
     tmp_path, monkeypatch
 ):
     """A full disk as TensorBoard's events file is created: its OSError names no folder; it is
-    a StorageError naming the folder and the cause, as a failed write is."""
+    a StorageError naming the folder and the cause, as a failed write is, and the process's
+    threading.excepthook is left as it was."""
 
     def full(*args):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(eventlog, "_writer", full)
+    hook = threading.excepthook
     folder = tmp_path / "tensorboard"
     with pytest.raises(storage.StorageError) as stopped:
         eventlog.EventLog(str(folder))
     assert str(stopped.value) == (
         f"TensorBoard's events could not be written to {folder}: [Errno 28] No space left on device"
     )
+    assert threading.excepthook is hook  # no log to close puts it back: it was never changed
 
 
 def test_a_uris_next_tensorboard_events_file_that_cannot_be_opened_is_a_storage_error(
