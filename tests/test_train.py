@@ -4371,6 +4371,22 @@ def test_a_tensorboard_write_that_fails_is_a_storage_error_naming_the_folder(tmp
     assert [type(args.exc_value) for args in unhandled] == [ZeroDivisionError]
 
 
+def test_another_threads_error_goes_to_the_processs_hook_while_tensorboard_is_open(
+    tmp_path, monkeypatch
+):
+    """While TensorBoard's events are open, only its writer thread's traceback is left out: an
+    error of any other thread reaches the hook the process had (a user's, a test runner's), not
+    Python's default hook."""
+    unhandled = []
+    monkeypatch.setattr(threading, "excepthook", unhandled.append)
+    events = eventlog.EventLog(str(tmp_path / "tensorboard"))
+    other = threading.Thread(target=operator.truediv, args=(1, 0))
+    other.start()
+    other.join()
+    events.close()
+    assert [type(args.exc_value) for args in unhandled] == [ZeroDivisionError]
+
+
 def test_tensorboard_events_that_cannot_be_opened_are_a_storage_error_naming_the_folder(
     tmp_path, monkeypatch
 ):
