@@ -1090,6 +1090,10 @@ def test_more_samples_than_a_space_has_points_to_draw_are_refused_naming_both_co
     ranges = {"train.epochs": {"qrandint": [1, 3, 1]}, "optim.lr": {"quniform": [0.1, 0.3, 0.1]}}
     with pytest.raises(ConfigError, match=r"^--num-samples: 7 samples of a space of 6 points "):
         spec.check_repeats(spec.from_dict("ranges", {**TINY, "search": {"space": ranges}}), 7)
+    # A step written 1.0 counts the same points (it stopped the check with a TypeError).
+    ranges["train.epochs"] = {"qrandint": [1, 3, 1.0]}
+    with pytest.raises(ConfigError, match=r"^--num-samples: 7 samples of a space of 6 points "):
+        spec.check_repeats(spec.from_dict("ranges", {**TINY, "search": {"space": ranges}}), 7)
     space = {"model.solver": {"choice": ["vcab3", "bs3"]}, "model.max_steps": {"randint": [9, 11]}}
     variants = [{"model.solver": "bs3", "model.max_steps": 9}, {"model.max_steps": 40}]
     search = {"searcher": "tpe", "space": space, "variants": variants, "num_samples": 6}

@@ -873,7 +873,7 @@ def _points(key: str, spec: Any) -> float:
     q = getattr(made.get_sampler(), "q", None)
     if isinstance(made, Integer):
         least, greatest = integer_ends(made)
-        return (greatest - least) // (q or 1) + 1
+        return int((greatest - least) // (q or 1)) + 1  # a whole count for a step of 1.0 too
     if q is None or not math.isfinite(made.lower) or not math.isfinite(made.upper):
         return math.inf
     return round(made.upper / q) - round(made.lower / q) + 1
