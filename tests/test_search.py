@@ -6,6 +6,7 @@ import logging
 import math
 import pickle
 import signal
+import threading
 import time
 import warnings
 from collections.abc import Iterator
@@ -898,6 +899,20 @@ def test_an_hparams_entry_whose_write_failed_is_written_by_the_next_report(tmp_p
     measures, values = _hparams_entry(tmp_path / hparams.FOLDER / "a")
     assert measures == {"hparam/test_accuracy": 0.75}
     assert values == {"trial": "a", "optim.lr": 0.25}
+
+
+def test_an_hparams_entry_whose_write_failed_puts_back_the_process_thread_hook(monkeypatch):
+    """An entry's events that failed to be written left TensorBoard's writer open and the
+    process's threading.excepthook replaced by its writer's for the rest of the process."""
+    own = threading.excepthook
+
+    def full(*_: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(hparams.EventLog, "add_scalars", full)
+    with pytest.raises(OSError, match="No space left"):
+        hparams._event_file({"optim.lr": 0.25}, {"test_accuracy": 0.75})
+    assert threading.excepthook is own
 
 
 def test_an_hparams_entry_gains_a_setting_that_trials_finished_since_vary(tmp_path):

@@ -5,6 +5,7 @@ own metric and cost, in `<experiment>/hparams/<trial>`, so the experiment's
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -104,11 +105,11 @@ def _event_file(given: Mapping[str, Any], metrics: Mapping[str, float]) -> bytes
 
     _, start, end = hparams(dict(given), dict(metrics))
     with tempfile.TemporaryDirectory() as folder:
-        log = EventLog(folder)
-        log.writer.file_writer.add_summary(start)
-        log.writer.file_writer.add_summary(end)
-        log.add_scalars(metrics, 0, _description)
-        log.close()
+        # Closed however the writes end, which puts back the process's threading.excepthook.
+        with contextlib.closing(EventLog(folder)) as log:
+            log.writer.file_writer.add_summary(start)
+            log.writer.file_writer.add_summary(end)
+            log.add_scalars(metrics, 0, _description)
         (written,) = (p for p in Path(folder).iterdir() if p.is_file())
         return written.read_bytes()
 
