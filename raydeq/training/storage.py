@@ -42,7 +42,8 @@ def absolute(path: str) -> str:
 
 def check_encoding(path: str) -> str:
     """`path`, or a StorageError where the filesystem encoding of this process's locale (ASCII
-    under LC_ALL=C, Latin-1 under en_US.ISO-8859-1) writes it other than in UTF-8, in which
+    under LC_ALL=C with PYTHONUTF8=0, as plain LC_ALL=C turns Python's UTF-8 mode on; Latin-1
+    under en_US.ISO-8859-1) writes it other than in UTF-8, in which
     pyarrow, Ray and TensorBoard write every path: a run's files went to two folders (`é`
     written as two bytes by one and as four by the other), or the run ended in a traceback.
     Under a UTF-8 locale, a path whose bytes are no UTF-8 (a folder named in another encoding)
