@@ -615,7 +615,7 @@ def test_more_threads_than_a_worker_holds_cpus_are_named_in_a_note(tmp_path, cap
         note = launch.threads_note(1.0)
         assert note.startswith(f"note: OMP_NUM_THREADS={value} {runs}") and note.endswith(fix)
     assert "which holds 1 CPU (scaling.cpus_per_worker), and workers that share cores" in note
-    for value, cpus in [("2", 2.0), ("1", 4.0)]:
+    for value, cpus in [("2", 2.0), ("1", 4.0), ("1,1", 1.0), ("2, 1", 2.0)]:
         monkeypatch.setenv("OMP_NUM_THREADS", value)
         assert launch.threads_note(cpus) is None
     # Ray gives a worker of less than 1 CPU one thread, and `ray exec` exports
@@ -624,6 +624,9 @@ def test_more_threads_than_a_worker_holds_cpus_are_named_in_a_note(tmp_path, cap
     assert launch.threads_note(0.5) is None
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     assert launch.threads_note(1.5).startswith("note: OMP_NUM_THREADS=2 runs 2 threads")
+    # A list's first count is the threads a worker runs: OMP_NUM_THREADS=1,1 runs 1.
+    monkeypatch.setenv("OMP_NUM_THREADS", "4,1")
+    assert launch.threads_note(1.0).startswith("note: OMP_NUM_THREADS=4,1 runs 4 threads")
     monkeypatch.delenv("OMP_NUM_THREADS")
     assert launch.threads_note(1.0) is None
     path = tmp_path / "run.yaml"

@@ -239,9 +239,11 @@ def threads_note(cpus_per_worker: float) -> str | None:
     """A note where OMP_NUM_THREADS, which Ray hands on to every worker, gives a worker more
     threads than Ray would give it (the whole CPUs it holds, at least 1; `ray exec` exports 1),
     or is no count (libgomp then takes every core): on 2 CPUs, digits trained at 150 img/s
-    with 8 and 110 with 2, against 1,900 without it."""
+    with 8 and 110 with 2, against 1,900 without it. A list (`1,1`, one count per nesting
+    level) gives the first level's count."""
     value = os.environ.get("OMP_NUM_THREADS")
-    threads = int(value) if value is not None and value.strip().isdecimal() else 0
+    first = "" if value is None else value.split(",")[0].strip()
+    threads = int(first) if first.isdecimal() else 0
     if value is None or 0 < threads <= ray_threads(cpus_per_worker):
         return None
     runs = f"runs {threads} threads" if threads else "is no thread count, so libgomp runs one"
