@@ -6,6 +6,7 @@ import dataclasses
 import errno
 import functools
 import hashlib
+import io
 import itertools
 import json
 import logging
@@ -3072,6 +3073,48 @@ def test_a_checkpoint_cut_by_a_full_disk_stops_the_run_in_one_line_and_the_one_b
     assert launch.own_error(error) == f"StorageError: {stopped.value}" and saved == [4, 8]
     assert sorted(p.name for p in Path(session.folder).iterdir()) == ["checkpoint_000004"]
     assert checkpoint.restore(session.checkpoints())["step"] == 4
+
+
+class FullDisk(io.RawIOBase):
+    """A file on a disk with room for 100 bytes: a write past them fails with ENOSPC."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.room = 100
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        size = memoryview(data).nbytes
+        if size > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= size
+        return size
+
+
+def test_a_full_disk_under_a_checkpoints_state_is_a_storage_error_that_leaves_nothing(
+    tmp_path, monkeypatch
+):
+    """torch.save into a file that a full disk cuts short (a write past its first fails) drops
+    the OSError and raises 'unexpected pos 704 vs 598': write_checkpoint ended in that
+    RuntimeError and left its .partial folder behind. It is a StorageError naming the step
+    and the cause, and nothing is left, so the same write can be tried again."""
+    opened = Path.open
+
+    def full(self: Path, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        state = self.name == checkpoint.STATE_FILE and "w" in mode
+        return FullDisk() if state else opened(self, mode, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", full)
+    folder = tmp_path / "checkpoint_000003"
+    with pytest.raises(storage.StorageError) as stopped:
+        checkpoint.write_checkpoint({"step": 3, "w": torch.ones(1000)}, folder)
+    said = f"the checkpoint of step 3 could not be written to {tmp_path}/.checkpoint_000003.partial"
+    assert str(stopped.value) == f"{said}: [Errno 28] No space left on device"
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    assert checkpoint.read_checkpoint(checkpoint.write_checkpoint({"step": 3}, folder))["step"] == 3
 
 
 class FullStorage(FolderSession):

@@ -7,6 +7,7 @@ No Ray here: the benchmarks and any script read a run's weights with `read_check
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -113,13 +114,15 @@ def write_checkpoint(
 
 
 def _stage(state: dict[str, Any], staging: Path, reports: Sequence[Mapping[str, Any]]) -> None:
-    """Write the files of `write_checkpoint` into the new folder `staging`. The state goes
-    through a file opened here: torch.save given a path reports a full disk as 'unexpected pos
-    704 vs 598', where a file's write raises the OSError that says so."""
+    """Write the files of `write_checkpoint` into the new folder `staging`. The state is
+    serialised in memory and then written: torch.save given a path or a file reports a full
+    disk as 'unexpected pos 704 vs 598' (it drops the file's OSError), where a file's write
+    raises the OSError that says so."""
     staging.mkdir(parents=True)
     saved = staging / STATE_FILE
-    with saved.open("wb") as stream:
-        torch.save(state, stream)
+    serialised = io.BytesIO()
+    torch.save(state, serialised)
+    saved.write_bytes(serialised.getbuffer())
     manifest: dict[str, Any] = {
         "format": MANIFEST_FORMAT,
         "step": state["step"],
