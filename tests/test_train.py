@@ -3075,7 +3075,7 @@ def test_a_checkpoint_cut_by_a_full_disk_stops_the_run_in_one_line_and_the_one_b
     assert checkpoint.restore(session.checkpoints())["step"] == 4
 
 
-class FullDisk(io.RawIOBase):
+class FullFile(io.RawIOBase):
     """A file on a disk with room for 100 bytes: a write past them fails with ENOSPC."""
 
     def __init__(self) -> None:
@@ -3104,7 +3104,7 @@ def test_a_full_disk_under_a_checkpoints_state_is_a_storage_error_that_leaves_no
 
     def full(self: Path, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
         state = self.name == checkpoint.STATE_FILE and "w" in mode
-        return FullDisk() if state else opened(self, mode, *args, **kwargs)
+        return FullFile() if state else opened(self, mode, *args, **kwargs)
 
     monkeypatch.setattr(Path, "open", full)
     folder = tmp_path / "checkpoint_000003"
