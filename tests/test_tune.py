@@ -3032,6 +3032,23 @@ def test_a_resume_archives_the_reports_only_a_checkpoint_kept_before_they_are_pr
     assert frame["loss"].tolist() == [1 / 10, 1 / 20, 1 / 30, 1 / 40]
 
 
+def test_a_full_disk_as_a_resume_archives_reports_is_one_line_naming_the_archive(
+    tmp_path, full_disk, monkeypatch
+):
+    """A full disk as a resume archived a trial's reports ended `tune --resume` in pyarrow's
+    OSError, which names no file, in a traceback, and left the archive cut short; it is a
+    StorageError naming the archive, and no archive is left."""
+    monkeypatch.setattr(archive, "filesystem", storage.filesystem)
+    trial = tmp_path / "experiment" / "trial_0"
+    trial.mkdir(parents=True)
+    write_reports(trial / archive.RESULT_FILE, [{"step": 10, "loss": 1 / 10}])
+    with pytest.raises(storage.StorageError) as stopped:
+        archive.archive_results(str(tmp_path / "experiment"))
+    said = f"{trial}/{archive.ARCHIVE_PREFIX}0.json could not be written: No space left on device"
+    assert str(stopped.value) == said
+    assert [p.name for p in trial.iterdir()] == [archive.RESULT_FILE]
+
+
 def test_a_trial_restarted_after_a_failure_archives_the_reports_only_its_checkpoints_kept(
     tmp_path,
 ):

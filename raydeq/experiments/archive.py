@@ -82,7 +82,7 @@ def archive_results(path: str) -> None:
         trial_path = f"{path.rstrip('/')}/{folder.rsplit('/', 1)[-1]}"
         unrecorded = _unrecorded(fs, trial_path, [*earlier, current])
         lines = unrecorded + _unarchived(fs, current, earlier)  # a line cut short stays last
-        _write_archive(fs, folder, numbered, lines)
+        _write_archive(trial_path, numbered, lines)
         _end_at_whole_line(fs, current, f"{trial_path}/{RESULT_FILE}")
 
 
@@ -106,18 +106,16 @@ def archive_unrecorded(trial_path: str) -> None:
         return  # a trial's first start: nothing stored yet
     numbered = _archived(fs, folder)
     files = [*numbered.values(), f"{folder}/{RESULT_FILE}"]
-    _write_archive(fs, folder, numbered, _unrecorded(fs, trial_path, files))
+    _write_archive(trial_path, numbered, _unrecorded(fs, trial_path, files))
 
 
-def _write_archive(
-    fs: pyarrow.fs.FileSystem, folder: str, numbered: dict[int, str], lines: list[bytes]
-) -> None:
-    """Write `lines` as the next archive of the trial `folder`, whose archives are `numbered`;
-    nothing where there are none."""
+def _write_archive(trial_path: str, numbered: dict[int, str], lines: list[bytes]) -> None:
+    """Write `lines` as the next archive of the trial at `trial_path`, whose archives are
+    `numbered`; nothing where there are none. A write that fails (a full disk) is a
+    StorageError naming the archive, and leaves none cut short (`write_bytes`)."""
     if lines:
         number = max(numbered, default=-1) + 1  # past a gap: none is written over
-        with fs.open_output_stream(f"{folder}/{ARCHIVE_PREFIX}{number}.json") as out:
-            out.write(b"".join(lines))
+        write_bytes(f"{trial_path.rstrip('/')}/{ARCHIVE_PREFIX}{number}.json", b"".join(lines))
 
 
 def _unarchived(fs: pyarrow.fs.FileSystem, file: str, archives: list[str]) -> list[bytes]:
