@@ -2036,6 +2036,33 @@ def test_a_recorded_implicit_adjoint_records_gmres_and_leaves_neumann_as_it_is()
     assert neumann.recorded() is neumann
 
 
+def test_the_neumann_resolution_is_the_epsilon_of_the_coarsest_dtype_f_computes_in():
+    """f computes in its state's dtype or the caller's autocast's, whichever rounds coarser
+    (bfloat16's epsilon 2^-7 over float16's 2^-10); rounding_in raises Neumann's resolution
+    to that epsilon exactly, keeps a larger one and leaves GMRES as it is."""
+    from raydeq.solvers import GMRES, Neumann
+    from raydeq.solvers.adjoint import ImplicitAdjoint
+    from raydeq.solvers.solve import computing_dtype
+
+    assert computing_dtype(torch.float64, "cpu") == torch.float64
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert computing_dtype(torch.float32, "cpu") == torch.bfloat16
+        assert computing_dtype(torch.float16, "cpu") == torch.bfloat16
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert computing_dtype(torch.bfloat16, "cpu") == torch.bfloat16
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=False):
+        assert computing_dtype(torch.float32, "cpu") == torch.float32
+    neumann = ImplicitAdjoint(Neumann(rtol=1e-7), warm_start=False)
+    for dtype, eps in ((torch.float16, 2.0**-10), (torch.bfloat16, 2.0**-7)):
+        rounding = neumann.rounding_in(dtype)
+        assert rounding.linear_solver == Neumann(rtol=1e-7, resolution=eps)
+        assert rounding.warm_start is False
+    coarse = ImplicitAdjoint(Neumann(resolution=0.1))
+    assert coarse.rounding_in(torch.float16) is coarse
+    gmres = ImplicitAdjoint(GMRES())
+    assert gmres.rounding_in(torch.float16) is gmres
+
+
 @pytest.mark.parametrize("given", ["gmres", None, "class"])
 def test_an_implicit_adjoint_of_no_linear_solver_instance_is_refused_where_it_is_made(given):
     """ImplicitAdjoint("gmres"), (None) or (GMRES), the class, were taken and failed in the
