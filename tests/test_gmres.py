@@ -407,6 +407,13 @@ def test_neumann_stops_a_sample_stalled_at_the_rounding_of_its_products():
     assert torch.equal(stalled, x) and torch.equal(stalled_info.residual, info.residual)
     assert 1e-5 < float(stalled_info.residual[2] / b[2].norm()) < eps
 
+    # Warm-started at that iterate, sample 2 starts within eps ||b|| (its residual 4e-5 ||b||,
+    # not the 4e-8 ||b|| of eps times its starting residual): it stops STALL iterations later
+    # with the same iterate, where it ran to max_iters.
+    again, again_info = Neumann(resolution=eps)(rounded, b.float(), stalled)
+    assert again_info.matvecs == 6 and again_info.iterations.tolist() == [0, 0, 5]
+    assert torch.equal(again, stalled) and again_info.converged.tolist() == [True, True, False]
+
 
 def test_neumann_stops_at_max_iters_with_its_partial_sum():
     """A = 0.5 I, b of norm 3: three iterations from 0 give x = (1 - 0.5^3) / 0.5 b = 1.75 b,
