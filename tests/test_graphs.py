@@ -16,7 +16,7 @@ import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
 import raydeq
-from raydeq.solvers import GMRES, gmres, graphs
+from raydeq.solvers import GMRES, Status, gmres, graphs
 
 D, B = 6, 5
 CAPTURABLE = ["vcab3", "tsit5", "bs3", "euler", "fixed_point"]
@@ -101,6 +101,35 @@ def test_a_batch_that_runs_to_max_steps_stops_there(traced, solver):
     (eager, _, _), (graphed, _, _) = eager_and_graphed(1, solver=solver, abstol=1e-14, max_steps=9)
     assert eager.stats.steps == graphed.stats.steps == 9
     assert torch.equal(graphed.z, eager.z) and not bool(graphed.stats.converged.any())
+
+
+def test_a_sample_the_divergence_test_stops_after_the_recording_stays_stopped(traced):
+    """Sample 1's fixed-point iteration z <- M z + c, M = [[0.9, 0.53], [0, 0.9]], has a
+    transient: its residual passes divergence=2 times its first on step 7, after the step was
+    recorded (step 2), and the check stops it, DIVERGED at z0 = 0. Replays read the limit that
+    check set: sample 1 does not run on to its fixed point (53, 10) while sample 0 (M = 0.95 I)
+    converges at (20, 20) on step 406."""
+    m = torch.tensor([[[0.95, 0.0], [0.0, 0.95]], [[0.9, 0.53], [0.0, 0.9]]], dtype=torch.float64)
+    c = torch.tensor([[1.0, 1.0], [0.0, 1.0]], dtype=torch.float64)
+    z0 = torch.zeros(2, 2, dtype=torch.float64)
+    options = {
+        "solver": "fixed_point",
+        "abstol": 1e-9,
+        "reltol": 0.0,
+        "divergence": 2.0,
+        "max_steps": 600,
+    }
+    with torch.no_grad():
+        graphed = raydeq.solve(
+            lambda z: (m @ z[:, :, None])[:, :, 0] + c,
+            z0,
+            check_every=5,
+            compile="graph",
+            **options,
+        )
+    assert graphed.stats.status.tolist() == [Status.CONVERGED, Status.DIVERGED]
+    assert graphed.stats.steps == 406 and torch.equal(graphed.z[1], z0[1])
+    torch.testing.assert_close(graphed.z[0], torch.full((2,), 20.0, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("adjoint", ["gmres", "unrolled"])
