@@ -415,6 +415,20 @@ def test_neumann_stops_a_sample_stalled_at_the_rounding_of_its_products():
     assert torch.equal(again, stalled) and again_info.converged.tolist() == [True, True, False]
 
 
+def test_neumann_counts_a_stall_from_its_smallest_residual_not_from_its_start():
+    """K = [[0.9, 0.53], [0, 0.9]], b = (0, 1): the residual K^n b first grows, 25 iterations
+    that set no smallest residual before it is back below ||b||, then falls on every
+    iteration, so that no sample stalls even at resolution 0.5: it converges to x = (53, 10)
+    in 222 iterations, as at resolution 0, where counting every iteration that set none
+    stopped it at 36, unconverged."""
+    k = torch.tensor([[0.9, 0.53], [0.0, 0.9]], dtype=torch.float64)
+    a = (torch.eye(2, dtype=torch.float64) - k).expand(1, 2, 2)
+    b = torch.tensor([[0.0, 1.0]], dtype=torch.float64)
+    x, info = Neumann(rtol=1e-8, max_iters=400, resolution=0.5)(matvec(a), b)
+    assert info.iterations.tolist() == [222] and info.converged.tolist() == [True]
+    torch.testing.assert_close(x, torch.tensor([[53.0, 10.0]], dtype=torch.float64))
+
+
 def test_neumann_stops_at_max_iters_with_its_partial_sum():
     """A = 0.5 I, b of norm 3: three iterations from 0 give x = (1 - 0.5^3) / 0.5 b = 1.75 b,
     residual 0.5^3 ||b|| = 0.375, far above rtol; the solve stops there, unconverged."""
