@@ -429,6 +429,20 @@ def test_neumann_counts_a_stall_from_its_smallest_residual_not_from_its_start():
     torch.testing.assert_close(x, torch.tensor([[53.0, 10.0]], dtype=torch.float64))
 
 
+def test_neumann_stalls_on_its_smallest_residual_within_the_resolution_as_its_residual_grows():
+    """K = diag(0.1, 4), b = (1, 1e-6): the residual (0.1^n, 4^n 1e-6) is smallest at n = 4,
+    2.8e-4, within resolution 1e-3 ||b||, and then grows past that. The sample stops 5
+    iterations later, at 9, with x of n = 4, (1.111, 85e-6); judged on its current residual,
+    above the resolution, it ran on to the divergence stop at 11."""
+    k = torch.diag(torch.tensor([0.1, 4.0], dtype=torch.float64))
+    a = (torch.eye(2, dtype=torch.float64) - k).expand(1, 2, 2)
+    b = torch.tensor([[1.0, 1e-6]], dtype=torch.float64)
+    x, info = Neumann(resolution=1e-3)(matvec(a), b)
+    assert info.iterations.tolist() == [9] and info.matvecs == 9
+    assert info.converged.tolist() == [False]
+    torch.testing.assert_close(x, torch.tensor([[1.111, 85e-6]], dtype=torch.float64))
+
+
 def test_neumann_stops_at_max_iters_with_its_partial_sum():
     """A = 0.5 I, b of norm 3: three iterations from 0 give x = (1 - 0.5^3) / 0.5 b = 1.75 b,
     residual 0.5^3 ||b|| = 0.375, far above rtol; the solve stops there, unconverged."""
