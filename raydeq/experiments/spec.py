@@ -510,7 +510,7 @@ def _check_listed_once(where: str, spec: Any) -> None:
 def _check_grid_apart(experiment: Experiment) -> None:
     """Raise a ConfigError for two trials of a sample of Tune's grid that train alike
     (`_as_run`), named by the grid dimension they differ in where they differ in one: a value
-    written otherwise (1e-3, which YAML reads as text, beside 0.001; null beside the preset's
+    written otherwise ("1e-3", quoted and so text, beside 0.001; null beside the preset's
     value), or a train.lambda_skip that their model trains without. Tune runs each trial of
     the grid, which the results would average as further seeds of one configuration."""
     trials = expand(experiment, 1)
