@@ -62,8 +62,8 @@ def nested(tree: Mapping[str, Any], *, once: bool = True) -> dict[str, Any]:
 
 
 def _number(key: str, value: Any) -> float | int:
-    """A numeric argument of the primitive at `key` (YAML 1.1 reads `1e-3` as a string, which
-    becomes a float); a ConfigError for any other value, which Tune would take and fail on
+    """A numeric argument of the primitive at `key` (a quoted "1e-3" is text, which becomes a
+    float); a ConfigError for any other value, which Tune would take and fail on
     with a traceback (a normal's mean at its first draw), and for nan, an infinity or an
     integer past a float's range, which Tune draws as nan, refuses as a missing bound or
     fails on with Python's OverflowError."""
