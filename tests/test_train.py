@@ -4454,6 +4454,30 @@ def test_tensorboard_events_that_cannot_be_opened_are_a_storage_error_naming_the
     assert threading.excepthook is hook  # no log to close puts it back: it was never changed
 
 
+def test_tensorboard_events_whose_first_event_fails_print_no_traceback_of_the_writer(
+    tmp_path, monkeypatch
+):
+    """A full disk under a resumed run's new events file (a Ray Train restart on a full
+    storage): TensorBoard's writer writes a first event as it opens, and its thread printed
+    the OSError's traceback beside the StorageError naming the folder; it now says nothing,
+    and the process's threading.excepthook is left as it was."""
+    from tensorboard.summary.writer.event_file_writer import _AsyncWriterThread
+
+    unhandled = []
+    monkeypatch.setattr(threading, "excepthook", unhandled.append)
+    full_disk_under_tensorboard(monkeypatch)
+    folder = tmp_path / "tensorboard"
+    with pytest.raises(storage.StorageError) as stopped:
+        eventlog.EventLog(str(folder))
+    assert str(stopped.value) == (
+        f"TensorBoard's events could not be written to {folder}: [Errno 28] No space left on device"
+    )
+    for thread in threading.enumerate():
+        if isinstance(thread, _AsyncWriterThread):
+            thread.join()
+    assert unhandled == [] and threading.excepthook == unhandled.append
+
+
 def test_a_uris_next_tensorboard_events_file_that_cannot_be_opened_is_a_storage_error(
     tmp_path, monkeypatch
 ):

@@ -36,11 +36,17 @@ class EventLog:
         self.folder = folder
         self.remote = is_uri(folder)
         self.local = tempfile.mkdtemp(prefix="raydeq-events-") if self.remote else folder
-        with self.writing():
-            self.writer = _writer(self.local, purge_step)
-        # The hook of the process (a num_workers=0 run's is the driver's), put back at close.
+        # The hook of the process (a num_workers=0 run's is the driver's), put back at close,
+        # or once the writer's thread ended where the writer's first event already failed.
         self.excepthook = threading.excepthook
         threading.excepthook = _WriterThreadsUnsaid(self.excepthook)
+        try:
+            with self.writing():
+                self.writer = _writer(self.local, purge_step)
+        except BaseException:
+            _failed_writers_ended()
+            threading.excepthook = self.excepthook
+            raise
         self.described: set[str] = set()  # the tags whose description the open file holds
 
     def add_scalars(
@@ -128,6 +134,16 @@ class _WriterThreadsUnsaid:
 
         if not isinstance(args.thread, _AsyncWriterThread):
             self.passed_on(args)
+
+
+def _failed_writers_ended() -> None:
+    """Wait until TensorBoard's writer threads that failed have ended, and so passed their
+    error to threading.excepthook: a writer whose first event fails raises it as it opens."""
+    from tensorboard.summary.writer.event_file_writer import _AsyncWriterThread
+
+    for thread in threading.enumerate():
+        if isinstance(thread, _AsyncWriterThread) and thread.exception is not None:
+            thread.join()
 
 
 def _writer(folder: str, purge_step: int | None = None) -> SummaryWriter:
