@@ -74,6 +74,9 @@ DROPPED_LOGS = {
 }
 # Tune's logger of a failed save of the experiment's state into the storage, with a traceback.
 STATE_SAVE_LOGGER = "ray.tune.execution.experiment_state"
+# Ray's logger of a failed sync of the experiment's folder into the storage, its traceback in
+# the message.
+SYNC_LOGGER = "ray.train._internal.syncer"
 # A trial's folder in its experiment's, as a dry run shows it: Tune names it as the trial starts.
 UNNAMED_TRIAL = "<trial>"
 # Flags that shape a new run; an experiment that has started keeps the ones it started with.
@@ -123,10 +126,23 @@ def without_traceback(record: logging.LogRecord) -> bool:
     return True
 
 
+def traceback_in_one_line(record: logging.LogRecord) -> bool:
+    """Keep a log record whose message is a line and a traceback (Ray's syncer's "Last sync
+    command failed", the experiment's state unsaved on a full disk, 25 lines at each sync) as
+    that line and the last exception's type and first line; the record is always kept."""
+    said, _, trace = record.getMessage().partition("\n")
+    lines = trace.splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith("Traceback (most recent")]
+    if starts:
+        error = next((line for line in lines[starts[-1] + 1 :] if line[:1] not in " "), "")
+        record.msg, record.args = f"{said} {error}", None
+    return True
+
+
 def drop_tune_logs() -> None:
     """Filter out Tune's log records that this command replaces (DROPPED_LOGS), and its errors
-    over checkpoints pruned before an interruption; its failed saves of the experiment's
-    state are a line each (`without_traceback`)."""
+    over checkpoints pruned before an interruption; its failed saves and syncs of the
+    experiment's state are a line each (`without_traceback`, `traceback_in_one_line`)."""
     for name, starts in DROPPED_LOGS.items():
         logging.getLogger(name).addFilter(
             lambda record, starts=starts: not record.getMessage().startswith(starts)
@@ -135,6 +151,7 @@ def drop_tune_logs() -> None:
         lambda record: not pruned_before_the_interruption(record)
     )
     logging.getLogger(STATE_SAVE_LOGGER).addFilter(without_traceback)
+    logging.getLogger(SYNC_LOGGER).addFilter(traceback_in_one_line)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 import warnings
 import zipfile
 from collections import Counter
@@ -2352,7 +2353,7 @@ def test_a_failed_trial_is_one_line_with_its_error_and_the_count_of_trials_done(
 
 def tune_filters_kept(monkeypatch: pytest.MonkeyPatch) -> None:
     """Let the filters that drop_tune_logs adds to Tune's loggers go with the test."""
-    for name in (*rt.DROPPED_LOGS, rt.STATE_SAVE_LOGGER):
+    for name in (*rt.DROPPED_LOGS, rt.STATE_SAVE_LOGGER, rt.SYNC_LOGGER):
         logger = logging.getLogger(name)
         monkeypatch.setattr(logger, "filters", list(logger.filters))
 
@@ -2375,6 +2376,36 @@ def test_tunes_failed_save_of_the_experiments_state_is_one_line_naming_the_cause
     )
     other = logging.makeLogRecord({"name": logger.name, "msg": "Saving took %d s", "args": (31,)})
     assert logger.filter(other) and other.getMessage() == "Saving took 31 s"
+
+
+def test_rays_failed_sync_of_the_experiments_state_is_one_line_naming_the_cause(monkeypatch):
+    """A full storage under Ray's periodic sync of the experiment's folder: Ray's syncer logged
+    'Last sync command failed with the following error:' and the 25-line traceback of
+    pyarrow's OSError in the message, at every sync (5 times in `tune digits` on a 5 MB
+    tmpfs); it is one line, ending in the error, and a record without a traceback is left."""
+    logger = logging.getLogger(rt.SYNC_LOGGER)
+    tune_filters_kept(monkeypatch)
+    rt.drop_tune_logs()
+    full = OSError(errno.ENOSPC, "Error writing bytes to file. Detail: [errno 28] No space left")
+
+    def copy() -> None:
+        raise ValueError("an error the copy handled")
+
+    try:
+        try:
+            copy()
+        except ValueError:
+            raise full  # noqa: B904 (a chained traceback: the last error is the one said)
+    except OSError:
+        trace = traceback.format_exc()
+    said = "Last sync command failed with the following error:"
+    failed = logging.makeLogRecord({"name": logger.name, "msg": f"{said}\n{trace}"})
+    assert trace.count("\n") > 5 and logger.filter(failed)
+    assert logging.Formatter().format(failed) == (
+        f"{said} OSError: [Errno 28] Error writing bytes to file. Detail: [errno 28] No space left"
+    )
+    other = logging.makeLogRecord({"name": logger.name, "msg": "Synced %d files", "args": (3,)})
+    assert logger.filter(other) and other.getMessage() == "Synced 3 files"
 
 
 def test_tunes_failed_save_with_a_many_line_error_keeps_the_errors_first_line(monkeypatch):
